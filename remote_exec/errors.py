@@ -1,0 +1,177 @@
+"""The errors of remote_exec, all under one root.
+
+::
+
+    RemoteExecError                 exit status 3 unless said otherwise
+    ├── ConfigError                 bad configuration or bad input (options, pyproject, host spec)
+    ├── PackError                   the distribution archive could not be built
+    ├── SessionError                a saved session is damaged or of an unknown format version
+    ├── SerializationError          a value could not be serialized or deserialized
+    ├── WorkspaceError              the local workspace: unknown or ambiguous run, unreadable state
+    ├── IntegrityError              a file that crossed the link failed its sha256 or HMAC check
+    ├── BackendError(host)          exit status 255: the link to a host
+    │   ├── ConnectError            host unreachable, refused, name unknown, link lost
+    │   ├── AuthError               no accepted key, agent or password
+    │   ├── HostKeyError            the host's key changed (or checks refused it)
+    │   ├── TransferError           a put or get failed
+    │   └── CommandTimeout          exit status 124: a command or task ran past its timeout
+    ├── RunnerError                 the remote runner failed (not the task): interpreter missing or too
+    │                               old, killed by a signal, out of memory, exit 0 without a result
+    ├── Interrupted                 exit status 130: Ctrl-C or SIGTERM of the coordinator
+    └── RemoteError                 the task raised and its exception could not be rebuilt locally
+
+A remote exception that *can* be rebuilt is raised as its own type; in every case its ``__cause__`` is a
+:class:`RemoteTraceback` holding the remote traceback text, as ``concurrent.futures`` does.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthError",
+    "BackendError",
+    "CommandTimeout",
+    "ConfigError",
+    "ConnectError",
+    "HostKeyError",
+    "IntegrityError",
+    "Interrupted",
+    "PackError",
+    "RemoteError",
+    "RemoteExecError",
+    "RemoteTraceback",
+    "RunnerError",
+    "SerializationError",
+    "SessionError",
+    "TransferError",
+    "WorkspaceError",
+]
+
+
+class RemoteExecError(Exception):
+    """Root of every error remote_exec raises on its own account.
+
+    Attributes:
+        exit_code: The exit status ``rx`` ends with when this error reaches the command line.
+        hint: An optional sentence telling the user what to try.
+    """
+
+    exit_code: int = 3
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message} ({self.hint})"
+        return self.message
+
+
+class ConfigError(RemoteExecError):
+    """Bad configuration or bad user input."""
+
+
+class PackError(RemoteExecError):
+    """The distribution archive could not be built."""
+
+
+class SessionError(RemoteExecError):
+    """A saved session is damaged, truncated or of an unknown format version."""
+
+
+class SerializationError(RemoteExecError):
+    """A value could not be serialized or deserialized."""
+
+
+class WorkspaceError(RemoteExecError):
+    """Something in the local workspace: unknown or ambiguous run id, unreadable state."""
+
+
+class IntegrityError(RemoteExecError):
+    """A file or payload that crossed the link failed its sha256 or HMAC check."""
+
+
+class BackendError(RemoteExecError):
+    """The link to a host failed.
+
+    Attributes:
+        host: The host as the user named it (alias or ``[user@]host[:port]``).
+    """
+
+    exit_code = 255
+
+    def __init__(self, host: str, message: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{host}: {message}", hint=hint)
+        self.host = host
+
+
+class ConnectError(BackendError):
+    """The host could not be reached, refused the connection, or the link was lost."""
+
+
+class AuthError(BackendError):
+    """The host refused every key, agent identity or password offered."""
+
+
+class HostKeyError(BackendError):
+    """The host's key does not match the one recorded in known_hosts."""
+
+
+class TransferError(BackendError):
+    """Copying a file to or from the host failed."""
+
+
+class CommandTimeout(BackendError):
+    """A command or task ran past its timeout and was stopped."""
+
+    exit_code = 124
+
+
+class RunnerError(RemoteExecError):
+    """The runner failed rather than the task.
+
+    Attributes:
+        reason: A short machine-readable word: ``interpreter-missing``, ``python-too-old``,
+            ``signal``, ``oom``, ``no-result``, ``protocol``, ``crashed``.
+        host: Where it ran (``local`` for a subprocess run).
+    """
+
+    def __init__(self, message: str, *, reason: str = "crashed", host: str = "local",
+                 hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.reason = reason
+        self.host = host
+
+
+class Interrupted(RemoteExecError):
+    """The coordinator was interrupted (Ctrl-C or SIGTERM)."""
+
+    exit_code = 130
+
+
+class RemoteTraceback(Exception):
+    """The text of a remote traceback, attached as ``__cause__`` of a re-raised remote exception."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class RemoteError(RemoteExecError):
+    """The task raised an exception that could not be rebuilt as its own type.
+
+    Attributes:
+        type_name: Qualified name of the remote exception type, e.g. ``mypkg.errors.BadInput``.
+        remote_message: ``str()`` of the remote exception.
+        formatted: The remote traceback text.
+    """
+
+    def __init__(self, type_name: str, remote_message: str, formatted: str) -> None:
+        super().__init__(f"{type_name}: {remote_message}" if remote_message else type_name)
+        self.type_name = type_name
+        self.remote_message = remote_message
+        self.formatted = formatted
