@@ -1,0 +1,377 @@
+"""Whole-file writes into a directory: nothing ever appears under its final name incomplete.
+
+The protocol is maildir's (and gocept.filestore's) ``tmp -> new -> cur``, with the final location inside
+the directory playing ``cur``::
+
+    <root>/.store/tmp/<unique>     written, flushed, fsynced, sha256 checked
+    <root>/.store/new/<unique>     complete and verified, not yet under its name
+    <root>/<name>                  renamed into place; the parent directory is fsynced
+
+Every step after the first is a ``rename(2)`` inside one file system, which is atomic: a reader sees
+either the previous file or the complete new one, never a prefix. A writer killed at any point leaves at
+most a temporary under ``.store/``; the next :class:`Store` opened on the directory sweeps it (a
+temporary whose writer process is gone, or one older than an hour).
+
+The one exception is :meth:`Store.open_append`: live logs (``stdout.log``) grow in place, because a
+reader following them wants every line as soon as it is written.
+
+Temporary names carry the writer's pid and host so the sweep can tell a crashed writer's leftovers from
+a live writer's work in progress: ``<time_ns>.<pid>.<host>.<random>``.
+
+Example::
+
+    store = Store(run_dir)
+    store.write_bytes("result.json", data, sha256=expected)
+    store.write_stream("files/model.pt", chunks)
+    with store.open_append("stdout.log") as log:
+        log.write(b"epoch 1\\n")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from ..errors import IntegrityError, WorkspaceError
+
+__all__ = ["STALE_AFTER", "STORE_DIR", "Store", "fsync_dir", "pid_alive"]
+
+logger = logging.getLogger(__name__)
+
+#: Name of the private directory holding ``tmp/`` and ``new/``.
+STORE_DIR = ".store"
+
+#: Seconds after which any temporary is considered abandoned, whoever wrote it.
+STALE_AFTER = 3600.0
+
+_CHUNK = 1024 * 1024
+
+
+def _host_token() -> str:
+    """This host's name, reduced to characters safe in a file name and free of dots."""
+    name = socket.gethostname() or "localhost"
+    return "".join(c if c.isalnum() or c == "-" else "_" for c in name)[:64]
+
+
+def pid_alive(pid: int) -> bool:
+    """Tell whether a process with this pid exists on this host (a zombie counts as gone)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): kill(0) is all we can know
+    # The state letter follows the parenthesised command name, which may itself contain ") ".
+    fields = stat[stat.rfind(")") + 2:].split()
+    return not (fields and fields[0] in ("Z", "X"))
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries to disk, so a rename inside it survives a power loss."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """Atomic, hash-checked writes of whole files under one directory.
+
+    One store serves one run directory (or any directory). It is safe to use from several threads and
+    processes at once: every write has its own temporary, and the last rename wins.
+
+    Attributes:
+        root: The directory the names are relative to.
+    """
+
+    def __init__(self, root: Path) -> None:
+        """Open the store, creating ``.store/tmp`` and ``.store/new``, and sweep stale temporaries.
+
+        Args:
+            root: The directory; created if missing.
+        """
+        self.root = Path(root).absolute()
+        self._tmp = self.root / STORE_DIR / "tmp"
+        self._new = self.root / STORE_DIR / "new"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._new.mkdir(parents=True, exist_ok=True)
+        self._host = _host_token()
+        self.sweep()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # -- names -------------------------------------------------------------------------------------
+
+    def path(self, name: str) -> Path:
+        """The final path of ``name``, after checking that it stays inside :attr:`root`.
+
+        Args:
+            name: A relative POSIX path such as ``result.json`` or ``files/a/b.txt``.
+
+        Raises:
+            WorkspaceError: The name is empty, absolute, contains ``..`` or a backslash, points into
+                ``.store/``, or resolves (through a symbolic link) outside the root.
+        """
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise WorkspaceError(f"refusing file name {name!r}: empty or not a string")
+        if "\\" in name:
+            raise WorkspaceError(f"refusing file name {name!r}: backslashes are not allowed")
+        posix = PurePosixPath(name)
+        if posix.is_absolute():
+            raise WorkspaceError(f"refusing file name {name!r}: absolute paths are not allowed")
+        if any(part == ".." for part in posix.parts):
+            raise WorkspaceError(f"refusing file name {name!r}: '..' would leave {self.root}")
+        parts = [p for p in posix.parts if p != "."]
+        if not parts:
+            raise WorkspaceError(f"refusing file name {name!r}: it names the store root itself")
+        if parts[0] == STORE_DIR:
+            raise WorkspaceError(f"refusing file name {name!r}: {STORE_DIR}/ is private to the store")
+        target = self.root.joinpath(*parts)
+        root_real = self.root.resolve()
+        target_real = target.resolve()
+        if target_real != root_real and root_real not in target_real.parents:
+            raise WorkspaceError(f"refusing file name {name!r}: it resolves to {target_real}, outside "
+                                 f"{root_real}")
+        return target
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    def write_bytes(self, name: str, data: bytes, *, sha256: str | None = None) -> Path:
+        """Write ``data`` to ``name`` atomically.
+
+        Args:
+            name: Relative POSIX path under the root.
+            data: The whole content.
+            sha256: Expected hex digest; the write fails and leaves nothing if the content differs.
+
+        Returns:
+            The final path.
+
+        Raises:
+            IntegrityError: The content does not match ``sha256``.
+            WorkspaceError: The name is refused (see :meth:`path`).
+        """
+        return self.write_stream(name, (data,), sha256=sha256)
+
+    def write_stream(self, name: str, chunks: Iterable[bytes], *, sha256: str | None = None) -> Path:
+        """Write the concatenated ``chunks`` to ``name`` atomically.
+
+        The chunks are consumed once, hashed as they go; if the iterable raises, the temporary is
+        removed and the exception propagates, leaving the final name untouched.
+
+        Args:
+            name: Relative POSIX path under the root.
+            chunks: The content, in order.
+            sha256: Expected hex digest, checked before anything is renamed.
+
+        Returns:
+            The final path.
+
+        Raises:
+            IntegrityError: The content does not match ``sha256``.
+            WorkspaceError: The name is refused (see :meth:`path`).
+        """
+        target = self.path(name)
+        tmp = self._tmp / self._unique()
+        digest = hashlib.sha256()
+        try:
+            with open(tmp, "xb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                    digest.update(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            self._check(name, digest.hexdigest(), sha256)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return self._deliver(tmp, target)
+
+    def write_file(self, name: str, source: Path, *, sha256: str | None = None, move: bool = False) -> Path:
+        """Copy (or move) the file ``source`` to ``name`` atomically.
+
+        Args:
+            name: Relative POSIX path under the root.
+            source: An existing local file.
+            sha256: Expected hex digest of its content. With ``move``, a mismatch leaves ``source``
+                where it was.
+            move: Rename ``source`` instead of copying it (falls back to copy and delete across file
+                systems).
+
+        Returns:
+            The final path.
+
+        Raises:
+            IntegrityError: The content does not match ``sha256``.
+            WorkspaceError: The name is refused, or ``source`` cannot be read.
+        """
+        source = Path(source)
+        if not move:
+            try:
+                with open(source, "rb") as src:
+                    return self.write_stream(name, iter(lambda: src.read(_CHUNK), b""), sha256=sha256)
+            except OSError as exc:
+                raise WorkspaceError(f"cannot read {source}: {exc.strerror or exc}") from exc
+        target = self.path(name)
+        if sha256 is not None:
+            try:
+                actual = _file_sha256(source)
+            except OSError as exc:
+                raise WorkspaceError(f"cannot read {source}: {exc.strerror or exc}") from exc
+            self._check(name, actual, sha256)
+        tmp = self._tmp / self._unique()
+        try:
+            os.rename(source, tmp)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:  # another file system: copy instead
+                raise WorkspaceError(f"cannot move {source} into {self.root}: {exc.strerror or exc}") from exc
+            path = self.write_file(name, source, sha256=sha256)
+            source.unlink()
+            return path
+        try:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return self._deliver(tmp, target)
+
+    def open_append(self, name: str) -> BinaryIO:
+        """Open ``name`` for appending, unbuffered: every ``write`` reaches the file at once.
+
+        This is for live logs, the one kind of file that grows in place so that ``rx logs -f`` can
+        follow it while the run is going.
+
+        Raises:
+            WorkspaceError: The name is refused (see :meth:`path`).
+        """
+        target = self.path(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return open(target, "ab", buffering=0)
+
+    # -- maintenance -------------------------------------------------------------------------------
+
+    def sweep(self) -> list[Path]:
+        """Remove temporaries left by writers that died, and any older than :data:`STALE_AFTER`.
+
+        A temporary of a live writer on this host is left alone, so a store can be opened while another
+        process is writing into the same directory.
+
+        Returns:
+            The paths removed.
+        """
+        removed: list[Path] = []
+        now = time.time()
+        for folder in (self._tmp, self._new):
+            try:
+                entries = list(folder.iterdir())
+            except OSError:
+                continue
+            for entry in entries:
+                if self._is_stale(entry, now):
+                    with contextlib.suppress(OSError):
+                        if entry.is_dir() and not entry.is_symlink():
+                            shutil.rmtree(entry)
+                        else:
+                            entry.unlink()
+                        removed.append(entry)
+        if removed:
+            logger.debug("swept %d stale temporaries under %s", len(removed), self.root / STORE_DIR)
+        return removed
+
+    def temporaries(self) -> list[Path]:
+        """The files currently under ``.store/tmp`` and ``.store/new`` (in-flight or stale)."""
+        found: list[Path] = []
+        for folder in (self._tmp, self._new):
+            with contextlib.suppress(OSError):
+                found.extend(sorted(folder.iterdir()))
+        return found
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _unique(self) -> str:
+        return f"{time.time_ns()}.{os.getpid()}.{self._host}.{secrets.token_hex(6)}"
+
+    def _is_stale(self, entry: Path, now: float) -> bool:
+        try:
+            age = now - entry.lstat().st_mtime
+        except OSError:
+            return False
+        if age > STALE_AFTER:
+            return True
+        parts = entry.name.split(".")
+        if len(parts) != 4 or not parts[1].isdigit():
+            return False  # not ours to judge before it is old
+        pid, host = int(parts[1]), parts[2]
+        return host == self._host and not pid_alive(pid)
+
+    @staticmethod
+    def _check(name: str, actual: str, expected: str | None) -> None:
+        if expected is not None and actual.lower() != expected.lower():
+            raise IntegrityError(f"{name}: sha256 mismatch, expected {expected}, got {actual}",
+                                 hint="the file was damaged in transit; nothing was written")
+
+    def _deliver(self, tmp: Path, target: Path) -> Path:
+        staged = self._new / tmp.name
+        try:
+            os.rename(tmp, staged)
+            created = _makedirs(target.parent)
+            os.replace(staged, target)
+        except BaseException:
+            for leftover in (tmp, staged):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            raise
+        fsync_dir(target.parent)
+        for parent in created:
+            fsync_dir(parent.parent)
+        return target
+
+
+def _makedirs(path: Path) -> list[Path]:
+    """Create ``path`` and its missing parents; return the ones created, outermost first."""
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return list(reversed(missing))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
