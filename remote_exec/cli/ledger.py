@@ -1,0 +1,293 @@
+"""``rx runs``, ``rx show``, ``rx logs``, ``rx export`` and ``rx clean``: reading the run ledger.
+
+Every command takes ``--workspace DIR`` (else ``RX_WORKSPACE``, else ``./.rx``) and names runs by id,
+unique prefix or ``latest``. The work is done by :mod:`remote_exec.workspace`; this module parses the
+options and renders the answers with rich.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from ..errors import ConfigError
+from ..workspace.export import EXPORT_FORMATS, export, format_duration, format_size
+from ..workspace.manager import Run, Workspace
+from ..workspace.state import ACTIVE_RUN_STATUSES, duration, parse_time
+from . import app
+
+__all__ = ["clean_command", "export_command", "logs_command", "runs_command", "show_command"]
+
+#: Seconds between two looks at a log being followed.
+FOLLOW_INTERVAL = 0.2
+
+_STYLES = {
+    "finished": "green", "done": "green", "failed": "bold red", "lost": "magenta",
+    "running": "cyan", "started": "cyan", "pending": "dim", "waiting": "dim",
+    "cancelled": "yellow", "skipped": "yellow",
+}
+
+#: The choices of ``--status`` (the same as :data:`~remote_exec.workspace.state.RUN_STATUSES`).
+StatusName = Literal["pending", "running", "finished", "failed", "cancelled", "lost"]
+#: The choices of ``--format`` (the same as :data:`~remote_exec.workspace.export.EXPORT_FORMATS`).
+FormatName = Literal["json", "html", "junit", "text"]
+
+_SUFFIX_FORMATS: dict[str, FormatName] = {
+    ".html": "html", ".htm": "html", ".xml": "junit", ".json": "json", ".txt": "text"}
+
+WorkspaceOption = Annotated[
+    Path | None,
+    typer.Option("--workspace", metavar="DIR", show_default=False,
+                 help="Workspace directory (default: $RX_WORKSPACE, else ./.rx).")]
+RunArgument = Annotated[str, typer.Argument(metavar="RUN", show_default=False,
+                                            help="Run id, unique prefix of one, or 'latest'.")]
+JsonOption = Annotated[bool, typer.Option("--json",
+                                          help="Print JSON (the state.json fields) instead of text.")]
+
+
+def _console(stderr: bool = False) -> Console:
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, emoji=False)
+
+
+def _status_text(status: Any) -> Text:
+    return Text(str(status), style=_STYLES.get(str(status), ""))
+
+
+def _local_time(value: Any) -> str:
+    parsed = parse_time(value)
+    return parsed.astimezone().strftime("%Y-%m-%d %H:%M:%S") if parsed else ""
+
+
+def _elapsed(info: dict[str, Any]) -> str:
+    if info.get("duration") is not None:
+        return format_duration(info["duration"])
+    started = parse_time(info.get("started"))
+    if started is not None and info.get("status") == "running":
+        return format_duration((datetime.now(timezone.utc) - started).total_seconds()) + "…"
+    return ""
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+@app.command("runs")
+def runs_command(
+    status: Annotated[StatusName | None, typer.Option(
+        "--status", show_default=False, help="Only runs with this status.")] = None,
+    as_json: JsonOption = False,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """List the runs of the workspace, oldest first."""
+    ws = Workspace.resolve(workspace)
+    infos = [run.info() for run in ws.runs(status)]
+    if as_json:
+        _print_json(infos)
+        return
+    console = _console()
+    if not infos:
+        console.print(f"[dim]no {escape(status) + ' ' if status else ''}runs in {escape(str(ws.root))}[/]")
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("id", "target", "host", "status", "started", "duration"):
+        table.add_column(column, no_wrap=column in ("id", "started", "status"))
+    table.add_column("exit", justify="right")
+    for info in infos:
+        code = info.get("exit_code")
+        table.add_row(str(info.get("run_id")), str(info.get("target") or ""),
+                      str(info.get("remote") or "local"), _status_text(info.get("status")),
+                      _local_time(info.get("started") or info.get("created")), _elapsed(info),
+                      "" if code is None else str(code))
+    console.print(table)
+
+
+@app.command("show")
+def show_command(run_ref: RunArgument, as_json: JsonOption = False,
+                 workspace: WorkspaceOption = None) -> None:
+    """Show one run: its record, actions, tasks, exception and files.
+
+    --json prints state.json with the result record (result.json, or null) under "result".
+    """
+    run = Workspace.resolve(workspace).run(run_ref)
+    info = run.info()
+    result = run.result()
+    if as_json:
+        _print_json({**info, "result": result})
+        return
+    console = _console()
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="dim", no_wrap=True)
+    facts.add_column()
+    argv = " ".join(str(a) for a in info.get("argv") or [])
+    rows: list[tuple[str, Any]] = [
+        ("run", Text(str(info.get("run_id")), style="bold")), ("status", _status_text(info.get("status"))),
+        ("target", f"{info.get('target')} ({info.get('kind')})"), ("arguments", argv or None),
+        ("host", info.get("remote") or "local"), ("backend", info.get("backend")),
+        ("created", _local_time(info.get("created"))), ("started", _local_time(info.get("started")) or None),
+        ("finished", _local_time(info.get("finished")) or None), ("duration", _elapsed(info) or None),
+        ("exit code", info.get("exit_code")), ("reran", info.get("parent")), ("error", info.get("error")),
+        ("directory", str(run.dir)),
+    ]
+    for label, value in rows:
+        if value is not None and value != "":
+            facts.add_row(label, value if isinstance(value, Text) else Text(str(value)))
+    console.print(facts)
+
+    actions = info.get("actions") or []
+    if actions:
+        table = Table(title="actions", title_justify="left", box=None, header_style="bold", pad_edge=False)
+        for column in ("action", "host", "status", "duration", "error"):
+            table.add_column(column)
+        for a in actions:
+            table.add_row(str(a.get("name")), str(a.get("host") or ""), _status_text(a.get("status")),
+                          format_duration(duration(a.get("started"), a.get("finished"))),
+                          Text(str(a.get("error") or "")))
+        console.print()
+        console.print(table)
+
+    tasks = info.get("tasks") or {}
+    if tasks:
+        table = Table(title="tasks", title_justify="left", box=None, header_style="bold", pad_edge=False)
+        for column in ("key", "name", "host", "status", "duration", "error"):
+            table.add_column(column)
+        for key, t in tasks.items():
+            table.add_row(str(key), str(t.get("name") or ""), str(t.get("host") or ""),
+                          _status_text(t.get("status")), format_duration(t.get("duration")),
+                          Text(str(t.get("error") or "")))
+        console.print()
+        console.print(table)
+
+    exc = (result or {}).get("exception")
+    if isinstance(exc, dict):
+        console.print()
+        console.print(Text(f"{exc.get('type')}: {exc.get('message')}", style="bold red"))
+        if exc.get("traceback"):
+            console.print(Text(str(exc["traceback"]).rstrip()))
+    elif result is not None and result.get("value_repr") is not None:
+        console.print()
+        console.print(Text("value: ", style="dim") + Text(str(result["value_repr"])))
+
+    files = run.files()
+    logs = [(name, path.stat().st_size)
+            for name, path in (("stdout", run.stdout_log), ("stderr", run.stderr_log)) if path.is_file()]
+    if files or logs:
+        console.print()
+    if files:
+        total = sum(size for _, size in files)
+        console.print(f"[dim]files:[/] {len(files)} ({format_size(total)}) in {escape(str(run.files_dir))}")
+    for name, size in logs:
+        console.print(f"[dim]{name}:[/] {format_size(size)}  (rx logs {escape(run.id)}"
+                      f"{' --stderr' if name == 'stderr' else ''})")
+
+
+@app.command("logs")
+def logs_command(
+    run_ref: RunArgument,
+    stderr: Annotated[bool, typer.Option("--stderr", help="Print stderr.log instead of stdout.log.")] = False,
+    follow: Annotated[bool, typer.Option(
+        "--follow", "-f",
+        help="Keep printing new output until the run is no longer pending or running.")] = False,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Print the output a run recorded (its stdout.log, or stderr.log)."""
+    run = Workspace.resolve(workspace).run(run_ref)
+    path = run.stderr_log if stderr else run.stdout_log
+    out = click.get_binary_stream("stdout")
+    offset = 0
+
+    def pump() -> None:
+        nonlocal offset
+        try:
+            with open(path, "rb") as fh:
+                if fh.seek(0, os.SEEK_END) < offset:
+                    offset = 0  # the log was replaced: start over
+                fh.seek(offset)
+                while chunk := fh.read(64 * 1024):
+                    out.write(chunk)
+                    offset += len(chunk)
+        except FileNotFoundError:
+            return
+        out.flush()
+
+    if not follow:
+        pump()
+        return
+    while True:
+        active = run.status() in ACTIVE_RUN_STATUSES  # look before reading, so the last read is complete
+        pump()
+        if not active:
+            return
+        time.sleep(FOLLOW_INTERVAL)
+
+
+@app.command("export")
+def export_command(
+    run_refs: Annotated[list[str] | None, typer.Argument(
+        metavar="RUN", show_default=False,
+        help="Runs to export: ids, unique prefixes or 'latest' (default: latest).")] = None,
+    fmt: Annotated[FormatName | None, typer.Option(
+        "--format", show_default=False,
+        help="Output format (default: from the -o suffix: .json .html .xml .txt).")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", metavar="FILE", show_default=False,
+        help="Write to FILE instead of standard output.")] = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Export runs as JSON, a self-contained HTML page, JUnit XML or a text summary."""
+    if fmt is None:
+        fmt = _SUFFIX_FORMATS.get(output.suffix.lower()) if output is not None else None
+        if fmt is None:
+            raise ConfigError("--format is required", hint=f"one of {', '.join(EXPORT_FORMATS)}")
+    ws = Workspace.resolve(workspace)
+    runs: list[Run] = []
+    for ref in run_refs or ["latest"]:
+        run = ws.run(ref)
+        if run not in runs:
+            runs.append(run)
+    text = export(runs, fmt)
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    _write_atomically(output, text)
+    _console(stderr=True).print(f"wrote {len(runs)} run{'s' if len(runs) != 1 else ''} as {fmt} to "
+                                f"{escape(str(output))}")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+@app.command("clean")
+def clean_command(
+    keep: Annotated[int, typer.Option("--keep", metavar="N", min=0,
+                                      help="How many of the newest runs to keep.")] = 20,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Remove old runs, keeping the newest N; a run still pending or running is never removed."""
+    ws = Workspace.resolve(workspace)
+    removed = ws.clean(keep)
+    left = ws.ids()
+    console = _console()
+    console.print(f"removed {len(removed)} run{'s' if len(removed) != 1 else ''}, {len(left)} left in "
+                  f"{escape(str(ws.root))}")
+    for rid in removed:
+        console.print(f"[dim]  {rid}[/]")
