@@ -1,0 +1,60 @@
+"""A Docker testbed of sshd hosts for remote_exec's integration and fault tests.
+
+Each host is a container of the image ``rx-testbed:latest`` (Debian bookworm, openssh-server, python3,
+procps), with a user ``rx`` who logs in by key only. A *state dir* (``$RX_TESTBED_DIR``, else
+``<repo>/.testbed``) holds the key pair, an ``ssh_config`` with one ``Host rx-testbed-K`` block per host and
+a ``known_hosts`` prefilled with every host's keys::
+
+    python -m testbed up --hosts 2
+    ssh -F .testbed/ssh_config rx-testbed-1 python3 -V
+    python -m testbed down
+
+or from Python (the pytest fixtures in :mod:`testbed.pytest_plugin` do this)::
+
+    import testbed
+    bed = testbed.up(2, state_dir=tmp)
+    host = bed.host(0)            # alias "rx-testbed-1", port on 127.0.0.1
+    testbed.down(state_dir=tmp)
+
+The fault tools (:func:`start_host`, :func:`pause`, :func:`exec_root`, :func:`regenerate_host_keys`) act on
+real containers with ``docker pause`` and ``docker exec``. This package needs only the standard library, the
+``docker`` SDK and the OpenSSH client's ``ssh-keygen``; it never imports remote_exec.
+"""
+
+from __future__ import annotations
+
+from testbed._hosts import (
+    Testbed,
+    TestbedHost,
+    default_state_dir,
+    down,
+    exec_root,
+    pause,
+    regenerate_host_keys,
+    remove_host,
+    start_host,
+    status,
+    unpause,
+    up,
+)
+from testbed._image import BASE_IMAGE, IMAGE, TestbedError, docker_available, ensure_image
+
+__all__ = [
+    "BASE_IMAGE",
+    "IMAGE",
+    "Testbed",
+    "TestbedError",
+    "TestbedHost",
+    "default_state_dir",
+    "docker_available",
+    "down",
+    "ensure_image",
+    "exec_root",
+    "pause",
+    "regenerate_host_keys",
+    "remove_host",
+    "start_host",
+    "status",
+    "unpause",
+    "up",
+]

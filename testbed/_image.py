@@ -1,0 +1,365 @@
+"""The ``rx-testbed`` image: an sshd host with python3, built once per recipe.
+
+Two ways to the same image, chosen at build time:
+
+* a registry answers: a Dockerfile ``FROM debian:bookworm-slim`` that installs the packages with apt-get;
+* no registry (the usual case here): ``debootstrap`` makes a minimal bookworm tree from Debian's mirror,
+  ``docker import`` turns it into the base image ``rx-testbed-base:bookworm``, and a small Dockerfile adds
+  the user, the sshd configuration and the entry point on top.
+
+Both images carry a label with the hash of their recipe (Dockerfile, entry point, sshd configuration), so a
+later call skips the build until the recipe changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BASE_IMAGE",
+    "IMAGE",
+    "TestbedError",
+    "docker_available",
+    "docker_client",
+    "ensure_image",
+    "file_lock",
+]
+
+logger = logging.getLogger("testbed")
+
+IMAGE = "rx-testbed:latest"
+"""The image every testbed container runs."""
+
+BASE_IMAGE = "rx-testbed-base:bookworm"
+"""The base image imported from a debootstrap tree when no registry answers."""
+
+REGISTRY_BASE = "debian:bookworm-slim"
+HASH_LABEL = "rx-testbed.recipe"
+PACKAGES = ("openssh-server", "python3", "procps")
+MIRROR = os.environ.get("RX_TESTBED_MIRROR", "http://deb.debian.org/debian")
+
+PULL_TIMEOUT = 10.0
+DEBOOTSTRAP_TIMEOUT = 900.0
+BUILD_TIMEOUT = 900
+
+_ASSETS = Path(__file__).resolve().parent / "image"
+
+# The part both Dockerfiles share: the user, the sshd drop-in and the entry point.
+_DOCKERFILE_TAIL = """\
+RUN set -eux; \\
+    useradd --create-home --home-dir /home/rx --uid 1000 --user-group --shell /bin/bash rx; \\
+    usermod --password '*' rx; \\
+    install -d -m 700 -o rx -g rx /home/rx/.ssh; \\
+    mkdir -p /run/sshd; \\
+    rm -f /etc/ssh/ssh_host_*
+COPY sshd_config /etc/ssh/sshd_config.d/rx-testbed.conf
+COPY entrypoint.sh /usr/local/bin/rx-testbed-entrypoint
+RUN chmod 644 /etc/ssh/sshd_config.d/rx-testbed.conf && chmod 755 /usr/local/bin/rx-testbed-entrypoint
+EXPOSE 22
+ENTRYPOINT ["/usr/local/bin/rx-testbed-entrypoint"]
+"""
+
+_DOCKERFILE_REGISTRY = f"""\
+FROM {REGISTRY_BASE}
+RUN set -eux; \\
+    apt-get update; \\
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {" ".join(PACKAGES)}; \\
+    rm -rf /var/lib/apt/lists/*
+{_DOCKERFILE_TAIL}"""
+
+
+class TestbedError(RuntimeError):
+    """The testbed could not do what was asked: Docker unusable, a build, a container or sshd failed."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout: float) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created when missing), waiting at most ``timeout`` seconds.
+
+    Raises:
+        TestbedError: Another process held the lock for longer than ``timeout``.
+    """
+    with open(path, "a") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TestbedError(f"waited {timeout:.0f} s for the lock {path}") from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _debootstrap_recipe() -> str:
+    """Return the text that defines the debootstrap base image; its hash names the base's version."""
+    return f"debootstrap --variant=minbase --include={','.join(PACKAGES)} bookworm {MIRROR}"
+
+
+def _base_hash() -> str:
+    return hashlib.sha256(_debootstrap_recipe().encode()).hexdigest()[:16]
+
+
+def _dockerfile_debootstrap() -> str:
+    return f"FROM {BASE_IMAGE}\nLABEL rx-testbed.base={_base_hash()}\n{_DOCKERFILE_TAIL}"
+
+
+def _recipe_hash(dockerfile: str) -> str:
+    """Hash a Dockerfile together with the files it copies, so editing any of them rebuilds the image."""
+    digest = hashlib.sha256(dockerfile.encode())
+    for name in ("entrypoint.sh", "sshd_config"):
+        digest.update(b"\0" + name.encode() + b"\0")
+        digest.update((_ASSETS / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def docker_client(timeout: float = 60) -> Iterator[Any]:
+    """Open a Docker client from the environment (DOCKER_HOST or the local socket) and close it after.
+
+    Args:
+        timeout: Seconds each Docker API call may wait for an answer.
+
+    Raises:
+        TestbedError: The ``docker`` package is missing or the daemon does not answer.
+    """
+    try:
+        import docker
+    except ImportError as exc:
+        raise TestbedError("the docker Python package is missing: pip install 'docker>=7'") from exc
+    failure = None
+    with warnings.catch_warnings():
+        # A failed connect leaves the SDK's half-built session with an open socket; it is closed when the
+        # exception is freed, here, where that ResourceWarning cannot become an error under pytest.
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            client = docker.from_env(timeout=int(timeout))
+        except docker.errors.DockerException as exc:
+            failure = str(exc)
+        gc.collect()
+    if failure is not None:
+        raise TestbedError(f"Docker is not reachable: {failure}")
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def docker_available() -> str | None:
+    """Tell whether Docker can run the testbed.
+
+    Returns:
+        ``None`` when the daemon answers a ping, else one sentence saying why not, fit for a skip message.
+    """
+    try:
+        with docker_client(timeout=10) as client:
+            client.ping()
+    except TestbedError as exc:
+        return f"{exc} (start it with scripts/ensure-docker.sh)"
+    except Exception as exc:  # the SDK raises requests' and its own errors alike
+        return f"Docker is not usable: {exc} (start it with scripts/ensure-docker.sh)"
+    return None
+
+
+def _image_label(client: Any, name: str, label: str) -> str | None:
+    """Return the value of ``label`` on the local image ``name``, or None when the image is absent."""
+    import docker
+
+    try:
+        image = client.images.get(name)
+    except docker.errors.ImageNotFound:
+        return None
+    labels = image.attrs.get("Config", {}).get("Labels") or {}
+    value = labels.get(label)
+    return value if isinstance(value, str) else ""
+
+
+def _registry_base_ready(client: Any, log: Callable[[str], None]) -> bool:
+    """Return True when ``debian:bookworm-slim`` is present locally or a registry hands it over quickly."""
+    import docker
+
+    with contextlib.suppress(docker.errors.ImageNotFound):
+        client.images.get(REGISTRY_BASE)
+        return True
+    log(f"trying to pull {REGISTRY_BASE} (at most {PULL_TIMEOUT:.0f} s)")
+    outcome: list[BaseException | None] = []
+
+    def pull() -> None:
+        try:
+            with docker_client(timeout=PULL_TIMEOUT) as pull_client:
+                pull_client.images.pull(REGISTRY_BASE)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=pull, name="rx-testbed-pull", daemon=True)
+    worker.start()
+    worker.join(PULL_TIMEOUT + 5)
+    if not outcome:
+        log(f"no registry answered within {PULL_TIMEOUT:.0f} s")
+        return False
+    error = outcome[0]
+    if error is not None:
+        reason = getattr(error, "explanation", None) or str(error)
+        log(f"no registry: {str(reason).splitlines()[0][:120]}")
+        return False
+    return True
+
+
+def _build(client: Any, dockerfile: str, recipe_hash: str, log: Callable[[str], None]) -> None:
+    """Build :data:`IMAGE` from ``dockerfile`` and the assets, labelled with ``recipe_hash``."""
+    import docker
+
+    with tempfile.TemporaryDirectory(prefix="rx-testbed-build-") as context:
+        context_dir = Path(context)
+        (context_dir / "Dockerfile").write_text(dockerfile)
+        for name in ("entrypoint.sh", "sshd_config"):
+            shutil.copyfile(_ASSETS / name, context_dir / name)
+        log(f"building {IMAGE}")
+        try:
+            for chunk in client.api.build(
+                path=str(context_dir),
+                tag=IMAGE,
+                labels={HASH_LABEL: recipe_hash},
+                pull=False,
+                rm=True,
+                forcerm=True,
+                decode=True,
+                timeout=BUILD_TIMEOUT,
+            ):
+                if "error" in chunk:
+                    raise TestbedError(f"building {IMAGE} failed: {chunk['error'].strip()}")
+                line = str(chunk.get("stream", "")).strip()
+                if line:
+                    logger.debug("docker build: %s", line)
+        except docker.errors.APIError as exc:
+            raise TestbedError(f"building {IMAGE} failed: {exc}") from exc
+
+
+def _build_base(client: Any, log: Callable[[str], None]) -> None:
+    """Make :data:`BASE_IMAGE` with debootstrap and ``docker import``; needs root and Debian's mirror."""
+    debootstrap = shutil.which("debootstrap")
+    if debootstrap is None:
+        raise TestbedError(
+            "no registry answers and debootstrap is missing: apt-get install -y debootstrap "
+            "(scripts/ensure-docker.sh installs it)"
+        )
+    if os.geteuid() != 0:
+        raise TestbedError("building the base image with debootstrap needs root")
+    with tempfile.TemporaryDirectory(prefix="rx-testbed-base-", dir=os.environ.get("RX_TESTBED_TMP")) as tmp:
+        root = Path(tmp) / "rootfs"
+        argv = [
+            debootstrap,
+            "--variant=minbase",
+            f"--include={','.join(PACKAGES)}",
+            "bookworm",
+            str(root),
+            MIRROR,
+        ]
+        log(f"debootstrap bookworm from {MIRROR} (about a minute)")
+        try:
+            done = subprocess.run(
+                argv, capture_output=True, text=True, timeout=DEBOOTSTRAP_TIMEOUT, check=False
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise TestbedError(f"debootstrap took more than {DEBOOTSTRAP_TIMEOUT:.0f} s") from exc
+        if done.returncode != 0:
+            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+            raise TestbedError(f"debootstrap failed (exit {done.returncode}):\n{tail}")
+        tarball = Path(tmp) / "rootfs.tar"
+        log(f"importing the tree as {BASE_IMAGE}")
+        packed = subprocess.run(
+            [
+                "tar",
+                "-C",
+                str(root),
+                "--exclude=./var/cache/apt/archives/*.deb",
+                "--exclude=./var/lib/apt/lists/*",
+                "--numeric-owner",
+                "-cf",
+                str(tarball),
+                ".",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if packed.returncode != 0:
+            raise TestbedError(f"packing the debootstrap tree failed: {packed.stderr.strip()}")
+        repository, tag = BASE_IMAGE.split(":")
+        client.api.import_image_from_file(
+            str(tarball),
+            repository=repository,
+            tag=tag,
+            changes=[f"LABEL {HASH_LABEL}={_base_hash()}", 'CMD ["/bin/bash"]'],
+        )
+
+
+def ensure_image(*, log: Callable[[str], None] | None = None) -> str:
+    """Make sure :data:`IMAGE` exists and matches the current recipe; build it when not.
+
+    The first build takes about a minute (debootstrap path); later calls cost one Docker API call.
+
+    Args:
+        log: Called with one line per step (pull, debootstrap, import, build); ``print`` suits a terminal.
+            By default the lines go to the ``testbed`` logger at INFO.
+
+    Returns:
+        The image name, :data:`IMAGE`.
+
+    Raises:
+        TestbedError: Docker is unusable or a build step failed.
+    """
+    say: Callable[[str], None] = log if log is not None else logger.info
+    registry_hash = _recipe_hash(_DOCKERFILE_REGISTRY)
+    debootstrap_hash = _recipe_hash(_dockerfile_debootstrap())
+    with docker_client(timeout=600) as client:
+        current = _image_label(client, IMAGE, HASH_LABEL)
+        if current in (registry_hash, debootstrap_hash):
+            logger.debug("%s is up to date (recipe %s)", IMAGE, current)
+            return IMAGE
+        # One build at a time on this machine: a second caller waits, then finds the image built.
+        with file_lock(
+            Path(tempfile.gettempdir()) / "rx-testbed-image.lock", BUILD_TIMEOUT + DEBOOTSTRAP_TIMEOUT
+        ):
+            current = _image_label(client, IMAGE, HASH_LABEL)
+            if current not in (registry_hash, debootstrap_hash):
+                _build_image(client, current, registry_hash, debootstrap_hash, say)
+    return IMAGE
+
+
+def _build_image(
+    client: Any, current: str | None, registry_hash: str, debootstrap_hash: str, say: Callable[[str], None]
+) -> None:
+    say(f"{IMAGE} is {'missing' if current is None else 'out of date'}; building it")
+    started = time.monotonic()
+    if _registry_base_ready(client, say):
+        _build(client, _DOCKERFILE_REGISTRY, registry_hash, say)
+    else:
+        if _image_label(client, BASE_IMAGE, HASH_LABEL) != _base_hash():
+            _build_base(client, say)
+        else:
+            say(f"reusing {BASE_IMAGE}")
+        _build(client, _dockerfile_debootstrap(), debootstrap_hash, say)
+    say(f"{IMAGE} is ready ({time.monotonic() - started:.0f} s)")
