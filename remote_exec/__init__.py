@@ -1,5 +1,101 @@
-"""remote_exec: offload Python work to machines reachable over SSH."""
+"""remote_exec: offload Python work to machines reachable over SSH.
+
+    from remote_exec import task
+
+    @task(remote="gpu1")
+    def train(cfg): ...
+
+The public names are imported lazily, so that ``import remote_exec.runner`` on the remote and ``rx --help``
+on the laptop load only what they use.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+# Bound eagerly: the submodule `remote_exec.task` would otherwise shadow the decorator once imported.
+from .task import task  # noqa: E402
+
+__all__ = [
+    "Advice",
+    "AuthError",
+    "BackendError",
+    "CachingAdvice",
+    "CommandTimeout",
+    "ConfigError",
+    "ConnectError",
+    "Configuration",
+    "Execution",
+    "Extension",
+    "HostKeyError",
+    "IntegrityError",
+    "Interpreter",
+    "LoggingAdvice",
+    "PackError",
+    "Remote",
+    "RemoteAdvice",
+    "RemoteError",
+    "RemoteExecError",
+    "RemoteTraceback",
+    "Result",
+    "RunnerError",
+    "Session",
+    "SubprocessAdvice",
+    "Task",
+    "TransferError",
+    "__version__",
+    "get_run_id",
+    "set_run_id",
+    "task",
+]
+
+_LOCATIONS = {
+    "Advice": "advice", "Extension": "advice", "get_run_id": "advice", "set_run_id": "advice",
+    "CachingAdvice": "advices", "Interpreter": "advices", "LoggingAdvice": "advices",
+    "RemoteAdvice": "advices", "SubprocessAdvice": "advices",
+    "Configuration": "config", "Remote": "config",
+    "AuthError": "errors", "BackendError": "errors", "CommandTimeout": "errors", "ConfigError": "errors",
+    "ConnectError": "errors", "HostKeyError": "errors", "IntegrityError": "errors", "PackError": "errors",
+    "RemoteError": "errors", "RemoteExecError": "errors", "RemoteTraceback": "errors",
+    "RunnerError": "errors", "TransferError": "errors",
+    "Result": "session", "Session": "session",
+    "Execution": "task", "Task": "task",
+}
+
+if TYPE_CHECKING:
+    from .advice import Advice, Extension, get_run_id, set_run_id
+    from .advices import CachingAdvice, Interpreter, LoggingAdvice, RemoteAdvice, SubprocessAdvice
+    from .config import Configuration, Remote
+    from .errors import (
+        AuthError,
+        BackendError,
+        CommandTimeout,
+        ConfigError,
+        ConnectError,
+        HostKeyError,
+        IntegrityError,
+        PackError,
+        RemoteError,
+        RemoteExecError,
+        RemoteTraceback,
+        RunnerError,
+        TransferError,
+    )
+    from .session import Result, Session
+    from .task import Execution, Task
+
+
+def __getattr__(name: str) -> Any:
+    module = _LOCATIONS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'remote_exec' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,277 @@
+"""Executing advices: run the session somewhere else and conclude with its result.
+
+:class:`ExecutingAdvice` holds the one trip every executing advice makes (pack, connect, ensure, execute,
+collect, all through :func:`remote_exec.dispatch.dispatch`) and records it in the workspace; subclasses
+only say where: :class:`RemoteAdvice` over SSH, :class:`~remote_exec.advices.subprocess.SubprocessAdvice`
+in a local interpreter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from ..advice import Advice
+from ..backends import connect
+from ..backends.base import Backend
+from ..config import Configuration
+from ..dispatch import CallOptions, Outcome, dispatch
+from ..errors import ConfigError, RemoteExecError
+from ..packing import DistributionArchive
+from ..session import Result, Session
+from ..task import Task
+
+__all__ = ["ExecutingAdvice", "RemoteAdvice", "Target", "archive_for", "execute"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how one call runs.
+
+    Attributes:
+        backend: The connection.
+        backend_name: ``openssh``, ``paramiko`` or ``local``.
+        host: The host as the user named it (``local`` for a subprocess).
+        options: Interpreter, directories, environment, timeout, files.
+    """
+
+    backend: Backend
+    backend_name: str
+    host: str
+    options: CallOptions
+
+
+def _entry_points(task: Task) -> tuple[list[Path], list[Path]]:
+    """The files whose imports define the code to ship, and the roots project modules live under."""
+    if task.kind == "script" and task.filename:
+        script = Path(task.filename).resolve()
+        return [script], [script.parent, Path.cwd()]
+    if task.kind == "module":
+        roots = [Path.cwd()]
+        files = [Path(task.filename)] if task.filename else []
+        return files, roots
+    module_name = task.module or "__main__"
+    module = sys.modules.get(module_name)
+    file = getattr(module, "__file__", None)
+    if not file:
+        return [], [Path.cwd()]
+    path = Path(file).resolve()
+    if module_name == "__main__":
+        return [path], [path.parent, Path.cwd()]
+    root = path.parent
+    for _ in range(module_name.count(".") + (1 if path.name == "__init__.py" else 0)):
+        root = root.parent
+    return [path], [root, Path.cwd()]
+
+
+def archive_for(task: Task, config: Configuration) -> DistributionArchive:
+    """The distribution archive carrying ``task``'s code (built once per content)."""
+    files, roots = _entry_points(task)
+    extra = list(config.distribution_modules)
+    if task.kind == "module" and task.module:
+        extra.append(task.module)
+    elif task.kind == "function" and task.module and task.module != "__main__":
+        extra.append(task.module.split(".")[0])
+    return DistributionArchive.build(entry_files=files, roots=roots, extra_modules=extra)
+
+
+def _sink(stream: IO[str], log: IO[bytes] | None) -> Callable[[bytes], None]:
+    lock = threading.Lock()
+    buffer = getattr(stream, "buffer", None)
+
+    def write(data: bytes) -> None:
+        with lock:
+            if buffer is not None:
+                try:
+                    stream.flush()
+                    buffer.write(data)
+                    buffer.flush()
+                except (OSError, ValueError):
+                    pass
+            else:
+                stream.write(data.decode("utf-8", "replace"))
+                stream.flush()
+            if log is not None:
+                log.write(data)
+                log.flush()
+
+    return write
+
+
+# -- the process-wide run that @task calls are recorded in --------------------------------------------
+
+_runs: dict[tuple[str, str], Any] = {}
+_runs_lock = threading.Lock()
+
+
+def _process_run(session: Session, config: Configuration, target: Target) -> Any:
+    from ..workspace import Workspace
+
+    workspace = Workspace.resolve(config.workspace)
+    key = (str(workspace.root), session.run_id)
+    with _runs_lock:
+        run = _runs.get(key)
+        if run is None:
+            main = sys.modules.get("__main__")
+            name = Path(getattr(main, "__file__", "") or "python").name
+            try:
+                run = workspace.run(session.run_id)
+            except RemoteExecError:
+                run = workspace.new_run(target=name, kind="task", argv=sys.argv[1:], remote=target.host,
+                                        backend=target.backend_name, run_id=session.run_id)
+                run.set_status("running")
+            _runs[key] = run
+        return run
+
+
+def execute(session: Session, target: Target) -> Result:
+    """Run ``session`` at ``target``, recording it in the workspace, and return its result.
+
+    A CLI run passes its workspace run in ``session.local["run"]`` and gets stdout/stderr logs, actions
+    and pulled files recorded there; a ``@task`` call is recorded as one task entry of its process's run.
+    """
+    config = session.config or Configuration.load()
+    cli_run = session.local.get("run")
+    if cli_run is not None:
+        return _execute_cli(session, target, config, cli_run)
+    run = _process_run(session, config, target)
+    key = session.execution.execution_id[:16]
+    run.task_started(key, name=session.task.name, host=target.host)
+    stdout = _sink(sys.stdout, None)
+    stderr = _sink(sys.stderr, None)
+    try:
+        archive = archive_for(session.task, config)
+        outcome = dispatch(session, target.backend, archive, target.options, on_stdout=stdout,
+                           on_stderr=stderr, land_file=_lander(run, f"files/{key}/"))
+    except BaseException as exc:
+        run.task_finished(key, ok=False, error=f"{type(exc).__name__}: {exc}")
+        raise
+    result = outcome.result
+    run.set_task(key, "done" if result.ok else "failed", execution_id=session.execution.execution_id,
+                 exit_code=result.exit_code, result_status=result.status, phases=outcome.phases,
+                 error=None if result.ok else (result.detail or f"{result.exception_type}: "
+                                                              f"{result.exception_message}"))
+    return result
+
+
+def _lander(run: Any, prefix: str) -> Callable[[PurePosixPath, Path, str], Path]:
+    def land(relative: PurePosixPath, temporary: Path, sha256: str) -> Path:
+        path: Path = run.store.write_file(f"{prefix}{relative}", temporary, sha256=sha256, move=True)
+        return path
+
+    return land
+
+
+def _execute_cli(session: Session, target: Target, config: Configuration, run: Any) -> Result:
+    stdout_log = run.store.open_append("stdout.log")
+    stderr_log = run.store.open_append("stderr.log")
+    indices: dict[str, int] = {}
+
+    def on_phase(name: str, state: str) -> None:
+        if state == "started":
+            indices[name] = run.tracker.start(name, host=target.host)
+        elif name in indices:
+            run.tracker.end(indices.pop(name), error=None if state == "finished" else f"{name} failed")
+
+    try:
+        pack = run.tracker.start("pack", host=None)
+        try:
+            archive = archive_for(session.task, config)
+        except BaseException as exc:
+            run.tracker.end(pack, error=f"{type(exc).__name__}: {exc}")
+            raise
+        run.tracker.end(pack)
+        outcome: Outcome = dispatch(
+            session, target.backend, archive, target.options,
+            on_stdout=_sink(sys.stdout, stdout_log), on_stderr=_sink(sys.stderr, stderr_log),
+            land_file=_lander(run, "files/"), on_phase=on_phase,
+        )
+    finally:
+        stdout_log.close()
+        stderr_log.close()
+    session.local["outcome"] = outcome
+    return outcome.result
+
+
+class ExecutingAdvice(Advice):
+    """An advice that runs the task elsewhere and concludes with its result (it ends the chain)."""
+
+    terminal = True
+
+    @abstractmethod
+    def target(self, session: Session) -> Target:
+        """Where this session runs."""
+
+    def before(self, session: Session) -> None:
+        session.conclude(execute(session, self.target(session)))
+
+
+class RemoteAdvice(ExecutingAdvice):
+    """Runs the task on a host over SSH (or, when no host is named anywhere, in a local subprocess).
+
+    The host comes from the session (``@task(remote=...)``, ``rx run --remote``), else from this advice.
+
+    Args:
+        remote: Default host: a ``[tool.rx.remotes]`` name, an ssh_config alias or ``[user@]host[:port]``.
+        backend: ``openssh`` or ``paramiko`` (default: the configuration's, or RX_BACKEND).
+    """
+
+    def __init__(self, remote: str | None = None, *, backend: str | None = None) -> None:
+        self.remote = remote
+        self.backend = backend
+
+    def target(self, session: Session) -> Target:
+        config = session.config or Configuration.load()
+        options: dict[str, Any] = dict(session.context.get("options") or {})
+        name = session.context.get("remote") or self.remote
+        if not name:
+            from .subprocess import SubprocessAdvice
+
+            return SubprocessAdvice().target(session)
+        remote = config.remote(str(name))
+        backend_name = config.effective_backend(options.get("backend") or remote.backend or self.backend)
+        if backend_name not in ("openssh", "paramiko"):
+            raise ConfigError(f"unknown backend {backend_name!r}", hint="openssh or paramiko")
+        policy = options.get("host_key_policy") or config.host_key_policy
+        spec = remote.spec(ssh_config=config.effective_ssh_config(options.get("ssh_config")),
+                           host_key_policy=policy, connect_timeout=float(
+                               options.get("connect_timeout") or config.connect_timeout))
+        for field_name in ("keepalive_interval", "keepalive_count"):
+            if options.get(field_name) is not None:
+                spec = replace(spec, **{field_name: options[field_name]})
+        backend = connect(spec, backend_name)
+        env = dict(remote.env)
+        env.update(options.get("env") or {})
+        timeout = options.get("timeout", remote.timeout)
+        call = CallOptions(
+            python=options.get("python") or remote.python,
+            workdir=options.get("workdir") or remote.workdir,
+            env=env,
+            secret_env=_secret_env(options.get("secret_env") or ()),
+            timeout=float(timeout) if timeout is not None else None,
+            pull=tuple(options.get("pull") or ()),
+            no_pull=bool(options.get("no_pull")),
+            keep=bool(options.get("keep")),
+            heartbeat=min(spec.keepalive_interval, 5.0),
+            dead_after=spec.dead_after,
+        )
+        return Target(backend=backend, backend_name=backend_name, host=remote.name, options=call)
+
+
+def _secret_env(names: Any) -> dict[str, str]:
+    """Values of the named local environment variables (they travel over the channel only)."""
+    secrets: dict[str, str] = {}
+    for name in names:
+        if name not in os.environ:
+            raise ConfigError(f"--secret-env {name}: no such variable in the local environment")
+        secrets[name] = os.environ[name]
+    return secrets

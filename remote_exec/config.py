@@ -1,0 +1,298 @@
+"""Configuration: advice chains, extensions, remotes, and defaults, from code or ``[tool.rx]``.
+
+A :class:`Configuration` is built in code or loaded from the ``[tool.rx]`` table of the nearest
+``pyproject.toml`` (searched from the current directory upwards)::
+
+    [tool.rx]
+    backend = "openssh"                      # or "paramiko"; RX_BACKEND overrides
+    serializer = "pickle"                    # or "json"
+    distribution_modules = ["mypkg"]         # shipped in the archive besides what is found
+    chains.cached = ["remote_exec.advices.cache:CachingAdvice", "remote_exec.advices.remote:RemoteAdvice"]
+
+    [tool.rx.remotes.gpu1]
+    host = "gpu1.lab.example.org"            # an ssh_config alias, a host name or [user@]host[:port]
+    user = "me"
+    python = "/opt/conda/bin/python"
+    env = { CUDA_VISIBLE_DEVICES = "0" }
+
+Nothing is registered by importing modules named in environment variables: chains name their advice
+classes explicitly, and environment variables only choose among options (``RX_BACKEND``,
+``RX_SSH_CONFIG``, ``RX_WORKSPACE``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .advice import Advice, Extension
+    from .backends.base import HostSpec
+
+__all__ = ["Configuration", "Remote", "find_pyproject"]
+
+DEFAULT_WORKDIR = "~/.cache/remote_exec"
+_REMOTE_KEYS = {"host", "user", "port", "python", "workdir", "env", "backend", "keep_warm", "identity_file",
+                "timeout"}
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A configured remote host.
+
+    Attributes:
+        name: The name tasks and ``rx run --remote`` use.
+        host: ssh_config alias, host name, or ``[user@]host[:port]``.
+        user: Login user (overrides ssh_config).
+        port: SSH port (overrides ssh_config).
+        python: The remote interpreter.
+        workdir: Remote cache and run directory root (created 0700).
+        env: Environment variables for the task.
+        backend: ``openssh`` or ``paramiko``; None for the configuration's default.
+        keep_warm: Keep a persistent worker on the host for many small calls.
+        identity_file: Key file (overrides ssh_config).
+        timeout: Default task timeout in seconds.
+    """
+
+    name: str
+    host: str
+    user: str | None = None
+    port: int | None = None
+    python: str = "python3"
+    workdir: str = DEFAULT_WORKDIR
+    env: Mapping[str, str] = field(default_factory=dict)
+    backend: str | None = None
+    keep_warm: bool = False
+    identity_file: str | None = None
+    timeout: float | None = None
+
+    @classmethod
+    def from_table(cls, name: str, table: Mapping[str, Any]) -> Remote:
+        """A remote from its ``[tool.rx.remotes.NAME]`` table.
+
+        Raises:
+            ConfigError: Unknown keys or values of the wrong type.
+        """
+        unknown = set(table) - _REMOTE_KEYS
+        if unknown:
+            raise ConfigError(f"[tool.rx.remotes.{name}]: unknown key(s) {', '.join(sorted(unknown))}",
+                              hint=f"known keys: {', '.join(sorted(_REMOTE_KEYS))}")
+        values = dict(table)
+        values.setdefault("host", name)
+        if not isinstance(values["host"], str):
+            raise ConfigError(f"[tool.rx.remotes.{name}]: host must be a string")
+        if "port" in values and not isinstance(values["port"], int):
+            raise ConfigError(f"[tool.rx.remotes.{name}]: port must be an integer")
+        if "env" in values and not (isinstance(values["env"], dict)
+                                    and all(isinstance(v, str) for v in values["env"].values())):
+            raise ConfigError(f"[tool.rx.remotes.{name}]: env must be a table of strings")
+        return cls(name=name, **values)
+
+    def spec(self, **options: Any) -> HostSpec:
+        """How to reach this remote (``options`` go to :class:`HostSpec`, e.g. ``ssh_config``)."""
+        from .backends.base import HostSpec
+
+        spec = HostSpec.parse(self.host, **options)
+        changes: dict[str, Any] = {}
+        if self.user:
+            changes["user"] = self.user
+        if self.port:
+            changes["port"] = self.port
+        if self.identity_file:
+            changes["identity_file"] = Path(self.identity_file).expanduser()
+        return replace(spec, **changes) if changes else spec
+
+
+def find_pyproject(start: Path | None = None) -> Path | None:
+    """The nearest ``pyproject.toml`` from ``start`` (default: the current directory) upwards."""
+    here = (start or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        candidate = directory / "pyproject.toml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    try:
+        with path.open("rb") as stream:
+            return tomllib.load(stream)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _import_advice(spec: str) -> Any:
+    module_name, _, attribute = spec.partition(":")
+    if not attribute:
+        raise ConfigError(f"advice {spec!r} must be written module:Class")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)()
+    except (ImportError, AttributeError, TypeError) as exc:
+        raise ConfigError(f"cannot create advice {spec!r}: {exc}") from exc
+
+
+@dataclass
+class Configuration:
+    """Advice chains, extensions, remotes and defaults.
+
+    Attributes:
+        chains: Advice chains by name; ``default`` is used unless a task names another.
+        extensions: Extensions notified around every advice.
+        remotes: Configured remotes by name.
+        backend: Default backend name.
+        serializer: Serializer for arguments and results.
+        ssh_config: The ssh_config file to read (None: ``~/.ssh/config``).
+        distribution_modules: Extra modules or packages to ship in the archive.
+        host_key_policy: ``accept-new`` (default), ``strict`` or ``off``.
+        connect_timeout: Seconds for connecting.
+        workspace: The workspace directory (None: ``RX_WORKSPACE`` or ``./.rx``).
+        source: The pyproject.toml this was loaded from, if any.
+    """
+
+    chains: dict[str, list[Advice]] = field(default_factory=dict)
+    extensions: list[Extension] = field(default_factory=list)
+    remotes: dict[str, Remote] = field(default_factory=dict)
+    backend: str = "openssh"
+    serializer: str = "pickle"
+    ssh_config: Path | None = None
+    distribution_modules: list[str] = field(default_factory=list)
+    host_key_policy: str = "accept-new"
+    connect_timeout: float = 10.0
+    workspace: Path | None = None
+    source: Path | None = None
+
+    def __post_init__(self) -> None:
+        if "default" not in self.chains:
+            from .advices.log import LoggingAdvice
+            from .advices.remote import RemoteAdvice
+
+            self.chains["default"] = [LoggingAdvice(), RemoteAdvice()]
+        if "cached" not in self.chains:
+            from .advices.cache import CachingAdvice
+            from .advices.remote import RemoteAdvice
+
+            self.chains["cached"] = [CachingAdvice(), RemoteAdvice()]
+
+    # -- building in code ----------------------------------------------------------------------------
+
+    def add_chain(self, name: str, advices: Iterable[Advice]) -> Configuration:
+        """Add (or replace) the advice chain ``name``."""
+        self.chains[name] = list(advices)
+        return self
+
+    def add_extension(self, extension: Extension) -> Configuration:
+        """Add an extension; its ``on_init`` is called now."""
+        self.extensions.append(extension)
+        extension.on_init(self)
+        return self
+
+    def add_remote(self, remote: Remote) -> Configuration:
+        """Add (or replace) a configured remote."""
+        self.remotes[remote.name] = remote
+        return self
+
+    def add_modules_for_distribution(self, *modules: str) -> Configuration:
+        """Ship these modules or packages in the archive too (third-party packages are not shipped
+        unless listed here)."""
+        self.distribution_modules.extend(modules)
+        return self
+
+    def chain(self, name: str) -> list[Advice]:
+        """The advice chain ``name``.
+
+        Raises:
+            ConfigError: No chain has that name.
+        """
+        try:
+            return self.chains[name]
+        except KeyError:
+            raise ConfigError(f"no advice chain named {name!r}",
+                              hint=f"configured chains: {', '.join(sorted(self.chains))}") from None
+
+    # -- defaults from the environment ---------------------------------------------------------------
+
+    def effective_backend(self, requested: str | None = None) -> str:
+        """``requested``, else RX_BACKEND, else the configured default."""
+        return requested or os.environ.get("RX_BACKEND") or self.backend
+
+    def effective_ssh_config(self, requested: Path | None = None) -> Path | None:
+        """``requested``, else RX_SSH_CONFIG, else the configured file (None: ssh's default)."""
+        if requested is not None:
+            return requested
+        from_env = os.environ.get("RX_SSH_CONFIG")
+        return Path(from_env).expanduser() if from_env else self.ssh_config
+
+    def remote(self, name: str) -> Remote:
+        """The configured remote ``name``, or one made from ``name`` as an alias / ``[user@]host[:port]``."""
+        if name in self.remotes:
+            return self.remotes[name]
+        return Remote(name=name, host=name)
+
+    # -- loading -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pyproject(cls, path: Path) -> Configuration:
+        """Read ``[tool.rx]`` from ``path``.
+
+        Raises:
+            ConfigError: The file or the table is invalid.
+        """
+        table = _load_toml(path).get("tool", {}).get("rx", {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [tool.rx] must be a table")
+        known = {"backend", "serializer", "ssh_config", "distribution_modules", "host_key_policy",
+                 "connect_timeout", "workspace", "chains", "remotes"}
+        unknown = set(table) - known
+        if unknown:
+            raise ConfigError(f"{path}: unknown [tool.rx] key(s) {', '.join(sorted(unknown))}",
+                              hint=f"known keys: {', '.join(sorted(known))}")
+        base = path.parent
+        config = cls(
+            backend=table.get("backend", "openssh"),
+            serializer=table.get("serializer", "pickle"),
+            ssh_config=(base / Path(table["ssh_config"]).expanduser()) if "ssh_config" in table else None,
+            distribution_modules=list(table.get("distribution_modules", [])),
+            host_key_policy=table.get("host_key_policy", "accept-new"),
+            connect_timeout=float(table.get("connect_timeout", 10.0)),
+            workspace=(base / table["workspace"]) if "workspace" in table else None,
+            source=path,
+            chains={name: [_import_advice(item) for item in items]
+                    for name, items in table.get("chains", {}).items()},
+        )
+        for name, remote_table in table.get("remotes", {}).items():
+            if not isinstance(remote_table, dict):
+                raise ConfigError(f"{path}: [tool.rx.remotes.{name}] must be a table")
+            config.add_remote(Remote.from_table(name, remote_table))
+        if config.backend not in ("openssh", "paramiko", "local"):
+            raise ConfigError(f"{path}: unknown backend {config.backend!r}", hint="openssh or paramiko")
+        if config.host_key_policy not in ("accept-new", "strict", "off"):
+            raise ConfigError(f"{path}: host_key_policy must be accept-new, strict or off")
+        return config
+
+    @classmethod
+    def load(cls, start: Path | None = None) -> Configuration:
+        """The project's configuration: ``[tool.rx]`` of the nearest pyproject.toml, else defaults.
+
+        Loaded once per directory and process.
+        """
+        path = find_pyproject(start)
+        key = str(path)
+        cached = _loaded.get(key)
+        if cached is None:
+            cached = cls.from_pyproject(path) if path is not None else cls()
+            _loaded[key] = cached
+        return cached
+
+
+_loaded: dict[str, Configuration] = {}

@@ -1,0 +1,512 @@
+"""The coordinator's side of one call: pack, connect, ensure, execute, collect.
+
+:func:`dispatch` is the only place that speaks the runner protocol (:mod:`remote_exec.wire`); the remote
+and subprocess advices and ``rx run`` all come through it, over whichever :class:`Backend` reaches the
+host (a local subprocess is the :class:`LocalBackend`).
+
+One exec per call: ``python3 -c BOOTSTRAP <archive sha256> <workdir> serve``. The bootstrap answers
+whether the host has the archive; only when it does not is the archive sent, in-band, and checked by
+sha256 before it is installed. The session and the call's options (including secrets and the per-call
+HMAC key) travel over stdin, never on a command line. Output streams back live. The result (value or
+exception and traceback, files) is checked twice before it lands: sha256 per item and an HMAC-SHA256
+over the whole result with a key that never touches the remote disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import pickle
+import secrets
+import shutil
+import signal
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from . import wire
+from .backends.base import Backend, Process
+from .errors import (
+    CommandTimeout,
+    ConnectError,
+    IntegrityError,
+    Interrupted,
+    RunnerError,
+)
+from .packing import DistributionArchive
+from .session import Result, Session
+
+__all__ = ["CallOptions", "Outcome", "dispatch", "safe_member_path"]
+
+logger = logging.getLogger(__name__)
+
+OutputSink = Callable[[bytes], None]
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """How to run one call on its host.
+
+    Attributes:
+        python: The remote interpreter (a name on PATH or an absolute path).
+        workdir: The remote cache and run directory root (``~`` is the remote user's home).
+        env: Environment variables for the task.
+        secret_env: Environment variables passed over the channel only (never on a command line, in
+            logs or state).
+        timeout: Seconds the task may run; the runner stops it at the limit.
+        pull: Glob patterns of the files to bring back (empty: all).
+        no_pull: Bring back no files.
+        keep: Keep the remote run directory.
+        heartbeat: Seconds between heartbeats in each direction.
+        dead_after: Seconds of silence after which the link counts as dead.
+    """
+
+    python: str = "python3"
+    workdir: str = "~/.cache/remote_exec"
+    env: Mapping[str, str] = field(default_factory=dict)
+    secret_env: Mapping[str, str] = field(default_factory=dict)
+    timeout: float | None = None
+    pull: Sequence[str] = ()
+    no_pull: bool = False
+    keep: bool = False
+    heartbeat: float = 5.0
+    dead_after: float = 16.0
+
+
+@dataclass
+class Outcome:
+    """What came back from one call.
+
+    Attributes:
+        result: The task's result.
+        header: The runner's result header (status, exit code, host, python, duration, files).
+        files: Local paths of the files that landed.
+        uploaded: True when the archive had to be sent.
+        phases: Seconds per phase: ``connect``, ``upload``, ``execute``, ``collect``.
+    """
+
+    result: Result
+    header: dict[str, Any]
+    files: list[Path] = field(default_factory=list)
+    uploaded: bool = False
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def safe_member_path(name: str) -> PurePosixPath:
+    """A file name from a result archive as a safe relative path.
+
+    Raises:
+        IntegrityError: Absolute, empty, or climbing out with ``..``.
+    """
+    path = PurePosixPath(name)
+    if not name or path.is_absolute() or ".." in path.parts or "\\" in name or name.startswith("~"):
+        raise IntegrityError(f"the result holds a file outside its run directory: {name!r}")
+    return path
+
+
+class _Call:
+    """One running call: reads frames, keeps the link watched, collects the result."""
+
+    def __init__(self, backend: Backend, process: Process, options: CallOptions, key: bytes,
+                 on_stdout: OutputSink, on_stderr: OutputSink, spool: Path) -> None:
+        self.backend = backend
+        self.process = process
+        self.options = options
+        self.key = key
+        self.on_stdout = on_stdout
+        self.on_stderr = on_stderr
+        self.reader = wire.FrameReader()
+        self.mac = hmac.new(key, digestmod=hashlib.sha256)
+        self.header: dict[str, Any] | None = None
+        self.value = bytearray()
+        self.exc_data = bytearray()
+        self.files_path = spool
+        self.files_stream: IO[bytes] | None = None
+        self.end: dict[str, Any] | None = None
+        self.started: dict[str, Any] | None = None
+        self.last_read = time.monotonic()
+        self.stderr = bytearray()
+        self.dead = threading.Event()
+        self.stop = threading.Event()
+        self.write_lock = threading.Lock()
+
+    def send(self, kind: bytes, payload: bytes = b"") -> None:
+        with self.write_lock:
+            self.process.write_stdin(wire.encode(kind, payload))
+
+    def watch(self, deadline: float | None) -> None:
+        """Heartbeats to the runner; kill the link when it has been silent too long or past deadline."""
+        while not self.stop.wait(min(self.options.heartbeat, 1.0)):
+            now = time.monotonic()
+            if now - self.last_read > self.options.dead_after:
+                logger.warning("%s: no sign of life for %.0f s; giving up on the link",
+                               self.backend.host, now - self.last_read)
+                self.dead.set()
+                self.process.kill()
+                return
+            if deadline is not None and now > deadline:
+                self.dead.set()
+                self.process.kill()
+                return
+            try:
+                self.send(b"H")
+            except Exception:
+                logger.debug("heartbeat to %s failed", self.backend.host, exc_info=True)
+
+    def pump_stderr(self) -> None:
+        while chunk := self.process.read_stderr(65536):
+            self.stderr += chunk
+            self.last_read = time.monotonic()
+
+    def handle(self, kind: bytes, payload: bytes) -> None:
+        if kind == b"O":
+            self.on_stdout(payload)
+        elif kind == b"E":
+            self.on_stderr(payload)
+        elif kind == b"B":
+            pass
+        elif kind == b"P":
+            self.started = json.loads(payload)
+        elif kind in (b"R", b"V", b"X", b"F"):
+            self.mac.update(kind + len(payload).to_bytes(8, "big") + payload)
+            if kind == b"R":
+                self.header = json.loads(payload)
+            elif kind == b"V":
+                self.value += payload
+            elif kind == b"X":
+                self.exc_data += payload
+            else:
+                if self.files_stream is None:
+                    self.files_stream = self.files_path.open("wb")
+                self.files_stream.write(payload)
+        elif kind == b"Z":
+            self.end = json.loads(payload)
+        else:
+            raise RunnerError(f"unknown frame {kind!r} from the runner", reason="protocol",
+                              host=self.backend.host)
+
+    def read_loop(self, initial: bytes) -> None:
+        data = initial
+        while True:
+            if data:
+                self.last_read = time.monotonic()
+                for kind, payload in self.reader.feed(data):
+                    self.handle(kind, payload)
+                    if self.end is not None:
+                        return
+            data = self.process.read_stdout(1 << 20)
+            if not data:
+                return
+
+
+def _read_handshake(process: Process, buffer: bytes = b"") -> tuple[str, bytes]:
+    """The bootstrap's next ``RXBOOT1 ...`` line, and the bytes read past it."""
+    while b"\n" not in buffer:
+        chunk = process.read_stdout(65536)
+        if not chunk:
+            return "", buffer
+        buffer += chunk
+    line, _, rest = buffer.partition(b"\n")
+    return line.decode("ascii", "replace"), rest
+
+
+def _interpreter_error(host: str, python: str, code: int | None, stderr: bytes) -> RunnerError:
+    text = stderr.decode("utf-8", "replace").strip()
+    last = text.splitlines()[-1] if text else ""
+    if code == 127 or "not found" in text or "No such file" in text:
+        return RunnerError(f"{python} not found on {host}", reason="interpreter-missing", host=host,
+                           hint="install Python 3 there or pass --python /path/to/python3")
+    return RunnerError(f"the runner could not start on {host} with {python} (exit {code}): {last}",
+                       reason="crashed", host=host)
+
+
+def dispatch(
+    session: Session,
+    backend: Backend,
+    archive: DistributionArchive,
+    options: CallOptions,
+    *,
+    on_stdout: OutputSink,
+    on_stderr: OutputSink,
+    land_file: Callable[[PurePosixPath, Path, str], Path] | None = None,
+    on_phase: Callable[[str, str], None] | None = None,
+) -> Outcome:
+    """Run ``session`` on ``backend``'s host and return what came back.
+
+    Args:
+        session: The call.
+        backend: The connection to the host.
+        archive: The distribution archive (sent only if the host lacks it).
+        options: Interpreter, directories, environment, timeout, files to pull.
+        on_stdout: Receives the task's stdout bytes as they arrive.
+        on_stderr: Receives the task's stderr bytes as they arrive.
+        land_file: Called for each pulled file that passed its checks with (relative path, a local
+            temporary holding it, its sha256); returns where it landed. None: files are not pulled.
+        on_phase: Called with (phase, "started" | "finished" | "failed") around connect, upload,
+            execute and collect (the workspace records them as actions).
+
+    Raises:
+        ConnectError, AuthError, HostKeyError: The host could not be reached or the link died.
+        CommandTimeout: The call ran past its timeout and the runner did not report back.
+        RunnerError: The interpreter is missing or too old, or the runner failed.
+        IntegrityError: The result failed its checks.
+        Interrupted: Ctrl-C (the remote task is stopped first).
+    """
+    phase = on_phase or (lambda name, state: None)
+    host = backend.host
+    phases: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def done(name: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        phases[name] = phases.get(name, 0.0) + now - mark
+        mark = now
+
+    key = secrets.token_bytes(32)
+    session_bytes = session.dumps()
+    argv = [options.python, "-c", wire.BOOTSTRAP, archive.sha256, options.workdir, "serve"]
+    phase("connect", "started")
+    try:
+        process = backend.start(argv)
+        line, rest = _read_handshake(process)
+    except BaseException:
+        phase("connect", "failed")
+        raise
+    if not line.startswith("RXBOOT1"):
+        code = process.wait(5)
+        stderr = _drain(process)
+        phase("connect", "failed")
+        if code in (255, -1) and not line:
+            raise ConnectError(host, "the connection closed before the runner started: "
+                               + (stderr.decode("utf-8", "replace").strip().splitlines() or ["no reason given"])[-1])
+        raise _interpreter_error(host, options.python, code, stderr)
+    if line.startswith("RXBOOT1 OLDPY"):
+        version = line.split()[-1]
+        phase("connect", "failed")
+        raise RunnerError(f"{options.python} on {host} is Python {version}; the runner needs "
+                          f"{'.'.join(map(str, wire.MIN_PYTHON))} or newer", reason="python-too-old", host=host,
+                          hint="pass --python with a newer interpreter")
+    phase("connect", "finished")
+    done("connect")
+    uploaded = False
+    if line == "RXBOOT1 NEED":
+        phase("upload", "started")
+        data = archive.read()
+        process.write_stdin(len(data).to_bytes(8, "big") + data)
+        line, rest = _read_handshake(process, rest)
+        if line != "RXBOOT1 OK":
+            process.wait(5)
+            phase("upload", "failed")
+            raise RunnerError(f"installing the archive on {host} failed: "
+                              + _drain(process).decode("utf-8", "replace").strip()[-300:], reason="crashed",
+                              host=host)
+        uploaded = True
+        phase("upload", "finished")
+        done("upload")
+
+    call_options = {
+        "key": key.hex(),
+        "run_id": session.run_id or "run",
+        "timeout": options.timeout,
+        "heartbeat": options.heartbeat,
+        "dead_after": options.dead_after,
+        "env": dict(options.env),
+        "secret_env": dict(options.secret_env),
+        "pull": list(options.pull),
+        "no_pull": options.no_pull or land_file is None,
+        "keep": options.keep,
+        "kind": session.task.kind,
+    }
+    spool_dir = Path(tempfile.mkdtemp(prefix="rx-collect-"))
+    call = _Call(backend, process, options, key, on_stdout, on_stderr, spool_dir / "files.tar")
+    phase("execute", "started")
+    stderr_thread = threading.Thread(target=call.pump_stderr, daemon=True)
+    stderr_thread.start()
+    deadline = None if options.timeout is None else time.monotonic() + options.timeout + options.dead_after + 5
+    watcher = threading.Thread(target=call.watch, args=(deadline,), daemon=True)
+    try:
+        with call.write_lock:
+            process.write_stdin(wire.encode(b"G", json.dumps(call_options).encode()))
+            view = memoryview(session_bytes)
+            for start in range(0, len(view), wire.MAX_FRAME):
+                process.write_stdin(wire.encode(b"S", bytes(view[start:start + wire.MAX_FRAME])))
+            process.write_stdin(wire.encode(b"s", json.dumps(
+                {"sha256": hashlib.sha256(session_bytes).hexdigest()}).encode()))
+        watcher.start()
+        try:
+            call.read_loop(rest)
+        except KeyboardInterrupt:
+            _cancel(call)
+            phase("execute", "failed")
+            raise Interrupted(f"interrupted; the task on {host} was stopped") from None
+        call.stop.set()
+        if call.files_stream is not None:
+            call.files_stream.close()
+        if call.end is None:
+            code = process.wait(5)
+            stderr_thread.join(2)
+            phase("execute", "failed")
+            if deadline is not None and time.monotonic() > deadline:
+                raise CommandTimeout(host, f"the task ran past its timeout of {options.timeout:g} s and the "
+                                           "runner did not report back")
+            if call.dead.is_set():
+                raise ConnectError(host, f"the link went silent for {options.dead_after:g} s and was given up",
+                                   hint="the host may be down, paused or unreachable; rx rerun can retry")
+            text = bytes(call.stderr).decode("utf-8", "replace").strip()
+            if code in (-1, 255):
+                raise ConnectError(host, "the connection was lost while the task ran"
+                                   + (f": {text.splitlines()[-1]}" if text else ""))
+            if code == 0:
+                raise RunnerError(f"the runner on {host} exited 0 without a result", reason="no-result",
+                                  host=host)
+            raise RunnerError(f"the runner on {host} failed (exit {code})"
+                              + (f": {text.splitlines()[-1]}" if text else ""), reason="crashed", host=host)
+        process.wait(5)
+        phase("execute", "finished")
+        done("execute")
+        phase("collect", "started")
+        try:
+            result, landed = _collect(call, session, land_file)
+        except BaseException:
+            phase("collect", "failed")
+            raise
+        phase("collect", "finished")
+        done("collect")
+    finally:
+        call.stop.set()
+        if call.files_stream is not None and not call.files_stream.closed:
+            call.files_stream.close()
+        shutil.rmtree(spool_dir, ignore_errors=True)
+        process.kill()
+    assert call.header is not None
+    return Outcome(result=result, header=call.header, files=landed, uploaded=uploaded, phases=phases)
+
+
+def _drain(process: Process) -> bytes:
+    parts = []
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        chunk = process.read_stderr(65536)
+        if not chunk:
+            break
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _cancel(call: _Call) -> None:
+    """Ask the runner to stop the task, give it a moment, then drop the channel."""
+    try:
+        call.send(b"C")
+    except Exception:
+        pass
+    call.stop.set()
+    time.sleep(0.2)
+    call.process.kill()
+
+
+def _collect(call: _Call, session: Session,
+             land_file: Callable[[PurePosixPath, Path, str], Path] | None) -> tuple[Result, list[Path]]:
+    host = call.backend.host
+    assert call.end is not None
+    if call.header is None:
+        raise IntegrityError(f"{host}: the runner sent no result header")
+    if not hmac.compare_digest(call.mac.hexdigest(), str(call.end.get("hmac", ""))):
+        raise IntegrityError(f"{host}: the result failed its HMAC check; it was not accepted",
+                             hint="something changed the result in transit or on the remote disk")
+    header = call.header
+    for name, data in (("value", call.value), ("exc_pickle", call.exc_data)):
+        expected = header.get(name)
+        if expected is None and data:
+            raise IntegrityError(f"{host}: the result carries an undeclared {name}")
+        if expected is not None and (len(data) != expected["size"]
+                                     or hashlib.sha256(data).hexdigest() != expected["sha256"]):
+            raise IntegrityError(f"{host}: the result's {name} is damaged (size or sha256 mismatch)")
+    result = _rebuild_result(header, bytes(call.value), bytes(call.exc_data), session)
+    landed: list[Path] = []
+    if land_file is not None and header.get("files"):
+        landed = _land_files(call, header["files"], land_file)
+    return result, landed
+
+
+def _rebuild_result(header: dict[str, Any], value: bytes, exc_data: bytes, session: Session) -> Result:
+    status = header.get("status", "error")
+    exit_code = int(header.get("exit_code", 1))
+    exception = header.get("exception")
+    if exception is not None and session.task.kind == "function":
+        traceback_text = exception.get("traceback") or ""
+        if exc_data:
+            try:
+                exc = pickle.loads(exc_data)
+                if isinstance(exc, BaseException):
+                    return Result.from_exception(exc, traceback_text, exit_code=exit_code, status=status)
+            except Exception:
+                logger.debug("remote exception %s could not be rebuilt", exception.get("type"), exc_info=True)
+        return Result.from_remote_text(exception.get("type", "Exception"), exception.get("message", ""),
+                                       traceback_text, exit_code=exit_code, status=status)
+    if status in ("timeout", "cancelled", "signal", "oom", "error", "lost"):
+        result = Result(status=status, exit_code=exit_code, detail=header.get("detail"))
+        if exception is not None:
+            result.exception_type = exception.get("type")
+            result.exception_message = exception.get("message")
+            result.traceback = exception.get("traceback")
+        return result
+    result = Result(status=status, exit_code=exit_code)
+    if exception is not None:  # a script that raised: its traceback was printed, its exit code is 1
+        result.exception_type = exception.get("type")
+        result.exception_message = exception.get("message")
+        result.traceback = exception.get("traceback")
+    if value:
+        from .serialization import get_serializer
+
+        result.value = get_serializer(session.serializer).loads(value)
+    return result
+
+
+def _land_files(call: _Call, manifest: list[dict[str, Any]],
+                land_file: Callable[[PurePosixPath, Path, str], Path]) -> list[Path]:
+    host = call.backend.host
+    expected = {}
+    for entry in manifest:
+        expected[str(safe_member_path(entry["path"]))] = entry
+    landed = []
+    if not call.files_path.exists():
+        raise IntegrityError(f"{host}: the result lists files but carries none")
+    with tarfile.open(call.files_path, mode="r:") as archive:
+        for member in archive:
+            relative = safe_member_path(member.name)
+            if not member.isfile():
+                raise IntegrityError(f"{host}: the result holds a non-regular file {member.name!r}")
+            entry = expected.pop(str(relative), None)
+            if entry is None:
+                raise IntegrityError(f"{host}: the result holds an unlisted file {member.name!r}")
+            source = archive.extractfile(member)
+            assert source is not None
+            with tempfile.NamedTemporaryFile(dir=call.files_path.parent, delete=False) as temporary:
+                digest = hashlib.sha256()
+                for block in iter(lambda: source.read(1 << 20), b""):
+                    digest.update(block)
+                    temporary.write(block)
+            if digest.hexdigest() != entry["sha256"]:
+                os.unlink(temporary.name)
+                raise IntegrityError(f"{host}: pulled file {member.name!r} is damaged (sha256 mismatch)")
+            landed.append(land_file(relative, Path(temporary.name), entry["sha256"]))
+    if expected:
+        raise IntegrityError(f"{host}: the result is missing listed files: {', '.join(sorted(expected))}")
+    return landed
+
+
+def signal_name(number: int) -> str:
+    """``SIGKILL`` for 9."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

@@ -1,0 +1,291 @@
+"""The distribution archive: a zipapp holding the runner, the remote-side modules and the user's code.
+
+A :class:`DistributionArchive` holds:
+
+- ``__main__.py``: starts :func:`remote_exec.runner.main` (so ``python3 archive.pyz`` is the runner);
+- the remote-side modules of remote_exec (standard library only: runner, wire, session, task,
+  serialization, errors, ids);
+- cloudpickle, copied from the local installation (pure Python);
+- the user's local code: the task's module or script and the project modules it imports, found by
+  reading their import statements (a helper module next to a script just works), plus whatever
+  :meth:`Configuration.add_modules_for_distribution` lists. Modules of the standard library and of
+  site-packages are not shipped unless listed.
+
+Archives are deterministic (sorted entries, fixed timestamps), named by the sha256 of their bytes, and
+built once per content: a second call with unchanged code reuses the archive in the local cache, and the
+remote keeps it by that hash.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import io
+import logging
+import os
+import sys
+import sysconfig
+import threading
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PackError
+
+__all__ = ["REMOTE_MODULES", "DistributionArchive", "discover_modules"]
+
+logger = logging.getLogger(__name__)
+
+#: The modules of remote_exec that travel (all standard library only).
+REMOTE_MODULES = ("__init__", "errors", "runner", "serialization", "session", "task", "wire")
+
+_MAIN = b"import sys\nfrom remote_exec.runner import main\nsys.exit(main(sys.argv[1:]))\n"
+_EPOCH = (1980, 1, 1, 0, 0, 0)
+_SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".tox", ".nox", ".venv", "venv", ".mypy_cache",
+              ".pytest_cache", ".rx", "node_modules", ".eggs", "build", "dist"}
+
+
+def _system_dirs() -> tuple[Path, ...]:
+    paths = sysconfig.get_paths()
+    dirs = {Path(paths[key]).resolve() for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths}
+    for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix}:
+        dirs.add((Path(prefix) / "lib").resolve())
+    for entry in sys.path:
+        if "site-packages" in entry or "dist-packages" in entry:
+            dirs.add(Path(entry).resolve())
+    return tuple(dirs)
+
+
+def _is_under(path: Path, roots: Iterable[Path]) -> bool:
+    return any(path == root or root in path.parents for root in roots)
+
+
+@dataclass(frozen=True)
+class _Module:
+    name: str            # top-level import name
+    path: Path           # a .py file or a package directory
+    root: Path           # the sys.path entry it was found under
+
+
+def _imports_of(path: Path) -> set[tuple[str, int]]:
+    """``(name, level)`` of every import statement in a file (relative ones with their level)."""
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError, OSError) as exc:
+        logger.debug("cannot scan imports of %s: %s", path, exc)
+        return set()
+    found: set[tuple[str, int]] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update((alias.name, 0) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            found.add((base, node.level))
+            found.update((f"{base}.{alias.name}" if base else alias.name, node.level) for alias in node.names)
+    return found
+
+
+def _find_top_level(name: str, search: list[Path]) -> _Module | None:
+    top = name.split(".")[0]
+    if not top or top in sys.builtin_module_names or top in sys.stdlib_module_names:
+        return None
+    for root in search:
+        package = root / top
+        if (package / "__init__.py").is_file():
+            return _Module(top, package, root)
+        module = root / f"{top}.py"
+        if module.is_file():
+            return _Module(top, module, root)
+    return None
+
+
+def discover_modules(entry_files: Iterable[Path], roots: Iterable[Path]) -> list[_Module]:
+    """The project modules that ``entry_files`` import, directly or through each other.
+
+    Only modules found as files under ``roots`` (the script's folder, the project's source roots) count;
+    the standard library, site-packages and remote_exec itself are left out.
+    """
+    search = [Path(root).resolve() for root in roots]
+    system = _system_dirs()
+    found: dict[str, _Module] = {}
+    queue = [Path(file).resolve() for file in entry_files]
+    scanned: set[Path] = set()
+    while queue:
+        file = queue.pop()
+        if file in scanned or not file.is_file():
+            continue
+        scanned.add(file)
+        for name, level in _imports_of(file):
+            if level:  # relative: inside a package we ship whole already
+                continue
+            module = _find_top_level(name, search)
+            if module is None or module.name in found or module.name == "remote_exec":
+                continue
+            if _is_under(module.path.resolve(), system):
+                continue
+            found[module.name] = module
+            if module.path.is_dir():
+                queue.extend(module.path.rglob("*.py"))
+            else:
+                queue.append(module.path)
+    return sorted(found.values(), key=lambda module: module.name)
+
+
+def _package_files(module: _Module) -> list[tuple[str, Path]]:
+    if module.path.is_file():
+        return [(module.path.name, module.path)]
+    files = []
+    for directory, dirnames, filenames in os.walk(module.path):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+        for filename in sorted(filenames):
+            if filename.endswith((".py", ".pyi", ".json", ".toml", ".txt", ".cfg", ".yaml", ".yml")):
+                path = Path(directory) / filename
+                files.append((path.relative_to(module.root).as_posix(), path))
+    return files
+
+
+def _import_path(name: str) -> _Module:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError) as exc:
+        raise PackError(f"cannot ship module {name!r}: {exc}") from exc
+    if spec is None or spec.origin in (None, "built-in", "frozen"):
+        raise PackError(f"cannot ship module {name!r}: it is not a module file",
+                        hint="add_modules_for_distribution takes importable pure-Python modules or packages")
+    origin = Path(spec.origin)
+    top = name.split(".")[0]
+    if spec.submodule_search_locations:
+        package = Path(next(iter(spec.submodule_search_locations)))
+        depth = name.count(".") + 1
+        root = package
+        for _ in range(depth):
+            root = root.parent
+        top_path = root / top
+        return _Module(top, top_path, root)
+    if "." in name:
+        return _import_path(top)
+    if origin.suffix != ".py":
+        raise PackError(f"cannot ship module {name!r}: {origin.name} is not pure Python")
+    return _Module(top, origin, origin.parent)
+
+
+@dataclass(frozen=True)
+class DistributionArchive:
+    """A built archive.
+
+    Attributes:
+        path: The .pyz file in the local cache.
+        sha256: sha256 of its bytes (its name on the remote).
+        size: Its size in bytes.
+        modules: The user modules it carries (top-level names).
+    """
+
+    path: Path
+    sha256: str
+    size: int
+    modules: tuple[str, ...]
+
+    def read(self) -> bytes:
+        """The archive's bytes."""
+        return self.path.read_bytes()
+
+    @classmethod
+    def build(cls, *, entry_files: Iterable[Path] = (), roots: Iterable[Path] = (),
+              extra_modules: Iterable[str] = (), cache_dir: Path | None = None) -> DistributionArchive:
+        """Build (or reuse) the archive for code that starts in ``entry_files``.
+
+        Args:
+            entry_files: The task's script or module file(s); their project imports are found.
+            roots: Where project modules live (the script's folder, source roots).
+            extra_modules: Modules or packages to ship in any case.
+            cache_dir: Local archive cache (default: the user cache dir of remote_exec).
+
+        Raises:
+            PackError: A listed module cannot be shipped, or the cache is not writable.
+        """
+        entries = list(_base_entries())
+        modules = discover_modules(entry_files, roots)
+        by_name = {module.name: module for module in modules}
+        for name in extra_modules:
+            module = _import_path(name)
+            by_name.setdefault(module.name, module)
+        seen = {arcname for arcname, _ in entries}
+        for module in sorted(by_name.values(), key=lambda m: m.name):
+            for arcname, path in _package_files(module):
+                if arcname not in seen:
+                    seen.add(arcname)
+                    entries.append((arcname, path))
+        return _cached_build(entries, tuple(sorted(by_name)), cache_dir or default_cache_dir())
+
+
+def default_cache_dir() -> Path:
+    """The local cache for built archives."""
+    from_env = os.environ.get("RX_CACHE_DIR")
+    if from_env:
+        return Path(from_env) / "archives"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "remote_exec" / "archives"
+
+
+def _base_entries() -> list[tuple[str, Path | bytes]]:
+    package = Path(__file__).resolve().parent
+    entries: list[tuple[str, Path | bytes]] = [("__main__.py", _MAIN)]
+    entries += [(f"remote_exec/{name}.py", package / f"{name}.py") for name in REMOTE_MODULES]
+    try:
+        import cloudpickle
+    except ImportError as exc:  # pragma: no cover - a dependency
+        raise PackError("cloudpickle is not installed", hint="pip install cloudpickle") from exc
+    cp_dir = Path(cloudpickle.__file__).resolve().parent
+    for path in sorted(cp_dir.glob("*.py")):
+        entries.append((f"cloudpickle/{path.name}", path))
+    return entries
+
+
+_memo: dict[tuple[tuple[str, str, int, int], ...], DistributionArchive] = {}
+_memo_lock = threading.Lock()
+
+
+def _cached_build(entries: list[tuple[str, Path | bytes]], modules: tuple[str, ...],
+                  cache_dir: Path) -> DistributionArchive:
+    stat_key = tuple(
+        (arcname, str(source), *( (source.stat().st_mtime_ns, source.stat().st_size)
+                                  if isinstance(source, Path) else (0, len(source))))
+        for arcname, source in entries
+    )
+    with _memo_lock:
+        hit = _memo.get(stat_key)
+        if hit is not None and hit.path.is_file():
+            return hit
+    contents = [(arcname, source.read_bytes() if isinstance(source, Path) else source)
+                for arcname, source in entries]
+    contents.sort(key=lambda item: item[0])
+    key = hashlib.sha256()
+    for arcname, data in contents:
+        key.update(arcname.encode() + b"\0" + hashlib.sha256(data).digest())
+    content_key = key.hexdigest()
+    target = cache_dir / f"{content_key}.pyz"
+    if not target.is_file():
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
+            for arcname, data in contents:
+                info = zipfile.ZipInfo(arcname, date_time=_EPOCH)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o644 << 16
+                archive.writestr(info, data)
+        data = buffer.getvalue()
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            temporary = cache_dir / f".{content_key}.{os.getpid()}.{threading.get_ident()}.tmp"
+            temporary.write_bytes(data)
+            os.replace(temporary, target)
+        except OSError as exc:
+            raise PackError(f"cannot write the archive cache {cache_dir}: {exc}") from exc
+        logger.debug("built archive %s (%d bytes, modules: %s)", target.name, len(data), ", ".join(modules))
+    data = target.read_bytes()
+    archive_obj = DistributionArchive(path=target, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
+                                      modules=modules)
+    with _memo_lock:
+        _memo[stat_key] = archive_obj
+    return archive_obj

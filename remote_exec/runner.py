@@ -1,0 +1,511 @@
+"""The runner: the archive's entry point on the remote (standard library only, plus the archive's cloudpickle).
+
+Started by the bootstrap (see :mod:`remote_exec.wire`) as ``main([cache_dir, "serve"])``. It reads the
+call's options and session from stdin, creates a private run directory (mode 0700) under the cache dir,
+forks the task into its own session and process group with that directory as working directory, and
+streams the task's stdout and stderr back as frames while it runs. It watches three things: the task's
+end, the coordinator (stdin closed or heartbeats stopped: the link or the coordinator died) and the
+timeout; in the last two cases it kills the task's whole process group. Then it sends the result (value
+or exception with its traceback text, the files the task wrote), signed with the per-call HMAC key,
+removes the run directory and exits 0. A runner failure (not the task's) exits 70 with one line on stderr.
+
+Statuses it reports: ``finished`` (the task ran to its end; see exit_code), ``raised`` (a function task
+raised), ``timeout``, ``cancelled``, ``signal`` (killed by a signal it did not send; named in detail),
+``oom`` (killed by the kernel's out-of-memory killer), ``lost`` (the coordinator went away), ``error``
+(the task process ended without a result).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import hmac
+import io
+import json
+import os
+import pathlib
+import selectors
+import shutil
+import signal
+import sys
+import time
+import traceback
+
+from . import wire
+
+__all__ = ["main"]
+
+EXIT_RUNNER_FAILURE = 70
+_STATUS_FILE = "status.json"
+_PRIVATE = ".rx"
+_KILL_GRACE = 2.0
+
+
+class _CoordinatorGone(Exception):
+    """stdout or stdin of the runner closed: nobody is listening any more."""
+
+
+class _Out:
+    """Frames to the coordinator on the runner's stdout, with the running HMAC of the result."""
+
+    def __init__(self, fd: int, key: bytes = b"") -> None:
+        self.fd = fd
+        self.mac = hmac.new(key, digestmod=hashlib.sha256)
+        self.last = time.monotonic()
+
+    def send(self, kind: bytes, payload: bytes = b"", *, signed: bool = False) -> None:
+        if signed:
+            self.mac.update(kind + len(payload).to_bytes(8, "big") + payload)
+        data = memoryview(wire.encode(kind, payload))
+        try:
+            while data:
+                written = os.write(self.fd, data)
+                data = data[written:]
+        except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.EBADF, errno.ECONNRESET):
+                raise _CoordinatorGone() from exc
+            raise
+        self.last = time.monotonic()
+
+    def send_chunks(self, kind: bytes, data: bytes) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), wire.MAX_FRAME):
+            self.send(kind, bytes(view[start:start + wire.MAX_FRAME]), signed=True)
+
+
+def _read_call(stdin_fd: int) -> tuple[dict, bytes, wire.FrameReader]:
+    """Read the G frame, the session frames and the s frame."""
+    reader = wire.FrameReader()
+    options = None
+    parts = []
+    while True:
+        data = os.read(stdin_fd, 1 << 20)
+        if not data:
+            raise _CoordinatorGone()
+        for kind, payload in reader.feed(data):
+            if kind == b"G":
+                options = json.loads(payload)
+            elif kind == b"S":
+                parts.append(payload)
+            elif kind == b"s":
+                session = b"".join(parts)
+                expected = json.loads(payload)["sha256"]
+                if options is None:
+                    raise RuntimeError("protocol: session before options")
+                if hashlib.sha256(session).hexdigest() != expected:
+                    raise RuntimeError("protocol: the session arrived damaged (sha256 mismatch)")
+                return options, session, reader
+            elif kind == b"Q":
+                raise _CoordinatorGone()
+
+
+def _oom_kills() -> int | None:
+    for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
+        try:
+            with open(path) as stream:
+                for line in stream:
+                    name, _, value = line.partition(" ")
+                    if name == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _child(session_bytes: bytes, run_dir: str, options: dict, out_w: int, err_w: int) -> None:
+    """In the forked task process: run the task, write the result into the private dir, exit."""
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    for fd in (devnull, out_w, err_w):
+        if fd > 2:
+            os.close(fd)
+    os.chdir(run_dir)
+    for name, value in (options.get("env") or {}).items():
+        os.environ[name] = value
+    for name, value in (options.get("secret_env") or {}).items():
+        os.environ[name] = value
+    os.environ["RX_INSIDE_RUNNER"] = "1"
+    os.environ["RX_RUN_DIR"] = run_dir
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.stdin = open(os.devnull)
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
+                                  errors="backslashreplace", line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
+                                  errors="backslashreplace", line_buffering=True)
+    private = os.path.join(run_dir, _PRIVATE)
+    record = {"status": "finished", "exit_code": 0, "exception": None, "value": False, "exc_pickle": False}
+    kind = "function"
+    try:
+        from .serialization import PickleSerializer, get_serializer
+        from .session import Session
+
+        session = Session.loads(session_bytes)
+        kind = session.task.kind
+        value = session.task.execute(session.execution, workdir=pathlib.Path(run_dir))
+        if kind == "function":
+            try:
+                serializer = get_serializer(session.serializer)
+                data = (PickleSerializer().dumps_fast(value) if session.serializer == "pickle"
+                        else serializer.dumps(value))
+            except Exception as exc:
+                raise TypeError(f"the task's return value ({type(value).__qualname__}) cannot be "
+                                f"serialized: {exc}") from exc
+            with open(os.path.join(private, "value.bin"), "wb") as stream:
+                stream.write(data)
+            record["value"] = True
+    except SystemExit as exc:
+        code = exc.code
+        if code is None:
+            record["exit_code"] = 0
+        elif isinstance(code, int):
+            record["exit_code"] = code & 0xFF if code >= 0 else code % 256
+        else:
+            print(code, file=sys.stderr)
+            record["exit_code"] = 1
+    except BaseException as exc:  # the task's failure, reported as data
+        text = traceback.format_exc()
+        record["exit_code"] = 1
+        record["status"] = "raised" if kind == "function" else "finished"
+        record["exception"] = {
+            "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+            "message": _safe_str(exc),
+            "traceback": text,
+        }
+        if kind != "function":
+            sys.stderr.write(text)
+        else:
+            try:
+                from .serialization import PickleSerializer
+
+                with open(os.path.join(private, "exception.bin"), "wb") as stream:
+                    stream.write(PickleSerializer().dumps_fast(exc))
+                record["exc_pickle"] = True
+            except BaseException:  # an exception holding something unpicklable arrives as text
+                pass
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        pass
+    temporary = os.path.join(private, "result.json.tmp")
+    with open(temporary, "w") as stream:
+        json.dump(record, stream)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.rename(temporary, os.path.join(private, "result.json"))
+    os._exit(record["exit_code"])
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<{type(exc).__name__} whose str() failed>"
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _write_status(run_dir: str, **fields: object) -> None:
+    path = os.path.join(run_dir, _PRIVATE, _STATUS_FILE)
+    try:
+        with open(path) as stream:
+            status = json.load(stream)
+    except (OSError, ValueError):
+        status = {}
+    status.update(fields)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as stream:
+        json.dump(status, stream)
+    os.rename(temporary, path)
+
+
+def _serve_call(options: dict, session_bytes: bytes, reader: wire.FrameReader, cache_dir: str,
+                out: _Out) -> None:
+    key = bytes.fromhex(options["key"])
+    out.mac = hmac.new(key, digestmod=hashlib.sha256)
+    runs = os.path.join(cache_dir, "runs")
+    os.makedirs(runs, mode=0o700, exist_ok=True)
+    run_dir = os.path.join(runs, f"{options.get('run_id', 'run')}-{os.urandom(4).hex()}")
+    os.mkdir(run_dir, 0o700)
+    os.mkdir(os.path.join(run_dir, _PRIVATE), 0o700)
+    timeout = options.get("timeout")
+    heartbeat = float(options.get("heartbeat") or 5.0)
+    dead_after = float(options.get("dead_after") or 0) or None
+    started = time.monotonic()
+    oom_before = _oom_kills()
+    _write_status(run_dir, state="starting", runner_pid=os.getpid(), started=time.time())
+
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    # SIGCHLD wakes the loop the moment the task ends (set_wakeup_fd writes the signal number).
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    previous_wakeup = signal.set_wakeup_fd(wake_w)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for fd in (out_r, err_r, wake_r, wake_w):
+                os.close(fd)
+            _child(session_bytes, run_dir, options, out_w, err_w)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(EXIT_RUNNER_FAILURE)
+    os.close(out_w)
+    os.close(err_w)
+    _write_status(run_dir, state="running", task_pid=pid)
+    out.send(b"P", json.dumps({"event": "started", "pid": pid, "run_dir": run_dir,
+                               "host": os.uname().nodename}).encode())
+
+    selector = selectors.DefaultSelector()
+    selector.register(wake_r, selectors.EVENT_READ, b"W")
+    selector.register(out_r, selectors.EVENT_READ, b"O")
+    selector.register(err_r, selectors.EVENT_READ, b"E")
+    selector.register(0, selectors.EVENT_READ, b"I")
+    status = None
+    detail = None
+    exit_status = None
+    we_killed = None
+    kill_deadline = None
+    last_input = time.monotonic()
+    open_pipes = 2
+    child_done_at = None
+    try:
+        while True:
+            now = time.monotonic()
+            waits = [heartbeat - (now - out.last)]
+            if timeout is not None and status is None:
+                waits.append(started + timeout - now)
+            if kill_deadline is not None:
+                waits.append(kill_deadline - now)
+            for key_, _ in selector.select(max(0.0, min(waits + [0.5]))):
+                tag = key_.data
+                fd = key_.fd
+                if tag == b"I":
+                    data = os.read(0, 1 << 16)
+                    if not data:
+                        selector.unregister(0)
+                        raise _CoordinatorGone()
+                    last_input = time.monotonic()
+                    for kind, _payload in reader.feed(data):
+                        if kind in (b"C", b"Q") and status is None:
+                            status, detail, we_killed = "cancelled", "cancelled by the coordinator", signal.SIGTERM
+                            _kill_group(pid, signal.SIGTERM)
+                            kill_deadline = time.monotonic() + _KILL_GRACE
+                    continue
+                if tag == b"W":
+                    try:
+                        os.read(wake_r, 512)
+                    except BlockingIOError:
+                        pass
+                    continue
+                data = os.read(fd, 1 << 16)
+                if data:
+                    out.send(tag, data)
+                else:
+                    selector.unregister(fd)
+                    os.close(fd)
+                    open_pipes -= 1
+            now = time.monotonic()
+            if exit_status is None:
+                done, raw = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    exit_status = raw
+                    child_done_at = now
+                    # Whatever the task left running in its group ends with it.
+                    _kill_group(pid, signal.SIGKILL)
+            if exit_status is not None and (open_pipes == 0 or now - (child_done_at or now) > 1.0):
+                break
+            if timeout is not None and status is None and now - started > timeout:
+                status, detail, we_killed = "timeout", f"timed out after {timeout:g} s", signal.SIGTERM
+                _kill_group(pid, signal.SIGTERM)
+                kill_deadline = now + _KILL_GRACE
+            if kill_deadline is not None and now >= kill_deadline and exit_status is None:
+                _kill_group(pid, signal.SIGKILL)
+                we_killed = signal.SIGKILL
+                kill_deadline = None
+            if dead_after is not None and now - last_input > dead_after:
+                raise _CoordinatorGone()
+            if now - out.last >= heartbeat:
+                out.send(b"B")
+    except _CoordinatorGone:
+        _kill_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + _KILL_GRACE
+        while time.monotonic() < deadline:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                break
+            time.sleep(0.02)
+        else:
+            _kill_group(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        _kill_group(pid, signal.SIGKILL)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        selector.close()
+        signal.set_wakeup_fd(previous_wakeup)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.close(wake_r)
+        os.close(wake_w)
+
+    _write_status(run_dir, state="collecting")
+    try:
+        _send_result(options, run_dir, exit_status, status, detail, we_killed, oom_before, started, out)
+    finally:
+        if not options.get("keep"):
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _send_result(options: dict, run_dir: str, exit_status: int | None, status: str | None,
+                 detail: str | None, we_killed: int | None, oom_before: int | None, started: float,
+                 out: _Out) -> None:
+    private = os.path.join(run_dir, _PRIVATE)
+    try:
+        with open(os.path.join(private, "result.json")) as stream:
+            record = json.load(stream)
+    except (OSError, ValueError):
+        record = None
+    header: dict = {"protocol": wire.PROTOCOL, "duration": time.monotonic() - started,
+                    "python": "%d.%d.%d" % sys.version_info[:3], "host": os.uname().nodename}
+    signal_number = None
+    if exit_status is not None and os.WIFSIGNALED(exit_status):
+        signal_number = os.WTERMSIG(exit_status)
+        exit_code = 128 + signal_number
+    elif exit_status is not None:
+        exit_code = os.WEXITSTATUS(exit_status)
+    else:
+        exit_code = 128 + signal.SIGKILL
+    if status is None:
+        if record is not None:
+            status = record["status"]
+            exit_code = record["exit_code"]
+        elif signal_number is not None:
+            oom_after = _oom_kills()
+            name = signal.Signals(signal_number).name
+            if oom_before is not None and oom_after is not None and oom_after > oom_before:
+                status, detail = "oom", f"killed by the kernel's out-of-memory killer ({name})"
+            else:
+                status, detail = "signal", f"killed by {name}"
+        elif options.get("kind") in ("script", "module"):
+            status = "finished"  # os._exit(N) in a script: its exit code is its result
+        else:
+            status, detail = "error", f"the task process exited with status {exit_code} without a result"
+    header.update({"status": status, "exit_code": exit_code, "detail": detail,
+                   "signal": signal.Signals(signal_number).name if signal_number else None})
+    if record is not None:
+        header["exception"] = record.get("exception")
+    value = b""
+    exc_data = b""
+    if record is not None and record.get("value"):
+        with open(os.path.join(private, "value.bin"), "rb") as stream:
+            value = stream.read()
+    if record is not None and record.get("exc_pickle"):
+        with open(os.path.join(private, "exception.bin"), "rb") as stream:
+            exc_data = stream.read()
+    header["value"] = {"size": len(value), "sha256": hashlib.sha256(value).hexdigest()} if value else None
+    header["exc_pickle"] = {"size": len(exc_data), "sha256": hashlib.sha256(exc_data).hexdigest()} \
+        if exc_data else None
+    files = [] if options.get("no_pull") else _manifest(run_dir, options.get("pull") or [])
+    header["files"] = files
+    out.send(b"R", json.dumps(header).encode(), signed=True)
+    if value:
+        out.send_chunks(b"V", value)
+    if exc_data:
+        out.send_chunks(b"X", exc_data)
+    if files:
+        _send_files(run_dir, files, out)
+    if not options.get("keep"):
+        shutil.rmtree(run_dir, ignore_errors=True)
+    out.send(b"Z", json.dumps({"hmac": out.mac.hexdigest()}).encode())
+
+
+def _manifest(run_dir: str, patterns: list) -> list:
+    import fnmatch
+
+    entries = []
+    for directory, dirnames, filenames in os.walk(run_dir):
+        relative_dir = os.path.relpath(directory, run_dir)
+        if relative_dir == ".":
+            dirnames[:] = [d for d in dirnames if d != _PRIVATE]
+        dirnames.sort()
+        for filename in sorted(filenames):
+            path = os.path.join(directory, filename)
+            relative = os.path.normpath(os.path.join(relative_dir, filename)).replace(os.sep, "/")
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue
+            if patterns and not any(fnmatch.fnmatch(relative, pattern) for pattern in patterns):
+                continue
+            digest = hashlib.sha256()
+            size = 0
+            with open(path, "rb") as stream:
+                for block in iter(lambda: stream.read(1 << 20), b""):
+                    digest.update(block)
+                    size += len(block)
+            entries.append({"path": relative, "size": size, "sha256": digest.hexdigest()})
+    return entries
+
+
+class _FrameStream(io.RawIOBase):
+    def __init__(self, out: _Out) -> None:
+        self.out = out
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[override]
+        self.out.send_chunks(b"F", bytes(data))
+        return len(data)
+
+
+def _send_files(run_dir: str, files: list, out: _Out) -> None:
+    import tarfile
+
+    stream = io.BufferedWriter(_FrameStream(out), buffer_size=wire.MAX_FRAME)
+    with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+        for entry in files:
+            info = tarfile.TarInfo(entry["path"])
+            info.size = entry["size"]
+            info.mode = 0o644
+            with open(os.path.join(run_dir, entry["path"]), "rb") as source:
+                archive.addfile(info, source)
+    stream.flush()
+
+
+def main(argv: list | None = None) -> int:
+    """Serve one call (``serve``) or many (``worker``) over stdin/stdout; see the module docstring."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    cache_dir = os.path.expanduser(args[0]) if args else os.path.expanduser("~/.cache/remote_exec")
+    mode = args[1] if len(args) > 1 else "serve"
+    out = _Out(1)
+    try:
+        if mode == "serve":
+            options, session, reader = _read_call(0)
+            _serve_call(options, session, reader, cache_dir, out)
+            return 0
+        if mode == "worker":
+            while True:
+                options, session, reader = _read_call(0)
+                _serve_call(options, session, reader, cache_dir, out)
+        sys.stderr.write(f"rx runner: unknown mode {mode!r}\n")
+        return EXIT_RUNNER_FAILURE
+    except _CoordinatorGone:
+        return 0
+    except Exception as exc:
+        sys.stderr.write(f"rx runner: {type(exc).__name__}: {exc}\n")
+        if os.environ.get("RX_DEBUG"):
+            traceback.print_exc()
+        return EXIT_RUNNER_FAILURE

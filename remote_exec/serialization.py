@@ -1,0 +1,164 @@
+"""Serializers for task payloads: pickle/cloudpickle (default) and JSON with value serializers.
+
+This module travels to the remote (standard library only at import; cloudpickle is imported only when a
+value needs it). :class:`PickleSerializer` writes with cloudpickle, which pickles importable functions and
+classes by reference, so the runner loads most payloads with the plain :mod:`pickle` module and imports
+cloudpickle only for closures, lambdas and ``__main__`` code.
+
+:class:`JsonSerializer` is for values that must stay readable and portable: JSON plus value serializers
+for tuples, namedtuples, sets, bytes, exceptions and any object with ``serialized()`` /
+``deserialize(data)``.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import json
+import pickle
+from typing import Any, Protocol
+
+__all__ = ["JsonSerializer", "PickleSerializer", "Serializer", "get_serializer"]
+
+_PROTOCOL = 5
+
+
+class Serializer(Protocol):
+    """Turns values into bytes and back."""
+
+    name: str
+
+    def dumps(self, value: Any) -> bytes:
+        """Serialize ``value``."""
+        ...
+
+    def loads(self, data: bytes) -> Any:
+        """Deserialize ``data``."""
+        ...
+
+
+class PickleSerializer:
+    """cloudpickle to write (closures, lambdas and ``__main__`` code by value), plain pickle to read."""
+
+    name = "pickle"
+
+    def dumps(self, value: Any) -> bytes:
+        import cloudpickle
+
+        try:
+            return bytes(cloudpickle.dumps(value, protocol=_PROTOCOL))
+        except Exception as exc:
+            raise TypeError(f"cannot pickle {type(value).__qualname__}: {exc}") from exc
+
+    def dumps_fast(self, value: Any) -> bytes:
+        """Plain pickle when it can (no cloudpickle import), cloudpickle when it must.
+
+        Only for values whose classes are importable where they are loaded (results of a task): plain
+        pickle writes ``__main__`` objects by a reference the other side cannot resolve.
+        """
+        try:
+            return pickle.dumps(value, protocol=_PROTOCOL)
+        except Exception:
+            return self.dumps(value)
+
+    def loads(self, data: bytes) -> Any:
+        return pickle.loads(data)
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _import(qualified: str) -> Any:
+    module_name, _, attribute = qualified.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class JsonSerializer:
+    """JSON with tagged values for what JSON lacks.
+
+    Tagged values are objects with a single ``"__rx__"`` key naming the kind: ``tuple``, ``namedtuple``,
+    ``set``, ``bytes``, ``exception``, ``object`` (anything with ``serialized()`` and a
+    ``deserialize(data)`` classmethod). Dicts must have string keys.
+    """
+
+    name = "json"
+
+    def dumps(self, value: Any) -> bytes:
+        return json.dumps(self._encode(value), separators=(",", ":"), allow_nan=True).encode("utf-8")
+
+    def loads(self, data: bytes) -> Any:
+        return self._decode(json.loads(data.decode("utf-8")))
+
+    def _encode(self, value: Any) -> Any:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, list):
+            return [self._encode(item) for item in value]
+        if isinstance(value, tuple):
+            if hasattr(value, "_fields"):
+                return {"__rx__": "namedtuple", "type": _qualname(type(value)),
+                        "items": [self._encode(item) for item in value]}
+            return {"__rx__": "tuple", "items": [self._encode(item) for item in value]}
+        if isinstance(value, (set, frozenset)):
+            return {"__rx__": "set", "frozen": isinstance(value, frozenset),
+                    "items": [self._encode(item) for item in sorted(value, key=repr)]}
+        if isinstance(value, (bytes, bytearray)):
+            return {"__rx__": "bytes", "b64": base64.b64encode(bytes(value)).decode("ascii")}
+        if isinstance(value, dict):
+            if not all(isinstance(key, str) for key in value):
+                raise TypeError("JSON serializer: dict keys must be strings")
+            if "__rx__" in value:
+                raise TypeError("JSON serializer: '__rx__' is a reserved key")
+            return {key: self._encode(item) for key, item in value.items()}
+        if isinstance(value, BaseException):
+            return {"__rx__": "exception", "type": _qualname(type(value)),
+                    "args": [self._encode(arg) for arg in value.args]}
+        if callable(getattr(value, "serialized", None)) and callable(getattr(type(value), "deserialize", None)):
+            return {"__rx__": "object", "type": _qualname(type(value)), "data": self._encode(value.serialized())}
+        raise TypeError(f"JSON serializer cannot serialize {type(value).__qualname__}")
+
+    def _decode(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return [self._decode(item) for item in value]
+        if not isinstance(value, dict):
+            return value
+        kind = value.get("__rx__")
+        if kind is None:
+            return {key: self._decode(item) for key, item in value.items()}
+        if kind == "tuple":
+            return tuple(self._decode(item) for item in value["items"])
+        if kind == "namedtuple":
+            return _import(value["type"])(*(self._decode(item) for item in value["items"]))
+        if kind == "set":
+            items = (self._decode(item) for item in value["items"])
+            return frozenset(items) if value["frozen"] else set(items)
+        if kind == "bytes":
+            return base64.b64decode(value["b64"])
+        if kind == "exception":
+            return _import(value["type"])(*(self._decode(arg) for arg in value["args"]))
+        if kind == "object":
+            return _import(value["type"]).deserialize(self._decode(value["data"]))
+        raise ValueError(f"JSON serializer: unknown tag {kind!r}")
+
+
+_SERIALIZERS: dict[str, type[PickleSerializer] | type[JsonSerializer]] = {
+    "pickle": PickleSerializer,
+    "json": JsonSerializer,
+}
+
+
+def get_serializer(name: str) -> PickleSerializer | JsonSerializer:
+    """The serializer registered under ``name`` (``pickle`` or ``json``).
+
+    Raises:
+        ValueError: No serializer has that name.
+    """
+    try:
+        return _SERIALIZERS[name]()
+    except KeyError:
+        raise ValueError(f"unknown serializer {name!r}; choose one of {', '.join(_SERIALIZERS)}") from None
+

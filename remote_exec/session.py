@@ -1,0 +1,226 @@
+"""Sessions: one call of a task with its context and result, saved and restored as a versioned zip.
+
+A :class:`Session` is what travels: the task, the execution (arguments), the context (a dict advices use
+to pass information along, e.g. the host), the run id, and once known the :class:`Result`. While it goes
+through the advice chain it also carries the chain's position: advices call :meth:`Session.proceed` or
+:meth:`Session.conclude` in ``before()``.
+
+This module travels to the remote: standard library only at import time.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from .errors import RemoteError, RemoteTraceback, SessionError
+from .serialization import get_serializer
+from .task import Execution, Task
+
+__all__ = ["FORMAT", "VERSION", "Result", "Session"]
+
+FORMAT = "rx-session"
+VERSION = 1
+_META = "rx-session.json"
+
+
+@dataclass
+class Result:
+    """The outcome of a task.
+
+    Attributes:
+        value: The returned value (None for scripts and modules, and when the task raised).
+        exception: The exception the task raised, rebuilt locally when possible (else a RemoteError);
+            its ``__cause__`` is a RemoteTraceback with the remote traceback text.
+        exit_code: For scripts and modules, the process exit status (1 for an uncaught exception); for
+            functions 0 or 1.
+        status: ``finished`` (ran to the end, even with a non-zero exit code), ``raised``, ``timeout``,
+            ``cancelled``, ``signal``, ``oom``, ``lost``, ``error`` (the runner failed).
+        exception_type: Qualified name of the remote exception type, if any.
+        exception_message: ``str()`` of the remote exception, if any.
+        traceback: The remote traceback text, if any.
+        detail: A human sentence for statuses other than finished/raised (which signal, what failed).
+        cached: True when the value came from a cache rather than a run.
+    """
+
+    value: Any = None
+    exception: BaseException | None = None
+    exit_code: int = 0
+    status: str = "finished"
+    exception_type: str | None = None
+    exception_message: str | None = None
+    traceback: str | None = None
+    detail: str | None = None
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when the task finished without raising and with exit code 0."""
+        return self.status == "finished" and self.exit_code == 0 and self.exception is None
+
+    def unwrap(self) -> Any:
+        """The value, or raise the task's exception (with the remote traceback as its cause)."""
+        if self.exception is not None:
+            raise self.exception
+        return self.value
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, traceback_text: str, *, exit_code: int = 1,
+                       status: str = "raised") -> Result:
+        """A result for a task that raised ``exc`` (its traceback attached as the cause)."""
+        exc.__cause__ = RemoteTraceback(traceback_text)
+        return cls(exception=exc, exit_code=exit_code, status=status,
+                   exception_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+                   exception_message=str(exc), traceback=traceback_text)
+
+    @classmethod
+    def from_remote_text(cls, type_name: str, message: str, traceback_text: str, *, exit_code: int = 1,
+                         status: str = "raised") -> Result:
+        """A result for an exception that only arrived as text: a RemoteError."""
+        error = RemoteError(type_name, message, traceback_text)
+        error.__cause__ = RemoteTraceback(traceback_text)
+        return cls(exception=error, exit_code=exit_code, status=status, exception_type=type_name,
+                   exception_message=message, traceback=traceback_text)
+
+    def record(self) -> dict[str, Any]:
+        """JSON-able summary (``result.json`` in a run directory)."""
+        value_repr = None
+        if self.exception is None and self.value is not None:
+            value_repr = repr(self.value)
+            if len(value_repr) > 2000:
+                value_repr = value_repr[:2000] + "..."
+        return {
+            "ok": self.ok,
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "value_repr": value_repr,
+            "cached": self.cached,
+            "detail": self.detail,
+            "exception": None if self.exception_type is None else {
+                "type": self.exception_type,
+                "message": self.exception_message,
+                "traceback": self.traceback,
+            },
+        }
+
+
+@dataclass
+class Session:
+    """One call of a task on its way through the advice chain.
+
+    Attributes:
+        task: What runs.
+        execution: The call's arguments and execution id.
+        context: Free-form data for advices (JSON-able values are safest; saved with the session).
+        run_id: The run this call belongs to.
+        serializer: Name of the serializer for arguments and results (``pickle`` or ``json``).
+        result: The result, once known.
+    """
+
+    task: Task
+    execution: Execution
+    context: dict[str, Any] = field(default_factory=dict)
+    run_id: str = ""
+    serializer: str = "pickle"
+    result: Result | None = None
+    #: The Configuration in force on the coordinator (never saved: it stays local).
+    config: Any = field(default=None, repr=False, compare=False)
+    #: Coordinator-side objects for advices (workspace run, outcome); never saved.
+    local: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    _decision: str | None = field(default=None, repr=False, compare=False)
+
+    # -- the chain protocol --------------------------------------------------------------------------
+
+    def proceed(self) -> None:
+        """Called by an advice's ``before()``: go on to the next advice (or the task)."""
+        self._decide("proceed")
+
+    def conclude(self, result: Result) -> None:
+        """Called by an advice's ``before()``: this is the result; skip the task and later advices.
+
+        In ``after()`` it replaces the result.
+        """
+        self.result = result
+        self._decide("conclude")
+
+    def _decide(self, decision: str) -> None:
+        if self._decision is not None and self._decision != "after":
+            raise SessionError(f"advice already chose to {self._decision}; proceed or conclude once")
+        if self._decision != "after":
+            self._decision = decision
+
+    # -- save and restore ----------------------------------------------------------------------------
+
+    def save(self, stream: IO[bytes]) -> None:
+        """Write the session as a zip: metadata, task, execution, context and result when known."""
+        serializer = get_serializer(self.serializer)
+        from .serialization import PickleSerializer
+
+        pickler = PickleSerializer()
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "run_id": self.run_id,
+            "task_id": self.task.task_id,
+            "task_name": self.task.name,
+            "task_kind": self.task.kind,
+            "execution_id": self.execution.execution_id,
+            "serializer": self.serializer,
+        }
+        with zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_STORED) as archive:
+            archive.writestr(_META, json.dumps(meta, indent=1))
+            archive.writestr("task.pkl", pickler.dumps(self.task))
+            args = serializer.dumps([list(self.execution.args), self.execution.kwargs])
+            archive.writestr("arguments", args)
+            archive.writestr("context.pkl", pickler.dumps(self.context))
+            if self.result is not None:
+                archive.writestr("result.json", json.dumps(self.result.record()))
+
+    def dumps(self) -> bytes:
+        """The saved session as bytes."""
+        buffer = io.BytesIO()
+        self.save(buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def restore(cls, stream: IO[bytes]) -> Session:
+        """Read a session written by :meth:`save`.
+
+        Raises:
+            SessionError: Not a session, damaged, or of an unknown format version.
+        """
+        try:
+            with zipfile.ZipFile(stream) as archive:
+                try:
+                    meta = json.loads(archive.read(_META))
+                except KeyError:
+                    raise SessionError("not an rx session: no rx-session.json inside") from None
+                if meta.get("format") != FORMAT:
+                    raise SessionError(f"not an rx session: format {meta.get('format')!r}")
+                if meta.get("version") != VERSION:
+                    raise SessionError(
+                        f"session format version {meta.get('version')!r} is not supported "
+                        f"(this rx reads version {VERSION})", hint="run it with the rx that wrote it")
+                serializer = get_serializer(meta["serializer"])
+                from .serialization import PickleSerializer
+
+                pickler = PickleSerializer()
+                task = pickler.loads(archive.read("task.pkl"))
+                args, kwargs = serializer.loads(archive.read("arguments"))
+                context = pickler.loads(archive.read("context.pkl"))
+        except SessionError:
+            raise
+        except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError) as exc:
+            raise SessionError(f"damaged session: {exc}") from exc
+        execution = Execution(execution_id=meta["execution_id"], args=tuple(args), kwargs=dict(kwargs))
+        return cls(task=task, execution=execution, context=context, run_id=meta["run_id"],
+                   serializer=meta["serializer"])
+
+    @classmethod
+    def loads(cls, data: bytes) -> Session:
+        """Restore a session from bytes."""
+        return cls.restore(io.BytesIO(data))

@@ -1,0 +1,341 @@
+"""Tasks, executions and their identifiers, and the ``@task`` decorator.
+
+A :class:`Task` is what runs: a function (an importable one by reference, a closure, lambda or ``__main__``
+function by value with cloudpickle), a script's source, or a module run as ``python -m``. Its id is
+derived from the code itself, so a changed function body is a different task (and never hits a stale
+cache entry). An :class:`Execution` is one call: the arguments, and an id derived from the task id and
+the serialized arguments.
+
+This module travels to the remote: standard library only at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import os
+import sys
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar, overload
+
+__all__ = ["Execution", "Task", "TaskFunction", "task"]
+
+R = TypeVar("R")
+
+#: Set by the runner: a @task function called inside a running task runs in place.
+INSIDE_RUNNER_ENV = "RX_INSIDE_RUNNER"
+
+
+def _const_repr(value: object) -> str:
+    if isinstance(value, (frozenset, set)):
+        return "{" + ",".join(sorted(_const_repr(item) for item in value)) + "}"
+    if isinstance(value, tuple):
+        return "(" + ",".join(_const_repr(item) for item in value) + ")"
+    return repr(value)
+
+
+def _fingerprint_code(code: types.CodeType, digest: Any) -> None:
+    digest.update(code.co_code)
+    digest.update(repr((code.co_names, code.co_varnames, code.co_argcount, code.co_kwonlyargcount,
+                        code.co_flags)).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _fingerprint_code(const, digest)
+        else:
+            digest.update(_const_repr(const).encode())
+
+
+def _fingerprint_function(function: types.FunctionType, digest: Any, seen: set[int]) -> None:
+    if id(function) in seen:
+        return
+    seen.add(id(function))
+    digest.update(f"{function.__module__}:{function.__qualname__}".encode())
+    _fingerprint_code(function.__code__, digest)
+    digest.update(_const_repr(function.__defaults__).encode())
+    digest.update(_const_repr(sorted((function.__kwdefaults__ or {}).items())).encode())
+    for cell in function.__closure__ or ():
+        try:
+            content = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        _fingerprint_value(content, digest, seen)
+    # Functions of the same module that this one calls: a changed helper is a changed task.
+    module_globals = function.__globals__
+    for name in _global_names(function.__code__):
+        value = module_globals.get(name)
+        if isinstance(value, TaskFunction):
+            value = value.function
+        if isinstance(value, types.FunctionType) and value.__module__ == function.__module__:
+            _fingerprint_function(value, digest, seen)
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _fingerprint_value(value: object, digest: Any, seen: set[int]) -> None:
+    if isinstance(value, TaskFunction):
+        value = value.function
+    if isinstance(value, types.FunctionType):
+        _fingerprint_function(value, digest, seen)
+        return
+    try:
+        import cloudpickle
+
+        digest.update(hashlib.sha256(cloudpickle.dumps(value)).digest())
+    except Exception:
+        digest.update(repr(value).encode())
+
+
+def function_id(function: Callable[..., Any]) -> str:
+    """The task id of a function: a sha256 over its qualified name, code, defaults, closure and the
+    same-module functions it calls."""
+    digest = hashlib.sha256(b"rx-function-1\0")
+    if isinstance(function, types.FunctionType):
+        _fingerprint_function(function, digest, set())
+    else:
+        _fingerprint_value(function, digest, set())
+    return digest.hexdigest()
+
+
+def _by_reference(function: Callable[..., Any]) -> tuple[str, str] | None:
+    """``(module, qualname)`` when the function can be imported back by name on the other side."""
+    module = getattr(function, "__module__", None)
+    qualname = getattr(function, "__qualname__", "")
+    if not module or module == "__main__" or "<" in qualname:
+        return None
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except Exception:
+        return None
+    if obj is function or (isinstance(obj, TaskFunction) and obj.function is function):
+        return module, qualname
+    return None
+
+
+def _load_by_reference(module: str, qualname: str) -> Callable[..., Any]:
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if isinstance(obj, TaskFunction):
+        return obj.function
+    return obj  # type: ignore[no-any-return]
+
+
+def _restore_function_task(module: str, qualname: str, task_id: str, name: str) -> Task:
+    return Task(kind="function", name=name, task_id=task_id, function=_load_by_reference(module, qualname))
+
+
+@dataclass
+class Task:
+    """What runs.
+
+    Attributes:
+        kind: ``function``, ``script`` or ``module``.
+        name: For people: ``module:qualname``, the script's file name, or ``-m module``.
+        task_id: sha256 derived from the code.
+        function: The function to call (kind ``function``).
+        source: The script's source text (kind ``script``).
+        filename: The script's file name (kind ``script``) or the module's file (kind ``module``).
+        module: The module to run as ``__main__`` (kind ``module``), or the function's module.
+    """
+
+    kind: str
+    name: str
+    task_id: str
+    function: Callable[..., Any] | None = None
+    source: str | None = None
+    filename: str | None = None
+    module: str | None = None
+
+    @classmethod
+    def from_function(cls, function: Callable[..., Any]) -> Task:
+        """A task for a function, closure or lambda."""
+        if isinstance(function, TaskFunction):
+            function = function.function
+        name = f"{getattr(function, '__module__', '?')}:{getattr(function, '__qualname__', repr(function))}"
+        return cls(kind="function", name=name, task_id=function_id(function), function=function,
+                   module=getattr(function, "__module__", None))
+
+    @classmethod
+    def from_script(cls, path: Path) -> Task:
+        """A task that runs a script file as ``__main__``.
+
+        Raises:
+            OSError: The script cannot be read.
+        """
+        source = path.read_text(encoding="utf-8")
+        digest = hashlib.sha256(b"rx-script-1\0" + path.name.encode() + b"\0" + source.encode())
+        return cls(kind="script", name=path.name, task_id=digest.hexdigest(), source=source,
+                   filename=str(path))
+
+    @classmethod
+    def from_module(cls, module: str, origin: Path | None = None) -> Task:
+        """A task that runs a module as ``python -m module`` does."""
+        digest = hashlib.sha256(b"rx-module-1\0" + module.encode())
+        if origin is not None and origin.is_file():
+            digest.update(origin.read_bytes())
+        return cls(kind="module", name=f"-m {module}", task_id=digest.hexdigest(), module=module,
+                   filename=str(origin) if origin else None)
+
+    def __reduce__(self) -> Any:
+        if self.kind == "function" and self.function is not None:
+            reference = _by_reference(self.function)
+            if reference is not None:
+                return _restore_function_task, (*reference, self.task_id, self.name)
+        return object.__reduce__(self)
+
+    def execute(self, execution: Execution, *, workdir: Path | None = None) -> Any:
+        """Run the task here with the call's arguments; return its value.
+
+        Scripts and modules see ``sys.argv`` as ``[name, *args]`` and run as ``__main__``; their
+        ``SystemExit`` propagates, as it does for ``python script.py``.
+        """
+        if self.kind == "function":
+            assert self.function is not None
+            return self.function(*execution.args, **execution.kwargs)
+        import runpy
+
+        argv = [str(arg) for arg in execution.args]
+        saved_argv = sys.argv
+        try:
+            if self.kind == "script":
+                assert self.source is not None and self.filename is not None
+                script = Path(workdir or ".") / ".rx" / Path(self.filename).name
+                script.parent.mkdir(exist_ok=True)
+                script.write_text(self.source, encoding="utf-8")
+                sys.argv = [str(script), *argv]
+                runpy.run_path(str(script), run_name="__main__")
+            elif self.kind == "module":
+                assert self.module is not None
+                sys.argv = [self.module, *argv]
+                runpy.run_module(self.module, run_name="__main__", alter_sys=True)
+            else:
+                raise ValueError(f"unknown task kind {self.kind!r}")
+        finally:
+            sys.argv = saved_argv
+        return None
+
+
+@dataclass
+class Execution:
+    """One call of a task: its arguments and an id derived from the task id and the arguments.
+
+    Attributes:
+        execution_id: sha256 of the task id and the serialized arguments.
+        args: Positional arguments (for scripts and modules: the command-line arguments).
+        kwargs: Keyword arguments.
+    """
+
+    execution_id: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, task: Task, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
+               *, serialized: bytes | None = None) -> Execution:
+        """An execution of ``task``; ``serialized`` are the already serialized arguments, if at hand."""
+        kwargs = dict(kwargs or {})
+        if serialized is None:
+            from .serialization import PickleSerializer
+
+            try:
+                serialized = PickleSerializer().dumps((args, kwargs))
+            except TypeError:
+                serialized = repr((args, kwargs)).encode()
+        digest = hashlib.sha256(task.task_id.encode() + b"\0" + serialized)
+        return cls(execution_id=digest.hexdigest(), args=tuple(args), kwargs=kwargs)
+
+
+class TaskFunction(Generic[R]):
+    """What ``@task`` returns: calling it runs the function through the configured advice chain.
+
+    Attributes:
+        function: The undecorated function.
+        remote: The host (alias, ``[tool.rx.remotes]`` name or ``[user@]host[:port]``), or None for the
+            configuration's default.
+        chain: The name of the advice chain to use.
+        config: A :class:`remote_exec.config.Configuration`, or None for the project's configuration.
+        options: Further per-task options (``timeout``, ``python``, ``backend``, ``keep_warm``, ...),
+            available to advices in the session context.
+    """
+
+    def __init__(self, function: Callable[..., R], *, remote: str | None = None, chain: str = "default",
+                 config: Any = None, options: dict[str, Any] | None = None) -> None:
+        functools.update_wrapper(self, function)
+        self.function = function
+        self.remote = remote
+        self.chain = chain
+        self.config = config
+        self.options = dict(options or {})
+        self._task: Task | None = None
+
+    @property
+    def task(self) -> Task:
+        """The :class:`Task` for the function (computed once)."""
+        if self._task is None:
+            self._task = Task.from_function(self.function)
+        return self._task
+
+    def __call__(self, *args: Any, **kwargs: Any) -> R:
+        if os.environ.get(INSIDE_RUNNER_ENV):
+            return self.function(*args, **kwargs)
+        from .advice import run_task
+
+        return run_task(self, args, kwargs)  # type: ignore[no-any-return]
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        return functools.partial(self.__call__, instance)
+
+    def __repr__(self) -> str:
+        return f"<task {self.function.__module__}:{self.function.__qualname__} remote={self.remote!r}>"
+
+
+@overload
+def task(function: Callable[..., R], /) -> TaskFunction[R]: ...
+
+
+@overload
+def task(*, remote: str | None = None, chain: str = "default", config: Any = None,
+         **options: Any) -> Callable[[Callable[..., R]], TaskFunction[R]]: ...
+
+
+def task(function: Callable[..., R] | None = None, /, *, remote: str | None = None, chain: str = "default",
+         config: Any = None, **options: Any) -> TaskFunction[R] | Callable[[Callable[..., R]], TaskFunction[R]]:
+    """Make a function a task: calling it runs it through an advice chain (remotely, cached, logged).
+
+    Use bare (``@task``) or with options (``@task(remote="gpu1", timeout=600)``).
+
+    Args:
+        function: The function (when used bare).
+        remote: The host to run on; None runs through the chain's own default (a local subprocess when
+            the chain has no remote advice).
+        chain: Name of the advice chain in the configuration.
+        config: A Configuration to use instead of the project's.
+        **options: Per-task options for advices: ``timeout``, ``python``, ``backend``, ``env``,
+            ``keep_warm``, ``pull``.
+    """
+    if function is not None:
+        if not callable(function):
+            raise TypeError("@task decorates a function")
+        return TaskFunction(function)
+
+    def decorate(fn: Callable[..., R]) -> TaskFunction[R]:
+        if not callable(fn):
+            raise TypeError("@task decorates a function")
+        return TaskFunction(fn, remote=remote, chain=chain, config=config, options=options)
+
+    return decorate
+

@@ -1,0 +1,157 @@
+"""The runner protocol: framed messages over the runner's stdin and stdout (standard library only).
+
+This module travels to the remote inside the distribution archive. One exec of the runner serves one call
+(or, for a persistent worker, many): the coordinator writes frames to the runner's stdin, the runner writes
+frames to its stdout. The runner's stderr carries only its own diagnostics.
+
+A frame is one type byte, a 4-byte big-endian payload length, and the payload. Frames from the
+coordinator:
+
+    G  go: JSON with the call's options (hmac key, timeout, heartbeat, pull globs, environment, secrets)
+    S  session bytes (a saved session, in one or more frames)
+    s  end of session: JSON {"sha256": ...}; the runner starts the task on receiving it
+    H  heartbeat (empty)
+    C  cancel: stop the task's process group now
+    Q  quit (a persistent worker exits)
+
+Frames from the runner:
+
+    O  task stdout bytes          E  task stderr bytes          B  heartbeat (empty)
+    P  progress event (JSON: {"event": "started", "pid": ...})
+    R  result header (JSON: status, exit code, exception, value size and sha256, files manifest)
+    V  value payload bytes        F  files archive bytes (an uncompressed tar stream)
+    Z  end of result (JSON: {"hmac": hex}); an HMAC-SHA256 with the per-call key over R, V and F payloads
+
+The bootstrap that runs before any of this is a one-liner on the command line (see
+:data:`BOOTSTRAP`): it answers ``RXBOOT1 HAVE`` or ``RXBOOT1 NEED`` on stdout, receives the archive
+(8-byte length + bytes) when it needs it, checks its sha256 and extracts it atomically into the cache
+(``<cache>/archives/<sha256>/``, a directory so that Python can keep compiled bytecode next to the code
+and later calls import it without compiling again).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import BinaryIO
+
+__all__ = [
+    "BOOTSTRAP",
+    "HEADER",
+    "MAX_FRAME",
+    "PROTOCOL",
+    "FrameReader",
+    "encode",
+    "read_frame",
+]
+
+PROTOCOL = 1
+HEADER = struct.Struct(">cI")
+MAX_FRAME = 1 << 20
+#: Frame types carrying the result, in the order the runner sends them.
+RESULT_TYPES = (b"R", b"V", b"F")
+
+#: Minimum remote Python version the runner supports.
+MIN_PYTHON = (3, 8)
+
+# The bootstrap, run as `python3 -c BOOTSTRAP <sha256> <cache-dir>`. It must stay small, standard-library
+# only, and work on every Python from 2.7 upward far enough to report a version that is too old.
+BOOTSTRAP = r"""
+import sys,os
+w=sys.stdout.buffer if hasattr(sys.stdout,'buffer') else sys.stdout
+if sys.version_info<(3,8):
+    w.write(('RXBOOT1 OLDPY %d.%d.%d\n'%sys.version_info[:3]).encode());w.flush();sys.exit(3)
+h,c=sys.argv[1],os.path.expanduser(sys.argv[2])
+a=os.path.join(c,'archives');p=os.path.join(a,h)
+if os.path.isdir(p):
+    w.write(b'RXBOOT1 HAVE\n');w.flush()
+else:
+    import hashlib,tempfile,zipfile,io,shutil
+    os.makedirs(a,mode=0o700,exist_ok=True);os.chmod(c,0o700)
+    w.write(b'RXBOOT1 NEED\n');w.flush()
+    r=sys.stdin.buffer;n=int.from_bytes(r.read(8),'big');d=hashlib.sha256();m=[]
+    while n:
+        b=r.read(min(n,1<<20))
+        if not b:raise SystemExit('rx bootstrap: archive upload cut short')
+        m.append(b);d.update(b);n-=len(b)
+    if d.hexdigest()!=h:raise SystemExit('rx bootstrap: archive sha256 mismatch')
+    t=tempfile.mkdtemp(dir=a,prefix='.tmp-')
+    try:
+        zipfile.ZipFile(io.BytesIO(b''.join(m))).extractall(t)
+        try:os.rename(t,p)
+        except OSError:
+            if not os.path.isdir(p):raise
+    finally:shutil.rmtree(t,ignore_errors=True)
+    w.write(b'RXBOOT1 OK\n');w.flush()
+sys.path.insert(0,p)
+from remote_exec.runner import main
+sys.exit(main(sys.argv[2:]))
+""".strip()
+
+
+def encode(kind: bytes, payload: bytes = b"") -> bytes:
+    """One frame: type byte, length, payload."""
+    return HEADER.pack(kind, len(payload)) + payload
+
+
+def read_exact(stream: BinaryIO, size: int) -> bytes:
+    """Read exactly ``size`` bytes; fewer only at end of stream."""
+    parts = []
+    while size:
+        chunk = stream.read(size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size -= len(chunk)
+    return b"".join(parts)
+
+
+def read_frame(stream: BinaryIO) -> tuple[bytes, bytes] | None:
+    """Read one frame from a blocking stream; None at a clean end of stream.
+
+    Raises:
+        EOFError: The stream ended inside a frame.
+        ValueError: The frame is larger than :data:`MAX_FRAME`.
+    """
+    header = read_exact(stream, HEADER.size)
+    if not header:
+        return None
+    if len(header) < HEADER.size:
+        raise EOFError("stream ended inside a frame header")
+    kind, size = HEADER.unpack(header)
+    if size > MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes is larger than {MAX_FRAME}")
+    payload = read_exact(stream, size)
+    if len(payload) < size:
+        raise EOFError("stream ended inside a frame")
+    return kind, payload
+
+
+class FrameReader:
+    """Incremental frame decoder for bytes arriving in arbitrary chunks."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        """Add bytes; return the frames they complete.
+
+        Raises:
+            ValueError: A frame is larger than :data:`MAX_FRAME` (the stream is not a runner's).
+        """
+        self._buffer += data
+        frames = []
+        while len(self._buffer) >= HEADER.size:
+            kind, size = HEADER.unpack_from(self._buffer)
+            if size > MAX_FRAME:
+                raise ValueError(f"frame of {size} bytes is larger than {MAX_FRAME}")
+            end = HEADER.size + size
+            if len(self._buffer) < end:
+                break
+            frames.append((kind, bytes(self._buffer[HEADER.size:end])))
+            del self._buffer[:end]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes held that do not yet form a whole frame."""
+        return len(self._buffer)
