@@ -38,7 +38,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -194,18 +194,22 @@ class Store:
 
         Raises:
             IntegrityError: The content does not match ``sha256``.
-            WorkspaceError: The name is refused (see :meth:`path`).
+            WorkspaceError: The name is refused (see :meth:`path`), or the disk write failed.
         """
         target = self.path(name)
         tmp = self._tmp / self._unique()
         digest = hashlib.sha256()
+        with self._disk(name):
+            out = open(tmp, "xb")  # noqa: SIM115 - closed by the `with out:` below
         try:
-            with open(tmp, "xb") as out:
-                for chunk in chunks:
-                    out.write(chunk)
+            with out:
+                for chunk in chunks:  # an error of the source propagates as it is
+                    with self._disk(name):
+                        out.write(chunk)
                     digest.update(chunk)
-                out.flush()
-                os.fsync(out.fileno())
+                with self._disk(name):
+                    out.flush()
+                    os.fsync(out.fileno())
             self._check(name, digest.hexdigest(), sha256)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -255,7 +259,7 @@ class Store:
             source.unlink()
             return path
         try:
-            with open(tmp, "rb+") as fh:
+            with self._disk(name), open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
         except BaseException:
             with contextlib.suppress(OSError):
@@ -273,8 +277,9 @@ class Store:
             WorkspaceError: The name is refused (see :meth:`path`).
         """
         target = self.path(name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return open(target, "ab", buffering=0)
+        with self._disk(name):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            return open(target, "ab", buffering=0)
 
     # -- maintenance -------------------------------------------------------------------------------
 
@@ -338,12 +343,21 @@ class Store:
             raise IntegrityError(f"{name}: sha256 mismatch, expected {expected}, got {actual}",
                                  hint="the file was damaged in transit; nothing was written")
 
+    @contextlib.contextmanager
+    def _disk(self, name: str) -> Iterator[None]:
+        """Turn a failure of our own file operations into a WorkspaceError naming the file."""
+        try:
+            yield
+        except OSError as exc:
+            raise WorkspaceError(f"cannot write {name} under {self.root}: {exc.strerror or exc}") from exc
+
     def _deliver(self, tmp: Path, target: Path) -> Path:
         staged = self._new / tmp.name
         try:
-            os.rename(tmp, staged)
-            created = _makedirs(target.parent)
-            os.replace(staged, target)
+            with self._disk(target.relative_to(self.root).as_posix()):
+                os.rename(tmp, staged)
+                created = _makedirs(target.parent)
+                os.replace(staged, target)
         except BaseException:
             for leftover in (tmp, staged):
                 with contextlib.suppress(OSError):

@@ -179,3 +179,13 @@ def test_sweep_removes_temporaries_of_dead_writers_and_old_ones_only(tmp_path: P
 
     remaining = {p.name for p in store.temporaries()}
     assert remaining == {live.name, other_host.name}
+
+
+def test_a_disk_failure_is_a_workspace_error_and_leaves_no_temporary(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    (tmp_path / "files").write_bytes(b"a file where a directory is needed")
+    with pytest.raises(WorkspaceError, match=r"cannot write files/x\.txt"):
+        store.write_bytes("files/x.txt", b"x")
+    with pytest.raises(WorkspaceError, match="cannot write files/log"):
+        store.open_append("files/log")
+    assert store.temporaries() == []
