@@ -297,7 +297,7 @@ def _host_of(container: Any) -> TestbedHost | None:
 
 def _own_containers(client: Any, state_dir: Path) -> list[Any]:
     filters = {"label": [f"{LABEL}=1", f"{STATE_LABEL}={_state_hash(state_dir)}"]}
-    return list(client.containers.list(all=True, filters=filters))
+    return list(client.containers.list(all=True, filters=filters, ignore_removed=True))
 
 
 def _read_banner(port: int, timeout: float) -> str:
@@ -478,6 +478,22 @@ def _container(client: Any, host: TestbedHost) -> Any:
         raise TestbedError(f"container {host.container_name} ({host.container_id[:12]}) is gone") from exc
 
 
+def _unfit(container: Any, index: int, wanted: int, image_id: str, key_tag: str) -> str | None:
+    """Say why :func:`up` must replace a numbered container, or return None when it can stay."""
+    if index > wanted:
+        return f"only {wanted} host(s) wanted"
+    if container.status != "running":
+        return str(container.status)
+    if container.attrs.get("Image") != image_id:
+        return "made from an older image"
+    if container.labels.get(KEY_LABEL) != key_tag:
+        return "trusts another key"
+    port = _published_port(container)
+    if port is None or not _sshd_answers(port):
+        return "sshd does not answer"
+    return None
+
+
 # --- public API -------------------------------------------------------------------------------------------
 
 
@@ -512,19 +528,10 @@ def up(hosts: int = 1, *, state_dir: Path | None = None) -> Testbed:
             if not index_label.isdigit():
                 continue
             index = int(index_label)
-            port = _published_port(container)
-            healthy = (
-                index <= hosts
-                and container.status == "running"
-                and container.image.id == image_id
-                and container.labels.get(KEY_LABEL) == key_tag
-                and port is not None
-                and _sshd_answers(port)
-            )
-            if healthy:
+            why = _unfit(container, index, hosts, image_id, key_tag)
+            if why is None:
                 numbered[index] = container
             else:
-                why = "beyond --hosts" if index > hosts else f"{container.status}, stale or not answering"
                 logger.info("removing %s (%s)", container.name, why)
                 container.remove(force=True)
         started = []

@@ -19,6 +19,7 @@ import gc
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -256,6 +257,38 @@ def _build(client: Any, dockerfile: str, recipe_hash: str, log: Callable[[str], 
             raise TestbedError(f"building {IMAGE} failed: {exc}") from exc
 
 
+def _mounts_under(root: Path) -> list[str]:
+    """Return the mount points inside ``root``, deepest first (from /proc/self/mounts)."""
+    prefix = f"{root}/"
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return []
+    points = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 2:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        if point.startswith(prefix):
+            points.append(point)
+    return sorted(points, key=len, reverse=True)
+
+
+def _remove_work_dir(work: Path) -> None:
+    """Delete debootstrap's work dir, first unmounting what a killed debootstrap may have left mounted.
+
+    A tree with /proc, /sys or bound /dev entries still mounted is left in place rather than deleted.
+    """
+    for point in _mounts_under(work):
+        subprocess.run(["umount", "-l", point], capture_output=True, timeout=30, check=False)
+    left = _mounts_under(work)
+    if left:
+        logger.warning("leaving %s in place: still mounted there: %s", work, ", ".join(left))
+        return
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def _build_base(client: Any, log: Callable[[str], None]) -> None:
     """Make :data:`BASE_IMAGE` with debootstrap and ``docker import``; needs root and Debian's mirror."""
     debootstrap = shutil.which("debootstrap")
@@ -266,54 +299,56 @@ def _build_base(client: Any, log: Callable[[str], None]) -> None:
         )
     if os.geteuid() != 0:
         raise TestbedError("building the base image with debootstrap needs root")
-    with tempfile.TemporaryDirectory(prefix="rx-testbed-base-", dir=os.environ.get("RX_TESTBED_TMP")) as tmp:
-        root = Path(tmp) / "rootfs"
-        argv = [
-            debootstrap,
-            "--variant=minbase",
-            f"--include={','.join(PACKAGES)}",
-            "bookworm",
+    work = Path(tempfile.mkdtemp(prefix="rx-testbed-base-", dir=os.environ.get("RX_TESTBED_TMP")))
+    try:
+        _debootstrap_and_import(client, debootstrap, work, log)
+    finally:
+        _remove_work_dir(work)
+
+
+def _debootstrap_and_import(client: Any, debootstrap: str, work: Path, log: Callable[[str], None]) -> None:
+    root = work / "rootfs"
+    include = f"--include={','.join(PACKAGES)}"
+    argv = [debootstrap, "--variant=minbase", include, "bookworm", str(root), MIRROR]
+    log(f"debootstrap bookworm from {MIRROR} (about a minute)")
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=DEBOOTSTRAP_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise TestbedError(f"debootstrap took more than {DEBOOTSTRAP_TIMEOUT:.0f} s") from exc
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        raise TestbedError(f"debootstrap failed (exit {done.returncode}):\n{tail}")
+    leftover = _mounts_under(root)
+    if leftover:
+        raise TestbedError(f"debootstrap left file systems mounted in its tree: {', '.join(leftover)}")
+    tarball = work / "rootfs.tar"
+    log(f"importing the tree as {BASE_IMAGE}")
+    packed = subprocess.run(
+        [
+            "tar",
+            "-C",
             str(root),
-            MIRROR,
-        ]
-        log(f"debootstrap bookworm from {MIRROR} (about a minute)")
-        try:
-            done = subprocess.run(
-                argv, capture_output=True, text=True, timeout=DEBOOTSTRAP_TIMEOUT, check=False
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise TestbedError(f"debootstrap took more than {DEBOOTSTRAP_TIMEOUT:.0f} s") from exc
-        if done.returncode != 0:
-            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-            raise TestbedError(f"debootstrap failed (exit {done.returncode}):\n{tail}")
-        tarball = Path(tmp) / "rootfs.tar"
-        log(f"importing the tree as {BASE_IMAGE}")
-        packed = subprocess.run(
-            [
-                "tar",
-                "-C",
-                str(root),
-                "--exclude=./var/cache/apt/archives/*.deb",
-                "--exclude=./var/lib/apt/lists/*",
-                "--numeric-owner",
-                "-cf",
-                str(tarball),
-                ".",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        if packed.returncode != 0:
-            raise TestbedError(f"packing the debootstrap tree failed: {packed.stderr.strip()}")
-        repository, tag = BASE_IMAGE.split(":")
-        client.api.import_image_from_file(
+            "--exclude=./var/cache/apt/archives/*.deb",
+            "--exclude=./var/lib/apt/lists/*",
+            "--numeric-owner",
+            "-cf",
             str(tarball),
-            repository=repository,
-            tag=tag,
-            changes=[f"LABEL {HASH_LABEL}={_base_hash()}", 'CMD ["/bin/bash"]'],
-        )
+            ".",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if packed.returncode != 0:
+        raise TestbedError(f"packing the debootstrap tree failed: {packed.stderr.strip()}")
+    repository, tag = BASE_IMAGE.split(":")
+    client.api.import_image_from_file(
+        str(tarball),
+        repository=repository,
+        tag=tag,
+        changes=[f"LABEL {HASH_LABEL}={_base_hash()}", 'CMD ["/bin/bash"]'],
+    )
 
 
 def ensure_image(*, log: Callable[[str], None] | None = None) -> str:
@@ -352,8 +387,11 @@ def ensure_image(*, log: Callable[[str], None] | None = None) -> str:
 def _build_image(
     client: Any, current: str | None, registry_hash: str, debootstrap_hash: str, say: Callable[[str], None]
 ) -> None:
+    import docker
+
     say(f"{IMAGE} is {'missing' if current is None else 'out of date'}; building it")
     started = time.monotonic()
+    previous = _image_id(client, IMAGE)
     if _registry_base_ready(client, say):
         _build(client, _DOCKERFILE_REGISTRY, registry_hash, say)
     else:
@@ -363,3 +401,16 @@ def _build_image(
             say(f"reusing {BASE_IMAGE}")
         _build(client, _dockerfile_debootstrap(), debootstrap_hash, say)
     say(f"{IMAGE} is ready ({time.monotonic() - started:.0f} s)")
+    if previous is not None and previous != _image_id(client, IMAGE):
+        # The old build is now untagged; drop it unless containers still run on it.
+        with contextlib.suppress(docker.errors.APIError):
+            client.images.remove(previous)
+
+
+def _image_id(client: Any, name: str) -> str | None:
+    import docker
+
+    try:
+        return str(client.images.get(name).id)
+    except docker.errors.ImageNotFound:
+        return None
