@@ -370,7 +370,8 @@ def dispatch(
                                   host=host)
             raise RunnerError(f"the runner on {host} failed (exit {code})"
                               + (f": {text.splitlines()[-1]}" if text else ""), reason="crashed", host=host)
-        process.wait(5)
+        # The runner cleaned up before its last frame; let it exit without waiting here.
+        threading.Thread(target=_reap, args=(process,), daemon=True).start()
         phase("execute", "finished")
         done("execute")
         phase("collect", "started")
@@ -386,9 +387,20 @@ def dispatch(
         if call.files_stream is not None and not call.files_stream.closed:
             call.files_stream.close()
         shutil.rmtree(spool_dir, ignore_errors=True)
-        process.kill()
+        if call.end is None:
+            process.kill()
     assert call.header is not None
     return Outcome(result=result, header=call.header, files=landed, uploaded=uploaded, phases=phases)
+
+
+def _reap(process: Process) -> None:
+    """Collect a finished runner's exit (or end it if it lingers)."""
+    try:
+        process.close_stdin()
+        if process.wait(10) is None:
+            process.kill()
+    except Exception:
+        logger.debug("reaping the runner failed", exc_info=True)
 
 
 def _drain(process: Process) -> bytes:

@@ -8,6 +8,7 @@ in a local interpreter.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -114,6 +115,7 @@ _runs_lock = threading.Lock()
 
 
 def _process_run(session: Session, config: Configuration, target: Target) -> Any:
+    """The workspace run for this process's @task calls (created on the first call)."""
     from ..workspace import Workspace
 
     workspace = Workspace.resolve(config.workspace)
@@ -129,8 +131,20 @@ def _process_run(session: Session, config: Configuration, target: Target) -> Any
                 run = workspace.new_run(target=name, kind="task", argv=sys.argv[1:], remote=target.host,
                                         backend=target.backend_name, run_id=session.run_id)
                 run.set_status("running")
+                atexit.register(_close_process_run, run)
             _runs[key] = run
         return run
+
+
+def _close_process_run(run: Any) -> None:
+    """At exit: the process's run is finished when every task call is done, else failed."""
+    try:
+        tasks = run.tasks()
+        failed = [key for key, entry in tasks.items() if entry.get("status") != "done"]
+        run.set_status("failed" if failed else "finished", exit_code=1 if failed else 0,
+                       error=f"{len(failed)} of {len(tasks)} task(s) did not finish" if failed else None)
+    except Exception:  # exit must not fail; the run then shows as lost, and rx rerun --failed resumes it
+        logger.debug("could not close run %s", getattr(run, "id", "?"), exc_info=True)
 
 
 def execute(session: Session, target: Target) -> Result:
@@ -146,6 +160,7 @@ def execute(session: Session, target: Target) -> Result:
     run = _process_run(session, config, target)
     key = session.execution.execution_id[:16]
     run.task_started(key, name=session.task.name, host=target.host)
+    run.store.write_bytes(f"sessions/{key}.zip", session.dumps())
     stdout = _sink(sys.stdout, None)
     stderr = _sink(sys.stderr, None)
     try:
@@ -156,6 +171,13 @@ def execute(session: Session, target: Target) -> Result:
         run.task_finished(key, ok=False, error=f"{type(exc).__name__}: {exc}")
         raise
     result = outcome.result
+    if result.ok and session.task.kind == "function":
+        try:
+            import pickle
+
+            run.store.write_bytes(f"results/{key}.pkl", pickle.dumps(result.value, protocol=5))
+        except Exception:  # an unpicklable value is still returned; it just cannot be merged later
+            logger.debug("result of %s not recorded", session.task.name, exc_info=True)
     run.set_task(key, "done" if result.ok else "failed", execution_id=session.execution.execution_id,
                  exit_code=result.exit_code, result_status=result.status, phases=outcome.phases,
                  error=None if result.ok else (result.detail or f"{result.exception_type}: "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Annotated, Any
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -70,13 +70,13 @@ def _register() -> None:
     from . import hosts, ledger, run  # noqa: F401
 
 
-def main(argv: list[str] | None = None) -> Any:
+def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point of the ``rx`` console script."""
     _register()
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:]) or bool(
         os.environ.get("RX_DEBUG"))
     try:
-        return app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except RemoteExecError as exc:
         if verbose or state.verbose:
             import traceback
@@ -99,3 +99,4 @@ def main(argv: list[str] | None = None) -> Any:
             exc.show()
             sys.exit(2 if isinstance(exc, click.UsageError) else 3)
         raise
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,133 @@
+"""``rx hosts`` and ``rx check``: which hosts rx knows, and whether one is ready for work."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import statistics
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import ConfigError, RunnerError
+from . import app
+
+__all__ = ["check", "hosts"]
+
+# One remote command reports everything `rx check` shows (quoted as a whole, no user input inside).
+_PROBE = r"""
+import json, os, shutil, sys, subprocess
+workdir = os.path.expanduser(sys.argv[1])
+probe = workdir
+while not os.path.isdir(probe):
+    probe = os.path.dirname(probe) or "/"
+usage = shutil.disk_usage(probe)
+gpus = []
+smi = shutil.which("nvidia-smi")
+if smi:
+    try:
+        out = subprocess.run([smi, "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout
+        gpus = [line.strip() for line in out.splitlines() if line.strip()]
+    except Exception as exc:
+        gpus = ["nvidia-smi failed: %s" % exc]
+print(json.dumps({"python": sys.version.split()[0], "executable": sys.executable,
+                  "platform": sys.platform, "hostname": os.uname().nodename, "cpus": os.cpu_count(),
+                  "workdir": workdir, "free_bytes": usage.free, "gpus": gpus}))
+"""
+
+
+@app.command()
+def hosts(
+    ssh_config: Annotated[Path | None, typer.Option(
+        help="ssh_config file (default RX_SSH_CONFIG or ~/.ssh/config).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the hosts rx knows: ssh_config aliases and [tool.rx.remotes]."""
+    from ..backends.sshconfig import list_aliases
+    from ..config import Configuration
+
+    config = Configuration.load()
+    path = config.effective_ssh_config(ssh_config)
+    rows: list[dict[str, Any]] = []
+    for name, remote in sorted(config.remotes.items()):
+        rows.append({"name": name, "source": "pyproject", "host": remote.host, "user": remote.user,
+                     "port": remote.port, "python": remote.python, "backend": remote.backend})
+    known = {row["name"] for row in rows}
+    for alias in list_aliases(path):
+        if alias not in known:
+            rows.append({"name": alias, "source": "ssh_config", "host": alias, "user": None, "port": None,
+                         "python": None, "backend": None})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=None, show_edge=False)
+    for column in ("name", "source", "host", "user", "port", "python", "backend"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if row[c] is None else str(row[c]) for c in
+                        ("name", "source", "host", "user", "port", "python", "backend")))
+    console = Console()
+    if rows:
+        console.print(table)
+    else:
+        console.print(f"no hosts: no aliases in {path or '~/.ssh/config'} and no [tool.rx.remotes]")
+
+
+@app.command()
+def check(
+    host: Annotated[str, typer.Argument(help="ssh_config alias, [tool.rx.remotes] name or [user@]host[:port].")],
+    backend: Annotated[str | None, typer.Option(help="openssh or paramiko.")] = None,
+    python: Annotated[str | None, typer.Option(help="Remote interpreter (default python3).")] = None,
+    ssh_config: Annotated[Path | None, typer.Option(
+        help="ssh_config file (default RX_SSH_CONFIG or ~/.ssh/config).")] = None,
+    connect_timeout: Annotated[float, typer.Option(help="Seconds to connect.")] = 10.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Connect to HOST and report backend, round-trip time, remote Python, free disk and GPUs."""
+    from ..backends import connect
+    from ..config import Configuration
+
+    config = Configuration.load()
+    remote = config.remote(host)
+    backend_name = config.effective_backend(backend or remote.backend)
+    if backend_name not in ("openssh", "paramiko"):
+        raise ConfigError(f"unknown backend {backend_name!r}", hint="openssh or paramiko")
+    spec = remote.spec(ssh_config=config.effective_ssh_config(ssh_config), connect_timeout=connect_timeout,
+                       host_key_policy=config.host_key_policy)
+    conn = connect(spec, backend_name)
+    interpreter = python or remote.python
+    started = time.monotonic()
+    conn.run(["true"], timeout=connect_timeout + 5)
+    connect_seconds = time.monotonic() - started
+    rtts = []
+    for _ in range(5):
+        started = time.monotonic()
+        conn.run(["true"], timeout=30)
+        rtts.append(time.monotonic() - started)
+    result = conn.run([interpreter, "-c", _PROBE, remote.workdir], timeout=60)
+    if result.exit_code == 127 or (result.failed and "not found" in result.stderr.decode(errors="replace")):
+        raise RunnerError(f"{interpreter} not found on {host}", reason="interpreter-missing", host=host,
+                          hint="install Python 3 there or pass --python /path/to/python3")
+    if result.failed:
+        raise RunnerError(f"{shlex.quote(interpreter)} on {host} failed: {result.tail()}", host=host)
+    facts = json.loads(result.stdout.decode())
+    report = {"host": host, "backend": backend_name, "connect_seconds": round(connect_seconds, 4),
+              "rtt_ms": round(statistics.median(rtts) * 1000, 2), **facts}
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    console.print(f"[bold]{host}[/] ok via {backend_name}")
+    console.print(f"  connect     {connect_seconds * 1000:.0f} ms, round trip {report['rtt_ms']:.1f} ms (median of 5)")
+    console.print(f"  python      {facts['python']} ({facts['executable']})")
+    console.print(f"  host        {facts['hostname']}, {facts['cpus']} CPUs, {facts['platform']}")
+    console.print(f"  free disk   {facts['free_bytes'] / 2**30:.1f} GiB in {facts['workdir']}")
+    console.print(f"  GPUs        {', '.join(facts['gpus']) if facts['gpus'] else 'none (no nvidia-smi)'}")

@@ -1,0 +1,228 @@
+"""``rx run`` and ``rx rerun``: run a script or module, locally or on a host, and record it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import ConfigError, Interrupted, RemoteExecError, WorkspaceError
+from . import app, state
+
+__all__ = ["run", "rerun"]
+
+_BACKENDS = ("openssh", "paramiko")
+
+
+def _parse_env(values: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--env {item!r}: expected KEY=VALUE")
+        env[name] = value
+    return env
+
+
+def _module_origin(module: str) -> Path | None:
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as exc:
+        raise ConfigError(f"-m {module}: {exc}") from exc
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    if spec is None:
+        raise ConfigError(f"no module named {module!r}", hint="run rx from the folder that holds it")
+    if spec.submodule_search_locations is not None:
+        main = importlib.util.find_spec(f"{module}.__main__")
+        return Path(main.origin) if main and main.origin else None
+    return Path(spec.origin) if spec.origin and spec.origin not in ("built-in", "frozen") else None
+
+
+def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict[str, Any],
+                workspace: Path | None, kind: str, target: str, as_json: bool,
+                parent: str | None = None) -> int:
+    """Create a run, execute it through the pipeline, record its outcome; return the exit status."""
+    from ..advice import run_chain
+    from ..advices.remote import RemoteAdvice
+    from ..config import Configuration
+    from ..session import Session
+    from ..task import Execution
+    from ..workspace import Workspace
+
+    config = Configuration.load()
+    backend = config.effective_backend(options.get("backend")) if remote else "local"
+    ws = Workspace.resolve(workspace or config.workspace)
+    execution = Execution.create(task, tuple(args))
+    run = ws.new_run(target=target, kind=kind, argv=list(args), remote=remote, backend=backend, parent=parent)
+    session = Session(task=task, execution=execution, run_id=run.id, serializer="pickle",
+                      context={"remote": remote, "options": options, "origin": "cli"})
+    session.config = config
+    session.local["run"] = run
+    run.store.write_bytes("session.zip", session.dumps())
+    if options.get("host_key_policy") == "off":
+        from . import error_line
+
+        error_line(f"host key checking is OFF for {remote}: anyone on the path can impersonate it")
+    run.set_status("running")
+    try:
+        result = run_chain(session, [RemoteAdvice()])
+    except Interrupted as exc:
+        run.set_status("cancelled", exit_code=130, error=str(exc))
+        raise
+    except KeyboardInterrupt:
+        run.set_status("cancelled", exit_code=130, error="interrupted")
+        raise Interrupted("interrupted") from None
+    except RemoteExecError as exc:
+        run.set_status("failed", exit_code=exc.exit_code, error=str(exc))
+        raise
+    outcome = session.local.get("outcome")
+    record = result.record()
+    if outcome is not None:
+        record.update(host=outcome.header.get("host"), python=outcome.header.get("python"),
+                      duration=outcome.header.get("duration"), phases=outcome.phases,
+                      uploaded_archive=outcome.uploaded, files=[str(p.relative_to(run.dir)) for p in outcome.files])
+    run.store.write_bytes("result.json", json.dumps(record, indent=1).encode())
+    exit_code = result.exit_code
+    if result.status == "timeout":
+        exit_code = 124
+    elif result.status == "cancelled":
+        exit_code = 130
+    status = "finished" if result.status == "finished" and exit_code == 0 else (
+        "cancelled" if result.status == "cancelled" else "failed")
+    error = None
+    if result.status not in ("finished", "raised"):
+        error = result.detail or result.status
+    elif result.exception_type:
+        error = f"{result.exception_type}: {result.exception_message}"
+    elif exit_code:
+        error = f"exit status {exit_code}"
+    run.set_status(status, exit_code=exit_code, error=error)
+    info = run.info()
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+    else:
+        from rich.console import Console
+
+        files = len(outcome.files) if outcome is not None else 0
+        where = os.path.relpath(run.dir) if not os.path.relpath(run.dir).startswith("..") else str(run.dir)
+        message = f"rx: run {run.id} {status}"
+        if result.status == "timeout":
+            message += f" ({error})"
+        elif result.status in ("signal", "oom"):
+            message += f" ({result.detail})"
+        message += f", exit {exit_code}, {info.get('duration') or 0:.2f} s; {files} file(s) in {where}/files"
+        Console(stderr=True, highlight=False, soft_wrap=True).print(message, style="dim" if status == "finished" else "yellow",
+                                                    markup=False)
+    return exit_code
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "allow_interspersed_args": False})
+def run(
+    target: Annotated[list[str] | None, typer.Argument(
+        help="SCRIPT and its ARGS (with -m: only ARGS).", show_default=False)] = None,
+    module: Annotated[str | None, typer.Option("-m", "--module", help="Run MODULE as `python -m MODULE`.")] = None,
+    remote: Annotated[str | None, typer.Option(
+        "--remote", "-r", help="Host: ssh_config alias, [tool.rx.remotes] name or [user@]host[:port]. "
+                               "Without it the run is a local subprocess.")] = None,
+    backend: Annotated[str | None, typer.Option(
+        help="SSH backend: openssh or paramiko (default: RX_BACKEND, [tool.rx] backend, openssh).")] = None,
+    python: Annotated[str | None, typer.Option(help="Remote interpreter (default python3).")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Stop the task after SECONDS (exit 124).",
+                                                   min=0.001)] = None,
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for the task; repeatable.")] = None,
+    secret_env: Annotated[list[str] | None, typer.Option(
+        "--secret-env", help="Pass local variable NAME to the task over the channel only (never on a "
+                             "command line, in logs or state); repeatable.")] = None,
+    pull: Annotated[list[str] | None, typer.Option(
+        help="Bring back only files matching GLOB (relative to the task's directory); repeatable.")] = None,
+    no_pull: Annotated[bool, typer.Option("--no-pull", help="Bring back no files.")] = False,
+    keep_remote: Annotated[bool, typer.Option("--keep-remote", help="Keep the remote run directory.")] = False,
+    workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
+    ssh_config: Annotated[Path | None, typer.Option(
+        help="ssh_config file (default RX_SSH_CONFIG or ~/.ssh/config).")] = None,
+    connect_timeout: Annotated[float | None, typer.Option(help="Seconds to connect (default 10).")] = None,
+    insecure_no_host_key_check: Annotated[bool, typer.Option(
+        "--insecure-no-host-key-check", help="Do not check the host's key (prints a warning).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run's record as JSON at the end.")] = False,
+) -> None:
+    """Run SCRIPT (or -m MODULE) with ARGS through rx: on --remote HOST over SSH, else locally.
+
+    Output streams live; files the script writes in its working directory land in the run's files/.
+    Exit status: the script's own; 124 timeout; 130 interrupted; 255 connection, authentication or
+    host-key failure; 3 any other rx failure.
+    """
+    from ..task import Task
+
+    words = list(target or [])
+    if module is None and not words:
+        raise ConfigError("nothing to run", hint="rx run SCRIPT [ARGS]... or rx run -m MODULE [ARGS]...")
+    if backend is not None and backend not in _BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}", hint="openssh or paramiko")
+    if module is not None:
+        task = Task.from_module(module, _module_origin(module))
+        args, kind, name = words, "module", f"-m {module}"
+    else:
+        script = Path(words[0])
+        if not script.is_file():
+            raise ConfigError(f"no such script: {script}")
+        try:
+            task = Task.from_script(script)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {script}: {exc}") from exc
+        args, kind, name = words[1:], "script", str(script)
+    options: dict[str, Any] = {
+        "backend": backend, "python": python, "timeout": timeout, "env": _parse_env(env or []),
+        "secret_env": list(secret_env or []), "pull": list(pull or []), "no_pull": no_pull,
+        "keep": keep_remote, "ssh_config": ssh_config, "connect_timeout": connect_timeout,
+        "host_key_policy": "off" if insecure_no_host_key_check else None,
+    }
+    code = execute_run(task=task, args=args, remote=remote, options=options, workspace=workspace,
+                       kind=kind, target=name, as_json=as_json)
+    raise typer.Exit(code)
+
+
+@app.command()
+def rerun(
+    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, unique prefix, or 'latest'.")],
+    failed: Annotated[bool, typer.Option("--failed", help="Run only the tasks that did not finish; merge the "
+                                                          "done results in.")] = False,
+    remote: Annotated[str | None, typer.Option("--remote", "-r", help="Run on this host instead.")] = None,
+    workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the new run's record as JSON.")] = False,
+) -> None:
+    """Run a recorded run again as a new run (same code, arguments and host)."""
+    from ..session import Session
+    from ..workspace import Workspace
+
+    ws = Workspace.resolve(workspace)
+    previous = ws.run(run_ref)
+    info = previous.info()
+    if info.get("kind") == "task":
+        from .rerun_tasks import rerun_tasks
+
+        raise typer.Exit(rerun_tasks(ws, previous, failed=failed, remote=remote, as_json=as_json))
+    if failed and info.get("status") == "finished":
+        typer.echo(f"rx: run {previous.id} finished; nothing to rerun", err=True)
+        raise typer.Exit(0)
+    if not previous.session_path.is_file():
+        raise WorkspaceError(f"run {previous.id} has no saved session to rerun")
+    with previous.session_path.open("rb") as stream:
+        session = Session.restore(stream)
+    options = dict(session.context.get("options") or {})
+    target_remote = remote or session.context.get("remote")
+    code = execute_run(task=session.task, args=[str(a) for a in session.execution.args], remote=target_remote,
+                       options=options, workspace=workspace, kind=info.get("kind") or "script",
+                       target=info.get("target") or session.task.name, as_json=as_json, parent=previous.id)
+    raise typer.Exit(code)
