@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ..errors import ConfigError
+from ..errors import ConfigError, WorkspaceError
 from ..workspace.export import EXPORT_FORMATS, export, format_duration, format_size
 from ..workspace.manager import Run, Workspace
 from ..workspace.state import ACTIVE_RUN_STATUSES, duration, parse_time
@@ -92,7 +92,13 @@ def runs_command(
 ) -> None:
     """List the runs of the workspace, oldest first."""
     ws = Workspace.resolve(workspace)
-    infos = [run.info() for run in ws.runs(status)]
+    infos: list[dict[str, Any]] = []
+    for run in ws.runs(status):
+        try:
+            infos.append(run.info())
+        except WorkspaceError as exc:  # one damaged run must not hide the others
+            _console(stderr=True).print(f"[yellow]rx: warning:[/] skipping run {escape(run.id)}: "
+                                        f"{escape(str(exc))}")
     if as_json:
         _print_json(infos)
         return

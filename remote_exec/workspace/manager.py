@@ -324,6 +324,8 @@ class Workspace:
     def runs(self, status: str | None = None) -> list[Run]:
         """Every run, oldest first; with ``status``, only those whose (derived) status it is.
 
+        With ``status``, a run whose state cannot be read is skipped with a logged warning.
+
         Raises:
             ConfigError: ``status`` is not one of :data:`~remote_exec.workspace.state.RUN_STATUSES`.
         """
@@ -332,21 +334,26 @@ class Workspace:
         found = [Run(self, i) for i in self.ids()]
         if status is None:
             return found
-        return [r for r in found if r.status() == status]
+        return [r for r in found if _status_or_none(r) == status]
 
     def latest(self, *, action: str | None = None) -> Run | None:
         """The newest run; with ``action``, the newest run in which that action finished."""
         for rid in reversed(self.ids()):
             run = Run(self, rid)
-            if action is None or run.tracker.finished(action):
+            if action is None:
                 return run
+            try:
+                if run.tracker.finished(action):
+                    return run
+            except WorkspaceError as exc:
+                logger.warning("skipping run %s: %s", rid, exc)
         return None
 
     def current(self) -> Run | None:
         """The newest run that is ``running`` with its coordinator alive, if any."""
         for rid in reversed(self.ids()):
             run = Run(self, rid)
-            if run.status() == "running":
+            if _status_or_none(run) == "running":
                 return run
         return None
 
@@ -620,6 +627,15 @@ class Run:
     def files(self) -> list[tuple[str, int]]:
         """The pulled files under ``files/``: (relative POSIX path, size in bytes), sorted by path."""
         return sorted(_walk(self.files_dir))
+
+
+def _status_or_none(run: Run) -> str | None:
+    """The run's status, or ``None`` (with a warning) if its state cannot be read."""
+    try:
+        return run.status()
+    except WorkspaceError as exc:
+        logger.warning("skipping run %s: %s", run.id, exc)
+        return None
 
 
 def _walk(root: Path) -> Iterator[tuple[str, int]]:

@@ -167,3 +167,15 @@ def test_clean_keeps_newest_and_running(ws: Workspace) -> None:
     assert all(rid in result.output for rid in old)
     assert ws.ids() == [running.id, newest.id]
     assert rx("clean", "--keep", "-1", "--workspace", str(ws.root)).exit_code == 2
+
+
+def test_a_damaged_run_does_not_hide_the_others(ws: Workspace) -> None:
+    good = finished_run(ws)
+    bad = finished_run(ws, "bad.py")
+    (bad.dir / "state.json").write_text("{torn")
+    result = rx("runs", "--workspace", str(ws.root))
+    assert result.exit_code == 0
+    assert good.id in result.stdout and bad.id not in result.stdout
+    assert f"skipping run {bad.id}" in result.stderr and "not valid JSON" in result.stderr
+    shown = rx("show", bad.id, "--workspace", str(ws.root))
+    assert isinstance(shown.exception, WorkspaceError) and "not valid JSON" in str(shown.exception)
