@@ -424,6 +424,13 @@ def _authenticate(transport: paramiko.Transport, resolved: ResolvedHost, host: s
                 encrypted.append(path)
                 notes.append(f"{path} (encrypted)")
                 continue
+            except TypeError as exc:
+                # paramiko lets cryptography's "password-protected, but password was not provided" through
+                if "password" not in str(exc).lower():
+                    raise
+                encrypted.append(path)
+                notes.append(f"{path} (encrypted)")
+                continue
             except (paramiko.SSHException, OSError, ValueError) as exc:
                 notes.append(f"{path} (unreadable: {exc})")
                 continue
@@ -605,14 +612,23 @@ def _open_link(spec: HostSpec, resolved: ResolvedHost, host: str, nodelay: bool,
 
 
 class ParamikoProcess(Process):
-    """One command running in a session channel of the backend's transport."""
+    """One command running in a session channel of the backend's transport.
 
-    def __init__(self, channel: paramiko.Channel, host: str) -> None:
+    Attributes:
+        channel: The session channel.
+        host: The host as the user named it.
+        kill_grace: Seconds :meth:`kill` waits after SIGTERM before sending SIGKILL.
+    """
+
+    def __init__(self, channel: paramiko.Channel, host: str, kill_grace: float = 2.0) -> None:
         self.channel = channel
         self.host = host
+        self.kill_grace = kill_grace
+        self._kill_lock = threading.Lock()
+        self._killed = False
 
     def read_stdout(self, size: int = 65536) -> bytes:
-        # recv returns b"" once the channel is closed or at EOF, also when the transport dies.
+        # recv returns b"" at end of stream and once the channel is closed, also when the transport dies.
         try:
             return self.channel.recv(size)
         except (OSError, EOFError, paramiko.SSHException):
@@ -640,20 +656,38 @@ class ParamikoProcess(Process):
         return self.channel.recv_exit_status()
 
     def kill(self) -> None:
-        """Ask sshd to send SIGTERM to the command (RFC 4254 "signal"; sshd honours it for non-root
-        sessions), then close the channel. Closing alone does not stop a command that is not writing."""
-        channel = self.channel
-        if not channel.closed and channel.active:
-            with contextlib.suppress(Exception):
-                message = Message()
-                message.add_byte(cMSG_CHANNEL_REQUEST)
-                message.add_int(channel.remote_chanid)
-                message.add_string("signal")
-                message.add_boolean(False)
-                message.add_string("TERM")
-                channel.transport._send_user_message(message)  # type: ignore[union-attr]
+        """Stop the command: SIGTERM to its process group, SIGKILL after :attr:`kill_grace`, close.
+
+        The signals travel as RFC 4254 ``signal`` requests, which sshd delivers with ``killpg`` to the
+        session's process group (it refuses them for root logins; then only the close remains). Closing
+        the channel alone does not stop a command that is not writing: without a pty sshd sends no signal.
+        """
+        with self._kill_lock:
+            if self._killed:
+                return
+            self._killed = True
+        if self._signal("TERM") and not self.channel.status_event.wait(self.kill_grace):
+            self._signal("KILL")
         with contextlib.suppress(Exception):
-            channel.close()
+            self.channel.close()
+
+    def _signal(self, name: str) -> bool:
+        """Send a ``signal`` channel request (paramiko has no public call for it); False if impossible."""
+        channel = self.channel
+        transport = channel.get_transport()
+        if channel.closed or not channel.active or channel.exit_status_ready() or transport is None:
+            return False
+        message = Message()
+        message.add_byte(cMSG_CHANNEL_REQUEST)
+        message.add_int(channel.remote_chanid)
+        message.add_string("signal")
+        message.add_boolean(False)
+        message.add_string(name)
+        try:
+            transport._send_user_message(message)  # type: ignore[attr-defined]
+        except Exception:  # the link is gone: nothing left to signal through
+            return False
+        return True
 
 
 class ParamikoBackend(Backend):
@@ -661,9 +695,11 @@ class ParamikoBackend(Backend):
 
     Attributes:
         tcp_nodelay: Set ``TCP_NODELAY`` on the socket (on by default; off only to measure its effect).
+        kill_grace: Seconds between SIGTERM and SIGKILL when a command is stopped.
     """
 
     name: ClassVar[str] = "paramiko"
+    kill_grace: ClassVar[float] = 2.0
 
     def __init__(self, spec: HostSpec, *, tcp_nodelay: bool = True) -> None:
         super().__init__(spec)
@@ -714,7 +750,7 @@ class ParamikoBackend(Backend):
                 channel.close()
                 raise
         logger.debug("%s: started %s", self.host, command[:200])
-        return ParamikoProcess(channel, self.host)
+        return ParamikoProcess(channel, self.host, self.kill_grace)
 
     def _open_session(self, link: _Link) -> paramiko.Channel:
         """A new session channel; retried while the server is at its MaxSessions limit."""
