@@ -7,6 +7,7 @@ options and renders the answers with rich.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -65,9 +66,23 @@ def _status_text(status: Any) -> Text:
     return Text(str(status), style=_STYLES.get(str(status), ""))
 
 
-def _local_time(value: Any) -> str:
+def _local_time(value: Any, *, short: bool = False) -> str:
+    """A stored UTC time in the local zone: ``2024-05-01 14:03:07``, or ``05-01 14:03`` when short."""
     parsed = parse_time(value)
-    return parsed.astimezone().strftime("%Y-%m-%d %H:%M:%S") if parsed else ""
+    if parsed is None:
+        return ""
+    return parsed.astimezone().strftime("%m-%d %H:%M" if short else "%Y-%m-%d %H:%M:%S")
+
+
+def _short_target(target: Any) -> str:
+    """A script path relative to the current directory when it lies below it; anything else as is."""
+    text = str(target or "")
+    if os.path.isabs(text):
+        with contextlib.suppress(ValueError):
+            relative = os.path.relpath(text)
+            if not relative.startswith(".."):
+                return relative
+    return text
 
 
 def _elapsed(info: dict[str, Any]) -> str:
@@ -106,16 +121,25 @@ def runs_command(
     if not infos:
         console.print(f"[dim]no {escape(status) + ' ' if status else ''}runs in {escape(str(ws.root))}[/]")
         return
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("id", "target", "host", "status", "started", "duration"):
-        table.add_column(column, no_wrap=column in ("id", "started", "status"))
-    table.add_column("exit", justify="right")
-    for info in infos:
-        code = info.get("exit_code")
-        table.add_row(str(info.get("run_id")), str(info.get("target") or ""),
-                      str(info.get("remote") or "local"), _status_text(info.get("status")),
-                      _local_time(info.get("started") or info.get("created")), _elapsed(info),
-                      "" if code is None else str(code))
+    headers = ("id", "target", "host", "status", "started", "duration", "exit")
+    rows = [(str(info.get("run_id")), _short_target(info.get("target")), str(info.get("remote") or "local"),
+             str(info.get("status")), _local_time(info.get("started") or info.get("created"), short=True),
+             _elapsed(info), "" if info.get("exit_code") is None else str(info.get("exit_code")))
+            for info in infos]
+    widths = [max(len(header), *(len(row[i]) for row in rows)) for i, header in enumerate(headers)]
+    # Everything but target and host keeps its width; if those two do not fit in what is left, they
+    # share it, host taking at most a third.
+    gap = 2
+    room = max(14, console.width - sum(widths) + widths[1] + widths[2] - gap * (len(headers) - 1))
+    if widths[1] + widths[2] > room:
+        widths[2] = min(widths[2], max(5, room // 3))
+        widths[1] = min(widths[1], max(8, room - widths[2]))
+    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, gap, 0, 0), collapse_padding=True)
+    for i, header in enumerate(headers):
+        table.add_column(header, width=widths[i], no_wrap=True, overflow="ellipsis",
+                         justify="right" if header == "exit" else "left")
+    for row in rows:
+        table.add_row(*row[:3], _status_text(row[3]), *row[4:])
     console.print(table)
 
 
