@@ -361,7 +361,8 @@ class Workspace:
         """Remove every run but the newest ``keep``, never one that is pending or running.
 
         A run is first renamed to a hidden name, then deleted, so it vanishes from listings at once
-        and a crash halfway leaves no half run behind.
+        and a crash halfway leaves no half run behind. A run recorded on another host that still says
+        pending or running cannot be checked from here, so it is kept too.
 
         Returns:
             The ids removed, oldest first.
