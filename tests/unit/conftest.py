@@ -1,0 +1,122 @@
+"""Fixtures for the core-pipeline unit tests: an isolated environment, throwaway modules, subprocess helpers.
+
+Tests that run the pipeline use :func:`isolated`, which points RX_WORKSPACE, RX_CACHE_DIR, HOME and
+XDG_CACHE_HOME at temporary directories so that nothing lands in the repository or in ``~/.cache``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Isolated:
+    """The temporary directories a test runs in."""
+
+    root: Path
+    workspace: Path
+    cache: Path
+    home: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment for a subprocess (rx or a script) of this test."""
+        env = dict(os.environ)
+        env.update(extra)
+        return env
+
+
+@pytest.fixture
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Isolated:
+    """Workspace, caches and HOME in ``tmp_path``; the repository importable by subprocesses."""
+    paths = Isolated(root=tmp_path, workspace=tmp_path / "ws", cache=tmp_path / "cache", home=tmp_path / "home")
+    paths.home.mkdir()
+    (tmp_path / "ssh_config").write_text("")
+    monkeypatch.setenv("RX_WORKSPACE", str(paths.workspace))
+    monkeypatch.setenv("RX_CACHE_DIR", str(paths.cache))
+    monkeypatch.setenv("HOME", str(paths.home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setenv("RX_SSH_CONFIG", str(tmp_path / "ssh_config"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(REPO_ROOT), *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])]))
+    for name in ("RX_BACKEND", "RX_DEBUG", "RX_INSIDE_RUNNER"):
+        monkeypatch.delenv(name, raising=False)
+    return paths
+
+
+ModuleFactory = Callable[[str, str], types.ModuleType]
+
+
+@pytest.fixture
+def make_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleFactory]:
+    """``make_module(name, source)``: write ``name.py`` in a folder on sys.path and import it (again)."""
+    folder = tmp_path / "modules"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+    names: list[str] = []
+
+    def make(name: str, source: str) -> types.ModuleType:
+        path = folder / f"{name}.py"
+        path.write_text(textwrap.dedent(source), encoding="utf-8")
+        importlib.invalidate_caches()
+        if name in sys.modules:
+            return importlib.reload(sys.modules[name])
+        names.append(name)
+        return importlib.import_module(name)
+
+    yield make
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+def run_python(args: list[str], *, cwd: Path, env: dict[str, str] | None = None, stdin: bytes | None = None,
+               timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    """Run this interpreter with ``args`` and return what it did (bytes)."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, input=stdin, capture_output=True,
+                          timeout=timeout, check=False)
+
+
+@pytest.fixture
+def python() -> Callable[..., subprocess.CompletedProcess[bytes]]:
+    """:func:`run_python` as a fixture."""
+    return run_python
+
+
+# -- speaking the runner protocol by hand ---------------------------------------------------------------
+
+def call_frames(session_bytes: bytes, key: bytes, **options: object) -> bytes:
+    """What a coordinator writes to the runner's stdin for one call: G, S and s frames."""
+    from remote_exec import wire
+
+    call = {"key": key.hex(), "run_id": "unit", "heartbeat": 5.0, "no_pull": True, **options}
+    return (wire.encode(b"G", json.dumps(call).encode()) + wire.encode(b"S", session_bytes)
+            + wire.encode(b"s", json.dumps({"sha256": hashlib.sha256(session_bytes).hexdigest()}).encode()))
+
+
+def read_frames(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Every whole frame in ``data`` (the runner's stdout); fails on trailing garbage."""
+    from remote_exec import wire
+
+    reader = wire.FrameReader()
+    frames = reader.feed(data)
+    assert reader.pending == 0, f"{reader.pending} stray bytes after the frames"
+    return frames
+
+
+@pytest.fixture
+def frames() -> types.SimpleNamespace:
+    """``frames.call(session_bytes, key, **options)`` and ``frames.read(stdout)``."""
+    return types.SimpleNamespace(call=call_frames, read=read_frames)
