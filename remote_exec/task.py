@@ -87,6 +87,9 @@ def _fingerprint_value(value: object, digest: Any, seen: set[int]) -> None:
     if isinstance(value, types.FunctionType):
         _fingerprint_function(value, digest, seen)
         return
+    if isinstance(value, (set, frozenset)):  # pickled in hash order, which differs between processes
+        digest.update(f"{type(value).__name__}:{_const_repr(value)}".encode())
+        return
     try:
         import cloudpickle
 
