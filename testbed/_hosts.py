@@ -238,9 +238,7 @@ def _load_records(paths: _Paths) -> dict[str, dict[str, Any]]:
 
 def _write_files(paths: _Paths, hosts: list[TestbedHost], records: dict[str, dict[str, Any]]) -> None:
     """Write ssh_config, known_hosts and hosts.json for ``hosts`` from their recorded host keys."""
-    blocks = [
-        "# Written by the rx testbed (python -m testbed); rewritten on every up, start_host and remove.\n"
-    ]
+    blocks = ["# Written by the rx testbed (python -m testbed); rewritten on every up, start_host and remove.\n"]
     known: list[str] = []
     for host in hosts:
         blocks.append(
@@ -254,9 +252,7 @@ def _write_files(paths: _Paths, hosts: list[TestbedHost], records: dict[str, dic
             f"    StrictHostKeyChecking accept-new\n"
             f"    LogLevel ERROR\n"
         )
-        known.extend(
-            f"[{host.hostname}]:{host.port} {key}" for key in records[host.container_id]["host_keys"]
-        )
+        known.extend(f"[{host.hostname}]:{host.port} {key}" for key in records[host.container_id]["host_keys"])
     _write_atomic(paths.records, json.dumps(records, indent=2, sort_keys=True) + "\n")
     _write_atomic(paths.known_hosts, "".join(f"{line}\n" for line in known))
     _write_atomic(paths.ssh_config, "\n".join(blocks))
@@ -537,9 +533,7 @@ def up(hosts: int = 1, *, state_dir: Path | None = None) -> Testbed:
         started = []
         for index in range(1, hosts + 1):
             if index not in numbered:
-                started.append(
-                    _run_container(client, image, paths, f"{ALIAS_PREFIX}{index}", public_key, index=index)
-                )
+                started.append(_run_container(client, image, paths, f"{ALIAS_PREFIX}{index}", public_key, index=index))
         for container in started:
             _wait_for_sshd(container, _port_of_new(container))
         testbed = _sync(client, paths)
@@ -662,7 +656,8 @@ def exec_root(host: TestbedHost, command: str, *, timeout: float = 30) -> tuple[
         timeout: Seconds the command may run; it is killed after that.
 
     Returns:
-        The exit status and the output, stdout and stderr merged.
+        The exit status and the output, stdout and stderr merged. A command that stops the container
+        (killing sshd does) may see its own exec killed with it: status 137, or -1 when Docker reports none.
 
     Raises:
         TestbedError: The container is gone or paused, or the command ran past ``timeout``.
@@ -671,6 +666,7 @@ def exec_root(host: TestbedHost, command: str, *, timeout: float = 30) -> tuple[
 
     argv = ["timeout", "-k", "2", f"{timeout:g}", "sh", "-c", command]
     outcome: list[tuple[int, bytes] | BaseException] = []
+    started = time.monotonic()
 
     with docker_client(timeout=timeout + 30) as client:
         container = _container(client, host)
@@ -678,7 +674,8 @@ def exec_root(host: TestbedHost, command: str, *, timeout: float = 30) -> tuple[
         def run() -> None:
             try:
                 result = container.exec_run(argv, user="root")
-                outcome.append((int(result.exit_code), bytes(result.output or b"")))
+                code = -1 if result.exit_code is None else int(result.exit_code)
+                outcome.append((code, bytes(result.output or b"")))
             except BaseException as exc:
                 outcome.append(exc)
 
@@ -693,7 +690,7 @@ def exec_root(host: TestbedHost, command: str, *, timeout: float = 30) -> tuple[
     if isinstance(result, BaseException):
         raise TestbedError(f"docker exec on {host.alias} failed: {result}") from result
     code, output = result
-    if code in (124, 137):
+    if code in (124, 137) and time.monotonic() - started >= timeout:
         raise TestbedError(f"command on {host.alias} ran past {timeout:g} s: {command}")
     return code, output.decode(errors="replace")
 
@@ -763,9 +760,7 @@ def regenerate_host_keys(host: TestbedHost) -> None:
     """
     code, output = exec_root(host, f"python3 -c {shlex.quote(_REGENERATE)}", timeout=30)
     if code != 0:
-        raise TestbedError(
-            f"regenerating the host keys of {host.alias} failed (exit {code}): {output.strip()}"
-        )
+        raise TestbedError(f"regenerating the host keys of {host.alias} failed (exit {code}): {output.strip()}")
     with docker_client(timeout=30) as client:
         _wait_for_sshd(_container(client, host), host.port)
     logger.info("%s has new host keys", host.alias)

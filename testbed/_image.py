@@ -375,9 +375,7 @@ def ensure_image(*, log: Callable[[str], None] | None = None) -> str:
             logger.debug("%s is up to date (recipe %s)", IMAGE, current)
             return IMAGE
         # One build at a time on this machine: a second caller waits, then finds the image built.
-        with file_lock(
-            Path(tempfile.gettempdir()) / "rx-testbed-image.lock", BUILD_TIMEOUT + DEBOOTSTRAP_TIMEOUT
-        ):
+        with file_lock(Path(tempfile.gettempdir()) / "rx-testbed-image.lock", BUILD_TIMEOUT + DEBOOTSTRAP_TIMEOUT):
             current = _image_label(client, IMAGE, HASH_LABEL)
             if current not in (registry_hash, debootstrap_hash):
                 _build_image(client, current, registry_hash, debootstrap_hash, say)

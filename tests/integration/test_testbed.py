@@ -176,7 +176,7 @@ def test_exec_root_runs_as_root_and_is_bounded(testbed_host: TestbedHost) -> Non
 
 def test_killing_sshd_stops_a_dedicated_host(dedicated_host: TestbedHost, ssh: SSHCommand) -> None:
     code, _ = tb.exec_root(dedicated_host, "kill $(cat /run/sshd.pid)")
-    assert code == 0
+    assert code in (0, 137)  # 137: the exec died with the container, which ends with its sshd
 
     deadline = time.monotonic() + 10
     done = ssh(dedicated_host.alias, "true", options=["ConnectTimeout=2"])
