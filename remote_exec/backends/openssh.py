@@ -41,6 +41,7 @@ POSIX only: ControlMaster needs unix sockets.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -78,6 +79,7 @@ __all__ = [
     "master_argv",
     "parse_ssh_g",
     "preferred_ciphers",
+    "remote_command",
     "ssh_options",
 ]
 
@@ -343,6 +345,20 @@ def client_argv(spec: HostSpec, control_path: Path, command: str) -> list[str]:
         "-T", "-x", "-e", "none",
         "--", spec.host, command,
     ]
+
+
+def remote_command(argv: Sequence[str], env: Mapping[str, str] | None = None,
+                   cwd: PurePosixPath | None = None) -> str:
+    """The shell command line a client sends: the remote shell's pid line on stderr, then ``argv``.
+
+    sshd runs the command in a new session, so that pid is also the command's process group, which
+    :meth:`SshProcess.kill` signals. Every word of ``argv`` is quoted by
+    :func:`~remote_exec.backends.base.build_command`.
+
+    Raises:
+        ConfigError: An empty command or a bad environment variable name.
+    """
+    return f"echo {_PID_MARKER}$$ >&2; {build_command(argv, env, cwd)}"
 
 
 def _control_argv(spec: HostSpec, control_path: Path, operation: str) -> list[str]:
@@ -636,6 +652,7 @@ class SshProcess(Process):
             code = self._popen.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
+        self.close_stdin()  # nobody reads it any more
         return -1 if code < 0 else code
 
     def kill(self) -> None:
@@ -717,7 +734,11 @@ class OpenSSHBackend(Backend):
                 if isinstance(error, ConfigError):
                     raise error
                 raise ConfigError(f"`ssh -G {spec.host}` failed: {error.message}")
-            self._resolved = ResolvedHost.from_ssh_g(spec.host, done.stdout.decode(errors="replace"))
+            resolved = ResolvedHost.from_ssh_g(spec.host, done.stdout.decode(errors="replace"))
+            if spec.known_hosts is not None and spec.host_key_policy != "off":
+                # ssh -G separates files with spaces; the override is one path, spaces and all
+                resolved = dataclasses.replace(resolved, known_hosts=(str(spec.known_hosts),))
+            self._resolved = resolved
             logger.debug("%s resolves to %s", self.host, self._resolved.address)
             return self._resolved
 
@@ -842,7 +863,7 @@ class OpenSSHBackend(Backend):
             ConfigError: Bad environment variable name, broken ssh_config, no ``ssh``.
             ConnectError, AuthError, HostKeyError: The connection could not be made.
         """
-        command = f"echo {_PID_MARKER}$$ >&2; {build_command(argv, env, cwd)}"
+        command = remote_command(argv, env, cwd)
         label = argv[0] if argv else "command"
         for attempt in (1, 2):
             master = self._ensure_master()
