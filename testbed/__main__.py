@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from testbed import Testbed, TestbedError, default_state_dir, docker_available, down, status, up
+from testbed import Testbed, TestbedError, default_state_dir, docker_available, down, prune, status, up
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
 
     stop = commands.add_parser("down", help="remove this state dir's containers")
     stop.add_argument("--state-dir", type=Path, metavar="DIR", help=state_help)
+
+    commands.add_parser("prune", help="remove containers whose state dir is gone (any testbed)")
 
     show = commands.add_parser("status", help="list this state dir's containers")
     show.add_argument("--state-dir", type=Path, metavar="DIR", help=state_help)
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             print(_table(bed))
             print(f"\nssh_config: {bed.ssh_config}   ({time.monotonic() - started:.1f} s)")
             print(f"try: ssh -F {shlex.quote(str(bed.ssh_config))} {bed.host(0).alias} python3 -V")
+        elif args.command == "prune":
+            print(f"removed {prune()} container(s)")
         elif args.command == "down":
             removed = down(state_dir=args.state_dir)
             print(f"removed {removed} container(s)")

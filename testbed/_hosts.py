@@ -38,6 +38,7 @@ __all__ = [
     "down",
     "exec_root",
     "pause",
+    "prune",
     "regenerate_host_keys",
     "remove_host",
     "start_host",
@@ -514,6 +515,7 @@ def up(hosts: int = 1, *, state_dir: Path | None = None) -> Testbed:
         raise ValueError(f"hosts must be at least 1, not {hosts}")
     paths = _Paths(_resolve(state_dir))
     image = ensure_image()
+    prune()
     with docker_client() as client, _locked(paths):
         public_key = _ensure_keypair(paths)
         image_id = client.images.get(image).id
@@ -539,6 +541,29 @@ def up(hosts: int = 1, *, state_dir: Path | None = None) -> Testbed:
         testbed = _sync(client, paths)
     logger.info("%d host(s) up; ssh_config: %s", len(testbed.hosts), testbed.ssh_config)
     return testbed
+
+
+def prune() -> int:
+    """Remove testbed containers whose state dir no longer exists (left by a killed pytest session).
+
+    Without its state dir nobody holds the key to such a container, so nothing can still be using it.
+    :func:`up` calls this first.
+
+    Returns:
+        How many containers were removed.
+    """
+    import docker
+
+    removed = 0
+    with docker_client() as client:
+        for container in client.containers.list(all=True, filters={"label": f"{LABEL}=1"}, ignore_removed=True):
+            state_dir = container.labels.get(DIR_LABEL)
+            if state_dir and not Path(state_dir).exists():
+                with contextlib.suppress(docker.errors.NotFound):
+                    container.remove(force=True)
+                    logger.info("removed %s: its state dir %s is gone", container.name, state_dir)
+                    removed += 1
+    return removed
 
 
 def down(*, state_dir: Path | None = None) -> int:

@@ -184,3 +184,20 @@ def test_killing_sshd_stops_a_dedicated_host(dedicated_host: TestbedHost, ssh: S
         time.sleep(0.2)
         done = ssh(dedicated_host.alias, "true", options=["ConnectTimeout=2"])
     assert done.returncode == 255
+
+
+def test_prune_removes_containers_whose_state_dir_is_gone(testbed: Testbed, tmp_path: Path) -> None:
+    doomed_dir = tmp_path / "doomed"
+    doomed = tb.start_host(doomed_dir, "rx-orphan")
+    try:
+        for path in doomed_dir.iterdir():
+            path.unlink()
+        doomed_dir.rmdir()
+
+        assert tb.prune() >= 1
+
+        remaining = _container_ids("rx-testbed=1")
+        assert doomed.container_id not in remaining
+        assert {h.container_id for h in testbed.hosts} <= remaining
+    finally:
+        tb.remove_host(doomed)
