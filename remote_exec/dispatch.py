@@ -371,7 +371,7 @@ def dispatch(
             raise RunnerError(f"the runner on {host} failed (exit {code})"
                               + (f": {text.splitlines()[-1]}" if text else ""), reason="crashed", host=host)
         # The runner cleaned up before its last frame; let it exit without waiting here.
-        threading.Thread(target=_reap, args=(process,), daemon=True).start()
+        threading.Thread(target=_reap, args=(process, stderr_thread), daemon=True).start()
         phase("execute", "finished")
         done("execute")
         phase("collect", "started")
@@ -393,12 +393,15 @@ def dispatch(
     return Outcome(result=result, header=call.header, files=landed, uploaded=uploaded, phases=phases)
 
 
-def _reap(process: Process) -> None:
-    """Collect a finished runner's exit (or end it if it lingers)."""
+def _reap(process: Process, stderr_reader: threading.Thread) -> None:
+    """Collect a finished runner's exit (or end it if it lingers), then release its pipes."""
     try:
         process.close_stdin()
         if process.wait(10) is None:
             process.kill()
+        stderr_reader.join(10)
+        if not stderr_reader.is_alive():
+            process.kill()  # the process has ended: this only closes the pipes nobody reads any more
     except Exception:
         logger.debug("reaping the runner failed", exc_info=True)
 

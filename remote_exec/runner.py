@@ -127,6 +127,10 @@ def _child(session_bytes: bytes, run_dir: str, options: dict, out_w: int, err_w:
         os.environ[name] = value
     for name, value in (options.get("secret_env") or {}).items():
         os.environ[name] = value
+    # The interpreter read PYTHONPATH before the call's environment was set: apply it to sys.path too
+    # (after the archive, which stays first).
+    extra_path = (options.get("env") or {}).get("PYTHONPATH", "")
+    sys.path[1:1] = [entry for entry in extra_path.split(os.pathsep) if entry and entry not in sys.path]
     os.environ["RX_INSIDE_RUNNER"] = "1"
     os.environ["RX_RUN_DIR"] = run_dir
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
