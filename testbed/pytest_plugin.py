@@ -15,6 +15,7 @@ instead, so a broken daemon never passes as a green run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
@@ -92,10 +93,15 @@ def testbed(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Confi
     else:
         state_dir = tmp_path_factory.mktemp("testbed")
     reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
 
     def say(line: str) -> None:
-        # Straight to the terminal: the first build takes a minute and should not look like a hang.
-        if reporter is not None:
+        # Straight to the terminal, past output capture: the first build takes a minute and should not
+        # look like a hang.
+        if reporter is None:
+            return
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            reporter.ensure_newline()
             reporter.write_line(f"testbed: {line}")
 
     ensure_image(log=say)
