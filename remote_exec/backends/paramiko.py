@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -845,19 +846,28 @@ class ParamikoBackend(Backend):
         link, sftp = self._sftp_client()
         temporary = local.with_name(f".{local.name}.{uuid.uuid4().hex[:12]}.rx-tmp")
         started = time.monotonic()
+        with self._transfer_errors(what, link.resolved.address), _remote_errors(str(remote)):
+            attributes = sftp.stat(str(remote))
+            if attributes.st_mode is not None and not stat.S_ISREG(attributes.st_mode):
+                kind = "a directory" if stat.S_ISDIR(attributes.st_mode) else "not a regular file"
+                raise TransferError(self.host, f"{what} failed: {remote} is {kind}")
         try:
-            with self._transfer_errors(what, link.resolved.address):
+            target = open(temporary, "wb")  # noqa: SIM115 (closed below, also on errors)
+        except OSError as exc:
+            raise TransferError(self.host, f"{what} failed: cannot write in {local.parent}: "
+                                           f"{exc.strerror or exc}") from exc
+        try:
+            with target, self._transfer_errors(what, link.resolved.address):
                 with _remote_errors(str(remote)), sftp.open(str(remote), "rb") as source:
                     size = source.stat().st_size or 0
                     source.MAX_REQUEST_SIZE = SFTP_REQUEST_SIZE
                     source.prefetch(size, max_concurrent_requests=SFTP_READ_AHEAD)
-                    with open(temporary, "wb") as target:
-                        received = 0
-                        while received < size and (chunk := source.read(min(size - received, 2**20))):
-                            target.write(chunk)
-                            received += len(chunk)
-                        target.flush()
-                        os.fsync(target.fileno())
+                    received = 0
+                    while received < size and (chunk := source.read(min(size - received, 2**20))):
+                        target.write(chunk)
+                        received += len(chunk)
+                target.flush()
+                os.fsync(target.fileno())
                 if received != size:
                     raise TransferError(self.host, f"{what} failed: received {received} of {size} bytes")
                 os.replace(temporary, local)

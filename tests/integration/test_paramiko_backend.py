@@ -332,6 +332,15 @@ def test_get_of_missing_file_names_it_and_writes_nothing(backend: ParamikoBacken
     assert list(tmp_path.iterdir()) == []
 
 
+def test_get_of_a_directory_or_into_a_missing_directory_is_refused(backend: ParamikoBackend,
+                                                                    tmp_path: Path) -> None:
+    with pytest.raises(TransferError, match="/tmp is a directory"):
+        backend.get(PurePosixPath("/tmp"), tmp_path / "x")
+    with pytest.raises(TransferError, match=f"cannot write in {tmp_path / 'missing'}"):
+        backend.get(PurePosixPath("/etc/hostname"), tmp_path / "missing" / "x")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_put_of_missing_local_file_is_a_transfer_error(backend: ParamikoBackend, tmp_path: Path) -> None:
     with pytest.raises(TransferError, match="cannot read"):
         backend.put(tmp_path / "nope", PurePosixPath("/tmp/nope"))
