@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -116,7 +117,58 @@ def read_frames(data: bytes) -> list[tuple[bytes, bytes]]:
     return frames
 
 
+@dataclass
+class Served:
+    """What a runner process sent back for one call."""
+
+    frames: list[tuple[bytes, bytes]]
+    returncode: int
+    stderr: bytes
+
+    def kinds(self) -> list[bytes]:
+        return [kind for kind, _ in self.frames]
+
+    def payload(self, kind: bytes) -> bytes:
+        return b"".join(payload for frame_kind, payload in self.frames if frame_kind == kind)
+
+    def header(self) -> dict[str, object]:
+        header: dict[str, object] = json.loads(self.payload(b"R"))
+        return header
+
+
+def serve(argv: list[str], session_bytes: bytes, *, key: bytes = b"k" * 32, cwd: Path | None = None,
+          env: dict[str, str] | None = None, timeout: float = 60, **options: object) -> Served:
+    """Start a runner (``argv``), send it one call, read frames until the end of the result (Z), then close
+    its stdin (a runner takes a closed stdin for a coordinator that went away) and wait for its exit."""
+    from remote_exec import wire
+
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               cwd=cwd, env=env)
+    assert process.stdin is not None and process.stdout is not None
+    timer = threading.Timer(timeout, process.kill)
+    timer.start()
+    try:
+        process.stdin.write(call_frames(session_bytes, key, **options))
+        process.stdin.flush()
+        reader = wire.FrameReader()
+        received: list[tuple[bytes, bytes]] = []
+        while not received or received[-1][0] != b"Z":
+            data = os.read(process.stdout.fileno(), 1 << 16)
+            if not data:
+                break
+            received += reader.feed(data)
+        process.stdin.close()
+        assert process.stderr is not None
+        stderr = process.stderr.read()
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
+    finally:
+        timer.cancel()
+    return Served(frames=received, returncode=process.returncode, stderr=stderr)
+
+
 @pytest.fixture
 def frames() -> types.SimpleNamespace:
-    """``frames.call(session_bytes, key, **options)`` and ``frames.read(stdout)``."""
-    return types.SimpleNamespace(call=call_frames, read=read_frames)
+    """``frames.call(session_bytes, key, **options)``, ``frames.read(stdout)`` and ``frames.serve(argv, ...)``."""
+    return types.SimpleNamespace(call=call_frames, read=read_frames, serve=serve)
