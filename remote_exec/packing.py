@@ -243,7 +243,8 @@ def _base_entries() -> list[tuple[str, Path | bytes]]:
     return entries
 
 
-_memo: dict[tuple[tuple[str, str, int, int], ...], DistributionArchive] = {}
+#: Archives built by this process, by cache dir and the (name, source, mtime, size) of every entry.
+_memo: dict[tuple[str, tuple[tuple[str, str, int, int], ...]], DistributionArchive] = {}
 _memo_lock = threading.Lock()
 
 
@@ -255,7 +256,7 @@ def _cached_build(entries: list[tuple[str, Path | bytes]], modules: tuple[str, .
         for arcname, source in entries
     )
     with _memo_lock:
-        hit = _memo.get(stat_key)
+        hit = _memo.get((str(cache_dir), stat_key))
         if hit is not None and hit.path.is_file():
             return hit
     contents = [(arcname, source.read_bytes() if isinstance(source, Path) else source)
@@ -287,5 +288,5 @@ def _cached_build(entries: list[tuple[str, Path | bytes]], modules: tuple[str, .
     archive_obj = DistributionArchive(path=target, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
                                       modules=modules)
     with _memo_lock:
-        _memo[stat_key] = archive_obj
+        _memo[(str(cache_dir), stat_key)] = archive_obj
     return archive_obj
