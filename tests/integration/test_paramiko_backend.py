@@ -14,6 +14,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path, PurePosixPath
 
@@ -97,6 +98,17 @@ def test_nodelay_can_be_switched_off_for_measurements(testbed: Testbed, testbed_
     with closing(ParamikoBackend(spec_for(testbed, testbed_host), tcp_nodelay=False)) as backend:
         assert backend.run(["true"]).ok
         assert nodelay(backend) == 0
+
+
+def test_threads_share_the_one_connection(testbed: Testbed, testbed_host: TestbedHost) -> None:
+    with closing(ParamikoBackend(spec_for(testbed, testbed_host))) as backend:
+        def work(index: int) -> list[bytes]:
+            return [backend.run(["echo", f"{index}-{n}"]).stdout for n in range(5)]
+
+        with ThreadPoolExecutor(8) as pool:  # the first calls race to open the connection
+            outputs = list(pool.map(work, range(8)))
+        assert outputs == [[f"{i}-{n}\n".encode() for n in range(5)] for i in range(8)]
+        assert backend.connections_opened == 1
 
 
 def test_close_then_next_call_reconnects(backend: ParamikoBackend) -> None:
