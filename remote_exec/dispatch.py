@@ -178,7 +178,10 @@ class _Call:
         elif kind in (b"R", b"V", b"X", b"F"):
             self.mac.update(kind + len(payload).to_bytes(8, "big") + payload)
             if kind == b"R":
-                self.header = json.loads(payload)
+                try:
+                    self.header = json.loads(payload)
+                except ValueError:  # damaged: the HMAC check in _collect refuses the result
+                    self.header = {}
             elif kind == b"V":
                 self.value += payload
             elif kind == b"X":
@@ -284,6 +287,7 @@ def dispatch(
     if not line.startswith("RXBOOT1"):
         code = process.wait(5)
         stderr = _drain(process)
+        process.kill()  # ended or hopeless: release its pipes
         phase("connect", "failed")
         if code in (255, -1) and not line:
             raise ConnectError(host, "the connection closed before the runner started: "
@@ -291,6 +295,7 @@ def dispatch(
         raise _interpreter_error(host, options.python, code, stderr)
     if line.startswith("RXBOOT1 OLDPY"):
         version = line.split()[-1]
+        process.kill()
         phase("connect", "failed")
         raise RunnerError(f"{options.python} on {host} is Python {version}; the runner needs "
                           f"{'.'.join(map(str, wire.MIN_PYTHON))} or newer", reason="python-too-old", host=host,
@@ -305,10 +310,11 @@ def dispatch(
         line, rest = _read_handshake(process, rest)
         if line != "RXBOOT1 OK":
             process.wait(5)
+            stderr = _drain(process)
+            process.kill()
             phase("upload", "failed")
             raise RunnerError(f"installing the archive on {host} failed: "
-                              + _drain(process).decode("utf-8", "replace").strip()[-300:], reason="crashed",
-                              host=host)
+                              + stderr.decode("utf-8", "replace").strip()[-300:], reason="crashed", host=host)
         uploaded = True
         phase("upload", "finished")
         done("upload")

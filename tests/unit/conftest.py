@@ -14,10 +14,12 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -172,3 +174,88 @@ def serve(argv: list[str], session_bytes: bytes, *, key: bytes = b"k" * 32, cwd:
 def frames() -> types.SimpleNamespace:
     """``frames.call(session_bytes, key, **options)``, ``frames.read(stdout)`` and ``frames.serve(argv, ...)``."""
     return types.SimpleNamespace(call=call_frames, read=read_frames, serve=serve)
+
+
+# -- one call through dispatch over the LocalBackend ---------------------------------------------------
+
+
+@dataclass
+class Call:
+    """What a :class:`Dispatcher` call produced, besides the outcome."""
+
+    outcome: Any
+    stdout: list[tuple[float, bytes]]
+    stderr: bytes
+    landed: Path
+    started: float
+    ended: float
+
+    @property
+    def result(self) -> Any:
+        return self.outcome.result
+
+    def text(self) -> str:
+        return b"".join(chunk for _, chunk in self.stdout).decode()
+
+
+class Dispatcher:
+    """Runs tasks through :func:`remote_exec.dispatch.dispatch` and a real runner in a local subprocess."""
+
+    def __init__(self, root: Path) -> None:
+        from remote_exec.packing import DistributionArchive
+
+        self.root = root
+        self.workdir = root / "remote"
+        self.archive = DistributionArchive.build(cache_dir=root / "archives")
+
+    @staticmethod
+    def gone(pid: int) -> bool:
+        """True when ``pid`` no longer runs (absent, or a zombie waiting for its parent)."""
+        try:
+            with open(f"/proc/{pid}/stat") as stream:
+                return stream.read().rpartition(")")[2].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    def script(self, source: str, name: str = "task.py") -> Any:
+        from remote_exec.task import Task
+
+        path = self.root / name
+        path.write_text(textwrap.dedent(source), encoding="utf-8")
+        return Task.from_script(path)
+
+    def run(self, task: Any, args: tuple[Any, ...] = (), *, backend: Any = None, land: bool = True,
+            **options: Any) -> Call:
+        from remote_exec.backends.local import LocalBackend
+        from remote_exec.dispatch import CallOptions, dispatch
+        from remote_exec.session import Session
+        from remote_exec.task import Execution
+
+        if isinstance(task, str):
+            task = self.script(task)
+        session = Session(task=task, execution=Execution.create(task, args), run_id="unit")
+        landed = self.root / "landed"
+        stdout: list[tuple[float, bytes]] = []
+        stderr = bytearray()
+
+        def land_file(relative: Any, temporary: Path, sha256: str) -> Path:
+            target = landed / str(relative)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temporary, target)
+            return target
+
+        options.setdefault("python", sys.executable)
+        options.setdefault("workdir", str(self.workdir))
+        started = time.monotonic()
+        outcome = dispatch(session, backend or LocalBackend(), self.archive, CallOptions(**options),
+                           on_stdout=lambda data: stdout.append((time.monotonic(), data)),
+                           on_stderr=stderr.extend, land_file=land_file if land else None)
+        return Call(outcome=outcome, stdout=stdout, stderr=bytes(stderr), landed=landed, started=started,
+                    ended=time.monotonic())
+
+
+@pytest.fixture
+def dispatcher(isolated: Isolated) -> Dispatcher:
+    """A :class:`Dispatcher` working in the test's temporary directory."""
+    return Dispatcher(isolated.root)
+
