@@ -96,6 +96,7 @@ _PID_LINE = re.compile(rb"(?:^|\n)__rx_pid__=(\d+)\n")
 _SIZE_LINE = re.compile(r"^__rx_size__=(\d+)$", re.MULTILINE)
 _MASTER_PID = re.compile(r"Master running \(pid=(\d+)\)")
 _HEADER_LIMIT = 65536
+_POLL_INTERVAL = 0.25
 
 # Copy stdin to a temporary name beside the target, check the byte count, rename. $1 tmp, $2 target,
 # $3 expected size. A broken link gives cat an early end of file, so the count matters.
@@ -564,6 +565,7 @@ class SshProcess(Process):
         self._stderr_pending = b""
         self._kill_lock = threading.Lock()
         self._killed = False
+        self._abandoned = False
         self.remote_pid: int | None = None
         self.lost_master = False
 
@@ -590,8 +592,7 @@ class SshProcess(Process):
             remaining = deadline - time.monotonic()
             if len(buffer) > _HEADER_LIMIT or remaining <= 0:
                 break
-            ready, _, _ = select.select([fd], [], [], remaining)
-            if not ready:
+            if not self._wait_readable(fd, remaining):
                 break
             chunk = os.read(fd, 65536)
             if not chunk:
@@ -602,10 +603,27 @@ class SshProcess(Process):
         if self.remote_pid is None:
             logger.debug("%s on %s: no pid line from the remote shell", self._label, self._backend.host)
 
+    def _wait_readable(self, fd: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for ``fd`` to be readable (data or end of file)."""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
+
     def _read(self, stream: IO[bytes] | None, size: int) -> bytes:
+        """Read from a pipe of ssh. After :meth:`kill`, a pipe that stays silent counts as ended.
+
+        The master holds the far end of our pipes (the client hands them over), and when a client dies
+        it stops writing stdout but keeps stderr open until the remote command ends; a killed command
+        must not leave a reader waiting for that.
+        """
         if stream is None or stream.closed:
             return b""
-        chunk = os.read(stream.fileno(), size)
+        fd = stream.fileno()
+        while not self._wait_readable(fd, _POLL_INTERVAL):
+            if self._abandoned:
+                stream.close()
+                return b""
+        chunk = os.read(fd, size)
         if not chunk:
             stream.close()
         return chunk
@@ -672,6 +690,7 @@ class SshProcess(Process):
             except subprocess.TimeoutExpired:
                 self._popen.kill()
                 self._popen.wait()
+        self._abandoned = True
 
     def _discard(self) -> None:
         """Reap a process that never ran and close its pipes."""

@@ -1,0 +1,306 @@
+"""The backend contract, run against the Docker testbed for every SSH backend (OpenSSH and paramiko).
+
+Each test creates its backends through ``backend_class(name)(HostSpec(...))``, exactly as rx does, and
+asserts what a user would notice: output, exit codes, exact bytes, timeouts that leave nothing running,
+files that arrive whole, one connection for many commands, and a clear error for each way connecting
+fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from remote_exec.backends import Backend, HostSpec, backend_class
+from remote_exec.errors import AuthError, CommandTimeout, ConnectError, HostKeyError, TransferError
+from testbed import Testbed, TestbedHost, exec_root, regenerate_host_keys
+
+BACKENDS = ["openssh", "paramiko"]
+
+MakeBackend = Callable[[HostSpec], Backend]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """Each backend in turn; one not written yet is skipped with the reason."""
+    name: str = request.param
+    if importlib.util.find_spec(f"remote_exec.backends.{name}") is None:
+        pytest.skip(f"remote_exec/backends/{name}.py does not exist yet")
+    if name == "openssh" and shutil.which("ssh") is None:
+        pytest.skip("the OpenSSH client (ssh) is not installed")
+    return name
+
+
+@pytest.fixture
+def make_backend(backend_name: str) -> Iterator[MakeBackend]:
+    """Create backends of the current kind; every one is closed after the test."""
+    created: list[Backend] = []
+
+    def make(spec: HostSpec) -> Backend:
+        backend = backend_class(backend_name)(spec)
+        created.append(backend)
+        return backend
+
+    yield make
+    for backend in created:
+        backend.close()
+
+
+@pytest.fixture
+def backend(make_backend: MakeBackend, testbed: Testbed) -> Backend:
+    """A backend for ``rx-testbed-1`` through the testbed's ssh_config."""
+    return make_backend(HostSpec(host="rx-testbed-1", ssh_config=testbed.ssh_config))
+
+
+def _remote_args(host: TestbedHost) -> list[str]:
+    """The command lines of every process on ``host`` (as root, through docker exec)."""
+    code, output = exec_root(host, "ps -eo args=")
+    assert code == 0, output
+    return output.splitlines()
+
+
+def _key_blobs(known_hosts: Path, port: int | None = None) -> set[str]:
+    """The base64 key blobs of a known_hosts file (hashed or plain), optionally for one port only."""
+    blobs = set()
+    for line in known_hosts.read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 3 or line.startswith("#"):
+            continue
+        if port is None or fields[0].startswith("|1|") or fields[0].endswith(f"]:{port}"):
+            blobs.add(fields[2])
+    return blobs
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# --- commands ---------------------------------------------------------------------------------------------
+
+
+def test_run_gives_stdout_stderr_and_exit_code(backend: Backend) -> None:
+    result = backend.run(["sh", "-c", "echo out; echo err >&2; exit 3"])
+
+    assert (result.stdout, result.stderr, result.exit_code) == (b"out\n", b"err\n", 3)
+    assert result.failed
+    assert backend.run(["python3", "-c", "print(6 * 7)"]).stdout == b"42\n"
+
+
+def test_output_streams_while_the_command_runs(backend: Backend) -> None:
+    arrivals: list[tuple[float, bytes]] = []
+    script = "import time; print('first', flush=True); time.sleep(2); print('second', flush=True)"
+
+    result = backend.run(["python3", "-c", script], on_stdout=lambda chunk: arrivals.append((time.monotonic(),
+                                                                                              chunk)))
+    ended = time.monotonic()
+
+    assert result.exit_code == 0
+    assert b"".join(chunk for _, chunk in arrivals) == b"first\nsecond\n"
+    first_at = next(at for at, chunk in arrivals if b"first" in chunk)
+    assert ended - first_at > 1.5, "the first line only arrived when the command ended"
+
+
+def test_stdin_arrives_exactly(backend: Backend) -> None:
+    payload = os.urandom(1024 * 1024)
+    echo = "import sys; sys.stdout.buffer.write(sys.stdin.buffer.read())"
+
+    result = backend.run(["python3", "-c", echo], stdin=payload)
+
+    assert result.exit_code == 0
+    assert result.stdout == payload
+
+
+def test_timeout_raises_quickly_and_leaves_no_remote_process(backend: Backend, testbed: Testbed) -> None:
+    duration = f"{600 + secrets.randbelow(10_000) / 1000:.3f}"  # a sleep no other test runs
+    started = time.monotonic()
+
+    with pytest.raises(CommandTimeout) as caught:
+        backend.run(["sleep", duration], timeout=1.0)
+
+    assert time.monotonic() - started < 4.0
+    assert caught.value.exit_code == 124
+    deadline = time.monotonic() + 5
+    while any(duration in args for args in _remote_args(testbed.host(0))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [args for args in _remote_args(testbed.host(0)) if duration in args]
+    assert backend.run(["echo", "still usable"]).stdout == b"still usable\n"
+
+
+TRICKY = ["a b", "it's", '"double"', "$HOME", "`id`", "a;b && c", "back\\slash", "new\nline", "ünï €",
+          "*", "", "-n", "tab\there"]
+
+
+def test_arguments_env_and_cwd_arrive_byte_for_byte(backend: Backend) -> None:
+    env = {"RX_SPACE": "a b", "RX_MIXED": "'q' \"d\" $x ; \\ \n € `id`"}
+    directory = PurePosixPath(f"/tmp/rx dir 'q' {secrets.token_hex(3)}")
+    assert backend.run(["mkdir", "-p", str(directory)]).ok
+    script = (
+        "import os, sys; sys.stdout.buffer.write(b'\\0'.join("
+        "[os.getcwdb(), os.environb[b'RX_SPACE'], os.environb[b'RX_MIXED']]"
+        " + [os.fsencode(a) for a in sys.argv[1:]]))"
+    )
+
+    result = backend.run(["python3", "-c", script, *TRICKY], env=env, cwd=directory)
+
+    assert result.exit_code == 0, result.stderr
+    expected = [str(directory), env["RX_SPACE"], env["RX_MIXED"], *TRICKY]
+    assert result.stdout == b"\0".join(value.encode() for value in expected)
+
+
+def test_twenty_commands_share_one_connection(backend: Backend) -> None:
+    for index in range(20):
+        assert backend.run(["echo", str(index)]).stdout == f"{index}\n".encode()
+
+    assert backend.connections_opened == 1
+
+
+def test_a_lost_connection_is_reopened_on_the_next_call(make_backend: MakeBackend, testbed: Testbed,
+                                                        dedicated_host: TestbedHost) -> None:
+    backend = make_backend(HostSpec(host=dedicated_host.alias, ssh_config=testbed.ssh_config))
+    assert backend.run(["true"]).ok
+    # end the per-connection sshd processes of user rx (by pid, inside the dedicated container)
+    code, output = exec_root(dedicated_host, "for p in $(pgrep -u rx sshd); do kill $p; done")
+    assert code == 0, output
+    time.sleep(1.0)
+
+    result = backend.run(["echo", "back"])
+
+    assert result.stdout == b"back\n"
+    assert backend.connections_opened == 2
+
+
+# --- files ------------------------------------------------------------------------------------------------
+
+
+def test_put_and_get_round_trip_20_mb(backend: Backend, tmp_path: Path) -> None:
+    source = tmp_path / "payload.bin"
+    source.write_bytes(os.urandom(20 * 1024 * 1024))
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    remote_dir = PurePosixPath(f"/tmp/rx-put {secrets.token_hex(4)}")
+    assert backend.run(["mkdir", "-p", str(remote_dir)]).ok
+
+    backend.put(source, remote_dir / "payload.bin")
+    remote_sum = backend.run(["sha256sum", str(remote_dir / "payload.bin")]).stdout.split()[0].decode()
+    back = tmp_path / "back.bin"
+    backend.get(remote_dir / "payload.bin", back)
+
+    assert remote_sum == digest
+    assert hashlib.sha256(back.read_bytes()).hexdigest() == digest
+    assert backend.run(["ls", "-A", str(remote_dir)]).stdout == b"payload.bin\n"  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back.bin", "payload.bin"]
+
+
+def test_transfer_failures_raise_and_leave_nothing(backend: Backend, tmp_path: Path) -> None:
+    source = tmp_path / "small.txt"
+    source.write_bytes(b"x" * 1000)
+    missing = PurePosixPath(f"/tmp/rx-missing-{secrets.token_hex(4)}")
+
+    with pytest.raises(TransferError):
+        backend.put(source, missing / "sub" / "small.txt")
+    with pytest.raises(TransferError):
+        backend.get(missing, tmp_path / "fetched.txt")
+    with pytest.raises(TransferError):
+        backend.put(tmp_path / "no-such-file", PurePosixPath("/tmp/whatever.txt"))
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.txt"]
+    assert backend.run(["true"]).ok  # a failed transfer leaves the connection usable
+
+
+# --- connecting -------------------------------------------------------------------------------------------
+
+
+def test_unknown_host_is_accepted_and_recorded(make_backend: MakeBackend, testbed: Testbed,
+                                               tmp_path: Path) -> None:
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    port = testbed.host(0).port
+    backend = make_backend(HostSpec(host="rx-testbed-1", ssh_config=testbed.ssh_config, known_hosts=known_hosts,
+                                    host_key_policy="accept-new"))
+
+    assert backend.run(["true"]).ok
+
+    recorded = _key_blobs(known_hosts)
+    assert recorded, "accept-new recorded no key"
+    assert recorded <= _key_blobs(testbed.known_hosts, port)  # the host's real key, nothing else
+
+
+def test_changed_host_key_is_refused(make_backend: MakeBackend, testbed: Testbed,
+                                     dedicated_host: TestbedHost) -> None:
+    spec = HostSpec(host=dedicated_host.alias, ssh_config=testbed.ssh_config)
+    first = make_backend(spec)
+    assert first.run(["true"]).ok
+    first.close()
+    regenerate_host_keys(dedicated_host)
+    before = testbed.known_hosts.read_bytes()
+
+    with pytest.raises(HostKeyError) as caught:
+        make_backend(spec).run(["true"])
+
+    assert caught.value.host == dedicated_host.alias
+    assert dedicated_host.alias in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert caught.value.exit_code == 255
+    assert testbed.known_hosts.read_bytes() == before  # the old key stays; nothing is replaced
+
+
+def test_strict_policy_refuses_an_unknown_key(make_backend: MakeBackend, testbed: Testbed,
+                                              tmp_path: Path) -> None:
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    backend = make_backend(HostSpec(host="rx-testbed-1", ssh_config=testbed.ssh_config, known_hosts=known_hosts,
+                                    host_key_policy="strict"))
+
+    with pytest.raises(HostKeyError) as caught:
+        backend.run(["true"])
+
+    assert caught.value.host == "rx-testbed-1"
+    assert known_hosts.read_text() == ""
+
+
+def test_closed_port_is_a_quick_connect_error(make_backend: MakeBackend, testbed: Testbed,
+                                              tmp_path: Path) -> None:
+    config = tmp_path / "ssh_config"
+    config.write_text("")
+    port = _closed_port()
+    backend = make_backend(HostSpec(host="127.0.0.1", port=port, user="rx", ssh_config=config,
+                                    identity_file=testbed.identity_file, known_hosts=testbed.known_hosts,
+                                    connect_timeout=3))
+    started = time.monotonic()
+
+    with pytest.raises(ConnectError) as caught:
+        backend.run(["true"])
+
+    assert time.monotonic() - started < 3 + 2
+    assert "refused" in str(caught.value).lower()
+    assert caught.value.exit_code == 255
+
+
+def test_wrong_key_is_an_auth_error(make_backend: MakeBackend, testbed: Testbed, tmp_path: Path) -> None:
+    wrong_key = tmp_path / "id_wrong"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong_key)], check=True,
+                   timeout=30)
+    host = testbed.host(0)
+    config = tmp_path / "ssh_config"
+    config.write_text(  # the host without the testbed's IdentityFile: only the wrong key is offered
+        f"Host wrongkey\n    HostName {host.hostname}\n    Port {host.port}\n    User {host.user}\n"
+        f"    UserKnownHostsFile {testbed.known_hosts}\n"
+    )
+    backend = make_backend(HostSpec(host="wrongkey", ssh_config=config, identity_file=wrong_key))
+
+    with pytest.raises(AuthError) as caught:
+        backend.run(["true"])
+
+    assert caught.value.host == "wrongkey"
+    assert caught.value.exit_code == 255
