@@ -35,6 +35,10 @@ How it works:
   :class:`~remote_exec.errors.AuthError`, :class:`~remote_exec.errors.ConnectError` or, for a broken
   ssh_config, :class:`~remote_exec.errors.ConfigError`.
 
+* **Concurrency.** Commands from many threads share the master; the host's ``MaxSessions`` (10 unless
+  sshd_config says otherwise) bounds how many run at once, and a command beyond it exits 255 with
+  "session request failed". A forked child that exits leaves its parent's master alone.
+
 POSIX only: ControlMaster needs unix sockets.
 """
 
@@ -498,12 +502,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _stop_master(exit_argv: list[str], control_dir: Path, control_path: Path) -> None:
+def _stop_master(exit_argv: list[str], control_dir: Path, control_path: Path, owner: int) -> None:
     """End a master (``ssh -O exit``) and remove its control directory.
 
     A module-level function so the finalizer holds no reference to the backend. A master that does not
-    answer is left to its idle ``ControlPersist`` rather than signalled by a pid that may be reused.
+    answer is left to its idle ``ControlPersist`` rather than signalled by a pid that may be reused. A
+    forked child (``owner`` is the pid that opened the master) leaves its parent's master alone.
     """
+    if os.getpid() != owner:
+        return
     try:
         if control_path.exists():
             done = subprocess.run(exit_argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=10,
@@ -522,7 +529,7 @@ class _Master:
 
     control_dir: Path
     pid: int
-    finalizer: weakref.finalize[[list[str], Path, Path], _Master] | None = None
+    finalizer: weakref.finalize[[list[str], Path, Path, int], _Master] | None = None
 
     @property
     def control_path(self) -> Path:
@@ -831,7 +838,7 @@ class OpenSSHBackend(Backend):
             raise
         master.finalizer = weakref.finalize(
             master, _stop_master, _control_argv(self.spec, master.control_path, "exit"),
-            control_dir, master.control_path,
+            control_dir, master.control_path, os.getpid(),
         )
         self.connections_opened += 1
         for line in _lines(said):
