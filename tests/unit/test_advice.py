@@ -9,7 +9,6 @@ import sys
 import textwrap
 import types
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -337,7 +336,7 @@ def test_exceptions_that_cannot_be_rebuilt_still_arrive_with_name_message_and_tr
         sub: Configuration, make_module: ModuleFactory, function: str, type_name: str, message: str,
         line: str) -> None:
     module = make_module("rx_unit_tasks_odd", TASKS)
-    with pytest.raises(Exception) as raised:  # noqa: PT011 - either the type itself or RemoteError
+    with pytest.raises(Exception) as raised:
         task(chain="sub", config=sub)(getattr(module, function))()
     error = raised.value
     if isinstance(error, RemoteError):

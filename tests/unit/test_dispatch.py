@@ -195,7 +195,7 @@ def test_a_too_old_python_is_named(dispatcher: Any) -> None:
         sys.stdout.write("RXBOOT1 OLDPY 3.6.15\\n")
         sys.exit(3)
     """)
-    with pytest.raises(RunnerError, match="is Python 3.6.15; the runner needs 3.8 or newer") as error:
+    with pytest.raises(RunnerError, match=r"is Python 3\.6\.15; the runner needs 3\.8 or newer") as error:
         dispatcher.run("print(1)\n", python=python)
     assert error.value.reason == "python-too-old"
 

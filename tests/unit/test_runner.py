@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from remote_exec.backends.local import LocalBackend
 from remote_exec.backends.base import Process
+from remote_exec.backends.local import LocalBackend
 from remote_exec.task import Task
 
 
