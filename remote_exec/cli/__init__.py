@@ -55,6 +55,9 @@ def _root(
     state.verbose = verbose
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="rx: %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # paramiko logs a failed handshake with a traceback from its transport thread; rx already reports it as
+    # one line (and its exit status), so paramiko's own log shows only with -v.
+    logging.getLogger("paramiko").setLevel(level if verbose else logging.CRITICAL)
 
 
 def error_line(message: str) -> None:
