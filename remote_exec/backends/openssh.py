@@ -699,17 +699,64 @@ class SshProcess(Process):
                 self._popen.wait()
         self._abandoned = True
 
-    def _discard(self) -> None:
-        """Reap a process that never ran and close its pipes."""
+    def _discard(self) -> str:
+        """Reap a process that never ran, close its pipes and return what it said on stderr."""
         self.close_stdin()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._popen.wait(5.0)
         if self._popen.poll() is None:
             self._popen.kill()
             self._popen.wait()
+        said = self._stderr_pending
+        stream = self._popen.stderr
+        if stream is not None and not stream.closed and self._wait_readable(stream.fileno(), 1.0):
+            said += os.read(stream.fileno(), 65536)
         for stream in (self._popen.stdout, self._popen.stderr):
             if stream is not None:
                 stream.close()
+        return said.decode(errors="replace")
+
+
+class _SessionRetry:
+    """What to do when a client got no session from the master (it printed :data:`NO_MASTER_MARKER`).
+
+    A dead master is replaced at once. A live one refused the session, most likely because the host's
+    ``MaxSessions`` is reached: wait for a session to free up, backing off, for at most the connect
+    timeout, then give up with :class:`ConnectError`. A live master is never stopped here: that would
+    cut every command running over it.
+    """
+
+    def __init__(self, backend: OpenSSHBackend, what: str) -> None:
+        self._backend = backend
+        self._what = what
+        self._deadline = time.monotonic() + backend.spec.connect_timeout
+        self._delay = 0.05
+        self._reconnects = 0
+
+    def no_session(self, master: _Master, stderr: str) -> None:
+        """Prepare the next attempt (reconnect or back off), or raise when there is none to make.
+
+        Raises:
+            ConnectError: The master kept refusing sessions, or kept dying, until the deadline.
+        """
+        host = self._backend.host
+        if not master.alive():
+            self._backend._forget(master)
+            self._reconnects += 1
+            logger.info("the connection to %s was gone when %s started; reconnecting", host, self._what)
+            if self._reconnects > 2:
+                raise ConnectError(host, f"the connection kept dropping while {self._what} started")
+            return
+        if time.monotonic() + self._delay > self._deadline:
+            refusal = _first(_lines(stderr), ("session request failed", "refused"))
+            raise ConnectError(
+                host, f"the host refused another session on the shared connection for {self._what}"
+                      + (f" ({_reason(refusal)})" if refusal else ""),
+                hint="too many commands at once for sshd's MaxSessions; run fewer concurrently",
+            )
+        logger.debug("%s refused a session for %s; retrying in %.2f s", host, self._what, self._delay)
+        time.sleep(self._delay)
+        self._delay = min(self._delay * 2, 0.5)
 
 
 # --- the backend ------------------------------------------------------------------------------------------
@@ -891,18 +938,15 @@ class OpenSSHBackend(Backend):
         """
         command = remote_command(argv, env, cwd)
         label = argv[0] if argv else "command"
-        for attempt in (1, 2):
+        retry = _SessionRetry(self, label)
+        while True:
             master = self._ensure_master()
             popen = self._spawn(master, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             process = SshProcess(self, popen, label)
             process._read_header(self.spec.connect_timeout + self.spec.dead_after)
             if not process.lost_master:
                 return process
-            process._discard()
-            self._forget(master)
-            logger.info("the connection to %s was gone when %s started (attempt %d)",
-                        self.host, label, attempt)
-        raise ConnectError(self.host, "the connection was lost twice while starting a command")
+            retry.no_session(master, process._discard())
 
     def _signal_remote_group(self, pid: int) -> None:
         """TERM (then KILL) the remote process group ``pid`` through the master; bounded in time."""
@@ -926,23 +970,20 @@ class OpenSSHBackend(Backend):
     def _transfer(self, command: str, *, stdin: int | IO[bytes], stdout: int | IO[bytes],
                   what: str) -> tuple[int, str]:
         """Run a transfer command over the master; return its exit status and stderr."""
-        for _attempt in (1, 2):
+        retry = _SessionRetry(self, what)
+        while True:
             master = self._ensure_master()
             popen = self._spawn(master, command, stdin=stdin, stdout=stdout)
             _, err = popen.communicate()
             stderr = err.decode(errors="replace")
             if popen.returncode == 255 and NO_MASTER_MARKER in stderr:
-                self._forget(master)
-                if isinstance(stdin, int):
-                    continue
-                # a file being read may have been consumed in part: start it again from the beginning
-                with contextlib.suppress(OSError):
-                    stdin.seek(0)
+                retry.no_session(master, stderr)  # the command never ran
+                if not isinstance(stdin, int):
+                    stdin.seek(0)  # nothing should have read it; start from the beginning regardless
                 continue
             if popen.returncode == 255 and not master.alive():
                 raise TransferError(self.host, f"{what}: the connection was lost")
             return popen.returncode, stderr
-        raise TransferError(self.host, f"{what}: the connection was lost twice")
 
     def put(self, local: Path, remote: PurePosixPath) -> None:
         """Copy ``local`` to ``remote`` through the master; ``remote`` appears whole or not at all.

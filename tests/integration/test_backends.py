@@ -15,6 +15,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
@@ -79,6 +80,22 @@ def _key_blobs(known_hosts: Path, port: int | None = None) -> set[str]:
         if port is None or fields[0].startswith("|1|") or fields[0].endswith(f"]:{port}"):
             blobs.add(fields[2])
     return blobs
+
+
+def _wait_until_reachable(make_backend: MakeBackend, spec: HostSpec, timeout: float = 20) -> None:
+    """Connect with throwaway backends until one runs a command (a restarted sshd listens again)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        probe = make_backend(spec)
+        try:
+            if probe.run(["true"]).ok:
+                return
+        except ConnectError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+        finally:
+            probe.close()
 
 
 def _closed_port() -> int:
@@ -304,3 +321,57 @@ def test_wrong_key_is_an_auth_error(make_backend: MakeBackend, testbed: Testbed,
 
     assert caught.value.host == "wrongkey"
     assert caught.value.exit_code == 255
+
+
+def test_concurrent_commands_share_the_connection(backend: Backend) -> None:
+    results: dict[int, bytes | str] = {}
+
+    def work(index: int) -> None:
+        try:
+            results[index] = backend.run(["sh", "-c", f"sleep 1; echo {index}"]).stdout
+        except Exception as exc:  # recorded, so the assertion below shows it
+            results[index] = repr(exc)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert results == {index: f"{index}\n".encode() for index in range(8)}
+    assert time.monotonic() - started < 6, "the commands ran one after the other"
+    assert backend.connections_opened == 1
+
+
+def test_more_commands_than_max_sessions_wait_for_a_session(
+    make_backend: MakeBackend, testbed: Testbed, dedicated_host: TestbedHost, backend_name: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    if backend_name == "paramiko":
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="ParamikoBackend raises ConnectError when sshd refuses a channel over MaxSessions "
+                                "instead of waiting for one to free up, as OpenSSHBackend does"))
+    # sshd takes the first value it reads: a file sorting before the testbed's own wins
+    limit = "echo 'MaxSessions 2' > /etc/ssh/sshd_config.d/00-max-sessions.conf && kill -HUP $(cat /run/sshd.pid)"
+    code, output = exec_root(dedicated_host, limit)
+    assert code == 0, output
+    spec = HostSpec(host=dedicated_host.alias, ssh_config=testbed.ssh_config)
+    _wait_until_reachable(make_backend, spec)  # sshd re-executes itself on SIGHUP
+    backend = make_backend(spec)
+    results: dict[int, int | str] = {}
+
+    def work(index: int) -> None:
+        try:
+            results[index] = backend.run(["sleep", "0.5"]).exit_code
+        except Exception as exc:  # recorded, so the assertion below shows it
+            results[index] = repr(exc)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert results == dict.fromkeys(range(5), 0)
+    assert backend.connections_opened == 1
