@@ -198,6 +198,30 @@ def test_a_lost_connection_is_reopened_on_the_next_call(make_backend: MakeBacken
     assert backend.connections_opened == 2
 
 
+def test_ssh_config_alias_with_proxy_jump(make_backend: MakeBackend, testbed: Testbed, tmp_path: Path) -> None:
+    """An alias whose HostName is only reachable through another testbed host (ProxyJump)."""
+    target, jump = testbed.host(0), testbed.host(1)
+    code, output = exec_root(target, "hostname -I")
+    assert code == 0, output
+    address = output.split()[0]  # the container's address on the Docker network, not published
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        testbed.ssh_config.read_text()
+        + f"\nHost behind-jump\n    HostName {address}\n    Port 22\n    User {target.user}\n"
+        f"    IdentityFile {testbed.identity_file}\n    IdentitiesOnly yes\n    ProxyJump {jump.alias}\n"
+        f"    UserKnownHostsFile {known_hosts}\n"
+    )
+    backend = make_backend(HostSpec(host="behind-jump", ssh_config=config))
+
+    result = backend.run(["hostname", "-I"])
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.split()[0].decode() == address
+    assert known_hosts.read_text().strip(), "the target's key was not recorded in its UserKnownHostsFile"
+
+
 # --- files ------------------------------------------------------------------------------------------------
 
 
