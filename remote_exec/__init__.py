@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 # Bound eagerly: the submodule `remote_exec.task` would otherwise shadow the decorator once imported.
-from .task import task  # noqa: E402
+from .task import task
 
 __all__ = [
     "Advice",
@@ -26,8 +26,8 @@ __all__ = [
     "CachingAdvice",
     "CommandTimeout",
     "ConfigError",
-    "ConnectError",
     "Configuration",
+    "ConnectError",
     "Execution",
     "Extension",
     "HostKeyError",

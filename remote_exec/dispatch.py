@@ -14,6 +14,7 @@ over the whole result with a key that never touches the remote disk.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import hmac
 import json
@@ -67,6 +68,9 @@ class CallOptions:
         keep: Keep the remote run directory.
         heartbeat: Seconds between heartbeats in each direction.
         dead_after: Seconds of silence after which the link counts as dead.
+        keep_warm: Run the call in a persistent worker on the host (started on first use, reused by
+            later calls of the same code; imports stay warm).
+        worker_idle: Seconds a persistent worker waits for its next call before it exits.
     """
 
     python: str = "python3"
@@ -79,6 +83,8 @@ class CallOptions:
     keep: bool = False
     heartbeat: float = 5.0
     dead_after: float = 16.0
+    keep_warm: bool = False
+    worker_idle: float = 600.0
 
 
 @dataclass
@@ -112,18 +118,63 @@ def safe_member_path(name: str) -> PurePosixPath:
     return path
 
 
-class _Call:
-    """One running call: reads frames, keeps the link watched, collects the result."""
+class _Runner:
+    """One runner process on a host: its channel, frame reader, stderr and liveness clock.
 
-    def __init__(self, backend: Backend, process: Process, options: CallOptions, key: bytes,
-                 on_stdout: OutputSink, on_stderr: OutputSink, spool: Path) -> None:
+    A process-per-call runner serves one call; a persistent worker (``keep_warm``) serves many, one at a
+    time (``lock``).
+    """
+
+    def __init__(self, backend: Backend, process: Process, rest: bytes, uploaded: bool) -> None:
         self.backend = backend
         self.process = process
+        self.reader = wire.FrameReader()
+        self.pending = rest
+        self.uploaded = uploaded
+        self.stderr = bytearray()
+        self.last_read = time.monotonic()
+        self.write_lock = threading.Lock()
+        self.lock = threading.Lock()
+        self.broken = False
+        self.stderr_reader = threading.Thread(target=self._pump_stderr, daemon=True)
+        self.stderr_reader.start()
+
+    def _pump_stderr(self) -> None:
+        while chunk := self.process.read_stderr(65536):
+            self.stderr += chunk
+            self.last_read = time.monotonic()
+
+    def send(self, kind: bytes, payload: bytes = b"") -> None:
+        with self.write_lock:
+            self.process.write_stdin(wire.encode(kind, payload))
+
+    def stderr_tail(self) -> str:
+        """The runner's last stderr line (its own diagnostics), once the stream has ended."""
+        self.stderr_reader.join(2)
+        text = bytes(self.stderr).decode("utf-8", "replace").strip()
+        return text.splitlines()[-1] if text else ""
+
+    def close(self) -> None:
+        """Ask a worker to quit and drop its channel."""
+        self.broken = True
+        try:
+            self.send(b"Q")
+        except Exception:
+            pass
+        _reap(self.process, self.stderr_reader)
+
+
+class _Call:
+    """One call on a runner: heartbeats, watchdog, and the frames of its output and result."""
+
+    def __init__(self, runner: _Runner, options: CallOptions, key: bytes, on_stdout: OutputSink,
+                 on_stderr: OutputSink, spool: Path) -> None:
+        self.runner = runner
+        self.backend = runner.backend
+        self.process = runner.process
         self.options = options
-        self.key = key
         self.on_stdout = on_stdout
         self.on_stderr = on_stderr
-        self.reader = wire.FrameReader()
         self.mac = hmac.new(key, digestmod=hashlib.sha256)
         self.header: dict[str, Any] | None = None
         self.value = bytearray()
@@ -132,23 +183,19 @@ class _Call:
         self.files_stream: IO[bytes] | None = None
         self.end: dict[str, Any] | None = None
         self.started: dict[str, Any] | None = None
-        self.last_read = time.monotonic()
-        self.stderr = bytearray()
         self.dead = threading.Event()
         self.stop = threading.Event()
-        self.write_lock = threading.Lock()
 
     def send(self, kind: bytes, payload: bytes = b"") -> None:
-        with self.write_lock:
-            self.process.write_stdin(wire.encode(kind, payload))
+        self.runner.send(kind, payload)
 
     def watch(self, deadline: float | None) -> None:
         """Heartbeats to the runner; kill the link when it has been silent too long or past deadline."""
         while not self.stop.wait(min(self.options.heartbeat, 1.0)):
             now = time.monotonic()
-            if now - self.last_read > self.options.dead_after:
+            if now - self.runner.last_read > self.options.dead_after:
                 logger.warning("%s: no sign of life for %.0f s; giving up on the link",
-                               self.backend.host, now - self.last_read)
+                               self.backend.host, now - self.runner.last_read)
                 self.dead.set()
                 self.process.kill()
                 return
@@ -160,11 +207,6 @@ class _Call:
                 self.send(b"H")
             except Exception:
                 logger.debug("heartbeat to %s failed", self.backend.host, exc_info=True)
-
-    def pump_stderr(self) -> None:
-        while chunk := self.process.read_stderr(65536):
-            self.stderr += chunk
-            self.last_read = time.monotonic()
 
     def handle(self, kind: bytes, payload: bytes) -> None:
         if kind == b"O":
@@ -196,15 +238,17 @@ class _Call:
             raise RunnerError(f"unknown frame {kind!r} from the runner", reason="protocol",
                               host=self.backend.host)
 
-    def read_loop(self, initial: bytes) -> None:
-        data = initial
+    def read_loop(self) -> None:
+        """Handle frames until the call's Z frame (frames after it stay in the runner's reader)."""
+        runner = self.runner
+        data, runner.pending = runner.pending, b""
         while True:
             if data:
-                self.last_read = time.monotonic()
-                for kind, payload in self.reader.feed(data):
-                    self.handle(kind, payload)
-                    if self.end is not None:
-                        return
+                runner.last_read = time.monotonic()
+            for kind, payload in runner.reader.feed(data):
+                self.handle(kind, payload)
+                if self.end is not None:
+                    return
             data = self.process.read_stdout(1 << 20)
             if not data:
                 return
@@ -231,52 +275,13 @@ def _interpreter_error(host: str, python: str, code: int | None, stderr: bytes) 
                        reason="crashed", host=host)
 
 
-def dispatch(
-    session: Session,
-    backend: Backend,
-    archive: DistributionArchive,
-    options: CallOptions,
-    *,
-    on_stdout: OutputSink,
-    on_stderr: OutputSink,
-    land_file: Callable[[PurePosixPath, Path, str], Path] | None = None,
-    on_phase: Callable[[str, str], None] | None = None,
-) -> Outcome:
-    """Run ``session`` on ``backend``'s host and return what came back.
-
-    Args:
-        session: The call.
-        backend: The connection to the host.
-        archive: The distribution archive (sent only if the host lacks it).
-        options: Interpreter, directories, environment, timeout, files to pull.
-        on_stdout: Receives the task's stdout bytes as they arrive.
-        on_stderr: Receives the task's stderr bytes as they arrive.
-        land_file: Called for each pulled file that passed its checks with (relative path, a local
-            temporary holding it, its sha256); returns where it landed. None: files are not pulled.
-        on_phase: Called with (phase, "started" | "finished" | "failed") around connect, upload,
-            execute and collect (the workspace records them as actions).
-
-    Raises:
-        ConnectError, AuthError, HostKeyError: The host could not be reached or the link died.
-        CommandTimeout: The call ran past its timeout and the runner did not report back.
-        RunnerError: The interpreter is missing or too old, or the runner failed.
-        IntegrityError: The result failed its checks.
-        Interrupted: Ctrl-C (the remote task is stopped first).
-    """
-    phase = on_phase or (lambda name, state: None)
+def _start_runner(backend: Backend, archive: DistributionArchive, options: CallOptions, mode: str,
+                  phase: Callable[[str, str], None]) -> _Runner:
+    """Exec the bootstrap; send the archive only if the host lacks it. Returns the running runner."""
     host = backend.host
-    phases: dict[str, float] = {}
-    mark = time.monotonic()
-
-    def done(name: str) -> None:
-        nonlocal mark
-        now = time.monotonic()
-        phases[name] = phases.get(name, 0.0) + now - mark
-        mark = now
-
-    key = secrets.token_bytes(32)
-    session_bytes = session.dumps()
-    argv = [options.python, "-c", wire.BOOTSTRAP, archive.sha256, options.workdir, "serve"]
+    argv = [options.python, "-c", wire.BOOTSTRAP, archive.sha256, options.workdir, mode]
+    if mode == "worker":
+        argv.append(f"{options.worker_idle:g}")
     phase("connect", "started")
     try:
         process = backend.start(argv)
@@ -290,24 +295,28 @@ def dispatch(
         process.kill()  # ended or hopeless: release its pipes
         phase("connect", "failed")
         if code in (255, -1) and not line:
-            raise ConnectError(host, "the connection closed before the runner started: "
-                               + (stderr.decode("utf-8", "replace").strip().splitlines() or ["no reason given"])[-1])
+            reason = stderr.decode("utf-8", "replace").strip().splitlines() or ["no reason given"]
+            raise ConnectError(host, f"the connection closed before the runner started: {reason[-1]}")
         raise _interpreter_error(host, options.python, code, stderr)
     if line.startswith("RXBOOT1 OLDPY"):
         version = line.split()[-1]
         process.kill()
         phase("connect", "failed")
         raise RunnerError(f"{options.python} on {host} is Python {version}; the runner needs "
-                          f"{'.'.join(map(str, wire.MIN_PYTHON))} or newer", reason="python-too-old", host=host,
-                          hint="pass --python with a newer interpreter")
+                          f"{'.'.join(map(str, wire.MIN_PYTHON))} or newer", reason="python-too-old",
+                          host=host, hint="pass --python with a newer interpreter")
     phase("connect", "finished")
-    done("connect")
     uploaded = False
     if line == "RXBOOT1 NEED":
         phase("upload", "started")
         data = archive.read()
-        process.write_stdin(len(data).to_bytes(8, "big") + data)
-        line, rest = _read_handshake(process, rest)
+        try:
+            process.write_stdin(len(data).to_bytes(8, "big") + data)
+            line, rest = _read_handshake(process, rest)
+        except BaseException:
+            phase("upload", "failed")
+            process.kill()
+            raise
         if line != "RXBOOT1 OK":
             process.wait(5)
             stderr = _drain(process)
@@ -317,8 +326,112 @@ def dispatch(
                               + stderr.decode("utf-8", "replace").strip()[-300:], reason="crashed", host=host)
         uploaded = True
         phase("upload", "finished")
-        done("upload")
+    return _Runner(backend, process, rest, uploaded)
 
+
+# -- persistent workers (keep_warm) -------------------------------------------------------------------
+
+_workers: dict[tuple[int, str, str, str], _Runner] = {}
+_workers_lock = threading.Lock()
+
+
+def _worker_for(backend: Backend, archive: DistributionArchive, options: CallOptions,
+                phase: Callable[[str, str], None]) -> _Runner:
+    """The persistent worker for this host, interpreter, workdir and archive (started when missing)."""
+    key = (id(backend), options.python, options.workdir, archive.sha256)
+    with _workers_lock:
+        worker = _workers.get(key)
+        if worker is not None and not worker.broken:
+            return worker
+        for old in [k for k in _workers if k[:3] == key[:3]]:  # broken, or the code changed
+            _workers.pop(old).close()
+        worker = _start_runner(backend, archive, options, "worker", phase)
+        _workers[key] = worker
+        return worker
+
+
+def close_workers() -> None:
+    """Stop every persistent worker of this process (also registered to run at exit)."""
+    with _workers_lock:
+        workers = list(_workers.values())
+        _workers.clear()
+    for worker in workers:
+        try:
+            worker.close()
+        except Exception:
+            pass
+
+
+atexit.register(close_workers)
+
+
+def dispatch(
+    session: Session,
+    backend: Backend,
+    archive: DistributionArchive,
+    options: CallOptions,
+    *,
+    on_stdout: OutputSink,
+    on_stderr: OutputSink,
+    land_file: Callable[[PurePosixPath, Path, str], Path] | None = None,
+    on_phase: Callable[[str, str], None] | None = None,
+    session_bytes: bytes | None = None,
+) -> Outcome:
+    """Run ``session`` on ``backend``'s host and return what came back.
+
+    Args:
+        session: The call.
+        backend: The connection to the host.
+        archive: The distribution archive (sent only if the host lacks it).
+        options: Interpreter, directories, environment, timeout, files to pull, ``keep_warm``.
+        on_stdout: Receives the task's stdout bytes as they arrive.
+        on_stderr: Receives the task's stderr bytes as they arrive.
+        land_file: Called for each pulled file that passed its checks with (relative path, a local
+            temporary holding it, its sha256); returns where it landed. None: files are not pulled.
+        on_phase: Called with (phase, "started" | "finished" | "failed") around connect, upload,
+            execute and collect (the workspace records them as actions).
+        session_bytes: ``session.dumps()``, when the caller has it already.
+
+    Raises:
+        ConnectError, AuthError, HostKeyError: The host could not be reached or the link died.
+        CommandTimeout: The call ran past its timeout and the runner did not report back.
+        RunnerError: The interpreter is missing or too old, or the runner failed.
+        IntegrityError: The result failed its checks.
+        Interrupted: Ctrl-C (the remote task is stopped first).
+    """
+    phases: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def phase(name: str, state: str) -> None:
+        nonlocal mark
+        if on_phase is not None:
+            on_phase(name, state)
+        if state == "started":
+            mark = time.monotonic()
+        elif state == "finished":
+            phases[name] = phases.get(name, 0.0) + time.monotonic() - mark
+
+    if session_bytes is None:
+        session_bytes = session.dumps()
+    if options.keep_warm:
+        runner = _worker_for(backend, archive, options, phase)
+        with runner.lock:
+            uploaded, runner.uploaded = runner.uploaded, False
+            return _call(runner, session, session_bytes, options, on_stdout, on_stderr, land_file, phase,
+                         phases, uploaded, keep=True)
+    runner = _start_runner(backend, archive, options, "serve", phase)
+    return _call(runner, session, session_bytes, options, on_stdout, on_stderr, land_file, phase, phases,
+                 runner.uploaded, keep=False)
+
+
+def _call(runner: _Runner, session: Session, session_bytes: bytes, options: CallOptions,
+          on_stdout: OutputSink, on_stderr: OutputSink,
+          land_file: Callable[[PurePosixPath, Path, str], Path] | None, phase: Callable[[str, str], None],
+          phases: dict[str, float], uploaded: bool, *, keep: bool) -> Outcome:
+    """One call on ``runner``: send it, stream its output, collect and check its result."""
+    host = runner.backend.host
+    process = runner.process
+    key = secrets.token_bytes(32)
     call_options = {
         "key": key.hex(),
         "run_id": session.run_id or "run",
@@ -333,14 +446,12 @@ def dispatch(
         "kind": session.task.kind,
     }
     spool_dir = Path(tempfile.mkdtemp(prefix="rx-collect-"))
-    call = _Call(backend, process, options, key, on_stdout, on_stderr, spool_dir / "files.tar")
+    call = _Call(runner, options, key, on_stdout, on_stderr, spool_dir / "files.tar")
     phase("execute", "started")
-    stderr_thread = threading.Thread(target=call.pump_stderr, daemon=True)
-    stderr_thread.start()
     deadline = None if options.timeout is None else time.monotonic() + options.timeout + options.dead_after + 5
     watcher = threading.Thread(target=call.watch, args=(deadline,), daemon=True)
     try:
-        with call.write_lock:
+        with runner.write_lock:
             process.write_stdin(wire.encode(b"G", json.dumps(call_options).encode()))
             view = memoryview(session_bytes)
             for start in range(0, len(view), wire.MAX_FRAME):
@@ -349,7 +460,7 @@ def dispatch(
                 {"sha256": hashlib.sha256(session_bytes).hexdigest()}).encode()))
         watcher.start()
         try:
-            call.read_loop(rest)
+            call.read_loop()
         except KeyboardInterrupt:
             _cancel(call)
             phase("execute", "failed")
@@ -358,8 +469,9 @@ def dispatch(
         if call.files_stream is not None:
             call.files_stream.close()
         if call.end is None:
+            runner.broken = True
             code = process.wait(5)
-            stderr_thread.join(2)
+            tail = runner.stderr_tail()
             phase("execute", "failed")
             if deadline is not None and time.monotonic() > deadline:
                 raise CommandTimeout(host, f"the task ran past its timeout of {options.timeout:g} s and the "
@@ -367,19 +479,20 @@ def dispatch(
             if call.dead.is_set():
                 raise ConnectError(host, f"the link went silent for {options.dead_after:g} s and was given up",
                                    hint="the host may be down, paused or unreachable; rx rerun can retry")
-            text = bytes(call.stderr).decode("utf-8", "replace").strip()
             if code in (-1, 255):
                 raise ConnectError(host, "the connection was lost while the task ran"
-                                   + (f": {text.splitlines()[-1]}" if text else ""))
+                                   + (f": {tail}" if tail else ""))
             if code == 0:
                 raise RunnerError(f"the runner on {host} exited 0 without a result", reason="no-result",
                                   host=host)
-            raise RunnerError(f"the runner on {host} failed (exit {code})"
-                              + (f": {text.splitlines()[-1]}" if text else ""), reason="crashed", host=host)
-        # The runner cleaned up before its last frame; let it exit without waiting here.
-        threading.Thread(target=_reap, args=(process, stderr_thread), daemon=True).start()
+            raise RunnerError(f"the runner on {host} failed (exit {code})" + (f": {tail}" if tail else ""),
+                              reason="crashed", host=host)
+        if not keep:
+            # The runner cleaned up before its last frame; let it exit without waiting here.
+            threading.Thread(target=_reap, args=(process, runner.stderr_reader), daemon=True).start()
+        elif call.header is not None and call.header.get("status") in ("timeout", "cancelled"):
+            runner.broken = True  # a worker exits after such a call
         phase("execute", "finished")
-        done("execute")
         phase("collect", "started")
         try:
             result, landed = _collect(call, session, land_file)
@@ -387,7 +500,9 @@ def dispatch(
             phase("collect", "failed")
             raise
         phase("collect", "finished")
-        done("collect")
+    except BaseException:
+        runner.broken = True
+        raise
     finally:
         call.stop.set()
         if call.files_stream is not None and not call.files_stream.closed:
@@ -396,6 +511,7 @@ def dispatch(
         if call.end is None:
             process.kill()
     assert call.header is not None
+    result.host = host
     return Outcome(result=result, header=call.header, files=landed, uploaded=uploaded, phases=phases)
 
 
@@ -495,7 +611,7 @@ def _rebuild_result(header: dict[str, Any], value: bytes, exc_data: bytes, sessi
 def _land_files(call: _Call, manifest: list[dict[str, Any]],
                 land_file: Callable[[PurePosixPath, Path, str], Path]) -> list[Path]:
     host = call.backend.host
-    expected = {}
+    expected: dict[str, dict[str, Any]] = {}
     for entry in manifest:
         expected[str(safe_member_path(entry["path"]))] = entry
     landed = []
@@ -506,20 +622,20 @@ def _land_files(call: _Call, manifest: list[dict[str, Any]],
             relative = safe_member_path(member.name)
             if not member.isfile():
                 raise IntegrityError(f"{host}: the result holds a non-regular file {member.name!r}")
-            entry = expected.pop(str(relative), None)
-            if entry is None:
+            listed = expected.pop(str(relative), None)
+            if listed is None:
                 raise IntegrityError(f"{host}: the result holds an unlisted file {member.name!r}")
             source = archive.extractfile(member)
             assert source is not None
             with tempfile.NamedTemporaryFile(dir=call.files_path.parent, delete=False) as temporary:
                 digest = hashlib.sha256()
-                for block in iter(lambda: source.read(1 << 20), b""):
+                while block := source.read(1 << 20):
                     digest.update(block)
                     temporary.write(block)
-            if digest.hexdigest() != entry["sha256"]:
+            if digest.hexdigest() != listed["sha256"]:
                 os.unlink(temporary.name)
                 raise IntegrityError(f"{host}: pulled file {member.name!r} is damaged (sha256 mismatch)")
-            landed.append(land_file(relative, Path(temporary.name), entry["sha256"]))
+            landed.append(land_file(relative, Path(temporary.name), listed["sha256"]))
     if expected:
         raise IntegrityError(f"{host}: the result is missing listed files: {', '.join(sorted(expected))}")
     return landed

@@ -3,8 +3,8 @@
 A :class:`DistributionArchive` holds:
 
 - ``__main__.py``: starts :func:`remote_exec.runner.main` (so ``python3 archive.pyz`` is the runner);
-- the remote-side modules of remote_exec (standard library only: runner, wire, session, task,
-  serialization, errors, ids);
+- remote_exec itself without its CLI: the runner and the modules it imports are standard library only
+  (:data:`REMOTE_MODULES`); the rest is there for task modules that import the public API;
 - cloudpickle, copied from the local installation (pure Python);
 - the user's local code: the task's module or script and the project modules it imports, found by
   reading their import statements (a helper module next to a script just works), plus whatever
@@ -19,6 +19,7 @@ remote keeps it by that hash.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.util
 import io
@@ -31,6 +32,7 @@ import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import PackError
 
@@ -38,7 +40,8 @@ __all__ = ["REMOTE_MODULES", "DistributionArchive", "discover_modules"]
 
 logger = logging.getLogger(__name__)
 
-#: The modules of remote_exec that travel (all standard library only).
+#: The modules of remote_exec the runner imports: standard library only (tested with everything else
+#: blocked). The rest of the package travels too, for task modules that import the public API.
 REMOTE_MODULES = ("__init__", "errors", "runner", "serialization", "session", "task", "wire")
 
 _MAIN = b"import sys\nfrom remote_exec.runner import main\nsys.exit(main(sys.argv[1:]))\n"
@@ -205,11 +208,20 @@ class DistributionArchive:
         Raises:
             PackError: A listed module cannot be shipped, or the cache is not writable.
         """
+        entry_files = [Path(file) for file in entry_files]
+        roots = [Path(root) for root in roots]
+        extra_modules = tuple(extra_modules)
+        cache_dir = cache_dir or default_cache_dir()
+        memo_key = (tuple(map(str, entry_files)), tuple(map(str, roots)), extra_modules, str(cache_dir))
+        hit = _build_memo.get(memo_key)
+        if hit is not None and hit[1] == _signature(hit[2]) and hit[0].path.is_file():
+            return hit[0]
         entries = list(_base_entries())
         modules = discover_modules(entry_files, roots)
         by_name = {module.name: module for module in modules}
         for name in extra_modules:
-            module = _import_path(name)
+            # A project module under the roots first (the cwd of `rx run -m` need not be on sys.path).
+            module = _find_top_level(name, [root.resolve() for root in roots]) or _import_path(name)
             by_name.setdefault(module.name, module)
         seen = {arcname for arcname, _ in entries}
         for module in sorted(by_name.values(), key=lambda m: m.name):
@@ -217,7 +229,12 @@ class DistributionArchive:
                 if arcname not in seen:
                     seen.add(arcname)
                     entries.append((arcname, path))
-        return _cached_build(entries, tuple(sorted(by_name)), cache_dir or default_cache_dir())
+        archive = _cached_build(entries, tuple(sorted(by_name)), cache_dir)
+        # Remember what this build read, so an unchanged call skips discovery (stat calls only).
+        user_files = tuple(source for _, source in entries if isinstance(source, Path)
+                           and source not in _base_paths()) + tuple(entry_files)
+        _build_memo[memo_key] = (archive, _signature(user_files), user_files)
+        return archive
 
 
 def default_cache_dir() -> Path:
@@ -229,10 +246,46 @@ def default_cache_dir() -> Path:
     return Path(base) / "remote_exec" / "archives"
 
 
+_build_memo: dict[tuple[Any, ...], tuple[DistributionArchive, tuple[tuple[int, int], ...], tuple[Path, ...]]] = {}
+
+
+def _signature(files: Iterable[Path]) -> tuple[tuple[int, int], ...]:
+    signature = []
+    for file in files:
+        try:
+            stat = file.stat()
+        except OSError:
+            signature.append((-1, -1))
+        else:
+            signature.append((stat.st_mtime_ns, stat.st_size))
+    return tuple(signature)
+
+
+@functools.lru_cache(maxsize=1)
+def _base_paths() -> frozenset[Path]:
+    return frozenset(source for _, source in _base_entries() if isinstance(source, Path))
+
+
+@functools.lru_cache(maxsize=1)
+def _base_entries_cached() -> tuple[tuple[str, Path | bytes], ...]:
+    return tuple(_base_entries_uncached())
+
+
 def _base_entries() -> list[tuple[str, Path | bytes]]:
+    """The runner, the remote-side modules of remote_exec and cloudpickle (found once per process)."""
+    return list(_base_entries_cached())
+
+
+def _base_entries_uncached() -> list[tuple[str, Path | bytes]]:
     package = Path(__file__).resolve().parent
     entries: list[tuple[str, Path | bytes]] = [("__main__.py", _MAIN)]
-    entries += [(f"remote_exec/{name}.py", package / f"{name}.py") for name in REMOTE_MODULES]
+    # The whole library travels (but the CLI), so task modules may import its public API at the top;
+    # only REMOTE_MODULES are imported by the runner itself.
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package)
+        if relative.parts[0] != "cli":
+            entries.append((f"remote_exec/{relative.as_posix()}", path))
+    entries.append(("remote_exec/py.typed", b""))
     try:
         import cloudpickle
     except ImportError as exc:  # pragma: no cover - a dependency

@@ -33,6 +33,10 @@ import traceback
 
 from . import wire
 
+TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
+if TYPE_CHECKING:
+    from typing import Any
+
 __all__ = ["main"]
 
 EXIT_RUNNER_FAILURE = 70
@@ -73,12 +77,23 @@ class _Out:
             self.send(kind, bytes(view[start:start + wire.MAX_FRAME]), signed=True)
 
 
-def _read_call(stdin_fd: int) -> tuple[dict, bytes, wire.FrameReader]:
-    """Read the G frame, the session frames and the s frame."""
-    reader = wire.FrameReader()
+def _read_call(stdin_fd: int, reader: wire.FrameReader | None = None,
+               idle_timeout: float | None = None) -> tuple[dict[str, Any], bytes, wire.FrameReader]:
+    """Read the G frame, the session frames and the s frame (frames already buffered in ``reader`` first).
+
+    Raises:
+        _CoordinatorGone: stdin closed, a Q frame arrived, or nothing came for ``idle_timeout`` seconds.
+    """
+    reader = reader or wire.FrameReader()
     options = None
     parts = []
+    data = b""
     while True:
+        if idle_timeout is not None and not data and not reader.pending:
+            import select
+
+            if not select.select([stdin_fd], [], [], idle_timeout)[0]:
+                raise _CoordinatorGone()
         data = os.read(stdin_fd, 1 << 20)
         if not data:
             raise _CoordinatorGone()
@@ -112,7 +127,7 @@ def _oom_kills() -> int | None:
     return None
 
 
-def _child(session_bytes: bytes, run_dir: str, options: dict, out_w: int, err_w: int) -> None:
+def _child(session_bytes: bytes, run_dir: str, options: dict[str, Any], out_w: int, err_w: int) -> None:
     """In the forked task process: run the task, write the result into the private dir, exit."""
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -134,13 +149,36 @@ def _child(session_bytes: bytes, run_dir: str, options: dict, out_w: int, err_w:
     os.environ["RX_INSIDE_RUNNER"] = "1"
     os.environ["RX_RUN_DIR"] = run_dir
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.stdin = open(os.devnull)
+    sys.stdin = open(os.devnull)  # noqa: SIM115 - the task's stdin for its whole life
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace", line_buffering=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace", line_buffering=True)
+    record, value, exc_data = _run_task(session_bytes, run_dir)
     private = os.path.join(run_dir, _PRIVATE)
-    record = {"status": "finished", "exit_code": 0, "exception": None, "value": False, "exc_pickle": False}
+    if value:
+        with open(os.path.join(private, "value.bin"), "wb") as stream:
+            stream.write(value)
+    if exc_data:
+        with open(os.path.join(private, "exception.bin"), "wb") as stream:
+            stream.write(exc_data)
+    temporary = os.path.join(private, "result.json.tmp")
+    with open(temporary, "w") as stream:
+        json.dump(record, stream)
+    os.rename(temporary, os.path.join(private, "result.json"))
+    os._exit(int(record["exit_code"]))
+
+
+def _run_task(session_bytes: bytes, run_dir: str) -> tuple[dict[str, Any], bytes, bytes]:
+    """Restore the session and run its task here; return (record, serialized value, pickled exception).
+
+    The record holds status, exit_code and, when the task raised, the exception's type, message and
+    traceback text (which always travel, even when the exception itself cannot be pickled).
+    """
+    record: dict[str, Any] = {"status": "finished", "exit_code": 0, "exception": None, "value": False,
+                              "exc_pickle": False}
+    value_data = b""
+    exc_data = b""
     kind = "function"
     try:
         from .serialization import PickleSerializer, get_serializer
@@ -151,14 +189,11 @@ def _child(session_bytes: bytes, run_dir: str, options: dict, out_w: int, err_w:
         value = session.task.execute(session.execution, workdir=pathlib.Path(run_dir))
         if kind == "function":
             try:
-                serializer = get_serializer(session.serializer)
-                data = (PickleSerializer().dumps_fast(value) if session.serializer == "pickle"
-                        else serializer.dumps(value))
+                value_data = (PickleSerializer().dumps_fast(value) if session.serializer == "pickle"
+                              else get_serializer(session.serializer).dumps(value))
             except Exception as exc:
                 raise TypeError(f"the task's return value ({type(value).__qualname__}) cannot be "
                                 f"serialized: {exc}") from exc
-            with open(os.path.join(private, "value.bin"), "wb") as stream:
-                stream.write(data)
             record["value"] = True
     except SystemExit as exc:
         code = exc.code
@@ -171,6 +206,8 @@ def _child(session_bytes: bytes, run_dir: str, options: dict, out_w: int, err_w:
             record["exit_code"] = 1
     except BaseException as exc:  # the task's failure, reported as data
         text = traceback.format_exc()
+        value_data = b""
+        record["value"] = False
         record["exit_code"] = 1
         record["status"] = "raised" if kind == "function" else "finished"
         record["exception"] = {
@@ -184,23 +221,16 @@ def _child(session_bytes: bytes, run_dir: str, options: dict, out_w: int, err_w:
             try:
                 from .serialization import PickleSerializer
 
-                with open(os.path.join(private, "exception.bin"), "wb") as stream:
-                    stream.write(PickleSerializer().dumps_fast(exc))
+                exc_data = PickleSerializer().dumps_fast(exc)
                 record["exc_pickle"] = True
             except BaseException:  # an exception holding something unpicklable arrives as text
-                pass
+                exc_data = b""
     try:
         sys.stdout.flush()
         sys.stderr.flush()
     except Exception:
         pass
-    temporary = os.path.join(private, "result.json.tmp")
-    with open(temporary, "w") as stream:
-        json.dump(record, stream)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.rename(temporary, os.path.join(private, "result.json"))
-    os._exit(record["exit_code"])
+    return record, value_data, exc_data
 
 
 def _safe_str(exc: BaseException) -> str:
@@ -231,15 +261,21 @@ def _write_status(run_dir: str, **fields: object) -> None:
     os.rename(temporary, path)
 
 
-def _serve_call(options: dict, session_bytes: bytes, reader: wire.FrameReader, cache_dir: str,
-                out: _Out) -> None:
-    key = bytes.fromhex(options["key"])
-    out.mac = hmac.new(key, digestmod=hashlib.sha256)
+def _make_run_dir(cache_dir: str, options: dict[str, Any]) -> str:
+    """A new private (0700) run directory for one call, with its private ``.rx`` inside."""
     runs = os.path.join(cache_dir, "runs")
     os.makedirs(runs, mode=0o700, exist_ok=True)
     run_dir = os.path.join(runs, f"{options.get('run_id', 'run')}-{os.urandom(4).hex()}")
     os.mkdir(run_dir, 0o700)
     os.mkdir(os.path.join(run_dir, _PRIVATE), 0o700)
+    return run_dir
+
+
+def _serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.FrameReader, cache_dir: str,
+                out: _Out) -> None:
+    """One call in a forked task process (the default, process-per-call mode)."""
+    out.mac = hmac.new(bytes.fromhex(options["key"]), digestmod=hashlib.sha256)
+    run_dir = _make_run_dir(cache_dir, options)
     timeout = options.get("timeout")
     heartbeat = float(options.get("heartbeat") or 5.0)
     dead_after = float(options.get("dead_after") or 0) or None
@@ -283,7 +319,6 @@ def _serve_call(options: dict, session_bytes: bytes, reader: wire.FrameReader, c
     status = None
     detail = None
     exit_status = None
-    we_killed = None
     kill_deadline = None
     last_input = time.monotonic()
     open_pipes = 2
@@ -296,7 +331,7 @@ def _serve_call(options: dict, session_bytes: bytes, reader: wire.FrameReader, c
                 waits.append(started + timeout - now)
             if kill_deadline is not None:
                 waits.append(kill_deadline - now)
-            for key_, _ in selector.select(max(0.0, min(waits + [0.5]))):
+            for key_, _ in selector.select(max(0.0, min([*waits, 0.5]))):
                 tag = key_.data
                 fd = key_.fd
                 if tag == b"I":
@@ -307,7 +342,7 @@ def _serve_call(options: dict, session_bytes: bytes, reader: wire.FrameReader, c
                     last_input = time.monotonic()
                     for kind, _payload in reader.feed(data):
                         if kind in (b"C", b"Q") and status is None:
-                            status, detail, we_killed = "cancelled", "cancelled by the coordinator", signal.SIGTERM
+                            status, detail = "cancelled", "cancelled by the coordinator"
                             _kill_group(pid, signal.SIGTERM)
                             kill_deadline = time.monotonic() + _KILL_GRACE
                     continue
@@ -335,12 +370,11 @@ def _serve_call(options: dict, session_bytes: bytes, reader: wire.FrameReader, c
             if exit_status is not None and (open_pipes == 0 or now - (child_done_at or now) > 1.0):
                 break
             if timeout is not None and status is None and now - started > timeout:
-                status, detail, we_killed = "timeout", f"timed out after {timeout:g} s", signal.SIGTERM
+                status, detail = "timeout", f"timed out after {timeout:g} s"
                 _kill_group(pid, signal.SIGTERM)
                 kill_deadline = now + _KILL_GRACE
             if kill_deadline is not None and now >= kill_deadline and exit_status is None:
                 _kill_group(pid, signal.SIGKILL)
-                we_killed = signal.SIGKILL
                 kill_deadline = None
             if dead_after is not None and now - last_input > dead_after:
                 raise _CoordinatorGone()
@@ -368,23 +402,32 @@ def _serve_call(options: dict, session_bytes: bytes, reader: wire.FrameReader, c
 
     _write_status(run_dir, state="collecting")
     try:
-        _send_result(options, run_dir, exit_status, status, detail, we_killed, oom_before, started, out)
+        _send_result(options, run_dir, exit_status, status, detail, oom_before, started, out)
     finally:
         if not options.get("keep"):
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _send_result(options: dict, run_dir: str, exit_status: int | None, status: str | None,
-                 detail: str | None, we_killed: int | None, oom_before: int | None, started: float,
-                 out: _Out) -> None:
+def _send_result(options: dict[str, Any], run_dir: str, exit_status: int | None, status: str | None,
+                 detail: str | None, oom_before: int | None, started: float, out: _Out,
+                 loaded: tuple[dict[str, Any], bytes, bytes] | None = None) -> None:
+    """Send R, V, X, F frames, clean the run directory, send Z (the HMAC over the result).
+
+    ``loaded`` is the task's (record, value, exception) when it ran in this process; otherwise they
+    are read from the run directory, where the forked task left them.
+    """
     private = os.path.join(run_dir, _PRIVATE)
-    try:
-        with open(os.path.join(private, "result.json")) as stream:
-            record = json.load(stream)
-    except (OSError, ValueError):
-        record = None
-    header: dict = {"protocol": wire.PROTOCOL, "duration": time.monotonic() - started,
-                    "python": "%d.%d.%d" % sys.version_info[:3], "host": os.uname().nodename}
+    record: dict[str, Any] | None
+    if loaded is not None:
+        record = loaded[0]
+    else:
+        try:
+            with open(os.path.join(private, "result.json")) as stream:
+                record = json.load(stream)
+        except (OSError, ValueError):
+            record = None
+    header: dict[str, Any] = {"protocol": wire.PROTOCOL, "duration": time.monotonic() - started,
+                    "python": "{}.{}.{}".format(*sys.version_info[:3]), "host": os.uname().nodename}
     signal_number = None
     if exit_status is not None and os.WIFSIGNALED(exit_status):
         signal_number = os.WTERMSIG(exit_status)
@@ -414,10 +457,12 @@ def _send_result(options: dict, run_dir: str, exit_status: int | None, status: s
         header["exception"] = record.get("exception")
     value = b""
     exc_data = b""
-    if record is not None and record.get("value"):
+    if loaded is not None:
+        value, exc_data = loaded[1], loaded[2]
+    elif record is not None and record.get("value"):
         with open(os.path.join(private, "value.bin"), "rb") as stream:
             value = stream.read()
-    if record is not None and record.get("exc_pickle"):
+    if loaded is None and record is not None and record.get("exc_pickle"):
         with open(os.path.join(private, "exception.bin"), "rb") as stream:
             exc_data = stream.read()
     header["value"] = {"size": len(value), "sha256": hashlib.sha256(value).hexdigest()} if value else None
@@ -437,7 +482,7 @@ def _send_result(options: dict, run_dir: str, exit_status: int | None, status: s
     out.send(b"Z", json.dumps({"hmac": out.mac.hexdigest()}).encode())
 
 
-def _manifest(run_dir: str, patterns: list) -> list:
+def _manifest(run_dir: str, patterns: list[str]) -> list[dict[str, Any]]:
     import fnmatch
 
     entries = []
@@ -470,12 +515,12 @@ class _FrameStream(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data) -> int:  # type: ignore[override]
+    def write(self, data: Any) -> int:
         self.out.send_chunks(b"F", bytes(data))
         return len(data)
 
 
-def _send_files(run_dir: str, files: list, out: _Out) -> None:
+def _send_files(run_dir: str, files: list[dict[str, Any]], out: _Out) -> None:
     import tarfile
 
     stream = io.BufferedWriter(_FrameStream(out), buffer_size=wire.MAX_FRAME)
@@ -489,7 +534,142 @@ def _send_files(run_dir: str, files: list, out: _Out) -> None:
     stream.flush()
 
 
-def main(argv: list | None = None) -> int:
+def _drain(fd: int, kind: bytes, out: _Out) -> bool:
+    """Send what a non-blocking pipe holds now; False once it reached end of file."""
+    while True:
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        out.send(kind, data)
+
+
+def _serve_worker(cache_dir: str, idle_timeout: float) -> int:
+    """Persistent worker (``keep_warm``): many calls over one channel, each run in this process.
+
+    Imports stay warm between calls, so a small call costs well under a millisecond here. The task runs
+    in a thread while the main thread streams its output (fds 1 and 2 are pipes read by this loop), sends
+    heartbeats and watches the coordinator. A call that times out or is cancelled cannot be stopped inside
+    a thread, so the worker reports it and exits (with its process group); the coordinator starts a
+    fresh worker for the next call. The worker also exits when stdin closes or after ``idle_timeout``
+    seconds without a call.
+    """
+    import threading
+
+    try:
+        os.setsid()
+    except OSError:
+        pass
+    proto_in = os.dup(0)
+    proto_out = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    os.close(out_w)
+    os.close(err_w)
+    for fd in (out_r, err_r):
+        os.set_blocking(fd, False)
+    sys.stdin = open(os.devnull)  # noqa: SIM115 - the tasks' stdin for the worker's life
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
+                                  errors="backslashreplace", line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
+                                  errors="backslashreplace", line_buffering=True)
+    os.environ["RX_INSIDE_RUNNER"] = "1"
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    out = _Out(proto_out)
+    reader = wire.FrameReader()
+    home = os.getcwd()
+    selector = selectors.DefaultSelector()
+    wake_r, wake_w = os.pipe()
+    selector.register(wake_r, selectors.EVENT_READ, b"W")
+    selector.register(out_r, selectors.EVENT_READ, b"O")
+    selector.register(err_r, selectors.EVENT_READ, b"E")
+    selector.register(proto_in, selectors.EVENT_READ, b"I")
+    out.send(b"P", json.dumps({"event": "worker", "pid": os.getpid(), "host": os.uname().nodename}).encode())
+    try:
+        while True:
+            options, session_bytes, reader = _read_call(proto_in, reader, idle_timeout)
+            out.mac = hmac.new(bytes.fromhex(options["key"]), digestmod=hashlib.sha256)
+            run_dir = _make_run_dir(cache_dir, options)
+            saved_env = dict(os.environ)
+            os.environ.update(options.get("env") or {})
+            os.environ.update(options.get("secret_env") or {})
+            os.environ["RX_RUN_DIR"] = run_dir
+            os.chdir(run_dir)
+            timeout = options.get("timeout")
+            heartbeat = float(options.get("heartbeat") or 5.0)
+            dead_after = float(options.get("dead_after") or 0) or None
+            started = time.monotonic()
+            box: list[tuple[dict[str, Any], bytes, bytes]] = []
+
+            def work(session_bytes: bytes = session_bytes, run_dir: str = run_dir,
+                     box: list[tuple[dict[str, Any], bytes, bytes]] = box) -> None:
+                try:
+                    box.append(_run_task(session_bytes, run_dir))
+                finally:
+                    os.write(wake_w, b"x")
+
+            thread = threading.Thread(target=work, daemon=True)
+            thread.start()
+            status = None
+            detail = None
+            last_input = time.monotonic()
+            while not box and status is None:
+                now = time.monotonic()
+                waits = [heartbeat - (now - out.last), 0.5]
+                if timeout is not None:
+                    waits.append(started + timeout - now)
+                for key_, _ in selector.select(max(0.0, min(waits))):
+                    if key_.data == b"W":
+                        os.read(wake_r, 64)
+                    elif key_.data == b"I":
+                        data = os.read(proto_in, 1 << 16)
+                        if not data:
+                            raise _CoordinatorGone()
+                        last_input = time.monotonic()
+                        for kind, _payload in reader.feed(data):
+                            if kind in (b"C", b"Q"):
+                                status, detail = "cancelled", "cancelled by the coordinator"
+                    else:
+                        _drain(key_.fd, key_.data, out)
+                now = time.monotonic()
+                if timeout is not None and status is None and not box and now - started > timeout:
+                    status, detail = "timeout", f"timed out after {timeout:g} s"
+                if dead_after is not None and now - last_input > dead_after:
+                    raise _CoordinatorGone()
+                if now - out.last >= heartbeat:
+                    out.send(b"B")
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except Exception:
+                pass
+            _drain(out_r, b"O", out)
+            _drain(err_r, b"E", out)
+            if status is not None:
+                # The task cannot be stopped inside its thread: report, then end the worker.
+                _send_result(options, run_dir, None, status, detail, None, started, out)
+                return 0
+            _send_result(options, run_dir, 0, None, None, None, started, out, loaded=box[0])
+            os.chdir(home)
+            os.environ.clear()
+            os.environ.update(saved_env)
+    finally:
+        if os.getpgrp() == os.getpid():  # end what the tasks left running in the worker's group
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            try:
+                os.killpg(os.getpgrp(), signal.SIGTERM)
+            except OSError:
+                pass
+
+
+def main(argv: list[str] | None = None) -> int:
     """Serve one call (``serve``) or many (``worker``) over stdin/stdout; see the module docstring."""
     args = list(sys.argv[1:] if argv is None else argv)
     cache_dir = os.path.expanduser(args[0]) if args else os.path.expanduser("~/.cache/remote_exec")
@@ -501,9 +681,8 @@ def main(argv: list | None = None) -> int:
             _serve_call(options, session, reader, cache_dir, out)
             return 0
         if mode == "worker":
-            while True:
-                options, session, reader = _read_call(0)
-                _serve_call(options, session, reader, cache_dir, out)
+            idle = float(args[2]) if len(args) > 2 else 600.0
+            return _serve_worker(cache_dir, idle)
         sys.stderr.write(f"rx runner: unknown mode {mode!r}\n")
         return EXIT_RUNNER_FAILURE
     except _CoordinatorGone:

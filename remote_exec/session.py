@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from .errors import RemoteError, RemoteTraceback, SessionError
+from .errors import CommandTimeout, Interrupted, RemoteError, RemoteTraceback, RunnerError, SessionError
 from .serialization import get_serializer
 from .task import Execution, Task
 
@@ -45,6 +45,7 @@ class Result:
         traceback: The remote traceback text, if any.
         detail: A human sentence for statuses other than finished/raised (which signal, what failed).
         cached: True when the value came from a cache rather than a run.
+        host: Where it ran, when it ran elsewhere.
     """
 
     value: Any = None
@@ -56,6 +57,7 @@ class Result:
     traceback: str | None = None
     detail: str | None = None
     cached: bool = False
+    host: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -63,9 +65,24 @@ class Result:
         return self.status == "finished" and self.exit_code == 0 and self.exception is None
 
     def unwrap(self) -> Any:
-        """The value, or raise the task's exception (with the remote traceback as its cause)."""
+        """The value, or raise the task's exception (with the remote traceback as its cause).
+
+        Raises:
+            BaseException: The task's own exception (or a RemoteError standing for it).
+            CommandTimeout: The task ran past its timeout.
+            Interrupted: The task was cancelled.
+            RunnerError: The task was killed (by a signal, out of memory) or ended without a result.
+        """
         if self.exception is not None:
             raise self.exception
+        if self.status == "timeout":
+            raise CommandTimeout(self.host or "local", self.detail or "the task timed out")
+        if self.status == "cancelled":
+            raise Interrupted(self.detail or "the task was cancelled")
+        if self.status not in ("finished", "raised"):
+            where = f" on {self.host}" if self.host else ""
+            raise RunnerError(f"the task{where} ended: {self.detail or 'no result'}", reason=self.status,
+                              host=self.host or "local")
         return self.value
 
     @classmethod

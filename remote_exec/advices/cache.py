@@ -39,7 +39,7 @@ class CachingAdvice(Advice):
         """The cache key of a session: code, arguments, Python version and interpreter."""
         options = session.context.get("options") or {}
         digest = hashlib.sha256()
-        for part in (session.task.task_id, session.execution.execution_id, "%d.%d" % sys.version_info[:2],
+        for part in (session.task.task_id, session.execution.execution_id, "{}.{}".format(*sys.version_info[:2]),
                      str(options.get("python") or "python3"), str(session.context.get("remote") or "local")):
             digest.update(part.encode() + b"\0")
         return digest.hexdigest()

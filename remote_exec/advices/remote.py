@@ -11,6 +11,8 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import pickle
+import queue
 import sys
 import threading
 from abc import abstractmethod
@@ -110,6 +112,52 @@ def _sink(stream: IO[str], log: IO[bytes] | None) -> Callable[[bytes], None]:
 
 # -- the process-wide run that @task calls are recorded in --------------------------------------------
 
+
+class _Recorder:
+    """Applies workspace updates for @task calls in order, on one background thread.
+
+    A call does not wait for its record to reach the disk (each locked, fsynced state rewrite costs
+    milliseconds, more than a warm call itself); :meth:`flush` waits for everything submitted so far,
+    and runs at exit before the run is closed.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="rx-recorder", daemon=True)
+                self._thread.start()
+        self._queue.put(job)
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is not None:
+                    job()
+            except Exception:
+                logger.warning("recording a task call in the workspace failed", exc_info=True)
+            finally:
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every submitted update is applied."""
+        if self._thread is not None:
+            self._queue.join()
+
+
+_recorder = _Recorder()
+
+
+def _register_recorder() -> None:
+    from ..workspace.manager import register_pending_writer
+
+    register_pending_writer(_recorder.flush)
+
 _runs: dict[tuple[str, str], Any] = {}
 _runs_lock = threading.Lock()
 
@@ -131,6 +179,7 @@ def _process_run(session: Session, config: Configuration, target: Target) -> Any
                 run = workspace.new_run(target=name, kind="task", argv=sys.argv[1:], remote=target.host,
                                         backend=target.backend_name, run_id=session.run_id)
                 run.set_status("running")
+                _register_recorder()
                 atexit.register(_close_process_run, run)
             _runs[key] = run
         return run
@@ -139,6 +188,7 @@ def _process_run(session: Session, config: Configuration, target: Target) -> Any
 def _close_process_run(run: Any) -> None:
     """At exit: the process's run is finished when every task call is done, else failed."""
     try:
+        _recorder.flush()
         tasks = run.tasks()
         failed = [key for key, entry in tasks.items() if entry.get("status") != "done"]
         run.set_status("failed" if failed else "finished", exit_code=1 if failed else 0,
@@ -159,29 +209,41 @@ def execute(session: Session, target: Target) -> Result:
         return _execute_cli(session, target, config, cli_run)
     run = _process_run(session, config, target)
     key = session.execution.execution_id[:16]
-    run.task_started(key, name=session.task.name, host=target.host)
-    run.store.write_bytes(f"sessions/{key}.zip", session.dumps())
+    session_bytes = session.dumps()
+
+    def started() -> None:
+        run.task_started(key, name=session.task.name, host=target.host)
+        run.store.write_bytes(f"sessions/{key}.zip", session_bytes)
+
+    _recorder.submit(started)
     stdout = _sink(sys.stdout, None)
     stderr = _sink(sys.stderr, None)
     try:
         archive = archive_for(session.task, config)
         outcome = dispatch(session, target.backend, archive, target.options, on_stdout=stdout,
-                           on_stderr=stderr, land_file=_lander(run, f"files/{key}/"))
+                           on_stderr=stderr, land_file=_lander(run, f"files/{key}/"),
+                           session_bytes=session_bytes)
     except BaseException as exc:
-        run.task_finished(key, ok=False, error=f"{type(exc).__name__}: {exc}")
+        error = f"{type(exc).__name__}: {exc}"
+        _recorder.submit(lambda: run.task_finished(key, ok=False, error=error))
         raise
     result = outcome.result
+    value = None
     if result.ok and session.task.kind == "function":
         try:
-            import pickle
-
-            run.store.write_bytes(f"results/{key}.pkl", pickle.dumps(result.value, protocol=5))
+            value = pickle.dumps(result.value, protocol=5)
         except Exception:  # an unpicklable value is still returned; it just cannot be merged later
             logger.debug("result of %s not recorded", session.task.name, exc_info=True)
-    run.set_task(key, "done" if result.ok else "failed", execution_id=session.execution.execution_id,
-                 exit_code=result.exit_code, result_status=result.status, phases=outcome.phases,
-                 error=None if result.ok else (result.detail or f"{result.exception_type}: "
-                                                              f"{result.exception_message}"))
+
+    def finished() -> None:
+        if value is not None:
+            run.store.write_bytes(f"results/{key}.pkl", value)
+        run.set_task(key, "done" if result.ok else "failed", execution_id=session.execution.execution_id,
+                     exit_code=result.exit_code, result_status=result.status, phases=outcome.phases,
+                     error=None if result.ok else (result.detail or f"{result.exception_type}: "
+                                                                  f"{result.exception_message}"))
+
+    _recorder.submit(finished)
     return result
 
 
@@ -285,6 +347,7 @@ class RemoteAdvice(ExecutingAdvice):
             keep=bool(options.get("keep")),
             heartbeat=min(spec.keepalive_interval, 5.0),
             dead_after=spec.dead_after,
+            keep_warm=bool(options.get("keep_warm", remote.keep_warm)),
         )
         return Target(backend=backend, backend_name=backend_name, host=remote.name, options=call)
 

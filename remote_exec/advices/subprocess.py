@@ -66,5 +66,6 @@ class SubprocessAdvice(ExecutingAdvice):
             keep=bool(options.get("keep")),
             heartbeat=5.0,
             dead_after=16.0,
+            keep_warm=bool(options.get("keep_warm")),
         )
         return Target(backend=_backend, backend_name="local", host="local", options=call)

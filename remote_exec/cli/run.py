@@ -12,9 +12,9 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import ConfigError, Interrupted, RemoteExecError, WorkspaceError
-from . import app, state
+from . import app
 
-__all__ = ["run", "rerun"]
+__all__ = ["rerun", "run"]
 
 _BACKENDS = ("openssh", "paramiko")
 
@@ -91,7 +91,8 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     if outcome is not None:
         record.update(host=outcome.header.get("host"), python=outcome.header.get("python"),
                       duration=outcome.header.get("duration"), phases=outcome.phases,
-                      uploaded_archive=outcome.uploaded, files=[str(p.relative_to(run.dir)) for p in outcome.files])
+                      uploaded_archive=outcome.uploaded,
+                      files=[str(p.relative_to(run.dir)) for p in outcome.files])
     run.store.write_bytes("result.json", json.dumps(record, indent=1).encode())
     exit_code = result.exit_code
     if result.status == "timeout":
@@ -122,8 +123,8 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
         elif result.status in ("signal", "oom"):
             message += f" ({result.detail})"
         message += f", exit {exit_code}, {info.get('duration') or 0:.2f} s; {files} file(s) in {where}/files"
-        Console(stderr=True, highlight=False, soft_wrap=True).print(message, style="dim" if status == "finished" else "yellow",
-                                                    markup=False)
+        console = Console(stderr=True, highlight=False, soft_wrap=True)
+        console.print(message, style="dim" if status == "finished" else "yellow", markup=False)
     return exit_code
 
 

@@ -68,7 +68,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,17 @@ def new_run_id() -> str:
     seconds, millis = divmod(ms, 1000)
     stamp = datetime.fromtimestamp(seconds, tz=timezone.utc)
     return f"{stamp:%Y%m%d-%H%M%S}-{millis:03d}{secrets.randbelow(4096):03x}"
+
+
+#: Flush functions of in-process writers that record in the background (the @task call recorder): a
+#: Workspace of this process runs them before it lists runs, so it never reads behind its own writes.
+_pending_writers: list[Callable[[], None]] = []
+
+
+def register_pending_writer(flush: Callable[[], None]) -> None:
+    """Have every listing of runs in this process wait for ``flush()`` first."""
+    if flush not in _pending_writers:
+        _pending_writers.append(flush)
 
 
 # -- the coordinator: which process owns a run, and is it still there ------------------------------
@@ -288,6 +299,8 @@ class Workspace:
 
     def ids(self) -> list[str]:
         """The ids of every recorded run, oldest first (a directory without ``state.json`` is skipped)."""
+        for flush in _pending_writers:
+            flush()
         try:
             entries = list(self.runs_dir.iterdir())
         except FileNotFoundError:

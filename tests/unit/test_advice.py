@@ -372,8 +372,6 @@ def test_task_options_env_reaches_the_task(sub: Configuration) -> None:
     assert probe() == "from the option"
 
 
-@pytest.mark.xfail(strict=True, reason="run_task returns None for a task that timed out or was killed "
-                                       "(Result.unwrap only raises when an exception object is set)")
 def test_a_task_that_times_out_or_dies_raises_instead_of_returning_none(sub: Configuration) -> None:
     import signal
     import time
@@ -386,9 +384,6 @@ def test_a_task_that_times_out_or_dies_raises_instead_of_returning_none(sub: Con
         print("killed task returned", repr(killed()))
 
 
-@pytest.mark.xfail(strict=True, reason="the archive carries only the remote-side modules of remote_exec, so "
-                                       "a task module that imports Configuration/SubprocessAdvice at the top "
-                                       "fails to import on the other side (No module named remote_exec.config)")
 def test_module_using_the_public_api_at_import_time_runs(isolated: Any, make_module: ModuleFactory) -> None:
     module = make_module("rx_unit_tasks_api", """
         import os

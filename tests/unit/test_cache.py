@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -108,7 +109,9 @@ def test_entries_are_written_under_a_temporary_name_first(isolated: Any, make_mo
     real_fsync = os.fsync
 
     def watching_fsync(fd: int) -> None:
-        seen_while_syncing.append(sorted(path.name for path in _entries(results_dir)))
+        # Only the caller's own thread: the workspace records @task calls on a background thread.
+        if threading.current_thread() is threading.main_thread():
+            seen_while_syncing.append(sorted(path.name for path in _entries(results_dir)))
         real_fsync(fd)
 
     monkeypatch.setattr(cache_module.os, "fsync", watching_fsync)

@@ -95,8 +95,6 @@ def test_run_a_module_from_the_current_directory_with_arguments(isolated: Any) -
     assert single.stdout == "single ['x']\n"
 
 
-@pytest.mark.xfail(strict=True, reason="rx run -m through the `rx` console script (cwd not on sys.path): "
-                                       "archive_for -> _import_path cannot find the module and raises PackError")
 def test_run_a_module_when_the_cwd_is_not_on_sys_path(isolated: Any, monkeypatch: pytest.MonkeyPatch,
                                                       capfd: pytest.CaptureFixture[str]) -> None:
     from remote_exec.cli import main
