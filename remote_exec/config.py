@@ -40,7 +40,7 @@ __all__ = ["Configuration", "Remote", "find_pyproject"]
 
 DEFAULT_WORKDIR = "~/.cache/remote_exec"
 _REMOTE_KEYS = {"host", "user", "port", "python", "workdir", "env", "backend", "keep_warm", "identity_file",
-                "timeout"}
+                "timeout", "restricted", "allow_unpickle"}
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,9 @@ class Remote:
         keep_warm: Keep a persistent worker on the host for many small calls.
         identity_file: Key file (overrides ssh_config).
         timeout: Default task timeout in seconds.
+        restricted: Unpickle results from this host through an allow-list (a host you do not fully
+            trust): plain data and built-in exceptions, plus ``allow_unpickle``.
+        allow_unpickle: Modules or ``module.name`` globals restricted mode accepts besides those.
     """
 
     name: str
@@ -72,6 +75,8 @@ class Remote:
     keep_warm: bool = False
     identity_file: str | None = None
     timeout: float | None = None
+    restricted: bool = False
+    allow_unpickle: tuple[str, ...] = ()
 
     @classmethod
     def from_table(cls, name: str, table: Mapping[str, Any]) -> Remote:
@@ -86,6 +91,8 @@ class Remote:
                               hint=f"known keys: {', '.join(sorted(_REMOTE_KEYS))}")
         values = dict(table)
         values.setdefault("host", name)
+        if "allow_unpickle" in values:
+            values["allow_unpickle"] = tuple(values["allow_unpickle"])
         if not isinstance(values["host"], str):
             raise ConfigError(f"[tool.rx.remotes.{name}]: host must be a string")
         if "port" in values and not isinstance(values["port"], int):

@@ -71,6 +71,9 @@ class CallOptions:
         keep_warm: Run the call in a persistent worker on the host (started on first use, reused by
             later calls of the same code; imports stay warm).
         worker_idle: Seconds a persistent worker waits for its next call before it exits.
+        restricted: Unpickle results through an allow-list (plain data, built-in exceptions, and
+            ``allow_unpickle``), for hosts you do not fully trust.
+        allow_unpickle: Extra globals or modules restricted mode accepts.
     """
 
     python: str = "python3"
@@ -85,6 +88,8 @@ class CallOptions:
     dead_after: float = 16.0
     keep_warm: bool = False
     worker_idle: float = 600.0
+    restricted: bool = False
+    allow_unpickle: Sequence[str] = ()
 
 
 @dataclass
@@ -567,14 +572,22 @@ def _collect(call: _Call, session: Session,
         if expected is not None and (len(data) != expected["size"]
                                      or hashlib.sha256(data).hexdigest() != expected["sha256"]):
             raise IntegrityError(f"{host}: the result's {name} is damaged (size or sha256 mismatch)")
-    result = _rebuild_result(header, bytes(call.value), bytes(call.exc_data), session)
+    result = _rebuild_result(header, bytes(call.value), bytes(call.exc_data), session, call.options)
     landed: list[Path] = []
     if land_file is not None and header.get("files"):
         landed = _land_files(call, header["files"], land_file)
     return result, landed
 
 
-def _rebuild_result(header: dict[str, Any], value: bytes, exc_data: bytes, session: Session) -> Result:
+def _rebuild_result(header: dict[str, Any], value: bytes, exc_data: bytes, session: Session,
+                    options: CallOptions) -> Result:
+    from .serialization import get_serializer, restricted_loads
+
+    def unpickle(data: bytes) -> Any:
+        if options.restricted:
+            return restricted_loads(data, options.allow_unpickle)
+        return pickle.loads(data)
+
     status = header.get("status", "error")
     exit_code = int(header.get("exit_code", 1))
     exception = header.get("exception")
@@ -582,7 +595,7 @@ def _rebuild_result(header: dict[str, Any], value: bytes, exc_data: bytes, sessi
         traceback_text = exception.get("traceback") or ""
         if exc_data:
             try:
-                exc = pickle.loads(exc_data)
+                exc = unpickle(exc_data)
                 if isinstance(exc, BaseException):
                     return Result.from_exception(exc, traceback_text, exit_code=exit_code, status=status)
             except Exception:
@@ -602,9 +615,10 @@ def _rebuild_result(header: dict[str, Any], value: bytes, exc_data: bytes, sessi
         result.exception_message = exception.get("message")
         result.traceback = exception.get("traceback")
     if value:
-        from .serialization import get_serializer
-
-        result.value = get_serializer(session.serializer).loads(value)
+        if session.serializer == "pickle":
+            result.value = unpickle(value)
+        else:
+            result.value = get_serializer(session.serializer).loads(value)
     return result
 
 

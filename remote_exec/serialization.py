@@ -16,9 +16,11 @@ import base64
 import importlib
 import json
 import pickle
+from collections.abc import Iterable
 from typing import Any, Protocol
 
-__all__ = ["JsonSerializer", "PickleSerializer", "Serializer", "get_serializer"]
+__all__ = ["JsonSerializer", "PickleSerializer", "RestrictedUnpickler", "Serializer", "get_serializer",
+           "restricted_loads"]
 
 _PROTOCOL = 5
 
@@ -143,6 +145,55 @@ class JsonSerializer:
         if kind == "object":
             return _import(value["type"]).deserialize(self._decode(value["data"]))
         raise ValueError(f"JSON serializer: unknown tag {kind!r}")
+
+
+#: What restricted mode unpickles without being told: plain data types and the standard exceptions.
+SAFE_GLOBALS = frozenset({
+    "builtins.bool", "builtins.bytearray", "builtins.bytes", "builtins.complex", "builtins.dict",
+    "builtins.float", "builtins.frozenset", "builtins.int", "builtins.list", "builtins.range",
+    "builtins.set", "builtins.slice", "builtins.str", "builtins.tuple", "builtins.NoneType",
+    "collections.OrderedDict", "collections.defaultdict", "collections.deque", "collections.Counter",
+    "datetime.date", "datetime.datetime", "datetime.time", "datetime.timedelta", "datetime.timezone",
+    "decimal.Decimal", "fractions.Fraction", "uuid.UUID", "copyreg._reconstructor", "builtins.object",
+})
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles only plain data, the built-in exceptions, and the globals or modules allowed.
+
+    For results from hosts you do not fully trust: a pickle can call any importable function when it
+    is loaded, so restricted mode refuses every global that is not on the allow-list.
+
+    Args:
+        allow: Extra globals (``module.name``) or whole modules (``module`` or ``module.*``) to accept.
+    """
+
+    def __init__(self, file: Any, *, allow: Iterable[str] = ()) -> None:
+        super().__init__(file)
+        self.allow = frozenset(allow)
+
+    def find_class(self, module: str, name: str) -> Any:
+        qualified = f"{module}.{name}"
+        allowed = (qualified in SAFE_GLOBALS or qualified in self.allow or module in self.allow
+                   or f"{module}.*" in self.allow or any(module.startswith(f"{m}.") for m in self.allow))
+        if not allowed and module == "builtins":
+            import builtins
+
+            value = getattr(builtins, name, None)
+            allowed = isinstance(value, type) and issubclass(value, BaseException)
+        if not allowed:
+            from .errors import SerializationError
+
+            raise SerializationError(f"restricted mode refused to unpickle {qualified}",
+                                     hint=f"allow it with allow_unpickle=['{module}'] if you trust the host")
+        return super().find_class(module, name)
+
+
+def restricted_loads(data: bytes, allow: Iterable[str] = ()) -> Any:
+    """Unpickle ``data`` through :class:`RestrictedUnpickler`."""
+    import io
+
+    return RestrictedUnpickler(io.BytesIO(data), allow=allow).load()
 
 
 _SERIALIZERS: dict[str, type[PickleSerializer] | type[JsonSerializer]] = {

@@ -327,8 +327,11 @@ def task(function: Callable[..., R] | None = None, /, *, remote: str | None = No
             the chain has no remote advice).
         chain: Name of the advice chain in the configuration.
         config: A Configuration to use instead of the project's.
-        **options: Per-task options for advices: ``timeout``, ``python``, ``backend``, ``env``,
-            ``keep_warm``, ``pull``.
+        **options: Per-task options for advices: ``timeout`` (seconds), ``python`` (remote interpreter),
+            ``backend`` (openssh or paramiko), ``env`` (a dict), ``secret_env`` (names of local variables
+            passed over the channel only), ``workdir`` (remote cache dir), ``keep_warm`` (a persistent
+            worker), ``pull`` (file globs), ``no_pull``, ``restricted`` and ``allow_unpickle`` (unpickle
+            results through an allow-list), ``keepalive_interval`` / ``keepalive_count``.
     """
     if function is not None:
         if not callable(function):

@@ -348,6 +348,8 @@ class RemoteAdvice(ExecutingAdvice):
             heartbeat=min(spec.keepalive_interval, 5.0),
             dead_after=spec.dead_after,
             keep_warm=bool(options.get("keep_warm", remote.keep_warm)),
+            restricted=bool(options.get("restricted", remote.restricted)),
+            allow_unpickle=tuple(options.get("allow_unpickle") or remote.allow_unpickle),
         )
         return Target(backend=backend, backend_name=backend_name, host=remote.name, options=call)
 

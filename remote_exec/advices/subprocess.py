@@ -67,5 +67,7 @@ class SubprocessAdvice(ExecutingAdvice):
             heartbeat=5.0,
             dead_after=16.0,
             keep_warm=bool(options.get("keep_warm")),
+            restricted=bool(options.get("restricted")),
+            allow_unpickle=tuple(options.get("allow_unpickle") or ()),
         )
         return Target(backend=_backend, backend_name="local", host="local", options=call)

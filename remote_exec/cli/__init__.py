@@ -73,8 +73,16 @@ def _register() -> None:
     from . import hosts, ledger, run  # noqa: F401
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point of the ``rx`` console script."""
+    import signal
+
+    # SIGTERM stops a run the way Ctrl-C does: the remote task is stopped, the run recorded cancelled.
+    signal.signal(signal.SIGTERM, _terminate)
     _register()
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:]) or bool(
         os.environ.get("RX_DEBUG"))
