@@ -114,7 +114,7 @@ def test_entries_are_written_under_a_temporary_name_first(isolated: Any, make_mo
             seen_while_syncing.append(sorted(path.name for path in _entries(results_dir)))
         real_fsync(fd)
 
-    monkeypatch.setattr(cache_module.os, "fsync", watching_fsync)
+    monkeypatch.setattr(f"{cache_module.__name__}.os.fsync", watching_fsync)
     assert task(chain="c", config=config)(module.compute)(2, str(log)) == 6
     assert len(seen_while_syncing) == 1
     names = seen_while_syncing[0]

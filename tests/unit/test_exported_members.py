@@ -40,7 +40,7 @@ def test_submodule_all_lists_resolve() -> None:
 
 def test_unknown_attribute_is_an_attribute_error() -> None:
     try:
-        remote_exec.NoSuchThing  # type: ignore[attr-defined]  # noqa: B018
+        remote_exec.NoSuchThing  # noqa: B018
     except AttributeError as exc:
         assert "NoSuchThing" in str(exc)
     else:  # pragma: no cover

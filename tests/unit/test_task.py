@@ -37,7 +37,7 @@ def test_bare_decorator_keeps_the_function_and_its_name() -> None:
     decorated = task(add)
     assert isinstance(decorated, TaskFunction)
     assert decorated.function is add
-    assert decorated.__name__ == "add" and decorated.__doc__ == "Add two numbers."
+    assert vars(decorated)["__name__"] == "add" and decorated.__doc__ == "Add two numbers."
     assert decorated.remote is None and decorated.chain == "default" and decorated.options == {}
 
 
