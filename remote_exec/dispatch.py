@@ -281,10 +281,10 @@ def _interpreter_error(host: str, python: str, code: int | None, stderr: bytes) 
 
 
 def _start_runner(backend: Backend, archive: DistributionArchive, options: CallOptions, mode: str,
-                  phase: Callable[[str, str], None]) -> _Runner:
+                  phase: Callable[[str, str], None], extra: Sequence[str] = ()) -> _Runner:
     """Exec the bootstrap; send the archive only if the host lacks it. Returns the running runner."""
     host = backend.host
-    argv = [options.python, "-c", wire.BOOTSTRAP, archive.sha256, options.workdir, mode]
+    argv = [options.python, "-c", wire.BOOTSTRAP, archive.sha256, options.workdir, mode, *extra]
     if mode == "worker":
         argv.append(f"{options.worker_idle:g}")
     phase("connect", "started")
@@ -432,7 +432,8 @@ def dispatch(
 def _call(runner: _Runner, session: Session, session_bytes: bytes, options: CallOptions,
           on_stdout: OutputSink, on_stderr: OutputSink,
           land_file: Callable[[PurePosixPath, Path, str], Path] | None, phase: Callable[[str, str], None],
-          phases: dict[str, float], uploaded: bool, *, keep: bool) -> Outcome:
+          phases: dict[str, float], uploaded: bool, *, keep: bool,
+          extra_options: Mapping[str, Any] | None = None, send_session: bool = True) -> Outcome:
     """One call on ``runner``: send it, stream its output, collect and check its result."""
     host = runner.backend.host
     process = runner.process
@@ -449,6 +450,7 @@ def _call(runner: _Runner, session: Session, session_bytes: bytes, options: Call
         "no_pull": options.no_pull or land_file is None,
         "keep": options.keep,
         "kind": session.task.kind,
+        **(extra_options or {}),
     }
     spool_dir = Path(tempfile.mkdtemp(prefix="rx-collect-"))
     call = _Call(runner, options, key, on_stdout, on_stderr, spool_dir / "files.tar")
@@ -458,11 +460,8 @@ def _call(runner: _Runner, session: Session, session_bytes: bytes, options: Call
     try:
         with runner.write_lock:
             process.write_stdin(wire.encode(b"G", json.dumps(call_options).encode()))
-            view = memoryview(session_bytes)
-            for start in range(0, len(view), wire.MAX_FRAME):
-                process.write_stdin(wire.encode(b"S", bytes(view[start:start + wire.MAX_FRAME])))
-            process.write_stdin(wire.encode(b"s", json.dumps(
-                {"sha256": hashlib.sha256(session_bytes).hexdigest()}).encode()))
+            if send_session:
+                _send_session(process, session_bytes)
         watcher.start()
         try:
             call.read_loop()
@@ -518,6 +517,95 @@ def _call(runner: _Runner, session: Session, session_bytes: bytes, options: Call
     assert call.header is not None
     result.host = host
     return Outcome(result=result, header=call.header, files=landed, uploaded=uploaded, phases=phases)
+
+
+def _send_session(process: Process, session_bytes: bytes) -> None:
+    view = memoryview(session_bytes)
+    for start in range(0, len(view), wire.MAX_FRAME):
+        process.write_stdin(wire.encode(b"S", bytes(view[start:start + wire.MAX_FRAME])))
+    process.write_stdin(wire.encode(b"s", json.dumps({"sha256": hashlib.sha256(session_bytes).hexdigest()}).encode()))
+
+
+# -- detached runs --------------------------------------------------------------------------------------
+
+
+def start_detached(session: Session, backend: Backend, archive: DistributionArchive, options: CallOptions,
+                   *, on_phase: Callable[[str, str], None] | None = None) -> dict[str, Any]:
+    """Start ``session`` on the host so that it outlives this process and the connection.
+
+    Returns:
+        What :func:`attach_detached` and :func:`cancel_detached` need: host, remote run directory,
+        supervisor pid, archive sha256, interpreter and workdir.
+    """
+    runner = _start_runner(backend, archive, options, "detach", on_phase or (lambda name, state: None))
+    call_options = {"run_id": session.run_id or "run", "timeout": options.timeout, "env": dict(options.env),
+                    "secret_env": dict(options.secret_env), "kind": session.task.kind,
+                    "pull": list(options.pull), "no_pull": options.no_pull, "key": "00"}
+    try:
+        with runner.write_lock:
+            runner.process.write_stdin(wire.encode(b"G", json.dumps(call_options).encode()))
+            _send_session(runner.process, session.dumps())
+        info: dict[str, Any] | None = None
+        data, runner.pending = runner.pending, b""
+        while info is None:
+            for kind, payload in runner.reader.feed(data):
+                if kind == b"P":
+                    info = json.loads(payload)
+            if info is None:
+                data = runner.process.read_stdout(65536)
+                if not data:
+                    raise RunnerError(f"starting the detached run on {backend.host} failed: "
+                                      f"{runner.stderr_tail() or 'no reason given'}", host=backend.host)
+    finally:
+        _reap(runner.process, runner.stderr_reader)
+    return {"host": backend.host, "run_dir": info["run_dir"], "supervisor_pid": info.get("supervisor_pid"),
+            "archive": archive.sha256, "archive_path": str(archive.path), "python": options.python,
+            "workdir": options.workdir}
+
+
+def attach_detached(session: Session, backend: Backend, detached: Mapping[str, Any], options: CallOptions, *,
+                    on_stdout: OutputSink, on_stderr: OutputSink,
+                    land_file: Callable[[PurePosixPath, Path, str], Path] | None = None,
+                    collect: bool = True, offsets: tuple[int, int] = (0, 0)) -> Outcome | None:
+    """Follow a detached run's output until it ends; with ``collect``, bring its result back (checked
+    as an attached call's is) and let the host remove its run directory.
+
+    Returns:
+        The outcome, or None when only following (``collect=False``).
+    """
+    archive = DistributionArchive(path=Path(detached["archive_path"]), sha256=detached["archive"],
+                                  size=0, modules=())
+    mode_args = [str(detached["run_dir"])] + (["collect"] if collect else [])
+    runner = _start_runner(backend, archive, options, "attach", lambda name, state: None, mode_args)
+    phases: dict[str, float] = {}
+    if not collect:
+        key = secrets.token_bytes(32)
+        call = _Call(runner, options, key, on_stdout, on_stderr, Path(os.devnull))
+        try:
+            runner.send(b"G", json.dumps({"key": key.hex(), "heartbeat": options.heartbeat,
+                                          "stdout_offset": offsets[0], "stderr_offset": offsets[1]}).encode())
+            call.read_loop()
+        finally:
+            runner.process.kill()
+        if call.end is None:
+            raise ConnectError(backend.host, "the connection was lost while following the run")
+        return None
+    return _call(runner, session, b"", options, on_stdout, on_stderr, land_file, lambda name, state: None,
+                 phases, False, keep=False, send_session=False,
+                 extra_options={"stdout_offset": offsets[0], "stderr_offset": offsets[1]})
+
+
+def cancel_detached(backend: Backend, detached: Mapping[str, Any], options: CallOptions) -> dict[str, Any]:
+    """Stop a detached run's task; return the host's status record of the run once it has ended."""
+    argv = [options.python, "-c", wire.BOOTSTRAP, detached["archive"], options.workdir, "cancel",
+            str(detached["run_dir"])]
+    result = backend.run(argv, timeout=30)
+    lines = result.stdout.decode("utf-8", "replace").strip().splitlines()
+    if result.failed or not lines or lines[0] != "RXBOOT1 HAVE":
+        raise RunnerError(f"cancelling the run on {backend.host} failed: {result.tail() or 'no reason given'}",
+                          host=backend.host)
+    status: dict[str, Any] = json.loads(lines[-1])
+    return status
 
 
 def _reap(process: Process, stderr_reader: threading.Thread) -> None:

@@ -271,11 +271,51 @@ def _make_run_dir(cache_dir: str, options: dict[str, Any]) -> str:
     return run_dir
 
 
+class _FileSink:
+    """Where a detached task's output goes: files in the run's private directory (no coordinator)."""
+
+    def __init__(self, run_dir: str) -> None:
+        private = os.path.join(run_dir, _PRIVATE)
+        self.streams = {b"O": open(os.path.join(private, "stdout"), "ab", buffering=0),  # noqa: SIM115
+                        b"E": open(os.path.join(private, "stderr"), "ab", buffering=0)}  # noqa: SIM115
+        self.last = time.monotonic()
+
+    def send(self, kind: bytes, payload: bytes = b"", *, signed: bool = False) -> None:
+        stream = self.streams.get(kind)
+        if stream is not None:
+            stream.write(payload)
+        self.last = time.monotonic()
+
+    def close(self) -> None:
+        for stream in self.streams.values():
+            stream.close()
+
+
 def _serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.FrameReader, cache_dir: str,
                 out: _Out) -> None:
     """One call in a forked task process (the default, process-per-call mode)."""
     out.mac = hmac.new(bytes.fromhex(options["key"]), digestmod=hashlib.sha256)
     run_dir = _make_run_dir(cache_dir, options)
+    outcome = _supervise(options, session_bytes, reader, run_dir, out, coordinator=True)
+    _write_status(run_dir, state="collecting")
+    try:
+        _send_result(options, run_dir, *outcome, out)
+    finally:
+        if not options.get("keep"):
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.FrameReader, run_dir: str,
+               out: _Out | _FileSink, *, coordinator: bool) -> tuple[int | None, str | None, str | None,
+                                                                      int | None, float]:
+    """Fork the task into its own process group and watch it to its end.
+
+    With a coordinator, its frames arrive on stdin (heartbeats, cancel) and its absence kills the task;
+    without one (a detached run), SIGTERM to this process cancels the task.
+
+    Returns:
+        (wait status, status if the runner decided it, detail, OOM kills before, start clock).
+    """
     timeout = options.get("timeout")
     heartbeat = float(options.get("heartbeat") or 5.0)
     dead_after = float(options.get("dead_after") or 0) or None
@@ -315,7 +355,12 @@ def _serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.Fram
     selector.register(wake_r, selectors.EVENT_READ, b"W")
     selector.register(out_r, selectors.EVENT_READ, b"O")
     selector.register(err_r, selectors.EVENT_READ, b"E")
-    selector.register(0, selectors.EVENT_READ, b"I")
+    cancel_requested: list[bool] = []
+    if coordinator:
+        selector.register(0, selectors.EVENT_READ, b"I")
+    else:
+        dead_after = None
+        signal.signal(signal.SIGTERM, lambda *_: cancel_requested.append(True))
     status = None
     detail = None
     exit_status = None
@@ -369,6 +414,10 @@ def _serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.Fram
                     _kill_group(pid, signal.SIGKILL)
             if exit_status is not None and (open_pipes == 0 or now - (child_done_at or now) > 1.0):
                 break
+            if cancel_requested and status is None:
+                status, detail = "cancelled", "cancelled (rx cancel)"
+                _kill_group(pid, signal.SIGTERM)
+                kill_deadline = now + _KILL_GRACE
             if timeout is not None and status is None and now - started > timeout:
                 status, detail = "timeout", f"timed out after {timeout:g} s"
                 _kill_group(pid, signal.SIGTERM)
@@ -399,23 +448,26 @@ def _serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.Fram
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.close(wake_r)
         os.close(wake_w)
-
-    _write_status(run_dir, state="collecting")
-    try:
-        _send_result(options, run_dir, exit_status, status, detail, oom_before, started, out)
-    finally:
-        if not options.get("keep"):
-            shutil.rmtree(run_dir, ignore_errors=True)
+    return exit_status, status, detail, oom_before, started
 
 
 def _send_result(options: dict[str, Any], run_dir: str, exit_status: int | None, status: str | None,
                  detail: str | None, oom_before: int | None, started: float, out: _Out,
                  loaded: tuple[dict[str, Any], bytes, bytes] | None = None) -> None:
-    """Send R, V, X, F frames, clean the run directory, send Z (the HMAC over the result).
+    """Classify how the task ended, then send its result (see :func:`_send_classified`).
 
     ``loaded`` is the task's (record, value, exception) when it ran in this process; otherwise they
     are read from the run directory, where the forked task left them.
     """
+    header, value, exc_data = _classify(options, run_dir, exit_status, status, detail, oom_before, started,
+                                        loaded)
+    _send_classified(options, run_dir, header, value, exc_data, out)
+
+
+def _classify(options: dict[str, Any], run_dir: str, exit_status: int | None, status: str | None,
+              detail: str | None, oom_before: int | None, started: float,
+              loaded: tuple[dict[str, Any], bytes, bytes] | None = None) -> tuple[dict[str, Any], bytes, bytes]:
+    """The result header (status, exit code, signal, exception) and the value and exception bytes."""
     private = os.path.join(run_dir, _PRIVATE)
     record: dict[str, Any] | None
     if loaded is not None:
@@ -468,8 +520,14 @@ def _send_result(options: dict[str, Any], run_dir: str, exit_status: int | None,
     header["value"] = {"size": len(value), "sha256": hashlib.sha256(value).hexdigest()} if value else None
     header["exc_pickle"] = {"size": len(exc_data), "sha256": hashlib.sha256(exc_data).hexdigest()} \
         if exc_data else None
+    return header, value, exc_data
+
+
+def _send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any], value: bytes,
+                     exc_data: bytes, out: _Out) -> None:
+    """Send R, V, X, F frames, clean the run directory, send Z (the HMAC over the result)."""
     files = [] if options.get("no_pull") else _manifest(run_dir, options.get("pull") or [])
-    header["files"] = files
+    header = dict(header, files=files)
     out.send(b"R", json.dumps(header).encode(), signed=True)
     if value:
         out.send_chunks(b"V", value)
@@ -669,8 +727,164 @@ def _serve_worker(cache_dir: str, idle_timeout: float) -> int:
                 pass
 
 
+# -- detached runs -----------------------------------------------------------------------------------
+
+_OUTCOME = "outcome.json"
+
+
+def _serve_detached(options: dict[str, Any], session_bytes: bytes, cache_dir: str, out: _Out) -> None:
+    """Start the call so that it outlives this channel: a supervisor in its own session runs it, writes
+    its output to files and its outcome to the run directory, and waits there for ``attach``."""
+    options = dict(options, key="00")  # the supervisor never holds the coordinator's key
+    run_dir = _make_run_dir(cache_dir, options)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the supervisor
+        try:
+            os.close(ready_r)
+            os.setsid()
+            if os.fork():  # the session leader goes; its child can never regain a terminal
+                os._exit(0)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            log = os.open(os.path.join(run_dir, _PRIVATE, "supervisor.log"), os.O_WRONLY | os.O_CREAT, 0o600)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            os.dup2(log, 2)
+            os.close(devnull)
+            os.close(log)
+            sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+            _write_status(run_dir, state="running", supervisor_pid=os.getpid(), started=time.time())
+            os.write(ready_w, str(os.getpid()).encode())
+            os.close(ready_w)
+            sink = _FileSink(run_dir)
+            outcome = _supervise(options, session_bytes, wire.FrameReader(), run_dir, sink, coordinator=False)
+            sink.close()
+            header, value, exc_data = _classify(options, run_dir, *outcome)
+            private = os.path.join(run_dir, _PRIVATE)
+            for name, data in (("value.bin", value), ("exception.bin", exc_data)):
+                if data and not os.path.exists(os.path.join(private, name)):
+                    with open(os.path.join(private, name), "wb") as stream:
+                        stream.write(data)
+            with open(os.path.join(private, _OUTCOME + ".tmp"), "w") as stream:
+                json.dump({"header": header, "options": options}, stream)
+            os.rename(os.path.join(private, _OUTCOME + ".tmp"), os.path.join(private, _OUTCOME))
+            _write_status(run_dir, state="done", status=header["status"], exit_code=header["exit_code"],
+                          finished=time.time())
+        except BaseException:
+            traceback.print_exc()
+            _write_status(run_dir, state="done", status="error", exit_code=EXIT_RUNNER_FAILURE)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.waitpid(pid, 0)
+    supervisor = os.read(ready_r, 64).decode() or "0"
+    os.close(ready_r)
+    out.send(b"P", json.dumps({"event": "detached", "run_dir": run_dir, "supervisor_pid": int(supervisor),
+                               "host": os.uname().nodename}).encode())
+
+
+def _read_status(run_dir: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(run_dir, _PRIVATE, _STATUS_FILE)) as stream:
+            status: dict[str, Any] = json.load(stream)
+            return status
+    except (OSError, ValueError):
+        return {}
+
+
+def _check_run_dir(cache_dir: str, run_dir: str) -> str:
+    runs = os.path.realpath(os.path.join(cache_dir, "runs"))
+    real = os.path.realpath(run_dir)
+    if os.path.dirname(real) != runs or not os.path.isdir(os.path.join(real, _PRIVATE)):
+        raise RuntimeError(f"no detached run at {run_dir} (already collected or cleaned?)")
+    return real
+
+
+def _serve_attach(cache_dir: str, run_dir: str, collect: bool, out: _Out) -> None:
+    """Stream a detached run's output from its files until it ends; with ``collect``, then send its
+    result exactly as an attached call would (signed with the key from this call's G frame)."""
+    run_dir = _check_run_dir(cache_dir, run_dir)
+    reader = wire.FrameReader()
+    options: dict[str, Any] | None = None
+    while options is None:
+        data = os.read(0, 1 << 16)
+        if not data:
+            raise _CoordinatorGone()
+        for kind, payload in reader.feed(data):
+            if kind == b"G":
+                options = json.loads(payload)
+    out.mac = hmac.new(bytes.fromhex(options["key"]), digestmod=hashlib.sha256)
+    heartbeat = float(options.get("heartbeat") or 5.0)
+    private = os.path.join(run_dir, _PRIVATE)
+    offsets = {b"O": int(options.get("stdout_offset") or 0), b"E": int(options.get("stderr_offset") or 0)}
+    names = {b"O": "stdout", b"E": "stderr"}
+    os.set_blocking(0, False)
+    while True:
+        done = _read_status(run_dir).get("state") == "done"
+        for kind, name in names.items():
+            try:
+                with open(os.path.join(private, name), "rb") as stream:
+                    stream.seek(offsets[kind])
+                    while chunk := stream.read(wire.MAX_FRAME):
+                        out.send(kind, chunk)
+                        offsets[kind] += len(chunk)
+            except FileNotFoundError:
+                pass
+        if done:
+            break
+        try:
+            if os.read(0, 1 << 16) == b"":
+                raise _CoordinatorGone()  # the detached task goes on
+        except BlockingIOError:
+            pass
+        if time.monotonic() - out.last >= heartbeat:
+            out.send(b"B")
+        time.sleep(0.1)
+    with open(os.path.join(private, _OUTCOME)) as stream:
+        stored = json.load(stream)
+    header = stored["header"]
+    if not collect:
+        out.send(b"Z", json.dumps({"done": header.get("status"), "exit_code": header.get("exit_code")}).encode())
+        return
+    value = exc_data = b""
+    for name in ("value.bin", "exception.bin"):
+        try:
+            with open(os.path.join(private, name), "rb") as stream:
+                data = stream.read()
+        except FileNotFoundError:
+            continue
+        if name == "value.bin":
+            value = data
+        else:
+            exc_data = data
+    run_options = dict(stored.get("options") or {})
+    run_options.update(pull=options.get("pull") or run_options.get("pull"), keep=False,
+                       no_pull=bool(options.get("no_pull")))
+    _send_classified(run_options, run_dir, header, value, exc_data, out)
+
+
+def _serve_cancel(cache_dir: str, run_dir: str) -> int:
+    """Stop a detached run's task (SIGTERM to its supervisor, which ends the task's process group) and
+    print the run's status as JSON once it has ended (within a few seconds)."""
+    run_dir = _check_run_dir(cache_dir, run_dir)
+    status = _read_status(run_dir)
+    pid = status.get("supervisor_pid")
+    if status.get("state") != "done" and isinstance(pid, int) and pid > 0:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + _KILL_GRACE + 3
+        while time.monotonic() < deadline and _read_status(run_dir).get("state") != "done":
+            time.sleep(0.05)
+    sys.stdout.write(json.dumps(_read_status(run_dir)) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Serve one call (``serve``) or many (``worker``) over stdin/stdout; see the module docstring."""
+    """Serve one call (``serve``), many (``worker``), or a detached run (``detach``, ``attach RUN_DIR
+    [collect]``, ``cancel RUN_DIR``) over stdin/stdout; see the module docstring."""
     args = list(sys.argv[1:] if argv is None else argv)
     cache_dir = os.path.expanduser(args[0]) if args else os.path.expanduser("~/.cache/remote_exec")
     mode = args[1] if len(args) > 1 else "serve"
@@ -680,6 +894,15 @@ def main(argv: list[str] | None = None) -> int:
             options, session, reader = _read_call(0)
             _serve_call(options, session, reader, cache_dir, out)
             return 0
+        if mode == "detach":
+            options, session, reader = _read_call(0)
+            _serve_detached(options, session, cache_dir, out)
+            return 0
+        if mode == "attach":
+            _serve_attach(cache_dir, args[2], len(args) > 3 and args[3] == "collect", out)
+            return 0
+        if mode == "cancel":
+            return _serve_cancel(cache_dir, args[2])
         if mode == "worker":
             idle = float(args[2]) if len(args) > 2 else 600.0
             return _serve_worker(cache_dir, idle)

@@ -254,12 +254,38 @@ def logs_command(
     if not follow:
         pump()
         return
+    info = run.info()
+    if info.get("detached") and info.get("status") in ACTIVE_RUN_STATUSES and info.get("coordinator") is None:
+        pump()  # what was collected before, then the rest live from the host
+        _follow_detached(run_ref, workspace, stderr=stderr, offset=offset)
+        return
     while True:
         active = run.status() in ACTIVE_RUN_STATUSES  # look before reading, so the last read is complete
         pump()
         if not active:
             return
         time.sleep(FOLLOW_INTERVAL)
+
+
+def _follow_detached(run_ref: str, workspace: Path | None, *, stderr: bool, offset: int) -> None:
+    """Stream a detached run's output from its host until it ends (the run stays uncollected)."""
+    from ..dispatch import attach_detached
+    from .run import _detached_run
+
+    run, session, target, info = _detached_run(workspace, run_ref)
+    out = click.get_binary_stream("stdout")
+
+    def show(data: bytes) -> None:
+        out.write(data)
+        out.flush()
+
+    def drop(data: bytes) -> None:
+        pass
+
+    attach_detached(session, target.backend, info["detached"], target.options,
+                    on_stdout=drop if stderr else show, on_stderr=show if stderr else drop,
+                    collect=False, offsets=(0 if stderr else offset, offset if stderr else 0))
+    typer.echo(f"rx: run {run.id} ended on the host; collect it with rx attach {run.id}", err=True)
 
 
 @app.command("export")

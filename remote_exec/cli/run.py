@@ -51,7 +51,7 @@ def _module_origin(module: str) -> Path | None:
 
 def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict[str, Any],
                 workspace: Path | None, kind: str, target: str, as_json: bool,
-                parent: str | None = None) -> int:
+                parent: str | None = None, detach: bool = False) -> int:
     """Create a run, execute it through the pipeline, record its outcome; return the exit status."""
     from ..advice import run_chain
     from ..advices.remote import RemoteAdvice
@@ -74,6 +74,8 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
         from . import error_line
 
         error_line(f"host key checking is OFF for {remote}: anyone on the path can impersonate it")
+    if detach:
+        return _detach(run, session, config, as_json)
     run.set_status("running")
     try:
         result = run_chain(session, [RemoteAdvice()])
@@ -86,7 +88,11 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     except RemoteExecError as exc:
         run.set_status("failed", exit_code=exc.exit_code, error=str(exc))
         raise
-    outcome = session.local.get("outcome")
+    return finish_run(run, result, session.local.get("outcome"), as_json)
+
+
+def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
+    """Record a run's result and final status; print its summary (or its JSON); return its exit status."""
     record = result.record()
     if outcome is not None:
         record.update(host=outcome.header.get("host"), python=outcome.header.get("python"),
@@ -94,7 +100,7 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
                       uploaded_archive=outcome.uploaded,
                       files=[str(p.relative_to(run.dir)) for p in outcome.files])
     run.store.write_bytes("result.json", json.dumps(record, indent=1).encode())
-    exit_code = result.exit_code
+    exit_code = int(result.exit_code)
     if result.status == "timeout":
         exit_code = 124
     elif result.status == "cancelled":
@@ -157,6 +163,9 @@ def run(
     insecure_no_host_key_check: Annotated[bool, typer.Option(
         "--insecure-no-host-key-check", help="Do not check the host's key (prints a warning).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run's record as JSON at the end.")] = False,
+    detach: Annotated[bool, typer.Option(
+        "--detach", "-d", help="Start the run so that it survives this process and the connection; print "
+                               "its id and return (follow with rx logs -f, collect with rx attach).")] = False,
 ) -> None:
     """Run SCRIPT (or -m MODULE) with ARGS through rx: on --remote HOST over SSH, else locally.
 
@@ -190,7 +199,7 @@ def run(
         "host_key_policy": "off" if insecure_no_host_key_check else None,
     }
     code = execute_run(task=task, args=args, remote=remote, options=options, workspace=workspace,
-                       kind=kind, target=name, as_json=as_json)
+                       kind=kind, target=name, as_json=as_json, detach=detach)
     raise typer.Exit(code)
 
 
@@ -227,3 +236,110 @@ def rerun(
                        options=options, workspace=workspace, kind=info.get("kind") or "script",
                        target=info.get("target") or session.task.name, as_json=as_json, parent=previous.id)
     raise typer.Exit(code)
+
+
+def _detach(run: Any, session: Any, config: Any, as_json: bool) -> int:
+    """Start the run detached on its host; record where it runs; print its id."""
+    from ..advices.remote import RemoteAdvice, archive_for
+    from ..dispatch import start_detached
+
+    target = RemoteAdvice().target(session)
+    try:
+        with run.action("pack"):
+            archive = archive_for(session.task, config)
+        with run.action("start", host=target.host):
+            detached = start_detached(session, target.backend, archive, target.options)
+    except RemoteExecError as exc:
+        run.set_status("failed", exit_code=exc.exit_code, error=str(exc))
+        raise
+    # No local process owns the run now: it is never "lost" for want of one.
+    run.update(detached=detached, coordinator=None)
+    run.set_status("running")
+    if as_json:
+        typer.echo(json.dumps(run.info(), indent=2))
+    else:
+        typer.echo(run.id)
+        typer.echo(f"rx: run {run.id} detached on {target.host}; follow: rx logs -f {run.id}; "
+                   f"collect: rx attach {run.id}; stop: rx cancel {run.id}", err=True)
+    return 0
+
+
+def _detached_run(workspace: Path | None, run_ref: str) -> tuple[Any, Any, Any, dict[str, Any]]:
+    from ..advices.remote import RemoteAdvice
+    from ..config import Configuration
+    from ..session import Session
+    from ..workspace import Workspace
+
+    ws = Workspace.resolve(workspace)
+    run = ws.run(run_ref)
+    info = run.info()
+    detached = info.get("detached")
+    if not detached:
+        raise WorkspaceError(f"run {run.id} was not started with --detach")
+    with run.session_path.open("rb") as stream:
+        session = Session.restore(stream)
+    session.config = Configuration.load()
+    session.local["run"] = run
+    return run, session, RemoteAdvice().target(session), info
+
+
+def attach_run(run: Any, session: Any, target: Any, info: dict[str, Any], as_json: bool) -> int:
+    """Wait for a detached run, stream its output, and collect its result into the workspace."""
+    from ..advices.remote import _lander, _sink
+    from ..dispatch import attach_detached
+
+    if info.get("status") not in ("running", "pending"):
+        typer.echo(f"rx: run {run.id} is {info.get('status')} (exit {info.get('exit_code')}); nothing to attach",
+                   err=True)
+        return int(info.get("exit_code") or 0)
+    run.claim()
+    stdout_log = run.store.open_append("stdout.log")
+    stderr_log = run.store.open_append("stderr.log")
+    offsets = (stdout_log.tell(), stderr_log.tell())
+    try:
+        with run.action("attach", host=target.host):
+            outcome = attach_detached(session, target.backend, info["detached"], target.options,
+                                      on_stdout=_sink(sys.stdout, stdout_log), on_stderr=_sink(sys.stderr, stderr_log),
+                                      land_file=_lander(run, "files/"), collect=True, offsets=offsets)
+    except KeyboardInterrupt:
+        run.update(coordinator=None)  # the task goes on; attach again later
+        raise Interrupted(f"stopped following run {run.id}; it goes on (rx attach {run.id})") from None
+    except RemoteExecError:
+        run.update(coordinator=None)
+        raise
+    finally:
+        stdout_log.close()
+        stderr_log.close()
+    assert outcome is not None
+    return finish_run(run, outcome.result, outcome, as_json)
+
+
+@app.command()
+def attach(
+    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, unique prefix, or 'latest'.")],
+    workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run's record as JSON at the end.")] = False,
+) -> None:
+    """Wait for a detached run, stream its output, and collect its result and files into the workspace.
+
+    Exit status: the run's own, as rx run would have exited.
+    """
+    run, session, target, info = _detached_run(workspace, run_ref)
+    raise typer.Exit(attach_run(run, session, target, info, as_json))
+
+
+@app.command()
+def cancel(
+    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, unique prefix, or 'latest'.")],
+    workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
+) -> None:
+    """Stop a detached run (its whole process group on the host), then collect what it left."""
+    from ..dispatch import cancel_detached
+
+    run, session, target, info = _detached_run(workspace, run_ref)
+    if info.get("status") not in ("running", "pending"):
+        typer.echo(f"rx: run {run.id} is already {info.get('status')}", err=True)
+        raise typer.Exit(0)
+    cancel_detached(target.backend, info["detached"], target.options)
+    attach_run(run, session, target, run.info(), as_json=False)
+    raise typer.Exit(130 if run.info().get("status") == "cancelled" else 0)
