@@ -41,9 +41,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on remote_exec."""
+    """mypy --strict on remote_exec and testbed (files and settings in pyproject.toml)."""
     session.install("-e", ".[dev]")
-    session.run("mypy", "remote_exec")
+    session.run("mypy")
 
 
 @nox.session
