@@ -28,6 +28,9 @@ from rxproj import tasks  # noqa: E402
 
 pytest_plugins = ["remote_support"]
 
+# The openssh backend leaves one pipe unclosed per @task call; see test_remote_task.UNCLOSED_PIPE.
+pytestmark = pytest.mark.filterwarnings("ignore:unclosed file <_io.FileIO:ResourceWarning")
+
 #: Strings a shell would mangle if any of them were ever interpolated unquoted.
 HOSTILE = [
     "two words",
@@ -129,8 +132,8 @@ def test_a_changed_host_key_is_refused(remote: Remote, dedicated_host: TestbedHo
     assert "Traceback" not in refused.stderr
     # The old key stays: a refused key is never recorded in its place.
     assert remote.testbed.known_hosts.read_bytes() == known_hosts
-    assert remote.latest()["status"] == "failed"
-    assert remote.latest()["exit_code"] == 255
+    info = remote.latest()
+    assert (info["status"], info["exit_code"]) == ("failed", 255)
 
 
 def test_a_closed_port_fails_at_once_with_one_line(remote: Remote, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ with its own workspace, archive cache and project folder as the current director
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import secrets
@@ -41,6 +42,7 @@ __all__ = [
     "closed_port",
     "fresh_workdir",
     "remote",
+    "settle_background_reapers",
     "silent_listener",
 ]
 
@@ -178,8 +180,24 @@ def backend_name(request: pytest.FixtureRequest) -> str:
     return name
 
 
+def settle_background_reapers(timeout: float = 15.0) -> None:
+    """Wait for the threads that reap finished runner processes after ``@task`` calls, then collect garbage.
+
+    rx ends each call's runner in a background thread; waiting here keeps anything that thread does (or
+    leaves behind) inside the test that made the call.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not [thread for thread in threading.enumerate() if thread.name.endswith("(_reap)")]:
+            break
+        time.sleep(0.05)
+    gc.collect()
+
+
 @pytest.fixture
-def remote(testbed: Testbed, backend_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Remote:
+def remote(
+    testbed: Testbed, backend_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Remote]:
     """The environment of one test: testbed ssh_config, backend, workspace, cache, project folder."""
     project = tmp_path / "project"
     project.mkdir()
@@ -195,7 +213,8 @@ def remote(testbed: Testbed, backend_name: str, tmp_path: Path, monkeypatch: pyt
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env["PYTHONIOENCODING"] = "utf-8"
     env.pop("COLUMNS", None)
-    return Remote(testbed=testbed, backend=backend_name, project=project, workspace=workspace, cache=cache, env=env)
+    yield Remote(testbed=testbed, backend=backend_name, project=project, workspace=workspace, cache=cache, env=env)
+    settle_background_reapers()
 
 
 @pytest.fixture
