@@ -154,7 +154,10 @@ def _import_path(name: str) -> _Module:
         spec = importlib.util.find_spec(name)
     except (ImportError, ValueError) as exc:
         raise PackError(f"cannot ship module {name!r}: {exc}") from exc
-    if spec is None or spec.origin in (None, "built-in", "frozen"):
+    if spec is None:
+        raise PackError(f"cannot ship module {name!r}: no such module here",
+                        hint="check the name, and that its folder is on sys.path")
+    if spec.origin in (None, "built-in", "frozen"):
         raise PackError(f"cannot ship module {name!r}: it is not a module file",
                         hint="add_modules_for_distribution takes importable pure-Python modules or packages")
     origin = Path(spec.origin)

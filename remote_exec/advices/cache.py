@@ -79,14 +79,21 @@ class CachingAdvice(Advice):
             logger.info("result of %s not cached: %s", session.task.name, exc)
             return
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        except OSError as exc:  # a cache that cannot be written never fails a task that succeeded
+            logger.warning("result of %s not cached: %s", session.task.name, exc)
+            return
         try:
             with os.fdopen(fd, "wb") as stream:
                 stream.write(data)
                 stream.flush()
                 os.fsync(stream.fileno())
             os.replace(temporary, path)
+        except OSError as exc:
+            Path(temporary).unlink(missing_ok=True)
+            logger.warning("result of %s not cached: %s", session.task.name, exc)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
