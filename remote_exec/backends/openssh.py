@@ -9,8 +9,8 @@ How it works:
   still goes through ``ssh`` with the same arguments, so what works on the command line works here.
 * **One master per host.** The first call starts ``ssh -M -N -o ControlPersist=<idle>`` with its control
   socket in a private directory (``mkdtemp``, mode 0700, a short path because unix socket paths are
-  limited to ~104 bytes). The master backgrounds itself once authenticated; its stderr goes to a file in
-  that directory, never to a pipe of ours (a backgrounded master that inherits a pipe keeps it open and a
+  limited to ~104 bytes). The master backgrounds itself once authenticated; its stderr goes to an
+  anonymous temporary file, never to a pipe of ours (a backgrounded master that inherits a pipe keeps it open and a
   reader waiting for end of file hangs). Every later command, ``put`` and ``get`` is a client of that
   master (``ControlMaster=no``), about 10 ms instead of ~200 ms for a fresh connection. ``close()`` and
   interpreter exit send ``ssh -O exit``; the idle ``ControlPersist`` ends a master whose coordinator was
@@ -525,7 +525,7 @@ def _stop_master(exit_argv: list[str], control_dir: Path, control_path: Path, ow
 
 @dataclass
 class _Master:
-    """A running control master: its private directory, socket, log file and pid."""
+    """A running control master: its private directory, its socket and its pid."""
 
     control_dir: Path
     pid: int
@@ -535,19 +535,8 @@ class _Master:
     def control_path(self) -> Path:
         return self.control_dir / "s"
 
-    @property
-    def log_path(self) -> Path:
-        return self.control_dir / "log"
-
     def alive(self) -> bool:
         return self.control_path.exists() and _pid_alive(self.pid)
-
-    def log_tail(self) -> str:
-        """What the master wrote to its log since it started (its reason to exit, if it said one)."""
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
 
     def stop(self) -> None:
         if self.finalizer is not None:
@@ -841,9 +830,7 @@ class OpenSSHBackend(Backend):
             if master is not None:
                 if master.alive():
                     return master
-                reason = _lines(master.log_tail())
-                logger.info("the connection to %s was lost%s; reconnecting", self.host,
-                            f" ({_reason(reason[-1])})" if reason else "")
+                logger.info("the connection to %s was lost; reconnecting", self.host)
                 master.stop()
                 self._master = None
             self._master = self._open_master()
@@ -853,14 +840,16 @@ class OpenSSHBackend(Backend):
         resolved = self.resolve()
         if self.spec.host_key_policy == "off":
             logger.warning("host key checking is off for %s: its identity is not verified", self.host)
-        control_dir = Path(tempfile.mkdtemp(prefix="rx-", dir=_control_root()))
+        control_dir = Path(tempfile.mkdtemp(prefix="rx-ssh-", dir=_control_root()))
         master = _Master(control_dir=control_dir, pid=0)
         ciphers = preferred_ciphers(resolved, hardware_aes=_cpu_has_aes())
         argv = master_argv(self.spec, master.control_path, persist=self.control_persist, ciphers=ciphers)
         started = time.monotonic()
         logger.debug("connecting to %s: %s", self.host, shlex.join(argv))
         try:
-            with open(master.log_path, "a+b") as log:
+            # An anonymous file: the master keeps it as stderr after it backgrounds itself, and a
+            # coordinator killed with SIGKILL leaves nothing behind but the empty control directory.
+            with tempfile.TemporaryFile() as log:
                 with self._map_os_errors("connect"):
                     popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                              stderr=log, start_new_session=True)
@@ -874,7 +863,6 @@ class OpenSSHBackend(Backend):
                                                   f"{deadline:g} s") from None
                 log.seek(0)
                 said = log.read().decode(errors="replace")
-                log.truncate(0)
             if code != 0 or not master.control_path.exists():
                 if code == 0:
                     raise ConnectError(self.host, f"the ssh master left no socket: {said.strip()}")
