@@ -1,0 +1,554 @@
+"""Benchmark agents: one process per contender, driven by the runner over stdin/stdout, one JSON per line.
+
+    python -m benchmarks.agent KIND CONFIG_JSON
+
+The runner sends ``{"op": NAME, ...parameters}`` and reads back ``{"ok": true, ...}`` or
+``{"ok": false, "error": "..."}``. An agent keeps what makes a contender *warm* (an open transport, a
+gateway, a context, rx's pooled connection) between requests; the runner kills it on a timeout and starts a
+new one. The kind ``rx-first`` answers once and exits: a first call must run in a new process.
+
+Replies go to a duplicate of the original stdout; file descriptor 1 itself is pointed at stderr, so output
+of child processes (bandsaw's ssh and scp inherit it) can never corrupt the protocol.
+
+Timing is ``time.perf_counter()`` around exactly the call a user makes; setup that a user pays once (opening
+a warm connection) happens before the first timed request, and result checks happen after the clock stops.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Reply = dict[str, Any]
+
+#: Commands the raw paramiko measurement runs.
+TRIVIAL_COMMAND = "python3 -c pass"
+
+
+class UnsupportedError(Exception):
+    """The contender cannot do this here (not installed, feature missing); the message says why."""
+
+
+def _payload() -> Any:
+    return importlib.import_module("rxbench_payload")
+
+
+def _blob(size: int, cache: dict[int, bytes]) -> bytes:
+    if size not in cache:
+        cache.clear()  # keep one size in memory at a time (100 MB blobs add up)
+        cache[size] = os.urandom(size)
+    return cache[size]
+
+
+class Driver:
+    """Handles one contender's requests; ``op_NAME(**params)`` answers the request ``NAME``."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.ssh_config = str(config["ssh_config"])
+        self.hosts: list[str] = list(config["hosts"])
+        self.host = self.hosts[0]
+
+    def handle(self, request: dict[str, Any]) -> Reply:
+        op = str(request.pop("op"))
+        handler: Callable[..., Reply] | None = getattr(self, f"op_{op}", None)
+        if handler is None:
+            return {"ok": False, "error": f"unknown op {op!r}"}
+        return handler(**request)
+
+    def close(self) -> None:
+        """Release what the driver holds (called before the agent exits)."""
+
+
+# -- raw paramiko -------------------------------------------------------------------------------------------
+
+
+class ParamikoDriver(Driver):
+    """paramiko by itself: exec on an open transport (with and without TCP_NODELAY), SFTP put + get."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.clients: dict[bool, Any] = {}
+
+    def _client(self, nodelay: bool) -> Any:
+        if nodelay in self.clients:
+            return self.clients[nodelay]
+        import paramiko
+
+        ssh_config = paramiko.SSHConfig.from_path(self.ssh_config).lookup(self.host)
+        hostname = ssh_config["hostname"]
+        port = int(ssh_config.get("port", 22))
+        sock = socket.create_connection((hostname, port), timeout=30)
+        if nodelay:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client = paramiko.SSHClient()
+        client.load_host_keys(os.path.expanduser(ssh_config["userknownhostsfile"].split()[0]))
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        client.connect(hostname, port=port, username=ssh_config["user"],
+                       key_filename=ssh_config["identityfile"][0], sock=sock, look_for_keys=False,
+                       allow_agent=False, timeout=30, banner_timeout=30, auth_timeout=30)
+        self.clients[nodelay] = client
+        return client
+
+    def op_exec(self, nodelay: bool, count: int) -> Reply:
+        transport = self._client(nodelay).get_transport()
+        samples = []
+        for _ in range(count):
+            started = time.perf_counter()
+            channel = transport.open_session(timeout=30)
+            channel.exec_command(TRIVIAL_COMMAND)
+            status = channel.recv_exit_status()
+            samples.append(time.perf_counter() - started)
+            channel.close()
+            if status != 0:
+                return {"ok": False, "error": f"{TRIVIAL_COMMAND} exited {status}"}
+        return {"ok": True, "samples": samples}
+
+    def op_sftp(self, local: str, remote: str, size: int) -> Reply:
+        sftp = self._client(True).open_sftp()
+        back = Path(tempfile.mkdtemp(prefix="rxbench-sftp-")) / "back"
+        try:
+            started = time.perf_counter()
+            sftp.put(local, remote)
+            sftp.get(remote, str(back))
+            seconds = time.perf_counter() - started
+            if back.stat().st_size != size:
+                return {"ok": False, "error": f"SFTP brought back {back.stat().st_size} bytes, not {size}"}
+            sftp.remove(remote)
+        finally:
+            sftp.close()
+            back.unlink(missing_ok=True)
+            back.parent.rmdir()
+        return {"ok": True, "samples": [seconds]}
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+
+
+# -- execnet ------------------------------------------------------------------------------------------------
+
+
+class ExecnetDriver(Driver):
+    """execnet over ``ssh -F``: gateway start + first call, warm ``remote_exec`` calls, echo round trips."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        try:
+            import execnet
+        except ImportError as exc:
+            raise UnsupportedError(f"execnet is not installed ({exc})") from exc
+        self.execnet = execnet
+        self.spec = f"ssh=-F {self.ssh_config} {self.host}//python=python3"
+        self.gateway: Any = None
+        self.blobs: dict[int, bytes] = {}
+
+    def _warm(self) -> Any:
+        if self.gateway is None:
+            self.gateway = self.execnet.makegateway(self.spec)
+            self.gateway.remote_exec("channel.send(None)").receive(timeout=60)
+        return self.gateway
+
+    def op_cold(self) -> Reply:
+        started = time.perf_counter()
+        gateway = self.execnet.makegateway(self.spec)
+        gateway.remote_exec("channel.send(None)").receive(timeout=60)
+        seconds = time.perf_counter() - started
+        gateway.exit()
+        return {"ok": True, "samples": [seconds]}
+
+    def op_warm(self, count: int) -> Reply:
+        gateway = self._warm()
+        samples = []
+        for _ in range(count):
+            started = time.perf_counter()
+            gateway.remote_exec("channel.send(None)").receive(timeout=30)
+            samples.append(time.perf_counter() - started)
+        return {"ok": True, "samples": samples}
+
+    def op_echo(self, size: int) -> Reply:
+        gateway = self._warm()
+        data = _blob(size, self.blobs)
+        started = time.perf_counter()
+        channel = gateway.remote_exec("channel.send(channel.receive())")
+        channel.send(data)
+        back = channel.receive(timeout=300)
+        seconds = time.perf_counter() - started
+        if back != data:
+            return {"ok": False, "error": "execnet echoed different bytes"}
+        return {"ok": True, "samples": [seconds]}
+
+    def close(self) -> None:
+        if self.gateway is not None:
+            self.gateway.exit()
+
+
+# -- mitogen ------------------------------------------------------------------------------------------------
+
+
+class MitogenDriver(Driver):
+    """mitogen over ``ssh -F``: context start + first call, warm ``context.call``, echo round trips."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        try:
+            import mitogen.master  # type: ignore[import-untyped]
+        except ImportError as exc:
+            raise UnsupportedError(f"mitogen is not installed ({exc})") from exc
+        self.broker = mitogen.master.Broker()
+        # mitogen pickles with protocol 2, where bytes travel as latin-1 text (~1.5x their size): the default
+        # 128 MiB message limit refuses a 100 MB argument, so the limit is raised for the round-trip rows.
+        self.router = mitogen.master.Router(self.broker, max_message_size=512 * 1024 * 1024)
+        self.context: Any = None
+        self.blobs: dict[int, bytes] = {}
+
+    def _connect(self) -> Any:
+        return self.router.ssh(hostname=self.host, ssh_args=["-F", self.ssh_config], python_path="python3",
+                               connect_timeout=60)
+
+    def _warm(self) -> Any:
+        if self.context is None:
+            self.context = self._connect()
+            self.context.call(_payload().noop, 0)
+        return self.context
+
+    def op_cold(self) -> Reply:
+        payload = _payload()
+        started = time.perf_counter()
+        context = self._connect()
+        context.call(payload.noop, 0)
+        seconds = time.perf_counter() - started
+        context.shutdown(wait=True)
+        return {"ok": True, "samples": [seconds]}
+
+    def op_warm(self, count: int) -> Reply:
+        context = self._warm()
+        noop = _payload().noop
+        samples = []
+        for i in range(count):
+            started = time.perf_counter()
+            context.call(noop, i)
+            samples.append(time.perf_counter() - started)
+        return {"ok": True, "samples": samples}
+
+    def op_echo(self, size: int) -> Reply:
+        context = self._warm()
+        echo = _payload().echo
+        data = _blob(size, self.blobs)
+        started = time.perf_counter()
+        back = context.call(echo, data)
+        seconds = time.perf_counter() - started
+        if back != data:
+            return {"ok": False, "error": "mitogen echoed different bytes"}
+        return {"ok": True, "samples": [seconds]}
+
+    def close(self) -> None:
+        if self.context is not None:
+            self.context.shutdown(wait=True)
+        self.broker.shutdown()
+        self.broker.join()
+
+
+# -- bandsaw ------------------------------------------------------------------------------------------------
+
+_BANDSAW_MODULE = '''"""bandsaw 0.3 for the testbed (written by benchmarks.agent; bandsaw imports it remotely too)."""
+import logging
+import subprocess
+
+from bandsaw.advices.ssh import Remote, SshAdvice, SshCommandLineBackend
+from bandsaw.config import Configuration
+from bandsaw.decorator import task
+from bandsaw.interpreter import Interpreter
+
+SSH_CONFIG = {ssh_config!r}
+logger = logging.getLogger(__name__)
+
+
+class ConfigFileBackend(SshCommandLineBackend):
+    """bandsaw's own ssh and scp command lines, plus ``-F`` so they read the testbed's ssh_config
+    (its known_hosts); everything else is bandsaw's."""
+
+    @staticmethod
+    def _run(command):
+        logger.debug("running command %s", command)
+        subprocess.check_call([command[0], "-F", SSH_CONFIG, *command[1:]])
+
+
+ssh = SshAdvice(backend=ConfigFileBackend())
+ssh.add_remote(Remote(host={host!r}, port={port!r}, user={user!r}, key_file={key_file!r},
+                      interpreter=Interpreter(executable="python3"), directory="/tmp"))
+configuration = Configuration()
+configuration.add_advice_chain(ssh)
+
+
+@task(config=__name__)
+def noop(i):
+    return i
+'''
+
+
+class BandsawDriver(Driver):
+    """bandsaw 0.3: one ``@task`` call with its SSH advice per request (six ssh/scp processes each)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        try:
+            import bandsaw  # type: ignore[import-untyped]  # noqa: F401
+        except ImportError as exc:
+            raise UnsupportedError(f"bandsaw is not installed ({exc})") from exc
+        import paramiko
+
+        ssh_config = paramiko.SSHConfig.from_path(self.ssh_config).lookup(self.host)
+        folder = Path(tempfile.mkdtemp(prefix="rxbench-bandsaw-"))
+        (folder / "rxbench_bandsaw.py").write_text(_BANDSAW_MODULE.format(
+            ssh_config=self.ssh_config, host=self.host, port=int(ssh_config.get("port", 22)),
+            user=ssh_config["user"], key_file=ssh_config["identityfile"][0]), encoding="utf-8")
+        sys.path.insert(0, str(folder))
+        self.module = importlib.import_module("rxbench_bandsaw")
+        self.calls = 0
+
+    def op_task(self) -> Reply:
+        self.calls += 1
+        argument = int(time.time() * 1000) * 1000 + self.calls  # a new execution id, so a new remote dir
+        started = time.perf_counter()
+        value = self.module.noop(argument)
+        seconds = time.perf_counter() - started
+        if value != argument:
+            return {"ok": False, "error": f"bandsaw returned {value!r}, not {argument!r}"}
+        return {"ok": True, "samples": [seconds]}
+
+
+# -- rx -----------------------------------------------------------------------------------------------------
+
+
+class RxDriver(Driver):
+    """rx ``@task`` calls on one backend: warm calls, keep_warm calls, echo round trips, four hosts.
+
+    Every call gets a distinct argument, so each is its own task entry in the workspace run (which holds
+    the phases ``dispatch()`` measured).
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        from remote_exec import task
+
+        self.task = task
+        self.backend = str(config["backend"])
+        self.payload = _payload()
+        self.counter = int(time.time() * 1000) * 1000
+        self.noops = {host: task(remote=host, backend=self.backend)(self.payload.noop) for host in self.hosts}
+        self.echo = task(remote=self.host, backend=self.backend)(self.payload.echo)
+        self.warmed: set[str] = set()
+        self.keep_warm: Any = None
+        self.keep_warm_reason: str | None = None
+        self.seen: set[str] = set()
+        self.blobs: dict[int, bytes] = {}
+
+    def _next(self) -> int:
+        self.counter += 1
+        return self.counter
+
+    def _warm(self, host: str) -> None:
+        if host not in self.warmed:
+            self.noops[host](self._next())
+            self.warmed.add(host)
+            self._new_phases()
+
+    def _new_phases(self) -> list[dict[str, float]]:
+        """Phases of the task entries recorded since the last look, oldest first."""
+        from remote_exec import get_run_id
+        from remote_exec.workspace import Workspace
+
+        run_id = get_run_id()
+        if run_id is None:
+            return []
+        tasks = Workspace.resolve(os.environ["RX_WORKSPACE"]).run(run_id).tasks()
+        fresh = []
+        for key, entry in tasks.items():
+            if key not in self.seen:
+                self.seen.add(key)
+                phases = entry.get("phases")
+                if isinstance(phases, dict):
+                    fresh.append({str(k): float(v) for k, v in phases.items()})
+        return fresh
+
+    def _timed_calls(self, function: Any, count: int) -> Reply:
+        calls = []
+        for _ in range(count):
+            argument = self._next()
+            started = time.perf_counter()
+            value = function(argument)
+            seconds = time.perf_counter() - started
+            if value != argument:
+                return {"ok": False, "error": f"the call returned {value!r}, not {argument!r}"}
+            phases = self._new_phases()
+            calls.append({"seconds": seconds, "phases": phases[-1] if phases else {}})
+        return {"ok": True, "samples": [call["seconds"] for call in calls], "calls": calls}
+
+    def op_warm(self, count: int) -> Reply:
+        self._warm(self.host)
+        return self._timed_calls(self.noops[self.host], count)
+
+    def _check_keep_warm(self) -> None:
+        """Find out whether ``keep_warm=True`` gives a persistent worker: two calls, the same remote process
+        (or the same Python parent) serving both."""
+        if self.keep_warm is not None or self.keep_warm_reason is not None:
+            return
+        try:
+            where = self.task(remote=self.host, backend=self.backend, keep_warm=True)(self.payload.where)
+            first = where(self._next())
+            second = where(self._next())
+        except Exception as exc:
+            self.keep_warm_reason = f"not implemented: keep_warm=True failed ({type(exc).__name__}: {exc})"
+            return
+        self._new_phases()
+        same_process = first[0] == second[0]
+        same_worker = first[1] == second[1] and str(first[2]).startswith("python")
+        if not (same_process or same_worker):
+            self.keep_warm_reason = ("not implemented: two keep_warm=True calls ran in different remote "
+                                     "processes (process per call)")
+            return
+        self.keep_warm = self.task(remote=self.host, backend=self.backend, keep_warm=True)(self.payload.noop)
+        self.keep_warm(self._next())
+        self._new_phases()
+
+    def op_keep_warm(self, count: int) -> Reply:
+        self._check_keep_warm()
+        if self.keep_warm is None:
+            return {"ok": True, "unsupported": self.keep_warm_reason}
+        return self._timed_calls(self.keep_warm, count)
+
+    def op_echo(self, size: int) -> Reply:
+        self._warm(self.host)
+        data = bytearray(_blob(size, self.blobs))
+        data[:8] = self._next().to_bytes(8, "big")  # a new execution each time, as a changed input would be
+        argument = bytes(data)
+        del data
+        started = time.perf_counter()
+        back = self.echo(argument)
+        seconds = time.perf_counter() - started
+        if back != argument:
+            return {"ok": False, "error": "rx echoed different bytes"}
+        phases = self._new_phases()
+        return {"ok": True, "samples": [seconds],
+                "calls": [{"seconds": seconds, "phases": phases[-1] if phases else {}}]}
+
+    def op_hosts(self) -> Reply:
+        for host in self.hosts:
+            self._warm(host)
+        results: dict[str, Any] = {}
+        errors: list[str] = []
+
+        def call(host: str, argument: int) -> None:
+            try:
+                results[host] = (self.noops[host](argument), argument)
+            except Exception as exc:
+                errors.append(f"{host}: {type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=call, args=(host, self._next())) for host in self.hosts]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        parallel = time.perf_counter() - started
+        if errors or any(value != argument for value, argument in results.values()):
+            return {"ok": False, "error": "; ".join(errors) or "a host returned the wrong value"}
+        started = time.perf_counter()
+        for host in self.hosts:
+            call(host, self._next())
+        sequential = time.perf_counter() - started
+        if errors:
+            return {"ok": False, "error": "; ".join(errors)}
+        self._new_phases()
+        return {"ok": True, "parallel": parallel, "sequential": sequential}
+
+
+def first_call(config: dict[str, Any]) -> Reply:
+    """One rx call in this new process, to a fresh remote workdir: connect, upload, execute, collect."""
+    from remote_exec import get_run_id, task
+    from remote_exec.workspace import Workspace
+
+    payload = _payload()
+    noop = task(remote=config["hosts"][0], backend=config["backend"], workdir=config["workdir"])(payload.noop)
+    argument = int(time.time() * 1000)
+    started = time.perf_counter()
+    value = noop(argument)
+    seconds = time.perf_counter() - started
+    if value != argument:
+        return {"ok": False, "error": f"the call returned {value!r}, not {argument!r}"}
+    phases: dict[str, float] = {}
+    run_id = get_run_id()
+    if run_id is not None:
+        for entry in Workspace.resolve(os.environ["RX_WORKSPACE"]).run(run_id).tasks().values():
+            if isinstance(entry.get("phases"), dict):
+                phases = {str(k): float(v) for k, v in entry["phases"].items()}
+    return {"ok": True, "samples": [seconds], "calls": [{"seconds": seconds, "phases": phases}]}
+
+
+DRIVERS: dict[str, type[Driver]] = {
+    "paramiko": ParamikoDriver,
+    "execnet": ExecnetDriver,
+    "mitogen": MitogenDriver,
+    "bandsaw": BandsawDriver,
+    "rx": RxDriver,
+}
+
+
+def _error(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def main(argv: list[str]) -> int:
+    kind, config = argv[0], json.loads(argv[1])
+    out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+
+    def reply(message: Reply) -> None:
+        out.write(json.dumps(message) + "\n")
+        out.flush()
+
+    if kind == "rx-first":
+        try:
+            reply(first_call(config))
+        except Exception as exc:
+            traceback.print_exc()
+            reply({"ok": False, "error": _error(exc)})
+        return 0
+    try:
+        driver = DRIVERS[kind](config)
+    except UnsupportedError as exc:
+        reply({"ok": False, "unsupported": str(exc)})
+        return 0
+    except Exception as exc:
+        traceback.print_exc()
+        reply({"ok": False, "error": f"setup failed: {_error(exc)}"})
+        return 1
+    reply({"ok": True, "ready": kind})
+    try:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            try:
+                reply(driver.handle(json.loads(line)))
+            except Exception as exc:
+                traceback.print_exc()
+                reply({"ok": False, "error": _error(exc)})
+    finally:
+        driver.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

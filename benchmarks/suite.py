@@ -1,0 +1,661 @@
+"""The benchmark run: testbed up, every contender measured round-robin, the table printed, RESULTS.md written.
+
+Each *probe* takes one sample (or a few) of one contender. A repetition runs every probe once, starting
+one further along each time (round-robin), so a drift in the machine's load touches every contender alike.
+Heavy probes (10 MB and 100 MB round trips, bandsaw) run every k-th repetition, spread over the run.
+A probe that fails three times in a row is given up, and its rows say why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib.metadata
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from .harness import Agent, ProbeError, Unsupported, one_shot, run_timed
+from .report import (
+    PhaseRecord,
+    Results,
+    Row,
+    Target,
+    phase_records,
+    render_phases,
+    render_tables,
+    render_targets,
+)
+from .stats import MB, format_seconds
+
+__all__ = ["ROWS", "TARGETS", "main"]
+
+logger = logging.getLogger("benchmarks")
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PAYLOAD_DIR = HERE / "payload"
+WORK = HERE / ".work"
+BACKENDS = ("openssh", "paramiko")
+SIZES = (1 * MB, 10 * MB, 100 * MB)
+TRIVIAL = "python3 -c pass"
+REMOTE_BLOB = "rxbench-100mb"
+
+
+def _size_name(size: int) -> str:
+    return f"{size // MB} MB"
+
+
+def _rows() -> list[Row]:
+    lat = "Latency: one trivial call (lower is better)"
+    thr = "Throughput: bytes argument returned as result (higher is better)"
+    start = "Start-up on the coordinator"
+    rows = [
+        Row("ssh.cold", f"raw `ssh host {TRIVIAL}`, cold (new connection)", "cold ssh", lat),
+        Row("ssh.mux", f"raw `ssh host {TRIVIAL}`, multiplexed (ControlMaster)", "multiplexed ssh", lat),
+        Row("paramiko.exec", f"paramiko exec `{TRIVIAL}` on an open transport, TCP_NODELAY", "paramiko exec", lat,
+            "ssh.mux"),
+        Row("paramiko.exec_delay", f"paramiko exec `{TRIVIAL}` on an open transport, without TCP_NODELAY",
+            "paramiko exec (Nagle)", lat, "ssh.mux"),
+        Row("bandsaw.task", "bandsaw 0.3 `@task` with its SSH advice, per task", "bandsaw", lat, "ssh.cold"),
+        Row("execnet.cold", "execnet: gateway start + first call", "execnet start", lat, "ssh.cold"),
+        Row("execnet.warm", "execnet: warm call (`remote_exec` on an open gateway)", "execnet warm", lat, "ssh.mux"),
+        Row("mitogen.cold", "mitogen: context start + first call", "mitogen start", lat, "ssh.cold"),
+        Row("mitogen.warm", "mitogen: warm call (`context.call`)", "mitogen warm", lat, "ssh.mux"),
+    ]
+    for backend in BACKENDS:
+        rx = f"rx-{backend}"
+        rows += [
+            Row(f"{rx}.first", f"rx ({backend}): first call to a fresh host (new process, fresh workdir)",
+                f"rx first call ({backend})", lat, "ssh.cold"),
+            Row(f"{rx}.warm", f"rx ({backend}): warm call, unchanged code, process per call",
+                f"rx warm ({backend})", lat, "ssh.mux"),
+            Row(f"{rx}.keep_warm", f"rx ({backend}): warm call with `keep_warm=True`",
+                f"rx keep_warm ({backend})", lat, "mitogen.warm"),
+            Row(f"{rx}.run", f"`rx run` of a trivial script, whole command ({backend}, wall)",
+                f"rx run ({backend})", lat, "ssh.cold"),
+            Row(f"{rx}.hosts_parallel", f"rx ({backend}): the warm call on 4 hosts at once (threads), wall",
+                f"4 hosts at once ({backend})", lat, f"{rx}.warm"),
+            Row(f"{rx}.hosts_serial", f"rx ({backend}): the warm call on 4 hosts one after another, wall",
+                f"4 hosts in turn ({backend})", lat, f"{rx}.warm"),
+        ]
+    rows += [
+        Row("ssh.cat", "raw `ssh host cat` pipe: 100 MB up (`cat > /dev/null`) + 100 MB down (`cat file`)",
+            "ssh cat pipe", thr, None, 2 * 100 * MB),
+        Row("paramiko.sftp", "paramiko SFTP: put 100 MB + get 100 MB", "paramiko SFTP", thr, "ssh.cat", 2 * 100 * MB),
+    ]
+    for size in SIZES:
+        name = _size_name(size)
+        for backend in BACKENDS:
+            reference = "ssh.cat" if backend == "openssh" else "paramiko.sftp"
+            rows.append(Row(f"rx-{backend}.echo{size // MB}", f"rx ({backend}): {name} argument + {name} result",
+                            f"rx {name} ({backend})", thr, reference, 2 * size))
+        for peer in ("execnet", "mitogen"):
+            rows.append(Row(f"{peer}.echo{size // MB}", f"{peer}: {name} argument + {name} result",
+                            f"{peer} {name}", thr, "ssh.cat", 2 * size))
+    rows += [
+        Row("startup.python", "`python -c pass` (local interpreter start)", "python -c pass", start),
+        Row("startup.importtime", "`python -X importtime -c \"import remote_exec.cli\"`: total import time",
+            "import remote_exec.cli", start),
+        Row("startup.help", "`rx --help`, wall", "rx --help", start, "startup.python"),
+    ]
+    return rows
+
+
+ROWS = _rows()
+
+TARGETS = [
+    Target("first call ≤ 1.1x cold ssh (OpenSSH)", "rx-openssh.first", "ssh.cold", 1.1),
+    Target("first call ≤ 0.7x cold ssh (paramiko)", "rx-paramiko.first", "ssh.cold", 0.7),
+    Target("warm call, process per call ≤ 1.5x multiplexed ssh (OpenSSH)", "rx-openssh.warm", "ssh.mux", 1.5),
+    Target("warm call, process per call ≤ 1.5x multiplexed ssh (paramiko)", "rx-paramiko.warm", "ssh.mux", 1.5),
+    Target("keep_warm warm call ≤ 1 ms median (OpenSSH)", "rx-openssh.keep_warm", None, 0.001),
+    Target("keep_warm warm call ≤ 1 ms median (paramiko)", "rx-paramiko.keep_warm", None, 0.001),
+    Target("keep_warm warm call no slower than mitogen's warm call (OpenSSH)", "rx-openssh.keep_warm",
+           "mitogen.warm", 1.0),
+    Target("keep_warm warm call no slower than mitogen's warm call (paramiko)", "rx-paramiko.keep_warm",
+           "mitogen.warm", 1.0),
+    Target("100 MB argument + 100 MB result ≥ 50% of the ssh cat pipe (OpenSSH)", "rx-openssh.echo100", "ssh.cat",
+           0.5, at_least=True),
+    Target("100 MB argument + 100 MB result ≥ 80% of paramiko's own SFTP put + get (paramiko)",
+           "rx-paramiko.echo100", "paramiko.sftp", 0.8, at_least=True),
+    Target("4 hosts at once, wall ≤ 1.5x one host (OpenSSH)", "rx-openssh.hosts_parallel", "rx-openssh.warm", 1.5),
+    Target("4 hosts at once, wall ≤ 1.5x one host (paramiko)", "rx-paramiko.hosts_parallel", "rx-paramiko.warm",
+           1.5),
+    Target("bandsaw per task / rx warm call ≥ 50 (OpenSSH)", "bandsaw.task", "rx-openssh.warm", 50, at_least=True),
+    Target("bandsaw per task / rx warm call ≥ 50 (paramiko)", "bandsaw.task", "rx-paramiko.warm", 50, at_least=True),
+]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much to measure.
+
+    Attributes:
+        reps: Repetitions (rounds over every probe).
+        quick: The smoke run.
+        warm_calls: Timed calls per warm-call request (each is a sample).
+        medium_every: 10 MB round trips and bandsaw run every this many repetitions.
+        heavy_every: 100 MB transfers run every this many repetitions.
+        hosts: Testbed hosts (the multi-host rows use all of them).
+        out: Where RESULTS.md goes.
+    """
+
+    reps: int
+    quick: bool
+    warm_calls: int
+    medium_every: int
+    heavy_every: int
+    hosts: int
+    out: Path
+
+
+@dataclass
+class Probe:
+    """One measurement step: ``run()`` records its samples into the results.
+
+    Attributes:
+        name: For progress and failure lines.
+        rows: The rows it fills (a failure is recorded against them).
+        run: Takes the sample(s).
+        every: Runs on every ``every``-th repetition.
+        failures_in_row: Consecutive failures; at three the probe is given up.
+        enabled: False once given up or found unsupported.
+        seconds: Wall time spent in it so far (to size the run).
+    """
+
+    name: str
+    rows: tuple[str, ...]
+    run: Callable[[], None]
+    every: int = 1
+    failures_in_row: int = 0
+    enabled: bool = True
+    seconds: float = 0.0
+
+
+@dataclass
+class Bench:
+    """Everything one run holds: paths, the testbed, agents, and what was measured."""
+
+    settings: Settings
+    run_dir: Path
+    ssh_config: Path
+    hosts: list[str]
+    control_path: Path
+    blob: Path
+    env: dict[str, str]
+    rx_command: list[str]
+    results: Results = field(default_factory=Results)
+    phases: dict[str, list[PhaseRecord]] = field(default_factory=dict)
+    agents: list[Agent] = field(default_factory=list)
+    import_baseline: set[str] = field(default_factory=set)
+    info: dict[str, str] = field(default_factory=dict)
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    def ssh(self, *args: str, mux: bool = True) -> list[str]:
+        options = ["-o", "ControlMaster=no", "-o", f"ControlPath={self.control_path}" if mux else "ControlPath=none"]
+        return ["ssh", "-F", str(self.ssh_config), *options, *args]
+
+    def agent(self, kind: str, **config: Any) -> Agent:
+        name = kind + (f"-{config['backend']}" if "backend" in config else "")
+        env = dict(self.env, RX_WORKSPACE=str(self.run_dir / "workspaces" / name))
+        agent = Agent(kind, {"ssh_config": str(self.ssh_config), "hosts": self.hosts, **config}, env=env,
+                      cwd=self.run_dir / "agents" / name, log=self.run_dir / "logs" / f"{name}.log")
+        self.agents.append(agent)
+        return agent
+
+    def record_calls(self, group: str, reply: dict[str, Any]) -> None:
+        self.phases.setdefault(group, []).extend(phase_records(reply.get("calls") or []))
+
+
+def _parse_importtime(stderr: str) -> dict[str, int]:
+    """Top-level modules and their cumulative import microseconds from ``-X importtime`` output."""
+    found: dict[str, int] = {}
+    for line in stderr.splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        parts = line.split("|")
+        if len(parts) < 3 or not parts[1].strip().isdigit():
+            continue
+        name = parts[2]
+        depth = (len(name) - len(name.lstrip(" ")) - 1) // 2
+        if depth == 0:
+            found[name.strip()] = found.get(name.strip(), 0) + int(parts[1])
+    return found
+
+
+# -- probes ------------------------------------------------------------------------------------------------
+
+
+def _ssh_cold(bench: Bench) -> None:
+    bench.results.add("ssh.cold", run_timed(bench.ssh(bench.hosts[0], TRIVIAL, mux=False), timeout=30))
+
+
+def _ssh_mux(bench: Bench) -> None:
+    for _ in range(bench.settings.warm_calls):
+        bench.results.add("ssh.mux", run_timed(bench.ssh(bench.hosts[0], TRIVIAL), timeout=30))
+
+
+def _ssh_cat(bench: Bench) -> None:
+    with bench.blob.open("rb") as stdin:
+        up = run_timed(bench.ssh(bench.hosts[0], "cat > /dev/null"), timeout=120, stdin=stdin)
+    down = run_timed(bench.ssh(bench.hosts[0], f"cat {REMOTE_BLOB}"), timeout=120)
+    bench.results.add("ssh.cat", up + down)
+
+
+def _paramiko_exec(bench: Bench, agent: Agent) -> None:
+    for nodelay, key in ((True, "paramiko.exec"), (False, "paramiko.exec_delay")):
+        reply = agent.request("exec", nodelay=nodelay, count=bench.settings.warm_calls, timeout=60)
+        for seconds in reply["samples"]:
+            bench.results.add(key, seconds)
+
+
+def _paramiko_sftp(bench: Bench, agent: Agent) -> None:
+    reply = agent.request("sftp", local=str(bench.blob), remote="rxbench-sftp", size=100 * MB, timeout=180)
+    bench.results.add("paramiko.sftp", reply["samples"][0])
+
+
+def _samples(bench: Bench, agent: Agent, key: str, op: str, *, timeout: float, group: str | None = None,
+             **params: Any) -> None:
+    """One agent request; every sample it returns goes to ``key`` (and its calls' phases to ``group``)."""
+    reply = agent.request(op, timeout=timeout, **params)
+    if reply.get("unsupported"):
+        raise Unsupported(str(reply["unsupported"]))
+    for seconds in reply["samples"]:
+        bench.results.add(key, seconds)
+    if group is not None:
+        bench.record_calls(group, reply)
+
+
+def _rx_first(bench: Bench, backend: str) -> None:
+    name = f"rx-first-{backend}"
+    config = {"ssh_config": str(bench.ssh_config), "hosts": bench.hosts, "backend": backend,
+              "workdir": f"~/.cache/rxbench-first/{uuid.uuid4().hex}"}
+    env = dict(bench.env, RX_WORKSPACE=str(bench.run_dir / "workspaces" / name))
+    reply = one_shot("rx-first", config, env=env, cwd=bench.run_dir / "agents" / name,
+                     log=bench.run_dir / "logs" / f"{name}.log", timeout=90)
+    bench.results.add(f"rx-{backend}.first", reply["samples"][0])
+    bench.record_calls(f"first call ({backend})", reply)
+
+
+def _rx_run(bench: Bench, backend: str) -> None:
+    seconds = run_timed(_rx_run_argv(bench, backend), timeout=60, cwd=bench.run_dir / "rxrun", env=bench.env)
+    bench.results.add(f"rx-{backend}.run", seconds)
+    from remote_exec.workspace import Workspace
+    from remote_exec.workspace.state import duration
+
+    run = Workspace.resolve(bench.run_dir / "workspaces" / f"rx-run-{backend}").latest()
+    if run is not None:
+        phases: dict[str, float] = {}
+        for action in run.actions():
+            took = duration(action.get("started"), action.get("finished"))
+            if took is not None:
+                phases[str(action["name"])] = phases.get(str(action["name"]), 0.0) + took
+        bench.phases.setdefault(f"rx run, whole command ({backend})", []).append(PhaseRecord(seconds, phases))
+
+
+def _rx_hosts(bench: Bench, agent: Agent, backend: str) -> None:
+    reply = agent.request("hosts", timeout=120)
+    bench.results.add(f"rx-{backend}.hosts_parallel", reply["parallel"])
+    bench.results.add(f"rx-{backend}.hosts_serial", reply["sequential"])
+
+
+def _python_start(bench: Bench) -> None:
+    bench.results.add("startup.python", run_timed([sys.executable, "-c", "pass"], timeout=30, env=bench.env))
+
+
+def _importtime(bench: Bench) -> None:
+    process = subprocess.run([sys.executable, "-X", "importtime", "-c", "import remote_exec.cli"],
+                             capture_output=True, text=True, timeout=60, env=bench.env, check=False)
+    if process.returncode != 0:
+        lines = process.stderr.strip().splitlines()
+        raise ProbeError(f"import remote_exec.cli failed: {lines[-1] if lines else process.returncode}")
+    modules = _parse_importtime(process.stderr)
+    total = sum(us for name, us in modules.items() if name not in bench.import_baseline)
+    bench.results.add("startup.importtime", total / 1e6)
+
+
+def _rx_help(bench: Bench) -> None:
+    bench.results.add("startup.help", run_timed([*bench.rx_command, "--help"], timeout=30, env=bench.env))
+
+
+def _probes(bench: Bench) -> list[Probe]:
+    """Every probe, in the order of the table (each repetition starts one further along)."""
+    settings = bench.settings
+    probes: list[Probe] = []
+
+    def add(name: str, rows: tuple[str, ...], run: Callable[[], None], every: int = 1) -> None:
+        probes.append(Probe(name, rows, run, every))
+
+    add("ssh cold", ("ssh.cold",), partial(_ssh_cold, bench))
+    add("ssh multiplexed", ("ssh.mux",), partial(_ssh_mux, bench))
+    add("ssh cat pipe", ("ssh.cat",), partial(_ssh_cat, bench), settings.heavy_every)
+    paramiko_agent = bench.agent("paramiko")
+    add("paramiko exec", ("paramiko.exec", "paramiko.exec_delay"), partial(_paramiko_exec, bench, paramiko_agent))
+    add("paramiko sftp", ("paramiko.sftp",), partial(_paramiko_sftp, bench, paramiko_agent), settings.heavy_every)
+    bandsaw_agent = bench.agent("bandsaw")
+    add("bandsaw task", ("bandsaw.task",),
+        partial(_samples, bench, bandsaw_agent, "bandsaw.task", "task", timeout=120), settings.medium_every)
+    for peer in ("execnet", "mitogen"):
+        agent = bench.agent(peer)
+        add(f"{peer} cold", (f"{peer}.cold",), partial(_samples, bench, agent, f"{peer}.cold", "cold", timeout=90))
+        add(f"{peer} warm", (f"{peer}.warm",),
+            partial(_samples, bench, agent, f"{peer}.warm", "warm", timeout=90, count=settings.warm_calls))
+        for size in SIZES:
+            key = f"{peer}.echo{size // MB}"
+            every = 1 if size < 10 * MB else settings.heavy_every if size < 100 * MB else settings.reps
+            if size >= 100 * MB and settings.quick:
+                bench.results.notes[key] = "not run with --quick (one round trip takes up to a minute)"
+                continue
+            add(f"{peer} {_size_name(size)}", (key,),
+                partial(_samples, bench, agent, key, "echo", timeout=60 + size / MB * 2, size=size), every)
+    for backend in BACKENDS:
+        rx = f"rx-{backend}"
+        agent = bench.agent("rx", backend=backend)
+        add(f"rx first call ({backend})", (f"{rx}.first",), partial(_rx_first, bench, backend))
+        add(f"rx warm ({backend})", (f"{rx}.warm",),
+            partial(_samples, bench, agent, f"{rx}.warm", "warm", timeout=90, group=f"warm call ({backend})",
+                    count=settings.warm_calls))
+        add(f"rx keep_warm ({backend})", (f"{rx}.keep_warm",),
+            partial(_samples, bench, agent, f"{rx}.keep_warm", "keep_warm", timeout=90,
+                    group=f"keep_warm call ({backend})", count=settings.warm_calls))
+        add(f"rx run ({backend})", (f"{rx}.run",), partial(_rx_run, bench, backend))
+        add(f"rx 4 hosts ({backend})", (f"{rx}.hosts_parallel", f"{rx}.hosts_serial"),
+            partial(_rx_hosts, bench, agent, backend))
+        for size in SIZES:
+            key = f"{rx}.echo{size // MB}"
+            add(f"rx {_size_name(size)} ({backend})", (key,),
+                partial(_samples, bench, agent, key, "echo", timeout=60 + size / MB * 2,
+                        group=f"{_size_name(size)} argument + result ({backend})", size=size),
+                _every(settings, size))
+    add("python -c pass", ("startup.python",), partial(_python_start, bench))
+    add("importtime", ("startup.importtime",), partial(_importtime, bench))
+    add("rx --help", ("startup.help",), partial(_rx_help, bench))
+    return probes
+
+
+def _every(settings: Settings, size: int) -> int:
+    if size >= 100 * MB:
+        return settings.heavy_every
+    if size >= 10 * MB:
+        return settings.medium_every
+    return 1
+
+
+def _rx_run_argv(bench: Bench, backend: str) -> list[str]:
+    return [*bench.rx_command, "run", "--remote", bench.hosts[0], "--backend", backend, "--ssh-config",
+            str(bench.ssh_config), "--workspace", str(bench.run_dir / "workspaces" / f"rx-run-{backend}"),
+            "trivial.py"]
+
+
+# -- setup and teardown ------------------------------------------------------------------------------------
+
+
+def _rx_command() -> list[str]:
+    """``rx`` from this interpreter's environment when installed there, else ``python -m remote_exec``."""
+    found = shutil.which("rx")
+    if found and Path(found).resolve().parent == Path(sys.executable).resolve().parent:
+        return [found]
+    scripts = Path(sys.executable).parent / "rx"
+    if scripts.exists():
+        return [str(scripts)]
+    return [sys.executable, "-m", "remote_exec"]
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        if distribution == "remote_exec":
+            import remote_exec
+
+            return f"{remote_exec.__version__} (from the source tree)"
+        return "not installed"
+
+
+def _output(argv: list[str], timeout: float = 30) -> str:
+    try:
+        process = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"({exc})"
+    return (process.stdout + process.stderr).strip()
+
+
+def _machine_info(bench: Bench) -> dict[str, str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    commit = _output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = _output(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--", "remote_exec"])
+    return {
+        "CPU": f"{cpu}, nproc {os.cpu_count()}",
+        "OS": platform.platform(),
+        "Python (coordinator)": platform.python_version(),
+        "Python (testbed hosts)": _output(bench.ssh(bench.hosts[0], "python3 -V")),
+        "OpenSSH client": _output(["ssh", "-V"]).splitlines()[0] if _output(["ssh", "-V"]) else "?",
+        "remote_exec": f"{_version('remote_exec')} at {commit}"
+                       + (" with uncommitted changes in remote_exec/" if dirty else ""),
+        "paramiko": _version("paramiko"),
+        "bandsaw": _version("bandsaw"),
+        "execnet": _version("execnet"),
+        "mitogen": _version("mitogen"),
+        "rx command": " ".join(Path(part).name if i == 0 else part for i, part in enumerate(bench.rx_command)),
+    }
+
+
+def _write_blob(path: Path, size: int) -> None:
+    with path.open("wb") as stream:
+        left = size
+        while left:
+            chunk = os.urandom(min(left, 1 << 24))
+            stream.write(chunk)
+            left -= len(chunk)
+
+
+@contextlib.contextmanager
+def _testbed(settings: Settings) -> Iterator[Bench]:
+    import testbed
+
+    why = testbed.docker_available()
+    if why is not None:
+        raise SystemExit(f"benchmarks: the testbed hosts need Docker: {why}")
+    run_dir = WORK / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_dir.mkdir(parents=True)
+    state_dir = run_dir / "testbed"
+    control_dir = Path(tempfile.mkdtemp(prefix="rxb-", dir="/tmp"))
+    control_path = control_dir / "cm"
+    bench: Bench | None = None
+    try:
+        print(f"benchmarks: starting {settings.hosts} testbed host(s) in {state_dir}", file=sys.stderr)
+        bed = testbed.up(settings.hosts, state_dir=state_dir)
+        hosts = [host.alias for host in bed.hosts]
+        pythonpath = os.pathsep.join(filter(None, [str(REPO), str(PAYLOAD_DIR), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, PYTHONPATH=pythonpath, RX_SSH_CONFIG=str(bed.ssh_config),
+                   RX_CACHE_DIR=str(run_dir / "cache"), RX_WORKSPACE=str(run_dir / "workspaces" / "default"))
+        env.pop("RX_BACKEND", None)
+        bench = Bench(settings=settings, run_dir=run_dir, ssh_config=bed.ssh_config, hosts=hosts,
+                      control_path=control_path, blob=run_dir / "blob-100mb", env=env, rx_command=_rx_command())
+        (run_dir / "logs").mkdir()
+        subprocess.run(["ssh", "-F", str(bed.ssh_config), "-o", "ControlMaster=yes", "-o",
+                        f"ControlPath={control_path}", "-o", "ControlPersist=1800", "-f", "-N", hosts[0]],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+                       check=True)
+        _write_blob(bench.blob, 100 * MB)
+        size = _output(bench.ssh(hosts[0], f"head -c {100 * MB} /dev/urandom > {REMOTE_BLOB} && "
+                                           f"stat -c %s {REMOTE_BLOB}"), timeout=120)
+        if size.strip() != str(100 * MB):
+            raise SystemExit(f"benchmarks: could not write the 100 MB file on {hosts[0]}: {size}")
+        rxrun = run_dir / "rxrun"
+        rxrun.mkdir()
+        (rxrun / "trivial.py").write_text("x = 1\n", encoding="utf-8")
+        baseline = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True,
+                                  timeout=60, env=env, check=False)
+        bench.import_baseline = set(_parse_importtime(baseline.stderr))
+        bench.info = _machine_info(bench)
+        yield bench
+    finally:
+        if bench is not None:
+            for agent in bench.agents:
+                agent.stop()
+        subprocess.run(["ssh", "-F", str(state_dir / "ssh_config"), "-o", f"ControlPath={control_path}", "-O", "exit",
+                        "rx-testbed-1"], stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
+        shutil.rmtree(control_dir, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            testbed.down(state_dir=state_dir)
+        logs = run_dir / "logs"
+        if logs.is_dir():
+            kept = WORK / "last-logs"
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(logs, kept)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _warm_up(bench: Bench) -> None:
+    """Untimed: one ``rx run`` per backend, so the timed ones find the archive on the host."""
+    for backend in BACKENDS:
+        try:
+            run_timed(_rx_run_argv(bench, backend), timeout=120, cwd=bench.run_dir / "rxrun", env=bench.env)
+        except ProbeError as exc:
+            logger.warning("rx run warm-up (%s) failed: %s", backend, exc)
+
+
+def _measure(bench: Bench, probes: list[Probe]) -> None:
+    settings = bench.settings
+    started = time.monotonic()
+    for rep in range(settings.reps):
+        shift = rep % len(probes)
+        for probe in probes[shift:] + probes[:shift]:
+            if not probe.enabled or rep % probe.every:
+                continue
+            began = time.monotonic()
+            try:
+                probe.run()
+                probe.failures_in_row = 0
+            except Unsupported as exc:
+                probe.enabled = False
+                for key in probe.rows:
+                    bench.results.notes[key] = str(exc)
+            except (ProbeError, OSError, subprocess.SubprocessError, KeyError, ValueError) as exc:
+                message = str(exc).strip() or type(exc).__name__
+                probe.failures_in_row += 1
+                for key in probe.rows:
+                    bench.results.fail(key, message)
+                print(f"  {probe.name}: failed: {message}", file=sys.stderr)
+                if probe.failures_in_row >= 3:
+                    probe.enabled = False
+                    for key in probe.rows:
+                        bench.results.notes.setdefault(key, f"gave up after 3 failures in a row: {message}")
+            finally:
+                probe.seconds += time.monotonic() - began
+        print(f"benchmarks: repetition {rep + 1}/{settings.reps} done ({time.monotonic() - started:.0f} s)",
+              file=sys.stderr)
+    costly = sorted(probes, key=lambda probe: -probe.seconds)[:8]
+    print("benchmarks: time spent per probe: " + ", ".join(f"{probe.name} {probe.seconds:.0f} s" for probe in costly),
+          file=sys.stderr)
+
+
+def _phase_groups(bench: Bench) -> dict[str, list[PhaseRecord]]:
+    order = []
+    for backend in BACKENDS:
+        order += [f"first call ({backend})", f"warm call ({backend})", f"keep_warm call ({backend})",
+                  f"rx run, whole command ({backend})"]
+        order += [f"{_size_name(size)} argument + result ({backend})" for size in SIZES]
+    return {name: bench.phases[name] for name in order if bench.phases.get(name)}
+
+
+def _startup_text(results: Results) -> str:
+    lines = []
+    for key, what in (("startup.importtime", "`python -X importtime -c \"import remote_exec.cli\"`, total of "
+                                             "the modules it adds (median)"),
+                      ("startup.help", "`rx --help`, wall time of the process (median)"),
+                      ("startup.python", "for scale: `python -c pass`, wall (median)")):
+        summary = results.summary(key)
+        lines.append(f"- {what}: " + (format_seconds(summary.median) if summary else results.why_missing(key)))
+    return "\n".join(lines) + "\n"
+
+
+def render(bench: Bench, *, duration: float, load: tuple[tuple[float, ...], tuple[float, ...]]) -> str:
+    """RESULTS.md: when and where, the tables, the targets, rx's phases, start-up, failures."""
+    settings = bench.settings
+    results = bench.results
+    out = ["# Benchmark results\n",
+           "Generated by `nox -s bench` (`python -m benchmarks`); see `benchmarks/README.md` for what each row "
+           "measures.\n",
+           f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+           f"- Run: {'quick (smoke) run' if settings.quick else 'full run'}, {settings.reps} repetitions "
+           f"(round-robin), {settings.warm_calls} calls per warm-call request; bandsaw and rx's 10 MB rows every "
+           f"{settings.medium_every}, the other 100 MB rows and the peers' 10 MB rows every {settings.heavy_every} "
+           f"repetitions, the peers' 100 MB rows once; {duration / 60:.1f} min",
+           f"- Load average (1, 5, 15 min) at start: {', '.join(f'{v:.2f}' for v in load[0])}; at end: "
+           f"{', '.join(f'{v:.2f}' for v in load[1])}",
+           f"- Testbed: {settings.hosts} Docker sshd hosts on 127.0.0.1 (benchmarks/.work, removed after the run)"]
+    out += [f"- {name}: {value}" for name, value in bench.info.items()]
+    out += ["", "## Results\n", "Ratio: this row's median over the compared row's (times), or its MB/s over the "
+            "compared row's MB/s (throughputs).\n", render_tables(ROWS, results),
+            "## Targets\n", render_targets(TARGETS, ROWS, results),
+            "## Where rx's time goes\n",
+            "Median seconds per phase as `dispatch()` records them (`Outcome.phases`, stored in the workspace "
+            "run's task entry; for `rx run`, the run's recorded actions, to the millisecond). *other* is the "
+            "call minus its phases: packing (for a task), serializing, the workspace records, imports on first "
+            "use, and for `rx run` the interpreter's start and exit.\n"]
+    groups = _phase_groups(bench)
+    out.append(render_phases(groups) if groups else "No rx call recorded phases.\n")
+    out += ["## Start-up\n", _startup_text(results)]
+    failed = {key: errors for key, errors in results.failures.items() if errors}
+    if failed:
+        out.append("## Failed repetitions\n")
+        for key, errors in failed.items():
+            out.append(f"- {key}: {len(errors)} failed; last: {errors[-1]}")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke run (few repetitions)")
+    parser.add_argument("--reps", type=int, help="repetitions (default 16; --quick: 2)")
+    parser.add_argument("--out", type=Path, help="where to write the results (default benchmarks/RESULTS.md; "
+                                                 "quick: benchmarks/.work/RESULTS-quick.md)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="benchmarks: %(message)s")
+    quick = bool(args.quick)
+    settings = Settings(
+        reps=args.reps or (2 if quick else 16),
+        quick=quick,
+        warm_calls=3 if quick else 5,
+        medium_every=2,
+        heavy_every=2 if quick else 4,
+        hosts=4,
+        out=args.out or (WORK / "RESULTS-quick.md" if quick else HERE / "RESULTS.md"),
+    )
+    if settings.reps < 1:
+        parser.error("--reps must be at least 1")
+    started = time.monotonic()
+    load_start = os.getloadavg()
+    with _testbed(settings) as bench:
+        _warm_up(bench)
+        _measure(bench, _probes(bench))
+        load_end = os.getloadavg()
+        text = render(bench, duration=time.monotonic() - started, load=(load_start, load_end))
+    print(text)
+    settings.out.parent.mkdir(parents=True, exist_ok=True)
+    settings.out.write_text(text, encoding="utf-8")
+    print(f"benchmarks: wrote {settings.out}", file=sys.stderr)
+    return 0
+

@@ -1,0 +1,124 @@
+"""The benchmark report on fixed inputs: statistics, the table, the targets, the phase table.
+
+No timing is asserted here (the benchmarks are not tests); these check the arithmetic and the wording
+that RESULTS.md is built from.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.report import PhaseRecord, Results, Row, Target, evaluate, render_phases, render_tables
+from benchmarks.stats import MB, Summary, format_rate, format_seconds, percentile
+from benchmarks.suite import ROWS, TARGETS, _parse_importtime
+
+
+def test_percentile_interpolates_like_numpy_linear() -> None:
+    values = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0, 6.0, 7.0, 9.0, 8.0]
+    assert percentile(values, 50) == pytest.approx(5.5)
+    assert percentile(values, 90) == pytest.approx(9.1)
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 100) == 10.0
+    assert percentile([0.2], 90) == 0.2
+
+
+def test_percentile_refuses_nothing_and_out_of_range() -> None:
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_summary_of_samples() -> None:
+    summary = Summary.of([0.3, 0.1, 0.2])
+    assert (summary.n, summary.median, summary.minimum, summary.maximum) == (3, 0.2, 0.1, 0.3)
+    assert summary.p90 == pytest.approx(0.28)
+
+
+def test_durations_and_rates_read_as_people_write_them() -> None:
+    assert format_seconds(1.1734) == "1.17 s"
+    assert format_seconds(0.193) == "193 ms"
+    assert format_seconds(0.0142) == "14.2 ms"
+    assert format_seconds(0.00038) == "0.380 ms"
+    assert format_seconds(12.34) == "12.3 s"
+    assert format_rate(612 * MB) == "612 MB/s"
+    assert format_rate(27.44 * MB) == "27.4 MB/s"
+
+
+ROWS_FIXED = [
+    Row("cold", "raw ssh, cold", "cold ssh", "Latency"),
+    Row("mine", "my first call", "mine", "Latency", "cold"),
+    Row("keep", "keep warm", "keep", "Latency", "cold"),
+    Row("pipe", "ssh cat pipe", "pipe", "Throughput", None, 200 * MB),
+    Row("big", "100 MB round trip", "big", "Throughput", "pipe", 200 * MB),
+]
+
+
+def fixed_results() -> Results:
+    results = Results()
+    for seconds in (0.2, 0.19, 0.21):
+        results.add("cold", seconds)
+    for seconds in (0.3, 0.31, 0.29):
+        results.add("mine", seconds)
+    results.fail("mine", "ssh exited 255")
+    results.add("pipe", 0.4)   # 200 MB in 0.4 s: 500 MB/s
+    results.add("big", 1.0)    # 200 MB in 1 s: 200 MB/s
+    results.notes["keep"] = "not implemented: keep_warm=True failed"
+    return results
+
+
+def test_table_shows_medians_ratios_failures_and_why_a_row_is_empty() -> None:
+    text = render_tables(ROWS_FIXED, fixed_results())
+    lines = text.splitlines()
+    assert "### Latency" in lines and "### Throughput" in lines
+    mine = next(line for line in lines if line.startswith("| my first call"))
+    assert "| 300 ms |" in mine and "| 1.50x |" in mine and "3 (1 failed)" in mine and "cold ssh" in mine
+    keep = next(line for line in lines if line.startswith("| keep warm"))
+    assert "not implemented: keep_warm=True failed" in keep and "| 0 |" in keep
+    big = next(line for line in lines if line.startswith("| 100 MB round trip"))
+    assert "| 200 MB/s |" in big and "| 0.40x |" in big
+
+
+def test_targets_are_met_missed_or_not_measured() -> None:
+    rows = {row.key: row for row in ROWS_FIXED}
+    results = fixed_results()
+    slower = evaluate(Target("first call <= 1.1x cold ssh", "mine", "cold", 1.1), rows, results)
+    assert slower.status == "not met" and slower.measured == pytest.approx(1.5)
+    assert "1.50x" in slower.detail
+    looser = evaluate(Target("first call <= 2x cold ssh", "mine", "cold", 2.0), rows, results)
+    assert looser.status == "met"
+    rate = evaluate(Target(">= 50% of the pipe", "big", "pipe", 0.5, at_least=True), rows, results)
+    assert rate.status == "not met" and rate.measured == pytest.approx(0.4)
+    absolute = evaluate(Target("<= 1 s", "cold", None, 1.0), rows, results)
+    assert absolute.status == "met" and absolute.measured == pytest.approx(0.2)
+    missing = evaluate(Target("keep_warm <= 1 ms", "keep", None, 0.001), rows, results)
+    assert missing.status == "not measured" and "not implemented" in missing.detail
+
+
+def test_phase_table_medians_and_the_unaccounted_rest() -> None:
+    records = [PhaseRecord(0.100, {"connect": 0.020, "execute": 0.060, "collect": 0.001}),
+               PhaseRecord(0.120, {"connect": 0.030, "execute": 0.070, "collect": 0.001})]
+    text = render_phases({"warm call (openssh)": records})
+    row = next(line for line in text.splitlines() if line.startswith("| warm call"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells == ["warm call (openssh)", "2", "110 ms", "25.0 ms", "—", "65.0 ms", "1.00 ms", "19.0 ms"]
+
+
+def test_importtime_totals_count_top_level_modules_only() -> None:
+    stderr = "\n".join([
+        "import time: self [us] | cumulative | imported package",
+        "import time:       100 |        100 |     typing_extensions",
+        "import time:       200 |        300 |   typer",
+        "import time:        50 |        400 | remote_exec",
+        "import time:        10 |         10 | encodings",
+    ])
+    assert _parse_importtime(stderr) == {"remote_exec": 400, "encodings": 10}
+
+
+def test_every_target_names_rows_that_exist() -> None:
+    keys = {row.key for row in ROWS}
+    for target in TARGETS:
+        assert target.row in keys
+        assert target.reference is None or target.reference in keys
+    for row in ROWS:
+        assert row.reference is None or row.reference in keys
