@@ -1,0 +1,616 @@
+"""Helpers of the fault-injection suite: an rx "rig" per test, remote audits, and the trial recorder.
+
+Every scenario runs rx the way a user does (``python -m remote_exec`` in a subprocess, or a small driver
+script calling ``@task`` functions) against the Docker testbed, breaks something on purpose, and then
+checks what a user would notice: that nothing hung, that the error was one clear line, that the workspace
+recorded the right status, that nothing was lost or corrupted, and that nothing was left running or lying
+around on the remote host.
+
+Each check is recorded as a :class:`Trial` (scenario, backend, outcome, seconds, overrun past its bound and
+the measured facts) by the session's :class:`Recorder`, which writes ``tests/faults/.results/results.json``
+at the end of the session; ``scripts/reliability_report.py`` turns that file into ``docs/reliability.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed import Testbed, TestbedHost, exec_root
+
+__all__ = [
+    "HERE",
+    "REMOTE_CACHE",
+    "REPO",
+    "RESULTS_FILE",
+    "SCENARIOS",
+    "Ran",
+    "Recorder",
+    "RemoteAudit",
+    "Rig",
+    "Trial",
+    "TrialFactory",
+    "Watched",
+    "audit_remote",
+    "cli_error_lines",
+    "error_summary",
+    "finish",
+    "has_traceback",
+    "remote_baseline",
+    "state_files_parse",
+    "workspace_files",
+]
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+DRIVER = HERE / "task_driver.py"
+RESULTS_FILE = Path(os.environ.get("RX_FAULTS_RESULTS", HERE / ".results" / "results.json"))
+#: The remote user's default rx cache (archives and run directories).
+REMOTE_CACHE = "/home/rx/.cache/remote_exec"
+#: Seconds after a fault within which nothing of the task may be left on the remote.
+CLEAN_WITHIN = 5.0
+#: Seconds past its bound after which a call counts as hung.
+HANG_MARGIN = 5.0
+
+#: What each scenario does, for the report. The key is in the name of every test of the scenario, so
+#: ``pytest tests/faults -k KEY`` selects them (a key must not match a marker name such as ``timeout``).
+SCENARIOS: dict[str, dict[str, str]] = {
+    "pause": {
+        "title": "Host paused mid-run",
+        "fault": "docker pause of the host while a @task(keepalive_interval=1, keepalive_count=2) call sleeps",
+        "expect": "ConnectError (exit status 255) within interval x count + 1 s = 3 s (+2 s margin); the task "
+                  "and its run directory gone within 5 s of unpause",
+    },
+    "sshd_killed": {
+        "title": "sshd killed mid-transfer",
+        "fault": "the session's sshd processes are SIGKILLed while a 50 MB result file streams back",
+        "expect": "exit 255 with one error line; no partial file under a final name in the workspace",
+    },
+    "disk_full": {
+        "title": "Remote disk full",
+        "fault": "the remote cache is a 5 MB tmpfs and the task writes 10 MB",
+        "expect": "the task's OSError (ENOSPC) comes back, or one clear error; nothing corrupt lands; "
+                  "nothing left on the remote",
+    },
+    "python_missing": {
+        "title": "python3 missing",
+        "fault": "--python /nonexistent/python3, and /usr/bin/python3 moved away on the host",
+        "expect": "RunnerError 'python3 not found on <host>', exit status 3",
+    },
+    "fake_python": {
+        "title": "Fake python3",
+        "fault": "--python names a script that exits 0 without output",
+        "expect": "a clear error (exit status 3), never success",
+    },
+    "task_sigkill": {
+        "title": "Task killed by SIGKILL",
+        "fault": "the task sends itself SIGKILL",
+        "expect": "result status 'signal' naming SIGKILL; rx run exits 137",
+    },
+    "oom": {
+        "title": "Task out of memory",
+        "fault": "host with a 128 MB memory limit; the task touches 512 MB",
+        "expect": "result status 'oom' (or 'signal' SIGKILL with an out-of-memory detail); exit 137",
+    },
+    "coordinator_killed": {
+        "title": "Coordinator killed",
+        "fault": "rx run of a 3 s script SIGKILLed after a random 0.1-2.5 s",
+        "expect": "no remote process of the task within 5 s; the run listed as lost; rx rerun --failed "
+                  "completes it",
+    },
+    "interrupt": {
+        "title": "Ctrl-C / SIGTERM of rx run",
+        "fault": "SIGINT or SIGTERM to rx run while the task runs",
+        "expect": "exit 130; the remote task gone within 5 s; run status cancelled",
+    },
+    "task_timeout": {
+        "title": "Task timeout",
+        "fault": "--timeout 2 on a task that sleeps 60 s and spawned a child",
+        "expect": "exit 124 within 2 + 5 s of the task's start; the task's whole process group gone",
+    },
+    "concurrency": {
+        "title": "Concurrent runs on one workspace",
+        "fault": "8 rx run processes at once on one workspace (4 local, 4 remote)",
+        "expect": "8 runs, all finished, every state.json parses, no lost updates",
+    },
+    "integrity": {
+        "title": "Corrupted and malicious results",
+        "fault": "a Process wrapper flips a byte in a V/F frame, truncates the stream, or forges a signed "
+                 "result holding ../evil, an absolute path or a symlink",
+        "expect": "IntegrityError (truncation: a clear error); nothing written outside the run dir; run failed",
+    },
+    "host_key": {
+        "title": "Host key changed",
+        "fault": "regenerated host keys; also a known_hosts entry of another key type for the host",
+        "expect": "refused with HostKeyError (exit 255) on every trial; known_hosts unchanged",
+    },
+    "injection": {
+        "title": "Injection fuzz",
+        "fault": "~200 generated hostile strings as script args, env values and @task string args",
+        "expect": "every string arrives byte for byte; the canary file an injection would create never "
+                  "appears",
+    },
+    "secret_canary": {
+        "title": "Secret canary",
+        "fault": "rx -vv run --secret-env RX_CANARY with a random value",
+        "expect": "the task sees it; the value appears nowhere in the workspace, rx's output, the remote "
+                  "process list or remote files",
+    },
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# running rx
+
+
+@dataclass(frozen=True)
+class Ran:
+    """A finished (or killed) process.
+
+    Attributes:
+        argv: What ran.
+        returncode: Its exit status (negative: killed by that signal).
+        stdout: Its stdout, decoded as UTF-8.
+        stderr: Its stderr, decoded as UTF-8.
+        seconds: From start to exit.
+        timed_out: It ran past its timeout and was killed (a hang).
+    """
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    timed_out: bool = False
+
+    def result_line(self) -> dict[str, Any]:
+        """The driver's ``RESULT {json}`` line, parsed (``{}`` if it printed none)."""
+        for line in reversed(self.stdout.splitlines()):
+            if line.startswith("RESULT "):
+                parsed: dict[str, Any] = json.loads(line[len("RESULT "):])
+                return parsed
+        return {}
+
+
+def finish(process: subprocess.Popen[bytes], argv: Sequence[str], started: float, timeout: float) -> Ran:
+    """Wait for ``process`` at most ``timeout`` seconds (then kill it) and collect its output."""
+    timed_out = False
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        process.kill()
+        out, err = process.communicate()
+    seconds = time.monotonic() - started
+    return Ran(tuple(argv), process.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"),
+               seconds, timed_out)
+
+
+class Watched:
+    """A running process whose stdout lines and stderr are read as they come, each line timestamped.
+
+    Use it to act at a moment of the run ("task started"), then :meth:`wait` for the end.
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes], argv: Sequence[str]) -> None:
+        self.process = process
+        self.argv = tuple(argv)
+        self.started = time.monotonic()
+        self.lines: list[tuple[float, str]] = []
+        self._err: list[bytes] = []
+        self._changed = threading.Condition()
+        self._readers = [threading.Thread(target=self._read_out, daemon=True),
+                         threading.Thread(target=self._read_err, daemon=True)]
+        for reader in self._readers:
+            reader.start()
+
+    def _read_out(self) -> None:
+        assert self.process.stdout is not None
+        for raw in iter(self.process.stdout.readline, b""):
+            with self._changed:
+                self.lines.append((time.monotonic(), raw.decode("utf-8", "replace").rstrip("\n")))
+                self._changed.notify_all()
+
+    def _read_err(self) -> None:
+        assert self.process.stderr is not None
+        for raw in iter(lambda: self.process.stderr.read(65536) if self.process.stderr else b"", b""):
+            self._err.append(raw)
+
+    def wait_for(self, marker: str, timeout: float) -> float | None:
+        """The monotonic time the first stdout line holding ``marker`` came; None if it did not within
+        ``timeout`` seconds or the process ended first."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for at, line in self.lines:
+                    if marker in line:
+                        return at
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.process.poll() is not None and not self._readers[0].is_alive()):
+                    return None
+                self._changed.wait(min(left, 0.1))
+
+    def wait(self, timeout: float) -> Ran:
+        """Wait at most ``timeout`` seconds for the end (then kill it: a hang) and return what it did."""
+        timed_out = False
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            self.process.kill()
+            self.process.wait()
+        ended = time.monotonic()
+        for reader in self._readers:
+            reader.join(10)
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+        stdout = "".join(line + "\n" for _, line in self.lines)
+        return Ran(self.argv, self.process.returncode, stdout, b"".join(self._err).decode("utf-8", "replace"),
+                   ended - self.started, timed_out)
+
+
+@dataclass
+class Rig:
+    """One test's rx environment: a project folder, a workspace, a local archive cache, one backend.
+
+    Attributes:
+        testbed: The session testbed (its ssh_config reaches every host, dedicated ones too).
+        backend: ``openssh`` or ``paramiko`` (``RX_BACKEND``).
+        root: The test's temporary directory.
+        project: The current directory of every rx process.
+        workspace: ``RX_WORKSPACE``.
+        cache: ``RX_CACHE_DIR``.
+        env: The environment of rx processes.
+    """
+
+    testbed: Testbed
+    backend: str
+    root: Path
+    project: Path = field(init=False)
+    workspace: Path = field(init=False)
+    cache: Path = field(init=False)
+    env: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.project = self.root / "project"
+        self.workspace = self.root / "ws"
+        self.cache = self.root / "cache"
+        self.project.mkdir(parents=True, exist_ok=True)
+        env = {key: value for key, value in os.environ.items() if not key.startswith("RX_")}
+        env.update(
+            RX_SSH_CONFIG=str(self.testbed.ssh_config),
+            RX_BACKEND=self.backend,
+            RX_WORKSPACE=str(self.workspace),
+            RX_CACHE_DIR=str(self.cache),
+            PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+            PYTHONIOENCODING="utf-8",
+            PYTHONDONTWRITEBYTECODE="1",
+        )
+        env.pop("COLUMNS", None)
+        self.env = env
+
+    def write(self, name: str, text: str) -> Path:
+        """Write a file into the project folder and return its path."""
+        path = self.project / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def rx_argv(self, *args: str) -> list[str]:
+        """The command line of ``rx ARGS``."""
+        return [sys.executable, "-m", "remote_exec", *args]
+
+    def spawn(self, argv: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in the project folder with the rig's environment (plus ``env``)."""
+        return subprocess.Popen(list(argv), cwd=self.project, env={**self.env, **(env or {})},
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def rx(self, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> Ran:
+        """Run ``rx ARGS`` to its end (killed after ``timeout`` s, which then counts as a hang)."""
+        argv = self.rx_argv(*args)
+        started = time.monotonic()
+        return finish(self.spawn(argv, env), argv, started, timeout)
+
+    def driver(self, mode: str, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> Ran:
+        """Run ``task_driver.py MODE ARGS`` (``@task`` calls in a process of their own)."""
+        argv = [sys.executable, str(DRIVER), mode, *args]
+        started = time.monotonic()
+        return finish(self.spawn(argv, env), argv, started, timeout)
+
+    def driver_argv(self, mode: str, *args: str) -> list[str]:
+        """The command line of ``task_driver.py MODE ARGS``."""
+        return [sys.executable, str(DRIVER), mode, *args]
+
+    def watch(self, argv: Sequence[str], env: dict[str, str] | None = None) -> Watched:
+        """Start ``argv`` and watch its output as it comes."""
+        return Watched(self.spawn(argv, env), argv)
+
+    def runs(self) -> list[dict[str, Any]]:
+        """``rx runs --json``."""
+        done = self.rx("runs", "--json", timeout=60)
+        assert done.returncode == 0, done.stderr
+        listed: list[dict[str, Any]] = json.loads(done.stdout)
+        return listed
+
+    def show(self, ref: str = "latest") -> dict[str, Any]:
+        """``rx show REF --json``."""
+        done = self.rx("show", ref, "--json", timeout=60)
+        assert done.returncode == 0, done.stderr
+        shown: dict[str, Any] = json.loads(done.stdout)
+        return shown
+
+    def run_ids(self) -> list[str]:
+        """The run directories in the workspace, oldest first (no rx call: works whatever rx does)."""
+        runs = self.workspace / "runs"
+        return sorted(path.name for path in runs.iterdir() if path.is_dir()) if runs.is_dir() else []
+
+
+# --------------------------------------------------------------------------------------------------------
+# checks
+
+
+_ERROR_LINE = re.compile(r"^rx: error: ")
+
+
+def has_traceback(text: str) -> bool:
+    """True when ``text`` holds a Python traceback."""
+    return "Traceback (most recent call last)" in text
+
+
+def cli_error_lines(stderr: str) -> list[str]:
+    """The ``rx: error: ...`` lines of rx's stderr."""
+    return [line for line in stderr.splitlines() if _ERROR_LINE.match(line)]
+
+
+def error_summary(stderr: str, limit: int = 160) -> str:
+    """rx's error line without its prefix, else the end of stderr (for trial outcomes)."""
+    errors = cli_error_lines(stderr)
+    text = errors[0][len("rx: error: "):] if errors else (stderr.strip().splitlines() or ["no output"])[-1]
+    return text[:limit]
+
+
+def workspace_files(workspace: Path) -> list[Path]:
+    """Every file under the workspace."""
+    return sorted(path for path in workspace.rglob("*") if path.is_file()) if workspace.is_dir() else []
+
+
+def state_files_parse(workspace: Path) -> tuple[int, list[str]]:
+    """How many ``state.json`` files the workspace holds, and the ones that do not parse as JSON objects."""
+    broken = []
+    count = 0
+    for path in sorted((workspace / "runs").glob("*/state.json")):
+        count += 1
+        try:
+            if not isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
+                broken.append(str(path))
+        except (OSError, ValueError) as exc:
+            broken.append(f"{path}: {exc}")
+    return count, broken
+
+
+@dataclass(frozen=True)
+class RemoteAudit:
+    """What the remote holds of rx and its tasks, beyond a baseline.
+
+    Attributes:
+        processes: ``pid pgid user args`` of processes of the user ``rx`` other than sshd's.
+        run_dirs: Run directories under the rx cache.
+        temp_files: ``.tmp-*`` entries under the rx cache (half-installed archives).
+        seconds: Seconds it took for the remote to come clean (the whole wait when it did not).
+    """
+
+    processes: tuple[str, ...]
+    run_dirs: tuple[str, ...]
+    temp_files: tuple[str, ...]
+    seconds: float = 0.0
+
+    @property
+    def clean(self) -> bool:
+        """Nothing left."""
+        return not (self.processes or self.run_dirs or self.temp_files)
+
+    def describe(self) -> str:
+        """A short text for assertion messages."""
+        return (f"processes={list(self.processes)} run_dirs={list(self.run_dirs)} "
+                f"temp_files={list(self.temp_files)}")
+
+
+_AUDIT = (
+    "ps -ww -eo pid=,pgid=,user=,args=; echo '@@runs'; "
+    f"ls -A1 {REMOTE_CACHE}/runs 2>/dev/null; echo '@@tmp'; "
+    f"find {REMOTE_CACHE} -maxdepth 3 -name '.tmp-*' 2>/dev/null; true"
+)
+
+
+def _remote_state(host: TestbedHost) -> RemoteAudit:
+    code, output = exec_root(host, _AUDIT, timeout=20)
+    if code != 0:
+        raise AssertionError(f"auditing {host.alias} failed (exit {code}): {output}")
+    processes, _, rest = output.partition("@@runs\n")
+    runs, _, temps = rest.partition("@@tmp\n")
+    found = []
+    for line in processes.splitlines():
+        words = line.split(None, 3)
+        if len(words) == 4 and words[2] == "rx" and not words[3].startswith("sshd:"):
+            found.append(" ".join(words[:2] + words[3:]))
+    return RemoteAudit(tuple(found), tuple(runs.split()), tuple(temps.split()))
+
+
+def remote_baseline(host: TestbedHost) -> RemoteAudit:
+    """What the remote holds before a fault (whatever earlier tests left is not this test's doing)."""
+    return _remote_state(host)
+
+
+def audit_remote(host: TestbedHost, baseline: RemoteAudit, within: float = CLEAN_WITHIN) -> RemoteAudit:
+    """Wait up to ``within`` seconds for the remote to hold nothing beyond ``baseline``; return what is left."""
+    started = time.monotonic()
+    while True:
+        state = _remote_state(host)
+        left = RemoteAudit(
+            tuple(p for p in state.processes if p.split()[0] not in {b.split()[0] for b in baseline.processes}),
+            tuple(sorted(set(state.run_dirs) - set(baseline.run_dirs))),
+            tuple(sorted(set(state.temp_files) - set(baseline.temp_files))),
+            time.monotonic() - started,
+        )
+        if left.clean or time.monotonic() - started >= within:
+            return left
+        time.sleep(0.25)
+
+
+def root_sh(host: TestbedHost, command: str, timeout: float = 30) -> str:
+    """Run ``command`` as root on ``host``; fail the test unless it exits 0. Returns the output."""
+    code, output = exec_root(host, command, timeout=timeout)
+    assert code == 0, f"{command!r} on {host.alias} exited {code}: {output}"
+    return output
+
+
+def quote(text: str) -> str:
+    """Shell-quote ``text`` for commands run with :func:`root_sh`."""
+    return shlex.quote(text)
+
+
+# --------------------------------------------------------------------------------------------------------
+# recording
+
+
+@dataclass
+class Trial:
+    """One attempt of one scenario on one backend, as the report shows it.
+
+    Attributes:
+        scenario: A key of :data:`SCENARIOS`.
+        backend: ``openssh`` or ``paramiko``.
+        test: The pytest node id that ran it.
+        variant: What differs between trials of one test (a signal, a mutation, a delay, ...).
+        bound: Seconds the faulty call was allowed (None: no time bound beyond the test's).
+        seconds: Seconds the faulty call took.
+        outcome: What happened, in a few words (the error class and exit status, the status, ...).
+        facts: Measured numbers and flags: ``hang``, ``lost``, ``corrupted``, ``orphans``,
+            ``leftover_files``, ``outside_files``, ``injections``, ``refused``, ``canary_leaks``,
+            ``traceback``, plus whatever the scenario records.
+        error: The first line of the assertion that failed, if any.
+    """
+
+    scenario: str
+    backend: str
+    test: str
+    variant: str = ""
+    bound: float | None = None
+    seconds: float | None = None
+    outcome: str = ""
+    facts: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def overrun(self) -> float:
+        """Seconds past the bound (0 when within it or unbounded)."""
+        if self.bound is None or self.seconds is None:
+            return 0.0
+        return max(0.0, self.seconds - self.bound)
+
+    def note(self, **facts: Any) -> None:
+        """Add facts."""
+        self.facts.update(facts)
+
+    def timed(self, seconds: float, *, hang: bool = False) -> None:
+        """Record the faulty call's duration; it hung when killed by its timeout or past bound + 5 s."""
+        self.seconds = round(seconds, 3)
+        overdue = self.bound is not None and seconds > self.bound + HANG_MARGIN
+        self.facts["hang"] = bool(hang or overdue or self.facts.get("hang"))
+
+    def audit(self, left: RemoteAudit) -> None:
+        """Record what a remote audit found."""
+        self.facts["orphans"] = self.facts.get("orphans", 0) + len(left.processes)
+        self.facts["leftover_files"] = self.facts.get("leftover_files", 0) + len(left.run_dirs) + len(
+            left.temp_files)
+        self.facts["clean_after"] = round(left.seconds, 2)
+        if not left.clean:
+            self.facts["left_on_remote"] = left.describe()[:500]
+
+    def record(self) -> dict[str, Any]:
+        """The trial as JSON."""
+        data = asdict(self)
+        data["overrun"] = round(self.overrun, 3)
+        return data
+
+
+#: The ``trial`` fixture: ``with trial("scenario", variant=..., bound=...) as t:``.
+TrialFactory = Callable[..., "contextlib.AbstractContextManager[Trial]"]
+
+
+class Recorder:
+    """Collects the session's trials and test outcomes and writes them to :data:`RESULTS_FILE`."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.trials: list[Trial] = []
+        self.tests: dict[str, dict[str, Any]] = {}
+
+    @contextlib.contextmanager
+    def trial(self, scenario: str, backend: str, test: str, *, variant: str = "",
+              bound: float | None = None) -> Iterator[Trial]:
+        """Record one trial, also (with the failing assertion's first line) when the test fails in it."""
+        if scenario not in SCENARIOS:
+            raise KeyError(f"unknown scenario {scenario!r}")
+        trial = Trial(scenario=scenario, backend=backend, test=test, variant=variant, bound=bound)
+        try:
+            yield trial
+        except BaseException as exc:
+            text = str(exc).strip().splitlines()
+            trial.error = f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+            raise
+        finally:
+            self.trials.append(trial)
+
+    def test_outcome(self, nodeid: str, outcome: str, seconds: float, reason: str | None = None) -> None:
+        """Record how a test ended (passed, failed, xfailed, xpassed, skipped, error)."""
+        entry = self.tests.setdefault(nodeid, {"outcome": outcome, "seconds": 0.0})
+        if outcome != "passed" or entry["outcome"] == "passed":
+            entry["outcome"] = outcome
+        entry["seconds"] = round(entry["seconds"] + seconds, 3)
+        if reason:
+            entry["reason"] = reason
+
+    def write(self, path: Path = RESULTS_FILE, *, argv: Sequence[str] = ()) -> Path:
+        """Write the results file (atomically)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        finished = time.time()
+        try:
+            commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True, timeout=10, check=False).stdout.strip()
+            dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "remote_exec"],
+                                        capture_output=True, text=True, timeout=10, check=False).stdout.strip())
+        except (OSError, subprocess.SubprocessError):
+            commit, dirty = "", False
+        data = {
+            "version": 1,
+            "started": datetime.datetime.fromtimestamp(self.started, datetime.timezone.utc).isoformat(
+                timespec="seconds"),
+            "duration": round(finished - self.started, 1),
+            "commit": commit,
+            "library_dirty": dirty,
+            "python": platform.python_version(),
+            "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+            "argv": list(argv),
+            "scenarios": SCENARIOS,
+            "tests": self.tests,
+            "trials": [trial.record() for trial in self.trials],
+        }
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+        return path
