@@ -617,6 +617,8 @@ def _reap(process: Process, stderr_reader: threading.Thread) -> None:
         stderr_reader.join(10)
         if not stderr_reader.is_alive():
             process.kill()  # the process has ended: this only closes the pipes nobody reads any more
+            while process.read_stdout(65536):  # to its end, so the backend closes that pipe too
+                pass
     except Exception:
         logger.debug("reaping the runner failed", exc_info=True)
 

@@ -12,12 +12,16 @@ for tuples, namedtuples, sets, bytes, exceptions and any object with ``serialize
 
 from __future__ import annotations
 
-import base64
+# The C pickle module: `pickle` itself imports `re` and more, which every call of the runner would pay for.
+import _pickle as pickle
 import importlib
-import json
-import pickle
-from collections.abc import Iterable
-from typing import Any, Protocol
+
+TYPE_CHECKING = False  # typing is not imported at run time (the runner loads this module on every call)
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any, Protocol
+else:
+    Protocol = object
 
 __all__ = ["JsonSerializer", "PickleSerializer", "RestrictedUnpickler", "Serializer", "get_serializer",
            "restricted_loads"]
@@ -90,12 +94,18 @@ class JsonSerializer:
     name = "json"
 
     def dumps(self, value: Any) -> bytes:
+        import json
+
         return json.dumps(self._encode(value), separators=(",", ":"), allow_nan=True).encode("utf-8")
 
     def loads(self, data: bytes) -> Any:
+        import json
+
         return self._decode(json.loads(data.decode("utf-8")))
 
     def _encode(self, value: Any) -> Any:
+        import base64
+
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
         if isinstance(value, list):
@@ -124,6 +134,8 @@ class JsonSerializer:
         raise TypeError(f"JSON serializer cannot serialize {type(value).__qualname__}")
 
     def _decode(self, value: Any) -> Any:
+        import base64
+
         if isinstance(value, list):
             return [self._decode(item) for item in value]
         if not isinstance(value, dict):

@@ -10,25 +10,24 @@ This module travels to the remote: standard library only at import time.
 
 from __future__ import annotations
 
-import io
-import json
-import pickle
-import zipfile
-from dataclasses import dataclass, field
-from typing import IO, Any
-
 from .errors import CommandTimeout, Interrupted, RemoteError, RemoteTraceback, RunnerError, SessionError
 from .serialization import get_serializer
 from .task import Execution, Task
+
+TYPE_CHECKING = False  # typing is not imported at run time: the runner loads this module on every call
+if TYPE_CHECKING:
+    from typing import IO, Any
 
 __all__ = ["FORMAT", "VERSION", "Result", "Session"]
 
 FORMAT = "rx-session"
 VERSION = 1
 _META = "rx-session.json"
+#: The session as it crosses the wire to the runner: this magic, then four length-prefixed sections
+#: (metadata, task, arguments, context), so the runner needs neither zipfile nor json to read it.
+_WIRE_MAGIC = b"RXS1"
 
 
-@dataclass
 class Result:
     """The outcome of a task.
 
@@ -48,16 +47,34 @@ class Result:
         host: Where it ran, when it ran elsewhere.
     """
 
-    value: Any = None
-    exception: BaseException | None = None
-    exit_code: int = 0
-    status: str = "finished"
-    exception_type: str | None = None
-    exception_message: str | None = None
-    traceback: str | None = None
-    detail: str | None = None
-    cached: bool = False
-    host: str | None = None
+    _FIELDS = ("value", "exception", "exit_code", "status", "exception_type", "exception_message", "traceback",
+               "detail", "cached", "host")
+
+    def __init__(self, value: Any = None, exception: BaseException | None = None, exit_code: int = 0,
+                 status: str = "finished", exception_type: str | None = None,
+                 exception_message: str | None = None, traceback: str | None = None, detail: str | None = None,
+                 cached: bool = False, host: str | None = None) -> None:
+        self.value = value
+        self.exception = exception
+        self.exit_code = exit_code
+        self.status = status
+        self.exception_type = exception_type
+        self.exception_message = exception_message
+        self.traceback = traceback
+        self.detail = detail
+        self.cached = cached
+        self.host = host
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
+        return f"Result({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Result):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self._FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]
 
     @property
     def ok(self) -> bool:
@@ -125,7 +142,6 @@ class Result:
         }
 
 
-@dataclass
 class Session:
     """One call of a task on its way through the advice chain.
 
@@ -138,17 +154,32 @@ class Session:
         result: The result, once known.
     """
 
-    task: Task
-    execution: Execution
-    context: dict[str, Any] = field(default_factory=dict)
-    run_id: str = ""
-    serializer: str = "pickle"
-    result: Result | None = None
-    #: The Configuration in force on the coordinator (never saved: it stays local).
-    config: Any = field(default=None, repr=False, compare=False)
-    #: Coordinator-side objects for advices (workspace run, outcome); never saved.
-    local: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    _decision: str | None = field(default=None, repr=False, compare=False)
+    def __init__(self, task: Task, execution: Execution, context: dict[str, Any] | None = None, run_id: str = "",
+                 serializer: str = "pickle", result: Result | None = None, config: Any = None,
+                 local: dict[str, Any] | None = None) -> None:
+        self.task = task
+        self.execution = execution
+        self.context: dict[str, Any] = {} if context is None else context
+        self.run_id = run_id
+        self.serializer = serializer
+        self.result = result
+        #: The Configuration in force on the coordinator (never saved: it stays local).
+        self.config = config
+        #: Coordinator-side objects for advices (workspace run, outcome); never saved.
+        self.local: dict[str, Any] = {} if local is None else local
+        self._decision: str | None = None
+
+    def __repr__(self) -> str:
+        return (f"Session(task={self.task!r}, execution={self.execution!r}, context={self.context!r}, "
+                f"run_id={self.run_id!r}, serializer={self.serializer!r}, result={self.result!r})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Session):
+            return NotImplemented
+        return (self.task, self.execution, self.context, self.run_id, self.serializer, self.result) == (
+            other.task, other.execution, other.context, other.run_id, other.serializer, other.result)
+
+    __hash__ = None  # type: ignore[assignment]
 
     # -- the chain protocol --------------------------------------------------------------------------
 
@@ -172,8 +203,80 @@ class Session:
 
     # -- save and restore ----------------------------------------------------------------------------
 
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "run_id": self.run_id,
+            "task_id": self.task.task_id,
+            "task_name": self.task.name,
+            "task_kind": self.task.kind,
+            "execution_id": self.execution.execution_id,
+            "serializer": self.serializer,
+        }
+
+    def _sections(self) -> tuple[bytes, bytes, bytes]:
+        from .serialization import PickleSerializer
+
+        pickler = PickleSerializer()
+        arguments = get_serializer(self.serializer).dumps([list(self.execution.args), self.execution.kwargs])
+        return pickler.dumps(self.task), arguments, pickler.dumps(self.context)
+
+    def to_wire(self) -> bytes:
+        """The session in its wire form (what :meth:`loads` reads fastest; the result is not included)."""
+        import pickle
+
+        parts = [pickle.dumps(self._meta(), protocol=4), *self._sections()]
+        return _WIRE_MAGIC + b"".join(len(part).to_bytes(8, "big") + part for part in parts)
+
+    @classmethod
+    def _from_wire(cls, data: bytes) -> Session:
+        import _pickle
+
+        try:
+            parts = []
+            offset = len(_WIRE_MAGIC)
+            for _ in range(4):
+                size = int.from_bytes(data[offset:offset + 8], "big")
+                offset += 8
+                if offset + size > len(data):
+                    raise ValueError("truncated")
+                parts.append(data[offset:offset + size])
+                offset += size
+            meta = _pickle.loads(parts[0])
+        except (ValueError, EOFError, _pickle.UnpicklingError) as exc:
+            raise SessionError(f"damaged session: {exc}") from exc
+        return cls._build(meta, parts[1], parts[2], parts[3])
+
+    @classmethod
+    def _build(cls, meta: dict[str, Any], task_data: bytes, arguments: bytes, context_data: bytes) -> Session:
+        if meta.get("format") != FORMAT:
+            raise SessionError(f"not an rx session: format {meta.get('format')!r}")
+        if meta.get("version") != VERSION:
+            raise SessionError(
+                f"session format version {meta.get('version')!r} is not supported "
+                f"(this rx reads version {VERSION})", hint="run it with the rx that wrote it")
+        import _pickle
+
+        from .serialization import PickleSerializer
+
+        pickler = PickleSerializer()
+        try:
+            serializer = get_serializer(meta["serializer"])
+            task = pickler.loads(task_data)
+            args, kwargs = serializer.loads(arguments)
+            context = pickler.loads(context_data)
+        except (ValueError, KeyError, EOFError, _pickle.UnpicklingError) as exc:
+            raise SessionError(f"damaged session: {exc}") from exc
+        execution = Execution(execution_id=meta["execution_id"], args=tuple(args), kwargs=dict(kwargs))
+        return cls(task=task, execution=execution, context=context, run_id=meta["run_id"],
+                   serializer=meta["serializer"])
+
     def save(self, stream: IO[bytes]) -> None:
         """Write the session as a zip: metadata, task, execution, context and result when known."""
+        import json
+        import zipfile
+
         serializer = get_serializer(self.serializer)
         from .serialization import PickleSerializer
 
@@ -199,6 +302,8 @@ class Session:
 
     def dumps(self) -> bytes:
         """The saved session as bytes."""
+        import io
+
         buffer = io.BytesIO()
         self.save(buffer)
         return buffer.getvalue()
@@ -210,6 +315,10 @@ class Session:
         Raises:
             SessionError: Not a session, damaged, or of an unknown format version.
         """
+        import json
+        import pickle
+        import zipfile
+
         try:
             with zipfile.ZipFile(stream) as archive:
                 try:
@@ -239,5 +348,9 @@ class Session:
 
     @classmethod
     def loads(cls, data: bytes) -> Session:
-        """Restore a session from bytes."""
+        """Restore a session from bytes: a saved zip, or the wire form of :meth:`to_wire`."""
+        if data[:len(_WIRE_MAGIC)] == _WIRE_MAGIC:
+            return cls._from_wire(data)
+        import io
+
         return cls.restore(io.BytesIO(data))

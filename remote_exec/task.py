@@ -11,20 +11,31 @@ This module travels to the remote: standard library only at import time.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib
 import os
 import sys
 import types
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Generic, TypeVar, overload
+
+TYPE_CHECKING = False  # neither typing nor dataclasses at run time: the runner imports this on every call
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+    from typing import Any, Generic, TypeVar, overload
+
+    R = TypeVar("R")
+else:
+    R = None
+
+    class Generic:
+        """Stands in for typing.Generic at run time: ``TaskFunction[int]`` stays subscriptable."""
+
+        def __class_getitem__(cls, item: object) -> type:
+            return cls
+
+    def overload(function: object) -> object:
+        return function
 
 __all__ = ["Execution", "Task", "TaskFunction", "task"]
-
-R = TypeVar("R")
 
 #: Set by the runner: a @task function called inside a running task runs in place.
 INSIDE_RUNNER_ENV = "RX_INSIDE_RUNNER"
@@ -91,6 +102,8 @@ def _fingerprint_value(value: object, digest: Any, seen: set[int]) -> None:
         digest.update(f"{type(value).__name__}:{_const_repr(value)}".encode())
         return
     try:
+        import hashlib
+
         import cloudpickle
 
         digest.update(hashlib.sha256(cloudpickle.dumps(value)).digest())
@@ -101,6 +114,8 @@ def _fingerprint_value(value: object, digest: Any, seen: set[int]) -> None:
 def function_id(function: Callable[..., Any]) -> str:
     """The task id of a function: a sha256 over its qualified name, code, defaults, closure and the
     same-module functions it calls."""
+    import hashlib
+
     digest = hashlib.sha256(b"rx-function-1\0")
     if isinstance(function, types.FunctionType):
         _fingerprint_function(function, digest, set())
@@ -135,11 +150,15 @@ def _load_by_reference(module: str, qualname: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
+def _restore_task(kind: str, name: str, task_id: str, function: Callable[..., Any] | None, source: str | None,
+                  filename: str | None, module: str | None) -> Task:
+    return Task(kind, name, task_id, function, source, filename, module)
+
+
 def _restore_function_task(module: str, qualname: str, task_id: str, name: str) -> Task:
     return Task(kind="function", name=name, task_id=task_id, function=_load_by_reference(module, qualname))
 
 
-@dataclass
 class Task:
     """What runs.
 
@@ -153,13 +172,27 @@ class Task:
         module: The module to run as ``__main__`` (kind ``module``), or the function's module.
     """
 
-    kind: str
-    name: str
-    task_id: str
-    function: Callable[..., Any] | None = None
-    source: str | None = None
-    filename: str | None = None
-    module: str | None = None
+    _FIELDS = ("kind", "name", "task_id", "function", "source", "filename", "module")
+
+    def __init__(self, kind: str, name: str, task_id: str, function: Callable[..., Any] | None = None,
+                 source: str | None = None, filename: str | None = None, module: str | None = None) -> None:
+        self.kind = kind
+        self.name = name
+        self.task_id = task_id
+        self.function = function
+        self.source = source
+        self.filename = filename
+        self.module = module
+
+    def __repr__(self) -> str:
+        return f"Task(kind={self.kind!r}, name={self.name!r}, task_id={self.task_id[:12]!r}...)"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Task):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self._FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]
 
     @classmethod
     def from_function(cls, function: Callable[..., Any]) -> Task:
@@ -177,6 +210,8 @@ class Task:
         Raises:
             OSError: The script cannot be read.
         """
+        import hashlib
+
         source = path.read_text(encoding="utf-8")
         digest = hashlib.sha256(b"rx-script-1\0" + path.name.encode() + b"\0" + source.encode())
         return cls(kind="script", name=path.name, task_id=digest.hexdigest(), source=source,
@@ -185,6 +220,8 @@ class Task:
     @classmethod
     def from_module(cls, module: str, origin: Path | None = None) -> Task:
         """A task that runs a module as ``python -m module`` does."""
+        import hashlib
+
         digest = hashlib.sha256(b"rx-module-1\0" + module.encode())
         if origin is not None and origin.is_file():
             digest.update(origin.read_bytes())
@@ -196,7 +233,8 @@ class Task:
             reference = _by_reference(self.function)
             if reference is not None:
                 return _restore_function_task, (*reference, self.task_id, self.name)
-        return object.__reduce__(self)
+        return _restore_task, (self.kind, self.name, self.task_id, self.function, self.source, self.filename,
+                               self.module)
 
     def execute(self, execution: Execution, *, workdir: Path | None = None) -> Any:
         """Run the task here with the call's arguments; return its value.
@@ -214,11 +252,13 @@ class Task:
         try:
             if self.kind == "script":
                 assert self.source is not None and self.filename is not None
-                script = Path(workdir or ".") / ".rx" / Path(self.filename).name
-                script.parent.mkdir(exist_ok=True)
-                script.write_text(self.source, encoding="utf-8")
-                sys.argv = [str(script), *argv]
-                runpy.run_path(str(script), run_name="__main__")
+                private = os.path.join(str(workdir or "."), ".rx")
+                os.makedirs(private, exist_ok=True)
+                script = os.path.join(private, os.path.basename(self.filename))
+                with open(script, "w", encoding="utf-8") as stream:
+                    stream.write(self.source)
+                sys.argv = [script, *argv]
+                runpy.run_path(script, run_name="__main__")
             elif self.kind == "module":
                 assert self.module is not None
                 sys.argv = [self.module, *argv]
@@ -230,7 +270,6 @@ class Task:
         return None
 
 
-@dataclass
 class Execution:
     """One call of a task: its arguments and an id derived from the task id and the arguments.
 
@@ -240,9 +279,20 @@ class Execution:
         kwargs: Keyword arguments.
     """
 
-    execution_id: str
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, execution_id: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> None:
+        self.execution_id = execution_id
+        self.args = args
+        self.kwargs: dict[str, Any] = {} if kwargs is None else kwargs
+
+    def __repr__(self) -> str:
+        return f"Execution(execution_id={self.execution_id[:12]!r}..., args={self.args!r}, kwargs={self.kwargs!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Execution):
+            return NotImplemented
+        return (self.execution_id, self.args, self.kwargs) == (other.execution_id, other.args, other.kwargs)
+
+    __hash__ = None  # type: ignore[assignment]
 
     @classmethod
     def create(cls, task: Task, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
@@ -256,6 +306,8 @@ class Execution:
                 serialized = PickleSerializer().dumps((args, kwargs))
             except TypeError:
                 serialized = repr((args, kwargs)).encode()
+        import hashlib
+
         digest = hashlib.sha256(task.task_id.encode() + b"\0" + serialized)
         return cls(execution_id=digest.hexdigest(), args=tuple(args), kwargs=kwargs)
 
@@ -275,7 +327,13 @@ class TaskFunction(Generic[R]):
 
     def __init__(self, function: Callable[..., R], *, remote: str | None = None, chain: str = "default",
                  config: Any = None, options: dict[str, Any] | None = None) -> None:
-        functools.update_wrapper(self, function)
+        for attribute in ("__module__", "__name__", "__qualname__", "__doc__"):
+            try:
+                setattr(self, attribute, getattr(function, attribute))
+            except AttributeError:
+                pass
+        self.__dict__.update(getattr(function, "__dict__", {}))
+        self.__wrapped__ = function
         self.function = function
         self.remote = remote
         self.chain = chain
@@ -300,7 +358,7 @@ class TaskFunction(Generic[R]):
     def __get__(self, instance: object, owner: type | None = None) -> Any:
         if instance is None:
             return self
-        return functools.partial(self.__call__, instance)
+        return types.MethodType(self, instance)
 
     def __repr__(self) -> str:
         return f"<task {self.function.__module__}:{self.function.__qualname__} remote={self.remote!r}>"
@@ -311,11 +369,11 @@ def task(function: Callable[..., R], /) -> TaskFunction[R]: ...
 
 
 @overload
-def task(*, remote: str | None = None, chain: str = "default", config: Any = None,
+def task(*, remote: str | None = None, chain: str = "default", config: Any = None,  # noqa: F811
          **options: Any) -> Callable[[Callable[..., R]], TaskFunction[R]]: ...
 
 
-def task(function: Callable[..., R] | None = None, /, *, remote: str | None = None, chain: str = "default",
+def task(function: Callable[..., R] | None = None, /, *, remote: str | None = None, chain: str = "default",  # noqa: F811
          config: Any = None, **options: Any) -> TaskFunction[R] | Callable[[Callable[..., R]], TaskFunction[R]]:
     """Make a function a task: calling it runs it through an advice chain (remotely, cached, logged).
 

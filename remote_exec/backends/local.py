@@ -17,6 +17,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from ..errors import ConfigError, TransferError
 from .base import Backend, CommandResult, HostSpec, Process
@@ -31,32 +32,36 @@ class PopenProcess(Process):
         self.popen = popen
         self._killed = False
         assert popen.stdin is not None and popen.stdout is not None and popen.stderr is not None
-        self._stdin = popen.stdin.fileno()
-        self._stdout = popen.stdout.fileno()
-        self._stderr = popen.stderr.fileno()
         self._stdin_lock = threading.Lock()
 
-    def _read(self, fd: int, size: int) -> bytes:
+    @staticmethod
+    def _read(stream: IO[bytes] | None, size: int) -> bytes:
+        # By the file object, never a bare fd number: after close, that number may belong to another file.
+        if stream is None or stream.closed:
+            return b""
         try:
-            return os.read(fd, size)
-        except OSError:
+            return os.read(stream.fileno(), size)
+        except (OSError, ValueError):
             return b""
 
     def read_stdout(self, size: int = 65536) -> bytes:
-        return self._read(self._stdout, size)
+        return self._read(self.popen.stdout, size)
 
     def read_stderr(self, size: int = 65536) -> bytes:
-        return self._read(self._stderr, size)
+        return self._read(self.popen.stderr, size)
 
     def write_stdin(self, data: bytes) -> None:
+        from ..errors import ConnectError
+
         view = memoryview(data)
         with self._stdin_lock:
+            stream = self.popen.stdin
+            if stream is None or stream.closed:
+                raise ConnectError("local", "the command's stdin is already closed")
             while view:
                 try:
-                    written = os.write(self._stdin, view)
-                except (BrokenPipeError, OSError) as exc:
-                    from ..errors import ConnectError
-
+                    written = os.write(stream.fileno(), view)
+                except OSError as exc:
                     raise ConnectError("local", f"the command's stdin closed: {exc}") from exc
                 view = view[written:]
 

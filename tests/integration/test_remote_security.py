@@ -28,9 +28,6 @@ from rxproj import tasks  # noqa: E402
 
 pytest_plugins = ["remote_support"]
 
-# The openssh backend leaves one pipe unclosed per @task call; see test_remote_task.UNCLOSED_PIPE.
-pytestmark = pytest.mark.filterwarnings("ignore:unclosed file <_io.FileIO:ResourceWarning")
-
 #: Strings a shell would mangle if any of them were ever interpolated unquoted.
 HOSTILE = [
     "two words",

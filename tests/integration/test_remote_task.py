@@ -31,12 +31,6 @@ from rxproj.errors import BadInput  # noqa: E402
 
 pytest_plugins = ["remote_support"]
 
-#: With the openssh backend each @task call leaves its runner's stdout pipe unclosed (dispatch's reaper
-#: never reads it to its end, and SshProcess.kill does not close it); the garbage collector's
-#: ResourceWarning would fail whichever test happens to be running. It is shown, strictly, by
-#: test_task_calls_leave_no_unclosed_pipes; drop this filter together with that test's xfail.
-UNCLOSED_PIPE = "ignore:unclosed file <_io.FileIO:ResourceWarning"
-pytestmark = pytest.mark.filterwarnings(UNCLOSED_PIPE)
 
 RUNS_UNDER = "/home/rx/.cache/remote_exec/runs/"
 ARCHIVES_UNDER = "/home/rx/.cache/remote_exec/archives/"
@@ -142,11 +136,7 @@ def test_the_second_call_uploads_nothing_and_opens_no_connection(remote: Remote,
     assert len(listing.split()) == 1
 
 
-def test_task_calls_leave_no_unclosed_pipes(remote: Remote, request: pytest.FixtureRequest) -> None:
-    if remote.backend == "openssh":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="dispatch._reap never reads the runner's stdout to its end and "
-                                "SshProcess.kill does not close it: one unclosed pipe per @task call"))
+def test_task_calls_leave_no_unclosed_pipes(remote: Remote) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
         for value in range(3):
