@@ -41,12 +41,15 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if recorder is None:
         return
     if report.when == "call" or report.outcome != "passed":
+        reason: str | None
         if hasattr(report, "wasxfail"):
             outcome = "xfailed" if report.outcome == "skipped" else "xpassed"
             reason = str(report.wasxfail)
         elif report.outcome == "failed":
             outcome = "failed" if report.when == "call" else "error"
-            reason = report.longreprtext.strip().splitlines()[-1][:300] if report.longreprtext else None
+            lines = report.longreprtext.strip().splitlines()
+            reason = next((line[1:].strip() for line in lines if line.startswith("E ")), lines[-1] if lines else None)
+            reason = reason[:300] if reason else None
         elif report.outcome == "skipped":
             outcome, reason = "skipped", str(report.longrepr)[-300:]
         else:
@@ -74,6 +77,13 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(f"faults: {len(recorder.trials)} trial(s) recorded in {path}")
+
+
+@pytest.fixture(scope="session")
+def fault_seed(request: pytest.FixtureRequest) -> int:
+    """The session's random seed (``RX_FAULTS_SEED`` to repeat a run); recorded in the results file."""
+    recorder = request.config.stash[_RECORDER]
+    return recorder.seed
 
 
 @pytest.fixture(params=BACKENDS)

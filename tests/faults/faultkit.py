@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import re
 import shlex
 import subprocess
@@ -49,6 +50,7 @@ __all__ = [
     "error_summary",
     "finish",
     "has_traceback",
+    "json_tail",
     "remote_baseline",
     "state_files_parse",
     "workspace_files",
@@ -376,6 +378,12 @@ def cli_error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if _ERROR_LINE.match(line)]
 
 
+def json_tail(stdout: str) -> Any:
+    """The JSON document ``rx ... --json`` printed after the task's own output."""
+    start = stdout.rfind("\n{\n") + 1 if not stdout.startswith("{") else 0
+    return json.loads(stdout[start:])
+
+
 def error_summary(stderr: str, limit: int = 160) -> str:
     """rx's error line without its prefix, else the end of stderr (for trial outcomes)."""
     errors = cli_error_lines(stderr)
@@ -557,6 +565,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.started = time.time()
+        self.seed = int(os.environ.get("RX_FAULTS_SEED", "0")) or random.SystemRandom().randrange(1, 10**6)
         self.trials: list[Trial] = []
         self.tests: dict[str, dict[str, Any]] = {}
 
@@ -606,6 +615,7 @@ class Recorder:
             "python": platform.python_version(),
             "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
             "argv": list(argv),
+            "seed": self.seed,
             "scenarios": SCENARIOS,
             "tests": self.tests,
             "trials": [trial.record() for trial in self.trials],

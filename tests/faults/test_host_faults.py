@@ -62,6 +62,7 @@ def emptied_cache(small_host: TestbedHost) -> Iterator[TestbedHost]:
 @pytest.mark.timeout(90)
 def test_python_missing_nonexistent_path(rig: Rig, testbed_host: TestbedHost, trial: TrialFactory) -> None:
     rig.write("hello.py", "print('hello')\n")
+    baseline = remote_baseline(testbed_host)
 
     with trial("python_missing", variant="--python /nonexistent/python3", bound=20.0) as t:
         done = rig.rx("run", "--remote", testbed_host.alias, "--python", "/nonexistent/python3", "hello.py",
@@ -70,11 +71,13 @@ def test_python_missing_nonexistent_path(rig: Rig, testbed_host: TestbedHost, tr
         errors = cli_error_lines(done.stderr)
         t.outcome = f"exit {done.returncode}: {error_summary(done.stderr)}"
         t.note(traceback=has_traceback(done.stderr))
+        t.audit(audit_remote(testbed_host, baseline))
         shown = rig.show()
 
         assert done.returncode == 3, done.stderr
         assert len(errors) == 1 and not has_traceback(done.stderr), done.stderr
         assert f"python3 not found on {testbed_host.alias}" in errors[0], errors
+        assert t.facts["orphans"] == 0 and t.facts["leftover_files"] == 0, t.facts
         assert shown["status"] == "failed", shown
 
 
@@ -82,6 +85,7 @@ def test_python_missing_nonexistent_path(rig: Rig, testbed_host: TestbedHost, tr
 def test_python_missing_moved_away_on_the_host(rig: Rig, emptied_cache: TestbedHost, trial: TrialFactory) -> None:
     host = emptied_cache
     rig.write("hello.py", "print('hello')\n")
+    baseline = remote_baseline(host)
     root_sh(host, "mv /usr/bin/python3 /usr/bin/python3.off")
     try:
         with trial("python_missing", variant="/usr/bin/python3 moved away", bound=20.0) as t:
@@ -90,11 +94,13 @@ def test_python_missing_moved_away_on_the_host(rig: Rig, emptied_cache: TestbedH
             errors = cli_error_lines(done.stderr)
             t.outcome = f"exit {done.returncode}: {error_summary(done.stderr)}"
             t.note(traceback=has_traceback(done.stderr))
+            t.audit(audit_remote(host, baseline))
             shown = rig.show()
 
             assert done.returncode == 3, done.stderr
             assert len(errors) == 1 and not has_traceback(done.stderr), done.stderr
             assert f"python3 not found on {host.alias}" in errors[0], errors
+            assert t.facts["orphans"] == 0 and t.facts["leftover_files"] == 0, t.facts
             assert shown["status"] == "failed", shown
     finally:
         root_sh(host, "mv /usr/bin/python3.off /usr/bin/python3")

@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import io
 import json
-import re
 import secrets
 import tarfile
 import time
@@ -24,7 +23,7 @@ from typing import Any, ClassVar
 import pytest
 from faultkit import Rig, TrialFactory, audit_remote, remote_baseline
 
-from remote_exec import task
+from remote_exec import task, wire
 from remote_exec.backends import close_all
 from remote_exec.backends.base import Backend, HostSpec, Process
 from remote_exec.errors import IntegrityError, RemoteExecError
@@ -126,7 +125,18 @@ class Forge(Mutator):
         return b"".join(encode(k, p) for k, p in frames), False
 
 
-_KEY = re.compile(rb'"key": ?"([0-9a-f]{64})"')
+def _call_key(data: bytes) -> bytes | None:
+    """The per-call HMAC key, if ``data`` is the coordinator's G frame (its options)."""
+    if data[:1] != b"G" or len(data) < HEADER.size:
+        return None
+    _, size = HEADER.unpack_from(data)
+    if size != len(data) - HEADER.size:
+        return None
+    payload = data[HEADER.size:]
+    load = getattr(wire, "load_options", None)
+    options = load(payload) if load is not None else json.loads(payload)
+    key = options.get("key")
+    return bytes.fromhex(key) if isinstance(key, str) and len(key) == 64 else None
 
 
 class TamperingProcess(Process):
@@ -172,9 +182,9 @@ class TamperingProcess(Process):
         return self.inner.read_stderr(size)
 
     def write_stdin(self, data: bytes) -> None:
-        found = _KEY.search(data[:4096])
-        if found:
-            self.mutator.key = bytes.fromhex(found.group(1).decode())
+        key = _call_key(data)
+        if key is not None:
+            self.mutator.key = key
         self.inner.write_stdin(data)
 
     def close_stdin(self) -> None:
@@ -214,15 +224,13 @@ class TamperingBackend(Backend):
 @pytest.fixture
 def tamper(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Mutator], None]]:
     """``tamper(mutator)``: rx's next calls in this process go through a tampering backend."""
-    import remote_exec.advices.remote as remote_advice
-
-    real_connect = remote_advice.connect
+    from remote_exec.backends import connect as real_connect
 
     def use(mutator: Mutator) -> None:
         def connect(spec: HostSpec, backend: str = "openssh") -> Backend:
             return TamperingBackend(real_connect(spec, backend), mutator)
 
-        monkeypatch.setattr(remote_advice, "connect", connect)
+        monkeypatch.setattr("remote_exec.advices.remote.connect", connect)
 
     yield use
     close_all()

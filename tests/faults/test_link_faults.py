@@ -175,7 +175,7 @@ def _ssh_config(path: Path, testbed: Testbed, host: TestbedHost, known_hosts: Pa
     return path
 
 
-HOST_KEY_VARIANTS = {
+HOST_KEY_VARIANTS: dict[str, Callable[[list[str]], list[str]]] = {
     "regenerated keys": lambda lines: lines,
     "only an ecdsa entry (another key type)": lambda lines: [ln for ln in lines if " ecdsa-" in ln],
     "only an rsa entry (another key type)": lambda lines: [ln for ln in lines if " ssh-rsa " in ln],

@@ -3,8 +3,6 @@ runs past its timeout, gets interrupted, loses its coordinator, or shares a work
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import signal
 import time
@@ -19,6 +17,7 @@ from faultkit import (
     cli_error_lines,
     finish,
     has_traceback,
+    json_tail,
     remote_baseline,
     state_files_parse,
 )
@@ -156,9 +155,9 @@ def _coordinator_trial(rig: Rig, delay: float, index: int) -> tuple[Ran, list[st
 
 @pytest.mark.timeout(150)
 def test_coordinator_killed_leaves_nothing_running_and_a_lost_run_to_rerun(
-        rig: Rig, testbed_host: TestbedHost, trial: TrialFactory) -> None:
+        rig: Rig, testbed_host: TestbedHost, trial: TrialFactory, fault_seed: int) -> None:
     rig.write("short.py", SHORT)
-    seed = int(os.environ.get("RX_FAULTS_SEED", "0")) or random.randrange(1, 10**6)
+    seed = fault_seed
     chooser = random.Random(seed)
     killed: list[tuple[str, float]] = []
     for index in range(6):
@@ -187,7 +186,7 @@ def test_coordinator_killed_leaves_nothing_running_and_a_lost_run_to_rerun(
             reruns = list(pool.map(lambda item: rig.rx("rerun", item[0], "--failed", "--json", timeout=60),
                                    killed))
         t.timed(time.monotonic() - started, hang=any(r.timed_out for r in reruns))
-        finished = [json.loads(r.stdout) if r.returncode == 0 else {} for r in reruns]
+        finished = [json_tail(r.stdout) if r.returncode == 0 else {} for r in reruns]
         t.outcome = (f"{sum(s == 'lost' for s in statuses.values())}/{len(statuses)} lost, "
                      f"{sum(f.get('status') == 'finished' for f in finished)}/{len(finished)} reruns finished")
         t.note(lost=sum(s not in ("lost", "finished") for s in statuses.values()),
