@@ -12,12 +12,13 @@ on the laptop load only what they use.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # typing is not imported at run time: the remote runner imports this package per call
 
 __version__ = "0.1.0"
 
 # Bound eagerly: the submodule `remote_exec.task` would otherwise shadow the decorator once imported.
-from .task import task
+from .task import task  # noqa: E402
 
 __all__ = [
     "Advice",
@@ -66,6 +67,8 @@ _LOCATIONS = {
 }
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from .advice import Advice, Extension, get_run_id, set_run_id
     from .advices import CachingAdvice, Interpreter, LoggingAdvice, RemoteAdvice, SubprocessAdvice
     from .config import Configuration, Remote

@@ -395,7 +395,7 @@ def dispatch(
             temporary holding it, its sha256); returns where it landed. None: files are not pulled.
         on_phase: Called with (phase, "started" | "finished" | "failed") around connect, upload,
             execute and collect (the workspace records them as actions).
-        session_bytes: ``session.dumps()``, when the caller has it already.
+        session_bytes: ``session.to_wire()``, when the caller has it already.
 
     Raises:
         ConnectError, AuthError, HostKeyError: The host could not be reached or the link died.
@@ -417,7 +417,7 @@ def dispatch(
             phases[name] = phases.get(name, 0.0) + time.monotonic() - mark
 
     if session_bytes is None:
-        session_bytes = session.dumps()
+        session_bytes = session.to_wire()
     if options.keep_warm:
         runner = _worker_for(backend, archive, options, phase)
         with runner.lock:
@@ -459,7 +459,7 @@ def _call(runner: _Runner, session: Session, session_bytes: bytes, options: Call
     watcher = threading.Thread(target=call.watch, args=(deadline,), daemon=True)
     try:
         with runner.write_lock:
-            process.write_stdin(wire.encode(b"G", json.dumps(call_options).encode()))
+            process.write_stdin(wire.encode(b"G", wire.dump_options(call_options)))
             if send_session:
                 _send_session(process, session_bytes)
         watcher.start()
@@ -523,7 +523,7 @@ def _send_session(process: Process, session_bytes: bytes) -> None:
     view = memoryview(session_bytes)
     for start in range(0, len(view), wire.MAX_FRAME):
         process.write_stdin(wire.encode(b"S", bytes(view[start:start + wire.MAX_FRAME])))
-    process.write_stdin(wire.encode(b"s", json.dumps({"sha256": hashlib.sha256(session_bytes).hexdigest()}).encode()))
+    process.write_stdin(wire.encode(b"s", wire.dump_options({"sha256": hashlib.sha256(session_bytes).hexdigest()})))
 
 
 # -- detached runs --------------------------------------------------------------------------------------
@@ -543,8 +543,8 @@ def start_detached(session: Session, backend: Backend, archive: DistributionArch
                     "pull": list(options.pull), "no_pull": options.no_pull, "key": "00"}
     try:
         with runner.write_lock:
-            runner.process.write_stdin(wire.encode(b"G", json.dumps(call_options).encode()))
-            _send_session(runner.process, session.dumps())
+            runner.process.write_stdin(wire.encode(b"G", wire.dump_options(call_options)))
+            _send_session(runner.process, session.to_wire())
         info: dict[str, Any] | None = None
         data, runner.pending = runner.pending, b""
         while info is None:
@@ -582,8 +582,8 @@ def attach_detached(session: Session, backend: Backend, detached: Mapping[str, A
         key = secrets.token_bytes(32)
         call = _Call(runner, options, key, on_stdout, on_stderr, Path(os.devnull))
         try:
-            runner.send(b"G", json.dumps({"key": key.hex(), "heartbeat": options.heartbeat,
-                                          "stdout_offset": offsets[0], "stderr_offset": offsets[1]}).encode())
+            runner.send(b"G", wire.dump_options({"key": key.hex(), "heartbeat": options.heartbeat,
+                                                 "stdout_offset": offsets[0], "stderr_offset": offsets[1]}))
             call.read_loop()
         finally:
             runner.process.kill()

@@ -17,25 +17,27 @@ raised), ``timeout``, ``cancelled``, ``signal`` (killed by a signal it did not s
 
 from __future__ import annotations
 
+# Every import here is paid on every call (process-per-call mode): only what the runner always needs, and
+# the lean variants (_signal and select.poll rather than signal and selectors, which pull in enum;
+# wire's JSON writer rather than json, which pulls in re). The rest is imported where it is used.
+import _pickle
 import errno
 import hashlib
 import hmac
 import io
-import json
 import os
-import pathlib
-import selectors
-import shutil
-import signal
+import select
 import sys
 import time
-import traceback
 
 from . import wire
 
 TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
 if TYPE_CHECKING:
+    import signal
     from typing import Any
+else:
+    import _signal as signal
 
 __all__ = ["main"]
 
@@ -99,12 +101,12 @@ def _read_call(stdin_fd: int, reader: wire.FrameReader | None = None,
             raise _CoordinatorGone()
         for kind, payload in reader.feed(data):
             if kind == b"G":
-                options = json.loads(payload)
+                options = wire.load_options(payload)
             elif kind == b"S":
                 parts.append(payload)
             elif kind == b"s":
                 session = b"".join(parts)
-                expected = json.loads(payload)["sha256"]
+                expected = wire.load_options(payload)["sha256"]
                 if options is None:
                     raise RuntimeError("protocol: session before options")
                 if hashlib.sha256(session).hexdigest() != expected:
@@ -112,6 +114,16 @@ def _read_call(stdin_fd: int, reader: wire.FrameReader | None = None,
                 return options, session, reader
             elif kind == b"Q":
                 raise _CoordinatorGone()
+
+
+def _signal_name(number: int) -> str:
+    """``SIGKILL`` for 9 (the signal module, with its enum, is imported only on this rare path)."""
+    import signal as signals
+
+    try:
+        return signals.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _oom_kills() -> int | None:
@@ -162,10 +174,10 @@ def _child(session_bytes: bytes, run_dir: str, options: dict[str, Any], out_w: i
     if exc_data:
         with open(os.path.join(private, "exception.bin"), "wb") as stream:
             stream.write(exc_data)
-    temporary = os.path.join(private, "result.json.tmp")
-    with open(temporary, "w") as stream:
-        json.dump(record, stream)
-    os.rename(temporary, os.path.join(private, "result.json"))
+    temporary = os.path.join(private, "result.pkl.tmp")
+    with open(temporary, "wb") as stream:
+        stream.write(_pickle.dumps(record, protocol=4))
+    os.rename(temporary, os.path.join(private, "result.pkl"))
     os._exit(int(record["exit_code"]))
 
 
@@ -186,7 +198,7 @@ def _run_task(session_bytes: bytes, run_dir: str) -> tuple[dict[str, Any], bytes
 
         session = Session.loads(session_bytes)
         kind = session.task.kind
-        value = session.task.execute(session.execution, workdir=pathlib.Path(run_dir))
+        value = session.task.execute(session.execution, workdir=run_dir)
         if kind == "function":
             try:
                 value_data = (PickleSerializer().dumps_fast(value) if session.serializer == "pickle"
@@ -205,6 +217,8 @@ def _run_task(session_bytes: bytes, run_dir: str) -> tuple[dict[str, Any], bytes
             print(code, file=sys.stderr)
             record["exit_code"] = 1
     except BaseException as exc:  # the task's failure, reported as data
+        import traceback
+
         text = traceback.format_exc()
         value_data = b""
         record["value"] = False
@@ -247,18 +261,44 @@ def _kill_group(pid: int, sig: int) -> None:
         pass
 
 
+_statuses: dict[str, dict[str, object]] = {}
+
+
 def _write_status(run_dir: str, **fields: object) -> None:
-    path = os.path.join(run_dir, _PRIVATE, _STATUS_FILE)
-    try:
-        with open(path) as stream:
-            status = json.load(stream)
-    except (OSError, ValueError):
-        status = {}
+    """Rewrite the run's own status file (``.rx/status.json``) with ``fields`` merged in, atomically."""
+    status = _statuses.setdefault(run_dir, {})
     status.update(fields)
+    path = os.path.join(run_dir, _PRIVATE, _STATUS_FILE)
     temporary = path + ".tmp"
-    with open(temporary, "w") as stream:
-        json.dump(status, stream)
+    with open(temporary, "wb") as stream:
+        stream.write(wire.json_bytes(status))
     os.rename(temporary, path)
+
+
+def _rmtree(path: str) -> None:
+    """Remove a directory tree, whatever the task left in it (shutil costs the runner too much to import)."""
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            try:
+                os.unlink(os.path.join(root, name))
+            except OSError:
+                pass
+        for name in dirs:
+            entry = os.path.join(root, name)
+            try:
+                os.unlink(entry) if os.path.islink(entry) else os.rmdir(entry)
+            except OSError:
+                try:
+                    os.chmod(entry, 0o700)
+                    for child in os.listdir(entry):
+                        os.unlink(os.path.join(entry, child))
+                    os.rmdir(entry)
+                except OSError:
+                    pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def _make_run_dir(cache_dir: str, options: dict[str, Any]) -> str:
@@ -302,7 +342,7 @@ def _serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.Fram
         _send_result(options, run_dir, *outcome, out)
     finally:
         if not options.get("keep"):
-            shutil.rmtree(run_dir, ignore_errors=True)
+            _rmtree(run_dir)
 
 
 def _supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.FrameReader, run_dir: str,
@@ -342,22 +382,24 @@ def _supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
                 os.close(fd)
             _child(session_bytes, run_dir, options, out_w, err_w)
         except BaseException:
+            import traceback
+
             traceback.print_exc()
         finally:
             os._exit(EXIT_RUNNER_FAILURE)
     os.close(out_w)
     os.close(err_w)
     _write_status(run_dir, state="running", task_pid=pid)
-    out.send(b"P", json.dumps({"event": "started", "pid": pid, "run_dir": run_dir,
+    out.send(b"P", wire.json_text({"event": "started", "pid": pid, "run_dir": run_dir,
                                "host": os.uname().nodename}).encode())
 
-    selector = selectors.DefaultSelector()
-    selector.register(wake_r, selectors.EVENT_READ, b"W")
-    selector.register(out_r, selectors.EVENT_READ, b"O")
-    selector.register(err_r, selectors.EVENT_READ, b"E")
+    selector = _Poller()
+    selector.register(wake_r, b"W")
+    selector.register(out_r, b"O")
+    selector.register(err_r, b"E")
     cancel_requested: list[bool] = []
     if coordinator:
-        selector.register(0, selectors.EVENT_READ, b"I")
+        selector.register(0, b"I")
     else:
         dead_after = None
         signal.signal(signal.SIGTERM, lambda *_: cancel_requested.append(True))
@@ -376,9 +418,7 @@ def _supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
                 waits.append(started + timeout - now)
             if kill_deadline is not None:
                 waits.append(kill_deadline - now)
-            for key_, _ in selector.select(max(0.0, min([*waits, 0.5]))):
-                tag = key_.data
-                fd = key_.fd
+            for fd, tag in selector.select(max(0.0, min([*waits, 0.5]))):
                 if tag == b"I":
                     data = os.read(0, 1 << 16)
                     if not data:
@@ -440,7 +480,7 @@ def _supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
             _kill_group(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         _kill_group(pid, signal.SIGKILL)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        _rmtree(run_dir)
         raise
     finally:
         selector.close()
@@ -474,9 +514,9 @@ def _classify(options: dict[str, Any], run_dir: str, exit_status: int | None, st
         record = loaded[0]
     else:
         try:
-            with open(os.path.join(private, "result.json")) as stream:
-                record = json.load(stream)
-        except (OSError, ValueError):
+            with open(os.path.join(private, "result.pkl"), "rb") as stream:
+                record = _pickle.loads(stream.read())
+        except (OSError, ValueError, EOFError, _pickle.UnpicklingError):
             record = None
     header: dict[str, Any] = {"protocol": wire.PROTOCOL, "duration": time.monotonic() - started,
                     "python": "{}.{}.{}".format(*sys.version_info[:3]), "host": os.uname().nodename}
@@ -494,7 +534,7 @@ def _classify(options: dict[str, Any], run_dir: str, exit_status: int | None, st
             exit_code = record["exit_code"]
         elif signal_number is not None:
             oom_after = _oom_kills()
-            name = signal.Signals(signal_number).name
+            name = _signal_name(signal_number)
             if oom_before is not None and oom_after is not None and oom_after > oom_before:
                 status, detail = "oom", f"killed by the kernel's out-of-memory killer ({name})"
             else:
@@ -504,7 +544,7 @@ def _classify(options: dict[str, Any], run_dir: str, exit_status: int | None, st
         else:
             status, detail = "error", f"the task process exited with status {exit_code} without a result"
     header.update({"status": status, "exit_code": exit_code, "detail": detail,
-                   "signal": signal.Signals(signal_number).name if signal_number else None})
+                   "signal": _signal_name(signal_number) if signal_number else None})
     if record is not None:
         header["exception"] = record.get("exception")
     value = b""
@@ -528,7 +568,7 @@ def _send_classified(options: dict[str, Any], run_dir: str, header: dict[str, An
     """Send R, V, X, F frames, clean the run directory, send Z (the HMAC over the result)."""
     files = [] if options.get("no_pull") else _manifest(run_dir, options.get("pull") or [])
     header = dict(header, files=files)
-    out.send(b"R", json.dumps(header).encode(), signed=True)
+    out.send(b"R", wire.json_text(header).encode(), signed=True)
     if value:
         out.send_chunks(b"V", value)
     if exc_data:
@@ -536,8 +576,8 @@ def _send_classified(options: dict[str, Any], run_dir: str, header: dict[str, An
     if files:
         _send_files(run_dir, files, out)
     if not options.get("keep"):
-        shutil.rmtree(run_dir, ignore_errors=True)
-    out.send(b"Z", json.dumps({"hmac": out.mac.hexdigest()}).encode())
+        _rmtree(run_dir)
+    out.send(b"Z", wire.json_text({"hmac": out.mac.hexdigest()}).encode())
 
 
 def _manifest(run_dir: str, patterns: list[str]) -> list[dict[str, Any]]:
@@ -592,6 +632,28 @@ def _send_files(run_dir: str, files: list[dict[str, Any]], out: _Out) -> None:
     stream.flush()
 
 
+class _Poller:
+    """select.poll with a tag per fd (the selectors module costs the runner too much to import)."""
+
+    def __init__(self) -> None:
+        self._poll = select.poll()
+        self._tags: dict[int, bytes] = {}
+
+    def register(self, fd: int, tag: bytes) -> None:
+        self._poll.register(fd, select.POLLIN)
+        self._tags[fd] = tag
+
+    def unregister(self, fd: int) -> None:
+        self._poll.unregister(fd)
+        del self._tags[fd]
+
+    def select(self, timeout: float) -> list[tuple[int, bytes]]:
+        return [(fd, self._tags[fd]) for fd, _ in self._poll.poll(timeout * 1000) if fd in self._tags]
+
+    def close(self) -> None:
+        self._tags.clear()
+
+
 def _drain(fd: int, kind: bytes, out: _Out) -> bool:
     """Send what a non-blocking pipe holds now; False once it reached end of file."""
     while True:
@@ -643,13 +705,13 @@ def _serve_worker(cache_dir: str, idle_timeout: float) -> int:
     out = _Out(proto_out)
     reader = wire.FrameReader()
     home = os.getcwd()
-    selector = selectors.DefaultSelector()
+    selector = _Poller()
     wake_r, wake_w = os.pipe()
-    selector.register(wake_r, selectors.EVENT_READ, b"W")
-    selector.register(out_r, selectors.EVENT_READ, b"O")
-    selector.register(err_r, selectors.EVENT_READ, b"E")
-    selector.register(proto_in, selectors.EVENT_READ, b"I")
-    out.send(b"P", json.dumps({"event": "worker", "pid": os.getpid(), "host": os.uname().nodename}).encode())
+    selector.register(wake_r, b"W")
+    selector.register(out_r, b"O")
+    selector.register(err_r, b"E")
+    selector.register(proto_in, b"I")
+    out.send(b"P", wire.json_text({"event": "worker", "pid": os.getpid(), "host": os.uname().nodename}).encode())
     try:
         while True:
             options, session_bytes, reader = _read_call(proto_in, reader, idle_timeout)
@@ -683,10 +745,10 @@ def _serve_worker(cache_dir: str, idle_timeout: float) -> int:
                 waits = [heartbeat - (now - out.last), 0.5]
                 if timeout is not None:
                     waits.append(started + timeout - now)
-                for key_, _ in selector.select(max(0.0, min(waits))):
-                    if key_.data == b"W":
+                for fd, tag in selector.select(max(0.0, min(waits))):
+                    if tag == b"W":
                         os.read(wake_r, 64)
-                    elif key_.data == b"I":
+                    elif tag == b"I":
                         data = os.read(proto_in, 1 << 16)
                         if not data:
                             raise _CoordinatorGone()
@@ -695,7 +757,7 @@ def _serve_worker(cache_dir: str, idle_timeout: float) -> int:
                             if kind in (b"C", b"Q"):
                                 status, detail = "cancelled", "cancelled by the coordinator"
                     else:
-                        _drain(key_.fd, key_.data, out)
+                        _drain(fd, tag, out)
                 now = time.monotonic()
                 if timeout is not None and status is None and not box and now - started > timeout:
                     status, detail = "timeout", f"timed out after {timeout:g} s"
@@ -765,12 +827,14 @@ def _serve_detached(options: dict[str, Any], session_bytes: bytes, cache_dir: st
                 if data and not os.path.exists(os.path.join(private, name)):
                     with open(os.path.join(private, name), "wb") as stream:
                         stream.write(data)
-            with open(os.path.join(private, _OUTCOME + ".tmp"), "w") as stream:
-                json.dump({"header": header, "options": options}, stream)
+            with open(os.path.join(private, _OUTCOME + ".tmp"), "wb") as stream:
+                stream.write(wire.json_bytes({"header": header, "options": options}))
             os.rename(os.path.join(private, _OUTCOME + ".tmp"), os.path.join(private, _OUTCOME))
             _write_status(run_dir, state="done", status=header["status"], exit_code=header["exit_code"],
                           finished=time.time())
         except BaseException:
+            import traceback
+
             traceback.print_exc()
             _write_status(run_dir, state="done", status="error", exit_code=EXIT_RUNNER_FAILURE)
         finally:
@@ -779,11 +843,13 @@ def _serve_detached(options: dict[str, Any], session_bytes: bytes, cache_dir: st
     os.waitpid(pid, 0)
     supervisor = os.read(ready_r, 64).decode() or "0"
     os.close(ready_r)
-    out.send(b"P", json.dumps({"event": "detached", "run_dir": run_dir, "supervisor_pid": int(supervisor),
+    out.send(b"P", wire.json_text({"event": "detached", "run_dir": run_dir, "supervisor_pid": int(supervisor),
                                "host": os.uname().nodename}).encode())
 
 
 def _read_status(run_dir: str) -> dict[str, Any]:
+    import json
+
     try:
         with open(os.path.join(run_dir, _PRIVATE, _STATUS_FILE)) as stream:
             status: dict[str, Any] = json.load(stream)
@@ -812,7 +878,7 @@ def _serve_attach(cache_dir: str, run_dir: str, collect: bool, out: _Out) -> Non
             raise _CoordinatorGone()
         for kind, payload in reader.feed(data):
             if kind == b"G":
-                options = json.loads(payload)
+                options = wire.load_options(payload)
     out.mac = hmac.new(bytes.fromhex(options["key"]), digestmod=hashlib.sha256)
     heartbeat = float(options.get("heartbeat") or 5.0)
     private = os.path.join(run_dir, _PRIVATE)
@@ -840,11 +906,13 @@ def _serve_attach(cache_dir: str, run_dir: str, collect: bool, out: _Out) -> Non
         if time.monotonic() - out.last >= heartbeat:
             out.send(b"B")
         time.sleep(0.1)
+    import json
+
     with open(os.path.join(private, _OUTCOME)) as stream:
         stored = json.load(stream)
     header = stored["header"]
     if not collect:
-        out.send(b"Z", json.dumps({"done": header.get("status"), "exit_code": header.get("exit_code")}).encode())
+        out.send(b"Z", wire.json_text({"done": header.get("status"), "exit_code": header.get("exit_code")}).encode())
         return
     value = exc_data = b""
     for name in ("value.bin", "exception.bin"):
@@ -877,7 +945,7 @@ def _serve_cancel(cache_dir: str, run_dir: str) -> int:
         deadline = time.monotonic() + _KILL_GRACE + 3
         while time.monotonic() < deadline and _read_status(run_dir).get("state") != "done":
             time.sleep(0.05)
-    sys.stdout.write(json.dumps(_read_status(run_dir)) + "\n")
+    sys.stdout.write(wire.json_text(_read_status(run_dir)) + "\n")
     sys.stdout.flush()
     return 0
 
@@ -913,5 +981,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         sys.stderr.write(f"rx runner: {type(exc).__name__}: {exc}\n")
         if os.environ.get("RX_DEBUG"):
+            import traceback
+
             traceback.print_exc()
         return EXIT_RUNNER_FAILURE

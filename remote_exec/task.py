@@ -236,7 +236,7 @@ class Task:
         return _restore_task, (self.kind, self.name, self.task_id, self.function, self.source, self.filename,
                                self.module)
 
-    def execute(self, execution: Execution, *, workdir: Path | None = None) -> Any:
+    def execute(self, execution: Execution, *, workdir: str | Path | None = None) -> Any:
         """Run the task here with the call's arguments; return its value.
 
         Scripts and modules see ``sys.argv`` as ``[name, *args]`` and run as ``__main__``; their

@@ -32,7 +32,11 @@ and later calls import it without compiling again).
 from __future__ import annotations
 
 import struct
-from typing import BinaryIO
+
+TYPE_CHECKING = False  # the runner imports this module on every call: no typing at run time
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any, BinaryIO
 
 __all__ = [
     "BOOTSTRAP",
@@ -155,3 +159,61 @@ class FrameReader:
     def pending(self) -> int:
         """Bytes held that do not yet form a whole frame."""
         return len(self._buffer)
+
+
+# -- encodings that keep the runner's start-up small ----------------------------------------------------
+# The runner reads the coordinator's options as a pickle (the coordinator is who it works for) and writes
+# its own messages as JSON, which the coordinator reads with the json module: nothing the remote side
+# sends is ever unpickled as protocol data. Importing json costs the runner more than all the rest of its
+# start-up (it pulls in re and enum), so it writes JSON with the small encoder below.
+
+_JSON_ESCAPES = {code: f"\\u{code:04x}" for code in (*range(0x20), *range(0xD800, 0xE000))}
+_JSON_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\", ord("\n"): "\\n", ord("\t"): "\\t"})
+
+
+def json_text(value: object) -> str:
+    """``value`` (None, bool, int, float, str, list, tuple, dict with str keys) as JSON text."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float):
+        return repr(value) if value == value and value not in (float("inf"), float("-inf")) else "null"
+    if isinstance(value, str):
+        return '"' + value.translate(_JSON_ESCAPES) + '"'
+    if isinstance(value, dict):
+        return "{" + ",".join(json_text(str(key)) + ":" + json_text(item) for key, item in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(json_text(item) for item in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def json_bytes(value: object) -> bytes:
+    """:func:`json_text` encoded as UTF-8."""
+    return json_text(value).encode("utf-8")
+
+
+def dump_options(options: Mapping[str, object]) -> bytes:
+    """The payload of a coordinator's G or s frame."""
+    import pickle
+
+    return pickle.dumps(options, protocol=4)
+
+
+def load_options(payload: bytes) -> dict[str, Any]:
+    """Read a G or s frame's payload (a pickle from :func:`dump_options`, or JSON)."""
+    if payload[:1] == b"{":
+        import json
+
+        data = json.loads(payload)
+    else:
+        import _pickle
+
+        data = _pickle.loads(payload)
+    if not isinstance(data, dict):
+        raise ValueError("protocol: options are not a mapping")
+    return data

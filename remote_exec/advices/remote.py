@@ -209,11 +209,12 @@ def execute(session: Session, target: Target) -> Result:
         return _execute_cli(session, target, config, cli_run)
     run = _process_run(session, config, target)
     key = session.execution.execution_id[:16]
-    session_bytes = session.dumps()
+    session_bytes = session.to_wire()
+    saved = session.dumps()
 
     def started() -> None:
         run.task_started(key, name=session.task.name, host=target.host)
-        run.store.write_bytes(f"sessions/{key}.zip", session_bytes)
+        run.store.write_bytes(f"sessions/{key}.zip", saved)
 
     _recorder.submit(started)
     stdout = _sink(sys.stdout, None)
