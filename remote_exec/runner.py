@@ -139,8 +139,9 @@ def _oom_kills() -> int | None:
     return None
 
 
-def _child(session_bytes: bytes, run_dir: str, options: dict[str, Any], out_w: int, err_w: int) -> None:
-    """In the forked task process: run the task, write the result into the private dir, exit."""
+def _child(session_bytes: bytes, run_dir: str, options: dict[str, Any], out_w: int, err_w: int,
+           result_w: int) -> None:
+    """In the forked task process: run the task, send the result to the parent over ``result_w``, exit."""
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -167,18 +168,28 @@ def _child(session_bytes: bytes, run_dir: str, options: dict[str, Any], out_w: i
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace", line_buffering=True)
     record, value, exc_data = _run_task(session_bytes, run_dir)
-    private = os.path.join(run_dir, _PRIVATE)
-    if value:
-        with open(os.path.join(private, "value.bin"), "wb") as stream:
-            stream.write(value)
-    if exc_data:
-        with open(os.path.join(private, "exception.bin"), "wb") as stream:
-            stream.write(exc_data)
-    temporary = os.path.join(private, "result.pkl.tmp")
-    with open(temporary, "wb") as stream:
-        stream.write(_pickle.dumps(record, protocol=4))
-    os.rename(temporary, os.path.join(private, "result.pkl"))
+    record = dict(record, value_size=len(value), exc_size=len(exc_data))
+    header = _pickle.dumps(record, protocol=4)
+    for data in (len(header).to_bytes(8, "big"), header, value, exc_data):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(result_w, view):]
+    os.close(result_w)
     os._exit(int(record["exit_code"]))
+
+
+def _parse_result(data: bytes) -> tuple[dict[str, Any], bytes, bytes] | None:
+    """What the task process sent on its result pipe: (record, value, exception), or None if incomplete."""
+    try:
+        size = int.from_bytes(data[:8], "big")
+        record: dict[str, Any] = _pickle.loads(data[8:8 + size])
+        value_end = 8 + size + int(record["value_size"])
+        exc_end = value_end + int(record["exc_size"])
+    except (ValueError, KeyError, EOFError, TypeError, _pickle.UnpicklingError):
+        return None
+    if exc_end != len(data):
+        return None
+    return record, data[8 + size:value_end], data[value_end:exc_end]
 
 
 def _run_task(session_bytes: bytes, run_dir: str) -> tuple[dict[str, Any], bytes, bytes]:
@@ -336,35 +347,36 @@ def _serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.Fram
     """One call in a forked task process (the default, process-per-call mode)."""
     out.mac = hmac.new(bytes.fromhex(options["key"]), digestmod=hashlib.sha256)
     run_dir = _make_run_dir(cache_dir, options)
-    outcome = _supervise(options, session_bytes, reader, run_dir, out, coordinator=True)
-    _write_status(run_dir, state="collecting")
+    exit_status, status, detail, oom_before, started, loaded = _supervise(
+        options, session_bytes, reader, run_dir, out, coordinator=True)
     try:
-        _send_result(options, run_dir, *outcome, out)
+        _send_result(options, run_dir, exit_status, status, detail, oom_before, started, out, loaded=loaded)
     finally:
         if not options.get("keep"):
             _rmtree(run_dir)
 
 
 def _supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.FrameReader, run_dir: str,
-               out: _Out | _FileSink, *, coordinator: bool) -> tuple[int | None, str | None, str | None,
-                                                                      int | None, float]:
+               out: _Out | _FileSink, *, coordinator: bool
+               ) -> tuple[int | None, str | None, str | None, int | None, float,
+                          tuple[dict[str, Any], bytes, bytes] | None]:
     """Fork the task into its own process group and watch it to its end.
 
     With a coordinator, its frames arrive on stdin (heartbeats, cancel) and its absence kills the task;
     without one (a detached run), SIGTERM to this process cancels the task.
 
     Returns:
-        (wait status, status if the runner decided it, detail, OOM kills before, start clock).
+        (wait status, status if the runner decided it, detail, OOM kills before, start clock, and what
+        the task sent on its result pipe: record, value, exception — None if it sent nothing whole).
     """
     timeout = options.get("timeout")
     heartbeat = float(options.get("heartbeat") or 5.0)
     dead_after = float(options.get("dead_after") or 0) or None
     started = time.monotonic()
     oom_before = _oom_kills()
-    _write_status(run_dir, state="starting", runner_pid=os.getpid(), started=time.time())
-
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    result_r, result_w = os.pipe()
     # SIGCHLD wakes the loop the moment the task ends (set_wakeup_fd writes the signal number).
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
@@ -378,9 +390,9 @@ def _supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
         try:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            for fd in (out_r, err_r, wake_r, wake_w):
+            for fd in (out_r, err_r, result_r, wake_r, wake_w):
                 os.close(fd)
-            _child(session_bytes, run_dir, options, out_w, err_w)
+            _child(session_bytes, run_dir, options, out_w, err_w, result_w)
         except BaseException:
             import traceback
 
@@ -389,7 +401,11 @@ def _supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
             os._exit(EXIT_RUNNER_FAILURE)
     os.close(out_w)
     os.close(err_w)
-    _write_status(run_dir, state="running", task_pid=pid)
+    os.close(result_w)
+    if not coordinator:
+        _write_status(run_dir, task_pid=pid)
+    else:
+        _write_status(run_dir, state="running", runner_pid=os.getpid(), task_pid=pid, started=time.time())
     out.send(b"P", wire.json_text({"event": "started", "pid": pid, "run_dir": run_dir,
                                "host": os.uname().nodename}).encode())
 
@@ -397,6 +413,8 @@ def _supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
     selector.register(wake_r, b"W")
     selector.register(out_r, b"O")
     selector.register(err_r, b"E")
+    selector.register(result_r, b"R")
+    result = bytearray()
     cancel_requested: list[bool] = []
     if coordinator:
         selector.register(0, b"I")
@@ -408,7 +426,7 @@ def _supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
     exit_status = None
     kill_deadline = None
     last_input = time.monotonic()
-    open_pipes = 2
+    open_pipes = 3
     child_done_at = None
     try:
         while True:
@@ -437,13 +455,15 @@ def _supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
                     except BlockingIOError:
                         pass
                     continue
-                data = os.read(fd, 1 << 16)
-                if data:
-                    out.send(tag, data)
-                else:
+                data = os.read(fd, 1 << 20 if tag == b"R" else 1 << 16)
+                if not data:
                     selector.unregister(fd)
                     os.close(fd)
                     open_pipes -= 1
+                elif tag == b"R":
+                    result += data
+                else:
+                    out.send(tag, data)
             now = time.monotonic()
             if exit_status is None:
                 done, raw = os.waitpid(pid, os.WNOHANG)
@@ -488,7 +508,13 @@ def _supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.close(wake_r)
         os.close(wake_w)
-    return exit_status, status, detail, oom_before, started
+    if open_pipes:  # something the task left behind still holds a pipe: close ours
+        for fd in (out_r, err_r, result_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    return exit_status, status, detail, oom_before, started, _parse_result(bytes(result))
 
 
 def _send_result(options: dict[str, Any], run_dir: str, exit_status: int | None, status: str | None,
@@ -508,16 +534,7 @@ def _classify(options: dict[str, Any], run_dir: str, exit_status: int | None, st
               detail: str | None, oom_before: int | None, started: float,
               loaded: tuple[dict[str, Any], bytes, bytes] | None = None) -> tuple[dict[str, Any], bytes, bytes]:
     """The result header (status, exit code, signal, exception) and the value and exception bytes."""
-    private = os.path.join(run_dir, _PRIVATE)
-    record: dict[str, Any] | None
-    if loaded is not None:
-        record = loaded[0]
-    else:
-        try:
-            with open(os.path.join(private, "result.pkl"), "rb") as stream:
-                record = _pickle.loads(stream.read())
-        except (OSError, ValueError, EOFError, _pickle.UnpicklingError):
-            record = None
+    record = loaded[0] if loaded is not None else None
     header: dict[str, Any] = {"protocol": wire.PROTOCOL, "duration": time.monotonic() - started,
                     "python": "{}.{}.{}".format(*sys.version_info[:3]), "host": os.uname().nodename}
     signal_number = None
@@ -551,12 +568,6 @@ def _classify(options: dict[str, Any], run_dir: str, exit_status: int | None, st
     exc_data = b""
     if loaded is not None:
         value, exc_data = loaded[1], loaded[2]
-    elif record is not None and record.get("value"):
-        with open(os.path.join(private, "value.bin"), "rb") as stream:
-            value = stream.read()
-    if loaded is None and record is not None and record.get("exc_pickle"):
-        with open(os.path.join(private, "exception.bin"), "rb") as stream:
-            exc_data = stream.read()
     header["value"] = {"size": len(value), "sha256": hashlib.sha256(value).hexdigest()} if value else None
     header["exc_pickle"] = {"size": len(exc_data), "sha256": hashlib.sha256(exc_data).hexdigest()} \
         if exc_data else None
@@ -819,12 +830,14 @@ def _serve_detached(options: dict[str, Any], session_bytes: bytes, cache_dir: st
             os.write(ready_w, str(os.getpid()).encode())
             os.close(ready_w)
             sink = _FileSink(run_dir)
-            outcome = _supervise(options, session_bytes, wire.FrameReader(), run_dir, sink, coordinator=False)
+            exit_status, status, detail, oom_before, started, loaded = _supervise(
+                options, session_bytes, wire.FrameReader(), run_dir, sink, coordinator=False)
             sink.close()
-            header, value, exc_data = _classify(options, run_dir, *outcome)
+            header, value, exc_data = _classify(options, run_dir, exit_status, status, detail, oom_before,
+                                                started, loaded=loaded)
             private = os.path.join(run_dir, _PRIVATE)
             for name, data in (("value.bin", value), ("exception.bin", exc_data)):
-                if data and not os.path.exists(os.path.join(private, name)):
+                if data:
                     with open(os.path.join(private, name), "wb") as stream:
                         stream.write(data)
             with open(os.path.join(private, _OUTCOME + ".tmp"), "wb") as stream:
