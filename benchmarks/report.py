@@ -230,6 +230,8 @@ class PhaseRecord:
 def render_phases(groups: Mapping[str, Sequence[PhaseRecord]]) -> str:
     """A markdown table of median phase times per kind of call.
 
+    A phase that only some calls had shows its median over those calls and how many they were.
+
     ``other`` is the median of (call time - the sum of its phases): packing, serializing the session,
     recording it in the workspace, importing backends; what ``dispatch()`` does not time itself.
     """
@@ -244,8 +246,13 @@ def render_phases(groups: Mapping[str, Sequence[PhaseRecord]]) -> str:
         calls = [record.seconds for record in records]
         cells = []
         for phase in columns:
-            values = [float(record.phases.get(phase, 0.0)) for record in records]
-            cells.append(format_seconds(percentile(values, 50)) if any(values) else "—")
+            values = [float(record.phases[phase]) for record in records if phase in record.phases]
+            if not values:
+                cells.append("—")
+            elif len(values) == len(records):
+                cells.append(format_seconds(percentile(values, 50)))
+            else:  # e.g. an upload only when the code changed
+                cells.append(f"{format_seconds(percentile(values, 50))} ({len(values)} of {len(records)})")
         other = [record.seconds - sum(float(v) for v in record.phases.values()) for record in records]
         out.append(f"| {_cell(name)} | {len(records)} | {format_seconds(percentile(calls, 50))} | "
                    + " | ".join(cells) + f" | {format_seconds(percentile(other, 50))} |")

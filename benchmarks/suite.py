@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -65,6 +66,8 @@ def _rows() -> list[Row]:
     rows = [
         Row("ssh.cold", f"raw `ssh host {TRIVIAL}`, cold (new connection)", "cold ssh", lat),
         Row("ssh.mux", f"raw `ssh host {TRIVIAL}`, multiplexed (ControlMaster)", "multiplexed ssh", lat),
+        Row("ssh.mux_hosts", f"raw `ssh host {TRIVIAL}`, multiplexed, on 4 hosts at once (threads), wall",
+            "multiplexed ssh, 4 hosts", lat, "ssh.mux"),
         Row("paramiko.exec", f"paramiko exec `{TRIVIAL}` on an open transport, TCP_NODELAY", "paramiko exec", lat,
             "ssh.mux"),
         Row("paramiko.exec_delay", f"paramiko exec `{TRIVIAL}` on an open transport, without TCP_NODELAY",
@@ -109,6 +112,8 @@ def _rows() -> list[Row]:
         Row("startup.python", "`python -c pass` (local interpreter start)", "python -c pass", start),
         Row("startup.importtime", "`python -X importtime -c \"import remote_exec.cli\"`: total import time",
             "import remote_exec.cli", start),
+        Row("startup.importtime_help", "`python -X importtime -m remote_exec --help`: total import time",
+            "rx --help imports", start),
         Row("startup.help", "`rx --help`, wall", "rx --help", start, "startup.python"),
     ]
     return rows
@@ -193,7 +198,7 @@ class Bench:
     run_dir: Path
     ssh_config: Path
     hosts: list[str]
-    control_path: Path
+    control_dir: Path
     blob: Path
     env: dict[str, str]
     rx_command: list[str]
@@ -206,7 +211,8 @@ class Bench:
     # -- helpers ---------------------------------------------------------------------------------------
 
     def ssh(self, *args: str, mux: bool = True) -> list[str]:
-        options = ["-o", "ControlMaster=no", "-o", f"ControlPath={self.control_path}" if mux else "ControlPath=none"]
+        control = f"ControlPath={self.control_dir}/%n" if mux else "ControlPath=none"
+        options = ["-o", "ControlMaster=no", "-o", control]
         return ["ssh", "-F", str(self.ssh_config), *options, *args]
 
     def agent(self, kind: str, **config: Any) -> Agent:
@@ -247,6 +253,28 @@ def _ssh_cold(bench: Bench) -> None:
 def _ssh_mux(bench: Bench) -> None:
     for _ in range(bench.settings.warm_calls):
         bench.results.add("ssh.mux", run_timed(bench.ssh(bench.hosts[0], TRIVIAL), timeout=30))
+
+
+def _ssh_hosts(bench: Bench) -> None:
+    """The multiplexed trivial command on every host from one thread each, wall time."""
+    errors: list[str] = []
+
+    def one(host: str) -> None:
+        try:
+            run_timed(bench.ssh(host, TRIVIAL), timeout=30)
+        except ProbeError as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=one, args=(host,)) for host in bench.hosts]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    if errors:
+        raise ProbeError(errors[0])
+    bench.results.add("ssh.mux_hosts", seconds)
 
 
 def _ssh_cat(bench: Bench) -> None:
@@ -317,15 +345,16 @@ def _python_start(bench: Bench) -> None:
     bench.results.add("startup.python", run_timed([sys.executable, "-c", "pass"], timeout=30, env=bench.env))
 
 
-def _importtime(bench: Bench) -> None:
-    process = subprocess.run([sys.executable, "-X", "importtime", "-c", "import remote_exec.cli"],
-                             capture_output=True, text=True, timeout=60, env=bench.env, check=False)
+def _importtime(bench: Bench, key: str, args: tuple[str, ...]) -> None:
+    """Total import time of the modules ``python -X importtime ARGS`` loads beyond a bare interpreter."""
+    process = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True, timeout=60,
+                             env=bench.env, check=False)
     if process.returncode != 0:
         lines = process.stderr.strip().splitlines()
-        raise ProbeError(f"import remote_exec.cli failed: {lines[-1] if lines else process.returncode}")
+        raise ProbeError(f"python {' '.join(args)} failed: {lines[-1] if lines else process.returncode}")
     modules = _parse_importtime(process.stderr)
     total = sum(us for name, us in modules.items() if name not in bench.import_baseline)
-    bench.results.add("startup.importtime", total / 1e6)
+    bench.results.add(key, total / 1e6)
 
 
 def _rx_help(bench: Bench) -> None:
@@ -342,6 +371,7 @@ def _probes(bench: Bench) -> list[Probe]:
 
     add("ssh cold", ("ssh.cold",), partial(_ssh_cold, bench))
     add("ssh multiplexed", ("ssh.mux",), partial(_ssh_mux, bench))
+    add("ssh multiplexed, 4 hosts", ("ssh.mux_hosts",), partial(_ssh_hosts, bench))
     add("ssh cat pipe", ("ssh.cat",), partial(_ssh_cat, bench), settings.heavy_every)
     paramiko_agent = bench.agent("paramiko")
     add("paramiko exec", ("paramiko.exec", "paramiko.exec_delay"), partial(_paramiko_exec, bench, paramiko_agent))
@@ -382,7 +412,10 @@ def _probes(bench: Bench) -> list[Probe]:
                         group=f"{_size_name(size)} argument + result ({backend})", size=size),
                 _every(settings, size))
     add("python -c pass", ("startup.python",), partial(_python_start, bench))
-    add("importtime", ("startup.importtime",), partial(_importtime, bench))
+    add("importtime cli", ("startup.importtime",),
+        partial(_importtime, bench, "startup.importtime", ("-c", "import remote_exec.cli")))
+    add("importtime help", ("startup.importtime_help",),
+        partial(_importtime, bench, "startup.importtime_help", ("-m", "remote_exec", "--help")))
     add("rx --help", ("startup.help",), partial(_rx_help, bench))
     return probes
 
@@ -422,7 +455,7 @@ def _version(distribution: str) -> str:
         if distribution == "remote_exec":
             import remote_exec
 
-            return f"{remote_exec.__version__} (from the source tree)"
+            return str(remote_exec.__version__)
         return "not installed"
 
 
@@ -450,7 +483,8 @@ def _machine_info(bench: Bench) -> dict[str, str]:
         "Python (testbed hosts)": _output(bench.ssh(bench.hosts[0], "python3 -V")),
         "OpenSSH client": _output(["ssh", "-V"]).splitlines()[0] if _output(["ssh", "-V"]) else "?",
         "remote_exec": f"{_version('remote_exec')} at {commit}"
-                       + (" with uncommitted changes in remote_exec/" if dirty else ""),
+                       + (" with uncommitted changes in remote_exec/" if dirty else "")
+                       + " (copied at the start of the run)",
         "paramiko": _version("paramiko"),
         "bandsaw": _version("bandsaw"),
         "execnet": _version("execnet"),
@@ -479,23 +513,28 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
     run_dir.mkdir(parents=True)
     state_dir = run_dir / "testbed"
     control_dir = Path(tempfile.mkdtemp(prefix="rxb-", dir="/tmp"))
-    control_path = control_dir / "cm"
     bench: Bench | None = None
     try:
         print(f"benchmarks: starting {settings.hosts} testbed host(s) in {state_dir}", file=sys.stderr)
         bed = testbed.up(settings.hosts, state_dir=state_dir)
         hosts = [host.alias for host in bed.hosts]
-        pythonpath = os.pathsep.join(filter(None, [str(REPO), str(PAYLOAD_DIR), os.environ.get("PYTHONPATH")]))
+        # rx as it is now, copied: edits to the tree while the run goes on do not mix versions into it.
+        source = run_dir / "src"
+        shutil.copytree(REPO / "remote_exec", source / "remote_exec", ignore=shutil.ignore_patterns("__pycache__"))
+        sys.path.insert(0, str(source))
+        pythonpath = os.pathsep.join(filter(None, [str(source), str(REPO), str(PAYLOAD_DIR),
+                                                   os.environ.get("PYTHONPATH")]))
         env = dict(os.environ, PYTHONPATH=pythonpath, RX_SSH_CONFIG=str(bed.ssh_config),
                    RX_CACHE_DIR=str(run_dir / "cache"), RX_WORKSPACE=str(run_dir / "workspaces" / "default"))
         env.pop("RX_BACKEND", None)
         bench = Bench(settings=settings, run_dir=run_dir, ssh_config=bed.ssh_config, hosts=hosts,
-                      control_path=control_path, blob=run_dir / "blob-100mb", env=env, rx_command=_rx_command())
+                      control_dir=control_dir, blob=run_dir / "blob-100mb", env=env, rx_command=_rx_command())
         (run_dir / "logs").mkdir()
-        subprocess.run(["ssh", "-F", str(bed.ssh_config), "-o", "ControlMaster=yes", "-o",
-                        f"ControlPath={control_path}", "-o", "ControlPersist=1800", "-f", "-N", hosts[0]],
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
-                       check=True)
+        for host in hosts:  # the raw multiplexed rows' masters, one per host
+            subprocess.run(["ssh", "-F", str(bed.ssh_config), "-o", "ControlMaster=yes", "-o",
+                            f"ControlPath={control_dir}/%n", "-o", "ControlPersist=1800", "-f", "-N", host],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+                           check=True)
         _write_blob(bench.blob, 100 * MB)
         size = _output(bench.ssh(hosts[0], f"head -c {100 * MB} /dev/urandom > {REMOTE_BLOB} && "
                                            f"stat -c %s {REMOTE_BLOB}"), timeout=120)
@@ -513,8 +552,10 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
         if bench is not None:
             for agent in bench.agents:
                 agent.stop()
-        subprocess.run(["ssh", "-F", str(state_dir / "ssh_config"), "-o", f"ControlPath={control_path}", "-O", "exit",
-                        "rx-testbed-1"], stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
+        for index in range(1, settings.hosts + 1):
+            subprocess.run(["ssh", "-F", str(state_dir / "ssh_config"), "-o", f"ControlPath={control_dir}/%n", "-O",
+                            "exit", f"rx-testbed-{index}"], stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+                           check=False)
         shutil.rmtree(control_dir, ignore_errors=True)
         with contextlib.suppress(Exception):
             testbed.down(state_dir=state_dir)
@@ -583,6 +624,8 @@ def _startup_text(results: Results) -> str:
     lines = []
     for key, what in (("startup.importtime", "`python -X importtime -c \"import remote_exec.cli\"`, total of "
                                              "the modules it adds (median)"),
+                      ("startup.importtime_help", "`python -X importtime -m remote_exec --help` (what `rx --help` "
+                                                  "imports, command modules included), total (median)"),
                       ("startup.help", "`rx --help`, wall time of the process (median)"),
                       ("startup.python", "for scale: `python -c pass`, wall (median)")):
         summary = results.summary(key)
@@ -629,14 +672,14 @@ def render(bench: Bench, *, duration: float, load: tuple[tuple[float, ...], tupl
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke run (few repetitions)")
-    parser.add_argument("--reps", type=int, help="repetitions (default 16; --quick: 2)")
+    parser.add_argument("--reps", type=int, help="repetitions (default 20; --quick: 2)")
     parser.add_argument("--out", type=Path, help="where to write the results (default benchmarks/RESULTS.md; "
                                                  "quick: benchmarks/.work/RESULTS-quick.md)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="benchmarks: %(message)s")
     quick = bool(args.quick)
     settings = Settings(
-        reps=args.reps or (2 if quick else 16),
+        reps=args.reps or (2 if quick else 20),
         quick=quick,
         warm_calls=3 if quick else 5,
         medium_every=2,

@@ -122,3 +122,11 @@ def test_every_target_names_rows_that_exist() -> None:
         assert target.reference is None or target.reference in keys
     for row in ROWS:
         assert row.reference is None or row.reference in keys
+
+
+def test_phase_table_says_how_many_calls_had_a_phase() -> None:
+    records = [PhaseRecord(0.5, {"connect": 0.2, "upload": 0.1}), PhaseRecord(0.3, {"connect": 0.2}),
+               PhaseRecord(0.3, {"connect": 0.2})]
+    text = render_phases({"rx run": records})
+    row = next(line for line in text.splitlines() if line.startswith("| rx run"))
+    assert "| 100 ms (1 of 3) |" in row
