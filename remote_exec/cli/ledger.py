@@ -16,7 +16,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -234,7 +233,7 @@ def logs_command(
     """Print the output a run recorded (its stdout.log, or stderr.log)."""
     run = Workspace.resolve(workspace).run(run_ref)
     path = run.stderr_log if stderr else run.stdout_log
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer
     offset = 0
 
     def pump() -> None:
@@ -273,7 +272,7 @@ def _follow_detached(run_ref: str, workspace: Path | None, *, stderr: bool, offs
     from .run import _detached_run
 
     run, session, target, info = _detached_run(workspace, run_ref)
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer
 
     def show(data: bytes) -> None:
         out.write(data)
