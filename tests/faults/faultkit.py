@@ -366,6 +366,7 @@ class Rig:
 
 
 _ERROR_LINE = re.compile(r"^rx: error: ")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
 
 
 def has_traceback(text: str) -> bool:
@@ -385,10 +386,14 @@ def json_tail(stdout: str) -> Any:
 
 
 def error_summary(stderr: str, limit: int = 160) -> str:
-    """rx's error line without its prefix, else the end of stderr (for trial outcomes)."""
+    """rx's error line without its prefix, else the task's exception line, else the end of stderr (for trial
+    outcomes)."""
     errors = cli_error_lines(stderr)
-    text = errors[0][len("rx: error: "):] if errors else (stderr.strip().splitlines() or ["no output"])[-1]
-    return text[:limit]
+    if errors:
+        return errors[0][len("rx: error: "):][:limit]
+    lines = stderr.strip().splitlines() or ["no output"]
+    raised = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    return (f"the task raised {raised[-1]}" if raised else lines[-1])[:limit]
 
 
 def workspace_files(workspace: Path) -> list[Path]:

@@ -188,13 +188,6 @@ def _cache_usage(host: TestbedHost) -> int:
     return int(root_sh(host, "df -k --output=used /home/rx/.cache | tail -1").strip())
 
 
-DISK_FULL_BUG = pytest.mark.xfail(
-    strict=True, reason="runner: ENOSPC in _write_status('collecting') (runner.py:300, outside the try/finally "
-                        "that removes the run dir) leaves the run dir and the full disk behind; the task "
-                        "child's failed result.json write prints a runner traceback to the task's stderr")
-
-
-@DISK_FULL_BUG
 @pytest.mark.timeout(90)
 def test_disk_full_script_gets_enospc_and_nothing_corrupt_lands(rig: Rig, emptied_cache: TestbedHost,
                                                                 trial: TrialFactory) -> None:
@@ -229,7 +222,6 @@ def test_disk_full_script_gets_enospc_and_nothing_corrupt_lands(rig: Rig, emptie
         assert used_after <= used_before + 64, (used_before, used_after)
 
 
-@DISK_FULL_BUG
 @pytest.mark.timeout(90)
 def test_disk_full_task_raises_enospc(rig: Rig, emptied_cache: TestbedHost, trial: TrialFactory) -> None:
     host = emptied_cache

@@ -60,11 +60,13 @@ def link_host(module_host: Callable[..., TestbedHost]) -> TestbedHost:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("attempt", [1, 2])
 def test_pause_mid_run_gives_connect_error_within_dead_after(rig: Rig, link_host: TestbedHost,
-                                                             trial: TrialFactory) -> None:
+                                                             trial: TrialFactory, attempt: int) -> None:
     baseline = remote_baseline(link_host)
+    variant = f"keepalive {KEEPALIVE_INTERVAL:g} s x {KEEPALIVE_COUNT}, attempt {attempt}"
 
-    with trial("pause", variant=f"keepalive {KEEPALIVE_INTERVAL:g} s x {KEEPALIVE_COUNT}", bound=DEAD_AFTER) as t:
+    with trial("pause", variant=variant, bound=DEAD_AFTER) as t:
         watched = rig.watch(rig.driver_argv("nap", link_host.alias, "60"))
         started_at = watched.wait_for("task started", timeout=45)
         assert started_at is not None, "the task never started"
