@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -22,8 +23,11 @@ DEFAULT_OUTPUT = REPO / "docs" / "reliability.md"
 BACKENDS = ("openssh", "paramiko")
 
 
+_TEMPORARY = re.compile(r"/tmp/pytest-of-[^/\s]+/pytest-\d+/")
+
+
 def _cell(value: object) -> str:
-    text = "" if value is None else str(value)
+    text = _TEMPORARY.sub("<tmp>/", "" if value is None else str(value))
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").strip() or " "
 
 

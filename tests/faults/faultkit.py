@@ -53,6 +53,7 @@ __all__ = [
     "json_tail",
     "remote_baseline",
     "state_files_parse",
+    "traceback_message",
     "workspace_files",
 ]
 
@@ -393,7 +394,13 @@ def error_summary(stderr: str, limit: int = 160) -> str:
         return errors[0][len("rx: error: "):][:limit]
     lines = stderr.strip().splitlines() or ["no output"]
     raised = [line for line in lines if _EXCEPTION_LINE.match(line)]
-    return (f"the task raised {raised[-1]}" if raised else lines[-1])[:limit]
+    return (f"{raised[-1]} (on stderr)" if raised else lines[-1])[:limit]
+
+
+def traceback_message(stderr: str) -> str:
+    """An assertion message for stderr that should hold one error line and no traceback."""
+    return f"rx printed {'a traceback' if has_traceback(stderr) else 'no single error line'}, ending: " + (
+        " / ".join(stderr.strip().splitlines()[-3:]))
 
 
 def workspace_files(workspace: Path) -> list[Path]:

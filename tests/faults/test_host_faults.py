@@ -21,6 +21,7 @@ from faultkit import (
     quote,
     remote_baseline,
     root_sh,
+    traceback_message,
     workspace_files,
 )
 
@@ -75,7 +76,7 @@ def test_python_missing_nonexistent_path(rig: Rig, testbed_host: TestbedHost, tr
         shown = rig.show()
 
         assert done.returncode == 3, done.stderr
-        assert len(errors) == 1 and not has_traceback(done.stderr), done.stderr
+        assert len(errors) == 1 and not has_traceback(done.stderr), traceback_message(done.stderr)
         assert f"python3 not found on {testbed_host.alias}" in errors[0], errors
         assert t.facts["orphans"] == 0 and t.facts["leftover_files"] == 0, t.facts
         assert shown["status"] == "failed", shown
@@ -98,7 +99,7 @@ def test_python_missing_moved_away_on_the_host(rig: Rig, emptied_cache: TestbedH
             shown = rig.show()
 
             assert done.returncode == 3, done.stderr
-            assert len(errors) == 1 and not has_traceback(done.stderr), done.stderr
+            assert len(errors) == 1 and not has_traceback(done.stderr), traceback_message(done.stderr)
             assert f"python3 not found on {host.alias}" in errors[0], errors
             assert t.facts["orphans"] == 0 and t.facts["leftover_files"] == 0, t.facts
             assert shown["status"] == "failed", shown
@@ -142,7 +143,7 @@ def test_fake_python_is_a_clear_error_never_success(rig: Rig, emptied_cache: Tes
         assert not done.timed_out, "rx run hung"
         assert done.returncode == 3, done.stdout + done.stderr
         assert "hello" not in done.stdout
-        assert len(errors) == 1 and not has_traceback(done.stderr), done.stderr
+        assert len(errors) == 1 and not has_traceback(done.stderr), traceback_message(done.stderr)
         assert fake in errors[0] or host.alias in errors[0], errors
         assert shown["status"] == "failed", shown
 
@@ -164,7 +165,7 @@ def test_oom_task_is_reported_out_of_memory(rig: Rig, emptied_cache: TestbedHost
 
         assert done.returncode == 137, done.stderr
         assert "survived" not in done.stdout
-        assert not has_traceback(done.stderr), done.stderr
+        assert not has_traceback(done.stderr), traceback_message(done.stderr)
         assert shown["status"] == "failed"
         detail = str(result.get("detail"))
         assert result.get("status") == "oom" or (result.get("status") == "signal" and "memory" in detail), result

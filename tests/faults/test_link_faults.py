@@ -21,6 +21,7 @@ from faultkit import (
     error_summary,
     has_traceback,
     remote_baseline,
+    traceback_message,
     workspace_files,
 )
 
@@ -148,7 +149,7 @@ def test_sshd_killed_mid_transfer_leaves_no_partial_file(rig: Rig, link_host: Te
         assert killed and 0 < spooled < 50 << 20, f"the kill did not land mid-transfer ({spooled} bytes spooled)"
         assert not done.timed_out
         assert done.returncode == 255, done.stderr
-        assert len(errors) == 1 and not has_traceback(done.stderr), done.stderr
+        assert len(errors) == 1 and not has_traceback(done.stderr), traceback_message(done.stderr)
         assert not landed, landed
         assert not temporaries and not left_in_spool, (temporaries, left_in_spool)
         assert shown["status"] == "failed", shown
@@ -211,7 +212,7 @@ def test_host_key_changed_is_refused(rig: Rig, rekeyed_host: tuple[TestbedHost, 
 
             assert refused, done.stdout + done.stderr
             assert len(errors) == 1 and "host key" in errors[0].lower(), done.stderr
-            assert not has_traceback(done.stderr), done.stderr
+            assert not has_traceback(done.stderr), traceback_message(done.stderr)
             assert unchanged, known_hosts.read_text()
 
         with trial("host_key", variant=f"{variant}, backend.run", bound=15.0) as t:

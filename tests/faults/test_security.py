@@ -22,6 +22,7 @@ from faultkit import (
     quote,
     remote_baseline,
     root_sh,
+    traceback_message,
     workspace_files,
 )
 
@@ -138,7 +139,7 @@ def test_injection_non_utf8_argument(rig: Rig, testbed_host: TestbedHost, trial:
         t.note(traceback=has_traceback(done.stderr), corrupted=int(done.returncode == 0 and got != raw))
         t.outcome = "byte for byte" if got == raw else f"exit {done.returncode}: {error_summary(done.stderr)}"
 
-        assert not has_traceback(done.stderr), done.stderr
+        assert not has_traceback(done.stderr), traceback_message(done.stderr)
         assert done.returncode == 0, done.stderr
         assert got == raw
 

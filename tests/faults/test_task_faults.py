@@ -20,6 +20,7 @@ from faultkit import (
     json_tail,
     remote_baseline,
     state_files_parse,
+    traceback_message,
 )
 
 from testbed import TestbedHost
@@ -70,7 +71,7 @@ def test_task_sigkill_reports_signal_and_exits_137(rig: Rig, testbed_host: Testb
         assert not done.timed_out
         assert done.returncode == 137, done.stderr
         assert done.stdout.splitlines() == ["about to die"]
-        assert not has_traceback(done.stderr), done.stderr
+        assert not has_traceback(done.stderr), traceback_message(done.stderr)
         assert "SIGKILL" in done.stderr
         assert (shown["status"], shown["exit_code"]) == ("failed", 137)
         assert result.get("status") == "signal"
@@ -102,7 +103,7 @@ def test_task_timeout_exits_124_and_kills_the_process_group(rig: Rig, testbed_ho
         assert done.returncode == 124, done.stderr
         assert since_start <= 2.0 + 5.0, since_start
         assert "task finished" not in done.stdout
-        assert not has_traceback(done.stderr), done.stderr
+        assert not has_traceback(done.stderr), traceback_message(done.stderr)
         assert (shown["status"], shown["exit_code"]) == ("failed", 124)
         assert (shown.get("result") or {}).get("status") == "timeout"
         assert not any(f"sleep 61.{token}" in line for line in left.processes), left.describe()
@@ -134,7 +135,7 @@ def test_interrupt_exits_130_and_cancels_the_remote_task(rig: Rig, testbed_host:
 
         assert not done.timed_out
         assert left.clean, left.describe()
-        assert not has_traceback(done.stderr), done.stderr
+        assert not has_traceback(done.stderr), traceback_message(done.stderr)
         assert len(cli_error_lines(done.stderr)) == 1, done.stderr
         assert status == "cancelled"
         assert done.returncode == 130, done.stderr
