@@ -74,6 +74,7 @@ class CallOptions:
         restricted: Unpickle results through an allow-list (plain data, built-in exceptions, and
             ``allow_unpickle``), for hosts you do not fully trust.
         allow_unpickle: Extra globals or modules restricted mode accepts.
+        handshake_timeout: Seconds the remote interpreter has to start and answer the bootstrap.
     """
 
     python: str = "python3"
@@ -90,6 +91,7 @@ class CallOptions:
     worker_idle: float = 600.0
     restricted: bool = False
     allow_unpickle: Sequence[str] = ()
+    handshake_timeout: float = 30.0
 
 
 @dataclass
@@ -290,10 +292,33 @@ def _start_runner(backend: Backend, archive: DistributionArchive, options: CallO
     phase("connect", "started")
     try:
         process = backend.start(argv)
-        line, rest = _read_handshake(process)
     except BaseException:
         phase("connect", "failed")
         raise
+    # An interpreter that starts but never answers (a wrapper waiting on stdin, a hung NFS home) must not
+    # hang the call: past the deadline the process is dropped and the error says so.
+    hung = threading.Event()
+
+    def give_up() -> None:
+        hung.set()
+        process.kill()
+
+    timer = threading.Timer(options.handshake_timeout, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        line, rest = _read_handshake(process)
+    except BaseException:
+        phase("connect", "failed")
+        process.kill()
+        raise
+    finally:
+        timer.cancel()
+    if hung.is_set() and not line.startswith("RXBOOT1"):
+        phase("connect", "failed")
+        raise RunnerError(f"{options.python} on {host} started but did not answer within "
+                          f"{options.handshake_timeout:g} s", reason="interpreter-hung", host=host,
+                          hint="check that --python names a Python 3 interpreter")
     if not line.startswith("RXBOOT1"):
         code = process.wait(5)
         stderr = _drain(process)
@@ -486,6 +511,8 @@ def _call(runner: _Runner, session: Session, session_bytes: bytes, options: Call
             if code in (-1, 255):
                 raise ConnectError(host, "the connection was lost while the task ran"
                                    + (f": {tail}" if tail else ""))
+            if runner.reader.pending:
+                raise IntegrityError(f"{host}: the result stream ended inside a frame; it was not accepted")
             if code == 0:
                 raise RunnerError(f"the runner on {host} exited 0 without a result", reason="no-result",
                                   host=host)
@@ -714,35 +741,50 @@ def _rebuild_result(header: dict[str, Any], value: bytes, exc_data: bytes, sessi
 
 def _land_files(call: _Call, manifest: list[dict[str, Any]],
                 land_file: Callable[[PurePosixPath, Path, str], Path]) -> list[Path]:
+    """Check every pulled file, then land them all: a result with one bad member lands nothing."""
     host = call.backend.host
     expected: dict[str, dict[str, Any]] = {}
     for entry in manifest:
-        expected[str(safe_member_path(entry["path"]))] = entry
-    landed = []
+        try:
+            expected[str(safe_member_path(entry["path"]))] = entry
+        except IntegrityError as exc:
+            raise IntegrityError(f"{host}: {exc}") from None
     if not call.files_path.exists():
         raise IntegrityError(f"{host}: the result lists files but carries none")
-    with tarfile.open(call.files_path, mode="r:") as archive:
-        for member in archive:
-            relative = safe_member_path(member.name)
-            if not member.isfile():
-                raise IntegrityError(f"{host}: the result holds a non-regular file {member.name!r}")
-            listed = expected.pop(str(relative), None)
-            if listed is None:
-                raise IntegrityError(f"{host}: the result holds an unlisted file {member.name!r}")
-            source = archive.extractfile(member)
-            assert source is not None
-            with tempfile.NamedTemporaryFile(dir=call.files_path.parent, delete=False) as temporary:
-                digest = hashlib.sha256()
-                while block := source.read(1 << 20):
-                    digest.update(block)
-                    temporary.write(block)
-            if digest.hexdigest() != listed["sha256"]:
-                os.unlink(temporary.name)
-                raise IntegrityError(f"{host}: pulled file {member.name!r} is damaged (sha256 mismatch)")
-            landed.append(land_file(relative, Path(temporary.name), listed["sha256"]))
-    if expected:
-        raise IntegrityError(f"{host}: the result is missing listed files: {', '.join(sorted(expected))}")
-    return landed
+    checked: list[tuple[PurePosixPath, Path, str]] = []
+    try:
+        with tarfile.open(call.files_path, mode="r:") as archive:
+            for member in archive:
+                try:
+                    relative = safe_member_path(member.name)
+                except IntegrityError as exc:
+                    raise IntegrityError(f"{host}: {exc}") from None
+                if not member.isfile():
+                    raise IntegrityError(f"{host}: the result holds a non-regular file {member.name!r}")
+                listed = expected.pop(str(relative), None)
+                if listed is None:
+                    raise IntegrityError(f"{host}: the result holds an unlisted file {member.name!r}")
+                source = archive.extractfile(member)
+                assert source is not None
+                with tempfile.NamedTemporaryFile(dir=call.files_path.parent, delete=False) as temporary:
+                    checked.append((relative, Path(temporary.name), listed["sha256"]))
+                    digest = hashlib.sha256()
+                    while block := source.read(1 << 20):
+                        digest.update(block)
+                        temporary.write(block)
+                if digest.hexdigest() != listed["sha256"]:
+                    raise IntegrityError(f"{host}: pulled file {member.name!r} is damaged (sha256 mismatch)")
+        if expected:
+            raise IntegrityError(f"{host}: the result is missing listed files: {', '.join(sorted(expected))}")
+    except (tarfile.TarError, EOFError) as exc:
+        for _, temporary_path, _ in checked:
+            temporary_path.unlink(missing_ok=True)
+        raise IntegrityError(f"{host}: the result's files are damaged: {exc}") from exc
+    except BaseException:
+        for _, temporary_path, _ in checked:
+            temporary_path.unlink(missing_ok=True)
+        raise
+    return [land_file(relative, temporary_path, sha256) for relative, temporary_path, sha256 in checked]
 
 
 def signal_name(number: int) -> str:

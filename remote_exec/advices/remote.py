@@ -351,6 +351,7 @@ class RemoteAdvice(ExecutingAdvice):
             keep_warm=bool(options.get("keep_warm", remote.keep_warm)),
             restricted=bool(options.get("restricted", remote.restricted)),
             allow_unpickle=tuple(options.get("allow_unpickle") or remote.allow_unpickle),
+            handshake_timeout=max(spec.connect_timeout, 5.0),
         )
         return Target(backend=backend, backend_name=backend_name, host=remote.name, options=call)
 

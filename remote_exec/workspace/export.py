@@ -159,7 +159,12 @@ def export(runs: list[Run], fmt: str) -> str:
 def _json(reports: list[_Report]) -> str:
     items = [{**r.info, "result": r.result, "files": [{"path": p, "size": s} for p, s in r.files]}
              for r in reports]
-    return json.dumps(items, indent=2, ensure_ascii=False) + "\n"
+    text = json.dumps(items, indent=2, ensure_ascii=False) + "\n"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from bytes that were not UTF-8: keep them, escaped
+        text = json.dumps(items, indent=2, ensure_ascii=True) + "\n"
+    return text
 
 
 # -- text ------------------------------------------------------------------------------------------

@@ -192,6 +192,12 @@ class StateFile:
     def _write(self, state: dict[str, Any]) -> None:
         try:
             text = json.dumps(state, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                # Bytes that are not UTF-8 (a command-line argument, say) arrive as lone surrogates:
+                # escaped, they stay valid JSON and read back as the same string.
+                text = json.dumps(state, indent=2, ensure_ascii=True, allow_nan=False) + "\n"
         except (TypeError, ValueError) as exc:
             raise WorkspaceError(f"cannot save {self.path.name}: {exc}") from exc
         parent = self.path.parent

@@ -376,14 +376,10 @@ def test_integrity_forged_result_with_a_good_file_lands(rig: Rig, testbed_host: 
         assert (run_dir / "files" / f"good-{token}.txt").read_bytes() == b"fine\n"
 
 
-PARTIAL_LANDING = pytest.mark.xfail(
-    strict=True, reason="dispatch._land_files lands each member as it passes; a later bad member raises "
-                        "IntegrityError after earlier files of the rejected result are already in files/")
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("case", [pytest.param(case, marks=[PARTIAL_LANDING] if case.endswith("symlink") else [])
-                                  for case in _malicious("x")])
+@pytest.mark.parametrize("case", list(_malicious("x")))
 def test_integrity_malicious_names_are_refused(rig: Rig, testbed_host: TestbedHost, trial: TrialFactory,
                                                tamper: Callable[[Mutator], None], case: str) -> None:
     token = secrets.token_hex(4)

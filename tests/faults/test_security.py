@@ -123,8 +123,6 @@ def test_injection_fuzz_arrives_byte_for_byte(rig: Rig, testbed_host: TestbedHos
         assert t.facts["orphans"] == 0 and t.facts["leftover_files"] == 0, t.facts
 
 
-@pytest.mark.xfail(strict=True, reason="rx run crashes with a Python traceback (exit 1) on a non-UTF-8 argument: "
-                                       "workspace/state.py writes state.json with surrogates it cannot encode")
 @pytest.mark.timeout(60)
 def test_injection_non_utf8_argument(rig: Rig, testbed_host: TestbedHost, trial: TrialFactory) -> None:
     rig.write("echo_hex.py", ECHO_HEX)
