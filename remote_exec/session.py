@@ -277,26 +277,12 @@ class Session:
         import json
         import zipfile
 
-        serializer = get_serializer(self.serializer)
-        from .serialization import PickleSerializer
-
-        pickler = PickleSerializer()
-        meta = {
-            "format": FORMAT,
-            "version": VERSION,
-            "run_id": self.run_id,
-            "task_id": self.task.task_id,
-            "task_name": self.task.name,
-            "task_kind": self.task.kind,
-            "execution_id": self.execution.execution_id,
-            "serializer": self.serializer,
-        }
+        task, arguments, context = self._sections()
         with zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_STORED) as archive:
-            archive.writestr(_META, json.dumps(meta, indent=1))
-            archive.writestr("task.pkl", pickler.dumps(self.task))
-            args = serializer.dumps([list(self.execution.args), self.execution.kwargs])
-            archive.writestr("arguments", args)
-            archive.writestr("context.pkl", pickler.dumps(self.context))
+            archive.writestr(_META, json.dumps(self._meta(), indent=1))
+            archive.writestr("task.pkl", task)
+            archive.writestr("arguments", arguments)
+            archive.writestr("context.pkl", context)
             if self.result is not None:
                 archive.writestr("result.json", json.dumps(self.result.record()))
 

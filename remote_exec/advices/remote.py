@@ -336,24 +336,36 @@ class RemoteAdvice(ExecutingAdvice):
         backend = connect(spec, backend_name)
         env = dict(remote.env)
         env.update(options.get("env") or {})
-        timeout = options.get("timeout", remote.timeout)
-        call = CallOptions(
-            python=options.get("python") or remote.python,
-            workdir=options.get("workdir") or remote.workdir,
-            env=env,
-            secret_env=_secret_env(options.get("secret_env") or ()),
-            timeout=float(timeout) if timeout is not None else None,
-            pull=tuple(options.get("pull") or ()),
-            no_pull=bool(options.get("no_pull")),
-            keep=bool(options.get("keep")),
-            heartbeat=min(spec.keepalive_interval, 5.0),
-            dead_after=spec.dead_after,
-            keep_warm=bool(options.get("keep_warm", remote.keep_warm)),
-            restricted=bool(options.get("restricted", remote.restricted)),
-            allow_unpickle=tuple(options.get("allow_unpickle") or remote.allow_unpickle),
-            handshake_timeout=max(spec.connect_timeout, 5.0),
-        )
+        call = call_options(
+            options, python=remote.python, workdir=remote.workdir, env=env, timeout=remote.timeout,
+            heartbeat=min(spec.keepalive_interval, 5.0), dead_after=spec.dead_after, keep_warm=remote.keep_warm,
+            restricted=remote.restricted, allow_unpickle=remote.allow_unpickle,
+            handshake_timeout=max(spec.connect_timeout, 5.0))
         return Target(backend=backend, backend_name=backend_name, host=remote.name, options=call)
+
+
+def call_options(options: dict[str, Any], *, python: str, workdir: str, env: dict[str, str],
+                 timeout: float | None = None, heartbeat: float = 5.0, dead_after: float = 16.0,
+                 keep_warm: bool = False, restricted: bool = False, allow_unpickle: tuple[str, ...] = (),
+                 handshake_timeout: float = 30.0) -> CallOptions:
+    """The CallOptions of one call: the task's or CLI's ``options`` over the target's defaults."""
+    limit = options.get("timeout", timeout)
+    return CallOptions(
+        python=options.get("python") or python,
+        workdir=options.get("workdir") or workdir,
+        env=env,
+        secret_env=_secret_env(options.get("secret_env") or ()),
+        timeout=float(limit) if limit is not None else None,
+        pull=tuple(options.get("pull") or ()),
+        no_pull=bool(options.get("no_pull")),
+        keep=bool(options.get("keep")),
+        heartbeat=heartbeat,
+        dead_after=dead_after,
+        keep_warm=bool(options.get("keep_warm", keep_warm)),
+        restricted=bool(options.get("restricted", restricted)),
+        allow_unpickle=tuple(options.get("allow_unpickle") or allow_unpickle),
+        handshake_timeout=handshake_timeout,
+    )
 
 
 def _secret_env(names: Any) -> dict[str, str]:

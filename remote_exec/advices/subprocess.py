@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends.local import LocalBackend
-from ..dispatch import CallOptions
 from ..packing import default_cache_dir
 from ..session import Session
-from .remote import ExecutingAdvice, Target
+from .remote import ExecutingAdvice, Target, call_options
 
 __all__ = ["Interpreter", "SubprocessAdvice"]
 
@@ -52,22 +51,6 @@ class SubprocessAdvice(ExecutingAdvice):
             existing = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
             env["PYTHONPATH"] = os.pathsep.join([*self.interpreter.path, *existing])
         env.update(options.get("env") or {})
-        timeout = options.get("timeout")
-        from .remote import _secret_env
-
-        call = CallOptions(
-            python=options.get("python") or self.interpreter.executable,
-            workdir=str(default_cache_dir().parent / "local"),
-            env=env,
-            secret_env=_secret_env(options.get("secret_env") or ()),
-            timeout=float(timeout) if timeout is not None else None,
-            pull=tuple(options.get("pull") or ()),
-            no_pull=bool(options.get("no_pull")),
-            keep=bool(options.get("keep")),
-            heartbeat=5.0,
-            dead_after=16.0,
-            keep_warm=bool(options.get("keep_warm")),
-            restricted=bool(options.get("restricted")),
-            allow_unpickle=tuple(options.get("allow_unpickle") or ()),
-        )
+        call = call_options(options, python=self.interpreter.executable,
+                            workdir=str(default_cache_dir().parent / "local"), env=env)
         return Target(backend=_backend, backend_name="local", host="local", options=call)
