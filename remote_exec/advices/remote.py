@@ -129,6 +129,8 @@ class _Recorder:
     def submit(self, job: Callable[[], None]) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
+                if self._thread is None:
+                    atexit.register(self.flush)  # nothing submitted is lost when the process ends
                 self._thread = threading.Thread(target=self._work, name="rx-recorder", daemon=True)
                 self._thread.start()
         self._queue.put(job)
@@ -151,6 +153,11 @@ class _Recorder:
 
 
 _recorder = _Recorder()
+
+
+def flush_records() -> None:
+    """Wait until every @task call of this process is recorded in its workspace."""
+    _recorder.flush()
 
 
 def _register_recorder() -> None:

@@ -47,6 +47,9 @@ def rerun_tasks(workspace: Any, previous: Any, *, failed: bool, remote: str | No
             continue
         if not result.ok:
             failures += 1
+    from ..advices.remote import flush_records
+
+    flush_records()
     run.set_status("finished" if failures == 0 else "failed", exit_code=0 if failures == 0 else 1,
                    error=None if failures == 0 else f"{failures} task(s) did not finish")
     if as_json:

@@ -1,0 +1,82 @@
+"""rx rerun of a run recorded by @task calls: --failed runs only the calls that did not finish."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROGRAM = """
+import os, sys
+from remote_exec import task
+
+@task
+def square(x):
+    with open(os.environ["CALLS_LOG"], "a") as log:
+        log.write(f"square {x}\\n")
+    if x == 3 and not os.path.exists(os.environ["FIXED_FLAG"]):
+        raise ValueError("three is broken today")
+    return x * x
+
+if __name__ == "__main__":
+    results = []
+    for x in (1, 2, 3):
+        try:
+            results.append(square(x))
+        except ValueError as exc:
+            results.append(repr(exc))
+    print(results)
+"""
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    root = str(Path(__file__).resolve().parents[2])
+    environment = dict(os.environ)
+    environment.update(RX_WORKSPACE=str(tmp_path / "ws"), RX_CACHE_DIR=str(tmp_path / "cache"),
+                       CALLS_LOG=str(tmp_path / "calls.log"), FIXED_FLAG=str(tmp_path / "fixed"),
+                       PYTHONPATH=os.pathsep.join(filter(None, [root, environment.get("PYTHONPATH")])))
+    (tmp_path / "program.py").write_text(PROGRAM)
+    return environment
+
+
+def rx(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "remote_exec", *args], cwd=tmp_path, env=env, text=True,
+                          capture_output=True, timeout=120)
+
+
+def test_rerun_failed_runs_only_the_calls_that_did_not_finish(tmp_path: Path, env: dict[str, str]) -> None:
+    first = subprocess.run([sys.executable, "program.py"], cwd=tmp_path, env=env, text=True, capture_output=True,
+                           timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("[1, 4, ") and "three is broken today" in first.stdout
+    runs = json.loads(rx(tmp_path, env, "runs", "--json").stdout)
+    assert len(runs) == 1 and runs[0]["status"] == "failed" and runs[0]["kind"] == "task"
+    tasks = runs[0]["tasks"]
+    assert sorted(entry["status"] for entry in tasks.values()) == ["done", "done", "failed"]
+
+    (tmp_path / "calls.log").write_text("")
+    (tmp_path / "fixed").write_text("")
+    rerun = rx(tmp_path, env, "rerun", runs[0]["run_id"], "--failed")
+    assert rerun.returncode == 0, rerun.stderr
+    assert "1 task(s) done, 0 failed, 2 merged" in rerun.stderr
+    assert (tmp_path / "calls.log").read_text() == "square 3\n"  # only the call that failed ran again
+    info = json.loads(rx(tmp_path, env, "show", "latest", "--json").stdout)
+    assert info["status"] == "finished" and info["parent"] == runs[0]["run_id"]
+    assert sorted(entry["status"] for entry in info["tasks"].values()) == ["done", "done", "done"]
+    merged = [entry for entry in info["tasks"].values() if entry.get("merged_from")]
+    assert len(merged) == 2
+
+
+def test_rerun_of_a_finished_task_run_reruns_every_call(tmp_path: Path, env: dict[str, str]) -> None:
+    (tmp_path / "fixed").write_text("")
+    assert subprocess.run([sys.executable, "program.py"], cwd=tmp_path, env=env, capture_output=True,
+                          timeout=120).returncode == 0
+    (tmp_path / "calls.log").write_text("")
+    rerun = rx(tmp_path, env, "rerun", "latest")
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted((tmp_path / "calls.log").read_text().splitlines()) == ["square 1", "square 2", "square 3"]
