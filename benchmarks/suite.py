@@ -178,6 +178,7 @@ class Probe:
         every: Runs on every ``every``-th repetition.
         failures_in_row: Consecutive failures; at three the probe is given up.
         enabled: False once given up or found unsupported.
+        gave_up: Given up after failures (enabled again if the testbed is brought back).
         seconds: Wall time spent in it so far (to size the run).
     """
 
@@ -187,6 +188,7 @@ class Probe:
     every: int = 1
     failures_in_row: int = 0
     enabled: bool = True
+    gave_up: bool = False
     seconds: float = 0.0
 
 
@@ -196,6 +198,7 @@ class Bench:
 
     settings: Settings
     run_dir: Path
+    state_dir: Path
     ssh_config: Path
     hosts: list[str]
     control_dir: Path
@@ -207,6 +210,7 @@ class Bench:
     agents: list[Agent] = field(default_factory=list)
     import_baseline: set[str] = field(default_factory=set)
     info: dict[str, str] = field(default_factory=dict)
+    recoveries: list[str] = field(default_factory=list)
 
     # -- helpers ---------------------------------------------------------------------------------------
 
@@ -527,19 +531,12 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
         env = dict(os.environ, PYTHONPATH=pythonpath, RX_SSH_CONFIG=str(bed.ssh_config),
                    RX_CACHE_DIR=str(run_dir / "cache"), RX_WORKSPACE=str(run_dir / "workspaces" / "default"))
         env.pop("RX_BACKEND", None)
-        bench = Bench(settings=settings, run_dir=run_dir, ssh_config=bed.ssh_config, hosts=hosts,
+        bench = Bench(settings=settings, run_dir=run_dir, state_dir=state_dir, ssh_config=bed.ssh_config, hosts=hosts,
                       control_dir=control_dir, blob=run_dir / "blob-100mb", env=env, rx_command=_rx_command())
         (run_dir / "logs").mkdir()
-        for host in hosts:  # the raw multiplexed rows' masters, one per host
-            subprocess.run(["ssh", "-F", str(bed.ssh_config), "-o", "ControlMaster=yes", "-o",
-                            f"ControlPath={control_dir}/%n", "-o", "ControlPersist=1800", "-f", "-N", host],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
-                           check=True)
+        _open_masters(bench)
         _write_blob(bench.blob, 100 * MB)
-        size = _output(bench.ssh(hosts[0], f"head -c {100 * MB} /dev/urandom > {REMOTE_BLOB} && "
-                                           f"stat -c %s {REMOTE_BLOB}"), timeout=120)
-        if size.strip() != str(100 * MB):
-            raise SystemExit(f"benchmarks: could not write the 100 MB file on {hosts[0]}: {size}")
+        _remote_blob(bench)
         rxrun = run_dir / "rxrun"
         rxrun.mkdir()
         (rxrun / "trivial.py").write_text("x = 1\n", encoding="utf-8")
@@ -552,10 +549,8 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
         if bench is not None:
             for agent in bench.agents:
                 agent.stop()
-        for index in range(1, settings.hosts + 1):
-            subprocess.run(["ssh", "-F", str(state_dir / "ssh_config"), "-o", f"ControlPath={control_dir}/%n", "-O",
-                            "exit", f"rx-testbed-{index}"], stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
-                           check=False)
+        if bench is not None:
+            _close_masters(bench)
         shutil.rmtree(control_dir, ignore_errors=True)
         with contextlib.suppress(Exception):
             testbed.down(state_dir=state_dir)
@@ -565,6 +560,79 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
             shutil.rmtree(kept, ignore_errors=True)
             shutil.copytree(logs, kept)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _open_masters(bench: Bench) -> None:
+    """The raw multiplexed rows' ControlMasters, one per host."""
+    for host in bench.hosts:
+        subprocess.run(["ssh", "-F", str(bench.ssh_config), "-o", "ControlMaster=yes", "-o",
+                        f"ControlPath={bench.control_dir}/%n", "-o", "ControlPersist=1800", "-f", "-N", host],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+                       check=True)
+
+
+def _close_masters(bench: Bench) -> None:
+    for host in bench.hosts:
+        subprocess.run(["ssh", "-F", str(bench.ssh_config), "-o", f"ControlPath={bench.control_dir}/%n", "-O", "exit",
+                        host], stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
+
+
+def _remote_blob(bench: Bench) -> None:
+    """The 100 MB file that ``ssh host cat file`` reads back."""
+    size = _output(bench.ssh(bench.hosts[0], f"head -c {100 * MB} /dev/urandom > {REMOTE_BLOB} && "
+                                             f"stat -c %s {REMOTE_BLOB}"), timeout=120)
+    if size.strip() != str(100 * MB):
+        raise SystemExit(f"benchmarks: could not write the 100 MB file on {bench.hosts[0]}: {size}")
+
+
+class RunAborted(Exception):
+    """The testbed is gone and could not be brought back: the run stops with what it has."""
+
+
+def _hosts_alive(bench: Bench) -> bool:
+    """Whether every testbed container of this run is still running (a Docker restart stops them all)."""
+    import testbed
+
+    try:
+        bed = testbed.status(state_dir=bench.state_dir)
+    except Exception:  # Docker itself is down or restarting
+        return False
+    return bed is not None and {host.alias for host in bed.hosts} >= set(bench.hosts)
+
+
+def _recover(bench: Bench, probes: list[Probe]) -> None:
+    """Bring lost testbed hosts back (new containers, new ports, same aliases) and start every contender anew.
+
+    Probes given up because of the outage are enabled again; what failed during it stays recorded.
+
+    Raises:
+        RunAborted: Docker did not come back within three minutes, or the hosts did not start.
+    """
+    import testbed
+
+    print("benchmarks: the testbed hosts are gone (Docker restarted?); bringing them back", file=sys.stderr)
+    deadline = time.monotonic() + 180
+    while testbed.docker_available() is not None:
+        if time.monotonic() > deadline:
+            raise RunAborted("Docker did not come back within 3 minutes after the testbed hosts were lost")
+        time.sleep(5)
+    for agent in bench.agents:
+        agent.stop(polite=False)
+    _close_masters(bench)
+    try:
+        testbed.up(bench.settings.hosts, state_dir=bench.state_dir)
+        _open_masters(bench)
+        _remote_blob(bench)
+    except (Exception, SystemExit) as exc:
+        raise RunAborted(f"the testbed hosts could not be brought back: {exc}") from exc
+    _warm_up(bench)
+    for probe in probes:
+        if probe.gave_up:
+            probe.enabled, probe.gave_up = True, False
+            for key in probe.rows:
+                bench.results.notes.pop(key, None)
+        probe.failures_in_row = 0
+    bench.recoveries.append(time.strftime("%H:%M:%S"))
 
 
 def _warm_up(bench: Bench) -> None:
@@ -580,6 +648,8 @@ def _measure(bench: Bench, probes: list[Probe]) -> None:
     settings = bench.settings
     started = time.monotonic()
     for rep in range(settings.reps):
+        if not _hosts_alive(bench):
+            _recover(bench, probes)
         shift = rep % len(probes)
         for probe in probes[shift:] + probes[:shift]:
             if not probe.enabled or rep % probe.every:
@@ -594,12 +664,16 @@ def _measure(bench: Bench, probes: list[Probe]) -> None:
                     bench.results.notes[key] = str(exc)
             except (ProbeError, OSError, subprocess.SubprocessError, KeyError, ValueError) as exc:
                 message = str(exc).strip() or type(exc).__name__
-                probe.failures_in_row += 1
+                lost = not _hosts_alive(bench)
                 for key in probe.rows:
-                    bench.results.fail(key, message)
+                    bench.results.fail(key, message + (" (the testbed hosts were lost)" if lost else ""))
                 print(f"  {probe.name}: failed: {message}", file=sys.stderr)
+                if lost:
+                    _recover(bench, probes)
+                    continue
+                probe.failures_in_row += 1
                 if probe.failures_in_row >= 3:
-                    probe.enabled = False
+                    probe.enabled, probe.gave_up = False, True
                     for key in probe.rows:
                         bench.results.notes.setdefault(key, f"gave up after 3 failures in a row: {message}")
             finally:
@@ -647,7 +721,9 @@ def render(bench: Bench, *, duration: float, load: tuple[tuple[float, ...], tupl
            f"repetitions, the peers' 100 MB rows once; {duration / 60:.1f} min",
            f"- Load average (1, 5, 15 min) at start: {', '.join(f'{v:.2f}' for v in load[0])}; at end: "
            f"{', '.join(f'{v:.2f}' for v in load[1])}",
-           f"- Testbed: {settings.hosts} Docker sshd hosts on 127.0.0.1 (benchmarks/.work, removed after the run)"]
+           f"- Testbed: {settings.hosts} Docker sshd hosts on 127.0.0.1 (benchmarks/.work, removed after the run)"
+           + (f"; lost and brought back at {', '.join(bench.recoveries)} (Docker restarted under the run; the "
+              "repetitions that failed then are listed at the end)" if bench.recoveries else "")]
     out += [f"- {name}: {value}" for name, value in bench.info.items()]
     out += ["", "## Results\n", "Ratio: this row's median over the compared row's (times), or its MB/s over the "
             "compared row's MB/s (throughputs).\n", render_tables(ROWS, results),
@@ -693,7 +769,11 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     with _testbed(settings) as bench:
         _warm_up(bench)
-        _measure(bench, _probes(bench))
+        try:
+            _measure(bench, _probes(bench))
+        except RunAborted as exc:
+            print(f"benchmarks: stopped early: {exc}", file=sys.stderr)
+            bench.info["Stopped early"] = str(exc)
         load_end = os.getloadavg()
         text = render(bench, duration=time.monotonic() - started, load=(load_start, load_end))
     print(text)
