@@ -176,6 +176,7 @@ def run_task(function: TaskFunction[Any], args: tuple[Any, ...], kwargs: dict[st
                  "cwd": os.getcwd(), "python_version": list(sys.version_info[:3])},
         run_id=_process_run_id(),
         serializer=config.serializer,
+        arguments=serialized,
     )
     session.config = config
     result = run_chain(session, advices, config.extensions)

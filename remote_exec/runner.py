@@ -106,11 +106,12 @@ def _read_call(stdin_fd: int, reader: wire.FrameReader | None = None,
                 parts.append(payload)
             elif kind == b"s":
                 session = b"".join(parts)
-                expected = wire.load_options(payload)["sha256"]
+                check = wire.load_options(payload)
                 if options is None:
                     raise RuntimeError("protocol: session before options")
-                if hashlib.sha256(session).hexdigest() != expected:
-                    raise RuntimeError("protocol: the session arrived damaged (sha256 mismatch)")
+                if len(session) != check.get("size", len(session)) or (
+                        "sha256" in check and hashlib.sha256(session).hexdigest() != check["sha256"]):
+                    raise RuntimeError("protocol: the session arrived damaged")
                 return options, session, reader
             elif kind == b"Q":
                 raise _CoordinatorGone()
@@ -568,9 +569,9 @@ def _classify(options: dict[str, Any], run_dir: str, exit_status: int | None, st
     exc_data = b""
     if loaded is not None:
         value, exc_data = loaded[1], loaded[2]
-    header["value"] = {"size": len(value), "sha256": hashlib.sha256(value).hexdigest()} if value else None
-    header["exc_pickle"] = {"size": len(exc_data), "sha256": hashlib.sha256(exc_data).hexdigest()} \
-        if exc_data else None
+    # Sizes only: the content of both is under the result's HMAC.
+    header["value"] = {"size": len(value)} if value else None
+    header["exc_pickle"] = {"size": len(exc_data)} if exc_data else None
     return header, value, exc_data
 
 

@@ -156,7 +156,7 @@ class Session:
 
     def __init__(self, task: Task, execution: Execution, context: dict[str, Any] | None = None, run_id: str = "",
                  serializer: str = "pickle", result: Result | None = None, config: Any = None,
-                 local: dict[str, Any] | None = None) -> None:
+                 local: dict[str, Any] | None = None, arguments: bytes | None = None) -> None:
         self.task = task
         self.execution = execution
         self.context: dict[str, Any] = {} if context is None else context
@@ -168,6 +168,9 @@ class Session:
         #: Coordinator-side objects for advices (workspace run, outcome); never saved.
         self.local: dict[str, Any] = {} if local is None else local
         self._decision: str | None = None
+        # The serialized arguments, when the caller has them already (they can be large: serialize once).
+        self._arguments = arguments
+        self._sections_cache: tuple[bytes, bytes, bytes] | None = None
 
     def __repr__(self) -> str:
         return (f"Session(task={self.task!r}, execution={self.execution!r}, context={self.context!r}, "
@@ -216,11 +219,17 @@ class Session:
         }
 
     def _sections(self) -> tuple[bytes, bytes, bytes]:
-        from .serialization import PickleSerializer
+        """Task, arguments and context, serialized (once per session: arguments can be large)."""
+        if self._sections_cache is None:
+            from .serialization import PickleSerializer
 
-        pickler = PickleSerializer()
-        arguments = get_serializer(self.serializer).dumps([list(self.execution.args), self.execution.kwargs])
-        return pickler.dumps(self.task), arguments, pickler.dumps(self.context)
+            pickler = PickleSerializer()
+            arguments = self._arguments
+            if arguments is None:
+                arguments = get_serializer(self.serializer).dumps([list(self.execution.args),
+                                                                    self.execution.kwargs])
+            self._sections_cache = (pickler.dumps(self.task), arguments, pickler.dumps(self.context))
+        return self._sections_cache
 
     def to_wire(self) -> bytes:
         """The session in its wire form (what :meth:`loads` reads fastest; the result is not included)."""

@@ -217,11 +217,10 @@ def execute(session: Session, target: Target) -> Result:
     run = _process_run(session, config, target)
     key = session.execution.execution_id[:16]
     session_bytes = session.to_wire()
-    saved = session.dumps()
 
     def started() -> None:
         run.task_started(key, name=session.task.name, host=target.host)
-        run.store.write_bytes(f"sessions/{key}.zip", saved)
+        run.store.write_bytes(f"sessions/{key}.zip", session.dumps())
 
     _recorder.submit(started)
     stdout = _sink(sys.stdout, None)
