@@ -235,8 +235,10 @@ class Session:
         """The session in its wire form (what :meth:`loads` reads fastest; the result is not included)."""
         import pickle
 
-        parts = [pickle.dumps(self._meta(), protocol=4), *self._sections()]
-        return _WIRE_MAGIC + b"".join(len(part).to_bytes(8, "big") + part for part in parts)
+        pieces = [_WIRE_MAGIC]
+        for part in (pickle.dumps(self._meta(), protocol=4), *self._sections()):
+            pieces += [len(part).to_bytes(8, "big"), part]
+        return b"".join(pieces)  # one copy of the (possibly large) arguments
 
     @classmethod
     def _from_wire(cls, data: bytes) -> Session:

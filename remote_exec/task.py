@@ -308,7 +308,8 @@ class Execution:
                 serialized = repr((args, kwargs)).encode()
         import hashlib
 
-        digest = hashlib.sha256(task.task_id.encode() + b"\0" + serialized)
+        digest = hashlib.sha256(task.task_id.encode() + b"\0")
+        digest.update(serialized)
         return cls(execution_id=digest.hexdigest(), args=tuple(args), kwargs=kwargs)
 
 
