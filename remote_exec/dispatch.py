@@ -19,7 +19,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import pickle
 import secrets
 import shutil
@@ -143,6 +142,9 @@ class _Runner:
         self.write_lock = threading.Lock()
         self.lock = threading.Lock()
         self.broken = False
+        self.current: tuple[_Call, float | None] | None = None
+        self.closed = threading.Event()
+        self._watcher: threading.Thread | None = None
         self.stderr_reader = threading.Thread(target=self._pump_stderr, daemon=True)
         self.stderr_reader.start()
 
@@ -161,9 +163,27 @@ class _Runner:
         text = bytes(self.stderr).decode("utf-8", "replace").strip()
         return text.splitlines()[-1] if text else ""
 
+    def watch(self, call: _Call | None, deadline: float | None = None) -> None:
+        """Watch ``call`` (None: no call is running): heartbeats, dead link, deadline.
+
+        One watcher thread per runner, started with its first call, serves every call of a persistent
+        worker: a call starts no thread of its own.
+        """
+        self.current = None if call is None else (call, deadline)
+        if call is not None and self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="rx-watch", daemon=True)
+            self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self.closed.wait(1.0):
+            current = self.current
+            if current is not None:
+                current[0].check(current[1])
+
     def close(self) -> None:
         """Ask a worker to quit and drop its channel."""
         self.broken = True
+        self.closed.set()
         try:
             self.send(b"Q")
         except Exception:
@@ -175,7 +195,7 @@ class _Call:
     """One call on a runner: heartbeats, watchdog, and the frames of its output and result."""
 
     def __init__(self, runner: _Runner, options: CallOptions, key: bytes, on_stdout: OutputSink,
-                 on_stderr: OutputSink, spool: Path) -> None:
+                 on_stderr: OutputSink) -> None:
         self.runner = runner
         self.backend = runner.backend
         self.process = runner.process
@@ -186,7 +206,7 @@ class _Call:
         self.header: dict[str, Any] | None = None
         self.value = bytearray()
         self.exc_data = bytearray()
-        self.files_path = spool
+        self.files_path: Path | None = None  # a spool file, made when the first F frame arrives
         self.files_stream: IO[bytes] | None = None
         self.end: dict[str, Any] | None = None
         self.started: dict[str, Any] | None = None
@@ -196,24 +216,39 @@ class _Call:
     def send(self, kind: bytes, payload: bytes = b"") -> None:
         self.runner.send(kind, payload)
 
-    def watch(self, deadline: float | None) -> None:
-        """Heartbeats to the runner; kill the link when it has been silent too long or past deadline."""
-        while not self.stop.wait(min(self.options.heartbeat, 1.0)):
-            now = time.monotonic()
-            if now - self.runner.last_read > self.options.dead_after:
-                logger.warning("%s: no sign of life for %.0f s; giving up on the link",
-                               self.backend.host, now - self.runner.last_read)
-                self.dead.set()
-                self.process.kill()
-                return
-            if deadline is not None and now > deadline:
-                self.dead.set()
-                self.process.kill()
-                return
-            try:
-                self.send(b"H")
-            except Exception:
-                logger.debug("heartbeat to %s failed", self.backend.host, exc_info=True)
+    def check(self, deadline: float | None) -> None:
+        """Called about every second while the call runs: heartbeat to the runner, and drop the link
+        when it has been silent too long or the call is past its deadline."""
+        if self.stop.is_set() or self.dead.is_set():
+            return
+        now = time.monotonic()
+        if now - self.runner.last_read > self.options.dead_after:
+            logger.warning("%s: no sign of life for %.0f s; giving up on the link",
+                           self.backend.host, now - self.runner.last_read)
+            self.dead.set()
+            self.process.kill()
+            return
+        if deadline is not None and now > deadline:
+            self.dead.set()
+            self.process.kill()
+            return
+        try:
+            self.send(b"H")
+        except Exception:
+            logger.debug("heartbeat to %s failed", self.backend.host, exc_info=True)
+
+    def spool(self) -> IO[bytes]:
+        """The file the result's files stream into (created on first use)."""
+        if self.files_stream is None:
+            self.files_path = Path(tempfile.mkdtemp(prefix="rx-collect-")) / "files.tar"
+            self.files_stream = self.files_path.open("wb")
+        return self.files_stream
+
+    def discard_spool(self) -> None:
+        if self.files_stream is not None and not self.files_stream.closed:
+            self.files_stream.close()
+        if self.files_path is not None:
+            shutil.rmtree(self.files_path.parent, ignore_errors=True)
 
     def handle(self, kind: bytes, payload: bytes) -> None:
         if kind == b"O":
@@ -236,9 +271,7 @@ class _Call:
             elif kind == b"X":
                 self.exc_data += payload
             else:
-                if self.files_stream is None:
-                    self.files_stream = self.files_path.open("wb")
-                self.files_stream.write(payload)
+                self.spool().write(payload)
         elif kind == b"Z":
             self.end = json.loads(payload)
         else:
@@ -477,17 +510,20 @@ def _call(runner: _Runner, session: Session, session_bytes: bytes, options: Call
         "kind": session.task.kind,
         **(extra_options or {}),
     }
-    spool_dir = Path(tempfile.mkdtemp(prefix="rx-collect-"))
-    call = _Call(runner, options, key, on_stdout, on_stderr, spool_dir / "files.tar")
+    call = _Call(runner, options, key, on_stdout, on_stderr)
     phase("execute", "started")
     deadline = None if options.timeout is None else time.monotonic() + options.timeout + options.dead_after + 5
-    watcher = threading.Thread(target=call.watch, args=(deadline,), daemon=True)
     try:
         with runner.write_lock:
-            process.write_stdin(wire.encode(b"G", wire.dump_options(call_options)))
-            if send_session:
-                _send_session(process, session_bytes)
-        watcher.start()
+            go = wire.encode(b"G", wire.dump_options(call_options))
+            if send_session and len(session_bytes) <= wire.MAX_FRAME:  # one write for a small call
+                process.write_stdin(go + wire.encode(b"S", session_bytes)
+                                    + wire.encode(b"s", wire.dump_options({"size": len(session_bytes)})))
+            else:
+                process.write_stdin(go)
+                if send_session:
+                    _send_session(process, session_bytes)
+        runner.watch(call, deadline)
         try:
             call.read_loop()
         except KeyboardInterrupt:
@@ -536,9 +572,10 @@ def _call(runner: _Runner, session: Session, session_bytes: bytes, options: Call
         raise
     finally:
         call.stop.set()
-        if call.files_stream is not None and not call.files_stream.closed:
-            call.files_stream.close()
-        shutil.rmtree(spool_dir, ignore_errors=True)
+        runner.watch(None)
+        if not keep:
+            runner.closed.set()
+        call.discard_spool()
         if call.end is None:
             process.kill()
     assert call.header is not None
@@ -608,12 +645,15 @@ def attach_detached(session: Session, backend: Backend, detached: Mapping[str, A
     phases: dict[str, float] = {}
     if not collect:
         key = secrets.token_bytes(32)
-        call = _Call(runner, options, key, on_stdout, on_stderr, Path(os.devnull))
+        call = _Call(runner, options, key, on_stdout, on_stderr)
         try:
             runner.send(b"G", wire.dump_options({"key": key.hex(), "heartbeat": options.heartbeat,
                                                  "stdout_offset": offsets[0], "stderr_offset": offsets[1]}))
+            runner.watch(call)  # a silent link is given up after dead_after, as for any call
             call.read_loop()
         finally:
+            call.stop.set()
+            runner.closed.set()
             runner.process.kill()
         if call.end is None:
             raise ConnectError(backend.host, "the connection was lost while following the run")
@@ -749,7 +789,7 @@ def _land_files(call: _Call, manifest: list[dict[str, Any]],
             expected[str(safe_member_path(entry["path"]))] = entry
         except IntegrityError as exc:
             raise IntegrityError(f"{host}: {exc}") from None
-    if not call.files_path.exists():
+    if call.files_path is None or not call.files_path.exists():
         raise IntegrityError(f"{host}: the result lists files but carries none")
     checked: list[tuple[PurePosixPath, Path, str]] = []
     try:
