@@ -1,0 +1,199 @@
+"""Restricted mode end to end: a compromised runner (it holds the per-call key, as any runner does) signs a
+result whose pickle would create a canary directory when loaded. ``@task(restricted=True)`` must refuse it
+by name and never run it; plain mode, the contrast, runs it (it trusts the host, as documented).
+
+The payload only ever creates an empty directory under this test's temporary directory. rx runs in this
+process, with ``remote_exec.advices.remote.connect`` wrapped by :mod:`test_integrity`'s tampering backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import pickle
+import secrets
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+from faultkit import SCENARIOS, Rig, TrialFactory, audit_remote, remote_baseline
+from test_integrity import Mutator, TamperingBackend, TamperingProcess, task_entries
+
+from remote_exec import task
+from remote_exec.backends import close_all
+from remote_exec.backends.base import Backend, HostSpec, Process
+from remote_exec.errors import RemoteExecError, SerializationError
+from remote_exec.wire import HEADER, encode, load_options
+from testbed import TestbedHost
+
+HOST = "rx-testbed-1"
+
+SCENARIOS.update({
+    "restricted_forged": {
+        "title": "Restricted mode: forged pickle",
+        "fault": "a compromised runner signs a result whose value (V) or exception (X) pickle calls os.mkdir "
+                 "on a canary path when loaded",
+        "expect": "restricted=True: SerializationError naming the refused global (posix.mkdir) for a value, the "
+                  "text form for an exception; the canary never appears; restricted=False (contrast) runs it",
+    },
+})
+
+
+class MkdirOnLoad:
+    """Pickles as ``os.mkdir(path)``: loading it creates ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[Callable[[str], None], tuple[str]]:
+        return (os.mkdir, (self.path,))
+
+
+class ForgePickle(Mutator):
+    """A compromised runner: replaces the real result with a signed one whose value (``V``) or exception
+    (``X``) pickle is ``payload``."""
+
+    def __init__(self, payload: bytes, kind: bytes) -> None:
+        self.payload = payload
+        self.kind = kind
+        self.sent = False
+
+    def frame(self, kind: bytes, payload: bytes) -> tuple[bytes, bool]:
+        if kind not in (b"R", b"V", b"X", b"F", b"Z"):
+            return encode(kind, payload), False
+        if kind != b"R" or self.sent:
+            return b"", False  # the real result's frames are dropped
+        self.sent = True
+        assert self.key, "the per-call key was not seen on the way to the runner"
+        header = json.loads(payload)
+        digest = {"size": len(self.payload), "sha256": hashlib.sha256(self.payload).hexdigest()}
+        header.update(files=[], value=None, exc_pickle=None)
+        if self.kind == b"V":
+            header.update(status="finished", exit_code=0, value=digest, exception=None)
+        else:
+            header.update(status="raised", exit_code=1, exc_pickle=digest, exception={
+                "type": "ValueError", "message": "forged",
+                "traceback": "Traceback (most recent call last):\n  File \"<forged>\", line 1\nValueError: forged\n"})
+        frames = [(b"R", json.dumps(header).encode()), (self.kind, self.payload)]
+        mac = hmac.new(self.key, digestmod=hashlib.sha256)
+        for frame_kind, frame_payload in frames:
+            mac.update(frame_kind + len(frame_payload).to_bytes(8, "big") + frame_payload)
+        frames.append((b"Z", json.dumps({"hmac": mac.hexdigest()}).encode()))
+        return b"".join(encode(k, p) for k, p in frames), False
+
+
+def _leading_call_key(data: bytes) -> bytes | None:
+    """The per-call HMAC key, if ``data`` starts with the coordinator's G frame (alone, or followed by the
+    session frames in the same write)."""
+    if data[:1] != b"G" or len(data) < HEADER.size:
+        return None
+    _, size = HEADER.unpack_from(data)
+    if len(data) < HEADER.size + size:
+        return None
+    key = load_options(data[HEADER.size:HEADER.size + size]).get("key")
+    return bytes.fromhex(key) if isinstance(key, str) and len(key) == 64 else None
+
+
+class KeyedTamperingProcess(TamperingProcess):
+    """:class:`TamperingProcess` that also finds the key when the G frame shares a write with the session."""
+
+    def write_stdin(self, data: bytes) -> None:
+        key = _leading_call_key(data)
+        if key is not None:
+            self.mutator.key = key
+        self.inner.write_stdin(data)
+
+
+class KeyedTamperingBackend(TamperingBackend):
+    """:class:`TamperingBackend` whose processes are :class:`KeyedTamperingProcess`."""
+
+    def start(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+              cwd: PurePosixPath | None = None) -> Process:
+        return KeyedTamperingProcess(self.inner.start(argv, env=env, cwd=cwd), self.mutator)
+
+
+@pytest.fixture
+def forging(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Mutator], None]]:
+    """``forging(mutator)``: rx's next calls in this process go through a tampering backend."""
+    from remote_exec.backends import connect as real_connect
+
+    def use(mutator: Mutator) -> None:
+        def connect(spec: HostSpec, backend: str = "openssh") -> Backend:
+            return KeyedTamperingBackend(real_connect(spec, backend), mutator)
+
+        monkeypatch.setattr("remote_exec.advices.remote.connect", connect)
+
+    yield use
+    close_all()
+
+
+@dataclass(frozen=True)
+class Case:
+    """One variant: which frame carries the payload and the task's options."""
+
+    kind: bytes
+    options: dict[str, Any]
+
+    @property
+    def restricted(self) -> bool:
+        return bool(self.options.get("restricted"))
+
+
+CASES = {
+    "value, restricted": Case(b"V", {"restricted": True}),
+    "value, restricted, allow_unpickle=['pathlib']": Case(b"V", {"restricted": True, "allow_unpickle": ["pathlib"]}),
+    "exception, restricted": Case(b"X", {"restricted": True}),
+    "value, restricted=False (contrast)": Case(b"V", {}),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("variant", list(CASES))
+def test_restricted_forged_pickle_is_refused(rig: Rig, testbed_host: TestbedHost, trial: TrialFactory,
+                                            forging: Callable[[Mutator], None], variant: str) -> None:
+    case = CASES[variant]
+    canary = rig.root / f"canary-{secrets.token_hex(4)}"
+    forge = ForgePickle(pickle.dumps(MkdirOnLoad(canary), protocol=5), case.kind)
+    forging(forge)
+    baseline = remote_baseline(testbed_host)
+
+    with trial("restricted_forged", variant=variant, bound=30.0) as t:
+        honest = task(remote=HOST, **case.options)(lambda: 42)
+        started = time.monotonic()
+        error: RemoteExecError | Exception | None = None
+        value: Any = "not returned"
+        try:
+            value = honest()
+        except Exception as exc:  # what the caller gets is the observation
+            error = exc
+        t.timed(time.monotonic() - started)
+        ran = canary.exists()
+        entries = task_entries(rig)
+        t.outcome = (f"{type(error).__name__}: {error}"[:200] if error else f"returned {value!r}") + (
+            "; payload ran (canary created)" if ran else "; canary absent")
+        if case.restricted:
+            t.note(injections=int(ran), unpickle_refused=isinstance(error, SerializationError))
+        else:
+            t.note(payload_ran=ran)
+        t.note(task_status=[entry.get("status") for entry in entries])
+        t.audit(audit_remote(testbed_host, baseline))
+
+        assert forge.sent, "the forgery never applied"
+        if not case.restricted:
+            # The contrast: the forged result passed every check and plain pickle ran it.
+            assert ran and value is None and error is None, (ran, value, error)
+            return
+        assert not ran, "restricted mode ran the forged pickle"
+        if case.kind == b"V":
+            assert isinstance(error, SerializationError), error
+            assert "posix.mkdir" in str(error), str(error)
+            assert [entry["status"] for entry in entries] == ["failed"], entries
+        else:  # an exception that cannot be rebuilt arrives as its text
+            assert isinstance(error, Exception) and "forged" in str(error), error
+            assert not isinstance(error, SerializationError), error
+        assert t.facts["orphans"] == 0 and t.facts["leftover_files"] == 0, t.facts
