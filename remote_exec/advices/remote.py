@@ -114,19 +114,29 @@ def _sink(stream: IO[str], log: IO[bytes] | None) -> Callable[[bytes], None]:
 
 
 class _Recorder:
-    """Applies workspace updates for @task calls in order, on one background thread.
+    """Records @task calls in their workspace runs, in order, on one background thread.
 
-    A call does not wait for its record to reach the disk (each locked, fsynced state rewrite costs
-    milliseconds, more than a warm call itself); :meth:`flush` waits for everything submitted so far,
-    and runs at exit before the run is closed.
+    A call does not wait for its record to reach the disk (a locked, fsynced state rewrite costs
+    milliseconds, more than a warm call itself). Jobs are data: file writes (the call's session, its
+    value) and task-board changes; the thread takes whatever has queued up and applies all board changes
+    of a run in one state rewrite, so a sweep of many small calls rewrites state.json once per batch,
+    not twice per call. :meth:`flush` waits for everything submitted so far, and runs at exit.
     """
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def file(self, run: Any, name: str, data: Callable[[], bytes]) -> None:
+        """Write ``data()`` to ``name`` in the run's store."""
+        self._put(("file", run, name, data))
+
+    def task(self, run: Any, key: str, **fields: Any) -> None:
+        """Change task ``key`` of the run's status board."""
+        self._put(("task", run, key, fields))
+
+    def _put(self, job: tuple[Any, ...]) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 if self._thread is None:
@@ -137,14 +147,30 @@ class _Recorder:
 
     def _work(self) -> None:
         while True:
-            job = self._queue.get()
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
             try:
-                if job is not None:
-                    job()
+                self._apply(batch)
             except Exception:
-                logger.warning("recording a task call in the workspace failed", exc_info=True)
+                logger.warning("recording task calls in the workspace failed", exc_info=True)
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    self._queue.task_done()
+
+    @staticmethod
+    def _apply(batch: list[tuple[Any, ...]]) -> None:
+        changes: dict[int, tuple[Any, list[tuple[str, dict[str, Any]]]]] = {}
+        for kind, run, name, payload in batch:
+            if kind == "file":
+                run.store.write_bytes(name, payload())
+            else:
+                changes.setdefault(id(run), (run, []))[1].append((name, payload))
+        for run, run_changes in changes.values():
+            run.board.apply(run_changes)
 
     def flush(self) -> None:
         """Wait until every submitted update is applied."""
@@ -217,12 +243,11 @@ def execute(session: Session, target: Target) -> Result:
     run = _process_run(session, config, target)
     key = session.execution.execution_id[:16]
     session_bytes = session.to_wire()
+    from ..workspace.state import utc_now  # here: the workspace needs filelock, which hosts do not have
 
-    def started() -> None:
-        run.task_started(key, name=session.task.name, host=target.host)
-        run.store.write_bytes(f"sessions/{key}.zip", session.dumps())
-
-    _recorder.submit(started)
+    _recorder.task(run, key, name=session.task.name, host=target.host, status="running", started=utc_now(),
+                   finished=None, error=None)
+    _recorder.file(run, f"sessions/{key}.zip", session.dumps)
     stdout = _sink(sys.stdout, None)
     stderr = _sink(sys.stderr, None)
     try:
@@ -231,26 +256,21 @@ def execute(session: Session, target: Target) -> Result:
                            on_stderr=stderr, land_file=_lander(run, f"files/{key}/"),
                            session_bytes=session_bytes)
     except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        _recorder.submit(lambda: run.task_finished(key, ok=False, error=error))
+        _recorder.task(run, key, status="failed", finished=utc_now(), error=f"{type(exc).__name__}: {exc}")
         raise
     result = outcome.result
-    value = None
     if result.ok and session.task.kind == "function":
         try:
             value = pickle.dumps(result.value, protocol=5)
         except Exception:  # an unpicklable value is still returned; it just cannot be merged later
             logger.debug("result of %s not recorded", session.task.name, exc_info=True)
-
-    def finished() -> None:
-        if value is not None:
-            run.store.write_bytes(f"results/{key}.pkl", value)
-        run.set_task(key, "done" if result.ok else "failed", execution_id=session.execution.execution_id,
-                     exit_code=result.exit_code, result_status=result.status, phases=outcome.phases,
-                     error=None if result.ok else (result.detail or f"{result.exception_type}: "
-                                                                  f"{result.exception_message}"))
-
-    _recorder.submit(finished)
+        else:
+            _recorder.file(run, f"results/{key}.pkl", lambda: value)
+    _recorder.task(run, key, status="done" if result.ok else "failed", finished=utc_now(),
+                   execution_id=session.execution.execution_id, exit_code=result.exit_code,
+                   result_status=result.status, phases=outcome.phases,
+                   error=None if result.ok else (result.detail or f"{result.exception_type}: "
+                                                                 f"{result.exception_message}"))
     return result
 
 

@@ -337,16 +337,28 @@ class StatusBoard:
         self.state.update(merge)
         return added
 
-    def _change(self, key: str, **fields: Any) -> None:
+    def apply(self, changes: list[tuple[str, dict[str, Any]]]) -> None:
+        """Apply many ``(key, fields)`` changes in order, in one atomic read-modify-write.
+
+        For writers that report many small tasks (a sweep): one state rewrite instead of one per change.
+        """
         def change(state: dict[str, Any]) -> None:
             tasks = state.setdefault(self.key, {})
-            entry = tasks.setdefault(key, {"name": key, "host": None, "status": "pending", "started": None,
-                                           "finished": None, "duration": None, "error": None,
-                                           "execution_id": None})
-            entry.update(fields)
-            entry["duration"] = duration(entry.get("started"), entry.get("finished"))
+            for key, fields in changes:
+                self._merge(tasks, key, fields)
 
         self.state.update(change)
+
+    @staticmethod
+    def _merge(tasks: dict[str, Any], key: str, fields: dict[str, Any]) -> None:
+        entry = tasks.setdefault(key, {"name": key, "host": None, "status": "pending", "started": None,
+                                       "finished": None, "duration": None, "error": None,
+                                       "execution_id": None})
+        entry.update(fields)
+        entry["duration"] = duration(entry.get("started"), entry.get("finished"))
+
+    def _change(self, key: str, **fields: Any) -> None:
+        self.apply([(key, fields)])
 
 
 def _describe(exc: BaseException) -> str:
