@@ -76,9 +76,16 @@ def _entry_points(task: Task) -> tuple[list[Path], list[Path]]:
     return [path], [root, Path.cwd()]
 
 
+_entry_cache: dict[tuple[str, str | None, str | None, str], tuple[list[Path], list[Path]]] = {}
+
+
 def archive_for(task: Task, config: Configuration) -> DistributionArchive:
     """The distribution archive carrying ``task``'s code (built once per content)."""
-    files, roots = _entry_points(task)
+    where = (task.kind, task.module, task.filename, os.getcwd())
+    entry = _entry_cache.get(where)
+    if entry is None:
+        entry = _entry_cache[where] = _entry_points(task)
+    files, roots = entry
     extra = list(config.distribution_modules)
     if task.kind == "module" and task.module:
         extra.append(task.module)
