@@ -762,11 +762,17 @@ class ParamikoBackend(Backend):
                 return link.transport.open_session(window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE,
                                                    timeout=self.spec.connect_timeout)
             except paramiko.ChannelException as exc:
-                # 1 = administratively prohibited: sshd's MaxSessions reached; wait for one to end.
-                if exc.code != 1 or not link.active or time.monotonic() + delay > deadline:
+                # sshd's MaxSessions reached (it answers 1, administratively prohibited, 2, open failed, or
+                # 4, resource shortage, depending on the version): wait for a session to end.
+                if exc.code not in (1, 2, 4) or not link.active or time.monotonic() + delay > deadline:
                     raise
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
+            except paramiko.SSHException as exc:
+                # paramiko reports some refusals without the failure code; same wait while the link lives
+                if "Unable to open channel" not in str(exc) or not link.active \
+                        or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     # ----------------------------------------------------------------------------------------------------
     # files

@@ -372,10 +372,6 @@ def test_more_commands_than_max_sessions_wait_for_a_session(
     make_backend: MakeBackend, testbed: Testbed, dedicated_host: TestbedHost, backend_name: str,
     request: pytest.FixtureRequest,
 ) -> None:
-    if backend_name == "paramiko":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="ParamikoBackend raises ConnectError when sshd refuses a channel over MaxSessions "
-                                "instead of waiting for one to free up, as OpenSSHBackend does"))
     # sshd takes the first value it reads: a file sorting before the testbed's own wins
     limit = "echo 'MaxSessions 2' > /etc/ssh/sshd_config.d/00-max-sessions.conf && kill -HUP $(cat /run/sshd.pid)"
     code, output = exec_root(dedicated_host, limit)
