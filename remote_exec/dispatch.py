@@ -477,14 +477,26 @@ def dispatch(
     if session_bytes is None:
         session_bytes = session.to_wire()
     if options.keep_warm:
-        runner = _worker_for(backend, archive, options, phase)
-        with runner.lock:
-            uploaded, runner.uploaded = runner.uploaded, False
-            return _call(runner, session, session_bytes, options, on_stdout, on_stderr, land_file, phase,
-                         phases, uploaded, keep=True)
+        for attempt in (1, 2):
+            runner = _worker_for(backend, archive, options, phase)
+            with runner.lock:
+                uploaded, runner.uploaded = runner.uploaded, False
+                try:
+                    return _call(runner, session, session_bytes, options, on_stdout, on_stderr, land_file,
+                                 phase, phases, uploaded, keep=True)
+                except _StaleWorker:
+                    # The worker had gone (idle exit, a lost channel) before it took the call: nothing
+                    # ran; a fresh worker takes it.
+                    logger.debug("persistent worker on %s had gone; starting a new one", backend.host)
+                    if attempt == 2:
+                        raise ConnectError(backend.host, "the persistent worker could not take the call") from None
     runner = _start_runner(backend, archive, options, "serve", phase)
     return _call(runner, session, session_bytes, options, on_stdout, on_stderr, land_file, phase, phases,
                  runner.uploaded, keep=False)
+
+
+class _StaleWorker(Exception):
+    """A persistent worker's channel was already closed when a call was sent to it."""
 
 
 def _call(runner: _Runner, session: Session, session_bytes: bytes, options: CallOptions,
@@ -516,13 +528,18 @@ def _call(runner: _Runner, session: Session, session_bytes: bytes, options: Call
     try:
         with runner.write_lock:
             go = wire.encode(b"G", wire.dump_options(call_options))
-            if send_session and len(session_bytes) <= wire.MAX_FRAME:  # one write for a small call
-                process.write_stdin(go + wire.encode(b"S", session_bytes)
-                                    + wire.encode(b"s", wire.dump_options({"size": len(session_bytes)})))
-            else:
-                process.write_stdin(go)
-                if send_session:
-                    _send_session(process, session_bytes)
+            try:
+                if send_session and len(session_bytes) <= wire.MAX_FRAME:  # one write for a small call
+                    process.write_stdin(go + wire.encode(b"S", session_bytes)
+                                        + wire.encode(b"s", wire.dump_options({"size": len(session_bytes)})))
+                else:
+                    process.write_stdin(go)
+                    if send_session:
+                        _send_session(process, session_bytes)
+            except ConnectError:
+                if keep:
+                    raise _StaleWorker() from None
+                raise
         runner.watch(call, deadline)
         try:
             call.read_loop()

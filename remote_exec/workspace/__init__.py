@@ -6,19 +6,18 @@
   :class:`ActionTracker` (named steps of a run), :class:`StatusBoard` (per-task status).
 * :mod:`.manager` -- :class:`Workspace` (``--workspace`` / ``RX_WORKSPACE`` / ``./.rx``, run lookup by
   id, prefix or ``latest``, retention) and :class:`Run` (one run directory and its ``state.json``).
-* :mod:`.export` -- :func:`export` of runs as json, html, junit or text.
+* :mod:`.export` -- :func:`~.export.export` of runs as json, html, junit or text (import it from
+  there: it is not loaded with the package, which every run records through).
 """
 
 from __future__ import annotations
 
-from .export import EXPORT_FORMATS, export
 from .manager import ENV_WORKSPACE, Run, Workspace, new_run_id
 from .state import RUN_STATUSES, TASK_STATUSES, ActionTracker, StateFile, StatusBoard
 from .store import Store
 
 __all__ = [
     "ENV_WORKSPACE",
-    "EXPORT_FORMATS",
     "RUN_STATUSES",
     "TASK_STATUSES",
     "ActionTracker",
@@ -27,6 +26,5 @@ __all__ = [
     "StatusBoard",
     "Store",
     "Workspace",
-    "export",
     "new_run_id",
 ]
