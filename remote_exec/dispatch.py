@@ -8,8 +8,9 @@ One exec per call: ``python3 -c BOOTSTRAP <archive sha256> <workdir> serve``. Th
 whether the host has the archive; only when it does not is the archive sent, in-band, and checked by
 sha256 before it is installed. The session and the call's options (including secrets and the per-call
 HMAC key) travel over stdin, never on a command line. Output streams back live. The result (value or
-exception and traceback, files) is checked twice before it lands: sha256 per item and an HMAC-SHA256
-over the whole result with a key that never touches the remote disk.
+exception and traceback, files) is checked before anything lands: an HMAC-SHA256 over the whole result
+with a key that never touches the remote disk, the declared sizes, and a sha256 per pulled file; a
+result with one bad file lands none.
 """
 
 from __future__ import annotations
