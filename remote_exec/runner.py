@@ -724,11 +724,13 @@ def _serve_worker(cache_dir: str, idle_timeout: float) -> int:
     selector.register(err_r, b"E")
     selector.register(proto_in, b"I")
     out.send(b"P", wire.json_text({"event": "worker", "pid": os.getpid(), "host": os.uname().nodename}).encode())
+    active_run_dir: str | None = None  # the run directory of the call in progress, if any
     try:
         while True:
             options, session_bytes, reader = _read_call(proto_in, reader, idle_timeout)
             out.mac = hmac.new(bytes.fromhex(options["key"]), digestmod=hashlib.sha256)
             run_dir = _make_run_dir(cache_dir, options)
+            active_run_dir = run_dir
             saved_env = dict(os.environ)
             os.environ.update(options.get("env") or {})
             os.environ.update(options.get("secret_env") or {})
@@ -792,7 +794,11 @@ def _serve_worker(cache_dir: str, idle_timeout: float) -> int:
             os.chdir(home)
             os.environ.clear()
             os.environ.update(saved_env)
+            active_run_dir = None
     finally:
+        if active_run_dir is not None:  # the coordinator went away mid-call: leave nothing behind
+            os.chdir(home)
+            _rmtree(active_run_dir)
         if os.getpgrp() == os.getpid():  # end what the tasks left running in the worker's group
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             try:

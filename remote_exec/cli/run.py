@@ -288,11 +288,13 @@ def attach_run(run: Any, session: Any, target: Any, info: dict[str, Any], as_jso
     from ..advices.remote import _lander, _sink
     from ..dispatch import attach_detached
 
-    if info.get("status") not in ("running", "pending"):
+    # A detached run belongs to its host's supervisor, not to a local process: attaching never makes
+    # this process its coordinator, so an attach that is killed leaves the run attachable (and a run an
+    # older rx marked lost can still be collected).
+    if info.get("status") not in ("running", "pending", "lost"):
         typer.echo(f"rx: run {run.id} is {info.get('status')} (exit {info.get('exit_code')}); nothing to attach",
                    err=True)
         return int(info.get("exit_code") or 0)
-    run.claim()
     stdout_log = run.store.open_append("stdout.log")
     stderr_log = run.store.open_append("stderr.log")
     offsets = (stdout_log.tell(), stderr_log.tell())
@@ -302,11 +304,7 @@ def attach_run(run: Any, session: Any, target: Any, info: dict[str, Any], as_jso
                                       on_stdout=_sink(sys.stdout, stdout_log), on_stderr=_sink(sys.stderr, stderr_log),
                                       land_file=_lander(run, "files/"), collect=True, offsets=offsets)
     except KeyboardInterrupt:
-        run.update(coordinator=None)  # the task goes on; attach again later
         raise Interrupted(f"stopped following run {run.id}; it goes on (rx attach {run.id})") from None
-    except RemoteExecError:
-        run.update(coordinator=None)
-        raise
     finally:
         stdout_log.close()
         stderr_log.close()
@@ -337,7 +335,7 @@ def cancel(
     from ..dispatch import cancel_detached
 
     run, session, target, info = _detached_run(workspace, run_ref)
-    if info.get("status") not in ("running", "pending"):
+    if info.get("status") not in ("running", "pending", "lost"):
         typer.echo(f"rx: run {run.id} is already {info.get('status')}", err=True)
         raise typer.Exit(0)
     cancel_detached(target.backend, info["detached"], target.options)
