@@ -307,10 +307,6 @@ def test_detached_outlives_rx_and_its_connection(rig: Rig, testbed_host: Testbed
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason=(
-    "an rx attach killed mid-run leaves its pid as the run's coordinator (cli/run.py attach_run: run.claim()), "
-    "so rx runs lists the detached run as lost and rx attach refuses it ('is lost ... nothing to attach', exit 0, "
-    "from attach_run's status check); its result, files and remote run dir are stranded on the host"))
 def test_detached_outlives_a_killed_attach(rig: Rig, testbed_host: TestbedHost, trial: TrialFactory) -> None:
     token = secrets.token_hex(4)
     rig.write("ticker.py", TICKER.format(token=token))
@@ -598,10 +594,6 @@ def test_keep_warm_orphans_none_after_coordinator_sigkill(rig: Rig, testbed_host
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason=(
-    "a keep_warm worker whose coordinator goes away mid-call exits without removing that call's run directory "
-    "(runner._serve_worker: the _CoordinatorGone raised in its call loop skips _rmtree(run_dir), which "
-    "runner._supervise does on the same path)"))
 def test_keep_warm_orphans_no_run_dir_after_coordinator_sigkill(rig: Rig, testbed_host: TestbedHost,
                                                                 warm_driver: Path, trial: TrialFactory) -> None:
     token = str(secrets.randbelow(10**6))
