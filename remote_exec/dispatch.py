@@ -16,6 +16,7 @@ result with one bad file lands none.
 from __future__ import annotations
 
 import atexit
+import collections
 import hashlib
 import hmac
 import json
@@ -395,8 +396,11 @@ def _start_runner(backend: Backend, archive: DistributionArchive, options: CallO
 
 # -- persistent workers (keep_warm) -------------------------------------------------------------------
 
-_workers: dict[tuple[int, str, str, str], _Runner] = {}
+_workers: collections.OrderedDict[tuple[int, str, str, str], _Runner] = collections.OrderedDict()
 _workers_lock = threading.Lock()
+#: Persistent workers kept per host, interpreter and workdir (one per archive: tasks of different code
+#: each keep theirs); beyond this the least recently used one is stopped.
+MAX_WORKERS_PER_HOST = 4
 
 
 def _worker_for(backend: Backend, archive: DistributionArchive, options: CallOptions,
@@ -406,9 +410,13 @@ def _worker_for(backend: Backend, archive: DistributionArchive, options: CallOpt
     with _workers_lock:
         worker = _workers.get(key)
         if worker is not None and not worker.broken:
+            _workers.move_to_end(key)
             return worker
-        for old in [k for k in _workers if k[:3] == key[:3]]:  # broken, or the code changed
-            _workers.pop(old).close()
+        if worker is not None:
+            _workers.pop(key).close()
+        same_place = [k for k in _workers if k[:3] == key[:3]]  # least recently used first
+        while len(same_place) >= MAX_WORKERS_PER_HOST:
+            _workers.pop(same_place.pop(0)).close()
         worker = _start_runner(backend, archive, options, "worker", phase)
         _workers[key] = worker
         return worker
@@ -561,7 +569,7 @@ def _call(runner: _Runner, session: Session, session_bytes: bytes, options: Call
                                            "runner did not report back")
             if call.dead.is_set():
                 raise ConnectError(host, f"the link went silent for {options.dead_after:g} s and was given up",
-                                   hint="the host may be down, paused or unreachable; rx rerun can retry")
+                                   hint="the host may be down, paused or unreachable")
             if code in (-1, 255):
                 raise ConnectError(host, "the connection was lost while the task ran"
                                    + (f": {tail}" if tail else ""))

@@ -197,7 +197,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             from .errors import SerializationError
 
             raise SerializationError(f"restricted mode refused to unpickle {qualified}",
-                                     hint=f"allow it with allow_unpickle=['{module}'] if you trust the host")
+                                     hint=f"allow_unpickle=['{qualified}'] accepts it, if you trust what it does")
         return super().find_class(module, name)
 
 

@@ -357,9 +357,12 @@ class Rig:
         return shown
 
     def run_ids(self) -> list[str]:
-        """The run directories in the workspace, oldest first (no rx call: works whatever rx does)."""
+        """The recorded runs in the workspace, oldest first (no rx call: works whatever rx does). A run
+        directory without state.json is a run rx was killed while creating: rx lists no run there either."""
         runs = self.workspace / "runs"
-        return sorted(path.name for path in runs.iterdir() if path.is_dir()) if runs.is_dir() else []
+        if not runs.is_dir():
+            return []
+        return sorted(path.name for path in runs.iterdir() if (path / "state.json").is_file())
 
 
 # --------------------------------------------------------------------------------------------------------

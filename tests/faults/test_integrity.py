@@ -126,13 +126,14 @@ class Forge(Mutator):
 
 
 def _call_key(data: bytes) -> bytes | None:
-    """The per-call HMAC key, if ``data`` is the coordinator's G frame (its options)."""
+    """The per-call HMAC key, if ``data`` starts with the coordinator's G frame (its options), alone or
+    followed by the session frames in the same write."""
     if data[:1] != b"G" or len(data) < HEADER.size:
         return None
     _, size = HEADER.unpack_from(data)
-    if size != len(data) - HEADER.size:
+    if len(data) < HEADER.size + size:
         return None
-    payload = data[HEADER.size:]
+    payload = data[HEADER.size:HEADER.size + size]
     load = getattr(wire, "load_options", None)
     options = load(payload) if load is not None else json.loads(payload)
     key = options.get("key")
