@@ -15,20 +15,18 @@ import os
 import pickle
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import pytest
 from faultkit import SCENARIOS, Rig, TrialFactory, audit_remote, remote_baseline
-from test_integrity import Mutator, TamperingBackend, TamperingProcess, task_entries
+from test_integrity import Mutator, tamper, task_entries  # noqa: F401 - tamper: a fixture `forging` uses
 
 from remote_exec import task
-from remote_exec.backends import close_all
-from remote_exec.backends.base import Backend, HostSpec, Process
 from remote_exec.errors import RemoteExecError, SerializationError
-from remote_exec.wire import HEADER, encode, load_options
+from remote_exec.wire import encode
 from testbed import TestbedHost
 
 HOST = "rx-testbed-1"
@@ -87,49 +85,11 @@ class ForgePickle(Mutator):
         return b"".join(encode(k, p) for k, p in frames), False
 
 
-def _leading_call_key(data: bytes) -> bytes | None:
-    """The per-call HMAC key, if ``data`` starts with the coordinator's G frame (alone, or followed by the
-    session frames in the same write)."""
-    if data[:1] != b"G" or len(data) < HEADER.size:
-        return None
-    _, size = HEADER.unpack_from(data)
-    if len(data) < HEADER.size + size:
-        return None
-    key = load_options(data[HEADER.size:HEADER.size + size]).get("key")
-    return bytes.fromhex(key) if isinstance(key, str) and len(key) == 64 else None
-
-
-class KeyedTamperingProcess(TamperingProcess):
-    """:class:`TamperingProcess` that also finds the key when the G frame shares a write with the session."""
-
-    def write_stdin(self, data: bytes) -> None:
-        key = _leading_call_key(data)
-        if key is not None:
-            self.mutator.key = key
-        self.inner.write_stdin(data)
-
-
-class KeyedTamperingBackend(TamperingBackend):
-    """:class:`TamperingBackend` whose processes are :class:`KeyedTamperingProcess`."""
-
-    def start(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-              cwd: PurePosixPath | None = None) -> Process:
-        return KeyedTamperingProcess(self.inner.start(argv, env=env, cwd=cwd), self.mutator)
-
-
 @pytest.fixture
-def forging(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Mutator], None]]:
-    """``forging(mutator)``: rx's next calls in this process go through a tampering backend."""
-    from remote_exec.backends import connect as real_connect
-
-    def use(mutator: Mutator) -> None:
-        def connect(spec: HostSpec, backend: str = "openssh") -> Backend:
-            return KeyedTamperingBackend(real_connect(spec, backend), mutator)
-
-        monkeypatch.setattr("remote_exec.advices.remote.connect", connect)
-
-    yield use
-    close_all()
+def forging(tamper: Callable[[Mutator], None]) -> Callable[[Mutator], None]:
+    """``forging(mutator)``: rx's next calls in this process go through a tampering backend (the
+    integrity suite's, which finds the per-call key also when the G frame shares its write)."""
+    return tamper
 
 
 @dataclass(frozen=True)
