@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from faultkit import SCENARIOS, Rig, TrialFactory, audit_remote, remote_baseline
-from test_integrity import Mutator, tamper, task_entries  # noqa: F401 - tamper: a fixture `forging` uses
+from test_integrity import Mutator, tamper, task_entries  # noqa: F401 - tamper: the fixture `forging` uses
 
 from remote_exec import task
 from remote_exec.errors import RemoteExecError, SerializationError
@@ -86,10 +86,12 @@ class ForgePickle(Mutator):
 
 
 @pytest.fixture
-def forging(tamper: Callable[[Mutator], None]) -> Callable[[Mutator], None]:
+def forging(request: pytest.FixtureRequest) -> Callable[[Mutator], None]:
     """``forging(mutator)``: rx's next calls in this process go through a tampering backend (the
-    integrity suite's, which finds the per-call key also when the G frame shares its write)."""
-    return tamper
+    integrity suite's ``tamper``, imported above, which finds the per-call key also when the G frame
+    shares its write)."""
+    use: Callable[[Mutator], None] = request.getfixturevalue("tamper")
+    return use
 
 
 @dataclass(frozen=True)
