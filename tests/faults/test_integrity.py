@@ -85,12 +85,15 @@ class Member:
     symlink_to: str | None = None
 
 
-class Forge(Mutator):
-    """A compromised runner: replaces the real result with a signed one carrying ``members``."""
+class ForgedResult(Mutator):
+    """A compromised runner: the real result's frames are dropped and, once, replaced by the frames
+    :meth:`forge` builds from the real header, correctly signed with the per-call key."""
 
-    def __init__(self, members: Sequence[Member]) -> None:
-        self.members = members
-        self.sent = False
+    sent = False
+
+    def forge(self, header: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+        """The forged R frame (and V, X or F frames) that stand for the result."""
+        raise NotImplementedError
 
     def frame(self, kind: bytes, payload: bytes) -> tuple[bytes, bool]:
         if kind not in (b"R", b"V", b"X", b"F", b"Z"):
@@ -99,7 +102,21 @@ class Forge(Mutator):
             return b"", False  # the real result's frames are dropped
         self.sent = True
         assert self.key, "the per-call key was not seen on the way to the runner"
-        header = json.loads(payload)
+        frames = self.forge(json.loads(payload))
+        mac = hmac.new(self.key, digestmod=hashlib.sha256)
+        for frame_kind, frame_payload in frames:
+            mac.update(frame_kind + len(frame_payload).to_bytes(8, "big") + frame_payload)
+        frames.append((b"Z", json.dumps({"hmac": mac.hexdigest()}).encode()))
+        return b"".join(encode(k, p) for k, p in frames), False
+
+
+class Forge(ForgedResult):
+    """A forged result carrying the files ``members``."""
+
+    def __init__(self, members: Sequence[Member]) -> None:
+        self.members = members
+
+    def forge(self, header: dict[str, Any]) -> list[tuple[bytes, bytes]]:
         buffer = io.BytesIO()
         manifest = []
         with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
@@ -115,14 +132,9 @@ class Forge(Mutator):
                 manifest.append({"path": member.name, "size": len(member.data),
                                  "sha256": hashlib.sha256(member.data).hexdigest()})
         header.update(files=manifest, value=None, exc_pickle=None)
-        frames = [(b"R", json.dumps(header).encode())]
         data = buffer.getvalue()
-        frames += [(b"F", data[start:start + MAX_FRAME]) for start in range(0, len(data), MAX_FRAME)]
-        mac = hmac.new(self.key, digestmod=hashlib.sha256)
-        for frame_kind, frame_payload in frames:
-            mac.update(frame_kind + len(frame_payload).to_bytes(8, "big") + frame_payload)
-        frames.append((b"Z", json.dumps({"hmac": mac.hexdigest()}).encode()))
-        return b"".join(encode(k, p) for k, p in frames), False
+        return [(b"R", json.dumps(header).encode()),
+                *((b"F", data[start:start + MAX_FRAME]) for start in range(0, len(data), MAX_FRAME))]
 
 
 def _call_key(data: bytes) -> bytes | None:

@@ -9,7 +9,6 @@ process, with ``remote_exec.advices.remote.connect`` wrapped by :mod:`test_integ
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import os
 import pickle
@@ -22,11 +21,10 @@ from typing import Any
 
 import pytest
 from faultkit import SCENARIOS, Rig, TrialFactory, audit_remote, remote_baseline
-from test_integrity import Mutator, tamper, task_entries  # noqa: F401 - tamper: the fixture `forging` uses
+from test_integrity import ForgedResult, Mutator, tamper, task_entries  # noqa: F401 - tamper: the fixture `forging` uses
 
 from remote_exec import task
 from remote_exec.errors import RemoteExecError, SerializationError
-from remote_exec.wire import encode
 from testbed import TestbedHost
 
 HOST = "rx-testbed-1"
@@ -52,23 +50,14 @@ class MkdirOnLoad:
         return (os.mkdir, (self.path,))
 
 
-class ForgePickle(Mutator):
-    """A compromised runner: replaces the real result with a signed one whose value (``V``) or exception
-    (``X``) pickle is ``payload``."""
+class ForgePickle(ForgedResult):
+    """A forged result whose value (``V``) or exception (``X``) pickle is ``payload``."""
 
     def __init__(self, payload: bytes, kind: bytes) -> None:
         self.payload = payload
         self.kind = kind
-        self.sent = False
 
-    def frame(self, kind: bytes, payload: bytes) -> tuple[bytes, bool]:
-        if kind not in (b"R", b"V", b"X", b"F", b"Z"):
-            return encode(kind, payload), False
-        if kind != b"R" or self.sent:
-            return b"", False  # the real result's frames are dropped
-        self.sent = True
-        assert self.key, "the per-call key was not seen on the way to the runner"
-        header = json.loads(payload)
+    def forge(self, header: dict[str, Any]) -> list[tuple[bytes, bytes]]:
         digest = {"size": len(self.payload), "sha256": hashlib.sha256(self.payload).hexdigest()}
         header.update(files=[], value=None, exc_pickle=None)
         if self.kind == b"V":
@@ -77,12 +66,7 @@ class ForgePickle(Mutator):
             header.update(status="raised", exit_code=1, exc_pickle=digest, exception={
                 "type": "ValueError", "message": "forged",
                 "traceback": "Traceback (most recent call last):\n  File \"<forged>\", line 1\nValueError: forged\n"})
-        frames = [(b"R", json.dumps(header).encode()), (self.kind, self.payload)]
-        mac = hmac.new(self.key, digestmod=hashlib.sha256)
-        for frame_kind, frame_payload in frames:
-            mac.update(frame_kind + len(frame_payload).to_bytes(8, "big") + frame_payload)
-        frames.append((b"Z", json.dumps({"hmac": mac.hexdigest()}).encode()))
-        return b"".join(encode(k, p) for k, p in frames), False
+        return [(b"R", json.dumps(header).encode()), (self.kind, self.payload)]
 
 
 @pytest.fixture
