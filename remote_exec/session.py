@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .errors import CommandTimeout, Interrupted, RemoteError, RemoteTraceback, RunnerError, SessionError
 from .serialization import get_serializer
-from .task import Execution, Task
+from .task import Execution, Record, Task
 
 TYPE_CHECKING = False  # typing is not imported at run time: the runner loads this module on every call
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ _META = "rx-session.json"
 _WIRE_MAGIC = b"RXS1"
 
 
-class Result:
+class Result(Record):
     """The outcome of a task.
 
     Attributes:
@@ -69,12 +69,6 @@ class Result:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
         return f"Result({fields})"
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Result):
-            return NotImplemented
-        return all(getattr(self, name) == getattr(other, name) for name in self._FIELDS)
-
-    __hash__ = None  # type: ignore[assignment]
 
     @property
     def ok(self) -> bool:
@@ -142,7 +136,7 @@ class Result:
         }
 
 
-class Session:
+class Session(Record):
     """One call of a task on its way through the advice chain.
 
     Attributes:
@@ -153,6 +147,9 @@ class Session:
         serializer: Name of the serializer for arguments and results (``pickle`` or ``json``).
         result: The result, once known.
     """
+
+    # The saved parts: config, local objects and the chain's position are not compared.
+    _FIELDS = ("task", "execution", "context", "run_id", "serializer", "result")
 
     def __init__(self, task: Task, execution: Execution, context: dict[str, Any] | None = None, run_id: str = "",
                  serializer: str = "pickle", result: Result | None = None, config: Any = None,
@@ -176,13 +173,6 @@ class Session:
         return (f"Session(task={self.task!r}, execution={self.execution!r}, context={self.context!r}, "
                 f"run_id={self.run_id!r}, serializer={self.serializer!r}, result={self.result!r})")
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Session):
-            return NotImplemented
-        return (self.task, self.execution, self.context, self.run_id, self.serializer, self.result) == (
-            other.task, other.execution, other.context, other.run_id, other.serializer, other.result)
-
-    __hash__ = None  # type: ignore[assignment]
 
     # -- the chain protocol --------------------------------------------------------------------------
 

@@ -159,7 +159,21 @@ def _restore_function_task(module: str, qualname: str, task_id: str, name: str) 
     return Task(kind="function", name=name, task_id=task_id, function=_load_by_reference(module, qualname))
 
 
-class Task:
+class Record:
+    """Equality by the fields named in ``_FIELDS`` (what dataclasses would give, without importing them:
+    the runner loads these classes on every call). Records are mutable, so not hashable."""
+
+    _FIELDS: tuple[str, ...] = ()
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self._FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class Task(Record):
     """What runs.
 
     Attributes:
@@ -186,13 +200,6 @@ class Task:
 
     def __repr__(self) -> str:
         return f"Task(kind={self.kind!r}, name={self.name!r}, task_id={self.task_id[:12]!r}...)"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Task):
-            return NotImplemented
-        return all(getattr(self, name) == getattr(other, name) for name in self._FIELDS)
-
-    __hash__ = None  # type: ignore[assignment]
 
     @classmethod
     def from_function(cls, function: Callable[..., Any]) -> Task:
@@ -270,7 +277,7 @@ class Task:
         return None
 
 
-class Execution:
+class Execution(Record):
     """One call of a task: its arguments and an id derived from the task id and the arguments.
 
     Attributes:
@@ -278,6 +285,8 @@ class Execution:
         args: Positional arguments (for scripts and modules: the command-line arguments).
         kwargs: Keyword arguments.
     """
+
+    _FIELDS = ("execution_id", "args", "kwargs")
 
     def __init__(self, execution_id: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> None:
         self.execution_id = execution_id
@@ -287,12 +296,6 @@ class Execution:
     def __repr__(self) -> str:
         return f"Execution(execution_id={self.execution_id[:12]!r}..., args={self.args!r}, kwargs={self.kwargs!r})"
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Execution):
-            return NotImplemented
-        return (self.execution_id, self.args, self.kwargs) == (other.execution_id, other.args, other.kwargs)
-
-    __hash__ = None  # type: ignore[assignment]
 
     @classmethod
     def create(cls, task: Task, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
