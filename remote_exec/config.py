@@ -292,9 +292,17 @@ class Configuration:
     def load(cls, start: Path | None = None) -> Configuration:
         """The project's configuration: ``[tool.rx]`` of the nearest pyproject.toml, else defaults.
 
-        Loaded once per directory and process.
+        Loaded once per directory and process (also the search for the pyproject.toml: a call in a sweep
+        pays a dictionary lookup here).
         """
-        path = find_pyproject(start)
+        if start is None:
+            cwd = os.getcwd()
+            if cwd in _found:
+                path = _found[cwd]
+            else:
+                path = _found[cwd] = find_pyproject(Path(cwd))
+        else:
+            path = find_pyproject(start)
         key = str(path)
         cached = _loaded.get(key)
         if cached is None:
@@ -304,3 +312,4 @@ class Configuration:
 
 
 _loaded: dict[str, Configuration] = {}
+_found: dict[str, Path | None] = {}

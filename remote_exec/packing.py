@@ -211,14 +211,19 @@ class DistributionArchive:
         Raises:
             PackError: A listed module cannot be shipped, or the cache is not writable.
         """
-        entry_files = [Path(file) for file in entry_files]
-        roots = [Path(root) for root in roots]
+        entry_files = tuple(entry_files)
+        roots = tuple(roots)
         extra_modules = tuple(extra_modules)
-        cache_dir = cache_dir or default_cache_dir()
-        memo_key = (tuple(map(str, entry_files)), tuple(map(str, roots)), extra_modules, str(cache_dir))
+        environ = os.environ
+        where = (str(cache_dir) if cache_dir is not None
+                 else (environ.get("RX_CACHE_DIR"), environ.get("XDG_CACHE_HOME"), environ.get("HOME")))
+        memo_key = (tuple(map(str, entry_files)), tuple(map(str, roots)), extra_modules, where)
         hit = _build_memo.get(memo_key)
-        if hit is not None and hit[1] == _signature(hit[2]) and hit[0].path.is_file():
-            return hit[0]
+        if hit is not None and hit[1] == _signature(hit[2]) and os.path.isfile(hit[3]):
+            return hit[0]  # unchanged code: a few stat calls, no discovery
+        entry_files = tuple(Path(file) for file in entry_files)
+        roots = tuple(Path(root) for root in roots)
+        cache_dir = cache_dir or default_cache_dir()
         entries = list(_base_entries())
         modules = discover_modules(entry_files, roots)
         by_name = {module.name: module for module in modules}
@@ -234,9 +239,9 @@ class DistributionArchive:
                     entries.append((arcname, path))
         archive = _cached_build(entries, tuple(sorted(by_name)), cache_dir)
         # Remember what this build read, so an unchanged call skips discovery (stat calls only).
-        user_files = tuple(source for _, source in entries if isinstance(source, Path)
-                           and source not in _base_paths()) + tuple(entry_files)
-        _build_memo[memo_key] = (archive, _signature(user_files), user_files)
+        user_files = tuple(str(source) for _, source in entries if isinstance(source, Path)
+                           and source not in _base_paths()) + tuple(map(str, entry_files))
+        _build_memo[memo_key] = (archive, _signature(user_files), user_files, str(archive.path))
         return archive
 
 
@@ -249,14 +254,15 @@ def default_cache_dir() -> Path:
     return Path(base) / "remote_exec" / "archives"
 
 
-_build_memo: dict[tuple[Any, ...], tuple[DistributionArchive, tuple[tuple[int, int], ...], tuple[Path, ...]]] = {}
+_build_memo: dict[tuple[Any, ...],
+                  tuple[DistributionArchive, tuple[tuple[int, int], ...], tuple[str, ...], str]] = {}
 
 
-def _signature(files: Iterable[Path]) -> tuple[tuple[int, int], ...]:
+def _signature(files: Iterable[str]) -> tuple[tuple[int, int], ...]:
     signature = []
     for file in files:
         try:
-            stat = file.stat()
+            stat = os.stat(file)
         except OSError:
             signature.append((-1, -1))
         else:
@@ -304,6 +310,54 @@ _memo: dict[tuple[str, tuple[tuple[str, str, int, int], ...]], DistributionArchi
 _memo_lock = threading.Lock()
 
 
+# Compiles in a fresh interpreter: marshal's output depends on the reference counts of the process that
+# writes it, so only a fresh, isolated one (fixed hash seed, no site) writes the same bytes every time, and
+# the archive stays the same for the same sources, whoever builds it.
+_COMPILER = """
+import marshal,sys
+r=sys.stdin.buffer;w=sys.stdout.buffer
+while True:
+    n=r.read(4)
+    if not n:break
+    name=r.read(int.from_bytes(n,'big')).decode();source=r.read(int.from_bytes(r.read(8),'big'))
+    data=marshal.dumps(compile(source,name,'exec',dont_inherit=True))
+    w.write(len(data).to_bytes(8,'big')+data)
+"""
+
+
+def _bytecode(contents: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """Compiled bytecode of the runner's own modules, for a remote Python of this version.
+
+    The runner imports them on every call, and the first call on a host would otherwise compile them
+    (tens of milliseconds). Written as unchecked hash-based pycs (PEP 552) under ``__pycache__`` with this
+    interpreter's tag: an interpreter of the same version uses them as they are, any other ignores them
+    and compiles the sources. They are derived from the sources, so the archive's content key (and the
+    cached .pyz) does not depend on them. Without a usable interpreter to compile in, there are none.
+    """
+    import subprocess
+
+    wanted = {f"remote_exec/{name}.py" for name in REMOTE_MODULES}
+    sources = [(arcname, source) for arcname, source in contents if arcname in wanted]
+    request = b"".join(len(arcname).to_bytes(4, "big") + arcname.encode() + len(source).to_bytes(8, "big") + source
+                       for arcname, source in sources)
+    try:
+        done = subprocess.run([sys.executable, "-S", "-s", "-c", _COMPILER], input=request, capture_output=True,
+                              env={"PYTHONHASHSEED": "0"}, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.debug("no bytecode for the archive: %s", exc)
+        return []
+    compiled = []
+    view = memoryview(done.stdout)
+    for arcname, source in sources:
+        size = int.from_bytes(view[:8], "big")
+        code, view = bytes(view[8:8 + size]), view[8 + size:]
+        flags = 0b01  # hash-based, not checked against the source
+        pyc = importlib.util.MAGIC_NUMBER + flags.to_bytes(4, "little") + importlib.util.source_hash(source) + code
+        folder, _, filename = arcname.rpartition("/")
+        compiled.append((f"{folder}/__pycache__/{filename[:-3]}.{sys.implementation.cache_tag}.pyc", pyc))
+    return compiled
+
+
 def _cached_build(entries: list[tuple[str, Path | bytes]], modules: tuple[str, ...],
                   cache_dir: Path) -> DistributionArchive:
     stat_key = tuple(
@@ -321,9 +375,11 @@ def _cached_build(entries: list[tuple[str, Path | bytes]], modules: tuple[str, .
     key = hashlib.sha256()
     for arcname, data in contents:
         key.update(arcname.encode() + b"\0" + hashlib.sha256(data).digest())
+    key.update(b"pyc\0" + sys.implementation.cache_tag.encode() + importlib.util.MAGIC_NUMBER)
     content_key = key.hexdigest()
     target = cache_dir / f"{content_key}.pyz"
     if not target.is_file():
+        contents = sorted(contents + _bytecode(contents), key=lambda item: item[0])
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
             for arcname, data in contents:

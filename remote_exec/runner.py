@@ -22,8 +22,6 @@ from __future__ import annotations
 # wire's JSON writer rather than json, which pulls in re). The rest is imported where it is used.
 import _pickle
 import errno
-import hashlib
-import hmac
 import io
 import os
 import select
@@ -45,6 +43,18 @@ EXIT_RUNNER_FAILURE = 70
 _STATUS_FILE = "status.json"
 _PRIVATE = ".rx"
 _KILL_GRACE = 2.0
+#: Writes the runner's JSON messages: wire's small encoder (json costs a process-per-call runner too much to
+#: import); a persistent worker swaps in json's C encoder.
+_json_text: Any = wire.json_text
+_PYTHON = "{}.{}.{}".format(*sys.version_info[:3])
+_NODE: list[str] = []
+
+
+def _node() -> str:
+    """This host's name (asked once per process)."""
+    if not _NODE:
+        _NODE.append(os.uname().nodename)
+    return _NODE[0]
 
 
 class _CoordinatorGone(Exception):
@@ -52,17 +62,41 @@ class _CoordinatorGone(Exception):
 
 
 class _Out:
-    """Frames to the coordinator on the runner's stdout, with the running HMAC of the result."""
+    """Frames to the coordinator on the runner's stdout, with the running HMAC of the result.
+
+    Between :meth:`hold` and :meth:`release`, frames are gathered and written together (a result's R, V
+    and Z frames leave in one write: one packet, one wake-up of the coordinator for a small result).
+    """
 
     def __init__(self, fd: int, key: bytes = b"") -> None:
         self.fd = fd
-        self.mac = hmac.new(key, digestmod=hashlib.sha256)
+        self.key = key
+        self.mac: Any = None  # made by sign() once the result's size is known
         self.last = time.monotonic()
+        self.held: bytearray | None = None
+
+    def sign(self, key: bytes | None = None, size: int = 0) -> None:
+        """Start the HMAC of a result of about ``size`` bytes (OpenSSL's only when it is large)."""
+        if key is not None:
+            self.key = key
+        self.mac = wire.new_hmac(self.key, bulk=size > (1 << 20))
 
     def send(self, kind: bytes, payload: bytes = b"", *, signed: bool = False) -> None:
         if signed:
-            self.mac.update(kind + len(payload).to_bytes(8, "big") + payload)
-        data = memoryview(wire.encode(kind, payload))
+            if self.mac is None:
+                self.sign()
+            self.mac.update(kind + len(payload).to_bytes(8, "big"))
+            self.mac.update(payload)
+        frame = wire.encode(kind, payload)
+        if self.held is not None:
+            self.held += frame
+            if len(self.held) < wire.MAX_FRAME:
+                return
+            frame, self.held = bytes(self.held), bytearray()
+        self._write(frame)
+
+    def _write(self, frame: bytes) -> None:
+        data = memoryview(frame)
         try:
             while data:
                 written = os.write(self.fd, data)
@@ -72,6 +106,15 @@ class _Out:
                 raise _CoordinatorGone() from exc
             raise
         self.last = time.monotonic()
+
+    def hold(self) -> None:
+        if self.held is None:
+            self.held = bytearray()
+
+    def release(self) -> None:
+        held, self.held = self.held, None
+        if held:
+            self._write(bytes(held))
 
     def send_chunks(self, kind: bytes, data: bytes) -> None:
         view = memoryview(data)
@@ -110,11 +153,17 @@ def _read_call(stdin_fd: int, reader: wire.FrameReader | None = None,
                 if options is None:
                     raise RuntimeError("protocol: session before options")
                 if len(session) != check.get("size", len(session)) or (
-                        "sha256" in check and hashlib.sha256(session).hexdigest() != check["sha256"]):
+                        "sha256" in check and _sha256_hex(session) != check["sha256"]):
                     raise RuntimeError("protocol: the session arrived damaged")
                 return options, session, reader
             elif kind == b"Q":
                 raise _CoordinatorGone()
+
+
+def _sha256_hex(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def _signal_name(number: int) -> str:
@@ -289,6 +338,11 @@ def _write_status(run_dir: str, **fields: object) -> None:
 
 def _rmtree(path: str) -> None:
     """Remove a directory tree, whatever the task left in it (shutil costs the runner too much to import)."""
+    try:
+        os.rmdir(path)  # most calls leave their run directory empty
+        return
+    except OSError:
+        pass
     for root, dirs, files in os.walk(path, topdown=False):
         for name in files:
             try:
@@ -313,13 +367,18 @@ def _rmtree(path: str) -> None:
         pass
 
 
-def _make_run_dir(cache_dir: str, options: dict[str, Any]) -> str:
-    """A new private (0700) run directory for one call, with its private ``.rx`` inside."""
+def _make_run_dir(cache_dir: str, options: dict[str, Any], *, private: bool = True) -> str:
+    """A new private (0700) run directory for one call; with ``private``, its own ``.rx`` inside (status
+    and logs of the runner; a persistent worker's calls keep none there)."""
     runs = os.path.join(cache_dir, "runs")
-    os.makedirs(runs, mode=0o700, exist_ok=True)
     run_dir = os.path.join(runs, f"{options.get('run_id', 'run')}-{os.urandom(4).hex()}")
-    os.mkdir(run_dir, 0o700)
-    os.mkdir(os.path.join(run_dir, _PRIVATE), 0o700)
+    try:
+        os.mkdir(run_dir, 0o700)
+    except FileNotFoundError:
+        os.makedirs(runs, mode=0o700, exist_ok=True)
+        os.mkdir(run_dir, 0o700)
+    if private:
+        os.mkdir(os.path.join(run_dir, _PRIVATE), 0o700)
     return run_dir
 
 
@@ -346,8 +405,8 @@ class _FileSink:
 def _serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.FrameReader, cache_dir: str,
                 out: _Out) -> None:
     """One call in a forked task process (the default, process-per-call mode)."""
-    out.mac = hmac.new(bytes.fromhex(options["key"]), digestmod=hashlib.sha256)
-    run_dir = _make_run_dir(cache_dir, options)
+    out.key, out.mac = bytes.fromhex(options["key"]), None
+    run_dir = _make_run_dir(cache_dir, options, private=bool(options.get("keep")))
     exit_status, status, detail, oom_before, started, loaded = _supervise(
         options, session_bytes, reader, run_dir, out, coordinator=True)
     try:
@@ -405,7 +464,7 @@ def _supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
     os.close(result_w)
     if not coordinator:
         _write_status(run_dir, task_pid=pid)
-    else:
+    elif options.get("keep"):  # a kept run directory tells who ran in it
         _write_status(run_dir, state="running", runner_pid=os.getpid(), task_pid=pid, started=time.time())
     out.send(b"P", wire.json_text({"event": "started", "pid": pid, "run_dir": run_dir,
                                "host": os.uname().nodename}).encode())
@@ -520,15 +579,16 @@ def _supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
 
 def _send_result(options: dict[str, Any], run_dir: str, exit_status: int | None, status: str | None,
                  detail: str | None, oom_before: int | None, started: float, out: _Out,
-                 loaded: tuple[dict[str, Any], bytes, bytes] | None = None) -> None:
+                 loaded: tuple[dict[str, Any], bytes, bytes] | None = None, reuse: bool = False) -> bool:
     """Classify how the task ended, then send its result (see :func:`_send_classified`).
 
     ``loaded`` is the task's (record, value, exception) when it ran in this process; otherwise they
-    are read from the run directory, where the forked task left them.
+    are read from the run directory, where the forked task left them. Returns True when the run
+    directory was kept for the next call (``reuse``, and the task left it empty).
     """
     header, value, exc_data = _classify(options, run_dir, exit_status, status, detail, oom_before, started,
                                         loaded)
-    _send_classified(options, run_dir, header, value, exc_data, out)
+    return _send_classified(options, run_dir, header, value, exc_data, out, reuse=reuse)
 
 
 def _classify(options: dict[str, Any], run_dir: str, exit_status: int | None, status: str | None,
@@ -537,7 +597,7 @@ def _classify(options: dict[str, Any], run_dir: str, exit_status: int | None, st
     """The result header (status, exit code, signal, exception) and the value and exception bytes."""
     record = loaded[0] if loaded is not None else None
     header: dict[str, Any] = {"protocol": wire.PROTOCOL, "duration": time.monotonic() - started,
-                    "python": "{}.{}.{}".format(*sys.version_info[:3]), "host": os.uname().nodename}
+                              "python": _PYTHON, "host": _node()}
     signal_number = None
     if exit_status is not None and os.WIFSIGNALED(exit_status):
         signal_number = os.WTERMSIG(exit_status)
@@ -576,20 +636,30 @@ def _classify(options: dict[str, Any], run_dir: str, exit_status: int | None, st
 
 
 def _send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any], value: bytes,
-                     exc_data: bytes, out: _Out) -> None:
-    """Send R, V, X, F frames, clean the run directory, send Z (the HMAC over the result)."""
-    files = [] if options.get("no_pull") else _manifest(run_dir, options.get("pull") or [])
+                     exc_data: bytes, out: _Out, *, reuse: bool = False) -> bool:
+    """Send R, V, X, F frames, clean the run directory, send Z (the HMAC over the result).
+
+    With ``reuse``, a run directory the task left empty is kept (creating and removing a directory costs
+    a persistent worker's small call more than all the rest); returns True when it was.
+    """
+    names = os.listdir(run_dir)
+    files = [] if options.get("no_pull") or not names else _manifest(run_dir, options.get("pull") or [])
     header = dict(header, files=files)
-    out.send(b"R", wire.json_text(header).encode(), signed=True)
+    out.sign(size=len(value) + len(exc_data) + sum(entry["size"] for entry in files))
+    out.hold()
+    out.send(b"R", _json_text(header).encode(), signed=True)
     if value:
         out.send_chunks(b"V", value)
     if exc_data:
         out.send_chunks(b"X", exc_data)
     if files:
         _send_files(run_dir, files, out)
-    if not options.get("keep"):
+    kept = reuse and not names and not options.get("keep")
+    if not options.get("keep") and not kept:
         _rmtree(run_dir)
-    out.send(b"Z", wire.json_text({"hmac": out.mac.hexdigest()}).encode())
+    out.send(b"Z", _json_text({"hmac": out.mac.hexdigest()}).encode())
+    out.release()
+    return kept
 
 
 def _manifest(run_dir: str, patterns: list[str]) -> list[dict[str, Any]]:
@@ -608,6 +678,8 @@ def _manifest(run_dir: str, patterns: list[str]) -> list[dict[str, Any]]:
                 continue
             if patterns and not any(fnmatch.fnmatch(relative, pattern) for pattern in patterns):
                 continue
+            import hashlib
+
             digest = hashlib.sha256()
             size = 0
             with open(path, "rb") as stream:
@@ -678,18 +750,166 @@ def _drain(fd: int, kind: bytes, out: _Out) -> bool:
         out.send(kind, data)
 
 
+class _Current:
+    """The call a persistent worker is running: what its watcher needs to police it."""
+
+    __slots__ = ("dead_after", "heartbeat", "last_input", "options", "run_dir", "started", "timeout")
+
+    def __init__(self, options: dict[str, Any], run_dir: str) -> None:
+        self.options = options
+        self.run_dir = run_dir
+        self.started = self.last_input = time.monotonic()
+        self.timeout = options.get("timeout")
+        self.heartbeat = float(options.get("heartbeat") or 5.0)
+        self.dead_after = float(options.get("dead_after") or 0) or None
+
+
+class _WorkerWatch:
+    """A persistent worker's second thread, for the worker's whole life.
+
+    The call runs in the worker's main thread (no thread per call: a small call costs a few hundred
+    microseconds). This thread streams what the tasks write to fds 1 and 2 as it comes, and while a call
+    runs it sends heartbeats, reads the coordinator's frames (heartbeats, cancel) and enforces the
+    timeout. A cancelled or timed-out call cannot be stopped inside the main thread: the watcher reports
+    it and ends the worker with its process group (the coordinator starts a fresh worker for the next
+    call); so does a coordinator that went away.
+
+    ``lock`` guards the frames sent, ``current`` and, while a call runs, the frame reader of stdin (the
+    main thread owns stdin between calls).
+    """
+
+    def __init__(self, out: _Out, out_r: int, err_r: int, proto_in: int, reader: wire.FrameReader) -> None:
+        import threading
+
+        self.out = out
+        self.out_r = out_r
+        self.err_r = err_r
+        self.proto_in = proto_in
+        self.reader = reader
+        self.lock = threading.Lock()
+        self.current: _Current | None = None
+        self.thread = threading.Thread(target=self._run, name="rx-worker-watch", daemon=True)
+
+    def _run(self) -> None:
+        idle = _Poller()
+        busy = _Poller()
+        for poller in (idle, busy):
+            poller.register(self.out_r, b"O")
+            poller.register(self.err_r, b"E")
+        busy.register(self.proto_in, b"I")
+        try:
+            while True:
+                current = self.current
+                wait = 0.5
+                if current is not None:
+                    wait = min(wait, max(0.0, current.heartbeat - (time.monotonic() - self.out.last)))
+                    if current.timeout is not None:
+                        wait = min(wait, max(0.0, current.started + current.timeout - time.monotonic()))
+                ready = (idle if current is None else busy).select(wait)
+                with self.lock:
+                    self._step(ready)
+        except BaseException:  # the coordinator went away, or the watcher itself failed: end the worker
+            self._end()
+
+    def _step(self, ready: list[tuple[int, bytes]]) -> None:
+        current = self.current
+        for fd, tag in ready:
+            if tag != b"I":
+                _drain(fd, tag, self.out)
+            elif current is not None:  # stdin is the main thread's again once the call ended
+                data = os.read(self.proto_in, 1 << 16)
+                if not data:
+                    raise _CoordinatorGone()
+                current.last_input = time.monotonic()
+                for kind, _payload in self.reader.feed(data):
+                    if kind in (b"C", b"Q"):
+                        self._abort(current, "cancelled", "cancelled by the coordinator")
+        if current is None:
+            return
+        now = time.monotonic()
+        if current.timeout is not None and now - current.started > current.timeout:
+            self._abort(current, "timeout", f"timed out after {current.timeout:g} s")
+        if current.dead_after is not None and now - current.last_input > current.dead_after:
+            raise _CoordinatorGone()
+        if now - self.out.last >= current.heartbeat:
+            self.out.send(b"B")
+
+    def _abort(self, current: _Current, status: str, detail: str) -> None:
+        """Report the running call as ``status``, then end the worker (the task cannot be stopped)."""
+        _drain(self.out_r, b"O", self.out)
+        _drain(self.err_r, b"E", self.out)
+        _send_result(current.options, current.run_dir, None, status, detail, None, current.started, self.out)
+        self._end()
+
+    def _end(self) -> None:
+        current = self.current
+        if current is not None:
+            _rmtree(current.run_dir)
+        _end_group()
+        os._exit(0)
+
+    def begin(self, current: _Current) -> None:
+        with self.lock:
+            self.current = current
+
+    def finish(self) -> None:
+        """The call returned: from here the main thread owns stdin; drain the task's output."""
+        try:
+            sys.stdout.flush()  # outside the lock: a full pipe waits for the watcher to drain it
+            sys.stderr.flush()
+        except Exception:
+            pass
+        self.lock.acquire()
+        self.current = None
+        _drain(self.out_r, b"O", self.out)
+        _drain(self.err_r, b"E", self.out)
+
+
+def _end_group() -> None:
+    """End what the tasks left running in the worker's process group (the worker leads it)."""
+    if os.getpgrp() == os.getpid():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            os.killpg(os.getpgrp(), signal.SIGTERM)
+        except OSError:
+            pass
+
+
+def _environ_snapshot() -> dict[Any, Any]:
+    data = getattr(os.environ, "_data", None)
+    return dict(data) if isinstance(data, dict) else dict(os.environ)
+
+
+def _restore_environ(snapshot: dict[Any, Any]) -> None:
+    """Undo what a call did to ``os.environ`` (only the variables that changed are touched)."""
+    data = getattr(os.environ, "_data", None)
+    if not isinstance(data, dict):
+        os.environ.clear()
+        os.environ.update(snapshot)
+        return
+    if data == snapshot:
+        return
+    decode = os.fsdecode
+    for key in [key for key in data if key not in snapshot]:
+        del os.environ[decode(key)]
+    for key, value in snapshot.items():
+        if data.get(key) != value:
+            os.environ[decode(key)] = decode(value)
+
+
 def _serve_worker(cache_dir: str, idle_timeout: float) -> int:
     """Persistent worker (``keep_warm``): many calls over one channel, each run in this process.
 
-    Imports stay warm between calls, so a small call costs well under a millisecond here. The task runs
-    in a thread while the main thread streams its output (fds 1 and 2 are pipes read by this loop), sends
-    heartbeats and watches the coordinator. A call that times out or is cancelled cannot be stopped inside
-    a thread, so the worker reports it and exits (with its process group); the coordinator starts a
-    fresh worker for the next call. The worker also exits when stdin closes or after ``idle_timeout``
-    seconds without a call.
+    Imports stay warm between calls, and a call runs in the main thread, so a small call costs a few
+    hundred microseconds here. fds 1 and 2 are pipes that a watcher thread (:class:`_WorkerWatch`)
+    streams to the coordinator; it also heartbeats and polices the running call. The worker exits when
+    stdin closes, after ``idle_timeout`` seconds without a call, or (through its watcher) when a call is
+    cancelled or times out.
     """
-    import threading
+    import json
 
+    global _json_text
+    _json_text = json.dumps  # the C encoder: the worker pays the import once, every result header gains
     try:
         os.setsid()
     except OSError:
@@ -717,94 +937,41 @@ def _serve_worker(cache_dir: str, idle_timeout: float) -> int:
     out = _Out(proto_out)
     reader = wire.FrameReader()
     home = os.getcwd()
-    selector = _Poller()
-    wake_r, wake_w = os.pipe()
-    selector.register(wake_r, b"W")
-    selector.register(out_r, b"O")
-    selector.register(err_r, b"E")
-    selector.register(proto_in, b"I")
-    out.send(b"P", wire.json_text({"event": "worker", "pid": os.getpid(), "host": os.uname().nodename}).encode())
-    active_run_dir: str | None = None  # the run directory of the call in progress, if any
+    runs = os.path.join(cache_dir, "runs")
+    os.makedirs(runs, mode=0o700, exist_ok=True)
+    watch = _WorkerWatch(out, out_r, err_r, proto_in, reader)
+    out.send(b"P", _json_text({"event": "worker", "pid": os.getpid(), "host": os.uname().nodename}).encode())
+    watch.thread.start()
+    run_dir: str | None = None  # the current run directory (kept empty between calls), if any
     try:
         while True:
             options, session_bytes, reader = _read_call(proto_in, reader, idle_timeout)
-            out.mac = hmac.new(bytes.fromhex(options["key"]), digestmod=hashlib.sha256)
-            run_dir = _make_run_dir(cache_dir, options)
-            active_run_dir = run_dir
-            saved_env = dict(os.environ)
+            out.key, out.mac = bytes.fromhex(options["key"]), None
+            if run_dir is None:
+                run_dir = _make_run_dir(cache_dir, options, private=False)
+            saved_env = _environ_snapshot()
             os.environ.update(options.get("env") or {})
             os.environ.update(options.get("secret_env") or {})
-            os.environ["RX_RUN_DIR"] = run_dir
+            if os.environ.get("RX_RUN_DIR") != run_dir:
+                os.environ["RX_RUN_DIR"] = run_dir
             os.chdir(run_dir)
-            timeout = options.get("timeout")
-            heartbeat = float(options.get("heartbeat") or 5.0)
-            dead_after = float(options.get("dead_after") or 0) or None
-            started = time.monotonic()
-            box: list[tuple[dict[str, Any], bytes, bytes]] = []
-
-            def work(session_bytes: bytes = session_bytes, run_dir: str = run_dir,
-                     box: list[tuple[dict[str, Any], bytes, bytes]] = box) -> None:
-                try:
-                    box.append(_run_task(session_bytes, run_dir))
-                finally:
-                    os.write(wake_w, b"x")
-
-            thread = threading.Thread(target=work, daemon=True)
-            thread.start()
-            status = None
-            detail = None
-            last_input = time.monotonic()
-            while not box and status is None:
-                now = time.monotonic()
-                waits = [heartbeat - (now - out.last), 0.5]
-                if timeout is not None:
-                    waits.append(started + timeout - now)
-                for fd, tag in selector.select(max(0.0, min(waits))):
-                    if tag == b"W":
-                        os.read(wake_r, 64)
-                    elif tag == b"I":
-                        data = os.read(proto_in, 1 << 16)
-                        if not data:
-                            raise _CoordinatorGone()
-                        last_input = time.monotonic()
-                        for kind, _payload in reader.feed(data):
-                            if kind in (b"C", b"Q"):
-                                status, detail = "cancelled", "cancelled by the coordinator"
-                    else:
-                        _drain(fd, tag, out)
-                now = time.monotonic()
-                if timeout is not None and status is None and not box and now - started > timeout:
-                    status, detail = "timeout", f"timed out after {timeout:g} s"
-                if dead_after is not None and now - last_input > dead_after:
-                    raise _CoordinatorGone()
-                if now - out.last >= heartbeat:
-                    out.send(b"B")
+            current = _Current(options, run_dir)
+            watch.begin(current)
+            loaded = _run_task(session_bytes, run_dir)
+            del session_bytes
+            watch.finish()
             try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            except Exception:
-                pass
-            _drain(out_r, b"O", out)
-            _drain(err_r, b"E", out)
-            if status is not None:
-                # The task cannot be stopped inside its thread: report, then end the worker.
-                _send_result(options, run_dir, None, status, detail, None, started, out)
-                return 0
-            _send_result(options, run_dir, 0, None, None, None, started, out, loaded=box[0])
-            os.chdir(home)
-            os.environ.clear()
-            os.environ.update(saved_env)
-            active_run_dir = None
+                _restore_environ(saved_env)
+                if not _send_result(options, run_dir, 0, None, None, None, current.started, out, loaded=loaded,
+                                    reuse=True):
+                    run_dir = None
+            finally:
+                watch.lock.release()
     finally:
-        if active_run_dir is not None:  # the coordinator went away mid-call: leave nothing behind
+        if run_dir is not None:  # leave nothing behind (a call in progress, or the kept empty directory)
             os.chdir(home)
-            _rmtree(active_run_dir)
-        if os.getpgrp() == os.getpid():  # end what the tasks left running in the worker's group
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            try:
-                os.killpg(os.getpgrp(), signal.SIGTERM)
-            except OSError:
-                pass
+            _rmtree(run_dir)
+        _end_group()
 
 
 # -- detached runs -----------------------------------------------------------------------------------
@@ -899,7 +1066,7 @@ def _serve_attach(cache_dir: str, run_dir: str, collect: bool, out: _Out) -> Non
         for kind, payload in reader.feed(data):
             if kind == b"G":
                 options = wire.load_options(payload)
-    out.mac = hmac.new(bytes.fromhex(options["key"]), digestmod=hashlib.sha256)
+    out.key, out.mac = bytes.fromhex(options["key"]), None
     heartbeat = float(options.get("heartbeat") or 5.0)
     private = os.path.join(run_dir, _PRIVATE)
     offsets = {b"O": int(options.get("stdout_offset") or 0), b"E": int(options.get("stderr_offset") or 0)}

@@ -136,6 +136,26 @@ class Result(Record):
         }
 
 
+_task_pickles: dict[int, tuple[Task, bytes]] = {}
+
+
+def _pickled_task(task: Task) -> bytes:
+    """``task`` pickled; remembered for a function task written by reference (the same bytes every call;
+    one written by value is pickled again each time, as its globals may have changed)."""
+    hit = _task_pickles.get(id(task))
+    if hit is not None and hit[0] is task:
+        return hit[1]
+    from .serialization import PickleSerializer
+    from .task import _by_reference
+
+    data = PickleSerializer().dumps(task)
+    if task.kind == "function" and task.function is not None and _by_reference(task.function) is not None:
+        if len(_task_pickles) >= 1024:
+            _task_pickles.clear()
+        _task_pickles[id(task)] = (task, data)
+    return data
+
+
 class Session(Record):
     """One call of a task on its way through the advice chain.
 
@@ -218,7 +238,7 @@ class Session(Record):
             if arguments is None:
                 arguments = get_serializer(self.serializer).dumps([list(self.execution.args),
                                                                     self.execution.kwargs])
-            self._sections_cache = (pickler.dumps(self.task), arguments, pickler.dumps(self.context))
+            self._sections_cache = (_pickled_task(self.task), arguments, pickler.dumps(self.context))
         return self._sections_cache
 
     def to_wire(self) -> bytes:

@@ -11,13 +11,12 @@ This module travels to the remote: standard library only at import time.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-import types
 
 TYPE_CHECKING = False  # neither typing nor dataclasses at run time: the runner imports this on every call
 if TYPE_CHECKING:
+    import types
     from collections.abc import Callable
     from pathlib import Path
     from typing import Any, Generic, TypeVar, overload
@@ -41,6 +40,21 @@ __all__ = ["Execution", "Task", "TaskFunction", "task"]
 INSIDE_RUNNER_ENV = "RX_INSIDE_RUNNER"
 
 
+
+# What ``types`` and ``importlib`` would give (neither is imported: the runner imports this module per call).
+if TYPE_CHECKING:
+    from types import CodeType as _CodeType
+    from types import FunctionType as _FunctionType
+else:
+    _FunctionType = type(lambda: None)
+    _CodeType = type((lambda: None).__code__)
+
+
+def _import_module(name: str) -> Any:
+    import importlib
+
+    return importlib.import_module(name)
+
 def _const_repr(value: object) -> str:
     if isinstance(value, (frozenset, set)):
         return "{" + ",".join(sorted(_const_repr(item) for item in value)) + "}"
@@ -54,7 +68,7 @@ def _fingerprint_code(code: types.CodeType, digest: Any) -> None:
     digest.update(repr((code.co_names, code.co_varnames, code.co_argcount, code.co_kwonlyargcount,
                         code.co_flags)).encode())
     for const in code.co_consts:
-        if isinstance(const, types.CodeType):
+        if isinstance(const, _CodeType):
             _fingerprint_code(const, digest)
         else:
             digest.update(_const_repr(const).encode())
@@ -80,14 +94,14 @@ def _fingerprint_function(function: types.FunctionType, digest: Any, seen: set[i
         value = module_globals.get(name)
         if isinstance(value, TaskFunction):
             value = value.function
-        if isinstance(value, types.FunctionType) and value.__module__ == function.__module__:
+        if isinstance(value, _FunctionType) and value.__module__ == function.__module__:
             _fingerprint_function(value, digest, seen)
 
 
 def _global_names(code: types.CodeType) -> set[str]:
     names = set(code.co_names)
     for const in code.co_consts:
-        if isinstance(const, types.CodeType):
+        if isinstance(const, _CodeType):
             names |= _global_names(const)
     return names
 
@@ -95,7 +109,7 @@ def _global_names(code: types.CodeType) -> set[str]:
 def _fingerprint_value(value: object, digest: Any, seen: set[int]) -> None:
     if isinstance(value, TaskFunction):
         value = value.function
-    if isinstance(value, types.FunctionType):
+    if isinstance(value, _FunctionType):
         _fingerprint_function(value, digest, seen)
         return
     if isinstance(value, (set, frozenset)):  # pickled in hash order, which differs between processes
@@ -117,7 +131,7 @@ def function_id(function: Callable[..., Any]) -> str:
     import hashlib
 
     digest = hashlib.sha256(b"rx-function-1\0")
-    if isinstance(function, types.FunctionType):
+    if isinstance(function, _FunctionType):
         _fingerprint_function(function, digest, set())
     else:
         _fingerprint_value(function, digest, set())
@@ -131,7 +145,7 @@ def _by_reference(function: Callable[..., Any]) -> tuple[str, str] | None:
     if not module or module == "__main__" or "<" in qualname:
         return None
     try:
-        obj: Any = importlib.import_module(module)
+        obj: Any = _import_module(module)
         for part in qualname.split("."):
             obj = getattr(obj, part)
     except Exception:
@@ -142,7 +156,7 @@ def _by_reference(function: Callable[..., Any]) -> tuple[str, str] | None:
 
 
 def _load_by_reference(module: str, qualname: str) -> Callable[..., Any]:
-    obj: Any = importlib.import_module(module)
+    obj: Any = _import_module(module)
     for part in qualname.split("."):
         obj = getattr(obj, part)
     if isinstance(obj, TaskFunction):
@@ -362,6 +376,8 @@ class TaskFunction(Generic[R]):
     def __get__(self, instance: object, owner: type | None = None) -> Any:
         if instance is None:
             return self
+        import types
+
         return types.MethodType(self, instance)
 
     def __repr__(self) -> str:

@@ -69,22 +69,41 @@ a=os.path.join(c,'archives');p=os.path.join(a,h)
 if os.path.isdir(p):
     w.write(b'RXBOOT1 HAVE\n');w.flush()
 else:
-    import hashlib,tempfile,zipfile,io,shutil
+    import zlib
+    try:from _sha256 import sha256
+    except ImportError:
+        try:from _sha2 import sha256
+        except ImportError:from hashlib import sha256
     os.makedirs(a,mode=0o700,exist_ok=True);os.chmod(c,0o700)
     w.write(b'RXBOOT1 NEED\n');w.flush()
-    r=sys.stdin.buffer;n=int.from_bytes(r.read(8),'big');d=hashlib.sha256();m=[]
+    r=sys.stdin.buffer;n=int.from_bytes(r.read(8),'big');m=[]
     while n:
         b=r.read(min(n,1<<20))
         if not b:raise SystemExit('rx bootstrap: archive upload cut short')
-        m.append(b);d.update(b);n-=len(b)
-    if d.hexdigest()!=h:raise SystemExit('rx bootstrap: archive sha256 mismatch')
-    t=tempfile.mkdtemp(dir=a,prefix='.tmp-')
+        m.append(b);n-=len(b)
+    d=b''.join(m);del m
+    if sha256(d).hexdigest()!=h:raise SystemExit('rx bootstrap: archive sha256 mismatch')
+    u=lambda i,k:int.from_bytes(d[i:i+k],'little')
+    t=os.path.join(a,'.tmp-'+os.urandom(8).hex());os.mkdir(t,0o700);y=set([t])
     try:
-        zipfile.ZipFile(io.BytesIO(b''.join(m))).extractall(t)
+        e=d.rfind(b'PK\x05\x06');o=u(e+16,4)
+        for _ in range(u(e+10,2)):
+            if d[o:o+4]!=b'PK\x01\x02':raise SystemExit('rx bootstrap: damaged archive')
+            k,z,f,l=u(o+10,2),u(o+20,4),d[o+46:o+46+u(o+28,2)].decode('utf-8'),u(o+42,4);o+=46+u(o+28,2)+u(o+30,2)+u(o+32,2)
+            if f.startswith('/') or '..' in f.split('/') or '\\' in f:raise SystemExit('rx bootstrap: bad entry')
+            if f.endswith('/'):continue
+            s=l+30+u(l+26,2)+u(l+28,2);b=d[s:s+z]
+            if k==8:b=zlib.decompress(b,-15)
+            elif k:raise SystemExit('rx bootstrap: unknown compression')
+            q=os.path.join(t,f);v=os.path.dirname(q)
+            if v not in y:os.makedirs(v,exist_ok=True);y.add(v)
+            with open(q,'wb') as g:g.write(b)
         try:os.rename(t,p)
         except OSError:
             if not os.path.isdir(p):raise
-    finally:shutil.rmtree(t,ignore_errors=True)
+    finally:
+        if os.path.isdir(t):
+            import shutil;shutil.rmtree(t,ignore_errors=True)
     w.write(b'RXBOOT1 OK\n');w.flush()
 sys.path.insert(0,p)
 from remote_exec.runner import main
@@ -167,8 +186,19 @@ class FrameReader:
 # sends is ever unpickled as protocol data. Importing json costs the runner more than all the rest of its
 # start-up (it pulls in re and enum), so it writes JSON with the small encoder below.
 
-_JSON_ESCAPES = {code: f"\\u{code:04x}" for code in (*range(0x20), *range(0xD800, 0xE000))}
+_JSON_ESCAPES = {code: f"\\u{code:04x}" for code in range(0x20)}
 _JSON_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\", ord("\n"): "\\n", ord("\t"): "\\t"})
+_JSON_ESCAPES_WIDE: dict[int, str] = {}  # with the lone surrogates too; built on first need
+
+
+def _json_string(value: str) -> str:
+    table = _JSON_ESCAPES
+    if not value.isascii():
+        if not _JSON_ESCAPES_WIDE:
+            _JSON_ESCAPES_WIDE.update(_JSON_ESCAPES)
+            _JSON_ESCAPES_WIDE.update({code: f"\\u{code:04x}" for code in range(0xD800, 0xE000)})
+        table = _JSON_ESCAPES_WIDE
+    return '"' + value.translate(table) + '"'
 
 
 def json_text(value: object) -> str:
@@ -184,7 +214,7 @@ def json_text(value: object) -> str:
     if isinstance(value, float):
         return repr(value) if value == value and value not in (float("inf"), float("-inf")) else "null"
     if isinstance(value, str):
-        return '"' + value.translate(_JSON_ESCAPES) + '"'
+        return _json_string(value)
     if isinstance(value, dict):
         return "{" + ",".join(json_text(str(key)) + ":" + json_text(item) for key, item in value.items()) + "}"
     if isinstance(value, (list, tuple)):
@@ -195,6 +225,55 @@ def json_text(value: object) -> str:
 def json_bytes(value: object) -> bytes:
     """:func:`json_text` encoded as UTF-8."""
     return json_text(value).encode("utf-8")
+
+
+# -- the result's HMAC ------------------------------------------------------------------------------------
+
+
+class SmallHMAC:
+    """HMAC-SHA256 (RFC 2104) over the interpreter's built-in sha256.
+
+    ``hmac`` and ``hashlib`` load OpenSSL, which costs a process-per-call runner's start more than the
+    rest of its imports; for a small result this gives the same digest without it.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        sha256 = _builtin_sha256()
+        if len(key) > 64:
+            key = sha256(key).digest()
+        key = key.ljust(64, b"\0")
+        self._inner = sha256(bytes(byte ^ 0x36 for byte in key))
+        self._outer = sha256(bytes(byte ^ 0x5C for byte in key))
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._inner.update(data)
+
+    def hexdigest(self) -> str:
+        outer = self._outer.copy()
+        outer.update(self._inner.digest())
+        return str(outer.hexdigest())
+
+
+def _builtin_sha256() -> Any:
+    try:
+        from _sha256 import sha256  # type: ignore[import-not-found,unused-ignore]  # CPython <= 3.11
+    except ImportError:
+        try:
+            from _sha2 import sha256  # type: ignore[import-not-found,unused-ignore]  # CPython >= 3.12
+        except ImportError:
+            from hashlib import sha256
+    return sha256
+
+
+def new_hmac(key: bytes, *, bulk: bool = False) -> Any:
+    """An HMAC-SHA256 of ``key``: OpenSSL's for ``bulk`` data (several times faster per byte), else
+    :class:`SmallHMAC` (no OpenSSL to load)."""
+    if bulk:
+        import hashlib
+        import hmac
+
+        return hmac.new(key, digestmod=hashlib.sha256)
+    return SmallHMAC(key)
 
 
 def dump_options(options: Mapping[str, object]) -> bytes:

@@ -23,7 +23,7 @@ from typing import IO, Any
 
 from ..advice import Advice
 from ..backends import connect
-from ..backends.base import Backend
+from ..backends.base import Backend, HostSpec
 from ..config import Configuration
 from ..dispatch import CallOptions, Outcome, dispatch
 from ..errors import ConfigError, RemoteExecError
@@ -45,12 +45,14 @@ class Target:
         backend_name: ``openssh``, ``paramiko`` or ``local``.
         host: The host as the user named it (``local`` for a subprocess).
         options: Interpreter, directories, environment, timeout, files.
+        spec: How the backend reaches the host (None for a local subprocess).
     """
 
     backend: Backend
     backend_name: str
     host: str
     options: CallOptions
+    spec: HostSpec | None = None
 
 
 def _entry_points(task: Task) -> tuple[list[Path], list[Path]]:
@@ -125,15 +127,24 @@ class _Recorder:
 
     A call does not wait for its record to reach the disk (a locked, fsynced state rewrite costs
     milliseconds, more than a warm call itself). Jobs are data: file writes (the call's session, its
-    value) and task-board changes; the thread takes whatever has queued up and applies all board changes
-    of a run in one state rewrite, so a sweep of many small calls rewrites state.json once per batch,
-    not twice per call. :meth:`flush` waits for everything submitted so far, and runs at exit.
+    value) and task-board changes. The thread gathers what queues up for :attr:`INTERVAL` seconds and
+    applies all board changes of a run in one state rewrite, so a sweep of many small calls rewrites
+    state.json a few times a second, not twice per call, and competes little with the calls for the
+    interpreter. The per-call files are written atomically but not fsynced one by one (a killed process
+    loses nothing; only a crash of the machine may lose the last moments' files); state.json is.
+    :meth:`flush` cuts the wait short and returns once everything submitted so far is applied; it runs at
+    exit.
     """
+
+    #: Seconds the thread gathers jobs before applying them.
+    INTERVAL = 0.2
 
     def __init__(self) -> None:
         self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._urgent = threading.Event()
+        self._flushing = 0
 
     def file(self, run: Any, name: str, data: Callable[[], bytes]) -> None:
         """Write ``data()`` to ``name`` in the run's store."""
@@ -144,17 +155,19 @@ class _Recorder:
         self._put(("task", run, key, fields))
 
     def _put(self, job: tuple[Any, ...]) -> None:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                if self._thread is None:
-                    atexit.register(self.flush)  # nothing submitted is lost when the process ends
-                self._thread = threading.Thread(target=self._work, name="rx-recorder", daemon=True)
-                self._thread.start()
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    if self._thread is None:
+                        atexit.register(self.flush)  # nothing submitted is lost when the process ends
+                    self._thread = threading.Thread(target=self._work, name="rx-recorder", daemon=True)
+                    self._thread.start()
         self._queue.put(job)
 
     def _work(self) -> None:
         while True:
             batch = [self._queue.get()]
+            self._urgent.wait(self.INTERVAL)
             while True:
                 try:
                     batch.append(self._queue.get_nowait())
@@ -173,7 +186,7 @@ class _Recorder:
         changes: dict[int, tuple[Any, list[tuple[str, dict[str, Any]]]]] = {}
         for kind, run, name, payload in batch:
             if kind == "file":
-                run.store.write_bytes(name, payload())
+                run.store.write_bytes(name, payload(), sync=False)
             else:
                 changes.setdefault(id(run), (run, []))[1].append((name, payload))
         for run, run_changes in changes.values():
@@ -181,8 +194,18 @@ class _Recorder:
 
     def flush(self) -> None:
         """Wait until every submitted update is applied."""
-        if self._thread is not None:
+        if self._thread is None:
+            return
+        with self._lock:
+            self._flushing += 1
+            self._urgent.set()
+        try:
             self._queue.join()
+        finally:
+            with self._lock:
+                self._flushing -= 1
+                if not self._flushing:
+                    self._urgent.clear()
 
 
 _recorder = _Recorder()
@@ -198,12 +221,17 @@ def _register_recorder() -> None:
 
     register_pending_writer(_recorder.flush)
 
-_runs: dict[tuple[str, str], Any] = {}
+_runs: dict[tuple[Any, ...], Any] = {}
 _runs_lock = threading.Lock()
 
 
 def _process_run(session: Session, config: Configuration, target: Target) -> Any:
     """The workspace run for this process's @task calls (created on the first call)."""
+    # Keyed by what names the workspace (not by its resolved path: resolving costs a sweep's call more).
+    quick = (str(config.workspace or ""), os.environ.get("RX_WORKSPACE"), os.getcwd(), session.run_id)
+    run = _runs.get(quick)
+    if run is not None:
+        return run
     from ..workspace import Workspace
 
     workspace = Workspace.resolve(config.workspace)
@@ -222,6 +250,7 @@ def _process_run(session: Session, config: Configuration, target: Target) -> Any
                 _register_recorder()
                 atexit.register(_close_process_run, run)
             _runs[key] = run
+        _runs[quick] = run
         return run
 
 
@@ -355,6 +384,30 @@ class RemoteAdvice(ExecutingAdvice):
             from .subprocess import SubprocessAdvice
 
             return SubprocessAdvice().target(session)
+        # The same call again (a sweep): the target worked out last time, unless secrets (read from the
+        # environment on each call) are involved. The backend is looked up again: it may have been closed.
+        try:
+            key: tuple[Any, ...] | None = (
+                str(name), self.backend, os.environ.get("RX_BACKEND"), os.environ.get("RX_SSH_CONFIG"),
+                tuple(sorted(options.items())))
+            hash(key)
+        except TypeError:  # options holding lists or dicts: worked out every time
+            key = None
+        if key is not None and not options.get("secret_env"):
+            known = _targets.get(key)
+            spec = None if known is None or known[0] is not config else known[1].spec
+            if known is not None and spec is not None:
+                target = known[1]
+                backend = connect(spec, target.backend_name)
+                return target if backend is target.backend else replace(target, backend=backend)
+        target = self._target(config, options, str(name))
+        if key is not None and not options.get("secret_env"):
+            if len(_targets) > 256:
+                _targets.clear()
+            _targets[key] = (config, target)
+        return target
+
+    def _target(self, config: Configuration, options: dict[str, Any], name: str) -> Target:
         remote = config.remote(str(name))
         backend_name = config.effective_backend(options.get("backend") or remote.backend or self.backend)
         if backend_name not in ("openssh", "paramiko"):
@@ -374,7 +427,10 @@ class RemoteAdvice(ExecutingAdvice):
             heartbeat=min(spec.keepalive_interval, 5.0), dead_after=spec.dead_after, keep_warm=remote.keep_warm,
             restricted=remote.restricted, allow_unpickle=remote.allow_unpickle,
             handshake_timeout=max(spec.connect_timeout, 5.0))
-        return Target(backend=backend, backend_name=backend_name, host=remote.name, options=call)
+        return Target(backend=backend, backend_name=backend_name, host=remote.name, options=call, spec=spec)
+
+
+_targets: dict[tuple[Any, ...], tuple[Configuration, Target]] = {}
 
 
 def call_options(options: dict[str, Any], *, python: str, workdir: str, env: dict[str, str],

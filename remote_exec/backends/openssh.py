@@ -312,7 +312,8 @@ def preferred_ciphers(resolved: ResolvedHost, *, hardware_aes: bool) -> str | No
     return ",".join([*_GCM_CIPHERS, *(name for name in ciphers if name not in _GCM_CIPHERS)])
 
 
-def master_argv(spec: HostSpec, control_path: Path, *, persist: int, ciphers: str | None = None) -> list[str]:
+def master_argv(spec: HostSpec, control_path: Path, *, persist: int, ciphers: str | None = None,
+                command: str | None = None) -> list[str]:
     """The command that starts the master for ``spec`` and backgrounds it once authenticated.
 
     Args:
@@ -320,16 +321,20 @@ def master_argv(spec: HostSpec, control_path: Path, *, persist: int, ciphers: st
         control_path: Where the master listens.
         persist: Seconds the master stays up without clients (``ControlPersist``).
         ciphers: A ``Ciphers`` list to use instead of ssh_config's (see :func:`preferred_ciphers`).
+        command: A remote command (built with :func:`remote_command`) to run over the new connection:
+            ssh backgrounds the master once authenticated and runs the command as its first client, so
+            a first call costs one connection, not a connection and then a session.
     """
+    session = ["-N"] if command is None else ["-T", "-x", "-e", "none", "-o", "RemoteCommand=none"]
     return [
         SSH, *ssh_options(spec),
         *(["-o", f"Ciphers={ciphers}"] if ciphers else []),
-        "-M", "-N", "-S", str(control_path),
+        "-M", *session, "-S", str(control_path),
         "-o", f"ControlPersist={persist}",
         "-o", "ClearAllForwardings=yes",  # forwards from ssh_config are not ours to open
         "-o", "LogLevel=INFO",            # errors for map_ssh_error, and the "Permanently added" line
         "-o", "PermitLocalCommand=no",
-        "--", spec.host,
+        "--", spec.host, *([] if command is None else [command]),
     ]
 
 
@@ -525,18 +530,26 @@ def _stop_master(exit_argv: list[str], control_dir: Path, control_path: Path, ow
 
 @dataclass
 class _Master:
-    """A running control master: its private directory, its socket and its pid."""
+    """A running control master: its private directory, its socket and its pid.
+
+    ``pid`` is 0 while ``pid_known`` (set when a background ``ssh -O check`` has answered) is not set.
+    """
 
     control_dir: Path
     pid: int
     finalizer: weakref.finalize[[list[str], Path, Path, int], _Master] | None = None
+    pid_known: threading.Event | None = None
 
     @property
     def control_path(self) -> Path:
         return self.control_dir / "s"
 
     def alive(self) -> bool:
-        return self.control_path.exists() and _pid_alive(self.pid)
+        if self.pid_known is not None:
+            self.pid_known.wait(15)
+        if not self.control_path.exists():
+            return False
+        return _pid_alive(self.pid) if self.pid else True
 
     def stop(self) -> None:
         if self.finalizer is not None:
@@ -564,6 +577,7 @@ class SshProcess(Process):
         self._abandoned = False
         self.remote_pid: int | None = None
         self.lost_master = False
+        self.preamble = b""  # what came on stderr before the pid line (ssh's own messages, for a master)
 
     @property
     def pid(self) -> int:
@@ -583,6 +597,7 @@ class SshProcess(Process):
                 self.remote_pid = int(match[1])
                 # keep a newline that ended earlier output; drop the marker line itself
                 start = match.start() + (1 if buffer[match.start():match.start() + 1] == b"\n" else 0)
+                self.preamble = buffer[:start]
                 self._stderr_pending = buffer[:start] + buffer[match.end():]
                 return
             remaining = deadline - time.monotonic()
@@ -883,6 +898,63 @@ class OpenSSHBackend(Backend):
                      time.monotonic() - started, master.pid)
         return master
 
+    def _start_with_new_master(self, command: str, label: str) -> SshProcess | None:
+        """With no live master: one ssh connects, becomes the master and runs ``command`` as its first
+        client. Returns None when a master is already up (the caller runs the command as a client)."""
+        with self._lock:
+            master = self._master
+            if master is not None:
+                if master.alive():
+                    return None
+                logger.info("the connection to %s was lost; reconnecting", self.host)
+                master.stop()
+                self._master = None
+            resolved = self.resolve()
+            if self.spec.host_key_policy == "off":
+                logger.warning("host key checking is off for %s: its identity is not verified", self.host)
+            control_dir = Path(tempfile.mkdtemp(prefix="rx-ssh-", dir=_control_root()))
+            master = _Master(control_dir=control_dir, pid=0)
+            ciphers = preferred_ciphers(resolved, hardware_aes=_cpu_has_aes())
+            argv = master_argv(self.spec, master.control_path, persist=self.control_persist, ciphers=ciphers,
+                               command=command)
+            logger.debug("connecting to %s: %s", self.host, shlex.join(argv))
+            try:
+                with self._map_os_errors("connect"):
+                    popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
+                process = SshProcess(self, popen, label)
+                process._read_header(self._connect_deadline())
+                if process.remote_pid is None and not master.control_path.exists():
+                    said = process._discard()
+                    raise map_ssh_error(self.host, said, known_hosts=self._known_hosts_file())
+            except BaseException:
+                shutil.rmtree(control_dir, ignore_errors=True)
+                raise
+            if process.remote_pid is not None:  # what came before the pid line is ssh's, not the command's
+                process._stderr_pending = process._stderr_pending[len(process.preamble):]
+                for line in _lines(process.preamble.decode(errors="replace")):
+                    if line.startswith("Warning: Permanently added"):
+                        logger.info("%s: %s", self.host, line)
+            master.finalizer = weakref.finalize(
+                master, _stop_master, _control_argv(self.spec, master.control_path, "exit"),
+                control_dir, master.control_path, os.getpid(),
+            )
+            master.pid_known = threading.Event()
+            threading.Thread(target=self._learn_pid, args=(master,), name="rx-ssh-pid", daemon=True).start()
+            self.connections_opened += 1
+            self._master = master
+            return process
+
+    def _learn_pid(self, master: _Master) -> None:
+        """Ask the new master for its pid (off the first call's path)."""
+        try:
+            master.pid = self._master_pid(master.control_path)
+        except Exception:
+            logger.debug("no pid from the ssh master of %s", self.host, exc_info=True)
+        finally:
+            assert master.pid_known is not None
+            master.pid_known.set()
+
     def _master_pid(self, control_path: Path) -> int:
         with self._map_os_errors("check its connection"):
             done = subprocess.run(_control_argv(self.spec, control_path, "check"), stdin=subprocess.DEVNULL,
@@ -928,6 +1000,9 @@ class OpenSSHBackend(Backend):
         label = argv[0] if argv else "command"
         retry = _SessionRetry(self, label)
         while True:
+            first = self._start_with_new_master(command, label)
+            if first is not None:
+                return first
             master = self._ensure_master()
             popen = self._spawn(master, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             process = SshProcess(self, popen, label)

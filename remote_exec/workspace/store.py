@@ -161,13 +161,15 @@ class Store:
 
     # -- writes ------------------------------------------------------------------------------------
 
-    def write_bytes(self, name: str, data: bytes, *, sha256: str | None = None) -> Path:
+    def write_bytes(self, name: str, data: bytes, *, sha256: str | None = None, sync: bool = True) -> Path:
         """Write ``data`` to ``name`` atomically.
 
         Args:
             name: Relative POSIX path under the root.
             data: The whole content.
             sha256: Expected hex digest; the write fails and leaves nothing if the content differs.
+            sync: fsync the file and its directory (False: still atomic, and safe when the process is
+                killed; only a crash of the machine itself may lose it or leave it empty).
 
         Returns:
             The final path.
@@ -176,9 +178,10 @@ class Store:
             IntegrityError: The content does not match ``sha256``.
             WorkspaceError: The name is refused (see :meth:`path`).
         """
-        return self.write_stream(name, (data,), sha256=sha256)
+        return self.write_stream(name, (data,), sha256=sha256, sync=sync)
 
-    def write_stream(self, name: str, chunks: Iterable[bytes], *, sha256: str | None = None) -> Path:
+    def write_stream(self, name: str, chunks: Iterable[bytes], *, sha256: str | None = None,
+                     sync: bool = True) -> Path:
         """Write the concatenated ``chunks`` to ``name`` atomically.
 
         The chunks are consumed once, hashed as they go; if the iterable raises, the temporary is
@@ -209,13 +212,14 @@ class Store:
                     digest.update(chunk)
                 with self._disk(name):
                     out.flush()
-                    os.fsync(out.fileno())
+                    if sync:
+                        os.fsync(out.fileno())
             self._check(name, digest.hexdigest(), sha256)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        return self._deliver(tmp, target)
+        return self._deliver(tmp, target, sync=sync)
 
     def write_file(self, name: str, source: Path, *, sha256: str | None = None, move: bool = False) -> Path:
         """Copy (or move) the file ``source`` to ``name`` atomically.
@@ -351,7 +355,13 @@ class Store:
         except OSError as exc:
             raise WorkspaceError(f"cannot write {name} under {self.root}: {exc.strerror or exc}") from exc
 
-    def _deliver(self, tmp: Path, target: Path) -> Path:
+    def _deliver(self, tmp: Path, target: Path, *, sync: bool = True) -> Path:
+        if not sync:  # no durability promised: one rename, straight to the final name (still atomic)
+            try:
+                os.replace(tmp, target)
+                return target
+            except FileNotFoundError:
+                pass  # its directory is missing: the full path below creates it
         staged = self._new / tmp.name
         try:
             with self._disk(target.relative_to(self.root).as_posix()):
@@ -363,7 +373,8 @@ class Store:
                 with contextlib.suppress(OSError):
                     leftover.unlink()
             raise
-        fsync_dir(target.parent)
+        if sync or created:
+            fsync_dir(target.parent)
         for parent in created:
             fsync_dir(parent.parent)
         return target

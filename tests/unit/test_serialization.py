@@ -130,6 +130,23 @@ def test_fast_pickle_is_plain_pickle_for_plain_values() -> None:
     assert pickler.loads(pickler.dumps_fast(lambda: local))() == 3  # falls back to cloudpickle
 
 
+def test_built_in_data_is_plain_pickle_and_anything_else_cloudpickle() -> None:
+    import pickle
+
+    pickler = PickleSerializer()
+    plain = [[1, 2.5, "x", b"y", None, True, (3, frozenset({4}))], {"k": {5: [6]}}]
+    assert pickler.dumps(plain) == pickle.dumps(plain, protocol=5)
+    assert pickler.loads(pickler.dumps(plain)) == plain
+
+    class Local:
+        value = 7
+
+    # A class of this test module (or of __main__) travels by value: cloudpickle, not a bare reference.
+    assert pickler.loads(pickler.dumps([Local]))[0].value == 7
+    big = list(range(10_000))  # past the scan's budget: still correct
+    assert pickler.loads(pickler.dumps(big)) == big
+
+
 def test_serializers_by_name() -> None:
     assert isinstance(get_serializer("pickle"), PickleSerializer)
     assert isinstance(get_serializer("json"), JsonSerializer)
