@@ -81,8 +81,12 @@ def _rows() -> list[Row]:
     for backend in BACKENDS:
         rx = f"rx-{backend}"
         rows += [
-            Row(f"{rx}.first", f"rx ({backend}): first call to a fresh host (new process, fresh workdir)",
+            Row(f"{rx}.first", f"rx ({backend}): first call to a fresh host (from a running process; "
+                               "connect, upload the archive, run, result back)",
                 f"rx first call ({backend})", lat, "ssh.cold"),
+            Row(f"{rx}.first_process", f"rx ({backend}): first call of a new process (also its imports on "
+                                       "first use and the archive build)",
+                f"rx first call, new process ({backend})", lat, "ssh.cold"),
             Row(f"{rx}.warm", f"rx ({backend}): warm call, unchanged code, process per call",
                 f"rx warm ({backend})", lat, "ssh.mux"),
             Row(f"{rx}.keep_warm", f"rx ({backend}): warm call with `keep_warm=True`",
@@ -320,7 +324,9 @@ def _rx_first(bench: Bench, backend: str) -> None:
     reply = one_shot("rx-first", config, env=env, cwd=bench.run_dir / "agents" / name,
                      log=bench.run_dir / "logs" / f"{name}.log", timeout=90)
     bench.results.add(f"rx-{backend}.first", reply["samples"][0])
-    bench.record_calls(f"first call ({backend})", reply)
+    bench.results.add(f"rx-{backend}.first_process", reply["samples"][1])
+    bench.record_calls(f"first call ({backend})", {"calls": reply["calls"][:1]})
+    bench.record_calls(f"first call, new process ({backend})", {"calls": reply["calls"][1:]})
 
 
 def _rx_run(bench: Bench, backend: str) -> None:
@@ -399,7 +405,7 @@ def _probes(bench: Bench) -> list[Probe]:
     for backend in BACKENDS:
         rx = f"rx-{backend}"
         agent = bench.agent("rx", backend=backend)
-        add(f"rx first call ({backend})", (f"{rx}.first",), partial(_rx_first, bench, backend))
+        add(f"rx first call ({backend})", (f"{rx}.first", f"{rx}.first_process"), partial(_rx_first, bench, backend))
         add(f"rx warm ({backend})", (f"{rx}.warm",),
             partial(_samples, bench, agent, f"{rx}.warm", "warm", timeout=90, group=f"warm call ({backend})",
                     count=settings.warm_calls))
@@ -688,8 +694,8 @@ def _measure(bench: Bench, probes: list[Probe]) -> None:
 def _phase_groups(bench: Bench) -> dict[str, list[PhaseRecord]]:
     order = []
     for backend in BACKENDS:
-        order += [f"first call ({backend})", f"warm call ({backend})", f"keep_warm call ({backend})",
-                  f"rx run, whole command ({backend})"]
+        order += [f"first call ({backend})", f"first call, new process ({backend})", f"warm call ({backend})",
+                  f"keep_warm call ({backend})", f"rx run, whole command ({backend})"]
         order += [f"{_size_name(size)} argument + result ({backend})" for size in SIZES]
     return {name: bench.phases[name] for name in order if bench.phases.get(name)}
 

@@ -105,6 +105,7 @@ class Outcome:
         files: Local paths of the files that landed.
         uploaded: True when the archive had to be sent.
         phases: Seconds per phase: ``connect``, ``upload``, ``execute``, ``collect``.
+        value_data: The value as the runner serialized it (it passed the result's checks), empty if none.
     """
 
     result: Result
@@ -112,6 +113,7 @@ class Outcome:
     files: list[Path] = field(default_factory=list)
     uploaded: bool = False
     phases: dict[str, float] = field(default_factory=dict)
+    value_data: bytes = b""
 
 
 def safe_member_path(name: str) -> PurePosixPath:
@@ -206,8 +208,8 @@ class _Call:
         self.on_stderr = on_stderr
         self.mac = hmac.new(key, digestmod=hashlib.sha256)
         self.header: dict[str, Any] | None = None
-        self.value = bytearray()
-        self.exc_data = bytearray()
+        self.value: list[bytes] = []  # the V and X payloads, joined once at the end
+        self.exc_data: list[bytes] = []
         self.files_path: Path | None = None  # a spool file, made when the first F frame arrives
         self.files_stream: IO[bytes] | None = None
         self.end: dict[str, Any] | None = None
@@ -262,16 +264,20 @@ class _Call:
         elif kind == b"P":
             self.started = json.loads(payload)
         elif kind in (b"R", b"V", b"X", b"F"):
-            self.mac.update(kind + len(payload).to_bytes(8, "big") + payload)
+            self.mac.update(kind + len(payload).to_bytes(8, "big"))
+            self.mac.update(payload)
             if kind == b"R":
                 try:
                     self.header = json.loads(payload)
                 except ValueError:  # damaged: the HMAC check in _collect refuses the result
                     self.header = {}
+                declared = self.header.get("value") if isinstance(self.header, dict) else None
+                if isinstance(declared, dict) and int(declared.get("size") or 0) > (1 << 20):
+                    self.process.grow_buffers()  # a large value follows
             elif kind == b"V":
-                self.value += payload
+                self.value.append(payload)
             elif kind == b"X":
-                self.exc_data += payload
+                self.exc_data.append(payload)
             else:
                 self.spool().write(payload)
         elif kind == b"Z":
@@ -588,7 +594,7 @@ def _call(runner: _Runner, session: Session, session_bytes: bytes, options: Call
         phase("execute", "finished")
         phase("collect", "started")
         try:
-            result, landed = _collect(call, session, land_file)
+            result, landed, value_data = _collect(call, session, land_file)
         except BaseException:
             phase("collect", "failed")
             raise
@@ -606,13 +612,15 @@ def _call(runner: _Runner, session: Session, session_bytes: bytes, options: Call
             process.kill()
     assert call.header is not None
     result.host = host
-    return Outcome(result=result, header=call.header, files=landed, uploaded=uploaded, phases=phases)
+    return Outcome(result=result, header=call.header, files=landed, uploaded=uploaded, phases=phases,
+                   value_data=value_data)
 
 
 def _send_session(process: Process, session_bytes: bytes) -> None:
-    view = memoryview(session_bytes)
-    for start in range(0, len(view), wire.MAX_FRAME):
-        process.write_stdin(wire.encode(b"S", bytes(view[start:start + wire.MAX_FRAME])))
+    process.grow_buffers()
+    with memoryview(session_bytes) as view:
+        for start in range(0, len(view), wire.MAX_FRAME):
+            process.write_stdin(wire.encode(b"S", view[start:start + wire.MAX_FRAME]))
     # SSH's own MAC protects this direction; the size catches a protocol fault without hashing 100 MB twice.
     process.write_stdin(wire.encode(b"s", wire.dump_options({"size": len(session_bytes)})))
 
@@ -740,7 +748,7 @@ def _cancel(call: _Call) -> None:
 
 
 def _collect(call: _Call, session: Session,
-             land_file: Callable[[PurePosixPath, Path, str], Path] | None) -> tuple[Result, list[Path]]:
+             land_file: Callable[[PurePosixPath, Path, str], Path] | None) -> tuple[Result, list[Path], bytes]:
     host = call.backend.host
     assert call.end is not None
     if call.header is None:
@@ -749,17 +757,20 @@ def _collect(call: _Call, session: Session,
         raise IntegrityError(f"{host}: the result failed its HMAC check; it was not accepted",
                              hint="something changed the result in transit or on the remote disk")
     header = call.header
-    for name, data in (("value", call.value), ("exc_pickle", call.exc_data)):
+    value = call.value[0] if len(call.value) == 1 else b"".join(call.value)
+    exc_data = b"".join(call.exc_data)
+    call.value.clear()
+    for name, data in (("value", value), ("exc_pickle", exc_data)):
         expected = header.get(name)
         if expected is None and data:
             raise IntegrityError(f"{host}: the result carries an undeclared {name}")
         if expected is not None and len(data) != expected["size"]:  # its content is under the HMAC
             raise IntegrityError(f"{host}: the result's {name} is damaged (size mismatch)")
-    result = _rebuild_result(header, bytes(call.value), bytes(call.exc_data), session, call.options)
+    result = _rebuild_result(header, value, exc_data, session, call.options)
     landed: list[Path] = []
     if land_file is not None and header.get("files"):
         landed = _land_files(call, header["files"], land_file)
-    return result, landed
+    return result, landed, value
 
 
 def _rebuild_result(header: dict[str, Any], value: bytes, exc_data: bytes, session: Session,

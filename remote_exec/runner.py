@@ -34,6 +34,9 @@ TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-
 if TYPE_CHECKING:
     import signal
     from typing import Any
+
+    #: What a task sent back: its record, its serialized value and its pickled exception (bytes or views).
+    _Loaded = tuple[dict[str, Any], bytes | memoryview, bytes | memoryview]
 else:
     import _signal as signal
 
@@ -81,7 +84,7 @@ class _Out:
             self.key = key
         self.mac = wire.new_hmac(self.key, bulk=size > (1 << 20))
 
-    def send(self, kind: bytes, payload: bytes = b"", *, signed: bool = False) -> None:
+    def send(self, kind: bytes, payload: bytes | memoryview = b"", *, signed: bool = False) -> None:
         if signed:
             if self.mac is None:
                 self.sign()
@@ -89,10 +92,14 @@ class _Out:
             self.mac.update(payload)
         frame = wire.encode(kind, payload)
         if self.held is not None:
-            self.held += frame
-            if len(self.held) < wire.MAX_FRAME:
-                return
-            frame, self.held = bytes(self.held), bytearray()
+            if len(frame) < 65536:
+                self.held += frame
+                if len(self.held) < 65536:
+                    return
+                frame, self.held = bytes(self.held), bytearray()
+            elif self.held:  # a large frame goes as it is, after what was gathered
+                self._write(bytes(self.held))
+                self.held = bytearray()
         self._write(frame)
 
     def _write(self, frame: bytes) -> None:
@@ -116,10 +123,10 @@ class _Out:
         if held:
             self._write(bytes(held))
 
-    def send_chunks(self, kind: bytes, data: bytes) -> None:
-        view = memoryview(data)
-        for start in range(0, len(view), wire.MAX_FRAME):
-            self.send(kind, bytes(view[start:start + wire.MAX_FRAME]), signed=True)
+    def send_chunks(self, kind: bytes, data: bytes | memoryview) -> None:
+        with memoryview(data) as view:
+            for start in range(0, len(view), wire.MAX_FRAME):
+                self.send(kind, view[start:start + wire.MAX_FRAME], signed=True)
 
 
 def _read_call(stdin_fd: int, reader: wire.FrameReader | None = None,
@@ -131,7 +138,7 @@ def _read_call(stdin_fd: int, reader: wire.FrameReader | None = None,
     """
     reader = reader or wire.FrameReader()
     options = None
-    parts = []
+    parts: list[bytes] = []
     data = b""
     while True:
         if idle_timeout is not None and not data and not reader.pending:
@@ -146,6 +153,8 @@ def _read_call(stdin_fd: int, reader: wire.FrameReader | None = None,
             if kind == b"G":
                 options = wire.load_options(payload)
             elif kind == b"S":
+                if not parts and len(payload) == wire.MAX_FRAME:  # a large session: larger reads
+                    wire.grow_pipe(stdin_fd)
                 parts.append(payload)
             elif kind == b"s":
                 session = b"".join(parts)
@@ -219,6 +228,8 @@ def _child(session_bytes: bytes, run_dir: str, options: dict[str, Any], out_w: i
                                   errors="backslashreplace", line_buffering=True)
     record, value, exc_data = _run_task(session_bytes, run_dir)
     record = dict(record, value_size=len(value), exc_size=len(exc_data))
+    if len(value) > (1 << 20):
+        wire.grow_pipe(result_w)
     header = _pickle.dumps(record, protocol=4)
     for data in (len(header).to_bytes(8, "big"), header, value, exc_data):
         view = memoryview(data)
@@ -228,8 +239,10 @@ def _child(session_bytes: bytes, run_dir: str, options: dict[str, Any], out_w: i
     os._exit(int(record["exit_code"]))
 
 
-def _parse_result(data: bytes) -> tuple[dict[str, Any], bytes, bytes] | None:
-    """What the task process sent on its result pipe: (record, value, exception), or None if incomplete."""
+def _parse_result(buffer: bytearray) -> _Loaded | None:
+    """What the task process sent on its result pipe: (record, value, exception) — the last two as views
+    of ``buffer``, not copies — or None if incomplete."""
+    data = memoryview(buffer)
     try:
         size = int.from_bytes(data[:8], "big")
         record: dict[str, Any] = _pickle.loads(data[8:8 + size])
@@ -419,7 +432,7 @@ def _serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.Fram
 def _supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.FrameReader, run_dir: str,
                out: _Out | _FileSink, *, coordinator: bool
                ) -> tuple[int | None, str | None, str | None, int | None, float,
-                          tuple[dict[str, Any], bytes, bytes] | None]:
+                          _Loaded | None]:
     """Fork the task into its own process group and watch it to its end.
 
     With a coordinator, its frames arrive on stdin (heartbeats, cancel) and its absence kills the task;
@@ -574,12 +587,12 @@ def _supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
                 os.close(fd)
             except OSError:
                 pass
-    return exit_status, status, detail, oom_before, started, _parse_result(bytes(result))
+    return exit_status, status, detail, oom_before, started, _parse_result(result)
 
 
 def _send_result(options: dict[str, Any], run_dir: str, exit_status: int | None, status: str | None,
                  detail: str | None, oom_before: int | None, started: float, out: _Out,
-                 loaded: tuple[dict[str, Any], bytes, bytes] | None = None, reuse: bool = False) -> bool:
+                 loaded: _Loaded | None = None, reuse: bool = False) -> bool:
     """Classify how the task ended, then send its result (see :func:`_send_classified`).
 
     ``loaded`` is the task's (record, value, exception) when it ran in this process; otherwise they
@@ -593,7 +606,7 @@ def _send_result(options: dict[str, Any], run_dir: str, exit_status: int | None,
 
 def _classify(options: dict[str, Any], run_dir: str, exit_status: int | None, status: str | None,
               detail: str | None, oom_before: int | None, started: float,
-              loaded: tuple[dict[str, Any], bytes, bytes] | None = None) -> tuple[dict[str, Any], bytes, bytes]:
+              loaded: _Loaded | None = None) -> _Loaded:
     """The result header (status, exit code, signal, exception) and the value and exception bytes."""
     record = loaded[0] if loaded is not None else None
     header: dict[str, Any] = {"protocol": wire.PROTOCOL, "duration": time.monotonic() - started,
@@ -625,8 +638,8 @@ def _classify(options: dict[str, Any], run_dir: str, exit_status: int | None, st
                    "signal": _signal_name(signal_number) if signal_number else None})
     if record is not None:
         header["exception"] = record.get("exception")
-    value = b""
-    exc_data = b""
+    value: bytes | memoryview = b""
+    exc_data: bytes | memoryview = b""
     if loaded is not None:
         value, exc_data = loaded[1], loaded[2]
     # Sizes only: the content of both is under the result's HMAC.
@@ -635,8 +648,8 @@ def _classify(options: dict[str, Any], run_dir: str, exit_status: int | None, st
     return header, value, exc_data
 
 
-def _send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any], value: bytes,
-                     exc_data: bytes, out: _Out, *, reuse: bool = False) -> bool:
+def _send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any], value: bytes | memoryview,
+                     exc_data: bytes | memoryview, out: _Out, *, reuse: bool = False) -> bool:
     """Send R, V, X, F frames, clean the run directory, send Z (the HMAC over the result).
 
     With ``reuse``, a run directory the task left empty is kept (creating and removing a directory costs
@@ -645,7 +658,10 @@ def _send_classified(options: dict[str, Any], run_dir: str, header: dict[str, An
     names = os.listdir(run_dir)
     files = [] if options.get("no_pull") or not names else _manifest(run_dir, options.get("pull") or [])
     header = dict(header, files=files)
-    out.sign(size=len(value) + len(exc_data) + sum(entry["size"] for entry in files))
+    size = len(value) + len(exc_data) + sum(entry["size"] for entry in files)
+    out.sign(size=size)
+    if size > (1 << 20):
+        wire.grow_pipe(out.fd)
     out.hold()
     out.send(b"R", _json_text(header).encode(), signed=True)
     if value:

@@ -283,7 +283,8 @@ def execute(session: Session, target: Target) -> Result:
 
     _recorder.task(run, key, name=session.task.name, host=target.host, status="running", started=utc_now(),
                    finished=None, error=None)
-    _recorder.file(run, f"sessions/{key}.zip", session.dumps)
+    # The wire form (already made for the call, read back by Session.loads): no second serialization.
+    _recorder.file(run, f"sessions/{key}.session", lambda: session_bytes)
     stdout = _sink(sys.stdout, None)
     stderr = _sink(sys.stderr, None)
     try:
@@ -296,11 +297,15 @@ def execute(session: Session, target: Target) -> Result:
         raise
     result = outcome.result
     if result.ok and session.task.kind == "function":
-        try:
-            value = pickle.dumps(result.value, protocol=5)
-        except Exception:  # an unpicklable value is still returned; it just cannot be merged later
-            logger.debug("result of %s not recorded", session.task.name, exc_info=True)
+        if outcome.value_data and session.serializer == "pickle" and not target.options.restricted:
+            value = outcome.value_data  # the pickle as it came (checked), not pickled again here
         else:
+            try:
+                value = pickle.dumps(result.value, protocol=5)
+            except Exception:  # an unpicklable value is still returned; it just cannot be merged later
+                logger.debug("result of %s not recorded", session.task.name, exc_info=True)
+                value = b""
+        if value:
             _recorder.file(run, f"results/{key}.pkl", lambda: value)
     _recorder.task(run, key, status="done" if result.ok else "failed", finished=utc_now(),
                    execution_id=session.execution.execution_id, exit_code=result.exit_code,

@@ -189,6 +189,9 @@ class Process(ABC):
     def close_stdin(self) -> None:
         """Signal end of input to the command."""
 
+    def grow_buffers(self) -> None:  # noqa: B027 - optional: most processes have nothing to grow
+        """Prepare for a large transfer (e.g. larger local pipe buffers). Does nothing by default."""
+
     @abstractmethod
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the command to end; return its exit status, or None if it still runs at ``timeout``.

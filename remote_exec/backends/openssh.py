@@ -668,6 +668,14 @@ class SshProcess(Process):
             message = f"{self._label} stopped reading its input: {exc.strerror}"
             raise ConnectError(self._backend.host, message) from exc
 
+    def grow_buffers(self) -> None:
+        """1 MiB pipes to and from ssh: a large transfer then moves in fewer, larger reads and writes."""
+        from ..wire import grow_pipe
+
+        for stream in (self._popen.stdin, self._popen.stdout):
+            if stream is not None and not stream.closed:
+                grow_pipe(stream.fileno())
+
     def close_stdin(self) -> None:
         """Signal end of input to the command."""
         stream = self._popen.stdin

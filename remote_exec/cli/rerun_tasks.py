@@ -30,7 +30,9 @@ def rerun_tasks(workspace: Any, previous: Any, *, failed: bool, remote: str | No
     run.set_status("running")
     failures = 0
     for key in todo:
-        saved = previous.dir / "sessions" / f"{key}.zip"
+        saved = previous.dir / "sessions" / f"{key}.session"
+        if not saved.is_file():  # recorded by an older rx: a saved zip
+            saved = saved.with_suffix(".zip")
         if not saved.is_file():
             run.set_task(key, "skipped", name=tasks[key].get("name"), error="no saved session to rerun")
             failures += 1
