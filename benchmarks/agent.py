@@ -351,6 +351,7 @@ class RxDriver(Driver):
         self.warmed: set[str] = set()
         self.keep_warm: Any = None
         self.keep_warm_reason: str | None = None
+        self.keep_warm_noops: dict[str, Any] | None = None
         self.seen: set[str] = set()
         self.blobs: dict[int, bytes] = {}
 
@@ -443,15 +444,24 @@ class RxDriver(Driver):
         return {"ok": True, "samples": [seconds],
                 "calls": [{"seconds": seconds, "phases": phases[-1] if phases else {}}]}
 
-    def op_hosts(self) -> Reply:
+    def op_hosts(self, keep_warm: bool = False) -> Reply:
+        """The same call on every host at once (threads), then one host after another."""
         for host in self.hosts:
             self._warm(host)
+        noops = self.noops
+        if keep_warm:
+            if self.keep_warm_noops is None:
+                self.keep_warm_noops = {host: self.task(remote=host, backend=self.backend, keep_warm=True)(
+                    self.payload.noop) for host in self.hosts}
+                for host in self.hosts:  # start each host's worker outside the clock
+                    self.keep_warm_noops[host](self._next())
+            noops = self.keep_warm_noops
         results: dict[str, Any] = {}
         errors: list[str] = []
 
         def call(host: str, argument: int) -> None:
             try:
-                results[host] = (self.noops[host](argument), argument)
+                results[host] = (noops[host](argument), argument)
             except Exception as exc:
                 errors.append(f"{host}: {type(exc).__name__}: {exc}")
 

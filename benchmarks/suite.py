@@ -97,6 +97,9 @@ def _rows() -> list[Row]:
                 f"4 hosts at once ({backend})", lat, f"{rx}.warm"),
             Row(f"{rx}.hosts_serial", f"rx ({backend}): the warm call on 4 hosts one after another, wall",
                 f"4 hosts in turn ({backend})", lat, f"{rx}.warm"),
+            Row(f"{rx}.hosts_parallel_kw", f"rx ({backend}): the `keep_warm=True` call on 4 hosts at once "
+                                           "(threads), wall",
+                f"4 hosts at once, keep_warm ({backend})", lat, f"{rx}.keep_warm"),
         ]
     rows += [
         Row("ssh.cat", "raw `ssh host cat` pipe: 100 MB up (`cat > /dev/null`) + 100 MB down (`cat file`)",
@@ -349,6 +352,8 @@ def _rx_hosts(bench: Bench, agent: Agent, backend: str) -> None:
     reply = agent.request("hosts", timeout=120)
     bench.results.add(f"rx-{backend}.hosts_parallel", reply["parallel"])
     bench.results.add(f"rx-{backend}.hosts_serial", reply["sequential"])
+    reply = agent.request("hosts", timeout=120, keep_warm=True)
+    bench.results.add(f"rx-{backend}.hosts_parallel_kw", reply["parallel"])
 
 
 def _python_start(bench: Bench) -> None:
@@ -413,7 +418,7 @@ def _probes(bench: Bench) -> list[Probe]:
             partial(_samples, bench, agent, f"{rx}.keep_warm", "keep_warm", timeout=90,
                     group=f"keep_warm call ({backend})", count=settings.warm_calls))
         add(f"rx run ({backend})", (f"{rx}.run",), partial(_rx_run, bench, backend))
-        add(f"rx 4 hosts ({backend})", (f"{rx}.hosts_parallel", f"{rx}.hosts_serial"),
+        add(f"rx 4 hosts ({backend})", (f"{rx}.hosts_parallel", f"{rx}.hosts_serial", f"{rx}.hosts_parallel_kw"),
             partial(_rx_hosts, bench, agent, backend))
         for size in SIZES:
             key = f"{rx}.echo{size // MB}"

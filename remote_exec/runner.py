@@ -77,12 +77,13 @@ class _Out:
         self.mac: Any = None  # made by sign() once the result's size is known
         self.last = time.monotonic()
         self.held: bytearray | None = None
+        self.openssl = False  # a persistent worker has paid for OpenSSL once: it always uses it
 
     def sign(self, key: bytes | None = None, size: int = 0) -> None:
         """Start the HMAC of a result of about ``size`` bytes (OpenSSL's only when it is large)."""
         if key is not None:
             self.key = key
-        self.mac = wire.new_hmac(self.key, bulk=size > (1 << 20))
+        self.mac = wire.new_hmac(self.key, bulk=self.openssl or size > (1 << 20))
 
     def send(self, kind: bytes, payload: bytes | memoryview = b"", *, signed: bool = False) -> None:
         if signed:
@@ -951,6 +952,7 @@ def _serve_worker(cache_dir: str, idle_timeout: float) -> int:
     os.environ["RX_INSIDE_RUNNER"] = "1"
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     out = _Out(proto_out)
+    out.openssl = True
     reader = wire.FrameReader()
     home = os.getcwd()
     runs = os.path.join(cache_dir, "runs")

@@ -242,6 +242,10 @@ def json_bytes(value: object) -> bytes:
 # -- the result's HMAC ------------------------------------------------------------------------------------
 
 
+_IPAD = int.from_bytes(b"\x36" * 64, "big")
+_OPAD = int.from_bytes(b"\x5c" * 64, "big")
+
+
 class SmallHMAC:
     """HMAC-SHA256 (RFC 2104) over the interpreter's built-in sha256.
 
@@ -253,9 +257,9 @@ class SmallHMAC:
         sha256 = _builtin_sha256()
         if len(key) > 64:
             key = sha256(key).digest()
-        key = key.ljust(64, b"\0")
-        self._inner = sha256(bytes(byte ^ 0x36 for byte in key))
-        self._outer = sha256(bytes(byte ^ 0x5C for byte in key))
+        number = int.from_bytes(key.ljust(64, b"\0"), "big")
+        self._inner = sha256((number ^ _IPAD).to_bytes(64, "big"))
+        self._outer = sha256((number ^ _OPAD).to_bytes(64, "big"))
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
         self._inner.update(data)
