@@ -152,12 +152,16 @@ def _process_run_id() -> str:
         return _run_id
 
 
+_PYTHON_VERSION = list(sys.version_info[:3])
+
+
 def run_task(function: TaskFunction[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run one call of a ``@task`` function through its chain; return its value or raise its exception."""
     from .config import Configuration
     from .serialization import get_serializer
 
-    config: Configuration = function.config or Configuration.load()
+    cwd = os.getcwd()
+    config: Configuration = function.config or Configuration.for_directory(cwd)
     advices = config.chain(function.chain)
     task = function.task
     serializer = get_serializer(config.serializer)
@@ -173,7 +177,7 @@ def run_task(function: TaskFunction[Any], args: tuple[Any, ...], kwargs: dict[st
         task=task,
         execution=execution,
         context={"remote": function.remote, "options": options, "origin": "task",
-                 "cwd": os.getcwd(), "python_version": list(sys.version_info[:3])},
+                 "cwd": cwd, "python_version": [*_PYTHON_VERSION]},
         run_id=_process_run_id(),
         serializer=config.serializer,
         arguments=serialized,

@@ -296,13 +296,20 @@ class Configuration:
         pays a dictionary lookup here).
         """
         if start is None:
-            cwd = os.getcwd()
-            if cwd in _found:
-                path = _found[cwd]
-            else:
-                path = _found[cwd] = find_pyproject(Path(cwd))
+            return cls.for_directory(os.getcwd())
+        return cls._for_pyproject(find_pyproject(start))
+
+    @classmethod
+    def for_directory(cls, cwd: str) -> Configuration:
+        """:meth:`load` for the directory ``cwd`` (a caller that knows the current directory passes it)."""
+        if cwd in _found:
+            path = _found[cwd]
         else:
-            path = find_pyproject(start)
+            path = _found[cwd] = find_pyproject(Path(cwd))
+        return cls._for_pyproject(path)
+
+    @classmethod
+    def _for_pyproject(cls, path: Path | None) -> Configuration:
         key = str(path)
         cached = _loaded.get(key)
         if cached is None:

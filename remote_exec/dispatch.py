@@ -195,6 +195,21 @@ class _Runner:
         _reap(self.process, self.stderr_reader)
 
 
+class _Flag:
+    """A flag one thread sets and another polls (an Event without its lock and condition: nobody waits)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = False
+
+    def set(self) -> None:
+        self.value = True
+
+    def is_set(self) -> bool:
+        return self.value
+
+
 class _Call:
     """One call on a runner: heartbeats, watchdog, and the frames of its output and result."""
 
@@ -214,8 +229,8 @@ class _Call:
         self.files_stream: IO[bytes] | None = None
         self.end: dict[str, Any] | None = None
         self.started: dict[str, Any] | None = None
-        self.dead = threading.Event()
-        self.stop = threading.Event()
+        self.dead = _Flag()
+        self.stop = _Flag()
 
     def send(self, kind: bytes, payload: bytes = b"") -> None:
         self.runner.send(kind, payload)

@@ -28,6 +28,7 @@ import os
 import sys
 import sysconfig
 import threading
+import time
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -202,6 +203,9 @@ class DistributionArchive:
               extra_modules: Iterable[str] = (), cache_dir: Path | None = None) -> DistributionArchive:
         """Build (or reuse) the archive for code that starts in ``entry_files``.
 
+        A build is reused while the files it read are unchanged (size and modification time, checked at
+        most every :data:`RECHECK_SECONDS`, so a sweep's calls do not stat them each time).
+
         Args:
             entry_files: The task's script or module file(s); their project imports are found.
             roots: Where project modules live (the script's folder, source roots).
@@ -219,8 +223,13 @@ class DistributionArchive:
                  else (environ.get("RX_CACHE_DIR"), environ.get("XDG_CACHE_HOME"), environ.get("HOME")))
         memo_key = (tuple(map(str, entry_files)), tuple(map(str, roots)), extra_modules, where)
         hit = _build_memo.get(memo_key)
-        if hit is not None and hit[1] == _signature(hit[2]) and os.path.isfile(hit[3]):
-            return hit[0]  # unchanged code: a few stat calls, no discovery
+        if hit is not None:
+            now = time.monotonic()
+            if now - _checked.get(memo_key, 0.0) < RECHECK_SECONDS:
+                return hit[0]  # checked a moment ago: a sweep's call does not stat the files again
+            if hit[1] == _signature(hit[2]) and os.path.isfile(hit[3]):
+                _checked[memo_key] = now
+                return hit[0]  # unchanged code: a few stat calls, no discovery
         entry_files = tuple(Path(file) for file in entry_files)
         roots = tuple(Path(root) for root in roots)
         cache_dir = cache_dir or default_cache_dir()
@@ -254,6 +263,9 @@ def default_cache_dir() -> Path:
     return Path(base) / "remote_exec" / "archives"
 
 
+#: Seconds an unchanged build is trusted before its files are checked again (an edit shows within this).
+RECHECK_SECONDS = 0.5
+_checked: dict[tuple[Any, ...], float] = {}
 _build_memo: dict[tuple[Any, ...],
                   tuple[DistributionArchive, tuple[tuple[int, int], ...], tuple[str, ...], str]] = {}
 

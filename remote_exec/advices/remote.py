@@ -15,6 +15,7 @@ import pickle
 import queue
 import sys
 import threading
+import time
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -81,9 +82,10 @@ def _entry_points(task: Task) -> tuple[list[Path], list[Path]]:
 _entry_cache: dict[tuple[str, str | None, str | None, str], tuple[list[Path], list[Path]]] = {}
 
 
-def archive_for(task: Task, config: Configuration) -> DistributionArchive:
-    """The distribution archive carrying ``task``'s code (built once per content)."""
-    where = (task.kind, task.module, task.filename, os.getcwd())
+def archive_for(task: Task, config: Configuration, cwd: str | None = None) -> DistributionArchive:
+    """The distribution archive carrying ``task``'s code (built once per content); ``cwd``: the current
+    directory, when the caller knows it."""
+    where = (task.kind, task.module, task.filename, cwd or os.getcwd())
     entry = _entry_cache.get(where)
     if entry is None:
         entry = _entry_cache[where] = _entry_points(task)
@@ -126,12 +128,13 @@ class _Recorder:
     """Records @task calls in their workspace runs, in order, on one background thread.
 
     A call does not wait for its record to reach the disk (a locked, fsynced state rewrite costs
-    milliseconds, more than a warm call itself). Jobs are data: file writes (the call's session, its
-    value) and task-board changes. The thread gathers what queues up for :attr:`INTERVAL` seconds and
-    applies all board changes of a run in one state rewrite, so a sweep of many small calls rewrites
-    state.json a few times a second, not twice per call, and competes little with the calls for the
-    interpreter. The per-call files are written atomically but not fsynced one by one (a killed process
-    loses nothing; only a crash of the machine may lose the last moments' files); state.json is.
+    milliseconds, more than a warm call itself). Jobs are data: per-call files (the call's session, its
+    value) and task-board changes. The thread gathers what queues up for :attr:`INTERVAL` seconds, writes
+    the batch's files as one archive (:meth:`Run.write_calls`) and applies all board changes of a run in
+    one state rewrite, so a sweep of many small calls writes a few files a second, not two per call, and
+    competes little with the calls for the interpreter. The archives are written atomically but not
+    fsynced (a killed process loses nothing; only a crash of the machine may lose the last moments'
+    records); state.json is.
     :meth:`flush` cuts the wait short and returns once everything submitted so far is applied; it runs at
     exit.
     """
@@ -140,21 +143,22 @@ class _Recorder:
     INTERVAL = 0.2
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self._queue: queue.Queue[tuple[tuple[Any, ...], ...]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._urgent = threading.Event()
         self._flushing = 0
 
     def file(self, run: Any, name: str, data: Callable[[], bytes]) -> None:
-        """Write ``data()`` to ``name`` in the run's store."""
-        self._put(("file", run, name, data))
+        """Write ``data()`` to ``name`` in the run's records."""
+        self.put(("file", run, name, data))
 
     def task(self, run: Any, key: str, **fields: Any) -> None:
-        """Change task ``key`` of the run's status board."""
-        self._put(("task", run, key, fields))
+        """Change task ``key`` of the run's status board (``started``/``finished`` may be epoch seconds)."""
+        self.put(("task", run, key, fields))
 
-    def _put(self, job: tuple[Any, ...]) -> None:
+    def put(self, *jobs: tuple[Any, ...]) -> None:
+        """Submit ``("file", run, name, data)`` and ``("task", run, key, fields)`` jobs, in order."""
         if self._thread is None or not self._thread.is_alive():
             with self._lock:
                 if self._thread is None or not self._thread.is_alive():
@@ -162,33 +166,41 @@ class _Recorder:
                         atexit.register(self.flush)  # nothing submitted is lost when the process ends
                     self._thread = threading.Thread(target=self._work, name="rx-recorder", daemon=True)
                     self._thread.start()
-        self._queue.put(job)
+        self._queue.put(jobs)
 
     def _work(self) -> None:
         while True:
-            batch = [self._queue.get()]
+            submitted = [self._queue.get()]
             self._urgent.wait(self.INTERVAL)
             while True:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    submitted.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
             try:
-                self._apply(batch)
+                self._apply([job for jobs in submitted for job in jobs])
             except Exception:
                 logger.warning("recording task calls in the workspace failed", exc_info=True)
             finally:
-                for _ in batch:
+                for _ in submitted:
                     self._queue.task_done()
 
     @staticmethod
     def _apply(batch: list[tuple[Any, ...]]) -> None:
+        from ..workspace.state import utc_now
+
+        files: dict[int, tuple[Any, list[tuple[str, bytes]]]] = {}
         changes: dict[int, tuple[Any, list[tuple[str, dict[str, Any]]]]] = {}
         for kind, run, name, payload in batch:
             if kind == "file":
-                run.store.write_bytes(name, payload(), sync=False)
-            else:
-                changes.setdefault(id(run), (run, []))[1].append((name, payload))
+                files.setdefault(id(run), (run, []))[1].append((name, payload()))
+                continue
+            for stamp in ("started", "finished"):
+                if isinstance(payload.get(stamp), float):
+                    payload[stamp] = utc_now(payload[stamp])
+            changes.setdefault(id(run), (run, []))[1].append((name, payload))
+        for run, members in files.values():  # before the entries that point at them
+            run.write_calls(members)
         for run, run_changes in changes.values():
             run.board.apply(run_changes)
 
@@ -228,7 +240,8 @@ _runs_lock = threading.Lock()
 def _process_run(session: Session, config: Configuration, target: Target) -> Any:
     """The workspace run for this process's @task calls (created on the first call)."""
     # Keyed by what names the workspace (not by its resolved path: resolving costs a sweep's call more).
-    quick = (str(config.workspace or ""), os.environ.get("RX_WORKSPACE"), os.getcwd(), session.run_id)
+    quick = (str(config.workspace or ""), os.environ.get("RX_WORKSPACE"), session.context.get("cwd") or os.getcwd(),
+             session.run_id)
     run = _runs.get(quick)
     if run is not None:
         return run
@@ -279,40 +292,43 @@ def execute(session: Session, target: Target) -> Result:
     run = _process_run(session, config, target)
     key = session.execution.execution_id[:16]
     session_bytes = session.to_wire()
-    from ..workspace.state import utc_now  # here: the workspace needs filelock, which hosts do not have
-
-    _recorder.task(run, key, name=session.task.name, host=target.host, status="running", started=utc_now(),
-                   finished=None, error=None)
     # The wire form (already made for the call, read back by Session.loads): no second serialization.
-    _recorder.file(run, f"sessions/{key}.session", lambda: session_bytes)
+    _recorder.put(("task", run, key, dict(name=session.task.name, host=target.host, status="running",
+                                          started=time.time(), finished=None, error=None)),
+                  ("file", run, f"sessions/{key}.session", lambda: session_bytes))
     stdout = _sink(sys.stdout, None)
     stderr = _sink(sys.stderr, None)
     try:
-        archive = archive_for(session.task, config)
+        archive = archive_for(session.task, config, session.context.get("cwd"))
         outcome = dispatch(session, target.backend, archive, target.options, on_stdout=stdout,
                            on_stderr=stderr, land_file=_lander(run, f"files/{key}/"),
                            session_bytes=session_bytes)
     except BaseException as exc:
-        _recorder.task(run, key, status="failed", finished=utc_now(), error=f"{type(exc).__name__}: {exc}")
+        _recorder.task(run, key, status="failed", finished=time.time(), error=f"{type(exc).__name__}: {exc}")
         raise
     result = outcome.result
+    jobs: list[tuple[Any, ...]] = []
     if result.ok and session.task.kind == "function":
-        if outcome.value_data and session.serializer == "pickle" and not target.options.restricted:
-            value = outcome.value_data  # the pickle as it came (checked), not pickled again here
-        else:
-            try:
-                value = pickle.dumps(result.value, protocol=5)
-            except Exception:  # an unpicklable value is still returned; it just cannot be merged later
-                logger.debug("result of %s not recorded", session.task.name, exc_info=True)
-                value = b""
+        value = _recorded_value(session, target, outcome)
         if value:
-            _recorder.file(run, f"results/{key}.pkl", lambda: value)
-    _recorder.task(run, key, status="done" if result.ok else "failed", finished=utc_now(),
-                   execution_id=session.execution.execution_id, exit_code=result.exit_code,
-                   result_status=result.status, phases=outcome.phases,
-                   error=None if result.ok else (result.detail or f"{result.exception_type}: "
-                                                                 f"{result.exception_message}"))
+            jobs.append(("file", run, f"results/{key}.pkl", lambda: value))
+    error = None if result.ok else (result.detail or f"{result.exception_type}: {result.exception_message}")
+    jobs.append(("task", run, key, dict(status="done" if result.ok else "failed", finished=time.time(),
+                                        execution_id=session.execution.execution_id, exit_code=result.exit_code,
+                                        result_status=result.status, phases=outcome.phases, error=error)))
+    _recorder.put(*jobs)
     return result
+
+
+def _recorded_value(session: Session, target: Target, outcome: Outcome) -> bytes:
+    """The call's value as recorded in ``results/`` (a pickle), or b"" when it cannot be."""
+    if outcome.value_data and session.serializer == "pickle" and not target.options.restricted:
+        return outcome.value_data  # the pickle as it came (checked), not pickled again here
+    try:
+        return pickle.dumps(outcome.result.value, protocol=5)
+    except Exception:  # an unpicklable value is still returned; it just cannot be merged later
+        logger.debug("result of %s not recorded", session.task.name, exc_info=True)
+        return b""
 
 
 def _lander(run: Any, prefix: str) -> Callable[[PurePosixPath, Path, str], Path]:

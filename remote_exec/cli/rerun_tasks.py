@@ -30,14 +30,12 @@ def rerun_tasks(workspace: Any, previous: Any, *, failed: bool, remote: str | No
     run.set_status("running")
     failures = 0
     for key in todo:
-        saved = previous.dir / "sessions" / f"{key}.session"
-        if not saved.is_file():  # recorded by an older rx: a saved zip
-            saved = saved.with_suffix(".zip")
-        if not saved.is_file():
+        saved = previous.call_record(f"sessions/{key}.session") or previous.call_record(f"sessions/{key}.zip")
+        if saved is None:
             run.set_task(key, "skipped", name=tasks[key].get("name"), error="no saved session to rerun")
             failures += 1
             continue
-        session = Session.loads(saved.read_bytes())
+        session = Session.loads(saved)
         if remote:
             session.context["remote"] = remote
         session.run_id = run.id

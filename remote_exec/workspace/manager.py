@@ -11,7 +11,11 @@ directory) holding one directory per run::
         result.json       {"ok", "value_repr", "exception": {"type", "message", "traceback"}|null,
                            "exit_code"}
         result.pkl        the pickled value, when there is one
-        results/<key>.*   per-task results of a multi-task run
+        results/<key>.*   per-task results of a multi-task run (merged from an earlier run, or written
+                          one by one)
+        calls/*.zip       what a @task run records per call, a batch of calls per archive (written as
+                          the calls end, a few times a second): sessions/<key>.session (the call, for
+                          rx rerun) and results/<key>.pkl (its pickled value)
         files/            files pulled back from the task's working directory
         .store/tmp, new   temporaries of the tmp -> new -> cur protocol (see store.py)
 
@@ -586,6 +590,62 @@ class Run:
         """Every task entry, by key."""
         return self.board.tasks()
 
+    # -- per-call records (sessions and results of a @task run) -------------------------------------
+
+    def write_calls(self, members: list[tuple[str, bytes]]) -> None:
+        """Record a batch of per-call files (``sessions/<key>.session``, ``results/<key>.pkl``) in one
+        archive under ``calls/``: one file per batch, not two per call (a sweep makes thousands of calls).
+
+        The archive appears complete or not at all; it is not fsynced (state.json is): a crash of the
+        machine may lose the last batch, a killed process loses nothing it wrote.
+        """
+        import io
+        import zipfile
+
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+            for name, data in members:
+                archive.writestr(name, data)
+        self.store.write_bytes(f"calls/{time.time_ns():020d}-{os.getpid()}.zip", buffer.getvalue(), sync=False)
+        self.__dict__.pop("_call_index", None)
+
+    def _calls(self) -> dict[str, Path]:
+        """Which archive under ``calls/`` holds each recorded member (the newest, if several do)."""
+        index: dict[str, Path] = self.__dict__.get("_call_index") or {}
+        if not index:
+            import zipfile
+
+            try:
+                archives = sorted((self.dir / "calls").glob("*.zip"))
+            except OSError:
+                archives = []
+            for path in archives:
+                try:
+                    with zipfile.ZipFile(path) as archive:
+                        index.update(dict.fromkeys(archive.namelist(), path))
+                except (OSError, zipfile.BadZipFile):
+                    continue
+            self.__dict__["_call_index"] = index
+        return index
+
+    def call_record(self, name: str) -> bytes | None:
+        """A per-call file (``sessions/<key>.session``, ``results/<key>.pkl``): written on its own, or in
+        a batch archive under ``calls/``; None if there is none."""
+        import zipfile
+
+        try:
+            return (self.dir / name).read_bytes()
+        except OSError:
+            pass
+        path = self._calls().get(name)
+        if path is None:
+            return None
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return archive.read(name)
+        except (OSError, KeyError, zipfile.BadZipFile):
+            return None
+
     def merge_done(self, previous: Run) -> list[str]:
         """Copy the ``done`` tasks of ``previous`` (entries and ``results/<key>.<ext>`` files) here.
 
@@ -604,6 +664,9 @@ class Run:
         for key in done:
             for source in previous._result_files(key):
                 self.store.write_file(f"results/{source.name}", source)
+            batched = None if previous._result_files(key) else previous.call_record(f"results/{key}.pkl")
+            if batched is not None:
+                self.store.write_bytes(f"results/{key}.pkl", batched)
         entries = {key: {**entry, "merged_from": previous.id} for key, entry in done.items()}
         return sorted(self.board.merge(entries))
 

@@ -79,9 +79,10 @@ def _thread_lock(path: Path) -> threading.RLock:
         return lock
 
 
-def utc_now() -> str:
-    """The current time as an ISO 8601 UTC string with milliseconds."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+def utc_now(epoch: float | None = None) -> str:
+    """The current time (or ``epoch`` seconds) as an ISO 8601 UTC string with milliseconds."""
+    moment = datetime.now(timezone.utc) if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
+    return moment.isoformat(timespec="milliseconds")
 
 
 def parse_time(value: object) -> datetime | None:

@@ -229,6 +229,26 @@ def test_merge_done_copies_done_tasks_and_their_results(tmp_path: Path) -> None:
     assert rerun.merge_done(previous) == []  # already done here
 
 
+def test_per_call_records_are_written_in_batches_and_read_back_by_name(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    previous = make_run(ws, "failed")
+    previous.write_calls([("sessions/a.session", b"session-a"), ("results/a.pkl", b"value-a")])
+    previous.write_calls([("sessions/b.session", b"session-b")])
+    previous.store.write_bytes("sessions/c.zip", b"an older rx's session")  # written on its own
+    assert len(list((previous.dir / "calls").glob("*.zip"))) == 2
+    assert previous.call_record("sessions/a.session") == b"session-a"
+    assert previous.call_record("results/a.pkl") == b"value-a"
+    assert previous.call_record("sessions/b.session") == b"session-b"
+    assert previous.call_record("sessions/c.zip") == b"an older rx's session"
+    assert previous.call_record("results/b.pkl") is None
+    # A rerun takes the done calls' values with it, out of the batch.
+    previous.task_started("a", name="f", host="h1")
+    previous.set_task("a", "done")
+    rerun = ws.new_run(target="job.py", kind="rerun", parent=previous.id)
+    assert rerun.merge_done(previous) == ["a"]
+    assert (rerun.results_dir / "a.pkl").read_bytes() == b"value-a"
+
+
 def test_result_logs_and_files(tmp_path: Path) -> None:
     run = make_run(Workspace(tmp_path))
     assert run.result() is None and run.read_log() == b"" and run.files() == []
