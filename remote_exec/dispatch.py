@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import json
 import logging
+import marshal
 import pickle
 import secrets
 import shutil
@@ -105,7 +106,8 @@ class Outcome:
         files: Local paths of the files that landed.
         uploaded: True when the archive had to be sent.
         phases: Seconds per phase: ``connect``, ``upload``, ``execute``, ``collect``.
-        value_data: The value as the runner serialized it (it passed the result's checks), empty if none.
+        value_data: The value as the runner pickled it (it passed the result's checks); empty if none or
+            if it came as marshal.
     """
 
     result: Result
@@ -550,6 +552,7 @@ def _call(runner: _Runner, session: Session, session_bytes: bytes, options: Call
         "no_pull": options.no_pull or land_file is None,
         "keep": options.keep,
         "kind": session.task.kind,
+        "marshal": not options.restricted,  # restricted mode reads pickles through its allow-list only
         **(extra_options or {}),
     }
     call = _Call(runner, options, key, on_stdout, on_stderr)
@@ -785,6 +788,8 @@ def _collect(call: _Call, session: Session,
     landed: list[Path] = []
     if land_file is not None and header.get("files"):
         landed = _land_files(call, header["files"], land_file)
+    if (header.get("value") or {}).get("encoding") == "marshal":
+        value = b""  # not a pickle: the value is recorded from the object instead
     return result, landed, value
 
 
@@ -824,7 +829,16 @@ def _rebuild_result(header: dict[str, Any], value: bytes, exc_data: bytes, sessi
         result.exception_message = exception.get("message")
         result.traceback = exception.get("traceback")
     if value:
-        if session.serializer == "pickle":
+        encoding = (header.get("value") or {}).get("encoding")
+        if encoding == "marshal":
+            if options.restricted:
+                raise IntegrityError(f"{header.get('host', 'the host')}: restricted mode was sent a marshalled "
+                                     "value it did not ask for; it was not accepted")
+            try:
+                result.value = marshal.loads(value)
+            except (ValueError, EOFError, TypeError) as exc:
+                raise IntegrityError(f"the result's value is damaged: {exc}") from exc
+        elif session.serializer == "pickle":
             result.value = unpickle(value)
         else:
             result.value = get_serializer(session.serializer).loads(value)

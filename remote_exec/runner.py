@@ -19,10 +19,11 @@ from __future__ import annotations
 
 # Every import here is paid on every call (process-per-call mode): only what the runner always needs, and
 # the lean variants (_signal and select.poll rather than signal and selectors, which pull in enum;
-# wire's JSON writer rather than json, which pulls in re). The rest is imported where it is used.
-import _pickle
+# wire's JSON writer rather than json, which pulls in re; marshal for built-in data rather than even the
+# C pickle module, which loads functools and collections). The rest is imported where it is used.
 import errno
 import io
+import marshal
 import os
 import select
 import sys
@@ -227,11 +228,11 @@ def _child(session_bytes: bytes, run_dir: str, options: dict[str, Any], out_w: i
                                   errors="backslashreplace", line_buffering=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace", line_buffering=True)
-    record, value, exc_data = _run_task(session_bytes, run_dir)
+    record, value, exc_data = _run_task(session_bytes, run_dir, bool(options.get("marshal")))
     record = dict(record, value_size=len(value), exc_size=len(exc_data))
     if len(value) > (1 << 20):
         wire.grow_pipe(result_w)
-    header = _pickle.dumps(record, protocol=4)
+    header = marshal.dumps(record, 4)
     for data in (len(header).to_bytes(8, "big"), header, value, exc_data):
         view = memoryview(data)
         while view:
@@ -246,21 +247,23 @@ def _parse_result(buffer: bytearray) -> _Loaded | None:
     data = memoryview(buffer)
     try:
         size = int.from_bytes(data[:8], "big")
-        record: dict[str, Any] = _pickle.loads(data[8:8 + size])
+        record: dict[str, Any] = marshal.loads(data[8:8 + size])
         value_end = 8 + size + int(record["value_size"])
         exc_end = value_end + int(record["exc_size"])
-    except (ValueError, KeyError, EOFError, TypeError, _pickle.UnpicklingError):
+    except (ValueError, KeyError, EOFError, TypeError):
         return None
     if exc_end != len(data):
         return None
     return record, data[8 + size:value_end], data[value_end:exc_end]
 
 
-def _run_task(session_bytes: bytes, run_dir: str) -> tuple[dict[str, Any], bytes, bytes]:
+def _run_task(session_bytes: bytes, run_dir: str, marshal_ok: bool = False) -> tuple[dict[str, Any], bytes, bytes]:
     """Restore the session and run its task here; return (record, serialized value, pickled exception).
 
     The record holds status, exit_code and, when the task raised, the exception's type, message and
-    traceback text (which always travel, even when the exception itself cannot be pickled).
+    traceback text (which always travel, even when the exception itself cannot be pickled). With
+    ``marshal_ok`` (the coordinator reads marshal: it is not in restricted mode), a value of built-in
+    data goes as marshal (``value_encoding``), which needs no pickle module here.
     """
     record: dict[str, Any] = {"status": "finished", "exit_code": 0, "exception": None, "value": False,
                               "exc_pickle": False}
@@ -268,7 +271,7 @@ def _run_task(session_bytes: bytes, run_dir: str) -> tuple[dict[str, Any], bytes
     exc_data = b""
     kind = "function"
     try:
-        from .serialization import PickleSerializer, get_serializer
+        from .serialization import PickleSerializer, get_serializer, marshal_dumps
         from .session import Session
 
         session = Session.loads(session_bytes)
@@ -276,8 +279,13 @@ def _run_task(session_bytes: bytes, run_dir: str) -> tuple[dict[str, Any], bytes
         value = session.task.execute(session.execution, workdir=run_dir)
         if kind == "function":
             try:
-                value_data = (PickleSerializer().dumps_fast(value) if session.serializer == "pickle"
-                              else get_serializer(session.serializer).dumps(value))
+                marshalled = marshal_dumps(value) if marshal_ok and session.serializer == "pickle" else None
+                if marshalled is not None:
+                    value_data = marshalled
+                    record["value_encoding"] = "marshal"
+                else:
+                    value_data = (PickleSerializer().dumps_fast(value) if session.serializer == "pickle"
+                                  else get_serializer(session.serializer).dumps(value))
             except Exception as exc:
                 raise TypeError(f"the task's return value ({type(value).__qualname__}) cannot be "
                                 f"serialized: {exc}") from exc
@@ -644,7 +652,8 @@ def _classify(options: dict[str, Any], run_dir: str, exit_status: int | None, st
     if loaded is not None:
         value, exc_data = loaded[1], loaded[2]
     # Sizes only: the content of both is under the result's HMAC.
-    header["value"] = {"size": len(value)} if value else None
+    header["value"] = ({"size": len(value), "encoding": (record or {}).get("value_encoding", "serializer")}
+                       if value else None)
     header["exc_pickle"] = {"size": len(exc_data)} if exc_data else None
     return header, value, exc_data
 
@@ -975,7 +984,7 @@ def _serve_worker(cache_dir: str, idle_timeout: float) -> int:
             os.chdir(run_dir)
             current = _Current(options, run_dir)
             watch.begin(current)
-            loaded = _run_task(session_bytes, run_dir)
+            loaded = _run_task(session_bytes, run_dir, bool(options.get("marshal")))
             del session_bytes
             watch.finish()
             try:

@@ -12,8 +12,9 @@ for tuples, namedtuples, sets, bytes, exceptions and any object with ``serialize
 
 from __future__ import annotations
 
-# The C pickle module: `pickle` itself imports `re` and more, which every call of the runner would pay for.
-import _pickle as pickle
+# The C pickle module (`pickle` itself imports `re` and more), imported where it is used: even _pickle costs
+# the runner milliseconds (it loads functools and collections), which a call of plain data never pays.
+import marshal
 
 TYPE_CHECKING = False  # typing is not imported at run time (the runner loads this module on every call)
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 else:
     Protocol = object
 
-__all__ = ["JsonSerializer", "PickleSerializer", "RestrictedUnpickler", "Serializer", "get_serializer",
+__all__ = ["JsonSerializer", "PickleSerializer", "RestrictedUnpickler", "Serializer", "get_serializer",  # noqa: F822
            "restricted_loads"]
 
 _PROTOCOL = 5
@@ -48,8 +49,10 @@ class PickleSerializer:
     name = "pickle"
 
     def dumps(self, value: Any) -> bytes:
+        import _pickle
+
         if _plain(value):  # what plain pickle writes exactly as cloudpickle would, at C speed
-            return pickle.dumps(value, protocol=_PROTOCOL)
+            return _pickle.dumps(value, protocol=_PROTOCOL)
         import cloudpickle
 
         try:
@@ -63,13 +66,17 @@ class PickleSerializer:
         Only for values whose classes are importable where they are loaded (results of a task): plain
         pickle writes ``__main__`` objects by a reference the other side cannot resolve.
         """
+        import _pickle
+
         try:
-            return pickle.dumps(value, protocol=_PROTOCOL)
+            return _pickle.dumps(value, protocol=_PROTOCOL)
         except Exception:
             return self.dumps(value)
 
     def loads(self, data: bytes) -> Any:
-        return pickle.loads(data)
+        import _pickle
+
+        return _pickle.loads(data)
 
 
 _ATOMIC = frozenset({type(None), bool, int, float, complex, str, bytes, bytearray})
@@ -96,6 +103,42 @@ def _plain(value: Any, budget: int = 256) -> bool:
         else:
             stack.extend(item)
     return True
+
+
+#: What marshal writes exactly as the value is (no bytearray: marshal reads it back as bytes).
+_MARSHAL_ATOMIC = frozenset({type(None), bool, int, float, complex, str, bytes})
+#: marshal's format version: readable by every Python 3.4 and later.
+MARSHAL_VERSION = 4
+
+
+def marshal_dumps(value: Any) -> bytes | None:
+    """``value`` written with :mod:`marshal` when it is built-in data that marshal gives back exactly
+    (exact built-in types, at most 256 objects, no bytearray), else None.
+
+    marshal is built in: reading it costs the runner no import, where even the C pickle module loads
+    functools and collections. It is as trusting as pickle (use it only where pickle would do).
+    """
+    stack = [value]
+    budget = 256
+    while stack:
+        budget -= 1
+        if budget < 0:
+            return None
+        item = stack.pop()
+        kind = type(item)
+        if kind in _MARSHAL_ATOMIC:
+            continue
+        if kind not in _CONTAINERS:
+            return None
+        if kind is dict:
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        else:
+            stack.extend(item)
+    try:
+        return marshal.dumps(value, MARSHAL_VERSION)
+    except ValueError:
+        return None
 
 
 def _qualname(cls: type) -> str:
@@ -199,42 +242,55 @@ SAFE_GLOBALS = frozenset({
 })
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles only plain data, the built-in exceptions, and the globals or modules allowed.
+def _restricted_class() -> type[Any]:
+    """Build :class:`RestrictedUnpickler` (a subclass of _pickle's, which is imported only when needed)."""
+    import _pickle
 
-    For results from hosts you do not fully trust: a pickle can call any importable function when it
-    is loaded, so restricted mode refuses every global that is not on the allow-list.
+    class RestrictedUnpickler(_pickle.Unpickler):
+        """Unpickles only plain data, the built-in exceptions, and the globals or modules allowed.
 
-    Args:
-        allow: Extra globals (``module.name``) or whole modules (``module`` or ``module.*``) to accept.
-    """
+        For results from hosts you do not fully trust: a pickle can call any importable function when it
+        is loaded, so restricted mode refuses every global that is not on the allow-list.
 
-    def __init__(self, file: Any, *, allow: Iterable[str] = ()) -> None:
-        super().__init__(file)
-        self.allow = frozenset(allow)
+        Args:
+            allow: Extra globals (``module.name``) or whole modules (``module`` or ``module.*``) to accept.
+        """
 
-    def find_class(self, module: str, name: str) -> Any:
-        qualified = f"{module}.{name}"
-        allowed = (qualified in SAFE_GLOBALS or qualified in self.allow or module in self.allow
-                   or f"{module}.*" in self.allow or any(module.startswith(f"{m}.") for m in self.allow))
-        if not allowed and module == "builtins":
-            import builtins
+        def __init__(self, file: Any, *, allow: Iterable[str] = ()) -> None:
+            super().__init__(file)
+            self.allow = frozenset(allow)
 
-            value = getattr(builtins, name, None)
-            allowed = isinstance(value, type) and issubclass(value, BaseException)
-        if not allowed:
-            from .errors import SerializationError
+        def find_class(self, module: str, name: str) -> Any:
+            qualified = f"{module}.{name}"
+            allowed = (qualified in SAFE_GLOBALS or qualified in self.allow or module in self.allow
+                       or f"{module}.*" in self.allow or any(module.startswith(f"{m}.") for m in self.allow))
+            if not allowed and module == "builtins":
+                import builtins
 
-            raise SerializationError(f"restricted mode refused to unpickle {qualified}",
-                                     hint=f"allow_unpickle=['{qualified}'] accepts it, if you trust what it does")
-        return super().find_class(module, name)
+                value = getattr(builtins, name, None)
+                allowed = isinstance(value, type) and issubclass(value, BaseException)
+            if not allowed:
+                from .errors import SerializationError
+
+                raise SerializationError(f"restricted mode refused to unpickle {qualified}",
+                                         hint=f"allow_unpickle=['{qualified}'] accepts it, if you trust what it does")
+            return super().find_class(module, name)
+
+    return RestrictedUnpickler
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RestrictedUnpickler":
+        value = globals()[name] = _restricted_class()
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def restricted_loads(data: bytes, allow: Iterable[str] = ()) -> Any:
     """Unpickle ``data`` through :class:`RestrictedUnpickler`."""
     import io
 
-    return RestrictedUnpickler(io.BytesIO(data), allow=allow).load()
+    return __getattr__("RestrictedUnpickler")(io.BytesIO(data), allow=allow).load()
 
 
 _SERIALIZERS: dict[str, type[PickleSerializer] | type[JsonSerializer]] = {

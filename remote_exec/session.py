@@ -24,8 +24,11 @@ FORMAT = "rx-session"
 VERSION = 1
 _META = "rx-session.json"
 #: The session as it crosses the wire to the runner: this magic, then four length-prefixed sections
-#: (metadata, task, arguments, context), so the runner needs neither zipfile nor json to read it.
-_WIRE_MAGIC = b"RXS1"
+#: (metadata, task, arguments, context), so the runner needs neither zipfile nor json to read it. Each
+#: section starts with how it is written: ``m`` marshal (built-in data, and a function task by reference:
+#: the runner then needs no pickle module at all), ``p`` pickle, ``s`` the session's serializer.
+_WIRE_MAGIC = b"RXS2"
+_WIRE_MAGIC_V1 = b"RXS1"  # untagged pickles (sessions recorded by earlier versions)
 
 
 class Result(Record):
@@ -136,24 +139,50 @@ class Result(Record):
         }
 
 
-_task_pickles: dict[int, tuple[Task, bytes]] = {}
+_task_sections: dict[int, tuple[Task, bytes]] = {}
 
 
-def _pickled_task(task: Task) -> bytes:
-    """``task`` pickled; remembered for a function task written by reference (the same bytes every call;
-    one written by value is pickled again each time, as its globals may have changed)."""
-    hit = _task_pickles.get(id(task))
+def _task_section(task: Task) -> bytes:
+    """``task`` as a tagged wire section: marshal for a function task by reference (remembered: the same
+    bytes every call), else a pickle (one written by value is pickled again each time, as its globals
+    may have changed)."""
+    hit = _task_sections.get(id(task))
     if hit is not None and hit[0] is task:
         return hit[1]
-    from .serialization import PickleSerializer
+    from .serialization import MARSHAL_VERSION, PickleSerializer
     from .task import _by_reference
 
-    data = PickleSerializer().dumps(task)
-    if task.kind == "function" and task.function is not None and _by_reference(task.function) is not None:
-        if len(_task_pickles) >= 1024:
-            _task_pickles.clear()
-        _task_pickles[id(task)] = (task, data)
+    reference = (_by_reference(task.function) if task.kind == "function" and task.function is not None
+                 else None)
+    if reference is None:
+        return b"p" + PickleSerializer().dumps(task)
+    import marshal
+
+    data = b"m" + marshal.dumps(("ref", *reference, task.task_id, task.name), MARSHAL_VERSION)
+    if len(_task_sections) >= 1024:
+        _task_sections.clear()
+    _task_sections[id(task)] = (task, data)
     return data
+
+
+def _tagged(data: bytes, what: str) -> Any:
+    """Read a marshal (``m``) or pickle (``p``) wire section (see :data:`_WIRE_MAGIC`)."""
+    tag, body = data[:1], data[1:]
+    if tag == b"m":
+        import marshal
+
+        try:
+            return marshal.loads(body)
+        except (ValueError, EOFError, TypeError) as exc:
+            raise SessionError(f"damaged session ({what}): {exc}") from exc
+    if tag == b"p":
+        import _pickle
+
+        try:
+            return _pickle.loads(body)
+        except (ValueError, EOFError, _pickle.UnpicklingError) as exc:
+            raise SessionError(f"damaged session ({what}): {exc}") from exc
+    raise SessionError(f"damaged session ({what}): unknown encoding {tag!r}")
 
 
 class Session(Record):
@@ -229,31 +258,40 @@ class Session(Record):
         }
 
     def _sections(self) -> tuple[bytes, bytes, bytes]:
-        """Task, arguments and context, serialized (once per session: arguments can be large)."""
+        """Task, arguments and context as tagged wire sections (made once per session: arguments can be
+        large). Built-in data goes as marshal, anything else as a pickle."""
         if self._sections_cache is None:
-            from .serialization import PickleSerializer
+            from .serialization import PickleSerializer, marshal_dumps
 
-            pickler = PickleSerializer()
-            arguments = self._arguments
+            arguments = None
+            if self.serializer == "pickle":
+                marshalled = marshal_dumps([list(self.execution.args), self.execution.kwargs])
+                arguments = None if marshalled is None else b"m" + marshalled
             if arguments is None:
-                arguments = get_serializer(self.serializer).dumps([list(self.execution.args),
-                                                                    self.execution.kwargs])
-            self._sections_cache = (_pickled_task(self.task), arguments, pickler.dumps(self.context))
+                serialized = self._arguments
+                if serialized is None:
+                    serialized = get_serializer(self.serializer).dumps([list(self.execution.args),
+                                                                         self.execution.kwargs])
+                arguments = b"s" + serialized
+            context = marshal_dumps(self.context)
+            self._sections_cache = (_task_section(self.task), arguments,
+                                    b"m" + context if context is not None
+                                    else b"p" + PickleSerializer().dumps(self.context))
         return self._sections_cache
 
     def to_wire(self) -> bytes:
         """The session in its wire form (what :meth:`loads` reads fastest; the result is not included)."""
-        import pickle
+        import marshal
+
+        from .serialization import MARSHAL_VERSION
 
         pieces = [_WIRE_MAGIC]
-        for part in (pickle.dumps(self._meta(), protocol=4), *self._sections()):
+        for part in (b"m" + marshal.dumps(self._meta(), MARSHAL_VERSION), *self._sections()):
             pieces += [len(part).to_bytes(8, "big"), part]
         return b"".join(pieces)  # one copy of the (possibly large) arguments
 
     @classmethod
     def _from_wire(cls, data: bytes) -> Session:
-        import _pickle
-
         try:
             parts = []
             offset = len(_WIRE_MAGIC)
@@ -264,9 +302,13 @@ class Session(Record):
                     raise ValueError("truncated")
                 parts.append(data[offset:offset + size])
                 offset += size
-            meta = _pickle.loads(parts[0])
-        except (ValueError, EOFError, _pickle.UnpicklingError) as exc:
+        except ValueError as exc:
             raise SessionError(f"damaged session: {exc}") from exc
+        if data[:len(_WIRE_MAGIC_V1)] == _WIRE_MAGIC_V1:  # an earlier rx's: untagged pickles
+            parts = [b"p" + parts[0], b"p" + parts[1], b"s" + parts[2], b"p" + parts[3]]
+        meta = _tagged(parts[0], "metadata")
+        if not isinstance(meta, dict):
+            raise SessionError("damaged session: no metadata")
         return cls._build(meta, parts[1], parts[2], parts[3])
 
     @classmethod
@@ -277,18 +319,19 @@ class Session(Record):
             raise SessionError(
                 f"session format version {meta.get('version')!r} is not supported "
                 f"(this rx reads version {VERSION})", hint="run it with the rx that wrote it")
-        import _pickle
-
-        from .serialization import PickleSerializer
-
-        pickler = PickleSerializer()
         try:
-            serializer = get_serializer(meta["serializer"])
-            task = pickler.loads(task_data)
-            args, kwargs = serializer.loads(arguments)
-            context = pickler.loads(context_data)
-        except (ValueError, KeyError, EOFError, _pickle.UnpicklingError) as exc:
-            raise SessionError(f"damaged session: {exc}") from exc
+            task = _tagged(task_data, "task")
+            if isinstance(task, tuple) and task[:1] == ("ref",):  # a function task by reference
+                from .task import _restore_function_task
+
+                task = _restore_function_task(*task[1:])
+            if arguments[:1] == b"s":
+                args, kwargs = get_serializer(meta["serializer"]).loads(arguments[1:])
+            else:
+                args, kwargs = _tagged(arguments, "arguments")
+            context = _tagged(context_data, "context")
+        except (ValueError, KeyError, EOFError) as exc:  # a serializer's own error: damaged or foreign
+            raise SessionError(f"damaged session: {type(exc).__name__}: {exc}") from exc
         execution = Execution(execution_id=meta["execution_id"], args=tuple(args), kwargs=dict(kwargs))
         return cls(task=task, execution=execution, context=context, run_id=meta["run_id"],
                    serializer=meta["serializer"])
@@ -298,7 +341,13 @@ class Session(Record):
         import json
         import zipfile
 
-        task, arguments, context = self._sections()
+        from .serialization import PickleSerializer
+
+        pickler = PickleSerializer()
+        task, context = pickler.dumps(self.task), pickler.dumps(self.context)
+        arguments = self._arguments
+        if arguments is None:
+            arguments = get_serializer(self.serializer).dumps([list(self.execution.args), self.execution.kwargs])
         with zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_STORED) as archive:
             archive.writestr(_META, json.dumps(self._meta(), indent=1))
             archive.writestr("task.pkl", task)
@@ -356,7 +405,7 @@ class Session(Record):
     @classmethod
     def loads(cls, data: bytes) -> Session:
         """Restore a session from bytes: a saved zip, or the wire form of :meth:`to_wire`."""
-        if data[:len(_WIRE_MAGIC)] == _WIRE_MAGIC:
+        if data[:len(_WIRE_MAGIC)] in (_WIRE_MAGIC, _WIRE_MAGIC_V1):
             return cls._from_wire(data)
         import io
 

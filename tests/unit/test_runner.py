@@ -204,3 +204,27 @@ def test_unserializable_return_value_is_reported(dispatcher: Any) -> None:
     assert call.result.status == "raised"
     assert "cannot be serialized" in (call.result.exception_message or "")
 
+
+
+def test_built_in_data_crosses_as_marshal_and_anything_else_as_pickle(dispatcher: Any) -> None:
+    """A call of built-in data needs no pickle module on the runner; other values still arrive whole."""
+    import datetime
+
+    from remote_exec.task import Task
+
+    def echo(value: Any) -> Any:
+        import sys
+
+        return value, "_pickle" in sys.modules
+
+    plain = {"a": [1, 2.5, "x", b"y", None, True, (3, frozenset({4}))], "k": {5: complex(1, 2)}}
+    call = dispatcher.run(Task.from_function(echo), (plain,))
+    assert call.result.value == (plain, True)  # the closure itself travels as a pickle
+    assert call.outcome.header["value"]["encoding"] == "marshal"
+    moment = datetime.datetime(2026, 11, 22, 12, 0)
+    call = dispatcher.run(Task.from_function(echo), (moment,))
+    assert call.result.value[0] == moment and call.outcome.header["value"]["encoding"] == "serializer"
+    call = dispatcher.run(Task.from_function(echo), (bytearray(b"ab"),))
+    assert type(call.result.value[0]) is bytearray  # marshal would give bytes: it goes as a pickle
+    call = dispatcher.run(Task.from_function(echo), (plain,), restricted=True)
+    assert call.result.value == (plain, True) and call.outcome.header["value"]["encoding"] == "serializer"

@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 HEAVY = {"json", "re", "enum", "typing", "dataclasses", "zipfile", "pathlib", "selectors", "shutil",
          "signal", "inspect", "tarfile", "traceback", "pickle", "tempfile", "logging", "cloudpickle",
          # hashlib and hmac load OpenSSL (milliseconds); the runner signs small results without them
-         "hashlib", "_hashlib", "hmac", "importlib"}
+         "hashlib", "_hashlib", "hmac", "importlib",
+         # even the C pickle module loads functools and collections: built-in data travels as marshal
+         "_pickle", "functools", "collections", "copyreg"}
 
 
 def test_the_runner_and_what_a_call_loads_import_nothing_heavy() -> None:
