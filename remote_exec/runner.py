@@ -835,7 +835,10 @@ class _WorkerWatch:
                 with self.lock:
                     self._step(ready)
         except BaseException:  # the coordinator went away, or the watcher itself failed: end the worker
-            self._end()
+            try:
+                self._end()
+            finally:
+                os._exit(0)
 
     def _step(self, ready: list[tuple[int, bytes]]) -> None:
         current = self.current
@@ -892,9 +895,17 @@ class _WorkerWatch:
 
 
 def _end_group() -> None:
-    """End what the tasks left running in the worker's process group (the worker leads it)."""
+    """End what the tasks left running in the worker's process group (the worker leads it).
+
+    From the main thread the worker survives the signal (it ignores it) and goes on to exit normally.
+    From the watcher thread it cannot change signal handling (only the main thread may): the worker ends
+    with its group, which is what the watcher wants anyway.
+    """
     if os.getpgrp() == os.getpid():
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             os.killpg(os.getpgrp(), signal.SIGTERM)
         except OSError:

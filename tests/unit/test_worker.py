@@ -78,3 +78,43 @@ def test_a_worker_that_timed_out_is_replaced(dispatcher: Any, backend: LocalBack
     assert slow.ended - slow.started < 10
     after = warm(dispatcher, backend, "print('fine')\n")
     assert after.result.ok and after.text().strip() == "fine"
+
+
+def test_a_worker_whose_coordinator_goes_away_mid_call_ends_with_its_task(dispatcher: Any, backend: LocalBackend,
+                                                                           tmp_path: Path) -> None:
+    """The watcher thread ends the worker and the task's process group (signal handling is the main
+    thread's: the watcher must not need it)."""
+    import threading
+    import time
+
+    from remote_exec.dispatch import _workers
+
+    pid_file = tmp_path / "pids"
+    done = threading.Event()
+
+    def call() -> None:
+        try:
+            warm(dispatcher, backend, """
+                import os, subprocess
+                child = subprocess.Popen(["sleep", "30"])
+                open(os.environ["PID_FILE"], "w").write(f"{os.getpid()} {child.pid}")
+                child.wait()
+            """, env={"PID_FILE": str(pid_file)})
+        except Exception:
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=call, daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    pids = [int(word) for word in pid_file.read_text().split()]
+    assert len(pids) == 2 and not any(dispatcher.gone(pid) for pid in pids)
+    (worker,) = list(_workers.values())
+    worker.process.close_stdin()  # the channel goes away, as when the coordinator is killed
+    assert done.wait(30)
+    while time.monotonic() < deadline and not all(dispatcher.gone(pid) for pid in pids):
+        time.sleep(0.1)
+    assert all(dispatcher.gone(pid) for pid in pids), pids
