@@ -111,15 +111,18 @@ _MARSHAL_ATOMIC = frozenset({type(None), bool, int, float, complex, str, bytes})
 MARSHAL_VERSION = 4
 
 
-def marshal_dumps(value: Any) -> bytes | None:
-    """``value`` written with :mod:`marshal` when it is built-in data that marshal gives back exactly
-    (exact built-in types, at most 256 objects, no bytearray), else None.
+def marshal_dumps(value: Any, max_size: int = 65536) -> bytes | None:
+    """``value`` written with :mod:`marshal` when it is small built-in data that marshal gives back
+    exactly (exact built-in types, at most 256 objects, no bytearray, strings and bytes of at most
+    ``max_size`` in all), else None.
 
     marshal is built in: reading it costs the runner no import, where even the C pickle module loads
-    functools and collections. It is as trusting as pickle (use it only where pickle would do).
+    functools and collections; for large data that import does not matter, and a pickle already made is
+    not copied again. It is as trusting as pickle (use it only where pickle would do).
     """
     stack = [value]
     budget = 256
+    size = 0
     while stack:
         budget -= 1
         if budget < 0:
@@ -127,6 +130,10 @@ def marshal_dumps(value: Any) -> bytes | None:
         item = stack.pop()
         kind = type(item)
         if kind in _MARSHAL_ATOMIC:
+            if kind is str or kind is bytes:
+                size += len(item)
+                if size > max_size:
+                    return None
             continue
         if kind not in _CONTAINERS:
             return None

@@ -139,13 +139,13 @@ class Result(Record):
         }
 
 
-_task_sections: dict[int, tuple[Task, bytes]] = {}
+_task_sections: dict[int, tuple[Task, tuple[bytes, bytes]]] = {}
 
 
-def _task_section(task: Task) -> bytes:
-    """``task`` as a tagged wire section: marshal for a function task by reference (remembered: the same
-    bytes every call), else a pickle (one written by value is pickled again each time, as its globals
-    may have changed)."""
+def _task_section(task: Task) -> tuple[bytes, bytes]:
+    """``task`` as a (tag, body) wire section: marshal for a function task by reference (remembered: the
+    same bytes every call), else a pickle (one written by value is pickled again each time, as its
+    globals may have changed)."""
     hit = _task_sections.get(id(task))
     if hit is not None and hit[0] is task:
         return hit[1]
@@ -155,19 +155,19 @@ def _task_section(task: Task) -> bytes:
     reference = (_by_reference(task.function) if task.kind == "function" and task.function is not None
                  else None)
     if reference is None:
-        return b"p" + PickleSerializer().dumps(task)
+        return b"p", PickleSerializer().dumps(task)
     import marshal
 
-    data = b"m" + marshal.dumps(("ref", *reference, task.task_id, task.name), MARSHAL_VERSION)
+    section = (b"m", marshal.dumps(("ref", *reference, task.task_id, task.name), MARSHAL_VERSION))
     if len(_task_sections) >= 1024:
         _task_sections.clear()
-    _task_sections[id(task)] = (task, data)
-    return data
+    _task_sections[id(task)] = (task, section)
+    return section
 
 
-def _tagged(data: bytes, what: str) -> Any:
-    """Read a marshal (``m``) or pickle (``p``) wire section (see :data:`_WIRE_MAGIC`)."""
-    tag, body = data[:1], data[1:]
+def _tagged(tag: bytes, body: Any, what: str) -> Any:
+    """Read a marshal (``m``) or pickle (``p``) wire section body (bytes or a view; see
+    :data:`_WIRE_MAGIC`)."""
     if tag == b"m":
         import marshal
 
@@ -216,7 +216,7 @@ class Session(Record):
         self._decision: str | None = None
         # The serialized arguments, when the caller has them already (they can be large: serialize once).
         self._arguments = arguments
-        self._sections_cache: tuple[bytes, bytes, bytes] | None = None
+        self._sections_cache: tuple[tuple[bytes, bytes], tuple[bytes, bytes], tuple[bytes, bytes]] | None = None
 
     def __repr__(self) -> str:
         return (f"Session(task={self.task!r}, execution={self.execution!r}, context={self.context!r}, "
@@ -257,26 +257,27 @@ class Session(Record):
             "serializer": self.serializer,
         }
 
-    def _sections(self) -> tuple[bytes, bytes, bytes]:
-        """Task, arguments and context as tagged wire sections (made once per session: arguments can be
-        large). Built-in data goes as marshal, anything else as a pickle."""
+    def _sections(self) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes], tuple[bytes, bytes]]:
+        """Task, arguments and context as (tag, body) wire sections (made once per session: arguments can
+        be large). Small built-in data goes as marshal, anything else as a pickle (large arguments keep the
+        pickle already made for the execution id: no second copy)."""
         if self._sections_cache is None:
             from .serialization import PickleSerializer, marshal_dumps
 
-            arguments = None
-            if self.serializer == "pickle":
+            arguments: tuple[bytes, bytes] | None = None
+            if self.serializer == "pickle" and (self._arguments is None or len(self._arguments) <= 65536):
                 marshalled = marshal_dumps([list(self.execution.args), self.execution.kwargs])
-                arguments = None if marshalled is None else b"m" + marshalled
+                arguments = None if marshalled is None else (b"m", marshalled)
             if arguments is None:
                 serialized = self._arguments
                 if serialized is None:
                     serialized = get_serializer(self.serializer).dumps([list(self.execution.args),
                                                                          self.execution.kwargs])
-                arguments = b"s" + serialized
+                arguments = (b"s", serialized)
             context = marshal_dumps(self.context)
             self._sections_cache = (_task_section(self.task), arguments,
-                                    b"m" + context if context is not None
-                                    else b"p" + PickleSerializer().dumps(self.context))
+                                    (b"m", context) if context is not None
+                                    else (b"p", PickleSerializer().dumps(self.context)))
         return self._sections_cache
 
     def to_wire(self) -> bytes:
@@ -286,33 +287,37 @@ class Session(Record):
         from .serialization import MARSHAL_VERSION
 
         pieces = [_WIRE_MAGIC]
-        for part in (b"m" + marshal.dumps(self._meta(), MARSHAL_VERSION), *self._sections()):
-            pieces += [len(part).to_bytes(8, "big"), part]
+        for tag, body in ((b"m", marshal.dumps(self._meta(), MARSHAL_VERSION)), *self._sections()):
+            pieces += [(len(body) + 1).to_bytes(8, "big"), tag, body]
         return b"".join(pieces)  # one copy of the (possibly large) arguments
 
     @classmethod
     def _from_wire(cls, data: bytes) -> Session:
+        view = memoryview(data)  # sections are read in place, not copied out first
+        tagged = data[:len(_WIRE_MAGIC)] == _WIRE_MAGIC
         try:
             parts = []
             offset = len(_WIRE_MAGIC)
-            for _ in range(4):
+            for default in (b"p", b"p", b"s", b"p"):
                 size = int.from_bytes(data[offset:offset + 8], "big")
                 offset += 8
-                if offset + size > len(data):
+                if offset + size > len(data) or (tagged and size < 1):
                     raise ValueError("truncated")
-                parts.append(data[offset:offset + size])
+                if tagged:  # this rx's: a tag, then the body
+                    parts.append((bytes(view[offset:offset + 1]), view[offset + 1:offset + size]))
+                else:  # an earlier rx's: untagged pickles (and the arguments in the serializer's form)
+                    parts.append((default, view[offset:offset + size]))
                 offset += size
         except ValueError as exc:
             raise SessionError(f"damaged session: {exc}") from exc
-        if data[:len(_WIRE_MAGIC_V1)] == _WIRE_MAGIC_V1:  # an earlier rx's: untagged pickles
-            parts = [b"p" + parts[0], b"p" + parts[1], b"s" + parts[2], b"p" + parts[3]]
-        meta = _tagged(parts[0], "metadata")
+        meta = _tagged(*parts[0], "metadata")
         if not isinstance(meta, dict):
             raise SessionError("damaged session: no metadata")
         return cls._build(meta, parts[1], parts[2], parts[3])
 
     @classmethod
-    def _build(cls, meta: dict[str, Any], task_data: bytes, arguments: bytes, context_data: bytes) -> Session:
+    def _build(cls, meta: dict[str, Any], task_data: tuple[bytes, Any], arguments: tuple[bytes, Any],
+               context_data: tuple[bytes, Any]) -> Session:
         if meta.get("format") != FORMAT:
             raise SessionError(f"not an rx session: format {meta.get('format')!r}")
         if meta.get("version") != VERSION:
@@ -320,16 +325,18 @@ class Session(Record):
                 f"session format version {meta.get('version')!r} is not supported "
                 f"(this rx reads version {VERSION})", hint="run it with the rx that wrote it")
         try:
-            task = _tagged(task_data, "task")
+            task = _tagged(*task_data, "task")
             if isinstance(task, tuple) and task[:1] == ("ref",):  # a function task by reference
                 from .task import _restore_function_task
 
                 task = _restore_function_task(*task[1:])
-            if arguments[:1] == b"s":
-                args, kwargs = get_serializer(meta["serializer"]).loads(arguments[1:])
+            if arguments[0] == b"s":
+                serializer = get_serializer(meta["serializer"])
+                body = arguments[1] if serializer.name == "pickle" else bytes(arguments[1])
+                args, kwargs = serializer.loads(body)
             else:
-                args, kwargs = _tagged(arguments, "arguments")
-            context = _tagged(context_data, "context")
+                args, kwargs = _tagged(*arguments, "arguments")
+            context = _tagged(*context_data, "context")
         except (ValueError, KeyError, EOFError) as exc:  # a serializer's own error: damaged or foreign
             raise SessionError(f"damaged session: {type(exc).__name__}: {exc}") from exc
         execution = Execution(execution_id=meta["execution_id"], args=tuple(args), kwargs=dict(kwargs))
