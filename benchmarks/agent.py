@@ -384,7 +384,9 @@ class RxDriver(Driver):
         return fresh
 
     def _timed_calls(self, function: Any, count: int) -> Reply:
-        calls = []
+        """``count`` calls back to back (as the peers' warm calls are made); their phases are read from the
+        workspace afterwards, so reading them does not come between the calls."""
+        samples = []
         for _ in range(count):
             argument = self._next()
             started = time.perf_counter()
@@ -392,9 +394,11 @@ class RxDriver(Driver):
             seconds = time.perf_counter() - started
             if value != argument:
                 return {"ok": False, "error": f"the call returned {value!r}, not {argument!r}"}
-            phases = self._new_phases()
-            calls.append({"seconds": seconds, "phases": phases[-1] if phases else {}})
-        return {"ok": True, "samples": [call["seconds"] for call in calls], "calls": calls}
+            samples.append(seconds)
+        phases = self._new_phases()[-count:]
+        phases = [{}] * (count - len(phases)) + phases
+        calls = [{"seconds": seconds, "phases": entry} for seconds, entry in zip(samples, phases, strict=True)]
+        return {"ok": True, "samples": samples, "calls": calls}
 
     def op_warm(self, count: int) -> Reply:
         self._warm(self.host)
