@@ -37,13 +37,17 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import ClassVar, Literal
 
-import paramiko
-from paramiko.common import cMSG_CHANNEL_REQUEST
-from paramiko.message import Message
+from .sshconfig import import_paramiko
 
-from ..errors import AuthError, ConfigError, ConnectError, HostKeyError, RemoteExecError, TransferError
-from .base import Backend, HostKeyPolicy, HostSpec, Process, build_command
-from .sshconfig import ResolvedHost, parse_jump, resolve
+import_paramiko()  # without invoke, which it would load for nothing (see there); the imports below find it
+
+import paramiko  # noqa: E402
+from paramiko.common import cMSG_CHANNEL_REQUEST  # noqa: E402
+from paramiko.message import Message  # noqa: E402
+
+from ..errors import AuthError, ConfigError, ConnectError, HostKeyError, RemoteExecError, TransferError  # noqa: E402
+from .base import Backend, HostKeyPolicy, HostSpec, Process, build_command  # noqa: E402
+from .sshconfig import ResolvedHost, parse_jump, resolve  # noqa: E402
 
 __all__ = [
     "HostKeyStatus",

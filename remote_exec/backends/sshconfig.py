@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shlex
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,11 +191,50 @@ def _config_path(configured: Path | None) -> Path | None:
     return path if path.is_file() else None
 
 
+def import_paramiko() -> None:
+    """Import paramiko without invoke.
+
+    paramiko.config imports invoke when it is installed (Fabric brings it), only to run ssh_config's
+    ``Match exec`` commands; that import is most of the cost of importing paramiko (50-80 ms here), paid
+    on the first call of every process. rx imports paramiko with invoke hidden and hands it to
+    paramiko.config only when an ssh_config uses ``Match exec`` (see :func:`_lookup`).
+    """
+    if "paramiko" in sys.modules:
+        return
+    hide = "invoke" not in sys.modules
+    if hide:
+        sys.modules["invoke"] = None  # type: ignore[assignment]  # makes `import invoke` fail at once
+    try:
+        import paramiko  # noqa: F401
+    finally:
+        if hide and "invoke" in sys.modules and sys.modules["invoke"] is None:
+            del sys.modules["invoke"]
+
+
+def _allow_match_exec() -> None:
+    """Give paramiko.config the invoke that :func:`import_paramiko` kept from it (if it is installed)."""
+    import paramiko.config
+
+    if getattr(paramiko.config, "invoke", "absent") is None:
+        try:
+            import invoke
+        except ImportError:
+            return  # paramiko says so itself, as it would have anyway
+        paramiko.config.invoke = invoke  # type: ignore[attr-defined]
+        paramiko.config.invoke_import_error = None
+
+
+_MATCH_EXEC = re.compile(r"^\s*match\b.*\bexec\b", re.IGNORECASE | re.MULTILINE)
+
+
 def _lookup(path: Path, host: str) -> dict[str, object]:
     """paramiko's lookup of ``host`` in ``path``, with ``Include`` inlined."""
+    import_paramiko()
     import paramiko
 
     text = "\n".join(_expanded_lines(path, depth=0))
+    if _MATCH_EXEC.search(text):
+        _allow_match_exec()
     try:
         return dict(paramiko.SSHConfig.from_text(text).lookup(host))
     except paramiko.ConfigParseError as exc:

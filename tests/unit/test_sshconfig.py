@@ -199,3 +199,29 @@ def test_list_aliases_of_missing_file_is_empty(home: Path) -> None:
 def test_list_aliases_defaults_to_user_config(home: Path) -> None:
     write(home / ".ssh/config", "Host mine\n")
     assert list_aliases() == ["mine"]
+
+
+def test_paramiko_is_imported_without_invoke_and_match_exec_still_works(tmp_path: Path) -> None:
+    """rx keeps invoke (50-80 ms, only for ``Match exec``) out of paramiko's import, and hands it over when
+    an ssh_config needs it; a fresh interpreter shows both."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "ssh_config"
+    config.write_text('Match host lab exec "test -d /"\n  HostName 192.0.2.9\n'
+                      'Match host lab exec "false"\n  User never\n', encoding="utf-8")
+    probe = (
+        "import sys\n"
+        "import remote_exec.backends.paramiko\n"
+        "print('invoke' in sys.modules)\n"
+        "from pathlib import Path\n"
+        "from remote_exec.backends.base import HostSpec\n"
+        "from remote_exec.backends.sshconfig import resolve\n"
+        f"host = resolve(HostSpec('lab', ssh_config=Path({str(config)!r}), user='carol'))\n"
+        "print(host.hostname, host.user)\n"
+        "import invoke\n"
+        "print(invoke.__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:3] == ["False", "192.0.2.9 carol", "invoke"]
