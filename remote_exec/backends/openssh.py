@@ -849,26 +849,49 @@ class OpenSSHBackend(Backend):
     def _ensure_master(self) -> _Master:
         """Return a live master, opening one (again) when there is none."""
         with self._lock:
-            master = self._master
-            if master is not None:
-                if master.alive():
-                    return master
-                logger.info("the connection to %s was lost; reconnecting", self.host)
-                master.stop()
-                self._master = None
-            self._master = self._open_master()
-            return self._master
+            master = self._live_master()
+            if master is None:
+                master = self._master = self._open_master()
+            return master
 
-    def _open_master(self) -> _Master:
+    def _live_master(self) -> _Master | None:
+        """The live master, or None (a dead one is stopped and forgotten). The caller holds the lock."""
+        master = self._master
+        if master is not None:
+            if master.alive():
+                return master
+            logger.info("the connection to %s was lost; reconnecting", self.host)
+            master.stop()
+            self._master = None
+        return None
+
+    def _prepare_master(self, command: str | None = None) -> tuple[_Master, ResolvedHost, list[str]]:
+        """A new master's private directory and the ssh command that opens it (see :func:`master_argv`)."""
         resolved = self.resolve()
         if self.spec.host_key_policy == "off":
             logger.warning("host key checking is off for %s: its identity is not verified", self.host)
         control_dir = Path(tempfile.mkdtemp(prefix="rx-ssh-", dir=_control_root()))
         master = _Master(control_dir=control_dir, pid=0)
         ciphers = preferred_ciphers(resolved, hardware_aes=_cpu_has_aes())
-        argv = master_argv(self.spec, master.control_path, persist=self.control_persist, ciphers=ciphers)
-        started = time.monotonic()
+        argv = master_argv(self.spec, master.control_path, persist=self.control_persist, ciphers=ciphers,
+                           command=command)
         logger.debug("connecting to %s: %s", self.host, shlex.join(argv))
+        return master, resolved, argv
+
+    def _keep_master(self, master: _Master, said: str) -> None:
+        """Take a master that came up: it is stopped when the backend goes; log what ssh said of the host."""
+        master.finalizer = weakref.finalize(
+            master, _stop_master, _control_argv(self.spec, master.control_path, "exit"),
+            master.control_dir, master.control_path, os.getpid(),
+        )
+        self.connections_opened += 1
+        for line in _lines(said):
+            if line.startswith("Warning: Permanently added"):
+                logger.info("%s: %s", self.host, line)
+
+    def _open_master(self) -> _Master:
+        master, resolved, argv = self._prepare_master()
+        started = time.monotonic()
         try:
             # An anonymous file: the master keeps it as stderr after it backgrounds itself, and a
             # coordinator killed with SIGKILL leaves nothing behind but the empty control directory.
@@ -892,16 +915,9 @@ class OpenSSHBackend(Backend):
                 raise map_ssh_error(self.host, said, known_hosts=self._known_hosts_file())
             master.pid = self._master_pid(master.control_path)
         except BaseException:
-            shutil.rmtree(control_dir, ignore_errors=True)
+            shutil.rmtree(master.control_dir, ignore_errors=True)
             raise
-        master.finalizer = weakref.finalize(
-            master, _stop_master, _control_argv(self.spec, master.control_path, "exit"),
-            control_dir, master.control_path, os.getpid(),
-        )
-        self.connections_opened += 1
-        for line in _lines(said):
-            if line.startswith("Warning: Permanently added"):
-                logger.info("%s: %s", self.host, line)
+        self._keep_master(master, said)
         logger.debug("connected to %s (%s) in %.3f s, master pid %d", self.host, resolved.address,
                      time.monotonic() - started, master.pid)
         return master
@@ -910,22 +926,9 @@ class OpenSSHBackend(Backend):
         """With no live master: one ssh connects, becomes the master and runs ``command`` as its first
         client. Returns None when a master is already up (the caller runs the command as a client)."""
         with self._lock:
-            master = self._master
-            if master is not None:
-                if master.alive():
-                    return None
-                logger.info("the connection to %s was lost; reconnecting", self.host)
-                master.stop()
-                self._master = None
-            resolved = self.resolve()
-            if self.spec.host_key_policy == "off":
-                logger.warning("host key checking is off for %s: its identity is not verified", self.host)
-            control_dir = Path(tempfile.mkdtemp(prefix="rx-ssh-", dir=_control_root()))
-            master = _Master(control_dir=control_dir, pid=0)
-            ciphers = preferred_ciphers(resolved, hardware_aes=_cpu_has_aes())
-            argv = master_argv(self.spec, master.control_path, persist=self.control_persist, ciphers=ciphers,
-                               command=command)
-            logger.debug("connecting to %s: %s", self.host, shlex.join(argv))
+            if self._live_master() is not None:
+                return None
+            master, _, argv = self._prepare_master(command)
             try:
                 with self._map_os_errors("connect"):
                     popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -936,20 +939,13 @@ class OpenSSHBackend(Backend):
                     said = process._discard()
                     raise map_ssh_error(self.host, said, known_hosts=self._known_hosts_file())
             except BaseException:
-                shutil.rmtree(control_dir, ignore_errors=True)
+                shutil.rmtree(master.control_dir, ignore_errors=True)
                 raise
             if process.remote_pid is not None:  # what came before the pid line is ssh's, not the command's
                 process._stderr_pending = process._stderr_pending[len(process.preamble):]
-                for line in _lines(process.preamble.decode(errors="replace")):
-                    if line.startswith("Warning: Permanently added"):
-                        logger.info("%s: %s", self.host, line)
-            master.finalizer = weakref.finalize(
-                master, _stop_master, _control_argv(self.spec, master.control_path, "exit"),
-                control_dir, master.control_path, os.getpid(),
-            )
+            self._keep_master(master, process.preamble.decode(errors="replace"))
             master.pid_known = threading.Event()
             threading.Thread(target=self._learn_pid, args=(master,), name="rx-ssh-pid", daemon=True).start()
-            self.connections_opened += 1
             self._master = master
             return process
 
