@@ -86,14 +86,25 @@ _CONTAINERS = frozenset({list, tuple, dict, set, frozenset})
 def _plain(value: Any, budget: int = 256) -> bool:
     """True when ``value`` is built-in data only (exact built-in types, at most ``budget`` objects): no
     class, function or module reference that cloudpickle could write by value."""
+    return _built_in_only(value, _ATOMIC, budget)
+
+
+def _built_in_only(value: Any, atomic: frozenset[type], budget: int = 256, max_size: int | None = None) -> bool:
+    """True when ``value`` holds only the ``atomic`` types in built-in containers (exact types), at most
+    ``budget`` objects and, with ``max_size``, at most that many characters and bytes of str and bytes."""
     stack = [value]
+    size = 0
     while stack:
         budget -= 1
         if budget < 0:
             return False
         item = stack.pop()
         kind = type(item)
-        if kind in _ATOMIC:
+        if kind in atomic:
+            if max_size is not None and (kind is str or kind is bytes):
+                size += len(item)
+                if size > max_size:
+                    return False
             continue
         if kind not in _CONTAINERS:
             return False
@@ -120,28 +131,8 @@ def marshal_dumps(value: Any, max_size: int = 65536) -> bytes | None:
     functools and collections; for large data that import does not matter, and a pickle already made is
     not copied again. It is as trusting as pickle (use it only where pickle would do).
     """
-    stack = [value]
-    budget = 256
-    size = 0
-    while stack:
-        budget -= 1
-        if budget < 0:
-            return None
-        item = stack.pop()
-        kind = type(item)
-        if kind in _MARSHAL_ATOMIC:
-            if kind is str or kind is bytes:
-                size += len(item)
-                if size > max_size:
-                    return None
-            continue
-        if kind not in _CONTAINERS:
-            return None
-        if kind is dict:
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        else:
-            stack.extend(item)
+    if not _built_in_only(value, _MARSHAL_ATOMIC, max_size=max_size):
+        return None
     try:
         return marshal.dumps(value, MARSHAL_VERSION)
     except ValueError:
