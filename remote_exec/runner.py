@@ -865,8 +865,7 @@ class _WorkerWatch:
 
     def _abort(self, current: _Current, status: str, detail: str) -> None:
         """Report the running call as ``status``, then end the worker (the task cannot be stopped)."""
-        _drain(self.out_r, b"O", self.out)
-        _drain(self.err_r, b"E", self.out)
+        self._drain_output()
         _send_result(current.options, current.run_dir, None, status, detail, None, current.started, self.out)
         self._end()
 
@@ -890,6 +889,10 @@ class _WorkerWatch:
             pass
         self.lock.acquire()
         self.current = None
+        self._drain_output()
+
+    def _drain_output(self) -> None:
+        """Send what the tasks wrote to fds 1 and 2 so far (the caller holds the lock)."""
         _drain(self.out_r, b"O", self.out)
         _drain(self.err_r, b"E", self.out)
 

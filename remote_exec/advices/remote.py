@@ -149,10 +149,6 @@ class _Recorder:
         self._urgent = threading.Event()
         self._flushing = 0
 
-    def file(self, run: Any, name: str, data: Callable[[], bytes]) -> None:
-        """Write ``data()`` to ``name`` in the run's records."""
-        self.put(("file", run, name, data))
-
     def task(self, run: Any, key: str, **fields: Any) -> None:
         """Change task ``key`` of the run's status board (``started``/``finished`` may be epoch seconds)."""
         self.put(("task", run, key, fields))

@@ -662,9 +662,10 @@ class Run:
             return []
         # Results first: an entry must never claim a result file that is not there yet.
         for key in done:
-            for source in previous._result_files(key):
+            loose = previous._result_files(key)
+            for source in loose:
                 self.store.write_file(f"results/{source.name}", source)
-            batched = None if previous._result_files(key) else previous.call_record(f"results/{key}.pkl")
+            batched = None if loose else previous.call_record(f"results/{key}.pkl")
             if batched is not None:
                 self.store.write_bytes(f"results/{key}.pkl", batched)
         entries = {key: {**entry, "merged_from": previous.id} for key, entry in done.items()}
