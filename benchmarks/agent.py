@@ -43,6 +43,20 @@ def _payload() -> Any:
     return importlib.import_module("rxbench_payload")
 
 
+def _timed_noop(function: Any, argument: int) -> tuple[float, str | None]:
+    """Seconds one call of ``function(argument)`` took, and an error if it did not return its argument."""
+    started = time.perf_counter()
+    value = function(argument)
+    seconds = time.perf_counter() - started
+    return seconds, None if value == argument else f"the call returned {value!r}, not {argument!r}"
+
+
+def _phases_of(entry: dict[str, Any]) -> dict[str, float] | None:
+    """The phases a workspace task entry recorded, or None."""
+    phases = entry.get("phases")
+    return {str(k): float(v) for k, v in phases.items()} if isinstance(phases, dict) else None
+
+
 def _blob(size: int, cache: dict[int, bytes]) -> bytes:
     if size not in cache:
         cache.clear()  # keep one size in memory at a time (100 MB blobs add up)
@@ -378,9 +392,9 @@ class RxDriver(Driver):
         for key, entry in tasks.items():
             if key not in self.seen:
                 self.seen.add(key)
-                phases = entry.get("phases")
-                if isinstance(phases, dict):
-                    fresh.append({str(k): float(v) for k, v in phases.items()})
+                phases = _phases_of(entry)
+                if phases is not None:
+                    fresh.append(phases)
         return fresh
 
     def _timed_calls(self, function: Any, count: int) -> Reply:
@@ -388,12 +402,9 @@ class RxDriver(Driver):
         workspace afterwards, so reading them does not come between the calls."""
         samples = []
         for _ in range(count):
-            argument = self._next()
-            started = time.perf_counter()
-            value = function(argument)
-            seconds = time.perf_counter() - started
-            if value != argument:
-                return {"ok": False, "error": f"the call returned {value!r}, not {argument!r}"}
+            seconds, error = _timed_noop(function, self._next())
+            if error is not None:
+                return {"ok": False, "error": error}
             samples.append(seconds)
         phases = self._new_phases()[-count:]
         phases = [{}] * (count - len(phases)) + phases
@@ -506,12 +517,9 @@ def first_call(config: dict[str, Any]) -> Reply:
     order = ((hosts[1 % len(hosts)], config["workdir"] + "-process"), (hosts[0], config["workdir"]))
     for host, workdir in order:
         noop = task(remote=host, backend=config["backend"], workdir=workdir)(payload.noop)
-        argument = int(time.time() * 1000) + len(samples)
-        started = time.perf_counter()
-        value = noop(argument)
-        seconds = time.perf_counter() - started
-        if value != argument:
-            return {"ok": False, "error": f"the call returned {value!r}, not {argument!r}"}
+        seconds, error = _timed_noop(noop, int(time.time() * 1000) + len(samples))
+        if error is not None:
+            return {"ok": False, "error": error}
         samples.append(seconds)
         calls.append({"seconds": seconds, "phases": {}})
     run_id = get_run_id()
@@ -522,9 +530,7 @@ def first_call(config: dict[str, Any]) -> Reply:
         by_host = {entry.get("host"): entry
                    for entry in Workspace.resolve(os.environ["RX_WORKSPACE"]).run(run_id).tasks().values()}
         for call, (host, _) in zip(calls, order, strict=True):
-            phases = (by_host.get(host) or {}).get("phases")
-            if isinstance(phases, dict):
-                call["phases"] = {str(k): float(v) for k, v in phases.items()}
+            call["phases"] = _phases_of(by_host.get(host) or {}) or {}
     # samples: [fresh host from a running process, first call of a new process]
     return {"ok": True, "samples": [samples[1], samples[0]], "calls": [calls[1], calls[0]]}
 
