@@ -3,6 +3,9 @@
 #
 # Idempotent: installs docker.io, debootstrap and openssh-client only when missing, starts dockerd only
 # when none runs, then waits up to 60 s for `docker info`. Exit 0 when Docker answers, 1 otherwise.
+#
+# The daemon is what is checked, not the client: some images ship a docker CLI (/usr/local/bin/docker)
+# without dockerd, and a check for `docker` alone would never install the engine.
 set -euo pipefail
 
 DOCKERD_LOG=${DOCKERD_LOG:-/tmp/dockerd.log}
@@ -19,7 +22,7 @@ as_root() {
 }
 
 missing=()
-have docker || missing+=(docker.io)
+have dockerd || missing+=(docker.io)
 have debootstrap || missing+=(debootstrap)
 have ssh || missing+=(openssh-client)
 if [ "${#missing[@]}" -gt 0 ]; then
