@@ -1,6 +1,6 @@
 """The coordinator's side of one call: pack, connect, ensure, execute, collect.
 
-:func:`dispatch` is the only place that speaks the runner protocol (:mod:`remote_exec.wire`); the remote
+:func:`dispatch` is the only place that speaks the runner protocol (:mod:`remote_exec.protocol.wire`); the remote
 and subprocess advices and ``rx run`` all come through it, over whichever :class:`Backend` reaches the
 host (a local subprocess is the :class:`LocalBackend`).
 
@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from . import wire
 from .backends.base import Backend, Process
 from .errors import (
     CommandTimeout,
@@ -45,6 +44,7 @@ from .errors import (
     RunnerError,
 )
 from .packing import DistributionArchive
+from .protocol import wire
 from .session import Result, Session
 
 __all__ = ["CallOptions", "Outcome", "dispatch", "safe_member_path"]

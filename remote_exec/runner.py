@@ -1,6 +1,6 @@
 """The runner: the archive's entry point on the remote (standard library only, plus the archive's cloudpickle).
 
-Started by the bootstrap (see :mod:`remote_exec.wire`) as ``main([cache_dir, "serve"])``. It reads the
+Started by the bootstrap (see :mod:`remote_exec.protocol.wire`) as ``main([cache_dir, "serve"])``. It reads the
 call's options and session from stdin, creates a private run directory (mode 0700) under the cache dir,
 forks the task into its own session and process group with that directory as working directory, and
 streams the task's stdout and stderr back as frames while it runs. It watches three things: the task's
@@ -29,7 +29,7 @@ import select
 import sys
 import time
 
-from . import wire
+from .protocol import wire
 
 TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
 if TYPE_CHECKING:

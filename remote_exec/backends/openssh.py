@@ -670,7 +670,7 @@ class SshProcess(Process):
 
     def grow_buffers(self) -> None:
         """1 MiB pipes to and from ssh: a large transfer then moves in fewer, larger reads and writes."""
-        from ..wire import grow_pipe
+        from ..protocol.wire import grow_pipe
 
         for stream in (self._popen.stdin, self._popen.stdout):
             if stream is not None and not stream.closed:

@@ -23,11 +23,12 @@ from typing import Any, ClassVar
 import pytest
 from faultkit import Rig, TrialFactory, audit_remote, remote_baseline
 
-from remote_exec import task, wire
+from remote_exec import task
 from remote_exec.backends import close_all
 from remote_exec.backends.base import Backend, HostSpec, Process
 from remote_exec.errors import IntegrityError, RemoteExecError
-from remote_exec.wire import HEADER, MAX_FRAME, FrameReader, encode
+from remote_exec.protocol import wire
+from remote_exec.protocol.wire import HEADER, MAX_FRAME, FrameReader, encode
 from remote_exec.workspace import Workspace
 from testbed import TestbedHost
 

@@ -102,7 +102,7 @@ def python() -> Callable[..., subprocess.CompletedProcess[bytes]]:
 
 def call_frames(session_bytes: bytes, key: bytes, **options: object) -> bytes:
     """What a coordinator writes to the runner's stdin for one call: G, S and s frames."""
-    from remote_exec import wire
+    from remote_exec.protocol import wire
 
     call = {"key": key.hex(), "run_id": "unit", "heartbeat": 5.0, "no_pull": True, **options}
     return (wire.encode(b"G", json.dumps(call).encode()) + wire.encode(b"S", session_bytes)
@@ -111,7 +111,7 @@ def call_frames(session_bytes: bytes, key: bytes, **options: object) -> bytes:
 
 def read_frames(data: bytes) -> list[tuple[bytes, bytes]]:
     """Every whole frame in ``data`` (the runner's stdout); fails on trailing garbage."""
-    from remote_exec import wire
+    from remote_exec.protocol import wire
 
     reader = wire.FrameReader()
     frames = reader.feed(data)
@@ -142,7 +142,7 @@ def serve(argv: list[str], session_bytes: bytes, *, key: bytes = b"k" * 32, cwd:
           env: dict[str, str] | None = None, timeout: float = 60, **options: object) -> Served:
     """Start a runner (``argv``), send it one call, read frames until the end of the result (Z), then close
     its stdin (a runner takes a closed stdin for a coordinator that went away) and wait for its exit."""
-    from remote_exec import wire
+    from remote_exec.protocol import wire
 
     process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                cwd=cwd, env=env)

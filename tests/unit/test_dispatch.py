@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from remote_exec import wire
 from remote_exec.backends.base import Process
 from remote_exec.backends.local import LocalBackend
 from remote_exec.dispatch import safe_member_path
 from remote_exec.errors import IntegrityError, RunnerError
+from remote_exec.protocol import wire
 from remote_exec.task import Task
 
 # -- names of pulled files ------------------------------------------------------------------------------
@@ -203,7 +203,7 @@ def test_a_too_old_python_is_named(dispatcher: Any) -> None:
 _EVIL_RUNNER = """
     import hashlib, hmac, io, json, sys, tarfile
     sys.path.insert(0, {repo!r})
-    from remote_exec import wire
+    from remote_exec.protocol import wire
 
     sys.stdout.buffer.write(b"RXBOOT1 HAVE\\n")
     sys.stdout.buffer.flush()

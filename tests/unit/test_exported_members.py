@@ -31,7 +31,7 @@ def test_exported_errors_share_one_root() -> None:
 
 
 def test_submodule_all_lists_resolve() -> None:
-    for module_name in ("errors", "task", "session", "advice", "config", "serialization", "packing", "wire",
+    for module_name in ("errors", "task", "session", "advice", "config", "serialization", "packing", "protocol.wire",
                         "dispatch", "advices", "runner"):
         module = importlib.import_module(f"remote_exec.{module_name}")
         for name in module.__all__:

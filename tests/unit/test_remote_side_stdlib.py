@@ -50,7 +50,7 @@ BLOCKING_RUNNER = """
     import remote_exec.serialization
     import remote_exec.session
     import remote_exec.task
-    import remote_exec.wire
+    import remote_exec.protocol.wire
 
     assert callable(remote_exec.task)
     loaded = sorted({name.partition(".")[0] for name in sys.modules} - set(sys.stdlib_module_names)
@@ -74,7 +74,8 @@ def _env() -> dict[str, str]:
 
 
 def test_remote_modules_are_the_ones_tested_here() -> None:
-    assert set(REMOTE_MODULES) == {"__init__", "errors", "runner", "serialization", "session", "task", "wire"}
+    assert set(REMOTE_MODULES) == {"__init__", "errors", "protocol/__init__", "protocol/wire", "runner",
+                                   "serialization", "session", "task"}
 
 
 def test_a_function_call_is_served_with_the_standard_library_only(blocking_runner: list[str], frames: Any,

@@ -2,7 +2,7 @@
 
 Each of these costs milliseconds to import (json and pickle pull in re and enum; zipfile pulls in
 shutil, pathlib and importlib.util; hashlib and hmac load OpenSSL), which a warm call of a few tens of
-milliseconds would pay every time. What the runner needs instead is in remote_exec.wire (JSON writer,
+milliseconds would pay every time. What the runner needs instead is in remote_exec.protocol.wire (JSON writer,
 option frames, HMAC over the built-in sha256), _pickle, _signal and select.poll.
 """
 
@@ -41,7 +41,7 @@ def test_the_small_hmac_is_hmac_sha256() -> None:
     import hmac
     import os
 
-    from remote_exec.wire import SmallHMAC, new_hmac
+    from remote_exec.protocol.wire import SmallHMAC, new_hmac
 
     for key_size in (0, 1, 32, 64, 65, 200):
         key = os.urandom(key_size)
@@ -61,7 +61,7 @@ def test_the_bootstrap_reports_an_old_python_and_installs_an_archive(tmp_path: P
     import io
     import zipfile
 
-    from remote_exec.wire import BOOTSTRAP
+    from remote_exec.protocol.wire import BOOTSTRAP
 
     compile(BOOTSTRAP, "bootstrap", "exec")
     buffer = io.BytesIO()
