@@ -524,9 +524,9 @@ def first_call(config: dict[str, Any]) -> Reply:
         calls.append({"seconds": seconds, "phases": {}})
     run_id = get_run_id()
     if run_id is not None:
-        from remote_exec.advices.remote import flush_records
+        from remote_exec.coordinator import Coordinator
 
-        flush_records()
+        Coordinator.current().flush()
         by_host = {entry.get("host"): entry
                    for entry in Workspace.resolve(os.environ["RX_WORKSPACE"]).run(run_id).tasks().values()}
         for call, (host, _) in zip(calls, order, strict=True):

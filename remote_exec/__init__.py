@@ -16,7 +16,7 @@ TYPE_CHECKING = False  # typing is not imported at run time: the remote runner i
 __version__ = "0.1.0"
 
 # Bound eagerly: the submodule `remote_exec.task` would otherwise shadow the decorator once imported.
-from .task import task  # noqa: E402
+from .api import task  # noqa: E402
 
 __all__ = [
     "Advice",
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 _LOCATIONS = {
-    "Advice": "advice", "Extension": "advice", "get_run_id": "advice", "set_run_id": "advice",
+    "Advice": "advice", "Extension": "advice", "get_run_id": "api", "set_run_id": "api",
     "CachingAdvice": "advices", "Interpreter": "advices", "LoggingAdvice": "advices",
     "RemoteAdvice": "advices", "SubprocessAdvice": "advices",
     "Configuration": "config", "Remote": "config",
@@ -67,8 +67,9 @@ _LOCATIONS = {
 if TYPE_CHECKING:
     from typing import Any
 
-    from .advice import Advice, Extension, get_run_id, set_run_id
+    from .advice import Advice, Extension
     from .advices import CachingAdvice, Interpreter, LoggingAdvice, RemoteAdvice, SubprocessAdvice
+    from .api import get_run_id, set_run_id
     from .config import Configuration, Remote
     from .errors import (
         AuthError,

@@ -17,21 +17,17 @@ every advice call.
 from __future__ import annotations
 
 import logging
-import os
-import sys
-import threading
 import traceback
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError, RemoteExecError
 from .session import Result, Session
-from .task import Execution, TaskFunction
 
 if TYPE_CHECKING:
     from .config import Configuration
 
-__all__ = ["Advice", "Extension", "get_run_id", "run_chain", "run_task", "set_run_id"]
+__all__ = ["Advice", "Extension", "check_chain", "run_chain"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +96,11 @@ def run_chain(session: Session, advices: Sequence[Advice], extensions: Sequence[
     entered: list[Advice] = []
     concluded = False
     for advice in advices:
-        session._decision = None
+        session.await_decision()
         for extension in extensions:
             extension.on_before_advice(advice, session)
         advice.before(session)
-        decision = session._decision
+        decision = session.decision
         if decision is None:
             raise RemoteExecError(f"advice {advice.name} neither proceeded nor concluded in before()",
                                   hint="call session.proceed() or session.conclude(result)")
@@ -115,73 +111,10 @@ def run_chain(session: Session, advices: Sequence[Advice], extensions: Sequence[
     if not concluded:
         session.result = _run_locally(session)
     for advice in reversed(entered):
-        session._decision = "after"
+        session.enter_after()
         advice.after(session)
         for extension in extensions:
             extension.on_after_advice(advice, session)
-    session._decision = None
+    session.leave_chain()
     assert session.result is not None
     return session.result
-
-
-# -- the run that @task calls of this process belong to ----------------------------------------------
-
-_run_lock = threading.Lock()
-_run_id: str | None = None
-
-
-def set_run_id(run_id: str) -> None:
-    """Record the @task calls of this process under ``run_id`` (as bandsaw's ``set_run_id``)."""
-    global _run_id
-    with _run_lock:
-        _run_id = run_id
-
-
-def get_run_id() -> str | None:
-    """The run id @task calls of this process are recorded under (None until the first call)."""
-    return _run_id
-
-
-def _process_run_id() -> str:
-    global _run_id
-    with _run_lock:
-        if _run_id is None:
-            from .workspace.manager import new_run_id
-
-            _run_id = new_run_id()
-        return _run_id
-
-
-_PYTHON_VERSION = list(sys.version_info[:3])
-
-
-def run_task(function: TaskFunction[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run one call of a ``@task`` function through its chain; return its value or raise its exception."""
-    from .config import Configuration
-    from .serialization import get_serializer
-
-    cwd = os.getcwd()
-    config: Configuration = function.config or Configuration.for_directory(cwd)
-    advices = config.chain(function.chain)
-    task = function.task
-    serializer = get_serializer(config.serializer)
-    try:
-        serialized = serializer.dumps([list(args), kwargs])
-    except TypeError as exc:
-        from .errors import SerializationError
-
-        raise SerializationError(f"cannot serialize the arguments of {task.name}: {exc}") from exc
-    execution = Execution.create(task, args, kwargs, serialized=serialized)
-    options = dict(function.options)
-    session = Session(
-        task=task,
-        execution=execution,
-        context={"remote": function.remote, "options": options, "origin": "task",
-                 "cwd": cwd, "python_version": [*_PYTHON_VERSION]},
-        run_id=_process_run_id(),
-        serializer=config.serializer,
-        arguments=serialized,
-    )
-    session.config = config
-    result = run_chain(session, advices, config.extensions)
-    return result.unwrap()

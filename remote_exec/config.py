@@ -17,7 +17,8 @@ A :class:`Configuration` is built in code or loaded from the ``[tool.rx]`` table
 
 Nothing is registered by importing modules named in environment variables: chains name their advice
 classes explicitly, and environment variables only choose among options (``RX_BACKEND``,
-``RX_SSH_CONFIG``, ``RX_WORKSPACE``).
+``RX_SSH_CONFIG``, ``RX_WORKSPACE``). This module imports no advice: chains given as ``"module:Class"``
+strings are loaded, and the built-in ones made, by :func:`remote_exec.chains.chain_for`.
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ if TYPE_CHECKING:
     from .advice import Advice, Extension
     from .backends.base import HostSpec
 
-__all__ = ["Configuration", "Remote", "find_pyproject"]
+__all__ = ["DEFAULT_CHAINS", "Configuration", "Remote", "check_remote_backend", "find_pyproject"]
 
 DEFAULT_WORKDIR = "~/.cache/remote_exec"
 _REMOTE_KEYS = {"host", "user", "port", "python", "workdir", "env", "backend", "keep_warm", "identity_file",
-                "timeout", "restricted", "allow_unpickle"}
+                "timeout", "restricted", "allow_unpickle", "scheduler"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class Remote:
         restricted: Unpickle results from this host through an allow-list (a host you do not fully
             trust): plain data and built-in exceptions, plus ``allow_unpickle``.
         allow_unpickle: Modules or ``module.name`` globals restricted mode accepts besides those.
+        scheduler: How the runner is started on the host: a launcher's name (``direct``, the default: one
+            exec over the connection).
     """
 
     name: str
@@ -77,6 +80,12 @@ class Remote:
     timeout: float | None = None
     restricted: bool = False
     allow_unpickle: tuple[str, ...] = ()
+    scheduler: str = "direct"
+
+    @property
+    def launcher_options(self) -> dict[str, Any]:
+        """The settings of this remote's launcher (none for ``direct``)."""
+        return {}
 
     @classmethod
     def from_table(cls, name: str, table: Mapping[str, Any]) -> Remote:
@@ -100,6 +109,15 @@ class Remote:
         if "env" in values and not (isinstance(values["env"], dict)
                                     and all(isinstance(v, str) for v in values["env"].values())):
             raise ConfigError(f"[tool.rx.remotes.{name}]: env must be a table of strings")
+        if "scheduler" in values:
+            from .launchers.registry import check_launcher_name
+
+            try:
+                check_launcher_name(values["scheduler"])
+            except ConfigError as exc:
+                raise ConfigError(f"[tool.rx.remotes.{name}]: {exc}", hint=exc.hint) from None
+        if values.get("backend") is not None:
+            check_remote_backend(values["backend"], where=f"[tool.rx.remotes.{name}]: ")
         return cls(name=name, **values)
 
     def spec(self, **options: Any) -> HostSpec:
@@ -115,6 +133,20 @@ class Remote:
         if self.identity_file:
             changes["identity_file"] = Path(self.identity_file).expanduser()
         return replace(spec, **changes) if changes else spec
+
+
+def check_remote_backend(name: str, *, where: str = "") -> str:
+    """``name`` if it is a backend a remote host may use (the backend registry decides).
+
+    Raises:
+        ConfigError: No such backend (the hint lists the choices).
+    """
+    from .backends import remote_backend_names
+
+    choices = remote_backend_names()
+    if name not in choices:
+        raise ConfigError(f"{where}unknown backend {name!r}", hint=f"choose one of {', '.join(choices)}")
+    return name
 
 
 def find_pyproject(start: Path | None = None) -> Path | None:
@@ -140,14 +172,26 @@ def _load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: {exc}") from exc
 
 
-def _import_advice(spec: str) -> Any:
-    module_name, _, attribute = spec.partition(":")
-    if not attribute:
+#: The built-in advice chains, as ``"module:Class"`` specs (loaded by :func:`remote_exec.chains.chain_for`).
+DEFAULT_CHAINS: dict[str, tuple[str, ...]] = {
+    "default": ("remote_exec.advices.log:LoggingAdvice", "remote_exec.advices.remote:RemoteAdvice"),
+    "cached": ("remote_exec.advices.cache:CachingAdvice", "remote_exec.advices.remote:RemoteAdvice"),
+}
+
+
+def _advice_spec(spec: object) -> str:
+    """A ``"module:Class"`` advice spec from ``[tool.rx] chains``, checked now (its module imported, its
+    class found) so that a typo is an error when the configuration loads, not at the first call."""
+    if not isinstance(spec, str) or not all(spec.partition(":")[::2]):
         raise ConfigError(f"advice {spec!r} must be written module:Class")
+    module_name, _, attribute = spec.partition(":")
     try:
-        return getattr(importlib.import_module(module_name), attribute)()
-    except (ImportError, AttributeError, TypeError) as exc:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
         raise ConfigError(f"cannot create advice {spec!r}: {exc}") from exc
+    if not callable(found):
+        raise ConfigError(f"cannot create advice {spec!r}: not a class")
+    return spec
 
 
 @dataclass
@@ -155,7 +199,9 @@ class Configuration:
     """Advice chains, extensions, remotes and defaults.
 
     Attributes:
-        chains: Advice chains by name; ``default`` is used unless a task names another.
+        chains: Advice chains by name, as advices or ``"module:Class"`` specs (made into advices on first
+            use by :func:`remote_exec.chains.chain_for`); the built-in ``default`` and ``cached`` chains
+            (:data:`DEFAULT_CHAINS`) are here unless replaced.
         extensions: Extensions notified around every advice.
         remotes: Configured remotes by name.
         backend: Default backend name.
@@ -168,7 +214,7 @@ class Configuration:
         source: The pyproject.toml this was loaded from, if any.
     """
 
-    chains: dict[str, list[Advice]] = field(default_factory=dict)
+    chains: dict[str, list[Advice | str]] = field(default_factory=dict)
     extensions: list[Extension] = field(default_factory=list)
     remotes: dict[str, Remote] = field(default_factory=dict)
     backend: str = "openssh"
@@ -181,16 +227,8 @@ class Configuration:
     source: Path | None = None
 
     def __post_init__(self) -> None:
-        if "default" not in self.chains:
-            from .advices.log import LoggingAdvice
-            from .advices.remote import RemoteAdvice
-
-            self.chains["default"] = [LoggingAdvice(), RemoteAdvice()]
-        if "cached" not in self.chains:
-            from .advices.cache import CachingAdvice
-            from .advices.remote import RemoteAdvice
-
-            self.chains["cached"] = [CachingAdvice(), RemoteAdvice()]
+        for name, specs in DEFAULT_CHAINS.items():
+            self.chains.setdefault(name, list(specs))
 
     # -- building in code ----------------------------------------------------------------------------
 
@@ -216,23 +254,19 @@ class Configuration:
         self.distribution_modules.extend(modules)
         return self
 
-    def chain(self, name: str) -> list[Advice]:
-        """The advice chain ``name``.
-
-        Raises:
-            ConfigError: No chain has that name.
-        """
-        try:
-            return self.chains[name]
-        except KeyError:
-            raise ConfigError(f"no advice chain named {name!r}",
-                              hint=f"configured chains: {', '.join(sorted(self.chains))}") from None
-
     # -- defaults from the environment ---------------------------------------------------------------
 
     def effective_backend(self, requested: str | None = None) -> str:
         """``requested``, else RX_BACKEND, else the configured default."""
         return requested or os.environ.get("RX_BACKEND") or self.backend
+
+    def check_remote_backend(self, name: str) -> str:
+        """``name`` if it is a backend a remote host may use.
+
+        Raises:
+            ConfigError: No such backend (the hint lists the choices).
+        """
+        return check_remote_backend(name)
 
     def effective_ssh_config(self, requested: Path | None = None) -> Path | None:
         """``requested``, else RX_SSH_CONFIG, else the configured file (None: ssh's default)."""
@@ -275,48 +309,22 @@ class Configuration:
             connect_timeout=float(table.get("connect_timeout", 10.0)),
             workspace=(base / table["workspace"]) if "workspace" in table else None,
             source=path,
-            chains={name: [_import_advice(item) for item in items]
+            chains={name: [_advice_spec(item) for item in items]
                     for name, items in table.get("chains", {}).items()},
         )
         for name, remote_table in table.get("remotes", {}).items():
             if not isinstance(remote_table, dict):
                 raise ConfigError(f"{path}: [tool.rx.remotes.{name}] must be a table")
             config.add_remote(Remote.from_table(name, remote_table))
-        if config.backend not in ("openssh", "paramiko", "local"):
-            raise ConfigError(f"{path}: unknown backend {config.backend!r}", hint="openssh or paramiko")
+        check_remote_backend(config.backend, where=f"{path}: ")
         if config.host_key_policy not in ("accept-new", "strict", "off"):
             raise ConfigError(f"{path}: host_key_policy must be accept-new, strict or off")
         return config
 
     @classmethod
     def load(cls, start: Path | None = None) -> Configuration:
-        """The project's configuration: ``[tool.rx]`` of the nearest pyproject.toml, else defaults.
-
-        Loaded once per directory and process (also the search for the pyproject.toml: a call in a sweep
-        pays a dictionary lookup here).
-        """
-        if start is None:
-            return cls.for_directory(os.getcwd())
-        return cls._for_pyproject(find_pyproject(start))
-
-    @classmethod
-    def for_directory(cls, cwd: str) -> Configuration:
-        """:meth:`load` for the directory ``cwd`` (a caller that knows the current directory passes it)."""
-        if cwd in _found:
-            path = _found[cwd]
-        else:
-            path = _found[cwd] = find_pyproject(Path(cwd))
-        return cls._for_pyproject(path)
-
-    @classmethod
-    def _for_pyproject(cls, path: Path | None) -> Configuration:
-        key = str(path)
-        cached = _loaded.get(key)
-        if cached is None:
-            cached = cls.from_pyproject(path) if path is not None else cls()
-            _loaded[key] = cached
-        return cached
-
-
-_loaded: dict[str, Configuration] = {}
-_found: dict[str, Path | None] = {}
+        """The project's configuration: ``[tool.rx]`` of the nearest pyproject.toml from ``start`` (default:
+        the current directory) upwards, else defaults. Read afresh on every call: the process's
+        :class:`~remote_exec.coordinator.Coordinator` keeps what it loaded for the calls of a sweep."""
+        path = find_pyproject(start)
+        return cls.from_pyproject(path) if path is not None else cls()

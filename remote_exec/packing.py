@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PackError
+from .task import Task
 
-__all__ = ["REMOTE_MODULES", "DistributionArchive", "discover_modules"]
+__all__ = ["RECHECK_SECONDS", "REMOTE_MODULES", "DistributionArchive", "Packer", "default_cache_dir",
+           "discover_modules"]
 
 logger = logging.getLogger(__name__)
 
@@ -202,57 +204,9 @@ class DistributionArchive:
     @classmethod
     def build(cls, *, entry_files: Iterable[Path] = (), roots: Iterable[Path] = (),
               extra_modules: Iterable[str] = (), cache_dir: Path | None = None) -> DistributionArchive:
-        """Build (or reuse) the archive for code that starts in ``entry_files``.
-
-        A build is reused while the files it read are unchanged (size and modification time, checked at
-        most every :data:`RECHECK_SECONDS`, so a sweep's calls do not stat them each time).
-
-        Args:
-            entry_files: The task's script or module file(s); their project imports are found.
-            roots: Where project modules live (the script's folder, source roots).
-            extra_modules: Modules or packages to ship in any case.
-            cache_dir: Local archive cache (default: the user cache dir of remote_exec).
-
-        Raises:
-            PackError: A listed module cannot be shipped, or the cache is not writable.
-        """
-        entry_files = tuple(entry_files)
-        roots = tuple(roots)
-        extra_modules = tuple(extra_modules)
-        environ = os.environ
-        where = (str(cache_dir) if cache_dir is not None
-                 else (environ.get("RX_CACHE_DIR"), environ.get("XDG_CACHE_HOME"), environ.get("HOME")))
-        memo_key = (tuple(map(str, entry_files)), tuple(map(str, roots)), extra_modules, where)
-        hit = _build_memo.get(memo_key)
-        if hit is not None:
-            now = time.monotonic()
-            if now - _checked.get(memo_key, 0.0) < RECHECK_SECONDS:
-                return hit[0]  # checked a moment ago: a sweep's call does not stat the files again
-            if hit[1] == _signature(hit[2]) and os.path.isfile(hit[3]):
-                _checked[memo_key] = now
-                return hit[0]  # unchanged code: a few stat calls, no discovery
-        entry_files = tuple(Path(file) for file in entry_files)
-        roots = tuple(Path(root) for root in roots)
-        cache_dir = cache_dir or default_cache_dir()
-        entries = list(_base_entries())
-        modules = discover_modules(entry_files, roots)
-        by_name = {module.name: module for module in modules}
-        for name in extra_modules:
-            # A project module under the roots first (the cwd of `rx run -m` need not be on sys.path).
-            module = _find_top_level(name, [root.resolve() for root in roots]) or _import_path(name)
-            by_name.setdefault(module.name, module)
-        seen = {arcname for arcname, _ in entries}
-        for module in sorted(by_name.values(), key=lambda m: m.name):
-            for arcname, path in _package_files(module):
-                if arcname not in seen:
-                    seen.add(arcname)
-                    entries.append((arcname, path))
-        archive = _cached_build(entries, tuple(sorted(by_name)), cache_dir)
-        # Remember what this build read, so an unchanged call skips discovery (stat calls only).
-        user_files = tuple(str(source) for _, source in entries if isinstance(source, Path)
-                           and source not in _base_paths()) + tuple(map(str, entry_files))
-        _build_memo[memo_key] = (archive, _signature(user_files), user_files, str(archive.path))
-        return archive
+        """Build (or reuse) the archive for code that starts in ``entry_files`` (see :meth:`Packer.build`;
+        this one remembers nothing between calls but the archive cache on disk)."""
+        return Packer().build(entry_files=entry_files, roots=roots, extra_modules=extra_modules, cache_dir=cache_dir)
 
 
 def default_cache_dir() -> Path:
@@ -266,9 +220,6 @@ def default_cache_dir() -> Path:
 
 #: Seconds an unchanged build is trusted before its files are checked again (an edit shows within this).
 RECHECK_SECONDS = 0.5
-_checked: dict[tuple[Any, ...], float] = {}
-_build_memo: dict[tuple[Any, ...],
-                  tuple[DistributionArchive, tuple[tuple[int, int], ...], tuple[str, ...], str]] = {}
 
 
 def _signature(files: Iterable[str]) -> tuple[tuple[int, int], ...]:
@@ -318,9 +269,6 @@ def _base_entries_uncached() -> list[tuple[str, Path | bytes]]:
     return entries
 
 
-#: Archives built by this process, by cache dir and the (name, source, mtime, size) of every entry.
-_memo: dict[tuple[str, tuple[tuple[str, str, int, int], ...]], DistributionArchive] = {}
-_memo_lock = threading.Lock()
 
 
 # Compiles in a fresh interpreter: marshal's output depends on the reference counts of the process that
@@ -371,47 +319,170 @@ def _bytecode(contents: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
     return compiled
 
 
-def _cached_build(entries: list[tuple[str, Path | bytes]], modules: tuple[str, ...],
-                  cache_dir: Path) -> DistributionArchive:
-    stat_key = tuple(
-        (arcname, str(source), *( (source.stat().st_mtime_ns, source.stat().st_size)
-                                  if isinstance(source, Path) else (0, len(source))))
-        for arcname, source in entries
-    )
-    with _memo_lock:
-        hit = _memo.get((str(cache_dir), stat_key))
-        if hit is not None and hit.path.is_file():
+def _entries(entry_files: tuple[Path, ...], roots: tuple[Path, ...], extra_modules: tuple[str, ...]
+             ) -> tuple[list[tuple[str, Path | bytes]], tuple[str, ...]]:
+    """The archive's entries (rx's own files, then the user's modules) and the user modules' names."""
+    entries = list(_base_entries())
+    by_name = {module.name: module for module in discover_modules(entry_files, roots)}
+    for name in extra_modules:
+        # A project module under the roots first (the cwd of `rx run -m` need not be on sys.path).
+        module = _find_top_level(name, [root.resolve() for root in roots]) or _import_path(name)
+        by_name.setdefault(module.name, module)
+    seen = {arcname for arcname, _ in entries}
+    for module in sorted(by_name.values(), key=lambda m: m.name):
+        for arcname, path in _package_files(module):
+            if arcname not in seen:
+                seen.add(arcname)
+                entries.append((arcname, path))
+    return entries, tuple(sorted(by_name))
+
+
+def _entry_points(task: Task, cwd: str) -> tuple[list[Path], list[Path]]:
+    """The files whose imports define the code to ship, and the roots project modules live under."""
+    here = Path(cwd)
+    if task.kind == "script" and task.filename:
+        script = (here / task.filename).resolve()
+        return [script], [script.parent, here]
+    if task.kind == "module":
+        return ([Path(task.filename)] if task.filename else []), [here]
+    module_name = task.module or "__main__"
+    module = sys.modules.get(module_name)
+    file = getattr(module, "__file__", None)
+    if not file:
+        return [], [here]
+    path = Path(file).resolve()
+    if module_name == "__main__":
+        return [path], [path.parent, here]
+    root = path.parent
+    for _ in range(module_name.count(".") + (1 if path.name == "__init__.py" else 0)):
+        root = root.parent
+    return [path], [root, here]
+
+
+class Packer:
+    """Builds distribution archives and remembers what it built, so that a sweep's calls of unchanged code
+    cost a dictionary lookup (and, at most every :data:`RECHECK_SECONDS`, a few ``stat`` calls).
+
+    One per coordinator; thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        #: Archives by cache dir and the (name, source, mtime, size) of every entry.
+        self._archives: dict[tuple[str, tuple[tuple[str, str, int, int], ...]], DistributionArchive] = {}
+        #: The last build per request, with the signature of the files it read.
+        self._builds: dict[tuple[Any, ...],
+                           tuple[DistributionArchive, tuple[tuple[int, int], ...], tuple[str, ...], str]] = {}
+        self._checked: dict[tuple[Any, ...], float] = {}
+        self._entries: dict[tuple[str, str | None, str | None, str], tuple[list[Path], list[Path]]] = {}
+
+    def archive_for(self, task: Task, distribution_modules: Iterable[str] = (),
+                    cwd: str | None = None) -> DistributionArchive:
+        """The archive carrying ``task``'s code and ``distribution_modules`` (built once per content);
+        ``cwd``: the current directory (default: this process's)."""
+        cwd = cwd or os.getcwd()
+        where = (task.kind, task.module, task.filename, cwd)
+        entry = self._entries.get(where)
+        if entry is None:
+            entry = self._entries[where] = _entry_points(task, cwd)
+        files, roots = entry
+        extra = list(distribution_modules)
+        if task.kind == "module" and task.module:
+            extra.append(task.module)
+        elif task.kind == "function" and task.module and task.module != "__main__":
+            extra.append(task.module.split(".")[0])
+        return self.build(entry_files=files, roots=roots, extra_modules=extra)
+
+    def build(self, *, entry_files: Iterable[Path] = (), roots: Iterable[Path] = (),
+              extra_modules: Iterable[str] = (), cache_dir: Path | None = None) -> DistributionArchive:
+        """Build (or reuse) the archive for code that starts in ``entry_files``.
+
+        A build is reused while the files it read are unchanged (size and modification time, checked at
+        most every :data:`RECHECK_SECONDS`, so a sweep's calls do not stat them each time).
+
+        Args:
+            entry_files: The task's script or module file(s); their project imports are found.
+            roots: Where project modules live (the script's folder, source roots).
+            extra_modules: Modules or packages to ship in any case.
+            cache_dir: Local archive cache (default: the user cache dir of remote_exec).
+
+        Raises:
+            PackError: A listed module cannot be shipped, or the cache is not writable.
+        """
+        entry_files = tuple(entry_files)
+        roots = tuple(roots)
+        extra_modules = tuple(extra_modules)
+        environ = os.environ
+        where = (str(cache_dir) if cache_dir is not None
+                 else (environ.get("RX_CACHE_DIR"), environ.get("XDG_CACHE_HOME"), environ.get("HOME")))
+        memo_key = (tuple(map(str, entry_files)), tuple(map(str, roots)), extra_modules, where)
+        hit = self._unchanged(memo_key)
+        if hit is not None:
             return hit
-    contents = [(arcname, source.read_bytes() if isinstance(source, Path) else source)
-                for arcname, source in entries]
-    contents.sort(key=lambda item: item[0])
-    key = hashlib.sha256()
-    for arcname, data in contents:
-        key.update(arcname.encode() + b"\0" + hashlib.sha256(data).digest())
-    key.update(b"pyc\0" + sys.implementation.cache_tag.encode() + importlib.util.MAGIC_NUMBER)
-    content_key = key.hexdigest()
-    target = cache_dir / f"{content_key}.pyz"
-    if not target.is_file():
-        contents = sorted(contents + _bytecode(contents), key=lambda item: item[0])
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
-            for arcname, data in contents:
-                info = zipfile.ZipInfo(arcname, date_time=_EPOCH)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                archive.writestr(info, data)
-        data = buffer.getvalue()
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            temporary = cache_dir / f".{content_key}.{os.getpid()}.{threading.get_ident()}.tmp"
-            temporary.write_bytes(data)
-            os.replace(temporary, target)
-        except OSError as exc:
-            raise PackError(f"cannot write the archive cache {cache_dir}: {exc}") from exc
-        logger.debug("built archive %s (%d bytes, modules: %s)", target.name, len(data), ", ".join(modules))
-    data = target.read_bytes()
-    archive_obj = DistributionArchive(path=target, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
-                                      modules=modules)
-    with _memo_lock:
-        _memo[(str(cache_dir), stat_key)] = archive_obj
-    return archive_obj
+        entry_files = tuple(Path(file) for file in entry_files)
+        roots = tuple(Path(root) for root in roots)
+        entries, modules = _entries(entry_files, roots, extra_modules)
+        archive = self._cached_build(entries, modules, cache_dir or default_cache_dir())
+        # Remember what this build read, so an unchanged call skips discovery (stat calls only).
+        user_files = tuple(str(source) for _, source in entries if isinstance(source, Path)
+                           and source not in _base_paths()) + tuple(map(str, entry_files))
+        self._builds[memo_key] = (archive, _signature(user_files), user_files, str(archive.path))
+        return archive
+
+    def _unchanged(self, memo_key: tuple[Any, ...]) -> DistributionArchive | None:
+        """The archive of an earlier build of the same request, if the files it read are unchanged."""
+        hit = self._builds.get(memo_key)
+        if hit is None:
+            return None
+        now = time.monotonic()
+        if now - self._checked.get(memo_key, 0.0) < RECHECK_SECONDS:
+            return hit[0]  # checked a moment ago: a sweep's call does not stat the files again
+        if hit[1] == _signature(hit[2]) and os.path.isfile(hit[3]):
+            self._checked[memo_key] = now
+            return hit[0]  # unchanged code: a few stat calls, no discovery
+        return None
+
+    def _cached_build(self, entries: list[tuple[str, Path | bytes]], modules: tuple[str, ...],
+                      cache_dir: Path) -> DistributionArchive:
+        stat_key = tuple(
+            (arcname, str(source), *( (source.stat().st_mtime_ns, source.stat().st_size)
+                                      if isinstance(source, Path) else (0, len(source))))
+            for arcname, source in entries
+        )
+        with self._lock:
+            hit = self._archives.get((str(cache_dir), stat_key))
+            if hit is not None and hit.path.is_file():
+                return hit
+        contents = [(arcname, source.read_bytes() if isinstance(source, Path) else source)
+                    for arcname, source in entries]
+        contents.sort(key=lambda item: item[0])
+        key = hashlib.sha256()
+        for arcname, data in contents:
+            key.update(arcname.encode() + b"\0" + hashlib.sha256(data).digest())
+        key.update(b"pyc\0" + sys.implementation.cache_tag.encode() + importlib.util.MAGIC_NUMBER)
+        content_key = key.hexdigest()
+        target = cache_dir / f"{content_key}.pyz"
+        if not target.is_file():
+            contents = sorted(contents + _bytecode(contents), key=lambda item: item[0])
+            buffer = io.BytesIO()
+            with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
+                for arcname, data in contents:
+                    info = zipfile.ZipInfo(arcname, date_time=_EPOCH)
+                    info.compress_type = zipfile.ZIP_DEFLATED
+                    info.external_attr = 0o644 << 16
+                    archive.writestr(info, data)
+            data = buffer.getvalue()
+            try:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                temporary = cache_dir / f".{content_key}.{os.getpid()}.{threading.get_ident()}.tmp"
+                temporary.write_bytes(data)
+                os.replace(temporary, target)
+            except OSError as exc:
+                raise PackError(f"cannot write the archive cache {cache_dir}: {exc}") from exc
+            logger.debug("built archive %s (%d bytes, modules: %s)", target.name, len(data), ", ".join(modules))
+        data = target.read_bytes()
+        archive_obj = DistributionArchive(path=target, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
+                                          modules=modules)
+        with self._lock:
+            self._archives[(str(cache_dir), stat_key)] = archive_obj
+        return archive_obj

@@ -139,30 +139,34 @@ class Result(Record):
         }
 
 
-_task_sections: dict[int, tuple[Task, tuple[bytes, bytes]]] = {}
-
-
 def _task_section(task: Task) -> tuple[bytes, bytes]:
-    """``task`` as a (tag, body) wire section: marshal for a function task by reference (remembered: the
-    same bytes every call), else a pickle (one written by value is pickled again each time, as its
+    """``task`` as a (tag, body) wire section: marshal for a function task by reference (kept on the task:
+    the same bytes every call), else a pickle (one written by value is pickled again each time, as its
     globals may have changed)."""
-    hit = _task_sections.get(id(task))
-    if hit is not None and hit[0] is task:
-        return hit[1]
+    section: tuple[bytes, bytes] | None = getattr(task, "wire_section", None)
+    if section is not None:
+        return section
     from .serialization import MARSHAL_VERSION, PickleSerializer
-    from .task import _by_reference
+    from .task import by_reference
 
-    reference = (_by_reference(task.function) if task.kind == "function" and task.function is not None
+    reference = (by_reference(task.function) if task.kind == "function" and task.function is not None
                  else None)
     if reference is None:
         return b"p", PickleSerializer().dumps(task)
     import marshal
 
     section = (b"m", marshal.dumps(("ref", *reference, task.task_id, task.name), MARSHAL_VERSION))
-    if len(_task_sections) >= 1024:
-        _task_sections.clear()
-    _task_sections[id(task)] = (task, section)
+    task.wire_section = section
     return section
+
+
+def _check_version(meta: dict[str, Any]) -> None:
+    """Refuse what is not a session, or a session of a format version this rx does not read."""
+    if meta.get("format") != FORMAT:
+        raise SessionError(f"not an rx session: format {meta.get('format')!r}")
+    if meta.get("version") != VERSION:
+        raise SessionError(f"session format version {meta.get('version')!r} is not supported "
+                           f"(this rx reads version {VERSION})", hint="run it with the rx that wrote it")
 
 
 def _tagged(tag: bytes, body: Any, what: str) -> Any:
@@ -211,9 +215,10 @@ class Session(Record):
         self.result = result
         #: The Configuration in force on the coordinator (never saved: it stays local).
         self.config = config
-        #: Coordinator-side objects for advices (workspace run, outcome); never saved.
+        #: A scratch area for advices and the coordinator (workspace run, outcome): stays on the coordinator,
+        #: never saved, never sent.
         self.local: dict[str, Any] = {} if local is None else local
-        self._decision: str | None = None
+        self._decision: str | None = None  # proceed, conclude, or after (see the chain protocol below)
         # The serialized arguments, when the caller has them already (they can be large: serialize once).
         self._arguments = arguments
         self._sections_cache: tuple[tuple[bytes, bytes], tuple[bytes, bytes], tuple[bytes, bytes]] | None = None
@@ -242,6 +247,25 @@ class Session(Record):
             raise SessionError(f"advice already chose to {self._decision}; proceed or conclude once")
         if self._decision != "after":
             self._decision = decision
+
+    # The chain runner's side of the protocol (:func:`remote_exec.advice.run_chain`).
+
+    def await_decision(self) -> None:
+        """Before an advice's ``before()``: it has not decided yet."""
+        self._decision = None
+
+    @property
+    def decision(self) -> str | None:
+        """What the current advice's ``before()`` chose: ``proceed``, ``conclude``, or None (nothing yet)."""
+        return self._decision if self._decision in ("proceed", "conclude") else None
+
+    def enter_after(self) -> None:
+        """Before an advice's ``after()``: ``conclude`` now replaces the result, ``proceed`` does nothing."""
+        self._decision = "after"
+
+    def leave_chain(self) -> None:
+        """The chain is done with this session."""
+        self._decision = None
 
     # -- save and restore ----------------------------------------------------------------------------
 
@@ -318,18 +342,13 @@ class Session(Record):
     @classmethod
     def _build(cls, meta: dict[str, Any], task_data: tuple[bytes, Any], arguments: tuple[bytes, Any],
                context_data: tuple[bytes, Any]) -> Session:
-        if meta.get("format") != FORMAT:
-            raise SessionError(f"not an rx session: format {meta.get('format')!r}")
-        if meta.get("version") != VERSION:
-            raise SessionError(
-                f"session format version {meta.get('version')!r} is not supported "
-                f"(this rx reads version {VERSION})", hint="run it with the rx that wrote it")
+        _check_version(meta)
         try:
             task = _tagged(*task_data, "task")
             if isinstance(task, tuple) and task[:1] == ("ref",):  # a function task by reference
-                from .task import _restore_function_task
+                from .task import restore_function_task
 
-                task = _restore_function_task(*task[1:])
+                task = restore_function_task(*task[1:])
             if arguments[0] == b"s":
                 serializer = get_serializer(meta["serializer"])
                 body = arguments[1] if serializer.name == "pickle" else bytes(arguments[1])
@@ -388,12 +407,7 @@ class Session(Record):
                     meta = json.loads(archive.read(_META))
                 except KeyError:
                     raise SessionError("not an rx session: no rx-session.json inside") from None
-                if meta.get("format") != FORMAT:
-                    raise SessionError(f"not an rx session: format {meta.get('format')!r}")
-                if meta.get("version") != VERSION:
-                    raise SessionError(
-                        f"session format version {meta.get('version')!r} is not supported "
-                        f"(this rx reads version {VERSION})", hint="run it with the rx that wrote it")
+                _check_version(meta)
                 serializer = get_serializer(meta["serializer"])
                 from .serialization import PickleSerializer
 

@@ -1,4 +1,4 @@
-"""Tasks, executions and their identifiers, and the ``@task`` decorator.
+"""Tasks, executions and their identifiers.
 
 A :class:`Task` is what runs: a function (an importable one by reference, a closure, lambda or ``__main__``
 function by value with cloudpickle), a script's source, or a module run as ``python -m``. Its id is
@@ -19,25 +19,25 @@ if TYPE_CHECKING:
     import types
     from collections.abc import Callable
     from pathlib import Path
-    from typing import Any, Generic, TypeVar, overload
+    from typing import Any
 
-    R = TypeVar("R")
-else:
-    R = None
-
-    class Generic:
-        """Stands in for typing.Generic at run time: ``TaskFunction[int]`` stays subscriptable."""
-
-        def __class_getitem__(cls, item: object) -> type:
-            return cls
-
-    def overload(function: object) -> object:
-        return function
-
-__all__ = ["Execution", "Task", "TaskFunction", "task"]
+__all__ = ["INSIDE_RUNNER_ENV", "Execution", "Record", "Task", "by_reference", "function_id", "restore_function_task",
+           "unwrap"]
 
 #: Set by the runner: a @task function called inside a running task runs in place.
 INSIDE_RUNNER_ENV = "RX_INSIDE_RUNNER"
+
+
+def unwrap(value: Any) -> Any:
+    """The plain function behind a ``@task`` wrapper (anything else as it is).
+
+    A wrapper marks itself with a true class attribute ``rx_task_function`` and holds the function in
+    ``function`` (see :class:`remote_exec.api.TaskFunction`); this module does not import it, as it
+    travels to the remote and stays a leaf.
+    """
+    if getattr(type(value), "rx_task_function", False):
+        return value.function
+    return value
 
 
 
@@ -91,9 +91,7 @@ def _fingerprint_function(function: types.FunctionType, digest: Any, seen: set[i
     # Functions of the same module that this one calls: a changed helper is a changed task.
     module_globals = function.__globals__
     for name in _global_names(function.__code__):
-        value = module_globals.get(name)
-        if isinstance(value, TaskFunction):
-            value = value.function
+        value = unwrap(module_globals.get(name))
         if isinstance(value, _FunctionType) and value.__module__ == function.__module__:
             _fingerprint_function(value, digest, seen)
 
@@ -107,8 +105,7 @@ def _global_names(code: types.CodeType) -> set[str]:
 
 
 def _fingerprint_value(value: object, digest: Any, seen: set[int]) -> None:
-    if isinstance(value, TaskFunction):
-        value = value.function
+    value = unwrap(value)
     if isinstance(value, _FunctionType):
         _fingerprint_function(value, digest, seen)
         return
@@ -138,7 +135,7 @@ def function_id(function: Callable[..., Any]) -> str:
     return digest.hexdigest()
 
 
-def _by_reference(function: Callable[..., Any]) -> tuple[str, str] | None:
+def by_reference(function: Callable[..., Any]) -> tuple[str, str] | None:
     """``(module, qualname)`` when the function can be imported back by name on the other side."""
     module = getattr(function, "__module__", None)
     qualname = getattr(function, "__qualname__", "")
@@ -150,7 +147,7 @@ def _by_reference(function: Callable[..., Any]) -> tuple[str, str] | None:
             obj = getattr(obj, part)
     except Exception:
         return None
-    if obj is function or (isinstance(obj, TaskFunction) and obj.function is function):
+    if obj is function or unwrap(obj) is function:
         return module, qualname
     return None
 
@@ -159,18 +156,24 @@ def _load_by_reference(module: str, qualname: str) -> Callable[..., Any]:
     obj: Any = _import_module(module)
     for part in qualname.split("."):
         obj = getattr(obj, part)
-    if isinstance(obj, TaskFunction):
-        return obj.function
-    return obj  # type: ignore[no-any-return]
+    function: Callable[..., Any] = unwrap(obj)
+    return function
 
 
-def _restore_task(kind: str, name: str, task_id: str, function: Callable[..., Any] | None, source: str | None,
-                  filename: str | None, module: str | None) -> Task:
+def restore_task(kind: str, name: str, task_id: str, function: Callable[..., Any] | None, source: str | None,
+                 filename: str | None, module: str | None) -> Task:
+    """A task from its fields (what a pickled :class:`Task` is rebuilt with)."""
     return Task(kind, name, task_id, function, source, filename, module)
 
 
-def _restore_function_task(module: str, qualname: str, task_id: str, name: str) -> Task:
+def restore_function_task(module: str, qualname: str, task_id: str, name: str) -> Task:
+    """A function task whose function is imported back by ``module`` and ``qualname``."""
     return Task(kind="function", name=name, task_id=task_id, function=_load_by_reference(module, qualname))
+
+
+# The names that sessions saved by earlier versions refer to in their pickles.
+_restore_task = restore_task
+_restore_function_task = restore_function_task
 
 
 class Record:
@@ -202,6 +205,9 @@ class Task(Record):
 
     _FIELDS = ("kind", "name", "task_id", "function", "source", "filename", "module")
 
+    #: The task as a session's wire section, once made (a function task by reference; never pickled).
+    wire_section: tuple[bytes, bytes] | None = None
+
     def __init__(self, kind: str, name: str, task_id: str, function: Callable[..., Any] | None = None,
                  source: str | None = None, filename: str | None = None, module: str | None = None) -> None:
         self.kind = kind
@@ -218,8 +224,7 @@ class Task(Record):
     @classmethod
     def from_function(cls, function: Callable[..., Any]) -> Task:
         """A task for a function, closure or lambda."""
-        if isinstance(function, TaskFunction):
-            function = function.function
+        function = unwrap(function)
         name = f"{getattr(function, '__module__', '?')}:{getattr(function, '__qualname__', repr(function))}"
         return cls(kind="function", name=name, task_id=function_id(function), function=function,
                    module=getattr(function, "__module__", None))
@@ -251,10 +256,10 @@ class Task(Record):
 
     def __reduce__(self) -> Any:
         if self.kind == "function" and self.function is not None:
-            reference = _by_reference(self.function)
+            reference = by_reference(self.function)
             if reference is not None:
-                return _restore_function_task, (*reference, self.task_id, self.name)
-        return _restore_task, (self.kind, self.name, self.task_id, self.function, self.source, self.filename,
+                return restore_function_task, (*reference, self.task_id, self.name)
+        return restore_task, (self.kind, self.name, self.task_id, self.function, self.source, self.filename,
                                self.module)
 
     def execute(self, execution: Execution, *, workdir: str | Path | None = None) -> Any:
@@ -317,12 +322,7 @@ class Execution(Record):
         """An execution of ``task``; ``serialized`` are the already serialized arguments, if at hand."""
         kwargs = dict(kwargs or {})
         if serialized is None:
-            from .serialization import PickleSerializer
-
-            try:
-                serialized = PickleSerializer().dumps((args, kwargs))
-            except TypeError:
-                serialized = repr((args, kwargs)).encode()
+            serialized = _serialize_arguments((args, kwargs))
         import hashlib
 
         digest = hashlib.sha256(task.task_id.encode() + b"\0")
@@ -330,96 +330,18 @@ class Execution(Record):
         return cls(execution_id=digest.hexdigest(), args=tuple(args), kwargs=kwargs)
 
 
-class TaskFunction(Generic[R]):
-    """What ``@task`` returns: calling it runs the function through the configured advice chain.
+def _serialize_arguments(value: object) -> bytes:
+    """Arguments as bytes for the execution id, when the caller has not serialized them already: a pickle
+    (cloudpickle's for what plain pickle cannot write), else their repr."""
+    import pickle
 
-    Attributes:
-        function: The undecorated function.
-        remote: The host (alias, ``[tool.rx.remotes]`` name or ``[user@]host[:port]``), or None for the
-            configuration's default.
-        chain: The name of the advice chain to use.
-        config: A :class:`remote_exec.config.Configuration`, or None for the project's configuration.
-        options: Further per-task options (``timeout``, ``python``, ``backend``, ``keep_warm``, ...),
-            available to advices in the session context.
-    """
+    try:
+        return pickle.dumps(value, protocol=5)
+    except Exception:
+        pass
+    try:
+        import cloudpickle
 
-    def __init__(self, function: Callable[..., R], *, remote: str | None = None, chain: str = "default",
-                 config: Any = None, options: dict[str, Any] | None = None) -> None:
-        for attribute in ("__module__", "__name__", "__qualname__", "__doc__"):
-            try:
-                setattr(self, attribute, getattr(function, attribute))
-            except AttributeError:
-                pass
-        self.__dict__.update(getattr(function, "__dict__", {}))
-        self.__wrapped__ = function
-        self.function = function
-        self.remote = remote
-        self.chain = chain
-        self.config = config
-        self.options = dict(options or {})
-        self._task: Task | None = None
-
-    @property
-    def task(self) -> Task:
-        """The :class:`Task` for the function (computed once)."""
-        if self._task is None:
-            self._task = Task.from_function(self.function)
-        return self._task
-
-    def __call__(self, *args: Any, **kwargs: Any) -> R:
-        if os.environ.get(INSIDE_RUNNER_ENV):
-            return self.function(*args, **kwargs)
-        from .advice import run_task
-
-        return run_task(self, args, kwargs)  # type: ignore[no-any-return]
-
-    def __get__(self, instance: object, owner: type | None = None) -> Any:
-        if instance is None:
-            return self
-        import types
-
-        return types.MethodType(self, instance)
-
-    def __repr__(self) -> str:
-        return f"<task {self.function.__module__}:{self.function.__qualname__} remote={self.remote!r}>"
-
-
-@overload
-def task(function: Callable[..., R], /) -> TaskFunction[R]: ...
-
-
-@overload
-def task(*, remote: str | None = None, chain: str = "default", config: Any = None,  # noqa: F811
-         **options: Any) -> Callable[[Callable[..., R]], TaskFunction[R]]: ...
-
-
-def task(function: Callable[..., R] | None = None, /, *, remote: str | None = None, chain: str = "default",  # noqa: F811
-         config: Any = None, **options: Any) -> TaskFunction[R] | Callable[[Callable[..., R]], TaskFunction[R]]:
-    """Make a function a task: calling it runs it through an advice chain (remotely, cached, logged).
-
-    Use bare (``@task``) or with options (``@task(remote="gpu1", timeout=600)``).
-
-    Args:
-        function: The function (when used bare).
-        remote: The host to run on; None runs through the chain's own default (a local subprocess when
-            the chain has no remote advice).
-        chain: Name of the advice chain in the configuration.
-        config: A Configuration to use instead of the project's.
-        **options: Per-task options for advices: ``timeout`` (seconds), ``python`` (remote interpreter),
-            ``backend`` (openssh or paramiko), ``env`` (a dict), ``secret_env`` (names of local variables
-            passed over the channel only), ``workdir`` (remote cache dir), ``keep_warm`` (a persistent
-            worker), ``pull`` (file globs), ``no_pull``, ``restricted`` and ``allow_unpickle`` (unpickle
-            results through an allow-list), ``keepalive_interval`` / ``keepalive_count``.
-    """
-    if function is not None:
-        if not callable(function):
-            raise TypeError("@task decorates a function")
-        return TaskFunction(function)
-
-    def decorate(fn: Callable[..., R]) -> TaskFunction[R]:
-        if not callable(fn):
-            raise TypeError("@task decorates a function")
-        return TaskFunction(fn, remote=remote, chain=chain, config=config, options=options)
-
-    return decorate
-
+        return bytes(cloudpickle.dumps(value, protocol=5))
+    except Exception:
+        return repr(value).encode()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from .base import ExecutingAdvice, Target
 from .cache import CachingAdvice
 from .log import LoggingAdvice
-from .remote import ExecutingAdvice, RemoteAdvice
+from .remote import RemoteAdvice
 from .subprocess import Interpreter, SubprocessAdvice
 
 __all__ = ["CachingAdvice", "ExecutingAdvice", "Interpreter", "LoggingAdvice", "RemoteAdvice",
-           "SubprocessAdvice"]
+           "SubprocessAdvice", "Target"]

@@ -7,16 +7,12 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from ..backends.local import LocalBackend
-from ..packing import default_cache_dir
+from ..coordinator import Coordinator, Target
 from ..session import Session
-from .remote import ExecutingAdvice, Target, call_options
+from .base import ExecutingAdvice
 
 __all__ = ["Interpreter", "SubprocessAdvice"]
-
-_backend = LocalBackend()
 
 
 @dataclass(frozen=True)
@@ -39,18 +35,16 @@ class SubprocessAdvice(ExecutingAdvice):
 
     Args:
         interpreter: Which interpreter, with what path and environment (default: this one).
+        coordinator: The coordinator to run through (default: this process's).
     """
 
-    def __init__(self, interpreter: Interpreter | None = None) -> None:
+    def __init__(self, interpreter: Interpreter | None = None, *, coordinator: Coordinator | None = None) -> None:
+        super().__init__(coordinator=coordinator)
         self.interpreter = interpreter or Interpreter()
 
     def target(self, session: Session) -> Target:
-        options: dict[str, Any] = dict(session.context.get("options") or {})
         env = dict(self.interpreter.environment)
         if self.interpreter.path:
             existing = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
             env["PYTHONPATH"] = os.pathsep.join([*self.interpreter.path, *existing])
-        env.update(options.get("env") or {})
-        call = call_options(options, python=self.interpreter.executable,
-                            workdir=str(default_cache_dir().parent / "local"), env=env)
-        return Target(backend=_backend, backend_name="local", host="local", options=call)
+        return self.coordinator.local_target(session, python=self.interpreter.executable, env=env)

@@ -23,6 +23,7 @@ __all__ = [
     "build_command",
     "close_all",
     "connect",
+    "remote_backend_names",
 ]
 
 BACKENDS: dict[str, str] = {
@@ -33,6 +34,11 @@ BACKENDS: dict[str, str] = {
 
 _pool: dict[tuple[str, HostSpec], Backend] = {}
 _pool_lock = threading.Lock()
+
+
+def remote_backend_names() -> list[str]:
+    """The backends a remote host may use (``local`` is the local-subprocess backend)."""
+    return [name for name in BACKENDS if name != "local"]
 
 
 def backend_class(name: str) -> type[Backend]:

@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import ClassVar, Literal
 
-from ..errors import CommandTimeout, ConfigError
+from ..errors import CommandTimeout, ConfigError, ConnectError, RemoteExecError
 
 __all__ = [
     "Backend",
@@ -250,6 +250,14 @@ class Backend(ABC):
         Raises:
             TransferError: The copy failed or the remote file does not exist.
         """
+
+    def classify_exit(self, exit_code: int | None, stderr: bytes) -> RemoteExecError | None:
+        """The error to raise when a remote command ended this way because of the link rather than the
+        command (None: the exit status is the command's own)."""
+        if exit_code in (255, -1):
+            lines = stderr.decode("utf-8", "replace").strip().splitlines() or ["no reason given"]
+            return ConnectError(self.host, f"the connection closed: {lines[-1]}")
+        return None
 
     @abstractmethod
     def close(self) -> None:

@@ -8,64 +8,16 @@ clean), ``hosts`` (hosts, check). This package is the only place that imports ty
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from typing import Annotated, NoReturn
+from typing import NoReturn
 
 import typer
 
-from .. import __version__
 from ..errors import RemoteExecError
+from .app import app, error_line, state
 
-__all__ = ["app", "main", "state"]
-
-app = typer.Typer(
-    name="rx",
-    help="Offload Python work to machines reachable over SSH, and keep a record of every run.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-
-class _State:
-    """Options given before the command, shared by every command."""
-
-    verbose: int = 0
-
-
-state = _State()
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"rx {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
-                                         help="Show debug logs and Python tracebacks (-vv: more).")] = 0,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
-) -> None:
-    state.verbose = verbose
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="rx: %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # paramiko logs a failed handshake with a traceback from its transport thread; rx already reports it as
-    # one line (and its exit status), so paramiko's own log shows only with -v.
-    logging.getLogger("paramiko").setLevel(level if verbose else logging.CRITICAL)
-
-
-def error_line(message: str) -> None:
-    """Print one red ``rx: error: ...`` line on stderr."""
-    from rich.console import Console
-
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]rx: error:[/] {message}",
-                                                                 markup=True, emoji=False)
+__all__ = ["app", "error_line", "main", "state"]
 
 
 def _register() -> None:

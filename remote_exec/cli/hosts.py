@@ -11,8 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import ConfigError, RunnerError
-from . import app
+from ..errors import RunnerError
+from .app import app
 
 __all__ = ["check", "hosts"]
 
@@ -82,7 +82,7 @@ def hosts(
 @app.command()
 def check(
     host: Annotated[str, typer.Argument(help="ssh_config alias, [tool.rx.remotes] name or [user@]host[:port].")],
-    backend: Annotated[str | None, typer.Option(help="openssh or paramiko.")] = None,
+    backend: Annotated[str | None, typer.Option(help="SSH backend: openssh or paramiko.")] = None,
     python: Annotated[str | None, typer.Option(help="Remote interpreter (default python3).")] = None,
     ssh_config: Annotated[Path | None, typer.Option(
         help="ssh_config file (default RX_SSH_CONFIG or ~/.ssh/config).")] = None,
@@ -90,17 +90,15 @@ def check(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Connect to HOST and report backend, round-trip time, remote Python, free disk and GPUs."""
-    from ..backends import connect
     from ..config import Configuration
+    from ..coordinator import Coordinator
 
     config = Configuration.load()
     remote = config.remote(host)
-    backend_name = config.effective_backend(backend or remote.backend)
-    if backend_name not in ("openssh", "paramiko"):
-        raise ConfigError(f"unknown backend {backend_name!r}", hint="openssh or paramiko")
+    backend_name = config.check_remote_backend(config.effective_backend(backend or remote.backend))
     spec = remote.spec(ssh_config=config.effective_ssh_config(ssh_config), connect_timeout=connect_timeout,
                        host_key_policy=config.host_key_policy)
-    conn = connect(spec, backend_name)
+    conn = Coordinator.current().backend(spec, backend_name)
     interpreter = python or remote.python
     started = time.monotonic()
     conn.run(["true"], timeout=connect_timeout + 5)

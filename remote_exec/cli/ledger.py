@@ -26,7 +26,7 @@ from ..errors import ConfigError, WorkspaceError
 from ..workspace.export import EXPORT_FORMATS, export, format_duration, format_size
 from ..workspace.manager import Run, Workspace
 from ..workspace.state import ACTIVE_RUN_STATUSES, duration, parse_time
-from . import app
+from .app import app
 
 __all__ = ["clean_command", "export_command", "logs_command", "runs_command", "show_command"]
 
@@ -268,10 +268,10 @@ def logs_command(
 
 def _follow_detached(run_ref: str, workspace: Path | None, *, stderr: bool, offset: int) -> None:
     """Stream a detached run's output from its host until it ends (the run stays uncollected)."""
-    from ..dispatch import attach_detached
-    from .run import _detached_run
+    from .run import load_detached_run
 
-    run, session, target, info = _detached_run(workspace, run_ref)
+    detached = load_detached_run(workspace, run_ref)
+    run = detached.run
     out = sys.stdout.buffer
 
     def show(data: bytes) -> None:
@@ -281,9 +281,9 @@ def _follow_detached(run_ref: str, workspace: Path | None, *, stderr: bool, offs
     def drop(data: bytes) -> None:
         pass
 
-    attach_detached(session, target.backend, info["detached"], target.options,
-                    on_stdout=drop if stderr else show, on_stderr=show if stderr else drop,
-                    collect=False, offsets=(0 if stderr else offset, offset if stderr else 0))
+    detached.coordinator.follow(detached.target, detached.info["detached"], on_stdout=drop if stderr else show,
+                                on_stderr=show if stderr else drop,
+                                offsets=(0 if stderr else offset, offset if stderr else 0))
     typer.echo(f"rx: run {run.id} ended on the host; collect it with rx attach {run.id}", err=True)
 
 

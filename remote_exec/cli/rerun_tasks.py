@@ -18,6 +18,7 @@ def rerun_tasks(workspace: Any, previous: Any, *, failed: bool, remote: str | No
     from ..advice import run_chain
     from ..advices.remote import RemoteAdvice
     from ..config import Configuration
+    from ..coordinator import Coordinator
     from ..session import Session
 
     config = Configuration.load()
@@ -47,9 +48,7 @@ def rerun_tasks(workspace: Any, previous: Any, *, failed: bool, remote: str | No
             continue
         if not result.ok:
             failures += 1
-    from ..advices.remote import flush_records
-
-    flush_records()
+    Coordinator.current().flush()
     run.set_status("finished" if failures == 0 else "failed", exit_code=0 if failures == 0 else 1,
                    error=None if failures == 0 else f"{failures} task(s) did not finish")
     if as_json:

@@ -6,17 +6,18 @@ import importlib.util
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from ..config import check_remote_backend
 from ..errors import ConfigError, Interrupted, RemoteExecError, WorkspaceError
-from . import app
+from .app import app
 
-__all__ = ["rerun", "run"]
+__all__ = ["DetachedRun", "attach_run", "load_detached_run", "rerun", "run"]
 
-_BACKENDS = ("openssh", "paramiko")
 
 
 def _parse_env(values: list[str]) -> dict[str, str]:
@@ -59,6 +60,7 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     from ..session import Session
     from ..task import Execution
     from ..workspace import Workspace
+    from ..workspace.recorder import RunRecorder
 
     config = Configuration.load()
     backend = config.effective_backend(options.get("backend")) if remote else "local"
@@ -68,15 +70,16 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     session = Session(task=task, execution=execution, run_id=run.id, serializer="pickle",
                       context={"remote": remote, "options": options, "origin": "cli"})
     session.config = config
-    session.local["run"] = run
     run.store.write_bytes("session.zip", session.dumps())
     if options.get("host_key_policy") == "off":
-        from . import error_line
+        from .app import error_line
 
         error_line(f"host key checking is OFF for {remote}: anyone on the path can impersonate it")
     if detach:
-        return _detach(run, session, config, as_json)
+        return _detach(run, session, as_json)
     run.set_status("running")
+    recorder = RunRecorder(run, host=remote or "local")
+    session.local["recorder"] = recorder
     try:
         result = run_chain(session, [RemoteAdvice()])
     except Interrupted as exc:
@@ -88,50 +91,40 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     except RemoteExecError as exc:
         run.set_status("failed", exit_code=exc.exit_code, error=str(exc))
         raise
+    finally:
+        recorder.close()
     return finish_run(run, result, session.local.get("outcome"), as_json)
 
 
 def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
     """Record a run's result and final status; print its summary (or its JSON); return its exit status."""
-    record = result.record()
+    from ..workspace.outcome import result_record, run_outcome
+
     if outcome is not None:
-        record.update(host=outcome.header.get("host"), python=outcome.header.get("python"),
-                      duration=outcome.header.get("duration"), phases=outcome.phases,
-                      uploaded_archive=outcome.uploaded,
-                      files=[str(p.relative_to(run.dir)) for p in outcome.files])
+        record = result_record(result, header=outcome.header, phases=outcome.phases, uploaded=outcome.uploaded,
+                               files=outcome.files, run_dir=run.dir)
+    else:
+        record = result_record(result)
     run.store.write_bytes("result.json", json.dumps(record, indent=1).encode())
-    exit_code = int(result.exit_code)
-    if result.status == "timeout":
-        exit_code = 124
-    elif result.status == "cancelled":
-        exit_code = 130
-    status = "finished" if result.status == "finished" and exit_code == 0 else (
-        "cancelled" if result.status == "cancelled" else "failed")
-    error = None
-    if result.status not in ("finished", "raised"):
-        error = result.detail or result.status
-    elif result.exception_type:
-        error = f"{result.exception_type}: {result.exception_message}"
-    elif exit_code:
-        error = f"exit status {exit_code}"
-    run.set_status(status, exit_code=exit_code, error=error)
+    ended = run_outcome(result)
+    run.set_status(ended.status, exit_code=ended.exit_code, error=ended.error)
     info = run.info()
     if as_json:
         typer.echo(json.dumps(info, indent=2))
-    else:
-        from rich.console import Console
+        return ended.exit_code
+    from rich.console import Console
 
-        files = len(outcome.files) if outcome is not None else 0
-        where = os.path.relpath(run.dir) if not os.path.relpath(run.dir).startswith("..") else str(run.dir)
-        message = f"rx: run {run.id} {status}"
-        if result.status == "timeout":
-            message += f" ({error})"
-        elif result.status in ("signal", "oom"):
-            message += f" ({result.detail})"
-        message += f", exit {exit_code}, {info.get('duration') or 0:.2f} s; {files} file(s) in {where}/files"
-        console = Console(stderr=True, highlight=False, soft_wrap=True)
-        console.print(message, style="dim" if status == "finished" else "yellow", markup=False)
-    return exit_code
+    files = len(outcome.files) if outcome is not None else 0
+    where = os.path.relpath(run.dir) if not os.path.relpath(run.dir).startswith("..") else str(run.dir)
+    message = f"rx: run {run.id} {ended.status}"
+    if result.status == "timeout":
+        message += f" ({ended.error})"
+    elif result.status in ("signal", "oom"):
+        message += f" ({result.detail})"
+    message += f", exit {ended.exit_code}, {info.get('duration') or 0:.2f} s; {files} file(s) in {where}/files"
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console.print(message, style="dim" if ended.status == "finished" else "yellow", markup=False)
+    return ended.exit_code
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
@@ -178,8 +171,8 @@ def run(
     words = list(target or [])
     if module is None and not words:
         raise ConfigError("nothing to run", hint="rx run SCRIPT [ARGS]... or rx run -m MODULE [ARGS]...")
-    if backend is not None and backend not in _BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}", hint="openssh or paramiko")
+    if backend is not None:
+        check_remote_backend(backend)
     if module is not None:
         task = Task.from_module(module, _module_origin(module))
         args, kind, name = words, "module", f"-m {module}"
@@ -238,20 +231,21 @@ def rerun(
     raise typer.Exit(code)
 
 
-def _detach(run: Any, session: Any, config: Any, as_json: bool) -> int:
+def _detach(run: Any, session: Any, as_json: bool) -> int:
     """Start the run detached on its host; record where it runs; print its id."""
-    from ..advices.remote import RemoteAdvice, archive_for
-    from ..dispatch import start_detached
+    from ..coordinator import Coordinator
+    from ..workspace.recorder import RunRecorder
 
-    target = RemoteAdvice().target(session)
+    coordinator = Coordinator.current()
+    target = coordinator.resolve_target(session)
+    recorder = RunRecorder(run, host=target.host)
     try:
-        with run.action("pack"):
-            archive = archive_for(session.task, config)
-        with run.action("start", host=target.host):
-            detached = start_detached(session, target.backend, archive, target.options)
+        detached = coordinator.start_detached(session, target, recorder)
     except RemoteExecError as exc:
         run.set_status("failed", exit_code=exc.exit_code, error=str(exc))
         raise
+    finally:
+        recorder.close()
     # No local process owns the run now: it is never "lost" for want of one.
     run.update(detached=detached, coordinator=None)
     run.set_status("running")
@@ -264,30 +258,54 @@ def _detach(run: Any, session: Any, config: Any, as_json: bool) -> int:
     return 0
 
 
-def _detached_run(workspace: Path | None, run_ref: str) -> tuple[Any, Any, Any, dict[str, Any]]:
-    from ..advices.remote import RemoteAdvice
+@dataclass(frozen=True)
+class DetachedRun:
+    """A run started with ``--detach``, as ``rx attach``, ``rx cancel`` and ``rx logs -f`` need it.
+
+    Attributes:
+        run: Its workspace run.
+        session: Its saved session (with the configuration in force).
+        target: Where it runs.
+        info: Its record (``info["detached"]``: where on the host).
+        coordinator: The coordinator that follows, collects or cancels it.
+    """
+
+    run: Any
+    session: Any
+    target: Any
+    info: dict[str, Any]
+    coordinator: Any
+
+
+def load_detached_run(workspace: Path | None, run_ref: str) -> DetachedRun:
+    """The detached run ``run_ref`` of ``workspace``.
+
+    Raises:
+        WorkspaceError: No such run, or it was not started with ``--detach``.
+    """
     from ..config import Configuration
+    from ..coordinator import Coordinator
     from ..session import Session
     from ..workspace import Workspace
 
     ws = Workspace.resolve(workspace)
     run = ws.run(run_ref)
     info = run.info()
-    detached = info.get("detached")
-    if not detached:
+    if not info.get("detached"):
         raise WorkspaceError(f"run {run.id} was not started with --detach")
     with run.session_path.open("rb") as stream:
         session = Session.restore(stream)
     session.config = Configuration.load()
-    session.local["run"] = run
-    return run, session, RemoteAdvice().target(session), info
+    coordinator = Coordinator.current()
+    return DetachedRun(run=run, session=session, target=coordinator.resolve_target(session), info=info,
+                       coordinator=coordinator)
 
 
-def attach_run(run: Any, session: Any, target: Any, info: dict[str, Any], as_json: bool) -> int:
+def attach_run(detached: DetachedRun, as_json: bool) -> int:
     """Wait for a detached run, stream its output, and collect its result into the workspace."""
-    from ..advices.remote import _lander, _sink
-    from ..dispatch import attach_detached
+    from ..workspace.recorder import RunRecorder
 
+    run, info = detached.run, detached.run.info()
     # A detached run belongs to its host's supervisor, not to a local process: attaching never makes
     # this process its coordinator, so an attach that is killed leaves the run attachable (and a run an
     # older rx marked lost can still be collected).
@@ -295,20 +313,15 @@ def attach_run(run: Any, session: Any, target: Any, info: dict[str, Any], as_jso
         typer.echo(f"rx: run {run.id} is {info.get('status')} (exit {info.get('exit_code')}); nothing to attach",
                    err=True)
         return int(info.get("exit_code") or 0)
-    stdout_log = run.store.open_append("stdout.log")
-    stderr_log = run.store.open_append("stderr.log")
-    offsets = (stdout_log.tell(), stderr_log.tell())
+    recorder = RunRecorder(run, host=detached.target.host)
     try:
-        with run.action("attach", host=target.host):
-            outcome = attach_detached(session, target.backend, info["detached"], target.options,
-                                      on_stdout=_sink(sys.stdout, stdout_log), on_stderr=_sink(sys.stderr, stderr_log),
-                                      land_file=_lander(run, "files/"), collect=True, offsets=offsets)
+        with run.action("attach", host=detached.target.host):
+            outcome = detached.coordinator.attach(detached.session, detached.target, info["detached"], recorder,
+                                                  recorder.offsets)
     except KeyboardInterrupt:
         raise Interrupted(f"stopped following run {run.id}; it goes on (rx attach {run.id})") from None
     finally:
-        stdout_log.close()
-        stderr_log.close()
-    assert outcome is not None
+        recorder.close()
     return finish_run(run, outcome.result, outcome, as_json)
 
 
@@ -322,8 +335,7 @@ def attach(
 
     Exit status: the run's own, as rx run would have exited.
     """
-    run, session, target, info = _detached_run(workspace, run_ref)
-    raise typer.Exit(attach_run(run, session, target, info, as_json))
+    raise typer.Exit(attach_run(load_detached_run(workspace, run_ref), as_json))
 
 
 @app.command()
@@ -332,12 +344,11 @@ def cancel(
     workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
 ) -> None:
     """Stop a detached run (its whole process group on the host), then collect what it left."""
-    from ..dispatch import cancel_detached
-
-    run, session, target, info = _detached_run(workspace, run_ref)
+    detached = load_detached_run(workspace, run_ref)
+    run, info = detached.run, detached.info
     if info.get("status") not in ("running", "pending", "lost"):
         typer.echo(f"rx: run {run.id} is already {info.get('status')}", err=True)
         raise typer.Exit(0)
-    cancel_detached(target.backend, info["detached"], target.options)
-    attach_run(run, session, target, run.info(), as_json=False)
+    detached.coordinator.cancel(detached.target, info["detached"])
+    attach_run(detached, as_json=False)
     raise typer.Exit(130 if run.info().get("status") == "cancelled" else 0)

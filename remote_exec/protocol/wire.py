@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from typing import Any, BinaryIO
 
 __all__ = [
-    "BOOTSTRAP",
     "HEADER",
     "MAX_FRAME",
     "PROTOCOL",
@@ -51,66 +50,6 @@ __all__ = [
 PROTOCOL = 1
 HEADER = struct.Struct(">cI")
 MAX_FRAME = 1 << 20
-#: Frame types carrying the result, in the order the runner sends them.
-RESULT_TYPES = (b"R", b"V", b"F")
-
-#: Minimum remote Python version the runner supports.
-MIN_PYTHON = (3, 8)
-
-# The bootstrap, run as `python3 -c BOOTSTRAP <sha256> <cache-dir>`. It must stay small, standard-library
-# only, and work on every Python from 2.7 upward far enough to report a version that is too old.
-BOOTSTRAP = r"""
-import sys,os
-w=sys.stdout.buffer if hasattr(sys.stdout,'buffer') else sys.stdout
-if sys.version_info<(3,8):
-    w.write(('RXBOOT1 OLDPY %d.%d.%d\n'%sys.version_info[:3]).encode());w.flush();sys.exit(3)
-h,c=sys.argv[1],os.path.expanduser(sys.argv[2])
-a=os.path.join(c,'archives');p=os.path.join(a,h)
-if os.path.isdir(p):
-    w.write(b'RXBOOT1 HAVE\n');w.flush()
-else:
-    import zlib
-    try:from _sha256 import sha256
-    except ImportError:
-        try:from _sha2 import sha256
-        except ImportError:from hashlib import sha256
-    os.makedirs(a,mode=0o700,exist_ok=True);os.chmod(c,0o700)
-    w.write(b'RXBOOT1 NEED\n');w.flush()
-    r=sys.stdin.buffer;n=int.from_bytes(r.read(8),'big');m=[]
-    while n:
-        b=r.read(min(n,1<<20))
-        if not b:raise SystemExit('rx bootstrap: archive upload cut short')
-        m.append(b);n-=len(b)
-    d=b''.join(m);del m
-    if sha256(d).hexdigest()!=h:raise SystemExit('rx bootstrap: archive sha256 mismatch')
-    u=lambda i,k:int.from_bytes(d[i:i+k],'little')
-    t=os.path.join(a,'.tmp-'+os.urandom(8).hex());os.mkdir(t,0o700);y=set([t])
-    try:
-        e=d.rfind(b'PK\x05\x06');o=u(e+16,4)
-        for _ in range(u(e+10,2)):
-            if d[o:o+4]!=b'PK\x01\x02':raise SystemExit('rx bootstrap: damaged archive')
-            k,z,f,l=u(o+10,2),u(o+20,4),d[o+46:o+46+u(o+28,2)].decode('utf-8'),u(o+42,4);o+=46+u(o+28,2)+u(o+30,2)+u(o+32,2)
-            if f.startswith('/') or '..' in f.split('/') or '\\' in f:raise SystemExit('rx bootstrap: bad entry')
-            if f.endswith('/'):continue
-            s=l+30+u(l+26,2)+u(l+28,2);b=d[s:s+z]
-            if k==8:b=zlib.decompress(b,-15)
-            elif k:raise SystemExit('rx bootstrap: unknown compression')
-            q=os.path.join(t,f);v=os.path.dirname(q)
-            if v not in y:os.makedirs(v,exist_ok=True);y.add(v)
-            with open(q,'wb') as g:g.write(b)
-        try:os.rename(t,p)
-        except OSError:
-            if not os.path.isdir(p):raise
-    finally:
-        if os.path.isdir(t):
-            import shutil;shutil.rmtree(t,ignore_errors=True)
-    w.write(b'RXBOOT1 OK\n');w.flush()
-sys.path.insert(0,p)
-from remote_exec.runner import main
-sys.exit(main(sys.argv[2:]))
-""".strip()
-
-
 def encode(kind: bytes, payload: bytes | memoryview = b"") -> bytes:
     """One frame: type byte, length, payload."""
     return HEADER.pack(kind, len(payload)) + payload

@@ -613,32 +613,31 @@ def test_keep_warm_orphans_no_run_dir_after_coordinator_sigkill(rig: Rig, testbe
 
 
 class _WorkerCalls:
-    """keep_warm calls through :func:`remote_exec.dispatch.dispatch` in this process (``worker_idle`` is not
-    an @task option): a script that prints the pid it runs in."""
+    """keep_warm calls through :func:`remote_exec.protocol.call.dispatch` in this process (``worker_idle`` is
+    not an @task option): a script that prints the pid it runs in."""
 
-    def __init__(self, rig: Rig, idle: float) -> None:
-        from remote_exec.advices.remote import archive_for
-        from remote_exec.backends import connect
-        from remote_exec.config import Configuration
-        from remote_exec.dispatch import CallOptions
+    def __init__(self, rig: Rig, idle: float, coordinator: Any) -> None:
+        from remote_exec.protocol.options import CallOptions
         from remote_exec.task import Task
 
         script = rig.write("pid.py", "import os\nprint('pid', os.getpid(), flush=True)\n")
         self.task = Task.from_script(script)
-        self.archive = archive_for(self.task, Configuration.load())
-        self.backend = connect(HostSpec(HOST, ssh_config=rig.testbed.ssh_config), rig.backend)
+        self.coordinator = coordinator
+        self.archive = coordinator.packer.archive_for(self.task)
+        self.backend = coordinator.backend(HostSpec(HOST, ssh_config=rig.testbed.ssh_config), rig.backend)
         self.options = CallOptions(keep_warm=True, worker_idle=idle)
 
     def call(self) -> int:
         """One call; the pid it ran in."""
-        from remote_exec.dispatch import dispatch
+        from remote_exec.launchers import create_launcher
+        from remote_exec.protocol.call import dispatch
         from remote_exec.session import Session
         from remote_exec.task import Execution
 
         out = bytearray()
         session = Session(task=self.task, execution=Execution.create(self.task, ()), run_id="idle")
-        outcome = dispatch(session, self.backend, self.archive, self.options, on_stdout=out.extend,
-                           on_stderr=lambda data: None)
+        outcome = dispatch(session, self.backend, self.archive, self.options, launcher=create_launcher("direct"),
+                           workers=self.coordinator.workers, on_stdout=out.extend, on_stderr=lambda data: None)
         assert outcome.result.status == "finished", outcome.result
         words = out.decode().split()
         assert words[:1] == ["pid"], out
@@ -648,12 +647,11 @@ class _WorkerCalls:
 @pytest.fixture
 def worker_calls(rig: Rig) -> Iterator[Callable[[float], _WorkerCalls]]:
     """``worker_calls(idle)``: keep_warm calls from this process; workers and connections closed after."""
-    from remote_exec.backends import close_all
-    from remote_exec.dispatch import close_workers
+    from remote_exec.coordinator import Coordinator
 
-    yield lambda idle: _WorkerCalls(rig, idle)
-    close_workers()
-    close_all()
+    coordinator = Coordinator()
+    yield lambda idle: _WorkerCalls(rig, idle, coordinator)
+    coordinator.close()
 
 
 IDLE = 2.0
@@ -704,9 +702,7 @@ def test_keep_warm_idle_then_the_next_call_gets_a_fresh_worker(rig: Rig, testbed
             t.timed(time.monotonic() - started)
             t.note(lost=int(second is None))
         t.outcome = f"next call in a fresh worker {second} (was {first})"
-        from remote_exec.dispatch import close_workers
-
-        close_workers()
+        calls.coordinator.workers.close()
         left = audit_remote(testbed_host, baseline)
         t.audit(left)
 

@@ -3,7 +3,7 @@ value (V) or files (F) frame, cuts the stream short, or plays a compromised runn
 (it holds the per-call key, as any runner does) carrying ``../evil``, an absolute path or a symlink.
 
 rx runs in this process here (``@task`` calls, and ``rx run``'s own ``execute_run``), with
-``remote_exec.advices.remote.connect`` wrapped so that the backend it returns is the tampering one.
+``Coordinator.backend`` wrapped so that the backend it returns is the tampering one.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import pytest
 from faultkit import Rig, TrialFactory, audit_remote, remote_baseline
 
 from remote_exec import task
-from remote_exec.backends import close_all
 from remote_exec.backends.base import Backend, HostSpec, Process
+from remote_exec.coordinator import Coordinator
 from remote_exec.errors import IntegrityError, RemoteExecError
 from remote_exec.protocol import wire
 from remote_exec.protocol.wire import HEADER, MAX_FRAME, FrameReader, encode
@@ -238,16 +238,16 @@ class TamperingBackend(Backend):
 @pytest.fixture
 def tamper(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Mutator], None]]:
     """``tamper(mutator)``: rx's next calls in this process go through a tampering backend."""
-    from remote_exec.backends import connect as real_connect
+    real_backend = Coordinator.backend
 
     def use(mutator: Mutator) -> None:
-        def connect(spec: HostSpec, backend: str = "openssh") -> Backend:
-            return TamperingBackend(real_connect(spec, backend), mutator)
+        def backend(self: Coordinator, spec: HostSpec, name: str) -> Backend:
+            return TamperingBackend(real_backend(self, spec, name), mutator)
 
-        monkeypatch.setattr("remote_exec.advices.remote.connect", connect)
+        monkeypatch.setattr(Coordinator, "backend", backend)
 
     yield use
-    close_all()
+    Coordinator.current().close_backends()
 
 
 # --- checks -----------------------------------------------------------------------------------------------

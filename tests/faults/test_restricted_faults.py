@@ -3,7 +3,7 @@ result whose pickle would create a canary directory when loaded. ``@task(restric
 by name and never run it; plain mode, the contrast, runs it (it trusts the host, as documented).
 
 The payload only ever creates an empty directory under this test's temporary directory. rx runs in this
-process, with ``remote_exec.advices.remote.connect`` wrapped by :mod:`test_integrity`'s tampering backend.
+process, with ``Coordinator.backend`` wrapped by :mod:`test_integrity`'s tampering backend.
 """
 
 from __future__ import annotations

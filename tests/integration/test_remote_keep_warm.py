@@ -1,7 +1,7 @@
 """``@task(remote="rx-testbed-1", keep_warm=True)`` against the testbed, on both backends: values come back
 as with a call per process, exceptions arrive as their own type with the remote traceback, output streams
 live, and every call of the process runs in one remote worker over one connection; the worker ends with
-``close_workers()`` (as it does when the process exits)."""
+``Coordinator.current().workers.close()`` (as it does when the process exits)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ from typing import Any
 import pytest
 
 from remote_exec import RemoteTraceback, task
-from remote_exec.backends import connect
 from remote_exec.config import Configuration
-from remote_exec.dispatch import close_workers
+from remote_exec.coordinator import Coordinator
 from testbed import exec_root
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -43,7 +42,7 @@ ARCHIVES_UNDER = "/home/rx/.cache/remote_exec/archives/"
 def warm(remote: Remote) -> Iterator[Remote]:
     """The remote fixture; this process's persistent workers are stopped after the test."""
     yield remote
-    close_workers()
+    Coordinator.current().workers.close()
 
 
 def remote_workers(remote: Remote) -> list[int]:
@@ -163,7 +162,7 @@ def test_every_call_runs_in_one_worker_over_one_connection(warm: Remote) -> None
     config = Configuration.load()
     spec = config.remote(HOST).spec(ssh_config=config.effective_ssh_config(), host_key_policy="accept-new",
                                     connect_timeout=config.connect_timeout)
-    backend = connect(spec, warm.backend)
+    backend = Coordinator.current().backend(spec, warm.backend)
 
     def where(value: int) -> tuple[int, int, str]:
         import os
@@ -189,9 +188,9 @@ def test_every_call_runs_in_one_worker_over_one_connection(warm: Remote) -> None
     assert cold_pid != first[1]
     assert warm_where(11)[1] == first[1]
 
-    close_workers()
+    Coordinator.current().workers.close()
 
     deadline = time.monotonic() + 5
     while first[1] in remote_workers(warm) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert first[1] not in remote_workers(warm), "the worker outlived close_workers()"
+    assert first[1] not in remote_workers(warm), "the worker outlived closing the workers"

@@ -199,14 +199,20 @@ class Call:
 
 
 class Dispatcher:
-    """Runs tasks through :func:`remote_exec.dispatch.dispatch` and a real runner in a local subprocess."""
+    """Runs tasks through :func:`remote_exec.protocol.call.dispatch` and a real runner in a local subprocess.
+
+    Attributes:
+        workers: The persistent workers of its ``keep_warm`` calls (closed after the test).
+    """
 
     def __init__(self, root: Path) -> None:
         from remote_exec.packing import DistributionArchive
+        from remote_exec.protocol.workers import WorkerPool
 
         self.root = root
         self.workdir = root / "remote"
         self.archive = DistributionArchive.build(cache_dir=root / "archives")
+        self.workers = WorkerPool()
 
     @staticmethod
     def gone(pid: int) -> bool:
@@ -227,7 +233,9 @@ class Dispatcher:
     def run(self, task: Any, args: tuple[Any, ...] = (), *, backend: Any = None, land: bool = True,
             **options: Any) -> Call:
         from remote_exec.backends.local import LocalBackend
-        from remote_exec.dispatch import CallOptions, dispatch
+        from remote_exec.launchers import create_launcher
+        from remote_exec.protocol.call import dispatch
+        from remote_exec.protocol.options import CallOptions
         from remote_exec.session import Session
         from remote_exec.task import Execution
 
@@ -248,6 +256,7 @@ class Dispatcher:
         options.setdefault("workdir", str(self.workdir))
         started = time.monotonic()
         outcome = dispatch(session, backend or LocalBackend(), self.archive, CallOptions(**options),
+                           launcher=create_launcher("direct"), workers=self.workers,
                            on_stdout=lambda data: stdout.append((time.monotonic(), data)),
                            on_stderr=stderr.extend, land_file=land_file if land else None)
         return Call(outcome=outcome, stdout=stdout, stderr=bytes(stderr), landed=landed, started=started,
@@ -255,7 +264,9 @@ class Dispatcher:
 
 
 @pytest.fixture
-def dispatcher(isolated: Isolated) -> Dispatcher:
+def dispatcher(isolated: Isolated) -> Iterator[Dispatcher]:
     """A :class:`Dispatcher` working in the test's temporary directory."""
-    return Dispatcher(isolated.root)
+    dispatcher = Dispatcher(isolated.root)
+    yield dispatcher
+    dispatcher.workers.close()
 

@@ -28,8 +28,8 @@ from remote_exec import (
     set_run_id,
     task,
 )
-from remote_exec import advice as advice_module
 from remote_exec.advice import run_chain
+from remote_exec.coordinator import Coordinator
 from remote_exec.errors import CommandTimeout, ConfigError, RunnerError, SessionError
 from remote_exec.session import Session
 from remote_exec.task import Execution, Task
@@ -174,7 +174,7 @@ def test_extensions_observe_every_advice_call() -> None:
 
 
 def test_set_run_id_names_the_run_of_later_calls(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(advice_module, "_run_id", None)
+    monkeypatch.setattr(Coordinator, "_current", Coordinator())  # a process that made no call yet
     seen: list[str] = []
 
     class RunId(Advice):

@@ -9,7 +9,9 @@ import pytest
 
 from remote_exec import CachingAdvice, Configuration, LoggingAdvice, Remote, RemoteAdvice, SubprocessAdvice
 from remote_exec.advice import Extension
+from remote_exec.chains import chain_for
 from remote_exec.config import find_pyproject
+from remote_exec.coordinator import Coordinator
 from remote_exec.errors import ConfigError
 
 
@@ -24,8 +26,8 @@ def _pyproject(folder: Path, body: str) -> Path:
 
 def test_defaults_have_a_default_and_a_cached_chain() -> None:
     config = Configuration()
-    assert [type(a) for a in config.chain("default")] == [LoggingAdvice, RemoteAdvice]
-    assert [type(a) for a in config.chain("cached")] == [CachingAdvice, RemoteAdvice]
+    assert [type(a) for a in chain_for(config, "default")] == [LoggingAdvice, RemoteAdvice]
+    assert [type(a) for a in chain_for(config, "cached")] == [CachingAdvice, RemoteAdvice]
     assert config.backend == "openssh" and config.serializer == "pickle"
     assert config.host_key_policy == "accept-new"
 
@@ -45,7 +47,7 @@ def test_building_in_code() -> None:
               .add_extension(Recorder())
               .add_modules_for_distribution("mypkg", "otherpkg"))
     assert config.remote("gpu1") is gpu
-    assert [type(a) for a in config.chain("local")] == [LoggingAdvice, SubprocessAdvice]
+    assert [type(a) for a in chain_for(config, "local")] == [LoggingAdvice, SubprocessAdvice]
     assert seen == [config]
     assert config.distribution_modules == ["mypkg", "otherpkg"]
     spec = gpu.spec()
@@ -61,7 +63,7 @@ def test_an_unconfigured_remote_is_taken_as_a_host() -> None:
 
 def test_unknown_chain_names_the_configured_ones() -> None:
     with pytest.raises(ConfigError, match="no advice chain named 'fast'") as error:
-        Configuration().chain("fast")
+        chain_for(Configuration(), "fast")
     assert "cached, default" in str(error.value)
 
 
@@ -108,16 +110,17 @@ def test_tool_rx_table_is_loaded_from_the_nearest_pyproject(tmp_path: Path) -> N
     nested.mkdir(parents=True)
     assert find_pyproject(nested) == path
     config = Configuration.load(nested)
-    assert Configuration.load(nested) is config  # loaded once per directory and process
+    coordinator = Coordinator()
+    assert coordinator.config_for(str(nested)) is coordinator.config_for(str(nested))  # once per directory
     assert config.source == path
     assert config.backend == "paramiko" and config.serializer == "json"
     assert config.distribution_modules == ["mypkg"]
     assert config.ssh_config == tmp_path / "ssh" / "config"
     assert config.workspace == tmp_path / "runs-here"
     assert config.connect_timeout == 4.0
-    assert [type(a) for a in config.chain("local")] == [LoggingAdvice, SubprocessAdvice]
-    assert [type(a) for a in config.chain("cached")] == [CachingAdvice, RemoteAdvice]
-    assert [type(a) for a in config.chain("default")] == [LoggingAdvice, RemoteAdvice]
+    assert [type(a) for a in chain_for(config, "local")] == [LoggingAdvice, SubprocessAdvice]
+    assert [type(a) for a in chain_for(config, "cached")] == [CachingAdvice, RemoteAdvice]
+    assert [type(a) for a in chain_for(config, "default")] == [LoggingAdvice, RemoteAdvice]
     gpu = config.remote("gpu1")
     assert (gpu.host, gpu.user, gpu.port, gpu.python) == ("gpu1.lab.example.org", "me", 2222,
                                                           "/opt/conda/bin/python")

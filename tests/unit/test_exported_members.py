@@ -31,8 +31,11 @@ def test_exported_errors_share_one_root() -> None:
 
 
 def test_submodule_all_lists_resolve() -> None:
-    for module_name in ("errors", "task", "session", "advice", "config", "serialization", "packing", "protocol.wire",
-                        "dispatch", "advices", "runner"):
+    for module_name in ("errors", "task", "session", "advice", "api", "chains", "config", "coordinator",
+                        "serialization", "packing", "protocol.wire", "protocol.bootstrap", "protocol.call",
+                        "protocol.channel", "protocol.collect", "protocol.detached", "protocol.options",
+                        "protocol.workers", "launchers", "launchers.registry", "advices", "runner",
+                        "workspace.recorder", "workspace.outcome"):
         module = importlib.import_module(f"remote_exec.{module_name}")
         for name in module.__all__:
             assert hasattr(module, name), f"remote_exec.{module_name}.{name}"

@@ -16,9 +16,8 @@ from typing import Any
 import pytest
 
 from remote_exec import Configuration
-from remote_exec.advices.remote import archive_for
 from remote_exec.errors import PackError
-from remote_exec.packing import REMOTE_MODULES, DistributionArchive, discover_modules
+from remote_exec.packing import REMOTE_MODULES, DistributionArchive, Packer, discover_modules
 from remote_exec.session import Session
 from remote_exec.task import Execution, Task
 
@@ -101,9 +100,9 @@ def test_add_modules_for_distribution_ships_a_third_party_package(isolated: Any,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(project)
     t = Task.from_script(project / "main.py")
-    plain = archive_for(t, Configuration())
+    plain = Packer().archive_for(t, Configuration().distribution_modules)
     assert "platformdirs/__init__.py" not in _names(plain)
-    shipped = archive_for(t, Configuration().add_modules_for_distribution("platformdirs"))
+    shipped = Packer().archive_for(t, Configuration().add_modules_for_distribution("platformdirs").distribution_modules)
     names = _names(shipped)
     assert "platformdirs/__init__.py" in names and "platformdirs/unix.py" in names
     assert "helper_mod.py" in names

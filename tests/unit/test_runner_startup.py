@@ -61,7 +61,7 @@ def test_the_bootstrap_reports_an_old_python_and_installs_an_archive(tmp_path: P
     import io
     import zipfile
 
-    from remote_exec.protocol.wire import BOOTSTRAP
+    from remote_exec.protocol.bootstrap import BOOTSTRAP
 
     compile(BOOTSTRAP, "bootstrap", "exec")
     buffer = io.BytesIO()

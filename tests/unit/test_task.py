@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from remote_exec import Configuration, task
+from remote_exec.api import TaskFunction
 from remote_exec.serialization import PickleSerializer
-from remote_exec.task import Execution, Task, TaskFunction
+from remote_exec.task import Execution, Task
 
 Python = Callable[..., subprocess.CompletedProcess[bytes]]
 ModuleFactory = Callable[[str, str], types.ModuleType]

@@ -11,14 +11,13 @@ from typing import Any
 import pytest
 
 from remote_exec.backends.local import LocalBackend
-from remote_exec.dispatch import close_workers
 
 
 @pytest.fixture
-def backend() -> Iterator[LocalBackend]:
+def backend(dispatcher: Any) -> Iterator[LocalBackend]:
     """One backend for the test's calls (a worker is kept per backend), its workers stopped after."""
     yield LocalBackend()
-    close_workers()
+    dispatcher.workers.close()
 
 
 def warm(dispatcher: Any, backend: LocalBackend, source: str, **options: Any) -> Any:
@@ -67,7 +66,7 @@ def test_an_empty_run_directory_is_kept_for_the_next_call_and_removed_at_the_end
     assert len(directories) == 1, "a call that wrote nothing left a new run directory each time"
     (directory,) = directories
     assert os.listdir(directory) == []
-    close_workers()
+    dispatcher.workers.close()
     assert not Path(directory).exists()
 
 
@@ -86,8 +85,6 @@ def test_a_worker_whose_coordinator_goes_away_mid_call_ends_with_its_task(dispat
     thread's: the watcher must not need it)."""
     import threading
     import time
-
-    from remote_exec.dispatch import _workers
 
     pid_file = tmp_path / "pids"
     done = threading.Event()
@@ -112,7 +109,7 @@ def test_a_worker_whose_coordinator_goes_away_mid_call_ends_with_its_task(dispat
     time.sleep(0.2)
     pids = [int(word) for word in pid_file.read_text().split()]
     assert len(pids) == 2 and not any(dispatcher.gone(pid) for pid in pids)
-    (worker,) = list(_workers.values())
+    (worker,) = dispatcher.workers.channels()
     worker.process.close_stdin()  # the channel goes away, as when the coordinator is killed
     assert done.wait(30)
     while time.monotonic() < deadline and not all(dispatcher.gone(pid) for pid in pids):

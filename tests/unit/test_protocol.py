@@ -1,5 +1,5 @@
-"""The coordinator's side: what dispatch refuses (damaged results, unsafe names) and how it reports runners
-that fail to start or end without a result."""
+"""The coordinator's side of the protocol: what dispatch refuses (damaged results, unsafe names) and how it
+reports runners that fail to start or end without a result."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 
 from remote_exec.backends.base import Process
 from remote_exec.backends.local import LocalBackend
-from remote_exec.dispatch import safe_member_path
 from remote_exec.errors import IntegrityError, RunnerError
 from remote_exec.protocol import wire
+from remote_exec.protocol.collect import safe_member_path
 from remote_exec.task import Task
 
 # -- names of pulled files ------------------------------------------------------------------------------

@@ -1,0 +1,161 @@
+"""The ``@task`` decorator and what a decorated call does on the coordinator.
+
+Calling a :class:`TaskFunction` builds the call's :class:`~remote_exec.session.Session` and drives it through
+its advice chain (:mod:`remote_exec.chains`); the executing advice at the end of the chain hands it to the
+process's :class:`~remote_exec.coordinator.Coordinator`. Inside a running task (on the remote, or in a
+local subprocess) a decorated function is called in place.
+
+This module travels with the rest of the package, because task modules apply ``@task`` at import time on
+the remote too; the coordinator's machinery is imported only when a call actually runs through a chain.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .task import INSIDE_RUNNER_ENV, Task
+
+TYPE_CHECKING = False  # neither typing nor the coordinator at import: the runner imports this package per call
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, Generic, TypeVar, overload
+
+    R = TypeVar("R")
+else:
+    R = None
+
+    class Generic:
+        """Stands in for typing.Generic at run time: ``TaskFunction[int]`` stays subscriptable."""
+
+        def __class_getitem__(cls, item: object) -> type:
+            return cls
+
+    def overload(function: object) -> object:
+        return function
+
+
+__all__ = ["TaskFunction", "get_run_id", "run_task", "set_run_id", "task"]
+
+
+class TaskFunction(Generic[R]):
+    """What ``@task`` returns: calling it runs the function through the configured advice chain.
+
+    Attributes:
+        function: The undecorated function.
+        remote: The host (alias, ``[tool.rx.remotes]`` name or ``[user@]host[:port]``), or None for the
+            configuration's default.
+        chain: The name of the advice chain to use.
+        config: A :class:`remote_exec.config.Configuration`, or None for the project's configuration.
+        options: Further per-task options (``timeout``, ``python``, ``backend``, ``keep_warm``, ...),
+            available to advices in the session context.
+    """
+
+    #: Marks task wrappers for :func:`remote_exec.task.unwrap` (which must not import this module).
+    rx_task_function = True
+
+    def __init__(self, function: Callable[..., R], *, remote: str | None = None, chain: str = "default",
+                 config: Any = None, options: dict[str, Any] | None = None) -> None:
+        for attribute in ("__module__", "__name__", "__qualname__", "__doc__"):
+            try:
+                setattr(self, attribute, getattr(function, attribute))
+            except AttributeError:
+                pass
+        self.__dict__.update(getattr(function, "__dict__", {}))
+        self.__wrapped__ = function
+        self.function = function
+        self.remote = remote
+        self.chain = chain
+        self.config = config
+        self.options = dict(options or {})
+        self._task: Task | None = None
+
+    @property
+    def task(self) -> Task:
+        """The :class:`Task` for the function (computed once)."""
+        if self._task is None:
+            self._task = Task.from_function(self.function)
+        return self._task
+
+    def __call__(self, *args: Any, **kwargs: Any) -> R:
+        if os.environ.get(INSIDE_RUNNER_ENV):
+            return self.function(*args, **kwargs)
+        return run_task(self, args, kwargs)  # type: ignore[no-any-return]
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        import types
+
+        return types.MethodType(self, instance)
+
+    def __repr__(self) -> str:
+        return f"<task {self.function.__module__}:{self.function.__qualname__} remote={self.remote!r}>"
+
+
+@overload
+def task(function: Callable[..., R], /) -> TaskFunction[R]: ...
+
+
+@overload
+def task(*, remote: str | None = None, chain: str = "default", config: Any = None,  # noqa: F811
+         **options: Any) -> Callable[[Callable[..., R]], TaskFunction[R]]: ...
+
+
+def task(function: Callable[..., R] | None = None, /, *, remote: str | None = None, chain: str = "default",  # noqa: F811
+         config: Any = None, **options: Any) -> TaskFunction[R] | Callable[[Callable[..., R]], TaskFunction[R]]:
+    """Make a function a task: calling it runs it through an advice chain (remotely, cached, logged).
+
+    Use bare (``@task``) or with options (``@task(remote="gpu1", timeout=600)``).
+
+    Args:
+        function: The function (when used bare).
+        remote: The host to run on; None runs through the chain's own default (a local subprocess when
+            the chain has no remote advice).
+        chain: Name of the advice chain in the configuration.
+        config: A Configuration to use instead of the project's.
+        **options: Per-task options for advices: ``timeout`` (seconds), ``python`` (remote interpreter),
+            ``backend`` (openssh or paramiko), ``env`` (a dict), ``secret_env`` (names of local variables
+            passed over the channel only), ``workdir`` (remote cache dir), ``keep_warm`` (a persistent
+            worker), ``pull`` (file globs), ``no_pull``, ``restricted`` and ``allow_unpickle`` (unpickle
+            results through an allow-list), ``keepalive_interval`` / ``keepalive_count``.
+    """
+    if function is not None:
+        if not callable(function):
+            raise TypeError("@task decorates a function")
+        return TaskFunction(function)
+
+    def decorate(fn: Callable[..., R]) -> TaskFunction[R]:
+        if not callable(fn):
+            raise TypeError("@task decorates a function")
+        return TaskFunction(fn, remote=remote, chain=chain, config=config, options=options)
+
+    return decorate
+
+
+def run_task(function: TaskFunction[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run one call of a ``@task`` function through its chain; return its value or raise its exception."""
+    from .advice import run_chain
+    from .chains import chain_for
+    from .coordinator import Coordinator
+
+    coordinator = Coordinator.current()
+    cwd = os.getcwd()
+    config = function.config or coordinator.config_for(cwd)
+    advices = chain_for(config, function.chain)
+    session = coordinator.task_session(function.task, args, kwargs, remote=function.remote,
+                                       options=function.options, config=config, cwd=cwd)
+    return run_chain(session, advices, config.extensions).unwrap()
+
+
+def set_run_id(run_id: str) -> None:
+    """Record the @task calls of this process under ``run_id`` (as bandsaw's ``set_run_id``)."""
+    from .coordinator import Coordinator
+
+    Coordinator.current().run_id = run_id
+
+
+def get_run_id() -> str | None:
+    """The run id @task calls of this process are recorded under (None until the first call)."""
+    from .coordinator import Coordinator
+
+    return Coordinator.current().run_id

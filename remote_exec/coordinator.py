@@ -1,0 +1,378 @@
+"""The coordinator: one object per process that owns what every call shares, and runs calls.
+
+It owns the configuration it loaded per directory, the pool of open backends (one connection per host),
+the persistent workers, the archive packer, the run id of this process's ``@task`` calls and their
+recorder. :meth:`Coordinator.current` is the process's coordinator, closed at exit (its recorder flushed,
+its ``@task`` runs closed, its workers and connections ended, in that order); tests make their own.
+
+The stages of a call, and who does them::
+
+    resolve   Coordinator.resolve_target: host, backend, launcher, interpreter, call options
+    pack      packing.Packer: the distribution archive, built once per content
+    connect   backends: one connection per host, kept across calls
+    launch    launchers: how the runner is started on the host (direct: one exec)
+    execute   protocol.call.dispatch: handshake and upload, session in, live output out
+    collect   protocol.collect: the result checked and rebuilt, files landed
+    record    workspace.recorder: rx run's logs and actions, or the @task call's entry
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import pickle
+import sys
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .backends import backend_class
+from .backends.base import Backend, HostSpec
+from .backends.local import LocalBackend
+from .config import Configuration, find_pyproject
+from .errors import ConfigError, SerializationError
+from .launchers.base import Launcher
+from .launchers.registry import create_launcher
+from .packing import DistributionArchive, Packer, default_cache_dir
+from .protocol.call import dispatch
+from .protocol.detached import attach_detached, cancel_detached, follow_detached, start_detached
+from .protocol.options import CallOptions, Outcome, OutputSink
+from .protocol.workers import WorkerPool
+from .serialization import get_serializer
+from .session import Result, Session
+from .task import Execution, Task
+from .workspace.manager import new_run_id
+from .workspace.recorder import CallRecorder, TaskCallRecorder, TaskRecorder, TaskRuns
+
+__all__ = ["Coordinator", "Target", "call_options"]
+
+logger = logging.getLogger(__name__)
+
+_PYTHON_VERSION = tuple(sys.version_info[:3])
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how one call runs.
+
+    Attributes:
+        backend: The connection.
+        backend_name: ``openssh``, ``paramiko`` or ``local`` (a registered backend's name).
+        host: The host as the user named it (``local`` for a subprocess).
+        options: Interpreter, directories, environment, timeout, files.
+        spec: How the backend reaches the host (None for a local subprocess).
+        launcher: How the runner is started there.
+    """
+
+    backend: Backend
+    backend_name: str
+    host: str
+    options: CallOptions
+    spec: HostSpec | None = None
+    launcher: Launcher = field(default_factory=lambda: create_launcher("direct"))
+
+
+def call_options(options: dict[str, Any], *, python: str, workdir: str, env: dict[str, str],
+                 timeout: float | None = None, heartbeat: float = 5.0, dead_after: float = 16.0,
+                 keep_warm: bool = False, restricted: bool = False, allow_unpickle: tuple[str, ...] = (),
+                 handshake_timeout: float = 30.0) -> CallOptions:
+    """The CallOptions of one call: the task's or CLI's ``options`` over the target's defaults."""
+    limit = options.get("timeout", timeout)
+    return CallOptions(
+        python=options.get("python") or python,
+        workdir=options.get("workdir") or workdir,
+        env=env,
+        secret_env=_secret_env(options.get("secret_env") or ()),
+        timeout=float(limit) if limit is not None else None,
+        pull=tuple(options.get("pull") or ()),
+        no_pull=bool(options.get("no_pull")),
+        keep=bool(options.get("keep")),
+        heartbeat=heartbeat,
+        dead_after=dead_after,
+        keep_warm=bool(options.get("keep_warm", keep_warm)),
+        restricted=bool(options.get("restricted", restricted)),
+        allow_unpickle=tuple(options.get("allow_unpickle") or allow_unpickle),
+        handshake_timeout=handshake_timeout,
+    )
+
+
+def _secret_env(names: Any) -> dict[str, str]:
+    """Values of the named local environment variables (they travel over the channel only)."""
+    secrets: dict[str, str] = {}
+    for name in names:
+        if name not in os.environ:
+            raise ConfigError(f"--secret-env {name}: no such variable in the local environment")
+        secrets[name] = os.environ[name]
+    return secrets
+
+
+class Coordinator:
+    """Everything a process shares across its calls, and the calls themselves.
+
+    Attributes:
+        workers: The persistent workers (``keep_warm``).
+        packer: Builds distribution archives (once per content).
+        recorder: Writes ``@task`` call records in batches.
+        task_runs: The workspace runs of this process's ``@task`` calls.
+        run_id: The run id ``@task`` calls of this process are recorded under (made on the first call).
+    """
+
+    _current: ClassVar[Coordinator | None] = None
+    _current_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self) -> None:
+        self.workers = WorkerPool()
+        self.packer = Packer()
+        self.recorder = TaskRecorder()
+        self.task_runs = TaskRuns(self.recorder)
+        self.run_id: str | None = None
+        self._lock = threading.Lock()
+        self._backends: dict[tuple[str, HostSpec], Backend] = {}
+        self._local = LocalBackend()
+        self._configs: dict[str, Configuration] = {}
+        self._targets: dict[tuple[Any, ...], tuple[Configuration, Target]] = {}
+
+    @classmethod
+    def current(cls) -> Coordinator:
+        """This process's coordinator (made on first use, closed at exit)."""
+        coordinator = cls._current
+        if coordinator is None:
+            with cls._current_lock:
+                coordinator = cls._current
+                if coordinator is None:
+                    coordinator = cls._current = cls()
+                    atexit.register(coordinator.close)
+        return coordinator
+
+    # -- configuration and sessions -------------------------------------------------------------------
+
+    def config_for(self, cwd: str) -> Configuration:
+        """The configuration of the project ``cwd`` is in (loaded once per directory: a call in a sweep
+        pays a dictionary lookup here)."""
+        config = self._configs.get(cwd)
+        if config is None:
+            path = find_pyproject(Path(cwd))
+            config = self._configs[cwd] = Configuration.from_pyproject(path) if path else Configuration()
+        return config
+
+    def process_run_id(self) -> str:
+        """The run id of this process's ``@task`` calls (made on the first call)."""
+        with self._lock:
+            if self.run_id is None:
+                self.run_id = new_run_id()
+            return self.run_id
+
+    def task_session(self, task: Task, args: tuple[Any, ...], kwargs: dict[str, Any], *, remote: str | None,
+                     options: dict[str, Any], config: Configuration, cwd: str) -> Session:
+        """The session of one ``@task`` call (its arguments serialized once)."""
+        try:
+            serialized = get_serializer(config.serializer).dumps([list(args), kwargs])
+        except TypeError as exc:
+            raise SerializationError(f"cannot serialize the arguments of {task.name}: {exc}") from exc
+        session = Session(
+            task=task,
+            execution=Execution.create(task, args, kwargs, serialized=serialized),
+            context={"remote": remote, "options": dict(options), "origin": "task", "cwd": cwd,
+                     "python_version": [*_PYTHON_VERSION]},
+            run_id=self.process_run_id(),
+            serializer=config.serializer,
+            arguments=serialized,
+        )
+        session.config = config
+        return session
+
+    # -- resolve --------------------------------------------------------------------------------------
+
+    def backend(self, spec: HostSpec, name: str) -> Backend:
+        """The open backend for ``spec`` (created on first use, then reused: one connection per host)."""
+        key = (name, spec)
+        with self._lock:
+            backend = self._backends.get(key)
+            if backend is None:
+                backend = self._backends[key] = backend_class(name)(spec)
+            return backend
+
+    def resolve_target(self, session: Session, *, remote: str | None = None, backend: str | None = None) -> Target:
+        """Where ``session`` runs: the host it names (or ``remote``) over SSH, else a local subprocess.
+
+        The same call again (a sweep) gets the target worked out last time, unless secrets (read from the
+        environment on each call) are involved; its backend is looked up again (it may have been closed).
+
+        Raises:
+            ConfigError: The host, backend or options are not valid.
+        """
+        config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
+        options: dict[str, Any] = dict(session.context.get("options") or {})
+        name = session.context.get("remote") or remote
+        if not name:
+            return self.local_target(session)
+        key = self._target_key(str(name), backend, options)
+        if key is not None:
+            known = self._targets.get(key)
+            if known is not None and known[0] is config and known[1].spec is not None:
+                target = known[1]
+                live = self.backend(known[1].spec, target.backend_name)
+                return target if live is target.backend else replace(target, backend=live)
+        target = self._remote_target(config, options, str(name), backend)
+        if key is not None:
+            if len(self._targets) > 256:
+                self._targets.clear()
+            self._targets[key] = (config, target)
+        return target
+
+    @staticmethod
+    def _target_key(name: str, backend: str | None, options: dict[str, Any]) -> tuple[Any, ...] | None:
+        if options.get("secret_env"):
+            return None
+        try:
+            key = (name, backend, os.environ.get("RX_BACKEND"), os.environ.get("RX_SSH_CONFIG"),
+                   tuple(sorted(options.items())))
+            hash(key)
+        except TypeError:  # options holding lists or dicts: worked out every time
+            return None
+        return key
+
+    def _remote_target(self, config: Configuration, options: dict[str, Any], name: str,
+                       backend: str | None) -> Target:
+        remote = config.remote(name)
+        backend_name = config.effective_backend(options.get("backend") or remote.backend or backend)
+        config.check_remote_backend(backend_name)
+        policy = options.get("host_key_policy") or config.host_key_policy
+        spec = remote.spec(ssh_config=config.effective_ssh_config(options.get("ssh_config")),
+                           host_key_policy=policy,
+                           connect_timeout=float(options.get("connect_timeout") or config.connect_timeout))
+        for field_name in ("keepalive_interval", "keepalive_count"):
+            if options.get(field_name) is not None:
+                spec = replace(spec, **{field_name: options[field_name]})
+        env = dict(remote.env)
+        env.update(options.get("env") or {})
+        call = call_options(
+            options, python=remote.python, workdir=remote.workdir, env=env, timeout=remote.timeout,
+            heartbeat=min(spec.keepalive_interval, 5.0), dead_after=spec.dead_after, keep_warm=remote.keep_warm,
+            restricted=remote.restricted, allow_unpickle=remote.allow_unpickle,
+            handshake_timeout=max(spec.connect_timeout, 5.0))
+        return Target(backend=self.backend(spec, backend_name), backend_name=backend_name, host=remote.name,
+                      options=call, spec=spec, launcher=create_launcher(remote.scheduler, remote.launcher_options))
+
+    def local_target(self, session: Session, *, python: str | None = None,
+                     env: dict[str, str] | None = None) -> Target:
+        """A local subprocess (through the same archive and runner as a remote run)."""
+        options: dict[str, Any] = dict(session.context.get("options") or {})
+        merged = dict(env or {})
+        merged.update(options.get("env") or {})
+        call = call_options(options, python=python or sys.executable,
+                            workdir=str(default_cache_dir().parent / "local"), env=merged)
+        return Target(backend=self._local, backend_name="local", host="local", options=call)
+
+    # -- execute --------------------------------------------------------------------------------------
+
+    def archive_for(self, session: Session) -> DistributionArchive:
+        """The archive carrying ``session``'s code."""
+        config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
+        return self.packer.archive_for(session.task, config.distribution_modules, session.context.get("cwd"))
+
+    def execute(self, session: Session, target: Target) -> Result:
+        """Run ``session`` at ``target`` and return its result, recording it.
+
+        ``rx run`` passes its :class:`~remote_exec.workspace.recorder.RunRecorder` in
+        ``session.local["recorder"]`` and finds the call's :class:`Outcome` in ``session.local["outcome"]``
+        afterwards; a ``@task`` call is recorded as one task entry of its process's run.
+        """
+        recorder: CallRecorder | None = session.local.get("recorder")
+        session_bytes = session.to_wire()
+        if recorder is None:
+            recorder = self._task_recorder(session, target, session_bytes)
+        try:
+            recorder.phase("pack", "started")
+            try:
+                archive = self.archive_for(session)
+            except BaseException:
+                recorder.phase("pack", "failed")
+                raise
+            recorder.phase("pack", "finished")
+            outcome = dispatch(session, target.backend, archive, target.options, launcher=target.launcher,
+                               workers=self.workers, on_stdout=recorder.stdout, on_stderr=recorder.stderr,
+                               land_file=recorder.land_file, on_phase=recorder.phase, session_bytes=session_bytes)
+        except BaseException as exc:
+            recorder.failed(exc)
+            raise
+        session.local["outcome"] = outcome
+        recorder.finished(result=outcome.result, phases=outcome.phases,
+                          value=lambda: self._recorded_value(session, target, outcome))
+        return outcome.result
+
+    def _task_recorder(self, session: Session, target: Target, session_bytes: bytes) -> CallRecorder:
+        config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
+        run = self.task_runs.run_for(config.workspace, session.run_id, cwd=session.context.get("cwd") or os.getcwd(),
+                                     host=target.host, backend=target.backend_name)
+        return TaskCallRecorder(self.recorder, run, session.execution.execution_id, name=session.task.name,
+                                host=target.host, session_bytes=session_bytes)
+
+    @staticmethod
+    def _recorded_value(session: Session, target: Target, outcome: Outcome) -> bytes:
+        """The call's value as recorded (a pickle), or b"" when it cannot be."""
+        if outcome.value_data and session.serializer == "pickle" and not target.options.restricted:
+            return outcome.value_data  # the pickle as it came (checked), not pickled again here
+        try:
+            return pickle.dumps(outcome.result.value, protocol=5)
+        except Exception:  # an unpicklable value is still returned; it just cannot be merged later
+            logger.debug("result of %s not recorded", session.task.name, exc_info=True)
+            return b""
+
+    # -- detached runs --------------------------------------------------------------------------------
+
+    def start_detached(self, session: Session, target: Target, recorder: CallRecorder) -> dict[str, Any]:
+        """Start ``session`` at ``target`` so that it outlives this process; return where it runs."""
+        recorder.phase("pack", "started")
+        try:
+            archive = self.archive_for(session)
+        except BaseException:
+            recorder.phase("pack", "failed")
+            raise
+        recorder.phase("pack", "finished")
+        return start_detached(session, target.backend, archive, target.options, launcher=target.launcher,
+                              on_phase=recorder.phase)
+
+    def attach(self, session: Session, target: Target, detached: dict[str, Any], recorder: CallRecorder,
+               offsets: tuple[int, int]) -> Outcome:
+        """Follow a detached run to its end and collect its result and files."""
+        return attach_detached(session, target.backend, detached, target.options, launcher=target.launcher,
+                               on_stdout=recorder.stdout, on_stderr=recorder.stderr, land_file=recorder.land_file,
+                               offsets=offsets)
+
+    def follow(self, target: Target, detached: dict[str, Any], *, on_stdout: OutputSink, on_stderr: OutputSink,
+               offsets: tuple[int, int]) -> None:
+        """Stream a detached run's output until it ends (collecting nothing)."""
+        follow_detached(target.backend, detached, target.options, launcher=target.launcher, on_stdout=on_stdout,
+                        on_stderr=on_stderr, offsets=offsets)
+
+    def cancel(self, target: Target, detached: dict[str, Any]) -> dict[str, Any]:
+        """Stop a detached run's task; return the host's status record of it."""
+        return cancel_detached(target.backend, detached, target.options)
+
+    # -- the end --------------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Wait until every ``@task`` call so far is recorded in its workspace."""
+        self.recorder.flush()
+
+    def close(self) -> None:
+        """Record the end of this process's ``@task`` runs, stop its workers, close its connections."""
+        for step in (self.task_runs.close, self.workers.close, self.close_backends):
+            try:
+                step()
+            except Exception:  # closing at exit must never raise
+                logger.debug("closing the coordinator: %s failed", step, exc_info=True)
+
+    def close_backends(self) -> None:
+        """Close every open connection (a later call reconnects)."""
+        with self._lock:
+            backends = list(self._backends.values())
+            self._backends.clear()
+        for backend in backends:
+            try:
+                backend.close()
+            except Exception:
+                pass

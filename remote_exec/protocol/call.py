@@ -1,0 +1,308 @@
+"""One call on a runner: send it, stream its output, collect and check its result.
+
+:func:`dispatch` is the protocol's entry point for an attached call: it starts a runner through the
+target's launcher (or takes a persistent worker from the pool, for ``keep_warm``), sends the call's
+options (``G``) and session (``S``, ``s``) over stdin (secrets and the per-call HMAC key travel there,
+never on a command line), hands the task's output to the sinks as it arrives, and collects the result
+(:mod:`.collect`). A Ctrl-C cancels the remote task first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ..backends.base import Backend, Process
+from ..errors import CommandTimeout, ConnectError, IntegrityError, Interrupted, RemoteExecError, RunnerError
+from ..launchers.base import Launcher
+from ..packing import DistributionArchive
+from ..session import Session
+from . import wire
+from .bootstrap import start_runner
+from .channel import Channel, Flag
+from .collect import RESULT_FRAMES, Received, collect
+from .options import CallOptions, FileLander, Outcome, OutputSink, PhaseCallback
+
+if TYPE_CHECKING:
+    from .workers import WorkerPool
+
+__all__ = ["Call", "StaleWorker", "dispatch", "run_call", "send_session"]
+
+logger = logging.getLogger(__name__)
+
+
+class StaleWorker(Exception):
+    """A persistent worker's channel was already closed when a call was sent to it."""
+
+
+class Call:
+    """One call on a channel: its output frames, its result frames, and its watchdog.
+
+    Attributes:
+        started: The runner's ``P`` frame (the task's pid, run directory, host), once it came.
+        received: The result frames so far.
+        dead: The watchdog gave the link up (silent too long, or past the call's deadline).
+        stop: The call is over; the watchdog leaves it alone.
+    """
+
+    def __init__(self, channel: Channel, options: CallOptions, key: bytes, on_stdout: OutputSink,
+                 on_stderr: OutputSink) -> None:
+        self.channel = channel
+        self.host = channel.backend.host
+        self.options = options
+        self.on_stdout = on_stdout
+        self.on_stderr = on_stderr
+        self.received = Received(key)
+        self.started: dict[str, Any] | None = None
+        self.dead = Flag()
+        self.stop = Flag()
+
+    def check(self, deadline: float | None) -> None:
+        """Called about every second while the call runs: heartbeat to the runner, and drop the link
+        when it has been silent too long or the call is past its deadline."""
+        if self.stop.is_set() or self.dead.is_set():
+            return
+        now = time.monotonic()
+        silent = now - self.channel.last_read
+        if silent > self.options.dead_after or (deadline is not None and now > deadline):
+            if silent > self.options.dead_after:
+                logger.warning("%s: no sign of life for %.0f s; giving up on the link", self.host, silent)
+            self.dead.set()
+            self.channel.process.kill()
+            return
+        try:
+            self.channel.send(b"H")
+        except Exception:
+            logger.debug("heartbeat to %s failed", self.host, exc_info=True)
+
+    def handle(self, kind: bytes, payload: bytes) -> bool:
+        """Take one frame from the runner; True once the result is complete (the ``Z`` frame)."""
+        if kind == b"O":
+            self.on_stdout(payload)
+        elif kind == b"E":
+            self.on_stderr(payload)
+        elif kind == b"P":
+            self.started = json.loads(payload)
+        elif kind in RESULT_FRAMES:
+            self.received.add(kind, payload)
+            if kind == b"R" and self.received.large_value_follows():
+                self.channel.process.grow_buffers()
+            return kind == b"Z"
+        elif kind != b"B":
+            raise RunnerError(f"unknown frame {kind!r} from the runner", reason="protocol", host=self.host)
+        return False
+
+    def cancel(self) -> None:
+        """Ask the runner to stop the task, give it a moment, then drop the channel."""
+        try:
+            self.channel.send(b"C")
+        except Exception:
+            pass
+        self.stop.set()
+        time.sleep(0.2)
+        self.channel.process.kill()
+
+
+def send_session(process: Process, session_bytes: bytes) -> None:
+    """Send the session as ``S`` frames and its end (``s``, with its size) after the call's ``G``."""
+    process.grow_buffers()
+    with memoryview(session_bytes) as view:
+        for start in range(0, len(view), wire.MAX_FRAME):
+            process.write_stdin(wire.encode(b"S", view[start:start + wire.MAX_FRAME]))
+    # SSH's own MAC protects this direction; the size catches a protocol fault without hashing 100 MB twice.
+    process.write_stdin(wire.encode(b"s", wire.dump_options({"size": len(session_bytes)})))
+
+
+def _call_options(session: Session, options: CallOptions, key: bytes, land_file: FileLander | None,
+                  extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``G`` frame's options: the per-call key, limits, environment and secrets, files to pull."""
+    return {
+        "key": key.hex(),
+        "run_id": session.run_id or "run",
+        "timeout": options.timeout,
+        "heartbeat": options.heartbeat,
+        "dead_after": options.dead_after,
+        "env": dict(options.env),
+        "secret_env": dict(options.secret_env),
+        "pull": list(options.pull),
+        "no_pull": options.no_pull or land_file is None,
+        "keep": options.keep,
+        "kind": session.task.kind,
+        "marshal": not options.restricted,  # restricted mode reads pickles through its allow-list only
+        **(extra or {}),
+    }
+
+
+def _send_call(channel: Channel, go: dict[str, Any], session_bytes: bytes | None, *, keep: bool) -> None:
+    """Write ``G`` and (unless ``session_bytes`` is None) the session; one write for a small call."""
+    process = channel.process
+    with channel.write_lock:
+        frame = wire.encode(b"G", wire.dump_options(go))
+        try:
+            if session_bytes is not None and len(session_bytes) <= wire.MAX_FRAME:
+                process.write_stdin(frame + wire.encode(b"S", session_bytes)
+                                    + wire.encode(b"s", wire.dump_options({"size": len(session_bytes)})))
+            else:
+                process.write_stdin(frame)
+                if session_bytes is not None:
+                    send_session(process, session_bytes)
+        except ConnectError:
+            if keep:
+                raise StaleWorker() from None
+            raise
+
+
+def _no_result_error(call: Call, deadline: float | None) -> RemoteExecError:
+    """Why the result stream ended before its ``Z`` frame."""
+    channel, host, options = call.channel, call.host, call.options
+    code = channel.process.wait(5)
+    tail = channel.stderr_tail()
+    if deadline is not None and time.monotonic() > deadline:
+        return CommandTimeout(host, f"the task ran past its timeout of {options.timeout:g} s and the runner "
+                                    "did not report back")
+    if call.dead.is_set():
+        return ConnectError(host, f"the link went silent for {options.dead_after:g} s and was given up",
+                            hint="the host may be down, paused or unreachable")
+    link = channel.backend.classify_exit(code, bytes(channel.stderr))
+    if link is not None:
+        return ConnectError(host, "the connection was lost while the task ran" + (f": {tail}" if tail else ""))
+    if channel.reader.pending:
+        return IntegrityError(f"{host}: the result stream ended inside a frame; it was not accepted")
+    if code == 0:
+        return RunnerError(f"the runner on {host} exited 0 without a result", reason="no-result", host=host)
+    return RunnerError(f"the runner on {host} failed (exit {code})" + (f": {tail}" if tail else ""),
+                       reason="crashed", host=host)
+
+
+def _stream(call: Call, phase: PhaseCallback, deadline: float | None) -> None:
+    """Stream the call's output until its result is complete (Ctrl-C cancels the remote task first)."""
+    channel = call.channel
+    channel.watch(call, deadline)
+    try:
+        complete = channel.pump(call.handle)
+    except KeyboardInterrupt:
+        call.cancel()
+        phase("execute", "failed")
+        raise Interrupted(f"interrupted; the task on {call.host} was stopped") from None
+    call.stop.set()
+    call.received.close_spool()
+    if not complete:
+        channel.broken = True
+        phase("execute", "failed")
+        raise _no_result_error(call, deadline)
+
+
+def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
+             on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
+             phases: dict[str, float], uploaded: bool, keep: bool,
+             extra_options: Mapping[str, Any] | None = None) -> Outcome:
+    """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
+    output, collect and check its result. With ``keep`` the channel (a worker) stays open after it."""
+    key = secrets.token_bytes(32)
+    call = Call(channel, options, key, on_stdout, on_stderr)
+    phase("execute", "started")
+    deadline = None if options.timeout is None else time.monotonic() + options.timeout + options.dead_after + 5
+    try:
+        _send_call(channel, _call_options(session, options, key, land_file, extra_options), session_bytes,
+                   keep=keep)
+        _stream(call, phase, deadline)
+        header = call.received.header or {}
+        if not keep:
+            channel.reap_later()
+        elif header.get("status") in ("timeout", "cancelled"):
+            channel.broken = True  # a worker exits after such a call
+        phase("execute", "finished")
+        phase("collect", "started")
+        try:
+            result, landed, value_data = collect(call.received, call.host, session, options, land_file)
+        except BaseException:
+            phase("collect", "failed")
+            raise
+        phase("collect", "finished")
+    except BaseException:
+        channel.broken = True
+        raise
+    finally:
+        call.stop.set()
+        channel.watch(None)
+        if not keep:
+            channel.closed.set()
+        call.received.discard()
+        if call.received.end is None:
+            channel.process.kill()
+    result.host = call.host
+    return Outcome(result=result, header=header, files=landed, uploaded=uploaded, phases=phases,
+                   value_data=value_data)
+
+
+class _Phases:
+    """Seconds per phase, and the caller's phase callback told of each change."""
+
+    def __init__(self, on_phase: PhaseCallback | None) -> None:
+        self.on_phase = on_phase
+        self.seconds: dict[str, float] = {}
+        self.mark = time.monotonic()
+
+    def __call__(self, name: str, state: str) -> None:
+        if self.on_phase is not None:
+            self.on_phase(name, state)
+        if state == "started":
+            self.mark = time.monotonic()
+        elif state == "finished":
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - self.mark
+
+
+def dispatch(session: Session, backend: Backend, archive: DistributionArchive, options: CallOptions, *,
+             launcher: Launcher, workers: WorkerPool, on_stdout: OutputSink, on_stderr: OutputSink,
+             land_file: FileLander | None = None, on_phase: PhaseCallback | None = None,
+             session_bytes: bytes | None = None) -> Outcome:
+    """Run ``session`` on ``backend``'s host and return what came back.
+
+    Args:
+        session: The call.
+        backend: The connection to the host.
+        archive: The distribution archive (sent only if the host lacks it).
+        options: Interpreter, directories, environment, timeout, files to pull, ``keep_warm``.
+        launcher: Starts the runner on the host.
+        workers: The persistent workers of this process (used when ``options.keep_warm``).
+        on_stdout: Receives the task's stdout bytes as they arrive.
+        on_stderr: Receives the task's stderr bytes as they arrive.
+        land_file: Lands each pulled file that passed its checks; None: files are not pulled.
+        on_phase: Told (phase, "started" | "finished" | "failed") around connect, upload, execute and
+            collect (the workspace records them as actions).
+        session_bytes: ``session.to_wire()``, when the caller has it already.
+
+    Raises:
+        ConnectError, AuthError, HostKeyError: The host could not be reached or the link died.
+        CommandTimeout: The call ran past its timeout and the runner did not report back.
+        RunnerError: The interpreter is missing or too old, or the runner failed.
+        IntegrityError: The result failed its checks.
+        Interrupted: Ctrl-C (the remote task is stopped first).
+    """
+    phase = _Phases(on_phase)
+    if session_bytes is None:
+        session_bytes = session.to_wire()
+
+    def call(channel: Channel, *, uploaded: bool, keep: bool) -> Outcome:
+        return run_call(channel, session, session_bytes, options, on_stdout=on_stdout, on_stderr=on_stderr,
+                        land_file=land_file, phase=phase, phases=phase.seconds, uploaded=uploaded, keep=keep)
+
+    if options.keep_warm:
+        for attempt in (1, 2):
+            channel = workers.get(launcher, backend, archive, options, phase)
+            with channel.lock:
+                uploaded, channel.uploaded = channel.uploaded, False
+                try:
+                    return call(channel, uploaded=uploaded, keep=True)
+                except StaleWorker:
+                    # The worker had gone (idle exit, a lost channel) before it took the call: nothing
+                    # ran; a fresh worker takes it.
+                    logger.debug("persistent worker on %s had gone; starting a new one", backend.host)
+                    if attempt == 2:
+                        raise ConnectError(backend.host, "the persistent worker could not take the call") from None
+    channel = start_runner(launcher, backend, archive, options, "serve", phase)
+    return call(channel, uploaded=channel.uploaded, keep=False)

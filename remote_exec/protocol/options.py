@@ -1,0 +1,84 @@
+"""What one call needs and what it gives back: :class:`CallOptions` in, :class:`Outcome` out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ..session import Result
+
+__all__ = ["CallOptions", "FileLander", "Outcome", "OutputSink", "PhaseCallback"]
+
+#: Receives a stream's bytes as they arrive.
+OutputSink = Callable[[bytes], None]
+#: Lands one pulled file that passed its checks: (relative path, a local temporary holding it, its sha256)
+#: -> where it landed.
+FileLander = Callable[[PurePosixPath, Path, str], Path]
+#: Told (phase, "started" | "finished" | "failed") around connect, upload, execute and collect.
+PhaseCallback = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """How to run one call on its host.
+
+    Attributes:
+        python: The remote interpreter (a name on PATH or an absolute path).
+        workdir: The remote cache and run directory root (``~`` is the remote user's home).
+        env: Environment variables for the task.
+        secret_env: Environment variables passed over the channel only (never on a command line, in
+            logs or state).
+        timeout: Seconds the task may run; the runner stops it at the limit.
+        pull: Glob patterns of the files to bring back (empty: all).
+        no_pull: Bring back no files.
+        keep: Keep the remote run directory.
+        heartbeat: Seconds between heartbeats in each direction.
+        dead_after: Seconds of silence after which the link counts as dead.
+        keep_warm: Run the call in a persistent worker on the host (started on first use, reused by
+            later calls of the same code; imports stay warm).
+        worker_idle: Seconds a persistent worker waits for its next call before it exits.
+        restricted: Unpickle results through an allow-list (plain data, built-in exceptions, and
+            ``allow_unpickle``), for hosts you do not fully trust.
+        allow_unpickle: Extra globals or modules restricted mode accepts.
+        handshake_timeout: Seconds the remote interpreter has to start and answer the bootstrap.
+    """
+
+    python: str = "python3"
+    workdir: str = "~/.cache/remote_exec"
+    env: Mapping[str, str] = field(default_factory=dict)
+    secret_env: Mapping[str, str] = field(default_factory=dict)
+    timeout: float | None = None
+    pull: Sequence[str] = ()
+    no_pull: bool = False
+    keep: bool = False
+    heartbeat: float = 5.0
+    dead_after: float = 16.0
+    keep_warm: bool = False
+    worker_idle: float = 600.0
+    restricted: bool = False
+    allow_unpickle: Sequence[str] = ()
+    handshake_timeout: float = 30.0
+
+
+@dataclass
+class Outcome:
+    """What came back from one call.
+
+    Attributes:
+        result: The task's result.
+        header: The runner's result header (status, exit code, host, python, duration, files).
+        files: Local paths of the files that landed.
+        uploaded: True when the archive had to be sent.
+        phases: Seconds per phase: ``connect``, ``upload``, ``execute``, ``collect``.
+        value_data: The value as the runner pickled it (it passed the result's checks); empty if none or
+            if it came as marshal.
+    """
+
+    result: Result
+    header: dict[str, Any]
+    files: list[Path] = field(default_factory=list)
+    uploaded: bool = False
+    phases: dict[str, float] = field(default_factory=dict)
+    value_data: bytes = b""

@@ -1,0 +1,321 @@
+"""Recording calls in the workspace: one interface, synchronous for ``rx run``, batched for ``@task`` calls.
+
+The coordinator drives every call through a :class:`CallRecorder`: it gives the call's output sinks, lands
+its pulled files, hears of its phases, and records how it ended.
+
+- :class:`RunRecorder` (``rx run``, ``rx attach``): the run's ``stdout.log`` and ``stderr.log`` written as
+  output arrives, each phase an action of the run, files under ``files/``; the caller records the end.
+- :class:`TaskCallRecorder` (``@task`` calls): one task entry per call in the process's run, written by a
+  :class:`TaskRecorder` thread in batches (a call never waits for the disk).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from ..errors import RemoteExecError
+from .manager import Run, Workspace, register_pending_writer
+from .state import utc_now
+
+__all__ = ["CallRecorder", "RunRecorder", "StreamSink", "TaskCallRecorder", "TaskRecorder", "TaskRuns"]
+
+logger = logging.getLogger(__name__)
+
+OutputSink = Callable[[bytes], None]
+
+
+class StreamSink:
+    """Writes a task's output bytes to a local text stream (its binary buffer when it has one) as they come,
+    and to a log file when given one; thread-safe."""
+
+    def __init__(self, stream: IO[str], log: IO[bytes] | None = None) -> None:
+        self.stream = stream
+        self.log = log
+        self._lock = threading.Lock()
+        self._buffer = getattr(stream, "buffer", None)
+
+    def __call__(self, data: bytes) -> None:
+        with self._lock:
+            if self._buffer is not None:
+                try:
+                    self.stream.flush()
+                    self._buffer.write(data)
+                    self._buffer.flush()
+                except (OSError, ValueError):
+                    pass
+            else:
+                self.stream.write(data.decode("utf-8", "replace"))
+                self.stream.flush()
+            if self.log is not None:
+                self.log.write(data)
+                self.log.flush()
+
+
+def file_lander(run: Run, prefix: str) -> Callable[[PurePosixPath, Path, str], Path]:
+    """Lands a checked file (moved from its temporary) under ``prefix`` in the run's store."""
+
+    def land(relative: PurePosixPath, temporary: Path, sha256: str) -> Path:
+        return run.store.write_file(f"{prefix}{relative}", temporary, sha256=sha256, move=True)
+
+    return land
+
+
+class CallRecorder(ABC):
+    """Where one call's record goes.
+
+    Attributes:
+        stdout: Receives the task's stdout as it arrives.
+        stderr: Receives the task's stderr as it arrives.
+    """
+
+    stdout: OutputSink
+    stderr: OutputSink
+
+    @abstractmethod
+    def land_file(self, relative: PurePosixPath, temporary: Path, sha256: str) -> Path:
+        """Land one pulled file that passed its checks; return where it landed."""
+
+    def phase(self, name: str, state: str) -> None:  # noqa: B027 - optional: not every record keeps phases
+        """A phase of the call (``pack``, ``connect``, ``upload``, ``execute``, ``collect``) ``started``,
+        ``finished`` or ``failed``."""
+
+    @abstractmethod
+    def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes]) -> None:
+        """The call came back with ``result``; ``value`` gives its value's pickle for the record."""
+
+    @abstractmethod
+    def failed(self, exc: BaseException) -> None:
+        """The call did not come back (``exc`` says why)."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release what the record holds open."""
+
+
+class RunRecorder(CallRecorder):
+    """Records an ``rx run`` (or ``rx attach``): logs, actions, files; synchronously."""
+
+    def __init__(self, run: Run, *, host: str | None, stdout: IO[str] | None = None,
+                 stderr: IO[str] | None = None) -> None:
+        self.run = run
+        self.host = host
+        self._logs = (run.store.open_append("stdout.log"), run.store.open_append("stderr.log"))
+        self.offsets = (self._logs[0].tell(), self._logs[1].tell())
+        self.stdout = StreamSink(stdout or sys.stdout, self._logs[0])
+        self.stderr = StreamSink(stderr or sys.stderr, self._logs[1])
+        self._land = file_lander(run, "files/")
+        self._actions: dict[str, int] = {}
+
+    def land_file(self, relative: PurePosixPath, temporary: Path, sha256: str) -> Path:
+        return self._land(relative, temporary, sha256)
+
+    def phase(self, name: str, state: str) -> None:
+        if state == "started":
+            self._actions[name] = self.run.tracker.start(name, host=None if name == "pack" else self.host)
+        elif name in self._actions:
+            self.run.tracker.end(self._actions.pop(name), error=None if state == "finished" else f"{name} failed")
+
+    def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes]) -> None:
+        """The caller (the CLI) records the run's end with its outcome."""
+
+    def failed(self, exc: BaseException) -> None:
+        """The caller (the CLI) records the run's end with its error."""
+
+    def close(self) -> None:
+        for log in self._logs:
+            log.close()
+
+
+class TaskRecorder:
+    """Records @task calls in their workspace runs, in order, on one background thread (batched).
+
+    A call does not wait for its record to reach the disk (a locked, fsynced state rewrite costs
+    milliseconds, more than a warm call itself). Jobs are data: per-call files (the call's session, its
+    value) and task-board changes. The thread gathers what queues up for :attr:`INTERVAL` seconds, writes
+    the batch's files as one archive (:meth:`Run.write_calls`) and applies all board changes of a run in
+    one state rewrite, so a sweep of many small calls writes a few files a second, not two per call, and
+    competes little with the calls for the interpreter. The archives are written atomically but not
+    fsynced (a killed process loses nothing; only a crash of the machine may lose the last moments'
+    records); state.json is.
+    :meth:`flush` cuts the wait short and returns once everything submitted so far is applied; it runs at
+    exit.
+    """
+
+    #: Seconds the thread gathers jobs before applying them.
+    INTERVAL = 0.2
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[tuple[Any, ...], ...]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._urgent = threading.Event()
+        self._flushing = 0
+
+    def task(self, run: Any, key: str, **fields: Any) -> None:
+        """Change task ``key`` of the run's status board (``started``/``finished`` may be epoch seconds)."""
+        self.put(("task", run, key, fields))
+
+    def put(self, *jobs: tuple[Any, ...]) -> None:
+        """Submit ``("file", run, name, data)`` and ``("task", run, key, fields)`` jobs, in order."""
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._work, name="rx-recorder", daemon=True)
+                    self._thread.start()
+        self._queue.put(jobs)
+
+    def _work(self) -> None:
+        while True:
+            submitted = [self._queue.get()]
+            self._urgent.wait(self.INTERVAL)
+            while True:
+                try:
+                    submitted.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._apply([job for jobs in submitted for job in jobs])
+            except Exception:
+                logger.warning("recording task calls in the workspace failed", exc_info=True)
+            finally:
+                for _ in submitted:
+                    self._queue.task_done()
+
+    @staticmethod
+    def _apply(batch: list[tuple[Any, ...]]) -> None:
+
+        files: dict[int, tuple[Any, list[tuple[str, bytes]]]] = {}
+        changes: dict[int, tuple[Any, list[tuple[str, dict[str, Any]]]]] = {}
+        for kind, run, name, payload in batch:
+            if kind == "file":
+                files.setdefault(id(run), (run, []))[1].append((name, payload()))
+                continue
+            for stamp in ("started", "finished"):
+                if isinstance(payload.get(stamp), float):
+                    payload[stamp] = utc_now(payload[stamp])
+            changes.setdefault(id(run), (run, []))[1].append((name, payload))
+        for run, members in files.values():  # before the entries that point at them
+            run.write_calls(members)
+        for run, run_changes in changes.values():
+            run.board.apply(run_changes)
+
+    def flush(self) -> None:
+        """Wait until every submitted update is applied."""
+        if self._thread is None:
+            return
+        with self._lock:
+            self._flushing += 1
+            self._urgent.set()
+        try:
+            self._queue.join()
+        finally:
+            with self._lock:
+                self._flushing -= 1
+                if not self._flushing:
+                    self._urgent.clear()
+
+
+class TaskCallRecorder(CallRecorder):
+    """Records one ``@task`` call as a task entry of its process's run (through a :class:`TaskRecorder`)."""
+
+    def __init__(self, recorder: TaskRecorder, run: Run, execution_id: str, *, name: str, host: str,
+                 session_bytes: bytes) -> None:
+        self.recorder = recorder
+        self.run = run
+        self.execution_id = execution_id
+        self.key = key = execution_id[:16]
+        self.stdout = StreamSink(sys.stdout)
+        self.stderr = StreamSink(sys.stderr)
+        self._land = file_lander(run, f"files/{key}/")
+        recorder.put(("task", run, key, dict(name=name, host=host, status="running", started=time.time(),
+                                             finished=None, error=None)),
+                     ("file", run, f"sessions/{key}.session", lambda: session_bytes))
+
+    def land_file(self, relative: PurePosixPath, temporary: Path, sha256: str) -> Path:
+        return self._land(relative, temporary, sha256)
+
+    def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes]) -> None:
+        jobs: list[tuple[Any, ...]] = []
+        if result.ok:
+            data = value()
+            if data:
+                jobs.append(("file", self.run, f"results/{self.key}.pkl", lambda: data))
+        error = None if result.ok else (result.detail or f"{result.exception_type}: {result.exception_message}")
+        jobs.append(("task", self.run, self.key, dict(
+            status="done" if result.ok else "failed", finished=time.time(), execution_id=self.execution_id,
+            exit_code=result.exit_code,
+            result_status=result.status, phases=phases, error=error)))
+        self.recorder.put(*jobs)
+
+    def failed(self, exc: BaseException) -> None:
+        self.recorder.task(self.run, self.key, status="failed", finished=time.time(),
+                           error=f"{type(exc).__name__}: {exc}")
+
+
+class TaskRuns:
+    """The workspace runs that a process's ``@task`` calls are recorded in (one per workspace and run id),
+    created on the first call, closed at exit: finished when every call is done, else failed."""
+
+    def __init__(self, recorder: TaskRecorder) -> None:
+        self.recorder = recorder
+        self._runs: dict[tuple[Any, ...], Run] = {}
+        self._created: dict[str, Run] = {}  # by run dir: the runs this process made (and so closes)
+        self._lock = threading.Lock()
+        self._registered = False
+
+    def run_for(self, workspace: Path | str | None, run_id: str, *, cwd: str, host: str, backend: str) -> Run:
+        """The run for calls of this process recorded under ``run_id`` in ``workspace``."""
+        # Keyed by what names the workspace first (resolving it costs a sweep's call more than a lookup).
+        quick = (str(workspace or ""), os.environ.get("RX_WORKSPACE"), cwd, run_id)
+        run = self._runs.get(quick)
+        if run is not None:
+            return run
+        resolved = Workspace.resolve(workspace)
+        key = (str(resolved.root), run_id)
+        with self._lock:
+            run = self._runs.get(key)
+            if run is None:
+                run = self._open(resolved, run_id, host=host, backend=backend)
+                self._runs[key] = run
+            self._runs[quick] = run
+            return run
+
+    def _open(self, workspace: Workspace, run_id: str, *, host: str, backend: str) -> Run:
+        try:
+            return workspace.run(run_id)  # a run made elsewhere (rx rerun): its maker records its end
+        except RemoteExecError:
+            pass
+        main = sys.modules.get("__main__")
+        name = Path(getattr(main, "__file__", "") or "python").name
+        run = workspace.new_run(target=name, kind="task", argv=sys.argv[1:], remote=host, backend=backend,
+                                run_id=run_id)
+        run.set_status("running")
+        self._created[str(run.dir)] = run
+        if not self._registered:
+            register_pending_writer(self.recorder.flush)
+            self._registered = True
+        return run
+
+    def close(self) -> None:
+        """Record each run's end (what is still pending is written first)."""
+        self.recorder.flush()
+        with self._lock:
+            runs = list(self._created.values())
+            self._created.clear()
+            self._runs.clear()
+        for run in runs:
+            try:
+                tasks = run.tasks()
+                failed = [key for key, entry in tasks.items() if entry.get("status") != "done"]
+                run.set_status("failed" if failed else "finished", exit_code=1 if failed else 0,
+                               error=f"{len(failed)} of {len(tasks)} task(s) did not finish" if failed else None)
+            except Exception:  # exit must not fail; the run then shows as lost, and rx rerun --failed resumes it
+                logger.debug("could not close run %s", run.id, exc_info=True)
