@@ -1,32 +1,38 @@
-"""The runner protocol: framed messages over the runner's stdin and stdout (standard library only).
+"""The runner protocol's frames, their encodings and the result's HMAC (standard library only).
 
-This module travels to the remote inside the distribution archive. One exec of the runner serves one call
-(or, for a persistent worker, many): the coordinator writes frames to the runner's stdin, the runner writes
-frames to its stdout. The runner's stderr carries only its own diagnostics.
+This module travels to the remote inside the distribution archive and is imported by the runner on every
+call. After the bootstrap's handshake (:mod:`remote_exec.protocol.bootstrap`), the coordinator writes
+frames to the runner's stdin and the runner writes frames to its stdout; the runner's stderr carries only
+its own diagnostics. One exec of the runner serves one call (``serve``), many (``worker``, for
+``keep_warm``), or a detached run (``detach``, ``attach``).
 
-A frame is one type byte, a 4-byte big-endian payload length, and the payload. Frames from the
+A frame is one type byte, a 4-byte big-endian payload length, and the payload (at most
+:data:`MAX_FRAME` bytes; longer data goes as several frames of the same type). Frames from the
 coordinator:
 
-    G  go: JSON with the call's options (hmac key, timeout, heartbeat, pull globs, environment, secrets)
-    S  session bytes (a saved session, in one or more frames)
-    s  end of session: JSON {"sha256": ...}; the runner starts the task on receiving it
+    G  go: the call's options as marshal (see :func:`dump_options`): the per-call HMAC key, run id,
+       timeout, heartbeat and dead_after seconds, env, secret_env, pull globs, no_pull, keep, the task's
+       kind, whether the value may come back as marshal; for ``attach``, stdout/stderr offsets
+    S  the session in its wire form (``Session.to_wire``), in one or more frames
+    s  end of session: marshal ``{"size": N}`` (the runner also accepts a ``sha256``); the task starts
     H  heartbeat (empty)
     C  cancel: stop the task's process group now
-    Q  quit (a persistent worker exits)
+    Q  quit: a persistent worker exits (a running call is cancelled)
 
 Frames from the runner:
 
     O  task stdout bytes          E  task stderr bytes          B  heartbeat (empty)
-    P  progress event (JSON: {"event": "started", "pid": ...})
-    R  result header (JSON: status, exit code, exception, value size and sha256, files manifest)
-    V  value payload bytes        F  files archive bytes (an uncompressed tar stream)
-    Z  end of result (JSON: {"hmac": hex}); an HMAC-SHA256 with the per-call key over R, V and F payloads
-
-The bootstrap that runs before any of this is a one-liner on the command line (see
-:data:`BOOTSTRAP`): it answers ``RXBOOT1 HAVE`` or ``RXBOOT1 NEED`` on stdout, receives the archive
-(8-byte length + bytes) when it needs it, checks its sha256 and extracts it atomically into the cache
-(``<cache>/archives/<sha256>/``, a directory so that Python can keep compiled bytecode next to the code
-and later calls import it without compiling again).
+    P  an event as JSON: ``{"event": "started", "pid", "run_dir", "host"}`` (a call's task started),
+       ``{"event": "worker", "pid", "host"}`` (a persistent worker is ready),
+       ``{"event": "detached", "run_dir", "supervisor_pid", "host"}`` (a detached run started)
+    R  result header, JSON: protocol, status, exit_code, detail, signal, exception (type, message,
+       traceback text), value (size and encoding: ``marshal`` or ``serializer``) or null, exc_pickle
+       (size) or null, files (a manifest: path, size, sha256 each), duration, python, host
+    V  the value's bytes          X  the pickled exception's bytes
+    F  the pulled files as an uncompressed tar stream, in manifest order
+    Z  end of result, JSON ``{"hmac": hex}``: HMAC-SHA256 with the call's key over every R, V, X and F
+       frame, each fed as type byte + 8-byte big-endian length + payload. When ``attach`` only follows a
+       detached run, ``Z`` is ``{"done": status, "exit_code": N}`` instead and no result precedes it.
 """
 
 from __future__ import annotations
@@ -132,9 +138,9 @@ class FrameReader:
 
 
 # -- encodings that keep the runner's start-up small ----------------------------------------------------
-# The runner reads the coordinator's options as a pickle (the coordinator is who it works for) and writes
-# its own messages as JSON, which the coordinator reads with the json module: nothing the remote side
-# sends is ever unpickled as protocol data. Importing json costs the runner more than all the rest of its
+# The runner reads the coordinator's options as marshal (built-in data; the coordinator is who it works for)
+# and writes its own messages as JSON, which the coordinator reads with the json module: nothing the remote
+# side sends is ever unpickled or unmarshalled as protocol data. Importing json costs the runner more than all the rest of its
 # start-up (it pulls in re and enum), so it writes JSON with the small encoder below.
 
 _JSON_ESCAPES = {code: f"\\u{code:04x}" for code in range(0x20)}
