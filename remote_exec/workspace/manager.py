@@ -113,7 +113,6 @@ STATE_VERSION = 1
 #: What a run ran.
 RUN_KINDS = ("script", "module", "task", "rerun")
 
-_RUN_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _id_guard = threading.Lock()
 _last_ms = 0
