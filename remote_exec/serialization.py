@@ -18,8 +18,8 @@ import marshal
 
 TYPE_CHECKING = False  # typing is not imported at run time (the runner loads this module on every call)
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-    from typing import Any, Protocol
+    from collections.abc import Callable, Iterable
+    from typing import Any, ClassVar, Protocol
 else:
     Protocol = object
 
@@ -174,38 +174,51 @@ class JsonSerializer:
         return self._decode(json.loads(data.decode("utf-8")))
 
     def _encode(self, value: Any) -> Any:
-        import base64
-
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
-        if isinstance(value, list):
-            return [self._encode(item) for item in value]
-        if isinstance(value, tuple):
-            if hasattr(value, "_fields"):
-                return {"__rx__": "namedtuple", "type": _qualname(type(value)),
-                        "items": [self._encode(item) for item in value]}
-            return {"__rx__": "tuple", "items": [self._encode(item) for item in value]}
-        if isinstance(value, (set, frozenset)):
-            return {"__rx__": "set", "frozen": isinstance(value, frozenset),
-                    "items": [self._encode(item) for item in sorted(value, key=repr)]}
-        if isinstance(value, (bytes, bytearray)):
-            return {"__rx__": "bytes", "b64": base64.b64encode(bytes(value)).decode("ascii")}
-        if isinstance(value, dict):
-            if not all(isinstance(key, str) for key in value):
-                raise TypeError("JSON serializer: dict keys must be strings")
-            if "__rx__" in value:
-                raise TypeError("JSON serializer: '__rx__' is a reserved key")
-            return {key: self._encode(item) for key, item in value.items()}
-        if isinstance(value, BaseException):
-            return {"__rx__": "exception", "type": _qualname(type(value)),
-                    "args": [self._encode(arg) for arg in value.args]}
+        for kinds, encode in self._ENCODERS:
+            if isinstance(value, kinds):
+                return encode(self, value)
         if callable(getattr(value, "serialized", None)) and callable(getattr(type(value), "deserialize", None)):
             return {"__rx__": "object", "type": _qualname(type(value)), "data": self._encode(value.serialized())}
         raise TypeError(f"JSON serializer cannot serialize {type(value).__qualname__}")
 
-    def _decode(self, value: Any) -> Any:
+    def _encode_list(self, value: list[Any]) -> Any:
+        return [self._encode(item) for item in value]
+
+    def _encode_tuple(self, value: tuple[Any, ...]) -> Any:
+        items = [self._encode(item) for item in value]
+        if hasattr(value, "_fields"):
+            return {"__rx__": "namedtuple", "type": _qualname(type(value)), "items": items}
+        return {"__rx__": "tuple", "items": items}
+
+    def _encode_set(self, value: set[Any] | frozenset[Any]) -> Any:
+        return {"__rx__": "set", "frozen": isinstance(value, frozenset),
+                "items": [self._encode(item) for item in sorted(value, key=repr)]}
+
+    def _encode_bytes(self, value: bytes | bytearray) -> Any:
         import base64
 
+        return {"__rx__": "bytes", "b64": base64.b64encode(bytes(value)).decode("ascii")}
+
+    def _encode_dict(self, value: dict[Any, Any]) -> Any:
+        if not all(isinstance(key, str) for key in value):
+            raise TypeError("JSON serializer: dict keys must be strings")
+        if "__rx__" in value:
+            raise TypeError("JSON serializer: '__rx__' is a reserved key")
+        return {key: self._encode(item) for key, item in value.items()}
+
+    def _encode_exception(self, value: BaseException) -> Any:
+        return {"__rx__": "exception", "type": _qualname(type(value)),
+                "args": [self._encode(arg) for arg in value.args]}
+
+    #: How each kind of value is written, tried in this order after the JSON scalars (a namedtuple is a
+    #: tuple); what none of them takes must have ``serialized()`` and ``deserialize()``. A constant.
+    _ENCODERS: ClassVar[tuple[tuple[type | tuple[type, ...], Callable[[JsonSerializer, Any], Any]], ...]] = (
+        (list, _encode_list), (tuple, _encode_tuple), ((set, frozenset), _encode_set),
+        ((bytes, bytearray), _encode_bytes), (dict, _encode_dict), (BaseException, _encode_exception))
+
+    def _decode(self, value: Any) -> Any:
         if isinstance(value, list):
             return [self._decode(item) for item in value]
         if not isinstance(value, dict):
@@ -213,20 +226,36 @@ class JsonSerializer:
         kind = value.get("__rx__")
         if kind is None:
             return {key: self._decode(item) for key, item in value.items()}
-        if kind == "tuple":
-            return tuple(self._decode(item) for item in value["items"])
-        if kind == "namedtuple":
-            return _import(value["type"])(*(self._decode(item) for item in value["items"]))
-        if kind == "set":
-            items = (self._decode(item) for item in value["items"])
-            return frozenset(items) if value["frozen"] else set(items)
-        if kind == "bytes":
-            return base64.b64decode(value["b64"])
-        if kind == "exception":
-            return _import(value["type"])(*(self._decode(arg) for arg in value["args"]))
-        if kind == "object":
-            return _import(value["type"]).deserialize(self._decode(value["data"]))
-        raise ValueError(f"JSON serializer: unknown tag {kind!r}")
+        decode = self._DECODERS.get(kind) if isinstance(kind, str) else None
+        if decode is None:
+            raise ValueError(f"JSON serializer: unknown tag {kind!r}")
+        return decode(self, value)
+
+    def _decode_tuple(self, value: dict[str, Any]) -> Any:
+        return tuple(self._decode(item) for item in value["items"])
+
+    def _decode_namedtuple(self, value: dict[str, Any]) -> Any:
+        return _import(value["type"])(*(self._decode(item) for item in value["items"]))
+
+    def _decode_set(self, value: dict[str, Any]) -> Any:
+        items = (self._decode(item) for item in value["items"])
+        return frozenset(items) if value["frozen"] else set(items)
+
+    def _decode_bytes(self, value: dict[str, Any]) -> Any:
+        import base64
+
+        return base64.b64decode(value["b64"])
+
+    def _decode_exception(self, value: dict[str, Any]) -> Any:
+        return _import(value["type"])(*(self._decode(arg) for arg in value["args"]))
+
+    def _decode_object(self, value: dict[str, Any]) -> Any:
+        return _import(value["type"]).deserialize(self._decode(value["data"]))
+
+    #: The reader of each tag. A constant.
+    _DECODERS: ClassVar[dict[str, Callable[[JsonSerializer, dict[str, Any]], Any]]] = {
+        "tuple": _decode_tuple, "namedtuple": _decode_namedtuple, "set": _decode_set, "bytes": _decode_bytes,
+        "exception": _decode_exception, "object": _decode_object}
 
 
 #: What restricted mode unpickles without being told: plain data types and the standard exceptions.

@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import ConfigError, WorkspaceError
-from ..workspace.export import EXPORT_FORMATS, export, format_duration, format_size
+from ..workspace.export import EXPORT_FORMATS, export, format_duration, format_size, run_facts, shown
 from ..workspace.manager import Run, Workspace
 from ..workspace.state import ACTIVE_RUN_STATUSES, duration, parse_time
 from .app import app
@@ -106,13 +106,7 @@ def runs_command(
 ) -> None:
     """List the runs of the workspace, oldest first."""
     ws = Workspace.resolve(workspace)
-    infos: list[dict[str, Any]] = []
-    for run in ws.runs(status):
-        try:
-            infos.append(run.info())
-        except WorkspaceError as exc:  # one damaged run must not hide the others
-            _console(stderr=True).print(f"[yellow]rx: warning:[/] skipping run {escape(run.id)}: "
-                                        f"{escape(str(exc))}")
+    infos = _readable_infos(ws, status)
     if as_json:
         _print_json(infos)
         return
@@ -120,26 +114,52 @@ def runs_command(
     if not infos:
         console.print(f"[dim]no {escape(status) + ' ' if status else ''}runs in {escape(str(ws.root))}[/]")
         return
-    headers = ("id", "target", "host", "status", "started", "duration", "exit")
-    rows = [(str(info.get("run_id")), _short_target(info.get("target")), str(info.get("remote") or "local"),
-             str(info.get("status")), _local_time(info.get("started") or info.get("created"), short=True),
-             _elapsed(info), "" if info.get("exit_code") is None else str(info.get("exit_code")))
-            for info in infos]
-    widths = [max(len(header), *(len(row[i]) for row in rows)) for i, header in enumerate(headers)]
-    # Everything but target and host keeps its width; if those two do not fit in what is left, they
-    # share it, host taking at most a third.
-    gap = 2
-    room = max(14, console.width - sum(widths) + widths[1] + widths[2] - gap * (len(headers) - 1))
-    if widths[1] + widths[2] > room:
-        widths[2] = min(widths[2], max(5, room // 3))
-        widths[1] = min(widths[1], max(8, room - widths[2]))
-    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, gap, 0, 0), collapse_padding=True)
-    for i, header in enumerate(headers):
-        table.add_column(header, width=widths[i], no_wrap=True, overflow="ellipsis",
+    rows = [_runs_row(info) for info in infos]
+    widths = _runs_widths(rows, console.width)
+    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, _GAP, 0, 0), collapse_padding=True)
+    for header, width in zip(_RUNS_HEADERS, widths, strict=True):
+        table.add_column(header, width=width, no_wrap=True, overflow="ellipsis",
                          justify="right" if header == "exit" else "left")
     for row in rows:
         table.add_row(*row[:3], _status_text(row[3]), *row[4:])
     console.print(table)
+
+
+#: The columns of ``rx runs``.
+_RUNS_HEADERS = ("id", "target", "host", "status", "started", "duration", "exit")
+#: Spaces between two columns of ``rx runs``.
+_GAP = 2
+
+
+def _readable_infos(ws: Workspace, status: str | None) -> list[dict[str, Any]]:
+    """The state of every run (with ``status``, of those that have it); a damaged run is skipped with a
+    warning on stderr, so that it does not hide the others."""
+    infos: list[dict[str, Any]] = []
+    for run in ws.runs(status):
+        try:
+            infos.append(run.info())
+        except WorkspaceError as exc:
+            _console(stderr=True).print(f"[yellow]rx: warning:[/] skipping run {escape(run.id)}: "
+                                        f"{escape(str(exc))}")
+    return infos
+
+
+def _runs_row(info: dict[str, Any]) -> tuple[str, ...]:
+    """One line of ``rx runs``, a cell per :data:`_RUNS_HEADERS`."""
+    return (str(info.get("run_id")), _short_target(info.get("target")), str(info.get("remote") or "local"),
+            str(info.get("status")), _local_time(info.get("started") or info.get("created"), short=True),
+            _elapsed(info), "" if info.get("exit_code") is None else str(info.get("exit_code")))
+
+
+def _runs_widths(rows: list[tuple[str, ...]], console_width: int) -> list[int]:
+    """Column widths: everything but target and host keeps its width; if those two do not fit in what
+    is left, they share it, host taking at most a third."""
+    widths = [max(len(header), *(len(row[i]) for row in rows)) for i, header in enumerate(_RUNS_HEADERS)]
+    room = max(14, console_width - sum(widths) + widths[1] + widths[2] - _GAP * (len(_RUNS_HEADERS) - 1))
+    if widths[1] + widths[2] > room:
+        widths[2] = min(widths[2], max(5, room // 3))
+        widths[1] = min(widths[1], max(8, room - widths[2]))
+    return widths
 
 
 @app.command("show")
@@ -156,48 +176,59 @@ def show_command(run_ref: RunArgument, as_json: JsonOption = False,
         _print_json({**info, "result": result})
         return
     console = _console()
+    console.print(_facts_grid(run, info))
+    for table in (_actions_table(info), _tasks_table(info)):
+        if table is not None:
+            console.print()
+            console.print(table)
+    _print_outcome(console, result)
+    _print_files_and_logs(console, run)
+
+
+def _facts_grid(run: Run, info: dict[str, Any]) -> Table:
+    """The run's facts (the exports' :func:`~remote_exec.workspace.export.run_facts`, in local time),
+    between its id and status and its directory."""
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="dim", no_wrap=True)
     facts.add_column()
-    argv = " ".join(str(a) for a in info.get("argv") or [])
-    rows: list[tuple[str, Any]] = [
-        ("run", Text(str(info.get("run_id")), style="bold")), ("status", _status_text(info.get("status"))),
-        ("target", f"{info.get('target')} ({info.get('kind')})"), ("arguments", argv or None),
-        ("host", info.get("remote") or "local"), ("backend", info.get("backend")),
-        ("created", _local_time(info.get("created"))), ("started", _local_time(info.get("started")) or None),
-        ("finished", _local_time(info.get("finished")) or None), ("duration", _elapsed(info) or None),
-        ("exit code", info.get("exit_code")), ("reran", info.get("parent")), ("error", info.get("error")),
-        ("directory", str(run.dir)),
-    ]
-    for label, value in rows:
-        if value is not None and value != "":
+    rows = {"run": Text(str(info.get("run_id")), style="bold"), "status": _status_text(info.get("status")),
+            **run_facts(info, exit_code=info.get("exit_code"), duration=_elapsed(info), clock=_local_time),
+            "directory": str(run.dir)}
+    for label, value in rows.items():
+        if shown(value):
             facts.add_row(label, value if isinstance(value, Text) else Text(str(value)))
-    console.print(facts)
+    return facts
 
-    actions = info.get("actions") or []
-    if actions:
-        table = Table(title="actions", title_justify="left", box=None, header_style="bold", pad_edge=False)
-        for column in ("action", "host", "status", "duration", "error"):
-            table.add_column(column)
-        for a in actions:
-            table.add_row(str(a.get("name")), str(a.get("host") or ""), _status_text(a.get("status")),
-                          format_duration(duration(a.get("started"), a.get("finished"))),
-                          Text(str(a.get("error") or "")))
-        console.print()
-        console.print(table)
 
-    tasks = info.get("tasks") or {}
-    if tasks:
-        table = Table(title="tasks", title_justify="left", box=None, header_style="bold", pad_edge=False)
-        for column in ("key", "name", "host", "status", "duration", "error"):
-            table.add_column(column)
-        for key, t in tasks.items():
-            table.add_row(str(key), str(t.get("name") or ""), str(t.get("host") or ""),
-                          _status_text(t.get("status")), format_duration(t.get("duration")),
-                          Text(str(t.get("error") or "")))
-        console.print()
-        console.print(table)
+def _listing(title: str, columns: tuple[str, ...], rows: list[tuple[str | Text, ...]]) -> Table | None:
+    """A titled table of ``rows``, or ``None`` when there are none."""
+    if not rows:
+        return None
+    table = Table(title=title, title_justify="left", box=None, header_style="bold", pad_edge=False)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    return table
 
+
+def _actions_table(info: dict[str, Any]) -> Table | None:
+    return _listing("actions", ("action", "host", "status", "duration", "error"), [
+        (str(a.get("name")), str(a.get("host") or ""), _status_text(a.get("status")),
+         format_duration(duration(a.get("started"), a.get("finished"))), Text(str(a.get("error") or "")))
+        for a in info.get("actions") or []])
+
+
+def _tasks_table(info: dict[str, Any]) -> Table | None:
+    tasks: dict[str, dict[str, Any]] = info.get("tasks") or {}
+    return _listing("tasks", ("key", "name", "host", "status", "duration", "error"), [
+        (str(key), str(t.get("name") or ""), str(t.get("host") or ""), _status_text(t.get("status")),
+         format_duration(t.get("duration")), Text(str(t.get("error") or "")))
+        for key, t in tasks.items()])
+
+
+def _print_outcome(console: Console, result: dict[str, Any] | None) -> None:
+    """The exception with its traceback, else the value."""
     exc = (result or {}).get("exception")
     if isinstance(exc, dict):
         console.print()
@@ -208,6 +239,9 @@ def show_command(run_ref: RunArgument, as_json: JsonOption = False,
         console.print()
         console.print(Text("value: ", style="dim") + Text(str(result["value_repr"])))
 
+
+def _print_files_and_logs(console: Console, run: Run) -> None:
+    """How much the run pulled and logged, and where to read it."""
     files = run.files()
     logs = [(name, path.stat().st_size)
             for name, path in (("stdout", run.stdout_log), ("stderr", run.stderr_log)) if path.is_file()]

@@ -4,22 +4,23 @@ that did not finish, with the done results merged in (valjean's merge)."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ..errors import RemoteExecError, WorkspaceError
 
+if TYPE_CHECKING:
+    from ..config import Configuration
+    from ..workspace.manager import Run, Workspace
+
 __all__ = ["rerun_tasks"]
 
 
-def rerun_tasks(workspace: Any, previous: Any, *, failed: bool, remote: str | None, as_json: bool) -> int:
+def rerun_tasks(workspace: Workspace, previous: Run, *, failed: bool, remote: str | None, as_json: bool) -> int:
     """Rerun the recorded calls of ``previous`` as a new run; return the exit status (0 all done)."""
-    from ..advice import run_chain
-    from ..advices.remote import RemoteAdvice
     from ..config import Configuration
     from ..coordinator import Coordinator
-    from ..session import Session
 
     config = Configuration.load()
     info = previous.info()
@@ -29,28 +30,12 @@ def rerun_tasks(workspace: Any, previous: Any, *, failed: bool, remote: str | No
     merged = run.merge_done(previous) if failed else []
     todo = [key for key in sorted(tasks) if key not in merged]
     run.set_status("running")
-    failures = 0
-    for key in todo:
-        saved = previous.call_record(f"sessions/{key}.session") or previous.call_record(f"sessions/{key}.zip")
-        if saved is None:
-            run.set_task(key, "skipped", name=tasks[key].get("name"), error="no saved session to rerun")
-            failures += 1
-            continue
-        session = Session.loads(saved)
-        if remote:
-            session.context["remote"] = remote
-        session.run_id = run.id
-        session.config = config
-        try:
-            result = run_chain(session, [RemoteAdvice()])
-        except RemoteExecError:
-            failures += 1
-            continue
-        if not result.ok:
-            failures += 1
+    failures = sum(not _rerun_call(run, previous, key, tasks[key], config=config, remote=remote) for key in todo)
     Coordinator.current().flush()
-    run.set_status("finished" if failures == 0 else "failed", exit_code=0 if failures == 0 else 1,
-                   error=None if failures == 0 else f"{failures} task(s) did not finish")
+    if failures:
+        run.set_status("failed", exit_code=1, error=f"{failures} task(s) did not finish")
+    else:
+        run.set_status("finished", exit_code=0)
     if as_json:
         typer.echo(json.dumps(run.info(), indent=2))
     else:
@@ -58,4 +43,26 @@ def rerun_tasks(workspace: Any, previous: Any, *, failed: bool, remote: str | No
                    f"{len(merged)} merged from {previous.id}", err=True)
     if not todo and not merged:
         raise WorkspaceError(f"run {previous.id} recorded no tasks")
-    return 0 if failures == 0 else 1
+    return 1 if failures else 0
+
+
+def _rerun_call(run: Run, previous: Run, key: str, entry: dict[str, Any], *, config: Configuration,
+                remote: str | None) -> bool:
+    """Run the call ``key`` of ``previous`` again, recorded in ``run``; tell whether it finished."""
+    from ..advice import run_chain
+    from ..advices.remote import RemoteAdvice
+    from ..session import Session
+
+    saved = previous.call_record(f"sessions/{key}.session") or previous.call_record(f"sessions/{key}.zip")
+    if saved is None:
+        run.set_task(key, "skipped", name=entry.get("name"), error="no saved session to rerun")
+        return False
+    session = Session.loads(saved)
+    if remote:
+        session.context["remote"] = remote
+    session.run_id = run.id
+    session.config = config
+    try:
+        return run_chain(session, [RemoteAdvice()]).ok
+    except RemoteExecError:
+        return False

@@ -140,8 +140,8 @@ class FrameReader:
 # -- encodings that keep the runner's start-up small ----------------------------------------------------
 # The runner reads the coordinator's options as marshal (built-in data; the coordinator is who it works for)
 # and writes its own messages as JSON, which the coordinator reads with the json module: nothing the remote
-# side sends is ever unpickled or unmarshalled as protocol data. Importing json costs the runner more than all the rest of its
-# start-up (it pulls in re and enum), so it writes JSON with the small encoder below.
+# side sends is ever unpickled or unmarshalled as protocol data. Importing json costs the runner more than
+# all the rest of its start-up (it pulls in re and enum), so it writes JSON with the small encoder below.
 
 _JSON_ESCAPES = {code: f"\\u{code:04x}" for code in range(0x20)}
 _JSON_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\", ord("\n"): "\\n", ord("\t"): "\\t"})

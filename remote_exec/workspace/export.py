@@ -36,7 +36,7 @@ from .state import parse_time
 if TYPE_CHECKING:
     from .manager import Run
 
-__all__ = ["EXPORT_FORMATS", "LOG_TAIL", "export", "format_duration", "format_size"]
+__all__ = ["EXPORT_FORMATS", "LOG_TAIL", "export", "format_duration", "format_size", "run_facts", "shown"]
 
 #: The formats :func:`export` knows.
 EXPORT_FORMATS = ("json", "html", "junit", "text")
@@ -85,6 +85,37 @@ def _clean(text: str) -> str:
     return _XML_INVALID.sub("\ufffd", _ANSI.sub("", text))
 
 
+def run_facts(info: dict[str, Any], *, exit_code: Any, duration: str | None,
+              clock: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """The facts every report of a run shows, by label, in the order they are shown.
+
+    One table for the text and HTML exports and ``rx show``, so that they list the same things.
+
+    Args:
+        info: The run's ``state.json``.
+        exit_code: The exit code to show (the exports fall back to the result record's).
+        duration: The duration as the report writes it.
+        clock: Renders the ``created``, ``started`` and ``finished`` times (default: as stored).
+
+    Returns:
+        ``{label: value}``; a value the run does not have is ``None`` or ``""`` (see :func:`shown`).
+    """
+    when = clock or (lambda value: value)
+    argv = " ".join(str(a) for a in info.get("argv") or [])
+    return {
+        "target": f"{info.get('target')} ({info.get('kind')})", "arguments": argv or None,
+        "host": info.get("remote") or "local", "backend": info.get("backend"),
+        "created": when(info.get("created")), "started": when(info.get("started")),
+        "finished": when(info.get("finished")), "duration": duration, "exit code": exit_code,
+        "reran": info.get("parent"), "error": info.get("error"),
+    }
+
+
+def shown(value: Any) -> bool:
+    """Tell whether a report shows a fact: it does unless the value is ``None`` or empty text."""
+    return value is not None and value != ""
+
+
 @dataclass(frozen=True)
 class _Report:
     """What every exporter needs about one run, read once."""
@@ -111,6 +142,10 @@ class _Report:
                    stdout_size=sizes[0], stderr_size=sizes[1], files=run.files())
 
     @property
+    def tasks(self) -> dict[str, dict[str, Any]]:
+        return self.info.get("tasks") or {}
+
+    @property
     def host(self) -> str:
         return str(self.info.get("remote") or "local")
 
@@ -127,6 +162,15 @@ class _Report:
     def exit_code(self) -> Any:
         code = self.info.get("exit_code")
         return code if code is not None else (self.result or {}).get("exit_code")
+
+    def facts(self) -> dict[str, Any]:
+        """:func:`run_facts` as the exports show them: stored times, the result's exit code as fallback."""
+        return run_facts(self.info, exit_code=self.exit_code,
+                         duration=format_duration(self.info.get("duration")) or None)
+
+    def logs(self) -> tuple[tuple[str, str, int], ...]:
+        """``(name, tail of the text, whole size)`` of ``stdout`` and ``stderr``."""
+        return ("stdout", self.stdout, self.stdout_size), ("stderr", self.stderr, self.stderr_size)
 
     def failure(self) -> tuple[str, str] | None:
         """(message, details) explaining why the run failed, or ``None`` if it did not."""
@@ -170,53 +214,72 @@ def _json(reports: list[_Report]) -> str:
 # -- text ------------------------------------------------------------------------------------------
 
 def _text(reports: list[_Report]) -> str:
-    out: list[str] = []
-    for r in reports:
-        info = r.info
-        code = r.exit_code
-        out.append(f"run {info.get('run_id')}  {r.status}" + (f"  (exit {code})" if code is not None else ""))
-        argv = " ".join(str(a) for a in info.get("argv") or [])
-        out.append(f"  target    {info.get('target')} ({info.get('kind')})" + (f" {argv}" if argv else ""))
-        out.append(f"  host      {r.host}" + (f" via {info['backend']}" if info.get("backend") else ""))
-        for key in ("created", "started", "finished"):
-            if info.get(key):
-                out.append(f"  {key:<9} {info[key]}")
-        if info.get("duration") is not None:
-            out.append(f"  duration  {format_duration(info['duration'])}")
-        if info.get("parent"):
-            out.append(f"  reran     {info['parent']}")
-        if info.get("error"):
-            out.append(f"  error     {info['error']}")
-        exc = r.exception
-        if exc is not None:
-            out.append(f"  exception {exc.get('type')}: {exc.get('message')}")
-            out.extend("    " + line for line in str(exc.get("traceback") or "").rstrip().splitlines())
-        tasks = info.get("tasks") or {}
-        if tasks:
-            out.append(f"  tasks ({len(tasks)}):")
-            for key, t in tasks.items():
-                line = f"    {t.get('status', ''):<9} {key}"
-                if t.get("name") and t.get("name") != key:
-                    line += f" ({t['name']})"
-                if t.get("host"):
-                    line += f" on {t['host']}"
-                if t.get("duration") is not None:
-                    line += f"  {format_duration(t['duration'])}"
-                if t.get("error"):
-                    line += f"  {t['error']}"
-                out.append(line)
-        if r.files:
-            total = sum(size for _, size in r.files)
-            out.append(f"  files     {len(r.files)} ({format_size(total)}) in files/")
-        for label, text in (("stdout", r.stdout), ("stderr", r.stderr)):
-            lines = _ANSI.sub("", text).rstrip("\n").splitlines()
-            if lines:
-                shown = lines[-TEXT_LOG_LINES:]
-                note = f", last {len(shown)} of {len(lines)} lines" if len(lines) > len(shown) else ""
-                out.append(f"  {label}{note}:")
-                out.extend("    " + line for line in shown)
-        out.append("")
+    out = [line for r in reports for line in _text_run(r)]
     return "\n".join(out) if out else "no runs\n"
+
+
+def _text_run(r: _Report) -> list[str]:
+    """The lines of one run's summary, the last one empty."""
+    return [*(line for section in _TEXT_SECTIONS for line in section(r)), ""]
+
+
+def _text_facts(r: _Report) -> list[str]:
+    facts = r.facts()
+    code = facts["exit code"]
+    head = f"run {r.info.get('run_id')}  {r.status}" + (f"  (exit {code})" if code is not None else "")
+    target = f"  target    {facts['target']}" + (f" {facts['arguments']}" if facts["arguments"] else "")
+    host = f"  host      {facts['host']}" + (f" via {facts['backend']}" if facts["backend"] else "")
+    return [head, target, host, *(f"  {label:<9} {facts[label]}" for label in _TEXT_FACT_LINES
+                                  if shown(facts[label]))]
+
+
+#: The facts the text summary writes one per line (target, host and exit code share lines).
+_TEXT_FACT_LINES = ("created", "started", "finished", "duration", "reran", "error")
+
+
+def _text_exception(r: _Report) -> list[str]:
+    exc = r.exception
+    if exc is None:
+        return []
+    traceback = str(exc.get("traceback") or "").rstrip().splitlines()
+    return [f"  exception {exc.get('type')}: {exc.get('message')}", *("    " + line for line in traceback)]
+
+
+def _text_tasks(r: _Report) -> list[str]:
+    if not r.tasks:
+        return []
+    return [f"  tasks ({len(r.tasks)}):", *(_text_task(key, t) for key, t in r.tasks.items())]
+
+
+def _text_task(key: str, t: dict[str, Any]) -> str:
+    return "".join((f"    {t.get('status', ''):<9} {key}",
+                    f" ({t['name']})" if t.get("name") and t.get("name") != key else "",
+                    f" on {t['host']}" if t.get("host") else "",
+                    f"  {format_duration(t['duration'])}" if t.get("duration") is not None else "",
+                    f"  {t['error']}" if t.get("error") else ""))
+
+
+def _text_files(r: _Report) -> list[str]:
+    if not r.files:
+        return []
+    return [f"  files     {len(r.files)} ({format_size(sum(size for _, size in r.files))}) in files/"]
+
+
+def _text_logs(r: _Report) -> list[str]:
+    out: list[str] = []
+    for label, text, _size in r.logs():
+        lines = _ANSI.sub("", text).rstrip("\n").splitlines()
+        if lines:
+            shown_lines = lines[-TEXT_LOG_LINES:]
+            note = f", last {len(shown_lines)} of {len(lines)} lines" if len(lines) > len(shown_lines) else ""
+            out.append(f"  {label}{note}:")
+            out.extend("    " + line for line in shown_lines)
+    return out
+
+
+#: The text summary of one run: these sections in order, each a list of lines.
+_TEXT_SECTIONS: tuple[Callable[[_Report], list[str]], ...] = (
+    _text_facts, _text_exception, _text_tasks, _text_files, _text_logs)
 
 
 # -- html ------------------------------------------------------------------------------------------
@@ -252,78 +315,95 @@ def _badge(status: str) -> str:
             f'style="background:{colour}">{_e(status)}</span>')
 
 
-def _html_run(r: _Report) -> str:
-    info = r.info
-    rid = str(info.get("run_id"))
-    parts = [f'<section class="run" id="run-{_e(rid)}" data-status="{_e(r.status)}">',
-             f"<h2>{_badge(r.status)} <code>{_e(rid)}</code> {_e(info.get('target'))}</h2>",
-             '<table class="facts">']
-    argv = " ".join(str(a) for a in info.get("argv") or [])
-    facts: list[tuple[str, Any]] = [
-        ("Target", f"{info.get('target')} ({info.get('kind')})"), ("Arguments", argv or None),
-        ("Host", r.host), ("Backend", info.get("backend")), ("Created", info.get("created")),
-        ("Started", info.get("started")), ("Finished", info.get("finished")),
-        ("Duration", format_duration(info.get("duration")) or None), ("Exit code", r.exit_code),
-        ("Reran", info.get("parent")), ("Error", info.get("error")),
-    ]
-    for label, value in facts:
-        if value is not None and value != "":
-            css = ' class="host"' if label == "Host" else ""
-            parts.append(f"<tr><th>{label}</th><td{css}>{_e(value)}</td></tr>")
-    parts.append("</table>")
+def _td(content: str, css: str = "") -> str:
+    """A table cell around ``content`` (already escaped)."""
+    return f'<td class="{css}">{content}</td>' if css else f"<td>{content}</td>"
 
+
+def _tr(*cells: str) -> str:
+    return "<tr>" + "".join(cells) + "</tr>"
+
+
+def _html_run(r: _Report) -> str:
+    rid = str(r.info.get("run_id"))
+    return "\n".join([f'<section class="run" id="run-{_e(rid)}" data-status="{_e(r.status)}">',
+                      f"<h2>{_badge(r.status)} <code>{_e(rid)}</code> {_e(r.info.get('target'))}</h2>",
+                      *(line for section in _HTML_SECTIONS for line in section(r)), "</section>"])
+
+
+def _html_facts(r: _Report) -> list[str]:
+    parts = ['<table class="facts">']
+    for label, value in r.facts().items():
+        if shown(value):
+            css = ' class="host"' if label == "host" else ""
+            parts.append(f"<tr><th>{label.capitalize()}</th><td{css}>{_e(value)}</td></tr>")
+    parts.append("</table>")
+    return parts
+
+
+def _html_outcome(r: _Report) -> list[str]:
+    """The exception with its traceback, else the value."""
     exc = r.exception
     if exc is not None:
-        parts.append("<h3>Exception</h3>")
-        parts.append(f"<p><strong>{_e(exc.get('type'))}</strong>: {_e(exc.get('message'))}</p>")
+        parts = ["<h3>Exception</h3>", f"<p><strong>{_e(exc.get('type'))}</strong>: {_e(exc.get('message'))}</p>"]
         if exc.get("traceback"):
             parts.append(f'<pre class="traceback">{_e(exc.get("traceback"))}</pre>')
-    elif r.result is not None and r.result.get("value_repr") is not None:
-        parts.append(f"<h3>Value</h3><pre>{_e(r.result.get('value_repr'))}</pre>")
+        return parts
+    if r.result is not None and r.result.get("value_repr") is not None:
+        return [f"<h3>Value</h3><pre>{_e(r.result.get('value_repr'))}</pre>"]
+    return []
 
-    actions = info.get("actions") or []
-    if actions:
-        parts.append('<h3>Actions</h3><table class="grid"><tr><th>Action</th><th>Host</th><th>Status</th>'
-                     "<th>Started</th><th>Finished</th><th>Error</th></tr>")
-        for a in actions:
-            parts.append(f"<tr><td>{_e(a.get('name'))}</td><td>{_e(a.get('host'))}</td>"
-                         f"<td>{_badge(str(a.get('status')))}</td><td>{_e(a.get('started'))}</td>"
-                         f"<td>{_e(a.get('finished'))}</td><td>{_e(a.get('error'))}</td></tr>")
-        parts.append("</table>")
 
-    tasks = info.get("tasks") or {}
-    if tasks:
-        parts.append('<h3>Tasks</h3><table class="grid tasks"><tr><th>Key</th><th>Name</th><th>Host</th>'
-                     "<th>Status</th><th>Started</th><th>Duration</th><th>Error</th></tr>")
-        for key, t in tasks.items():
-            parts.append(f"<tr><td><code>{_e(key)}</code></td><td>{_e(t.get('name'))}</td>"
-                         f"<td>{_e(t.get('host'))}</td><td>{_badge(str(t.get('status')))}</td>"
-                         f"<td>{_e(t.get('started'))}</td>"
-                         f'<td class="num">{_e(format_duration(t.get("duration")))}</td>'
-                         f"<td>{_e(t.get('error'))}</td></tr>")
-        parts.append("</table>")
+def _html_actions(r: _Report) -> list[str]:
+    actions = r.info.get("actions") or []
+    if not actions:
+        return []
+    rows = [_tr(_td(_e(a.get("name"))), _td(_e(a.get("host"))), _td(_badge(str(a.get("status")))),
+                _td(_e(a.get("started"))), _td(_e(a.get("finished"))), _td(_e(a.get("error"))))
+            for a in actions]
+    return ['<h3>Actions</h3><table class="grid"><tr><th>Action</th><th>Host</th><th>Status</th>'
+            "<th>Started</th><th>Finished</th><th>Error</th></tr>", *rows, "</table>"]
 
-    for label, css, text, size in (("Standard output", "stdout", r.stdout, r.stdout_size),
-                                   ("Standard error", "stderr", r.stderr, r.stderr_size)):
-        parts.append(f"<h3>{label}</h3>")
+
+def _html_tasks(r: _Report) -> list[str]:
+    if not r.tasks:
+        return []
+    rows = [_tr(_td(f"<code>{_e(key)}</code>"), _td(_e(t.get("name"))), _td(_e(t.get("host"))),
+                _td(_badge(str(t.get("status")))), _td(_e(t.get("started"))),
+                _td(_e(format_duration(t.get("duration"))), "num"), _td(_e(t.get("error"))))
+            for key, t in r.tasks.items()]
+    return ['<h3>Tasks</h3><table class="grid tasks"><tr><th>Key</th><th>Name</th><th>Host</th>'
+            "<th>Status</th><th>Started</th><th>Duration</th><th>Error</th></tr>", *rows, "</table>"]
+
+
+#: The HTML headings of the logs.
+_LOG_TITLES = {"stdout": "Standard output", "stderr": "Standard error"}
+
+
+def _html_logs(r: _Report) -> list[str]:
+    parts: list[str] = []
+    for name, text, size in r.logs():
+        parts.append(f"<h3>{_LOG_TITLES[name]}</h3>")
         if size == 0:
             parts.append('<p class="note">(empty)</p>')
             continue
         if size > LOG_TAIL:
             parts.append(f'<p class="note">last {format_size(LOG_TAIL)} of {format_size(size)}</p>')
-        parts.append(f'<pre class="log {css}">{_e(text)}</pre>')
+        parts.append(f'<pre class="log {name}">{_e(text)}</pre>')
+    return parts
 
-    parts.append("<h3>Files</h3>")
-    if r.files:
-        parts.append('<table class="grid files"><tr><th>Path</th><th class="num">Size</th></tr>')
-        for path, size in r.files:
-            parts.append(f'<tr><td><code>{_e(path)}</code></td>'
-                         f'<td class="num">{_e(format_size(size))}</td></tr>')
-        parts.append("</table>")
-    else:
-        parts.append('<p class="note">(none)</p>')
-    parts.append("</section>")
-    return "\n".join(parts)
+
+def _html_files(r: _Report) -> list[str]:
+    if not r.files:
+        return ["<h3>Files</h3>", '<p class="note">(none)</p>']
+    rows = [_tr(_td(f"<code>{_e(path)}</code>"), _td(_e(format_size(size)), "num")) for path, size in r.files]
+    return ["<h3>Files</h3>", '<table class="grid files"><tr><th>Path</th><th class="num">Size</th></tr>',
+            *rows, "</table>"]
+
+
+#: The HTML section of one run, under its heading: these parts in order, each a list of lines.
+_HTML_SECTIONS: tuple[Callable[[_Report], list[str]], ...] = (
+    _html_facts, _html_outcome, _html_actions, _html_tasks, _html_logs, _html_files)
 
 
 def _html(reports: list[_Report]) -> str:
@@ -352,66 +432,97 @@ def _seconds(value: Any) -> str:
     return f"{float(value):.3f}" if isinstance(value, (int, float)) else "0.000"
 
 
+#: The counters of a suite (and of the whole report), in the order they are written.
+_COUNTERS = ("tests", "failures", "errors", "skipped")
+#: The run fields each suite lists as properties.
+_JUNIT_PROPERTIES = ("run_id", "status", "target", "kind", "remote", "backend", "exit_code", "parent")
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """How a test case did not pass: a ``failure``, an ``error`` or ``skipped``."""
+
+    tag: str
+    message: str
+    type: str | None = None
+    details: str | None = None
+
+    @property
+    def counter(self) -> str:
+        return {"failure": "failures", "error": "errors"}.get(self.tag, self.tag)
+
+
+def _task_outcome(t: dict[str, Any]) -> _Outcome | None:
+    status = t.get("status")
+    if status == "failed":
+        message = str(t.get("error") or "task failed")
+        return _Outcome("failure", message, "failed", str(t.get("traceback") or message))
+    if status != "done":
+        return _Outcome("skipped", f"task {status}")
+    return None
+
+
+def _run_outcome(r: _Report, failure: tuple[str, str] | None) -> _Outcome | None:
+    if r.status == "lost":
+        message, details = failure or ("run lost", "run lost")
+        return _Outcome("error", message, "lost", details)
+    if failure is not None:
+        return _Outcome("failure", failure[0], str((r.exception or {}).get("type") or "failed"), failure[1])
+    if r.status != "finished":
+        return _Outcome("skipped", f"run {r.status}")
+    return None
+
+
+def _cases(r: _Report) -> list[tuple[str, Any, _Outcome | None]]:
+    """``(name, duration, outcome)`` of each test case of a run: one per task, and one for the run itself
+    when it has no tasks or failed without a failed task to show it."""
+    cases = [(str(t.get("name") or key), t.get("duration"), _task_outcome(t)) for key, t in r.tasks.items()]
+    failure = r.failure()
+    task_failed = any(t.get("status") == "failed" for t in r.tasks.values())
+    if not r.tasks or (failure is not None and not task_failed):
+        cases.append((str(r.info.get("target")), r.info.get("duration"), _run_outcome(r, failure)))
+    return cases
+
+
+def _junit_suite(suites: ET.Element, r: _Report) -> dict[str, int]:
+    """Add one run's ``<testsuite>``; return its counters."""
+    info = r.info
+    rid = str(info.get("run_id"))
+    suite = ET.SubElement(suites, "testsuite", name=_clean(f"{rid} {info.get('target')}"), id=rid,
+                          hostname=_clean(r.host), timestamp=_junit_time(info.get("started") or info.get("created")),
+                          time=_seconds(info.get("duration")))
+    props = ET.SubElement(suite, "properties")
+    for key in _JUNIT_PROPERTIES:
+        if info.get(key) is not None:
+            ET.SubElement(props, "property", name=key, value=_clean(str(info[key])))
+    counts = dict.fromkeys(_COUNTERS, 0)
+    classname = _clean(f"rx.{info.get('target')}")
+    for name, seconds, outcome in _cases(r):
+        case = ET.SubElement(suite, "testcase", name=_clean(name), classname=classname, time=_seconds(seconds))
+        counts["tests"] += 1
+        if outcome is not None:
+            attributes = {"message": _clean(outcome.message)}
+            if outcome.type is not None:
+                attributes["type"] = _clean(outcome.type)
+            ET.SubElement(case, outcome.tag, attributes).text = (
+                None if outcome.details is None else _clean(outcome.details))
+            counts[outcome.counter] += 1
+    ET.SubElement(suite, "system-out").text = _clean(r.stdout)
+    ET.SubElement(suite, "system-err").text = _clean(r.stderr)
+    for key, value in counts.items():
+        suite.set(key, str(value))
+    return counts
+
+
 def _junit(reports: list[_Report]) -> str:
     suites = ET.Element("testsuites", name="rx")
-    totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-    total_time = 0.0
+    totals = dict.fromkeys(_COUNTERS, 0)
     for r in reports:
-        info = r.info
-        rid = str(info.get("run_id"))
-        suite = ET.SubElement(suites, "testsuite", name=_clean(f"{rid} {info.get('target')}"), id=rid,
-                              hostname=_clean(r.host), timestamp=_junit_time(info.get("started") or
-                                                                            info.get("created")),
-                              time=_seconds(info.get("duration")))
-        props = ET.SubElement(suite, "properties")
-        for key in ("run_id", "status", "target", "kind", "remote", "backend", "exit_code", "parent"):
-            if info.get(key) is not None:
-                ET.SubElement(props, "property", name=key, value=_clean(str(info[key])))
-        counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-        classname = _clean(f"rx.{info.get('target')}")
-        tasks: dict[str, dict[str, Any]] = info.get("tasks") or {}
-        for key, t in tasks.items():
-            case = ET.SubElement(suite, "testcase", name=_clean(str(t.get("name") or key)),
-                                 classname=classname, time=_seconds(t.get("duration")))
-            counts["tests"] += 1
-            status = t.get("status")
-            if status == "failed":
-                message = str(t.get("error") or "task failed")
-                failure = ET.SubElement(case, "failure", message=_clean(message), type="failed")
-                failure.text = _clean(str(t.get("traceback") or message))
-                counts["failures"] += 1
-            elif status != "done":
-                ET.SubElement(case, "skipped", message=_clean(f"task {status}"))
-                counts["skipped"] += 1
-        failure_info = r.failure()
-        task_failed = any(t.get("status") == "failed" for t in tasks.values())
-        if not tasks or (failure_info is not None and not task_failed):
-            case = ET.SubElement(suite, "testcase", name=_clean(str(info.get("target"))), classname=classname,
-                                 time=_seconds(info.get("duration")))
-            counts["tests"] += 1
-            if r.status == "lost":
-                message, details = failure_info or ("run lost", "run lost")
-                error = ET.SubElement(case, "error", message=_clean(message), type="lost")
-                error.text = _clean(details)
-                counts["errors"] += 1
-            elif failure_info is not None:
-                message, details = failure_info
-                exc_type = str((r.exception or {}).get("type") or "failed")
-                failure = ET.SubElement(case, "failure", message=_clean(message), type=_clean(exc_type))
-                failure.text = _clean(details)
-                counts["failures"] += 1
-            elif r.status != "finished":
-                ET.SubElement(case, "skipped", message=_clean(f"run {r.status}"))
-                counts["skipped"] += 1
-        ET.SubElement(suite, "system-out").text = _clean(r.stdout)
-        ET.SubElement(suite, "system-err").text = _clean(r.stderr)
-        for key, value in counts.items():
-            suite.set(key, str(value))
+        for key, value in _junit_suite(suites, r).items():
             totals[key] += value
-        if isinstance(info.get("duration"), (int, float)):
-            total_time += float(info["duration"])
     for key, value in totals.items():
         suites.set(key, str(value))
+    total_time = sum(float(r.info["duration"]) for r in reports if isinstance(r.info.get("duration"), (int, float)))
     suites.set("time", f"{total_time:.3f}")
     ET.indent(suites)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"

@@ -113,7 +113,6 @@ STATE_VERSION = 1
 #: What a run ran.
 RUN_KINDS = ("script", "module", "task", "rerun")
 
-_RUN_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _id_guard = threading.Lock()
 _last_ms = 0
@@ -198,18 +197,24 @@ def coordinator_alive(record: object) -> bool | None:
         return None
     if record.get("hostname") != socket.gethostname():
         return None
-    boot = record.get("boot_id")
-    if boot and _boot_id() and boot != _boot_id():
-        return False  # the host rebooted since
     pid = record["pid"]
-    if not pid_alive(pid):
+    if _rebooted_since(record.get("boot_id")) or not pid_alive(pid):
         return False
-    ticks = record.get("start_ticks")
-    if isinstance(ticks, int):
-        now_ticks = _start_ticks(pid)
-        if now_ticks is not None and now_ticks != ticks:
-            return False  # the pid was reused by another process
-    return True
+    return not _pid_reused(pid, record.get("start_ticks"))
+
+
+def _rebooted_since(boot: object) -> bool:
+    """Tell whether this host booted again since it had the boot id ``boot`` (``False`` if unknown)."""
+    now = _boot_id()
+    return bool(boot) and now is not None and boot != now
+
+
+def _pid_reused(pid: int, ticks: object) -> bool:
+    """Tell whether ``pid`` now belongs to another process than the one started at ``ticks``."""
+    if not isinstance(ticks, int):
+        return False
+    now_ticks = _start_ticks(pid)
+    return now_ticks is not None and now_ticks != ticks
 
 
 # -- workspace -------------------------------------------------------------------------------------
@@ -272,6 +277,24 @@ class Workspace:
         if run_id is not None and not _SAFE_ID.match(run_id):
             raise WorkspaceError(f"invalid run id {run_id!r}",
                                  hint="letters, digits, '.', '_' and '-', starting with a letter or digit")
+        rid = self._make_run_dir(run_id)
+        run = Run(self, rid)
+        run.state.write({
+            "version": STATE_VERSION, "run_id": rid, "status": "pending", "target": target, "kind": kind,
+            "argv": list(argv) if argv is not None else None, "remote": remote, "backend": backend,
+            "exit_code": None, "error": None, "created": utc_now(), "started": None, "finished": None,
+            "duration": None, "coordinator": coordinator_record(), "actions": [], "tasks": {},
+            "parent": parent,
+        })
+        logger.debug("created run %s in %s", rid, self.root)
+        return run
+
+    def _make_run_dir(self, run_id: str | None) -> str:
+        """Create the directory of run ``run_id``, or of a new id; return the id.
+
+        Raises:
+            WorkspaceError: ``run_id`` is already taken, or the directory cannot be made.
+        """
         try:
             self.runs_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -287,19 +310,8 @@ class Workspace:
             except OSError as exc:
                 raise WorkspaceError(f"cannot create run directory in {self.runs_dir}: "
                                      f"{exc.strerror or exc}") from exc
-            break
-        else:  # pragma: no cover - 100 collisions of a random suffix
-            raise WorkspaceError(f"could not find a free run id in {self.runs_dir}")
-        run = Run(self, rid)
-        run.state.write({
-            "version": STATE_VERSION, "run_id": rid, "status": "pending", "target": target, "kind": kind,
-            "argv": list(argv) if argv is not None else None, "remote": remote, "backend": backend,
-            "exit_code": None, "error": None, "created": utc_now(), "started": None, "finished": None,
-            "duration": None, "coordinator": coordinator_record(), "actions": [], "tasks": {},
-            "parent": parent,
-        })
-        logger.debug("created run %s in %s", rid, self.root)
-        return run
+            return rid
+        raise WorkspaceError(f"could not find a free run id in {self.runs_dir}")  # pragma: no cover
 
     def ids(self) -> list[str]:
         """The ids of every recorded run, oldest first (a directory without ``state.json`` is skipped)."""
@@ -662,14 +674,21 @@ class Run:
             return []
         # Results first: an entry must never claim a result file that is not there yet.
         for key in done:
-            loose = previous._result_files(key)
-            for source in loose:
-                self.store.write_file(f"results/{source.name}", source)
-            batched = None if loose else previous.call_record(f"results/{key}.pkl")
-            if batched is not None:
-                self.store.write_bytes(f"results/{key}.pkl", batched)
+            self._copy_results(previous, key)
         entries = {key: {**entry, "merged_from": previous.id} for key, entry in done.items()}
         return sorted(self.board.merge(entries))
+
+    def _copy_results(self, previous: Run, key: str) -> None:
+        """Copy task ``key``'s results from ``previous``: its loose ``results/<key>.<ext>`` files, or
+        else its pickle from a batch archive under ``calls/``."""
+        loose = previous._result_files(key)
+        for source in loose:
+            self.store.write_file(f"results/{source.name}", source)
+        if loose:
+            return
+        batched = previous.call_record(f"results/{key}.pkl")
+        if batched is not None:
+            self.store.write_bytes(f"results/{key}.pkl", batched)
 
     def _result_files(self, key: str) -> list[Path]:
         try:

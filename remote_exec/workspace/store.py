@@ -137,6 +137,16 @@ class Store:
             WorkspaceError: The name is empty, absolute, contains ``..`` or a backslash, points into
                 ``.store/``, or resolves (through a symbolic link) outside the root.
         """
+        target = self.root.joinpath(*self._parts(name))
+        root_real = self.root.resolve()
+        target_real = target.resolve()
+        if target_real != root_real and root_real not in target_real.parents:
+            raise WorkspaceError(f"refusing file name {name!r}: it resolves to {target_real}, outside "
+                                 f"{root_real}")
+        return target
+
+    def _parts(self, name: str) -> list[str]:
+        """The parts of ``name`` without ``.``, after checking them as :meth:`path` says (all but links)."""
         if not isinstance(name, str) or not name or "\x00" in name:
             raise WorkspaceError(f"refusing file name {name!r}: empty or not a string")
         if "\\" in name:
@@ -144,20 +154,14 @@ class Store:
         posix = PurePosixPath(name)
         if posix.is_absolute():
             raise WorkspaceError(f"refusing file name {name!r}: absolute paths are not allowed")
-        if any(part == ".." for part in posix.parts):
+        if ".." in posix.parts:
             raise WorkspaceError(f"refusing file name {name!r}: '..' would leave {self.root}")
         parts = [p for p in posix.parts if p != "."]
         if not parts:
             raise WorkspaceError(f"refusing file name {name!r}: it names the store root itself")
         if parts[0] == STORE_DIR:
             raise WorkspaceError(f"refusing file name {name!r}: {STORE_DIR}/ is private to the store")
-        target = self.root.joinpath(*parts)
-        root_real = self.root.resolve()
-        target_real = target.resolve()
-        if target_real != root_real and root_real not in target_real.parents:
-            raise WorkspaceError(f"refusing file name {name!r}: it resolves to {target_real}, outside "
-                                 f"{root_real}")
-        return target
+        return parts
 
     # -- writes ------------------------------------------------------------------------------------
 
@@ -240,12 +244,17 @@ class Store:
             WorkspaceError: The name is refused, or ``source`` cannot be read.
         """
         source = Path(source)
-        if not move:
-            try:
-                with open(source, "rb") as src:
-                    return self.write_stream(name, iter(lambda: src.read(_CHUNK), b""), sha256=sha256)
-            except OSError as exc:
-                raise WorkspaceError(f"cannot read {source}: {exc.strerror or exc}") from exc
+        if move:
+            return self._move_in(name, source, sha256=sha256)
+        try:
+            with open(source, "rb") as src:
+                return self.write_stream(name, iter(lambda: src.read(_CHUNK), b""), sha256=sha256)
+        except OSError as exc:
+            raise WorkspaceError(f"cannot read {source}: {exc.strerror or exc}") from exc
+
+    def _move_in(self, name: str, source: Path, *, sha256: str | None) -> Path:
+        """:meth:`write_file` with ``move``: rename ``source`` through ``tmp``, or copy it and delete it
+        when it lies on another file system."""
         target = self.path(name)
         if sha256 is not None:
             try:

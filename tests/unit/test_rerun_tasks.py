@@ -7,8 +7,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from remote_exec.cli.rerun_tasks import rerun_tasks
+from remote_exec.errors import WorkspaceError
+from remote_exec.workspace.manager import Workspace
 
 PROGRAM = """
 import os, sys
@@ -80,3 +85,28 @@ def test_rerun_of_a_finished_task_run_reruns_every_call(tmp_path: Path, env: dic
     rerun = rx(tmp_path, env, "rerun", "latest")
     assert rerun.returncode == 0, rerun.stderr
     assert sorted((tmp_path / "calls.log").read_text().splitlines()) == ["square 1", "square 2", "square 3"]
+
+
+def test_a_call_without_a_saved_session_is_skipped_and_fails_the_rerun(isolated: Any,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    ws = Workspace(isolated.workspace)
+    previous = ws.new_run(target="pipeline", kind="task", remote="gpu1", backend="openssh")
+    previous.set_task("k1", "failed", name="train", error="RuntimeError: boom")
+    previous.set_status("failed", exit_code=1)
+
+    assert rerun_tasks(ws, previous, failed=True, remote=None, as_json=True) == 1
+    info = json.loads(capsys.readouterr().out)
+    assert info["status"] == "failed" and info["exit_code"] == 1 and info["parent"] == previous.id
+    assert info["error"] == "1 task(s) did not finish" and info["remote"] == "gpu1"
+    entry = info["tasks"]["k1"]
+    assert (entry["status"], entry["name"], entry["error"]) == ("skipped", "train", "no saved session to rerun")
+
+
+def test_a_run_without_tasks_is_a_workspace_error(isolated: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    ws = Workspace(isolated.workspace)
+    previous = ws.new_run(target="pipeline", kind="task")
+    previous.set_status("finished", exit_code=0)
+    with pytest.raises(WorkspaceError, match="recorded no tasks"):
+        rerun_tasks(ws, previous, failed=False, remote=None, as_json=False)
+    assert "0 task(s) done, 0 failed, 0 merged from" in capsys.readouterr().err
+    assert ws.run("latest").info()["status"] == "finished"

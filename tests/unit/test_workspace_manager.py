@@ -270,3 +270,25 @@ def test_a_directory_without_state_is_not_a_run(tmp_path: Path) -> None:
     assert ws.ids() == [run.id]
     with pytest.raises(WorkspaceError, match="unknown run"):
         ws.run("2099")
+
+
+@pytest.mark.skipif(not Path("/proc/sys/kernel/random/boot_id").is_file(), reason="no boot id on this system")
+def test_a_coordinator_of_an_earlier_boot_is_gone(tmp_path: Path) -> None:
+    record = make_run(Workspace(tmp_path), "running").info()["coordinator"]
+    assert coordinator_alive(record) is True
+    assert coordinator_alive({**record, "boot_id": "an-earlier-boot"}) is False
+    assert coordinator_alive({**record, "boot_id": None}) is True  # no boot id recorded: the pid decides
+    assert coordinator_alive({**record, "pid": "1"}) is None  # not a record rx wrote
+
+
+def test_merge_done_copies_results_recorded_in_batches(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    previous = make_run(ws, "failed")
+    for key in ("a", "b"):
+        previous.task_started(key, name="f", host=None)
+        previous.task_finished(key, ok=True)
+    previous.write_calls([("sessions/a.session", b"session-a"), ("results/a.pkl", b"value-a")])
+    rerun = ws.new_run(target="job.py", kind="rerun", parent=previous.id)
+    assert rerun.merge_done(previous) == ["a", "b"]  # b's value was never recorded: its entry still is
+    assert sorted(p.name for p in rerun.results_dir.iterdir()) == ["a.pkl"]
+    assert (rerun.results_dir / "a.pkl").read_bytes() == b"value-a"

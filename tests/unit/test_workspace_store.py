@@ -109,6 +109,49 @@ def test_names_that_escape_or_touch_the_store_are_refused(tmp_path: Path, name: 
     assert not (tmp_path / "outside.txt").exists()
 
 
+@pytest.mark.parametrize(("name", "reason"), [
+    ("", "empty or not a string"), ("a\x00b", "empty or not a string"),
+    ("files\\x", "backslashes are not allowed"), ("/etc/passwd", "absolute paths are not allowed"),
+    ("a/../../b", "'..' would leave"), ("./.", "it names the store root itself"),
+    ("./.store/new/y", ".store/ is private to the store"),
+])
+def test_each_refused_name_says_why(tmp_path: Path, name: str, reason: str) -> None:
+    store = Store(tmp_path / "run")
+    with pytest.raises(WorkspaceError) as refused:
+        store.path(name)
+    assert str(refused.value).startswith(f"refusing file name {name!r}: {reason}")
+    assert store.path("./files/a/./b.txt") == tmp_path / "run" / "files" / "a" / "b.txt"
+
+
+def test_write_file_moves_across_file_systems_by_copying(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import remote_exec.workspace.store as store_module
+
+    store = Store(tmp_path / "run")
+    source = tmp_path / "src.bin"
+    source.write_bytes(b"payload")
+    rename = os.rename
+
+    def other_file_system(src: object, dst: object) -> None:
+        if Path(str(src)) == source:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        rename(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_module.os, "rename", other_file_system)
+    moved = store.write_file("files/moved.bin", source, sha256=sha(b"payload"), move=True)
+    assert moved.read_bytes() == b"payload" and not source.exists()
+
+
+def test_write_file_move_of_a_missing_source_is_a_workspace_error(tmp_path: Path) -> None:
+    store = Store(tmp_path / "run")
+    with pytest.raises(WorkspaceError, match=r"cannot move .*missing into"):
+        store.write_file("x", tmp_path / "missing", move=True)
+    with pytest.raises(WorkspaceError, match=r"cannot read .*missing"):
+        store.write_file("x", tmp_path / "missing", sha256=sha(b""), move=True)
+    assert store.temporaries() == []
+
+
 def test_a_symlink_pointing_outside_is_refused(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
