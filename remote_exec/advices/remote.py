@@ -23,10 +23,10 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from ..advice import Advice
-from ..backends import connect
+from ..backends import BackendPool
 from ..backends.base import Backend, HostSpec
 from ..config import Configuration
-from ..dispatch import CallOptions, Outcome, dispatch
+from ..dispatch import CallOptions, Outcome, close_workers, dispatch
 from ..errors import ConfigError, RemoteExecError
 from ..packing import DistributionArchive
 from ..session import Result, Session
@@ -35,6 +35,18 @@ from ..task import Task
 __all__ = ["ExecutingAdvice", "RemoteAdvice", "Target", "archive_for", "execute"]
 
 logger = logging.getLogger(__name__)
+
+# stopgap until the Coordinator: the process's backends (one connection per host), closed at exit after the
+# persistent workers that use them (close_workers is idempotent; dispatch registers it at exit as well).
+backend_pool = BackendPool()
+
+
+def _close_at_exit() -> None:  # stopgap until the Coordinator
+    close_workers()
+    backend_pool.close()
+
+
+atexit.register(_close_at_exit)  # stopgap until the Coordinator
 
 
 @dataclass(frozen=True)
@@ -415,7 +427,7 @@ class RemoteAdvice(ExecutingAdvice):
             spec = None if known is None or known[0] is not config else known[1].spec
             if known is not None and spec is not None:
                 target = known[1]
-                backend = connect(spec, target.backend_name)
+                backend = backend_pool.get(spec, target.backend_name)
                 return target if backend is target.backend else replace(target, backend=backend)
         target = self._target(config, options, str(name))
         if key is not None and not options.get("secret_env"):
@@ -436,7 +448,7 @@ class RemoteAdvice(ExecutingAdvice):
         for field_name in ("keepalive_interval", "keepalive_count"):
             if options.get(field_name) is not None:
                 spec = replace(spec, **{field_name: options[field_name]})
-        backend = connect(spec, backend_name)
+        backend = backend_pool.get(spec, backend_name)
         env = dict(remote.env)
         env.update(options.get("env") or {})
         call = call_options(

@@ -90,7 +90,7 @@ def check(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Connect to HOST and report backend, round-trip time, remote Python, free disk and GPUs."""
-    from ..backends import connect
+    from ..backends import BackendPool
     from ..config import Configuration
 
     config = Configuration.load()
@@ -100,23 +100,27 @@ def check(
         raise ConfigError(f"unknown backend {backend_name!r}", hint="openssh or paramiko")
     spec = remote.spec(ssh_config=config.effective_ssh_config(ssh_config), connect_timeout=connect_timeout,
                        host_key_policy=config.host_key_policy)
-    conn = connect(spec, backend_name)
-    interpreter = python or remote.python
-    started = time.monotonic()
-    conn.run(["true"], timeout=connect_timeout + 5)
-    connect_seconds = time.monotonic() - started
-    rtts = []
-    for _ in range(5):
+    pool = BackendPool()  # stopgap until the Coordinator: the command's backends, closed when it ends
+    try:
+        conn = pool.get(spec, backend_name)
+        interpreter = python or remote.python
         started = time.monotonic()
-        conn.run(["true"], timeout=30)
-        rtts.append(time.monotonic() - started)
-    result = conn.run([interpreter, "-c", _PROBE, remote.workdir], timeout=60)
-    if result.exit_code == 127 or (result.failed and "not found" in result.stderr.decode(errors="replace")):
-        raise RunnerError(f"{interpreter} not found on {host}", reason="interpreter-missing", host=host,
-                          hint="install Python 3 there or pass --python /path/to/python3")
-    if result.failed:
-        raise RunnerError(f"{shlex.quote(interpreter)} on {host} failed: {result.tail()}", host=host)
-    facts = json.loads(result.stdout.decode())
+        conn.run(["true"], timeout=connect_timeout + 5)
+        connect_seconds = time.monotonic() - started
+        rtts = []
+        for _ in range(5):
+            started = time.monotonic()
+            conn.run(["true"], timeout=30)
+            rtts.append(time.monotonic() - started)
+        result = conn.run([interpreter, "-c", _PROBE, remote.workdir], timeout=60)
+        if result.exit_code == 127 or (result.failed and "not found" in result.stderr.decode(errors="replace")):
+            raise RunnerError(f"{interpreter} not found on {host}", reason="interpreter-missing", host=host,
+                              hint="install Python 3 there or pass --python /path/to/python3")
+        if result.failed:
+            raise RunnerError(f"{shlex.quote(interpreter)} on {host} failed: {result.tail()}", host=host)
+        facts = json.loads(result.stdout.decode())
+    finally:
+        pool.close()
     report = {"host": host, "backend": backend_name, "connect_seconds": round(connect_seconds, 4),
               "rtt_ms": round(statistics.median(rtts) * 1000, 2), **facts}
     if as_json:

@@ -617,8 +617,7 @@ class _WorkerCalls:
     an @task option): a script that prints the pid it runs in."""
 
     def __init__(self, rig: Rig, idle: float) -> None:
-        from remote_exec.advices.remote import archive_for
-        from remote_exec.backends import connect
+        from remote_exec.advices.remote import archive_for, backend_pool
         from remote_exec.config import Configuration
         from remote_exec.dispatch import CallOptions
         from remote_exec.task import Task
@@ -626,7 +625,7 @@ class _WorkerCalls:
         script = rig.write("pid.py", "import os\nprint('pid', os.getpid(), flush=True)\n")
         self.task = Task.from_script(script)
         self.archive = archive_for(self.task, Configuration.load())
-        self.backend = connect(HostSpec(HOST, ssh_config=rig.testbed.ssh_config), rig.backend)
+        self.backend = backend_pool.get(HostSpec(HOST, ssh_config=rig.testbed.ssh_config), rig.backend)
         self.options = CallOptions(keep_warm=True, worker_idle=idle)
 
     def call(self) -> int:
@@ -648,12 +647,12 @@ class _WorkerCalls:
 @pytest.fixture
 def worker_calls(rig: Rig) -> Iterator[Callable[[float], _WorkerCalls]]:
     """``worker_calls(idle)``: keep_warm calls from this process; workers and connections closed after."""
-    from remote_exec.backends import close_all
+    from remote_exec.advices.remote import backend_pool
     from remote_exec.dispatch import close_workers
 
     yield lambda idle: _WorkerCalls(rig, idle)
     close_workers()
-    close_all()
+    backend_pool.close()
 
 
 IDLE = 2.0

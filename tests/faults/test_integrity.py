@@ -3,7 +3,8 @@ value (V) or files (F) frame, cuts the stream short, or plays a compromised runn
 (it holds the per-call key, as any runner does) carrying ``../evil``, an absolute path or a symlink.
 
 rx runs in this process here (``@task`` calls, and ``rx run``'s own ``execute_run``), with
-``remote_exec.advices.remote.connect`` wrapped so that the backend it returns is the tampering one.
+the pool's ``get`` (``remote_exec.advices.remote.backend_pool``) wrapped so that the backend it returns is
+the tampering one.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 from faultkit import Rig, TrialFactory, audit_remote, remote_baseline
 
 from remote_exec import task
-from remote_exec.backends import close_all
+from remote_exec.advices.remote import backend_pool
 from remote_exec.backends.base import Backend, HostSpec, Process
 from remote_exec.errors import IntegrityError, RemoteExecError
 from remote_exec.protocol import wire
@@ -238,16 +239,16 @@ class TamperingBackend(Backend):
 @pytest.fixture
 def tamper(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Mutator], None]]:
     """``tamper(mutator)``: rx's next calls in this process go through a tampering backend."""
-    from remote_exec.backends import connect as real_connect
+    real_get = backend_pool.get
 
     def use(mutator: Mutator) -> None:
-        def connect(spec: HostSpec, backend: str = "openssh") -> Backend:
-            return TamperingBackend(real_connect(spec, backend), mutator)
+        def get(spec: HostSpec, name: str) -> Backend:
+            return TamperingBackend(real_get(spec, name), mutator)
 
-        monkeypatch.setattr("remote_exec.advices.remote.connect", connect)
+        monkeypatch.setattr(backend_pool, "get", get)
 
     yield use
-    close_all()
+    backend_pool.close()
 
 
 # --- checks -----------------------------------------------------------------------------------------------

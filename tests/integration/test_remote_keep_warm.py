@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from remote_exec import RemoteTraceback, task
-from remote_exec.backends import connect
+from remote_exec.advices.remote import backend_pool
 from remote_exec.config import Configuration
 from remote_exec.dispatch import close_workers
 from testbed import exec_root
@@ -163,7 +163,7 @@ def test_every_call_runs_in_one_worker_over_one_connection(warm: Remote) -> None
     config = Configuration.load()
     spec = config.remote(HOST).spec(ssh_config=config.effective_ssh_config(), host_key_policy="accept-new",
                                     connect_timeout=config.connect_timeout)
-    backend = connect(spec, warm.backend)
+    backend = backend_pool.get(spec, warm.backend)
 
     def where(value: int) -> tuple[int, int, str]:
         import os

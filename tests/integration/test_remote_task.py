@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from remote_exec import RemoteTraceback, get_run_id, task
-from remote_exec.backends import connect
+from remote_exec.advices.remote import backend_pool
 from remote_exec.config import Configuration
 from remote_exec.workspace import Workspace
 from testbed import exec_root
@@ -107,7 +107,7 @@ def test_the_second_call_uploads_nothing_and_opens_no_connection(remote: Remote,
     config = Configuration.load()
     spec = config.remote(HOST).spec(ssh_config=config.effective_ssh_config(), host_key_policy="accept-new",
                                     connect_timeout=config.connect_timeout)
-    backend = connect(spec, remote.backend)
+    backend = backend_pool.get(spec, remote.backend)
     opened_before = backend.connections_opened
 
     first = square(3)
