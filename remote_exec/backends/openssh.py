@@ -66,13 +66,23 @@ from typing import IO, ClassVar
 
 from ..errors import (
     AuthError,
+    BackendError,
     ConfigError,
     ConnectError,
     HostKeyError,
     RemoteExecError,
     TransferError,
 )
-from .base import Backend, HostSpec, Process, build_command
+from .base import (
+    Backend,
+    HostSpec,
+    Process,
+    announced_size,
+    build_command,
+    get_argv,
+    put_argv,
+    transfer_reason,
+)
 
 __all__ = [
     "OpenSSHBackend",
@@ -97,30 +107,9 @@ NO_MASTER_MARKER = "rx-openssh: no control master"
 
 _PID_MARKER = "__rx_pid__="
 _PID_LINE = re.compile(rb"(?:^|\n)__rx_pid__=(\d+)\n")
-_SIZE_LINE = re.compile(r"^__rx_size__=(\d+)$", re.MULTILINE)
 _MASTER_PID = re.compile(r"Master running \(pid=(\d+)\)")
 _HEADER_LIMIT = 65536
 _POLL_INTERVAL = 0.25
-
-# Copy stdin to a temporary name beside the target, check the byte count, rename. $1 tmp, $2 target,
-# $3 expected size. A broken link gives cat an early end of file, so the count matters.
-_PUT_SCRIPT = """\
-if ! cat > "$1"; then rm -f -- "$1"; exit 1; fi
-n=$(wc -c < "$1") || { rm -f -- "$1"; exit 1; }
-if [ "$((n))" -ne "$3" ]; then
-  rm -f -- "$1"; echo "received $((n)) of $3 bytes" >&2; exit 1
-fi
-mv -f -- "$1" "$2" || { rm -f -- "$1"; exit 1; }
-"""
-
-# Announce the size on stderr, then stream the file. $1 the file.
-_GET_SCRIPT = """\
-[ -e "$1" ] || { echo "$1: no such file" >&2; exit 2; }
-[ -d "$1" ] && { echo "$1: is a directory" >&2; exit 2; }
-n=$(wc -c < "$1") || exit 2
-echo "__rx_size__=$((n))" >&2
-exec cat < "$1"
-"""
 
 # Signal a remote process group: TERM, then KILL if it is still there after the grace period.
 _KILL_SCRIPT = """\
@@ -974,6 +963,21 @@ class OpenSSHBackend(Backend):
             return str(self.spec.known_hosts)
         return self._resolved.known_hosts_file if self._resolved is not None else None
 
+    def classify_exit(self, exit_code: int | None, stderr: bytes) -> RemoteExecError | None:
+        """Exit status 255 is ssh's own failure (or a command killed by a signal, which ssh reports the same
+        way): the error :func:`map_ssh_error` reads from stderr. A negative status means the local ssh was
+        killed before the command ended: the link to it is gone. Anything else is the command's own.
+        """
+        if exit_code is None or (exit_code >= 0 and exit_code != 255):
+            return None
+        if exit_code < 0:
+            return ConnectError(self.host, "the connection was lost (the ssh client ended before the command)")
+        error = map_ssh_error(self.host, stderr.decode(errors="replace"), known_hosts=self._known_hosts_file())
+        if isinstance(error, BackendError):
+            return error
+        # Words of a broken ssh_config in the output of a command that ran: the link failed, not the config.
+        return ConnectError(self.host, error.message)
+
     def _forget(self, master: _Master) -> None:
         with self._lock:
             if self._master is master:
@@ -1066,7 +1070,7 @@ class OpenSSHBackend(Backend):
             size = os.fstat(handle.fileno()).st_size
         except OSError as exc:
             raise TransferError(self.host, f"{what}: cannot read {local}: {exc.strerror or exc}") from exc
-        command = build_command(["sh", "-c", _PUT_SCRIPT, "sh", tmp, str(remote), str(size)])
+        command = build_command(put_argv(tmp, remote, size))
         with handle:
             code, stderr = self._transfer(command, stdin=handle, stdout=subprocess.DEVNULL, what=what)
         if code != 0:
@@ -1083,7 +1087,7 @@ class OpenSSHBackend(Backend):
         """
         what = f"get {remote} -> {local}"
         started = time.monotonic()
-        command = build_command(["sh", "-c", _GET_SCRIPT, "sh", str(remote)])
+        command = build_command(get_argv(remote))
         try:
             fd, tmp_name = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=".rx-tmp")
         except OSError as exc:
@@ -1096,9 +1100,9 @@ class OpenSSHBackend(Backend):
                 if code != 0:
                     raise TransferError(self.host, f"{what}: {self._transfer_reason(stderr, code)}")
                 size = os.fstat(out.fileno()).st_size
-                announced = _SIZE_LINE.search(stderr)
-                if announced is not None and int(announced[1]) != size:
-                    raise TransferError(self.host, f"{what}: received {size} of {announced[1]} bytes")
+                announced = announced_size(stderr)
+                if announced is not None and announced != size:
+                    raise TransferError(self.host, f"{what}: received {size} of {announced} bytes")
                 os.fsync(out.fileno())
             os.replace(tmp, local)
         except BaseException:
@@ -1108,10 +1112,10 @@ class OpenSSHBackend(Backend):
         logger.debug("%s: %d bytes in %.3f s", what, size, time.monotonic() - started)
 
     def _transfer_reason(self, stderr: str, code: int) -> str:
-        lines = [line for line in _lines(stderr) if not _SIZE_LINE.match(line)]
-        if code == 255 and lines:
+        reason = transfer_reason("\n".join(_lines(stderr)), code)
+        if code == 255 and reason != transfer_reason("", code):  # ssh said why: in our words
             return map_ssh_error(self.host, stderr).message.removeprefix(f"{self.host}: ")
-        return lines[-1] if lines else f"the remote command failed with exit status {code}"
+        return reason
 
     # --- closing ------------------------------------------------------------------------------------------
 

@@ -757,6 +757,14 @@ class ParamikoBackend(Backend):
         logger.debug("%s: started %s", self.host, command[:200])
         return ParamikoProcess(channel, self.host, self.kill_grace)
 
+    def classify_exit(self, exit_code: int | None, stderr: bytes) -> RemoteExecError | None:
+        """-1 is paramiko's "no exit status": the channel closed without one because the link died (or sshd
+        reported a signal instead). Every status the server sent is the command's own.
+        """
+        if exit_code == -1:
+            return ConnectError(self.host, "the connection was lost before the command reported its exit status")
+        return None
+
     def _open_session(self, link: _Link) -> paramiko.Channel:
         """A new session channel; retried while the server is at its MaxSessions limit."""
         deadline = time.monotonic() + self.spec.connect_timeout

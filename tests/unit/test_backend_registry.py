@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 from backend_double import TARGET, DoubleBackend
@@ -104,6 +104,11 @@ def test_the_pool_creates_a_registered_backend_and_runs_through_it(double: str, 
         result = backend.run([sys.executable, "-c", "import sys; print(sys.argv[1])", "through the double"])
         assert (result.exit_code, result.stdout) == (0, b"through the double\n")
         assert pool.get(HostSpec("box"), double) is backend
+        source = tmp_path / "source.bin"
+        source.write_bytes(bytes(range(256)) * 1000)
+        backend.put(source, PurePosixPath(tmp_path / "there.bin"))
+        backend.get(PurePosixPath(tmp_path / "there.bin"), tmp_path / "back.bin")
+        assert (tmp_path / "back.bin").read_bytes() == source.read_bytes()
 
 
 def test_unregister_removes_it_again() -> None:

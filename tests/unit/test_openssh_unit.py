@@ -383,3 +383,40 @@ def test_broken_ssh_config_is_a_config_error(stderr: str) -> None:
     assert type(error) is ConfigError
     assert error.exit_code == 3
     assert stderr.splitlines()[0].rstrip(".") in _one_line(error)
+
+
+# --- classify_exit: the link's failure or the command's exit -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "stderr", "kind", "words"),
+    [
+        (255, CHANGED_KEY, HostKeyError, "host key has changed"),
+        (255, "rx@127.0.0.1: Permission denied (publickey).\r\n", AuthError, "Permission denied"),
+        (255, "Connection to 127.0.0.1 closed by remote host.\r\n", ConnectError, "Connection to 127.0.0.1 closed"),
+        (255, "client_loop: send disconnect: Broken pipe\r\n", ConnectError, "Broken pipe"),
+        (255, "", ConnectError, "exit status 255 and no message"),
+        # a command's own words that look like a broken ssh_config: the link failed, not the configuration
+        (255, "worker: terminating\n", ConnectError, "worker: terminating"),
+        (-1, "", ConnectError, "the connection was lost"),
+        (-15, "partial output", ConnectError, "the connection was lost"),
+    ],
+)
+def test_exit_255_or_a_killed_client_is_the_links_failure(code: int, stderr: str, kind: type[BackendError],
+                                                           words: str) -> None:
+    error = OpenSSHBackend(HostSpec(host="lab")).classify_exit(code, stderr.encode())
+    assert type(error) is kind
+    assert error.host == "lab"
+    assert words in _one_line(error)
+
+
+@pytest.mark.parametrize("code", [None, 0, 1, 2, 124, 127, 254])
+def test_other_exit_statuses_are_the_commands_own(code: int | None) -> None:
+    assert OpenSSHBackend(HostSpec(host="lab")).classify_exit(code, b"Permission denied (publickey).") is None
+
+
+def test_a_host_key_failure_names_the_configured_known_hosts_file() -> None:
+    backend = OpenSSHBackend(HostSpec(host="lab", known_hosts=Path("/home/u/kh")))
+    error = backend.classify_exit(255, b"Host key verification failed.\r\n")
+    assert isinstance(error, HostKeyError)
+    assert "/home/u/kh" in str(error)
