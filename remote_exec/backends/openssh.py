@@ -5,7 +5,8 @@ How it works:
 * **Resolution.** ``ssh -G`` prints the options OpenSSH itself would use for the host (aliases, HostName,
   User, Port, IdentityFile, ProxyJump, UserKnownHostsFile from ``ssh_config``), with the overrides of the
   :class:`~remote_exec.backends.base.HostSpec` applied (``-l``, ``-p``, ``-i``,
-  ``-o UserKnownHostsFile=``). The result is cached per backend as a :class:`ResolvedHost`; connecting
+  ``-o UserKnownHostsFile=``). The result is cached per backend as a
+  :class:`~remote_exec.backends.ssh.ResolvedHost` (the record the paramiko backend builds too); connecting
   still goes through ``ssh`` with the same arguments, so what works on the command line works here.
 * **One master per host.** The first call starts ``ssh -M -N -o ControlPersist=<idle>`` with its control
   socket in a private directory (``mkdtemp``, mode 0700, a short path because unix socket paths are
@@ -60,7 +61,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, ClassVar
 
@@ -83,15 +84,14 @@ from .base import (
     put_argv,
     transfer_reason,
 )
+from .ssh import ResolvedHost
 
 __all__ = [
     "OpenSSHBackend",
-    "ResolvedHost",
     "SshProcess",
     "client_argv",
     "map_ssh_error",
     "master_argv",
-    "parse_ssh_g",
     "preferred_ciphers",
     "remote_command",
     "ssh_options",
@@ -126,83 +126,6 @@ exit 0
 
 
 # --- resolution -------------------------------------------------------------------------------------------
-
-
-def parse_ssh_g(text: str) -> dict[str, tuple[str, ...]]:
-    """Parse the output of ``ssh -G``: one ``keyword value`` per line, keywords in lower case.
-
-    A keyword that appears several times (``identityfile``, ``localforward``, ...) keeps every value in
-    order.
-    """
-    options: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        key, _, value = line.strip().partition(" ")
-        if key:
-            options.setdefault(key.lower(), []).append(value.strip())
-    return {key: tuple(values) for key, values in options.items()}
-
-
-@dataclass(frozen=True)
-class ResolvedHost:
-    """A host as OpenSSH resolves it (``ssh -G``), with the HostSpec overrides applied.
-
-    Attributes:
-        alias: The name the user gave.
-        hostname: Where ssh connects (``HostName``).
-        user: The login user.
-        port: The TCP port.
-        identity_files: Keys ssh offers, in order (``~`` expanded).
-        known_hosts: The user known_hosts files, first one first (where accept-new records keys).
-        proxy_jump: ``ProxyJump`` hops, or None for a direct connection.
-        options: Everything ``ssh -G`` printed.
-    """
-
-    alias: str
-    hostname: str
-    user: str
-    port: int
-    identity_files: tuple[str, ...] = ()
-    known_hosts: tuple[str, ...] = ()
-    proxy_jump: str | None = None
-    options: Mapping[str, tuple[str, ...]] = field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def from_ssh_g(cls, alias: str, text: str) -> ResolvedHost:
-        """Build from the output of ``ssh -G``.
-
-        Raises:
-            ConfigError: The output lacks the host name, user or port.
-        """
-        options = parse_ssh_g(text)
-        try:
-            hostname = options["hostname"][0]
-            user = options["user"][0]
-            port = int(options["port"][0])
-        except (KeyError, IndexError, ValueError):
-            raise ConfigError(f"`ssh -G {alias}` gave no host name, user and port") from None
-        files = options.get("userknownhostsfile", ())
-        known_hosts = tuple(os.path.expanduser(name) for line in files for name in line.split())
-        jump = options.get("proxyjump", ("none",))[0]
-        return cls(
-            alias=alias,
-            hostname=hostname,
-            user=user,
-            port=port,
-            identity_files=tuple(os.path.expanduser(name) for name in options.get("identityfile", ())),
-            known_hosts=known_hosts,
-            proxy_jump=None if jump.lower() == "none" else jump,
-            options=options,
-        )
-
-    @property
-    def address(self) -> str:
-        """``user@hostname:port``, for messages."""
-        return f"{self.user}@{self.hostname}:{self.port}"
-
-    @property
-    def known_hosts_file(self) -> str | None:
-        """The known_hosts file ssh records new keys in, if any."""
-        return self.known_hosts[0] if self.known_hosts else None
 
 
 # --- argv -------------------------------------------------------------------------------------------------
@@ -808,12 +731,13 @@ class OpenSSHBackend(Backend):
                 if isinstance(error, ConfigError):
                     raise error
                 raise ConfigError(f"`ssh -G {spec.host}` failed: {error.message}")
-            resolved = ResolvedHost.from_ssh_g(spec.host, done.stdout.decode(errors="replace"))
+            resolved = ResolvedHost.from_ssh_g(spec.host, done.stdout.decode(errors="replace"),
+                                               config_file=spec.ssh_config)
             if spec.known_hosts is not None and spec.host_key_policy != "off":
                 # ssh -G separates files with spaces; the override is one path, spaces and all
-                resolved = dataclasses.replace(resolved, known_hosts=(str(spec.known_hosts),))
+                resolved = dataclasses.replace(resolved, known_hosts_files=(spec.known_hosts,))
             self._resolved = resolved
-            logger.debug("%s resolves to %s", self.host, self._resolved.address)
+            logger.debug("%s resolves to %s", self.host, self._resolved.destination)
             return self._resolved
 
     @contextlib.contextmanager
@@ -894,7 +818,7 @@ class OpenSSHBackend(Backend):
                 except subprocess.TimeoutExpired:
                     popen.kill()
                     popen.wait()
-                    raise ConnectError(self.host, f"no SSH session with {resolved.address} within "
+                    raise ConnectError(self.host, f"no SSH session with {resolved.destination} within "
                                                   f"{deadline:g} s") from None
                 log.seek(0)
                 said = log.read().decode(errors="replace")
@@ -907,7 +831,7 @@ class OpenSSHBackend(Backend):
             shutil.rmtree(master.control_dir, ignore_errors=True)
             raise
         self._keep_master(master, said)
-        logger.debug("connected to %s (%s) in %.3f s, master pid %d", self.host, resolved.address,
+        logger.debug("connected to %s (%s) in %.3f s, master pid %d", self.host, resolved.destination,
                      time.monotonic() - started, master.pid)
         return master
 
@@ -961,7 +885,8 @@ class OpenSSHBackend(Backend):
     def _known_hosts_file(self) -> str | None:
         if self.spec.known_hosts is not None:
             return str(self.spec.known_hosts)
-        return self._resolved.known_hosts_file if self._resolved is not None else None
+        known = self._resolved.known_hosts_file if self._resolved is not None else None
+        return str(known) if known is not None else None
 
     def classify_exit(self, exit_code: int | None, stderr: bytes) -> RemoteExecError | None:
         """Exit status 255 is ssh's own failure (or a command killed by a signal, which ssh reports the same

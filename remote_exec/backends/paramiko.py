@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import ClassVar, Literal
 
-from .sshconfig import import_paramiko
+from .ssh import import_paramiko
 
 import_paramiko()  # without invoke, which it would load for nothing (see there); the imports below find it
 
@@ -47,7 +47,7 @@ from paramiko.message import Message  # noqa: E402
 
 from ..errors import AuthError, ConfigError, ConnectError, HostKeyError, RemoteExecError, TransferError  # noqa: E402
 from .base import Backend, HostKeyPolicy, HostSpec, Process, build_command  # noqa: E402
-from .sshconfig import ResolvedHost, parse_jump, resolve  # noqa: E402
+from .ssh import ResolvedHost, parse_jump, resolve  # noqa: E402
 
 __all__ = [
     "HostKeyStatus",

@@ -29,7 +29,7 @@ from paramiko.common import (
 
 from remote_exec.backends import paramiko as pm
 from remote_exec.backends.base import HostSpec
-from remote_exec.backends.sshconfig import ResolvedHost
+from remote_exec.backends.ssh import ResolvedHost
 from remote_exec.errors import AuthError, ConnectError, HostKeyError
 
 # --- keys ---------------------------------------------------------------------------------------------------
