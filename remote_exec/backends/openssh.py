@@ -359,10 +359,16 @@ def map_ssh_error(host: str, stderr: str, *, known_hosts: str | None = None) -> 
         broken) or :class:`ConnectError` (everything else, with ssh's reason).
     """
     lines = _lines(stderr)
-    text = "\n".join(lines)
+    return (_host_key_error(host, "\n".join(lines), known_hosts or "known_hosts")
+            or _config_error(host, lines)
+            or _link_error(host, lines))
+
+
+def _host_key_error(host: str, text: str, known_hosts: str) -> HostKeyError | None:
+    """A changed key, an unknown key under strict checking, or a failed verification; else None."""
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or re.search(r"Host key for \S+ has changed", text):
         offending = re.search(r"Offending \S+ key in (.+):(\d+)$", text, re.MULTILINE)
-        where = f"{offending[1]} line {offending[2]}" if offending else (known_hosts or "known_hosts")
+        where = f"{offending[1]} line {offending[2]}" if offending else known_hosts
         remove = re.search(r'(ssh-keygen -f ".+" -R ".+")$', text, re.MULTILINE)
         hint = (
             f"if the host was reinstalled or its keys regenerated, remove the old key with `{remove[1]}`"
@@ -373,20 +379,28 @@ def map_ssh_error(host: str, stderr: str, *, known_hosts: str | None = None) -> 
         return HostKeyError(host, message, hint=f"{hint} and connect again")
     unknown = re.search(r"No (\S+) host key is known for (\S+) and you have requested strict checking", text)
     if unknown:
-        where = known_hosts or "known_hosts"
         return HostKeyError(
             host,
-            f"no {unknown[1]} host key for {unknown[2]} is recorded in {where} "
+            f"no {unknown[1]} host key for {unknown[2]} is recorded in {known_hosts} "
             "and host key checks are strict",
             hint="connect once with the accept-new policy, or add the key with ssh-keyscan",
         )
     if "Host key verification failed" in text:
-        where = known_hosts or "known_hosts"
-        return HostKeyError(host, f"host key verification failed (known_hosts: {where})",
+        return HostKeyError(host, f"host key verification failed (known_hosts: {known_hosts})",
                             hint="check the host's key and the known_hosts file")
+    return None
+
+
+def _config_error(host: str, lines: Sequence[str]) -> ConfigError | None:
+    """ssh refusing its configuration or options (it says "terminating"); else None."""
     config = _first([line for line in lines if "terminating" not in line], _CONFIG_PATTERNS)
     if config is not None or any("terminating" in line for line in lines):
         return ConfigError(f"ssh configuration error for {host}: {_reason(config or lines[0])}")
+    return None
+
+
+def _link_error(host: str, lines: Sequence[str]) -> AuthError | ConnectError:
+    """An authentication failure, or the connection's failure in ssh's words."""
     auth = _first(lines, _AUTH_PATTERNS)
     if auth is not None:
         return AuthError(host, f"authentication failed: {_reason(auth)}",
