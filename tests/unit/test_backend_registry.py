@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 import threading
@@ -215,3 +216,10 @@ def test_concurrent_gets_create_one_backend() -> None:
 def test_an_unknown_name_is_a_config_error_from_the_pool() -> None:
     with pytest.raises(ConfigError, match="unknown backend 'telnet'"):
         BackendPool().get(HostSpec("a"), "telnet")
+
+
+@pytest.mark.parametrize("module_name", ["", ".base", ".registry", ".pool", ".ssh", ".openssh", ".paramiko", ".local"])
+def test_backends_all_lists_resolve(module_name: str) -> None:
+    module = importlib.import_module(f"remote_exec.backends{module_name}")
+    for name in module.__all__:
+        assert hasattr(module, name), f"remote_exec.backends{module_name}.{name}"
