@@ -115,7 +115,7 @@ class Remote:
             try:
                 check_launcher_name(values["scheduler"])
             except ConfigError as exc:
-                raise ConfigError(f"[tool.rx.remotes.{name}]: {exc}", hint=exc.hint) from None
+                raise ConfigError(f"[tool.rx.remotes.{name}]: {exc.message}", hint=exc.hint) from None
         if values.get("backend") is not None:
             check_remote_backend(values["backend"], where=f"[tool.rx.remotes.{name}]: ")
         return cls(name=name, **values)
@@ -141,12 +141,12 @@ def check_remote_backend(name: str, *, where: str = "") -> str:
     Raises:
         ConfigError: No such backend (the hint lists the choices).
     """
-    from .backends import remote_backend_names
+    from .backends.registry import check_backend_name
 
-    choices = remote_backend_names()
-    if name not in choices:
-        raise ConfigError(f"{where}unknown backend {name!r}", hint=f"choose one of {', '.join(choices)}")
-    return name
+    try:
+        return check_backend_name(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc.message}", hint=exc.hint) from None
 
 
 def find_pyproject(start: Path | None = None) -> Path | None:

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .backends import backend_class
 from .backends.base import Backend, HostSpec
 from .backends.local import LocalBackend
+from .backends.pool import BackendPool
 from .config import Configuration, find_pyproject
 from .errors import ConfigError, SerializationError
 from .launchers.base import Launcher
@@ -129,7 +129,7 @@ class Coordinator:
         self.task_runs = TaskRuns(self.recorder)
         self.run_id: str | None = None
         self._lock = threading.Lock()
-        self._backends: dict[tuple[str, HostSpec], Backend] = {}
+        self._backends = BackendPool()
         self._local = LocalBackend()
         self._configs: dict[str, Configuration] = {}
         self._targets: dict[tuple[Any, ...], tuple[Configuration, Target]] = {}
@@ -187,12 +187,7 @@ class Coordinator:
 
     def backend(self, spec: HostSpec, name: str) -> Backend:
         """The open backend for ``spec`` (created on first use, then reused: one connection per host)."""
-        key = (name, spec)
-        with self._lock:
-            backend = self._backends.get(key)
-            if backend is None:
-                backend = self._backends[key] = backend_class(name)(spec)
-            return backend
+        return self._backends.get(spec, name)
 
     def resolve_target(self, session: Session, *, remote: str | None = None, backend: str | None = None) -> Target:
         """Where ``session`` runs: the host it names (or ``remote``) over SSH, else a local subprocess.
@@ -368,11 +363,4 @@ class Coordinator:
 
     def close_backends(self) -> None:
         """Close every open connection (a later call reconnects)."""
-        with self._lock:
-            backends = list(self._backends.values())
-            self._backends.clear()
-        for backend in backends:
-            try:
-                backend.close()
-            except Exception:
-                pass
+        self._backends.close()

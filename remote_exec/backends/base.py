@@ -1,10 +1,12 @@
 """The backend interface: how rx talks to one host.
 
 A backend is small, like an httpx transport: :meth:`Backend.start` opens one remote command as a
-:class:`Process` (stdin, stdout, stderr as byte streams, an exit status), :meth:`Backend.put` and
-:meth:`Backend.get` copy a file, :meth:`Backend.close` ends the connection. Everything else (the run loop
-with live output callbacks and timeouts, environment handling, quoting) is written once here, so the
-OpenSSH, paramiko and local backends only fill in those hooks.
+:class:`Process` (stdin, stdout, stderr as byte streams, an exit status) and :meth:`Backend.close` ends the
+connection; those two are all a backend must write. Everything else is written once here: the run loop
+with live output callbacks and timeouts, environment handling and quoting (:meth:`Backend.run`), file
+copies as ``cat`` over :meth:`~Backend.start` (:meth:`Backend.put`, :meth:`Backend.get`; a backend with a
+faster way, SFTP or the ssh client's own pipes, overrides them), and the question whether a command's exit
+status is its own or the link's (:meth:`Backend.classify_exit`, which each backend answers for itself).
 
 Backends open their connection lazily on first use, keep it for every later call, and translate the
 errors of their dependency into :mod:`remote_exec.errors` at the boundary.
@@ -12,29 +14,39 @@ errors of their dependency into :mod:`remote_exec.errors` at the boundary.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import re
+import secrets
 import shlex
+import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import TracebackType
-from typing import ClassVar, Literal
+from typing import BinaryIO, ClassVar, Literal
 
-from ..errors import CommandTimeout, ConfigError, ConnectError, RemoteExecError
+from ..errors import CommandTimeout, ConfigError, RemoteExecError, TransferError
 
 __all__ = [
+    "GET_SCRIPT",
+    "PUT_SCRIPT",
     "Backend",
     "CommandResult",
     "HostKeyPolicy",
     "HostSpec",
     "OutputCallback",
     "Process",
+    "announced_size",
     "build_command",
+    "get_argv",
+    "put_argv",
+    "transfer_reason",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,17 +62,23 @@ _HOST_SPEC = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s]+)(
 class HostSpec:
     """How to reach one host.
 
+    The configuration, the CLI and the coordinator build it; every backend receives it. ``host``, ``user``,
+    ``port``, ``connect_timeout`` and the keepalive pair concern any link (the coordinator also derives its
+    heartbeat and :attr:`dead_after` from the keepalives). The fields marked *SSH* are read only by the SSH
+    backends (``openssh``, ``paramiko``); other backends ignore them.
+
     Attributes:
         host: An ssh_config alias or a host name / address, as the user named it.
         user: Overrides ``User`` from ssh_config.
         port: Overrides ``Port`` from ssh_config.
-        identity_file: Overrides ``IdentityFile`` from ssh_config.
-        ssh_config: The ssh_config file to read; None means ``~/.ssh/config`` when it exists.
-        known_hosts: Overrides ``UserKnownHostsFile`` from ssh_config (default ``~/.ssh/known_hosts``).
-        host_key_policy: ``accept-new`` records unknown keys and refuses changed ones (the default);
+        identity_file: *SSH.* Overrides ``IdentityFile`` from ssh_config.
+        ssh_config: *SSH.* The ssh_config file to read; None means ``~/.ssh/config`` when it exists.
+        known_hosts: *SSH.* Overrides ``UserKnownHostsFile`` from ssh_config (default ``~/.ssh/known_hosts``).
+        host_key_policy: *SSH.* ``accept-new`` records unknown keys and refuses changed ones (the default);
             ``strict`` refuses unknown keys too; ``off`` checks nothing (the caller warns the user).
         connect_timeout: Seconds to wait for TCP connect plus the SSH handshake.
-        keepalive_interval: Seconds between keepalive probes on an idle link.
+        keepalive_interval: Seconds between keepalive probes on an idle link (SSH backends send them as
+            ServerAliveInterval / keepalive@openssh.com requests).
         keepalive_count: Unanswered probes after which the link counts as dead.
     """
 
@@ -166,6 +184,122 @@ def build_command(argv: Sequence[str], env: Mapping[str, str] | None = None,
     return command
 
 
+# --- file copies over a command channel ----------------------------------------------------------------------
+
+PUT_SCRIPT = """\
+if ! cat > "$1"; then rm -f -- "$1"; exit 1; fi
+n=$(wc -c < "$1") || { rm -f -- "$1"; exit 1; }
+if [ "$((n))" -ne "$3" ]; then
+  rm -f -- "$1"; echo "received $((n)) of $3 bytes" >&2; exit 1
+fi
+mv -f -- "$1" "$2" || { rm -f -- "$1"; exit 1; }
+"""
+"""Copy stdin to a temporary name beside the target, check the byte count, rename: ``$1`` the temporary
+name, ``$2`` the target, ``$3`` the expected size. A broken link gives ``cat`` an early end of file, so the
+count matters."""
+
+GET_SCRIPT = """\
+[ -e "$1" ] || { echo "$1: no such file" >&2; exit 2; }
+[ -d "$1" ] && { echo "$1: is a directory" >&2; exit 2; }
+n=$(wc -c < "$1") || exit 2
+echo "__rx_size__=$((n))" >&2
+exec cat < "$1"
+"""
+"""Announce the size of the file ``$1`` on stderr (a ``__rx_size__=N`` line), then stream it to stdout."""
+
+_SIZE_LINE = re.compile(r"^__rx_size__=(\d+)$", re.MULTILINE)
+
+
+def put_argv(temporary: str, remote: PurePosixPath, size: int) -> list[str]:
+    """The command that receives a file of ``size`` bytes on stdin into ``remote`` (see :data:`PUT_SCRIPT`)."""
+    return ["sh", "-c", PUT_SCRIPT, "sh", temporary, str(remote), str(size)]
+
+
+def get_argv(remote: PurePosixPath) -> list[str]:
+    """The command that sends ``remote`` on stdout, its size on stderr first (see :data:`GET_SCRIPT`)."""
+    return ["sh", "-c", GET_SCRIPT, "sh", str(remote)]
+
+
+def announced_size(stderr: str) -> int | None:
+    """The size :data:`GET_SCRIPT` announced on stderr, if it did."""
+    match = _SIZE_LINE.search(stderr)
+    return int(match[1]) if match is not None else None
+
+
+def transfer_reason(stderr: str, code: int) -> str:
+    """Why a copy command failed: the last line it wrote on stderr (not the size line), or its exit status."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not _SIZE_LINE.match(line.strip())]
+    return lines[-1] if lines else f"the remote command failed with exit status {code}"
+
+
+# --- the run loop -----------------------------------------------------------------------------------------
+
+
+def _pump(read: Callable[[int], bytes], sink: Callable[[bytes], object]) -> None:
+    """Hand everything ``read`` returns to ``sink`` until end of stream."""
+    while chunk := read(65536):
+        sink(chunk)
+
+
+def _communicate(process: Process, feed: Callable[[Process], None] | None, on_stdout: Callable[[bytes], object],
+                 on_stderr: Callable[[bytes], object], label: str) -> int | None:
+    """Feed stdin and drain stdout and stderr of ``process`` at once (none may wait for another); return
+    its exit status.
+
+    ``feed`` writes the input (a failure to write is logged: the command may exit without reading it);
+    stdin is closed after it in every case.
+    """
+
+    def write() -> None:
+        try:
+            if feed is not None:
+                feed(process)
+        except Exception:
+            logger.debug("stdin of %s closed early", label, exc_info=True)
+        finally:
+            process.close_stdin()
+
+    errors = threading.Thread(target=_pump, args=(process.read_stderr, on_stderr), daemon=True)
+    errors.start()
+    threading.Thread(target=write, daemon=True).start()
+    _pump(process.read_stdout, on_stdout)
+    errors.join()
+    return process.wait()
+
+
+@contextlib.contextmanager
+def _deadline(process: Process, timeout: float | None) -> Iterator[threading.Event]:
+    """Kill ``process`` if the block runs past ``timeout`` seconds; the event says whether that happened."""
+    expired = threading.Event()
+    if timeout is None:
+        yield expired
+        return
+
+    def expire() -> None:
+        expired.set()
+        process.kill()
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield expired
+    finally:
+        timer.cancel()
+
+
+def _send_file(source: BinaryIO) -> Callable[[Process], None]:
+    def feed(process: Process) -> None:
+        while chunk := source.read(1 << 20):
+            process.write_stdin(chunk)
+
+    return feed
+
+
+def _ignore(data: bytes) -> None:
+    """An output callback that drops what it is given."""
+
+
 class Process(ABC):
     """One running command on a host. The backend fills these hooks in; the loop lives in the base."""
 
@@ -207,7 +341,9 @@ class Process(ABC):
 class Backend(ABC):
     """A connection to one host, opened lazily and reused for every command.
 
-    Subclasses set :attr:`name` and implement :meth:`start`, :meth:`put`, :meth:`get` and :meth:`close`.
+    Subclasses set :attr:`name` and implement :meth:`start` and :meth:`close`; they may override
+    :meth:`put` and :meth:`get` (the defaults copy with ``cat`` over :meth:`start`) and should override
+    :meth:`classify_exit` when their link can fail under a running command.
 
     Attributes:
         spec: How to reach the host.
@@ -236,32 +372,92 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def put(self, local: Path, remote: PurePosixPath) -> None:
-        """Copy a local file to ``remote`` (its directory must exist).
-
-        Raises:
-            TransferError: The copy failed.
-        """
-
-    @abstractmethod
-    def get(self, remote: PurePosixPath, local: Path) -> None:
-        """Copy the remote file ``remote`` to ``local``.
-
-        Raises:
-            TransferError: The copy failed or the remote file does not exist.
-        """
-
-    def classify_exit(self, exit_code: int | None, stderr: bytes) -> RemoteExecError | None:
-        """The error to raise when a remote command ended this way because of the link rather than the
-        command (None: the exit status is the command's own)."""
-        if exit_code in (255, -1):
-            lines = stderr.decode("utf-8", "replace").strip().splitlines() or ["no reason given"]
-            return ConnectError(self.host, f"the connection closed: {lines[-1]}")
-        return None
-
-    @abstractmethod
     def close(self) -> None:
         """Close the connection. Safe to call twice; a later command reconnects."""
+
+    def classify_exit(self, exit_code: int | None, stderr: bytes) -> RemoteExecError | None:
+        """The error to raise when a command ended this way because of the link rather than the command.
+
+        Called for a command whose exit the caller did not expect (the runner, for instance, never exits 255
+        itself). The default says the status is always the command's own, right for a backend without a
+        link that can fail (``local``).
+
+        Args:
+            exit_code: What :meth:`Process.wait` returned (None: the command has not ended; nothing to say).
+            stderr: What the command wrote on stderr, or its last part.
+
+        Returns:
+            A :class:`~remote_exec.errors.ConnectError`, :class:`~remote_exec.errors.AuthError` or
+            :class:`~remote_exec.errors.HostKeyError` describing the link's failure, or None when the exit
+            status is the command's own.
+        """
+        return None
+
+    def put(self, local: Path, remote: PurePosixPath) -> None:
+        """Copy a local file to ``remote`` (its directory must exist); ``remote`` appears whole or not at all.
+
+        The default streams the file into ``cat`` over :meth:`start` (see :data:`PUT_SCRIPT`): written under
+        a temporary name beside the target, its byte count checked, then renamed.
+
+        Raises:
+            TransferError: The local file cannot be read, or the copy failed (the host's reason).
+            ConnectError, AuthError, HostKeyError: No connection could be made for the copy.
+        """
+        what = f"put {local} -> {remote}"
+        try:
+            source = open(local, "rb")  # noqa: SIM115 - closed below, after the transfer
+            size = os.fstat(source.fileno()).st_size
+        except OSError as exc:
+            raise TransferError(self.host, f"{what}: cannot read {local}: {exc.strerror or exc}") from exc
+        errors: list[bytes] = []
+        with source:
+            process = self.start(put_argv(f"{remote}.rx-{secrets.token_hex(4)}.tmp", remote, size))
+            code = _communicate(process, _send_file(source), _ignore, errors.append, what)
+        self._check_transfer(what, code, b"".join(errors))
+
+    def get(self, remote: PurePosixPath, local: Path) -> None:
+        """Copy the remote file ``remote`` to ``local``; ``local`` appears whole or not at all.
+
+        The default streams ``cat`` over :meth:`start` into a temporary file beside ``local`` (see
+        :data:`GET_SCRIPT`), checks the byte count, fsyncs and renames it.
+
+        Raises:
+            TransferError: The remote file is missing or unreadable, the local directory is not writable,
+                or the copy failed.
+            ConnectError, AuthError, HostKeyError: No connection could be made for the copy.
+        """
+        what = f"get {remote} -> {local}"
+        try:
+            fd, name = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=".rx-tmp")
+        except OSError as exc:
+            raise TransferError(self.host, f"{what}: cannot write in {local.parent}: {exc.strerror or exc}") \
+                from exc
+        temporary = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as target:
+                errors: list[bytes] = []
+                code = _communicate(self.start(get_argv(remote)), None, target.write, errors.append, what)
+                stderr = self._check_transfer(what, code, b"".join(errors))
+                target.flush()
+                size, announced = os.fstat(target.fileno()).st_size, announced_size(stderr)
+                if announced is not None and announced != size:
+                    raise TransferError(self.host, f"{what}: received {size} of {announced} bytes")
+                os.fsync(target.fileno())
+            os.replace(temporary, local)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise
+
+    def _check_transfer(self, what: str, code: int | None, stderr: bytes) -> str:
+        """The copy's stderr, decoded, if it succeeded; else the TransferError that says why it failed."""
+        text = stderr.decode(errors="replace")
+        if code == 0:
+            return text
+        link = self.classify_exit(code, stderr)
+        if link is not None:
+            raise TransferError(self.host, f"{what}: {link.message.removeprefix(f'{self.host}: ')}") from link
+        raise TransferError(self.host, f"{what}: {transfer_reason(text, -1 if code is None else code)}")
 
     def run(
         self,
@@ -288,44 +484,13 @@ class Backend(ABC):
         out: list[bytes] = []
         err: list[bytes] = []
 
-        def pump(read: Callable[[int], bytes], sink: OutputCallback | None, store: list[bytes]) -> None:
-            while chunk := read(65536):
-                if sink is None:
-                    store.append(chunk)
-                else:
-                    sink(chunk)
+        def feed(target: Process) -> None:
+            if stdin:
+                target.write_stdin(stdin)
 
-        def feed() -> None:
-            try:
-                if stdin:
-                    process.write_stdin(stdin)
-            except Exception:  # the command may exit without reading its input
-                logger.debug("stdin of %s on %s closed early", argv[0], self.host, exc_info=True)
-            finally:
-                process.close_stdin()
-
-        threads = [
-            threading.Thread(target=pump, args=(process.read_stderr, on_stderr, err), daemon=True),
-            threading.Thread(target=feed, daemon=True),
-        ]
-        for thread in threads:
-            thread.start()
-        timer: threading.Timer | None = None
-        expired = threading.Event()
-        if timeout is not None:
-            def expire() -> None:
-                expired.set()
-                process.kill()
-            timer = threading.Timer(timeout, expire)
-            timer.daemon = True
-            timer.start()
-        try:
-            pump(process.read_stdout, on_stdout, out)
-            threads[0].join()
-            code = process.wait()
-        finally:
-            if timer is not None:
-                timer.cancel()
+        with _deadline(process, timeout) as expired:
+            code = _communicate(process, feed, on_stdout or out.append, on_stderr or err.append,
+                                f"{argv[0]} on {self.host}")
         if expired.is_set():
             raise CommandTimeout(self.host, f"{shlex.join(argv)[:80]} ran past its timeout of {timeout:g} s")
         return CommandResult(

@@ -40,9 +40,12 @@ class PopenProcess(Process):
         if stream is None or stream.closed:
             return b""
         try:
-            return os.read(stream.fileno(), size)
+            chunk = os.read(stream.fileno(), size)
         except (OSError, ValueError):
             return b""
+        if not chunk:  # end of file: release the pipe now rather than when the Popen is collected
+            stream.close()
+        return chunk
 
     def read_stdout(self, size: int = 65536) -> bytes:
         return self._read(self.popen.stdout, size)

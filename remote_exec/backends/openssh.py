@@ -5,7 +5,8 @@ How it works:
 * **Resolution.** ``ssh -G`` prints the options OpenSSH itself would use for the host (aliases, HostName,
   User, Port, IdentityFile, ProxyJump, UserKnownHostsFile from ``ssh_config``), with the overrides of the
   :class:`~remote_exec.backends.base.HostSpec` applied (``-l``, ``-p``, ``-i``,
-  ``-o UserKnownHostsFile=``). The result is cached per backend as a :class:`ResolvedHost`; connecting
+  ``-o UserKnownHostsFile=``). The result is cached per backend as a
+  :class:`~remote_exec.backends.ssh.ResolvedHost` (the record the paramiko backend builds too); connecting
   still goes through ``ssh`` with the same arguments, so what works on the command line works here.
 * **One master per host.** The first call starts ``ssh -M -N -o ControlPersist=<idle>`` with its control
   socket in a private directory (``mkdtemp``, mode 0700, a short path because unix socket paths are
@@ -60,28 +61,37 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, ClassVar
 
 from ..errors import (
     AuthError,
+    BackendError,
     ConfigError,
     ConnectError,
     HostKeyError,
     RemoteExecError,
     TransferError,
 )
-from .base import Backend, HostSpec, Process, build_command
+from .base import (
+    Backend,
+    HostSpec,
+    Process,
+    announced_size,
+    build_command,
+    get_argv,
+    put_argv,
+    transfer_reason,
+)
+from .ssh import ResolvedHost
 
 __all__ = [
     "OpenSSHBackend",
-    "ResolvedHost",
     "SshProcess",
     "client_argv",
     "map_ssh_error",
     "master_argv",
-    "parse_ssh_g",
     "preferred_ciphers",
     "remote_command",
     "ssh_options",
@@ -97,30 +107,9 @@ NO_MASTER_MARKER = "rx-openssh: no control master"
 
 _PID_MARKER = "__rx_pid__="
 _PID_LINE = re.compile(rb"(?:^|\n)__rx_pid__=(\d+)\n")
-_SIZE_LINE = re.compile(r"^__rx_size__=(\d+)$", re.MULTILINE)
 _MASTER_PID = re.compile(r"Master running \(pid=(\d+)\)")
 _HEADER_LIMIT = 65536
 _POLL_INTERVAL = 0.25
-
-# Copy stdin to a temporary name beside the target, check the byte count, rename. $1 tmp, $2 target,
-# $3 expected size. A broken link gives cat an early end of file, so the count matters.
-_PUT_SCRIPT = """\
-if ! cat > "$1"; then rm -f -- "$1"; exit 1; fi
-n=$(wc -c < "$1") || { rm -f -- "$1"; exit 1; }
-if [ "$((n))" -ne "$3" ]; then
-  rm -f -- "$1"; echo "received $((n)) of $3 bytes" >&2; exit 1
-fi
-mv -f -- "$1" "$2" || { rm -f -- "$1"; exit 1; }
-"""
-
-# Announce the size on stderr, then stream the file. $1 the file.
-_GET_SCRIPT = """\
-[ -e "$1" ] || { echo "$1: no such file" >&2; exit 2; }
-[ -d "$1" ] && { echo "$1: is a directory" >&2; exit 2; }
-n=$(wc -c < "$1") || exit 2
-echo "__rx_size__=$((n))" >&2
-exec cat < "$1"
-"""
 
 # Signal a remote process group: TERM, then KILL if it is still there after the grace period.
 _KILL_SCRIPT = """\
@@ -137,83 +126,6 @@ exit 0
 
 
 # --- resolution -------------------------------------------------------------------------------------------
-
-
-def parse_ssh_g(text: str) -> dict[str, tuple[str, ...]]:
-    """Parse the output of ``ssh -G``: one ``keyword value`` per line, keywords in lower case.
-
-    A keyword that appears several times (``identityfile``, ``localforward``, ...) keeps every value in
-    order.
-    """
-    options: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        key, _, value = line.strip().partition(" ")
-        if key:
-            options.setdefault(key.lower(), []).append(value.strip())
-    return {key: tuple(values) for key, values in options.items()}
-
-
-@dataclass(frozen=True)
-class ResolvedHost:
-    """A host as OpenSSH resolves it (``ssh -G``), with the HostSpec overrides applied.
-
-    Attributes:
-        alias: The name the user gave.
-        hostname: Where ssh connects (``HostName``).
-        user: The login user.
-        port: The TCP port.
-        identity_files: Keys ssh offers, in order (``~`` expanded).
-        known_hosts: The user known_hosts files, first one first (where accept-new records keys).
-        proxy_jump: ``ProxyJump`` hops, or None for a direct connection.
-        options: Everything ``ssh -G`` printed.
-    """
-
-    alias: str
-    hostname: str
-    user: str
-    port: int
-    identity_files: tuple[str, ...] = ()
-    known_hosts: tuple[str, ...] = ()
-    proxy_jump: str | None = None
-    options: Mapping[str, tuple[str, ...]] = field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def from_ssh_g(cls, alias: str, text: str) -> ResolvedHost:
-        """Build from the output of ``ssh -G``.
-
-        Raises:
-            ConfigError: The output lacks the host name, user or port.
-        """
-        options = parse_ssh_g(text)
-        try:
-            hostname = options["hostname"][0]
-            user = options["user"][0]
-            port = int(options["port"][0])
-        except (KeyError, IndexError, ValueError):
-            raise ConfigError(f"`ssh -G {alias}` gave no host name, user and port") from None
-        files = options.get("userknownhostsfile", ())
-        known_hosts = tuple(os.path.expanduser(name) for line in files for name in line.split())
-        jump = options.get("proxyjump", ("none",))[0]
-        return cls(
-            alias=alias,
-            hostname=hostname,
-            user=user,
-            port=port,
-            identity_files=tuple(os.path.expanduser(name) for name in options.get("identityfile", ())),
-            known_hosts=known_hosts,
-            proxy_jump=None if jump.lower() == "none" else jump,
-            options=options,
-        )
-
-    @property
-    def address(self) -> str:
-        """``user@hostname:port``, for messages."""
-        return f"{self.user}@{self.hostname}:{self.port}"
-
-    @property
-    def known_hosts_file(self) -> str | None:
-        """The known_hosts file ssh records new keys in, if any."""
-        return self.known_hosts[0] if self.known_hosts else None
 
 
 # --- argv -------------------------------------------------------------------------------------------------
@@ -447,10 +359,16 @@ def map_ssh_error(host: str, stderr: str, *, known_hosts: str | None = None) -> 
         broken) or :class:`ConnectError` (everything else, with ssh's reason).
     """
     lines = _lines(stderr)
-    text = "\n".join(lines)
+    return (_host_key_error(host, "\n".join(lines), known_hosts or "known_hosts")
+            or _config_error(host, lines)
+            or _link_error(host, lines))
+
+
+def _host_key_error(host: str, text: str, known_hosts: str) -> HostKeyError | None:
+    """A changed key, an unknown key under strict checking, or a failed verification; else None."""
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or re.search(r"Host key for \S+ has changed", text):
         offending = re.search(r"Offending \S+ key in (.+):(\d+)$", text, re.MULTILINE)
-        where = f"{offending[1]} line {offending[2]}" if offending else (known_hosts or "known_hosts")
+        where = f"{offending[1]} line {offending[2]}" if offending else known_hosts
         remove = re.search(r'(ssh-keygen -f ".+" -R ".+")$', text, re.MULTILINE)
         hint = (
             f"if the host was reinstalled or its keys regenerated, remove the old key with `{remove[1]}`"
@@ -461,20 +379,28 @@ def map_ssh_error(host: str, stderr: str, *, known_hosts: str | None = None) -> 
         return HostKeyError(host, message, hint=f"{hint} and connect again")
     unknown = re.search(r"No (\S+) host key is known for (\S+) and you have requested strict checking", text)
     if unknown:
-        where = known_hosts or "known_hosts"
         return HostKeyError(
             host,
-            f"no {unknown[1]} host key for {unknown[2]} is recorded in {where} "
+            f"no {unknown[1]} host key for {unknown[2]} is recorded in {known_hosts} "
             "and host key checks are strict",
             hint="connect once with the accept-new policy, or add the key with ssh-keyscan",
         )
     if "Host key verification failed" in text:
-        where = known_hosts or "known_hosts"
-        return HostKeyError(host, f"host key verification failed (known_hosts: {where})",
+        return HostKeyError(host, f"host key verification failed (known_hosts: {known_hosts})",
                             hint="check the host's key and the known_hosts file")
+    return None
+
+
+def _config_error(host: str, lines: Sequence[str]) -> ConfigError | None:
+    """ssh refusing its configuration or options (it says "terminating"); else None."""
     config = _first([line for line in lines if "terminating" not in line], _CONFIG_PATTERNS)
     if config is not None or any("terminating" in line for line in lines):
         return ConfigError(f"ssh configuration error for {host}: {_reason(config or lines[0])}")
+    return None
+
+
+def _link_error(host: str, lines: Sequence[str]) -> AuthError | ConnectError:
+    """An authentication failure, or the connection's failure in ssh's words."""
     auth = _first(lines, _AUTH_PATTERNS)
     if auth is not None:
         return AuthError(host, f"authentication failed: {_reason(auth)}",
@@ -819,12 +745,13 @@ class OpenSSHBackend(Backend):
                 if isinstance(error, ConfigError):
                     raise error
                 raise ConfigError(f"`ssh -G {spec.host}` failed: {error.message}")
-            resolved = ResolvedHost.from_ssh_g(spec.host, done.stdout.decode(errors="replace"))
+            resolved = ResolvedHost.from_ssh_g(spec.host, done.stdout.decode(errors="replace"),
+                                               config_file=spec.ssh_config)
             if spec.known_hosts is not None and spec.host_key_policy != "off":
                 # ssh -G separates files with spaces; the override is one path, spaces and all
-                resolved = dataclasses.replace(resolved, known_hosts=(str(spec.known_hosts),))
+                resolved = dataclasses.replace(resolved, known_hosts_files=(spec.known_hosts,))
             self._resolved = resolved
-            logger.debug("%s resolves to %s", self.host, self._resolved.address)
+            logger.debug("%s resolves to %s", self.host, self._resolved.destination)
             return self._resolved
 
     @contextlib.contextmanager
@@ -905,7 +832,7 @@ class OpenSSHBackend(Backend):
                 except subprocess.TimeoutExpired:
                     popen.kill()
                     popen.wait()
-                    raise ConnectError(self.host, f"no SSH session with {resolved.address} within "
+                    raise ConnectError(self.host, f"no SSH session with {resolved.destination} within "
                                                   f"{deadline:g} s") from None
                 log.seek(0)
                 said = log.read().decode(errors="replace")
@@ -918,7 +845,7 @@ class OpenSSHBackend(Backend):
             shutil.rmtree(master.control_dir, ignore_errors=True)
             raise
         self._keep_master(master, said)
-        logger.debug("connected to %s (%s) in %.3f s, master pid %d", self.host, resolved.address,
+        logger.debug("connected to %s (%s) in %.3f s, master pid %d", self.host, resolved.destination,
                      time.monotonic() - started, master.pid)
         return master
 
@@ -972,7 +899,23 @@ class OpenSSHBackend(Backend):
     def _known_hosts_file(self) -> str | None:
         if self.spec.known_hosts is not None:
             return str(self.spec.known_hosts)
-        return self._resolved.known_hosts_file if self._resolved is not None else None
+        known = self._resolved.known_hosts_file if self._resolved is not None else None
+        return str(known) if known is not None else None
+
+    def classify_exit(self, exit_code: int | None, stderr: bytes) -> RemoteExecError | None:
+        """Exit status 255 is ssh's own failure (or a command killed by a signal, which ssh reports the same
+        way): the error :func:`map_ssh_error` reads from stderr. A negative status means the local ssh was
+        killed before the command ended: the link to it is gone. Anything else is the command's own.
+        """
+        if exit_code is None or (exit_code >= 0 and exit_code != 255):
+            return None
+        if exit_code < 0:
+            return ConnectError(self.host, "the connection was lost (the ssh client ended before the command)")
+        error = map_ssh_error(self.host, stderr.decode(errors="replace"), known_hosts=self._known_hosts_file())
+        if isinstance(error, BackendError):
+            return error
+        # Words of a broken ssh_config in the output of a command that ran: the link failed, not the config.
+        return ConnectError(self.host, error.message)
 
     def _forget(self, master: _Master) -> None:
         with self._lock:
@@ -1066,7 +1009,7 @@ class OpenSSHBackend(Backend):
             size = os.fstat(handle.fileno()).st_size
         except OSError as exc:
             raise TransferError(self.host, f"{what}: cannot read {local}: {exc.strerror or exc}") from exc
-        command = build_command(["sh", "-c", _PUT_SCRIPT, "sh", tmp, str(remote), str(size)])
+        command = build_command(put_argv(tmp, remote, size))
         with handle:
             code, stderr = self._transfer(command, stdin=handle, stdout=subprocess.DEVNULL, what=what)
         if code != 0:
@@ -1083,7 +1026,7 @@ class OpenSSHBackend(Backend):
         """
         what = f"get {remote} -> {local}"
         started = time.monotonic()
-        command = build_command(["sh", "-c", _GET_SCRIPT, "sh", str(remote)])
+        command = build_command(get_argv(remote))
         try:
             fd, tmp_name = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=".rx-tmp")
         except OSError as exc:
@@ -1096,9 +1039,9 @@ class OpenSSHBackend(Backend):
                 if code != 0:
                     raise TransferError(self.host, f"{what}: {self._transfer_reason(stderr, code)}")
                 size = os.fstat(out.fileno()).st_size
-                announced = _SIZE_LINE.search(stderr)
-                if announced is not None and int(announced[1]) != size:
-                    raise TransferError(self.host, f"{what}: received {size} of {announced[1]} bytes")
+                announced = announced_size(stderr)
+                if announced is not None and announced != size:
+                    raise TransferError(self.host, f"{what}: received {size} of {announced} bytes")
                 os.fsync(out.fileno())
             os.replace(tmp, local)
         except BaseException:
@@ -1108,10 +1051,10 @@ class OpenSSHBackend(Backend):
         logger.debug("%s: %d bytes in %.3f s", what, size, time.monotonic() - started)
 
     def _transfer_reason(self, stderr: str, code: int) -> str:
-        lines = [line for line in _lines(stderr) if not _SIZE_LINE.match(line)]
-        if code == 255 and lines:
+        reason = transfer_reason("\n".join(_lines(stderr)), code)
+        if code == 255 and reason != transfer_reason("", code):  # ssh said why: in our words
             return map_ssh_error(self.host, stderr).message.removeprefix(f"{self.host}: ")
-        return lines[-1] if lines else f"the remote command failed with exit status {code}"
+        return reason
 
     # --- closing ------------------------------------------------------------------------------------------
 

@@ -33,11 +33,11 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import ClassVar, Literal
 
-from .sshconfig import import_paramiko
+from .ssh import import_paramiko
 
 import_paramiko()  # without invoke, which it would load for nothing (see there); the imports below find it
 
@@ -47,7 +47,7 @@ from paramiko.message import Message  # noqa: E402
 
 from ..errors import AuthError, ConfigError, ConnectError, HostKeyError, RemoteExecError, TransferError  # noqa: E402
 from .base import Backend, HostKeyPolicy, HostSpec, Process, build_command  # noqa: E402
-from .sshconfig import ResolvedHost, parse_jump, resolve  # noqa: E402
+from .ssh import ResolvedHost, parse_jump, resolve  # noqa: E402
 
 __all__ = [
     "HostKeyStatus",
@@ -109,36 +109,46 @@ def map_paramiko_errors(host: str, address: str, action: str = "connect to",
         yield
     except RemoteExecError:
         raise
-    except paramiko.BadHostKeyException as exc:
-        raise HostKeyError(host, f"host key of {address} does not match the recorded one "
-                                 f"(offered {fingerprint(exc.key)})") from exc
-    except paramiko.BadAuthenticationType as exc:
-        allowed = ", ".join(exc.allowed_types) or "none"
-        raise AuthError(host, f"{address} does not accept public keys (it allows: {allowed})") from exc
-    except paramiko.AuthenticationException as exc:
-        raise AuthError(host, f"authentication to {address} failed: {exc}") from exc
-    except paramiko.ChannelException as exc:
-        raise ConnectError(host, f"{address} refused to open a channel: {exc.text} (code {exc.code})"
-                           ) from exc
     except paramiko.SSHException as exc:
-        text = str(exc)
-        if "banner" in text.lower():
-            raise ConnectError(host, f"{address} did not answer as an SSH server{within}: {text}") from exc
-        raise ConnectError(host, f"SSH error while trying to {action} {address}: {text}") from exc
-    except EOFError as exc:
-        raise ConnectError(host, f"{address} closed the connection while we tried to {action} it") from exc
-    except socket.gaierror as exc:
+        raise _ssh_exception_error(exc, host, address, action, within) from exc
+    except (EOFError, OSError) as exc:
+        raise _socket_error(exc, host, address, action, within) from exc
+
+
+def _ssh_exception_error(exc: paramiko.SSHException, host: str, address: str, action: str,
+                         within: str) -> RemoteExecError:
+    """Our error for one of paramiko's (see :func:`map_paramiko_errors`)."""
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return HostKeyError(host, f"host key of {address} does not match the recorded one "
+                                  f"(offered {fingerprint(exc.key)})")
+    if isinstance(exc, paramiko.BadAuthenticationType):
+        allowed = ", ".join(exc.allowed_types) or "none"
+        return AuthError(host, f"{address} does not accept public keys (it allows: {allowed})")
+    if isinstance(exc, paramiko.AuthenticationException):
+        return AuthError(host, f"authentication to {address} failed: {exc}")
+    if isinstance(exc, paramiko.ChannelException):
+        return ConnectError(host, f"{address} refused to open a channel: {exc.text} (code {exc.code})")
+    text = str(exc)
+    if "banner" in text.lower():
+        return ConnectError(host, f"{address} did not answer as an SSH server{within}: {text}")
+    return ConnectError(host, f"SSH error while trying to {action} {address}: {text}")
+
+
+def _socket_error(exc: EOFError | OSError, host: str, address: str, action: str, within: str) -> ConnectError:
+    """Our error for a failure of the socket under the SSH connection (see :func:`map_paramiko_errors`)."""
+    if isinstance(exc, EOFError):
+        return ConnectError(host, f"{address} closed the connection while we tried to {action} it")
+    if isinstance(exc, socket.gaierror):
         name = address.rsplit(":", 1)[0].strip("[]")
-        raise ConnectError(host, f"unknown host {name!r}: {exc.strerror or exc}",
-                           hint="check the host name or the HostName in ssh_config") from exc
-    except TimeoutError as exc:  # socket.timeout is an alias
-        raise ConnectError(host, f"connection to {address} timed out{within}") from exc
-    except ConnectionRefusedError as exc:
-        raise ConnectError(host, f"connection to {address} refused") from exc
-    except ConnectionResetError as exc:
-        raise ConnectError(host, f"connection to {address} reset by peer") from exc
-    except OSError as exc:
-        raise ConnectError(host, f"cannot {action} {address}: {exc.strerror or exc}") from exc
+        return ConnectError(host, f"unknown host {name!r}: {exc.strerror or exc}",
+                            hint="check the host name or the HostName in ssh_config")
+    if isinstance(exc, TimeoutError):  # socket.timeout is an alias
+        return ConnectError(host, f"connection to {address} timed out{within}")
+    if isinstance(exc, ConnectionRefusedError):
+        return ConnectError(host, f"connection to {address} refused")
+    if isinstance(exc, ConnectionResetError):
+        return ConnectError(host, f"connection to {address} reset by peer")
+    return ConnectError(host, f"cannot {action} {address}: {exc.strerror or exc}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -335,29 +345,37 @@ def check_host_key(host: str, name: str, key: paramiko.PKey, known: KnownHosts,
                                  f"{revoked.path}:{revoked.lineno}")
     entries = known.lookup(name)
     status = classify_host_key([entry.key for entry in entries], key)
-    if status == "known":
-        return status
     if status == "changed":
-        where = ", ".join(sorted({f"{entry.path}:{entry.lineno}" for entry in entries}))
-        types = sorted({entry.key.get_name() for entry in entries})
-        same_type = key.get_name() in types
-        detail = ("differs from the one recorded" if same_type
-                  else f"is not of a recorded type ({', '.join(types)})")
-        raise HostKeyError(
-            host,
-            f"HOST KEY CHANGED for {name}: the server offered {fingerprint(key)}, which {detail} in {where}",
-            hint=f"if the host was reinstalled, remove the old key: ssh-keygen -R '{name}' "
-                 f"-f {entries[0].path}",
-        )
-    if policy == "strict":
+        raise _changed_key_error(host, name, key, entries)
+    if status == "unknown" and policy == "strict":
         files = ", ".join(str(path) for path in known.files) or "no known_hosts file"
         raise HostKeyError(host, f"host key of {name} ({fingerprint(key)}) is not in {files} and "
                                  "host key checking is strict",
                            hint="add it with ssh-keyscan, or connect once with accept-new")
+    if status == "unknown":
+        _record_new_key(host, name, key, known)
+    return status
+
+
+def _changed_key_error(host: str, name: str, key: paramiko.PKey, entries: Sequence[KnownHostEntry]) -> HostKeyError:
+    """The refusal of ``key``, which differs from every key recorded for ``name`` (in ``entries``)."""
+    where = ", ".join(sorted({f"{entry.path}:{entry.lineno}" for entry in entries}))
+    types = sorted({entry.key.get_name() for entry in entries})
+    detail = ("differs from the one recorded" if key.get_name() in types
+              else f"is not of a recorded type ({', '.join(types)})")
+    return HostKeyError(
+        host,
+        f"HOST KEY CHANGED for {name}: the server offered {fingerprint(key)}, which {detail} in {where}",
+        hint=f"if the host was reinstalled, remove the old key: ssh-keygen -R '{name}' -f {entries[0].path}",
+    )
+
+
+def _record_new_key(host: str, name: str, key: paramiko.PKey, known: KnownHosts) -> None:
+    """Record an accepted new key in the first known_hosts file; a failure is logged, as OpenSSH does."""
     if not known.files:
         logger.warning("%s: no known_hosts file configured; accepting %s without recording it",
                        host, fingerprint(key))
-        return status
+        return
     try:
         path = known.record(name, key)
     except OSError as exc:
@@ -365,7 +383,6 @@ def check_host_key(host: str, name: str, key: paramiko.PKey, known: KnownHosts,
                        known.files[0], exc.strerror or exc)
     else:
         logger.info("%s: recorded new host key %s for %s in %s", host, fingerprint(key), name, path)
-    return status
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -376,6 +393,26 @@ def check_host_key(host: str, name: str, key: paramiko.PKey, known: KnownHosts,
 class _Candidate:
     label: str
     key: paramiko.PKey
+
+
+@dataclass
+class _Keys:
+    """The keys to offer, in order, and the identity files left out (named when every key is refused).
+
+    Attributes:
+        candidates: Agent keys first, then identity files, each key once.
+        notes: ``path (why)`` for each identity file that could not be used.
+        encrypted: Identity files left out because they need a passphrase.
+    """
+
+    candidates: list[_Candidate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    encrypted: list[Path] = field(default_factory=list)
+
+    def skip(self, path: Path, why: str) -> None:
+        self.notes.append(f"{path} ({why})")
+        if why == "encrypted":
+            self.encrypted.append(path)
 
 
 def _public_blob(path: Path) -> bytes | None:
@@ -398,6 +435,77 @@ def _agent_keys() -> tuple[paramiko.Agent | None, list[paramiko.AgentKey]]:
         return None, []
 
 
+def _gather_keys(agent_keys: Sequence[paramiko.AgentKey], resolved: ResolvedHost) -> _Keys:
+    """The keys to offer, in OpenSSH's order: agent keys (only those of the identity files with
+    ``IdentitiesOnly``), then the identity files the agent does not hold."""
+    keys = _Keys()
+    file_blobs = {path: _public_blob(path) for path in resolved.identity_files}
+    for agent_key in agent_keys:
+        if agent_key.asbytes() in file_blobs.values() or not resolved.identities_only:
+            comment = getattr(agent_key, "comment", "") or ""
+            label = f"agent key {fingerprint(agent_key)}" + (f" ({comment})" if comment else "")
+            keys.candidates.append(_Candidate(label, agent_key))
+    offered = {candidate.key.asbytes() for candidate in keys.candidates}
+    for path in resolved.identity_files:
+        if file_blobs[path] is not None and file_blobs[path] in offered:
+            continue
+        key = _load_identity(path, keys)
+        if key is not None and key.asbytes() not in offered:
+            offered.add(key.asbytes())
+            keys.candidates.append(_Candidate(str(path), key))
+    return keys
+
+
+def _load_identity(path: Path, keys: _Keys) -> paramiko.PKey | None:
+    """The private key in ``path``, or None (and a note in ``keys`` saying why not)."""
+    try:
+        return paramiko.PKey.from_path(path)
+    except FileNotFoundError:
+        keys.skip(path, "missing")
+    except paramiko.PasswordRequiredException:
+        keys.skip(path, "encrypted")
+    except TypeError as exc:
+        # paramiko lets cryptography's "password-protected, but password was not provided" through
+        if "password" not in str(exc).lower():
+            raise
+        keys.skip(path, "encrypted")
+    except (paramiko.SSHException, OSError, ValueError) as exc:
+        keys.skip(path, f"unreadable: {exc}")
+    return None
+
+
+def _offer_keys(transport: paramiko.Transport, candidates: Sequence[_Candidate], resolved: ResolvedHost,
+                host: str) -> list[str]:
+    """Offer the keys in turn until the server accepts one; return the labels of those offered.
+
+    Raises:
+        AuthError: The server refuses public keys, closed the connection, or wants more than a key.
+    """
+    tried: list[str] = []
+    for candidate in candidates:
+        tried.append(candidate.label)
+        try:
+            remaining = transport.auth_publickey(resolved.user, candidate.key)
+        except paramiko.BadAuthenticationType as exc:
+            allowed = ", ".join(exc.allowed_types) or "none"
+            raise AuthError(host, f"{resolved.address} does not accept public keys for "
+                                  f"{resolved.user} (it allows: {allowed})") from exc
+        except paramiko.AuthenticationException:
+            logger.debug("%s: %s refused %s", host, resolved.address, candidate.label)
+            if not transport.is_active():
+                raise AuthError(host, f"{resolved.address} closed the connection after "
+                                      f"{len(tried)} refused keys ({', '.join(tried)})",
+                                hint="too many keys in the agent? set IdentitiesOnly yes and an "
+                                     "IdentityFile in ssh_config") from None
+            continue
+        if transport.is_authenticated():
+            logger.debug("%s: authenticated as %s with %s", host, resolved.user, candidate.label)
+            return tried
+        raise AuthError(host, f"{resolved.address} wants more than a public key for {resolved.user} "
+                              f"(next: {', '.join(remaining)}), which rx does not do")
+    return tried
+
+
 def _authenticate(transport: paramiko.Transport, resolved: ResolvedHost, host: str) -> None:
     """Authenticate with agent keys, then identity files, in OpenSSH's order.
 
@@ -406,77 +514,20 @@ def _authenticate(transport: paramiko.Transport, resolved: ResolvedHost, host: s
     """
     agent, agent_keys = _agent_keys()
     try:
-        candidates: list[_Candidate] = []
-        notes: list[str] = []
-        encrypted: list[Path] = []
-        file_blobs = {path: _public_blob(path) for path in resolved.identity_files}
-        for agent_key in agent_keys:
-            in_files = agent_key.asbytes() in file_blobs.values()
-            if in_files or not resolved.identities_only:
-                comment = getattr(agent_key, "comment", "") or ""
-                label = f"agent key {fingerprint(agent_key)}" + (f" ({comment})" if comment else "")
-                candidates.append(_Candidate(label, agent_key))
-        offered = {candidate.key.asbytes() for candidate in candidates}
-        for path in resolved.identity_files:
-            if file_blobs[path] is not None and file_blobs[path] in offered:
-                continue
-            try:
-                key = paramiko.PKey.from_path(path)
-            except FileNotFoundError:
-                notes.append(f"{path} (missing)")
-                continue
-            except paramiko.PasswordRequiredException:
-                encrypted.append(path)
-                notes.append(f"{path} (encrypted)")
-                continue
-            except TypeError as exc:
-                # paramiko lets cryptography's "password-protected, but password was not provided" through
-                if "password" not in str(exc).lower():
-                    raise
-                encrypted.append(path)
-                notes.append(f"{path} (encrypted)")
-                continue
-            except (paramiko.SSHException, OSError, ValueError) as exc:
-                notes.append(f"{path} (unreadable: {exc})")
-                continue
-            if key.asbytes() not in offered:
-                offered.add(key.asbytes())
-                candidates.append(_Candidate(str(path), key))
-
-        tried: list[str] = []
-        for candidate in candidates:
-            tried.append(candidate.label)
-            try:
-                remaining = transport.auth_publickey(resolved.user, candidate.key)
-            except paramiko.BadAuthenticationType as exc:
-                allowed = ", ".join(exc.allowed_types) or "none"
-                raise AuthError(host, f"{resolved.address} does not accept public keys for "
-                                      f"{resolved.user} (it allows: {allowed})") from exc
-            except paramiko.AuthenticationException:
-                logger.debug("%s: %s refused %s", host, resolved.address, candidate.label)
-                if not transport.is_active():
-                    raise AuthError(host, f"{resolved.address} closed the connection after "
-                                          f"{len(tried)} refused keys ({', '.join(tried)})",
-                                    hint="too many keys in the agent? set IdentitiesOnly yes and an "
-                                         "IdentityFile in ssh_config") from None
-                continue
-            if transport.is_authenticated():
-                logger.debug("%s: authenticated as %s with %s", host, resolved.user, candidate.label)
-                return
-            raise AuthError(host, f"{resolved.address} wants more than a public key for {resolved.user} "
-                                  f"(next: {', '.join(remaining)}), which rx does not do")
-        everything = [*tried, *notes]
-        what = (", ".join(everything) if everything
-                else "nothing (no ssh-agent, no IdentityFile, no ~/.ssh/id_*)")
-        hint = None
-        if encrypted:
-            hint = (f"{encrypted[0]} is encrypted and no agent holds it: "
-                    f"run `ssh-add {encrypted[0]}` (with SSH_AUTH_SOCK set) or use an unencrypted key")
-        raise AuthError(host, f"{resolved.address} refused every key for {resolved.user}; tried: {what}",
-                        hint=hint)
+        keys = _gather_keys(agent_keys, resolved)
+        tried = _offer_keys(transport, keys.candidates, resolved, host)
     finally:
         if agent is not None:
             agent.close()
+    if transport.is_authenticated():
+        return
+    everything = [*tried, *keys.notes]
+    what = ", ".join(everything) if everything else "nothing (no ssh-agent, no IdentityFile, no ~/.ssh/id_*)"
+    hint = None
+    if keys.encrypted:
+        hint = (f"{keys.encrypted[0]} is encrypted and no agent holds it: "
+                f"run `ssh-add {keys.encrypted[0]}` (with SSH_AUTH_SOCK set) or use an unencrypted key")
+    raise AuthError(host, f"{resolved.address} refused every key for {resolved.user}; tried: {what}", hint=hint)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -555,61 +606,83 @@ def _open_link(spec: HostSpec, resolved: ResolvedHost, host: str, nodelay: bool,
                           "(a loop in ssh_config?)")
     via: _Link | None = None
     sock: socket.socket | None = None
-    address = resolved.address
-    timeout = spec.connect_timeout
     try:
         if resolved.proxy_jump:
-            hops = parse_jump(resolved.proxy_jump)
-            last = hops[-1]
-            jump_spec = dataclasses.replace(spec, host=last.host, user=last.user, port=last.port,
-                                            identity_file=None)
-            jump = resolve(jump_spec)
-            if len(hops) > 1:
-                jump = dataclasses.replace(jump, proxy_jump=",".join(hop.label for hop in hops[:-1]))
-            logger.debug("%s: connecting through %s", host, jump.address)
-            via = _open_link(jump_spec, jump, jump_spec.label, nodelay, depth + 1)
-            with map_paramiko_errors(host, address, f"open a tunnel through {jump.address} to", timeout):
-                channel = via.transport.open_channel("direct-tcpip", (resolved.hostname, resolved.port),
-                                                     ("127.0.0.1", 0), timeout=timeout)
-            transport_sock: socket.socket | paramiko.Channel = channel
+            via, channel = _tunnel(spec, resolved, parse_jump(resolved.proxy_jump), host, nodelay, depth)
+            transport = _start_transport(channel, spec, resolved, host)
         else:
-            with map_paramiko_errors(host, address, "connect to", timeout):
-                sock = socket.create_connection((resolved.hostname, resolved.port), timeout=timeout)
-                if nodelay:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            transport_sock = sock
-
-        with map_paramiko_errors(host, address, "connect to", timeout):
-            known = KnownHosts.load(resolved.known_hosts_files)
-            recorded = [entry.key for entry in known.lookup(resolved.known_hosts_name)]
-            transport = paramiko.Transport(transport_sock, default_window_size=WINDOW_SIZE,
-                                           default_max_packet_size=MAX_PACKET_SIZE)
-        try:
-            with map_paramiko_errors(host, address, "connect to", timeout):
-                transport.banner_timeout = timeout
-                transport.handshake_timeout = timeout
-                transport.auth_timeout = timeout
-                options = transport.get_security_options()
-                options.key_types = host_key_algorithms(options.key_types, recorded)
-                transport.start_client(timeout=timeout)
-                if not transport.is_active() or not transport.initial_kex_done:
-                    raise ConnectError(host, f"SSH handshake with {address} timed out within {timeout:g} s")
-                server_key = transport.get_remote_server_key()
-                check_host_key(host, resolved.known_hosts_name, server_key, known, spec.host_key_policy)
-                _authenticate(transport, resolved, host)
-                transport.set_keepalive(int(spec.keepalive_interval))
-        except BaseException:
-            transport.close()
-            raise
+            sock = _dial(resolved, host, nodelay, spec.connect_timeout)
+            transport = _start_transport(sock, spec, resolved, host)
     except BaseException:
         if sock is not None:
             sock.close()
         if via is not None:
             via.close()
         raise
-    logger.info("%s: connected to %s@%s%s", host, resolved.user, address,
+    logger.info("%s: connected to %s@%s%s", host, resolved.user, resolved.address,
                 f" via {via.resolved.address}" if via else "")
     return _Link(transport, resolved, via, spec, sock)
+
+
+def _dial(resolved: ResolvedHost, host: str, nodelay: bool, timeout: float) -> socket.socket:
+    """A TCP connection to the host (``TCP_NODELAY`` on unless told otherwise)."""
+    with map_paramiko_errors(host, resolved.address, "connect to", timeout):
+        sock = socket.create_connection((resolved.hostname, resolved.port), timeout=timeout)
+        if nodelay:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _tunnel(spec: HostSpec, resolved: ResolvedHost, hops: Sequence[HostSpec], host: str, nodelay: bool,
+            depth: int) -> tuple[_Link, paramiko.Channel]:
+    """A ``direct-tcpip`` channel to the host through its ProxyJump ``hops``, and the link to the last hop
+    that carries it (opened here, with the hops before it under it)."""
+    timeout = spec.connect_timeout
+    last = hops[-1]
+    jump_spec = dataclasses.replace(spec, host=last.host, user=last.user, port=last.port, identity_file=None)
+    jump = resolve(jump_spec)
+    if len(hops) > 1:
+        jump = dataclasses.replace(jump, proxy_jump=",".join(hop.label for hop in hops[:-1]))
+    logger.debug("%s: connecting through %s", host, jump.address)
+    via = _open_link(jump_spec, jump, jump_spec.label, nodelay, depth + 1)
+    try:
+        with map_paramiko_errors(host, resolved.address, f"open a tunnel through {jump.address} to", timeout):
+            channel = via.transport.open_channel("direct-tcpip", (resolved.hostname, resolved.port),
+                                                 ("127.0.0.1", 0), timeout=timeout)
+    except BaseException:
+        via.close()
+        raise
+    return via, channel
+
+
+def _start_transport(sock: socket.socket | paramiko.Channel, spec: HostSpec, resolved: ResolvedHost,
+                     host: str) -> paramiko.Transport:
+    """SSH over ``sock``: key exchange (recorded key types asked for first), the host key checked before
+    anything else, authentication, keepalives. The transport is closed again if any step fails."""
+    address, timeout = resolved.address, spec.connect_timeout
+    with map_paramiko_errors(host, address, "connect to", timeout):
+        known = KnownHosts.load(resolved.known_hosts_files)
+        recorded = [entry.key for entry in known.lookup(resolved.known_hosts_name)]
+        transport = paramiko.Transport(sock, default_window_size=WINDOW_SIZE,
+                                       default_max_packet_size=MAX_PACKET_SIZE)
+    try:
+        with map_paramiko_errors(host, address, "connect to", timeout):
+            transport.banner_timeout = timeout
+            transport.handshake_timeout = timeout
+            transport.auth_timeout = timeout
+            options = transport.get_security_options()
+            options.key_types = host_key_algorithms(options.key_types, recorded)
+            transport.start_client(timeout=timeout)
+            if not transport.is_active() or not transport.initial_kex_done:
+                raise ConnectError(host, f"SSH handshake with {address} timed out within {timeout:g} s")
+            server_key = transport.get_remote_server_key()
+            check_host_key(host, resolved.known_hosts_name, server_key, known, spec.host_key_policy)
+            _authenticate(transport, resolved, host)
+            transport.set_keepalive(int(spec.keepalive_interval))
+    except BaseException:
+        transport.close()
+        raise
+    return transport
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -756,6 +829,14 @@ class ParamikoBackend(Backend):
                 raise
         logger.debug("%s: started %s", self.host, command[:200])
         return ParamikoProcess(channel, self.host, self.kill_grace)
+
+    def classify_exit(self, exit_code: int | None, stderr: bytes) -> RemoteExecError | None:
+        """-1 is paramiko's "no exit status": the channel closed without one because the link died (or sshd
+        reported a signal instead). Every status the server sent is the command's own.
+        """
+        if exit_code == -1:
+            return ConnectError(self.host, "the connection was lost before the command reported its exit status")
+        return None
 
     def _open_session(self, link: _Link) -> paramiko.Channel:
         """A new session channel; retried while the server is at its MaxSessions limit."""

@@ -46,7 +46,7 @@ def hosts(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the hosts rx knows: ssh_config aliases and [tool.rx.remotes]."""
-    from ..backends.sshconfig import list_aliases
+    from ..backends.ssh import list_aliases
     from ..config import Configuration
 
     config = Configuration.load()

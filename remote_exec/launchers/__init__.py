@@ -9,7 +9,14 @@ everything above it (the protocol, the advices, the workspace) stays as it is. S
 from __future__ import annotations
 
 from .base import Launcher
-from .registry import check_launcher_name, create_launcher, launcher_class, launcher_names, register_launcher
+from .registry import (
+    check_launcher_name,
+    create_launcher,
+    launcher_class,
+    launcher_names,
+    register_launcher,
+    unregister_launcher,
+)
 
 __all__ = ["Launcher", "check_launcher_name", "create_launcher", "launcher_class", "launcher_names",
-           "register_launcher"]
+           "register_launcher", "unregister_launcher"]

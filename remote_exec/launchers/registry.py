@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from .base import Launcher
 
 __all__ = ["LAUNCHERS", "check_launcher_name", "create_launcher", "launcher_class", "launcher_names",
-           "register_launcher"]
+           "register_launcher", "unregister_launcher"]
 
 #: Launcher name -> ``"module:Class"``.
 LAUNCHERS: dict[str, str] = {
@@ -27,6 +27,12 @@ def register_launcher(name: str, target: str) -> None:
     if ":" not in target:
         raise ConfigError(f"launcher {target!r} must be written module:Class")
     LAUNCHERS[name] = target
+
+
+def unregister_launcher(name: str) -> None:
+    """Forget the launcher ``name`` (a test double's, say); the built-in ``direct`` stays."""
+    if name != "direct":
+        LAUNCHERS.pop(name, None)
 
 
 def launcher_names() -> list[str]:

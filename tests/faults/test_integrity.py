@@ -231,6 +231,9 @@ class TamperingBackend(Backend):
     def get(self, remote: PurePosixPath, local: Path) -> None:
         self.inner.get(remote, local)
 
+    def classify_exit(self, exit_code: int | None, stderr: bytes) -> RemoteExecError | None:
+        return self.inner.classify_exit(exit_code, stderr)
+
     def close(self) -> None:
         self.inner.close()
 

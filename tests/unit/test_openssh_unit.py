@@ -14,39 +14,25 @@ from remote_exec.backends import HostSpec, backend_class, openssh
 from remote_exec.backends.openssh import (
     NO_MASTER_MARKER,
     OpenSSHBackend,
-    ResolvedHost,
     SshProcess,
     client_argv,
     map_ssh_error,
     master_argv,
-    parse_ssh_g,
     preferred_ciphers,
     remote_command,
     ssh_options,
 )
+from remote_exec.backends.ssh import ResolvedHost, parse_ssh_g
 from remote_exec.errors import AuthError, BackendError, ConfigError, ConnectError, HostKeyError
 
 needs_ssh = pytest.mark.skipif(shutil.which("ssh") is None, reason="the OpenSSH client is not installed")
 
-# An excerpt of `ssh -G` from OpenSSH 9.2 (the real output has ~80 lines in this form).
+# The ciphers line of `ssh -G` from OpenSSH 9.2 (OpenSSH's default list).
 SSH_G = """\
-host gpu1
-user alice
 hostname 10.1.2.3
+user alice
 port 2222
-addressfamily any
-batchmode yes
-connecttimeout 10
 ciphers chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr,aes128-gcm@openssh.com,aes256-gcm@openssh.com
-identityfile ~/.ssh/id_ed25519
-identityfile /keys/lab key
-globalknownhostsfile /etc/ssh/ssh_known_hosts /etc/ssh/ssh_known_hosts2
-userknownhostsfile ~/.ssh/known_hosts ~/.ssh/known_hosts2
-proxyjump bastion
-stricthostkeychecking accept-new
-serveraliveinterval 5
-localforward [localhost]:8080 [localhost]:80
-localforward [localhost]:8081 [localhost]:81
 """
 
 # Real OpenSSH 9.2 stderr, captured against a local sshd.
@@ -73,32 +59,7 @@ Host key verification failed.
 """
 
 
-# --- ssh -G -----------------------------------------------------------------------------------------------
-
-
-def test_parse_ssh_g_keeps_repeated_keywords_in_order() -> None:
-    options = parse_ssh_g(SSH_G)
-    assert options["hostname"] == ("10.1.2.3",)
-    assert options["identityfile"] == ("~/.ssh/id_ed25519", "/keys/lab key")
-    assert options["localforward"] == ("[localhost]:8080 [localhost]:80", "[localhost]:8081 [localhost]:81")
-
-
-def test_resolved_host_from_ssh_g() -> None:
-    resolved = ResolvedHost.from_ssh_g("gpu1", SSH_G)
-    home = str(Path.home())
-    assert (resolved.hostname, resolved.user, resolved.port) == ("10.1.2.3", "alice", 2222)
-    assert resolved.address == "alice@10.1.2.3:2222"
-    assert resolved.identity_files == (f"{home}/.ssh/id_ed25519", "/keys/lab key")
-    assert resolved.known_hosts == (f"{home}/.ssh/known_hosts", f"{home}/.ssh/known_hosts2")
-    assert resolved.known_hosts_file == f"{home}/.ssh/known_hosts"
-    assert resolved.proxy_jump == "bastion"
-
-
-def test_resolved_host_without_jump_and_broken_output() -> None:
-    direct = ResolvedHost.from_ssh_g("h", "hostname h.example\nuser bob\nport 22\nproxyjump none\n")
-    assert direct.proxy_jump is None
-    with pytest.raises(ConfigError, match="no host name"):
-        ResolvedHost.from_ssh_g("h", "user bob\n")
+# --- resolving with ssh -G (the record and its parsing: test_ssh.py) ---------------------------------------
 
 
 @needs_ssh
@@ -118,16 +79,16 @@ def test_resolve_honours_ssh_config_and_overrides(tmp_path: Path) -> None:
     backend = OpenSSHBackend(HostSpec(host="lab", ssh_config=config))
     resolved = backend.resolve()
     assert (resolved.alias, resolved.hostname, resolved.user, resolved.port) == ("lab", "192.0.2.7", "carol", 2200)
-    assert str(key) in resolved.identity_files
+    assert key in resolved.identity_files
     assert resolved.proxy_jump == "jumpy"
-    assert resolved.known_hosts_file == f"{tmp_path}/kh"
+    assert resolved.known_hosts_file == tmp_path / "kh"
     assert backend.resolve() is resolved  # cached: ssh -G runs once per backend
     assert backend.connections_opened == 0  # resolving connects to nothing
 
     known = tmp_path / "my known hosts"
     override = OpenSSHBackend(HostSpec(host="lab", ssh_config=config, user="dave", port=2201, known_hosts=known))
     resolved = override.resolve()
-    assert (resolved.user, resolved.port, resolved.known_hosts) == ("dave", 2201, (str(known),))
+    assert (resolved.user, resolved.port, resolved.known_hosts_files) == ("dave", 2201, (known,))
 
 
 @needs_ssh
@@ -383,3 +344,40 @@ def test_broken_ssh_config_is_a_config_error(stderr: str) -> None:
     assert type(error) is ConfigError
     assert error.exit_code == 3
     assert stderr.splitlines()[0].rstrip(".") in _one_line(error)
+
+
+# --- classify_exit: the link's failure or the command's exit -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "stderr", "kind", "words"),
+    [
+        (255, CHANGED_KEY, HostKeyError, "host key has changed"),
+        (255, "rx@127.0.0.1: Permission denied (publickey).\r\n", AuthError, "Permission denied"),
+        (255, "Connection to 127.0.0.1 closed by remote host.\r\n", ConnectError, "Connection to 127.0.0.1 closed"),
+        (255, "client_loop: send disconnect: Broken pipe\r\n", ConnectError, "Broken pipe"),
+        (255, "", ConnectError, "exit status 255 and no message"),
+        # a command's own words that look like a broken ssh_config: the link failed, not the configuration
+        (255, "worker: terminating\n", ConnectError, "worker: terminating"),
+        (-1, "", ConnectError, "the connection was lost"),
+        (-15, "partial output", ConnectError, "the connection was lost"),
+    ],
+)
+def test_exit_255_or_a_killed_client_is_the_links_failure(code: int, stderr: str, kind: type[BackendError],
+                                                           words: str) -> None:
+    error = OpenSSHBackend(HostSpec(host="lab")).classify_exit(code, stderr.encode())
+    assert type(error) is kind
+    assert error.host == "lab"
+    assert words in _one_line(error)
+
+
+@pytest.mark.parametrize("code", [None, 0, 1, 2, 124, 127, 254])
+def test_other_exit_statuses_are_the_commands_own(code: int | None) -> None:
+    assert OpenSSHBackend(HostSpec(host="lab")).classify_exit(code, b"Permission denied (publickey).") is None
+
+
+def test_a_host_key_failure_names_the_configured_known_hosts_file() -> None:
+    backend = OpenSSHBackend(HostSpec(host="lab", known_hosts=Path("/home/u/kh")))
+    error = backend.classify_exit(255, b"Host key verification failed.\r\n")
+    assert isinstance(error, HostKeyError)
+    assert "/home/u/kh" in str(error)

@@ -28,7 +28,8 @@ from paramiko.common import (
 )
 
 from remote_exec.backends import paramiko as pm
-from remote_exec.backends.sshconfig import ResolvedHost
+from remote_exec.backends.base import HostSpec
+from remote_exec.backends.ssh import ResolvedHost
 from remote_exec.errors import AuthError, ConnectError, HostKeyError
 
 # --- keys ---------------------------------------------------------------------------------------------------
@@ -392,6 +393,9 @@ def test_open_session_channel_process_reads_until_the_link_dies(pair: Pair, tmp_
     assert process.read_stderr() == b""
     assert process.wait(10) == -1
     assert time.monotonic() - started < 5
+    lost = pm.ParamikoBackend(HostSpec("box")).classify_exit(-1, b"")
+    assert isinstance(lost, ConnectError)
+    assert str(lost) == "box: the connection was lost before the command reported its exit status"
     with pytest.raises(ConnectError):
         process.write_stdin(b"more")
     process.close_stdin()  # no error on a dead channel
@@ -417,3 +421,10 @@ def test_process_reports_the_exit_status(pair: Pair, tmp_path: Path, monkeypatch
     assert process.read_stdout() == b""
     assert process.wait(10) == 7
     assert pair.fake.commands == ["exit 7"]
+    assert pm.ParamikoBackend(HostSpec("box")).classify_exit(7, b"") is None
+
+
+@pytest.mark.parametrize("code", [None, 0, 1, 124, 255])
+def test_every_exit_status_the_server_sent_is_the_commands_own(code: int | None) -> None:
+    """255 too: the server sent it, so the command exited with it (a lost link gives no status at all)."""
+    assert pm.ParamikoBackend(HostSpec("box")).classify_exit(code, b"Connection reset by peer") is None

@@ -1,14 +1,21 @@
-"""Resolve a host the way OpenSSH does: ssh_config first, then the user's overrides, then the defaults.
+"""What the two SSH backends share: one :class:`ResolvedHost` record and the handling of ssh_config.
 
-The paramiko backend connects with what :func:`resolve` returns, and ``rx hosts`` lists what
-:func:`list_aliases` finds, so both agree with ``ssh`` on the same file. Parsing is paramiko's
-:class:`paramiko.SSHConfig` (imported on first use, so ``rx --help`` never pays for it); ``Include``, which
-paramiko does not follow, is inlined here first.
+A host named by the user (an ssh_config alias or a host name, with the overrides of its
+:class:`~remote_exec.backends.base.HostSpec`) resolves into a :class:`ResolvedHost`: where to connect, as
+whom, with which keys, through which ProxyJump hops, checking which known_hosts files. There are two ways
+to get there, one per backend, and both give the same record:
 
-Precedence, as in OpenSSH: the fields of :class:`~remote_exec.backends.base.HostSpec` (what the user typed
-or configured in rx) override ssh_config, and ssh_config overrides the defaults (local user name, port 22,
-``~/.ssh/known_hosts``, and ``~/.ssh/id_ed25519``, ``id_ecdsa``, ``id_rsa`` when no ``IdentityFile`` is
-given and they exist).
+* **Ask OpenSSH** (the ``openssh`` backend): ``ssh -G`` prints the options ssh itself would use, overrides
+  applied, and :meth:`ResolvedHost.from_ssh_g` reads them. Whatever ssh supports (``Match``, ``Include``,
+  ``CanonicalizeHostname``, ...) is honoured because ssh does the work; connecting goes through ssh again.
+* **Parse the file** (the ``paramiko`` backend, which has no ssh client to ask): :func:`resolve` reads the
+  ssh_config file with :class:`paramiko.SSHConfig` (imported on first use, so ``rx --help`` never pays for
+  it; ``Include``, which paramiko does not follow, is inlined here first) and applies OpenSSH's precedence:
+  the fields of the HostSpec (what the user typed or configured in rx) override ssh_config, and ssh_config
+  overrides the defaults (local user name, port 22, ``~/.ssh/known_hosts``, and ``~/.ssh/id_ed25519``,
+  ``id_ecdsa``, ``id_rsa`` when no ``IdentityFile`` is given and they exist).
+
+``rx hosts`` lists the aliases :func:`list_aliases` finds, whichever backend is in use.
 """
 
 from __future__ import annotations
@@ -20,8 +27,8 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -31,8 +38,10 @@ __all__ = [
     "DEFAULT_IDENTITIES",
     "ResolvedHost",
     "default_config_path",
+    "import_paramiko",
     "list_aliases",
     "parse_jump",
+    "parse_ssh_g",
     "resolve",
 ]
 
@@ -45,22 +54,45 @@ _KEYWORD = re.compile(r"^\s*(\w+)(?:\s*=\s*|\s+)(.+?)\s*$")
 _MAX_INCLUDE_DEPTH = 16  # OpenSSH's READCONF_MAX_DEPTH
 
 
+def parse_ssh_g(text: str) -> dict[str, tuple[str, ...]]:
+    """Parse the output of ``ssh -G``: one ``keyword value`` per line, keywords in lower case.
+
+    A keyword that appears several times (``identityfile``, ``localforward``, ...) keeps every value in
+    order.
+    """
+    options: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key:
+            options.setdefault(key.lower(), []).append(value.strip())
+    return {key: tuple(values) for key, values in options.items()}
+
+
+def _none_is_unset(value: str | None) -> str | None:
+    """ssh_config's ``none`` (any case) means the option is not set."""
+    return None if not value or value.lower() == "none" else value
+
+
 @dataclass(frozen=True)
 class ResolvedHost:
-    """Everything needed to connect to one host, after ssh_config and overrides.
+    """Everything needed to connect to one host, after ssh_config and the HostSpec's overrides.
 
     Attributes:
         alias: The host as the user named it (an alias or a host name).
         hostname: The name or address to connect to (``HostName``).
         port: TCP port.
         user: Remote user name.
-        identity_files: Private key files to try, in order (files that do not exist are kept when the
-            configuration names them, so the error can say so; defaults are kept only if they exist).
+        identity_files: Private key files to try, in order, ``~`` expanded (files that do not exist are kept
+            when the configuration names them, so the error can say so; defaults are kept only if they
+            exist when the file is parsed here; ``ssh -G`` lists OpenSSH's defaults and leaves ``%``
+            tokens for ssh to expand).
         identities_only: ``IdentitiesOnly yes``: offer only these files, not every key in the agent.
         proxy_jump: ``ProxyJump`` hops (``[user@]host[:port]``, comma separated), or None.
         known_hosts_files: ``UserKnownHostsFile`` files; the first one is where new keys are recorded.
         host_key_alias: ``HostKeyAlias``: the name to look the host key up under instead of ``hostname``.
-        config_file: The ssh_config file read, or None.
+        config_file: The ssh_config file given (``ssh -G``) or read (parsed here), or None.
+        options: Everything ``ssh -G`` printed (keywords in lower case); empty when the file was parsed
+            here.
     """
 
     alias: str
@@ -73,17 +105,57 @@ class ResolvedHost:
     known_hosts_files: tuple[Path, ...] = ()
     host_key_alias: str | None = None
     config_file: Path | None = None
+    options: Mapping[str, tuple[str, ...]] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_ssh_g(cls, alias: str, text: str, *, config_file: Path | None = None) -> ResolvedHost:
+        """Build from the output of ``ssh -G`` (see :func:`parse_ssh_g`).
+
+        Raises:
+            ConfigError: The output lacks the host name, user or port.
+        """
+        options = parse_ssh_g(text)
+        try:
+            hostname = options["hostname"][0]
+            user = options["user"][0]
+            port = int(options["port"][0])
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError(f"`ssh -G {alias}` gave no host name, user and port") from None
+        files = options.get("userknownhostsfile", ())
+        return cls(
+            alias=alias,
+            hostname=hostname,
+            port=port,
+            user=user,
+            identity_files=tuple(Path(os.path.expanduser(name)) for name in options.get("identityfile", ())),
+            identities_only=options.get("identitiesonly", ("no",))[0].lower() == "yes",
+            proxy_jump=_none_is_unset(options.get("proxyjump", ("none",))[0]),
+            known_hosts_files=tuple(Path(os.path.expanduser(name)) for line in files for name in line.split()),
+            host_key_alias=_none_is_unset(options.get("hostkeyalias", ("none",))[0]),
+            config_file=config_file,
+            options=options,
+        )
+
+    @property
+    def address(self) -> str:
+        """``hostname:port`` (``[hostname]:port`` for an IPv6 address), for messages."""
+        return f"[{self.hostname}]:{self.port}" if ":" in self.hostname else f"{self.hostname}:{self.port}"
+
+    @property
+    def destination(self) -> str:
+        """``user@hostname:port``, for messages."""
+        return f"{self.user}@{self.address}"
+
+    @property
+    def known_hosts_file(self) -> Path | None:
+        """The known_hosts file new keys are recorded in, if any."""
+        return self.known_hosts_files[0] if self.known_hosts_files else None
 
     @property
     def known_hosts_name(self) -> str:
         """The name this host's keys are recorded under: ``host``, or ``[host]:port`` off port 22."""
         name = self.host_key_alias or self.hostname
         return name if self.port == 22 else f"[{name}]:{self.port}"
-
-    @property
-    def address(self) -> str:
-        """``hostname:port`` for messages."""
-        return f"[{self.hostname}]:{self.port}" if ":" in self.hostname else f"{self.hostname}:{self.port}"
 
 
 def default_config_path() -> Path:
@@ -92,51 +164,56 @@ def default_config_path() -> Path:
 
 
 def resolve(spec: HostSpec) -> ResolvedHost:
-    """Resolve ``spec`` against its ssh_config file into the concrete values to connect with.
+    """Resolve ``spec`` by parsing its ssh_config file (the paramiko backend's way; see the module).
 
     Raises:
         ConfigError: ``spec.ssh_config`` names a file that does not exist, or the file cannot be parsed.
     """
     config_file = _config_path(spec.ssh_config)
     options = _lookup(config_file, spec.host) if config_file is not None else {}
-
     hostname = str(options.get("hostname") or spec.host)
     user = spec.user or str(options.get("user") or "") or getpass.getuser()
     port = spec.port if spec.port is not None else _port(options.get("port"), config_file)
+    return ResolvedHost(
+        alias=spec.host,
+        hostname=hostname,
+        port=port,
+        user=user,
+        identity_files=_identity_files(spec, options),
+        identities_only=str(options.get("identitiesonly", "no")).lower() == "yes",
+        proxy_jump=_none_is_unset(str(options.get("proxyjump") or "")),
+        known_hosts_files=_known_hosts_files(spec, options, hostname=hostname, port=port, user=user),
+        host_key_alias=str(options["hostkeyalias"]) if options.get("hostkeyalias") else None,
+        config_file=config_file,
+    )
 
+
+def _identity_files(spec: HostSpec, options: Mapping[str, object]) -> tuple[Path, ...]:
+    """Like ``ssh -i``: the HostSpec's key first, then ssh_config's; the default keys only if neither names
+    one (and only those that exist)."""
     configured = [Path(os.path.expanduser(str(p))) for p in _as_list(options.get("identityfile"))]
     identities: list[Path] = [spec.identity_file.expanduser()] if spec.identity_file else []
     identities += [path for path in configured if path not in identities]
     if not identities:
         ssh_dir = Path("~/.ssh").expanduser()
         identities = [ssh_dir / name for name in DEFAULT_IDENTITIES if (ssh_dir / name).is_file()]
+    return tuple(identities)
 
+
+def _known_hosts_files(spec: HostSpec, options: Mapping[str, object], *, hostname: str, port: int,
+                       user: str) -> tuple[Path, ...]:
+    """The HostSpec's file, else ssh_config's ``UserKnownHostsFile`` (``%`` tokens expanded), else
+    OpenSSH's defaults."""
     if spec.known_hosts is not None:
-        known_hosts: tuple[Path, ...] = (spec.known_hosts.expanduser(),)
-    elif options.get("userknownhostsfile"):
+        return (spec.known_hosts.expanduser(),)
+    if options.get("userknownhostsfile"):
         tokens = {"%d": str(Path.home()), "%u": getpass.getuser(), "%h": hostname, "%p": str(port),
                   "%r": user, "%%": "%"}
-        known_hosts = tuple(
+        return tuple(
             Path(os.path.expanduser(_expand_tokens(word, tokens)))
             for word in shlex.split(str(options["userknownhostsfile"]))
         )
-    else:
-        known_hosts = (Path("~/.ssh/known_hosts").expanduser(), Path("~/.ssh/known_hosts2").expanduser())
-
-    jump = options.get("proxyjump")
-    proxy_jump = None if not jump or str(jump).lower() == "none" else str(jump)
-    return ResolvedHost(
-        alias=spec.host,
-        hostname=hostname,
-        port=port,
-        user=user,
-        identity_files=tuple(identities),
-        identities_only=str(options.get("identitiesonly", "no")).lower() == "yes",
-        proxy_jump=proxy_jump,
-        known_hosts_files=known_hosts,
-        host_key_alias=str(options["hostkeyalias"]) if options.get("hostkeyalias") else None,
-        config_file=config_file,
-    )
+    return (Path("~/.ssh/known_hosts").expanduser(), Path("~/.ssh/known_hosts2").expanduser())
 
 
 def parse_jump(proxy_jump: str) -> list[HostSpec]:

@@ -1,15 +1,18 @@
-"""ssh_config resolution (remote_exec.backends.sshconfig): what the paramiko backend connects to and what
-``rx hosts`` lists, from config files written by the tests. No network."""
+"""What the SSH backends share (remote_exec.backends.ssh), from config files written by the tests, no network:
+the one ResolvedHost record built both ways (from ``ssh -G`` output, as the openssh backend does, and by
+parsing the file, as the paramiko backend does), and the aliases ``rx hosts`` lists."""
 
 from __future__ import annotations
 
 import getpass
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from remote_exec.backends.base import HostSpec
-from remote_exec.backends.sshconfig import list_aliases, parse_jump, resolve
+from remote_exec.backends.ssh import ResolvedHost, list_aliases, parse_jump, parse_ssh_g, resolve
 from remote_exec.errors import ConfigError
 
 
@@ -216,7 +219,7 @@ def test_paramiko_is_imported_without_invoke_and_match_exec_still_works(tmp_path
         "print('invoke' in sys.modules)\n"
         "from pathlib import Path\n"
         "from remote_exec.backends.base import HostSpec\n"
-        "from remote_exec.backends.sshconfig import resolve\n"
+        "from remote_exec.backends.ssh import resolve\n"
         f"host = resolve(HostSpec('lab', ssh_config=Path({str(config)!r}), user='carol'))\n"
         "print(host.hostname, host.user)\n"
         "import invoke\n"
@@ -225,3 +228,91 @@ def test_paramiko_is_imported_without_invoke_and_match_exec_still_works(tmp_path
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:3] == ["False", "192.0.2.9 carol", "invoke"]
+
+
+# --- the same record from `ssh -G` (the openssh backend's way) ----------------------------------------------
+
+# An excerpt of `ssh -G` from OpenSSH 9.2 (the real output has ~80 lines in this form).
+SSH_G = """\
+host gpu1
+user alice
+hostname 10.1.2.3
+port 2222
+addressfamily any
+batchmode yes
+connecttimeout 10
+ciphers chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr,aes128-gcm@openssh.com,aes256-gcm@openssh.com
+identityfile ~/.ssh/id_ed25519
+identityfile /keys/lab key
+globalknownhostsfile /etc/ssh/ssh_known_hosts /etc/ssh/ssh_known_hosts2
+userknownhostsfile ~/.ssh/known_hosts ~/.ssh/known_hosts2
+proxyjump bastion
+stricthostkeychecking accept-new
+serveraliveinterval 5
+localforward [localhost]:8080 [localhost]:80
+localforward [localhost]:8081 [localhost]:81
+"""
+
+
+def test_parse_ssh_g_keeps_repeated_keywords_in_order() -> None:
+    options = parse_ssh_g(SSH_G)
+    assert options["hostname"] == ("10.1.2.3",)
+    assert options["identityfile"] == ("~/.ssh/id_ed25519", "/keys/lab key")
+    assert options["localforward"] == ("[localhost]:8080 [localhost]:80", "[localhost]:8081 [localhost]:81")
+
+
+def test_resolved_host_from_ssh_g() -> None:
+    resolved = ResolvedHost.from_ssh_g("gpu1", SSH_G)
+    home = str(Path.home())
+    assert (resolved.hostname, resolved.user, resolved.port) == ("10.1.2.3", "alice", 2222)
+    assert resolved.destination == "alice@10.1.2.3:2222"
+    assert resolved.address == "10.1.2.3:2222"
+    assert resolved.identity_files == (Path(f"{home}/.ssh/id_ed25519"), Path("/keys/lab key"))
+    assert resolved.known_hosts_files == (Path(f"{home}/.ssh/known_hosts"), Path(f"{home}/.ssh/known_hosts2"))
+    assert resolved.known_hosts_file == Path(f"{home}/.ssh/known_hosts")
+    assert resolved.proxy_jump == "bastion"
+    assert (resolved.identities_only, resolved.host_key_alias) == (False, None)
+    assert resolved.known_hosts_name == "[10.1.2.3]:2222"
+
+
+def test_resolved_host_without_jump_and_broken_output() -> None:
+    direct = ResolvedHost.from_ssh_g("h", "hostname h.example\nuser bob\nport 22\nproxyjump none\n")
+    assert direct.proxy_jump is None
+    with pytest.raises(ConfigError, match="no host name"):
+        ResolvedHost.from_ssh_g("h", "user bob\n")
+
+
+def test_ssh_g_identities_only_and_host_key_alias() -> None:
+    resolved = ResolvedHost.from_ssh_g("t", "hostname ::1\nuser u\nport 22\nidentitiesonly yes\n"
+                                            "hostkeyalias real-box\n", config_file=Path("/cfg"))
+    assert (resolved.identities_only, resolved.host_key_alias) == (True, "real-box")
+    assert resolved.known_hosts_name == "real-box"
+    assert resolved.address == "[::1]:22"
+    assert resolved.config_file == Path("/cfg")
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="the OpenSSH client is not installed")
+def test_both_ways_of_resolving_give_the_same_record(home: Path) -> None:
+    """What ``ssh -G`` says and what parsing the file says agree on every field both backends read."""
+    config = write(home / "cfg", f"""
+Host lab
+    HostName 192.0.2.7
+    User carol
+    Port 2200
+    IdentityFile ~/.ssh/lab_key
+    IdentityFile {home}/keys/second
+    IdentitiesOnly yes
+    ProxyJump admin@bastion:2200,gate
+    UserKnownHostsFile {home}/known_lab {home}/kh_%h_%p
+    HostKeyAlias real-lab
+Host *
+    User fallback
+""")
+    spec = HostSpec("lab", ssh_config=config)
+    done = subprocess.run(["ssh", "-G", "-F", str(config), "--", "lab"], capture_output=True, text=True,
+                          timeout=30, check=True, stdin=subprocess.DEVNULL)
+    from_ssh = ResolvedHost.from_ssh_g("lab", done.stdout, config_file=config)
+    parsed = resolve(spec)
+    assert from_ssh == parsed  # options (ssh -G's raw output) does not take part in the comparison
+    assert parsed.known_hosts_files == (home / "known_lab", home / "kh_192.0.2.7_2200")
+    assert parsed.identity_files == (home / ".ssh/lab_key", home / "keys/second")
