@@ -103,7 +103,7 @@ def test_the_bootstrap_reports_an_old_python_and_installs_an_archive(tmp_path: P
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("remote_exec/__init__.py", "")
-        archive.writestr("remote_exec/runner.py", "def main(argv):\n    print('runner', argv)\n    return 0\n")
+        archive.writestr("remote_exec/runner/__init__.py", "def main(argv):\n    print('runner', argv)\n    return 0\n")
         archive.writestr("pkg/deep/data.txt", "x" * 5000)
         archive.writestr("stored.txt", "as is", compress_type=zipfile.ZIP_STORED)
     data = buffer.getvalue()
