@@ -191,7 +191,6 @@ class _Watch:
         policy = self.policy
         try:
             while not self.finished:
-                policy.on_sent(self.out.last)
                 for fd, tag in self.poller.select(policy.next_wake(time.monotonic())):
                     self._ready(fd, tag)
                 now = time.monotonic()
@@ -201,6 +200,7 @@ class _Watch:
                     return
                 if self.cancelled:
                     self._apply(policy.cancel(now, "cancelled (rx cancel)"))
+                policy.on_sent(self.out.last)  # the output just sent counts: no heartbeat right after it
                 self._apply(policy.step(now))
         finally:
             self.poller.close()
