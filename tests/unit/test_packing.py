@@ -60,7 +60,7 @@ def test_archive_carries_runner_remote_modules_cloudpickle_and_local_imports(pro
     names = _names(archive)
     assert "__main__.py" in names
     assert {f"remote_exec/{name}.py" for name in REMOTE_MODULES} <= names
-    assert "remote_exec/runner.py" in names and "remote_exec/protocol/wire.py" in names
+    assert "remote_exec/runner/__init__.py" in names and "remote_exec/protocol/wire.py" in names
     assert "cloudpickle/__init__.py" in names and "cloudpickle/cloudpickle.py" in names
     assert {"helper_mod.py", "helpers_pkg/__init__.py", "helpers_pkg/inner.py"} <= names
     assert archive.modules == ("helper_mod", "helpers_pkg")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import operator
 import os
 import pickle
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -74,8 +75,22 @@ def _env() -> dict[str, str]:
 
 
 def test_remote_modules_are_the_ones_tested_here() -> None:
-    assert set(REMOTE_MODULES) == {"__init__", "errors", "protocol/__init__", "protocol/wire", "runner",
+    assert set(REMOTE_MODULES) == {"__init__", "errors", "protocol/__init__", "protocol/wire", "runner/__init__",
+                                   "runner/channel", "runner/child", "runner/detached", "runner/policy",
+                                   "runner/result", "runner/rundir", "runner/supervise", "runner/worker",
                                    "serialization", "session", "task"}
+
+
+def test_every_remote_module_imports_with_the_standard_library_only(tmp_path: Path) -> None:
+    """Each mode's rooms (the worker's, detached runs') too, not only what a served call loads."""
+    blocker = textwrap.dedent(BLOCKING_RUNNER).partition("import remote_exec\n")[0]
+    names = [f"remote_exec.{name.removesuffix('/__init__').replace('/', '.')}" if name != "__init__" else "remote_exec"
+             for name in REMOTE_MODULES]
+    script = tmp_path / "import_all.py"
+    script.write_text(blocker + "".join(f"import {name}\n" for name in names) + "print('imported')\n")
+    done = subprocess.run([sys.executable, "-S", str(script)], capture_output=True, text=True, env=_env(),
+                          timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout == "imported\n", done.stderr
 
 
 def test_a_function_call_is_served_with_the_standard_library_only(blocking_runner: list[str], frames: Any,

@@ -185,7 +185,7 @@ def test_the_archive_is_uploaded_once(dispatcher: Any) -> None:
     assert set(first.outcome.phases) == {"connect", "upload", "execute", "collect"}
     assert "upload" not in second.outcome.phases
     installed = dispatcher.workdir / "archives" / dispatcher.archive.sha256
-    assert (installed / "remote_exec" / "runner.py").is_file()
+    assert (installed / "remote_exec" / "runner" / "__init__.py").is_file()
 
 
 def test_a_function_raising_arrives_with_type_and_traceback(dispatcher: Any) -> None:

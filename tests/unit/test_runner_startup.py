@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,18 +23,53 @@ HEAVY = {"json", "re", "enum", "typing", "dataclasses", "zipfile", "pathlib", "s
          "_pickle", "functools", "collections", "copyreg"}
 
 
-def test_the_runner_and_what_a_call_loads_import_nothing_heavy() -> None:
+def _loaded_by(statement: str) -> set[str]:
     probe = (
         "import sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "before = set(sys.modules)\n"
-        "import remote_exec.runner, remote_exec.session, remote_exec.serialization, remote_exec.task\n"
+        f"{statement}\n"
         "print(' '.join(sorted(set(sys.modules) - before)))\n"
     )
-    loaded = set(subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True,
-                                check=True, timeout=60).stdout.split())
+    return set(subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True,
+                              check=True, timeout=60).stdout.split())
+
+
+def test_the_runner_and_what_a_call_loads_import_nothing_heavy() -> None:
+    # What `serve` (a process-per-call runner) imports: the package, its per-call rooms, and in the task
+    # process the session with its serialization and task modules.
+    loaded = _loaded_by("import remote_exec.runner, remote_exec.runner.supervise, remote_exec.runner.policy, "
+                        "remote_exec.runner.result, remote_exec.session, remote_exec.serialization, "
+                        "remote_exec.task")
     assert "remote_exec.runner" in loaded
     assert loaded & HEAVY == set()
+
+
+SERVE_AND_LIST = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from remote_exec.runner import main
+code = main([sys.argv[1], "serve"])
+sys.stderr.write("loaded: " + " ".join(sorted(sys.modules)) + "\\n")
+sys.exit(code)
+"""
+
+
+def test_a_call_loads_neither_the_worker_nor_detached_runs(frames: Any, tmp_path: Path) -> None:
+    """Each mode imports its own rooms: a process-per-call runner pays nothing for keep_warm or detached runs."""
+    import operator
+
+    from remote_exec.session import Session
+    from remote_exec.task import Execution, Task
+
+    task = Task.from_function(operator.mul)
+    session = Session(task=task, execution=Execution.create(task, (6, 7)), run_id="startup")
+    served = frames.serve([sys.executable, "-S", "-c", SERVE_AND_LIST, str(tmp_path / "cache"), str(ROOT)],
+                          session.dumps(), cwd=tmp_path)
+    assert served.returncode == 0 and served.header()["status"] == "finished", served.stderr.decode()
+    loaded = set(served.stderr.decode().rpartition("loaded: ")[2].split())
+    assert {"remote_exec.runner.supervise", "remote_exec.runner.policy", "remote_exec.runner.result"} <= loaded
+    assert loaded & {"remote_exec.runner.worker", "remote_exec.runner.detached", "threading"} == set()
 
 
 def test_the_small_hmac_is_hmac_sha256() -> None:
@@ -67,7 +103,7 @@ def test_the_bootstrap_reports_an_old_python_and_installs_an_archive(tmp_path: P
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("remote_exec/__init__.py", "")
-        archive.writestr("remote_exec/runner.py", "def main(argv):\n    print('runner', argv)\n    return 0\n")
+        archive.writestr("remote_exec/runner/__init__.py", "def main(argv):\n    print('runner', argv)\n    return 0\n")
         archive.writestr("pkg/deep/data.txt", "x" * 5000)
         archive.writestr("stored.txt", "as is", compress_type=zipfile.ZIP_STORED)
     data = buffer.getvalue()

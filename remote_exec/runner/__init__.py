@@ -1,0 +1,87 @@
+"""The runner: the archive's entry point on the remote (standard library only, plus the archive's cloudpickle).
+
+Started by the bootstrap (see :mod:`remote_exec.protocol.wire`) as ``main([cache_dir, "serve"])``. It reads the
+call's options and session from stdin, creates a private run directory (mode 0700) under the cache dir,
+forks the task into its own session and process group with that directory as working directory, and
+streams the task's stdout and stderr back as frames while it runs. It watches three things: the task's
+end, the coordinator (stdin closed or heartbeats stopped: the link or the coordinator died) and the
+timeout; in the last two cases it kills the task's whole process group. Then it sends the result (value
+or exception with its traceback text, the files the task wrote), signed with the per-call HMAC key,
+removes the run directory and exits 0. A runner failure (not the task's) exits 70 with one line on stderr.
+
+Statuses it reports: ``finished`` (the task ran to its end; see exit_code), ``raised`` (a function task
+raised), ``timeout``, ``cancelled``, ``signal`` (killed by a signal it did not send; named in detail),
+``oom`` (killed by the kernel's out-of-memory killer), ``lost`` (the coordinator went away), ``error``
+(the task process ended without a result).
+
+The rooms, each imported only by the modes that need it:
+
+- :mod:`.channel`: frames in (the call) and out (signed with the call's HMAC), the poller;
+- :mod:`.policy`: heartbeat, timeout, cancel, dead link, kill grace: one pure policy for every loop;
+- :mod:`.supervise`: ``serve``, one call in a forked task process, watched to its end;
+- :mod:`.child`: what runs in the task process (stdio, environment, the task, the result pipe);
+- :mod:`.result`: how the task ended, and the R, V, X, F and Z frames;
+- :mod:`.rundir`: the run directory, its status file, its removal;
+- :mod:`.worker`: ``worker``, the persistent worker (``keep_warm``) and its watcher thread;
+- :mod:`.detached`: ``detach``, ``attach`` and ``cancel`` of detached runs.
+
+Every import is paid on every call (process-per-call mode): only what the mode needs, and the lean
+variants (_signal and select.poll rather than signal and selectors, which pull in enum; wire's JSON writer
+rather than json, which pulls in re; marshal for built-in data rather than even the C pickle module, which
+loads functools and collections). The rest is imported where it is used.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .channel import EXIT_RUNNER_FAILURE, CoordinatorGone, Out
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve one call (``serve``), many (``worker``), or a detached run (``detach``, ``attach RUN_DIR
+    [collect]``, ``cancel RUN_DIR``) over stdin/stdout; see the module docstring."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    cache_dir = os.path.expanduser(args[0]) if args else os.path.expanduser("~/.cache/remote_exec")
+    mode = args[1] if len(args) > 1 else "serve"
+    try:
+        return _serve(mode, cache_dir, args[2:])
+    except CoordinatorGone:
+        return 0
+    except Exception as exc:
+        sys.stderr.write(f"rx runner: {type(exc).__name__}: {exc}\n")
+        if os.environ.get("RX_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        return EXIT_RUNNER_FAILURE
+
+
+def _serve(mode: str, cache_dir: str, rest: list[str]) -> int:
+    """Run ``mode``; ``rest`` holds its arguments."""
+    if mode == "serve":
+        from .channel import read_call
+        from .supervise import serve_call
+
+        options, session, reader = read_call(0)
+        serve_call(options, session, reader, cache_dir, Out(1))
+        return 0
+    if mode == "worker":
+        from .worker import serve_worker
+
+        return serve_worker(cache_dir, float(rest[0]) if rest else 600.0)
+    if mode in ("detach", "attach", "cancel"):
+        from . import detached
+
+        if mode == "detach":
+            detached.serve_detached(cache_dir, Out(1))
+        elif mode == "attach":
+            detached.serve_attach(cache_dir, rest[0], rest[1:2] == ["collect"], Out(1))
+        else:
+            return detached.serve_cancel(cache_dir, rest[0])
+        return 0
+    sys.stderr.write(f"rx runner: unknown mode {mode!r}\n")
+    return EXIT_RUNNER_FAILURE

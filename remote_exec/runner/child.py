@@ -1,0 +1,187 @@
+"""What runs where the task runs: its stdio and environment, the task itself, and the result pipe.
+
+A process-per-call runner forks the task process (:func:`run_child`), which sends its record, value and
+exception back over a pipe (:func:`parse_result` reads them in the runner); a persistent worker runs
+:func:`run_task` in its own main thread. Both set up the task's stdio with :func:`task_stdio`.
+"""
+
+from __future__ import annotations
+
+import io
+import marshal
+import os
+import sys
+
+from ..protocol import wire
+
+TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
+if TYPE_CHECKING:
+    from typing import Any
+
+    from ..session import Session
+
+    #: What a task sent back: its record, its serialized value and its pickled exception (bytes or views).
+    Loaded = tuple[dict[str, Any], bytes | memoryview, bytes | memoryview]
+
+__all__ = ["parse_result", "run_child", "run_task", "set_call_environ", "task_stdio"]
+
+
+def task_stdio(out_w: int, err_w: int) -> None:
+    """Give the tasks of this process their stdio: stdin from /dev/null, stdout and stderr to ``out_w``
+    and ``err_w`` (as fds 1 and 2, line-buffered text that never fails on an odd character)."""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    for fd in (devnull, out_w, err_w):
+        if fd > 2:
+            os.close(fd)
+    sys.stdin = open(os.devnull)  # noqa: SIM115 - the tasks' stdin for this process's life
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
+                                  errors="backslashreplace", line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
+                                  errors="backslashreplace", line_buffering=True)
+    os.environ["RX_INSIDE_RUNNER"] = "1"
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+def set_call_environ(options: dict[str, Any]) -> None:
+    """Set the call's environment variables and secrets (from its G frame) in ``os.environ``."""
+    os.environ.update(options.get("env") or {})
+    os.environ.update(options.get("secret_env") or {})
+
+
+def run_child(session_bytes: bytes, run_dir: str, options: dict[str, Any], out_w: int, err_w: int,
+              result_w: int) -> None:
+    """In the forked task process: run the task, send the result to the parent over ``result_w``, exit."""
+    os.setsid()
+    set_call_environ(options)
+    # The interpreter read PYTHONPATH before the call's environment was set: apply it to sys.path too
+    # (after the archive, which stays first).
+    extra_path = (options.get("env") or {}).get("PYTHONPATH", "")
+    sys.path[1:1] = [entry for entry in extra_path.split(os.pathsep) if entry and entry not in sys.path]
+    os.environ["RX_RUN_DIR"] = run_dir
+    task_stdio(out_w, err_w)
+    os.chdir(run_dir)
+    record, value, exc_data = run_task(session_bytes, run_dir, bool(options.get("marshal")))
+    _send_result(result_w, record, value, exc_data)
+    os._exit(int(record["exit_code"]))
+
+
+def _send_result(result_w: int, record: dict[str, Any], value: bytes, exc_data: bytes) -> None:
+    """Write the record (marshal, behind its 8-byte size), the value and the exception to the result pipe."""
+    record = dict(record, value_size=len(value), exc_size=len(exc_data))
+    if len(value) > (1 << 20):
+        wire.grow_pipe(result_w)
+    header = marshal.dumps(record, 4)
+    for data in (len(header).to_bytes(8, "big"), header, value, exc_data):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(result_w, view):]
+    os.close(result_w)
+
+
+def parse_result(buffer: bytearray) -> Loaded | None:
+    """What the task process sent on its result pipe: (record, value, exception) — the last two as views
+    of ``buffer``, not copies — or None if incomplete."""
+    data = memoryview(buffer)
+    try:
+        size = int.from_bytes(data[:8], "big")
+        record: dict[str, Any] = marshal.loads(data[8:8 + size])
+        value_end = 8 + size + int(record["value_size"])
+        exc_end = value_end + int(record["exc_size"])
+    except (ValueError, KeyError, EOFError, TypeError):
+        return None
+    if exc_end != len(data):
+        return None
+    return record, data[8 + size:value_end], data[value_end:exc_end]
+
+
+def run_task(session_bytes: bytes, run_dir: str, marshal_ok: bool = False) -> tuple[dict[str, Any], bytes, bytes]:
+    """Restore the session and run its task here; return (record, serialized value, pickled exception).
+
+    The record holds status, exit_code and, when the task raised, the exception's type, message and
+    traceback text (which always travel, even when the exception itself cannot be pickled). With
+    ``marshal_ok`` (the coordinator reads marshal: it is not in restricted mode), a value of built-in
+    data goes as marshal (``value_encoding``), which needs no pickle module here.
+    """
+    record: dict[str, Any] = {"status": "finished", "exit_code": 0, "exception": None, "value": False,
+                              "exc_pickle": False}
+    value_data = exc_data = b""
+    kind = "function"
+    try:
+        from ..session import Session
+
+        session = Session.loads(session_bytes)
+        kind = session.task.kind
+        value_data = _execute(session, run_dir, marshal_ok, record)
+    except SystemExit as exc:
+        record["exit_code"] = _exit_code(exc.code)
+    except BaseException as exc:  # the task's failure, reported as data
+        exc_data = _failed(exc, kind, record)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        pass
+    return record, value_data, exc_data
+
+
+def _execute(session: Session, run_dir: str, marshal_ok: bool, record: dict[str, Any]) -> bytes:
+    """Run the session's task; a function's value comes back serialized (``record`` says how)."""
+    from ..serialization import PickleSerializer, get_serializer, marshal_dumps
+
+    value = session.task.execute(session.execution, workdir=run_dir)
+    if session.task.kind != "function":
+        return b""
+    try:
+        marshalled = marshal_dumps(value) if marshal_ok and session.serializer == "pickle" else None
+        if marshalled is not None:
+            record["value_encoding"] = "marshal"
+            value_data = marshalled
+        else:
+            value_data = (PickleSerializer().dumps_fast(value) if session.serializer == "pickle"
+                          else get_serializer(session.serializer).dumps(value))
+    except Exception as exc:
+        raise TypeError(f"the task's return value ({type(value).__qualname__}) cannot be "
+                        f"serialized: {exc}") from exc
+    record["value"] = True
+    return value_data
+
+
+def _exit_code(code: object) -> int:
+    """The exit status of ``sys.exit(code)``, as the interpreter would give it (a message goes to stderr)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF if code >= 0 else code % 256
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _failed(exc: BaseException, kind: str, record: dict[str, Any]) -> bytes:
+    """Record the task's exception (type, message, traceback text); return it pickled if it can be."""
+    import traceback
+
+    text = traceback.format_exc()
+    record.update(value=False, exit_code=1, status="raised" if kind == "function" else "finished",
+                  exception={"type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+                             "message": _safe_str(exc), "traceback": text})
+    if kind != "function":
+        sys.stderr.write(text)
+        return b""
+    try:
+        from ..serialization import PickleSerializer
+
+        exc_data: bytes = PickleSerializer().dumps_fast(exc)
+        record["exc_pickle"] = True
+        return exc_data
+    except BaseException:  # an exception holding something unpicklable arrives as text
+        return b""
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<{type(exc).__name__} whose str() failed>"

@@ -1,0 +1,258 @@
+"""When to heartbeat, time out, cancel, give up on the coordinator and kill: one policy for every loop.
+
+The runner watches a running call in three loops: the per-call supervisor (:mod:`.supervise`), a persistent
+worker's watcher thread (:mod:`.worker`) and ``attach`` following a detached run (:mod:`.detached`). They
+do the I/O; :class:`Policy` decides. It is a pure function of time and events: a loop tells it what
+happened (:meth:`Policy.on_input`, :meth:`Policy.on_eof`, :meth:`Policy.cancel`, :meth:`Policy.on_sent`,
+:meth:`Policy.on_exit`), asks it what is due (:meth:`Policy.step`) and how long it may sleep
+(:meth:`Policy.next_wake`), and applies the actions it gets back (``action.apply(loop)`` calls the loop's
+method of the same name, see :class:`Actor`):
+
+- :class:`Heartbeat`: send a B frame;
+- :class:`Signal`: send a signal to the task's process group (SIGTERM, then SIGKILL after the kill grace);
+- :class:`Report`: the runner decided the call's status (``timeout`` or ``cancelled``, with its detail);
+  the first status decided stands;
+- :class:`GiveUp`: the coordinator is gone (its channel closed, or it went silent for ``dead_after``);
+- :class:`Finish`: the task ended and its output had the drain time to arrive: stop watching.
+
+Nothing here reads a clock, sleeps or touches a file descriptor, so the rules are unit-tested by feeding
+times (tests/unit/test_runner_policy.py).
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False  # typing is not imported at run time: the per-call runner imports this module
+if TYPE_CHECKING:
+    import signal as _signal
+    from collections.abc import Iterable, Mapping
+    from typing import Any, Protocol
+
+    class Actor(Protocol):
+        """A loop that applies actions: one method per kind of action."""
+
+        def heartbeat(self) -> None:
+            """Send a heartbeat frame."""
+
+        def signal(self, signal: int) -> None:
+            """Send ``signal`` to the task's process group."""
+
+        def report(self, status: str, detail: str) -> None:
+            """The runner decided the call's status."""
+
+        def give_up(self, reason: str) -> None:
+            """The coordinator is gone."""
+
+        def finish(self) -> None:
+            """Stop watching: the task ended and its output arrived."""
+else:
+    import _signal  # signal's enums cost the per-call runner too much to import
+
+__all__ = ["KILL_GRACE", "Action", "Finish", "GiveUp", "Heartbeat", "Policy", "Report", "Signal"]
+
+#: Seconds between SIGTERM and SIGKILL to a task's process group.
+KILL_GRACE = 2.0
+#: Seconds the task's output may keep arriving after the task process ended (a process it left behind
+#: outside its group may hold the pipes open).
+DRAIN = 1.0
+#: The longest a loop sleeps between two steps, whatever is due.
+MAX_WAIT = 0.5
+#: Frames from the coordinator that cancel the running call.
+CANCEL_FRAMES = (b"C", b"Q")
+
+
+class Action:
+    """Something a loop must do now; compared by type and fields (the tests compare lists of them)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Action) and type(other) is type(self) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._fields()))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+    def apply(self, actor: Actor) -> None:
+        """Have ``actor`` (a loop) do it."""
+        raise NotImplementedError
+
+
+class Heartbeat(Action):
+    """Send a heartbeat frame (B): nothing else went out for ``heartbeat`` seconds."""
+
+    __slots__ = ()
+
+    def apply(self, actor: Actor) -> None:
+        actor.heartbeat()
+
+
+class Signal(Action):
+    """Send ``signal`` to the task's whole process group."""
+
+    __slots__ = ("signal",)
+
+    def __init__(self, signal: int) -> None:
+        self.signal = signal
+
+    def apply(self, actor: Actor) -> None:
+        actor.signal(self.signal)
+
+
+class Report(Action):
+    """The runner decided how the call ends: ``status`` (``timeout``, ``cancelled``) and its detail."""
+
+    __slots__ = ("detail", "status")
+
+    def __init__(self, status: str, detail: str) -> None:
+        self.status = status
+        self.detail = detail
+
+    def apply(self, actor: Actor) -> None:
+        actor.report(self.status, self.detail)
+
+
+class GiveUp(Action):
+    """The coordinator is gone: end the task and report nothing (nobody would read it)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def apply(self, actor: Actor) -> None:
+        actor.give_up(self.reason)
+
+
+class Finish(Action):
+    """The task ended and the drain time passed: stop watching, even if a pipe is still open."""
+
+    __slots__ = ()
+
+    def apply(self, actor: Actor) -> None:
+        actor.finish()
+
+
+class Policy:
+    """The liveness rules of one call, from ``started`` (a monotonic time) on.
+
+    Args:
+        timeout: Seconds the task may run (None: no limit).
+        heartbeat: Send a heartbeat when nothing went out for this long (None: never, no one listens).
+        dead_after: Give up on the coordinator when nothing came in for this long (None: never).
+        started: When the call started (the clock of every ``now`` given to the methods).
+        kill_grace: Seconds between SIGTERM and SIGKILL.
+        drain: Seconds the task's output may still arrive after it ended.
+
+    Attributes:
+        status: The status the runner decided (None while the task decides it by ending).
+        detail: The detail of that status.
+        exited: When the task process ended (None while it runs).
+    """
+
+    def __init__(self, *, timeout: float | None, heartbeat: float | None, dead_after: float | None,
+                 started: float, kill_grace: float = KILL_GRACE, drain: float = DRAIN) -> None:
+        self.timeout = timeout
+        self.heartbeat = heartbeat
+        self.dead_after = dead_after
+        self.started = started
+        self.kill_grace = kill_grace
+        self.drain = drain
+        self.status: str | None = None
+        self.detail: str | None = None
+        self.exited: float | None = None
+        self.last_input = started
+        self.last_sent = started
+        self.kill_at: float | None = None
+
+    @classmethod
+    def for_call(cls, options: Mapping[str, Any], started: float, *, coordinator: bool = True) -> Policy:
+        """The policy of a call from its options (G frame); without a coordinator (a detached run) there
+        is no one to heartbeat and no link to lose."""
+        return cls(timeout=options.get("timeout"),
+                   heartbeat=float(options.get("heartbeat") or 5.0) if coordinator else None,
+                   dead_after=(float(options.get("dead_after") or 0) or None) if coordinator else None,
+                   started=started)
+
+    # -- events ----------------------------------------------------------------------------------------
+
+    def on_input(self, now: float, kinds: Iterable[bytes] = ()) -> list[Action]:
+        """Bytes came from the coordinator (the link lives); ``kinds`` are the frames they completed."""
+        self.last_input = now
+        if any(kind in CANCEL_FRAMES for kind in kinds):
+            return self.cancel(now, "cancelled by the coordinator")
+        return []
+
+    def on_eof(self, now: float) -> list[Action]:
+        """The coordinator's channel closed."""
+        return [GiveUp("the coordinator closed the channel")]
+
+    def cancel(self, now: float, detail: str) -> list[Action]:
+        """Stop the task (a C or Q frame, or ``rx cancel``): SIGTERM now, SIGKILL after the grace."""
+        return self.decide(now, "cancelled", detail)
+
+    def on_sent(self, when: float) -> None:
+        """A frame went out at ``when``: the next heartbeat is due ``heartbeat`` seconds later."""
+        if when > self.last_sent:
+            self.last_sent = when
+
+    def on_exit(self, now: float) -> list[Action]:
+        """The task process ended: whatever it left running in its group ends with it."""
+        self.exited = now
+        self.kill_at = None
+        return [Signal(_signal.SIGKILL)]
+
+    def decide(self, now: float, status: str, detail: str) -> list[Action]:
+        """Make ``status`` the call's status and stop the task, unless a status was decided already or
+        the task ended (then how it ended stands). The hook for any new reason to stop a task."""
+        if self.status is not None or self.exited is not None:
+            return []
+        self.status, self.detail = status, detail
+        self.kill_at = now + self.kill_grace
+        return [Report(status, detail), Signal(_signal.SIGTERM)]
+
+    # -- time ------------------------------------------------------------------------------------------
+
+    def step(self, now: float) -> list[Action]:
+        """What is due at ``now``: the drain's end, the timeout, SIGKILL after the grace, giving up on a
+        silent link, a heartbeat (in that order)."""
+        if self.exited is not None and now - self.exited >= self.drain:
+            return [Finish()]
+        actions: list[Action] = []
+        if self.timeout is not None and now - self.started >= self.timeout:
+            actions += self.decide(now, "timeout", f"timed out after {self.timeout:g} s")
+        if self.kill_at is not None and now >= self.kill_at:
+            self.kill_at = None
+            actions.append(Signal(_signal.SIGKILL))
+        if self.dead_after is not None and now - self.last_input >= self.dead_after:
+            actions.append(GiveUp(f"nothing came from the coordinator for {self.dead_after:g} s"))
+        if self.heartbeat is not None and now - self.last_sent >= self.heartbeat:
+            self.last_sent = now
+            actions.append(Heartbeat())
+        return actions
+
+    def next_wake(self, now: float) -> float:
+        """Seconds until :meth:`step` may have something to do (at most :data:`MAX_WAIT`, at least 0)."""
+        wait = MAX_WAIT
+        for due in self._deadlines():
+            wait = min(wait, due - now)
+        return max(0.0, wait)
+
+    def _deadlines(self) -> list[float]:
+        deadlines = []
+        if self.heartbeat is not None:
+            deadlines.append(self.last_sent + self.heartbeat)
+        if self.exited is not None:
+            deadlines.append(self.exited + self.drain)
+        elif self.timeout is not None and self.status is None:
+            deadlines.append(self.started + self.timeout)
+        if self.kill_at is not None:
+            deadlines.append(self.kill_at)
+        if self.dead_after is not None:
+            deadlines.append(self.last_input + self.dead_after)
+        return deadlines

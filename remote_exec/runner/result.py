@@ -1,0 +1,223 @@
+"""How a task ended, and its result on the wire: classify the ending (status, exit code, signal, OOM), list
+the files it left, send the R, V, X and F frames and the Z frame with the HMAC over them."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import time
+
+from ..protocol import wire
+from .rundir import PRIVATE, rmtree
+
+TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
+if TYPE_CHECKING:
+    import signal
+    from typing import Any
+
+    from .channel import Out
+    from .child import Loaded
+else:
+    import _signal as signal
+
+__all__ = ["Ending", "classify", "oom_kills", "send_classified", "send_result"]
+
+_PYTHON = "{}.{}.{}".format(*sys.version_info[:3])
+
+
+class Ending:
+    """How a call's task ended, as the runner saw it (what :func:`classify` turns into a result header).
+
+    Attributes:
+        started: When the call started (monotonic clock): the result's duration counts from there.
+        exit_status: The task process's wait status (None: it was not waited for, or ran in this process
+            and was cut short).
+        status: The status the runner decided (timeout, cancelled), None when the task decides it.
+        detail: The detail of that status.
+        oom_before: The cgroup's count of OOM kills before the task started (None: unknown).
+        loaded: What the task sent: (record, value, exception); None if nothing arrived whole.
+    """
+
+    __slots__ = ("detail", "exit_status", "loaded", "oom_before", "started", "status")
+
+    def __init__(self, started: float, *, exit_status: int | None = None, status: str | None = None,
+                 detail: str | None = None, oom_before: int | None = None, loaded: Loaded | None = None) -> None:
+        self.started = started
+        self.exit_status = exit_status
+        self.status = status
+        self.detail = detail
+        self.oom_before = oom_before
+        self.loaded = loaded
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer ended in this cgroup so far (None: unknown)."""
+    for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
+        try:
+            with open(path) as stream:
+                for line in stream:
+                    name, _, value = line.partition(" ")
+                    if name == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _signal_name(number: int) -> str:
+    """``SIGKILL`` for 9 (the signal module, with its enum, is imported only on this rare path)."""
+    import signal as signals
+
+    try:
+        return signals.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def send_result(options: dict[str, Any], run_dir: str, ending: Ending, out: Out, *, reuse: bool = False) -> bool:
+    """Classify how the task ended, then send its result (see :func:`send_classified`).
+
+    Returns True when the run directory was kept for the next call (``reuse``, and the task left it empty).
+    """
+    header, value, exc_data = classify(options, ending)
+    return send_classified(options, run_dir, header, value, exc_data, out, reuse=reuse)
+
+
+def classify(options: dict[str, Any], ending: Ending) -> Loaded:
+    """The result header (status, exit code, signal, exception) and the value and exception bytes."""
+    loaded = ending.loaded
+    record = loaded[0] if loaded is not None else None
+    exit_code, signal_number = _exit_of(ending.exit_status)
+    status, detail = ending.status, ending.detail
+    if status is None and record is not None:
+        status, exit_code = record["status"], record["exit_code"]
+    elif status is None:
+        status, detail = _without_record(options, ending, exit_code, signal_number)
+    header: dict[str, Any] = {"protocol": wire.PROTOCOL, "duration": time.monotonic() - ending.started,
+                              "python": _PYTHON, "host": os.uname().nodename, "status": status,
+                              "exit_code": exit_code, "detail": detail,
+                              "signal": _signal_name(signal_number) if signal_number else None}
+    if record is not None:
+        header["exception"] = record.get("exception")
+    value, exc_data = (loaded[1], loaded[2]) if loaded is not None else (b"", b"")
+    # Sizes only: the content of both is under the result's HMAC.
+    header["value"] = ({"size": len(value), "encoding": (record or {}).get("value_encoding", "serializer")}
+                       if value else None)
+    header["exc_pickle"] = {"size": len(exc_data)} if exc_data else None
+    return header, value, exc_data
+
+
+def _exit_of(exit_status: int | None) -> tuple[int, int | None]:
+    """(exit code, signal number) of a wait status; not waited for counts as killed by SIGKILL."""
+    if exit_status is None:
+        return 128 + signal.SIGKILL, None
+    if os.WIFSIGNALED(exit_status):
+        return 128 + os.WTERMSIG(exit_status), os.WTERMSIG(exit_status)
+    return os.WEXITSTATUS(exit_status), None
+
+
+def _without_record(options: dict[str, Any], ending: Ending, exit_code: int,
+                    signal_number: int | None) -> tuple[str, str | None]:
+    """(status, detail) of a task process that ended without sending its record."""
+    if signal_number is not None:
+        oom_after = oom_kills()
+        name = _signal_name(signal_number)
+        if ending.oom_before is not None and oom_after is not None and oom_after > ending.oom_before:
+            return "oom", f"killed by the kernel's out-of-memory killer ({name})"
+        return "signal", f"killed by {name}"
+    if options.get("kind") in ("script", "module"):
+        return "finished", None  # os._exit(N) in a script: its exit code is its result
+    return "error", f"the task process exited with status {exit_code} without a result"
+
+
+def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any], value: bytes | memoryview,
+                    exc_data: bytes | memoryview, out: Out, *, reuse: bool = False) -> bool:
+    """Send R, V, X, F frames, clean the run directory, send Z (the HMAC over the result).
+
+    With ``reuse``, a run directory the task left empty is kept (creating and removing a directory costs
+    a persistent worker's small call more than all the rest); returns True when it was.
+    """
+    names = os.listdir(run_dir)
+    files = [] if options.get("no_pull") or not names else _manifest(run_dir, options.get("pull") or [])
+    header = dict(header, files=files)
+    size = len(value) + len(exc_data) + sum(entry["size"] for entry in files)
+    out.sign(size=size)
+    if size > (1 << 20):
+        wire.grow_pipe(out.fd)
+    out.hold()
+    out.send(b"R", out.json_text(header).encode(), signed=True)
+    if value:
+        out.send_chunks(b"V", value)
+    if exc_data:
+        out.send_chunks(b"X", exc_data)
+    if files:
+        _send_files(run_dir, files, out)
+    kept = reuse and not names and not options.get("keep")
+    if not options.get("keep") and not kept:
+        rmtree(run_dir)
+    out.send(b"Z", out.json_text({"hmac": out.mac.hexdigest()}).encode())
+    out.release()
+    return kept
+
+
+def _manifest(run_dir: str, patterns: list[str]) -> list[dict[str, Any]]:
+    """Path, size and sha256 of each regular file the task left (matching one of ``patterns``, if any)."""
+    import fnmatch
+
+    entries = []
+    for directory, dirnames, filenames in os.walk(run_dir):
+        relative_dir = os.path.relpath(directory, run_dir)
+        if relative_dir == ".":
+            dirnames[:] = [d for d in dirnames if d != PRIVATE]
+        dirnames.sort()
+        for filename in sorted(filenames):
+            path = os.path.join(directory, filename)
+            relative = os.path.normpath(os.path.join(relative_dir, filename)).replace(os.sep, "/")
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue
+            if patterns and not any(fnmatch.fnmatch(relative, pattern) for pattern in patterns):
+                continue
+            entries.append(_file_entry(path, relative))
+    return entries
+
+
+def _file_entry(path: str, relative: str) -> dict[str, Any]:
+    import hashlib
+
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return {"path": relative, "size": size, "sha256": digest.hexdigest()}
+
+
+class _FrameStream(io.RawIOBase):
+    """A writable stream whose bytes go out as signed F frames."""
+
+    def __init__(self, out: Out) -> None:
+        self.out = out
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.out.send_chunks(b"F", bytes(data))
+        return len(data)
+
+
+def _send_files(run_dir: str, files: list[dict[str, Any]], out: Out) -> None:
+    """The files as an uncompressed tar stream in F frames."""
+    import tarfile
+
+    stream = io.BufferedWriter(_FrameStream(out), buffer_size=wire.MAX_FRAME)
+    with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+        for entry in files:
+            info = tarfile.TarInfo(entry["path"])
+            info.size = entry["size"]
+            info.mode = 0o644
+            with open(os.path.join(run_dir, entry["path"]), "rb") as source:
+                archive.addfile(info, source)
+    stream.flush()

@@ -1,0 +1,262 @@
+"""The per-call runner: fork the task into its own session and process group, stream its output, apply the
+:class:`~.policy.Policy` (heartbeats, timeout, cancel, dead link) until it ends, then send its result."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from ..protocol import wire
+from .channel import EXIT_RUNNER_FAILURE, CoordinatorGone, Poller
+from .child import parse_result, run_child
+from .rundir import RunStatus, make_run_dir, rmtree
+
+TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
+if TYPE_CHECKING:
+    import signal
+    from typing import Any
+
+    from .channel import Out, Sink
+    from .policy import Action, Policy
+    from .result import Ending
+else:
+    import _signal as signal
+
+__all__ = ["serve_call", "supervise"]
+
+
+def serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.FrameReader, cache_dir: str,
+               out: Out) -> None:
+    """One call in a forked task process (the default, process-per-call mode)."""
+    out.new_call(options["key"])
+    keep = bool(options.get("keep"))
+    run_dir = make_run_dir(cache_dir, options, private=keep)
+    # A kept run directory tells who ran in it.
+    status = RunStatus(run_dir, state="running", runner_pid=os.getpid(), started=time.time()) if keep else None
+    ending = supervise(options, session_bytes, reader, run_dir, out, coordinator=True, status=status)
+    from .result import send_result
+
+    try:
+        send_result(options, run_dir, ending, out)
+    finally:
+        if not keep:
+            rmtree(run_dir)
+
+
+def supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.FrameReader, run_dir: str,
+              out: Sink, *, coordinator: bool, status: RunStatus | None = None) -> Ending:
+    """Fork the task into its own process group and watch it to its end.
+
+    With a coordinator, its frames arrive on stdin (heartbeats, cancel) and its absence kills the task;
+    without one (a detached run), SIGTERM to this process cancels the task. ``status``, if given, gets
+    the task's pid.
+
+    Raises:
+        CoordinatorGone: The coordinator went away; the task's group was ended and the run directory removed.
+    """
+    started = time.monotonic()
+    task = _TaskProcess.fork(session_bytes, run_dir, options)
+    policy: Policy | None = None
+    try:
+        # Imported once the task process exists: they load while it starts up, not before it.
+        from .policy import Policy
+        from .result import Ending, oom_kills
+
+        oom_before = oom_kills()
+        policy = Policy.for_call(options, started, coordinator=coordinator)
+        if status is not None:
+            status.update(task_pid=task.pid)
+        watch = _Watch(task, policy, out, reader if coordinator else None)
+        out.event({"event": "started", "pid": task.pid, "run_dir": run_dir, "host": os.uname().nodename})
+        watch.run()
+    except CoordinatorGone:
+        task.end(policy.kill_grace if policy is not None else 0.0)
+        rmtree(run_dir)
+        raise
+    except BaseException:  # the runner failed: it leaves no task behind (at once if it had no policy yet)
+        task.end(policy.kill_grace if policy is not None else 0.0)
+        raise
+    finally:
+        task.close()
+    return Ending(started, exit_status=watch.exit_status, status=policy.status, detail=policy.detail,
+                  oom_before=oom_before, loaded=parse_result(watch.result))
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    """Send ``sig`` to the process group ``pid`` leads, if it still exists."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class _TaskProcess:
+    """The forked task process: its pid, the read ends of its stdout, stderr and result pipes, and the
+    pipe on which SIGCHLD wakes the watcher the moment the task ends (``set_wakeup_fd``)."""
+
+    def __init__(self, pid: int, pipes: dict[bytes, int], wake: tuple[int, int], previous_wakeup: int) -> None:
+        self.pid = pid
+        self.pipes = pipes
+        self.wake = wake
+        self.previous_wakeup = previous_wakeup
+
+    @classmethod
+    def fork(cls, session_bytes: bytes, run_dir: str, options: dict[str, Any]) -> _TaskProcess:
+        """Start the task process (:func:`~.child.run_child`) with its own pipes."""
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        result_r, result_w = os.pipe()
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        previous_wakeup = signal.set_wakeup_fd(wake_w)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            try:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                for fd in (out_r, err_r, result_r, wake_r, wake_w):
+                    os.close(fd)
+                run_child(session_bytes, run_dir, options, out_w, err_w, result_w)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(EXIT_RUNNER_FAILURE)
+        for fd in (out_w, err_w, result_w):
+            os.close(fd)
+        return cls(pid, {b"O": out_r, b"E": err_r, b"R": result_r}, (wake_r, wake_w), previous_wakeup)
+
+    def end(self, grace: float) -> None:
+        """End the task's process group: SIGTERM, SIGKILL if the task is still there after ``grace``."""
+        _kill_group(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        try:
+            while not os.waitpid(self.pid, os.WNOHANG)[0]:
+                if time.monotonic() >= deadline:
+                    _kill_group(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+                    break
+                time.sleep(0.02)
+        except ChildProcessError:  # reaped already: it ended before
+            pass
+        _kill_group(self.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Restore SIGCHLD and the wake-up fd; close the pipes still open (something the task left
+        behind may hold their other ends)."""
+        signal.set_wakeup_fd(self.previous_wakeup)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in (*self.wake, *self.pipes.values()):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class _Watch:
+    """The loop over one task process: its output goes out as frames, its result is gathered, the
+    coordinator's frames (``reader``; None for a detached run) and the clock go to the policy, whose
+    actions are applied here."""
+
+    def __init__(self, task: _TaskProcess, policy: Policy, out: Sink,
+                 reader: wire.FrameReader | None) -> None:
+        self.task = task
+        self.policy = policy
+        self.out = out
+        self.reader = reader
+        self.result = bytearray()
+        self.exit_status: int | None = None
+        self.cancelled = False
+        self.finished = False
+        self.poller = Poller()
+        self.poller.register(task.wake[0], b"W")
+        for tag, fd in task.pipes.items():
+            self.poller.register(fd, tag)
+        if reader is not None:
+            self.poller.register(0, b"I")
+        else:  # a detached run: rx cancel sends SIGTERM to this process
+            signal.signal(signal.SIGTERM, self._cancel)
+
+    def _cancel(self, *_: object) -> None:
+        self.cancelled = True
+
+    def run(self) -> None:
+        """Watch until the task ended and its pipes closed (or the drain time passed)."""
+        policy = self.policy
+        try:
+            while not self.finished:
+                for fd, tag in self.poller.select(policy.next_wake(time.monotonic())):
+                    self._ready(fd, tag)
+                now = time.monotonic()
+                if self.exit_status is None:
+                    self._reap(now)
+                if self.exit_status is not None and not self.task.pipes:
+                    return
+                if self.cancelled:
+                    self._apply(policy.cancel(now, "cancelled (rx cancel)"))
+                policy.on_sent(self.out.last)  # the output just sent counts: no heartbeat right after it
+                self._apply(policy.step(now))
+        finally:
+            self.poller.close()
+
+    def _ready(self, fd: int, tag: bytes) -> None:
+        if tag == b"I":
+            self._input()
+        elif tag == b"W":
+            try:
+                os.read(fd, 512)
+            except BlockingIOError:
+                pass
+        else:
+            data = os.read(fd, 1 << 20 if tag == b"R" else 1 << 16)
+            if not data:
+                self.poller.unregister(fd)
+                os.close(self.task.pipes.pop(tag))
+            elif tag == b"R":
+                self.result += data
+            else:
+                self.out.send(tag, data)
+
+    def _input(self) -> None:
+        """Frames from the coordinator (heartbeats, cancel), or the end of its channel."""
+        assert self.reader is not None
+        data = os.read(0, 1 << 16)
+        if not data:
+            self.poller.unregister(0)
+            self._apply(self.policy.on_eof(time.monotonic()))
+            return
+        kinds = [kind for kind, _payload in self.reader.feed(data)]
+        self._apply(self.policy.on_input(time.monotonic(), kinds))
+
+    def _reap(self, now: float) -> None:
+        done, raw = os.waitpid(self.task.pid, os.WNOHANG)
+        if done:
+            self.exit_status = raw
+            self._apply(self.policy.on_exit(now))
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            action.apply(self)
+
+    # -- what the policy's actions do here (see policy.Actor) -------------------------------------------
+
+    def heartbeat(self) -> None:
+        self.out.send(b"B")
+
+    def signal(self, signal: int) -> None:
+        _kill_group(self.task.pid, signal)
+
+    def report(self, status: str, detail: str) -> None:
+        """Nothing to do now: the policy keeps the status for the result."""
+
+    def give_up(self, reason: str) -> None:
+        raise CoordinatorGone(reason)
+
+    def finish(self) -> None:
+        self.finished = True

@@ -1,0 +1,294 @@
+"""The persistent worker (``keep_warm``): many calls over one channel, each run in this process's main thread,
+while a watcher thread streams their output and applies the :class:`~.policy.Policy` to the running call."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+from ..protocol import wire
+from .channel import CoordinatorGone, Out, Poller, read_call
+from .child import run_task, set_call_environ, task_stdio
+from .policy import Policy
+from .result import Ending, send_result
+from .rundir import make_run_dir, rmtree
+
+TYPE_CHECKING = False  # typing is not imported at run time
+if TYPE_CHECKING:
+    import signal
+    from typing import Any
+
+    from .policy import Action
+else:
+    import _signal as signal
+
+__all__ = ["serve_worker"]
+
+
+def serve_worker(cache_dir: str, idle_timeout: float) -> int:
+    """Persistent worker (``keep_warm``): many calls over one channel, each run in this process.
+
+    Imports stay warm between calls, and a call runs in the main thread, so a small call costs a few
+    hundred microseconds here. fds 1 and 2 are pipes that a watcher thread (:class:`_WorkerWatch`)
+    streams to the coordinator; it also heartbeats and polices the running call. The worker exits when
+    stdin closes, after ``idle_timeout`` seconds without a call, or (through its watcher) when a call is
+    cancelled or times out.
+    """
+    import json
+
+    try:
+        os.setsid()
+    except OSError:
+        pass
+    proto_in, out, out_r, err_r = _worker_stdio()
+    out.json_text = json.dumps  # the C encoder: the worker pays the import once, every result header gains
+    home = os.getcwd()
+    os.makedirs(os.path.join(cache_dir, "runs"), mode=0o700, exist_ok=True)
+    calls = _Calls(cache_dir, out, _WorkerWatch(out, out_r, err_r, proto_in, wire.FrameReader()))
+    out.event({"event": "worker", "pid": os.getpid(), "host": os.uname().nodename})
+    calls.watch.thread.start()
+    try:
+        while True:
+            calls.serve_next(idle_timeout)
+    finally:
+        if calls.run_dir is not None:  # leave nothing behind (a call in progress, or the kept empty directory)
+            os.chdir(home)
+            rmtree(calls.run_dir)
+        _end_group()
+
+
+def _worker_stdio() -> tuple[int, Out, int, int]:
+    """Move the protocol off fds 0 and 1, give the tasks pipes as fds 1 and 2; return (protocol in, frames
+    out, and the read ends of the tasks' stdout and stderr, non-blocking)."""
+    proto_in = os.dup(0)
+    out = Out(os.dup(1))
+    out.openssl = True  # a persistent worker pays for OpenSSL once: it always uses it
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    task_stdio(out_w, err_w)
+    for fd in (out_r, err_r):
+        os.set_blocking(fd, False)
+    return proto_in, out, out_r, err_r
+
+
+class _Calls:
+    """The worker's calls, one after another; the run directory a call left empty serves the next."""
+
+    def __init__(self, cache_dir: str, out: Out, watch: _WorkerWatch) -> None:
+        self.cache_dir = cache_dir
+        self.out = out
+        self.watch = watch
+        self.run_dir: str | None = None
+
+    def serve_next(self, idle_timeout: float) -> None:
+        """Read the next call, run it here, send its result."""
+        watch = self.watch
+        options, session_bytes, _ = read_call(watch.proto_in, watch.reader, idle_timeout)
+        self.out.new_call(options["key"])
+        if self.run_dir is None:
+            self.run_dir = make_run_dir(self.cache_dir, options, private=False)
+        run_dir = self.run_dir
+        saved_env = _environ_snapshot()
+        set_call_environ(options)
+        if os.environ.get("RX_RUN_DIR") != run_dir:
+            os.environ["RX_RUN_DIR"] = run_dir
+        os.chdir(run_dir)
+        current = _Current(options, run_dir)
+        watch.begin(current)
+        loaded = run_task(session_bytes, run_dir, bool(options.get("marshal")))
+        del session_bytes
+        watch.returned()
+        try:
+            _restore_environ(saved_env)
+            if not send_result(options, run_dir, Ending(current.policy.started, exit_status=0, loaded=loaded),
+                               self.out, reuse=True):
+                self.run_dir = None
+        finally:
+            watch.lock.release()
+
+
+class _Current:
+    """The call a persistent worker is running: what its watcher needs to police it."""
+
+    __slots__ = ("options", "policy", "run_dir")
+
+    def __init__(self, options: dict[str, Any], run_dir: str) -> None:
+        self.options = options
+        self.run_dir = run_dir
+        self.policy = Policy.for_call(options, time.monotonic())
+
+
+class _WorkerWatch:
+    """A persistent worker's second thread, for the worker's whole life.
+
+    The call runs in the worker's main thread (no thread per call: a small call costs a few hundred
+    microseconds). This thread streams what the tasks write to fds 1 and 2 as it comes, and while a call
+    runs it applies the call's policy: heartbeats, the coordinator's frames (heartbeats, cancel), the
+    timeout, the dead link. A cancelled or timed-out call cannot be stopped inside the main thread: the
+    watcher reports it and ends the worker with its process group (the coordinator starts a fresh worker
+    for the next call); so does a coordinator that went away.
+
+    ``lock`` guards the frames sent, ``current`` and, while a call runs, the frame reader of stdin (the
+    main thread owns stdin between calls).
+    """
+
+    def __init__(self, out: Out, out_r: int, err_r: int, proto_in: int, reader: wire.FrameReader) -> None:
+        self.out = out
+        self.out_r = out_r
+        self.err_r = err_r
+        self.proto_in = proto_in
+        self.reader = reader
+        self.lock = threading.Lock()
+        self.current: _Current | None = None
+        self.thread = threading.Thread(target=self._run, name="rx-worker-watch", daemon=True)
+
+    def _run(self) -> None:
+        idle = Poller()
+        busy = Poller()
+        for poller in (idle, busy):
+            poller.register(self.out_r, b"O")
+            poller.register(self.err_r, b"E")
+        busy.register(self.proto_in, b"I")
+        try:
+            while True:
+                current = self.current
+                if current is None:
+                    ready = idle.select(0.5)
+                else:
+                    current.policy.on_sent(self.out.last)
+                    ready = busy.select(current.policy.next_wake(time.monotonic()))
+                with self.lock:
+                    self._step(ready)
+        except BaseException:  # the coordinator went away, or the watcher itself failed: end the worker
+            try:
+                self._end()
+            finally:
+                os._exit(0)
+
+    def _step(self, ready: list[tuple[int, bytes]]) -> None:
+        current = self.current
+        for fd, tag in ready:
+            if tag != b"I":
+                _drain(fd, tag, self.out)
+            elif current is not None:  # stdin is the main thread's again once the call ended
+                self._input(current)
+        if current is not None:
+            current.policy.on_sent(self.out.last)
+            self._apply(current.policy.step(time.monotonic()))
+
+    def _input(self, current: _Current) -> None:
+        data = os.read(self.proto_in, 1 << 16)
+        if not data:
+            self._apply(current.policy.on_eof(time.monotonic()))
+            return
+        kinds = [kind for kind, _payload in self.reader.feed(data)]
+        self._apply(current.policy.on_input(time.monotonic(), kinds))
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            action.apply(self)
+
+    # -- what the policy's actions do here (see policy.Actor) -------------------------------------------
+
+    def heartbeat(self) -> None:
+        self.out.send(b"B")
+
+    def signal(self, signal: int) -> None:
+        """Nothing: the task runs in this process and cannot be signalled alone (see :meth:`report`)."""
+
+    def report(self, status: str, detail: str) -> None:
+        """Report the running call as ``status``, then end the worker with its process group (the task
+        cannot be stopped alone; the coordinator starts a fresh worker for the next call)."""
+        current = self.current
+        assert current is not None
+        self._drain_output()
+        send_result(current.options, current.run_dir, Ending(current.policy.started, status=status, detail=detail),
+                    self.out)
+        self._end()
+
+    def give_up(self, reason: str) -> None:
+        raise CoordinatorGone(reason)
+
+    def finish(self) -> None:
+        """Nothing: a call in this process ends by returning."""
+
+    def _end(self) -> None:
+        current = self.current
+        if current is not None:
+            rmtree(current.run_dir)
+        _end_group()
+        os._exit(0)
+
+    def begin(self, current: _Current) -> None:
+        """A call starts: police it."""
+        with self.lock:
+            self.current = current
+
+    def returned(self) -> None:
+        """The call returned: from here the main thread owns stdin; drain the task's output. Returns with
+        the lock held (the caller sends the result, then releases it)."""
+        try:
+            sys.stdout.flush()  # outside the lock: a full pipe waits for the watcher to drain it
+            sys.stderr.flush()
+        except Exception:
+            pass
+        self.lock.acquire()
+        self.current = None
+        self._drain_output()
+
+    def _drain_output(self) -> None:
+        """Send what the tasks wrote to fds 1 and 2 so far (the caller holds the lock)."""
+        _drain(self.out_r, b"O", self.out)
+        _drain(self.err_r, b"E", self.out)
+
+
+def _drain(fd: int, kind: bytes, out: Out) -> bool:
+    """Send what a non-blocking pipe holds now; False once it reached end of file."""
+    while True:
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        out.send(kind, data)
+
+
+def _end_group() -> None:
+    """End what the tasks left running in the worker's process group (the worker leads it).
+
+    From the main thread the worker survives the signal (it ignores it) and goes on to exit normally.
+    From the watcher thread it cannot change signal handling (only the main thread may): the worker ends
+    with its group, which is what the watcher wants anyway.
+    """
+    if os.getpgrp() == os.getpid():
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            os.killpg(os.getpgrp(), signal.SIGTERM)
+        except OSError:
+            pass
+
+
+def _environ_snapshot() -> dict[Any, Any]:
+    data = getattr(os.environ, "_data", None)
+    return dict(data) if isinstance(data, dict) else dict(os.environ)
+
+
+def _restore_environ(snapshot: dict[Any, Any]) -> None:
+    """Undo what a call did to ``os.environ`` (only the variables that changed are touched)."""
+    data = getattr(os.environ, "_data", None)
+    if not isinstance(data, dict):
+        os.environ.clear()
+        os.environ.update(snapshot)
+        return
+    if data == snapshot:
+        return
+    decode = os.fsdecode
+    for key in [key for key in data if key not in snapshot]:
+        del os.environ[decode(key)]
+    for key, value in snapshot.items():
+        if data.get(key) != value:
+            os.environ[decode(key)] = decode(value)
