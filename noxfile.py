@@ -34,9 +34,10 @@ def unit(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff over the package, tests, testbed and benchmarks."""
-    session.install("ruff")
-    session.run("ruff", "check", "remote_exec", "tests", "testbed", "benchmarks", "noxfile.py")
+    """ruff over the package, tests, testbed, benchmarks and scripts; the functions' shape (scripts/code_shape.py)."""
+    session.install("ruff", "radon")
+    session.run("ruff", "check", "remote_exec", "tests", "testbed", "benchmarks", "noxfile.py", "scripts")
+    session.run("python", "scripts/code_shape.py")
 
 
 @nox.session

@@ -129,6 +129,7 @@ def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
                                "allow_interspersed_args": False})
+# shape: typer declares each option as a parameter; the body is 20 lines
 def run(
     target: Annotated[list[str] | None, typer.Argument(
         help="SCRIPT and its ARGS (with -m: only ARGS).", show_default=False)] = None,
