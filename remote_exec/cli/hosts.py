@@ -33,10 +33,26 @@ if smi:
         gpus = [line.strip() for line in out.splitlines() if line.strip()]
     except Exception as exc:
         gpus = ["nvidia-smi failed: %s" % exc]
-print(json.dumps({"python": sys.version.split()[0], "executable": sys.executable,
+print("\nRXCHECK " + json.dumps({"python": sys.version.split()[0], "executable": sys.executable,
                   "platform": sys.platform, "hostname": os.uname().nodename, "cpus": os.cpu_count(),
                   "workdir": workdir, "free_bytes": usage.free, "gpus": gpus}))
 """
+_PROBE_MARKER = b"\nRXCHECK "
+
+
+def _probe_facts(host: str, stdout: bytes) -> tuple[dict[str, Any], str]:
+    """The probe's facts, and what the login shell printed before them (rx skips it, ``rx check`` shows it)."""
+    at = stdout.rfind(_PROBE_MARKER)
+    try:
+        line = stdout[at + len(_PROBE_MARKER):].partition(b"\n")[0]  # a site hook may print after it, at exit
+        facts: dict[str, Any] = json.loads(line) if at >= 0 else {}
+    except ValueError:
+        facts = {}
+    if not facts:
+        raise RunnerError(f"the probe on {host} printed no report", host=host,
+                          hint="the login shell may replace itself or wait for input (see its ~/.bashrc)")
+    noise = stdout[:max(at, 0)].decode("utf-8", "replace").strip()
+    return facts, "".join(char if char.isprintable() else " " for char in " / ".join(noise.splitlines()))
 
 
 @app.command()
@@ -114,9 +130,9 @@ def check(
                           hint="install Python 3 there or pass --python /path/to/python3")
     if result.failed:
         raise RunnerError(f"{shlex.quote(interpreter)} on {host} failed: {result.tail()}", host=host)
-    facts = json.loads(result.stdout.decode())
+    facts, noise = _probe_facts(host, result.stdout)
     report = {"host": host, "backend": backend_name, "connect_seconds": round(connect_seconds, 4),
-              "rtt_ms": round(statistics.median(rtts) * 1000, 2), **facts}
+              "rtt_ms": round(statistics.median(rtts) * 1000, 2), **facts, "login_output": noise}
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -129,3 +145,6 @@ def check(
     console.print(f"  host        {facts['hostname']}, {facts['cpus']} CPUs, {facts['platform']}")
     console.print(f"  free disk   {facts['free_bytes'] / 2**30:.1f} GiB in {facts['workdir']}")
     console.print(f"  GPUs        {', '.join(facts['gpus']) if facts['gpus'] else 'none (no nvidia-smi)'}")
+    if noise:
+        console.print("  login       the login shell prints on stdout (rx skips it): ", end="")
+        console.print(noise[:200], markup=False)

@@ -20,7 +20,7 @@ from ..launchers.base import Launcher
 from ..packing import DistributionArchive
 from ..session import Session
 from . import wire
-from .bootstrap import runner_argv, start_runner
+from .bootstrap import find_handshake, new_token, runner_argv, start_runner
 from .call import Call, run_call, send_session
 from .channel import reap
 from .options import CallOptions, FileLander, Outcome, OutputSink, PhaseCallback
@@ -107,10 +107,12 @@ def attach_detached(session: Session, backend: Backend, detached: Mapping[str, A
 
 def cancel_detached(backend: Backend, detached: Mapping[str, Any], options: CallOptions) -> dict[str, Any]:
     """Stop a detached run's task; return the host's status record of the run once it has ended."""
-    argv = runner_argv(options, detached["archive"], "cancel", str(detached["run_dir"]))
+    token = new_token()
+    argv = runner_argv(options, detached["archive"], "cancel", str(detached["run_dir"]), token=token)
     result = backend.run(argv, timeout=30)
-    lines = result.stdout.decode("utf-8", "replace").strip().splitlines()
-    if result.failed or not lines or lines[0] != "RXBOOT1 HAVE":
+    answer = find_handshake(result.stdout, token)
+    lines = answer.rest.decode("utf-8", "replace").strip().splitlines() if answer is not None else []
+    if result.failed or answer is None or answer.word != "HAVE" or not lines:
         raise RunnerError(f"cancelling the run on {backend.host} failed: {result.tail() or 'no reason given'}",
                           host=backend.host)
     status: dict[str, Any] = json.loads(lines[-1])

@@ -64,6 +64,8 @@ def serve_detached(cache_dir: str, out: Out) -> None:
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the supervisor
+        if out.fd > 2:
+            os.close(out.fd)  # the channel must close when this runner exits, not when the run ends
         _supervisor(options, session_bytes, run_dir, (ready_r, ready_w))
     os.close(ready_w)
     os.waitpid(pid, 0)
@@ -247,7 +249,7 @@ def _stored_result(run_dir: str) -> tuple[dict[str, Any], dict[str, Any], bytes,
     return header, run_options, data["value.bin"], data["exception.bin"]
 
 
-def serve_cancel(cache_dir: str, run_dir: str) -> int:
+def serve_cancel(cache_dir: str, run_dir: str, out_fd: int = 1) -> int:
     """Stop a detached run's task (SIGTERM to its supervisor, which ends the task's process group) and
     print the run's status as JSON once it has ended (within a few seconds)."""
     run_dir = _check_run_dir(cache_dir, run_dir)
@@ -261,6 +263,7 @@ def serve_cancel(cache_dir: str, run_dir: str) -> int:
         deadline = time.monotonic() + KILL_GRACE + 3
         while time.monotonic() < deadline and read_status(run_dir).get("state") != "done":
             time.sleep(0.05)
-    sys.stdout.write(wire.json_text(read_status(run_dir)) + "\n")
-    sys.stdout.flush()
+    data = (wire.json_text(read_status(run_dir)) + "\n").encode()
+    while data:
+        data = data[os.write(out_fd, data):]
     return 0

@@ -56,7 +56,7 @@ def supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.FrameR
         CoordinatorGone: The coordinator went away; the task's group was ended and the run directory removed.
     """
     started = time.monotonic()
-    task = _TaskProcess.fork(session_bytes, run_dir, options)
+    task = _TaskProcess.fork(session_bytes, run_dir, options, getattr(out, "fd", -1))
     policy: Policy | None = None
     try:
         # Imported once the task process exists: they load while it starts up, not before it.
@@ -102,8 +102,9 @@ class _TaskProcess:
         self.previous_wakeup = previous_wakeup
 
     @classmethod
-    def fork(cls, session_bytes: bytes, run_dir: str, options: dict[str, Any]) -> _TaskProcess:
-        """Start the task process (:func:`~.child.run_child`) with its own pipes."""
+    def fork(cls, session_bytes: bytes, run_dir: str, options: dict[str, Any], out_fd: int = -1) -> _TaskProcess:
+        """Start the task process (:func:`~.child.run_child`) with its own pipes (the protocol's ``out_fd``
+        closed in it: nothing the task leaves behind holds the channel open)."""
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         result_r, result_w = os.pipe()
@@ -121,6 +122,8 @@ class _TaskProcess:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 for fd in (out_r, err_r, result_r, wake_r, wake_w):
                     os.close(fd)
+                if out_fd > 2:
+                    os.close(out_fd)
                 run_child(session_bytes, run_dir, options, out_w, err_w, result_w)
             except BaseException:
                 import traceback

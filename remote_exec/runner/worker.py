@@ -27,7 +27,7 @@ else:
 __all__ = ["serve_worker"]
 
 
-def serve_worker(cache_dir: str, idle_timeout: float) -> int:
+def serve_worker(cache_dir: str, idle_timeout: float, out_fd: int = 1) -> int:
     """Persistent worker (``keep_warm``): many calls over one channel, each run in this process.
 
     Imports stay warm between calls, and a call runs in the main thread, so a small call costs a few
@@ -42,7 +42,7 @@ def serve_worker(cache_dir: str, idle_timeout: float) -> int:
         os.setsid()
     except OSError:
         pass
-    proto_in, out, out_r, err_r = _worker_stdio()
+    proto_in, out, out_r, err_r = _worker_stdio(out_fd)
     out.json_text = json.dumps  # the C encoder: the worker pays the import once, every result header gains
     home = os.getcwd()
     os.makedirs(os.path.join(cache_dir, "runs"), mode=0o700, exist_ok=True)
@@ -59,11 +59,11 @@ def serve_worker(cache_dir: str, idle_timeout: float) -> int:
         _end_group()
 
 
-def _worker_stdio() -> tuple[int, Out, int, int]:
-    """Move the protocol off fds 0 and 1, give the tasks pipes as fds 1 and 2; return (protocol in, frames
-    out, and the read ends of the tasks' stdout and stderr, non-blocking)."""
+def _worker_stdio(out_fd: int) -> tuple[int, Out, int, int]:
+    """Move the protocol off fds 0 and 1 (frames out on ``out_fd``), give the tasks pipes as fds 1 and 2;
+    return (protocol in, frames out, and the read ends of the tasks' stdout and stderr, non-blocking)."""
     proto_in = os.dup(0)
-    out = Out(os.dup(1))
+    out = Out(out_fd if out_fd > 2 else os.dup(out_fd))
     out.openssl = True  # a persistent worker pays for OpenSSL once: it always uses it
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
