@@ -1,5 +1,6 @@
 """How a task ended, and its result on the wire: classify the ending (status, exit code, signal, OOM), list
-the files it left, send the R, V, X and F frames and the Z frame with the HMAC over them."""
+the files it left (what cannot be read is skipped and named), send the R, L, V, X and F frames and the Z frame
+with the HMAC over them."""
 
 from __future__ import annotations
 
@@ -132,21 +133,26 @@ def _without_record(options: dict[str, Any], ending: Ending, exit_code: int,
 
 
 def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any], value: bytes | memoryview,
-                    exc_data: bytes | memoryview, out: Out, *, reuse: bool = False) -> bool:
-    """Send R, V, X, F frames, clean the run directory, send Z (the HMAC over the result).
+                    exc_data: bytes | memoryview, out: Out, *, reuse: bool = False, remove: bool = True) -> bool:
+    """Send R, L, V, X, F frames, clean the run directory, send Z (the HMAC over the result).
 
     With ``reuse``, a run directory the task left empty is kept (creating and removing a directory costs
-    a persistent worker's small call more than all the rest); returns True when it was.
+    a persistent worker's small call more than all the rest); returns True when it was. Without
+    ``remove`` (a detached run's collection) the run directory stays until the coordinator acknowledges.
     """
     names = os.listdir(run_dir)
-    files = [] if options.get("no_pull") or not names else _manifest(run_dir, options.get("pull") or [])
-    header = dict(header, files=files)
+    files: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    if names and not options.get("no_pull"):
+        files, skipped = _manifest(run_dir, options.get("pull") or [])
+    header = dict(header, file_count=len(files), skipped=skipped[:_SKIPPED_LISTED], skipped_count=len(skipped))
     size = len(value) + len(exc_data) + sum(entry["size"] for entry in files)
     out.sign(size=size)
     if size > (1 << 20):
         wire.grow_pipe(out.fd)
     out.hold()
     out.send(b"R", out.json_text(header).encode(), signed=True)
+    _send_file_list(files, out)
     if value:
         out.send_chunks(b"V", value)
     if exc_data:
@@ -154,19 +160,47 @@ def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any
     if files:
         _send_files(run_dir, files, out)
     kept = reuse and not names and not options.get("keep")
-    if not options.get("keep") and not kept:
+    if remove and not options.get("keep") and not kept:
         rmtree(run_dir)
     out.send(b"Z", out.json_text({"hmac": out.mac.hexdigest()}).encode())
     out.release()
     return kept
 
 
-def _manifest(run_dir: str, patterns: list[str]) -> list[dict[str, Any]]:
-    """Path, size and sha256 of each regular file the task left (matching one of ``patterns``, if any)."""
+#: Skipped files named in a result header (the count says how many there were in all).
+_SKIPPED_LISTED = 100
+#: Bytes of file list per L frame (well under the frame limit, whatever the path lengths).
+_LIST_CHUNK = 1 << 18
+
+
+def _send_file_list(files: list[dict[str, Any]], out: Out) -> None:
+    """The manifest in signed L frames, each a JSON array of at most :data:`_LIST_CHUNK` bytes or so."""
+    chunk: list[str] = []
+    size = 0
+    for entry in files:
+        text = out.json_text(entry)
+        if chunk and size + len(text) > _LIST_CHUNK:
+            out.send(b"L", ("[" + ",".join(chunk) + "]").encode(), signed=True)
+            chunk, size = [], 0
+        chunk.append(text)
+        size += len(text) + 1
+    if chunk:
+        out.send(b"L", ("[" + ",".join(chunk) + "]").encode(), signed=True)
+
+
+def _manifest(run_dir: str, patterns: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Path, size and sha256 of each regular file the task left (matching one of ``patterns``, if any);
+    and the files and directories that could not be read (path and reason), which are skipped."""
     import fnmatch
 
-    entries = []
-    for directory, dirnames, filenames in os.walk(run_dir):
+    entries: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+
+    def unreadable(error: OSError) -> None:
+        path = os.path.relpath(error.filename or run_dir, run_dir).replace(os.sep, "/")
+        skipped.append({"path": path + "/", "reason": error.strerror or str(error)})
+
+    for directory, dirnames, filenames in os.walk(run_dir, onerror=unreadable):
         relative_dir = os.path.relpath(directory, run_dir)
         if relative_dir == ".":
             dirnames[:] = [d for d in dirnames if d != PRIVATE]
@@ -178,8 +212,11 @@ def _manifest(run_dir: str, patterns: list[str]) -> list[dict[str, Any]]:
                 continue
             if patterns and not any(fnmatch.fnmatch(relative, pattern) for pattern in patterns):
                 continue
-            entries.append(_file_entry(path, relative))
-    return entries
+            try:
+                entries.append(_file_entry(path, relative))
+            except OSError as exc:
+                skipped.append({"path": relative, "reason": exc.strerror or str(exc)})
+    return entries, skipped
 
 
 def _file_entry(path: str, relative: str) -> dict[str, Any]:

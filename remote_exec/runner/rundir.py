@@ -64,35 +64,53 @@ def read_status(run_dir: str) -> dict[str, Any]:
 
 
 def rmtree(path: str) -> None:
-    """Remove a directory tree, whatever the task left in it (shutil costs the runner too much to import)."""
+    """Remove a directory tree, whatever the task left in it: a directory it made unreadable or read-only
+    is opened up first (shutil costs the runner too much to import)."""
     try:
         os.rmdir(path)  # most calls leave their run directory empty
         return
     except OSError:
         pass
-    for root, dirs, files in os.walk(path, topdown=False):
-        for name in files:
-            try:
-                os.unlink(os.path.join(root, name))
-            except OSError:
-                pass
-        for name in dirs:
-            _remove_dir(os.path.join(root, name))
+    _remove_tree(path, 0)
+
+
+def _remove_tree(path: str, depth: int) -> None:
+    try:
+        entries = os.listdir(path)
+    except PermissionError:
+        try:
+            os.chmod(path, 0o700)
+            entries = os.listdir(path)
+        except OSError:
+            return
+    except OSError:
+        return
+    for name in entries:
+        entry = os.path.join(path, name)
+        try:
+            os.unlink(entry)
+            continue
+        except IsADirectoryError:
+            pass
+        except PermissionError:  # a read-only directory holds it, or it is a directory (EPERM on some systems)
+            if not os.path.isdir(entry) or os.path.islink(entry):
+                try:
+                    os.chmod(path, 0o700)
+                    os.unlink(entry)
+                except OSError:
+                    pass
+                continue
+        except OSError:
+            continue
+        if depth < 1000:
+            _remove_tree(entry, depth + 1)
     try:
         os.rmdir(path)
-    except OSError:
-        pass
-
-
-def _remove_dir(entry: str) -> None:
-    """Remove an emptied directory (or a symlink to one); one the task made unreadable is opened first."""
-    try:
-        os.unlink(entry) if os.path.islink(entry) else os.rmdir(entry)
-    except OSError:
+    except PermissionError:
         try:
-            os.chmod(entry, 0o700)
-            for child in os.listdir(entry):
-                os.unlink(os.path.join(entry, child))
-            os.rmdir(entry)
+            os.chmod(os.path.dirname(path) or ".", 0o700)
+            os.rmdir(path)
         except OSError:
             pass
+    except OSError:
+        pass

@@ -228,3 +228,39 @@ def test_built_in_data_crosses_as_marshal_and_anything_else_as_pickle(dispatcher
     assert type(call.result.value[0]) is bytearray  # marshal would give bytes: it goes as a pickle
     call = dispatcher.run(Task.from_function(echo), (plain,), restricted=True)
     assert call.result.value == (plain, True) and call.outcome.header["value"]["encoding"] == "serializer"
+
+
+@pytest.mark.parametrize(("count", "name_length"), [(20_000, 8), (4_000, 240)])
+def test_a_result_of_many_files_comes_back_whole(dispatcher: Any, count: int, name_length: int) -> None:
+    """The file list travels in frames of its own: 20,000 files, or 4,000 with long names, are well over
+    the 1 MiB a single header frame may hold."""
+    call = dispatcher.run(f"""
+        import os
+        os.makedirs("many", exist_ok=True)
+        for index in range({count}):
+            with open(os.path.join("many", str(index).rjust({name_length}, "n")), "w") as stream:
+                stream.write(str(index))
+    """)
+    assert call.result.ok, call.stderr
+    assert len(call.outcome.files) == count == call.outcome.header["file_count"]
+    assert (call.landed / "many" / "7".rjust(name_length, "n")).read_text() == "7"
+
+
+def test_unreadable_files_are_skipped_and_named(dispatcher: Any) -> None:
+    """What the runner cannot read (a file or folder the task made unreadable) is listed as skipped; the
+    rest of the result, and the script's exit code, still come back."""
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file: the fault suite checks this on the testbed as a normal user")
+    call = dispatcher.run("""
+        import os, sys
+        open("fine.txt", "w").write("ok")
+        open("secret.txt", "w").write("no")
+        os.chmod("secret.txt", 0)
+        os.makedirs("closed/inner")
+        open("closed/inner/x.txt", "w").write("x")
+        os.chmod("closed", 0)
+        sys.exit(3)
+    """)
+    assert call.result.exit_code == 3
+    assert [p.name for p in call.outcome.files] == ["fine.txt"]
+    assert sorted(entry["path"] for entry in call.outcome.header["skipped"]) == ["closed/", "secret.txt"]
