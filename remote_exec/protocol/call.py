@@ -35,6 +35,12 @@ __all__ = ["Call", "StaleWorker", "dispatch", "run_call", "send_session"]
 logger = logging.getLogger(__name__)
 
 
+#: Seconds a call interrupted with Ctrl-C (or SIGTERM) waits for its task to stop and its result, with the
+#: files it wrote, to come back: the runner's SIGINT and SIGTERM graces (2 s each), its drain (1 s) and a
+#: margin. A second Ctrl-C stops waiting.
+STOP_WAIT = 8.0
+
+
 class StaleWorker(Exception):
     """A persistent worker's channel was already closed when a call was sent to it."""
 
@@ -47,10 +53,12 @@ class Call:
         received: The result frames so far.
         dead: The watchdog gave the link up (silent too long, or past the call's deadline).
         stop: The call is over; the watchdog leaves it alone.
+        stop_wait: Seconds a Ctrl-C waits for the stopped task's result (0: it does not wait).
+        interrupted: Ctrl-C stopped the task, and its result came back.
     """
 
     def __init__(self, channel: Channel, options: CallOptions, key: bytes, on_stdout: OutputSink,
-                 on_stderr: OutputSink) -> None:
+                 on_stderr: OutputSink, stop_wait: float = STOP_WAIT) -> None:
         self.channel = channel
         self.host = channel.backend.host
         self.options = options
@@ -60,6 +68,8 @@ class Call:
         self.started: dict[str, Any] | None = None
         self.dead = Flag()
         self.stop = Flag()
+        self.stop_wait = stop_wait
+        self.interrupted = False
 
     def check(self, deadline: float | None) -> None:
         """Called about every second while the call runs: heartbeat to the runner, and drop the link
@@ -95,6 +105,19 @@ class Call:
         elif kind != b"B":
             raise RunnerError(f"unknown frame {kind!r} from the runner", reason="protocol", host=self.host)
         return False
+
+    def stop_and_wait(self) -> bool:
+        """After a Ctrl-C: ask the runner to stop the task (SIGINT first, so the task's ``finally`` runs) and
+        wait up to :attr:`stop_wait` seconds for its result; False when it did not come (a second Ctrl-C,
+        a lost link, or no waiting for this call)."""
+        if self.stop_wait <= 0:
+            return False
+        try:
+            self.channel.send(b"C")
+            self.channel.watch(self, time.monotonic() + self.stop_wait)
+            return self.channel.pump(self.handle)
+        except (KeyboardInterrupt, Exception):
+            return False
 
     def cancel(self) -> None:
         """Ask the runner to stop the task, give it a moment, then drop the channel."""
@@ -185,9 +208,12 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None) -> None:
     try:
         complete = channel.pump(call.handle)
     except KeyboardInterrupt:
-        call.cancel()
-        phase("execute", "failed")
-        raise Interrupted(f"interrupted; the task on {call.host} was stopped") from None
+        call.interrupted = call.stop_and_wait()  # the task's files come back with its result
+        if not call.interrupted:
+            call.cancel()
+            phase("execute", "failed")
+            raise Interrupted(f"interrupted; the task on {call.host} was stopped") from None
+        complete = True
     call.stop.set()
     call.received.close_spool()
     if not complete:
@@ -199,11 +225,13 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None) -> None:
 def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
              on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
              phases: dict[str, float], uploaded: bool, keep: bool,
-             extra_options: Mapping[str, Any] | None = None) -> Outcome:
+             extra_options: Mapping[str, Any] | None = None, acknowledge: bool = False) -> Outcome:
     """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
-    output, collect and check its result. With ``keep`` the channel (a worker) stays open after it."""
+    output, collect and check its result. With ``keep`` the channel (a worker) stays open after it. With
+    ``acknowledge`` (a detached run's collection) the runner hears ``A`` once the result landed, and only
+    then removes the run's data: a result that was refused can be collected again."""
     key = secrets.token_bytes(32)
-    call = Call(channel, options, key, on_stdout, on_stderr)
+    call = Call(channel, options, key, on_stdout, on_stderr, stop_wait=0.0 if acknowledge else STOP_WAIT)
     phase("execute", "started")
     deadline = None if options.timeout is None else time.monotonic() + options.timeout + options.dead_after + 5
     try:
@@ -211,7 +239,7 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
                    keep=keep)
         _stream(call, phase, deadline)
         header = call.received.header or {}
-        if not keep:
+        if not keep and not acknowledge:
             channel.reap_later()
         elif header.get("status") in ("timeout", "cancelled"):
             channel.broken = True  # a worker exits after such a call
@@ -223,8 +251,16 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
             phase("collect", "failed")
             raise
         phase("collect", "finished")
+        if acknowledge:
+            channel.send(b"A")
+            channel.reap_later()
+        if call.interrupted:
+            raise Interrupted(f"interrupted; the task on {call.host} was stopped"
+                              + (f" ({len(landed)} file(s) it wrote brought back)" if landed else ""))
     except BaseException:
         channel.broken = True
+        if acknowledge and call.received.end is not None:
+            channel.reap_later()  # no A: the host keeps the run for another attach
         raise
     finally:
         call.stop.set()

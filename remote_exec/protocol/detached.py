@@ -2,8 +2,8 @@
 
 ``detach`` hands the session to a supervisor on the host (in its own session, its output in files of the
 run directory) and returns where it runs; ``attach`` follows those files and, with ``collect``, sends the
-result exactly as an attached call would (signed with a fresh per-call key); ``cancel`` asks the
-supervisor to stop the task's process group.
+result exactly as an attached call would (signed with a fresh per-call key) and, once it landed, acknowledges it (``A``)
+so that the host removes the run; ``cancel`` asks the supervisor to stop the task (SIGINT, SIGTERM, SIGKILL).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def attach_detached(session: Session, backend: Backend, detached: Mapping[str, A
                            [str(detached["run_dir"]), "collect"])
     return run_call(channel, session, None, options, on_stdout=on_stdout, on_stderr=on_stderr,
                     land_file=land_file, phase=_ignore_phase, phases={}, uploaded=False, keep=False,
-                    extra_options={"stdout_offset": offsets[0], "stderr_offset": offsets[1]})
+                    extra_options={"stdout_offset": offsets[0], "stderr_offset": offsets[1]}, acknowledge=True)
 
 
 def cancel_detached(backend: Backend, detached: Mapping[str, Any], options: CallOptions) -> dict[str, Any]:

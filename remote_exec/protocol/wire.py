@@ -2,8 +2,9 @@
 
 This module travels to the remote inside the distribution archive and is imported by the runner on every
 call. After the bootstrap's handshake (:mod:`remote_exec.protocol.bootstrap`), the coordinator writes
-frames to the runner's stdin and the runner writes frames to its stdout; the runner's stderr carries only
-its own diagnostics. One exec of the runner serves one call (``serve``), many (``worker``, for
+frames to the runner's stdin and the runner writes frames to its stdout (a private copy of it: fd 1 of the
+runner's process points at stderr, so nothing printed by mistake lands between frames); the runner's stderr
+carries only its own diagnostics. One exec of the runner serves one call (``serve``), many (``worker``, for
 ``keep_warm``), or a detached run (``detach``, ``attach``).
 
 A frame is one type byte, a 4-byte big-endian payload length, and the payload (at most
@@ -16,8 +17,11 @@ coordinator:
     S  the session in its wire form (``Session.to_wire``), in one or more frames
     s  end of session: marshal ``{"size": N}`` (the runner also accepts a ``sha256``); the task starts
     H  heartbeat (empty)
-    C  cancel: stop the task's process group now
+    C  cancel: stop the task and all it started (SIGINT, then SIGTERM, then SIGKILL, each after a grace)
     Q  quit: a persistent worker exits (a running call is cancelled)
+    A  acknowledged (empty; ``attach ... collect`` only): the coordinator landed the result it was sent,
+       so the runner may now remove the detached run's directory. Without it (the coordinator refused
+       the result, or went away) the run stays on the host and a later ``attach`` collects it again.
 
 Frames from the runner:
 
@@ -25,14 +29,20 @@ Frames from the runner:
     P  an event as JSON: ``{"event": "started", "pid", "run_dir", "host"}`` (a call's task started),
        ``{"event": "worker", "pid", "host"}`` (a persistent worker is ready),
        ``{"event": "detached", "run_dir", "supervisor_pid", "host"}`` (a detached run started)
-    R  result header, JSON: protocol, status, exit_code, detail, signal, exception (type, message,
-       traceback text), value (size and encoding: ``marshal`` or ``serializer``) or null, exc_pickle
-       (size) or null, files (a manifest: path, size, sha256 each), duration, python, host
+    R  result header, JSON: protocol, status, exit_code, detail, signal, exception (type, message and
+       traceback text, each at most 64 Ki characters), value (size and encoding: ``marshal`` or
+       ``serializer``) or null, exc_pickle (size) or null, file_count, skipped (files and folders that
+       could not be read: path and reason, at most 100) and skipped_count, stray (what was still running
+       when the task's process ended and had to be stopped: command and pid, at most 20) and
+       stray_count when there was any, duration, python, host
+    L  the manifest of the pulled files, a JSON array of {path, size, sha256}, in as many frames as it
+       takes (each well under MAX_FRAME), after R
     V  the value's bytes          X  the pickled exception's bytes
     F  the pulled files as an uncompressed tar stream, in manifest order
-    Z  end of result, JSON ``{"hmac": hex}``: HMAC-SHA256 with the call's key over every R, V, X and F
+    Z  end of result, JSON ``{"hmac": hex}``: HMAC-SHA256 with the call's key over every R, L, V, X and F
        frame, each fed as type byte + 8-byte big-endian length + payload. When ``attach`` only follows a
-       detached run, ``Z`` is ``{"done": status, "exit_code": N}`` instead and no result precedes it.
+       detached run, ``Z`` is ``{"done": status, "exit_code": N, "detail": text}`` instead and no result
+       precedes it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,13 @@
 """Detached runs: ``detach`` starts a call that outlives its channel, ``attach`` follows it (and collects its
-result), ``cancel`` stops it. The run's state lives in its run directory's private ``.rx``: the status file,
-the task's stdout and stderr, and once it ended its outcome, value and exception."""
+result), ``cancel`` stops it. The run's state lives in its run directory's private ``.rx``: the status file
+(with the supervisor's and the task's process identities, pid and start time), the task's stdout and
+stderr, and once it ended its outcome, value and exception. Secrets (``secret_env``) live only in the
+supervisor's memory and the task's environment, never in a file.
+
+A supervisor that died (``kill -9``, the OOM killer, a full disk, a reboot) is noticed by ``attach``,
+``logs -f`` and ``cancel``: the run is reported ``lost`` with what it left, and no process is signalled
+unless it is still the one recorded. The run directory goes only once the coordinator acknowledged the
+result it collected (an ``A`` frame): a result it refused can be collected again."""
 
 from __future__ import annotations
 
@@ -11,9 +18,10 @@ import time
 
 from ..protocol import wire
 from .channel import EXIT_RUNNER_FAILURE, CoordinatorGone, read_call
-from .policy import KILL_GRACE, Policy
-from .result import classify, send_classified
-from .rundir import PRIVATE, RunStatus, make_run_dir, read_status
+from .policy import INT_GRACE, KILL_GRACE, Policy
+from .result import Ending, classify, send_classified
+from .contain import alive, identity, signal_process
+from .rundir import PRIVATE, RunStatus, make_run_dir, read_status, rmtree
 from .supervise import supervise
 
 TYPE_CHECKING = False  # typing is not imported at run time
@@ -38,12 +46,17 @@ class _FileSink:
         self.streams = {b"O": open(os.path.join(directory, "stdout"), "ab", buffering=0),  # noqa: SIM115
                         b"E": open(os.path.join(directory, "stderr"), "ab", buffering=0)}  # noqa: SIM115
         self.last = time.monotonic()
+        self.dropped = 0
 
     def send(self, kind: bytes, payload: bytes = b"", *, signed: bool = False) -> None:
-        """Append output (O, E) to its file; other frames have no one to go to."""
+        """Append output (O, E) to its file; other frames have no one to go to. Output that does not fit
+        on the disk is dropped (counted): the task goes on, watched."""
         stream = self.streams.get(kind)
         if stream is not None:
-            stream.write(payload)
+            try:
+                stream.write(payload)
+            except OSError:
+                self.dropped += len(payload)
         self.last = time.monotonic()
 
     def event(self, fields: dict[str, Any]) -> None:
@@ -61,6 +74,7 @@ def serve_detached(cache_dir: str, out: Out) -> None:
     options, session_bytes, _ = read_call(0)
     options = dict(options, key="00")  # the supervisor never holds the coordinator's key
     run_dir = make_run_dir(cache_dir, options)
+    RunStatus(run_dir).update(state="starting", detached=True)
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the supervisor
@@ -86,13 +100,16 @@ def _supervisor(options: dict[str, Any], session_bytes: bytes, run_dir: str, rea
         if os.fork():  # the session leader goes; its child can never regain a terminal
             os._exit(0)
         _supervisor_stdio(run_dir)
-        status.update(state="running", supervisor_pid=os.getpid(), started=time.time())
+        status.update(state="running", detached=True, supervisor_pid=os.getpid(), supervisor=identity(os.getpid()),
+                      started=time.time())
         os.write(ready_w, str(os.getpid()).encode())
         os.close(ready_w)
         sink = _FileSink(os.path.join(run_dir, PRIVATE))
         ending = supervise(options, session_bytes, wire.FrameReader(), run_dir, sink, coordinator=False,
-                           status=status)
+                           status=status, cache_dir=os.path.dirname(os.path.dirname(run_dir)))
         sink.close()
+        if sink.dropped:
+            sys.stderr.write(f"rx supervisor: {sink.dropped} bytes of output did not fit on the disk\n")
         header = _store_outcome(options, run_dir, *classify(options, ending))
         status.update(state="done", status=header["status"], exit_code=header["exit_code"], finished=time.time())
     except BaseException:
@@ -118,14 +135,16 @@ def _supervisor_stdio(run_dir: str) -> None:
 
 def _store_outcome(options: dict[str, Any], run_dir: str, header: dict[str, Any], value: bytes | memoryview,
                    exc_data: bytes | memoryview) -> dict[str, Any]:
-    """Write the value, the exception and (last, atomically) the outcome for ``attach``; return the header."""
+    """Write the value, the exception and (last, atomically) the outcome for ``attach``; return the header.
+    The call's secrets are not written: they stay in this process's memory only."""
     private = os.path.join(run_dir, PRIVATE)
     for name, data in (("value.bin", value), ("exception.bin", exc_data)):
         if data:
             with open(os.path.join(private, name), "wb") as stream:
                 stream.write(data)
+    stored = {key: item for key, item in options.items() if key not in ("secret_env", "key")}
     with open(os.path.join(private, _OUTCOME + ".tmp"), "wb") as stream:
-        stream.write(wire.json_bytes({"header": header, "options": options}))
+        stream.write(wire.json_bytes({"header": header, "options": stored}))
     os.rename(os.path.join(private, _OUTCOME + ".tmp"), os.path.join(private, _OUTCOME))
     return header
 
@@ -140,7 +159,8 @@ def _check_run_dir(cache_dir: str, run_dir: str) -> str:
 
 def serve_attach(cache_dir: str, run_dir: str, collect: bool, out: Out) -> None:
     """Stream a detached run's output from its files until it ends; with ``collect``, then send its
-    result exactly as an attached call would (signed with the key from this call's G frame)."""
+    result exactly as an attached call would (signed with the key from this call's G frame), and remove the
+    run directory once the coordinator acknowledged it (an ``A`` frame)."""
     run_dir = _check_run_dir(cache_dir, run_dir)
     options = _read_go()
     out.new_call(options["key"])
@@ -148,14 +168,58 @@ def serve_attach(cache_dir: str, run_dir: str, collect: bool, out: Out) -> None:
     # Heartbeats only: a silent or closing link ends the following, never the detached task.
     policy = Policy(timeout=None, heartbeat=float(options.get("heartbeat") or 5.0), dead_after=None,
                     started=time.monotonic())
-    _follow(run_dir, offsets, policy, out)
-    header, run_options, value, exc_data = _stored_result(run_dir)
+    lost = _follow(run_dir, offsets, policy, out)
+    try:
+        if lost is not None:
+            raise LookupError(lost)
+        header, run_options, value, exc_data = _stored_result(run_dir)
+    except (LookupError, OSError, ValueError) as exc:
+        why = lost or f"the run's supervisor failed before it stored how the run ended ({exc}; see supervisor.log)"
+        header, run_options, value, exc_data = _lost_result(run_dir, why), {}, b"", b""
     if not collect:
-        out.send(b"Z", wire.json_text({"done": header.get("status"), "exit_code": header.get("exit_code")}).encode())
+        out.send(b"Z", wire.json_text({"done": header.get("status"), "exit_code": header.get("exit_code"),
+                                      "detail": header.get("detail")}).encode())
         return
     run_options.update(pull=options.get("pull") or run_options.get("pull"), keep=False,
                        no_pull=bool(options.get("no_pull")))
-    send_classified(run_options, run_dir, header, value, exc_data, out)
+    send_classified(run_options, run_dir, header, value, exc_data, out, remove=False)
+    if _acknowledged():
+        rmtree(run_dir)
+
+
+def _acknowledged(wait: float = 600.0) -> bool:
+    """Whether the coordinator acknowledged the result (an A frame) before its channel closed; a
+    coordinator that refused the result (or went away) says nothing, and the run stays collectable."""
+    import select
+
+    reader = wire.FrameReader()
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if not select.select([0], [], [], min(5.0, max(0.0, deadline - time.monotonic())))[0]:
+            continue
+        try:
+            data = os.read(0, 1 << 16)
+        except BlockingIOError:
+            continue
+        except OSError:
+            return False
+        if not data:
+            return False
+        if any(kind == b"A" for kind, _ in reader.feed(data)):
+            return True
+    return False
+
+
+def _lost_result(run_dir: str, detail: str) -> dict[str, Any]:
+    """The result header of a run whose supervisor died before it recorded how the run ended."""
+    status = read_status(run_dir)
+    task = status.get("task")
+    if isinstance(task, dict):  # an orphan of the dead supervisor (only if it is still that process)
+        signal_process(task, signal.SIGKILL, group=True)
+    started = float(status.get("started") or time.time())
+    header, _, _ = classify({}, Ending(time.monotonic() - (time.time() - started), status="lost", detail=detail))
+    header["exit_code"] = 3
+    return header
 
 
 def _read_go() -> dict[str, Any]:
@@ -170,17 +234,20 @@ def _read_go() -> dict[str, Any]:
                 return wire.load_options(payload)
 
 
-def _follow(run_dir: str, offsets: dict[bytes, int], policy: Policy, out: Out) -> None:
-    """Send the run's output from ``offsets`` on as it grows, until the run is done."""
+def _follow(run_dir: str, offsets: dict[bytes, int], policy: Policy, out: Out) -> str | None:
+    """Send the run's output from ``offsets`` on as it grows, until the run is done; return why it is lost
+    when its supervisor died first (None: it ended and stored its outcome)."""
     private = os.path.join(run_dir, PRIVATE)
     follower = _Follower(out)
     os.set_blocking(0, False)
     while True:
-        done = read_status(run_dir).get("state") == "done"
+        lost = _supervisor_gone(run_dir)
+        done = lost is not None or read_status(run_dir).get("state") == "done"
         for kind, name in _OUTPUT.items():
             offsets[kind] = _send_from(os.path.join(private, name), offsets[kind], kind, out)
         if done:
-            return
+            os.set_blocking(0, True)
+            return lost
         now = time.monotonic()
         try:
             data = os.read(0, 1 << 16)
@@ -192,6 +259,25 @@ def _follow(run_dir: str, offsets: dict[bytes, int], policy: Policy, out: Out) -
         for action in actions + policy.step(now):
             action.apply(follower)
         time.sleep(0.1)
+
+
+def _supervisor_gone(run_dir: str) -> str | None:
+    """Why the run is lost, if its supervisor no longer runs and never recorded the run's end."""
+    status = read_status(run_dir)
+    if status.get("state") == "done":
+        return None
+    supervisor = status.get("supervisor")
+    if isinstance(supervisor, dict):
+        gone = not alive(supervisor)
+    elif status.get("state") == "starting":
+        gone = time.time() - os.stat(os.path.join(run_dir, PRIVATE)).st_mtime > 60
+    else:
+        return None  # an older rx's run: nothing to check it by
+    if not gone or read_status(run_dir).get("state") == "done":  # it may have ended just now
+        return None
+    pid = supervisor.get("pid") if isinstance(supervisor, dict) else None
+    return (f"the run's supervisor (pid {pid}) ended without recording how the run ended: killed, out of "
+            "memory, out of disk space, or the host rebooted")
 
 
 class _Follower:
@@ -254,15 +340,14 @@ def serve_cancel(cache_dir: str, run_dir: str, out_fd: int = 1) -> int:
     print the run's status as JSON once it has ended (within a few seconds)."""
     run_dir = _check_run_dir(cache_dir, run_dir)
     status = read_status(run_dir)
-    pid = status.get("supervisor_pid")
-    if status.get("state") != "done" and isinstance(pid, int) and pid > 0:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + KILL_GRACE + 3
-        while time.monotonic() < deadline and read_status(run_dir).get("state") != "done":
-            time.sleep(0.05)
+    supervisor = status.get("supervisor")
+    if status.get("state") != "done" and isinstance(supervisor, dict):
+        # Only the recorded supervisor (same pid and start time): a pid alone may be another process by now.
+        if signal_process(supervisor, signal.SIGTERM):
+            deadline = time.monotonic() + INT_GRACE + KILL_GRACE + 3
+            while (time.monotonic() < deadline and read_status(run_dir).get("state") != "done"
+                   and alive(supervisor)):
+                time.sleep(0.05)
     data = (wire.json_text(read_status(run_dir)) + "\n").encode()
     while data:
         data = data[os.write(out_fd, data):]

@@ -38,18 +38,21 @@ class Ending:
         detail: The detail of that status.
         oom_before: The cgroup's count of OOM kills before the task started (None: unknown).
         loaded: What the task sent: (record, value, exception); None if nothing arrived whole.
+        contained: What had to be stopped after the task's own process ended (``stray``, ``stray_count``).
     """
 
-    __slots__ = ("detail", "exit_status", "loaded", "oom_before", "started", "status")
+    __slots__ = ("contained", "detail", "exit_status", "loaded", "oom_before", "started", "status")
 
     def __init__(self, started: float, *, exit_status: int | None = None, status: str | None = None,
-                 detail: str | None = None, oom_before: int | None = None, loaded: Loaded | None = None) -> None:
+                 detail: str | None = None, oom_before: int | None = None, loaded: Loaded | None = None,
+                 contained: dict[str, Any] | None = None) -> None:
         self.started = started
         self.exit_status = exit_status
         self.status = status
         self.detail = detail
         self.oom_before = oom_before
         self.loaded = loaded
+        self.contained = contained or {}
 
 
 def oom_kills() -> int | None:
@@ -101,6 +104,7 @@ def classify(options: dict[str, Any], ending: Ending) -> Loaded:
                               "signal": _signal_name(signal_number) if signal_number else None}
     if record is not None:
         header["exception"] = record.get("exception")
+    header.update(ending.contained)
     value, exc_data = (loaded[1], loaded[2]) if loaded is not None else (b"", b"")
     # Sizes only: the content of both is under the result's HMAC.
     header["value"] = ({"size": len(value), "encoding": (record or {}).get("value_encoding", "serializer")}

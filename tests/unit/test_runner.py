@@ -264,3 +264,38 @@ def test_unreadable_files_are_skipped_and_named(dispatcher: Any) -> None:
     assert call.result.exit_code == 3
     assert [p.name for p in call.outcome.files] == ["fine.txt"]
     assert sorted(entry["path"] for entry in call.outcome.header["skipped"]) == ["closed/", "secret.txt"]
+
+
+def test_ctrl_c_interrupts_the_task_as_a_terminal_would_and_what_it_wrote_comes_back(dispatcher: Any) -> None:
+    """Ctrl-C reaches the task as SIGINT first: its ``except KeyboardInterrupt`` and ``finally`` run, and the
+    checkpoint they write is brought back before Interrupted is raised."""
+    import threading
+
+    from remote_exec.errors import Interrupted
+
+    started = dispatcher.root / "started"
+    source = f"""
+        import time
+        open({str(started)!r}, "w").close()
+        try:
+            time.sleep(60)
+        except KeyboardInterrupt:
+            open("checkpoint.txt", "w").write("saved on Ctrl-C")
+            raise
+        finally:
+            open("finally.txt", "w").write("ran")
+    """
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    began = time.monotonic()
+    with pytest.raises(Interrupted, match="2 file"):
+        dispatcher.run(source)
+    assert time.monotonic() - began < 15
+    assert (dispatcher.root / "landed" / "checkpoint.txt").read_text() == "saved on Ctrl-C"
+    assert (dispatcher.root / "landed" / "finally.txt").read_text() == "ran"
