@@ -119,7 +119,7 @@ def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
     message = f"rx: run {run.id} {ended.status}"
     if result.status == "timeout":
         message += f" ({ended.error})"
-    elif result.status in ("signal", "oom"):
+    elif result.status in ("signal", "oom", "lost"):
         message += f" ({result.detail})"
     message += f", exit {ended.exit_code}, {info.get('duration') or 0:.2f} s; {files} file(s) in {where}/files"
     console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -297,6 +297,9 @@ def load_detached_run(workspace: Path | None, run_ref: str) -> DetachedRun:
     with run.session_path.open("rb") as stream:
         session = Session.restore(stream)
     session.config = Configuration.load()
+    # Secrets went to the host when the run started; following, collecting or cancelling it needs none.
+    session.context["options"] = {key: value for key, value in (session.context.get("options") or {}).items()
+                                  if key != "secret_env"}
     coordinator = Coordinator.current()
     return DetachedRun(run=run, session=session, target=coordinator.resolve_target(session), info=info,
                        coordinator=coordinator)
@@ -351,5 +354,5 @@ def cancel(
         typer.echo(f"rx: run {run.id} is already {info.get('status')}", err=True)
         raise typer.Exit(0)
     detached.coordinator.cancel(detached.target, info["detached"])
-    attach_run(detached, as_json=False)
-    raise typer.Exit(130 if run.info().get("status") == "cancelled" else 0)
+    code = attach_run(detached, as_json=False)
+    raise typer.Exit(130 if run.info().get("status") == "cancelled" else code)

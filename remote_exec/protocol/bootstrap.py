@@ -98,7 +98,8 @@ else:
         for _ in range(u(e+10,2)):
             if d[q:q+4]!=b'PK\x01\x02':raise SystemExit('rx bootstrap: damaged archive')
             g,z,f,l=u(q+10,2),u(q+20,4),d[q+46:q+46+u(q+28,2)].decode('utf-8'),u(q+42,4);q+=46+u(q+28,2)+u(q+30,2)+u(q+32,2)
-            if f.startswith('/') or '..' in f.split('/') or '\\' in f or '\n' in f:raise SystemExit('rx bootstrap: bad entry')
+            if f.startswith('/') or '..' in f.split('/') or '\\' in f or '\n' in f:
+                raise SystemExit('rx bootstrap: bad entry')
             if f.endswith('/'):continue
             v=l+30+u(l+26,2)+u(l+28,2);b=d[v:v+z]
             if g==8:b=zlib.decompress(b,-15)

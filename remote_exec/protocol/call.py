@@ -14,13 +14,14 @@ import logging
 import secrets
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..backends.base import Backend, Process
 from ..errors import CommandTimeout, ConnectError, IntegrityError, Interrupted, RemoteExecError, RunnerError
 from ..launchers.base import Launcher
 from ..packing import DistributionArchive
-from ..session import Session
+from ..session import Result, Session
 from . import wire
 from .bootstrap import start_runner
 from .channel import Channel, Flag
@@ -222,6 +223,38 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None) -> None:
         raise _no_result_error(call, deadline)
 
 
+def _send_tolerantly(call: Call, go: dict[str, Any], session_bytes: bytes | None, *, keep: bool) -> None:
+    """Send the call; a runner that ended before it read it is reported by what it said (see
+    :func:`_no_result_error`), not as a closed pipe."""
+    try:
+        _send_call(call.channel, go, session_bytes, keep=keep)
+    except ConnectError:
+        if keep:
+            raise
+        logger.debug("%s: the runner stopped reading its input", call.host, exc_info=True)
+
+
+def _collect(call: Call, session: Session, land_file: FileLander | None, phase: PhaseCallback, *,
+             acknowledge: bool) -> tuple[Result, list[Path], bytes]:
+    """Check and land the result (see :func:`.collect.collect`); acknowledge it to a detached run's runner;
+    raise Interrupted, once the files landed, for a call Ctrl-C stopped."""
+    phase("collect", "started")
+    try:
+        collected = collect(call.received, call.host, session, call.options, land_file)
+    except BaseException:
+        phase("collect", "failed")
+        raise
+    phase("collect", "finished")
+    if acknowledge:
+        call.channel.send(b"A")
+        call.channel.reap_later()
+    if call.interrupted:
+        landed = collected[1]
+        raise Interrupted(f"interrupted; the task on {call.host} was stopped"
+                          + (f" ({len(landed)} file(s) it wrote brought back)" if landed else ""))
+    return collected
+
+
 def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
              on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
              phases: dict[str, float], uploaded: bool, keep: bool,
@@ -235,8 +268,8 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
     phase("execute", "started")
     deadline = None if options.timeout is None else time.monotonic() + options.timeout + options.dead_after + 5
     try:
-        _send_call(channel, _call_options(session, options, key, land_file, extra_options), session_bytes,
-                   keep=keep)
+        _send_tolerantly(call, _call_options(session, options, key, land_file, extra_options), session_bytes,
+                         keep=keep)
         _stream(call, phase, deadline)
         header = call.received.header or {}
         if not keep and not acknowledge:
@@ -244,19 +277,7 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
         elif header.get("status") in ("timeout", "cancelled"):
             channel.broken = True  # a worker exits after such a call
         phase("execute", "finished")
-        phase("collect", "started")
-        try:
-            result, landed, value_data = collect(call.received, call.host, session, options, land_file)
-        except BaseException:
-            phase("collect", "failed")
-            raise
-        phase("collect", "finished")
-        if acknowledge:
-            channel.send(b"A")
-            channel.reap_later()
-        if call.interrupted:
-            raise Interrupted(f"interrupted; the task on {call.host} was stopped"
-                              + (f" ({len(landed)} file(s) it wrote brought back)" if landed else ""))
+        result, landed, value_data = _collect(call, session, land_file, phase, acknowledge=acknowledge)
     except BaseException:
         channel.broken = True
         if acknowledge and call.received.end is not None:

@@ -2,11 +2,12 @@
 
 Started by the bootstrap (see :mod:`remote_exec.protocol.bootstrap`) as ``main([cache_dir, "serve"], fd)``,
 where ``fd`` is the protocol's private copy of the real stdout (fd 1 then points at stderr, so nothing an
-import prints reaches the frames). It reads the call's options and session from stdin, creates a private run directory (mode 0700) under the cache dir,
-forks the task into its own session and process group with that directory as working directory, and
-streams the task's stdout and stderr back as frames while it runs. It watches three things: the task's
-end, the coordinator (stdin closed or heartbeats stopped: the link or the coordinator died) and the
-timeout; in the last two cases it kills the task's whole process group. Then it sends the result (value
+import prints reaches the frames). It reads the call's options and session from stdin, creates a private
+run directory (mode 0700) under the cache dir, forks the task into its own session and process group with
+that directory as working directory (held with all it starts by :mod:`.contain`), and streams the task's
+stdout and stderr back as frames while it runs. It watches the task's end, the coordinator (stdin closed
+or heartbeats stopped: the link or the coordinator died; a C frame: cancel), the timeout and its own
+SIGTERM; in all but the first it stops the task and everything it started. Then it sends the result (value
 or exception with its traceback text, the files the task wrote), signed with the per-call HMAC key,
 removes the run directory and exits 0. A runner failure (not the task's) exits 70 with one line on stderr.
 

@@ -15,7 +15,8 @@ timeout, a cancel, a lost coordinator, the runner's own SIGTERM):
   double-forks or calls ``setsid`` is re-parented to the runner, not to init, so walking ``/proc`` for the
   runner's descendants (and the task's session and group) finds it.
 
-Either way the task's process gets the parent-death signal SIGKILL: if the runner itself is killed
+``RX_CONTAIN=proc`` in the runner's environment skips the cgroup (tests use it to try the walk where a
+cgroup is available). Either way the task's process gets the parent-death signal SIGKILL: if the runner itself is killed
 (``kill -9``, the OOM killer) the task does not run on unsupervised. What had to be stopped after the
 task's own process ended is reported (``stray`` in the result header).
 
@@ -126,7 +127,7 @@ def prctl_function() -> Callable[[int, int], bool] | None:
     try:
         import _ctypes
 
-        address = _ctypes.dlsym(_ctypes.dlopen(None), "prctl")
+        address = _ctypes.dlsym(_ctypes.dlopen(None), "prctl")  # type: ignore[arg-type]  # None: this process
         call = _ctypes.call_function
     except (ImportError, OSError, AttributeError):
         return None
@@ -215,12 +216,20 @@ def _walk_children(root: int) -> set[int] | None:
 
 
 def _command(pid: int) -> str:
+    """What ``pid`` runs, in a few words (its name where its command line is a program text: a fork of a
+    ``python -c`` process shows the runner's bootstrap)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as stream:
-            words = stream.read().split(b"\0")
+            words = [word.decode("utf-8", "replace") for word in stream.read().split(b"\0") if word]
     except OSError:
-        return "?"
-    text = " ".join(word.decode("utf-8", "replace") for word in words if word)
+        words = []
+    text = " ".join(words)
+    if not text or "\n" in text:
+        try:
+            with open(f"/proc/{pid}/comm") as stream:
+                text = stream.read().strip()
+        except OSError:
+            text = text.split("\n")[0]
     return text[:80] or "?"
 
 
@@ -265,7 +274,7 @@ class Containment:
         self.stray_count = 0
         self.subreaper = False
         self._prctl = prctl_function()
-        parent = _own_cgroup() if cgroups else None
+        parent = _own_cgroup() if cgroups and os.environ.get("RX_CONTAIN") != "proc" else None
         if parent is not None:
             directory = os.path.join(parent, f"rx-{name}")
             try:
@@ -285,9 +294,10 @@ class Containment:
         if self._prctl is not None:
             self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
-    def adopt(self, pid: int) -> None:
-        """In the runner, once the task process is forked: become the subreaper of what it leaves."""
-        self.task = identity(pid)
+    def adopt(self, pid: int, *, group: bool = True) -> None:
+        """In the runner, once the task process is forked: become the subreaper of what it leaves. A
+        persistent worker adopts itself (``group`` False: its own process group is not the task's)."""
+        self.task = identity(pid) if group else None
         if self._prctl is not None and not self.subreaper:
             self.subreaper = self._prctl(_PR_SET_CHILD_SUBREAPER, 1)
 

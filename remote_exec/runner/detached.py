@@ -18,9 +18,9 @@ import time
 
 from ..protocol import wire
 from .channel import EXIT_RUNNER_FAILURE, CoordinatorGone, read_call
+from .contain import alive, identity, signal_process
 from .policy import INT_GRACE, KILL_GRACE, Policy
 from .result import Ending, classify, send_classified
-from .contain import alive, identity, signal_process
 from .rundir import PRIVATE, RunStatus, make_run_dir, read_status, rmtree
 from .supervise import supervise
 
@@ -299,6 +299,9 @@ class _Follower:
     def give_up(self, reason: str) -> None:
         raise CoordinatorGone(reason)  # the detached task goes on
 
+    def sweep(self) -> None:
+        """Never asked (no task process here)."""
+
     def finish(self) -> None:
         """Never asked (no task process here)."""
 
@@ -341,13 +344,11 @@ def serve_cancel(cache_dir: str, run_dir: str, out_fd: int = 1) -> int:
     run_dir = _check_run_dir(cache_dir, run_dir)
     status = read_status(run_dir)
     supervisor = status.get("supervisor")
-    if status.get("state") != "done" and isinstance(supervisor, dict):
-        # Only the recorded supervisor (same pid and start time): a pid alone may be another process by now.
-        if signal_process(supervisor, signal.SIGTERM):
-            deadline = time.monotonic() + INT_GRACE + KILL_GRACE + 3
-            while (time.monotonic() < deadline and read_status(run_dir).get("state") != "done"
-                   and alive(supervisor)):
-                time.sleep(0.05)
+    # Only the recorded supervisor (same pid and start time): a pid alone may be another process by now.
+    if status.get("state") != "done" and isinstance(supervisor, dict) and signal_process(supervisor, signal.SIGTERM):
+        deadline = time.monotonic() + INT_GRACE + KILL_GRACE + 3
+        while time.monotonic() < deadline and read_status(run_dir).get("state") != "done" and alive(supervisor):
+            time.sleep(0.05)
     data = (wire.json_text(read_status(run_dir)) + "\n").encode()
     while data:
         data = data[os.write(out_fd, data):]

@@ -246,12 +246,12 @@ class Policy:
 
     def _stop(self, now: float, sequence: tuple[int, ...]) -> list[Action]:
         """The first signal of ``sequence`` now, each next one after the previous one's grace."""
-        graces = {_signal.SIGINT: self.int_grace, _signal.SIGTERM: self.kill_grace}
+        graces: dict[int, float] = {_signal.SIGINT: self.int_grace, _signal.SIGTERM: self.kill_grace}
         self.stopping = []
         at = now
-        for previous, number in zip(sequence, sequence[1:]):
-            at += graces.get(previous, 0.0)
-            self.stopping.append((at, number))
+        for index in range(1, len(sequence)):
+            at += graces.get(sequence[index - 1], 0.0)
+            self.stopping.append((at, sequence[index]))
         return [Signal(sequence[0])]
 
     # -- time ------------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """A call's run directory on the host: made private (0700) per call, its own status file, removed whole; and
 the sweep that removes the run directories of runners that died.
 
-A run directory's name says who made it: ``<run id>-<pid>.<start time>.<boot>-<random>``, the runner's
-process identity (see :mod:`.contain`). Every way a call ends removes its directory; one a runner could not
-remove (killed with SIGKILL, the host rebooted) is removed by :func:`sweep_runs`, which a later runner calls
-at most once a minute (``<workdir>/.swept`` keeps the time). A detached run's directory belongs to its supervisor (named in its status file):
-while the supervisor lives it stays; once the run ended (or its supervisor died) it waits
-:data:`DETACHED_KEEP_DAYS` days for ``rx attach``. A run kept on purpose (``--keep-remote``) is never swept.
+A run directory's name says who made it: ``<run id>-<pid>.<start time>.<boot>-<random>``, the
+runner's process identity (see :mod:`.contain`). Every way a call ends removes its directory; one a runner
+could not remove (killed with SIGKILL, the host rebooted) is removed by :func:`sweep_runs`, which a later
+runner calls at most once a minute (``<workdir>/.swept`` keeps the time). A detached run's directory
+belongs to its supervisor (named in its status file): while the supervisor lives it stays; once the run
+ended (or its supervisor died) it waits :data:`DETACHED_KEEP_DAYS` days for ``rx attach``. A run kept on
+purpose (``--keep-remote``) is never swept.
 """
 
 from __future__ import annotations
@@ -174,42 +175,53 @@ def rmtree(path: str) -> None:
 
 
 def _remove_tree(path: str, depth: int) -> None:
-    try:
-        entries = os.listdir(path)
-    except PermissionError:
+    for name in _listed(path):
+        entry = os.path.join(path, name)
+        if os.path.isdir(entry) and not os.path.islink(entry):
+            if depth < 1000:
+                _remove_tree(entry, depth + 1)
+        else:
+            _unlink(path, entry)
+    for attempt in (0, 1):
         try:
-            os.chmod(path, 0o700)
-            entries = os.listdir(path)
+            os.rmdir(path)
+            return
+        except PermissionError:
+            if attempt == 0:
+                _open_up(os.path.dirname(path) or ".")
         except OSError:
             return
+
+
+def _listed(path: str) -> list[str]:
+    """The names in ``path`` (opened up first if the task made it unreadable)."""
+    try:
+        return os.listdir(path)
+    except PermissionError:
+        _open_up(path)
     except OSError:
-        return
-    for name in entries:
-        entry = os.path.join(path, name)
+        return []
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _unlink(directory: str, entry: str) -> None:
+    try:
+        os.unlink(entry)
+    except PermissionError:  # a read-only directory holds it
+        _open_up(directory)
         try:
             os.unlink(entry)
-            continue
-        except IsADirectoryError:
-            pass
-        except PermissionError:  # a read-only directory holds it, or it is a directory (EPERM on some systems)
-            if not os.path.isdir(entry) or os.path.islink(entry):
-                try:
-                    os.chmod(path, 0o700)
-                    os.unlink(entry)
-                except OSError:
-                    pass
-                continue
         except OSError:
-            continue
-        if depth < 1000:
-            _remove_tree(entry, depth + 1)
+            pass
+    except OSError:
+        pass
+
+
+def _open_up(directory: str) -> None:
     try:
-        os.rmdir(path)
-    except PermissionError:
-        try:
-            os.chmod(os.path.dirname(path) or ".", 0o700)
-            os.rmdir(path)
-        except OSError:
-            pass
+        os.chmod(directory, 0o700)
     except OSError:
         pass

@@ -11,6 +11,7 @@ import time
 from ..protocol import wire
 from .channel import CoordinatorGone, Out, Poller, read_call
 from .child import run_task, set_call_environ, task_stdio
+from .contain import Containment
 from .policy import Policy
 from .result import Ending, send_result
 from .rundir import make_run_dir, rmtree
@@ -46,7 +47,10 @@ def serve_worker(cache_dir: str, idle_timeout: float, out_fd: int = 1) -> int:
     out.json_text = json.dumps  # the C encoder: the worker pays the import once, every result header gains
     home = os.getcwd()
     os.makedirs(os.path.join(cache_dir, "runs"), mode=0o700, exist_ok=True)
-    calls = _Calls(cache_dir, out, _WorkerWatch(out, out_r, err_r, proto_in, wire.FrameReader()))
+    containment = Containment(f"worker-{os.getpid()}", cgroups=False)
+    containment.adopt(os.getpid(), group=False)  # what a call leaves (double forks too) stays below the worker
+    calls = _Calls(cache_dir, out, _WorkerWatch(out, out_r, err_r, proto_in, wire.FrameReader(), containment),
+                   containment)
     out.event({"event": "worker", "pid": os.getpid(), "host": os.uname().nodename})
     calls.watch.thread.start()
     try:
@@ -56,6 +60,7 @@ def serve_worker(cache_dir: str, idle_timeout: float, out_fd: int = 1) -> int:
         if calls.run_dir is not None:  # leave nothing behind (a call in progress, or the kept empty directory)
             os.chdir(home)
             rmtree(calls.run_dir)
+        containment.signal(signal.SIGKILL)
         _end_group()
 
 
@@ -76,10 +81,11 @@ def _worker_stdio(out_fd: int) -> tuple[int, Out, int, int]:
 class _Calls:
     """The worker's calls, one after another; the run directory a call left empty serves the next."""
 
-    def __init__(self, cache_dir: str, out: Out, watch: _WorkerWatch) -> None:
+    def __init__(self, cache_dir: str, out: Out, watch: _WorkerWatch, containment: Containment) -> None:
         self.cache_dir = cache_dir
         self.out = out
         self.watch = watch
+        self.containment = containment
         self.run_dir: str | None = None
 
     def serve_next(self, idle_timeout: float) -> None:
@@ -102,8 +108,11 @@ class _Calls:
         watch.returned()
         try:
             _restore_environ(saved_env)
-            if not send_result(options, run_dir, Ending(current.policy.started, exit_status=0, loaded=loaded),
-                               self.out, reuse=True):
+            contained = self.containment
+            contained.stray, contained.stray_count = [], 0
+            contained.sweep()  # what the call left running ends with it
+            ending = Ending(current.policy.started, exit_status=0, loaded=loaded, contained=contained.report())
+            if not send_result(options, run_dir, ending, self.out, reuse=True):
                 self.run_dir = None
         finally:
             watch.lock.release()
@@ -134,8 +143,10 @@ class _WorkerWatch:
     main thread owns stdin between calls).
     """
 
-    def __init__(self, out: Out, out_r: int, err_r: int, proto_in: int, reader: wire.FrameReader) -> None:
+    def __init__(self, out: Out, out_r: int, err_r: int, proto_in: int, reader: wire.FrameReader,
+                 containment: Containment) -> None:
         self.out = out
+        self.containment = containment
         self.out_r = out_r
         self.err_r = err_r
         self.proto_in = proto_in
@@ -211,6 +222,9 @@ class _WorkerWatch:
     def give_up(self, reason: str) -> None:
         raise CoordinatorGone(reason)
 
+    def sweep(self) -> None:
+        """Nothing: the main thread sweeps what a call left once it returned."""
+
     def finish(self) -> None:
         """Nothing: a call in this process ends by returning."""
 
@@ -218,6 +232,7 @@ class _WorkerWatch:
         current = self.current
         if current is not None:
             rmtree(current.run_dir)
+        self.containment.signal(signal.SIGKILL)  # what the calls started outside the worker's group too
         _end_group()
         os._exit(0)
 

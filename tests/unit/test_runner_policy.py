@@ -108,7 +108,7 @@ def test_rx_cancel_of_a_detached_run() -> None:
 def test_the_first_status_decided_stands() -> None:
     rules = policy(timeout=10.0, heartbeat=None)
     rules.on_input(105.0, [b"C"])
-    assert rules.step(111.0) == [TERM, KILL]  # the graces ended; the timeout passed too, but the call was cancelled first
+    assert rules.step(111.0) == [TERM, KILL]  # the graces ended; the timeout passed, but the call was cancelled first
     assert rules.on_input(111.5, [b"C"]) == []
     assert (rules.status, rules.detail) == ("cancelled", "cancelled by the coordinator")
     late = policy(timeout=10.0, heartbeat=None)
