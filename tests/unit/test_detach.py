@@ -190,7 +190,7 @@ def test_a_result_the_coordinator_could_not_land_stays_on_the_host(tmp_path: Pat
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     refused = subprocess.run([sys.executable, "-m", "remote_exec", "attach", run_id], cwd=tmp_path, env=env,
-                             text=True, capture_output=True, timeout=60, preexec_fn=small_files)  # noqa: PLW1509
+                             text=True, capture_output=True, timeout=60, preexec_fn=small_files)
     assert refused.returncode != 0, refused.stderr
     assert list((tmp_path / "cache" / "local" / "runs").iterdir()), "the run was removed before it landed"
     again = rx(tmp_path, env, "attach", run_id)
