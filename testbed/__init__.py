@@ -16,14 +16,17 @@ or from Python (the pytest fixtures in :mod:`testbed.pytest_plugin` do this)::
     host = bed.host(0)            # alias "rx-testbed-1", port on 127.0.0.1
     testbed.down(state_dir=tmp)
 
-The fault tools (:func:`start_host`, :func:`pause`, :func:`exec_root`, :func:`regenerate_host_keys`) act on
-real containers with ``docker pause`` and ``docker exec``. This package needs only the standard library, the
-``docker`` SDK and the OpenSSH client's ``ssh-keygen``; it never imports remote_exec.
+The fault tools (:func:`start_host`, :func:`pause`, :func:`exec_root`, :func:`regenerate_host_keys`,
+:func:`set_login`) act on real containers with ``docker pause`` and ``docker exec``; :data:`LOGIN_VARIANTS`
+are logins of real lab servers (a ``~/.bashrc`` that prints, one that execs another shell). This package
+needs only the standard library, the ``docker`` SDK and the OpenSSH client's ``ssh-keygen``; it never
+imports remote_exec.
 """
 
 from __future__ import annotations
 
 from testbed._hosts import (
+    LOGIN_VARIANTS,
     Testbed,
     TestbedHost,
     default_state_dir,
@@ -33,6 +36,7 @@ from testbed._hosts import (
     prune,
     regenerate_host_keys,
     remove_host,
+    set_login,
     start_host,
     status,
     unpause,
@@ -43,6 +47,7 @@ from testbed._image import BASE_IMAGE, IMAGE, TestbedError, docker_available, en
 __all__ = [
     "BASE_IMAGE",
     "IMAGE",
+    "LOGIN_VARIANTS",
     "Testbed",
     "TestbedError",
     "TestbedHost",
@@ -55,6 +60,7 @@ __all__ = [
     "prune",
     "regenerate_host_keys",
     "remove_host",
+    "set_login",
     "start_host",
     "status",
     "unpause",
