@@ -47,6 +47,7 @@ def serve_worker(cache_dir: str, idle_timeout: float, out_fd: int = 1) -> int:
     out.json_text = json.dumps  # the C encoder: the worker pays the import once, every result header gains
     home = os.getcwd()
     os.makedirs(os.path.join(cache_dir, "runs"), mode=0o700, exist_ok=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a cancelled call gets a KeyboardInterrupt
     containment = Containment(f"worker-{os.getpid()}", cgroups=False)
     containment.adopt(os.getpid(), group=False)  # what a call leaves (double forks too) stays below the worker
     calls = _Calls(cache_dir, out, _WorkerWatch(out, out_r, err_r, proto_in, wire.FrameReader(), containment),
@@ -111,9 +112,13 @@ class _Calls:
             contained = self.containment
             contained.stray, contained.stray_count = [], 0
             contained.sweep()  # what the call left running ends with it
-            ending = Ending(current.policy.started, exit_status=0, loaded=loaded, contained=contained.report())
+            policy = current.policy  # a call cancelled with SIGINT that ended on it: reported as cancelled
+            ending = Ending(policy.started, exit_status=0, loaded=loaded, contained=contained.report(),
+                            status=policy.status, detail=policy.detail)
             if not send_result(options, run_dir, ending, self.out, reuse=True):
                 self.run_dir = None
+            if policy.status is not None:
+                raise CoordinatorGone("the call was stopped: a fresh worker takes the next one")
         finally:
             watch.lock.release()
 
@@ -206,18 +211,27 @@ class _WorkerWatch:
     def heartbeat(self) -> None:
         self.out.send(b"B")
 
-    def signal(self, signal: int) -> None:
-        """Nothing: the task runs in this process and cannot be signalled alone (see :meth:`report`)."""
-
-    def report(self, status: str, detail: str) -> None:
-        """Report the running call as ``status``, then end the worker with its process group (the task
-        cannot be stopped alone; the coordinator starts a fresh worker for the next call)."""
+    def signal(self, signal_number: int) -> None:
+        """SIGINT (the first step of a cancel): a KeyboardInterrupt in the call, in this process's main thread
+        (and SIGINT to what it started in the worker's group), so its ``finally`` runs and the main thread
+        sends its result. Any later step (the call went on, or a timeout): the call is reported as the
+        policy decided and the worker ends with its process group (the task cannot be stopped alone; the
+        coordinator starts a fresh worker for the next call)."""
         current = self.current
         assert current is not None
+        if signal_number == signal.SIGINT:
+            try:
+                os.killpg(os.getpgrp(), signal.SIGINT)
+            except OSError:
+                os.kill(os.getpid(), signal.SIGINT)
+            return
         self._drain_output()
-        send_result(current.options, current.run_dir, Ending(current.policy.started, status=status, detail=detail),
-                    self.out)
+        ending = Ending(current.policy.started, status=current.policy.status, detail=current.policy.detail)
+        send_result(current.options, current.run_dir, ending, self.out)
         self._end()
+
+    def report(self, status: str, detail: str) -> None:
+        """Nothing to do now: the policy keeps the status, the next :meth:`signal` acts on it."""
 
     def give_up(self, reason: str) -> None:
         raise CoordinatorGone(reason)

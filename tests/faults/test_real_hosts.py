@@ -23,6 +23,7 @@ import pytest
 from faultkit import (
     REMOTE_CACHE,
     SCENARIOS,
+    SSHD_KILLER,
     Rig,
     TrialFactory,
     audit_remote,
@@ -112,11 +113,6 @@ open("made.txt", "w").write("made")
 sys.exit(5)
 """
 
-# Kills every sshd process serving the user rx (not the listener); prints how many it killed.
-SSHD_KILLER = (
-    "n=0; for pid in $(ps -eo pid=,args= | awk '$2 == \"sshd:\" && $3 ~ /^rx/ {print $1}'); "
-    "do kill -9 $pid && n=$((n+1)); done; echo $n"
-)
 
 
 @pytest.fixture(scope="module")

@@ -266,11 +266,22 @@ def test_unreadable_files_are_skipped_and_named(dispatcher: Any) -> None:
     assert sorted(entry["path"] for entry in call.outcome.header["skipped"]) == ["closed/", "secret.txt"]
 
 
+def _interrupt_once(started: Path) -> None:
+    """Send this process SIGINT (a Ctrl-C of the caller) once ``started`` exists."""
+    import threading
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+
+
 def test_ctrl_c_interrupts_the_task_as_a_terminal_would_and_what_it_wrote_comes_back(dispatcher: Any) -> None:
     """Ctrl-C reaches the task as SIGINT first: its ``except KeyboardInterrupt`` and ``finally`` run, and the
     checkpoint they write is brought back before Interrupted is raised."""
-    import threading
-
     from remote_exec.errors import Interrupted
 
     started = dispatcher.root / "started"
@@ -286,16 +297,40 @@ def test_ctrl_c_interrupts_the_task_as_a_terminal_would_and_what_it_wrote_comes_
             open("finally.txt", "w").write("ran")
     """
 
-    def interrupt() -> None:
-        deadline = time.monotonic() + 30
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    threading.Thread(target=interrupt, daemon=True).start()
+    _interrupt_once(started)
     began = time.monotonic()
     with pytest.raises(Interrupted, match="2 file"):
         dispatcher.run(source)
     assert time.monotonic() - began < 15
     assert (dispatcher.root / "landed" / "checkpoint.txt").read_text() == "saved on Ctrl-C"
     assert (dispatcher.root / "landed" / "finally.txt").read_text() == "ran"
+
+
+def test_ctrl_c_of_a_keep_warm_call_runs_its_finally(dispatcher: Any) -> None:
+    """A persistent worker's call gets Ctrl-C as a KeyboardInterrupt in its own thread: its ``finally``
+    runs before the worker ends (a fresh one takes the next call)."""
+    from remote_exec.errors import Interrupted
+    from remote_exec.task import Task
+
+    started = dispatcher.root / "started"
+    saved = dispatcher.root / "saved"
+
+    def checkpointed(started: str, saved: str) -> str:
+        import time
+
+        open(started, "w").close()
+        try:
+            time.sleep(60)
+        finally:
+            with open(saved, "w") as stream:
+                stream.write("finally ran")
+        return "slept"
+
+    checkpointed.__module__ = "__main__"
+
+    _interrupt_once(started)
+    began = time.monotonic()
+    with pytest.raises(Interrupted):
+        dispatcher.run(Task.from_function(checkpointed), (str(started), str(saved)), keep_warm=True)
+    assert time.monotonic() - began < 15
+    assert saved.read_text() == "finally ran"
