@@ -15,9 +15,8 @@ from .rundir import PRIVATE, rmtree
 TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
 if TYPE_CHECKING:
     import signal
-    from typing import Any
-
     from collections.abc import Callable
+    from typing import Any
 
     from .channel import Out
     from .child import Loaded
