@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 else:
     import _signal as signal
 
-__all__ = ["Containment", "alive", "boot_id", "descendants", "identity", "prctl_function", "signal_process",
-           "start_time"]
+__all__ = ["Containment", "alive", "boot_id", "descendants", "end_stale_cgroup", "identity", "prctl_function",
+           "signal_process", "start_time"]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -255,6 +255,28 @@ def _own_cgroup() -> str | None:
     if os.access(directory, os.W_OK) and os.access(procs, os.W_OK):
         return directory
     return None
+
+
+def end_stale_cgroup(name: str) -> None:
+    """Stop what is left in the cgroup of a run whose runner died (``name``: its run directory's), and remove
+    it; nothing where there is no such cgroup next to this process's."""
+    parent = _own_cgroup()
+    if parent is None:
+        return
+    directory = os.path.join(parent, f"rx-{name}")
+    try:
+        with open(os.path.join(directory, "cgroup.kill"), "w") as stream:
+            stream.write("1")
+    except OSError:
+        return
+    for _ in range(50):
+        try:
+            os.rmdir(directory)
+            return
+        except OSError:
+            import time
+
+            time.sleep(0.01)
 
 
 class Containment:

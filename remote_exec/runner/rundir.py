@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 from ..protocol import wire
-from .contain import alive, boot_id, start_time
+from .contain import alive, boot_id, end_stale_cgroup, start_time
 
 TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
 if TYPE_CHECKING:
@@ -122,6 +122,7 @@ def sweep_runs(cache_dir: str, now: float | None = None) -> list[str]:
         return []
     removed = [name for name in names if _dead_run(os.path.join(runs, name), name, now)]
     for name in removed:
+        end_stale_cgroup(name)  # what its task left running, where a cgroup held it
         rmtree(os.path.join(runs, name))
     _sweep_installs(os.path.join(cache_dir, "archives"), now)
     return removed

@@ -64,3 +64,24 @@ def test_rmtree_removes_what_the_task_made_unreadable(tmp_path: Path) -> None:
     rmtree(str(root))
     assert not root.exists()
     rmtree(str(root))  # already gone: nothing to do
+
+
+def test_the_sweep_ends_what_is_left_in_a_dead_runners_cgroup(tmp_path: Path) -> None:
+    """Where a cgroup held the task, whatever a killed runner left in it is stopped by the sweep."""
+    from remote_exec.runner.contain import _own_cgroup
+
+    parent = _own_cgroup()
+    if parent is None:
+        import pytest
+
+        pytest.skip("no writable cgroup v2 here")
+    cache = str(tmp_path)
+    name = f"gone-{owner_token().replace(str(os.getpid()), str(_dead_pid()), 1)}-0000bbbb"
+    os.makedirs(os.path.join(cache, "runs", name))
+    group = os.path.join(parent, f"rx-{name}")
+    os.mkdir(group)
+    left = subprocess.Popen(["sleep", "60"])
+    with open(os.path.join(group, "cgroup.procs"), "w") as stream:
+        stream.write(str(left.pid))
+    assert sweep_runs(cache) == [name]
+    assert left.wait(5) == -9 and not os.path.exists(group)
