@@ -7,13 +7,14 @@ records one, :func:`alive` checks it; without ``/proc`` (not Linux) both say "un
 :class:`Containment` holds one task and all it starts, on every way a call ends (the task's end, a
 timeout, a cancel, a lost coordinator, the runner's own SIGTERM):
 
-- a *cgroup* when the host gives this process a writable (delegated) cgroup v2, as a
-  ``systemd-run --user --scope`` or a container with its own cgroup namespace does: the task joins a
-  child cgroup of its own, whose ``cgroup.procs`` lists every process it started, whatever it did, and
-  whose ``cgroup.kill`` ends them all at once;
-- else the runner is a *child subreaper* (``PR_SET_CHILD_SUBREAPER``): a process the task started that
+- the runner is a *child subreaper* (``PR_SET_CHILD_SUBREAPER``): a process the task started that
   double-forks or calls ``setsid`` is re-parented to the runner, not to init, so walking ``/proc`` for the
-  runner's descendants (and the task's session and group) finds it.
+  runner's descendants (without a subreaper: the task's session and group, a whole scan) finds it;
+- and a *cgroup* when the host gives this process a writable (delegated) cgroup v2, as a
+  ``systemd-run --user --scope`` or a container with its own cgroup namespace does: a task that ran for
+  :data:`ENCLOSE_AFTER` seconds is moved into a child cgroup of its own, whose ``cgroup.procs`` lists what
+  it starts from then on, whatever it does, and whose ``cgroup.kill`` ends them all at once (a fork bomb
+  does not outrun it); short calls never pay for one.
 
 ``RX_CONTAIN=proc`` in the runner's environment skips the cgroup (tests use it to try the walk where a
 cgroup is available). Either way the task's process gets the parent-death signal SIGKILL: if the runner itself is killed
@@ -35,13 +36,15 @@ if TYPE_CHECKING:
 else:
     import _signal as signal
 
-__all__ = ["Containment", "alive", "boot_id", "descendants", "end_stale_cgroup", "identity", "prctl_function",
+__all__ = ["ENCLOSE_AFTER", "Containment", "alive", "boot_id", "descendants", "end_stale_cgroup", "identity", "prctl_function",
            "signal_process", "start_time"]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 #: Processes named in a result's ``stray`` list (the count says how many there were).
 STRAY_LISTED = 20
+#: Seconds a task runs before it is moved into a cgroup of its own (see :meth:`Containment.enclose`).
+ENCLOSE_AFTER = 0.2
 
 
 def boot_id() -> str:
@@ -290,38 +293,50 @@ class Containment:
     """
 
     def __init__(self, name: str, *, cgroups: bool = True) -> None:
+        self.name = name
+        self.cgroups = cgroups and os.environ.get("RX_CONTAIN") != "proc"
         self.cgroup: str | None = None
         self.task: dict[str, Any] | None = None
         self.stray: list[str] = []
         self.stray_count = 0
         self.subreaper = False
         self._prctl = prctl_function()
-        parent = _own_cgroup() if cgroups and os.environ.get("RX_CONTAIN") != "proc" else None
-        if parent is not None:
-            directory = os.path.join(parent, f"rx-{name}")
-            try:
-                os.mkdir(directory)
-                self.cgroup = directory
-            except OSError:
-                pass
 
     def join(self) -> None:
-        """In the task process, right after the fork: join the task's cgroup, and die with the runner."""
-        if self.cgroup is not None:
-            try:
-                with open(os.path.join(self.cgroup, "cgroup.procs"), "w") as stream:
-                    stream.write(str(os.getpid()))
-            except OSError:
-                pass
+        """In the task process, right after the fork: die with the runner (whatever kills it)."""
         if self._prctl is not None:
             self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
     def adopt(self, pid: int, *, group: bool = True) -> None:
-        """In the runner, once the task process is forked: become the subreaper of what it leaves. A
-        persistent worker adopts itself (``group`` False: its own process group is not the task's)."""
+        """In the runner, once the task process is forked (it starts up meanwhile): become the subreaper of
+        what it leaves. A persistent worker adopts itself (``group`` False: its own process group is not the
+        task's)."""
         self.task = identity(pid) if group else None
         if self._prctl is not None and not self.subreaper:
             self.subreaper = self._prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+    def enclose(self) -> None:
+        """Move the task into a cgroup of its own, where the host delegates one. Called once the task ran
+        for a moment (:data:`ENCLOSE_AFTER`): a cgroup costs a small call milliseconds of the kernel's time,
+        and what the task forked before the move is found by the walk all the same."""
+        if self.cgroup is not None or not self.cgroups or self.task is None:
+            return
+        self.cgroups = False  # once
+        parent = _own_cgroup()
+        if parent is None:
+            return
+        directory = os.path.join(parent, f"rx-{self.name}")
+        try:
+            os.mkdir(directory)
+            with open(os.path.join(directory, "cgroup.procs"), "w") as stream:
+                stream.write(str(self.task["pid"]))
+        except OSError:
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass
+            return
+        self.cgroup = directory
 
     def members(self) -> set[int]:
         """Every live process of the task (its own one too, while it runs)."""
@@ -332,8 +347,8 @@ class Containment:
                     found = {int(word) for word in stream.read().split()}
             except (OSError, ValueError):
                 pass
-        # As the subreaper, every process the task started is below this one; else its session and group
-        # find what left the tree (a whole /proc scan).
+        # As the subreaper, every process the task started is below this one (its cgroup also lists what it
+        # started elsewhere); without, its session and group find what left the tree (a whole /proc scan).
         task_pid = int(self.task["pid"]) if self.task and not self.subreaper else 0
         found |= descendants(os.getpid(), [task_pid] if task_pid else [])
         found.discard(os.getpid())

@@ -110,6 +110,7 @@ def _supervisor(options: dict[str, Any], session_bytes: bytes, run_dir: str, rea
         sink.close()
         if sink.dropped:
             sys.stderr.write(f"rx supervisor: {sink.dropped} bytes of output did not fit on the disk\n")
+        ending.release()
         header = _store_outcome(options, run_dir, *classify(options, ending))
         status.update(state="done", status=header["status"], exit_code=header["exit_code"], finished=time.time())
     except BaseException:

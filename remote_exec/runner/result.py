@@ -40,20 +40,27 @@ class Ending:
         oom_before: The cgroup's count of OOM kills before the task started (None: unknown).
         loaded: What the task sent: (record, value, exception); None if nothing arrived whole.
         contained: What had to be stopped after the task's own process ended (``stray``, ``stray_count``).
+        release: Called once the result went out: removes what held the task (its cgroup), off the
+            result's path.
     """
 
-    __slots__ = ("contained", "detail", "exit_status", "loaded", "oom_before", "started", "status")
+    __slots__ = ("contained", "detail", "exit_status", "loaded", "oom_before", "release", "started", "status")
 
     def __init__(self, started: float, *, exit_status: int | None = None, status: str | None = None,
                  detail: str | None = None, oom_before: int | None = None, loaded: Loaded | None = None,
-                 contained: dict[str, Any] | None = None) -> None:
+                 contained: dict[str, Any] | None = None, release: Callable[[], None] | None = None) -> None:
         self.started = started
+        self.release = release or _nothing
         self.exit_status = exit_status
         self.status = status
         self.detail = detail
         self.oom_before = oom_before
         self.loaded = loaded
         self.contained = contained or {}
+
+
+def _nothing() -> None:
+    """Nothing to release."""
 
 
 def oom_kills() -> int | None:

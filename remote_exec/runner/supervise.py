@@ -11,7 +11,7 @@ import time
 from ..protocol import wire
 from .channel import EXIT_RUNNER_FAILURE, CoordinatorGone, Poller
 from .child import parse_result, run_child
-from .contain import Containment
+from .contain import ENCLOSE_AFTER, Containment
 from .rundir import RunStatus, make_run_dir, rmtree, sweep_runs
 
 TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
@@ -44,6 +44,7 @@ def serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
     try:
         send_result(options, run_dir, ending, out)
     finally:
+        ending.release()
         if not keep:
             rmtree(run_dir)
 
@@ -83,15 +84,18 @@ def supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.FrameR
         watch.run()
     except CoordinatorGone:
         task.end(min(policy.kill_grace, 1.0) if policy is not None else 0.0)
+        containment.close()
         rmtree(run_dir)
         raise
     except BaseException:  # the runner failed: it leaves no task behind (at once if it had no policy yet)
         task.end(policy.kill_grace if policy is not None else 0.0)
+        containment.close()
         raise
     finally:
         task.close()
     return Ending(started, exit_status=watch.exit_status, status=policy.status, detail=policy.detail,
-                  oom_before=oom_before, loaded=parse_result(watch.result), contained=containment.report())
+                  oom_before=oom_before, loaded=parse_result(watch.result), contained=containment.report(),
+                  release=containment.close)
 
 
 class _TaskProcess:
@@ -164,8 +168,7 @@ class _TaskProcess:
 
     def close(self) -> None:
         """Restore SIGCHLD and the wake-up fd; close the pipes still open (something the task left
-        behind may hold their other ends); remove the task's cgroup."""
-        self.containment.close()
+        behind may hold their other ends)."""
         signal.set_wakeup_fd(self.previous_wakeup)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for fd in (*self.wake, *self.pipes.values()):
@@ -224,6 +227,8 @@ class _Watch:
                     self._apply(policy.cancel(now, "cancelled (rx cancel)"))
                 if self.terminated:
                     raise CoordinatorGone("the runner was told to stop (SIGTERM)")
+                if self.exit_status is None and now - policy.started >= ENCLOSE_AFTER:
+                    self.containment.enclose()
                 policy.on_sent(self.out.last)  # the output just sent counts: no heartbeat right after it
                 self._apply(policy.step(now))
         finally:

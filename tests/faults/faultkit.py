@@ -397,8 +397,14 @@ _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
 
 
 def has_traceback(text: str) -> bool:
-    """True when ``text`` holds a Python traceback."""
-    return "Traceback (most recent call last)" in text
+    """True when ``text`` holds a Python traceback of rx's. The task's own KeyboardInterrupt traceback does not
+    count: a stopped task gets SIGINT first, as from a terminal's Ctrl-C, and prints it as Python does."""
+    blocks = text.split("Traceback (most recent call last)")[1:]
+    for block in blocks:
+        ending = next((line for line in block.splitlines() if line and not line.startswith((" ", ":"))), "")
+        if ending.strip() != "KeyboardInterrupt":
+            return True
+    return False
 
 
 def cli_error_lines(stderr: str) -> list[str]:

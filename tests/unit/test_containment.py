@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="contain
 DAEMON = """
 import os, sys, time
 def daemon(path):
+    time.sleep(0.8)  # a task that runs a moment is moved into its cgroup (where there is one) first
     if os.fork():
         while not os.path.exists(path):
             time.sleep(0.01)
@@ -30,8 +31,12 @@ def daemon(path):
     os.setsid()
     if os.fork():
         os._exit(0)
+    with open("/proc/self/cgroup") as stream:
+        cgroup = stream.read()
     with open(path + ".tmp", "w") as stream:
         stream.write(str(os.getpid()))
+    with open(path + ".cgroup", "w") as stream:
+        stream.write(cgroup)
     os.rename(path + ".tmp", path)
     time.sleep(300)
     os._exit(0)
@@ -83,6 +88,7 @@ def test_a_daemon_the_task_started_is_stopped_when_it_ends_and_named(dispatcher:
     assert _gone_within(daemon), f"daemon {daemon} outlived its task ({way})"
     header = call.outcome.header
     assert header["stray_count"] == 1 and f"(pid {daemon})" in header["stray"][0], header
+    assert ("/rx-unit-" in pid_file.with_suffix(".pid.cgroup").read_text()) == (way == "cgroup")
 
 
 def test_a_daemon_is_stopped_with_a_task_that_times_out(dispatcher: Any, way: str) -> None:
