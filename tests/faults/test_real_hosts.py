@@ -568,3 +568,75 @@ def test_detached_secret_is_never_written(rig: Rig, testbed_host: TestbedHost, t
         t.outcome = f"task saw it: {attached.stdout.strip() == str(len(canary))}; found in {places or 'no file'}"
         assert not places, places
         assert attached.returncode == 0 and attached.stdout.strip() == str(len(canary)), attached.stderr
+
+
+# --- a runner killed; Ctrl-C lands what the task saved ------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_supervisor_death_runner_killed_its_run_dir_is_swept(rig: Rig, escape_host: TestbedHost,
+                                                              trial: TrialFactory) -> None:
+    """kill -9 of a call's runner (as the OOM killer might): its task dies with it (parent-death signal) and
+    the next call on the host removes the run directory it left. The task's own children are stopped only
+    where a cgroup held them: the runner that would have found them is gone."""
+    rig.write("echo.py", ECHO)
+    token = str(random.randrange(10**6))
+    rig.write("sleeper.py", f"import subprocess, time\nsubprocess.Popen(['sleep', '602.{token}'])\n"
+                            "print('escaped', flush=True)\ntime.sleep(120)\n")
+    baseline = remote_baseline(escape_host)
+    with trial("supervisor_death", variant="kill -9 of a call's runner, then another call", bound=10.0) as t:
+        watched = rig.watch(rig.rx_argv("run", "--remote", escape_host.alias, "sleeper.py"))
+        assert watched.wait_for("escaped", timeout=30) is not None
+        # The runner (and, with the same command line, the task it forked): as the OOM killer would.
+        root_sh(escape_host, "pkill -9 -u rx -f 'python3 -c import sys,os' ; true")
+        done = watched.wait(timeout=40)
+        left_dirs = root_sh(escape_host, f"ls -A {REMOTE_CACHE}/runs").split()
+        root_sh(escape_host, f"rm -f {REMOTE_CACHE}/.swept")  # the sweep runs at most once a minute
+        started = time.monotonic()
+        again = rig.rx("run", "--remote", escape_host.alias, "echo.py", "again", timeout=30)
+        time.sleep(0.5)
+        t.timed(time.monotonic() - started, hang=again.timed_out)
+        # Known limit: without a cgroup (this testbed has none) the task's own children outlive a runner
+        # killed with SIGKILL (the runner that would have stopped them is gone); recorded, then removed.
+        children = _left(escape_host, token)
+        root_sh(escape_host, f"pkill -9 -f '60[2].{token}'; true")
+        t.audit(audit_remote(escape_host, baseline))
+        t.note(children_left_without_cgroup=len(children))
+        t.outcome = (f"rx exit {done.returncode}; {len(left_dirs)} run dir(s) left by the killed runner, "
+                     f"{t.facts['leftover_files']} after the next call; the task gone, {len(children)} child "
+                     "of it left (no cgroup on this host)")
+        assert again.returncode == 5, again.stderr
+        assert t.facts["orphans"] == 0 and t.facts["leftover_files"] == 0, t.facts
+
+
+CHECKPOINT = """\
+import time
+try:
+    print("started", flush=True)
+    time.sleep(120)
+except KeyboardInterrupt:
+    open("checkpoint.txt", "w").write("saved on Ctrl-C")
+    raise
+"""
+
+
+@pytest.mark.timeout(90)
+def test_interrupt_lands_what_the_task_saved(rig: Rig, testbed_host: TestbedHost, trial: TrialFactory) -> None:
+    rig.write("checkpoint.py", CHECKPOINT)
+    baseline = remote_baseline(testbed_host)
+    with trial("interrupt", variant="Ctrl-C; the script saves a checkpoint in except KeyboardInterrupt",
+               bound=10.0) as t:
+        watched = rig.watch(rig.rx_argv("run", "--remote", HOST, "checkpoint.py"))
+        assert watched.wait_for("started", timeout=30) is not None
+        signalled = time.monotonic()
+        watched.process.send_signal(signal.SIGINT)
+        done = watched.wait(timeout=30)
+        t.timed(time.monotonic() - signalled, hang=done.timed_out)
+        landed = rig.workspace / "runs" / rig.run_ids()[-1] / "files" / "checkpoint.txt"
+        t.note(lost=int(not landed.exists()), traceback=has_traceback(done.stderr))
+        t.outcome = f"exit {done.returncode}; checkpoint landed: {landed.exists()}"
+        t.audit(audit_remote(testbed_host, baseline))
+        assert done.returncode == 130, done.stderr
+        assert landed.read_text() == "saved on Ctrl-C"
+        assert not has_traceback(done.stderr), traceback_message(done.stderr)
+        assert t.facts["orphans"] == 0 and t.facts["leftover_files"] == 0, t.facts
