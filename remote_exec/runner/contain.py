@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 else:
     import _signal as signal
 
-__all__ = ["ENCLOSE_AFTER", "Containment", "alive", "boot_id", "descendants", "end_stale_cgroup", "identity", "prctl_function",
-           "signal_process", "start_time"]
+__all__ = ["ENCLOSE_AFTER", "Containment", "alive", "boot_id", "descendants", "end_stale_cgroup", "identity",
+           "prctl_function", "signal_process", "start_time"]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
