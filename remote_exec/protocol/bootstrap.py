@@ -63,10 +63,10 @@ h,c=sys.argv[2],os.path.expanduser(sys.argv[3])
 a=os.path.join(c,'archives');p=os.path.join(a,h);x=os.path.join(p,'.rx-sizes');j=b''
 def k():
     try:
-        with open(x) as f:
+        with open(x,'rb') as f:
             for l in f:
-                n,_,e=l[:-1].partition(' ')
-                if os.stat(os.path.join(p,e)).st_size!=int(n):return 0
+                n,_,e=l[:-1].partition(b' ')
+                if os.stat(os.path.join(p,e.decode('utf-8'))).st_size!=int(n):return 0
         return 1
     except (OSError,ValueError):return 0
 if os.path.isdir(p) and not k():
@@ -107,8 +107,8 @@ else:
             v=os.path.join(t,f);e=os.path.dirname(v)
             if e not in y:os.makedirs(e,exist_ok=True);y.add(e)
             with open(v,'wb') as f:f.write(b)
-            w.append('%d %s\n'%(len(b),v[len(t)+1:]))
-        with open(os.path.join(t,'.rx-sizes'),'w') as f:f.write(''.join(w))
+            w.append(b'%d %s\n'%(len(b),v[len(t)+1:].encode('utf-8')))
+        with open(os.path.join(t,'.rx-sizes'),'wb') as f:f.write(b''.join(w))
         try:os.rename(t,p)
         except OSError:
             if not os.path.isdir(p):raise
