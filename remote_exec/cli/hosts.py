@@ -105,7 +105,8 @@ def check(
     connect_timeout: Annotated[float, typer.Option(help="Seconds to connect.")] = 10.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Connect to HOST and report backend, round-trip time, remote Python, free disk and GPUs."""
+    """Connect to HOST and report backend, round-trip time, remote Python, free disk, GPUs and what its
+    login prints (rx skips it)."""
     from ..config import Configuration
     from ..coordinator import Coordinator
 
