@@ -24,7 +24,7 @@ from ..packing import DistributionArchive
 from ..session import Result, Session
 from . import wire
 from .bootstrap import start_runner
-from .channel import Channel, Flag
+from .channel import Channel, Flag, reap
 from .collect import RESULT_FRAMES, Received, collect
 from .options import CallOptions, FileLander, Outcome, OutputSink, PhaseCallback
 
@@ -245,9 +245,9 @@ def _collect(call: Call, session: Session, land_file: FileLander | None, phase: 
         phase("collect", "failed")
         raise
     phase("collect", "finished")
-    if acknowledge:
+    if acknowledge:  # the host removes the run now: wait for that (20,000 files take a few seconds)
         call.channel.send(b"A")
-        call.channel.reap_later()
+        reap(call.channel.process, call.channel.stderr_reader)
     if call.interrupted:
         landed = collected[1]
         raise Interrupted(f"interrupted; the task on {call.host} was stopped"
