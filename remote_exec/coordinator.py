@@ -24,6 +24,7 @@ import os
 import pickle
 import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,6 +44,7 @@ from .protocol.workers import WorkerPool
 from .serialization import get_serializer
 from .session import Result, Session
 from .task import Execution, Task
+from .tracebacks import localize, roots_for
 from .workspace.manager import new_run_id
 from .workspace.recorder import CallRecorder, TaskCallRecorder, TaskRecorder, TaskRuns
 
@@ -117,6 +119,7 @@ class Coordinator:
         recorder: Writes ``@task`` call records in batches.
         task_runs: The workspace runs of this process's ``@task`` calls.
         run_id: The run id ``@task`` calls of this process are recorded under (made on the first call).
+        all_frames: Remote tracebacks keep rx's own frames (``rx -v``, ``RX_DEBUG=1``).
     """
 
     _current: ClassVar[Coordinator | None] = None
@@ -128,6 +131,8 @@ class Coordinator:
         self.recorder = TaskRecorder()
         self.task_runs = TaskRuns(self.recorder)
         self.run_id: str | None = None
+        #: Show rx's own frames in remote tracebacks too (``rx -v``, ``RX_DEBUG=1``).
+        self.all_frames = bool(os.environ.get("RX_DEBUG"))
         self._lock = threading.Lock()
         self._backends = BackendPool()
         self._local = LocalBackend()
@@ -294,9 +299,27 @@ class Coordinator:
             recorder.failed(exc)
             raise
         session.local["outcome"] = outcome
+        self.localize(session, outcome, archive.sources, recorder)
         recorder.finished(result=outcome.result, phases=outcome.phases,
                           value=lambda: self._recorded_value(session, target, outcome))
         return outcome.result
+
+    def localize(self, session: Session, outcome: Outcome, sources: Iterable[tuple[str, str]],
+                 recorder: CallRecorder) -> None:
+        """Map the task's remote traceback to the user's files (:mod:`remote_exec.tracebacks`); a script's
+        goes to its stderr, where Python would have printed it."""
+        exception = outcome.header.get("exception")
+        if not exception:
+            return
+        task = session.task
+        script = None
+        if task.kind == "script" and task.filename:
+            script = (f".rx/{os.path.basename(task.filename)}", Path(task.filename).resolve())
+        roots = roots_for(remote_roots=exception.get("roots") or {}, sources=sources, script=script)
+        text = localize(outcome.result, exception, roots, all_frames=self.all_frames,
+                        function=task.function if task.kind == "function" else None)
+        if task.kind != "function" and (text or outcome.result.traceback):
+            recorder.stderr((text or outcome.result.traceback or "").encode())
 
     def _task_recorder(self, session: Session, target: Target, session_bytes: bytes) -> CallRecorder:
         config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
@@ -327,15 +350,18 @@ class Coordinator:
             recorder.phase("pack", "failed")
             raise
         recorder.phase("pack", "finished")
-        return start_detached(session, target.backend, archive, target.options, launcher=target.launcher,
-                              on_phase=recorder.phase)
+        started = start_detached(session, target.backend, archive, target.options, launcher=target.launcher,
+                                 on_phase=recorder.phase)
+        return {**started, "sources": [list(pair) for pair in archive.sources]}
 
     def attach(self, session: Session, target: Target, detached: dict[str, Any], recorder: CallRecorder,
                offsets: tuple[int, int]) -> Outcome:
         """Follow a detached run to its end and collect its result and files."""
-        return attach_detached(session, target.backend, detached, target.options, launcher=target.launcher,
-                               on_stdout=recorder.stdout, on_stderr=recorder.stderr, land_file=recorder.land_file,
-                               offsets=offsets)
+        outcome = attach_detached(session, target.backend, detached, target.options, launcher=target.launcher,
+                                  on_stdout=recorder.stdout, on_stderr=recorder.stderr,
+                                  land_file=recorder.land_file, offsets=offsets)
+        self.localize(session, outcome, [tuple(pair) for pair in detached.get("sources") or ()], recorder)
+        return outcome
 
     def follow(self, target: Target, detached: dict[str, Any], *, on_stdout: OutputSink, on_stderr: OutputSink,
                offsets: tuple[int, int]) -> None:

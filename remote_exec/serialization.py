@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 else:
     Protocol = object
 
-__all__ = ["JsonSerializer", "PickleSerializer", "RestrictedUnpickler", "Serializer", "get_serializer",  # noqa: F822
-           "restricted_loads"]
+__all__ = ["EXCEPTION_PARTS", "JsonSerializer", "PickleSerializer", "RestrictedUnpickler",  # noqa: F822
+           "Serializer", "exception_parts", "get_serializer", "rebuild_exception", "restricted_loads"]
 
 _PROTOCOL = 5
 
@@ -318,6 +318,45 @@ def restricted_loads(data: bytes, allow: Iterable[str] = ()) -> Any:
     import io
 
     return __getattr__("RestrictedUnpickler")(io.BytesIO(data), allow=allow).load()
+
+
+#: Marks an exception that travels as its parts (see :func:`exception_parts`).
+EXCEPTION_PARTS = "rx-exception-1"
+
+
+def exception_parts(exc: BaseException) -> object:
+    """What to pickle for a task's exception: ``(EXCEPTION_PARTS, class, args, attributes)`` when its class
+    pickles the default way, else the exception itself (a class with its own ``__reduce__`` says how).
+
+    The default way rebuilds with ``cls(*args)``, which fails for an ``__init__`` that takes other arguments
+    than its message (``TrainingDiverged(step, loss)`` calling ``super().__init__(message)``); sent as its
+    parts, :func:`rebuild_exception` can fall back to what pickle's ``__reduce__`` contract allows.
+    """
+    cls = type(exc)
+    if cls.__reduce__ is not BaseException.__reduce__ or cls.__reduce_ex__ is not BaseException.__reduce_ex__:
+        return exc
+    return (EXCEPTION_PARTS, cls, exc.args, dict(getattr(exc, "__dict__", None) or {}))
+
+
+def rebuild_exception(loaded: object) -> BaseException | None:
+    """The exception an unpickled X frame stands for: ``cls(*args)`` as pickle would, else (an ``__init__``
+    that wants other arguments) ``cls.__new__(cls, *args)``; then its attributes, as pickle's BUILD sets
+    them. None when ``loaded`` is neither an exception nor its parts."""
+    if isinstance(loaded, BaseException):
+        return loaded
+    if not (isinstance(loaded, tuple) and len(loaded) == 4 and loaded[0] == EXCEPTION_PARTS):
+        return None
+    _, cls, args, state = loaded
+    if not (isinstance(cls, type) and issubclass(cls, BaseException) and isinstance(args, tuple)):
+        return None
+    try:
+        exc = cls(*args)
+    except Exception:
+        exc = cls.__new__(cls, *args)
+    exc.args = args
+    if isinstance(state, dict) and state:
+        exc.__dict__.update(state)
+    return exc
 
 
 _SERIALIZERS: dict[str, type[PickleSerializer] | type[JsonSerializer]] = {

@@ -7,17 +7,39 @@ The command modules (``run``, ``ledger``, ``hosts``) register their commands on 
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
+import typer.core
 
 from .. import __version__
+from ..errors import Interrupted
 
-__all__ = ["app", "error_line", "state"]
+__all__ = ["Stopped", "app", "error_line", "state"]
+
+class Stopped(click.ClickException):
+    """An :class:`~remote_exec.errors.Interrupted` on its way out of typer, which would otherwise turn a
+    ``KeyboardInterrupt`` into a silent exit 130; :func:`remote_exec.cli.main` prints its one line."""
+
+    exit_code = 130
+
+
+class _Group(typer.core.TyperGroup):
+    """rx's command group: an interrupted command keeps its message (see :class:`Stopped`)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Interrupted as exc:
+            raise Stopped(str(exc)) from exc
+
 
 app = typer.Typer(
     name="rx",
+    cls=_Group,
     help="Offload Python work to machines reachable over SSH, and keep a record of every run.",
     no_args_is_help=True,
     add_completion=False,
@@ -49,6 +71,8 @@ def _root(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     state.verbose = verbose
+    if verbose:
+        os.environ["RX_DEBUG"] = "1"  # rx's debug switch: remote tracebacks keep rx's own frames too
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="rx: %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # paramiko logs a failed handshake with a traceback from its transport thread; rx already reports it as

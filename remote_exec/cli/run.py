@@ -176,6 +176,9 @@ def run(
         check_remote_backend(backend)
     if module is not None:
         task = Task.from_module(module, _module_origin(module))
+        if task.filename:
+            _refuse_syntax_errors(Path(task.filename).read_text(encoding="utf-8", errors="replace"),
+                                  Path(os.path.relpath(task.filename)))
         args, kind, name = words, "module", f"-m {module}"
     else:
         script = Path(words[0])
@@ -185,6 +188,7 @@ def run(
             task = Task.from_script(script)
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read {script}: {exc}") from exc
+        _refuse_syntax_errors(task.source or "", script)
         args, kind, name = words[1:], "script", str(script)
     options: dict[str, Any] = {
         "backend": backend, "python": python, "timeout": timeout, "env": _parse_env(env or []),
@@ -195,6 +199,16 @@ def run(
     code = execute_run(task=task, args=args, remote=remote, options=options, workspace=workspace,
                        kind=kind, target=name, as_json=as_json, detach=detach)
     raise typer.Exit(code)
+
+
+def _refuse_syntax_errors(source: str, path: Path) -> None:
+    """A script that does not compile is reported here, as Python would, before anything travels (exit 1)."""
+    from ..tracebacks import syntax_error
+
+    problem = syntax_error(source, str(path))
+    if problem is not None:
+        typer.echo(problem, err=True, nl=False)
+        raise typer.Exit(1)
 
 
 @app.command()

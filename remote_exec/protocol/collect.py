@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from ..errors import IntegrityError
+from ..serialization import rebuild_exception
 from ..session import Result, Session
 from .options import CallOptions, FileLander
 
@@ -168,8 +169,8 @@ def _raised(exception: dict[str, Any], exc_data: bytes, exit_code: int, status: 
     traceback_text = exception.get("traceback") or ""
     if exc_data:
         try:
-            exc = _unpickler(options)(exc_data)
-            if isinstance(exc, BaseException):
+            exc = rebuild_exception(_unpickler(options)(exc_data))
+            if exc is not None:
                 return Result.from_exception(exc, traceback_text, exit_code=exit_code, status=status)
         except Exception:
             logger.debug("remote exception %s could not be rebuilt", exception.get("type"), exc_info=True)

@@ -118,7 +118,7 @@ def run_task(session_bytes: bytes, run_dir: str, marshal_ok: bool = False) -> tu
     except SystemExit as exc:
         record["exit_code"] = _exit_code(exc.code)
     except BaseException as exc:  # the task's failure, reported as data
-        exc_data = _failed(exc, kind, record)
+        exc_data = _failed(exc, kind, record, run_dir)
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -159,25 +159,68 @@ def _exit_code(code: object) -> int:
     return 1
 
 
-def _failed(exc: BaseException, kind: str, record: dict[str, Any]) -> bytes:
-    """Record the task's exception (type, message, traceback text); return it pickled if it can be."""
+def _failed(exc: BaseException, kind: str, record: dict[str, Any], run_dir: str) -> bytes:
+    """Record the task's exception (type, message, traceback text and frames); return it pickled if it can be.
+
+    The coordinator prints a script's traceback itself (its frames mapped back to the local files), so the
+    task's stderr does not get it here. The exception travels as its class, args and attributes (see
+    :func:`_exception_payload`), so that the coordinator can rebuild it as pickle would, even when its
+    ``__init__`` takes other arguments than its message.
+    """
     import traceback
 
     text = traceback.format_exc()
     record.update(value=False, exit_code=1, status="raised" if kind == "function" else "finished",
                   exception={"type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-                             "message": _safe_str(exc), "traceback": text})
+                             "message": _safe_str(exc), "traceback": text, "chain": _chain(exc),
+                             "roots": {"archive": _ARCHIVE, "run_dir": run_dir}})
     if kind != "function":
-        sys.stderr.write(text)
         return b""
     try:
-        from ..serialization import PickleSerializer
+        from ..serialization import PickleSerializer, exception_parts
 
-        exc_data: bytes = PickleSerializer().dumps_fast(exc)
+        exc_data: bytes = PickleSerializer().dumps_fast(exception_parts(exc))
         record["exc_pickle"] = True
         return exc_data
     except BaseException:  # an exception holding something unpicklable arrives as text
         return b""
+
+
+#: Where the archive this runner came from is installed (the parent of the remote_exec package).
+_ARCHIVE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _chain(exc: BaseException) -> list[dict[str, Any]] | None:
+    """The exception and its causes and contexts, oldest first, as Python prints them: each with its type,
+    its last lines (``format_exception_only``), its frames ``[file, line number, function, source line,
+    end line, column, end column]`` and how the next one follows from it (``cause``, ``context``, None).
+    None for an exception group (its text is all there is)."""
+    import builtins
+    import traceback
+
+    groups = getattr(builtins, "BaseExceptionGroup", ())
+    chain: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    link = None
+    while current is not None and id(current) not in seen and len(chain) < 32:
+        if groups and isinstance(current, groups):
+            return None
+        seen.add(id(current))
+        frames = [[frame.filename, frame.lineno, frame.name, frame.line, getattr(frame, "end_lineno", None),
+                   getattr(frame, "colno", None), getattr(frame, "end_colno", None)]
+                  for frame in traceback.extract_tb(current.__traceback__)]
+        chain.append({"type": f"{type(current).__module__}.{type(current).__qualname__}",
+                      "only": "".join(traceback.format_exception_only(type(current), current)),
+                      "frames": frames, "then": link})
+        if current.__cause__ is not None:
+            current, link = current.__cause__, "cause"
+        elif current.__context__ is not None and not current.__suppress_context__:
+            current, link = current.__context__, "context"
+        else:
+            current = None
+    chain.reverse()
+    return chain
 
 
 def _safe_str(exc: BaseException) -> str:

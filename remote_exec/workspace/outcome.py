@@ -58,7 +58,7 @@ def run_outcome(result: Result) -> RunOutcome:
     if result.status not in ("finished", "raised"):
         error = result.detail or result.status
     elif result.exception_type:
-        error = f"{result.exception_type}: {result.exception_message}"
+        error = f"{result.exception_type.removeprefix('builtins.')}: {result.exception_message}"
     elif exit_code:
         error = f"exit status {exit_code}"
     return RunOutcome(status=status, exit_code=exit_code, error=error)

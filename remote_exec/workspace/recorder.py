@@ -256,7 +256,8 @@ class TaskCallRecorder(CallRecorder):
         self.recorder.put(*jobs)
 
     def failed(self, exc: BaseException) -> None:
-        self.recorder.task(self.run, self.key, status="failed", finished=time.time(),
+        status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
+        self.recorder.task(self.run, self.key, status=status, finished=time.time(),
                            error=f"{type(exc).__name__}: {exc}")
 
 

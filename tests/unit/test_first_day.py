@@ -1,0 +1,213 @@
+"""A researcher's first day (issue 12), as they would meet it: Python's semantics over the wire, tracebacks of
+their own code, and a CLI that says what it means. Through the real CLI in a subprocess, Ctrl-C through a
+pty; no network (runs without --remote go through the same runner in a local subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from ptyrun import CTRL_C, run_in_pty
+
+
+def rx(isolated: Any, *args: str, cwd: Path | None = None, stdin: str | None = None, timeout: float = 90,
+       **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "remote_exec", *args], cwd=cwd or isolated.root,
+                          env=isolated.env(**env), input=stdin, capture_output=True, text=True, timeout=timeout,
+                          check=False, stdin=None if stdin is not None else subprocess.DEVNULL)
+
+
+def write(path: Path, source: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(source).lstrip(), encoding="utf-8")
+    return path
+
+
+# -- 2. Ctrl-C is a KeyboardInterrupt ----------------------------------------------------------------------
+
+SWEEP = """
+    import sys, time
+    from remote_exec import task
+
+    @task
+    def step(i):
+        print(f"step {i} running", flush=True)
+        time.sleep(30)
+        return i
+
+    for i in range(3):
+        try:
+            step(i)
+        except Exception as exc:
+            print(f"step {i} failed: {type(exc).__name__}: {exc}; continuing", flush=True)
+    print("sweep done", flush=True)
+"""
+
+
+def test_ctrl_c_in_a_task_call_stops_a_sweep_that_catches_exception(isolated: Any) -> None:
+    write(isolated.root / "sweep.py", SWEEP)
+
+    done = run_in_pty([sys.executable, "sweep.py"], cwd=isolated.root, env=isolated.env(),
+                      keys=[(b"step 0 running", CTRL_C)])
+
+    assert "continuing" not in done.output and "sweep done" not in done.output, done.output
+    assert "KeyboardInterrupt" in done.output or "Interrupted" in done.output, done.output
+    assert done.returncode in (130, -2), done.output  # Python ends on an uncaught KeyboardInterrupt by SIGINT
+
+
+def test_interrupted_is_a_keyboard_interrupt_and_not_an_exception() -> None:
+    from remote_exec.errors import Interrupted
+
+    assert issubclass(Interrupted, KeyboardInterrupt)
+    assert not issubclass(Interrupted, Exception)
+    assert Interrupted("interrupted; the task on gpu1 was stopped").exit_code == 130
+
+
+def test_ctrl_c_in_rx_run_exits_130(isolated: Any) -> None:
+    write(isolated.root / "slow.py", """
+        import time
+        print("working", flush=True)
+        time.sleep(30)
+    """)
+
+    done = run_in_pty([sys.executable, "-m", "remote_exec", "run", "slow.py"], cwd=isolated.root,
+                      env=isolated.env(), keys=[(b"working", CTRL_C)])
+
+    assert done.returncode == 130, done.output
+    assert "rx: error: interrupted" in done.output, done.output
+    assert "Traceback" not in done.output, done.output
+
+
+# -- 7. tracebacks of the user's code ---------------------------------------------------------------------
+
+def user_lines(text: str) -> list[str]:
+    """The lines of a traceback a user reads, without Python's column marks (which vary between versions)."""
+    return [line.rstrip() for line in text.splitlines() if line.strip() and set(line.strip()) - set("~^")]
+
+
+def make_project(root: Path) -> None:
+    write(root / "mylib" / "__init__.py", "")
+    write(root / "mylib" / "steps.py", """
+        def run(x):
+            return 1 / x
+    """)
+    write(root / "train.py", """
+        from mylib import steps
+
+        print("training")
+        steps.run(0)
+    """)
+
+
+EXPECTED_TRAIN = [
+    "Traceback (most recent call last):",
+    '  File "train.py", line 4, in <module>',
+    "    steps.run(0)",
+    f'  File "{os.path.join("mylib", "steps.py")}", line 2, in run',
+    "    return 1 / x",
+    "ZeroDivisionError: division by zero",
+]
+
+
+def test_a_failing_script_shows_only_its_own_frames_at_its_local_files(isolated: Any) -> None:
+    make_project(isolated.root)
+
+    done = rx(isolated, "run", "train.py")
+
+    assert done.returncode == 1
+    assert done.stdout == "training\n"
+    lines = user_lines(done.stderr)
+    assert lines[:-1] == EXPECTED_TRAIN, done.stderr
+    assert lines[-1].startswith("rx: run ") and " failed, exit 1" in lines[-1]
+
+
+def test_rx_show_and_the_html_export_show_the_same_traceback(isolated: Any) -> None:
+    make_project(isolated.root)
+    rx(isolated, "run", "train.py")
+
+    shown = rx(isolated, "show", "latest")
+    exported = rx(isolated, "export", "latest", "--format", "html")
+    record = json.loads(rx(isolated, "show", "latest", "--json").stdout)
+
+    assert shown.returncode == 0, shown.stderr
+    lines = user_lines(shown.stdout)
+    start = lines.index(EXPECTED_TRAIN[0])
+    assert lines[start:start + len(EXPECTED_TRAIN)] == EXPECTED_TRAIN, shown.stdout
+    assert "ZeroDivisionError: division by zero" in lines  # the error line, without builtins.
+    html = exported.stdout
+    assert "File &quot;train.py&quot;, line 4, in &lt;module&gt;" in html or 'File "train.py", line 4' in html, html
+    assert ".rx/train.py" not in html and "remote_exec/runner" not in html
+    exception = record["result"]["exception"]
+    assert user_lines(exception["traceback"]) == EXPECTED_TRAIN
+    assert "runner/child.py" in exception["remote_traceback"]  # the host's own text is kept
+
+
+def test_rx_v_shows_rx_frames_too(isolated: Any) -> None:
+    make_project(isolated.root)
+
+    done = rx(isolated, "-v", "run", "train.py")
+
+    lines = user_lines(done.stderr)
+    assert any(line.endswith(", in run_task") and "runner" in line for line in lines), done.stderr
+    assert any("runpy" in line for line in lines), done.stderr
+    assert EXPECTED_TRAIN[1] in lines and EXPECTED_TRAIN[3] in lines
+
+
+BY_VALUE = """
+    import traceback
+    from remote_exec import task
+
+    def check(x):
+        if x < 0:
+            raise ValueError(f"negative: {x}")
+        return x
+
+    @task
+    def train(x):
+        return check(x) * 2
+
+    try:
+        train(-1)
+    except ValueError:
+        traceback.print_exc()
+"""
+
+
+def test_a_task_defined_in_the_main_script_shows_its_source_lines_and_no_rx_frames_pile_on_top(
+        isolated: Any) -> None:
+    write(isolated.root / "sweep.py", BY_VALUE)
+
+    done = subprocess.run([sys.executable, "sweep.py"], cwd=isolated.root, env=isolated.env(), capture_output=True,
+                          text=True, timeout=90, check=False)
+
+    remote, _, caller = done.stderr.partition("The above exception was the direct cause of the following exception:")
+    assert user_lines(remote) == [
+        "remote_exec.errors.RemoteTraceback:",
+        "Traceback (most recent call last):",
+        '  File "sweep.py", line 11, in train',
+        "    return check(x) * 2",
+        '  File "sweep.py", line 6, in check',
+        '    raise ValueError(f"negative: {x}")',
+        "ValueError: negative: -1",
+    ], done.stderr
+    frames = [line for line in user_lines(caller) if line.startswith("  File ")]
+    assert frames[0].endswith('sweep.py", line 14, in <module>'), caller
+    assert len(frames) == 2 and "api.py" in frames[1], caller  # one frame of rx, where the call raised
+
+
+def test_a_syntax_error_in_the_script_is_reported_before_anything_travels(isolated: Any) -> None:
+    write(isolated.root / "bad.py", """
+        print("never")
+        x = (
+    """)
+
+    done = rx(isolated, "run", "--remote", "nowhere.invalid", "bad.py")
+
+    assert done.returncode == 1
+    assert user_lines(done.stderr) == ['  File "bad.py", line 2', "    x = (", "SyntaxError: '(' was never closed"]
+    assert not (isolated.workspace / "runs").exists() or not list((isolated.workspace / "runs").iterdir())
