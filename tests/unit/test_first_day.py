@@ -211,3 +211,76 @@ def test_a_syntax_error_in_the_script_is_reported_before_anything_travels(isolat
     assert done.returncode == 1
     assert user_lines(done.stderr) == ['  File "bad.py", line 2', "    x = (", "SyntaxError: '(' was never closed"]
     assert not (isolated.workspace / "runs").exists() or not list((isolated.workspace / "runs").iterdir())
+
+
+# -- 6. exceptions rebuilt as their own type ----------------------------------------------------------------
+
+DIVERGED = """
+    import json, math, os
+    from remote_exec import RemoteError, task
+
+    class TrainingDiverged(Exception):
+        def __init__(self, step, loss):
+            super().__init__(f"diverged at step {step}: loss {loss}")
+            self.step = step
+            self.loss = loss
+
+    @task
+    def train(steps):
+        raise TrainingDiverged(steps, math.inf)
+
+    @task(env={"PYTHONPATH": os.path.abspath("elsewhere")})  # a module only "the host" has
+    def only_there():
+        import remoteonly
+        remoteonly.fail()
+
+    try:
+        train(3)
+    except TrainingDiverged as exc:
+        print(json.dumps({"type": type(exc) is TrainingDiverged, "step": exc.step, "loss": str(exc.loss),
+                          "args": list(exc.args), "message": str(exc)}))
+    try:
+        only_there()
+    except RemoteError as exc:
+        print(json.dumps({"type_name": exc.type_name, "message": exc.remote_message}))
+"""
+
+
+def test_an_exception_whose_init_takes_other_arguments_is_rebuilt_as_its_own_type(isolated: Any) -> None:
+    write(isolated.root / "diverge.py", DIVERGED)
+    write(isolated.root / "elsewhere" / "remoteonly.py", """
+        class Oops(Exception):
+            pass
+
+        def fail():
+            raise Oops("only the host has this class")
+    """)
+
+    done = subprocess.run([sys.executable, "diverge.py"], cwd=isolated.root, env=isolated.env(), capture_output=True,
+                          text=True, timeout=90, check=False)
+
+    assert done.returncode == 0, done.stderr
+    rebuilt, remote_only = (json.loads(line) for line in done.stdout.splitlines())
+    assert rebuilt == {"type": True, "step": 3, "loss": "inf", "args": ["diverged at step 3: loss inf"],
+                       "message": "diverged at step 3: loss inf"}
+    assert remote_only == {"type_name": "remoteonly.Oops", "message": "only the host has this class"}
+
+
+def test_rebuild_exception_falls_back_to_new_as_pickle_allows() -> None:
+    from remote_exec.serialization import exception_parts, rebuild_exception
+
+    class Diverged(Exception):
+        def __init__(self, step: int, loss: float) -> None:
+            super().__init__(f"step {step}")
+            self.step, self.loss = step, loss
+
+    class Custom(Exception):
+        def __reduce__(self) -> Any:
+            return (Custom, ("custom",))
+
+    rebuilt = rebuild_exception(exception_parts(Diverged(4, 1.5)))
+    assert type(rebuilt) is Diverged and rebuilt.args == ("step 4",)
+    assert (rebuilt.step, rebuilt.loss) == (4, 1.5)
+    custom = Custom("x")
+    assert exception_parts(custom) is custom  # a class that says how to pickle it is trusted
+    assert rebuild_exception("not an exception") is None
