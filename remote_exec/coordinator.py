@@ -300,7 +300,7 @@ class Coordinator:
             outcome = dispatch(session, target.backend, archive, target.options,
                                launcher=target.launcher, workers=self.workers, on_stdout=recorder.stdout,
                                on_stderr=recorder.stderr, land_file=recorder.land_file, on_phase=recorder.phase,
-                               session_bytes=session_bytes)
+                               session_bytes=session_bytes, stdin=recorder.stdin)
         except BaseException as exc:
             recorder.failed(exc)
             raise

@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 import typer
 
@@ -16,7 +17,7 @@ from ..config import check_remote_backend
 from ..errors import ConfigError, Interrupted, RemoteExecError, WorkspaceError
 from .app import app
 
-__all__ = ["DetachedRun", "attach_run", "load_detached_run", "rerun", "run"]
+__all__ = ["DetachedRun", "attach_run", "forwarded_stdin", "load_detached_run", "rerun", "run"]
 
 
 
@@ -78,7 +79,7 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     if detach:
         return _detach(run, session, as_json)
     run.set_status("running")
-    recorder = RunRecorder(run, host=remote or "local")
+    recorder = RunRecorder(run, host=remote or "local", stdin=forwarded_stdin())
     session.local["recorder"] = recorder
     try:
         result = run_chain(session, [RemoteAdvice()])
@@ -94,6 +95,39 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     finally:
         recorder.close()
     return finish_run(run, result, session.local.get("outcome"), as_json)
+
+
+def forwarded_stdin() -> BinaryIO | None:
+    """What ``rx run`` forwards to the task's stdin: its own stdin when that is a pipe or a file
+    (``echo hi | rx run ...``, ``rx run ... < data``); None for a terminal (rx does not read the keyboard:
+    the task's stdin is empty) or a device such as /dev/null."""
+    stream = sys.stdin
+    try:
+        fd = stream.fileno()
+        if os.isatty(fd) or stat.S_ISCHR(os.fstat(fd).st_mode):
+            return None
+    except (AttributeError, OSError, ValueError):  # no stdin, or not a file descriptor
+        return None
+    return stream.buffer
+
+
+def _refuse_stdin_for_detached() -> None:
+    """A detached run outlives this process, so it cannot read this process's stdin: say so when there is
+    something on it, rather than give the task an empty stdin silently."""
+    stream = forwarded_stdin()
+    if stream is None:
+        return
+    fd = stream.fileno()
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        waiting = os.fstat(fd).st_size > os.lseek(fd, 0, os.SEEK_CUR)
+    else:
+        import select
+
+        waiting = bool(select.select([fd], [], [], 0)[0]) and bool(os.read(fd, 1))
+    if waiting:
+        raise ConfigError("stdin cannot be forwarded to a detached run (it outlives rx and its stdin)",
+                          hint="have the script read a file, or run it without --detach")
 
 
 def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
@@ -196,6 +230,8 @@ def run(
         "keep": keep_remote, "ssh_config": ssh_config, "connect_timeout": connect_timeout,
         "host_key_policy": "off" if insecure_no_host_key_check else None,
     }
+    if detach:
+        _refuse_stdin_for_detached()
     code = execute_run(task=task, args=args, remote=remote, options=options, workspace=workspace,
                        kind=kind, target=name, as_json=as_json, detach=detach)
     raise typer.Exit(code)

@@ -26,17 +26,19 @@ if TYPE_CHECKING:
 __all__ = ["parse_result", "run_child", "run_task", "set_call_environ", "task_stdio"]
 
 
-def task_stdio(out_w: int, err_w: int) -> None:
-    """Give the tasks of this process their stdio: stdin from /dev/null, stdout and stderr to ``out_w``
-    and ``err_w`` (as fds 1 and 2, line-buffered text that never fails on an odd character)."""
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
+def task_stdio(out_w: int, err_w: int, in_r: int | None = None) -> None:
+    """Give the tasks of this process their stdio: stdin from ``in_r`` (the stdin ``rx run`` forwards) or
+    /dev/null, stdout and stderr to ``out_w`` and ``err_w`` (as fds 1 and 2, line-buffered text that never
+    fails on an odd character)."""
+    source = os.open(os.devnull, os.O_RDONLY) if in_r is None else in_r
+    os.dup2(source, 0)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
-    for fd in (devnull, out_w, err_w):
+    for fd in (source, out_w, err_w):
         if fd > 2:
             os.close(fd)
-    sys.stdin = open(os.devnull)  # noqa: SIM115 - the tasks' stdin for this process's life
+    # the tasks' stdin for this process's life
+    sys.stdin = open(os.devnull) if in_r is None else open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace", line_buffering=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
@@ -52,8 +54,9 @@ def set_call_environ(options: dict[str, Any]) -> None:
 
 
 def run_child(session_bytes: bytes, run_dir: str, options: dict[str, Any], out_w: int, err_w: int,
-              result_w: int) -> None:
-    """In the forked task process: run the task, send the result to the parent over ``result_w``, exit."""
+              result_w: int, in_r: int | None = None) -> None:
+    """In the forked task process: run the task (its stdin from ``in_r``, else empty), send the result to
+    the parent over ``result_w``, exit."""
     os.setsid()
     set_call_environ(options)
     # The interpreter read PYTHONPATH before the call's environment was set: apply it to sys.path too
@@ -61,7 +64,7 @@ def run_child(session_bytes: bytes, run_dir: str, options: dict[str, Any], out_w
     extra_path = (options.get("env") or {}).get("PYTHONPATH", "")
     sys.path[1:1] = [entry for entry in extra_path.split(os.pathsep) if entry and entry not in sys.path]
     os.environ["RX_RUN_DIR"] = run_dir
-    task_stdio(out_w, err_w)
+    task_stdio(out_w, err_w, in_r)
     os.chdir(run_dir)
     record, value, exc_data = run_task(session_bytes, run_dir, bool(options.get("marshal")))
     _send_result(result_w, record, value, exc_data)

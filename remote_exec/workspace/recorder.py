@@ -20,7 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from ..errors import RemoteExecError
 from .manager import Run, Workspace, register_pending_writer
@@ -75,10 +75,12 @@ class CallRecorder(ABC):
     Attributes:
         stdout: Receives the task's stdout as it arrives.
         stderr: Receives the task's stderr as it arrives.
+        stdin: What the task reads on its stdin (``rx run`` forwards a pipe or a file), or None: empty.
     """
 
     stdout: OutputSink
     stderr: OutputSink
+    stdin: BinaryIO | None = None
 
     @abstractmethod
     def land_file(self, relative: PurePosixPath, temporary: Path, sha256: str) -> Path:
@@ -104,8 +106,9 @@ class RunRecorder(CallRecorder):
     """Records an ``rx run`` (or ``rx attach``): logs, actions, files; synchronously."""
 
     def __init__(self, run: Run, *, host: str | None, stdout: IO[str] | None = None,
-                 stderr: IO[str] | None = None) -> None:
+                 stderr: IO[str] | None = None, stdin: BinaryIO | None = None) -> None:
         self.run = run
+        self.stdin = stdin
         self.host = host
         self._logs = (run.store.open_append("stdout.log"), run.store.open_append("stderr.log"))
         self.offsets = (self._logs[0].tell(), self._logs[1].tell())

@@ -89,3 +89,22 @@ def test_a_task_defined_in_the_script_shows_its_source_on_the_callers_side(remot
         "    return 10 / x",
         "ZeroDivisionError: division by zero",
     ], done.stderr
+
+
+# -- 5. stdin -------------------------------------------------------------------------------------------------
+
+def test_piped_stdin_reaches_the_remote_script_with_its_end(remote: Remote) -> None:
+    write(remote.project / "cat_stdin.py", """
+        import hashlib, sys
+        data = sys.stdin.buffer.read()
+        print(len(data), hashlib.sha256(data).hexdigest(), repr(data[:3]))
+    """)
+    payload = b"hi\n" + os.urandom(2 << 20)
+
+    done = subprocess.run(remote.argv("run", "--remote", HOST, "cat_stdin.py"), cwd=remote.project, env=remote.env,
+                          input=payload, capture_output=True, timeout=120, check=False)
+
+    import hashlib
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().split() == [str(len(payload)), hashlib.sha256(payload).hexdigest(), "b'hi\\n'"]

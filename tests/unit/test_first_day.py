@@ -284,3 +284,91 @@ def test_rebuild_exception_falls_back_to_new_as_pickle_allows() -> None:
     custom = Custom("x")
     assert exception_parts(custom) is custom  # a class that says how to pickle it is trusted
     assert rebuild_exception("not an exception") is None
+
+
+# -- 5. stdin -------------------------------------------------------------------------------------------------
+
+def test_piped_stdin_reaches_the_script_with_its_end(isolated: Any) -> None:
+    write(isolated.root / "cat_stdin.py", """
+        import sys
+        print("got", repr(sys.stdin.read()))
+        print("then", repr(sys.stdin.read()))
+    """)
+
+    done = rx(isolated, "run", "cat_stdin.py", stdin="hi\nthere\n")
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "got 'hi\\nthere\\n'\nthen ''\n"
+
+
+def test_large_stdin_arrives_whole_through_the_window(isolated: Any) -> None:
+    write(isolated.root / "count.py", """
+        import hashlib, sys, time
+        first = sys.stdin.buffer.read(10)
+        time.sleep(0.5)  # a slow reader: the rest waits in the window, not in memory without bound
+        data = first + sys.stdin.buffer.read()
+        print(len(data), hashlib.sha256(data).hexdigest())
+    """)
+    payload = os.urandom(3 << 20)
+    source = isolated.root / "payload.bin"
+    source.write_bytes(payload)
+
+    with source.open("rb") as stream:
+        done = subprocess.run([sys.executable, "-m", "remote_exec", "run", "count.py"], cwd=isolated.root,
+                              env=isolated.env(), stdin=stream, capture_output=True, timeout=120, check=False)
+
+    import hashlib
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().split() == [str(len(payload)), hashlib.sha256(payload).hexdigest()]
+
+
+def test_a_script_that_does_not_read_its_stdin_is_not_held_up_by_it(isolated: Any) -> None:
+    write(isolated.root / "first_line.py", """
+        import sys
+        print("first:", sys.stdin.readline().strip())
+    """)
+    # a writer that keeps its end open long after the script is done
+    writer = subprocess.Popen([sys.executable, "-c", "import sys, time\nprint('one', flush=True)\ntime.sleep(60)"],
+                              stdout=subprocess.PIPE)
+    try:
+        done = subprocess.run([sys.executable, "-m", "remote_exec", "run", "first_line.py"], cwd=isolated.root,
+                              env=isolated.env(), stdin=writer.stdout, capture_output=True, text=True, timeout=60,
+                              check=False)
+    finally:
+        writer.kill()
+        writer.wait()
+        assert writer.stdout is not None
+        writer.stdout.close()
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "first: one\n"
+
+
+def test_stdin_for_a_detached_run_is_refused_with_the_reason(isolated: Any) -> None:
+    write(isolated.root / "cat_stdin.py", "import sys\nprint(sys.stdin.read())\n")
+
+    done = rx(isolated, "run", "--detach", "cat_stdin.py", stdin="hi\n")
+
+    assert done.returncode in (2, 3), done.stderr
+    assert "stdin cannot be forwarded to a detached run" in done.stderr
+    assert done.stdout == ""
+
+
+def test_a_task_call_keeps_an_empty_stdin(isolated: Any) -> None:
+    write(isolated.root / "reads.py", """
+        import sys
+        from remote_exec import task
+
+        @task
+        def read_stdin():
+            return sys.stdin.read()
+
+        print(repr(read_stdin()))
+    """)
+
+    done = subprocess.run([sys.executable, "reads.py"], cwd=isolated.root, env=isolated.env(), input="not for it",
+                          capture_output=True, text=True, timeout=60, check=False)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "''\n"
