@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:]) or bool(
         os.environ.get("RX_DEBUG"))
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="rx", standalone_mode=False)
     except RemoteExecError as exc:
         if verbose or state.verbose:
             import traceback

@@ -36,14 +36,29 @@ class _Group(typer.core.TyperGroup):
         except Interrupted as exc:
             raise Stopped(str(exc)) from exc
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Each command with the first sentence of its help, wrapped (click would cut it at 80 columns)."""
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=500)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
 
 app = typer.Typer(
     name="rx",
     cls=_Group,
     help="Offload Python work to machines reachable over SSH, and keep a record of every run.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    # Plain click help: rich markup would eat [tool.rx.remotes], [user@] and host[:port], and its panels
+    # cut long option names at 80 columns. Click suggests a command for a typo itself (typer would twice).
+    rich_markup_mode=None,
+    suggest_commands=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -65,7 +80,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, show_default=False,
                                          help="Show debug logs and Python tracebacks (-vv: more).")] = 0,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,

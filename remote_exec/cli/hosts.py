@@ -13,6 +13,7 @@ import typer
 
 from ..errors import RunnerError
 from .app import app
+from .complete import complete_hosts
 
 __all__ = ["check", "hosts"]
 
@@ -81,7 +82,8 @@ def hosts(
 
 @app.command()
 def check(
-    host: Annotated[str, typer.Argument(help="ssh_config alias, [tool.rx.remotes] name or [user@]host[:port].")],
+    host: Annotated[str, typer.Argument(help="ssh_config alias, [tool.rx.remotes] name or [user@]host[:port].",
+                                        autocompletion=complete_hosts)],
     backend: Annotated[str | None, typer.Option(help="SSH backend: openssh or paramiko.")] = None,
     python: Annotated[str | None, typer.Option(help="Remote interpreter (default python3).")] = None,
     ssh_config: Annotated[Path | None, typer.Option(

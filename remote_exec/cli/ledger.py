@@ -27,6 +27,7 @@ from ..workspace.export import EXPORT_FORMATS, export, format_duration, format_s
 from ..workspace.manager import Run, Workspace
 from ..workspace.state import ACTIVE_RUN_STATUSES, duration, parse_time
 from .app import app
+from .complete import complete_runs
 
 __all__ = ["clean_command", "export_command", "logs_command", "runs_command", "show_command"]
 
@@ -51,7 +52,7 @@ WorkspaceOption = Annotated[
     Path | None,
     typer.Option("--workspace", metavar="DIR", show_default=False,
                  help="Workspace directory (default: $RX_WORKSPACE, else ./.rx).")]
-RunArgument = Annotated[str, typer.Argument(metavar="RUN", show_default=False,
+RunArgument = Annotated[str, typer.Argument(metavar="RUN", show_default=False, autocompletion=complete_runs,
                                             help="Run id, unique prefix of one, or 'latest'.")]
 JsonOption = Annotated[bool, typer.Option("--json",
                                           help="Print JSON (the state.json fields) instead of text.")]
@@ -324,7 +325,7 @@ def _follow_detached(run_ref: str, workspace: Path | None, *, stderr: bool, offs
 @app.command("export")
 def export_command(
     run_refs: Annotated[list[str] | None, typer.Argument(
-        metavar="RUN", show_default=False,
+        metavar="RUN", show_default=False, autocompletion=complete_runs,
         help="Runs to export: ids, unique prefixes or 'latest' (default: latest).")] = None,
     fmt: Annotated[FormatName | None, typer.Option(
         "--format", show_default=False,

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO
 
+import click
 import typer
 
 from ..config import check_remote_backend
 from ..errors import ConfigError, Interrupted, RemoteExecError, WorkspaceError
 from .app import app
+from .complete import complete_hosts, complete_runs
 
-__all__ = ["DetachedRun", "attach_run", "forwarded_stdin", "load_detached_run", "rerun", "run"]
+__all__ = ["DetachedRun", "attach_run", "forwarded_stdin", "load_detached_run", "rerun", "run", "unknown_option"]
 
 
 
@@ -79,7 +81,9 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     if detach:
         return _detach(run, session, as_json)
     run.set_status("running")
-    recorder = RunRecorder(run, host=remote or "local", stdin=forwarded_stdin())
+    # --json: stdout carries the record only; the script's output goes to stderr (and to stdout.log)
+    recorder = RunRecorder(run, host=remote or "local", stdout=sys.stderr if as_json else None,
+                           stdin=forwarded_stdin())
     session.local["recorder"] = recorder
     try:
         result = run_chain(session, [RemoteAdvice()])
@@ -165,11 +169,13 @@ def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
                                "allow_interspersed_args": False})
 # shape: typer declares each option as a parameter; the body is 20 lines
 def run(
+    ctx: typer.Context,
     target: Annotated[list[str] | None, typer.Argument(
-        help="SCRIPT and its ARGS (with -m: only ARGS).", show_default=False)] = None,
+        metavar="[SCRIPT] [ARGS]...", help="SCRIPT and its ARGS (with -m: only ARGS).", show_default=False)] = None,
     module: Annotated[str | None, typer.Option("-m", "--module", help="Run MODULE as `python -m MODULE`.")] = None,
     remote: Annotated[str | None, typer.Option(
-        "--remote", "-r", help="Host: ssh_config alias, [tool.rx.remotes] name or [user@]host[:port]. "
+        "--remote", "-r", autocompletion=complete_hosts,
+        help="Host: ssh_config alias, [tool.rx.remotes] name or [user@]host[:port]. "
                                "Without it the run is a local subprocess.")] = None,
     backend: Annotated[str | None, typer.Option(
         help="SSH backend: openssh or paramiko (default: RX_BACKEND, [tool.rx] backend, openssh).")] = None,
@@ -190,7 +196,8 @@ def run(
     connect_timeout: Annotated[float | None, typer.Option(help="Seconds to connect (default 10).")] = None,
     insecure_no_host_key_check: Annotated[bool, typer.Option(
         "--insecure-no-host-key-check", help="Do not check the host's key (prints a warning).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the run's record as JSON at the end.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run's record as JSON on stdout at the end; "
+                                                           "the script's output goes to stderr.")] = False,
     detach: Annotated[bool, typer.Option(
         "--detach", "-d", help="Start the run so that it survives this process and the connection; print "
                                "its id and return (follow with rx logs -f, collect with rx attach).")] = False,
@@ -198,12 +205,15 @@ def run(
     """Run SCRIPT (or -m MODULE) with ARGS through rx: on --remote HOST over SSH, else locally.
 
     Output streams live; files the script writes in its working directory land in the run's files/.
+
     Exit status: the script's own; 124 timeout; 130 interrupted; 255 connection, authentication or
     host-key failure; 3 any other rx failure.
     """
     from ..task import Task
 
     words = list(target or [])
+    if words and words[0].startswith("-") and words[0] != "-":
+        raise unknown_option(ctx, words[0])
     if module is None and not words:
         raise ConfigError("nothing to run", hint="rx run SCRIPT [ARGS]... or rx run -m MODULE [ARGS]...")
     if backend is not None:
@@ -237,6 +247,17 @@ def run(
     raise typer.Exit(code)
 
 
+def unknown_option(ctx: typer.Context, word: str) -> click.NoSuchOption:
+    """The usage error (exit 2) for ``word``, an option before the script that this command does not know,
+    with the closest known ones (``--timout``: did you mean ``--timeout``)."""
+    import difflib
+
+    name = word.partition("=")[0]
+    known = [opt for param in ctx.command.params for opt in (*param.opts, *param.secondary_opts)
+             if opt.startswith("-")]
+    return click.NoSuchOption(name, possibilities=difflib.get_close_matches(name, known, n=1), ctx=ctx)
+
+
 def _refuse_syntax_errors(source: str, path: Path) -> None:
     """A script that does not compile is reported here, as Python would, before anything travels (exit 1)."""
     from ..tracebacks import syntax_error
@@ -249,12 +270,15 @@ def _refuse_syntax_errors(source: str, path: Path) -> None:
 
 @app.command()
 def rerun(
-    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, unique prefix, or 'latest'.")],
+    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, unique prefix, or 'latest'.",
+                                           autocompletion=complete_runs)],
     failed: Annotated[bool, typer.Option("--failed", help="Run only the tasks that did not finish; merge the "
                                                           "done results in.")] = False,
-    remote: Annotated[str | None, typer.Option("--remote", "-r", help="Run on this host instead.")] = None,
+    remote: Annotated[str | None, typer.Option("--remote", "-r", help="Run on this host instead.",
+                                               autocompletion=complete_hosts)] = None,
     workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the new run's record as JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the new run's record as JSON on stdout; the "
+                                                           "script's output goes to stderr.")] = False,
 ) -> None:
     """Run a recorded run again as a new run (same code, arguments and host)."""
     from ..session import Session
@@ -364,7 +388,7 @@ def attach_run(detached: DetachedRun, as_json: bool) -> int:
         typer.echo(f"rx: run {run.id} is {info.get('status')} (exit {info.get('exit_code')}); nothing to attach",
                    err=True)
         return int(info.get("exit_code") or 0)
-    recorder = RunRecorder(run, host=detached.target.host)
+    recorder = RunRecorder(run, host=detached.target.host, stdout=sys.stderr if as_json else None)
     try:
         with run.action("attach", host=detached.target.host):
             outcome = detached.coordinator.attach(detached.session, detached.target, info["detached"], recorder,
@@ -378,9 +402,11 @@ def attach_run(detached: DetachedRun, as_json: bool) -> int:
 
 @app.command()
 def attach(
-    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, unique prefix, or 'latest'.")],
+    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, unique prefix, or 'latest'.",
+                                           autocompletion=complete_runs)],
     workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the run's record as JSON at the end.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run's record as JSON on stdout at the end; "
+                                                           "the run's output goes to stderr.")] = False,
 ) -> None:
     """Wait for a detached run, stream its output, and collect its result and files into the workspace.
 
@@ -391,7 +417,8 @@ def attach(
 
 @app.command()
 def cancel(
-    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, unique prefix, or 'latest'.")],
+    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, unique prefix, or 'latest'.",
+                                           autocompletion=complete_runs)],
     workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
 ) -> None:
     """Stop a detached run (its whole process group on the host), then collect what it left."""

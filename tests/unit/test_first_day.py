@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
 from ptyrun import CTRL_C, run_in_pty
 
 
@@ -372,3 +373,138 @@ def test_a_task_call_keeps_an_empty_stdin(isolated: Any) -> None:
 
     assert done.returncode == 0, done.stderr
     assert done.stdout == "''\n"
+
+
+# -- 9. typos, 10. help at 80 columns, 12. --json ------------------------------------------------------------
+
+def test_an_unknown_option_before_the_script_is_a_usage_error_with_a_suggestion(isolated: Any) -> None:
+    write(isolated.root / "x.py", "print('ran')\n")
+
+    done = rx(isolated, "run", "-r", "somewhere", "--timout", "5", "x.py")
+
+    assert done.returncode == 2, done.stderr
+    assert "No such option '--timout'. Did you mean '--timeout'?" in done.stderr
+    assert done.stdout == "" and not (isolated.workspace / "runs").exists()
+
+
+def test_a_mistyped_command_is_suggested_once(isolated: Any) -> None:
+    done = rx(isolated, "rnu")
+
+    assert done.returncode == 2
+    assert done.stderr.count("Did you mean 'run'?") == 1, done.stderr
+
+
+COMMANDS = ("", "run", "rerun", "runs", "show", "logs", "export", "clean", "hosts", "check", "attach", "cancel")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_at_80_columns_keeps_brackets_and_whole_option_names(isolated: Any, command: str) -> None:
+    import click
+    import typer.main
+
+    from remote_exec.cli import _register, app
+
+    _register()
+    group = typer.main.get_command(app)
+    assert isinstance(group, click.Group)
+    cmd = group.commands[command] if command else group
+
+    done = rx(isolated, *([command] if command else []), "--help", COLUMNS="80")
+
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    assert "…" not in text and "..." not in text.replace("[ARGS]...", "").replace("COMMAND [ARGS]...", "") \
+        .replace("RUN...", ""), text
+    for param in cmd.params:  # every option by its whole name, every parameter with a help text
+        assert getattr(param, "help", None), f"{command} {param.name} has no help"
+        for name in param.opts:
+            if name.startswith("--"):
+                assert name in text, f"{name} missing from:\n{text}"
+    if command == "run":
+        assert "[tool.rx.remotes] name" in text and "[user@]host[:port]" in text and "[tool.rx] backend" in text
+    if command == "":
+        assert "ssh_config aliases and [tool.rx.remotes]." in text
+
+
+def test_run_json_keeps_stdout_parseable(isolated: Any) -> None:
+    write(isolated.root / "chatty.py", "print('hello from the script')\n")
+
+    done = rx(isolated, "run", "--json", "chatty.py")
+
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["status"] == "finished"
+    assert "hello from the script" in done.stderr
+    log = isolated.workspace / "runs" / record["run_id"] / "stdout.log"
+    assert log.read_text() == "hello from the script\n"
+
+
+# -- 11. shell completion -----------------------------------------------------------------------------------
+
+def completion_env(isolated: Any) -> dict[str, str]:
+    """An environment with an ``rx`` on PATH (this checkout), a host in ssh_config and one in pyproject."""
+    bin_dir = isolated.root / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    shim = bin_dir / "rx"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m remote_exec "$@"\n')
+    shim.chmod(0o755)
+    (isolated.root / "ssh_config").write_text("Host gpu1 gpu2\n    HostName 10.0.0.1\nHost *.lab\n    User me\n")
+    write(isolated.root / "pyproject.toml", """
+        [tool.rx.remotes.lab]
+        host = "lab.example.org"
+    """)
+    return isolated.env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                        _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1")
+
+
+def bash_complete(isolated: Any, env: dict[str, str], words: list[str]) -> list[str]:
+    """Source the script ``rx --install-completion bash`` installed, then let bash complete ``words``."""
+    script = isolated.home / ".bash_completions" / "rx.sh"
+    program = (f"source {script}\nCOMP_WORDS=({' '.join(repr(word) for word in words)})\n"
+               f"COMP_CWORD={len(words) - 1}\n_rx_completion rx\nprintf '%s\\n' \"${{COMPREPLY[@]}}\"\n")
+    done = subprocess.run(["bash", "--norc", "-c", program], cwd=isolated.root, env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return [line for line in done.stdout.splitlines() if line]
+
+
+def test_bash_completion_completes_hosts_and_runs(isolated: Any) -> None:
+    env = completion_env(isolated)
+    installed = subprocess.run(["rx", "--install-completion", "bash"], cwd=isolated.root, env=env,
+                               capture_output=True, text=True, timeout=60, check=False)
+    assert installed.returncode == 0, installed.stderr
+    assert "source" in (isolated.home / ".bashrc").read_text()
+    write(isolated.root / "ok.py", "print('ok')\n")
+    for _ in range(2):
+        assert rx(isolated, "run", "ok.py").returncode == 0
+    ids = sorted(path.name for path in (isolated.workspace / "runs").iterdir())
+
+    assert bash_complete(isolated, env, ["rx", "run", "--remote", ""]) == ["lab", "gpu1", "gpu2"]
+    assert bash_complete(isolated, env, ["rx", "check", "gp"]) == ["gpu1", "gpu2"]
+    assert bash_complete(isolated, env, ["rx", "show", ""]) == ["latest", ids[1], ids[0]]
+    assert bash_complete(isolated, env, ["rx", "logs", ids[0][:-2]]) == [ids[0]]
+
+
+@pytest.mark.parametrize("shell", ["zsh", "fish"])
+def test_zsh_and_fish_completion_install_and_complete(isolated: Any, shell: str) -> None:
+    env = completion_env(isolated)
+
+    installed = subprocess.run(["rx", "--install-completion", shell], cwd=isolated.root, env=env,
+                               capture_output=True, text=True, timeout=60, check=False)
+    shown = subprocess.run(["rx", "--show-completion", shell], cwd=isolated.root, env=env, capture_output=True,
+                           text=True, timeout=60, check=False)
+    # What the installed script runs when the user presses TAB after "rx run --remote g" (zsh passes the
+    # words so far, fish its command line), through typer's completion protocol.
+    asked = subprocess.run(["rx"], cwd=isolated.root, capture_output=True, text=True, timeout=60, check=False,
+                           env={**env, "_RX_COMPLETE": f"complete_{shell}",
+                                "_TYPER_COMPLETE_ARGS": "rx run --remote g",
+                                "_TYPER_COMPLETE_FISH_ACTION": "get-args"})
+
+    assert installed.returncode == 0 and shown.returncode == 0, installed.stderr + shown.stderr
+    target = isolated.home / (".zfunc/_rx" if shell == "zsh" else ".config/fish/completions/rx.fish")
+    assert target.read_text().strip() == shown.stdout.strip()
+    assert "_RX_COMPLETE=complete_" + shell in shown.stdout
+    assert asked.returncode == 0, asked.stderr
+    offered = asked.stdout
+    assert "gpu1" in offered and "gpu2" in offered and "lab" not in offered.replace("gpu", "")
