@@ -508,3 +508,45 @@ def test_zsh_and_fish_completion_install_and_complete(isolated: Any, shell: str)
     assert asked.returncode == 0, asked.stderr
     offered = asked.stdout
     assert "gpu1" in offered and "gpu2" in offered and "lab" not in offered.replace("gpu", "")
+
+
+# -- 14. a @task run is recorded with the process's own exit status --------------------------------------------
+
+SWEEP_WITH_FAILURES = """
+    import sys
+    from remote_exec import task
+
+    @task
+    def step(i):
+        if i % 2:
+            raise ValueError(f"step {i} diverged")
+        return i
+
+    for i in range(6):
+        try:
+            step(i)
+        except ValueError as exc:
+            print("caught:", exc)
+    if len(sys.argv) > 1:
+        sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize(("argv", "status", "exit_code"), [([], "finished", 0), (["4"], "failed", 4)])
+def test_a_task_run_is_recorded_with_the_process_exit_code_and_its_failed_calls_counted(
+        isolated: Any, argv: list[str], status: str, exit_code: int) -> None:
+    write(isolated.root / "sweep.py", SWEEP_WITH_FAILURES)
+
+    done = subprocess.run([sys.executable, "sweep.py", *argv], cwd=isolated.root, env=isolated.env(),
+                          capture_output=True, text=True, timeout=120, check=False)
+    listed = rx(isolated, "runs", COLUMNS="80")
+    shown = rx(isolated, "show", "latest")
+
+    assert done.returncode == exit_code, done.stderr
+    (info,) = [json.loads(rx(isolated, "show", "latest", "--json").stdout)]
+    assert (info["status"], info["exit_code"]) == (status, exit_code)
+    assert info["error"] == ("3 of 6 calls failed" if not exit_code else "exit status 4; 3 of 6 calls failed")
+    header, row = listed.stdout.splitlines()
+    assert header.split() == ["id", "target", "host", "status", "calls", "exit"] or "calls" in header.split()
+    assert "3/6 failed" in row and row.split()[-1] == str(exit_code), listed.stdout
+    assert "3 of 6 calls failed" in shown.stdout
