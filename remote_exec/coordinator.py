@@ -138,6 +138,7 @@ class Coordinator:
         self._local = LocalBackend()
         self._configs: dict[str, Configuration] = {}
         self._targets: dict[tuple[Any, ...], tuple[Configuration, Target]] = {}
+        self._insecure_warned: set[str] = set()
 
     @classmethod
     def current(cls) -> Coordinator:
@@ -240,6 +241,9 @@ class Coordinator:
         backend_name = config.effective_backend(options.get("backend") or remote.backend or backend)
         config.check_remote_backend(backend_name)
         policy = options.get("host_key_policy") or config.host_key_policy
+        if policy == "off" and remote.name not in self._insecure_warned:
+            self._insecure_warned.add(remote.name)  # once per host and process, whatever reconnects
+            logger.warning("host key checking is OFF for %s: anyone on the path can impersonate it", remote.name)
         spec = remote.spec(ssh_config=config.effective_ssh_config(options.get("ssh_config")),
                            host_key_policy=policy,
                            connect_timeout=float(options.get("connect_timeout") or config.connect_timeout))
@@ -364,10 +368,10 @@ class Coordinator:
         return outcome
 
     def follow(self, target: Target, detached: dict[str, Any], *, on_stdout: OutputSink, on_stderr: OutputSink,
-               offsets: tuple[int, int]) -> None:
-        """Stream a detached run's output until it ends (collecting nothing)."""
+               offsets: tuple[int, int], once: bool = False) -> None:
+        """Stream a detached run's output until it ends (``once``: what it wrote so far); collect nothing."""
         follow_detached(target.backend, detached, target.options, launcher=target.launcher, on_stdout=on_stdout,
-                        on_stderr=on_stderr, offsets=offsets)
+                        on_stderr=on_stderr, offsets=offsets, once=once)
 
     def cancel(self, target: Target, detached: dict[str, Any]) -> dict[str, Any]:
         """Stop a detached run's task; return the host's status record of it."""

@@ -81,7 +81,8 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, show_default=False,
-                                         help="Show debug logs and Python tracebacks (-vv: more).")] = 0,
+                                         help="Show rx's log and Python tracebacks (-vv: its debug lines, "
+                                              "-vvv: every library's).")] = 0,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
@@ -93,6 +94,10 @@ def _root(
     # paramiko logs a failed handshake with a traceback from its transport thread; rx already reports it as
     # one line (and its exit status), so paramiko's own log shows only with -v.
     logging.getLogger("paramiko").setLevel(level if verbose else logging.CRITICAL)
+    if 0 < verbose < 3:  # -v, -vv: rx's own lines; other libraries' debugging (filelock's, 50 a run) with -vvv
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("remote_exec").setLevel(level)
+        logging.getLogger("paramiko").setLevel(logging.INFO if verbose == 2 else logging.WARNING)
 
 
 def error_line(message: str) -> None:

@@ -327,13 +327,13 @@ def logs_command(
             return
         out.flush()
 
-    if not follow:
-        pump()
-        return
     info = run.info()
     if info.get("detached") and info.get("status") in ACTIVE_RUN_STATUSES and info.get("coordinator") is None:
-        pump()  # what was collected before, then the rest live from the host
-        _follow_detached(run_ref, workspace, stderr=stderr, offset=offset)
+        pump()  # what was collected before, then the rest from the host (so far, or live with -f)
+        _follow_detached(run_ref, workspace, stderr=stderr, offset=offset, once=not follow)
+        return
+    if not follow:
+        pump()
         return
     while True:
         active = run.status() in ACTIVE_RUN_STATUSES  # look before reading, so the last read is complete
@@ -343,8 +343,9 @@ def logs_command(
         time.sleep(FOLLOW_INTERVAL)
 
 
-def _follow_detached(run_ref: str, workspace: Path | None, *, stderr: bool, offset: int) -> None:
-    """Stream a detached run's output from its host until it ends (the run stays uncollected)."""
+def _follow_detached(run_ref: str, workspace: Path | None, *, stderr: bool, offset: int, once: bool = False) -> None:
+    """Stream a detached run's output from its host until it ends (``once``: what it wrote so far); the
+    run stays uncollected."""
     from .run import load_detached_run
 
     detached = load_detached_run(workspace, run_ref)
@@ -360,7 +361,11 @@ def _follow_detached(run_ref: str, workspace: Path | None, *, stderr: bool, offs
 
     detached.coordinator.follow(detached.target, detached.info["detached"], on_stdout=drop if stderr else show,
                                 on_stderr=show if stderr else drop,
-                                offsets=(0 if stderr else offset, offset if stderr else 0))
+                                offsets=(0 if stderr else offset, offset if stderr else 0), once=once)
+    if once:
+        typer.echo(f"rx: run {run.id}: its output so far on {detached.target.host} (follow it: rx logs -f "
+                   f"{run.id}; collect it: rx attach {run.id})", err=True)
+        return
     typer.echo(f"rx: run {run.id} ended on the host; collect it with rx attach {run.id}", err=True)
 
 

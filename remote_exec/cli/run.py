@@ -74,10 +74,6 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
                       context={"remote": remote, "options": options, "origin": "cli"})
     session.config = config
     run.store.write_bytes("session.zip", session.dumps())
-    if options.get("host_key_policy") == "off":
-        from .app import error_line
-
-        error_line(f"host key checking is OFF for {remote}: anyone on the path can impersonate it")
     if detach:
         return _detach(run, session, as_json)
     run.set_status("running")
@@ -162,6 +158,9 @@ def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
     message += f", exit {ended.exit_code}, {info.get('duration') or 0:.2f} s; {files} file(s) in {where}/files"
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     console.print(message, style="dim" if ended.status == "finished" else "yellow", markup=False)
+    if outcome is not None and outcome.header.get("kept"):
+        console.print(f"rx: the run directory is kept on {run.info().get('remote') or 'local'}: "
+                      f"{outcome.header['kept']}", style="dim", markup=False)
     return ended.exit_code
 
 

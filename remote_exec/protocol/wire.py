@@ -35,14 +35,16 @@ Frames from the runner:
        (its last lines), ``frames`` ([file, line, function, source, end line, column, end column]) and
        ``then`` (cause, context or null); ``roots``: where the archive and the run directory are), value
        (size and encoding: ``marshal`` or ``serializer``) or null, exc_pickle (size) or null, files (a
-       manifest: path, size, sha256 each), duration, python, host
+       manifest: path, size, sha256 each), duration, python, host; ``kept``: the run directory, when the
+       call asked to keep it
     V  the value's bytes
     X  the pickled exception: ``("rx-exception-1", class, args, attributes)`` for a class that pickles the
        default way (see ``serialization.exception_parts``), else the exception itself
     F  the pulled files as an uncompressed tar stream, in manifest order
     Z  end of result, JSON ``{"hmac": hex}``: HMAC-SHA256 with the call's key over every R, V, X and F
        frame, each fed as type byte + 8-byte big-endian length + payload. When ``attach`` only follows a
-       detached run, ``Z`` is ``{"done": status, "exit_code": N}`` instead and no result precedes it.
+       detached run, ``Z`` is ``{"done": status, "exit_code": N}`` instead and no result precedes it
+       (``{"done": null}`` when its G frame asked with ``once`` for the output so far of a run still going).
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any
     """
     names = os.listdir(run_dir)
     files = [] if options.get("no_pull") or not names else _manifest(run_dir, options.get("pull") or [])
-    header = dict(header, files=files)
+    header = dict(header, files=files, **({"kept": run_dir} if options.get("keep") else {}))
     size = len(value) + len(exc_data) + sum(entry["size"] for entry in files)
     out.sign(size=size)
     if size > (1 << 20):

@@ -72,4 +72,6 @@ def result_record(result: Result, *, header: dict[str, Any] | None = None, phase
         record.update(host=header.get("host"), python=header.get("python"), duration=header.get("duration"),
                       phases=phases or {}, uploaded_archive=uploaded,
                       files=[str(path.relative_to(run_dir) if run_dir else path) for path in files])
+        if header.get("kept"):
+            record["remote_run_dir"] = header["kept"]
     return record

@@ -108,3 +108,80 @@ def test_piped_stdin_reaches_the_remote_script_with_its_end(remote: Remote) -> N
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.decode().split() == [str(len(payload)), hashlib.sha256(payload).hexdigest(), "b'hi\\n'"]
+
+
+# -- 15, 16: hosts as ssh resolves them -------------------------------------------------------------------------
+
+def _entry(remote: Remote, alias: str, identity: Path) -> str:
+    host = remote.host
+    return (f"Host {alias}\n    HostName {host.hostname}\n    Port {host.port}\n    User {host.user}\n"
+            f"    IdentityFile {identity}\n    IdentitiesOnly yes\n"
+            f"    UserKnownHostsFile {remote.testbed.known_hosts}\n")
+
+
+def test_a_key_that_needs_a_passphrase_is_named_with_what_to_do(remote: Remote, tmp_path: Path) -> None:
+    key = tmp_path / "locked_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "a passphrase", "-f", str(key)], check=True)
+    config = tmp_path / "locked_config"
+    config.write_text(_entry(remote, "locked", key))
+    write(remote.project / "job.py", "print('never')\n")
+
+    done = remote.rx("run", "--remote", "locked", "job.py",
+                     env={"RX_SSH_CONFIG": str(config), "SSH_AUTH_SOCK": ""})
+
+    assert done.returncode == 255, done.stderr
+    assert f"{key} is encrypted and no agent holds it: run `ssh-add {key}`" in done.stderr, done.stderr
+
+
+def test_an_ssh_url_is_a_host_and_an_insecure_run_warns_once(remote: Remote, tmp_path: Path) -> None:
+    config = tmp_path / "keys_only"
+    config.write_text(f"Host *\n    IdentityFile {remote.testbed.identity_file}\n")
+    write(remote.project / "job.py", "print('ran')\n")
+    host = remote.host
+    url = f"ssh://{host.user}@{host.hostname}:{host.port}"
+
+    done = remote.rx("run", "--remote", url, "--insecure-no-host-key-check", "job.py",
+                     env={"RX_SSH_CONFIG": str(config)})
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "ran\n"
+    warned = [line for line in done.stderr.splitlines() if "host key checking is OFF" in line]
+    assert len(warned) == 1 and "error" not in warned[0].lower(), done.stderr
+
+
+def test_openssh_reads_the_ssh_config_under_home_as_paramiko_does(remote: Remote, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text(_entry(remote, "homealias", remote.testbed.identity_file))
+    write(remote.project / "job.py", "print('ran')\n")
+    env = {key: value for key, value in remote.env.items() if key != "RX_SSH_CONFIG"}
+
+    done = subprocess.run(remote.argv("run", "--remote", "homealias", "job.py"), cwd=remote.project,
+                          env={**env, "HOME": str(home)}, capture_output=True, text=True, timeout=90, check=False)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "ran\n"
+
+
+def test_rx_logs_of_a_running_detached_run_shows_its_output_so_far(remote: Remote) -> None:
+    write(remote.project / "ticker.py", """
+        import time
+        for i in range(300):
+            print("tick", i, flush=True)
+            time.sleep(0.1)
+    """)
+    started = remote.rx("run", "--remote", HOST, "--detach", "ticker.py")
+    assert started.returncode == 0, started.stderr
+    run_id = started.stdout.strip()
+    try:
+        import time
+
+        time.sleep(2)
+        logs = remote.rx("logs", run_id)
+    finally:
+        remote.rx("cancel", run_id)
+
+    assert logs.returncode == 0, logs.stderr
+    lines = logs.stdout.splitlines()
+    assert len(lines) >= 5 and lines[0] == "tick 0" and lines[-1] == f"tick {len(lines) - 1}", logs.stdout
+    assert f"rx logs -f {run_id}" in logs.stderr

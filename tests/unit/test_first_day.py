@@ -550,3 +550,92 @@ def test_a_task_run_is_recorded_with_the_process_exit_code_and_its_failed_calls_
     assert header.split() == ["id", "target", "host", "status", "calls", "exit"] or "calls" in header.split()
     assert "3/6 failed" in row and row.split()[-1] == str(exit_code), listed.stdout
     assert "3 of 6 calls failed" in shown.stdout
+
+
+# -- 15. the small things of a first day ------------------------------------------------------------------------
+
+def test_rx_runs_at_80_columns_keeps_host_names_whole_and_takes_last(isolated: Any) -> None:
+    from remote_exec.workspace import Workspace
+
+    ws = Workspace(isolated.workspace)
+    for index in range(4):
+        run = ws.new_run(target=f"experiments/deep/folder/train_model_{index}.py", kind="script", remote="rx-testbed-1",
+                         backend="openssh")
+        run.set_status("finished", exit_code=0)
+
+    listed = rx(isolated, "runs", COLUMNS="80")
+    last = rx(isolated, "runs", "--last", "2", COLUMNS="80")
+
+    assert listed.returncode == 0, listed.stderr
+    rows = listed.stdout.splitlines()[1:]
+    assert len(rows) == 4 and all(len(line) <= 80 for line in listed.stdout.splitlines())
+    assert all(" rx-testbed-1 " in row and row.split()[0] in ws.ids() for row in rows), listed.stdout
+    assert all(row.split()[1].endswith(f"_{index}.py") for index, row in enumerate(rows)), listed.stdout
+    assert [row.split()[0] for row in last.stdout.splitlines()[1:]] == ws.ids()[-2:]
+
+
+def test_rx_hosts_shows_each_aliases_real_host_user_and_port(isolated: Any) -> None:
+    (isolated.root / "ssh_config").write_text("Host gpu1\n    HostName 10.1.2.3\n    User alice\n    Port 2222\n")
+
+    for backend in ("openssh", "paramiko"):
+        done = rx(isolated, "hosts", "--json", RX_BACKEND=backend)
+        assert done.returncode == 0, done.stderr
+        (row,) = json.loads(done.stdout)
+        assert (row["name"], row["host"], row["user"], row["port"]) == ("gpu1", "10.1.2.3", "alice", 2222), backend
+
+
+def test_keep_remote_prints_where_the_run_directory_is(isolated: Any) -> None:
+    write(isolated.root / "job.py", "open('out.txt', 'w').write('x')\n")
+
+    done = rx(isolated, "run", "--keep-remote", "job.py")
+
+    assert done.returncode == 0, done.stderr
+    line = [line for line in done.stderr.splitlines() if "run directory is kept" in line]
+    assert len(line) == 1, done.stderr
+    kept = Path(line[0].rpartition(": ")[2])
+    assert kept.is_dir() and (kept / "out.txt").read_text() == "x"
+
+
+def test_vv_shows_rx_debug_lines_not_every_librarys(isolated: Any) -> None:
+    write(isolated.root / "job.py", "print('ok')\n")
+
+    done = rx(isolated, "-vv", "run", "job.py")
+
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert any("DEBUG remote_exec." in line for line in lines), done.stderr
+    assert not [line for line in lines if "filelock" in line], done.stderr
+    assert len(lines) < 15 and max(len(line) for line in lines) < 400, done.stderr
+
+
+@pytest.mark.parametrize(("spec", "user", "host", "port"), [
+    ("ssh://me@gpu1.lab:2222", "me", "gpu1.lab", 2222),
+    ("ssh://gpu1/", None, "gpu1", None),
+    ("ssh://[::1]:22", None, "::1", 22),
+])
+def test_an_ssh_url_is_a_host(spec: str, user: str | None, host: str, port: int | None) -> None:
+    from remote_exec.backends.base import HostSpec
+
+    parsed = HostSpec.parse(spec)
+
+    assert (parsed.user, parsed.host, parsed.port) == (user, host, port)
+
+
+# -- 16. both backends read the same ssh_config ----------------------------------------------------------------
+
+def test_openssh_is_given_the_ssh_config_rx_reads_when_home_is_not_the_users(
+        isolated: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from remote_exec.backends.base import HostSpec
+    from remote_exec.backends.openssh import config_args, ssh_options
+
+    monkeypatch.delenv("RX_SSH_CONFIG")
+    meant = isolated.home / ".ssh" / "config"
+
+    assert config_args(HostSpec("gpu1")) == ["-F", os.devnull]  # HOME has none: ssh reads none either
+    meant.parent.mkdir()
+    meant.write_text("Host gpu1\n    HostName 10.0.0.9\n")
+    assert ssh_options(HostSpec("gpu1"))[:2] == ["-F", str(meant)]
+    import pwd
+
+    monkeypatch.setenv("HOME", pwd.getpwuid(os.getuid()).pw_dir)
+    assert config_args(HostSpec("gpu1")) == []  # ssh reads that same file itself (and /etc/ssh/ssh_config)
