@@ -34,6 +34,7 @@ from .backends.local import LocalBackend
 from .backends.pool import BackendPool
 from .config import Configuration, find_pyproject
 from .errors import ConfigError, SerializationError
+from .hints import arguments_hint, import_hint
 from .launchers.base import Launcher
 from .launchers.registry import create_launcher
 from .packing import DistributionArchive, Packer, default_cache_dir
@@ -309,24 +310,31 @@ class Coordinator:
             recorder.failed(exc)
             raise
         session.local["outcome"] = outcome
-        self.localize(session, outcome, archive.sources, recorder)
+        self.localize(session, outcome, archive.sources, recorder, python=target.options.python)
         recorder.finished(result=outcome.result, phases=outcome.phases,
                           value=lambda: self._recorded_value(session, target, outcome))
         return outcome.result
 
     def localize(self, session: Session, outcome: Outcome, sources: Iterable[tuple[str, str]],
-                 recorder: CallRecorder) -> None:
-        """Map the task's remote traceback to the user's files (:mod:`remote_exec.tracebacks`); a script's
-        goes to its stderr, where Python would have printed it."""
+                 recorder: CallRecorder, *, python: str = "python3") -> None:
+        """Map the task's remote traceback to the user's files (:mod:`remote_exec.tracebacks`), with what to
+        try when the two sides differ (:mod:`remote_exec.hints`); a script's goes to its stderr, where
+        Python would have printed it."""
         exception = outcome.header.get("exception")
         if not exception:
             return
         task = session.task
+        sources = list(sources)
         script = None
         if task.kind == "script" and task.filename:
             script = (f".rx/{os.path.basename(task.filename)}", Path(task.filename).resolve())
         roots = roots_for(remote_roots=exception.get("roots") or {}, sources=sources, script=script)
-        text = localize(outcome.result, exception, roots, all_frames=self.all_frames,
+        host = outcome.result.host or "the host"
+        hint = (arguments_hint(exception["packages"], host) if exception.get("packages") else
+                import_hint(str(exception.get("message") or ""), host=host, python=python,
+                            shipped=[name.removesuffix(".py") for name, _ in sources],
+                            project=Path(session.context.get("cwd") or os.getcwd()).resolve()))
+        text = localize(outcome.result, exception, roots, all_frames=self.all_frames, hint=hint,
                         function=task.function if task.kind == "function" else None)
         if task.kind != "function" and (text or outcome.result.traceback):
             recorder.stderr((text or outcome.result.traceback or "").encode())
@@ -364,7 +372,8 @@ class Coordinator:
         outcome = attach_detached(session, target.backend, detached, target.options, launcher=target.launcher,
                                   on_stdout=recorder.stdout, on_stderr=recorder.stderr,
                                   land_file=recorder.land_file, offsets=offsets)
-        self.localize(session, outcome, [tuple(pair) for pair in detached.get("sources") or ()], recorder)
+        self.localize(session, outcome, [tuple(pair) for pair in detached.get("sources") or ()], recorder,
+                      python=target.options.python)
         return outcome
 
     def follow(self, target: Target, detached: dict[str, Any], *, on_stdout: OutputSink, on_stderr: OutputSink,

@@ -261,7 +261,8 @@ def syntax_error(source: str, filename: str) -> str | None:
 
 
 def localize(result: Result, exception: Mapping[str, Any] | None, roots: Iterable[Root], *,
-             function: Callable[..., Any] | None = None, all_frames: bool = False) -> str | None:
+             function: Callable[..., Any] | None = None, all_frames: bool = False,
+             hint: str | None = None) -> str | None:
     """Map ``result``'s remote traceback to the user's files (see :func:`render`): ``result.traceback``
     becomes what the user reads (the host's text stays in ``remote_traceback``), and so does the text of
     the exception's ``__cause__`` (with rx's frames if ``all_frames``). Returns the text to show, or None
@@ -273,18 +274,28 @@ def localize(result: Result, exception: Mapping[str, Any] | None, roots: Iterabl
         roots: The call's (remote prefix -> local root) pairs (:func:`roots_for`).
         function: The task's function, when it travelled by value.
         all_frames: Keep rx's own frames too.
+        hint: What to try (:mod:`remote_exec.hints`): a last line, and a note of the exception.
     """
     if not exception:
         return None
     paths, dynamic = PathMap(roots), DynamicCode(function)
     text = render(exception, paths, dynamic=dynamic)
     if text is None:
-        return None
-    shown = render(exception, paths, dynamic=dynamic, all_frames=True) if all_frames else text
+        if not hint or not result.traceback:
+            return None
+        text = result.traceback  # what the host printed is all there is; the hint still goes below it
+    everything = render(exception, paths, dynamic=dynamic, all_frames=True) if all_frames else None
+    shown = everything if everything is not None else text
+    note = f"rx: hint: {hint}\n" if hint else ""
     result.remote_traceback = result.traceback
-    result.traceback = text  # what the run's record keeps: the user's frames
+    result.traceback = text + note  # what the run's record keeps: the user's frames
     if result.exception is not None:
-        result.exception.__cause__ = RemoteTraceback(shown or text)
+        add_note: Callable[[str], None] | None = getattr(result.exception, "add_note", None)  # Python >= 3.11
+        noted = False
+        if note and add_note is not None:  # Python prints it under the exception's own line, where one looks
+            add_note(note.rstrip("\n"))
+            noted = True
+        result.exception.__cause__ = RemoteTraceback(shown if noted else shown + note)
         if isinstance(result.exception, RemoteError):
-            result.exception.formatted = shown or text
-    return shown
+            result.exception.formatted = shown + note
+    return shown + note

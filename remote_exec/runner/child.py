@@ -111,7 +111,7 @@ def run_task(session_bytes: bytes, run_dir: str, marshal_ok: bool = False) -> tu
     record: dict[str, Any] = {"status": "finished", "exit_code": 0, "exception": None, "value": False,
                               "exc_pickle": False}
     value_data = exc_data = b""
-    kind = "function"
+    kind = None
     try:
         from ..session import Session
 
@@ -121,7 +121,11 @@ def run_task(session_bytes: bytes, run_dir: str, marshal_ok: bool = False) -> tu
     except SystemExit as exc:
         record["exit_code"] = _exit_code(exc.code)
     except BaseException as exc:  # the task's failure, reported as data
-        exc_data = _failed(exc, kind, record, run_dir)
+        exc_data = _failed(exc, kind or "function", record, run_dir)
+        if kind is None and isinstance(exc, (ImportError, AttributeError)):  # the arguments could not be read
+            from ..serialization import package_versions, referenced_packages
+
+            record["exception"]["packages"] = package_versions(referenced_packages(session_bytes))
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -148,6 +152,13 @@ def _execute(session: Session, run_dir: str, marshal_ok: bool, record: dict[str,
     except Exception as exc:
         raise TypeError(f"the task's return value ({type(value).__qualname__}) cannot be "
                         f"serialized: {exc}") from exc
+    if record.get("value_encoding") != "marshal":  # who wrote it, should the reader's versions differ
+        from ..serialization import package_versions, value_packages
+
+        versions = {name: version for name, version in package_versions(value_packages(value), metadata=False).items()
+                    if version}
+        if versions:
+            record["packages"] = versions
     record["value"] = True
     return value_data
 

@@ -100,6 +100,8 @@ def classify(options: dict[str, Any], ending: Ending) -> Loaded:
                               "signal": _signal_name(signal_number) if signal_number else None}
     if record is not None:
         header["exception"] = record.get("exception")
+        if record.get("packages"):
+            header["packages"] = record["packages"]
     value, exc_data = (loaded[1], loaded[2]) if loaded is not None else (b"", b"")
     # Sizes only: the content of both is under the result's HMAC.
     header["value"] = ({"size": len(value), "encoding": (record or {}).get("value_encoding", "serializer")}

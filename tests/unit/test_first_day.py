@@ -639,3 +639,88 @@ def test_openssh_is_given_the_ssh_config_rx_reads_when_home_is_not_the_users(
 
     monkeypatch.setenv("HOME", pwd.getpwuid(os.getuid()).pw_dir)
     assert config_args(HostSpec("gpu1")) == []  # ssh reads that same file itself (and /etc/ssh/ssh_config)
+
+
+# -- 8. hints when the two sides differ ---------------------------------------------------------------------------
+
+def two_versions(root: Path) -> tuple[Path, Path]:
+    """fakepkg 1.0 (its class in fakepkg.core) and 2.0 (moved to fakepkg._core, as numpy 2 did)."""
+    old, new = root / "v1", root / "v2"
+    write(old / "fakepkg" / "__init__.py", "__version__ = '1.0'\n")
+    write(old / "fakepkg" / "core.py", "class Thing:\n    pass\n")
+    write(new / "fakepkg" / "__init__.py", "__version__ = '2.0'\n")
+    write(new / "fakepkg" / "_core.py", "class Thing:\n    pass\n")
+    return old, new
+
+
+MISMATCH = """
+    import os, sys
+    here, there = sys.argv[1], sys.argv[2]
+    sys.path.insert(0, os.path.abspath(here))
+    from remote_exec import task
+
+    @task(env={"PYTHONPATH": os.path.abspath(there)})
+    def make():
+        from fakepkg._core import Thing
+        return Thing()
+
+    @task(env={"PYTHONPATH": os.path.abspath(there)})
+    def take(thing):
+        return 1
+
+    if sys.argv[3] == "result":
+        make()
+    else:
+        from fakepkg._core import Thing
+        take(Thing())
+"""
+
+
+def test_a_result_written_by_another_version_names_the_package_and_both_versions(isolated: Any) -> None:
+    two_versions(isolated.root)
+    write(isolated.root / "mismatch.py", MISMATCH)
+
+    done = subprocess.run([sys.executable, "mismatch.py", "v1", "v2", "result"], cwd=isolated.root,
+                          env=isolated.env(), capture_output=True, text=True, timeout=90, check=False)
+
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("remote_exec.errors.SerializationError: the result of __main__:make holds objects "
+                           "written with fakepkg 2.0 on local, 1.0 here"), done.stderr
+    assert "No module named 'fakepkg._core'" in last and "use the same version on both sides" in last
+
+
+def test_arguments_the_host_cannot_read_name_the_package_and_both_versions(isolated: Any) -> None:
+    two_versions(isolated.root)
+    write(isolated.root / "mismatch.py", MISMATCH)
+
+    done = subprocess.run([sys.executable, "mismatch.py", "v2", "v1", "arguments"], cwd=isolated.root,
+                          env=isolated.env(), capture_output=True, text=True, timeout=90, check=False)
+
+    lines = done.stderr.strip().splitlines()
+    assert lines[-2] == "ModuleNotFoundError: No module named 'fakepkg._core'", done.stderr
+    assert lines[-1] == ("rx: hint: the arguments hold objects of fakepkg, which local cannot read at its version "
+                         "(fakepkg 2.0 here, 1.0 on local): use the same version on both sides"), done.stderr
+
+
+def test_a_module_installed_here_but_not_there_and_an_unshipped_project_module_say_what_to_do(
+        isolated: Any) -> None:
+    site = isolated.root / "site"  # installed here only: on this process's path, not the task's
+    write(site / "onlyhere" / "__init__.py", "")
+    write(site / "onlyhere-3.1.dist-info" / "METADATA", "Metadata-Version: 2.1\nName: onlyhere\nVersion: 3.1\n")
+    project = isolated.root / "project"
+    write(project / "plugins_dyn.py", "VALUE = 1\n")
+    write(project / "uses.py", "import onlyhere\n")
+    write(project / "dynamic.py", "import importlib\nimportlib.import_module('plugins_dyn')\n")
+    argv = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(site)!r}); sys.argv[0] = 'rx'\n"
+                                  "from remote_exec.cli import main; main()"]
+
+    uses = subprocess.run([*argv, "run", "uses.py"], cwd=project, env=isolated.env(), capture_output=True,
+                          text=True, timeout=90, check=False)
+    dynamic = subprocess.run([*argv, "run", "dynamic.py"], cwd=project, env=isolated.env(), capture_output=True,
+                             text=True, timeout=90, check=False)
+
+    assert ("rx: hint: onlyhere is installed here (onlyhere 3.1), not on local: install it there "
+            f"({sys.executable} -m pip install onlyhere)") in uses.stderr, uses.stderr
+    assert ("rx: hint: plugins_dyn is a module of your project that was not shipped (imported by name at run "
+            "time, where rx does not see it): add it to distribution_modules in [tool.rx]") in dynamic.stderr, \
+        dynamic.stderr
