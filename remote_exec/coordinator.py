@@ -111,6 +111,16 @@ def _secret_env(names: Any) -> dict[str, str]:
     return secrets
 
 
+def _hint(session: Session, exception: dict[str, Any], host: str, python: str,
+          sources: list[tuple[str, str]]) -> str | None:
+    """What to try when the task failed because the two sides differ (:mod:`remote_exec.hints`)."""
+    if exception.get("packages"):
+        return arguments_hint(exception["packages"], host)
+    return import_hint(str(exception.get("message") or ""), host=host, python=python,
+                       shipped=[name.removesuffix(".py") for name, _ in sources],
+                       project=Path(session.context.get("cwd") or os.getcwd()).resolve())
+
+
 class Coordinator:
     """Everything a process shares across its calls, and the calls themselves.
 
@@ -329,12 +339,8 @@ class Coordinator:
         if task.kind == "script" and task.filename:
             script = (f".rx/{os.path.basename(task.filename)}", Path(task.filename).resolve())
         roots = roots_for(remote_roots=exception.get("roots") or {}, sources=sources, script=script)
-        host = outcome.result.host or "the host"
-        hint = (arguments_hint(exception["packages"], host) if exception.get("packages") else
-                import_hint(str(exception.get("message") or ""), host=host, python=python,
-                            shipped=[name.removesuffix(".py") for name, _ in sources],
-                            project=Path(session.context.get("cwd") or os.getcwd()).resolve()))
-        text = localize(outcome.result, exception, roots, all_frames=self.all_frames, hint=hint,
+        text = localize(outcome.result, exception, roots, all_frames=self.all_frames,
+                        hint=_hint(session, exception, outcome.result.host or "the host", python, sources),
                         function=task.function if task.kind == "function" else None)
         if task.kind != "function" and (text or outcome.result.traceback):
             recorder.stderr((text or outcome.result.traceback or "").encode())

@@ -76,10 +76,15 @@ def encode(kind: bytes, payload: bytes | memoryview = b"") -> bytes:
 def grow_pipe(fd: int) -> None:
     """Ask for a 1 MiB pipe buffer on ``fd`` (Linux; elsewhere, or if not a pipe, nothing happens): large
     transfers then move in fewer, larger reads and writes."""
+    import sys
+
     try:
         import fcntl
 
-        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+        # F_SETPIPE_SZ is Linux's (1031; Python names it from 3.10): on macOS that number is not it
+        command = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
+        if command is not None:
+            fcntl.fcntl(fd, command, 1 << 20)
     except (ImportError, OSError, ValueError):
         pass
 

@@ -724,3 +724,98 @@ def test_a_module_installed_here_but_not_there_and_an_unshipped_project_module_s
     assert ("rx: hint: plugins_dyn is a module of your project that was not shipped (imported by name at run "
             "time, where rx does not see it): add it to distribution_modules in [tool.rx]") in dynamic.stderr, \
         dynamic.stderr
+
+
+# -- 19. the coordinator without /proc (macOS, the BSDs): simulated here ------------------------------------------
+
+@pytest.fixture
+def no_proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A machine without /proc, whose sysctl knows a macOS boot session uuid; returns the fake tools' folder."""
+    from remote_exec.workspace import procinfo
+
+    monkeypatch.setattr(procinfo, "PROC", tmp_path / "no-proc")
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    sysctl = tools / "sysctl"
+    sysctl.write_text('#!/bin/sh\n[ "$2" = kern.bootsessionuuid ] && cat "$(dirname "$0")/boot" || exit 1\n')
+    sysctl.chmod(0o755)
+    (tools / "boot").write_text("5F7C3A52-0000-4000-8000-BOOT00000001\n")
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
+    return tools
+
+
+def test_without_proc_liveness_comes_from_ps_and_sysctl(no_proc: Path, tmp_path: Path) -> None:
+    from remote_exec.workspace import Workspace, procinfo
+    from remote_exec.workspace.manager import coordinator_alive, coordinator_record
+    from remote_exec.workspace.store import pid_alive
+
+    record = coordinator_record()
+    assert record["start_ticks"] is None and record["process_start"]  # ps's start time
+    assert record["boot_id"] == "5F7C3A52-0000-4000-8000-BOOT00000001"
+    assert coordinator_alive(record) is True
+    assert coordinator_alive({**record, "process_start": "Thu Jan  1 00:00:00 1970"}) is False  # pid reused
+    (no_proc / "boot").write_text("5F7C3A52-0000-4000-8000-BOOT00000002\n")
+    assert coordinator_alive(record) is False  # the machine booted again since
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    while procinfo.process_state(zombie.pid) not in ("Z", None):
+        pass
+    assert procinfo.process_state(zombie.pid) == "Z" and not pid_alive(zombie.pid)  # ps says Z: gone
+    zombie.wait()
+    run = Workspace(tmp_path / "ws").new_run(target="job.py", kind="script")
+    run.set_status("running")
+    assert run.info()["status"] == "running"
+
+
+def test_without_proc_an_old_pid_taken_by_another_process_is_lost(no_proc: Path, tmp_path: Path) -> None:
+    from remote_exec.workspace import Workspace
+
+    run = Workspace(tmp_path / "ws").new_run(target="job.py", kind="script")
+    run.set_status("running")
+    coordinator = dict(run.info()["coordinator"])
+    run.update(coordinator={**coordinator, "process_start": "Thu Jan  1 00:00:00 1970"})
+
+    assert run.info()["status"] == "lost"
+
+
+def test_pipe_sizes_are_only_asked_of_linux(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+
+    from remote_exec.protocol import wire
+
+    asked: list[int] = []
+    monkeypatch.setattr(fcntl, "fcntl", lambda fd, command, arg: asked.append(command))
+    monkeypatch.delattr(fcntl, "F_SETPIPE_SZ", raising=False)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    wire.grow_pipe(1)
+    assert asked == []  # 1031 means something else (or nothing) on macOS
+    monkeypatch.setattr(sys, "platform", "linux")
+    wire.grow_pipe(1)
+    assert asked == [1031]
+
+
+MACOS_SSH_G = """\
+host gpu1
+user alice
+hostname gpu1.lab.example.org
+port 22
+addressfamily any
+batchmode yes
+identityfile ~/.ssh/id_rsa
+identityfile ~/.ssh/id_ecdsa
+identityfile ~/.ssh/id_ed25519
+userknownhostsfile ~/.ssh/known_hosts ~/.ssh/known_hosts2
+proxyjump none
+usekeychain no
+ciphers chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr,aes128-gcm@openssh.com,aes256-gcm@openssh.com
+"""
+
+
+def test_macos_ssh_g_output_resolves_the_host() -> None:
+    from remote_exec.backends.ssh import ResolvedHost
+
+    resolved = ResolvedHost.from_ssh_g("gpu1", MACOS_SSH_G)
+
+    assert (resolved.hostname, resolved.user, resolved.port) == ("gpu1.lab.example.org", "alice", 22)
+    assert [path.name for path in resolved.identity_files] == ["id_rsa", "id_ecdsa", "id_ed25519"]
+    assert all(not str(path).startswith("~") for path in (*resolved.identity_files, *resolved.known_hosts_files))
+    assert resolved.proxy_jump is None
