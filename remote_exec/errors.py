@@ -169,10 +169,7 @@ class Interrupted(KeyboardInterrupt):
         self.message = message
         self.hint = hint
 
-    def __str__(self) -> str:
-        if self.hint:
-            return f"{self.message} ({self.hint})"
-        return self.message
+    __str__ = RemoteExecError.__str__  # "message (hint)", as every rx error reads
 
 
 class RemoteTraceback(Exception):

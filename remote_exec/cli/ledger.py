@@ -26,7 +26,7 @@ from ..errors import ConfigError, WorkspaceError
 from ..workspace.export import EXPORT_FORMATS, export, format_duration, format_size, run_facts, shown
 from ..workspace.manager import Run, Workspace
 from ..workspace.state import ACTIVE_RUN_STATUSES, duration, parse_time
-from .app import app
+from .app import app, state
 from .complete import complete_runs
 
 __all__ = ["clean_command", "export_command", "logs_command", "runs_command", "show_command"]
@@ -276,6 +276,8 @@ def _print_outcome(console: Console, result: dict[str, Any] | None) -> None:
     if isinstance(exc, dict):
         console.print()
         console.print(Text(f"{exc.get('type')}: {exc.get('message')}", style="bold red"))
+        if state.verbose and exc.get("remote_traceback"):  # rx -v show: every frame, as the host printed it
+            exc = {**exc, "traceback": exc["remote_traceback"]}
         if exc.get("traceback"):
             console.print(Text(str(exc["traceback"]).rstrip()))
     elif result is not None and result.get("value_repr") is not None:

@@ -819,3 +819,12 @@ def test_macos_ssh_g_output_resolves_the_host() -> None:
     assert [path.name for path in resolved.identity_files] == ["id_rsa", "id_ecdsa", "id_ed25519"]
     assert all(not str(path).startswith("~") for path in (*resolved.identity_files, *resolved.known_hosts_files))
     assert resolved.proxy_jump is None
+
+
+def test_rx_v_show_shows_the_traceback_as_the_host_printed_it(isolated: Any) -> None:
+    make_project(isolated.root)
+    rx(isolated, "run", "train.py")
+
+    shown = rx(isolated, "-v", "show", "latest")
+
+    assert "runner/child.py" in shown.stdout and ".rx/train.py" in shown.stdout, shown.stdout
