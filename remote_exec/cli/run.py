@@ -188,7 +188,8 @@ def run(
     pull: Annotated[list[str] | None, typer.Option(
         help="Bring back only files matching GLOB (relative to the task's directory); repeatable.")] = None,
     no_pull: Annotated[bool, typer.Option("--no-pull", help="Bring back no files.")] = False,
-    keep_remote: Annotated[bool, typer.Option("--keep-remote", help="Keep the remote run directory.")] = False,
+    keep_remote: Annotated[bool, typer.Option("--keep-remote",
+                                              help="Keep the run directory on the host; rx says where.")] = False,
     workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
     ssh_config: Annotated[Path | None, typer.Option(
         help="ssh_config file (default RX_SSH_CONFIG or ~/.ssh/config).")] = None,
