@@ -23,7 +23,7 @@ from ..packing import DistributionArchive
 from ..session import Session
 from . import wire
 from .bootstrap import start_runner
-from .channel import Channel, Flag
+from .channel import Channel, Flag, reap
 from .collect import RESULT_FRAMES, Received, collect
 from .options import CallOptions, FileLander, Outcome, OutputSink, PhaseCallback
 from .stdin import StdinPump
@@ -244,6 +244,8 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
         call.received.discard()
         if call.received.end is None:
             channel.process.kill()
+            if not keep:  # its pipes are released now, not whenever the last reference to them goes
+                reap(channel.process, channel.stderr_reader)
     result.host = call.host
     return Outcome(result=result, header=header, files=landed, uploaded=uploaded, phases=phases,
                    value_data=value_data)
