@@ -185,3 +185,35 @@ def test_rx_logs_of_a_running_detached_run_shows_its_output_so_far(remote: Remot
     lines = logs.stdout.splitlines()
     assert len(lines) >= 5 and lines[0] == "tick 0" and lines[-1] == f"tick {len(lines) - 1}", logs.stdout
     assert f"rx logs -f {run_id}" in logs.stderr
+
+
+# -- 2. Ctrl-C in a sweep of remote calls --------------------------------------------------------------------
+
+def test_ctrl_c_in_a_remote_task_call_stops_a_sweep_that_catches_exception(
+        remote: Remote, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "unit"))  # the pty helper
+    from ptyrun import CTRL_C, run_in_pty
+
+    write(remote.project / "sweep.py", f"""
+        import time
+        from remote_exec import task
+
+        @task(remote="{HOST}")
+        def step(i):
+            print(f"step {{i}} running", flush=True)
+            time.sleep(30)
+
+        for i in range(3):
+            try:
+                step(i)
+            except Exception as exc:
+                print(f"step {{i}} failed: {{exc}}; continuing", flush=True)
+        print("sweep done", flush=True)
+    """)
+
+    done = run_in_pty([sys.executable, "sweep.py"], cwd=remote.project, env=remote.env,
+                      keys=[(b"step 0 running", CTRL_C)], timeout=60)
+
+    assert "continuing" not in done.output and "sweep done" not in done.output, done.output
+    assert f"KeyboardInterrupt: interrupted; the task on {HOST} was stopped" in done.output, done.output
+    assert done.returncode in (130, -2), done.output
