@@ -127,7 +127,7 @@ class DynamicCode:
 
 
 def roots_for(*, remote_roots: Mapping[str, Any], sources: Iterable[tuple[str, str]] = (),
-              script: tuple[str, Path] | None = None) -> list[Root]:
+              script: tuple[str, Path] | None = None, project: Path | None = None) -> list[Root]:
     """The (remote prefix -> local root) pairs of one call.
 
     Args:
@@ -135,6 +135,8 @@ def roots_for(*, remote_roots: Mapping[str, Any], sources: Iterable[tuple[str, s
             and ``run_dir`` (the call's run directory).
         sources: The user modules in the archive: (top-level name in the archive, local path).
         script: For a script: (its path relative to the run directory, its local file).
+        project: The local project folder, when the run directory is a snapshot of it (its files are
+            then the project's, at the same relative paths).
     """
     archive = str(remote_roots.get("archive") or "")
     roots: list[Root] = []
@@ -145,6 +147,8 @@ def roots_for(*, remote_roots: Mapping[str, Any], sources: Iterable[tuple[str, s
     run_dir = str(remote_roots.get("run_dir") or "")
     if script is not None and run_dir:
         roots.append(Root(f"{run_dir}/{script[0]}", script[1]))
+    if project is not None and run_dir:
+        roots.append(Root(run_dir, project))
     return roots
 
 

@@ -828,3 +828,19 @@ def test_rx_v_show_shows_the_traceback_as_the_host_printed_it(isolated: Any) -> 
     shown = rx(isolated, "-v", "show", "latest")
 
     assert "runner/child.py" in shown.stdout and ".rx/train.py" in shown.stdout, shown.stdout
+
+
+def test_the_path_mapping_is_a_function_of_remote_prefix_and_local_root_pairs(tmp_path: Path) -> None:
+    from remote_exec.tracebacks import PathMap, Root, roots_for
+
+    roots = roots_for(remote_roots={"archive": "/h/.cache/rx/archives/abc", "run_dir": "/h/.cache/rx/runs/r1"},
+                      sources=[("mylib", str(tmp_path / "src" / "mylib")), ("helper.py", str(tmp_path / "helper.py"))],
+                      project=tmp_path)
+    paths = PathMap(roots)
+
+    assert paths.find("/h/.cache/rx/archives/abc/mylib/steps.py") == (tmp_path / "src" / "mylib" / "steps.py", False)
+    assert paths.find("/h/.cache/rx/archives/abc/helper.py") == (tmp_path / "helper.py", False)
+    assert paths.find("/h/.cache/rx/archives/abc/remote_exec/runner/child.py")[1] is True  # rx's own
+    assert paths.find("/h/.cache/rx/runs/r1/train/run.py") == (tmp_path / "train" / "run.py", False)  # snapshot
+    assert paths.find("/usr/lib/python3/dist-packages/numpy/core.py") == (None, False)
+    assert PathMap([Root("/a/b", tmp_path)]).find("/a/bc/x.py") == (None, False)  # whole path parts only
