@@ -234,7 +234,7 @@ def render(exception: Mapping[str, Any], paths: PathMap, *, dynamic: DynamicCode
     chain = exception.get("chain")
     if not isinstance(chain, list) or not chain:
         return None
-    here = cwd or Path(os.getcwd())
+    here = (cwd or Path(os.getcwd())).resolve()  # as the local paths are (macOS: /tmp is /private/tmp)
     entries = _entries(chain, paths, dynamic or DynamicCode(), here)
     hide = not all_frames and any(not frame.internal for _, frames in entries for frame in frames)
     return "".join(_lines(entries, hide, paths, here))
