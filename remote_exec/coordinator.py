@@ -10,8 +10,10 @@ The stages of a call, and who does them::
     resolve   Coordinator.resolve_target: host, backend, launcher, interpreter, call options
     pack      packing.Packer: the distribution archive, built once per content
     connect   backends: one connection per host, kept across calls
-    launch    launchers: how the runner is started on the host (direct: one exec)
-    execute   protocol.call.dispatch: handshake and upload, session in, live output out
+    launch    launchers: how the runner is started on the host (direct: one exec; a scheduler: the call
+              stored on the login node and submitted as a job, protocol.scheduled)
+    execute   protocol.call.dispatch: handshake and upload, session in, live output out (a job: its
+              output followed from its files while the cluster's JobWatch polls the scheduler)
     collect   protocol.collect: the result checked and rebuilt, files landed
     record    workspace.recorder: rx run's logs and actions, or the @task call's entry
 """
@@ -32,13 +34,16 @@ from .backends.base import Backend, HostSpec
 from .backends.local import LocalBackend
 from .backends.pool import BackendPool
 from .config import Configuration, find_pyproject
-from .errors import ConfigError, SerializationError
+from .errors import ConfigError, Interrupted, SerializationError
 from .launchers.base import Launcher
+from .launchers.jobs import Job, JobState
 from .launchers.registry import create_launcher
 from .packing import DistributionArchive, Packer, default_cache_dir
 from .protocol.call import dispatch
 from .protocol.detached import attach_detached, cancel_detached, follow_detached, start_detached
+from .protocol.jobs import JobWatch
 from .protocol.options import CallOptions, Outcome, OutputSink
+from .protocol.scheduled import JobCallback, element_key, follow_job, seal, store_and_submit
 from .protocol.workers import WorkerPool
 from .serialization import get_serializer
 from .session import Result, Session
@@ -46,7 +51,7 @@ from .task import Execution, Task
 from .workspace.manager import new_run_id
 from .workspace.recorder import CallRecorder, TaskCallRecorder, TaskRecorder, TaskRuns
 
-__all__ = ["Coordinator", "Target", "call_options"]
+__all__ = ["Coordinator", "Target", "call_options", "job_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +103,15 @@ def call_options(options: dict[str, Any], *, python: str, workdir: str, env: dic
     )
 
 
+def job_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A call's own scheduler settings (``@task(slurm={...})``, ``rx run --slurm "..."``), over the remote's."""
+    own = dict(options.get("slurm") or {})
+    words = [*own.pop("args", ()), *(options.get("slurm_args") or ())]
+    if words:
+        own["args"] = words
+    return own
+
+
 def _secret_env(names: Any) -> dict[str, str]:
     """Values of the named local environment variables (they travel over the channel only)."""
     secrets: dict[str, str] = {}
@@ -133,6 +147,7 @@ class Coordinator:
         self._local = LocalBackend()
         self._configs: dict[str, Configuration] = {}
         self._targets: dict[tuple[Any, ...], tuple[Configuration, Target]] = {}
+        self._watches: dict[tuple[Any, ...], JobWatch] = {}
 
     @classmethod
     def current(cls) -> Coordinator:
@@ -248,8 +263,14 @@ class Coordinator:
             heartbeat=min(spec.keepalive_interval, 5.0), dead_after=spec.dead_after, keep_warm=remote.keep_warm,
             restricted=remote.restricted, allow_unpickle=remote.allow_unpickle,
             handshake_timeout=max(spec.connect_timeout, 5.0))
+        scheduler = options.get("scheduler") or remote.scheduler
+        if scheduler == "direct" and (options.get("slurm") or options.get("slurm_args")):
+            scheduler = "slurm"  # rx run --remote login1 --slurm "...": login1 is a Slurm login node
+        launcher = create_launcher(scheduler, remote.launcher_options if scheduler == remote.scheduler else {})
+        if launcher.schedules:
+            launcher.check_options(job_options(options))
         return Target(backend=self.backend(spec, backend_name), backend_name=backend_name, host=remote.name,
-                      options=call, spec=spec, launcher=create_launcher(remote.scheduler, remote.launcher_options))
+                      options=call, spec=spec, launcher=launcher)
 
     def local_target(self, session: Session, *, python: str | None = None,
                      env: dict[str, str] | None = None) -> Target:
@@ -287,9 +308,13 @@ class Coordinator:
                 recorder.phase("pack", "failed")
                 raise
             recorder.phase("pack", "finished")
-            outcome = dispatch(session, target.backend, archive, target.options, launcher=target.launcher,
-                               workers=self.workers, on_stdout=recorder.stdout, on_stderr=recorder.stderr,
-                               land_file=recorder.land_file, on_phase=recorder.phase, session_bytes=session_bytes)
+            if target.launcher.schedules:
+                outcome = self._run_job(session, target, archive, recorder)
+            else:
+                outcome = dispatch(session, target.backend, archive, target.options, launcher=target.launcher,
+                                   workers=self.workers, on_stdout=recorder.stdout, on_stderr=recorder.stderr,
+                                   land_file=recorder.land_file, on_phase=recorder.phase,
+                                   session_bytes=session_bytes)
         except BaseException as exc:
             recorder.failed(exc)
             raise
@@ -316,6 +341,90 @@ class Coordinator:
             logger.debug("result of %s not recorded", session.task.name, exc_info=True)
             return b""
 
+    # -- jobs (a scheduler launcher) ------------------------------------------------------------------
+
+    def job_watch(self, target: Target) -> JobWatch:
+        """The one watch over ``target``'s cluster: every job this process follows there, polled together."""
+        key = (target.backend_name, target.spec or target.host)
+        with self._lock:
+            watch = self._watches.get(key)
+            if watch is None or watch.backend is not target.backend:
+                if watch is not None:
+                    watch.close()
+                fastest, slowest = target.launcher.poll_intervals()
+                watch = self._watches[key] = JobWatch(target.backend, target.launcher, fastest=fastest,
+                                                      slowest=slowest)
+            return watch
+
+    def _run_job(self, session: Session, target: Target, archive: DistributionArchive,
+                 recorder: CallRecorder) -> Outcome:
+        """Submit ``session`` as a job on ``target``'s cluster and follow it to its result."""
+        detached = store_and_submit([session], target.backend, archive, target.options, launcher=target.launcher,
+                                    job_options=job_options(dict(session.context.get("options") or {})),
+                                    name=session.task.name, on_phase=recorder.phase)[0]
+        recorder.submitted(detached)
+        return self.follow_job(session, target, detached, recorder, interrupt="cancel")
+
+    def follow_job(self, session: Session, target: Target, detached: dict[str, Any], recorder: CallRecorder, *,
+                   offsets: tuple[int, int] = (0, 0), interrupt: str = "cancel") -> Outcome:
+        """Follow a submitted call to its result (see :func:`~remote_exec.protocol.scheduled.follow_job`).
+
+        ``interrupt``: what Ctrl-C does to the job: ``cancel`` it (after which what it left is collected),
+        or ``leave`` it running (``rx attach``, or a run started with ``keep_queued``).
+        """
+        on_state = self._job_listener(recorder, session.local.get("on_job"))
+        recorder.phase("execute", "started")
+        try:
+            outcome, record = follow_job(session, target.backend, detached, target.options,
+                                         launcher=target.launcher, watch=self.job_watch(target),
+                                         on_stdout=recorder.stdout, on_stderr=recorder.stderr,
+                                         land_file=recorder.land_file, offsets=offsets, on_state=on_state)
+        except Interrupted:
+            recorder.phase("execute", "failed")
+            options = dict(session.context.get("options") or {})
+            if interrupt == "leave" or options.get("keep_queued"):
+                session.local["job_left"] = True
+                job = detached["job"]
+                raise Interrupted(f"interrupted; {job['scheduler']} job {job['job_id']} goes on "
+                                  f"(rx attach {session.run_id} collects it)") from None
+            self._cancel_and_collect(session, target, detached, recorder)
+            raise
+        recorder.phase("execute", "finished")
+        recorder.job(record)
+        assert outcome is not None
+        return outcome
+
+    @staticmethod
+    def _job_listener(recorder: CallRecorder, callback: JobCallback | None) -> JobCallback:
+        def heard(job: Job, state: JobState) -> None:
+            recorder.job({"job_id": job.job_id if state.index is None else f"{job.job_id}_{state.index}",
+                          "scheduler": job.scheduler, **state.summary()})
+            if callback is not None:
+                callback(job, state)
+
+        return heard
+
+    def _cancel_and_collect(self, session: Session, target: Target, detached: dict[str, Any],
+                            recorder: CallRecorder) -> None:
+        """Cancel an interrupted call's job, then bring back what it left (bounded: a few seconds)."""
+        job = Job.from_record(detached["job"])
+        target.launcher.cancel_jobs(target.backend, [job])
+        watch, key = self.job_watch(target), element_key(detached)
+        watch.follow(job)
+        try:
+            state = watch.wait(key, lambda state: state.ended, 15.0, poke=0.5)
+            if state is None or not state.ended:
+                return
+            seal(target.backend, target.launcher, job, state, detached, target.options)
+            _, record = follow_job(session, target.backend, detached, target.options, launcher=target.launcher,
+                                   watch=watch, on_stdout=recorder.stdout, on_stderr=recorder.stderr,
+                                   land_file=recorder.land_file)
+            recorder.job(record)
+        except Exception:  # the cancel went through; what it left stays on the cluster
+            logger.debug("collecting the cancelled job %s failed", job.job_id, exc_info=True)
+        finally:
+            watch.forget(job)
+
     # -- detached runs --------------------------------------------------------------------------------
 
     def start_detached(self, session: Session, target: Target, recorder: CallRecorder) -> dict[str, Any]:
@@ -327,12 +436,18 @@ class Coordinator:
             recorder.phase("pack", "failed")
             raise
         recorder.phase("pack", "finished")
+        if target.launcher.schedules:
+            return store_and_submit([session], target.backend, archive, target.options, launcher=target.launcher,
+                                    job_options=job_options(dict(session.context.get("options") or {})),
+                                    name=session.task.name, on_phase=recorder.phase)[0]
         return start_detached(session, target.backend, archive, target.options, launcher=target.launcher,
                               on_phase=recorder.phase)
 
     def attach(self, session: Session, target: Target, detached: dict[str, Any], recorder: CallRecorder,
                offsets: tuple[int, int]) -> Outcome:
         """Follow a detached run to its end and collect its result and files."""
+        if "job" in detached:
+            return self.follow_job(session, target, detached, recorder, offsets=offsets, interrupt="leave")
         return attach_detached(session, target.backend, detached, target.options, launcher=target.launcher,
                                on_stdout=recorder.stdout, on_stderr=recorder.stderr, land_file=recorder.land_file,
                                offsets=offsets)
@@ -340,11 +455,20 @@ class Coordinator:
     def follow(self, target: Target, detached: dict[str, Any], *, on_stdout: OutputSink, on_stderr: OutputSink,
                offsets: tuple[int, int]) -> None:
         """Stream a detached run's output until it ends (collecting nothing)."""
+        if "job" in detached:
+            follow_job(None, target.backend, detached, target.options, launcher=target.launcher,
+                       watch=self.job_watch(target), on_stdout=on_stdout, on_stderr=on_stderr, offsets=offsets)
+            return
         follow_detached(target.backend, detached, target.options, launcher=target.launcher, on_stdout=on_stdout,
                         on_stderr=on_stderr, offsets=offsets)
 
     def cancel(self, target: Target, detached: dict[str, Any]) -> dict[str, Any]:
-        """Stop a detached run's task; return the host's status record of it."""
+        """Stop a detached run's task (a job: ask its scheduler to cancel it); return the host's status record
+        of it (a job: what the scheduler says)."""
+        if "job" in detached:
+            job = Job.from_record(detached["job"])
+            target.launcher.cancel_jobs(target.backend, [job])
+            return {"job_id": job.job_id, "cancel": "requested"}
         return cancel_detached(target.backend, detached, target.options)
 
     # -- the end --------------------------------------------------------------------------------------
@@ -355,11 +479,18 @@ class Coordinator:
 
     def close(self) -> None:
         """Record the end of this process's ``@task`` runs, stop its workers, close its connections."""
-        for step in (self.task_runs.close, self.workers.close, self.close_backends):
+        for step in (self.task_runs.close, self.workers.close, self._close_watches, self.close_backends):
             try:
                 step()
             except Exception:  # closing at exit must never raise
                 logger.debug("closing the coordinator: %s failed", step, exc_info=True)
+
+    def _close_watches(self) -> None:
+        with self._lock:
+            watches = list(self._watches.values())
+            self._watches.clear()
+        for watch in watches:
+            watch.close()
 
     def close_backends(self) -> None:
         """Close every open connection (a later call reconnects)."""
