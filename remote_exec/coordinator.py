@@ -26,6 +26,7 @@ import os
 import pickle
 import sys
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,7 +44,15 @@ from .protocol.call import dispatch
 from .protocol.detached import attach_detached, cancel_detached, follow_detached, start_detached
 from .protocol.jobs import JobWatch
 from .protocol.options import CallOptions, Outcome, OutputSink
-from .protocol.scheduled import JobCallback, element_key, follow_job, seal, store_and_submit
+from .protocol.scheduled import (
+    ElementSinks,
+    JobCallback,
+    collect_array,
+    element_key,
+    follow_job,
+    seal,
+    store_and_submit,
+)
 from .protocol.workers import WorkerPool
 from .serialization import get_serializer
 from .session import Result, Session
@@ -120,6 +129,18 @@ def _secret_env(names: Any) -> dict[str, str]:
             raise ConfigError(f"--secret-env {name}: no such variable in the local environment")
         secrets[name] = os.environ[name]
     return secrets
+
+
+class _Counted:
+    """An output sink that counts the bytes it passed on (where a second follow of the same run starts)."""
+
+    def __init__(self, sink: OutputSink) -> None:
+        self.sink = sink
+        self.count = 0
+
+    def __call__(self, data: bytes) -> None:
+        self.count += len(data)
+        self.sink(data)
 
 
 class Coordinator:
@@ -373,22 +394,24 @@ class Coordinator:
         or ``leave`` it running (``rx attach``, or a run started with ``keep_queued``).
         """
         on_state = self._job_listener(recorder, session.local.get("on_job"))
+        stdout, stderr = _Counted(recorder.stdout), _Counted(recorder.stderr)
         recorder.phase("execute", "started")
         try:
             outcome, record = follow_job(session, target.backend, detached, target.options,
                                          launcher=target.launcher, watch=self.job_watch(target),
-                                         on_stdout=recorder.stdout, on_stderr=recorder.stderr,
+                                         on_stdout=stdout, on_stderr=stderr,
                                          land_file=recorder.land_file, offsets=offsets, on_state=on_state)
         except Interrupted:
             recorder.phase("execute", "failed")
             options = dict(session.context.get("options") or {})
+            job = detached["job"]
             if interrupt == "leave" or options.get("keep_queued"):
                 session.local["job_left"] = True
-                job = detached["job"]
                 raise Interrupted(f"interrupted; {job['scheduler']} job {job['job_id']} goes on "
                                   f"(rx attach {session.run_id} collects it)") from None
-            self._cancel_and_collect(session, target, detached, recorder)
-            raise
+            self._cancel_and_collect(session, target, detached, recorder,
+                                     (offsets[0] + stdout.count, offsets[1] + stderr.count))
+            raise Interrupted(f"interrupted; {job['scheduler']} job {job['job_id']} was cancelled") from None
         recorder.phase("execute", "finished")
         recorder.job(record)
         assert outcome is not None
@@ -405,7 +428,7 @@ class Coordinator:
         return heard
 
     def _cancel_and_collect(self, session: Session, target: Target, detached: dict[str, Any],
-                            recorder: CallRecorder) -> None:
+                            recorder: CallRecorder, offsets: tuple[int, int]) -> None:
         """Cancel an interrupted call's job, then bring back what it left (bounded: a few seconds)."""
         job = Job.from_record(detached["job"])
         target.launcher.cancel_jobs(target.backend, [job])
@@ -418,12 +441,75 @@ class Coordinator:
             seal(target.backend, target.launcher, job, state, detached, target.options)
             _, record = follow_job(session, target.backend, detached, target.options, launcher=target.launcher,
                                    watch=watch, on_stdout=recorder.stdout, on_stderr=recorder.stderr,
-                                   land_file=recorder.land_file)
+                                   land_file=recorder.land_file, offsets=offsets)
             recorder.job(record)
         except Exception:  # the cancel went through; what it left stays on the cluster
             logger.debug("collecting the cancelled job %s failed", job.job_id, exc_info=True)
         finally:
             watch.forget(job)
+
+    # -- arrays (a scheduler launcher) ----------------------------------------------------------------
+
+    def map_array(self, function: Any, items: Iterable[Any], *, parallel: int | None = None) -> list[Result]:
+        """Call the ``@task`` ``function`` once per item, all as one job array on its scheduler remote
+        (``sbatch --array=0-N%parallel``); return each call's result in order (``result.unwrap()`` gives its
+        value or raises its exception). Each call is a task of this process's run, so ``rx rerun --failed``
+        reruns the ones that failed."""
+        cwd = os.getcwd()
+        config = function.config or self.config_for(cwd)
+        sessions = [self.task_session(function.task, (item,), {}, remote=function.remote, options=function.options,
+                                      config=config, cwd=cwd) for item in items]
+        return self.run_array(sessions, parallel=parallel)
+
+    def run_array(self, sessions: Sequence[Session], *, parallel: int | None = None) -> list[Result]:
+        """Run ``sessions`` (calls of one task, to one scheduler remote) as one job array; their results in
+        order.
+
+        Raises:
+            ConfigError: The remote has no scheduler.
+            Interrupted: Ctrl-C (the array is cancelled).
+        """
+        if not sessions:
+            return []
+        target = self.resolve_target(sessions[0])
+        if not target.launcher.schedules:
+            raise ConfigError(f"{target.host} runs calls at once: a job array needs a scheduler remote",
+                              hint='set scheduler = "slurm" on the remote')
+        archive = self.archive_for(sessions[0])
+        recorders = [self._task_recorder(session, target, session.to_wire()) for session in sessions]
+        try:
+            records = store_and_submit(sessions, target.backend, archive, target.options, launcher=target.launcher,
+                                       job_options=job_options(dict(sessions[0].context.get("options") or {})),
+                                       name=f"{sessions[0].task.name}[{len(sessions)}]", parallel=parallel,
+                                       on_phase=recorders[0].phase)
+        except BaseException as exc:
+            for recorder in recorders:
+                recorder.failed(exc)
+            raise
+        for recorder, record in zip(recorders, records, strict=True):
+            recorder.submitted(record)
+        try:
+            outcomes = collect_array(sessions, target.backend, records, target.options, launcher=target.launcher,
+                                     watch=self.job_watch(target),
+                                     sinks=[ElementSinks(r.stdout, r.stderr, r.land_file) for r in recorders])
+        except KeyboardInterrupt:
+            target.launcher.cancel_jobs(target.backend, [Job.from_record(records[0]["job"])])
+            for recorder in recorders:
+                recorder.failed(Interrupted("interrupted; the array was cancelled"))
+            raise Interrupted(f"interrupted; {target.launcher.name} job {records[0]['job']['job_id']} "
+                              "was cancelled") from None
+        return [self._array_result(session, target, recorder, outcome)
+                for session, recorder, outcome in zip(sessions, recorders, outcomes, strict=True)]
+
+    def _array_result(self, session: Session, target: Target, recorder: CallRecorder,
+                      outcome: Outcome | BaseException) -> Result:
+        if isinstance(outcome, BaseException):
+            recorder.failed(outcome)
+            return Result(status="error", exit_code=3, detail=str(outcome), host=target.host)
+        recorder.job(outcome.header.get("job") or {})
+        recorder.finished(result=outcome.result, phases=outcome.phases,
+                          value=lambda: self._recorded_value(session, target, outcome))
+        return outcome.result
 
     # -- detached runs --------------------------------------------------------------------------------
 

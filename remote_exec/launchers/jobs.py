@@ -94,7 +94,7 @@ class Job:
 
 
 #: Fields of :attr:`JobState.info` for the launcher's own bookkeeping, left out of records.
-_INTERNAL = frozenset({"final", "priority"})
+_INTERNAL = frozenset({"final", "priority", "missing_since"})
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,11 @@ class JobState:
         nodes: Where it runs or ran.
         partition: Its partition (queue).
         position: Its place among the pending jobs of its partition (1: next).
-        info: What else the scheduler said: ``elapsed``, ``max_rss``, ``exit_code``, ``cancelled_by``,
-            ``submitted``, ``restarts``, ``states`` (every state of every attempt, from accounting).
+        info: What else the scheduler said: ``elapsed``, ``max_rss_kib``, ``exit_code``, ``cancelled_by``,
+            ``submitted``, ``restarts``, ``states`` (every state of every attempt, from accounting);
+            ``final``: False while the launcher expects to learn more of an ended element (its
+            accounting has not answered yet); ``may_requeue``: it ended in a state the scheduler may
+            requeue it from.
     """
 
     index: int | None

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import secrets
 import shlex
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -159,15 +160,16 @@ def slurm_settings(options: Mapping[str, Any]) -> SlurmSettings:
     return SlurmSettings(words, requeue, signal, interval, slowest)
 
 
-def _script(request: JobRequest, sbatch: Sequence[str]) -> str:
+def _script(request: JobRequest, sbatch: Sequence[str], requeue: bool) -> str:
     """The job's script: the runner's command, quoted word by word; the options are on sbatch's own
     command line (copied here as a comment, for a reader)."""
     return ("#!/bin/sh\n"
-            f"# rx: {request.name}\n"
-            f"# submitted with: {shlex.join(sbatch)} <this script>\n"
+            f"# rx: {' '.join(request.name.split())}\n"
+            f"# submitted with: {' '.join(shlex.join(sbatch).split())} <this script>\n"
             'export RX_JOB_ID="${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}"\n'
             'export RX_ARRAY_INDEX="${SLURM_ARRAY_TASK_ID:-}"\n'
             'export RX_JOB_ATTEMPT="${SLURM_RESTART_COUNT:-0}"\n'
+            f"export RX_JOB_REQUEUE={1 if requeue else 0}\n"
             f"exec {shlex.join(request.argv)}\n")
 
 
@@ -210,8 +212,8 @@ class SlurmLauncher(Launcher):
         settings = slurm_settings({**self.options, **request.options})
         sbatch = self.sbatch_argv(request, settings)
         script = f"{request.run_dir}/.rx/job.sh"
-        result = backend.run(["sh", "-c", _SUBMIT, "sh", script, *sbatch], stdin=_script(request, sbatch).encode(),
-                             timeout=60)
+        result = backend.run(["sh", "-c", _SUBMIT, "sh", script, *sbatch],
+                             stdin=_script(request, sbatch, settings.requeue).encode(), timeout=60)
         lines = result.stdout.decode("utf-8", "replace").split()
         if result.failed or len(lines) < 2 or not lines[0].isdigit():
             said = result.stderr.decode("utf-8", "replace").strip().splitlines()
@@ -269,7 +271,7 @@ class SlurmLauncher(Launcher):
         states = merge(states, final)
         for key in unsettled:
             if key not in states:
-                states[key] = JobState(index=key[1], state="", phase=GONE, info={"final": True})
+                states[key] = _missing(key, previous.get(key))
         return _annotated(states, jobs, memo.get("uid"))
 
     def _final(self, backend: Backend, jobs: Sequence[Job], memo: dict[str, Any]) -> dict[JobKey, JobState] | None:
@@ -312,11 +314,11 @@ class SlurmLauncher(Launcher):
 
     def _probe_shared(self, backend: Backend, workdir: str) -> dict[str, Any]:
         token = secrets.token_hex(6)
-        path = f"{workdir.rstrip('/')}/.rx-probe-{token}"
         settings = slurm_settings(self.options)
         sbatch = ["sbatch", "--parsable", "--wait", f"--job-name=rx-probe-{token}", "--output=/dev/null",
-                  "--time=1", *[word for word in settings.words if not word.startswith("--time")]]
-        result = backend.run(["sh", "-c", _PROBE, "sh", path, token, *sbatch], timeout=90)
+                  "--time=1", *[word for word in settings.words if not word.startswith("--time")],
+                  f"--wrap=hostname > .rx-probe-{token}"]
+        result = backend.run(["sh", "-c", _PROBE, "sh", workdir, token, *sbatch], timeout=90)
         lines = result.stdout.decode("utf-8", "replace").split()
         if "@@seen" in lines:
             node = lines[lines.index("@@seen") + 1] if len(lines) > lines.index("@@seen") + 1 else "?"
@@ -328,6 +330,23 @@ class SlurmLauncher(Launcher):
 
 
 _UNKNOWN = JobState(index=None, state="", phase=PENDING)
+
+
+#: Seconds an element must stay unknown to squeue and to accounting before it counts as gone (accounting
+#: may lag behind a job that just left the queue, an array's elements more).
+GONE_AFTER = 20.0
+
+
+def _missing(key: JobKey, previous: JobState | None) -> JobState:
+    """An element neither squeue nor accounting knows: gone once that lasted :data:`GONE_AFTER` seconds;
+    until then, what was known of it."""
+    now = time.time()
+    since = float((previous.info.get("missing_since") if previous else None) or now)
+    if now - since >= GONE_AFTER:
+        return JobState(index=key[1], state="", phase=GONE, info={"final": True})
+    if previous is None:
+        return JobState(index=key[1], state="", phase=PENDING, info={"missing_since": since, "final": False})
+    return _with(previous, info={**previous.info, "missing_since": since})
 
 
 def _keys(job: Job) -> list[JobKey]:
@@ -344,9 +363,11 @@ echo @@rx
 sacct -n -X -j 1 -o JobID >/dev/null 2>&1; echo "acct $?"
 """
 _PROBE = """\
-path=$1; token=$2; shift 2
-mkdir -p "$(dirname "$path")"
-if timeout 60 "$@" --wrap "hostname > $path" >/dev/null; then
+dir=$1; token=$2; shift 2
+case $dir in "~/"*) dir="$HOME/${dir#"~/"}";; "~") dir=$HOME;; esac
+mkdir -p "$dir"
+path="$dir/.rx-probe-$token"
+if timeout 60 "$@" --chdir="$dir" >/dev/null; then
   if [ -s "$path" ]; then echo @@seen; cat "$path"; rm -f "$path"; else echo @@missing; fi
 else
   scancel --name="rx-probe-$token" 2>/dev/null; echo @@timeout
@@ -366,7 +387,7 @@ def _described(text: str) -> dict[str, Any]:
                                "available": fields[1], "time_limit": fields[2],
                                "idle_nodes": int(counts[1]) if len(counts) == 4 and counts[1].isdigit() else None,
                                "nodes": int(counts[3]) if len(counts) == 4 and counts[3].isdigit() else None})
-    return {"scheduler": "slurm", "version": version.strip().removeprefix("slurm ").strip(),
+    return {"scheduler": "slurm", "version": (version.split() or ["?"])[-1],
             "partitions": partitions, "accounting": "acct 0" in acct}
 
 

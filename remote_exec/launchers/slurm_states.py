@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from .jobs import ENDED, GONE, PENDING, RUNNING, Job, JobKey, JobState, Verdict
@@ -31,8 +32,9 @@ __all__ = ["ACCT_FIELDS", "CLOCK_SLACK", "REQUEUEABLE", "SQUEUE_FORMAT", "ids_of
 
 
 #: squeue's fields, ``|``-separated (the working directory last: it may hold anything). ``%i`` is
-#: ``ID_INDEX`` for an array's element (``%a`` says ``(null)`` for a pending one), ``%A`` the array's id.
-SQUEUE_FORMAT = "%i|%A|%T|%r|%P|%N|%V|%M|%Q|%Z"
+#: ``ARRAYID_INDEX`` for an array's element (``%a`` says ``(null)`` for a pending one, and ``%A`` is a
+#: started element's own id), ``%F`` the array's id.
+SQUEUE_FORMAT = "%i|%F|%T|%r|%P|%N|%V|%M|%Q|%Z"
 #: sacct's fields (``--parsable2``: ``|``-separated, nothing truncated).
 ACCT_FIELDS = "JobID,JobIDRaw,State,ExitCode,Reason,NodeList,Partition,Elapsed,MaxRSS,Submit,WorkDir"
 
@@ -89,16 +91,18 @@ def parse_squeue(text: str, jobs: Sequence[Job]) -> dict[JobKey, JobState]:
     states: dict[JobKey, JobState] = {}
     for line in text.splitlines():
         fields = line.split("|", 9)
-        if len(fields) < 10 or fields[1] not in by_id:
+        base = fields[0].partition("_")[0]
+        if len(fields) < 10 or base not in by_id:
             continue
-        job = by_id[fields[1]]
+        job = by_id[base]
         element, _, state, reason, partition, nodes, submit, used, priority, workdir = fields
         if not _owned(job, workdir, _float(submit)):
             continue
         index = _index(job, element.partition("_")[2])
         if job.array and index is None:
             continue
-        info: dict[str, Any] = {"elapsed": used, "submitted": _float(submit), "priority": _float(priority)}
+        info: dict[str, Any] = {"elapsed": used, "submitted": _float(submit), "priority": _float(priority),
+                                "final": False}  # accounting (or scontrol) has the last word
         states[(job.job_id, index)] = JobState(
             index=index, state=state, phase=phase_of(state), reason=None if reason in ("None", "") else reason,
             nodes=nodes or None, partition=partition or None, info=info)
@@ -262,8 +266,13 @@ def merge(live: Mapping[JobKey, JobState], final: Mapping[JobKey, JobState]) -> 
         current = merged.get(key)
         # Accounting knows more of an ended job (every attempt, MaxRSS, who cancelled); it may lag behind
         # squeue, whose word on a job still in the queue stands.
-        if current is None or (current.phase == ENDED and state.phase == ENDED):
+        if current is None:
             merged[key] = state
+        elif current.phase == ENDED and state.phase == ENDED:
+            # What accounting has not recorded yet (a short job's partition), squeue said.
+            info = {**current.info, **{name: value for name, value in state.info.items() if value not in (None, "")}}
+            merged[key] = replace(state, partition=state.partition or current.partition,
+                                  nodes=state.nodes or current.nodes, info=info)
     return merged
 
 

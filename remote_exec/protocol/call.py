@@ -25,7 +25,7 @@ from . import wire
 from .bootstrap import start_runner
 from .channel import Channel, Flag
 from .collect import RESULT_FRAMES, Received, collect
-from .options import CallOptions, FileLander, Outcome, OutputSink, PhaseCallback
+from .options import CallOptions, EventSink, FileLander, Outcome, OutputSink, PhaseCallback
 
 if TYPE_CHECKING:
     from .workers import WorkerPool
@@ -50,12 +50,13 @@ class Call:
     """
 
     def __init__(self, channel: Channel, options: CallOptions, key: bytes, on_stdout: OutputSink,
-                 on_stderr: OutputSink) -> None:
+                 on_stderr: OutputSink, on_event: EventSink | None = None) -> None:
         self.channel = channel
         self.host = channel.backend.host
         self.options = options
         self.on_stdout = on_stdout
         self.on_stderr = on_stderr
+        self.on_event = on_event
         self.received = Received(key)
         self.started: dict[str, Any] | None = None
         self.dead = Flag()
@@ -87,6 +88,8 @@ class Call:
             self.on_stderr(payload)
         elif kind == b"P":
             self.started = json.loads(payload)
+            if self.on_event is not None:
+                self.on_event(self.started)
         elif kind in RESULT_FRAMES:
             self.received.add(kind, payload)
             if kind == b"R" and self.received.large_value_follows():
@@ -199,11 +202,11 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None) -> None:
 def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
              on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
              phases: dict[str, float], uploaded: bool, keep: bool,
-             extra_options: Mapping[str, Any] | None = None) -> Outcome:
+             extra_options: Mapping[str, Any] | None = None, on_event: EventSink | None = None) -> Outcome:
     """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
     output, collect and check its result. With ``keep`` the channel (a worker) stays open after it."""
     key = secrets.token_bytes(32)
-    call = Call(channel, options, key, on_stdout, on_stderr)
+    call = Call(channel, options, key, on_stdout, on_stderr, on_event)
     phase("execute", "started")
     deadline = None if options.timeout is None else time.monotonic() + options.timeout + options.dead_after + 5
     try:

@@ -10,8 +10,9 @@ from their files, sealed when the scheduler ends them, collected exactly like a 
     seal      when the scheduler says a job is over and its runner did not end the run (it was stopped:
               a cancel, a time limit, a preemption, a node failure; or it never started), the runner's
               ``seal`` ends it with the launcher's verdict, and ``attach`` sends what is there
-    settle    the task's own outcome stands when it ended by itself; when something outside ended it,
-              the scheduler's verdict says what (timeout, cancelled, oom, preempted, node_fail, lost)
+    settle    when the scheduler ended the job, its verdict says how the call ended (timeout,
+              cancelled, oom, preempted, node_fail, lost); a job that completed or failed keeps the
+              task's own outcome (value, exception, exit code)
 
 Nothing here waits on a time limit of its own: a job may wait in the queue for days, and a coordinator
 that goes away leaves a run that ``rx attach`` follows and collects later.
@@ -41,8 +42,8 @@ from .detached import attach_detached, follow_detached
 from .jobs import JobWatch
 from .options import CallOptions, FileLander, Outcome, OutputSink, PhaseCallback
 
-__all__ = ["FINAL_WAIT", "JobCallback", "follow_job", "job_record", "seal", "settle", "store_and_submit",
-           "verdict_of"]
+__all__ = ["FINAL_WAIT", "ElementSinks", "JobCallback", "collect_array", "element_key", "follow_job", "job_record",
+           "seal", "settle", "store_and_submit", "verdict_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +51,10 @@ logger = logging.getLogger(__name__)
 JobCallback = Callable[[Job, JobState], None]
 #: Seconds to wait, once the result is in, for the scheduler to say how the job ended (its accounting).
 FINAL_WAIT = 5.0
-#: Seconds an ended job's state must stay ended before its run is sealed (a requeue may bring it back).
-SETTLE = 2.0
+#: Seconds an ended job's state must stay ended before its run is sealed.
+SETTLE = 0.5
 #: The same for a job that asked to be requeued and ended in a state it may be requeued from.
 SETTLE_REQUEUE = 30.0
-#: Result statuses that say the task ended by itself: the scheduler's verdict does not replace them.
-_OWN_ENDINGS = ("finished", "raised", "timeout")
 
 
 def _ignore_phase(name: str, state: str) -> None:
@@ -123,6 +122,7 @@ def _store(sessions: Sequence[Session], names: Sequence[str], backend: Backend, 
                 channel.process.write_stdin(wire.encode(b"G", wire.dump_options(call)))
                 send_session(channel.process, session.to_wire())
             channel.process.write_stdin(wire.encode(b"Q"))
+            channel.process.close_stdin()
         if not channel.pump(prepared, size=65536):
             raise RunnerError(f"storing the calls on {backend.host} failed: "
                               f"{channel.stderr_tail() or 'no reason given'}", host=backend.host)
@@ -237,38 +237,52 @@ def follow_job(session: Session | None, backend: Backend, detached: Mapping[str,
             if on_state is not None:
                 on_state(job, state)
 
+    def heard(event: dict[str, Any]) -> None:
+        if event.get("event") == "ended":  # the run waits for the scheduler's word: ask it now
+            watch.hurry()
+
     watch.follow(job, listen)
     try:
         quiet = replace(options, timeout=None)  # the runner in the allocation keeps the call's own timeout
         try:
             if session is None:
                 follow_detached(backend, detached, quiet, launcher=launcher, on_stdout=on_stdout,
-                                on_stderr=on_stderr, offsets=offsets)
+                                on_stderr=on_stderr, offsets=offsets, on_event=heard)
                 outcome = None
             else:
                 outcome = attach_detached(session, backend, detached, quiet, launcher=launcher, on_stdout=on_stdout,
-                                          on_stderr=on_stderr, land_file=land_file, offsets=offsets)
+                                          on_stderr=on_stderr, land_file=land_file, offsets=offsets, on_event=heard)
         finally:
             sealer.stop()
-        final = watch.wait(key, lambda state: state.ended, FINAL_WAIT, poke=0.25)
+        final = watch.wait(key, _settled, FINAL_WAIT, poke=0.25)
         record = job_record(job, key, final, watch.seen(key))
     finally:
         watch.forget(job, listen)
     if outcome is not None:
         outcome.header["job"] = record
         if final is not None and final.ended:
-            settle(outcome.result, verdict_of(launcher, job, final))
+            settle(outcome.result, launcher.verdict(job, final))
     return outcome, record
 
 
-def settle(result: Result, verdict: Verdict) -> None:
-    """The scheduler's verdict replaces the runner's word when something outside ended the task (it was
-    stopped, killed, or left no result); a task that ended by itself keeps its own outcome."""
-    if result.status in _OWN_ENDINGS:
+def _settled(state: JobState) -> bool:
+    """The scheduler has its last word on the element (ended, and its accounting read)."""
+    return state.ended and bool(state.info.get("final", True))
+
+
+def settle(result: Result, verdict: Verdict | None) -> None:
+    """Read the scheduler's verdict into ``result``: when the scheduler ended the job (a time limit, a
+    cancel, a preemption, a node failure, out of memory, gone), that is how the call ended, whatever the
+    stopped task did with its signal; a job that completed or failed (no verdict) keeps the task's own
+    outcome."""
+    if verdict is None:
         return
-    result.status = verdict.status
-    result.exit_code = verdict.exit_code
-    result.detail = verdict.detail
+    if result.status in ("finished", "raised") and result.exception_type:
+        verdict = replace(verdict, detail=f"{verdict.detail}; the task raised {result.exception_type}: "
+                                          f"{result.exception_message}")
+    result.status, result.exit_code, result.detail = verdict.status, verdict.exit_code, verdict.detail
+    result.value = None
+    result.exception = None
 
 
 def job_record(job: Job, key: JobKey, state: JobState | None, seen: Sequence[str]) -> dict[str, Any]:
@@ -284,3 +298,86 @@ def job_record(job: Job, key: JobKey, state: JobState | None, seen: Sequence[str
     if job.details.get("sbatch"):
         record["submit_argv"] = list(job.details["sbatch"])
     return record
+
+
+# -- arrays ------------------------------------------------------------------------------------------------
+
+
+class ElementSinks:
+    """Where one array element's output and files go (its call's recorder)."""
+
+    def __init__(self, on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None) -> None:
+        self.on_stdout = on_stdout
+        self.on_stderr = on_stderr
+        self.land_file = land_file
+
+
+def collect_array(sessions: Sequence[Session], backend: Backend, records: Sequence[Mapping[str, Any]],
+                  options: CallOptions, *, launcher: Launcher, watch: JobWatch, sinks: Sequence[ElementSinks],
+                  workers: int = 8) -> list[Outcome | BaseException]:
+    """Collect each element of a submitted array as the scheduler says it ended (no element holds a
+    channel while it waits: the watch's one poll covers them all); return each call's outcome, or the
+    error that kept it from coming back, in order.
+
+    Raises:
+        Interrupted: Ctrl-C (the array goes on; the caller decides whether to cancel it).
+    """
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    job = Job.from_record(records[0]["job"])
+    ended: queue.Queue[tuple[JobKey, JobState]] = queue.Queue()
+
+    def listen(key: JobKey, state: JobState) -> None:
+        if state.ended:
+            ended.put((key, state))
+
+    results: dict[int, Outcome | BaseException] = {}
+    watch.follow(job, listen)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rx-array") as pool:
+            pending: dict[int, Any] = {}
+            while len(results) < len(sessions):
+                for index in [index for index, future in pending.items() if future.done()]:
+                    outcome = _outcome_of(pending.pop(index))
+                    if outcome is not None:  # None: requeued; it is collected when it ends again
+                        results[index] = outcome
+                try:
+                    key, state = ended.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                index = key[1] if key[1] is not None else 0
+                if index in results or index in pending or not 0 <= index < len(sessions):
+                    continue
+                pending[index] = pool.submit(_collect_element, sessions[index], backend, records[index], options,
+                                             launcher, watch, job, key, state, sinks[index])
+    finally:
+        watch.forget(job, listen)
+    return [results[index] for index in range(len(sessions))]
+
+
+def _outcome_of(future: Any) -> Outcome | BaseException | None:
+    try:
+        outcome: Outcome | None = future.result()
+    except BaseException as exc:
+        return exc
+    return outcome
+
+
+def _collect_element(session: Session, backend: Backend, detached: Mapping[str, Any], options: CallOptions,
+                     launcher: Launcher, watch: JobWatch, job: Job, key: JobKey, state: JobState,
+                     sinks: ElementSinks) -> Outcome | None:
+    """Seal one ended element (after it stayed ended long enough to rule out a requeue) and collect it;
+    None if it was requeued instead."""
+    if state.info.get("may_requeue"):
+        later = watch.wait(key, lambda now: (now.state, now.phase) != (state.state, state.phase), SETTLE_REQUEUE)
+        if later is not None and (later.state, later.phase) != (state.state, state.phase):
+            if not later.ended:
+                return None
+            state = later
+    seal(backend, launcher, job, state, detached, options)
+    outcome = attach_detached(session, backend, detached, replace(options, timeout=None), launcher=launcher,
+                              on_stdout=sinks.on_stdout, on_stderr=sinks.on_stderr, land_file=sinks.land_file)
+    outcome.header["job"] = job_record(job, key, state, watch.seen(key))
+    settle(outcome.result, launcher.verdict(job, state))
+    return outcome

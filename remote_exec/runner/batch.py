@@ -15,12 +15,14 @@
   over): mark the run done, with the verdict (JSON: status, exit code, detail) as its outcome when the
   job left none; print the run's status as JSON.
 
-A run ends ``done`` when its task ended by itself (``attach`` collects it at once) and ``ended`` when
-something outside stopped it (SIGTERM: a cancel, a time limit, a preemption, a requeue): only the
-scheduler knows which, so the coordinator asks it and seals the run.
+A run ends ``done`` (``attach`` collects it at once), or ``ended`` when its job may be requeued
+(``RX_JOB_REQUEUE=1``): a task stopped by SIGTERM may be a node failure or a preemption that the scheduler
+requeues, and then the call must find its run directory again; so only the scheduler's word ends such a
+run (the coordinator asks it and seals the run).
 
-The script the launcher writes exports ``RX_JOB_ID``, ``RX_ARRAY_INDEX`` and ``RX_JOB_ATTEMPT`` from the
-scheduler's own variables; nothing here knows which scheduler it is.
+The script the launcher writes exports ``RX_JOB_ID``, ``RX_ARRAY_INDEX``, ``RX_JOB_ATTEMPT`` and
+``RX_JOB_REQUEUE`` from the scheduler's own variables and the job's settings; nothing here knows which
+scheduler it is.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ import sys
 import time
 
 from ..protocol import wire
-from .channel import CoordinatorGone, read_call
 from .detached import OUTCOME, check_run_dir, run_to_files, store_outcome
 from .rundir import PRIVATE, RunStatus, read_status
 
 TYPE_CHECKING = False  # typing is not imported at run time
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import Any
 
     from .channel import Out
@@ -70,14 +72,30 @@ def _new_run_dir(cache_dir: str, name: str) -> str:
     return run_dir
 
 
+def _incoming_calls() -> Iterator[tuple[dict[str, Any], bytes]]:
+    """Each call on stdin (G, S..., s), until Q or the end of stdin."""
+    reader = wire.FrameReader()
+    options: dict[str, Any] | None = None
+    parts: list[bytes] = []
+    while data := os.read(0, 1 << 20):
+        for kind, payload in reader.feed(data):
+            if kind == b"G":
+                options, parts = wire.load_options(payload), []
+            elif kind == b"S":
+                parts.append(payload)
+            elif kind == b"s":
+                session_bytes = b"".join(parts)
+                if options is None or len(session_bytes) != wire.load_options(payload).get("size"):
+                    raise RuntimeError("protocol: a call arrived damaged")
+                yield options, session_bytes
+                options, parts = None, []
+            elif kind == b"Q":
+                return
+
+
 def serve_prepare(cache_dir: str, out: Out) -> None:
     """Store each call that comes in its own run directory, until Q or the end of stdin."""
-    reader = wire.FrameReader()
-    while True:
-        try:
-            options, session_bytes, reader = read_call(0, reader)
-        except CoordinatorGone:
-            return
+    for options, session_bytes in _incoming_calls():
         if options.get("secret_env"):
             raise RuntimeError("secrets are never stored on the shared filesystem")
         run_dir = _new_run_dir(cache_dir, str(options.get("run_name") or ""))
@@ -129,11 +147,12 @@ def serve_batch(cache_dir: str, run_dir: str) -> int:
     status.update(state="running", supervisor_pid=os.getpid(), node=os.uname().nodename, started=time.time(),
                   job_id=os.environ.get("RX_JOB_ID"), attempt=int(os.environ.get("RX_JOB_ATTEMPT") or 0),
                   attempts=attempts)
-    header, ending = run_to_files(options, session_bytes, run_dir, status)
-    # Stopped from outside (SIGTERM): a cancel, a time limit, a preemption or a requeue; the scheduler says
-    # which, and the coordinator seals the run. Anything else is how the call ended.
-    stopped = ending.status == "cancelled"
-    status.update(state="ended" if stopped else "done", status=header["status"], exit_code=header["exit_code"],
+    header, _ = run_to_files(options, session_bytes, run_dir, status)
+    # A job that may be requeued (a node failure, a preemption) is over only when its scheduler says so:
+    # the coordinator asks it and seals the run. Any other job's run is done now (a cancel or a time limit
+    # that stopped it is the scheduler's verdict, which the coordinator reads when it collects).
+    requeue = os.environ.get("RX_JOB_REQUEUE") == "1"
+    status.update(state="ended" if requeue else "done", status=header["status"], exit_code=header["exit_code"],
                   finished=time.time())
     code = header.get("exit_code")
     return (code if isinstance(code, int) else 1) & 0xFF

@@ -160,10 +160,14 @@ def serve_attach(cache_dir: str, run_dir: str, collect: bool, out: Out) -> None:
     policy = Policy(timeout=None, heartbeat=float(options.get("heartbeat") or 5.0), dead_after=None,
                     started=time.monotonic())
     _follow(run_dir, offsets, policy, out)
-    header, run_options, value, exc_data = _stored_result(run_dir)
     if not collect:
+        try:
+            header = _stored_result(run_dir)[0]
+        except OSError:  # another attach collected the run (and removed it) while this one followed it
+            header = {"status": "collected"}
         out.send(b"Z", wire.json_text({"done": header.get("status"), "exit_code": header.get("exit_code")}).encode())
         return
+    header, run_options, value, exc_data = _stored_result(run_dir)
     run_options.update(pull=options.get("pull") or run_options.get("pull"), keep=False,
                        no_pull=bool(options.get("no_pull")))
     send_classified(run_options, run_dir, header, value, exc_data, out)
@@ -186,8 +190,14 @@ def _follow(run_dir: str, offsets: dict[bytes, int], policy: Policy, out: Out) -
     private = os.path.join(run_dir, PRIVATE)
     follower = _Follower(out)
     os.set_blocking(0, False)
+    told = False
     while True:
-        done = read_status(run_dir).get("state") == "done"
+        state = read_status(run_dir).get("state")
+        # Done, or collected (and removed) by another attach while this one followed.
+        done = state == "done" or not os.path.isdir(private)
+        if state == "ended" and not told:  # its job's scheduler has the last word: the coordinator asks it
+            out.event({"event": "ended"})
+            told = True
         for kind, name in _OUTPUT.items():
             offsets[kind] = _send_from(os.path.join(private, name), offsets[kind], kind, out)
         if done:
