@@ -259,9 +259,7 @@ class SlurmLauncher(Launcher):
         for key, state in previous.items():  # what accounting said of an element that stays ended
             if state.info.get("final") and (key not in live or live[key].phase == ENDED):
                 states[key] = state
-        unsettled = [key for job in jobs for key in _keys(job)
-                     if not states.get(key, _UNKNOWN).info.get("final")
-                     and (key not in live or live[key].phase == ENDED)]
+        unsettled = _unsettled(jobs, live, states)
         if not unsettled:
             return states
         asked = [job for job in jobs if any(key[0] == job.job_id for key in unsettled)]
@@ -347,6 +345,12 @@ def _missing(key: JobKey, previous: JobState | None) -> JobState:
     if previous is None:
         return JobState(index=key[1], state="", phase=PENDING, info={"missing_since": since, "final": False})
     return _with(previous, info={**previous.info, "missing_since": since})
+
+
+def _unsettled(jobs: Sequence[Job], live: Mapping[JobKey, JobState], states: Mapping[JobKey, JobState]) -> list[JobKey]:
+    """The elements that ended or left the queue, of which accounting has not had its last word yet."""
+    return [key for job in jobs for key in _keys(job)
+            if not states.get(key, _UNKNOWN).info.get("final") and (key not in live or live[key].phase == ENDED)]
 
 
 def _keys(job: Job) -> list[JobKey]:

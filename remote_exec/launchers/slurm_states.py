@@ -221,10 +221,45 @@ def parse_scontrol(text: str, jobs: Sequence[Job]) -> dict[JobKey, JobState]:
     return states
 
 
-def _requeue_note(job: Job, state: str) -> str:
+def _requeue_note(job: Job) -> str:
     if job.requeue:
         return "Slurm did not requeue it"
     return "not requeued (set requeue = true in the remote's slurm table, or --slurm --requeue, to resume it)"
+
+
+def _timeout(name: str, job: Job, state: JobState) -> Verdict:
+    limit = "its time limit" if state.state == "TIMEOUT" else "its deadline"
+    elapsed = state.info.get("elapsed")
+    return Verdict("timeout", 124, f"Slurm stopped job {name} at {limit} ({state.state}"
+                                   + (f" after {elapsed})" if elapsed else ")"))
+
+
+def _cancelled(name: str, job: Job, state: JobState) -> Verdict:
+    by = state.info.get("cancelled_by")
+    who = f" by uid {by}" + (" (you)" if state.info.get("cancelled_by_you") else "") if by else ""
+    return Verdict("cancelled", 130, f"Slurm job {name} was cancelled{who} (CANCELLED)")
+
+
+def _out_of_memory(name: str, job: Job, state: JobState) -> Verdict:
+    rss = state.info.get("max_rss_kib")
+    peak = f", MaxRSS {rss / 1024:.0f} MiB" if isinstance(rss, (int, float)) else ""
+    return Verdict("oom", 137, f"Slurm job {name} ran out of memory (OUT_OF_MEMORY{peak})")
+
+
+def _node_failed(name: str, job: Job, state: JobState) -> Verdict:
+    where = f" ({state.nodes})" if state.nodes else ""
+    return Verdict("node_fail", 3, f"the node of Slurm job {name} failed{where} ({state.state}); "
+                                   + _requeue_note(job))
+
+
+def _preempted(name: str, job: Job, state: JobState) -> Verdict:
+    return Verdict("preempted", 3, f"Slurm job {name} was preempted by a higher-priority job (PREEMPTED); "
+                                   + _requeue_note(job))
+
+
+#: How each state that the scheduler ended a job in reads (COMPLETED and FAILED: the task's own outcome).
+_VERDICTS = {"TIMEOUT": _timeout, "DEADLINE": _timeout, "CANCELLED": _cancelled, "OUT_OF_MEMORY": _out_of_memory,
+             "NODE_FAIL": _node_failed, "BOOT_FAIL": _node_failed, "PREEMPTED": _preempted}
 
 
 def verdict_for(job: Job, state: JobState) -> Verdict | None:
@@ -233,30 +268,12 @@ def verdict_for(job: Job, state: JobState) -> Verdict | None:
     name = job.job_id if state.index is None else f"{job.job_id}_{state.index}"
     if state.phase == GONE:
         return Verdict("lost", 3, f"Slurm no longer knows job {name} and it left no result")
-    word = state.state
-    elapsed = state.info.get("elapsed")
-    if word in ("TIMEOUT", "DEADLINE"):
-        limit = "its time limit" if word == "TIMEOUT" else "its deadline"
-        return Verdict("timeout", 124, f"Slurm stopped job {name} at {limit} ({word}"
-                                       + (f" after {elapsed})" if elapsed else ")"))
-    if word == "CANCELLED":
-        by = state.info.get("cancelled_by")
-        who = f" by uid {by}" + (" (you)" if state.info.get("cancelled_by_you") else "") if by else ""
-        return Verdict("cancelled", 130, f"Slurm job {name} was cancelled{who} (CANCELLED)")
-    if word == "OUT_OF_MEMORY":
-        rss = state.info.get("max_rss_kib")
-        peak = f", MaxRSS {rss / 1024:.0f} MiB" if isinstance(rss, (int, float)) else ""
-        return Verdict("oom", 137, f"Slurm job {name} ran out of memory (OUT_OF_MEMORY{peak})")
-    if word in ("NODE_FAIL", "BOOT_FAIL"):
-        where = f" ({state.nodes})" if state.nodes else ""
-        return Verdict("node_fail", 3, f"the node of Slurm job {name} failed{where} ({word}); "
-                                       + _requeue_note(job, word))
-    if word == "PREEMPTED":
-        return Verdict("preempted", 3, f"Slurm job {name} was preempted by a higher-priority job (PREEMPTED); "
-                                       + _requeue_note(job, word))
-    if word in ("COMPLETED", "FAILED"):
+    if state.state in ("COMPLETED", "FAILED"):
         return None
-    return Verdict("error", 3, f"Slurm job {name} ended {word}" + (f": {state.reason}" if state.reason else ""))
+    reading = _VERDICTS.get(state.state)
+    if reading is not None:
+        return reading(name, job, state)
+    return Verdict("error", 3, f"Slurm job {name} ended {state.state}" + (f": {state.reason}" if state.reason else ""))
 
 
 def merge(live: Mapping[JobKey, JobState], final: Mapping[JobKey, JobState]) -> dict[JobKey, JobState]:

@@ -153,7 +153,7 @@ def test_ctrl_c_cancels_the_job_unless_asked_to_keep_it_queued(cluster: Cluster)
     for process in (attached, kept):
         cluster.interrupt(process)
     out, err = attached.communicate(timeout=60)
-    kept_out, kept_err = kept.communicate(timeout=60)
+    _, kept_err = kept.communicate(timeout=60)
 
     assert attached.returncode == 130, err
     assert "was cancelled" in err and "tick 0" in out
