@@ -310,6 +310,17 @@ class Coordinator:
         config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
         return self.packer.archive_for(session.task, config.distribution_modules, session.context.get("cwd"))
 
+    def _pack(self, session: Session, recorder: CallRecorder) -> DistributionArchive:
+        """:meth:`archive_for`, recorded as the ``pack`` phase."""
+        recorder.phase("pack", "started")
+        try:
+            archive = self.archive_for(session)
+        except BaseException:
+            recorder.phase("pack", "failed")
+            raise
+        recorder.phase("pack", "finished")
+        return archive
+
     def execute(self, session: Session, target: Target) -> Result:
         """Run ``session`` at ``target`` and return its result, recording it.
 
@@ -322,13 +333,7 @@ class Coordinator:
         if recorder is None:
             recorder = self._task_recorder(session, target, session_bytes)
         try:
-            recorder.phase("pack", "started")
-            try:
-                archive = self.archive_for(session)
-            except BaseException:
-                recorder.phase("pack", "failed")
-                raise
-            recorder.phase("pack", "finished")
+            archive = self._pack(session, recorder)
             if target.launcher.schedules:
                 outcome = self._run_job(session, target, archive, recorder)
             else:
@@ -515,13 +520,7 @@ class Coordinator:
 
     def start_detached(self, session: Session, target: Target, recorder: CallRecorder) -> dict[str, Any]:
         """Start ``session`` at ``target`` so that it outlives this process; return where it runs."""
-        recorder.phase("pack", "started")
-        try:
-            archive = self.archive_for(session)
-        except BaseException:
-            recorder.phase("pack", "failed")
-            raise
-        recorder.phase("pack", "finished")
+        archive = self._pack(session, recorder)
         if target.launcher.schedules:
             return store_and_submit([session], target.backend, archive, target.options, launcher=target.launcher,
                                     job_options=job_options(dict(session.context.get("options") or {})),
