@@ -385,11 +385,17 @@ class Coordinator:
     def _run_job(self, session: Session, target: Target, archive: DistributionArchive,
                  recorder: CallRecorder) -> Outcome:
         """Submit ``session`` as a job on ``target``'s cluster and follow it to its result."""
-        detached = store_and_submit([session], target.backend, archive, target.options, launcher=target.launcher,
-                                    job_options=job_options(dict(session.context.get("options") or {})),
-                                    name=session.task.name, on_phase=recorder.phase)[0]
+        detached = self._submit(session, target, archive, recorder)
         recorder.submitted(detached)
         return self.follow_job(session, target, detached, recorder, interrupt="cancel")
+
+    @staticmethod
+    def _submit(session: Session, target: Target, archive: DistributionArchive,
+                recorder: CallRecorder) -> dict[str, Any]:
+        """Store ``session`` on the cluster and submit it as one job; return where it is (its ``detached``)."""
+        return store_and_submit([session], target.backend, archive, target.options, launcher=target.launcher,
+                                job_options=job_options(dict(session.context.get("options") or {})),
+                                name=session.task.name, on_phase=recorder.phase)[0]
 
     def follow_job(self, session: Session, target: Target, detached: dict[str, Any], recorder: CallRecorder, *,
                    offsets: tuple[int, int] = (0, 0), interrupt: str = "cancel") -> Outcome:
@@ -522,9 +528,7 @@ class Coordinator:
         """Start ``session`` at ``target`` so that it outlives this process; return where it runs."""
         archive = self._pack(session, recorder)
         if target.launcher.schedules:
-            return store_and_submit([session], target.backend, archive, target.options, launcher=target.launcher,
-                                    job_options=job_options(dict(session.context.get("options") or {})),
-                                    name=session.task.name, on_phase=recorder.phase)[0]
+            return self._submit(session, target, archive, recorder)
         return start_detached(session, target.backend, archive, target.options, launcher=target.launcher,
                               on_phase=recorder.phase)
 
