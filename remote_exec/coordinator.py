@@ -35,24 +35,14 @@ from .backends.base import Backend, HostSpec
 from .backends.local import LocalBackend
 from .backends.pool import BackendPool
 from .config import Configuration, find_pyproject
-from .errors import ConfigError, Interrupted, SerializationError
+from .errors import ConfigError, SerializationError
+from .jobs import Jobs, job_options
 from .launchers.base import Launcher
-from .launchers.jobs import Job, JobState
 from .launchers.registry import create_launcher
 from .packing import DistributionArchive, Packer, default_cache_dir
 from .protocol.call import dispatch
 from .protocol.detached import attach_detached, cancel_detached, follow_detached, start_detached
-from .protocol.jobs import JobWatch
 from .protocol.options import CallOptions, Outcome, OutputSink
-from .protocol.scheduled import (
-    ElementSinks,
-    JobCallback,
-    collect_array,
-    element_key,
-    follow_job,
-    seal,
-    store_and_submit,
-)
 from .protocol.workers import WorkerPool
 from .serialization import get_serializer
 from .session import Result, Session
@@ -60,7 +50,7 @@ from .task import Execution, Task
 from .workspace.manager import new_run_id
 from .workspace.recorder import CallRecorder, TaskCallRecorder, TaskRecorder, TaskRuns
 
-__all__ = ["Coordinator", "Target", "call_options", "job_options"]
+__all__ = ["Coordinator", "Target", "call_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,15 +102,6 @@ def call_options(options: dict[str, Any], *, python: str, workdir: str, env: dic
     )
 
 
-def job_options(options: dict[str, Any]) -> dict[str, Any]:
-    """A call's own scheduler settings (``@task(slurm={...})``, ``rx run --slurm "..."``), over the remote's."""
-    own = dict(options.get("slurm") or {})
-    words = [*own.pop("args", ()), *(options.get("slurm_args") or ())]
-    if words:
-        own["args"] = words
-    return own
-
-
 def _secret_env(names: Any) -> dict[str, str]:
     """Values of the named local environment variables (they travel over the channel only)."""
     secrets: dict[str, str] = {}
@@ -131,18 +112,6 @@ def _secret_env(names: Any) -> dict[str, str]:
     return secrets
 
 
-class _Counted:
-    """An output sink that counts the bytes it passed on (where a second follow of the same run starts)."""
-
-    def __init__(self, sink: OutputSink) -> None:
-        self.sink = sink
-        self.count = 0
-
-    def __call__(self, data: bytes) -> None:
-        self.count += len(data)
-        self.sink(data)
-
-
 class Coordinator:
     """Everything a process shares across its calls, and the calls themselves.
 
@@ -151,6 +120,7 @@ class Coordinator:
         packer: Builds distribution archives (once per content).
         recorder: Writes ``@task`` call records in batches.
         task_runs: The workspace runs of this process's ``@task`` calls.
+        jobs: Its calls through batch schedulers (one watch per cluster polls all its jobs there).
         run_id: The run id ``@task`` calls of this process are recorded under (made on the first call).
     """
 
@@ -168,7 +138,7 @@ class Coordinator:
         self._local = LocalBackend()
         self._configs: dict[str, Configuration] = {}
         self._targets: dict[tuple[Any, ...], tuple[Configuration, Target]] = {}
-        self._watches: dict[tuple[Any, ...], JobWatch] = {}
+        self.jobs = Jobs(self)
 
     @classmethod
     def current(cls) -> Coordinator:
@@ -331,11 +301,11 @@ class Coordinator:
         recorder: CallRecorder | None = session.local.get("recorder")
         session_bytes = session.to_wire()
         if recorder is None:
-            recorder = self._task_recorder(session, target, session_bytes)
+            recorder = self.task_recorder(session, target, session_bytes)
         try:
             archive = self._pack(session, recorder)
             if target.launcher.schedules:
-                outcome = self._run_job(session, target, archive, recorder)
+                outcome = self.jobs.run(session, target, archive, recorder)
             else:
                 outcome = dispatch(session, target.backend, archive, target.options, launcher=target.launcher,
                                    workers=self.workers, on_stdout=recorder.stdout, on_stderr=recorder.stderr,
@@ -346,10 +316,11 @@ class Coordinator:
             raise
         session.local["outcome"] = outcome
         recorder.finished(result=outcome.result, phases=outcome.phases,
-                          value=lambda: self._recorded_value(session, target, outcome))
+                          value=lambda: self.recorded_value(session, target, outcome))
         return outcome.result
 
-    def _task_recorder(self, session: Session, target: Target, session_bytes: bytes) -> CallRecorder:
+    def task_recorder(self, session: Session, target: Target, session_bytes: bytes) -> CallRecorder:
+        """The recorder of one ``@task`` call: a task entry of its process's run."""
         config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
         run = self.task_runs.run_for(config.workspace, session.run_id, cwd=session.context.get("cwd") or os.getcwd(),
                                      host=target.host, backend=target.backend_name)
@@ -357,7 +328,7 @@ class Coordinator:
                                 host=target.host, session_bytes=session_bytes)
 
     @staticmethod
-    def _recorded_value(session: Session, target: Target, outcome: Outcome) -> bytes:
+    def recorded_value(session: Session, target: Target, outcome: Outcome) -> bytes:
         """The call's value as recorded (a pickle), or b"" when it cannot be."""
         if outcome.value_data and session.serializer == "pickle" and not target.options.restricted:
             return outcome.value_data  # the pickle as it came (checked), not pickled again here
@@ -366,98 +337,6 @@ class Coordinator:
         except Exception:  # an unpicklable value is still returned; it just cannot be merged later
             logger.debug("result of %s not recorded", session.task.name, exc_info=True)
             return b""
-
-    # -- jobs (a scheduler launcher) ------------------------------------------------------------------
-
-    def job_watch(self, target: Target) -> JobWatch:
-        """The one watch over ``target``'s cluster: every job this process follows there, polled together."""
-        key = (target.backend_name, target.spec or target.host)
-        with self._lock:
-            watch = self._watches.get(key)
-            if watch is None or watch.backend is not target.backend:
-                if watch is not None:
-                    watch.close()
-                fastest, slowest = target.launcher.poll_intervals()
-                watch = self._watches[key] = JobWatch(target.backend, target.launcher, fastest=fastest,
-                                                      slowest=slowest)
-            return watch
-
-    def _run_job(self, session: Session, target: Target, archive: DistributionArchive,
-                 recorder: CallRecorder) -> Outcome:
-        """Submit ``session`` as a job on ``target``'s cluster and follow it to its result."""
-        detached = self._submit(session, target, archive, recorder)
-        recorder.submitted(detached)
-        return self.follow_job(session, target, detached, recorder, interrupt="cancel")
-
-    @staticmethod
-    def _submit(session: Session, target: Target, archive: DistributionArchive,
-                recorder: CallRecorder) -> dict[str, Any]:
-        """Store ``session`` on the cluster and submit it as one job; return where it is (its ``detached``)."""
-        return store_and_submit([session], target.backend, archive, target.options, launcher=target.launcher,
-                                job_options=job_options(dict(session.context.get("options") or {})),
-                                name=session.task.name, on_phase=recorder.phase)[0]
-
-    def follow_job(self, session: Session, target: Target, detached: dict[str, Any], recorder: CallRecorder, *,
-                   offsets: tuple[int, int] = (0, 0), interrupt: str = "cancel") -> Outcome:
-        """Follow a submitted call to its result (see :func:`~remote_exec.protocol.scheduled.follow_job`).
-
-        ``interrupt``: what Ctrl-C does to the job: ``cancel`` it (after which what it left is collected),
-        or ``leave`` it running (``rx attach``, or a run started with ``keep_queued``).
-        """
-        on_state = self._job_listener(recorder, session.local.get("on_job"))
-        stdout, stderr = _Counted(recorder.stdout), _Counted(recorder.stderr)
-        recorder.phase("execute", "started")
-        try:
-            outcome, record = follow_job(session, target.backend, detached, target.options,
-                                         launcher=target.launcher, watch=self.job_watch(target),
-                                         on_stdout=stdout, on_stderr=stderr,
-                                         land_file=recorder.land_file, offsets=offsets, on_state=on_state)
-        except Interrupted:
-            recorder.phase("execute", "failed")
-            options = dict(session.context.get("options") or {})
-            job = detached["job"]
-            if interrupt == "leave" or options.get("keep_queued"):
-                session.local["job_left"] = True
-                raise Interrupted(f"interrupted; {job['scheduler']} job {job['job_id']} goes on "
-                                  f"(rx attach {session.run_id} collects it)") from None
-            self._cancel_and_collect(session, target, detached, recorder,
-                                     (offsets[0] + stdout.count, offsets[1] + stderr.count))
-            raise Interrupted(f"interrupted; {job['scheduler']} job {job['job_id']} was cancelled") from None
-        recorder.phase("execute", "finished")
-        recorder.job(record)
-        assert outcome is not None
-        return outcome
-
-    @staticmethod
-    def _job_listener(recorder: CallRecorder, callback: JobCallback | None) -> JobCallback:
-        def heard(job: Job, state: JobState) -> None:
-            recorder.job({"job_id": job.job_id if state.index is None else f"{job.job_id}_{state.index}",
-                          "scheduler": job.scheduler, **state.summary()})
-            if callback is not None:
-                callback(job, state)
-
-        return heard
-
-    def _cancel_and_collect(self, session: Session, target: Target, detached: dict[str, Any],
-                            recorder: CallRecorder, offsets: tuple[int, int]) -> None:
-        """Cancel an interrupted call's job, then bring back what it left (bounded: a few seconds)."""
-        job = Job.from_record(detached["job"])
-        target.launcher.cancel_jobs(target.backend, [job])
-        watch, key = self.job_watch(target), element_key(detached)
-        watch.follow(job)
-        try:
-            state = watch.wait(key, lambda state: state.ended, 15.0, poke=0.5)
-            if state is None or not state.ended:
-                return
-            seal(target.backend, target.launcher, job, state, detached, target.options)
-            _, record = follow_job(session, target.backend, detached, target.options, launcher=target.launcher,
-                                   watch=watch, on_stdout=recorder.stdout, on_stderr=recorder.stderr,
-                                   land_file=recorder.land_file, offsets=offsets)
-            recorder.job(record)
-        except Exception:  # the cancel went through; what it left stays on the cluster
-            logger.debug("collecting the cancelled job %s failed", job.job_id, exc_info=True)
-        finally:
-            watch.forget(job)
 
     # -- arrays (a scheduler launcher) ----------------------------------------------------------------
 
@@ -470,57 +349,12 @@ class Coordinator:
         config = function.config or self.config_for(cwd)
         sessions = [self.task_session(function.task, (item,), {}, remote=function.remote, options=function.options,
                                       config=config, cwd=cwd) for item in items]
-        return self.run_array(sessions, parallel=parallel)
+        return self.jobs.run_array(sessions, parallel=parallel)
 
     def run_array(self, sessions: Sequence[Session], *, parallel: int | None = None) -> list[Result]:
         """Run ``sessions`` (calls of one task, to one scheduler remote) as one job array; their results in
-        order.
-
-        Raises:
-            ConfigError: The remote has no scheduler.
-            Interrupted: Ctrl-C (the array is cancelled).
-        """
-        if not sessions:
-            return []
-        target = self.resolve_target(sessions[0])
-        if not target.launcher.schedules:
-            raise ConfigError(f"{target.host} runs calls at once: a job array needs a scheduler remote",
-                              hint='set scheduler = "slurm" on the remote')
-        archive = self.archive_for(sessions[0])
-        recorders = [self._task_recorder(session, target, session.to_wire()) for session in sessions]
-        try:
-            records = store_and_submit(sessions, target.backend, archive, target.options, launcher=target.launcher,
-                                       job_options=job_options(dict(sessions[0].context.get("options") or {})),
-                                       name=f"{sessions[0].task.name}[{len(sessions)}]", parallel=parallel,
-                                       on_phase=recorders[0].phase)
-        except BaseException as exc:
-            for recorder in recorders:
-                recorder.failed(exc)
-            raise
-        for recorder, record in zip(recorders, records, strict=True):
-            recorder.submitted(record)
-        try:
-            outcomes = collect_array(sessions, target.backend, records, target.options, launcher=target.launcher,
-                                     watch=self.job_watch(target),
-                                     sinks=[ElementSinks(r.stdout, r.stderr, r.land_file) for r in recorders])
-        except KeyboardInterrupt:
-            target.launcher.cancel_jobs(target.backend, [Job.from_record(records[0]["job"])])
-            for recorder in recorders:
-                recorder.failed(Interrupted("interrupted; the array was cancelled"))
-            raise Interrupted(f"interrupted; {target.launcher.name} job {records[0]['job']['job_id']} "
-                              "was cancelled") from None
-        return [self._array_result(session, target, recorder, outcome)
-                for session, recorder, outcome in zip(sessions, recorders, outcomes, strict=True)]
-
-    def _array_result(self, session: Session, target: Target, recorder: CallRecorder,
-                      outcome: Outcome | BaseException) -> Result:
-        if isinstance(outcome, BaseException):
-            recorder.failed(outcome)
-            return Result(status="error", exit_code=3, detail=str(outcome), host=target.host)
-        recorder.job(outcome.header.get("job") or {})
-        recorder.finished(result=outcome.result, phases=outcome.phases,
-                          value=lambda: self._recorded_value(session, target, outcome))
-        return outcome.result
+        order (see :meth:`remote_exec.jobs.Jobs.run_array`)."""
+        return self.jobs.run_array(sessions, parallel=parallel)
 
     # -- detached runs --------------------------------------------------------------------------------
 
@@ -528,7 +362,7 @@ class Coordinator:
         """Start ``session`` at ``target`` so that it outlives this process; return where it runs."""
         archive = self._pack(session, recorder)
         if target.launcher.schedules:
-            return self._submit(session, target, archive, recorder)
+            return self.jobs.submit(session, target, archive, recorder)
         return start_detached(session, target.backend, archive, target.options, launcher=target.launcher,
                               on_phase=recorder.phase)
 
@@ -536,7 +370,7 @@ class Coordinator:
                offsets: tuple[int, int]) -> Outcome:
         """Follow a detached run to its end and collect its result and files."""
         if "job" in detached:
-            return self.follow_job(session, target, detached, recorder, offsets=offsets, interrupt="leave")
+            return self.jobs.follow(session, target, detached, recorder, offsets=offsets, interrupt="leave")
         return attach_detached(session, target.backend, detached, target.options, launcher=target.launcher,
                                on_stdout=recorder.stdout, on_stderr=recorder.stderr, land_file=recorder.land_file,
                                offsets=offsets)
@@ -545,8 +379,7 @@ class Coordinator:
                offsets: tuple[int, int]) -> None:
         """Stream a detached run's output until it ends (collecting nothing)."""
         if "job" in detached:
-            follow_job(None, target.backend, detached, target.options, launcher=target.launcher,
-                       watch=self.job_watch(target), on_stdout=on_stdout, on_stderr=on_stderr, offsets=offsets)
+            self.jobs.follow_output(target, detached, on_stdout=on_stdout, on_stderr=on_stderr, offsets=offsets)
             return
         follow_detached(target.backend, detached, target.options, launcher=target.launcher, on_stdout=on_stdout,
                         on_stderr=on_stderr, offsets=offsets)
@@ -555,9 +388,7 @@ class Coordinator:
         """Stop a detached run's task (a job: ask its scheduler to cancel it); return the host's status record
         of it (a job: what the scheduler says)."""
         if "job" in detached:
-            job = Job.from_record(detached["job"])
-            target.launcher.cancel_jobs(target.backend, [job])
-            return {"job_id": job.job_id, "cancel": "requested"}
+            return self.jobs.cancel(target, detached)
         return cancel_detached(target.backend, detached, target.options)
 
     # -- the end --------------------------------------------------------------------------------------
@@ -568,18 +399,11 @@ class Coordinator:
 
     def close(self) -> None:
         """Record the end of this process's ``@task`` runs, stop its workers, close its connections."""
-        for step in (self.task_runs.close, self.workers.close, self._close_watches, self.close_backends):
+        for step in (self.task_runs.close, self.workers.close, self.jobs.close, self.close_backends):
             try:
                 step()
             except Exception:  # closing at exit must never raise
                 logger.debug("closing the coordinator: %s failed", step, exc_info=True)
-
-    def _close_watches(self) -> None:
-        with self._lock:
-            watches = list(self._watches.values())
-            self._watches.clear()
-        for watch in watches:
-            watch.close()
 
     def close_backends(self) -> None:
         """Close every open connection (a later call reconnects)."""
