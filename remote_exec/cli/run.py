@@ -393,7 +393,8 @@ def cancel(
     run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, unique prefix, or 'latest'.")],
     workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
 ) -> None:
-    """Stop a detached run (its whole process group on the host), then collect what it left."""
+    """Stop a detached run (its whole process group on the host; a Slurm run: scancel), then collect what it
+    left."""
     detached = load_detached_run(workspace, run_ref)
     run, info = detached.run, detached.info
     if info.get("status") not in ("running", "pending", "lost"):
