@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from testbed._image import BUILD_TIMEOUT, IMAGE, TestbedError, docker_client, ensure_image, file_lock
+from testbed._image import BUILD_TIMEOUT, IMAGE, TestbedError, docker_build, docker_client, ensure_image, file_lock
 
 __all__ = ["SLURM_IMAGE", "SlurmCluster", "default_slurm_state_dir", "ensure_slurm_image", "slurm_down",
            "slurm_status", "slurm_up"]
@@ -191,24 +191,13 @@ def _image_recipe(client: Any) -> str | None:
 
 
 def _build(client: Any, recipe: str, say: Callable[[str], None]) -> None:
-    import docker
-
     say(f"building {SLURM_IMAGE} (Slurm 22.05 and munge from Debian bookworm)")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="rx-slurm-build-") as context:
         (Path(context) / "Dockerfile").write_text(_DOCKERFILE)
         for name in _ASSET_FILES:
             shutil.copyfile(_ASSETS / name, Path(context) / name)
-        try:
-            for chunk in client.api.build(path=context, tag=SLURM_IMAGE, labels={_RECIPE_LABEL: recipe}, pull=False,
-                                          rm=True, forcerm=True, decode=True, timeout=BUILD_TIMEOUT):
-                if "error" in chunk:
-                    raise TestbedError(f"building {SLURM_IMAGE} failed: {chunk['error'].strip()}")
-                line = str(chunk.get("stream", "")).strip()
-                if line:
-                    logger.debug("docker build: %s", line)
-        except docker.errors.APIError as exc:
-            raise TestbedError(f"building {SLURM_IMAGE} failed: {exc}") from exc
+        docker_build(client, Path(context), SLURM_IMAGE, {_RECIPE_LABEL: recipe})
     say(f"{SLURM_IMAGE} is ready ({time.monotonic() - started:.0f} s)")
 
 
@@ -265,7 +254,7 @@ def _run_node(client: Any, node: str, names: tuple[str, str, dict[str, str]], st
     options: dict[str, Any] = {}
     if node == "head":
         options["ports"] = {"22/tcp": (HOSTNAME, None)}
-        options["environment"] = {"RX_AUTHORIZED_KEY": public_key}
+        options["environment"] = {"RX_AUTHORIZED_KEY": public_key}  # read by the sshd testbed's entry point
     container = client.containers.create(
         SLURM_IMAGE, command=["head" if node == "head" else "compute"], name=containers[node], hostname=node,
         labels=labels, volumes={volume: {"bind": "/home", "mode": "rw"}}, init=True, cap_add=["SYS_PTRACE"],

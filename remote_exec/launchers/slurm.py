@@ -59,16 +59,17 @@ _KEYS: dict[str, type | tuple[type, ...]] = {
     "poll_interval": (int, float), "poll_max": (int, float),
 }
 #: sbatch options rx sets itself, and why the user may not.
-_OWNED = {
-    "--output": "rx keeps the job's log in the run directory", "-o": "rx keeps the job's log in the run directory",
-    "--error": "rx keeps the job's log in the run directory", "-e": "rx keeps the job's log in the run directory",
-    "--input": "the task's stdin is /dev/null", "-i": "the task's stdin is /dev/null",
-    "--wrap": "rx writes the job's script", "--parsable": "rx reads sbatch's answer itself",
-    "--array": "arrays come from a map of calls", "-a": "arrays come from a map of calls",
-    "--chdir": "the task runs in its own run directory", "-D": "the task runs in its own run directory",
-    "--wait": "rx follows the job itself", "-W": "rx follows the job itself",
-    "--test-only": "rx submits real jobs", "--open-mode": "rx appends a requeued job's output",
-}
+_OWNED = {name: why for names, why in (
+    (("--output", "-o", "--error", "-e"), "rx keeps the job's log in the run directory"),
+    (("--input", "-i"), "the task's stdin is /dev/null"),
+    (("--wrap",), "rx writes the job's script"),
+    (("--parsable",), "rx reads sbatch's answer itself"),
+    (("--array", "-a"), "arrays come from a map of calls"),
+    (("--chdir", "-D"), "the task runs in its own run directory"),
+    (("--wait", "-W"), "rx follows the job itself"),
+    (("--test-only",), "rx submits real jobs"),
+    (("--open-mode",), "rx appends a requeued job's output"),
+) for name in names}
 DEFAULT_SIGNAL = "B:USR2@60"
 _SUBMIT = """\
 set -e

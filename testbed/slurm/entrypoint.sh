@@ -30,16 +30,5 @@ done
 sacctmgr -i add cluster rxcluster >/dev/null 2>&1 || true
 /usr/sbin/slurmctld
 
-# The testbed passes the public key of its state dir (the shared /home keeps it for every node).
-if [ -n "${RX_AUTHORIZED_KEY:-}" ]; then
-    install -d -m 700 -o rx -g rx /home/rx/.ssh
-    printf '%s\n' "$RX_AUTHORIZED_KEY" > /home/rx/.ssh/authorized_keys
-    chown rx:rx /home/rx/.ssh/authorized_keys
-    chmod 600 /home/rx/.ssh/authorized_keys
-fi
-unset RX_AUTHORIZED_KEY
-rm -f /etc/ssh/ssh_host_*
-ssh-keygen -A >/dev/null
-mkdir -p /run/sshd
-chmod 755 /run/sshd
-exec /usr/sbin/sshd -D -e
+# Then what every testbed host does: fresh host keys, the state dir's key for rx, sshd in the foreground.
+exec /usr/local/bin/rx-testbed-entrypoint
