@@ -134,8 +134,9 @@ class Jobs:
     @staticmethod
     def _job_listener(recorder: CallRecorder, callback: JobCallback | None) -> JobCallback:
         def heard(job: Job, state: JobState) -> None:
-            recorder.job({"job_id": job.job_id if state.index is None else f"{job.job_id}_{state.index}",
-                          "scheduler": job.scheduler, **state.summary()})
+            name = job.job_id if state.index is None else f"{job.job_id}_{state.index}"
+            logger.info("%s job %s: %s", job.scheduler, name, state.summary())
+            recorder.job({"job_id": name, "scheduler": job.scheduler, **state.summary()})
             if callback is not None:
                 callback(job, state)
 
