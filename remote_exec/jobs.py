@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, Interrupted
+from .errors import ConfigError, ConnectError, Interrupted
 from .launchers.jobs import Job, JobState
 from .packing import DistributionArchive
 from .protocol.jobs import JobWatch
@@ -115,6 +115,13 @@ class Jobs:
                                          launcher=target.launcher, watch=self.watch(target),
                                          on_stdout=stdout, on_stderr=stderr,
                                          land_file=recorder.land_file, offsets=offsets, on_state=on_state)
+        except ConnectError as exc:  # the login node was lost, not the job: it stays the run's
+            recorder.phase("execute", "failed")
+            session.local["job_left"] = True
+            job = detached["job"]
+            raise ConnectError(target.host, f"{exc.message.removeprefix(f'{target.host}: ')}; {job['scheduler']} job "
+                                            f"{job['job_id']} goes on (rx attach {session.run_id} collects it)",
+                               hint=exc.hint) from exc
         except Interrupted:
             recorder.phase("execute", "failed")
             options = dict(session.context.get("options") or {})

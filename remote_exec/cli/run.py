@@ -91,7 +91,8 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
         run.set_status("cancelled", exit_code=130, error="interrupted")
         raise Interrupted("interrupted") from None
     except RemoteExecError as exc:
-        run.set_status("failed", exit_code=exc.exit_code, error=str(exc))
+        if not session.local.get("job_left"):  # a job whose follower lost the login node goes on
+            run.set_status("failed", exit_code=exc.exit_code, error=str(exc))
         raise
     finally:
         recorder.close()

@@ -7,6 +7,7 @@ others, not one by one; an array comes back per index; secrets never go to a job
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -16,13 +17,14 @@ from typing import Any
 
 import pytest
 from backend_double import TARGET as BACKEND_TARGET
+from backend_double import DoubleBackend
 from scheduler_double import TARGET, QueueLauncher
 
 from remote_exec import task
 from remote_exec.backends import register, unregister
 from remote_exec.config import Configuration, Remote
 from remote_exec.coordinator import Coordinator
-from remote_exec.errors import ConfigError, Interrupted, RunnerError
+from remote_exec.errors import ConfigError, ConnectError, Interrupted, RemoteExecError, RunnerError
 from remote_exec.launchers import register_launcher, unregister_launcher
 
 
@@ -177,3 +179,53 @@ def test_a_direct_remote_refuses_scheduler_options_and_arrays(isolated: Any, tmp
             coordinator.map_array(task(remote="box", config=config)(where), [1, 2])
     finally:
         coordinator.close()
+
+
+class LinkLosingBackend(DoubleBackend):
+    """A local backend whose killed commands read as a lost link (as ssh's exit 255 does)."""
+
+    name = "lossy"
+
+    def classify_exit(self, exit_code: int | None, stderr: bytes) -> RemoteExecError | None:
+        return ConnectError(self.host, "the link was lost") if exit_code == -signal.SIGKILL else None
+
+
+def _children_with(word: str) -> list[int]:
+    """This process's children whose command line holds ``word`` (the runners it started)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == os.getpid() and word.encode() in command:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_lost_login_node_leaves_the_job_running_for_rx_attach(queue: Configuration, tmp_path: Path) -> None:
+    register("lossy", "test_scheduled:LinkLosingBackend")
+    config = Configuration().add_remote(Remote(name="cluster", host="cluster", backend="lossy", scheduler="queue",
+                                               python=sys.executable, workdir=str(tmp_path / "shared")))
+
+    def lose_the_link() -> None:
+        deadline = time.monotonic() + 20
+        while not (followers := _children_with("attach")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        for pid in followers:
+            os.kill(pid, signal.SIGKILL)
+
+    cutter = threading.Thread(target=lose_the_link)
+    cutter.start()
+    try:
+        with pytest.raises(ConnectError, match=r"queue job \d+ goes on \(rx attach .* collects it\)"):
+            task(remote="cluster", config=config)(sleepy)()
+    finally:
+        cutter.join()
+        unregister("lossy")
+    [processes] = QueueLauncher.processes.values()
+    assert processes[0].poll() is None and not QueueLauncher.cancelled  # the job was left alone
