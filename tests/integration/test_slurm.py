@@ -70,6 +70,7 @@ def test_a_script_runs_as_a_job_with_live_output_files_and_its_exit_code(cluster
     assert "--time=5" in job["submit_argv"]
     assert cluster.files_of(info["run_id"]) == {"sub/result.txt": f"written on {node}"}
     assert cluster.remote_runs() == []  # collected: nothing stays on the cluster
+    assert f"slurm job {job_id}: FAILED on {node} (debug), elapsed" in cluster.rx("show", "latest").stdout
 
 
 def test_a_task_returns_its_value_raises_its_exception_and_brings_its_files(cluster: Cluster) -> None:

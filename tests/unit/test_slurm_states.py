@@ -162,3 +162,14 @@ def test_a_pending_jobs_place_counts_the_jobs_ahead_in_its_partition() -> None:
     queue = "7|debug|200\n8|debug|100\n9|debug|100\n10|debug|100\n11|urgent|900\n12|debug,urgent|50\n"
 
     assert positions(queue, mine) == {("9", None): 3}  # 7 (higher priority) and 8 (same, older)
+
+
+def test_a_runs_job_reads_in_one_line_in_its_reports() -> None:
+    from remote_exec.workspace.export import job_fact
+
+    job = {"scheduler": "slurm", "job_id": "42", "state": "TIMEOUT", "nodes": "c1", "partition": "debug",
+           "elapsed": "00:01:04", "max_rss_kib": 22600, "states": ["NODE_FAIL", "TIMEOUT"], "seen": ["RUNNING"]}
+
+    assert job_fact(job) == ("slurm job 42: TIMEOUT on c1 (debug), elapsed 00:01:04, MaxRSS 22 MiB; "
+                             "states NODE_FAIL, TIMEOUT")
+    assert job_fact(None) is None
