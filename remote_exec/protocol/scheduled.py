@@ -95,6 +95,10 @@ def store_and_submit(sessions: Sequence[Session], backend: Backend, archive: Dis
             array=len(sessions) if len(sessions) > 1 else 0, parallel=parallel, options=job_options))
     except BaseException:
         phase("submit", "failed")
+        try:  # nothing will run in them
+            backend.run(["rm", "-rf", "--", *run_dirs], timeout=60)
+        except Exception:
+            logger.debug("removing the run directories of a refused job failed", exc_info=True)
         raise
     phase("submit", "finished")
     return [{"host": backend.host, "run_dir": run_dir, "archive": archive.sha256, "archive_path": str(archive.path),

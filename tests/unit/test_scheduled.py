@@ -229,3 +229,25 @@ def test_a_lost_login_node_leaves_the_job_running_for_rx_attach(queue: Configura
         unregister("lossy")
     [processes] = QueueLauncher.processes.values()
     assert processes[0].poll() is None and not QueueLauncher.cancelled  # the job was left alone
+
+
+class RefusingLauncher(QueueLauncher):
+    """A queue whose scheduler refuses every job."""
+
+    name = "refusing"
+
+    def submit(self, backend: Any, request: Any) -> Any:
+        raise RunnerError("sbatch on cluster refused the job: invalid partition", reason="submit")
+
+
+def test_a_refused_job_is_one_error_and_leaves_nothing_on_the_cluster(queue: Configuration, tmp_path: Path) -> None:
+    register_launcher("refusing", "test_scheduled:RefusingLauncher")
+    config = Configuration().add_remote(Remote(name="cluster", host="cluster", backend="double",
+                                               scheduler="refusing", python=sys.executable,
+                                               workdir=str(tmp_path / "shared")))
+    try:
+        with pytest.raises(RunnerError, match="refused the job: invalid partition"):
+            task(remote="cluster", config=config)(where)()
+    finally:
+        unregister_launcher("refusing")
+    assert runs(tmp_path) == []
