@@ -2,13 +2,14 @@
 the warning signal reaches the task first; a node failure requeues the job in the same rx run (files
 written before kept, SLURM_RESTART_COUNT seen) or fails it, said so; a preemption by the urgent
 partition fails the run, said so. Time limits have a granularity of a minute in Slurm, and a dead node is
-noticed after 10-25 s: these tests run their jobs side by side and are marked slow."""
+noticed after 10-25 s: the test of both runs its three jobs side by side, and is marked slow."""
 
 from __future__ import annotations
 
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,50 +56,52 @@ time.sleep(300)
 
 
 @pytest.mark.slow
-def test_a_time_limit_is_a_timeout_and_the_warning_signal_reaches_the_task_first(cluster: Cluster) -> None:
+def test_a_time_limit_and_a_node_failure_side_by_side(cluster: Cluster) -> None:
+    """Three jobs at once (a time limit costs a minute, a dead node half of one): on c2 one that runs into
+    its time limit; on c1 two that lose their node, one asking to be requeued."""
     cluster.write("warned.py", WARNED)
-
-    done = cluster.rx("run", "--remote", "cluster", "--slurm", "--time=1 --signal=B:USR2@45", "warned.py",
-                      timeout=180)
-
-    assert done.returncode == 124, done.stderr
-    assert done.stdout.splitlines()[:2] == ["working", "got USR2"]
-    info = cluster.show()
-    assert info["status"] == "failed" and info["exit_code"] == 124
-    assert "at its time limit (TIMEOUT" in info["error"]
-    assert info["job"]["state"] == "TIMEOUT"
-    assert "--signal=B:USR2@45" in info["job"]["submit_argv"]
-    assert cluster.files_of(info["run_id"]) == {"checkpoint.txt": "saved"}
-
-
-@pytest.mark.slow
-def test_a_node_failure_requeues_the_job_in_the_same_run_or_fails_it(cluster: Cluster) -> None:
     cluster.write("attempts.py", ATTEMPTS)
+    limited = cluster.start("run", "--remote", "cluster", "--slurm", "--nodelist=c2 --time=1 --signal=B:USR2@45",
+                            "warned.py")
     requeued = cluster.start("run", "--remote", "cluster", "--slurm", "--nodelist=c1 --requeue", "attempts.py")
     failed = cluster.start("run", "--remote", "cluster", "--slurm", "--nodelist=c1", "attempts.py")
-    cluster.wait_for("both jobs to run on c1", lambda: cluster.squeue().count("RUNNING") == 2)
+    cluster.wait_for("the three jobs to run", lambda: cluster.squeue().count("RUNNING") == 3)
     time.sleep(1)
 
     cluster.slurm.kill("c1")
     try:
-        cluster.wait_for("Slurm to see c1 fail", lambda: "RUNNING" not in cluster.squeue(), timeout=90)
+        cluster.wait_for("Slurm to see c1 fail", lambda: cluster.squeue().count("RUNNING") == 1, timeout=90)
     finally:
         cluster.slurm.start("c1")
-    requeued_out, requeued_err = requeued.communicate(timeout=180)
-    _, failed_err = failed.communicate(timeout=60)
+    outputs = {name: process.communicate(timeout=180) for name, process in
+               (("limited", limited), ("requeued", requeued), ("failed", failed))}
+    runs = {info["target"] + str(info["exit_code"]): info for info in (cluster.show(run) for run in _run_ids(cluster))}
 
-    assert requeued.returncode == 0, requeued_err
-    assert requeued_out.splitlines() == ["attempt 0 on c1", "attempt 1 on c1", "done after ['attempt-0.txt', "
-                                                                              "'attempt-1.txt']"]
-    assert "started again" in requeued_err
-    assert failed.returncode == 3, failed_err
-    assert "(NODE_FAIL); not requeued" in failed_err
-    runs = {info["exit_code"]: info for info in (cluster.show(run) for run in _run_ids(cluster))}
-    assert runs[0]["status"] == "finished" and "NODE_FAIL" in runs[0]["job"]["states"]
-    assert runs[0]["job"]["restarts"] == 1
-    assert sorted(cluster.files_of(runs[0]["run_id"])) == ["attempt-0.txt", "attempt-1.txt"]
-    assert runs[3]["status"] == "failed" and runs[3]["job"]["state"] == "NODE_FAIL"
+    _assert_timed_out(cluster, limited.returncode, *outputs["limited"], runs["warned.py124"])
+    _assert_requeued(cluster, requeued.returncode, *outputs["requeued"], runs["attempts.py0"])
+    assert failed.returncode == 3, outputs["failed"][1]
+    assert "(NODE_FAIL); not requeued" in outputs["failed"][1]
+    assert runs["attempts.py3"]["status"] == "failed" and runs["attempts.py3"]["job"]["state"] == "NODE_FAIL"
     cluster.slurm.wait_idle()
+
+
+def _assert_timed_out(cluster: Cluster, code: int, out: str, err: str, info: dict[str, Any]) -> None:
+    """A time limit is a timeout (exit 124), and the warning signal reached the task before it."""
+    assert code == 124, err
+    assert out.splitlines()[:2] == ["working", "got USR2"]
+    assert info["status"] == "failed" and "at its time limit (TIMEOUT" in info["error"]
+    assert info["job"]["state"] == "TIMEOUT" and "--signal=B:USR2@45" in info["job"]["submit_argv"]
+    assert cluster.files_of(info["run_id"]) == {"checkpoint.txt": "saved"}
+
+
+def _assert_requeued(cluster: Cluster, code: int, out: str, err: str, info: dict[str, Any]) -> None:
+    """The requeued job ran again in the same rx run: its first attempt's file kept, the attempts counted."""
+    assert code == 0, err
+    assert out.splitlines() == ["attempt 0 on c1", "attempt 1 on c1",
+                                "done after ['attempt-0.txt', 'attempt-1.txt']"]
+    assert "started again" in err
+    assert info["status"] == "finished" and "NODE_FAIL" in info["job"]["states"] and info["job"]["restarts"] == 1
+    assert sorted(cluster.files_of(info["run_id"])) == ["attempt-0.txt", "attempt-1.txt"]
 
 
 def test_a_preemption_by_the_urgent_partition_fails_the_run_and_says_so(cluster: Cluster) -> None:
