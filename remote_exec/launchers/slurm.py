@@ -26,7 +26,6 @@ accounting answers is probed once per cluster.
 
 from __future__ import annotations
 
-import json
 import secrets
 import shlex
 import time
@@ -261,12 +260,10 @@ class SlurmLauncher(Launcher):
             if state.info.get("final") and (key not in live or live[key].phase == ENDED):
                 states[key] = state
         unsettled = _unsettled(jobs, live, states)
-        if not unsettled:
-            return states
         asked = [job for job in jobs if any(key[0] == job.job_id for key in unsettled)]
-        final = self._final(backend, asked, memo)
+        final = self._final(backend, asked, memo) if asked else {}
         if final is None:  # accounting did not answer this time: ask again at the next poll
-            return states
+            return _annotated(states, jobs, memo.get("uid"))
         states = merge(states, final)
         for key in unsettled:
             if key not in states:
@@ -426,8 +423,3 @@ def job_summary(state: JobState) -> str:
     if state.phase == GONE:
         return "gone from the queue"
     return f"{state.state.lower()} on {state.nodes}" if state.nodes else state.state.lower()
-
-
-def dumps(states: Mapping[JobKey, JobState]) -> str:
-    """States as JSON (for debugging)."""
-    return json.dumps({f"{key[0]}_{key[1]}": state.summary() for key, state in states.items()}, indent=1)

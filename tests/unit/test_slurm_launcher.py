@@ -178,11 +178,14 @@ def test_a_scheduler_that_does_not_answer_is_an_error_not_a_vanished_job() -> No
         SlurmLauncher().poll(backend, [Job("slurm", "42", 0.0, RUN_DIR)], {}, {"accounting": True})
 
 
-def test_an_ended_job_that_may_be_requeued_says_so() -> None:
+@pytest.mark.parametrize("accounting_answers", [True, False])
+def test_an_ended_job_that_may_be_requeued_says_so(accounting_answers: bool) -> None:
     answer = f"42|42|NODE_FAIL|None|debug|c1|1796539651|0:05|100|{RUN_DIR}\n@@rx squeue 0\n@@rx queue\n".encode()
 
     def handler(argv: Sequence[str], stdin: bytes) -> CommandResult:
-        return CommandResult(argv=(), exit_code=0, stdout=answer if "squeue" in argv[2] else b"")
+        if "squeue" in argv[2]:
+            return CommandResult(argv=(), exit_code=0, stdout=answer)
+        return CommandResult(argv=(), exit_code=0 if accounting_answers else 1, stdout=b"")
 
     job = Job("slurm", "42", 1796539650.0, RUN_DIR, requeue=True)
     state = SlurmLauncher().poll(MockBackend(handler), [job], {}, {"accounting": True})[("42", None)]
