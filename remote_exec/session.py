@@ -10,7 +10,7 @@ This module travels to the remote: standard library only at import time.
 
 from __future__ import annotations
 
-from .errors import CommandTimeout, Interrupted, RemoteError, RemoteTraceback, RunnerError, SessionError
+from .errors import Cancelled, CommandTimeout, RemoteError, RemoteTraceback, RunnerError, SessionError
 from .serialization import get_serializer
 from .task import Execution, Record, Task
 
@@ -44,19 +44,22 @@ class Result(Record):
             ``cancelled``, ``signal``, ``oom``, ``lost``, ``error`` (the runner failed).
         exception_type: Qualified name of the remote exception type, if any.
         exception_message: ``str()`` of the remote exception, if any.
-        traceback: The remote traceback text, if any.
+        traceback: The remote traceback text, if any: as the user reads it (the frames of their code, at
+            their local files) once the coordinator mapped it, else as the host printed it.
+        remote_traceback: The traceback as the host printed it (every frame, remote paths), once
+            :attr:`traceback` was mapped.
         detail: A human sentence for statuses other than finished/raised (which signal, what failed).
         cached: True when the value came from a cache rather than a run.
         host: Where it ran, when it ran elsewhere.
     """
 
     _FIELDS = ("value", "exception", "exit_code", "status", "exception_type", "exception_message", "traceback",
-               "detail", "cached", "host")
+               "detail", "cached", "host", "remote_traceback")
 
     def __init__(self, value: Any = None, exception: BaseException | None = None, exit_code: int = 0,
                  status: str = "finished", exception_type: str | None = None,
                  exception_message: str | None = None, traceback: str | None = None, detail: str | None = None,
-                 cached: bool = False, host: str | None = None) -> None:
+                 cached: bool = False, host: str | None = None, remote_traceback: str | None = None) -> None:
         self.value = value
         self.exception = exception
         self.exit_code = exit_code
@@ -67,6 +70,7 @@ class Result(Record):
         self.detail = detail
         self.cached = cached
         self.host = host
+        self.remote_traceback = remote_traceback
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
@@ -84,7 +88,8 @@ class Result(Record):
         Raises:
             BaseException: The task's own exception (or a RemoteError standing for it).
             CommandTimeout: The task ran past its timeout.
-            Interrupted: The task was cancelled.
+            Cancelled: The task was cancelled where it ran (this process's own Ctrl-C raises
+                :class:`~remote_exec.errors.Interrupted` before any result).
             RunnerError: The task was killed (by a signal, out of memory) or ended without a result.
         """
         if self.exception is not None:
@@ -92,7 +97,7 @@ class Result(Record):
         if self.status == "timeout":
             raise CommandTimeout(self.host or "local", self.detail or "the task timed out")
         if self.status == "cancelled":
-            raise Interrupted(self.detail or "the task was cancelled")
+            raise Cancelled(self.detail or "the task was cancelled")
         if self.status not in ("finished", "raised"):
             where = f" on {self.host}" if self.host else ""
             raise RunnerError(f"the task{where} ended: {self.detail or 'no result'}", reason=self.status,
@@ -135,6 +140,7 @@ class Result(Record):
                 "type": self.exception_type,
                 "message": self.exception_message,
                 "traceback": self.traceback,
+                **({"remote_traceback": self.remote_traceback} if self.remote_traceback else {}),
             },
         }
 

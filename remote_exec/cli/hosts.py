@@ -13,6 +13,7 @@ import typer
 
 from ..errors import RunnerError
 from .app import app
+from .complete import complete_hosts
 
 __all__ = ["check", "hosts"]
 
@@ -61,20 +62,23 @@ def hosts(
         help="ssh_config file (default RX_SSH_CONFIG or ~/.ssh/config).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List the hosts rx knows: ssh_config aliases and [tool.rx.remotes]."""
+    """List the hosts rx knows: ssh_config aliases and [tool.rx.remotes].
+
+    Each with the host name, user and port it reaches, as the backend resolves them through ssh_config.
+    """
     from ..backends.ssh import list_aliases
-    from ..config import Configuration
+    from ..config import Configuration, Remote
 
     config = Configuration.load()
     path = config.effective_ssh_config(ssh_config)
     rows: list[dict[str, Any]] = []
     for name, remote in sorted(config.remotes.items()):
-        rows.append({"name": name, "source": "pyproject", "host": remote.host, "user": remote.user,
-                     "port": remote.port, "python": remote.python, "backend": remote.backend})
+        rows.append({"name": name, "source": "pyproject", **_reached(config, remote, path),
+                     "python": remote.python, "backend": remote.backend})
     known = {row["name"] for row in rows}
     for alias in list_aliases(path):
         if alias not in known:
-            rows.append({"name": alias, "source": "ssh_config", "host": alias, "user": None, "port": None,
+            rows.append({"name": alias, "source": "ssh_config", **_reached(config, Remote(alias, alias), path),
                          "python": None, "backend": None})
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -95,9 +99,31 @@ def hosts(
         console.print(f"no hosts: no aliases in {path or '~/.ssh/config'} and no [tool.rx.remotes]")
 
 
+def _reached(config: Any, remote: Any, ssh_config: Path | None) -> dict[str, Any]:
+    """The host name, user and port ``remote`` reaches, as its backend resolves them (``ssh -G`` for
+    openssh, ssh_config parsed for paramiko); what was configured when that fails."""
+    import logging
+
+    spec = remote.spec(ssh_config=ssh_config)
+    try:
+        if config.effective_backend(remote.backend) == "openssh":
+            from ..backends.openssh import OpenSSHBackend
+
+            resolved = OpenSSHBackend(spec).resolve()
+        else:
+            from ..backends.ssh import resolve
+
+            resolved = resolve(spec)
+        return {"host": resolved.hostname, "user": resolved.user, "port": resolved.port}
+    except Exception:  # a broken entry is listed as configured; rx check HOST says what is wrong
+        logging.getLogger(__name__).debug("cannot resolve %s", remote.name, exc_info=True)
+        return {"host": remote.host, "user": remote.user, "port": remote.port}
+
+
 @app.command()
 def check(
-    host: Annotated[str, typer.Argument(help="ssh_config alias, [tool.rx.remotes] name or [user@]host[:port].")],
+    host: Annotated[str, typer.Argument(help="ssh_config alias, [tool.rx.remotes] name or [user@]host[:port].",
+                                        autocompletion=complete_hosts)],
     backend: Annotated[str | None, typer.Option(help="SSH backend: openssh or paramiko.")] = None,
     python: Annotated[str | None, typer.Option(help="Remote interpreter (default python3).")] = None,
     ssh_config: Annotated[Path | None, typer.Option(
@@ -106,9 +132,11 @@ def check(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Connect to HOST and report backend, round-trip time, remote Python, free disk, GPUs and what its
-    login prints (rx skips it)."""
+    login prints (rx skips it); on a Slurm remote also the Slurm version, partitions and idle nodes, whether
+    accounting answers, and whether jobs see the login node's home (a probe job writes a file there)."""
     from ..config import Configuration
     from ..coordinator import Coordinator
+    from ..launchers.registry import create_launcher
 
     config = Configuration.load()
     remote = config.remote(host)
@@ -134,6 +162,9 @@ def check(
     facts, noise = _probe_facts(host, result.stdout)
     report = {"host": host, "backend": backend_name, "connect_seconds": round(connect_seconds, 4),
               "rtt_ms": round(statistics.median(rtts) * 1000, 2), **facts, "login_output": noise}
+    launcher = create_launcher(remote.scheduler, remote.launcher_options)
+    if launcher.schedules:
+        report["scheduler"] = launcher.describe(conn, remote.workdir)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -149,3 +180,21 @@ def check(
     if noise:
         console.print("  login       the login shell prints on stdout (rx skips it): ", end="")
         console.print(noise[:200], markup=False)
+    if "scheduler" in report:
+        _print_scheduler(console, report["scheduler"])
+
+
+def _print_scheduler(console: Any, facts: dict[str, Any]) -> None:
+    """The scheduler's part of ``rx check``: version, accounting, partitions, whether jobs see the home."""
+    console.print(f"  scheduler   {facts['scheduler']} {facts['version']}, accounting "
+                  f"{'yes' if facts['accounting'] else 'no (sacct does not answer: scontrol is used)'}")
+    for partition in facts["partitions"]:
+        console.print(f"  partition   {partition['name']}{' (default)' if partition['default'] else ''}: "
+                      f"{partition['available']}, {partition['idle_nodes']} of {partition['nodes']} node(s) idle, "
+                      f"time limit {partition['time_limit']}")
+    shared = facts["shared_home"]
+    if shared.get("shared"):
+        console.print(f"  shared home yes (a job on {shared['node']} wrote a file the login node read)")
+    else:
+        console.print(f"  shared home {'no' if shared.get('shared') is False else 'unknown'}: {shared.get('reason')}",
+                      style="yellow")

@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..backends.base import Backend, Process
 from ..errors import CommandTimeout, ConnectError, IntegrityError, Interrupted, RemoteExecError, RunnerError
@@ -26,7 +26,8 @@ from . import wire
 from .bootstrap import start_runner
 from .channel import Channel, Flag, reap
 from .collect import RESULT_FRAMES, Received, collect
-from .options import CallOptions, FileLander, Outcome, OutputSink, PhaseCallback
+from .options import CallOptions, EventSink, FileLander, Outcome, OutputSink, PhaseCallback
+from .stdin import StdinPump
 
 if TYPE_CHECKING:
     from .workers import WorkerPool
@@ -59,13 +60,15 @@ class Call:
     """
 
     def __init__(self, channel: Channel, options: CallOptions, key: bytes, on_stdout: OutputSink,
-                 on_stderr: OutputSink, stop_wait: float = STOP_WAIT) -> None:
+                 on_stderr: OutputSink, on_event: EventSink | None = None, stop_wait: float = STOP_WAIT) -> None:
         self.channel = channel
         self.host = channel.backend.host
         self.options = options
         self.on_stdout = on_stdout
         self.on_stderr = on_stderr
+        self.on_event = on_event
         self.received = Received(key)
+        self.stdin: StdinPump | None = None  # rx run's stdin, when it forwards it
         self.started: dict[str, Any] | None = None
         self.dead = Flag()
         self.stop = Flag()
@@ -98,6 +101,11 @@ class Call:
             self.on_stderr(payload)
         elif kind == b"P":
             self.started = json.loads(payload)
+            if self.on_event is not None:
+                self.on_event(self.started)
+        elif kind == b"W":
+            if self.stdin is not None:
+                self.stdin.taken(payload)
         elif kind in RESULT_FRAMES:
             self.received.add(kind, payload)
             if kind == b"R" and self.received.large_value_follows():
@@ -258,18 +266,22 @@ def _collect(call: Call, session: Session, land_file: FileLander | None, phase: 
 def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
              on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
              phases: dict[str, float], uploaded: bool, keep: bool,
-             extra_options: Mapping[str, Any] | None = None, acknowledge: bool = False) -> Outcome:
+             extra_options: Mapping[str, Any] | None = None, stdin: BinaryIO | None = None,
+             on_event: EventSink | None = None, acknowledge: bool = False) -> Outcome:
     """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
-    output, collect and check its result. With ``keep`` the channel (a worker) stays open after it. With
-    ``acknowledge`` (a detached run's collection) the runner hears ``A`` once the result landed, and only
-    then removes the run's data: a result that was refused can be collected again."""
+    output (and ``stdin`` to the task, if given), collect and check its result. With ``keep`` the channel
+    (a worker) stays open after it. With ``acknowledge`` (a detached run's collection) the runner hears
+    ``A`` once the result landed, and only then removes the run's data: a result that was refused can be
+    collected again."""
     key = secrets.token_bytes(32)
-    call = Call(channel, options, key, on_stdout, on_stderr, stop_wait=0.0 if acknowledge else STOP_WAIT)
+    call = Call(channel, options, key, on_stdout, on_stderr, on_event, stop_wait=0.0 if acknowledge else STOP_WAIT)
     phase("execute", "started")
     deadline = None if options.timeout is None else time.monotonic() + options.timeout + options.dead_after + 5
+    extra = {**(extra_options or {}), **({"stdin": True} if stdin is not None else {})}
     try:
-        _send_tolerantly(call, _call_options(session, options, key, land_file, extra_options), session_bytes,
-                         keep=keep)
+        _send_tolerantly(call, _call_options(session, options, key, land_file, extra), session_bytes, keep=keep)
+        if stdin is not None:
+            call.stdin = StdinPump(channel, stdin).start()
         _stream(call, phase, deadline)
         header = call.received.header or {}
         if not keep and not acknowledge:
@@ -285,12 +297,16 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
         raise
     finally:
         call.stop.set()
+        if call.stdin is not None:
+            call.stdin.stop()
         channel.watch(None)
         if not keep:
             channel.closed.set()
         call.received.discard()
         if call.received.end is None:
             channel.process.kill()
+            if not keep:  # its pipes are released now, not whenever the last reference to them goes
+                reap(channel.process, channel.stderr_reader)
     result.host = call.host
     return Outcome(result=result, header=header, files=landed, uploaded=uploaded, phases=phases,
                    value_data=value_data)
@@ -316,7 +332,7 @@ class _Phases:
 def dispatch(session: Session, backend: Backend, archive: DistributionArchive, options: CallOptions, *,
              launcher: Launcher, workers: WorkerPool, on_stdout: OutputSink, on_stderr: OutputSink,
              land_file: FileLander | None = None, on_phase: PhaseCallback | None = None,
-             session_bytes: bytes | None = None) -> Outcome:
+             session_bytes: bytes | None = None, stdin: BinaryIO | None = None) -> Outcome:
     """Run ``session`` on ``backend``'s host and return what came back.
 
     Args:
@@ -332,6 +348,8 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
         on_phase: Told (phase, "started" | "finished" | "failed") around connect, upload, execute and
             collect (the workspace records them as actions).
         session_bytes: ``session.to_wire()``, when the caller has it already.
+        stdin: What the task reads on its stdin (``rx run`` forwards a pipe or a file); None: nothing.
+            A call with stdin runs in a runner of its own, never in a persistent worker.
 
     Raises:
         ConnectError, AuthError, HostKeyError: The host could not be reached or the link died.
@@ -346,9 +364,10 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
 
     def call(channel: Channel, *, uploaded: bool, keep: bool) -> Outcome:
         return run_call(channel, session, session_bytes, options, on_stdout=on_stdout, on_stderr=on_stderr,
-                        land_file=land_file, phase=phase, phases=phase.seconds, uploaded=uploaded, keep=keep)
+                        land_file=land_file, phase=phase, phases=phase.seconds, uploaded=uploaded, keep=keep,
+                        stdin=stdin)
 
-    if options.keep_warm:
+    if options.keep_warm and stdin is None:
         for attempt in (1, 2):
             channel = workers.get(launcher, backend, archive, options, phase)
             with channel.lock:

@@ -33,13 +33,15 @@ if TYPE_CHECKING:
 else:
     import _signal as signal
 
-__all__ = ["serve_attach", "serve_cancel", "serve_detached"]
+__all__ = ["OUTCOME", "check_run_dir", "run_to_files", "serve_attach", "serve_cancel", "serve_detached",
+           "store_outcome"]
 
-_OUTCOME = "outcome.json"
+#: The file in the run's private directory that holds a detached run's outcome (written last, atomically).
+OUTCOME = "outcome.json"
 _OUTPUT = {b"O": "stdout", b"E": "stderr"}
 
 
-class _FileSink:
+class FileSink:
     """Where a detached task's output goes: files in ``directory`` (the run's private one; no coordinator)."""
 
     def __init__(self, directory: str) -> None:
@@ -104,14 +106,7 @@ def _supervisor(options: dict[str, Any], session_bytes: bytes, run_dir: str, rea
                       started=time.time())
         os.write(ready_w, str(os.getpid()).encode())
         os.close(ready_w)
-        sink = _FileSink(os.path.join(run_dir, PRIVATE))
-        ending = supervise(options, session_bytes, wire.FrameReader(), run_dir, sink, coordinator=False,
-                           status=status, cache_dir=os.path.dirname(os.path.dirname(run_dir)))
-        sink.close()
-        if sink.dropped:
-            sys.stderr.write(f"rx supervisor: {sink.dropped} bytes of output did not fit on the disk\n")
-        ending.release()
-        header = _store_outcome(options, run_dir, *classify(options, ending))
+        header, _ = run_to_files(options, session_bytes, run_dir, status)
         status.update(state="done", status=header["status"], exit_code=header["exit_code"], finished=time.time())
     except BaseException:
         import traceback
@@ -120,6 +115,22 @@ def _supervisor(options: dict[str, Any], session_bytes: bytes, run_dir: str, rea
         status.update(state="done", status="error", exit_code=EXIT_RUNNER_FAILURE)
     finally:
         os._exit(0)
+
+
+def run_to_files(options: dict[str, Any], session_bytes: bytes, run_dir: str,
+                 status: RunStatus) -> tuple[dict[str, Any], Ending]:
+    """Run the call with no coordinator (SIGTERM to this process cancels it), its output appended to the
+    run's files; store its outcome; return the outcome's header and how the task ended."""
+    sink = FileSink(os.path.join(run_dir, PRIVATE))
+    try:
+        ending = supervise(options, session_bytes, wire.FrameReader(), run_dir, sink, coordinator=False,
+                           status=status, cache_dir=os.path.dirname(os.path.dirname(run_dir)))
+    finally:
+        sink.close()
+    if sink.dropped:
+        sys.stderr.write(f"rx supervisor: {sink.dropped} bytes of output did not fit on the disk\n")
+    ending.release()
+    return store_outcome(options, run_dir, *classify(options, ending)), ending
 
 
 def _supervisor_stdio(run_dir: str) -> None:
@@ -134,7 +145,7 @@ def _supervisor_stdio(run_dir: str) -> None:
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
 
 
-def _store_outcome(options: dict[str, Any], run_dir: str, header: dict[str, Any], value: bytes | memoryview,
+def store_outcome(options: dict[str, Any], run_dir: str, header: dict[str, Any], value: bytes | memoryview,
                    exc_data: bytes | memoryview) -> dict[str, Any]:
     """Write the value, the exception and (last, atomically) the outcome for ``attach``; return the header.
     The call's secrets are not written: they stay in this process's memory only."""
@@ -144,13 +155,14 @@ def _store_outcome(options: dict[str, Any], run_dir: str, header: dict[str, Any]
             with open(os.path.join(private, name), "wb") as stream:
                 stream.write(data)
     stored = {key: item for key, item in options.items() if key not in ("secret_env", "key")}
-    with open(os.path.join(private, _OUTCOME + ".tmp"), "wb") as stream:
+    with open(os.path.join(private, OUTCOME + ".tmp"), "wb") as stream:
         stream.write(wire.json_bytes({"header": header, "options": stored}))
-    os.rename(os.path.join(private, _OUTCOME + ".tmp"), os.path.join(private, _OUTCOME))
+    os.rename(os.path.join(private, OUTCOME + ".tmp"), os.path.join(private, OUTCOME))
     return header
 
 
-def _check_run_dir(cache_dir: str, run_dir: str) -> str:
+def check_run_dir(cache_dir: str, run_dir: str) -> str:
+    """``run_dir`` resolved, if it is a run directory of ``cache_dir`` (else RuntimeError)."""
     runs = os.path.realpath(os.path.join(cache_dir, "runs"))
     real = os.path.realpath(run_dir)
     if os.path.dirname(real) != runs or not os.path.isdir(os.path.join(real, PRIVATE)):
@@ -162,30 +174,42 @@ def serve_attach(cache_dir: str, run_dir: str, collect: bool, out: Out) -> None:
     """Stream a detached run's output from its files until it ends; with ``collect``, then send its
     result exactly as an attached call would (signed with the key from this call's G frame), and remove the
     run directory once the coordinator acknowledged it (an ``A`` frame)."""
-    run_dir = _check_run_dir(cache_dir, run_dir)
+    run_dir = check_run_dir(cache_dir, run_dir)
     options = _read_go()
     out.new_call(options["key"])
     offsets = {b"O": int(options.get("stdout_offset") or 0), b"E": int(options.get("stderr_offset") or 0)}
     # Heartbeats only: a silent or closing link ends the following, never the detached task.
     policy = Policy(timeout=None, heartbeat=float(options.get("heartbeat") or 5.0), dead_after=None,
                     started=time.monotonic())
-    lost = _follow(run_dir, offsets, policy, out)
-    try:
-        if lost is not None:
-            raise LookupError(lost)
-        header, run_options, value, exc_data = _stored_result(run_dir)
-    except (LookupError, OSError, ValueError) as exc:
-        why = lost or f"the run's supervisor failed before it stored how the run ended ({exc}; see supervisor.log)"
-        header, run_options, value, exc_data = _lost_result(run_dir, why), {}, b"", b""
+    done, lost = _follow(run_dir, offsets, policy, out, once=bool(options.get("once")))
+    if not done:
+        out.send(b"Z", wire.json_text({"done": None}).encode())  # what is there so far; the run goes on
+        return
+    header, run_options, value, exc_data = _outcome(run_dir, lost)
     if not collect:
         out.send(b"Z", wire.json_text({"done": header.get("status"), "exit_code": header.get("exit_code"),
                                       "detail": header.get("detail")}).encode())
         return
+    if header.get("status") == "collected":
+        raise RuntimeError("another rx attach collected the run meanwhile")
     run_options.update(pull=options.get("pull") or run_options.get("pull"), keep=False,
                        no_pull=bool(options.get("no_pull")))
     send_classified(run_options, run_dir, header, value, exc_data, out, remove=False)
     if _acknowledged():
         rmtree(run_dir)
+
+
+def _outcome(run_dir: str, lost: str | None) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
+    """The stored outcome of an ended run; a lost one's (its supervisor died, or failed to store it); or
+    ``collected`` when another attach removed the run while this one followed it."""
+    if lost is None:
+        try:
+            return _stored_result(run_dir)
+        except (OSError, ValueError) as exc:
+            if not os.path.isdir(os.path.join(run_dir, PRIVATE)):
+                return {"status": "collected"}, {}, b"", b""
+            lost = f"the run's supervisor failed before it stored how the run ended ({exc}; see supervisor.log)"
+    return _lost_result(run_dir, lost), {}, b"", b""
 
 
 def _acknowledged(wait: float = 600.0) -> bool:
@@ -235,20 +259,27 @@ def _read_go() -> dict[str, Any]:
                 return wire.load_options(payload)
 
 
-def _follow(run_dir: str, offsets: dict[bytes, int], policy: Policy, out: Out) -> str | None:
-    """Send the run's output from ``offsets`` on as it grows, until the run is done; return why it is lost
-    when its supervisor died first (None: it ended and stored its outcome)."""
+def _follow(run_dir: str, offsets: dict[bytes, int], policy: Policy, out: Out, *,
+            once: bool = False) -> tuple[bool, str | None]:
+    """Send the run's output from ``offsets`` on as it grows, until the run is done (``once``: only what is
+    there now). Returns whether the run is done, and why it is lost when its supervisor died first."""
     private = os.path.join(run_dir, PRIVATE)
     follower = _Follower(out)
     os.set_blocking(0, False)
+    told = False
     while True:
         lost = _supervisor_gone(run_dir)
-        done = lost is not None or read_status(run_dir).get("state") == "done"
+        state = read_status(run_dir).get("state")
+        # Done, lost, or collected (and removed) by another attach while this one followed.
+        done = lost is not None or state == "done" or not os.path.isdir(private)
+        if state == "ended" and not told:  # its job's scheduler has the last word: the coordinator asks it
+            out.event({"event": "ended"})
+            told = True
         for kind, name in _OUTPUT.items():
             offsets[kind] = _send_from(os.path.join(private, name), offsets[kind], kind, out)
-        if done:
+        if done or once:
             os.set_blocking(0, True)
-            return lost
+            return done, lost
         now = time.monotonic()
         try:
             data = os.read(0, 1 << 16)
@@ -325,7 +356,7 @@ def _stored_result(run_dir: str) -> tuple[dict[str, Any], dict[str, Any], bytes,
     import json
 
     private = os.path.join(run_dir, PRIVATE)
-    with open(os.path.join(private, _OUTCOME)) as stream:
+    with open(os.path.join(private, OUTCOME)) as stream:
         stored = json.load(stream)
     header: dict[str, Any] = stored["header"]
     run_options: dict[str, Any] = dict(stored.get("options") or {})
@@ -342,7 +373,7 @@ def _stored_result(run_dir: str) -> tuple[dict[str, Any], dict[str, Any], bytes,
 def serve_cancel(cache_dir: str, run_dir: str, out_fd: int = 1) -> int:
     """Stop a detached run's task (SIGTERM to its supervisor, which ends the task's process group) and
     print the run's status as JSON once it has ended (within a few seconds)."""
-    run_dir = _check_run_dir(cache_dir, run_dir)
+    run_dir = check_run_dir(cache_dir, run_dir)
     status = read_status(run_dir)
     supervisor = status.get("supervisor")
     # Only the recorded supervisor (same pid and start time): a pid alone may be another process by now.

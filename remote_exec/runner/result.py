@@ -112,6 +112,8 @@ def classify(options: dict[str, Any], ending: Ending) -> Loaded:
                               "signal": _signal_name(signal_number) if signal_number else None}
     if record is not None:
         header["exception"] = record.get("exception")
+        if record.get("packages"):
+            header["packages"] = record["packages"]
     header.update(ending.contained)
     value, exc_data = (loaded[1], loaded[2]) if loaded is not None else (b"", b"")
     # Sizes only: the content of both is under the result's HMAC.
@@ -157,7 +159,8 @@ def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any
     skipped: list[dict[str, Any]] = []
     if names and not options.get("no_pull"):
         files, skipped = _manifest(run_dir, options.get("pull") or [], _Beat(out))
-    header = dict(header, file_count=len(files), skipped=skipped[:_SKIPPED_LISTED], skipped_count=len(skipped))
+    header = dict(header, file_count=len(files), skipped=skipped[:_SKIPPED_LISTED], skipped_count=len(skipped),
+                  **({"kept": run_dir} if options.get("keep") else {}))
     size = len(value) + len(exc_data) + sum(entry["size"] for entry in files)
     out.sign(size=size)
     if size > (1 << 20):

@@ -142,8 +142,8 @@ def _dead_run(run_dir: str, name: str, now: float) -> bool:
         except OSError:
             return False
         return age > DETACHED_KEEP_DAYS * 86400
-    if status.get("state") == "running" and "supervisor_pid" in status:
-        return False  # an older rx's detached run: no identity to check; rx attach reports it
+    if status:
+        return False  # a scheduler's run (its job and the coordinator end it) or an older rx's detached one
     parts = name.rsplit("-", 2)
     owner = _owner_alive(parts[1]) if len(parts) == 3 else None
     return owner is False

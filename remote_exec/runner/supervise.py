@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .channel import Out, Sink
     from .policy import Action, Policy
     from .result import Ending
+    from .stdin import StdinFeed
 else:
     import _signal as signal
 
@@ -109,6 +110,7 @@ class _TaskProcess:
         self.wake = wake
         self.previous_wakeup = previous_wakeup
         self.containment = containment
+        self.stdin: StdinFeed | None = None
 
     @classmethod
     def fork(cls, session_bytes: bytes, run_dir: str, options: dict[str, Any], containment: Containment,
@@ -118,6 +120,7 @@ class _TaskProcess:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         result_r, result_w = os.pipe()
+        in_r, in_w = os.pipe() if options.get("stdin") else (None, None)  # rx run forwards its stdin
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -133,21 +136,26 @@ class _TaskProcess:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is a KeyboardInterrupt
-                for fd in (out_r, err_r, result_r, wake_r, wake_w):
-                    os.close(fd)
-                if out_fd > 2:
-                    os.close(out_fd)
-                run_child(session_bytes, run_dir, options, out_w, err_w, result_w)
+                for fd in (out_r, err_r, result_r, wake_r, wake_w, in_w, out_fd if out_fd > 2 else None):
+                    if fd is not None:
+                        os.close(fd)
+                run_child(session_bytes, run_dir, options, out_w, err_w, result_w, in_r)
             except BaseException:
                 import traceback
 
                 traceback.print_exc()
             finally:
                 os._exit(EXIT_RUNNER_FAILURE)
-        for fd in (out_w, err_w, result_w):
-            os.close(fd)
-        return cls(pid, {b"O": out_r, b"E": err_r, b"R": result_r}, (wake_r, wake_w), previous_wakeup,
+        for fd in (out_w, err_w, result_w, in_r):
+            if fd is not None:
+                os.close(fd)
+        task = cls(pid, {b"O": out_r, b"E": err_r, b"R": result_r}, (wake_r, wake_w), previous_wakeup,
                    containment)
+        if in_w is not None:
+            from .stdin import StdinFeed
+
+            task.stdin = StdinFeed(in_w)
+        return task
 
     def end(self, grace: float) -> None:
         """End the task and everything it started: SIGTERM, SIGKILL to what is still there after ``grace``."""
@@ -171,6 +179,8 @@ class _TaskProcess:
         behind may hold their other ends)."""
         signal.set_wakeup_fd(self.previous_wakeup)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        if self.stdin is not None:
+            self.stdin.close()
         for fd in (*self.wake, *self.pipes.values()):
             try:
                 os.close(fd)
@@ -202,8 +212,12 @@ class _Watch:
         if reader is not None:  # the runner told to stop (a backend's kill): the task ends with it
             self.poller.register(0, b"I")
             signal.signal(signal.SIGTERM, self._terminate)
-        else:  # a detached run: rx cancel sends SIGTERM to this process
+        else:  # a detached run: rx cancel (or the scheduler) sends SIGTERM to this process
             signal.signal(signal.SIGTERM, self._cancel)
+            # A scheduler's warning before a time limit or a preemption (sbatch --signal=B:USR2@60) is the
+            # task's to act on (a checkpoint): it goes on to the task's process group.
+            for number in (signal.SIGUSR1, signal.SIGUSR2):
+                signal.signal(number, self._forward)
 
     def _cancel(self, *_: object) -> None:
         self.cancelled = True
@@ -211,10 +225,15 @@ class _Watch:
     def _terminate(self, *_: object) -> None:
         self.terminated = True
 
+    def _forward(self, number: int, *_: object) -> None:
+        self.containment.signal(number)
+
     def run(self) -> None:
         """Watch until the task ended and its pipes closed (or the drain time passed)."""
         policy = self.policy
         try:
+            if self.reader is not None and self.reader.pending:  # frames that came with the call's own
+                self._take(self.reader.feed(b""))
             while not self.finished:
                 for fd, tag in self.poller.select(policy.next_wake(time.monotonic())):
                     self._ready(fd, tag)
@@ -237,6 +256,8 @@ class _Watch:
     def _ready(self, fd: int, tag: bytes) -> None:
         if tag == b"I":
             self._input()
+        elif tag == b"w" and self.task.stdin is not None:  # room in the task's stdin pipe again
+            self.task.stdin.flush(self.poller, self.out)
         elif tag == b"W":
             try:
                 os.read(fd, 512)
@@ -262,8 +283,12 @@ class _Watch:
             self.poller.unregister(0)
             self._apply(self.policy.on_eof(time.monotonic()))
             return
-        kinds = [kind for kind, _payload in self.reader.feed(data)]
-        self._apply(self.policy.on_input(time.monotonic(), kinds))
+        self._take(self.reader.feed(data))
+
+    def _take(self, frames: list[tuple[bytes, bytes]]) -> None:
+        if self.task.stdin is not None:
+            self.task.stdin.take(frames, self.poller, self.out)
+        self._apply(self.policy.on_input(time.monotonic(), [kind for kind, _payload in frames]))
 
     def _reap_others(self) -> None:
         """Collect what the task left that ended (re-parented to this runner, its subreaper), never the task."""

@@ -9,6 +9,8 @@ One mapping for every way a run ends (``rx run``, ``rx attach``, ``rx cancel``):
     timeout               failed        124
     cancelled             cancelled     130
     signal, oom, error    failed        the runner's (128 + signal number for a signal)
+    preempted, node_fail  failed        the scheduler's verdict (3), said in the error line
+    lost                  lost          3 (a job that vanished without a result)
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class RunOutcome:
     """A run's final status, exit code and error line.
 
     Attributes:
-        status: ``finished``, ``failed`` or ``cancelled``.
+        status: ``finished``, ``failed``, ``cancelled`` or ``lost``.
         exit_code: What ``rx run`` exits with.
         error: One line saying what went wrong (None when it finished).
     """
@@ -50,15 +52,15 @@ def run_outcome(result: Result) -> RunOutcome:
         exit_code = EXIT_TIMEOUT
     elif result.status == "cancelled":
         exit_code = EXIT_INTERRUPTED
-    if result.status == "cancelled":
-        status = "cancelled"
+    if result.status in ("cancelled", "lost"):
+        status = result.status  # a job that vanished without a result is lost, never finished
     else:
         status = "finished" if result.status == "finished" and exit_code == 0 else "failed"
     error = None
     if result.status not in ("finished", "raised"):
         error = result.detail or result.status
     elif result.exception_type:
-        error = f"{result.exception_type}: {result.exception_message}"
+        error = f"{result.exception_type.removeprefix('builtins.')}: {result.exception_message}"
     elif exit_code:
         error = f"exit status {exit_code}"
     return RunOutcome(status=status, exit_code=exit_code, error=error)
@@ -76,4 +78,6 @@ def result_record(result: Result, *, header: dict[str, Any] | None = None, phase
             if header.get(f"{name}_count"):
                 record[f"{name}_count"] = header[f"{name}_count"]
                 record[name] = header.get(name) or []
+        if header.get("kept"):
+            record["remote_run_dir"] = header["kept"]
     return record
