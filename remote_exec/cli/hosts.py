@@ -168,18 +168,24 @@ def check(
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
+    _print_check(host, backend_name, report)
+
+
+def _print_check(host: str, backend_name: str, report: dict[str, Any]) -> None:
+    """``rx check``'s report for a terminal."""
     from rich.console import Console
 
     console = Console(highlight=False)
     console.print(f"[bold]{host}[/] ok via {backend_name}")
-    console.print(f"  connect     {connect_seconds * 1000:.0f} ms, round trip {report['rtt_ms']:.1f} ms (median of 5)")
-    console.print(f"  python      {facts['python']} ({facts['executable']})")
-    console.print(f"  host        {facts['hostname']}, {facts['cpus']} CPUs, {facts['platform']}")
-    console.print(f"  free disk   {facts['free_bytes'] / 2**30:.1f} GiB in {facts['workdir']}")
-    console.print(f"  GPUs        {', '.join(facts['gpus']) if facts['gpus'] else 'none (no nvidia-smi)'}")
-    if noise:
+    console.print(f"  connect     {report['connect_seconds'] * 1000:.0f} ms, round trip {report['rtt_ms']:.1f} ms "
+                  "(median of 5)")
+    console.print(f"  python      {report['python']} ({report['executable']})")
+    console.print(f"  host        {report['hostname']}, {report['cpus']} CPUs, {report['platform']}")
+    console.print(f"  free disk   {report['free_bytes'] / 2**30:.1f} GiB in {report['workdir']}")
+    console.print(f"  GPUs        {', '.join(report['gpus']) if report['gpus'] else 'none (no nvidia-smi)'}")
+    if report["login_output"]:
         console.print("  login       the login shell prints on stdout (rx skips it): ", end="")
-        console.print(noise[:200], markup=False)
+        console.print(report["login_output"][:200], markup=False)
     if "scheduler" in report:
         _print_scheduler(console, report["scheduler"])
 

@@ -263,6 +263,23 @@ def _collect(call: Call, session: Session, land_file: FileLander | None, phase: 
     return collected
 
 
+def _end_call(call: Call, *, keep: bool) -> None:
+    """However the call ended: the watchdog and stdin pump stop, the spool goes, and a channel whose result
+    did not come whole is dropped (its pipes released now, not whenever the last reference to them goes)."""
+    channel = call.channel
+    call.stop.set()
+    if call.stdin is not None:
+        call.stdin.stop()
+    channel.watch(None)
+    if not keep:
+        channel.closed.set()
+    call.received.discard()
+    if call.received.end is None:
+        channel.process.kill()
+        if not keep:
+            reap(channel.process, channel.stderr_reader)
+
+
 def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
              on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
              phases: dict[str, float], uploaded: bool, keep: bool,
@@ -296,17 +313,7 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
             channel.reap_later()  # no A: the host keeps the run for another attach
         raise
     finally:
-        call.stop.set()
-        if call.stdin is not None:
-            call.stdin.stop()
-        channel.watch(None)
-        if not keep:
-            channel.closed.set()
-        call.received.discard()
-        if call.received.end is None:
-            channel.process.kill()
-            if not keep:  # its pipes are released now, not whenever the last reference to them goes
-                reap(channel.process, channel.stderr_reader)
+        _end_call(call, keep=keep)
     result.host = call.host
     return Outcome(result=result, header=header, files=landed, uploaded=uploaded, phases=phases,
                    value_data=value_data)

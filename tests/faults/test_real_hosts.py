@@ -489,7 +489,7 @@ def test_supervisor_death_kill_9(rig: Rig, testbed_host: TestbedHost, trial: Tri
         t.audit(audit_remote(testbed_host, baseline))
         assert not followed.timed_out and not attached.timed_out
         assert attached.returncode == 3 and "supervisor" in attached.stderr, attached.stderr
-        assert info["status"] == "failed" and "supervisor" in str(info.get("error"))
+        assert info["status"] == "lost" and "supervisor" in str(info.get("error"))
         assert t.facts["orphans"] == 0 and t.facts["leftover_files"] == 0, t.facts
 
 
@@ -514,7 +514,7 @@ def test_supervisor_death_disk_full(rig: Rig, tiny_host: TestbedHost, trial: Tri
         t.audit(audit_remote(tiny_host, baseline))
         assert not cancelled.timed_out
         assert not has_traceback(cancelled.stderr), traceback_message(cancelled.stderr)
-        assert info["status"] in ("failed", "finished", "cancelled"), info
+        assert info["status"] in ("lost", "failed", "finished", "cancelled"), info
         assert t.facts["orphans"] == 0, t.facts
 
 

@@ -146,7 +146,7 @@ def test_a_dead_supervisor_makes_attach_say_lost_at_once(tmp_path: Path, env: di
     assert done.returncode == 3, done.stderr
     assert "supervisor" in done.stderr and "Traceback" not in done.stderr
     info = show(tmp_path, env, run_id)
-    assert info["status"] == "failed" and "supervisor" in str(info["error"])
+    assert info["status"] == "lost" and "supervisor" in str(info["error"])
     deadline = time.monotonic() + 5
     while pid_alive(task) and time.monotonic() < deadline:
         time.sleep(0.05)
