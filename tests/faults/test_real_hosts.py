@@ -70,9 +70,11 @@ SCENARIOS.update({
     "supervisor_death": {
         "class": "supervisor death",
         "title": "A detached run's supervisor dies",
-        "fault": "kill -9 of the supervisor; the run's output fills a 2 MB cache (ENOSPC)",
-        "expect": "rx logs -f, rx attach and rx cancel return within 15 s, the run reported lost or failed "
-                  "with the reason; no task left running; the run directory removed once collected",
+        "fault": "kill -9 of a detached run's supervisor; the run's output fills a 2 MB cache (ENOSPC); kill -9 "
+                 "of an attached call's runner",
+        "expect": "rx logs -f, rx attach and rx cancel return within 15 s, the run reported lost with the reason; "
+                  "no task left running; the run directory removed once collected (a killed runner's by the "
+                  "next call on the host)",
     },
     "damaged_cache": {
         "class": "damaged cache",
