@@ -24,24 +24,117 @@ strings are loaded, and the built-in ones made, by :func:`remote_exec.chains.cha
 from __future__ import annotations
 
 import importlib
+import math
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
     from .advice import Advice, Extension
     from .backends.base import HostSpec
 
-__all__ = ["DEFAULT_CHAINS", "Configuration", "Remote", "check_remote_backend", "find_pyproject"]
+__all__ = [
+    "DEFAULT_CHAINS",
+    "Configuration",
+    "Remote",
+    "check_env",
+    "check_pull",
+    "check_remote_backend",
+    "check_secret_env",
+    "check_timeout",
+    "find_pyproject",
+]
 
 DEFAULT_WORKDIR = "~/.cache/remote_exec"
 _REMOTE_KEYS = {"host", "user", "port", "python", "workdir", "env", "backend", "keep_warm", "identity_file",
                 "timeout", "restricted", "allow_unpickle", "scheduler"}
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+# -- the checks of values a user gives: on the command line, in @task(...) and in [tool.rx] -----------------
+# Each names what it checks as the user wrote it (``--timeout``, ``timeout=``, ``[tool.rx.remotes.gpu1] timeout``).
+
+
+def check_timeout(value: Any, label: str = "--timeout") -> float | None:
+    """``value`` as seconds (None: no limit).
+
+    Raises:
+        UsageError: Not a number, or not positive and finite (``nan`` or ``inf`` would silently mean no limit).
+    """
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{label} {value!r}: expected a number of seconds") from None
+    if isinstance(value, bool) or not math.isfinite(seconds) or seconds <= 0:
+        raise UsageError(f"{label} {value!r}: expected a positive, finite number of seconds",
+                         hint="leave it out for no limit")
+    return seconds
+
+
+def check_env(env: Mapping[str, Any], label: str = "--env") -> dict[str, str]:
+    """``env`` checked: names a shell and ``os.environ`` accept, values strings without NUL.
+
+    Raises:
+        UsageError: A name such as ``A B`` or an empty one, a value that is no string or holds NUL.
+    """
+    checked: dict[str, str] = {}
+    for name, value in env.items():
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            raise UsageError(f"{label} {name!r}: not a valid variable name",
+                             hint="letters, digits and _, not starting with a digit")
+        if not isinstance(value, str) or "\0" in value:
+            raise UsageError(f"{label} {name}: the value must be a string without NUL bytes")
+        checked[name] = value
+    return checked
+
+
+def check_pull(globs: Iterable[Any], label: str = "--pull") -> tuple[str, ...]:
+    """File globs to bring back, relative to the task's directory (``./`` and doubled ``/`` dropped).
+
+    Raises:
+        UsageError: An absolute glob, one that climbs out with ``..``, or one that can never match a file
+            (empty, ending in ``/``, holding NUL).
+    """
+    checked = []
+    for glob in globs:
+        if not isinstance(glob, str):
+            raise UsageError(f"{label} {glob!r}: expected a glob string")
+        parts = [part for part in glob.split("/") if part not in ("", ".")]
+        if glob.startswith(("/", "~")):
+            raise UsageError(f"{label} {glob!r}: absolute globs never match",
+                             hint="globs are relative to the task's working directory")
+        if ".." in parts:
+            raise UsageError(f"{label} {glob!r}: a glob cannot climb out of the task's directory with ..",
+                             hint="only files under the task's working directory come back")
+        if not parts or glob.endswith("/") or "\0" in glob:
+            raise UsageError(f"{label} {glob!r}: this glob can never match a file",
+                             hint="name files, e.g. 'out/*.csv'")
+        checked.append("/".join(parts))
+    return tuple(checked)
+
+
+def check_secret_env(names: Iterable[str], label: str = "--secret-env") -> dict[str, str]:
+    """The values of the named local environment variables (they travel over the channel only).
+
+    Raises:
+        UsageError: A name that is not set in the local environment.
+    """
+    values: dict[str, str] = {}
+    for name in names:
+        if name not in os.environ:
+            raise UsageError(f"{label} {name}: no such variable in the local environment")
+        values[name] = os.environ[name]
+    return values
 
 
 @dataclass(frozen=True)
@@ -109,6 +202,11 @@ class Remote:
         if "env" in values and not (isinstance(values["env"], dict)
                                     and all(isinstance(v, str) for v in values["env"].values())):
             raise ConfigError(f"[tool.rx.remotes.{name}]: env must be a table of strings")
+        try:
+            values["env"] = check_env(values.get("env") or {}, f"[tool.rx.remotes.{name}] env")
+            values["timeout"] = check_timeout(values.get("timeout"), f"[tool.rx.remotes.{name}] timeout")
+        except UsageError as exc:
+            raise ConfigError(exc.message, hint=exc.hint) from None
         if "scheduler" in values:
             from .launchers.registry import check_launcher_name
 

@@ -31,8 +31,8 @@ from typing import Any, ClassVar
 from .backends.base import Backend, HostSpec
 from .backends.local import LocalBackend
 from .backends.pool import BackendPool
-from .config import Configuration, find_pyproject
-from .errors import ConfigError, SerializationError
+from .config import Configuration, check_env, check_pull, check_secret_env, check_timeout, find_pyproject
+from .errors import SerializationError
 from .launchers.base import Launcher
 from .launchers.registry import create_launcher
 from .packing import DistributionArchive, Packer, default_cache_dir
@@ -78,15 +78,20 @@ def call_options(options: dict[str, Any], *, python: str, workdir: str, env: dic
                  timeout: float | None = None, heartbeat: float = 5.0, dead_after: float = 16.0,
                  keep_warm: bool = False, restricted: bool = False, allow_unpickle: tuple[str, ...] = (),
                  handshake_timeout: float = 30.0) -> CallOptions:
-    """The CallOptions of one call: the task's or CLI's ``options`` over the target's defaults."""
+    """The CallOptions of one call: the task's or CLI's ``options`` over the target's defaults.
+
+    Raises:
+        UsageError: A bad ``timeout``, ``env`` or ``pull`` (``@task(timeout=float("nan"))``), or a
+            ``secret_env`` name that is not set locally.
+    """
     limit = options.get("timeout", timeout)
     return CallOptions(
         python=options.get("python") or python,
         workdir=options.get("workdir") or workdir,
-        env=env,
-        secret_env=_secret_env(options.get("secret_env") or ()),
-        timeout=float(limit) if limit is not None else None,
-        pull=tuple(options.get("pull") or ()),
+        env=check_env(env, "env="),
+        secret_env=check_secret_env(options.get("secret_env") or (), "secret_env="),
+        timeout=check_timeout(limit, "timeout="),
+        pull=check_pull(options.get("pull") or (), "pull="),
         no_pull=bool(options.get("no_pull")),
         keep=bool(options.get("keep")),
         heartbeat=heartbeat,
@@ -96,16 +101,6 @@ def call_options(options: dict[str, Any], *, python: str, workdir: str, env: dic
         allow_unpickle=tuple(options.get("allow_unpickle") or allow_unpickle),
         handshake_timeout=handshake_timeout,
     )
-
-
-def _secret_env(names: Any) -> dict[str, str]:
-    """Values of the named local environment variables (they travel over the channel only)."""
-    secrets: dict[str, str] = {}
-    for name in names:
-        if name not in os.environ:
-            raise ConfigError(f"--secret-env {name}: no such variable in the local environment")
-        secrets[name] = os.environ[name]
-    return secrets
 
 
 class Coordinator:

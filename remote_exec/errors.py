@@ -4,6 +4,7 @@
 
     RemoteExecError                 exit status 3 unless said otherwise
     ├── ConfigError                 bad configuration or bad input (options, pyproject, host spec)
+    │   └── UsageError              exit status 2: a bad option value (--timeout nan, --env 'A B=1')
     ├── PackError                   the distribution archive could not be built
     ├── SessionError                a saved session is damaged or of an unknown format version
     ├── SerializationError          a value could not be serialized or deserialized
@@ -43,6 +44,7 @@ __all__ = [
     "SerializationError",
     "SessionError",
     "TransferError",
+    "UsageError",
     "WorkspaceError",
 ]
 
@@ -70,6 +72,12 @@ class RemoteExecError(Exception):
 
 class ConfigError(RemoteExecError):
     """Bad configuration or bad user input."""
+
+
+class UsageError(ConfigError):
+    """A bad option value: on the command line (exit status 2), in ``@task(...)`` or ``[tool.rx]``."""
+
+    exit_code = 2
 
 
 class PackError(RemoteExecError):

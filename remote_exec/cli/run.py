@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..config import check_remote_backend
-from ..errors import ConfigError, Interrupted, RemoteExecError, WorkspaceError
+from ..config import check_env, check_pull, check_remote_backend, check_secret_env, check_timeout
+from ..errors import ConfigError, Interrupted, RemoteExecError, UsageError, WorkspaceError
 from .app import app
 
 __all__ = ["DetachedRun", "attach_run", "load_detached_run", "rerun", "run"]
@@ -25,9 +25,9 @@ def _parse_env(values: list[str]) -> dict[str, str]:
     for item in values:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise ConfigError(f"--env {item!r}: expected KEY=VALUE")
+            raise UsageError(f"--env {item!r}: expected KEY=VALUE")
         env[name] = value
-    return env
+    return check_env(env)
 
 
 def _module_origin(module: str) -> Path | None:
@@ -140,8 +140,7 @@ def run(
     backend: Annotated[str | None, typer.Option(
         help="SSH backend: openssh or paramiko (default: RX_BACKEND, [tool.rx] backend, openssh).")] = None,
     python: Annotated[str | None, typer.Option(help="Remote interpreter (default python3).")] = None,
-    timeout: Annotated[float | None, typer.Option(help="Stop the task after SECONDS (exit 124).",
-                                                   min=0.001)] = None,
+    timeout: Annotated[float | None, typer.Option(help="Stop the task after SECONDS (exit 124).")] = None,
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for the task; repeatable.")] = None,
     secret_env: Annotated[list[str] | None, typer.Option(
         "--secret-env", help="Pass local variable NAME to the task over the channel only (never on a "
@@ -186,9 +185,10 @@ def run(
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read {script}: {exc}") from exc
         args, kind, name = words[1:], "script", str(script)
+    check_secret_env(secret_env or [])  # before a run is recorded: a usage error records nothing
     options: dict[str, Any] = {
-        "backend": backend, "python": python, "timeout": timeout, "env": _parse_env(env or []),
-        "secret_env": list(secret_env or []), "pull": list(pull or []), "no_pull": no_pull,
+        "backend": backend, "python": python, "timeout": check_timeout(timeout), "env": _parse_env(env or []),
+        "secret_env": list(secret_env or []), "pull": list(check_pull(pull or [])), "no_pull": no_pull,
         "keep": keep_remote, "ssh_config": ssh_config, "connect_timeout": connect_timeout,
         "host_key_policy": "off" if insecure_no_host_key_check else None,
     }
