@@ -23,6 +23,10 @@
 
 A remote exception that *can* be rebuilt is raised as its own type; in every case its ``__cause__`` is a
 :class:`RemoteTraceback` holding the remote traceback text, as ``concurrent.futures`` does.
+
+Text that came from a host (exception messages, tracebacks, host names it reported, file names, its
+stderr) reaches a terminal only through :func:`printable`, which shows control characters as escapes:
+a remote ESC or NUL can neither drive the user's terminal nor hide what is written around it.
 """
 
 from __future__ import annotations
@@ -46,7 +50,28 @@ __all__ = [
     "TransferError",
     "UsageError",
     "WorkspaceError",
+    "printable",
 ]
+
+# Control characters (C0 but tab, DEL, C1) and the bidirectional overrides, shown as escapes. Newlines
+# are kept only where the text may span lines (a traceback).
+_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if code != 0x09}
+_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r"})
+_ESCAPES.update({code: f"\\u{code:04x}" for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+_ESCAPES_LINES = {code: escape for code, escape in _ESCAPES.items() if code != 0x0A}
+
+
+def printable(text: object, *, lines: bool = False) -> str:
+    """``text`` safe for a terminal: control characters, DEL, C1 controls and bidirectional overrides
+    written as escapes (``\\x1b``), lone surrogates as U+FFFD; newlines kept only with ``lines``."""
+    value = str(text).translate(_ESCAPES_LINES if lines else _ESCAPES)
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = "".join("\ufffd" if 0xD800 <= ord(char) <= 0xDFFF else char for char in value)
+    return value
+
 
 
 class RemoteExecError(Exception):
@@ -166,7 +191,7 @@ class RemoteTraceback(Exception):
         self.tb = tb
 
     def __str__(self) -> str:
-        return self.tb
+        return printable(self.tb, lines=True)
 
 
 class RemoteError(RemoteExecError):
@@ -179,7 +204,8 @@ class RemoteError(RemoteExecError):
     """
 
     def __init__(self, type_name: str, remote_message: str, formatted: str) -> None:
-        super().__init__(f"{type_name}: {remote_message}" if remote_message else type_name)
+        shown = printable(f"{type_name}: {remote_message}" if remote_message else type_name, lines=True)
+        super().__init__(shown)
         self.type_name = type_name
         self.remote_message = remote_message
         self.formatted = formatted

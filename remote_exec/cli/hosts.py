@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import RunnerError
+from ..errors import RunnerError, printable
 from .app import app
 
 __all__ = ["check", "hosts"]
@@ -121,11 +121,15 @@ def check(
         typer.echo(json.dumps(report, indent=2))
         return
     from rich.console import Console
+    from rich.markup import escape
+
+    def shown(value: object) -> str:  # what the host reported: no markup, no control characters
+        return escape(printable(value))
 
     console = Console(highlight=False)
-    console.print(f"[bold]{host}[/] ok via {backend_name}")
+    console.print(f"[bold]{escape(host)}[/] ok via {backend_name}")
     console.print(f"  connect     {connect_seconds * 1000:.0f} ms, round trip {report['rtt_ms']:.1f} ms (median of 5)")
-    console.print(f"  python      {facts['python']} ({facts['executable']})")
-    console.print(f"  host        {facts['hostname']}, {facts['cpus']} CPUs, {facts['platform']}")
-    console.print(f"  free disk   {facts['free_bytes'] / 2**30:.1f} GiB in {facts['workdir']}")
-    console.print(f"  GPUs        {', '.join(facts['gpus']) if facts['gpus'] else 'none (no nvidia-smi)'}")
+    console.print(f"  python      {shown(facts['python'])} ({shown(facts['executable'])})")
+    console.print(f"  host        {shown(facts['hostname'])}, {shown(facts['cpus'])} CPUs, {shown(facts['platform'])}")
+    console.print(f"  free disk   {facts['free_bytes'] / 2**30:.1f} GiB in {shown(facts['workdir'])}")
+    console.print(f"  GPUs        {shown(', '.join(facts['gpus'])) if facts['gpus'] else 'none (no nvidia-smi)'}")

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from ..config import check_env, check_pull, check_remote_backend, check_secret_env, check_timeout
-from ..errors import ConfigError, Interrupted, RemoteExecError, UsageError, WorkspaceError
+from ..errors import ConfigError, Interrupted, RemoteExecError, UsageError, WorkspaceError, printable
 from .app import app
 
 __all__ = ["DetachedRun", "attach_run", "load_detached_run", "rerun", "run"]
@@ -123,7 +123,7 @@ def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
         message += f" ({result.detail})"
     message += f", exit {ended.exit_code}, {info.get('duration') or 0:.2f} s; {files} file(s) in {where}/files"
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    console.print(message, style="dim" if ended.status == "finished" else "yellow", markup=False)
+    console.print(printable(message), style="dim" if ended.status == "finished" else "yellow", markup=False)
     return ended.exit_code
 
 
