@@ -90,6 +90,40 @@ def acceptance(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def fault_class(data: dict[str, Any], key: str) -> str:
+    """The class a scenario counts in: its ``class``, else its test module's name (``test_link_faults.py``
+    -> "link faults"; "not run" when it recorded no trial)."""
+    info = data["scenarios"].get(key) or {}
+    if info.get("class"):
+        return str(info["class"])
+    modules = sorted({t["test"].split("::", 1)[0] for t in data["trials"] if t["scenario"] == key})
+    if not modules:
+        return "not run"
+    name = Path(modules[0]).stem.removeprefix("test_").replace("_", " ")
+    return name if name.endswith("faults") else f"{name} faults"
+
+
+def classes(data: dict[str, Any]) -> list[str]:
+    """One row per class of fault: its scenarios, trials per backend, how its tests ended and its figures.
+
+    Rows come from the data (each scenario names its class): a new class needs no change here."""
+    grouped: dict[str, list[str]] = {}
+    for key in data["scenarios"]:
+        grouped.setdefault(fault_class(data, key), []).append(key)
+    rows = []
+    for name, keys in grouped.items():
+        trials = [t for t in data["trials"] if t["scenario"] in keys]
+        tests = {t["test"] for t in trials}
+        outcomes = Counter(data["tests"].get(test, {}).get("outcome", "not run") for test in tests)
+        per_backend = " / ".join(str(sum(t["backend"] == b for t in trials)) for b in BACKENDS)
+        figures = [f"{_sum(trials, fact)[0]}" for fact in ("hang", "lost", "orphans")]
+        rows.append([name, ", ".join(f"`{key}`" for key in keys), f"{len(trials)} ({per_backend})",
+                     ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items())) or "not run",
+                     *figures, f"{max((t['overrun'] for t in trials), default=0.0):.2f}"])
+    return _table(["Class", "Scenarios", "Trials (openssh / paramiko)", "Tests", "Hangs", "Lost", "Orphans",
+                   "Worst overrun (s)"], rows)
+
+
 def scenario_section(data: dict[str, Any], key: str, info: dict[str, str]) -> list[str]:
     trials = [t for t in data["trials"] if t["scenario"] == key]
     tests = {t["test"] for t in trials}
@@ -147,6 +181,13 @@ def render(data: dict[str, Any]) -> str:
         "bug is fixed) count too; the column beside says how much of each figure comes from them.",
         "",
         *acceptance(data),
+        "",
+        "## Classes of faults",
+        "",
+        "Each class of fault, its scenarios (described below), how many trials it ran on each backend, how its "
+        "tests ended, and its share of the acceptance figures.",
+        "",
+        *classes(data),
         "",
     ]
     known = sorted((nodeid, entry) for nodeid, entry in tests.items() if entry["outcome"] == "xfailed")

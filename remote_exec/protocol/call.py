@@ -30,9 +30,14 @@ from .options import CallOptions, FileLander, Outcome, OutputSink, PhaseCallback
 if TYPE_CHECKING:
     from .workers import WorkerPool
 
-__all__ = ["Call", "StaleWorker", "dispatch", "run_call", "send_session"]
+__all__ = ["STOP_MARGIN", "Call", "StaleWorker", "dispatch", "run_call", "send_session"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds past a call's timeout that the coordinator waits for the runner's result before it gives the link
+#: up (exit 124 all the same): the runner's kill grace (SIGTERM, SIGKILL 2 s later) and the way back. A link
+#: that still carries heartbeats gets longer: the runner is alive and stops the task itself.
+STOP_MARGIN = 4.0
 
 
 class StaleWorker(Exception):
@@ -46,6 +51,8 @@ class Call:
         started: The runner's ``P`` frame (the task's pid, run directory, host), once it came.
         received: The result frames so far.
         dead: The watchdog gave the link up (silent too long, or past the call's deadline).
+        overdue: The watchdog gave the link up because the call was past its deadline (its timeout and
+            :data:`STOP_MARGIN`) and the runner had not confirmed the stop.
         stop: The call is over; the watchdog leaves it alone.
     """
 
@@ -59,20 +66,27 @@ class Call:
         self.received = Received(key)
         self.started: dict[str, Any] | None = None
         self.dead = Flag()
+        self.overdue = Flag()
         self.stop = Flag()
 
     def check(self, deadline: float | None) -> None:
         """Called about every second while the call runs: heartbeat to the runner, and drop the link
-        when it has been silent too long or the call is past its deadline."""
+        when it has been silent too long, or when the call is past its deadline and the runner, silent
+        for longer than a heartbeat, has not sent its result (whatever the link does, ``--timeout N``
+        ends the call within N + :data:`STOP_MARGIN` + a heartbeat)."""
         if self.stop.is_set() or self.dead.is_set():
             return
         now = time.monotonic()
         silent = now - self.channel.last_read
-        if silent > self.options.dead_after or (deadline is not None and now > deadline):
-            if silent > self.options.dead_after:
+        overdue = (deadline is not None and now > deadline and self.received.header is None
+                   and silent > self.options.heartbeat + 1.0)
+        if overdue or silent > self.options.dead_after:
+            if overdue:
+                self.overdue.set()
+            else:
                 logger.warning("%s: no sign of life for %.0f s; giving up on the link", self.host, silent)
             self.dead.set()
-            self.channel.process.kill()
+            self.channel.process.abandon()  # the host does not answer: signalling through it would wait
             return
         try:
             self.channel.send(b"H")
@@ -161,9 +175,10 @@ def _no_result_error(call: Call, deadline: float | None) -> RemoteExecError:
     channel, host, options = call.channel, call.host, call.options
     code = channel.process.wait(5)
     tail = channel.stderr_tail()
-    if deadline is not None and time.monotonic() > deadline:
-        return CommandTimeout(host, f"the task ran past its timeout of {options.timeout:g} s and the runner "
-                                    "did not report back")
+    if call.overdue.is_set() or (deadline is not None and time.monotonic() > deadline):
+        return CommandTimeout(host, f"the task ran past its timeout of {options.timeout:g} s and the host did "
+                                    f"not confirm the stop within {STOP_MARGIN:g} s; the link was given up",
+                              hint="the runner stops the task itself if the host comes back")
     if call.dead.is_set():
         return ConnectError(host, f"the link went silent for {options.dead_after:g} s and was given up",
                             hint="the host may be down, paused or unreachable")
@@ -199,16 +214,20 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None) -> None:
 def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
              on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
              phases: dict[str, float], uploaded: bool, keep: bool,
-             extra_options: Mapping[str, Any] | None = None) -> Outcome:
+             extra_options: Mapping[str, Any] | None = None, timed: bool = True) -> Outcome:
     """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
-    output, collect and check its result. With ``keep`` the channel (a worker) stays open after it."""
+    output, collect and check its result. With ``keep`` the channel (a worker) stays open after it.
+    With ``timed`` (not when attaching to a detached run, whose host keeps its clock) the call's timeout
+    holds here too: past it and :data:`STOP_MARGIN`, a runner that did not answer is given up."""
     key = secrets.token_bytes(32)
     call = Call(channel, options, key, on_stdout, on_stderr)
     phase("execute", "started")
-    deadline = None if options.timeout is None else time.monotonic() + options.timeout + options.dead_after + 5
+    deadline = None
     try:
         _send_call(channel, _call_options(session, options, key, land_file, extra_options), session_bytes,
                    keep=keep)
+        if options.timeout is not None and timed:  # the task starts once its session arrived
+            deadline = time.monotonic() + options.timeout + STOP_MARGIN
         _stream(call, phase, deadline)
         header = call.received.header or {}
         if not keep:

@@ -102,7 +102,7 @@ def attach_detached(session: Session, backend: Backend, detached: Mapping[str, A
                            [str(detached["run_dir"]), "collect"])
     return run_call(channel, session, None, options, on_stdout=on_stdout, on_stderr=on_stderr,
                     land_file=land_file, phase=_ignore_phase, phases={}, uploaded=False, keep=False,
-                    extra_options={"stdout_offset": offsets[0], "stderr_offset": offsets[1]})
+                    extra_options={"stdout_offset": offsets[0], "stderr_offset": offsets[1]}, timed=False)
 
 
 def cancel_detached(backend: Backend, detached: Mapping[str, Any], options: CallOptions) -> dict[str, Any]:

@@ -70,6 +70,9 @@ HANG_MARGIN = 5.0
 
 #: What each scenario does, for the report. The key is in the name of every test of the scenario, so
 #: ``pytest tests/faults -k KEY`` selects them (a key must not match a marker name such as ``timeout``).
+#: An optional ``class`` names the row of the report's table of fault classes the scenario counts in (by
+#: default its test module's: ``test_link_faults.py`` -> "link faults"). Test modules add their own
+#: scenarios here (``SCENARIOS.update``) when they are imported.
 SCENARIOS: dict[str, dict[str, str]] = {
     "pause": {
         "title": "Host paused mid-run",
