@@ -9,6 +9,7 @@
     ├── SessionError                a saved session is damaged or of an unknown format version
     ├── SerializationError          a value could not be serialized or deserialized
     ├── WorkspaceError              the local workspace: unknown or ambiguous run, unreadable state
+    │   └── RunBusy                 another rx process holds the run (one rx attach of a run at a time)
     ├── IntegrityError              a file that crossed the link failed its sha256 or HMAC check
     ├── BackendError(host)          exit status 255: the link to a host
     │   ├── ConnectError            host unreachable, refused, name unknown, link lost
@@ -44,6 +45,7 @@ __all__ = [
     "RemoteError",
     "RemoteExecError",
     "RemoteTraceback",
+    "RunBusy",
     "RunnerError",
     "SerializationError",
     "SessionError",
@@ -119,6 +121,18 @@ class SerializationError(RemoteExecError):
 
 class WorkspaceError(RemoteExecError):
     """Something in the local workspace: unknown or ambiguous run id, unreadable state."""
+
+
+class RunBusy(WorkspaceError):
+    """Another rx process holds the run: one ``rx attach`` (or ``rx cancel``) of a run at a time.
+
+    Attributes:
+        holder: Who holds it: ``pid``, ``hostname``, ``started`` (as far as known).
+    """
+
+    def __init__(self, message: str, *, holder: dict[str, object] | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.holder = dict(holder or {})
 
 
 class IntegrityError(RemoteExecError):

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from ..config import check_env, check_pull, check_remote_backend, check_secret_env, check_timeout
-from ..errors import ConfigError, Interrupted, RemoteExecError, UsageError, WorkspaceError, printable
+from ..errors import ConfigError, Interrupted, RemoteExecError, RunBusy, UsageError, WorkspaceError, printable
 from .app import app
 
 __all__ = ["DetachedRun", "attach_run", "load_detached_run", "rerun", "run"]
@@ -303,27 +303,34 @@ def load_detached_run(workspace: Path | None, run_ref: str) -> DetachedRun:
 
 
 def attach_run(detached: DetachedRun, as_json: bool) -> int:
-    """Wait for a detached run, stream its output, and collect its result into the workspace."""
+    """Wait for a detached run, stream its output, and collect its result into the workspace.
+
+    One attach of a run at a time (its logs would get every line twice): another one holding it is a
+    :class:`RunBusy` naming it. Ctrl-C or SIGTERM only stops following: the run goes on, and says so.
+    """
     from ..workspace.recorder import RunRecorder
 
-    run, info = detached.run, detached.run.info()
-    # A detached run belongs to its host's supervisor, not to a local process: attaching never makes
-    # this process its coordinator, so an attach that is killed leaves the run attachable (and a run an
-    # older rx marked lost can still be collected).
-    if info.get("status") not in ("running", "pending", "lost"):
-        typer.echo(f"rx: run {run.id} is {info.get('status')} (exit {info.get('exit_code')}); nothing to attach",
-                   err=True)
-        return int(info.get("exit_code") or 0)
-    recorder = RunRecorder(run, host=detached.target.host)
-    try:
-        with run.action("attach", host=detached.target.host):
-            outcome = detached.coordinator.attach(detached.session, detached.target, info["detached"], recorder,
-                                                  recorder.offsets)
-    except KeyboardInterrupt:
-        raise Interrupted(f"stopped following run {run.id}; it goes on (rx attach {run.id})") from None
-    finally:
-        recorder.close()
-    return finish_run(run, outcome.result, outcome, as_json)
+    run = detached.run
+    with run.exclusive("attach"):
+        info = run.info()  # read under the lock: an attach that just ended may have collected it
+        # A detached run belongs to its host's supervisor, not to a local process: attaching never makes
+        # this process its coordinator, so an attach that is killed leaves the run attachable (and a run
+        # an older rx marked lost can still be collected).
+        if info.get("status") not in ("running", "pending", "lost"):
+            typer.echo(f"rx: run {run.id} is {info.get('status')} (exit {info.get('exit_code')}); nothing to "
+                       "attach", err=True)
+            return int(info.get("exit_code") or 0)
+        recorder = RunRecorder(run, host=detached.target.host)
+        try:
+            with run.action("attach", host=detached.target.host):
+                outcome = detached.coordinator.attach(detached.session, detached.target, info["detached"],
+                                                      recorder, recorder.offsets)
+        except (KeyboardInterrupt, Interrupted):
+            typer.echo(f"rx: detached; still running: rx attach {run.id} (stop it: rx cancel {run.id})", err=True)
+            return 130
+        finally:
+            recorder.close()
+        return finish_run(run, outcome.result, outcome, as_json)
 
 
 @app.command()
@@ -334,7 +341,9 @@ def attach(
 ) -> None:
     """Wait for a detached run, stream its output, and collect its result and files into the workspace.
 
-    Exit status: the run's own, as rx run would have exited.
+    One attach of a run at a time. Ctrl-C (or SIGTERM) only detaches: the run goes on (rx cancel stops it).
+    Exit status: the run's own, as rx run would have exited; 130 when detached by Ctrl-C; 3 when another
+    rx attach holds the run.
     """
     raise typer.Exit(attach_run(load_detached_run(workspace, run_ref), as_json))
 
@@ -351,5 +360,9 @@ def cancel(
         typer.echo(f"rx: run {run.id} is already {info.get('status')}", err=True)
         raise typer.Exit(0)
     detached.coordinator.cancel(detached.target, info["detached"])
-    attach_run(detached, as_json=False)
+    try:
+        attach_run(detached, as_json=False)
+    except RunBusy as exc:  # the attach that holds the run collects it
+        typer.echo(f"rx: run {run.id} cancelled on its host; {exc.message}, which collects it", err=True)
+        raise typer.Exit(130) from None
     raise typer.Exit(130 if run.info().get("status") == "cancelled" else 0)

@@ -193,15 +193,20 @@ def _no_result_error(call: Call, deadline: float | None) -> RemoteExecError:
                        reason="crashed", host=host)
 
 
-def _stream(call: Call, phase: PhaseCallback, deadline: float | None) -> None:
-    """Stream the call's output until its result is complete (Ctrl-C cancels the remote task first)."""
+def _stream(call: Call, phase: PhaseCallback, deadline: float | None, *, detached: bool = False) -> None:
+    """Stream the call's output until its result is complete (Ctrl-C cancels the remote task first; when
+    following a ``detached`` run it only stops following: the KeyboardInterrupt goes on as it is)."""
     channel = call.channel
     channel.watch(call, deadline)
     try:
         complete = channel.pump(call.handle)
     except KeyboardInterrupt:
-        call.cancel()
         phase("execute", "failed")
+        if detached:
+            call.stop.set()
+            channel.process.kill()  # the follower on the host; the detached run goes on
+            raise
+        call.cancel()
         raise Interrupted(f"interrupted; the task on {call.host} was stopped") from None
     call.stop.set()
     call.received.close_spool()
@@ -214,11 +219,13 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None) -> None:
 def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
              on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
              phases: dict[str, float], uploaded: bool, keep: bool,
-             extra_options: Mapping[str, Any] | None = None, timed: bool = True) -> Outcome:
+             extra_options: Mapping[str, Any] | None = None, detached: bool = False) -> Outcome:
     """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
     output, collect and check its result. With ``keep`` the channel (a worker) stays open after it.
-    With ``timed`` (not when attaching to a detached run, whose host keeps its clock) the call's timeout
-    holds here too: past it and :data:`STOP_MARGIN`, a runner that did not answer is given up."""
+
+    The call's timeout holds here too: past it and :data:`STOP_MARGIN`, a runner that did not answer is
+    given up. Not when the call follows a ``detached`` run: its host keeps its clock, and Ctrl-C only
+    stops following (KeyboardInterrupt, the run goes on)."""
     key = secrets.token_bytes(32)
     call = Call(channel, options, key, on_stdout, on_stderr)
     phase("execute", "started")
@@ -226,9 +233,9 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
     try:
         _send_call(channel, _call_options(session, options, key, land_file, extra_options), session_bytes,
                    keep=keep)
-        if options.timeout is not None and timed:  # the task starts once its session arrived
+        if options.timeout is not None and not detached:  # the task starts once its session arrived
             deadline = time.monotonic() + options.timeout + STOP_MARGIN
-        _stream(call, phase, deadline)
+        _stream(call, phase, deadline, detached=detached)
         header = call.received.header or {}
         if not keep:
             channel.reap_later()

@@ -77,7 +77,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, WorkspaceError
+from ..errors import ConfigError, RunBusy, WorkspaceError
 from .state import (
     ACTIVE_RUN_STATUSES,
     FINAL_RUN_STATUSES,
@@ -570,6 +570,41 @@ class Run:
     def update(self, **fields: Any) -> dict[str, Any]:
         """Set top-level fields of ``state.json`` (``backend=...``, ``remote=...``) atomically."""
         return self.state.update(lambda state: state.update(fields))
+
+    @contextlib.contextmanager
+    def exclusive(self, purpose: str) -> Iterator[None]:
+        """Hold the run for ``purpose`` (``attach``: one process follows and collects a detached run at a
+        time, so its logs never get a line twice). The lock is the OS's (released if the process dies);
+        beside it, who holds it.
+
+        Raises:
+            RunBusy: Another process holds it (the error names its pid, host and since when).
+        """
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(self.dir / f".{purpose}.lock", timeout=0)
+        holder = self.dir / f".{purpose}.holder"
+        try:
+            lock.acquire()
+        except Timeout:
+            raise self._busy(purpose, holder) from None
+        try:
+            holder.write_text(json.dumps(coordinator_record()), encoding="utf-8")
+            yield
+        finally:
+            holder.unlink(missing_ok=True)
+            lock.release()
+
+    def _busy(self, purpose: str, holder: Path) -> RunBusy:
+        try:
+            record = json.loads(holder.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = {}
+        who = (f"pid {record.get('pid')} on {record.get('hostname')} since {record.get('started')}"
+               if isinstance(record, dict) and record.get("pid") else "another rx process")
+        return RunBusy(f"run {self.id} is already being {purpose}ed by {who}",
+                       holder=record if isinstance(record, dict) else {},
+                       hint="wait for it to collect the run, or stop it (the run goes on) and try again")
 
     # -- actions (woger) ---------------------------------------------------------------------------
 
