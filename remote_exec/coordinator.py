@@ -44,6 +44,7 @@ from .serialization import get_serializer
 from .session import Result, Session
 from .task import Execution, Task
 from .workspace.manager import new_run_id
+from .workspace.output import OutputPump
 from .workspace.recorder import CallRecorder, TaskCallRecorder, TaskRecorder, TaskRuns
 
 __all__ = ["Coordinator", "Target", "call_options"]
@@ -109,6 +110,8 @@ class Coordinator:
     Attributes:
         workers: The persistent workers (``keep_warm``).
         packer: Builds distribution archives (once per content).
+        output: Writes the live output of ``@task`` calls to this process's stdout and stderr (a slow
+            reader never holds up a call's link).
         recorder: Writes ``@task`` call records in batches.
         task_runs: The workspace runs of this process's ``@task`` calls.
         run_id: The run id ``@task`` calls of this process are recorded under (made on the first call).
@@ -122,6 +125,7 @@ class Coordinator:
         self.packer = Packer()
         self.recorder = TaskRecorder()
         self.task_runs = TaskRuns(self.recorder)
+        self.output = OutputPump()
         self.run_id: str | None = None
         self._lock = threading.Lock()
         self._backends = BackendPool()
@@ -303,7 +307,7 @@ class Coordinator:
         run = self.task_runs.run_for(config.workspace, session.run_id, cwd=session.context.get("cwd") or os.getcwd(),
                                      host=target.host, backend=target.backend_name)
         return TaskCallRecorder(self.recorder, run, session.execution.execution_id, name=session.task.name,
-                                host=target.host, session_bytes=session_bytes)
+                                host=target.host, session_bytes=session_bytes, output=self.output)
 
     @staticmethod
     def _recorded_value(session: Session, target: Target, outcome: Outcome) -> bytes:

@@ -305,20 +305,25 @@ def _follow_detached(run_ref: str, workspace: Path | None, *, stderr: bool, offs
     """Stream a detached run's output from its host until it ends (the run stays uncollected)."""
     from .run import load_detached_run
 
+    from ..workspace.output import OutputPump
+
     detached = load_detached_run(workspace, run_ref)
     run = detached.run
-    out = sys.stdout.buffer
+    pump = OutputPump()  # a slow reader (| less) never holds up the link
+    writer = pump.sink(sys.stdout)
 
     def show(data: bytes) -> None:
-        out.write(data)
-        out.flush()
+        pump.write(writer, data)
 
     def drop(data: bytes) -> None:
         pass
 
-    detached.coordinator.follow(detached.target, detached.info["detached"], on_stdout=drop if stderr else show,
-                                on_stderr=show if stderr else drop,
-                                offsets=(0 if stderr else offset, offset if stderr else 0))
+    try:
+        detached.coordinator.follow(detached.target, detached.info["detached"],
+                                    on_stdout=drop if stderr else show, on_stderr=show if stderr else drop,
+                                    offsets=(0 if stderr else offset, offset if stderr else 0))
+    finally:
+        pump.close()
     typer.echo(f"rx: run {run.id} ended on the host; collect it with rx attach {run.id}", err=True)
 
 

@@ -24,6 +24,7 @@ from typing import IO, Any
 
 from ..errors import RemoteExecError
 from .manager import Run, Workspace, register_pending_writer
+from .output import OutputPump
 from .state import utc_now
 
 __all__ = ["CallRecorder", "RunRecorder", "StreamSink", "TaskCallRecorder", "TaskRecorder", "TaskRuns"]
@@ -34,30 +35,22 @@ OutputSink = Callable[[bytes], None]
 
 
 class StreamSink:
-    """Writes a task's output bytes to a local text stream (its binary buffer when it has one) as they come,
-    and to a log file when given one; thread-safe."""
+    """Hands a task's output bytes to an :class:`~.output.OutputPump` for a local text stream (so a slow
+    reader never holds up the link's reading loop) and writes them to a log file when given one;
+    thread-safe."""
 
-    def __init__(self, stream: IO[str], log: IO[bytes] | None = None) -> None:
+    def __init__(self, stream: IO[str], log: IO[bytes] | None = None, pump: OutputPump | None = None) -> None:
         self.stream = stream
         self.log = log
+        self.pump = pump or OutputPump()
+        self._writer = self.pump.sink(stream)
         self._lock = threading.Lock()
-        self._buffer = getattr(stream, "buffer", None)
 
     def __call__(self, data: bytes) -> None:
         with self._lock:
-            if self._buffer is not None:
-                try:
-                    self.stream.flush()
-                    self._buffer.write(data)
-                    self._buffer.flush()
-                except (OSError, ValueError):
-                    pass
-            else:
-                self.stream.write(data.decode("utf-8", "replace"))
-                self.stream.flush()
             if self.log is not None:
                 self.log.write(data)
-                self.log.flush()
+            self.pump.write(self._writer, data)
 
 
 def file_lander(run: Run, prefix: str) -> Callable[[PurePosixPath, Path, str], Path]:
@@ -109,8 +102,9 @@ class RunRecorder(CallRecorder):
         self.host = host
         self._logs = (run.store.open_append("stdout.log"), run.store.open_append("stderr.log"))
         self.offsets = (self._logs[0].tell(), self._logs[1].tell())
-        self.stdout = StreamSink(stdout or sys.stdout, self._logs[0])
-        self.stderr = StreamSink(stderr or sys.stderr, self._logs[1])
+        self.output = OutputPump()  # one for both streams: their order stays the task's
+        self.stdout = StreamSink(stdout or sys.stdout, self._logs[0], self.output)
+        self.stderr = StreamSink(stderr or sys.stderr, self._logs[1], self.output)
         self._land = file_lander(run, "files/")
         self._actions: dict[str, int] = {}
 
@@ -130,8 +124,12 @@ class RunRecorder(CallRecorder):
         """The caller (the CLI) records the run's end with its error."""
 
     def close(self) -> None:
-        for log in self._logs:
-            log.close()
+        """Wait until the local reader took the output (rx's summary comes after it), close the logs."""
+        try:
+            self.output.close()
+        finally:
+            for log in self._logs:
+                log.close()
 
 
 class TaskRecorder:
@@ -227,13 +225,14 @@ class TaskCallRecorder(CallRecorder):
     """Records one ``@task`` call as a task entry of its process's run (through a :class:`TaskRecorder`)."""
 
     def __init__(self, recorder: TaskRecorder, run: Run, execution_id: str, *, name: str, host: str,
-                 session_bytes: bytes) -> None:
+                 session_bytes: bytes, output: OutputPump | None = None) -> None:
         self.recorder = recorder
         self.run = run
         self.execution_id = execution_id
         self.key = key = execution_id[:16]
-        self.stdout = StreamSink(sys.stdout)
-        self.stderr = StreamSink(sys.stderr)
+        self.output = output or OutputPump()
+        self.stdout = StreamSink(sys.stdout, pump=self.output)
+        self.stderr = StreamSink(sys.stderr, pump=self.output)
         self._land = file_lander(run, f"files/{key}/")
         recorder.put(("task", run, key, dict(name=name, host=host, status="running", started=time.time(),
                                              finished=None, error=None)),
@@ -243,6 +242,7 @@ class TaskCallRecorder(CallRecorder):
         return self._land(relative, temporary, sha256)
 
     def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes]) -> None:
+        self.output.drain()  # the caller prints after the call: the task's output comes first
         jobs: list[tuple[Any, ...]] = []
         if result.ok:
             data = value()
@@ -256,6 +256,8 @@ class TaskCallRecorder(CallRecorder):
         self.recorder.put(*jobs)
 
     def failed(self, exc: BaseException) -> None:
+        if not isinstance(exc, KeyboardInterrupt):
+            self.output.drain()
         self.recorder.task(self.run, self.key, status="failed", finished=time.time(),
                            error=f"{type(exc).__name__}: {exc}")
 
