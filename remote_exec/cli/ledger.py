@@ -303,9 +303,8 @@ def logs_command(
 
 def _follow_detached(run_ref: str, workspace: Path | None, *, stderr: bool, offset: int) -> None:
     """Stream a detached run's output from its host until it ends (the run stays uncollected)."""
-    from .run import load_detached_run
-
     from ..workspace.output import OutputPump
+    from .run import load_detached_run
 
     detached = load_detached_run(workspace, run_ref)
     run = detached.run
