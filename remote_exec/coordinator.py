@@ -306,8 +306,10 @@ class Coordinator:
         config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
         run = self.task_runs.run_for(config.workspace, session.run_id, cwd=session.context.get("cwd") or os.getcwd(),
                                      host=target.host, backend=target.backend_name)
-        return TaskCallRecorder(self.recorder, run, session.execution.execution_id, name=session.task.name,
-                                host=target.host, session_bytes=session_bytes, output=self.output)
+        execution_id = session.execution.execution_id
+        key = self.task_runs.key_for(run, execution_id, session.local.get("task_key"))
+        return TaskCallRecorder(self.recorder, run, execution_id, name=session.task.name, host=target.host,
+                                session_bytes=session_bytes, output=self.output, key=key)
 
     @staticmethod
     def _recorded_value(session: Session, target: Target, outcome: Outcome) -> bytes:

@@ -62,6 +62,7 @@ def _rerun_call(run: Run, previous: Run, key: str, entry: dict[str, Any], *, con
         session.context["remote"] = remote
     session.run_id = run.id
     session.config = config
+    session.local["task_key"] = key  # recorded under the key it had: a second rerun --failed finds it again
     try:
         return run_chain(session, [RemoteAdvice()]).ok
     except RemoteExecError:

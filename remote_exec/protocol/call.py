@@ -319,16 +319,17 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
 
     if options.keep_warm:
         for attempt in (1, 2):
-            channel = workers.get(launcher, backend, archive, options, phase)
-            with channel.lock:
+            channel = workers.acquire(launcher, backend, archive, options, phase)  # for this call alone
+            try:
                 uploaded, channel.uploaded = channel.uploaded, False
-                try:
-                    return call(channel, uploaded=uploaded, keep=True)
-                except StaleWorker:
-                    # The worker had gone (idle exit, a lost channel) before it took the call: nothing
-                    # ran; a fresh worker takes it.
-                    logger.debug("persistent worker on %s had gone; starting a new one", backend.host)
-                    if attempt == 2:
-                        raise ConnectError(backend.host, "the persistent worker could not take the call") from None
+                return call(channel, uploaded=uploaded, keep=True)
+            except StaleWorker:
+                # The worker had gone (idle exit, a lost channel) before it took the call: nothing ran; a
+                # fresh worker takes it.
+                logger.debug("persistent worker on %s had gone; starting a new one", backend.host)
+                if attempt == 2:
+                    raise ConnectError(backend.host, "the persistent worker could not take the call") from None
+            finally:
+                workers.release(channel)
     channel = start_runner(launcher, backend, archive, options, "serve", phase)
     return call(channel, uploaded=channel.uploaded, keep=False)

@@ -225,17 +225,17 @@ class TaskCallRecorder(CallRecorder):
     """Records one ``@task`` call as a task entry of its process's run (through a :class:`TaskRecorder`)."""
 
     def __init__(self, recorder: TaskRecorder, run: Run, execution_id: str, *, name: str, host: str,
-                 session_bytes: bytes, output: OutputPump | None = None) -> None:
+                 session_bytes: bytes, output: OutputPump | None = None, key: str | None = None) -> None:
         self.recorder = recorder
         self.run = run
         self.execution_id = execution_id
-        self.key = key = execution_id[:16]
+        self.key = key = key or execution_id[:16]
         self.output = output or OutputPump()
         self.stdout = StreamSink(sys.stdout, pump=self.output)
         self.stderr = StreamSink(sys.stderr, pump=self.output)
         self._land = file_lander(run, f"files/{key}/")
         recorder.put(("task", run, key, dict(name=name, host=host, status="running", started=time.time(),
-                                             finished=None, error=None)),
+                                             finished=None, error=None, execution_id=execution_id)),
                      ("file", run, f"sessions/{key}.session", lambda: session_bytes))
 
     def land_file(self, relative: PurePosixPath, temporary: Path, sha256: str) -> Path:
@@ -264,14 +264,42 @@ class TaskCallRecorder(CallRecorder):
 
 class TaskRuns:
     """The workspace runs that a process's ``@task`` calls are recorded in (one per workspace and run id),
-    created on the first call, closed at exit: finished when every call is done, else failed."""
+    created on the first call, closed at exit: finished when every call is done, else failed.
+
+    Each call is its own entry of its run, under its own key: the first 16 characters of its execution id
+    (which names the task and its arguments), then ``-2``, ``-3``... for more calls with the same arguments
+    (:meth:`key_for`).
+    """
 
     def __init__(self, recorder: TaskRecorder) -> None:
         self.recorder = recorder
         self._runs: dict[tuple[Any, ...], Run] = {}
         self._created: dict[str, Run] = {}  # by run dir: the runs this process made (and so closes)
+        self._keys: dict[str, set[str]] = {}  # by run dir: the task keys taken so far
         self._lock = threading.Lock()
         self._registered = False
+
+    def key_for(self, run: Run, execution_id: str, wanted: str | None = None) -> str:
+        """A key of its own for a call of ``run``: ``wanted`` (a rerun keeps its call's key) when given,
+        else the execution id's first 16 characters, suffixed ``-N`` when calls before took it."""
+        with self._lock:
+            taken = self._keys.get(str(run.dir))
+            if taken is None:
+                try:
+                    taken = set(run.tasks())  # a run made elsewhere (rx rerun) may hold entries already
+                except RemoteExecError:
+                    taken = set()
+                self._keys[str(run.dir)] = taken
+            if wanted:
+                taken.add(wanted)
+                return wanted
+            base = key = execution_id[:16]
+            count = 1
+            while key in taken:
+                count += 1
+                key = f"{base}-{count}"
+            taken.add(key)
+            return key
 
     def run_for(self, workspace: Path | str | None, run_id: str, *, cwd: str, host: str, backend: str) -> Run:
         """The run for calls of this process recorded under ``run_id`` in ``workspace``."""
@@ -313,6 +341,7 @@ class TaskRuns:
             runs = list(self._created.values())
             self._created.clear()
             self._runs.clear()
+            self._keys.clear()
         for run in runs:
             try:
                 tasks = run.tasks()
