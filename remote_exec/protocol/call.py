@@ -20,7 +20,7 @@ from ..backends.base import Backend, Process
 from ..errors import CommandTimeout, ConnectError, IntegrityError, Interrupted, RemoteExecError, RunnerError
 from ..launchers.base import Launcher
 from ..packing import DistributionArchive
-from ..session import Session
+from ..session import Result, Session
 from . import wire
 from .bootstrap import start_runner
 from .channel import Channel, Flag
@@ -193,9 +193,33 @@ def _no_result_error(call: Call, deadline: float | None) -> RemoteExecError:
                        reason="crashed", host=host)
 
 
-def _stream(call: Call, phase: PhaseCallback, deadline: float | None, *, detached: bool = False) -> None:
+def _worker_death(call: Call) -> Result | None:
+    """How the call ended when a signal ended the persistent worker running it (its guardian's
+    :data:`wire.WORKER_DIED` line on stderr), as a per-call run reports it; None if that is not what
+    happened."""
+    channel = call.channel
+    channel.stderr_reader.join(2)
+    lines = bytes(channel.stderr).decode("utf-8", "replace").splitlines()
+    line = next((line for line in reversed(lines) if line.startswith(wire.WORKER_DIED)), None)
+    try:
+        header = json.loads(line[len(wire.WORKER_DIED):]) if line else None
+    except ValueError:
+        return None
+    if not isinstance(header, dict) or header.get("status") not in ("oom", "signal"):
+        return None
+    result = Result(status=header["status"], exit_code=int(header.get("exit_code") or 137),
+                    detail=str(header.get("detail") or "killed by a signal"))
+    result.host = call.host
+    return result
+
+
+def _stream(call: Call, phase: PhaseCallback, deadline: float | None, *, detached: bool = False) -> Result | None:
     """Stream the call's output until its result is complete (Ctrl-C cancels the remote task first; when
-    following a ``detached`` run it only stops following: the KeyboardInterrupt goes on as it is)."""
+    following a ``detached`` run it only stops following: the KeyboardInterrupt goes on as it is).
+
+    Returns:
+        None, or how the call ended when a signal ended the persistent worker running it.
+    """
     channel = call.channel
     channel.watch(call, deadline)
     try:
@@ -213,7 +237,11 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None, *, detache
     if not complete:
         channel.broken = True
         phase("execute", "failed")
+        died = _worker_death(call) if not call.dead.is_set() else None
+        if died is not None:
+            return died
         raise _no_result_error(call, deadline)
+    return None
 
 
 def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
@@ -235,7 +263,10 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
                    keep=keep)
         if options.timeout is not None and not detached:  # the task starts once its session arrived
             deadline = time.monotonic() + options.timeout + STOP_MARGIN
-        _stream(call, phase, deadline, detached=detached)
+        died = _stream(call, phase, deadline, detached=detached)
+        if died is not None:  # the worker was killed: the call ended as a per-call run's task would
+            return Outcome(result=died, header={"status": died.status, "exit_code": died.exit_code,
+                                                "detail": died.detail}, uploaded=uploaded, phases=phases)
         header = call.received.header or {}
         if not keep:
             channel.reap_later()

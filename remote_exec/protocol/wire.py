@@ -33,6 +33,11 @@ Frames from the runner:
     Z  end of result, JSON ``{"hmac": hex}``: HMAC-SHA256 with the call's key over every R, V, X and F
        frame, each fed as type byte + 8-byte big-endian length + payload. When ``attach`` only follows a
        detached run, ``Z`` is ``{"done": status, "exit_code": N}`` instead and no result precedes it.
+
+A persistent worker that a signal ended (the out-of-memory killer, a kill -9) can send nothing; its
+guardian process then writes one line on the runner's stderr, :data:`WORKER_DIED` and the result header of
+the call it was running as JSON (status ``oom`` or ``signal``, exit_code, detail, signal), and exits 128 +
+the signal's number.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ __all__ = [
     "HEADER",
     "MAX_FRAME",
     "PROTOCOL",
+    "WORKER_DIED",
     "FrameReader",
     "encode",
     "read_frame",
@@ -56,6 +62,8 @@ __all__ = [
 PROTOCOL = 1
 HEADER = struct.Struct(">cI")
 MAX_FRAME = 1 << 20
+#: Starts the stderr line of a persistent worker's guardian when a signal ended the worker (see above).
+WORKER_DIED = "RXWORKER-DIED "
 def encode(kind: bytes, payload: bytes | memoryview = b"") -> bytes:
     """One frame: type byte, length, payload."""
     return HEADER.pack(kind, len(payload)) + payload

@@ -74,3 +74,20 @@ def test_keep_warm_calls_from_threads_run_side_by_side_each_recorded(sub: Config
     assert seconds < 16 * 0.5 / 2, seconds  # one after another would take 8 s
     tasks = _tasks(isolated)
     assert len(tasks) == 17 and all(entry["status"] == "done" for entry in tasks.values())
+
+
+def _kill_own_process() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_keep_warm_worker_is_reported_like_a_killed_task(sub: Configuration, isolated: Any) -> None:
+    killed = task(chain="sub", config=sub, keep_warm=True)(_kill_own_process)
+    with pytest.raises(RunnerError, match="killed by SIGKILL") as raised:
+        killed()
+    assert raised.value.reason == "signal"
+    assert "connection was lost" not in str(raised.value)
+    nap = task(chain="sub", config=sub, keep_warm=True)(_nap)
+    assert nap(0.0) != os.getpid()  # the next call gets a fresh worker
+    entries = sorted(_tasks(isolated).values(), key=lambda entry: entry["started"])
+    assert entries[0]["status"] == "failed" and entries[0]["result_status"] == "signal", entries[0]
+    assert entries[0]["exit_code"] == 137
