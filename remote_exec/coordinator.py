@@ -298,8 +298,18 @@ class Coordinator:
             recorder.failed(exc)
             raise
         session.local["outcome"] = outcome
-        recorder.finished(result=outcome.result, phases=outcome.phases,
-                          value=lambda: self._recorded_value(session, target, outcome))
+        taken = False
+
+        def recorded() -> bytes | Path:
+            nonlocal taken
+            taken = True
+            return self._recorded_value(session, target, outcome)
+
+        try:
+            recorder.finished(result=outcome.result, phases=outcome.phases, value=recorded)
+        finally:
+            if not taken and isinstance(outcome.value_data, Path):  # a spooled value nobody records
+                outcome.value_data.unlink(missing_ok=True)
         return outcome.result
 
     def _task_recorder(self, session: Session, target: Target, session_bytes: bytes) -> CallRecorder:
@@ -312,10 +322,13 @@ class Coordinator:
                                 session_bytes=session_bytes, output=self.output, key=key)
 
     @staticmethod
-    def _recorded_value(session: Session, target: Target, outcome: Outcome) -> bytes:
-        """The call's value as recorded (a pickle), or b"" when it cannot be."""
+    def _recorded_value(session: Session, target: Target, outcome: Outcome) -> bytes | Path:
+        """The call's value as recorded (a pickle: its bytes, or a file the recorder takes over), or b""
+        when it cannot be."""
         if outcome.value_data and session.serializer == "pickle" and not target.options.restricted:
             return outcome.value_data  # the pickle as it came (checked), not pickled again here
+        if isinstance(outcome.value_data, Path):
+            outcome.value_data.unlink(missing_ok=True)
         try:
             return pickle.dumps(outcome.result.value, protocol=5)
         except Exception:  # an unpicklable value is still returned; it just cannot be merged later

@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import marshal
+import os
 import pickle
 import shutil
 import tarfile
@@ -30,6 +31,10 @@ logger = logging.getLogger(__name__)
 
 #: The frames that carry a result (:meth:`Received.add` takes them).
 RESULT_FRAMES = frozenset((b"R", b"V", b"X", b"F", b"Z"))
+#: A value whose header declares more bytes than this streams to a spool file as it arrives and is rebuilt
+#: from there (a 300 MB value then peaks at about twice its size in memory, not four times); smaller ones
+#: stay in memory (a small call writes no file).
+SPOOL_VALUE = 16 << 20
 
 
 def safe_member_path(name: str) -> PurePosixPath:
@@ -49,7 +54,9 @@ class Received:
 
     Attributes:
         header: The R frame (None until it arrived; ``{}`` if it was not JSON: the HMAC check refuses it).
-        value: The V payloads (joined once, at the end).
+        value: The V payloads (joined once, at the end), unless the value is spooled.
+        value_path: The spool file a large value streams into (see :data:`SPOOL_VALUE`); its owner removes
+            it (:meth:`discard` does unless :func:`collect` handed it on).
         exc_data: The X payloads.
         files_path: The spool file the F payloads stream into (made when the first arrives).
         end: The Z frame, once the result is complete.
@@ -59,6 +66,9 @@ class Received:
         self.mac = hmac.new(key, digestmod=hashlib.sha256)
         self.header: dict[str, Any] | None = None
         self.value: list[bytes] = []
+        self.value_path: Path | None = None
+        self.value_stream: IO[bytes] | None = None
+        self.value_size = 0
         self.exc_data: list[bytes] = []
         self.files_path: Path | None = None
         self.files_stream: IO[bytes] | None = None
@@ -76,17 +86,30 @@ class Received:
                 self.header = json.loads(payload)
             except ValueError:  # damaged: the HMAC check in collect() refuses the result
                 self.header = {}
+            if self._declared_value() > SPOOL_VALUE:
+                handle, name = tempfile.mkstemp(prefix="rx-value-")
+                self.value_path, self.value_stream = Path(name), os.fdopen(handle, "wb")
         elif kind == b"V":
-            self.value.append(payload)
+            self.value_size += len(payload)
+            if self.value_stream is not None:
+                self.value_stream.write(payload)
+            else:
+                self.value.append(payload)
         elif kind == b"X":
             self.exc_data.append(payload)
         else:
             self._spool().write(payload)
 
+    def _declared_value(self) -> int:
+        declared = self.header.get("value") if isinstance(self.header, dict) else None
+        try:
+            return int(declared.get("size") or 0) if isinstance(declared, dict) else 0
+        except (TypeError, ValueError):
+            return 0
+
     def large_value_follows(self) -> bool:
         """True when the header just received declares a value over 1 MiB."""
-        declared = self.header.get("value") if isinstance(self.header, dict) else None
-        return isinstance(declared, dict) and int(declared.get("size") or 0) > (1 << 20)
+        return self._declared_value() > (1 << 20)
 
     def _spool(self) -> IO[bytes]:
         if self.files_stream is None:
@@ -95,44 +118,52 @@ class Received:
         return self.files_stream
 
     def close_spool(self) -> None:
-        """The files have all arrived."""
-        if self.files_stream is not None and not self.files_stream.closed:
-            self.files_stream.close()
+        """The files (and the value) have all arrived."""
+        for stream in (self.files_stream, self.value_stream):
+            if stream is not None and not stream.closed:
+                stream.close()
 
     def discard(self) -> None:
-        """Remove the spool file (what landed was moved out of it)."""
+        """Remove the spool files (what landed was moved out of them; a value handed on is its owner's)."""
         self.close_spool()
         if self.files_path is not None:
             shutil.rmtree(self.files_path.parent, ignore_errors=True)
+        if self.value_path is not None:
+            self.value_path.unlink(missing_ok=True)
 
 
-def _checked_parts(received: Received, host: str) -> tuple[dict[str, Any], bytes, bytes]:
-    """The header, value and exception bytes, once the HMAC and the declared sizes agree."""
+def _checked_parts(received: Received, host: str) -> tuple[dict[str, Any], bytes | Path, bytes]:
+    """The header, the value (its bytes, or the spool file holding them) and the exception bytes, once the
+    HMAC and the declared sizes agree."""
     if received.header is None or received.end is None:
         raise IntegrityError(f"{host}: the runner sent no result header")
     if not hmac.compare_digest(received.mac.hexdigest(), str(received.end.get("hmac", ""))):
         raise IntegrityError(f"{host}: the result failed its HMAC check; it was not accepted",
                              hint="something changed the result in transit or on the remote disk")
     header = received.header
-    value = received.value[0] if len(received.value) == 1 else b"".join(received.value)
+    received.close_spool()
+    value: bytes | Path = received.value[0] if len(received.value) == 1 else b"".join(received.value)
+    if received.value_path is not None:
+        value = received.value_path
     exc_data = b"".join(received.exc_data)
     received.value.clear()
-    for name, data in (("value", value), ("exc_pickle", exc_data)):
+    for name, size in (("value", received.value_size), ("exc_pickle", len(exc_data))):
         expected = header.get(name)
-        if expected is None and data:
+        if expected is None and size:
             raise IntegrityError(f"{host}: the result carries an undeclared {name}")
-        if expected is not None and len(data) != expected["size"]:  # its content is under the HMAC
+        if expected is not None and size != expected["size"]:  # its content is under the HMAC
             raise IntegrityError(f"{host}: the result's {name} is damaged (size mismatch)")
     return header, value, exc_data
 
 
 def collect(received: Received, host: str, session: Session, options: CallOptions,
-            land_file: FileLander | None) -> tuple[Result, list[Path], bytes]:
+            land_file: FileLander | None) -> tuple[Result, list[Path], bytes | Path]:
     """Check a complete result and rebuild it; land its files.
 
     Returns:
-        The result, the local paths of the landed files, and the value as the runner pickled it (b""
-        when it came as marshal: it is then recorded from the object).
+        The result, the local paths of the landed files, and the value as the runner pickled it: its bytes,
+        or a large value's spool file, which the caller then owns (b"" when it came as marshal: it is then
+        recorded from the object).
 
     Raises:
         IntegrityError: A check failed; nothing landed.
@@ -144,6 +175,8 @@ def collect(received: Received, host: str, session: Session, options: CallOption
         landed = land_files(received, host, header["files"], land_file)
     if (header.get("value") or {}).get("encoding") == "marshal":
         value = b""
+    elif isinstance(value, Path):
+        received.value_path = None  # handed on: the caller records it, then removes it
     return result, landed, value
 
 
@@ -177,24 +210,30 @@ def _raised(exception: dict[str, Any], exc_data: bytes, exit_code: int, status: 
                                    traceback_text, exit_code=exit_code, status=status)
 
 
-def _value(header: dict[str, Any], value: bytes, session: Session, options: CallOptions) -> Any:
+def _value(header: dict[str, Any], value: bytes | Path, session: Session, options: CallOptions) -> Any:
+    """The value rebuilt from its bytes, or from its spool file: a pickle is read from the file as it goes
+    (the value's own bytes are the only large allocation), marshal needs the bytes whole (twice its size)."""
     encoding = (header.get("value") or {}).get("encoding")
     if encoding == "marshal":
         if options.restricted:
             raise IntegrityError(f"{header.get('host', 'the host')}: restricted mode was sent a marshalled "
                                  "value it did not ask for; it was not accepted")
         try:
-            return marshal.loads(value)
+            return marshal.loads(value if isinstance(value, bytes) else value.read_bytes())
         except (ValueError, EOFError, TypeError) as exc:
             raise IntegrityError(f"the result's value is damaged: {exc}") from exc
+    if session.serializer == "pickle" and isinstance(value, Path) and not options.restricted:
+        with value.open("rb") as stream:
+            return pickle.load(stream)
+    data = value if isinstance(value, bytes) else value.read_bytes()
     if session.serializer == "pickle":
-        return _unpickler(options)(value)
+        return _unpickler(options)(data)
     from ..serialization import get_serializer
 
-    return get_serializer(session.serializer).loads(value)
+    return get_serializer(session.serializer).loads(data)
 
 
-def rebuild_result(header: dict[str, Any], value: bytes, exc_data: bytes, session: Session,
+def rebuild_result(header: dict[str, Any], value: bytes | Path, exc_data: bytes, session: Session,
                    options: CallOptions) -> Result:
     """The :class:`Result` a checked result header, value and exception stand for."""
     status = header.get("status", "error")

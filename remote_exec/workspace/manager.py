@@ -639,21 +639,46 @@ class Run:
 
     # -- per-call records (sessions and results of a @task run) -------------------------------------
 
-    def write_calls(self, members: list[tuple[str, bytes]]) -> None:
+    def write_calls(self, members: list[tuple[str, bytes | Path]]) -> None:
         """Record a batch of per-call files (``sessions/<key>.session``, ``results/<key>.pkl``) in one
         archive under ``calls/``: one file per batch, not two per call (a sweep makes thousands of calls).
+        A member given as a file (a large value spooled as it arrived) is copied in as it is read, and the
+        file removed.
 
-        The archive appears complete or not at all; it is not fsynced (state.json is): a crash of the
-        machine may lose the last batch, a killed process loses nothing it wrote.
+        The archive appears complete or not at all; it is not fsynced (state.json is) unless it holds such a
+        file: a crash of the machine may lose the last batch, a killed process loses nothing it wrote.
         """
         import io
+        import shutil
+        import tempfile
         import zipfile
 
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-            for name, data in members:
-                archive.writestr(name, data)
-        self.store.write_bytes(f"calls/{time.time_ns():020d}-{os.getpid()}.zip", buffer.getvalue(), sync=False)
+        name = f"calls/{time.time_ns():020d}-{os.getpid()}.zip"
+        spooled = [data for _, data in members if isinstance(data, Path)]
+        try:
+            if not spooled:
+                buffer = io.BytesIO()
+                with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+                    for member, data in members:
+                        archive.writestr(member, data)  # type: ignore[arg-type]  # bytes: no file here
+                self.store.write_bytes(name, buffer.getvalue(), sync=False)
+            else:  # streamed through a file beside the run (memory stays flat, landing is a rename)
+                with tempfile.NamedTemporaryFile(dir=self.dir, prefix=".calls-", delete=False) as stream:
+                    temporary = Path(stream.name)
+                    with zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_STORED) as archive:
+                        for member, data in members:
+                            if isinstance(data, Path):
+                                with data.open("rb") as source, archive.open(member, "w", force_zip64=True) as out:
+                                    shutil.copyfileobj(source, out, 1 << 20)
+                            else:
+                                archive.writestr(member, data)
+                try:
+                    self.store.write_file(name, temporary, move=True)
+                finally:
+                    temporary.unlink(missing_ok=True)
+        finally:
+            for path in spooled:
+                path.unlink(missing_ok=True)
         self.__dict__.pop("_call_index", None)
 
     def _calls(self) -> dict[str, Path]:

@@ -82,8 +82,9 @@ class CallRecorder(ABC):
         ``finished`` or ``failed``."""
 
     @abstractmethod
-    def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes]) -> None:
-        """The call came back with ``result``; ``value`` gives its value's pickle for the record."""
+    def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes | Path]) -> None:
+        """The call came back with ``result``; ``value`` gives its value's pickle for the record (its bytes,
+        or a file that the recorder then owns and removes once recorded)."""
 
     @abstractmethod
     def failed(self, exc: BaseException) -> None:
@@ -117,7 +118,7 @@ class RunRecorder(CallRecorder):
         elif name in self._actions:
             self.run.tracker.end(self._actions.pop(name), error=None if state == "finished" else f"{name} failed")
 
-    def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes]) -> None:
+    def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes | Path]) -> None:
         """The caller (the CLI) records the run's end with its outcome."""
 
     def failed(self, exc: BaseException) -> None:
@@ -241,7 +242,7 @@ class TaskCallRecorder(CallRecorder):
     def land_file(self, relative: PurePosixPath, temporary: Path, sha256: str) -> Path:
         return self._land(relative, temporary, sha256)
 
-    def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes]) -> None:
+    def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes | Path]) -> None:
         self.output.drain()  # the caller prints after the call: the task's output comes first
         jobs: list[tuple[Any, ...]] = []
         if result.ok:
