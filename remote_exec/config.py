@@ -49,7 +49,12 @@ __all__ = [
     "check_secret_env",
     "check_timeout",
     "find_pyproject",
+    "parse_size",
 ]
+
+#: The default ``[tool.rx] log_cap``: the most a run's stdout.log (or stderr.log) keeps.
+DEFAULT_LOG_CAP = 100 << 20
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*\Z", re.IGNORECASE)
 
 DEFAULT_WORKDIR = "~/.cache/remote_exec"
 _REMOTE_KEYS = {"host", "user", "port", "python", "workdir", "env", "backend", "keep_warm", "identity_file",
@@ -121,6 +126,21 @@ def check_pull(globs: Iterable[Any], label: str = "--pull") -> tuple[str, ...]:
                              hint="name files, e.g. 'out/*.csv'")
         checked.append("/".join(parts))
     return tuple(checked)
+
+
+def parse_size(value: Any, label: str) -> int:
+    """A size in bytes: an integer, or a string such as ``"100MiB"``, ``"4 MB"``, ``"1G"`` (powers of 1024).
+
+    Raises:
+        ConfigError: Not a size.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(f"{label} {value!r}: expected a size such as 100MiB, or a number of bytes")
+    power = "KMGT".find(match.group(2).upper()) + 1 if match.group(2) else 0
+    return int(float(match.group(1)) * 1024**power)
 
 
 def check_secret_env(names: Iterable[str], label: str = "--secret-env") -> dict[str, str]:
@@ -309,6 +329,8 @@ class Configuration:
         host_key_policy: ``accept-new`` (default), ``strict`` or ``off``.
         connect_timeout: Seconds for connecting.
         workspace: The workspace directory (None: ``RX_WORKSPACE`` or ``./.rx``).
+        log_cap: The most a run's ``stdout.log`` (and ``stderr.log``) keeps, in bytes: past it the head is
+            dropped and noted, the tail kept (0: no cap).
         source: The pyproject.toml this was loaded from, if any.
     """
 
@@ -322,6 +344,7 @@ class Configuration:
     host_key_policy: str = "accept-new"
     connect_timeout: float = 10.0
     workspace: Path | None = None
+    log_cap: int = DEFAULT_LOG_CAP
     source: Path | None = None
 
     def __post_init__(self) -> None:
@@ -392,7 +415,7 @@ class Configuration:
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [tool.rx] must be a table")
         known = {"backend", "serializer", "ssh_config", "distribution_modules", "host_key_policy",
-                 "connect_timeout", "workspace", "chains", "remotes"}
+                 "connect_timeout", "workspace", "chains", "remotes", "log_cap"}
         unknown = set(table) - known
         if unknown:
             raise ConfigError(f"{path}: unknown [tool.rx] key(s) {', '.join(sorted(unknown))}",
@@ -406,6 +429,7 @@ class Configuration:
             host_key_policy=table.get("host_key_policy", "accept-new"),
             connect_timeout=float(table.get("connect_timeout", 10.0)),
             workspace=(base / table["workspace"]) if "workspace" in table else None,
+            log_cap=parse_size(table.get("log_cap", DEFAULT_LOG_CAP), f"{path}: log_cap"),
             source=path,
             chains={name: [_advice_spec(item) for item in items]
                     for name, items in table.get("chains", {}).items()},

@@ -25,6 +25,7 @@ from rich.text import Text
 from ..errors import ConfigError, WorkspaceError, printable
 from ..workspace.export import EXPORT_FORMATS, export, format_duration, format_size, run_facts, shown
 from ..workspace.manager import Run, Workspace
+from ..workspace.output import log_origin
 from ..workspace.state import ACTIVE_RUN_STATUSES, duration, parse_time
 from .app import app
 
@@ -291,7 +292,8 @@ def logs_command(
     info = run.info()
     if info.get("detached") and info.get("status") in ACTIVE_RUN_STATUSES and info.get("coordinator") is None:
         pump()  # what was collected before, then the rest live from the host
-        _follow_detached(run_ref, workspace, stderr=stderr, offset=offset)
+        dropped, note = log_origin(path)  # a capped log: the host counts the bytes it dropped
+        _follow_detached(run_ref, workspace, stderr=stderr, offset=offset - note + dropped)
         return
     while True:
         active = run.status() in ACTIVE_RUN_STATUSES  # look before reading, so the last read is complete

@@ -78,7 +78,7 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     if detach:
         return _detach(run, session, as_json)
     run.set_status("running")
-    recorder = RunRecorder(run, host=remote or "local")
+    recorder = RunRecorder(run, host=remote or "local", log_cap=config.log_cap)
     session.local["recorder"] = recorder
     try:
         result = run_chain(session, [RemoteAdvice()])
@@ -320,7 +320,7 @@ def attach_run(detached: DetachedRun, as_json: bool) -> int:
             typer.echo(f"rx: run {run.id} is {info.get('status')} (exit {info.get('exit_code')}); nothing to "
                        "attach", err=True)
             return int(info.get("exit_code") or 0)
-        recorder = RunRecorder(run, host=detached.target.host)
+        recorder = RunRecorder(run, host=detached.target.host, log_cap=detached.session.config.log_cap)
         try:
             with run.action("attach", host=detached.target.host):
                 outcome = detached.coordinator.attach(detached.session, detached.target, info["detached"],

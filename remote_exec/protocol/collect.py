@@ -25,7 +25,7 @@ from ..errors import IntegrityError
 from ..session import Result, Session
 from .options import CallOptions, FileLander
 
-__all__ = ["RESULT_FRAMES", "Received", "collect", "land_files", "rebuild_result", "safe_member_path"]
+__all__ = ["RESULT_FRAMES", "Received", "collect", "land_files", "rebuild_result", "safe_member_path", "write_sparse"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Received:
         elif kind == b"X":
             self.exc_data.append(payload)
         else:
-            self._spool().write(payload)
+            write_sparse(self._spool(), payload)
 
     def _declared_value(self) -> int:
         declared = self.header.get("value") if isinstance(self.header, dict) else None
@@ -121,6 +121,7 @@ class Received:
         """The files (and the value) have all arrived."""
         for stream in (self.files_stream, self.value_stream):
             if stream is not None and not stream.closed:
+                stream.truncate()  # its size, if it ends in a hole
                 stream.close()
 
     def discard(self) -> None:
@@ -130,6 +131,15 @@ class Received:
             shutil.rmtree(self.files_path.parent, ignore_errors=True)
         if self.value_path is not None:
             self.value_path.unlink(missing_ok=True)
+
+
+def write_sparse(stream: IO[bytes], data: bytes) -> None:
+    """Write ``data``, or skip over it when it is all zeros (the file keeps a hole there: a sparse file that
+    crossed the link as zeros lands sparse). The writer truncates the file at its end."""
+    if len(data) >= 4096 and not data[0] and not data[-1] and data.count(0) == len(data):
+        stream.seek(len(data), os.SEEK_CUR)
+    else:
+        stream.write(data)
 
 
 def _checked_parts(received: Received, host: str) -> tuple[dict[str, Any], bytes | Path, bytes]:
@@ -282,7 +292,8 @@ def _check_member(host: str, archive: tarfile.TarFile, member: tarfile.TarInfo,
         digest = hashlib.sha256()
         while block := source.read(1 << 20):
             digest.update(block)
-            temporary.write(block)
+            write_sparse(temporary, block)
+        temporary.truncate()
     if digest.hexdigest() != listed["sha256"]:
         raise IntegrityError(f"{host}: pulled file {member.name!r} is damaged (sha256 mismatch)")
 

@@ -1,5 +1,5 @@
-"""A task's live output on local streams, written by a thread of its own so that a slow reader never holds
-up the link.
+"""A task's live output: on local streams, written by a thread of its own so that a slow reader never holds
+up the link; and in the run's logs, capped.
 
 The loop that reads the runner's frames must never block on the local reader: ``rx run big.py | less``,
 ``| (sleep 30; wc -c)`` or a terminal paused with Ctrl-S would otherwise stop it from reading the link, and
@@ -10,6 +10,10 @@ memory up to :attr:`OutputPump.memory` bytes, beyond that in an unlinked spill f
 bounded whatever the task prints. :meth:`OutputPump.drain` waits until the reader took everything (the end
 of a call, before rx prints its own summary). A reader that went away (``| head``) gets nothing more; the
 run goes on, and its log keeps everything.
+
+A run's ``stdout.log`` and ``stderr.log`` are :class:`CappedLog` files: past twice their cap the head is
+dropped and the last ``cap`` bytes kept after one note line saying how many bytes were dropped (a 500 MB
+print leaves the cap's worth on disk, not 500 MB).
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ import codecs
 import collections
 import logging
 import os
+import re
+import shutil
 import tempfile
 import threading
-from typing import IO
+from pathlib import Path
+from typing import IO, BinaryIO
 
-__all__ = ["OutputPump", "StreamWriter"]
+__all__ = ["CappedLog", "OutputPump", "StreamWriter", "log_origin"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +37,79 @@ logger = logging.getLogger(__name__)
 MEMORY = 8 << 20
 #: The largest piece written to a stream at once (a spilled stretch is read back in pieces of this size).
 PIECE = 1 << 20
+#: The note at the head of a log whose head was dropped.
+NOTE = "[rx: the first {dropped} bytes of this output were dropped (log_cap); the last {kept} follow]\n"
+_NOTE = re.compile(rb"\[rx: the first (\d+) bytes of this output were dropped [^\n]*\]\n")
+
+
+def log_origin(path: Path) -> tuple[int, int]:
+    """(bytes of output dropped from the head of the log at ``path``, length of the note saying so)."""
+    try:
+        with open(path, "rb") as stream:
+            match = _NOTE.match(stream.read(200))
+    except OSError:
+        return 0, 0
+    return (int(match.group(1)), match.end()) if match else (0, 0)
+
+
+class CappedLog:
+    """A run's live log, kept to about ``cap`` bytes: past twice the cap (and at :meth:`close`, past the cap)
+    the head is dropped and the tail kept after a :data:`NOTE`; a log opened again goes on from where it was.
+
+    Attributes:
+        path: The log file.
+        cap: The most it keeps, in bytes (0: everything).
+        dropped: Bytes of output dropped from its head so far.
+    """
+
+    def __init__(self, stream: BinaryIO, path: Path, cap: int) -> None:
+        self.path = path
+        self.cap = cap
+        self.file = stream
+        self.dropped, self._note = log_origin(path)
+        self._size = stream.tell()
+
+    @property
+    def offset(self) -> int:
+        """Bytes of output written to this log ever (where a resumed ``rx attach`` asks the host from)."""
+        return self.dropped + self._size - self._note
+
+    def tell(self) -> int:
+        """The same as :attr:`offset`."""
+        return self.offset
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self._size += len(data)
+        if self.cap and self._size - self._note > 2 * self.cap:
+            self._trim()
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def _trim(self) -> None:
+        """Keep the last ``cap`` bytes after a note of what was dropped (through a temporary and a rename)."""
+        drop = self._size - self._note - self.cap
+        note = NOTE.format(dropped=self.dropped + drop, kept=self.cap).encode()
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.trim")
+        with open(self.path, "rb") as source, open(temporary, "wb") as target:
+            source.seek(self._note + drop)
+            target.write(note)
+            shutil.copyfileobj(source, target, 1 << 20)
+        os.replace(temporary, self.path)
+        self.file.close()
+        self.file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
+        self.dropped += drop
+        self._note = len(note)
+        self._size = self._note + self.cap
+
+    def close(self) -> None:
+        """Trim to the cap, then close."""
+        try:
+            if self.cap and self._size - self._note > self.cap:
+                self._trim()
+        finally:
+            self.file.close()
 
 
 class StreamWriter:

@@ -24,7 +24,7 @@ from typing import IO, Any
 
 from ..errors import RemoteExecError
 from .manager import Run, Workspace, register_pending_writer
-from .output import OutputPump
+from .output import CappedLog, OutputPump
 from .state import utc_now
 
 __all__ = ["CallRecorder", "RunRecorder", "StreamSink", "TaskCallRecorder", "TaskRecorder", "TaskRuns"]
@@ -39,7 +39,8 @@ class StreamSink:
     reader never holds up the link's reading loop) and writes them to a log file when given one;
     thread-safe."""
 
-    def __init__(self, stream: IO[str], log: IO[bytes] | None = None, pump: OutputPump | None = None) -> None:
+    def __init__(self, stream: IO[str], log: IO[bytes] | CappedLog | None = None,
+                 pump: OutputPump | None = None) -> None:
         self.stream = stream
         self.log = log
         self.pump = pump or OutputPump()
@@ -95,14 +96,16 @@ class CallRecorder(ABC):
 
 
 class RunRecorder(CallRecorder):
-    """Records an ``rx run`` (or ``rx attach``): logs, actions, files; synchronously."""
+    """Records an ``rx run`` (or ``rx attach``): logs (each kept to ``log_cap`` bytes, 0: all), actions,
+    files; synchronously."""
 
     def __init__(self, run: Run, *, host: str | None, stdout: IO[str] | None = None,
-                 stderr: IO[str] | None = None) -> None:
+                 stderr: IO[str] | None = None, log_cap: int = 0) -> None:
         self.run = run
         self.host = host
-        self._logs = (run.store.open_append("stdout.log"), run.store.open_append("stderr.log"))
-        self.offsets = (self._logs[0].tell(), self._logs[1].tell())
+        self._logs = tuple(CappedLog(run.store.open_append(name), run.dir / name, log_cap)
+                           for name in ("stdout.log", "stderr.log"))
+        self.offsets = (self._logs[0].offset, self._logs[1].offset)
         self.output = OutputPump()  # one for both streams: their order stays the task's
         self.stdout = StreamSink(stdout or sys.stdout, self._logs[0], self.output)
         self.stderr = StreamSink(stderr or sys.stderr, self._logs[1], self.output)
