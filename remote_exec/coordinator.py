@@ -32,7 +32,7 @@ from .backends.base import Backend, HostSpec
 from .backends.local import LocalBackend
 from .backends.pool import BackendPool
 from .config import Configuration, check_env, check_pull, check_secret_env, check_timeout, find_pyproject
-from .errors import SerializationError
+from .errors import LocalDiskFull, SerializationError
 from .launchers.base import Launcher
 from .launchers.registry import create_launcher
 from .packing import DistributionArchive, Packer, default_cache_dir
@@ -290,10 +290,17 @@ class Coordinator:
         if recorder is None:
             recorder = self._task_recorder(session, target, session_bytes)
         try:
-            outcome = dispatch(session, target.backend, self._pack(session, recorder), target.options,
-                               launcher=target.launcher, workers=self.workers, on_stdout=recorder.stdout,
-                               on_stderr=recorder.stderr, land_file=recorder.land_file, on_phase=recorder.phase,
-                               session_bytes=session_bytes)
+            archive = self._pack(session, recorder)
+            outcome = dispatch(session, target.backend, archive, target.options, launcher=target.launcher,
+                               workers=self.workers, on_stdout=recorder.stdout, on_stderr=recorder.stderr,
+                               land_file=recorder.land_file, on_phase=recorder.phase, session_bytes=session_bytes,
+                               hold=recorder.retryable)
+        except LocalDiskFull as exc:
+            if exc.kept:  # what rx attach needs to collect it from the host
+                exc.kept.update(archive=archive.sha256, archive_path=str(archive.path),
+                                python=target.options.python, workdir=target.options.workdir)
+            recorder.failed(exc)
+            raise
         except BaseException as exc:
             recorder.failed(exc)
             raise

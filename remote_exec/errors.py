@@ -9,7 +9,8 @@
     ├── SessionError                a saved session is damaged or of an unknown format version
     ├── SerializationError          a value could not be serialized or deserialized
     ├── WorkspaceError              the local workspace: unknown or ambiguous run, unreadable state
-    │   └── RunBusy                 another rx process holds the run (one rx attach of a run at a time)
+    │   ├── RunBusy                 another rx process holds the run (one rx attach of a run at a time)
+    │   └── LocalDiskFull           the local disk filled up while a result was collected (kept on the host)
     ├── IntegrityError              a file that crossed the link failed its sha256 or HMAC check
     ├── BackendError(host)          exit status 255: the link to a host
     │   ├── ConnectError            host unreachable, refused, name unknown, link lost
@@ -41,6 +42,7 @@ __all__ = [
     "HostKeyError",
     "IntegrityError",
     "Interrupted",
+    "LocalDiskFull",
     "PackError",
     "RemoteError",
     "RemoteExecError",
@@ -133,6 +135,18 @@ class RunBusy(WorkspaceError):
     def __init__(self, message: str, *, holder: dict[str, object] | None = None, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.holder = dict(holder or {})
+
+
+class LocalDiskFull(WorkspaceError):
+    """The local disk (or quota) filled up while a result was collected: nothing of it landed.
+
+    Attributes:
+        kept: Where the host keeps the result for another try (``host``, ``run_dir``, ...), or None.
+    """
+
+    def __init__(self, message: str, *, kept: dict[str, object] | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.kept = kept
 
 
 class IntegrityError(RemoteExecError):

@@ -13,7 +13,16 @@ from typing import Annotated, Any
 import typer
 
 from ..config import check_env, check_pull, check_remote_backend, check_secret_env, check_timeout
-from ..errors import ConfigError, Interrupted, RemoteExecError, RunBusy, UsageError, WorkspaceError, printable
+from ..errors import (
+    ConfigError,
+    Interrupted,
+    LocalDiskFull,
+    RemoteExecError,
+    RunBusy,
+    UsageError,
+    WorkspaceError,
+    printable,
+)
 from .app import app
 
 __all__ = ["DetachedRun", "attach_run", "load_detached_run", "rerun", "run"]
@@ -82,6 +91,9 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     session.local["recorder"] = recorder
     try:
         result = run_chain(session, [RemoteAdvice()])
+    except LocalDiskFull as exc:
+        uncollected(run, exc, exc.kept)
+        raise
     except Interrupted as exc:
         run.set_status("cancelled", exit_code=130, error=str(exc))
         raise
@@ -94,6 +106,19 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     finally:
         recorder.close()
     return finish_run(run, result, session.local.get("outcome"), as_json)
+
+
+def uncollected(run: Any, exc: LocalDiskFull, kept: dict[str, Any] | None) -> None:
+    """Record a run whose result could not land (the local disk was full) as failed to collect, with where
+    its host keeps the result, so that ``rx attach RUN`` collects it once there is room."""
+    exc.hint = (f"the host keeps it: free some space, then rx attach {run.id}" if kept
+                else "the host did not keep it")
+    try:
+        if kept:
+            run.update(detached=kept, coordinator=None, collect_failed=True)
+        run.set_status("failed", exit_code=exc.exit_code, error=str(exc))
+    except RemoteExecError:  # the disk may be too full even for state.json: the error line says it all
+        pass
 
 
 def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
@@ -316,7 +341,7 @@ def attach_run(detached: DetachedRun, as_json: bool) -> int:
         # A detached run belongs to its host's supervisor, not to a local process: attaching never makes
         # this process its coordinator, so an attach that is killed leaves the run attachable (and a run
         # an older rx marked lost can still be collected).
-        if info.get("status") not in ("running", "pending", "lost"):
+        if info.get("status") not in ("running", "pending", "lost") and not info.get("collect_failed"):
             typer.echo(f"rx: run {run.id} is {info.get('status')} (exit {info.get('exit_code')}); nothing to "
                        "attach", err=True)
             return int(info.get("exit_code") or 0)
@@ -328,8 +353,13 @@ def attach_run(detached: DetachedRun, as_json: bool) -> int:
         except (KeyboardInterrupt, Interrupted):
             typer.echo(f"rx: detached; still running: rx attach {run.id} (stop it: rx cancel {run.id})", err=True)
             return 130
+        except LocalDiskFull as exc:
+            uncollected(run, exc, info["detached"] if exc.kept else None)
+            raise
         finally:
             recorder.close()
+        if info.get("collect_failed"):
+            run.update(collect_failed=None)
         return finish_run(run, outcome.result, outcome, as_json)
 
 

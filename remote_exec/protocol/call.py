@@ -14,10 +14,19 @@ import logging
 import secrets
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..backends.base import Backend, Process
-from ..errors import CommandTimeout, ConnectError, IntegrityError, Interrupted, RemoteExecError, RunnerError
+from ..errors import (
+    CommandTimeout,
+    ConnectError,
+    IntegrityError,
+    Interrupted,
+    LocalDiskFull,
+    RemoteExecError,
+    RunnerError,
+)
 from ..launchers.base import Launcher
 from ..packing import DistributionArchive
 from ..session import Result, Session
@@ -247,20 +256,26 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None, *, detache
 def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
              on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
              phases: dict[str, float], uploaded: bool, keep: bool,
-             extra_options: Mapping[str, Any] | None = None, detached: bool = False) -> Outcome:
+             extra_options: Mapping[str, Any] | None = None, detached: bool = False, hold: bool = False) -> Outcome:
     """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
     output, collect and check its result. With ``keep`` the channel (a worker) stays open after it.
 
     The call's timeout holds here too: past it and :data:`STOP_MARGIN`, a runner that did not answer is
     given up. Not when the call follows a ``detached`` run: its host keeps its clock, and Ctrl-C only
-    stops following (KeyboardInterrupt, the run goes on)."""
+    stops following (KeyboardInterrupt, the run goes on).
+
+    With ``hold`` (an ``rx run``, whose collection can be tried again) the runner waits, after the result,
+    to hear what becomes of it: ``A`` (it landed, or was refused) and it goes; ``K`` when the local disk
+    filled up, and the host keeps it (:class:`LocalDiskFull` says where) for ``rx attach``. A ``detached``
+    run's follower keeps it unless it hears ``A``."""
     key = secrets.token_bytes(32)
     call = Call(channel, options, key, on_stdout, on_stderr)
     phase("execute", "started")
     deadline = None
+    acknowledged = hold or detached
     try:
-        _send_call(channel, _call_options(session, options, key, land_file, extra_options), session_bytes,
-                   keep=keep)
+        _send_call(channel, _call_options(session, options, key, land_file, {**(extra_options or {}), "hold": hold}),
+                   session_bytes, keep=keep)
         if options.timeout is not None and not detached:  # the task starts once its session arrived
             deadline = time.monotonic() + options.timeout + STOP_MARGIN
         died = _stream(call, phase, deadline, detached=detached)
@@ -268,18 +283,13 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
             return Outcome(result=died, header={"status": died.status, "exit_code": died.exit_code,
                                                 "detail": died.detail}, uploaded=uploaded, phases=phases)
         header = call.received.header or {}
-        if not keep:
+        if not keep and not acknowledged:
             channel.reap_later()
-        elif header.get("status") in ("timeout", "cancelled"):
+        if keep and header.get("status") in ("timeout", "cancelled"):
             channel.broken = True  # a worker exits after such a call
         phase("execute", "finished")
-        phase("collect", "started")
-        try:
-            result, landed, value_data = collect(call.received, call.host, session, options, land_file)
-        except BaseException:
-            phase("collect", "failed")
-            raise
-        phase("collect", "finished")
+        result, landed, value_data = _collect(call, session, options, land_file, phase, hold=hold,
+                                              detached=detached)
     except BaseException:
         channel.broken = True
         raise
@@ -288,12 +298,50 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
         channel.watch(None)
         if not keep:
             channel.closed.set()
+            if acknowledged and call.received.end is not None:
+                channel.reap_later()  # after A (or without it: the runner keeps the result)
         call.received.discard()
         if call.received.end is None:
             channel.process.kill()
     result.host = call.host
     return Outcome(result=result, header=header, files=landed, uploaded=uploaded, phases=phases,
                    value_data=value_data)
+
+
+def _collect(call: Call, session: Session, options: CallOptions, land_file: FileLander | None,
+             phase: PhaseCallback, *, hold: bool, detached: bool) -> tuple[Result, list[Path], bytes | Path]:
+    """:func:`collect` as the ``collect`` phase, and the ``A`` that lets the runner drop a kept result."""
+    phase("collect", "started")
+    try:
+        collected = collect(call.received, call.host, session, options, land_file)
+    except LocalDiskFull as exc:  # the host keeps the result for another try
+        phase("collect", "failed")
+        if hold and not detached:
+            _answer(call.channel, b"K")
+        if hold or detached:
+            exc.kept = {"host": call.host, "run_dir": (call.started or {}).get("run_dir")}
+        raise
+    except RemoteExecError:
+        phase("collect", "failed")
+        if hold and not detached:  # refused: nothing to try again (a detached run stays for another attach)
+            _answer(call.channel, b"A")
+        raise
+    except BaseException:
+        phase("collect", "failed")
+        raise
+    phase("collect", "finished")
+    if hold or detached:
+        _answer(call.channel, b"A")
+    return collected
+
+
+def _answer(channel: Channel, kind: bytes) -> None:
+    """Tell the runner what becomes of the result: ``A`` (taken care of: it may remove what it kept of it)
+    or ``K`` (keep it for another try)."""
+    try:
+        channel.send(kind)
+    except Exception:  # a runner that did not wait for it has gone: nothing is kept
+        logger.debug("answering the result failed", exc_info=True)
 
 
 class _Phases:
@@ -316,7 +364,7 @@ class _Phases:
 def dispatch(session: Session, backend: Backend, archive: DistributionArchive, options: CallOptions, *,
              launcher: Launcher, workers: WorkerPool, on_stdout: OutputSink, on_stderr: OutputSink,
              land_file: FileLander | None = None, on_phase: PhaseCallback | None = None,
-             session_bytes: bytes | None = None) -> Outcome:
+             session_bytes: bytes | None = None, hold: bool = False) -> Outcome:
     """Run ``session`` on ``backend``'s host and return what came back.
 
     Args:
@@ -332,6 +380,8 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
         on_phase: Told (phase, "started" | "finished" | "failed") around connect, upload, execute and
             collect (the workspace records them as actions).
         session_bytes: ``session.to_wire()``, when the caller has it already.
+        hold: The runner keeps the result until it landed (a process-per-call run that can be collected
+            again: see :func:`run_call`).
 
     Raises:
         ConnectError, AuthError, HostKeyError: The host could not be reached or the link died.
@@ -346,7 +396,8 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
 
     def call(channel: Channel, *, uploaded: bool, keep: bool) -> Outcome:
         return run_call(channel, session, session_bytes, options, on_stdout=on_stdout, on_stderr=on_stderr,
-                        land_file=land_file, phase=phase, phases=phase.seconds, uploaded=uploaded, keep=keep)
+                        land_file=land_file, phase=phase, phases=phase.seconds, uploaded=uploaded, keep=keep,
+                        hold=hold and not keep)
 
     if options.keep_warm:
         for attempt in (1, 2):

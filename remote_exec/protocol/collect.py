@@ -8,6 +8,8 @@ the declared sizes, and a sha256 per file; a result with one bad file lands none
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import hmac
 import json
@@ -21,7 +23,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from ..errors import IntegrityError
+from ..errors import IntegrityError, LocalDiskFull, WorkspaceError
 from ..session import Result, Session
 from .options import CallOptions, FileLander
 
@@ -60,6 +62,8 @@ class Received:
         exc_data: The X payloads.
         files_path: The spool file the F payloads stream into (made when the first arrives).
         end: The Z frame, once the result is complete.
+        failed: Why the result could not be spooled locally (a full disk): the frames are then still read
+            to their end, so that the runner finishes its result and keeps it for another try.
     """
 
     def __init__(self, key: bytes) -> None:
@@ -73,6 +77,7 @@ class Received:
         self.files_path: Path | None = None
         self.files_stream: IO[bytes] | None = None
         self.end: dict[str, Any] | None = None
+        self.failed: OSError | None = None
 
     def add(self, kind: bytes, payload: bytes) -> None:
         """Take one of :data:`RESULT_FRAMES`."""
@@ -81,6 +86,15 @@ class Received:
             return
         self.mac.update(kind + len(payload).to_bytes(8, "big"))
         self.mac.update(payload)
+        try:
+            self._keep(kind, payload)
+        except OSError as exc:  # the local disk: read on to the end, keep nothing (the host keeps it)
+            self.failed = exc
+            self.discard()
+
+    def _keep(self, kind: bytes, payload: bytes) -> None:
+        if self.failed is not None and kind != b"R":
+            return
         if kind == b"R":
             try:
                 self.header = json.loads(payload)
@@ -118,11 +132,17 @@ class Received:
         return self.files_stream
 
     def close_spool(self) -> None:
-        """The files (and the value) have all arrived."""
+        """The files (and the value) have all arrived (a disk that filled up on the last writes counts as
+        :attr:`failed`)."""
         for stream in (self.files_stream, self.value_stream):
             if stream is not None and not stream.closed:
-                stream.truncate()  # its size, if it ends in a hole
-                stream.close()
+                try:
+                    stream.truncate()  # its size, if it ends in a hole
+                    stream.close()
+                except OSError as exc:
+                    self.failed = self.failed or exc
+                    with contextlib.suppress(OSError):
+                        stream.close()  # closed all the same
 
     def discard(self) -> None:
         """Remove the spool files (what landed was moved out of them; a value handed on is its owner's)."""
@@ -178,16 +198,37 @@ def collect(received: Received, host: str, session: Session, options: CallOption
     Raises:
         IntegrityError: A check failed; nothing landed.
     """
+    if received.failed is not None:
+        raise _disk_full(host, received.failed)
     header, value, exc_data = _checked_parts(received, host)
     result = rebuild_result(header, value, exc_data, session, options)
     landed: list[Path] = []
     if land_file is not None and header.get("files"):
-        landed = land_files(received, host, header["files"], land_file)
+        try:
+            landed = land_files(received, host, header["files"], land_file)
+        except (OSError, WorkspaceError) as exc:
+            cause = exc if isinstance(exc, OSError) else exc.__cause__
+            if not isinstance(cause, OSError) or cause.errno not in DISK_FULL:
+                raise
+            raise _disk_full(host, cause) from exc
     if (header.get("value") or {}).get("encoding") == "marshal":
         value = b""
     elif isinstance(value, Path):
         received.value_path = None  # handed on: the caller records it, then removes it
     return result, landed, value
+
+
+#: The errors of a local disk (or quota) that filled up.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(host: str, exc: OSError) -> WorkspaceError:
+    """The error for a result that could not be kept locally: :class:`LocalDiskFull` for a full disk."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno not in DISK_FULL:
+        return WorkspaceError(f"{host}: the result could not be kept locally: {exc.strerror or exc}{where}")
+    return LocalDiskFull(f"{host}: the result could not be landed: the local disk is full{where}; nothing of "
+                         "it landed")
 
 
 def _unpickler(options: CallOptions) -> Any:
@@ -317,4 +358,14 @@ def land_files(received: Received, host: str, manifest: list[dict[str, Any]], la
         if isinstance(exc, (tarfile.TarError, EOFError)):
             raise IntegrityError(f"{host}: the result's files are damaged: {exc}") from exc
         raise
-    return [land_file(relative, temporary_path, sha256) for relative, temporary_path, sha256 in checked]
+    landed: list[Path] = []
+    try:
+        for relative, temporary_path, sha256 in checked:
+            landed.append(land_file(relative, temporary_path, sha256))
+    except BaseException:  # all or nothing: what landed before goes again, the rest is removed
+        for path in landed:
+            path.unlink(missing_ok=True)
+        for _, temporary_path, _ in checked:
+            temporary_path.unlink(missing_ok=True)
+        raise
+    return landed

@@ -12,12 +12,18 @@ coordinator:
 
     G  go: the call's options as marshal (see :func:`dump_options`): the per-call HMAC key, run id,
        timeout, heartbeat and dead_after seconds, env, secret_env, pull globs, no_pull, keep, the task's
-       kind, whether the value may come back as marshal; for ``attach``, stdout/stderr offsets
+       kind, whether the value may come back as marshal, ``hold`` (after the result, wait for A or K); for
+       ``attach``, stdout/stderr offsets
     S  the session in its wire form (``Session.to_wire``), in one or more frames
     s  end of session: marshal ``{"size": N}`` (the runner also accepts a ``sha256``); the task starts
     H  heartbeat (empty)
     C  cancel: stop the task's process group now
     Q  quit: a persistent worker exits (a running call is cancelled)
+    A  acknowledged (empty): the coordinator landed the result it was sent, or refused it; the runner may
+       remove what it kept of it
+    K  keep (empty): the coordinator could not land the result (its disk was full): a process-per-call
+       runner whose G frame said ``hold`` keeps it in the run directory the way a detached run keeps its
+       outcome, for a later ``attach RUN_DIR collect``; without A or K (the coordinator went away) it goes
 
 Frames from the runner:
 

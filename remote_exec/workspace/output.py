@@ -60,6 +60,8 @@ class CappedLog:
         path: The log file.
         cap: The most it keeps, in bytes (0: everything).
         dropped: Bytes of output dropped from its head so far.
+        error: Why it stopped taking output (a full disk), or None: the run goes on, its output still
+            reaches the terminal, and a later ``rx attach`` of a detached run fills in what is missing.
     """
 
     def __init__(self, stream: BinaryIO, path: Path, cap: int) -> None:
@@ -68,6 +70,7 @@ class CappedLog:
         self.file = stream
         self.dropped, self._note = log_origin(path)
         self._size = stream.tell()
+        self.error: OSError | None = None
 
     @property
     def offset(self) -> int:
@@ -79,10 +82,16 @@ class CappedLog:
         return self.offset
 
     def write(self, data: bytes) -> None:
-        self.file.write(data)
-        self._size += len(data)
-        if self.cap and self._size - self._note > 2 * self.cap:
-            self._trim()
+        if self.error is not None:
+            return
+        try:
+            self.file.write(data)
+            self._size += len(data)
+            if self.cap and self._size - self._note > 2 * self.cap:
+                self._trim()
+        except OSError as exc:
+            self.error = exc
+            logger.warning("%s is incomplete from byte %d on: %s", self.path, self.offset, exc.strerror or exc)
 
     def flush(self) -> None:
         self.file.flush()
@@ -92,11 +101,15 @@ class CappedLog:
         drop = self._size - self._note - self.cap
         note = NOTE.format(dropped=self.dropped + drop, kept=self.cap).encode()
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.trim")
-        with open(self.path, "rb") as source, open(temporary, "wb") as target:
-            source.seek(self._note + drop)
-            target.write(note)
-            shutil.copyfileobj(source, target, 1 << 20)
-        os.replace(temporary, self.path)
+        try:
+            with open(self.path, "rb") as source, open(temporary, "wb") as target:
+                source.seek(self._note + drop)
+                target.write(note)
+                shutil.copyfileobj(source, target, 1 << 20)
+            os.replace(temporary, self.path)
+        except OSError:
+            temporary.unlink(missing_ok=True)
+            raise
         self.file.close()
         self.file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
         self.dropped += drop
@@ -106,8 +119,10 @@ class CappedLog:
     def close(self) -> None:
         """Trim to the cap, then close."""
         try:
-            if self.cap and self._size - self._note > self.cap:
+            if self.cap and self._size - self._note > self.cap and self.error is None:
                 self._trim()
+        except OSError as exc:
+            logger.warning("%s could not be trimmed to its cap: %s", self.path, exc.strerror or exc)
         finally:
             self.file.close()
 
@@ -170,11 +185,15 @@ class OutputPump:
         if not data or writer.gone:
             return
         with self._changed:
-            if self._held + len(data) <= self.memory:
+            try:
+                if self._held + len(data) > self.memory:
+                    self._queue_spilled(writer, data)
+                    data = b""
+            except OSError:  # no room to spill (a full disk): it waits in memory
+                logger.debug("spilling output failed", exc_info=True)
+            if data:
                 self._queue.append((writer, data))
                 self._held += len(data)
-            else:
-                self._queue_spilled(writer, data)
             self._closing = False
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="rx-output", daemon=True)

@@ -69,10 +69,13 @@ class CallRecorder(ABC):
     Attributes:
         stdout: Receives the task's stdout as it arrives.
         stderr: Receives the task's stderr as it arrives.
+        retryable: Its collection can be tried again (``rx attach``): the host keeps the result until it
+            landed.
     """
 
     stdout: OutputSink
     stderr: OutputSink
+    retryable = False
 
     @abstractmethod
     def land_file(self, relative: PurePosixPath, temporary: Path, sha256: str) -> Path:
@@ -98,6 +101,8 @@ class CallRecorder(ABC):
 class RunRecorder(CallRecorder):
     """Records an ``rx run`` (or ``rx attach``): logs (each kept to ``log_cap`` bytes, 0: all), actions,
     files; synchronously."""
+
+    retryable = True
 
     def __init__(self, run: Run, *, host: str | None, stdout: IO[str] | None = None,
                  stderr: IO[str] | None = None, log_cap: int = 0) -> None:
