@@ -294,18 +294,24 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
         channel.broken = True
         raise
     finally:
-        call.stop.set()
-        channel.watch(None)
-        if not keep:
-            channel.closed.set()
-            if acknowledged and call.received.end is not None:
-                channel.reap_later()  # after A (or without it: the runner keeps the result)
-        call.received.discard()
-        if call.received.end is None:
-            channel.process.kill()
+        _end_call(call, keep=keep, acknowledged=acknowledged)
     result.host = call.host
     return Outcome(result=result, header=header, files=landed, uploaded=uploaded, phases=phases,
                    value_data=value_data)
+
+
+def _end_call(call: Call, *, keep: bool, acknowledged: bool) -> None:
+    """The call is over (whatever happened): stop watching it, drop its spools, let the runner go."""
+    channel = call.channel
+    call.stop.set()
+    channel.watch(None)
+    if not keep:
+        channel.closed.set()
+        if acknowledged and call.received.end is not None:
+            channel.reap_later()  # after A or K
+    call.received.discard()
+    if call.received.end is None:
+        channel.process.kill()
 
 
 def _collect(call: Call, session: Session, options: CallOptions, land_file: FileLander | None,
