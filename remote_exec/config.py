@@ -8,6 +8,7 @@ A :class:`Configuration` is built in code or loaded from the ``[tool.rx]`` table
     serializer = "pickle"                    # or "json"
     distribution_modules = ["mypkg"]         # shipped in the archive besides what is found
     chains.cached = ["remote_exec.advices.cache:CachingAdvice", "remote_exec.advices.remote:RemoteAdvice"]
+    log_cap = "100MiB"                       # the most a run's stdout.log and stderr.log keep (0: all)
 
     [tool.rx.remotes.gpu1]
     host = "gpu1.lab.example.org"            # an ssh_config alias, a host name or [user@]host[:port]
