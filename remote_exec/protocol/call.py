@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..backends.base import Backend, Process
 from ..errors import (
@@ -32,9 +32,10 @@ from ..packing import DistributionArchive
 from ..session import Result, Session
 from . import wire
 from .bootstrap import start_runner
-from .channel import Channel, Flag
+from .channel import Channel, Flag, reap
 from .collect import RESULT_FRAMES, Received, collect
 from .options import CallOptions, FileLander, Outcome, OutputSink, PhaseCallback
+from .stdin import StdinPump
 
 if TYPE_CHECKING:
     from .workers import WorkerPool
@@ -73,6 +74,7 @@ class Call:
         self.on_stdout = on_stdout
         self.on_stderr = on_stderr
         self.received = Received(key)
+        self.stdin: StdinPump | None = None  # rx run's stdin, when it forwards it
         self.started: dict[str, Any] | None = None
         self.dead = Flag()
         self.overdue = Flag()
@@ -110,6 +112,9 @@ class Call:
             self.on_stderr(payload)
         elif kind == b"P":
             self.started = json.loads(payload)
+        elif kind == b"W":
+            if self.stdin is not None:
+                self.stdin.taken(payload)
         elif kind in RESULT_FRAMES:
             self.received.add(kind, payload)
             if kind == b"R" and self.received.large_value_follows():
@@ -256,9 +261,11 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None, *, detache
 def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
              on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
              phases: dict[str, float], uploaded: bool, keep: bool,
-             extra_options: Mapping[str, Any] | None = None, detached: bool = False, hold: bool = False) -> Outcome:
+             extra_options: Mapping[str, Any] | None = None, stdin: BinaryIO | None = None, detached: bool = False,
+             hold: bool = False) -> Outcome:
     """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
-    output, collect and check its result. With ``keep`` the channel (a worker) stays open after it.
+    output (and ``stdin`` to the task, if given), collect and check its result. With ``keep`` the channel
+    (a worker) stays open after it.
 
     The call's timeout holds here too: past it and :data:`STOP_MARGIN`, a runner that did not answer is
     given up. Not when the call follows a ``detached`` run: its host keeps its clock, and Ctrl-C only
@@ -273,9 +280,11 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
     phase("execute", "started")
     deadline = None
     acknowledged = hold or detached
+    extra = {**(extra_options or {}), "hold": hold, **({"stdin": True} if stdin is not None else {})}
     try:
-        _send_call(channel, _call_options(session, options, key, land_file, {**(extra_options or {}), "hold": hold}),
-                   session_bytes, keep=keep)
+        _send_call(channel, _call_options(session, options, key, land_file, extra), session_bytes, keep=keep)
+        if stdin is not None:
+            call.stdin = StdinPump(channel, stdin).start()
         if options.timeout is not None and not detached:  # the task starts once its session arrived
             deadline = time.monotonic() + options.timeout + STOP_MARGIN
         died = _stream(call, phase, deadline, detached=detached)
@@ -301,9 +310,12 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
 
 
 def _end_call(call: Call, *, keep: bool, acknowledged: bool) -> None:
-    """The call is over (whatever happened): stop watching it, drop its spools, let the runner go."""
+    """The call is over (whatever happened): stop watching it and feeding its stdin, drop its spools, let
+    the runner go."""
     channel = call.channel
     call.stop.set()
+    if call.stdin is not None:
+        call.stdin.stop()
     channel.watch(None)
     if not keep:
         channel.closed.set()
@@ -312,6 +324,8 @@ def _end_call(call: Call, *, keep: bool, acknowledged: bool) -> None:
     call.received.discard()
     if call.received.end is None:
         channel.process.kill()
+        if not keep:  # its pipes are released now, not whenever the last reference to them goes
+            reap(channel.process, channel.stderr_reader)
 
 
 def _collect(call: Call, session: Session, options: CallOptions, land_file: FileLander | None,
@@ -370,7 +384,7 @@ class _Phases:
 def dispatch(session: Session, backend: Backend, archive: DistributionArchive, options: CallOptions, *,
              launcher: Launcher, workers: WorkerPool, on_stdout: OutputSink, on_stderr: OutputSink,
              land_file: FileLander | None = None, on_phase: PhaseCallback | None = None,
-             session_bytes: bytes | None = None, hold: bool = False) -> Outcome:
+             session_bytes: bytes | None = None, stdin: BinaryIO | None = None, hold: bool = False) -> Outcome:
     """Run ``session`` on ``backend``'s host and return what came back.
 
     Args:
@@ -386,6 +400,8 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
         on_phase: Told (phase, "started" | "finished" | "failed") around connect, upload, execute and
             collect (the workspace records them as actions).
         session_bytes: ``session.to_wire()``, when the caller has it already.
+        stdin: What the task reads on its stdin (``rx run`` forwards a pipe or a file); None: nothing.
+            A call with stdin runs in a runner of its own, never in a persistent worker.
         hold: The runner keeps the result until it landed (a process-per-call run that can be collected
             again: see :func:`run_call`).
 
@@ -403,9 +419,9 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
     def call(channel: Channel, *, uploaded: bool, keep: bool) -> Outcome:
         return run_call(channel, session, session_bytes, options, on_stdout=on_stdout, on_stderr=on_stderr,
                         land_file=land_file, phase=phase, phases=phase.seconds, uploaded=uploaded, keep=keep,
-                        hold=hold and not keep)
+                        stdin=stdin, hold=hold and not keep)
 
-    if options.keep_warm:
+    if options.keep_warm and stdin is None:
         for attempt in (1, 2):
             channel = workers.acquire(launcher, backend, archive, options, phase)  # for this call alone
             try:

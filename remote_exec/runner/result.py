@@ -100,6 +100,8 @@ def classify(options: dict[str, Any], ending: Ending) -> Loaded:
                               "signal": _signal_name(signal_number) if signal_number else None}
     if record is not None:
         header["exception"] = record.get("exception")
+        if record.get("packages"):
+            header["packages"] = record["packages"]
     value, exc_data = (loaded[1], loaded[2]) if loaded is not None else (b"", b"")
     # Sizes only: the content of both is under the result's HMAC.
     header["value"] = ({"size": len(value), "encoding": (record or {}).get("value_encoding", "serializer")}
@@ -132,15 +134,16 @@ def _without_record(options: dict[str, Any], ending: Ending, exit_code: int,
 
 
 def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any], value: bytes | memoryview,
-                    exc_data: bytes | memoryview, out: Out, *, reuse: bool = False) -> bool:
+                    exc_data: bytes | memoryview, out: Out, *, reuse: bool = False, remove: bool = True) -> bool:
     """Send R, V, X, F frames, clean the run directory, send Z (the HMAC over the result).
 
     With ``reuse``, a run directory the task left empty is kept (creating and removing a directory costs
-    a persistent worker's small call more than all the rest); returns True when it was.
+    a persistent worker's small call more than all the rest); returns True when it was. Without
+    ``remove`` (the coordinator says what becomes of the result) the run directory stays for the caller.
     """
     names = os.listdir(run_dir)
     files = [] if options.get("no_pull") or not names else _manifest(run_dir, options.get("pull") or [])
-    header = dict(header, files=files)
+    header = dict(header, files=files, **({"kept": run_dir} if options.get("keep") else {}))
     size = len(value) + len(exc_data) + sum(entry["size"] for entry in files)
     out.sign(size=size)
     if size > (1 << 20):
@@ -154,7 +157,7 @@ def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any
     if files:
         _send_files(run_dir, files, out)
     kept = reuse and not names and not options.get("keep")
-    if not options.get("keep") and not kept:
+    if remove and not options.get("keep") and not kept:
         rmtree(run_dir)
     out.send(b"Z", out.json_text({"hmac": out.mac.hexdigest()}).encode())
     out.release()

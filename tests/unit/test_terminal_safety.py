@@ -40,7 +40,7 @@ def test_remote_error_and_traceback_print_escaped_but_keep_the_raw_text() -> Non
     assert not RAW.search(str(error)) and "mod.Bad: \\x1b]0;pwned" in str(error)
     assert error.remote_message == HOSTILE  # the object keeps what the host said
     cause = RemoteTraceback("line 1\n" + HOSTILE)
-    assert not RAW.search(str(cause)) and str(cause).startswith("line 1\n") and cause.tb.endswith("boom")
+    assert not RAW.search(str(cause)) and str(cause).startswith("\nline 1\n") and cause.tb.endswith("boom")
 
 
 def test_a_hostile_exception_message_reaches_no_terminal_raw(isolated: Any) -> None:
