@@ -16,6 +16,11 @@ A :class:`Configuration` is built in code or loaded from the ``[tool.rx]`` table
     python = "/opt/conda/bin/python"
     env = { CUDA_VISIBLE_DEVICES = "0" }
 
+    [tool.rx.remotes.cluster]                # a Slurm cluster: each call an sbatch job
+    host = "login1"
+    scheduler = "slurm"
+    slurm = { partition = "gpu", time = "1:00:00", gres = "gpu:1", extra = ["--constraint=a100"] }
+
 Nothing is registered by importing modules named in environment variables: chains name their advice
 classes explicitly, and environment variables only choose among options (``RX_BACKEND``,
 ``RX_SSH_CONFIG``, ``RX_WORKSPACE``). This module imports no advice: chains given as ``"module:Class"``
@@ -59,7 +64,7 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*\Z", re.IGNORECASE)
 
 DEFAULT_WORKDIR = "~/.cache/remote_exec"
 _REMOTE_KEYS = {"host", "user", "port", "python", "workdir", "env", "backend", "keep_warm", "identity_file",
-                "timeout", "restricted", "allow_unpickle", "scheduler"}
+                "timeout", "restricted", "allow_unpickle", "scheduler", "slurm"}
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -178,7 +183,10 @@ class Remote:
             trust): plain data and built-in exceptions, plus ``allow_unpickle``.
         allow_unpickle: Modules or ``module.name`` globals restricted mode accepts besides those.
         scheduler: How the runner is started on the host: a launcher's name (``direct``, the default: one
-            exec over the connection).
+            exec over the connection; ``slurm``: each call an sbatch job submitted through this login node).
+        slurm: The Slurm launcher's settings (``partition``, ``time``, ``gres``, ``mem``, ``account``,
+            ``qos``, ``cpus_per_task``, ``extra`` sbatch words, ``signal``, ``requeue``, ``poll_interval``,
+            ``poll_max``); giving them makes ``slurm`` the scheduler.
     """
 
     name: str
@@ -195,11 +203,12 @@ class Remote:
     restricted: bool = False
     allow_unpickle: tuple[str, ...] = ()
     scheduler: str = "direct"
+    slurm: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def launcher_options(self) -> dict[str, Any]:
         """The settings of this remote's launcher (none for ``direct``)."""
-        return {}
+        return dict(self.slurm) if self.scheduler == "slurm" else {}
 
     @classmethod
     def from_table(cls, name: str, table: Mapping[str, Any]) -> Remote:
@@ -223,11 +232,10 @@ class Remote:
         if "env" in values and not (isinstance(values["env"], dict)
                                     and all(isinstance(v, str) for v in values["env"].values())):
             raise ConfigError(f"[tool.rx.remotes.{name}]: env must be a table of strings")
-        try:
-            values["env"] = check_env(values.get("env") or {}, f"[tool.rx.remotes.{name}] env")
-            values["timeout"] = check_timeout(values.get("timeout"), f"[tool.rx.remotes.{name}] timeout")
-        except UsageError as exc:
-            raise ConfigError(exc.message, hint=exc.hint) from None
+        _check_values(name, values)
+        if "slurm" in values:
+            values.setdefault("scheduler", "slurm")
+            _check_slurm_table(name, values["slurm"])
         if "scheduler" in values:
             from .launchers.registry import check_launcher_name
 
@@ -252,6 +260,31 @@ class Remote:
         if self.identity_file:
             changes["identity_file"] = Path(self.identity_file).expanduser()
         return replace(spec, **changes) if changes else spec
+
+
+def _check_slurm_table(name: str, table: object) -> None:
+    """Refuse a ``slurm`` table the Slurm launcher would refuse, when the configuration loads."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"[tool.rx.remotes.{name}]: slurm must be a table, e.g. slurm = {{ partition = \"gpu\" }}")
+    from .launchers.registry import create_launcher
+
+    try:
+        create_launcher("slurm", table)
+    except ConfigError as exc:
+        raise ConfigError(f"[tool.rx.remotes.{name}]: {exc.message}", hint=exc.hint) from None
+
+
+def _check_values(name: str, values: dict[str, Any]) -> None:
+    """A remote table's env and timeout, checked as the command line's are (in place).
+
+    Raises:
+        ConfigError: A bad variable name or timeout, named with the table it is in.
+    """
+    try:
+        values["env"] = check_env(values.get("env") or {}, f"[tool.rx.remotes.{name}] env")
+        values["timeout"] = check_timeout(values.get("timeout"), f"[tool.rx.remotes.{name}] timeout")
+    except UsageError as exc:
+        raise ConfigError(exc.message, hint=exc.hint) from None
 
 
 def check_remote_backend(name: str, *, where: str = "") -> str:

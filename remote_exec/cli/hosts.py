@@ -115,9 +115,12 @@ def check(
     connect_timeout: Annotated[float, typer.Option(help="Seconds to connect.")] = 10.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Connect to HOST and report backend, round-trip time, remote Python, free disk and GPUs."""
+    """Connect to HOST and report backend, round-trip time, remote Python, free disk and GPUs; on a
+    Slurm remote also the Slurm version, partitions and idle nodes, whether accounting answers, and whether
+    jobs see the login node's home (a probe job writes a file there)."""
     from ..config import Configuration
     from ..coordinator import Coordinator
+    from ..launchers.registry import create_launcher
 
     config = Configuration.load()
     remote = config.remote(host)
@@ -143,19 +146,44 @@ def check(
     facts = json.loads(result.stdout.decode())
     report = {"host": host, "backend": backend_name, "connect_seconds": round(connect_seconds, 4),
               "rtt_ms": round(statistics.median(rtts) * 1000, 2), **facts}
+    launcher = create_launcher(remote.scheduler, remote.launcher_options)
+    if launcher.schedules:
+        report["scheduler"] = launcher.describe(conn, remote.workdir)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
     from rich.console import Console
+    console = Console(highlight=False)
+    console.print(f"[bold]{_shown(host)}[/] ok via {backend_name}")
+    console.print(f"  connect     {connect_seconds * 1000:.0f} ms, round trip {report['rtt_ms']:.1f} ms (median of 5)")
+    console.print(f"  python      {_shown(facts['python'])} ({_shown(facts['executable'])})")
+    console.print(f"  host        {_shown(facts['hostname'])}, {_shown(facts['cpus'])} CPUs, "
+                  f"{_shown(facts['platform'])}")
+    console.print(f"  free disk   {facts['free_bytes'] / 2**30:.1f} GiB in {_shown(facts['workdir'])}")
+    console.print(f"  GPUs        {_shown(', '.join(facts['gpus'])) if facts['gpus'] else 'none (no nvidia-smi)'}")
+    if "scheduler" in report:
+        _print_scheduler(console, report["scheduler"])
+
+
+def _print_scheduler(console: Any, facts: dict[str, Any]) -> None:
+    """The scheduler's part of ``rx check``: version, accounting, partitions, whether jobs see the home
+    (what the cluster said: no markup, no control characters)."""
+    console.print(f"  scheduler   {_shown(facts['scheduler'])} {_shown(facts['version'])}, accounting "
+                  f"{'yes' if facts['accounting'] else 'no (sacct does not answer: scontrol is used)'}")
+    for partition in facts["partitions"]:
+        console.print(f"  partition   {_shown(partition['name'])}{' (default)' if partition['default'] else ''}: "
+                      f"{_shown(partition['available'])}, {_shown(partition['idle_nodes'])} of "
+                      f"{_shown(partition['nodes'])} node(s) idle, time limit {_shown(partition['time_limit'])}")
+    shared = facts["shared_home"]
+    if shared.get("shared"):
+        console.print(f"  shared home yes (a job on {_shown(shared['node'])} wrote a file the login node read)")
+    else:
+        console.print(f"  shared home {'no' if shared.get('shared') is False else 'unknown'}: "
+                      f"{_shown(shared.get('reason'))}", style="yellow")
+
+
+def _shown(value: object) -> str:
+    """What a host or cluster reported, for rich: no markup, no control characters."""
     from rich.markup import escape
 
-    def shown(value: object) -> str:  # what the host reported: no markup, no control characters
-        return escape(printable(value))
-
-    console = Console(highlight=False)
-    console.print(f"[bold]{escape(host)}[/] ok via {backend_name}")
-    console.print(f"  connect     {connect_seconds * 1000:.0f} ms, round trip {report['rtt_ms']:.1f} ms (median of 5)")
-    console.print(f"  python      {shown(facts['python'])} ({shown(facts['executable'])})")
-    console.print(f"  host        {shown(facts['hostname'])}, {shown(facts['cpus'])} CPUs, {shown(facts['platform'])}")
-    console.print(f"  free disk   {facts['free_bytes'] / 2**30:.1f} GiB in {shown(facts['workdir'])}")
-    console.print(f"  GPUs        {shown(', '.join(facts['gpus'])) if facts['gpus'] else 'none (no nvidia-smi)'}")
+    return escape(printable(value))
