@@ -232,7 +232,7 @@ def _worker_death(call: Call) -> Result | None:
 
 def _stream(call: Call, phase: PhaseCallback, deadline: float | None, *, detached: bool = False) -> Result | None:
     """Stream the call's output until its result is complete (Ctrl-C cancels the remote task first; when
-    following a ``detached`` run it only stops following: the KeyboardInterrupt goes on as it is).
+    following a ``detached`` run it only stops following, and says so: the run goes on).
 
     Returns:
         None, or how the call ended when a signal ended the persistent worker running it.
@@ -246,7 +246,7 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None, *, detache
         if detached:
             call.stop.set()
             channel.process.kill()  # the follower on the host; the detached run goes on
-            raise
+            raise Interrupted(f"stopped following the run on {call.host}; it goes on") from None
         call.cancel()
         raise Interrupted(f"interrupted; the task on {call.host} was stopped") from None
     call.stop.set()
@@ -272,7 +272,7 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
 
     The call's timeout holds here too: past it and :data:`STOP_MARGIN`, a runner that did not answer is
     given up. Not when the call follows a ``detached`` run: its host keeps its clock, and Ctrl-C only
-    stops following (KeyboardInterrupt, the run goes on).
+    stops following (:class:`Interrupted`; the run goes on).
 
     With ``hold`` (an ``rx run``, whose collection can be tried again) the runner waits, after the result,
     to hear what becomes of it: ``A`` (it landed, or was refused) and it goes; ``K`` when the local disk

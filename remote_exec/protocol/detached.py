@@ -103,7 +103,7 @@ def attach_detached(session: Session, backend: Backend, detached: Mapping[str, A
     as an attached call's is) and let the host remove its run directory.
 
     Raises:
-        KeyboardInterrupt: Ctrl-C: following stopped; the run goes on (attach again later).
+        Interrupted: Ctrl-C: following stopped; the run goes on (attach again later).
     """
     channel = start_runner(launcher, backend, _archive_of(detached), options, "attach", _ignore_phase,
                            [str(detached["run_dir"]), "collect"])
