@@ -446,6 +446,9 @@ def load_detached_run(workspace: Path | None, run_ref: str) -> DetachedRun:
     with run.session_path.open("rb") as stream:
         session = Session.restore(stream)
     session.config = Configuration.load()
+    # Secrets went to the host when the run started; following, collecting or cancelling it needs none.
+    session.context["options"] = {key: value for key, value in (session.context.get("options") or {}).items()
+                                  if key != "secret_env"}
     coordinator = Coordinator.current()
     return DetachedRun(run=run, session=session, target=coordinator.resolve_target(session), info=info,
                        coordinator=coordinator)
@@ -521,8 +524,8 @@ def cancel(
         raise typer.Exit(0)
     detached.coordinator.cancel(detached.target, info["detached"])
     try:
-        attach_run(detached, as_json=False)
+        code = attach_run(detached, as_json=False)
     except RunBusy as exc:  # the attach that holds the run collects it
         typer.echo(f"rx: run {run.id} cancelled on its host; {exc.message}, which collects it", err=True)
         raise typer.Exit(130) from None
-    raise typer.Exit(130 if run.info().get("status") == "cancelled" else 0)
+    raise typer.Exit(130 if run.info().get("status") == "cancelled" else code)

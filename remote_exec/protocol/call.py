@@ -50,6 +50,12 @@ logger = logging.getLogger(__name__)
 STOP_MARGIN = 4.0
 
 
+#: Seconds a call interrupted with Ctrl-C (or SIGTERM) waits for its task to stop and its result, with the
+#: files it wrote, to come back: the runner's SIGINT and SIGTERM graces (2 s each), its drain (1 s) and a
+#: margin. A second Ctrl-C stops waiting.
+STOP_WAIT = 8.0
+
+
 class StaleWorker(Exception):
     """A persistent worker's channel was already closed when a call was sent to it."""
 
@@ -64,10 +70,12 @@ class Call:
         overdue: The watchdog gave the link up because the call was past its deadline (its timeout and
             :data:`STOP_MARGIN`) and the runner had not confirmed the stop.
         stop: The call is over; the watchdog leaves it alone.
+        stop_wait: Seconds a Ctrl-C waits for the stopped task's result (0: it does not wait).
+        interrupted: Ctrl-C stopped the task, and its result came back.
     """
 
     def __init__(self, channel: Channel, options: CallOptions, key: bytes, on_stdout: OutputSink,
-                 on_stderr: OutputSink, on_event: EventSink | None = None) -> None:
+                 on_stderr: OutputSink, on_event: EventSink | None = None, stop_wait: float = STOP_WAIT) -> None:
         self.channel = channel
         self.host = channel.backend.host
         self.options = options
@@ -80,6 +88,8 @@ class Call:
         self.dead = Flag()
         self.overdue = Flag()
         self.stop = Flag()
+        self.stop_wait = stop_wait
+        self.interrupted = False
 
     def check(self, deadline: float | None) -> None:
         """Called about every second while the call runs: heartbeat to the runner, and drop the link
@@ -126,6 +136,19 @@ class Call:
         elif kind != b"B":
             raise RunnerError(f"unknown frame {kind!r} from the runner", reason="protocol", host=self.host)
         return False
+
+    def stop_and_wait(self) -> bool:
+        """After a Ctrl-C: ask the runner to stop the task (SIGINT first, so the task's ``finally`` runs) and
+        wait up to :attr:`stop_wait` seconds for its result; False when it did not come (a second Ctrl-C,
+        a lost link, or no waiting for this call)."""
+        if self.stop_wait <= 0:
+            return False
+        try:
+            self.channel.send(b"C")
+            self.channel.watch(self, time.monotonic() + self.stop_wait)
+            return self.channel.pump(self.handle)
+        except (KeyboardInterrupt, Exception):
+            return False
 
     def cancel(self) -> None:
         """Ask the runner to stop the task, give it a moment, then drop the channel."""
@@ -231,8 +254,9 @@ def _worker_death(call: Call) -> Result | None:
 
 
 def _stream(call: Call, phase: PhaseCallback, deadline: float | None, *, detached: bool = False) -> Result | None:
-    """Stream the call's output until its result is complete (Ctrl-C cancels the remote task first; when
-    following a ``detached`` run it only stops following, and says so: the run goes on).
+    """Stream the call's output until its result is complete. Ctrl-C stops the remote task and waits a
+    moment for its result (its files come back); when following a ``detached`` run it only stops
+    following, and says so: the run goes on.
 
     Returns:
         None, or how the call ended when a signal ended the persistent worker running it.
@@ -242,13 +266,17 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None, *, detache
     try:
         complete = channel.pump(call.handle)
     except KeyboardInterrupt:
-        phase("execute", "failed")
         if detached:
+            phase("execute", "failed")
             call.stop.set()
             channel.process.kill()  # the follower on the host; the detached run goes on
             raise Interrupted(f"stopped following the run on {call.host}; it goes on") from None
-        call.cancel()
-        raise Interrupted(f"interrupted; the task on {call.host} was stopped") from None
+        call.interrupted = call.stop_and_wait()  # the task's files come back with its result
+        if not call.interrupted:
+            call.cancel()
+            phase("execute", "failed")
+            raise Interrupted(f"interrupted; the task on {call.host} was stopped") from None
+        complete = True
     call.stop.set()
     call.received.close_spool()
     if not complete:
@@ -261,6 +289,17 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None, *, detache
     return None
 
 
+def _send_tolerantly(call: Call, go: dict[str, Any], session_bytes: bytes | None, *, keep: bool) -> None:
+    """Send the call; a runner that ended before it read it is reported by what it said (see
+    :func:`_no_result_error`), not as a closed pipe."""
+    try:
+        _send_call(call.channel, go, session_bytes, keep=keep)
+    except ConnectError:
+        if keep:
+            raise
+        logger.debug("%s: the runner stopped reading its input", call.host, exc_info=True)
+
+
 def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
              on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
              phases: dict[str, float], uploaded: bool, keep: bool,
@@ -271,21 +310,21 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
     (a worker) stays open after it.
 
     The call's timeout holds here too: past it and :data:`STOP_MARGIN`, a runner that did not answer is
-    given up. Not when the call follows a ``detached`` run: its host keeps its clock, and Ctrl-C only
-    stops following (:class:`Interrupted`; the run goes on).
+    given up. Not when the call collects a ``detached`` run: its host keeps its clock, Ctrl-C only stops
+    following (:class:`Interrupted`; the run goes on), and the runner hears ``A`` once the result landed,
+    and only then removes the run's data: a result that was refused can be collected again.
 
     With ``hold`` (an ``rx run``, whose collection can be tried again) the runner waits, after the result,
     to hear what becomes of it: ``A`` (it landed, or was refused) and it goes; ``K`` when the local disk
-    filled up, and the host keeps it (:class:`LocalDiskFull` says where) for ``rx attach``. A ``detached``
-    run's follower keeps it unless it hears ``A``."""
+    filled up, and the host keeps it (:class:`LocalDiskFull` says where) for ``rx attach``."""
     key = secrets.token_bytes(32)
-    call = Call(channel, options, key, on_stdout, on_stderr, on_event)
+    call = Call(channel, options, key, on_stdout, on_stderr, on_event, stop_wait=0.0 if detached else STOP_WAIT)
     phase("execute", "started")
     deadline = None
     acknowledged = hold or detached
     extra = {**(extra_options or {}), "hold": hold, **({"stdin": True} if stdin is not None else {})}
     try:
-        _send_call(channel, _call_options(session, options, key, land_file, extra), session_bytes, keep=keep)
+        _send_tolerantly(call, _call_options(session, options, key, land_file, extra), session_bytes, keep=keep)
         if stdin is not None:
             call.stdin = StdinPump(channel, stdin).start()
         if options.timeout is not None and not detached:  # the task starts once its session arrived
@@ -300,8 +339,7 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
         if keep and header.get("status") in ("timeout", "cancelled"):
             channel.broken = True  # a worker exits after such a call
         phase("execute", "finished")
-        result, landed, value_data = _collect(call, session, options, land_file, phase, hold=hold,
-                                              detached=detached)
+        result, landed, value_data = _collect(call, session, land_file, phase, hold=hold, detached=detached)
     except BaseException:
         channel.broken = True
         raise
@@ -313,8 +351,9 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
 
 
 def _end_call(call: Call, *, keep: bool, acknowledged: bool) -> None:
-    """The call is over (whatever happened): stop watching it and feeding its stdin, drop its spools, let
-    the runner go."""
+    """However the call ended: the watchdog and stdin pump stop, the spool goes, a runner that waited for
+    ``A`` or ``K`` is let go, and a channel whose result did not come whole is dropped (its pipes released
+    now, not whenever the last reference to them goes)."""
     channel = call.channel
     call.stop.set()
     if call.stdin is not None:
@@ -322,21 +361,23 @@ def _end_call(call: Call, *, keep: bool, acknowledged: bool) -> None:
     channel.watch(None)
     if not keep:
         channel.closed.set()
-        if acknowledged and call.received.end is not None:
-            channel.reap_later()  # after A or K
+        if acknowledged and call.received.end is not None and channel.process.wait(0) is None:
+            channel.reap_later()  # after A or K (or without: a detached run stays for another attach)
     call.received.discard()
     if call.received.end is None:
         channel.process.kill()
-        if not keep:  # its pipes are released now, not whenever the last reference to them goes
+        if not keep:
             reap(channel.process, channel.stderr_reader)
 
 
-def _collect(call: Call, session: Session, options: CallOptions, land_file: FileLander | None,
-             phase: PhaseCallback, *, hold: bool, detached: bool) -> tuple[Result, list[Path], bytes | Path]:
-    """:func:`collect` as the ``collect`` phase, and the ``A`` that lets the runner drop a kept result."""
+def _collect(call: Call, session: Session, land_file: FileLander | None, phase: PhaseCallback, *,
+             hold: bool, detached: bool) -> tuple[Result, list[Path], bytes | Path]:
+    """Check and land the result (see :func:`.collect.collect`) as the ``collect`` phase; tell the runner
+    what becomes of it (``A``, or ``K`` for a full local disk); raise Interrupted, once the files landed,
+    for a call Ctrl-C stopped."""
     phase("collect", "started")
     try:
-        collected = collect(call.received, call.host, session, options, land_file)
+        collected = collect(call.received, call.host, session, call.options, land_file)
     except LocalDiskFull as exc:  # the host keeps the result for another try
         phase("collect", "failed")
         if hold and not detached:
@@ -353,8 +394,15 @@ def _collect(call: Call, session: Session, options: CallOptions, land_file: File
         phase("collect", "failed")
         raise
     phase("collect", "finished")
-    if hold or detached:
+    if detached:  # the host removes the run now: wait for that (20,000 files take a few seconds)
         _answer(call.channel, b"A")
+        reap(call.channel.process, call.channel.stderr_reader)
+    elif hold:
+        _answer(call.channel, b"A")
+    if call.interrupted:
+        landed = collected[1]
+        raise Interrupted(f"interrupted; the task on {call.host} was stopped"
+                          + (f" ({len(landed)} file(s) it wrote brought back)" if landed else ""))
     return collected
 
 

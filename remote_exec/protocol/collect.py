@@ -1,8 +1,9 @@
 """Collecting a result: the frames that carry it, its checks, the value or exception rebuilt, the files landed.
 
-The runner sends a result as ``R`` (header), ``V`` (value), ``X`` (pickled exception), ``F`` (a tar
-stream of the pulled files) and ``Z`` (end: an HMAC-SHA256 with the per-call key over every R, V, X and F
-frame, each as type byte, 8-byte length and payload). Nothing lands until all of it checked: the HMAC,
+The runner sends a result as ``R`` (header), ``L`` (the list of pulled files, in as many frames as it
+takes), ``V`` (value), ``X`` (pickled exception), ``F`` (a tar stream of the pulled files) and ``Z`` (end: an
+HMAC-SHA256 with the per-call key over every R, L, V, X and F frame, each as type byte, 8-byte length and
+payload). Nothing lands until all of it checked: the HMAC,
 the declared sizes, and a sha256 per file; a result with one bad file lands none.
 """
 
@@ -23,7 +24,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from ..errors import IntegrityError, LocalDiskFull, WorkspaceError
+from ..errors import IntegrityError, LocalDiskFull, WorkspaceError, printable
 from ..hints import unreadable_value
 from ..serialization import rebuild_exception
 from ..session import Result, Session
@@ -34,7 +35,7 @@ __all__ = ["RESULT_FRAMES", "Received", "collect", "land_files", "rebuild_result
 logger = logging.getLogger(__name__)
 
 #: The frames that carry a result (:meth:`Received.add` takes them).
-RESULT_FRAMES = frozenset((b"R", b"V", b"X", b"F", b"Z"))
+RESULT_FRAMES = frozenset((b"R", b"L", b"V", b"X", b"F", b"Z"))
 #: A value whose header declares more bytes than this streams to a spool file as it arrives and is rebuilt
 #: from there (a 300 MB value then peaks at about twice its size in memory, not four times); smaller ones
 #: stay in memory (a small call writes no file).
@@ -57,7 +58,9 @@ class Received:
     """The result frames of one call as they arrive, and their running HMAC.
 
     Attributes:
-        header: The R frame (None until it arrived; ``{}`` if it was not JSON: the HMAC check refuses it).
+        header: The R frame (None until it arrived; ``{}`` if it was not JSON: the HMAC check refuses it);
+            once the result is complete, its ``files`` hold the list the L frames carried.
+        files: The entries of the L frames so far.
         value: The V payloads (joined once, at the end), unless the value is spooled.
         value_path: The spool file a large value streams into (see :data:`SPOOL_VALUE`); its owner removes
             it (:meth:`discard` does unless :func:`collect` handed it on).
@@ -71,6 +74,7 @@ class Received:
     def __init__(self, key: bytes) -> None:
         self.mac = hmac.new(key, digestmod=hashlib.sha256)
         self.header: dict[str, Any] | None = None
+        self.files: list[Any] = []
         self.value: list[bytes] = []
         self.value_path: Path | None = None
         self.value_stream: IO[bytes] | None = None
@@ -85,6 +89,9 @@ class Received:
         """Take one of :data:`RESULT_FRAMES`."""
         if kind == b"Z":
             self.end = json.loads(payload)
+            if isinstance(self.header, dict):
+                listed = self.header.get("files")
+                self.header["files"] = (listed if isinstance(listed, list) else []) + self.files
             return
         self.mac.update(kind + len(payload).to_bytes(8, "big"))
         self.mac.update(payload)
@@ -105,6 +112,12 @@ class Received:
             if self._declared_value() > SPOOL_VALUE:
                 handle, name = tempfile.mkstemp(prefix="rx-value-")
                 self.value_path, self.value_stream = Path(name), os.fdopen(handle, "wb")
+        elif kind == b"L":
+            try:
+                listed = json.loads(payload)
+            except ValueError:  # damaged: the HMAC check refuses the result
+                listed = []
+            self.files += listed if isinstance(listed, list) else []
         elif kind == b"V":
             self.value_size += len(payload)
             if self.value_stream is not None:
@@ -208,6 +221,7 @@ def collect(received: Received, host: str, session: Session, options: CallOption
     except (ImportError, AttributeError) as exc:  # the value needs a module this side lacks, or has at another version
         pickled = value if isinstance(value, bytes) else b""  # a spooled value: the host's list of packages
         raise unreadable_value(exc, pickled, task=session.task.name, host=host, remote=header.get("packages")) from exc
+    _warn_of_leftovers(host, header)
     landed: list[Path] = []
     if land_file is not None and header.get("files"):
         try:
@@ -235,6 +249,21 @@ def _disk_full(host: str, exc: OSError) -> WorkspaceError:
         return WorkspaceError(f"{host}: the result could not be kept locally: {exc.strerror or exc}{where}")
     return LocalDiskFull(f"{host}: the result could not be landed: the local disk is full{where}; nothing of "
                          "it landed")
+
+
+def _warn_of_leftovers(host: str, header: dict[str, Any]) -> None:
+    """Say what the result could not carry (unreadable files) and what the runner had to stop after the task
+    ended (processes it left running)."""
+    skipped = int(header.get("skipped_count") or 0)
+    if skipped:
+        named = ", ".join(f"{entry.get('path')} ({entry.get('reason')})" for entry in header.get("skipped") or [])
+        logger.warning("%s: %d file(s) or folder(s) the task left could not be read and were not brought back: %s",
+                       host, skipped, printable(named[:500]))
+    stray = header.get("stray") or []
+    if stray:
+        logger.warning("%s: the task left %d process(es) running; rx stopped them: %s", host,
+                       int(header.get("stray_count") or len(stray)), printable(", ".join(map(str, stray))[:500]))
+
 
 
 def _unpickler(options: CallOptions) -> Any:

@@ -38,6 +38,7 @@ __all__ = [
     "REPO",
     "RESULTS_FILE",
     "SCENARIOS",
+    "SSHD_KILLER",
     "Ran",
     "Recorder",
     "RemoteAudit",
@@ -63,6 +64,11 @@ DRIVER = HERE / "task_driver.py"
 RESULTS_FILE = Path(os.environ.get("RX_FAULTS_RESULTS", HERE / ".results" / "results.json"))
 #: The remote user's default rx cache (archives and run directories).
 REMOTE_CACHE = "/home/rx/.cache/remote_exec"
+#: A root command that kills every sshd process serving the user rx (not the listener); prints how many.
+SSHD_KILLER = (
+    "n=0; for pid in $(ps -eo pid=,args= | awk '$2 == \"sshd:\" && $3 ~ /^rx/ {print $1}'); "
+    "do kill -9 $pid && n=$((n+1)); done; echo $n"
+)
 #: Seconds after a fault within which nothing of the task may be left on the remote.
 CLEAN_WITHIN = 5.0
 #: Seconds past its bound after which a call counts as hung.
@@ -391,8 +397,14 @@ _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
 
 
 def has_traceback(text: str) -> bool:
-    """True when ``text`` holds a Python traceback."""
-    return "Traceback (most recent call last)" in text
+    """True when ``text`` holds a Python traceback of rx's. The task's own KeyboardInterrupt traceback does not
+    count: a stopped task gets SIGINT first, as from a terminal's Ctrl-C, and prints it as Python does."""
+    blocks = text.split("Traceback (most recent call last)")[1:]
+    for block in blocks:
+        ending = next((line for line in block.splitlines() if line and not line.startswith((" ", ":"))), "")
+        if ending.strip() != "KeyboardInterrupt":
+            return True
+    return False
 
 
 def cli_error_lines(stderr: str) -> list[str]:

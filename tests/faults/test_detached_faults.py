@@ -25,6 +25,7 @@ import pytest
 from faultkit import (
     CLEAN_WITHIN,
     SCENARIOS,
+    SSHD_KILLER,
     Rig,
     TrialFactory,
     audit_remote,
@@ -119,11 +120,6 @@ time.sleep(60)
 print("task finished", flush=True)
 """
 
-# Kills every sshd process serving the user rx (not the listener); prints how many it killed.
-SSHD_KILLER = (
-    "n=0; for pid in $(ps -eo pid=,args= | awk '$2 == \"sshd:\" && $3 ~ /^rx/ {print $1}'); "
-    "do kill -9 $pid && n=$((n+1)); done; echo $n"
-)
 
 #: keep_warm calls in a process of their own (the archive ships this file: standard library and rx only).
 WARM_DRIVER = '''\
