@@ -8,6 +8,7 @@ A :class:`Configuration` is built in code or loaded from the ``[tool.rx]`` table
     serializer = "pickle"                    # or "json"
     distribution_modules = ["mypkg"]         # shipped in the archive besides what is found
     chains.cached = ["remote_exec.advices.cache:CachingAdvice", "remote_exec.advices.remote:RemoteAdvice"]
+    log_cap = "100MiB"                       # the most a run's stdout.log and stderr.log keep (0: all)
 
     [tool.rx.remotes.gpu1]
     host = "gpu1.lab.example.org"            # an ssh_config alias, a host name or [user@]host[:port]
@@ -29,24 +30,137 @@ strings are loaded, and the built-in ones made, by :func:`remote_exec.chains.cha
 from __future__ import annotations
 
 import importlib
+import math
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
     from .advice import Advice, Extension
     from .backends.base import HostSpec
 
-__all__ = ["DEFAULT_CHAINS", "Configuration", "Remote", "check_remote_backend", "find_pyproject"]
+__all__ = [
+    "DEFAULT_CHAINS",
+    "Configuration",
+    "Remote",
+    "check_env",
+    "check_pull",
+    "check_remote_backend",
+    "check_secret_env",
+    "check_timeout",
+    "find_pyproject",
+    "parse_size",
+]
+
+#: The default ``[tool.rx] log_cap``: the most a run's stdout.log (or stderr.log) keeps.
+DEFAULT_LOG_CAP = 100 << 20
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*\Z", re.IGNORECASE)
 
 DEFAULT_WORKDIR = "~/.cache/remote_exec"
 _REMOTE_KEYS = {"host", "user", "port", "python", "workdir", "env", "backend", "keep_warm", "identity_file",
                 "timeout", "restricted", "allow_unpickle", "scheduler", "slurm"}
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+# -- the checks of values a user gives: on the command line, in @task(...) and in [tool.rx] -----------------
+# Each names what it checks as the user wrote it (``--timeout``, ``timeout=``, ``[tool.rx.remotes.gpu1] timeout``).
+
+
+def check_timeout(value: Any, label: str = "--timeout") -> float | None:
+    """``value`` as seconds (None: no limit).
+
+    Raises:
+        UsageError: Not a number, or not positive and finite (``nan`` or ``inf`` would silently mean no limit).
+    """
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{label} {value!r}: expected a number of seconds") from None
+    if isinstance(value, bool) or not math.isfinite(seconds) or seconds <= 0:
+        raise UsageError(f"{label} {value!r}: expected a positive, finite number of seconds",
+                         hint="leave it out for no limit")
+    return seconds
+
+
+def check_env(env: Mapping[str, Any], label: str = "--env") -> dict[str, str]:
+    """``env`` checked: names a shell and ``os.environ`` accept, values strings without NUL.
+
+    Raises:
+        UsageError: A name such as ``A B`` or an empty one, a value that is no string or holds NUL.
+    """
+    checked: dict[str, str] = {}
+    for name, value in env.items():
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            raise UsageError(f"{label} {name!r}: not a valid variable name",
+                             hint="letters, digits and _, not starting with a digit")
+        if not isinstance(value, str) or "\0" in value:
+            raise UsageError(f"{label} {name}: the value must be a string without NUL bytes")
+        checked[name] = value
+    return checked
+
+
+def check_pull(globs: Iterable[Any], label: str = "--pull") -> tuple[str, ...]:
+    """File globs to bring back, relative to the task's directory (``./`` and doubled ``/`` dropped).
+
+    Raises:
+        UsageError: An absolute glob, one that climbs out with ``..``, or one that can never match a file
+            (empty, ending in ``/``, holding NUL).
+    """
+    checked = []
+    for glob in globs:
+        if not isinstance(glob, str):
+            raise UsageError(f"{label} {glob!r}: expected a glob string")
+        parts = [part for part in glob.split("/") if part not in ("", ".")]
+        if glob.startswith(("/", "~")):
+            raise UsageError(f"{label} {glob!r}: absolute globs never match",
+                             hint="globs are relative to the task's working directory")
+        if ".." in parts:
+            raise UsageError(f"{label} {glob!r}: a glob cannot climb out of the task's directory with ..",
+                             hint="only files under the task's working directory come back")
+        if not parts or glob.endswith("/") or "\0" in glob:
+            raise UsageError(f"{label} {glob!r}: this glob can never match a file",
+                             hint="name files, e.g. 'out/*.csv'")
+        checked.append("/".join(parts))
+    return tuple(checked)
+
+
+def parse_size(value: Any, label: str) -> int:
+    """A size in bytes: an integer, or a string such as ``"100MiB"``, ``"4 MB"``, ``"1G"`` (powers of 1024).
+
+    Raises:
+        ConfigError: Not a size.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(f"{label} {value!r}: expected a size such as 100MiB, or a number of bytes")
+    power = "KMGT".find(match.group(2).upper()) + 1 if match.group(2) else 0
+    return int(float(match.group(1)) * 1024**power)
+
+
+def check_secret_env(names: Iterable[str], label: str = "--secret-env") -> dict[str, str]:
+    """The values of the named local environment variables (they travel over the channel only).
+
+    Raises:
+        UsageError: A name that is not set in the local environment.
+    """
+    values: dict[str, str] = {}
+    for name in names:
+        if name not in os.environ:
+            raise UsageError(f"{label} {name}: no such variable in the local environment")
+        values[name] = os.environ[name]
+    return values
 
 
 @dataclass(frozen=True)
@@ -118,6 +232,7 @@ class Remote:
         if "env" in values and not (isinstance(values["env"], dict)
                                     and all(isinstance(v, str) for v in values["env"].values())):
             raise ConfigError(f"[tool.rx.remotes.{name}]: env must be a table of strings")
+        _check_values(name, values)
         if "slurm" in values:
             values.setdefault("scheduler", "slurm")
             _check_slurm_table(name, values["slurm"])
@@ -157,6 +272,19 @@ def _check_slurm_table(name: str, table: object) -> None:
         create_launcher("slurm", table)
     except ConfigError as exc:
         raise ConfigError(f"[tool.rx.remotes.{name}]: {exc.message}", hint=exc.hint) from None
+
+
+def _check_values(name: str, values: dict[str, Any]) -> None:
+    """A remote table's env and timeout, checked as the command line's are (in place).
+
+    Raises:
+        ConfigError: A bad variable name or timeout, named with the table it is in.
+    """
+    try:
+        values["env"] = check_env(values.get("env") or {}, f"[tool.rx.remotes.{name}] env")
+        values["timeout"] = check_timeout(values.get("timeout"), f"[tool.rx.remotes.{name}] timeout")
+    except UsageError as exc:
+        raise ConfigError(exc.message, hint=exc.hint) from None
 
 
 def check_remote_backend(name: str, *, where: str = "") -> str:
@@ -235,6 +363,8 @@ class Configuration:
         host_key_policy: ``accept-new`` (default), ``strict`` or ``off``.
         connect_timeout: Seconds for connecting.
         workspace: The workspace directory (None: ``RX_WORKSPACE`` or ``./.rx``).
+        log_cap: The most a run's ``stdout.log`` (and ``stderr.log``) keeps, in bytes: past it the head is
+            dropped and noted, the tail kept (0: no cap).
         source: The pyproject.toml this was loaded from, if any.
     """
 
@@ -248,6 +378,7 @@ class Configuration:
     host_key_policy: str = "accept-new"
     connect_timeout: float = 10.0
     workspace: Path | None = None
+    log_cap: int = DEFAULT_LOG_CAP
     source: Path | None = None
 
     def __post_init__(self) -> None:
@@ -318,7 +449,7 @@ class Configuration:
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [tool.rx] must be a table")
         known = {"backend", "serializer", "ssh_config", "distribution_modules", "host_key_policy",
-                 "connect_timeout", "workspace", "chains", "remotes"}
+                 "connect_timeout", "workspace", "chains", "remotes", "log_cap"}
         unknown = set(table) - known
         if unknown:
             raise ConfigError(f"{path}: unknown [tool.rx] key(s) {', '.join(sorted(unknown))}",
@@ -332,6 +463,7 @@ class Configuration:
             host_key_policy=table.get("host_key_policy", "accept-new"),
             connect_timeout=float(table.get("connect_timeout", 10.0)),
             workspace=(base / table["workspace"]) if "workspace" in table else None,
+            log_cap=parse_size(table.get("log_cap", DEFAULT_LOG_CAP), f"{path}: log_cap"),
             source=path,
             chains={name: [_advice_spec(item) for item in items]
                     for name, items in table.get("chains", {}).items()},

@@ -34,8 +34,8 @@ from typing import Any, ClassVar
 from .backends.base import Backend, HostSpec
 from .backends.local import LocalBackend
 from .backends.pool import BackendPool
-from .config import Configuration, Remote, find_pyproject
-from .errors import ConfigError, SerializationError
+from .config import Configuration, Remote, check_env, check_pull, check_secret_env, check_timeout, find_pyproject
+from .errors import LocalDiskFull, SerializationError
 from .hints import arguments_hint, import_hint
 from .jobs import Jobs, job_options
 from .launchers.base import Launcher
@@ -50,6 +50,7 @@ from .session import Result, Session
 from .task import Execution, Task
 from .tracebacks import localize, roots_for
 from .workspace.manager import new_run_id
+from .workspace.output import OutputPump
 from .workspace.recorder import CallRecorder, TaskCallRecorder, TaskRecorder, TaskRuns
 
 __all__ = ["Coordinator", "Target", "call_options"]
@@ -84,15 +85,20 @@ def call_options(options: dict[str, Any], *, python: str, workdir: str, env: dic
                  timeout: float | None = None, heartbeat: float = 5.0, dead_after: float = 16.0,
                  keep_warm: bool = False, restricted: bool = False, allow_unpickle: tuple[str, ...] = (),
                  handshake_timeout: float = 30.0) -> CallOptions:
-    """The CallOptions of one call: the task's or CLI's ``options`` over the target's defaults."""
+    """The CallOptions of one call: the task's or CLI's ``options`` over the target's defaults.
+
+    Raises:
+        UsageError: A bad ``timeout``, ``env`` or ``pull`` (``@task(timeout=float("nan"))``), or a
+            ``secret_env`` name that is not set locally.
+    """
     limit = options.get("timeout", timeout)
     return CallOptions(
         python=options.get("python") or python,
         workdir=options.get("workdir") or workdir,
-        env=env,
-        secret_env=_secret_env(options.get("secret_env") or ()),
-        timeout=float(limit) if limit is not None else None,
-        pull=tuple(options.get("pull") or ()),
+        env=check_env(env, "env="),
+        secret_env=check_secret_env(options.get("secret_env") or (), "secret_env="),
+        timeout=check_timeout(limit, "timeout="),
+        pull=check_pull(options.get("pull") or (), "pull="),
         no_pull=bool(options.get("no_pull")),
         keep=bool(options.get("keep")),
         heartbeat=heartbeat,
@@ -102,16 +108,6 @@ def call_options(options: dict[str, Any], *, python: str, workdir: str, env: dic
         allow_unpickle=tuple(options.get("allow_unpickle") or allow_unpickle),
         handshake_timeout=handshake_timeout,
     )
-
-
-def _secret_env(names: Any) -> dict[str, str]:
-    """Values of the named local environment variables (they travel over the channel only)."""
-    secrets: dict[str, str] = {}
-    for name in names:
-        if name not in os.environ:
-            raise ConfigError(f"--secret-env {name}: no such variable in the local environment")
-        secrets[name] = os.environ[name]
-    return secrets
 
 
 def _hint(session: Session, exception: dict[str, Any], host: str, python: str,
@@ -130,6 +126,8 @@ class Coordinator:
     Attributes:
         workers: The persistent workers (``keep_warm``).
         packer: Builds distribution archives (once per content).
+        output: Writes the live output of ``@task`` calls to this process's stdout and stderr (a slow
+            reader never holds up a call's link).
         recorder: Writes ``@task`` call records in batches.
         task_runs: The workspace runs of this process's ``@task`` calls.
         jobs: Its calls through batch schedulers (one watch per cluster polls all its jobs there).
@@ -145,6 +143,7 @@ class Coordinator:
         self.packer = Packer()
         self.recorder = TaskRecorder()
         self.task_runs = TaskRuns(self.recorder)
+        self.output = OutputPump()
         self.run_id: str | None = None
         #: Show rx's own frames in remote tracebacks too (``rx -v``, ``RX_DEBUG=1``).
         self.all_frames = bool(os.environ.get("RX_DEBUG"))
@@ -339,14 +338,30 @@ class Coordinator:
                 outcome = dispatch(session, target.backend, archive, target.options, launcher=target.launcher,
                                    workers=self.workers, on_stdout=recorder.stdout, on_stderr=recorder.stderr,
                                    land_file=recorder.land_file, on_phase=recorder.phase,
-                                   session_bytes=session_bytes, stdin=recorder.stdin)
+                                   session_bytes=session_bytes, stdin=recorder.stdin, hold=recorder.retryable)
+        except LocalDiskFull as exc:
+            if exc.kept:  # what rx attach needs to collect it from the host
+                exc.kept.update(archive=archive.sha256, archive_path=str(archive.path),
+                                python=target.options.python, workdir=target.options.workdir)
+            recorder.failed(exc)
+            raise
         except BaseException as exc:
             recorder.failed(exc)
             raise
         session.local["outcome"] = outcome
         self.localize(session, outcome, archive.sources, recorder, python=target.options.python)
-        recorder.finished(result=outcome.result, phases=outcome.phases,
-                          value=lambda: self.recorded_value(session, target, outcome))
+        taken = False
+
+        def recorded() -> bytes | Path:
+            nonlocal taken
+            taken = True
+            return self.recorded_value(session, target, outcome)
+
+        try:
+            recorder.finished(result=outcome.result, phases=outcome.phases, value=recorded)
+        finally:
+            if not taken and isinstance(outcome.value_data, Path):  # a spooled value nobody records
+                outcome.value_data.unlink(missing_ok=True)
         return outcome.result
 
     def localize(self, session: Session, outcome: Outcome, sources: Iterable[tuple[str, str]],
@@ -374,14 +389,19 @@ class Coordinator:
         config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
         run = self.task_runs.run_for(config.workspace, session.run_id, cwd=session.context.get("cwd") or os.getcwd(),
                                      host=target.host, backend=target.backend_name)
-        return TaskCallRecorder(self.recorder, run, session.execution.execution_id, name=session.task.name,
-                                host=target.host, session_bytes=session_bytes)
+        execution_id = session.execution.execution_id
+        key = self.task_runs.key_for(run, execution_id, session.local.get("task_key"))
+        return TaskCallRecorder(self.recorder, run, execution_id, name=session.task.name, host=target.host,
+                                session_bytes=session_bytes, output=self.output, key=key)
 
     @staticmethod
-    def recorded_value(session: Session, target: Target, outcome: Outcome) -> bytes:
-        """The call's value as recorded (a pickle), or b"" when it cannot be."""
+    def recorded_value(session: Session, target: Target, outcome: Outcome) -> bytes | Path:
+        """The call's value as recorded (a pickle: its bytes, or a file the recorder takes over), or b""
+        when it cannot be."""
         if outcome.value_data and session.serializer == "pickle" and not target.options.restricted:
             return outcome.value_data  # the pickle as it came (checked), not pickled again here
+        if isinstance(outcome.value_data, Path):
+            outcome.value_data.unlink(missing_ok=True)
         try:
             return pickle.dumps(outcome.result.value, protocol=5)
         except Exception:  # an unpicklable value is still returned; it just cannot be merged later

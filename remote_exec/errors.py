@@ -4,10 +4,13 @@
 
     RemoteExecError                 exit status 3 unless said otherwise
     ├── ConfigError                 bad configuration or bad input (options, pyproject, host spec)
+    │   └── UsageError              exit status 2: a bad option value (--timeout nan, --env 'A B=1')
     ├── PackError                   the distribution archive could not be built
     ├── SessionError                a saved session is damaged or of an unknown format version
     ├── SerializationError          a value could not be serialized or deserialized
     ├── WorkspaceError              the local workspace: unknown or ambiguous run, unreadable state
+    │   ├── RunBusy                 another rx process holds the run (one rx attach of a run at a time)
+    │   └── LocalDiskFull           the local disk filled up while a result was collected (kept on the host)
     ├── IntegrityError              a file that crossed the link failed its sha256 or HMAC check
     ├── BackendError(host)          exit status 255: the link to a host
     │   ├── ConnectError            host unreachable, refused, name unknown, link lost
@@ -31,6 +34,10 @@ a sweep whose loop catches ``Exception``, as Ctrl-C during a local call would. I
 
 A remote exception that *can* be rebuilt is raised as its own type; in every case its ``__cause__`` is a
 :class:`RemoteTraceback` holding the remote traceback text, as ``concurrent.futures`` does.
+
+Text that came from a host (exception messages, tracebacks, host names it reported, file names, its
+stderr) reaches a terminal only through :func:`printable`, which shows control characters as escapes:
+a remote ESC or NUL can neither drive the user's terminal nor hide what is written around it.
 """
 
 from __future__ import annotations
@@ -45,16 +52,40 @@ __all__ = [
     "HostKeyError",
     "IntegrityError",
     "Interrupted",
+    "LocalDiskFull",
     "PackError",
     "RemoteError",
     "RemoteExecError",
     "RemoteTraceback",
+    "RunBusy",
     "RunnerError",
     "SerializationError",
     "SessionError",
     "TransferError",
+    "UsageError",
     "WorkspaceError",
+    "printable",
 ]
+
+# Control characters (C0 but tab, DEL, C1) and the bidirectional overrides, shown as escapes. Newlines
+# are kept only where the text may span lines (a traceback).
+_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if code != 0x09}
+_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r"})
+_ESCAPES.update({code: f"\\u{code:04x}" for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+_ESCAPES_LINES = {code: escape for code, escape in _ESCAPES.items() if code != 0x0A}
+
+
+def printable(text: object, *, lines: bool = False) -> str:
+    """``text`` safe for a terminal: control characters, DEL, C1 controls and bidirectional overrides
+    written as escapes (``\\x1b``), lone surrogates as U+FFFD; newlines kept only with ``lines``."""
+    value = str(text).translate(_ESCAPES_LINES if lines else _ESCAPES)
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = "".join("\ufffd" if 0xD800 <= ord(char) <= 0xDFFF else char for char in value)
+    return value
+
 
 
 class RemoteExecError(Exception):
@@ -82,6 +113,12 @@ class ConfigError(RemoteExecError):
     """Bad configuration or bad user input."""
 
 
+class UsageError(ConfigError):
+    """A bad option value: on the command line (exit status 2), in ``@task(...)`` or ``[tool.rx]``."""
+
+    exit_code = 2
+
+
 class PackError(RemoteExecError):
     """The distribution archive could not be built."""
 
@@ -96,6 +133,30 @@ class SerializationError(RemoteExecError):
 
 class WorkspaceError(RemoteExecError):
     """Something in the local workspace: unknown or ambiguous run id, unreadable state."""
+
+
+class RunBusy(WorkspaceError):
+    """Another rx process holds the run: one ``rx attach`` (or ``rx cancel``) of a run at a time.
+
+    Attributes:
+        holder: Who holds it: ``pid``, ``hostname``, ``started`` (as far as known).
+    """
+
+    def __init__(self, message: str, *, holder: dict[str, object] | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.holder = dict(holder or {})
+
+
+class LocalDiskFull(WorkspaceError):
+    """The local disk (or quota) filled up while a result was collected: nothing of it landed.
+
+    Attributes:
+        kept: Where the host keeps the result for another try (``host``, ``run_dir``, ...), or None.
+    """
+
+    def __init__(self, message: str, *, kept: dict[str, object] | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.kept = kept
 
 
 class IntegrityError(RemoteExecError):
@@ -190,7 +251,8 @@ class RemoteTraceback(Exception):
         self.tb = tb
 
     def __str__(self) -> str:
-        return "\n" + self.tb.rstrip("\n")  # printed under "remote_exec.errors.RemoteTraceback:", from its start
+        # printed under "remote_exec.errors.RemoteTraceback:", from its start; no control character raw
+        return "\n" + printable(self.tb.rstrip("\n"), lines=True)
 
 
 class RemoteError(RemoteExecError):
@@ -204,7 +266,8 @@ class RemoteError(RemoteExecError):
     """
 
     def __init__(self, type_name: str, remote_message: str, formatted: str) -> None:
-        super().__init__(f"{type_name}: {remote_message}" if remote_message else type_name)
+        shown = printable(f"{type_name}: {remote_message}" if remote_message else type_name, lines=True)
+        super().__init__(shown)
         self.type_name = type_name
         self.remote_message = remote_message
         self.formatted = formatted

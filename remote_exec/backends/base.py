@@ -340,6 +340,13 @@ class Process(ABC):
     def kill(self) -> None:
         """Stop the command (close its channel / end the local ssh process). Safe to call twice."""
 
+    def abandon(self) -> None:
+        """Stop waiting for a command whose host does not answer: close the local end now, without asking
+        the host anything (a signal sent through a frozen link would only wait). The command learns it
+        from its closed channel when the host runs again. Safe to call twice, and before or after
+        :meth:`kill`. By default the same as :meth:`kill`."""
+        self.kill()
+
 
 class Backend(ABC):
     """A connection to one host, opened lazily and reused for every command.

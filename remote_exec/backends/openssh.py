@@ -673,6 +673,17 @@ class SshProcess(Process):
             self._backend._signal_remote_group(self.remote_pid)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._popen.wait(self._backend.kill_grace)
+        self._end_local()
+
+    def abandon(self) -> None:
+        """End the local ssh at once (the master closes the session's channel; nothing waits on the host)."""
+        with self._kill_lock:
+            if self._killed:
+                return
+            self._killed = True
+        self._end_local()
+
+    def _end_local(self) -> None:
         if self._popen.poll() is None:
             self._popen.terminate()
             try:

@@ -749,6 +749,15 @@ class ParamikoProcess(Process):
         with contextlib.suppress(Exception):
             self.channel.close()
 
+    def abandon(self) -> None:
+        """Close the channel at once, sending no signal (the host does not answer)."""
+        with self._kill_lock:
+            if self._killed:
+                return
+            self._killed = True
+        with contextlib.suppress(Exception):
+            self.channel.close()
+
     def _signal(self, name: str) -> bool:
         """Send a ``signal`` channel request (paramiko has no public call for it); False if impossible."""
         channel = self.channel

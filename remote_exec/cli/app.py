@@ -16,7 +16,7 @@ import typer
 import typer.core
 
 from .. import __version__
-from ..errors import Interrupted
+from ..errors import Interrupted, printable
 
 __all__ = ["Stopped", "app", "error_line", "state"]
 
@@ -90,7 +90,9 @@ def _root(
     if verbose:
         os.environ["RX_DEBUG"] = "1"  # rx's debug switch: remote tracebacks keep rx's own frames too
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="rx: %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PrintableFormatter("rx: %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     # paramiko logs a failed handshake with a traceback from its transport thread; rx already reports it as
     # one line (and its exit status), so paramiko's own log shows only with -v.
     logging.getLogger("paramiko").setLevel(level if verbose else logging.CRITICAL)
@@ -100,9 +102,17 @@ def _root(
         logging.getLogger("paramiko").setLevel(logging.INFO if verbose == 2 else logging.WARNING)
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log records as lines without control characters (a log message may quote what a host sent)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), lines=True)
+
+
 def error_line(message: str) -> None:
-    """Print one red ``rx: error: ...`` line on stderr."""
+    """Print one red ``rx: error: ...`` line on stderr (``message`` is rich markup; control characters
+    in it, from a host's text, are shown as escapes)."""
     from rich.console import Console
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]rx: error:[/] {message}",
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]rx: error:[/] {printable(message)}",
                                                                  markup=True, emoji=False)

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import RunnerError
+from ..errors import RunnerError, printable
 from .app import app
 from .complete import complete_hosts
 
@@ -174,33 +174,41 @@ def check(
 def _print_check(host: str, backend_name: str, report: dict[str, Any]) -> None:
     """``rx check``'s report for a terminal."""
     from rich.console import Console
-
     console = Console(highlight=False)
-    console.print(f"[bold]{host}[/] ok via {backend_name}")
+    console.print(f"[bold]{_shown(host)}[/] ok via {backend_name}")
     console.print(f"  connect     {report['connect_seconds'] * 1000:.0f} ms, round trip {report['rtt_ms']:.1f} ms "
                   "(median of 5)")
-    console.print(f"  python      {report['python']} ({report['executable']})")
-    console.print(f"  host        {report['hostname']}, {report['cpus']} CPUs, {report['platform']}")
-    console.print(f"  free disk   {report['free_bytes'] / 2**30:.1f} GiB in {report['workdir']}")
-    console.print(f"  GPUs        {', '.join(report['gpus']) if report['gpus'] else 'none (no nvidia-smi)'}")
+    console.print(f"  python      {_shown(report['python'])} ({_shown(report['executable'])})")
+    console.print(f"  host        {_shown(report['hostname'])}, {_shown(report['cpus'])} CPUs, "
+                  f"{_shown(report['platform'])}")
+    console.print(f"  free disk   {report['free_bytes'] / 2**30:.1f} GiB in {_shown(report['workdir'])}")
+    console.print(f"  GPUs        {_shown(', '.join(report['gpus'])) if report['gpus'] else 'none (no nvidia-smi)'}")
     if report["login_output"]:
         console.print("  login       the login shell prints on stdout (rx skips it): ", end="")
-        console.print(report["login_output"][:200], markup=False)
+        console.print(printable(report["login_output"][:200]), markup=False)
     if "scheduler" in report:
         _print_scheduler(console, report["scheduler"])
 
 
 def _print_scheduler(console: Any, facts: dict[str, Any]) -> None:
-    """The scheduler's part of ``rx check``: version, accounting, partitions, whether jobs see the home."""
-    console.print(f"  scheduler   {facts['scheduler']} {facts['version']}, accounting "
+    """The scheduler's part of ``rx check``: version, accounting, partitions, whether jobs see the home
+    (what the cluster said: no markup, no control characters)."""
+    console.print(f"  scheduler   {_shown(facts['scheduler'])} {_shown(facts['version'])}, accounting "
                   f"{'yes' if facts['accounting'] else 'no (sacct does not answer: scontrol is used)'}")
     for partition in facts["partitions"]:
-        console.print(f"  partition   {partition['name']}{' (default)' if partition['default'] else ''}: "
-                      f"{partition['available']}, {partition['idle_nodes']} of {partition['nodes']} node(s) idle, "
-                      f"time limit {partition['time_limit']}")
+        console.print(f"  partition   {_shown(partition['name'])}{' (default)' if partition['default'] else ''}: "
+                      f"{_shown(partition['available'])}, {_shown(partition['idle_nodes'])} of "
+                      f"{_shown(partition['nodes'])} node(s) idle, time limit {_shown(partition['time_limit'])}")
     shared = facts["shared_home"]
     if shared.get("shared"):
-        console.print(f"  shared home yes (a job on {shared['node']} wrote a file the login node read)")
+        console.print(f"  shared home yes (a job on {_shown(shared['node'])} wrote a file the login node read)")
     else:
-        console.print(f"  shared home {'no' if shared.get('shared') is False else 'unknown'}: {shared.get('reason')}",
-                      style="yellow")
+        console.print(f"  shared home {'no' if shared.get('shared') is False else 'unknown'}: "
+                      f"{_shown(shared.get('reason'))}", style="yellow")
+
+
+def _shown(value: object) -> str:
+    """What a host or cluster reported, for rich: no markup, no control characters."""
+    from rich.markup import escape
+
+    return escape(printable(value))

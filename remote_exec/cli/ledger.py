@@ -22,9 +22,10 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ..errors import ConfigError, WorkspaceError
+from ..errors import ConfigError, WorkspaceError, printable
 from ..workspace.export import EXPORT_FORMATS, export, format_duration, format_size, run_facts, shown
 from ..workspace.manager import Run, Workspace
+from ..workspace.output import log_origin
 from ..workspace.state import ACTIVE_RUN_STATUSES, duration, parse_time
 from .app import app, state
 from .complete import complete_runs
@@ -169,9 +170,10 @@ def _readable_infos(ws: Workspace, status: str | None) -> list[dict[str, Any]]:
 
 def _runs_row(info: dict[str, Any]) -> tuple[str, ...]:
     """One line of ``rx runs``, a cell per :data:`_RUNS_HEADERS`."""
-    return (str(info.get("run_id")), _short_target(info.get("target")), str(info.get("remote") or "local"),
-            str(info.get("status")), _calls(info), _local_time(info.get("started") or info.get("created"), short=True),
-            _elapsed(info), "" if info.get("exit_code") is None else str(info.get("exit_code")))
+    return tuple(printable(cell) for cell in (
+        info.get("run_id"), _short_target(info.get("target")), info.get("remote") or "local", info.get("status"),
+        _calls(info), _local_time(info.get("started") or info.get("created"), short=True), _elapsed(info),
+        "" if info.get("exit_code") is None else info.get("exit_code")))
 
 
 def _calls(info: dict[str, Any]) -> str:
@@ -239,7 +241,7 @@ def _facts_grid(run: Run, info: dict[str, Any]) -> Table:
             "directory": str(run.dir)}
     for label, value in rows.items():
         if shown(value):
-            facts.add_row(label, value if isinstance(value, Text) else Text(str(value)))
+            facts.add_row(label, value if isinstance(value, Text) else Text(printable(value)))
     return facts
 
 
@@ -250,15 +252,15 @@ def _listing(title: str, columns: tuple[str, ...], rows: list[tuple[str | Text, 
     table = Table(title=title, title_justify="left", box=None, header_style="bold", pad_edge=False)
     for column in columns:
         table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
+    for row in rows:  # what a run recorded may quote a host: no control characters reach the terminal
+        table.add_row(*(cell if isinstance(cell, Text) else printable(cell) for cell in row))
     return table
 
 
 def _actions_table(info: dict[str, Any]) -> Table | None:
     return _listing("actions", ("action", "host", "status", "duration", "error"), [
         (str(a.get("name")), str(a.get("host") or ""), _status_text(a.get("status")),
-         format_duration(duration(a.get("started"), a.get("finished"))), Text(str(a.get("error") or "")))
+         format_duration(duration(a.get("started"), a.get("finished"))), Text(printable(a.get("error") or "")))
         for a in info.get("actions") or []])
 
 
@@ -266,7 +268,7 @@ def _tasks_table(info: dict[str, Any]) -> Table | None:
     tasks: dict[str, dict[str, Any]] = info.get("tasks") or {}
     return _listing("tasks", ("key", "name", "host", "status", "duration", "error"), [
         (str(key), str(t.get("name") or ""), str(t.get("host") or ""), _status_text(t.get("status")),
-         format_duration(t.get("duration")), Text(str(t.get("error") or "")))
+         format_duration(t.get("duration")), Text(printable(t.get("error") or "")))
         for key, t in tasks.items()])
 
 
@@ -275,14 +277,14 @@ def _print_outcome(console: Console, result: dict[str, Any] | None) -> None:
     exc = (result or {}).get("exception")
     if isinstance(exc, dict):
         console.print()
-        console.print(Text(f"{exc.get('type')}: {exc.get('message')}", style="bold red"))
+        console.print(Text(printable(f"{exc.get('type')}: {exc.get('message')}"), style="bold red"))
         if state.verbose and exc.get("remote_traceback"):  # rx -v show: every frame, as the host printed it
             exc = {**exc, "traceback": exc["remote_traceback"]}
         if exc.get("traceback"):
-            console.print(Text(str(exc["traceback"]).rstrip()))
+            console.print(Text(printable(str(exc["traceback"]).rstrip(), lines=True)))
     elif result is not None and result.get("value_repr") is not None:
         console.print()
-        console.print(Text("value: ", style="dim") + Text(str(result["value_repr"])))
+        console.print(Text("value: ", style="dim") + Text(printable(result["value_repr"], lines=True)))
 
 
 def _print_files_and_logs(console: Console, run: Run) -> None:
@@ -332,7 +334,8 @@ def logs_command(
     info = run.info()
     if info.get("detached") and info.get("status") in ACTIVE_RUN_STATUSES and info.get("coordinator") is None:
         pump()  # what was collected before, then the rest from the host (so far, or live with -f)
-        _follow_detached(run_ref, workspace, stderr=stderr, offset=offset, once=not follow)
+        dropped, note = log_origin(path)  # a capped log: the host counts the bytes it dropped
+        _follow_detached(run_ref, workspace, stderr=stderr, offset=offset - note + dropped, once=not follow)
         return
     if not follow:
         pump()
@@ -348,22 +351,26 @@ def logs_command(
 def _follow_detached(run_ref: str, workspace: Path | None, *, stderr: bool, offset: int, once: bool = False) -> None:
     """Stream a detached run's output from its host until it ends (``once``: what it wrote so far); the
     run stays uncollected."""
+    from ..workspace.output import OutputPump
     from .run import load_detached_run
 
     detached = load_detached_run(workspace, run_ref)
     run = detached.run
-    out = sys.stdout.buffer
+    pump = OutputPump()  # a slow reader (| less) never holds up the link
+    writer = pump.sink(sys.stdout)
 
     def show(data: bytes) -> None:
-        out.write(data)
-        out.flush()
+        pump.write(writer, data)
 
     def drop(data: bytes) -> None:
         pass
 
-    detached.coordinator.follow(detached.target, detached.info["detached"], on_stdout=drop if stderr else show,
-                                on_stderr=show if stderr else drop,
-                                offsets=(0 if stderr else offset, offset if stderr else 0), once=once)
+    try:
+        detached.coordinator.follow(detached.target, detached.info["detached"],
+                                    on_stdout=drop if stderr else show, on_stderr=show if stderr else drop,
+                                    offsets=(0 if stderr else offset, offset if stderr else 0), once=once)
+    finally:
+        pump.close()
     if once:
         typer.echo(f"rx: run {run.id}: its output so far on {detached.target.host} (follow it: rx logs -f "
                    f"{run.id}; collect it: rx attach {run.id})", err=True)

@@ -62,6 +62,7 @@ def _saved_session(run: Run, previous: Run, key: str, entry: dict[str, Any], *, 
         session.context["remote"] = remote
     session.run_id = run.id
     session.config = config
+    session.local["task_key"] = key  # recorded under the key it had: a second rerun --failed finds it again
     return session
 
 

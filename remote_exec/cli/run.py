@@ -14,8 +14,17 @@ from typing import Annotated, Any, BinaryIO
 import click
 import typer
 
-from ..config import check_remote_backend
-from ..errors import ConfigError, Interrupted, RemoteExecError, WorkspaceError
+from ..config import check_env, check_pull, check_remote_backend, check_secret_env, check_timeout
+from ..errors import (
+    ConfigError,
+    Interrupted,
+    LocalDiskFull,
+    RemoteExecError,
+    RunBusy,
+    UsageError,
+    WorkspaceError,
+    printable,
+)
 from .app import app
 from .complete import complete_hosts, complete_runs
 
@@ -29,9 +38,9 @@ def _parse_env(values: list[str]) -> dict[str, str]:
     for item in values:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise ConfigError(f"--env {item!r}: expected KEY=VALUE")
+            raise UsageError(f"--env {item!r}: expected KEY=VALUE")
         env[name] = value
-    return env
+    return check_env(env)
 
 
 def _module_origin(module: str) -> Path | None:
@@ -80,11 +89,14 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     run.set_status("running")
     # --json: stdout carries the record only; the script's output goes to stderr (and to stdout.log)
     recorder = RunRecorder(run, host=remote or "local", stdout=sys.stderr if as_json else None,
-                           stdin=forwarded_stdin())
+                           stdin=forwarded_stdin(), log_cap=config.log_cap)
     session.local["recorder"] = recorder
     session.local["on_job"] = JobStatusLine()
     try:
         result = run_chain(session, [RemoteAdvice()])
+    except LocalDiskFull as exc:
+        uncollected(run, exc, exc.kept)
+        raise
     except Interrupted as exc:
         if not session.local.get("job_left"):  # a job left queued stays the run's: rx attach collects it
             run.set_status("cancelled", exit_code=130, error=str(exc))
@@ -134,6 +146,19 @@ def _refuse_stdin_for_detached() -> None:
                           hint="have the script read a file, or run it without --detach")
 
 
+def uncollected(run: Any, exc: LocalDiskFull, kept: dict[str, Any] | None) -> None:
+    """Record a run whose result could not land (the local disk was full) as failed to collect, with where
+    its host keeps the result, so that ``rx attach RUN`` collects it once there is room."""
+    exc.hint = (f"the host keeps it: free some space, then rx attach {run.id}" if kept
+                else "the host did not keep it")
+    try:
+        if kept:
+            run.update(detached=kept, coordinator=None, collect_failed=True)
+        run.set_status("failed", exit_code=exc.exit_code, error=str(exc))
+    except RemoteExecError:  # the disk may be too full even for state.json: the error line says it all
+        pass
+
+
 def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
     """Record a run's result and final status; print its summary (or its JSON); return its exit status."""
     from ..workspace.outcome import result_record, run_outcome
@@ -161,10 +186,10 @@ def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
         message += f" ({result.detail})"
     message += f", exit {ended.exit_code}, {info.get('duration') or 0:.2f} s; {files} file(s) in {where}/files"
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    console.print(message, style="dim" if ended.status == "finished" else "yellow", markup=False)
+    console.print(printable(message), style="dim" if ended.status == "finished" else "yellow", markup=False)
     if outcome is not None and outcome.header.get("kept"):
-        console.print(f"rx: the run directory is kept on {run.info().get('remote') or 'local'}: "
-                      f"{outcome.header['kept']}", style="dim", markup=False)
+        console.print(printable(f"rx: the run directory is kept on {run.info().get('remote') or 'local'}: "
+                                f"{outcome.header['kept']}"), style="dim", markup=False)
     return ended.exit_code
 
 
@@ -183,8 +208,7 @@ def run(
     backend: Annotated[str | None, typer.Option(
         help="SSH backend: openssh or paramiko (default: RX_BACKEND, [tool.rx] backend, openssh).")] = None,
     python: Annotated[str | None, typer.Option(help="Remote interpreter (default python3).")] = None,
-    timeout: Annotated[float | None, typer.Option(help="Stop the task after SECONDS (exit 124).",
-                                                   min=0.001)] = None,
+    timeout: Annotated[float | None, typer.Option(help="Stop the task after SECONDS (exit 124).")] = None,
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for the task; repeatable.")] = None,
     secret_env: Annotated[list[str] | None, typer.Option(
         "--secret-env", help="Pass local variable NAME to the task over the channel only (never on a "
@@ -245,9 +269,10 @@ def run(
             raise ConfigError(f"cannot read {script}: {exc}") from exc
         _refuse_syntax_errors(task.source or "", script)
         args, kind, name = words[1:], "script", str(script)
+    check_secret_env(secret_env or [])  # before a run is recorded: a usage error records nothing
     options: dict[str, Any] = {
-        "backend": backend, "python": python, "timeout": timeout, "env": _parse_env(env or []),
-        "secret_env": list(secret_env or []), "pull": list(pull or []), "no_pull": no_pull,
+        "backend": backend, "python": python, "timeout": check_timeout(timeout), "env": _parse_env(env or []),
+        "secret_env": list(secret_env or []), "pull": list(check_pull(pull or [])), "no_pull": no_pull,
         "keep": keep_remote, "ssh_config": ssh_config, "connect_timeout": connect_timeout,
         "host_key_policy": "off" if insecure_no_host_key_check else None,
     }
@@ -430,28 +455,41 @@ def load_detached_run(workspace: Path | None, run_ref: str) -> DetachedRun:
 
 
 def attach_run(detached: DetachedRun, as_json: bool) -> int:
-    """Wait for a detached run, stream its output, and collect its result into the workspace."""
+    """Wait for a detached run, stream its output, and collect its result into the workspace.
+
+    One attach of a run at a time (its logs would get every line twice): another one holding it is a
+    :class:`RunBusy` naming it. Ctrl-C or SIGTERM only stops following: the run goes on, and says so.
+    """
     from ..workspace.recorder import RunRecorder
 
-    run, info = detached.run, detached.run.info()
-    # A detached run belongs to its host's supervisor, not to a local process: attaching never makes
-    # this process its coordinator, so an attach that is killed leaves the run attachable (and a run an
-    # older rx marked lost can still be collected).
-    if info.get("status") not in ("running", "pending", "lost"):
-        typer.echo(f"rx: run {run.id} is {info.get('status')} (exit {info.get('exit_code')}); nothing to attach",
-                   err=True)
-        return int(info.get("exit_code") or 0)
-    recorder = RunRecorder(run, host=detached.target.host, stdout=sys.stderr if as_json else None)
-    detached.session.local["on_job"] = JobStatusLine()
-    try:
-        with run.action("attach", host=detached.target.host):
-            outcome = detached.coordinator.attach(detached.session, detached.target, info["detached"], recorder,
-                                                  recorder.offsets)
-    except KeyboardInterrupt:
-        raise Interrupted(f"stopped following run {run.id}; it goes on (rx attach {run.id})") from None
-    finally:
-        recorder.close()
-    return finish_run(run, outcome.result, outcome, as_json)
+    run = detached.run
+    with run.exclusive("attach"):
+        info = run.info()  # read under the lock: an attach that just ended may have collected it
+        # A detached run belongs to its host's supervisor, not to a local process: attaching never makes
+        # this process its coordinator, so an attach that is killed leaves the run attachable (and a run
+        # an older rx marked lost can still be collected).
+        if info.get("status") not in ("running", "pending", "lost") and not info.get("collect_failed"):
+            typer.echo(f"rx: run {run.id} is {info.get('status')} (exit {info.get('exit_code')}); nothing to "
+                       "attach", err=True)
+            return int(info.get("exit_code") or 0)
+        recorder = RunRecorder(run, host=detached.target.host, stdout=sys.stderr if as_json else None,
+                               log_cap=detached.session.config.log_cap)
+        detached.session.local["on_job"] = JobStatusLine()
+        try:
+            with run.action("attach", host=detached.target.host):
+                outcome = detached.coordinator.attach(detached.session, detached.target, info["detached"],
+                                                      recorder, recorder.offsets)
+        except (KeyboardInterrupt, Interrupted):
+            typer.echo(f"rx: detached; still running: rx attach {run.id} (stop it: rx cancel {run.id})", err=True)
+            return 130
+        except LocalDiskFull as exc:
+            uncollected(run, exc, info["detached"] if exc.kept else None)
+            raise
+        finally:
+            recorder.close()
+        if info.get("collect_failed"):
+            run.update(collect_failed=None)
+        return finish_run(run, outcome.result, outcome, as_json)
 
 
 @app.command()
@@ -464,7 +502,9 @@ def attach(
 ) -> None:
     """Wait for a detached run, stream its output, and collect its result and files into the workspace.
 
-    Exit status: the run's own, as rx run would have exited.
+    One attach of a run at a time. Ctrl-C (or SIGTERM) only detaches: the run goes on (rx cancel stops it).
+    Exit status: the run's own, as rx run would have exited; 130 when detached by Ctrl-C; 3 when another
+    rx attach holds the run.
     """
     raise typer.Exit(attach_run(load_detached_run(workspace, run_ref), as_json))
 
@@ -483,5 +523,9 @@ def cancel(
         typer.echo(f"rx: run {run.id} is already {info.get('status')}", err=True)
         raise typer.Exit(0)
     detached.coordinator.cancel(detached.target, info["detached"])
-    code = attach_run(detached, as_json=False)
+    try:
+        code = attach_run(detached, as_json=False)
+    except RunBusy as exc:  # the attach that holds the run collects it
+        typer.echo(f"rx: run {run.id} cancelled on its host; {exc.message}, which collects it", err=True)
+        raise typer.Exit(130) from None
     raise typer.Exit(130 if run.info().get("status") == "cancelled" else code)

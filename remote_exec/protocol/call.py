@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..backends.base import Backend, Process
-from ..errors import CommandTimeout, ConnectError, IntegrityError, Interrupted, RemoteExecError, RunnerError
+from ..errors import (
+    CommandTimeout,
+    ConnectError,
+    IntegrityError,
+    Interrupted,
+    LocalDiskFull,
+    RemoteExecError,
+    RunnerError,
+)
 from ..launchers.base import Launcher
 from ..packing import DistributionArchive
 from ..session import Result, Session
@@ -32,9 +40,14 @@ from .stdin import StdinPump
 if TYPE_CHECKING:
     from .workers import WorkerPool
 
-__all__ = ["Call", "StaleWorker", "dispatch", "run_call", "send_session"]
+__all__ = ["STOP_MARGIN", "Call", "StaleWorker", "dispatch", "run_call", "send_session"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds past a call's timeout that the coordinator waits for the runner's result before it gives the link
+#: up (exit 124 all the same): the runner's kill grace (SIGTERM, SIGKILL 2 s later) and the way back. A link
+#: that still carries heartbeats gets longer: the runner is alive and stops the task itself.
+STOP_MARGIN = 4.0
 
 
 #: Seconds a call interrupted with Ctrl-C (or SIGTERM) waits for its task to stop and its result, with the
@@ -54,6 +67,8 @@ class Call:
         started: The runner's ``P`` frame (the task's pid, run directory, host), once it came.
         received: The result frames so far.
         dead: The watchdog gave the link up (silent too long, or past the call's deadline).
+        overdue: The watchdog gave the link up because the call was past its deadline (its timeout and
+            :data:`STOP_MARGIN`) and the runner had not confirmed the stop.
         stop: The call is over; the watchdog leaves it alone.
         stop_wait: Seconds a Ctrl-C waits for the stopped task's result (0: it does not wait).
         interrupted: Ctrl-C stopped the task, and its result came back.
@@ -71,22 +86,29 @@ class Call:
         self.stdin: StdinPump | None = None  # rx run's stdin, when it forwards it
         self.started: dict[str, Any] | None = None
         self.dead = Flag()
+        self.overdue = Flag()
         self.stop = Flag()
         self.stop_wait = stop_wait
         self.interrupted = False
 
     def check(self, deadline: float | None) -> None:
         """Called about every second while the call runs: heartbeat to the runner, and drop the link
-        when it has been silent too long or the call is past its deadline."""
+        when it has been silent too long, or when the call is past its deadline and the runner, silent
+        for longer than a heartbeat, has not sent its result (whatever the link does, ``--timeout N``
+        ends the call within N + :data:`STOP_MARGIN` + a heartbeat)."""
         if self.stop.is_set() or self.dead.is_set():
             return
         now = time.monotonic()
         silent = now - self.channel.last_read
-        if silent > self.options.dead_after or (deadline is not None and now > deadline):
-            if silent > self.options.dead_after:
+        overdue = (deadline is not None and now > deadline and self.received.header is None
+                   and silent > self.options.heartbeat + 1.0)
+        if overdue or silent > self.options.dead_after:
+            if overdue:
+                self.overdue.set()
+            else:
                 logger.warning("%s: no sign of life for %.0f s; giving up on the link", self.host, silent)
             self.dead.set()
-            self.channel.process.kill()
+            self.channel.process.abandon()  # the host does not answer: signalling through it would wait
             return
         try:
             self.channel.send(b"H")
@@ -193,9 +215,10 @@ def _no_result_error(call: Call, deadline: float | None) -> RemoteExecError:
     channel, host, options = call.channel, call.host, call.options
     code = channel.process.wait(5)
     tail = channel.stderr_tail()
-    if deadline is not None and time.monotonic() > deadline:
-        return CommandTimeout(host, f"the task ran past its timeout of {options.timeout:g} s and the runner "
-                                    "did not report back")
+    if call.overdue.is_set() or (deadline is not None and time.monotonic() > deadline):
+        return CommandTimeout(host, f"the task ran past its timeout of {options.timeout:g} s and the host did "
+                                    f"not confirm the stop within {STOP_MARGIN:g} s; the link was given up",
+                              hint="the runner stops the task itself if the host comes back")
     if call.dead.is_set():
         return ConnectError(host, f"the link went silent for {options.dead_after:g} s and was given up",
                             hint="the host may be down, paused or unreachable")
@@ -210,13 +233,44 @@ def _no_result_error(call: Call, deadline: float | None) -> RemoteExecError:
                        reason="crashed", host=host)
 
 
-def _stream(call: Call, phase: PhaseCallback, deadline: float | None) -> None:
-    """Stream the call's output until its result is complete (Ctrl-C cancels the remote task first)."""
+def _worker_death(call: Call) -> Result | None:
+    """How the call ended when a signal ended the persistent worker running it (its guardian's
+    :data:`wire.WORKER_DIED` line on stderr), as a per-call run reports it; None if that is not what
+    happened."""
+    channel = call.channel
+    channel.stderr_reader.join(2)
+    lines = bytes(channel.stderr).decode("utf-8", "replace").splitlines()
+    line = next((line for line in reversed(lines) if line.startswith(wire.WORKER_DIED)), None)
+    try:
+        header = json.loads(line[len(wire.WORKER_DIED):]) if line else None
+    except ValueError:
+        return None
+    if not isinstance(header, dict) or header.get("status") not in ("oom", "signal"):
+        return None
+    result = Result(status=header["status"], exit_code=int(header.get("exit_code") or 137),
+                    detail=str(header.get("detail") or "killed by a signal"))
+    result.host = call.host
+    return result
+
+
+def _stream(call: Call, phase: PhaseCallback, deadline: float | None, *, detached: bool = False) -> Result | None:
+    """Stream the call's output until its result is complete. Ctrl-C stops the remote task and waits a
+    moment for its result (its files come back); when following a ``detached`` run it only stops
+    following, and says so: the run goes on.
+
+    Returns:
+        None, or how the call ended when a signal ended the persistent worker running it.
+    """
     channel = call.channel
     channel.watch(call, deadline)
     try:
         complete = channel.pump(call.handle)
     except KeyboardInterrupt:
+        if detached:
+            phase("execute", "failed")
+            call.stop.set()
+            channel.process.kill()  # the follower on the host; the detached run goes on
+            raise Interrupted(f"stopped following the run on {call.host}; it goes on") from None
         call.interrupted = call.stop_and_wait()  # the task's files come back with its result
         if not call.interrupted:
             call.cancel()
@@ -228,7 +282,11 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None) -> None:
     if not complete:
         channel.broken = True
         phase("execute", "failed")
+        died = _worker_death(call) if not call.dead.is_set() else None
+        if died is not None:
+            return died
         raise _no_result_error(call, deadline)
+    return None
 
 
 def _send_tolerantly(call: Call, go: dict[str, Any], session_bytes: bytes | None, *, keep: bool) -> None:
@@ -242,30 +300,60 @@ def _send_tolerantly(call: Call, go: dict[str, Any], session_bytes: bytes | None
         logger.debug("%s: the runner stopped reading its input", call.host, exc_info=True)
 
 
-def _collect(call: Call, session: Session, land_file: FileLander | None, phase: PhaseCallback, *,
-             acknowledge: bool) -> tuple[Result, list[Path], bytes]:
-    """Check and land the result (see :func:`.collect.collect`); acknowledge it to a detached run's runner;
-    raise Interrupted, once the files landed, for a call Ctrl-C stopped."""
-    phase("collect", "started")
+def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
+             on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
+             phases: dict[str, float], uploaded: bool, keep: bool,
+             extra_options: Mapping[str, Any] | None = None, stdin: BinaryIO | None = None,
+             on_event: EventSink | None = None, detached: bool = False, hold: bool = False) -> Outcome:
+    """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
+    output (and ``stdin`` to the task, if given), collect and check its result. With ``keep`` the channel
+    (a worker) stays open after it.
+
+    The call's timeout holds here too: past it and :data:`STOP_MARGIN`, a runner that did not answer is
+    given up. Not when the call collects a ``detached`` run: its host keeps its clock, Ctrl-C only stops
+    following (:class:`Interrupted`; the run goes on), and the runner hears ``A`` once the result landed,
+    and only then removes the run's data: a result that was refused can be collected again.
+
+    With ``hold`` (an ``rx run``, whose collection can be tried again) the runner waits, after the result,
+    to hear what becomes of it: ``A`` (it landed, or was refused) and it goes; ``K`` when the local disk
+    filled up, and the host keeps it (:class:`LocalDiskFull` says where) for ``rx attach``."""
+    key = secrets.token_bytes(32)
+    call = Call(channel, options, key, on_stdout, on_stderr, on_event, stop_wait=0.0 if detached else STOP_WAIT)
+    phase("execute", "started")
+    deadline = None
+    acknowledged = hold or detached
+    extra = {**(extra_options or {}), "hold": hold, **({"stdin": True} if stdin is not None else {})}
     try:
-        collected = collect(call.received, call.host, session, call.options, land_file)
+        _send_tolerantly(call, _call_options(session, options, key, land_file, extra), session_bytes, keep=keep)
+        if stdin is not None:
+            call.stdin = StdinPump(channel, stdin).start()
+        if options.timeout is not None and not detached:  # the task starts once its session arrived
+            deadline = time.monotonic() + options.timeout + STOP_MARGIN
+        died = _stream(call, phase, deadline, detached=detached)
+        if died is not None:  # the worker was killed: the call ended as a per-call run's task would
+            return Outcome(result=died, header={"status": died.status, "exit_code": died.exit_code,
+                                                "detail": died.detail}, uploaded=uploaded, phases=phases)
+        header = call.received.header or {}
+        if not keep and not acknowledged:
+            channel.reap_later()
+        if keep and header.get("status") in ("timeout", "cancelled"):
+            channel.broken = True  # a worker exits after such a call
+        phase("execute", "finished")
+        result, landed, value_data = _collect(call, session, land_file, phase, hold=hold, detached=detached)
     except BaseException:
-        phase("collect", "failed")
+        channel.broken = True
         raise
-    phase("collect", "finished")
-    if acknowledge:  # the host removes the run now: wait for that (20,000 files take a few seconds)
-        call.channel.send(b"A")
-        reap(call.channel.process, call.channel.stderr_reader)
-    if call.interrupted:
-        landed = collected[1]
-        raise Interrupted(f"interrupted; the task on {call.host} was stopped"
-                          + (f" ({len(landed)} file(s) it wrote brought back)" if landed else ""))
-    return collected
+    finally:
+        _end_call(call, keep=keep, acknowledged=acknowledged)
+    result.host = call.host
+    return Outcome(result=result, header=header, files=landed, uploaded=uploaded, phases=phases,
+                   value_data=value_data)
 
 
-def _end_call(call: Call, *, keep: bool) -> None:
-    """However the call ended: the watchdog and stdin pump stop, the spool goes, and a channel whose result
-    did not come whole is dropped (its pipes released now, not whenever the last reference to them goes)."""
+def _end_call(call: Call, *, keep: bool, acknowledged: bool) -> None:
+    """However the call ended: the watchdog and stdin pump stop, the spool goes, a runner that waited for
+    ``A`` or ``K`` is let go, and a channel whose result did not come whole is dropped (its pipes released
+    now, not whenever the last reference to them goes)."""
     channel = call.channel
     call.stop.set()
     if call.stdin is not None:
@@ -273,6 +361,8 @@ def _end_call(call: Call, *, keep: bool) -> None:
     channel.watch(None)
     if not keep:
         channel.closed.set()
+        if acknowledged and call.received.end is not None and channel.process.wait(0) is None:
+            channel.reap_later()  # after A or K (or without: a detached run stays for another attach)
     call.received.discard()
     if call.received.end is None:
         channel.process.kill()
@@ -280,43 +370,49 @@ def _end_call(call: Call, *, keep: bool) -> None:
             reap(channel.process, channel.stderr_reader)
 
 
-def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
-             on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
-             phases: dict[str, float], uploaded: bool, keep: bool,
-             extra_options: Mapping[str, Any] | None = None, stdin: BinaryIO | None = None,
-             on_event: EventSink | None = None, acknowledge: bool = False) -> Outcome:
-    """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
-    output (and ``stdin`` to the task, if given), collect and check its result. With ``keep`` the channel
-    (a worker) stays open after it. With ``acknowledge`` (a detached run's collection) the runner hears
-    ``A`` once the result landed, and only then removes the run's data: a result that was refused can be
-    collected again."""
-    key = secrets.token_bytes(32)
-    call = Call(channel, options, key, on_stdout, on_stderr, on_event, stop_wait=0.0 if acknowledge else STOP_WAIT)
-    phase("execute", "started")
-    deadline = None if options.timeout is None else time.monotonic() + options.timeout + options.dead_after + 5
-    extra = {**(extra_options or {}), **({"stdin": True} if stdin is not None else {})}
+def _collect(call: Call, session: Session, land_file: FileLander | None, phase: PhaseCallback, *,
+             hold: bool, detached: bool) -> tuple[Result, list[Path], bytes | Path]:
+    """Check and land the result (see :func:`.collect.collect`) as the ``collect`` phase; tell the runner
+    what becomes of it (``A``, or ``K`` for a full local disk); raise Interrupted, once the files landed,
+    for a call Ctrl-C stopped."""
+    phase("collect", "started")
     try:
-        _send_tolerantly(call, _call_options(session, options, key, land_file, extra), session_bytes, keep=keep)
-        if stdin is not None:
-            call.stdin = StdinPump(channel, stdin).start()
-        _stream(call, phase, deadline)
-        header = call.received.header or {}
-        if not keep and not acknowledge:
-            channel.reap_later()
-        elif header.get("status") in ("timeout", "cancelled"):
-            channel.broken = True  # a worker exits after such a call
-        phase("execute", "finished")
-        result, landed, value_data = _collect(call, session, land_file, phase, acknowledge=acknowledge)
-    except BaseException:
-        channel.broken = True
-        if acknowledge and call.received.end is not None:
-            channel.reap_later()  # no A: the host keeps the run for another attach
+        collected = collect(call.received, call.host, session, call.options, land_file)
+    except LocalDiskFull as exc:  # the host keeps the result for another try
+        phase("collect", "failed")
+        if hold and not detached:
+            _answer(call.channel, b"K")
+        if hold or detached:
+            exc.kept = {"host": call.host, "run_dir": (call.started or {}).get("run_dir")}
         raise
-    finally:
-        _end_call(call, keep=keep)
-    result.host = call.host
-    return Outcome(result=result, header=header, files=landed, uploaded=uploaded, phases=phases,
-                   value_data=value_data)
+    except RemoteExecError:
+        phase("collect", "failed")
+        if hold and not detached:  # refused: nothing to try again (a detached run stays for another attach)
+            _answer(call.channel, b"A")
+        raise
+    except BaseException:
+        phase("collect", "failed")
+        raise
+    phase("collect", "finished")
+    if detached:  # the host removes the run now: wait for that (20,000 files take a few seconds)
+        _answer(call.channel, b"A")
+        reap(call.channel.process, call.channel.stderr_reader)
+    elif hold:
+        _answer(call.channel, b"A")
+    if call.interrupted:
+        landed = collected[1]
+        raise Interrupted(f"interrupted; the task on {call.host} was stopped"
+                          + (f" ({len(landed)} file(s) it wrote brought back)" if landed else ""))
+    return collected
+
+
+def _answer(channel: Channel, kind: bytes) -> None:
+    """Tell the runner what becomes of the result: ``A`` (taken care of: it may remove what it kept of it)
+    or ``K`` (keep it for another try)."""
+    try:
+        channel.send(kind)
+    except Exception:  # a runner that did not wait for it has gone: nothing is kept
+        logger.debug("answering the result failed", exc_info=True)
 
 
 class _Phases:
@@ -339,7 +435,7 @@ class _Phases:
 def dispatch(session: Session, backend: Backend, archive: DistributionArchive, options: CallOptions, *,
              launcher: Launcher, workers: WorkerPool, on_stdout: OutputSink, on_stderr: OutputSink,
              land_file: FileLander | None = None, on_phase: PhaseCallback | None = None,
-             session_bytes: bytes | None = None, stdin: BinaryIO | None = None) -> Outcome:
+             session_bytes: bytes | None = None, stdin: BinaryIO | None = None, hold: bool = False) -> Outcome:
     """Run ``session`` on ``backend``'s host and return what came back.
 
     Args:
@@ -357,6 +453,8 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
         session_bytes: ``session.to_wire()``, when the caller has it already.
         stdin: What the task reads on its stdin (``rx run`` forwards a pipe or a file); None: nothing.
             A call with stdin runs in a runner of its own, never in a persistent worker.
+        hold: The runner keeps the result until it landed (a process-per-call run that can be collected
+            again: see :func:`run_call`).
 
     Raises:
         ConnectError, AuthError, HostKeyError: The host could not be reached or the link died.
@@ -372,20 +470,21 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
     def call(channel: Channel, *, uploaded: bool, keep: bool) -> Outcome:
         return run_call(channel, session, session_bytes, options, on_stdout=on_stdout, on_stderr=on_stderr,
                         land_file=land_file, phase=phase, phases=phase.seconds, uploaded=uploaded, keep=keep,
-                        stdin=stdin)
+                        stdin=stdin, hold=hold and not keep)
 
     if options.keep_warm and stdin is None:
         for attempt in (1, 2):
-            channel = workers.get(launcher, backend, archive, options, phase)
-            with channel.lock:
+            channel = workers.acquire(launcher, backend, archive, options, phase)  # for this call alone
+            try:
                 uploaded, channel.uploaded = channel.uploaded, False
-                try:
-                    return call(channel, uploaded=uploaded, keep=True)
-                except StaleWorker:
-                    # The worker had gone (idle exit, a lost channel) before it took the call: nothing
-                    # ran; a fresh worker takes it.
-                    logger.debug("persistent worker on %s had gone; starting a new one", backend.host)
-                    if attempt == 2:
-                        raise ConnectError(backend.host, "the persistent worker could not take the call") from None
+                return call(channel, uploaded=uploaded, keep=True)
+            except StaleWorker:
+                # The worker had gone (idle exit, a lost channel) before it took the call: nothing ran; a
+                # fresh worker takes it.
+                logger.debug("persistent worker on %s had gone; starting a new one", backend.host)
+                if attempt == 2:
+                    raise ConnectError(backend.host, "the persistent worker could not take the call") from None
+            finally:
+                workers.release(channel)
     channel = start_runner(launcher, backend, archive, options, "serve", phase)
     return call(channel, uploaded=channel.uploaded, keep=False)

@@ -2,9 +2,10 @@
 
 A :class:`Channel` wraps the process a launcher started (stdin carries frames to the runner, stdout
 frames from it, stderr the runner's own diagnostics). A process-per-call runner serves one call; a
-persistent worker (``keep_warm``) serves many, one at a time (:attr:`Channel.lock`). :meth:`Channel.pump`
-is the only loop that reads frames; :meth:`Channel.watch` starts the one watcher thread that, about every
-second, lets the current call send its heartbeat and give up a silent link or a call past its deadline.
+persistent worker (``keep_warm``) serves many, one at a time (its pool lends it to one call at a time).
+:meth:`Channel.pump` is the only loop that reads frames; :meth:`Channel.watch` starts the one watcher
+thread that, about every second, lets the current call send its heartbeat and give up a silent link or a
+call past its deadline.
 """
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ class Channel:
         pending: Bytes read past the bootstrap's handshake, not yet fed to :attr:`reader`.
         uploaded: True when starting it sent the archive.
         last_read: ``time.monotonic()`` of the last bytes from the runner (stdout or stderr).
-        lock: Held by the call in progress (a persistent worker serves one call at a time).
         broken: The channel must not take another call.
         closed: Set when the channel is done; the watcher thread ends.
     """
@@ -69,7 +69,6 @@ class Channel:
         self.stderr = bytearray()
         self.last_read = time.monotonic()
         self.write_lock = threading.Lock()
-        self.lock = threading.Lock()
         self.broken = False
         self.current: tuple[Watched, float | None] | None = None
         self.closed = threading.Event()

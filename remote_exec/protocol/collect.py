@@ -9,11 +9,14 @@ the declared sizes, and a sha256 per file; a result with one bad file lands none
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import hmac
 import json
 import logging
 import marshal
+import os
 import pickle
 import shutil
 import tarfile
@@ -21,18 +24,22 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from ..errors import IntegrityError
+from ..errors import IntegrityError, LocalDiskFull, WorkspaceError, printable
 from ..hints import unreadable_value
 from ..serialization import rebuild_exception
 from ..session import Result, Session
 from .options import CallOptions, FileLander
 
-__all__ = ["RESULT_FRAMES", "Received", "collect", "land_files", "rebuild_result", "safe_member_path"]
+__all__ = ["RESULT_FRAMES", "Received", "collect", "land_files", "rebuild_result", "safe_member_path", "write_sparse"]
 
 logger = logging.getLogger(__name__)
 
 #: The frames that carry a result (:meth:`Received.add` takes them).
 RESULT_FRAMES = frozenset((b"R", b"L", b"V", b"X", b"F", b"Z"))
+#: A value whose header declares more bytes than this streams to a spool file as it arrives and is rebuilt
+#: from there (a 300 MB value then peaks at about twice its size in memory, not four times); smaller ones
+#: stay in memory (a small call writes no file).
+SPOOL_VALUE = 16 << 20
 
 
 def safe_member_path(name: str) -> PurePosixPath:
@@ -54,10 +61,14 @@ class Received:
         header: The R frame (None until it arrived; ``{}`` if it was not JSON: the HMAC check refuses it);
             once the result is complete, its ``files`` hold the list the L frames carried.
         files: The entries of the L frames so far.
-        value: The V payloads (joined once, at the end).
+        value: The V payloads (joined once, at the end), unless the value is spooled.
+        value_path: The spool file a large value streams into (see :data:`SPOOL_VALUE`); its owner removes
+            it (:meth:`discard` does unless :func:`collect` handed it on).
         exc_data: The X payloads.
         files_path: The spool file the F payloads stream into (made when the first arrives).
         end: The Z frame, once the result is complete.
+        failed: Why the result could not be spooled locally (a full disk): the frames are then still read
+            to their end, so that the runner finishes its result and keeps it for another try.
     """
 
     def __init__(self, key: bytes) -> None:
@@ -65,10 +76,14 @@ class Received:
         self.header: dict[str, Any] | None = None
         self.files: list[Any] = []
         self.value: list[bytes] = []
+        self.value_path: Path | None = None
+        self.value_stream: IO[bytes] | None = None
+        self.value_size = 0
         self.exc_data: list[bytes] = []
         self.files_path: Path | None = None
         self.files_stream: IO[bytes] | None = None
         self.end: dict[str, Any] | None = None
+        self.failed: OSError | None = None
 
     def add(self, kind: bytes, payload: bytes) -> None:
         """Take one of :data:`RESULT_FRAMES`."""
@@ -80,11 +95,23 @@ class Received:
             return
         self.mac.update(kind + len(payload).to_bytes(8, "big"))
         self.mac.update(payload)
+        try:
+            self._keep(kind, payload)
+        except OSError as exc:  # the local disk: read on to the end, keep nothing (the host keeps it)
+            self.failed = exc
+            self.discard()
+
+    def _keep(self, kind: bytes, payload: bytes) -> None:
+        if self.failed is not None and kind != b"R":
+            return
         if kind == b"R":
             try:
                 self.header = json.loads(payload)
             except ValueError:  # damaged: the HMAC check in collect() refuses the result
                 self.header = {}
+            if self._declared_value() > SPOOL_VALUE:
+                handle, name = tempfile.mkstemp(prefix="rx-value-")
+                self.value_path, self.value_stream = Path(name), os.fdopen(handle, "wb")
         elif kind == b"L":
             try:
                 listed = json.loads(payload)
@@ -92,16 +119,26 @@ class Received:
                 listed = []
             self.files += listed if isinstance(listed, list) else []
         elif kind == b"V":
-            self.value.append(payload)
+            self.value_size += len(payload)
+            if self.value_stream is not None:
+                self.value_stream.write(payload)
+            else:
+                self.value.append(payload)
         elif kind == b"X":
             self.exc_data.append(payload)
         else:
-            self._spool().write(payload)
+            write_sparse(self._spool(), payload)
+
+    def _declared_value(self) -> int:
+        declared = self.header.get("value") if isinstance(self.header, dict) else None
+        try:
+            return int(declared.get("size") or 0) if isinstance(declared, dict) else 0
+        except (TypeError, ValueError):
+            return 0
 
     def large_value_follows(self) -> bool:
         """True when the header just received declares a value over 1 MiB."""
-        declared = self.header.get("value") if isinstance(self.header, dict) else None
-        return isinstance(declared, dict) and int(declared.get("size") or 0) > (1 << 20)
+        return self._declared_value() > (1 << 20)
 
     def _spool(self) -> IO[bytes]:
         if self.files_stream is None:
@@ -110,60 +147,108 @@ class Received:
         return self.files_stream
 
     def close_spool(self) -> None:
-        """The files have all arrived."""
-        if self.files_stream is not None and not self.files_stream.closed:
-            self.files_stream.close()
+        """The files (and the value) have all arrived (a disk that filled up on the last writes counts as
+        :attr:`failed`)."""
+        for stream in (self.files_stream, self.value_stream):
+            if stream is not None and not stream.closed:
+                try:
+                    stream.truncate()  # its size, if it ends in a hole
+                    stream.close()
+                except OSError as exc:
+                    self.failed = self.failed or exc
+                    with contextlib.suppress(OSError):
+                        stream.close()  # closed all the same
 
     def discard(self) -> None:
-        """Remove the spool file (what landed was moved out of it)."""
+        """Remove the spool files (what landed was moved out of them; a value handed on is its owner's)."""
         self.close_spool()
         if self.files_path is not None:
             shutil.rmtree(self.files_path.parent, ignore_errors=True)
+        if self.value_path is not None:
+            self.value_path.unlink(missing_ok=True)
 
 
-def _checked_parts(received: Received, host: str) -> tuple[dict[str, Any], bytes, bytes]:
-    """The header, value and exception bytes, once the HMAC and the declared sizes agree."""
+def write_sparse(stream: IO[bytes], data: bytes) -> None:
+    """Write ``data``, or skip over it when it is all zeros (the file keeps a hole there: a sparse file that
+    crossed the link as zeros lands sparse). The writer truncates the file at its end."""
+    if len(data) >= 4096 and not data[0] and not data[-1] and data.count(0) == len(data):
+        stream.seek(len(data), os.SEEK_CUR)
+    else:
+        stream.write(data)
+
+
+def _checked_parts(received: Received, host: str) -> tuple[dict[str, Any], bytes | Path, bytes]:
+    """The header, the value (its bytes, or the spool file holding them) and the exception bytes, once the
+    HMAC and the declared sizes agree."""
     if received.header is None or received.end is None:
         raise IntegrityError(f"{host}: the runner sent no result header")
     if not hmac.compare_digest(received.mac.hexdigest(), str(received.end.get("hmac", ""))):
         raise IntegrityError(f"{host}: the result failed its HMAC check; it was not accepted",
                              hint="something changed the result in transit or on the remote disk")
     header = received.header
-    value = received.value[0] if len(received.value) == 1 else b"".join(received.value)
+    received.close_spool()
+    value: bytes | Path = received.value[0] if len(received.value) == 1 else b"".join(received.value)
+    if received.value_path is not None:
+        value = received.value_path
     exc_data = b"".join(received.exc_data)
     received.value.clear()
-    for name, data in (("value", value), ("exc_pickle", exc_data)):
+    for name, size in (("value", received.value_size), ("exc_pickle", len(exc_data))):
         expected = header.get(name)
-        if expected is None and data:
+        if expected is None and size:
             raise IntegrityError(f"{host}: the result carries an undeclared {name}")
-        if expected is not None and len(data) != expected["size"]:  # its content is under the HMAC
+        if expected is not None and size != expected["size"]:  # its content is under the HMAC
             raise IntegrityError(f"{host}: the result's {name} is damaged (size mismatch)")
     return header, value, exc_data
 
 
 def collect(received: Received, host: str, session: Session, options: CallOptions,
-            land_file: FileLander | None) -> tuple[Result, list[Path], bytes]:
+            land_file: FileLander | None) -> tuple[Result, list[Path], bytes | Path]:
     """Check a complete result and rebuild it; land its files.
 
     Returns:
-        The result, the local paths of the landed files, and the value as the runner pickled it (b""
-        when it came as marshal: it is then recorded from the object).
+        The result, the local paths of the landed files, and the value as the runner pickled it: its bytes,
+        or a large value's spool file, which the caller then owns (b"" when it came as marshal: it is then
+        recorded from the object).
 
     Raises:
         IntegrityError: A check failed; nothing landed.
     """
+    if received.failed is not None:
+        raise _disk_full(host, received.failed)
     header, value, exc_data = _checked_parts(received, host)
     try:
         result = rebuild_result(header, value, exc_data, session, options)
     except (ImportError, AttributeError) as exc:  # the value needs a module this side lacks, or has at another version
-        raise unreadable_value(exc, value, task=session.task.name, host=host, remote=header.get("packages")) from exc
+        pickled = value if isinstance(value, bytes) else b""  # a spooled value: the host's list of packages
+        raise unreadable_value(exc, pickled, task=session.task.name, host=host, remote=header.get("packages")) from exc
     _warn_of_leftovers(host, header)
     landed: list[Path] = []
     if land_file is not None and header.get("files"):
-        landed = land_files(received, host, header["files"], land_file)
+        try:
+            landed = land_files(received, host, header["files"], land_file)
+        except (OSError, WorkspaceError) as exc:
+            cause = exc if isinstance(exc, OSError) else exc.__cause__
+            if not isinstance(cause, OSError) or cause.errno not in DISK_FULL:
+                raise
+            raise _disk_full(host, cause) from exc
     if (header.get("value") or {}).get("encoding") == "marshal":
         value = b""
+    elif isinstance(value, Path):
+        received.value_path = None  # handed on: the caller records it, then removes it
     return result, landed, value
+
+
+#: The errors of a local disk (or quota) that filled up.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(host: str, exc: OSError) -> WorkspaceError:
+    """The error for a result that could not be kept locally: :class:`LocalDiskFull` for a full disk."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno not in DISK_FULL:
+        return WorkspaceError(f"{host}: the result could not be kept locally: {exc.strerror or exc}{where}")
+    return LocalDiskFull(f"{host}: the result could not be landed: the local disk is full{where}; nothing of "
+                         "it landed")
 
 
 def _warn_of_leftovers(host: str, header: dict[str, Any]) -> None:
@@ -173,15 +258,12 @@ def _warn_of_leftovers(host: str, header: dict[str, Any]) -> None:
     if skipped:
         named = ", ".join(f"{entry.get('path')} ({entry.get('reason')})" for entry in header.get("skipped") or [])
         logger.warning("%s: %d file(s) or folder(s) the task left could not be read and were not brought back: %s",
-                       host, skipped, _printable(named[:500]))
+                       host, skipped, printable(named[:500]))
     stray = header.get("stray") or []
     if stray:
         logger.warning("%s: the task left %d process(es) running; rx stopped them: %s", host,
-                       int(header.get("stray_count") or len(stray)), _printable(", ".join(map(str, stray))[:500]))
+                       int(header.get("stray_count") or len(stray)), printable(", ".join(map(str, stray))[:500]))
 
-
-def _printable(text: str) -> str:
-    return "".join(char if char.isprintable() else f"\\x{ord(char):02x}" for char in text)
 
 
 def _unpickler(options: CallOptions) -> Any:
@@ -214,24 +296,30 @@ def _raised(exception: dict[str, Any], exc_data: bytes, exit_code: int, status: 
                                    traceback_text, exit_code=exit_code, status=status)
 
 
-def _value(header: dict[str, Any], value: bytes, session: Session, options: CallOptions) -> Any:
+def _value(header: dict[str, Any], value: bytes | Path, session: Session, options: CallOptions) -> Any:
+    """The value rebuilt from its bytes, or from its spool file: a pickle is read from the file as it goes
+    (the value's own bytes are the only large allocation), marshal needs the bytes whole (twice its size)."""
     encoding = (header.get("value") or {}).get("encoding")
     if encoding == "marshal":
         if options.restricted:
             raise IntegrityError(f"{header.get('host', 'the host')}: restricted mode was sent a marshalled "
                                  "value it did not ask for; it was not accepted")
         try:
-            return marshal.loads(value)
+            return marshal.loads(value if isinstance(value, bytes) else value.read_bytes())
         except (ValueError, EOFError, TypeError) as exc:
             raise IntegrityError(f"the result's value is damaged: {exc}") from exc
+    if session.serializer == "pickle" and isinstance(value, Path) and not options.restricted:
+        with value.open("rb") as stream:
+            return pickle.load(stream)
+    data = value if isinstance(value, bytes) else value.read_bytes()
     if session.serializer == "pickle":
-        return _unpickler(options)(value)
+        return _unpickler(options)(data)
     from ..serialization import get_serializer
 
-    return get_serializer(session.serializer).loads(value)
+    return get_serializer(session.serializer).loads(data)
 
 
-def rebuild_result(header: dict[str, Any], value: bytes, exc_data: bytes, session: Session,
+def rebuild_result(header: dict[str, Any], value: bytes | Path, exc_data: bytes, session: Session,
                    options: CallOptions) -> Result:
     """The :class:`Result` a checked result header, value and exception stand for."""
     status = header.get("status", "error")
@@ -280,7 +368,8 @@ def _check_member(host: str, archive: tarfile.TarFile, member: tarfile.TarInfo,
         digest = hashlib.sha256()
         while block := source.read(1 << 20):
             digest.update(block)
-            temporary.write(block)
+            write_sparse(temporary, block)
+        temporary.truncate()
     if digest.hexdigest() != listed["sha256"]:
         raise IntegrityError(f"{host}: pulled file {member.name!r} is damaged (sha256 mismatch)")
 
@@ -304,4 +393,14 @@ def land_files(received: Received, host: str, manifest: list[dict[str, Any]], la
         if isinstance(exc, (tarfile.TarError, EOFError)):
             raise IntegrityError(f"{host}: the result's files are damaged: {exc}") from exc
         raise
-    return [land_file(relative, temporary_path, sha256) for relative, temporary_path, sha256 in checked]
+    landed: list[Path] = []
+    try:
+        for relative, temporary_path, sha256 in checked:
+            landed.append(land_file(relative, temporary_path, sha256))
+    except BaseException:  # all or nothing: what landed before goes again, the rest is removed
+        for path in landed:
+            path.unlink(missing_ok=True)
+        for _, temporary_path, _ in checked:
+            temporary_path.unlink(missing_ok=True)
+        raise
+    return landed

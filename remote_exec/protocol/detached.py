@@ -100,13 +100,17 @@ def attach_detached(session: Session, backend: Backend, detached: Mapping[str, A
                     land_file: FileLander | None = None, offsets: tuple[int, int] = (0, 0),
                     on_event: EventSink | None = None) -> Outcome:
     """Follow a detached run's output from ``offsets`` until it ends, then bring its result back (checked
-    as an attached call's is) and let the host remove its run directory."""
+    as an attached call's is) and let the host remove its run directory.
+
+    Raises:
+        Interrupted: Ctrl-C: following stopped; the run goes on (attach again later).
+    """
     channel = start_runner(launcher, backend, _archive_of(detached), options, "attach", _ignore_phase,
                            [str(detached["run_dir"]), "collect"])
     return run_call(channel, session, None, options, on_stdout=on_stdout, on_stderr=on_stderr,
                     land_file=land_file, phase=_ignore_phase, phases={}, uploaded=False, keep=False,
                     extra_options={"stdout_offset": offsets[0], "stderr_offset": offsets[1]}, on_event=on_event,
-                    acknowledge=True)
+                    detached=True)
 
 
 def cancel_detached(backend: Backend, detached: Mapping[str, Any], options: CallOptions) -> dict[str, Any]:

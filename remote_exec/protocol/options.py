@@ -74,8 +74,9 @@ class Outcome:
         files: Local paths of the files that landed.
         uploaded: True when the archive had to be sent.
         phases: Seconds per phase: ``connect``, ``upload``, ``execute``, ``collect``.
-        value_data: The value as the runner pickled it (it passed the result's checks); empty if none or
-            if it came as marshal.
+        value_data: The value as the runner pickled it (it passed the result's checks): its bytes, or for a
+            large value the spool file holding them, which the outcome's owner records and then removes;
+            empty if none or if it came as marshal.
     """
 
     result: Result
@@ -83,4 +84,4 @@ class Outcome:
     files: list[Path] = field(default_factory=list)
     uploaded: bool = False
     phases: dict[str, float] = field(default_factory=dict)
-    value_data: bytes = b""
+    value_data: bytes | Path = b""

@@ -14,7 +14,8 @@ coordinator:
     G  go: the call's options as marshal (see :func:`dump_options`): the per-call HMAC key, run id,
        timeout, heartbeat and dead_after seconds, env, secret_env, pull globs, no_pull, keep, the task's
        kind, whether the value may come back as marshal, ``stdin`` (true: I and i frames follow, the task
-       reads them on its stdin; absent: its stdin is empty); for ``attach``, stdout/stderr offsets
+       reads them on its stdin; absent: its stdin is empty), ``hold`` (after the result, wait for A or K);
+       for ``attach``, stdout/stderr offsets
     S  the session in its wire form (``Session.to_wire``), in one or more frames
     s  end of session: marshal ``{"size": N}`` (the runner also accepts a ``sha256``); the task starts
     I  bytes for the task's stdin (``rx run`` forwards its own when it is a pipe or a file)
@@ -22,9 +23,14 @@ coordinator:
     H  heartbeat (empty)
     C  cancel: stop the task and all it started (SIGINT, then SIGTERM, then SIGKILL, each after a grace)
     Q  quit: a persistent worker exits (a running call is cancelled)
-    A  acknowledged (empty; ``attach ... collect`` only): the coordinator landed the result it was sent,
-       so the runner may now remove the detached run's directory. Without it (the coordinator refused
-       the result, or went away) the run stays on the host and a later ``attach`` collects it again.
+    A  acknowledged (empty): the coordinator landed the result it was sent (or, after a held call's result,
+       refused it), so the runner may now remove what it kept of it: the run directory of a detached run
+       (``attach ... collect``), or of a process-per-call run whose G frame said ``hold``. Without it (the
+       coordinator refused the result, or went away) a detached run stays on the host and a later
+       ``attach`` collects it again; a held call's goes
+    K  keep (empty): the coordinator could not land the result (its disk was full): a runner whose G frame
+       said ``hold`` keeps it in the run directory the way a detached run keeps its outcome, for a later
+       ``attach RUN_DIR collect``
 
 Frames from the runner:
 
@@ -54,6 +60,11 @@ Frames from the runner:
        detached run, ``Z`` is ``{"done": status, "exit_code": N, "detail": text}`` instead and no result
        precedes it (``{"done": null}`` when its G frame asked with ``once`` for the output so far of a run
        still going).
+
+A persistent worker that a signal ended (the out-of-memory killer, a kill -9) can send nothing; its
+guardian process then writes one line on the runner's stderr, :data:`WORKER_DIED` and the result header of
+the call it was running as JSON (status ``oom`` or ``signal``, exit_code, detail, signal), and exits 128 +
+the signal's number.
 """
 
 from __future__ import annotations
@@ -69,6 +80,7 @@ __all__ = [
     "HEADER",
     "MAX_FRAME",
     "PROTOCOL",
+    "WORKER_DIED",
     "FrameReader",
     "encode",
     "read_frame",
@@ -77,6 +89,8 @@ __all__ = [
 PROTOCOL = 1
 HEADER = struct.Struct(">cI")
 MAX_FRAME = 1 << 20
+#: Starts the stderr line of a persistent worker's guardian when a signal ended the worker (see above).
+WORKER_DIED = "RXWORKER-DIED "
 def encode(kind: bytes, payload: bytes | memoryview = b"") -> bytes:
     """One frame: type byte, length, payload."""
     return HEADER.pack(kind, len(payload)) + payload

@@ -152,7 +152,8 @@ def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any
 
     With ``reuse``, a run directory the task left empty is kept (creating and removing a directory costs
     a persistent worker's small call more than all the rest); returns True when it was. Without
-    ``remove`` (a detached run's collection) the run directory stays until the coordinator acknowledges.
+    ``remove`` (a detached run's collection, or a held call's) the run directory stays until the
+    coordinator says what becomes of it.
     """
     names = os.listdir(run_dir)
     files: list[dict[str, Any]] = []

@@ -21,8 +21,8 @@ TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["DETACHED_KEEP_DAYS", "PRIVATE", "RunStatus", "make_run_dir", "owner_token", "read_status", "rmtree",
-           "sweep_runs"]
+__all__ = ["DETACHED_KEEP_DAYS", "PRIVATE", "RunStatus", "keep_for_attach", "make_run_dir", "owner_token",
+           "read_status", "rmtree", "sweep_runs"]
 
 #: The run directory's own private directory: the runner's status, a detached run's output and outcome.
 PRIVATE = ".rx"
@@ -87,6 +87,27 @@ class RunStatus:
         with open(temporary, "wb") as stream:
             stream.write(wire.json_bytes(self.fields))
         os.rename(temporary, self.path)
+
+
+def keep_for_attach(options: dict[str, Any], run_dir: str, header: dict[str, Any], value: bytes | memoryview,
+                    exc_data: bytes | memoryview) -> None:
+    """Keep an attached call's result in its run directory the way a detached run keeps its own (the value,
+    the exception, then ``outcome.json`` atomically, the status ``done``), for a later ``attach ... collect``:
+    its coordinator could not land it (its disk was full). The call's secrets and key are not written."""
+    import time
+
+    private = os.path.join(run_dir, PRIVATE)
+    os.makedirs(private, 0o700, exist_ok=True)
+    for name, data in (("value.bin", value), ("exception.bin", exc_data)):
+        if data:
+            with open(os.path.join(private, name), "wb") as stream:
+                stream.write(data)
+    stored = {key: item for key, item in options.items() if key not in ("secret_env", "key")}
+    with open(os.path.join(private, "outcome.json.tmp"), "wb") as stream:
+        stream.write(wire.json_bytes({"header": header, "options": stored}))
+    os.rename(os.path.join(private, "outcome.json.tmp"), os.path.join(private, "outcome.json"))
+    RunStatus(run_dir).update(state="done", status=header["status"], exit_code=header["exit_code"],
+                              finished=time.time(), detached=True)  # swept, as a detached run, if never attached
 
 
 def read_status(run_dir: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ cancel, dead link, the runner's own SIGTERM) until it ends, then send its result
 from __future__ import annotations
 
 import os
+import select
 import sys
 import time
 
@@ -12,7 +13,7 @@ from ..protocol import wire
 from .channel import EXIT_RUNNER_FAILURE, CoordinatorGone, Poller
 from .child import parse_result, run_child
 from .contain import ENCLOSE_AFTER, Containment
-from .rundir import RunStatus, make_run_dir, rmtree, sweep_runs
+from .rundir import RunStatus, keep_for_attach, make_run_dir, rmtree, sweep_runs
 
 TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
 if TYPE_CHECKING:
@@ -40,14 +41,55 @@ def serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
               if keep else None)
     ending = supervise(options, session_bytes, reader, run_dir, out, coordinator=True, status=status,
                        cache_dir=cache_dir)
-    from .result import send_result
+    from .result import classify, send_classified
 
+    hold = bool(options.get("hold")) and not keep  # the coordinator says what becomes of the result
+    header, value, exc_data = classify(options, ending)
     try:
-        send_result(options, run_dir, ending, out)
+        send_classified(options, run_dir, header, value, exc_data, out, remove=not hold)
+        if hold and _answer(reader) == b"K":  # its disk was full: kept for rx attach
+            keep_for_attach(options, run_dir, header, value, exc_data)
+            keep = True
     finally:
         ending.release()
         if not keep:
             rmtree(run_dir)
+
+
+def _answer(reader: wire.FrameReader, wait: float = 600.0) -> bytes:
+    """What the coordinator said of the result: ``A`` (taken care of), ``K`` (keep it: it could not land
+    it), or b"" (its channel closed first, it stopped this runner with SIGTERM, or nothing came within
+    ``wait`` seconds)."""
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        return _read_answer(reader, wait)
+    except CoordinatorGone:
+        return b""
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise CoordinatorGone("stopped while the result waited for its answer")
+
+
+def _read_answer(reader: wire.FrameReader, wait: float) -> bytes:
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if not select.select([0], [], [], min(5.0, max(0.0, deadline - time.monotonic())))[0]:
+            continue
+        try:
+            data = os.read(0, 1 << 16)
+        except BlockingIOError:
+            continue
+        except OSError:
+            return b""
+        if not data:
+            return b""
+        for kind, _ in reader.feed(data):
+            if kind in (b"A", b"K"):
+                return kind
+    return b""
 
 
 def supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.FrameReader, run_dir: str,

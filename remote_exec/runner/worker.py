@@ -13,7 +13,7 @@ from .channel import CoordinatorGone, Out, Poller, read_call
 from .child import run_task, set_call_environ, task_stdio
 from .contain import Containment
 from .policy import Policy
-from .result import Ending, send_result
+from .result import Ending, classify, oom_kills, send_result
 from .rundir import make_run_dir, rmtree
 
 TYPE_CHECKING = False  # typing is not imported at run time
@@ -39,6 +39,7 @@ def serve_worker(cache_dir: str, idle_timeout: float, out_fd: int = 1) -> int:
     """
     import json
 
+    guardian = _guard_worker()
     try:
         os.setsid()
     except OSError:
@@ -51,7 +52,7 @@ def serve_worker(cache_dir: str, idle_timeout: float, out_fd: int = 1) -> int:
     containment = Containment(f"worker-{os.getpid()}", cgroups=False)
     containment.adopt(os.getpid(), group=False)  # what a call leaves (double forks too) stays below the worker
     calls = _Calls(cache_dir, out, _WorkerWatch(out, out_r, err_r, proto_in, wire.FrameReader(), containment),
-                   containment)
+                   containment, guardian)
     out.event({"event": "worker", "pid": os.getpid(), "host": os.uname().nodename})
     calls.watch.thread.start()
     try:
@@ -63,6 +64,53 @@ def serve_worker(cache_dir: str, idle_timeout: float, out_fd: int = 1) -> int:
             rmtree(calls.run_dir)
         containment.signal(signal.SIGKILL)
         _end_group()
+
+
+def _guard_worker() -> int:
+    """Fork; the child returns (the write end of a pipe on which it names each run directory it makes) and
+    serves as the worker. This process stays its guardian: it passes on the signals that stop a runner,
+    waits for the worker and, when a signal ended it (the kernel's out-of-memory killer, a kill -9, a task
+    that killed its own process), removes the run directory it was using, writes :data:`wire.WORKER_DIED`
+    and the header of how the running call ended on stderr (the worker, dead, can send no result), and
+    exits with 128 + the signal's number (the link's own failure stays ssh's 255)."""
+    oom_before = oom_kills()
+    started = time.monotonic()
+    named_r, named_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(named_r)
+        os.set_blocking(named_w, False)  # a guardian behind must never stop the worker
+        return named_w
+    os.close(named_w)
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(number, lambda number, frame: os.kill(pid, number))
+    status, named = _wait_naming(pid, named_r)
+    if os.WIFSIGNALED(status):
+        if named and os.path.isdir(named):
+            rmtree(named)
+        header = classify({"kind": "function"}, Ending(started, exit_status=status, oom_before=oom_before))[0]
+        sys.stderr.write(wire.WORKER_DIED + wire.json_text(header) + "\n")
+        sys.stderr.flush()
+    os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+
+
+def _wait_naming(pid: int, named_r: int) -> tuple[int, str]:
+    """Wait for the worker ``pid`` to end, reading the run directories it names; return its wait status and
+    the last directory it named."""
+    import select
+
+    lines = b""
+    while True:
+        if named_r >= 0 and select.select([named_r], [], [], 0.5)[0]:
+            data = os.read(named_r, 65536)
+            lines = (lines + data)[-8192:] if data else lines
+            if not data:
+                os.close(named_r)
+                named_r = -1
+        done, status = os.waitpid(pid, os.WNOHANG if named_r >= 0 else 0)
+        if done:
+            names = lines.decode("utf-8", "surrogateescape").split("\n")
+            return status, names[-2] if len(names) > 1 else ""
 
 
 def _worker_stdio(out_fd: int) -> tuple[int, Out, int, int]:
@@ -82,11 +130,13 @@ def _worker_stdio(out_fd: int) -> tuple[int, Out, int, int]:
 class _Calls:
     """The worker's calls, one after another; the run directory a call left empty serves the next."""
 
-    def __init__(self, cache_dir: str, out: Out, watch: _WorkerWatch, containment: Containment) -> None:
+    def __init__(self, cache_dir: str, out: Out, watch: _WorkerWatch, containment: Containment,
+                 guardian: int) -> None:
         self.cache_dir = cache_dir
         self.out = out
         self.watch = watch
         self.containment = containment
+        self.guardian = guardian
         self.run_dir: str | None = None
 
     def serve_next(self, idle_timeout: float) -> None:
@@ -96,6 +146,10 @@ class _Calls:
         self.out.new_call(options["key"])
         if self.run_dir is None:
             self.run_dir = make_run_dir(self.cache_dir, options, private=False)
+            try:  # the guardian removes it if the worker is killed
+                os.write(self.guardian, self.run_dir.encode("utf-8", "surrogateescape") + b"\n")
+            except OSError:
+                pass
         run_dir = self.run_dir
         saved_env = _environ_snapshot()
         set_call_environ(options)

@@ -16,7 +16,8 @@
     Failures carry the message and traceback; the logs go to ``<system-out>``/``<system-err>``.
     Characters XML 1.0 forbids (terminal escapes, NUL) are replaced.
 ``text``
-    A readable summary, with the last lines of the logs.
+    A readable summary, with the last lines of the logs; control characters (a host's ESC or NUL in an
+    exception message, a traceback, a log line) are written as escapes (``\\x1b``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, printable
 from .state import parse_time
 
 if TYPE_CHECKING:
@@ -232,7 +233,7 @@ def _json(reports: list[_Report]) -> str:
 # -- text ------------------------------------------------------------------------------------------
 
 def _text(reports: list[_Report]) -> str:
-    out = [line for r in reports for line in _text_run(r)]
+    out = [printable(line) for r in reports for line in _text_run(r)]
     return "\n".join(out) if out else "no runs\n"
 
 

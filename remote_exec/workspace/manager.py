@@ -77,7 +77,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, WorkspaceError
+from ..errors import ConfigError, RunBusy, WorkspaceError
 from . import procinfo
 from .state import (
     ACTIVE_RUN_STATUSES,
@@ -553,6 +553,41 @@ class Run:
         """Set top-level fields of ``state.json`` (``backend=...``, ``remote=...``) atomically."""
         return self.state.update(lambda state: state.update(fields))
 
+    @contextlib.contextmanager
+    def exclusive(self, purpose: str) -> Iterator[None]:
+        """Hold the run for ``purpose`` (``attach``: one process follows and collects a detached run at a
+        time, so its logs never get a line twice). The lock is the OS's (released if the process dies);
+        beside it, who holds it.
+
+        Raises:
+            RunBusy: Another process holds it (the error names its pid, host and since when).
+        """
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(self.dir / f".{purpose}.lock", timeout=0)
+        holder = self.dir / f".{purpose}.holder"
+        try:
+            lock.acquire()
+        except Timeout:
+            raise self._busy(purpose, holder) from None
+        try:
+            holder.write_text(json.dumps(coordinator_record()), encoding="utf-8")
+            yield
+        finally:
+            holder.unlink(missing_ok=True)
+            lock.release()
+
+    def _busy(self, purpose: str, holder: Path) -> RunBusy:
+        try:
+            record = json.loads(holder.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = {}
+        who = (f"pid {record.get('pid')} on {record.get('hostname')} since {record.get('started')}"
+               if isinstance(record, dict) and record.get("pid") else "another rx process")
+        return RunBusy(f"run {self.id} is already being {purpose}ed by {who}",
+                       holder=record if isinstance(record, dict) else {},
+                       hint="wait for it to collect the run, or stop it (the run goes on) and try again")
+
     # -- actions (woger) ---------------------------------------------------------------------------
 
     def action(self, name: str, *, host: str | None = None) -> contextlib.AbstractContextManager[None]:
@@ -586,21 +621,46 @@ class Run:
 
     # -- per-call records (sessions and results of a @task run) -------------------------------------
 
-    def write_calls(self, members: list[tuple[str, bytes]]) -> None:
+    def write_calls(self, members: list[tuple[str, bytes | Path]]) -> None:
         """Record a batch of per-call files (``sessions/<key>.session``, ``results/<key>.pkl``) in one
         archive under ``calls/``: one file per batch, not two per call (a sweep makes thousands of calls).
+        A member given as a file (a large value spooled as it arrived) is copied in as it is read, and the
+        file removed.
 
-        The archive appears complete or not at all; it is not fsynced (state.json is): a crash of the
-        machine may lose the last batch, a killed process loses nothing it wrote.
+        The archive appears complete or not at all; it is not fsynced (state.json is) unless it holds such a
+        file: a crash of the machine may lose the last batch, a killed process loses nothing it wrote.
         """
         import io
+        import shutil
+        import tempfile
         import zipfile
 
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-            for name, data in members:
-                archive.writestr(name, data)
-        self.store.write_bytes(f"calls/{time.time_ns():020d}-{os.getpid()}.zip", buffer.getvalue(), sync=False)
+        name = f"calls/{time.time_ns():020d}-{os.getpid()}.zip"
+        spooled = [data for _, data in members if isinstance(data, Path)]
+        try:
+            if not spooled:
+                buffer = io.BytesIO()
+                with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+                    for member, data in members:
+                        archive.writestr(member, data)  # type: ignore[arg-type]  # bytes: no file here
+                self.store.write_bytes(name, buffer.getvalue(), sync=False)
+            else:  # streamed through a file beside the run (memory stays flat, landing is a rename)
+                with tempfile.NamedTemporaryFile(dir=self.dir, prefix=".calls-", delete=False) as stream:
+                    temporary = Path(stream.name)
+                    with zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_STORED) as archive:
+                        for member, data in members:
+                            if isinstance(data, Path):
+                                with data.open("rb") as source, archive.open(member, "w", force_zip64=True) as out:
+                                    shutil.copyfileobj(source, out, 1 << 20)
+                            else:
+                                archive.writestr(member, data)
+                try:
+                    self.store.write_file(name, temporary, move=True)
+                finally:
+                    temporary.unlink(missing_ok=True)
+        finally:
+            for path in spooled:
+                path.unlink(missing_ok=True)
         self.__dict__.pop("_call_index", None)
 
     def _calls(self) -> dict[str, Path]:

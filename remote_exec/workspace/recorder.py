@@ -24,6 +24,7 @@ from typing import IO, Any, BinaryIO
 
 from ..errors import RemoteExecError
 from .manager import Run, Workspace, register_pending_writer
+from .output import CappedLog, OutputPump
 from .state import utc_now
 
 __all__ = ["CallRecorder", "ExitStatus", "RunRecorder", "StreamSink", "TaskCallRecorder", "TaskRecorder", "TaskRuns",
@@ -35,30 +36,23 @@ OutputSink = Callable[[bytes], None]
 
 
 class StreamSink:
-    """Writes a task's output bytes to a local text stream (its binary buffer when it has one) as they come,
-    and to a log file when given one; thread-safe."""
+    """Hands a task's output bytes to an :class:`~.output.OutputPump` for a local text stream (so a slow
+    reader never holds up the link's reading loop) and writes them to a log file when given one;
+    thread-safe."""
 
-    def __init__(self, stream: IO[str], log: IO[bytes] | None = None) -> None:
+    def __init__(self, stream: IO[str], log: IO[bytes] | CappedLog | None = None,
+                 pump: OutputPump | None = None) -> None:
         self.stream = stream
         self.log = log
+        self.pump = pump or OutputPump()
+        self._writer = self.pump.sink(stream)
         self._lock = threading.Lock()
-        self._buffer = getattr(stream, "buffer", None)
 
     def __call__(self, data: bytes) -> None:
         with self._lock:
-            if self._buffer is not None:
-                try:
-                    self.stream.flush()
-                    self._buffer.write(data)
-                    self._buffer.flush()
-                except (OSError, ValueError):
-                    pass
-            else:
-                self.stream.write(data.decode("utf-8", "replace"))
-                self.stream.flush()
             if self.log is not None:
                 self.log.write(data)
-                self.log.flush()
+            self.pump.write(self._writer, data)
 
 
 def file_lander(run: Run, prefix: str) -> Callable[[PurePosixPath, Path, str], Path]:
@@ -76,11 +70,14 @@ class CallRecorder(ABC):
     Attributes:
         stdout: Receives the task's stdout as it arrives.
         stderr: Receives the task's stderr as it arrives.
+        retryable: Its collection can be tried again (``rx attach``): the host keeps the result until it
+            landed.
         stdin: What the task reads on its stdin (``rx run`` forwards a pipe or a file), or None: empty.
     """
 
     stdout: OutputSink
     stderr: OutputSink
+    retryable = False
     stdin: BinaryIO | None = None
 
     @abstractmethod
@@ -100,8 +97,9 @@ class CallRecorder(ABC):
         accounting)."""
 
     @abstractmethod
-    def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes]) -> None:
-        """The call came back with ``result``; ``value`` gives its value's pickle for the record."""
+    def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes | Path]) -> None:
+        """The call came back with ``result``; ``value`` gives its value's pickle for the record (its bytes,
+        or a file that the recorder then owns and removes once recorded)."""
 
     @abstractmethod
     def failed(self, exc: BaseException) -> None:
@@ -112,17 +110,22 @@ class CallRecorder(ABC):
 
 
 class RunRecorder(CallRecorder):
-    """Records an ``rx run`` (or ``rx attach``): logs, actions, files; synchronously."""
+    """Records an ``rx run`` (or ``rx attach``): logs (each kept to ``log_cap`` bytes, 0: all), actions,
+    files; synchronously."""
+
+    retryable = True
 
     def __init__(self, run: Run, *, host: str | None, stdout: IO[str] | None = None,
-                 stderr: IO[str] | None = None, stdin: BinaryIO | None = None) -> None:
+                 stderr: IO[str] | None = None, stdin: BinaryIO | None = None, log_cap: int = 0) -> None:
         self.run = run
         self.stdin = stdin
         self.host = host
-        self._logs = (run.store.open_append("stdout.log"), run.store.open_append("stderr.log"))
-        self.offsets = (self._logs[0].tell(), self._logs[1].tell())
-        self.stdout = StreamSink(stdout or sys.stdout, self._logs[0])
-        self.stderr = StreamSink(stderr or sys.stderr, self._logs[1])
+        self._logs = tuple(CappedLog(run.store.open_append(name), run.dir / name, log_cap)
+                           for name in ("stdout.log", "stderr.log"))
+        self.offsets = (self._logs[0].offset, self._logs[1].offset)
+        self.output = OutputPump()  # one for both streams: their order stays the task's
+        self.stdout = StreamSink(stdout or sys.stdout, self._logs[0], self.output)
+        self.stderr = StreamSink(stderr or sys.stderr, self._logs[1], self.output)
         self._land = file_lander(run, "files/")
         self._actions: dict[str, int] = {}
 
@@ -143,15 +146,19 @@ class RunRecorder(CallRecorder):
     def job(self, record: dict[str, Any]) -> None:
         self.run.update(job=record)
 
-    def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes]) -> None:
+    def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes | Path]) -> None:
         """The caller (the CLI) records the run's end with its outcome."""
 
     def failed(self, exc: BaseException) -> None:
         """The caller (the CLI) records the run's end with its error."""
 
     def close(self) -> None:
-        for log in self._logs:
-            log.close()
+        """Wait until the local reader took the output (rx's summary comes after it), close the logs."""
+        try:
+            self.output.close()
+        finally:
+            for log in self._logs:
+                log.close()
 
 
 class TaskRecorder:
@@ -247,22 +254,24 @@ class TaskCallRecorder(CallRecorder):
     """Records one ``@task`` call as a task entry of its process's run (through a :class:`TaskRecorder`)."""
 
     def __init__(self, recorder: TaskRecorder, run: Run, execution_id: str, *, name: str, host: str,
-                 session_bytes: bytes) -> None:
+                 session_bytes: bytes, output: OutputPump | None = None, key: str | None = None) -> None:
         self.recorder = recorder
         self.run = run
         self.execution_id = execution_id
-        self.key = key = execution_id[:16]
-        self.stdout = StreamSink(sys.stdout)
-        self.stderr = StreamSink(sys.stderr)
+        self.key = key = key or execution_id[:16]
+        self.output = output or OutputPump()
+        self.stdout = StreamSink(sys.stdout, pump=self.output)
+        self.stderr = StreamSink(sys.stderr, pump=self.output)
         self._land = file_lander(run, f"files/{key}/")
         recorder.put(("task", run, key, dict(name=name, host=host, status="running", started=time.time(),
-                                             finished=None, error=None)),
+                                             finished=None, error=None, execution_id=execution_id)),
                      ("file", run, f"sessions/{key}.session", lambda: session_bytes))
 
     def land_file(self, relative: PurePosixPath, temporary: Path, sha256: str) -> Path:
         return self._land(relative, temporary, sha256)
 
-    def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes]) -> None:
+    def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes | Path]) -> None:
+        self.output.drain()  # the caller prints after the call: the task's output comes first
         jobs: list[tuple[Any, ...]] = []
         if result.ok:
             data = value()
@@ -276,6 +285,8 @@ class TaskCallRecorder(CallRecorder):
         self.recorder.put(*jobs)
 
     def failed(self, exc: BaseException) -> None:
+        if not isinstance(exc, KeyboardInterrupt):
+            self.output.drain()
         status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
         self.recorder.task(self.run, self.key, status=status, finished=time.time(),
                            error=f"{type(exc).__name__}: {exc}")
@@ -346,15 +357,43 @@ class TaskRuns:
     """The workspace runs that a process's ``@task`` calls are recorded in (one per workspace and run id),
     created on the first call, closed at exit with the process's own exit status (:class:`ExitStatus`);
     calls that failed are counted in the run's error (``3 of 6 calls failed``), whatever the process made
-    of them."""
+    of them.
+
+    Each call is its own entry of its run, under its own key: the first 16 characters of its execution id
+    (which names the task and its arguments), then ``-2``, ``-3``... for more calls with the same arguments
+    (:meth:`key_for`).
+    """
 
     def __init__(self, recorder: TaskRecorder) -> None:
         self.recorder = recorder
         self.exit_status = ExitStatus()
         self._runs: dict[tuple[Any, ...], Run] = {}
         self._created: dict[str, Run] = {}  # by run dir: the runs this process made (and so closes)
+        self._keys: dict[str, set[str]] = {}  # by run dir: the task keys taken so far
         self._lock = threading.Lock()
         self._registered = False
+
+    def key_for(self, run: Run, execution_id: str, wanted: str | None = None) -> str:
+        """A key of its own for a call of ``run``: ``wanted`` (a rerun keeps its call's key) when given,
+        else the execution id's first 16 characters, suffixed ``-N`` when calls before took it."""
+        with self._lock:
+            taken = self._keys.get(str(run.dir))
+            if taken is None:
+                try:
+                    taken = set(run.tasks())  # a run made elsewhere (rx rerun) may hold entries already
+                except RemoteExecError:
+                    taken = set()
+                self._keys[str(run.dir)] = taken
+            if wanted:
+                taken.add(wanted)
+                return wanted
+            base = key = execution_id[:16]
+            count = 1
+            while key in taken:
+                count += 1
+                key = f"{base}-{count}"
+            taken.add(key)
+            return key
 
     def run_for(self, workspace: Path | str | None, run_id: str, *, cwd: str, host: str, backend: str) -> Run:
         """The run for calls of this process recorded under ``run_id`` in ``workspace``."""
@@ -397,6 +436,7 @@ class TaskRuns:
             runs = list(self._created.values())
             self._created.clear()
             self._runs.clear()
+            self._keys.clear()
         code = self.exit_status.status()
         self.exit_status.unwatch()
         for run in runs:

@@ -208,9 +208,13 @@ class Store:
             with out:
                 for chunk in chunks:  # an error of the source propagates as it is
                     with self._disk(name):
-                        out.write(chunk)
+                        if len(chunk) >= 4096 and not chunk[0] and chunk.count(0) == len(chunk):
+                            out.seek(len(chunk), os.SEEK_CUR)  # a hole: a sparse file stays sparse
+                        else:
+                            out.write(chunk)
                     digest.update(chunk)
                 with self._disk(name):
+                    out.truncate()
                     out.flush()
                     if sync:
                         os.fsync(out.fileno())

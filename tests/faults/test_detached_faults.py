@@ -478,8 +478,13 @@ def _warm_argv(driver: Path, *args: str) -> list[str]:
 
 
 def _workers(host: TestbedHost) -> list[str]:
-    """``pid pgid args`` of the persistent workers running on ``host``."""
-    return [line for line in remote_baseline(host).processes if _WORKER.search(line)]
+    """``pid pgid args`` of the persistent workers running on ``host`` (not their guardians: the parents with
+    the same command line that report a worker killed by a signal)."""
+    listing = root_sh(host, "ps -ww -eo pid=,ppid=,pgid=,user=,args=")
+    rows = [row for row in (line.split(None, 4) for line in listing.splitlines())
+            if len(row) == 5 and row[3] == "rx" and _WORKER.search(row[4])]
+    pids = {row[0] for row in rows}
+    return [f"{row[0]} {row[2]} {row[4]}" for row in rows if row[1] in pids]
 
 
 def _gone_within(host: TestbedHost, pids: set[str], timeout: float) -> float | None:

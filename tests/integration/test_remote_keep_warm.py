@@ -46,15 +46,14 @@ def warm(remote: Remote) -> Iterator[Remote]:
 
 
 def remote_workers(remote: Remote) -> list[int]:
-    """Pids of the persistent workers running on the host."""
-    code, listing = exec_root(remote.host, "ps -eo pid=,user=,args=")
+    """Pids of the persistent workers running on the host (not their guardians: the parents with the same
+    command line that report a worker killed by a signal)."""
+    code, listing = exec_root(remote.host, "ps -eo pid=,ppid=,user=,args=")
     assert code == 0, listing
-    pids = []
-    for line in listing.splitlines():
-        words = line.split()
-        if len(words) > 3 and words[1] == "rx" and words[-2] == "worker":
-            pids.append(int(words[0]))
-    return pids
+    rows = [words for words in (line.split() for line in listing.splitlines())
+            if len(words) > 4 and words[2] == "rx" and words[-2] == "worker"]
+    pids = {words[0] for words in rows}
+    return [int(words[0]) for words in rows if words[1] in pids]
 
 
 def test_values_come_back_as_they_went(warm: Remote) -> None:
