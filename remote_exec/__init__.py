@@ -43,6 +43,7 @@ __all__ = [
     "RunnerError",
     "Session",
     "SubprocessAdvice",
+    "SyncError",
     "Task",
     "TransferError",
     "__version__",
@@ -59,7 +60,7 @@ _LOCATIONS = {
     "AuthError": "errors", "BackendError": "errors", "CommandTimeout": "errors", "ConfigError": "errors",
     "ConnectError": "errors", "HostKeyError": "errors", "IntegrityError": "errors", "PackError": "errors",
     "RemoteError": "errors", "RemoteExecError": "errors", "RemoteTraceback": "errors",
-    "RunnerError": "errors", "TransferError": "errors",
+    "RunnerError": "errors", "SyncError": "errors", "TransferError": "errors",
     "Result": "session", "Session": "session",
     "Execution": "task", "Task": "task",
 }
@@ -84,6 +85,7 @@ if TYPE_CHECKING:
         RemoteExecError,
         RemoteTraceback,
         RunnerError,
+        SyncError,
         TransferError,
     )
     from .session import Result, Session

@@ -5,6 +5,7 @@
     RemoteExecError                 exit status 3 unless said otherwise
     ├── ConfigError                 bad configuration or bad input (options, pyproject, host spec)
     ├── PackError                   the distribution archive could not be built
+    ├── SyncError                   the project tree cannot travel: too large, a symlink out of it, unreadable
     ├── SessionError                a saved session is damaged or of an unknown format version
     ├── SerializationError          a value could not be serialized or deserialized
     ├── WorkspaceError              the local workspace: unknown or ambiguous run, unreadable state
@@ -42,6 +43,7 @@ __all__ = [
     "RunnerError",
     "SerializationError",
     "SessionError",
+    "SyncError",
     "TransferError",
     "WorkspaceError",
 ]
@@ -74,6 +76,11 @@ class ConfigError(RemoteExecError):
 
 class PackError(RemoteExecError):
     """The distribution archive could not be built."""
+
+
+class SyncError(RemoteExecError):
+    """The project tree cannot travel: larger than the limit, a symlink leading out of it, a file that
+    cannot be read or changed while it was sent."""
 
 
 class SessionError(RemoteExecError):

@@ -17,7 +17,15 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..backends.base import Backend, Process
-from ..errors import CommandTimeout, ConnectError, IntegrityError, Interrupted, RemoteExecError, RunnerError
+from ..errors import (
+    CommandTimeout,
+    ConnectError,
+    IntegrityError,
+    Interrupted,
+    RemoteExecError,
+    RunnerError,
+    SyncError,
+)
 from ..launchers.base import Launcher
 from ..packing import DistributionArchive
 from ..session import Session
@@ -25,7 +33,17 @@ from . import wire
 from .bootstrap import start_runner
 from .channel import Channel, Flag
 from .collect import RESULT_FRAMES, Received, collect
-from .options import CallOptions, FileLander, Outcome, OutputSink, PhaseCallback
+from .options import (
+    CallOptions,
+    FileLander,
+    Outcome,
+    OutputSink,
+    PhaseCallback,
+    ProgressCallback,
+    ProjectCall,
+    SyncProgress,
+)
+from .tree import TREE_FRAMES, TreeSender
 
 if TYPE_CHECKING:
     from .workers import WorkerPool
@@ -47,11 +65,13 @@ class Call:
         received: The result frames so far.
         dead: The watchdog gave the link up (silent too long, or past the call's deadline).
         stop: The call is over; the watchdog leaves it alone.
+        tree: Answers the runner's requests for the call's project tree.
     """
 
     def __init__(self, channel: Channel, options: CallOptions, key: bytes, on_stdout: OutputSink,
-                 on_stderr: OutputSink) -> None:
+                 on_stderr: OutputSink, tree: TreeSender | None = None) -> None:
         self.channel = channel
+        self.tree = tree or TreeSender(channel, None)
         self.host = channel.backend.host
         self.options = options
         self.on_stdout = on_stdout
@@ -87,6 +107,8 @@ class Call:
             self.on_stderr(payload)
         elif kind == b"P":
             self.started = json.loads(payload)
+        elif kind in TREE_FRAMES:
+            self.tree.handle(kind, payload)
         elif kind in RESULT_FRAMES:
             self.received.add(kind, payload)
             if kind == b"R" and self.received.large_value_follows():
@@ -119,7 +141,8 @@ def send_session(process: Process, session_bytes: bytes) -> None:
 
 def _call_options(session: Session, options: CallOptions, key: bytes, land_file: FileLander | None,
                   extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ``G`` frame's options: the per-call key, limits, environment and secrets, files to pull."""
+    """The ``G`` frame's options: the per-call key, limits, environment and secrets, files to pull, the
+    host's cache limits."""
     return {
         "key": key.hex(),
         "run_id": session.run_id or "run",
@@ -133,6 +156,8 @@ def _call_options(session: Session, options: CallOptions, key: bytes, land_file:
         "keep": options.keep,
         "kind": session.task.kind,
         "marshal": not options.restricted,  # restricted mode reads pickles through its allow-list only
+        "pull_limit": options.pull_limit,
+        "gc": [options.cache_limit, options.cache_days],
         **(extra or {}),
     }
 
@@ -161,6 +186,9 @@ def _no_result_error(call: Call, deadline: float | None) -> RemoteExecError:
     channel, host, options = call.channel, call.host, call.options
     code = channel.process.wait(5)
     tail = channel.stderr_tail()
+    call.tree.join(5)
+    if call.tree.error:
+        return SyncError(f"{host}: {call.tree.error}")
     if deadline is not None and time.monotonic() > deadline:
         return CommandTimeout(host, f"the task ran past its timeout of {options.timeout:g} s and the runner "
                                     "did not report back")
@@ -199,11 +227,16 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None) -> None:
 def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
              on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
              phases: dict[str, float], uploaded: bool, keep: bool,
-             extra_options: Mapping[str, Any] | None = None) -> Outcome:
+             extra_options: Mapping[str, Any] | None = None, project: ProjectCall | None = None,
+             on_progress: ProgressCallback | None = None) -> Outcome:
     """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
-    output, collect and check its result. With ``keep`` the channel (a worker) stays open after it."""
+    output, collect and check its result. With ``keep`` the channel (a worker) stays open after it. With
+    ``project``, the task runs in a snapshot of its tree (sent if the host lacks it)."""
     key = secrets.token_bytes(32)
-    call = Call(channel, options, key, on_stdout, on_stderr)
+    sender = TreeSender(channel, project.tree if project else None, _with_phase(on_progress, phase))
+    call = Call(channel, options, key, on_stdout, on_stderr, sender)
+    if project is not None:
+        extra_options = {**project.go_options(), **(extra_options or {})}
     phase("execute", "started")
     deadline = None if options.timeout is None else time.monotonic() + options.timeout + options.dead_after + 5
     try:
@@ -236,7 +269,24 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
             channel.process.kill()
     result.host = call.host
     return Outcome(result=result, header=header, files=landed, uploaded=uploaded, phases=phases,
-                   value_data=value_data)
+                   value_data=value_data, synced=(sender.sent_files, sender.sent_bytes) if sender.requested else None)
+
+
+def _with_phase(on_progress: ProgressCallback | None, phase: PhaseCallback) -> ProgressCallback:
+    """The progress callback, and the ``sync`` phase around the upload of blobs."""
+    started = False
+
+    def report(progress: SyncProgress) -> None:
+        nonlocal started
+        if not started:
+            started = True
+            phase("sync", "started")
+        if on_progress is not None:
+            on_progress(progress)
+        if progress.done:
+            phase("sync", "finished")
+
+    return report
 
 
 class _Phases:
@@ -245,21 +295,22 @@ class _Phases:
     def __init__(self, on_phase: PhaseCallback | None) -> None:
         self.on_phase = on_phase
         self.seconds: dict[str, float] = {}
-        self.mark = time.monotonic()
+        self.marks: dict[str, float] = {}
 
     def __call__(self, name: str, state: str) -> None:
         if self.on_phase is not None:
             self.on_phase(name, state)
         if state == "started":
-            self.mark = time.monotonic()
-        elif state == "finished":
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - self.mark
+            self.marks[name] = time.monotonic()
+        elif state == "finished" and name in self.marks:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - self.marks.pop(name)
 
 
 def dispatch(session: Session, backend: Backend, archive: DistributionArchive, options: CallOptions, *,
              launcher: Launcher, workers: WorkerPool, on_stdout: OutputSink, on_stderr: OutputSink,
              land_file: FileLander | None = None, on_phase: PhaseCallback | None = None,
-             session_bytes: bytes | None = None) -> Outcome:
+             session_bytes: bytes | None = None, project: ProjectCall | None = None,
+             on_progress: ProgressCallback | None = None) -> Outcome:
     """Run ``session`` on ``backend``'s host and return what came back.
 
     Args:
@@ -275,12 +326,16 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
         on_phase: Told (phase, "started" | "finished" | "failed") around connect, upload, execute and
             collect (the workspace records them as actions).
         session_bytes: ``session.to_wire()``, when the caller has it already.
+        project: The project the task runs in (a snapshot of its tree on the host); None: the archive
+            carries the task's code and the task runs in an empty directory.
+        on_progress: Told how the upload of the tree's blobs goes (when the host lacks some).
 
     Raises:
         ConnectError, AuthError, HostKeyError: The host could not be reached or the link died.
         CommandTimeout: The call ran past its timeout and the runner did not report back.
         RunnerError: The interpreter is missing or too old, or the runner failed.
         IntegrityError: The result failed its checks.
+        SyncError: A file of the project changed or vanished while it was sent.
         Interrupted: Ctrl-C (the remote task is stopped first).
     """
     phase = _Phases(on_phase)
@@ -289,11 +344,13 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
 
     def call(channel: Channel, *, uploaded: bool, keep: bool) -> Outcome:
         return run_call(channel, session, session_bytes, options, on_stdout=on_stdout, on_stderr=on_stderr,
-                        land_file=land_file, phase=phase, phases=phase.seconds, uploaded=uploaded, keep=keep)
+                        land_file=land_file, phase=phase, phases=phase.seconds, uploaded=uploaded, keep=keep,
+                        project=project, on_progress=on_progress)
 
     if options.keep_warm:
         for attempt in (1, 2):
-            channel = workers.get(launcher, backend, archive, options, phase)
+            channel = workers.get(launcher, backend, archive, options, phase,
+                                  tree=project.tree.tree_id if project else None)
             with channel.lock:
                 uploaded, channel.uploaded = channel.uploaded, False
                 try:

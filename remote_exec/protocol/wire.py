@@ -12,22 +12,43 @@ coordinator:
 
     G  go: the call's options as marshal (see :func:`dump_options`): the per-call HMAC key, run id,
        timeout, heartbeat and dead_after seconds, env, secret_env, pull globs, no_pull, keep, the task's
-       kind, whether the value may come back as marshal; for ``attach``, stdout/stderr offsets
+       kind, whether the value may come back as marshal, pull_limit (bytes, or None), gc ([cache limit
+       in bytes, days]: the host's garbage collector's settings); for ``attach``, stdout/stderr
+       offsets. A call in a project also carries tree (the tree's id, see :func:`tree_id`), cwd (the
+       task's working directory relative to the project root, "" for the root), path (directories
+       relative to the root put first on ``sys.path``, in order) and script (a script task's path in the
+       tree, or None). ``sync`` mode reads a G frame of tree and heartbeat only.
     S  the session in its wire form (``Session.to_wire``), in one or more frames
     s  end of session: marshal ``{"size": N}`` (the runner also accepts a ``sha256``); the task starts
+       (once the call's tree is stored and its snapshot made)
     H  heartbeat (empty)
-    C  cancel: stop the task's process group now
+    C  cancel: stop the task's process group now (during a tree's transfer: stop the transfer)
     Q  quit: a persistent worker exits (a running call is cancelled)
+    M  the tree's manifest (:func:`dump_manifest`), in one or more frames, answering T
+    m  end of manifest: marshal ``{"size": N}`` (the manifest's bytes)
+    D  blob bytes: exactly the blobs the runner listed in its N frames, in that order, back to back
+       (each as long as the manifest says), cut into frames of at most :data:`MAX_FRAME` bytes
+    d  end of blobs: marshal ``{"count": N, "bytes": N}``, or ``{"error": text}`` when the coordinator
+       could not send them as the manifest describes (a file changed or vanished since it was hashed)
 
 Frames from the runner:
 
     O  task stdout bytes          E  task stderr bytes          B  heartbeat (empty)
     P  an event as JSON: ``{"event": "started", "pid", "run_dir", "host"}`` (a call's task started),
        ``{"event": "worker", "pid", "host"}`` (a persistent worker is ready),
-       ``{"event": "detached", "run_dir", "supervisor_pid", "host"}`` (a detached run started)
+       ``{"event": "detached", "run_dir", "supervisor_pid", "host"}`` (a detached run started),
+       ``{"event": "synced", "tree", "seconds"}`` (``sync`` mode stored the tree)
+    T  tree wanted, JSON ``{"tree": id}``: the call's tree is not stored on the host (the coordinator
+       answers M... m). A host that has it sends nothing: no round trip is added.
+    N  blobs wanted: raw 32-byte sha256 digests back to back (one or more frames), the distinct blobs of
+       the manifest this host lacks, after the manifest hashed to the tree's id
+    n  end of blobs wanted: JSON ``{"count": N, "bytes": N}``; when N > 0 the coordinator sends D... d
     R  result header, JSON: protocol, status, exit_code, detail, signal, exception (type, message,
        traceback text), value (size and encoding: ``marshal`` or ``serializer``) or null, exc_pickle
-       (size) or null, files (a manifest: path, size, sha256 each), duration, python, host
+       (size) or null, files (a manifest: path, size, sha256 each; in a project's snapshot, the files
+       the task created or changed), skipped (path and size of files over pull_limit, not sent),
+       kept_dir (the run directory kept on the host because files were skipped, or null), duration,
+       python, host
     V  the value's bytes          X  the pickled exception's bytes
     F  the pulled files as an uncompressed tar stream, in manifest order
     Z  end of result, JSON ``{"hmac": hex}``: HMAC-SHA256 with the call's key over every R, V, X and F
@@ -257,3 +278,48 @@ def load_options(payload: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError("protocol: options are not a mapping")
     return data
+
+
+# -- project trees: the manifest and its hash -----------------------------------------------------------
+
+#: The format version of a tree manifest (:func:`dump_manifest`).
+MANIFEST_VERSION = 1
+#: A manifest entry's mode for a symbolic link (git's); a regular file's is 0o100644 or 0o100755.
+LINK_MODE = 0o120000
+
+
+def dump_manifest(entries: list[tuple[str, int, int, bytes, str]]) -> bytes:
+    """A tree manifest (the payload of M frames and the content of the host's ``trees/<id>``): marshal of
+    ``(MANIFEST_VERSION, entries)``, each entry ``(path, mode, size, sha256 digest, link target)``, sorted
+    by path. ``path`` is relative, ``/``-separated; ``mode`` is 0o100644, 0o100755 or :data:`LINK_MODE`;
+    a file's digest is the sha256 of its bytes (its blob), a link's the sha256 of its target (``size`` is
+    the target's length), and only a link has a target."""
+    import marshal
+
+    return marshal.dumps((MANIFEST_VERSION, entries), 4)
+
+
+def load_manifest(data: bytes) -> list[tuple[str, int, int, bytes, str]]:
+    """The entries of a manifest made by :func:`dump_manifest`.
+
+    Raises:
+        ValueError: Not a manifest of this version.
+    """
+    import marshal
+
+    try:
+        version, entries = marshal.loads(data)
+    except (EOFError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a tree manifest: {exc}") from None
+    if version != MANIFEST_VERSION or not isinstance(entries, (list, tuple)):
+        raise ValueError(f"tree manifest of version {version!r}; this runner reads {MANIFEST_VERSION}")
+    return list(entries)
+
+
+def tree_id(entries: list[tuple[str, int, int, bytes, str]]) -> str:
+    """The tree's id: the sha256 (hex) over its sorted (path, mode, blob hash) list, each entry as the
+    path's UTF-8 bytes, NUL, the mode in octal, NUL, then the 32-byte digest (fixed length)."""
+    digest = _builtin_sha256()(b"rx-tree-1\0")
+    for path, mode, _size, blob, _link in entries:
+        digest.update(b"%s\0%o\0%s" % (path.encode("utf-8", "surrogateescape"), mode, blob))
+    return str(digest.hexdigest())

@@ -1,5 +1,5 @@
-"""Persistent workers (``keep_warm``): one runner per host, interpreter, workdir and archive, serving many
-calls over one channel with warm imports.
+"""Persistent workers (``keep_warm``): one runner per host, interpreter, workdir, archive and project tree,
+serving many calls over one channel with warm imports.
 
 A :class:`WorkerPool` belongs to the process's :class:`~remote_exec.coordinator.Coordinator`, which closes it
 at exit (a worker also ends by itself when its channel closes or after ``worker_idle`` idle seconds).
@@ -29,13 +29,15 @@ class WorkerPool:
 
     def __init__(self, per_host: int = MAX_WORKERS_PER_HOST) -> None:
         self.per_host = per_host
-        self._workers: collections.OrderedDict[tuple[int, str, str, str], Channel] = collections.OrderedDict()
+        self._workers: collections.OrderedDict[tuple[int, str, str, str, str | None], Channel] = \
+            collections.OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, launcher: Launcher, backend: Backend, archive: DistributionArchive, options: CallOptions,
-            phase: PhaseCallback) -> Channel:
-        """The worker for this host, interpreter, workdir and archive (started when missing)."""
-        key = (id(backend), options.python, options.workdir, archive.sha256)
+            phase: PhaseCallback, *, tree: str | None = None) -> Channel:
+        """The worker for this host, interpreter, workdir, archive and project tree (started when missing:
+        a worker's imports are of one version of the code)."""
+        key = (id(backend), options.python, options.workdir, archive.sha256, tree)
         with self._lock:
             worker = self._workers.get(key)
             if worker is not None and not worker.broken:

@@ -1,13 +1,15 @@
 """The runner: the archive's entry point on the remote (standard library only, plus the archive's cloudpickle).
 
 Started by the bootstrap (see :mod:`remote_exec.protocol.wire`) as ``main([cache_dir, "serve"])``. It reads the
-call's options and session from stdin, creates a private run directory (mode 0700) under the cache dir,
-forks the task into its own session and process group with that directory as working directory, and
+call's options and session from stdin, creates a private run directory (mode 0700) under the cache dir (a
+snapshot of the project's tree when the call names one: fetched over the channel first if the host lacks
+it), forks the task into its own session and process group with that directory as working directory, and
 streams the task's stdout and stderr back as frames while it runs. It watches three things: the task's
 end, the coordinator (stdin closed or heartbeats stopped: the link or the coordinator died) and the
 timeout; in the last two cases it kills the task's whole process group. Then it sends the result (value
-or exception with its traceback text, the files the task wrote), signed with the per-call HMAC key,
-removes the run directory and exits 0. A runner failure (not the task's) exits 70 with one line on stderr.
+or exception with its traceback text, the files the task created or changed), signed with the per-call
+HMAC key, removes the run directory (or returns an untouched snapshot to its pool) and exits 0. A runner
+failure (not the task's) exits 70 with one line on stderr.
 
 Statuses it reports: ``finished`` (the task ran to its end; see exit_code), ``raised`` (a function task
 raised), ``timeout``, ``cancelled``, ``signal`` (killed by a signal it did not send; named in detail),
@@ -23,7 +25,12 @@ The rooms, each imported only by the modes that need it:
 - :mod:`.result`: how the task ended, and the R, V, X, F and Z frames;
 - :mod:`.rundir`: the run directory, its status file, its removal;
 - :mod:`.worker`: ``worker``, the persistent worker (``keep_warm``) and its watcher thread;
-- :mod:`.detached`: ``detach``, ``attach`` and ``cancel`` of detached runs.
+- :mod:`.detached`: ``detach``, ``attach`` and ``cancel`` of detached runs;
+- :mod:`.store`: the host's store of project trees (blobs, manifests) and their transfer's receiving end;
+- :mod:`.snapshot`: each run's own copy of the project, what the run changed in it, the pool of
+  untouched copies;
+- :mod:`.gc`: the host's garbage collector (trees, blobs, archives, leftovers), at most once a day;
+- :mod:`.maintain`: ``sync`` (store a tree without running anything) and ``gc`` on demand.
 
 Every import is paid on every call (process-per-call mode): only what the mode needs, and the lean
 variants (_signal and select.poll rather than signal and selectors, which pull in enum; wire's JSON writer
@@ -43,7 +50,8 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> int:
     """Serve one call (``serve``), many (``worker``), or a detached run (``detach``, ``attach RUN_DIR
-    [collect]``, ``cancel RUN_DIR``) over stdin/stdout; see the module docstring."""
+    [collect]``, ``cancel RUN_DIR``) over stdin/stdout; store a project tree (``sync``); collect the
+    host's garbage (``gc LIMIT DAYS [dry-run]``); see the module docstring."""
     args = list(sys.argv[1:] if argv is None else argv)
     cache_dir = os.path.expanduser(args[0]) if args else os.path.expanduser("~/.cache/remote_exec")
     mode = args[1] if len(args) > 1 else "serve"
@@ -52,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     except CoordinatorGone:
         return 0
     except Exception as exc:
-        sys.stderr.write(f"rx runner: {type(exc).__name__}: {exc}\n")
+        named = type(exc).__name__ != "StoreError"  # the store's messages are written for the user
+        sys.stderr.write(f"rx runner: {type(exc).__name__ + ': ' if named else ''}{exc}\n")
         if os.environ.get("RX_DEBUG"):
             import traceback
 
@@ -73,6 +82,10 @@ def _serve(mode: str, cache_dir: str, rest: list[str]) -> int:
         from .worker import serve_worker
 
         return serve_worker(cache_dir, float(rest[0]) if rest else 600.0)
+    if mode in ("sync", "gc"):
+        from . import maintain
+
+        return maintain.serve_sync(cache_dir, Out(1)) if mode == "sync" else maintain.serve_gc(cache_dir, rest)
     if mode in ("detach", "attach", "cancel"):
         from . import detached
 

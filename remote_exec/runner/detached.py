@@ -13,7 +13,8 @@ from ..protocol import wire
 from .channel import EXIT_RUNNER_FAILURE, CoordinatorGone, read_call
 from .policy import KILL_GRACE, Policy
 from .result import classify, send_classified
-from .rundir import PRIVATE, RunStatus, make_run_dir, read_status
+from .rundir import PRIVATE, RunStatus, read_status
+from .snapshot import open_run_dir
 from .supervise import supervise
 
 TYPE_CHECKING = False  # typing is not imported at run time
@@ -58,9 +59,9 @@ class _FileSink:
 def serve_detached(cache_dir: str, out: Out) -> None:
     """Start the call so that it outlives this channel: a supervisor in its own session runs it, writes
     its output to files and its outcome to the run directory, and waits there for ``attach``."""
-    options, session_bytes, _ = read_call(0)
+    options, session_bytes, reader = read_call(0)
     options = dict(options, key="00")  # the supervisor never holds the coordinator's key
-    run_dir = make_run_dir(cache_dir, options)
+    run_dir = open_run_dir(cache_dir, options, reader, out)
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the supervisor

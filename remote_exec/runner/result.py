@@ -9,7 +9,7 @@ import sys
 import time
 
 from ..protocol import wire
-from .rundir import PRIVATE, rmtree
+from .rundir import PRIVATE
 
 TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
 if TYPE_CHECKING:
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from .channel import Out
     from .child import Loaded
+    from .snapshot import Changes
 else:
     import _signal as signal
 
@@ -135,12 +136,16 @@ def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any
                     exc_data: bytes | memoryview, out: Out, *, reuse: bool = False) -> bool:
     """Send R, V, X, F frames, clean the run directory, send Z (the HMAC over the result).
 
-    With ``reuse``, a run directory the task left empty is kept (creating and removing a directory costs
-    a persistent worker's small call more than all the rest); returns True when it was.
+    With ``reuse``, a run directory the task left empty (a project's snapshot: untouched) is kept
+    (creating and removing a directory costs a persistent worker's small call more than all the rest);
+    returns True when it was. In a project's snapshot, the files are those the task created or changed.
     """
+    from .snapshot import changes, close_run_dir
+
     names = os.listdir(run_dir)
-    files = [] if options.get("no_pull") or not names else _manifest(run_dir, options.get("pull") or [])
-    header = dict(header, files=files)
+    found = changes(run_dir) if options.get("tree") else None
+    files, skipped = _capped(_files(options, run_dir, names, found), options.get("pull_limit"))
+    header = dict(header, files=files, skipped=skipped, kept_dir=run_dir if skipped else None)
     size = len(value) + len(exc_data) + sum(entry["size"] for entry in files)
     out.sign(size=size)
     if size > (1 << 20):
@@ -153,12 +158,38 @@ def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any
         out.send_chunks(b"X", exc_data)
     if files:
         _send_files(run_dir, files, out)
-    kept = reuse and not names and not options.get("keep")
-    if not options.get("keep") and not kept:
-        rmtree(run_dir)
+    kept = close_run_dir(options, run_dir, found, reuse=reuse, empty=not names, skipped=bool(skipped))
     out.send(b"Z", out.json_text({"hmac": out.mac.hexdigest()}).encode())
     out.release()
     return kept
+
+
+def _files(options: dict[str, Any], run_dir: str, names: list[str], found: Changes | None) -> list[dict[str, Any]]:
+    """The files to send: none (``no_pull``, or an empty run directory), a project run's outputs, or
+    every file the task left; those matching the ``pull`` globs if there are any."""
+    if options.get("no_pull") or not names:
+        return []
+    patterns = options.get("pull") or []
+    if found is None:
+        return _manifest(run_dir, patterns)
+    import fnmatch
+
+    return [_file_entry(os.path.join(run_dir, relative), relative) for relative in found.outputs
+            if not patterns or any(fnmatch.fnmatch(relative, pattern) for pattern in patterns)]
+
+
+def _capped(files: list[dict[str, Any]], limit: int | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The files that fit in ``limit`` bytes (in order), and those left behind (path and size)."""
+    if limit is None or sum(entry["size"] for entry in files) <= limit:
+        return files, []
+    kept, skipped, total = [], [], 0
+    for entry in files:
+        if total + entry["size"] <= limit:
+            kept.append(entry)
+            total += entry["size"]
+        else:
+            skipped.append({"path": entry["path"], "size": entry["size"]})
+    return kept, skipped
 
 
 def _manifest(run_dir: str, patterns: list[str]) -> list[dict[str, Any]]:

@@ -10,11 +10,19 @@ TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["PRIVATE", "RunStatus", "make_run_dir", "read_status", "rmtree"]
+__all__ = ["PRIVATE", "RunStatus", "make_run_dir", "new_run_path", "read_status", "rmtree"]
 
 #: The run directory's own private directory: the runner's status, a detached run's output and outcome.
 PRIVATE = ".rx"
 _STATUS_FILE = "status.json"
+
+
+def new_run_path(cache_dir: str, options: dict[str, Any]) -> str:
+    """A fresh run directory's path (not made; ``runs/`` is)."""
+    runs = os.path.join(cache_dir, "runs")
+    if not os.path.isdir(runs):
+        os.makedirs(runs, mode=0o700, exist_ok=True)
+    return os.path.join(runs, f"{options.get('run_id', 'run')}-{os.urandom(4).hex()}")
 
 
 def make_run_dir(cache_dir: str, options: dict[str, Any], *, private: bool = True) -> str:

@@ -10,7 +10,8 @@ import time
 from ..protocol import wire
 from .channel import EXIT_RUNNER_FAILURE, CoordinatorGone, Poller
 from .child import parse_result, run_child
-from .rundir import RunStatus, make_run_dir, rmtree
+from .rundir import RunStatus, rmtree
+from .snapshot import open_run_dir
 
 TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ def serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
     """One call in a forked task process (the default, process-per-call mode)."""
     out.new_call(options["key"])
     keep = bool(options.get("keep"))
-    run_dir = make_run_dir(cache_dir, options, private=keep)
+    run_dir = open_run_dir(cache_dir, options, reader, out, private=keep)
     # A kept run directory tells who ran in it.
     status = RunStatus(run_dir, state="running", runner_pid=os.getpid(), started=time.time()) if keep else None
     ending = supervise(options, session_bytes, reader, run_dir, out, coordinator=True, status=status)

@@ -1,7 +1,8 @@
 """Workspaces and the runs recorded in them.
 
-A workspace is a directory (``--workspace``, else ``RX_WORKSPACE``, else ``.rx/`` in the current
-directory) holding one directory per run::
+A workspace is a directory (``--workspace``, else ``RX_WORKSPACE``, else ``.rx/`` at the project root:
+the first directory up from the current one holding ``.git``, ``pyproject.toml``, ``setup.py`` or
+``setup.cfg``, below the home directory; else the current directory) holding one directory per run::
 
     <workspace>/runs/<run-id>/
         state.json        the run's record (below), rewritten atomically on every change
@@ -242,13 +243,18 @@ class Workspace:
 
     @classmethod
     def resolve(cls, path: Path | str | None = None) -> Workspace:
-        """The workspace named by ``path``, else by ``RX_WORKSPACE``, else ``./.rx``."""
+        """The workspace named by ``path``, else by ``RX_WORKSPACE``, else ``.rx`` at the project root of
+        the current directory (wherever in the project rx starts, its runs land in one place), else
+        ``./.rx``."""
         if path is not None and str(path) != "":
             return cls(path)
         env = os.environ.get(ENV_WORKSPACE)
         if env:
             return cls(env)
-        return cls(Path.cwd() / DEFAULT_DIRNAME)
+        from ..sync.root import find_project_root
+
+        here = Path.cwd()
+        return cls((find_project_root(here) or here) / DEFAULT_DIRNAME)
 
     @property
     def runs_dir(self) -> Path:

@@ -65,11 +65,15 @@ def run_outcome(result: Result) -> RunOutcome:
 
 
 def result_record(result: Result, *, header: dict[str, Any] | None = None, phases: dict[str, float] | None = None,
-                  uploaded: bool = False, files: Sequence[Path] = (), run_dir: Path | None = None) -> dict[str, Any]:
-    """``result.json`` of a run: the result's own record, and where and how it ran when it ran."""
+                  uploaded: bool = False, files: Sequence[Path] = (), run_dir: Path | None = None,
+                  synced: tuple[int, int] | None = None) -> dict[str, Any]:
+    """``result.json`` of a run: the result's own record, and where and how it ran when it ran (with the
+    project's files sent, when the host lacked some, and those left on the host over the pull limit)."""
     record = result.record()
     if header is not None:
         record.update(host=header.get("host"), python=header.get("python"), duration=header.get("duration"),
                       phases=phases or {}, uploaded_archive=uploaded,
-                      files=[str(path.relative_to(run_dir) if run_dir else path) for path in files])
+                      files=[str(path.relative_to(run_dir) if run_dir else path) for path in files],
+                      synced={"files": synced[0], "bytes": synced[1]} if synced else None,
+                      skipped=header.get("skipped") or [])
     return record

@@ -29,7 +29,8 @@ def _runs(isolated: Any) -> list[dict[str, Any]]:
 
 
 def _one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    # A script outside any project gets rx's note saying so first.
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("rx: no project root")]
     assert len(lines) == 1, stderr
     assert lines[0].startswith("rx: error: ")
     assert "Traceback" not in stderr

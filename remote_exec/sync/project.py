@@ -1,0 +1,210 @@
+"""A project on the local disk, scanned into a :class:`~.tree.Tree` as cheaply as its changes allow.
+
+A :class:`Project` keeps its file list while the directories it came from are unchanged, and a
+:class:`~.statcache.StatCache` of digests: an unchanged project costs a list (git's, or the walk it remembers),
+one ``lstat`` per file and the tree hash. The coordinator keeps one per root for the process's life.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SyncError
+from ..protocol import wire
+from .listing import Listing, list_files, submodule_files
+from .rules import always_excluded_dir, always_excluded_file
+from .statcache import StatCache, hash_files, stat_key
+from .tree import Tree, TreeFile
+
+__all__ = ["LISTING_RECHECK", "Project", "ProjectSpec"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds git's file list is reused while the directories it lists are unchanged (a new file in a
+#: directory that held nothing git listed shows after this; a changed file shows at once).
+LISTING_RECHECK = 1.0
+
+
+@dataclass(frozen=True)
+class ProjectSpec:
+    """Which project, and how its tree is made.
+
+    Attributes:
+        root: The project root (resolved).
+        include: gitignore-syntax patterns of ignored paths that travel nevertheless.
+        follow_symlinks: Ship what a symlink leading out of the tree points to (else such a link is refused).
+        workspace: rx's workspace directory (never travels when it is inside the root).
+        always: Relative paths that travel whatever ignores them (the script being run).
+    """
+
+    root: Path
+    include: tuple[str, ...] = ()
+    follow_symlinks: bool = False
+    workspace: Path | None = None
+    always: tuple[str, ...] = ()
+
+    @property
+    def workspace_relative(self) -> str | None:
+        """The workspace relative to the root, when it is inside."""
+        if self.workspace is None:
+            return None
+        try:
+            relative = Path(os.path.abspath(self.workspace)).relative_to(self.root)
+        except ValueError:
+            return None
+        return relative.as_posix() if relative.parts else None
+
+
+def _mode(st: os.stat_result) -> int:
+    return 0o100755 if st.st_mode & stat.S_IXUSR else 0o100644
+
+
+class _Scan:
+    """One scan's findings: entries so far, files to hash, symlinks leading out."""
+
+    def __init__(self, spec: ProjectSpec, cache: StatCache) -> None:
+        self.spec = spec
+        self.root = str(spec.root)
+        self.cache = cache
+        self.files: dict[str, tuple[os.stat_result, str, bytes | None]] = {}
+        self.links: list[TreeFile] = []
+        self.outside: list[tuple[str, str]] = []
+        self.followed: list[tuple[str, str]] = []
+
+    def add(self, relative: str) -> None:
+        full = os.path.join(self.root, relative)
+        try:
+            st = os.lstat(full)
+        except OSError:  # listed by git's index, deleted since
+            return
+        if stat.S_ISLNK(st.st_mode):
+            self._link(relative, full)
+        elif stat.S_ISREG(st.st_mode):
+            self._file(relative, full, st)
+        elif stat.S_ISDIR(st.st_mode):  # a git submodule: its own git's files
+            for inner in submodule_files(self.spec.root, relative):
+                self.add(inner)
+
+    def _file(self, relative: str, path: str, st: os.stat_result) -> None:
+        self.files[relative] = (st, path, self.cache.lookup(relative, stat_key(st)))
+
+    def _inside(self, path: str) -> bool:
+        return path == self.root or path.startswith(self.root + os.sep)
+
+    def _link(self, relative: str, full: str) -> None:
+        try:
+            target = os.readlink(full)
+        except OSError:
+            return
+        folder = os.path.dirname(full)
+        lexical = os.path.normpath(os.path.join(folder, target))
+        if self._inside(lexical):
+            link = os.path.relpath(lexical, folder) if os.path.isabs(target) else target
+        else:
+            real = os.path.realpath(full)
+            if not self._inside(real) or not os.path.lexists(real):
+                self._leading_out(relative, target, real)
+                return
+            link = os.path.relpath(real, os.path.realpath(folder))
+        data = os.fsencode(link)
+        self.links.append(TreeFile(relative, wire.LINK_MODE, len(data), hashlib.sha256(data).digest(), link))
+
+    def _leading_out(self, relative: str, target: str, real: str) -> None:
+        if not self.spec.follow_symlinks:
+            self.outside.append((relative, target))
+            return
+        if os.path.isfile(real):
+            self.followed.append((relative, target))
+            self._file(relative, real, os.stat(real))
+        elif os.path.isdir(real):
+            self.followed.append((relative, target))
+            for directory, dirnames, filenames in os.walk(real):
+                dirnames[:] = sorted(name for name in dirnames if not always_excluded_dir(name))
+                for name in sorted(filenames):
+                    path = os.path.join(directory, name)
+                    if always_excluded_file(name) or not os.path.isfile(path) or os.path.islink(path):
+                        continue
+                    inner = os.path.relpath(path, real).replace(os.sep, "/")
+                    self._file(f"{relative}/{inner}", path, os.stat(path))
+
+    def refuse_links_out(self) -> None:
+        if not self.outside:
+            return
+        shown = "; ".join(f"{path} -> {target}" for path, target in self.outside[:3])
+        more = f" (and {len(self.outside) - 3} more)" if len(self.outside) > 3 else ""
+        raise SyncError(f"symlinks in {self.root} lead out of the project: {shown}{more}",
+                        hint="--follow-symlinks ships what they point to; .rxignore leaves them out")
+
+    def entries(self) -> tuple[TreeFile, ...]:
+        jobs = [(relative, path, st.st_size) for relative, (st, path, digest) in self.files.items() if digest is None]
+        try:
+            hashed = hash_files(jobs, self.cache)
+        except OSError as exc:
+            raise SyncError(f"cannot read {exc.filename or 'a file'} of the project: {exc.strerror or exc}",
+                            hint="fix its permissions, or leave it out with .rxignore") from exc
+        found = list(self.links)
+        for relative, (st, path, digest) in self.files.items():
+            if digest is None:
+                digest, st = hashed[relative]
+            found.append(TreeFile(relative, _mode(st), st.st_size, digest, "", path))
+        found.sort(key=lambda entry: entry.path)
+        return tuple(found)
+
+
+class Project:
+    """One project root, scanned on demand; thread-safe (one scan at a time).
+
+    Args:
+        spec: The root and how its tree is made.
+        cache_dir: Where the stat cache of the project is kept (None: in memory only).
+    """
+
+    def __init__(self, spec: ProjectSpec, cache_dir: Path | None = None) -> None:
+        self.spec = spec
+        key = hashlib.sha256(os.fsencode(str(spec.root))).hexdigest()[:32]
+        self.cache = StatCache(cache_dir / "projects" / f"{key}.idx" if cache_dir is not None else None)
+        self._lock = threading.Lock()
+        self._listing: Listing | None = None
+        self._listed_at = 0.0
+        self._tree: Tree | None = None
+
+    def listing(self) -> Listing:
+        """What travels, by path (reused while the directories it came from are unchanged)."""
+        now = time.monotonic()
+        known = self._listing
+        if known is not None and (known.how == "walk" or now - self._listed_at < LISTING_RECHECK) \
+                and known.still_valid(self.spec.root):
+            return known
+        listing = list_files(self.spec.root, include=self.spec.include, workspace=self.spec.workspace_relative)
+        self._listing, self._listed_at = listing, now
+        return listing
+
+    def scan(self) -> Tree:
+        """The tree as it is now.
+
+        Raises:
+            SyncError: A symlink leads out of the tree (and is not to be followed), or a file cannot be read.
+        """
+        with self._lock:
+            listing = self.listing()
+            paths = list(listing.paths)
+            known = set(paths)
+            paths.extend(path for path in self.spec.always if path not in known)
+            scan = _Scan(self.spec, self.cache)
+            for relative in paths:
+                scan.add(relative)
+            scan.refuse_links_out()
+            entries = scan.entries()
+            self.cache.keep_only(set(scan.files))
+            self.cache.save()
+            tree = self._tree
+            if tree is None or tree.entries != entries:
+                tree = self._tree = Tree(self.spec.root, entries, listing.how, tuple(scan.followed))
+            return tree
