@@ -219,6 +219,7 @@ class _Blob:
         os.close(self.fd)
         self.fd = -1
         if self.hash.digest() != self.digest:
+            self.discard()
             raise StoreError(f"a file of the project arrived damaged (sha256 {self.digest.hex()[:12]} "
                              "mismatch): it changed while it was sent, or the link corrupted it; run again")
         target = blob_path(cache_dir, self.digest)

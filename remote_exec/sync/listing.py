@@ -102,7 +102,7 @@ def _git_listing(root: Path) -> Listing | None:
     output = _git(root, "ls-files", "-co", "--exclude-standard", "-z")
     if output is None:
         return None
-    paths = [os.fsdecode(raw) for raw in output.split(b"\0") if raw]
+    paths = sorted(os.fsdecode(raw) for raw in output.split(b"\0") if raw)
     watched: dict[str, int] = {}
     for directory in {"", *(path.rpartition("/")[0] for path in paths)}:
         _watch(watched, root, directory)
@@ -245,7 +245,7 @@ def literal_prefix(pattern: str) -> str:
         return ""
     parts = body.strip("/").split("/")
     literal = []
-    for part in parts[:-1]:
+    for part in parts if body.endswith("/") else parts[:-1]:
         if _GLOB & set(part) or part == "**":
             break
         literal.append(part)
