@@ -35,7 +35,8 @@ def _blob(cache: Path, data: bytes, days: float = 0) -> bytes:
 
 
 def _tree(cache: Path, files: dict[str, bytes], used_days_ago: float) -> str:
-    entries = [(name, 0o100644, len(data), _blob(cache, data, used_days_ago), "") for name, data in sorted(files.items())]
+    entries = [(name, 0o100644, len(data), _blob(cache, data, used_days_ago), "")
+               for name, data in sorted(files.items())]
     tree_id = wire.tree_id(entries)
     path = cache / "trees" / tree_id
     path.parent.mkdir(parents=True, exist_ok=True)

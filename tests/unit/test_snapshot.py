@@ -204,7 +204,7 @@ def test_a_file_changed_while_it_is_sent_fails_the_run_with_its_name(dispatcher:
     project = project_call(proj, script=None)
     (proj / "data" / "x.csv").write_text("changed after the scan\n")
     reader = dispatcher.script("print('ran')\n", "r.py")
-    with pytest.raises(SyncError, match="data/x.csv changed while it was sent"):
+    with pytest.raises(SyncError, match=r"data/x\.csv changed while it was sent"):
         dispatcher.run(reader, project=project)
     assert not (_store(dispatcher) / "trees" / project.tree.tree_id).exists()
 

@@ -281,7 +281,7 @@ def test_a_file_that_cannot_be_read_is_one_clear_error(write: Write) -> None:
         pytest.skip("root reads everything")
     root = write("secret.txt").parent
     (root / "secret.txt").chmod(0)
-    with pytest.raises(SyncError, match="cannot read .*secret.txt"):
+    with pytest.raises(SyncError, match=r"cannot read .*secret\.txt"):
         scan(root)
 
 
