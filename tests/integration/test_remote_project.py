@@ -67,7 +67,8 @@ def training_project(root: Path) -> None:
         "configs/a.json": json.dumps({"lr": 0.1, "data": "data/x.csv"}),
         "data/x.csv": "a,b\n1,2\n3,4\n5,6\n",
         "src/mylib/__init__.py": "",
-        "src/mylib/data.py": "def load(path):\n    return [line.split(',') for line in open(path).read().split()[1:]]\n",
+        "src/mylib/data.py": "def load(path):\n"
+                             "    return [line.split(',') for line in open(path).read().split()[1:]]\n",
         "train.py": TRAIN,
         "debug.log": "not shipped\n",
     })
@@ -276,14 +277,11 @@ def test_rx_sync_lists_what_travels_and_stores_it_ahead_of_a_run(remote: Remote,
 
 def test_gc_never_removes_what_a_running_run_uses(remote: Remote, fresh_workdir: str) -> None:
     write(remote.project, {
-        "pyproject.toml": f'cache_days = 1\n[tool.rx]\ncache_limit = "1KiB"\n'
-                          f'[tool.rx.remotes.{HOST}]\nworkdir = "{fresh_workdir}"\n',
+        "pyproject.toml": f'[tool.rx]\ncache_limit = "1KiB"\n[tool.rx.remotes.{HOST}]\nworkdir = "{fresh_workdir}"\n',
         "long.py": "import time, json\ntime.sleep(6)\nprint(json.load(open('cfg.json'))['x'])\n"
                    "open('out.txt', 'w').write('done')\n",
         "cfg.json": '{"x": 7}',
     })
-    (remote.project / "pyproject.toml").write_text(
-        f'[tool.rx]\ncache_limit = "1KiB"\n[tool.rx.remotes.{HOST}]\nworkdir = "{fresh_workdir}"\n')
     started = remote.rx("run", "--remote", HOST, "--detach", "long.py")
     assert started.returncode == 0, started.stderr
     run_id = started.stdout.strip()
@@ -303,8 +301,8 @@ def test_gc_never_removes_what_a_running_run_uses(remote: Remote, fresh_workdir:
 
 def test_without_a_project_root_the_script_and_its_imports_travel_as_before(remote: Remote) -> None:
     (remote.project / "pyproject.toml").unlink()
-    write(remote.project, {"helper_mod.py": "VALUE = 41\n", "main.py": "import helper_mod\nprint(helper_mod.VALUE + 1)\n"
-                                                                       "open('o.txt', 'w').write('x')\n"})
+    write(remote.project, {"helper_mod.py": "VALUE = 41\n",
+                           "main.py": "import helper_mod\nprint(helper_mod.VALUE + 1)\nopen('o.txt', 'w').write('x')\n"})
 
     done = remote.rx("run", "--remote", HOST, "main.py")
 
