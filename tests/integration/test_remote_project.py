@@ -302,7 +302,8 @@ def test_gc_never_removes_what_a_running_run_uses(remote: Remote, fresh_workdir:
 def test_without_a_project_root_the_script_and_its_imports_travel_as_before(remote: Remote) -> None:
     (remote.project / "pyproject.toml").unlink()
     write(remote.project, {"helper_mod.py": "VALUE = 41\n",
-                           "main.py": "import helper_mod\nprint(helper_mod.VALUE + 1)\nopen('o.txt', 'w').write('x')\n"})
+                           "main.py": "import helper_mod\nprint(helper_mod.VALUE + 1)\n"
+                                      "open('o.txt', 'w').write('x')\n"})
 
     done = remote.rx("run", "--remote", HOST, "main.py")
 
