@@ -189,6 +189,8 @@ def _no_result_error(call: Call, deadline: float | None) -> RemoteExecError:
     call.tree.join(5)
     if call.tree.error:
         return SyncError(f"{host}: {call.tree.error}")
+    if call.tree.requested and code == 70 and tail.startswith("rx runner: "):  # the host could not store it
+        return SyncError(f"{host}: {tail[len('rx runner: '):]}")
     if deadline is not None and time.monotonic() > deadline:
         return CommandTimeout(host, f"the task ran past its timeout of {options.timeout:g} s and the runner "
                                     "did not report back")

@@ -65,10 +65,11 @@ def start_detached(session: Session, backend: Backend, archive: DistributionArch
             send_session(channel.process, session.to_wire())
         if not channel.pump(started, size=65536):
             sender.join(5)
-            if sender.error:
-                raise SyncError(f"{backend.host}: {sender.error}")
-            raise RunnerError(f"starting the detached run on {backend.host} failed: "
-                              f"{channel.stderr_tail() or 'no reason given'}", host=backend.host)
+            tail = channel.stderr_tail()
+            if sender.error or (sender.requested and tail.startswith("rx runner: ")):
+                raise SyncError(f"{backend.host}: {sender.error or tail[len('rx runner: '):]}")
+            raise RunnerError(f"starting the detached run on {backend.host} failed: {tail or 'no reason given'}",
+                              host=backend.host)
     finally:
         reap(channel.process, channel.stderr_reader)
     return {"host": backend.host, "run_dir": info["run_dir"], "supervisor_pid": info.get("supervisor_pid"),

@@ -48,10 +48,11 @@ def sync_tree(backend: Backend, archive: DistributionArchive, options: CallOptio
         channel.send(b"G", wire.dump_options({"tree": project.tree.tree_id, "heartbeat": options.heartbeat}))
         if not channel.pump(handle):
             sender.join(5)
-            if sender.error:
-                raise SyncError(f"{backend.host}: {sender.error}")
-            raise RunnerError(f"storing the project on {backend.host} failed: "
-                              f"{channel.stderr_tail() or 'no reason given'}", host=backend.host)
+            tail = channel.stderr_tail()
+            if sender.error or tail.startswith("rx runner: "):
+                raise SyncError(f"{backend.host}: {sender.error or tail[len('rx runner: '):]}")
+            raise RunnerError(f"storing the project on {backend.host} failed: {tail or 'no reason given'}",
+                              host=backend.host)
         sender.join()
     finally:
         reap(channel.process, channel.stderr_reader)

@@ -175,8 +175,7 @@ def _storing_failed(cache_dir: str, exc: OSError) -> str:
     import errno
 
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"no space left on {os.uname().nodename} to store the project under {cache_dir} "
-                "(free some, or remove old trees with rx gc)")
+        return f"no space left to store the project under {cache_dir} (free some there, or run rx gc on the host)"
     return f"storing the project under {cache_dir} failed: {exc.strerror or exc}"
 
 
