@@ -56,16 +56,20 @@ class ProjectCall:
         cwd: The task's working directory relative to the root (``""``: the root), as the user's was.
         path: Directories (relative) put first on the task's ``sys.path``, in order.
         script: The script's path in the tree (a script task); None otherwise.
+        pool: Names the project on the host (its pool of snapshots: a run of another version of the same
+            project starts from one and copies only what differs); empty: the tree's id.
     """
 
     tree: Tree
     cwd: str = ""
     path: tuple[str, ...] = (".",)
     script: str | None = None
+    pool: str = ""
 
     def go_options(self) -> dict[str, Any]:
         """What the call's G frame carries for it."""
-        return {"tree": self.tree.tree_id, "cwd": self.cwd, "path": list(self.path), "script": self.script}
+        return {"tree": self.tree.tree_id, "cwd": self.cwd, "path": list(self.path), "script": self.script,
+                "project": self.pool or self.tree.tree_id}
 
 
 @dataclass(frozen=True)

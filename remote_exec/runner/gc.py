@@ -3,16 +3,18 @@ directories, least recently used first, never what a running run uses.
 
 What counts as used when:
 
-- a tree: its manifest's modification time (touched when a call uses it, at most hourly); its pooled
-  snapshots and the blobs no other kept tree names go with it. A tree used within the last hour is kept
-  (a run may be making its snapshot from it);
+- a tree: its manifest's modification time (touched when a call uses it, at most hourly); the blobs no
+  other kept tree names go with it. A tree used within the last hour is kept (a run may be making its
+  snapshot from it);
+- a pooled snapshot (``snapshots/<project>/...``): its modification time (set when a run left it there);
+  a run that takes one owns it (it is no longer in the pool);
 - an archive: its directory's modification time; an archive a live process was started from (its sha256
   on a command line, read from /proc) is kept whatever its age: a running task imports from it;
 - a run directory: kept while its ``.rx/lock`` is held (the runner, the task and a detached run's
   supervisor hold it), or while it is younger than the age limit;
 - temporaries (``tmp/``, half-written manifests) and blobs no tree names: removed after a day.
 
-Above ``limit`` bytes (trees with their blobs and snapshots, plus archives), the least recently used go
+Above ``limit`` bytes (trees with their blobs, pooled snapshots and archives), the least recently used go
 first; anything unused for ``days`` goes in any case. :func:`collect` runs under an exclusive lock
 (``gc.lock``): a second collector finds it taken and does nothing. :func:`maybe_collect` starts one in the
 background at most once a day, when a call starts (``gc.stamp``).
@@ -141,17 +143,22 @@ class _Store:
                     self.blobs[name] = os.lstat(os.path.join(folder, name)).st_size
                 except OSError:
                     pass
-        self.trees: dict[str, tuple[float, set[str], int]] = {}  # id -> (last use, blobs, snapshot bytes)
+        self.trees: dict[str, tuple[float, set[str]]] = {}  # id -> (last use, blobs)
         for name in _listdir(os.path.join(cache_dir, "trees")):
             if not name.startswith("."):
                 self._tree(name)
         self.refs: dict[str, int] = {}
-        for _, names, _ in self.trees.values():
+        for _, names in self.trees.values():
             for name in names:
                 self.refs[name] = self.refs.get(name, 0) + 1
         self.archives = {name: (_mtime(os.path.join(cache_dir, "archives", name)),
                                 _size_of(os.path.join(cache_dir, "archives", name)))
                          for name in _listdir(os.path.join(cache_dir, "archives")) if not name.startswith(".")}
+        self.snapshots: dict[str, tuple[float, int]] = {}  # "<project>/<name>" -> (last use, bytes)
+        for project in _listdir(os.path.join(cache_dir, "snapshots")):
+            for name in _listdir(os.path.join(cache_dir, "snapshots", project)):
+                path = os.path.join(cache_dir, "snapshots", project, name)
+                self.snapshots[f"{project}/{name}"] = (_mtime(path), _size_of(path))
 
     def _tree(self, name: str) -> None:
         path = os.path.join(self.cache_dir, "trees", name)
@@ -161,25 +168,22 @@ class _Store:
         except (OSError, ValueError):
             entries = []
         names = {digest.hex() for _path, mode, _size, digest, _link in entries if mode != wire.LINK_MODE}
-        snapshots = _size_of(os.path.join(self.cache_dir, "snapshots", name))
-        self.trees[name] = (_mtime(path), names, snapshots)
+        self.trees[name] = (_mtime(path), names)
 
     def tree_bytes(self, name: str) -> int:
-        """What removing tree ``name`` frees: its snapshots, and the blobs only it names."""
-        _, names, snapshots = self.trees[name]
-        return snapshots + sum(self.blobs.get(blob, 0) for blob in names if self.refs.get(blob) == 1)
+        """What removing tree ``name`` frees: the blobs only it names."""
+        _, names = self.trees[name]
+        return sum(self.blobs.get(blob, 0) for blob in names if self.refs.get(blob) == 1)
 
     def total(self) -> int:
-        return (sum(self.blobs.values()) + sum(snapshots for _, _, snapshots in self.trees.values())
+        return (sum(self.blobs.values()) + sum(size for _, size in self.snapshots.values())
                 + sum(size for _, size in self.archives.values()))
 
 
 def _remove_tree(store: _Store, plan: _Plan, name: str, reason: str) -> None:
-    _, names, snapshots = store.trees.pop(name)
+    _, names = store.trees.pop(name)
     cache_dir = store.cache_dir
     plan.remove("tree", os.path.join(cache_dir, "trees", name), 0, reason)
-    if snapshots or os.path.isdir(os.path.join(cache_dir, "snapshots", name)):
-        plan.remove("snapshots", os.path.join(cache_dir, "snapshots", name), snapshots, reason)
     for blob in names:
         store.refs[blob] -= 1
         if store.refs[blob] == 0 and blob in store.blobs:
@@ -190,9 +194,11 @@ def _evict(store: _Store, plan: _Plan, limit: int, days: float, in_use: set[str]
     """Trees and archives unused for ``days``, then the least recently used while above ``limit``."""
     now = store.now
     candidates = []  # (last use, kind, name)
-    for name, (used, _, _) in store.trees.items():
+    for name, (used, _) in store.trees.items():
         if now - used > _GRACE:
             candidates.append((used, "tree", name))
+    for name, (used, _) in store.snapshots.items():
+        candidates.append((used, "snapshot", name))
     for name, (used, _) in store.archives.items():
         busy = name in in_use if in_use is not None else now - used < DAY
         if not busy and now - used > _GRACE:
@@ -207,6 +213,9 @@ def _evict(store: _Store, plan: _Plan, limit: int, days: float, in_use: set[str]
         if kind == "tree":
             freed = store.tree_bytes(name)
             _remove_tree(store, plan, name, reason)
+        elif kind == "snapshot":
+            freed = store.snapshots.pop(name)[1]
+            plan.remove("snapshot", os.path.join(store.cache_dir, "snapshots", name), freed, reason)
         else:
             freed = store.archives.pop(name)[1]
             plan.remove("archive", os.path.join(store.cache_dir, "archives", name), freed, reason)
@@ -214,8 +223,8 @@ def _evict(store: _Store, plan: _Plan, limit: int, days: float, in_use: set[str]
 
 
 def _leftovers(store: _Store, plan: _Plan, days: float) -> None:
-    """Temporaries older than a day, blobs no tree names, snapshots of trees that are gone, run
-    directories nobody holds that are older than ``days``."""
+    """Temporaries older than a day, blobs no tree names, run directories nobody holds that are older
+    than ``days``."""
     cache_dir, now = store.cache_dir, store.now
     for name in _listdir(os.path.join(cache_dir, "tmp")):
         path = os.path.join(cache_dir, "tmp", name)
@@ -230,10 +239,6 @@ def _leftovers(store: _Store, plan: _Plan, days: float) -> None:
         if not store.refs.get(blob) and now - _mtime(path) > DAY:
             plan.remove("blob", path, size, "named by no tree")
             del store.blobs[blob]
-    for name in _listdir(os.path.join(cache_dir, "snapshots")):
-        if name not in store.trees:
-            path = os.path.join(cache_dir, "snapshots", name)
-            plan.remove("snapshots", path, _size_of(path), "their tree is gone")
     for name in _listdir(os.path.join(cache_dir, "runs")):
         path = os.path.join(cache_dir, "runs", name)
         if _locked(path) is not True and now - _mtime(path) > days * DAY:

@@ -1,12 +1,18 @@
-"""Each run's own copy of the project: made from the store, diffed at the end, reused only when untouched.
+"""Each run's own copy of the project: made from the store, diffed at the end, brought up to date when reused.
 
 A call with a tree (its G frame's ``tree``) runs in a snapshot of it: its run directory *is* the project
-(plus the runner's private ``.rx``), a fresh copy of every file (a reflink where the file system has them,
-else ``copy_file_range``), so a run that rewrites or deletes a file cannot touch the store or another
-run. ``.rx/baseline`` records each file's stat data as made; :func:`changes` compares the run directory
-with it at the end: the files the run created or changed are its outputs, and a run that changed nothing
-returns its snapshot to a small pool (``snapshots/<tree>/``) that the next run of that tree takes by
-rename instead of copying again. A pooled snapshot is checked whole when it is taken.
+(plus the runner's private ``.rx``), a copy of every file (a reflink where the file system has them, else
+``copy_file_range``), so a run that rewrites or deletes a file cannot touch the store or another run.
+``.rx/baseline`` records each file's stat data as made; :func:`changes` compares the run directory with it
+at the end: the files the run created or changed are its outputs.
+
+Making a copy costs a file creation per file (hundreds of microseconds each on a busy disk: seconds for
+ten thousand files), so a finished run's snapshot goes to its project's pool (``snapshots/<project>/``,
+the G frame's ``project``) once what the run created is removed. The next run of that project takes one
+by rename and brings it to exactly its tree (:func:`retarget`): files the last run changed or deleted, and
+files that differ between the two trees, are copied again; files neither touched are kept. A pooled
+snapshot is claimed by one run only (rename) and checked whole against its baseline when it is taken, so
+deleted files never reappear and a stray writer cannot leak into a run.
 
 The stat data of a file written by the task always differs from the baseline: before the task starts,
 :func:`_settle` waits until the file system's clock has moved past the newest change made here.
@@ -29,15 +35,17 @@ if TYPE_CHECKING:
     from .channel import Out
     from .store import Entries
 
-__all__ = ["BASELINE", "Changes", "changes", "claim", "close_run_dir", "materialize", "open_run_dir",
-           "prepare_snapshot", "release", "work_dir"]
+    FileStat = tuple[int, int, int, int, bytes, int]  # size, mtime_ns, ctime_ns, inode, digest, mode
+
+__all__ = ["BASELINE", "POOL_SIZE", "Changes", "changes", "close_run_dir", "materialize", "open_run_dir",
+           "prepare_snapshot", "release", "retarget", "work_dir"]
 
 #: The baseline's file name in the run's private directory.
 BASELINE = "baseline"
 #: Directories a run may create that are never its outputs (the coordinator's always-left-out set).
 #: ``__pycache__`` does not even spoil a snapshot for reuse: Python checks its bytecode against the sources.
 _NOT_OUTPUTS = frozenset({".git", ".hg", ".svn", ".venv", "venv", "node_modules", ".ipynb_checkpoints", ".rx"})
-#: Snapshots of one tree kept for reuse.
+#: Snapshots kept per project for reuse.
 POOL_SIZE = 4
 _FICLONE = 0x40049409
 
@@ -47,16 +55,25 @@ class Changes:
 
     Attributes:
         outputs: Regular files the run created or changed (relative paths, sorted): what comes back.
-        clean: Nothing at all changed (the snapshot may serve another run).
-        deleted: Paths of the snapshot the run removed.
+        clean: Nothing at all changed (``__pycache__`` aside).
+        deleted: Files and links of the snapshot the run removed.
+        created: Files and other entries the run added (outside new directories).
+        changed: Files of the snapshot whose stat data changed (their content may be the same).
+        new_dirs: Directories the run added.
+        broken: Something cannot be read (the snapshot cannot be repaired).
     """
 
-    __slots__ = ("clean", "deleted", "outputs")
+    __slots__ = ("broken", "changed", "clean", "created", "deleted", "new_dirs", "outputs")
 
-    def __init__(self, outputs: list[str], clean: bool, deleted: list[str]) -> None:
+    def __init__(self, outputs: list[str], clean: bool, deleted: list[str], created: list[str] | None = None,
+                 changed: list[str] | None = None, new_dirs: list[str] | None = None, broken: bool = False) -> None:
         self.outputs = outputs
         self.clean = clean
         self.deleted = deleted
+        self.created = created or []
+        self.changed = changed or []
+        self.new_dirs = new_dirs or []
+        self.broken = broken
 
 
 def work_dir(run_dir: str, options: dict[str, Any]) -> str:
@@ -115,60 +132,74 @@ class DamagedBlob(Exception):
     """A stored blob is missing or of the wrong size."""
 
 
-def materialize(cache_dir: str, entries: Entries, run_dir: str, tree_id: str, cwd: str = "") -> None:
+class _Maker:
+    """Creates entries of a tree in a run directory, parents first."""
+
+    def __init__(self, cache_dir: str, run_dir: str) -> None:
+        self.cache_dir = cache_dir
+        self.run_dir = run_dir
+        self.copier = _Copier()
+        self.made = {""}
+
+    def folder(self, folder: str) -> None:
+        if folder not in self.made:
+            os.makedirs(os.path.join(self.run_dir, folder), mode=0o755, exist_ok=True)
+            self.made.add(folder)
+
+    def link(self, path: str, link: str) -> None:
+        self.folder(path.rpartition("/")[0])
+        os.symlink(link, os.path.join(self.run_dir, path))
+
+    def file(self, path: str, mode: int, size: int, digest: bytes) -> FileStat:
+        """Copy one blob to ``path``; return its stat data (size, mtime_ns, ctime_ns, inode), digest, mode."""
+        self.folder(path.rpartition("/")[0])
+        try:
+            source = os.open(blob_path(self.cache_dir, digest), os.O_RDONLY)
+        except FileNotFoundError:
+            raise DamagedBlob(digest) from None
+        try:
+            fd = os.open(os.path.join(self.run_dir, path), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         0o755 if mode & 0o111 else 0o644)
+            try:
+                if os.fstat(source).st_size != size:
+                    raise DamagedBlob(digest)
+                if size:
+                    self.copier.copy(source, fd, size)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(source)
+        if st.st_size != size:
+            raise DamagedBlob(digest)
+        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest, mode)
+
+
+def materialize(cache_dir: str, entries: Entries, run_dir: str, tree_id: str, cwd: str = "",
+                pool: str = "") -> None:
     """Make the snapshot of ``entries`` in ``run_dir`` (which exists, empty but for ``.rx``) and record
     its baseline; the working directory ``cwd`` (relative) is made too when no file is in it.
 
     Raises:
         DamagedBlob: A blob is missing or damaged in the store.
     """
-    copier = _Copier()
-    made = {""}
-    files: dict[str, tuple[int, int, int, int, bytes]] = {}
+    maker = _Maker(cache_dir, run_dir)
+    files: dict[str, FileStat] = {}
     links: dict[str, str] = {}
     for path, mode, size, digest, link in entries:
-        target = os.path.join(run_dir, path)
-        folder = path.rpartition("/")[0]
-        if folder not in made:
-            os.makedirs(os.path.join(run_dir, folder), mode=0o755, exist_ok=True)
-            made.add(folder)
         if mode == wire.LINK_MODE:
-            os.symlink(link, target)
+            maker.link(path, link)
             links[path] = link
-            continue
-        files[path] = _copy_blob(cache_dir, digest, size, target, mode, copier)
-    dirs = []
-    if work_dir(run_dir, {"cwd": cwd}) != run_dir and cwd not in made:
-        dirs.append(cwd)
-    record = {"tree": tree_id, "files": files, "links": links, "dirs": dirs}
-    _settle(_write_baseline(run_dir, record), max((st[2] for st in files.values()), default=0))
+        else:
+            files[path] = maker.file(path, mode, size, digest)
+    _record(run_dir, tree_id, pool, cwd, files, links)
 
 
-def _copy_blob(cache_dir: str, digest: bytes, size: int, target: str, mode: int,
-               copier: _Copier) -> tuple[int, int, int, int, bytes]:
-    """Copy one blob to ``target``; return its stat data (size, mtime_ns, ctime_ns, inode) and digest."""
-    try:
-        source = os.open(blob_path(cache_dir, digest), os.O_RDONLY)
-    except FileNotFoundError:
-        raise DamagedBlob(digest) from None
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755 if mode & 0o111 else 0o644)
-        try:
-            if os.fstat(source).st_size != size:
-                raise DamagedBlob(digest)
-            if size:
-                copier.copy(source, fd, size)
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-    finally:
-        os.close(source)
-    if st.st_size != size:
-        raise DamagedBlob(digest)
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest)
-
-
-def _write_baseline(run_dir: str, record: dict[str, Any]) -> str:
+def _record(run_dir: str, tree_id: str, pool: str, cwd: str, files: dict[str, FileStat],
+            links: dict[str, str]) -> None:
+    """Write the snapshot's baseline (making the working directory first), then wait for the clock."""
+    dirs = [cwd] if work_dir(run_dir, {"cwd": cwd}) != run_dir else []
+    record = {"tree": tree_id, "pool": pool or tree_id, "files": files, "links": links, "dirs": dirs}
     private = os.path.join(run_dir, PRIVATE)
     try:
         os.mkdir(private, 0o700)
@@ -177,7 +208,7 @@ def _write_baseline(run_dir: str, record: dict[str, Any]) -> str:
     path = os.path.join(private, BASELINE)
     with open(path, "wb") as stream:
         stream.write(marshal.dumps(record, 4))
-    return path
+    _settle(path, max((st[2] for st in files.values()), default=0))
 
 
 def _settle(marker: str, newest_ns: int) -> None:
@@ -195,7 +226,83 @@ def _load_baseline(run_dir: str) -> dict[str, Any] | None:
             record: dict[str, Any] = marshal.loads(stream.read())
     except (OSError, EOFError, ValueError, TypeError):
         return None
-    return record
+    return record if isinstance(record, dict) and "files" in record else None
+
+
+def _folders(paths: Any) -> set[str]:
+    """Every directory the relative ``paths`` are in (``""`` for the root)."""
+    folders = {""}
+    for path in paths:
+        folder = path.rpartition("/")[0]
+        while folder not in folders:
+            folders.add(folder)
+            folder = folder.rpartition("/")[0]
+    return folders
+
+
+def _remove(run_dir: str, path: str) -> None:
+    full = os.path.join(run_dir, path)
+    try:
+        os.unlink(full)
+    except IsADirectoryError:
+        rmtree(full)
+    except FileNotFoundError:
+        pass
+    except PermissionError:  # a directory on some systems
+        rmtree(full)
+
+
+def retarget(cache_dir: str, entries: Entries, run_dir: str, tree_id: str, found: Changes, cwd: str = "",
+             pool: str = "") -> None:
+    """Bring a used snapshot (``found``: how it differs from its baseline) to exactly the tree ``entries``,
+    touching only what differs: what the last run added goes, what it changed or deleted and what the
+    two trees hold differently is copied again, the rest stays.
+
+    Raises:
+        DamagedBlob: A blob is missing or damaged in the store.
+    """
+    baseline = _load_baseline(run_dir) or {"files": {}, "links": {}}
+    target = {path: (mode, size, digest, link) for path, mode, size, digest, link in entries}
+    for path in found.created:
+        _remove(run_dir, path)
+    for folder in sorted(found.new_dirs, key=len, reverse=True):
+        rmtree(os.path.join(run_dir, folder))
+    files, links = _still_right(run_dir, baseline, target, set(found.changed) | set(found.deleted))
+    old = (*baseline["files"], *baseline["links"], *(f"{folder}/" for folder in baseline.get("dirs") or ()))
+    for folder in sorted(_folders(old) - _folders(target), key=len, reverse=True):
+        rmtree(os.path.join(run_dir, folder))  # its files are gone; what is left is the old run's
+    maker = _Maker(cache_dir, run_dir)
+    maker.made |= _folders((*files, *links))
+    for path, (mode, size, digest, link) in target.items():
+        if path in files or path in links:
+            continue
+        if mode == wire.LINK_MODE:
+            maker.link(path, link)
+            links[path] = link
+        else:
+            files[path] = maker.file(path, mode, size, digest)
+    _record(run_dir, tree_id, pool, cwd, files, links)
+
+
+def _still_right(run_dir: str, baseline: dict[str, Any], target: dict[str, tuple[int, int, bytes, str]],
+                 stale: set[str]) -> tuple[dict[str, FileStat], dict[str, str]]:
+    """The files and links of the baseline that are as the target wants them and untouched (kept, with
+    their stat data); every other one is removed."""
+    files: dict[str, FileStat] = {}
+    links: dict[str, str] = {}
+    for path, recorded in baseline["files"].items():
+        want = target.get(path)
+        if path not in stale and want is not None and want[0] == recorded[5] and want[2] == recorded[4]:
+            files[path] = recorded
+        else:
+            _remove(run_dir, path)
+    for path, link in baseline["links"].items():
+        want = target.get(path)
+        if path not in stale and want is not None and want[0] == wire.LINK_MODE and want[3] == link:
+            links[path] = link
+        else:
+            _remove(run_dir, path)
+    return files, links
 
 
 # -- what a run changed --------------------------------------------------------------------------------
@@ -206,17 +313,16 @@ class _Walk:
 
     def __init__(self, run_dir: str, baseline: dict[str, Any]) -> None:
         self.run_dir = run_dir
-        self.files: dict[str, tuple[int, int, int, int, bytes]] = baseline["files"]
+        self.files: dict[str, FileStat] = baseline["files"]
         self.links: dict[str, str] = baseline["links"]
-        self.folders = {""}
-        for path in (*self.files, *self.links, *(f"{folder}/" for folder in baseline.get("dirs") or ())):
-            folder = path.rpartition("/")[0]
-            while folder not in self.folders:
-                self.folders.add(folder)
-                folder = folder.rpartition("/")[0]
+        self.folders = _folders((*self.files, *self.links, *(f"{folder}/" for folder in baseline.get("dirs") or ())))
         self.outputs: list[str] = []
+        self.created: list[str] = []
+        self.changed: list[str] = []
+        self.new_dirs: list[str] = []
         self.seen = 0
         self.clean = True
+        self.broken = False
 
     def run(self, folder: str) -> None:
         try:
@@ -224,6 +330,7 @@ class _Walk:
                 entries = list(scan)
         except OSError:  # the task made a directory unreadable: it did change something
             self.clean = False
+            self.broken = True
             return
         for entry in entries:
             relative = f"{folder}/{entry.name}" if folder else entry.name
@@ -233,11 +340,13 @@ class _Walk:
                 self._entry(entry, relative)
             except OSError:
                 self.clean = False
+                self.broken = True
 
     def _entry(self, entry: os.DirEntry[str], relative: str) -> None:
         if entry.is_symlink():
             if self.links.get(relative) != os.readlink(entry.path):
                 self.clean = False
+                (self.changed if relative in self.links else self.created).append(relative)
             else:
                 self.seen += 1
         elif entry.is_dir(follow_symlinks=False):
@@ -245,26 +354,32 @@ class _Walk:
                 return
             if relative not in self.folders:
                 self.clean = False
+                self.new_dirs.append(relative)
                 name = entry.name
                 if name in _NOT_OUTPUTS or (name.startswith(".") and name.endswith("_cache")):
                     return
             self.run(relative)
         elif entry.is_file(follow_symlinks=False):
             self._file(entry, relative)
-        else:
+        else:  # a fifo, a socket, a device
             self.clean = False
+            self.created.append(relative)
 
     def _file(self, entry: os.DirEntry[str], relative: str) -> None:
         recorded = self.files.get(relative)
         if recorded is None:
             self.clean = False
             self.outputs.append(relative)
+            self.created.append(relative)
+            if relative in self.links:  # a link the run replaced by a file
+                self.seen += 1
             return
         self.seen += 1
         st = entry.stat(follow_symlinks=False)
         if (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == recorded[:4]:
             return
         self.clean = False
+        self.changed.append(relative)
         if st.st_size != recorded[0] or _sha256(entry.path) != recorded[4]:
             self.outputs.append(relative)
 
@@ -290,30 +405,29 @@ def changes(run_dir: str) -> Changes | None:
     if walk.seen != len(walk.files) + len(walk.links):
         deleted = sorted(path for path in (*walk.files, *walk.links)
                          if not os.path.lexists(os.path.join(run_dir, path)))
-        walk.clean = False
+        walk.clean = walk.clean and not deleted
     walk.outputs.sort()
-    return Changes(walk.outputs, walk.clean and not deleted, deleted)
+    return Changes(walk.outputs, walk.clean, deleted, walk.created, walk.changed, walk.new_dirs, walk.broken)
 
 
-# -- the pool of untouched snapshots -----------------------------------------------------------------
+# -- the pool ------------------------------------------------------------------------------------------
 
 
-def claim(cache_dir: str, tree_id: str, run_dir: str) -> bool:
-    """Take an untouched snapshot of ``tree_id`` from the pool as ``run_dir`` (which must not exist)."""
-    pool = os.path.join(cache_dir, "snapshots", tree_id)
+def _take(cache_dir: str, pool: str, tree_id: str, run_dir: str) -> bool:
+    """Take a pooled snapshot of the project ``pool`` as ``run_dir`` (which must not exist), one of
+    ``tree_id`` first. Another run may take the same one at the same moment: the rename decides."""
+    folder = os.path.join(cache_dir, "snapshots", pool)
     try:
-        names = os.listdir(pool)
+        names = os.listdir(folder)
     except OSError:
         return False
-    for name in names:
+    prefix = tree_id[:16] + "-"
+    for name in sorted(names, key=lambda name: not name.startswith(prefix)):
         try:
-            os.rename(os.path.join(pool, name), run_dir)
-        except OSError:  # another run took it first
+            os.rename(os.path.join(folder, name), run_dir)
+        except OSError:
             continue
-        found = changes(run_dir)
-        if found is not None and found.clean:
-            return True
-        rmtree(run_dir)  # something wrote into it while it waited: never used
+        return True
     return False
 
 
@@ -321,7 +435,7 @@ def close_run_dir(options: dict[str, Any], run_dir: str, found: Changes | None, 
                   skipped: bool) -> bool:
     """Once a call's result went out: keep its run directory for the next call (``reuse``: a persistent
     worker's, left empty, or a snapshot left untouched: True), keep it on the host (``keep``, or files
-    over the pull limit stayed in it), or return it to the pool or remove it."""
+    over the pull limit stayed in it), or return it to its project's pool or remove it."""
     if options.get("keep") or skipped:
         return False
     if reuse and (found.clean if found is not None else empty):
@@ -331,30 +445,37 @@ def close_run_dir(options: dict[str, Any], run_dir: str, found: Changes | None, 
 
 
 def release(cache_dir: str, run_dir: str, found: Changes | None) -> None:
-    """Return an untouched snapshot to its tree's pool (a small one), else remove the run directory."""
-    if found is not None and found.clean:
-        baseline = _load_baseline(run_dir)
-        if baseline is not None and _to_pool(cache_dir, run_dir, str(baseline["tree"])):
-            return
+    """Return a snapshot to its project's pool, without what the run added (its outputs have gone out);
+    remove it instead when the pool is full or the snapshot cannot be repaired."""
+    baseline = _load_baseline(run_dir) if found is not None and not found.broken else None
+    if baseline is not None:
+        try:
+            for path in found.created:  # type: ignore[union-attr]
+                _remove(run_dir, path)
+            for folder in sorted(found.new_dirs, key=len, reverse=True):  # type: ignore[union-attr]
+                rmtree(os.path.join(run_dir, folder))
+            found.created, found.new_dirs = [], []  # type: ignore[union-attr]
+            if _to_pool(cache_dir, run_dir, str(baseline.get("pool") or baseline["tree"]), str(baseline["tree"])):
+                return
+        except OSError:
+            pass
     rmtree(run_dir)
 
 
-def _to_pool(cache_dir: str, run_dir: str, tree_id: str) -> bool:
-    pool = os.path.join(cache_dir, "snapshots", tree_id)
+def _to_pool(cache_dir: str, run_dir: str, pool: str, tree_id: str) -> bool:
+    folder = os.path.join(cache_dir, "snapshots", pool)
     try:
-        if len(os.listdir(pool)) >= POOL_SIZE:
+        if len(os.listdir(folder)) >= POOL_SIZE:
             return False
     except FileNotFoundError:
-        os.makedirs(pool, mode=0o700, exist_ok=True)
-    except OSError:
-        return False
+        os.makedirs(folder, mode=0o700, exist_ok=True)
     private = os.path.join(run_dir, PRIVATE)
     for name in os.listdir(private):
         if name != BASELINE:
-            rmtree(os.path.join(private, name)) if os.path.isdir(os.path.join(private, name)) \
-                else os.unlink(os.path.join(private, name))
+            _remove(private, name)
+    os.utime(run_dir)  # its last use, for the garbage collector
     try:
-        os.rename(run_dir, os.path.join(pool, os.urandom(6).hex()))
+        os.rename(run_dir, os.path.join(folder, f"{tree_id[:16]}-{os.urandom(6).hex()}"))
     except OSError:
         return False
     return True
@@ -363,23 +484,47 @@ def _to_pool(cache_dir: str, run_dir: str, tree_id: str) -> bool:
 # -- a call's run directory ------------------------------------------------------------------------
 
 
+def _from_pool(cache_dir: str, options: dict[str, Any], inbox: Inbox, run_dir: str) -> bool:
+    """Make ``run_dir`` the call's snapshot from a pooled one of its project, if there is one that can be
+    brought to the call's tree."""
+    tree_id = str(options["tree"])
+    pool = str(options.get("project") or tree_id)
+    while _take(cache_dir, pool, tree_id, run_dir):
+        found = changes(run_dir)
+        baseline = _load_baseline(run_dir)
+        if found is None or found.broken or baseline is None:
+            rmtree(run_dir)
+            continue
+        if found.clean and baseline["tree"] == tree_id:
+            return True
+        try:
+            retarget(cache_dir, ensure_tree(cache_dir, tree_id, inbox), run_dir, tree_id, found,
+                     str(options.get("cwd") or ""), pool)
+            return True
+        except (DamagedBlob, OSError):
+            rmtree(run_dir)  # made afresh from the store below
+            return False
+    return False
+
+
 def prepare_snapshot(cache_dir: str, options: dict[str, Any], inbox: Inbox, run_dir: str) -> None:
-    """Make ``run_dir`` (which must not exist) the snapshot of the call's tree: from the pool, else copied
-    from the store (fetching what the store lacks over the channel first).
+    """Make ``run_dir`` (which must not exist) the snapshot of the call's tree: from its project's pool,
+    else copied from the store (fetching what the store lacks over the channel first).
 
     Raises:
         StoreError: The tree could not be fetched or stored.
         CoordinatorGone: The coordinator went away or cancelled.
     """
     tree_id = str(options["tree"])
-    if claim(cache_dir, tree_id, run_dir):
+    if _from_pool(cache_dir, options, inbox, run_dir):
         _hold(run_dir)
         return
     entries = ensure_tree(cache_dir, tree_id, inbox)
     for attempt in (1, 2):
         os.mkdir(run_dir, 0o700)
         try:
-            materialize(cache_dir, entries, run_dir, tree_id, str(options.get("cwd") or ""))
+            materialize(cache_dir, entries, run_dir, tree_id, str(options.get("cwd") or ""),
+                        str(options.get("project") or ""))
             _hold(run_dir)
             return
         except DamagedBlob:

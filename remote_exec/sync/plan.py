@@ -22,7 +22,7 @@ from ..workspace.manager import ENV_WORKSPACE
 from .project import ProjectSpec
 from .root import find_project_root
 
-__all__ = ["ProjectPlan", "plan_directory", "plan_project"]
+__all__ = ["ProjectPlan", "plan_directory", "plan_project", "pool_key"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,15 @@ class ProjectPlan:
 
     def call(self, tree: Any) -> ProjectCall:
         """The call's project once its tree is scanned."""
-        return ProjectCall(tree=tree, cwd=self.cwd, path=self.path, script=self.script)
+        return ProjectCall(tree=tree, cwd=self.cwd, path=self.path, script=self.script, pool=pool_key(self.spec.root))
+
+
+def pool_key(root: Path) -> str:
+    """The project's name on hosts (its snapshots' pool): this machine and the root, hashed."""
+    import hashlib
+    import socket
+
+    return hashlib.sha256(f"{socket.gethostname()}\0{root}".encode("utf-8", "surrogateescape")).hexdigest()[:24]
 
 
 def _relative(path: Path, root: Path) -> str | None:

@@ -168,3 +168,15 @@ def test_the_local_archive_cache_is_pruned_the_same_way(tmp_path: Path, dry_run:
     assert {entry["name"] for entry in report["removed"]} == {"old.pyz", "lru.pyz", ".half.123.tmp"}
     expected = {"old.pyz", "lru.pyz", "new.pyz", ".half.123.tmp"} if dry_run else {"new.pyz"}
     assert {path.name for path in archives.iterdir()} == expected
+
+
+def test_pooled_snapshots_go_least_recently_used_first(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    for name, days in (("old", 3), ("new", 1)):
+        snapshot = cache / "snapshots" / "proj" / name
+        (snapshot / "data").mkdir(parents=True)
+        (snapshot / "data" / "x.bin").write_bytes(b"x" * 3000)
+        _age(snapshot, days)
+    report = collect(str(cache), limit=4000, days=30)
+    assert _left(cache, "snapshots/proj") == {"new"}
+    assert [entry["kind"] for entry in report["removed"]] == ["snapshot"]

@@ -53,7 +53,7 @@ def make_project(root: Path) -> Path:
 def project_call(root: Path, *, script: str | None = "train.py", cwd: str = "",
                  path: tuple[str, ...] = (".", "src")) -> ProjectCall:
     tree = Project(ProjectSpec(root=root.resolve(), always=(script,) if script else ())).scan()
-    return ProjectCall(tree=tree, cwd=cwd, path=path, script=script)
+    return ProjectCall(tree=tree, cwd=cwd, path=path, script=script, pool=root.name)
 
 
 @pytest.fixture
@@ -122,7 +122,7 @@ def test_an_untouched_snapshot_serves_the_next_run_and_a_tampered_one_never(disp
     reader = dispatcher.script("import os\nprint(open('data/x.csv').read().count('\\n'))\n", "read.py")
     project = project_call(proj, script=None)
     dispatcher.run(reader, project=project)
-    pool = _store(dispatcher) / "snapshots" / project.tree.tree_id
+    pool = _store(dispatcher) / "snapshots" / "proj"
     [pooled] = list(pool.iterdir())
     inode = pooled.stat().st_ino
     probe = dispatcher.script("import os\nprint(os.stat(os.environ['RX_RUN_DIR']).st_ino)\n", "probe.py")
@@ -131,6 +131,42 @@ def test_an_untouched_snapshot_serves_the_next_run_and_a_tampered_one_never(disp
     (pooled / "data" / "x.csv").write_text("tampered\n")  # something wrote into it while it waited
     assert dispatcher.run(reader, project=project).text().strip() == "3"
     assert all((p / "data" / "x.csv").read_text() != "tampered\n" for p in pool.iterdir())
+
+
+INODES = """\
+import json, os
+found = {}
+for folder, dirs, files in os.walk("."):
+    dirs[:] = [d for d in dirs if d not in (".rx", "__pycache__")]
+    for name in files:
+        path = os.path.normpath(os.path.join(folder, name))
+        found[path] = [os.stat(path).st_ino, open(path, "rb").read().decode(errors="replace")[:20]]
+print(json.dumps({"run_dir": os.stat(os.environ["RX_RUN_DIR"]).st_ino, "files": found}))
+if os.environ.get("SCRIBBLE"):
+    os.makedirs("outputs", exist_ok=True)
+    open("outputs/model.pt", "w").write("weights")
+    open("data/x.csv", "a").write("appended")
+    os.remove("configs/a.json")
+"""
+
+
+def test_a_used_snapshot_is_brought_to_the_next_tree_touching_only_what_differs(dispatcher: Any, proj: Path) -> None:
+    (proj / "snap.py").write_text(INODES)
+    task = dispatcher.script(INODES, "snap.py")
+    first = dispatcher.run(task, project=project_call(proj, script="snap.py"), env={"SCRIBBLE": "1"})
+    assert sorted(str(p.relative_to(first.landed)) for p in first.outcome.files) == ["data/x.csv",
+                                                                                       "outputs/model.pt"]
+    before = json.loads(first.text())
+    (proj / "train.py").write_text("# edited\n")
+    (proj / "src" / "mylib" / "__init__.py").unlink()
+    second = dispatcher.run(task, project=project_call(proj, script="snap.py"))
+    after = json.loads(second.text())
+    assert after["run_dir"] == before["run_dir"]  # the same snapshot, taken from the pool
+    assert sorted(after["files"]) == ["configs/a.json", "data/x.csv", "pyproject.toml", "snap.py", "train.py"]
+    assert after["files"]["data/x.csv"][1] == "a,b\n1,2\n3,4\n"  # the last run's change is undone
+    assert after["files"]["train.py"][1] == "# edited\n"
+    assert after["files"]["pyproject.toml"][0] == before["files"]["pyproject.toml"][0]  # untouched: kept
+    assert after["files"]["train.py"][0] != before["files"]["train.py"][0]
 
 
 def test_a_damaged_blob_in_the_store_is_fetched_again(dispatcher: Any, proj: Path) -> None:
