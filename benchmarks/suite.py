@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .harness import Agent, ProbeError, Unsupported, one_shot, run_timed
+from .projectsync import FIRST, LATER, SyncRig, sync_rows, sync_targets
 from .report import (
     PhaseRecord,
     Results,
@@ -126,7 +127,7 @@ def _rows() -> list[Row]:
     return rows
 
 
-ROWS = _rows()
+ROWS = _rows() + sync_rows(BACKENDS)
 
 TARGETS = [
     Target("first call ≤ 1.1x cold ssh (OpenSSH)", "rx-openssh.first", "ssh.cold", 1.1),
@@ -148,6 +149,7 @@ TARGETS = [
            1.5),
     Target("bandsaw per task / rx warm call ≥ 50 (OpenSSH)", "bandsaw.task", "rx-openssh.warm", 50, at_least=True),
     Target("bandsaw per task / rx warm call ≥ 50 (paramiko)", "bandsaw.task", "rx-paramiko.warm", 50, at_least=True),
+    *sync_targets(BACKENDS),
 ]
 
 
@@ -163,6 +165,7 @@ class Settings:
         heavy_every: 100 MB transfers run every this many repetitions.
         hosts: Testbed hosts (the multi-host rows use all of them).
         out: Where RESULTS.md goes.
+        only: ``sync``: only the project-sync rows (and the trivial ``rx run`` they are compared with).
     """
 
     reps: int
@@ -172,6 +175,7 @@ class Settings:
     heavy_every: int
     hosts: int
     out: Path
+    only: str | None = None
 
 
 @dataclass
@@ -218,6 +222,7 @@ class Bench:
     import_baseline: set[str] = field(default_factory=set)
     info: dict[str, str] = field(default_factory=dict)
     recoveries: list[str] = field(default_factory=list)
+    sync: SyncRig | None = None
 
     # -- helpers ---------------------------------------------------------------------------------------
 
@@ -376,6 +381,17 @@ def _rx_help(bench: Bench) -> None:
     bench.results.add("startup.help", run_timed([*bench.rx_command, "--help"], timeout=30, env=bench.env))
 
 
+def _project_sync(bench: Bench) -> None:
+    """The project-sync sequence of one repetition (see :mod:`benchmarks.projectsync`)."""
+    assert bench.sync is not None
+    bench.sync.firsts(BACKENDS)
+
+    def trivial(backend: str) -> float:
+        return run_timed(_rx_run_argv(bench, backend), timeout=60, cwd=bench.run_dir / "rxrun", env=bench.env)
+
+    bench.sync.later(BACKENDS, trivial)
+
+
 def _probes(bench: Bench) -> list[Probe]:
     """Every probe, in the order of the table (each repetition starts one further along)."""
     settings = bench.settings
@@ -383,6 +399,12 @@ def _probes(bench: Bench) -> list[Probe]:
 
     def add(name: str, rows: tuple[str, ...], run: Callable[[], None], every: int = 1) -> None:
         probes.append(Probe(name, rows, run, every))
+
+    sync_keys = tuple(row.key for row in ROWS if row.section in (FIRST, LATER))
+    add("project sync", sync_keys, partial(_project_sync, bench),
+        1 if settings.only == "sync" else settings.heavy_every)
+    if settings.only == "sync":
+        return probes
 
     add("ssh cold", ("ssh.cold",), partial(_ssh_cold, bench))
     add("ssh multiplexed", ("ssh.mux",), partial(_ssh_mux, bench))
@@ -441,6 +463,10 @@ def _every(settings: Settings, size: int) -> int:
     if size >= 10 * MB:
         return settings.medium_every
     return 1
+
+
+def _rx_argv(bench: Bench, *args: str) -> list[str]:
+    return [*bench.rx_command, *args]
 
 
 def _rx_run_argv(bench: Bench, backend: str) -> list[str]:
@@ -551,6 +577,11 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
         rxrun = run_dir / "rxrun"
         rxrun.mkdir()
         (rxrun / "trivial.py").write_text("x = 1\n", encoding="utf-8")
+        (rxrun / "pyproject.toml").write_text("", encoding="utf-8")  # a project of its own, not the repository
+        print("benchmarks: generating the 10,000-file / 300 MB project", file=sys.stderr)
+        bench.sync = SyncRig.create(run_dir / "sync", hosts[0], ssh=bench.ssh,
+                                    ssh_options=bench.ssh()[1:], rx=partial(_rx_argv, bench), env=env,
+                                    add=bench.results.add)
         baseline = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True,
                                   timeout=60, env=env, check=False)
         bench.import_baseline = set(_parse_importtime(baseline.stderr))
@@ -561,6 +592,9 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
             for agent in bench.agents:
                 agent.stop()
         if bench is not None:
+            if bench.sync is not None:
+                with contextlib.suppress(Exception):
+                    bench.sync.cleanup()
             _close_masters(bench)
         shutil.rmtree(control_dir, ignore_errors=True)
         with contextlib.suppress(Exception):
@@ -722,6 +756,10 @@ def render(bench: Bench, *, duration: float, load: tuple[tuple[float, ...], tupl
     """RESULTS.md: when and where, the tables, the targets, rx's phases, start-up, failures."""
     settings = bench.settings
     results = bench.results
+    rows, targets = ROWS, TARGETS
+    if settings.only == "sync":
+        rows = [row for row in ROWS if row.section in (FIRST, LATER) or row.key.endswith(".run")]
+        targets = sync_targets(BACKENDS)
     out = ["# Benchmark results\n",
            "Generated by `nox -s bench` (`python -m benchmarks`); see `benchmarks/README.md` for what each row "
            "measures.\n",
@@ -737,8 +775,8 @@ def render(bench: Bench, *, duration: float, load: tuple[tuple[float, ...], tupl
               "repetitions that failed then are listed at the end)" if bench.recoveries else "")]
     out += [f"- {name}: {value}" for name, value in bench.info.items()]
     out += ["", "## Results\n", "Ratio: this row's median over the compared row's (times), or its MB/s over the "
-            "compared row's MB/s (throughputs).\n", render_tables(ROWS, results),
-            "## Targets\n", render_targets(TARGETS, ROWS, results),
+            "compared row's MB/s (throughputs).\n", render_tables(rows, results),
+            "## Targets\n", render_targets(targets, ROWS, results),
             "## Where rx's time goes\n",
             "Median seconds per phase as `dispatch()` records them (`Outcome.phases`, stored in the workspace "
             "run's task entry; for `rx run`, the run's recorded actions, to the millisecond). *other* is the "
@@ -761,18 +799,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke run (few repetitions)")
     parser.add_argument("--reps", type=int, help="repetitions (default 20; --quick: 2)")
     parser.add_argument("--out", type=Path, help="where to write the results (default benchmarks/RESULTS.md; "
-                                                 "quick: benchmarks/.work/RESULTS-quick.md)")
+                                                 "quick or --only: benchmarks/.work/RESULTS-<what>.md)")
+    parser.add_argument("--only", choices=["sync"], help="only these rows: sync = the project-sync rows and the "
+                                                         "trivial rx run they are compared with (default 5 reps)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="benchmarks: %(message)s")
     quick = bool(args.quick)
+    only = args.only
+    default_out = WORK / f"RESULTS-{only}.md" if only else WORK / "RESULTS-quick.md" if quick else HERE / "RESULTS.md"
     settings = Settings(
-        reps=args.reps or (2 if quick else 20),
+        reps=args.reps or (2 if quick else 5 if only else 20),
         quick=quick,
         warm_calls=3 if quick else 5,
         medium_every=2,
         heavy_every=2 if quick else 4,
-        hosts=4,
-        out=args.out or (WORK / "RESULTS-quick.md" if quick else HERE / "RESULTS.md"),
+        hosts=1 if only else 4,
+        out=args.out or default_out,
+        only=only,
     )
     if settings.reps < 1:
         parser.error("--reps must be at least 1")

@@ -94,6 +94,8 @@ class TreeSender:
         sources = self.tree.sources
         total = sum(sources[digest].size for digest in digests if digest in sources)
         progress = _Progress(self.on_progress, len(digests), total)
+        if total > wire.MAX_FRAME:
+            self.channel.process.grow_buffers()
         out = _FrameWriter(self.channel)
         try:
             for digest in digests:

@@ -319,7 +319,6 @@ def load_manifest(data: bytes) -> list[tuple[str, int, int, bytes, str]]:
 def tree_id(entries: list[tuple[str, int, int, bytes, str]]) -> str:
     """The tree's id: the sha256 (hex) over its sorted (path, mode, blob hash) list, each entry as the
     path's UTF-8 bytes, NUL, the mode in octal, NUL, then the 32-byte digest (fixed length)."""
-    digest = _builtin_sha256()(b"rx-tree-1\0")
-    for path, mode, _size, blob, _link in entries:
-        digest.update(b"%s\0%o\0%s" % (path.encode("utf-8", "surrogateescape"), mode, blob))
-    return str(digest.hexdigest())
+    parts = [b"%s\0%o\0%s" % (path.encode("utf-8", "surrogateescape"), mode, blob)
+             for path, mode, _size, blob, _link in entries]
+    return str(_builtin_sha256()(b"rx-tree-1\0" + b"".join(parts)).hexdigest())

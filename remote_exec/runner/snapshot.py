@@ -8,11 +8,12 @@ at the end: the files the run created or changed are its outputs.
 
 Making a copy costs a file creation per file (hundreds of microseconds each on a busy disk: seconds for
 ten thousand files), so a finished run's snapshot goes to its project's pool (``snapshots/<project>/``,
-the G frame's ``project``) once what the run created is removed. The next run of that project takes one
-by rename and brings it to exactly its tree (:func:`retarget`): files the last run changed or deleted, and
-files that differ between the two trees, are copied again; files neither touched are kept. A pooled
-snapshot is claimed by one run only (rename) and checked whole against its baseline when it is taken, so
-deleted files never reappear and a stray writer cannot leak into a run.
+the G frame's ``project``) once what the run created is removed, with the list of files the run changed
+or deleted (``.rx/stale``). The next run of that project takes one by rename and brings it to exactly its
+tree (:func:`retarget`): stale files, and files that differ between the two trees, are copied again; the
+rest is kept. A pooled snapshot is claimed by one run only (rename), so deleted files never reappear and no
+two runs share one; it is trusted to be as its baseline and stale list say (it sits in the user's private
+workdir, and the task that used it was stopped with its process group), not walked again.
 
 The stat data of a file written by the task always differs from the baseline: before the task starts,
 :func:`_settle` waits until the file system's clock has moved past the newest change made here.
@@ -42,6 +43,8 @@ __all__ = ["BASELINE", "POOL_SIZE", "Changes", "changes", "close_run_dir", "mate
 
 #: The baseline's file name in the run's private directory.
 BASELINE = "baseline"
+#: A pooled snapshot's list of the files its last run changed or deleted (to be copied again).
+STALE = "stale"
 #: Directories a run may create that are never its outputs (the coordinator's always-left-out set).
 #: ``__pycache__`` does not even spoil a snapshot for reuse: Python checks its bytecode against the sources.
 _NOT_OUTPUTS = frozenset({".git", ".hg", ".svn", ".venv", "venv", "node_modules", ".ipynb_checkpoints", ".rx"})
@@ -253,7 +256,7 @@ def _remove(run_dir: str, path: str) -> None:
 
 
 def retarget(cache_dir: str, entries: Entries, run_dir: str, tree_id: str, found: Changes, cwd: str = "",
-             pool: str = "") -> None:
+             pool: str = "", baseline: dict[str, Any] | None = None) -> None:
     """Bring a used snapshot (``found``: how it differs from its baseline) to exactly the tree ``entries``,
     touching only what differs: what the last run added goes, what it changed or deleted and what the
     two trees hold differently is copied again, the rest stays.
@@ -261,7 +264,7 @@ def retarget(cache_dir: str, entries: Entries, run_dir: str, tree_id: str, found
     Raises:
         DamagedBlob: A blob is missing or damaged in the store.
     """
-    baseline = _load_baseline(run_dir) or {"files": {}, "links": {}}
+    baseline = baseline or _load_baseline(run_dir) or {"files": {}, "links": {}}
     target = {path: (mode, size, digest, link) for path, mode, size, digest, link in entries}
     for path in found.created:
         _remove(run_dir, path)
@@ -455,14 +458,16 @@ def release(cache_dir: str, run_dir: str, found: Changes | None) -> None:
             for folder in sorted(found.new_dirs, key=len, reverse=True):  # type: ignore[union-attr]
                 rmtree(os.path.join(run_dir, folder))
             found.created, found.new_dirs = [], []  # type: ignore[union-attr]
-            if _to_pool(cache_dir, run_dir, str(baseline.get("pool") or baseline["tree"]), str(baseline["tree"])):
+            stale = sorted({*found.changed, *found.deleted})  # type: ignore[union-attr]
+            if _to_pool(cache_dir, run_dir, str(baseline.get("pool") or baseline["tree"]), str(baseline["tree"]),
+                        stale):
                 return
         except OSError:
             pass
     rmtree(run_dir)
 
 
-def _to_pool(cache_dir: str, run_dir: str, pool: str, tree_id: str) -> bool:
+def _to_pool(cache_dir: str, run_dir: str, pool: str, tree_id: str, stale: list[str]) -> bool:
     folder = os.path.join(cache_dir, "snapshots", pool)
     try:
         if len(os.listdir(folder)) >= POOL_SIZE:
@@ -473,6 +478,9 @@ def _to_pool(cache_dir: str, run_dir: str, pool: str, tree_id: str) -> bool:
     for name in os.listdir(private):
         if name != BASELINE:
             _remove(private, name)
+    if stale:  # what the next run must copy again (whatever else it finds as the baseline says)
+        with open(os.path.join(private, STALE), "wb") as stream:
+            stream.write(marshal.dumps(stale, 4))
     os.utime(run_dir)  # its last use, for the garbage collector
     try:
         os.rename(run_dir, os.path.join(folder, f"{tree_id[:16]}-{os.urandom(6).hex()}"))
@@ -484,22 +492,46 @@ def _to_pool(cache_dir: str, run_dir: str, pool: str, tree_id: str) -> bool:
 # -- a call's run directory ------------------------------------------------------------------------
 
 
+def _pooled_state(run_dir: str) -> tuple[dict[str, Any], list[str]] | None:
+    """A taken snapshot's baseline and the files its last run left changed or deleted; None when it has no
+    baseline (then it is not used)."""
+    baseline = _load_baseline(run_dir)
+    if baseline is None:
+        return None
+    try:
+        with open(os.path.join(run_dir, PRIVATE, STALE), "rb") as stream:
+            stale: list[str] = marshal.loads(stream.read())
+        os.unlink(os.path.join(run_dir, PRIVATE, STALE))
+    except FileNotFoundError:
+        stale = []
+    except (OSError, EOFError, ValueError, TypeError):
+        return None
+    return baseline, stale
+
+
 def _from_pool(cache_dir: str, options: dict[str, Any], inbox: Inbox, run_dir: str) -> bool:
-    """Make ``run_dir`` the call's snapshot from a pooled one of its project, if there is one that can be
-    brought to the call's tree."""
+    """Make ``run_dir`` the call's snapshot from a pooled one of its project, if there is one: as it is
+    when it is of the call's tree and its last run left nothing to undo, else brought to the tree.
+
+    A pooled snapshot is trusted to be as its baseline and stale list say (it sits in the user's private
+    workdir, and the task that used it was stopped with its process group): it is not walked again.
+    """
     tree_id = str(options["tree"])
     pool = str(options.get("project") or tree_id)
     while _take(cache_dir, pool, tree_id, run_dir):
-        found = changes(run_dir)
-        baseline = _load_baseline(run_dir)
-        if found is None or found.broken or baseline is None:
+        state = _pooled_state(run_dir)
+        if state is None:
             rmtree(run_dir)
             continue
-        if found.clean and baseline["tree"] == tree_id:
+        baseline, stale = state
+        if baseline["tree"] == tree_id and not stale:
             return True
+        found = Changes([], False, [], changed=stale)
+        known = frozenset(recorded[4] for recorded in baseline["files"].values())
         try:
-            retarget(cache_dir, ensure_tree(cache_dir, tree_id, inbox), run_dir, tree_id, found,
-                     str(options.get("cwd") or ""), pool)
+            entries = ensure_tree(cache_dir, tree_id, inbox, known=known)
+            retarget(cache_dir, entries, run_dir, tree_id, found, str(options.get("cwd") or ""), pool,
+                     baseline=baseline)
             return True
         except (DamagedBlob, OSError):
             rmtree(run_dir)  # made afresh from the store below

@@ -138,8 +138,10 @@ class Inbox:
             parts.append(payload)
 
 
-def ensure_tree(cache_dir: str, tree_id: str, inbox: Inbox, *, refetch: bool = False) -> Entries:
-    """The manifest of ``tree_id``, fetched with the blobs this host lacks when it is not stored yet.
+def ensure_tree(cache_dir: str, tree_id: str, inbox: Inbox, *, refetch: bool = False,
+                known: frozenset[bytes] = frozenset()) -> Entries:
+    """The manifest of ``tree_id``, fetched with the blobs this host lacks when it is not stored yet
+    (``known``: blobs a snapshot here was just made of, taken as stored without a look).
 
     Raises:
         StoreError: The tree or a blob arrived damaged, or storing it failed (a full disk).
@@ -157,7 +159,7 @@ def ensure_tree(cache_dir: str, tree_id: str, inbox: Inbox, *, refetch: bool = F
     entries = wire.load_manifest(data)
     if wire.tree_id(entries) != tree_id:
         raise StoreError(f"the manifest of tree {tree_id[:12]} does not hash to its id; it was not stored")
-    wanted = _missing(cache_dir, entries, refetch)
+    wanted = _missing(cache_dir, entries, frozenset() if refetch else known)
     for start in range(0, len(wanted), _PER_FRAME):
         inbox.out(b"N", b"".join(digest for digest, _ in wanted[start:start + _PER_FRAME]))
     inbox.out(b"n", wire.json_bytes({"count": len(wanted), "bytes": sum(size for _, size in wanted)}))
@@ -179,10 +181,10 @@ def _storing_failed(cache_dir: str, exc: OSError) -> str:
     return f"storing the project under {cache_dir} failed: {exc.strerror or exc}"
 
 
-def _missing(cache_dir: str, entries: Entries, refetch: bool) -> list[tuple[bytes, int]]:
-    """(digest, size) of each distinct blob not stored here (with ``refetch``, also of damaged ones)."""
+def _missing(cache_dir: str, entries: Entries, known: frozenset[bytes]) -> list[tuple[bytes, int]]:
+    """(digest, size) of each distinct blob not stored here (or stored with another size)."""
     wanted = []
-    seen = set()
+    seen = set(known)
     for _path, mode, size, digest, _link in entries:
         if mode == wire.LINK_MODE or digest in seen:
             continue

@@ -144,9 +144,13 @@ def _left_out(paths: Sequence[str], workspace: str | None) -> list[str]:
     kept = []
     for path in paths:
         directory, _, name = path.rpartition("/")
-        if always_excluded_file(name) or path == workspace or excluded(directory):
+        if name.endswith((".pyc", ".pyo")) or name == ".git" or path == workspace:  # always_excluded_file
             continue
-        kept.append(path)
+        verdict = out.get(directory)
+        if verdict is None:
+            verdict = excluded(directory)
+        if not verdict:
+            kept.append(path)
     return kept
 
 

@@ -62,10 +62,6 @@ class ProjectSpec:
         return relative.as_posix() if relative.parts else None
 
 
-def _mode(st: os.stat_result) -> int:
-    return 0o100755 if st.st_mode & stat.S_IXUSR else 0o100644
-
-
 class _Scan:
     """One scan's findings: entries so far, files to hash, symlinks leading out."""
 
@@ -78,16 +74,33 @@ class _Scan:
         self.outside: list[tuple[str, str]] = []
         self.followed: list[tuple[str, str]] = []
 
-    def add(self, relative: str) -> None:
-        full = os.path.join(self.root, relative)
-        try:
-            st = os.lstat(full)
-        except OSError:  # listed by git's index, deleted since
-            return
-        if stat.S_ISLNK(st.st_mode):
-            self._link(relative, full)
-        elif stat.S_ISREG(st.st_mode):
+    def add_all(self, paths: list[str]) -> None:
+        """Look at each path (the common case, a regular file whose digest is cached, inline: this runs for
+        every file of the project on every scan)."""
+        root, files, lookup, is_regular = self.root, self.files, self.cache.lookup, stat.S_ISREG
+        for relative in paths:
+            full = f"{root}/{relative}"
+            try:
+                st = os.lstat(full)
+            except OSError:  # listed by git's index, deleted since
+                continue
+            if is_regular(st.st_mode):
+                files[relative] = (st, full, lookup(relative, (st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                                               st.st_ino, st.st_mode)))
+            else:
+                self.add(relative, full, st)
+
+    def add(self, relative: str, full: str | None = None, st: os.stat_result | None = None) -> None:
+        full = full or f"{self.root}/{relative}"
+        if st is None:
+            try:
+                st = os.lstat(full)
+            except OSError:
+                return
+        if stat.S_ISREG(st.st_mode):
             self._file(relative, full, st)
+        elif stat.S_ISLNK(st.st_mode):
+            self._link(relative, full)
         elif stat.S_ISDIR(st.st_mode):  # a git submodule: its own git's files
             for inner in submodule_files(self.spec.root, relative):
                 self.add(inner)
@@ -150,11 +163,13 @@ class _Scan:
             raise SyncError(f"cannot read {exc.filename or 'a file'} of the project: {exc.strerror or exc}",
                             hint="fix its permissions, or leave it out with .rxignore") from exc
         found = list(self.links)
+        executable = stat.S_IXUSR
         for relative, (st, path, digest) in self.files.items():
             if digest is None:
                 digest, st = hashed[relative]
-            found.append(TreeFile(relative, _mode(st), st.st_size, digest, "", path))
-        found.sort(key=lambda entry: entry.path)
+            found.append(TreeFile(relative, 0o100755 if st.st_mode & executable else 0o100644, st.st_size, digest,
+                                  "", path))
+        found.sort()
         return tuple(found)
 
 
@@ -198,8 +213,7 @@ class Project:
             known = set(paths)
             paths.extend(path for path in self.spec.always if path not in known)
             scan = _Scan(self.spec, self.cache)
-            for relative in paths:
-                scan.add(relative)
+            scan.add_all(paths)
             scan.refuse_links_out()
             entries = scan.entries()
             self.cache.keep_only(set(scan.files))

@@ -49,6 +49,7 @@ class StatCache:
         self._lock = threading.Lock()
         self._entries: dict[str, tuple[StatKey, bytes, int]] = {}
         self._dirty = False
+        self.racy_ns = int(RACY_SECONDS * 1e9)
         if path is not None:
             self._load(path)
 
@@ -65,8 +66,7 @@ class StatCache:
         entry = self._entries.get(relative)
         if entry is None or entry[0] != key:
             return None
-        verified_ns = entry[2]
-        if max(key[1], key[2]) >= verified_ns - int(RACY_SECONDS * 1e9):
+        if max(key[1], key[2]) >= entry[2] - self.racy_ns:
             return None
         return entry[1]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import SyncError
 from ..protocol import wire
@@ -30,9 +31,8 @@ def human_size(size: float) -> str:
     return f"{size:.1f} TiB"  # pragma: no cover - unreachable
 
 
-@dataclass(frozen=True)
-class TreeFile:
-    """One entry of a tree.
+class TreeFile(NamedTuple):
+    """One entry of a tree (a named tuple: a scan makes one per file).
 
     Attributes:
         path: Relative to the project root, ``/``-separated.
@@ -74,7 +74,7 @@ class Tree:
     @cached_property
     def wire_entries(self) -> list[tuple[str, int, int, bytes, str]]:
         """The entries as the manifest carries them."""
-        return [(entry.path, entry.mode, entry.size, entry.digest, entry.link) for entry in self.entries]
+        return [entry[:5] for entry in self.entries]
 
     @cached_property
     def tree_id(self) -> str:
