@@ -68,6 +68,19 @@ def sync_rows(backends: tuple[str, ...]) -> list[Row]:
             Row(f"rx-{backend}.project_vs_trivial", f"`rx run`, project unchanged, against `rx run` of a trivial "
                                                      f"script in a one-file project ({backend})",
                 f"rx run project/trivial ({backend})", LATER, f"rx-{backend}.run"),
+            Row(f"rx-{backend}.sync_unchanged", f"rx sync from a warm process, nothing changed ({backend})",
+                f"rx sync, unchanged ({backend})", LATER, "sync.rsync_unchanged"),
+            Row(f"rx-{backend}.sync_changed", f"rx sync from a warm process, one file changed ({backend})",
+                f"rx sync, one change ({backend})", LATER, "sync.rsync_changed"),
+            Row(f"rx-{backend}.sync_deleted", f"rx sync from a warm process, one file deleted ({backend})",
+                f"rx sync, one deletion ({backend})", LATER, "sync.rsync_deleted"),
+            Row(f"rx-{backend}.call_unchanged", f"`@task` call of the project from a warm process, nothing changed "
+                                                 f"({backend})", f"rx call, project unchanged ({backend})", LATER,
+                "sync.rsync_unchanged"),
+            Row(f"rx-{backend}.call_changed", f"`@task` call from a warm process, one file changed ({backend})",
+                f"rx call, one change ({backend})", LATER, "sync.rsync_changed"),
+            Row(f"rx-{backend}.call_deleted", f"`@task` call from a warm process, one file deleted ({backend})",
+                f"rx call, one deletion ({backend})", LATER, "sync.rsync_deleted"),
         ]
     return rows
 
@@ -83,6 +96,10 @@ def sync_targets(backends: tuple[str, ...]) -> list[Target]:
                    "sync.rsync_unchanged", 1.0),
             Target(f"one-change run faster than rsync's one-change run ({name})", f"rx-{backend}.project_changed",
                    "sync.rsync_changed", 1.0),
+            Target(f"unchanged sync from a warm process faster than rsync's no-change run ({name})",
+                   f"rx-{backend}.sync_unchanged", "sync.rsync_unchanged", 1.0),
+            Target(f"one-change sync from a warm process faster than rsync's one-change run ({name})",
+                   f"rx-{backend}.sync_changed", "sync.rsync_changed", 1.0),
             Target(f"an unchanged project adds ≤ 10% to a warm `rx run` of a trivial script ({name})",
                    f"rx-{backend}.project_vs_trivial", f"rx-{backend}.run", 1.1),
         ]
@@ -107,6 +124,7 @@ def make_project(root: Path, *, files: int = PROJECT_FILES, total: int = PROJECT
         folder.mkdir(parents=True, exist_ok=True)
         _write(folder / f"mod{index:04d}.py", size)
     (root / "noop.py").write_text("pass\n")
+    (root / "bench_task.py").write_text("def noop(i):\n    return i\n")
     (root / ".gitignore").write_text("__pycache__/\n")
     env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "bench",
            "GIT_COMMITTER_EMAIL": "b@b"}
@@ -127,14 +145,16 @@ class SyncRig:
     """The generated project, its config, and the commands of one repetition.
 
     Attributes:
-        root: A directory with the rx configuration (``pyproject.toml``: the remotes ``sync-first`` and
-            ``sync-later`` with their own workdirs); the project is ``root/project`` (its root: ``.git``).
+        root: A directory with the rx configuration (``pyproject.toml``: the remotes ``sync-first``,
+            ``sync-later`` and ``sync-warm``, each with its own workdir); the project is ``root/project`` (its
+            root: ``.git``).
         host: The host.
         ssh: Builds an ssh argv over the ControlMaster (``ssh(host, command)``).
         ssh_options: The same options for rsync's ``-e``.
         rx: Builds an rx argv.
         env: The environment of rx commands.
         add: Records one sample of a row.
+        samples: The samples of a row so far.
     """
 
     root: Path
@@ -144,6 +164,7 @@ class SyncRig:
     rx: Callable[..., list[str]]
     env: dict[str, str]
     add: Callable[[str, float], None]
+    samples: Callable[[str], list[float]]
     round: int = 0
 
     @property
@@ -156,7 +177,8 @@ class SyncRig:
         make_project(root / "project")
         (root / "pyproject.toml").write_text(
             f'[tool.rx.remotes.sync-first]\nhost = "{host}"\nworkdir = "~/.cache/rxbench-sync-first"\n'
-            f'[tool.rx.remotes.sync-later]\nhost = "{host}"\nworkdir = "~/.cache/rxbench-sync-later"\n')
+            f'[tool.rx.remotes.sync-later]\nhost = "{host}"\nworkdir = "~/.cache/rxbench-sync-later"\n'
+            f'[tool.rx.remotes.sync-warm]\nhost = "{host}"\nworkdir = "~/.cache/rxbench-sync-warm"\n')
         return cls(root=root, host=host, **parts)
 
     def _remote(self, command: str) -> None:
@@ -187,33 +209,43 @@ class SyncRig:
             self._remote(f"rm -rf {store}/blobs {store}/trees {store}/snapshots {store}/tmp {store}/runs")
             self.add(f"rx-{backend}.sync_first", self._rx(backend, "sync", "--remote", "sync-first"))
 
-    def later(self, backends: tuple[str, ...], trivial: Callable[[str], float]) -> None:
-        """Steps 2 to 5: up to date, then unchanged, one file changed, one file deleted."""
+    def _run(self, backend: str, key: str, call: Callable[[str, str, str], float]) -> None:
+        """One ``rx run`` (whole command), one warm sync and one warm call of the project, recorded as
+        ``key`` (each finds the same change: they use different stores)."""
+        self.add(f"rx-{backend}.project_{key}", self._rx(backend, "run", "--remote", "sync-later", "noop.py"))
+        self.add(f"rx-{backend}.sync_{key}", call("sync", backend, str(self.project)))
+        self.add(f"rx-{backend}.call_{key}", call("project", backend, str(self.project)))
+
+    def later(self, backends: tuple[str, ...], trivial: Callable[[str], float],
+              call: Callable[[str, str, str], float]) -> None:
+        """Steps 2 to 5: up to date, then unchanged, one file changed, one file deleted. ``call(op, backend,
+        root)`` times a warm process's ``sync`` of the project or ``project`` call (a ``@task`` of it)."""
         self._rsync("rxbench-rsync")
         for backend in backends:
             self._rx(backend, "run", "--remote", "sync-later", "noop.py")
+            call("sync", backend, str(self.project))
+            call("project", backend, str(self.project))
         self.add("sync.rsync_unchanged", self._rsync("rxbench-rsync"))
         for backend in backends:
-            seconds = self._rx(backend, "run", "--remote", "sync-later", "noop.py")
-            self.add(f"rx-{backend}.project_unchanged", seconds)
-            self.add(f"rx-{backend}.project_vs_trivial", seconds)
+            self._run(backend, "unchanged", call)
+            self.add(f"rx-{backend}.project_vs_trivial", self.samples(f"rx-{backend}.project_unchanged")[-1])
             self.add(f"rx-{backend}.run", trivial(backend))
         self.round += 1
         (self.project / CHANGED).write_bytes(os.urandom(2000) + str(time.time()).encode())
         self.add("sync.rsync_changed", self._rsync("rxbench-rsync"))
         for backend in backends:
-            self.add(f"rx-{backend}.project_changed", self._rx(backend, "run", "--remote", "sync-later", "noop.py"))
+            self._run(backend, "changed", call)
+            (self.project / CHANGED).write_bytes(os.urandom(2000) + str(time.time()).encode())  # a change for each
         kept = (self.project / DELETED).read_bytes()
         (self.project / DELETED).unlink()
         try:
             self.add("sync.rsync_deleted", self._rsync("rxbench-rsync", "--delete"))
             for backend in backends:
-                self.add(f"rx-{backend}.project_deleted",
-                         self._rx(backend, "run", "--remote", "sync-later", "noop.py"))
+                self._run(backend, "deleted", call)
         finally:
             (self.project / DELETED).write_bytes(kept)
 
     def cleanup(self) -> None:
         """Remove what the rows left on the host."""
         self._remote("rm -rf rxbench-tar rxbench-rsync-first rxbench-rsync ~/.cache/rxbench-sync-first "
-                     "~/.cache/rxbench-sync-later")
+                     "~/.cache/rxbench-sync-later ~/.cache/rxbench-sync-warm")

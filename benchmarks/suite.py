@@ -223,6 +223,7 @@ class Bench:
     info: dict[str, str] = field(default_factory=dict)
     recoveries: list[str] = field(default_factory=list)
     sync: SyncRig | None = None
+    rx_agents: dict[str, Agent] = field(default_factory=dict)
 
     # -- helpers ---------------------------------------------------------------------------------------
 
@@ -238,6 +239,12 @@ class Bench:
                       cwd=self.run_dir / "agents" / name, log=self.run_dir / "logs" / f"{name}.log")
         self.agents.append(agent)
         return agent
+
+    def rx_agent(self, backend: str) -> Agent:
+        """The rx agent of ``backend`` (one per run, shared by the probes)."""
+        if backend not in self.rx_agents:
+            self.rx_agents[backend] = self.agent("rx", backend=backend)
+        return self.rx_agents[backend]
 
     def record_calls(self, group: str, reply: dict[str, Any]) -> None:
         self.phases.setdefault(group, []).extend(phase_records(reply.get("calls") or []))
@@ -389,7 +396,13 @@ def _project_sync(bench: Bench) -> None:
     def trivial(backend: str) -> float:
         return run_timed(_rx_run_argv(bench, backend), timeout=60, cwd=bench.run_dir / "rxrun", env=bench.env)
 
-    bench.sync.later(BACKENDS, trivial)
+    def call(op: str, backend: str, root: str) -> float:
+        reply = bench.rx_agent(backend).request(op, root=root, timeout=300)
+        if not reply.get("ok", True) or not reply.get("samples"):
+            raise ProbeError(f"rx {op}: {reply.get('error') or 'no sample'}")
+        return float(reply["samples"][0])
+
+    bench.sync.later(BACKENDS, trivial, call)
 
 
 def _probes(bench: Bench) -> list[Probe]:
@@ -431,7 +444,7 @@ def _probes(bench: Bench) -> list[Probe]:
                 partial(_samples, bench, agent, key, "echo", timeout=60 + size / MB * 2, size=size), every)
     for backend in BACKENDS:
         rx = f"rx-{backend}"
-        agent = bench.agent("rx", backend=backend)
+        agent = bench.rx_agent(backend)
         add(f"rx first call ({backend})", (f"{rx}.first", f"{rx}.first_process"), partial(_rx_first, bench, backend))
         add(f"rx warm ({backend})", (f"{rx}.warm",),
             partial(_samples, bench, agent, f"{rx}.warm", "warm", timeout=90, group=f"warm call ({backend})",
@@ -581,7 +594,8 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
         print("benchmarks: generating the 10,000-file / 300 MB project", file=sys.stderr)
         bench.sync = SyncRig.create(run_dir / "sync", hosts[0], ssh=bench.ssh,
                                     ssh_options=bench.ssh()[1:], rx=partial(_rx_argv, bench), env=env,
-                                    add=bench.results.add)
+                                    add=bench.results.add,
+                                    samples=lambda key: bench.results.samples.get(key, []))
         baseline = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True,
                                   timeout=60, env=env, check=False)
         bench.import_baseline = set(_parse_importtime(baseline.stderr))

@@ -16,7 +16,6 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 __all__ = ["RACY_SECONDS", "StatCache", "hash_file", "hash_files", "stat_key"]
@@ -140,6 +139,8 @@ def hash_files(jobs: Sequence[tuple[str, str, int]], cache: StatCache) -> dict[s
 
     total = sum(size for _, _, size in jobs)
     if len(jobs) > 1 and total >= _PARALLEL_BYTES:
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1, len(jobs)),
                                 thread_name_prefix="rx-hash") as pool:
             list(pool.map(one, jobs))
