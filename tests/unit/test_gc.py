@@ -90,6 +90,9 @@ def test_an_archive_a_live_process_uses_is_kept_however_old(tmp_path: Path) -> N
     # As the bootstrap starts a runner: python -c BOOTSTRAP <archive sha256> <workdir> <mode>.
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", used, str(cache), "serve"])
     try:
+        deadline = time.monotonic() + 10
+        while used.encode() not in Path(f"/proc/{live.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the child has exec'd (before, its command line is ours)
         collect(str(cache), limit=10, days=30)
     finally:
         live.kill()
