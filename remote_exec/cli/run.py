@@ -152,13 +152,13 @@ def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
 
 def _left_behind(console: Any, outcome: Any) -> None:
     """A yellow line naming the files over the pull limit, and where they stay on the host."""
-    skipped = (outcome.header.get("skipped") or []) if outcome is not None else []
-    if not skipped:
+    over = (outcome.header.get("over_limit") or []) if outcome is not None else []
+    if not over:
         return
     from ..sync.tree import human_size
 
-    names = ", ".join(f"{entry['path']} ({human_size(entry['size'])})" for entry in skipped[:3])
-    more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    names = ", ".join(f"{entry['path']} ({human_size(entry['size'])})" for entry in over[:3])
+    more = f" and {len(over) - 3} more" if len(over) > 3 else ""
     kept = outcome.header.get("kept_dir")
     console.print(f"rx: warning: not brought back, over the pull limit: {names}{more}; "
                   + (f"they stay on the host in {kept}" if kept else "raise it with --pull-limit SIZE"),

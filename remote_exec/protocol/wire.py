@@ -46,8 +46,8 @@ Frames from the runner:
     R  result header, JSON: protocol, status, exit_code, detail, signal, exception (type, message,
        traceback text), value (size and encoding: ``marshal`` or ``serializer``) or null, exc_pickle
        (size) or null, files (a manifest: path, size, sha256 each; in a project's snapshot, the files
-       the task created or changed), skipped (path and size of files over pull_limit, not sent),
-       kept_dir (the run directory kept on the host because files were skipped, or null), duration,
+       the task created or changed), over_limit (path and size of files over pull_limit, not sent),
+       kept_dir (the run directory kept on the host because files were over the limit, or null), duration,
        python, host
     V  the value's bytes          X  the pickled exception's bytes
     F  the pulled files as an uncompressed tar stream, in manifest order

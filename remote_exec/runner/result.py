@@ -144,8 +144,8 @@ def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any
 
     names = os.listdir(run_dir)
     found = changes(run_dir) if options.get("tree") else None
-    files, skipped = _capped(_files(options, run_dir, names, found), options.get("pull_limit"))
-    header = dict(header, files=files, skipped=skipped, kept_dir=run_dir if skipped else None)
+    files, over = _capped(_files(options, run_dir, names, found), options.get("pull_limit"))
+    header = dict(header, files=files, over_limit=over, kept_dir=run_dir if over else None)
     size = len(value) + len(exc_data) + sum(entry["size"] for entry in files)
     out.sign(size=size)
     if size > (1 << 20):
@@ -158,7 +158,7 @@ def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any
         out.send_chunks(b"X", exc_data)
     if files:
         _send_files(run_dir, files, out)
-    kept = close_run_dir(options, run_dir, found, reuse=reuse, empty=not names, skipped=bool(skipped))
+    kept = close_run_dir(options, run_dir, found, reuse=reuse, empty=not names, over_limit=bool(over))
     out.send(b"Z", out.json_text({"hmac": out.mac.hexdigest()}).encode())
     out.release()
     return kept
@@ -182,14 +182,14 @@ def _capped(files: list[dict[str, Any]], limit: int | None) -> tuple[list[dict[s
     """The files that fit in ``limit`` bytes (in order), and those left behind (path and size)."""
     if limit is None or sum(entry["size"] for entry in files) <= limit:
         return files, []
-    kept, skipped, total = [], [], 0
+    kept, over, total = [], [], 0
     for entry in files:
         if total + entry["size"] <= limit:
             kept.append(entry)
             total += entry["size"]
         else:
-            skipped.append({"path": entry["path"], "size": entry["size"]})
-    return kept, skipped
+            over.append({"path": entry["path"], "size": entry["size"]})
+    return kept, over
 
 
 def _manifest(run_dir: str, patterns: list[str]) -> list[dict[str, Any]]:

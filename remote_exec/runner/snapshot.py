@@ -467,11 +467,11 @@ def _take(cache_dir: str, pool: str, tree_id: str, run_dir: str) -> bool:
 
 
 def close_run_dir(options: dict[str, Any], run_dir: str, found: Changes | None, *, reuse: bool, empty: bool,
-                  skipped: bool) -> bool:
+                  over_limit: bool) -> bool:
     """Once a call's result went out: keep its run directory for the next call (``reuse``: a persistent
     worker's, left empty, or a snapshot left untouched: True), keep it on the host (``keep``, or files
     over the pull limit stayed in it), or return it to its project's pool or remove it."""
-    if options.get("keep") or skipped:
+    if options.get("keep") or over_limit:
         return False
     if reuse and (found.clean if found is not None else empty):
         return True

@@ -75,5 +75,5 @@ def result_record(result: Result, *, header: dict[str, Any] | None = None, phase
                       phases=phases or {}, uploaded_archive=uploaded,
                       files=[str(path.relative_to(run_dir) if run_dir else path) for path in files],
                       synced={"files": synced[0], "bytes": synced[1]} if synced else None,
-                      skipped=header.get("skipped") or [])
+                      over_limit=header.get("over_limit") or [])
     return record

@@ -350,3 +350,14 @@ def test_a_transfer_cut_short_leaves_nothing_a_later_run_trusts(tmp_path: Path, 
     assert code == 0, stderr
     assert kinds[-1] == b"P"  # "synced"
     assert len(list((tmp_path / "cache" / "trees").glob("*"))) == 1
+
+
+def test_files_over_the_pull_limit_stay_on_the_host_and_are_named(dispatcher: Any, proj: Path) -> None:
+    writer = dispatcher.script("open('small.txt', 'w').write('s')\nopen('big.bin', 'wb').write(b'b' * 5000)\n",
+                               "w.py")
+    call = dispatcher.run(writer, project=project_call(proj, script=None), pull_limit=1000)
+    header = call.outcome.header
+    assert [path.name for path in call.outcome.files] == ["small.txt"]
+    assert header["over_limit"] == [{"path": "big.bin", "size": 5000}]
+    kept = Path(header["kept_dir"])
+    assert (kept / "big.bin").read_bytes() == b"b" * 5000  # kept, with the whole snapshot, where it says
