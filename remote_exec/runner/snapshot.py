@@ -177,6 +177,17 @@ class _Maker:
             raise DamagedBlob(digest)
         return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest, mode)
 
+    def make(self, entries: Entries, files: dict[str, FileStat], links: dict[str, str]) -> None:
+        """Create every entry that is neither in ``files`` nor in ``links`` (recording it there)."""
+        for path, mode, size, digest, link in entries:
+            if path in files or path in links:
+                continue
+            if mode == wire.LINK_MODE:
+                self.link(path, link)
+                links[path] = link
+            else:
+                files[path] = self.file(path, mode, size, digest)
+
 
 def materialize(cache_dir: str, entries: Entries, run_dir: str, tree_id: str, cwd: str = "",
                 pool: str = "") -> None:
@@ -186,15 +197,9 @@ def materialize(cache_dir: str, entries: Entries, run_dir: str, tree_id: str, cw
     Raises:
         DamagedBlob: A blob is missing or damaged in the store.
     """
-    maker = _Maker(cache_dir, run_dir)
     files: dict[str, FileStat] = {}
     links: dict[str, str] = {}
-    for path, mode, size, digest, link in entries:
-        if mode == wire.LINK_MODE:
-            maker.link(path, link)
-            links[path] = link
-        else:
-            files[path] = maker.file(path, mode, size, digest)
+    _Maker(cache_dir, run_dir).make(entries, files, links)
     _record(run_dir, tree_id, pool, cwd, files, links)
 
 
@@ -276,14 +281,7 @@ def retarget(cache_dir: str, entries: Entries, run_dir: str, tree_id: str, found
         rmtree(os.path.join(run_dir, folder))  # its files are gone; what is left is the old run's
     maker = _Maker(cache_dir, run_dir)
     maker.made |= _folders((*files, *links))
-    for path, (mode, size, digest, link) in target.items():
-        if path in files or path in links:
-            continue
-        if mode == wire.LINK_MODE:
-            maker.link(path, link)
-            links[path] = link
-        else:
-            files[path] = maker.file(path, mode, size, digest)
+    maker.make(entries, files, links)
     _record(run_dir, tree_id, pool, cwd, files, links)
 
 
