@@ -39,10 +39,11 @@ def serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
     from .result import send_result
 
     try:
-        send_result(options, run_dir, ending, out)
-    finally:
+        send_result(options, run_dir, ending, out)  # it removes (or pools, or keeps) the run directory
+    except BaseException:
         if not keep:
             rmtree(run_dir)
+        raise
 
 
 def supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.FrameReader, run_dir: str,
