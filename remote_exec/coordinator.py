@@ -46,7 +46,7 @@ from .serialization import get_serializer
 from .session import Result, Session
 from .sync.plan import ProjectPlan, plan_project
 from .sync.project import Project, ProjectSpec
-from .sync.tree import guard
+from .sync.tree import guard, refuse
 from .task import Execution, Task
 from .workspace.manager import new_run_id
 from .workspace.recorder import CallRecorder, TaskCallRecorder, TaskRecorder, TaskRuns
@@ -328,9 +328,10 @@ class Coordinator:
                     self._projects.clear()
                 project = self._projects[plan.spec] = Project(plan.spec, default_cache_dir().parent)
         tree = project.scan()
-        warnings = guard(tree, force=force)
         if tree.tree_id in self._warned:
+            refuse(tree, force=force)
             return plan.call(tree), []
+        warnings = guard(tree, force=force)
         self._warned.add(tree.tree_id)
         return plan.call(tree), warnings
 

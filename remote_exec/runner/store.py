@@ -159,14 +159,14 @@ def ensure_tree(cache_dir: str, tree_id: str, inbox: Inbox, *, refetch: bool = F
     entries = wire.load_manifest(data)
     if wire.tree_id(entries) != tree_id:
         raise StoreError(f"the manifest of tree {tree_id[:12]} does not hash to its id; it was not stored")
-    wanted = _missing(cache_dir, entries, frozenset() if refetch else known)
+    wanted = _missing(cache_dir, entries, frozenset() if refetch else known, sizes=refetch)
     for start in range(0, len(wanted), _PER_FRAME):
         inbox.out(b"N", b"".join(digest for digest, _ in wanted[start:start + _PER_FRAME]))
     inbox.out(b"n", wire.json_bytes({"count": len(wanted), "bytes": sum(size for _, size in wanted)}))
     try:
         if wanted:
-            _receive(cache_dir, wanted, inbox)
-            _sync(cache_dir)
+            stored = _receive(cache_dir, wanted, inbox)
+            _sync(cache_dir, stored)
         _write_tree(cache_dir, tree_id, data)
     except OSError as exc:
         raise StoreError(_storing_failed(cache_dir, exc)) from exc
@@ -181,19 +181,34 @@ def _storing_failed(cache_dir: str, exc: OSError) -> str:
     return f"storing the project under {cache_dir} failed: {exc.strerror or exc}"
 
 
-def _missing(cache_dir: str, entries: Entries, known: frozenset[bytes]) -> list[tuple[bytes, int]]:
-    """(digest, size) of each distinct blob not stored here (or stored with another size)."""
+def _missing(cache_dir: str, entries: Entries, known: frozenset[bytes], *, sizes: bool = False
+             ) -> list[tuple[bytes, int]]:
+    """(digest, size) of each distinct blob not stored here: a listing per ``blobs/<aa>`` directory, not a
+    ``stat`` per blob (a blob stored with a wrong size is found when a snapshot is made; then, with
+    ``sizes``, each blob's size is checked too)."""
     wanted = []
     seen = set(known)
+    present: dict[str, set[str]] = {}
     for _path, mode, size, digest, _link in entries:
         if mode == wire.LINK_MODE or digest in seen:
             continue
         seen.add(digest)
-        try:
-            stored = os.stat(blob_path(cache_dir, digest)).st_size
-        except OSError:
-            stored = -1
-        if stored != size:
+        if sizes:
+            try:
+                stored = os.stat(blob_path(cache_dir, digest)).st_size
+            except OSError:
+                stored = -1
+            if stored != size:
+                wanted.append((digest, size))
+            continue
+        name = digest.hex()
+        names = present.get(name[:2])
+        if names is None:
+            try:
+                names = present[name[:2]] = set(os.listdir(os.path.join(cache_dir, "blobs", name[:2])))
+            except OSError:
+                names = present[name[:2]] = set()
+        if name not in names:
             wanted.append((digest, size))
     return wanted
 
@@ -291,8 +306,9 @@ class _Receiver:
             self.blob = None
 
 
-def _receive(cache_dir: str, wanted: list[tuple[bytes, int]], inbox: Inbox) -> None:
-    """Store the blobs of ``wanted`` from the D frames (their bytes back to back, in that order)."""
+def _receive(cache_dir: str, wanted: list[tuple[bytes, int]], inbox: Inbox) -> list[str]:
+    """Store the blobs of ``wanted`` from the D frames (their bytes back to back, in that order); return
+    their paths."""
     wire.grow_pipe(inbox.fd)
     receiver = _Receiver(cache_dir, wanted)
     try:
@@ -300,7 +316,7 @@ def _receive(cache_dir: str, wanted: list[tuple[bytes, int]], inbox: Inbox) -> N
             kind, payload = inbox.next()
             if kind == b"d":
                 receiver.end(wire.load_options(payload))
-                return
+                return [blob_path(cache_dir, digest) for digest, _ in wanted]
             if kind != b"D":
                 raise StoreError(f"protocol: {kind!r} frame among the blobs")
             receiver.feed(payload)
@@ -309,8 +325,21 @@ def _receive(cache_dir: str, wanted: list[tuple[bytes, int]], inbox: Inbox) -> N
         receiver.close()
 
 
-def _sync(cache_dir: str) -> None:
-    """Flush the file system the store is on (one syncfs for every blob, not an fsync each)."""
+#: Up to this many blobs are made durable one by one (fsync); more, by one syncfs of the store's file system.
+_FSYNC_AT_MOST = 64
+
+
+def _sync(cache_dir: str, paths: list[str]) -> None:
+    """Make the blobs just stored durable: an fsync each (and of their directories) when they are few, else
+    one syncfs of the store's file system (thousands of fsyncs would each commit the journal)."""
+    if len(paths) <= _FSYNC_AT_MOST:
+        for path in [*paths, *{os.path.dirname(path) for path in paths}]:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return
     try:
         import ctypes
 

@@ -11,7 +11,7 @@ from ..errors import SyncError
 from ..protocol import wire
 
 __all__ = ["LARGE_FILE", "LARGE_TREE_BYTES", "LARGE_TREE_FILES", "MAX_TREE_BYTES", "Tree", "TreeFile", "guard",
-           "human_size"]
+           "human_size", "refuse"]
 
 #: A file larger than this is named in a warning.
 LARGE_FILE = 10 << 20
@@ -107,8 +107,10 @@ class Tree:
 
     def largest(self, count: int = 10) -> list[TreeFile]:
         """The ``count`` largest files, largest first."""
-        files = [entry for entry in self.entries if not entry.is_link]
-        return sorted(files, key=lambda entry: (-entry.size, entry.path))[:count]
+        import heapq
+
+        files = (entry for entry in self.entries if entry.mode != wire.LINK_MODE)
+        return heapq.nsmallest(count, files, key=lambda entry: (-entry.size, entry.path))
 
     def contains(self, path: str) -> bool:
         """Whether ``path`` (relative) is an entry."""
@@ -119,17 +121,27 @@ def _named(entries: list[TreeFile]) -> str:
     return ", ".join(f"{entry.path} ({human_size(entry.size)})" for entry in entries)
 
 
+def refuse(tree: Tree, *, force: bool = False, limit: int = MAX_TREE_BYTES) -> None:
+    """Refuse a tree larger than ``limit`` (unless ``force``).
+
+    Raises:
+        SyncError: It is.
+    """
+    total = tree.total_bytes
+    if total > limit and not force:
+        raise SyncError(f"the project {tree.root} is {human_size(total)} in {tree.files:,} files, over the "
+                        f"{human_size(limit)} rx ships; largest: {_named(tree.largest(5))}",
+                        hint="leave files out with .rxignore, or pass --force")
+
+
 def guard(tree: Tree, *, force: bool = False, limit: int = MAX_TREE_BYTES) -> list[str]:
     """The warnings a tree of this size deserves (one line each).
 
     Raises:
         SyncError: Larger than ``limit`` and not ``force``.
     """
+    refuse(tree, force=force, limit=limit)
     total, count = tree.total_bytes, tree.files
-    if total > limit and not force:
-        raise SyncError(f"the project {tree.root} is {human_size(total)} in {count:,} files, over the "
-                        f"{human_size(limit)} rx ships; largest: {_named(tree.largest(5))}",
-                        hint="leave files out with .rxignore, or pass --force")
     warnings = []
     if total > LARGE_TREE_BYTES or count > LARGE_TREE_FILES:
         warnings.append(f"the project is large ({count:,} files, {human_size(total)}); largest: "
