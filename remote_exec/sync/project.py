@@ -178,7 +178,10 @@ class _Scan:
         try:
             hashed = hash_files(jobs, self.cache)
         except OSError as exc:
-            raise SyncError(f"cannot read {exc.filename or 'a file'} of the project: {exc.strerror or exc}",
+            name = str(exc.filename or "a file")
+            if name.startswith(self.root + os.sep):
+                name = name[len(self.root) + 1:]
+            raise SyncError(f"cannot read {name} of the project {self.root}: {exc.strerror or exc}",
                             hint="fix its permissions, or leave it out with .rxignore") from exc
         found = list(self.links)
         executable = stat.S_IXUSR

@@ -285,7 +285,7 @@ def test_a_file_that_cannot_be_read_is_one_clear_error(write: Write, monkeypatch
             raise PermissionError(13, "Permission denied", path)
 
         monkeypatch.setattr(statcache, "hash_file", refused)
-    with pytest.raises(SyncError, match=r"cannot read .*secret\.txt: Permission denied"):
+    with pytest.raises(SyncError, match=r"cannot read secret\.txt of the project .*: Permission denied"):
         scan(root)
 
 
