@@ -136,13 +136,16 @@ class DamagedBlob(Exception):
 
 
 class _Maker:
-    """Creates entries of a tree in a run directory, parents first."""
+    """Creates entries of a tree in a run directory, parents first; ``tick`` is called every few hundred
+    files (the runner's heartbeat: a large copy on a slow disk takes longer than the link's silence limit)."""
 
-    def __init__(self, cache_dir: str, run_dir: str) -> None:
+    def __init__(self, cache_dir: str, run_dir: str, tick: Any = None) -> None:
         self.cache_dir = cache_dir
         self.run_dir = run_dir
         self.copier = _Copier()
         self.made = {""}
+        self.tick = tick
+        self.count = 0
 
     def folder(self, folder: str) -> None:
         if folder not in self.made:
@@ -155,6 +158,9 @@ class _Maker:
 
     def file(self, path: str, mode: int, size: int, digest: bytes) -> FileStat:
         """Copy one blob to ``path``; return its stat data (size, mtime_ns, ctime_ns, inode), digest, mode."""
+        self.count += 1
+        if self.tick is not None and not self.count % 256:
+            self.tick()
         self.folder(path.rpartition("/")[0])
         try:
             source = os.open(blob_path(self.cache_dir, digest), os.O_RDONLY)
@@ -190,7 +196,7 @@ class _Maker:
 
 
 def materialize(cache_dir: str, entries: Entries, run_dir: str, tree_id: str, cwd: str = "",
-                pool: str = "") -> None:
+                pool: str = "", tick: Any = None) -> None:
     """Make the snapshot of ``entries`` in ``run_dir`` (which exists, empty but for ``.rx``) and record
     its baseline; the working directory ``cwd`` (relative) is made too when no file is in it.
 
@@ -199,7 +205,7 @@ def materialize(cache_dir: str, entries: Entries, run_dir: str, tree_id: str, cw
     """
     files: dict[str, FileStat] = {}
     links: dict[str, str] = {}
-    _Maker(cache_dir, run_dir).make(entries, files, links)
+    _Maker(cache_dir, run_dir, tick).make(entries, files, links)
     _record(run_dir, tree_id, pool, cwd, files, links)
 
 
@@ -261,7 +267,7 @@ def _remove(run_dir: str, path: str) -> None:
 
 
 def retarget(cache_dir: str, entries: Entries, run_dir: str, tree_id: str, found: Changes, cwd: str = "",
-             pool: str = "", baseline: dict[str, Any] | None = None) -> None:
+             pool: str = "", baseline: dict[str, Any] | None = None, tick: Any = None) -> None:
     """Bring a used snapshot (``found``: how it differs from its baseline) to exactly the tree ``entries``,
     touching only what differs: what the last run added goes, what it changed or deleted and what the
     two trees hold differently is copied again, the rest stays.
@@ -279,7 +285,7 @@ def retarget(cache_dir: str, entries: Entries, run_dir: str, tree_id: str, found
     old = (*baseline["files"], *baseline["links"], *(f"{folder}/" for folder in baseline.get("dirs") or ()))
     for folder in sorted(_folders(old) - _folders(target), key=len, reverse=True):
         rmtree(os.path.join(run_dir, folder))  # its files are gone; what is left is the old run's
-    maker = _Maker(cache_dir, run_dir)
+    maker = _Maker(cache_dir, run_dir, tick)
     maker.made |= _folders((*files, *links))
     maker.make(entries, files, links)
     _record(run_dir, tree_id, pool, cwd, files, links)
@@ -561,7 +567,7 @@ def _from_pool(cache_dir: str, options: dict[str, Any], inbox: Inbox, run_dir: s
         try:
             entries = ensure_tree(cache_dir, tree_id, inbox, known=known)
             retarget(cache_dir, entries, run_dir, tree_id, found, str(options.get("cwd") or ""), pool,
-                     baseline=baseline)
+                     baseline=baseline, tick=inbox.alive)
             return True
         except (DamagedBlob, OSError):
             rmtree(run_dir)  # made afresh from the store below
@@ -586,7 +592,7 @@ def prepare_snapshot(cache_dir: str, options: dict[str, Any], inbox: Inbox, run_
         os.mkdir(run_dir, 0o700)
         try:
             materialize(cache_dir, entries, run_dir, tree_id, str(options.get("cwd") or ""),
-                        str(options.get("project") or ""))
+                        str(options.get("project") or ""), tick=inbox.alive)
             _hold(run_dir)
             return
         except DamagedBlob:
