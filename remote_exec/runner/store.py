@@ -121,10 +121,27 @@ class Inbox:
                 if kind != b"H":
                     return kind, payload
             self.alive()
-            data = os.read(self.fd, 1 << 20)
-            if not data:
+            if self.reader.pending:
+                data = os.read(self.fd, 1 << 20)
+                if not data:
+                    raise CoordinatorGone("the coordinator went away during the transfer")
+                self.frames = self.reader.feed(data)
+            else:  # at a frame's start: its payload straight into one buffer (no copies of a blob's bytes)
+                kind, size = wire.HEADER.unpack(self._exact(wire.HEADER.size))
+                if size > wire.MAX_FRAME:
+                    raise StoreError(f"protocol: a frame of {size} bytes during the transfer")
+                self.frames = [(kind, self._exact(size))]
+
+    def _exact(self, size: int) -> Any:
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        got = 0
+        while got < size:
+            count = os.readv(self.fd, [view[got:]])
+            if not count:
                 raise CoordinatorGone("the coordinator went away during the transfer")
-            self.frames = self.reader.feed(data)
+            got += count
+        return buffer
 
     def until(self, end: bytes, kind: bytes) -> tuple[list[bytes], dict[str, Any]]:
         """The payloads of ``kind`` frames up to the ``end`` frame, and that frame's options."""

@@ -189,7 +189,7 @@ class _Scan:
             if digest is None:
                 digest, st = hashed[relative]
             found.append(TreeFile(relative, 0o100755 if st.st_mode & executable else 0o100644, st.st_size, digest,
-                                  "", path))
+                                  "", path, (st.st_mtime_ns, st.st_ctime_ns, st.st_ino)))
         found.sort()
         return tuple(found)
 

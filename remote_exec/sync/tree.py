@@ -41,6 +41,8 @@ class TreeFile(NamedTuple):
         digest: sha256 of the content (a symlink: of its target).
         link: A symlink's target (relative, inside the tree); empty for a file.
         source: The local file the content is read from (a followed symlink: its target); None for a link.
+        stamp: The source's (mtime_ns, ctime_ns, inode) when its digest was taken: the same stamp when it is
+            sent means the same content (no need to hash it again).
     """
 
     path: str
@@ -49,6 +51,7 @@ class TreeFile(NamedTuple):
     digest: bytes
     link: str = ""
     source: str | None = None
+    stamp: tuple[int, int, int] | None = None
 
     @property
     def is_link(self) -> bool:
