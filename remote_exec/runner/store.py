@@ -3,8 +3,8 @@
 - ``blobs/<aa>/<sha256>``: a file's bytes, named by their sha256, read-only (0444). A blob lands under its
   name only after its bytes were checked against it (written to ``tmp/``, hashed, renamed).
 - ``trees/<id>``: a manifest (:func:`remote_exec.protocol.wire.dump_manifest`) whose entries hash to
-  ``id``; written (temporary, fsync, rename) only once every blob it names is stored and the file system
-  was synced. Its modification time is its last use (for the garbage collector).
+  ``id``; written (temporary, fsync, rename) only once every blob it names is stored and made durable. Its
+  modification time is its last use (for the garbage collector).
 
 When a call's tree (its G frame's ``tree``) is not stored, :func:`ensure_tree` fetches it over the call's
 channel: ``T`` (which tree) out, ``M``... ``m`` (the manifest) in, ``N``... ``n`` (the blobs missing here)
@@ -347,10 +347,11 @@ _FSYNC_AT_MOST = 64
 
 
 def _sync(cache_dir: str, paths: list[str]) -> None:
-    """Make the blobs just stored durable: an fsync each (and of their directories) when they are few, else
-    one syncfs of the store's file system (thousands of fsyncs would each commit the journal)."""
+    """Make the blobs just stored durable: an fsync each when they are few, else one syncfs of the store's
+    file system (thousands of fsyncs would each commit the journal). Their directories are not synced: a
+    blob whose name a crash lost is fetched again when a snapshot finds it missing."""
     if len(paths) <= _FSYNC_AT_MOST:
-        for path in [*paths, *{os.path.dirname(path) for path in paths}]:
+        for path in paths:
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -373,7 +374,8 @@ def _sync(cache_dir: str, paths: list[str]) -> None:
 
 
 def _write_tree(cache_dir: str, tree_id: str, data: bytes) -> None:
-    """Store the manifest under its id: a temporary, fsync, rename, fsync of the directory."""
+    """Store the manifest under its id: a temporary, fsync, rename (a manifest a crash lost is fetched again;
+    one that is damaged fails to load and is fetched again too)."""
     trees = os.path.join(cache_dir, "trees")
     os.makedirs(trees, mode=0o700, exist_ok=True)
     temporary = os.path.join(trees, f".{tree_id}.{os.urandom(4).hex()}.tmp")
@@ -390,8 +392,3 @@ def _write_tree(cache_dir: str, tree_id: str, data: bytes) -> None:
     except OSError:
         os.unlink(temporary)
         raise
-    folder = os.open(trees, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
