@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -183,3 +184,19 @@ def test_pooled_snapshots_go_least_recently_used_first(tmp_path: Path) -> None:
     report = collect(str(cache), limit=4000, days=30)
     assert _left(cache, "snapshots/proj") == {"new"}
     assert [entry["kind"] for entry in report["removed"]] == ["snapshot"]
+
+
+def test_rx_gc_without_a_host_prunes_this_machines_cache(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    (cache / "archives").mkdir(parents=True)
+    (cache / "archives" / "old.pyz").write_bytes(b"x" * 100)
+    _age(cache / "archives" / "old.pyz", 40)
+    env = {**os.environ, "RX_CACHE_DIR": str(cache), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    shown = subprocess.run([sys.executable, "-m", "remote_exec", "gc", "--dry-run"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run([sys.executable, "-m", "remote_exec", "gc", "--json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert shown.returncode == 0 and "would free 100 B in 1 item(s)" in shown.stderr, shown.stderr
+    assert done.returncode == 0, done.stderr
+    assert [entry["name"] for entry in json.loads(done.stdout)[0]["removed"]] == ["old.pyz"]
+    assert not (cache / "archives" / "old.pyz").exists()
