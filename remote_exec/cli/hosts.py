@@ -13,6 +13,7 @@ import typer
 
 from ..errors import RunnerError
 from .app import app
+from .complete import complete_hosts
 
 __all__ = ["check", "hosts"]
 
@@ -45,20 +46,23 @@ def hosts(
         help="ssh_config file (default RX_SSH_CONFIG or ~/.ssh/config).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List the hosts rx knows: ssh_config aliases and [tool.rx.remotes]."""
+    """List the hosts rx knows: ssh_config aliases and [tool.rx.remotes].
+
+    Each with the host name, user and port it reaches, as the backend resolves them through ssh_config.
+    """
     from ..backends.ssh import list_aliases
-    from ..config import Configuration
+    from ..config import Configuration, Remote
 
     config = Configuration.load()
     path = config.effective_ssh_config(ssh_config)
     rows: list[dict[str, Any]] = []
     for name, remote in sorted(config.remotes.items()):
-        rows.append({"name": name, "source": "pyproject", "host": remote.host, "user": remote.user,
-                     "port": remote.port, "python": remote.python, "backend": remote.backend})
+        rows.append({"name": name, "source": "pyproject", **_reached(config, remote, path),
+                     "python": remote.python, "backend": remote.backend})
     known = {row["name"] for row in rows}
     for alias in list_aliases(path):
         if alias not in known:
-            rows.append({"name": alias, "source": "ssh_config", "host": alias, "user": None, "port": None,
+            rows.append({"name": alias, "source": "ssh_config", **_reached(config, Remote(alias, alias), path),
                          "python": None, "backend": None})
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -79,9 +83,31 @@ def hosts(
         console.print(f"no hosts: no aliases in {path or '~/.ssh/config'} and no [tool.rx.remotes]")
 
 
+def _reached(config: Any, remote: Any, ssh_config: Path | None) -> dict[str, Any]:
+    """The host name, user and port ``remote`` reaches, as its backend resolves them (``ssh -G`` for
+    openssh, ssh_config parsed for paramiko); what was configured when that fails."""
+    import logging
+
+    spec = remote.spec(ssh_config=ssh_config)
+    try:
+        if config.effective_backend(remote.backend) == "openssh":
+            from ..backends.openssh import OpenSSHBackend
+
+            resolved = OpenSSHBackend(spec).resolve()
+        else:
+            from ..backends.ssh import resolve
+
+            resolved = resolve(spec)
+        return {"host": resolved.hostname, "user": resolved.user, "port": resolved.port}
+    except Exception:  # a broken entry is listed as configured; rx check HOST says what is wrong
+        logging.getLogger(__name__).debug("cannot resolve %s", remote.name, exc_info=True)
+        return {"host": remote.host, "user": remote.user, "port": remote.port}
+
+
 @app.command()
 def check(
-    host: Annotated[str, typer.Argument(help="ssh_config alias, [tool.rx.remotes] name or [user@]host[:port].")],
+    host: Annotated[str, typer.Argument(help="ssh_config alias, [tool.rx.remotes] name or [user@]host[:port].",
+                                        autocompletion=complete_hosts)],
     backend: Annotated[str | None, typer.Option(help="SSH backend: openssh or paramiko.")] = None,
     python: Annotated[str | None, typer.Option(help="Remote interpreter (default python3).")] = None,
     ssh_config: Annotated[Path | None, typer.Option(

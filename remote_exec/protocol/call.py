@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..backends.base import Backend, Process
 from ..errors import (
@@ -31,7 +31,7 @@ from ..packing import DistributionArchive
 from ..session import Session
 from . import wire
 from .bootstrap import start_runner
-from .channel import Channel, Flag
+from .channel import Channel, Flag, reap
 from .collect import RESULT_FRAMES, Received, collect
 from .options import (
     CallOptions,
@@ -43,6 +43,7 @@ from .options import (
     ProjectCall,
     SyncProgress,
 )
+from .stdin import StdinPump
 from .tree import TREE_FRAMES, TreeSender
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class Call:
         self.on_stdout = on_stdout
         self.on_stderr = on_stderr
         self.received = Received(key)
+        self.stdin: StdinPump | None = None  # rx run's stdin, when it forwards it
         self.started: dict[str, Any] | None = None
         self.dead = Flag()
         self.stop = Flag()
@@ -109,6 +111,9 @@ class Call:
             self.started = json.loads(payload)
         elif kind in TREE_FRAMES:
             self.tree.handle(kind, payload)
+        elif kind == b"W":
+            if self.stdin is not None:
+                self.stdin.taken(payload)
         elif kind in RESULT_FRAMES:
             self.received.add(kind, payload)
             if kind == b"R" and self.received.large_value_follows():
@@ -229,21 +234,23 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None) -> None:
 def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
              on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
              phases: dict[str, float], uploaded: bool, keep: bool,
-             extra_options: Mapping[str, Any] | None = None, project: ProjectCall | None = None,
-             on_progress: ProgressCallback | None = None) -> Outcome:
+             extra_options: Mapping[str, Any] | None = None, stdin: BinaryIO | None = None,
+             project: ProjectCall | None = None, on_progress: ProgressCallback | None = None) -> Outcome:
     """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
-    output, collect and check its result. With ``keep`` the channel (a worker) stays open after it. With
-    ``project``, the task runs in a snapshot of its tree (sent if the host lacks it)."""
+    output (and ``stdin`` to the task, if given), collect and check its result. With ``keep`` the channel
+    (a worker) stays open after it. With ``project``, the task runs in a snapshot of its tree (sent if the
+    host lacks it)."""
     key = secrets.token_bytes(32)
     sender = TreeSender(channel, project.tree if project else None, _with_phase(on_progress, phase))
     call = Call(channel, options, key, on_stdout, on_stderr, sender)
-    if project is not None:
-        extra_options = {**project.go_options(), **(extra_options or {})}
     phase("execute", "started")
     deadline = None if options.timeout is None else time.monotonic() + options.timeout + options.dead_after + 5
+    extra = {**(project.go_options() if project is not None else {}), **(extra_options or {}),
+             **({"stdin": True} if stdin is not None else {})}
     try:
-        _send_call(channel, _call_options(session, options, key, land_file, extra_options), session_bytes,
-                   keep=keep)
+        _send_call(channel, _call_options(session, options, key, land_file, extra), session_bytes, keep=keep)
+        if stdin is not None:
+            call.stdin = StdinPump(channel, stdin).start()
         _stream(call, phase, deadline)
         header = call.received.header or {}
         if not keep:
@@ -262,16 +269,27 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
         channel.broken = True
         raise
     finally:
-        call.stop.set()
-        channel.watch(None)
-        if not keep:
-            channel.closed.set()
-        call.received.discard()
-        if call.received.end is None:
-            channel.process.kill()
+        _end_call(call, keep)
     result.host = call.host
     return Outcome(result=result, header=header, files=landed, uploaded=uploaded, phases=phases,
                    value_data=value_data, synced=(sender.sent_files, sender.sent_bytes) if sender.requested else None)
+
+
+def _end_call(call: Call, keep: bool) -> None:
+    """Whatever happened: the watcher and the stdin pump let go, the spool removed, and the runner ended
+    (its pipes released) when its result did not come whole."""
+    channel = call.channel
+    call.stop.set()
+    if call.stdin is not None:
+        call.stdin.stop()
+    channel.watch(None)
+    if not keep:
+        channel.closed.set()
+    call.received.discard()
+    if call.received.end is None:
+        channel.process.kill()
+        if not keep:  # its pipes are released now, not whenever the last reference to them goes
+            reap(channel.process, channel.stderr_reader)
 
 
 def _with_phase(on_progress: ProgressCallback | None, phase: PhaseCallback) -> ProgressCallback:
@@ -311,8 +329,8 @@ class _Phases:
 def dispatch(session: Session, backend: Backend, archive: DistributionArchive, options: CallOptions, *,
              launcher: Launcher, workers: WorkerPool, on_stdout: OutputSink, on_stderr: OutputSink,
              land_file: FileLander | None = None, on_phase: PhaseCallback | None = None,
-             session_bytes: bytes | None = None, project: ProjectCall | None = None,
-             on_progress: ProgressCallback | None = None) -> Outcome:
+             session_bytes: bytes | None = None, stdin: BinaryIO | None = None,
+             project: ProjectCall | None = None, on_progress: ProgressCallback | None = None) -> Outcome:
     """Run ``session`` on ``backend``'s host and return what came back.
 
     Args:
@@ -328,6 +346,8 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
         on_phase: Told (phase, "started" | "finished" | "failed") around connect, upload, execute and
             collect (the workspace records them as actions).
         session_bytes: ``session.to_wire()``, when the caller has it already.
+        stdin: What the task reads on its stdin (``rx run`` forwards a pipe or a file); None: nothing.
+            A call with stdin runs in a runner of its own, never in a persistent worker.
         project: The project the task runs in (a snapshot of its tree on the host); None: the archive
             carries the task's code and the task runs in an empty directory.
         on_progress: Told how the upload of the tree's blobs goes (when the host lacks some).
@@ -347,9 +367,9 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
     def call(channel: Channel, *, uploaded: bool, keep: bool) -> Outcome:
         return run_call(channel, session, session_bytes, options, on_stdout=on_stdout, on_stderr=on_stderr,
                         land_file=land_file, phase=phase, phases=phase.seconds, uploaded=uploaded, keep=keep,
-                        project=project, on_progress=on_progress)
+                        stdin=stdin, project=project, on_progress=on_progress)
 
-    if options.keep_warm:
+    if options.keep_warm and stdin is None:
         for attempt in (1, 2):
             channel = workers.get(launcher, backend, archive, options, phase,
                                   tree=project.tree.tree_id if project else None)

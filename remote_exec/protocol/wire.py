@@ -12,15 +12,19 @@ coordinator:
 
     G  go: the call's options as marshal (see :func:`dump_options`): the per-call HMAC key, run id,
        timeout, heartbeat and dead_after seconds, env, secret_env, pull globs, no_pull, keep, the task's
-       kind, whether the value may come back as marshal, pull_limit (bytes, or None), gc ([cache limit
-       in bytes, days]: the host's garbage collector's settings); for ``attach``, stdout/stderr
-       offsets. A call in a project also carries tree (the tree's id, see :func:`tree_id`), cwd (the
-       task's working directory relative to the project root, "" for the root), path (directories
-       relative to the root put first on ``sys.path``, in order) and script (a script task's path in the
-       tree, or None). ``sync`` mode reads a G frame of tree and heartbeat only.
+       kind, whether the value may come back as marshal, ``stdin`` (true: I and i frames follow, the task
+       reads them on its stdin; absent: its stdin is empty), pull_limit (bytes, or None), gc ([cache limit
+       in bytes, days]: the host's garbage collector's settings); for ``attach``, stdout/stderr offsets.
+       A call in a project also carries tree (the tree's id, see :func:`tree_id`), project (the project's
+       name on hosts: the pool its snapshots are reused from), cwd (the task's working directory relative
+       to the project root, "" for the root), path (directories relative to the root put first on
+       ``sys.path``, in order) and script (a script task's path in the tree, or None). ``sync`` mode reads
+       a G frame of tree and heartbeat only.
     S  the session in its wire form (``Session.to_wire``), in one or more frames
     s  end of session: marshal ``{"size": N}`` (the runner also accepts a ``sha256``); the task starts
        (once the call's tree is stored and its snapshot made)
+    I  bytes for the task's stdin (``rx run`` forwards its own when it is a pipe or a file)
+    i  end of the task's stdin (empty): the runner closes the pipe once the task read what came before
     H  heartbeat (empty)
     C  cancel: stop the task's process group now (during a tree's transfer: stop the transfer)
     Q  quit: a persistent worker exits (a running call is cancelled)
@@ -34,6 +38,8 @@ coordinator:
 Frames from the runner:
 
     O  task stdout bytes          E  task stderr bytes          B  heartbeat (empty)
+    W  the task has taken this many bytes of its stdin in all (ASCII digits): the coordinator keeps at
+       most a window of stdin in flight beyond that (see :mod:`remote_exec.protocol.stdin`)
     P  an event as JSON: ``{"event": "started", "pid", "run_dir", "host"}`` (a call's task started),
        ``{"event": "worker", "pid", "host"}`` (a persistent worker is ready),
        ``{"event": "detached", "run_dir", "supervisor_pid", "host"}`` (a detached run started),
@@ -44,16 +50,21 @@ Frames from the runner:
        the manifest this host lacks, after the manifest hashed to the tree's id
     n  end of blobs wanted: JSON ``{"count": N, "bytes": N}``; when N > 0 the coordinator sends D... d
     R  result header, JSON: protocol, status, exit_code, detail, signal, exception (type, message,
-       traceback text), value (size and encoding: ``marshal`` or ``serializer``) or null, exc_pickle
-       (size) or null, files (a manifest: path, size, sha256 each; in a project's snapshot, the files
-       the task created or changed), over_limit (path and size of files over pull_limit, not sent),
-       kept_dir (the run directory kept on the host because files were over the limit, or null), duration,
-       python, host
-    V  the value's bytes          X  the pickled exception's bytes
+       traceback text; ``chain``: the exception and its causes, oldest first, each with ``type``, ``only``
+       (its last lines), ``frames`` ([file, line, function, source, end line, column, end column]) and
+       ``then`` (cause, context or null); ``roots``: where the archive and the run directory are), value
+       (size and encoding: ``marshal`` or ``serializer``) or null, exc_pickle (size) or null, files (a
+       manifest: path, size, sha256 each; in a project's snapshot, the files the task created or
+       changed), over_limit (path and size of the files over pull_limit, not sent), duration, python,
+       host; ``kept``: the run directory, when the call asked to keep it or files over the limit stayed
+    V  the value's bytes
+    X  the pickled exception: ``("rx-exception-1", class, args, attributes)`` for a class that pickles the
+       default way (see ``serialization.exception_parts``), else the exception itself
     F  the pulled files as an uncompressed tar stream, in manifest order
     Z  end of result, JSON ``{"hmac": hex}``: HMAC-SHA256 with the call's key over every R, V, X and F
        frame, each fed as type byte + 8-byte big-endian length + payload. When ``attach`` only follows a
-       detached run, ``Z`` is ``{"done": status, "exit_code": N}`` instead and no result precedes it.
+       detached run, ``Z`` is ``{"done": status, "exit_code": N}`` instead and no result precedes it
+       (``{"done": null}`` when its G frame asked with ``once`` for the output so far of a run still going).
 """
 
 from __future__ import annotations
@@ -85,10 +96,15 @@ def encode(kind: bytes, payload: bytes | memoryview = b"") -> bytes:
 def grow_pipe(fd: int) -> None:
     """Ask for a 1 MiB pipe buffer on ``fd`` (Linux; elsewhere, or if not a pipe, nothing happens): large
     transfers then move in fewer, larger reads and writes."""
+    import sys
+
     try:
         import fcntl
 
-        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+        # F_SETPIPE_SZ is Linux's (1031; Python names it from 3.10): on macOS that number is not it
+        command = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
+        if command is not None:
+            fcntl.fcntl(fd, command, 1 << 20)
     except (ImportError, OSError, ValueError):
         pass
 
@@ -152,9 +168,13 @@ class FrameReader:
             del self._buffer[:end]
         return frames
 
+    def unread(self, frames: list[tuple[bytes, bytes]]) -> None:
+        """Put ``frames`` back in front: the next :meth:`feed` returns them first."""
+        self._buffer[:0] = b"".join(encode(kind, payload) for kind, payload in frames)
+
     @property
     def pending(self) -> int:
-        """Bytes held that do not yet form a whole frame."""
+        """Bytes held that are not yet returned as frames."""
         return len(self._buffer)
 
 

@@ -101,6 +101,8 @@ def classify(options: dict[str, Any], ending: Ending) -> Loaded:
                               "signal": _signal_name(signal_number) if signal_number else None}
     if record is not None:
         header["exception"] = record.get("exception")
+        if record.get("packages"):
+            header["packages"] = record["packages"]
     value, exc_data = (loaded[1], loaded[2]) if loaded is not None else (b"", b"")
     # Sizes only: the content of both is under the result's HMAC.
     header["value"] = ({"size": len(value), "encoding": (record or {}).get("value_encoding", "serializer")}
@@ -145,7 +147,8 @@ def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any
     names = os.listdir(run_dir)
     found = changes(run_dir) if options.get("tree") else None
     files, over = _capped(_files(options, run_dir, names, found), options.get("pull_limit"))
-    header = dict(header, files=files, over_limit=over, kept_dir=run_dir if over else None)
+    header = dict(header, files=files, over_limit=over,
+                  **({"kept": run_dir} if options.get("keep") or over else {}))  # over the limit: it stays
     size = len(value) + len(exc_data) + sum(entry["size"] for entry in files)
     out.sign(size=size)
     if size > (1 << 20):

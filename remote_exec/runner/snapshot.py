@@ -630,4 +630,5 @@ def open_run_dir(cache_dir: str, options: dict[str, Any], reader: wire.FrameRead
     run_dir = new_run_path(cache_dir, options)
     inbox = Inbox(fd, reader, out.send, float(options.get("heartbeat") or 5.0))
     prepare_snapshot(cache_dir, options, inbox, run_dir)
+    inbox.done()
     return run_dir

@@ -83,7 +83,8 @@ def forget_tree(cache_dir: str, tree_id: str) -> None:
 class Inbox:
     """The coordinator's frames during a transfer: read from ``fd`` through the call's frame reader.
 
-    Heartbeats (H) are dropped; a cancel (C) or quit (Q), or the end of stdin, stops the transfer.
+    Heartbeats (H) are dropped; a cancel (C) or quit (Q), or the end of stdin, stops the transfer; the
+    task's stdin (I, i), which may come meanwhile, is put back in the reader by :meth:`done` for the call.
     ``send`` writes a frame to the coordinator; a heartbeat (B) goes out at least every ``heartbeat``
     seconds while the transfer lasts.
     """
@@ -96,6 +97,13 @@ class Inbox:
         self.heartbeat = heartbeat
         self.sent = time.monotonic()
         self.frames: list[tuple[bytes, bytes]] = []
+        self.held: list[tuple[bytes, bytes]] = []
+
+    def done(self) -> None:
+        """The transfer is over: the frames that were not its own go back to the reader, in order."""
+        frames, self.held, self.frames = self.held + self.frames, [], []
+        if frames:
+            self.reader.unread(frames)
 
     def out(self, kind: bytes, payload: bytes = b"") -> None:
         """Send one frame to the coordinator."""
@@ -118,7 +126,9 @@ class Inbox:
                 kind, payload = self.frames.pop(0)
                 if kind in (b"C", b"Q"):
                     raise CoordinatorGone("the transfer was cancelled")
-                if kind != b"H":
+                if kind in (b"I", b"i"):  # the task's stdin, early: the call's, after the transfer
+                    self.held.append((kind, bytes(payload)))
+                elif kind != b"H":
                     return kind, payload
             self.alive()
             if self.reader.pending:

@@ -128,6 +128,7 @@ class _Calls:
                 self.snapshot_path = new_run_path(self.cache_dir, options)
             inbox = Inbox(self.watch.proto_in, self.watch.reader, self._send, float(options.get("heartbeat") or 5.0))
             prepare_snapshot(self.cache_dir, options, inbox, self.snapshot_path)
+            inbox.done()
             self.run_dir = self.snapshot_path
         self.tree = tree
         return self.run_dir

@@ -3,8 +3,9 @@
 In a git work tree the list is exactly ``git ls-files -co --exclude-standard`` (tracked files, and untracked
 ones git does not ignore: git's own ignore semantics, ``.git/info/exclude`` and ``core.excludesFile``
 included). Elsewhere a walk applies every ``.gitignore`` the way git would. In both cases the always-left-out
-set (:mod:`.rules`), rx's workspace and any ``.rxignore`` (gitignore syntax, nested like ``.gitignore``)
-take paths out, and include patterns put ignored paths back.
+set (:mod:`.rules`), rx's own directories (its workspace, its cache, the home directory) and any
+``.rxignore`` (gitignore syntax, nested like ``.gitignore``) take paths out, and include patterns put ignored
+paths back.
 """
 
 from __future__ import annotations
@@ -54,14 +55,15 @@ class Listing:
         return True
 
 
-def list_files(root: Path, *, include: Sequence[str] = (), workspace: str | None = None,
+def list_files(root: Path, *, include: Sequence[str] = (), outside: Sequence[str] = (),
                use_git: bool = True) -> Listing:
     """What of ``root`` travels.
 
     Args:
         root: The project root.
         include: gitignore-syntax patterns of ignored paths that travel nevertheless.
-        workspace: rx's workspace, relative to ``root``, when it lies inside (it never travels).
+        outside: Directories relative to ``root`` that never travel (rx's workspace and cache, the home
+            directory, when they lie inside).
         use_git: Ask git when ``root`` is in a git work tree.
     """
     listing = None
@@ -70,11 +72,11 @@ def list_files(root: Path, *, include: Sequence[str] = (), workspace: str | None
     if listing is None:
         paths, watched = _walk(root)
         listing = Listing(tuple(paths), "walk", watched)
-    paths = _left_out(listing.paths, workspace)
+    paths = _left_out(listing.paths, frozenset(outside))
     if listing.how == "git":
         paths = _rxignored(root, paths)
     if include:
-        added, watched = _included(root, include, workspace)
+        added, watched = _included(root, include, frozenset(outside))
         paths = sorted(set(paths) | set(added))
         listing.watched.update(watched)
     return Listing(tuple(paths), listing.how, listing.watched)
@@ -117,7 +119,7 @@ def submodule_files(root: Path, relative: str) -> list[str]:
     listing = _git_listing(root / relative)
     if listing is None:
         return []
-    return [f"{relative}/{path}" for path in _left_out(listing.paths, None)]
+    return [f"{relative}/{path}" for path in _left_out(listing.paths, frozenset())]
 
 
 def _watch(watched: dict[str, int], root: Path, relative: str) -> None:
@@ -128,8 +130,8 @@ def _watch(watched: dict[str, int], root: Path, relative: str) -> None:
         pass
 
 
-def _left_out(paths: Sequence[str], workspace: str | None) -> list[str]:
-    """``paths`` without the always-left-out set, rx's workspace and what is inside a virtualenv."""
+def _left_out(paths: Sequence[str], outside: frozenset[str]) -> list[str]:
+    """``paths`` without the always-left-out set, rx's own directories and what is inside a virtualenv."""
     venvs = {path.rpartition("/")[0] for path in paths if path.endswith("/pyvenv.cfg")}
     out: dict[str, bool] = {}
 
@@ -138,13 +140,13 @@ def _left_out(paths: Sequence[str], workspace: str | None) -> list[str]:
         if verdict is None:
             parent, _, name = directory.rpartition("/")
             verdict = out[directory] = bool(directory) and (
-                always_excluded_dir(name) or directory == workspace or directory in venvs or excluded(parent))
+                always_excluded_dir(name) or directory in outside or directory in venvs or excluded(parent))
         return verdict
 
     kept = []
     for path in paths:
         directory, _, name = path.rpartition("/")
-        if name.endswith((".pyc", ".pyo")) or name == ".git" or path == workspace:  # always_excluded_file
+        if name.endswith((".pyc", ".pyo")) or name == ".git" or path in outside:  # always_excluded_file
             continue
         verdict = out.get(directory)
         if verdict is None:
@@ -256,9 +258,9 @@ def literal_prefix(pattern: str) -> str:
     return "/".join(literal)
 
 
-def _included(root: Path, patterns: Sequence[str], workspace: str | None) -> tuple[list[str], dict[str, int]]:
+def _included(root: Path, patterns: Sequence[str], outside: frozenset[str]) -> tuple[list[str], dict[str, int]]:
     """Files and symlinks matching the include patterns (whatever ignores them; never the always-left-out
-    set or the workspace)."""
+    set or rx's own directories)."""
     matcher = IgnoreFile("", patterns)
     found: list[str] = []
     watched: dict[str, int] = {}
@@ -270,11 +272,11 @@ def _included(root: Path, patterns: Sequence[str], workspace: str | None) -> tup
     for start in starts:
         if start and any(always_excluded_dir(part) for part in start.split("/")):
             continue
-        found.extend(_matching(root, start, matcher, workspace, watched))
+        found.extend(_matching(root, start, matcher, outside, watched))
     return found, watched
 
 
-def _matching(root: Path, start: str, matcher: IgnoreFile, workspace: str | None,
+def _matching(root: Path, start: str, matcher: IgnoreFile, outside: frozenset[str],
               watched: dict[str, int]) -> Iterator[str]:
     pending = [(start, False)]
     while pending:
@@ -282,7 +284,7 @@ def _matching(root: Path, start: str, matcher: IgnoreFile, workspace: str | None
         entries = _entries(root / directory if directory else root, watched, directory)
         if entries is None or (directory and any(name == "pyvenv.cfg" for name, _ in entries)):
             continue
-        for relative, is_dir, verdict in _verdicts(directory, entries, matcher, workspace):
+        for relative, is_dir, verdict in _verdicts(directory, entries, matcher, outside):
             matched = inside if verdict is None else verdict
             if is_dir and verdict is not False:  # a negated directory (``!data/big/``) stays out whole
                 pending.append((relative, matched))
@@ -291,10 +293,10 @@ def _matching(root: Path, start: str, matcher: IgnoreFile, workspace: str | None
 
 
 def _verdicts(directory: str, entries: list[tuple[str, bool]], matcher: IgnoreFile,
-              workspace: str | None) -> Iterator[tuple[str, bool, bool | None]]:
+              outside: frozenset[str]) -> Iterator[tuple[str, bool, bool | None]]:
     """(relative path, is a directory, what the include patterns say) of the entries that may travel."""
     for name, is_dir in entries:
         relative = f"{directory}/{name}" if directory else name
-        if (always_excluded_dir(name) if is_dir else always_excluded_file(name)) or relative == workspace:
+        if (always_excluded_dir(name) if is_dir else always_excluded_file(name)) or relative in outside:
             continue
         yield relative, is_dir, matcher.check(relative, is_dir)

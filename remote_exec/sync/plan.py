@@ -101,6 +101,15 @@ def _root(options: dict[str, Any], config: Configuration, start: Path, cwd: Path
     return find_project_root(start)
 
 
+def _private() -> tuple[Path, ...]:
+    """rx's cache and the home directory: never part of a project, even one that holds them."""
+    from ..packing import default_cache_dir
+    from .root import home_directory
+
+    home = home_directory()
+    return (default_cache_dir().parent, *((home,) if home is not None else ()))
+
+
 def _workspace(config: Configuration, root: Path) -> Path:
     if config.workspace is not None:
         return Path(config.workspace)
@@ -140,6 +149,7 @@ def plan_project(session: Session, config: Configuration) -> ProjectPlan | None:
     here = _relative(cwd, root)
     spec = ProjectSpec(root=root, include=tuple(options.get("include") or ()) + tuple(config.include),
                        follow_symlinks=bool(options.get("follow_symlinks")), workspace=_workspace(config, root),
+                       private=_private(),
                        always=(script_relative,) if script_relative else ())
     return ProjectPlan(spec=spec, cwd=here or "", path=_folders(session, root, here, script, import_dir),
                        script=script_relative)
@@ -153,5 +163,5 @@ def plan_directory(directory: Path, config: Configuration, *, project: Path | No
     if root is None or not root.is_dir():
         return None
     spec = ProjectSpec(root=root, include=tuple(include) + tuple(config.include), follow_symlinks=follow_symlinks,
-                       workspace=_workspace(config, root))
+                       workspace=_workspace(config, root), private=_private())
     return ProjectPlan(spec=spec, cwd=_relative(here, root) or "")

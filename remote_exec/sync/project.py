@@ -43,6 +43,8 @@ class ProjectSpec:
         include: gitignore-syntax patterns of ignored paths that travel nevertheless.
         follow_symlinks: Ship what a symlink leading out of the tree points to (else such a link is refused).
         workspace: rx's workspace directory (never travels when it is inside the root).
+        private: Other directories that never travel when they are inside the root (rx's cache, the home
+            directory).
         always: Relative paths that travel whatever ignores them (the script being run).
     """
 
@@ -51,17 +53,22 @@ class ProjectSpec:
     follow_symlinks: bool = False
     workspace: Path | None = None
     always: tuple[str, ...] = ()
+    private: tuple[Path, ...] = ()
 
     @property
-    def workspace_relative(self) -> str | None:
-        """The workspace relative to the root, when it is inside."""
-        if self.workspace is None:
-            return None
-        try:
-            relative = Path(os.path.abspath(self.workspace)).relative_to(self.root)
-        except ValueError:
-            return None
-        return relative.as_posix() if relative.parts else None
+    def outside(self) -> tuple[str, ...]:
+        """rx's workspace and the other private directories, relative to the root, when they are inside."""
+        found = []
+        for folder in (self.workspace, *self.private):
+            if folder is None:
+                continue
+            try:
+                relative = Path(os.path.abspath(folder)).relative_to(self.root)
+            except ValueError:
+                continue
+            if relative.parts:
+                found.append(relative.as_posix())
+        return tuple(found)
 
 
 class _Scan:
@@ -218,7 +225,7 @@ class Project:
         if known is not None and (known.how == "walk" or now - self._listed_at < LISTING_RECHECK) \
                 and known.still_valid(self.spec.root):
             return known
-        listing = list_files(self.spec.root, include=self.spec.include, workspace=self.spec.workspace_relative)
+        listing = list_files(self.spec.root, include=self.spec.include, outside=self.spec.outside)
         self._listing, self._listed_at = listing, now
         return listing
 

@@ -24,11 +24,12 @@ def home_directory() -> Path | None:
 
 
 def _candidates(start: Path, home: Path | None) -> list[Path]:
-    """``start`` and its parents, stopping before ``home`` (when ``start`` is under it) and before ``/``."""
+    """``start`` and its parents, stopping before ``home`` (when ``start`` is in it) and before ``/``."""
     here = start.resolve()
+    inside_home = home is not None and (here == home or home in here.parents)
     found = []
     for directory in (here, *here.parents):
-        if home is not None and (directory == home or directory in home.parents):
+        if inside_home and directory == home:
             break
         if directory.parent == directory:  # the file system's root is nobody's project
             break

@@ -58,7 +58,7 @@ def run_outcome(result: Result) -> RunOutcome:
     if result.status not in ("finished", "raised"):
         error = result.detail or result.status
     elif result.exception_type:
-        error = f"{result.exception_type}: {result.exception_message}"
+        error = f"{result.exception_type.removeprefix('builtins.')}: {result.exception_message}"
     elif exit_code:
         error = f"exit status {exit_code}"
     return RunOutcome(status=status, exit_code=exit_code, error=error)
@@ -76,4 +76,6 @@ def result_record(result: Result, *, header: dict[str, Any] | None = None, phase
                       files=[str(path.relative_to(run_dir) if run_dir else path) for path in files],
                       synced={"files": synced[0], "bytes": synced[1]} if synced else None,
                       over_limit=header.get("over_limit") or [])
+        if header.get("kept"):
+            record["remote_run_dir"] = header["kept"]
     return record

@@ -78,7 +78,8 @@ def test_remote_modules_are_the_ones_tested_here() -> None:
     assert set(REMOTE_MODULES) == {"__init__", "errors", "protocol/__init__", "protocol/wire", "runner/__init__",
                                    "runner/channel", "runner/child", "runner/detached", "runner/gc",
                                    "runner/maintain", "runner/policy", "runner/result", "runner/rundir",
-                                   "runner/snapshot", "runner/store", "runner/supervise", "runner/worker",
+                                   "runner/snapshot", "runner/stdin", "runner/store", "runner/supervise",
+                                   "runner/worker",
                                    "serialization", "session", "task"}
 
 

@@ -359,5 +359,5 @@ def test_files_over_the_pull_limit_stay_on_the_host_and_are_named(dispatcher: An
     header = call.outcome.header
     assert [path.name for path in call.outcome.files] == ["small.txt"]
     assert header["over_limit"] == [{"path": "big.bin", "size": 5000}]
-    kept = Path(header["kept_dir"])
+    kept = Path(header["kept"])
     assert (kept / "big.bin").read_bytes() == b"b" * 5000  # kept, with the whole snapshot, where it says

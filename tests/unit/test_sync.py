@@ -166,10 +166,11 @@ def test_include_puts_an_ignored_directory_back_but_never_the_left_out_set(write
                                                                            "train.py"]
 
 
-def test_the_workspace_never_travels(write: Write) -> None:
+def test_the_workspace_and_rx_cache_never_travel(write: Write) -> None:
     root = write("a.py").parent
     write("runs_here/runs/1/state.json")
-    assert paths(root, use_git=False, workspace="runs_here") == ["a.py"]
+    write("cache/archives/x.pyz")
+    assert paths(root, use_git=False, outside=["runs_here", "cache"]) == ["a.py"]
 
 
 @pytest.mark.parametrize(("pattern", "prefix"), [("data/", ""), ("/data/", "data"), ("data/raw/*.npy", "data/raw"),
