@@ -361,3 +361,13 @@ def test_files_over_the_pull_limit_stay_on_the_host_and_are_named(dispatcher: An
     assert header["over_limit"] == [{"path": "big.bin", "size": 5000}]
     kept = Path(header["kept"])
     assert (kept / "big.bin").read_bytes() == b"b" * 5000  # kept, with the whole snapshot, where it says
+
+
+def test_stdin_that_comes_while_the_project_travels_reaches_the_task(dispatcher: Any, proj: Path) -> None:
+    import io
+
+    (proj / "data" / "big.bin").write_bytes(os.urandom(3 << 20))  # a transfer long enough to overlap
+    reader = dispatcher.script("import sys\nprint(sys.stdin.read().upper(), end='')\n", "upper.py")
+    call = dispatcher.run(reader, project=project_call(proj, script=None), stdin=io.BytesIO(b"hello\nworld\n"))
+    assert call.outcome.synced is not None  # the tree travelled
+    assert call.text() == "HELLO\nWORLD\n", call.stderr.decode()
