@@ -40,6 +40,9 @@ from .report import (
     render_tables,
     render_targets,
 )
+from .slurm import ROWS as SLURM_ROWS
+from .slurm import TARGETS as SLURM_TARGETS
+from .slurm import measure as measure_slurm
 from .stats import MB, format_seconds
 
 __all__ = ["ROWS", "TARGETS", "main"]
@@ -127,7 +130,7 @@ def _rows() -> list[Row]:
     return rows
 
 
-ROWS = _rows() + sync_rows(BACKENDS)
+ROWS = _rows() + sync_rows(BACKENDS) + SLURM_ROWS
 
 TARGETS = [
     Target("first call ≤ 1.1x cold ssh (OpenSSH)", "rx-openssh.first", "ssh.cold", 1.1),
@@ -150,6 +153,7 @@ TARGETS = [
     Target("bandsaw per task / rx warm call ≥ 50 (OpenSSH)", "bandsaw.task", "rx-openssh.warm", 50, at_least=True),
     Target("bandsaw per task / rx warm call ≥ 50 (paramiko)", "bandsaw.task", "rx-paramiko.warm", 50, at_least=True),
     *sync_targets(BACKENDS),
+    *SLURM_TARGETS,
 ]
 
 
@@ -744,6 +748,17 @@ def _measure(bench: Bench, probes: list[Probe]) -> None:
           file=sys.stderr)
 
 
+def _measure_slurm(bench: Bench) -> None:
+    """The Slurm rows, on a Slurm testbed of their own (after the sshd rows: it needs the machine's cores)."""
+    print("benchmarks: the Slurm rows", file=sys.stderr)
+    try:
+        bench.info.update(measure_slurm(bench.results, reps=4 if bench.settings.quick else 10,
+                                        maps=1 if bench.settings.quick else 2, work=bench.run_dir, env=bench.env))
+    except Exception as exc:  # the Slurm testbed could not run here: its rows say why
+        for row in SLURM_ROWS:
+            bench.results.notes[row.key] = f"the Slurm testbed did not run: {exc}"
+
+
 def _phase_groups(bench: Bench) -> dict[str, list[PhaseRecord]]:
     order = []
     for backend in BACKENDS:
@@ -816,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "quick or --only: benchmarks/.work/RESULTS-<what>.md)")
     parser.add_argument("--only", choices=["sync"], help="only these rows: sync = the project-sync rows and the "
                                                          "trivial rx run they are compared with (default 5 reps)")
+    parser.add_argument("--no-slurm", action="store_true", help="leave out the Slurm rows (their Docker cluster)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="benchmarks: %(message)s")
     quick = bool(args.quick)
@@ -842,6 +858,8 @@ def main(argv: list[str] | None = None) -> int:
         except RunAborted as exc:
             print(f"benchmarks: stopped early: {exc}", file=sys.stderr)
             bench.info["Stopped early"] = str(exc)
+        if not args.no_slurm:
+            _measure_slurm(bench)
         load_end = os.getloadavg()
         text = render(bench, duration=time.monotonic() - started, load=(load_start, load_end))
     print(text)

@@ -37,6 +37,7 @@ __all__ = [
     "IMAGE",
     "TestbedError",
     "docker_available",
+    "docker_build",
     "docker_client",
     "ensure_image",
     "file_lock",
@@ -242,7 +243,6 @@ def _build(client: Any, dockerfile: str, recipe_hash: str, log: Callable[[str], 
     """Build ``rx-testbed:<recipe_hash>`` from ``dockerfile`` and the assets, labelled with ``recipe_hash``;
     return its name."""
     image = _image_name(recipe_hash)
-    import docker
 
     with tempfile.TemporaryDirectory(prefix="rx-testbed-build-") as context:
         context_dir = Path(context)
@@ -250,25 +250,28 @@ def _build(client: Any, dockerfile: str, recipe_hash: str, log: Callable[[str], 
         for name in ("entrypoint.sh", "sshd_config"):
             shutil.copyfile(_ASSETS / name, context_dir / name)
         log(f"building {image}")
-        try:
-            for chunk in client.api.build(
-                path=str(context_dir),
-                tag=image,
-                labels={HASH_LABEL: recipe_hash},
-                pull=False,
-                rm=True,
-                forcerm=True,
-                decode=True,
-                timeout=BUILD_TIMEOUT,
-            ):
-                if "error" in chunk:
-                    raise TestbedError(f"building {image} failed: {chunk['error'].strip()}")
-                line = str(chunk.get("stream", "")).strip()
-                if line:
-                    logger.debug("docker build: %s", line)
-        except docker.errors.APIError as exc:
-            raise TestbedError(f"building {image} failed: {exc}") from exc
+        docker_build(client, context_dir, image, {HASH_LABEL: recipe_hash})
     return image
+
+
+def docker_build(client: Any, context: Path, tag: str, labels: dict[str, str]) -> None:
+    """Build the image ``tag`` from the Dockerfile and files in ``context`` (no pull), labelled ``labels``.
+
+    Raises:
+        TestbedError: The build failed (Docker's message says why).
+    """
+    import docker
+
+    try:
+        for chunk in client.api.build(path=str(context), tag=tag, labels=labels, pull=False, rm=True, forcerm=True,
+                                      decode=True, timeout=BUILD_TIMEOUT):
+            if "error" in chunk:
+                raise TestbedError(f"building {tag} failed: {chunk['error'].strip()}")
+            line = str(chunk.get("stream", "")).strip()
+            if line:
+                logger.debug("docker build: %s", line)
+    except docker.errors.APIError as exc:
+        raise TestbedError(f"building {tag} failed: {exc}") from exc
 
 
 def _mounts_under(root: Path) -> list[str]:

@@ -35,6 +35,7 @@ from .channel import Channel, Flag, reap
 from .collect import RESULT_FRAMES, Received, collect
 from .options import (
     CallOptions,
+    EventSink,
     FileLander,
     Outcome,
     OutputSink,
@@ -70,13 +71,14 @@ class Call:
     """
 
     def __init__(self, channel: Channel, options: CallOptions, key: bytes, on_stdout: OutputSink,
-                 on_stderr: OutputSink, tree: TreeSender | None = None) -> None:
+                 on_stderr: OutputSink, on_event: EventSink | None = None, tree: TreeSender | None = None) -> None:
         self.channel = channel
         self.tree = tree or TreeSender(channel, None)
         self.host = channel.backend.host
         self.options = options
         self.on_stdout = on_stdout
         self.on_stderr = on_stderr
+        self.on_event = on_event
         self.received = Received(key)
         self.stdin: StdinPump | None = None  # rx run's stdin, when it forwards it
         self.started: dict[str, Any] | None = None
@@ -109,6 +111,8 @@ class Call:
             self.on_stderr(payload)
         elif kind == b"P":
             self.started = json.loads(payload)
+            if self.on_event is not None:
+                self.on_event(self.started)
         elif kind in TREE_FRAMES:
             self.tree.handle(kind, payload)
         elif kind == b"W":
@@ -235,14 +239,15 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
              on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
              phases: dict[str, float], uploaded: bool, keep: bool,
              extra_options: Mapping[str, Any] | None = None, stdin: BinaryIO | None = None,
-             project: ProjectCall | None = None, on_progress: ProgressCallback | None = None) -> Outcome:
+             on_event: EventSink | None = None, project: ProjectCall | None = None,
+             on_progress: ProgressCallback | None = None) -> Outcome:
     """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
     output (and ``stdin`` to the task, if given), collect and check its result. With ``keep`` the channel
     (a worker) stays open after it. With ``project``, the task runs in a snapshot of its tree (sent if the
     host lacks it)."""
     key = secrets.token_bytes(32)
     sender = TreeSender(channel, project.tree if project else None, _with_phase(on_progress, phase))
-    call = Call(channel, options, key, on_stdout, on_stderr, sender)
+    call = Call(channel, options, key, on_stdout, on_stderr, on_event, sender)
     phase("execute", "started")
     deadline = None if options.timeout is None else time.monotonic() + options.timeout + options.dead_after + 5
     extra = {**(project.go_options() if project is not None else {}), **(extra_options or {}),

@@ -12,8 +12,8 @@ from ..session import Result
 if TYPE_CHECKING:
     from ..sync.tree import Tree
 
-__all__ = ["CallOptions", "FileLander", "Outcome", "OutputSink", "PhaseCallback", "ProgressCallback", "ProjectCall",
-           "SyncProgress"]
+__all__ = ["CallOptions", "EventSink", "FileLander", "Outcome", "OutputSink", "PhaseCallback", "ProgressCallback",
+           "ProjectCall", "SyncProgress"]
 
 #: Receives a stream's bytes as they arrive.
 OutputSink = Callable[[bytes], None]
@@ -22,6 +22,8 @@ OutputSink = Callable[[bytes], None]
 FileLander = Callable[[PurePosixPath, Path, str], Path]
 #: Told (phase, "started" | "finished" | "failed") around connect, upload, execute and collect.
 PhaseCallback = Callable[[str, str], None]
+#: Told of each progress event (P frame) the runner sends: the task started, a detached run ended, ...
+EventSink = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)

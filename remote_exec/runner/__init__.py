@@ -31,6 +31,7 @@ The rooms, each imported only by the modes that need it:
   untouched copies;
 - :mod:`.gc`: the host's garbage collector (trees, blobs, archives, leftovers), at most once a day;
 - :mod:`.maintain`: ``sync`` (store a tree without running anything) and ``gc`` on demand.
+- :mod:`.batch`: ``prepare``, ``batch`` and ``seal`` of runs through a batch scheduler (Slurm).
 
 Every import is paid on every call (process-per-call mode): only what the mode needs, and the lean
 variants (_signal and select.poll rather than signal and selectors, which pull in enum; wire's JSON writer
@@ -49,9 +50,10 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Serve one call (``serve``), many (``worker``), or a detached run (``detach``, ``attach RUN_DIR
-    [collect]``, ``cancel RUN_DIR``) over stdin/stdout; store a project tree (``sync``); collect the
-    host's garbage (``gc LIMIT DAYS [dry-run]``); see the module docstring."""
+    """Serve one call (``serve``), many (``worker``), a detached run (``detach``, ``attach RUN_DIR
+    [collect]``, ``cancel RUN_DIR``) or a scheduler's (``prepare``, ``batch RUN_DIR``, ``seal RUN_DIR
+    VERDICT``); store a project tree (``sync``); collect the host's garbage (``gc LIMIT DAYS
+    [dry-run]``); see the module docstring."""
     args = list(sys.argv[1:] if argv is None else argv)
     cache_dir = os.path.expanduser(args[0]) if args else os.path.expanduser("~/.cache/remote_exec")
     mode = args[1] if len(args) > 1 else "serve"
@@ -96,5 +98,12 @@ def _serve(mode: str, cache_dir: str, rest: list[str]) -> int:
         else:
             return detached.serve_cancel(cache_dir, rest[0])
         return 0
+    if mode in ("prepare", "batch", "seal"):
+        from . import batch
+
+        if mode == "prepare":
+            batch.serve_prepare(cache_dir, Out(1))
+            return 0
+        return batch.serve_batch(cache_dir, rest[0]) if mode == "batch" else batch.serve_seal(cache_dir, *rest[:2])
     sys.stderr.write(f"rx runner: unknown mode {mode!r}\n")
     return EXIT_RUNNER_FAILURE
