@@ -277,6 +277,18 @@ class Workspace:
         logger.debug("created run %s in %s", rid, self.root)
         return run
 
+    def _ignore_in_git(self) -> None:
+        """Give a new ``.rx`` a ``.gitignore`` of ``*`` (as ``.venv`` and ``.pytest_cache`` have): the
+        workspace sits at the project root, and ``git status`` should not list it."""
+        if self.root.name != DEFAULT_DIRNAME:
+            return
+        marker = self.root / ".gitignore"
+        try:
+            with open(marker, "x", encoding="utf-8") as handle:
+                handle.write("# made by rx: its runs stay out of git\n*\n")
+        except OSError:
+            pass  # there already, or not writable: git status shows .rx, nothing else changes
+
     def _make_run_dir(self, run_id: str | None) -> str:
         """Create the directory of run ``run_id``, or of a new id; return the id.
 
@@ -284,7 +296,9 @@ class Workspace:
             WorkspaceError: ``run_id`` is already taken, or the directory cannot be made.
         """
         try:
-            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            if not self.runs_dir.is_dir():
+                self.runs_dir.mkdir(parents=True, exist_ok=True)
+                self._ignore_in_git()
         except OSError as exc:
             raise WorkspaceError(f"cannot create {self.runs_dir}: {exc.strerror or exc}") from exc
         for _attempt in range(100):
