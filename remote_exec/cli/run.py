@@ -204,8 +204,9 @@ def _left_behind(console: Any, outcome: Any) -> bool:
         return False
     from ..sync.tree import human_size
 
+    count = int(outcome.header.get("over_limit_count") or len(over))
     names = ", ".join(f"{entry['path']} ({human_size(entry['size'])})" for entry in over[:3])
-    more = f" and {len(over) - 3} more" if len(over) > 3 else ""
+    more = f" and {count - 3} more" if count > 3 else ""
     kept = outcome.header.get("kept")
     console.print(f"rx: warning: not brought back, over the pull limit: {names}{more}; "
                   + (f"they stay on the host in {kept}" if kept else "raise it with --pull-limit SIZE"),
@@ -504,6 +505,9 @@ def load_detached_run(workspace: Path | None, run_ref: str) -> DetachedRun:
     with run.session_path.open("rb") as stream:
         session = Session.restore(stream)
     session.config = Configuration.load()
+    # Secrets went to the host when the run started; following, collecting or cancelling it needs none.
+    session.context["options"] = {key: value for key, value in (session.context.get("options") or {}).items()
+                                  if key != "secret_env"}
     coordinator = Coordinator.current()
     return DetachedRun(run=run, session=session, target=coordinator.resolve_target(session), info=info,
                        coordinator=coordinator)
@@ -563,5 +567,5 @@ def cancel(
         typer.echo(f"rx: run {run.id} is already {info.get('status')}", err=True)
         raise typer.Exit(0)
     detached.coordinator.cancel(detached.target, info["detached"])
-    attach_run(detached, as_json=False)
-    raise typer.Exit(130 if run.info().get("status") == "cancelled" else 0)
+    code = attach_run(detached, as_json=False)
+    raise typer.Exit(130 if run.info().get("status") == "cancelled" else code)

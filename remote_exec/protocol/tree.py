@@ -54,6 +54,11 @@ class TreeSender:
         self._wanted = bytearray()
         self._thread: threading.Thread | None = None
 
+    @property
+    def synced(self) -> tuple[int, int] | None:
+        """(blobs, bytes) sent when the runner asked for the tree; None when the host had it."""
+        return (self.sent_files, self.sent_bytes) if self.requested else None
+
     def handle(self, kind: bytes, payload: bytes) -> None:
         """Take one of :data:`TREE_FRAMES` from the runner.
 

@@ -10,8 +10,9 @@ What counts as used when:
   a run that takes one owns it (it is no longer in the pool);
 - an archive: its directory's modification time; an archive a live process was started from (its sha256
   on a command line, read from /proc) is kept whatever its age: a running task imports from it;
-- a run directory: kept while its ``.rx/lock`` is held (the runner, the task and a detached run's
-  supervisor hold it), or while it is younger than the age limit;
+- a run directory the pull limit left on the host (its files over the limit stay there): kept while its
+  ``.rx/lock`` is held or for ``days`` after it was last touched; other run directories are the sweep's
+  (:func:`.rundir.sweep_runs`: those of runners that died);
 - temporaries (``tmp/``, half-written manifests) and blobs no tree names: removed after a day.
 
 Above ``limit`` bytes (trees with their blobs, pooled snapshots and archives), the least recently used go
@@ -26,7 +27,7 @@ import os
 import time
 
 from ..protocol import wire
-from .rundir import PRIVATE, rmtree
+from .rundir import PRIVATE, read_status, rmtree
 
 TYPE_CHECKING = False  # typing is not imported at run time
 if TYPE_CHECKING:
@@ -223,8 +224,8 @@ def _evict(store: _Store, plan: _Plan, limit: int, days: float, in_use: set[str]
 
 
 def _leftovers(store: _Store, plan: _Plan, days: float) -> None:
-    """Temporaries older than a day, blobs no tree names, run directories nobody holds that are older
-    than ``days``."""
+    """Temporaries older than a day, blobs no tree names, run directories the pull limit left that nobody
+    holds and nobody touched for ``days``."""
     cache_dir, now = store.cache_dir, store.now
     for name in _listdir(os.path.join(cache_dir, "tmp")):
         path = os.path.join(cache_dir, "tmp", name)
@@ -241,8 +242,9 @@ def _leftovers(store: _Store, plan: _Plan, days: float) -> None:
             del store.blobs[blob]
     for name in _listdir(os.path.join(cache_dir, "runs")):
         path = os.path.join(cache_dir, "runs", name)
-        if _locked(path) is not True and now - _mtime(path) > days * DAY:
-            plan.remove("run", path, _size_of(path), f"left behind, untouched for {days:g} days")
+        if (read_status(path).get("over_limit") and _locked(path) is not True
+                and now - _mtime(os.path.join(path, PRIVATE)) > days * DAY):
+            plan.remove("run", path, _size_of(path), f"kept by the pull limit, untouched for {days:g} days")
 
 
 def collect(cache_dir: str, limit: int, days: float, *, dry_run: bool = False) -> dict[str, Any]:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from ..protocol import wire
@@ -31,13 +30,14 @@ def serve_sync(cache_dir: str, out: Out) -> int:
     return 0
 
 
-def serve_gc(cache_dir: str, args: list[str]) -> int:
-    """``gc LIMIT DAYS [dry-run]``: collect now; print the report as one line of JSON."""
+def serve_gc(cache_dir: str, args: list[str], out_fd: int = 1) -> int:
+    """``gc LIMIT DAYS [dry-run]``: collect now; write the report as one line of JSON on ``out_fd``."""
     from .gc import collect
 
     limit = int(args[0]) if args else 10 << 30
     days = float(args[1]) if len(args) > 1 else 30.0
     report = collect(cache_dir, limit, days, dry_run=args[2:3] == ["dry-run"])
-    sys.stdout.write(wire.json_text(report) + "\n")
-    sys.stdout.flush()
+    data = (wire.json_text(report) + "\n").encode()
+    while data:
+        data = data[os.write(out_fd, data):]
     return 0

@@ -64,12 +64,15 @@ class Changes:
         changed: Files of the snapshot whose stat data changed (their content may be the same).
         new_dirs: Directories the run added.
         broken: Something cannot be read (the snapshot cannot be repaired).
+        skipped: The directories the run made unreadable (path with a final ``/``, and the reason): their
+            files cannot come back.
     """
 
-    __slots__ = ("broken", "changed", "clean", "created", "deleted", "new_dirs", "outputs")
+    __slots__ = ("broken", "changed", "clean", "created", "deleted", "new_dirs", "outputs", "skipped")
 
     def __init__(self, outputs: list[str], clean: bool, deleted: list[str], created: list[str] | None = None,
-                 changed: list[str] | None = None, new_dirs: list[str] | None = None, broken: bool = False) -> None:
+                 changed: list[str] | None = None, new_dirs: list[str] | None = None, broken: bool = False,
+                 skipped: list[dict[str, str]] | None = None) -> None:
         self.outputs = outputs
         self.clean = clean
         self.deleted = deleted
@@ -77,6 +80,7 @@ class Changes:
         self.changed = changed or []
         self.new_dirs = new_dirs or []
         self.broken = broken
+        self.skipped = skipped or []
 
 
 def work_dir(run_dir: str, options: dict[str, Any]) -> str:
@@ -330,6 +334,7 @@ class _Walk:
         self.seen = 0
         self.clean = True
         self.broken = False
+        self.skipped: list[dict[str, str]] = []
         #: Files of the baseline found, whose stat data is compared after the walk (in threads when many).
         self.found: list[tuple[os.DirEntry[str], str, FileStat]] = []
 
@@ -337,9 +342,10 @@ class _Walk:
         try:
             with os.scandir(os.path.join(self.run_dir, folder) if folder else self.run_dir) as scan:
                 entries = list(scan)
-        except OSError:  # the task made a directory unreadable: it did change something
+        except OSError as exc:  # the task made a directory unreadable: it did change something
             self.clean = False
             self.broken = True
+            self.skipped.append({"path": f"{folder}/" if folder else "./", "reason": exc.strerror or str(exc)})
             return
         for entry in entries:
             relative = f"{folder}/{entry.name}" if folder else entry.name
@@ -418,8 +424,19 @@ def _stale(found: list[tuple[os.DirEntry[str], str, FileStat]]) -> list[tuple[st
             changed.append((relative, False))
             continue
         if (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) != recorded[:4]:
-            changed.append((relative, st.st_size != recorded[0] or _sha256(entry.path) != recorded[4]))
+            changed.append((relative, _content_differs(entry.path, st.st_size, recorded)))
     return changed
+
+
+def _content_differs(path: str, size: int, recorded: FileStat) -> bool:
+    """Whether the file at ``path`` no longer holds the recorded content (one the task made unreadable
+    counts as changed: it is then named among the files that could not come back)."""
+    if size != recorded[0]:
+        return True
+    try:
+        return _sha256(path) != recorded[4]
+    except OSError:
+        return True
 
 
 def _sha256(path: str) -> bytes:
@@ -446,7 +463,8 @@ def changes(run_dir: str) -> Changes | None:
                          if not os.path.lexists(os.path.join(run_dir, path)))
         walk.clean = walk.clean and not deleted
     walk.outputs.sort()
-    return Changes(walk.outputs, walk.clean, deleted, walk.created, walk.changed, walk.new_dirs, walk.broken)
+    return Changes(walk.outputs, walk.clean, deleted, walk.created, walk.changed, walk.new_dirs, walk.broken,
+                   walk.skipped)
 
 
 # -- the pool ------------------------------------------------------------------------------------------
@@ -471,11 +489,12 @@ def _take(cache_dir: str, pool: str, tree_id: str, run_dir: str) -> bool:
 
 
 def close_run_dir(options: dict[str, Any], run_dir: str, found: Changes | None, *, reuse: bool, empty: bool,
-                  over_limit: bool) -> bool:
+                  keep: bool) -> bool:
     """Once a call's result went out: keep its run directory for the next call (``reuse``: a persistent
-    worker's, left empty, or a snapshot left untouched: True), keep it on the host (``keep``, or files
-    over the pull limit stayed in it), or return it to its project's pool or remove it."""
-    if options.get("keep") or over_limit:
+    worker's, left empty, or a snapshot left untouched: True), leave it where it is (``keep``: files over
+    the pull limit stayed in it, or a detached run's directory waits for the coordinator's
+    acknowledgement; or the ``keep`` option), or return it to its project's pool or remove it."""
+    if options.get("keep") or keep:
         return False
     if reuse and (found.clean if found is not None else empty):
         return True

@@ -76,8 +76,11 @@ def result_record(result: Result, *, header: dict[str, Any] | None = None, phase
         record.update(host=header.get("host"), python=header.get("python"), duration=header.get("duration"),
                       phases=phases or {}, uploaded_archive=uploaded,
                       files=[str(path.relative_to(run_dir) if run_dir else path) for path in files],
-                      synced={"files": synced[0], "bytes": synced[1]} if synced else None,
-                      over_limit=header.get("over_limit") or [])
+                      synced={"files": synced[0], "bytes": synced[1]} if synced else None)
+        for name in ("skipped", "stray", "over_limit"):  # unreadable files left behind; processes stopped
+            if header.get(f"{name}_count"):               # after the task; files over the pull limit
+                record[f"{name}_count"] = header[f"{name}_count"]
+                record[name] = header.get(name) or []
         if header.get("kept"):
             record["remote_run_dir"] = header["kept"]
     return record

@@ -17,6 +17,7 @@ import pytest
 from remote_exec.packing import prune_cache
 from remote_exec.protocol import wire
 from remote_exec.runner.gc import DAY, collect, maybe_collect
+from remote_exec.runner.rundir import keep_for_pull_limit
 
 NOW = time.time()
 
@@ -101,20 +102,25 @@ def test_an_archive_a_live_process_uses_is_kept_however_old(tmp_path: Path) -> N
     assert _left(cache, "archives") == {used}
 
 
-def test_a_run_directory_nobody_holds_goes_after_days_one_held_never(tmp_path: Path) -> None:
+def test_a_run_directory_kept_by_the_pull_limit_goes_after_days_unless_held(tmp_path: Path) -> None:
+    """Files over the pull limit stay on the host in their run directory (the sweep of dead runners'
+    directories leaves it alone); the collector removes it once unused for ``days``, never while held.
+    Other run directories are the sweep's, not the collector's."""
     cache = tmp_path / "cache"
-    for name in ("held", "abandoned", "young"):
+    for name in ("held", "abandoned", "young", "other"):
         (cache / "runs" / name / ".rx").mkdir(parents=True)
         (cache / "runs" / name / ".rx" / "lock").write_text("")
+        if name != "other":
+            keep_for_pull_limit(str(cache / "runs" / name))
     lock = os.open(cache / "runs" / "held" / ".rx" / "lock", os.O_RDONLY)
     fcntl.flock(lock, fcntl.LOCK_SH)
     try:
-        for name in ("held", "abandoned"):
-            _age(cache / "runs" / name, 40)
+        for name in ("held", "abandoned", "other"):
+            _age(cache / "runs" / name / ".rx", 40)
         collect(str(cache), limit=1 << 30, days=30)
     finally:
         os.close(lock)
-    assert _left(cache, "runs") == {"held", "young"}
+    assert _left(cache, "runs") == {"held", "young", "other"}
 
 
 def test_leftovers_of_interrupted_transfers_go_after_a_day(tmp_path: Path) -> None:
