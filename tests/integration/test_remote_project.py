@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -239,6 +240,41 @@ def test_a_failed_and_a_timed_out_run_bring_back_what_they_wrote(remote: Remote)
     assert crashed_files == {"ckpt/step1.pt": b"1"}
     assert timed_out.returncode == 124, timed_out.stderr
     assert timed_out_files == {"ckpt/step2.pt": b"2"}
+
+
+def test_ctrl_c_brings_back_what_the_run_saved_in_its_snapshot(remote: Remote) -> None:
+    write(remote.project, {
+        "checkpoint.py": "import os, time\nos.makedirs('ckpt', exist_ok=True)\n"
+                         "try:\n    print('started', flush=True)\n    time.sleep(120)\n"
+                         "except KeyboardInterrupt:\n    open('ckpt/last.pt', 'w').write('saved on Ctrl-C')\n"
+                         "    raise\n",
+    })
+    with subprocess.Popen(remote.argv("run", "--remote", HOST, "checkpoint.py"), cwd=remote.project,
+                          env=remote.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert process.stdout is not None
+        assert process.stdout.readline() == b"started\n"
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 130, stderr
+    assert remote.files_of(remote.latest()["run_id"]) == {"ckpt/last.pt": b"saved on Ctrl-C"}
+
+
+def test_outputs_made_unreadable_are_named_as_skipped_and_the_rest_comes_back(remote: Remote) -> None:
+    write(remote.project, {
+        "lock.py": "import os, sys\nopen('fine.txt', 'w').write('fine')\nopen('secret.txt', 'w').write('no')\n"
+                   "os.chmod('secret.txt', 0)\nos.makedirs('closed/inner')\n"
+                   "open('closed/inner/x.txt', 'w').write('x')\nos.chmod('closed', 0)\nsys.exit(3)\n",
+    })
+
+    done = remote.rx("run", "--remote", HOST, "lock.py")
+
+    assert done.returncode == 3, done.stderr
+    assert "could not be read" in done.stderr
+    assert remote.files_of(remote.latest()["run_id"]) == {"fine.txt": b"fine"}
+    assert sorted(entry["path"] for entry in result_of(remote)["result"]["skipped"]) == ["closed/", "secret.txt"]
+    again = remote.rx("run", "--remote", HOST, "lock.py")  # the next run's snapshot holds none of it
+    assert again.returncode == 3 and remote.files_of(remote.latest()["run_id"]) == {"fine.txt": b"fine"}
 
 
 def test_a_task_reads_files_of_its_project_relative_to_where_it_was_called(remote: Remote,

@@ -18,6 +18,7 @@ import pytest
 from remote_exec.errors import SyncError
 from remote_exec.protocol import wire
 from remote_exec.protocol.options import ProjectCall
+from remote_exec.runner.rundir import sweep_runs
 from remote_exec.sync.project import Project, ProjectSpec
 
 TRAIN = """\
@@ -358,9 +359,23 @@ def test_files_over_the_pull_limit_stay_on_the_host_and_are_named(dispatcher: An
     call = dispatcher.run(writer, project=project_call(proj, script=None), pull_limit=1000)
     header = call.outcome.header
     assert [path.name for path in call.outcome.files] == ["small.txt"]
-    assert header["over_limit"] == [{"path": "big.bin", "size": 5000}]
+    assert header["over_limit"] == [{"path": "big.bin", "size": 5000}] and header["over_limit_count"] == 1
     kept = Path(header["kept"])
     assert (kept / "big.bin").read_bytes() == b"b" * 5000  # kept, with the whole snapshot, where it says
+    (_store(dispatcher) / ".swept").unlink(missing_ok=True)
+    sweep_runs(str(_store(dispatcher)))  # its runner has ended: the sweep of dead runners' leaves it
+    assert (kept / "big.bin").is_file()
+
+
+def test_a_snapshot_left_by_a_runner_that_died_is_swept(tmp_path: Path, proj: Path) -> None:
+    cache = tmp_path / "cache"
+    made = subprocess.run([sys.executable, "-c", "import sys\nfrom remote_exec.runner.rundir import new_run_path\n"
+                           "print(new_run_path(sys.argv[1], {'run_id': 'r1'}))", str(cache)],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (Path(made) / ".rx").mkdir(parents=True)
+    (Path(made) / "train.py").write_text("x")
+    removed = sweep_runs(str(cache))
+    assert removed == [Path(made).name] and not Path(made).exists()
 
 
 def test_stdin_that_comes_while_the_project_travels_reaches_the_task(dispatcher: Any, proj: Path) -> None:
