@@ -459,6 +459,42 @@ class RxDriver(Driver):
         return {"ok": True, "samples": [seconds],
                 "calls": [{"seconds": seconds, "phases": phases[-1] if phases else {}}]}
 
+    def op_project(self, root: str, count: int = 1) -> Reply:
+        """``count`` calls of a ``@task`` defined in the project at ``root`` (a module of it): each runs in a
+        snapshot of the project as it is now (what changed travels first)."""
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        module = importlib.import_module("bench_task")
+        call = self.task(remote=self.host, backend=self.backend)(module.noop)
+        samples = []
+        for _ in range(count):
+            seconds, error = _timed_noop(call, self._next())
+            if error is not None:
+                return {"ok": False, "error": error}
+            samples.append(seconds)
+        return {"ok": True, "samples": samples}
+
+    def op_sync(self, root: str, remote: str = "sync-warm", count: int = 1) -> Reply:
+        """``count`` syncs of the project at ``root`` to ``remote`` (a remote of the project's configuration,
+        with its own workdir), as ``rx sync --remote`` does but from this warm process: its tree scanned,
+        then stored there if the host lacks it (only missing blobs travel)."""
+        from remote_exec.config import Configuration
+        from remote_exec.coordinator import Coordinator
+        from remote_exec.sync.plan import plan_directory
+
+        coordinator = Coordinator.current()
+        config = Configuration.load(Path(root))
+        target = coordinator.host_target(remote, config, backend=self.backend)
+        samples = []
+        for _ in range(count):
+            started = time.perf_counter()
+            plan = plan_directory(Path(root), config)
+            assert plan is not None
+            project, _ = coordinator.scan(plan)
+            coordinator.sync(target, project, config)
+            samples.append(time.perf_counter() - started)
+        return {"ok": True, "samples": samples}
+
     def op_hosts(self, keep_warm: bool = False) -> Reply:
         """The same call on every host at once (threads), then one host after another."""
         for host in self.hosts:

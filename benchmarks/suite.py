@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .harness import Agent, ProbeError, Unsupported, one_shot, run_timed
+from .projectsync import FIRST, LATER, SyncRig, sync_rows, sync_targets
 from .report import (
     PhaseRecord,
     Results,
@@ -129,7 +130,7 @@ def _rows() -> list[Row]:
     return rows
 
 
-ROWS = _rows() + SLURM_ROWS
+ROWS = _rows() + sync_rows(BACKENDS) + SLURM_ROWS
 
 TARGETS = [
     Target("first call ≤ 1.1x cold ssh (OpenSSH)", "rx-openssh.first", "ssh.cold", 1.1),
@@ -151,6 +152,7 @@ TARGETS = [
            1.5),
     Target("bandsaw per task / rx warm call ≥ 50 (OpenSSH)", "bandsaw.task", "rx-openssh.warm", 50, at_least=True),
     Target("bandsaw per task / rx warm call ≥ 50 (paramiko)", "bandsaw.task", "rx-paramiko.warm", 50, at_least=True),
+    *sync_targets(BACKENDS),
     *SLURM_TARGETS,
 ]
 
@@ -167,6 +169,7 @@ class Settings:
         heavy_every: 100 MB transfers run every this many repetitions.
         hosts: Testbed hosts (the multi-host rows use all of them).
         out: Where RESULTS.md goes.
+        only: ``sync``: only the project-sync rows (and the trivial ``rx run`` they are compared with).
     """
 
     reps: int
@@ -176,6 +179,7 @@ class Settings:
     heavy_every: int
     hosts: int
     out: Path
+    only: str | None = None
 
 
 @dataclass
@@ -222,6 +226,8 @@ class Bench:
     import_baseline: set[str] = field(default_factory=set)
     info: dict[str, str] = field(default_factory=dict)
     recoveries: list[str] = field(default_factory=list)
+    sync: SyncRig | None = None
+    rx_agents: dict[str, Agent] = field(default_factory=dict)
 
     # -- helpers ---------------------------------------------------------------------------------------
 
@@ -237,6 +243,12 @@ class Bench:
                       cwd=self.run_dir / "agents" / name, log=self.run_dir / "logs" / f"{name}.log")
         self.agents.append(agent)
         return agent
+
+    def rx_agent(self, backend: str) -> Agent:
+        """The rx agent of ``backend`` (one per run, shared by the probes)."""
+        if backend not in self.rx_agents:
+            self.rx_agents[backend] = self.agent("rx", backend=backend)
+        return self.rx_agents[backend]
 
     def record_calls(self, group: str, reply: dict[str, Any]) -> None:
         self.phases.setdefault(group, []).extend(phase_records(reply.get("calls") or []))
@@ -380,6 +392,23 @@ def _rx_help(bench: Bench) -> None:
     bench.results.add("startup.help", run_timed([*bench.rx_command, "--help"], timeout=30, env=bench.env))
 
 
+def _project_sync(bench: Bench) -> None:
+    """The project-sync sequence of one repetition (see :mod:`benchmarks.projectsync`)."""
+    assert bench.sync is not None
+    bench.sync.firsts(BACKENDS)
+
+    def trivial(backend: str) -> float:
+        return run_timed(_rx_run_argv(bench, backend), timeout=60, cwd=bench.run_dir / "rxrun", env=bench.env)
+
+    def call(op: str, backend: str, root: str) -> float:
+        reply = bench.rx_agent(backend).request(op, root=root, timeout=300)
+        if not reply.get("ok", True) or not reply.get("samples"):
+            raise ProbeError(f"rx {op}: {reply.get('error') or 'no sample'}")
+        return float(reply["samples"][0])
+
+    bench.sync.later(BACKENDS, trivial, call)
+
+
 def _probes(bench: Bench) -> list[Probe]:
     """Every probe, in the order of the table (each repetition starts one further along)."""
     settings = bench.settings
@@ -387,6 +416,12 @@ def _probes(bench: Bench) -> list[Probe]:
 
     def add(name: str, rows: tuple[str, ...], run: Callable[[], None], every: int = 1) -> None:
         probes.append(Probe(name, rows, run, every))
+
+    sync_keys = tuple(row.key for row in ROWS if row.section in (FIRST, LATER))
+    add("project sync", sync_keys, partial(_project_sync, bench),
+        1 if settings.only == "sync" else settings.heavy_every)
+    if settings.only == "sync":
+        return probes
 
     add("ssh cold", ("ssh.cold",), partial(_ssh_cold, bench))
     add("ssh multiplexed", ("ssh.mux",), partial(_ssh_mux, bench))
@@ -413,7 +448,7 @@ def _probes(bench: Bench) -> list[Probe]:
                 partial(_samples, bench, agent, key, "echo", timeout=60 + size / MB * 2, size=size), every)
     for backend in BACKENDS:
         rx = f"rx-{backend}"
-        agent = bench.agent("rx", backend=backend)
+        agent = bench.rx_agent(backend)
         add(f"rx first call ({backend})", (f"{rx}.first", f"{rx}.first_process"), partial(_rx_first, bench, backend))
         add(f"rx warm ({backend})", (f"{rx}.warm",),
             partial(_samples, bench, agent, f"{rx}.warm", "warm", timeout=90, group=f"warm call ({backend})",
@@ -445,6 +480,10 @@ def _every(settings: Settings, size: int) -> int:
     if size >= 10 * MB:
         return settings.medium_every
     return 1
+
+
+def _rx_argv(bench: Bench, *args: str) -> list[str]:
+    return [*bench.rx_command, *args]
 
 
 def _rx_run_argv(bench: Bench, backend: str) -> list[str]:
@@ -555,6 +594,12 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
         rxrun = run_dir / "rxrun"
         rxrun.mkdir()
         (rxrun / "trivial.py").write_text("x = 1\n", encoding="utf-8")
+        (rxrun / "pyproject.toml").write_text("", encoding="utf-8")  # a project of its own, not the repository
+        print("benchmarks: generating the 10,000-file / 300 MB project", file=sys.stderr)
+        bench.sync = SyncRig.create(run_dir / "sync", hosts[0], ssh=bench.ssh,
+                                    ssh_options=bench.ssh()[1:], rx=partial(_rx_argv, bench), env=env,
+                                    add=bench.results.add,
+                                    samples=lambda key: bench.results.samples.get(key, []))
         baseline = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True,
                                   timeout=60, env=env, check=False)
         bench.import_baseline = set(_parse_importtime(baseline.stderr))
@@ -565,6 +610,9 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
             for agent in bench.agents:
                 agent.stop()
         if bench is not None:
+            if bench.sync is not None:
+                with contextlib.suppress(Exception):
+                    bench.sync.cleanup()
             _close_masters(bench)
         shutil.rmtree(control_dir, ignore_errors=True)
         with contextlib.suppress(Exception):
@@ -737,6 +785,10 @@ def render(bench: Bench, *, duration: float, load: tuple[tuple[float, ...], tupl
     """RESULTS.md: when and where, the tables, the targets, rx's phases, start-up, failures."""
     settings = bench.settings
     results = bench.results
+    rows, targets = ROWS, TARGETS
+    if settings.only == "sync":
+        rows = [row for row in ROWS if row.section in (FIRST, LATER) or row.key.endswith(".run")]
+        targets = sync_targets(BACKENDS)
     out = ["# Benchmark results\n",
            "Generated by `nox -s bench` (`python -m benchmarks`); see `benchmarks/README.md` for what each row "
            "measures.\n",
@@ -752,8 +804,8 @@ def render(bench: Bench, *, duration: float, load: tuple[tuple[float, ...], tupl
               "repetitions that failed then are listed at the end)" if bench.recoveries else "")]
     out += [f"- {name}: {value}" for name, value in bench.info.items()]
     out += ["", "## Results\n", "Ratio: this row's median over the compared row's (times), or its MB/s over the "
-            "compared row's MB/s (throughputs).\n", render_tables(ROWS, results),
-            "## Targets\n", render_targets(TARGETS, ROWS, results),
+            "compared row's MB/s (throughputs).\n", render_tables(rows, results),
+            "## Targets\n", render_targets(targets, ROWS, results),
             "## Where rx's time goes\n",
             "Median seconds per phase as `dispatch()` records them (`Outcome.phases`, stored in the workspace "
             "run's task entry; for `rx run`, the run's recorded actions, to the millisecond). *other* is the "
@@ -776,19 +828,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke run (few repetitions)")
     parser.add_argument("--reps", type=int, help="repetitions (default 20; --quick: 2)")
     parser.add_argument("--out", type=Path, help="where to write the results (default benchmarks/RESULTS.md; "
-                                                 "quick: benchmarks/.work/RESULTS-quick.md)")
+                                                 "quick or --only: benchmarks/.work/RESULTS-<what>.md)")
+    parser.add_argument("--only", choices=["sync"], help="only these rows: sync = the project-sync rows and the "
+                                                         "trivial rx run they are compared with (default 5 reps)")
     parser.add_argument("--no-slurm", action="store_true", help="leave out the Slurm rows (their Docker cluster)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="benchmarks: %(message)s")
     quick = bool(args.quick)
+    only = args.only
+    default_out = WORK / f"RESULTS-{only}.md" if only else WORK / "RESULTS-quick.md" if quick else HERE / "RESULTS.md"
     settings = Settings(
-        reps=args.reps or (2 if quick else 20),
+        reps=args.reps or (2 if quick else 5 if only else 20),
         quick=quick,
         warm_calls=3 if quick else 5,
         medium_every=2,
         heavy_every=2 if quick else 4,
-        hosts=4,
-        out=args.out or (WORK / "RESULTS-quick.md" if quick else HERE / "RESULTS.md"),
+        hosts=1 if only else 4,
+        out=args.out or default_out,
+        only=only,
     )
     if settings.reps < 1:
         parser.error("--reps must be at least 1")

@@ -44,6 +44,7 @@ __all__ = [
     "RunnerError",
     "Session",
     "SubprocessAdvice",
+    "SyncError",
     "Task",
     "TransferError",
     "__version__",
@@ -61,7 +62,7 @@ _LOCATIONS = {
     "ConfigError": "errors",
     "ConnectError": "errors", "HostKeyError": "errors", "IntegrityError": "errors", "PackError": "errors",
     "RemoteError": "errors", "RemoteExecError": "errors", "RemoteTraceback": "errors",
-    "RunnerError": "errors", "TransferError": "errors",
+    "RunnerError": "errors", "SyncError": "errors", "TransferError": "errors",
     "Result": "session", "Session": "session",
     "Execution": "task", "Task": "task",
 }
@@ -87,6 +88,7 @@ if TYPE_CHECKING:
         RemoteExecError,
         RemoteTraceback,
         RunnerError,
+        SyncError,
         TransferError,
     )
     from .session import Result, Session

@@ -122,11 +122,14 @@ def task(function: Callable[..., R] | None = None, /, *, remote: str | None = No
         **options: Per-task options for advices: ``timeout`` (seconds), ``python`` (remote interpreter),
             ``backend`` (openssh or paramiko), ``env`` (a dict), ``secret_env`` (names of local variables
             passed over the channel only), ``workdir`` (remote cache dir), ``keep_warm`` (a persistent
-            worker), ``pull`` (file globs), ``no_pull``, ``restricted`` and ``allow_unpickle`` (unpickle
-            results through an allow-list), ``keepalive_interval`` / ``keepalive_count``, ``slurm`` (a dict of
-            Slurm settings over the remote's: ``partition``, ``time``, ``gres``, ... ``extra``; on a remote
-            without a scheduler it makes the host a Slurm login node), ``keep_queued`` (Ctrl-C leaves the
-            job queued instead of cancelling it).
+            worker), ``pull`` (file globs), ``no_pull``, ``pull_limit`` (bytes), ``restricted`` and
+            ``allow_unpickle`` (unpickle results through an allow-list), ``keepalive_interval`` /
+            ``keepalive_count``, ``slurm`` (a dict of Slurm settings over the remote's: ``partition``,
+            ``time``, ``gres``, ... ``extra``; on a remote without a scheduler it makes the host a Slurm login
+            node), ``keep_queued`` (Ctrl-C leaves the job queued instead of cancelling it); for the project
+            the call runs in (a snapshot of it on the host): ``project`` (its root; False: none, the archive
+            carries the code), ``include`` (gitignore patterns of ignored paths that travel),
+            ``follow_symlinks``, ``force`` (above 2 GiB).
     """
     if function is not None:
         if not callable(function):

@@ -9,6 +9,11 @@ A :class:`Configuration` is built in code or loaded from the ``[tool.rx]`` table
     distribution_modules = ["mypkg"]         # shipped in the archive besides what is found
     chains.cached = ["remote_exec.advices.cache:CachingAdvice", "remote_exec.advices.remote:RemoteAdvice"]
     log_cap = "100MiB"                       # the most a run's stdout.log and stderr.log keep (0: all)
+    project = "."                            # the project root (default: found from the script); false: none
+    include = ["data/"]                      # ignored paths that travel nevertheless (gitignore syntax)
+    cache_limit = "10GiB"                    # the host's caches: least recently used go above this
+    cache_days = 30                          # ... and anything unused this long
+    pull_limit = "2GiB"                      # a run brings back at most this much (the rest stays, kept)
 
     [tool.rx.remotes.gpu1]
     host = "gpu1.lab.example.org"            # an ssh_config alias, a host name or [user@]host[:port]
@@ -60,9 +65,34 @@ __all__ = [
 
 #: The default ``[tool.rx] log_cap``: the most a run's stdout.log (or stderr.log) keeps.
 DEFAULT_LOG_CAP = 100 << 20
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*\Z", re.IGNORECASE)
 
 DEFAULT_WORKDIR = "~/.cache/remote_exec"
+# A bare letter is binary (as in ``ulimit`` and Slurm's ``--mem``), ``KB``/``MB`` decimal, ``KiB`` binary.
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
+
+
+def parse_size(value: object, what: str = "size") -> int:
+    """Bytes from ``1048576``, ``"10GiB"``, ``"500 MB"``, ``"1.5k"`` (binary and decimal units).
+
+    Raises:
+        ConfigError: Not a size.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    text = str(value).strip().lower().replace(" ", "")
+    number = text.rstrip("kmgtib")
+    unit = text[len(number):]
+    try:
+        size = float(number) * _UNITS[unit]
+    except (KeyError, ValueError):
+        raise ConfigError(f"{what} {value!r} is not a size", hint="bytes, or a number with KiB, MiB, GiB, MB, GB") \
+            from None
+    if not 0 <= size < float(1 << 62):  # negative, NaN or infinite
+        raise ConfigError(f"{what} {value!r} is not a size")
+    return int(size)
+
+
 _REMOTE_KEYS = {"host", "user", "port", "python", "workdir", "env", "backend", "keep_warm", "identity_file",
                 "timeout", "restricted", "allow_unpickle", "scheduler", "slurm"}
 
@@ -134,19 +164,6 @@ def check_pull(globs: Iterable[Any], label: str = "--pull") -> tuple[str, ...]:
     return tuple(checked)
 
 
-def parse_size(value: Any, label: str) -> int:
-    """A size in bytes: an integer, or a string such as ``"100MiB"``, ``"4 MB"``, ``"1G"`` (powers of 1024).
-
-    Raises:
-        ConfigError: Not a size.
-    """
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    match = _SIZE.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise ConfigError(f"{label} {value!r}: expected a size such as 100MiB, or a number of bytes")
-    power = "KMGT".find(match.group(2).upper()) + 1 if match.group(2) else 0
-    return int(float(match.group(1)) * 1024**power)
 
 
 def check_secret_env(names: Iterable[str], label: str = "--secret-env") -> dict[str, str]:
@@ -346,6 +363,31 @@ def _advice_spec(spec: object) -> str:
     return spec
 
 
+def _project_settings(path: Path, table: Mapping[str, Any]) -> dict[str, Any]:
+    """The project and cache keys of ``[tool.rx]``, checked."""
+    settings: dict[str, Any] = {}
+    project = table.get("project")
+    if project is False:
+        settings["use_project"] = False
+    elif isinstance(project, str):
+        settings["project"] = (path.parent / Path(project).expanduser()).resolve()
+    elif project is not None:
+        raise ConfigError(f"{path}: [tool.rx] project must be a path or false")
+    include = table.get("include", [])
+    if not isinstance(include, list) or not all(isinstance(item, str) for item in include):
+        raise ConfigError(f"{path}: [tool.rx] include must be a list of strings")
+    settings["include"] = list(include)
+    for key in ("cache_limit", "pull_limit"):
+        if key in table:
+            settings[key] = parse_size(table[key], what=f"{path}: [tool.rx] {key}")
+    if "cache_days" in table:
+        days = table["cache_days"]
+        if isinstance(days, bool) or not isinstance(days, (int, float)) or days <= 0:
+            raise ConfigError(f"{path}: [tool.rx] cache_days must be a positive number")
+        settings["cache_days"] = float(days)
+    return settings
+
+
 @dataclass
 class Configuration:
     """Advice chains, extensions, remotes and defaults.
@@ -362,9 +404,17 @@ class Configuration:
         distribution_modules: Extra modules or packages to ship in the archive.
         host_key_policy: ``accept-new`` (default), ``strict`` or ``off``.
         connect_timeout: Seconds for connecting.
-        workspace: The workspace directory (None: ``RX_WORKSPACE`` or ``./.rx``).
+        workspace: The workspace directory (None: ``RX_WORKSPACE`` or ``.rx`` at the project root).
         log_cap: The most a run's ``stdout.log`` (and ``stderr.log``) keeps, in bytes: past it the head is
             dropped and noted, the tail kept (0: no cap).
+        project: The project root (None: found from the script, the task's module or the current
+            directory); ignored when ``use_project`` is False.
+        use_project: Run in a snapshot of the project (``project = false``: ship the script and the modules
+            it imports, and run in an empty directory).
+        include: gitignore-syntax patterns of ignored paths that travel with the project nevertheless.
+        cache_limit: Bytes a host's caches may hold (least recently used go first above it).
+        cache_days: Days after which unused trees and archives go from a host's caches.
+        pull_limit: Bytes a run brings back at most (None: no limit).
         source: The pyproject.toml this was loaded from, if any.
     """
 
@@ -379,6 +429,12 @@ class Configuration:
     connect_timeout: float = 10.0
     workspace: Path | None = None
     log_cap: int = DEFAULT_LOG_CAP
+    project: Path | None = None
+    use_project: bool = True
+    include: list[str] = field(default_factory=list)
+    cache_limit: int = 10 << 30
+    cache_days: float = 30.0
+    pull_limit: int | None = 2 << 30
     source: Path | None = None
 
     def __post_init__(self) -> None:
@@ -449,7 +505,8 @@ class Configuration:
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [tool.rx] must be a table")
         known = {"backend", "serializer", "ssh_config", "distribution_modules", "host_key_policy",
-                 "connect_timeout", "workspace", "chains", "remotes", "log_cap"}
+                 "connect_timeout", "workspace", "chains", "remotes", "log_cap", "project", "include",
+                 "cache_limit", "cache_days", "pull_limit"}
         unknown = set(table) - known
         if unknown:
             raise ConfigError(f"{path}: unknown [tool.rx] key(s) {', '.join(sorted(unknown))}",
@@ -467,6 +524,7 @@ class Configuration:
             source=path,
             chains={name: [_advice_spec(item) for item in items]
                     for name, items in table.get("chains", {}).items()},
+            **_project_settings(path, table),
         )
         for name, remote_table in table.get("remotes", {}).items():
             if not isinstance(remote_table, dict):

@@ -9,6 +9,7 @@ The stages of a call, and who does them::
 
     resolve   Coordinator.resolve_target: host, backend, launcher, interpreter, call options
     pack      packing.Packer: the distribution archive, built once per content
+    snapshot  sync: the project's tree (root, files, digests), scanned as cheaply as its changes allow
     connect   backends: one connection per host, kept across calls
     launch    launchers: how the runner is started on the host (direct: one exec; a scheduler: the call
               stored on the login node and submitted as a job, protocol.scheduled)
@@ -34,7 +35,16 @@ from typing import Any, ClassVar
 from .backends.base import Backend, HostSpec
 from .backends.local import LocalBackend
 from .backends.pool import BackendPool
-from .config import Configuration, Remote, check_env, check_pull, check_secret_env, check_timeout, find_pyproject
+from .config import (
+    Configuration,
+    Remote,
+    check_env,
+    check_pull,
+    check_secret_env,
+    check_timeout,
+    find_pyproject,
+    parse_size,
+)
 from .errors import LocalDiskFull, SerializationError
 from .hints import arguments_hint, import_hint
 from .jobs import Jobs, job_options
@@ -43,10 +53,14 @@ from .launchers.registry import create_launcher
 from .packing import DistributionArchive, Packer, default_cache_dir
 from .protocol.call import dispatch
 from .protocol.detached import attach_detached, cancel_detached, follow_detached, start_detached
-from .protocol.options import CallOptions, Outcome, OutputSink
+from .protocol.maintain import collect_garbage, sync_tree
+from .protocol.options import CallOptions, Outcome, OutputSink, ProgressCallback, ProjectCall
 from .protocol.workers import WorkerPool
 from .serialization import get_serializer
 from .session import Result, Session
+from .sync.plan import ProjectPlan, plan_project
+from .sync.project import Project, ProjectSpec
+from .sync.tree import guard, refuse
 from .task import Execution, Task
 from .tracebacks import localize, roots_for
 from .workspace.manager import new_run_id
@@ -84,14 +98,18 @@ class Target:
 def call_options(options: dict[str, Any], *, python: str, workdir: str, env: dict[str, str],
                  timeout: float | None = None, heartbeat: float = 5.0, dead_after: float = 16.0,
                  keep_warm: bool = False, restricted: bool = False, allow_unpickle: tuple[str, ...] = (),
-                 handshake_timeout: float = 30.0) -> CallOptions:
-    """The CallOptions of one call: the task's or CLI's ``options`` over the target's defaults.
+                 handshake_timeout: float = 30.0, config: Configuration | None = None) -> CallOptions:
+    """The CallOptions of one call: the task's or CLI's ``options`` over the target's defaults (and the
+    configuration's pull and cache limits).
 
     Raises:
         UsageError: A bad ``timeout``, ``env`` or ``pull`` (``@task(timeout=float("nan"))``), or a
             ``secret_env`` name that is not set locally.
+        ConfigError: A ``pull_limit`` that is not a size.
     """
     limit = options.get("timeout", timeout)
+    config = config or Configuration()
+    pull_limit = options.get("pull_limit", config.pull_limit)
     return CallOptions(
         python=options.get("python") or python,
         workdir=options.get("workdir") or workdir,
@@ -107,7 +125,16 @@ def call_options(options: dict[str, Any], *, python: str, workdir: str, env: dic
         restricted=bool(options.get("restricted", restricted)),
         allow_unpickle=tuple(options.get("allow_unpickle") or allow_unpickle),
         handshake_timeout=handshake_timeout,
+        pull_limit=parse_size(pull_limit, what="pull limit") if pull_limit is not None else None,
+        cache_limit=config.cache_limit,
+        cache_days=config.cache_days,
     )
+
+
+def _progress(session: Session) -> ProgressCallback | None:
+    """Who is told how an upload of the project goes: ``session.local["on_progress"]`` (the CLI's bar)."""
+    callback: ProgressCallback | None = session.local.get("on_progress")
+    return callback
 
 
 def _hint(session: Session, exception: dict[str, Any], host: str, python: str,
@@ -152,6 +179,8 @@ class Coordinator:
         self._local = LocalBackend()
         self._configs: dict[str, Configuration] = {}
         self._targets: dict[tuple[Any, ...], tuple[Configuration, Target]] = {}
+        self._projects: dict[ProjectSpec, Project] = {}
+        self._warned: set[str] = set()
         self._insecure_warned: set[str] = set()
         self.jobs = Jobs(self)
 
@@ -250,6 +279,11 @@ class Coordinator:
             return None
         return key
 
+    def host_target(self, name: str, config: Configuration, *, backend: str | None = None,
+                    options: dict[str, Any] | None = None) -> Target:
+        """The target of host ``name`` for a call that is not a session's (``rx sync``, ``rx gc``)."""
+        return self._remote_target(config, dict(options or {}), name, backend)
+
     def _remote_target(self, config: Configuration, options: dict[str, Any], name: str,
                        backend: str | None) -> Target:
         remote = config.remote(name)
@@ -262,7 +296,7 @@ class Coordinator:
             options, python=remote.python, workdir=remote.workdir, env=env, timeout=remote.timeout,
             heartbeat=min(spec.keepalive_interval, 5.0), dead_after=spec.dead_after, keep_warm=remote.keep_warm,
             restricted=remote.restricted, allow_unpickle=remote.allow_unpickle,
-            handshake_timeout=max(spec.connect_timeout, 5.0))
+            handshake_timeout=max(spec.connect_timeout, 5.0), config=config)
         return Target(backend=self.backend(spec, backend_name), backend_name=backend_name, host=remote.name,
                       options=call, spec=spec, launcher=self._launcher(remote, options))
 
@@ -297,27 +331,75 @@ class Coordinator:
         options: dict[str, Any] = dict(session.context.get("options") or {})
         merged = dict(env or {})
         merged.update(options.get("env") or {})
+        config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
         call = call_options(options, python=python or sys.executable,
-                            workdir=str(default_cache_dir().parent / "local"), env=merged)
+                            workdir=str(default_cache_dir().parent / "local"), env=merged, config=config)
         return Target(backend=self._local, backend_name="local", host="local", options=call)
 
     # -- execute --------------------------------------------------------------------------------------
 
-    def archive_for(self, session: Session) -> DistributionArchive:
-        """The archive carrying ``session``'s code."""
+    def archive_for(self, session: Session, *, project: bool = False) -> DistributionArchive:
+        """The archive carrying ``session``'s code (with ``project``: only rx's runner side, cloudpickle and
+        ``distribution_modules``; the project's own modules come from its snapshot)."""
         config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
+        if project:
+            return self.packer.build(extra_modules=config.distribution_modules)
         return self.packer.archive_for(session.task, config.distribution_modules, session.context.get("cwd"))
 
-    def _pack(self, session: Session, recorder: CallRecorder) -> DistributionArchive:
-        """:meth:`archive_for`, recorded as the ``pack`` phase."""
+    def project_for(self, session: Session) -> tuple[ProjectCall | None, list[str]]:
+        """The project ``session``'s task runs in (its tree scanned now), and the warnings its size deserves
+        that were not given yet in this process; (None, []) when it has no project.
+
+        Raises:
+            SyncError: The tree is larger than rx ships (without ``force``), a symlink leads out of it, or a
+                file cannot be read.
+        """
+        known: tuple[ProjectCall | None, list[str]] | None = session.local.get("project")
+        if known is not None:
+            return known[0], []  # scanned a moment ago by the caller (rx run), who gave the warnings
+        config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
+        plan = plan_project(session, config)
+        if plan is None:
+            return None, []
+        options = session.context.get("options") or {}
+        return self.scan(plan, force=bool(options.get("force")))
+
+    def scan(self, plan: ProjectPlan, *, force: bool = False) -> tuple[ProjectCall, list[str]]:
+        """Scan a planned project's tree now; return the call's project and the warnings not yet given in
+        this process.
+
+        Raises:
+            SyncError: See :meth:`project_for`.
+        """
+        with self._lock:
+            project = self._projects.get(plan.spec)
+            if project is None:
+                if len(self._projects) > 64:
+                    self._projects.clear()
+                project = self._projects[plan.spec] = Project(plan.spec, default_cache_dir().parent)
+        tree = project.scan()
+        if tree.tree_id in self._warned:
+            refuse(tree, force=force)
+            return plan.call(tree), []
+        warnings = guard(tree, force=force)
+        self._warned.add(tree.tree_id)
+        return plan.call(tree), warnings
+
+    def _pack(self, session: Session, recorder: CallRecorder, *,
+              scheduled: bool = False) -> tuple[DistributionArchive, ProjectCall | None]:
+        """The archive and the project of a call (the ``pack`` phase). A call through a scheduler (Slurm)
+        has no project snapshot yet: its archive carries the script and the modules it imports."""
         recorder.phase("pack", "started")
         try:
-            archive = self.archive_for(session)
+            project, warnings = (None, []) if scheduled else self.project_for(session)
+            for warning in warnings:
+                logger.warning("%s", warning)
+            archive = self.archive_for(session, project=project is not None)
         except BaseException:
             recorder.phase("pack", "failed")
             raise
         recorder.phase("pack", "finished")
-        return archive
+        return archive, project
 
     def execute(self, session: Session, target: Target) -> Result:
         """Run ``session`` at ``target`` and return its result, recording it.
@@ -331,14 +413,15 @@ class Coordinator:
         if recorder is None:
             recorder = self.task_recorder(session, target, session_bytes)
         try:
-            archive = self._pack(session, recorder)
+            archive, project = self._pack(session, recorder, scheduled=target.launcher.schedules)
             if target.launcher.schedules:
                 outcome = self.jobs.run(session, target, archive, recorder)
             else:
                 outcome = dispatch(session, target.backend, archive, target.options, launcher=target.launcher,
                                    workers=self.workers, on_stdout=recorder.stdout, on_stderr=recorder.stderr,
                                    land_file=recorder.land_file, on_phase=recorder.phase,
-                                   session_bytes=session_bytes, stdin=recorder.stdin, hold=recorder.retryable)
+                                   session_bytes=session_bytes, stdin=recorder.stdin, hold=recorder.retryable,
+                                   project=project, on_progress=_progress(session))
         except LocalDiskFull as exc:
             if exc.kept:  # what rx attach needs to collect it from the host
                 exc.kept.update(archive=archive.sha256, archive_path=str(archive.path),
@@ -349,7 +432,8 @@ class Coordinator:
             recorder.failed(exc)
             raise
         session.local["outcome"] = outcome
-        self.localize(session, outcome, archive.sources, recorder, python=target.options.python)
+        self.localize(session, outcome, archive.sources, recorder, python=target.options.python,
+                      project=project.tree.root if project is not None else None)
         taken = False
 
         def recorded() -> bytes | Path:
@@ -365,10 +449,11 @@ class Coordinator:
         return outcome.result
 
     def localize(self, session: Session, outcome: Outcome, sources: Iterable[tuple[str, str]],
-                 recorder: CallRecorder, *, python: str = "python3") -> None:
+                 recorder: CallRecorder, *, python: str = "python3", project: Path | None = None) -> None:
         """Map the task's remote traceback to the user's files (:mod:`remote_exec.tracebacks`), with what to
         try when the two sides differ (:mod:`remote_exec.hints`); a script's goes to its stderr, where
-        Python would have printed it."""
+        Python would have printed it. ``project``: the local root of the project the run's snapshot was
+        made of (its files map to the user's)."""
         exception = outcome.header.get("exception")
         if not exception:
             return
@@ -377,7 +462,7 @@ class Coordinator:
         script = None
         if task.kind == "script" and task.filename:
             script = (f".rx/{os.path.basename(task.filename)}", Path(task.filename).resolve())
-        roots = roots_for(remote_roots=exception.get("roots") or {}, sources=sources, script=script)
+        roots = roots_for(remote_roots=exception.get("roots") or {}, sources=sources, script=script, project=project)
         text = localize(outcome.result, exception, roots, all_frames=self.all_frames,
                         hint=_hint(session, exception, outcome.result.host or "the host", python, sources),
                         function=task.function if task.kind == "function" else None)
@@ -430,13 +515,14 @@ class Coordinator:
 
     def start_detached(self, session: Session, target: Target, recorder: CallRecorder) -> dict[str, Any]:
         """Start ``session`` at ``target`` so that it outlives this process; return where it runs."""
-        archive = self._pack(session, recorder)
+        archive, project = self._pack(session, recorder, scheduled=target.launcher.schedules)
         if target.launcher.schedules:
             started = self.jobs.submit(session, target, archive, recorder)
         else:
             started = start_detached(session, target.backend, archive, target.options, launcher=target.launcher,
-                                     on_phase=recorder.phase)
-        return {**started, "sources": [list(pair) for pair in archive.sources]}
+                                     on_phase=recorder.phase, project=project, on_progress=_progress(session))
+        return {**started, "sources": [list(pair) for pair in archive.sources],
+                "project": str(project.tree.root) if project is not None else None}
 
     def attach(self, session: Session, target: Target, detached: dict[str, Any], recorder: CallRecorder,
                offsets: tuple[int, int]) -> Outcome:
@@ -448,7 +534,8 @@ class Coordinator:
                                       on_stdout=recorder.stdout, on_stderr=recorder.stderr,
                                       land_file=recorder.land_file, offsets=offsets)
         self.localize(session, outcome, [tuple(pair) for pair in detached.get("sources") or ()], recorder,
-                      python=target.options.python)
+                      python=target.options.python,
+                      project=Path(detached["project"]) if detached.get("project") else None)
         return outcome
 
     def follow(self, target: Target, detached: dict[str, Any], *, on_stdout: OutputSink, on_stderr: OutputSink,
@@ -466,6 +553,20 @@ class Coordinator:
         if "job" in detached:
             return self.jobs.cancel(target, detached)
         return cancel_detached(target.backend, detached, target.options)
+
+    # -- maintenance ----------------------------------------------------------------------------------
+
+    def sync(self, target: Target, project: ProjectCall, config: Configuration, *,
+             on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Store ``project``'s tree at ``target`` without running anything (``rx sync --remote``)."""
+        archive = self.packer.build(extra_modules=config.distribution_modules)
+        return sync_tree(target.backend, archive, target.options, project, launcher=target.launcher,
+                         on_progress=on_progress)
+
+    def collect_garbage(self, target: Target, config: Configuration, *, dry_run: bool = False) -> dict[str, Any]:
+        """Collect ``target``'s garbage now (``rx gc HOST``)."""
+        archive = self.packer.build(extra_modules=config.distribution_modules)
+        return collect_garbage(target.backend, archive, target.options, launcher=target.launcher, dry_run=dry_run)
 
     # -- the end --------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@
     ├── ConfigError                 bad configuration or bad input (options, pyproject, host spec)
     │   └── UsageError              exit status 2: a bad option value (--timeout nan, --env 'A B=1')
     ├── PackError                   the distribution archive could not be built
+    ├── SyncError                   the project tree cannot travel: too large, a symlink out of it, unreadable
     ├── SessionError                a saved session is damaged or of an unknown format version
     ├── SerializationError          a value could not be serialized or deserialized
     ├── WorkspaceError              the local workspace: unknown or ambiguous run, unreadable state
@@ -61,6 +62,7 @@ __all__ = [
     "RunnerError",
     "SerializationError",
     "SessionError",
+    "SyncError",
     "TransferError",
     "UsageError",
     "WorkspaceError",
@@ -121,6 +123,11 @@ class UsageError(ConfigError):
 
 class PackError(RemoteExecError):
     """The distribution archive could not be built."""
+
+
+class SyncError(RemoteExecError):
+    """The project tree cannot travel: larger than the limit, a symlink leading out of it, a file that
+    cannot be read or changed while it was sent."""
 
 
 class SessionError(RemoteExecError):

@@ -39,7 +39,7 @@ from .errors import PackError
 from .task import Task
 
 __all__ = ["RECHECK_SECONDS", "REMOTE_MODULES", "DistributionArchive", "Packer", "default_cache_dir",
-           "discover_modules"]
+           "discover_modules", "prune_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +224,96 @@ def default_cache_dir() -> Path:
 
 #: Seconds an unchanged build is trusted before its files are checked again (an edit shows within this).
 RECHECK_SECONDS = 0.5
+_DAY = 86400.0
+
+
+def _cache_files(base: Path) -> list[tuple[Path, float, int, str]]:
+    """(path, last use, size, kind) of the local caches: archives (last use: their access time, set when
+    used), project stat caches (rewritten when used), temporaries."""
+    found = []
+    for folder, kind, pattern in ((base / "archives", "archive", "*.pyz"),
+                                  (base / "projects", "stat cache", "*.idx"),
+                                  (base / "archives", "temporary", ".*.tmp"),
+                                  (base / "projects", "temporary", ".*.tmp")):
+        for path in folder.glob(pattern):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            found.append((path, max(st.st_atime, st.st_mtime) if kind == "archive" else st.st_mtime, st.st_size, kind))
+    return found
+
+
+def _prune_plan(files: list[tuple[Path, float, int, str]], limit: int, days: float,
+                now: float) -> list[tuple[Path, dict[str, Any]]]:
+    """What to remove of ``files`` (oldest use first): the unused, then archives over the limit."""
+    total = sum(size for _, _, size, kind in files if kind == "archive")
+    plan = []
+    for path, used, size, kind in sorted(files, key=lambda item: item[1]):
+        old = now - used > (_DAY if kind == "temporary" else days * _DAY)
+        over = kind == "archive" and total > limit and now - used > 3600
+        if old or over:
+            plan.append((path, {"kind": kind, "name": path.name, "bytes": size,
+                                "reason": "unused" if old else "least recently used, over the cache limit"}))
+            if kind == "archive":
+                total -= size
+    return plan
+
+
+def prune_cache(limit: int, days: float, *, dry_run: bool = False, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Prune this machine's caches (under the archive cache's parent): archives and project stat caches
+    unused for ``days``, temporaries older than a day, then the least recently used archives while they
+    hold more than ``limit`` bytes. Under a lock: a second pruner does nothing. Returns a report.
+    """
+    import fcntl
+
+    base = (cache_dir or default_cache_dir()).parent
+    report: dict[str, Any] = {"cache": str(base), "busy": False, "removed": [], "freed_bytes": 0, "dry_run": dry_run}
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        lock = os.open(base / "gc.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    except OSError:
+        return report
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return {**report, "busy": True}
+        files = _cache_files(base)
+        for path, entry in _prune_plan(files, limit, days, time.time()):
+            report["removed"].append(entry)
+            if not dry_run:
+                path.unlink(missing_ok=True)
+        report["freed_bytes"] = sum(entry["bytes"] for entry in report["removed"])
+        report["kept_bytes"] = sum(size for _, _, size, _ in files) - report["freed_bytes"]
+        if not dry_run:
+            (base / "gc.stamp").touch()
+        return report
+    finally:
+        os.close(lock)
+
+
+def _prune_daily(cache_dir: Path) -> None:
+    """Prune the local caches if the last time is a day old (when a new archive was just built)."""
+    stamp = cache_dir.parent / "gc.stamp"
+    try:
+        if time.time() - stamp.stat().st_mtime < _DAY:
+            return
+    except FileNotFoundError:
+        try:
+            stamp.touch()
+        except OSError:
+            pass
+        return
+    except OSError:
+        return
+    from .config import Configuration
+
+    config = Configuration()
+    try:
+        prune_cache(config.cache_limit, config.cache_days, cache_dir=cache_dir)
+    except OSError:
+        logger.debug("pruning %s failed", cache_dir, exc_info=True)
 
 
 def _signature(files: Iterable[str]) -> tuple[tuple[int, int], ...]:
@@ -393,6 +483,7 @@ class Packer:
                            tuple[DistributionArchive, tuple[tuple[int, int], ...], tuple[str, ...], str]] = {}
         self._checked: dict[tuple[Any, ...], float] = {}
         self._entries: dict[tuple[str, str | None, str | None, str], tuple[list[Path], list[Path]]] = {}
+        self._touched: dict[Path, float] = {}
 
     def archive_for(self, task: Task, distribution_modules: Iterable[str] = (),
                     cwd: str | None = None) -> DistributionArchive:
@@ -436,7 +527,7 @@ class Packer:
         memo_key = (tuple(map(str, entry_files)), tuple(map(str, roots)), extra_modules, where)
         hit = self._unchanged(memo_key)
         if hit is not None:
-            return hit
+            return self._used(hit)
         entry_files = tuple(Path(file) for file in entry_files)
         roots = tuple(Path(root) for root in roots)
         entries, modules = _entries(entry_files, roots, extra_modules)
@@ -445,6 +536,18 @@ class Packer:
         user_files = tuple(str(source) for _, source in entries if isinstance(source, Path)
                            and source not in _base_paths()) + tuple(map(str, entry_files))
         self._builds[memo_key] = (archive, _signature(user_files), user_files, str(archive.path))
+        return self._used(archive)
+
+    def _used(self, archive: DistributionArchive) -> DistributionArchive:
+        """Record the archive's use in its file's access time (at most hourly; set explicitly, whatever the
+        file system's atime policy): the cache's pruning goes by it."""
+        now = time.monotonic()
+        if now - self._touched.get(archive.path, -3600.0) >= 3600:
+            self._touched[archive.path] = now
+            try:
+                os.utime(archive.path, ns=(time.time_ns(), archive.path.stat().st_mtime_ns))
+            except OSError:
+                pass
         return archive
 
     def _unchanged(self, memo_key: tuple[Any, ...]) -> DistributionArchive | None:
@@ -498,6 +601,7 @@ class Packer:
             except OSError as exc:
                 raise PackError(f"cannot write the archive cache {cache_dir}: {exc}") from exc
             logger.debug("built archive %s (%d bytes, modules: %s)", target.name, len(data), ", ".join(modules))
+            _prune_daily(cache_dir)
         data = target.read_bytes()
         archive_obj = DistributionArchive(path=target, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
                                           modules=modules, sources=_sources(entries))

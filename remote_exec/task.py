@@ -262,11 +262,13 @@ class Task(Record):
         return restore_task, (self.kind, self.name, self.task_id, self.function, self.source, self.filename,
                                self.module)
 
-    def execute(self, execution: Execution, *, workdir: str | Path | None = None) -> Any:
+    def execute(self, execution: Execution, *, workdir: str | Path | None = None, script: str | None = None) -> Any:
         """Run the task here with the call's arguments; return its value.
 
         Scripts and modules see ``sys.argv`` as ``[name, *args]`` and run as ``__main__``; their
-        ``SystemExit`` propagates, as it does for ``python script.py``.
+        ``SystemExit`` propagates, as it does for ``python script.py``. A script runs from ``script``
+        when given (its file in the project's snapshot), else from a copy of its source under
+        ``workdir/.rx``.
         """
         if self.kind == "function":
             assert self.function is not None
@@ -278,11 +280,12 @@ class Task(Record):
         try:
             if self.kind == "script":
                 assert self.source is not None and self.filename is not None
-                private = os.path.join(str(workdir or "."), ".rx")
-                os.makedirs(private, exist_ok=True)
-                script = os.path.join(private, os.path.basename(self.filename))
-                with open(script, "w", encoding="utf-8") as stream:
-                    stream.write(self.source)
+                if script is None:
+                    private = os.path.join(str(workdir or "."), ".rx")
+                    os.makedirs(private, exist_ok=True)
+                    script = os.path.join(private, os.path.basename(self.filename))
+                    with open(script, "w", encoding="utf-8") as stream:
+                        stream.write(self.source)
                 sys.argv = [script, *argv]
                 runpy.run_path(script, run_name="__main__")
             elif self.kind == "module":

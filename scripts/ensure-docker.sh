@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make sure a Docker daemon answers, for the sshd testbed (python -m testbed, pytest -m integration).
 #
-# Idempotent: installs docker.io, debootstrap and openssh-client only when missing, starts dockerd only
+# Idempotent: installs docker.io, debootstrap, openssh-client and rsync (the benchmarks compare rx's project
+# sync with it) only when missing, starts dockerd only
 # when none runs, then waits up to 60 s for `docker info`. Exit 0 when Docker answers, 1 otherwise.
 #
 # The daemon is what is checked, not the client: some images ship a docker CLI (/usr/local/bin/docker)
@@ -25,6 +26,7 @@ missing=()
 have dockerd || missing+=(docker.io)
 have debootstrap || missing+=(debootstrap)
 have ssh || missing+=(openssh-client)
+have rsync || missing+=(rsync)
 if [ "${#missing[@]}" -gt 0 ]; then
     log "installing ${missing[*]}"
     as_root timeout 300 apt-get update -qq

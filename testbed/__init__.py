@@ -1,7 +1,7 @@
 """A Docker testbed of sshd hosts for remote_exec's integration and fault tests.
 
-Each host is a container of the image ``rx-testbed:latest`` (Debian bookworm, openssh-server, python3,
-procps), with a user ``rx`` who logs in by key only. A *state dir* (``$RX_TESTBED_DIR``, else
+Each host is a container of the image ``rx-testbed:<recipe hash>`` (Debian bookworm, openssh-server, python3,
+procps, rsync), with a user ``rx`` who logs in by key only. A *state dir* (``$RX_TESTBED_DIR``, else
 ``<repo>/.testbed``) holds the key pair, an ``ssh_config`` with one ``Host rx-testbed-K`` block per host and
 a ``known_hosts`` prefilled with every host's keys::
 

@@ -1,14 +1,16 @@
-"""The ``rx-testbed`` image: an sshd host with python3, built once per recipe.
+"""The ``rx-testbed`` image: an sshd host with python3 and rsync, built once per recipe.
 
 Two ways to the same image, chosen at build time:
 
 * a registry answers: a Dockerfile ``FROM debian:bookworm-slim`` that installs the packages with apt-get;
 * no registry (the usual case here): ``debootstrap`` makes a minimal bookworm tree from Debian's mirror,
-  ``docker import`` turns it into the base image ``rx-testbed-base:bookworm``, and a small Dockerfile adds
-  the user, the sshd configuration and the entry point on top.
+  ``docker import`` turns it into the base image ``rx-testbed-base:<its recipe's hash>``, and a small
+  Dockerfile adds the user, the sshd configuration and the entry point on top.
 
-Both images carry a label with the hash of their recipe (Dockerfile, entry point, sshd configuration), so a
-later call skips the build until the recipe changes.
+Each image is tagged with the hash of its recipe (``rx-testbed:<hash>``: Dockerfile, entry point, sshd
+configuration) and labelled with it, so a later call skips the build until the recipe changes, and
+checkouts with different recipes (branches, worktrees) on one machine keep their images side by side
+instead of rebuilding each other's.
 """
 
 from __future__ import annotations
@@ -43,15 +45,16 @@ __all__ = [
 
 logger = logging.getLogger("testbed")
 
-IMAGE = "rx-testbed:latest"
-"""The image every testbed container runs."""
+IMAGE = "rx-testbed"
+"""The repository of the image every testbed container runs (tagged with its recipe's hash)."""
 
-BASE_IMAGE = "rx-testbed-base:bookworm"
-"""The base image imported from a debootstrap tree when no registry answers."""
+BASE_IMAGE = "rx-testbed-base"
+"""The repository of the base image imported from a debootstrap tree when no registry answers."""
 
 REGISTRY_BASE = "debian:bookworm-slim"
 HASH_LABEL = "rx-testbed.recipe"
-PACKAGES = ("openssh-server", "python3", "procps")
+# rsync: the benchmarks compare rx's project sync with it over the same connection.
+PACKAGES = ("openssh-server", "python3", "procps", "rsync")
 MIRROR = os.environ.get("RX_TESTBED_MIRROR", "http://deb.debian.org/debian")
 
 PULL_TIMEOUT = 10.0
@@ -122,8 +125,16 @@ def _base_hash() -> str:
     return hashlib.sha256(_debootstrap_recipe().encode()).hexdigest()[:16]
 
 
+def _base_name() -> str:
+    return f"{BASE_IMAGE}:{_base_hash()}"
+
+
+def _image_name(recipe_hash: str) -> str:
+    return f"{IMAGE}:{recipe_hash}"
+
+
 def _dockerfile_debootstrap() -> str:
-    return f"FROM {BASE_IMAGE}\nLABEL rx-testbed.base={_base_hash()}\n{_DOCKERFILE_TAIL}"
+    return f"FROM {_base_name()}\nLABEL rx-testbed.base={_base_hash()}\n{_DOCKERFILE_TAIL}"
 
 
 def _recipe_hash(dockerfile: str) -> str:
@@ -228,16 +239,19 @@ def _registry_base_ready(client: Any, log: Callable[[str], None]) -> bool:
     return True
 
 
-def _build(client: Any, dockerfile: str, recipe_hash: str, log: Callable[[str], None]) -> None:
-    """Build :data:`IMAGE` from ``dockerfile`` and the assets, labelled with ``recipe_hash``."""
+def _build(client: Any, dockerfile: str, recipe_hash: str, log: Callable[[str], None]) -> str:
+    """Build ``rx-testbed:<recipe_hash>`` from ``dockerfile`` and the assets, labelled with ``recipe_hash``;
+    return its name."""
+    image = _image_name(recipe_hash)
 
     with tempfile.TemporaryDirectory(prefix="rx-testbed-build-") as context:
         context_dir = Path(context)
         (context_dir / "Dockerfile").write_text(dockerfile)
         for name in ("entrypoint.sh", "sshd_config"):
             shutil.copyfile(_ASSETS / name, context_dir / name)
-        log(f"building {IMAGE}")
-        docker_build(client, context_dir, IMAGE, {HASH_LABEL: recipe_hash})
+        log(f"building {image}")
+        docker_build(client, context_dir, image, {HASH_LABEL: recipe_hash})
+    return image
 
 
 def docker_build(client: Any, context: Path, tag: str, labels: dict[str, str]) -> None:
@@ -293,7 +307,8 @@ def _remove_work_dir(work: Path) -> None:
 
 
 def _build_base(client: Any, log: Callable[[str], None]) -> None:
-    """Make :data:`BASE_IMAGE` with debootstrap and ``docker import``; needs root and Debian's mirror."""
+    """Make the base image (:data:`BASE_IMAGE`) with debootstrap and ``docker import``; needs root and Debian's
+    mirror."""
     debootstrap = shutil.which("debootstrap")
     if debootstrap is None:
         raise TestbedError(
@@ -325,7 +340,7 @@ def _debootstrap_and_import(client: Any, debootstrap: str, work: Path, log: Call
     if leftover:
         raise TestbedError(f"debootstrap left file systems mounted in its tree: {', '.join(leftover)}")
     tarball = work / "rootfs.tar"
-    log(f"importing the tree as {BASE_IMAGE}")
+    log(f"importing the tree as {_base_name()}")
     packed = subprocess.run(
         [
             "tar",
@@ -345,17 +360,16 @@ def _debootstrap_and_import(client: Any, debootstrap: str, work: Path, log: Call
     )
     if packed.returncode != 0:
         raise TestbedError(f"packing the debootstrap tree failed: {packed.stderr.strip()}")
-    repository, tag = BASE_IMAGE.split(":")
     client.api.import_image_from_file(
         str(tarball),
-        repository=repository,
-        tag=tag,
+        repository=BASE_IMAGE,
+        tag=_base_hash(),
         changes=[f"LABEL {HASH_LABEL}={_base_hash()}", 'CMD ["/bin/bash"]'],
     )
 
 
 def ensure_image(*, log: Callable[[str], None] | None = None) -> str:
-    """Make sure :data:`IMAGE` exists and matches the current recipe; build it when not.
+    """Make sure the image of the current recipe exists; build it when not.
 
     The first build takes about a minute (debootstrap path); later calls cost one Docker API call.
 
@@ -364,48 +378,39 @@ def ensure_image(*, log: Callable[[str], None] | None = None) -> str:
             By default the lines go to the ``testbed`` logger at INFO.
 
     Returns:
-        The image name, :data:`IMAGE`.
+        The image's name, ``rx-testbed:<recipe hash>``.
 
     Raises:
         TestbedError: Docker is unusable or a build step failed.
     """
     say: Callable[[str], None] = log if log is not None else logger.info
-    registry_hash = _recipe_hash(_DOCKERFILE_REGISTRY)
-    debootstrap_hash = _recipe_hash(_dockerfile_debootstrap())
+    built = (_image_name(_recipe_hash(_DOCKERFILE_REGISTRY)), _image_name(_recipe_hash(_dockerfile_debootstrap())))
     with docker_client(timeout=600) as client:
-        current = _image_label(client, IMAGE, HASH_LABEL)
-        if current in (registry_hash, debootstrap_hash):
-            logger.debug("%s is up to date (recipe %s)", IMAGE, current)
-            return IMAGE
+        for name in built:
+            if _image_id(client, name) is not None:
+                logger.debug("%s is up to date", name)
+                return name
         # One build at a time on this machine: a second caller waits, then finds the image built.
         with file_lock(Path(tempfile.gettempdir()) / "rx-testbed-image.lock", BUILD_TIMEOUT + DEBOOTSTRAP_TIMEOUT):
-            current = _image_label(client, IMAGE, HASH_LABEL)
-            if current not in (registry_hash, debootstrap_hash):
-                _build_image(client, current, registry_hash, debootstrap_hash, say)
-    return IMAGE
+            for name in built:
+                if _image_id(client, name) is not None:
+                    return name
+            return _build_image(client, say)
 
 
-def _build_image(
-    client: Any, current: str | None, registry_hash: str, debootstrap_hash: str, say: Callable[[str], None]
-) -> None:
-    import docker
-
-    say(f"{IMAGE} is {'missing' if current is None else 'out of date'}; building it")
+def _build_image(client: Any, say: Callable[[str], None]) -> str:
+    say(f"the {IMAGE} image of this recipe is missing; building it")
     started = time.monotonic()
-    previous = _image_id(client, IMAGE)
     if _registry_base_ready(client, say):
-        _build(client, _DOCKERFILE_REGISTRY, registry_hash, say)
+        name = _build(client, _DOCKERFILE_REGISTRY, _recipe_hash(_DOCKERFILE_REGISTRY), say)
     else:
-        if _image_label(client, BASE_IMAGE, HASH_LABEL) != _base_hash():
+        if _image_label(client, _base_name(), HASH_LABEL) != _base_hash():
             _build_base(client, say)
         else:
-            say(f"reusing {BASE_IMAGE}")
-        _build(client, _dockerfile_debootstrap(), debootstrap_hash, say)
-    say(f"{IMAGE} is ready ({time.monotonic() - started:.0f} s)")
-    if previous is not None and previous != _image_id(client, IMAGE):
-        # The old build is now untagged; drop it unless containers still run on it.
-        with contextlib.suppress(docker.errors.APIError):
-            client.images.remove(previous)
+            say(f"reusing {_base_name()}")
+        name = _build(client, _dockerfile_debootstrap(), _recipe_hash(_dockerfile_debootstrap()), say)
+    say(f"{name} is ready ({time.monotonic() - started:.0f} s)")
+    return name
 
 
 def _image_id(client: Any, name: str) -> str | None:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from testbed._image import BUILD_TIMEOUT, IMAGE, TestbedError, docker_build, docker_client, ensure_image, file_lock
+from testbed._image import BUILD_TIMEOUT, TestbedError, docker_build, docker_client, ensure_image, file_lock
 
 __all__ = ["SLURM_IMAGE", "SlurmCluster", "default_slurm_state_dir", "ensure_slurm_image", "slurm_down",
            "slurm_status", "slurm_up"]
@@ -68,7 +68,7 @@ _ASSET_FILES = ("slurm.conf", "slurmdbd.conf", "entrypoint.sh")
 READY_TIMEOUT = 90.0
 
 _DOCKERFILE = f"""\
-FROM {IMAGE}
+FROM {{base}}
 RUN set -eux; \\
     apt-get update; \\
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {" ".join(PACKAGES)}; \\
@@ -168,14 +168,14 @@ def ensure_slurm_image(*, log: Callable[[str], None] | None = None) -> str:
         TestbedError: Docker is unusable or the build failed.
     """
     say: Callable[[str], None] = log if log is not None else logger.info
-    ensure_image(log=log)
+    base = ensure_image(log=log)  # the sshd testbed's image of this checkout's recipe
     with docker_client(timeout=600) as client:
-        recipe = _recipe_hash(client.images.get(IMAGE).id)
+        recipe = _recipe_hash(client.images.get(base).id)
         if _image_recipe(client) == recipe:
             return SLURM_IMAGE
         with file_lock(Path(tempfile.gettempdir()) / "rx-slurm-image.lock", BUILD_TIMEOUT):
             if _image_recipe(client) != recipe:
-                _build(client, recipe, say)
+                _build(client, recipe, say, base)
     return SLURM_IMAGE
 
 
@@ -190,11 +190,11 @@ def _image_recipe(client: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _build(client: Any, recipe: str, say: Callable[[str], None]) -> None:
+def _build(client: Any, recipe: str, say: Callable[[str], None], base: str) -> None:
     say(f"building {SLURM_IMAGE} (Slurm 22.05 and munge from Debian bookworm)")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="rx-slurm-build-") as context:
-        (Path(context) / "Dockerfile").write_text(_DOCKERFILE)
+        (Path(context) / "Dockerfile").write_text(_DOCKERFILE.replace("{base}", base))
         for name in _ASSET_FILES:
             shutil.copyfile(_ASSETS / name, Path(context) / name)
         docker_build(client, Path(context), SLURM_IMAGE, {_RECIPE_LABEL: recipe})

@@ -1,7 +1,8 @@
 """The functions every contender runs remotely: standard library only, one small top-level module.
 
-It lives alone in its folder (put on ``sys.path`` by the agents), so rx ships exactly this module, mitogen
-serves exactly this module, and bandsaw's task is the same one-liner. Not a package on purpose: a task
+It lives alone in its folder (put on ``sys.path`` by the agents; a ``pyproject.toml`` makes the folder a
+project of its own), so rx ships exactly this module, mitogen serves exactly this module, and bandsaw's task
+is the same one-liner. Not a package on purpose: a task
 in the ``benchmarks`` package would make rx ship the whole package.
 """
 

@@ -63,10 +63,31 @@ def _module_origin(module: str) -> Path | None:
     return Path(spec.origin) if spec.origin and spec.origin not in ("built-in", "frozen") else None
 
 
+def _project(session: Any, target: str, dry_run: bool, as_json: bool) -> bool:
+    """Scan the run's project now (its summary line or warnings on stderr); with ``dry_run`` list what would
+    travel. Returns True when the run is to go ahead. A job through a scheduler (Slurm) ships its script
+    and the modules it imports, as before: no scan, no line (its options are checked here, before anything
+    connects)."""
+    from ..coordinator import Coordinator
+    from .sync import describe_project, print_listing
+
+    coordinator = Coordinator.current()
+    if session.context.get("remote") and coordinator.resolve_target(session).launcher.schedules:
+        session.local["project"] = (None, [])
+        return not dry_run
+    project, warnings = coordinator.project_for(session)
+    session.local["project"] = (project, warnings)
+    describe_project(project, warnings, what=target)
+    if dry_run and project is not None:
+        print_listing(project, as_json=as_json)
+    return not dry_run
+
+
 def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict[str, Any],
                 workspace: Path | None, kind: str, target: str, as_json: bool,
-                parent: str | None = None, detach: bool = False) -> int:
-    """Create a run, execute it through the pipeline, record its outcome; return the exit status."""
+                parent: str | None = None, detach: bool = False, dry_run: bool = False) -> int:
+    """Create a run, execute it through the pipeline, record its outcome; return the exit status (with
+    ``dry_run``, only list what of the project would travel)."""
     from ..advice import run_chain
     from ..advices.remote import RemoteAdvice
     from ..config import Configuration
@@ -74,15 +95,20 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     from ..task import Execution
     from ..workspace import Workspace
     from ..workspace.recorder import RunRecorder
+    from .sync import SyncBar
 
     config = Configuration.load()
     backend = config.effective_backend(options.get("backend")) if remote else "local"
-    ws = Workspace.resolve(workspace or config.workspace)
     execution = Execution.create(task, tuple(args))
-    run = ws.new_run(target=target, kind=kind, argv=list(args), remote=remote, backend=backend, parent=parent)
-    session = Session(task=task, execution=execution, run_id=run.id, serializer="pickle",
-                      context={"remote": remote, "options": options, "origin": "cli"})
+    session = Session(task=task, execution=execution, serializer="pickle",
+                      context={"remote": remote, "options": options, "origin": "cli", "cwd": os.getcwd()})
     session.config = config
+    if not _project(session, target, dry_run, as_json):
+        return 0
+    ws = Workspace.resolve(workspace or config.workspace)
+    run = ws.new_run(target=target, kind=kind, argv=list(args), remote=remote, backend=backend, parent=parent)
+    session.run_id = run.id
+    bar = session.local["on_progress"] = SyncBar()
     run.store.write_bytes("session.zip", session.dumps())
     if detach:
         return _detach(run, session, as_json)
@@ -94,6 +120,7 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     session.local["on_job"] = JobStatusLine()
     try:
         result = run_chain(session, [RemoteAdvice()])
+        bar.close()
     except LocalDiskFull as exc:
         uncollected(run, exc, exc.kept)
         raise
@@ -109,6 +136,7 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
             run.set_status("failed", exit_code=exc.exit_code, error=str(exc))
         raise
     finally:
+        bar.close()
         recorder.close()
     return finish_run(run, result, session.local.get("outcome"), as_json)
 
@@ -165,7 +193,7 @@ def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
 
     if outcome is not None:
         record = result_record(result, header=outcome.header, phases=outcome.phases, uploaded=outcome.uploaded,
-                               files=outcome.files, run_dir=run.dir)
+                               files=outcome.files, run_dir=run.dir, synced=outcome.synced)
     else:
         record = result_record(result)
     run.store.write_bytes("result.json", json.dumps(record, indent=1).encode())
@@ -187,10 +215,28 @@ def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
     message += f", exit {ended.exit_code}, {info.get('duration') or 0:.2f} s; {files} file(s) in {where}/files"
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     console.print(printable(message), style="dim" if ended.status == "finished" else "yellow", markup=False)
-    if outcome is not None and outcome.header.get("kept"):
+    if not _left_behind(console, outcome) and outcome is not None and outcome.header.get("kept"):
         console.print(printable(f"rx: the run directory is kept on {run.info().get('remote') or 'local'}: "
                                 f"{outcome.header['kept']}"), style="dim", markup=False)
     return ended.exit_code
+
+
+def _left_behind(console: Any, outcome: Any) -> bool:
+    """A yellow line naming the files over the pull limit, and where they stay on the host; True when there
+    were any."""
+    over = (outcome.header.get("over_limit") or []) if outcome is not None else []
+    if not over:
+        return False
+    from ..sync.tree import human_size
+
+    count = int(outcome.header.get("over_limit_count") or len(over))
+    names = ", ".join(f"{entry['path']} ({human_size(entry['size'])})" for entry in over[:3])
+    more = f" and {count - 3} more" if count > 3 else ""
+    kept = outcome.header.get("kept")
+    console.print(printable(f"rx: warning: not brought back, over the pull limit: {names}{more}; "
+                            + (f"they stay on the host in {kept}" if kept else "raise it with --pull-limit SIZE")),
+                  style="yellow", markup=False)
+    return True
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
@@ -214,8 +260,22 @@ def run(
         "--secret-env", help="Pass local variable NAME to the task over the channel only (never on a "
                              "command line, in logs or state); repeatable.")] = None,
     pull: Annotated[list[str] | None, typer.Option(
-        help="Bring back only files matching GLOB (relative to the task's directory); repeatable.")] = None,
+        help="Bring back only files matching GLOB (relative to the project root); repeatable.")] = None,
     no_pull: Annotated[bool, typer.Option("--no-pull", help="Bring back no files.")] = False,
+    pull_limit: Annotated[str | None, typer.Option(
+        help="Bring back at most SIZE of files (default [tool.rx] pull_limit, 2GiB); the rest stays on the "
+             "host, kept.")] = None,
+    project: Annotated[Path | None, typer.Option(
+        help="The project root (default: found from the script: the first .git, pyproject.toml, setup.py or "
+             "setup.cfg above it).")] = None,
+    include: Annotated[list[str] | None, typer.Option(
+        help="Ship ignored paths matching GLOB (gitignore syntax, e.g. data/) too; repeatable.")] = None,
+    follow_symlinks: Annotated[bool, typer.Option(
+        "--follow-symlinks", help="Ship what symlinks leading out of the project point to.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Ship a project over the 2 GiB limit.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="List what of the project would travel (the total, the ten largest files); run "
+                          "nothing.")] = False,
     keep_remote: Annotated[bool, typer.Option("--keep-remote",
                                               help="Keep the run directory on the host; rx says where.")] = False,
     workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
@@ -239,7 +299,9 @@ def run(
 ) -> None:
     """Run SCRIPT (or -m MODULE) with ARGS through rx: on --remote HOST over SSH, else locally.
 
-    Output streams live; files the script writes in its working directory land in the run's files/.
+    The task runs in a snapshot of its project (what git tracks or could add, .rxignore left out), in the
+    same directory of it as yours; output streams live; the files it creates or changes land in the run's
+    files/, at their paths in the project.
 
     Exit status: the script's own; 124 timeout; 130 interrupted; 255 connection, authentication or
     host-key failure; 3 any other rx failure.
@@ -275,6 +337,7 @@ def run(
         "secret_env": list(secret_env or []), "pull": list(check_pull(pull or [])), "no_pull": no_pull,
         "keep": keep_remote, "ssh_config": ssh_config, "connect_timeout": connect_timeout,
         "host_key_policy": "off" if insecure_no_host_key_check else None,
+        **_project_options(project, include, follow_symlinks, force, pull_limit),
     }
     if detach:
         _refuse_stdin_for_detached()
@@ -285,8 +348,29 @@ def run(
     if keep_queued:
         options["keep_queued"] = True
     code = execute_run(task=task, args=args, remote=remote, options=options, workspace=workspace,
-                       kind=kind, target=name, as_json=as_json, detach=detach)
+                       kind=kind, target=name, as_json=as_json, detach=detach, dry_run=dry_run)
     raise typer.Exit(code)
+
+
+def _project_options(project: Path | None, include: list[str] | None, follow_symlinks: bool, force: bool,
+                     pull_limit: str | None) -> dict[str, Any]:
+    """The project options of ``rx run`` (only those given: a rerun keeps the same)."""
+    from ..config import parse_size
+
+    options: dict[str, Any] = {}
+    if project is not None:
+        if not project.is_dir():
+            raise ConfigError(f"--project {project}: no such directory")
+        options["project"] = str(project.resolve())
+    if include:
+        options["include"] = list(include)
+    if follow_symlinks:
+        options["follow_symlinks"] = True
+    if force:
+        options["force"] = True
+    if pull_limit is not None:
+        options["pull_limit"] = parse_size(pull_limit, what="--pull-limit")
+    return options
 
 
 def unknown_option(ctx: typer.Context, word: str) -> click.NoSuchOption:

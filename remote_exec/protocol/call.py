@@ -26,6 +26,7 @@ from ..errors import (
     LocalDiskFull,
     RemoteExecError,
     RunnerError,
+    SyncError,
 )
 from ..launchers.base import Launcher
 from ..packing import DistributionArchive
@@ -34,8 +35,19 @@ from . import wire
 from .bootstrap import start_runner
 from .channel import Channel, Flag, reap
 from .collect import RESULT_FRAMES, Received, collect
-from .options import CallOptions, EventSink, FileLander, Outcome, OutputSink, PhaseCallback
+from .options import (
+    CallOptions,
+    EventSink,
+    FileLander,
+    Outcome,
+    OutputSink,
+    PhaseCallback,
+    ProgressCallback,
+    ProjectCall,
+    SyncProgress,
+)
 from .stdin import StdinPump
+from .tree import TREE_FRAMES, TreeSender
 
 if TYPE_CHECKING:
     from .workers import WorkerPool
@@ -72,11 +84,14 @@ class Call:
         stop: The call is over; the watchdog leaves it alone.
         stop_wait: Seconds a Ctrl-C waits for the stopped task's result (0: it does not wait).
         interrupted: Ctrl-C stopped the task, and its result came back.
+        tree: Answers the runner's requests for the call's project tree.
     """
 
     def __init__(self, channel: Channel, options: CallOptions, key: bytes, on_stdout: OutputSink,
-                 on_stderr: OutputSink, on_event: EventSink | None = None, stop_wait: float = STOP_WAIT) -> None:
+                 on_stderr: OutputSink, on_event: EventSink | None = None, stop_wait: float = STOP_WAIT,
+                 tree: TreeSender | None = None) -> None:
         self.channel = channel
+        self.tree = tree or TreeSender(channel, None)
         self.host = channel.backend.host
         self.options = options
         self.on_stdout = on_stdout
@@ -125,6 +140,8 @@ class Call:
             self.started = json.loads(payload)
             if self.on_event is not None:
                 self.on_event(self.started)
+        elif kind in TREE_FRAMES:
+            self.tree.handle(kind, payload)
         elif kind == b"W":
             if self.stdin is not None:
                 self.stdin.taken(payload)
@@ -173,7 +190,8 @@ def send_session(process: Process, session_bytes: bytes) -> None:
 
 def _call_options(session: Session, options: CallOptions, key: bytes, land_file: FileLander | None,
                   extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ``G`` frame's options: the per-call key, limits, environment and secrets, files to pull."""
+    """The ``G`` frame's options: the per-call key, limits, environment and secrets, files to pull, the
+    host's cache limits."""
     return {
         "key": key.hex(),
         "run_id": session.run_id or "run",
@@ -187,6 +205,8 @@ def _call_options(session: Session, options: CallOptions, key: bytes, land_file:
         "keep": options.keep,
         "kind": session.task.kind,
         "marshal": not options.restricted,  # restricted mode reads pickles through its allow-list only
+        "pull_limit": options.pull_limit,
+        "gc": [options.cache_limit, options.cache_days],
         **(extra or {}),
     }
 
@@ -215,6 +235,11 @@ def _no_result_error(call: Call, deadline: float | None) -> RemoteExecError:
     channel, host, options = call.channel, call.host, call.options
     code = channel.process.wait(5)
     tail = channel.stderr_tail()
+    call.tree.join(5)
+    if call.tree.error:
+        return SyncError(f"{host}: {call.tree.error}")
+    if call.tree.requested and code == 70 and tail.startswith("rx runner: "):  # the host could not store it
+        return SyncError(f"{host}: {tail[len('rx runner: '):]}")
     if call.overdue.is_set() or (deadline is not None and time.monotonic() > deadline):
         return CommandTimeout(host, f"the task ran past its timeout of {options.timeout:g} s and the host did "
                                     f"not confirm the stop within {STOP_MARGIN:g} s; the link was given up",
@@ -304,7 +329,8 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
              on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
              phases: dict[str, float], uploaded: bool, keep: bool,
              extra_options: Mapping[str, Any] | None = None, stdin: BinaryIO | None = None,
-             on_event: EventSink | None = None, detached: bool = False, hold: bool = False) -> Outcome:
+             on_event: EventSink | None = None, detached: bool = False, hold: bool = False,
+             project: ProjectCall | None = None, on_progress: ProgressCallback | None = None) -> Outcome:
     """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
     output (and ``stdin`` to the task, if given), collect and check its result. With ``keep`` the channel
     (a worker) stays open after it.
@@ -316,13 +342,17 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
 
     With ``hold`` (an ``rx run``, whose collection can be tried again) the runner waits, after the result,
     to hear what becomes of it: ``A`` (it landed, or was refused) and it goes; ``K`` when the local disk
-    filled up, and the host keeps it (:class:`LocalDiskFull` says where) for ``rx attach``."""
+    filled up, and the host keeps it (:class:`LocalDiskFull` says where) for ``rx attach``.
+
+    With ``project``, the task runs in a snapshot of its tree (sent if the host lacks it)."""
     key = secrets.token_bytes(32)
-    call = Call(channel, options, key, on_stdout, on_stderr, on_event, stop_wait=0.0 if detached else STOP_WAIT)
+    call = Call(channel, options, key, on_stdout, on_stderr, on_event, stop_wait=0.0 if detached else STOP_WAIT,
+                tree=TreeSender(channel, project.tree if project else None, _with_phase(on_progress, phase)))
     phase("execute", "started")
     deadline = None
     acknowledged = hold or detached
-    extra = {**(extra_options or {}), "hold": hold, **({"stdin": True} if stdin is not None else {})}
+    extra = {**(project.go_options() if project else {}), **(extra_options or {}), "hold": hold,
+             **({"stdin": True} if stdin is not None else {})}
     try:
         _send_tolerantly(call, _call_options(session, options, key, land_file, extra), session_bytes, keep=keep)
         if stdin is not None:
@@ -347,7 +377,24 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
         _end_call(call, keep=keep, acknowledged=acknowledged)
     result.host = call.host
     return Outcome(result=result, header=header, files=landed, uploaded=uploaded, phases=phases,
-                   value_data=value_data)
+                   value_data=value_data, synced=call.tree.synced)
+
+
+def _with_phase(on_progress: ProgressCallback | None, phase: PhaseCallback) -> ProgressCallback:
+    """The progress callback, and the ``sync`` phase around the upload of blobs."""
+    started = False
+
+    def report(progress: SyncProgress) -> None:
+        nonlocal started
+        if not started:
+            started = True
+            phase("sync", "started")
+        if on_progress is not None:
+            on_progress(progress)
+        if progress.done:
+            phase("sync", "finished")
+
+    return report
 
 
 def _end_call(call: Call, *, keep: bool, acknowledged: bool) -> None:
@@ -421,21 +468,22 @@ class _Phases:
     def __init__(self, on_phase: PhaseCallback | None) -> None:
         self.on_phase = on_phase
         self.seconds: dict[str, float] = {}
-        self.mark = time.monotonic()
+        self.marks: dict[str, float] = {}
 
     def __call__(self, name: str, state: str) -> None:
         if self.on_phase is not None:
             self.on_phase(name, state)
         if state == "started":
-            self.mark = time.monotonic()
-        elif state == "finished":
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - self.mark
+            self.marks[name] = time.monotonic()
+        elif state == "finished" and name in self.marks:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - self.marks.pop(name)
 
 
 def dispatch(session: Session, backend: Backend, archive: DistributionArchive, options: CallOptions, *,
              launcher: Launcher, workers: WorkerPool, on_stdout: OutputSink, on_stderr: OutputSink,
              land_file: FileLander | None = None, on_phase: PhaseCallback | None = None,
-             session_bytes: bytes | None = None, stdin: BinaryIO | None = None, hold: bool = False) -> Outcome:
+             session_bytes: bytes | None = None, stdin: BinaryIO | None = None, hold: bool = False,
+             project: ProjectCall | None = None, on_progress: ProgressCallback | None = None) -> Outcome:
     """Run ``session`` on ``backend``'s host and return what came back.
 
     Args:
@@ -455,12 +503,16 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
             A call with stdin runs in a runner of its own, never in a persistent worker.
         hold: The runner keeps the result until it landed (a process-per-call run that can be collected
             again: see :func:`run_call`).
+        project: The project the task runs in (a snapshot of its tree on the host); None: the archive
+            carries the task's code and the task runs in an empty directory.
+        on_progress: Told how the upload of the tree's blobs goes (when the host lacks some).
 
     Raises:
         ConnectError, AuthError, HostKeyError: The host could not be reached or the link died.
         CommandTimeout: The call ran past its timeout and the runner did not report back.
         RunnerError: The interpreter is missing or too old, or the runner failed.
         IntegrityError: The result failed its checks.
+        SyncError: A file of the project changed or vanished while it was sent.
         Interrupted: Ctrl-C (the remote task is stopped first).
     """
     phase = _Phases(on_phase)
@@ -470,11 +522,12 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
     def call(channel: Channel, *, uploaded: bool, keep: bool) -> Outcome:
         return run_call(channel, session, session_bytes, options, on_stdout=on_stdout, on_stderr=on_stderr,
                         land_file=land_file, phase=phase, phases=phase.seconds, uploaded=uploaded, keep=keep,
-                        stdin=stdin, hold=hold and not keep)
+                        stdin=stdin, hold=hold and not keep, project=project, on_progress=on_progress)
 
     if options.keep_warm and stdin is None:
         for attempt in (1, 2):
-            channel = workers.acquire(launcher, backend, archive, options, phase)  # for this call alone
+            channel = workers.acquire(launcher, backend, archive, options, phase,  # for this call alone
+                                      tree=project.tree.tree_id if project else None)
             try:
                 uploaded, channel.uploaded = channel.uploaded, False
                 return call(channel, uploaded=uploaded, keep=True)

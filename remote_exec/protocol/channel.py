@@ -82,9 +82,13 @@ class Channel:
             self.last_read = time.monotonic()
 
     def send(self, kind: bytes, payload: bytes = b"") -> None:
-        """Write one frame to the runner."""
+        """Write one frame to the runner (a large payload after its header, not copied behind it)."""
         with self.write_lock:
-            self.process.write_stdin(wire.encode(kind, payload))
+            if len(payload) < 65536:
+                self.process.write_stdin(wire.encode(kind, payload))
+            else:
+                self.process.write_stdin(wire.HEADER.pack(kind, len(payload)))
+                self.process.write_stdin(payload)
 
     def pump(self, handle: Callable[[bytes, bytes], bool], *, size: int = 1 << 20) -> bool:
         """Feed the runner's frames to ``handle`` until it returns True (frames after that one stay

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backends.base import Backend
-from ..errors import ConnectError, RunnerError
+from ..errors import ConnectError, RunnerError, SyncError
 from ..launchers.base import Launcher
 from ..packing import DistributionArchive
 from ..session import Session
@@ -23,7 +23,17 @@ from . import wire
 from .bootstrap import find_handshake, new_token, runner_argv, start_runner
 from .call import Call, run_call, send_session
 from .channel import reap
-from .options import CallOptions, EventSink, FileLander, Outcome, OutputSink, PhaseCallback
+from .options import (
+    CallOptions,
+    EventSink,
+    FileLander,
+    Outcome,
+    OutputSink,
+    PhaseCallback,
+    ProgressCallback,
+    ProjectCall,
+)
+from .tree import TREE_FRAMES, TreeSender
 
 __all__ = ["attach_detached", "cancel_detached", "follow_detached", "start_detached"]
 
@@ -33,8 +43,10 @@ def _ignore_phase(name: str, state: str) -> None:
 
 
 def start_detached(session: Session, backend: Backend, archive: DistributionArchive, options: CallOptions, *,
-                   launcher: Launcher, on_phase: PhaseCallback | None = None) -> dict[str, Any]:
-    """Start ``session`` on the host so that it outlives this process and the connection.
+                   launcher: Launcher, on_phase: PhaseCallback | None = None, project: ProjectCall | None = None,
+                   on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Start ``session`` on the host so that it outlives this process and the connection (in a snapshot of
+    ``project``'s tree, sent first if the host lacks it).
 
     Returns:
         What :func:`attach_detached` and :func:`cancel_detached` need: host, remote run directory,
@@ -43,12 +55,17 @@ def start_detached(session: Session, backend: Backend, archive: DistributionArch
     channel = start_runner(launcher, backend, archive, options, "detach", on_phase or _ignore_phase)
     call_options = {"run_id": session.run_id or "run", "timeout": options.timeout, "env": dict(options.env),
                     "secret_env": dict(options.secret_env), "kind": session.task.kind,
-                    "pull": list(options.pull), "no_pull": options.no_pull, "key": "00"}
+                    "pull": list(options.pull), "no_pull": options.no_pull, "key": "00",
+                    "heartbeat": options.heartbeat, "pull_limit": options.pull_limit,
+                    "gc": [options.cache_limit, options.cache_days], **(project.go_options() if project else {})}
     info: dict[str, Any] = {}
+    sender = TreeSender(channel, project.tree if project else None, on_progress)
 
     def started(kind: bytes, payload: bytes) -> bool:
         if kind == b"P":
             info.update(json.loads(payload))
+        elif kind in TREE_FRAMES:
+            sender.handle(kind, payload)
         return bool(info)
 
     try:
@@ -56,8 +73,12 @@ def start_detached(session: Session, backend: Backend, archive: DistributionArch
             channel.process.write_stdin(wire.encode(b"G", wire.dump_options(call_options)))
             send_session(channel.process, session.to_wire())
         if not channel.pump(started, size=65536):
-            raise RunnerError(f"starting the detached run on {backend.host} failed: "
-                              f"{channel.stderr_tail() or 'no reason given'}", host=backend.host)
+            sender.join(5)
+            tail = channel.stderr_tail()
+            if sender.error or (sender.requested and tail.startswith("rx runner: ")):
+                raise SyncError(f"{backend.host}: {sender.error or tail[len('rx runner: '):]}")
+            raise RunnerError(f"starting the detached run on {backend.host} failed: {tail or 'no reason given'}",
+                              host=backend.host)
     finally:
         reap(channel.process, channel.stderr_reader)
     return {"host": backend.host, "run_dir": info["run_dir"], "supervisor_pid": info.get("supervisor_pid"),

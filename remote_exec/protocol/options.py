@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..session import Result
 
-__all__ = ["CallOptions", "EventSink", "FileLander", "Outcome", "OutputSink", "PhaseCallback"]
+if TYPE_CHECKING:
+    from ..sync.tree import Tree
+
+__all__ = ["CallOptions", "EventSink", "FileLander", "Outcome", "OutputSink", "PhaseCallback", "ProgressCallback",
+           "ProjectCall", "SyncProgress"]
 
 #: Receives a stream's bytes as they arrive.
 OutputSink = Callable[[bytes], None]
@@ -20,6 +24,54 @@ FileLander = Callable[[PurePosixPath, Path, str], Path]
 PhaseCallback = Callable[[str, str], None]
 #: Told of each progress event (P frame) the runner sends: the task started, a detached run ended, ...
 EventSink = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class SyncProgress:
+    """How far the upload of a project's blobs is (told as it goes, and once at its end).
+
+    Attributes:
+        files: Blobs sent so far.
+        files_total: Blobs the host asked for.
+        bytes: Bytes sent so far.
+        bytes_total: Bytes the host asked for.
+        done: The last report of this upload.
+    """
+
+    files: int
+    files_total: int
+    bytes: int
+    bytes_total: int
+    done: bool = False
+
+
+#: Told how an upload of blobs goes (only when the host lacks some).
+ProgressCallback = Callable[[SyncProgress], None]
+
+
+@dataclass(frozen=True)
+class ProjectCall:
+    """A call's project: the tree its snapshot is made of, and where in it the task runs.
+
+    Attributes:
+        tree: The scanned project tree.
+        cwd: The task's working directory relative to the root (``""``: the root), as the user's was.
+        path: Directories (relative) put first on the task's ``sys.path``, in order.
+        script: The script's path in the tree (a script task); None otherwise.
+        pool: Names the project on the host (its pool of snapshots: a run of another version of the same
+            project starts from one and copies only what differs); empty: the tree's id.
+    """
+
+    tree: Tree
+    cwd: str = ""
+    path: tuple[str, ...] = (".",)
+    script: str | None = None
+    pool: str = ""
+
+    def go_options(self) -> dict[str, Any]:
+        """What the call's G frame carries for it."""
+        return {"tree": self.tree.tree_id, "cwd": self.cwd, "path": list(self.path), "script": self.script,
+                "project": self.pool or self.tree.tree_id}
 
 
 @dataclass(frozen=True)
@@ -45,6 +97,10 @@ class CallOptions:
             ``allow_unpickle``), for hosts you do not fully trust.
         allow_unpickle: Extra globals or modules restricted mode accepts.
         handshake_timeout: Seconds the remote interpreter has to start and answer the bootstrap.
+        pull_limit: Bytes of files a call brings back at most (the rest is listed, not sent); None: no cap.
+        cache_limit: Bytes the host's caches (trees, blobs, archives) may hold before the least recently
+            used go (checked at most once a day, when a call starts).
+        cache_days: Days after which an unused tree or archive goes in any case.
     """
 
     python: str = "python3"
@@ -62,6 +118,9 @@ class CallOptions:
     restricted: bool = False
     allow_unpickle: Sequence[str] = ()
     handshake_timeout: float = 30.0
+    pull_limit: int | None = None
+    cache_limit: int = 10 << 30
+    cache_days: float = 30.0
 
 
 @dataclass
@@ -77,6 +136,7 @@ class Outcome:
         value_data: The value as the runner pickled it (it passed the result's checks): its bytes, or for a
             large value the spool file holding them, which the outcome's owner records and then removes;
             empty if none or if it came as marshal.
+        synced: (blobs, bytes) sent when the host lacked the call's project tree; None when it had it.
     """
 
     result: Result
@@ -85,3 +145,4 @@ class Outcome:
     uploaded: bool = False
     phases: dict[str, float] = field(default_factory=dict)
     value_data: bytes | Path = b""
+    synced: tuple[int, int] | None = None

@@ -14,23 +14,37 @@ coordinator:
     G  go: the call's options as marshal (see :func:`dump_options`): the per-call HMAC key, run id,
        timeout, heartbeat and dead_after seconds, env, secret_env, pull globs, no_pull, keep, the task's
        kind, whether the value may come back as marshal, ``stdin`` (true: I and i frames follow, the task
-       reads them on its stdin; absent: its stdin is empty), ``hold`` (after the result, wait for A or K);
-       for ``attach``, stdout/stderr offsets
+       reads them on its stdin; absent: its stdin is empty), ``hold`` (after the result, wait for A or K),
+       pull_limit (bytes, or None), gc ([cache limit in bytes, days]: the host's garbage collector's
+       settings); for ``attach``, stdout/stderr offsets.
+       A call in a project also carries tree (the tree's id, see :func:`tree_id`), project (the project's
+       name on hosts: the pool its snapshots are reused from), cwd (the task's working directory relative
+       to the project root, "" for the root), path (directories relative to the root put first on
+       ``sys.path``, in order) and script (a script task's path in the tree, or None). ``sync`` mode reads
+       a G frame of tree and heartbeat only.
     S  the session in its wire form (``Session.to_wire``), in one or more frames
     s  end of session: marshal ``{"size": N}`` (the runner also accepts a ``sha256``); the task starts
+       (once the call's tree is stored and its snapshot made)
     I  bytes for the task's stdin (``rx run`` forwards its own when it is a pipe or a file)
     i  end of the task's stdin (empty): the runner closes the pipe once the task read what came before
     H  heartbeat (empty)
-    C  cancel: stop the task and all it started (SIGINT, then SIGTERM, then SIGKILL, each after a grace)
+    C  cancel: stop the task and all it started (SIGINT, then SIGTERM, then SIGKILL, each after a grace);
+       during a tree's transfer: stop the transfer
     Q  quit: a persistent worker exits (a running call is cancelled)
     A  acknowledged (empty): the coordinator landed the result it was sent (or, after a held call's result,
        refused it), so the runner may now remove what it kept of it: the run directory of a detached run
        (``attach ... collect``), or of a process-per-call run whose G frame said ``hold``. Without it (the
        coordinator refused the result, or went away) a detached run stays on the host and a later
-       ``attach`` collects it again; a held call's goes
+       ``attach`` collects it again; a held call's run directory goes once the runner stops waiting
     K  keep (empty): the coordinator could not land the result (its disk was full): a runner whose G frame
        said ``hold`` keeps it in the run directory the way a detached run keeps its outcome, for a later
        ``attach RUN_DIR collect``
+    M  the tree's manifest (:func:`dump_manifest`), in one or more frames, answering T
+    m  end of manifest: marshal ``{"size": N}`` (the manifest's bytes)
+    D  blob bytes: exactly the blobs the runner listed in its N frames, in that order, back to back
+       (each as long as the manifest says), cut into frames of at most :data:`MAX_FRAME` bytes
+    d  end of blobs: marshal ``{"count": N, "bytes": N}``, or ``{"error": text}`` when the coordinator
+       could not send them as the manifest describes (a file changed or vanished since it was hashed)
 
 Frames from the runner:
 
@@ -39,16 +53,25 @@ Frames from the runner:
        most a window of stdin in flight beyond that (see :mod:`remote_exec.protocol.stdin`)
     P  an event as JSON: ``{"event": "started", "pid", "run_dir", "host"}`` (a call's task started),
        ``{"event": "worker", "pid", "host"}`` (a persistent worker is ready),
-       ``{"event": "detached", "run_dir", "supervisor_pid", "host"}`` (a detached run started)
+       ``{"event": "detached", "run_dir", "supervisor_pid", "host"}`` (a detached run started),
+       ``{"event": "synced", "tree", "seconds"}`` (``sync`` mode stored the tree)
+    T  tree wanted, JSON ``{"tree": id}``: the call's tree is not stored on the host (the coordinator
+       answers M... m). A host that has it sends nothing: no round trip is added.
+    N  blobs wanted: raw 32-byte sha256 digests back to back (one or more frames), the distinct blobs of
+       the manifest this host lacks, after the manifest hashed to the tree's id
+    n  end of blobs wanted: JSON ``{"count": N, "bytes": N}``; when N > 0 the coordinator sends D... d
     R  result header, JSON: protocol, status, exit_code, detail, signal, exception (type, message and
        traceback text, each at most 64 Ki characters; ``chain``: the exception and its causes, oldest
        first, each with ``type``, ``only`` (its last lines), ``frames`` ([file, line, function, source, end
        line, column, end column]) and ``then`` (cause, context or null); ``roots``: where the archive and the
        run directory are), value (size and encoding: ``marshal`` or ``serializer``) or null, exc_pickle
-       (size) or null, file_count, skipped (files and folders that could not be read: path and reason, at
-       most 100) and skipped_count, stray (what was still running when the task's process ended and had to
-       be stopped: command and pid, at most 20) and stray_count when there was any, duration, python, host;
-       ``kept``: the run directory, when the call asked to keep it
+       (size) or null, file_count (in a project's snapshot, the files the task created or changed count),
+       skipped (files and folders that could not be read: path and reason, at most 100) and skipped_count,
+       over_limit (files over pull_limit, not sent: path and size, at most 100), over_limit_count and
+       over_limit_bytes when there was any, stray (what was still running when the task's process ended
+       and had to be stopped: command and pid, at most 20) and stray_count when there was any, duration,
+       python, host; ``kept``: the run directory, when the call asked to keep it or files over the limit
+       stayed
     L  the manifest of the pulled files, a JSON array of {path, size, sha256}, in as many frames as it
        takes (each well under MAX_FRAME), after R
     V  the value's bytes
@@ -301,3 +324,47 @@ def load_options(payload: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError("protocol: options are not a mapping")
     return data
+
+
+# -- project trees: the manifest and its hash -----------------------------------------------------------
+
+#: The format version of a tree manifest (:func:`dump_manifest`).
+MANIFEST_VERSION = 1
+#: A manifest entry's mode for a symbolic link (git's); a regular file's is 0o100644 or 0o100755.
+LINK_MODE = 0o120000
+
+
+def dump_manifest(entries: list[tuple[str, int, int, bytes, str]]) -> bytes:
+    """A tree manifest (the payload of M frames and the content of the host's ``trees/<id>``): marshal of
+    ``(MANIFEST_VERSION, entries)``, each entry ``(path, mode, size, sha256 digest, link target)``, sorted
+    by path. ``path`` is relative, ``/``-separated; ``mode`` is 0o100644, 0o100755 or :data:`LINK_MODE`;
+    a file's digest is the sha256 of its bytes (its blob), a link's the sha256 of its target (``size`` is
+    the target's length), and only a link has a target."""
+    import marshal
+
+    return marshal.dumps((MANIFEST_VERSION, entries), 4)
+
+
+def load_manifest(data: bytes) -> list[tuple[str, int, int, bytes, str]]:
+    """The entries of a manifest made by :func:`dump_manifest`.
+
+    Raises:
+        ValueError: Not a manifest of this version.
+    """
+    import marshal
+
+    try:
+        version, entries = marshal.loads(data)
+    except (EOFError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a tree manifest: {exc}") from None
+    if version != MANIFEST_VERSION or not isinstance(entries, (list, tuple)):
+        raise ValueError(f"tree manifest of version {version!r}; this runner reads {MANIFEST_VERSION}")
+    return list(entries)
+
+
+def tree_id(entries: list[tuple[str, int, int, bytes, str]]) -> str:
+    """The tree's id: the sha256 (hex) over its sorted (path, mode, blob hash) list, each entry as the
+    path's UTF-8 bytes, NUL, the mode in octal, NUL, then the 32-byte digest (fixed length)."""
+    parts = [b"%s\0%o\0%s" % (path.encode("utf-8", "surrogateescape"), mode, blob)
+             for path, mode, _size, blob, _link in entries]
+    return str(_builtin_sha256()(b"rx-tree-1\0" + b"".join(parts)).hexdigest())

@@ -1,9 +1,9 @@
 """Persistent workers (``keep_warm``): runners that each serve many calls, one at a time, over one channel
-with warm imports.
+with warm imports, each of one host, interpreter, workdir, archive and project tree.
 
 A :class:`WorkerPool` belongs to the process's :class:`~remote_exec.coordinator.Coordinator`, which closes it
 at exit (a worker also ends by itself when its channel closes or after ``worker_idle`` idle seconds). A call
-takes a worker of its host, interpreter, workdir and archive for itself (:meth:`WorkerPool.acquire`) and
+takes a worker of its host, interpreter, workdir, archive and tree for itself (:meth:`WorkerPool.acquire`) and
 gives it back (:meth:`WorkerPool.release`): calls from several threads run side by side in several workers,
 up to :attr:`WorkerPool.per_host` at one place; more calls wait for one of those to be free.
 """
@@ -27,7 +27,7 @@ __all__ = ["MAX_WORKERS_PER_HOST", "WorkerPool"]
 #: a call waits for one to be free.
 MAX_WORKERS_PER_HOST = 4
 
-_Key = tuple[int, str, str, str]
+_Key = tuple[int, str, str, str, 'str | None']
 
 
 @dataclass
@@ -47,10 +47,11 @@ class WorkerPool:
         self._changed = threading.Condition()
 
     def acquire(self, launcher: Launcher, backend: Backend, archive: DistributionArchive, options: CallOptions,
-                phase: PhaseCallback) -> Channel:
-        """A worker for this host, interpreter, workdir and archive, for one call (give it back with
-        :meth:`release`): an idle one, else a new one while its place has room, else the first to be free."""
-        key: _Key = (id(backend), options.python, options.workdir, archive.sha256)
+                phase: PhaseCallback, *, tree: str | None = None) -> Channel:
+        """A worker for this host, interpreter, workdir, archive and project tree, for one call (give it back
+        with :meth:`release`): an idle one, else a new one while its place has room, else the first to be
+        free. A worker's imports are of one version of the code: another tree takes another worker."""
+        key: _Key = (id(backend), options.python, options.workdir, archive.sha256, tree)
         place = key[:3]
         while True:
             with self._changed:

@@ -3,13 +3,15 @@
 Started by the bootstrap (see :mod:`remote_exec.protocol.bootstrap`) as ``main([cache_dir, "serve"], fd)``,
 where ``fd`` is the protocol's private copy of the real stdout (fd 1 then points at stderr, so nothing an
 import prints reaches the frames). It reads the call's options and session from stdin, creates a private
-run directory (mode 0700) under the cache dir, forks the task into its own session and process group with
-that directory as working directory (held with all it starts by :mod:`.contain`), and streams the task's
-stdout and stderr back as frames while it runs. It watches the task's end, the coordinator (stdin closed
-or heartbeats stopped: the link or the coordinator died; a C frame: cancel), the timeout and its own
-SIGTERM; in all but the first it stops the task and everything it started. Then it sends the result (value
-or exception with its traceback text, the files the task wrote), signed with the per-call HMAC key,
-removes the run directory and exits 0. A runner failure (not the task's) exits 70 with one line on stderr.
+run directory (mode 0700) under the cache dir (a snapshot of the project's tree when the call names one:
+fetched over the channel first if the host lacks it), forks the task into its own session and process
+group with that directory as working directory (held with all it starts by :mod:`.contain`), and streams
+the task's stdout and stderr back as frames while it runs. It watches the task's end, the coordinator
+(stdin closed or heartbeats stopped: the link or the coordinator died; a C frame: cancel), the timeout and
+its own SIGTERM; in all but the first it stops the task and everything it started. Then it sends the
+result (value or exception with its traceback text, the files the task created or changed), signed with
+the per-call HMAC key, removes the run directory (or returns an untouched snapshot to its pool) and exits
+0. A runner failure (not the task's) exits 70 with one line on stderr.
 
 Statuses it reports: ``finished`` (the task ran to its end; see exit_code), ``raised`` (a function task
 raised), ``timeout``, ``cancelled``, ``signal`` (killed by a signal it did not send; named in detail),
@@ -26,6 +28,11 @@ The rooms, each imported only by the modes that need it:
 - :mod:`.rundir`: the run directory, its status file, its removal;
 - :mod:`.worker`: ``worker``, the persistent worker (``keep_warm``) and its watcher thread;
 - :mod:`.detached`: ``detach``, ``attach`` and ``cancel`` of detached runs;
+- :mod:`.store`: the host's store of project trees (blobs, manifests) and their transfer's receiving end;
+- :mod:`.snapshot`: each run's own copy of the project, what the run changed in it, the pool of
+  untouched copies;
+- :mod:`.gc`: the host's garbage collector (trees, blobs, archives, leftovers), at most once a day;
+- :mod:`.maintain`: ``sync`` (store a tree without running anything) and ``gc`` on demand.
 - :mod:`.batch`: ``prepare``, ``batch`` and ``seal`` of runs through a batch scheduler (Slurm).
 
 Every import is paid on every call (process-per-call mode): only what the mode needs, and the lean
@@ -47,7 +54,8 @@ __all__ = ["main"]
 def main(argv: list[str] | None = None, out_fd: int = 1) -> int:
     """Serve one call (``serve``), many (``worker``), a detached run (``detach``, ``attach RUN_DIR
     [collect]``, ``cancel RUN_DIR``) or a scheduler's (``prepare``, ``batch RUN_DIR``, ``seal RUN_DIR
-    VERDICT``) over stdin and ``out_fd``; see the module docstring."""
+    VERDICT``); store a project tree (``sync``); collect the host's garbage (``gc LIMIT DAYS
+    [dry-run]``); over stdin and ``out_fd``; see the module docstring."""
     args = list(sys.argv[1:] if argv is None else argv)
     cache_dir = os.path.expanduser(args[0]) if args else os.path.expanduser("~/.cache/remote_exec")
     mode = args[1] if len(args) > 1 else "serve"
@@ -56,7 +64,8 @@ def main(argv: list[str] | None = None, out_fd: int = 1) -> int:
     except CoordinatorGone:
         return 0
     except Exception as exc:
-        sys.stderr.write(f"rx runner: {type(exc).__name__}: {exc}\n")
+        named = type(exc).__name__ != "StoreError"  # the store's messages are written for the user
+        sys.stderr.write(f"rx runner: {type(exc).__name__ + ': ' if named else ''}{exc}\n")
         if os.environ.get("RX_DEBUG"):
             import traceback
 
@@ -77,6 +86,12 @@ def _serve(mode: str, cache_dir: str, rest: list[str], out_fd: int) -> int:
         from .worker import serve_worker
 
         return serve_worker(cache_dir, float(rest[0]) if rest else 600.0, out_fd)
+    if mode in ("sync", "gc"):
+        from . import maintain
+
+        if mode == "sync":
+            return maintain.serve_sync(cache_dir, Out(out_fd))
+        return maintain.serve_gc(cache_dir, rest, out_fd)
     if mode in ("detach", "attach", "cancel"):
         from . import detached
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     #: What a task sent back: its record, its serialized value and its pickled exception (bytes or views).
     Loaded = tuple[dict[str, Any], bytes | memoryview, bytes | memoryview]
 
-__all__ = ["parse_result", "run_child", "run_task", "set_call_environ", "task_stdio"]
+__all__ = ["enter_project", "parse_result", "run_child", "run_task", "set_call_environ", "task_stdio"]
 
 
 def task_stdio(out_w: int, err_w: int, in_r: int | None = None) -> None:
@@ -53,6 +53,28 @@ def set_call_environ(options: dict[str, Any]) -> None:
     os.environ.update(options.get("secret_env") or {})
 
 
+def enter_project(run_dir: str, options: dict[str, Any]) -> str | None:
+    """In a snapshot of the project (the call names a tree): go to the task's working directory, put the
+    project's directories first on ``sys.path`` (the script's, the root, ``src/``: what the call lists),
+    and return the script's path in the snapshot (None when there is none, or no tree)."""
+    if not options.get("tree"):
+        os.chdir(run_dir)
+        return None
+    from .snapshot import work_dir
+
+    os.chdir(work_dir(run_dir, options))
+    for relative in reversed(options.get("path") or ()):
+        entry = os.path.normpath(os.path.join(run_dir, relative))
+        if (entry == run_dir or entry.startswith(run_dir + os.sep)) and os.path.isdir(entry):
+            if entry in sys.path:
+                sys.path.remove(entry)
+            sys.path.insert(0, entry)
+    script = options.get("script")
+    if script and ".." not in script.split("/") and os.path.isfile(os.path.join(run_dir, script)):
+        return os.path.join(run_dir, script)
+    return None
+
+
 def run_child(session_bytes: bytes, run_dir: str, options: dict[str, Any], out_w: int, err_w: int,
               result_w: int, in_r: int | None = None) -> None:
     """In the forked task process: run the task (its stdin from ``in_r``, else empty), send the result to
@@ -65,8 +87,8 @@ def run_child(session_bytes: bytes, run_dir: str, options: dict[str, Any], out_w
     sys.path[1:1] = [entry for entry in extra_path.split(os.pathsep) if entry and entry not in sys.path]
     os.environ["RX_RUN_DIR"] = run_dir
     task_stdio(out_w, err_w, in_r)
-    os.chdir(run_dir)
-    record, value, exc_data = run_task(session_bytes, run_dir, bool(options.get("marshal")))
+    script = enter_project(run_dir, options)
+    record, value, exc_data = run_task(session_bytes, run_dir, bool(options.get("marshal")), script)
     _send_result(result_w, record, value, exc_data)
     os._exit(int(record["exit_code"]))
 
@@ -100,8 +122,12 @@ def parse_result(buffer: bytearray) -> Loaded | None:
     return record, data[8 + size:value_end], data[value_end:exc_end]
 
 
-def run_task(session_bytes: bytes, run_dir: str, marshal_ok: bool = False) -> tuple[dict[str, Any], bytes, bytes]:
+def run_task(session_bytes: bytes, run_dir: str, marshal_ok: bool = False,
+             script: str | None = None) -> tuple[dict[str, Any], bytes, bytes]:
     """Restore the session and run its task here; return (record, serialized value, pickled exception).
+
+    ``script``: a script task's file in the project's snapshot (it runs from there: ``__file__`` is its
+    path in the snapshot); None: the script runs from a copy of its source in the private directory.
 
     The record holds status, exit_code and, when the task raised, the exception's type, message and
     traceback text (which always travel, even when the exception itself cannot be pickled). With
@@ -117,7 +143,7 @@ def run_task(session_bytes: bytes, run_dir: str, marshal_ok: bool = False) -> tu
 
         session = Session.loads(session_bytes)
         kind = session.task.kind
-        value_data = _execute(session, run_dir, marshal_ok, record)
+        value_data = _execute(session, run_dir, marshal_ok, record, script)
     except SystemExit as exc:
         record["exit_code"] = _exit_code(exc.code)
     except BaseException as exc:  # the task's failure, reported as data
@@ -134,11 +160,11 @@ def run_task(session_bytes: bytes, run_dir: str, marshal_ok: bool = False) -> tu
     return record, value_data, exc_data
 
 
-def _execute(session: Session, run_dir: str, marshal_ok: bool, record: dict[str, Any]) -> bytes:
+def _execute(session: Session, run_dir: str, marshal_ok: bool, record: dict[str, Any], script: str | None) -> bytes:
     """Run the session's task; a function's value comes back serialized (``record`` says how)."""
     from ..serialization import PickleSerializer, get_serializer, marshal_dumps
 
-    value = session.task.execute(session.execution, workdir=run_dir)
+    value = session.task.execute(session.execution, workdir=run_dir, script=script)
     if session.task.kind != "function":
         return b""
     try:

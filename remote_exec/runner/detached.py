@@ -21,7 +21,8 @@ from .channel import EXIT_RUNNER_FAILURE, CoordinatorGone, read_call
 from .contain import alive, identity, signal_process
 from .policy import INT_GRACE, KILL_GRACE, Policy
 from .result import Ending, classify, send_classified
-from .rundir import PRIVATE, RunStatus, make_run_dir, read_status, rmtree
+from .rundir import PRIVATE, RunStatus, read_status, rmtree
+from .snapshot import open_run_dir
 from .supervise import supervise
 
 TYPE_CHECKING = False  # typing is not imported at run time
@@ -73,9 +74,9 @@ class FileSink:
 def serve_detached(cache_dir: str, out: Out) -> None:
     """Start the call so that it outlives this channel: a supervisor in its own session runs it, writes
     its output to files and its outcome to the run directory, and waits there for ``attach``."""
-    options, session_bytes, _ = read_call(0)
+    options, session_bytes, reader = read_call(0)
     options = dict(options, key="00")  # the supervisor never holds the coordinator's key
-    run_dir = make_run_dir(cache_dir, options)
+    run_dir = open_run_dir(cache_dir, options, reader, out)
     RunStatus(run_dir).update(state="starting", detached=True)
     ready_r, ready_w = os.pipe()
     pid = os.fork()
@@ -195,7 +196,7 @@ def serve_attach(cache_dir: str, run_dir: str, collect: bool, out: Out) -> None:
     run_options.update(pull=options.get("pull") or run_options.get("pull"), keep=False,
                        no_pull=bool(options.get("no_pull")))
     send_classified(run_options, run_dir, header, value, exc_data, out, remove=False)
-    if _acknowledged():
+    if _acknowledged() and not read_status(run_dir).get("over_limit"):  # over the pull limit: it stays
         rmtree(run_dir)
 
 

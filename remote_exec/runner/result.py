@@ -10,7 +10,7 @@ import sys
 import time
 
 from ..protocol import wire
-from .rundir import PRIVATE, rmtree
+from .rundir import PRIVATE, keep_for_pull_limit
 
 TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
 if TYPE_CHECKING:
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from .channel import Out
     from .child import Loaded
+    from .snapshot import Changes
 else:
     import _signal as signal
 
@@ -147,21 +148,29 @@ def _without_record(options: dict[str, Any], ending: Ending, exit_code: int,
 
 
 def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any], value: bytes | memoryview,
-                    exc_data: bytes | memoryview, out: Out, *, reuse: bool = False, remove: bool = True) -> bool:
+                    exc_data: bytes | memoryview, out: Out, *, reuse: bool = False, remove: bool = True,
+                    answer: Callable[[], bool] | None = None) -> bool:
     """Send R, L, V, X, F frames, clean the run directory, send Z (the HMAC over the result).
 
-    With ``reuse``, a run directory the task left empty is kept (creating and removing a directory costs
-    a persistent worker's small call more than all the rest); returns True when it was. Without
-    ``remove`` (a detached run's collection, or a held call's) the run directory stays until the
-    coordinator says what becomes of it.
+    With ``reuse``, a run directory the task left empty (a project's snapshot: untouched) is kept
+    (creating and removing a directory costs a persistent worker's small call more than all the rest);
+    returns True when it was. In a project's snapshot, the files are those the task created or changed.
+    Without ``remove`` (a detached run's collection) the run directory stays until the coordinator
+    acknowledges. With ``answer`` (a held call's) the coordinator says, after Z, what becomes of the result:
+    ``answer()`` waits for that and returns True when the run directory must stay (kept for ``rx attach``).
     """
+    from .snapshot import changes, close_run_dir
+
     names = os.listdir(run_dir)
+    found = changes(run_dir) if options.get("tree") else None
     files: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     if names and not options.get("no_pull"):
-        files, skipped = _manifest(run_dir, options.get("pull") or [], _Beat(out))
+        files, skipped = _files(options, run_dir, found, _Beat(out))
+    files, over = _capped(files, options.get("pull_limit"))
     header = dict(header, file_count=len(files), skipped=skipped[:_SKIPPED_LISTED], skipped_count=len(skipped),
-                  **({"kept": run_dir} if options.get("keep") else {}))
+                  **_over_limit(over),
+                  **({"kept": run_dir} if options.get("keep") or over else {}))  # over the limit: it stays
     size = len(value) + len(exc_data) + sum(entry["size"] for entry in files)
     out.sign(size=size)
     if size > (1 << 20):
@@ -175,12 +184,60 @@ def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any
         out.send_chunks(b"X", exc_data)
     if files:
         _send_files(run_dir, files, out)
-    kept = reuse and not names and not options.get("keep")
-    if remove and not options.get("keep") and not kept:
-        rmtree(run_dir)
+    if over:
+        keep_for_pull_limit(run_dir)
+    if answer is None:
+        kept = close_run_dir(options, run_dir, found, reuse=reuse and remove, empty=not names,
+                             keep=bool(over) or not remove)
     out.send(b"Z", out.json_text({"hmac": out.mac.hexdigest()}).encode())
     out.release()
+    if answer is not None:
+        stays = answer()
+        kept = close_run_dir(options, run_dir, found, reuse=False, empty=not names, keep=bool(over) or stays)
     return kept
+
+
+def _files(options: dict[str, Any], run_dir: str, found: Changes | None,
+           beat: Callable[[], None]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The files to send and those that could not be read: a project run's outputs, or every file the
+    task left; those matching the ``pull`` globs if there are any."""
+    patterns = options.get("pull") or []
+    if found is None:
+        return _manifest(run_dir, patterns, beat)
+    import fnmatch
+
+    entries: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = list(found.skipped)
+    for relative in found.outputs:
+        if patterns and not any(fnmatch.fnmatch(relative, pattern) for pattern in patterns):
+            continue
+        try:
+            entries.append(_file_entry(os.path.join(run_dir, relative), relative, beat))
+        except OSError as exc:
+            skipped.append({"path": relative, "reason": exc.strerror or str(exc)})
+    return entries, skipped
+
+
+def _capped(files: list[dict[str, Any]], limit: int | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The files that fit in ``limit`` bytes (in order), and those left behind (path and size)."""
+    if limit is None or sum(entry["size"] for entry in files) <= limit:
+        return files, []
+    kept, over, total = [], [], 0
+    for entry in files:
+        if total + entry["size"] <= limit:
+            kept.append(entry)
+            total += entry["size"]
+        else:
+            over.append({"path": entry["path"], "size": entry["size"]})
+    return kept, over
+
+
+def _over_limit(over: list[dict[str, Any]]) -> dict[str, Any]:
+    """The header's account of the files left behind by the pull limit (the first ones named)."""
+    if not over:
+        return {}
+    return {"over_limit": over[:_SKIPPED_LISTED], "over_limit_count": len(over),
+            "over_limit_bytes": sum(entry["size"] for entry in over)}
 
 
 #: Skipped files named in a result header (the count says how many there were in all).

@@ -21,8 +21,8 @@ TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["DETACHED_KEEP_DAYS", "PRIVATE", "RunStatus", "keep_for_attach", "make_run_dir", "owner_token",
-           "read_status", "rmtree", "sweep_runs"]
+__all__ = ["DETACHED_KEEP_DAYS", "PRIVATE", "RunStatus", "keep_for_attach", "keep_for_pull_limit", "make_run_dir",
+           "new_run_path", "owner_token", "read_status", "rmtree", "sweep_runs"]
 
 #: The run directory's own private directory: the runner's status, a detached run's output and outcome.
 PRIVATE = ".rx"
@@ -53,6 +53,14 @@ def _owner_alive(token: str) -> bool | None:
     if boot != "0" and current and not current.startswith(boot):
         return False
     return alive({"pid": int(pid), "start": "" if start == "0" else start})
+
+
+def new_run_path(cache_dir: str, options: dict[str, Any]) -> str:
+    """A fresh run directory's path (not made; ``runs/`` is)."""
+    runs = os.path.join(cache_dir, "runs")
+    if not os.path.isdir(runs):
+        os.makedirs(runs, mode=0o700, exist_ok=True)
+    return os.path.join(runs, f"{options.get('run_id', 'run')}-{owner_token()}-{os.urandom(4).hex()}")
 
 
 def make_run_dir(cache_dir: str, options: dict[str, Any], *, private: bool = True) -> str:
@@ -108,6 +116,16 @@ def keep_for_attach(options: dict[str, Any], run_dir: str, header: dict[str, Any
     os.rename(os.path.join(private, "outcome.json.tmp"), os.path.join(private, "outcome.json"))
     RunStatus(run_dir).update(state="done", status=header["status"], exit_code=header["exit_code"],
                               finished=time.time(), detached=True)  # swept, as a detached run, if never attached
+
+
+def keep_for_pull_limit(run_dir: str) -> None:
+    """Mark ``run_dir`` as kept on the host: files over the pull limit stay in it (the sweep of dead runs
+    leaves it alone; the garbage collector removes it once unused for its ``days``)."""
+    try:
+        os.makedirs(os.path.join(run_dir, PRIVATE), mode=0o700, exist_ok=True)
+        RunStatus(run_dir, **read_status(run_dir)).update(keep=True, over_limit=True)
+    except OSError:
+        pass
 
 
 def read_status(run_dir: str) -> dict[str, Any]:

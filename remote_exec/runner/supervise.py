@@ -13,7 +13,8 @@ from ..protocol import wire
 from .channel import EXIT_RUNNER_FAILURE, CoordinatorGone, Poller
 from .child import parse_result, run_child
 from .contain import ENCLOSE_AFTER, Containment
-from .rundir import RunStatus, keep_for_attach, make_run_dir, rmtree, sweep_runs
+from .rundir import RunStatus, keep_for_attach, rmtree, sweep_runs
+from .snapshot import open_run_dir
 
 TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
     """One call in a forked task process (the default, process-per-call mode)."""
     out.new_call(options["key"])
     keep = bool(options.get("keep"))
-    run_dir = make_run_dir(cache_dir, options, private=keep)
+    run_dir = open_run_dir(cache_dir, options, reader, out, private=keep)
     # A kept run directory tells who ran in it (and the sweep of dead runs leaves it alone).
     status = (RunStatus(run_dir, state="running", runner_pid=os.getpid(), started=time.time(), keep=True)
               if keep else None)
@@ -45,15 +46,20 @@ def serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
 
     hold = bool(options.get("hold")) and not keep  # the coordinator says what becomes of the result
     header, value, exc_data = classify(options, ending)
-    try:
-        send_classified(options, run_dir, header, value, exc_data, out, remove=not hold)
-        if hold and _answer(reader) == b"K":  # its disk was full: kept for rx attach
-            keep_for_attach(options, run_dir, header, value, exc_data)
-            keep = True
-    finally:
-        ending.release()
+    def kept_for_attach() -> bool:
+        if _answer(reader) != b"K":
+            return False
+        keep_for_attach(options, run_dir, header, value, exc_data)  # its disk was full: kept for rx attach
+        return True
+
+    try:  # send_classified removes (or pools, or keeps) the run directory
+        send_classified(options, run_dir, header, value, exc_data, out, answer=kept_for_attach if hold else None)
+    except BaseException:
         if not keep:
             rmtree(run_dir)
+        raise
+    finally:
+        ending.release()
 
 
 def _answer(reader: wire.FrameReader, wait: float = 600.0) -> bytes:

@@ -10,11 +10,11 @@ import time
 
 from ..protocol import wire
 from .channel import CoordinatorGone, Out, Poller, read_call
-from .child import run_task, set_call_environ, task_stdio
+from .child import enter_project, run_task, set_call_environ, task_stdio
 from .contain import Containment
 from .policy import Policy
 from .result import Ending, classify, oom_kills, send_result
-from .rundir import make_run_dir, rmtree
+from .rundir import make_run_dir, new_run_path, rmtree
 
 TYPE_CHECKING = False  # typing is not imported at run time
 if TYPE_CHECKING:
@@ -128,7 +128,9 @@ def _worker_stdio(out_fd: int) -> tuple[int, Out, int, int]:
 
 
 class _Calls:
-    """The worker's calls, one after another; the run directory a call left empty serves the next."""
+    """The worker's calls, one after another; the run directory a call left empty (or, for a project, its
+    snapshot untouched) serves the next. A project's snapshot keeps one path for the worker's life: the
+    modules imported from it by one call stay where their ``__file__`` says for the next."""
 
     def __init__(self, cache_dir: str, out: Out, watch: _WorkerWatch, containment: Containment,
                  guardian: int) -> None:
@@ -138,27 +140,23 @@ class _Calls:
         self.containment = containment
         self.guardian = guardian
         self.run_dir: str | None = None
+        self.tree: str | None = None
+        self.snapshot_path: str | None = None
 
     def serve_next(self, idle_timeout: float) -> None:
         """Read the next call, run it here, send its result."""
         watch = self.watch
         options, session_bytes, _ = read_call(watch.proto_in, watch.reader, idle_timeout)
         self.out.new_call(options["key"])
-        if self.run_dir is None:
-            self.run_dir = make_run_dir(self.cache_dir, options, private=False)
-            try:  # the guardian removes it if the worker is killed
-                os.write(self.guardian, self.run_dir.encode("utf-8", "surrogateescape") + b"\n")
-            except OSError:
-                pass
-        run_dir = self.run_dir
+        run_dir = self._run_dir(options)
         saved_env = _environ_snapshot()
         set_call_environ(options)
         if os.environ.get("RX_RUN_DIR") != run_dir:
             os.environ["RX_RUN_DIR"] = run_dir
-        os.chdir(run_dir)
+        script = enter_project(run_dir, options)
         current = _Current(options, run_dir)
         watch.begin(current)
-        loaded = run_task(session_bytes, run_dir, bool(options.get("marshal")))
+        loaded = run_task(session_bytes, run_dir, bool(options.get("marshal")), script)
         del session_bytes
         watch.returned()
         try:
@@ -175,6 +173,37 @@ class _Calls:
                 raise CoordinatorGone("the call was stopped: a fresh worker takes the next one")
         finally:
             watch.lock.release()
+
+    def _run_dir(self, options: dict[str, Any]) -> str:
+        """This call's run directory: the one kept from the last call when it fits, else a new one."""
+        tree = options.get("tree") or None
+        if self.run_dir is not None and self.tree == tree:
+            return self.run_dir
+        if self.run_dir is not None:
+            rmtree(self.run_dir)
+            self.run_dir = None
+        if tree is None:
+            self.run_dir = make_run_dir(self.cache_dir, options, private=False)
+        else:
+            from .snapshot import prepare_snapshot
+            from .store import Inbox
+
+            if self.snapshot_path is None:
+                self.snapshot_path = new_run_path(self.cache_dir, options)
+            inbox = Inbox(self.watch.proto_in, self.watch.reader, self._send, float(options.get("heartbeat") or 5.0))
+            prepare_snapshot(self.cache_dir, options, inbox, self.snapshot_path)
+            inbox.done()
+            self.run_dir = self.snapshot_path
+        self.tree = tree
+        try:  # the guardian removes it if the worker is killed
+            os.write(self.guardian, self.run_dir.encode("utf-8", "surrogateescape") + b"\n")
+        except OSError:
+            pass
+        return self.run_dir
+
+    def _send(self, kind: bytes, payload: bytes = b"") -> None:
+        with self.watch.lock:  # the watcher thread sends the tasks' output meanwhile
+            self.out.send(kind, payload)
 
 
 class _Current:

@@ -1,7 +1,8 @@
 """Workspaces and the runs recorded in them.
 
-A workspace is a directory (``--workspace``, else ``RX_WORKSPACE``, else ``.rx/`` in the current
-directory) holding one directory per run::
+A workspace is a directory (``--workspace``, else ``RX_WORKSPACE``, else ``.rx/`` at the project root:
+the first directory up from the current one holding ``.git``, ``pyproject.toml``, ``setup.py`` or
+``setup.cfg``, below the home directory; else the current directory) holding one directory per run::
 
     <workspace>/runs/<run-id>/
         state.json        the run's record (below), rewritten atomically on every change
@@ -224,13 +225,18 @@ class Workspace:
 
     @classmethod
     def resolve(cls, path: Path | str | None = None) -> Workspace:
-        """The workspace named by ``path``, else by ``RX_WORKSPACE``, else ``./.rx``."""
+        """The workspace named by ``path``, else by ``RX_WORKSPACE``, else ``.rx`` at the project root of
+        the current directory (wherever in the project rx starts, its runs land in one place), else
+        ``./.rx``."""
         if path is not None and str(path) != "":
             return cls(path)
         env = os.environ.get(ENV_WORKSPACE)
         if env:
             return cls(env)
-        return cls(Path.cwd() / DEFAULT_DIRNAME)
+        from ..sync.root import find_project_root
+
+        here = Path.cwd()
+        return cls((find_project_root(here) or here) / DEFAULT_DIRNAME)
 
     @property
     def runs_dir(self) -> Path:
@@ -271,6 +277,18 @@ class Workspace:
         logger.debug("created run %s in %s", rid, self.root)
         return run
 
+    def _ignore_in_git(self) -> None:
+        """Give a new ``.rx`` a ``.gitignore`` of ``*`` (as ``.venv`` and ``.pytest_cache`` have): the
+        workspace sits at the project root, and ``git status`` should not list it."""
+        if self.root.name != DEFAULT_DIRNAME:
+            return
+        marker = self.root / ".gitignore"
+        try:
+            with open(marker, "x", encoding="utf-8") as handle:
+                handle.write("# made by rx: its runs stay out of git\n*\n")
+        except OSError:
+            pass  # there already, or not writable: git status shows .rx, nothing else changes
+
     def _make_run_dir(self, run_id: str | None) -> str:
         """Create the directory of run ``run_id``, or of a new id; return the id.
 
@@ -278,7 +296,9 @@ class Workspace:
             WorkspaceError: ``run_id`` is already taken, or the directory cannot be made.
         """
         try:
-            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            if not self.runs_dir.is_dir():
+                self.runs_dir.mkdir(parents=True, exist_ok=True)
+                self._ignore_in_git()
         except OSError as exc:
             raise WorkspaceError(f"cannot create {self.runs_dir}: {exc.strerror or exc}") from exc
         for _attempt in range(100):

@@ -67,15 +67,18 @@ def run_outcome(result: Result) -> RunOutcome:
 
 
 def result_record(result: Result, *, header: dict[str, Any] | None = None, phases: dict[str, float] | None = None,
-                  uploaded: bool = False, files: Sequence[Path] = (), run_dir: Path | None = None) -> dict[str, Any]:
-    """``result.json`` of a run: the result's own record, and where and how it ran when it ran."""
+                  uploaded: bool = False, files: Sequence[Path] = (), run_dir: Path | None = None,
+                  synced: tuple[int, int] | None = None) -> dict[str, Any]:
+    """``result.json`` of a run: the result's own record, and where and how it ran when it ran (with the
+    project's files sent, when the host lacked some, and those left on the host over the pull limit)."""
     record = result.record()
     if header is not None:
         record.update(host=header.get("host"), python=header.get("python"), duration=header.get("duration"),
                       phases=phases or {}, uploaded_archive=uploaded,
-                      files=[str(path.relative_to(run_dir) if run_dir else path) for path in files])
-        for name in ("skipped", "stray"):  # unreadable files left behind; processes stopped after the task
-            if header.get(f"{name}_count"):
+                      files=[str(path.relative_to(run_dir) if run_dir else path) for path in files],
+                      synced={"files": synced[0], "bytes": synced[1]} if synced else None)
+        for name in ("skipped", "stray", "over_limit"):  # unreadable files left behind; processes stopped
+            if header.get(f"{name}_count"):               # after the task; files over the pull limit
                 record[f"{name}_count"] = header[f"{name}_count"]
                 record[name] = header.get(name) or []
         if header.get("kept"):

@@ -175,6 +175,20 @@ SCENARIOS: dict[str, dict[str, str]] = {
         "expect": "the task sees it; the value appears nowhere in the workspace, rx's output, the remote "
                   "process list or remote files",
     },
+    "tree_interrupted": {
+        "class": "coordinator killed",
+        "title": "rx killed while the project is sent",
+        "fault": "kill -9 of rx run once the host holds a part of a 200 MB project file, then the same run again",
+        "expect": "no tree and no part of a blob under a final name on the host, nothing left running; the "
+                  "rerun succeeds and its task reads the file byte for byte",
+    },
+    "tree_disk_full": {
+        "class": "host limits",
+        "title": "Remote disk full while the project is sent",
+        "fault": "the remote cache is a 5 MB tmpfs and the project holds 8 MB",
+        "expect": "one clear error naming the full disk (exit 3); no tree, no damaged blob and no temporary "
+                  "left; a smaller project then runs",
+    },
 }
 
 

@@ -132,9 +132,10 @@ def test_a_script_imports_a_helper_next_to_it_without_listing_it(remote: Remote)
     assert done.stdout.splitlines() == ["HELLO!"]
 
 
-def test_a_second_run_of_unchanged_code_uploads_no_archive(remote: Remote) -> None:
-    # A helper with unique content gives this test an archive no earlier run has put on the host.
+def test_a_second_run_of_unchanged_code_uploads_no_archive(remote: Remote, fresh_workdir: str) -> None:
+    # A workdir of its own: no earlier run put the archive or the project's files there.
     marker = secrets.token_hex(8)
+    (remote.project / "pyproject.toml").write_text(f'[tool.rx.remotes.{HOST}]\nworkdir = "{fresh_workdir}"\n')
     (remote.project / f"unique_{marker}.py").write_text(f"MARKER = {marker!r}\n", encoding="utf-8")
     (remote.project / "main.py").write_text(f"import unique_{marker}\nprint(unique_{marker}.MARKER)\n",
                                             encoding="utf-8")
@@ -149,7 +150,8 @@ def test_a_second_run_of_unchanged_code_uploads_no_archive(remote: Remote) -> No
         runs.append(([action["name"] for action in info["actions"]], result))
 
     (first_actions, first_result), (second_actions, second_result) = runs
-    assert first_actions == ["pack", "connect", "upload", "execute", "collect"]
+    # The first run sends the archive, then (once the runner asked) the project's files.
+    assert first_actions == ["pack", "connect", "upload", "execute", "sync", "collect"]
     assert first_result["uploaded_archive"] is True
     assert "upload" in first_result["phases"]
     assert second_actions == ["pack", "connect", "execute", "collect"]

@@ -1,6 +1,7 @@
 """``@task(remote="rx-testbed-1")`` against the testbed, on both backends: values back from a module
 function, a closure and a lambda; remote exceptions as their own type with the remote traceback; project
-helpers shipped without listing them; and a second call that uploads nothing over the same connection."""
+helpers shipped without listing them (from the run's snapshot of the project); and a second call that uploads
+nothing over the same connection."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def test_a_module_function_returns_its_value_computed_remotely(remote: Remote) -
     assert answer["node"] == HOST
     assert answer["node"] != platform.node()
     assert answer["cwd"].startswith(RUNS_UNDER)
-    assert answer["file"].startswith(ARCHIVES_UNDER) and answer["file"].endswith("/rxproj/tasks.py")
+    # The module comes from the run's snapshot of its project (this repository), at its path in it.
+    assert answer["file"].startswith(RUNS_UNDER) and answer["file"].endswith("/tests/integration/data/rxproj/tasks.py")
 
 
 def test_a_closure_and_a_lambda_return_their_values(remote: Remote) -> None:
@@ -97,8 +99,8 @@ def test_a_project_helper_module_is_shipped_without_listing_it(remote: Remote) -
 
     received = tasks.fingerprint("helper")
 
-    assert received["helper_file"].startswith(ARCHIVES_UNDER)
-    assert received["helper_file"].endswith("/rxhelper.py")
+    assert received["helper_file"].startswith(RUNS_UNDER)
+    assert received["helper_file"].endswith("/tests/integration/data/rxhelper.py")
     assert received["node"] == HOST
     assert {key: received[key] for key in ("hex", "sha256", "codepoints")} == rxhelper.describe("helper")
 

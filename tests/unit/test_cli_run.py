@@ -29,7 +29,8 @@ def _runs(isolated: Any) -> list[dict[str, Any]]:
 
 
 def _one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    # A script outside any project gets rx's note saying so first.
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("rx: no project root")]
     assert len(lines) == 1, stderr
     assert lines[0].startswith("rx: error: ")
     assert "Traceback" not in stderr
@@ -196,3 +197,23 @@ def test_rx_leaves_no_workspace_in_the_current_directory_when_told_where(isolate
     assert not (work / ".rx").exists()
     assert (isolated.root / "ws2" / "runs").is_dir()
     assert os.listdir(work) == []
+
+
+def test_the_workspace_is_at_the_project_root_wherever_rx_starts(isolated: Any) -> None:
+    """Issue 12 item 13: runs started in any directory of a project land in one workspace, at its root."""
+    project = isolated.root / "proj"
+    (project / "scripts").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("[tool.rx]\n")
+    (project / "scripts" / "job.py").write_text("print('from scripts')\n")
+    (project / "top.py").write_text("print('from the root')\n")
+    env = {key: value for key, value in isolated.env().items() if key != "RX_WORKSPACE"}
+    below = subprocess.run([sys.executable, "-m", "remote_exec", "run", "job.py"], cwd=project / "scripts", env=env,
+                           capture_output=True, text=True, timeout=120, check=False)
+    above = subprocess.run([sys.executable, "-m", "remote_exec", "run", "top.py"], cwd=project, env=env,
+                           capture_output=True, text=True, timeout=120, check=False)
+    listed = subprocess.run([sys.executable, "-m", "remote_exec", "runs", "--json"], cwd=project / "scripts",
+                            env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert below.returncode == 0 and above.returncode == 0, below.stderr + above.stderr
+    assert not (project / "scripts" / ".rx").exists()
+    assert (project / ".rx" / "runs").is_dir()
+    assert [run["target"] for run in json.loads(listed.stdout)] == ["job.py", "top.py"]

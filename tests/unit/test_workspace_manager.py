@@ -292,3 +292,21 @@ def test_merge_done_copies_results_recorded_in_batches(tmp_path: Path) -> None:
     assert rerun.merge_done(previous) == ["a", "b"]  # b's value was never recorded: its entry still is
     assert sorted(p.name for p in rerun.results_dir.iterdir()) == ["a.pkl"]
     assert (rerun.results_dir / "a.pkl").read_bytes() == b"value-a"
+
+
+def test_a_new_workspace_in_a_git_project_stays_out_of_git_status(tmp_path: Path) -> None:
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "train.py").write_text("print(1)\n")
+    subprocess.run(["git", "-C", str(tmp_path), "add", "train.py"], check=True)
+
+    Workspace(tmp_path / ".rx").new_run(target="train.py", kind="script")
+
+    status = subprocess.run(["git", "-C", str(tmp_path), "status", "--porcelain", "--untracked-files=all"],
+                            capture_output=True, text=True, check=True).stdout
+    assert status.splitlines() == ["A  train.py"]
+
+
+def test_a_workspace_named_by_the_user_gets_no_gitignore(tmp_path: Path) -> None:
+    Workspace(tmp_path / "my-runs").new_run(target="train.py", kind="script")
+
+    assert sorted(path.name for path in (tmp_path / "my-runs").iterdir()) == ["runs"]

@@ -198,9 +198,11 @@ def settle_background_reapers(timeout: float = 15.0) -> None:
 def remote(
     testbed: Testbed, backend_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Remote]:
-    """The environment of one test: testbed ssh_config, backend, workspace, cache, project folder."""
+    """The environment of one test: testbed ssh_config, backend, workspace, cache, project folder (a project:
+    it holds a pyproject.toml, so runs happen in snapshots of it)."""
     project = tmp_path / "project"
     project.mkdir()
+    (project / "pyproject.toml").write_text('[project]\nname = "rx-test-project"\nversion = "0"\n')
     workspace = tmp_path / "ws"
     cache = tmp_path / "cache"
     monkeypatch.setenv("RX_SSH_CONFIG", str(testbed.ssh_config))

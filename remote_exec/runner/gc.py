@@ -1,0 +1,316 @@
+"""The host's garbage collector: trees, blobs, pooled snapshots, archives, leftover temporaries and run
+directories, least recently used first, never what a running run uses.
+
+What counts as used when:
+
+- a tree: its manifest's modification time (touched when a call uses it, at most hourly); the blobs no
+  other kept tree names go with it. A tree used within the last hour is kept (a run may be making its
+  snapshot from it);
+- a pooled snapshot (``snapshots/<project>/...``): its modification time (set when a run left it there);
+  a run that takes one owns it (it is no longer in the pool);
+- an archive: its directory's modification time; an archive a live process was started from (its sha256
+  on a command line, read from /proc) is kept whatever its age: a running task imports from it;
+- a run directory the pull limit left on the host (its files over the limit stay there): kept while its
+  ``.rx/lock`` is held or for ``days`` after it was last touched; other run directories are the sweep's
+  (:func:`.rundir.sweep_runs`: those of runners that died);
+- temporaries (``tmp/``, half-written manifests) and blobs no tree names: removed after a day.
+
+Above ``limit`` bytes (trees with their blobs, pooled snapshots and archives), the least recently used go
+first; anything unused for ``days`` goes in any case. :func:`collect` runs under an exclusive lock
+(``gc.lock``): a second collector finds it taken and does nothing. :func:`maybe_collect` starts one in the
+background at most once a day, when a call starts (``gc.stamp``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ..protocol import wire
+from .rundir import PRIVATE, read_status, rmtree
+
+TYPE_CHECKING = False  # typing is not imported at run time
+if TYPE_CHECKING:
+    from typing import Any
+
+__all__ = ["DAY", "collect", "maybe_collect"]
+
+DAY = 86400.0
+_GRACE = 3600.0
+
+
+def _size_of(path: str) -> int:
+    """Bytes of the files under ``path`` (a file: its size)."""
+    try:
+        if not os.path.isdir(path) or os.path.islink(path):
+            return os.lstat(path).st_size
+    except OSError:
+        return 0
+    total = 0
+    for folder, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
+
+
+def _archives_in_use() -> set[str] | None:
+    """The archives (sha256) that live processes were started from; None when that cannot be read here."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    used = set()
+    for pid in _listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as stream:
+                argv = stream.read().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 3 and argv[1] == b"-c" and len(argv[3]) == 64:
+            used.add(argv[3].decode("ascii", "replace"))
+    return used
+
+
+def _locked(run_dir: str) -> bool | None:
+    """True when a process holds the run's lock; None when the run has no lock file."""
+    import fcntl
+
+    try:
+        fd = os.open(os.path.join(run_dir, PRIVATE, "lock"), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+class _Plan:
+    """What a collection removes and why, and what it frees."""
+
+    def __init__(self, cache_dir: str, dry_run: bool) -> None:
+        self.cache_dir = cache_dir
+        self.dry_run = dry_run
+        self.removed: list[dict[str, Any]] = []
+
+    def remove(self, kind: str, path: str, size: int, reason: str) -> None:
+        self.removed.append({"kind": kind, "name": os.path.relpath(path, self.cache_dir), "bytes": size,
+                             "reason": reason})
+        if not self.dry_run:
+            if os.path.isdir(path) and not os.path.islink(path):
+                rmtree(path)
+            else:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+    @property
+    def freed(self) -> int:
+        return sum(entry["bytes"] for entry in self.removed)
+
+
+class _Store:
+    """The trees, blobs and archives of a cache directory, with their sizes and last uses."""
+
+    def __init__(self, cache_dir: str, now: float) -> None:
+        self.cache_dir = cache_dir
+        self.now = now
+        self.blobs: dict[str, int] = {}
+        for prefix in _listdir(os.path.join(cache_dir, "blobs")):
+            folder = os.path.join(cache_dir, "blobs", prefix)
+            for name in _listdir(folder):
+                try:
+                    self.blobs[name] = os.lstat(os.path.join(folder, name)).st_size
+                except OSError:
+                    pass
+        self.trees: dict[str, tuple[float, set[str]]] = {}  # id -> (last use, blobs)
+        for name in _listdir(os.path.join(cache_dir, "trees")):
+            if not name.startswith("."):
+                self._tree(name)
+        self.refs: dict[str, int] = {}
+        for _, names in self.trees.values():
+            for name in names:
+                self.refs[name] = self.refs.get(name, 0) + 1
+        self.archives = {name: (_mtime(os.path.join(cache_dir, "archives", name)),
+                                _size_of(os.path.join(cache_dir, "archives", name)))
+                         for name in _listdir(os.path.join(cache_dir, "archives")) if not name.startswith(".")}
+        self.snapshots: dict[str, tuple[float, int]] = {}  # "<project>/<name>" -> (last use, bytes)
+        for project in _listdir(os.path.join(cache_dir, "snapshots")):
+            for name in _listdir(os.path.join(cache_dir, "snapshots", project)):
+                path = os.path.join(cache_dir, "snapshots", project, name)
+                self.snapshots[f"{project}/{name}"] = (_mtime(path), _size_of(path))
+
+    def _tree(self, name: str) -> None:
+        path = os.path.join(self.cache_dir, "trees", name)
+        try:
+            with open(path, "rb") as stream:
+                entries = wire.load_manifest(stream.read())
+        except (OSError, ValueError):
+            entries = []
+        names = {digest.hex() for _path, mode, _size, digest, _link in entries if mode != wire.LINK_MODE}
+        self.trees[name] = (_mtime(path), names)
+
+    def tree_bytes(self, name: str) -> int:
+        """What removing tree ``name`` frees: the blobs only it names."""
+        _, names = self.trees[name]
+        return sum(self.blobs.get(blob, 0) for blob in names if self.refs.get(blob) == 1)
+
+    def total(self) -> int:
+        return (sum(self.blobs.values()) + sum(size for _, size in self.snapshots.values())
+                + sum(size for _, size in self.archives.values()))
+
+
+def _remove_tree(store: _Store, plan: _Plan, name: str, reason: str) -> None:
+    _, names = store.trees.pop(name)
+    cache_dir = store.cache_dir
+    plan.remove("tree", os.path.join(cache_dir, "trees", name), 0, reason)
+    for blob in names:
+        store.refs[blob] -= 1
+        if store.refs[blob] == 0 and blob in store.blobs:
+            plan.remove("blob", os.path.join(cache_dir, "blobs", blob[:2], blob), store.blobs.pop(blob), reason)
+
+
+def _evict(store: _Store, plan: _Plan, limit: int, days: float, in_use: set[str] | None) -> None:
+    """Trees and archives unused for ``days``, then the least recently used while above ``limit``."""
+    now = store.now
+    candidates = []  # (last use, kind, name)
+    for name, (used, _) in store.trees.items():
+        if now - used > _GRACE:
+            candidates.append((used, "tree", name))
+    for name, (used, _) in store.snapshots.items():
+        candidates.append((used, "snapshot", name))
+    for name, (used, _) in store.archives.items():
+        busy = name in in_use if in_use is not None else now - used < DAY
+        if not busy and now - used > _GRACE:
+            candidates.append((used, "archive", name))
+    candidates.sort()
+    total = store.total()
+    for used, kind, name in candidates:
+        old = now - used > days * DAY
+        if not old and total <= limit:
+            break
+        reason = f"unused for {(now - used) / DAY:.0f} days" if old else "least recently used, over the cache limit"
+        if kind == "tree":
+            freed = store.tree_bytes(name)
+            _remove_tree(store, plan, name, reason)
+        elif kind == "snapshot":
+            freed = store.snapshots.pop(name)[1]
+            plan.remove("snapshot", os.path.join(store.cache_dir, "snapshots", name), freed, reason)
+        else:
+            freed = store.archives.pop(name)[1]
+            plan.remove("archive", os.path.join(store.cache_dir, "archives", name), freed, reason)
+        total -= freed
+
+
+def _leftovers(store: _Store, plan: _Plan, days: float) -> None:
+    """Temporaries older than a day, blobs no tree names, run directories the pull limit left that nobody
+    holds and nobody touched for ``days``."""
+    cache_dir, now = store.cache_dir, store.now
+    for name in _listdir(os.path.join(cache_dir, "tmp")):
+        path = os.path.join(cache_dir, "tmp", name)
+        if now - _mtime(path) > DAY:
+            plan.remove("temporary", path, _size_of(path), "an interrupted transfer")
+    for name in _listdir(os.path.join(cache_dir, "trees")):
+        path = os.path.join(cache_dir, "trees", name)
+        if name.startswith(".") and now - _mtime(path) > DAY:
+            plan.remove("temporary", path, _size_of(path), "an interrupted transfer")
+    for blob, size in list(store.blobs.items()):
+        path = os.path.join(cache_dir, "blobs", blob[:2], blob)
+        if not store.refs.get(blob) and now - _mtime(path) > DAY:
+            plan.remove("blob", path, size, "named by no tree")
+            del store.blobs[blob]
+    for name in _listdir(os.path.join(cache_dir, "runs")):
+        path = os.path.join(cache_dir, "runs", name)
+        if (read_status(path).get("over_limit") and _locked(path) is not True
+                and now - _mtime(os.path.join(path, PRIVATE)) > days * DAY):
+            plan.remove("run", path, _size_of(path), f"kept by the pull limit, untouched for {days:g} days")
+
+
+def collect(cache_dir: str, limit: int, days: float, *, dry_run: bool = False) -> dict[str, Any]:
+    """Collect the garbage of ``cache_dir`` (see the module docstring); return what was (or would be,
+    with ``dry_run``) removed, as a report."""
+    import fcntl
+
+    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    lock = os.open(os.path.join(cache_dir, "gc.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return {"cache": cache_dir, "busy": True, "removed": [], "freed_bytes": 0, "dry_run": dry_run}
+        store = _Store(cache_dir, time.time())
+        before = store.total()
+        plan = _Plan(cache_dir, dry_run)
+        _leftovers(store, plan, days)
+        _evict(store, plan, limit, days, _archives_in_use())
+        if not dry_run:
+            _touch(os.path.join(cache_dir, "gc.stamp"))
+        return {"cache": cache_dir, "busy": False, "limit_bytes": limit, "days": days, "total_bytes": before,
+                "removed": plan.removed, "freed_bytes": plan.freed, "kept_bytes": max(before - plan.freed, 0),
+                "dry_run": dry_run}
+    finally:
+        os.close(lock)
+
+
+def _touch(path: str) -> None:
+    with open(path, "ab"):
+        pass
+    os.utime(path)
+
+
+def maybe_collect(cache_dir: str, options: dict[str, Any]) -> None:
+    """Start a collection in the background if the last one is a day old (the call does not wait)."""
+    settings = options.get("gc")
+    if not settings:
+        return
+    stamp = os.path.join(cache_dir, "gc.stamp")
+    try:
+        if time.time() - os.stat(stamp).st_mtime < DAY:
+            return
+    except FileNotFoundError:
+        _touch(stamp)  # a new cache: the first collection is due in a day
+        return
+    except OSError:
+        return
+    _touch(stamp)  # the other calls of this moment leave it to this one
+    limit, days = int(settings[0]), float(settings[1])
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return
+    try:  # pragma: no cover - in the forked collector
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.closerange(3, 1 << 16)
+        try:
+            os.nice(10)
+        except OSError:
+            pass
+        collect(cache_dir, limit, days)
+    finally:
+        os._exit(0)
