@@ -28,7 +28,9 @@ __all__ = [
     "Configuration",
     "ConnectError",
     "Execution",
+    "Executor",
     "Extension",
+    "GpuPolicy",
     "HostKeyError",
     "IntegrityError",
     "Interpreter",
@@ -62,6 +64,7 @@ _LOCATIONS = {
     "RunnerError": "errors", "TransferError": "errors",
     "Result": "session", "Session": "session",
     "Execution": "task", "Task": "task",
+    "Executor": "pool", "GpuPolicy": "pool",
 }
 
 if TYPE_CHECKING:
@@ -71,6 +74,7 @@ if TYPE_CHECKING:
     from .advices import CachingAdvice, Interpreter, LoggingAdvice, RemoteAdvice, SubprocessAdvice
     from .api import get_run_id, set_run_id
     from .config import Configuration, Remote
+    from .pool import Executor, GpuPolicy
     from .errors import (
         AuthError,
         BackendError,

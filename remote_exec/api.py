@@ -17,7 +17,8 @@ from .task import INSIDE_RUNNER_ENV, Task
 
 TYPE_CHECKING = False  # neither typing nor the coordinator at import: the runner imports this package per call
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from concurrent.futures import Future
     from typing import Any, Generic, TypeVar, overload
 
     R = TypeVar("R")
@@ -81,6 +82,34 @@ class TaskFunction(Generic[R]):
             return self.function(*args, **kwargs)
         return run_task(self, args, kwargs)  # type: ignore[no-any-return]
 
+    def map(self, iterable: Iterable[Any], *iterables: Iterable[Any], hosts: Sequence[str] | str | None = None,
+            star: bool = False, return_exceptions: bool = False, timeout: float | None = None,
+            **pool_options: Any) -> Iterator[R]:
+        """The task over the items, on a pool of hosts (a :class:`remote_exec.Executor` of its own, shut
+        down once the results are read): results in order, lazily.
+
+        Args:
+            iterable: The first argument of each call (more iterables: the next arguments, as ``map``).
+            hosts: The hosts (default: ``@task(hosts=[...])``, else its ``remote``).
+            star: Each item is a tuple of the call's arguments (as :func:`itertools.starmap`).
+            return_exceptions: Yield a call's exception in its place rather than raise it.
+            timeout: Seconds from now for every result (``TimeoutError`` past it).
+            **pool_options: :class:`remote_exec.Executor` options: ``per_host``, ``gpus``, ``retries``,
+                ``retry_on``, ``progress``, ...
+        """
+        from .pool.executor import map_task
+
+        return map_task(self, (iterable, *iterables), hosts=hosts, star=star, return_exceptions=return_exceptions,
+                        timeout=timeout, **pool_options)
+
+    def submit(self, *args: Any, **kwargs: Any) -> Future[R]:
+        """Start one call on the task's pool (``@task(hosts=[...], per_host=..., gpus=...)``, else its
+        ``remote``); return its :class:`concurrent.futures.Future`. The process keeps one pool per set of
+        hosts and options, shut down at exit."""
+        from .pool.executor import submit_task
+
+        return submit_task(self, args, kwargs)
+
     def __get__(self, instance: object, owner: type | None = None) -> Any:
         if instance is None:
             return self
@@ -117,7 +146,8 @@ def task(function: Callable[..., R] | None = None, /, *, remote: str | None = No
             ``backend`` (openssh or paramiko), ``env`` (a dict), ``secret_env`` (names of local variables
             passed over the channel only), ``workdir`` (remote cache dir), ``keep_warm`` (a persistent
             worker), ``pull`` (file globs), ``no_pull``, ``restricted`` and ``allow_unpickle`` (unpickle
-            results through an allow-list), ``keepalive_interval`` / ``keepalive_count``.
+            results through an allow-list), ``keepalive_interval`` / ``keepalive_count``; for ``.map`` and
+            ``.submit``, the pool's ``hosts``, ``per_host``, ``gpus`` and ``retries``.
     """
     if function is not None:
         if not callable(function):

@@ -95,6 +95,8 @@ def call_options(options: dict[str, Any], *, python: str, workdir: str, env: dic
         restricted=bool(options.get("restricted", restricted)),
         allow_unpickle=tuple(options.get("allow_unpickle") or allow_unpickle),
         handshake_timeout=handshake_timeout,
+        slot=options.get("slot"),
+        placement=options.get("placement"),
     )
 
 
@@ -116,6 +118,7 @@ class Coordinator:
         packer: Builds distribution archives (once per content).
         recorder: Writes ``@task`` call records in batches.
         task_runs: The workspace runs of this process's ``@task`` calls.
+        pools: The pools ``task.submit`` made, by hosts and options (shut down at exit).
         run_id: The run id ``@task`` calls of this process are recorded under (made on the first call).
     """
 
@@ -132,6 +135,7 @@ class Coordinator:
         self._backends = BackendPool()
         self._local = LocalBackend()
         self._configs: dict[str, Configuration] = {}
+        self.pools: dict[tuple[Any, ...], Any] = {}  # @task(...).submit's pools, by hosts and options
         self._targets: dict[tuple[Any, ...], tuple[Configuration, Target]] = {}
 
     @classmethod
@@ -217,6 +221,11 @@ class Coordinator:
             self._targets[key] = (config, target)
         return target
 
+    def host_target(self, name: str, options: dict[str, Any], config: Configuration) -> Target:
+        """Where a call to host ``name`` with these task options would run (a pool probing a host's GPUs
+        before it has a call to send there)."""
+        return self._remote_target(config, dict(options), name, None)
+
     @staticmethod
     def _target_key(name: str, backend: str | None, options: dict[str, Any]) -> tuple[Any, ...] | None:
         if options.get("secret_env"):
@@ -273,7 +282,9 @@ class Coordinator:
 
         ``rx run`` passes its :class:`~remote_exec.workspace.recorder.RunRecorder` in
         ``session.local["recorder"]`` and finds the call's :class:`Outcome` in ``session.local["outcome"]``
-        afterwards; a ``@task`` call is recorded as one task entry of its process's run.
+        afterwards; a ``@task`` call is recorded as one task entry of its process's run (a pool's call gives
+        the entry's key, extra fields, its list of attempts and its output sinks in ``session.local``:
+        ``task_key``, ``task_fields``, ``attempts``, ``sinks``).
         """
         recorder: CallRecorder | None = session.local.get("recorder")
         session_bytes = session.to_wire()
@@ -302,8 +313,11 @@ class Coordinator:
         config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
         run = self.task_runs.run_for(config.workspace, session.run_id, cwd=session.context.get("cwd") or os.getcwd(),
                                      host=target.host, backend=target.backend_name)
+        local = session.local
         return TaskCallRecorder(self.recorder, run, session.execution.execution_id, name=session.task.name,
-                                host=target.host, session_bytes=session_bytes)
+                                host=target.host, session_bytes=session_bytes, key=local.get("task_key"),
+                                fields=local.get("task_fields"), attempts=local.get("attempts"),
+                                sinks=local.get("sinks"))
 
     @staticmethod
     def _recorded_value(session: Session, target: Target, outcome: Outcome) -> bytes:
@@ -354,12 +368,19 @@ class Coordinator:
         self.recorder.flush()
 
     def close(self) -> None:
-        """Record the end of this process's ``@task`` runs, stop its workers, close its connections."""
-        for step in (self.task_runs.close, self.workers.close, self.close_backends):
+        """Shut its pools down, record the end of this process's ``@task`` runs, stop its workers, close its
+        connections."""
+        for step in (self._close_pools, self.task_runs.close, self.workers.close, self.close_backends):
             try:
                 step()
             except Exception:  # closing at exit must never raise
                 logger.debug("closing the coordinator: %s failed", step, exc_info=True)
+
+    def _close_pools(self) -> None:
+        """Shut the pools of ``task.submit`` down: their queued calls are cancelled."""
+        pools, self.pools = list(self.pools.values()), {}
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def close_backends(self) -> None:
         """Close every open connection (a later call reconnects)."""

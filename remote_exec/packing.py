@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 #: blocked). The rest of the package travels too, for task modules that import the public API.
 REMOTE_MODULES = ("__init__", "errors", "protocol/__init__", "protocol/wire", "runner/__init__", "runner/channel",
                   "runner/child", "runner/detached", "runner/policy", "runner/result", "runner/rundir",
-                  "runner/supervise", "runner/worker", "serialization", "session", "task")
+                  "runner/slot", "runner/supervise", "runner/worker", "serialization", "session", "task")
 
 _MAIN = b"import sys\nfrom remote_exec.runner import main\nsys.exit(main(sys.argv[1:]))\n"
 _EPOCH = (1980, 1, 1, 0, 0, 0)

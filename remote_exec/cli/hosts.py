@@ -1,4 +1,5 @@
-"""``rx hosts`` and ``rx check``: which hosts rx knows, and whether one is ready for work."""
+"""``rx hosts``, ``rx top`` and ``rx check``: which hosts rx knows, what each is doing (slots, GPUs, memory),
+and whether one is ready for work."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import typer
 from ..errors import RunnerError
 from .app import app
 
-__all__ = ["check", "hosts"]
+__all__ = ["check", "host_status", "hosts", "top"]
 
 # One remote command reports everything `rx check` shows (quoted as a whole, no user input inside).
 _PROBE = r"""
@@ -41,25 +42,26 @@ print(json.dumps({"python": sys.version.split()[0], "executable": sys.executable
 
 @app.command()
 def hosts(
+    names: Annotated[list[str] | None, typer.Argument(
+        metavar="[HOST]...", show_default=False, help="With --status: the hosts to look at (default: all).")] = None,
+    status: Annotated[bool, typer.Option(
+        "--status", help="Connect to each host and show its slots and GPUs, what runs there from this "
+                         "workspace, free memory and load.")] = False,
     ssh_config: Annotated[Path | None, typer.Option(
         help="ssh_config file (default RX_SSH_CONFIG or ~/.ssh/config).")] = None,
+    backend: Annotated[str | None, typer.Option(help="SSH backend for --status: openssh or paramiko.")] = None,
+    workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List the hosts rx knows: ssh_config aliases and [tool.rx.remotes]."""
-    from ..backends.ssh import list_aliases
+    """List the hosts rx knows: ssh_config aliases and [tool.rx.remotes]; with --status, what each is doing."""
     from ..config import Configuration
 
     config = Configuration.load()
-    path = config.effective_ssh_config(ssh_config)
-    rows: list[dict[str, Any]] = []
-    for name, remote in sorted(config.remotes.items()):
-        rows.append({"name": name, "source": "pyproject", "host": remote.host, "user": remote.user,
-                     "port": remote.port, "python": remote.python, "backend": remote.backend})
-    known = {row["name"] for row in rows}
-    for alias in list_aliases(path):
-        if alias not in known:
-            rows.append({"name": alias, "source": "ssh_config", "host": alias, "user": None, "port": None,
-                         "python": None, "backend": None})
+    if status or names:
+        _status(config, names or [row["name"] for row in _known(config, ssh_config)],
+                {"ssh_config": ssh_config, "backend": backend}, workspace, as_json)
+        return
+    rows = _known(config, ssh_config)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -76,7 +78,146 @@ def hosts(
     if rows:
         console.print(table)
     else:
+        path = config.effective_ssh_config(ssh_config)
         console.print(f"no hosts: no aliases in {path or '~/.ssh/config'} and no [tool.rx.remotes]")
+
+
+def _known(config: Any, ssh_config: Path | None) -> list[dict[str, Any]]:
+    """The hosts rx knows: [tool.rx.remotes] first, then ssh_config's aliases."""
+    from ..backends.ssh import list_aliases
+
+    path = config.effective_ssh_config(ssh_config)
+    rows: list[dict[str, Any]] = []
+    for name, remote in sorted(config.remotes.items()):
+        rows.append({"name": name, "source": "pyproject", "host": remote.host, "user": remote.user,
+                     "port": remote.port, "python": remote.python, "backend": remote.backend})
+    known = {row["name"] for row in rows}
+    for alias in list_aliases(path):
+        if alias not in known:
+            rows.append({"name": alias, "source": "ssh_config", "host": alias, "user": None, "port": None,
+                         "python": None, "backend": None})
+    return rows
+
+
+def _status(config: Any, names: list[str], options: dict[str, Any], workspace: Path | None, as_json: bool) -> None:
+    """``rx hosts --status``: every host probed at once, as JSON or one block per host."""
+    from rich.console import Console
+
+    from ..coordinator import Coordinator
+    from ..pool.status import probe_hosts
+    from ..workspace import Workspace
+
+    if options.get("backend") is not None:
+        config.check_remote_backend(options["backend"])
+    root = str(Workspace.resolve(workspace or config.workspace).root)
+    facts = probe_hosts(Coordinator.current(), config, names, {k: v for k, v in options.items() if v is not None},
+                        root)
+    if as_json:
+        typer.echo(json.dumps(facts, indent=2))
+        return
+    console = Console(highlight=False)
+    for index, host in enumerate(facts):
+        if index:
+            console.print()
+        for renderable in host_status(host):
+            console.print(renderable)
+    if not facts:
+        console.print("no hosts: name some, or add aliases to ssh_config or [tool.rx.remotes]")
+
+
+def host_status(facts: dict[str, Any]) -> list[Any]:
+    """One host's block of ``rx hosts --status`` (and ``rx top``): its facts, its GPUs, its slots."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from ..pool.progress import clean
+    from ..pool.status import gpu_rows
+
+    name = clean(facts.get("host"))
+    if not facts.get("ok"):
+        return [Text.assemble((name, "bold"), "  ", ("unreachable", "red"), f": {clean(facts.get('error'))}")]
+    memory = facts.get("memory") or {}
+    load = facts.get("load") or []
+    line = Text.assemble((name, "bold"), "  ", ("up", "green"),
+                         f"  python {clean(facts.get('python'))}, {facts.get('cpus')} CPUs"
+                         + (f", load {load[0]:.2f}" if load else "")
+                         + (f", memory {memory['available'] / 2**30:.1f} of {memory['total'] / 2**30:.1f} GiB free"
+                            if memory.get("total") and "available" in memory else ""))
+    out: list[Any] = [line]
+    gpus = gpu_rows(facts)
+    if facts.get("gpus") is None:
+        out.append(Text("  no GPUs (no nvidia-smi)", style="dim"))
+    elif gpus:
+        table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 2, 0, 2))
+        for column in ("GPU", "memory used", "util", "used by"):
+            table.add_column(column)
+        for gpu in gpus:
+            table.add_row(str(gpu.get("index")), f"{gpu.get('memory_used')} / {gpu.get('memory_total')} MiB",
+                          f"{gpu.get('utilization')}%", _user_text(gpu["user"]))
+        out.append(table)
+    workers = [lock for lock in facts.get("locks") or [] if lock.get("kind") == "worker"]
+    mine = [lock for lock in workers if lock.get("mine")]
+    if workers:
+        runs = sorted({str((lock.get("owner") or {}).get("run_id")) for lock in mine})
+        out.append(Text(f"  slots held by rx: {len(workers)} ({len(mine)} of this workspace"
+                        + (f": run {', '.join(clean(r) for r in runs)}" if runs else "") + ")"))
+        for lock in mine:
+            owner = lock.get("owner") or {}
+            out.append(Text(f"    {clean(owner.get('slot'))}  pid {lock.get('pid')}  GPUs "
+                            f"{','.join(str(g) for g in lock.get('gpus') or []) or '-'}  run {clean(owner.get('run_id'))}",
+                            style="cyan"))
+    else:
+        out.append(Text("  no slots held by rx", style="dim"))
+    return out
+
+
+def _user_text(user: dict[str, Any]) -> Any:
+    from rich.text import Text
+
+    from ..pool.progress import clean
+
+    if user["kind"] == "free":
+        return Text("free", style="green")
+    if user["kind"] == "foreign":
+        return Text("processes rx did not start: pid " + ", ".join(str(p) for p in user.get("pids") or []),
+                    style="yellow")
+    who = "this workspace" if user.get("mine") else f"rx from {clean(user.get('coordinator'))}"
+    return Text(f"{who} ({clean(user.get('slot'))}, run {clean(user.get('run_id'))})",
+                style="cyan" if user.get("mine") else "magenta")
+
+
+@app.command()
+def top(
+    names: Annotated[list[str] | None, typer.Argument(
+        metavar="[HOST]...", show_default=False, help="The hosts to watch (default: all rx knows).")] = None,
+    interval: Annotated[float, typer.Option(help="Seconds between two looks.", min=0.5)] = 5.0,
+    ssh_config: Annotated[Path | None, typer.Option(
+        help="ssh_config file (default RX_SSH_CONFIG or ~/.ssh/config).")] = None,
+    backend: Annotated[str | None, typer.Option(help="SSH backend: openssh or paramiko.")] = None,
+    workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
+) -> None:
+    """rx hosts --status, looked at again every few seconds until Ctrl-C."""
+    from rich.console import Console, Group
+    from rich.live import Live
+
+    from ..config import Configuration
+    from ..coordinator import Coordinator
+    from ..pool.status import probe_hosts
+    from ..workspace import Workspace
+
+    config = Configuration.load()
+    hosts_list = names or [row["name"] for row in _known(config, ssh_config)]
+    options = {k: v for k, v in {"ssh_config": ssh_config, "backend": backend}.items() if v is not None}
+    root = str(Workspace.resolve(workspace or config.workspace).root)
+    console = Console(highlight=False)
+    try:
+        with Live(console=console, auto_refresh=False) as live:
+            while True:
+                facts = probe_hosts(Coordinator.current(), config, hosts_list, options, root)
+                live.update(Group(*(part for host in facts for part in host_status(host))), refresh=True)
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
 
 
 @app.command()

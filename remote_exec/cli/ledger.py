@@ -101,12 +101,16 @@ def _print_json(value: Any) -> None:
 def runs_command(
     status: Annotated[StatusName | None, typer.Option(
         "--status", show_default=False, help="Only runs with this status.")] = None,
+    every: Annotated[bool, typer.Option(
+        "--all", help="Also list each run of a sweep (by default a sweep is its parent's one line).")] = False,
     as_json: JsonOption = False,
     workspace: WorkspaceOption = None,
 ) -> None:
-    """List the runs of the workspace, oldest first."""
+    """List the runs of the workspace, oldest first (a sweep of rx map as one line)."""
     ws = Workspace.resolve(workspace)
     infos = _readable_infos(ws, status)
+    if not every:
+        infos = [info for info in infos if not (info.get("sweep") or {}).get("parent")]
     if as_json:
         _print_json(infos)
         return
@@ -146,7 +150,12 @@ def _readable_infos(ws: Workspace, status: str | None) -> list[dict[str, Any]]:
 
 def _runs_row(info: dict[str, Any]) -> tuple[str, ...]:
     """One line of ``rx runs``, a cell per :data:`_RUNS_HEADERS`."""
-    return (str(info.get("run_id")), _short_target(info.get("target")), str(info.get("remote") or "local"),
+    target = _short_target(info.get("target"))
+    if info.get("kind") == "sweep":
+        tasks = info.get("tasks") or {}
+        done = sum(entry.get("status") == "done" for entry in tasks.values())
+        target = f"{target} (sweep: {done}/{len(tasks)} done)"
+    return (str(info.get("run_id")), target, str(info.get("remote") or "local"),
             str(info.get("status")), _local_time(info.get("started") or info.get("created"), short=True),
             _elapsed(info), "" if info.get("exit_code") is None else str(info.get("exit_code")))
 
@@ -177,7 +186,8 @@ def show_command(run_ref: RunArgument, as_json: JsonOption = False,
         return
     console = _console()
     console.print(_facts_grid(run, info))
-    for table in (_actions_table(info), _tasks_table(info)):
+    tasks = _sweep_table(info) if info.get("kind") == "sweep" else _tasks_table(info)
+    for table in (_actions_table(info), tasks):
         if table is not None:
             console.print()
             console.print(table)
@@ -225,6 +235,18 @@ def _tasks_table(info: dict[str, Any]) -> Table | None:
         (str(key), str(t.get("name") or ""), str(t.get("host") or ""), _status_text(t.get("status")),
          format_duration(t.get("duration")), Text(str(t.get("error") or "")))
         for key, t in tasks.items()])
+
+
+def _sweep_table(info: dict[str, Any]) -> Table | None:
+    """A sweep's combinations: a line each, with where it ran and its own run."""
+    tasks: dict[str, dict[str, Any]] = info.get("tasks") or {}
+    return _listing("combinations", ("#", "combination", "host", "GPUs", "status", "exit", "duration", "tries",
+                                     "run"), [
+        (str(int(key)) if key.isdigit() else key, Text(str(t.get("name") or "")), str(t.get("host") or ""),
+         ",".join(str(g) for g in t.get("gpus") or []), _status_text(t.get("status")),
+         "" if t.get("exit_code") is None else str(t.get("exit_code")), format_duration(t.get("duration")),
+         str(len(t.get("attempts") or [])), str(t.get("run") or "") + (" (merged)" if t.get("merged_from") else ""))
+        for key, t in sorted(tasks.items())])
 
 
 def _print_outcome(console: Console, result: dict[str, Any] | None) -> None:

@@ -16,11 +16,11 @@ from ..config import check_remote_backend
 from ..errors import ConfigError, Interrupted, RemoteExecError, WorkspaceError
 from .app import app
 
-__all__ = ["DetachedRun", "attach_run", "load_detached_run", "rerun", "run"]
+__all__ = ["DetachedRun", "attach_run", "load_detached_run", "load_task", "parse_env", "rerun", "run"]
 
 
-
-def _parse_env(values: list[str]) -> dict[str, str]:
+def parse_env(values: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` options as a dict."""
     env: dict[str, str] = {}
     for item in values:
         name, sep, value = item.partition("=")
@@ -48,6 +48,28 @@ def _module_origin(module: str) -> Path | None:
         main = importlib.util.find_spec(f"{module}.__main__")
         return Path(main.origin) if main and main.origin else None
     return Path(spec.origin) if spec.origin and spec.origin not in ("built-in", "frozen") else None
+
+
+def load_task(words: list[str], module: str | None) -> tuple[Any, list[str], str, str]:
+    """The task of ``SCRIPT ARGS...`` (or ``-m MODULE ARGS...``): (task, args, kind, name).
+
+    Raises:
+        ConfigError: Nothing to run, or the script cannot be read.
+    """
+    from ..task import Task
+
+    if module is None and not words:
+        raise ConfigError("nothing to run", hint="rx run SCRIPT [ARGS]... or rx run -m MODULE [ARGS]...")
+    if module is not None:
+        return Task.from_module(module, _module_origin(module)), words, "module", f"-m {module}"
+    script = Path(words[0])
+    if not script.is_file():
+        raise ConfigError(f"no such script: {script}")
+    try:
+        task = Task.from_script(script)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {script}: {exc}") from exc
+    return task, words[1:], "script", str(script)
 
 
 def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict[str, Any],
@@ -167,27 +189,11 @@ def run(
     Exit status: the script's own; 124 timeout; 130 interrupted; 255 connection, authentication or
     host-key failure; 3 any other rx failure.
     """
-    from ..task import Task
-
-    words = list(target or [])
-    if module is None and not words:
-        raise ConfigError("nothing to run", hint="rx run SCRIPT [ARGS]... or rx run -m MODULE [ARGS]...")
     if backend is not None:
         check_remote_backend(backend)
-    if module is not None:
-        task = Task.from_module(module, _module_origin(module))
-        args, kind, name = words, "module", f"-m {module}"
-    else:
-        script = Path(words[0])
-        if not script.is_file():
-            raise ConfigError(f"no such script: {script}")
-        try:
-            task = Task.from_script(script)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read {script}: {exc}") from exc
-        args, kind, name = words[1:], "script", str(script)
+    task, args, kind, name = load_task(list(target or []), module)
     options: dict[str, Any] = {
-        "backend": backend, "python": python, "timeout": timeout, "env": _parse_env(env or []),
+        "backend": backend, "python": python, "timeout": timeout, "env": parse_env(env or []),
         "secret_env": list(secret_env or []), "pull": list(pull or []), "no_pull": no_pull,
         "keep": keep_remote, "ssh_config": ssh_config, "connect_timeout": connect_timeout,
         "host_key_policy": "off" if insecure_no_host_key_check else None,
@@ -200,8 +206,8 @@ def run(
 @app.command()
 def rerun(
     run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, unique prefix, or 'latest'.")],
-    failed: Annotated[bool, typer.Option("--failed", help="Run only the tasks that did not finish; merge the "
-                                                          "done results in.")] = False,
+    failed: Annotated[bool, typer.Option("--failed", help="Run only the tasks (or a sweep's combinations) that "
+                                                          "did not finish; merge the done results in.")] = False,
     remote: Annotated[str | None, typer.Option("--remote", "-r", help="Run on this host instead.")] = None,
     workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the new run's record as JSON.")] = False,
@@ -217,6 +223,10 @@ def rerun(
         from .rerun_tasks import rerun_tasks
 
         raise typer.Exit(rerun_tasks(ws, previous, failed=failed, remote=remote, as_json=as_json))
+    if info.get("kind") == "sweep":
+        from .sweeps import rerun_sweep
+
+        raise typer.Exit(rerun_sweep(ws, previous, failed=failed, remote=remote, as_json=as_json))
     if failed and info.get("status") == "finished":
         typer.echo(f"rx: run {previous.id} finished; nothing to rerun", err=True)
         raise typer.Exit(0)

@@ -26,6 +26,10 @@ class Launcher(ABC):
 
     #: The name a remote's ``scheduler`` key selects this launcher by.
     name: ClassVar[str] = ""
+    #: How a pool (:mod:`remote_exec.pool`) places calls on a host this launcher starts runners on, as
+    #: ``"module:Class"`` of a :class:`remote_exec.pool.placement.Placement`: by default slots, each with a
+    #: persistent worker started through this launcher; a scheduler's launcher may take a whole map at once.
+    placement: ClassVar[str] = "remote_exec.pool.slots:SlotPlacement"
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options: Mapping[str, Any] = dict(options or {})

@@ -85,6 +85,8 @@ def runner_argv(options: CallOptions, archive_sha256: str, mode: str, *extra: st
     argv = [options.python, "-c", BOOTSTRAP, archive_sha256, options.workdir, mode, *extra]
     if mode == "worker":
         argv.append(f"{options.worker_idle:g}")
+        if options.placement is not None:
+            argv.append(options.placement)
     return argv
 
 

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..backends.base import Backend, Process
 from . import wire
@@ -58,6 +58,7 @@ class Channel:
         lock: Held by the call in progress (a persistent worker serves one call at a time).
         broken: The channel must not take another call.
         closed: Set when the channel is done; the watcher thread ends.
+        placement: A pool slot's worker: its ``worker`` event (the slot, the GPUs it holds); else None.
     """
 
     def __init__(self, backend: Backend, process: Process, rest: bytes, uploaded: bool) -> None:
@@ -73,6 +74,7 @@ class Channel:
         self.broken = False
         self.current: tuple[Watched, float | None] | None = None
         self.closed = threading.Event()
+        self.placement: dict[str, Any] | None = None
         self._watcher: threading.Thread | None = None
         self.stderr_reader = threading.Thread(target=self._pump_stderr, daemon=True)
         self.stderr_reader.start()

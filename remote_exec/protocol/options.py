@@ -43,6 +43,9 @@ class CallOptions:
             ``allow_unpickle``), for hosts you do not fully trust.
         allow_unpickle: Extra globals or modules restricted mode accepts.
         handshake_timeout: Seconds the remote interpreter has to start and answer the bootstrap.
+        slot: A pool slot's name: the call runs in that slot's own persistent worker (one per slot).
+        placement: What the slot's worker takes on the host before its first call (its lock, GPUs), as
+            JSON (see :mod:`remote_exec.runner.slot`); None: nothing.
     """
 
     python: str = "python3"
@@ -60,6 +63,8 @@ class CallOptions:
     restricted: bool = False
     allow_unpickle: Sequence[str] = ()
     handshake_timeout: float = 30.0
+    slot: str | None = None
+    placement: str | None = None
 
 
 @dataclass

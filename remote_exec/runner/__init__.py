@@ -23,6 +23,7 @@ The rooms, each imported only by the modes that need it:
 - :mod:`.result`: how the task ended, and the R, V, X, F and Z frames;
 - :mod:`.rundir`: the run directory, its status file, its removal;
 - :mod:`.worker`: ``worker``, the persistent worker (``keep_warm``) and its watcher thread;
+- :mod:`.slot`: a pool worker's slot (its lock file, the GPUs it holds) and ``probe`` (GPUs, locks, memory);
 - :mod:`.detached`: ``detach``, ``attach`` and ``cancel`` of detached runs.
 
 Every import is paid on every call (process-per-call mode): only what the mode needs, and the lean
@@ -42,8 +43,9 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Serve one call (``serve``), many (``worker``), or a detached run (``detach``, ``attach RUN_DIR
-    [collect]``, ``cancel RUN_DIR``) over stdin/stdout; see the module docstring."""
+    """Serve one call (``serve``), many (``worker IDLE [SLOT]``), or a detached run (``detach``, ``attach
+    RUN_DIR [collect]``, ``cancel RUN_DIR``) over stdin/stdout, or report the host's GPUs and slots
+    (``probe``); see the module docstring."""
     args = list(sys.argv[1:] if argv is None else argv)
     cache_dir = os.path.expanduser(args[0]) if args else os.path.expanduser("~/.cache/remote_exec")
     mode = args[1] if len(args) > 1 else "serve"
@@ -72,7 +74,17 @@ def _serve(mode: str, cache_dir: str, rest: list[str]) -> int:
     if mode == "worker":
         from .worker import serve_worker
 
-        return serve_worker(cache_dir, float(rest[0]) if rest else 600.0)
+        slot = None
+        if len(rest) > 1:  # a pool's worker: the slot it takes first (its lock, its GPUs)
+            import json
+
+            slot = json.loads(rest[1])
+        return serve_worker(cache_dir, float(rest[0]) if rest else 600.0, slot)
+    if mode == "probe":
+        from .slot import probe
+
+        Out(1).event(probe(cache_dir))
+        return 0
     if mode in ("detach", "attach", "cancel"):
         from . import detached
 

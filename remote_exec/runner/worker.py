@@ -27,14 +27,19 @@ else:
 __all__ = ["serve_worker"]
 
 
-def serve_worker(cache_dir: str, idle_timeout: float) -> int:
+def serve_worker(cache_dir: str, idle_timeout: float, slot: dict[str, Any] | None = None) -> int:
     """Persistent worker (``keep_warm``): many calls over one channel, each run in this process.
 
     Imports stay warm between calls, and a call runs in the main thread, so a small call costs a few
-    hundred microseconds here. fds 1 and 2 are pipes that a watcher thread (:class:`_WorkerWatch`)
-    streams to the coordinator; it also heartbeats and polices the running call. The worker exits when
-    stdin closes, after ``idle_timeout`` seconds without a call, or (through its watcher) when a call is
-    cancelled or times out.
+    hundred microseconds here; in a pool's worker a script or module runs in a process forked for it (a
+    fresh ``__main__`` and nothing it does can end the worker, as ``rx run`` gives it), still with the
+    worker's warm imports. fds 1 and 2 are pipes that
+    a watcher thread (:class:`_WorkerWatch`) streams to the coordinator; it also heartbeats and polices
+    the running call. The worker exits when stdin closes, after ``idle_timeout`` seconds without a call,
+    or (through its watcher) when a call is cancelled or times out.
+
+    A pool's worker first takes its ``slot`` (:mod:`.slot`: its lock, and the GPUs it asks for, waiting
+    while none are free) and holds it for its whole life; its calls see CUDA_VISIBLE_DEVICES of those GPUs.
     """
     import json
 
@@ -46,8 +51,14 @@ def serve_worker(cache_dir: str, idle_timeout: float) -> int:
     out.json_text = json.dumps  # the C encoder: the worker pays the import once, every result header gains
     home = os.getcwd()
     os.makedirs(os.path.join(cache_dir, "runs"), mode=0o700, exist_ok=True)
-    calls = _Calls(cache_dir, out, _WorkerWatch(out, out_r, err_r, proto_in, wire.FrameReader()))
-    out.event({"event": "worker", "pid": os.getpid(), "host": os.uname().nodename})
+    reader = wire.FrameReader()
+    placed = _take_slot(cache_dir, slot, out, proto_in, reader) if slot is not None else {}
+    if placed is None:
+        return 0
+    calls = _Calls(cache_dir, out, _WorkerWatch(out, out_r, err_r, proto_in, reader))
+    calls.placed = {name: os.environ[name] for name in _PLACED if placed.get("gpus") and name in os.environ}
+    calls.fork_scripts = slot is not None
+    out.event({"event": "worker", "pid": os.getpid(), "host": os.uname().nodename, **placed})
     calls.watch.thread.start()
     try:
         while True:
@@ -81,6 +92,8 @@ class _Calls:
         self.out = out
         self.watch = watch
         self.run_dir: str | None = None
+        self.placed: dict[str, str] = {}
+        self.fork_scripts = False
 
     def serve_next(self, idle_timeout: float) -> None:
         """Read the next call, run it here, send its result."""
@@ -91,33 +104,121 @@ class _Calls:
             self.run_dir = make_run_dir(self.cache_dir, options, private=False)
         run_dir = self.run_dir
         saved_env = _environ_snapshot()
+        if self.placed and options.get("env"):  # the slot's GPUs, whatever the call's environment says
+            options["env"] = {k: v for k, v in options["env"].items() if k not in self.placed}
         set_call_environ(options)
         if os.environ.get("RX_RUN_DIR") != run_dir:
             os.environ["RX_RUN_DIR"] = run_dir
         os.chdir(run_dir)
         current = _Current(options, run_dir)
         watch.begin(current)
-        loaded = run_task(session_bytes, run_dir, bool(options.get("marshal")))
+        if self.fork_scripts and options.get("kind") in ("script", "module"):
+            exit_status, loaded = _run_forked(session_bytes, run_dir, options, current,
+                                              (watch.proto_in, self.out.fd, watch.out_r, watch.err_r))
+        else:
+            exit_status, loaded = 0, run_task(session_bytes, run_dir, bool(options.get("marshal")))
         del session_bytes
         watch.returned()
         try:
             _restore_environ(saved_env)
-            if not send_result(options, run_dir, Ending(current.policy.started, exit_status=0, loaded=loaded),
-                               self.out, reuse=True):
+            if not send_result(options, run_dir, Ending(current.policy.started, exit_status=exit_status,
+                                                        loaded=loaded), self.out, reuse=True):
                 self.run_dir = None
         finally:
             watch.lock.release()
 
 
 class _Current:
-    """The call a persistent worker is running: what its watcher needs to police it."""
+    """The call a persistent worker is running: what its watcher needs to police it (and the process
+    forked for it, if it runs in one)."""
 
-    __slots__ = ("options", "policy", "run_dir")
+    __slots__ = ("child", "options", "policy", "run_dir")
 
     def __init__(self, options: dict[str, Any], run_dir: str) -> None:
         self.options = options
         self.run_dir = run_dir
         self.policy = Policy.for_call(options, time.monotonic())
+        self.child: int | None = None
+
+
+#: The environment a worker's slot sets for all its calls (a call's own environment cannot change it).
+_PLACED = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
+
+
+def _take_slot(cache_dir: str, request: dict[str, Any], out: Out, proto_in: int,
+               reader: wire.FrameReader) -> dict[str, Any] | None:
+    """Take the worker's slot (its lock, its GPUs: see :mod:`.slot`); what the ``worker`` event tells of it.
+
+    While GPUs are busy it reports ``waiting`` events and looks again; None when the slot can never be
+    had here (reported as a ``slot-error`` event) or the coordinator went away meanwhile.
+    """
+    from .slot import SlotError, take_slot
+
+    interval = float(request.get("interval") or 5.0)
+
+    def wait(event: dict[str, Any]) -> None:
+        out.event(event)
+        deadline = time.monotonic() + interval
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if _wait_readable(proto_in, left):
+                data = os.read(proto_in, 1 << 16)
+                if not data or any(kind == b"Q" for kind, _ in reader.feed(data)):
+                    raise CoordinatorGone("the coordinator went away while the slot waited")
+
+    try:
+        held = take_slot(cache_dir, request, wait)
+    except SlotError as exc:
+        out.event({"event": "slot-error", "message": str(exc)})
+        return None
+    except CoordinatorGone:
+        return None
+    if held.gpus:
+        os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # nvidia-smi's order: its indices mean the same GPUs
+        os.environ["CUDA_VISIBLE_DEVICES"] = held.visible_devices()
+    return {"slot": request.get("owner", {}).get("slot"), "gpus": held.gpus}
+
+
+def _wait_readable(fd: int, seconds: float) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], seconds)[0])
+
+
+def _run_forked(session_bytes: bytes, run_dir: str, options: dict[str, Any], current: _Current,
+                worker_fds: tuple[int, ...]) -> tuple[int | None, Any]:
+    """Run a script or module call in a process forked for it (its own ``__main__``, this worker's warm
+    imports and slot; not ``worker_fds``, the worker's own channel); return its wait status and what it
+    sent back."""
+    from .child import parse_result, run_child
+
+    result_r, result_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            for fd in (result_r, *worker_fds):
+                os.close(fd)
+            run_child(session_bytes, run_dir, options, os.dup(1), os.dup(2), result_w)
+        finally:
+            os._exit(70)
+    os.close(result_w)
+    current.child = pid
+    buffer = bytearray()
+    try:
+        while True:
+            chunk = os.read(result_r, 1 << 20)
+            if not chunk:
+                break
+            buffer += chunk
+    finally:
+        os.close(result_r)
+    _, status = os.waitpid(pid, 0)
+    current.child = None
+    return status, parse_result(buffer)
 
 
 class _WorkerWatch:
@@ -217,6 +318,11 @@ class _WorkerWatch:
     def _end(self) -> None:
         current = self.current
         if current is not None:
+            if current.child is not None:  # a forked call leads a process group of its own
+                try:
+                    os.killpg(current.child, signal.SIGKILL)
+                except OSError:
+                    pass
             rmtree(current.run_dir)
         _end_group()
         os._exit(0)
