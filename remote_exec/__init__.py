@@ -74,7 +74,6 @@ if TYPE_CHECKING:
     from .advices import CachingAdvice, Interpreter, LoggingAdvice, RemoteAdvice, SubprocessAdvice
     from .api import get_run_id, set_run_id
     from .config import Configuration, Remote
-    from .pool import Executor, GpuPolicy
     from .errors import (
         AuthError,
         BackendError,
@@ -90,6 +89,7 @@ if TYPE_CHECKING:
         RunnerError,
         TransferError,
     )
+    from .pool import Executor, GpuPolicy
     from .session import Result, Session
     from .task import Execution, Task
 

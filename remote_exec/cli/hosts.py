@@ -127,48 +127,68 @@ def _status(config: Any, names: list[str], options: dict[str, Any], workspace: P
 
 def host_status(facts: dict[str, Any]) -> list[Any]:
     """One host's block of ``rx hosts --status`` (and ``rx top``): its facts, its GPUs, its slots."""
-    from rich.table import Table
     from rich.text import Text
 
     from ..pool.progress import clean
-    from ..pool.status import gpu_rows
 
     name = clean(facts.get("host"))
     if not facts.get("ok"):
         return [Text.assemble((name, "bold"), "  ", ("unreachable", "red"), f": {clean(facts.get('error'))}")]
     memory = facts.get("memory") or {}
     load = facts.get("load") or []
+    free = (f", memory {memory['available'] / 2**30:.1f} of {memory['total'] / 2**30:.1f} GiB free"
+            if memory.get("total") and "available" in memory else "")
     line = Text.assemble((name, "bold"), "  ", ("up", "green"),
                          f"  python {clean(facts.get('python'))}, {facts.get('cpus')} CPUs"
-                         + (f", load {load[0]:.2f}" if load else "")
-                         + (f", memory {memory['available'] / 2**30:.1f} of {memory['total'] / 2**30:.1f} GiB free"
-                            if memory.get("total") and "available" in memory else ""))
-    out: list[Any] = [line]
-    gpus = gpu_rows(facts)
+                         + (f", load {load[0]:.2f}" if load else "") + free)
+    return [line, *_gpu_lines(facts), *_slot_lines(facts)]
+
+
+def _gpu_lines(facts: dict[str, Any]) -> list[Any]:
+    from rich.table import Table
+    from rich.text import Text
+
+    from ..pool.status import gpu_rows
+
     if facts.get("gpus") is None:
-        out.append(Text("  no GPUs (no nvidia-smi)", style="dim"))
-    elif gpus:
-        table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 2, 0, 2))
-        for column in ("GPU", "memory used", "util", "used by"):
-            table.add_column(column)
-        for gpu in gpus:
-            table.add_row(str(gpu.get("index")), f"{gpu.get('memory_used')} / {gpu.get('memory_total')} MiB",
-                          f"{gpu.get('utilization')}%", _user_text(gpu["user"]))
-        out.append(table)
+        return [Text("  no GPUs (no nvidia-smi)", style="dim")]
+    gpus = gpu_rows(facts)
+    if not gpus:
+        return []
+    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 2, 0, 2))
+    for column in ("GPU", "memory used", "util", "used by"):
+        table.add_column(column)
+    for gpu in gpus:
+        table.add_row(str(gpu.get("index")), f"{gpu.get('memory_used')} / {gpu.get('memory_total')} MiB",
+                      f"{gpu.get('utilization')}%", _user_text(gpu["user"]))
+    return [table]
+
+
+def _slot_lines(facts: dict[str, Any]) -> list[Any]:
+    from rich.text import Text
+
+    from ..pool.progress import clean
+
     workers = [lock for lock in facts.get("locks") or [] if lock.get("kind") == "worker"]
+    if not workers:
+        return [Text("  no slots held by rx", style="dim")]
     mine = [lock for lock in workers if lock.get("mine")]
-    if workers:
-        runs = sorted({str((lock.get("owner") or {}).get("run_id")) for lock in mine})
-        out.append(Text(f"  slots held by rx: {len(workers)} ({len(mine)} of this workspace"
-                        + (f": run {', '.join(clean(r) for r in runs)}" if runs else "") + ")"))
-        for lock in mine:
-            owner = lock.get("owner") or {}
-            out.append(Text(f"    {clean(owner.get('slot'))}  pid {lock.get('pid')}  GPUs "
-                            f"{','.join(str(g) for g in lock.get('gpus') or []) or '-'}  run {clean(owner.get('run_id'))}",
-                            style="cyan"))
-    else:
-        out.append(Text("  no slots held by rx", style="dim"))
-    return out
+    runs = sorted({str((lock.get("owner") or {}).get("run_id")) for lock in mine})
+    head = Text(f"  slots held by rx: {len(workers)} ({len(mine)} of this workspace"
+                + (f": run {', '.join(clean(r) for r in runs)}" if runs else "") + ")")
+    return [head, *(_slot_line(lock) for lock in mine)]
+
+
+def _slot_line(lock: dict[str, Any]) -> Any:
+    """A slot of this workspace: its name, its worker's pid, its GPUs, its run."""
+    from rich.text import Text
+
+    from ..pool.progress import clean
+
+    owner = lock.get("owner") or {}
+    held = ",".join(str(g) for g in lock.get("gpus") or []) or "-"
+    return Text(f"    {clean(owner.get('slot'))}  pid {lock.get('pid')}  GPUs {held}  run {clean(owner.get('run_id'))}",
+                style="cyan")
 
 
 def _user_text(user: dict[str, Any]) -> Any:

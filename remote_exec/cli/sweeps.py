@@ -35,18 +35,14 @@ def rerun_sweep(workspace: Any, previous: Any, *, failed: bool, remote: str | No
     """``rx rerun SWEEP [--failed]``: the sweep again as a new parent run (with ``--failed`` only the
     combinations that did not finish; the rest are merged in); return the exit status."""
     from ..config import Configuration
-    from ..pool.sweep import Combination, SweepPlan, grid_of
+    from ..pool.sweep import SweepPlan, grid_of
     from ..session import Session
 
     info = previous.info()
     record = info.get("sweep") or {}
     with previous.session_path.open("rb") as stream:
         session = Session.restore(stream)
-    tasks: dict[str, dict[str, Any]] = previous.tasks()
-    combinations = [Combination(index=int(key), args=tuple(entry.get("args") or ()),
-                                values=tuple((str(n), str(v)) for n, v in entry.get("values") or ()))
-                    for key, entry in sorted(tasks.items()) if not failed or entry.get("status") != "done"]
-    merged = [key for key, entry in tasks.items() if entry.get("status") == "done"] if failed else []
+    combinations, merged = _recorded(previous.tasks(), failed)
     if not combinations:
         typer.echo(f"rx: sweep {previous.id}: every combination finished; nothing to rerun", err=True)
         return 0
@@ -58,3 +54,15 @@ def rerun_sweep(workspace: Any, previous: Any, *, failed: bool, remote: str | No
                      target=str(info.get("target")))
     config = Configuration.load()
     return run_plan(plan, workspace, config, as_json, previous=previous, merged=merged)
+
+
+def _recorded(tasks: dict[str, dict[str, Any]], failed: bool) -> tuple[list[Any], list[str]]:
+    """The combinations of a sweep's board to run again (with ``failed``, those not done) and the keys of
+    those merged instead."""
+    from ..pool.sweep import Combination
+
+    combinations = [Combination(index=int(key), args=tuple(entry.get("args") or ()),
+                                values=tuple((str(n), str(v)) for n, v in entry.get("values") or ()))
+                    for key, entry in sorted(tasks.items()) if not failed or entry.get("status") != "done"]
+    merged = [key for key, entry in tasks.items() if entry.get("status") == "done"] if failed else []
+    return combinations, merged

@@ -31,8 +31,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future
 from concurrent.futures import Executor as _StdExecutor
+from concurrent.futures import Future
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -139,7 +139,7 @@ class Executor(_StdExecutor):
 
         chain = chain_for(config, function.chain)
         future: Future[Any] = Future()
-        label = f"{function.__name__}[{index}]"
+        label = f"{getattr(function, '__name__', 'call')}[{index}]"
         work = Work(index=index, key=f"{engine.pool_id}-{index:05d}", label=label, future=future,
                     make_session=lambda slot: self._session(function, args, kwargs, slot, config, label),
                     chain=chain, extensions=tuple(config.extensions))
@@ -168,8 +168,8 @@ class Executor(_StdExecutor):
         yielded in its place. ``timeout`` counts from this call, as in the standard library.
         """
         del chunksize  # one call per item: a slot's worker makes small calls cheap already
-        return MapResults(self, fn, zip(*iterables), timeout=timeout, window=buffersize or self.max_in_flight,
-                          return_exceptions=return_exceptions)
+        return MapResults(self, fn, zip(*iterables, strict=False), timeout=timeout,
+                          window=buffersize or self.max_in_flight, return_exceptions=return_exceptions)
 
     def starmap(self, fn: Callable[..., Any], iterable: Iterable[Sequence[Any]], *, timeout: float | None = None,
                 buffersize: int | None = None, return_exceptions: bool = False) -> Iterator[Any]:
@@ -188,10 +188,9 @@ class Executor(_StdExecutor):
         self._engine.shutdown(wait=wait, cancel_futures=cancel_futures, interrupt=interrupt)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc_val: BaseException | None,
-                 exc_tb: TracebackType | None) -> bool | None:
+                 exc_tb: TracebackType | None) -> None:
         stop = exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, Interrupted))
         self.shutdown(wait=True, cancel_futures=stop, interrupt=stop)
-        return False
 
     # -- more ------------------------------------------------------------------------------------------
 
@@ -378,9 +377,9 @@ POOL_OPTIONS = ("hosts", "per_host", "gpus", "retries")
 def _task_hosts(function: TaskFunction[Any], hosts: Sequence[str] | str | None) -> Sequence[str] | str:
     names = hosts or function.options.get("hosts") or function.remote
     if not names:
-        raise ConfigError(f"{function.__name__} has no hosts to run on",
+        raise ConfigError(f"{getattr(function, '__name__', 'the task')} has no hosts to run on",
                           hint="@task(hosts=['gpu1', 'gpu2']) or task.map(items, hosts=[...])")
-    return names  # type: ignore[no-any-return]
+    return names
 
 
 def _pool_options(function: TaskFunction[Any]) -> dict[str, Any]:

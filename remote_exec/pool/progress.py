@@ -90,13 +90,7 @@ class ProgressView(Tally):
         for slot in list(self.slots.values()):
             slots_by_host.setdefault(slot.host, []).append(slot)
         for host, counts in snapshot["hosts"].items():
-            slots = sorted(slots_by_host.get(host, []), key=lambda s: s.number)
-            gpus = ",".join(str(i) for slot in slots for i in slot.gpu_indices) or "-"
-            state = counts["state"] if counts["state"] != "up" else _slots_state(slots)
-            table.add_row(clean(host), Text(clean(state), style=_STATE_STYLE.get(counts["state"], "")),
-                          f"{sum(slot.state in ('ready', 'running') for slot in slots)}/{len(slots)}", gpus,
-                          str(max(counts["running"], 0)), str(counts["done"]),
-                          Text(str(counts["failed"]), style="red" if counts["failed"] else ""))
+            table.add_row(*_host_row(host, counts, sorted(slots_by_host.get(host, []), key=lambda s: s.number)))
         parts = [self._summary(snapshot)]
         waiting = [slot for slots in slots_by_host.values() for slot in slots if slot.state == "waiting"]
         for slot in waiting[:4]:
@@ -179,6 +173,18 @@ class ProgressView(Tally):
 
 
 _STATE_STYLE = {"down": "yellow", "lost": "red"}
+
+
+def _host_row(host: str, counts: dict[str, Any], slots: list[Slot]) -> tuple[Any, ...]:
+    """One line of the live table: host, state, slots ready, GPUs held, running, done, failed."""
+    from rich.text import Text
+
+    gpus = ",".join(str(i) for slot in slots for i in slot.gpu_indices) or "-"
+    state = counts["state"] if counts["state"] != "up" else _slots_state(slots)
+    return (clean(host), Text(clean(state), style=_STATE_STYLE.get(counts["state"], "")),
+            f"{sum(slot.state in ('ready', 'running') for slot in slots)}/{len(slots)}", gpus,
+            str(max(counts["running"], 0)), str(counts["done"]),
+            Text(str(counts["failed"]), style="red" if counts["failed"] else ""))
 
 
 def _slots_state(slots: list[Slot]) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -109,7 +110,7 @@ class Grid:
     def combinations(self) -> list[Combination]:
         """Every combination, first axis slowest (times every grid-file row, if any)."""
         rows = self.rows or ((),)
-        found = []
+        found: list[Combination] = []
         for chosen in itertools.product(*(axis.values for axis in self.axes)):
             for row in rows:
                 args: list[str] = []
@@ -121,7 +122,8 @@ class Grid:
                     args.extend(_option_words(axis.option, value))
                 for option, value in row:
                     args.extend(_option_words(option, value))
-                values = [(axis.name, value) for axis, value in zip(self.axes, chosen, strict=True) if value is not None]
+                values = [(axis.name, value) for axis, value in zip(self.axes, chosen, strict=True)
+                          if value is not None]
                 values += [(_axis_name(option, 0), value if value is not None else "-") for option, value in row]
                 found.append(Combination(index=len(found), args=tuple(args),
                                          values=tuple((name, str(value)) for name, value in values)))
@@ -226,28 +228,36 @@ def read_grid_file(path: Path, grid: Grid) -> Grid:
         if suffix == ".csv":
             rows = list(csv.DictReader(text.splitlines()))
             return _with_rows(grid, [{key: row[key] for key in row if key} for row in rows], path)
-        if suffix == ".toml":
-            import tomllib
-
-            data: Any = tomllib.loads(text)
-        else:
-            data = json.loads(text)
+        data: Any = _toml(text) if suffix == ".toml" else json.loads(text)
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"--grid {path}: {exc}") from exc
     if isinstance(data, list) and all(isinstance(item, dict) for item in data):
         return _with_rows(grid, data, path)
     if isinstance(data, dict) and all(isinstance(values, list) for values in data.values()):
-        axes = list(grid.axes)
-        parts = list(grid.parts)
-        for option, values in data.items():
-            name = _axis_name(option if option.startswith("-") else None, len(axes))
-            if not values or any(axis.name == name for axis in axes):
-                raise ConfigError(f"--grid {path}: the axis {option} is empty or named twice")
-            parts.append(len(axes))
-            axes.append(Axis(name=name, option=option if option.startswith("-") else None,
-                             values=tuple(_grid_value(value) for value in values)))
-        return Grid(parts=tuple(parts), axes=tuple(axes), rows=grid.rows)
+        return _with_axes(grid, data, path)
     raise ConfigError(f"--grid {path}: expected an object of lists (axes) or a list of objects (combinations)")
+
+
+def _with_axes(grid: Grid, data: dict[str, list[Any]], path: Path) -> Grid:
+    """``grid`` with an axis per key of ``data`` (an option, or a positional axis for a key without dashes)."""
+    axes = list(grid.axes)
+    parts = list(grid.parts)
+    for key, values in data.items():
+        option = key if key.startswith("-") else None
+        name = _axis_name(option, len(axes))
+        if not values or any(axis.name == name for axis in axes):
+            raise ConfigError(f"--grid {path}: the axis {key} is empty or named twice")
+        parts.append(len(axes))
+        axes.append(Axis(name=name, option=option, values=tuple(_grid_value(value) for value in values)))
+    return Grid(parts=tuple(parts), axes=tuple(axes), rows=grid.rows)
+
+
+def _toml(text: str) -> Any:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+    return tomllib.loads(text)
 
 
 def _with_rows(grid: Grid, rows: list[dict[str, Any]], path: Path) -> Grid:

@@ -66,7 +66,7 @@ def _rows(text: str, fields: int) -> list[list[str]]:
         parts = [part.strip() for part in line.split(",")]
         if len(parts) < fields:
             continue
-        rows.append(parts[: fields - 1] + [", ".join(parts[fields - 1:])])
+        rows.append([*parts[: fields - 1], ", ".join(parts[fields - 1:])])
     return rows
 
 
@@ -97,8 +97,7 @@ def _nvidia_smi(args: tuple[str, ...]) -> str | None:
     import subprocess
 
     try:
-        done = subprocess.run(["nvidia-smi", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              stdin=subprocess.DEVNULL, timeout=30)
+        done = subprocess.run(["nvidia-smi", *args], capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     if done.returncode != 0:
@@ -225,7 +224,8 @@ def _holder(path: str) -> str:
     return f"held by rx ({who}{', from ' + str(where) if where else ''})"
 
 
-def _grab(lock_dir: str, gpus: list[dict[str, Any]], request: dict[str, Any]) -> tuple[list[tuple[dict[str, Any], int]], dict[int, str]]:
+def _grab(lock_dir: str, gpus: list[dict[str, Any]],
+          request: dict[str, Any]) -> tuple[list[tuple[dict[str, Any], int]], dict[int, str]]:
     """Lock as many free GPUs as asked for (emptiest first); return those locked and why each other is not."""
     wanted = int(request["gpus"])
     allowed = request.get("devices")
@@ -268,36 +268,41 @@ def take_slot(cache_dir: str, request: dict[str, Any], wait: Callable[[dict[str,
     if worker_fd is None:  # pragma: no cover - a fresh unique name
         raise SlotError(f"cannot lock {worker_path}")
     owner = dict(request.get("owner") or {})
-    record: dict[str, Any] = {"pid": os.getpid(), "owner": owner, "gpus": [], "since": time.time()}
-    wanted = int(request.get("gpus") or 0)
     held = Held(worker_fd, worker_path, [], [])
     try:
-        while wanted:
-            gpus = query_gpus()
-            if gpus is None:
-                raise SlotError("no GPUs here: nvidia-smi is missing or failed")
-            allowed = request.get("devices")
-            usable = [gpu for gpu in gpus if allowed is None or gpu["index"] in allowed]
-            if len(usable) < wanted:
-                raise SlotError(f"the host has {len(usable)} GPU(s), the call asks for {wanted}")
-            taken, busy = _grab(lock_dir, usable, request)
-            if len(taken) == wanted:
-                taken.sort(key=lambda pair: pair[0]["index"])
-                held.gpus = [gpu for gpu, _ in taken]
-                held.gpu_fds = [fd for _, fd in taken]
-                for gpu, fd in taken:
-                    _write(fd, {"pid": os.getpid(), "owner": owner, "gpu": gpu, "since": time.time()})
-                break
-            for _, fd in taken:
-                os.close(fd)
-            wait({"event": "waiting", "gpus": wanted, "busy": {str(k): v for k, v in sorted(busy.items())},
-                  "free": len(taken)})
-        record["gpus"] = [gpu["index"] for gpu in held.gpus]
-        _write(worker_fd, record)
+        if int(request.get("gpus") or 0):
+            taken = _take_gpus(lock_dir, request, wait)
+            held.gpus = [gpu for gpu, _ in taken]
+            held.gpu_fds = [fd for _, fd in taken]
+            for gpu, fd in taken:
+                _write(fd, {"pid": os.getpid(), "owner": owner, "gpu": gpu, "since": time.time()})
+        _write(worker_fd, {"pid": os.getpid(), "owner": owner, "gpus": [gpu["index"] for gpu in held.gpus],
+                           "since": time.time()})
     except BaseException:
         held.release()
         raise
     return held
+
+
+def _take_gpus(lock_dir: str, request: dict[str, Any],
+               wait: Callable[[dict[str, Any]], None]) -> list[tuple[dict[str, Any], int]]:
+    """Lock the GPUs asked for, looking again after each ``wait`` while too few are free; by index."""
+    wanted = int(request["gpus"])
+    allowed = request.get("devices")
+    while True:
+        gpus = query_gpus()
+        if gpus is None:
+            raise SlotError("no GPUs here: nvidia-smi is missing or failed")
+        usable = [gpu for gpu in gpus if allowed is None or gpu["index"] in allowed]
+        if len(usable) < wanted:
+            raise SlotError(f"the host has {len(usable)} GPU(s), the call asks for {wanted}")
+        taken, busy = _grab(lock_dir, usable, request)
+        if len(taken) == wanted:
+            return sorted(taken, key=lambda pair: pair[0]["index"])
+        for _, fd in taken:
+            os.close(fd)
+        wait({"event": "waiting", "gpus": wanted, "busy": {str(k): v for k, v in sorted(busy.items())},
+              "free": len(taken)})
 
 
 def _locks(lock_dir: str) -> list[dict[str, Any]]:
