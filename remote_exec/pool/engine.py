@@ -125,6 +125,7 @@ class Engine:
         pool_id: Names this pool's slots and ledger keys.
         owner: Who holds this pool's slots, as their lock files on the hosts say.
         finished: Set once no call is left and none will come (or the pool broke).
+        pack_lock: Held while a slot has the calls' archive built (one build serves every slot).
     """
 
     def __init__(self, settings: PoolSettings, coordinator: Coordinator, observer: PoolObserver,
@@ -141,6 +142,7 @@ class Engine:
         self.interrupting = False
         self._placements: list[Placement] = []
         self._lock = threading.Lock()
+        self.pack_lock = threading.Lock()
         self._in_flight = 0
         self._count = 0
         self._shutdown = False
@@ -195,7 +197,7 @@ class Engine:
 
     def attempt(self, work: Work, slot: Slot, session: Session) -> None:
         """Run one attempt of ``work`` on ``slot`` (``session``: made for it) and settle what came of it."""
-        session.local.update(task_key=work.key, attempts=work.attempts,
+        session.local.update(task_key=work.key, attempts=work.attempts, coordinator=self.coordinator,
                              task_fields={"slot": slot.label, "gpus": slot.gpu_indices})
         slot.current, slot.state = work, "running"
         started = time.monotonic()
@@ -262,6 +264,16 @@ class Engine:
         else:
             slot.state, slot.detail = "starting", _line(exc)
             self.observer.slot_state(slot, "restarting", _line(exc))
+
+    def reject(self, work: Work, exc: BaseException) -> None:
+        """``work`` cannot run anywhere (its code cannot be packed, its arguments serialized): its future
+        gets the error, unless a slot took it meanwhile."""
+        if not self.feed.remove(work):
+            return
+        if work.future.running() or work.future.set_running_or_notify_cancel():
+            self._end(work, None, 0.0, error=exc)
+        else:
+            self.cancelled(work)
 
     def reached(self, slot: Slot) -> None:
         """A slot's worker is ready: its host is up."""

@@ -66,6 +66,7 @@ class Slot:
         detail: Why it waits, what failed.
         gpus: The GPUs its worker holds (nvidia-smi's fields).
         current: The call it runs now, if any.
+        failures: Failed starts of its worker in a row.
     """
 
     host: str
@@ -76,6 +77,7 @@ class Slot:
     detail: str | None = None
     gpus: list[dict[str, Any]] = field(default_factory=list)
     current: Any = None
+    failures: int = 0
 
     @property
     def label(self) -> str:

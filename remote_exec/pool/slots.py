@@ -16,7 +16,8 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from ..errors import RunnerError
+from ..errors import ConnectError, RunnerError
+from .engine import classify_failure
 from .placement import Placement, Slot
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a call may take to be interrupted before its channel is dropped.
 INTERRUPT_GRACE = 3.0
+#: Failed starts of a slot's worker in a row after which its host counts as down.
+WORKER_FAILURES = 3
 
 
 def gpu_count(engine: Any, host: str) -> int:
@@ -107,7 +110,9 @@ class SlotPlacement(Placement):
                 if prepared is None or prepared[0] is not work:
                     prepared = self._prepare(slot, work)
                     if prepared is None:
+                        self._pause(slot)
                         continue
+                    slot.failures = 0
                 taken = engine.feed.take(self.host.name, self._others_up)
                 if taken is None:
                     continue
@@ -124,6 +129,19 @@ class SlotPlacement(Placement):
             engine.coordinator.workers.close_slot(slot.name)
             engine.observer.slot_state(slot, "stopped", None)
 
+    def _pause(self, slot: Slot) -> None:
+        """After a failed start: wait a little longer each time (a worker that keeps failing on a host
+        that answers is given up as if the host were down)."""
+        slot.failures += 1
+        if slot.state == "down":
+            return  # the host's own wait applies
+        if slot.failures >= WORKER_FAILURES:
+            slot.failures = 0
+            self.engine.trouble(slot, ConnectError(self.host.name, f"its worker failed to start {WORKER_FAILURES} "
+                                                                   f"times: {slot.detail}"))
+            return
+        self.engine.finished.wait(min(0.5 * 2 ** slot.failures, 10.0))
+
     def _others_up(self) -> bool:
         return self.engine.others_up(self.host.name)
 
@@ -135,7 +153,8 @@ class SlotPlacement(Placement):
         try:
             session = work.make_session(slot)
             target = coordinator.resolve_target(session)
-            archive = coordinator.archive_for(session)
+            with engine.pack_lock:  # one build for all slots (and ast.parse is not thread-safe before 3.11.8)
+                archive = coordinator.archive_for(session)
 
             def waiting(event: dict[str, Any]) -> None:
                 slot.state, slot.detail = "waiting", _waiting_text(event)
@@ -144,7 +163,10 @@ class SlotPlacement(Placement):
             channel = coordinator.workers.slot(target.launcher, target.backend, archive, target.options,
                                                lambda name, state: None, on_event=waiting)
         except Exception as exc:
-            engine.trouble(slot, exc)
+            if classify_failure(exc) == "call":  # the call's own fault (its code, its arguments)
+                engine.reject(work, exc)
+            else:
+                engine.trouble(slot, exc)
             return None
         slot.gpus = list((channel.placement or {}).get("gpus") or [])
         engine.reached(slot)

@@ -91,7 +91,7 @@ class Feed:
     def peek(self, host: str, others_up: Callable[[], bool], timeout: float) -> Work | None:
         """The call ``host`` would take next, without taking it; None after ``timeout`` s or once closed."""
         with self._changed:
-            if not self._queue and not self.closed:
+            if not self._queue:
                 self._changed.wait(timeout)
             return self._first(host, others_up()) if self._queue else None
 
@@ -102,6 +102,15 @@ class Feed:
             if work is not None:
                 self._queue.remove(work)
             return work
+
+    def remove(self, work: Work) -> bool:
+        """Take ``work`` itself out of the queue; False if it is not there (a slot took it)."""
+        with self._changed:
+            try:
+                self._queue.remove(work)
+            except ValueError:
+                return False
+            return True
 
     def drain(self) -> list[Work]:
         """Take every waiting call (to cancel or fail them)."""

@@ -249,6 +249,7 @@ def _grab(lock_dir: str, gpus: list[dict[str, Any]],
             os.close(fd)
             busy[gpu["index"]] = why
             continue
+        _write(fd, {"pid": os.getpid(), "owner": request.get("owner") or {}, "gpu": gpu, "since": time.time()})
         taken.append((gpu, fd))
     return taken, busy
 
@@ -274,8 +275,6 @@ def take_slot(cache_dir: str, request: dict[str, Any], wait: Callable[[dict[str,
             taken = _take_gpus(lock_dir, request, wait)
             held.gpus = [gpu for gpu, _ in taken]
             held.gpu_fds = [fd for _, fd in taken]
-            for gpu, fd in taken:
-                _write(fd, {"pid": os.getpid(), "owner": owner, "gpu": gpu, "since": time.time()})
         _write(worker_fd, {"pid": os.getpid(), "owner": owner, "gpus": [gpu["index"] for gpu in held.gpus],
                            "since": time.time()})
     except BaseException:
