@@ -9,6 +9,7 @@ the ledger's record of every attempt.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -174,7 +175,7 @@ def test_each_call_sees_the_gpus_its_slot_holds(hosts: Hosts) -> None:
     assert visible == {"0", "1"}  # two GPUs: two slots, a GPU each
     for gpu in visible:
         windows = sorted((start, end) for g, start, end in seen if g == gpu)
-        assert all(a[1] <= b[0] for a, b in zip(windows, windows[1:], strict=False)), "a GPU ran two calls at once"
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(windows)), "a GPU ran two calls at once"
     recorded = [entry["gpus"] for _, entry in sorted(hosts.tasks().items())]
     assert recorded == [[int(gpu)] for gpu, _, _ in seen]  # the ledger names the GPU each call saw
 
@@ -202,7 +203,7 @@ def test_two_pools_sharing_two_gpus_never_use_one_at_the_same_time(hosts: Hosts)
     assert len(windows) == 8
     for gpu in ("0", "1"):
         spans = sorted((start, end) for g, start, end in windows if g == gpu)
-        for a, b in zip(spans, spans[1:], strict=False):
+        for a, b in itertools.pairwise(spans):
             assert a[1] <= b[0] + 0.01, f"GPU {gpu} ran calls of both pools at once"
 
 
@@ -298,9 +299,8 @@ def test_a_task_exception_is_retried_only_when_retry_on_says_so(hosts: Hosts) ->
             raise ConnectionResetError("the first try fails")
         return "second try"
 
-    with Executor(["box1"], config=hosts.config) as pool:
-        with pytest.raises(ConnectionResetError):
-            pool.submit(flaky, str(marker)).result(timeout=60)
+    with Executor(["box1"], config=hosts.config) as pool, pytest.raises(ConnectionResetError):
+        pool.submit(flaky, str(marker)).result(timeout=60)
     marker.unlink()
     with Executor(["box1"], config=hosts.config, retry_on=(ConnectionResetError,)) as pool:
         assert pool.submit(flaky, str(marker)).result(timeout=60) == "second try"
