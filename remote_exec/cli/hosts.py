@@ -138,7 +138,7 @@ def host_status(facts: dict[str, Any]) -> list[Any]:
     load = facts.get("load") or []
     free = (f", memory {memory['available'] / 2**30:.1f} of {memory['total'] / 2**30:.1f} GiB free"
             if memory.get("total") and "available" in memory else "")
-    line = Text.assemble((name, "bold"), "  ", ("up", "green"),
+    line = Text.assemble((name, "bold"), f" ({clean(facts.get('hostname'))})  ", ("up", "green"),
                          f"  python {clean(facts.get('python'))}, {facts.get('cpus')} CPUs"
                          + (f", load {load[0]:.2f}" if load else "") + free)
     return [line, *_gpu_lines(facts), *_slot_lines(facts)]

@@ -350,6 +350,6 @@ def probe(cache_dir: str) -> dict[str, Any]:
         load = list(os.getloadavg())
     except OSError:
         load = []
-    return {"event": "probe", "host": os.uname().nodename, "python": "{}.{}.{}".format(*sys.version_info[:3]),
+    return {"event": "probe", "hostname": os.uname().nodename, "python": "{}.{}.{}".format(*sys.version_info[:3]),
             "cpus": os.cpu_count(), "load": load, "memory": _memory(), "gpus": query_gpus(), "apps": query_apps(),
-            "locks": _locks(os.path.join(cache_dir, LOCKS)), "pid": os.getpid()}
+            "locks": _locks(os.path.join(cache_dir, LOCKS))}
