@@ -277,6 +277,17 @@ class Coordinator:
         config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
         return self.packer.archive_for(session.task, config.distribution_modules, session.context.get("cwd"))
 
+    def _pack(self, session: Session, recorder: CallRecorder) -> DistributionArchive:
+        """:meth:`archive_for`, recorded as the ``pack`` phase."""
+        recorder.phase("pack", "started")
+        try:
+            archive = self.archive_for(session)
+        except BaseException:
+            recorder.phase("pack", "failed")
+            raise
+        recorder.phase("pack", "finished")
+        return archive
+
     def execute(self, session: Session, target: Target) -> Result:
         """Run ``session`` at ``target`` and return its result, recording it.
 
@@ -291,16 +302,10 @@ class Coordinator:
         if recorder is None:
             recorder = self._task_recorder(session, target, session_bytes)
         try:
-            recorder.phase("pack", "started")
-            try:
-                archive = self.archive_for(session)
-            except BaseException:
-                recorder.phase("pack", "failed")
-                raise
-            recorder.phase("pack", "finished")
-            outcome = dispatch(session, target.backend, archive, target.options, launcher=target.launcher,
-                               workers=self.workers, on_stdout=recorder.stdout, on_stderr=recorder.stderr,
-                               land_file=recorder.land_file, on_phase=recorder.phase, session_bytes=session_bytes)
+            outcome = dispatch(session, target.backend, self._pack(session, recorder), target.options,
+                               launcher=target.launcher, workers=self.workers, on_stdout=recorder.stdout,
+                               on_stderr=recorder.stderr, land_file=recorder.land_file, on_phase=recorder.phase,
+                               session_bytes=session_bytes)
         except BaseException as exc:
             recorder.failed(exc)
             raise
@@ -334,15 +339,8 @@ class Coordinator:
 
     def start_detached(self, session: Session, target: Target, recorder: CallRecorder) -> dict[str, Any]:
         """Start ``session`` at ``target`` so that it outlives this process; return where it runs."""
-        recorder.phase("pack", "started")
-        try:
-            archive = self.archive_for(session)
-        except BaseException:
-            recorder.phase("pack", "failed")
-            raise
-        recorder.phase("pack", "finished")
-        return start_detached(session, target.backend, archive, target.options, launcher=target.launcher,
-                              on_phase=recorder.phase)
+        return start_detached(session, target.backend, self._pack(session, recorder), target.options,
+                              launcher=target.launcher, on_phase=recorder.phase)
 
     def attach(self, session: Session, target: Target, detached: dict[str, Any], recorder: CallRecorder,
                offsets: tuple[int, int]) -> Outcome:
