@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,7 +79,6 @@ def test_map_gives_results_in_order_and_exceptions_in_their_place(pool_remote: R
     assert len(entries) == 10 and sorted(e["status"] for e in entries.values()).count("done") == 9
 
 
-@pytest.mark.slow
 def test_a_host_paused_mid_map_has_its_calls_finish_elsewhere(pool_remote: Remote,
                                                              dedicated_host: TestbedHost) -> None:
     hosts = ["rx-testbed-1", dedicated_host.alias]
@@ -113,7 +113,6 @@ with Executor([sys.argv[1]], per_host=2, gpus=1, gpu_policy=GpuPolicy(interval=0
 """
 
 
-@pytest.mark.slow
 def test_two_coordinators_sharing_two_gpus_never_overlap(pool_remote: Remote, dedicated_host: TestbedHost) -> None:
     set_gpus(dedicated_host, 2)
     env = {**pool_remote.env, "PYTHONPATH": os.pathsep.join([str(REPO), str(DATA)])}
@@ -157,7 +156,6 @@ def test_calls_wait_while_foreign_processes_hold_every_gpu(pool_remote: Remote,
 SWEEP = ["--lr", ":::", "0.1", "0.01", "--seed", ":::", "1", "2"]
 
 
-@pytest.mark.slow
 def test_a_sweep_reruns_only_its_failed_combinations(pool_remote: Remote, testbed: Any) -> None:
     pool_remote.copy_script("sweep_train.py")
     for host in testbed.hosts[:2]:
@@ -187,25 +185,35 @@ def test_a_sweep_reruns_only_its_failed_combinations(pool_remote: Remote, testbe
         assert pool_remote.files_of(child)["metrics.txt"].endswith(b" 2\n")
 
 
-@pytest.mark.slow
 def test_ctrl_c_stops_every_hosts_calls(pool_remote: Remote, testbed: Any) -> None:
+    """Four runs going on two hosts (two slots each), then SIGINT to rx map: it exits 130, records the sweep
+    cancelled, and leaves no rx process on either host (the runs are forked from their slot's worker, so
+    every one of them shows as the runner's command line)."""
     pool_remote.copy_script("sweep_train.py")
     argv = pool_remote.argv("map", "--no-progress", "-r", HOSTS[0], "-r", HOSTS[1], "--per-host", "2",
                             "sweep_train.py", "--sleep", "120", "--seed", ":::", "1", "2", "3", "4", "5", "6")
+    started: list[bytes] = []
     with subprocess.Popen(argv, cwd=pool_remote.project, env=pool_remote.env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE) as rx:
-        deadline = time.monotonic() + 90
-        while sum(len(remote_processes(host, "sweep_train")) for host in testbed.hosts[:2]) < 4:
-            assert time.monotonic() < deadline, "the runs did not start on both hosts"
-            assert rx.poll() is None, rx.communicate()
-            time.sleep(0.3)
-        rx.send_signal(signal.SIGINT)
-        _, stderr = rx.communicate(timeout=60)
+        try:
+            assert rx.stdout is not None
+            reader = threading.Thread(target=lambda: started.extend(iter(rx.stdout.readline, b"")), daemon=True)
+            reader.start()
+            deadline = time.monotonic() + 90
+            while len(started) < 4:
+                assert time.monotonic() < deadline, f"the runs did not start: {started}"
+                assert rx.poll() is None, rx.communicate()
+                time.sleep(0.2)
+            assert all(len(remote_processes(host, "remote_exec")) >= 2 for host in testbed.hosts[:2])
+            rx.send_signal(signal.SIGINT)
+            _, stderr = rx.communicate(timeout=60)
+        finally:
+            if rx.poll() is None:
+                rx.kill()
     assert rx.returncode == 130, stderr
     deadline = time.monotonic() + 20
     while True:
-        left = {host.alias: remote_processes(host, "remote_exec") + remote_processes(host, "sweep_train")
-                for host in testbed.hosts[:2]}
+        left = {host.alias: remote_processes(host, "remote_exec") for host in testbed.hosts[:2]}
         if not any(left.values()) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
