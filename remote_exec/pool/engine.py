@@ -252,7 +252,7 @@ class Engine:
         slot start a fresh worker."""
         kind = classify_failure(exc)
         self.coordinator.workers.close_slot(slot.name)
-        slot.gpus = []
+        slot.gpus, slot.code = [], None
         if kind in ("lost", "down"):
             host = self.hosts[slot.host]
             status = host.down(_line(exc), lost=kind == "lost")

@@ -30,7 +30,7 @@ import getpass
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor as _StdExecutor
 from concurrent.futures import Future
 from types import TracebackType
@@ -108,6 +108,7 @@ class Executor(_StdExecutor):
         self._engine = Engine(settings, self.coordinator, observer, owner=self._owner())
         self.max_in_flight = max_in_flight or max(32, 8 * len(names) * (per_host or 1))
         self._lines = threading.Lock()
+        self._tasks: dict[Any, TaskFunction[Any]] = {}
         self._slots_hint = len(names) * (per_host or 1)
 
     def _owner(self) -> dict[str, Any]:
@@ -131,7 +132,11 @@ class Executor(_StdExecutor):
             BrokenPool: Every host of the pool is lost.
             RuntimeError: The executor is shut down.
         """
-        function = _as_task(fn)
+        function = self._tasks.get(fn) if isinstance(fn, Hashable) else None
+        if function is None:
+            function = _as_task(fn)
+            if isinstance(fn, Hashable) and len(self._tasks) < 1024:
+                self._tasks[fn] = function
         engine = self._engine
         index = engine.next_index()
         config = function.config or self.config
@@ -142,7 +147,7 @@ class Executor(_StdExecutor):
         label = f"{getattr(function, '__name__', 'call')}[{index}]"
         work = Work(index=index, key=f"{engine.pool_id}-{index:05d}", label=label, future=future,
                     make_session=lambda slot: self._session(function, args, kwargs, slot, config, label),
-                    chain=chain, extensions=tuple(config.extensions))
+                    chain=chain, extensions=tuple(config.extensions), code=function.task.task_id)
         engine.submit(work)
         return future
 

@@ -67,6 +67,7 @@ class Slot:
         gpus: The GPUs its worker holds (nvidia-smi's fields).
         current: The call it runs now, if any.
         failures: Failed starts of its worker in a row.
+        code: What its worker runs (the ``code`` of the call it was started for).
     """
 
     host: str
@@ -78,6 +79,7 @@ class Slot:
     gpus: list[dict[str, Any]] = field(default_factory=list)
     current: Any = None
     failures: int = 0
+    code: Any = None
 
     @property
     def label(self) -> str:

@@ -107,7 +107,7 @@ class SlotPlacement(Placement):
                     if engine.idle():
                         break
                     continue
-                if prepared is None or prepared[0] is not work:
+                if not self._serves(slot, work) and (prepared is None or prepared[0] is not work):
                     prepared = self._prepare(slot, work)
                     if prepared is None:
                         self._pause(slot)
@@ -119,7 +119,7 @@ class SlotPlacement(Placement):
                 if not taken.future.running() and not taken.future.set_running_or_notify_cancel():
                     engine.cancelled(taken)
                     continue
-                session = prepared[1] if prepared[0] is taken else taken.make_session(slot)
+                session = prepared[1] if prepared is not None and prepared[0] is taken else taken.make_session(slot)
                 prepared = None
                 engine.attempt(taken, slot, session)
         except Exception:  # a bug here must not leave the pool waiting for this slot forever
@@ -141,6 +141,13 @@ class SlotPlacement(Placement):
                                                                    f"times: {slot.detail}"))
             return
         self.engine.finished.wait(min(0.5 * 2 ** slot.failures, 10.0))
+
+    def _serves(self, slot: Slot, work: Work) -> bool:
+        """Whether the slot's worker is up and runs ``work``'s code already (no need to start it again)."""
+        if slot.code is None or slot.code != work.code:
+            return False
+        channel = self.engine.coordinator.workers.slot_channel(slot.name)
+        return channel is not None and not channel.broken
 
     def _others_up(self) -> bool:
         return self.engine.others_up(self.host.name)
@@ -169,6 +176,7 @@ class SlotPlacement(Placement):
                 engine.trouble(slot, exc)
             return None
         slot.gpus = list((channel.placement or {}).get("gpus") or [])
+        slot.code = work.code
         engine.reached(slot)
         return work, session
 

@@ -339,7 +339,7 @@ class Sweep(PoolObserver):
         work = Work(index=combination.index, key=combination.key, label=combination.label, future=Future(),
                     make_session=lambda slot: self._session(combination, slot), chain=[RemoteAdvice()],
                     value_of=_result, failed_of=lambda result: not result.ok, begin=self._begin,
-                    finish=self._finish)
+                    finish=self._finish, code=self.task.task_id)
         engine.submit(work)
         return work
 

@@ -44,6 +44,7 @@ class Work:
         failures: Attempts that failed for a reason outside the task (a lost host, a crashed worker).
         avoid: Hosts it failed on (offered to the others first).
         finish: Called with the future once its outcome is set (a sweep records its child run there).
+        code: Names the code the call runs (calls of equal code run in the same worker): a task's id.
     """
 
     index: int
@@ -60,6 +61,7 @@ class Work:
     failures: int = 0
     avoid: set[str] = field(default_factory=set)
     finish: Callable[[Work], None] | None = None
+    code: Any = None
 
 
 class Feed:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -202,7 +201,7 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
              extra_options: Mapping[str, Any] | None = None) -> Outcome:
     """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
     output, collect and check its result. With ``keep`` the channel (a worker) stays open after it."""
-    key = secrets.token_bytes(32)
+    key = channel.call_key()
     call = Call(channel, options, key, on_stdout, on_stderr)
     phase("execute", "started")
     deadline = None if options.timeout is None else time.monotonic() + options.timeout + options.dead_after + 5

@@ -10,6 +10,7 @@ second, lets the current call send its heartbeat and give up a silent link or a 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -75,6 +76,7 @@ class Channel:
         self.current: tuple[Watched, float | None] | None = None
         self.closed = threading.Event()
         self.placement: dict[str, Any] | None = None
+        self._keys = b""
         self._watcher: threading.Thread | None = None
         self.stderr_reader = threading.Thread(target=self._pump_stderr, daemon=True)
         self.stderr_reader.start()
@@ -83,6 +85,14 @@ class Channel:
         while chunk := self.process.read_stderr(65536):
             self.stderr += chunk
             self.last_read = time.monotonic()
+
+    def call_key(self) -> bytes:
+        """A fresh random key for the next call's HMAC (drawn from the OS 8 KiB at a time: a persistent
+        worker's small calls do not pay a getrandom each)."""
+        if len(self._keys) < 32:
+            self._keys = os.urandom(8192)
+        key, self._keys = self._keys[:32], self._keys[32:]
+        return key
 
     def send(self, kind: bytes, payload: bytes = b"") -> None:
         """Write one frame to the runner."""
