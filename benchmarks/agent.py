@@ -238,16 +238,20 @@ def _fanout(targets: list[Any], count: int, serve: Callable[[Any, list[int]], No
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=pair) for pair in zip(targets, shares, strict=True)]
+    seconds = _wall([threading.Thread(target=run, args=pair) for pair in zip(targets, shares, strict=True)])
+    if errors:
+        return {"ok": False, "error": _error(errors[0])}
+    return {"ok": True, "samples": [seconds]}
+
+
+def _wall(threads: list[threading.Thread]) -> float:
+    """Seconds from starting ``threads`` to the last one's end."""
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    seconds = time.perf_counter() - started
-    if errors:
-        return {"ok": False, "error": _error(errors[0])}
-    return {"ok": True, "samples": [seconds]}
+    return time.perf_counter() - started
 
 
 # -- mitogen ------------------------------------------------------------------------------------------------
@@ -543,13 +547,7 @@ class RxDriver(Driver):
             except Exception as exc:
                 errors.append(f"{host}: {type(exc).__name__}: {exc}")
 
-        threads = [threading.Thread(target=call, args=(host, self._next())) for host in self.hosts]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        parallel = time.perf_counter() - started
+        parallel = _wall([threading.Thread(target=call, args=(host, self._next())) for host in self.hosts])
         if errors or any(value != argument for value, argument in results.values()):
             return {"ok": False, "error": "; ".join(errors) or "a host returned the wrong value"}
         started = time.perf_counter()
