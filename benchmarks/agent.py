@@ -579,8 +579,8 @@ class RxPoolDriver(RxDriver):
             list(pool.map(self.payload.noop, range(4 * len(self.hosts) * per_host)))  # every slot's worker up
         return pool
 
-    def op_pool_map(self, count: int) -> Reply:
-        pool = self._pool(1)
+    def op_pool_map(self, count: int, per_host: int = 1) -> Reply:
+        pool = self._pool(per_host)
         start = self._next()
         started = time.perf_counter()
         values = list(pool.map(self.payload.noop, range(start, start + count)))

@@ -8,6 +8,7 @@ calls per second; time left), which :meth:`remote_exec.pool.Executor.status` ret
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ class _Totals:
     failed: int = 0
     cancelled: int = 0
     submitted: int = 0
-    ends: list[float] = field(default_factory=list)
+    ends: collections.deque[float] = field(default_factory=collections.deque)
 
 
 class Tally(PoolObserver):
@@ -150,7 +151,7 @@ class Tally(PoolObserver):
             now = time.monotonic()
             self._totals.ends.append(now)
             while self._totals.ends and self._totals.ends[0] < now - self.WINDOW:
-                self._totals.ends.pop(0)
+                self._totals.ends.popleft()
 
     def slot_state(self, slot: Slot, state: str, detail: str | None) -> None:
         with self._lock:

@@ -108,7 +108,7 @@ class Executor(_StdExecutor):
         self._engine = Engine(settings, self.coordinator, observer, owner=self._owner())
         self.max_in_flight = max_in_flight or max(32, 8 * len(names) * (per_host or 1))
         self._lines = threading.Lock()
-        self._tasks: dict[Any, TaskFunction[Any]] = {}
+        self._tasks: dict[Any, tuple[TaskFunction[Any], Configuration, list[Any], dict[str, Any]]] = {}
         self._slots_hint = len(names) * (per_host or 1)
 
     def _owner(self) -> dict[str, Any]:
@@ -132,30 +132,35 @@ class Executor(_StdExecutor):
             BrokenPool: Every host of the pool is lost.
             RuntimeError: The executor is shut down.
         """
-        function = self._tasks.get(fn) if isinstance(fn, Hashable) else None
-        if function is None:
-            function = _as_task(fn)
+        known = self._tasks.get(fn) if isinstance(fn, Hashable) else None
+        if known is None:
+            known = self._known(fn)
             if isinstance(fn, Hashable) and len(self._tasks) < 1024:
-                self._tasks[fn] = function
+                self._tasks[fn] = known
+        function, config, chain, base = known
         engine = self._engine
         index = engine.next_index()
-        config = function.config or self.config
-        from ..chains import chain_for
-
-        chain = chain_for(config, function.chain)
         future: Future[Any] = Future()
         label = f"{getattr(function, '__name__', 'call')}[{index}]"
         work = Work(index=index, key=f"{engine.pool_id}-{index:05d}", label=label, future=future,
-                    make_session=lambda slot: self._session(function, args, kwargs, slot, config, label),
+                    make_session=lambda slot: self._session(function, args, kwargs, slot, config, base, label),
                     chain=chain, extensions=tuple(config.extensions), code=function.task.task_id)
         engine.submit(work)
         return future
 
-    def _session(self, function: TaskFunction[Any], args: tuple[Any, ...], kwargs: dict[str, Any], slot: Slot,
-                 config: Configuration, label: str) -> Session:
+    def _known(self, fn: Callable[..., Any]) -> tuple[TaskFunction[Any], Configuration, list[Any], dict[str, Any]]:
+        """What every call of ``fn`` shares: the task, its configuration, its chain, its task options."""
+        from ..chains import chain_for
+
+        function = _as_task(fn)
+        config = function.config or self.config
         options = {key: value for key, value in {**self.options, **function.options}.items()
                    if key not in POOL_OPTIONS}
-        options.update(keep_warm=True, slot=slot.name, placement=slot.placement)
+        return function, config, chain_for(config, function.chain), options
+
+    def _session(self, function: TaskFunction[Any], args: tuple[Any, ...], kwargs: dict[str, Any], slot: Slot,
+                 config: Configuration, base: dict[str, Any], label: str) -> Session:
+        options = {**base, "keep_warm": True, "slot": slot.name, "placement": slot.placement}
         session = self.coordinator.task_session(function.task, args, kwargs, remote=slot.host, options=options,
                                                 config=config, cwd=self.cwd)
         if self._slots_hint > 1 or len(self._engine.hosts[slot.host].slots) > 1:
