@@ -35,7 +35,7 @@ else:
         return function
 
 
-__all__ = ["TaskFunction", "get_run_id", "run_task", "set_run_id", "task"]
+__all__ = ["TaskFunction", "for_caller", "get_run_id", "run_task", "set_run_id", "task"]
 
 
 class TaskFunction(Generic[R]):
@@ -80,7 +80,13 @@ class TaskFunction(Generic[R]):
     def __call__(self, *args: Any, **kwargs: Any) -> R:
         if os.environ.get(INSIDE_RUNNER_ENV):
             return self.function(*args, **kwargs)
-        return run_task(self, args, kwargs)  # type: ignore[no-any-return]
+        try:
+            return run_task(self, args, kwargs)  # type: ignore[no-any-return]
+        except BaseException as exc:
+            if os.environ.get("RX_DEBUG"):
+                raise
+            failure = for_caller(exc)
+        raise failure  # what the call raised; rx's own frames are left out (RX_DEBUG=1 keeps them)
 
     def map(self, iterable: Iterable[Any], *iterables: Iterable[Any], hosts: Sequence[str] | str | None = None,
             star: bool = False, return_exceptions: bool = False, timeout: float | None = None,
@@ -175,6 +181,20 @@ def run_task(function: TaskFunction[Any], args: tuple[Any, ...], kwargs: dict[st
     session = coordinator.task_session(function.task, args, kwargs, remote=function.remote,
                                        options=function.options, config=config, cwd=cwd)
     return run_chain(session, advices, config.extensions).unwrap()
+
+
+def for_caller(exc: BaseException) -> BaseException:
+    """What a ``@task`` call raises in its caller for ``exc``: the same exception without the frames of rx's
+    own machinery (the caller sees its line, then the task's remote traceback as the cause); an interrupted
+    call as a plain ``KeyboardInterrupt``, so that Python ends the script as it does on Ctrl-C (by SIGINT:
+    a shell loop around it stops too)."""
+    from .errors import Interrupted
+
+    if isinstance(exc, Interrupted):
+        interrupt = KeyboardInterrupt(str(exc))
+        interrupt.__suppress_context__ = True
+        return interrupt
+    return exc.with_traceback(None)
 
 
 def set_run_id(run_id: str) -> None:

@@ -24,6 +24,7 @@ import os
 import pickle
 import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,6 +34,7 @@ from .backends.local import LocalBackend
 from .backends.pool import BackendPool
 from .config import Configuration, find_pyproject
 from .errors import ConfigError, SerializationError
+from .hints import arguments_hint, import_hint
 from .launchers.base import Launcher
 from .launchers.registry import create_launcher
 from .packing import DistributionArchive, Packer, default_cache_dir
@@ -43,6 +45,7 @@ from .protocol.workers import WorkerPool
 from .serialization import get_serializer
 from .session import Result, Session
 from .task import Execution, Task
+from .tracebacks import localize, roots_for
 from .workspace.manager import new_run_id
 from .workspace.recorder import CallRecorder, TaskCallRecorder, TaskRecorder, TaskRuns
 
@@ -110,6 +113,16 @@ def _secret_env(names: Any) -> dict[str, str]:
     return secrets
 
 
+def _hint(session: Session, exception: dict[str, Any], host: str, python: str,
+          sources: list[tuple[str, str]]) -> str | None:
+    """What to try when the task failed because the two sides differ (:mod:`remote_exec.hints`)."""
+    if exception.get("packages"):
+        return arguments_hint(exception["packages"], host)
+    return import_hint(str(exception.get("message") or ""), host=host, python=python,
+                       shipped=[name.removesuffix(".py") for name, _ in sources],
+                       project=Path(session.context.get("cwd") or os.getcwd()).resolve())
+
+
 class Coordinator:
     """Everything a process shares across its calls, and the calls themselves.
 
@@ -120,6 +133,7 @@ class Coordinator:
         task_runs: The workspace runs of this process's ``@task`` calls.
         pools: The pools ``task.submit`` made, by hosts and options (shut down at exit).
         run_id: The run id ``@task`` calls of this process are recorded under (made on the first call).
+        all_frames: Remote tracebacks keep rx's own frames (``rx -v``, ``RX_DEBUG=1``).
     """
 
     _current: ClassVar[Coordinator | None] = None
@@ -131,12 +145,15 @@ class Coordinator:
         self.recorder = TaskRecorder()
         self.task_runs = TaskRuns(self.recorder)
         self.run_id: str | None = None
+        #: Show rx's own frames in remote tracebacks too (``rx -v``, ``RX_DEBUG=1``).
+        self.all_frames = bool(os.environ.get("RX_DEBUG"))
         self._lock = threading.Lock()
         self._backends = BackendPool()
         self._local = LocalBackend()
         self._configs: dict[str, Configuration] = {}
         self.pools: dict[tuple[Any, ...], Any] = {}  # @task(...).submit's pools, by hosts and options
         self._targets: dict[tuple[Any, ...], tuple[Configuration, Target]] = {}
+        self._insecure_warned: set[str] = set()
 
     @classmethod
     def current(cls) -> Coordinator:
@@ -244,6 +261,9 @@ class Coordinator:
         backend_name = config.effective_backend(options.get("backend") or remote.backend or backend)
         config.check_remote_backend(backend_name)
         policy = options.get("host_key_policy") or config.host_key_policy
+        if policy == "off" and remote.name not in self._insecure_warned:
+            self._insecure_warned.add(remote.name)  # once per host and process, whatever reconnects
+            logger.warning("host key checking is OFF for %s: anyone on the path can impersonate it", remote.name)
         spec = remote.spec(ssh_config=config.effective_ssh_config(options.get("ssh_config")),
                            host_key_policy=policy,
                            connect_timeout=float(options.get("connect_timeout") or config.connect_timeout))
@@ -302,17 +322,39 @@ class Coordinator:
         if recorder is None:
             recorder = self._task_recorder(session, target, session_bytes)
         try:
-            outcome = dispatch(session, target.backend, self._pack(session, recorder), target.options,
+            archive = self._pack(session, recorder)
+            outcome = dispatch(session, target.backend, archive, target.options,
                                launcher=target.launcher, workers=self.workers, on_stdout=recorder.stdout,
                                on_stderr=recorder.stderr, land_file=recorder.land_file, on_phase=recorder.phase,
-                               session_bytes=session_bytes)
+                               session_bytes=session_bytes, stdin=recorder.stdin)
         except BaseException as exc:
             recorder.failed(exc)
             raise
         session.local["outcome"] = outcome
+        self.localize(session, outcome, archive.sources, recorder, python=target.options.python)
         recorder.finished(result=outcome.result, phases=outcome.phases,
                           value=lambda: self._recorded_value(session, target, outcome))
         return outcome.result
+
+    def localize(self, session: Session, outcome: Outcome, sources: Iterable[tuple[str, str]],
+                 recorder: CallRecorder, *, python: str = "python3") -> None:
+        """Map the task's remote traceback to the user's files (:mod:`remote_exec.tracebacks`), with what to
+        try when the two sides differ (:mod:`remote_exec.hints`); a script's goes to its stderr, where
+        Python would have printed it."""
+        exception = outcome.header.get("exception")
+        if not exception:
+            return
+        task = session.task
+        sources = list(sources)
+        script = None
+        if task.kind == "script" and task.filename:
+            script = (f".rx/{os.path.basename(task.filename)}", Path(task.filename).resolve())
+        roots = roots_for(remote_roots=exception.get("roots") or {}, sources=sources, script=script)
+        text = localize(outcome.result, exception, roots, all_frames=self.all_frames,
+                        hint=_hint(session, exception, outcome.result.host or "the host", python, sources),
+                        function=task.function if task.kind == "function" else None)
+        if task.kind != "function" and (text or outcome.result.traceback):
+            recorder.stderr((text or outcome.result.traceback or "").encode())
 
     def _task_recorder(self, session: Session, target: Target, session_bytes: bytes) -> CallRecorder:
         config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
@@ -339,21 +381,26 @@ class Coordinator:
 
     def start_detached(self, session: Session, target: Target, recorder: CallRecorder) -> dict[str, Any]:
         """Start ``session`` at ``target`` so that it outlives this process; return where it runs."""
-        return start_detached(session, target.backend, self._pack(session, recorder), target.options,
-                              launcher=target.launcher, on_phase=recorder.phase)
+        archive = self._pack(session, recorder)
+        started = start_detached(session, target.backend, archive, target.options, launcher=target.launcher,
+                                 on_phase=recorder.phase)
+        return {**started, "sources": [list(pair) for pair in archive.sources]}
 
     def attach(self, session: Session, target: Target, detached: dict[str, Any], recorder: CallRecorder,
                offsets: tuple[int, int]) -> Outcome:
         """Follow a detached run to its end and collect its result and files."""
-        return attach_detached(session, target.backend, detached, target.options, launcher=target.launcher,
-                               on_stdout=recorder.stdout, on_stderr=recorder.stderr, land_file=recorder.land_file,
-                               offsets=offsets)
+        outcome = attach_detached(session, target.backend, detached, target.options, launcher=target.launcher,
+                                  on_stdout=recorder.stdout, on_stderr=recorder.stderr,
+                                  land_file=recorder.land_file, offsets=offsets)
+        self.localize(session, outcome, [tuple(pair) for pair in detached.get("sources") or ()], recorder,
+                      python=target.options.python)
+        return outcome
 
     def follow(self, target: Target, detached: dict[str, Any], *, on_stdout: OutputSink, on_stderr: OutputSink,
-               offsets: tuple[int, int]) -> None:
-        """Stream a detached run's output until it ends (collecting nothing)."""
+               offsets: tuple[int, int], once: bool = False) -> None:
+        """Stream a detached run's output until it ends (``once``: what it wrote so far); collect nothing."""
         follow_detached(target.backend, detached, target.options, launcher=target.launcher, on_stdout=on_stdout,
-                        on_stderr=on_stderr, offsets=offsets)
+                        on_stderr=on_stderr, offsets=offsets, once=once)
 
     def cancel(self, target: Target, detached: dict[str, Any]) -> dict[str, Any]:
         """Stop a detached run's task; return the host's status record of it."""

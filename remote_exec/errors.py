@@ -17,8 +17,15 @@
     │   └── CommandTimeout          exit status 124: a command or task ran past its timeout
     ├── RunnerError                 the remote runner failed (not the task): interpreter missing or too
     │                               old, killed by a signal, out of memory, exit 0 without a result
-    ├── Interrupted                 exit status 130: Ctrl-C or SIGTERM of the coordinator
     └── RemoteError                 the task raised and its exception could not be rebuilt locally
+
+    KeyboardInterrupt
+    └── Interrupted                 exit status 130: Ctrl-C or SIGTERM of the coordinator (the remote
+                                    task was stopped first)
+
+:class:`Interrupted` is a ``KeyboardInterrupt``, not an ``Exception``: Ctrl-C during a ``@task`` call stops
+a sweep whose loop catches ``Exception``, as Ctrl-C during a local call would. It still carries the
+``exit_code``, ``message`` and ``hint`` of the tree above.
 
 A remote exception that *can* be rebuilt is raised as its own type; in every case its ``__cause__`` is a
 :class:`RemoteTraceback` holding the remote traceback text, as ``concurrent.futures`` does.
@@ -144,10 +151,25 @@ class RunnerError(RemoteExecError):
         self.host = host
 
 
-class Interrupted(RemoteExecError):
-    """The coordinator was interrupted (Ctrl-C or SIGTERM)."""
+class Interrupted(KeyboardInterrupt):
+    """The coordinator was interrupted (Ctrl-C or SIGTERM); the remote task was stopped first.
 
-    exit_code = 130
+    A ``KeyboardInterrupt`` (not an ``Exception``), so that ``except Exception`` does not swallow Ctrl-C.
+
+    Attributes:
+        exit_code: 130, what ``rx`` exits with.
+        message: What was interrupted.
+        hint: An optional sentence telling the user what to try.
+    """
+
+    exit_code: int = 130
+
+    def __init__(self, message: str = "interrupted", *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    __str__ = RemoteExecError.__str__  # "message (hint)", as every rx error reads
 
 
 class RemoteTraceback(Exception):
@@ -158,14 +180,15 @@ class RemoteTraceback(Exception):
         self.tb = tb
 
     def __str__(self) -> str:
-        return self.tb
+        return "\n" + self.tb.rstrip("\n")  # printed under "remote_exec.errors.RemoteTraceback:", from its start
 
 
 class RemoteError(RemoteExecError):
     """The task raised an exception that could not be rebuilt as its own type.
 
     Attributes:
-        type_name: Qualified name of the remote exception type, e.g. ``mypkg.errors.BadInput``.
+        type_name: Qualified name of the remote exception type, e.g. ``mypkg.errors.BadInput`` (what an
+            ``except`` clause cannot match: its class is not importable here, or it could not be rebuilt).
         remote_message: ``str()`` of the remote exception.
         formatted: The remote traceback text.
     """

@@ -47,7 +47,8 @@ logger = logging.getLogger(__name__)
 #: blocked). The rest of the package travels too, for task modules that import the public API.
 REMOTE_MODULES = ("__init__", "errors", "protocol/__init__", "protocol/wire", "runner/__init__", "runner/channel",
                   "runner/child", "runner/detached", "runner/policy", "runner/result", "runner/rundir",
-                  "runner/slot", "runner/supervise", "runner/worker", "serialization", "session", "task")
+                  "runner/slot", "runner/stdin", "runner/supervise", "runner/worker", "serialization", "session",
+                  "task")
 
 _MAIN = b"import sys\nfrom remote_exec.runner import main\nsys.exit(main(sys.argv[1:]))\n"
 _EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -197,12 +198,15 @@ class DistributionArchive:
         sha256: sha256 of its bytes (its name on the remote).
         size: Its size in bytes.
         modules: The user modules it carries (top-level names).
+        sources: Where they came from: (top-level name in the archive, local file or package folder);
+            remote tracebacks are mapped back to the local files through these.
     """
 
     path: Path
     sha256: str
     size: int
     modules: tuple[str, ...]
+    sources: tuple[tuple[str, str], ...] = ()
 
     def read(self) -> bytes:
         """The archive's bytes."""
@@ -366,6 +370,20 @@ def _entry_points(task: Task, cwd: str) -> tuple[list[Path], list[Path]]:
     return [path], [root, here]
 
 
+def _sources(entries: list[tuple[str, Path | bytes]]) -> tuple[tuple[str, str], ...]:
+    """(top-level name in the archive, its local file or package folder) of each user module shipped."""
+    base = _base_paths()
+    found: dict[str, str] = {}
+    for arcname, source in entries:
+        if isinstance(source, Path) and source not in base:
+            parts = arcname.split("/")
+            top = source
+            for _ in parts[1:]:
+                top = top.parent
+            found.setdefault(parts[0], str(top))
+    return tuple(sorted(found.items()))
+
+
 class Packer:
     """Builds distribution archives and remembers what it built, so that a sweep's calls of unchanged code
     cost a dictionary lookup (and, at most every :data:`RECHECK_SECONDS`, a few ``stat`` calls).
@@ -489,7 +507,7 @@ class Packer:
             logger.debug("built archive %s (%d bytes, modules: %s)", target.name, len(data), ", ".join(modules))
         data = target.read_bytes()
         archive_obj = DistributionArchive(path=target, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
-                                          modules=modules)
+                                          modules=modules, sources=_sources(entries))
         with self._lock:
             self._archives[(str(cache_dir), stat_key)] = archive_obj
         return archive_obj

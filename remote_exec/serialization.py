@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 else:
     Protocol = object
 
-__all__ = ["JsonSerializer", "PickleSerializer", "RestrictedUnpickler", "Serializer", "get_serializer",  # noqa: F822
-           "restricted_loads"]
+__all__ = ["EXCEPTION_PARTS", "JsonSerializer", "PickleSerializer", "RestrictedUnpickler",  # noqa: F822
+           "Serializer", "exception_parts", "get_serializer", "package_versions", "rebuild_exception",
+           "referenced_packages", "restricted_loads", "value_packages"]
 
 _PROTOCOL = 5
 
@@ -318,6 +319,104 @@ def restricted_loads(data: bytes, allow: Iterable[str] = ()) -> Any:
     import io
 
     return __getattr__("RestrictedUnpickler")(io.BytesIO(data), allow=allow).load()
+
+
+def referenced_packages(data: bytes | memoryview) -> list[str]:
+    """The top-level packages whose classes or functions a pickle (or bytes holding pickles, such as a
+    session) refers to by name, in order: what has to be importable, at a compatible version, to read it.
+
+    Read from the bytes without unpickling anything (the ``module`` ``name`` pairs of protocol 4 and 5's
+    STACK_GLOBAL and older protocols' GLOBAL); for messages only, on the path of a failure.
+    """
+    import re
+
+    found: dict[str, None] = {}
+    raw = bytes(data)
+    for match in re.finditer(rb"\x8c([\x01-\xff])([A-Za-z_][\w.]*)\x94?\x8c[\x01-\xff][A-Za-z_][\w.]*\x94?\x93", raw):
+        if match[1][0] == len(match[2]):
+            found[match[2].decode().partition(".")[0]] = None
+    for match in re.finditer(rb"(?:^|[^\w])c([A-Za-z_][\w.]*)\n[A-Za-z_][\w.]*\n", raw):
+        found[match[1].decode().partition(".")[0]] = None
+    return [name for name in found if name not in ("builtins", "copyreg", "_codecs", "__builtin__", "__main__")]
+
+
+def package_versions(names: Iterable[str], *, metadata: bool = True) -> dict[str, str | None]:
+    """The version of each top-level package here (its ``__version__``, else, with ``metadata``, its
+    distribution's: importlib.metadata costs tens of milliseconds to import), None when it is not installed
+    or says no version."""
+    import sys
+
+    versions: dict[str, str | None] = {}
+    for name in names:
+        module = sys.modules.get(name)
+        version = getattr(module, "__version__", None) if module is not None else None
+        if not isinstance(version, str) and metadata:
+            try:
+                from importlib import metadata as distributions
+
+                version = distributions.version(name)
+            except Exception:  # not installed, or its distribution has another name
+                version = None
+        versions[name] = version if isinstance(version, str) else None
+    return versions
+
+
+def value_packages(value: Any, budget: int = 64) -> list[str]:
+    """The top-level packages of the classes in ``value`` (a bounded walk through built-in containers):
+    cheap enough for every pickled result, so that a reader whose version differs can be told which."""
+    found: dict[str, None] = {}
+    stack = [value]
+    while stack and budget > 0:
+        budget -= 1
+        item = stack.pop()
+        kind = type(item)
+        if kind in _CONTAINERS:
+            stack.extend(list(item.values()) if kind is dict else list(item)[:budget])
+            continue
+        module = getattr(kind, "__module__", "") or ""
+        top = module.partition(".")[0]
+        if top and top not in ("builtins", "__main__") and top not in found:
+            found[top] = None
+    return list(found)
+
+
+#: Marks an exception that travels as its parts (see :func:`exception_parts`).
+EXCEPTION_PARTS = "rx-exception-1"
+
+
+def exception_parts(exc: BaseException) -> object:
+    """What to pickle for a task's exception: ``(EXCEPTION_PARTS, class, args, attributes)`` when its class
+    pickles the default way, else the exception itself (a class with its own ``__reduce__`` says how).
+
+    The default way rebuilds with ``cls(*args)``, which fails for an ``__init__`` that takes other arguments
+    than its message (``TrainingDiverged(step, loss)`` calling ``super().__init__(message)``); sent as its
+    parts, :func:`rebuild_exception` can fall back to what pickle's ``__reduce__`` contract allows.
+    """
+    cls = type(exc)
+    if cls.__reduce__ is not BaseException.__reduce__ or cls.__reduce_ex__ is not BaseException.__reduce_ex__:
+        return exc
+    return (EXCEPTION_PARTS, cls, exc.args, dict(getattr(exc, "__dict__", None) or {}))
+
+
+def rebuild_exception(loaded: object) -> BaseException | None:
+    """The exception an unpickled X frame stands for: ``cls(*args)`` as pickle would, else (an ``__init__``
+    that wants other arguments) ``cls.__new__(cls, *args)``; then its attributes, as pickle's BUILD sets
+    them. None when ``loaded`` is neither an exception nor its parts."""
+    if isinstance(loaded, BaseException):
+        return loaded
+    if not (isinstance(loaded, tuple) and len(loaded) == 4 and loaded[0] == EXCEPTION_PARTS):
+        return None
+    _, cls, args, state = loaded
+    if not (isinstance(cls, type) and issubclass(cls, BaseException) and isinstance(args, tuple)):
+        return None
+    try:
+        exc = cls(*args)
+    except Exception:
+        exc = cls.__new__(cls, *args)
+    exc.args = args
+    if isinstance(state, dict) and state:
+        exc.__dict__.update(state)
+    return exc
 
 
 _SERIALIZERS: dict[str, type[PickleSerializer] | type[JsonSerializer]] = {

@@ -44,19 +44,22 @@ class Result(Record):
             ``cancelled``, ``signal``, ``oom``, ``lost``, ``error`` (the runner failed).
         exception_type: Qualified name of the remote exception type, if any.
         exception_message: ``str()`` of the remote exception, if any.
-        traceback: The remote traceback text, if any.
+        traceback: The remote traceback text, if any: as the user reads it (the frames of their code, at
+            their local files) once the coordinator mapped it, else as the host printed it.
+        remote_traceback: The traceback as the host printed it (every frame, remote paths), once
+            :attr:`traceback` was mapped.
         detail: A human sentence for statuses other than finished/raised (which signal, what failed).
         cached: True when the value came from a cache rather than a run.
         host: Where it ran, when it ran elsewhere.
     """
 
     _FIELDS = ("value", "exception", "exit_code", "status", "exception_type", "exception_message", "traceback",
-               "detail", "cached", "host")
+               "detail", "cached", "host", "remote_traceback")
 
     def __init__(self, value: Any = None, exception: BaseException | None = None, exit_code: int = 0,
                  status: str = "finished", exception_type: str | None = None,
                  exception_message: str | None = None, traceback: str | None = None, detail: str | None = None,
-                 cached: bool = False, host: str | None = None) -> None:
+                 cached: bool = False, host: str | None = None, remote_traceback: str | None = None) -> None:
         self.value = value
         self.exception = exception
         self.exit_code = exit_code
@@ -67,6 +70,7 @@ class Result(Record):
         self.detail = detail
         self.cached = cached
         self.host = host
+        self.remote_traceback = remote_traceback
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
@@ -135,6 +139,7 @@ class Result(Record):
                 "type": self.exception_type,
                 "message": self.exception_message,
                 "traceback": self.traceback,
+                **({"remote_traceback": self.remote_traceback} if self.remote_traceback else {}),
             },
         }
 

@@ -95,13 +95,16 @@ class HostSpec:
 
     @classmethod
     def parse(cls, spec: str, **options: object) -> HostSpec:
-        """Parse ``[user@]host[:port]`` (a bare ssh_config alias is a host).
+        """Parse ``[user@]host[:port]`` or ``ssh://[user@]host[:port]`` (a bare ssh_config alias is a host).
 
         Raises:
             ConfigError: The spec is empty or malformed.
         """
-        match = _HOST_SPEC.match(spec.strip())
-        if not spec.strip() or match is None:
+        text = spec.strip()
+        if text.lower().startswith("ssh://"):
+            text = text[len("ssh://"):].rstrip("/")
+        match = _HOST_SPEC.match(text)
+        if not text or match is None:
             raise ConfigError(f"not a host: {spec!r}", hint="use an ssh_config alias or [user@]host[:port]")
         host = match["host"].strip("[]")
         port = int(match["port"]) if match["port"] else None

@@ -84,12 +84,13 @@ from .base import (
     put_argv,
     transfer_reason,
 )
-from .ssh import ResolvedHost
+from .ssh import ResolvedHost, default_config_path, locked_identity, locked_identity_hint
 
 __all__ = [
     "OpenSSHBackend",
     "SshProcess",
     "client_argv",
+    "config_args",
     "map_ssh_error",
     "master_argv",
     "preferred_ciphers",
@@ -148,6 +149,29 @@ def _seconds(value: float) -> int:
     return max(1, math.ceil(value))
 
 
+def config_args(spec: HostSpec) -> list[str]:
+    """``-F FILE``: the ssh_config rx reads for ``spec``, so that ssh reads that one too.
+
+    With no file named (``--ssh-config``, RX_SSH_CONFIG, ``[tool.rx] ssh_config``), rx means
+    ``~/.ssh/config`` under ``$HOME``, as the paramiko backend reads it; ssh itself reads the one under
+    the home of the user database, which is another file when ``$HOME`` was changed: then rx names its
+    file (``/dev/null`` when there is none). Otherwise ssh is left to read its own (and
+    ``/etc/ssh/ssh_config``, which any ``-F`` would leave out).
+    """
+    if spec.ssh_config is not None:
+        return ["-F", str(spec.ssh_config)]
+    try:
+        import pwd
+
+        home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except (ImportError, KeyError):
+        return []
+    if home.resolve() == Path.home().resolve():
+        return []
+    meant = default_config_path()
+    return ["-F", str(meant) if meant.is_file() else os.devnull]
+
+
 def ssh_options(spec: HostSpec, *, identity: bool = True) -> list[str]:
     """The options every ssh invocation for ``spec`` carries (before the ``--`` and the host).
 
@@ -159,9 +183,7 @@ def ssh_options(spec: HostSpec, *, identity: bool = True) -> list[str]:
     Raises:
         ConfigError: A path cannot be expressed as an ssh option.
     """
-    args: list[str] = []
-    if spec.ssh_config is not None:
-        args += ["-F", str(spec.ssh_config)]
+    args: list[str] = config_args(spec)
     if spec.user:
         args += ["-l", spec.user]
     if spec.port:
@@ -285,7 +307,7 @@ def remote_command(argv: Sequence[str], env: Mapping[str, str] | None = None,
 
 def _control_argv(spec: HostSpec, control_path: Path, operation: str) -> list[str]:
     """``ssh -O <operation>`` for the master at ``control_path``."""
-    config = ["-F", str(spec.ssh_config)] if spec.ssh_config is not None else []
+    config = config_args(spec)
     return [SSH, *config, "-S", str(control_path), "-O", operation, "--", spec.host]
 
 
@@ -795,14 +817,16 @@ class OpenSSHBackend(Backend):
     def _prepare_master(self, command: str | None = None) -> tuple[_Master, ResolvedHost, list[str]]:
         """A new master's private directory and the ssh command that opens it (see :func:`master_argv`)."""
         resolved = self.resolve()
-        if self.spec.host_key_policy == "off":
-            logger.warning("host key checking is off for %s: its identity is not verified", self.host)
+        if self.spec.host_key_policy == "off":  # the coordinator warned once already
+            logger.info("host key checking is off for %s: its identity is not verified", self.host)
         control_dir = Path(tempfile.mkdtemp(prefix="rx-ssh-", dir=_control_root()))
         master = _Master(control_dir=control_dir, pid=0)
         ciphers = preferred_ciphers(resolved, hardware_aes=_cpu_has_aes())
         argv = master_argv(self.spec, master.control_path, persist=self.control_persist, ciphers=ciphers,
                            command=command)
-        logger.debug("connecting to %s: %s", self.host, shlex.join(argv))
+        shown = shlex.join(argv if command is None else argv[:-1]) + ("" if command is None else
+                                                                      f" <the command, {len(command)} bytes>")
+        logger.debug("connecting to %s: %s", self.host, shown)
         return master, resolved, argv
 
     def _keep_master(self, master: _Master, said: str) -> None:
@@ -839,7 +863,7 @@ class OpenSSHBackend(Backend):
             if code != 0 or not master.control_path.exists():
                 if code == 0:
                     raise ConnectError(self.host, f"the ssh master left no socket: {said.strip()}")
-                raise map_ssh_error(self.host, said, known_hosts=self._known_hosts_file())
+                raise self._mapped(said)
             master.pid = self._master_pid(master.control_path)
         except BaseException:
             shutil.rmtree(master.control_dir, ignore_errors=True)
@@ -864,7 +888,7 @@ class OpenSSHBackend(Backend):
                 process._read_header(self._connect_deadline())
                 if process.remote_pid is None and not master.control_path.exists():
                     said = process._discard()
-                    raise map_ssh_error(self.host, said, known_hosts=self._known_hosts_file())
+                    raise self._mapped(said)
             except BaseException:
                 shutil.rmtree(master.control_dir, ignore_errors=True)
                 raise
@@ -895,6 +919,16 @@ class OpenSSHBackend(Backend):
             raise ConnectError(self.host, f"the ssh master is not answering: "
                                           f"{done.stderr.decode(errors='replace').strip()}")
         return int(match[1])
+
+    def _mapped(self, said: str) -> RemoteExecError:
+        """:func:`map_ssh_error` of what ssh said; a refused login whose key needs a passphrase no agent
+        holds says so (ssh in batch mode skips such a key without a word)."""
+        error = map_ssh_error(self.host, said, known_hosts=self._known_hosts_file())
+        if isinstance(error, AuthError) and self._resolved is not None:
+            locked = locked_identity(self._resolved.identity_files)
+            if locked is not None:
+                error.hint = locked_identity_hint(locked)
+        return error
 
     def _known_hosts_file(self) -> str | None:
         if self.spec.known_hosts is not None:

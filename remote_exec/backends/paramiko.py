@@ -47,7 +47,7 @@ from paramiko.message import Message  # noqa: E402
 
 from ..errors import AuthError, ConfigError, ConnectError, HostKeyError, RemoteExecError, TransferError  # noqa: E402
 from .base import Backend, HostKeyPolicy, HostSpec, Process, build_command  # noqa: E402
-from .ssh import ResolvedHost, parse_jump, resolve  # noqa: E402
+from .ssh import ResolvedHost, locked_identity_hint, parse_jump, resolve  # noqa: E402
 
 __all__ = [
     "HostKeyStatus",
@@ -336,7 +336,8 @@ def check_host_key(host: str, name: str, key: paramiko.PKey, known: KnownHosts,
         HostKeyError: The key is revoked, differs from the recorded ones, or is unknown under ``strict``.
     """
     if policy == "off":
-        logger.warning("%s: host key checking is off; accepting %s unverified", host, fingerprint(key))
+        # the coordinator warned once already (host key checking is off): the key, for -v
+        logger.info("%s: host key checking is off; accepting %s unverified", host, fingerprint(key))
         recorded = [entry.key for entry in known.lookup(name)]
         return classify_host_key(recorded, key)
     revoked = known.revoked(key)
@@ -525,8 +526,7 @@ def _authenticate(transport: paramiko.Transport, resolved: ResolvedHost, host: s
     what = ", ".join(everything) if everything else "nothing (no ssh-agent, no IdentityFile, no ~/.ssh/id_*)"
     hint = None
     if keys.encrypted:
-        hint = (f"{keys.encrypted[0]} is encrypted and no agent holds it: "
-                f"run `ssh-add {keys.encrypted[0]}` (with SSH_AUTH_SOCK set) or use an unencrypted key")
+        hint = locked_identity_hint(keys.encrypted[0])
     raise AuthError(host, f"{resolved.address} refused every key for {resolved.user}; tried: {what}", hint=hint)
 
 
@@ -827,7 +827,8 @@ class ParamikoBackend(Backend):
             except BaseException:
                 channel.close()
                 raise
-        logger.debug("%s: started %s", self.host, command[:200])
+        logger.debug("%s: started %s", self.host,
+                     command if len(command) < 200 else f"{command[:60]}... ({len(command)} bytes)")
         return ParamikoProcess(channel, self.host, self.kill_grace)
 
     def classify_exit(self, exit_code: int | None, stderr: bytes) -> RemoteExecError | None:

@@ -27,7 +27,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,8 @@ __all__ = [
     "default_config_path",
     "import_paramiko",
     "list_aliases",
+    "locked_identity",
+    "locked_identity_hint",
     "parse_jump",
     "parse_ssh_g",
     "resolve",
@@ -156,6 +158,58 @@ class ResolvedHost:
         """The name this host's keys are recorded under: ``host``, or ``[host]:port`` off port 22."""
         name = self.host_key_alias or self.hostname
         return name if self.port == 22 else f"[{name}]:{self.port}"
+
+
+def _is_encrypted(path: Path) -> bool:
+    """Whether the private key file at ``path`` needs a passphrase (OpenSSH's format: its cipher is not
+    ``none``; PEM: an ``ENCRYPTED`` header). Unreadable files count as not encrypted."""
+    import base64
+
+    try:
+        text = path.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    if "BEGIN OPENSSH PRIVATE KEY" in text:
+        body = "".join(line for line in text.splitlines() if line and not line.startswith("-----"))
+        try:
+            data = base64.b64decode(body)
+        except ValueError:
+            return False
+        magic = b"openssh-key-v1\0"
+        if not data.startswith(magic) or len(data) < len(magic) + 4:
+            return False
+        size = int.from_bytes(data[len(magic):len(magic) + 4], "big")
+        return data[len(magic) + 4:len(magic) + 4 + size] != b"none"
+    return "ENCRYPTED" in text.split("\n\n", 1)[0]
+
+
+def _agent_holds(path: Path) -> bool:
+    """Whether the ssh-agent (``SSH_AUTH_SOCK``) holds the key whose public half is ``path``.pub."""
+    import shutil
+    import subprocess
+
+    if not os.environ.get("SSH_AUTH_SOCK") or shutil.which("ssh-add") is None:
+        return False
+    try:
+        public = Path(f"{path}.pub").read_text(encoding="ascii", errors="replace").split()[:2]
+        listed = subprocess.run(["ssh-add", "-L"], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return any(line.split()[:2] == public for line in listed.stdout.splitlines())
+
+
+def locked_identity(identity_files: Iterable[Path]) -> Path | None:
+    """The first identity file that needs a passphrase no ssh-agent can give (rx never prompts), if any."""
+    for path in identity_files:
+        if path.is_file() and _is_encrypted(path) and not _agent_holds(path):
+            return path
+    return None
+
+
+def locked_identity_hint(path: Path) -> str:
+    """What to do about ``path``, an encrypted key no agent holds (the same words on both backends)."""
+    return f"{path} is encrypted and no agent holds it: run `ssh-add {path}` (with SSH_AUTH_SOCK set) or use an " \
+           "unencrypted key"
 
 
 def default_config_path() -> Path:

@@ -14,8 +14,8 @@ from typing import NoReturn
 
 import typer
 
-from ..errors import RemoteExecError
-from .app import app, error_line, state
+from ..errors import Interrupted, RemoteExecError
+from .app import Stopped, app, error_line, state
 
 __all__ = ["app", "error_line", "main", "state"]
 
@@ -29,6 +29,7 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+# shape: one except clause per way a command ends, each with its exit status of DESIGN.md section 4
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point of the ``rx`` console script."""
     import signal
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:]) or bool(
         os.environ.get("RX_DEBUG"))
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="rx", standalone_mode=False)
     except RemoteExecError as exc:
         if verbose or state.verbose:
             import traceback
@@ -47,14 +48,17 @@ def main(argv: list[str] | None = None) -> NoReturn:
             traceback.print_exc()
         error_line(str(exc).replace("[", r"\["))
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        error_line("interrupted")
+    except KeyboardInterrupt as exc:
+        error_line(str(exc).replace("[", r"\[") if isinstance(exc, Interrupted) else "interrupted")
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
         error_line("aborted")
         sys.exit(130)
+    except Stopped as exc:
+        error_line(exc.message.replace("[", r"\["))
+        sys.exit(exc.exit_code)
     except Exception as exc:  # click usage errors and friends
         import click
 

@@ -7,21 +7,58 @@ The command modules (``run``, ``ledger``, ``hosts``) register their commands on 
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
+import typer.core
 
 from .. import __version__
+from ..errors import Interrupted
 
-__all__ = ["app", "error_line", "state"]
+__all__ = ["Stopped", "app", "error_line", "state"]
+
+class Stopped(click.ClickException):
+    """An :class:`~remote_exec.errors.Interrupted` on its way out of typer, which would otherwise turn a
+    ``KeyboardInterrupt`` into a silent exit 130; :func:`remote_exec.cli.main` prints its one line."""
+
+    exit_code = 130
+
+
+class _Group(typer.core.TyperGroup):
+    """rx's command group: an interrupted command keeps its message (see :class:`Stopped`)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Interrupted as exc:
+            raise Stopped(str(exc)) from exc
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Each command with the first sentence of its help, wrapped (click would cut it at 80 columns)."""
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=500)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
 
 app = typer.Typer(
     name="rx",
+    cls=_Group,
     help="Offload Python work to machines reachable over SSH, and keep a record of every run.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    # Plain click help: rich markup would eat [tool.rx.remotes], [user@] and host[:port], and its panels
+    # cut long option names at 80 columns. Click suggests a command for a typo itself (typer would twice).
+    rich_markup_mode=None,
+    suggest_commands=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -43,17 +80,24 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
-                                         help="Show debug logs and Python tracebacks (-vv: more).")] = 0,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, show_default=False,
+                                         help="Show rx's log and Python tracebacks (-vv: its debug lines, "
+                                              "-vvv: every library's).")] = 0,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
     state.verbose = verbose
+    if verbose:
+        os.environ["RX_DEBUG"] = "1"  # rx's debug switch: remote tracebacks keep rx's own frames too
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="rx: %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # paramiko logs a failed handshake with a traceback from its transport thread; rx already reports it as
     # one line (and its exit status), so paramiko's own log shows only with -v.
     logging.getLogger("paramiko").setLevel(level if verbose else logging.CRITICAL)
+    if 0 < verbose < 3:  # -v, -vv: rx's own lines; other libraries' debugging (filelock's, 50 a run) with -vvv
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("remote_exec").setLevel(level)
+        logging.getLogger("paramiko").setLevel(logging.INFO if verbose == 2 else logging.WARNING)
 
 
 def error_line(message: str) -> None:

@@ -14,6 +14,7 @@ import typer
 
 from ..errors import RunnerError
 from .app import app
+from .complete import complete_hosts
 
 __all__ = ["check", "host_status", "hosts", "top"]
 
@@ -43,7 +44,8 @@ print(json.dumps({"python": sys.version.split()[0], "executable": sys.executable
 @app.command()
 def hosts(
     names: Annotated[list[str] | None, typer.Argument(
-        metavar="[HOST]...", show_default=False, help="With --status: the hosts to look at (default: all).")] = None,
+        metavar="HOST", show_default=False, help="With --status: the hosts to look at (default: all).",
+        autocompletion=complete_hosts)] = None,
     status: Annotated[bool, typer.Option(
         "--status", help="Connect to each host and show its slots and GPUs, what runs there from this "
                          "workspace, free memory and load.")] = False,
@@ -53,15 +55,22 @@ def hosts(
     workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List the hosts rx knows: ssh_config aliases and [tool.rx.remotes]; with --status, what each is doing."""
+    """List the hosts rx knows: ssh_config aliases and [tool.rx.remotes].
+
+    Each with the host name, user and port it reaches, as the backend resolves them through ssh_config. With
+    --status (or HOST names): what each host is doing, its slots and GPUs, free memory and load.
+    """
     from ..config import Configuration
 
     config = Configuration.load()
     if status or names:
-        _status(config, names or [row["name"] for row in _known(config, ssh_config)],
+        _status(config, names or [name for name, _ in _known(config, ssh_config)],
                 {"ssh_config": ssh_config, "backend": backend}, workspace, as_json)
         return
-    rows = _known(config, ssh_config)
+    path = config.effective_ssh_config(ssh_config)
+    rows = [{"name": name, "source": "pyproject" if name in config.remotes else "ssh_config",
+             **_reached(config, remote, path), "python": remote.python if name in config.remotes else None,
+             "backend": remote.backend} for name, remote in _known(config, ssh_config)]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -82,21 +91,15 @@ def hosts(
         console.print(f"no hosts: no aliases in {path or '~/.ssh/config'} and no [tool.rx.remotes]")
 
 
-def _known(config: Any, ssh_config: Path | None) -> list[dict[str, Any]]:
-    """The hosts rx knows: [tool.rx.remotes] first, then ssh_config's aliases."""
+def _known(config: Any, ssh_config: Path | None) -> list[tuple[str, Any]]:
+    """The hosts rx knows, as (name, Remote): [tool.rx.remotes] first, then ssh_config's aliases."""
     from ..backends.ssh import list_aliases
+    from ..config import Remote
 
-    path = config.effective_ssh_config(ssh_config)
-    rows: list[dict[str, Any]] = []
-    for name, remote in sorted(config.remotes.items()):
-        rows.append({"name": name, "source": "pyproject", "host": remote.host, "user": remote.user,
-                     "port": remote.port, "python": remote.python, "backend": remote.backend})
-    known = {row["name"] for row in rows}
-    for alias in list_aliases(path):
-        if alias not in known:
-            rows.append({"name": alias, "source": "ssh_config", "host": alias, "user": None, "port": None,
-                         "python": None, "backend": None})
-    return rows
+    known = sorted(config.remotes.items())
+    names = {name for name, _ in known}
+    return known + [(alias, Remote(alias, alias)) for alias in list_aliases(config.effective_ssh_config(ssh_config))
+                    if alias not in names]
 
 
 def _status(config: Any, names: list[str], options: dict[str, Any], workspace: Path | None, as_json: bool) -> None:
@@ -209,7 +212,8 @@ def _user_text(user: dict[str, Any]) -> Any:
 @app.command()
 def top(
     names: Annotated[list[str] | None, typer.Argument(
-        metavar="[HOST]...", show_default=False, help="The hosts to watch (default: all rx knows).")] = None,
+        metavar="HOST", show_default=False, help="The hosts to watch (default: all rx knows).",
+        autocompletion=complete_hosts)] = None,
     interval: Annotated[float, typer.Option(help="Seconds between two looks.", min=0.5)] = 5.0,
     ssh_config: Annotated[Path | None, typer.Option(
         help="ssh_config file (default RX_SSH_CONFIG or ~/.ssh/config).")] = None,
@@ -226,7 +230,7 @@ def top(
     from ..workspace import Workspace
 
     config = Configuration.load()
-    hosts_list = names or [row["name"] for row in _known(config, ssh_config)]
+    hosts_list = names or [name for name, _ in _known(config, ssh_config)]
     options = {k: v for k, v in {"ssh_config": ssh_config, "backend": backend}.items() if v is not None}
     root = str(Workspace.resolve(workspace or config.workspace).root)
     console = Console(highlight=False)
@@ -238,11 +242,31 @@ def top(
                 time.sleep(interval)
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
+def _reached(config: Any, remote: Any, ssh_config: Path | None) -> dict[str, Any]:
+    """The host name, user and port ``remote`` reaches, as its backend resolves them (``ssh -G`` for
+    openssh, ssh_config parsed for paramiko); what was configured when that fails."""
+    import logging
+
+    spec = remote.spec(ssh_config=ssh_config)
+    try:
+        if config.effective_backend(remote.backend) == "openssh":
+            from ..backends.openssh import OpenSSHBackend
+
+            resolved = OpenSSHBackend(spec).resolve()
+        else:
+            from ..backends.ssh import resolve
+
+            resolved = resolve(spec)
+        return {"host": resolved.hostname, "user": resolved.user, "port": resolved.port}
+    except Exception:  # a broken entry is listed as configured; rx check HOST says what is wrong
+        logging.getLogger(__name__).debug("cannot resolve %s", remote.name, exc_info=True)
+        return {"host": remote.host, "user": remote.user, "port": remote.port}
 
 
 @app.command()
 def check(
-    host: Annotated[str, typer.Argument(help="ssh_config alias, [tool.rx.remotes] name or [user@]host[:port].")],
+    host: Annotated[str, typer.Argument(help="ssh_config alias, [tool.rx.remotes] name or [user@]host[:port].",
+                                        autocompletion=complete_hosts)],
     backend: Annotated[str | None, typer.Option(help="SSH backend: openssh or paramiko.")] = None,
     python: Annotated[str | None, typer.Option(help="Remote interpreter (default python3).")] = None,
     ssh_config: Annotated[Path | None, typer.Option(

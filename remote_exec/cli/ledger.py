@@ -26,7 +26,8 @@ from ..errors import ConfigError, WorkspaceError
 from ..workspace.export import EXPORT_FORMATS, export, format_duration, format_size, run_facts, shown
 from ..workspace.manager import Run, Workspace
 from ..workspace.state import ACTIVE_RUN_STATUSES, duration, parse_time
-from .app import app
+from .app import app, state
+from .complete import complete_runs
 
 __all__ = ["clean_command", "export_command", "logs_command", "runs_command", "show_command"]
 
@@ -51,7 +52,7 @@ WorkspaceOption = Annotated[
     Path | None,
     typer.Option("--workspace", metavar="DIR", show_default=False,
                  help="Workspace directory (default: $RX_WORKSPACE, else ./.rx).")]
-RunArgument = Annotated[str, typer.Argument(metavar="RUN", show_default=False,
+RunArgument = Annotated[str, typer.Argument(metavar="RUN", show_default=False, autocompletion=complete_runs,
                                             help="Run id, unique prefix of one, or 'latest'.")]
 JsonOption = Annotated[bool, typer.Option("--json",
                                           help="Print JSON (the state.json fields) instead of text.")]
@@ -103,6 +104,8 @@ def runs_command(
         "--status", show_default=False, help="Only runs with this status.")] = None,
     every: Annotated[bool, typer.Option(
         "--all", help="Also list each run of a sweep (by default a sweep is its parent's one line).")] = False,
+    last: Annotated[int | None, typer.Option(
+        "--last", metavar="N", min=1, show_default=False, help="Only the N newest runs (of that status).")] = None,
     as_json: JsonOption = False,
     workspace: WorkspaceOption = None,
 ) -> None:
@@ -111,6 +114,8 @@ def runs_command(
     infos = _readable_infos(ws, status)
     if not every:
         infos = [info for info in infos if not (info.get("sweep") or {}).get("parent")]
+    if last is not None:
+        infos = infos[-last:]
     if as_json:
         _print_json(infos)
         return
@@ -118,21 +123,39 @@ def runs_command(
     if not infos:
         console.print(f"[dim]no {escape(status) + ' ' if status else ''}runs in {escape(str(ws.root))}[/]")
         return
-    rows = [_runs_row(info) for info in infos]
-    widths = _runs_widths(rows, console.width)
-    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, _GAP, 0, 0), collapse_padding=True)
-    for header, width in zip(_RUNS_HEADERS, widths, strict=True):
-        table.add_column(header, width=width, no_wrap=True, overflow="ellipsis",
-                         justify="right" if header == "exit" else "left")
-    for row in rows:
-        table.add_row(*row[:3], _status_text(row[3]), *row[4:])
-    console.print(table)
+    console.print(_runs_table([_runs_row(info) for info in infos], console.width))
 
 
-#: The columns of ``rx runs``.
-_RUNS_HEADERS = ("id", "target", "host", "status", "started", "duration", "exit")
+#: The columns of ``rx runs`` (``calls`` only when a @task run is listed).
+_RUNS_HEADERS = ("id", "target", "host", "status", "calls", "started", "duration", "exit")
 #: Spaces between two columns of ``rx runs``.
 _GAP = 2
+#: Columns left out, in this order, when the terminal is too narrow for the rest.
+_OPTIONAL = ("started", "duration", "calls")
+#: What target and host keep at least before an optional column goes.
+_HOST_MIN, _TARGET_MIN = 14, 8
+
+
+def _runs_table(rows: list[tuple[str, ...]], console_width: int) -> Table:
+    """The table of ``rx runs``: ids, statuses and exit codes whole, host names readable, the target
+    shortened from its start (its file name stays); when even that does not fit, no start time, duration
+    or call count."""
+    widths = _runs_widths(rows, console_width)
+    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, _GAP, 0, 0), collapse_padding=True)
+    shown = [index for index, header in enumerate(_RUNS_HEADERS) if header in widths]
+    for index in shown:
+        header = _RUNS_HEADERS[index]
+        table.add_column(header, width=widths[header], no_wrap=True, overflow="ellipsis",
+                         justify="right" if header == "exit" else "left")
+    for row in rows:
+        cells: list[str | Text] = []
+        for index in shown:
+            header, cell = _RUNS_HEADERS[index], row[index]
+            if header == "target" and len(cell) > widths[header]:
+                cell = "…" + cell[len(cell) - widths[header] + 1:]
+            cells.append(_status_text(cell) if header == "status" else cell)
+        table.add_row(*cells)
+    return table
 
 
 def _readable_infos(ws: Workspace, status: str | None) -> list[dict[str, Any]]:
@@ -152,22 +175,41 @@ def _runs_row(info: dict[str, Any]) -> tuple[str, ...]:
     """One line of ``rx runs``, a cell per :data:`_RUNS_HEADERS`."""
     target = _short_target(info.get("target"))
     if info.get("kind") == "sweep":
-        tasks = info.get("tasks") or {}
-        done = sum(entry.get("status") == "done" for entry in tasks.values())
-        target = f"{target} (sweep: {done}/{len(tasks)} done)"
+        target += " (sweep)"
     return (str(info.get("run_id")), target, str(info.get("remote") or "local"),
-            str(info.get("status")), _local_time(info.get("started") or info.get("created"), short=True),
+            str(info.get("status")), _calls(info), _local_time(info.get("started") or info.get("created"), short=True),
             _elapsed(info), "" if info.get("exit_code") is None else str(info.get("exit_code")))
 
 
-def _runs_widths(rows: list[tuple[str, ...]], console_width: int) -> list[int]:
-    """Column widths: everything but target and host keeps its width; if those two do not fit in what
-    is left, they share it, host taking at most a third."""
-    widths = [max(len(header), *(len(row[i]) for row in rows)) for i, header in enumerate(_RUNS_HEADERS)]
-    room = max(14, console_width - sum(widths) + widths[1] + widths[2] - _GAP * (len(_RUNS_HEADERS) - 1))
-    if widths[1] + widths[2] > room:
-        widths[2] = min(widths[2], max(5, room // 3))
-        widths[1] = min(widths[1], max(8, room - widths[2]))
+def _calls(info: dict[str, Any]) -> str:
+    """A @task run's calls (a sweep's runs): ``6``, or ``3/6 failed`` (counted apart from the run's own exit
+    status)."""
+    if info.get("kind") not in ("task", "sweep"):
+        return ""
+    tasks = info.get("tasks") or {}
+    failed = sum(1 for entry in tasks.values() if entry.get("status") not in ("done", "running", "pending"))
+    return f"{failed}/{len(tasks)} failed" if failed else str(len(tasks))
+
+
+def _runs_widths(rows: list[tuple[str, ...]], console_width: int) -> dict[str, int]:
+    """The width of each column shown, by header: id, status and exit code keep theirs; target and host
+    share the rest, the host keeping up to :data:`_HOST_MIN` characters (more when there is room), the
+    target at least :data:`_TARGET_MIN`; the :data:`_OPTIONAL` columns are left out, in order, when they
+    would not fit otherwise."""
+    natural = {header: max(len(header), *(len(row[i]) for row in rows)) for i, header in enumerate(_RUNS_HEADERS)}
+    host_min, target_min = min(natural["host"], _HOST_MIN), min(natural["target"], _TARGET_MIN)
+    widths = dict(natural)
+    if not any(row[_RUNS_HEADERS.index("calls")] for row in rows):
+        del widths["calls"]
+    for optional in (None, *_OPTIONAL):
+        if optional is not None:
+            widths.pop(optional, None)
+        room = console_width - sum(widths.values()) + widths["target"] + widths["host"] - _GAP * (len(widths) - 1)
+        if room >= host_min + target_min:
+            break
+    room = max(room, host_min + target_min)
+    widths["host"] = min(natural["host"], max(host_min, room - natural["target"]))
+    widths["target"] = min(natural["target"], room - widths["host"])
     return widths
 
 
@@ -255,6 +297,8 @@ def _print_outcome(console: Console, result: dict[str, Any] | None) -> None:
     if isinstance(exc, dict):
         console.print()
         console.print(Text(f"{exc.get('type')}: {exc.get('message')}", style="bold red"))
+        if state.verbose and exc.get("remote_traceback"):  # rx -v show: every frame, as the host printed it
+            exc = {**exc, "traceback": exc["remote_traceback"]}
         if exc.get("traceback"):
             console.print(Text(str(exc["traceback"]).rstrip()))
     elif result is not None and result.get("value_repr") is not None:
@@ -306,13 +350,13 @@ def logs_command(
             return
         out.flush()
 
-    if not follow:
-        pump()
-        return
     info = run.info()
     if info.get("detached") and info.get("status") in ACTIVE_RUN_STATUSES and info.get("coordinator") is None:
-        pump()  # what was collected before, then the rest live from the host
-        _follow_detached(run_ref, workspace, stderr=stderr, offset=offset)
+        pump()  # what was collected before, then the rest from the host (so far, or live with -f)
+        _follow_detached(run_ref, workspace, stderr=stderr, offset=offset, once=not follow)
+        return
+    if not follow:
+        pump()
         return
     while True:
         active = run.status() in ACTIVE_RUN_STATUSES  # look before reading, so the last read is complete
@@ -322,8 +366,9 @@ def logs_command(
         time.sleep(FOLLOW_INTERVAL)
 
 
-def _follow_detached(run_ref: str, workspace: Path | None, *, stderr: bool, offset: int) -> None:
-    """Stream a detached run's output from its host until it ends (the run stays uncollected)."""
+def _follow_detached(run_ref: str, workspace: Path | None, *, stderr: bool, offset: int, once: bool = False) -> None:
+    """Stream a detached run's output from its host until it ends (``once``: what it wrote so far); the
+    run stays uncollected."""
     from .run import load_detached_run
 
     detached = load_detached_run(workspace, run_ref)
@@ -339,14 +384,18 @@ def _follow_detached(run_ref: str, workspace: Path | None, *, stderr: bool, offs
 
     detached.coordinator.follow(detached.target, detached.info["detached"], on_stdout=drop if stderr else show,
                                 on_stderr=show if stderr else drop,
-                                offsets=(0 if stderr else offset, offset if stderr else 0))
+                                offsets=(0 if stderr else offset, offset if stderr else 0), once=once)
+    if once:
+        typer.echo(f"rx: run {run.id}: its output so far on {detached.target.host} (follow it: rx logs -f "
+                   f"{run.id}; collect it: rx attach {run.id})", err=True)
+        return
     typer.echo(f"rx: run {run.id} ended on the host; collect it with rx attach {run.id}", err=True)
 
 
 @app.command("export")
 def export_command(
     run_refs: Annotated[list[str] | None, typer.Argument(
-        metavar="RUN", show_default=False,
+        metavar="RUN", show_default=False, autocompletion=complete_runs,
         help="Runs to export: ids, unique prefixes or 'latest' (default: latest).")] = None,
     fmt: Annotated[FormatName | None, typer.Option(
         "--format", show_default=False,

@@ -10,6 +10,7 @@ import typer
 
 from ..errors import ConfigError
 from .app import app
+from .complete import complete_hosts
 
 __all__ = ["map_command"]
 
@@ -18,12 +19,14 @@ __all__ = ["map_command"]
                                       "allow_interspersed_args": False})
 # shape: typer declares each option as a parameter; the body is 30 lines
 def map_command(
+    ctx: typer.Context,
     target: Annotated[list[str] | None, typer.Argument(
+        metavar="[SCRIPT] [ARGS]...",
         help="SCRIPT and its ARGS; ':::' starts an axis: --lr ::: 0.1 0.01 runs once with each value.",
         show_default=False)] = None,
     module: Annotated[str | None, typer.Option("-m", "--module", help="Run MODULE as `python -m MODULE`.")] = None,
     remote: Annotated[list[str] | None, typer.Option(
-        "--remote", "-r", help="A host of the pool; repeatable.")] = None,
+        "--remote", "-r", help="A host of the pool; repeatable.", autocompletion=complete_hosts)] = None,
     per_host: Annotated[int | None, typer.Option(
         "--per-host", min=1, help="Runs at a time per host (default: one per --gpus GPUs, else 1).")] = None,
     gpus: Annotated[int, typer.Option(
@@ -50,7 +53,9 @@ def map_command(
 ) -> None:
     """Run SCRIPT (or -m MODULE) once per combination of the ':::' axes, on the hosts given with -r.
 
-    rx map -r gpu1 -r gpu2 --gpus 1 train.py --lr ::: 0.1 0.01 0.001 --seed ::: 1 2   (6 runs)
+    \b
+    rx map -r gpu1 -r gpu2 --gpus 1 train.py --lr ::: 0.1 0.01 --seed ::: 1 2
+    (4 runs: every combination of the two axes)
 
     One parent run records the sweep (rx show PARENT: a line per combination), each combination is a
     child run of its own. Exit status: 0 every run finished with exit 0; 1 some did not; 130
@@ -59,14 +64,17 @@ def map_command(
     from ..config import Configuration, check_remote_backend
     from ..pool.sweep import SweepPlan, parse_grid, read_grid_file
     from ..workspace import Workspace
-    from .run import load_task, parse_env
+    from .run import load_task, parse_env, unknown_option
     from .sweeps import run_plan
 
+    words = list(target or [])
+    if words and words[0].startswith("-") and words[0] != "-":
+        raise unknown_option(ctx, words[0])
     if not remote:
         raise ConfigError("rx map needs hosts", hint="rx map -r gpu1 -r gpu2 SCRIPT ARGS ::: VALUES")
     if backend is not None:
         check_remote_backend(backend)
-    task, args, _, name = load_task(list(target or []), module)
+    task, args, _, name = load_task(words, module)
     layout = parse_grid(args)
     if grid is not None:
         layout = read_grid_file(grid, layout)

@@ -5,18 +5,22 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
+import click
 import typer
 
 from ..config import check_remote_backend
 from ..errors import ConfigError, Interrupted, RemoteExecError, WorkspaceError
 from .app import app
+from .complete import complete_hosts, complete_runs
 
-__all__ = ["DetachedRun", "attach_run", "load_detached_run", "load_task", "parse_env", "rerun", "run"]
+__all__ = ["DetachedRun", "attach_run", "forwarded_stdin", "load_detached_run", "load_task", "parse_env", "rerun",
+           "run", "unknown_option"]
 
 
 def parse_env(values: list[str]) -> dict[str, str]:
@@ -51,7 +55,8 @@ def _module_origin(module: str) -> Path | None:
 
 
 def load_task(words: list[str], module: str | None) -> tuple[Any, list[str], str, str]:
-    """The task of ``SCRIPT ARGS...`` (or ``-m MODULE ARGS...``): (task, args, kind, name).
+    """The task of ``SCRIPT ARGS...`` (or ``-m MODULE ARGS...``): (task, args, kind, name). A script that
+    does not compile is reported as Python would, before anything travels (exit 1).
 
     Raises:
         ConfigError: Nothing to run, or the script cannot be read.
@@ -61,7 +66,11 @@ def load_task(words: list[str], module: str | None) -> tuple[Any, list[str], str
     if module is None and not words:
         raise ConfigError("nothing to run", hint="rx run SCRIPT [ARGS]... or rx run -m MODULE [ARGS]...")
     if module is not None:
-        return Task.from_module(module, _module_origin(module)), words, "module", f"-m {module}"
+        task = Task.from_module(module, _module_origin(module))
+        if task.filename:
+            _refuse_syntax_errors(Path(task.filename).read_text(encoding="utf-8", errors="replace"),
+                                  Path(os.path.relpath(task.filename)))
+        return task, words, "module", f"-m {module}"
     script = Path(words[0])
     if not script.is_file():
         raise ConfigError(f"no such script: {script}")
@@ -69,6 +78,7 @@ def load_task(words: list[str], module: str | None) -> tuple[Any, list[str], str
         task = Task.from_script(script)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {script}: {exc}") from exc
+    _refuse_syntax_errors(task.source or "", script)
     return task, words[1:], "script", str(script)
 
 
@@ -93,14 +103,12 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
                       context={"remote": remote, "options": options, "origin": "cli"})
     session.config = config
     run.store.write_bytes("session.zip", session.dumps())
-    if options.get("host_key_policy") == "off":
-        from .app import error_line
-
-        error_line(f"host key checking is OFF for {remote}: anyone on the path can impersonate it")
     if detach:
         return _detach(run, session, as_json)
     run.set_status("running")
-    recorder = RunRecorder(run, host=remote or "local")
+    # --json: stdout carries the record only; the script's output goes to stderr (and to stdout.log)
+    recorder = RunRecorder(run, host=remote or "local", stdout=sys.stderr if as_json else None,
+                           stdin=forwarded_stdin())
     session.local["recorder"] = recorder
     try:
         result = run_chain(session, [RemoteAdvice()])
@@ -116,6 +124,39 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     finally:
         recorder.close()
     return finish_run(run, result, session.local.get("outcome"), as_json)
+
+
+def forwarded_stdin() -> BinaryIO | None:
+    """What ``rx run`` forwards to the task's stdin: its own stdin when that is a pipe or a file
+    (``echo hi | rx run ...``, ``rx run ... < data``); None for a terminal (rx does not read the keyboard:
+    the task's stdin is empty) or a device such as /dev/null."""
+    stream = sys.stdin
+    try:
+        fd = stream.fileno()
+        if os.isatty(fd) or stat.S_ISCHR(os.fstat(fd).st_mode):
+            return None
+    except (AttributeError, OSError, ValueError):  # no stdin, or not a file descriptor
+        return None
+    return stream.buffer
+
+
+def _refuse_stdin_for_detached() -> None:
+    """A detached run outlives this process, so it cannot read this process's stdin: say so when there is
+    something on it, rather than give the task an empty stdin silently."""
+    stream = forwarded_stdin()
+    if stream is None:
+        return
+    fd = stream.fileno()
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        waiting = os.fstat(fd).st_size > os.lseek(fd, 0, os.SEEK_CUR)
+    else:
+        import select
+
+        waiting = bool(select.select([fd], [], [], 0)[0]) and bool(os.read(fd, 1))
+    if waiting:
+        raise ConfigError("stdin cannot be forwarded to a detached run (it outlives rx and its stdin)",
+                          hint="have the script read a file, or run it without --detach")
 
 
 def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
@@ -146,6 +187,9 @@ def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
     message += f", exit {ended.exit_code}, {info.get('duration') or 0:.2f} s; {files} file(s) in {where}/files"
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     console.print(message, style="dim" if ended.status == "finished" else "yellow", markup=False)
+    if outcome is not None and outcome.header.get("kept"):
+        console.print(f"rx: the run directory is kept on {run.info().get('remote') or 'local'}: "
+                      f"{outcome.header['kept']}", style="dim", markup=False)
     return ended.exit_code
 
 
@@ -153,11 +197,13 @@ def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
                                "allow_interspersed_args": False})
 # shape: typer declares each option as a parameter; the body is 20 lines
 def run(
+    ctx: typer.Context,
     target: Annotated[list[str] | None, typer.Argument(
-        help="SCRIPT and its ARGS (with -m: only ARGS).", show_default=False)] = None,
+        metavar="[SCRIPT] [ARGS]...", help="SCRIPT and its ARGS (with -m: only ARGS).", show_default=False)] = None,
     module: Annotated[str | None, typer.Option("-m", "--module", help="Run MODULE as `python -m MODULE`.")] = None,
     remote: Annotated[str | None, typer.Option(
-        "--remote", "-r", help="Host: ssh_config alias, [tool.rx.remotes] name or [user@]host[:port]. "
+        "--remote", "-r", autocompletion=complete_hosts,
+        help="Host: ssh_config alias, [tool.rx.remotes] name or [user@]host[:port]. "
                                "Without it the run is a local subprocess.")] = None,
     backend: Annotated[str | None, typer.Option(
         help="SSH backend: openssh or paramiko (default: RX_BACKEND, [tool.rx] backend, openssh).")] = None,
@@ -171,14 +217,16 @@ def run(
     pull: Annotated[list[str] | None, typer.Option(
         help="Bring back only files matching GLOB (relative to the task's directory); repeatable.")] = None,
     no_pull: Annotated[bool, typer.Option("--no-pull", help="Bring back no files.")] = False,
-    keep_remote: Annotated[bool, typer.Option("--keep-remote", help="Keep the remote run directory.")] = False,
+    keep_remote: Annotated[bool, typer.Option("--keep-remote",
+                                              help="Keep the run directory on the host; rx says where.")] = False,
     workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
     ssh_config: Annotated[Path | None, typer.Option(
         help="ssh_config file (default RX_SSH_CONFIG or ~/.ssh/config).")] = None,
     connect_timeout: Annotated[float | None, typer.Option(help="Seconds to connect (default 10).")] = None,
     insecure_no_host_key_check: Annotated[bool, typer.Option(
         "--insecure-no-host-key-check", help="Do not check the host's key (prints a warning).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the run's record as JSON at the end.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run's record as JSON on stdout at the end; "
+                                                           "the script's output goes to stderr.")] = False,
     detach: Annotated[bool, typer.Option(
         "--detach", "-d", help="Start the run so that it survives this process and the connection; print "
                                "its id and return (follow with rx logs -f, collect with rx attach).")] = False,
@@ -186,31 +234,61 @@ def run(
     """Run SCRIPT (or -m MODULE) with ARGS through rx: on --remote HOST over SSH, else locally.
 
     Output streams live; files the script writes in its working directory land in the run's files/.
+
     Exit status: the script's own; 124 timeout; 130 interrupted; 255 connection, authentication or
     host-key failure; 3 any other rx failure.
     """
+    words = list(target or [])
+    if words and words[0].startswith("-") and words[0] != "-":
+        raise unknown_option(ctx, words[0])
     if backend is not None:
         check_remote_backend(backend)
-    task, args, kind, name = load_task(list(target or []), module)
+    task, args, kind, name = load_task(words, module)
     options: dict[str, Any] = {
         "backend": backend, "python": python, "timeout": timeout, "env": parse_env(env or []),
         "secret_env": list(secret_env or []), "pull": list(pull or []), "no_pull": no_pull,
         "keep": keep_remote, "ssh_config": ssh_config, "connect_timeout": connect_timeout,
         "host_key_policy": "off" if insecure_no_host_key_check else None,
     }
+    if detach:
+        _refuse_stdin_for_detached()
     code = execute_run(task=task, args=args, remote=remote, options=options, workspace=workspace,
                        kind=kind, target=name, as_json=as_json, detach=detach)
     raise typer.Exit(code)
 
 
+def unknown_option(ctx: typer.Context, word: str) -> click.NoSuchOption:
+    """The usage error (exit 2) for ``word``, an option before the script that this command does not know,
+    with the closest known ones (``--timout``: did you mean ``--timeout``)."""
+    import difflib
+
+    name = word.partition("=")[0]
+    known = [opt for param in ctx.command.params for opt in (*param.opts, *param.secondary_opts)
+             if opt.startswith("-")]
+    return click.NoSuchOption(name, possibilities=difflib.get_close_matches(name, known, n=1), ctx=ctx)
+
+
+def _refuse_syntax_errors(source: str, path: Path) -> None:
+    """A script that does not compile is reported here, as Python would, before anything travels (exit 1)."""
+    from ..tracebacks import syntax_error
+
+    problem = syntax_error(source, str(path))
+    if problem is not None:
+        typer.echo(problem, err=True, nl=False)
+        raise typer.Exit(1)
+
+
 @app.command()
 def rerun(
-    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, unique prefix, or 'latest'.")],
+    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, unique prefix, or 'latest'.",
+                                           autocompletion=complete_runs)],
     failed: Annotated[bool, typer.Option("--failed", help="Run only the tasks (or a sweep's combinations) that "
                                                           "did not finish; merge the done results in.")] = False,
-    remote: Annotated[str | None, typer.Option("--remote", "-r", help="Run on this host instead.")] = None,
+    remote: Annotated[str | None, typer.Option("--remote", "-r", help="Run on this host instead.",
+                                               autocompletion=complete_hosts)] = None,
     workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the new run's record as JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the new run's record as JSON on stdout; the "
+                                                           "script's output goes to stderr.")] = False,
 ) -> None:
     """Run a recorded run again as a new run (same code, arguments and host)."""
     from ..session import Session
@@ -324,7 +402,7 @@ def attach_run(detached: DetachedRun, as_json: bool) -> int:
         typer.echo(f"rx: run {run.id} is {info.get('status')} (exit {info.get('exit_code')}); nothing to attach",
                    err=True)
         return int(info.get("exit_code") or 0)
-    recorder = RunRecorder(run, host=detached.target.host)
+    recorder = RunRecorder(run, host=detached.target.host, stdout=sys.stderr if as_json else None)
     try:
         with run.action("attach", host=detached.target.host):
             outcome = detached.coordinator.attach(detached.session, detached.target, info["detached"], recorder,
@@ -338,9 +416,11 @@ def attach_run(detached: DetachedRun, as_json: bool) -> int:
 
 @app.command()
 def attach(
-    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, unique prefix, or 'latest'.")],
+    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, unique prefix, or 'latest'.",
+                                           autocompletion=complete_runs)],
     workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the run's record as JSON at the end.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run's record as JSON on stdout at the end; "
+                                                           "the run's output goes to stderr.")] = False,
 ) -> None:
     """Wait for a detached run, stream its output, and collect its result and files into the workspace.
 
@@ -351,7 +431,8 @@ def attach(
 
 @app.command()
 def cancel(
-    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, unique prefix, or 'latest'.")],
+    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, unique prefix, or 'latest'.",
+                                           autocompletion=complete_runs)],
     workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
 ) -> None:
     """Stop a detached run (its whole process group on the host), then collect what it left."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, Interrupted, RemoteExecError
+from ..errors import ConfigError, Interrupted
 from .events import PoolObserver
 from .output import line_sinks
 from .work import Work
@@ -429,7 +429,7 @@ class Sweep(PoolObserver):
         error = future.exception()
         if error is not None:
             cancelled = isinstance(error, Interrupted)
-            code = error.exit_code if isinstance(error, RemoteExecError) else 1
+            code = int(getattr(error, "exit_code", 1))
             child.set_status("cancelled" if cancelled else "failed", exit_code=code, error=str(error))
             self._end_attempt(work.key, "cancelled" if cancelled else "failed", str(error),
                               status="cancelled" if cancelled else "failed", exit_code=code, error=str(error),

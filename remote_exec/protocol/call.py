@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..backends.base import Backend, Process
 from ..errors import CommandTimeout, ConnectError, IntegrityError, Interrupted, RemoteExecError, RunnerError
@@ -22,9 +22,10 @@ from ..packing import DistributionArchive
 from ..session import Session
 from . import wire
 from .bootstrap import start_runner
-from .channel import Channel, Flag
+from .channel import Channel, Flag, reap
 from .collect import RESULT_FRAMES, Received, collect
 from .options import CallOptions, FileLander, Outcome, OutputSink, PhaseCallback
+from .stdin import StdinPump
 
 if TYPE_CHECKING:
     from .workers import WorkerPool
@@ -56,6 +57,7 @@ class Call:
         self.on_stdout = on_stdout
         self.on_stderr = on_stderr
         self.received = Received(key)
+        self.stdin: StdinPump | None = None  # rx run's stdin, when it forwards it
         self.started: dict[str, Any] | None = None
         self.dead = Flag()
         self.stop = Flag()
@@ -86,6 +88,9 @@ class Call:
             self.on_stderr(payload)
         elif kind == b"P":
             self.started = json.loads(payload)
+        elif kind == b"W":
+            if self.stdin is not None:
+                self.stdin.taken(payload)
         elif kind in RESULT_FRAMES:
             self.received.add(kind, payload)
             if kind == b"R" and self.received.large_value_follows():
@@ -198,16 +203,19 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None) -> None:
 def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
              on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
              phases: dict[str, float], uploaded: bool, keep: bool,
-             extra_options: Mapping[str, Any] | None = None) -> Outcome:
+             extra_options: Mapping[str, Any] | None = None, stdin: BinaryIO | None = None) -> Outcome:
     """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
-    output, collect and check its result. With ``keep`` the channel (a worker) stays open after it."""
+    output (and ``stdin`` to the task, if given), collect and check its result. With ``keep`` the channel
+    (a worker) stays open after it."""
     key = channel.call_key()
     call = Call(channel, options, key, on_stdout, on_stderr)
     phase("execute", "started")
     deadline = None if options.timeout is None else time.monotonic() + options.timeout + options.dead_after + 5
+    extra = {**(extra_options or {}), **({"stdin": True} if stdin is not None else {})}
     try:
-        _send_call(channel, _call_options(session, options, key, land_file, extra_options), session_bytes,
-                   keep=keep)
+        _send_call(channel, _call_options(session, options, key, land_file, extra), session_bytes, keep=keep)
+        if stdin is not None:
+            call.stdin = StdinPump(channel, stdin).start()
         _stream(call, phase, deadline)
         header = call.received.header or {}
         if not keep:
@@ -227,12 +235,16 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
         raise
     finally:
         call.stop.set()
+        if call.stdin is not None:
+            call.stdin.stop()
         channel.watch(None)
         if not keep:
             channel.closed.set()
         call.received.discard()
         if call.received.end is None:
             channel.process.kill()
+            if not keep:  # its pipes are released now, not whenever the last reference to them goes
+                reap(channel.process, channel.stderr_reader)
     result.host = call.host
     return Outcome(result=result, header=header, files=landed, uploaded=uploaded, phases=phases,
                    value_data=value_data)
@@ -258,7 +270,7 @@ class _Phases:
 def dispatch(session: Session, backend: Backend, archive: DistributionArchive, options: CallOptions, *,
              launcher: Launcher, workers: WorkerPool, on_stdout: OutputSink, on_stderr: OutputSink,
              land_file: FileLander | None = None, on_phase: PhaseCallback | None = None,
-             session_bytes: bytes | None = None) -> Outcome:
+             session_bytes: bytes | None = None, stdin: BinaryIO | None = None) -> Outcome:
     """Run ``session`` on ``backend``'s host and return what came back.
 
     Args:
@@ -274,6 +286,8 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
         on_phase: Told (phase, "started" | "finished" | "failed") around connect, upload, execute and
             collect (the workspace records them as actions).
         session_bytes: ``session.to_wire()``, when the caller has it already.
+        stdin: What the task reads on its stdin (``rx run`` forwards a pipe or a file); None: nothing.
+            A call with stdin runs in a runner of its own, never in a persistent worker.
 
     Raises:
         ConnectError, AuthError, HostKeyError: The host could not be reached or the link died.
@@ -288,9 +302,10 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
 
     def call(channel: Channel, *, uploaded: bool, keep: bool) -> Outcome:
         return run_call(channel, session, session_bytes, options, on_stdout=on_stdout, on_stderr=on_stderr,
-                        land_file=land_file, phase=phase, phases=phase.seconds, uploaded=uploaded, keep=keep)
+                        land_file=land_file, phase=phase, phases=phase.seconds, uploaded=uploaded, keep=keep,
+                        stdin=stdin)
 
-    if options.keep_warm:
+    if options.keep_warm and stdin is None:
         for attempt in (1, 2):
             channel = workers.get(launcher, backend, archive, options, phase)
             with channel.lock:

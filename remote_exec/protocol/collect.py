@@ -21,6 +21,8 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from ..errors import IntegrityError
+from ..hints import unreadable_value
+from ..serialization import rebuild_exception
 from ..session import Result, Session
 from .options import CallOptions, FileLander
 
@@ -138,7 +140,10 @@ def collect(received: Received, host: str, session: Session, options: CallOption
         IntegrityError: A check failed; nothing landed.
     """
     header, value, exc_data = _checked_parts(received, host)
-    result = rebuild_result(header, value, exc_data, session, options)
+    try:
+        result = rebuild_result(header, value, exc_data, session, options)
+    except (ImportError, AttributeError) as exc:  # the value needs a module this side lacks, or has at another version
+        raise unreadable_value(exc, value, task=session.task.name, host=host, remote=header.get("packages")) from exc
     landed: list[Path] = []
     if land_file is not None and header.get("files"):
         landed = land_files(received, host, header["files"], land_file)
@@ -168,8 +173,8 @@ def _raised(exception: dict[str, Any], exc_data: bytes, exit_code: int, status: 
     traceback_text = exception.get("traceback") or ""
     if exc_data:
         try:
-            exc = _unpickler(options)(exc_data)
-            if isinstance(exc, BaseException):
+            exc = rebuild_exception(_unpickler(options)(exc_data))
+            if exc is not None:
                 return Result.from_exception(exc, traceback_text, exit_code=exit_code, status=status)
         except Exception:
             logger.debug("remote exception %s could not be rebuilt", exception.get("type"), exc_info=True)

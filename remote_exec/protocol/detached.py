@@ -70,8 +70,10 @@ def _archive_of(detached: Mapping[str, Any]) -> DistributionArchive:
 
 
 def follow_detached(backend: Backend, detached: Mapping[str, Any], options: CallOptions, *, launcher: Launcher,
-                    on_stdout: OutputSink, on_stderr: OutputSink, offsets: tuple[int, int] = (0, 0)) -> None:
-    """Stream a detached run's output from ``offsets`` until it ends (``rx logs -f``); collect nothing.
+                    on_stdout: OutputSink, on_stderr: OutputSink, offsets: tuple[int, int] = (0, 0),
+                    once: bool = False) -> None:
+    """Stream a detached run's output from ``offsets`` until it ends (``rx logs -f``; ``once``: only what it
+    wrote so far, ``rx logs``); collect nothing.
 
     Raises:
         ConnectError: The link was lost, or went silent, while following.
@@ -81,7 +83,7 @@ def follow_detached(backend: Backend, detached: Mapping[str, Any], options: Call
     key = secrets.token_bytes(32)
     call = Call(channel, options, key, on_stdout, on_stderr)
     try:
-        channel.send(b"G", wire.dump_options({"key": key.hex(), "heartbeat": options.heartbeat,
+        channel.send(b"G", wire.dump_options({"key": key.hex(), "heartbeat": options.heartbeat, "once": once,
                                               "stdout_offset": offsets[0], "stderr_offset": offsets[1]}))
         channel.watch(call)  # a silent link is given up after dead_after, as for any call
         complete = channel.pump(lambda kind, payload: kind == b"Z" or call.handle(kind, payload))

@@ -12,9 +12,12 @@ coordinator:
 
     G  go: the call's options as marshal (see :func:`dump_options`): the per-call HMAC key, run id,
        timeout, heartbeat and dead_after seconds, env, secret_env, pull globs, no_pull, keep, the task's
-       kind, whether the value may come back as marshal; for ``attach``, stdout/stderr offsets
+       kind, whether the value may come back as marshal, ``stdin`` (true: I and i frames follow, the task
+       reads them on its stdin; absent: its stdin is empty); for ``attach``, stdout/stderr offsets
     S  the session in its wire form (``Session.to_wire``), in one or more frames
     s  end of session: marshal ``{"size": N}`` (the runner also accepts a ``sha256``); the task starts
+    I  bytes for the task's stdin (``rx run`` forwards its own when it is a pipe or a file)
+    i  end of the task's stdin (empty): the runner closes the pipe once the task read what came before
     H  heartbeat (empty)
     C  cancel: stop the task's process group now
     Q  quit: a persistent worker exits (a running call is cancelled)
@@ -22,17 +25,26 @@ coordinator:
 Frames from the runner:
 
     O  task stdout bytes          E  task stderr bytes          B  heartbeat (empty)
+    W  the task has taken this many bytes of its stdin in all (ASCII digits): the coordinator keeps at
+       most a window of stdin in flight beyond that (see :mod:`remote_exec.protocol.stdin`)
     P  an event as JSON: ``{"event": "started", "pid", "run_dir", "host"}`` (a call's task started),
        ``{"event": "worker", "pid", "host"}`` (a persistent worker is ready),
        ``{"event": "detached", "run_dir", "supervisor_pid", "host"}`` (a detached run started)
     R  result header, JSON: protocol, status, exit_code, detail, signal, exception (type, message,
-       traceback text), value (size and encoding: ``marshal`` or ``serializer``) or null, exc_pickle
-       (size) or null, files (a manifest: path, size, sha256 each), duration, python, host
-    V  the value's bytes          X  the pickled exception's bytes
+       traceback text; ``chain``: the exception and its causes, oldest first, each with ``type``, ``only``
+       (its last lines), ``frames`` ([file, line, function, source, end line, column, end column]) and
+       ``then`` (cause, context or null); ``roots``: where the archive and the run directory are), value
+       (size and encoding: ``marshal`` or ``serializer``) or null, exc_pickle (size) or null, files (a
+       manifest: path, size, sha256 each), duration, python, host; ``kept``: the run directory, when the
+       call asked to keep it
+    V  the value's bytes
+    X  the pickled exception: ``("rx-exception-1", class, args, attributes)`` for a class that pickles the
+       default way (see ``serialization.exception_parts``), else the exception itself
     F  the pulled files as an uncompressed tar stream, in manifest order
     Z  end of result, JSON ``{"hmac": hex}``: HMAC-SHA256 with the call's key over every R, V, X and F
        frame, each fed as type byte + 8-byte big-endian length + payload. When ``attach`` only follows a
-       detached run, ``Z`` is ``{"done": status, "exit_code": N}`` instead and no result precedes it.
+       detached run, ``Z`` is ``{"done": status, "exit_code": N}`` instead and no result precedes it
+       (``{"done": null}`` when its G frame asked with ``once`` for the output so far of a run still going).
 """
 
 from __future__ import annotations
@@ -64,10 +76,15 @@ def encode(kind: bytes, payload: bytes | memoryview = b"") -> bytes:
 def grow_pipe(fd: int) -> None:
     """Ask for a 1 MiB pipe buffer on ``fd`` (Linux; elsewhere, or if not a pipe, nothing happens): large
     transfers then move in fewer, larger reads and writes."""
+    import sys
+
     try:
         import fcntl
 
-        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+        # F_SETPIPE_SZ is Linux's (1031; Python names it from 3.10): on macOS that number is not it
+        command = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
+        if command is not None:
+            fcntl.fcntl(fd, command, 1 << 20)
     except (ImportError, OSError, ValueError):
         pass
 
@@ -131,9 +148,13 @@ class FrameReader:
             del self._buffer[:end]
         return frames
 
+    def unread(self, frames: list[tuple[bytes, bytes]]) -> None:
+        """Put ``frames`` back in front: the next :meth:`feed` returns them first."""
+        self._buffer[:0] = b"".join(encode(kind, payload) for kind, payload in frames)
+
     @property
     def pending(self) -> int:
-        """Bytes held that do not yet form a whole frame."""
+        """Bytes held that are not yet returned as frames."""
         return len(self._buffer)
 
 

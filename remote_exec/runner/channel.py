@@ -134,7 +134,8 @@ def read_call(stdin_fd: int, reader: wire.FrameReader | None = None,
     while True:
         data = _read_input(stdin_fd, reader, wait)
         wait = None
-        for kind, payload in reader.feed(data):
+        frames = reader.feed(data)
+        for index, (kind, payload) in enumerate(frames):
             if kind == b"G":
                 options = wire.load_options(payload)
             elif kind == b"S":
@@ -142,6 +143,7 @@ def read_call(stdin_fd: int, reader: wire.FrameReader | None = None,
                     wire.grow_pipe(stdin_fd)
                 parts.append(payload)
             elif kind == b"s":
+                reader.unread(frames[index + 1:])  # what came right behind (stdin, a cancel) is the call's
                 return _checked(options, parts, wire.load_options(payload)), b"".join(parts), reader
             elif kind == b"Q":
                 raise CoordinatorGone()
@@ -182,9 +184,9 @@ class Poller:
         self._poll = select.poll()
         self._tags: dict[int, bytes] = {}
 
-    def register(self, fd: int, tag: bytes) -> None:
-        """Wait for ``fd`` to be readable; :meth:`select` names it by ``tag``."""
-        self._poll.register(fd, select.POLLIN)
+    def register(self, fd: int, tag: bytes, events: int = select.POLLIN) -> None:
+        """Wait for ``fd`` to be readable (or ``events``); :meth:`select` names it by ``tag``."""
+        self._poll.register(fd, events)
         self._tags[fd] = tag
 
     def unregister(self, fd: int) -> None:

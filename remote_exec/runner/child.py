@@ -26,17 +26,19 @@ if TYPE_CHECKING:
 __all__ = ["parse_result", "run_child", "run_task", "set_call_environ", "task_stdio"]
 
 
-def task_stdio(out_w: int, err_w: int) -> None:
-    """Give the tasks of this process their stdio: stdin from /dev/null, stdout and stderr to ``out_w``
-    and ``err_w`` (as fds 1 and 2, line-buffered text that never fails on an odd character)."""
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
+def task_stdio(out_w: int, err_w: int, in_r: int | None = None) -> None:
+    """Give the tasks of this process their stdio: stdin from ``in_r`` (the stdin ``rx run`` forwards) or
+    /dev/null, stdout and stderr to ``out_w`` and ``err_w`` (as fds 1 and 2, line-buffered text that never
+    fails on an odd character)."""
+    source = os.open(os.devnull, os.O_RDONLY) if in_r is None else in_r
+    os.dup2(source, 0)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
-    for fd in (devnull, out_w, err_w):
+    for fd in (source, out_w, err_w):
         if fd > 2:
             os.close(fd)
-    sys.stdin = open(os.devnull)  # noqa: SIM115 - the tasks' stdin for this process's life
+    # the tasks' stdin for this process's life
+    sys.stdin = open(os.devnull) if in_r is None else open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace", line_buffering=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
@@ -52,8 +54,9 @@ def set_call_environ(options: dict[str, Any]) -> None:
 
 
 def run_child(session_bytes: bytes, run_dir: str, options: dict[str, Any], out_w: int, err_w: int,
-              result_w: int) -> None:
-    """In the forked task process: run the task, send the result to the parent over ``result_w``, exit."""
+              result_w: int, in_r: int | None = None) -> None:
+    """In the forked task process: run the task (its stdin from ``in_r``, else empty), send the result to
+    the parent over ``result_w``, exit."""
     os.setsid()
     set_call_environ(options)
     # The interpreter read PYTHONPATH before the call's environment was set: apply it to sys.path too
@@ -61,7 +64,7 @@ def run_child(session_bytes: bytes, run_dir: str, options: dict[str, Any], out_w
     extra_path = (options.get("env") or {}).get("PYTHONPATH", "")
     sys.path[1:1] = [entry for entry in extra_path.split(os.pathsep) if entry and entry not in sys.path]
     os.environ["RX_RUN_DIR"] = run_dir
-    task_stdio(out_w, err_w)
+    task_stdio(out_w, err_w, in_r)
     os.chdir(run_dir)
     record, value, exc_data = run_task(session_bytes, run_dir, bool(options.get("marshal")))
     _send_result(result_w, record, value, exc_data)
@@ -108,7 +111,7 @@ def run_task(session_bytes: bytes, run_dir: str, marshal_ok: bool = False) -> tu
     record: dict[str, Any] = {"status": "finished", "exit_code": 0, "exception": None, "value": False,
                               "exc_pickle": False}
     value_data = exc_data = b""
-    kind = "function"
+    kind = None
     try:
         from ..session import Session
 
@@ -118,7 +121,11 @@ def run_task(session_bytes: bytes, run_dir: str, marshal_ok: bool = False) -> tu
     except SystemExit as exc:
         record["exit_code"] = _exit_code(exc.code)
     except BaseException as exc:  # the task's failure, reported as data
-        exc_data = _failed(exc, kind, record)
+        exc_data = _failed(exc, kind or "function", record, run_dir)
+        if kind is None and isinstance(exc, (ImportError, AttributeError)):  # the arguments could not be read
+            from ..serialization import package_versions, referenced_packages
+
+            record["exception"]["packages"] = package_versions(referenced_packages(session_bytes))
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -145,6 +152,13 @@ def _execute(session: Session, run_dir: str, marshal_ok: bool, record: dict[str,
     except Exception as exc:
         raise TypeError(f"the task's return value ({type(value).__qualname__}) cannot be "
                         f"serialized: {exc}") from exc
+    if record.get("value_encoding") != "marshal":  # who wrote it, should the reader's versions differ
+        from ..serialization import package_versions, value_packages
+
+        versions = {name: version for name, version in package_versions(value_packages(value), metadata=False).items()
+                    if version}
+        if versions:
+            record["packages"] = versions
     record["value"] = True
     return value_data
 
@@ -159,25 +173,68 @@ def _exit_code(code: object) -> int:
     return 1
 
 
-def _failed(exc: BaseException, kind: str, record: dict[str, Any]) -> bytes:
-    """Record the task's exception (type, message, traceback text); return it pickled if it can be."""
+def _failed(exc: BaseException, kind: str, record: dict[str, Any], run_dir: str) -> bytes:
+    """Record the task's exception (type, message, traceback text and frames); return it pickled if it can be.
+
+    The coordinator prints a script's traceback itself (its frames mapped back to the local files), so the
+    task's stderr does not get it here. The exception travels as its class, args and attributes (see
+    :func:`_exception_payload`), so that the coordinator can rebuild it as pickle would, even when its
+    ``__init__`` takes other arguments than its message.
+    """
     import traceback
 
     text = traceback.format_exc()
     record.update(value=False, exit_code=1, status="raised" if kind == "function" else "finished",
                   exception={"type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-                             "message": _safe_str(exc), "traceback": text})
+                             "message": _safe_str(exc), "traceback": text, "chain": _chain(exc),
+                             "roots": {"archive": _ARCHIVE, "run_dir": run_dir}})
     if kind != "function":
-        sys.stderr.write(text)
         return b""
     try:
-        from ..serialization import PickleSerializer
+        from ..serialization import PickleSerializer, exception_parts
 
-        exc_data: bytes = PickleSerializer().dumps_fast(exc)
+        exc_data: bytes = PickleSerializer().dumps_fast(exception_parts(exc))
         record["exc_pickle"] = True
         return exc_data
     except BaseException:  # an exception holding something unpicklable arrives as text
         return b""
+
+
+#: Where the archive this runner came from is installed (the parent of the remote_exec package).
+_ARCHIVE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _chain(exc: BaseException) -> list[dict[str, Any]] | None:
+    """The exception and its causes and contexts, oldest first, as Python prints them: each with its type,
+    its last lines (``format_exception_only``), its frames ``[file, line number, function, source line,
+    end line, column, end column]`` and how the next one follows from it (``cause``, ``context``, None).
+    None for an exception group (its text is all there is)."""
+    import builtins
+    import traceback
+
+    groups = getattr(builtins, "BaseExceptionGroup", ())
+    chain: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    link = None
+    while current is not None and id(current) not in seen and len(chain) < 32:
+        if groups and isinstance(current, groups):
+            return None
+        seen.add(id(current))
+        frames = [[frame.filename, frame.lineno, frame.name, frame.line, getattr(frame, "end_lineno", None),
+                   getattr(frame, "colno", None), getattr(frame, "end_colno", None)]
+                  for frame in traceback.extract_tb(current.__traceback__)]
+        chain.append({"type": f"{type(current).__module__}.{type(current).__qualname__}",
+                      "only": "".join(traceback.format_exception_only(type(current), current)),
+                      "frames": frames, "then": link})
+        if current.__cause__ is not None:
+            current, link = current.__cause__, "cause"
+        elif current.__context__ is not None and not current.__suppress_context__:
+            current, link = current.__context__, "context"
+        else:
+            current = None
+    chain.reverse()
+    return chain
 
 
 def _safe_str(exc: BaseException) -> str:

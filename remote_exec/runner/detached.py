@@ -146,7 +146,9 @@ def serve_attach(cache_dir: str, run_dir: str, collect: bool, out: Out) -> None:
     # Heartbeats only: a silent or closing link ends the following, never the detached task.
     policy = Policy(timeout=None, heartbeat=float(options.get("heartbeat") or 5.0), dead_after=None,
                     started=time.monotonic())
-    _follow(run_dir, offsets, policy, out)
+    if not _follow(run_dir, offsets, policy, out, once=bool(options.get("once"))):
+        out.send(b"Z", wire.json_text({"done": None}).encode())  # what is there so far; the run goes on
+        return
     header, run_options, value, exc_data = _stored_result(run_dir)
     if not collect:
         out.send(b"Z", wire.json_text({"done": header.get("status"), "exit_code": header.get("exit_code")}).encode())
@@ -168,8 +170,9 @@ def _read_go() -> dict[str, Any]:
                 return wire.load_options(payload)
 
 
-def _follow(run_dir: str, offsets: dict[bytes, int], policy: Policy, out: Out) -> None:
-    """Send the run's output from ``offsets`` on as it grows, until the run is done."""
+def _follow(run_dir: str, offsets: dict[bytes, int], policy: Policy, out: Out, *, once: bool = False) -> bool:
+    """Send the run's output from ``offsets`` on as it grows, until the run is done (``once``: only what is
+    there now). Returns whether the run is done."""
     private = os.path.join(run_dir, PRIVATE)
     follower = _Follower(out)
     os.set_blocking(0, False)
@@ -177,8 +180,8 @@ def _follow(run_dir: str, offsets: dict[bytes, int], policy: Policy, out: Out) -
         done = read_status(run_dir).get("state") == "done"
         for kind, name in _OUTPUT.items():
             offsets[kind] = _send_from(os.path.join(private, name), offsets[kind], kind, out)
-        if done:
-            return
+        if done or once:
+            return done
         now = time.monotonic()
         try:
             data = os.read(0, 1 << 16)

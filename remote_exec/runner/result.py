@@ -100,6 +100,8 @@ def classify(options: dict[str, Any], ending: Ending) -> Loaded:
                               "signal": _signal_name(signal_number) if signal_number else None}
     if record is not None:
         header["exception"] = record.get("exception")
+        if record.get("packages"):
+            header["packages"] = record["packages"]
     value, exc_data = (loaded[1], loaded[2]) if loaded is not None else (b"", b"")
     # Sizes only: the content of both is under the result's HMAC.
     header["value"] = ({"size": len(value), "encoding": (record or {}).get("value_encoding", "serializer")}
@@ -140,7 +142,7 @@ def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any
     """
     names = os.listdir(run_dir)
     files = [] if options.get("no_pull") or not names else _manifest(run_dir, options.get("pull") or [])
-    header = dict(header, files=files)
+    header = dict(header, files=files, **({"kept": run_dir} if options.get("keep") else {}))
     size = len(value) + len(exc_data) + sum(entry["size"] for entry in files)
     out.sign(size=size)
     if size > (1 << 20):

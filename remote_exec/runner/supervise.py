@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .channel import Out, Sink
     from .policy import Action, Policy
     from .result import Ending
+    from .stdin import StdinFeed
 else:
     import _signal as signal
 
@@ -100,6 +101,7 @@ class _TaskProcess:
         self.pipes = pipes
         self.wake = wake
         self.previous_wakeup = previous_wakeup
+        self.stdin: StdinFeed | None = None
 
     @classmethod
     def fork(cls, session_bytes: bytes, run_dir: str, options: dict[str, Any]) -> _TaskProcess:
@@ -107,6 +109,7 @@ class _TaskProcess:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         result_r, result_w = os.pipe()
+        in_r, in_w = os.pipe() if options.get("stdin") else (None, None)  # rx run forwards its stdin
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -119,18 +122,25 @@ class _TaskProcess:
             try:
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                for fd in (out_r, err_r, result_r, wake_r, wake_w):
-                    os.close(fd)
-                run_child(session_bytes, run_dir, options, out_w, err_w, result_w)
+                for fd in (out_r, err_r, result_r, wake_r, wake_w, in_w):
+                    if fd is not None:
+                        os.close(fd)
+                run_child(session_bytes, run_dir, options, out_w, err_w, result_w, in_r)
             except BaseException:
                 import traceback
 
                 traceback.print_exc()
             finally:
                 os._exit(EXIT_RUNNER_FAILURE)
-        for fd in (out_w, err_w, result_w):
-            os.close(fd)
-        return cls(pid, {b"O": out_r, b"E": err_r, b"R": result_r}, (wake_r, wake_w), previous_wakeup)
+        for fd in (out_w, err_w, result_w, in_r):
+            if fd is not None:
+                os.close(fd)
+        task = cls(pid, {b"O": out_r, b"E": err_r, b"R": result_r}, (wake_r, wake_w), previous_wakeup)
+        if in_w is not None:
+            from .stdin import StdinFeed
+
+            task.stdin = StdinFeed(in_w)
+        return task
 
     def end(self, grace: float) -> None:
         """End the task's process group: SIGTERM, SIGKILL if the task is still there after ``grace``."""
@@ -152,6 +162,8 @@ class _TaskProcess:
         behind may hold their other ends)."""
         signal.set_wakeup_fd(self.previous_wakeup)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        if self.stdin is not None:
+            self.stdin.close()
         for fd in (*self.wake, *self.pipes.values()):
             try:
                 os.close(fd)
@@ -190,6 +202,8 @@ class _Watch:
         """Watch until the task ended and its pipes closed (or the drain time passed)."""
         policy = self.policy
         try:
+            if self.reader is not None and self.reader.pending:  # frames that came with the call's own
+                self._take(self.reader.feed(b""))
             while not self.finished:
                 for fd, tag in self.poller.select(policy.next_wake(time.monotonic())):
                     self._ready(fd, tag)
@@ -208,6 +222,8 @@ class _Watch:
     def _ready(self, fd: int, tag: bytes) -> None:
         if tag == b"I":
             self._input()
+        elif tag == b"w" and self.task.stdin is not None:  # room in the task's stdin pipe again
+            self.task.stdin.flush(self.poller, self.out)
         elif tag == b"W":
             try:
                 os.read(fd, 512)
@@ -231,8 +247,12 @@ class _Watch:
             self.poller.unregister(0)
             self._apply(self.policy.on_eof(time.monotonic()))
             return
-        kinds = [kind for kind, _payload in self.reader.feed(data)]
-        self._apply(self.policy.on_input(time.monotonic(), kinds))
+        self._take(self.reader.feed(data))
+
+    def _take(self, frames: list[tuple[bytes, bytes]]) -> None:
+        if self.task.stdin is not None:
+            self.task.stdin.take(frames, self.poller, self.out)
+        self._apply(self.policy.on_input(time.monotonic(), [kind for kind, _payload in frames]))
 
     def _reap(self, now: float) -> None:
         done, raw = os.waitpid(self.task.pid, os.WNOHANG)

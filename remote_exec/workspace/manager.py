@@ -80,6 +80,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, WorkspaceError
+from . import procinfo
 from .state import (
     ACTIVE_RUN_STATUSES,
     FINAL_RUN_STATUSES,
@@ -144,49 +145,26 @@ def register_pending_writer(flush: Callable[[], None]) -> None:
 
 # -- the coordinator: which process owns a run, and is it still there ------------------------------
 
-def _proc_stat_fields(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rfind(")") + 2:].split()  # fields from the 3rd (state) on
-
-
-def _start_ticks(pid: int) -> int | None:
-    fields = _proc_stat_fields(pid)
-    if fields is None or len(fields) < 20:
-        return None
-    try:
-        return int(fields[19])  # field 22, starttime, in clock ticks since boot
-    except ValueError:
-        return None
-
-
-def _boot_id() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
-    except OSError:
-        return None
-
-
 @functools.lru_cache(maxsize=1)
 def _own_start() -> str:
-    ticks = _start_ticks(os.getpid())
-    if ticks is not None:
-        try:
-            for line in Path("/proc/stat").read_text().splitlines():
-                if line.startswith("btime "):
-                    started = int(line.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")
-                    return datetime.fromtimestamp(started, tz=timezone.utc).isoformat(timespec="milliseconds")
-        except (OSError, ValueError):
-            pass
+    ticks = procinfo.start_ticks(os.getpid())
+    booted = procinfo.boot_time()
+    if ticks is not None and booted is not None:
+        started = booted + ticks / procinfo.clock_ticks()
+        return datetime.fromtimestamp(started, tz=timezone.utc).isoformat(timespec="milliseconds")
     return utc_now()  # no /proc: the first time we were asked is the best we know
 
 
 def coordinator_record() -> dict[str, Any]:
-    """Describe the current process, so a later reader can tell whether it is still alive."""
-    return {"pid": os.getpid(), "hostname": socket.gethostname(), "started": _own_start(),
-            "start_ticks": _start_ticks(os.getpid()), "boot_id": _boot_id()}
+    """Describe the current process, so a later reader can tell whether it is still alive (and that its
+    pid was not taken by another process since: clock ticks on Linux, ``ps``'s start time elsewhere)."""
+    pid = os.getpid()
+    ticks = procinfo.start_ticks(pid)
+    record = {"pid": pid, "hostname": socket.gethostname(), "started": _own_start(), "start_ticks": ticks,
+              "boot_id": procinfo.boot_id()}
+    if ticks is None:
+        record["process_start"] = procinfo.process_start(pid)
+    return record
 
 
 def coordinator_alive(record: object) -> bool | None:
@@ -202,21 +180,25 @@ def coordinator_alive(record: object) -> bool | None:
     pid = record["pid"]
     if _rebooted_since(record.get("boot_id")) or not pid_alive(pid):
         return False
-    return not _pid_reused(pid, record.get("start_ticks"))
+    return not _pid_reused(pid, record.get("start_ticks"), record.get("process_start"))
 
 
 def _rebooted_since(boot: object) -> bool:
     """Tell whether this host booted again since it had the boot id ``boot`` (``False`` if unknown)."""
-    now = _boot_id()
+    now = procinfo.boot_id()
     return bool(boot) and now is not None and boot != now
 
 
-def _pid_reused(pid: int, ticks: object) -> bool:
-    """Tell whether ``pid`` now belongs to another process than the one started at ``ticks``."""
-    if not isinstance(ticks, int):
-        return False
-    now_ticks = _start_ticks(pid)
-    return now_ticks is not None and now_ticks != ticks
+def _pid_reused(pid: int, ticks: object, start: object = None) -> bool:
+    """Tell whether ``pid`` now belongs to another process than the one started at ``ticks`` (or, where
+    there are no ticks, at ``ps``'s ``start``)."""
+    if isinstance(ticks, int):
+        now_ticks = procinfo.start_ticks(pid)
+        return now_ticks is not None and now_ticks != ticks
+    if isinstance(start, str):
+        now_start = procinfo.process_start(pid)
+        return now_start is not None and now_start != start
+    return False
 
 
 # -- workspace -------------------------------------------------------------------------------------

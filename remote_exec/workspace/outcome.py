@@ -58,7 +58,7 @@ def run_outcome(result: Result) -> RunOutcome:
     if result.status not in ("finished", "raised"):
         error = result.detail or result.status
     elif result.exception_type:
-        error = f"{result.exception_type}: {result.exception_message}"
+        error = f"{result.exception_type.removeprefix('builtins.')}: {result.exception_message}"
     elif exit_code:
         error = f"exit status {exit_code}"
     return RunOutcome(status=status, exit_code=exit_code, error=error)
@@ -72,4 +72,6 @@ def result_record(result: Result, *, header: dict[str, Any] | None = None, phase
         record.update(host=header.get("host"), python=header.get("python"), duration=header.get("duration"),
                       phases=phases or {}, uploaded_archive=uploaded,
                       files=[str(path.relative_to(run_dir) if run_dir else path) for path in files])
+        if header.get("kept"):
+            record["remote_run_dir"] = header["kept"]
     return record

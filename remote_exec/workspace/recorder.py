@@ -20,13 +20,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from ..errors import RemoteExecError
 from .manager import Run, Workspace, register_pending_writer
 from .state import utc_now
 
-__all__ = ["CallRecorder", "RunRecorder", "StreamSink", "TaskCallRecorder", "TaskRecorder", "TaskRuns"]
+__all__ = ["CallRecorder", "ExitStatus", "RunRecorder", "StreamSink", "TaskCallRecorder", "TaskRecorder", "TaskRuns",
+           "calls_failed"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +76,12 @@ class CallRecorder(ABC):
     Attributes:
         stdout: Receives the task's stdout as it arrives.
         stderr: Receives the task's stderr as it arrives.
+        stdin: What the task reads on its stdin (``rx run`` forwards a pipe or a file), or None: empty.
     """
 
     stdout: OutputSink
     stderr: OutputSink
+    stdin: BinaryIO | None = None
 
     @abstractmethod
     def land_file(self, relative: PurePosixPath, temporary: Path, sha256: str) -> Path:
@@ -104,8 +107,9 @@ class RunRecorder(CallRecorder):
     """Records an ``rx run`` (or ``rx attach``): logs, actions, files; synchronously."""
 
     def __init__(self, run: Run, *, host: str | None, stdout: IO[str] | None = None,
-                 stderr: IO[str] | None = None) -> None:
+                 stderr: IO[str] | None = None, stdin: BinaryIO | None = None) -> None:
         self.run = run
+        self.stdin = stdin
         self.host = host
         self._logs = (run.store.open_append("stdout.log"), run.store.open_append("stderr.log"))
         self.offsets = (self._logs[0].tell(), self._logs[1].tell())
@@ -270,17 +274,76 @@ class TaskCallRecorder(CallRecorder):
         self.recorder.put(*jobs)
 
     def failed(self, exc: BaseException) -> None:
+        status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
         error = f"{type(exc).__name__}: {exc}"
-        self.recorder.task(self.run, self.key, status="failed", finished=time.time(), error=error,
-                           **self._attempt("failed", error))
+        self.recorder.task(self.run, self.key, status=status, finished=time.time(), error=error,
+                           **self._attempt(status, error))
+
+
+class ExitStatus:
+    """The exit status this process ends with, as far as Python lets it be known while it exits.
+
+    An uncaught exception leaves ``sys.last_value`` (1; 130 for Ctrl-C); ``sys.exit(N)`` is watched (the
+    status is not kept anywhere Python code can read it at exit); else the script ended: 0. ``raise
+    SystemExit(N)`` without ``sys.exit`` is not seen (0).
+    """
+
+    def __init__(self) -> None:
+        self.code: int | None = None
+        self._original: Callable[..., Any] | None = None
+        self._watcher: Callable[..., Any] | None = None
+
+    def watch(self) -> None:
+        """Watch ``sys.exit`` from now on (once)."""
+        if self._original is not None:
+            return
+        original = self._original = sys.exit
+
+        def exit(status: object = None) -> None:
+            if threading.current_thread() is threading.main_thread():
+                self.code = _exit_status(status)
+            original(status)  # type: ignore[arg-type]
+
+        self._watcher = sys.exit = exit  # type: ignore[assignment]
+
+    def unwatch(self) -> None:
+        """Put ``sys.exit`` back (unless something replaced it since)."""
+        if self._original is not None and sys.exit is self._watcher:
+            sys.exit = self._original
+        self._original = self._watcher = None
+
+    def status(self) -> int:
+        """The exit status the process ends with (see the class)."""
+        last = getattr(sys, "last_value", None)
+        if isinstance(last, BaseException) and not isinstance(last, SystemExit):
+            return 130 if isinstance(last, KeyboardInterrupt) else 1
+        return self.code if self.code is not None else 0
+
+
+def _exit_status(status: object) -> int:
+    """What ``sys.exit(status)`` makes the exit status: 0 for None, the number, else 1 (a message)."""
+    if status is None:
+        return 0
+    if isinstance(status, int):
+        return status & 0xFF
+    return 1
+
+
+def calls_failed(tasks: dict[str, Any]) -> str | None:
+    """``3 of 6 calls failed`` for a run's task board (None when none failed)."""
+    failed = sum(1 for entry in tasks.values() if entry.get("status") != "done")
+    return f"{failed} of {len(tasks)} call{'s' if len(tasks) != 1 else ''} failed" if failed else None
 
 
 class TaskRuns:
     """The workspace runs that a process's ``@task`` calls are recorded in (one per workspace and run id),
-    created on the first call, closed at exit: finished when every call is done, else failed."""
+    created on the first call, closed at exit with the process's own exit status (:class:`ExitStatus`);
+    calls that failed are counted in the run's error (``3 of 6 calls failed``), whatever the process made
+    of them."""
 
     def __init__(self, recorder: TaskRecorder) -> None:
         self.recorder = recorder
+        self.exit_status = ExitStatus()
         self._runs: dict[tuple[Any, ...], Run] = {}
         self._created: dict[str, Run] = {}  # by run dir: the runs this process made (and so closes)
         self._lock = threading.Lock()
@@ -314,6 +377,7 @@ class TaskRuns:
                                 run_id=run_id)
         run.set_status("running")
         self._created[str(run.dir)] = run
+        self.exit_status.watch()
         if not self._registered:
             register_pending_writer(self.recorder.flush)
             self._registered = True
@@ -326,11 +390,12 @@ class TaskRuns:
             runs = list(self._created.values())
             self._created.clear()
             self._runs.clear()
+        code = self.exit_status.status()
+        self.exit_status.unwatch()
         for run in runs:
             try:
-                tasks = run.tasks()
-                failed = [key for key, entry in tasks.items() if entry.get("status") != "done"]
-                run.set_status("failed" if failed else "finished", exit_code=1 if failed else 0,
-                               error=f"{len(failed)} of {len(tasks)} task(s) did not finish" if failed else None)
+                failed = calls_failed(run.tasks())
+                error = "; ".join(part for part in (f"exit status {code}" if code else None, failed) if part)
+                run.set_status("failed" if code else "finished", exit_code=code, error=error or None)
             except Exception:  # exit must not fail; the run then shows as lost, and rx rerun --failed resumes it
                 logger.debug("could not close run %s", run.id, exc_info=True)

@@ -75,13 +75,9 @@ def pid_alive(pid: int) -> bool:
         return True  # exists, owned by someone else
     except OSError:
         return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc (macOS): kill(0) is all we can know
-    # The state letter follows the parenthesised command name, which may itself contain ") ".
-    fields = stat[stat.rfind(")") + 2:].split()
-    return not (fields and fields[0] in ("Z", "X"))
+    from .procinfo import process_state  # /proc on Linux, ps elsewhere
+
+    return process_state(pid) not in ("Z", "X")
 
 
 def fsync_dir(path: Path) -> None:

@@ -190,6 +190,9 @@ class TamperingProcess(Process):
                     self.ended = True
                     break
         data, self.pending = self.pending[:size], self.pending[size:]
+        if not data:  # the stream ends here: the real one is read to its end, so that its pipe is released
+            while self.inner.read_stdout(size):
+                pass
         return data
 
     def read_stderr(self, size: int = 65536) -> bytes:

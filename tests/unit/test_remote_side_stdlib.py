@@ -77,7 +77,8 @@ def _env() -> dict[str, str]:
 def test_remote_modules_are_the_ones_tested_here() -> None:
     assert set(REMOTE_MODULES) == {"__init__", "errors", "protocol/__init__", "protocol/wire", "runner/__init__",
                                    "runner/channel", "runner/child", "runner/detached", "runner/policy",
-                                   "runner/result", "runner/rundir", "runner/slot", "runner/supervise", "runner/worker",
+                                   "runner/result", "runner/rundir", "runner/slot", "runner/stdin", "runner/supervise",
+                                   "runner/worker",
                                    "serialization", "session", "task"}
 
 

@@ -144,7 +144,8 @@ def test_a_sweep_is_one_parent_run_with_a_child_per_combination(isolated: Any, p
     assert landed.read_text() == "0.1 1\n"  # each child run keeps its own files
 
     listed = rx(isolated, project, "runs")
-    assert listed.stdout.count("\n") == 2 and "sweep: 3/4 done" in listed.stdout  # the sweep is one line
+    assert listed.stdout.count("\n") == 2 and "train.py (sweep)" in listed.stdout  # the sweep is one line
+    assert "1/4 failed" in listed.stdout
     assert rx(isolated, project, "runs", "--all").stdout.count("\n") == 6
     shown = rx(isolated, project, "show", "latest")
     assert "combinations" in shown.stdout and "lr=0.01 seed=2" in shown.stdout
