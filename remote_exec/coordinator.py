@@ -152,6 +152,7 @@ class Coordinator:
         self._local = LocalBackend()
         self._configs: dict[str, Configuration] = {}
         self.pools: dict[tuple[Any, ...], Any] = {}  # @task(...).submit's pools, by hosts and options
+        self._pools_lock = threading.Lock()
         self._targets: dict[tuple[Any, ...], tuple[Configuration, Target]] = {}
         self._insecure_warned: set[str] = set()
 
@@ -420,6 +421,15 @@ class Coordinator:
                 step()
             except Exception:  # closing at exit must never raise
                 logger.debug("closing the coordinator: %s failed", step, exc_info=True)
+
+    def pool_for(self, key: tuple[Any, ...], make: Any) -> Any:
+        """The pool ``task.submit`` keeps for ``key`` (hosts and options), made with ``make()`` when there is
+        none yet or the one there broke."""
+        with self._pools_lock:
+            pool = self.pools.get(key)
+            if pool is None or pool.broken is not None:
+                pool = self.pools[key] = make()
+            return pool
 
     def _close_pools(self) -> None:
         """Shut the pools of ``task.submit`` down: their queued calls are cancelled."""

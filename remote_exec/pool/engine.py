@@ -146,6 +146,7 @@ class Engine:
         self._in_flight = 0
         self._count = 0
         self._shutdown = False
+        self._closed = False
 
     # -- calls in -------------------------------------------------------------------------------------
 
@@ -322,8 +323,16 @@ class Engine:
             self._in_flight -= 1
             done = self._shutdown and self._in_flight <= 0
         if done:
-            self.finished.set()
-            self.feed.wake()
+            self._finish()
+
+    def _finish(self) -> None:
+        """No call is left and none will come: wake the slots (they release their hosts), close the views."""
+        self.finished.set()
+        self.feed.wake()
+        with self._lock:
+            closing, self._closed = not self._closed, True
+        if closing:
+            self.observer.close()
 
     def _break(self, cause: BaseException) -> None:
         """Every host is lost: fail what waits."""
@@ -339,8 +348,8 @@ class Engine:
                 self._end(work, None, 0.0, error=broken)
             else:
                 self.cancelled(work)
-        self.finished.set()
         self.feed.close()
+        self._finish()
 
     # -- the end --------------------------------------------------------------------------------------
 
@@ -366,11 +375,10 @@ class Engine:
                 placement.interrupt()
         self.feed.close()
         if done:
-            self.finished.set()
+            self._finish()
         if wait:
             for placement in list(self._placements):
                 placement.join()
-            self.observer.close()
 
 
 def _unwrap(result: Result) -> Any:

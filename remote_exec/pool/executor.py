@@ -373,10 +373,8 @@ def submit_task(function: TaskFunction[Any], args: tuple[Any, ...], kwargs: dict
     hosts = _hosts(_task_hosts(function, None))
     options = _pool_options(function)
     key = (hosts, tuple(sorted(options.items())), id(function.config))
-    executor = coordinator.pools.get(key)
-    if executor is None or executor.broken is not None:
-        executor = coordinator.pools[key] = Executor(hosts, config=function.config, coordinator=coordinator,
-                                                     **options)
+    executor: Executor = coordinator.pool_for(key, lambda: Executor(hosts, config=function.config,
+                                                                    coordinator=coordinator, **options))
     return executor.submit(function, *args, **kwargs)
 
 
