@@ -576,7 +576,15 @@ class RxPoolDriver(RxDriver):
         pool = self.pools.get(per_host)
         if pool is None:
             pool = self.pools[per_host] = self.executor(self.hosts, per_host=per_host, backend=self.backend)
-            list(pool.map(self.payload.noop, range(4 * len(self.hosts) * per_host)))  # every slot's worker up
+            slots = len(self.hosts) * per_host
+            deadline = time.monotonic() + 120
+            while True:  # every slot's worker up (as the peers' gateways and contexts are) before the clock
+                list(pool.map(self.payload.nap, [0.05] * 2 * slots))
+                states = [slot["state"] for slot in pool.status()["slots"].values()]
+                if len(states) == slots and all(state == "ready" for state in states):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the pool's slots did not all start: {states}")
         return pool
 
     def op_pool_map(self, count: int, per_host: int = 1) -> Reply:
