@@ -252,11 +252,15 @@ class TaskCallRecorder(CallRecorder):
         return self._land(relative, temporary, sha256)
 
     def _attempt(self, status: str, error: str | None) -> dict[str, Any]:
-        """This attempt added to the call's list of attempts (when it keeps one): the entry's fields."""
+        """This attempt added to the call's list of attempts (when it keeps one): the entry's fields. A call
+        done at its first attempt keeps no list: its entry (host, slot, GPUs, times) is that attempt, and a
+        sweep of many small calls keeps state.json small."""
         if self._attempts is None:
             return {}
         self._attempts.append({"host": self.host, **self._fields, "started": utc_now(self._started),
                                "finished": utc_now(), "status": status, "error": error})
+        if len(self._attempts) == 1 and status == "done":
+            return {}
         return {"attempts": list(self._attempts)}
 
     def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes]) -> None:

@@ -96,7 +96,7 @@ def test_a_host_paused_mid_map_has_its_calls_finish_elsewhere(pool_remote: Remot
     assert state in ("down", "lost")
     entries = task_entries()
     assert len(entries) == 16 and all(entry["status"] == "done" for entry in entries.values())
-    moved = [entry for entry in entries.values() if len(entry["attempts"]) > 1]
+    moved = [entry for entry in entries.values() if len(entry.get("attempts") or []) > 1]
     assert moved, "no call was running on the paused host"
     for entry in moved:
         assert entry["attempts"][0]["host"] == dedicated_host.alias and entry["attempts"][0]["status"] == "failed"
