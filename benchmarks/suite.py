@@ -39,6 +39,9 @@ from .report import (
     render_tables,
     render_targets,
 )
+from .slurm import ROWS as SLURM_ROWS
+from .slurm import TARGETS as SLURM_TARGETS
+from .slurm import measure as measure_slurm
 from .stats import MB, format_seconds
 
 __all__ = ["ROWS", "TARGETS", "main"]
@@ -145,7 +148,7 @@ def _rows() -> list[Row]:
     return rows
 
 
-ROWS = _rows()
+ROWS = _rows() + SLURM_ROWS
 
 TARGETS = [
     Target("first call ≤ 1.1x cold ssh (OpenSSH)", "rx-openssh.first", "ssh.cold", 1.1),
@@ -172,6 +175,7 @@ TARGETS = [
       for backend in BACKENDS for peer in ("execnet", "mitogen")),
     *(Target(f"40 one-second calls over 4 hosts x 2 slots ≤ 1.15 x the ideal 5 s ({backend})",
              f"rx-{backend}.pool_naps", None, 5.75) for backend in BACKENDS),
+    *SLURM_TARGETS,
 ]
 
 
@@ -742,6 +746,17 @@ def _measure(bench: Bench, probes: list[Probe]) -> None:
           file=sys.stderr)
 
 
+def _measure_slurm(bench: Bench) -> None:
+    """The Slurm rows, on a Slurm testbed of their own (after the sshd rows: it needs the machine's cores)."""
+    print("benchmarks: the Slurm rows", file=sys.stderr)
+    try:
+        bench.info.update(measure_slurm(bench.results, reps=4 if bench.settings.quick else 10,
+                                        maps=1 if bench.settings.quick else 2, work=bench.run_dir, env=bench.env))
+    except Exception as exc:  # the Slurm testbed could not run here: its rows say why
+        for row in SLURM_ROWS:
+            bench.results.notes[row.key] = f"the Slurm testbed did not run: {exc}"
+
+
 def _phase_groups(bench: Bench) -> dict[str, list[PhaseRecord]]:
     order = []
     for backend in BACKENDS:
@@ -808,6 +823,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, help="repetitions (default 20; --quick: 2)")
     parser.add_argument("--out", type=Path, help="where to write the results (default benchmarks/RESULTS.md; "
                                                  "quick: benchmarks/.work/RESULTS-quick.md)")
+    parser.add_argument("--no-slurm", action="store_true", help="leave out the Slurm rows (their Docker cluster)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="benchmarks: %(message)s")
     quick = bool(args.quick)
@@ -831,6 +847,8 @@ def main(argv: list[str] | None = None) -> int:
         except RunAborted as exc:
             print(f"benchmarks: stopped early: {exc}", file=sys.stderr)
             bench.info["Stopped early"] = str(exc)
+        if not args.no_slurm:
+            _measure_slurm(bench)
         load_end = os.getloadavg()
         text = render(bench, duration=time.monotonic() - started, load=(load_start, load_end))
     print(text)

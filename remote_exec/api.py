@@ -152,8 +152,11 @@ def task(function: Callable[..., R] | None = None, /, *, remote: str | None = No
             ``backend`` (openssh or paramiko), ``env`` (a dict), ``secret_env`` (names of local variables
             passed over the channel only), ``workdir`` (remote cache dir), ``keep_warm`` (a persistent
             worker), ``pull`` (file globs), ``no_pull``, ``restricted`` and ``allow_unpickle`` (unpickle
-            results through an allow-list), ``keepalive_interval`` / ``keepalive_count``; for ``.map`` and
-            ``.submit``, the pool's ``hosts``, ``per_host``, ``gpus`` and ``retries``.
+            results through an allow-list), ``keepalive_interval`` / ``keepalive_count``, ``slurm`` (a dict of
+            Slurm settings over the remote's: ``partition``, ``time``, ``gres``, ... ``extra``; on a remote
+            without a scheduler it makes the host a Slurm login node), ``keep_queued`` (Ctrl-C leaves the
+            job queued instead of cancelling it); for ``.map`` and ``.submit``, the pool's ``hosts``,
+            ``per_host``, ``gpus`` and ``retries``.
     """
     if function is not None:
         if not callable(function):

@@ -15,6 +15,11 @@ A :class:`Configuration` is built in code or loaded from the ``[tool.rx]`` table
     python = "/opt/conda/bin/python"
     env = { CUDA_VISIBLE_DEVICES = "0" }
 
+    [tool.rx.remotes.cluster]                # a Slurm cluster: each call an sbatch job
+    host = "login1"
+    scheduler = "slurm"
+    slurm = { partition = "gpu", time = "1:00:00", gres = "gpu:1", extra = ["--constraint=a100"] }
+
 Nothing is registered by importing modules named in environment variables: chains name their advice
 classes explicitly, and environment variables only choose among options (``RX_BACKEND``,
 ``RX_SSH_CONFIG``, ``RX_WORKSPACE``). This module imports no advice: chains given as ``"module:Class"``
@@ -41,7 +46,7 @@ __all__ = ["DEFAULT_CHAINS", "Configuration", "Remote", "check_remote_backend", 
 
 DEFAULT_WORKDIR = "~/.cache/remote_exec"
 _REMOTE_KEYS = {"host", "user", "port", "python", "workdir", "env", "backend", "keep_warm", "identity_file",
-                "timeout", "restricted", "allow_unpickle", "scheduler"}
+                "timeout", "restricted", "allow_unpickle", "scheduler", "slurm"}
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,10 @@ class Remote:
             trust): plain data and built-in exceptions, plus ``allow_unpickle``.
         allow_unpickle: Modules or ``module.name`` globals restricted mode accepts besides those.
         scheduler: How the runner is started on the host: a launcher's name (``direct``, the default: one
-            exec over the connection).
+            exec over the connection; ``slurm``: each call an sbatch job submitted through this login node).
+        slurm: The Slurm launcher's settings (``partition``, ``time``, ``gres``, ``mem``, ``account``,
+            ``qos``, ``cpus_per_task``, ``extra`` sbatch words, ``signal``, ``requeue``, ``poll_interval``,
+            ``poll_max``); giving them makes ``slurm`` the scheduler.
     """
 
     name: str
@@ -81,11 +89,12 @@ class Remote:
     restricted: bool = False
     allow_unpickle: tuple[str, ...] = ()
     scheduler: str = "direct"
+    slurm: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def launcher_options(self) -> dict[str, Any]:
         """The settings of this remote's launcher (none for ``direct``)."""
-        return {}
+        return dict(self.slurm) if self.scheduler == "slurm" else {}
 
     @classmethod
     def from_table(cls, name: str, table: Mapping[str, Any]) -> Remote:
@@ -109,6 +118,9 @@ class Remote:
         if "env" in values and not (isinstance(values["env"], dict)
                                     and all(isinstance(v, str) for v in values["env"].values())):
             raise ConfigError(f"[tool.rx.remotes.{name}]: env must be a table of strings")
+        if "slurm" in values:
+            values.setdefault("scheduler", "slurm")
+            _check_slurm_table(name, values["slurm"])
         if "scheduler" in values:
             from .launchers.registry import check_launcher_name
 
@@ -133,6 +145,18 @@ class Remote:
         if self.identity_file:
             changes["identity_file"] = Path(self.identity_file).expanduser()
         return replace(spec, **changes) if changes else spec
+
+
+def _check_slurm_table(name: str, table: object) -> None:
+    """Refuse a ``slurm`` table the Slurm launcher would refuse, when the configuration loads."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"[tool.rx.remotes.{name}]: slurm must be a table, e.g. slurm = {{ partition = \"gpu\" }}")
+    from .launchers.registry import create_launcher
+
+    try:
+        create_launcher("slurm", table)
+    except ConfigError as exc:
+        raise ConfigError(f"[tool.rx.remotes.{name}]: {exc.message}", hint=exc.hint) from None
 
 
 def check_remote_backend(name: str, *, where: str = "") -> str:

@@ -10,8 +10,10 @@ The stages of a call, and who does them::
     resolve   Coordinator.resolve_target: host, backend, launcher, interpreter, call options
     pack      packing.Packer: the distribution archive, built once per content
     connect   backends: one connection per host, kept across calls
-    launch    launchers: how the runner is started on the host (direct: one exec)
-    execute   protocol.call.dispatch: handshake and upload, session in, live output out
+    launch    launchers: how the runner is started on the host (direct: one exec; a scheduler: the call
+              stored on the login node and submitted as a job, protocol.scheduled)
+    execute   protocol.call.dispatch: handshake and upload, session in, live output out (a job: its
+              output followed from its files while the cluster's JobWatch polls the scheduler)
     collect   protocol.collect: the result checked and rebuilt, files landed
     record    workspace.recorder: rx run's logs and actions, or the @task call's entry
 """
@@ -24,7 +26,7 @@ import os
 import pickle
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,9 +34,10 @@ from typing import Any, ClassVar
 from .backends.base import Backend, HostSpec
 from .backends.local import LocalBackend
 from .backends.pool import BackendPool
-from .config import Configuration, find_pyproject
+from .config import Configuration, Remote, find_pyproject
 from .errors import ConfigError, SerializationError
 from .hints import arguments_hint, import_hint
+from .jobs import Jobs, job_options
 from .launchers.base import Launcher
 from .launchers.registry import create_launcher
 from .packing import DistributionArchive, Packer, default_cache_dir
@@ -132,6 +135,7 @@ class Coordinator:
         recorder: Writes ``@task`` call records in batches.
         task_runs: The workspace runs of this process's ``@task`` calls.
         pools: The pools ``task.submit`` made, by hosts and options (shut down at exit).
+        jobs: Its calls through batch schedulers (one watch per cluster polls all its jobs there).
         run_id: The run id ``@task`` calls of this process are recorded under (made on the first call).
         all_frames: Remote tracebacks keep rx's own frames (``rx -v``, ``RX_DEBUG=1``).
     """
@@ -155,6 +159,7 @@ class Coordinator:
         self._pools_lock = threading.Lock()
         self._targets: dict[tuple[Any, ...], tuple[Configuration, Target]] = {}
         self._insecure_warned: set[str] = set()
+        self.jobs = Jobs(self)
 
     @classmethod
     def current(cls) -> Coordinator:
@@ -261,6 +266,19 @@ class Coordinator:
         remote = config.remote(name)
         backend_name = config.effective_backend(options.get("backend") or remote.backend or backend)
         config.check_remote_backend(backend_name)
+        spec = self._host_spec(config, remote, options)
+        env = dict(remote.env)
+        env.update(options.get("env") or {})
+        call = call_options(
+            options, python=remote.python, workdir=remote.workdir, env=env, timeout=remote.timeout,
+            heartbeat=min(spec.keepalive_interval, 5.0), dead_after=spec.dead_after, keep_warm=remote.keep_warm,
+            restricted=remote.restricted, allow_unpickle=remote.allow_unpickle,
+            handshake_timeout=max(spec.connect_timeout, 5.0))
+        return Target(backend=self.backend(spec, backend_name), backend_name=backend_name, host=remote.name,
+                      options=call, spec=spec, launcher=self._launcher(remote, options))
+
+    def _host_spec(self, config: Configuration, remote: Remote, options: dict[str, Any]) -> HostSpec:
+        """How the backend reaches ``remote``: its ssh_config, host-key policy, timeouts and keepalives."""
         policy = options.get("host_key_policy") or config.host_key_policy
         if policy == "off" and remote.name not in self._insecure_warned:
             self._insecure_warned.add(remote.name)  # once per host and process, whatever reconnects
@@ -271,15 +289,18 @@ class Coordinator:
         for field_name in ("keepalive_interval", "keepalive_count"):
             if options.get(field_name) is not None:
                 spec = replace(spec, **{field_name: options[field_name]})
-        env = dict(remote.env)
-        env.update(options.get("env") or {})
-        call = call_options(
-            options, python=remote.python, workdir=remote.workdir, env=env, timeout=remote.timeout,
-            heartbeat=min(spec.keepalive_interval, 5.0), dead_after=spec.dead_after, keep_warm=remote.keep_warm,
-            restricted=remote.restricted, allow_unpickle=remote.allow_unpickle,
-            handshake_timeout=max(spec.connect_timeout, 5.0))
-        return Target(backend=self.backend(spec, backend_name), backend_name=backend_name, host=remote.name,
-                      options=call, spec=spec, launcher=create_launcher(remote.scheduler, remote.launcher_options))
+        return spec
+
+    @staticmethod
+    def _launcher(remote: Remote, options: dict[str, Any]) -> Launcher:
+        """The launcher of ``remote`` (``--slurm`` makes a direct remote's login node a Slurm one)."""
+        scheduler = options.get("scheduler") or remote.scheduler
+        if scheduler == "direct" and (options.get("slurm") or options.get("slurm_args")):
+            scheduler = "slurm"  # rx run --remote login1 --slurm "...": login1 is a Slurm login node
+        launcher = create_launcher(scheduler, remote.launcher_options if scheduler == remote.scheduler else {})
+        if launcher.schedules:
+            launcher.check_options(job_options(options))
+        return launcher
 
     def local_target(self, session: Session, *, python: str | None = None,
                      env: dict[str, str] | None = None) -> Target:
@@ -321,20 +342,23 @@ class Coordinator:
         recorder: CallRecorder | None = session.local.get("recorder")
         session_bytes = session.to_wire()
         if recorder is None:
-            recorder = self._task_recorder(session, target, session_bytes)
+            recorder = self.task_recorder(session, target, session_bytes)
         try:
             archive = self._pack(session, recorder)
-            outcome = dispatch(session, target.backend, archive, target.options,
-                               launcher=target.launcher, workers=self.workers, on_stdout=recorder.stdout,
-                               on_stderr=recorder.stderr, land_file=recorder.land_file, on_phase=recorder.phase,
-                               session_bytes=session_bytes, stdin=recorder.stdin)
+            if target.launcher.schedules:
+                outcome = self.jobs.run(session, target, archive, recorder)
+            else:
+                outcome = dispatch(session, target.backend, archive, target.options, launcher=target.launcher,
+                                   workers=self.workers, on_stdout=recorder.stdout, on_stderr=recorder.stderr,
+                                   land_file=recorder.land_file, on_phase=recorder.phase,
+                                   session_bytes=session_bytes, stdin=recorder.stdin)
         except BaseException as exc:
             recorder.failed(exc)
             raise
         session.local["outcome"] = outcome
         self.localize(session, outcome, archive.sources, recorder, python=target.options.python)
         recorder.finished(result=outcome.result, phases=outcome.phases,
-                          value=lambda: self._recorded_value(session, target, outcome))
+                          value=lambda: self.recorded_value(session, target, outcome))
         return outcome.result
 
     def localize(self, session: Session, outcome: Outcome, sources: Iterable[tuple[str, str]],
@@ -357,7 +381,8 @@ class Coordinator:
         if task.kind != "function" and (text or outcome.result.traceback):
             recorder.stderr((text or outcome.result.traceback or "").encode())
 
-    def _task_recorder(self, session: Session, target: Target, session_bytes: bytes) -> CallRecorder:
+    def task_recorder(self, session: Session, target: Target, session_bytes: bytes) -> CallRecorder:
+        """The recorder of one ``@task`` call: a task entry of its process's run."""
         config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
         run = self.task_runs.run_for(config.workspace, session.run_id, cwd=session.context.get("cwd") or os.getcwd(),
                                      host=target.host, backend=target.backend_name)
@@ -368,7 +393,7 @@ class Coordinator:
                                 sinks=local.get("sinks"))
 
     @staticmethod
-    def _recorded_value(session: Session, target: Target, outcome: Outcome) -> bytes:
+    def recorded_value(session: Session, target: Target, outcome: Outcome) -> bytes:
         """The call's value as recorded (a pickle), or b"" when it cannot be."""
         if outcome.value_data and session.serializer == "pickle" and not target.options.restricted:
             return outcome.value_data  # the pickle as it came (checked), not pickled again here
@@ -378,21 +403,45 @@ class Coordinator:
             logger.debug("result of %s not recorded", session.task.name, exc_info=True)
             return b""
 
+    # -- arrays (a scheduler launcher) ----------------------------------------------------------------
+
+    def map_array(self, function: Any, items: Iterable[Any], *, parallel: int | None = None) -> list[Result]:
+        """Call the ``@task`` ``function`` once per item, all as one job array on its scheduler remote
+        (``sbatch --array=0-N%parallel``); return each call's result in order (``result.unwrap()`` gives its
+        value or raises its exception). Each call is a task of this process's run, so ``rx rerun --failed``
+        reruns the ones that failed."""
+        cwd = os.getcwd()
+        config = function.config or self.config_for(cwd)
+        sessions = [self.task_session(function.task, (item,), {}, remote=function.remote, options=function.options,
+                                      config=config, cwd=cwd) for item in items]
+        return self.jobs.run_array(sessions, parallel=parallel)
+
+    def run_array(self, sessions: Sequence[Session], *, parallel: int | None = None) -> list[Result]:
+        """Run ``sessions`` (calls of one task, to one scheduler remote) as one job array; their results in
+        order (see :meth:`remote_exec.jobs.Jobs.run_array`)."""
+        return self.jobs.run_array(sessions, parallel=parallel)
+
     # -- detached runs --------------------------------------------------------------------------------
 
     def start_detached(self, session: Session, target: Target, recorder: CallRecorder) -> dict[str, Any]:
         """Start ``session`` at ``target`` so that it outlives this process; return where it runs."""
         archive = self._pack(session, recorder)
-        started = start_detached(session, target.backend, archive, target.options, launcher=target.launcher,
-                                 on_phase=recorder.phase)
+        if target.launcher.schedules:
+            started = self.jobs.submit(session, target, archive, recorder)
+        else:
+            started = start_detached(session, target.backend, archive, target.options, launcher=target.launcher,
+                                     on_phase=recorder.phase)
         return {**started, "sources": [list(pair) for pair in archive.sources]}
 
     def attach(self, session: Session, target: Target, detached: dict[str, Any], recorder: CallRecorder,
                offsets: tuple[int, int]) -> Outcome:
         """Follow a detached run to its end and collect its result and files."""
-        outcome = attach_detached(session, target.backend, detached, target.options, launcher=target.launcher,
-                                  on_stdout=recorder.stdout, on_stderr=recorder.stderr,
-                                  land_file=recorder.land_file, offsets=offsets)
+        if "job" in detached:
+            outcome = self.jobs.follow(session, target, detached, recorder, offsets=offsets, interrupt="leave")
+        else:
+            outcome = attach_detached(session, target.backend, detached, target.options, launcher=target.launcher,
+                                      on_stdout=recorder.stdout, on_stderr=recorder.stderr,
+                                      land_file=recorder.land_file, offsets=offsets)
         self.localize(session, outcome, [tuple(pair) for pair in detached.get("sources") or ()], recorder,
                       python=target.options.python)
         return outcome
@@ -400,11 +449,17 @@ class Coordinator:
     def follow(self, target: Target, detached: dict[str, Any], *, on_stdout: OutputSink, on_stderr: OutputSink,
                offsets: tuple[int, int], once: bool = False) -> None:
         """Stream a detached run's output until it ends (``once``: what it wrote so far); collect nothing."""
+        if "job" in detached and not once:  # what a job wrote so far is read like any detached run's
+            self.jobs.follow_output(target, detached, on_stdout=on_stdout, on_stderr=on_stderr, offsets=offsets)
+            return
         follow_detached(target.backend, detached, target.options, launcher=target.launcher, on_stdout=on_stdout,
                         on_stderr=on_stderr, offsets=offsets, once=once)
 
     def cancel(self, target: Target, detached: dict[str, Any]) -> dict[str, Any]:
-        """Stop a detached run's task; return the host's status record of it."""
+        """Stop a detached run's task (a job: ask its scheduler to cancel it); return the host's status record
+        of it (a job: what the scheduler says)."""
+        if "job" in detached:
+            return self.jobs.cancel(target, detached)
         return cancel_detached(target.backend, detached, target.options)
 
     # -- the end --------------------------------------------------------------------------------------
@@ -414,9 +469,10 @@ class Coordinator:
         self.recorder.flush()
 
     def close(self) -> None:
-        """Shut its pools down, record the end of this process's ``@task`` runs, stop its workers, close its
-        connections."""
-        for step in (self._close_pools, self.task_runs.close, self.workers.close, self.close_backends):
+        """Shut its pools down, record the end of this process's ``@task`` runs, stop its workers and its job
+        watches, close its connections."""
+        for step in (self._close_pools, self.task_runs.close, self.workers.close, self.jobs.close,
+                     self.close_backends):
             try:
                 step()
             except Exception:  # closing at exit must never raise

@@ -17,6 +17,8 @@
     │   └── CommandTimeout          exit status 124: a command or task ran past its timeout
     ├── RunnerError                 the remote runner failed (not the task): interpreter missing or too
     │                               old, killed by a signal, out of memory, exit 0 without a result
+    ├── Cancelled                   exit status 130: the task was cancelled where it ran, by someone
+    │                               else (rx cancel from another shell, the scheduler, an admin)
     └── RemoteError                 the task raised and its exception could not be rebuilt locally
 
     KeyboardInterrupt
@@ -36,6 +38,7 @@ from __future__ import annotations
 __all__ = [
     "AuthError",
     "BackendError",
+    "Cancelled",
     "CommandTimeout",
     "ConfigError",
     "ConnectError",
@@ -149,6 +152,13 @@ class RunnerError(RemoteExecError):
         super().__init__(message, hint=hint)
         self.reason = reason
         self.host = host
+
+
+class Cancelled(RemoteExecError):
+    """The task was cancelled where it ran, not by this process (``rx cancel`` from another shell, a
+    scheduler's cancel, an administrator): an ordinary error of the call, unlike :class:`Interrupted`."""
+
+    exit_code = 130
 
 
 class Interrupted(KeyboardInterrupt):

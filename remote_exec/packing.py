@@ -45,10 +45,9 @@ logger = logging.getLogger(__name__)
 
 #: The modules of remote_exec the runner imports: standard library only (tested with everything else
 #: blocked). The rest of the package travels too, for task modules that import the public API.
-REMOTE_MODULES = ("__init__", "errors", "protocol/__init__", "protocol/wire", "runner/__init__", "runner/channel",
-                  "runner/child", "runner/detached", "runner/policy", "runner/result", "runner/rundir",
-                  "runner/slot", "runner/stdin", "runner/supervise", "runner/worker", "serialization", "session",
-                  "task")
+#: Every module of ``remote_exec/runner/`` counts (the runner's rooms are imported per mode).
+REMOTE_MODULES = ("__init__", "errors", "protocol/__init__", "protocol/wire", "serialization", "session", "task",
+                  *sorted(f"runner/{path.stem}" for path in (Path(__file__).parent / "runner").glob("*.py")))
 
 _MAIN = b"import sys\nfrom remote_exec.runner import main\nsys.exit(main(sys.argv[1:]))\n"
 _EPOCH = (1980, 1, 1, 0, 0, 0)

@@ -10,7 +10,7 @@ This module travels to the remote: standard library only at import time.
 
 from __future__ import annotations
 
-from .errors import CommandTimeout, Interrupted, RemoteError, RemoteTraceback, RunnerError, SessionError
+from .errors import Cancelled, CommandTimeout, RemoteError, RemoteTraceback, RunnerError, SessionError
 from .serialization import get_serializer
 from .task import Execution, Record, Task
 
@@ -88,7 +88,8 @@ class Result(Record):
         Raises:
             BaseException: The task's own exception (or a RemoteError standing for it).
             CommandTimeout: The task ran past its timeout.
-            Interrupted: The task was cancelled.
+            Cancelled: The task was cancelled where it ran (this process's own Ctrl-C raises
+                :class:`~remote_exec.errors.Interrupted` before any result).
             RunnerError: The task was killed (by a signal, out of memory) or ended without a result.
         """
         if self.exception is not None:
@@ -96,7 +97,7 @@ class Result(Record):
         if self.status == "timeout":
             raise CommandTimeout(self.host or "local", self.detail or "the task timed out")
         if self.status == "cancelled":
-            raise Interrupted(self.detail or "the task was cancelled")
+            raise Cancelled(self.detail or "the task was cancelled")
         if self.status not in ("finished", "raised"):
             where = f" on {self.host}" if self.host else ""
             raise RunnerError(f"the task{where} ended: {self.detail or 'no result'}", reason=self.status,

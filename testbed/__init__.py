@@ -17,7 +17,9 @@ or from Python (the pytest fixtures in :mod:`testbed.pytest_plugin` do this)::
     testbed.down(state_dir=tmp)
 
 The fault tools (:func:`start_host`, :func:`pause`, :func:`exec_root`, :func:`regenerate_host_keys`) act on
-real containers with ``docker pause`` and ``docker exec``. This package needs only the standard library, the
+real containers with ``docker pause`` and ``docker exec``. :func:`slurm_up` starts a three-node Slurm
+cluster (login node ``rx-slurm`` with slurmctld and accounting, compute nodes ``c1`` and ``c2``, a shared
+/home) for the scheduler tests (see :mod:`testbed._slurm`). This package needs only the standard library, the
 ``docker`` SDK and the OpenSSH client's ``ssh-keygen``; it never imports remote_exec.
 """
 
@@ -41,23 +43,39 @@ from testbed._hosts import (
     up,
 )
 from testbed._image import BASE_IMAGE, IMAGE, TestbedError, docker_available, ensure_image
+from testbed._slurm import (
+    SLURM_IMAGE,
+    SlurmCluster,
+    default_slurm_state_dir,
+    ensure_slurm_image,
+    slurm_down,
+    slurm_status,
+    slurm_up,
+)
 
 __all__ = [
     "BASE_IMAGE",
     "IMAGE",
+    "SLURM_IMAGE",
+    "SlurmCluster",
     "Testbed",
     "TestbedError",
     "TestbedHost",
+    "default_slurm_state_dir",
     "default_state_dir",
     "docker_available",
     "down",
     "ensure_image",
+    "ensure_slurm_image",
     "exec_root",
     "pause",
     "prune",
     "regenerate_host_keys",
     "remove_host",
     "set_gpus",
+    "slurm_down",
+    "slurm_status",
+    "slurm_up",
     "start_foreign_process",
     "start_host",
     "status",

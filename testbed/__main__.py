@@ -10,7 +10,19 @@ import sys
 import time
 from pathlib import Path
 
-from testbed import Testbed, TestbedError, default_state_dir, docker_available, down, prune, status, up
+from testbed import (
+    Testbed,
+    TestbedError,
+    default_slurm_state_dir,
+    default_state_dir,
+    docker_available,
+    down,
+    prune,
+    slurm_down,
+    slurm_up,
+    status,
+    up,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     show = commands.add_parser("status", help="list this state dir's containers")
     show.add_argument("--state-dir", type=Path, metavar="DIR", help=state_help)
     show.add_argument("--json", action="store_true", help="print JSON")
+    slurm_help = f"state dir of the Slurm cluster (default: {default_slurm_state_dir()})"
+    slurm_start = commands.add_parser("slurm-up", help="start the Slurm cluster (login node rx-slurm, c1, c2)")
+    slurm_start.add_argument("--state-dir", type=Path, metavar="DIR", help=slurm_help)
+    slurm_stop = commands.add_parser("slurm-down", help="remove the Slurm cluster")
+    slurm_stop.add_argument("--state-dir", type=Path, metavar="DIR", help=slurm_help)
     return parser
 
 
@@ -60,7 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"testbed: {reason}", file=sys.stderr)
         return 1
     try:
-        if args.command == "up":
+        if args.command == "slurm-up":
+            started = time.monotonic()
+            cluster = slurm_up(args.state_dir, log=print)
+            print(f"ssh_config: {cluster.ssh_config}   ({time.monotonic() - started:.1f} s)")
+            print(f"try: ssh -F {shlex.quote(str(cluster.ssh_config))} {cluster.alias} sinfo")
+        elif args.command == "slurm-down":
+            print(f"removed {slurm_down(args.state_dir)} container(s)")
+        elif args.command == "up":
             started = time.monotonic()
             bed = up(args.hosts, state_dir=args.state_dir)
             print(_table(bed))

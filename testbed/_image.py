@@ -35,6 +35,7 @@ __all__ = [
     "IMAGE",
     "TestbedError",
     "docker_available",
+    "docker_build",
     "docker_client",
     "ensure_image",
     "file_lock",
@@ -234,7 +235,6 @@ def _registry_base_ready(client: Any, log: Callable[[str], None]) -> bool:
 
 def _build(client: Any, dockerfile: str, recipe_hash: str, log: Callable[[str], None]) -> None:
     """Build :data:`IMAGE` from ``dockerfile`` and the assets, labelled with ``recipe_hash``."""
-    import docker
 
     with tempfile.TemporaryDirectory(prefix="rx-testbed-build-") as context:
         context_dir = Path(context)
@@ -242,24 +242,27 @@ def _build(client: Any, dockerfile: str, recipe_hash: str, log: Callable[[str], 
         for name in _COPIED:
             shutil.copyfile(_ASSETS / name, context_dir / name)
         log(f"building {IMAGE}")
-        try:
-            for chunk in client.api.build(
-                path=str(context_dir),
-                tag=IMAGE,
-                labels={HASH_LABEL: recipe_hash},
-                pull=False,
-                rm=True,
-                forcerm=True,
-                decode=True,
-                timeout=BUILD_TIMEOUT,
-            ):
-                if "error" in chunk:
-                    raise TestbedError(f"building {IMAGE} failed: {chunk['error'].strip()}")
-                line = str(chunk.get("stream", "")).strip()
-                if line:
-                    logger.debug("docker build: %s", line)
-        except docker.errors.APIError as exc:
-            raise TestbedError(f"building {IMAGE} failed: {exc}") from exc
+        docker_build(client, context_dir, IMAGE, {HASH_LABEL: recipe_hash})
+
+
+def docker_build(client: Any, context: Path, tag: str, labels: dict[str, str]) -> None:
+    """Build the image ``tag`` from the Dockerfile and files in ``context`` (no pull), labelled ``labels``.
+
+    Raises:
+        TestbedError: The build failed (Docker's message says why).
+    """
+    import docker
+
+    try:
+        for chunk in client.api.build(path=str(context), tag=tag, labels=labels, pull=False, rm=True, forcerm=True,
+                                      decode=True, timeout=BUILD_TIMEOUT):
+            if "error" in chunk:
+                raise TestbedError(f"building {tag} failed: {chunk['error'].strip()}")
+            line = str(chunk.get("stream", "")).strip()
+            if line:
+                logger.debug("docker build: %s", line)
+    except docker.errors.APIError as exc:
+        raise TestbedError(f"building {tag} failed: {exc}") from exc
 
 
 def _mounts_under(root: Path) -> list[str]:

@@ -8,6 +8,8 @@ Fixtures:
     testbed_host: the session testbed's first host, ``rx-testbed-1``.
     dedicated_host: a fresh container for one test that breaks its host (pause, host-key change, killing
         sshd); it joins the session testbed's ssh_config under its own alias and is removed afterwards.
+    slurm_cluster: session-wide :class:`~testbed.SlurmCluster` (login node ``rx-slurm``, compute nodes
+        ``c1`` and ``c2``); with ``RX_TESTBED_KEEP=1`` it is kept and the next session reuses it.
 
 Without a usable Docker daemon the fixtures skip the test; with ``RX_REQUIRE_DOCKER=1`` (CI) they fail it
 instead, so a broken daemon never passes as a green run.
@@ -19,15 +21,27 @@ import contextlib
 import os
 import secrets
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from testbed import Testbed, TestbedHost, docker_available, down, ensure_image, remove_host, start_host, up
+from testbed import (
+    SlurmCluster,
+    Testbed,
+    TestbedHost,
+    docker_available,
+    down,
+    ensure_image,
+    remove_host,
+    slurm_down,
+    slurm_up,
+    start_host,
+    up,
+)
 
-__all__ = ["SSHCommand", "dedicated_host", "testbed", "testbed_host"]
+__all__ = ["SSHCommand", "dedicated_host", "slurm_cluster", "testbed", "testbed_host"]
 
 TESTBED_HOSTS = 2
 
@@ -83,6 +97,22 @@ def _require_docker() -> None:
     pytest.skip(reason)
 
 
+def _terminal_log(pytestconfig: pytest.Config) -> Callable[[str], None]:
+    """Print a testbed line straight to the terminal, past output capture: the first build takes a minute
+    and should not look like a hang."""
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+
+    def say(line: str) -> None:
+        if reporter is None:
+            return
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            reporter.ensure_newline()
+            reporter.write_line(f"testbed: {line}")
+
+    return say
+
+
 @pytest.fixture(scope="session")
 def testbed(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Testbed]:
     """Two sshd hosts for the whole session, in a private state dir."""
@@ -92,18 +122,7 @@ def testbed(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Confi
         state_dir = tmp_path_factory.getbasetemp().parent / "rx-testbed-keep"
     else:
         state_dir = tmp_path_factory.mktemp("testbed")
-    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
-
-    def say(line: str) -> None:
-        # Straight to the terminal, past output capture: the first build takes a minute and should not
-        # look like a hang.
-        if reporter is None:
-            return
-        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
-            reporter.ensure_newline()
-            reporter.write_line(f"testbed: {line}")
-
+    say = _terminal_log(pytestconfig)
     ensure_image(log=say)
     bed = up(TESTBED_HOSTS, state_dir=state_dir)
     yield bed
@@ -127,3 +146,19 @@ def dedicated_host(testbed: Testbed) -> Iterator[TestbedHost]:
         yield host
     finally:
         remove_host(host)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[SlurmCluster]:
+    """A three-node Slurm cluster (login node ``rx-slurm``, compute nodes ``c1``, ``c2``) for the session."""
+    _require_docker()
+    keep = _flag("RX_TESTBED_KEEP")
+    base = tmp_path_factory.getbasetemp().parent
+    state_dir = base / "rx-slurm-keep" if keep else tmp_path_factory.mktemp("slurm")
+    say = _terminal_log(pytestconfig)
+    cluster = slurm_up(state_dir, log=say)
+    yield cluster
+    if keep:
+        say(f"kept: ssh -F {cluster.ssh_config} {cluster.alias}")
+    else:
+        slurm_down(state_dir)

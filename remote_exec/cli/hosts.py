@@ -274,9 +274,12 @@ def check(
     connect_timeout: Annotated[float, typer.Option(help="Seconds to connect.")] = 10.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Connect to HOST and report backend, round-trip time, remote Python, free disk and GPUs."""
+    """Connect to HOST and report backend, round-trip time, remote Python, free disk and GPUs; on a
+    Slurm remote also the Slurm version, partitions and idle nodes, whether accounting answers, and whether
+    jobs see the login node's home (a probe job writes a file there)."""
     from ..config import Configuration
     from ..coordinator import Coordinator
+    from ..launchers.registry import create_launcher
 
     config = Configuration.load()
     remote = config.remote(host)
@@ -302,6 +305,9 @@ def check(
     facts = json.loads(result.stdout.decode())
     report = {"host": host, "backend": backend_name, "connect_seconds": round(connect_seconds, 4),
               "rtt_ms": round(statistics.median(rtts) * 1000, 2), **facts}
+    launcher = create_launcher(remote.scheduler, remote.launcher_options)
+    if launcher.schedules:
+        report["scheduler"] = launcher.describe(conn, remote.workdir)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -314,3 +320,21 @@ def check(
     console.print(f"  host        {facts['hostname']}, {facts['cpus']} CPUs, {facts['platform']}")
     console.print(f"  free disk   {facts['free_bytes'] / 2**30:.1f} GiB in {facts['workdir']}")
     console.print(f"  GPUs        {', '.join(facts['gpus']) if facts['gpus'] else 'none (no nvidia-smi)'}")
+    if "scheduler" in report:
+        _print_scheduler(console, report["scheduler"])
+
+
+def _print_scheduler(console: Any, facts: dict[str, Any]) -> None:
+    """The scheduler's part of ``rx check``: version, accounting, partitions, whether jobs see the home."""
+    console.print(f"  scheduler   {facts['scheduler']} {facts['version']}, accounting "
+                  f"{'yes' if facts['accounting'] else 'no (sacct does not answer: scontrol is used)'}")
+    for partition in facts["partitions"]:
+        console.print(f"  partition   {partition['name']}{' (default)' if partition['default'] else ''}: "
+                      f"{partition['available']}, {partition['idle_nodes']} of {partition['nodes']} node(s) idle, "
+                      f"time limit {partition['time_limit']}")
+    shared = facts["shared_home"]
+    if shared.get("shared"):
+        console.print(f"  shared home yes (a job on {shared['node']} wrote a file the login node read)")
+    else:
+        console.print(f"  shared home {'no' if shared.get('shared') is False else 'unknown'}: {shared.get('reason')}",
+                      style="yellow")

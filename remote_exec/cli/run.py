@@ -19,8 +19,8 @@ from ..errors import ConfigError, Interrupted, RemoteExecError, WorkspaceError
 from .app import app
 from .complete import complete_hosts, complete_runs
 
-__all__ = ["DetachedRun", "attach_run", "forwarded_stdin", "load_detached_run", "load_task", "parse_env", "rerun",
-           "run", "unknown_option"]
+__all__ = ["DetachedRun", "JobStatusLine", "attach_run", "forwarded_stdin", "load_detached_run", "load_task",
+           "parse_env", "rerun", "run", "unknown_option"]
 
 
 def parse_env(values: list[str]) -> dict[str, str]:
@@ -110,16 +110,19 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     recorder = RunRecorder(run, host=remote or "local", stdout=sys.stderr if as_json else None,
                            stdin=forwarded_stdin())
     session.local["recorder"] = recorder
+    session.local["on_job"] = JobStatusLine()
     try:
         result = run_chain(session, [RemoteAdvice()])
     except Interrupted as exc:
-        run.set_status("cancelled", exit_code=130, error=str(exc))
+        if not session.local.get("job_left"):  # a job left queued stays the run's: rx attach collects it
+            run.set_status("cancelled", exit_code=130, error=str(exc))
         raise
     except KeyboardInterrupt:
         run.set_status("cancelled", exit_code=130, error="interrupted")
         raise Interrupted("interrupted") from None
     except RemoteExecError as exc:
-        run.set_status("failed", exit_code=exc.exit_code, error=str(exc))
+        if not session.local.get("job_left"):  # a job whose follower lost the login node goes on
+            run.set_status("failed", exit_code=exc.exit_code, error=str(exc))
         raise
     finally:
         recorder.close()
@@ -182,7 +185,7 @@ def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
     message = f"rx: run {run.id} {ended.status}"
     if result.status == "timeout":
         message += f" ({ended.error})"
-    elif result.status in ("signal", "oom"):
+    elif result.status not in ("finished", "raised") and result.detail:
         message += f" ({result.detail})"
     message += f", exit {ended.exit_code}, {info.get('duration') or 0:.2f} s; {files} file(s) in {where}/files"
     console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -230,6 +233,13 @@ def run(
     detach: Annotated[bool, typer.Option(
         "--detach", "-d", help="Start the run so that it survives this process and the connection; print "
                                "its id and return (follow with rx logs -f, collect with rx attach).")] = False,
+    slurm: Annotated[str | None, typer.Option(
+        "--slurm", help="Submit the run to Slurm through --remote (a login node), with these sbatch options "
+                        "(one string, split as a shell would, each word passed to sbatch as it is), e.g. "
+                        "\"--gres=gpu:1 --time=1:00:00\".", metavar="OPTIONS")] = None,
+    keep_queued: Annotated[bool, typer.Option(
+        "--keep-queued", help="On a scheduler: Ctrl-C stops following and leaves the job queued or running "
+                              "(collect it with rx attach) instead of cancelling it.")] = False,
 ) -> None:
     """Run SCRIPT (or -m MODULE) with ARGS through rx: on --remote HOST over SSH, else locally.
 
@@ -252,6 +262,12 @@ def run(
     }
     if detach:
         _refuse_stdin_for_detached()
+    if slurm is not None:
+        if not remote:
+            raise ConfigError("--slurm needs --remote: the cluster's login node")
+        options["slurm_args"] = _slurm_words(slurm)
+    if keep_queued:
+        options["keep_queued"] = True
     code = execute_run(task=task, args=args, remote=remote, options=options, workspace=workspace,
                        kind=kind, target=name, as_json=as_json, detach=detach)
     raise typer.Exit(code)
@@ -320,6 +336,34 @@ def rerun(
     raise typer.Exit(code)
 
 
+def _slurm_words(text: str) -> list[str]:
+    """The words of ``--slurm "..."`` (split as a shell would split them; nothing is expanded)."""
+    import shlex
+
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError(f"--slurm {text!r}: {exc}", hint="quote it as you would on a shell's command line") from None
+
+
+class JobStatusLine:
+    """Tells the user where their job is, on stderr, each time it changes: ``pending (Resources),
+    position 2 in gpu``, ``running on c1``, ``completed``."""
+
+    def __init__(self) -> None:
+        self.last = ""
+
+    def __call__(self, job: Any, state: Any) -> None:
+        from rich.console import Console
+
+        from ..launchers.slurm import job_summary
+
+        line = f"rx: {job.scheduler} job {job.job_id} {job_summary(state)}"
+        if line != self.last:
+            self.last = line
+            Console(stderr=True, highlight=False, soft_wrap=True).print(line, style="dim", markup=False)
+
+
 def _detach(run: Any, session: Any, as_json: bool) -> int:
     """Start the run detached on its host; record where it runs; print its id."""
     from ..coordinator import Coordinator
@@ -338,12 +382,17 @@ def _detach(run: Any, session: Any, as_json: bool) -> int:
     # No local process owns the run now: it is never "lost" for want of one.
     run.update(detached=detached, coordinator=None)
     run.set_status("running")
+    if detached.get("job"):
+        run.update(job=detached["job"])
     if as_json:
         typer.echo(json.dumps(run.info(), indent=2))
-    else:
-        typer.echo(run.id)
-        typer.echo(f"rx: run {run.id} detached on {target.host}; follow: rx logs -f {run.id}; "
-                   f"collect: rx attach {run.id}; stop: rx cancel {run.id}", err=True)
+        return 0
+    typer.echo(run.id)
+    job = detached.get("job")
+    where = (f"submitted as {job['scheduler']} job {job['job_id']} through {target.host}" if job
+             else f"detached on {target.host}")
+    typer.echo(f"rx: run {run.id} {where}; follow: rx logs -f {run.id}; collect: rx attach {run.id}; "
+               f"stop: rx cancel {run.id}", err=True)
     return 0
 
 
@@ -403,6 +452,7 @@ def attach_run(detached: DetachedRun, as_json: bool) -> int:
                    err=True)
         return int(info.get("exit_code") or 0)
     recorder = RunRecorder(run, host=detached.target.host, stdout=sys.stderr if as_json else None)
+    detached.session.local["on_job"] = JobStatusLine()
     try:
         with run.action("attach", host=detached.target.host):
             outcome = detached.coordinator.attach(detached.session, detached.target, info["detached"], recorder,
@@ -435,7 +485,8 @@ def cancel(
                                            autocompletion=complete_runs)],
     workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
 ) -> None:
-    """Stop a detached run (its whole process group on the host), then collect what it left."""
+    """Stop a detached run (its whole process group on the host; a Slurm run: scancel), then collect what it
+    left."""
     detached = load_detached_run(workspace, run_ref)
     run, info = detached.run, detached.info
     if info.get("status") not in ("running", "pending", "lost"):

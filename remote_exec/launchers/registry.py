@@ -19,6 +19,7 @@ __all__ = ["LAUNCHERS", "check_launcher_name", "create_launcher", "launcher_clas
 #: Launcher name -> ``"module:Class"``.
 LAUNCHERS: dict[str, str] = {
     "direct": "remote_exec.launchers.direct:DirectLauncher",
+    "slurm": "remote_exec.launchers.slurm:SlurmLauncher",
 }
 
 

@@ -216,18 +216,40 @@ class Engine:
                 slot.state = "ready"
         self.settle(work, slot, result, time.monotonic() - started)
 
+    def run_array(self, works: list[Work], slot: Slot, parallel: int) -> None:
+        """Run ``works`` (calls of one code, to a scheduler remote) as one job array and settle each."""
+        sessions = []
+        for work in works:
+            session = work.make_session(slot)
+            session.local.update(task_key=work.key, attempts=work.attempts, coordinator=self.coordinator,
+                                 task_fields={"slot": slot.label, "gpus": []})
+            sessions.append(session)
+            self.observer.started(work, slot)
+        started = time.monotonic()
+        try:
+            results = self.coordinator.run_array(sessions, parallel=parallel)
+        except BaseException as exc:  # shape: every failure is sorted out by settle_failure
+            for work in works:
+                self.settle_failure(work, slot, exc, time.monotonic() - started)
+            return
+        for work, result in zip(works, results, strict=True):
+            self.settle(work, slot, result, time.monotonic() - started)
+
     def settle(self, work: Work, slot: Slot, result: Result, seconds: float) -> None:
         """The call came back: its value, or the task's failure (tried again if ``retry_on`` says so)."""
         value_of: Callable[[Result], Any] = work.value_of or _unwrap
         try:
             value = value_of(result)
         except BaseException as exc:
-            if (not isinstance(exc, Interrupted) and isinstance(exc, self.settings.retry_on)
+            error = exc
+            if self.interrupting and result.status == "cancelled":  # stopped by this pool's interrupt
+                error = Interrupted(f"interrupted; the call on {slot.host} was stopped")
+            if (not isinstance(error, Interrupted) and isinstance(error, self.settings.retry_on)
                     and work.failures < self.settings.retries and not self.interrupting):
                 work.failures += 1
-                self._again(work, slot, exc)
+                self._again(work, slot, error)
                 return
-            self._end(work, slot, seconds, error=exc)
+            self._end(work, slot, seconds, error=error)
             return
         self._end(work, slot, seconds, value=value)
 

@@ -160,7 +160,7 @@ class Executor(_StdExecutor):
 
     def _session(self, function: TaskFunction[Any], args: tuple[Any, ...], kwargs: dict[str, Any], slot: Slot,
                  config: Configuration, base: dict[str, Any], label: str) -> Session:
-        options = {**base, "keep_warm": True, "slot": slot.name, "placement": slot.placement}
+        options = {**base, "keep_warm": True, "slot": slot.name, "placement": slot.placement} if slot.warm else base
         session = self.coordinator.task_session(function.task, args, kwargs, remote=slot.host, options=options,
                                                 config=config, cwd=self.cwd)
         if self._slots_hint > 1 or len(self._engine.hosts[slot.host].slots) > 1:

@@ -1,9 +1,10 @@
 """Where a pool's calls run: hosts that are up, down or lost, slots on them, and the GPU rules.
 
 A pool has one :class:`Placement` per host. It takes calls from the pool's feed and runs them; which kind
-of placement a host gets is its launcher's choice (``Launcher.placement``): for the ``direct`` launcher,
-:class:`~remote_exec.pool.slots.SlotPlacement` (a few slots, each with a persistent worker); a scheduler's
-launcher can name a placement that takes many calls at once (a job array) instead.
+of placement a host gets is its launcher's choice (``Launcher.placement``, else by ``Launcher.schedules``):
+for a launcher that runs calls at once (``direct``), :class:`~remote_exec.pool.slots.SlotPlacement` (a few
+slots, each with a persistent worker); for a scheduler (``slurm``),
+:class:`~remote_exec.pool.arrays.ArrayPlacement` (the waiting calls as one job array).
 
 A host is ``up`` until a call or a connect fails for a reason of the link; then it is ``down`` (its slots
 take no calls) and looked at again after :data:`RECHECK_AFTER` seconds; after as many failed looks it is
@@ -68,6 +69,7 @@ class Slot:
         current: The call it runs now, if any.
         failures: Failed starts of its worker in a row.
         code: What its worker runs (the ``code`` of the call it was started for).
+        warm: Its calls run in a persistent worker of its own (False: a scheduler's jobs run them).
     """
 
     host: str
@@ -80,6 +82,7 @@ class Slot:
     current: Any = None
     failures: int = 0
     code: Any = None
+    warm: bool = True
 
     @property
     def label(self) -> str:
@@ -189,7 +192,9 @@ def placement_class(scheduler: str) -> type[Placement]:
     """
     from ..launchers.registry import launcher_class
 
-    spec = launcher_class(scheduler).placement
+    launcher = launcher_class(scheduler)
+    spec = launcher.placement or ("remote_exec.pool.arrays:ArrayPlacement" if launcher.schedules
+                                  else "remote_exec.pool.slots:SlotPlacement")
     module_name, _, attribute = spec.partition(":")
     try:
         found = getattr(importlib.import_module(module_name), attribute)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, Interrupted
+from ..errors import Cancelled, ConfigError, Interrupted
 from .events import PoolObserver
 from .output import line_sinks
 from .work import Work
@@ -348,7 +348,8 @@ class Sweep(PoolObserver):
         from ..task import Execution
 
         child = self.children[combination.index]
-        options = {**self.options, "keep_warm": True, "slot": slot.name, "placement": slot.placement}
+        options = ({**self.options, "keep_warm": True, "slot": slot.name, "placement": slot.placement} if slot.warm
+                   else dict(self.options))
         session = Session(task=self.task, execution=Execution.create(self.task, combination.args), run_id=child.id,
                           serializer="pickle", context={"remote": slot.host, "options": options, "origin": "cli"})
         session.config = self.config
@@ -428,7 +429,7 @@ class Sweep(PoolObserver):
             return
         error = future.exception()
         if error is not None:
-            cancelled = isinstance(error, Interrupted)
+            cancelled = isinstance(error, (Interrupted, Cancelled))
             code = int(getattr(error, "exit_code", 1))
             child.set_status("cancelled" if cancelled else "failed", exit_code=code, error=str(error))
             self._end_attempt(work.key, "cancelled" if cancelled else "failed", str(error),
@@ -521,7 +522,7 @@ def run_sweep(plan: SweepPlan, workspace: Workspace, config: Configuration, *, p
 
     backend = ",".join(sorted({config.effective_backend(plan.options.get("backend") or config.remote(host).backend)
                                for host in plan.hosts}))
-    prefix = len(plan.hosts) * (plan.per_host or (2 if plan.gpus else 1)) > 1 and len(plan.combinations) > 1
+    prefix = len(plan.combinations) > 1 and _overlap(plan, config)
     sweep = Sweep(workspace, plan.task, config, plan.hosts, plan.options, prefix=prefix)
     sweep.shape = {"per_host": plan.per_host, "gpus": plan.gpus, "retries": plan.retries}
     parent = sweep.open(plan.grid, plan.combinations, argv=list(plan.argv), backend=backend,
@@ -548,3 +549,12 @@ def run_sweep(plan: SweepPlan, workspace: Workspace, config: Configuration, *, p
     if engine.broken is not None and code:
         return parent, 255
     return parent, code
+
+
+def _overlap(plan: SweepPlan, config: Configuration) -> bool:
+    """Whether runs of the sweep may run at once (then their output lines are prefixed)."""
+    from ..launchers.registry import launcher_class
+
+    if len(plan.hosts) > 1 or (plan.per_host or 1) > 1 or plan.gpus:
+        return True
+    return launcher_class(config.remote(plan.hosts[0]).scheduler).schedules

@@ -24,7 +24,7 @@ from . import wire
 from .bootstrap import start_runner
 from .channel import Channel, Flag, reap
 from .collect import RESULT_FRAMES, Received, collect
-from .options import CallOptions, FileLander, Outcome, OutputSink, PhaseCallback
+from .options import CallOptions, EventSink, FileLander, Outcome, OutputSink, PhaseCallback
 from .stdin import StdinPump
 
 if TYPE_CHECKING:
@@ -50,12 +50,13 @@ class Call:
     """
 
     def __init__(self, channel: Channel, options: CallOptions, key: bytes, on_stdout: OutputSink,
-                 on_stderr: OutputSink) -> None:
+                 on_stderr: OutputSink, on_event: EventSink | None = None) -> None:
         self.channel = channel
         self.host = channel.backend.host
         self.options = options
         self.on_stdout = on_stdout
         self.on_stderr = on_stderr
+        self.on_event = on_event
         self.received = Received(key)
         self.stdin: StdinPump | None = None  # rx run's stdin, when it forwards it
         self.started: dict[str, Any] | None = None
@@ -88,6 +89,8 @@ class Call:
             self.on_stderr(payload)
         elif kind == b"P":
             self.started = json.loads(payload)
+            if self.on_event is not None:
+                self.on_event(self.started)
         elif kind == b"W":
             if self.stdin is not None:
                 self.stdin.taken(payload)
@@ -203,12 +206,13 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None) -> None:
 def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
              on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
              phases: dict[str, float], uploaded: bool, keep: bool,
-             extra_options: Mapping[str, Any] | None = None, stdin: BinaryIO | None = None) -> Outcome:
+             extra_options: Mapping[str, Any] | None = None, stdin: BinaryIO | None = None,
+             on_event: EventSink | None = None) -> Outcome:
     """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
     output (and ``stdin`` to the task, if given), collect and check its result. With ``keep`` the channel
     (a worker) stays open after it."""
     key = channel.call_key()
-    call = Call(channel, options, key, on_stdout, on_stderr)
+    call = Call(channel, options, key, on_stdout, on_stderr, on_event)
     phase("execute", "started")
     deadline = None if options.timeout is None else time.monotonic() + options.timeout + options.dead_after + 5
     extra = {**(extra_options or {}), **({"stdin": True} if stdin is not None else {})}

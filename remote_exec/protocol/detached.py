@@ -23,7 +23,7 @@ from . import wire
 from .bootstrap import runner_argv, start_runner
 from .call import Call, run_call, send_session
 from .channel import reap
-from .options import CallOptions, FileLander, Outcome, OutputSink, PhaseCallback
+from .options import CallOptions, EventSink, FileLander, Outcome, OutputSink, PhaseCallback
 
 __all__ = ["attach_detached", "cancel_detached", "follow_detached", "start_detached"]
 
@@ -71,9 +71,9 @@ def _archive_of(detached: Mapping[str, Any]) -> DistributionArchive:
 
 def follow_detached(backend: Backend, detached: Mapping[str, Any], options: CallOptions, *, launcher: Launcher,
                     on_stdout: OutputSink, on_stderr: OutputSink, offsets: tuple[int, int] = (0, 0),
-                    once: bool = False) -> None:
+                    once: bool = False, on_event: EventSink | None = None) -> None:
     """Stream a detached run's output from ``offsets`` until it ends (``rx logs -f``; ``once``: only what it
-    wrote so far, ``rx logs``); collect nothing.
+    wrote so far, ``rx logs``); collect nothing. ``on_event`` hears the runner's events.
 
     Raises:
         ConnectError: The link was lost, or went silent, while following.
@@ -81,7 +81,7 @@ def follow_detached(backend: Backend, detached: Mapping[str, Any], options: Call
     channel = start_runner(launcher, backend, _archive_of(detached), options, "attach", _ignore_phase,
                            [str(detached["run_dir"])])
     key = secrets.token_bytes(32)
-    call = Call(channel, options, key, on_stdout, on_stderr)
+    call = Call(channel, options, key, on_stdout, on_stderr, on_event)
     try:
         channel.send(b"G", wire.dump_options({"key": key.hex(), "heartbeat": options.heartbeat, "once": once,
                                               "stdout_offset": offsets[0], "stderr_offset": offsets[1]}))
@@ -97,14 +97,15 @@ def follow_detached(backend: Backend, detached: Mapping[str, Any], options: Call
 
 def attach_detached(session: Session, backend: Backend, detached: Mapping[str, Any], options: CallOptions, *,
                     launcher: Launcher, on_stdout: OutputSink, on_stderr: OutputSink,
-                    land_file: FileLander | None = None, offsets: tuple[int, int] = (0, 0)) -> Outcome:
+                    land_file: FileLander | None = None, offsets: tuple[int, int] = (0, 0),
+                    on_event: EventSink | None = None) -> Outcome:
     """Follow a detached run's output from ``offsets`` until it ends, then bring its result back (checked
     as an attached call's is) and let the host remove its run directory."""
     channel = start_runner(launcher, backend, _archive_of(detached), options, "attach", _ignore_phase,
                            [str(detached["run_dir"]), "collect"])
     return run_call(channel, session, None, options, on_stdout=on_stdout, on_stderr=on_stderr,
                     land_file=land_file, phase=_ignore_phase, phases={}, uploaded=False, keep=False,
-                    extra_options={"stdout_offset": offsets[0], "stderr_offset": offsets[1]})
+                    extra_options={"stdout_offset": offsets[0], "stderr_offset": offsets[1]}, on_event=on_event)
 
 
 def cancel_detached(backend: Backend, detached: Mapping[str, Any], options: CallOptions) -> dict[str, Any]:

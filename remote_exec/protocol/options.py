@@ -9,7 +9,7 @@ from typing import Any
 
 from ..session import Result
 
-__all__ = ["CallOptions", "FileLander", "Outcome", "OutputSink", "PhaseCallback"]
+__all__ = ["CallOptions", "EventSink", "FileLander", "Outcome", "OutputSink", "PhaseCallback"]
 
 #: Receives a stream's bytes as they arrive.
 OutputSink = Callable[[bytes], None]
@@ -18,6 +18,8 @@ OutputSink = Callable[[bytes], None]
 FileLander = Callable[[PurePosixPath, Path, str], Path]
 #: Told (phase, "started" | "finished" | "failed") around connect, upload, execute and collect.
 PhaseCallback = Callable[[str, str], None]
+#: Told of each progress event (P frame) the runner sends: the task started, a detached run ended, ...
+EventSink = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ The rooms, each imported only by the modes that need it:
 - :mod:`.rundir`: the run directory, its status file, its removal;
 - :mod:`.worker`: ``worker``, the persistent worker (``keep_warm``) and its watcher thread;
 - :mod:`.slot`: a pool worker's slot (its lock file, the GPUs it holds) and ``probe`` (GPUs, locks, memory);
-- :mod:`.detached`: ``detach``, ``attach`` and ``cancel`` of detached runs.
+- :mod:`.detached`: ``detach``, ``attach`` and ``cancel`` of detached runs;
+- :mod:`.batch`: ``prepare``, ``batch`` and ``seal`` of runs through a batch scheduler (Slurm).
 
 Every import is paid on every call (process-per-call mode): only what the mode needs, and the lean
 variants (_signal and select.poll rather than signal and selectors, which pull in enum; wire's JSON writer
@@ -43,9 +44,9 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Serve one call (``serve``), many (``worker IDLE [SLOT]``), or a detached run (``detach``, ``attach
-    RUN_DIR [collect]``, ``cancel RUN_DIR``) over stdin/stdout, or report the host's GPUs and slots
-    (``probe``); see the module docstring."""
+    """Serve one call (``serve``), many (``worker IDLE [SLOT]``), a detached run (``detach``, ``attach RUN_DIR
+    [collect]``, ``cancel RUN_DIR``) or a scheduler's (``prepare``, ``batch RUN_DIR``, ``seal RUN_DIR
+    VERDICT``), or report the host's GPUs and slots (``probe``); see the module docstring."""
     args = list(sys.argv[1:] if argv is None else argv)
     cache_dir = os.path.expanduser(args[0]) if args else os.path.expanduser("~/.cache/remote_exec")
     mode = args[1] if len(args) > 1 else "serve"
@@ -95,5 +96,12 @@ def _serve(mode: str, cache_dir: str, rest: list[str]) -> int:
         else:
             return detached.serve_cancel(cache_dir, rest[0])
         return 0
+    if mode in ("prepare", "batch", "seal"):
+        from . import batch
+
+        if mode == "prepare":
+            batch.serve_prepare(cache_dir, Out(1))
+            return 0
+        return batch.serve_batch(cache_dir, rest[0]) if mode == "batch" else batch.serve_seal(cache_dir, *rest[:2])
     sys.stderr.write(f"rx runner: unknown mode {mode!r}\n")
     return EXIT_RUNNER_FAILURE

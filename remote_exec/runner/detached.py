@@ -22,16 +22,19 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .channel import Out
+    from .result import Ending
 else:
     import _signal as signal
 
-__all__ = ["serve_attach", "serve_cancel", "serve_detached"]
+__all__ = ["OUTCOME", "check_run_dir", "run_to_files", "serve_attach", "serve_cancel", "serve_detached",
+           "store_outcome"]
 
-_OUTCOME = "outcome.json"
+#: The file in the run's private directory that holds a detached run's outcome (written last, atomically).
+OUTCOME = "outcome.json"
 _OUTPUT = {b"O": "stdout", b"E": "stderr"}
 
 
-class _FileSink:
+class FileSink:
     """Where a detached task's output goes: files in ``directory`` (the run's private one; no coordinator)."""
 
     def __init__(self, directory: str) -> None:
@@ -87,11 +90,7 @@ def _supervisor(options: dict[str, Any], session_bytes: bytes, run_dir: str, rea
         status.update(state="running", supervisor_pid=os.getpid(), started=time.time())
         os.write(ready_w, str(os.getpid()).encode())
         os.close(ready_w)
-        sink = _FileSink(os.path.join(run_dir, PRIVATE))
-        ending = supervise(options, session_bytes, wire.FrameReader(), run_dir, sink, coordinator=False,
-                           status=status)
-        sink.close()
-        header = _store_outcome(options, run_dir, *classify(options, ending))
+        header, _ = run_to_files(options, session_bytes, run_dir, status)
         status.update(state="done", status=header["status"], exit_code=header["exit_code"], finished=time.time())
     except BaseException:
         import traceback
@@ -100,6 +99,19 @@ def _supervisor(options: dict[str, Any], session_bytes: bytes, run_dir: str, rea
         status.update(state="done", status="error", exit_code=EXIT_RUNNER_FAILURE)
     finally:
         os._exit(0)
+
+
+def run_to_files(options: dict[str, Any], session_bytes: bytes, run_dir: str,
+                 status: RunStatus) -> tuple[dict[str, Any], Ending]:
+    """Run the call with no coordinator (SIGTERM to this process cancels it), its output appended to the
+    run's files; store its outcome; return the outcome's header and how the task ended."""
+    sink = FileSink(os.path.join(run_dir, PRIVATE))
+    try:
+        ending = supervise(options, session_bytes, wire.FrameReader(), run_dir, sink, coordinator=False,
+                           status=status)
+    finally:
+        sink.close()
+    return store_outcome(options, run_dir, *classify(options, ending)), ending
 
 
 def _supervisor_stdio(run_dir: str) -> None:
@@ -114,7 +126,7 @@ def _supervisor_stdio(run_dir: str) -> None:
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
 
 
-def _store_outcome(options: dict[str, Any], run_dir: str, header: dict[str, Any], value: bytes | memoryview,
+def store_outcome(options: dict[str, Any], run_dir: str, header: dict[str, Any], value: bytes | memoryview,
                    exc_data: bytes | memoryview) -> dict[str, Any]:
     """Write the value, the exception and (last, atomically) the outcome for ``attach``; return the header."""
     private = os.path.join(run_dir, PRIVATE)
@@ -122,13 +134,14 @@ def _store_outcome(options: dict[str, Any], run_dir: str, header: dict[str, Any]
         if data:
             with open(os.path.join(private, name), "wb") as stream:
                 stream.write(data)
-    with open(os.path.join(private, _OUTCOME + ".tmp"), "wb") as stream:
+    with open(os.path.join(private, OUTCOME + ".tmp"), "wb") as stream:
         stream.write(wire.json_bytes({"header": header, "options": options}))
-    os.rename(os.path.join(private, _OUTCOME + ".tmp"), os.path.join(private, _OUTCOME))
+    os.rename(os.path.join(private, OUTCOME + ".tmp"), os.path.join(private, OUTCOME))
     return header
 
 
-def _check_run_dir(cache_dir: str, run_dir: str) -> str:
+def check_run_dir(cache_dir: str, run_dir: str) -> str:
+    """``run_dir`` resolved, if it is a run directory of ``cache_dir`` (else RuntimeError)."""
     runs = os.path.realpath(os.path.join(cache_dir, "runs"))
     real = os.path.realpath(run_dir)
     if os.path.dirname(real) != runs or not os.path.isdir(os.path.join(real, PRIVATE)):
@@ -139,7 +152,7 @@ def _check_run_dir(cache_dir: str, run_dir: str) -> str:
 def serve_attach(cache_dir: str, run_dir: str, collect: bool, out: Out) -> None:
     """Stream a detached run's output from its files until it ends; with ``collect``, then send its
     result exactly as an attached call would (signed with the key from this call's G frame)."""
-    run_dir = _check_run_dir(cache_dir, run_dir)
+    run_dir = check_run_dir(cache_dir, run_dir)
     options = _read_go()
     out.new_call(options["key"])
     offsets = {b"O": int(options.get("stdout_offset") or 0), b"E": int(options.get("stderr_offset") or 0)}
@@ -149,10 +162,14 @@ def serve_attach(cache_dir: str, run_dir: str, collect: bool, out: Out) -> None:
     if not _follow(run_dir, offsets, policy, out, once=bool(options.get("once"))):
         out.send(b"Z", wire.json_text({"done": None}).encode())  # what is there so far; the run goes on
         return
-    header, run_options, value, exc_data = _stored_result(run_dir)
     if not collect:
+        try:
+            header = _stored_result(run_dir)[0]
+        except OSError:  # another attach collected the run (and removed it) while this one followed it
+            header = {"status": "collected"}
         out.send(b"Z", wire.json_text({"done": header.get("status"), "exit_code": header.get("exit_code")}).encode())
         return
+    header, run_options, value, exc_data = _stored_result(run_dir)
     run_options.update(pull=options.get("pull") or run_options.get("pull"), keep=False,
                        no_pull=bool(options.get("no_pull")))
     send_classified(run_options, run_dir, header, value, exc_data, out)
@@ -176,8 +193,14 @@ def _follow(run_dir: str, offsets: dict[bytes, int], policy: Policy, out: Out, *
     private = os.path.join(run_dir, PRIVATE)
     follower = _Follower(out)
     os.set_blocking(0, False)
+    told = False
     while True:
-        done = read_status(run_dir).get("state") == "done"
+        state = read_status(run_dir).get("state")
+        # Done, or collected (and removed) by another attach while this one followed.
+        done = state == "done" or not os.path.isdir(private)
+        if state == "ended" and not told:  # its job's scheduler has the last word: the coordinator asks it
+            out.event({"event": "ended"})
+            told = True
         for kind, name in _OUTPUT.items():
             offsets[kind] = _send_from(os.path.join(private, name), offsets[kind], kind, out)
         if done or once:
@@ -236,7 +259,7 @@ def _stored_result(run_dir: str) -> tuple[dict[str, Any], dict[str, Any], bytes,
     import json
 
     private = os.path.join(run_dir, PRIVATE)
-    with open(os.path.join(private, _OUTCOME)) as stream:
+    with open(os.path.join(private, OUTCOME)) as stream:
         stored = json.load(stream)
     header: dict[str, Any] = stored["header"]
     run_options: dict[str, Any] = dict(stored.get("options") or {})
@@ -253,7 +276,7 @@ def _stored_result(run_dir: str) -> tuple[dict[str, Any], dict[str, Any], bytes,
 def serve_cancel(cache_dir: str, run_dir: str) -> int:
     """Stop a detached run's task (SIGTERM to its supervisor, which ends the task's process group) and
     print the run's status as JSON once it has ended (within a few seconds)."""
-    run_dir = _check_run_dir(cache_dir, run_dir)
+    run_dir = check_run_dir(cache_dir, run_dir)
     status = read_status(run_dir)
     pid = status.get("supervisor_pid")
     if status.get("state") != "done" and isinstance(pid, int) and pid > 0:

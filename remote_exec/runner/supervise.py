@@ -192,11 +192,18 @@ class _Watch:
             self.poller.register(fd, tag)
         if reader is not None:
             self.poller.register(0, b"I")
-        else:  # a detached run: rx cancel sends SIGTERM to this process
+        else:  # a detached run: rx cancel (or the scheduler) sends SIGTERM to this process
             signal.signal(signal.SIGTERM, self._cancel)
+            # A scheduler's warning before a time limit or a preemption (sbatch --signal=B:USR2@60) is the
+            # task's to act on (a checkpoint): it goes on to the task's process group.
+            for number in (signal.SIGUSR1, signal.SIGUSR2):
+                signal.signal(number, self._forward)
 
     def _cancel(self, *_: object) -> None:
         self.cancelled = True
+
+    def _forward(self, number: int, *_: object) -> None:
+        _kill_group(self.task.pid, number)
 
     def run(self) -> None:
         """Watch until the task ended and its pipes closed (or the drain time passed)."""

@@ -36,7 +36,8 @@ from .state import parse_time
 if TYPE_CHECKING:
     from .manager import Run
 
-__all__ = ["EXPORT_FORMATS", "LOG_TAIL", "export", "format_duration", "format_size", "run_facts", "shown"]
+__all__ = ["EXPORT_FORMATS", "LOG_TAIL", "export", "format_duration", "format_size", "job_fact", "run_facts",
+           "shown"]
 
 #: The formats :func:`export` knows.
 EXPORT_FORMATS = ("json", "html", "junit", "text")
@@ -107,8 +108,25 @@ def run_facts(info: dict[str, Any], *, exit_code: Any, duration: str | None,
         "host": info.get("remote") or "local", "backend": info.get("backend"),
         "created": when(info.get("created")), "started": when(info.get("started")),
         "finished": when(info.get("finished")), "duration": duration, "exit code": exit_code,
-        "reran": info.get("parent"), "error": info.get("error"),
+        "reran": info.get("parent"), "error": info.get("error"), "job": job_fact(info.get("job")),
     }
+
+
+def job_fact(job: Any) -> str | None:
+    """A scheduler job in one line: ``slurm job 42: COMPLETED on c1 (debug), elapsed 00:00:02, MaxRSS 22 MiB;
+    seen PENDING, RUNNING, COMPLETED`` (None for a run that was no job)."""
+    if not isinstance(job, dict) or not job.get("job_id"):
+        return None
+    text = f"{job.get('scheduler', 'scheduler')} job {job['job_id']}"
+    if job.get("state"):
+        text += f": {job['state']}" + (f" on {job['nodes']}" if job.get("nodes") else "")
+        text += f" ({job['partition']})" if job.get("partition") else ""
+    details = [f"elapsed {job['elapsed']}" if job.get("elapsed") else "",
+               f"MaxRSS {job['max_rss_kib'] / 1024:.0f} MiB" if isinstance(job.get("max_rss_kib"), int) else "",
+               f"reason {job['reason']}" if job.get("reason") else ""]
+    text += "".join(f", {detail}" for detail in details if detail)
+    seen = job.get("states") or job.get("seen")
+    return text + (f"; states {', '.join(seen)}" if seen else "")
 
 
 def shown(value: Any) -> bool:

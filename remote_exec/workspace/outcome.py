@@ -9,6 +9,8 @@ One mapping for every way a run ends (``rx run``, ``rx attach``, ``rx cancel``):
     timeout               failed        124
     cancelled             cancelled     130
     signal, oom, error    failed        the runner's (128 + signal number for a signal)
+    preempted, node_fail  failed        the scheduler's verdict (3), said in the error line
+    lost                  lost          3 (a job that vanished without a result)
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class RunOutcome:
     """A run's final status, exit code and error line.
 
     Attributes:
-        status: ``finished``, ``failed`` or ``cancelled``.
+        status: ``finished``, ``failed``, ``cancelled`` or ``lost``.
         exit_code: What ``rx run`` exits with.
         error: One line saying what went wrong (None when it finished).
     """
@@ -50,8 +52,8 @@ def run_outcome(result: Result) -> RunOutcome:
         exit_code = EXIT_TIMEOUT
     elif result.status == "cancelled":
         exit_code = EXIT_INTERRUPTED
-    if result.status == "cancelled":
-        status = "cancelled"
+    if result.status in ("cancelled", "lost"):
+        status = result.status  # a job that vanished without a result is lost, never finished
     else:
         status = "finished" if result.status == "finished" and exit_code == 0 else "failed"
     error = None

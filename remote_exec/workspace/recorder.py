@@ -91,6 +91,14 @@ class CallRecorder(ABC):
         """A phase of the call (``pack``, ``connect``, ``upload``, ``execute``, ``collect``) ``started``,
         ``finished`` or ``failed``."""
 
+    def submitted(self, detached: dict[str, Any]) -> None:  # noqa: B027 - optional: only scheduled calls
+        """The call was submitted to a scheduler as a job; ``detached`` says where it runs and which job it
+        is (what ``rx attach`` needs to follow and collect it later)."""
+
+    def job(self, record: dict[str, Any]) -> None:  # noqa: B027 - optional: only scheduled calls
+        """What the scheduler says of the call's job now (its state, reason, nodes; at the end its
+        accounting)."""
+
     @abstractmethod
     def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes]) -> None:
         """The call came back with ``result``; ``value`` gives its value's pickle for the record."""
@@ -126,6 +134,14 @@ class RunRecorder(CallRecorder):
             self._actions[name] = self.run.tracker.start(name, host=None if name == "pack" else self.host)
         elif name in self._actions:
             self.run.tracker.end(self._actions.pop(name), error=None if state == "finished" else f"{name} failed")
+
+    def submitted(self, detached: dict[str, Any]) -> None:
+        """A submitted job belongs to the cluster, not to this process: the run keeps where it is (so
+        ``rx attach`` can collect it) and never counts as lost for want of this process."""
+        self.run.update(detached=detached, coordinator=None, job=detached.get("job"))
+
+    def job(self, record: dict[str, Any]) -> None:
+        self.run.update(job=record)
 
     def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes]) -> None:
         """The caller (the CLI) records the run's end with its outcome."""
@@ -282,6 +298,12 @@ class TaskCallRecorder(CallRecorder):
         error = f"{type(exc).__name__}: {exc}"
         self.recorder.task(self.run, self.key, status=status, finished=time.time(), error=error,
                            **self._attempt(status, error))
+
+    def submitted(self, detached: dict[str, Any]) -> None:
+        self.recorder.task(self.run, self.key, job=detached.get("job"))
+
+    def job(self, record: dict[str, Any]) -> None:
+        self.recorder.task(self.run, self.key, job=record)
 
 
 class ExitStatus:

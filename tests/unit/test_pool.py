@@ -345,3 +345,26 @@ def test_configuration_mistakes_are_one_line_errors(hosts: Hosts) -> None:
         Executor(["box1", "box1"], config=hosts.config)
     assert issubclass(BrokenPool, RuntimeError)  # concurrent.futures.BrokenExecutor, as a broken pool is there
     assert issubclass(Interrupted, KeyboardInterrupt) and issubclass(ConnectError, Exception)
+
+
+def test_a_scheduler_remote_takes_the_calls_as_one_job_array(hosts: Hosts) -> None:
+    from scheduler_double import TARGET as QUEUE
+    from scheduler_double import QueueLauncher
+
+    from remote_exec.launchers import register_launcher, unregister_launcher
+
+    register_launcher("queue", QUEUE)
+    QueueLauncher.reset()
+    try:
+        hosts.config.add_remote(Remote(name="cluster", host="cluster", backend="double", scheduler="queue",
+                                       python=sys.executable, workdir=str(hosts.root / "shared")))
+        with Executor(["cluster"], per_host=3, config=hosts.config) as pool:
+            results = list(pool.map(square, range(6), return_exceptions=True))
+        requests = list(QueueLauncher.requests.values())
+    finally:
+        QueueLauncher.reset()
+        unregister_launcher("queue")
+    assert results[:3] == [0, 1, 4] and isinstance(results[3], ValueError) and results[4:] == [16, 25]
+    assert [(request.array, request.parallel) for request in requests] == [(6, 3)]  # one array, 3 at once
+    entries = hosts.tasks()
+    assert len(entries) == 6 and all(entry["host"] == "cluster" for entry in entries.values())

@@ -82,7 +82,9 @@ def test_grid_files_give_axes_or_whole_combinations(tmp_path: Path) -> None:
 RX = """
 import sys
 from remote_exec.backends import register
+from remote_exec.launchers import register_launcher
 register("double", "backend_double:DoubleBackend")
+register_launcher("queue", "scheduler_double:QueueLauncher")
 from remote_exec.cli import main
 main(sys.argv[1:])
 """
@@ -99,6 +101,8 @@ def project(isolated: Any) -> Path:
         workdir = "{isolated.root / name}"
         """) for name in ("box1", "box2"))
     remotes += f'\n[tool.rx.remotes.nopython]\nbackend = "double"\npython = "{isolated.root / "none"}"\n'
+    remotes += (f'\n[tool.rx.remotes.cluster]\nbackend = "double"\nscheduler = "queue"\npython = "{sys.executable}"\n'
+                f'workdir = "{isolated.root / "shared"}"\n')
 
     (root / "pyproject.toml").write_text(f"[tool.rx]\n{remotes}")
     (root / "train.py").write_text(TRAIN)
@@ -195,3 +199,13 @@ def test_status_names_who_uses_each_gpu() -> None:
     users = [row["user"] for row in gpu_rows(facts)]
     assert users == [{"kind": "rx", "mine": True, "slot": "gpu1#0", "run_id": "r1", "coordinator": "laptop:7"},
                      {"kind": "foreign", "pids": [42]}, {"kind": "free"}]
+
+
+def test_a_sweep_on_a_scheduler_remote_runs_each_combination_as_a_job(isolated: Any, project: Path) -> None:
+    done = rx(isolated, project, "map", "--no-progress", "-r", "cluster", "train.py", "--lr", ":::", "0.1", "0.5")
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.splitlines()) == ["[lr=0.1] lr=0.1 seed=None epochs=1 gpu=None",
+                                                "[lr=0.5] lr=0.5 seed=None epochs=1 gpu=None"]
+    children = [info for info in runs(isolated) if info["kind"] == "script"]
+    assert len(children) == 2 and all(child["status"] == "finished" for child in children)
+    assert all(child.get("job") for child in children)  # each child run keeps its job
