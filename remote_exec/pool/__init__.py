@@ -8,6 +8,7 @@ The rooms:
 - :mod:`.work`: a call (:class:`~.work.Work`) and the queue of calls waiting for a slot;
 - :mod:`.placement`: hosts up, down or lost; slots; the GPU rules; which placement a host gets;
 - :mod:`.slots`: the ``direct`` launcher's placement: slots with a persistent worker each;
+- :mod:`.arrays`: a scheduler's placement (Slurm): the waiting calls as job arrays;
 - :mod:`.events`: what a pool tells (an observer) and its counts;
 - :mod:`.progress`: the live view (rich) and the plain lines;
 - :mod:`.output`: the calls' output as whole lines prefixed with the call;
