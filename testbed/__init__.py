@@ -17,7 +17,9 @@ or from Python (the pytest fixtures in :mod:`testbed.pytest_plugin` do this)::
     testbed.down(state_dir=tmp)
 
 The fault tools (:func:`start_host`, :func:`pause`, :func:`exec_root`, :func:`regenerate_host_keys`) act on
-real containers with ``docker pause`` and ``docker exec``. :func:`slurm_up` starts a three-node Slurm
+real containers with ``docker pause`` and ``docker exec``. Every host has a fake ``nvidia-smi`` (no GPUs until
+:func:`set_gpus` gives it some, and processes using them: :func:`start_foreign_process` starts one rx did
+not), which prints what the real tool prints for the queries rx makes. :func:`slurm_up` starts a three-node Slurm
 cluster (login node ``rx-slurm`` with slurmctld and accounting, compute nodes ``c1`` and ``c2``, a shared
 /home) for the scheduler tests (see :mod:`testbed._slurm`). This package needs only the standard library, the
 ``docker`` SDK and the OpenSSH client's ``ssh-keygen``; it never imports remote_exec.
