@@ -106,7 +106,13 @@ class ArrayPlacement(Placement):
 
         def run() -> None:
             try:
-                self.engine.attempt(work, self.slot, work.make_session(self.slot))
+                session = work.make_session(self.slot)
+            except Exception as exc:
+                self.engine.settle_failure(work, self.slot, exc, 0.0)
+                self._singles.release()
+                return
+            try:
+                self.engine.attempt(work, self.slot, session)
             finally:
                 self._singles.release()
 

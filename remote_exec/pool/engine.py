@@ -218,13 +218,21 @@ class Engine:
 
     def run_array(self, works: list[Work], slot: Slot, parallel: int) -> None:
         """Run ``works`` (calls of one code, to a scheduler remote) as one job array and settle each."""
-        sessions = []
+        sessions, ready = [], []
         for work in works:
-            session = work.make_session(slot)
+            try:
+                session = work.make_session(slot)
+            except Exception as exc:  # its arguments cannot be serialized, say: the call's own failure
+                self.settle_failure(work, slot, exc, 0.0)
+                continue
             session.local.update(task_key=work.key, attempts=work.attempts, coordinator=self.coordinator,
                                  task_fields={"slot": slot.label, "gpus": []})
             sessions.append(session)
+            ready.append(work)
             self.observer.started(work, slot)
+        works = ready
+        if not works:
+            return
         started = time.monotonic()
         try:
             results = self.coordinator.run_array(sessions, parallel=parallel)

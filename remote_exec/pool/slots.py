@@ -119,8 +119,14 @@ class SlotPlacement(Placement):
                 if not taken.future.running() and not taken.future.set_running_or_notify_cancel():
                     engine.cancelled(taken)
                     continue
-                session = prepared[1] if prepared is not None and prepared[0] is taken else taken.make_session(slot)
-                prepared = None
+                try:
+                    session = (prepared[1] if prepared is not None and prepared[0] is taken
+                               else taken.make_session(slot))
+                except Exception as exc:  # its arguments cannot be serialized, say: the call's own failure
+                    engine.settle_failure(taken, slot, exc, 0.0)
+                    continue
+                finally:
+                    prepared = None
                 engine.attempt(taken, slot, session)
         except Exception:  # a bug here must not leave the pool waiting for this slot forever
             logger.exception("slot %s failed", slot.label)

@@ -368,3 +368,18 @@ def test_a_scheduler_remote_takes_the_calls_as_one_job_array(hosts: Hosts) -> No
     assert [(request.array, request.parallel) for request in requests] == [(6, 3)]  # one array, 3 at once
     entries = hosts.tasks()
     assert len(entries) == 6 and all(entry["host"] == "cluster" for entry in entries.values())
+
+
+def test_a_call_whose_arguments_cannot_travel_fails_alone(hosts: Hosts) -> None:
+    from remote_exec.errors import SerializationError
+
+    def first(item: Any) -> Any:
+        return item[0]
+
+    with Executor(["box1"], config=hosts.config) as pool:
+        results = list(pool.map(first, [(1,), (threading.Lock(),), (3,)], return_exceptions=True))
+        again = pool.submit(first, (threading.Lock(),))
+        with pytest.raises(SerializationError, match="cannot serialize the arguments"):
+            again.result(timeout=30)
+    assert results[0] == 1 and results[2] == 3
+    assert isinstance(results[1], SerializationError)
