@@ -282,10 +282,11 @@ class Engine:
         """A slot could not reach its host or its worker failed: mark the host down or lost, or have the
         slot start a fresh worker."""
         kind = classify_failure(exc)
-        self.coordinator.workers.close_slot(slot.name)
-        slot.gpus, slot.code = [], None
+        host = self.hosts[slot.host]
+        for other in host.slots if kind in ("lost", "down") else [slot]:  # a down host's idle slots too
+            self.coordinator.workers.close_slot(other.name, kill=True)
+            other.gpus, other.code = [], None
         if kind in ("lost", "down"):
-            host = self.hosts[slot.host]
             status = host.down(_line(exc), lost=kind == "lost")
             slot.state, slot.detail = "down", _line(exc)
             self.observer.host_state(host, status, _line(exc))

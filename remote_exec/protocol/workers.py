@@ -161,15 +161,23 @@ class WorkerPool:
             current = self._slots.get(name)
         return current[1] if current is not None else None
 
-    def close_slot(self, name: str) -> None:
-        """Stop the pool slot's worker (its GPUs are free once it ended)."""
+    def close_slot(self, name: str, *, kill: bool = False) -> None:
+        """Stop the pool slot's worker (its GPUs are free once it ended); ``kill``: drop its channel at once
+        (its host is down: asking it to quit would wait for an answer that does not come)."""
         with self._lock:
             current = self._slots.pop(name, None)
-        if current is not None:
-            try:
-                current[1].close()
-            except Exception:
-                pass
+        if current is None:
+            return
+        channel = current[1]
+        try:
+            if kill or channel.broken:
+                channel.broken = True
+                channel.closed.set()
+                channel.process.kill()
+            else:
+                channel.close()
+        except Exception:
+            pass
 
     def channels(self) -> list[Channel]:
         """The workers' channels, least recently used first (pool slots' workers last)."""
