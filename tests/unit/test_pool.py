@@ -383,3 +383,36 @@ def test_a_call_whose_arguments_cannot_travel_fails_alone(hosts: Hosts) -> None:
             again.result(timeout=30)
     assert results[0] == 1 and results[2] == 3
     assert isinstance(results[1], SerializationError)
+
+
+def test_a_frozen_host_does_not_hold_the_pool_up_at_shutdown(hosts: Hosts) -> None:
+    """Both slots of box1 freeze while one runs a call: the call finishes on box2, and the pool shuts down
+    without waiting on box1's idle slot (its channel is dropped with the host)."""
+    frozen: list[int] = []
+
+    def slow(x: int) -> int:
+        time.sleep(0.3)
+        return x
+
+    try:
+        pool = Executor(["box1", "box2"], per_host=2, config=hosts.config, keepalive_interval=0.5,
+                        keepalive_count=2)
+        results = pool.map(slow, range(12))
+        first = [next(results) for _ in range(4)]
+        for channel in hosts.coordinator.workers.channels():
+            if str((channel.placement or {}).get("slot", "")).startswith("box1"):
+                pid = int(channel.process.popen.pid)  # type: ignore[attr-defined]
+                os.killpg(os.getpgid(pid), signal.SIGSTOP)
+                frozen.append(pid)
+        rest = list(results)
+        started = time.monotonic()
+        pool.shutdown()
+        took = time.monotonic() - started
+    finally:
+        for pid in frozen:
+            try:
+                os.killpg(os.getpgid(pid), signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert len(frozen) == 2 and first + rest == list(range(12))
+    assert took < 5, f"shutdown waited {took:.1f} s on the frozen host"
