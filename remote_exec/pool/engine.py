@@ -14,9 +14,9 @@ An :class:`Engine` owns the feed of waiting calls (:class:`~.work.Feed`), the st
 
 A future's outcome is set exactly once: a call whose attempt was given up (its link dead) runs again
 elsewhere, and only the attempt that reports back counts. The call itself may have run to its end on the
-host that dropped: what it did there (files it wrote outside its run directory, say) may happen twice. When every host is lost, the calls still
-waiting fail with :class:`BrokenPool` (its ``__cause__`` is the last host's failure), as a broken
-``ProcessPoolExecutor`` fails its pending futures.
+host that dropped: what it did there (files it wrote outside its run directory, say) may happen twice.
+When every host is lost, the calls still waiting fail with :class:`BrokenPool` (its ``__cause__`` is the
+last host's failure), as a broken ``ProcessPoolExecutor`` fails its pending futures.
 """
 
 from __future__ import annotations

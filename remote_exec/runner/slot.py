@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-__all__ = ["APP_QUERY", "GPU_QUERY", "Held", "SlotError", "parse_apps", "parse_gpus", "probe", "take_slot"]
+__all__ = ["APP_QUERY", "GPU_QUERY", "Held", "SlotError", "parse_apps", "parse_gpus", "probe", "sweep_dead_workers",
+           "take_slot"]
 
 #: What rx asks nvidia-smi about the GPUs, and about the processes using them (csv, no header, no units).
 GPU_QUERY = ("--query-gpu=index,uuid,memory.used,memory.total,utilization.gpu", "--format=csv,noheader,nounits")
@@ -180,6 +181,13 @@ class Held:
         self.worker_path = worker_path
         self.gpus = gpus
         self.gpu_fds = gpu_fds
+        self.record: dict[str, Any] = {}
+
+    def note_run_dir(self, run_dir: str | None) -> None:
+        """Say in the worker's lock file which run directory it works in (a worker killed without cleaning
+        up has it removed by the next worker of the account: see :func:`sweep_dead_workers`)."""
+        self.record["run_dir"] = run_dir
+        _write(self.worker_fd, self.record)
 
     def visible_devices(self) -> str:
         """CUDA_VISIBLE_DEVICES for the GPUs held (nvidia-smi's indices, which are in PCI bus order)."""
@@ -264,6 +272,7 @@ def take_slot(cache_dir: str, request: dict[str, Any], wait: Callable[[dict[str,
         SlotError: The host cannot ever give the slot (no nvidia-smi, fewer GPUs than asked for).
     """
     lock_dir = _lock_dir(cache_dir)
+    sweep_dead_workers(cache_dir)
     worker_path = os.path.join(lock_dir, f"worker-{os.getpid()}-{os.urandom(4).hex()}.lock")
     worker_fd = _try_lock(worker_path)
     if worker_fd is None:  # pragma: no cover - a fresh unique name
@@ -275,8 +284,9 @@ def take_slot(cache_dir: str, request: dict[str, Any], wait: Callable[[dict[str,
             taken = _take_gpus(lock_dir, request, wait)
             held.gpus = [gpu for gpu, _ in taken]
             held.gpu_fds = [fd for _, fd in taken]
-        _write(worker_fd, {"pid": os.getpid(), "owner": owner, "gpus": [gpu["index"] for gpu in held.gpus],
-                           "since": time.time()})
+        held.record = {"pid": os.getpid(), "owner": owner, "gpus": [gpu["index"] for gpu in held.gpus],
+                       "since": time.time()}
+        _write(worker_fd, held.record)
     except BaseException:
         held.release()
         raise
@@ -304,23 +314,47 @@ def _take_gpus(lock_dir: str, request: dict[str, Any],
               "free": len(taken)})
 
 
+def sweep_dead_workers(cache_dir: str) -> int:
+    """Remove what pool workers that died without cleaning up (SIGKILL, a reboot) left: their lock files and
+    the run directories those name. Returns how many dead workers were swept.
+
+    A worker lock file nobody holds belongs to a dead worker (the kernel dropped its flock): its name is
+    unique to that worker, so nobody can be opening it now, and removing it is safe.
+    """
+    lock_dir = os.path.join(cache_dir, LOCKS)
+    runs = os.path.realpath(os.path.join(cache_dir, "runs"))
+    swept = 0
+    try:
+        names = [name for name in os.listdir(lock_dir) if name.startswith("worker-") and name.endswith(".lock")]
+    except OSError:
+        return 0
+    for name in names:
+        path = os.path.join(lock_dir, name)
+        if _held(path):
+            continue
+        run_dir = _read(path).get("run_dir")
+        if isinstance(run_dir, str) and os.path.dirname(os.path.realpath(run_dir)) == runs:
+            from .rundir import rmtree
+
+            rmtree(run_dir)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        swept += 1
+    return swept
+
+
 def _locks(lock_dir: str) -> list[dict[str, Any]]:
-    """The lock files some process holds now (stale worker lock files are removed)."""
+    """The lock files some process holds now."""
     found = []
     try:
         names = sorted(os.listdir(lock_dir))
     except OSError:
         return []
     for name in names:
-        if not name.endswith(".lock"):
-            continue
         path = os.path.join(lock_dir, name)
-        if not _held(path):
-            if name.startswith("worker-"):  # unique per worker: nobody can be opening it now
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+        if not name.endswith(".lock") or not _held(path):
             continue
         record = _read(path)
         record["kind"] = "gpu" if name.startswith("gpu-") else "worker"
@@ -350,6 +384,7 @@ def probe(cache_dir: str) -> dict[str, Any]:
         load = list(os.getloadavg())
     except OSError:
         load = []
+    sweep_dead_workers(cache_dir)
     return {"event": "probe", "hostname": os.uname().nodename, "python": "{}.{}.{}".format(*sys.version_info[:3]),
             "cpus": os.cpu_count(), "load": load, "memory": _memory(), "gpus": query_gpus(), "apps": query_apps(),
             "locks": _locks(os.path.join(cache_dir, LOCKS))}

@@ -56,6 +56,7 @@ def serve_worker(cache_dir: str, idle_timeout: float, slot: dict[str, Any] | Non
     if placed is None:
         return 0
     calls = _Calls(cache_dir, out, _WorkerWatch(out, out_r, err_r, proto_in, reader))
+    calls.held = placed.pop("held", None)
     calls.placed = {name: os.environ[name] for name in _PLACED if placed.get("gpus") and name in os.environ}
     calls.fork_scripts = slot is not None
     out.event({"event": "worker", "pid": os.getpid(), "host": os.uname().nodename, **placed})
@@ -94,6 +95,7 @@ class _Calls:
         self.run_dir: str | None = None
         self.placed: dict[str, str] = {}
         self.fork_scripts = False
+        self.held: Any = None
 
     def serve_next(self, idle_timeout: float) -> None:
         """Read the next call, run it here, send its result."""
@@ -102,6 +104,8 @@ class _Calls:
         self.out.new_call(options["key"])
         if self.run_dir is None:
             self.run_dir = make_run_dir(self.cache_dir, options, private=False)
+            if self.held is not None:  # a pool's worker: its lock file names it, for a sweep after a SIGKILL
+                self.held.note_run_dir(self.run_dir)
         run_dir = self.run_dir
         saved_env = _environ_snapshot()
         if self.placed and options.get("env"):  # the slot's GPUs, whatever the call's environment says
@@ -124,6 +128,8 @@ class _Calls:
             if not send_result(options, run_dir, Ending(current.policy.started, exit_status=exit_status,
                                                         loaded=loaded), self.out, reuse=True):
                 self.run_dir = None
+                if self.held is not None:
+                    self.held.note_run_dir(None)
         finally:
             watch.lock.release()
 
@@ -178,7 +184,7 @@ def _take_slot(cache_dir: str, request: dict[str, Any], out: Out, proto_in: int,
     if held.gpus:
         os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # nvidia-smi's order: its indices mean the same GPUs
         os.environ["CUDA_VISIBLE_DEVICES"] = held.visible_devices()
-    return {"slot": request.get("owner", {}).get("slot"), "gpus": held.gpus}
+    return {"slot": request.get("owner", {}).get("slot"), "gpus": held.gpus, "held": held}
 
 
 def _wait_readable(fd: int, seconds: float) -> bool:

@@ -145,7 +145,8 @@ SCENARIOS: dict[str, dict[str, str]] = {
         "title": "A pool slot's worker killed mid-call",
         "fault": "SIGKILL to the slot's persistent worker on the host while it runs a call",
         "expect": "the call runs again (a fresh worker, or the other host); every result exactly once; two "
-                  "attempts in the ledger; no process left (the killed worker's run directory stays)",
+                  "attempts in the ledger; no process left, and the killed worker's run directory swept by "
+                  "the next worker",
     },
     "host_key": {
         "title": "Host key changed",

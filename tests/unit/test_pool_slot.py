@@ -194,3 +194,27 @@ def test_probe_reports_gpus_locks_and_memory(gpus: Path, tmp_path: Path) -> None
     assert kinds == ["gpu", "worker"]
     worker = next(lock for lock in facts["locks"] if lock["kind"] == "worker")
     assert worker["owner"] == {"slot": "s#0", "workspace": "/w"} and worker["gpus"] == [held.gpus[0]["index"]]
+
+
+def test_a_dead_workers_run_directory_is_swept_by_the_next_worker(gpus: Path, tmp_path: Path) -> None:
+    write(gpus, 0)
+    run_dir = tmp_path / "runs" / "run-1234abcd"
+    run_dir.mkdir(parents=True)
+    (run_dir / "half-written.bin").write_bytes(b"x")
+    script = ("import time\nfrom remote_exec.runner import slot\n"
+              f"held = slot.take_slot({str(tmp_path)!r}, {{'gpus': 0}}, None)\n"
+              f"held.note_run_dir({str(run_dir)!r})\nprint('held', flush=True)\ntime.sleep(60)\n")
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}) as worker:
+        try:
+            assert worker.stdout is not None and worker.stdout.readline().strip() == "held"
+            assert slot.sweep_dead_workers(str(tmp_path)) == 0 and run_dir.exists()  # alive: left alone
+            os.kill(worker.pid, signal.SIGKILL)  # it cleans nothing up
+            worker.wait()
+        finally:
+            worker.kill()
+    assert run_dir.exists()
+    held = slot.take_slot(str(tmp_path), {"gpus": 0}, never)  # the next worker of the account
+    held.release()
+    assert not run_dir.exists()
+    assert [name for name in os.listdir(tmp_path / "locks") if name.startswith("worker-")] == []
