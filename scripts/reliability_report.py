@@ -90,11 +90,44 @@ def acceptance(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: The facts each row of the classes table totals: (column, fact or facts summed).
+CLASS_FIGURES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Hangs", ("hang",)),
+    ("Lost or corrupted", ("lost", "corrupted")),
+    ("Orphans", ("orphans",)),
+    ("Left on the remote", ("leftover_files",)),
+    ("Tracebacks", ("traceback",)),
+)
+
+
+def classes(data: dict[str, Any]) -> list[str]:
+    """One row per fault class (a scenario's ``class``; ``other`` without one): its scenarios, trials per
+    backend, how its tests ended, and the acceptance facts totalled over its trials."""
+    groups: dict[str, list[str]] = {}
+    for key, info in data["scenarios"].items():
+        groups.setdefault(info.get("class") or "other", []).append(key)
+    rows = []
+    for name, keys in groups.items():
+        trials = [t for t in data["trials"] if t["scenario"] in keys]
+        tests = {t["test"] for t in trials}
+        outcomes = Counter(data["tests"].get(test, {}).get("outcome", "not run") for test in tests)
+        figures = [str(sum(_sum(trials, fact)[0] for fact in facts)) for _, facts in CLASS_FIGURES]
+        worst = max((t["overrun"] for t in trials), default=0.0)
+        rows.append([name, ", ".join(f"`{key}`" for key in keys),
+                     " / ".join(str(sum(t["backend"] == b for t in trials)) for b in BACKENDS),
+                     ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items())) or "not run",
+                     *figures, f"{worst:.2f}"])
+    header = ["Class", "Scenarios", "Trials (" + " / ".join(BACKENDS) + ")", "Tests",
+              *(column for column, _ in CLASS_FIGURES), "Worst overrun (s)"]
+    return _table(header, rows)
+
+
 def scenario_section(data: dict[str, Any], key: str, info: dict[str, str]) -> list[str]:
     trials = [t for t in data["trials"] if t["scenario"] == key]
     tests = {t["test"] for t in trials}
     outcomes = Counter(data["tests"].get(test, {}).get("outcome", "not run") for test in tests)
-    lines = [f"### {info['title']} (`{key}`)", "", f"- Fault: {info['fault']}.", f"- Expected: {info['expect']}."]
+    lines = [f"### {info['title']} (`{key}`)", "", f"- Class: {info.get('class') or 'other'}.",
+             f"- Fault: {info['fault']}.", f"- Expected: {info['expect']}."]
     if not trials:
         return [*lines, "- Not run in the recorded session.", ""]
     worst = max((t["overrun"] for t in trials), default=0.0)
@@ -147,6 +180,14 @@ def render(data: dict[str, Any]) -> str:
         "bug is fixed) count too; the column beside says how much of each figure comes from them.",
         "",
         *acceptance(data),
+        "",
+        "## Fault classes",
+        "",
+        "Each scenario below belongs to one class; this table totals its trials (a class's row counts what "
+        "its trials measured: hangs, results lost or corrupted, processes and files left on the remote 5 s "
+        "after the fault, Python tracebacks shown for rx errors).",
+        "",
+        *classes(data),
         "",
     ]
     known = sorted((nodeid, entry) for nodeid, entry in tests.items() if entry["outcome"] == "xfailed")

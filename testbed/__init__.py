@@ -16,18 +16,21 @@ or from Python (the pytest fixtures in :mod:`testbed.pytest_plugin` do this)::
     host = bed.host(0)            # alias "rx-testbed-1", port on 127.0.0.1
     testbed.down(state_dir=tmp)
 
-The fault tools (:func:`start_host`, :func:`pause`, :func:`exec_root`, :func:`regenerate_host_keys`) act on
-real containers with ``docker pause`` and ``docker exec``. Every host has a fake ``nvidia-smi`` (no GPUs until
-:func:`set_gpus` gives it some, and processes using them: :func:`start_foreign_process` starts one rx did
-not), which prints what the real tool prints for the queries rx makes. :func:`slurm_up` starts a three-node Slurm
-cluster (login node ``rx-slurm`` with slurmctld and accounting, compute nodes ``c1`` and ``c2``, a shared
-/home) for the scheduler tests (see :mod:`testbed._slurm`). This package needs only the standard library, the
-``docker`` SDK and the OpenSSH client's ``ssh-keygen``; it never imports remote_exec.
+The fault tools (:func:`start_host`, :func:`pause`, :func:`exec_root`, :func:`regenerate_host_keys`,
+:func:`set_login`) act on real containers with ``docker pause`` and ``docker exec``; :data:`LOGIN_VARIANTS`
+are logins of real lab servers (a ``~/.bashrc`` that prints, one that execs another shell). Every host has a
+fake ``nvidia-smi`` (no GPUs until :func:`set_gpus` gives it some, and processes using them:
+:func:`start_foreign_process` starts one rx did not), which prints what the real tool prints for the queries
+rx makes. :func:`slurm_up` starts a three-node Slurm cluster (login node ``rx-slurm`` with slurmctld and
+accounting, compute nodes ``c1`` and ``c2``, a shared /home) for the scheduler tests (see
+:mod:`testbed._slurm`). This package needs only the standard library, the ``docker`` SDK and the OpenSSH
+client's ``ssh-keygen``; it never imports remote_exec.
 """
 
 from __future__ import annotations
 
 from testbed._hosts import (
+    LOGIN_VARIANTS,
     Testbed,
     TestbedHost,
     default_state_dir,
@@ -38,6 +41,7 @@ from testbed._hosts import (
     regenerate_host_keys,
     remove_host,
     set_gpus,
+    set_login,
     start_foreign_process,
     start_host,
     status,
@@ -58,6 +62,7 @@ from testbed._slurm import (
 __all__ = [
     "BASE_IMAGE",
     "IMAGE",
+    "LOGIN_VARIANTS",
     "SLURM_IMAGE",
     "SlurmCluster",
     "Testbed",
@@ -75,6 +80,7 @@ __all__ = [
     "regenerate_host_keys",
     "remove_host",
     "set_gpus",
+    "set_login",
     "slurm_down",
     "slurm_status",
     "slurm_up",

@@ -32,6 +32,7 @@ from typing import Any
 from testbed._image import TestbedError, docker_client, ensure_image, file_lock
 
 __all__ = [
+    "LOGIN_VARIANTS",
     "Testbed",
     "TestbedHost",
     "default_state_dir",
@@ -42,6 +43,7 @@ __all__ = [
     "regenerate_host_keys",
     "remove_host",
     "set_gpus",
+    "set_login",
     "start_foreign_process",
     "start_host",
     "status",
@@ -615,6 +617,7 @@ def start_host(
     *,
     mem_limit: str | None = None,
     tmpfs: dict[str, str] | None = None,
+    login: str | None = None,
 ) -> TestbedHost:
     """Start a dedicated host for a destructive test and add it to the state dir's files as ``name``.
 
@@ -625,6 +628,7 @@ def start_host(
         name: Its alias in ssh_config; the container is named after it (plus the state dir suffix).
         mem_limit: A Docker memory limit such as ``"64m"``, for out-of-memory tests.
         tmpfs: Mounts such as ``{"/home/rx/.cache": "size=1m"}``, for disk-full tests.
+        login: A key of :data:`LOGIN_VARIANTS`: the user's login behaves as on such a lab server.
 
     Raises:
         TestbedError: The name is invalid or taken, or the host did not come up.
@@ -647,8 +651,48 @@ def start_host(
             raise
     for host in testbed.hosts:
         if host.container_id == container.id:
+            if login is not None:
+                set_login(host, login)
             return host
     raise TestbedError(f"host {name} vanished while it started")
+
+
+# What real lab servers do at login, as shell scripts run as root in a host (the image stays the same for
+# both of its build paths). ``noisy``: ~/.bashrc prints a banner (stdout, no final newline too, and stderr)
+# before its non-interactive return, and Python's user site holds a usercustomize.py that prints at start
+# and at exit and a .pth file that prints. ``exec-dash``: ~/.bashrc replaces the shell (as ``exec zsh``
+# does), so bash never runs the command sshd gave it.
+_USER_SITE = "$(runuser -u rx -- python3 -I -c 'import site; print(site.getusersitepackages())')"
+LOGIN_VARIANTS: dict[str, str] = {
+    "plain": "cp /etc/skel/.bashrc /home/rx/.bashrc; rm -rf /home/rx/.local",
+    "noisy": (
+        "{ echo 'echo \"Welcome to $(hostname): /home is 93% full\"';"
+        "  echo 'printf \"conda: (base) activated\"';"
+        "  echo 'echo \"module: gcc/12 loaded\" >&2';"
+        "  cat /etc/skel/.bashrc; } > /home/rx/.bashrc;"
+        f" site={_USER_SITE}; mkdir -p \"$site\";"
+        " printf '%s\\n' 'import atexit' 'print(\"usercustomize: hello\")'"
+        "  'atexit.register(print, \"usercustomize: bye\")' > \"$site/usercustomize.py\";"
+        " printf '%s\\n' 'import sys; sys.stdout.write(\"pth: hello\\n\"); sys.stdout.flush()'"
+        "  > \"$site/zz-noisy.pth\";"
+        " chown -R rx:rx /home/rx"
+    ),
+    "exec-dash": "{ echo 'exec /bin/dash'; cat /etc/skel/.bashrc; } > /home/rx/.bashrc; chown rx:rx /home/rx/.bashrc",
+}
+
+
+def set_login(host: TestbedHost, variant: str) -> None:
+    """Make the login of the user ``rx`` on ``host`` behave as one of :data:`LOGIN_VARIANTS` (``plain``
+    undoes the others).
+
+    Raises:
+        TestbedError: No such variant, or it could not be set up.
+    """
+    if variant not in LOGIN_VARIANTS:
+        raise TestbedError(f"no login variant {variant!r}; there are {', '.join(LOGIN_VARIANTS)}")
+    code, output = exec_root(host, LOGIN_VARIANTS[variant], timeout=30)
+    if code != 0:
+        raise TestbedError(f"setting up the {variant} login on {host.alias} failed (exit {code}): {output.strip()}")
 
 
 def remove_host(host: TestbedHost) -> None:

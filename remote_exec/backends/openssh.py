@@ -60,7 +60,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, ClassVar
@@ -110,6 +110,8 @@ _PID_MARKER = "__rx_pid__="
 _PID_LINE = re.compile(rb"(?:^|\n)__rx_pid__=(\d+)\n")
 _MASTER_PID = re.compile(r"Master running \(pid=(\d+)\)")
 _HEADER_LIMIT = 65536
+#: Seconds a command's pid line may take once the connection is up before start() returns without it.
+_COMMAND_START = 1.0
 _POLL_INTERVAL = 0.25
 
 # Signal a remote process group: TERM, then KILL if it is still there after the grace period.
@@ -526,41 +528,57 @@ class SshProcess(Process):
         self.remote_pid: int | None = None
         self.lost_master = False
         self.preamble = b""  # what came on stderr before the pid line (ssh's own messages, for a master)
+        self._pid_later = False  # the pid line did not come in time: read_stderr still looks for it
 
     @property
     def pid(self) -> int:
         """The pid of the local ssh process."""
         return self._popen.pid
 
-    def _read_header(self, timeout: float) -> None:
-        """Read stderr up to the remote shell's pid line; keep everything else for :meth:`read_stderr`."""
+    def _read_header(self, timeout: float, ready: Callable[[], bool] | None = None) -> None:
+        """Read stderr up to the remote shell's pid line; keep everything else for :meth:`read_stderr`.
+
+        Once ``ready()`` holds (the connection is up), the pid line gets :data:`_COMMAND_START` more seconds:
+        a slow login, or a login shell that replaced itself (``exec zsh`` in ``~/.bashrc``) and never runs
+        the command line, must not hold the caller; :meth:`read_stderr` takes a pid line that comes later.
+        """
         stream = self._popen.stderr
         assert stream is not None
         fd = stream.fileno()
         buffer = b""
         deadline = time.monotonic() + timeout
         while True:
-            match = _PID_LINE.search(buffer)
-            if match is not None:
-                self.remote_pid = int(match[1])
-                # keep a newline that ended earlier output; drop the marker line itself
-                start = match.start() + (1 if buffer[match.start():match.start() + 1] == b"\n" else 0)
-                self.preamble = buffer[:start]
-                self._stderr_pending = buffer[:start] + buffer[match.end():]
+            if self._take_pid_line(buffer):
                 return
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            if ready is not None and ready():
+                deadline, ready = min(deadline, now + _COMMAND_START), None
+            remaining = deadline - now
             if len(buffer) > _HEADER_LIMIT or remaining <= 0:
                 break
-            if not self._wait_readable(fd, remaining):
-                break
+            if not self._wait_readable(fd, remaining if ready is None else min(remaining, 0.05)):
+                continue
             chunk = os.read(fd, 65536)
             if not chunk:
                 break
             buffer += chunk
         self._stderr_pending = buffer
         self.lost_master = NO_MASTER_MARKER.encode() in buffer
-        if self.remote_pid is None:
-            logger.debug("%s on %s: no pid line from the remote shell", self._label, self._backend.host)
+        self._pid_later = not self.lost_master
+        logger.debug("%s on %s: no pid line from the remote shell yet", self._label, self._backend.host)
+
+    def _take_pid_line(self, buffer: bytes) -> bool:
+        """Take the pid line out of ``buffer`` (the rest goes to :meth:`read_stderr`); False if it has none."""
+        match = _PID_LINE.search(buffer)
+        if match is None:
+            return False
+        self.remote_pid = int(match[1])
+        self._pid_later = False
+        # keep a newline that ended earlier output; drop the marker line itself
+        start = match.start() + (1 if buffer[match.start():match.start() + 1] == b"\n" else 0)
+        self.preamble = buffer[:start]
+        self._stderr_pending = buffer[:start] + buffer[match.end():]
+        return True
 
     def _wait_readable(self, fd: int, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for ``fd`` to be readable (data or end of file)."""
@@ -593,10 +611,15 @@ class SshProcess(Process):
 
     def read_stderr(self, size: int = 65536) -> bytes:
         """Block until some stderr is available; return up to ``size`` bytes, or b"" at end of stream."""
-        if self._stderr_pending:
-            chunk, self._stderr_pending = self._stderr_pending[:size], self._stderr_pending[size:]
-            return chunk
-        return self._read(self._popen.stderr, size)
+        if not self._stderr_pending:
+            chunk = self._read(self._popen.stderr, size)
+            if not (self._pid_later and chunk):
+                return chunk
+            self._stderr_pending = chunk
+        if self._pid_later:  # a late pid line: take it out when it comes
+            self._take_pid_line(self._stderr_pending)
+        chunk, self._stderr_pending = self._stderr_pending[:size], self._stderr_pending[size:]
+        return chunk
 
     def write_stdin(self, data: bytes) -> None:
         """Write all of ``data`` to the command's stdin.
@@ -885,7 +908,7 @@ class OpenSSHBackend(Backend):
                     popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                              stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
                 process = SshProcess(self, popen, label)
-                process._read_header(self._connect_deadline())
+                process._read_header(self._connect_deadline(), ready=master.control_path.exists)
                 if process.remote_pid is None and not master.control_path.exists():
                     said = process._discard()
                     raise self._mapped(said)
@@ -987,7 +1010,7 @@ class OpenSSHBackend(Backend):
             master = self._ensure_master()
             popen = self._spawn(master, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             process = SshProcess(self, popen, label)
-            process._read_header(self.spec.connect_timeout + self.spec.dead_after)
+            process._read_header(self.spec.connect_timeout + self.spec.dead_after, ready=lambda: True)
             if not process.lost_master:
                 return process
             retry.no_session(master, process._discard())

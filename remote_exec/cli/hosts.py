@@ -35,10 +35,26 @@ if smi:
         gpus = [line.strip() for line in out.splitlines() if line.strip()]
     except Exception as exc:
         gpus = ["nvidia-smi failed: %s" % exc]
-print(json.dumps({"python": sys.version.split()[0], "executable": sys.executable,
+print("\nRXCHECK " + json.dumps({"python": sys.version.split()[0], "executable": sys.executable,
                   "platform": sys.platform, "hostname": os.uname().nodename, "cpus": os.cpu_count(),
                   "workdir": workdir, "free_bytes": usage.free, "gpus": gpus}))
 """
+_PROBE_MARKER = b"\nRXCHECK "
+
+
+def _probe_facts(host: str, stdout: bytes) -> tuple[dict[str, Any], str]:
+    """The probe's facts, and what the login shell printed before them (rx skips it, ``rx check`` shows it)."""
+    at = stdout.rfind(_PROBE_MARKER)
+    try:
+        line = stdout[at + len(_PROBE_MARKER):].partition(b"\n")[0]  # a site hook may print after it, at exit
+        facts: dict[str, Any] = json.loads(line) if at >= 0 else {}
+    except ValueError:
+        facts = {}
+    if not facts:
+        raise RunnerError(f"the probe on {host} printed no report", host=host,
+                          hint="the login shell may replace itself or wait for input (see its ~/.bashrc)")
+    noise = stdout[:max(at, 0)].decode("utf-8", "replace").strip()
+    return facts, "".join(char if char.isprintable() else " " for char in " / ".join(noise.splitlines()))
 
 
 @app.command()
@@ -274,9 +290,9 @@ def check(
     connect_timeout: Annotated[float, typer.Option(help="Seconds to connect.")] = 10.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Connect to HOST and report backend, round-trip time, remote Python, free disk and GPUs; on a
-    Slurm remote also the Slurm version, partitions and idle nodes, whether accounting answers, and whether
-    jobs see the login node's home (a probe job writes a file there)."""
+    """Connect to HOST and report backend, round-trip time, remote Python, free disk, GPUs and what its
+    login prints (rx skips it); on a Slurm remote also the Slurm version, partitions and idle nodes, whether
+    accounting answers, and whether jobs see the login node's home (a probe job writes a file there)."""
     from ..config import Configuration
     from ..coordinator import Coordinator
     from ..launchers.registry import create_launcher
@@ -302,24 +318,33 @@ def check(
                           hint="install Python 3 there or pass --python /path/to/python3")
     if result.failed:
         raise RunnerError(f"{shlex.quote(interpreter)} on {host} failed: {result.tail()}", host=host)
-    facts = json.loads(result.stdout.decode())
+    facts, noise = _probe_facts(host, result.stdout)
     report = {"host": host, "backend": backend_name, "connect_seconds": round(connect_seconds, 4),
-              "rtt_ms": round(statistics.median(rtts) * 1000, 2), **facts}
+              "rtt_ms": round(statistics.median(rtts) * 1000, 2), **facts, "login_output": noise}
     launcher = create_launcher(remote.scheduler, remote.launcher_options)
     if launcher.schedules:
         report["scheduler"] = launcher.describe(conn, remote.workdir)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
+    _print_check(host, backend_name, report)
+
+
+def _print_check(host: str, backend_name: str, report: dict[str, Any]) -> None:
+    """``rx check``'s report for a terminal."""
     from rich.console import Console
 
     console = Console(highlight=False)
     console.print(f"[bold]{host}[/] ok via {backend_name}")
-    console.print(f"  connect     {connect_seconds * 1000:.0f} ms, round trip {report['rtt_ms']:.1f} ms (median of 5)")
-    console.print(f"  python      {facts['python']} ({facts['executable']})")
-    console.print(f"  host        {facts['hostname']}, {facts['cpus']} CPUs, {facts['platform']}")
-    console.print(f"  free disk   {facts['free_bytes'] / 2**30:.1f} GiB in {facts['workdir']}")
-    console.print(f"  GPUs        {', '.join(facts['gpus']) if facts['gpus'] else 'none (no nvidia-smi)'}")
+    console.print(f"  connect     {report['connect_seconds'] * 1000:.0f} ms, round trip {report['rtt_ms']:.1f} ms "
+                  "(median of 5)")
+    console.print(f"  python      {report['python']} ({report['executable']})")
+    console.print(f"  host        {report['hostname']}, {report['cpus']} CPUs, {report['platform']}")
+    console.print(f"  free disk   {report['free_bytes'] / 2**30:.1f} GiB in {report['workdir']}")
+    console.print(f"  GPUs        {', '.join(report['gpus']) if report['gpus'] else 'none (no nvidia-smi)'}")
+    if report["login_output"]:
+        console.print("  login       the login shell prints on stdout (rx skips it): ", end="")
+        console.print(report["login_output"][:200], markup=False)
     if "scheduler" in report:
         _print_scheduler(console, report["scheduler"])
 

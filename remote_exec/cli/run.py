@@ -434,6 +434,9 @@ def load_detached_run(workspace: Path | None, run_ref: str) -> DetachedRun:
     with run.session_path.open("rb") as stream:
         session = Session.restore(stream)
     session.config = Configuration.load()
+    # Secrets went to the host when the run started; following, collecting or cancelling it needs none.
+    session.context["options"] = {key: value for key, value in (session.context.get("options") or {}).items()
+                                  if key != "secret_env"}
     coordinator = Coordinator.current()
     return DetachedRun(run=run, session=session, target=coordinator.resolve_target(session), info=info,
                        coordinator=coordinator)
@@ -493,5 +496,5 @@ def cancel(
         typer.echo(f"rx: run {run.id} is already {info.get('status')}", err=True)
         raise typer.Exit(0)
     detached.coordinator.cancel(detached.target, info["detached"])
-    attach_run(detached, as_json=False)
-    raise typer.Exit(130 if run.info().get("status") == "cancelled" else 0)
+    code = attach_run(detached, as_json=False)
+    raise typer.Exit(130 if run.info().get("status") == "cancelled" else code)

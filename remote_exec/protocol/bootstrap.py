@@ -1,15 +1,28 @@
 """Starting a runner: the bootstrap one-liner, the handshake, and the archive upload when the host lacks it.
 
-One exec per runner: ``python3 -c BOOTSTRAP <archive sha256> <workdir> <mode> [args]`` (see
-:func:`runner_argv`), started by the target's launcher over its backend. The bootstrap answers on stdout
-with one line: ``RXBOOT1 HAVE`` (the archive is installed), ``RXBOOT1 NEED`` (then it receives the archive
-as an 8-byte length and the bytes, checks its sha256, installs it atomically under
-``<workdir>/archives/<sha256>/`` and answers ``RXBOOT1 OK``), or ``RXBOOT1 OLDPY X.Y.Z``. Then it imports
-the runner from the archive and hands it stdin and stdout: from there on, frames (:mod:`.wire`).
+One exec per runner: ``python3 -c BOOTSTRAP <token> <archive sha256> <workdir> <mode> [args]`` (see
+:func:`runner_argv`), started by the target's launcher over its backend. ``<token>`` is random per start:
+the bootstrap's answers are lines ``RXBOOT2 <token> WORD`` on stdout, and whatever comes before the first
+of them is what the remote login shell (``.bashrc`` banners, conda or module notices) or a site hook
+printed: it is skipped, up to :data:`NOISE_LIMIT` bytes within the handshake timeout, and shown when the
+bootstrap never answers. The words: ``HAVE`` (the archive is installed), ``NEED`` (then it receives the
+archive as an 8-byte length and the bytes, checks its sha256, installs it atomically under
+``<workdir>/archives/<sha256>/`` and answers ``OK``; ``NEED damaged`` when an installed copy failed its
+check), or ``OLDPY X.Y.Z``. An installed archive carries ``.rx-sizes`` (the size of each of its files),
+checked on every use: a file a scratch cleaner deleted or a crash truncated makes the bootstrap install
+the archive again instead of failing on an import.
+
+Before it imports anything, the bootstrap moves the real stdout to a private file descriptor and points
+fd 1 at stderr: what a ``sitecustomize``, ``usercustomize`` or ``.pth`` hook prints later (or flushes at
+exit) goes to stderr and never into the frames. Then it imports the runner from the archive and hands it
+stdin and that descriptor: from there on, frames (:mod:`.wire`).
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
+import shlex
 import threading
 from collections.abc import Sequence
 
@@ -20,22 +33,49 @@ from ..packing import DistributionArchive
 from .channel import Channel, drain_stderr
 from .options import CallOptions, PhaseCallback
 
-__all__ = ["BOOTSTRAP", "MIN_PYTHON", "runner_argv", "start_runner"]
+__all__ = ["BOOTSTRAP", "MIN_PYTHON", "NOISE_LIMIT", "Handshake", "find_handshake", "new_token",
+           "runner_argv", "start_runner"]
+
+logger = logging.getLogger(__name__)
 
 #: Minimum remote Python version the runner supports.
 MIN_PYTHON = (3, 8)
+#: Bytes of login output skipped before the bootstrap's first answer; past this the start fails.
+NOISE_LIMIT = 1 << 16
+#: What starts each of the bootstrap's answers (then the call's token, a space and the word).
+MARKER = b"RXBOOT2 "
+#: Seconds without an answer after which the command is also offered on stdin, for a login shell that
+#: replaced itself (see :class:`_Start`).
+RESUME_AFTER = 2.0
 
-# The bootstrap, run as `python3 -c BOOTSTRAP <sha256> <cache-dir>`. It must stay small, standard-library
-# only, and work on every Python from 2.7 upward far enough to report a version that is too old.
+# The bootstrap, run as `python3 -c BOOTSTRAP <token> <sha256> <cache-dir> <mode> [args]`. It must stay
+# small, standard-library only, and work on every Python from 2.7 upward far enough to report a version
+# that is too old. o: the protocol's fd (stdout moved away); s(): one answer; k(): the installed archive
+# matches its .rx-sizes.
 BOOTSTRAP = r"""
 import sys,os
-w=sys.stdout.buffer if hasattr(sys.stdout,'buffer') else sys.stdout
+o=os.dup(1);os.dup2(2,1)
+m=('\nRXBOOT2 %s '%sys.argv[1]).encode()
+def s(x):os.write(o,m+x+b'\n')
 if sys.version_info<(3,8):
-    w.write(('RXBOOT1 OLDPY %d.%d.%d\n'%sys.version_info[:3]).encode());w.flush();sys.exit(3)
-h,c=sys.argv[1],os.path.expanduser(sys.argv[2])
-a=os.path.join(c,'archives');p=os.path.join(a,h)
+    s(('OLDPY %d.%d.%d'%sys.version_info[:3]).encode());sys.exit(3)
+h,c=sys.argv[2],os.path.expanduser(sys.argv[3])
+a=os.path.join(c,'archives');p=os.path.join(a,h);x=os.path.join(p,'.rx-sizes');j=b''
+def k():
+    try:
+        with open(x,'rb') as f:
+            for l in f:
+                n,_,e=l[:-1].partition(b' ')
+                if os.stat(os.path.join(p,e.decode('utf-8'))).st_size!=int(n):return 0
+        return 1
+    except (OSError,ValueError):return 0
+if os.path.isdir(p) and not k():
+    j=b' damaged';d=os.path.join(a,'.tmp-'+os.urandom(8).hex())
+    try:os.rename(p,d)
+    except OSError:pass
+    import shutil;shutil.rmtree(d,ignore_errors=True)
 if os.path.isdir(p):
-    w.write(b'RXBOOT1 HAVE\n');w.flush()
+    s(b'HAVE')
 else:
     import zlib
     try:from _sha256 import sha256
@@ -43,46 +83,55 @@ else:
         try:from _sha2 import sha256
         except ImportError:from hashlib import sha256
     os.makedirs(a,mode=0o700,exist_ok=True);os.chmod(c,0o700)
-    w.write(b'RXBOOT1 NEED\n');w.flush()
-    r=sys.stdin.buffer;n=int.from_bytes(r.read(8),'big');m=[]
+    s(b'NEED'+j)
+    r=sys.stdin.buffer;n=int.from_bytes(r.read(8),'big');z=[]
     while n:
         b=r.read(min(n,1<<20))
         if not b:raise SystemExit('rx bootstrap: archive upload cut short')
-        m.append(b);n-=len(b)
-    d=b''.join(m);del m
+        z.append(b);n-=len(b)
+    d=b''.join(z);del z
     if sha256(d).hexdigest()!=h:raise SystemExit('rx bootstrap: archive sha256 mismatch')
     u=lambda i,k:int.from_bytes(d[i:i+k],'little')
-    t=os.path.join(a,'.tmp-'+os.urandom(8).hex());os.mkdir(t,0o700);y=set([t])
+    t=os.path.join(a,'.tmp-'+os.urandom(8).hex());os.mkdir(t,0o700);y=set([t]);w=[]
     try:
-        e=d.rfind(b'PK\x05\x06');o=u(e+16,4)
+        e=d.rfind(b'PK\x05\x06');q=u(e+16,4)
         for _ in range(u(e+10,2)):
-            if d[o:o+4]!=b'PK\x01\x02':raise SystemExit('rx bootstrap: damaged archive')
-            k,z,f,l=u(o+10,2),u(o+20,4),d[o+46:o+46+u(o+28,2)].decode('utf-8'),u(o+42,4);o+=46+u(o+28,2)+u(o+30,2)+u(o+32,2)
-            if f.startswith('/') or '..' in f.split('/') or '\\' in f:raise SystemExit('rx bootstrap: bad entry')
+            if d[q:q+4]!=b'PK\x01\x02':raise SystemExit('rx bootstrap: damaged archive')
+            g,z,f,l=u(q+10,2),u(q+20,4),d[q+46:q+46+u(q+28,2)].decode('utf-8'),u(q+42,4);q+=46+u(q+28,2)+u(q+30,2)+u(q+32,2)
+            if f.startswith('/') or '..' in f.split('/') or '\\' in f or '\n' in f:
+                raise SystemExit('rx bootstrap: bad entry')
             if f.endswith('/'):continue
-            s=l+30+u(l+26,2)+u(l+28,2);b=d[s:s+z]
-            if k==8:b=zlib.decompress(b,-15)
-            elif k:raise SystemExit('rx bootstrap: unknown compression')
-            q=os.path.join(t,f);v=os.path.dirname(q)
-            if v not in y:os.makedirs(v,exist_ok=True);y.add(v)
-            with open(q,'wb') as g:g.write(b)
+            v=l+30+u(l+26,2)+u(l+28,2);b=d[v:v+z]
+            if g==8:b=zlib.decompress(b,-15)
+            elif g:raise SystemExit('rx bootstrap: unknown compression')
+            v=os.path.join(t,f);e=os.path.dirname(v)
+            if e not in y:os.makedirs(e,exist_ok=True);y.add(e)
+            with open(v,'wb') as f:f.write(b)
+            w.append(b'%d %s\n'%(len(b),v[len(t)+1:].encode('utf-8')))
+        with open(os.path.join(t,'.rx-sizes'),'wb') as f:f.write(b''.join(w))
         try:os.rename(t,p)
         except OSError:
             if not os.path.isdir(p):raise
     finally:
         if os.path.isdir(t):
             import shutil;shutil.rmtree(t,ignore_errors=True)
-    w.write(b'RXBOOT1 OK\n');w.flush()
+    s(b'OK')
 sys.path.insert(0,p)
 from remote_exec.runner import main
-sys.exit(main(sys.argv[2:]))
+sys.exit(main(sys.argv[3:],o))
 """.strip()
 
 
-def runner_argv(options: CallOptions, archive_sha256: str, mode: str, *extra: str) -> list[str]:
+def new_token() -> str:
+    """A fresh token for one start of the bootstrap (what makes its answers its own)."""
+    return secrets.token_hex(8)
+
+
+def runner_argv(options: CallOptions, archive_sha256: str, mode: str, *extra: str,
+                token: str | None = None) -> list[str]:
     """The command that starts the runner in ``mode`` (``serve``, ``worker``, ``detach``, ``attach``,
-    ``cancel``) with the archive ``archive_sha256``."""
-    argv = [options.python, "-c", BOOTSTRAP, archive_sha256, options.workdir, mode, *extra]
+    ``cancel``) with the archive ``archive_sha256``; its answers carry ``token`` (a fresh one if None)."""
+    argv = [options.python, "-c", BOOTSTRAP, token or new_token(), archive_sha256, options.workdir, mode, *extra]
     if mode == "worker":
         argv.append(f"{options.worker_idle:g}")
         if options.placement is not None:
@@ -90,114 +139,242 @@ def runner_argv(options: CallOptions, archive_sha256: str, mode: str, *extra: st
     return argv
 
 
-def read_handshake(process: Process, buffer: bytes = b"") -> tuple[str, bytes]:
-    """The bootstrap's next ``RXBOOT1 ...`` line, and the bytes read past it."""
-    while b"\n" not in buffer:
+class Handshake:
+    """One answer of the bootstrap, as read from its stdout.
+
+    Attributes:
+        word: ``HAVE``, ``NEED`` (``NEED damaged``), ``OK``, ``OLDPY X.Y.Z``; empty when none came.
+        rest: The bytes read past the answer's line (the first frames).
+        noise: What came before it: the login shell's (or a site hook's) output, skipped.
+        token: The token the answer carried.
+    """
+
+    __slots__ = ("noise", "rest", "token", "word")
+
+    def __init__(self, word: str, rest: bytes, noise: bytes, token: str = "") -> None:
+        self.word = word
+        self.rest = rest
+        self.noise = noise
+        self.token = token
+
+    def shown(self, limit: int = 200) -> str:
+        """The noise as one printable line (its end, at most ``limit`` characters)."""
+        text = " / ".join(line.strip() for line in self.noise.decode("utf-8", "replace").splitlines() if line.strip())
+        text = "".join(char if char.isprintable() else f"\\x{ord(char):02x}" for char in text)
+        return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def find_handshake(data: bytes, *tokens: str) -> Handshake | None:
+    """The bootstrap's first whole answer carrying one of ``tokens`` in ``data`` (stdout so far), or None
+    if there is none yet."""
+    found: tuple[int, bytes, str] | None = None
+    for token in tokens:
+        marker = MARKER + token.encode("ascii") + b" "
+        at = data.find(marker)
+        if at >= 0 and (found is None or at < found[0]):
+            found = (at, marker, token)
+    if found is None:
+        return None
+    at, marker, token = found
+    end = data.find(b"\n", at + len(marker))
+    if end < 0:
+        return None
+    noise = data[:at - 1] if data[at - 1:at] == b"\n" else data[:at]  # the bootstrap starts with a newline
+    return Handshake(data[at + len(marker):end].decode("ascii", "replace"), data[end + 1:], noise, token)
+
+
+def read_handshake(process: Process, tokens: Sequence[str], buffer: bytes = b"") -> Handshake:
+    """Read the bootstrap's next answer (skipping up to :data:`NOISE_LIMIT` bytes of login output before
+    it); an empty word when the stream ended, or held only noise, first."""
+    while True:
+        found = find_handshake(buffer, *tokens)
+        if found is not None:
+            return found
+        if len(buffer) > NOISE_LIMIT:
+            return Handshake("", b"", buffer)
         chunk = process.read_stdout(65536)
         if not chunk:
-            return "", buffer
+            return Handshake("", b"", buffer)
         buffer += chunk
-    line, _, rest = buffer.partition(b"\n")
-    return line.decode("ascii", "replace"), rest
 
 
-def _interpreter_error(host: str, python: str, code: int | None, stderr: bytes) -> RunnerError:
+def _interpreter_error(host: str, python: str, code: int | None, stderr: bytes, noise: str) -> RunnerError:
     text = stderr.decode("utf-8", "replace").strip()
     last = text.splitlines()[-1] if text else ""
     if code == 127 or "not found" in text or "No such file" in text:
         return RunnerError(f"{python} not found on {host}", reason="interpreter-missing", host=host,
                            hint="install Python 3 there or pass --python /path/to/python3")
-    return RunnerError(f"the runner could not start on {host} with {python} (exit {code}): {last}",
+    said = f"; the login shell printed: {noise}" if noise else ""
+    return RunnerError(f"the runner could not start on {host} with {python} (exit {code}): {last}{said}",
                        reason="crashed", host=host)
 
 
-def _first_line(process: Process, timeout: float) -> tuple[str, bytes, bool]:
-    """The bootstrap's first line; past ``timeout`` the process is dropped (True: it hung)."""
-    # An interpreter that starts but never answers (a wrapper waiting on stdin, a hung NFS home) must not
-    # hang the call: past the deadline the process is dropped and the error says so.
-    hung = threading.Event()
+class _Start:
+    """Waiting for the bootstrap's first answer, and resuming it through a login shell that replaced itself.
 
-    def give_up() -> None:
-        hung.set()
-        process.kill()
+    A ``~/.bashrc`` that ends in ``exec zsh`` (or ``exec /bin/dash``) throws away the command sshd gave
+    bash; the new shell then reads commands from stdin. So when no answer came within ``resume_after``
+    seconds, the same command (its token marked ``r``) goes to stdin as a shell line: a replaced shell
+    runs it and the answer carries the marked token. If the first command answers instead (a login that
+    was only slow), that line sits in its stdin: the start is done again, without resuming (``stale``).
+    Past ``timeout`` the process is dropped (``hung``).
+    """
 
-    timer = threading.Timer(timeout, give_up)
-    timer.daemon = True
-    timer.start()
-    try:
-        line, rest = read_handshake(process)
-    except BaseException:
-        process.kill()
-        raise
-    finally:
-        timer.cancel()
-    return line, rest, hung.is_set()
+    def __init__(self, process: Process, argv: Sequence[str], token: str, resume_after: float | None) -> None:
+        self.process = process
+        self.argv = list(argv)
+        self.token = token
+        self.resume_after = resume_after
+        self.lock = threading.Lock()
+        self.answered = False
+        self.resumed = False
+        self.hung = threading.Event()
+
+    def _give_up(self) -> None:
+        self.hung.set()
+        self.process.kill()
+
+    def _resume(self) -> None:
+        with self.lock:
+            if self.answered:
+                return
+            self.resumed = True
+        argv = [self.token + "r" if word == self.token else word for word in self.argv]
+        try:
+            self.process.write_stdin(("exec " + shlex.join(argv) + "\n").encode())
+        except Exception:  # the process is gone: the reader sees its end
+            logger.debug("resuming the bootstrap through stdin failed", exc_info=True)
+
+    def first_answer(self, timeout: float) -> tuple[Handshake, bool]:
+        """The first answer and whether it is ``stale`` (the first command answered after a resume line was
+        written to its stdin)."""
+        timers = [threading.Timer(timeout, self._give_up)]
+        if self.resume_after is not None and self.resume_after < timeout:
+            timers.append(threading.Timer(self.resume_after, self._resume))
+        for timer in timers:
+            timer.daemon = True
+            timer.start()
+        try:
+            answer = read_handshake(self.process, (self.token, self.token + "r"))
+        except BaseException:
+            self.process.kill()
+            raise
+        finally:
+            for timer in timers:
+                timer.cancel()
+        with self.lock:
+            self.answered = True
+            stale = self.resumed and answer.token == self.token
+        return answer, stale
 
 
-def _refusal(backend: Backend, process: Process, options: CallOptions, line: str,
-             hung: bool) -> RemoteExecError:
+def _refusal(backend: Backend, process: Process, options: CallOptions, answer: Handshake,
+             hung: bool) -> RemoteExecError:  # shape: one message per way a start fails
     """Why the runner did not start, as the error to raise (the process is dropped)."""
     host = backend.host
-    if hung and not line.startswith("RXBOOT1"):
+    noise = answer.shown()
+    if answer.word.startswith("OLDPY"):
+        process.kill()
+        return RunnerError(f"{options.python} on {host} is Python {answer.word.split()[-1]}; the runner needs "
+                           f"{'.'.join(map(str, MIN_PYTHON))} or newer", reason="python-too-old",
+                           host=host, hint="pass --python with a newer interpreter")
+    if len(answer.noise) > NOISE_LIMIT:
+        process.kill()
+        return RunnerError(f"the login shell on {host} printed more than {NOISE_LIMIT // 1024} KiB before rx's "
+                           f"bootstrap answered: {noise}", reason="login-noise", host=host,
+                           hint="make the remote ~/.bashrc quiet for non-interactive shells")
+    if hung:
+        if noise:
+            return RunnerError(f"rx's bootstrap did not answer on {host} within {options.handshake_timeout:g} s; "
+                               f"the login shell printed: {noise}", reason="interpreter-hung", host=host,
+                               hint="a ~/.bashrc that waits for input or replaces the shell (exec) stops "
+                                    "rx's command from running; make it return early for non-interactive shells")
         return RunnerError(f"{options.python} on {host} started but did not answer within "
                            f"{options.handshake_timeout:g} s", reason="interpreter-hung", host=host,
                            hint="check that --python names a Python 3 interpreter")
-    if line.startswith("RXBOOT1 OLDPY"):
-        process.kill()
-        return RunnerError(f"{options.python} on {host} is Python {line.split()[-1]}; the runner needs "
-                           f"{'.'.join(map(str, MIN_PYTHON))} or newer", reason="python-too-old",
-                           host=host, hint="pass --python with a newer interpreter")
     code = process.wait(5)
     stderr = drain_stderr(process)
     process.kill()  # ended or hopeless: release its pipes
-    link = backend.classify_exit(code, stderr) if not line else None
+    link = backend.classify_exit(code, stderr) if not answer.noise else None
     if link is not None:
         return link
-    return _interpreter_error(host, options.python, code, stderr)
+    return _interpreter_error(host, options.python, code, stderr, noise)
 
 
-def _upload(backend: Backend, process: Process, archive: DistributionArchive, rest: bytes) -> bytes:
+def _upload(backend: Backend, process: Process, archive: DistributionArchive, token: str, rest: bytes) -> bytes:
     """Send the archive the bootstrap asked for; return the bytes read past its ``OK``."""
     data = archive.read()
     try:
         process.write_stdin(len(data).to_bytes(8, "big") + data)
-        line, rest = read_handshake(process, rest)
+        answer = read_handshake(process, (token,), rest)
     except BaseException:
         process.kill()
         raise
-    if line != "RXBOOT1 OK":
+    if answer.word != "OK":
         process.wait(5)
         stderr = drain_stderr(process)
         process.kill()
         raise RunnerError(f"installing the archive on {backend.host} failed: "
                           + stderr.decode("utf-8", "replace").strip()[-300:], reason="crashed", host=backend.host)
-    return rest
+    return answer.rest
+
+
+def _launch(launcher: Launcher, backend: Backend, archive: DistributionArchive, options: CallOptions,
+            mode: str, extra: Sequence[str]) -> tuple[Process, Handshake]:
+    """Start the bootstrap and read its first answer (resumed through a replaced login shell if need be).
+
+    Raises:
+        RemoteExecError: It did not start (see :func:`_refusal`).
+    """
+    resume_after: float | None = RESUME_AFTER
+    while True:
+        token = new_token()
+        argv = runner_argv(options, archive.sha256, mode, *extra, token=token)
+        process = launcher.start(backend, argv)
+        start = _Start(process, argv, token, resume_after)
+        answer, stale = start.first_answer(options.handshake_timeout)
+        if stale and resume_after is not None:  # a slow login, not a replaced shell: its stdin holds a line
+            logger.debug("%s: the login took over %g s; starting the runner again", backend.host, resume_after)
+            process.kill()
+            resume_after = None
+            continue
+        if answer.word not in ("HAVE", "NEED", "NEED damaged"):
+            raise _refusal(backend, process, options, answer, start.hung.is_set())
+        if answer.token != token:
+            logger.info("%s: the login shell replaced itself (an exec in ~/.bashrc?); rx's command went to the "
+                        "new shell on stdin", backend.host)
+        return process, answer
 
 
 def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArchive, options: CallOptions,
                  mode: str, phase: PhaseCallback, extra: Sequence[str] = ()) -> Channel:
-    """Start the runner through ``launcher``; send the archive only if the host lacks it.
+    """Start the runner through ``launcher``; send the archive only if the host lacks it (or its copy was
+    damaged).
 
     Raises:
         ConnectError, AuthError, HostKeyError: The host could not be reached (as the backend classifies
             how the command ended).
-        RunnerError: The interpreter is missing, too old or hung, or installing the archive failed.
+        RunnerError: The interpreter is missing, too old or hung, the login shell printed too much or kept
+            the bootstrap from running, or installing the archive failed.
     """
     phase("connect", "started")
     try:
-        process = launcher.start(backend, runner_argv(options, archive.sha256, mode, *extra))
-        line, rest, hung = _first_line(process, options.handshake_timeout)
-        if not line.startswith("RXBOOT1") or line.startswith("RXBOOT1 OLDPY"):
-            raise _refusal(backend, process, options, line, hung)
+        process, answer = _launch(launcher, backend, archive, options, mode, extra)
     except BaseException:
         phase("connect", "failed")
         raise
     phase("connect", "finished")
-    if line != "RXBOOT1 NEED":
-        return Channel(backend, process, rest, uploaded=False)
+    if answer.noise:
+        logger.debug("%s: skipped %d bytes the login shell printed: %s", backend.host, len(answer.noise),
+                     answer.shown())
+    if answer.word == "HAVE":
+        return Channel(backend, process, answer.rest, uploaded=False)
+    if answer.word == "NEED damaged":
+        logger.warning("%s: rx's copy of its archive was damaged (a file missing or cut short); sending it again",
+                       backend.host)
     phase("upload", "started")
     try:
-        rest = _upload(backend, process, archive, rest)
+        rest = _upload(backend, process, archive, answer.token, answer.rest)
     except BaseException:
         phase("upload", "failed")
         raise

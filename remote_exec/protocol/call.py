@@ -13,13 +13,14 @@ import json
 import logging
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..backends.base import Backend, Process
 from ..errors import CommandTimeout, ConnectError, IntegrityError, Interrupted, RemoteExecError, RunnerError
 from ..launchers.base import Launcher
 from ..packing import DistributionArchive
-from ..session import Session
+from ..session import Result, Session
 from . import wire
 from .bootstrap import start_runner
 from .channel import Channel, Flag, reap
@@ -35,6 +36,12 @@ __all__ = ["Call", "StaleWorker", "dispatch", "run_call", "send_session"]
 logger = logging.getLogger(__name__)
 
 
+#: Seconds a call interrupted with Ctrl-C (or SIGTERM) waits for its task to stop and its result, with the
+#: files it wrote, to come back: the runner's SIGINT and SIGTERM graces (2 s each), its drain (1 s) and a
+#: margin. A second Ctrl-C stops waiting.
+STOP_WAIT = 8.0
+
+
 class StaleWorker(Exception):
     """A persistent worker's channel was already closed when a call was sent to it."""
 
@@ -47,10 +54,12 @@ class Call:
         received: The result frames so far.
         dead: The watchdog gave the link up (silent too long, or past the call's deadline).
         stop: The call is over; the watchdog leaves it alone.
+        stop_wait: Seconds a Ctrl-C waits for the stopped task's result (0: it does not wait).
+        interrupted: Ctrl-C stopped the task, and its result came back.
     """
 
     def __init__(self, channel: Channel, options: CallOptions, key: bytes, on_stdout: OutputSink,
-                 on_stderr: OutputSink, on_event: EventSink | None = None) -> None:
+                 on_stderr: OutputSink, on_event: EventSink | None = None, stop_wait: float = STOP_WAIT) -> None:
         self.channel = channel
         self.host = channel.backend.host
         self.options = options
@@ -62,6 +71,8 @@ class Call:
         self.started: dict[str, Any] | None = None
         self.dead = Flag()
         self.stop = Flag()
+        self.stop_wait = stop_wait
+        self.interrupted = False
 
     def check(self, deadline: float | None) -> None:
         """Called about every second while the call runs: heartbeat to the runner, and drop the link
@@ -102,6 +113,19 @@ class Call:
         elif kind != b"B":
             raise RunnerError(f"unknown frame {kind!r} from the runner", reason="protocol", host=self.host)
         return False
+
+    def stop_and_wait(self) -> bool:
+        """After a Ctrl-C: ask the runner to stop the task (SIGINT first, so the task's ``finally`` runs) and
+        wait up to :attr:`stop_wait` seconds for its result; False when it did not come (a second Ctrl-C,
+        a lost link, or no waiting for this call)."""
+        if self.stop_wait <= 0:
+            return False
+        try:
+            self.channel.send(b"C")
+            self.channel.watch(self, time.monotonic() + self.stop_wait)
+            return self.channel.pump(self.handle)
+        except (KeyboardInterrupt, Exception):
+            return False
 
     def cancel(self) -> None:
         """Ask the runner to stop the task, give it a moment, then drop the channel."""
@@ -192,9 +216,12 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None) -> None:
     try:
         complete = channel.pump(call.handle)
     except KeyboardInterrupt:
-        call.cancel()
-        phase("execute", "failed")
-        raise Interrupted(f"interrupted; the task on {call.host} was stopped") from None
+        call.interrupted = call.stop_and_wait()  # the task's files come back with its result
+        if not call.interrupted:
+            call.cancel()
+            phase("execute", "failed")
+            raise Interrupted(f"interrupted; the task on {call.host} was stopped") from None
+        complete = True
     call.stop.set()
     call.received.close_spool()
     if not complete:
@@ -203,52 +230,89 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None) -> None:
         raise _no_result_error(call, deadline)
 
 
+def _send_tolerantly(call: Call, go: dict[str, Any], session_bytes: bytes | None, *, keep: bool) -> None:
+    """Send the call; a runner that ended before it read it is reported by what it said (see
+    :func:`_no_result_error`), not as a closed pipe."""
+    try:
+        _send_call(call.channel, go, session_bytes, keep=keep)
+    except ConnectError:
+        if keep:
+            raise
+        logger.debug("%s: the runner stopped reading its input", call.host, exc_info=True)
+
+
+def _collect(call: Call, session: Session, land_file: FileLander | None, phase: PhaseCallback, *,
+             acknowledge: bool) -> tuple[Result, list[Path], bytes]:
+    """Check and land the result (see :func:`.collect.collect`); acknowledge it to a detached run's runner;
+    raise Interrupted, once the files landed, for a call Ctrl-C stopped."""
+    phase("collect", "started")
+    try:
+        collected = collect(call.received, call.host, session, call.options, land_file)
+    except BaseException:
+        phase("collect", "failed")
+        raise
+    phase("collect", "finished")
+    if acknowledge:  # the host removes the run now: wait for that (20,000 files take a few seconds)
+        call.channel.send(b"A")
+        reap(call.channel.process, call.channel.stderr_reader)
+    if call.interrupted:
+        landed = collected[1]
+        raise Interrupted(f"interrupted; the task on {call.host} was stopped"
+                          + (f" ({len(landed)} file(s) it wrote brought back)" if landed else ""))
+    return collected
+
+
+def _end_call(call: Call, *, keep: bool) -> None:
+    """However the call ended: the watchdog and stdin pump stop, the spool goes, and a channel whose result
+    did not come whole is dropped (its pipes released now, not whenever the last reference to them goes)."""
+    channel = call.channel
+    call.stop.set()
+    if call.stdin is not None:
+        call.stdin.stop()
+    channel.watch(None)
+    if not keep:
+        channel.closed.set()
+    call.received.discard()
+    if call.received.end is None:
+        channel.process.kill()
+        if not keep:
+            reap(channel.process, channel.stderr_reader)
+
+
 def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
              on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
              phases: dict[str, float], uploaded: bool, keep: bool,
              extra_options: Mapping[str, Any] | None = None, stdin: BinaryIO | None = None,
-             on_event: EventSink | None = None) -> Outcome:
+             on_event: EventSink | None = None, acknowledge: bool = False) -> Outcome:
     """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
     output (and ``stdin`` to the task, if given), collect and check its result. With ``keep`` the channel
-    (a worker) stays open after it."""
+    (a worker) stays open after it. With ``acknowledge`` (a detached run's collection) the runner hears
+    ``A`` once the result landed, and only then removes the run's data: a result that was refused can be
+    collected again."""
     key = channel.call_key()
-    call = Call(channel, options, key, on_stdout, on_stderr, on_event)
+    call = Call(channel, options, key, on_stdout, on_stderr, on_event, stop_wait=0.0 if acknowledge else STOP_WAIT)
     phase("execute", "started")
     deadline = None if options.timeout is None else time.monotonic() + options.timeout + options.dead_after + 5
     extra = {**(extra_options or {}), **({"stdin": True} if stdin is not None else {})}
     try:
-        _send_call(channel, _call_options(session, options, key, land_file, extra), session_bytes, keep=keep)
+        _send_tolerantly(call, _call_options(session, options, key, land_file, extra), session_bytes, keep=keep)
         if stdin is not None:
             call.stdin = StdinPump(channel, stdin).start()
         _stream(call, phase, deadline)
         header = call.received.header or {}
-        if not keep:
+        if not keep and not acknowledge:
             channel.reap_later()
         elif header.get("status") in ("timeout", "cancelled"):
             channel.broken = True  # a worker exits after such a call
         phase("execute", "finished")
-        phase("collect", "started")
-        try:
-            result, landed, value_data = collect(call.received, call.host, session, options, land_file)
-        except BaseException:
-            phase("collect", "failed")
-            raise
-        phase("collect", "finished")
+        result, landed, value_data = _collect(call, session, land_file, phase, acknowledge=acknowledge)
     except BaseException:
         channel.broken = True
+        if acknowledge and call.received.end is not None:
+            channel.reap_later()  # no A: the host keeps the run for another attach
         raise
     finally:
-        call.stop.set()
-        if call.stdin is not None:
-            call.stdin.stop()
-        channel.watch(None)
-        if not keep:
-            channel.closed.set()
-        call.received.discard()
-        if call.received.end is None:
-            channel.process.kill()
-            if not keep:  # its pipes are released now, not whenever the last reference to them goes
-                reap(channel.process, channel.stderr_reader)
+        _end_call(call, keep=keep)
     result.host = call.host
     return Outcome(result=result, header=header, files=landed, uploaded=uploaded, phases=phases,
                    value_data=value_data)

@@ -1,8 +1,9 @@
 """Collecting a result: the frames that carry it, its checks, the value or exception rebuilt, the files landed.
 
-The runner sends a result as ``R`` (header), ``V`` (value), ``X`` (pickled exception), ``F`` (a tar
-stream of the pulled files) and ``Z`` (end: an HMAC-SHA256 with the per-call key over every R, V, X and F
-frame, each as type byte, 8-byte length and payload). Nothing lands until all of it checked: the HMAC,
+The runner sends a result as ``R`` (header), ``L`` (the list of pulled files, in as many frames as it
+takes), ``V`` (value), ``X`` (pickled exception), ``F`` (a tar stream of the pulled files) and ``Z`` (end: an
+HMAC-SHA256 with the per-call key over every R, L, V, X and F frame, each as type byte, 8-byte length and
+payload). Nothing lands until all of it checked: the HMAC,
 the declared sizes, and a sha256 per file; a result with one bad file lands none.
 """
 
@@ -31,7 +32,7 @@ __all__ = ["RESULT_FRAMES", "Received", "collect", "land_files", "rebuild_result
 logger = logging.getLogger(__name__)
 
 #: The frames that carry a result (:meth:`Received.add` takes them).
-RESULT_FRAMES = frozenset((b"R", b"V", b"X", b"F", b"Z"))
+RESULT_FRAMES = frozenset((b"R", b"L", b"V", b"X", b"F", b"Z"))
 
 
 def safe_member_path(name: str) -> PurePosixPath:
@@ -50,7 +51,9 @@ class Received:
     """The result frames of one call as they arrive, and their running HMAC.
 
     Attributes:
-        header: The R frame (None until it arrived; ``{}`` if it was not JSON: the HMAC check refuses it).
+        header: The R frame (None until it arrived; ``{}`` if it was not JSON: the HMAC check refuses it);
+            once the result is complete, its ``files`` hold the list the L frames carried.
+        files: The entries of the L frames so far.
         value: The V payloads (joined once, at the end).
         exc_data: The X payloads.
         files_path: The spool file the F payloads stream into (made when the first arrives).
@@ -60,6 +63,7 @@ class Received:
     def __init__(self, key: bytes) -> None:
         self.mac = hmac.new(key, digestmod=hashlib.sha256)
         self.header: dict[str, Any] | None = None
+        self.files: list[Any] = []
         self.value: list[bytes] = []
         self.exc_data: list[bytes] = []
         self.files_path: Path | None = None
@@ -70,6 +74,9 @@ class Received:
         """Take one of :data:`RESULT_FRAMES`."""
         if kind == b"Z":
             self.end = json.loads(payload)
+            if isinstance(self.header, dict):
+                listed = self.header.get("files")
+                self.header["files"] = (listed if isinstance(listed, list) else []) + self.files
             return
         self.mac.update(kind + len(payload).to_bytes(8, "big"))
         self.mac.update(payload)
@@ -78,6 +85,12 @@ class Received:
                 self.header = json.loads(payload)
             except ValueError:  # damaged: the HMAC check in collect() refuses the result
                 self.header = {}
+        elif kind == b"L":
+            try:
+                listed = json.loads(payload)
+            except ValueError:  # damaged: the HMAC check refuses the result
+                listed = []
+            self.files += listed if isinstance(listed, list) else []
         elif kind == b"V":
             self.value.append(payload)
         elif kind == b"X":
@@ -144,12 +157,31 @@ def collect(received: Received, host: str, session: Session, options: CallOption
         result = rebuild_result(header, value, exc_data, session, options)
     except (ImportError, AttributeError) as exc:  # the value needs a module this side lacks, or has at another version
         raise unreadable_value(exc, value, task=session.task.name, host=host, remote=header.get("packages")) from exc
+    _warn_of_leftovers(host, header)
     landed: list[Path] = []
     if land_file is not None and header.get("files"):
         landed = land_files(received, host, header["files"], land_file)
     if (header.get("value") or {}).get("encoding") == "marshal":
         value = b""
     return result, landed, value
+
+
+def _warn_of_leftovers(host: str, header: dict[str, Any]) -> None:
+    """Say what the result could not carry (unreadable files) and what the runner had to stop after the task
+    ended (processes it left running)."""
+    skipped = int(header.get("skipped_count") or 0)
+    if skipped:
+        named = ", ".join(f"{entry.get('path')} ({entry.get('reason')})" for entry in header.get("skipped") or [])
+        logger.warning("%s: %d file(s) or folder(s) the task left could not be read and were not brought back: %s",
+                       host, skipped, _printable(named[:500]))
+    stray = header.get("stray") or []
+    if stray:
+        logger.warning("%s: the task left %d process(es) running; rx stopped them: %s", host,
+                       int(header.get("stray_count") or len(stray)), _printable(", ".join(map(str, stray))[:500]))
+
+
+def _printable(text: str) -> str:
+    return "".join(char if char.isprintable() else f"\\x{ord(char):02x}" for char in text)
 
 
 def _unpickler(options: CallOptions) -> Any:

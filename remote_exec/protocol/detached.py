@@ -2,8 +2,8 @@
 
 ``detach`` hands the session to a supervisor on the host (in its own session, its output in files of the
 run directory) and returns where it runs; ``attach`` follows those files and, with ``collect``, sends the
-result exactly as an attached call would (signed with a fresh per-call key); ``cancel`` asks the
-supervisor to stop the task's process group.
+result exactly as an attached call would (signed with a fresh per-call key) and, once it landed, acknowledges it (``A``)
+so that the host removes the run; ``cancel`` asks the supervisor to stop the task (SIGINT, SIGTERM, SIGKILL).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..launchers.base import Launcher
 from ..packing import DistributionArchive
 from ..session import Session
 from . import wire
-from .bootstrap import runner_argv, start_runner
+from .bootstrap import find_handshake, new_token, runner_argv, start_runner
 from .call import Call, run_call, send_session
 from .channel import reap
 from .options import CallOptions, EventSink, FileLander, Outcome, OutputSink, PhaseCallback
@@ -105,15 +105,18 @@ def attach_detached(session: Session, backend: Backend, detached: Mapping[str, A
                            [str(detached["run_dir"]), "collect"])
     return run_call(channel, session, None, options, on_stdout=on_stdout, on_stderr=on_stderr,
                     land_file=land_file, phase=_ignore_phase, phases={}, uploaded=False, keep=False,
-                    extra_options={"stdout_offset": offsets[0], "stderr_offset": offsets[1]}, on_event=on_event)
+                    extra_options={"stdout_offset": offsets[0], "stderr_offset": offsets[1]}, on_event=on_event,
+                    acknowledge=True)
 
 
 def cancel_detached(backend: Backend, detached: Mapping[str, Any], options: CallOptions) -> dict[str, Any]:
     """Stop a detached run's task; return the host's status record of the run once it has ended."""
-    argv = runner_argv(options, detached["archive"], "cancel", str(detached["run_dir"]))
+    token = new_token()
+    argv = runner_argv(options, detached["archive"], "cancel", str(detached["run_dir"]), token=token)
     result = backend.run(argv, timeout=30)
-    lines = result.stdout.decode("utf-8", "replace").strip().splitlines()
-    if result.failed or not lines or lines[0] != "RXBOOT1 HAVE":
+    answer = find_handshake(result.stdout, token)
+    lines = answer.rest.decode("utf-8", "replace").strip().splitlines() if answer is not None else []
+    if result.failed or answer is None or answer.word != "HAVE" or not lines:
         raise RunnerError(f"cancelling the run on {backend.host} failed: {result.tail() or 'no reason given'}",
                           host=backend.host)
     status: dict[str, Any] = json.loads(lines[-1])

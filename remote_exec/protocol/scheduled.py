@@ -35,7 +35,7 @@ from ..launchers.jobs import Job, JobKey, JobRequest, JobState, Verdict
 from ..packing import DistributionArchive
 from ..session import Result, Session
 from . import wire
-from .bootstrap import runner_argv, start_runner
+from .bootstrap import find_handshake, new_token, runner_argv, start_runner
 from .call import send_session
 from .channel import reap
 from .detached import attach_detached, follow_detached
@@ -154,10 +154,13 @@ def seal(backend: Backend, launcher: Launcher, job: Job, state: JobState, detach
          options: CallOptions) -> dict[str, Any]:
     """End the run of an ended element (its outcome the verdict, if the job left none); return its status."""
     verdict = dict(verdict_of(launcher, job, state).to_record(), log=job.element_log(state.index))
-    argv = runner_argv(options, str(detached["archive"]), "seal", str(detached["run_dir"]), json.dumps(verdict))
+    token = new_token()
+    argv = runner_argv(options, str(detached["archive"]), "seal", str(detached["run_dir"]), json.dumps(verdict),
+                       token=token)
     result = backend.run(argv, timeout=60)
-    lines = result.stdout.decode("utf-8", "replace").strip().splitlines()
-    if result.failed or not lines or lines[0] != "RXBOOT1 HAVE":
+    answer = find_handshake(result.stdout, token)
+    lines = answer.rest.decode("utf-8", "replace").strip().splitlines() if answer is not None else []
+    if result.failed or answer is None or answer.word != "HAVE" or not lines:
         raise RunnerError(f"ending the run of job {job.job_id} on {backend.host} failed: "
                           f"{result.tail() or 'no reason given'}", host=backend.host)
     status: dict[str, Any] = json.loads(lines[-1])

@@ -2,8 +2,9 @@
 
 This module travels to the remote inside the distribution archive and is imported by the runner on every
 call. After the bootstrap's handshake (:mod:`remote_exec.protocol.bootstrap`), the coordinator writes
-frames to the runner's stdin and the runner writes frames to its stdout; the runner's stderr carries only
-its own diagnostics. One exec of the runner serves one call (``serve``), many (``worker``, for
+frames to the runner's stdin and the runner writes frames to its stdout (a private copy of it: fd 1 of the
+runner's process points at stderr, so nothing printed by mistake lands between frames); the runner's stderr
+carries only its own diagnostics. One exec of the runner serves one call (``serve``), many (``worker``, for
 ``keep_warm``), or a detached run (``detach``, ``attach``).
 
 A frame is one type byte, a 4-byte big-endian payload length, and the payload (at most
@@ -19,8 +20,11 @@ coordinator:
     I  bytes for the task's stdin (``rx run`` forwards its own when it is a pipe or a file)
     i  end of the task's stdin (empty): the runner closes the pipe once the task read what came before
     H  heartbeat (empty)
-    C  cancel: stop the task's process group now
+    C  cancel: stop the task and all it started (SIGINT, then SIGTERM, then SIGKILL, each after a grace)
     Q  quit: a persistent worker exits (a running call is cancelled)
+    A  acknowledged (empty; ``attach ... collect`` only): the coordinator landed the result it was sent,
+       so the runner may now remove the detached run's directory. Without it (the coordinator refused
+       the result, or went away) the run stays on the host and a later ``attach`` collects it again.
 
 Frames from the runner:
 
@@ -30,21 +34,26 @@ Frames from the runner:
     P  an event as JSON: ``{"event": "started", "pid", "run_dir", "host"}`` (a call's task started),
        ``{"event": "worker", "pid", "host"}`` (a persistent worker is ready),
        ``{"event": "detached", "run_dir", "supervisor_pid", "host"}`` (a detached run started)
-    R  result header, JSON: protocol, status, exit_code, detail, signal, exception (type, message,
-       traceback text; ``chain``: the exception and its causes, oldest first, each with ``type``, ``only``
-       (its last lines), ``frames`` ([file, line, function, source, end line, column, end column]) and
-       ``then`` (cause, context or null); ``roots``: where the archive and the run directory are), value
-       (size and encoding: ``marshal`` or ``serializer``) or null, exc_pickle (size) or null, files (a
-       manifest: path, size, sha256 each), duration, python, host; ``kept``: the run directory, when the
-       call asked to keep it
+    R  result header, JSON: protocol, status, exit_code, detail, signal, exception (type, message and
+       traceback text, each at most 64 Ki characters; ``chain``: the exception and its causes, oldest
+       first, each with ``type``, ``only`` (its last lines), ``frames`` ([file, line, function, source, end
+       line, column, end column]) and ``then`` (cause, context or null); ``roots``: where the archive and the
+       run directory are), value (size and encoding: ``marshal`` or ``serializer``) or null, exc_pickle
+       (size) or null, file_count, skipped (files and folders that could not be read: path and reason, at
+       most 100) and skipped_count, stray (what was still running when the task's process ended and had to
+       be stopped: command and pid, at most 20) and stray_count when there was any, duration, python, host;
+       ``kept``: the run directory, when the call asked to keep it
+    L  the manifest of the pulled files, a JSON array of {path, size, sha256}, in as many frames as it
+       takes (each well under MAX_FRAME), after R
     V  the value's bytes
     X  the pickled exception: ``("rx-exception-1", class, args, attributes)`` for a class that pickles the
        default way (see ``serialization.exception_parts``), else the exception itself
     F  the pulled files as an uncompressed tar stream, in manifest order
-    Z  end of result, JSON ``{"hmac": hex}``: HMAC-SHA256 with the call's key over every R, V, X and F
+    Z  end of result, JSON ``{"hmac": hex}``: HMAC-SHA256 with the call's key over every R, L, V, X and F
        frame, each fed as type byte + 8-byte big-endian length + payload. When ``attach`` only follows a
-       detached run, ``Z`` is ``{"done": status, "exit_code": N}`` instead and no result precedes it
-       (``{"done": null}`` when its G frame asked with ``once`` for the output so far of a run still going).
+       detached run, ``Z`` is ``{"done": status, "exit_code": N, "detail": text}`` instead and no result
+       precedes it (``{"done": null}`` when its G frame asked with ``once`` for the output so far of a run
+       still going).
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """The runner: the archive's entry point on the remote (standard library only, plus the archive's cloudpickle).
 
-Started by the bootstrap (see :mod:`remote_exec.protocol.wire`) as ``main([cache_dir, "serve"])``. It reads the
-call's options and session from stdin, creates a private run directory (mode 0700) under the cache dir,
-forks the task into its own session and process group with that directory as working directory, and
-streams the task's stdout and stderr back as frames while it runs. It watches three things: the task's
-end, the coordinator (stdin closed or heartbeats stopped: the link or the coordinator died) and the
-timeout; in the last two cases it kills the task's whole process group. Then it sends the result (value
+Started by the bootstrap (see :mod:`remote_exec.protocol.bootstrap`) as ``main([cache_dir, "serve"], fd)``,
+where ``fd`` is the protocol's private copy of the real stdout (fd 1 then points at stderr, so nothing an
+import prints reaches the frames). It reads the call's options and session from stdin, creates a private
+run directory (mode 0700) under the cache dir, forks the task into its own session and process group with
+that directory as working directory (held with all it starts by :mod:`.contain`), and streams the task's
+stdout and stderr back as frames while it runs. It watches the task's end, the coordinator (stdin closed
+or heartbeats stopped: the link or the coordinator died; a C frame: cancel), the timeout and its own
+SIGTERM; in all but the first it stops the task and everything it started. Then it sends the result (value
 or exception with its traceback text, the files the task wrote), signed with the per-call HMAC key,
 removes the run directory and exits 0. A runner failure (not the task's) exits 70 with one line on stderr.
 
@@ -43,15 +45,16 @@ from .channel import EXIT_RUNNER_FAILURE, CoordinatorGone, Out
 __all__ = ["main"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, out_fd: int = 1) -> int:
     """Serve one call (``serve``), many (``worker IDLE [SLOT]``), a detached run (``detach``, ``attach RUN_DIR
     [collect]``, ``cancel RUN_DIR``) or a scheduler's (``prepare``, ``batch RUN_DIR``, ``seal RUN_DIR
-    VERDICT``), or report the host's GPUs and slots (``probe``); see the module docstring."""
+    VERDICT``) over stdin and ``out_fd``, or report the host's GPUs and slots (``probe``); see the module
+    docstring."""
     args = list(sys.argv[1:] if argv is None else argv)
     cache_dir = os.path.expanduser(args[0]) if args else os.path.expanduser("~/.cache/remote_exec")
     mode = args[1] if len(args) > 1 else "serve"
     try:
-        return _serve(mode, cache_dir, args[2:])
+        return _serve(mode, cache_dir, args[2:], out_fd)
     except CoordinatorGone:
         return 0
     except Exception as exc:
@@ -63,14 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_RUNNER_FAILURE
 
 
-def _serve(mode: str, cache_dir: str, rest: list[str]) -> int:
-    """Run ``mode``; ``rest`` holds its arguments."""
+def _serve(mode: str, cache_dir: str, rest: list[str], out_fd: int) -> int:
+    """Run ``mode``; ``rest`` holds its arguments; frames go out on ``out_fd``."""
     if mode == "serve":
         from .channel import read_call
         from .supervise import serve_call
 
         options, session, reader = read_call(0)
-        serve_call(options, session, reader, cache_dir, Out(1))
+        serve_call(options, session, reader, cache_dir, Out(out_fd))
         return 0
     if mode == "worker":
         from .worker import serve_worker
@@ -80,28 +83,30 @@ def _serve(mode: str, cache_dir: str, rest: list[str]) -> int:
             import json
 
             slot = json.loads(rest[1])
-        return serve_worker(cache_dir, float(rest[0]) if rest else 600.0, slot)
+        return serve_worker(cache_dir, float(rest[0]) if rest else 600.0, out_fd, slot)
     if mode == "probe":
         from .slot import probe
 
-        Out(1).event(probe(cache_dir))
+        Out(out_fd).event(probe(cache_dir))
         return 0
     if mode in ("detach", "attach", "cancel"):
         from . import detached
 
         if mode == "detach":
-            detached.serve_detached(cache_dir, Out(1))
+            detached.serve_detached(cache_dir, Out(out_fd))
         elif mode == "attach":
-            detached.serve_attach(cache_dir, rest[0], rest[1:2] == ["collect"], Out(1))
+            detached.serve_attach(cache_dir, rest[0], rest[1:2] == ["collect"], Out(out_fd))
         else:
-            return detached.serve_cancel(cache_dir, rest[0])
+            return detached.serve_cancel(cache_dir, rest[0], out_fd)
         return 0
     if mode in ("prepare", "batch", "seal"):
         from . import batch
 
         if mode == "prepare":
-            batch.serve_prepare(cache_dir, Out(1))
+            batch.serve_prepare(cache_dir, Out(out_fd))
             return 0
-        return batch.serve_batch(cache_dir, rest[0]) if mode == "batch" else batch.serve_seal(cache_dir, *rest[:2])
+        if mode == "batch":
+            return batch.serve_batch(cache_dir, rest[0])
+        return batch.serve_seal(cache_dir, rest[0], rest[1], out_fd)
     sys.stderr.write(f"rx runner: unknown mode {mode!r}\n")
     return EXIT_RUNNER_FAILURE

@@ -28,7 +28,6 @@ scheduler it is.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from ..protocol import wire
@@ -172,7 +171,7 @@ def _log_tail(run_dir: str, name: str) -> str:
     return " | ".join(line.strip() for line in lines[-3:] if line.strip())[-400:]
 
 
-def serve_seal(cache_dir: str, run_dir: str, verdict_json: str) -> int:
+def serve_seal(cache_dir: str, run_dir: str, verdict_json: str, out_fd: int = 1) -> int:
     """Mark the run done with ``verdict`` (status, exit_code, detail, log) as its outcome if it has none."""
     import json
 
@@ -194,6 +193,7 @@ def serve_seal(cache_dir: str, run_dir: str, verdict_json: str) -> int:
             store_outcome(options, run_dir, header, b"", b"")
             status.update(status=header["status"], exit_code=header["exit_code"])
         RunStatus(run_dir, **status).update(state="done", sealed=time.time())
-    sys.stdout.write(wire.json_text(read_status(run_dir)) + "\n")
-    sys.stdout.flush()
+    data = (wire.json_text(read_status(run_dir)) + "\n").encode()
+    while data:
+        data = data[os.write(out_fd, data):]
     return 0

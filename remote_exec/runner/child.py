@@ -186,7 +186,7 @@ def _failed(exc: BaseException, kind: str, record: dict[str, Any], run_dir: str)
     text = traceback.format_exc()
     record.update(value=False, exit_code=1, status="raised" if kind == "function" else "finished",
                   exception={"type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-                             "message": _safe_str(exc), "traceback": text, "chain": _chain(exc),
+                             "message": _capped(_safe_str(exc)), "traceback": _capped(text), "chain": _chain(exc),
                              "roots": {"archive": _ARCHIVE, "run_dir": run_dir}})
     if kind != "function":
         return b""
@@ -198,6 +198,18 @@ def _failed(exc: BaseException, kind: str, record: dict[str, Any], run_dir: str)
         return exc_data
     except BaseException:  # an exception holding something unpicklable arrives as text
         return b""
+
+
+#: Characters of an exception's message or traceback text that travel in the result header (its frame
+#: must stay under the frame limit); the middle of a longer one is cut.
+TEXT_LIMIT = 1 << 16
+
+
+def _capped(text: str) -> str:
+    if len(text) <= TEXT_LIMIT:
+        return text
+    half = TEXT_LIMIT // 2
+    return f"{text[:half]}\n... ({len(text) - 2 * half} characters cut) ...\n{text[-half:]}"
 
 
 #: Where the archive this runner came from is installed (the parent of the remote_exec package).

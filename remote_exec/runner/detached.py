@@ -1,6 +1,13 @@
 """Detached runs: ``detach`` starts a call that outlives its channel, ``attach`` follows it (and collects its
-result), ``cancel`` stops it. The run's state lives in its run directory's private ``.rx``: the status file,
-the task's stdout and stderr, and once it ended its outcome, value and exception."""
+result), ``cancel`` stops it. The run's state lives in its run directory's private ``.rx``: the status file
+(with the supervisor's and the task's process identities, pid and start time), the task's stdout and
+stderr, and once it ended its outcome, value and exception. Secrets (``secret_env``) live only in the
+supervisor's memory and the task's environment, never in a file.
+
+A supervisor that died (``kill -9``, the OOM killer, a full disk, a reboot) is noticed by ``attach``,
+``logs -f`` and ``cancel``: the run is reported ``lost`` with what it left, and no process is signalled
+unless it is still the one recorded. The run directory goes only once the coordinator acknowledged the
+result it collected (an ``A`` frame): a result it refused can be collected again."""
 
 from __future__ import annotations
 
@@ -11,9 +18,10 @@ import time
 
 from ..protocol import wire
 from .channel import EXIT_RUNNER_FAILURE, CoordinatorGone, read_call
-from .policy import KILL_GRACE, Policy
-from .result import classify, send_classified
-from .rundir import PRIVATE, RunStatus, make_run_dir, read_status
+from .contain import alive, identity, signal_process
+from .policy import INT_GRACE, KILL_GRACE, Policy
+from .result import Ending, classify, send_classified
+from .rundir import PRIVATE, RunStatus, make_run_dir, read_status, rmtree
 from .supervise import supervise
 
 TYPE_CHECKING = False  # typing is not imported at run time
@@ -22,7 +30,6 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .channel import Out
-    from .result import Ending
 else:
     import _signal as signal
 
@@ -41,12 +48,17 @@ class FileSink:
         self.streams = {b"O": open(os.path.join(directory, "stdout"), "ab", buffering=0),  # noqa: SIM115
                         b"E": open(os.path.join(directory, "stderr"), "ab", buffering=0)}  # noqa: SIM115
         self.last = time.monotonic()
+        self.dropped = 0
 
     def send(self, kind: bytes, payload: bytes = b"", *, signed: bool = False) -> None:
-        """Append output (O, E) to its file; other frames have no one to go to."""
+        """Append output (O, E) to its file; other frames have no one to go to. Output that does not fit
+        on the disk is dropped (counted): the task goes on, watched."""
         stream = self.streams.get(kind)
         if stream is not None:
-            stream.write(payload)
+            try:
+                stream.write(payload)
+            except OSError:
+                self.dropped += len(payload)
         self.last = time.monotonic()
 
     def event(self, fields: dict[str, Any]) -> None:
@@ -64,9 +76,12 @@ def serve_detached(cache_dir: str, out: Out) -> None:
     options, session_bytes, _ = read_call(0)
     options = dict(options, key="00")  # the supervisor never holds the coordinator's key
     run_dir = make_run_dir(cache_dir, options)
+    RunStatus(run_dir).update(state="starting", detached=True)
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the supervisor
+        if out.fd > 2:
+            os.close(out.fd)  # the channel must close when this runner exits, not when the run ends
         _supervisor(options, session_bytes, run_dir, (ready_r, ready_w))
     os.close(ready_w)
     os.waitpid(pid, 0)
@@ -87,7 +102,8 @@ def _supervisor(options: dict[str, Any], session_bytes: bytes, run_dir: str, rea
         if os.fork():  # the session leader goes; its child can never regain a terminal
             os._exit(0)
         _supervisor_stdio(run_dir)
-        status.update(state="running", supervisor_pid=os.getpid(), started=time.time())
+        status.update(state="running", detached=True, supervisor_pid=os.getpid(), supervisor=identity(os.getpid()),
+                      started=time.time())
         os.write(ready_w, str(os.getpid()).encode())
         os.close(ready_w)
         header, _ = run_to_files(options, session_bytes, run_dir, status)
@@ -108,9 +124,12 @@ def run_to_files(options: dict[str, Any], session_bytes: bytes, run_dir: str,
     sink = FileSink(os.path.join(run_dir, PRIVATE))
     try:
         ending = supervise(options, session_bytes, wire.FrameReader(), run_dir, sink, coordinator=False,
-                           status=status)
+                           status=status, cache_dir=os.path.dirname(os.path.dirname(run_dir)))
     finally:
         sink.close()
+    if sink.dropped:
+        sys.stderr.write(f"rx supervisor: {sink.dropped} bytes of output did not fit on the disk\n")
+    ending.release()
     return store_outcome(options, run_dir, *classify(options, ending)), ending
 
 
@@ -128,14 +147,16 @@ def _supervisor_stdio(run_dir: str) -> None:
 
 def store_outcome(options: dict[str, Any], run_dir: str, header: dict[str, Any], value: bytes | memoryview,
                    exc_data: bytes | memoryview) -> dict[str, Any]:
-    """Write the value, the exception and (last, atomically) the outcome for ``attach``; return the header."""
+    """Write the value, the exception and (last, atomically) the outcome for ``attach``; return the header.
+    The call's secrets are not written: they stay in this process's memory only."""
     private = os.path.join(run_dir, PRIVATE)
     for name, data in (("value.bin", value), ("exception.bin", exc_data)):
         if data:
             with open(os.path.join(private, name), "wb") as stream:
                 stream.write(data)
+    stored = {key: item for key, item in options.items() if key not in ("secret_env", "key")}
     with open(os.path.join(private, OUTCOME + ".tmp"), "wb") as stream:
-        stream.write(wire.json_bytes({"header": header, "options": options}))
+        stream.write(wire.json_bytes({"header": header, "options": stored}))
     os.rename(os.path.join(private, OUTCOME + ".tmp"), os.path.join(private, OUTCOME))
     return header
 
@@ -151,7 +172,8 @@ def check_run_dir(cache_dir: str, run_dir: str) -> str:
 
 def serve_attach(cache_dir: str, run_dir: str, collect: bool, out: Out) -> None:
     """Stream a detached run's output from its files until it ends; with ``collect``, then send its
-    result exactly as an attached call would (signed with the key from this call's G frame)."""
+    result exactly as an attached call would (signed with the key from this call's G frame), and remove the
+    run directory once the coordinator acknowledged it (an ``A`` frame)."""
     run_dir = check_run_dir(cache_dir, run_dir)
     options = _read_go()
     out.new_call(options["key"])
@@ -159,20 +181,70 @@ def serve_attach(cache_dir: str, run_dir: str, collect: bool, out: Out) -> None:
     # Heartbeats only: a silent or closing link ends the following, never the detached task.
     policy = Policy(timeout=None, heartbeat=float(options.get("heartbeat") or 5.0), dead_after=None,
                     started=time.monotonic())
-    if not _follow(run_dir, offsets, policy, out, once=bool(options.get("once"))):
+    done, lost = _follow(run_dir, offsets, policy, out, once=bool(options.get("once")))
+    if not done:
         out.send(b"Z", wire.json_text({"done": None}).encode())  # what is there so far; the run goes on
         return
+    header, run_options, value, exc_data = _outcome(run_dir, lost)
     if not collect:
-        try:
-            header = _stored_result(run_dir)[0]
-        except OSError:  # another attach collected the run (and removed it) while this one followed it
-            header = {"status": "collected"}
-        out.send(b"Z", wire.json_text({"done": header.get("status"), "exit_code": header.get("exit_code")}).encode())
+        out.send(b"Z", wire.json_text({"done": header.get("status"), "exit_code": header.get("exit_code"),
+                                      "detail": header.get("detail")}).encode())
         return
-    header, run_options, value, exc_data = _stored_result(run_dir)
+    if header.get("status") == "collected":
+        raise RuntimeError("another rx attach collected the run meanwhile")
     run_options.update(pull=options.get("pull") or run_options.get("pull"), keep=False,
                        no_pull=bool(options.get("no_pull")))
-    send_classified(run_options, run_dir, header, value, exc_data, out)
+    send_classified(run_options, run_dir, header, value, exc_data, out, remove=False)
+    if _acknowledged():
+        rmtree(run_dir)
+
+
+def _outcome(run_dir: str, lost: str | None) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
+    """The stored outcome of an ended run; a lost one's (its supervisor died, or failed to store it); or
+    ``collected`` when another attach removed the run while this one followed it."""
+    if lost is None:
+        try:
+            return _stored_result(run_dir)
+        except (OSError, ValueError) as exc:
+            if not os.path.isdir(os.path.join(run_dir, PRIVATE)):
+                return {"status": "collected"}, {}, b"", b""
+            lost = f"the run's supervisor failed before it stored how the run ended ({exc}; see supervisor.log)"
+    return _lost_result(run_dir, lost), {}, b"", b""
+
+
+def _acknowledged(wait: float = 600.0) -> bool:
+    """Whether the coordinator acknowledged the result (an A frame) before its channel closed; a
+    coordinator that refused the result (or went away) says nothing, and the run stays collectable."""
+    import select
+
+    reader = wire.FrameReader()
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if not select.select([0], [], [], min(5.0, max(0.0, deadline - time.monotonic())))[0]:
+            continue
+        try:
+            data = os.read(0, 1 << 16)
+        except BlockingIOError:
+            continue
+        except OSError:
+            return False
+        if not data:
+            return False
+        if any(kind == b"A" for kind, _ in reader.feed(data)):
+            return True
+    return False
+
+
+def _lost_result(run_dir: str, detail: str) -> dict[str, Any]:
+    """The result header of a run whose supervisor died before it recorded how the run ended."""
+    status = read_status(run_dir)
+    task = status.get("task")
+    if isinstance(task, dict):  # an orphan of the dead supervisor (only if it is still that process)
+        signal_process(task, signal.SIGKILL, group=True)
+    started = float(status.get("started") or time.time())
+    header, _, _ = classify({}, Ending(time.monotonic() - (time.time() - started), status="lost", detail=detail))
+    header["exit_code"] = 3
+    return header
 
 
 def _read_go() -> dict[str, Any]:
@@ -187,24 +259,27 @@ def _read_go() -> dict[str, Any]:
                 return wire.load_options(payload)
 
 
-def _follow(run_dir: str, offsets: dict[bytes, int], policy: Policy, out: Out, *, once: bool = False) -> bool:
+def _follow(run_dir: str, offsets: dict[bytes, int], policy: Policy, out: Out, *,
+            once: bool = False) -> tuple[bool, str | None]:
     """Send the run's output from ``offsets`` on as it grows, until the run is done (``once``: only what is
-    there now). Returns whether the run is done."""
+    there now). Returns whether the run is done, and why it is lost when its supervisor died first."""
     private = os.path.join(run_dir, PRIVATE)
     follower = _Follower(out)
     os.set_blocking(0, False)
     told = False
     while True:
+        lost = _supervisor_gone(run_dir)
         state = read_status(run_dir).get("state")
-        # Done, or collected (and removed) by another attach while this one followed.
-        done = state == "done" or not os.path.isdir(private)
+        # Done, lost, or collected (and removed) by another attach while this one followed.
+        done = lost is not None or state == "done" or not os.path.isdir(private)
         if state == "ended" and not told:  # its job's scheduler has the last word: the coordinator asks it
             out.event({"event": "ended"})
             told = True
         for kind, name in _OUTPUT.items():
             offsets[kind] = _send_from(os.path.join(private, name), offsets[kind], kind, out)
         if done or once:
-            return done
+            os.set_blocking(0, True)
+            return done, lost
         now = time.monotonic()
         try:
             data = os.read(0, 1 << 16)
@@ -216,6 +291,25 @@ def _follow(run_dir: str, offsets: dict[bytes, int], policy: Policy, out: Out, *
         for action in actions + policy.step(now):
             action.apply(follower)
         time.sleep(0.1)
+
+
+def _supervisor_gone(run_dir: str) -> str | None:
+    """Why the run is lost, if its supervisor no longer runs and never recorded the run's end."""
+    status = read_status(run_dir)
+    if status.get("state") == "done":
+        return None
+    supervisor = status.get("supervisor")
+    if isinstance(supervisor, dict):
+        gone = not alive(supervisor)
+    elif status.get("state") == "starting":
+        gone = time.time() - os.stat(os.path.join(run_dir, PRIVATE)).st_mtime > 60
+    else:
+        return None  # an older rx's run: nothing to check it by
+    if not gone or read_status(run_dir).get("state") == "done":  # it may have ended just now
+        return None
+    pid = supervisor.get("pid") if isinstance(supervisor, dict) else None
+    return (f"the run's supervisor (pid {pid}) ended without recording how the run ended: killed, out of "
+            "memory, out of disk space, or the host rebooted")
 
 
 class _Follower:
@@ -236,6 +330,9 @@ class _Follower:
 
     def give_up(self, reason: str) -> None:
         raise CoordinatorGone(reason)  # the detached task goes on
+
+    def sweep(self) -> None:
+        """Never asked (no task process here)."""
 
     def finish(self) -> None:
         """Never asked (no task process here)."""
@@ -273,20 +370,18 @@ def _stored_result(run_dir: str) -> tuple[dict[str, Any], dict[str, Any], bytes,
     return header, run_options, data["value.bin"], data["exception.bin"]
 
 
-def serve_cancel(cache_dir: str, run_dir: str) -> int:
+def serve_cancel(cache_dir: str, run_dir: str, out_fd: int = 1) -> int:
     """Stop a detached run's task (SIGTERM to its supervisor, which ends the task's process group) and
     print the run's status as JSON once it has ended (within a few seconds)."""
     run_dir = check_run_dir(cache_dir, run_dir)
     status = read_status(run_dir)
-    pid = status.get("supervisor_pid")
-    if status.get("state") != "done" and isinstance(pid, int) and pid > 0:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + KILL_GRACE + 3
-        while time.monotonic() < deadline and read_status(run_dir).get("state") != "done":
+    supervisor = status.get("supervisor")
+    # Only the recorded supervisor (same pid and start time): a pid alone may be another process by now.
+    if status.get("state") != "done" and isinstance(supervisor, dict) and signal_process(supervisor, signal.SIGTERM):
+        deadline = time.monotonic() + INT_GRACE + KILL_GRACE + 3
+        while time.monotonic() < deadline and read_status(run_dir).get("state") != "done" and alive(supervisor):
             time.sleep(0.05)
-    sys.stdout.write(wire.json_text(read_status(run_dir)) + "\n")
-    sys.stdout.flush()
+    data = (wire.json_text(read_status(run_dir)) + "\n").encode()
+    while data:
+        data = data[os.write(out_fd, data):]
     return 0

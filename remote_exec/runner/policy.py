@@ -9,10 +9,14 @@ happened (:meth:`Policy.on_input`, :meth:`Policy.on_eof`, :meth:`Policy.cancel`,
 method of the same name, see :class:`Actor`):
 
 - :class:`Heartbeat`: send a B frame;
-- :class:`Signal`: send a signal to the task's process group (SIGTERM, then SIGKILL after the kill grace);
+- :class:`Signal`: send a signal to the task and everything it started (its containment, see
+  :mod:`.contain`), one step of a stop sequence (:data:`CANCEL`: SIGINT, so that ``except
+  KeyboardInterrupt`` and ``finally`` run and what they write is brought back, then SIGTERM, then SIGKILL;
+  :data:`TERMINATE`: SIGTERM, then SIGKILL), each after the previous one's grace;
 - :class:`Report`: the runner decided the call's status (``timeout`` or ``cancelled``, with its detail);
   the first status decided stands;
 - :class:`GiveUp`: the coordinator is gone (its channel closed, or it went silent for ``dead_after``);
+- :class:`Sweep`: the task's own process ended: stop whatever it left running (and say so in the result);
 - :class:`Finish`: the task ended and its output had the drain time to arrive: stop watching.
 
 Nothing here reads a clock, sleeps or touches a file descriptor, so the rules are unit-tested by feeding
@@ -42,15 +46,27 @@ if TYPE_CHECKING:
         def give_up(self, reason: str) -> None:
             """The coordinator is gone."""
 
+        def sweep(self) -> None:
+            """The task's process ended: stop what it left running."""
+
         def finish(self) -> None:
             """Stop watching: the task ended and its output arrived."""
 else:
     import _signal  # signal's enums cost the per-call runner too much to import
 
-__all__ = ["KILL_GRACE", "Action", "Finish", "GiveUp", "Heartbeat", "Policy", "Report", "Signal"]
+__all__ = ["CANCEL", "INT_GRACE", "KILL_GRACE", "TERMINATE", "Action", "Finish", "GiveUp", "Heartbeat", "Policy",
+           "Report", "Signal", "Sweep"]
 
 #: Seconds between SIGTERM and SIGKILL to a task's process group.
 KILL_GRACE = 2.0
+#: Seconds a cancelled task has to end on SIGINT (its ``except KeyboardInterrupt`` and ``finally``)
+#: before SIGTERM.
+INT_GRACE = 2.0
+#: How a cancelled call (Ctrl-C, a C or Q frame, rx cancel) stops its task: as a terminal's Ctrl-C would,
+#: then harder; each signal after the previous one's grace (:attr:`Policy.int_grace`, :attr:`Policy.kill_grace`).
+CANCEL: tuple[int, ...] = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGKILL)
+#: How a timed-out call stops its task.
+TERMINATE: tuple[int, ...] = (_signal.SIGTERM, _signal.SIGKILL)
 #: Seconds the task's output may keep arriving after the task process ended (a process it left behind
 #: outside its group may hold the pipes open).
 DRAIN = 1.0
@@ -129,6 +145,15 @@ class GiveUp(Action):
         actor.give_up(self.reason)
 
 
+class Sweep(Action):
+    """The task's own process ended: stop what it left running (after a Sweep nothing of the task runs)."""
+
+    __slots__ = ()
+
+    def apply(self, actor: Actor) -> None:
+        actor.sweep()
+
+
 class Finish(Action):
     """The task ended and the drain time passed: stop watching, even if a pipe is still open."""
 
@@ -148,6 +173,7 @@ class Policy:
         started: When the call started (the clock of every ``now`` given to the methods).
         kill_grace: Seconds between SIGTERM and SIGKILL.
         drain: Seconds the task's output may still arrive after it ended.
+        int_grace: Seconds between SIGINT and SIGTERM when a call is cancelled.
 
     Attributes:
         status: The status the runner decided (None while the task decides it by ending).
@@ -156,19 +182,21 @@ class Policy:
     """
 
     def __init__(self, *, timeout: float | None, heartbeat: float | None, dead_after: float | None,
-                 started: float, kill_grace: float = KILL_GRACE, drain: float = DRAIN) -> None:
+                 started: float, kill_grace: float = KILL_GRACE, drain: float = DRAIN,
+                 int_grace: float = INT_GRACE) -> None:
         self.timeout = timeout
         self.heartbeat = heartbeat
         self.dead_after = dead_after
         self.started = started
         self.kill_grace = kill_grace
+        self.int_grace = int_grace
         self.drain = drain
         self.status: str | None = None
         self.detail: str | None = None
         self.exited: float | None = None
         self.last_input = started
         self.last_sent = started
-        self.kill_at: float | None = None
+        self.stopping: list[tuple[float, int]] = []  # the stop sequence's next signals: (when, signal)
 
     @classmethod
     def for_call(cls, options: Mapping[str, Any], started: float, *, coordinator: bool = True) -> Policy:
@@ -193,8 +221,8 @@ class Policy:
         return [GiveUp("the coordinator closed the channel")]
 
     def cancel(self, now: float, detail: str) -> list[Action]:
-        """Stop the task (a C or Q frame, or ``rx cancel``): SIGTERM now, SIGKILL after the grace."""
-        return self.decide(now, "cancelled", detail)
+        """Stop the task (a C or Q frame, or ``rx cancel``): the :data:`CANCEL` sequence (SIGINT first)."""
+        return self.decide(now, "cancelled", detail, CANCEL)
 
     def on_sent(self, when: float) -> None:
         """A frame went out at ``when``: the next heartbeat is due ``heartbeat`` seconds later."""
@@ -202,19 +230,29 @@ class Policy:
             self.last_sent = when
 
     def on_exit(self, now: float) -> list[Action]:
-        """The task process ended: whatever it left running in its group ends with it."""
+        """The task process ended: whatever it left running ends with it."""
         self.exited = now
-        self.kill_at = None
-        return [Signal(_signal.SIGKILL)]
+        self.stopping = []
+        return [Sweep()]
 
-    def decide(self, now: float, status: str, detail: str) -> list[Action]:
-        """Make ``status`` the call's status and stop the task, unless a status was decided already or
-        the task ended (then how it ended stands). The hook for any new reason to stop a task."""
+    def decide(self, now: float, status: str, detail: str,
+               sequence: tuple[int, ...] = TERMINATE) -> list[Action]:
+        """Make ``status`` the call's status and stop the task with ``sequence``, unless a status was decided
+        already or the task ended (then how it ended stands). The hook for any new reason to stop a task."""
         if self.status is not None or self.exited is not None:
             return []
         self.status, self.detail = status, detail
-        self.kill_at = now + self.kill_grace
-        return [Report(status, detail), Signal(_signal.SIGTERM)]
+        return [Report(status, detail), *self._stop(now, sequence)]
+
+    def _stop(self, now: float, sequence: tuple[int, ...]) -> list[Action]:
+        """The first signal of ``sequence`` now, each next one after the previous one's grace."""
+        graces: dict[int, float] = {_signal.SIGINT: self.int_grace, _signal.SIGTERM: self.kill_grace}
+        self.stopping = []
+        at = now
+        for index in range(1, len(sequence)):
+            at += graces.get(sequence[index - 1], 0.0)
+            self.stopping.append((at, sequence[index]))
+        return [Signal(sequence[0])]
 
     # -- time ------------------------------------------------------------------------------------------
 
@@ -226,9 +264,8 @@ class Policy:
         actions: list[Action] = []
         if self.timeout is not None and now - self.started >= self.timeout:
             actions += self.decide(now, "timeout", f"timed out after {self.timeout:g} s")
-        if self.kill_at is not None and now >= self.kill_at:
-            self.kill_at = None
-            actions.append(Signal(_signal.SIGKILL))
+        while self.stopping and now >= self.stopping[0][0]:
+            actions.append(Signal(self.stopping.pop(0)[1]))
         if self.dead_after is not None and now - self.last_input >= self.dead_after:
             actions.append(GiveUp(f"nothing came from the coordinator for {self.dead_after:g} s"))
         if self.heartbeat is not None and now - self.last_sent >= self.heartbeat:
@@ -251,8 +288,8 @@ class Policy:
             deadlines.append(self.exited + self.drain)
         elif self.timeout is not None and self.status is None:
             deadlines.append(self.started + self.timeout)
-        if self.kill_at is not None:
-            deadlines.append(self.kill_at)
+        if self.stopping:
+            deadlines.append(self.stopping[0][0])
         if self.dead_after is not None:
             deadlines.append(self.last_input + self.dead_after)
         return deadlines

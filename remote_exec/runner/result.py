@@ -1,5 +1,6 @@
 """How a task ended, and its result on the wire: classify the ending (status, exit code, signal, OOM), list
-the files it left, send the R, V, X and F frames and the Z frame with the HMAC over them."""
+the files it left (what cannot be read is skipped and named), send the R, L, V, X and F frames and the Z frame
+with the HMAC over them."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .rundir import PRIVATE, rmtree
 TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
 if TYPE_CHECKING:
     import signal
+    from collections.abc import Callable
     from typing import Any
 
     from .channel import Out
@@ -37,18 +39,28 @@ class Ending:
         detail: The detail of that status.
         oom_before: The cgroup's count of OOM kills before the task started (None: unknown).
         loaded: What the task sent: (record, value, exception); None if nothing arrived whole.
+        contained: What had to be stopped after the task's own process ended (``stray``, ``stray_count``).
+        release: Called once the result went out: removes what held the task (its cgroup), off the
+            result's path.
     """
 
-    __slots__ = ("detail", "exit_status", "loaded", "oom_before", "started", "status")
+    __slots__ = ("contained", "detail", "exit_status", "loaded", "oom_before", "release", "started", "status")
 
     def __init__(self, started: float, *, exit_status: int | None = None, status: str | None = None,
-                 detail: str | None = None, oom_before: int | None = None, loaded: Loaded | None = None) -> None:
+                 detail: str | None = None, oom_before: int | None = None, loaded: Loaded | None = None,
+                 contained: dict[str, Any] | None = None, release: Callable[[], None] | None = None) -> None:
         self.started = started
+        self.release = release or _nothing
         self.exit_status = exit_status
         self.status = status
         self.detail = detail
         self.oom_before = oom_before
         self.loaded = loaded
+        self.contained = contained or {}
+
+
+def _nothing() -> None:
+    """Nothing to release."""
 
 
 def oom_kills() -> int | None:
@@ -102,6 +114,7 @@ def classify(options: dict[str, Any], ending: Ending) -> Loaded:
         header["exception"] = record.get("exception")
         if record.get("packages"):
             header["packages"] = record["packages"]
+    header.update(ending.contained)
     value, exc_data = (loaded[1], loaded[2]) if loaded is not None else (b"", b"")
     # Sizes only: the content of both is under the result's HMAC.
     header["value"] = ({"size": len(value), "encoding": (record or {}).get("value_encoding", "serializer")}
@@ -134,21 +147,27 @@ def _without_record(options: dict[str, Any], ending: Ending, exit_code: int,
 
 
 def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any], value: bytes | memoryview,
-                    exc_data: bytes | memoryview, out: Out, *, reuse: bool = False) -> bool:
-    """Send R, V, X, F frames, clean the run directory, send Z (the HMAC over the result).
+                    exc_data: bytes | memoryview, out: Out, *, reuse: bool = False, remove: bool = True) -> bool:
+    """Send R, L, V, X, F frames, clean the run directory, send Z (the HMAC over the result).
 
     With ``reuse``, a run directory the task left empty is kept (creating and removing a directory costs
-    a persistent worker's small call more than all the rest); returns True when it was.
+    a persistent worker's small call more than all the rest); returns True when it was. Without
+    ``remove`` (a detached run's collection) the run directory stays until the coordinator acknowledges.
     """
     names = os.listdir(run_dir)
-    files = [] if options.get("no_pull") or not names else _manifest(run_dir, options.get("pull") or [])
-    header = dict(header, files=files, **({"kept": run_dir} if options.get("keep") else {}))
+    files: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    if names and not options.get("no_pull"):
+        files, skipped = _manifest(run_dir, options.get("pull") or [], _Beat(out))
+    header = dict(header, file_count=len(files), skipped=skipped[:_SKIPPED_LISTED], skipped_count=len(skipped),
+                  **({"kept": run_dir} if options.get("keep") else {}))
     size = len(value) + len(exc_data) + sum(entry["size"] for entry in files)
     out.sign(size=size)
     if size > (1 << 20):
         wire.grow_pipe(out.fd)
     out.hold()
     out.send(b"R", out.json_text(header).encode(), signed=True)
+    _send_file_list(files, out)
     if value:
         out.send_chunks(b"V", value)
     if exc_data:
@@ -156,19 +175,60 @@ def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any
     if files:
         _send_files(run_dir, files, out)
     kept = reuse and not names and not options.get("keep")
-    if not options.get("keep") and not kept:
+    if remove and not options.get("keep") and not kept:
         rmtree(run_dir)
     out.send(b"Z", out.json_text({"hmac": out.mac.hexdigest()}).encode())
     out.release()
     return kept
 
 
-def _manifest(run_dir: str, patterns: list[str]) -> list[dict[str, Any]]:
-    """Path, size and sha256 of each regular file the task left (matching one of ``patterns``, if any)."""
+#: Skipped files named in a result header (the count says how many there were in all).
+_SKIPPED_LISTED = 100
+#: Bytes of file list per L frame (well under the frame limit, whatever the path lengths).
+_LIST_CHUNK = 1 << 18
+
+
+def _send_file_list(files: list[dict[str, Any]], out: Out) -> None:
+    """The manifest in signed L frames, each a JSON array of at most :data:`_LIST_CHUNK` bytes or so."""
+    chunk: list[str] = []
+    size = 0
+    for entry in files:
+        text = out.json_text(entry)
+        if chunk and size + len(text) > _LIST_CHUNK:
+            out.send(b"L", ("[" + ",".join(chunk) + "]").encode(), signed=True)
+            chunk, size = [], 0
+        chunk.append(text)
+        size += len(text) + 1
+    if chunk:
+        out.send(b"L", ("[" + ",".join(chunk) + "]").encode(), signed=True)
+
+
+class _Beat:
+    """Heartbeats while the result is prepared (hashing 20,000 files or a 10 GB one takes longer than the
+    coordinator waits for a sign of life): a B frame whenever nothing went out for a second."""
+
+    def __init__(self, out: Out) -> None:
+        self.out = out
+
+    def __call__(self) -> None:
+        if time.monotonic() - self.out.last > 1.0:
+            self.out.send(b"B")
+
+
+def _manifest(run_dir: str, patterns: list[str],
+              beat: Callable[[], None]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Path, size and sha256 of each regular file the task left (matching one of ``patterns``, if any);
+    and the files and directories that could not be read (path and reason), which are skipped."""
     import fnmatch
 
-    entries = []
-    for directory, dirnames, filenames in os.walk(run_dir):
+    entries: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+
+    def unreadable(error: OSError) -> None:
+        path = os.path.relpath(error.filename or run_dir, run_dir).replace(os.sep, "/")
+        skipped.append({"path": path + "/", "reason": error.strerror or str(error)})
+
+    for directory, dirnames, filenames in os.walk(run_dir, onerror=unreadable):
         relative_dir = os.path.relpath(directory, run_dir)
         if relative_dir == ".":
             dirnames[:] = [d for d in dirnames if d != PRIVATE]
@@ -180,17 +240,21 @@ def _manifest(run_dir: str, patterns: list[str]) -> list[dict[str, Any]]:
                 continue
             if patterns and not any(fnmatch.fnmatch(relative, pattern) for pattern in patterns):
                 continue
-            entries.append(_file_entry(path, relative))
-    return entries
+            try:
+                entries.append(_file_entry(path, relative, beat))
+            except OSError as exc:
+                skipped.append({"path": relative, "reason": exc.strerror or str(exc)})
+    return entries, skipped
 
 
-def _file_entry(path: str, relative: str) -> dict[str, Any]:
+def _file_entry(path: str, relative: str, beat: Callable[[], None]) -> dict[str, Any]:
     import hashlib
 
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
+            beat()
             digest.update(block)
             size += len(block)
     return {"path": relative, "size": size, "sha256": digest.hexdigest()}

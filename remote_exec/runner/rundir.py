@@ -1,27 +1,65 @@
-"""A call's run directory on the host: made private (0700) per call, its own status file, removed whole."""
+"""A call's run directory on the host: made private (0700) per call, its own status file, removed whole; and
+the sweep that removes the run directories of runners that died.
+
+A run directory's name says who made it: ``<run id>-<pid>.<start time>.<boot>-<random>``, the
+runner's process identity (see :mod:`.contain`). Every way a call ends removes its directory; one a runner
+could not remove (killed with SIGKILL, the host rebooted) is removed by :func:`sweep_runs`, which a later
+runner calls at most once a minute (``<workdir>/.swept`` keeps the time). A detached run's directory
+belongs to its supervisor (named in its status file): while the supervisor lives it stays; once the run
+ended (or its supervisor died) it waits :data:`DETACHED_KEEP_DAYS` days for ``rx attach``. A run kept on
+purpose (``--keep-remote``) is never swept.
+"""
 
 from __future__ import annotations
 
 import os
 
 from ..protocol import wire
+from .contain import alive, boot_id, end_stale_cgroup, start_time
 
 TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["PRIVATE", "RunStatus", "make_run_dir", "read_status", "rmtree"]
+__all__ = ["DETACHED_KEEP_DAYS", "PRIVATE", "RunStatus", "make_run_dir", "owner_token", "read_status", "rmtree",
+           "sweep_runs"]
 
 #: The run directory's own private directory: the runner's status, a detached run's output and outcome.
 PRIVATE = ".rx"
 _STATUS_FILE = "status.json"
+#: Days a detached run's directory waits for ``rx attach`` once its run ended (or its supervisor died).
+DETACHED_KEEP_DAYS = 14
+#: Seconds between two sweeps of a host's run directories (the time of the last one: ``runs/.swept``).
+SWEEP_EVERY = 60.0
+#: Run directories a sweep looks at, at most (the next sweep goes on).
+SWEEP_AT_MOST = 200
+#: Seconds after which an unfinished archive install (``archives/.tmp-*``) counts as abandoned.
+ABANDONED_INSTALL = 3600.0
+
+
+def owner_token(pid: int | None = None) -> str:
+    """``<pid>.<start time>.<boot>`` of this process (or ``pid``): what a run directory's name records."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}.{start_time(pid) or 0}.{boot_id()[:8] or 0}"
+
+
+def _owner_alive(token: str) -> bool | None:
+    """Whether the process a run directory's name records still runs (None: the name records none)."""
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[0].isdigit():
+        return None
+    pid, start, boot = parts
+    current = boot_id()[:8]
+    if boot != "0" and current and not current.startswith(boot):
+        return False
+    return alive({"pid": int(pid), "start": "" if start == "0" else start})
 
 
 def make_run_dir(cache_dir: str, options: dict[str, Any], *, private: bool = True) -> str:
     """A new private (0700) run directory for one call; with ``private``, its own ``.rx`` inside (status
     and logs of the runner; a persistent worker's calls keep none there)."""
     runs = os.path.join(cache_dir, "runs")
-    run_dir = os.path.join(runs, f"{options.get('run_id', 'run')}-{os.urandom(4).hex()}")
+    run_dir = os.path.join(runs, f"{options.get('run_id', 'run')}-{owner_token()}-{os.urandom(4).hex()}")
     try:
         os.mkdir(run_dir, 0o700)
     except FileNotFoundError:
@@ -63,36 +101,128 @@ def read_status(run_dir: str) -> dict[str, Any]:
         return {}
 
 
+def sweep_runs(cache_dir: str, now: float | None = None) -> list[str]:
+    """Remove the run directories of runners that died (and abandoned archive installs), at most once every
+    :data:`SWEEP_EVERY` seconds per host (``<cache_dir>/.swept``); return the names removed."""
+    import time
+
+    now = time.time() if now is None else now
+    runs = os.path.join(cache_dir, "runs")
+    marker = os.path.join(cache_dir, ".swept")
+    try:
+        if now - os.stat(marker).st_mtime < SWEEP_EVERY:
+            return []
+    except OSError:
+        pass
+    try:
+        with open(marker, "w"):
+            pass
+        names = [name for name in os.listdir(runs) if not name.startswith(".")][:SWEEP_AT_MOST]
+    except OSError:
+        return []
+    removed = [name for name in names if _dead_run(os.path.join(runs, name), name, now)]
+    for name in removed:
+        end_stale_cgroup(name)  # what its task left running, where a cgroup held it
+        rmtree(os.path.join(runs, name))
+    _sweep_installs(os.path.join(cache_dir, "archives"), now)
+    return removed
+
+
+def _dead_run(run_dir: str, name: str, now: float) -> bool:
+    """Whether ``run_dir`` belongs to nobody any more (see the module docstring)."""
+    status = read_status(run_dir)
+    if status.get("keep"):
+        return False
+    supervisor = status.get("supervisor")
+    if isinstance(supervisor, dict) or status.get("detached"):  # its supervisor's, then waiting for rx attach
+        if status.get("state") != "done" and isinstance(supervisor, dict) and alive(supervisor):
+            return False
+        try:
+            age = now - os.stat(os.path.join(run_dir, PRIVATE)).st_mtime
+        except OSError:
+            return False
+        return age > DETACHED_KEEP_DAYS * 86400
+    if status:
+        return False  # a scheduler's run (its job and the coordinator end it) or an older rx's detached one
+    parts = name.rsplit("-", 2)
+    owner = _owner_alive(parts[1]) if len(parts) == 3 else None
+    return owner is False
+
+
+def _sweep_installs(archives: str, now: float) -> None:
+    """Remove archive installs a killed bootstrap left half done."""
+    try:
+        names = [name for name in os.listdir(archives) if name.startswith(".tmp-")]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(archives, name)
+        try:
+            if now - os.stat(path).st_mtime > ABANDONED_INSTALL:
+                rmtree(path)
+        except OSError:
+            pass
+
+
 def rmtree(path: str) -> None:
-    """Remove a directory tree, whatever the task left in it (shutil costs the runner too much to import)."""
+    """Remove a directory tree, whatever the task left in it: a directory it made unreadable or read-only
+    is opened up first (shutil costs the runner too much to import)."""
     try:
         os.rmdir(path)  # most calls leave their run directory empty
         return
     except OSError:
         pass
-    for root, dirs, files in os.walk(path, topdown=False):
-        for name in files:
-            try:
-                os.unlink(os.path.join(root, name))
-            except OSError:
-                pass
-        for name in dirs:
-            _remove_dir(os.path.join(root, name))
+    _remove_tree(path, 0)
+
+
+def _remove_tree(path: str, depth: int) -> None:
+    for name in _listed(path):
+        entry = os.path.join(path, name)
+        if os.path.isdir(entry) and not os.path.islink(entry):
+            if depth < 1000:
+                _remove_tree(entry, depth + 1)
+        else:
+            _unlink(path, entry)
+    for attempt in (0, 1):
+        try:
+            os.rmdir(path)
+            return
+        except PermissionError:
+            if attempt == 0:
+                _open_up(os.path.dirname(path) or ".")
+        except OSError:
+            return
+
+
+def _listed(path: str) -> list[str]:
+    """The names in ``path`` (opened up first if the task made it unreadable)."""
     try:
-        os.rmdir(path)
+        return os.listdir(path)
+    except PermissionError:
+        _open_up(path)
+    except OSError:
+        return []
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _unlink(directory: str, entry: str) -> None:
+    try:
+        os.unlink(entry)
+    except PermissionError:  # a read-only directory holds it
+        _open_up(directory)
+        try:
+            os.unlink(entry)
+        except OSError:
+            pass
     except OSError:
         pass
 
 
-def _remove_dir(entry: str) -> None:
-    """Remove an emptied directory (or a symlink to one); one the task made unreadable is opened first."""
+def _open_up(directory: str) -> None:
     try:
-        os.unlink(entry) if os.path.islink(entry) else os.rmdir(entry)
+        os.chmod(directory, 0o700)
     except OSError:
-        try:
-            os.chmod(entry, 0o700)
-            for child in os.listdir(entry):
-                os.unlink(os.path.join(entry, child))
-            os.rmdir(entry)
-        except OSError:
-            pass
+        pass

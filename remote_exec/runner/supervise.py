@@ -1,5 +1,6 @@
-"""The per-call runner: fork the task into its own session and process group, stream its output, apply the
-:class:`~.policy.Policy` (heartbeats, timeout, cancel, dead link) until it ends, then send its result."""
+"""The per-call runner: fork the task into its own session and process group (held by a
+:class:`~.contain.Containment`), stream its output, apply the :class:`~.policy.Policy` (heartbeats, timeout,
+cancel, dead link, the runner's own SIGTERM) until it ends, then send its result."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import time
 from ..protocol import wire
 from .channel import EXIT_RUNNER_FAILURE, CoordinatorGone, Poller
 from .child import parse_result, run_child
-from .rundir import RunStatus, make_run_dir, rmtree
+from .contain import ENCLOSE_AFTER, Containment
+from .rundir import RunStatus, make_run_dir, rmtree, sweep_runs
 
 TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
 if TYPE_CHECKING:
@@ -33,79 +35,88 @@ def serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
     out.new_call(options["key"])
     keep = bool(options.get("keep"))
     run_dir = make_run_dir(cache_dir, options, private=keep)
-    # A kept run directory tells who ran in it.
-    status = RunStatus(run_dir, state="running", runner_pid=os.getpid(), started=time.time()) if keep else None
-    ending = supervise(options, session_bytes, reader, run_dir, out, coordinator=True, status=status)
+    # A kept run directory tells who ran in it (and the sweep of dead runs leaves it alone).
+    status = (RunStatus(run_dir, state="running", runner_pid=os.getpid(), started=time.time(), keep=True)
+              if keep else None)
+    ending = supervise(options, session_bytes, reader, run_dir, out, coordinator=True, status=status,
+                       cache_dir=cache_dir)
     from .result import send_result
 
     try:
         send_result(options, run_dir, ending, out)
     finally:
+        ending.release()
         if not keep:
             rmtree(run_dir)
 
 
 def supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.FrameReader, run_dir: str,
-              out: Sink, *, coordinator: bool, status: RunStatus | None = None) -> Ending:
+              out: Sink, *, coordinator: bool, status: RunStatus | None = None,
+              cache_dir: str | None = None) -> Ending:
     """Fork the task into its own process group and watch it to its end.
 
-    With a coordinator, its frames arrive on stdin (heartbeats, cancel) and its absence kills the task;
-    without one (a detached run), SIGTERM to this process cancels the task. ``status``, if given, gets
-    the task's pid.
+    With a coordinator, its frames arrive on stdin (heartbeats, cancel) and its absence, or a SIGTERM to
+    this process, ends the task; without one (a detached run), SIGTERM to this process cancels the task.
+    ``status``, if given, gets the task's pid and start time. With ``cache_dir``, the run directories of
+    runners that died are swept while the task starts.
 
     Raises:
-        CoordinatorGone: The coordinator went away; the task's group was ended and the run directory removed.
+        CoordinatorGone: The coordinator went away (or this runner was told to stop); everything the task
+            started was ended and the run directory removed.
     """
     started = time.monotonic()
-    task = _TaskProcess.fork(session_bytes, run_dir, options)
+    containment = Containment(os.path.basename(run_dir))
+    task = _TaskProcess.fork(session_bytes, run_dir, options, containment, getattr(out, "fd", -1))
     policy: Policy | None = None
     try:
         # Imported once the task process exists: they load while it starts up, not before it.
         from .policy import Policy
         from .result import Ending, oom_kills
 
+        containment.adopt(task.pid)
         oom_before = oom_kills()
         policy = Policy.for_call(options, started, coordinator=coordinator)
         if status is not None:
-            status.update(task_pid=task.pid)
-        watch = _Watch(task, policy, out, reader if coordinator else None)
+            status.update(task_pid=task.pid, task=containment.task)
+        watch = _Watch(task, policy, out, reader if coordinator else None, containment)
         out.event({"event": "started", "pid": task.pid, "run_dir": run_dir, "host": os.uname().nodename})
+        if cache_dir is not None:
+            sweep_runs(cache_dir)
         watch.run()
     except CoordinatorGone:
-        task.end(policy.kill_grace if policy is not None else 0.0)
+        task.end(min(policy.kill_grace, 1.0) if policy is not None else 0.0)
+        containment.close()
         rmtree(run_dir)
         raise
     except BaseException:  # the runner failed: it leaves no task behind (at once if it had no policy yet)
         task.end(policy.kill_grace if policy is not None else 0.0)
+        containment.close()
         raise
     finally:
         task.close()
     return Ending(started, exit_status=watch.exit_status, status=policy.status, detail=policy.detail,
-                  oom_before=oom_before, loaded=parse_result(watch.result))
-
-
-def _kill_group(pid: int, sig: int) -> None:
-    """Send ``sig`` to the process group ``pid`` leads, if it still exists."""
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+                  oom_before=oom_before, loaded=parse_result(watch.result), contained=containment.report(),
+                  release=containment.close)
 
 
 class _TaskProcess:
     """The forked task process: its pid, the read ends of its stdout, stderr and result pipes, and the
     pipe on which SIGCHLD wakes the watcher the moment the task ends (``set_wakeup_fd``)."""
 
-    def __init__(self, pid: int, pipes: dict[bytes, int], wake: tuple[int, int], previous_wakeup: int) -> None:
+    def __init__(self, pid: int, pipes: dict[bytes, int], wake: tuple[int, int], previous_wakeup: int,
+                 containment: Containment) -> None:
         self.pid = pid
         self.pipes = pipes
         self.wake = wake
         self.previous_wakeup = previous_wakeup
+        self.containment = containment
         self.stdin: StdinFeed | None = None
 
     @classmethod
-    def fork(cls, session_bytes: bytes, run_dir: str, options: dict[str, Any]) -> _TaskProcess:
-        """Start the task process (:func:`~.child.run_child`) with its own pipes."""
+    def fork(cls, session_bytes: bytes, run_dir: str, options: dict[str, Any], containment: Containment,
+             out_fd: int = -1) -> _TaskProcess:
+        """Start the task process (:func:`~.child.run_child`) with its own pipes (the protocol's ``out_fd``
+        closed in it: nothing the task leaves behind holds the channel open)."""
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         result_r, result_w = os.pipe()
@@ -120,9 +131,12 @@ class _TaskProcess:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             try:
+                containment.join()
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                for fd in (out_r, err_r, result_r, wake_r, wake_w, in_w):
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is a KeyboardInterrupt
+                for fd in (out_r, err_r, result_r, wake_r, wake_w, in_w, out_fd if out_fd > 2 else None):
                     if fd is not None:
                         os.close(fd)
                 run_child(session_bytes, run_dir, options, out_w, err_w, result_w, in_r)
@@ -135,7 +149,8 @@ class _TaskProcess:
         for fd in (out_w, err_w, result_w, in_r):
             if fd is not None:
                 os.close(fd)
-        task = cls(pid, {b"O": out_r, b"E": err_r, b"R": result_r}, (wake_r, wake_w), previous_wakeup)
+        task = cls(pid, {b"O": out_r, b"E": err_r, b"R": result_r}, (wake_r, wake_w), previous_wakeup,
+                   containment)
         if in_w is not None:
             from .stdin import StdinFeed
 
@@ -143,19 +158,21 @@ class _TaskProcess:
         return task
 
     def end(self, grace: float) -> None:
-        """End the task's process group: SIGTERM, SIGKILL if the task is still there after ``grace``."""
-        _kill_group(self.pid, signal.SIGTERM)
+        """End the task and everything it started: SIGTERM, SIGKILL to what is still there after ``grace``."""
+        contained = self.containment
+        contained.signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         try:
             while not os.waitpid(self.pid, os.WNOHANG)[0]:
                 if time.monotonic() >= deadline:
-                    _kill_group(self.pid, signal.SIGKILL)
+                    contained.signal(signal.SIGKILL)
                     os.waitpid(self.pid, 0)
                     break
                 time.sleep(0.02)
         except ChildProcessError:  # reaped already: it ended before
             pass
-        _kill_group(self.pid, signal.SIGKILL)
+        contained.signal(signal.SIGKILL)
+        contained.reap()
 
     def close(self) -> None:
         """Restore SIGCHLD and the wake-up fd; close the pipes still open (something the task left
@@ -177,21 +194,24 @@ class _Watch:
     actions are applied here."""
 
     def __init__(self, task: _TaskProcess, policy: Policy, out: Sink,
-                 reader: wire.FrameReader | None) -> None:
+                 reader: wire.FrameReader | None, containment: Containment) -> None:
         self.task = task
         self.policy = policy
         self.out = out
         self.reader = reader
+        self.containment = containment
         self.result = bytearray()
         self.exit_status: int | None = None
         self.cancelled = False
+        self.terminated = False
         self.finished = False
         self.poller = Poller()
         self.poller.register(task.wake[0], b"W")
         for tag, fd in task.pipes.items():
             self.poller.register(fd, tag)
-        if reader is not None:
+        if reader is not None:  # the runner told to stop (a backend's kill): the task ends with it
             self.poller.register(0, b"I")
+            signal.signal(signal.SIGTERM, self._terminate)
         else:  # a detached run: rx cancel (or the scheduler) sends SIGTERM to this process
             signal.signal(signal.SIGTERM, self._cancel)
             # A scheduler's warning before a time limit or a preemption (sbatch --signal=B:USR2@60) is the
@@ -202,8 +222,11 @@ class _Watch:
     def _cancel(self, *_: object) -> None:
         self.cancelled = True
 
+    def _terminate(self, *_: object) -> None:
+        self.terminated = True
+
     def _forward(self, number: int, *_: object) -> None:
-        _kill_group(self.task.pid, number)
+        self.containment.signal(number)
 
     def run(self) -> None:
         """Watch until the task ended and its pipes closed (or the drain time passed)."""
@@ -221,6 +244,10 @@ class _Watch:
                     return
                 if self.cancelled:
                     self._apply(policy.cancel(now, "cancelled (rx cancel)"))
+                if self.terminated:
+                    raise CoordinatorGone("the runner was told to stop (SIGTERM)")
+                if self.exit_status is None and now - policy.started >= ENCLOSE_AFTER:
+                    self.containment.enclose()
                 policy.on_sent(self.out.last)  # the output just sent counts: no heartbeat right after it
                 self._apply(policy.step(now))
         finally:
@@ -236,6 +263,8 @@ class _Watch:
                 os.read(fd, 512)
             except BlockingIOError:
                 pass
+            if self.exit_status is None:
+                self._reap_others()
         else:
             data = os.read(fd, 1 << 20 if tag == b"R" else 1 << 16)
             if not data:
@@ -261,6 +290,17 @@ class _Watch:
             self.task.stdin.take(frames, self.poller, self.out)
         self._apply(self.policy.on_input(time.monotonic(), [kind for kind, _payload in frames]))
 
+    def _reap_others(self) -> None:
+        """Collect what the task left that ended (re-parented to this runner, its subreaper), never the task."""
+        try:
+            while True:
+                found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                if found is None or found.si_pid in (0, self.task.pid):
+                    return
+                os.waitpid(found.si_pid, 0)
+        except (ChildProcessError, OSError, AttributeError):
+            return
+
     def _reap(self, now: float) -> None:
         done, raw = os.waitpid(self.task.pid, os.WNOHANG)
         if done:
@@ -277,13 +317,16 @@ class _Watch:
         self.out.send(b"B")
 
     def signal(self, signal: int) -> None:
-        _kill_group(self.task.pid, signal)
+        self.containment.signal(signal)
 
     def report(self, status: str, detail: str) -> None:
         """Nothing to do now: the policy keeps the status for the result."""
 
     def give_up(self, reason: str) -> None:
         raise CoordinatorGone(reason)
+
+    def sweep(self) -> None:
+        self.containment.sweep()
 
     def finish(self) -> None:
         self.finished = True

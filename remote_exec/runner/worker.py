@@ -11,6 +11,7 @@ import time
 from ..protocol import wire
 from .channel import CoordinatorGone, Out, Poller, read_call
 from .child import run_task, set_call_environ, task_stdio
+from .contain import Containment
 from .policy import Policy
 from .result import Ending, send_result
 from .rundir import make_run_dir, rmtree
@@ -27,16 +28,16 @@ else:
 __all__ = ["serve_worker"]
 
 
-def serve_worker(cache_dir: str, idle_timeout: float, slot: dict[str, Any] | None = None) -> int:
+def serve_worker(cache_dir: str, idle_timeout: float, out_fd: int = 1, slot: dict[str, Any] | None = None) -> int:
     """Persistent worker (``keep_warm``): many calls over one channel, each run in this process.
 
     Imports stay warm between calls, and a call runs in the main thread, so a small call costs a few
     hundred microseconds here; in a pool's worker a script or module runs in a process forked for it (a
     fresh ``__main__`` and nothing it does can end the worker, as ``rx run`` gives it), still with the
-    worker's warm imports. fds 1 and 2 are pipes that
-    a watcher thread (:class:`_WorkerWatch`) streams to the coordinator; it also heartbeats and polices
-    the running call. The worker exits when stdin closes, after ``idle_timeout`` seconds without a call,
-    or (through its watcher) when a call is cancelled or times out.
+    worker's warm imports. fds 1 and 2 are pipes that a watcher thread (:class:`_WorkerWatch`) streams to
+    the coordinator; it also heartbeats and polices the running call. The worker exits when stdin closes,
+    after ``idle_timeout`` seconds without a call, or (through its watcher) when a call is cancelled or
+    times out.
 
     A pool's worker first takes its ``slot`` (:mod:`.slot`: its lock, and the GPUs it asks for, waiting
     while none are free) and holds it for its whole life; its calls see CUDA_VISIBLE_DEVICES of those GPUs.
@@ -47,15 +48,18 @@ def serve_worker(cache_dir: str, idle_timeout: float, slot: dict[str, Any] | Non
         os.setsid()
     except OSError:
         pass
-    proto_in, out, out_r, err_r = _worker_stdio()
+    proto_in, out, out_r, err_r = _worker_stdio(out_fd)
     out.json_text = json.dumps  # the C encoder: the worker pays the import once, every result header gains
     home = os.getcwd()
     os.makedirs(os.path.join(cache_dir, "runs"), mode=0o700, exist_ok=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a cancelled call gets a KeyboardInterrupt
+    containment = Containment(f"worker-{os.getpid()}", cgroups=False)
+    containment.adopt(os.getpid(), group=False)  # what a call leaves (double forks too) stays below the worker
     reader = wire.FrameReader()
     placed = _take_slot(cache_dir, slot, out, proto_in, reader) if slot is not None else {}
     if placed is None:
         return 0
-    calls = _Calls(cache_dir, out, _WorkerWatch(out, out_r, err_r, proto_in, reader))
+    calls = _Calls(cache_dir, out, _WorkerWatch(out, out_r, err_r, proto_in, reader, containment), containment)
     calls.held = placed.pop("held", None)
     calls.placed = {name: os.environ[name] for name in _PLACED if placed.get("gpus") and name in os.environ}
     calls.fork_scripts = slot is not None
@@ -68,14 +72,15 @@ def serve_worker(cache_dir: str, idle_timeout: float, slot: dict[str, Any] | Non
         if calls.run_dir is not None:  # leave nothing behind (a call in progress, or the kept empty directory)
             os.chdir(home)
             rmtree(calls.run_dir)
+        containment.signal(signal.SIGKILL)
         _end_group()
 
 
-def _worker_stdio() -> tuple[int, Out, int, int]:
-    """Move the protocol off fds 0 and 1, give the tasks pipes as fds 1 and 2; return (protocol in, frames
-    out, and the read ends of the tasks' stdout and stderr, non-blocking)."""
+def _worker_stdio(out_fd: int) -> tuple[int, Out, int, int]:
+    """Move the protocol off fds 0 and 1 (frames out on ``out_fd``), give the tasks pipes as fds 1 and 2;
+    return (protocol in, frames out, and the read ends of the tasks' stdout and stderr, non-blocking)."""
     proto_in = os.dup(0)
-    out = Out(os.dup(1))
+    out = Out(out_fd if out_fd > 2 else os.dup(out_fd))
     out.openssl = True  # a persistent worker pays for OpenSSL once: it always uses it
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -88,10 +93,11 @@ def _worker_stdio() -> tuple[int, Out, int, int]:
 class _Calls:
     """The worker's calls, one after another; the run directory a call left empty serves the next."""
 
-    def __init__(self, cache_dir: str, out: Out, watch: _WorkerWatch) -> None:
+    def __init__(self, cache_dir: str, out: Out, watch: _WorkerWatch, containment: Containment) -> None:
         self.cache_dir = cache_dir
         self.out = out
         self.watch = watch
+        self.containment = containment
         self.run_dir: str | None = None
         self.placed: dict[str, str] = {}
         self.fork_scripts = False
@@ -125,11 +131,18 @@ class _Calls:
         watch.returned()
         try:
             _restore_environ(saved_env)
-            if not send_result(options, run_dir, Ending(current.policy.started, exit_status=exit_status,
-                                                        loaded=loaded), self.out, reuse=True):
+            contained = self.containment
+            contained.stray, contained.stray_count = [], 0
+            contained.sweep()  # what the call left running ends with it
+            policy = current.policy  # a call cancelled with SIGINT that ended on it: reported as cancelled
+            ending = Ending(policy.started, exit_status=exit_status, loaded=loaded, contained=contained.report(),
+                            status=policy.status, detail=policy.detail)
+            if not send_result(options, run_dir, ending, self.out, reuse=True):
                 self.run_dir = None
                 if self.held is not None:
                     self.held.note_run_dir(None)
+            if policy.status is not None:
+                raise CoordinatorGone("the call was stopped: a fresh worker takes the next one")
         finally:
             watch.lock.release()
 
@@ -214,17 +227,35 @@ def _run_forked(session_bytes: bytes, run_dir: str, options: dict[str, Any], cur
     os.close(result_w)
     current.child = pid
     buffer = bytearray()
+    status: int | None = None
     try:
         while True:
-            chunk = os.read(result_r, 1 << 20)
+            try:
+                chunk = os.read(result_r, 1 << 20)
+            except KeyboardInterrupt:  # the call is cancelled (SIGINT to the worker): the script gets it too
+                _interrupt(pid)
+                continue
             if not chunk:
                 break
             buffer += chunk
+        while status is None:
+            try:
+                status = os.waitpid(pid, 0)[1]
+            except KeyboardInterrupt:
+                _interrupt(pid)
     finally:
         os.close(result_r)
-    _, status = os.waitpid(pid, 0)
     current.child = None
     return status, parse_result(buffer)
+
+
+def _interrupt(group: int) -> None:
+    try:
+        os.killpg(group, signal.SIGINT)
+    except OSError:
+        pass
+
+
 
 
 class _WorkerWatch:
@@ -241,8 +272,10 @@ class _WorkerWatch:
     main thread owns stdin between calls).
     """
 
-    def __init__(self, out: Out, out_r: int, err_r: int, proto_in: int, reader: wire.FrameReader) -> None:
+    def __init__(self, out: Out, out_r: int, err_r: int, proto_in: int, reader: wire.FrameReader,
+                 containment: Containment) -> None:
         self.out = out
+        self.containment = containment
         self.out_r = out_r
         self.err_r = err_r
         self.proto_in = proto_in
@@ -302,21 +335,33 @@ class _WorkerWatch:
     def heartbeat(self) -> None:
         self.out.send(b"B")
 
-    def signal(self, signal: int) -> None:
-        """Nothing: the task runs in this process and cannot be signalled alone (see :meth:`report`)."""
-
-    def report(self, status: str, detail: str) -> None:
-        """Report the running call as ``status``, then end the worker with its process group (the task
-        cannot be stopped alone; the coordinator starts a fresh worker for the next call)."""
+    def signal(self, signal_number: int) -> None:
+        """SIGINT (the first step of a cancel): a KeyboardInterrupt in the call, in this process's main thread
+        (and SIGINT to what it started in the worker's group), so its ``finally`` runs and the main thread
+        sends its result. Any later step (the call went on, or a timeout): the call is reported as the
+        policy decided and the worker ends with its process group (the task cannot be stopped alone; the
+        coordinator starts a fresh worker for the next call)."""
         current = self.current
         assert current is not None
+        if signal_number == signal.SIGINT:
+            try:
+                os.killpg(os.getpgrp(), signal.SIGINT)
+            except OSError:
+                os.kill(os.getpid(), signal.SIGINT)
+            return
         self._drain_output()
-        send_result(current.options, current.run_dir, Ending(current.policy.started, status=status, detail=detail),
-                    self.out)
+        ending = Ending(current.policy.started, status=current.policy.status, detail=current.policy.detail)
+        send_result(current.options, current.run_dir, ending, self.out)
         self._end()
+
+    def report(self, status: str, detail: str) -> None:
+        """Nothing to do now: the policy keeps the status, the next :meth:`signal` acts on it."""
 
     def give_up(self, reason: str) -> None:
         raise CoordinatorGone(reason)
+
+    def sweep(self) -> None:
+        """Nothing: the main thread sweeps what a call left once it returned."""
 
     def finish(self) -> None:
         """Nothing: a call in this process ends by returning."""
@@ -330,6 +375,7 @@ class _WorkerWatch:
                 except OSError:
                     pass
             rmtree(current.run_dir)
+        self.containment.signal(signal.SIGKILL)  # what the calls started outside the worker's group too
         _end_group()
         os._exit(0)
 

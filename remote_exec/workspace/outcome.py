@@ -74,6 +74,10 @@ def result_record(result: Result, *, header: dict[str, Any] | None = None, phase
         record.update(host=header.get("host"), python=header.get("python"), duration=header.get("duration"),
                       phases=phases or {}, uploaded_archive=uploaded,
                       files=[str(path.relative_to(run_dir) if run_dir else path) for path in files])
+        for name in ("skipped", "stray"):  # unreadable files left behind; processes stopped after the task
+            if header.get(f"{name}_count"):
+                record[f"{name}_count"] = header[f"{name}_count"]
+                record[name] = header.get(name) or []
         if header.get("kept"):
             record["remote_run_dir"] = header["kept"]
     return record

@@ -38,6 +38,7 @@ __all__ = [
     "REPO",
     "RESULTS_FILE",
     "SCENARIOS",
+    "SSHD_KILLER",
     "Ran",
     "Recorder",
     "RemoteAudit",
@@ -63,6 +64,11 @@ DRIVER = HERE / "task_driver.py"
 RESULTS_FILE = Path(os.environ.get("RX_FAULTS_RESULTS", HERE / ".results" / "results.json"))
 #: The remote user's default rx cache (archives and run directories).
 REMOTE_CACHE = "/home/rx/.cache/remote_exec"
+#: A root command that kills every sshd process serving the user rx (not the listener); prints how many.
+SSHD_KILLER = (
+    "n=0; for pid in $(ps -eo pid=,args= | awk '$2 == \"sshd:\" && $3 ~ /^rx/ {print $1}'); "
+    "do kill -9 $pid && n=$((n+1)); done; echo $n"
+)
 #: Seconds after a fault within which nothing of the task may be left on the remote.
 CLEAN_WITHIN = 5.0
 #: Seconds past its bound after which a call counts as hung.
@@ -70,66 +76,80 @@ HANG_MARGIN = 5.0
 
 #: What each scenario does, for the report. The key is in the name of every test of the scenario, so
 #: ``pytest tests/faults -k KEY`` selects them (a key must not match a marker name such as ``timeout``).
+#: ``class`` groups scenarios into the fault classes of the report's summary table (one row each, in the
+#: order the classes first appear here).
 SCENARIOS: dict[str, dict[str, str]] = {
     "pause": {
+        "class": "link lost",
         "title": "Host paused mid-run",
         "fault": "docker pause of the host while a @task(keepalive_interval=1, keepalive_count=2) call sleeps",
         "expect": "ConnectError (exit status 255) within interval x count + 1 s = 3 s (+2 s margin); the task "
                   "and its run directory gone within 5 s of unpause",
     },
     "sshd_killed": {
+        "class": "link lost",
         "title": "sshd killed mid-transfer",
         "fault": "the session's sshd processes are SIGKILLed while a 50 MB result file streams back",
         "expect": "exit 255 with one error line; no partial file under a final name in the workspace",
     },
     "disk_full": {
+        "class": "host limits",
         "title": "Remote disk full",
         "fault": "the remote cache is a 5 MB tmpfs and the task writes 10 MB",
         "expect": "the task's OSError (ENOSPC) comes back, or one clear error; nothing corrupt lands; "
                   "nothing left on the remote",
     },
     "python_missing": {
+        "class": "host limits",
         "title": "python3 missing",
         "fault": "--python /nonexistent/python3, and /usr/bin/python3 moved away on the host",
         "expect": "RunnerError 'python3 not found on <host>', exit status 3",
     },
     "fake_python": {
+        "class": "host limits",
         "title": "Fake python3",
         "fault": "--python names a script that exits 0 without output",
         "expect": "a clear error (exit status 3), never success",
     },
     "task_sigkill": {
+        "class": "task ends badly",
         "title": "Task killed by SIGKILL",
         "fault": "the task sends itself SIGKILL",
         "expect": "result status 'signal' naming SIGKILL; rx run exits 137",
     },
     "oom": {
+        "class": "host limits",
         "title": "Task out of memory",
         "fault": "host with a 128 MB memory limit; the task touches 512 MB",
         "expect": "result status 'oom' (or 'signal' SIGKILL with an out-of-memory detail); exit 137",
     },
     "coordinator_killed": {
+        "class": "coordinator killed",
         "title": "Coordinator killed",
         "fault": "rx run of a 3 s script SIGKILLed after a random 0.1-2.5 s",
         "expect": "no remote process of the task within 5 s; the run listed as lost; rx rerun --failed "
                   "completes it",
     },
     "interrupt": {
+        "class": "task ends badly",
         "title": "Ctrl-C / SIGTERM of rx run",
         "fault": "SIGINT or SIGTERM to rx run while the task runs",
         "expect": "exit 130; the remote task gone within 5 s; run status cancelled",
     },
     "task_timeout": {
+        "class": "task ends badly",
         "title": "Task timeout",
         "fault": "--timeout 2 on a task that sleeps 60 s and spawned a child",
         "expect": "exit 124 within 2 + 5 s of the task's start; the task's whole process group gone",
     },
     "concurrency": {
+        "class": "concurrency",
         "title": "Concurrent runs on one workspace",
         "fault": "8 rx run processes at once on one workspace (4 local, 4 remote)",
         "expect": "8 runs, all finished, every state.json parses, no lost updates",
     },
     "integrity": {
+        "class": "corrupted or malicious results",
         "title": "Corrupted and malicious results",
         "fault": "a Process wrapper flips a byte in a V/F frame, truncates the stream, or forges a signed "
                  "result holding ../evil, an absolute path or a symlink",
@@ -149,17 +169,20 @@ SCENARIOS: dict[str, dict[str, str]] = {
                   "the next worker",
     },
     "host_key": {
+        "class": "security",
         "title": "Host key changed",
         "fault": "regenerated host keys; also a known_hosts entry of another key type for the host",
         "expect": "refused with HostKeyError (exit 255) on every trial; known_hosts unchanged",
     },
     "injection": {
+        "class": "security",
         "title": "Injection fuzz",
         "fault": "~200 generated hostile strings as script args, env values and @task string args",
         "expect": "every string arrives byte for byte; the canary file an injection would create never "
                   "appears",
     },
     "secret_canary": {
+        "class": "security",
         "title": "Secret canary",
         "fault": "rx -vv run --secret-env RX_CANARY with a random value",
         "expect": "the task sees it; the value appears nowhere in the workspace, rx's output, the remote "
@@ -387,8 +410,14 @@ _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
 
 
 def has_traceback(text: str) -> bool:
-    """True when ``text`` holds a Python traceback."""
-    return "Traceback (most recent call last)" in text
+    """True when ``text`` holds a Python traceback of rx's. The task's own KeyboardInterrupt traceback does not
+    count: a stopped task gets SIGINT first, as from a terminal's Ctrl-C, and prints it as Python does."""
+    blocks = text.split("Traceback (most recent call last)")[1:]
+    for block in blocks:
+        ending = next((line for line in block.splitlines() if line and not line.startswith((" ", ":"))), "")
+        if ending.strip() != "KeyboardInterrupt":
+            return True
+    return False
 
 
 def cli_error_lines(stderr: str) -> list[str]:

@@ -7,6 +7,9 @@ Modes:
                            and sleeps (the host gets paused under it)
     fill HOST MEGABYTES    a call that writes MEGABYTES into its working directory and returns the count
     echo HOST JSONFILE     a call that gets the strings of JSONFILE as arguments and returns them as hex
+    escape HOST TOKEN WARM a call (keep_warm if WARM is 1) that starts processes that leave its session and
+                           group (setsid, a double fork), each with TOKEN in its command line, and returns
+    hello HOST             a call that prints and returns "hello" (on a host whose login prints)
 
 The last stdout line is ``RESULT {json}``: ``{"ok": true, "value": ...}`` or ``{"ok": false, "type": ...,
 "message": ..., "errno": ..., "exit_code": ..., "seconds": ...}``. Standard library and remote_exec only: the
@@ -59,7 +62,35 @@ def _echo(host: str, path: str) -> Any:
     return echo(*strings)
 
 
-MODES = {"nap": _nap, "fill": _fill, "echo": _echo}
+def _escape(host: str, token: str, warm: str) -> Any:
+    @task(remote=host, keep_warm=warm == "1")
+    def escape(token: str) -> str:
+        import os
+        import subprocess
+        import time
+
+        subprocess.Popen(["setsid", "sleep", f"600.{token}"])
+        if os.fork() == 0:  # a daemon: fork, setsid, fork again, the middle one exits
+            os.setsid()
+            if os.fork():
+                os._exit(0)
+            os.execvp("sleep", ["sleep", f"601.{token}"])
+        time.sleep(0.5)
+        return "escaped"
+
+    return escape(token)
+
+
+def _hello(host: str) -> Any:
+    @task(remote=host)
+    def hello() -> str:
+        print("hello from the task", flush=True)
+        return "hello"
+
+    return hello()
+
+
+MODES = {"nap": _nap, "fill": _fill, "echo": _echo, "escape": _escape, "hello": _hello}
 
 
 def main(argv: list[str]) -> int:

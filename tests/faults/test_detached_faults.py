@@ -25,6 +25,7 @@ import pytest
 from faultkit import (
     CLEAN_WITHIN,
     SCENARIOS,
+    SSHD_KILLER,
     Rig,
     TrialFactory,
     audit_remote,
@@ -44,6 +45,7 @@ HOST = "rx-testbed-1"
 
 SCENARIOS.update({
     "detached_outlives": {
+        "class": "detached runs",
         "title": "Detached run outlives rx and its connection",
         "fault": "rx run --detach of a 4 s script: rx exits, then any sshd session of the rx user on the host "
                  "is killed; also an rx attach SIGKILLed mid-run",
@@ -51,40 +53,47 @@ SCENARIOS.update({
                   "a later rx attach collects exit code, output and files; nothing left on the remote",
     },
     "detached_follow": {
+        "class": "detached runs",
         "title": "rx logs -f of a detached run",
         "fault": "rx logs -f on a detached script that prints a timestamped line every second for 6 s",
         "expect": "each line arrives within 1.5 s of being printed (or of logs -f starting); logs -f ends with "
                   "the run; the run stays uncollected until rx attach, which collects each line once",
     },
     "detached_cancel": {
+        "class": "detached runs",
         "title": "rx cancel of a detached run",
         "fault": "rx cancel of a detached script that sleeps 60 s with a child in its process group",
         "expect": "exit 130; the task's process group and run directory gone within 5 s; run cancelled",
     },
     "attach_frozen_host": {
+        "class": "link lost",
         "title": "Host paused under rx attach",
         "fault": "docker pause of the host while rx attach streams a detached run (default keepalive 5 s x 3)",
         "expect": "exit 255 with one error line within dead_after (16 s) + 1 s watchdog tick + 2 s kill grace; "
                   "the run stays running; after unpause a new rx attach collects it, each line once",
     },
     "keep_warm_reuse": {
+        "class": "keep_warm workers",
         "title": "keep_warm: one worker, one connection",
         "fault": "20 @task(keep_warm=True) calls from one process",
         "expect": "every call runs in the same remote process, the only worker in the remote process list; "
                   "one TCP connection to the host throughout; the worker gone within 5 s of the coordinator",
     },
     "keep_warm_timeout": {
+        "class": "keep_warm workers",
         "title": "keep_warm: a call times out",
         "fault": "a keep_warm call with timeout=1 whose task sleeps 10 s, then another call",
         "expect": "CommandTimeout within 1 + 5 s; the old worker gone from the host; the next call works in "
                   "a fresh worker",
     },
     "keep_warm_orphans": {
+        "class": "keep_warm workers",
         "title": "keep_warm: coordinator SIGKILLed",
         "fault": "SIGKILL of a process whose keep_warm call runs a task with a child process",
         "expect": "no worker, task or child process and no run directory on the remote within 5 s",
     },
     "keep_warm_idle": {
+        "class": "keep_warm workers",
         "title": "keep_warm: idle worker",
         "fault": "dispatch() with CallOptions(keep_warm=True, worker_idle=2), then no call for a while",
         "expect": "the worker exits within worker_idle + 1 s; the next call starts a fresh worker",
@@ -111,11 +120,6 @@ time.sleep(60)
 print("task finished", flush=True)
 """
 
-# Kills every sshd process serving the user rx (not the listener); prints how many it killed.
-SSHD_KILLER = (
-    "n=0; for pid in $(ps -eo pid=,args= | awk '$2 == \"sshd:\" && $3 ~ /^rx/ {print $1}'); "
-    "do kill -9 $pid && n=$((n+1)); done; echo $n"
-)
 
 #: keep_warm calls in a process of their own (the archive ships this file: standard library and rx only).
 WARM_DRIVER = '''\

@@ -178,7 +178,7 @@ class TamperingProcess(Process):
                     line, _, rest = self.text.partition(b"\n")
                     self.pending += line + b"\n"
                     self.text = rest
-                    if line.startswith(b"RXBOOT1") and line != b"RXBOOT1 NEED":
+                    if line.startswith(b"RXBOOT2 ") and line.endswith((b" HAVE", b" OK")):
                         self.framing = True
                 if not self.framing:
                     continue

@@ -31,6 +31,7 @@ HOST = "rx-testbed-1"
 
 SCENARIOS.update({
     "restricted_forged": {
+        "class": "corrupted or malicious results",
         "title": "Restricted mode: forged pickle",
         "fault": "a compromised runner signs a result whose value (V) or exception (X) pickle calls os.mkdir "
                  "on a canary path when loaded",

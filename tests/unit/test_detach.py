@@ -116,3 +116,99 @@ def test_attach_refuses_a_run_that_was_not_detached(tmp_path: Path, env: dict[st
     result = rx(tmp_path, env, "attach", "latest")
     assert result.returncode == 3
     assert "not started with --detach" in result.stderr and "Traceback" not in result.stderr
+
+
+def _wait_for_pid(path: Path, timeout: float = 10) -> int:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
+def _status_files(cache: Path) -> list[dict[str, object]]:
+    return [json.loads(path.read_text()) for path in cache.glob("local/runs/*/.rx/status.json")]
+
+
+def test_a_dead_supervisor_makes_attach_say_lost_at_once(tmp_path: Path, env: dict[str, str]) -> None:
+    """kill -9 of a detached run's supervisor (the OOM killer, a reboot): logs -f and attach do not wait
+    forever; the run is reported lost; nothing of it keeps running or stays on the host."""
+    detached = rx(tmp_path, env, "run", "-d", "--env", f"PID_FILE={env['PID_FILE']}", "ticker.py", "200", "0")
+    run_id = detached.stdout.strip()
+    task = _wait_for_pid(Path(env["PID_FILE"]))
+    [status] = _status_files(tmp_path / "cache")
+    supervisor = status["supervisor"]
+    assert isinstance(supervisor, dict) and isinstance(supervisor["pid"], int)
+    os.kill(supervisor["pid"], 9)
+    for command in (("logs", "-f", run_id), ("attach", run_id)):
+        began = time.monotonic()
+        done = rx(tmp_path, env, *command, timeout=30)
+        assert time.monotonic() - began < 15, command
+    assert done.returncode == 3, done.stderr
+    assert "supervisor" in done.stderr and "Traceback" not in done.stderr
+    info = show(tmp_path, env, run_id)
+    assert info["status"] == "lost" and "supervisor" in str(info["error"])
+    deadline = time.monotonic() + 5
+    while pid_alive(task) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(task)
+    assert not list((tmp_path / "cache" / "local" / "runs").iterdir())
+
+
+def test_cancel_never_signals_a_pid_that_is_another_process_now(tmp_path: Path, env: dict[str, str]) -> None:
+    """The stored supervisor pid now names another process (pid reuse after the supervisor died): rx cancel
+    leaves that process alone and reports the run lost."""
+    detached = rx(tmp_path, env, "run", "-d", "--env", f"PID_FILE={env['PID_FILE']}", "ticker.py", "200", "0")
+    run_id = detached.stdout.strip()
+    _wait_for_pid(Path(env["PID_FILE"]))
+    [path] = (tmp_path / "cache").glob("local/runs/*/.rx/status.json")
+    status = json.loads(path.read_text())
+    real = status["supervisor"]["pid"]
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        status["supervisor"]["pid"] = status["supervisor_pid"] = bystander.pid  # as if the pid were reused
+        path.write_text(json.dumps(status))
+        os.kill(real, 9)
+        done = rx(tmp_path, env, "cancel", run_id, timeout=30)
+        assert bystander.poll() is None, "rx cancel signalled a process that is not the run's supervisor"
+        assert done.returncode == 3 and "supervisor" in done.stderr, done.stderr
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_result_the_coordinator_could_not_land_stays_on_the_host(tmp_path: Path, env: dict[str, str]) -> None:
+    """The runner removes a detached run only once the coordinator acknowledged the landing: an attach that
+    failed to write the result (here: a file size limit) leaves it for the next attach."""
+    import resource
+
+    (tmp_path / "big.py").write_text("open('big.bin', 'wb').write(b'x' * (4 << 20))\nprint('wrote')\n")
+    detached = rx(tmp_path, env, "run", "-d", "big.py")
+    run_id = detached.stdout.strip()
+    limit = 1 << 20
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    refused = subprocess.run([sys.executable, "-m", "remote_exec", "attach", run_id], cwd=tmp_path, env=env,
+                             text=True, capture_output=True, timeout=60, preexec_fn=small_files)
+    assert refused.returncode != 0, refused.stderr
+    assert list((tmp_path / "cache" / "local" / "runs").iterdir()), "the run was removed before it landed"
+    again = rx(tmp_path, env, "attach", run_id)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "ws" / "runs" / run_id / "files" / "big.bin").stat().st_size == 4 << 20
+    assert not list((tmp_path / "cache" / "local" / "runs").iterdir())
+
+
+def test_a_secret_of_a_detached_run_is_never_written(tmp_path: Path, env: dict[str, str]) -> None:
+    secret = "s3cr3t-" + os.urandom(8).hex()
+    (tmp_path / "secret.py").write_text("import os, time\nprint(len(os.environ['RX_SECRET']))\ntime.sleep(1)\n")
+    detached = rx(tmp_path, {**env, "RX_SECRET": secret}, "run", "-d", "--secret-env", "RX_SECRET", "secret.py")
+    run_id = detached.stdout.strip()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not any(s.get("state") == "done" for s in _status_files(tmp_path / "cache")):
+        time.sleep(0.1)
+    for path in (tmp_path / "cache").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), f"the secret is in {path}"
+    attached = rx(tmp_path, env, "attach", run_id)
+    assert attached.returncode == 0 and attached.stdout.splitlines()[0] == str(len(secret)), attached.stderr

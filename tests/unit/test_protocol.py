@@ -61,7 +61,7 @@ class _TamperingProcess(Process):
                 while not self.framing and b"\n" in self.pending:
                     line, _, self.pending = self.pending.partition(b"\n")
                     out += line + b"\n"
-                    self.framing = line in (b"RXBOOT1 HAVE", b"RXBOOT1 OK")
+                    self.framing = line.startswith(b"RXBOOT2 ") and line.endswith((b" HAVE", b" OK"))
                 if not self.framing:
                     if out:
                         return bytes(out)
@@ -168,7 +168,7 @@ def test_a_python_that_exits_0_without_output_is_an_error(dispatcher: Any) -> No
 def test_a_runner_that_exits_0_after_the_handshake_is_an_error(dispatcher: Any) -> None:
     python = _fake_python(dispatcher.root, """
         import sys
-        sys.stdout.write("RXBOOT1 HAVE\\n")
+        sys.stdout.write("RXBOOT2 %s HAVE\\n" % sys.argv[3])
         sys.stdout.flush()
         sys.stdin.buffer.read(1)
     """)
@@ -180,7 +180,7 @@ def test_a_runner_that_exits_0_after_the_handshake_is_an_error(dispatcher: Any) 
 def test_a_runner_that_fails_says_why(dispatcher: Any) -> None:
     python = _fake_python(dispatcher.root, """
         import sys
-        sys.stdout.write("RXBOOT1 HAVE\\n")
+        sys.stdout.write("RXBOOT2 %s HAVE\\n" % sys.argv[3])
         sys.stdout.flush()
         sys.stderr.write("rx runner: MemoryError: out of memory\\n")
         sys.exit(70)
@@ -192,7 +192,7 @@ def test_a_runner_that_fails_says_why(dispatcher: Any) -> None:
 def test_a_too_old_python_is_named(dispatcher: Any) -> None:
     python = _fake_python(dispatcher.root, """
         import sys
-        sys.stdout.write("RXBOOT1 OLDPY 3.6.15\\n")
+        sys.stdout.write("RXBOOT2 %s OLDPY 3.6.15\\n" % sys.argv[3])
         sys.exit(3)
     """)
     with pytest.raises(RunnerError, match=r"is Python 3\.6\.15; the runner needs 3\.8 or newer") as error:
@@ -205,7 +205,7 @@ _EVIL_RUNNER = """
     sys.path.insert(0, {repo!r})
     from remote_exec.protocol import wire
 
-    sys.stdout.buffer.write(b"RXBOOT1 HAVE\\n")
+    sys.stdout.buffer.write(b"RXBOOT2 %s HAVE\\n" % sys.argv[3].encode())
     sys.stdout.buffer.flush()
     options = None
     while True:

@@ -232,3 +232,109 @@ def test_built_in_data_crosses_as_marshal_and_anything_else_as_pickle(dispatcher
     assert type(call.result.value[0]) is bytearray  # marshal would give bytes: it goes as a pickle
     call = dispatcher.run(Task.from_function(echo), (plain,), restricted=True)
     assert call.result.value == (plain, True) and call.outcome.header["value"]["encoding"] == "serializer"
+
+
+@pytest.mark.parametrize(("count", "name_length"), [(20_000, 8), (4_000, 240)])
+def test_a_result_of_many_files_comes_back_whole(dispatcher: Any, count: int, name_length: int) -> None:
+    """The file list travels in frames of its own: 20,000 files, or 4,000 with long names, are well over
+    the 1 MiB a single header frame may hold."""
+    call = dispatcher.run(f"""
+        import os
+        os.makedirs("many", exist_ok=True)
+        for index in range({count}):
+            with open(os.path.join("many", str(index).rjust({name_length}, "n")), "w") as stream:
+                stream.write(str(index))
+    """)
+    assert call.result.ok, call.stderr
+    assert len(call.outcome.files) == count == call.outcome.header["file_count"]
+    assert (call.landed / "many" / "7".rjust(name_length, "n")).read_text() == "7"
+
+
+def test_unreadable_files_are_skipped_and_named(dispatcher: Any) -> None:
+    """What the runner cannot read (a file or folder the task made unreadable) is listed as skipped; the
+    rest of the result, and the script's exit code, still come back."""
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file: the fault suite checks this on the testbed as a normal user")
+    call = dispatcher.run("""
+        import os, sys
+        open("fine.txt", "w").write("ok")
+        open("secret.txt", "w").write("no")
+        os.chmod("secret.txt", 0)
+        os.makedirs("closed/inner")
+        open("closed/inner/x.txt", "w").write("x")
+        os.chmod("closed", 0)
+        sys.exit(3)
+    """)
+    assert call.result.exit_code == 3
+    assert [p.name for p in call.outcome.files] == ["fine.txt"]
+    assert sorted(entry["path"] for entry in call.outcome.header["skipped"]) == ["closed/", "secret.txt"]
+
+
+def _interrupt_once(started: Path) -> None:
+    """Send this process SIGINT (a Ctrl-C of the caller) once ``started`` exists."""
+    import threading
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+
+
+def test_ctrl_c_interrupts_the_task_as_a_terminal_would_and_what_it_wrote_comes_back(dispatcher: Any) -> None:
+    """Ctrl-C reaches the task as SIGINT first: its ``except KeyboardInterrupt`` and ``finally`` run, and the
+    checkpoint they write is brought back before Interrupted is raised."""
+    from remote_exec.errors import Interrupted
+
+    started = dispatcher.root / "started"
+    source = f"""
+        import time
+        open({str(started)!r}, "w").close()
+        try:
+            time.sleep(60)
+        except KeyboardInterrupt:
+            open("checkpoint.txt", "w").write("saved on Ctrl-C")
+            raise
+        finally:
+            open("finally.txt", "w").write("ran")
+    """
+
+    _interrupt_once(started)
+    began = time.monotonic()
+    with pytest.raises(Interrupted, match="2 file"):
+        dispatcher.run(source)
+    assert time.monotonic() - began < 15
+    assert (dispatcher.root / "landed" / "checkpoint.txt").read_text() == "saved on Ctrl-C"
+    assert (dispatcher.root / "landed" / "finally.txt").read_text() == "ran"
+
+
+def test_ctrl_c_of_a_keep_warm_call_runs_its_finally(dispatcher: Any) -> None:
+    """A persistent worker's call gets Ctrl-C as a KeyboardInterrupt in its own thread: its ``finally``
+    runs before the worker ends (a fresh one takes the next call)."""
+    from remote_exec.errors import Interrupted
+    from remote_exec.task import Task
+
+    started = dispatcher.root / "started"
+    saved = dispatcher.root / "saved"
+
+    def checkpointed(started: str, saved: str) -> str:
+        import time
+
+        open(started, "w").close()
+        try:
+            time.sleep(60)
+        finally:
+            with open(saved, "w") as stream:
+                stream.write("finally ran")
+        return "slept"
+
+    checkpointed.__module__ = "__main__"
+
+    _interrupt_once(started)
+    began = time.monotonic()
+    with pytest.raises(Interrupted):
+        dispatcher.run(Task.from_function(checkpointed), (str(started), str(saved)), keep_warm=True)
+    assert time.monotonic() - began < 15
+    assert saved.read_text() == "finally ran"

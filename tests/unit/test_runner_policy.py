@@ -6,8 +6,20 @@ import signal
 
 import pytest
 
-from remote_exec.runner.policy import KILL_GRACE, MAX_WAIT, Finish, GiveUp, Heartbeat, Policy, Report, Signal
+from remote_exec.runner.policy import (
+    INT_GRACE,
+    KILL_GRACE,
+    MAX_WAIT,
+    Finish,
+    GiveUp,
+    Heartbeat,
+    Policy,
+    Report,
+    Signal,
+    Sweep,
+)
 
+INT = Signal(signal.SIGINT)
 TERM = Signal(signal.SIGTERM)
 KILL = Signal(signal.SIGKILL)
 
@@ -59,31 +71,44 @@ def test_timeout_terminates_then_kills_after_the_grace() -> None:
 def test_a_task_that_ends_within_the_grace_is_not_killed_again() -> None:
     rules = policy(timeout=1.0, heartbeat=None)
     assert rules.step(101.0) == [Report("timeout", "timed out after 1 s"), TERM]
-    assert rules.on_exit(101.5) == [KILL]  # what the task left in its group ends with it
+    assert rules.on_exit(101.5) == [Sweep()]  # what the task left running ends with it
     assert rules.step(101.0 + KILL_GRACE) == [Finish()]
     assert rules.status == "timeout"
 
 
-def test_cancel_frames_stop_the_task() -> None:
+def test_cancel_frames_stop_the_task_as_ctrl_c_would_then_harder() -> None:
+    """SIGINT first (the task's ``except KeyboardInterrupt`` and ``finally`` run), SIGTERM after the
+    interrupt grace, SIGKILL after the kill grace."""
     rules = policy(heartbeat=None)
     assert rules.on_input(101.0, [b"H"]) == []
-    assert rules.on_input(102.0, [b"H", b"C"]) == [Report("cancelled", "cancelled by the coordinator"), TERM]
-    assert rules.step(102.0 + KILL_GRACE) == [KILL]
+    assert rules.on_input(102.0, [b"H", b"C"]) == [Report("cancelled", "cancelled by the coordinator"), INT]
+    assert rules.next_wake(102.0) == pytest.approx(min(INT_GRACE, MAX_WAIT))
+    assert rules.step(102.0 + INT_GRACE - 0.1) == []
+    assert rules.step(102.0 + INT_GRACE) == [TERM]
+    assert rules.step(102.0 + INT_GRACE + KILL_GRACE) == [KILL]
+    assert rules.step(200.0) == []
     assert policy().on_input(101.0, [b"Q"])[0] == Report("cancelled", "cancelled by the coordinator")
+
+
+def test_a_cancelled_task_that_ends_on_sigint_gets_no_harder_signal() -> None:
+    rules = policy(heartbeat=None)
+    assert rules.on_input(102.0, [b"C"])[-1] == INT
+    assert rules.on_exit(102.5) == [Sweep()]
+    assert rules.step(102.0 + INT_GRACE + KILL_GRACE) == [Finish()]
 
 
 def test_rx_cancel_of_a_detached_run() -> None:
     rules = Policy.for_call({"timeout": None}, 100.0, coordinator=False)
     assert rules.heartbeat is None and rules.dead_after is None  # nobody listens, no link to lose
-    assert rules.cancel(100.5, "cancelled (rx cancel)") == [Report("cancelled", "cancelled (rx cancel)"), TERM]
+    assert rules.cancel(100.5, "cancelled (rx cancel)") == [Report("cancelled", "cancelled (rx cancel)"), INT]
     assert rules.cancel(100.6, "cancelled (rx cancel)") == []
-    assert rules.step(10_000.0) == [KILL]
+    assert rules.step(10_000.0) == [TERM, KILL]
 
 
 def test_the_first_status_decided_stands() -> None:
     rules = policy(timeout=10.0, heartbeat=None)
     rules.on_input(105.0, [b"C"])
-    assert rules.step(111.0) == [KILL]  # the grace ended; the timeout passed too, but the call was cancelled first
+    assert rules.step(111.0) == [TERM, KILL]  # the graces ended; the timeout passed, but the call was cancelled first
     assert rules.on_input(111.5, [b"C"]) == []
     assert (rules.status, rules.detail) == ("cancelled", "cancelled by the coordinator")
     late = policy(timeout=10.0, heartbeat=None)
@@ -94,7 +119,7 @@ def test_the_first_status_decided_stands() -> None:
 
 def test_a_task_that_ended_decides_its_own_status() -> None:
     rules = policy(timeout=10.0, heartbeat=None)
-    assert rules.on_exit(109.9) == [KILL]
+    assert rules.on_exit(109.9) == [Sweep()]
     assert rules.step(110.5) == []  # still draining its output: no timeout for a task that ended in time
     assert rules.on_input(110.6, [b"C"]) == []
     assert rules.status is None
@@ -147,10 +172,13 @@ def test_each_action_calls_the_loop_method_of_its_name() -> None:
         def give_up(self, reason: str) -> None:
             calls.append(("give_up", (reason,)))
 
+        def sweep(self) -> None:
+            calls.append(("sweep", ()))
+
         def finish(self) -> None:
             calls.append(("finish", ()))
 
-    for action in (Heartbeat(), TERM, Report("timeout", "t"), GiveUp("gone"), Finish()):
+    for action in (Heartbeat(), TERM, Report("timeout", "t"), GiveUp("gone"), Sweep(), Finish()):
         action.apply(Loop())
     assert calls == [("heartbeat", ()), ("signal", (signal.SIGTERM,)), ("report", ("timeout", "t")),
-                     ("give_up", ("gone",)), ("finish", ())]
+                     ("give_up", ("gone",)), ("sweep", ()), ("finish", ())]

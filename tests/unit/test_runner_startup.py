@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 HEAVY = {"json", "re", "enum", "typing", "dataclasses", "zipfile", "pathlib", "selectors", "shutil",
@@ -90,40 +92,85 @@ def test_the_small_hmac_is_hmac_sha256() -> None:
             assert mac.hexdigest() == reference  # reading it does not change it
 
 
-def test_the_bootstrap_reports_an_old_python_and_installs_an_archive(tmp_path: Path) -> None:
-    """The bootstrap unpacks the archive without zipfile (and without OpenSSL), checks its sha256 first,
-    and refuses a damaged upload."""
+def _stand_in_archive() -> tuple[bytes, str]:
+    """A small archive whose runner prints its arguments on the protocol fd (and something on fd 1)."""
     import hashlib
     import io
     import zipfile
 
-    from remote_exec.protocol.bootstrap import BOOTSTRAP
-
-    compile(BOOTSTRAP, "bootstrap", "exec")
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("remote_exec/__init__.py", "")
-        archive.writestr("remote_exec/runner/__init__.py", "def main(argv):\n    print('runner', argv)\n    return 0\n")
+        archive.writestr("remote_exec/runner/__init__.py",
+                         "import os, sys\n"
+                         "def main(argv, fd=1):\n"
+                         "    print('printed by an import')\n"
+                         "    os.write(fd, ('runner %r\\n' % (argv,)).encode())\n"
+                         "    return 0\n")
         archive.writestr("pkg/deep/data.txt", "x" * 5000)
         archive.writestr("stored.txt", "as is", compress_type=zipfile.ZIP_STORED)
     data = buffer.getvalue()
-    digest = hashlib.sha256(data).hexdigest()
+    return data, hashlib.sha256(data).hexdigest()
 
-    def boot(payload: bytes) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([sys.executable, "-S", "-c", BOOTSTRAP, digest, str(tmp_path / "cache"), "serve"],
-                              input=len(payload).to_bytes(8, "big") + payload, capture_output=True, timeout=60,
-                              check=False)
 
-    damaged = boot(data[:-1] + bytes([data[-1] ^ 1]))
+def _boot(tmp_path: Path, digest: str, payload: bytes, token: str = "t0k3n") -> subprocess.CompletedProcess[bytes]:
+    from remote_exec.protocol.bootstrap import BOOTSTRAP
+
+    return subprocess.run([sys.executable, "-S", "-c", BOOTSTRAP, token, digest, str(tmp_path / "cache"), "serve"],
+                          input=len(payload).to_bytes(8, "big") + payload, capture_output=True, timeout=60,
+                          check=False)
+
+
+def test_the_bootstrap_installs_an_archive_and_answers_with_its_token(tmp_path: Path) -> None:
+    """The bootstrap unpacks the archive without zipfile (and without OpenSSL), checks its sha256 first,
+    and refuses a damaged upload; its answers carry the call's token; what the runner's imports print goes
+    to stderr, never between the frames."""
+    from remote_exec.protocol.bootstrap import BOOTSTRAP
+
+    compile(BOOTSTRAP, "bootstrap", "exec")
+    data, digest = _stand_in_archive()
+    damaged = _boot(tmp_path, digest, data[:-1] + bytes([data[-1] ^ 1]))
     assert damaged.returncode != 0 and b"sha256 mismatch" in damaged.stderr
     assert not (tmp_path / "cache" / "archives" / digest).exists()
-    done = boot(data)
+    done = _boot(tmp_path, digest, data)
     assert done.returncode == 0, done.stderr.decode()
     runner = f"runner [{str(tmp_path / 'cache')!r}, 'serve']"
-    assert done.stdout.decode().splitlines() == ["RXBOOT1 NEED", "RXBOOT1 OK", runner]
+    assert done.stdout.decode().splitlines() == ["", "RXBOOT2 t0k3n NEED", "", "RXBOOT2 t0k3n OK", runner]
+    assert done.stderr.decode() == "printed by an import\n"
     installed = tmp_path / "cache" / "archives" / digest
     assert (installed / "pkg" / "deep" / "data.txt").read_text() == "x" * 5000
     assert (installed / "stored.txt").read_text() == "as is"
     assert [p.name for p in (tmp_path / "cache" / "archives").iterdir()] == [digest]  # no temporaries left
-    again = boot(b"")
-    assert again.stdout.decode().splitlines() == ["RXBOOT1 HAVE", runner]
+    again = _boot(tmp_path, digest, b"", token="other")
+    assert again.stdout.decode().splitlines() == ["", "RXBOOT2 other HAVE", runner]
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_damaged_installed_archive_is_installed_again(tmp_path: Path, damage: str) -> None:
+    """A file of an installed archive deleted or cut short (a scratch cleaner, a crash before the data
+    reached the disk) fails the archive's size check: the bootstrap asks for it again."""
+    data, digest = _stand_in_archive()
+    assert _boot(tmp_path, digest, data).returncode == 0
+    runner = tmp_path / "cache" / "archives" / digest / "remote_exec" / "runner" / "__init__.py"
+    if damage == "deleted":
+        runner.unlink()
+    else:
+        runner.write_bytes(runner.read_bytes()[:10])
+    asked = _boot(tmp_path, digest, b"")
+    assert asked.stdout.decode().splitlines()[:2] == ["", "RXBOOT2 t0k3n NEED damaged"]
+    again = _boot(tmp_path, digest, data)
+    assert again.returncode == 0, again.stderr.decode()
+    assert again.stdout.decode().splitlines()[-1].startswith("runner ")
+    assert sorted(p.name for p in (tmp_path / "cache" / "archives").iterdir()) == [digest]
+
+
+def test_the_handshake_is_found_after_login_noise() -> None:
+    from remote_exec.protocol.bootstrap import find_handshake
+
+    noise = b"Welcome to gpu1\n\x1b[1mconda activated\x1b[0m (no newline)"
+    found = find_handshake(noise + b"\nRXBOOT2 abc HAVE\nFRAMES", "abc")
+    assert found is not None
+    assert (found.word, found.rest, found.noise) == ("HAVE", b"FRAMES", noise)
+    assert found.shown() == "Welcome to gpu1 / \\x1b[1mconda activated\\x1b[0m (no newline)"
+    assert find_handshake(b"RXBOOT2 abc HA", "abc") is None  # not whole yet
+    assert find_handshake(b"RXBOOT2 xyz HAVE\n", "abc") is None  # another call's (or a forged) answer
