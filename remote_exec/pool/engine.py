@@ -180,10 +180,9 @@ class Engine:
             if self._placements:
                 return
             config = self.settings.config
-            for host in self.hosts.values():
-                kind = placement_class(config.remote(host.name).scheduler)
-                self._placements.append(kind(self, host))
-            placements = list(self._placements)
+            placements = [placement_class(config.remote(host.name).scheduler)(self, host)
+                          for host in self.hosts.values()]  # all or none (an unknown scheduler raises)
+            self._placements = placements
         for placement in placements:
             placement.start()
 
