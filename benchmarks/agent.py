@@ -165,6 +165,7 @@ class ExecnetDriver(Driver):
         self.execnet = execnet
         self.spec = f"ssh=-F {self.ssh_config} {self.host}//python=python3"
         self.gateway: Any = None
+        self.group: Any = None
         self.blobs: dict[int, bytes] = {}
 
     def _warm(self) -> Any:
@@ -202,9 +203,55 @@ class ExecnetDriver(Driver):
             return {"ok": False, "error": "execnet echoed different bytes"}
         return {"ok": True, "samples": [seconds]}
 
+    def op_fanout(self, count: int) -> Reply:
+        """``count`` trivial calls dealt round-robin to a Group of gateways, one thread (one call in flight)
+        per host, wall time."""
+        if self.group is None:
+            self.group = self.execnet.Group()
+            for host in self.hosts:
+                gateway = self.group.makegateway(f"ssh=-F {self.ssh_config} {host}//python=python3")
+                gateway.remote_exec("channel.send(None)").receive(timeout=60)
+
+        def serve(gateway: Any, numbers: list[int]) -> None:
+            for i in numbers:
+                if gateway.remote_exec(f"channel.send({i})").receive(timeout=60) != i:
+                    raise RuntimeError("execnet returned another value")
+
+        return _fanout(list(self.group), count, serve)
+
     def close(self) -> None:
         if self.gateway is not None:
             self.gateway.exit()
+        if self.group is not None:
+            self.group.terminate(timeout=10)
+
+
+def _fanout(targets: list[Any], count: int, serve: Callable[[Any, list[int]], None]) -> Reply:
+    """``count`` calls dealt round-robin to ``targets``, each served in order by a thread of its own; the
+    wall time as one sample."""
+    shares = [list(range(start, count, len(targets))) for start in range(len(targets))]
+    errors: list[BaseException] = []
+
+    def run(target: Any, numbers: list[int]) -> None:
+        try:
+            serve(target, numbers)
+        except BaseException as exc:
+            errors.append(exc)
+
+    seconds = _wall([threading.Thread(target=run, args=pair) for pair in zip(targets, shares, strict=True)])
+    if errors:
+        return {"ok": False, "error": _error(errors[0])}
+    return {"ok": True, "samples": [seconds]}
+
+
+def _wall(threads: list[threading.Thread]) -> float:
+    """Seconds from starting ``threads`` to the last one's end."""
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
 
 
 # -- mitogen ------------------------------------------------------------------------------------------------
@@ -224,6 +271,7 @@ class MitogenDriver(Driver):
         # 128 MiB message limit refuses a 100 MB argument, so the limit is raised for the round-trip rows.
         self.router = mitogen.master.Router(self.broker, max_message_size=512 * 1024 * 1024)
         self.context: Any = None
+        self.contexts: list[Any] = []
         self.blobs: dict[int, bytes] = {}
 
     def _connect(self) -> Any:
@@ -266,9 +314,28 @@ class MitogenDriver(Driver):
             return {"ok": False, "error": "mitogen echoed different bytes"}
         return {"ok": True, "samples": [seconds]}
 
+    def op_fanout(self, count: int) -> Reply:
+        """``count`` trivial calls dealt round-robin to a context per host, one thread (one call in flight)
+        per host, wall time."""
+        noop = _payload().noop
+        if not self.contexts:
+            for host in self.hosts:
+                context = self.router.ssh(hostname=host, ssh_args=["-F", self.ssh_config], python_path="python3",
+                                          connect_timeout=60)
+                context.call(noop, 0)
+                self.contexts.append(context)
+
+        def serve(context: Any, numbers: list[int]) -> None:
+            for i in numbers:
+                if context.call(noop, i) != i:
+                    raise RuntimeError("mitogen returned another value")
+
+        return _fanout(self.contexts, count, serve)
+
     def close(self) -> None:
-        if self.context is not None:
-            self.context.shutdown(wait=True)
+        for context in [self.context, *self.contexts]:
+            if context is not None:
+                context.shutdown(wait=True)
         self.broker.shutdown()
         self.broker.join()
 
@@ -516,13 +583,7 @@ class RxDriver(Driver):
             except Exception as exc:
                 errors.append(f"{host}: {type(exc).__name__}: {exc}")
 
-        threads = [threading.Thread(target=call, args=(host, self._next())) for host in self.hosts]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        parallel = time.perf_counter() - started
+        parallel = _wall([threading.Thread(target=call, args=(host, self._next())) for host in self.hosts])
         if errors or any(value != argument for value, argument in results.values()):
             return {"ok": False, "error": "; ".join(errors) or "a host returned the wrong value"}
         started = time.perf_counter()
@@ -533,6 +594,71 @@ class RxDriver(Driver):
             return {"ok": False, "error": "; ".join(errors)}
         self._new_phases()
         return {"ok": True, "parallel": parallel, "sequential": sequential}
+
+
+class RxPoolDriver(RxDriver):
+    """rx's pool on one backend: ``Executor.map`` of trivial calls over every host (a warm pool, as the peers'
+    gateways and contexts are warm), 40 one-second calls over 2 slots per host, and, for scale, 4 threads
+    making process-per-call ``@task`` calls."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        from remote_exec import Executor
+
+        self.executor = Executor
+        self.pools: dict[int, Any] = {}
+
+    def _pool(self, per_host: int) -> Any:
+        pool = self.pools.get(per_host)
+        if pool is None:
+            pool = self.pools[per_host] = self.executor(self.hosts, per_host=per_host, backend=self.backend)
+            slots = len(self.hosts) * per_host
+            deadline = time.monotonic() + 120
+            while True:  # every slot's worker up (as the peers' gateways and contexts are) before the clock
+                list(pool.map(self.payload.nap, [0.05] * 2 * slots))
+                states = [slot["state"] for slot in pool.status()["slots"].values()]
+                if len(states) == slots and all(state == "ready" for state in states):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the pool's slots did not all start: {states}")
+        return pool
+
+    def op_pool_map(self, count: int, per_host: int = 1) -> Reply:
+        pool = self._pool(per_host)
+        start = self._next()
+        started = time.perf_counter()
+        values = list(pool.map(self.payload.noop, range(start, start + count)))
+        seconds = time.perf_counter() - started
+        self.counter += count
+        if values != list(range(start, start + count)):
+            return {"ok": False, "error": "the pool returned other values"}
+        return {"ok": True, "samples": [seconds]}
+
+    def op_pool_naps(self, count: int, seconds: float, per_host: int) -> Reply:
+        pool = self._pool(per_host)
+        started = time.perf_counter()
+        values = list(pool.map(self.payload.nap, [seconds + i * 1e-9 for i in range(count)]))
+        wall = time.perf_counter() - started
+        if len(values) != count:
+            return {"ok": False, "error": "calls went missing"}
+        return {"ok": True, "samples": [wall]}
+
+    def op_threads_map(self, count: int) -> Reply:
+        """``count`` process-per-call ``@task`` calls dealt round-robin to the hosts, a thread per host."""
+        for host in self.hosts:
+            self._warm(host)
+
+        def serve(host: str, numbers: list[int]) -> None:
+            base = self._next() * 10_000
+            for i in numbers:
+                if self.noops[host](base + i) != base + i:
+                    raise RuntimeError("rx returned another value")
+
+        return _fanout(list(self.hosts), count, serve)
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.shutdown(wait=True)
 
 
 def first_call(config: dict[str, Any]) -> Reply:
@@ -577,6 +703,7 @@ DRIVERS: dict[str, type[Driver]] = {
     "mitogen": MitogenDriver,
     "bandsaw": BandsawDriver,
     "rx": RxDriver,
+    "rx-pool": RxPoolDriver,
 }
 
 

@@ -57,6 +57,8 @@ BACKENDS = ("openssh", "paramiko")
 SIZES = (1 * MB, 10 * MB, 100 * MB)
 TRIVIAL = "python3 -c pass"
 REMOTE_BLOB = "rxbench-100mb"
+#: Trivial calls per fan-out sample.
+FANOUT_CALLS = 1000
 
 
 def _size_name(size: int) -> str:
@@ -119,6 +121,23 @@ def _rows() -> list[Row]:
         for peer in ("execnet", "mitogen"):
             rows.append(Row(f"{peer}.echo{size // MB}", f"{peer}: {name} argument + {name} result",
                             f"{peer} {name}", thr, "ssh.cat", 2 * size))
+    fan = f"Fan-out: {FANOUT_CALLS:,} trivial calls over 4 hosts, wall (lower is better)"
+    rows += [
+        Row("execnet.fanout", f"execnet: {FANOUT_CALLS:,} calls round-robin over a Group of 4 gateways (a thread, "
+                              "one call in flight, per host)", "execnet Group", fan),
+        Row("mitogen.fanout", f"mitogen: {FANOUT_CALLS:,} `context.call` round-robin over 4 contexts (a thread, one "
+                              "call in flight, per host)", "mitogen contexts", fan, "execnet.fanout"),
+    ]
+    for backend in BACKENDS:
+        rx = f"rx-{backend}"
+        rows += [
+            Row(f"{rx}.pool_map", f"rx ({backend}): `Executor(4 hosts).map` of {FANOUT_CALLS:,} calls (a slot per "
+                                  "host)", f"Executor.map ({backend})", fan, "mitogen.fanout"),
+            Row(f"{rx}.threads_map", f"rx ({backend}): {FANOUT_CALLS:,} process-per-call `@task` calls, round-robin "
+                                     "from 4 threads", f"4 threads of rx calls ({backend})", fan, f"{rx}.pool_map"),
+            Row(f"{rx}.pool_naps", f"rx ({backend}): `Executor(4 hosts, per_host=2).map` of 40 one-second calls "
+                                   "(ideal: 5 s)", f"40 x 1 s on 8 slots ({backend})", fan),
+        ]
     rows += [
         Row("startup.python", "`python -c pass` (local interpreter start)", "python -c pass", start),
         Row("startup.importtime", "`python -X importtime -c \"import remote_exec.cli\"`: total import time",
@@ -153,6 +172,11 @@ TARGETS = [
     Target("bandsaw per task / rx warm call ≥ 50 (OpenSSH)", "bandsaw.task", "rx-openssh.warm", 50, at_least=True),
     Target("bandsaw per task / rx warm call ≥ 50 (paramiko)", "bandsaw.task", "rx-paramiko.warm", 50, at_least=True),
     *sync_targets(BACKENDS),
+    *(Target(f"Executor.map of {FANOUT_CALLS:,} calls over 4 hosts no slower than {peer}'s ({backend})",
+             f"rx-{backend}.pool_map", f"{peer}.fanout", 1.0)
+      for backend in BACKENDS for peer in ("execnet", "mitogen")),
+    *(Target(f"40 one-second calls over 4 hosts x 2 slots ≤ 1.15 x the ideal 5 s ({backend})",
+             f"rx-{backend}.pool_naps", None, 5.75) for backend in BACKENDS),
     *SLURM_TARGETS,
 ]
 
@@ -236,8 +260,8 @@ class Bench:
         options = ["-o", "ControlMaster=no", "-o", control]
         return ["ssh", "-F", str(self.ssh_config), *options, *args]
 
-    def agent(self, kind: str, **config: Any) -> Agent:
-        name = kind + (f"-{config['backend']}" if "backend" in config else "")
+    def agent(self, kind: str, *, name: str | None = None, **config: Any) -> Agent:
+        name = name or kind + (f"-{config['backend']}" if "backend" in config else "")
         env = dict(self.env, RX_WORKSPACE=str(self.run_dir / "workspaces" / name))
         agent = Agent(kind, {"ssh_config": str(self.ssh_config), "hosts": self.hosts, **config}, env=env,
                       cwd=self.run_dir / "agents" / name, log=self.run_dir / "logs" / f"{name}.log")
@@ -465,6 +489,7 @@ def _probes(bench: Bench) -> list[Probe]:
                 partial(_samples, bench, agent, key, "echo", timeout=60 + size / MB * 2,
                         group=f"{_size_name(size)} argument + result ({backend})", size=size),
                 _every(settings, size))
+    _fanout_probes(bench, add)
     add("python -c pass", ("startup.python",), partial(_python_start, bench))
     add("importtime cli", ("startup.importtime",),
         partial(_importtime, bench, "startup.importtime", ("-c", "import remote_exec.cli")))
@@ -472,6 +497,27 @@ def _probes(bench: Bench) -> list[Probe]:
         partial(_importtime, bench, "startup.importtime_help", ("-m", "remote_exec", "--help")))
     add("rx --help", ("startup.help",), partial(_rx_help, bench))
     return probes
+
+
+def _fanout_probes(bench: Bench, add: Callable[..., None]) -> None:
+    """The pool's rows: 1,000 trivial calls over 4 hosts (rx's Executor.map, execnet's Group, mitogen's
+    contexts, 4 threads of process-per-call rx) and 40 one-second calls over 4 hosts x 2 slots."""
+    settings = bench.settings
+    for peer in ("execnet", "mitogen"):
+        agent = bench.agent(peer, name=f"{peer}-fanout")
+        add(f"{peer} fan-out", (f"{peer}.fanout",),
+            partial(_samples, bench, agent, f"{peer}.fanout", "fanout", timeout=180, count=FANOUT_CALLS))
+    for backend in BACKENDS:
+        rx = f"rx-{backend}"
+        agent = bench.agent("rx-pool", backend=backend)
+        add(f"rx Executor.map ({backend})", (f"{rx}.pool_map",),
+            partial(_samples, bench, agent, f"{rx}.pool_map", "pool_map", timeout=180, count=FANOUT_CALLS))
+        add(f"rx 40 naps ({backend})", (f"{rx}.pool_naps",),
+            partial(_samples, bench, agent, f"{rx}.pool_naps", "pool_naps", timeout=120, count=40, seconds=1.0,
+                    per_host=2), settings.medium_every)
+        add(f"rx 4 threads ({backend})", (f"{rx}.threads_map",),
+            partial(_samples, bench, agent, f"{rx}.threads_map", "threads_map", timeout=300, count=FANOUT_CALLS),
+            settings.heavy_every)
 
 
 def _every(settings: Settings, size: int) -> int:

@@ -29,7 +29,9 @@ __all__ = [
     "Configuration",
     "ConnectError",
     "Execution",
+    "Executor",
     "Extension",
+    "GpuPolicy",
     "HostKeyError",
     "IntegrityError",
     "Interpreter",
@@ -65,6 +67,7 @@ _LOCATIONS = {
     "RunnerError": "errors", "SyncError": "errors", "TransferError": "errors",
     "Result": "session", "Session": "session",
     "Execution": "task", "Task": "task",
+    "Executor": "pool", "GpuPolicy": "pool",
 }
 
 if TYPE_CHECKING:
@@ -91,6 +94,7 @@ if TYPE_CHECKING:
         SyncError,
         TransferError,
     )
+    from .pool import Executor, GpuPolicy
     from .session import Result, Session
     from .task import Execution, Task
 

@@ -17,7 +17,8 @@ from .task import INSIDE_RUNNER_ENV, Task
 
 TYPE_CHECKING = False  # neither typing nor the coordinator at import: the runner imports this package per call
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from concurrent.futures import Future
     from typing import Any, Generic, TypeVar, overload
 
     R = TypeVar("R")
@@ -87,6 +88,34 @@ class TaskFunction(Generic[R]):
             failure = for_caller(exc)
         raise failure  # what the call raised; rx's own frames are left out (RX_DEBUG=1 keeps them)
 
+    def map(self, iterable: Iterable[Any], *iterables: Iterable[Any], hosts: Sequence[str] | str | None = None,
+            star: bool = False, return_exceptions: bool = False, timeout: float | None = None,
+            **pool_options: Any) -> Iterator[R]:
+        """The task over the items, on a pool of hosts (a :class:`remote_exec.Executor` of its own, shut
+        down once the results are read): results in order, lazily.
+
+        Args:
+            iterable: The first argument of each call (more iterables: the next arguments, as ``map``).
+            hosts: The hosts (default: ``@task(hosts=[...])``, else its ``remote``).
+            star: Each item is a tuple of the call's arguments (as :func:`itertools.starmap`).
+            return_exceptions: Yield a call's exception in its place rather than raise it.
+            timeout: Seconds from now for every result (``TimeoutError`` past it).
+            **pool_options: :class:`remote_exec.Executor` options: ``per_host``, ``gpus``, ``retries``,
+                ``retry_on``, ``progress``, ...
+        """
+        from .pool.executor import map_task
+
+        return map_task(self, (iterable, *iterables), hosts=hosts, star=star, return_exceptions=return_exceptions,
+                        timeout=timeout, **pool_options)
+
+    def submit(self, *args: Any, **kwargs: Any) -> Future[R]:
+        """Start one call on the task's pool (``@task(hosts=[...], per_host=..., gpus=...)``, else its
+        ``remote``); return its :class:`concurrent.futures.Future`. The process keeps one pool per set of
+        hosts and options, shut down at exit."""
+        from .pool.executor import submit_task
+
+        return submit_task(self, args, kwargs)
+
     def __get__(self, instance: object, owner: type | None = None) -> Any:
         if instance is None:
             return self
@@ -129,7 +158,8 @@ def task(function: Callable[..., R] | None = None, /, *, remote: str | None = No
             node), ``keep_queued`` (Ctrl-C leaves the job queued instead of cancelling it); for the project
             the call runs in (a snapshot of it on the host): ``project`` (its root; False: none, the archive
             carries the code), ``include`` (gitignore patterns of ignored paths that travel),
-            ``follow_symlinks``, ``force`` (above 2 GiB).
+            ``follow_symlinks``, ``force`` (above 2 GiB); for ``.map`` and ``.submit``, the pool's ``hosts``,
+            ``per_host``, ``gpus`` and ``retries``.
     """
     if function is not None:
         if not callable(function):

@@ -128,6 +128,8 @@ def call_options(options: dict[str, Any], *, python: str, workdir: str, env: dic
         pull_limit=parse_size(pull_limit, what="pull limit") if pull_limit is not None else None,
         cache_limit=config.cache_limit,
         cache_days=config.cache_days,
+        slot=options.get("slot"),
+        placement=options.get("placement"),
     )
 
 
@@ -157,6 +159,7 @@ class Coordinator:
             reader never holds up a call's link).
         recorder: Writes ``@task`` call records in batches.
         task_runs: The workspace runs of this process's ``@task`` calls.
+        pools: The pools ``task.submit`` made, by hosts and options (shut down at exit).
         jobs: Its calls through batch schedulers (one watch per cluster polls all its jobs there).
         run_id: The run id ``@task`` calls of this process are recorded under (made on the first call).
         all_frames: Remote tracebacks keep rx's own frames (``rx -v``, ``RX_DEBUG=1``).
@@ -178,6 +181,8 @@ class Coordinator:
         self._backends = BackendPool()
         self._local = LocalBackend()
         self._configs: dict[str, Configuration] = {}
+        self.pools: dict[tuple[Any, ...], Any] = {}  # @task(...).submit's pools, by hosts and options
+        self._pools_lock = threading.Lock()
         self._targets: dict[tuple[Any, ...], tuple[Configuration, Target]] = {}
         self._projects: dict[ProjectSpec, Project] = {}
         self._warned: set[str] = set()
@@ -281,7 +286,8 @@ class Coordinator:
 
     def host_target(self, name: str, config: Configuration, *, backend: str | None = None,
                     options: dict[str, Any] | None = None) -> Target:
-        """The target of host ``name`` for a call that is not a session's (``rx sync``, ``rx gc``)."""
+        """The target of host ``name`` for a call that is not a session's (``rx sync``, ``rx gc``; a pool
+        probing a host's GPUs before it has a call to send there), with these task ``options``."""
         return self._remote_target(config, dict(options or {}), name, backend)
 
     def _remote_target(self, config: Configuration, options: dict[str, Any], name: str,
@@ -406,7 +412,9 @@ class Coordinator:
 
         ``rx run`` passes its :class:`~remote_exec.workspace.recorder.RunRecorder` in
         ``session.local["recorder"]`` and finds the call's :class:`Outcome` in ``session.local["outcome"]``
-        afterwards; a ``@task`` call is recorded as one task entry of its process's run.
+        afterwards; a ``@task`` call is recorded as one task entry of its process's run (a pool's call gives
+        the entry's key, extra fields, its list of attempts and its output sinks in ``session.local``:
+        ``task_key``, ``task_fields``, ``attempts``, ``sinks``).
         """
         recorder: CallRecorder | None = session.local.get("recorder")
         session_bytes = session.to_wire()
@@ -474,10 +482,13 @@ class Coordinator:
         config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
         run = self.task_runs.run_for(config.workspace, session.run_id, cwd=session.context.get("cwd") or os.getcwd(),
                                      host=target.host, backend=target.backend_name)
+        local = session.local
         execution_id = session.execution.execution_id
-        key = self.task_runs.key_for(run, execution_id, session.local.get("task_key"))
+        key = self.task_runs.key_for(run, execution_id, local.get("task_key"))
         return TaskCallRecorder(self.recorder, run, execution_id, name=session.task.name, host=target.host,
-                                session_bytes=session_bytes, output=self.output, key=key)
+                                session_bytes=session_bytes, output=self.output, key=key,
+                                fields=local.get("task_fields"), attempts=local.get("attempts"),
+                                sinks=local.get("sinks"))
 
     @staticmethod
     def recorded_value(session: Session, target: Target, outcome: Outcome) -> bytes | Path:
@@ -575,12 +586,29 @@ class Coordinator:
         self.recorder.flush()
 
     def close(self) -> None:
-        """Record the end of this process's ``@task`` runs, stop its workers, close its connections."""
-        for step in (self.task_runs.close, self.workers.close, self.jobs.close, self.close_backends):
+        """Shut its pools down, record the end of this process's ``@task`` runs, stop its workers and its job
+        watches, close its connections."""
+        for step in (self._close_pools, self.task_runs.close, self.workers.close, self.jobs.close,
+                     self.close_backends):
             try:
                 step()
             except Exception:  # closing at exit must never raise
                 logger.debug("closing the coordinator: %s failed", step, exc_info=True)
+
+    def pool_for(self, key: tuple[Any, ...], make: Any) -> Any:
+        """The pool ``task.submit`` keeps for ``key`` (hosts and options), made with ``make()`` when there is
+        none yet or the one there broke."""
+        with self._pools_lock:
+            pool = self.pools.get(key)
+            if pool is None or pool.broken is not None:
+                pool = self.pools[key] = make()
+            return pool
+
+    def _close_pools(self) -> None:
+        """Shut the pools of ``task.submit`` down: their queued calls are cancelled."""
+        pools, self.pools = list(self.pools.values()), {}
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def close_backends(self) -> None:
         """Close every open connection (a later call reconnects)."""

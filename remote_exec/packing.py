@@ -51,6 +51,10 @@ REMOTE_MODULES = ("__init__", "errors", "protocol/__init__", "protocol/wire", "s
 
 _MAIN = b"import sys\nfrom remote_exec.runner import main\nsys.exit(main(sys.argv[1:]))\n"
 _EPOCH = (1980, 1, 1, 0, 0, 0)
+# state: ast.parse is not thread-safe on CPython 3.11 (its recursion counter belongs to the interpreter, not
+# the thread: gh-106905 raises "AST constructor recursion depth mismatch" when two threads parse at once), and
+# a pool's slots, or two @task calls from two threads, may scan imports at the same moment.
+_AST_LOCK = threading.Lock()
 _SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".tox", ".nox", ".venv", "venv", ".mypy_cache",
               ".pytest_cache", ".rx", "node_modules", ".eggs", "build", "dist"}
 
@@ -80,7 +84,9 @@ class _Module:
 def _imports_of(path: Path) -> set[tuple[str, int]]:
     """``(name, level)`` of every import statement in a file (relative ones with their level)."""
     try:
-        tree = ast.parse(path.read_bytes(), filename=str(path))
+        source = path.read_bytes()
+        with _AST_LOCK:
+            tree = ast.parse(source, filename=str(path))
     except (SyntaxError, ValueError, OSError) as exc:
         logger.debug("cannot scan imports of %s: %s", path, exc)
         return set()

@@ -18,11 +18,13 @@ or from Python (the pytest fixtures in :mod:`testbed.pytest_plugin` do this)::
 
 The fault tools (:func:`start_host`, :func:`pause`, :func:`exec_root`, :func:`regenerate_host_keys`,
 :func:`set_login`) act on real containers with ``docker pause`` and ``docker exec``; :data:`LOGIN_VARIANTS`
-are logins of real lab servers (a ``~/.bashrc`` that prints, one that execs another shell). :func:`slurm_up`
-starts a three-node Slurm cluster (login node ``rx-slurm`` with slurmctld and accounting, compute nodes
-``c1`` and ``c2``, a shared /home) for the scheduler tests (see :mod:`testbed._slurm`). This package needs
-only the standard library, the ``docker`` SDK and the OpenSSH client's ``ssh-keygen``; it never imports
-remote_exec.
+are logins of real lab servers (a ``~/.bashrc`` that prints, one that execs another shell). Every host has a
+fake ``nvidia-smi`` (no GPUs until :func:`set_gpus` gives it some, and processes using them:
+:func:`start_foreign_process` starts one rx did not), which prints what the real tool prints for the queries
+rx makes. :func:`slurm_up` starts a three-node Slurm cluster (login node ``rx-slurm`` with slurmctld and
+accounting, compute nodes ``c1`` and ``c2``, a shared /home) for the scheduler tests (see
+:mod:`testbed._slurm`). This package needs only the standard library, the ``docker`` SDK and the OpenSSH
+client's ``ssh-keygen``; it never imports remote_exec.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from testbed._hosts import (
     prune,
     regenerate_host_keys,
     remove_host,
+    set_gpus,
     set_login,
+    start_foreign_process,
     start_host,
     status,
     unpause,
@@ -75,10 +79,12 @@ __all__ = [
     "prune",
     "regenerate_host_keys",
     "remove_host",
+    "set_gpus",
     "set_login",
     "slurm_down",
     "slurm_status",
     "slurm_up",
+    "start_foreign_process",
     "start_host",
     "status",
     "unpause",

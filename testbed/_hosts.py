@@ -42,7 +42,9 @@ __all__ = [
     "prune",
     "regenerate_host_keys",
     "remove_host",
+    "set_gpus",
     "set_login",
+    "start_foreign_process",
     "start_host",
     "status",
     "unpause",
@@ -762,6 +764,41 @@ def exec_root(host: TestbedHost, command: str, *, timeout: float = 30) -> tuple[
     if code in (124, 137) and time.monotonic() - started >= timeout:
         raise TestbedError(f"command on {host.alias} ran past {timeout:g} s: {command}")
     return code, output.decode(errors="replace")
+
+
+GPU_CONFIG = "/etc/rx-testbed/gpus.json"
+"""Where the image's fake ``nvidia-smi`` reads the GPUs it reports (testbed/image/nvidia-smi)."""
+
+
+def set_gpus(host: TestbedHost, gpus: int | list[dict[str, Any]] | None,
+             processes: list[dict[str, Any]] | None = None) -> None:
+    """Give ``host``'s fake ``nvidia-smi`` these GPUs and GPU processes (None: no GPUs, as without a driver).
+
+    Args:
+        host: The host.
+        gpus: How many idle 40 GiB GPUs, or their records (``name``, ``memory_total``, ``memory_used``,
+            ``utilization``, ``uuid``: see the script), or None.
+        processes: Processes using them: ``{"gpu": index, "pid": pid, "used_memory": MiB, "name": ...}``
+            (a pid that does not run on the host is not shown).
+    """
+    if gpus is None:
+        command = f"rm -f {GPU_CONFIG}"
+    else:
+        records = [{} for _ in range(gpus)] if isinstance(gpus, int) else list(gpus)
+        text = json.dumps({"gpus": records, "processes": list(processes or [])})
+        command = f"printf '%s' {shlex.quote(text)} > {GPU_CONFIG}.tmp && mv {GPU_CONFIG}.tmp {GPU_CONFIG}"
+    code, output = exec_root(host, command)
+    if code != 0:
+        raise TestbedError(f"setting the GPUs of {host.alias} failed (exit {code}): {output.strip()}")
+
+
+def start_foreign_process(host: TestbedHost) -> int:
+    """Start a long ``sleep`` as root on ``host`` (a process rx did not start, to list as a GPU's user);
+    return its pid. It ends with the container."""
+    code, output = exec_root(host, "setsid sleep 100000 </dev/null >/dev/null 2>&1 & echo $!")
+    if code != 0 or not output.strip().isdigit():
+        raise TestbedError(f"starting a process on {host.alias} failed (exit {code}): {output.strip()}")
+    return int(output.strip())
 
 
 def pause(host: TestbedHost) -> None:

@@ -8,9 +8,9 @@ Two ways to the same image, chosen at build time:
   Dockerfile adds the user, the sshd configuration and the entry point on top.
 
 Each image is tagged with the hash of its recipe (``rx-testbed:<hash>``: Dockerfile, entry point, sshd
-configuration) and labelled with it, so a later call skips the build until the recipe changes, and
-checkouts with different recipes (branches, worktrees) on one machine keep their images side by side
-instead of rebuilding each other's.
+configuration, the fake ``nvidia-smi``) and labelled with it, so a later call skips the build until the
+recipe changes, and checkouts with different recipes (branches, worktrees) on one machine keep their images
+side by side instead of rebuilding each other's.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ DEBOOTSTRAP_TIMEOUT = 900.0
 BUILD_TIMEOUT = 900
 
 _ASSETS = Path(__file__).resolve().parent / "image"
+#: The files both Dockerfiles copy from ``_ASSETS``: the entry point, the sshd drop-in, and the fake
+#: ``nvidia-smi`` (GPUs from ``/etc/rx-testbed/gpus.json``, none without it; see the script).
+_COPIED = ("entrypoint.sh", "sshd_config", "nvidia-smi")
 
 # The part both Dockerfiles share: the user, the sshd drop-in and the entry point.
 _DOCKERFILE_TAIL = """\
@@ -73,7 +76,9 @@ RUN set -eux; \\
     rm -f /etc/ssh/ssh_host_*
 COPY sshd_config /etc/ssh/sshd_config.d/rx-testbed.conf
 COPY entrypoint.sh /usr/local/bin/rx-testbed-entrypoint
-RUN chmod 644 /etc/ssh/sshd_config.d/rx-testbed.conf && chmod 755 /usr/local/bin/rx-testbed-entrypoint
+COPY nvidia-smi /usr/local/bin/nvidia-smi
+RUN chmod 644 /etc/ssh/sshd_config.d/rx-testbed.conf && chmod 755 /usr/local/bin/rx-testbed-entrypoint \
+    /usr/local/bin/nvidia-smi && install -d -m 755 /etc/rx-testbed
 EXPOSE 22
 ENTRYPOINT ["/usr/local/bin/rx-testbed-entrypoint"]
 """
@@ -140,7 +145,7 @@ def _dockerfile_debootstrap() -> str:
 def _recipe_hash(dockerfile: str) -> str:
     """Hash a Dockerfile together with the files it copies, so editing any of them rebuilds the image."""
     digest = hashlib.sha256(dockerfile.encode())
-    for name in ("entrypoint.sh", "sshd_config"):
+    for name in _COPIED:
         digest.update(b"\0" + name.encode() + b"\0")
         digest.update((_ASSETS / name).read_bytes())
     return digest.hexdigest()[:16]
@@ -247,7 +252,7 @@ def _build(client: Any, dockerfile: str, recipe_hash: str, log: Callable[[str], 
     with tempfile.TemporaryDirectory(prefix="rx-testbed-build-") as context:
         context_dir = Path(context)
         (context_dir / "Dockerfile").write_text(dockerfile)
-        for name in ("entrypoint.sh", "sshd_config"):
+        for name in _COPIED:
             shutil.copyfile(_ASSETS / name, context_dir / name)
         log(f"building {image}")
         docker_build(client, context_dir, image, {HASH_LABEL: recipe_hash})

@@ -9,11 +9,18 @@ in the ``benchmarks`` package would make rx ship the whole package.
 from __future__ import annotations
 
 import os
+import time
 
 
 def noop(i: int = 0) -> int:
     """The trivial call: returns its argument (distinct arguments keep rx's per-call records apart)."""
     return i
+
+
+def nap(seconds: float) -> float:
+    """The long call: sleeps ``seconds`` (the pool's wall-time row)."""
+    time.sleep(seconds)
+    return seconds
 
 
 def echo(data: bytes) -> bytes:

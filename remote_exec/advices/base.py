@@ -39,4 +39,8 @@ class ExecutingAdvice(Advice):
         """Where this session runs."""
 
     def before(self, session: Session) -> None:
+        coordinator = session.local.get("coordinator")  # a pool running through a coordinator of its own
+        if coordinator is not None and coordinator is not self.coordinator:
+            session.conclude(coordinator.execute(session, coordinator.resolve_target(session)))
+            return
         session.conclude(self.coordinator.execute(session, self.target(session)))

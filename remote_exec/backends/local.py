@@ -12,6 +12,7 @@ canned command results.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import subprocess
 import threading
@@ -34,14 +35,21 @@ class PopenProcess(Process):
         assert popen.stdin is not None and popen.stdout is not None and popen.stderr is not None
         self._stdin_lock = threading.Lock()
 
-    @staticmethod
-    def _read(stream: IO[bytes] | None, size: int) -> bytes:
+    def _read(self, stream: IO[bytes] | None, size: int) -> bytes:
         # By the file object, never a bare fd number: after close, that number may belong to another file.
-        if stream is None or stream.closed:
+        # Once killed, reads end (b"") when the pipe goes idle, as a severed ssh link's do, even while a
+        # process the command left (a runner's worker in a session of its own, stopped with SIGSTOP) still
+        # holds the pipe open.
+        if stream is None:
             return b""
         try:
+            while not select.select([stream], [], [], 0.5)[0]:
+                if self._killed:
+                    return b""
+            if stream.closed:
+                return b""
             chunk = os.read(stream.fileno(), size)
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError, AttributeError):
             return b""
         if not chunk:  # end of file: release the pipe now rather than when the Popen is collected
             stream.close()
@@ -84,8 +92,8 @@ class PopenProcess(Process):
         return code
 
     def kill(self) -> None:
+        self._killed = True
         if self.popen.poll() is None:
-            self._killed = True
             try:
                 self.popen.kill()
             except ProcessLookupError:

@@ -1,4 +1,5 @@
-"""``rx hosts`` and ``rx check``: which hosts rx knows, and whether one is ready for work."""
+"""``rx hosts``, ``rx top`` and ``rx check``: which hosts rx knows, what each is doing (slots, GPUs, memory),
+and whether one is ready for work."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from ..errors import RunnerError, printable
 from .app import app
 from .complete import complete_hosts
 
-__all__ = ["check", "hosts"]
+__all__ = ["check", "host_status", "hosts", "top"]
 
 # One remote command reports everything `rx check` shows (quoted as a whole, no user input inside).
 _PROBE = r"""
@@ -58,28 +59,34 @@ def _probe_facts(host: str, stdout: bytes) -> tuple[dict[str, Any], str]:
 
 @app.command()
 def hosts(
+    names: Annotated[list[str] | None, typer.Argument(
+        metavar="HOST", show_default=False, help="With --status: the hosts to look at (default: all).",
+        autocompletion=complete_hosts)] = None,
+    status: Annotated[bool, typer.Option(
+        "--status", help="Connect to each host and show its slots and GPUs, what runs there from this "
+                         "workspace, free memory and load.")] = False,
     ssh_config: Annotated[Path | None, typer.Option(
         help="ssh_config file (default RX_SSH_CONFIG or ~/.ssh/config).")] = None,
+    backend: Annotated[str | None, typer.Option(help="SSH backend for --status: openssh or paramiko.")] = None,
+    workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the hosts rx knows: ssh_config aliases and [tool.rx.remotes].
 
-    Each with the host name, user and port it reaches, as the backend resolves them through ssh_config.
+    Each with the host name, user and port it reaches, as the backend resolves them through ssh_config. With
+    --status (or HOST names): what each host is doing, its slots and GPUs, free memory and load.
     """
-    from ..backends.ssh import list_aliases
-    from ..config import Configuration, Remote
+    from ..config import Configuration
 
     config = Configuration.load()
+    if status or names:
+        _status(config, names or [name for name, _ in _known(config, ssh_config)],
+                {"ssh_config": ssh_config, "backend": backend}, workspace, as_json)
+        return
     path = config.effective_ssh_config(ssh_config)
-    rows: list[dict[str, Any]] = []
-    for name, remote in sorted(config.remotes.items()):
-        rows.append({"name": name, "source": "pyproject", **_reached(config, remote, path),
-                     "python": remote.python, "backend": remote.backend})
-    known = {row["name"] for row in rows}
-    for alias in list_aliases(path):
-        if alias not in known:
-            rows.append({"name": alias, "source": "ssh_config", **_reached(config, Remote(alias, alias), path),
-                         "python": None, "backend": None})
+    rows = [{"name": name, "source": "pyproject" if name in config.remotes else "ssh_config",
+             **_reached(config, remote, path), "python": remote.python if name in config.remotes else None,
+             "backend": remote.backend} for name, remote in _known(config, ssh_config)]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -96,9 +103,161 @@ def hosts(
     if rows:
         console.print(table)
     else:
+        path = config.effective_ssh_config(ssh_config)
         console.print(f"no hosts: no aliases in {path or '~/.ssh/config'} and no [tool.rx.remotes]")
 
 
+def _known(config: Any, ssh_config: Path | None) -> list[tuple[str, Any]]:
+    """The hosts rx knows, as (name, Remote): [tool.rx.remotes] first, then ssh_config's aliases."""
+    from ..backends.ssh import list_aliases
+    from ..config import Remote
+
+    known = sorted(config.remotes.items())
+    names = {name for name, _ in known}
+    return known + [(alias, Remote(alias, alias)) for alias in list_aliases(config.effective_ssh_config(ssh_config))
+                    if alias not in names]
+
+
+def _status(config: Any, names: list[str], options: dict[str, Any], workspace: Path | None, as_json: bool) -> None:
+    """``rx hosts --status``: every host probed at once, as JSON or one block per host."""
+    from rich.console import Console
+
+    from ..coordinator import Coordinator
+    from ..pool.status import probe_hosts
+    from ..workspace import Workspace
+
+    if options.get("backend") is not None:
+        config.check_remote_backend(options["backend"])
+    root = str(Workspace.resolve(workspace or config.workspace).root)
+    facts = probe_hosts(Coordinator.current(), config, names, {k: v for k, v in options.items() if v is not None},
+                        root)
+    if as_json:
+        typer.echo(json.dumps(facts, indent=2))
+        return
+    console = Console(highlight=False)
+    for index, host in enumerate(facts):
+        if index:
+            console.print()
+        for renderable in host_status(host):
+            console.print(renderable)
+    if not facts:
+        console.print("no hosts: name some, or add aliases to ssh_config or [tool.rx.remotes]")
+
+
+def host_status(facts: dict[str, Any]) -> list[Any]:
+    """One host's block of ``rx hosts --status`` (and ``rx top``): its facts, its GPUs, its slots."""
+    from rich.text import Text
+
+    from ..pool.progress import clean
+
+    name = clean(facts.get("host"))
+    if not facts.get("ok"):
+        return [Text.assemble((name, "bold"), "  ", ("unreachable", "red"), f": {clean(facts.get('error'))}")]
+    memory = facts.get("memory") or {}
+    load = facts.get("load") or []
+    free = (f", memory {memory['available'] / 2**30:.1f} of {memory['total'] / 2**30:.1f} GiB free"
+            if memory.get("total") and "available" in memory else "")
+    line = Text.assemble((name, "bold"), f" ({clean(facts.get('hostname'))})  ", ("up", "green"),
+                         f"  python {clean(facts.get('python'))}, {facts.get('cpus')} CPUs"
+                         + (f", load {load[0]:.2f}" if load else "") + free)
+    return [line, *_gpu_lines(facts), *_slot_lines(facts)]
+
+
+def _gpu_lines(facts: dict[str, Any]) -> list[Any]:
+    from rich.table import Table
+    from rich.text import Text
+
+    from ..pool.status import gpu_rows
+
+    if facts.get("gpus") is None:
+        return [Text("  no GPUs (no nvidia-smi)", style="dim")]
+    gpus = gpu_rows(facts)
+    if not gpus:
+        return []
+    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 2, 0, 2))
+    for column in ("GPU", "memory used", "util", "used by"):
+        table.add_column(column)
+    for gpu in gpus:
+        table.add_row(str(gpu.get("index")), f"{gpu.get('memory_used')} / {gpu.get('memory_total')} MiB",
+                      f"{gpu.get('utilization')}%", _user_text(gpu["user"]))
+    return [table]
+
+
+def _slot_lines(facts: dict[str, Any]) -> list[Any]:
+    from rich.text import Text
+
+    from ..pool.progress import clean
+
+    workers = [lock for lock in facts.get("locks") or [] if lock.get("kind") == "worker"]
+    if not workers:
+        return [Text("  no slots held by rx", style="dim")]
+    mine = [lock for lock in workers if lock.get("mine")]
+    runs = sorted({str((lock.get("owner") or {}).get("run_id")) for lock in mine})
+    head = Text(f"  slots held by rx: {len(workers)} ({len(mine)} of this workspace"
+                + (f": run {', '.join(clean(r) for r in runs)}" if runs else "") + ")")
+    return [head, *(_slot_line(lock) for lock in mine)]
+
+
+def _slot_line(lock: dict[str, Any]) -> Any:
+    """A slot of this workspace: its name, its worker's pid, its GPUs, its run."""
+    from rich.text import Text
+
+    from ..pool.progress import clean
+
+    owner = lock.get("owner") or {}
+    held = ",".join(str(g) for g in lock.get("gpus") or []) or "-"
+    return Text(f"    {clean(owner.get('slot'))}  pid {lock.get('pid')}  GPUs {held}  run {clean(owner.get('run_id'))}",
+                style="cyan")
+
+
+def _user_text(user: dict[str, Any]) -> Any:
+    from rich.text import Text
+
+    from ..pool.progress import clean
+
+    if user["kind"] == "free":
+        return Text("free", style="green")
+    if user["kind"] == "foreign":
+        return Text("processes rx did not start: pid " + ", ".join(str(p) for p in user.get("pids") or []),
+                    style="yellow")
+    who = "this workspace" if user.get("mine") else f"rx from {clean(user.get('coordinator'))}"
+    return Text(f"{who} ({clean(user.get('slot'))}, run {clean(user.get('run_id'))})",
+                style="cyan" if user.get("mine") else "magenta")
+
+
+@app.command()
+def top(
+    names: Annotated[list[str] | None, typer.Argument(
+        metavar="HOST", show_default=False, help="The hosts to watch (default: all rx knows).",
+        autocompletion=complete_hosts)] = None,
+    interval: Annotated[float, typer.Option(help="Seconds between two looks.", min=0.5)] = 5.0,
+    ssh_config: Annotated[Path | None, typer.Option(
+        help="ssh_config file (default RX_SSH_CONFIG or ~/.ssh/config).")] = None,
+    backend: Annotated[str | None, typer.Option(help="SSH backend: openssh or paramiko.")] = None,
+    workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
+) -> None:
+    """rx hosts --status, looked at again every few seconds until Ctrl-C."""
+    from rich.console import Console, Group
+    from rich.live import Live
+
+    from ..config import Configuration
+    from ..coordinator import Coordinator
+    from ..pool.status import probe_hosts
+    from ..workspace import Workspace
+
+    config = Configuration.load()
+    hosts_list = names or [name for name, _ in _known(config, ssh_config)]
+    options = {k: v for k, v in {"ssh_config": ssh_config, "backend": backend}.items() if v is not None}
+    root = str(Workspace.resolve(workspace or config.workspace).root)
+    console = Console(highlight=False)
+    try:
+        with Live(console=console, auto_refresh=False) as live:
+            while True:
+                facts = probe_hosts(Coordinator.current(), config, hosts_list, options, root)
+                live.update(Group(*(part for host in facts for part in host_status(host))), refresh=True)
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
 def _reached(config: Any, remote: Any, ssh_config: Path | None) -> dict[str, Any]:
     """The host name, user and port ``remote`` reaches, as its backend resolves them (``ssh -G`` for
     openssh, ssh_config parsed for paramiko); what was configured when that fails."""

@@ -103,14 +103,18 @@ def _print_json(value: Any) -> None:
 def runs_command(
     status: Annotated[StatusName | None, typer.Option(
         "--status", show_default=False, help="Only runs with this status.")] = None,
+    every: Annotated[bool, typer.Option(
+        "--all", help="Also list each run of a sweep (by default a sweep is its parent's one line).")] = False,
     last: Annotated[int | None, typer.Option(
         "--last", metavar="N", min=1, show_default=False, help="Only the N newest runs (of that status).")] = None,
     as_json: JsonOption = False,
     workspace: WorkspaceOption = None,
 ) -> None:
-    """List the runs of the workspace, oldest first."""
+    """List the runs of the workspace, oldest first (a sweep of rx map as one line)."""
     ws = Workspace.resolve(workspace)
     infos = _readable_infos(ws, status)
+    if not every:
+        infos = [info for info in infos if not (info.get("sweep") or {}).get("parent")]
     if last is not None:
         infos = infos[-last:]
     if as_json:
@@ -170,15 +174,19 @@ def _readable_infos(ws: Workspace, status: str | None) -> list[dict[str, Any]]:
 
 def _runs_row(info: dict[str, Any]) -> tuple[str, ...]:
     """One line of ``rx runs``, a cell per :data:`_RUNS_HEADERS`."""
+    target = _short_target(info.get("target"))
+    if info.get("kind") == "sweep":
+        target += " (sweep)"
     return tuple(printable(cell) for cell in (
-        info.get("run_id"), _short_target(info.get("target")), info.get("remote") or "local", info.get("status"),
+        info.get("run_id"), target, info.get("remote") or "local", info.get("status"),
         _calls(info), _local_time(info.get("started") or info.get("created"), short=True), _elapsed(info),
         "" if info.get("exit_code") is None else info.get("exit_code")))
 
 
 def _calls(info: dict[str, Any]) -> str:
-    """A @task run's calls: ``6``, or ``3/6 failed`` (counted apart from the run's own exit status)."""
-    if info.get("kind") != "task":
+    """A @task run's calls (a sweep's runs): ``6``, or ``3/6 failed`` (counted apart from the run's own exit
+    status)."""
+    if info.get("kind") not in ("task", "sweep"):
         return ""
     tasks = info.get("tasks") or {}
     failed = sum(1 for entry in tasks.values() if entry.get("status") not in ("done", "running", "pending"))
@@ -222,7 +230,8 @@ def show_command(run_ref: RunArgument, as_json: JsonOption = False,
         return
     console = _console()
     console.print(_facts_grid(run, info))
-    for table in (_actions_table(info), _tasks_table(info)):
+    tasks = _sweep_table(info) if info.get("kind") == "sweep" else _tasks_table(info)
+    for table in (_actions_table(info), tasks):
         if table is not None:
             console.print()
             console.print(table)
@@ -270,6 +279,18 @@ def _tasks_table(info: dict[str, Any]) -> Table | None:
         (str(key), str(t.get("name") or ""), str(t.get("host") or ""), _status_text(t.get("status")),
          format_duration(t.get("duration")), Text(printable(t.get("error") or "")))
         for key, t in tasks.items()])
+
+
+def _sweep_table(info: dict[str, Any]) -> Table | None:
+    """A sweep's combinations: a line each, with where it ran and its own run."""
+    tasks: dict[str, dict[str, Any]] = info.get("tasks") or {}
+    return _listing("combinations", ("#", "combination", "host", "GPUs", "status", "exit", "duration", "tries",
+                                     "run"), [
+        (str(int(key)) if key.isdigit() else key, Text(str(t.get("name") or "")), str(t.get("host") or ""),
+         ",".join(str(g) for g in t.get("gpus") or []), _status_text(t.get("status")),
+         "" if t.get("exit_code") is None else str(t.get("exit_code")), format_duration(t.get("duration")),
+         str(len(t.get("attempts") or [])), str(t.get("run") or "") + (" (merged)" if t.get("merged_from") else ""))
+        for key, t in sorted(tasks.items())])
 
 
 def _print_outcome(console: Console, result: dict[str, Any] | None) -> None:

@@ -28,12 +28,12 @@ from ..errors import (
 from .app import app
 from .complete import complete_hosts, complete_runs
 
-__all__ = ["DetachedRun", "JobStatusLine", "attach_run", "forwarded_stdin", "load_detached_run", "rerun", "run",
-           "unknown_option"]
+__all__ = ["DetachedRun", "JobStatusLine", "attach_run", "forwarded_stdin", "load_detached_run", "load_task",
+           "parse_env", "rerun", "run", "unknown_option"]
 
 
-
-def _parse_env(values: list[str]) -> dict[str, str]:
+def parse_env(values: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` options as a dict."""
     env: dict[str, str] = {}
     for item in values:
         name, sep, value = item.partition("=")
@@ -81,6 +81,34 @@ def _project(session: Any, target: str, dry_run: bool, as_json: bool) -> bool:
     if dry_run and project is not None:
         print_listing(project, as_json=as_json)
     return not dry_run
+
+
+def load_task(words: list[str], module: str | None) -> tuple[Any, list[str], str, str]:
+    """The task of ``SCRIPT ARGS...`` (or ``-m MODULE ARGS...``): (task, args, kind, name). A script that
+    does not compile is reported as Python would, before anything travels (exit 1).
+
+    Raises:
+        ConfigError: Nothing to run, or the script cannot be read.
+    """
+    from ..task import Task
+
+    if module is None and not words:
+        raise ConfigError("nothing to run", hint="rx run SCRIPT [ARGS]... or rx run -m MODULE [ARGS]...")
+    if module is not None:
+        task = Task.from_module(module, _module_origin(module))
+        if task.filename:
+            _refuse_syntax_errors(Path(task.filename).read_text(encoding="utf-8", errors="replace"),
+                                  Path(os.path.relpath(task.filename)))
+        return task, words, "module", f"-m {module}"
+    script = Path(words[0])
+    if not script.is_file():
+        raise ConfigError(f"no such script: {script}")
+    try:
+        task = Task.from_script(script)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {script}: {exc}") from exc
+    _refuse_syntax_errors(task.source or "", script)
+    return task, words[1:], "script", str(script)
 
 
 def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict[str, Any],
@@ -306,34 +334,15 @@ def run(
     Exit status: the script's own; 124 timeout; 130 interrupted; 255 connection, authentication or
     host-key failure; 3 any other rx failure.
     """
-    from ..task import Task
-
     words = list(target or [])
     if words and words[0].startswith("-") and words[0] != "-":
         raise unknown_option(ctx, words[0])
-    if module is None and not words:
-        raise ConfigError("nothing to run", hint="rx run SCRIPT [ARGS]... or rx run -m MODULE [ARGS]...")
     if backend is not None:
         check_remote_backend(backend)
-    if module is not None:
-        task = Task.from_module(module, _module_origin(module))
-        if task.filename:
-            _refuse_syntax_errors(Path(task.filename).read_text(encoding="utf-8", errors="replace"),
-                                  Path(os.path.relpath(task.filename)))
-        args, kind, name = words, "module", f"-m {module}"
-    else:
-        script = Path(words[0])
-        if not script.is_file():
-            raise ConfigError(f"no such script: {script}")
-        try:
-            task = Task.from_script(script)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read {script}: {exc}") from exc
-        _refuse_syntax_errors(task.source or "", script)
-        args, kind, name = words[1:], "script", str(script)
+    task, args, kind, name = load_task(words, module)
     check_secret_env(secret_env or [])  # before a run is recorded: a usage error records nothing
     options: dict[str, Any] = {
-        "backend": backend, "python": python, "timeout": check_timeout(timeout), "env": _parse_env(env or []),
+        "backend": backend, "python": python, "timeout": check_timeout(timeout), "env": parse_env(env or []),
         "secret_env": list(secret_env or []), "pull": list(check_pull(pull or [])), "no_pull": no_pull,
         "keep": keep_remote, "ssh_config": ssh_config, "connect_timeout": connect_timeout,
         "host_key_policy": "off" if insecure_no_host_key_check else None,
@@ -398,8 +407,8 @@ def _refuse_syntax_errors(source: str, path: Path) -> None:
 def rerun(
     run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Run id, unique prefix, or 'latest'.",
                                            autocompletion=complete_runs)],
-    failed: Annotated[bool, typer.Option("--failed", help="Run only the tasks that did not finish; merge the "
-                                                          "done results in.")] = False,
+    failed: Annotated[bool, typer.Option("--failed", help="Run only the tasks (or a sweep's combinations) that "
+                                                          "did not finish; merge the done results in.")] = False,
     remote: Annotated[str | None, typer.Option("--remote", "-r", help="Run on this host instead.",
                                                autocompletion=complete_hosts)] = None,
     workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
@@ -417,6 +426,10 @@ def rerun(
         from .rerun_tasks import rerun_tasks
 
         raise typer.Exit(rerun_tasks(ws, previous, failed=failed, remote=remote, as_json=as_json))
+    if info.get("kind") == "sweep":
+        from .sweeps import rerun_sweep
+
+        raise typer.Exit(rerun_sweep(ws, previous, failed=failed, remote=remote, as_json=as_json))
     if failed and info.get("status") == "finished":
         typer.echo(f"rx: run {previous.id} finished; nothing to rerun", err=True)
         raise typer.Exit(0)

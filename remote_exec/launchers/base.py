@@ -39,6 +39,10 @@ class Launcher(ABC):
     #: True for a batch scheduler: calls become jobs (:meth:`submit`, :meth:`poll`, :meth:`cancel_jobs`),
     #: attached by following their files; False: one exec per call over :meth:`start`.
     schedules: ClassVar[bool] = False
+    #: How a pool (:mod:`remote_exec.pool`) places calls on a host of this launcher, as ``"module:Class"``
+    #: of a :class:`remote_exec.pool.placement.Placement`; None: slots with a persistent worker each for a
+    #: launcher that runs calls at once, job arrays for a scheduler.
+    placement: ClassVar[str | None] = None
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options: Mapping[str, Any] = dict(options or {})

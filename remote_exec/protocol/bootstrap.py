@@ -134,6 +134,8 @@ def runner_argv(options: CallOptions, archive_sha256: str, mode: str, *extra: st
     argv = [options.python, "-c", BOOTSTRAP, token or new_token(), archive_sha256, options.workdir, mode, *extra]
     if mode == "worker":
         argv.append(f"{options.worker_idle:g}")
+        if options.placement is not None:
+            argv.append(options.placement)
     return argv
 
 

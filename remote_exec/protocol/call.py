@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -325,6 +324,13 @@ def _send_tolerantly(call: Call, go: dict[str, Any], session_bytes: bytes | None
         logger.debug("%s: the runner stopped reading its input", call.host, exc_info=True)
 
 
+def _extra_options(project: ProjectCall | None, extra_options: Mapping[str, Any] | None, *, hold: bool,
+                   stdin: bool) -> dict[str, Any]:
+    """The G frame's options beyond :func:`_call_options`: the project's, the caller's, hold, stdin."""
+    return {**(project.go_options() if project else {}), **(extra_options or {}), "hold": hold,
+            **({"stdin": True} if stdin else {})}
+
+
 def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
              on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
              phases: dict[str, float], uploaded: bool, keep: bool,
@@ -345,14 +351,13 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
     filled up, and the host keeps it (:class:`LocalDiskFull` says where) for ``rx attach``.
 
     With ``project``, the task runs in a snapshot of its tree (sent if the host lacks it)."""
-    key = secrets.token_bytes(32)
+    key = channel.call_key()
     call = Call(channel, options, key, on_stdout, on_stderr, on_event, stop_wait=0.0 if detached else STOP_WAIT,
                 tree=TreeSender(channel, project.tree if project else None, _with_phase(on_progress, phase)))
     phase("execute", "started")
     deadline = None
     acknowledged = hold or detached
-    extra = {**(project.go_options() if project else {}), **(extra_options or {}), "hold": hold,
-             **({"stdin": True} if stdin is not None else {})}
+    extra = _extra_options(project, extra_options, hold=hold, stdin=stdin is not None)
     try:
         _send_tolerantly(call, _call_options(session, options, key, land_file, extra), session_bytes, keep=keep)
         if stdin is not None:
@@ -479,6 +484,7 @@ class _Phases:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - self.marks.pop(name)
 
 
+# shape: its docstring names every argument and error; the body is twenty lines
 def dispatch(session: Session, backend: Backend, archive: DistributionArchive, options: CallOptions, *,
              launcher: Launcher, workers: WorkerPool, on_stdout: OutputSink, on_stderr: OutputSink,
              land_file: FileLander | None = None, on_phase: PhaseCallback | None = None,

@@ -11,10 +11,11 @@ call past its deadline.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..backends.base import Backend, Process
 from . import wire
@@ -58,6 +59,7 @@ class Channel:
         last_read: ``time.monotonic()`` of the last bytes from the runner (stdout or stderr).
         broken: The channel must not take another call.
         closed: Set when the channel is done; the watcher thread ends.
+        placement: A pool slot's worker: its ``worker`` event (the slot, the GPUs it holds); else None.
     """
 
     def __init__(self, backend: Backend, process: Process, rest: bytes, uploaded: bool) -> None:
@@ -72,6 +74,8 @@ class Channel:
         self.broken = False
         self.current: tuple[Watched, float | None] | None = None
         self.closed = threading.Event()
+        self.placement: dict[str, Any] | None = None
+        self._keys = b""
         self._watcher: threading.Thread | None = None
         self.stderr_reader = threading.Thread(target=self._pump_stderr, daemon=True)
         self.stderr_reader.start()
@@ -80,6 +84,14 @@ class Channel:
         while chunk := self.process.read_stderr(65536):
             self.stderr += chunk
             self.last_read = time.monotonic()
+
+    def call_key(self) -> bytes:
+        """A fresh random key for the next call's HMAC (drawn from the OS 8 KiB at a time: a persistent
+        worker's small calls do not pay a getrandom each)."""
+        if len(self._keys) < 32:
+            self._keys = os.urandom(8192)
+        key, self._keys = self._keys[:32], self._keys[32:]
+        return key
 
     def send(self, kind: bytes, payload: bytes = b"") -> None:
         """Write one frame to the runner (a large payload after its header, not copied behind it)."""

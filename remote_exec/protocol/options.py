@@ -101,6 +101,9 @@ class CallOptions:
         cache_limit: Bytes the host's caches (trees, blobs, archives) may hold before the least recently
             used go (checked at most once a day, when a call starts).
         cache_days: Days after which an unused tree or archive goes in any case.
+        slot: A pool slot's name: the call runs in that slot's own persistent worker (one per slot).
+        placement: What the slot's worker takes on the host before its first call (its lock, GPUs), as
+            JSON (see :mod:`remote_exec.runner.slot`); None: nothing.
     """
 
     python: str = "python3"
@@ -121,6 +124,8 @@ class CallOptions:
     pull_limit: int | None = None
     cache_limit: int = 10 << 30
     cache_days: float = 30.0
+    slot: str | None = None
+    placement: str | None = None
 
 
 @dataclass

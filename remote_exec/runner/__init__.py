@@ -27,6 +27,7 @@ The rooms, each imported only by the modes that need it:
 - :mod:`.result`: how the task ended, and the R, V, X, F and Z frames;
 - :mod:`.rundir`: the run directory, its status file, its removal;
 - :mod:`.worker`: ``worker``, the persistent worker (``keep_warm``) and its watcher thread;
+- :mod:`.slot`: a pool worker's slot (its lock file, the GPUs it holds) and ``probe`` (GPUs, locks, memory);
 - :mod:`.detached`: ``detach``, ``attach`` and ``cancel`` of detached runs;
 - :mod:`.store`: the host's store of project trees (blobs, manifests) and their transfer's receiving end;
 - :mod:`.snapshot`: each run's own copy of the project, what the run changed in it, the pool of
@@ -52,10 +53,11 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None, out_fd: int = 1) -> int:
-    """Serve one call (``serve``), many (``worker``), a detached run (``detach``, ``attach RUN_DIR
+    """Serve one call (``serve``), many (``worker IDLE [SLOT]``), a detached run (``detach``, ``attach RUN_DIR
     [collect]``, ``cancel RUN_DIR``) or a scheduler's (``prepare``, ``batch RUN_DIR``, ``seal RUN_DIR
     VERDICT``); store a project tree (``sync``); collect the host's garbage (``gc LIMIT DAYS
-    [dry-run]``); over stdin and ``out_fd``; see the module docstring."""
+    [dry-run]``); report the host's GPUs and slots (``probe``); over stdin and ``out_fd``; see the module
+    docstring."""
     args = list(sys.argv[1:] if argv is None else argv)
     cache_dir = os.path.expanduser(args[0]) if args else os.path.expanduser("~/.cache/remote_exec")
     mode = args[1] if len(args) > 1 else "serve"
@@ -85,7 +87,17 @@ def _serve(mode: str, cache_dir: str, rest: list[str], out_fd: int) -> int:
     if mode == "worker":
         from .worker import serve_worker
 
-        return serve_worker(cache_dir, float(rest[0]) if rest else 600.0, out_fd)
+        slot = None
+        if len(rest) > 1:  # a pool's worker: the slot it takes first (its lock, its GPUs)
+            import json
+
+            slot = json.loads(rest[1])
+        return serve_worker(cache_dir, float(rest[0]) if rest else 600.0, out_fd, slot)
+    if mode == "probe":
+        from .slot import probe
+
+        Out(out_fd).event(probe(cache_dir))
+        return 0
     if mode in ("sync", "gc"):
         from . import maintain
 

@@ -159,7 +159,7 @@ def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any
     acknowledges. With ``answer`` (a held call's) the coordinator says, after Z, what becomes of the result:
     ``answer()`` waits for that and returns True when the run directory must stay (kept for ``rx attach``).
     """
-    from .snapshot import changes, close_run_dir
+    from .snapshot import changes
 
     names = os.listdir(run_dir)
     found = changes(run_dir) if options.get("tree") else None
@@ -186,14 +186,23 @@ def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any
         _send_files(run_dir, files, out)
     if over:
         keep_for_pull_limit(run_dir)
+    return _end(options, run_dir, found, out, reuse=reuse and remove, empty=not names, keep=bool(over) or not remove,
+                answer=answer)
+
+
+def _end(options: dict[str, Any], run_dir: str, found: Changes | None, out: Out, *, reuse: bool, empty: bool,
+         keep: bool, answer: Callable[[], bool] | None) -> bool:
+    """Settle the run directory (see :func:`.snapshot.close_run_dir`) and send Z; with ``answer``, Z first,
+    then the coordinator's answer says whether the directory stays."""
+    from .snapshot import close_run_dir
+
     if answer is None:
-        kept = close_run_dir(options, run_dir, found, reuse=reuse and remove, empty=not names,
-                             keep=bool(over) or not remove)
+        kept = close_run_dir(options, run_dir, found, reuse=reuse, empty=empty, keep=keep)
     out.send(b"Z", out.json_text({"hmac": out.mac.hexdigest()}).encode())
     out.release()
     if answer is not None:
         stays = answer()
-        kept = close_run_dir(options, run_dir, found, reuse=False, empty=not names, keep=bool(over) or stays)
+        kept = close_run_dir(options, run_dir, found, reuse=False, empty=empty, keep=keep or stays)
     return kept
 
 

@@ -28,14 +28,19 @@ else:
 __all__ = ["serve_worker"]
 
 
-def serve_worker(cache_dir: str, idle_timeout: float, out_fd: int = 1) -> int:
+def serve_worker(cache_dir: str, idle_timeout: float, out_fd: int = 1, slot: dict[str, Any] | None = None) -> int:
     """Persistent worker (``keep_warm``): many calls over one channel, each run in this process.
 
     Imports stay warm between calls, and a call runs in the main thread, so a small call costs a few
-    hundred microseconds here. fds 1 and 2 are pipes that a watcher thread (:class:`_WorkerWatch`)
-    streams to the coordinator; it also heartbeats and polices the running call. The worker exits when
-    stdin closes, after ``idle_timeout`` seconds without a call, or (through its watcher) when a call is
-    cancelled or times out.
+    hundred microseconds here; in a pool's worker a script or module runs in a process forked for it (a
+    fresh ``__main__`` and nothing it does can end the worker, as ``rx run`` gives it), still with the
+    worker's warm imports. fds 1 and 2 are pipes that a watcher thread (:class:`_WorkerWatch`) streams to
+    the coordinator; it also heartbeats and polices the running call. The worker exits when stdin closes,
+    after ``idle_timeout`` seconds without a call, or (through its watcher) when a call is cancelled or
+    times out.
+
+    A pool's worker first takes its ``slot`` (:mod:`.slot`: its lock, and the GPUs it asks for, waiting
+    while none are free) and holds it for its whole life; its calls see CUDA_VISIBLE_DEVICES of those GPUs.
     """
     import json
 
@@ -51,9 +56,16 @@ def serve_worker(cache_dir: str, idle_timeout: float, out_fd: int = 1) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a cancelled call gets a KeyboardInterrupt
     containment = Containment(f"worker-{os.getpid()}", cgroups=False)
     containment.adopt(os.getpid(), group=False)  # what a call leaves (double forks too) stays below the worker
-    calls = _Calls(cache_dir, out, _WorkerWatch(out, out_r, err_r, proto_in, wire.FrameReader(), containment),
-                   containment, guardian)
-    out.event({"event": "worker", "pid": os.getpid(), "host": os.uname().nodename})
+    reader = wire.FrameReader()
+    placed = _take_slot(cache_dir, slot, out, proto_in, reader) if slot is not None else {}
+    if placed is None:
+        return 0
+    calls = _Calls(cache_dir, out, _WorkerWatch(out, out_r, err_r, proto_in, reader, containment), containment,
+                   guardian)
+    calls.held = placed.pop("held", None)
+    calls.placed = {name: os.environ[name] for name in _PLACED if placed.get("gpus") and name in os.environ}
+    calls.fork_scripts = slot is not None
+    out.event({"event": "worker", "pid": os.getpid(), "host": os.uname().nodename, **placed})
     calls.watch.thread.start()
     try:
         while True:
@@ -142,6 +154,9 @@ class _Calls:
         self.run_dir: str | None = None
         self.tree: str | None = None
         self.snapshot_path: str | None = None
+        self.placed: dict[str, str] = {}
+        self.fork_scripts = False
+        self.held: Any = None
 
     def serve_next(self, idle_timeout: float) -> None:
         """Read the next call, run it here, send its result."""
@@ -150,13 +165,19 @@ class _Calls:
         self.out.new_call(options["key"])
         run_dir = self._run_dir(options)
         saved_env = _environ_snapshot()
+        if self.placed and options.get("env"):  # the slot's GPUs, whatever the call's environment says
+            options["env"] = {k: v for k, v in options["env"].items() if k not in self.placed}
         set_call_environ(options)
         if os.environ.get("RX_RUN_DIR") != run_dir:
             os.environ["RX_RUN_DIR"] = run_dir
         script = enter_project(run_dir, options)
         current = _Current(options, run_dir)
         watch.begin(current)
-        loaded = run_task(session_bytes, run_dir, bool(options.get("marshal")), script)
+        if self.fork_scripts and options.get("kind") in ("script", "module"):
+            exit_status, loaded = _run_forked(session_bytes, run_dir, options, current,
+                                              (watch.proto_in, self.out.fd, watch.out_r, watch.err_r))
+        else:
+            exit_status, loaded = 0, run_task(session_bytes, run_dir, bool(options.get("marshal")), script)
         del session_bytes
         watch.returned()
         try:
@@ -165,10 +186,12 @@ class _Calls:
             contained.stray, contained.stray_count = [], 0
             contained.sweep()  # what the call left running ends with it
             policy = current.policy  # a call cancelled with SIGINT that ended on it: reported as cancelled
-            ending = Ending(policy.started, exit_status=0, loaded=loaded, contained=contained.report(),
+            ending = Ending(policy.started, exit_status=exit_status, loaded=loaded, contained=contained.report(),
                             status=policy.status, detail=policy.detail)
             if not send_result(options, run_dir, ending, self.out, reuse=True):
                 self.run_dir = None
+                if self.held is not None:
+                    self.held.note_run_dir(None)
             if policy.status is not None:
                 raise CoordinatorGone("the call was stopped: a fresh worker takes the next one")
         finally:
@@ -199,6 +222,8 @@ class _Calls:
             os.write(self.guardian, self.run_dir.encode("utf-8", "surrogateescape") + b"\n")
         except OSError:
             pass
+        if self.held is not None:  # a pool's worker: its lock file names it, for a sweep after a SIGKILL
+            self.held.note_run_dir(self.run_dir)
         return self.run_dir
 
     def _send(self, kind: bytes, payload: bytes = b"") -> None:
@@ -207,14 +232,114 @@ class _Calls:
 
 
 class _Current:
-    """The call a persistent worker is running: what its watcher needs to police it."""
+    """The call a persistent worker is running: what its watcher needs to police it (and the process
+    forked for it, if it runs in one)."""
 
-    __slots__ = ("options", "policy", "run_dir")
+    __slots__ = ("child", "options", "policy", "run_dir")
 
     def __init__(self, options: dict[str, Any], run_dir: str) -> None:
         self.options = options
         self.run_dir = run_dir
         self.policy = Policy.for_call(options, time.monotonic())
+        self.child: int | None = None
+
+
+#: The environment a worker's slot sets for all its calls (a call's own environment cannot change it).
+_PLACED = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
+
+
+def _take_slot(cache_dir: str, request: dict[str, Any], out: Out, proto_in: int,
+               reader: wire.FrameReader) -> dict[str, Any] | None:
+    """Take the worker's slot (its lock, its GPUs: see :mod:`.slot`); what the ``worker`` event tells of it.
+
+    While GPUs are busy it reports ``waiting`` events and looks again; None when the slot can never be
+    had here (reported as a ``slot-error`` event) or the coordinator went away meanwhile.
+    """
+    from .slot import SlotError, take_slot
+
+    interval = float(request.get("interval") or 5.0)
+
+    def wait(event: dict[str, Any]) -> None:
+        out.event(event)
+        deadline = time.monotonic() + interval
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if _wait_readable(proto_in, left):
+                data = os.read(proto_in, 1 << 16)
+                if not data or any(kind == b"Q" for kind, _ in reader.feed(data)):
+                    raise CoordinatorGone("the coordinator went away while the slot waited")
+
+    try:
+        held = take_slot(cache_dir, request, wait)
+    except SlotError as exc:
+        out.event({"event": "slot-error", "message": str(exc)})
+        return None
+    except CoordinatorGone:
+        return None
+    if held.gpus:
+        os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # nvidia-smi's order: its indices mean the same GPUs
+        os.environ["CUDA_VISIBLE_DEVICES"] = held.visible_devices()
+    return {"slot": request.get("owner", {}).get("slot"), "gpus": held.gpus, "held": held}
+
+
+def _wait_readable(fd: int, seconds: float) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], seconds)[0])
+
+
+def _run_forked(session_bytes: bytes, run_dir: str, options: dict[str, Any], current: _Current,
+                worker_fds: tuple[int, ...]) -> tuple[int | None, Any]:
+    """Run a script or module call in a process forked for it (its own ``__main__``, this worker's warm
+    imports and slot; not ``worker_fds``, the worker's own channel); return its wait status and what it
+    sent back."""
+    from .child import parse_result, run_child
+
+    result_r, result_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            for fd in (result_r, *worker_fds):
+                os.close(fd)
+            run_child(session_bytes, run_dir, options, os.dup(1), os.dup(2), result_w)
+        finally:
+            os._exit(70)
+    os.close(result_w)
+    current.child = pid
+    buffer = bytearray()
+    status: int | None = None
+    try:
+        while True:
+            try:
+                chunk = os.read(result_r, 1 << 20)
+            except KeyboardInterrupt:  # the call is cancelled (SIGINT to the worker): the script gets it too
+                _interrupt(pid)
+                continue
+            if not chunk:
+                break
+            buffer += chunk
+        while status is None:
+            try:
+                status = os.waitpid(pid, 0)[1]
+            except KeyboardInterrupt:
+                _interrupt(pid)
+    finally:
+        os.close(result_r)
+    current.child = None
+    return status, parse_result(buffer)
+
+
+def _interrupt(group: int) -> None:
+    try:
+        os.killpg(group, signal.SIGINT)
+    except OSError:
+        pass
+
+
 
 
 class _WorkerWatch:
@@ -328,6 +453,11 @@ class _WorkerWatch:
     def _end(self) -> None:
         current = self.current
         if current is not None:
+            if current.child is not None:  # a forked call leads a process group of its own
+                try:
+                    os.killpg(current.child, signal.SIGKILL)
+                except OSError:
+                    pass
             rmtree(current.run_dir)
         self.containment.signal(signal.SIGKILL)  # what the calls started outside the worker's group too
         _end_group()

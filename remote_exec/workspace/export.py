@@ -274,6 +274,7 @@ def _text_task(key: str, t: dict[str, Any]) -> str:
     return "".join((f"    {t.get('status', ''):<9} {key}",
                     f" ({t['name']})" if t.get("name") and t.get("name") != key else "",
                     f" on {t['host']}" if t.get("host") else "",
+                    f" GPU {','.join(str(g) for g in t['gpus'])}" if t.get("gpus") else "",
                     f"  {format_duration(t['duration'])}" if t.get("duration") is not None else "",
                     f"  {t['error']}" if t.get("error") else ""))
 

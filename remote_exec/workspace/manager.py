@@ -32,7 +32,7 @@ collision of the whole id is refused by the exclusive ``mkdir`` and retried.
     run_id       the id
     status       pending | running | finished | failed | cancelled | lost
     target       script path, module name or task name
-    kind         script | module | task | rerun
+    kind         script | module | task | rerun | sweep
     argv         arguments, or null
     remote       host as the user named it, or null for a local run
     backend      openssh | paramiko | local ... or null
@@ -44,6 +44,8 @@ collision of the whole id is refused by the exclusive ``mkdir`` and retried.
     actions      [{name, host, status: started|finished|failed, started, finished, error}]
     tasks        {key: {name, host, status, started, finished, duration, error, execution_id, ...}}
     parent       the run id this run reran, or null
+    sweep        a sweep's parent: {grid, hosts, combinations, ...}; a sweep's child: {parent, index, label}
+                 (only in runs of ``rx map``)
 
 A run that is ``pending`` or ``running`` while its coordinator is gone (pid dead, or reused by another
 process, or the host rebooted) is reported ``lost`` by :meth:`Run.info`, which records that. Runs
@@ -113,7 +115,7 @@ DEFAULT_DIRNAME = ".rx"
 #: Format version of ``state.json``.
 STATE_VERSION = 1
 #: What a run ran.
-RUN_KINDS = ("script", "module", "task", "rerun")
+RUN_KINDS = ("script", "module", "task", "rerun", "sweep")
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _id_guard = threading.Lock()

@@ -254,21 +254,40 @@ class TaskCallRecorder(CallRecorder):
     """Records one ``@task`` call as a task entry of its process's run (through a :class:`TaskRecorder`)."""
 
     def __init__(self, recorder: TaskRecorder, run: Run, execution_id: str, *, name: str, host: str,
-                 session_bytes: bytes, output: OutputPump | None = None, key: str | None = None) -> None:
+                 session_bytes: bytes, output: OutputPump | None = None, key: str | None = None,
+                 fields: dict[str, Any] | None = None, attempts: list[dict[str, Any]] | None = None,
+                 sinks: tuple[OutputSink, OutputSink] | None = None) -> None:
         self.recorder = recorder
         self.run = run
         self.execution_id = execution_id
         self.key = key = key or execution_id[:16]
+        self.host = host
         self.output = output or OutputPump()
-        self.stdout = StreamSink(sys.stdout, pump=self.output)
-        self.stderr = StreamSink(sys.stderr, pump=self.output)
+        self.stdout, self.stderr = sinks or (StreamSink(sys.stdout, pump=self.output),
+                                             StreamSink(sys.stderr, pump=self.output))
         self._land = file_lander(run, f"files/{key}/")
-        recorder.put(("task", run, key, dict(name=name, host=host, status="running", started=time.time(),
-                                             finished=None, error=None, execution_id=execution_id)),
+        self._fields = dict(fields or {})
+        self._attempts = attempts
+        self._started = time.time()
+        recorder.put(("task", run, key, dict(name=name, host=host, status="running", started=self._started,
+                                             finished=None, error=None, execution_id=execution_id,
+                                             **self._fields)),
                      ("file", run, f"sessions/{key}.session", lambda: session_bytes))
 
     def land_file(self, relative: PurePosixPath, temporary: Path, sha256: str) -> Path:
         return self._land(relative, temporary, sha256)
+
+    def _attempt(self, status: str, error: str | None) -> dict[str, Any]:
+        """This attempt added to the call's list of attempts (when it keeps one): the entry's fields. A call
+        done at its first attempt keeps no list: its entry (host, slot, GPUs, times) is that attempt, and a
+        sweep of many small calls keeps state.json small."""
+        if self._attempts is None:
+            return {}
+        self._attempts.append({"host": self.host, **self._fields, "started": utc_now(self._started),
+                               "finished": utc_now(), "status": status, "error": error})
+        if len(self._attempts) == 1 and status == "done":
+            return {}
+        return {"attempts": list(self._attempts)}
 
     def finished(self, *, result: Any, phases: dict[str, float], value: Callable[[], bytes | Path]) -> None:
         self.output.drain()  # the caller prints after the call: the task's output comes first
@@ -278,18 +297,20 @@ class TaskCallRecorder(CallRecorder):
             if data:
                 jobs.append(("file", self.run, f"results/{self.key}.pkl", lambda: data))
         error = None if result.ok else (result.detail or f"{result.exception_type}: {result.exception_message}")
+        status = "done" if result.ok else "failed"
         jobs.append(("task", self.run, self.key, dict(
-            status="done" if result.ok else "failed", finished=time.time(), execution_id=self.execution_id,
+            status=status, finished=time.time(), execution_id=self.execution_id,
             exit_code=result.exit_code,
-            result_status=result.status, phases=phases, error=error)))
+            result_status=result.status, phases=phases, error=error, **self._attempt(status, error))))
         self.recorder.put(*jobs)
 
     def failed(self, exc: BaseException) -> None:
         if not isinstance(exc, KeyboardInterrupt):
             self.output.drain()
         status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
-        self.recorder.task(self.run, self.key, status=status, finished=time.time(),
-                           error=f"{type(exc).__name__}: {exc}")
+        error = f"{type(exc).__name__}: {exc}"
+        self.recorder.task(self.run, self.key, status=status, finished=time.time(), error=error,
+                           **self._attempt(status, error))
 
     def submitted(self, detached: dict[str, Any]) -> None:
         self.recorder.task(self.run, self.key, job=detached.get("job"))

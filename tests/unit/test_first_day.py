@@ -395,7 +395,8 @@ def test_a_mistyped_command_is_suggested_once(isolated: Any) -> None:
     assert done.stderr.count("Did you mean 'run'?") == 1, done.stderr
 
 
-COMMANDS = ("", "run", "rerun", "runs", "show", "logs", "export", "clean", "hosts", "check", "attach", "cancel")
+COMMANDS = ("", "run", "rerun", "runs", "show", "logs", "export", "clean", "hosts", "check", "attach", "cancel",
+            "map", "top")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -416,7 +417,7 @@ def test_help_at_80_columns_keeps_brackets_and_whole_option_names(isolated: Any,
     text = done.stdout
     assert max(len(line) for line in text.splitlines()) <= 80, text
     assert "…" not in text and "..." not in text.replace("[ARGS]...", "").replace("COMMAND [ARGS]...", "") \
-        .replace("RUN...", ""), text
+        .replace("RUN...", "").replace("[HOST]...", ""), text
     for param in cmd.params:  # every option by its whole name, every parameter with a help text
         assert getattr(param, "help", None), f"{command} {param.name} has no help"
         for name in param.opts:
