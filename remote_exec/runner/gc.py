@@ -5,7 +5,8 @@ What counts as used when:
 
 - a tree: its manifest's modification time (touched when a call uses it, at most hourly); the blobs no
   other kept tree names go with it. A tree used within the last hour is kept (a run may be making its
-  snapshot from it);
+  snapshot from it), and so is a tree a run directory not yet done names (a scheduler's job, queued for
+  days maybe, whose runner makes its snapshot when the job starts);
 - a pooled snapshot (``snapshots/<project>/...``): its modification time (set when a run left it there);
   a run that takes one owns it (it is no longer in the pool);
 - an archive: its directory's modification time; an archive a live process was started from (its sha256
@@ -160,6 +161,11 @@ class _Store:
             for name in _listdir(os.path.join(cache_dir, "snapshots", project)):
                 path = os.path.join(cache_dir, "snapshots", project, name)
                 self.snapshots[f"{project}/{name}"] = (_mtime(path), _size_of(path))
+        self.waiting: set[str] = set()  # trees that runs not yet done will make their snapshots of
+        for name in _listdir(os.path.join(cache_dir, "runs")):
+            status = read_status(os.path.join(cache_dir, "runs", name))
+            if status.get("tree") and status.get("state") != "done":
+                self.waiting.add(str(status["tree"]))
 
     def _tree(self, name: str) -> None:
         path = os.path.join(self.cache_dir, "trees", name)
@@ -196,7 +202,7 @@ def _evict(store: _Store, plan: _Plan, limit: int, days: float, in_use: set[str]
     now = store.now
     candidates = []  # (last use, kind, name)
     for name, (used, _) in store.trees.items():
-        if now - used > _GRACE:
+        if now - used > _GRACE and name not in store.waiting:
             candidates.append((used, "tree", name))
     for name, (used, _) in store.snapshots.items():
         candidates.append((used, "snapshot", name))

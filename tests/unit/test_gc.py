@@ -74,6 +74,23 @@ def test_unused_for_days_goes_anyway_and_a_tree_used_this_hour_never(tmp_path: P
     assert stale not in _left(cache, "trees")
 
 
+def test_a_tree_a_queued_or_running_job_will_run_in_is_kept_however_old(tmp_path: Path) -> None:
+    # A Slurm job may wait in the queue for days: its run directory names the tree its runner makes the
+    # snapshot of when the job starts; the collector must leave that tree (and its blobs) alone.
+    cache = tmp_path / "cache"
+    queued = _tree(cache, {"a": b"a" * 4000}, used_days_ago=40)
+    running = _tree(cache, {"b": b"b" * 4000}, used_days_ago=40)
+    ended = _tree(cache, {"c": b"c" * 4000}, used_days_ago=40)
+    for name, tree, state in (("q", queued, "queued"), ("r", running, "running"), ("d", ended, "done")):
+        private = cache / "runs" / name / ".rx"
+        private.mkdir(parents=True)
+        (private / "status.json").write_text(json.dumps({"state": state, "tree": tree}))
+    collect(str(cache), limit=10, days=30)
+    assert _left(cache, "trees") == {queued, running}
+    kept_blobs = {path.name for path in (cache / "blobs").rglob("*") if path.is_file()}
+    assert kept_blobs == {hashlib.sha256(b"a" * 4000).hexdigest(), hashlib.sha256(b"b" * 4000).hexdigest()}
+
+
 def test_dry_run_removes_nothing_and_says_what_would_go(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     stale = _tree(cache, {"a": b"a"}, used_days_ago=40)
