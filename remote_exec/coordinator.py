@@ -284,6 +284,15 @@ class Coordinator:
             return None
         return key
 
+    def local_store_target(self, config: Configuration) -> Target | None:
+        """The local subprocess target whose workdir holds the store of ``rx run`` without ``--remote``
+        (trees, blobs, pooled snapshots), for ``rx gc``; None when no local run made one yet."""
+        workdir = default_cache_dir().parent / "local"
+        if not workdir.is_dir():
+            return None
+        call = call_options({}, python=sys.executable, workdir=str(workdir), env={}, config=config)
+        return Target(backend=self._local, backend_name="local", host="local", options=call)
+
     def host_target(self, name: str, config: Configuration, *, backend: str | None = None,
                     options: dict[str, Any] | None = None) -> Target:
         """The target of host ``name`` for a call that is not a session's (``rx sync``, ``rx gc``; a pool

@@ -223,3 +223,23 @@ def test_rx_gc_without_a_host_prunes_this_machines_cache(tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr
     assert [entry["name"] for entry in json.loads(done.stdout)[0]["removed"]] == ["old.pyz"]
     assert not (cache / "archives" / "old.pyz").exists()
+
+
+def test_rx_gc_without_a_host_collects_the_store_of_this_machines_local_runs(tmp_path: Path) -> None:
+    # rx run without --remote stores its project trees and snapshots under the cache's local/ workdir;
+    # rx gc used to prune only the archives there (seen failing: the 40-day-old tree stayed).
+    cache = tmp_path / "cache"
+    local = cache / "local"
+    stale = _tree(local, {"a": b"a" * 100}, used_days_ago=40)
+    fresh = _tree(local, {"b": b"b" * 100}, used_days_ago=0)
+    env = {**os.environ, "RX_CACHE_DIR": str(cache), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    shown = subprocess.run([sys.executable, "-m", "remote_exec", "gc", "--dry-run"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run([sys.executable, "-m", "remote_exec", "gc", "--json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert shown.returncode == 0 and "this machine's local runs: would free 100 B in 2 item(s)" in shown.stderr, \
+        shown.stderr
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)[1]
+    assert report["host"] == "local" and [entry["kind"] for entry in report["removed"]] == ["tree", "blob"]
+    assert _left(local, "trees") == {fresh} and stale not in _left(local, "trees")
