@@ -327,3 +327,23 @@ def test_an_array_runs_each_call_in_its_own_snapshot(queue: Configuration, proje
     Coordinator.current().flush()
     assert _landed(isolated) == {f"model-{seed}.txt": f"lr=0.1 rows=3 seed={seed}" for seed in (1, 2, 3)}
     assert len(QueueLauncher.requests) == 1  # one job array
+
+
+def test_a_job_whose_tree_left_the_store_before_it_started_says_so(queue: Configuration, project_tasks: Any,
+                                                                    tmp_path: Path) -> None:
+    import shutil
+
+    call = task(remote="cluster", config=queue, slurm={"hold": True})(project_tasks.train)
+
+    def remove_then_release() -> None:
+        job_id = _job(queue).job_id
+        shutil.rmtree(tmp_path / "shared" / "trees")  # someone emptied the store while the job queued
+        QueueLauncher.release(job_id)
+
+    releaser = threading.Thread(target=remove_then_release)
+    releaser.start()
+    try:
+        with pytest.raises(RemoteExecError, match=r"tree [0-9a-f]{12} is no longer whole .*run the call again"):
+            call(1)
+    finally:
+        releaser.join()
