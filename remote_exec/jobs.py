@@ -92,7 +92,10 @@ class Jobs:
         follow it to its result."""
         detached = self.submit(session, target, archive, recorder, project)
         recorder.submitted(detached)
-        return self.follow(session, target, detached, recorder, interrupt="cancel")
+        outcome = self.follow(session, target, detached, recorder, interrupt="cancel")
+        if detached.get("synced"):  # the project's blobs this job's submission sent
+            outcome.synced = (int(detached["synced"][0]), int(detached["synced"][1]))
+        return outcome
 
     @staticmethod
     def submit(session: Session, target: Target, archive: DistributionArchive, recorder: CallRecorder,

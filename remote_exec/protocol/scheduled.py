@@ -75,7 +75,8 @@ def store_and_submit(sessions: Sequence[Session], backend: Backend, archive: Dis
 
     Returns:
         One record per call (in order): what :func:`follow_job` needs (host, run directory, archive,
-        interpreter, workdir, the job and the call's index in it).
+        interpreter, workdir, the job and the call's index in it); the first also has ``synced`` (blobs,
+        bytes) when the project's tree lacked blobs there.
 
     Raises:
         ConfigError: Secrets were asked for (they never go to the shared filesystem), or an option the
@@ -93,8 +94,11 @@ def store_and_submit(sessions: Sequence[Session], backend: Backend, archive: Dis
     token = secrets.token_hex(4)
     base = f"{sessions[0].run_id or 'run'}-{token}"
     names = [base] if len(sessions) == 1 else [f"{base}-{index}" for index in range(len(sessions))]
+    synced = None
     if project is not None:
-        sync_tree(backend, archive, options, project, launcher=launcher, on_progress=on_progress, on_phase=phase)
+        report = sync_tree(backend, archive, options, project, launcher=launcher, on_progress=on_progress,
+                           on_phase=phase)
+        synced = [report["blobs"], report["bytes"]] if report.get("blobs") else None
     run_dirs = _store(sessions, names, backend, archive, options, launcher, phase, project)
     pattern = run_dirs[0] if len(sessions) == 1 else run_dirs[0].removesuffix("-0") + "-{index}"
     phase("submit", "started")
@@ -112,7 +116,8 @@ def store_and_submit(sessions: Sequence[Session], backend: Backend, archive: Dis
     phase("submit", "finished")
     return [{"host": backend.host, "run_dir": run_dir, "archive": archive.sha256, "archive_path": str(archive.path),
              "python": options.python, "workdir": options.workdir, "job": job.to_record(),
-             "index": index if len(sessions) > 1 else None} for index, run_dir in enumerate(run_dirs)]
+             "index": index if len(sessions) > 1 else None, **({"synced": synced} if synced and not index else {})}
+            for index, run_dir in enumerate(run_dirs)]
 
 
 def _store(sessions: Sequence[Session], names: Sequence[str], backend: Backend, archive: DistributionArchive,

@@ -93,6 +93,7 @@ def test_a_job_runs_in_a_snapshot_of_the_project_and_its_outputs_land(cluster: C
     cluster.write("configs/a.json", '{"lr": 0.1}')
     cluster.write("data/x.csv", "1,2\n3,4\n5,6\n")
     cluster.write("data/extra.txt", "deleted before the second run")
+    cluster.write("data/unique.txt", str(cluster.project))  # a blob the cluster's store cannot have yet
     cluster.write("train.py", TRAIN)
 
     first = cluster.rx("run", "--remote", "cluster", "train.py", "configs/a.json")
@@ -107,6 +108,8 @@ def test_a_job_runs_in_a_snapshot_of_the_project_and_its_outputs_land(cluster: C
     assert second.stdout.splitlines() == ["lr 0.1 rows 3 extra False"]  # a deleted file never reappears
     for run in runs:
         assert cluster.files_of(run) == {"outputs/model.pt": "lr=0.1 rows=3", "configs/a.json": "{}"}
+    sent = [json.loads((cluster.workspace / "runs" / run / "result.json").read_text())["synced"] for run in runs]
+    assert sent[0] is not None and sent[0]["files"] >= 1 and sent[1] is None  # the second job's tree: no blob
     assert (cluster.project / "configs" / "a.json").read_text() == '{"lr": 0.1}'  # the user's tree untouched
     assert not (cluster.project / "outputs").exists()
     assert cluster.remote_runs() == []
