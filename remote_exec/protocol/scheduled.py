@@ -94,11 +94,7 @@ def store_and_submit(sessions: Sequence[Session], backend: Backend, archive: Dis
     token = secrets.token_hex(4)
     base = f"{sessions[0].run_id or 'run'}-{token}"
     names = [base] if len(sessions) == 1 else [f"{base}-{index}" for index in range(len(sessions))]
-    synced = None
-    if project is not None:
-        report = sync_tree(backend, archive, options, project, launcher=launcher, on_progress=on_progress,
-                           on_phase=phase)
-        synced = [report["blobs"], report["bytes"]] if report.get("blobs") else None
+    synced = _sync(backend, archive, options, launcher, project, on_progress, phase)
     run_dirs = _store(sessions, names, backend, archive, options, launcher, phase, project)
     pattern = run_dirs[0] if len(sessions) == 1 else run_dirs[0].removesuffix("-0") + "-{index}"
     phase("submit", "started")
@@ -118,6 +114,15 @@ def store_and_submit(sessions: Sequence[Session], backend: Backend, archive: Dis
              "python": options.python, "workdir": options.workdir, "job": job.to_record(),
              "index": index if len(sessions) > 1 else None, **({"synced": synced} if synced and not index else {})}
             for index, run_dir in enumerate(run_dirs)]
+
+
+def _sync(backend: Backend, archive: DistributionArchive, options: CallOptions, launcher: Launcher,
+          project: ProjectCall | None, on_progress: ProgressCallback | None, phase: PhaseCallback) -> list[int] | None:
+    """Store ``project``'s tree on the host (the blobs it lacks sent); [blobs, bytes] sent, or None."""
+    if project is None:
+        return None
+    report = sync_tree(backend, archive, options, project, launcher=launcher, on_progress=on_progress, on_phase=phase)
+    return [report["blobs"], report["bytes"]] if report.get("blobs") else None
 
 
 def _store(sessions: Sequence[Session], names: Sequence[str], backend: Backend, archive: DistributionArchive,
