@@ -11,7 +11,8 @@ What counts as used when:
   a run that takes one owns it (it is no longer in the pool);
 - an archive: its directory's modification time; an archive a live process was started from (its sha256
   on a command line, read from /proc) is kept whatever its age: a running task imports from it;
-- a run directory the pull limit left on the host (its files over the limit stay there): kept while its
+- a run directory the pull limit left on the host (its files over the limit stay there), or a job's or a
+  detached run's that nobody collected (queued, ended or done; never running): kept while its
   ``.rx/lock`` is held or for ``days`` after it was last touched; other run directories are the sweep's
   (:func:`.rundir.sweep_runs`: those of runners that died);
 - temporaries (``tmp/``, half-written manifests) and blobs no tree names: removed after a day.
@@ -161,11 +162,14 @@ class _Store:
             for name in _listdir(os.path.join(cache_dir, "snapshots", project)):
                 path = os.path.join(cache_dir, "snapshots", project, name)
                 self.snapshots[f"{project}/{name}"] = (_mtime(path), _size_of(path))
-        self.waiting: set[str] = set()  # trees that runs not yet done will make their snapshots of
-        for name in _listdir(os.path.join(cache_dir, "runs")):
-            status = read_status(os.path.join(cache_dir, "runs", name))
-            if status.get("tree") and status.get("state") != "done":
-                self.waiting.add(str(status["tree"]))
+        self.statuses = {name: read_status(os.path.join(cache_dir, "runs", name))
+                         for name in _listdir(os.path.join(cache_dir, "runs"))}
+
+    @property
+    def waiting(self) -> set[str]:
+        """The trees that runs not yet done will make their snapshots of (a queued job's)."""
+        return {str(status["tree"]) for status in self.statuses.values()
+                if status.get("tree") and status.get("state") != "done"}
 
     def _tree(self, name: str) -> None:
         path = os.path.join(self.cache_dir, "trees", name)
@@ -246,11 +250,23 @@ def _leftovers(store: _Store, plan: _Plan, days: float) -> None:
         if not store.refs.get(blob) and now - _mtime(path) > DAY:
             plan.remove("blob", path, size, "named by no tree")
             del store.blobs[blob]
-    for name in _listdir(os.path.join(cache_dir, "runs")):
+    for name, status in list(store.statuses.items()):
         path = os.path.join(cache_dir, "runs", name)
-        if (read_status(path).get("over_limit") and _locked(path) is not True
-                and now - _mtime(os.path.join(path, PRIVATE)) > days * DAY):
-            plan.remove("run", path, _size_of(path), f"kept by the pull limit, untouched for {days:g} days")
+        reason = _forgotten(status, days)
+        if reason and _locked(path) is not True and now - _mtime(os.path.join(path, PRIVATE)) > days * DAY:
+            plan.remove("run", path, _size_of(path), reason)
+            del store.statuses[name]
+
+
+def _forgotten(status: dict[str, Any], days: float) -> str | None:
+    """Why a run directory is the collector's once untouched for ``days`` (None: it is not). Files kept by
+    the pull limit; a job's or a detached run's that nobody collected (no ``rx attach``), unless it runs.
+    Other run directories are the sweep's (:func:`.rundir.sweep_runs`)."""
+    if status.get("over_limit"):
+        return f"kept by the pull limit, untouched for {days:g} days"
+    if (status.get("queued") or status.get("detached")) and status.get("state") in ("queued", "ended", "done"):
+        return f"a {'job' if status.get('queued') else 'detached run'} nobody collected, untouched for {days:g} days"
+    return None
 
 
 def collect(cache_dir: str, limit: int, days: float, *, dry_run: bool = False) -> dict[str, Any]:

@@ -140,6 +140,34 @@ def test_a_run_directory_kept_by_the_pull_limit_goes_after_days_unless_held(tmp_
     assert _left(cache, "runs") == {"held", "young", "other"}
 
 
+def test_a_job_or_detached_run_nobody_collected_goes_after_days_and_frees_its_tree(tmp_path: Path) -> None:
+    """A job's run directory (or a detached run's) that nobody collects (its coordinator gone, no rx attach)
+    stayed for ever, and kept the tree its job was to run in; once untouched for ``days`` it goes, never
+    while it runs or is held (seen failing: both stayed)."""
+    cache = tmp_path / "cache"
+    tree = _tree(cache, {"a": b"a" * 100}, used_days_ago=40)
+    runs = {"queued-old": {"state": "queued", "queued": 1.0, "tree": tree},
+            "done-old": {"state": "done", "detached": True},
+            "done-young": {"state": "done", "queued": 1.0},
+            "running-old": {"state": "running", "queued": 1.0, "tree": tree},
+            "attached-old": {"state": "done"}}  # a plain call's: the sweep's, not the collector's
+    for name, status in runs.items():
+        private = cache / "runs" / name / ".rx"
+        private.mkdir(parents=True)
+        (private / "status.json").write_text(json.dumps(status))
+        if name.endswith("-old"):
+            _age(private / "status.json", 40)
+            _age(private, 40)
+    collect(str(cache), limit=1 << 30, days=30)
+    assert _left(cache, "runs") == {"done-young", "running-old", "attached-old"}
+    assert _left(cache, "trees") == {tree}  # the running job still names it
+    (cache / "runs" / "running-old" / ".rx" / "status.json").write_text(json.dumps({"state": "done", "queued": 1.0}))
+    _age(cache / "runs" / "running-old" / ".rx" / "status.json", 40)
+    _age(cache / "runs" / "running-old" / ".rx", 40)
+    collect(str(cache), limit=1 << 30, days=30)
+    assert _left(cache, "runs") == {"done-young", "attached-old"} and _left(cache, "trees") == set()
+
+
 def test_leftovers_of_interrupted_transfers_go_after_a_day(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     (cache / "tmp").mkdir(parents=True)
