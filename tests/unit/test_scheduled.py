@@ -347,3 +347,26 @@ def test_a_job_whose_tree_left_the_store_before_it_started_says_so(queue: Config
             call(1)
     finally:
         releaser.join()
+
+
+def writes_a_large_file() -> int:
+    with open("big.bin", "wb") as stream:
+        stream.write(b"x" * 8192)
+    with open("small.txt", "w") as stream:
+        stream.write("small")
+    return 1
+
+
+def test_a_jobs_files_over_the_pull_limit_stay_on_the_cluster(queue: Configuration, tmp_path: Path) -> None:
+    # Before, a job's stored options had no pull_limit: everything came back, whatever the limit.
+    import dataclasses
+    import json
+
+    limited = dataclasses.replace(queue, pull_limit=1024)
+
+    assert task(remote="cluster", config=limited)(writes_a_large_file)() == 1
+
+    [kept] = runs(tmp_path)
+    status = json.loads((tmp_path / "shared" / "runs" / kept / ".rx" / "status.json").read_text())
+    assert status.get("over_limit") is True
+    assert (tmp_path / "shared" / "runs" / kept / "big.bin").stat().st_size == 8192
