@@ -224,7 +224,7 @@ READS_DATA = "print(open('data/x.txt').read().strip())\n"
 
 def _outside_any_project(isolated: Any) -> Path:
     """``app/`` with ``read.py`` and ``data/x.txt``, under no project marker."""
-    app = isolated.root / "app"
+    app: Path = isolated.root / "app"
     (app / "data").mkdir(parents=True)
     (app / "data" / "x.txt").write_text("the data\n")
     (app / "read.py").write_text(READS_DATA)
