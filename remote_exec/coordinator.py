@@ -372,12 +372,19 @@ class Coordinator:
         known: tuple[ProjectCall | None, list[str]] | None = session.local.get("project")
         if known is not None:
             return known[0], []  # scanned a moment ago by the caller (rx run), who gave the warnings
-        config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
-        plan = plan_project(session, config)
+        planned: tuple[ProjectPlan | None] | None = session.local.get("plan")
+        plan = planned[0] if planned is not None else self.plan_for(session)
         if plan is None:
             return None, []
         options = session.context.get("options") or {}
         return self.scan(plan, force=bool(options.get("force")))
+
+    def plan_for(self, session: Session) -> ProjectPlan | None:
+        """Where ``session``'s project is (its root, what travels), without scanning it; None: no project.
+        A caller making many calls of one task from one place (a pool) may keep it in
+        ``session.local["plan"]`` (as a 1-tuple) for the next ones: :meth:`project_for` then scans only."""
+        config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
+        return plan_project(session, config)
 
     def scan(self, plan: ProjectPlan, *, force: bool = False) -> tuple[ProjectCall, list[str]]:
         """Scan a planned project's tree now; return the call's project and the warnings not yet given in

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from ..config import Configuration
     from ..coordinator import Coordinator
     from ..session import Result, Session
+    from ..sync.plan import ProjectPlan
 
 __all__ = ["BrokenPool", "Engine", "PoolSettings", "classify_failure"]
 
@@ -145,6 +146,7 @@ class Engine:
         self._lock = threading.Lock()
         self.pack_lock = threading.Lock()
         self._in_flight = 0
+        self._plans: dict[tuple[Any, ...], tuple[ProjectPlan | None]] = {}
         self._count = 0
         self._shutdown = False
         self._closed = False
@@ -194,6 +196,22 @@ class Engine:
         """The slot request of a slot (its owner record, and the GPUs it asks for)."""
         return {**self.settings.gpu_request, "owner": {**self.owner, "slot": slot_name, "host": host}}
 
+    def plan(self, work: Work, session: Session) -> None:
+        """Find ``work``'s project once per code and place (its tree is still scanned at every call):
+        resolving the root costs more than a warm call itself (``Coordinator.plan_for``)."""
+        if work.code is None:
+            return  # calls of unknown code: each finds its own
+        options = session.context.get("options") or {}
+        key = (work.code, session.context.get("cwd"), repr(options.get("project")), repr(options.get("include")),
+               bool(options.get("follow_symlinks")))
+        with self._lock:
+            known = self._plans.get(key)
+        if known is None:
+            known = (self.coordinator.plan_for(session),)
+            with self._lock:
+                self._plans[key] = known
+        session.local["plan"] = known
+
     # -- one attempt ----------------------------------------------------------------------------------
 
     def attempt(self, work: Work, slot: Slot, session: Session) -> None:
@@ -204,6 +222,7 @@ class Engine:
         started = time.monotonic()
         self.observer.started(work, slot)
         try:
+            self.plan(work, session)
             if work.begin is not None:
                 work.begin(work, session, slot)
             result = run_chain(session, work.chain, work.extensions)

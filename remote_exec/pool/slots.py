@@ -165,6 +165,7 @@ class SlotPlacement(Placement):
         coordinator = engine.coordinator
         try:
             session = work.make_session(slot)
+            engine.plan(work, session)
             target = coordinator.resolve_target(session)
             with engine.pack_lock:  # one build for all slots (and ast.parse is not thread-safe before 3.11.8)
                 project, _ = coordinator.project_for(session)  # the archive and tree its calls will use
