@@ -362,10 +362,33 @@ class Backend(ABC):
     """
 
     name: ClassVar[str] = ""
+    _failed_ahead: BaseException | None = None  # what connect_ahead met, for the next start
 
     def __init__(self, spec: HostSpec) -> None:
         self.spec = spec
         self.connections_opened = 0
+
+    def connect(self) -> None:  # noqa: B027 - optional: a backend without a connection of its own has none
+        """Open the connection to the host now (if it is not open), so that the next :meth:`start` finds it.
+
+        Raises:
+            ConnectError, AuthError, HostKeyError: The connection could not be made.
+        """
+
+    def connect_ahead(self) -> None:
+        """:meth:`connect` while the caller does something else (``rx run`` scans its project meanwhile, in
+        another thread); its failure is kept for the next :meth:`start`, which raises it rather than try
+        again (one attempt, one wait, as without connecting ahead)."""
+        try:
+            self.connect()
+        except Exception as exc:
+            self._failed_ahead = exc
+
+    def raise_failed_ahead(self) -> None:
+        """Raise (once) what :meth:`connect_ahead` failed with; called as :meth:`start` begins."""
+        failure, self._failed_ahead = self._failed_ahead, None
+        if failure is not None:
+            raise failure
 
     @property
     def host(self) -> str:

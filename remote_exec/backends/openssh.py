@@ -829,6 +829,9 @@ class OpenSSHBackend(Backend):
         """Seconds to allow for a master to come up: connect, handshake, authentication, maybe hops."""
         return 2 * self.spec.connect_timeout + self.spec.dead_after + 5.0
 
+    def connect(self) -> None:
+        self._ensure_master()
+
     def _ensure_master(self) -> _Master:
         """Return a live master, opening one (again) when there is none."""
         with self._lock:
@@ -1011,6 +1014,7 @@ class OpenSSHBackend(Backend):
             ConfigError: Bad environment variable name, broken ssh_config, no ``ssh``.
             ConnectError, AuthError, HostKeyError: The connection could not be made.
         """
+        self.raise_failed_ahead()
         command = remote_command(argv, env, cwd)
         label = argv[0] if argv else "command"
         retry = _SessionRetry(self, label)

@@ -806,6 +806,9 @@ class ParamikoBackend(Backend):
         """The current transport, if connected (for diagnostics and tests)."""
         return self._link.transport if self._link is not None else None
 
+    def connect(self) -> None:
+        self._connect()
+
     def _connect(self) -> _Link:
         """The live link, connecting (or reconnecting after a dead one) under the lock."""
         with self._lock:
@@ -826,6 +829,7 @@ class ParamikoBackend(Backend):
 
     def start(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
               cwd: PurePosixPath | None = None) -> Process:
+        self.raise_failed_ahead()
         command = build_command(argv, env, cwd)
         link = self._connect()
         timeout = self.spec.connect_timeout

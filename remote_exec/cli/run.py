@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO
@@ -71,9 +72,15 @@ def _project(session: Any, target: str, dry_run: bool, as_json: bool) -> bool:
     from .sync import describe_project, print_listing
 
     coordinator = Coordinator.current()
+    ahead: threading.Thread | None = None
     if session.context.get("remote"):
-        coordinator.resolve_target(session)
+        target = coordinator.resolve_target(session)
+        if not dry_run and not target.launcher.schedules:  # connect while the tree is scanned
+            ahead = threading.Thread(target=target.backend.connect_ahead, name="rx-connect", daemon=True)
+            ahead.start()
     project, warnings = coordinator.project_for(session)
+    if ahead is not None:
+        ahead.join()  # its failure, if any, is the first start's
     session.local["project"] = (project, warnings)
     describe_project(project, warnings, what=target)
     if dry_run and project is not None:
