@@ -116,6 +116,7 @@ class StateFile:
         self._lock = FileLock(self.path.with_name(f".{self.path.name}.lock"), timeout=LOCK_TIMEOUT,
                               poll_interval=0.002)
         self._tlock = _thread_lock(self.path)
+        self._written: tuple[tuple[int, int, int], dict[str, Any]] | None = None  # what this object wrote last
 
     def __repr__(self) -> str:
         return f"StateFile({str(self.path)!r})"
@@ -173,32 +174,54 @@ class StateFile:
                 :meth:`update` on the same file. If it raises, nothing is written.
 
         Returns:
-            The state as written.
+            The state as written (kept for the next update: read it, do not change it).
 
         Raises:
             WorkspaceError: The state cannot be read or written, or is not JSON-serializable.
         """
         with self.locked():
-            state = self.read()
+            state = self._unchanged() or self.read()
+            self._written = None
             result = fn(state)
             new = state if result is None else result
             self._write(new)
+            self._remember(new)
             return new
 
     def write(self, state: dict[str, Any]) -> None:
         """Replace the whole state (under the lock)."""
         with self.locked():
+            self._written = None
             self._write(state)
+
+    def _unchanged(self) -> dict[str, Any] | None:
+        """What this object wrote last, while the file is still that one (no parse of a run's thousands of
+        task entries at every update of a pool's calls)."""
+        known = self._written
+        if known is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return known[1] if (st.st_ino, st.st_mtime_ns, st.st_size) == known[0] else None
+
+    def _remember(self, state: dict[str, Any]) -> None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return
+        self._written = ((st.st_ino, st.st_mtime_ns, st.st_size), state)
 
     def _write(self, state: dict[str, Any]) -> None:
         try:
-            text = json.dumps(state, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+            text = _dumps(state, ascii=False)
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
                 # Bytes that are not UTF-8 (a command-line argument, say) arrive as lone surrogates:
                 # escaped, they stay valid JSON and read back as the same string.
-                text = json.dumps(state, indent=2, ensure_ascii=True, allow_nan=False) + "\n"
+                text = _dumps(state, ascii=True)
         except (TypeError, ValueError) as exc:
             raise WorkspaceError(f"cannot save {self.path.name}: {exc}") from exc
         parent = self.path.parent
@@ -365,3 +388,16 @@ class StatusBoard:
 def _describe(exc: BaseException) -> str:
     message = str(exc)
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _dumps(value: Any, *, ascii: bool, depth: int = 2, indent: str = "") -> str:
+    """``value`` as JSON, its first ``depth`` levels of objects one member a line (a run's state: one line a
+    task), deeper values on one line: those go through json's C encoder, which ``indent=`` would turn off
+    (a pool's run rewrote thousands of entries in pure Python: most of a warm call's CPU time)."""
+    if depth == 0 or not isinstance(value, dict) or not value or not all(isinstance(key, str) for key in value):
+        return json.dumps(value, ensure_ascii=ascii, allow_nan=False)
+    inner = indent + "  "
+    members = [f"{inner}{json.dumps(key, ensure_ascii=ascii)}: "
+               f"{_dumps(item, ascii=ascii, depth=depth - 1, indent=inner)}" for key, item in value.items()]
+    text = "{\n" + ",\n".join(members) + f"\n{indent}}}"
+    return text + "\n" if not indent else text
