@@ -74,9 +74,9 @@ def _project(session: Any, target: str, dry_run: bool, as_json: bool) -> bool:
     coordinator = Coordinator.current()
     ahead: threading.Thread | None = None
     if session.context.get("remote"):
-        target = coordinator.resolve_target(session)
-        if not dry_run and not target.launcher.schedules:  # connect while the tree is scanned
-            ahead = threading.Thread(target=target.backend.connect_ahead, name="rx-connect", daemon=True)
+        where = coordinator.resolve_target(session)
+        if not dry_run and not where.launcher.schedules:  # connect while the tree is scanned
+            ahead = threading.Thread(target=where.backend.connect_ahead, name="rx-connect", daemon=True)
             ahead.start()
     project, warnings = coordinator.project_for(session)
     if ahead is not None:
