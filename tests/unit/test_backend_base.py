@@ -183,3 +183,37 @@ def test_transfer_reason_skips_the_size_line() -> None:
 def test_backends_without_a_link_own_every_exit_status(code: int | None) -> None:
     assert LocalBackend().classify_exit(code, b"Connection reset by peer") is None
     assert ShellBackend().classify_exit(code, b"") is None
+
+
+class RefusingBackend(Backend):
+    """Every connection attempt is refused (counted), as a host whose sshd is down."""
+
+    name = "refusing"
+
+    def __init__(self) -> None:
+        super().__init__(HostSpec("downhost"))
+        self.attempts = 0
+
+    def connect(self) -> None:
+        self.attempts += 1
+        raise ConnectError("downhost", "connection refused")
+
+    def start(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+              cwd: PurePosixPath | None = None) -> Process:
+        self.raise_failed_ahead()
+        self.connect()
+        raise AssertionError("not reached")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_failed_connection_made_ahead_is_the_next_commands_error_without_a_second_attempt() -> None:
+    backend = RefusingBackend()
+    backend.connect_ahead()  # as rx run does while it scans the project: nothing raised there
+    with pytest.raises(ConnectError, match="connection refused"):
+        backend.start(["true"])
+    assert backend.attempts == 1  # one wait for the user, not two
+    with pytest.raises(ConnectError):
+        backend.start(["true"])  # a later command tries again
+    assert backend.attempts == 2

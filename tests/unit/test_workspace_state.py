@@ -166,3 +166,20 @@ def test_status_board_threads_report_concurrently(tmp_path: Path) -> None:
     assert len(tasks) == 200
     assert sum(t["status"] == "done" for t in tasks.values()) == 104
     assert sum(t["status"] == "failed" for t in tasks.values()) == 96
+
+
+def test_an_update_keeps_what_another_writer_wrote_meanwhile(tmp_path: Path) -> None:
+    ours, theirs = StateFile(tmp_path / "state.json"), StateFile(tmp_path / "state.json")
+    ours.update(lambda state: state.update(a=1))
+    theirs.update(lambda state: state.update(b=2))
+    ours.update(lambda state: state.update(c=3))
+
+    def half_done(state: dict[str, object]) -> None:
+        state["d"] = 4
+        raise RuntimeError("stopped halfway")
+
+    with pytest.raises(RuntimeError):
+        ours.update(half_done)
+    ours.update(lambda state: state.update(e=5))
+    assert StateFile(tmp_path / "state.json").read() == {"a": 1, "b": 2, "c": 3, "e": 5}
+    assert json.loads((tmp_path / "state.json").read_text()) == {"a": 1, "b": 2, "c": 3, "e": 5}
