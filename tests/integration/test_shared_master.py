@@ -1,0 +1,107 @@
+"""OpenSSH: one master per host serves every rx of the user (``RX_SSH_PERSIST``), alive-checked before use."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parent / "data"
+if str(DATA) not in sys.path:
+    sys.path.insert(0, str(DATA))
+pytest.register_assert_rewrite("remote_support")
+
+from remote_support import HOST, Remote  # noqa: E402
+
+pytest_plugins = ["remote_support"]
+
+
+@pytest.fixture
+def runtime_dir() -> Iterator[Path]:
+    """A short XDG_RUNTIME_DIR of this test: its shared masters are its own; each is ended afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="rxs-", dir="/tmp"))
+    yield path
+    for socket_path in (path / "rx-ssh").glob("m-*[!k]"):
+        subprocess.run(["ssh", "-S", str(socket_path), "-O", "exit", "x"], capture_output=True, timeout=10,
+                       check=False)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def sockets(runtime_dir: Path) -> list[Path]:
+    return sorted(path for path in (runtime_dir / "rx-ssh").glob("m-*") if not path.name.endswith(".lock"))
+
+
+def master_pid(socket_path: Path) -> int | None:
+    done = subprocess.run(["ssh", "-S", str(socket_path), "-O", "check", "x"], capture_output=True, text=True,
+                          timeout=10, check=False)
+    found = re.search(r"pid=(\d+)", done.stderr)
+    return int(found[1]) if done.returncode == 0 and found else None
+
+
+def run_twice(remote: Remote, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], ...]:
+    (remote.project / "hi.py").write_text("print('hi')\n")
+    return tuple(remote.rx("run", "--remote", HOST, "hi.py", env=env) for _ in range(2))
+
+
+def test_a_second_rx_run_uses_the_master_the_first_left(remote: Remote, runtime_dir: Path) -> None:
+    if remote.backend != "openssh":
+        pytest.skip("paramiko's connection lives and ends with its process")
+    env = {"XDG_RUNTIME_DIR": str(runtime_dir)}
+    (remote.project / "hi.py").write_text("print('hi')\n")
+
+    first = remote.rx("run", "--remote", HOST, "hi.py", env=env)
+    assert first.returncode == 0 and first.stdout == "hi\n", first.stderr
+    [socket_path] = sockets(runtime_dir)
+    pid = master_pid(socket_path)
+    assert pid is not None  # the master outlives the rx that opened it
+    assert oct((runtime_dir / "rx-ssh").stat().st_mode & 0o777) == "0o700"
+
+    second = remote.rx("-vv", "run", "--remote", HOST, "hi.py", env=env)
+    assert second.returncode == 0 and second.stdout == "hi\n", second.stderr
+    assert "using the shared ssh master" in second.stderr
+    assert sockets(runtime_dir) == [socket_path] and master_pid(socket_path) == pid  # no new connection
+
+    # another ssh_config file is another setting: another master, the first one left alone
+    config = remote.project / "other_ssh_config"
+    config.write_text(Path(remote.env["RX_SSH_CONFIG"]).read_text())
+    third = remote.rx("run", "--remote", HOST, "--ssh-config", str(config), "hi.py", env=env)
+    assert third.returncode == 0, third.stderr
+    assert len(sockets(runtime_dir)) == 2 and master_pid(socket_path) == pid
+
+
+def test_a_dead_master_is_replaced_before_use(remote: Remote, runtime_dir: Path) -> None:
+    if remote.backend != "openssh":
+        pytest.skip("openssh only")
+    env = {"XDG_RUNTIME_DIR": str(runtime_dir)}
+    first, _ = run_twice(remote, env)
+    assert first.returncode == 0, first.stderr
+    [socket_path] = sockets(runtime_dir)
+    pid = master_pid(socket_path)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # its socket file stays, refusing connections
+    time.sleep(0.2)
+    assert socket_path.exists()
+
+    again = remote.rx("run", "--remote", HOST, "hi.py", env=env)
+
+    assert again.returncode == 0 and again.stdout == "hi\n", again.stderr
+    new_pid = master_pid(socket_path)
+    assert new_pid is not None and new_pid != pid
+
+
+def test_rx_ssh_persist_0_leaves_no_master(remote: Remote, runtime_dir: Path) -> None:
+    if remote.backend != "openssh":
+        pytest.skip("openssh only")
+    env = {"XDG_RUNTIME_DIR": str(runtime_dir), "RX_SSH_PERSIST": "0"}
+    first, second = run_twice(remote, env)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert sockets(runtime_dir) == []  # each rx had a master of its own, stopped when it exited
