@@ -35,11 +35,14 @@ import logging
 import os
 import socket
 import stat
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_PERSIST", "master_lock", "persist_seconds", "private_dir", "socket_answers", "socket_name"]
+__all__ = ["DEFAULT_PERSIST", "SharedMaster", "end_master", "label_master", "master_lock", "persist_seconds",
+           "private_dir", "shared_masters", "socket_answers", "socket_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,3 +134,45 @@ def master_lock(path: Path, deadline: float) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def label_master(path: Path, host: str, destination: str) -> None:
+    """Note which host a shared master at ``path`` reaches (in its lock file), for ``rx hosts --disconnect``."""
+    with contextlib.suppress(OSError):
+        Path(f"{path}.lock").write_text(f"{host}\t{destination}\n", encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class SharedMaster:
+    """A shared master that answers: its socket, the host as rx was asked for it, and where it leads."""
+
+    socket: Path
+    host: str
+    destination: str
+
+
+def shared_masters() -> list[SharedMaster]:
+    """The shared masters of this user that are up (stale sockets are skipped)."""
+    root = private_dir()
+    if root is None:
+        return []
+    found = []
+    for path in sorted(root.glob("m-*")):
+        if path.name.endswith(".lock") or not socket_answers(path, timeout=0.5):
+            continue
+        try:
+            host, _, destination = Path(f"{path}.lock").read_text(encoding="utf-8").strip().partition("\t")
+        except OSError:
+            host, destination = "?", "?"
+        found.append(SharedMaster(path, host or "?", destination or "?"))
+    return found
+
+
+def end_master(master: SharedMaster) -> bool:
+    """End a shared master now (``ssh -O exit``); True when it went."""
+    try:
+        done = subprocess.run(["ssh", "-S", str(master.socket), "-O", "exit", "--", master.host],
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0

@@ -8,16 +8,19 @@ How it works:
   ``-o UserKnownHostsFile=``). The result is cached per backend as a
   :class:`~remote_exec.backends.ssh.ResolvedHost` (the record the paramiko backend builds too); connecting
   still goes through ``ssh`` with the same arguments, so what works on the command line works here.
-* **One master per host.** The first call starts ``ssh -M -N -o ControlPersist=<idle>`` with its control
-  socket in a private directory (``mkdtemp``, mode 0700, a short path because unix socket paths are
-  limited to ~104 bytes). The master backgrounds itself once authenticated; its stderr goes to an
-  anonymous temporary file, never to a pipe of ours (a backgrounded master that inherits a pipe keeps it open and a
-  reader waiting for end of file hangs). Every later command, ``put`` and ``get`` is a client of that
-  master (``ControlMaster=no``), about 10 ms instead of ~200 ms for a fresh connection. ``close()`` and
-  interpreter exit send ``ssh -O exit``; the idle ``ControlPersist`` ends a master whose coordinator was
-  killed with SIGKILL. A master that died (link lost, idle timeout) is noticed before the next call, which
-  opens a new one. Clients carry a ``ProxyCommand`` that only prints a marker and fails, so a client never
-  quietly opens a connection of its own when the master is gone.
+* **One master per host, shared.** The first call starts ``ssh -M -N -o ControlPersist=<idle>`` with its control
+  socket in the user's private directory under a digest of the connection's settings, where the next ``rx``
+  finds it and uses it (:mod:`~remote_exec.backends.controlpath`: alive-checked, a ``flock`` between two that
+  connect at once, ``RX_SSH_PERSIST`` idle seconds). With ``RX_SSH_PERSIST=0`` or no safe directory, the master
+  is this process's own, in a ``mkdtemp`` directory (mode 0700, a short path because unix socket paths are
+  limited to ~104 bytes). The master backgrounds itself once authenticated; its stderr goes to an anonymous
+  temporary file, never to a pipe of ours (a backgrounded master that inherits a pipe keeps it open and a reader
+  waiting for end of file hangs). Every later command, ``put`` and ``get`` is a client of that master
+  (``ControlMaster=no``), about 10 ms instead of ~200 ms for a fresh connection. A process's own master is ended
+  by ``close()`` and interpreter exit (``ssh -O exit``); a shared one, and one whose coordinator was killed with
+  SIGKILL, by its idle ``ControlPersist``. A master that died (link lost, idle timeout) is noticed before the
+  next call, which opens a new one. Clients carry a ``ProxyCommand`` that only prints a marker and fails, so a
+  client never quietly opens a connection of its own when the master is gone.
 * **Processes.** A command runs as ``ssh ... -- host '<command>'`` with stdin, stdout and stderr pipes,
   read with ``os.read``. The remote shell first writes its own pid (a session leader: sshd calls
   ``setsid``) as one marker line on stderr, which :class:`SshProcess` strips. Without a pty sshd does not
@@ -84,7 +87,7 @@ from .base import (
     put_argv,
     transfer_reason,
 )
-from .controlpath import master_lock, persist_seconds, private_dir, socket_answers, socket_name
+from .controlpath import label_master, master_lock, persist_seconds, private_dir, socket_answers, socket_name
 from .ssh import ResolvedHost, default_config_path, locked_identity, locked_identity_hint
 
 __all__ = [
@@ -927,6 +930,7 @@ class OpenSSHBackend(Backend):
                 return
             with contextlib.suppress(FileNotFoundError):
                 master.control_path.unlink()  # its master ended: idle timeout, lost link
+            label_master(master.control_path, self.host, self.resolve().destination)
             yield False
 
     def _keep_master(self, master: _Master, said: str) -> None:

@@ -77,6 +77,11 @@ def test_a_second_rx_run_uses_the_master_the_first_left(remote: Remote, runtime_
     assert third.returncode == 0, third.stderr
     assert len(sockets(runtime_dir)) == 2 and master_pid(socket_path) == pid
 
+    ended = remote.rx("hosts", "--disconnect", env=env)  # the way to end them now
+    assert ended.returncode == 0, ended.stderr
+    assert ended.stdout.count(f"{HOST} (") == 2 and ended.stdout.count("disconnected") == 2, ended.stdout
+    assert master_pid(socket_path) is None
+
 
 def test_a_dead_master_is_replaced_before_use(remote: Remote, runtime_dir: Path) -> None:
     if remote.backend != "openssh":
