@@ -95,10 +95,18 @@ def _rows() -> list[Row]:
                 f"rx first call, new process ({backend})", lat, "ssh.cold"),
             Row(f"{rx}.warm", f"rx ({backend}): warm call, unchanged code, process per call",
                 f"rx warm ({backend})", lat, "ssh.mux"),
+            Row(f"{rx}.warm_value", f"rx ({backend}): warm call of a `__main__` function (sent by value), process "
+                                    "per call", f"rx warm, by value ({backend})", lat, "ssh.mux"),
+            Row(f"{rx}.first_value", f"rx ({backend}): first call of a new process, a `__main__` function (by "
+                                     "value), no connection open before", f"rx first call, by value ({backend})",
+                lat, "ssh.cold"),
             Row(f"{rx}.keep_warm", f"rx ({backend}): warm call with `keep_warm=True`",
                 f"rx keep_warm ({backend})", lat, "mitogen.warm"),
-            Row(f"{rx}.run", f"`rx run` of a trivial script, whole command ({backend}, wall)",
-                f"rx run ({backend})", lat, "ssh.cold"),
+            Row(f"{rx}.run", f"`rx run` of a trivial script, whole command, no connection open before "
+                             f"({backend}, wall)", f"rx run ({backend})", lat, "ssh.cold"),
+            Row(f"{rx}.run_second", f"`rx run` of a trivial script, whole command, right after another one "
+                                    f"({backend}, wall; OpenSSH: over the master the first left)",
+                f"second rx run ({backend})", lat, "ssh.cold"),
             Row(f"{rx}.hosts_parallel", f"rx ({backend}): the warm call on 4 hosts at once (threads), wall",
                 f"4 hosts at once ({backend})", lat, f"{rx}.warm"),
             Row(f"{rx}.hosts_serial", f"rx ({backend}): the warm call on 4 hosts one after another, wall",
@@ -156,6 +164,17 @@ TARGETS = [
     Target("first call ≤ 0.7x cold ssh (paramiko)", "rx-paramiko.first", "ssh.cold", 0.7),
     Target("warm call, process per call ≤ 1.5x multiplexed ssh (OpenSSH)", "rx-openssh.warm", "ssh.mux", 1.5),
     Target("warm call, process per call ≤ 1.5x multiplexed ssh (paramiko)", "rx-paramiko.warm", "ssh.mux", 1.5),
+    Target("first `rx run` ≤ 1.3x cold ssh (OpenSSH)", "rx-openssh.run", "ssh.cold", 1.3),
+    Target("second `rx run` within the persist window ≤ 0.6x cold ssh (OpenSSH)", "rx-openssh.run_second",
+           "ssh.cold", 0.6),
+    Target("warm call by value, process per call ≤ 1.5x multiplexed ssh (OpenSSH)", "rx-openssh.warm_value",
+           "ssh.mux", 1.5),
+    Target("warm call by value, process per call ≤ 1.5x multiplexed ssh (paramiko)", "rx-paramiko.warm_value",
+           "ssh.mux", 1.5),
+    Target("first call by value of a new process ≤ 1.1x cold ssh (OpenSSH)", "rx-openssh.first_value", "ssh.cold",
+           1.1),
+    Target("first call by value of a new process ≤ 0.8x cold ssh (paramiko)", "rx-paramiko.first_value",
+           "ssh.cold", 0.8),
     Target("keep_warm warm call ≤ 1 ms median (OpenSSH)", "rx-openssh.keep_warm", None, 0.001),
     Target("keep_warm warm call ≤ 1 ms median (paramiko)", "rx-paramiko.keep_warm", None, 0.001),
     Target("keep_warm warm call no slower than mitogen's warm call (OpenSSH)", "rx-openssh.keep_warm",
@@ -359,13 +378,37 @@ def _samples(bench: Bench, agent: Agent, key: str, op: str, *, timeout: float, g
         bench.record_calls(group, reply)
 
 
-def _rx_first(bench: Bench, backend: str) -> None:
-    name = f"rx-first-{backend}"
+@contextlib.contextmanager
+def _no_master(bench: Bench) -> Iterator[dict[str, str]]:
+    """An environment whose rx finds no shared ssh master (a fresh XDG_RUNTIME_DIR); what it opened is
+    ended afterwards (untimed), so a "first" row always pays its connection."""
+    runtime = Path(tempfile.mkdtemp(prefix="x", dir=bench.control_dir))
+    try:
+        yield dict(bench.env, XDG_RUNTIME_DIR=str(runtime))
+    finally:
+        _end_shared_masters(runtime)
+
+
+def _end_shared_masters(runtime: Path) -> None:
+    for socket_path in (runtime / "rx-ssh").glob("m-*"):
+        if not socket_path.name.endswith(".lock"):
+            subprocess.run(["ssh", "-S", str(socket_path), "-O", "exit", "x"], stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=30, check=False)
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _rx_first(bench: Bench, backend: str, *, by_value: bool = False) -> None:
+    name = f"rx-first-{backend}" + ("-value" if by_value else "")
     config = {"ssh_config": str(bench.ssh_config), "hosts": bench.hosts, "backend": backend,
-              "workdir": f"~/.cache/rxbench-first/{uuid.uuid4().hex}"}
-    env = dict(bench.env, RX_WORKSPACE=str(bench.run_dir / "workspaces" / name))
-    reply = one_shot("rx-first", config, env=env, cwd=bench.run_dir / "agents" / name,
-                     log=bench.run_dir / "logs" / f"{name}.log", timeout=90)
+              "workdir": f"~/.cache/rxbench-first/{uuid.uuid4().hex}", "by_value": by_value}
+    with _no_master(bench) as env:
+        env["RX_WORKSPACE"] = str(bench.run_dir / "workspaces" / name)
+        reply = one_shot("rx-first", config, env=env, cwd=bench.run_dir / "agents" / name,
+                         log=bench.run_dir / "logs" / f"{name}.log", timeout=90)
+    if by_value:
+        bench.results.add(f"rx-{backend}.first_value", reply["samples"][1])
+        bench.record_calls(f"first call by value, new process ({backend})", {"calls": reply["calls"][1:]})
+        return
     bench.results.add(f"rx-{backend}.first", reply["samples"][0])
     bench.results.add(f"rx-{backend}.first_process", reply["samples"][1])
     bench.record_calls(f"first call ({backend})", {"calls": reply["calls"][:1]})
@@ -373,8 +416,22 @@ def _rx_first(bench: Bench, backend: str) -> None:
 
 
 def _rx_run(bench: Bench, backend: str) -> None:
-    seconds = run_timed(_rx_run_argv(bench, backend), timeout=60, cwd=bench.run_dir / "rxrun", env=bench.env)
+    with _no_master(bench) as env:
+        seconds = run_timed(_rx_run_argv(bench, backend), timeout=60, cwd=bench.run_dir / "rxrun", env=env)
     bench.results.add(f"rx-{backend}.run", seconds)
+    _record_run_phases(bench, backend, seconds, f"rx run, whole command ({backend})")
+
+
+def _rx_run_second(bench: Bench, backend: str) -> None:
+    """An untimed ``rx run``, then the timed one right after it (within any persist window)."""
+    with _no_master(bench) as env:
+        run_timed(_rx_run_argv(bench, backend), timeout=60, cwd=bench.run_dir / "rxrun", env=env)
+        seconds = run_timed(_rx_run_argv(bench, backend), timeout=60, cwd=bench.run_dir / "rxrun", env=env)
+    bench.results.add(f"rx-{backend}.run_second", seconds)
+    _record_run_phases(bench, backend, seconds, f"second rx run, whole command ({backend})")
+
+
+def _record_run_phases(bench: Bench, backend: str, seconds: float, group: str) -> None:
     from remote_exec.workspace import Workspace
     from remote_exec.workspace.state import duration
 
@@ -385,7 +442,7 @@ def _rx_run(bench: Bench, backend: str) -> None:
             took = duration(action.get("started"), action.get("finished"))
             if took is not None:
                 phases[str(action["name"])] = phases.get(str(action["name"]), 0.0) + took
-        bench.phases.setdefault(f"rx run, whole command ({backend})", []).append(PhaseRecord(seconds, phases))
+        bench.phases.setdefault(group, []).append(PhaseRecord(seconds, phases))
 
 
 def _rx_hosts(bench: Bench, agent: Agent, backend: str) -> None:
@@ -441,6 +498,9 @@ def _probes(bench: Bench) -> list[Probe]:
     def add(name: str, rows: tuple[str, ...], run: Callable[[], None], every: int = 1) -> None:
         probes.append(Probe(name, rows, run, every))
 
+    if settings.only == "speed":
+        _speed_probes(bench, add)
+        return probes
     sync_keys = tuple(row.key for row in ROWS if row.section in (FIRST, LATER))
     add("project sync", sync_keys, partial(_project_sync, bench),
         1 if settings.only == "sync" else settings.heavy_every)
@@ -480,7 +540,7 @@ def _probes(bench: Bench) -> list[Probe]:
         add(f"rx keep_warm ({backend})", (f"{rx}.keep_warm",),
             partial(_samples, bench, agent, f"{rx}.keep_warm", "keep_warm", timeout=90,
                     group=f"keep_warm call ({backend})", count=settings.warm_calls))
-        add(f"rx run ({backend})", (f"{rx}.run",), partial(_rx_run, bench, backend))
+        _command_probes(bench, add, backend)
         add(f"rx 4 hosts ({backend})", (f"{rx}.hosts_parallel", f"{rx}.hosts_serial", f"{rx}.hosts_parallel_kw"),
             partial(_rx_hosts, bench, agent, backend))
         for size in SIZES:
@@ -497,6 +557,37 @@ def _probes(bench: Bench) -> list[Probe]:
         partial(_importtime, bench, "startup.importtime_help", ("-m", "remote_exec", "--help")))
     add("rx --help", ("startup.help",), partial(_rx_help, bench))
     return probes
+
+
+def _command_probes(bench: Bench, add: Callable[..., None], backend: str) -> None:
+    """The whole-command and by-value rows of issue 12 (17, 18): `rx run` first and second, a `__main__`
+    function's warm call and first call of a new process."""
+    rx = f"rx-{backend}"
+    agent = bench.rx_agent(backend)
+    add(f"rx run ({backend})", (f"{rx}.run",), partial(_rx_run, bench, backend))
+    add(f"second rx run ({backend})", (f"{rx}.run_second",), partial(_rx_run_second, bench, backend))
+    add(f"rx warm by value ({backend})", (f"{rx}.warm_value",),
+        partial(_samples, bench, agent, f"{rx}.warm_value", "warm_value", timeout=90,
+                group=f"warm call by value ({backend})", count=bench.settings.warm_calls))
+    add(f"rx first call by value ({backend})", (f"{rx}.first_value",),
+        partial(_rx_first, bench, backend, by_value=True))
+
+
+def _speed_probes(bench: Bench, add: Callable[..., None]) -> None:
+    """``--only speed``: the references and rx's latency rows that issue 12 (17, 18) is about."""
+    settings = bench.settings
+    add("ssh cold", ("ssh.cold",), partial(_ssh_cold, bench))
+    add("ssh multiplexed", ("ssh.mux",), partial(_ssh_mux, bench))
+    for backend in BACKENDS:
+        rx = f"rx-{backend}"
+        agent = bench.rx_agent(backend)
+        add(f"rx first call ({backend})", (f"{rx}.first", f"{rx}.first_process"), partial(_rx_first, bench, backend))
+        add(f"rx warm ({backend})", (f"{rx}.warm",),
+            partial(_samples, bench, agent, f"{rx}.warm", "warm", timeout=90, group=f"warm call ({backend})",
+                    count=settings.warm_calls))
+        _command_probes(bench, add, backend)
+    add("python -c pass", ("startup.python",), partial(_python_start, bench))
+    add("rx --help", ("startup.help",), partial(_rx_help, bench))
 
 
 def _fanout_probes(bench: Bench, add: Callable[..., None]) -> None:
@@ -625,11 +716,16 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
         # rx as it is now, copied: edits to the tree while the run goes on do not mix versions into it.
         source = run_dir / "src"
         shutil.copytree(REPO / "remote_exec", source / "remote_exec", ignore=shutil.ignore_patterns("__pycache__"))
+        # compiled as an installation is (pip writes the .pyc files): start-up is not measured compiling
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(source / "remote_exec")],
+                       stdout=subprocess.DEVNULL, check=False, timeout=300)
         sys.path.insert(0, str(source))
         pythonpath = os.pathsep.join(filter(None, [str(source), str(REPO), str(PAYLOAD_DIR),
                                                    os.environ.get("PYTHONPATH")]))
+        # XDG_RUNTIME_DIR: the run's own shared ssh masters (the "first" rows each get a fresh one)
         env = dict(os.environ, PYTHONPATH=pythonpath, RX_SSH_CONFIG=str(bed.ssh_config),
-                   RX_CACHE_DIR=str(run_dir / "cache"), RX_WORKSPACE=str(run_dir / "workspaces" / "default"))
+                   RX_CACHE_DIR=str(run_dir / "cache"), RX_WORKSPACE=str(run_dir / "workspaces" / "default"),
+                   XDG_RUNTIME_DIR=str(control_dir))
         env.pop("RX_BACKEND", None)
         bench = Bench(settings=settings, run_dir=run_dir, state_dir=state_dir, ssh_config=bed.ssh_config, hosts=hosts,
                       control_dir=control_dir, blob=run_dir / "blob-100mb", env=env, rx_command=_rx_command())
@@ -641,11 +737,12 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
         rxrun.mkdir()
         (rxrun / "trivial.py").write_text("x = 1\n", encoding="utf-8")
         (rxrun / "pyproject.toml").write_text("", encoding="utf-8")  # a project of its own, not the repository
-        print("benchmarks: generating the 10,000-file / 300 MB project", file=sys.stderr)
-        bench.sync = SyncRig.create(run_dir / "sync", hosts[0], ssh=bench.ssh,
-                                    ssh_options=bench.ssh()[1:], rx=partial(_rx_argv, bench), env=env,
-                                    add=bench.results.add,
-                                    samples=lambda key: bench.results.samples.get(key, []))
+        if settings.only != "speed":
+            print("benchmarks: generating the 10,000-file / 300 MB project", file=sys.stderr)
+            bench.sync = SyncRig.create(run_dir / "sync", hosts[0], ssh=bench.ssh,
+                                        ssh_options=bench.ssh()[1:], rx=partial(_rx_argv, bench), env=env,
+                                        add=bench.results.add,
+                                        samples=lambda key: bench.results.samples.get(key, []))
         baseline = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True,
                                   timeout=60, env=env, check=False)
         bench.import_baseline = set(_parse_importtime(baseline.stderr))
@@ -660,6 +757,7 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
                 with contextlib.suppress(Exception):
                     bench.sync.cleanup()
             _close_masters(bench)
+        _end_shared_masters(control_dir)
         shutil.rmtree(control_dir, ignore_errors=True)
         with contextlib.suppress(Exception):
             testbed.down(state_dir=state_dir)
@@ -827,6 +925,11 @@ def _startup_text(results: Results) -> str:
     return "\n".join(lines) + "\n"
 
 
+_SPEED_ROWS = {"ssh.cold", "ssh.mux", "startup.python", "startup.help",
+               *(f"rx-{backend}.{kind}" for backend in BACKENDS
+                 for kind in ("first", "first_process", "warm", "run", "run_second", "warm_value", "first_value"))}
+
+
 def render(bench: Bench, *, duration: float, load: tuple[tuple[float, ...], tuple[float, ...]]) -> str:
     """RESULTS.md: when and where, the tables, the targets, rx's phases, start-up, failures."""
     settings = bench.settings
@@ -835,6 +938,9 @@ def render(bench: Bench, *, duration: float, load: tuple[tuple[float, ...], tupl
     if settings.only == "sync":
         rows = [row for row in ROWS if row.section in (FIRST, LATER) or row.key.endswith(".run")]
         targets = sync_targets(BACKENDS)
+    elif settings.only == "speed":
+        rows = [row for row in ROWS if row.key in _SPEED_ROWS]
+        targets = [target for target in TARGETS if target.row in _SPEED_ROWS]
     out = ["# Benchmark results\n",
            "Generated by `nox -s bench` (`python -m benchmarks`); see `benchmarks/README.md` for what each row "
            "measures.\n",
@@ -875,8 +981,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, help="repetitions (default 20; --quick: 2)")
     parser.add_argument("--out", type=Path, help="where to write the results (default benchmarks/RESULTS.md; "
                                                  "quick or --only: benchmarks/.work/RESULTS-<what>.md)")
-    parser.add_argument("--only", choices=["sync"], help="only these rows: sync = the project-sync rows and the "
-                                                         "trivial rx run they are compared with (default 5 reps)")
+    parser.add_argument("--only", choices=["sync", "speed"],
+                        help="only these rows (default 5 reps): sync = the project-sync rows and the trivial rx run "
+                             "they are compared with; speed = cold and multiplexed ssh, rx's first, warm and "
+                             "by-value calls and whole `rx run` commands")
     parser.add_argument("--no-slurm", action="store_true", help="leave out the Slurm rows (their Docker cluster)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="benchmarks: %(message)s")

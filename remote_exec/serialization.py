@@ -94,9 +94,9 @@ class PickleSerializer:
 _SCAN = 1 << 20
 
 
-def _value_class() -> type[Any]:
-    """Build :class:`ValueUnpickler` (a subclass of _pickle's, imported only when needed)."""
-    import _pickle
+def _cloudpickle_rebuilders() -> dict[str, Any]:
+    """cloudpickle's functions that rebuild a function written by value (its code, globals, cells, the
+    modules it refers to), as cloudpickle 2.2 to 3.x define them, from the standard library."""
     import sys
     import types
 
@@ -143,9 +143,17 @@ def _value_class() -> type[Any]:
         __import__(name)
         return sys.modules[name]
 
-    rebuilders = {"_make_function": _make_function, "_builtin_type": _builtin_type,
-                  "_function_setstate": _function_setstate, "_make_empty_cell": _make_empty_cell,
-                  "_make_cell": _make_cell, "subimport": subimport}
+    return {"_make_function": _make_function, "_builtin_type": _builtin_type,
+            "_function_setstate": _function_setstate, "_make_empty_cell": _make_empty_cell,
+            "_make_cell": _make_cell, "subimport": subimport}
+
+
+def _value_class() -> type[Any]:
+    """Build :class:`ValueUnpickler` (a subclass of _pickle's, imported only when needed)."""
+    import _pickle
+    import sys
+
+    rebuilders = _cloudpickle_rebuilders()
 
     class ValueUnpickler(_pickle.Unpickler):
         """cloudpickle's rebuilders of functions, cells and module references from the standard library

@@ -58,6 +58,7 @@ def _probe_facts(host: str, stdout: bytes) -> tuple[dict[str, Any], str]:
 
 
 @app.command()
+# shape: one branch per mode of rx hosts (the list, --status, --disconnect) over typer's option list
 def hosts(
     names: Annotated[list[str] | None, typer.Argument(
         metavar="HOST", show_default=False, help="With --status: the hosts to look at (default: all).",
