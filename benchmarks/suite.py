@@ -907,7 +907,9 @@ def _phase_groups(bench: Bench) -> dict[str, list[PhaseRecord]]:
     order = []
     for backend in BACKENDS:
         order += [f"first call ({backend})", f"first call, new process ({backend})", f"warm call ({backend})",
-                  f"keep_warm call ({backend})", f"rx run, whole command ({backend})"]
+                  f"first call by value, new process ({backend})", f"warm call by value ({backend})",
+                  f"keep_warm call ({backend})", f"rx run, whole command ({backend})",
+                  f"second rx run, whole command ({backend})"]
         order += [f"{_size_name(size)} argument + result ({backend})" for size in SIZES]
     return {name: bench.phases[name] for name in order if bench.phases.get(name)}
 
