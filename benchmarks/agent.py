@@ -693,9 +693,8 @@ def first_call(config: dict[str, Any]) -> Reply:
     samples: list[float] = []
     calls: list[dict[str, Any]] = []
     order = ((hosts[1 % len(hosts)], config["workdir"] + "-process"), (hosts[0], config["workdir"]))
-    function = noop_by_value if config.get("by_value") else payload.noop
     for host, workdir in order:
-        noop = task(remote=host, backend=config["backend"], workdir=workdir)(function)
+        noop = task(remote=host, backend=config["backend"], workdir=workdir)(payload.noop)
         seconds, error = _timed_noop(noop, int(time.time() * 1000) + len(samples))
         if error is not None:
             return {"ok": False, "error": error}

@@ -97,8 +97,9 @@ def _rows() -> list[Row]:
                 f"rx warm ({backend})", lat, "ssh.mux"),
             Row(f"{rx}.warm_value", f"rx ({backend}): warm call of a `__main__` function (sent by value), process "
                                     "per call", f"rx warm, by value ({backend})", lat, "ssh.mux"),
-            Row(f"{rx}.first_value", f"rx ({backend}): first call of a new process, a `__main__` function (by "
-                                     "value), no connection open before", f"rx first call, by value ({backend})",
+            Row(f"{rx}.first_value", f"rx ({backend}): first call of a new `python -c` process, a `__main__` "
+                                     "function (by value), no connection open before, no project",
+                f"rx first call, by value ({backend})",
                 lat, "ssh.cold"),
             Row(f"{rx}.keep_warm", f"rx ({backend}): warm call with `keep_warm=True`",
                 f"rx keep_warm ({backend})", lat, "mitogen.warm"),
@@ -397,18 +398,47 @@ def _end_shared_masters(runtime: Path) -> None:
     shutil.rmtree(runtime, ignore_errors=True)
 
 
-def _rx_first(bench: Bench, backend: str, *, by_value: bool = False) -> None:
-    name = f"rx-first-{backend}" + ("-value" if by_value else "")
+#: The first call of a new process of a function defined in a `python -c` script (sent by value, no project
+#: around it), timed around the call: argv host, backend, workdir; prints the seconds.
+FIRST_VALUE_SCRIPT = """
+import sys, time
+from remote_exec import task
+
+def noop(i):
+    return i
+
+call = task(remote=sys.argv[1], backend=sys.argv[2], workdir=sys.argv[3])(noop)
+started = time.perf_counter()
+value = call(7)
+seconds = time.perf_counter() - started
+assert value == 7, value
+print(seconds)
+"""
+
+
+def _rx_first_value(bench: Bench, backend: str) -> None:
+    """The first call of a new `python -c` process whose task is a `__main__` function, to a fresh workdir,
+    no shared master open (run outside any project, as the issue measured it)."""
+    workdir = f"~/.cache/rxbench-first/{uuid.uuid4().hex}"
+    with _no_master(bench) as env:
+        env["RX_WORKSPACE"] = str(bench.run_dir / "workspaces" / f"rx-first-value-{backend}")
+        done = subprocess.run([sys.executable, "-c", FIRST_VALUE_SCRIPT, bench.hosts[0], backend, workdir],
+                              cwd=bench.control_dir, env=env, capture_output=True, text=True, timeout=90,
+                              check=False)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise ProbeError(f"first call by value: {lines[-1] if lines else done.returncode}")
+    bench.results.add(f"rx-{backend}.first_value", float(done.stdout.strip().splitlines()[-1]))
+
+
+def _rx_first(bench: Bench, backend: str) -> None:
+    name = f"rx-first-{backend}"
     config = {"ssh_config": str(bench.ssh_config), "hosts": bench.hosts, "backend": backend,
-              "workdir": f"~/.cache/rxbench-first/{uuid.uuid4().hex}", "by_value": by_value}
+              "workdir": f"~/.cache/rxbench-first/{uuid.uuid4().hex}"}
     with _no_master(bench) as env:
         env["RX_WORKSPACE"] = str(bench.run_dir / "workspaces" / name)
         reply = one_shot("rx-first", config, env=env, cwd=bench.run_dir / "agents" / name,
                          log=bench.run_dir / "logs" / f"{name}.log", timeout=90)
-    if by_value:
-        bench.results.add(f"rx-{backend}.first_value", reply["samples"][1])
-        bench.record_calls(f"first call by value, new process ({backend})", {"calls": reply["calls"][1:]})
-        return
     bench.results.add(f"rx-{backend}.first", reply["samples"][0])
     bench.results.add(f"rx-{backend}.first_process", reply["samples"][1])
     bench.record_calls(f"first call ({backend})", {"calls": reply["calls"][:1]})
@@ -569,8 +599,7 @@ def _command_probes(bench: Bench, add: Callable[..., None], backend: str) -> Non
     add(f"rx warm by value ({backend})", (f"{rx}.warm_value",),
         partial(_samples, bench, agent, f"{rx}.warm_value", "warm_value", timeout=90,
                 group=f"warm call by value ({backend})", count=bench.settings.warm_calls))
-    add(f"rx first call by value ({backend})", (f"{rx}.first_value",),
-        partial(_rx_first, bench, backend, by_value=True))
+    add(f"rx first call by value ({backend})", (f"{rx}.first_value",), partial(_rx_first_value, bench, backend))
 
 
 def _speed_probes(bench: Bench, add: Callable[..., None]) -> None:
@@ -907,7 +936,7 @@ def _phase_groups(bench: Bench) -> dict[str, list[PhaseRecord]]:
     order = []
     for backend in BACKENDS:
         order += [f"first call ({backend})", f"first call, new process ({backend})", f"warm call ({backend})",
-                  f"first call by value, new process ({backend})", f"warm call by value ({backend})",
+                  f"warm call by value ({backend})",
                   f"keep_warm call ({backend})", f"rx run, whole command ({backend})",
                   f"second rx run, whole command ({backend})"]
         order += [f"{_size_name(size)} argument + result ({backend})" for size in SIZES]
