@@ -563,10 +563,7 @@ def _probes(bench: Bench) -> list[Probe]:
     for backend in BACKENDS:
         rx = f"rx-{backend}"
         agent = bench.rx_agent(backend)
-        add(f"rx first call ({backend})", (f"{rx}.first", f"{rx}.first_process"), partial(_rx_first, bench, backend))
-        add(f"rx warm ({backend})", (f"{rx}.warm",),
-            partial(_samples, bench, agent, f"{rx}.warm", "warm", timeout=90, group=f"warm call ({backend})",
-                    count=settings.warm_calls))
+        _call_probes(bench, add, backend)
         add(f"rx keep_warm ({backend})", (f"{rx}.keep_warm",),
             partial(_samples, bench, agent, f"{rx}.keep_warm", "keep_warm", timeout=90,
                     group=f"keep_warm call ({backend})", count=settings.warm_calls))
@@ -589,6 +586,15 @@ def _probes(bench: Bench) -> list[Probe]:
     return probes
 
 
+def _call_probes(bench: Bench, add: Callable[..., None], backend: str) -> None:
+    """rx's first call (to a fresh host; of a new process) and its warm call, process per call."""
+    rx = f"rx-{backend}"
+    add(f"rx first call ({backend})", (f"{rx}.first", f"{rx}.first_process"), partial(_rx_first, bench, backend))
+    add(f"rx warm ({backend})", (f"{rx}.warm",),
+        partial(_samples, bench, bench.rx_agent(backend), f"{rx}.warm", "warm", timeout=90,
+                group=f"warm call ({backend})", count=bench.settings.warm_calls))
+
+
 def _command_probes(bench: Bench, add: Callable[..., None], backend: str) -> None:
     """The whole-command and by-value rows of issue 12 (17, 18): `rx run` first and second, a `__main__`
     function's warm call and first call of a new process."""
@@ -604,16 +610,10 @@ def _command_probes(bench: Bench, add: Callable[..., None], backend: str) -> Non
 
 def _speed_probes(bench: Bench, add: Callable[..., None]) -> None:
     """``--only speed``: the references and rx's latency rows that issue 12 (17, 18) is about."""
-    settings = bench.settings
     add("ssh cold", ("ssh.cold",), partial(_ssh_cold, bench))
     add("ssh multiplexed", ("ssh.mux",), partial(_ssh_mux, bench))
     for backend in BACKENDS:
-        rx = f"rx-{backend}"
-        agent = bench.rx_agent(backend)
-        add(f"rx first call ({backend})", (f"{rx}.first", f"{rx}.first_process"), partial(_rx_first, bench, backend))
-        add(f"rx warm ({backend})", (f"{rx}.warm",),
-            partial(_samples, bench, agent, f"{rx}.warm", "warm", timeout=90, group=f"warm call ({backend})",
-                    count=settings.warm_calls))
+        _call_probes(bench, add, backend)
         _command_probes(bench, add, backend)
     add("python -c pass", ("startup.python",), partial(_python_start, bench))
     add("rx --help", ("startup.help",), partial(_rx_help, bench))
