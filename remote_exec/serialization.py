@@ -2,8 +2,9 @@
 
 This module travels to the remote (standard library only at import; cloudpickle is imported only when a
 value needs it). :class:`PickleSerializer` writes with cloudpickle, which pickles importable functions and
-classes by reference, so the runner loads most payloads with the plain :mod:`pickle` module and imports
-cloudpickle only for closures, lambdas and ``__main__`` code.
+classes by reference, so the runner loads most payloads with the plain :mod:`pickle` module; closures,
+lambdas and ``__main__`` functions, written by value, are rebuilt by :class:`ValueUnpickler` with the
+standard library, and only classes written by value import cloudpickle.
 
 :class:`JsonSerializer` is for values that must stay readable and portable: JSON plus value serializers
 for tuples, namedtuples, sets, bytes, exceptions and any object with ``serialized()`` /
