@@ -155,6 +155,12 @@ KNOWN_LIMITS = [
     "above show), and it ends by itself once idle for its `ControlPersist` time. `rx hosts --disconnect` ends "
     "them at once; `RX_SSH_PERSIST=0` gives each rx a master of its own, stopped when it exits (after a "
     "`kill -9`, that one too ends 300 s after its last use). paramiko's connection ends with its process.",
+    "- **A changed host key is checked by the next new connection, not by a shared master already up** "
+    "(OpenSSH backend): the master's connection was verified when it was made and, being encrypted and "
+    "authenticated end to end, keeps serving the host it reached, as OpenSSH's own `ControlPersist` does; "
+    "`rx hosts --disconnect HOST` makes the next rx connect (and check) afresh "
+    "(tests/integration/test_shared_master.py). The fault scenarios run with `RX_SSH_PERSIST=0`: each rx "
+    "opens its own connection, as they assume.",
 ]
 
 

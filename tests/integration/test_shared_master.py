@@ -22,6 +22,8 @@ pytest.register_assert_rewrite("remote_support")
 
 from remote_support import HOST, Remote  # noqa: E402
 
+from testbed import TestbedHost, regenerate_host_keys  # noqa: E402
+
 pytest_plugins = ["remote_support"]
 
 
@@ -55,7 +57,7 @@ def run_twice(remote: Remote, env: dict[str, str]) -> tuple[subprocess.Completed
 def test_a_second_rx_run_uses_the_master_the_first_left(remote: Remote, runtime_dir: Path) -> None:
     if remote.backend != "openssh":
         pytest.skip("paramiko's connection lives and ends with its process")
-    env = {"XDG_RUNTIME_DIR": str(runtime_dir)}
+    env = {"XDG_RUNTIME_DIR": str(runtime_dir), "RX_SSH_PERSIST": "300"}
     (remote.project / "hi.py").write_text("print('hi')\n")
 
     first = remote.rx("run", "--remote", HOST, "hi.py", env=env)
@@ -86,7 +88,7 @@ def test_a_second_rx_run_uses_the_master_the_first_left(remote: Remote, runtime_
 def test_a_dead_master_is_replaced_before_use(remote: Remote, runtime_dir: Path) -> None:
     if remote.backend != "openssh":
         pytest.skip("openssh only")
-    env = {"XDG_RUNTIME_DIR": str(runtime_dir)}
+    env = {"XDG_RUNTIME_DIR": str(runtime_dir), "RX_SSH_PERSIST": "300"}
     first, _ = run_twice(remote, env)
     assert first.returncode == 0, first.stderr
     [socket_path] = sockets(runtime_dir)
@@ -110,3 +112,50 @@ def test_rx_ssh_persist_0_leaves_no_master(remote: Remote, runtime_dir: Path) ->
     first, second = run_twice(remote, env)
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert sockets(runtime_dir) == []  # each rx had a master of its own, stopped when it exited
+
+
+def test_the_users_own_master_is_used_only_when_their_ssh_config_asks(remote: Remote, runtime_dir: Path) -> None:
+    if remote.backend != "openssh":
+        pytest.skip("openssh only")
+    env = {"XDG_RUNTIME_DIR": str(runtime_dir), "RX_SSH_PERSIST": "300"}
+    own = runtime_dir / "own-master"
+    config = remote.project / "ssh_config_with_master"
+    config.write_text(f"Host {HOST}\n    ControlMaster auto\n    ControlPath {own}\n\n"
+                      + Path(remote.env["RX_SSH_CONFIG"]).read_text())
+    (remote.project / "hi.py").write_text("print('hi')\n")
+    started = subprocess.run(["ssh", "-F", str(config), "-o", "ControlPersist=60", "-f", "-N", HOST],
+                             capture_output=True, text=True, timeout=30, check=False)
+    assert started.returncode == 0, started.stderr
+    try:
+        pid = master_pid(own)
+        done = remote.rx("-vv", "run", "--remote", HOST, "--ssh-config", str(config), "hi.py", env=env)
+        assert done.returncode == 0 and done.stdout == "hi\n", done.stderr
+        assert "using the master of your ssh_config" in done.stderr
+        assert sockets(runtime_dir) == [] and master_pid(own) == pid  # none of rx's own; theirs left running
+    finally:
+        subprocess.run(["ssh", "-S", str(own), "-O", "exit", "x"], capture_output=True, timeout=10, check=False)
+
+    # without a master of theirs up, rx opens its own (it never starts one at the user's ControlPath)
+    again = remote.rx("run", "--remote", HOST, "--ssh-config", str(config), "hi.py", env=env)
+    assert again.returncode == 0, again.stderr
+    assert len(sockets(runtime_dir)) == 1 and not own.exists()
+
+
+def test_a_changed_host_key_is_checked_by_the_next_connection(remote: Remote, runtime_dir: Path,
+                                                              dedicated_host: TestbedHost) -> None:
+    """A master's connection was verified when it was made and keeps serving; the next connection (after
+    the master ends, or rx hosts --disconnect) checks the host key again and refuses a changed one."""
+    if remote.backend != "openssh":
+        pytest.skip("openssh only")
+    env = {"XDG_RUNTIME_DIR": str(runtime_dir), "RX_SSH_PERSIST": "300"}
+    (remote.project / "hi.py").write_text("print('hi')\n")
+    assert remote.rx("run", "--remote", dedicated_host.alias, "hi.py", env=env).returncode == 0
+
+    regenerate_host_keys(dedicated_host)
+    over_the_master = remote.rx("run", "--remote", dedicated_host.alias, "hi.py", env=env)
+    assert over_the_master.returncode == 0, over_the_master.stderr  # the connection made before the change
+
+    assert remote.rx("hosts", "--disconnect", dedicated_host.alias, env=env).returncode == 0
+    refused = remote.rx("run", "--remote", dedicated_host.alias, "hi.py", env=env)
+    assert refused.returncode == 255, refused.stderr
+    assert dedicated_host.alias in refused.stderr and "Traceback" not in refused.stderr
