@@ -5,12 +5,14 @@ What counts as used when:
 
 - a tree: its manifest's modification time (touched when a call uses it, at most hourly); the blobs no
   other kept tree names go with it. A tree used within the last hour is kept (a run may be making its
-  snapshot from it);
+  snapshot from it), and so is a tree a run directory not yet done names (a scheduler's job, queued for
+  days maybe, whose runner makes its snapshot when the job starts);
 - a pooled snapshot (``snapshots/<project>/...``): its modification time (set when a run left it there);
   a run that takes one owns it (it is no longer in the pool);
 - an archive: its directory's modification time; an archive a live process was started from (its sha256
   on a command line, read from /proc) is kept whatever its age: a running task imports from it;
-- a run directory the pull limit left on the host (its files over the limit stay there): kept while its
+- a run directory the pull limit left on the host (its files over the limit stay there), or a job's or a
+  detached run's that nobody collected (queued, ended or done; never running): kept while its
   ``.rx/lock`` is held or for ``days`` after it was last touched; other run directories are the sweep's
   (:func:`.rundir.sweep_runs`: those of runners that died);
 - temporaries (``tmp/``, half-written manifests) and blobs no tree names: removed after a day.
@@ -160,6 +162,14 @@ class _Store:
             for name in _listdir(os.path.join(cache_dir, "snapshots", project)):
                 path = os.path.join(cache_dir, "snapshots", project, name)
                 self.snapshots[f"{project}/{name}"] = (_mtime(path), _size_of(path))
+        self.statuses = {name: read_status(os.path.join(cache_dir, "runs", name))
+                         for name in _listdir(os.path.join(cache_dir, "runs"))}
+
+    @property
+    def waiting(self) -> set[str]:
+        """The trees that runs not yet done will make their snapshots of (a queued job's)."""
+        return {str(status["tree"]) for status in self.statuses.values()
+                if status.get("tree") and status.get("state") != "done"}
 
     def _tree(self, name: str) -> None:
         path = os.path.join(self.cache_dir, "trees", name)
@@ -196,7 +206,7 @@ def _evict(store: _Store, plan: _Plan, limit: int, days: float, in_use: set[str]
     now = store.now
     candidates = []  # (last use, kind, name)
     for name, (used, _) in store.trees.items():
-        if now - used > _GRACE:
+        if now - used > _GRACE and name not in store.waiting:
             candidates.append((used, "tree", name))
     for name, (used, _) in store.snapshots.items():
         candidates.append((used, "snapshot", name))
@@ -240,11 +250,23 @@ def _leftovers(store: _Store, plan: _Plan, days: float) -> None:
         if not store.refs.get(blob) and now - _mtime(path) > DAY:
             plan.remove("blob", path, size, "named by no tree")
             del store.blobs[blob]
-    for name in _listdir(os.path.join(cache_dir, "runs")):
+    for name, status in list(store.statuses.items()):
         path = os.path.join(cache_dir, "runs", name)
-        if (read_status(path).get("over_limit") and _locked(path) is not True
-                and now - _mtime(os.path.join(path, PRIVATE)) > days * DAY):
-            plan.remove("run", path, _size_of(path), f"kept by the pull limit, untouched for {days:g} days")
+        reason = _forgotten(status, days)
+        if reason and _locked(path) is not True and now - _mtime(os.path.join(path, PRIVATE)) > days * DAY:
+            plan.remove("run", path, _size_of(path), reason)
+            del store.statuses[name]
+
+
+def _forgotten(status: dict[str, Any], days: float) -> str | None:
+    """Why a run directory is the collector's once untouched for ``days`` (None: it is not). Files kept by
+    the pull limit; a job's or a detached run's that nobody collected (no ``rx attach``), unless it runs.
+    Other run directories are the sweep's (:func:`.rundir.sweep_runs`)."""
+    if status.get("over_limit"):
+        return f"kept by the pull limit, untouched for {days:g} days"
+    if (status.get("queued") or status.get("detached")) and status.get("state") in ("queued", "ended", "done"):
+        return f"a {'job' if status.get('queued') else 'detached run'} nobody collected, untouched for {days:g} days"
+    return None
 
 
 def collect(cache_dir: str, limit: int, days: float, *, dry_run: bool = False) -> dict[str, Any]:
