@@ -43,6 +43,12 @@ def _payload() -> Any:
     return importlib.import_module("rxbench_payload")
 
 
+def noop_by_value(i: int) -> int:
+    """The trivial task as a user's script defines it: this module runs as ``__main__`` (``python -m
+    benchmarks.agent``), so rx sends this function by value (cloudpickle), not by reference."""
+    return i
+
+
 def _timed_noop(function: Any, argument: int) -> tuple[float, str | None]:
     """Seconds one call of ``function(argument)`` took, and an error if it did not return its argument."""
     started = time.perf_counter()
@@ -428,6 +434,8 @@ class RxDriver(Driver):
         self.payload = _payload()
         self.counter = int(time.time() * 1000) * 1000
         self.noops = {host: task(remote=host, backend=self.backend)(self.payload.noop) for host in self.hosts}
+        self.value_noop = task(remote=self.host, backend=self.backend)(noop_by_value)
+        self.value_warmed = False
         self.echo = task(remote=self.host, backend=self.backend)(self.payload.echo)
         self.warmed: set[str] = set()
         self.keep_warm: Any = None
@@ -481,6 +489,14 @@ class RxDriver(Driver):
     def op_warm(self, count: int) -> Reply:
         self._warm(self.host)
         return self._timed_calls(self.noops[self.host], count)
+
+    def op_warm_value(self, count: int) -> Reply:
+        """Warm calls of a ``__main__`` function (by value), process per call."""
+        if not self.value_warmed:
+            self.value_noop(self._next())
+            self.value_warmed = True
+            self._new_phases()
+        return self._timed_calls(self.value_noop, count)
 
     def _check_keep_warm(self) -> None:
         """Find out whether ``keep_warm=True`` gives a persistent worker: two calls, the same remote process

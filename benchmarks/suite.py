@@ -95,10 +95,19 @@ def _rows() -> list[Row]:
                 f"rx first call, new process ({backend})", lat, "ssh.cold"),
             Row(f"{rx}.warm", f"rx ({backend}): warm call, unchanged code, process per call",
                 f"rx warm ({backend})", lat, "ssh.mux"),
+            Row(f"{rx}.warm_value", f"rx ({backend}): warm call of a `__main__` function (sent by value), process "
+                                    "per call", f"rx warm, by value ({backend})", lat, "ssh.mux"),
+            Row(f"{rx}.first_value", f"rx ({backend}): first call of a new `python -c` process, a `__main__` "
+                                     "function (by value), no connection open before, no project",
+                f"rx first call, by value ({backend})",
+                lat, "ssh.cold"),
             Row(f"{rx}.keep_warm", f"rx ({backend}): warm call with `keep_warm=True`",
                 f"rx keep_warm ({backend})", lat, "mitogen.warm"),
-            Row(f"{rx}.run", f"`rx run` of a trivial script, whole command ({backend}, wall)",
-                f"rx run ({backend})", lat, "ssh.cold"),
+            Row(f"{rx}.run", f"`rx run` of a trivial script, whole command, no connection open before "
+                             f"({backend}, wall)", f"rx run ({backend})", lat, "ssh.cold"),
+            Row(f"{rx}.run_second", f"`rx run` of a trivial script, whole command, right after another one "
+                                    f"({backend}, wall; OpenSSH: over the master the first left)",
+                f"second rx run ({backend})", lat, "ssh.cold"),
             Row(f"{rx}.hosts_parallel", f"rx ({backend}): the warm call on 4 hosts at once (threads), wall",
                 f"4 hosts at once ({backend})", lat, f"{rx}.warm"),
             Row(f"{rx}.hosts_serial", f"rx ({backend}): the warm call on 4 hosts one after another, wall",
@@ -158,6 +167,17 @@ TARGETS = [
     Target("first call ≤ 0.7x cold ssh (paramiko)", "rx-paramiko.first", "ssh.cold", 0.7),
     Target("warm call, process per call ≤ 1.5x multiplexed ssh (OpenSSH)", "rx-openssh.warm", "ssh.mux", 1.5),
     Target("warm call, process per call ≤ 1.5x multiplexed ssh (paramiko)", "rx-paramiko.warm", "ssh.mux", 1.5),
+    Target("first `rx run` ≤ 1.3x cold ssh (OpenSSH)", "rx-openssh.run", "ssh.cold", 1.3),
+    Target("second `rx run` within the persist window ≤ 0.6x cold ssh (OpenSSH)", "rx-openssh.run_second",
+           "ssh.cold", 0.6),
+    Target("warm call by value, process per call ≤ 1.5x multiplexed ssh (OpenSSH)", "rx-openssh.warm_value",
+           "ssh.mux", 1.5),
+    Target("warm call by value, process per call ≤ 1.5x multiplexed ssh (paramiko)", "rx-paramiko.warm_value",
+           "ssh.mux", 1.5),
+    Target("first call by value of a new process ≤ 1.1x cold ssh (OpenSSH)", "rx-openssh.first_value", "ssh.cold",
+           1.1),
+    Target("first call by value of a new process ≤ 0.8x cold ssh (paramiko)", "rx-paramiko.first_value",
+           "ssh.cold", 0.8),
     Target("keep_warm warm call ≤ 1 ms median (OpenSSH)", "rx-openssh.keep_warm", None, 0.001),
     Target("keep_warm warm call ≤ 1 ms median (paramiko)", "rx-paramiko.keep_warm", None, 0.001),
     Target("keep_warm warm call no slower than mitogen's warm call (OpenSSH)", "rx-openssh.keep_warm",
@@ -362,13 +382,66 @@ def _samples(bench: Bench, agent: Agent, key: str, op: str, *, timeout: float, g
         bench.record_calls(group, reply)
 
 
+@contextlib.contextmanager
+def _no_master(bench: Bench) -> Iterator[dict[str, str]]:
+    """An environment whose rx finds no shared ssh master (a fresh XDG_RUNTIME_DIR); what it opened is
+    ended afterwards (untimed), so a "first" row always pays its connection."""
+    runtime = Path(tempfile.mkdtemp(prefix="x", dir=bench.control_dir))
+    try:
+        yield dict(bench.env, XDG_RUNTIME_DIR=str(runtime))
+    finally:
+        _end_shared_masters(runtime)
+
+
+def _end_shared_masters(runtime: Path) -> None:
+    for socket_path in (runtime / "rx-ssh").glob("m-*"):
+        if not socket_path.name.endswith(".lock"):
+            subprocess.run(["ssh", "-S", str(socket_path), "-O", "exit", "x"], stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=30, check=False)
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+#: The first call of a new process of a function defined in a `python -c` script (sent by value, no project
+#: around it), timed around the call: argv host, backend, workdir; prints the seconds.
+FIRST_VALUE_SCRIPT = """
+import sys, time
+from remote_exec import task
+
+def noop(i):
+    return i
+
+call = task(remote=sys.argv[1], backend=sys.argv[2], workdir=sys.argv[3])(noop)
+started = time.perf_counter()
+value = call(7)
+seconds = time.perf_counter() - started
+assert value == 7, value
+print(seconds)
+"""
+
+
+def _rx_first_value(bench: Bench, backend: str) -> None:
+    """The first call of a new `python -c` process whose task is a `__main__` function, to a fresh workdir,
+    no shared master open (run outside any project, as the issue measured it)."""
+    workdir = f"~/.cache/rxbench-first/{uuid.uuid4().hex}"
+    with _no_master(bench) as env:
+        env["RX_WORKSPACE"] = str(bench.run_dir / "workspaces" / f"rx-first-value-{backend}")
+        done = subprocess.run([sys.executable, "-c", FIRST_VALUE_SCRIPT, bench.hosts[0], backend, workdir],
+                              cwd=bench.control_dir, env=env, capture_output=True, text=True, timeout=90,
+                              check=False)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise ProbeError(f"first call by value: {lines[-1] if lines else done.returncode}")
+    bench.results.add(f"rx-{backend}.first_value", float(done.stdout.strip().splitlines()[-1]))
+
+
 def _rx_first(bench: Bench, backend: str) -> None:
     name = f"rx-first-{backend}"
     config = {"ssh_config": str(bench.ssh_config), "hosts": bench.hosts, "backend": backend,
               "workdir": f"~/.cache/rxbench-first/{uuid.uuid4().hex}"}
-    env = dict(bench.env, RX_WORKSPACE=str(bench.run_dir / "workspaces" / name))
-    reply = one_shot("rx-first", config, env=env, cwd=bench.run_dir / "agents" / name,
-                     log=bench.run_dir / "logs" / f"{name}.log", timeout=90)
+    with _no_master(bench) as env:
+        env["RX_WORKSPACE"] = str(bench.run_dir / "workspaces" / name)
+        reply = one_shot("rx-first", config, env=env, cwd=bench.run_dir / "agents" / name,
+                         log=bench.run_dir / "logs" / f"{name}.log", timeout=90)
     bench.results.add(f"rx-{backend}.first", reply["samples"][0])
     bench.results.add(f"rx-{backend}.first_process", reply["samples"][1])
     bench.record_calls(f"first call ({backend})", {"calls": reply["calls"][:1]})
@@ -376,8 +449,22 @@ def _rx_first(bench: Bench, backend: str) -> None:
 
 
 def _rx_run(bench: Bench, backend: str) -> None:
-    seconds = run_timed(_rx_run_argv(bench, backend), timeout=60, cwd=bench.run_dir / "rxrun", env=bench.env)
+    with _no_master(bench) as env:
+        seconds = run_timed(_rx_run_argv(bench, backend), timeout=60, cwd=bench.run_dir / "rxrun", env=env)
     bench.results.add(f"rx-{backend}.run", seconds)
+    _record_run_phases(bench, backend, seconds, f"rx run, whole command ({backend})")
+
+
+def _rx_run_second(bench: Bench, backend: str) -> None:
+    """An untimed ``rx run``, then the timed one right after it (within any persist window)."""
+    with _no_master(bench) as env:
+        run_timed(_rx_run_argv(bench, backend), timeout=60, cwd=bench.run_dir / "rxrun", env=env)
+        seconds = run_timed(_rx_run_argv(bench, backend), timeout=60, cwd=bench.run_dir / "rxrun", env=env)
+    bench.results.add(f"rx-{backend}.run_second", seconds)
+    _record_run_phases(bench, backend, seconds, f"second rx run, whole command ({backend})")
+
+
+def _record_run_phases(bench: Bench, backend: str, seconds: float, group: str) -> None:
     from remote_exec.workspace import Workspace
     from remote_exec.workspace.state import duration
 
@@ -388,7 +475,7 @@ def _rx_run(bench: Bench, backend: str) -> None:
             took = duration(action.get("started"), action.get("finished"))
             if took is not None:
                 phases[str(action["name"])] = phases.get(str(action["name"]), 0.0) + took
-        bench.phases.setdefault(f"rx run, whole command ({backend})", []).append(PhaseRecord(seconds, phases))
+        bench.phases.setdefault(group, []).append(PhaseRecord(seconds, phases))
 
 
 def _rx_hosts(bench: Bench, agent: Agent, backend: str) -> None:
@@ -444,6 +531,9 @@ def _probes(bench: Bench) -> list[Probe]:
     def add(name: str, rows: tuple[str, ...], run: Callable[[], None], every: int = 1) -> None:
         probes.append(Probe(name, rows, run, every))
 
+    if settings.only == "speed":
+        _speed_probes(bench, add)
+        return probes
     if settings.only == "pool":
         _fanout_probes(bench, add)
         return probes
@@ -479,14 +569,11 @@ def _probes(bench: Bench) -> list[Probe]:
     for backend in BACKENDS:
         rx = f"rx-{backend}"
         agent = bench.rx_agent(backend)
-        add(f"rx first call ({backend})", (f"{rx}.first", f"{rx}.first_process"), partial(_rx_first, bench, backend))
-        add(f"rx warm ({backend})", (f"{rx}.warm",),
-            partial(_samples, bench, agent, f"{rx}.warm", "warm", timeout=90, group=f"warm call ({backend})",
-                    count=settings.warm_calls))
+        _call_probes(bench, add, backend)
         add(f"rx keep_warm ({backend})", (f"{rx}.keep_warm",),
             partial(_samples, bench, agent, f"{rx}.keep_warm", "keep_warm", timeout=90,
                     group=f"keep_warm call ({backend})", count=settings.warm_calls))
-        add(f"rx run ({backend})", (f"{rx}.run",), partial(_rx_run, bench, backend))
+        _command_probes(bench, add, backend)
         add(f"rx 4 hosts ({backend})", (f"{rx}.hosts_parallel", f"{rx}.hosts_serial", f"{rx}.hosts_parallel_kw"),
             partial(_rx_hosts, bench, agent, backend))
         for size in SIZES:
@@ -503,6 +590,39 @@ def _probes(bench: Bench) -> list[Probe]:
         partial(_importtime, bench, "startup.importtime_help", ("-m", "remote_exec", "--help")))
     add("rx --help", ("startup.help",), partial(_rx_help, bench))
     return probes
+
+
+def _call_probes(bench: Bench, add: Callable[..., None], backend: str) -> None:
+    """rx's first call (to a fresh host; of a new process) and its warm call, process per call."""
+    rx = f"rx-{backend}"
+    add(f"rx first call ({backend})", (f"{rx}.first", f"{rx}.first_process"), partial(_rx_first, bench, backend))
+    add(f"rx warm ({backend})", (f"{rx}.warm",),
+        partial(_samples, bench, bench.rx_agent(backend), f"{rx}.warm", "warm", timeout=90,
+                group=f"warm call ({backend})", count=bench.settings.warm_calls))
+
+
+def _command_probes(bench: Bench, add: Callable[..., None], backend: str) -> None:
+    """The whole-command and by-value rows of issue 12 (17, 18): `rx run` first and second, a `__main__`
+    function's warm call and first call of a new process."""
+    rx = f"rx-{backend}"
+    agent = bench.rx_agent(backend)
+    add(f"rx run ({backend})", (f"{rx}.run",), partial(_rx_run, bench, backend))
+    add(f"second rx run ({backend})", (f"{rx}.run_second",), partial(_rx_run_second, bench, backend))
+    add(f"rx warm by value ({backend})", (f"{rx}.warm_value",),
+        partial(_samples, bench, agent, f"{rx}.warm_value", "warm_value", timeout=90,
+                group=f"warm call by value ({backend})", count=bench.settings.warm_calls))
+    add(f"rx first call by value ({backend})", (f"{rx}.first_value",), partial(_rx_first_value, bench, backend))
+
+
+def _speed_probes(bench: Bench, add: Callable[..., None]) -> None:
+    """``--only speed``: the references and rx's latency rows that issue 12 (17, 18) is about."""
+    add("ssh cold", ("ssh.cold",), partial(_ssh_cold, bench))
+    add("ssh multiplexed", ("ssh.mux",), partial(_ssh_mux, bench))
+    for backend in BACKENDS:
+        _call_probes(bench, add, backend)
+        _command_probes(bench, add, backend)
+    add("python -c pass", ("startup.python",), partial(_python_start, bench))
+    add("rx --help", ("startup.help",), partial(_rx_help, bench))
 
 
 def _fanout_probes(bench: Bench, add: Callable[..., None]) -> None:
@@ -631,11 +751,16 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
         # rx as it is now, copied: edits to the tree while the run goes on do not mix versions into it.
         source = run_dir / "src"
         shutil.copytree(REPO / "remote_exec", source / "remote_exec", ignore=shutil.ignore_patterns("__pycache__"))
+        # compiled as an installation is (pip writes the .pyc files): start-up is not measured compiling
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(source / "remote_exec")],
+                       stdout=subprocess.DEVNULL, check=False, timeout=300)
         sys.path.insert(0, str(source))
         pythonpath = os.pathsep.join(filter(None, [str(source), str(REPO), str(PAYLOAD_DIR),
                                                    os.environ.get("PYTHONPATH")]))
+        # XDG_RUNTIME_DIR: the run's own shared ssh masters (the "first" rows each get a fresh one)
         env = dict(os.environ, PYTHONPATH=pythonpath, RX_SSH_CONFIG=str(bed.ssh_config),
-                   RX_CACHE_DIR=str(run_dir / "cache"), RX_WORKSPACE=str(run_dir / "workspaces" / "default"))
+                   RX_CACHE_DIR=str(run_dir / "cache"), RX_WORKSPACE=str(run_dir / "workspaces" / "default"),
+                   XDG_RUNTIME_DIR=str(control_dir))
         env.pop("RX_BACKEND", None)
         bench = Bench(settings=settings, run_dir=run_dir, state_dir=state_dir, ssh_config=bed.ssh_config, hosts=hosts,
                       control_dir=control_dir, blob=run_dir / "blob-100mb", env=env, rx_command=_rx_command())
@@ -647,7 +772,7 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
         rxrun.mkdir()
         (rxrun / "trivial.py").write_text("x = 1\n", encoding="utf-8")
         (rxrun / "pyproject.toml").write_text("", encoding="utf-8")  # a project of its own, not the repository
-        if settings.only != "pool":
+        if settings.only not in ("speed", "pool"):
             print("benchmarks: generating the 10,000-file / 300 MB project", file=sys.stderr)
             bench.sync = SyncRig.create(run_dir / "sync", hosts[0], ssh=bench.ssh,
                                         ssh_options=bench.ssh()[1:], rx=partial(_rx_argv, bench), env=env,
@@ -667,6 +792,7 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
                 with contextlib.suppress(Exception):
                     bench.sync.cleanup()
             _close_masters(bench)
+        _end_shared_masters(control_dir)
         shutil.rmtree(control_dir, ignore_errors=True)
         with contextlib.suppress(Exception):
             testbed.down(state_dir=state_dir)
@@ -816,7 +942,9 @@ def _phase_groups(bench: Bench) -> dict[str, list[PhaseRecord]]:
     order = []
     for backend in BACKENDS:
         order += [f"first call ({backend})", f"first call, new process ({backend})", f"warm call ({backend})",
-                  f"keep_warm call ({backend})", f"rx run, whole command ({backend})"]
+                  f"warm call by value ({backend})",
+                  f"keep_warm call ({backend})", f"rx run, whole command ({backend})",
+                  f"second rx run, whole command ({backend})"]
         order += [f"{_size_name(size)} argument + result ({backend})" for size in SIZES]
     return {name: bench.phases[name] for name in order if bench.phases.get(name)}
 
@@ -834,6 +962,11 @@ def _startup_text(results: Results) -> str:
     return "\n".join(lines) + "\n"
 
 
+_SPEED_ROWS = {"ssh.cold", "ssh.mux", "startup.python", "startup.help",
+               *(f"rx-{backend}.{kind}" for backend in BACKENDS
+                 for kind in ("first", "first_process", "warm", "run", "run_second", "warm_value", "first_value"))}
+
+
 def render(bench: Bench, *, duration: float, load: tuple[tuple[float, ...], tuple[float, ...]]) -> str:
     """RESULTS.md: when and where, the tables, the targets, rx's phases, start-up, failures."""
     settings = bench.settings
@@ -842,6 +975,9 @@ def render(bench: Bench, *, duration: float, load: tuple[tuple[float, ...], tupl
     if settings.only == "sync":
         rows = [row for row in ROWS if row.section in (FIRST, LATER) or row.key.endswith(".run")]
         targets = sync_targets(BACKENDS)
+    elif settings.only == "speed":
+        rows = [row for row in ROWS if row.key in _SPEED_ROWS]
+        targets = [target for target in TARGETS if target.row in _SPEED_ROWS]
     elif settings.only == "pool":
         rows = [row for row in ROWS if row.key.endswith(POOL_ROWS)]
         targets = [target for target in TARGETS if target.row.endswith(POOL_ROWS)]
@@ -849,7 +985,8 @@ def render(bench: Bench, *, duration: float, load: tuple[tuple[float, ...], tupl
            "Generated by `nox -s bench` (`python -m benchmarks`); see `benchmarks/README.md` for what each row "
            "measures.\n",
            f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-           f"- Run: {'quick (smoke) run' if settings.quick else 'full run'}, {settings.reps} repetitions "
+           f"- Run: {'quick (smoke)' if settings.quick else f'--only {settings.only}' if settings.only else 'full'}"
+           f" run, {settings.reps} repetitions "
            f"(round-robin), {settings.warm_calls} calls per warm-call request; bandsaw and rx's 10 MB rows every "
            f"{settings.medium_every}, the other 100 MB rows and the peers' 10 MB rows every {settings.heavy_every} "
            f"repetitions, the peers' 100 MB rows once; {duration / 60:.1f} min",
@@ -885,9 +1022,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, help="repetitions (default 20; --quick: 2)")
     parser.add_argument("--out", type=Path, help="where to write the results (default benchmarks/RESULTS.md; "
                                                  "quick or --only: benchmarks/.work/RESULTS-<what>.md)")
-    parser.add_argument("--only", choices=["sync", "pool"],
+    parser.add_argument("--only", choices=["sync", "speed", "pool"],
                         help="only these rows (default 5 reps): sync = the project-sync rows and the trivial rx run "
-                             "they are compared with; pool = the fan-out rows (Executor.map, the peers, 4 hosts)")
+                             "they are compared with; speed = cold and multiplexed ssh, rx's first, warm and "
+                             "by-value calls and whole `rx run` commands; pool = the fan-out rows (Executor.map, "
+                             "the peers, 4 hosts)")
     parser.add_argument("--no-slurm", action="store_true", help="leave out the Slurm rows (their Docker cluster)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="benchmarks: %(message)s")
@@ -900,7 +1039,7 @@ def main(argv: list[str] | None = None) -> int:
         warm_calls=3 if quick else 5,
         medium_every=2,
         heavy_every=2 if quick else 4,
-        hosts=1 if only == "sync" else 4,
+        hosts=1 if only == "sync" else 2 if only == "speed" else 4,  # speed: a fresh host for the first call
         out=args.out or default_out,
         only=only,
     )

@@ -45,7 +45,7 @@ from .config import (
     find_pyproject,
     parse_size,
 )
-from .errors import LocalDiskFull, SerializationError
+from .errors import LocalDiskFull, SerializationError, printable
 from .hints import arguments_hint, import_hint
 from .jobs import Jobs, job_options
 from .launchers.base import Launcher
@@ -489,7 +489,8 @@ class Coordinator:
                         hint=_hint(session, exception, outcome.result.host or "the host", python, sources),
                         function=task.function if task.kind == "function" else None)
         if task.kind != "function" and (text or outcome.result.traceback):
-            recorder.stderr((text or outcome.result.traceback or "").encode())
+            # the host wrote the exception's message and frames: escaped before they reach a terminal
+            recorder.stderr(printable(text or outcome.result.traceback or "", lines=True).encode())
 
     def task_recorder(self, session: Session, target: Target, session_bytes: bytes) -> CallRecorder:
         """The recorder of one ``@task`` call: a task entry of its process's run."""

@@ -11,7 +11,7 @@ This module travels to the remote: standard library only at import time.
 from __future__ import annotations
 
 from .errors import Cancelled, CommandTimeout, RemoteError, RemoteTraceback, RunnerError, SessionError
-from .serialization import get_serializer
+from .serialization import PickleSerializer, get_serializer
 from .task import Execution, Record, Task
 
 TYPE_CHECKING = False  # typing is not imported at run time: the runner loads this module on every call
@@ -152,7 +152,7 @@ def _task_section(task: Task) -> tuple[bytes, bytes]:
     section: tuple[bytes, bytes] | None = getattr(task, "wire_section", None)
     if section is not None:
         return section
-    from .serialization import MARSHAL_VERSION, PickleSerializer
+    from .serialization import MARSHAL_VERSION
     from .task import by_reference
 
     reference = (by_reference(task.function) if task.kind == "function" and task.function is not None
@@ -189,7 +189,7 @@ def _tagged(tag: bytes, body: Any, what: str) -> Any:
         import _pickle
 
         try:
-            return _pickle.loads(body)
+            return PickleSerializer().loads(body)  # a function by value without importing cloudpickle
         except (ValueError, EOFError, _pickle.UnpicklingError) as exc:
             raise SessionError(f"damaged session ({what}): {exc}") from exc
     raise SessionError(f"damaged session ({what}): unknown encoding {tag!r}")

@@ -8,16 +8,19 @@ How it works:
   ``-o UserKnownHostsFile=``). The result is cached per backend as a
   :class:`~remote_exec.backends.ssh.ResolvedHost` (the record the paramiko backend builds too); connecting
   still goes through ``ssh`` with the same arguments, so what works on the command line works here.
-* **One master per host.** The first call starts ``ssh -M -N -o ControlPersist=<idle>`` with its control
-  socket in a private directory (``mkdtemp``, mode 0700, a short path because unix socket paths are
-  limited to ~104 bytes). The master backgrounds itself once authenticated; its stderr goes to an
-  anonymous temporary file, never to a pipe of ours (a backgrounded master that inherits a pipe keeps it open and a
-  reader waiting for end of file hangs). Every later command, ``put`` and ``get`` is a client of that
-  master (``ControlMaster=no``), about 10 ms instead of ~200 ms for a fresh connection. ``close()`` and
-  interpreter exit send ``ssh -O exit``; the idle ``ControlPersist`` ends a master whose coordinator was
-  killed with SIGKILL. A master that died (link lost, idle timeout) is noticed before the next call, which
-  opens a new one. Clients carry a ``ProxyCommand`` that only prints a marker and fails, so a client never
-  quietly opens a connection of its own when the master is gone.
+* **One master per host, shared.** The first call starts ``ssh -M -N -o ControlPersist=<idle>`` with its control
+  socket in the user's private directory under a digest of the connection's settings, where the next ``rx``
+  finds it and uses it (:mod:`~remote_exec.backends.controlpath`: alive-checked, a ``flock`` between two that
+  connect at once, ``RX_SSH_PERSIST`` idle seconds). With ``RX_SSH_PERSIST=0`` or no safe directory, the master
+  is this process's own, in a ``mkdtemp`` directory (mode 0700, a short path because unix socket paths are
+  limited to ~104 bytes). The master backgrounds itself once authenticated; its stderr goes to an anonymous
+  temporary file, never to a pipe of ours (a backgrounded master that inherits a pipe keeps it open and a reader
+  waiting for end of file hangs). Every later command, ``put`` and ``get`` is a client of that master
+  (``ControlMaster=no``), about 10 ms instead of ~200 ms for a fresh connection. A process's own master is ended
+  by ``close()`` and interpreter exit (``ssh -O exit``); a shared one, and one whose coordinator was killed with
+  SIGKILL, by its idle ``ControlPersist``. A master that died (link lost, idle timeout) is noticed before the
+  next call, which opens a new one. Clients carry a ``ProxyCommand`` that only prints a marker and fails, so a
+  client never quietly opens a connection of its own when the master is gone.
 * **Processes.** A command runs as ``ssh ... -- host '<command>'`` with stdin, stdout and stderr pipes,
   read with ``os.read``. The remote shell first writes its own pid (a session leader: sshd calls
   ``setsid``) as one marker line on stderr, which :class:`SshProcess` strips. Without a pty sshd does not
@@ -84,6 +87,7 @@ from .base import (
     put_argv,
     transfer_reason,
 )
+from .controlpath import label_master, master_lock, persist_seconds, private_dir, socket_answers, socket_name
 from .ssh import ResolvedHost, default_config_path, locked_identity, locked_identity_hint
 
 __all__ = [
@@ -447,6 +451,16 @@ def _control_root() -> str:
     return "/tmp" if os.access("/tmp", os.W_OK | os.X_OK) else tempfile.gettempdir()
 
 
+def _users_master(resolved: ResolvedHost) -> Path | None:
+    """The socket of a master the user's ssh_config asks for (``ControlMaster`` other than ``no`` and a
+    ``ControlPath``, tokens expanded by ``ssh -G``) when one answers there; else None."""
+    wanted = resolved.options.get("controlmaster", ("no",))[0].lower()
+    path = resolved.options.get("controlpath", ("none",))[0]
+    if wanted in ("no", "false") or path.lower() == "none" or "%" in path or not os.path.isabs(path):
+        return None
+    return Path(path) if socket_answers(Path(path), timeout=0.5) else None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -480,21 +494,30 @@ def _stop_master(exit_argv: list[str], control_dir: Path, control_path: Path, ow
 
 @dataclass
 class _Master:
-    """A running control master: its private directory, its socket and its pid.
+    """A running control master: its directory, its socket and its pid.
 
     ``pid`` is 0 while ``pid_known`` (set when a background ``ssh -O check`` has answered) is not set.
+    A ``shared`` master (see :mod:`~remote_exec.backends.controlpath`) lives in the user's private
+    directory under a name of its settings, serves every rx of the user and is never stopped by one: its
+    ``ControlPersist`` ends it once idle. Its liveness is its socket's. A ``foreign`` master is the user's
+    own (their ssh_config's ``ControlPath``): used, never replaced or stopped.
     """
 
     control_dir: Path
     pid: int
     finalizer: weakref.finalize[[list[str], Path, Path, int], _Master] | None = None
     pid_known: threading.Event | None = None
+    name: str = "s"
+    shared: bool = False
+    foreign: bool = False
 
     @property
     def control_path(self) -> Path:
-        return self.control_dir / "s"
+        return self.control_dir / self.name
 
     def alive(self) -> bool:
+        if self.shared:
+            return socket_answers(self.control_path)
         if self.pid_known is not None:
             self.pid_known.wait(15)
         if not self.control_path.exists():
@@ -504,6 +527,14 @@ class _Master:
     def stop(self) -> None:
         if self.finalizer is not None:
             self.finalizer()
+
+    def discard(self) -> None:
+        """Remove what a master that did not come up left: its private directory, or a stale shared socket."""
+        if not self.shared:
+            shutil.rmtree(self.control_dir, ignore_errors=True)
+        elif not socket_answers(self.control_path, timeout=0.5):
+            with contextlib.suppress(OSError):
+                self.control_path.unlink()
 
 
 # --- processes --------------------------------------------------------------------------------------------
@@ -771,6 +802,9 @@ class OpenSSHBackend(Backend):
 
     def __init__(self, spec: HostSpec) -> None:
         super().__init__(spec)
+        #: Seconds a shared master stays up once idle (``RX_SSH_PERSIST``); 0: a master of this process.
+        self.shared_persist = persist_seconds()
+        self.connections_reused = 0
         self._lock = threading.RLock()
         self._resolved: ResolvedHost | None = None
         self._master: _Master | None = None
@@ -837,7 +871,12 @@ class OpenSSHBackend(Backend):
         with self._lock:
             master = self._live_master()
             if master is None:
-                master = self._master = self._open_master()
+                master, resolved, argv = self._prepare_master()
+                with self._claim(master) as adopted:
+                    if adopted:
+                        self._master = master
+                        return master
+                    master = self._master = self._open_master(master, resolved, argv)
             return master
 
     def _live_master(self) -> _Master | None:
@@ -856,29 +895,61 @@ class OpenSSHBackend(Backend):
         resolved = self.resolve()
         if self.spec.host_key_policy == "off":  # the coordinator warned once already
             logger.info("host key checking is off for %s: its identity is not verified", self.host)
-        control_dir = Path(tempfile.mkdtemp(prefix="rx-ssh-", dir=_control_root()))
-        master = _Master(control_dir=control_dir, pid=0)
         ciphers = preferred_ciphers(resolved, hardware_aes=_cpu_has_aes())
-        argv = master_argv(self.spec, master.control_path, persist=self.control_persist, ciphers=ciphers,
-                           command=command)
+        master = self._place(resolved, ciphers)
+        persist = self.shared_persist if master.shared else self.control_persist
+        argv = master_argv(self.spec, master.control_path, persist=persist, ciphers=ciphers, command=command)
         shown = shlex.join(argv if command is None else argv[:-1]) + ("" if command is None else
                                                                       f" <the command, {len(command)} bytes>")
         logger.debug("connecting to %s: %s", self.host, shown)
         return master, resolved, argv
 
+    def _place(self, resolved: ResolvedHost, ciphers: str | None) -> _Master:
+        """Where a master for this host listens: the shared socket of its settings in the user's private
+        directory, else (``RX_SSH_PERSIST=0``, or no safe directory) a private directory of this process."""
+        own = _users_master(resolved)
+        if own is not None:
+            logger.debug("%s: using the master of your ssh_config at %s", self.host, own)
+            return _Master(control_dir=own.parent, pid=0, name=own.name, shared=True, foreign=True)
+        shared_dir = private_dir() if self.shared_persist > 0 else None
+        if shared_dir is None:
+            return _Master(control_dir=Path(tempfile.mkdtemp(prefix="rx-ssh-", dir=_control_root())), pid=0)
+        settings = [SSH, *ssh_options(self.spec), f"ciphers={ciphers}", "--", self.spec.host,
+                    *(f"{key}={' '.join(values)}" for key, values in sorted(resolved.options.items()))]
+        return _Master(control_dir=shared_dir, pid=0, name=socket_name(settings), shared=True)
+
+    @contextlib.contextmanager
+    def _claim(self, master: _Master) -> Iterator[bool]:
+        """Hold a shared master's place while it is opened; yields True when one already listens there
+        (another rx opened it: use it), False when this process is to open it (a stale socket removed)."""
+        if not master.shared or master.foreign:
+            yield master.foreign
+            return
+        with master_lock(master.control_path, self._connect_deadline()):
+            if socket_answers(master.control_path):
+                logger.debug("using the shared ssh master of %s at %s", self.host, master.control_path)
+                self.connections_reused += 1
+                yield True
+                return
+            with contextlib.suppress(FileNotFoundError):
+                master.control_path.unlink()  # its master ended: idle timeout, lost link
+            label_master(master.control_path, self.host, self.resolve().destination)
+            yield False
+
     def _keep_master(self, master: _Master, said: str) -> None:
-        """Take a master that came up: it is stopped when the backend goes; log what ssh said of the host."""
-        master.finalizer = weakref.finalize(
-            master, _stop_master, _control_argv(self.spec, master.control_path, "exit"),
-            master.control_dir, master.control_path, os.getpid(),
-        )
+        """Take a master that came up: a master of this process is stopped when the backend goes (a shared
+        one is left to its ``ControlPersist``); log what ssh said of the host."""
+        if not master.shared:
+            master.finalizer = weakref.finalize(
+                master, _stop_master, _control_argv(self.spec, master.control_path, "exit"),
+                master.control_dir, master.control_path, os.getpid(),
+            )
         self.connections_opened += 1
         for line in _lines(said):
             if line.startswith("Warning: Permanently added"):
                 logger.info("%s: %s", self.host, line)
 
-    def _open_master(self) -> _Master:
-        master, resolved, argv = self._prepare_master()
+    def _open_master(self, master: _Master, resolved: ResolvedHost, argv: list[str]) -> _Master:
         started = time.monotonic()
         try:
             # An anonymous file: the master keeps it as stderr after it backgrounds itself, and a
@@ -901,9 +972,10 @@ class OpenSSHBackend(Backend):
                 if code == 0:
                     raise ConnectError(self.host, f"the ssh master left no socket: {said.strip()}")
                 raise self._mapped(said)
-            master.pid = self._master_pid(master.control_path)
+            if not master.shared:
+                master.pid = self._master_pid(master.control_path)
         except BaseException:
-            shutil.rmtree(master.control_dir, ignore_errors=True)
+            master.discard()
             raise
         self._keep_master(master, said)
         logger.debug("connected to %s (%s) in %.3f s, master pid %d", self.host, resolved.destination,
@@ -917,25 +989,36 @@ class OpenSSHBackend(Backend):
             if self._live_master() is not None:
                 return None
             master, _, argv = self._prepare_master(command)
-            try:
-                with self._map_os_errors("connect"):
-                    popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                             stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
-                process = SshProcess(self, popen, label)
-                process._read_header(self._connect_deadline(), ready=master.control_path.exists)
-                if process.remote_pid is None and not master.control_path.exists():
-                    said = process._discard()
-                    raise self._mapped(said)
-            except BaseException:
-                shutil.rmtree(master.control_dir, ignore_errors=True)
-                raise
+            with self._claim(master) as adopted:
+                if adopted:
+                    self._master = master
+                    return None
+                process = self._first_client(master, argv, label)
             if process.remote_pid is not None:  # what came before the pid line is ssh's, not the command's
                 process._stderr_pending = process._stderr_pending[len(process.preamble):]
             self._keep_master(master, process.preamble.decode(errors="replace"))
-            master.pid_known = threading.Event()
-            threading.Thread(target=self._learn_pid, args=(master,), name="rx-ssh-pid", daemon=True).start()
+            if not master.shared:
+                master.pid_known = threading.Event()
+                threading.Thread(target=self._learn_pid, args=(master,), name="rx-ssh-pid", daemon=True).start()
             self._master = master
             return process
+
+    def _first_client(self, master: _Master, argv: list[str], label: str) -> SshProcess:
+        """Start the ssh that connects, becomes the master and runs the first command; return once the
+        master listens or the command announced itself."""
+        try:
+            with self._map_os_errors("connect"):
+                popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
+            process = SshProcess(self, popen, label)
+            process._read_header(self._connect_deadline(), ready=master.control_path.exists)
+            if process.remote_pid is None and not master.control_path.exists():
+                said = process._discard()
+                raise self._mapped(said)
+        except BaseException:
+            master.discard()
+            raise
+        return process
 
     def _learn_pid(self, master: _Master) -> None:
         """Ask the new master for its pid (off the first call's path)."""
@@ -1131,7 +1214,8 @@ class OpenSSHBackend(Backend):
     # --- closing ------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """End the master (``ssh -O exit``) and remove its control directory. A later call reconnects."""
+        """End a master of this process (``ssh -O exit``) and remove its control directory; a shared master
+        is left to the next rx (its ``ControlPersist`` ends it once idle). A later call reconnects."""
         with self._lock:
             master, self._master = self._master, None
         if master is not None:

@@ -18,12 +18,31 @@ import typer
 from ..errors import Interrupted, RemoteExecError
 from .app import Stopped, app, error_line, state
 
-__all__ = ["app", "error_line", "main", "state"]
+__all__ = ["COMMAND_MODULES", "app", "error_line", "main", "state"]
 
 
-def _register() -> None:
-    # Importing the command modules registers their commands on `app`.
-    from . import hosts, ledger, pool, run, sync  # noqa: F401
+#: The module of this package that registers each command (tests/unit/test_cli_lean.py keeps it whole).
+COMMAND_MODULES = {
+    "run": "run", "rerun": "run", "attach": "run", "cancel": "run",
+    "runs": "ledger", "show": "ledger", "logs": "ledger", "export": "ledger", "clean": "ledger",
+    "hosts": "hosts", "top": "hosts", "check": "hosts",
+    "sync": "sync", "gc": "sync",
+    "map": "pool",
+}
+
+
+def _register(argv: list[str] | None = None) -> None:
+    """Import the command modules, each registering its commands on `app`: only the named command's when
+    the command line names one (``rx run`` starts without the ledger's, hosts' ... imports and typer
+    builds one command, not fifteen); all of them for ``--help``, completion or a mistyped command."""
+    import importlib
+
+    command = next((word for word in argv or () if not word.startswith("-")), None)
+    completing = any(name.startswith("_RX_COMPLETE") or name == "_TYPER_COMPLETE_ARGS" for name in os.environ)
+    modules = ({COMMAND_MODULES[command]} if command in COMMAND_MODULES and not completing
+               else set(COMMAND_MODULES.values()))
+    for module in sorted(modules):
+        importlib.import_module(f"{__name__}.{module}")
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -37,9 +56,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
     # SIGTERM stops a run the way Ctrl-C does: the remote task is stopped, the run recorded cancelled.
     signal.signal(signal.SIGTERM, _terminate)
-    _register()
-    verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:]) or bool(
-        os.environ.get("RX_DEBUG"))
+    words = sys.argv[1:] if argv is None else argv
+    _register(words)
+    verbose = "-v" in words or "--verbose" in words or bool(os.environ.get("RX_DEBUG"))
     try:
         code = app(args=argv, prog_name="rx", standalone_mode=False)
     except RemoteExecError as exc:

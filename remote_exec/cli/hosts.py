@@ -58,6 +58,7 @@ def _probe_facts(host: str, stdout: bytes) -> tuple[dict[str, Any], str]:
 
 
 @app.command()
+# shape: one branch per mode of rx hosts (the list, --status, --disconnect) over typer's option list
 def hosts(
     names: Annotated[list[str] | None, typer.Argument(
         metavar="HOST", show_default=False, help="With --status: the hosts to look at (default: all).",
@@ -70,12 +71,19 @@ def hosts(
     backend: Annotated[str | None, typer.Option(help="SSH backend for --status: openssh or paramiko.")] = None,
     workspace: Annotated[Path | None, typer.Option(help="Workspace dir (default RX_WORKSPACE or ./.rx).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    disconnect: Annotated[bool, typer.Option(
+        "--disconnect", help="End rx's shared OpenSSH connections now (of the HOST names, or all): the masters "
+                             "kept for the next rx, which end by themselves RX_SSH_PERSIST seconds (default "
+                             "300) after their last use.")] = False,
 ) -> None:
     """List the hosts rx knows: ssh_config aliases and [tool.rx.remotes].
 
     Each with the host name, user and port it reaches, as the backend resolves them through ssh_config. With
     --status (or HOST names): what each host is doing, its slots and GPUs, free memory and load.
     """
+    if disconnect:
+        _disconnect(names or [])
+        return
     from ..config import Configuration
 
     config = Configuration.load()
@@ -105,6 +113,18 @@ def hosts(
     else:
         path = config.effective_ssh_config(ssh_config)
         console.print(f"no hosts: no aliases in {path or '~/.ssh/config'} and no [tool.rx.remotes]")
+
+
+def _disconnect(names: list[str]) -> None:
+    """``rx hosts --disconnect``: end the shared masters (of ``names``, or all); one line each."""
+    from ..backends.controlpath import end_master, shared_masters
+
+    masters = [master for master in shared_masters() if not names or master.host in names]
+    for master in masters:
+        ended = end_master(master)
+        typer.echo(f"{master.host} ({master.destination}): {'disconnected' if ended else 'could not disconnect'}")
+    if not masters:
+        typer.echo("no shared connection is open" + (f" to {', '.join(names)}" if names else ""))
 
 
 def _known(config: Any, ssh_config: Path | None) -> list[tuple[str, Any]]:

@@ -203,8 +203,8 @@ def _refuse_stdin_for_detached() -> None:
 
         waiting = bool(select.select([fd], [], [], 0)[0]) and bool(os.read(fd, 1))
     if waiting:
-        raise ConfigError("stdin cannot be forwarded to a detached run (it outlives rx and its stdin)",
-                          hint="have the script read a file, or run it without --detach")
+        raise UsageError("stdin cannot be forwarded to a detached run (it outlives rx and its stdin)",
+                         hint="have the script read a file, or run it without --detach")
 
 
 def uncollected(run: Any, exc: LocalDiskFull, kept: dict[str, Any] | None) -> None:

@@ -354,6 +354,7 @@ class Rig:
             PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
             PYTHONIOENCODING="utf-8",
             PYTHONDONTWRITEBYTECODE="1",
+            RX_SSH_PERSIST="0",  # each rx its own OpenSSH master, as the scenarios assume (no test shares one)
         )
         env.pop("COLUMNS", None)
         self.env = env

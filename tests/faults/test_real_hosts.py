@@ -239,7 +239,7 @@ def test_login_noise_exec_dash_runs_and_leaves_nothing(rig: Rig, dash_host: Test
         clients, masters = _local_ssh(dash_host.alias)
         t.note(local_clients=len(clients), local_masters=len(masters))
         t.outcome = (f"{len(left.processes)} remote process(es), {len(left.run_dirs)} run dir(s) left; local ssh: "
-                     f"{len(clients)} orphaned client(s), {len(masters)} master(s) (ControlPersist)")
+                     f"{len(clients)} orphaned client(s), {len(masters)} master(s) (kept: RX_SSH_PERSIST)")
         assert left.clean, left.describe()
         assert not clients, clients
 

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Iterator
 
 import pytest
 
@@ -17,3 +19,18 @@ def ssh(testbed: Testbed) -> SSHCommand:
     if shutil.which("ssh") is None:
         pytest.skip("the OpenSSH client (ssh) is not installed")
     return SSHCommand(testbed.ssh_config)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def per_process_ssh_masters() -> Iterator[None]:
+    """Each rx of these tests opens its own OpenSSH master, stopped when it exits (``RX_SSH_PERSIST=0``), as
+    the tests assume (a changed host key is checked by a new connection, a backend counts the connection it
+    opens); a master shared across rx invocations would couple one test to the one before it.
+    tests/integration/test_shared_master.py turns sharing on for itself."""
+    before = os.environ.get("RX_SSH_PERSIST")
+    os.environ["RX_SSH_PERSIST"] = "0"
+    yield
+    if before is None:
+        os.environ.pop("RX_SSH_PERSIST", None)
+    else:
+        os.environ["RX_SSH_PERSIST"] = before

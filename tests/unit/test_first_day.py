@@ -352,9 +352,11 @@ def test_stdin_for_a_detached_run_is_refused_with_the_reason(isolated: Any) -> N
 
     done = rx(isolated, "run", "--detach", "cat_stdin.py", stdin="hi\n")
 
-    assert done.returncode in (2, 3), done.stderr
-    assert "stdin cannot be forwarded to a detached run" in done.stderr
+    assert done.returncode == 2, done.stderr  # a usage error
+    assert done.stderr.startswith("rx: error: stdin cannot be forwarded to a detached run"), done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
     assert done.stdout == ""
+    assert rx(isolated, "runs", "--json").stdout.strip() in ("", "[]")  # nothing recorded
 
 
 def test_a_task_call_keeps_an_empty_stdin(isolated: Any) -> None:

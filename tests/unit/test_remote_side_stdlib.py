@@ -118,11 +118,26 @@ def test_a_script_is_served_with_the_standard_library_only(blocking_runner: list
     assert served.header()["exit_code"] == 4
 
 
-def test_a_closure_without_cloudpickle_fails_as_the_task_not_the_runner(blocking_runner: list[str],
-                                                                        frames: Any, tmp_path: Path) -> None:
-    """Closures need the archive's cloudpickle; without it the call still ends with a reported error."""
-    offset = 1
-    t = Task.from_function(lambda: offset)
+def test_a_closure_runs_with_the_standard_library_only(blocking_runner: list[str], frames: Any,
+                                                      tmp_path: Path) -> None:
+    """A function written by value (a closure here) is rebuilt without cloudpickle on the host."""
+    offset = 41
+    t = Task.from_function(lambda: offset + 1)
+    session = Session(task=t, execution=Execution.create(t), run_id="stdlib")
+    served = frames.serve(blocking_runner, session.dumps(), cwd=tmp_path, env=_env())
+    assert served.returncode == 0, served.stderr.decode()
+    assert served.header()["status"] == "finished", served.header()
+    assert pickle.loads(served.payload(b"V")) == 42
+
+
+def test_a_class_by_value_without_cloudpickle_fails_as_the_task_not_the_runner(blocking_runner: list[str],
+                                                                              frames: Any, tmp_path: Path) -> None:
+    """A class written by value needs the archive's cloudpickle; without it the call still ends with a
+    reported error."""
+    class Local:
+        pass
+
+    t = Task.from_function(lambda: Local)
     session = Session(task=t, execution=Execution.create(t), run_id="stdlib")
     served = frames.serve(blocking_runner, session.dumps(), cwd=tmp_path, env=_env())
     assert served.returncode == 0, served.stderr.decode()

@@ -47,7 +47,6 @@ def test_a_hostile_exception_message_reaches_no_terminal_raw(isolated: Any) -> N
     (isolated.root / "job.py").write_text(RAISES)
     ran = rx(isolated, "run", "job.py")
     assert ran.returncode == 1
-    assert HOSTILE in ran.stderr  # the task's own stderr (its traceback) is live output: raw, as it wrote it
     summary = [line for line in ran.stderr.splitlines() if line.startswith("rx: run ")]
     assert len(summary) == 1 and not RAW.search(summary[0]), summary
 
@@ -59,6 +58,16 @@ def test_a_hostile_exception_message_reaches_no_terminal_raw(isolated: Any) -> N
     exported = rx(isolated, "export", "latest", "--format", "text")
     assert exported.returncode == 0, exported.stderr
     assert "\\x1b]0;pwned" in exported.stdout and not RAW.search(exported.stdout), exported.stdout
+
+
+def test_a_script_traceback_with_a_hostile_message_reaches_the_terminal_escaped(isolated: Any) -> None:
+    (isolated.root / "job.py").write_text(f"print('before')\n{RAISES}")
+    ran = rx(isolated, "run", "job.py")
+    assert ran.returncode == 1
+    assert ran.stdout == "before\n"  # the task's own output stays raw; the traceback rx shows is escaped
+    assert "RuntimeError: \\x1b]0;pwned\\x07\\x1b[2J\\x00\\x9b31m\\u202eboom" in ran.stderr, ran.stderr
+    assert 'File "job.py", line 2, in <module>' in ran.stderr
+    assert not RAW.search(ran.stderr), repr(ran.stderr)
 
 
 def test_a_one_line_error_quoting_the_host_is_escaped(isolated: Any) -> None:
