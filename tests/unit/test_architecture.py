@@ -159,3 +159,13 @@ def test_the_remote_side_does_not_reach_the_coordinator() -> None:
 ])
 def test_find_cycle(graph: dict[str, set[str]], cycle: list[str] | None) -> None:
     assert find_cycle(graph) == cycle
+
+
+def test_no_two_test_modules_share_a_name() -> None:
+    """pytest imports test modules by their base name (no packages under tests/): two files of one name
+    in different folders stop the whole suite at collection."""
+    tests = Path(__file__).resolve().parents[1]
+    names: dict[str, list[str]] = {}
+    for path in tests.rglob("test_*.py"):
+        names.setdefault(path.name, []).append(str(path.relative_to(tests)))
+    assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}
