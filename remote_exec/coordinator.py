@@ -45,6 +45,7 @@ from .config import (
     find_pyproject,
     parse_size,
 )
+from .envs import EnvCall, Environments, EnvSpec
 from .errors import LocalDiskFull, SerializationError
 from .hints import arguments_hint, import_hint
 from .jobs import Jobs, job_options
@@ -188,6 +189,7 @@ class Coordinator:
         self._warned: set[str] = set()
         self._insecure_warned: set[str] = set()
         self.jobs = Jobs(self)
+        self.envs = Environments(default_cache_dir().parent / "envs")
 
     @classmethod
     def current(cls) -> Coordinator:
@@ -422,6 +424,7 @@ class Coordinator:
             recorder = self.task_recorder(session, target, session_bytes)
         try:
             archive, project = self._pack(session, recorder, scheduled=target.launcher.schedules)
+            target = self.environment(session, target, archive, recorder)
             if target.launcher.schedules:
                 outcome = self.jobs.run(session, target, archive, recorder)
             else:
@@ -455,6 +458,33 @@ class Coordinator:
             if not taken and isinstance(outcome.value_data, Path):  # a spooled value nobody records
                 outcome.value_data.unlink(missing_ok=True)
         return outcome.result
+
+    def env_spec(self, session: Session, target: Target) -> tuple[EnvSpec | None, dict[str, Any]]:
+        """What ``session`` declares it needs on ``target`` (None: nothing; the host's interpreter as it is),
+        and the settings it was read with (``[tool.rx]``'s, the remote's ``offline`` / ``inherit_site``)."""
+        config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
+        settings = dict(config.env_settings)
+        remote = config.remotes.get(target.host)
+        if remote is not None:
+            settings.update({key: True for key in ("offline", "inherit_site") if getattr(remote, key)})
+        cwd = session.context.get("cwd")
+        spec = EnvSpec.from_options(session.context.get("options") or {}, settings, Path(cwd) if cwd else None)
+        return spec, settings
+
+    def environment(self, session: Session, target: Target, archive: DistributionArchive,
+                    recorder: CallRecorder) -> Target:
+        """``target`` with its interpreter replaced by the environment of ``session``'s declared
+        dependencies (built on the host first when it lacks it); unchanged when nothing is declared.
+
+        Raises:
+            EnvError: Resolution, the wheels or the build failed.
+        """
+        spec, settings = self.env_spec(session, target)
+        if spec is None:
+            return target
+        call = EnvCall(target.host, target.backend, target.launcher, archive, target.options,
+                       on_phase=recorder.phase, on_progress=_progress(session))
+        return replace(target, options=self.envs.prepare(spec, call, settings))
 
     def localize(self, session: Session, outcome: Outcome, sources: Iterable[tuple[str, str]],
                  recorder: CallRecorder, *, python: str = "python3", project: Path | None = None) -> None:
