@@ -212,6 +212,11 @@ def lock_for(spec: EnvSpec, target: HostTarget, cache: Path, host: str) -> str:
     env.pop("VIRTUAL_ENV", None)
     done = subprocess.run(argv, input=source.encode(), capture_output=True, env=env, check=False)
     if done.returncode:
+        said = done.stderr.decode("utf-8", "replace")
+        missing = _NO_WHEEL.search(said)
+        if missing:
+            raise EnvError(f"{host}: no wheel of {missing.group(1).strip('`')} for {target.describe()}",
+                           hint="pick a version that has one, or give the host an index (no --offline)")
         raise EnvError(f"{host}: resolving the dependencies for {target.describe()} failed: "
                        f"{_lines(done.stderr)}", hint="check the names and versions in --deps / requirements")
     lock = done.stdout.decode()
@@ -221,7 +226,8 @@ def lock_for(spec: EnvSpec, target: HostTarget, cache: Path, host: str) -> str:
 
 
 def _lines(data: bytes, count: int = 4) -> str:
-    lines = [line.strip(" \u00d7\u2570\u2500\u25b6\u2502") for line in data.decode("utf-8", "replace").splitlines()]
+    text = data.decode("utf-8", "replace")
+    lines = [line.strip(" \u00d7\u2570\u2500\u25b6\u2502").removeprefix("error: ") for line in text.splitlines()]
     return " / ".join(line for line in lines if line and not line.startswith("hint:"))[-600:] or "no reason given"
 
 
@@ -240,6 +246,7 @@ def env_key(lock: str, target: HostTarget, spec: EnvSpec) -> str:
                    target.executable, target.uv_platform, str(spec.inherit_site))
 
 
+_NO_WHEEL = re.compile(r"Because (\S+) has no (?:usable )?wheels")
 _MISSING = re.compile(r"No matching distribution found for (\S+)")
 
 

@@ -1,0 +1,131 @@
+"""A task's dependencies on an air-gapped host (a Docker ``--internal`` network: no route out, no uv), both
+backends: built once from wheels shipped from here, reused while the spec stays, a new environment when it
+changes, a package without a wheel for the host named, the interpreter's own packages only on request."""
+
+from __future__ import annotations
+
+import secrets
+import shlex
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testbed import Testbed, TestbedHost, exec_root, make_wheel, remove_host, start_host
+
+DATA = Path(__file__).resolve().parent / "data"
+if str(DATA) not in sys.path:
+    sys.path.insert(0, str(DATA))
+pytest.register_assert_rewrite("remote_support")
+
+from remote_support import Remote  # noqa: E402
+
+pytest_plugins = ["remote_support"]
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = """\
+import sys
+import tinydep
+print("value", tinydep.VALUE, tinydep.leaf(), sys.executable)
+"""
+
+
+@pytest.fixture(scope="module")
+def airgapped(testbed: Testbed) -> Iterator[TestbedHost]:
+    """A host on an ``--internal`` Docker network: the coordinator reaches it, it reaches nothing else."""
+    import docker
+
+    client = docker.from_env()
+    name = f"rx-airgap-{secrets.token_hex(4)}"
+    network = client.networks.create(name, driver="bridge", internal=True)
+    try:
+        host = start_host(testbed.state_dir, name, network=name)
+        try:
+            yield host
+        finally:
+            remove_host(host)
+    finally:
+        network.remove()
+        client.close()
+
+
+def reaches_index(host: TestbedHost) -> bool:
+    code, output = exec_root(host, "python3 -c \"import socket; socket.create_connection(('pypi.org', 443), 3)\" "
+                                   "2>&1 && echo REACHED")
+    return "REACHED" in output
+
+
+@pytest.fixture
+def wheels(tmp_path: Path) -> Path:
+    folder = tmp_path / "wheels"
+    make_wheel(folder, "tinyleaf", "1.0", {"tinyleaf/__init__.py": "def leaf():\n    return 'leaf'\n"})
+    make_wheel(folder, "tinydep", "1.2.3", {"tinydep/__init__.py": "from tinyleaf import leaf\nVALUE = 42\n"},
+               requires=["tinyleaf>=1"])
+    make_wheel(folder, "tinydep", "1.2.4", {"tinydep/__init__.py": "from tinyleaf import leaf\nVALUE = 43\n"},
+               requires=["tinyleaf>=1"])
+    make_wheel(folder, "winonly", "1.0", {"winonly/__init__.py": ""}, tag="cp311-cp311-win_amd64")
+    return folder
+
+
+def configure(remote: Remote, host: TestbedHost, wheels: Path) -> str:
+    """The project's [tool.rx]: the air-gapped host as ``air`` with a workdir of this test alone."""
+    workdir = f"~/.cache/rx-envs-{secrets.token_hex(4)}"
+    (remote.project / "pyproject.toml").write_text(
+        '[project]\nname = "rx-test-project"\nversion = "0"\n\n'
+        f'[tool.rx]\nfind_links = ["{wheels}"]\n\n'
+        f'[tool.rx.remotes.air]\nhost = "{host.alias}"\nworkdir = "{workdir}"\n', encoding="utf-8")
+    (remote.project / "job.py").write_text(SCRIPT, encoding="utf-8")
+    return workdir.replace("~", "/home/rx")
+
+
+def envs_on(host: TestbedHost, workdir: str) -> list[str]:
+    code, output = exec_root(host, f"ls -A {shlex.quote(workdir + '/envs')} 2>/dev/null")
+    return sorted(output.split())
+
+
+def test_offline_host_gets_its_deps_built_once(remote: Remote, airgapped: TestbedHost, wheels: Path) -> None:
+    assert not reaches_index(airgapped)
+    workdir = configure(remote, airgapped, wheels)
+    first = remote.rx("run", "--remote", "air", "--deps", "tinydep==1.2.3", "job.py", timeout=180)
+    assert first.returncode == 0, first.stderr
+    assert "value 42 leaf" in first.stdout
+    assert f"{workdir}/envs/" in first.stdout  # the environment's interpreter ran it
+    built = envs_on(airgapped, workdir)
+    assert len(built) == 1 and not built[0].endswith(".lock"), built
+    code, tools = exec_root(airgapped, f"ls {shlex.quote(workdir + '/tools')}")
+    assert tools.strip().startswith("uv-")  # the host has no uv: rx shipped its own
+
+    again = remote.rx("run", "--remote", "air", "--deps", "tinydep==1.2.3", "job.py")
+    assert again.returncode == 0, again.stderr
+    assert "value 42 leaf" in again.stdout
+    assert envs_on(airgapped, workdir) == built  # reused
+
+    changed = remote.rx("run", "--remote", "air", "--deps", "tinydep==1.2.4", "job.py", timeout=180)
+    assert changed.returncode == 0, changed.stderr
+    assert "value 43 leaf" in changed.stdout
+    after = envs_on(airgapped, workdir)
+    assert len(after) == 2 and built[0] in after
+
+
+def test_a_package_without_a_wheel_for_the_host_is_named(remote: Remote, airgapped: TestbedHost,
+                                                          wheels: Path) -> None:
+    configure(remote, airgapped, wheels)
+    done = remote.rx("run", "--remote", "air", "--deps", "winonly==1.0", "job.py")
+    assert done.returncode == 3, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("rx: error")]
+    assert len(lines) == 1 and "no wheel of winonly==1.0 for cpython 3.11" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_inherit_site_sees_the_hosts_own_packages(remote: Remote, airgapped: TestbedHost, wheels: Path) -> None:
+    configure(remote, airgapped, wheels)
+    exec_root(airgapped, "echo 'WHERE = \"host\"' > /usr/lib/python3/dist-packages/hostonly.py")
+    (remote.project / "site.py").write_text("import tinydep, hostonly\nprint(hostonly.WHERE)\n", encoding="utf-8")
+    alone = remote.rx("run", "--remote", "air", "--deps", "tinydep==1.2.3", "site.py", timeout=180)
+    assert alone.returncode == 1 and "hostonly" in alone.stderr
+    inherited = remote.rx("run", "--remote", "air", "--deps", "tinydep==1.2.3", "--inherit-site", "site.py",
+                          timeout=180)
+    assert inherited.returncode == 0, inherited.stderr
+    assert inherited.stdout.strip() == "host"
