@@ -13,9 +13,12 @@ What counts as used when:
 - a run directory the pull limit left on the host (its files over the limit stay there): kept while its
   ``.rx/lock`` is held or for ``days`` after it was last touched; other run directories are the sweep's
   (:func:`.rundir.sweep_runs`: those of runners that died);
-- temporaries (``tmp/``, half-written manifests) and blobs no tree names: removed after a day.
+- an environment (``envs/<key>``): its ``.rx-complete``'s modification time (touched on each use); one
+  a live process runs from (its interpreter's path on a command line) is kept whatever its age;
+- temporaries (``tmp/``, half-written manifests, environments whose build was killed) and blobs no tree
+  names: removed after a day.
 
-Above ``limit`` bytes (trees with their blobs, pooled snapshots and archives), the least recently used go
+Above ``limit`` bytes (trees with their blobs, pooled snapshots, archives and environments), the least recently used go
 first; anything unused for ``days`` goes in any case. :func:`collect` runs under an exclusive lock
 (``gc.lock``): a second collector finds it taken and does nothing. :func:`maybe_collect` starts one in the
 background at most once a day, when a call starts (``gc.stamp``).
@@ -71,7 +74,8 @@ def _listdir(path: str) -> list[str]:
 
 
 def _archives_in_use() -> set[str] | None:
-    """The archives (sha256) that live processes were started from; None when that cannot be read here."""
+    """The archives (sha256) that live processes were started from, and ``env:<key>`` for the environments
+    they run in; None when that cannot be read here."""
     if not os.path.isdir("/proc/self"):
         return None
     used = set()
@@ -85,6 +89,8 @@ def _archives_in_use() -> set[str] | None:
             continue
         if len(argv) > 3 and argv[1] == b"-c" and len(argv[3]) == 64:
             used.add(argv[3].decode("ascii", "replace"))
+        if b"/envs/" in argv[0]:
+            used.add("env:" + argv[0].split(b"/envs/")[-1].split(b"/")[0].decode("ascii", "replace"))
     return used
 
 
@@ -160,6 +166,11 @@ class _Store:
             for name in _listdir(os.path.join(cache_dir, "snapshots", project)):
                 path = os.path.join(cache_dir, "snapshots", project, name)
                 self.snapshots[f"{project}/{name}"] = (_mtime(path), _size_of(path))
+        self.envs: dict[str, tuple[float, int]] = {}  # key -> (last use, bytes); complete ones only
+        for name in _listdir(os.path.join(cache_dir, "envs")):
+            path = os.path.join(cache_dir, "envs", name)
+            if "." not in name and os.path.exists(os.path.join(path, ".rx-complete")):
+                self.envs[name] = (_mtime(os.path.join(path, ".rx-complete")), _size_of(path))
 
     def _tree(self, name: str) -> None:
         path = os.path.join(self.cache_dir, "trees", name)
@@ -178,7 +189,7 @@ class _Store:
 
     def total(self) -> int:
         return (sum(self.blobs.values()) + sum(size for _, size in self.snapshots.values())
-                + sum(size for _, size in self.archives.values()))
+                + sum(size for _, size in self.archives.values()) + sum(size for _, size in self.envs.values()))
 
 
 def _remove_tree(store: _Store, plan: _Plan, name: str, reason: str) -> None:
@@ -191,10 +202,10 @@ def _remove_tree(store: _Store, plan: _Plan, name: str, reason: str) -> None:
             plan.remove("blob", os.path.join(cache_dir, "blobs", blob[:2], blob), store.blobs.pop(blob), reason)
 
 
-def _evict(store: _Store, plan: _Plan, limit: int, days: float, in_use: set[str] | None) -> None:
-    """Trees and archives unused for ``days``, then the least recently used while above ``limit``."""
+def _candidates(store: _Store, in_use: set[str] | None) -> list[tuple[float, str, str]]:
+    """What may go, oldest use first: (last use, kind, name)."""
     now = store.now
-    candidates = []  # (last use, kind, name)
+    candidates = []
     for name, (used, _) in store.trees.items():
         if now - used > _GRACE:
             candidates.append((used, "tree", name))
@@ -204,9 +215,19 @@ def _evict(store: _Store, plan: _Plan, limit: int, days: float, in_use: set[str]
         busy = name in in_use if in_use is not None else now - used < DAY
         if not busy and now - used > _GRACE:
             candidates.append((used, "archive", name))
-    candidates.sort()
+    for name, (used, _) in store.envs.items():
+        busy = f"env:{name}" in in_use if in_use is not None else now - used < DAY
+        if not busy and now - used > _GRACE:
+            candidates.append((used, "env", name))
+    return sorted(candidates)
+
+
+def _evict(store: _Store, plan: _Plan, limit: int, days: float, in_use: set[str] | None) -> None:
+    """Trees, archives and environments unused for ``days``, then the least recently used while above
+    ``limit``."""
+    now = store.now
     total = store.total()
-    for used, kind, name in candidates:
+    for used, kind, name in _candidates(store, in_use):
         old = now - used > days * DAY
         if not old and total <= limit:
             break
@@ -214,18 +235,18 @@ def _evict(store: _Store, plan: _Plan, limit: int, days: float, in_use: set[str]
         if kind == "tree":
             freed = store.tree_bytes(name)
             _remove_tree(store, plan, name, reason)
-        elif kind == "snapshot":
-            freed = store.snapshots.pop(name)[1]
-            plan.remove("snapshot", os.path.join(store.cache_dir, "snapshots", name), freed, reason)
+        elif kind in ("snapshot", "env"):
+            found = store.snapshots if kind == "snapshot" else store.envs
+            freed = found.pop(name)[1]
+            plan.remove(kind, os.path.join(store.cache_dir, f"{kind}s", name), freed, reason)
         else:
             freed = store.archives.pop(name)[1]
             plan.remove("archive", os.path.join(store.cache_dir, "archives", name), freed, reason)
         total -= freed
 
 
-def _leftovers(store: _Store, plan: _Plan, days: float) -> None:
-    """Temporaries older than a day, blobs no tree names, run directories the pull limit left that nobody
-    holds and nobody touched for ``days``."""
+def _temporaries(store: _Store, plan: _Plan) -> None:
+    """Temporaries older than a day: interrupted transfers and builds."""
     cache_dir, now = store.cache_dir, store.now
     for name in _listdir(os.path.join(cache_dir, "tmp")):
         path = os.path.join(cache_dir, "tmp", name)
@@ -235,6 +256,17 @@ def _leftovers(store: _Store, plan: _Plan, days: float) -> None:
         path = os.path.join(cache_dir, "trees", name)
         if name.startswith(".") and now - _mtime(path) > DAY:
             plan.remove("temporary", path, _size_of(path), "an interrupted transfer")
+    for name in _listdir(os.path.join(cache_dir, "envs")):
+        path = os.path.join(cache_dir, "envs", name)
+        if ".tmp-" in name and now - _mtime(path) > DAY:
+            plan.remove("temporary", path, _size_of(path), "an environment whose build was stopped")
+
+
+def _leftovers(store: _Store, plan: _Plan, days: float) -> None:
+    """Temporaries older than a day, blobs no tree names, run directories the pull limit left that nobody
+    holds and nobody touched for ``days``."""
+    cache_dir, now = store.cache_dir, store.now
+    _temporaries(store, plan)
     for blob, size in list(store.blobs.items()):
         path = os.path.join(cache_dir, "blobs", blob[:2], blob)
         if not store.refs.get(blob) and now - _mtime(path) > DAY:

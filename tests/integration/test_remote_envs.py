@@ -52,7 +52,7 @@ def airgapped(testbed: Testbed) -> Iterator[TestbedHost]:
 
 
 def reaches_index(host: TestbedHost) -> bool:
-    code, output = exec_root(host, "python3 -c \"import socket; socket.create_connection(('pypi.org', 443), 3)\" "
+    _code, output = exec_root(host, "python3 -c \"import socket; socket.create_connection(('pypi.org', 443), 3)\" "
                                    "2>&1 && echo REACHED")
     return "REACHED" in output
 
@@ -81,7 +81,7 @@ def configure(remote: Remote, host: TestbedHost, wheels: Path) -> str:
 
 
 def envs_on(host: TestbedHost, workdir: str) -> list[str]:
-    code, output = exec_root(host, f"ls -A {shlex.quote(workdir + '/envs')} 2>/dev/null")
+    _code, output = exec_root(host, f"ls -A {shlex.quote(workdir + '/envs')} 2>/dev/null")
     return sorted(output.split())
 
 
@@ -94,7 +94,7 @@ def test_offline_host_gets_its_deps_built_once(remote: Remote, airgapped: Testbe
     assert f"{workdir}/envs/" in first.stdout  # the environment's interpreter ran it
     built = envs_on(airgapped, workdir)
     assert len(built) == 1 and not built[0].endswith(".lock"), built
-    code, tools = exec_root(airgapped, f"ls {shlex.quote(workdir + '/tools')}")
+    _code, tools = exec_root(airgapped, f"ls {shlex.quote(workdir + '/tools')}")
     assert tools.strip().startswith("uv-")  # the host has no uv: rx shipped its own
 
     again = remote.rx("run", "--remote", "air", "--deps", "tinydep==1.2.3", "job.py")
