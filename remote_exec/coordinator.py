@@ -463,13 +463,31 @@ class Coordinator:
         """What ``session`` declares it needs on ``target`` (None: nothing; the host's interpreter as it is),
         and the settings it was read with (``[tool.rx]``'s, the remote's ``offline`` / ``inherit_site``)."""
         config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
-        settings = dict(config.env_settings)
-        remote = config.remotes.get(target.host)
-        if remote is not None:
-            settings.update({key: True for key in ("offline", "inherit_site") if getattr(remote, key)})
+        settings = self.env_settings(config, target.host)
         cwd = session.context.get("cwd")
         spec = EnvSpec.from_options(session.context.get("options") or {}, settings, Path(cwd) if cwd else None)
         return spec, settings
+
+    @staticmethod
+    def env_settings(config: Configuration, host: str) -> dict[str, Any]:
+        """``[tool.rx]``'s dependency settings with the remote's ``offline`` / ``inherit_site``."""
+        settings = dict(config.env_settings)
+        remote = config.remotes.get(host)
+        if remote is not None:
+            settings.update({key: True for key in ("offline", "inherit_site") if getattr(remote, key)})
+        return settings
+
+    def describe_env(self, target: Target, config: Configuration, options: dict[str, Any], *,
+                     build: bool = False) -> dict[str, Any] | None:
+        """``rx env HOST``: the probe, the lock, the key and whether the environment exists (None: no
+        dependencies declared)."""
+        settings = self.env_settings(config, target.host)
+        spec = EnvSpec.from_options(options, settings)
+        if spec is None:
+            return None
+        archive = self.packer.build(extra_modules=config.distribution_modules)
+        call = EnvCall(target.host, target.backend, target.launcher, archive, target.options)
+        return self.envs.describe(spec, call, settings, build=build)
 
     def environment(self, session: Session, target: Target, archive: DistributionArchive,
                     recorder: CallRecorder) -> Target:

@@ -28,8 +28,19 @@ from ..errors import (
 from .app import app
 from .complete import complete_hosts, complete_runs
 
-__all__ = ["DetachedRun", "JobStatusLine", "attach_run", "forwarded_stdin", "load_detached_run", "load_task",
-           "parse_env", "rerun", "run", "unknown_option"]
+__all__ = [
+    "DetachedRun",
+    "JobStatusLine",
+    "attach_run",
+    "env_options",
+    "forwarded_stdin",
+    "load_detached_run",
+    "load_task",
+    "parse_env",
+    "rerun",
+    "run",
+    "unknown_option",
+]
 
 
 def parse_env(values: list[str]) -> dict[str, str]:
@@ -360,7 +371,7 @@ def run(
         "keep": keep_remote, "ssh_config": ssh_config, "connect_timeout": connect_timeout,
         "host_key_policy": "off" if insecure_no_host_key_check else None,
         **_project_options(project, include, follow_symlinks, force, pull_limit),
-        **_env_options(deps, requirements, find_links, offline, inherit_site),
+        **env_options(deps, requirements, find_links, offline, inherit_site),
     }
     if detach:
         _refuse_stdin_for_detached()
@@ -396,7 +407,7 @@ def _project_options(project: Path | None, include: list[str] | None, follow_sym
     return options
 
 
-def _env_options(deps: list[str] | None, requirements: list[Path] | None, find_links: list[str] | None,
+def env_options(deps: list[str] | None, requirements: list[Path] | None, find_links: list[str] | None,
                  offline: bool, inherit_site: bool) -> dict[str, Any]:
     """The dependency options of ``rx run`` (only those given); files made absolute."""
     options: dict[str, Any] = {}

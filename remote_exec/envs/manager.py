@@ -140,6 +140,22 @@ class Environments:
                 self._ready[memo] = python
         return replace(call.options, python=python)
 
+    def describe(self, spec: EnvSpec, call: EnvCall, settings: Mapping[str, Any], *,
+                 build: bool = False) -> dict[str, Any]:
+        """What ``rx env`` shows: the host's probe, the lock resolved for it, the key, whether the
+        environment exists there and its size (``build``: build it first if it does not)."""
+        spec, target, lock, key = self.resolve(spec, call)
+        if build:
+            self.prepare(spec, call, settings)
+        event = ensure_env(call.backend, call.archive, call.options, key, self._planner(spec, target, lock, call,
+                                                                                         settings),
+                           launcher=call.launcher, check=True)
+        probe = self.probe(call, "" if spec.offline else index_address(spec))
+        return {"host": call.host, "probe": {k: v for k, v in probe.items() if k not in ("event", "at")},
+                "target": target.describe(), "offline": spec.offline, "inherit_site": spec.inherit_site,
+                "lock": lock, "key": key, "exists": event.get("state") == "ready", "path": event.get("path"),
+                "bytes": event.get("bytes")}
+
     def forget(self, host: str) -> None:
         """Forget what is known of ``host`` (its environments may have been collected)."""
         with self._lock:

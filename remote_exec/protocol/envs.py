@@ -56,11 +56,12 @@ def probe_host(backend: Backend, archive: DistributionArchive, options: CallOpti
 
 
 def ensure_env(backend: Backend, archive: DistributionArchive, options: CallOptions, key: str,
-               plan: Callable[[dict[str, Any]], BuildPlan], *, launcher: Launcher,
+               plan: Callable[[dict[str, Any]], BuildPlan], *, launcher: Launcher, check: bool = False,
                on_progress: ProgressCallback | None = None, on_phase: PhaseCallback | None = None) -> dict[str, Any]:
     """Make sure the host has the environment ``key``; return its last event (``python``: its interpreter,
     ``built``: whether this call built it). ``plan`` is asked for the build's options (and the tree to
-    ship) only when the host has to build it.
+    ship) only when the host has to build it. ``check``: build nothing; the last event says ``absent``, or
+    ``ready`` with its ``bytes``.
 
     Raises:
         EnvError: The build failed (uv's own lines say why).
@@ -84,11 +85,11 @@ def ensure_env(backend: Backend, archive: DistributionArchive, options: CallOpti
                     build["tree"] = tree.tree_id
                 channel.send(b"G", wire.dump_options({**build, "heartbeat": options.heartbeat}))
                 return False
-            return bool(event.get("state") == "ready")
+            return bool(event.get("state") in ("ready", "absent"))
         return False
 
     try:
-        channel.send(b"G", wire.dump_options({"key": key, "heartbeat": options.heartbeat}))
+        channel.send(b"G", wire.dump_options({"key": key, "heartbeat": options.heartbeat, "check": check}))
         if not channel.pump(handle):
             tail = channel.stderr_tail()
             if sender is not None:

@@ -12,7 +12,8 @@ one whose owner is dead on this host, or older than an hour elsewhere, is taken 
 The ``env`` exchange: G ``{"key"}`` -> P ``{"event": "env", "state": "ready", "python"}`` when it exists;
 else (the lock taken) P ``{"state": "build", "uv"}`` -> G ``{"lock", "tree", "uv", "offline",
 "index_url", "inherit_site"}`` (the tree's blobs fetched as a project's: T, M, N, D) -> P ``{"state":
-"ready", "python", "built": true, "seconds"}``.
+"ready", "python", "built": true, "seconds"}``. With ``"check"`` in the first G (``rx env``), an absent
+environment is only reported (``"state": "absent"``), a present one with its size.
 """
 
 from __future__ import annotations
@@ -177,6 +178,17 @@ def _take_over(lock: str, owner: str) -> None:
             pass
 
 
+def _size(path: str) -> int:
+    total = 0
+    for folder, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
 def _ready(out: Out, path: str, **extra: Any) -> None:
     os.utime(os.path.join(path, COMPLETE))  # its mtime: the environment's last use (the collector's LRU)
     python = os.path.join(path, "bin", "python")
@@ -200,7 +212,10 @@ def serve_env(cache_dir: str, out: Out) -> int:
     envs = os.path.join(cache_dir, "envs")
     path = os.path.join(envs, key)
     if os.path.exists(os.path.join(path, COMPLETE)):
-        _ready(out, path, built=False)
+        _ready(out, path, built=False, **({"bytes": _size(path)} if options.get("check") else {}))
+        return 0
+    if options.get("check"):  # rx env: only say whether it is there
+        out.event({"event": "env", "state": "absent", "path": path})
         return 0
     os.makedirs(envs, mode=0o700, exist_ok=True)
     lock = path + ".lock"

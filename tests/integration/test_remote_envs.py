@@ -4,6 +4,7 @@ changes, a package without a wheel for the host named, the interpreter's own pac
 
 from __future__ import annotations
 
+import json
 import secrets
 import shlex
 import sys
@@ -101,6 +102,11 @@ def test_offline_host_gets_its_deps_built_once(remote: Remote, airgapped: Testbe
     assert again.returncode == 0, again.stderr
     assert "value 42 leaf" in again.stdout
     assert envs_on(airgapped, workdir) == built  # reused
+    shown = remote.rx("env", "air", "--deps", "tinydep==1.2.3", "--json")
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads(shown.stdout)
+    assert report["exists"] and report["offline"] and report["key"] == built[0]
+    assert "tinydep==1.2.3" in report["lock"] and report["probe"]["uv"] == ""
 
     changed = remote.rx("run", "--remote", "air", "--deps", "tinydep==1.2.4", "job.py", timeout=180)
     assert changed.returncode == 0, changed.stderr

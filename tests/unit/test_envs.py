@@ -200,7 +200,8 @@ def test_the_key_follows_the_lock_and_the_interpreter() -> None:
     key = env_key(lock, TARGET, spec)
     assert env_key("# a comment\n" + lock, TARGET, spec) == key
     assert env_key(lock.replace("b==2", "b==3"), TARGET, spec) != key
-    other = HostTarget("cpython", "3.12.1", "x86_64", "glibc", "2.36", "cpython-312-x86_64-linux-gnu", "/usr/bin/python3")
+    other = HostTarget("cpython", "3.12.1", "x86_64", "glibc", "2.36", "cpython-312-x86_64-linux-gnu",
+                       "/usr/bin/python3")
     assert env_key(lock, other, spec) != key
     assert env_key(lock, TARGET, EnvSpec(deps=("a",), inherit_site=True)) != key
 
