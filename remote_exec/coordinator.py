@@ -45,7 +45,7 @@ from .config import (
     find_pyproject,
     parse_size,
 )
-from .envs import EnvCall, Environments, EnvSpec
+from .envs import EnvCall, Environments, EnvSpec, refuse_by_value
 from .errors import LocalDiskFull, SerializationError
 from .hints import arguments_hint, import_hint
 from .jobs import Jobs, job_options
@@ -496,13 +496,18 @@ class Coordinator:
 
         Raises:
             EnvError: Resolution, the wheels or the build failed.
+            SerializationError: A function travelling by value to a host whose Python (as probed, now or
+                before) is another minor version.
         """
         spec, settings = self.env_spec(session, target)
-        if spec is None:
-            return target
-        call = EnvCall(target.host, target.backend, target.launcher, archive, target.options,
-                       on_phase=recorder.phase, on_progress=_progress(session))
-        return replace(target, options=self.envs.prepare(spec, call, settings))
+        options = target.options
+        if spec is not None:
+            call = EnvCall(target.host, target.backend, target.launcher, archive, target.options,
+                           on_phase=recorder.phase, on_progress=_progress(session))
+            options = self.envs.prepare(spec, call, settings)
+        known = self.envs.known_probe(target.host, target.options.python, target.options.workdir)
+        refuse_by_value(session.task, known, target.host)
+        return target if spec is None else replace(target, options=options)
 
     def localize(self, session: Session, outcome: Outcome, sources: Iterable[tuple[str, str]],
                  recorder: CallRecorder, *, python: str = "python3", project: Path | None = None) -> None:

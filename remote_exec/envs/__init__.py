@@ -4,7 +4,7 @@ resolved on the coordinator for the host's interpreter and platform, built there
 
 from __future__ import annotations
 
-from .manager import EnvCall, Environments
+from .manager import EnvCall, Environments, refuse_by_value
 from .resolve import EnvSpec, HostTarget
 
-__all__ = ["EnvCall", "EnvSpec", "Environments", "HostTarget"]
+__all__ = ["EnvCall", "EnvSpec", "Environments", "HostTarget", "refuse_by_value"]

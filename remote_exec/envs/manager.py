@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from ..backends.base import Backend
+from ..errors import SerializationError
 from ..launchers.base import Launcher
 from ..packing import DistributionArchive
 from ..protocol.envs import BuildPlan, ensure_env, probe_host
 from ..protocol.options import CallOptions, PhaseCallback, ProgressCallback
+from ..task import Task, by_reference
 from .resolve import EnvSpec, HostTarget, env_key, lock_for, uv_for_host, wheel_tree
 
-__all__ = ["EnvCall", "Environments", "index_address"]
+__all__ = ["EnvCall", "Environments", "index_address", "refuse_by_value"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,22 @@ class Environments:
         self._probes: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._ready: dict[tuple[str, str, str], str] = {}
 
+    def known_probe(self, host: str, python: str, workdir: str) -> dict[str, Any] | None:
+        """The host's probe if one was made (in this process, or within :data:`PROBE_TTL` on the local disk);
+        nothing is asked."""
+        with self._lock:
+            known = self._probes.get((host, python, workdir))
+        if known is not None:
+            return known
+        try:
+            stored: dict[str, Any] = json.loads(self._probe_path(host, python, workdir).read_text())
+        except (OSError, ValueError):
+            return None
+        return stored if time.time() - float(stored.get("at", 0)) < PROBE_TTL else None
+
+    def _probe_path(self, host: str, python: str, workdir: str) -> Path:
+        return self.cache / "probes" / (_safe(f"{host}-{python}-{workdir}") + ".json")
+
     def probe(self, call: EnvCall, index: str = "", *, fresh: bool = False) -> dict[str, Any]:
         """The host's probe (memory, then the local disk within :data:`PROBE_TTL`, else asked now)."""
         key = (call.host, call.options.python, call.options.workdir)
@@ -78,7 +96,7 @@ class Environments:
             known = self._probes.get(key)
         if known is not None and not fresh and known.get("asked_index") == index:
             return known
-        path = self.cache / "probes" / (_safe(f"{call.host}-{call.options.python}-{call.options.workdir}") + ".json")
+        path = self._probe_path(call.host, call.options.python, call.options.workdir)
         if not fresh:
             try:
                 stored: dict[str, Any] = json.loads(path.read_text())
@@ -176,6 +194,29 @@ class Environments:
             return build, (tree if tree.entries else None)
 
         return plan
+
+
+def refuse_by_value(task: Task, probe: Mapping[str, Any] | None, host: str) -> None:
+    """Refuse a function task that travels by value (a closure, lambda or ``__main__`` function) to a host
+    whose Python is another minor version than this one's: cloudpickle's by-value code does not load there
+    (``code expected at most 16 arguments``). Nothing is refused without a probe of the host.
+
+    Raises:
+        SerializationError: It would travel by value to another minor version.
+    """
+    if probe is None or task.kind != "function" or task.function is None:
+        return
+    import sys
+
+    there = ".".join(str(probe.get("python", "")).split(".")[:2])
+    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    if not there or there == here or by_reference(task.function) is not None:
+        return
+    raise SerializationError(
+        f"{host}: {task.name} travels by value (a closure, lambda or __main__ function) and Python {there} "
+        f"there cannot load what Python {here} pickles by value",
+        hint=f"define it in a module of the project (it then travels by reference), or use a Python {here} "
+             "there (--python)")
 
 
 def _safe(name: str) -> str:

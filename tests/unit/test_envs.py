@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from json import dumps as json_dumps
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,21 @@ def test_the_lock_is_resolved_for_the_hosts_python_and_cached(tmp_path: Path,
     assert "tinyleaf==1.0" in lock and "--hash=sha256:" in lock
     monkeypatch.setattr("remote_exec.envs.resolve.uv_binary", lambda: (_ for _ in ()).throw(EnvError("called")))
     assert lock_for(spec, old, tmp_path / "cache", "h") == lock  # from the cache, uv not asked
+
+
+def test_a_function_by_value_is_refused_for_another_python_minor_and_by_reference_accepted() -> None:
+    from remote_exec.envs import refuse_by_value
+    from remote_exec.errors import SerializationError
+    from remote_exec.task import Task
+
+    def closure(x: int) -> int:
+        return x + 1
+
+    other = "3.10.12" if sys.version_info[:2] != (3, 10) else "3.12.1"
+    by_value = Task("function", "closure", "0" * 64, function=closure)
+    with pytest.raises(SerializationError, match=r"closure travels by value .* Python 3\.1\d there"):
+        refuse_by_value(by_value, {"python": other}, "gpu1")
+    refuse_by_value(by_value, {"python": ".".join(map(str, sys.version_info[:3]))}, "gpu1")  # same minor
+    refuse_by_value(by_value, None, "gpu1")  # never probed: nothing known, nothing refused
+    by_reference = Task("function", "dumps", "0" * 64, function=json_dumps)
+    refuse_by_value(by_reference, {"python": other}, "gpu1")
