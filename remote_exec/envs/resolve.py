@@ -138,10 +138,13 @@ class HostTarget:
 
     @property
     def pip_platforms(self) -> list[str]:
-        """pip download's ``--platform`` tags (pip adds the older manylinux ones itself)."""
+        """pip download's ``--platform`` tags: every manylinux the host's glibc runs, newest first (pip
+        does not add the older ones to a ``manylinux_2_X`` tag itself)."""
         if self.libc == "musl":
             return [f"musllinux_1_2_{self.machine}", f"musllinux_1_1_{self.machine}"]
-        return [self.uv_platform.replace(f"{self.machine}-", "") + f"_{self.machine}", f"linux_{self.machine}"]
+        newest = int(self.uv_platform.rpartition("_")[2])
+        tags = [f"manylinux_2_{minor}_{self.machine}" for minor in range(newest, 16, -1)]
+        return [*tags, f"manylinux2014_{self.machine}", f"linux_{self.machine}"]
 
     def describe(self) -> str:
         """``cpython 3.11 x86_64-manylinux_2_36``."""

@@ -5,9 +5,11 @@ changes, a package without a wheel for the host named, the interpreter's own pac
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shlex
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,3 +137,32 @@ def test_inherit_site_sees_the_hosts_own_packages(remote: Remote, airgapped: Tes
                           timeout=180)
     assert inherited.returncode == 0, inherited.stderr
     assert inherited.stdout.strip() == "host"
+
+
+NUMPY_WHEELS = Path(os.environ.get("RX_TEST_WHEELS") or Path.home() / ".cache" / "rx-test-wheels")
+
+
+@pytest.mark.slow
+def test_numpy_and_pandas_on_an_air_gapped_host(remote: Remote, airgapped: TestbedHost) -> None:
+    """Real binary wheels (numpy, pandas: fetched once into RX_TEST_WHEELS, else skipped): a script importing
+    both runs on a host that has neither and no index, with one --deps line each; the second run reuses the
+    environment. The seconds are printed (measured, not asserted)."""
+    if not list(NUMPY_WHEELS.glob("numpy-*-cp311-*.whl")) or not list(NUMPY_WHEELS.glob("pandas-*-cp311-*.whl")):
+        pytest.skip(f"no numpy/pandas cp311 wheels in {NUMPY_WHEELS} (pip download --only-binary=:all: "
+                    "--platform manylinux_2_28_x86_64 --python-version 3.11 -d DIR numpy pandas)")
+    assert not reaches_index(airgapped)
+    configure(remote, airgapped, NUMPY_WHEELS)
+    (remote.project / "frame.py").write_text(
+        "import numpy as np, pandas as pd\nprint(pd.DataFrame({'a': np.arange(4)})['a'].sum())\n", encoding="utf-8")
+    timings = {}
+    for label in ("first", "cache hit"):
+        started = time.monotonic()
+        done = remote.rx("run", "--remote", "air", "--deps", "numpy", "--deps", "pandas", "frame.py", timeout=300)
+        timings[label] = time.monotonic() - started
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "6"
+    (remote.project / "plain.py").write_text("print(6)\n", encoding="utf-8")
+    started = time.monotonic()
+    assert remote.rx("run", "--remote", "air", "plain.py").returncode == 0
+    timings["no deps"] = time.monotonic() - started
+    print(f"\n[{remote.backend}] " + ", ".join(f"{label} {seconds:.2f} s" for label, seconds in timings.items()))
