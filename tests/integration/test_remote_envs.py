@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import shlex
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -36,21 +37,69 @@ print("value", tinydep.VALUE, tinydep.leaf(), sys.executable)
 
 
 @pytest.fixture(scope="module")
-def airgapped(testbed: Testbed) -> Iterator[TestbedHost]:
-    """A host on an ``--internal`` Docker network: the coordinator reaches it, it reaches nothing else."""
+def airgap_network() -> Iterator[str]:
+    """An ``--internal`` Docker network: no route out of it."""
     import docker
 
     client = docker.from_env()
     name = f"rx-airgap-{secrets.token_hex(4)}"
     network = client.networks.create(name, driver="bridge", internal=True)
     try:
-        host = start_host(testbed.state_dir, name, network=name)
-        try:
-            yield host
-        finally:
-            remove_host(host)
+        yield name
     finally:
         network.remove()
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def airgapped(testbed: Testbed, airgap_network: str) -> Iterator[TestbedHost]:
+    """A host on the internal network: the coordinator reaches it, it reaches nothing else."""
+    host = start_host(testbed.state_dir, airgap_network, network=airgap_network)
+    try:
+        yield host
+    finally:
+        remove_host(host)
+
+
+@pytest.fixture(scope="module")
+def local_index(airgap_network: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A small index on the internal network (``python3 -m http.server`` over a PEP 503 layout in a
+    container of the testbed image): the URL both this machine and the air-gapped host reach."""
+    import io
+    import tarfile
+
+    import docker
+
+    from testbed import ensure_image
+
+    folder = tmp_path_factory.mktemp("index")
+    make_wheel(folder / "simple" / "tinyleaf", "tinyleaf", "1.0",
+               {"tinyleaf/__init__.py": "def leaf():\n    return 'leaf'\n"})
+    make_wheel(folder / "simple" / "tinydep", "tinydep", "2.0",
+               {"tinydep/__init__.py": "from tinyleaf import leaf\nVALUE = 20\n"}, requires=["tinyleaf>=1"])
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w") as archive:
+        archive.add(folder / "simple", arcname="simple")
+    image = ensure_image()
+    client = docker.from_env()
+    container = client.containers.create(image, entrypoint=["python3", "-m", "http.server", "8000", "--directory",
+                                                            "/srv"], network=airgap_network,
+                                         name=f"{airgap_network}-index")
+    try:
+        container.put_archive("/srv", data.getvalue())
+        container.start()
+        container.reload()
+        address = container.attrs["NetworkSettings"]["Networks"][airgap_network]["IPAddress"]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((address, 8000), 1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield f"http://{address}:8000/simple"
+    finally:
+        container.remove(force=True)
         client.close()
 
 
@@ -166,3 +215,18 @@ def test_numpy_and_pandas_on_an_air_gapped_host(remote: Remote, airgapped: Testb
     assert remote.rx("run", "--remote", "air", "plain.py").returncode == 0
     timings["no deps"] = time.monotonic() - started
     print(f"\n[{remote.backend}] " + ", ".join(f"{label} {seconds:.2f} s" for label, seconds in timings.items()))
+
+
+def test_an_online_host_installs_from_the_index(remote: Remote, airgapped: TestbedHost, local_index: str,
+                                                wheels: Path) -> None:
+    workdir = configure(remote, airgapped, wheels)
+    text = (remote.project / "pyproject.toml").read_text()
+    (remote.project / "pyproject.toml").write_text(text.replace(f'find_links = ["{wheels}"]',
+                                                                f'index_url = "{local_index}"'))
+    done = remote.rx("run", "--remote", "air", "--deps", "tinydep", "job.py", timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "value 20 leaf" in done.stdout
+    count = ("import glob, zipfile; print(sum(zipfile.is_zipfile(path) for path in glob.glob("
+             f"{workdir + '/blobs/*/*'!r})))")
+    _code, wheels_sent = exec_root(airgapped, f"python3 -c {shlex.quote(count)}")
+    assert wheels_sent.strip() == "0"  # no wheel travelled: the host took them from the index
