@@ -45,7 +45,7 @@ from .config import (
     find_pyproject,
     parse_size,
 )
-from .envs import EnvCall, Environments, EnvSpec, refuse_by_value
+from .envs import EnvCall, Environments, EnvSpec, project_requirements, refuse_by_value
 from .errors import LocalDiskFull, SerializationError
 from .hints import arguments_hint, import_hint
 from .jobs import Jobs, job_options
@@ -424,7 +424,8 @@ class Coordinator:
             recorder = self.task_recorder(session, target, session_bytes)
         try:
             archive, project = self._pack(session, recorder, scheduled=target.launcher.schedules)
-            target = self.environment(session, target, archive, recorder)
+            target = self.environment(session, target, archive, recorder,
+                                      project.tree.root if project is not None else None)
             if target.launcher.schedules:
                 outcome = self.jobs.run(session, target, archive, recorder)
             else:
@@ -459,13 +460,21 @@ class Coordinator:
                 outcome.value_data.unlink(missing_ok=True)
         return outcome.result
 
-    def env_spec(self, session: Session, target: Target) -> tuple[EnvSpec | None, dict[str, Any]]:
+    def env_spec(self, session: Session, target: Target,
+                 project: Path | None = None) -> tuple[EnvSpec | None, dict[str, Any]]:
         """What ``session`` declares it needs on ``target`` (None: nothing; the host's interpreter as it is),
-        and the settings it was read with (``[tool.rx]``'s, the remote's ``offline`` / ``inherit_site``)."""
+        and the settings it was read with (``[tool.rx]``'s, the remote's ``offline`` / ``inherit_site``).
+        Without a declaration, a remote host gets the ``project``'s own dependencies (``[project]
+        dependencies``, else its requirements.txt) unless ``[tool.rx] deps = false`` (a local run uses this
+        interpreter, which has them already)."""
         config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
         settings = self.env_settings(config, target.host)
         cwd = session.context.get("cwd")
-        spec = EnvSpec.from_options(session.context.get("options") or {}, settings, Path(cwd) if cwd else None)
+        options = session.context.get("options") or {}
+        spec = EnvSpec.from_options(options, settings, Path(cwd) if cwd else None)
+        if (spec is None and project is not None and target.backend_name != "local"
+                and settings.get("project_deps") is not False):
+            spec = EnvSpec.from_options({**options, **project_requirements(project)}, settings, project)
         return spec, settings
 
     @staticmethod
@@ -490,7 +499,7 @@ class Coordinator:
         return self.envs.describe(spec, call, settings, build=build)
 
     def environment(self, session: Session, target: Target, archive: DistributionArchive,
-                    recorder: CallRecorder) -> Target:
+                    recorder: CallRecorder, project: Path | None = None) -> Target:
         """``target`` with its interpreter replaced by the environment of ``session``'s declared
         dependencies (built on the host first when it lacks it); unchanged when nothing is declared.
 
@@ -499,7 +508,7 @@ class Coordinator:
             SerializationError: A function travelling by value to a host whose Python (as probed, now or
                 before) is another minor version.
         """
-        spec, settings = self.env_spec(session, target)
+        spec, settings = self.env_spec(session, target, project)
         options = target.options
         if spec is not None:
             call = EnvCall(target.host, target.backend, target.launcher, archive, target.options,

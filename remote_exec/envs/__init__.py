@@ -5,6 +5,6 @@ resolved on the coordinator for the host's interpreter and platform, built there
 from __future__ import annotations
 
 from .manager import EnvCall, Environments, refuse_by_value
-from .resolve import EnvSpec, HostTarget
+from .resolve import EnvSpec, HostTarget, project_requirements
 
-__all__ = ["EnvCall", "EnvSpec", "Environments", "HostTarget", "refuse_by_value"]
+__all__ = ["EnvCall", "EnvSpec", "Environments", "HostTarget", "project_requirements", "refuse_by_value"]

@@ -21,7 +21,8 @@ from typing import Any
 from ..errors import ConfigError, EnvError
 from ..sync.tree import Tree, TreeFile
 
-__all__ = ["EnvSpec", "HostTarget", "env_key", "lock_for", "uv_binary", "uv_for_host", "wheel_tree"]
+__all__ = ["EnvSpec", "HostTarget", "env_key", "lock_for", "project_requirements", "uv_binary", "uv_for_host",
+           "wheel_tree"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,26 @@ class EnvSpec:
             except OSError as exc:
                 raise ConfigError(f"requirements file {name}: {exc.strerror or exc}") from exc
         return "\n".join(lines) + "\n"
+
+
+def project_requirements(root: Path) -> dict[str, Any]:
+    """The project's own dependencies as options: ``[project] dependencies`` of its pyproject.toml, else its
+    ``requirements.txt``; empty when it has neither (the host's interpreter as it is)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+    try:
+        table = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        table = {}
+    deps = (table.get("project") or {}).get("dependencies") if isinstance(table.get("project"), dict) else None
+    if isinstance(deps, list) and deps and all(isinstance(item, str) for item in deps):
+        return {"deps": list(deps)}
+    if (root / "requirements.txt").is_file():
+        return {"requirements": [str(root / "requirements.txt")]}
+    return {}
 
 
 def _strings(value: Any, label: str) -> list[str]:
