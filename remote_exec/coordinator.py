@@ -512,7 +512,8 @@ class Coordinator:
         options = target.options
         if spec is not None:
             call = EnvCall(target.host, target.backend, target.launcher, archive, target.options,
-                           on_phase=recorder.phase, on_progress=_progress(session))
+                           on_phase=recorder.phase, on_progress=_progress(session),
+                           on_status=session.local.get("on_env"))
             options = self.envs.prepare(spec, call, settings)
         known = self.envs.known_probe(target.host, target.options.python, target.options.workdir)
         refuse_by_value(session.task, known, target.host)

@@ -148,6 +148,7 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     run = ws.new_run(target=target, kind=kind, argv=list(args), remote=remote, backend=backend, parent=parent)
     session.run_id = run.id
     bar = session.local["on_progress"] = SyncBar()
+    session.local["on_env"] = _env_line
     run.store.write_bytes("session.zip", session.dumps())
     if detach:
         return _detach(run, session, as_json)
@@ -405,6 +406,14 @@ def _project_options(project: Path | None, include: list[str] | None, follow_sym
     if pull_limit is not None:
         options["pull_limit"] = parse_size(pull_limit, what="--pull-limit")
     return options
+
+
+def _env_line(line: str) -> None:
+    """What the building of a task's environment is at (nothing when it exists already)."""
+    from ..errors import printable
+
+    sys.stderr.write(f"rx: {printable(line)}\n")
+    sys.stderr.flush()
 
 
 def env_options(deps: list[str] | None, requirements: list[Path] | None, find_links: list[str] | None,

@@ -50,7 +50,7 @@ class EnvCall:
 
     def __init__(self, host: str, backend: Backend, launcher: Launcher, archive: DistributionArchive,
                  options: CallOptions, *, on_phase: PhaseCallback | None = None,
-                 on_progress: ProgressCallback | None = None) -> None:
+                 on_progress: ProgressCallback | None = None, on_status: Callable[[str], None] | None = None) -> None:
         self.host = host
         self.backend = backend
         self.launcher = launcher
@@ -58,6 +58,14 @@ class EnvCall:
         self.options = options
         self.on_phase = on_phase
         self.on_progress = on_progress
+        self.on_status = on_status
+
+    def status(self, line: str) -> None:
+        """Tell the user (the CLI prints it; a library call logs it)."""
+        if self.on_status is not None:
+            self.on_status(line)
+        else:
+            logger.info("%s", line)
 
 
 class Environments:
@@ -152,7 +160,7 @@ class Environments:
             if call.on_phase:
                 call.on_phase("env", "finished")
             if event.get("built"):
-                logger.info("%s: built the environment %s in %.1f s", call.host, key[:12], event.get("seconds", 0))
+                call.status(f"{call.host}: environment {key[:12]} built in {event.get('seconds', 0):.1f} s")
             python = str(event["python"])
             with self._lock:
                 self._ready[memo] = python
@@ -187,6 +195,9 @@ class Environments:
             if not event.get("uv"):
                 configured = os.environ.get("RX_UV_BINARY") or settings.get("uv_binary")
                 uv = uv_for_host(target, self.cache, configured)
+            packages = sum(1 for line in lock.splitlines() if "==" in line and not line.startswith(" "))
+            call.status(f"{call.host}: building an environment of {packages} package(s) for {target.describe()}"
+                        f"{' from wheels sent from here' if spec.offline else ''}")
             tree = wheel_tree(lock, spec, target, self.cache, call.host, uv=uv)
             build = {"lock": lock, "offline": spec.offline, "index_url": spec.index_url,
                      "find_links": [link for link in spec.find_links if "://" in link],

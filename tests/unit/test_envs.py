@@ -57,10 +57,12 @@ def test_deps_are_built_once_and_a_new_spec_gets_a_new_environment(project: Path
     first = rx(project, "--deps", "tinydep==1.2.3", "job.py")
     assert first.returncode == 0, first.stderr
     assert "value 42" in first.stdout and "/envs/" in first.stdout
+    assert "rx: local: building an environment of 2 package(s) for cpython" in first.stderr
     built = envs_of(isolated)
     assert len(built) == 1
     again = rx(project, "--deps", "tinydep==1.2.3", "job.py")
     assert again.returncode == 0 and "value 42" in again.stdout
+    assert "environment" not in again.stderr  # silent when there is nothing to do
     assert envs_of(isolated) == built
     changed = rx(project, "--deps", "tinydep==1.2.4", "job.py")
     assert changed.returncode == 0 and "value 43" in changed.stdout
