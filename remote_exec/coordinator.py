@@ -590,6 +590,8 @@ class Coordinator:
     def start_detached(self, session: Session, target: Target, recorder: CallRecorder) -> dict[str, Any]:
         """Start ``session`` at ``target`` so that it outlives this process; return where it runs."""
         archive, project = self._pack(session, recorder, scheduled=target.launcher.schedules)
+        target = self.environment(session, target, archive, recorder,
+                                  project.tree.root if project is not None else None)
         if target.launcher.schedules:
             started = self.jobs.submit(session, target, archive, recorder)
         else:

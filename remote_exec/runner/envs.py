@@ -272,6 +272,22 @@ def _build(cache_dir: str, path: str, build: dict[str, Any], uv_path: str, inbox
     shutil.rmtree(tmp, ignore_errors=True)
     env = dict(os.environ, UV_CACHE_DIR=os.path.join(cache_dir, "uv-cache"), UV_NO_PROGRESS="1",
                VIRTUAL_ENV="", UV_PYTHON_DOWNLOADS="never")
+    wheels = [(name[len("wheels/"):], blob_path(cache_dir, digest)) for name, _mode, _size, digest, _link in entries
+              if name.startswith("wheels/")]
+    try:
+        _install(uv, tmp, build, wheels, env, inbox)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing (a killed one: the collector)
+        raise
+    with open(os.path.join(tmp, COMPLETE), "w") as stream:
+        stream.write(wire.json_text({"key": os.path.basename(path), "built": time.time()}) + "\n")
+    os.rename(tmp, path)
+
+
+def _install(uv: str, tmp: str, build: dict[str, Any], wheels: list[tuple[str, str]], env: dict[str, str],
+             inbox: Any) -> None:
+    """``uv venv`` in ``tmp``, then ``uv pip sync`` of the lock into it (offline: from ``wheels``, each a
+    file name and the blob holding it)."""
     venv = [uv, "venv", "--quiet", "--relocatable", "--python", sys.executable, tmp]
     if build.get("inherit_site"):
         venv.insert(3, "--system-site-packages")
@@ -281,12 +297,11 @@ def _build(cache_dir: str, path: str, build: dict[str, Any], uv_path: str, inbox
         stream.write(str(build["lock"]))
     sync = [uv, "pip", "sync", "--quiet", "--require-hashes", "--python", os.path.join(tmp, "bin", "python")]
     if build.get("offline"):
-        wheels = os.path.join(tmp, ".rx-wheels")
-        os.mkdir(wheels)
-        for name, _mode, _size, digest, _link in entries:
-            if name.startswith("wheels/"):
-                os.symlink(blob_path(cache_dir, digest), os.path.join(wheels, name[len("wheels/"):]))
-        sync += ["--offline", "--no-index", "--find-links", wheels]
+        folder = os.path.join(tmp, ".rx-wheels")
+        os.mkdir(folder)
+        for name, blob in wheels:
+            os.symlink(blob, os.path.join(folder, name))
+        sync += ["--offline", "--no-index", "--find-links", folder]
     elif build.get("index_url"):
         sync += ["--index-url", str(build["index_url"])]
     for link in build.get("find_links") or ():
@@ -294,9 +309,6 @@ def _build(cache_dir: str, path: str, build: dict[str, Any], uv_path: str, inbox
             sync += ["--find-links", str(link)]
     _run([*sync, lock_file], env, inbox)
     shutil.rmtree(os.path.join(tmp, ".rx-wheels"), ignore_errors=True)
-    with open(os.path.join(tmp, COMPLETE), "w") as stream:
-        stream.write(wire.json_text({"key": os.path.basename(path), "built": time.time()}) + "\n")
-    os.rename(tmp, path)
 
 
 def _run(argv: list[str], env: dict[str, str], inbox: Any) -> None:

@@ -268,3 +268,20 @@ def test_the_projects_own_dependencies_are_its_default_on_a_remote_unless_turned
     (root / "pyproject.toml").write_text((root / "pyproject.toml").read_text() + "[tool.rx]\ndeps = false\n")
     session.config = Configuration.from_pyproject(root / "pyproject.toml")
     assert coordinator.env_spec(session, remote, root)[0] is None
+
+
+def test_a_failed_build_says_why_in_one_line_and_leaves_nothing(project: Path, isolated: Isolated) -> None:
+    real = subprocess.run(["which", "uv"], capture_output=True, text=True, check=False).stdout.strip()
+    if not real:
+        pytest.skip("no uv on PATH for the local host")
+    broken = isolated.root / "brokenbin"
+    broken.mkdir()
+    (broken / "uv").write_text(f'#!/bin/sh\nif [ "$1" = pip ]; then echo "error: disk on fire" >&2; exit 2; fi\n'
+                               f'exec {real} "$@"\n')
+    (broken / "uv").chmod(0o755)
+    done = rx(project, "--deps", "tinydep==1.2.3", "job.py",
+              env={"PATH": f"{broken}{os.pathsep}{os.environ['PATH']}"})
+    assert done.returncode == 3
+    errors = [line for line in done.stderr.splitlines() if line.startswith("rx: error")]
+    assert len(errors) == 1 and "building the environment failed" in errors[0] and "disk on fire" in errors[0]
+    assert envs_of(isolated) == []
