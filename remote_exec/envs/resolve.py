@@ -232,7 +232,9 @@ def lock_for(spec: EnvSpec, target: HostTarget, cache: Path, host: str) -> str:
             "--python-version", target.minor, "--python-platform", target.uv_platform, *_index_args(spec)]
     if spec.offline:
         argv += ["--only-binary", ":all:"]
-    env = dict(os.environ, UV_NO_PROGRESS="1", NO_COLOR="1")
+    if not spec.index_url and spec.find_links and not any("://" in link for link in spec.find_links):
+        argv.append("--offline")  # local wheel folders only: uv asks the network nothing (it waits seconds)
+    env = dict(os.environ, UV_NO_PROGRESS="1", NO_COLOR="1", UV_PYTHON_DOWNLOADS="never")
     env.pop("VIRTUAL_ENV", None)
     done = subprocess.run(argv, input=source.encode(), capture_output=True, env=env, check=False)
     if done.returncode:

@@ -285,3 +285,37 @@ def test_a_failed_build_says_why_in_one_line_and_leaves_nothing(project: Path, i
     errors = [line for line in done.stderr.splitlines() if line.startswith("rx: error")]
     assert len(errors) == 1 and "building the environment failed" in errors[0] and "disk on fire" in errors[0]
     assert envs_of(isolated) == []
+
+
+OTHER_PYTHON = next((path for path in (Path.home() / ".pyenv" / "versions").glob("3.10.*/bin/python3")
+                     if sys.version_info[:2] != (3, 10)), None) if (Path.home() / ".pyenv").is_dir() else None
+needs_other_python = pytest.mark.skipif(OTHER_PYTHON is None, reason="no Python 3.10 besides this one")
+
+
+@needs_other_python
+def test_deps_are_resolved_for_the_hosts_python_not_this_ones(project: Path, isolated: Isolated) -> None:
+    (project / "which.py").write_text("import sys, tinydep\nprint(sys.version_info[:2], tinydep.VALUE)\n")
+    done = rx(project, "--python", str(OTHER_PYTHON), "--deps", "tinydep==1.2.3", "which.py")
+    assert done.returncode == 0, done.stderr
+    assert "(3, 10) 42" in done.stdout
+    assert "for cpython 3.10 " in done.stderr
+
+
+@needs_other_python
+def test_another_minor_refuses_a_function_by_value_and_runs_one_by_reference(project: Path,
+                                                                           isolated: Isolated) -> None:
+    (project / "work.py").write_text("import sys\n\ndef version():\n    import tinydep\n"
+                                     "    return sys.version_info[:2], tinydep.VALUE\n")
+    (project / "caller.py").write_text(
+        "import sys\nfrom remote_exec import task\nimport work\n\n"
+        f"OPTIONS = dict(python={str(OTHER_PYTHON)!r}, deps=['tinydep==1.2.3'])\n\n"
+        "def local_version():\n    return sys.version_info[:2]\n\n"
+        "print('by reference', task(**OPTIONS)(work.version)())\n"
+        "try:\n    task(**OPTIONS)(local_version)()\nexcept Exception as exc:\n"
+        "    print('by value', type(exc).__name__, exc)\n")
+    done = subprocess.run([sys.executable, "caller.py"], cwd=project, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert "by reference ((3, 10), 42)" in done.stdout
+    assert "by value SerializationError local: __main__:local_version travels by value" in done.stdout
+    assert "Python 3.10 there" in done.stdout
