@@ -392,7 +392,8 @@ def _project_settings(path: Path, table: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
-_ENV_KEYS = ("deps", "requirements", "index_url", "find_links", "offline", "inherit_site", "uv_binary")
+_ENV_KEYS = ("deps", "requirements", "index_url", "find_links", "offline", "inherit_site", "uv_binary",
+             "project_deps")
 
 
 def _string_list(value: Any, label: str) -> list[str]:
@@ -411,8 +412,6 @@ def _string_list(value: Any, label: str) -> list[str]:
 def _env_settings(path: Path, table: Mapping[str, Any]) -> dict[str, Any]:
     """The dependency keys of ``[tool.rx]``, checked; paths made absolute (relative to ``path``'s folder)."""
     settings = {key: table[key] for key in _ENV_KEYS if key in table}
-    if settings.get("deps") is False:  # not the project's own dependencies either: the host as it is
-        settings["project_deps"] = settings.pop("deps")
     for key in ("deps", "requirements", "find_links"):
         settings[key] = _string_list(settings.get(key, []), f"{path}: [tool.rx] {key}")
     for key in ("requirements", "find_links"):
@@ -420,7 +419,7 @@ def _env_settings(path: Path, table: Mapping[str, Any]) -> dict[str, Any]:
                          for item in settings.get(key, [])]
     if "uv_binary" in settings:
         settings["uv_binary"] = str((path.parent / str(settings["uv_binary"])).expanduser())
-    for key in ("offline", "inherit_site"):
+    for key in ("offline", "inherit_site", "project_deps"):
         if key in settings and not isinstance(settings[key], bool):
             raise ConfigError(f"{path}: [tool.rx] {key} must be true or false")
     return settings
@@ -454,8 +453,8 @@ class Configuration:
         cache_days: Days after which unused trees and archives go from a host's caches.
         pull_limit: Bytes a run brings back at most (None: no limit).
         env_settings: The tasks' dependencies (``deps``, ``requirements``, ``index_url``, ``find_links``,
-            ``offline``, ``inherit_site``, ``uv_binary``; paths absolute; ``project_deps`` False when
-            ``deps = false`` turns the project's own off), see :mod:`remote_exec.envs`.
+            ``offline``, ``inherit_site``, ``uv_binary``; paths absolute; ``project_deps``: the project's own
+            dependencies when nothing else is declared), see :mod:`remote_exec.envs`.
         source: The pyproject.toml this was loaded from, if any.
     """
 

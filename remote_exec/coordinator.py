@@ -464,16 +464,15 @@ class Coordinator:
                  project: Path | None = None) -> tuple[EnvSpec | None, dict[str, Any]]:
         """What ``session`` declares it needs on ``target`` (None: nothing; the host's interpreter as it is),
         and the settings it was read with (``[tool.rx]``'s, the remote's ``offline`` / ``inherit_site``).
-        Without a declaration, a remote host gets the ``project``'s own dependencies (``[project]
-        dependencies``, else its requirements.txt) unless ``[tool.rx] deps = false`` (a local run uses this
-        interpreter, which has them already)."""
+        Without a declaration and with ``[tool.rx] project_deps = true``, a remote host gets the
+        ``project``'s own dependencies (``[project] dependencies``, else its requirements.txt; a local run
+        uses this interpreter, which has them already)."""
         config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
         settings = self.env_settings(config, target.host)
         cwd = session.context.get("cwd")
         options = session.context.get("options") or {}
         spec = EnvSpec.from_options(options, settings, Path(cwd) if cwd else None)
-        if (spec is None and project is not None and target.backend_name != "local"
-                and settings.get("project_deps") is not False):
+        if spec is None and project is not None and target.backend_name != "local" and settings.get("project_deps"):
             spec = EnvSpec.from_options({**options, **project_requirements(project)}, settings, project)
         return spec, settings
 

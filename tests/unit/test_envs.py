@@ -247,7 +247,7 @@ def test_a_function_by_value_is_refused_for_another_python_minor_and_by_referenc
     refuse_by_value(by_reference, {"python": other}, "gpu1")
 
 
-def test_the_projects_own_dependencies_are_its_default_on_a_remote_unless_turned_off(tmp_path: Path) -> None:
+def test_the_projects_own_dependencies_on_request(tmp_path: Path) -> None:
     from remote_exec.coordinator import Coordinator, Target
     from remote_exec.protocol.options import CallOptions
     from remote_exec.session import Session
@@ -257,17 +257,18 @@ def test_the_projects_own_dependencies_are_its_default_on_a_remote_unless_turned
     root.mkdir()
     (root / "pyproject.toml").write_text('[project]\nname = "p"\nversion = "0"\ndependencies = ["numpy>=2"]\n')
     config = Configuration.from_pyproject(root / "pyproject.toml")
+    remote = Target(backend=None, backend_name="openssh", host="gpu1", options=CallOptions())  # type: ignore[arg-type]
     session = Session(Task("script", "job.py", "0" * 64, source=""), Execution("1" * 64),
                       context={"cwd": str(root)}, config=config)
     coordinator = Coordinator()
-    remote = Target(backend=None, backend_name="openssh", host="gpu1", options=CallOptions())  # type: ignore[arg-type]
+    assert coordinator.env_spec(session, remote, root)[0] is None  # by default: the host as it is
+    (root / "pyproject.toml").write_text((root / "pyproject.toml").read_text() + "[tool.rx]\nproject_deps = true\n")
+    config = Configuration.from_pyproject(root / "pyproject.toml")
+    session.config = config
     spec, _ = coordinator.env_spec(session, remote, root)
     assert spec is not None and spec.deps == ("numpy>=2",)
     local = Target(backend=None, backend_name="local", host="local", options=CallOptions())  # type: ignore[arg-type]
     assert coordinator.env_spec(session, local, root)[0] is None  # this interpreter has them
-    (root / "pyproject.toml").write_text((root / "pyproject.toml").read_text() + "[tool.rx]\ndeps = false\n")
-    session.config = Configuration.from_pyproject(root / "pyproject.toml")
-    assert coordinator.env_spec(session, remote, root)[0] is None
 
 
 def test_a_failed_build_says_why_in_one_line_and_leaves_nothing(project: Path, isolated: Isolated) -> None:
