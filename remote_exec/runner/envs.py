@@ -178,17 +178,6 @@ def _take_over(lock: str, owner: str) -> None:
             pass
 
 
-def _size(path: str) -> int:
-    total = 0
-    for folder, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(folder, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
 def _ready(out: Out, path: str, **extra: Any) -> None:
     os.utime(os.path.join(path, COMPLETE))  # its mtime: the environment's last use (the collector's LRU)
     python = os.path.join(path, "bin", "python")
@@ -197,22 +186,21 @@ def _ready(out: Out, path: str, **extra: Any) -> None:
 
 def serve_env(cache_dir: str, out: Out) -> int:
     """The ``env`` exchange (see the module docstring)."""
-    from .store import Inbox
+    from .store import first_options
 
-    reader = wire.FrameReader()
-    inbox = Inbox(0, reader, out.send)
-    kind, payload = inbox.next()
-    if kind != b"G":
-        raise RuntimeError(f"protocol: {kind!r} frame before the G frame")
-    options = wire.load_options(payload)
-    inbox.heartbeat = float(options.get("heartbeat") or 5.0)
+    inbox, options = first_options(out.send)
     key = str(options["key"])
     if not key.isalnum():
         raise RuntimeError(f"protocol: a bad environment key {key!r}")
     envs = os.path.join(cache_dir, "envs")
     path = os.path.join(envs, key)
     if os.path.exists(os.path.join(path, COMPLETE)):
-        _ready(out, path, built=False, **({"bytes": _size(path)} if options.get("check") else {}))
+        if options.get("check"):
+            from .gc import size_of
+
+            _ready(out, path, built=False, bytes=size_of(path))
+        else:
+            _ready(out, path, built=False)
         return 0
     if options.get("check"):  # rx env: only say whether it is there
         out.event({"event": "env", "state": "absent", "path": path})

@@ -36,13 +36,13 @@ TYPE_CHECKING = False  # typing is not imported at run time
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["DAY", "collect", "maybe_collect"]
+__all__ = ["DAY", "collect", "maybe_collect", "size_of"]
 
 DAY = 86400.0
 _GRACE = 3600.0
 
 
-def _size_of(path: str) -> int:
+def size_of(path: str) -> int:
     """Bytes of the files under ``path`` (a file: its size)."""
     try:
         if not os.path.isdir(path) or os.path.islink(path):
@@ -159,18 +159,18 @@ class _Store:
             for name in names:
                 self.refs[name] = self.refs.get(name, 0) + 1
         self.archives = {name: (_mtime(os.path.join(cache_dir, "archives", name)),
-                                _size_of(os.path.join(cache_dir, "archives", name)))
+                                size_of(os.path.join(cache_dir, "archives", name)))
                          for name in _listdir(os.path.join(cache_dir, "archives")) if not name.startswith(".")}
         self.snapshots: dict[str, tuple[float, int]] = {}  # "<project>/<name>" -> (last use, bytes)
         for project in _listdir(os.path.join(cache_dir, "snapshots")):
             for name in _listdir(os.path.join(cache_dir, "snapshots", project)):
                 path = os.path.join(cache_dir, "snapshots", project, name)
-                self.snapshots[f"{project}/{name}"] = (_mtime(path), _size_of(path))
+                self.snapshots[f"{project}/{name}"] = (_mtime(path), size_of(path))
         self.envs: dict[str, tuple[float, int]] = {}  # key -> (last use, bytes); complete ones only
         for name in _listdir(os.path.join(cache_dir, "envs")):
             path = os.path.join(cache_dir, "envs", name)
             if "." not in name and os.path.exists(os.path.join(path, ".rx-complete")):
-                self.envs[name] = (_mtime(os.path.join(path, ".rx-complete")), _size_of(path))
+                self.envs[name] = (_mtime(os.path.join(path, ".rx-complete")), size_of(path))
 
     def _tree(self, name: str) -> None:
         path = os.path.join(self.cache_dir, "trees", name)
@@ -251,15 +251,15 @@ def _temporaries(store: _Store, plan: _Plan) -> None:
     for name in _listdir(os.path.join(cache_dir, "tmp")):
         path = os.path.join(cache_dir, "tmp", name)
         if now - _mtime(path) > DAY:
-            plan.remove("temporary", path, _size_of(path), "an interrupted transfer")
+            plan.remove("temporary", path, size_of(path), "an interrupted transfer")
     for name in _listdir(os.path.join(cache_dir, "trees")):
         path = os.path.join(cache_dir, "trees", name)
         if name.startswith(".") and now - _mtime(path) > DAY:
-            plan.remove("temporary", path, _size_of(path), "an interrupted transfer")
+            plan.remove("temporary", path, size_of(path), "an interrupted transfer")
     for name in _listdir(os.path.join(cache_dir, "envs")):
         path = os.path.join(cache_dir, "envs", name)
         if ".tmp-" in name and now - _mtime(path) > DAY:
-            plan.remove("temporary", path, _size_of(path), "an environment whose build was stopped")
+            plan.remove("temporary", path, size_of(path), "an environment whose build was stopped")
 
 
 def _leftovers(store: _Store, plan: _Plan, days: float) -> None:
@@ -276,7 +276,7 @@ def _leftovers(store: _Store, plan: _Plan, days: float) -> None:
         path = os.path.join(cache_dir, "runs", name)
         if (read_status(path).get("over_limit") and _locked(path) is not True
                 and now - _mtime(os.path.join(path, PRIVATE)) > days * DAY):
-            plan.remove("run", path, _size_of(path), f"kept by the pull limit, untouched for {days:g} days")
+            plan.remove("run", path, size_of(path), f"kept by the pull limit, untouched for {days:g} days")
 
 
 def collect(cache_dir: str, limit: int, days: float, *, dry_run: bool = False) -> dict[str, Any]:
