@@ -23,10 +23,13 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Any
 
 from ..protocol import wire
 from .channel import Out
+
+TYPE_CHECKING = False  # typing is not imported at run time
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["host_uv", "probe_env", "serve_env", "serve_env_probe"]
 

@@ -158,6 +158,10 @@ def test_offline_host_gets_its_deps_built_once(remote: Remote, airgapped: Testbe
     report = json.loads(shown.stdout)
     assert report["exists"] and report["offline"] and report["key"] == built[0]
     assert "tinydep==1.2.3" in report["lock"] and report["probe"]["uv"] == ""
+    plain = remote.rx("env", "air", "--deps", "tinydep==1.2.3")
+    assert plain.returncode == 0, plain.stderr
+    assert f"env       {workdir}/envs/{built[0]} (" in plain.stdout
+    assert "no uv (rx ships its own)" in plain.stdout and "  tinyleaf==1.0" in plain.stdout
 
     changed = remote.rx("run", "--remote", "air", "--deps", "tinydep==1.2.4", "job.py", timeout=180)
     assert changed.returncode == 0, changed.stderr
