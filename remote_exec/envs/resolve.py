@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import ConfigError, EnvError
 from ..sync.tree import Tree, TreeFile
 
-__all__ = ["EnvSpec", "HostTarget", "env_key", "lock_for", "project_requirements", "uv_binary", "uv_for_host",
+__all__ = ["EnvSpec", "HostTarget", "binary_from_wheel", "env_key", "lock_for", "project_requirements", "uv_binary", "uv_for_host",
            "wheel_tree"]
 
 
@@ -351,7 +351,7 @@ def uv_for_host(target: HostTarget, cache: Path, configured: str | None = None) 
         if done.returncode or not wheels:
             raise EnvError(f"fetching uv {version} for {target.machine} failed: {_lines(done.stderr)}",
                            hint="install uv on the host, or set RX_UV_BINARY to a static uv binary")
-        data = _binary_from_wheel(wheels[0])
+        data = binary_from_wheel(wheels[0])
     binary.parent.mkdir(parents=True, exist_ok=True)
     _write(binary, data)
     binary.chmod(0o755)
@@ -377,7 +377,7 @@ def _uv_version() -> str:
     return words[1] if len(words) > 1 else "0"
 
 
-def _binary_from_wheel(wheel: Path) -> bytes:
+def binary_from_wheel(wheel: Path) -> bytes:
     """uv's binary out of its wheel, checked against the sha256 the wheel's RECORD gives it."""
     import base64
     import zipfile

@@ -320,3 +320,23 @@ def test_another_minor_refuses_a_function_by_value_and_runs_one_by_reference(pro
     assert "by reference ((3, 10), 42)" in done.stdout
     assert "by value SerializationError local: __main__:local_version travels by value" in done.stdout
     assert "Python 3.10 there" in done.stdout
+
+
+def test_the_uv_binary_out_of_its_wheel_is_checked_against_record(tmp_path: Path) -> None:
+    import base64
+    import hashlib
+    import zipfile
+
+    from remote_exec.envs.resolve import binary_from_wheel
+
+    def wheel(data: bytes, recorded: bytes) -> Path:
+        digest = base64.urlsafe_b64encode(hashlib.sha256(recorded).digest()).rstrip(b"=").decode()
+        path = tmp_path / f"uv-{len(list(tmp_path.iterdir()))}-py3-none-musllinux_1_1_x86_64.whl"
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("uv-0.9.0.data/scripts/uv", data)
+            archive.writestr("uv-0.9.0.dist-info/RECORD", f"uv-0.9.0.data/scripts/uv,sha256={digest},{len(data)}\n")
+        return path
+
+    assert binary_from_wheel(wheel(b"\x7fELF static", b"\x7fELF static")) == b"\x7fELF static"
+    with pytest.raises(EnvError, match="does not match its sha256 in RECORD"):
+        binary_from_wheel(wheel(b"\x7fELF tampered", b"\x7fELF static"))
