@@ -21,8 +21,8 @@ from typing import Any
 from ..errors import ConfigError, EnvError
 from ..sync.tree import Tree, TreeFile
 
-__all__ = ["EnvSpec", "HostTarget", "binary_from_wheel", "env_key", "lock_for", "project_requirements", "uv_binary", "uv_for_host",
-           "wheel_tree"]
+__all__ = ["EnvSpec", "HostTarget", "binary_from_wheel", "env_key", "lock_for", "project_requirements",
+           "uv_binary", "uv_for_host", "wheel_tree"]
 
 
 @dataclass(frozen=True)
