@@ -286,6 +286,15 @@ class Coordinator:
             return None
         return key
 
+    def local_store_target(self, config: Configuration) -> Target | None:
+        """The local subprocess target whose workdir holds the store of ``rx run`` without ``--remote``
+        (trees, blobs, pooled snapshots), for ``rx gc``; None when no local run made one yet."""
+        workdir = default_cache_dir().parent / "local"
+        if not workdir.is_dir():
+            return None
+        call = call_options({}, python=sys.executable, workdir=str(workdir), env={}, config=config)
+        return Target(backend=self._local, backend_name="local", host="local", options=call)
+
     def host_target(self, name: str, config: Configuration, *, backend: str | None = None,
                     options: dict[str, Any] | None = None) -> Target:
         """The target of host ``name`` for a call that is not a session's (``rx sync``, ``rx gc``; a pool
@@ -393,13 +402,11 @@ class Coordinator:
         self._warned.add(tree.tree_id)
         return plan.call(tree), warnings
 
-    def _pack(self, session: Session, recorder: CallRecorder, *,
-              scheduled: bool = False) -> tuple[DistributionArchive, ProjectCall | None]:
-        """The archive and the project of a call (the ``pack`` phase). A call through a scheduler (Slurm)
-        has no project snapshot yet: its archive carries the script and the modules it imports."""
+    def _pack(self, session: Session, recorder: CallRecorder) -> tuple[DistributionArchive, ProjectCall | None]:
+        """The archive and the project of a call (the ``pack`` phase)."""
         recorder.phase("pack", "started")
         try:
-            project, warnings = (None, []) if scheduled else self.project_for(session)
+            project, warnings = self.project_for(session)
             for warning in warnings:
                 logger.warning("%s", warning)
             archive = self.archive_for(session, project=project is not None)
@@ -423,11 +430,11 @@ class Coordinator:
         if recorder is None:
             recorder = self.task_recorder(session, target, session_bytes)
         try:
-            archive, project = self._pack(session, recorder, scheduled=target.launcher.schedules)
+            archive, project = self._pack(session, recorder)
             target = self.environment(session, target, archive, recorder,
                                       project.tree.root if project is not None else None)
             if target.launcher.schedules:
-                outcome = self.jobs.run(session, target, archive, recorder)
+                outcome = self.jobs.run(session, target, archive, recorder, project)
             else:
                 outcome = dispatch(session, target.backend, archive, target.options, launcher=target.launcher,
                                    workers=self.workers, on_stdout=recorder.stdout, on_stderr=recorder.stderr,
@@ -588,11 +595,11 @@ class Coordinator:
 
     def start_detached(self, session: Session, target: Target, recorder: CallRecorder) -> dict[str, Any]:
         """Start ``session`` at ``target`` so that it outlives this process; return where it runs."""
-        archive, project = self._pack(session, recorder, scheduled=target.launcher.schedules)
+        archive, project = self._pack(session, recorder)
         target = self.environment(session, target, archive, recorder,
                                   project.tree.root if project is not None else None)
         if target.launcher.schedules:
-            started = self.jobs.submit(session, target, archive, recorder)
+            started = self.jobs.submit(session, target, archive, recorder, project)
         else:
             started = start_detached(session, target.backend, archive, target.options, launcher=target.launcher,
                                      on_phase=recorder.phase, project=project, on_progress=_progress(session))

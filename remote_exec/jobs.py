@@ -19,7 +19,7 @@ from .errors import ConfigError, ConnectError, Interrupted
 from .launchers.jobs import Job, JobState
 from .packing import DistributionArchive
 from .protocol.jobs import JobWatch
-from .protocol.options import Outcome, OutputSink
+from .protocol.options import Outcome, OutputSink, ProjectCall
 from .protocol.scheduled import (
     ElementSinks,
     JobCallback,
@@ -86,19 +86,26 @@ class Jobs:
                                                       slowest=slowest)
             return watch
 
-    def run(self, session: Session, target: Target, archive: DistributionArchive, recorder: CallRecorder) -> Outcome:
-        """Submit ``session`` as a job on ``target``'s cluster and follow it to its result."""
-        detached = self.submit(session, target, archive, recorder)
+    def run(self, session: Session, target: Target, archive: DistributionArchive, recorder: CallRecorder,
+            project: ProjectCall | None = None) -> Outcome:
+        """Submit ``session`` as a job on ``target``'s cluster (in a snapshot of ``project``'s tree) and
+        follow it to its result."""
+        detached = self.submit(session, target, archive, recorder, project)
         recorder.submitted(detached)
-        return self.follow(session, target, detached, recorder, interrupt="cancel")
+        outcome = self.follow(session, target, detached, recorder, interrupt="cancel")
+        if detached.get("synced"):  # the project's blobs this job's submission sent
+            outcome.synced = (int(detached["synced"][0]), int(detached["synced"][1]))
+        return outcome
 
     @staticmethod
-    def submit(session: Session, target: Target, archive: DistributionArchive,
-               recorder: CallRecorder) -> dict[str, Any]:
-        """Store ``session`` on the cluster and submit it as one job; return where it is (its ``detached``)."""
+    def submit(session: Session, target: Target, archive: DistributionArchive, recorder: CallRecorder,
+               project: ProjectCall | None = None) -> dict[str, Any]:
+        """Store ``session`` (and ``project``'s tree) on the cluster and submit it as one job; return where it
+        is (its ``detached``)."""
         return store_and_submit([session], target.backend, archive, target.options, launcher=target.launcher,
                                 job_options=job_options(dict(session.context.get("options") or {})),
-                                name=session.task.name, on_phase=recorder.phase)[0]
+                                name=session.task.name, on_phase=recorder.phase, project=project,
+                                on_progress=session.local.get("on_progress"))[0]
 
     def follow(self, session: Session, target: Target, detached: dict[str, Any], recorder: CallRecorder, *,
                offsets: tuple[int, int] = (0, 0), interrupt: str = "cancel") -> Outcome:
@@ -186,13 +193,17 @@ class Jobs:
         if not target.launcher.schedules:
             raise ConfigError(f"{target.host} runs calls at once: a job array needs a scheduler remote",
                               hint='set scheduler = "slurm" on the remote')
-        archive = self.coordinator.archive_for(sessions[0])
         recorders = [self.coordinator.task_recorder(session, target, session.to_wire()) for session in sessions]
         try:
+            project, warnings = self.coordinator.project_for(sessions[0])  # one task's calls: one project
+            for warning in warnings:
+                logger.warning("%s", warning)
+            archive = self.coordinator.archive_for(sessions[0], project=project is not None)
             records = store_and_submit(sessions, target.backend, archive, target.options, launcher=target.launcher,
                                        job_options=job_options(dict(sessions[0].context.get("options") or {})),
                                        name=f"{sessions[0].task.name}[{len(sessions)}]", parallel=parallel,
-                                       on_phase=recorders[0].phase)
+                                       on_phase=recorders[0].phase, project=project,
+                                       on_progress=sessions[0].local.get("on_progress"))
         except BaseException as exc:
             for recorder in recorders:
                 recorder.failed(exc)
@@ -209,14 +220,17 @@ class Jobs:
                 recorder.failed(Interrupted("interrupted; the array was cancelled"))
             raise Interrupted(f"interrupted; {target.launcher.name} job {records[0]['job']['job_id']} "
                               "was cancelled") from None
-        return [self._array_result(session, target, recorder, outcome)
+        return [self._array_result(session, target, recorder, outcome, archive, project)
                 for session, recorder, outcome in zip(sessions, recorders, outcomes, strict=True)]
 
     def _array_result(self, session: Session, target: Target, recorder: CallRecorder,
-                      outcome: Outcome | BaseException) -> Result:
+                      outcome: Outcome | BaseException, archive: DistributionArchive,
+                      project: ProjectCall | None) -> Result:
         if isinstance(outcome, BaseException):
             recorder.failed(outcome)
             return Result(status="error", exit_code=3, detail=str(outcome), host=target.host)
+        self.coordinator.localize(session, outcome, archive.sources, recorder, python=target.options.python,
+                                  project=project.tree.root if project is not None else None)
         recorder.job(outcome.header.get("job") or {})
         recorder.finished(result=outcome.result, phases=outcome.phases,
                           value=lambda: self.coordinator.recorded_value(session, target, outcome))

@@ -76,16 +76,14 @@ def _module_origin(module: str) -> Path | None:
 
 def _project(session: Any, target: str, dry_run: bool, as_json: bool) -> bool:
     """Scan the run's project now (its summary line or warnings on stderr); with ``dry_run`` list what would
-    travel. Returns True when the run is to go ahead. A job through a scheduler (Slurm) ships its script
-    and the modules it imports, as before: no scan, no line (its options are checked here, before anything
-    connects)."""
+    travel. Returns True when the run is to go ahead. A remote's target is resolved first: a job's
+    scheduler options are checked before anything is scanned or connects."""
     from ..coordinator import Coordinator
     from .sync import describe_project, print_listing
 
     coordinator = Coordinator.current()
-    if session.context.get("remote") and coordinator.resolve_target(session).launcher.schedules:
-        session.local["project"] = (None, [])
-        return not dry_run
+    if session.context.get("remote"):
+        coordinator.resolve_target(session)
     project, warnings = coordinator.project_for(session)
     session.local["project"] = (project, warnings)
     describe_project(project, warnings, what=target)

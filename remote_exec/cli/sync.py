@@ -163,24 +163,30 @@ def sync(
 @app.command()
 def gc(
     host: Annotated[str | None, typer.Argument(
-        help="The host whose caches to collect (without it: this machine's archive cache).",
+        help="The host whose caches to collect (without it: this machine's archive cache and the store of "
+             "its local runs).",
         show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
     backend: Annotated[str | None, typer.Option(help="SSH backend: openssh or paramiko.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Free a host's caches (least recently used first above [tool.rx] cache_limit, and anything unused for
-    cache_days; never what a running run uses), and this machine's archive cache."""
+    cache_days; never what a running run uses), and this machine's archive cache (without a host: also the
+    store of the runs without --remote)."""
     from ..config import Configuration
     from ..coordinator import Coordinator
     from ..packing import prune_cache
 
     config = Configuration.load()
     reports = [prune_cache(config.cache_limit, config.cache_days, dry_run=dry_run)]
+    coordinator = Coordinator.current()
     if host is not None:
-        coordinator = Coordinator.current()
         target = coordinator.host_target(host, config, backend=backend)
         reports.append({"host": host, **coordinator.collect_garbage(target, config, dry_run=dry_run)})
+    else:
+        local = coordinator.local_store_target(config)  # the store of rx run without --remote
+        if local is not None:
+            reports.append({"host": "local", **coordinator.collect_garbage(local, config, dry_run=dry_run)})
     if as_json:
         typer.echo(json.dumps(reports, indent=2))
         return
@@ -192,7 +198,7 @@ def _print_gc(report: dict[str, Any]) -> None:
     from ..sync.tree import human_size
 
     console = _console()
-    where = report.get("host") or "this machine"
+    where = {None: "this machine", "local": "this machine's local runs"}.get(report.get("host"), report.get("host"))
     if report.get("busy"):
         console.print(f"rx: {where}: another collection is running; nothing done", markup=False)
         return

@@ -1,8 +1,10 @@
 """Calls through a batch scheduler: stored on the login node, submitted as one job (or one array), followed
 from their files, sealed when the scheduler ends them, collected exactly like a detached run.
 
-    store     the runner's ``prepare`` on the login node: each call's session and options in its own run
-              directory on the shared filesystem (the archive installed there as for any call)
+    store     the project's tree stored on the login node first (``sync``: only the blobs it lacks travel),
+              then the runner's ``prepare``: each call's session and options in its own run directory on
+              the shared filesystem (the archive installed there as for any call); the job's runner makes
+              the run directory the snapshot of the tree when it starts
     submit    the launcher turns the runner's ``batch RUN_DIR`` into a job (Launcher.submit)
     follow    ``attach RUN_DIR collect`` on the login node streams the job's output from the run's files
               and sends its result when the runner in the allocation says it is done; meanwhile the
@@ -40,7 +42,8 @@ from .call import send_session
 from .channel import reap
 from .detached import attach_detached, follow_detached
 from .jobs import JobWatch
-from .options import CallOptions, FileLander, Outcome, OutputSink, PhaseCallback
+from .maintain import sync_tree
+from .options import CallOptions, FileLander, Outcome, OutputSink, PhaseCallback, ProgressCallback, ProjectCall
 
 __all__ = ["FINAL_WAIT", "ElementSinks", "JobCallback", "collect_array", "element_key", "follow_job", "job_record",
            "seal", "settle", "store_and_submit", "verdict_of"]
@@ -63,18 +66,23 @@ def _ignore_phase(name: str, state: str) -> None:
 
 def store_and_submit(sessions: Sequence[Session], backend: Backend, archive: DistributionArchive,
                      options: CallOptions, *, launcher: Launcher, job_options: Mapping[str, Any],
-                     name: str, parallel: int | None = None,
-                     on_phase: PhaseCallback | None = None) -> list[dict[str, Any]]:
-    """Store ``sessions`` on the host and submit them as one job (an array for more than one).
+                     name: str, parallel: int | None = None, on_phase: PhaseCallback | None = None,
+                     project: ProjectCall | None = None,
+                     on_progress: ProgressCallback | None = None) -> list[dict[str, Any]]:
+    """Store ``sessions`` on the host and submit them as one job (an array for more than one). With
+    ``project``, its tree is stored on the host first (the blobs it lacks sent), and each call runs in a
+    snapshot of it, made by the job's runner when it starts.
 
     Returns:
         One record per call (in order): what :func:`follow_job` needs (host, run directory, archive,
-        interpreter, workdir, the job and the call's index in it).
+        interpreter, workdir, the job and the call's index in it); the first also has ``synced`` (blobs,
+        bytes) when the project's tree lacked blobs there.
 
     Raises:
         ConfigError: Secrets were asked for (they never go to the shared filesystem), or an option the
             launcher refuses.
-        RunnerError: The host could not store the calls, or the scheduler refused the job.
+        SyncError: A file of the project changed or vanished while it was sent.
+        RunnerError: The host could not store the project or the calls, or the scheduler refused the job.
     """
     if options.secret_env:
         raise ConfigError(f"--secret-env cannot reach a {launcher.name} job: it runs later, on another node, "
@@ -86,7 +94,8 @@ def store_and_submit(sessions: Sequence[Session], backend: Backend, archive: Dis
     token = secrets.token_hex(4)
     base = f"{sessions[0].run_id or 'run'}-{token}"
     names = [base] if len(sessions) == 1 else [f"{base}-{index}" for index in range(len(sessions))]
-    run_dirs = _store(sessions, names, backend, archive, options, launcher, phase)
+    synced = _sync(backend, archive, options, launcher, project, on_progress, phase)
+    run_dirs = _store(sessions, names, backend, archive, options, launcher, phase, project)
     pattern = run_dirs[0] if len(sessions) == 1 else run_dirs[0].removesuffix("-0") + "-{index}"
     phase("submit", "started")
     try:
@@ -103,12 +112,24 @@ def store_and_submit(sessions: Sequence[Session], backend: Backend, archive: Dis
     phase("submit", "finished")
     return [{"host": backend.host, "run_dir": run_dir, "archive": archive.sha256, "archive_path": str(archive.path),
              "python": options.python, "workdir": options.workdir, "job": job.to_record(),
-             "index": index if len(sessions) > 1 else None} for index, run_dir in enumerate(run_dirs)]
+             "index": index if len(sessions) > 1 else None, **({"synced": synced} if synced and not index else {})}
+            for index, run_dir in enumerate(run_dirs)]
+
+
+def _sync(backend: Backend, archive: DistributionArchive, options: CallOptions, launcher: Launcher,
+          project: ProjectCall | None, on_progress: ProgressCallback | None, phase: PhaseCallback) -> list[int] | None:
+    """Store ``project``'s tree on the host (the blobs it lacks sent); [blobs, bytes] sent, or None."""
+    if project is None:
+        return None
+    report = sync_tree(backend, archive, options, project, launcher=launcher, on_progress=on_progress, on_phase=phase)
+    return [report["blobs"], report["bytes"]] if report.get("blobs") else None
 
 
 def _store(sessions: Sequence[Session], names: Sequence[str], backend: Backend, archive: DistributionArchive,
-           options: CallOptions, launcher: Launcher, phase: PhaseCallback) -> list[str]:
-    """The runner's ``prepare``: each call stored in the run directory ``names[i]``; their paths."""
+           options: CallOptions, launcher: Launcher, phase: PhaseCallback,
+           project: ProjectCall | None = None) -> list[str]:
+    """The runner's ``prepare``: each call stored in the run directory ``names[i]`` (to run in a snapshot
+    of ``project``'s tree, stored there already); their paths."""
     channel = start_runner(launcher, backend, archive, options, "prepare", phase)
     run_dirs: list[str] = []
 
@@ -122,7 +143,8 @@ def _store(sessions: Sequence[Session], names: Sequence[str], backend: Backend, 
             for session, run_name in zip(sessions, names, strict=True):
                 call = {"run_id": session.run_id or "run", "run_name": run_name, "timeout": options.timeout,
                         "env": dict(options.env), "secret_env": {}, "kind": session.task.kind,
-                        "pull": list(options.pull), "no_pull": options.no_pull, "key": "00"}
+                        "pull": list(options.pull), "no_pull": options.no_pull, "key": "00",
+                        "pull_limit": options.pull_limit, **(project.go_options() if project is not None else {})}
                 channel.process.write_stdin(wire.encode(b"G", wire.dump_options(call)))
                 send_session(channel.process, session.to_wire())
             channel.process.write_stdin(wire.encode(b"Q"))

@@ -7,7 +7,9 @@
 - ``batch RUN_DIR`` (inside the scheduler's allocation: the job's own process): run the stored call as a
   detached run's supervisor does (its output appended to the run's files, SIGTERM stops the task, USR1
   and USR2 reach it), store its outcome, and exit with the task's exit code, so the scheduler's accounting
-  says COMPLETED or FAILED as the task did. A ``{index}`` in ``RUN_DIR`` is the array index
+  says COMPLETED or FAILED as the task did. A call that names a project tree (stored by the coordinator
+  before ``prepare``) runs in a snapshot of it: the run directory is made the snapshot when the job starts,
+  as a direct call's is, so its outputs are what it created or changed. A ``{index}`` in ``RUN_DIR`` is the array index
   (``RX_ARRAY_INDEX``). A job the scheduler requeued starts the call again in the same run directory:
   the files the task wrote stay, its output is appended, ``RX_JOB_ATTEMPT`` counts the attempts; a call
   that already ended is not run twice.
@@ -97,13 +99,46 @@ def serve_prepare(cache_dir: str, out: Out) -> None:
     for options, session_bytes in _incoming_calls():
         if options.get("secret_env"):
             raise RuntimeError("secrets are never stored on the shared filesystem")
+        if options.get("tree") and _tree(cache_dir, options) is None:
+            raise RuntimeError(f"the project's tree {str(options['tree'])[:12]} is not stored under {cache_dir}")
         run_dir = _new_run_dir(cache_dir, str(options.get("run_name") or ""))
         options = dict(options, key="00")  # the job never holds a coordinator's key
         private = os.path.join(run_dir, PRIVATE)
         _write_private(os.path.join(private, _SESSION), session_bytes)
         _write_private(os.path.join(private, _OPTIONS), wire.json_bytes(options))
-        RunStatus(run_dir).update(state="queued", queued=time.time())
+        RunStatus(run_dir).update(state="queued", queued=time.time(), tree=options.get("tree"))
         out.event({"event": "prepared", "run_dir": run_dir, "host": os.uname().nodename})
+
+
+def _tree(cache_dir: str, options: dict[str, Any]) -> Any:
+    """The stored manifest of the call's tree (None when the store lacks it)."""
+    from .store import load_tree
+
+    return load_tree(cache_dir, str(options["tree"]))
+
+
+def _snapshot(cache_dir: str, run_dir: str, options: dict[str, Any]) -> None:
+    """Make ``run_dir`` (its ``.rx`` only, so far) the snapshot of the call's tree; a requeued job's run
+    directory is one already (the files its earlier attempt wrote are kept).
+
+    Raises:
+        RuntimeError: The tree, or a blob of it, is no longer in the store (removed since the call was
+            stored: submit it again).
+    """
+    from .snapshot import BASELINE, DamagedBlob, materialize
+
+    if os.path.exists(os.path.join(run_dir, PRIVATE, BASELINE)):
+        return
+    entries = _tree(cache_dir, options)
+    tree_id = str(options["tree"])
+    try:
+        if entries is None:
+            raise DamagedBlob(tree_id)
+        materialize(cache_dir, entries, run_dir, tree_id, str(options.get("cwd") or ""),
+                    str(options.get("project") or ""))
+    except DamagedBlob:
+        raise RuntimeError(f"the project's tree {tree_id[:12]} is no longer whole in {cache_dir} "
+                           "(removed since the job was submitted?): run the call again") from None
 
 
 def _stored_call(run_dir: str) -> tuple[dict[str, Any], bytes]:
@@ -146,6 +181,8 @@ def serve_batch(cache_dir: str, run_dir: str) -> int:
     status.update(state="running", supervisor_pid=os.getpid(), node=os.uname().nodename, started=time.time(),
                   job_id=os.environ.get("RX_JOB_ID"), attempt=int(os.environ.get("RX_JOB_ATTEMPT") or 0),
                   attempts=attempts)
+    if options.get("tree"):
+        _snapshot(cache_dir, run_dir, options)
     header, _ = run_to_files(options, session_bytes, run_dir, status)
     # A job that may be requeued (a node failure, a preemption) is over only when its scheduler says so:
     # the coordinator asks it and seals the run. Any other job's run is done now (a cancel or a time limit

@@ -5,12 +5,14 @@ What counts as used when:
 
 - a tree: its manifest's modification time (touched when a call uses it, at most hourly); the blobs no
   other kept tree names go with it. A tree used within the last hour is kept (a run may be making its
-  snapshot from it);
+  snapshot from it), and so is a tree a run directory not yet done names (a scheduler's job, queued for
+  days maybe, whose runner makes its snapshot when the job starts);
 - a pooled snapshot (``snapshots/<project>/...``): its modification time (set when a run left it there);
   a run that takes one owns it (it is no longer in the pool);
 - an archive: its directory's modification time; an archive a live process was started from (its sha256
   on a command line, read from /proc) is kept whatever its age: a running task imports from it;
-- a run directory the pull limit left on the host (its files over the limit stay there): kept while its
+- a run directory the pull limit left on the host (its files over the limit stay there), or a job's or a
+  detached run's that nobody collected (queued, ended or done; never running): kept while its
   ``.rx/lock`` is held or for ``days`` after it was last touched; other run directories are the sweep's
   (:func:`.rundir.sweep_runs`: those of runners that died);
 - an environment (``envs/<key>``): its ``.rx-complete``'s modification time (touched on each use); one
@@ -18,8 +20,8 @@ What counts as used when:
 - temporaries (``tmp/``, half-written manifests, environments whose build was killed) and blobs no tree
   names: removed after a day.
 
-Above ``limit`` bytes (trees with their blobs, pooled snapshots, archives and environments), the least recently used go
-first; anything unused for ``days`` goes in any case. :func:`collect` runs under an exclusive lock
+Above ``limit`` bytes (trees with their blobs, pooled snapshots, archives and environments), the least
+recently used go first; anything unused for ``days`` goes in any case. :func:`collect` runs under an exclusive lock
 (``gc.lock``): a second collector finds it taken and does nothing. :func:`maybe_collect` starts one in the
 background at most once a day, when a call starts (``gc.stamp``).
 """
@@ -166,11 +168,24 @@ class _Store:
             for name in _listdir(os.path.join(cache_dir, "snapshots", project)):
                 path = os.path.join(cache_dir, "snapshots", project, name)
                 self.snapshots[f"{project}/{name}"] = (_mtime(path), size_of(path))
-        self.envs: dict[str, tuple[float, int]] = {}  # key -> (last use, bytes); complete ones only
-        for name in _listdir(os.path.join(cache_dir, "envs")):
-            path = os.path.join(cache_dir, "envs", name)
+        self.envs = self._envs()
+        self.statuses = {name: read_status(os.path.join(cache_dir, "runs", name))
+                         for name in _listdir(os.path.join(cache_dir, "runs"))}
+
+    def _envs(self) -> dict[str, tuple[float, int]]:
+        """Complete environments: key -> (last use, bytes)."""
+        found = {}
+        for name in _listdir(os.path.join(self.cache_dir, "envs")):
+            path = os.path.join(self.cache_dir, "envs", name)
             if "." not in name and os.path.exists(os.path.join(path, ".rx-complete")):
-                self.envs[name] = (_mtime(os.path.join(path, ".rx-complete")), size_of(path))
+                found[name] = (_mtime(os.path.join(path, ".rx-complete")), size_of(path))
+        return found
+
+    @property
+    def waiting(self) -> set[str]:
+        """The trees that runs not yet done will make their snapshots of (a queued job's)."""
+        return {str(status["tree"]) for status in self.statuses.values()
+                if status.get("tree") and status.get("state") != "done"}
 
     def _tree(self, name: str) -> None:
         path = os.path.join(self.cache_dir, "trees", name)
@@ -207,7 +222,7 @@ def _candidates(store: _Store, in_use: set[str] | None) -> list[tuple[float, str
     now = store.now
     candidates = []
     for name, (used, _) in store.trees.items():
-        if now - used > _GRACE:
+        if now - used > _GRACE and name not in store.waiting:
             candidates.append((used, "tree", name))
     for name, (used, _) in store.snapshots.items():
         candidates.append((used, "snapshot", name))
@@ -272,11 +287,23 @@ def _leftovers(store: _Store, plan: _Plan, days: float) -> None:
         if not store.refs.get(blob) and now - _mtime(path) > DAY:
             plan.remove("blob", path, size, "named by no tree")
             del store.blobs[blob]
-    for name in _listdir(os.path.join(cache_dir, "runs")):
+    for name, status in list(store.statuses.items()):
         path = os.path.join(cache_dir, "runs", name)
-        if (read_status(path).get("over_limit") and _locked(path) is not True
-                and now - _mtime(os.path.join(path, PRIVATE)) > days * DAY):
-            plan.remove("run", path, size_of(path), f"kept by the pull limit, untouched for {days:g} days")
+        reason = _forgotten(status, days)
+        if reason and _locked(path) is not True and now - _mtime(os.path.join(path, PRIVATE)) > days * DAY:
+            plan.remove("run", path, size_of(path), reason)
+            del store.statuses[name]
+
+
+def _forgotten(status: dict[str, Any], days: float) -> str | None:
+    """Why a run directory is the collector's once untouched for ``days`` (None: it is not). Files kept by
+    the pull limit; a job's or a detached run's that nobody collected (no ``rx attach``), unless it runs.
+    Other run directories are the sweep's (:func:`.rundir.sweep_runs`)."""
+    if status.get("over_limit"):
+        return f"kept by the pull limit, untouched for {days:g} days"
+    if (status.get("queued") or status.get("detached")) and status.get("state") in ("queued", "ended", "done"):
+        return f"a {'job' if status.get('queued') else 'detached run'} nobody collected, untouched for {days:g} days"
+    return None
 
 
 def collect(cache_dir: str, limit: int, days: float, *, dry_run: bool = False) -> dict[str, Any]:

@@ -156,12 +156,14 @@ SCENARIOS: dict[str, dict[str, str]] = {
         "expect": "IntegrityError (truncation: a clear error); nothing written outside the run dir; run failed",
     },
     "pool_pause": {
+        "class": "pools of hosts",
         "title": "A pool's host paused mid-map",
         "fault": "docker pause of one of two hosts while Executor.map (keepalive 1 s x 2) runs 0.4 s calls there",
         "expect": "every result exactly once, in order; the paused host's calls finish on the other host; "
                   "nothing of rx left on it within 5 s of unpause",
     },
     "pool_worker_killed": {
+        "class": "pools of hosts",
         "title": "A pool slot's worker killed mid-call",
         "fault": "SIGKILL to the slot's persistent worker on the host while it runs a call",
         "expect": "the call runs again (a fresh worker, or the other host); every result exactly once; two "

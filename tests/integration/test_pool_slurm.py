@@ -44,3 +44,24 @@ def test_a_map_over_a_cluster_is_one_job_array(cluster: Cluster) -> None:
     info = cluster.show()
     jobs = {entry["job"]["job_id"] for entry in info["tasks"].values()}
     assert len({job.split("_")[0] for job in jobs}) == 1 and len(jobs) == 6  # one array, six elements
+
+
+def test_rx_map_over_a_cluster_runs_each_combination_as_a_job_in_the_project(cluster: Cluster) -> None:
+    (cluster.project / "data").mkdir()
+    cluster.write("data/base.txt", "7")
+    cluster.write("train.py", """\
+        import os, sys
+        lr = sys.argv[sys.argv.index("--lr") + 1]
+        base = open("data/base.txt").read()  # the project's file, in the job's snapshot
+        with open(f"out-{lr}.txt", "w") as stream:
+            stream.write(f"{base}:{lr}")
+        print("lr", lr, "base", base, "job", bool(os.environ.get("SLURM_JOB_ID")))
+        """)
+
+    done = cluster.rx("map", "-r", "cluster", "train.py", "--lr", ":::", "0.1", "0.2")
+
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.splitlines()) == ["[lr=0.1] lr 0.1 base 7 job True", "[lr=0.2] lr 0.2 base 7 job True"]
+    landed = {path.name: path.read_text() for path in (cluster.workspace / "runs").glob("*/files/out-*.txt")}
+    assert landed == {"out-0.1.txt": "7:0.1", "out-0.2.txt": "7:0.2"}
+    assert cluster.squeue() == "" and cluster.remote_runs() == []

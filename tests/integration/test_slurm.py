@@ -73,6 +73,48 @@ def test_a_script_runs_as_a_job_with_live_output_files_and_its_exit_code(cluster
     assert f"slurm job {job_id}: FAILED on {node} (debug), elapsed" in cluster.rx("show", "latest").stdout
 
 
+TRAIN = """\
+import json, os, sys
+from pathlib import Path
+config = json.load(open(sys.argv[1]))
+rows = (Path(__file__).parent / "data" / "x.csv").read_text().split()
+print("lr", config["lr"], "rows", len(rows), "extra", os.path.exists("data/extra.txt"), flush=True)
+os.makedirs("outputs", exist_ok=True)
+Path("outputs/model.pt").write_text(f"lr={config['lr']} rows={len(rows)}")
+Path(sys.argv[1]).write_text("{}")  # rewriting a project file touches only this job's snapshot
+"""
+
+
+@pytest.mark.parametrize("slurm_backend", ["openssh", "paramiko"], indirect=True)
+def test_a_job_runs_in_a_snapshot_of_the_project_and_its_outputs_land(cluster: Cluster) -> None:
+    # Before jobs shipped the project: FileNotFoundError: 'configs/a.json' (only the script travelled).
+    (cluster.project / "configs").mkdir()
+    (cluster.project / "data").mkdir()
+    cluster.write("configs/a.json", '{"lr": 0.1}')
+    cluster.write("data/x.csv", "1,2\n3,4\n5,6\n")
+    cluster.write("data/extra.txt", "deleted before the second run")
+    cluster.write("data/unique.txt", str(cluster.project))  # a blob the cluster's store cannot have yet
+    cluster.write("train.py", TRAIN)
+
+    first = cluster.rx("run", "--remote", "cluster", "train.py", "configs/a.json")
+    runs = [cluster.latest_id()]
+    (cluster.project / "data" / "extra.txt").unlink()
+    second = cluster.rx("run", "--remote", "cluster", "train.py", "configs/a.json")
+    runs.append(cluster.latest_id())
+
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == ["lr 0.1 rows 3 extra True"]
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.splitlines() == ["lr 0.1 rows 3 extra False"]  # a deleted file never reappears
+    for run in runs:
+        assert cluster.files_of(run) == {"outputs/model.pt": "lr=0.1 rows=3", "configs/a.json": "{}"}
+    sent = [json.loads((cluster.workspace / "runs" / run / "result.json").read_text())["synced"] for run in runs]
+    assert sent[0] is not None and sent[0]["files"] >= 1 and sent[1] is None  # the second job's tree: no blob
+    assert (cluster.project / "configs" / "a.json").read_text() == '{"lr": 0.1}'  # the user's tree untouched
+    assert not (cluster.project / "outputs").exists()
+    assert cluster.remote_runs() == []
+
+
 def test_a_task_returns_its_value_raises_its_exception_and_brings_its_files(cluster: Cluster) -> None:
     cluster.write("tasks.py", """\
         import os, socket

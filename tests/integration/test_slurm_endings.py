@@ -45,7 +45,7 @@ with open(f"attempt-{attempt}.txt", "w") as stream:
     stream.write(socket.gethostname())
 if attempt == "0":
     time.sleep(300)
-print("done after", sorted(name for name in os.listdir(".") if name.startswith("attempt")), flush=True)
+print("done after", sorted(name for name in os.listdir(".") if name.startswith("attempt-")), flush=True)
 """
 
 SLEEPER = """\

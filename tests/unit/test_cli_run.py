@@ -217,3 +217,49 @@ def test_the_workspace_is_at_the_project_root_wherever_rx_starts(isolated: Any) 
     assert not (project / "scripts" / ".rx").exists()
     assert (project / ".rx" / "runs").is_dir()
     assert [run["target"] for run in json.loads(listed.stdout)] == ["job.py", "top.py"]
+
+
+READS_DATA = "print(open('data/x.txt').read().strip())\n"
+
+
+def _outside_any_project(isolated: Any) -> Path:
+    """``app/`` with ``read.py`` and ``data/x.txt``, under no project marker."""
+    app: Path = isolated.root / "app"
+    (app / "data").mkdir(parents=True)
+    (app / "data" / "x.txt").write_text("the data\n")
+    (app / "read.py").write_text(READS_DATA)
+    return app
+
+
+def test_project_option_makes_a_folder_without_a_marker_the_project(isolated: Any) -> None:
+    app = _outside_any_project(isolated)
+
+    without = rx(isolated, "run", "read.py", cwd=app)
+    with_option = rx(isolated, "run", "--project", ".", "read.py", cwd=app)
+
+    assert without.returncode == 1 and "rx: no project root above read.py" in without.stderr
+    assert "FileNotFoundError" in without.stderr  # only the script travelled
+    assert with_option.returncode == 0, with_option.stderr
+    assert with_option.stdout == "the data\n"
+
+
+def test_tool_rx_project_false_ships_only_the_script_and_its_imports(isolated: Any) -> None:
+    app = _outside_any_project(isolated)
+    (app / "pyproject.toml").write_text("[tool.rx]\nproject = false\n")
+
+    done = rx(isolated, "run", "read.py", cwd=app)
+
+    assert done.returncode == 1 and "FileNotFoundError" in done.stderr
+
+
+def test_run_dry_run_lists_what_would_travel_and_runs_nothing(isolated: Any) -> None:
+    app = _outside_any_project(isolated)
+    (app / "pyproject.toml").write_text("")
+
+    done = rx(isolated, "run", "--dry-run", "read.py", cwd=app)
+
+    assert done.returncode == 0, done.stderr
+    listed = done.stdout + done.stderr
+    assert "data/x.txt" in listed and "read.py" in listed and "3 files" in listed, listed
+    assert "the data" not in done.stdout  # nothing ran
+    assert _runs(isolated) == []

@@ -74,6 +74,23 @@ def test_unused_for_days_goes_anyway_and_a_tree_used_this_hour_never(tmp_path: P
     assert stale not in _left(cache, "trees")
 
 
+def test_a_tree_a_queued_or_running_job_will_run_in_is_kept_however_old(tmp_path: Path) -> None:
+    # A Slurm job may wait in the queue for days: its run directory names the tree its runner makes the
+    # snapshot of when the job starts; the collector must leave that tree (and its blobs) alone.
+    cache = tmp_path / "cache"
+    queued = _tree(cache, {"a": b"a" * 4000}, used_days_ago=40)
+    running = _tree(cache, {"b": b"b" * 4000}, used_days_ago=40)
+    ended = _tree(cache, {"c": b"c" * 4000}, used_days_ago=40)
+    for name, tree, state in (("q", queued, "queued"), ("r", running, "running"), ("d", ended, "done")):
+        private = cache / "runs" / name / ".rx"
+        private.mkdir(parents=True)
+        (private / "status.json").write_text(json.dumps({"state": state, "tree": tree}))
+    collect(str(cache), limit=10, days=30)
+    assert _left(cache, "trees") == {queued, running}
+    kept_blobs = {path.name for path in (cache / "blobs").rglob("*") if path.is_file()}
+    assert kept_blobs == {hashlib.sha256(b"a" * 4000).hexdigest(), hashlib.sha256(b"b" * 4000).hexdigest()}
+
+
 def test_dry_run_removes_nothing_and_says_what_would_go(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     stale = _tree(cache, {"a": b"a"}, used_days_ago=40)
@@ -121,6 +138,34 @@ def test_a_run_directory_kept_by_the_pull_limit_goes_after_days_unless_held(tmp_
     finally:
         os.close(lock)
     assert _left(cache, "runs") == {"held", "young", "other"}
+
+
+def test_a_job_or_detached_run_nobody_collected_goes_after_days_and_frees_its_tree(tmp_path: Path) -> None:
+    """A job's run directory (or a detached run's) that nobody collects (its coordinator gone, no rx attach)
+    stayed for ever, and kept the tree its job was to run in; once untouched for ``days`` it goes, never
+    while it runs or is held (seen failing: both stayed)."""
+    cache = tmp_path / "cache"
+    tree = _tree(cache, {"a": b"a" * 100}, used_days_ago=40)
+    runs = {"queued-old": {"state": "queued", "queued": 1.0, "tree": tree},
+            "done-old": {"state": "done", "detached": True},
+            "done-young": {"state": "done", "queued": 1.0},
+            "running-old": {"state": "running", "queued": 1.0, "tree": tree},
+            "attached-old": {"state": "done"}}  # a plain call's: the sweep's, not the collector's
+    for name, status in runs.items():
+        private = cache / "runs" / name / ".rx"
+        private.mkdir(parents=True)
+        (private / "status.json").write_text(json.dumps(status))
+        if name.endswith("-old"):
+            _age(private / "status.json", 40)
+            _age(private, 40)
+    collect(str(cache), limit=1 << 30, days=30)
+    assert _left(cache, "runs") == {"done-young", "running-old", "attached-old"}
+    assert _left(cache, "trees") == {tree}  # the running job still names it
+    (cache / "runs" / "running-old" / ".rx" / "status.json").write_text(json.dumps({"state": "done", "queued": 1.0}))
+    _age(cache / "runs" / "running-old" / ".rx" / "status.json", 40)
+    _age(cache / "runs" / "running-old" / ".rx", 40)
+    collect(str(cache), limit=1 << 30, days=30)
+    assert _left(cache, "runs") == {"done-young", "attached-old"} and _left(cache, "trees") == set()
 
 
 def test_leftovers_of_interrupted_transfers_go_after_a_day(tmp_path: Path) -> None:
@@ -239,3 +284,23 @@ def test_environments_go_least_recently_used_above_the_limit_never_one_in_use(tm
         live.wait()
     assert _left(cache, "envs") == {used, recent}
     assert {entry["kind"] for entry in report["removed"]} == {"env", "temporary"}
+
+
+def test_rx_gc_without_a_host_collects_the_store_of_this_machines_local_runs(tmp_path: Path) -> None:
+    # rx run without --remote stores its project trees and snapshots under the cache's local/ workdir;
+    # rx gc used to prune only the archives there (seen failing: the 40-day-old tree stayed).
+    cache = tmp_path / "cache"
+    local = cache / "local"
+    stale = _tree(local, {"a": b"a" * 100}, used_days_ago=40)
+    fresh = _tree(local, {"b": b"b" * 100}, used_days_ago=0)
+    env = {**os.environ, "RX_CACHE_DIR": str(cache), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    shown = subprocess.run([sys.executable, "-m", "remote_exec", "gc", "--dry-run"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run([sys.executable, "-m", "remote_exec", "gc", "--json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert shown.returncode == 0 and "this machine's local runs: would free 100 B in 2 item(s)" in shown.stderr, \
+        shown.stderr
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)[1]
+    assert report["host"] == "local" and [entry["kind"] for entry in report["removed"]] == ["tree", "blob"]
+    assert _left(local, "trees") == {fresh} and stale not in _left(local, "trees")

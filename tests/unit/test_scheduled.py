@@ -251,3 +251,122 @@ def test_a_refused_job_is_one_error_and_leaves_nothing_on_the_cluster(queue: Con
     finally:
         unregister_launcher("refusing")
     assert runs(tmp_path) == []
+
+
+PROJECT_TASKS = """\
+import json
+import os
+from pathlib import Path
+
+
+def train(seed):
+    with open("configs/a.json") as stream:  # relative to the project, as in a script run there
+        lr = json.load(stream)["lr"]
+    rows = (Path(__file__).parent / "data" / "x.csv").read_text().split()
+    os.makedirs("outputs", exist_ok=True)
+    with open(f"outputs/model-{seed}.txt", "w") as stream:
+        stream.write(f"lr={lr} rows={len(rows)} seed={seed}")
+    with open("configs/a.json", "w") as stream:  # a run that rewrites a project file touches only its snapshot
+        stream.write("{}")
+    if seed == 2:
+        raise ValueError("seed 2 diverged")
+    return lr, os.getcwd() == os.environ["RX_RUN_DIR"]
+"""
+
+
+@pytest.fixture
+def project_tasks(isolated: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A project (pyproject.toml, configs/, data/, its tasks module), the current directory, imported."""
+    import importlib
+
+    root = tmp_path / "proj"
+    (root / "configs").mkdir(parents=True)
+    (root / "data").mkdir()
+    (root / "pyproject.toml").write_text("[project]\nname = 'proj'\n")
+    (root / "configs" / "a.json").write_text('{"lr": 0.1}')
+    (root / "data" / "x.csv").write_text("1,2\n3,4\n5,6\n")
+    (root / "proj_tasks.py").write_text(PROJECT_TASKS)
+    monkeypatch.chdir(root)
+    monkeypatch.syspath_prepend(str(root))
+    sys.modules.pop("proj_tasks", None)
+    module = importlib.import_module("proj_tasks")
+    yield module
+    sys.modules.pop("proj_tasks", None)
+
+
+def _landed(isolated: Any) -> dict[str, str]:
+    return {path.name: path.read_text() for path in isolated.workspace.rglob("outputs/model-*.txt")}
+
+
+def test_a_job_runs_in_a_snapshot_of_its_project_and_its_outputs_land(queue: Configuration, project_tasks: Any,
+                                                                      isolated: Any, tmp_path: Path) -> None:
+    # Seen failing before the jobs shipped the project: FileNotFoundError: 'configs/a.json'.
+    call = task(remote="cluster", config=queue)(project_tasks.train)
+
+    assert call(1) == (0.1, True)
+
+    Coordinator.current().flush()
+    assert _landed(isolated) == {"model-1.txt": "lr=0.1 rows=3 seed=1"}
+    assert (tmp_path / "proj" / "configs" / "a.json").read_text() == '{"lr": 0.1}'  # the user's tree untouched
+    assert not (tmp_path / "proj" / "outputs").exists()
+    assert runs(tmp_path) == []
+
+
+def test_an_array_runs_each_call_in_its_own_snapshot(queue: Configuration, project_tasks: Any, isolated: Any,
+                                                     tmp_path: Path) -> None:
+    function = task(remote="cluster", config=queue)(project_tasks.train)
+
+    results = Coordinator.current().map_array(function, [1, 2, 3])
+
+    assert [result.status for result in results] == ["finished", "raised", "finished"]
+    assert results[0].unwrap() == (0.1, True) and results[2].unwrap() == (0.1, True)  # each read the original
+    with pytest.raises(ValueError, match="seed 2 diverged"):
+        results[1].unwrap()
+    traceback = results[1].traceback or ""
+    assert 'File "proj_tasks.py", line 16, in train' in traceback and "/runs/" not in traceback  # the user's file
+    Coordinator.current().flush()
+    assert _landed(isolated) == {f"model-{seed}.txt": f"lr=0.1 rows=3 seed={seed}" for seed in (1, 2, 3)}
+    assert len(QueueLauncher.requests) == 1  # one job array
+
+
+def test_a_job_whose_tree_left_the_store_before_it_started_says_so(queue: Configuration, project_tasks: Any,
+                                                                    tmp_path: Path) -> None:
+    import shutil
+
+    call = task(remote="cluster", config=queue, slurm={"hold": True})(project_tasks.train)
+
+    def remove_then_release() -> None:
+        job_id = _job(queue).job_id
+        shutil.rmtree(tmp_path / "shared" / "trees")  # someone emptied the store while the job queued
+        QueueLauncher.release(job_id)
+
+    releaser = threading.Thread(target=remove_then_release)
+    releaser.start()
+    try:
+        with pytest.raises(RemoteExecError, match=r"tree [0-9a-f]{12} is no longer whole .*run the call again"):
+            call(1)
+    finally:
+        releaser.join()
+
+
+def writes_a_large_file() -> int:
+    with open("big.bin", "wb") as stream:
+        stream.write(b"x" * 8192)
+    with open("small.txt", "w") as stream:
+        stream.write("small")
+    return 1
+
+
+def test_a_jobs_files_over_the_pull_limit_stay_on_the_cluster(queue: Configuration, tmp_path: Path) -> None:
+    # Before, a job's stored options had no pull_limit: everything came back, whatever the limit.
+    import dataclasses
+    import json
+
+    limited = dataclasses.replace(queue, pull_limit=1024)
+
+    assert task(remote="cluster", config=limited)(writes_a_large_file)() == 1
+
+    [kept] = runs(tmp_path)
+    status = json.loads((tmp_path / "shared" / "runs" / kept / ".rx" / "status.json").read_text())
+    assert status.get("over_limit") is True
+    assert (tmp_path / "shared" / "runs" / kept / "big.bin").stat().st_size == 8192
