@@ -94,7 +94,7 @@ def parse_size(value: object, what: str = "size") -> int:
 
 
 _REMOTE_KEYS = {"host", "user", "port", "python", "workdir", "env", "backend", "keep_warm", "identity_file",
-                "timeout", "restricted", "allow_unpickle", "scheduler", "slurm"}
+                "timeout", "restricted", "allow_unpickle", "scheduler", "slurm", "offline", "inherit_site"}
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -201,6 +201,8 @@ class Remote:
         allow_unpickle: Modules or ``module.name`` globals restricted mode accepts besides those.
         scheduler: How the runner is started on the host: a launcher's name (``direct``, the default: one
             exec over the connection; ``slurm``: each call an sbatch job submitted through this login node).
+        offline: The host reaches no index: a task's dependencies travel as wheels from here.
+        inherit_site: A task's environment there sees the interpreter's own site-packages.
         slurm: The Slurm launcher's settings (``partition``, ``time``, ``gres``, ``mem``, ``account``,
             ``qos``, ``cpus_per_task``, ``extra`` sbatch words, ``signal``, ``requeue``, ``poll_interval``,
             ``poll_max``); giving them makes ``slurm`` the scheduler.
@@ -221,6 +223,8 @@ class Remote:
     allow_unpickle: tuple[str, ...] = ()
     scheduler: str = "direct"
     slurm: Mapping[str, Any] = field(default_factory=dict)
+    offline: bool = False
+    inherit_site: bool = False
 
     @property
     def launcher_options(self) -> dict[str, Any]:
@@ -388,6 +392,39 @@ def _project_settings(path: Path, table: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
+_ENV_KEYS = ("deps", "requirements", "index_url", "find_links", "offline", "inherit_site", "uv_binary",
+             "project_deps")
+
+
+def _string_list(value: Any, label: str) -> list[str]:
+    """``value`` (a string or a list of strings) as a list.
+
+    Raises:
+        ConfigError: It is neither.
+    """
+    if isinstance(value, str):
+        return [value]
+    if not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+        raise ConfigError(f"{label} must be a list of strings")
+    return list(value)
+
+
+def _env_settings(path: Path, table: Mapping[str, Any]) -> dict[str, Any]:
+    """The dependency keys of ``[tool.rx]``, checked; paths made absolute (relative to ``path``'s folder)."""
+    settings = {key: table[key] for key in _ENV_KEYS if key in table}
+    for key in ("deps", "requirements", "find_links"):
+        settings[key] = _string_list(settings.get(key, []), f"{path}: [tool.rx] {key}")
+    for key in ("requirements", "find_links"):
+        settings[key] = [item if "://" in item else str((path.parent / item).expanduser().resolve())
+                         for item in settings.get(key, [])]
+    if "uv_binary" in settings:
+        settings["uv_binary"] = str((path.parent / str(settings["uv_binary"])).expanduser())
+    for key in ("offline", "inherit_site", "project_deps"):
+        if key in settings and not isinstance(settings[key], bool):
+            raise ConfigError(f"{path}: [tool.rx] {key} must be true or false")
+    return settings
+
+
 @dataclass
 class Configuration:
     """Advice chains, extensions, remotes and defaults.
@@ -415,6 +452,9 @@ class Configuration:
         cache_limit: Bytes a host's caches may hold (least recently used go first above it).
         cache_days: Days after which unused trees and archives go from a host's caches.
         pull_limit: Bytes a run brings back at most (None: no limit).
+        env_settings: The tasks' dependencies (``deps``, ``requirements``, ``index_url``, ``find_links``,
+            ``offline``, ``inherit_site``, ``uv_binary``; paths absolute; ``project_deps``: the project's own
+            dependencies when nothing else is declared), see :mod:`remote_exec.envs`.
         source: The pyproject.toml this was loaded from, if any.
     """
 
@@ -435,6 +475,7 @@ class Configuration:
     cache_limit: int = 10 << 30
     cache_days: float = 30.0
     pull_limit: int | None = 2 << 30
+    env_settings: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
 
     def __post_init__(self) -> None:
@@ -506,7 +547,7 @@ class Configuration:
             raise ConfigError(f"{path}: [tool.rx] must be a table")
         known = {"backend", "serializer", "ssh_config", "distribution_modules", "host_key_policy",
                  "connect_timeout", "workspace", "chains", "remotes", "log_cap", "project", "include",
-                 "cache_limit", "cache_days", "pull_limit"}
+                 "cache_limit", "cache_days", "pull_limit", *_ENV_KEYS}
         unknown = set(table) - known
         if unknown:
             raise ConfigError(f"{path}: unknown [tool.rx] key(s) {', '.join(sorted(unknown))}",
@@ -524,6 +565,7 @@ class Configuration:
             source=path,
             chains={name: [_advice_spec(item) for item in items]
                     for name, items in table.get("chains", {}).items()},
+            env_settings=_env_settings(path, table),
             **_project_settings(path, table),
         )
         for name, remote_table in table.get("remotes", {}).items():

@@ -45,6 +45,7 @@ from .config import (
     find_pyproject,
     parse_size,
 )
+from .envs import EnvCall, Environments, EnvSpec, project_requirements, refuse_by_value
 from .errors import LocalDiskFull, SerializationError, printable
 from .hints import arguments_hint, import_hint
 from .jobs import Jobs, job_options
@@ -188,6 +189,7 @@ class Coordinator:
         self._warned: set[str] = set()
         self._insecure_warned: set[str] = set()
         self.jobs = Jobs(self)
+        self.envs = Environments(default_cache_dir().parent / "envs")
 
     @classmethod
     def current(cls) -> Coordinator:
@@ -436,6 +438,8 @@ class Coordinator:
             recorder = self.task_recorder(session, target, session_bytes)
         try:
             archive, project = self._pack(session, recorder)
+            target = self.environment(session, target, archive, recorder,
+                                      project.tree.root if project is not None else None)
             if target.launcher.schedules:
                 outcome = self.jobs.run(session, target, archive, recorder, project)
             else:
@@ -469,6 +473,64 @@ class Coordinator:
             if not taken and isinstance(outcome.value_data, Path):  # a spooled value nobody records
                 outcome.value_data.unlink(missing_ok=True)
         return outcome.result
+
+    def env_spec(self, session: Session, target: Target,
+                 project: Path | None = None) -> tuple[EnvSpec | None, dict[str, Any]]:
+        """What ``session`` declares it needs on ``target`` (None: nothing; the host's interpreter as it is),
+        and the settings it was read with (``[tool.rx]``'s, the remote's ``offline`` / ``inherit_site``).
+        Without a declaration and with ``[tool.rx] project_deps = true``, a remote host gets the
+        ``project``'s own dependencies (``[project] dependencies``, else its requirements.txt; a local run
+        uses this interpreter, which has them already)."""
+        config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
+        settings = self.env_settings(config, target.host)
+        cwd = session.context.get("cwd")
+        options = session.context.get("options") or {}
+        spec = EnvSpec.from_options(options, settings, Path(cwd) if cwd else None)
+        if spec is None and project is not None and target.backend_name != "local" and settings.get("project_deps"):
+            spec = EnvSpec.from_options({**options, **project_requirements(project)}, settings, project)
+        return spec, settings
+
+    @staticmethod
+    def env_settings(config: Configuration, host: str) -> dict[str, Any]:
+        """``[tool.rx]``'s dependency settings with the remote's ``offline`` / ``inherit_site``."""
+        settings = dict(config.env_settings)
+        remote = config.remotes.get(host)
+        if remote is not None:
+            settings.update({key: True for key in ("offline", "inherit_site") if getattr(remote, key)})
+        return settings
+
+    def describe_env(self, target: Target, config: Configuration, options: dict[str, Any], *,
+                     build: bool = False) -> dict[str, Any] | None:
+        """``rx env HOST``: the probe, the lock, the key and whether the environment exists (None: no
+        dependencies declared)."""
+        settings = self.env_settings(config, target.host)
+        spec = EnvSpec.from_options(options, settings)
+        if spec is None:
+            return None
+        archive = self.packer.build(extra_modules=config.distribution_modules)
+        call = EnvCall(target.host, target.backend, target.launcher, archive, target.options)
+        return self.envs.describe(spec, call, settings, build=build)
+
+    def environment(self, session: Session, target: Target, archive: DistributionArchive,
+                    recorder: CallRecorder, project: Path | None = None) -> Target:
+        """``target`` with its interpreter replaced by the environment of ``session``'s declared
+        dependencies (built on the host first when it lacks it); unchanged when nothing is declared.
+
+        Raises:
+            EnvError: Resolution, the wheels or the build failed.
+            SerializationError: A function travelling by value to a host whose Python (as probed, now or
+                before) is another minor version.
+        """
+        spec, settings = self.env_spec(session, target, project)
+        options = target.options
+        if spec is not None:
+            call = EnvCall(target.host, target.backend, target.launcher, archive, target.options,
+                           on_phase=recorder.phase, on_progress=_progress(session),
+                           on_status=session.local.get("on_env"))
+            options = self.envs.prepare(spec, call, settings)
+        known = self.envs.known_probe(target.host, target.options.python, target.options.workdir)
+        refuse_by_value(session.task, known, target.host)
+        return target if spec is None else replace(target, options=options)
 
     def localize(self, session: Session, outcome: Outcome, sources: Iterable[tuple[str, str]],
                  recorder: CallRecorder, *, python: str = "python3", project: Path | None = None) -> None:
@@ -542,6 +604,8 @@ class Coordinator:
     def start_detached(self, session: Session, target: Target, recorder: CallRecorder) -> dict[str, Any]:
         """Start ``session`` at ``target`` so that it outlives this process; return where it runs."""
         archive, project = self._pack(session, recorder)
+        target = self.environment(session, target, archive, recorder,
+                                  project.tree.root if project is not None else None)
         if target.launcher.schedules:
             started = self.jobs.submit(session, target, archive, recorder, project)
         else:

@@ -7,6 +7,7 @@
     │   └── UsageError              exit status 2: a bad option value (--timeout nan, --env 'A B=1')
     ├── PackError                   the distribution archive could not be built
     ├── SyncError                   the project tree cannot travel: too large, a symlink out of it, unreadable
+    ├── EnvError                    a task's dependencies: unresolvable, no wheel for the host, install failed
     ├── SessionError                a saved session is damaged or of an unknown format version
     ├── SerializationError          a value could not be serialized or deserialized
     ├── WorkspaceError              the local workspace: unknown or ambiguous run, unreadable state
@@ -50,6 +51,7 @@ __all__ = [
     "CommandTimeout",
     "ConfigError",
     "ConnectError",
+    "EnvError",
     "HostKeyError",
     "IntegrityError",
     "Interrupted",
@@ -128,6 +130,11 @@ class PackError(RemoteExecError):
 class SyncError(RemoteExecError):
     """The project tree cannot travel: larger than the limit, a symlink leading out of it, a file that
     cannot be read or changed while it was sent."""
+
+
+class EnvError(RemoteExecError):
+    """A task's dependencies could not be resolved, fetched or installed on its host (a package without a
+    wheel for the host, a version conflict, no uv)."""
 
 
 class SessionError(RemoteExecError):

@@ -38,10 +38,11 @@ def _installed_here(name: str) -> Path | None:
 
 def _install_there(name: str, version: str | None, host: str, python: str) -> str:
     """The hint for a package installed here and not on ``host``."""
-    # What to try changes with issue 14 (rx run --deps): then "--deps NAME, or the project's dependencies".
     here = f"{name} {version}" if version else name
-    return (f"{name} is installed here ({here}), not on {host}: install it there ({python} -m pip install "
-            f"{name}), or run with --python set to an interpreter of {host} that has it")
+    pinned = f"{name}=={version}" if version else name
+    return (f"{name} is installed here ({here}), not on {host}: have rx build it an environment there "
+            f"(rx run --deps {pinned!r}, @task(deps=[...]) or [tool.rx] deps), install it there ({python} -m pip "
+            f"install {name}), or run with --python set to an interpreter of {host} that has it")
 
 
 def import_hint(message: str, *, host: str, python: str, shipped: Iterable[str], project: Path) -> str | None:

@@ -58,6 +58,7 @@ from testbed._slurm import (
     slurm_status,
     slurm_up,
 )
+from testbed._wheels import make_wheel
 
 __all__ = [
     "BASE_IMAGE",
@@ -75,6 +76,7 @@ __all__ = [
     "ensure_image",
     "ensure_slurm_image",
     "exec_root",
+    "make_wheel",
     "pause",
     "prune",
     "regenerate_host_keys",

@@ -62,6 +62,7 @@ STATE_LABEL = "rx-testbed.state"
 DIR_LABEL = "rx-testbed.dir"
 ALIAS_LABEL = "rx-testbed.alias"
 INDEX_LABEL = "rx-testbed.index"
+NETWORK_LABEL = "rx-testbed.network"
 KEY_LABEL = "rx-testbed.key"
 
 SSHD_WAIT = 30.0
@@ -76,7 +77,8 @@ class TestbedHost:
 
     Attributes:
         alias: The ``Host`` name in the testbed's ssh_config, e.g. ``rx-testbed-1``.
-        hostname: Where the port is published: always ``127.0.0.1``.
+        hostname: Where the port is published: ``127.0.0.1``; a host started on its own network
+            (``start_host(network=...)``): its address there.
         port: The host port Docker chose for the container's port 22.
         user: The login user inside the container, ``rx``.
         container_id: The full Docker container id.
@@ -281,14 +283,27 @@ def _sort_key(host: TestbedHost) -> tuple[int, int, str]:
     return (1, 0, host.alias)
 
 
+def _network_address(container: Any) -> str | None:
+    """The address of a container started on its own network (``start_host(network=...)``)."""
+    network = container.labels.get(NETWORK_LABEL)
+    if not network:
+        return None
+    found = (container.attrs.get("NetworkSettings", {}).get("Networks") or {}).get(network) or {}
+    return found.get("IPAddress") or None
+
+
 def _host_of(container: Any) -> TestbedHost | None:
     port = _published_port(container)
+    hostname = HOSTNAME
     if port is None:
-        return None
+        address = _network_address(container)
+        if address is None:
+            return None
+        hostname, port = address, 22
     labels = container.labels
     return TestbedHost(
         alias=labels.get(ALIAS_LABEL, container.name),
-        hostname=HOSTNAME,
+        hostname=hostname,
         port=port,
         user=USER,
         container_id=container.id,
@@ -301,9 +316,9 @@ def _own_containers(client: Any, state_dir: Path) -> list[Any]:
     return list(client.containers.list(all=True, filters=filters, ignore_removed=True))
 
 
-def _read_banner(port: int, timeout: float) -> str:
-    """Connect to ``127.0.0.1:port`` and return the first bytes sshd sends (its version banner)."""
-    with socket.create_connection((HOSTNAME, port), timeout=timeout) as conn:
+def _read_banner(port: int, timeout: float, hostname: str = HOSTNAME) -> str:
+    """Connect to ``hostname:port`` and return the first bytes sshd sends (its version banner)."""
+    with socket.create_connection((hostname, port), timeout=timeout) as conn:
         conn.settimeout(timeout)
         data = b""
         while b"\n" not in data and len(data) < 256:
@@ -321,7 +336,7 @@ def _sshd_answers(port: int, timeout: float = 3.0) -> bool:
         return False
 
 
-def _wait_for_sshd(container: Any, port: int, timeout: float = SSHD_WAIT) -> None:
+def _wait_for_sshd(container: Any, port: int, timeout: float = SSHD_WAIT, hostname: str = HOSTNAME) -> None:
     """Wait until sshd of ``container`` sends its banner on ``port``.
 
     Docker's port proxy accepts a connection before sshd listens, so a connect alone proves nothing: the
@@ -334,7 +349,7 @@ def _wait_for_sshd(container: Any, port: int, timeout: float = SSHD_WAIT) -> Non
     last = "no attempt"
     while True:
         try:
-            banner = _read_banner(port, 2.0)
+            banner = _read_banner(port, 2.0, hostname)
             if banner.startswith("SSH-2.0"):
                 return
             last = f"answered {banner!r}"
@@ -347,7 +362,7 @@ def _wait_for_sshd(container: Any, port: int, timeout: float = SSHD_WAIT) -> Non
         if time.monotonic() > deadline:
             logs = container.logs(tail=20).decode(errors="replace").strip()
             raise TestbedError(
-                f"sshd of {container.name} did not answer on {HOSTNAME}:{port} within {timeout:.0f} s "
+                f"sshd of {container.name} did not answer on {hostname}:{port} within {timeout:.0f} s "
                 f"({last}); its log:\n{logs}"
             )
         time.sleep(0.1)
@@ -363,8 +378,10 @@ def _run_container(
     index: int | None = None,
     mem_limit: str | None = None,
     tmpfs: dict[str, str] | None = None,
+    network: str | None = None,
 ) -> Any:
-    """Start one container of the testbed image for ``alias``, its port 22 published on 127.0.0.1."""
+    """Start one container of the testbed image for ``alias``, its port 22 published on 127.0.0.1 (on
+    ``network``: reached at its address there, nothing published)."""
     import docker
 
     labels = {
@@ -382,6 +399,11 @@ def _run_container(
         options["mem_limit"] = mem_limit
     if tmpfs:
         options["tmpfs"] = dict(tmpfs)
+    if network is not None:
+        labels[NETWORK_LABEL] = network
+        options["network"] = network
+    else:
+        options["ports"] = {"22/tcp": (HOSTNAME, None)}
     try:
         container = client.containers.run(
             image,
@@ -389,7 +411,6 @@ def _run_container(
             name=name,
             hostname=alias,
             labels=labels,
-            ports={"22/tcp": (HOSTNAME, None)},
             environment={"RX_AUTHORIZED_KEY": public_key},
             init=True,
             **options,
@@ -446,7 +467,7 @@ def _sync(client: Any, paths: _Paths) -> Testbed:
         if record is None or record.get("port") != host.port:
             if container.status != "running":
                 continue
-            _wait_for_sshd(container, host.port)
+            _wait_for_sshd(container, host.port, hostname=host.hostname)
             record = {
                 "alias": host.alias,
                 "container_name": host.container_name,
@@ -618,6 +639,7 @@ def start_host(
     mem_limit: str | None = None,
     tmpfs: dict[str, str] | None = None,
     login: str | None = None,
+    network: str | None = None,
 ) -> TestbedHost:
     """Start a dedicated host for a destructive test and add it to the state dir's files as ``name``.
 
@@ -629,6 +651,8 @@ def start_host(
         mem_limit: A Docker memory limit such as ``"64m"``, for out-of-memory tests.
         tmpfs: Mounts such as ``{"/home/rx/.cache": "size=1m"}``, for disk-full tests.
         login: A key of :data:`LOGIN_VARIANTS`: the user's login behaves as on such a lab server.
+        network: A Docker network to start it on instead of publishing its port (an ``--internal`` one:
+            an air-gapped host, reached at its address there).
 
     Raises:
         TestbedError: The name is invalid or taken, or the host did not come up.
@@ -642,9 +666,14 @@ def start_host(
         for container in _own_containers(client, paths.state_dir):
             if container.labels.get(ALIAS_LABEL) == name:
                 raise TestbedError(f"the testbed in {paths.state_dir} already has a host {name!r}")
-        container = _run_container(client, image, paths, name, public_key, mem_limit=mem_limit, tmpfs=tmpfs)
+        container = _run_container(client, image, paths, name, public_key, mem_limit=mem_limit, tmpfs=tmpfs,
+                                   network=network)
         try:
-            _wait_for_sshd(container, _port_of_new(container))
+            if network is None:
+                _wait_for_sshd(container, _port_of_new(container))
+            else:
+                container.reload()
+                _wait_for_sshd(container, 22, hostname=_network_address(container) or HOSTNAME)
             testbed = _sync(client, paths)
         except BaseException:
             container.remove(force=True)

@@ -3,8 +3,8 @@
 It parses options, calls the library, renders with rich, and turns a :class:`RemoteExecError` into one red
 line on stderr and its exit status (a Python traceback only with ``-v``). Commands live in the modules of
 this package, each registering on :data:`app`: ``run`` (run, rerun), ``ledger`` (runs, show, logs, export,
-clean), ``hosts`` (hosts, top, check), ``sync`` (sync, gc), ``pool`` (map). This package is the only place
-that imports typer (and, with pool/progress.py, rich).
+clean), ``hosts`` (hosts, top, check), ``sync`` (sync, gc), ``pool`` (map), ``envs`` (env). This package is
+the only place that imports typer (and, with pool/progress.py, rich).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ COMMAND_MODULES = {
     "runs": "ledger", "show": "ledger", "logs": "ledger", "export": "ledger", "clean": "ledger",
     "hosts": "hosts", "top": "hosts", "check": "hosts",
     "sync": "sync", "gc": "sync",
+    "env": "envs",
     "map": "pool",
 }
 

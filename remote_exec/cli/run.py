@@ -29,8 +29,19 @@ from ..errors import (
 from .app import app
 from .complete import complete_hosts, complete_runs
 
-__all__ = ["DetachedRun", "JobStatusLine", "attach_run", "forwarded_stdin", "load_detached_run", "load_task",
-           "parse_env", "rerun", "run", "unknown_option"]
+__all__ = [
+    "DetachedRun",
+    "JobStatusLine",
+    "attach_run",
+    "env_options",
+    "forwarded_stdin",
+    "load_detached_run",
+    "load_task",
+    "parse_env",
+    "rerun",
+    "run",
+    "unknown_option",
+]
 
 
 def parse_env(values: list[str]) -> dict[str, str]:
@@ -142,6 +153,7 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     run = ws.new_run(target=target, kind=kind, argv=list(args), remote=remote, backend=backend, parent=parent)
     session.run_id = run.id
     bar = session.local["on_progress"] = SyncBar()
+    session.local["on_env"] = _env_line
     run.store.write_bytes("session.zip", session.dumps())
     if detach:
         return _detach(run, session, as_json)
@@ -329,6 +341,19 @@ def run(
     keep_queued: Annotated[bool, typer.Option(
         "--keep-queued", help="On a scheduler: Ctrl-C stops following and leaves the job queued or running "
                               "(collect it with rx attach) instead of cancelling it.")] = False,
+    deps: Annotated[list[str] | None, typer.Option(
+        "--deps", help="A requirement the task needs on the host (\"numpy>=2\"); repeatable. rx resolves them "
+                       "for the host's Python and builds an environment there once (uv).", metavar="REQ")] = None,
+    requirements: Annotated[list[Path] | None, typer.Option(
+        "--requirements", help="A requirements file the task needs on the host; repeatable.")] = None,
+    find_links: Annotated[list[str] | None, typer.Option(
+        "--find-links", help="A local folder of wheels (or URL) to resolve --deps from; repeatable.",
+        metavar="DIR")] = None,
+    offline: Annotated[bool, typer.Option(
+        "--offline", help="The host has no index: the wheels travel from here.")] = False,
+    inherit_site: Annotated[bool, typer.Option(
+        "--inherit-site", help="The environment sees the host interpreter's own packages (a preinstalled "
+                               "torch/CUDA stack).")] = False,
 ) -> None:
     """Run SCRIPT (or -m MODULE) with ARGS through rx: on --remote HOST over SSH, else locally.
 
@@ -352,6 +377,7 @@ def run(
         "keep": keep_remote, "ssh_config": ssh_config, "connect_timeout": connect_timeout,
         "host_key_policy": "off" if insecure_no_host_key_check else None,
         **_project_options(project, include, follow_symlinks, force, pull_limit),
+        **env_options(deps, requirements, find_links, offline, inherit_site),
     }
     if detach:
         _refuse_stdin_for_detached()
@@ -384,6 +410,34 @@ def _project_options(project: Path | None, include: list[str] | None, follow_sym
         options["force"] = True
     if pull_limit is not None:
         options["pull_limit"] = parse_size(pull_limit, what="--pull-limit")
+    return options
+
+
+def _env_line(line: str) -> None:
+    """What the building of a task's environment is at (nothing when it exists already)."""
+    from ..errors import printable
+
+    sys.stderr.write(f"rx: {printable(line)}\n")
+    sys.stderr.flush()
+
+
+def env_options(deps: list[str] | None, requirements: list[Path] | None, find_links: list[str] | None,
+                 offline: bool, inherit_site: bool) -> dict[str, Any]:
+    """The dependency options of ``rx run`` (only those given); files made absolute."""
+    options: dict[str, Any] = {}
+    if deps:
+        options["deps"] = list(deps)
+    if requirements:
+        for path in requirements:
+            if not path.is_file():
+                raise ConfigError(f"--requirements {path}: no such file")
+        options["requirements"] = [str(path.resolve()) for path in requirements]
+    if find_links:
+        options["find_links"] = [link if "://" in link else str(Path(link).resolve()) for link in find_links]
+    if offline:
+        options["offline"] = True
+    if inherit_site:
+        options["inherit_site"] = True
     return options
 
 

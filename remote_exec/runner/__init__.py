@@ -34,6 +34,7 @@ The rooms, each imported only by the modes that need it:
   untouched copies;
 - :mod:`.gc`: the host's garbage collector (trees, blobs, archives, leftovers), at most once a day;
 - :mod:`.maintain`: ``sync`` (store a tree without running anything) and ``gc`` on demand.
+- :mod:`.envs`: ``env`` (a task's dependencies as an environment, built once per key) and ``envprobe``.
 - :mod:`.batch`: ``prepare``, ``batch`` and ``seal`` of runs through a batch scheduler (Slurm).
 
 Every import is paid on every call (process-per-call mode): only what the mode needs, and the lean
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None, out_fd: int = 1) -> int:
     """Serve one call (``serve``), many (``worker IDLE [SLOT]``), a detached run (``detach``, ``attach RUN_DIR
     [collect]``, ``cancel RUN_DIR``) or a scheduler's (``prepare``, ``batch RUN_DIR``, ``seal RUN_DIR
     VERDICT``); store a project tree (``sync``); collect the host's garbage (``gc LIMIT DAYS
-    [dry-run]``); report the host's GPUs and slots (``probe``); over stdin and ``out_fd``; see the module
+    [dry-run]``); report the host's GPUs and slots (``probe``); build or find an environment (``env``,
+    ``envprobe``); over stdin and ``out_fd``; see the module
     docstring."""
     args = list(sys.argv[1:] if argv is None else argv)
     cache_dir = os.path.expanduser(args[0]) if args else os.path.expanduser("~/.cache/remote_exec")
@@ -98,12 +100,8 @@ def _serve(mode: str, cache_dir: str, rest: list[str], out_fd: int) -> int:
 
         Out(out_fd).event(probe(cache_dir))
         return 0
-    if mode in ("sync", "gc"):
-        from . import maintain
-
-        if mode == "sync":
-            return maintain.serve_sync(cache_dir, Out(out_fd))
-        return maintain.serve_gc(cache_dir, rest, out_fd)
+    if mode in ("sync", "gc", "env", "envprobe"):
+        return _maintain(mode, cache_dir, rest, out_fd)
     if mode in ("detach", "attach", "cancel"):
         from . import detached
 
@@ -125,3 +123,18 @@ def _serve(mode: str, cache_dir: str, rest: list[str], out_fd: int) -> int:
         return batch.serve_seal(cache_dir, rest[0], rest[1], out_fd)
     sys.stderr.write(f"rx runner: unknown mode {mode!r}\n")
     return EXIT_RUNNER_FAILURE
+
+
+def _maintain(mode: str, cache_dir: str, rest: list[str], out_fd: int) -> int:
+    """The modes that run no task: store a tree, collect garbage, build or probe an environment."""
+    if mode in ("env", "envprobe"):
+        from . import envs
+
+        if mode == "env":
+            return envs.serve_env(cache_dir, Out(out_fd))
+        return envs.serve_env_probe(cache_dir, rest, Out(out_fd))
+    from . import maintain
+
+    if mode == "sync":
+        return maintain.serve_sync(cache_dir, Out(out_fd))
+    return maintain.serve_gc(cache_dir, rest, out_fd)

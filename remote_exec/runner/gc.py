@@ -15,10 +15,13 @@ What counts as used when:
   detached run's that nobody collected (queued, ended or done; never running): kept while its
   ``.rx/lock`` is held or for ``days`` after it was last touched; other run directories are the sweep's
   (:func:`.rundir.sweep_runs`: those of runners that died);
-- temporaries (``tmp/``, half-written manifests) and blobs no tree names: removed after a day.
+- an environment (``envs/<key>``): its ``.rx-complete``'s modification time (touched on each use); one
+  a live process runs from (its interpreter's path on a command line) is kept whatever its age;
+- temporaries (``tmp/``, half-written manifests, environments whose build was killed) and blobs no tree
+  names: removed after a day.
 
-Above ``limit`` bytes (trees with their blobs, pooled snapshots and archives), the least recently used go
-first; anything unused for ``days`` goes in any case. :func:`collect` runs under an exclusive lock
+Above ``limit`` bytes (trees with their blobs, pooled snapshots, archives and environments), the least
+recently used go first; anything unused for ``days`` goes in any case. :func:`collect` runs under an exclusive lock
 (``gc.lock``): a second collector finds it taken and does nothing. :func:`maybe_collect` starts one in the
 background at most once a day, when a call starts (``gc.stamp``).
 """
@@ -35,13 +38,13 @@ TYPE_CHECKING = False  # typing is not imported at run time
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["DAY", "collect", "maybe_collect"]
+__all__ = ["DAY", "collect", "maybe_collect", "size_of"]
 
 DAY = 86400.0
 _GRACE = 3600.0
 
 
-def _size_of(path: str) -> int:
+def size_of(path: str) -> int:
     """Bytes of the files under ``path`` (a file: its size)."""
     try:
         if not os.path.isdir(path) or os.path.islink(path):
@@ -73,7 +76,8 @@ def _listdir(path: str) -> list[str]:
 
 
 def _archives_in_use() -> set[str] | None:
-    """The archives (sha256) that live processes were started from; None when that cannot be read here."""
+    """The archives (sha256) that live processes were started from, and ``env:<key>`` for the environments
+    they run in; None when that cannot be read here."""
     if not os.path.isdir("/proc/self"):
         return None
     used = set()
@@ -87,6 +91,8 @@ def _archives_in_use() -> set[str] | None:
             continue
         if len(argv) > 3 and argv[1] == b"-c" and len(argv[3]) == 64:
             used.add(argv[3].decode("ascii", "replace"))
+        if b"/envs/" in argv[0]:
+            used.add("env:" + argv[0].split(b"/envs/")[-1].split(b"/")[0].decode("ascii", "replace"))
     return used
 
 
@@ -155,15 +161,25 @@ class _Store:
             for name in names:
                 self.refs[name] = self.refs.get(name, 0) + 1
         self.archives = {name: (_mtime(os.path.join(cache_dir, "archives", name)),
-                                _size_of(os.path.join(cache_dir, "archives", name)))
+                                size_of(os.path.join(cache_dir, "archives", name)))
                          for name in _listdir(os.path.join(cache_dir, "archives")) if not name.startswith(".")}
         self.snapshots: dict[str, tuple[float, int]] = {}  # "<project>/<name>" -> (last use, bytes)
         for project in _listdir(os.path.join(cache_dir, "snapshots")):
             for name in _listdir(os.path.join(cache_dir, "snapshots", project)):
                 path = os.path.join(cache_dir, "snapshots", project, name)
-                self.snapshots[f"{project}/{name}"] = (_mtime(path), _size_of(path))
+                self.snapshots[f"{project}/{name}"] = (_mtime(path), size_of(path))
+        self.envs = self._envs()
         self.statuses = {name: read_status(os.path.join(cache_dir, "runs", name))
                          for name in _listdir(os.path.join(cache_dir, "runs"))}
+
+    def _envs(self) -> dict[str, tuple[float, int]]:
+        """Complete environments: key -> (last use, bytes)."""
+        found = {}
+        for name in _listdir(os.path.join(self.cache_dir, "envs")):
+            path = os.path.join(self.cache_dir, "envs", name)
+            if "." not in name and os.path.exists(os.path.join(path, ".rx-complete")):
+                found[name] = (_mtime(os.path.join(path, ".rx-complete")), size_of(path))
+        return found
 
     @property
     def waiting(self) -> set[str]:
@@ -188,7 +204,7 @@ class _Store:
 
     def total(self) -> int:
         return (sum(self.blobs.values()) + sum(size for _, size in self.snapshots.values())
-                + sum(size for _, size in self.archives.values()))
+                + sum(size for _, size in self.archives.values()) + sum(size for _, size in self.envs.values()))
 
 
 def _remove_tree(store: _Store, plan: _Plan, name: str, reason: str) -> None:
@@ -201,10 +217,10 @@ def _remove_tree(store: _Store, plan: _Plan, name: str, reason: str) -> None:
             plan.remove("blob", os.path.join(cache_dir, "blobs", blob[:2], blob), store.blobs.pop(blob), reason)
 
 
-def _evict(store: _Store, plan: _Plan, limit: int, days: float, in_use: set[str] | None) -> None:
-    """Trees and archives unused for ``days``, then the least recently used while above ``limit``."""
+def _candidates(store: _Store, in_use: set[str] | None) -> list[tuple[float, str, str]]:
+    """What may go, oldest use first: (last use, kind, name)."""
     now = store.now
-    candidates = []  # (last use, kind, name)
+    candidates = []
     for name, (used, _) in store.trees.items():
         if now - used > _GRACE and name not in store.waiting:
             candidates.append((used, "tree", name))
@@ -214,9 +230,19 @@ def _evict(store: _Store, plan: _Plan, limit: int, days: float, in_use: set[str]
         busy = name in in_use if in_use is not None else now - used < DAY
         if not busy and now - used > _GRACE:
             candidates.append((used, "archive", name))
-    candidates.sort()
+    for name, (used, _) in store.envs.items():
+        busy = f"env:{name}" in in_use if in_use is not None else now - used < DAY
+        if not busy and now - used > _GRACE:
+            candidates.append((used, "env", name))
+    return sorted(candidates)
+
+
+def _evict(store: _Store, plan: _Plan, limit: int, days: float, in_use: set[str] | None) -> None:
+    """Trees, archives and environments unused for ``days``, then the least recently used while above
+    ``limit``."""
+    now = store.now
     total = store.total()
-    for used, kind, name in candidates:
+    for used, kind, name in _candidates(store, in_use):
         old = now - used > days * DAY
         if not old and total <= limit:
             break
@@ -224,27 +250,38 @@ def _evict(store: _Store, plan: _Plan, limit: int, days: float, in_use: set[str]
         if kind == "tree":
             freed = store.tree_bytes(name)
             _remove_tree(store, plan, name, reason)
-        elif kind == "snapshot":
-            freed = store.snapshots.pop(name)[1]
-            plan.remove("snapshot", os.path.join(store.cache_dir, "snapshots", name), freed, reason)
+        elif kind in ("snapshot", "env"):
+            found = store.snapshots if kind == "snapshot" else store.envs
+            freed = found.pop(name)[1]
+            plan.remove(kind, os.path.join(store.cache_dir, f"{kind}s", name), freed, reason)
         else:
             freed = store.archives.pop(name)[1]
             plan.remove("archive", os.path.join(store.cache_dir, "archives", name), freed, reason)
         total -= freed
 
 
-def _leftovers(store: _Store, plan: _Plan, days: float) -> None:
-    """Temporaries older than a day, blobs no tree names, run directories the pull limit left that nobody
-    holds and nobody touched for ``days``."""
+def _temporaries(store: _Store, plan: _Plan) -> None:
+    """Temporaries older than a day: interrupted transfers and builds."""
     cache_dir, now = store.cache_dir, store.now
     for name in _listdir(os.path.join(cache_dir, "tmp")):
         path = os.path.join(cache_dir, "tmp", name)
         if now - _mtime(path) > DAY:
-            plan.remove("temporary", path, _size_of(path), "an interrupted transfer")
+            plan.remove("temporary", path, size_of(path), "an interrupted transfer")
     for name in _listdir(os.path.join(cache_dir, "trees")):
         path = os.path.join(cache_dir, "trees", name)
         if name.startswith(".") and now - _mtime(path) > DAY:
-            plan.remove("temporary", path, _size_of(path), "an interrupted transfer")
+            plan.remove("temporary", path, size_of(path), "an interrupted transfer")
+    for name in _listdir(os.path.join(cache_dir, "envs")):
+        path = os.path.join(cache_dir, "envs", name)
+        if ".tmp-" in name and now - _mtime(path) > DAY:
+            plan.remove("temporary", path, size_of(path), "an environment whose build was stopped")
+
+
+def _leftovers(store: _Store, plan: _Plan, days: float) -> None:
+    """Temporaries older than a day, blobs no tree names, run directories the pull limit left that nobody
+    holds and nobody touched for ``days``."""
+    cache_dir, now = store.cache_dir, store.now
+    _temporaries(store, plan)
     for blob, size in list(store.blobs.items()):
         path = os.path.join(cache_dir, "blobs", blob[:2], blob)
         if not store.refs.get(blob) and now - _mtime(path) > DAY:
@@ -254,7 +291,7 @@ def _leftovers(store: _Store, plan: _Plan, days: float) -> None:
         path = os.path.join(cache_dir, "runs", name)
         reason = _forgotten(status, days)
         if reason and _locked(path) is not True and now - _mtime(os.path.join(path, PRIVATE)) > days * DAY:
-            plan.remove("run", path, _size_of(path), reason)
+            plan.remove("run", path, size_of(path), reason)
             del store.statuses[name]
 
 

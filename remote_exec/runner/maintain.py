@@ -15,16 +15,10 @@ __all__ = ["serve_gc", "serve_sync"]
 def serve_sync(cache_dir: str, out: Out) -> int:
     """Read a G frame naming a tree; store that tree (fetching what this host lacks); report with a P
     event ``{"event": "synced", "tree", "seconds"}``."""
-    from .store import Inbox, ensure_tree
+    from .store import ensure_tree, first_options
 
-    reader = wire.FrameReader()
     started = time.monotonic()
-    inbox = Inbox(0, reader, out.send)
-    kind, payload = inbox.next()
-    if kind != b"G":
-        raise RuntimeError(f"protocol: {kind!r} frame before the G frame")
-    options = wire.load_options(payload)
-    inbox.heartbeat = float(options.get("heartbeat") or 5.0)
+    inbox, options = first_options(out.send)
     ensure_tree(os.path.expanduser(cache_dir), str(options["tree"]), inbox)
     out.event({"event": "synced", "tree": options["tree"], "seconds": time.monotonic() - started})
     return 0

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     Entries = list[tuple[str, int, int, bytes, str]]
 
-__all__ = ["Inbox", "StoreError", "blob_path", "ensure_tree", "forget_tree", "load_tree", "tree_path"]
+__all__ = ["Inbox", "StoreError", "blob_path", "ensure_tree", "first_options", "forget_tree", "load_tree", "tree_path"]
 
 #: Digests per N frame (32 bytes each).
 _PER_FRAME = wire.MAX_FRAME // 32
@@ -163,6 +163,22 @@ class Inbox:
             if got != kind:
                 raise StoreError(f"protocol: {got!r} frame during the transfer of a tree")
             parts.append(payload)
+
+
+def first_options(send: Callable[[bytes, bytes], None]) -> tuple[Inbox, dict[str, Any]]:
+    """A maintenance mode's inbox on stdin and the options of its first frame, a G (its ``heartbeat``
+    applied to the inbox).
+
+    Raises:
+        RuntimeError: Another frame came first.
+    """
+    inbox = Inbox(0, wire.FrameReader(), send)
+    kind, payload = inbox.next()
+    if kind != b"G":
+        raise RuntimeError(f"protocol: {kind!r} frame before the G frame")
+    options = wire.load_options(payload)
+    inbox.heartbeat = float(options.get("heartbeat") or 5.0)
+    return inbox, options
 
 
 def ensure_tree(cache_dir: str, tree_id: str, inbox: Inbox, *, refetch: bool = False,

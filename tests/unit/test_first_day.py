@@ -723,7 +723,8 @@ def test_a_module_installed_here_but_not_there_and_an_unshipped_project_module_s
     dynamic = subprocess.run([*argv, "run", "dynamic.py"], cwd=project, env=isolated.env(), capture_output=True,
                              text=True, timeout=90, check=False)
 
-    assert ("rx: hint: onlyhere is installed here (onlyhere 3.1), not on local: install it there "
+    assert ("rx: hint: onlyhere is installed here (onlyhere 3.1), not on local: have rx build it an environment "
+            "there (rx run --deps 'onlyhere==3.1', @task(deps=[...]) or [tool.rx] deps), install it there "
             f"({sys.executable} -m pip install onlyhere)") in uses.stderr, uses.stderr
     assert ("rx: hint: plugins_dyn is a module of your project that was not shipped (imported by name at run "
             "time, where rx does not see it): add it to distribution_modules in [tool.rx]") in dynamic.stderr, \

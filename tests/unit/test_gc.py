@@ -253,6 +253,39 @@ def test_rx_gc_without_a_host_prunes_this_machines_cache(tmp_path: Path) -> None
     assert not (cache / "archives" / "old.pyz").exists()
 
 
+def _env(cache: Path, key: str, size: int, days: float) -> Path:
+    path = cache / "envs" / key
+    (path / "bin").mkdir(parents=True)
+    (path / "lib.so").write_bytes(b"e" * size)
+    (path / ".rx-complete").write_text("{}")
+    _age(path / ".rx-complete", days)
+    return path
+
+
+def test_environments_go_least_recently_used_above_the_limit_never_one_in_use(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    old, used, recent = "a" * 64, "b" * 64, "c" * 64
+    _env(cache, old, 5000, 3)
+    busy = _env(cache, used, 5000, 4)
+    _env(cache, recent, 5000, 0.5)
+    (cache / "envs" / f"{recent}.tmp-99999").mkdir()
+    _age(cache / "envs" / f"{recent}.tmp-99999", 2)
+    python = busy / "bin" / "python"
+    python.symlink_to(sys.executable)
+    # A task runs from the environment: its interpreter's path is on its command line.
+    live = subprocess.Popen([str(python), "-c", "import time; time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 10
+        while b"/envs/" not in Path(f"/proc/{live.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        report = collect(str(cache), limit=11000, days=30)
+    finally:
+        live.kill()
+        live.wait()
+    assert _left(cache, "envs") == {used, recent}
+    assert {entry["kind"] for entry in report["removed"]} == {"env", "temporary"}
+
+
 def test_rx_gc_without_a_host_collects_the_store_of_this_machines_local_runs(tmp_path: Path) -> None:
     # rx run without --remote stores its project trees and snapshots under the cache's local/ workdir;
     # rx gc used to prune only the archives there (seen failing: the 40-day-old tree stayed).
