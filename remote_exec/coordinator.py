@@ -479,8 +479,8 @@ class Coordinator:
         """What ``session`` declares it needs on ``target`` (None: nothing; the host's interpreter as it is),
         and the settings it was read with (``[tool.rx]``'s, the remote's ``offline`` / ``inherit_site``).
         Without a declaration and with ``[tool.rx] project_deps = true``, a remote host gets the
-        ``project``'s own dependencies (``[project] dependencies``, else its requirements.txt; a local run
-        uses this interpreter, which has them already)."""
+        ``project``'s own dependencies (its uv.lock's pins, else ``[project] dependencies``, else its
+        requirements.txt; a local run uses this interpreter, which has them already)."""
         config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
         settings = self.env_settings(config, target.host)
         cwd = session.context.get("cwd")

@@ -22,7 +22,7 @@ from ..errors import ConfigError, EnvError
 from ..sync.tree import Tree, TreeFile
 
 __all__ = ["EnvSpec", "HostTarget", "binary_from_wheel", "env_key", "lock_for", "project_requirements",
-           "uv_binary", "uv_for_host", "wheel_tree"]
+           "uv_binary", "uv_for_host", "uv_lock_pins", "wheel_tree"]
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,17 @@ class EnvSpec:
 
 
 def project_requirements(root: Path) -> dict[str, Any]:
-    """The project's own dependencies as options: ``[project] dependencies`` of its pyproject.toml, else its
-    ``requirements.txt``; empty when it has neither (the host's interpreter as it is)."""
+    """The project's own dependencies as options: the pins of its ``uv.lock`` (still resolved for the host
+    afterwards, so a pin the host's Python cannot have fails there by name), else ``[project]
+    dependencies`` of its pyproject.toml, else its ``requirements.txt``; empty when it has none of them
+    (the host's interpreter as it is).
+
+    Raises:
+        EnvError: The project has a uv.lock that uv cannot export (out of date, damaged).
+    """
+    pins = uv_lock_pins(root) if (root / "uv.lock").is_file() else []
+    if pins:
+        return {"deps": pins}
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
@@ -99,6 +108,27 @@ def project_requirements(root: Path) -> dict[str, Any]:
     if (root / "requirements.txt").is_file():
         return {"requirements": [str(root / "requirements.txt")]}
     return {}
+
+
+def uv_lock_pins(root: Path) -> list[str]:
+    """The third-party pins of the project's ``uv.lock`` as requirement strings with their markers
+    (``uv export --frozen``: the lock as it is, without the project itself, its workspace members or its
+    dev group; no hashes, the host's lock makes its own).
+
+    Raises:
+        EnvError: uv could not export the lock.
+    """
+    argv = [uv_binary(), "export", "--format", "requirements-txt", "--frozen", "--no-emit-project",
+            "--no-emit-workspace", "--no-dev", "--no-hashes", "--no-header", "--no-annotate", "--offline",
+            "--directory", str(root)]
+    env = dict(os.environ, UV_NO_PROGRESS="1", NO_COLOR="1", UV_PYTHON_DOWNLOADS="never")
+    env.pop("VIRTUAL_ENV", None)
+    done = subprocess.run(argv, capture_output=True, env=env, check=False)
+    if done.returncode:
+        raise EnvError(f"reading the pins of {root / 'uv.lock'} failed: {_lines(done.stderr)}",
+                       hint="run `uv lock` in the project, or declare the dependencies with --deps")
+    lines = (line.strip() for line in done.stdout.decode("utf-8", "replace").splitlines())
+    return [line for line in lines if line and not line.startswith(("#", "-"))]
 
 
 def _strings(value: Any, label: str) -> list[str]:

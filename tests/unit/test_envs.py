@@ -271,6 +271,43 @@ def test_the_projects_own_dependencies_on_request(tmp_path: Path) -> None:
     assert coordinator.env_spec(session, local, root)[0] is None  # this interpreter has them
 
 
+def test_a_uv_lock_gives_its_pins_resolved_for_the_host(project: Path, isolated: Isolated) -> None:
+    from remote_exec.coordinator import Coordinator, Target
+    from remote_exec.protocol.options import CallOptions
+    from remote_exec.session import Session
+    from remote_exec.task import Execution, Task
+
+    wheels = isolated.root / "wheels"
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "p"\nversion = "0"\nrequires-python = ">=3.8"\ndependencies = ["tinydep"]\n\n'
+        f'[tool.rx]\nfind_links = ["{wheels}"]\nproject_deps = true\n\n[dependency-groups]\ndev = ["devtool"]\n')
+    make_wheel(wheels, "devtool", "1.0", {"devtool/__init__.py": ""})
+    aside = isolated.root / "aside"
+    aside.mkdir()
+    newest = wheels / "tinydep-1.2.4-py3-none-any.whl"
+    newest.rename(aside / newest.name)  # the lock is made when 1.2.3 was the newest
+    uv_env = {**os.environ, "UV_NO_PROGRESS": "1", "UV_PYTHON_DOWNLOADS": "never",
+              "UV_CACHE_DIR": str(isolated.root / "uvc")}
+    made = subprocess.run([uv.find_uv_bin(), "lock", "--offline", "--no-index", "--find-links", str(wheels)],
+                          cwd=project, capture_output=True, text=True, env=uv_env, timeout=60, check=False)
+    assert made.returncode == 0, made.stderr
+    (aside / newest.name).rename(newest)  # now the folder offers 1.2.4 too
+
+    config = Configuration.from_pyproject(project / "pyproject.toml")
+    remote = Target(backend=None, backend_name="openssh", host="gpu1", options=CallOptions())  # type: ignore[arg-type]
+    session = Session(Task("script", "job.py", "0" * 64, source=""), Execution("1" * 64),
+                      context={"cwd": str(project)}, config=config)
+    spec, _ = Coordinator().env_spec(session, remote, project)
+    assert spec is not None and spec.deps == ("tinydep==1.2.3", "tinyleaf==1.0")  # no devtool, not the project
+    lock = lock_for(spec, TARGET, isolated.root / "locks", "gpu1")
+    assert "tinydep==1.2.3" in lock and "1.2.4" not in lock and "--hash=sha256:" in lock
+
+    (project / "uv.lock").write_text("version = [broken\n")
+    with pytest.raises(EnvError) as caught:
+        Coordinator().env_spec(session, remote, project)
+    assert "uv.lock" in str(caught.value) and "\n" not in str(caught.value) and "uv lock" in (caught.value.hint or "")
+
+
 def test_a_failed_build_says_why_in_one_line_and_leaves_nothing(project: Path, isolated: Isolated) -> None:
     real = subprocess.run(["which", "uv"], capture_output=True, text=True, check=False).stdout.strip()
     if not real:
