@@ -28,6 +28,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from .envs import SECTION as ENVS
+from .envs import EnvRig, env_rows, env_targets
 from .harness import Agent, ProbeError, Unsupported, one_shot, run_timed
 from .projectsync import FIRST, LATER, SyncRig, sync_rows, sync_targets
 from .report import (
@@ -158,7 +160,7 @@ def _rows() -> list[Row]:
     return rows
 
 
-ROWS = _rows() + sync_rows(BACKENDS) + SLURM_ROWS
+ROWS = _rows() + sync_rows(BACKENDS) + SLURM_ROWS + env_rows(BACKENDS)
 #: The keys' ends of the pool's rows (``--only pool``).
 POOL_ROWS = (".fanout", ".pool_map", ".threads_map", ".pool_naps")
 
@@ -200,6 +202,7 @@ TARGETS = [
     *(Target(f"40 one-second calls over 4 hosts x 2 slots ≤ 1.15 x the ideal 5 s ({backend})",
              f"rx-{backend}.pool_naps", None, 5.75) for backend in BACKENDS),
     *SLURM_TARGETS,
+    *env_targets(BACKENDS),
 ]
 
 
@@ -216,7 +219,7 @@ class Settings:
         hosts: Testbed hosts (the multi-host rows use all of them).
         out: Where RESULTS.md goes.
         only: ``sync``: only the project-sync rows (and the trivial ``rx run`` they are compared with);
-            ``pool``: only the fan-out rows.
+            ``pool``: only the fan-out rows; ``envs``: only the environment rows (issue 14).
     """
 
     reps: int
@@ -274,6 +277,7 @@ class Bench:
     info: dict[str, str] = field(default_factory=dict)
     recoveries: list[str] = field(default_factory=list)
     sync: SyncRig | None = None
+    envs: EnvRig | None = None
     rx_agents: dict[str, Agent] = field(default_factory=dict)
 
     # -- helpers ---------------------------------------------------------------------------------------
@@ -537,6 +541,9 @@ def _probes(bench: Bench) -> list[Probe]:
     if settings.only == "pool":
         _fanout_probes(bench, add)
         return probes
+    if settings.only == "envs":
+        _env_probes(bench, add)
+        return probes
     sync_keys = tuple(row.key for row in ROWS if row.section in (FIRST, LATER))
     add("project sync", sync_keys, partial(_project_sync, bench),
         1 if settings.only == "sync" else settings.heavy_every)
@@ -612,6 +619,22 @@ def _command_probes(bench: Bench, add: Callable[..., None], backend: str) -> Non
         partial(_samples, bench, agent, f"{rx}.warm_value", "warm_value", timeout=90,
                 group=f"warm call by value ({backend})", count=bench.settings.warm_calls))
     add(f"rx first call by value ({backend})", (f"{rx}.first_value",), partial(_rx_first_value, bench, backend))
+
+
+def _env_probes(bench: Bench, add: Callable[..., None]) -> None:
+    """``--only envs``: numpy + pandas by hand over ssh, then by rx per backend (see :mod:`benchmarks.envs`)."""
+    rig = bench.envs
+    assert rig is not None
+    add("envs by hand", ("envs.ship", "envs.uv_hand", "envs.uv_hand_warm", "envs.pip_hand"), rig.by_hand)
+
+    def argv(backend: str, remote: str) -> list[str]:
+        return [*bench.rx_command, "run", "--remote", remote, "--backend", backend, "--ssh-config",
+                str(bench.ssh_config), "--workspace", str(bench.run_dir / "workspaces" / f"rx-envs-{backend}")]
+
+    for backend in BACKENDS:
+        rx = f"rx-{backend}"
+        add(f"rx envs ({backend})", (f"{rx}.env_first", f"{rx}.env_hit", f"{rx}.env_plain", f"{rx}.env_extra"),
+            partial(rig.with_rx, backend, argv))
 
 
 def _speed_probes(bench: Bench, add: Callable[..., None]) -> None:
@@ -772,7 +795,10 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
         rxrun.mkdir()
         (rxrun / "trivial.py").write_text("x = 1\n", encoding="utf-8")
         (rxrun / "pyproject.toml").write_text("", encoding="utf-8")  # a project of its own, not the repository
-        if settings.only not in ("speed", "pool"):
+        if settings.only == "envs":
+            bench.envs = EnvRig.create(run_dir / "envs", hosts[0], ssh=bench.ssh, rx=partial(_rx_argv, bench),
+                                       env=env, add=bench.results.add, backends=BACKENDS)
+        elif settings.only not in ("speed", "pool"):
             print("benchmarks: generating the 10,000-file / 300 MB project", file=sys.stderr)
             bench.sync = SyncRig.create(run_dir / "sync", hosts[0], ssh=bench.ssh,
                                         ssh_options=bench.ssh()[1:], rx=partial(_rx_argv, bench), env=env,
@@ -791,6 +817,9 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
             if bench.sync is not None:
                 with contextlib.suppress(Exception):
                     bench.sync.cleanup()
+            if bench.envs is not None:
+                with contextlib.suppress(Exception):
+                    bench.envs.cleanup(BACKENDS)
             _close_masters(bench)
         _end_shared_masters(control_dir)
         shutil.rmtree(control_dir, ignore_errors=True)
@@ -971,8 +1000,12 @@ def render(bench: Bench, *, duration: float, load: tuple[tuple[float, ...], tupl
     """RESULTS.md: when and where, the tables, the targets, rx's phases, start-up, failures."""
     settings = bench.settings
     results = bench.results
-    rows, targets = ROWS, TARGETS
-    if settings.only == "sync":
+    rows = [row for row in ROWS if row.section != ENVS]
+    targets = [target for target in TARGETS if target.row in {row.key for row in rows}]
+    if settings.only == "envs":
+        rows = [row for row in ROWS if row.section == ENVS]
+        targets = env_targets(BACKENDS)
+    elif settings.only == "sync":
         rows = [row for row in ROWS if row.section in (FIRST, LATER) or row.key.endswith(".run")]
         targets = sync_targets(BACKENDS)
     elif settings.only == "speed":
@@ -1022,11 +1055,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, help="repetitions (default 20; --quick: 2)")
     parser.add_argument("--out", type=Path, help="where to write the results (default benchmarks/RESULTS.md; "
                                                  "quick or --only: benchmarks/.work/RESULTS-<what>.md)")
-    parser.add_argument("--only", choices=["sync", "speed", "pool"],
+    parser.add_argument("--only", choices=["sync", "speed", "pool", "envs"],
                         help="only these rows (default 5 reps): sync = the project-sync rows and the trivial rx run "
                              "they are compared with; speed = cold and multiplexed ssh, rx's first, warm and "
                              "by-value calls and whole `rx run` commands; pool = the fan-out rows (Executor.map, "
-                             "the peers, 4 hosts)")
+                             "the peers, 4 hosts); envs = a numpy + pandas environment "
+                             "by rx and by hand (uv, pip) over ssh, offline")
     parser.add_argument("--no-slurm", action="store_true", help="leave out the Slurm rows (their Docker cluster)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="benchmarks: %(message)s")
@@ -1039,7 +1073,7 @@ def main(argv: list[str] | None = None) -> int:
         warm_calls=3 if quick else 5,
         medium_every=2,
         heavy_every=2 if quick else 4,
-        hosts=1 if only == "sync" else 2 if only == "speed" else 4,  # speed: a fresh host for the first call
+        hosts=1 if only in ("sync", "envs") else 2 if only == "speed" else 4,  # speed: a fresh host for the first call
         out=args.out or default_out,
         only=only,
     )
