@@ -633,7 +633,8 @@ def _env_probes(bench: Bench, add: Callable[..., None]) -> None:
 
     for backend in BACKENDS:
         rx = f"rx-{backend}"
-        add(f"rx envs ({backend})", (f"{rx}.env_first", f"{rx}.env_hit", f"{rx}.env_plain", f"{rx}.env_extra"),
+        add(f"rx envs ({backend})", (f"{rx}.env_first", f"{rx}.env_build", f"{rx}.env_hit", f"{rx}.env_plain",
+                                     f"{rx}.env_extra"),
             partial(rig.with_rx, backend, argv))
 
 
