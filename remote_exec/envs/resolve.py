@@ -121,9 +121,7 @@ def uv_lock_pins(root: Path) -> list[str]:
     argv = [uv_binary(), "export", "--format", "requirements-txt", "--frozen", "--no-emit-project",
             "--no-emit-workspace", "--no-dev", "--no-hashes", "--no-header", "--no-annotate", "--offline",
             "--directory", str(root)]
-    env = dict(os.environ, UV_NO_PROGRESS="1", NO_COLOR="1", UV_PYTHON_DOWNLOADS="never")
-    env.pop("VIRTUAL_ENV", None)
-    done = subprocess.run(argv, capture_output=True, env=env, check=False)
+    done = subprocess.run(argv, capture_output=True, env=_uv_env(), check=False)
     if done.returncode:
         raise EnvError(f"reading the pins of {root / 'uv.lock'} failed: {_lines(done.stderr)}",
                        hint="run `uv lock` in the project, or declare the dependencies with --deps")
@@ -232,6 +230,13 @@ def uv_binary() -> str:
     raise EnvError("uv is not installed here (rx resolves dependencies with it)", hint="pip install uv")
 
 
+def _uv_env() -> dict[str, str]:
+    """uv's environment here: quiet, no Python downloads, no active virtualenv."""
+    env = dict(os.environ, UV_NO_PROGRESS="1", NO_COLOR="1", UV_PYTHON_DOWNLOADS="never")
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
 def _index_args(spec: EnvSpec) -> list[str]:
     args: list[str] = []
     if spec.index_url:
@@ -264,9 +269,7 @@ def lock_for(spec: EnvSpec, target: HostTarget, cache: Path, host: str) -> str:
         argv += ["--only-binary", ":all:"]
     if not spec.index_url and spec.find_links and not any("://" in link for link in spec.find_links):
         argv.append("--offline")  # local wheel folders only: uv asks the network nothing (it waits seconds)
-    env = dict(os.environ, UV_NO_PROGRESS="1", NO_COLOR="1", UV_PYTHON_DOWNLOADS="never")
-    env.pop("VIRTUAL_ENV", None)
-    done = subprocess.run(argv, input=source.encode(), capture_output=True, env=env, check=False)
+    done = subprocess.run(argv, input=source.encode(), capture_output=True, env=_uv_env(), check=False)
     if done.returncode:
         said = done.stderr.decode("utf-8", "replace")
         missing = _NO_WHEEL.search(said)
