@@ -251,11 +251,15 @@ def _shipped_uv(cache_dir: str, entries: list[tuple[str, int, int, bytes, str]])
 
 def _build(cache_dir: str, path: str, build: dict[str, Any], uv_path: str, inbox: Any) -> None:
     """Build the environment in a temporary directory and rename it to ``path``."""
-    from .store import StoreError, blob_path, ensure_tree
+    from .store import StoreError, blob_path, ensure_tree, forget_tree
 
     entries: list[tuple[str, int, int, bytes, str]] = []
     if build.get("tree"):
-        entries = list(ensure_tree(cache_dir, str(build["tree"]), inbox))
+        tree_id = str(build["tree"])
+        entries = list(ensure_tree(cache_dir, tree_id, inbox))
+        if not _blobs_present(cache_dir, entries):  # removed behind rx's back: have them sent again
+            forget_tree(cache_dir, tree_id)
+            entries = list(ensure_tree(cache_dir, tree_id, inbox, refetch=True))
     uv = _shipped_uv(cache_dir, entries) or uv_path
     if not uv:
         raise StoreError("no uv on this host and none was shipped")
@@ -273,6 +277,21 @@ def _build(cache_dir: str, path: str, build: dict[str, Any], uv_path: str, inbox
     with open(os.path.join(tmp, COMPLETE), "w") as stream:
         stream.write(wire.json_text({"key": os.path.basename(path), "built": time.time()}) + "\n")
     os.rename(tmp, path)
+
+
+def _blobs_present(cache_dir: str, entries: list[tuple[str, int, int, bytes, str]]) -> bool:
+    """Whether every blob of the wheel tree is stored here at its size (a few dozen stats)."""
+    from .store import blob_path
+
+    for _name, _mode, size, digest, link in entries:
+        if link:  # a symlink: no blob
+            continue
+        try:
+            if os.stat(blob_path(cache_dir, digest)).st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def _install(uv: str, tmp: str, build: dict[str, Any], wheels: list[tuple[str, str]], env: dict[str, str],

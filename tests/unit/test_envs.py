@@ -5,6 +5,7 @@ midway, a stale lock; the spec and key rules. Wheels are made on the spot (no in
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -377,3 +378,16 @@ def test_the_uv_binary_out_of_its_wheel_is_checked_against_record(tmp_path: Path
     assert binary_from_wheel(wheel(b"\x7fELF static", b"\x7fELF static")) == b"\x7fELF static"
     with pytest.raises(EnvError, match="does not match its sha256 in RECORD"):
         binary_from_wheel(wheel(b"\x7fELF tampered", b"\x7fELF static"))
+
+
+def test_wheels_deleted_from_the_store_behind_rx_are_sent_again(project: Path, isolated: Isolated) -> None:
+    """A host's blobs removed by hand (or by another cleanup) while the wheel tree's manifest stays: the next
+    build notices the missing wheels and has them sent again, instead of failing in uv."""
+    first = rx(project, "--deps", "tinydep==1.2.3", "job.py")
+    assert first.returncode == 0, first.stderr
+    local = isolated.cache / "local"
+    shutil.rmtree(local / "envs")
+    shutil.rmtree(local / "blobs")
+    again = rx(project, "--deps", "tinydep==1.2.3", "job.py")
+    assert again.returncode == 0, again.stderr
+    assert "value 42" in again.stdout
