@@ -40,7 +40,7 @@ def _nap(host: str, seconds: str) -> Any:
 
 
 def _fill(host: str, megabytes: str) -> Any:
-    @task(remote=host)
+    @task(remote=host, project=False)  # the scenario is the task's own ENOSPC: not the rx repo it sits in
     def fill(count: int) -> int:
         print("task started", flush=True)
         with open("fill.bin", "wb") as stream:
