@@ -149,7 +149,7 @@ def scenario_section(data: dict[str, Any], key: str, info: dict[str, str]) -> li
 KNOWN_LIMITS = [
     "- **A local ssh master outlives rx, also a `kill -9` of it, for up to `RX_SSH_PERSIST` seconds (default "
     "300) after its last use** (OpenSSH backend). Decided: the master is kept on purpose so that the next rx "
-    "starts without a new connection (benchmarks/RESULTS.md: a second `rx run`); it is one `ssh` process per "
+    "starts without a new connection (benchmarks/RESULTS-speed.md: a second `rx run`); it is one `ssh` process per "
     "host and settings, in the user's private directory (mode 0700), holding an authenticated connection and "
     "no remote process (a killed rx's task is stopped by the runner's own dead-link policy, as the scenarios "
     "above show), and it ends by itself once idle for its `ControlPersist` time. `rx hosts --disconnect` ends "
