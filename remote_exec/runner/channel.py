@@ -25,7 +25,7 @@ if TYPE_CHECKING:
         def event(self, fields: dict[str, Any]) -> None:
             """Send a progress event."""
 
-__all__ = ["EXIT_RUNNER_FAILURE", "CoordinatorGone", "Out", "Poller", "read_call"]
+__all__ = ["EXIT_RUNNER_FAILURE", "CoordinatorGone", "Out", "Poller", "read_answer", "read_call"]
 
 #: The runner's exit status when it failed (not the task); the coordinator reads its stderr's last line.
 EXIT_RUNNER_FAILURE = 70
@@ -201,3 +201,24 @@ class Poller:
     def close(self) -> None:
         """Forget every fd."""
         self._tags.clear()
+
+
+def read_answer(reader: wire.FrameReader, wait: float, kinds: tuple[bytes, ...] = (b"A", b"K")) -> bytes:
+    """The coordinator's answer after a result: the first frame on stdin of one of ``kinds``, or b"" when
+    its channel closed first or nothing came within ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if not select.select([0], [], [], min(5.0, max(0.0, deadline - time.monotonic())))[0]:
+            continue
+        try:
+            data = os.read(0, 1 << 16)
+        except BlockingIOError:
+            continue
+        except OSError:
+            return b""
+        if not data:
+            return b""
+        for kind, _ in reader.feed(data):
+            if kind in kinds:
+                return kind
+    return b""

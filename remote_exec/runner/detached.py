@@ -216,24 +216,9 @@ def _outcome(run_dir: str, lost: str | None) -> tuple[dict[str, Any], dict[str, 
 def _acknowledged(wait: float = 600.0) -> bool:
     """Whether the coordinator acknowledged the result (an A frame) before its channel closed; a
     coordinator that refused the result (or went away) says nothing, and the run stays collectable."""
-    import select
+    from .channel import read_answer
 
-    reader = wire.FrameReader()
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if not select.select([0], [], [], min(5.0, max(0.0, deadline - time.monotonic())))[0]:
-            continue
-        try:
-            data = os.read(0, 1 << 16)
-        except BlockingIOError:
-            continue
-        except OSError:
-            return False
-        if not data:
-            return False
-        if any(kind == b"A" for kind, _ in reader.feed(data)):
-            return True
-    return False
+    return read_answer(wire.FrameReader(), wait, (b"A",)) == b"A"
 
 
 def _lost_result(run_dir: str, detail: str) -> dict[str, Any]:

@@ -5,12 +5,11 @@ cancel, dead link, the runner's own SIGTERM) until it ends, then send its result
 from __future__ import annotations
 
 import os
-import select
 import sys
 import time
 
 from ..protocol import wire
-from .channel import EXIT_RUNNER_FAILURE, CoordinatorGone, Poller
+from .channel import EXIT_RUNNER_FAILURE, CoordinatorGone, Poller, read_answer
 from .child import parse_result, run_child
 from .contain import ENCLOSE_AFTER, Containment
 from .rundir import RunStatus, keep_for_attach, rmtree, sweep_runs
@@ -68,7 +67,7 @@ def _answer(reader: wire.FrameReader, wait: float = 600.0) -> bytes:
     ``wait`` seconds)."""
     previous = signal.signal(signal.SIGTERM, _stopped)
     try:
-        return _read_answer(reader, wait)
+        return read_answer(reader, wait)
     except CoordinatorGone:
         return b""
     finally:
@@ -77,25 +76,6 @@ def _answer(reader: wire.FrameReader, wait: float = 600.0) -> bytes:
 
 def _stopped(signum: int, frame: object) -> None:
     raise CoordinatorGone("stopped while the result waited for its answer")
-
-
-def _read_answer(reader: wire.FrameReader, wait: float) -> bytes:
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if not select.select([0], [], [], min(5.0, max(0.0, deadline - time.monotonic())))[0]:
-            continue
-        try:
-            data = os.read(0, 1 << 16)
-        except BlockingIOError:
-            continue
-        except OSError:
-            return b""
-        if not data:
-            return b""
-        for kind, _ in reader.feed(data):
-            if kind in (b"A", b"K"):
-                return kind
-    return b""
 
 
 def supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.FrameReader, run_dir: str,
