@@ -279,6 +279,9 @@ class Coordinator:
             ConfigError: The host, backend or options are not valid.
         """
         config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
+        ahead = session.local.pop("backend_ahead", None)
+        if ahead is not None:  # rx run started connecting before rx's machinery was imported: that backend
+            self._backends.adopt(*ahead)
         options: dict[str, Any] = dict(session.context.get("options") or {})
         name = session.context.get("remote") or remote
         if not name:
@@ -342,16 +345,10 @@ class Coordinator:
 
     def _host_spec(self, config: Configuration, remote: Remote, options: dict[str, Any]) -> HostSpec:
         """How the backend reaches ``remote``: its ssh_config, host-key policy, timeouts and keepalives."""
-        policy = options.get("host_key_policy") or config.host_key_policy
-        if policy == "off" and remote.name not in self._insecure_warned:
+        spec = config.host_spec(remote, options)
+        if spec.host_key_policy == "off" and remote.name not in self._insecure_warned:
             self._insecure_warned.add(remote.name)  # once per host and process, whatever reconnects
             logger.warning("host key checking is OFF for %s: anyone on the path can impersonate it", remote.name)
-        spec = remote.spec(ssh_config=config.effective_ssh_config(options.get("ssh_config")),
-                           host_key_policy=policy,
-                           connect_timeout=float(options.get("connect_timeout") or config.connect_timeout))
-        for field_name in ("keepalive_interval", "keepalive_count"):
-            if options.get(field_name) is not None:
-                spec = replace(spec, **{field_name: options[field_name]})
         return spec
 
     @staticmethod
