@@ -51,7 +51,7 @@ from .hints import arguments_hint, import_hint
 from .launchers.base import Launcher
 from .launchers.registry import create_launcher
 from .packing import DistributionArchive, Packer, default_cache_dir
-from .protocol.call import dispatch
+from .protocol.call import RunnerAhead, dispatch
 from .protocol.detached import attach_detached, cancel_detached, follow_detached, start_detached
 from .protocol.maintain import collect_garbage, sync_tree
 from .protocol.options import CallOptions, Outcome, OutputSink, ProgressCallback, ProjectCall
@@ -385,6 +385,18 @@ class Coordinator:
             return self.packer.build(extra_modules=config.distribution_modules)
         return self.packer.archive_for(session.task, config.distribution_modules, session.context.get("cwd"))
 
+    def runner_ahead(self, session: Session, target: Target, project: ProjectCall | None) -> RunnerAhead | None:
+        """Start ``session``'s runner on ``target`` now, while the caller prepares the rest of the call (see
+        :class:`~remote_exec.protocol.call.RunnerAhead`); None when the call will not start one of its own
+        that way (a scheduler's job, a persistent worker, an environment to build or check first)."""
+        if target.launcher.schedules or target.options.keep_warm or travels_by_value(session.task):
+            return None
+        spec, _ = self.env_spec(session, target, project.tree.root if project is not None else None)
+        if spec is not None:
+            return None
+        archive = self.archive_for(session, project=project is not None)
+        return RunnerAhead(target.launcher, target.backend, archive, target.options)
+
     def project_for(self, session: Session) -> tuple[ProjectCall | None, list[str]]:
         """The project ``session``'s task runs in (its tree scanned now), and the warnings its size deserves
         that were not given yet in this process; (None, []) when it has no project.
@@ -466,6 +478,7 @@ class Coordinator:
                 outcome = self.jobs.run(session, target, archive, recorder, project)
             else:
                 outcome = dispatch(session, target.backend, archive, target.options, launcher=target.launcher,
+                                   ahead=session.local.pop("runner_ahead", None),
                                    workers=self.workers, on_stdout=recorder.stdout, on_stderr=recorder.stderr,
                                    land_file=recorder.land_file, on_phase=recorder.phase,
                                    session_bytes=session_bytes, stdin=recorder.stdin, hold=recorder.retryable,
