@@ -25,8 +25,9 @@ from ..errors import (
     WorkspaceError,
     printable,
 )
-from .app import app
+from .application import app
 from .complete import complete_hosts, complete_runs
+from .early import EarlyConnection, adopt_or_connect
 from .say import say
 
 __all__ = [
@@ -97,26 +98,6 @@ def _project(session: Any, target: str, dry_run: bool, as_json: bool, detach: bo
     return not dry_run
 
 
-def _connect_early(config: Any, remote: str, options: dict[str, Any]) -> tuple[Any, str, Any] | None:
-    """Start connecting to a direct host now, before the rest of rx is imported (a cold SSH connection takes
-    a few hundred milliseconds: the imports, the project's scan, the workspace and the archive go on
-    meanwhile). Returns ``(spec, backend name, backend)`` for the coordinator to adopt; None when the host is
-    a scheduler's or the settings do not resolve (the run then reports that as it would have)."""
-    try:
-        where = config.remote(remote)
-        if options.get("slurm_args") or (options.get("scheduler") or where.scheduler) != "direct":
-            return None
-        name = config.check_remote_backend(config.effective_backend(options.get("backend") or where.backend))
-        spec = config.host_spec(where, options)
-        from ..backends.registry import create
-
-        backend = create(name, spec)
-    except Exception:  # only a head start: the run itself resolves the host and says what fails
-        return None
-    backend.connect_in_background()
-    return spec, name, backend
-
-
 def load_task(words: list[str], module: str | None) -> tuple[Any, list[str], str, str]:
     """The task of ``SCRIPT ARGS...`` (or ``-m MODULE ARGS...``): (task, args, kind, name). A script that
     does not compile is reported as Python would, before anything travels (exit 1).
@@ -147,14 +128,17 @@ def load_task(words: list[str], module: str | None) -> tuple[Any, list[str], str
 
 def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict[str, Any],
                 workspace: Path | None, kind: str, target: str, as_json: bool,
-                parent: str | None = None, detach: bool = False, dry_run: bool = False) -> int:
+                parent: str | None = None, detach: bool = False, dry_run: bool = False,
+                early: EarlyConnection | None = None) -> int:
     """Create a run, execute it through the pipeline, record its outcome; return the exit status (with
-    ``dry_run``, only list what of the project would travel)."""
+    ``dry_run``, only list what of the project would travel; ``early``: a connection started from the raw
+    command line, adopted when it is for the same host)."""
     from ..config import Configuration
 
     config = Configuration.load()
-    # connecting starts before the rest of rx is imported: it is what takes longest
-    ahead = _connect_early(config, remote, options) if remote and not dry_run else None
+    # connecting starts before the rest of rx is imported (or was started from the raw command line by
+    # cli.main, see cli/early.py): it is what takes longest
+    ahead = adopt_or_connect(early, config, remote, options) if remote and not dry_run else None
     from ..session import Session
     from ..task import Execution
 
@@ -419,7 +403,8 @@ def run(
     if keep_queued:
         options["keep_queued"] = True
     code = execute_run(task=task, args=args, remote=remote, options=options, workspace=workspace,
-                       kind=kind, target=name, as_json=as_json, detach=detach, dry_run=dry_run)
+                       kind=kind, target=name, as_json=as_json, detach=detach, dry_run=dry_run,
+                       early=(ctx.obj or {}).get("early"))
     raise typer.Exit(code)
 
 
