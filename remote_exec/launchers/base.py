@@ -47,6 +47,10 @@ class Launcher(ABC):
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options: Mapping[str, Any] = dict(options or {})
 
+    def same(self, other: Launcher) -> bool:
+        """Whether ``other`` starts runners exactly as this one does (same kind, same options)."""
+        return type(other) is type(self) and dict(other.options) == dict(self.options)
+
     @abstractmethod
     def start(self, backend: Backend, argv: Sequence[str]) -> Process:
         """Start ``argv`` (the runner's bootstrap) on ``backend``'s host; return its process. For a

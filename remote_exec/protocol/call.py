@@ -520,7 +520,7 @@ class RunnerAhead:
 
     def fits(self, backend: Backend, archive: DistributionArchive, options: CallOptions, launcher: Launcher) -> bool:
         """Whether a call with these would have started this very runner."""
-        return (backend is self.backend and launcher is self.launcher and archive.sha256 == self.archive.sha256
+        return (backend is self.backend and launcher.same(self.launcher) and archive.sha256 == self.archive.sha256
                 and options == self.options)
 
     def take(self, phase: _Phases) -> Channel:
@@ -597,8 +597,11 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
 
     warm = options.keep_warm and stdin is None
     if ahead is not None and (warm or not ahead.fits(backend, archive, options, launcher)):
+        logger.debug("%s: the runner started ahead does not fit this call; starting another", backend.host)
         ahead.close()
         ahead = None
+    elif ahead is not None:
+        logger.debug("%s: the call takes the runner started ahead", backend.host)
     if warm:
         for attempt in (1, 2):
             channel = workers.acquire(launcher, backend, archive, options, phase,  # for this call alone
