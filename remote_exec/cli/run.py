@@ -154,7 +154,8 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
 
         ws = Workspace.resolve(workspace or config.workspace)
         run = ws.new_run(target=target, kind=kind, argv=list(args), remote=remote, parent=parent,
-                         backend=config.effective_backend(options.get("backend")) if remote else "local")
+                         backend=config.effective_backend(options.get("backend")) if remote else "local",
+                         running=not detach)
         session.run_id = run.id
         return _record_and_run(session, run, detach=detach, as_json=as_json)
     finally:
@@ -175,15 +176,17 @@ def _record_and_run(session: Any, run: Any, *, detach: bool, as_json: bool) -> i
     run.store.write_bytes("session.zip", session.dumps())
     if detach:
         return _detach(run, session, as_json)
-    run.set_status("running")
-    # --json: stdout carries the record only; the script's output goes to stderr (and to stdout.log)
+    # (new_run made it running) --json: stdout carries the record only; the script's output goes to stderr
+    # (and to stdout.log)
     recorder = RunRecorder(run, host=session.context.get("remote") or "local",
                            stdout=sys.stderr if as_json else None, stdin=forwarded_stdin(),
                            log_cap=session.config.log_cap)
     session.local["recorder"] = recorder
     session.local["on_job"] = JobStatusLine()
+    came_back = False
     try:
         result = run_chain(session, [RemoteAdvice()])
+        came_back = True
         bar.close()
     except LocalDiskFull as exc:
         uncollected(run, exc, exc.kept)
@@ -201,8 +204,8 @@ def _record_and_run(session: Any, run: Any, *, detach: bool, as_json: bool) -> i
         raise
     finally:
         bar.close()
-        recorder.close()
-    return finish_run(run, result, session.local.get("outcome"), as_json)
+        recorder.close(record=not came_back)  # the run's end records them: one state rewrite less
+    return finish_run(run, result, session.local.get("outcome"), as_json, actions=recorder.take_phases())
 
 
 def forwarded_stdin() -> BinaryIO | None:
@@ -251,8 +254,10 @@ def uncollected(run: Any, exc: LocalDiskFull, kept: dict[str, Any] | None) -> No
         pass
 
 
-def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
-    """Record a run's result and final status; print its summary (or its JSON); return its exit status."""
+def finish_run(run: Any, result: Any, outcome: Any, as_json: bool,
+               actions: list[tuple[str, str, str | None, str]] | None = None) -> int:
+    """Record a run's result and final status (with ``actions``' events not yet recorded); print its
+    summary (or its JSON); return its exit status."""
     from ..workspace.outcome import result_record, run_outcome
 
     if outcome is not None:
@@ -262,7 +267,7 @@ def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
         record = result_record(result)
     run.store.write_bytes("result.json", json.dumps(record, indent=1).encode())
     ended = run_outcome(result)
-    run.set_status(ended.status, exit_code=ended.exit_code, error=ended.error)
+    run.set_status(ended.status, exit_code=ended.exit_code, error=ended.error, actions=actions)
     info = run.info()
     if as_json:
         typer.echo(json.dumps(info, indent=2))

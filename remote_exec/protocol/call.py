@@ -478,7 +478,10 @@ class _Phases:
 
     def __call__(self, name: str, state: str, when: float | None = None) -> None:
         if self.on_phase is not None:
-            self.on_phase(name, state)
+            if when is None:
+                self.on_phase(name, state)
+            else:  # a replayed phase (RunnerAhead): the callback is a CallRecorder's, which takes its time
+                self.on_phase(name, state, when)  # type: ignore[call-arg]
         now = time.monotonic() if when is None else when
         if state == "started":
             self.marks[name] = now

@@ -93,5 +93,7 @@ def test_rx_run_takes_the_runner_it_started_while_recording_the_run(remote: Remo
     assert done.returncode == 0, done.stderr
     assert "the call takes the runner started ahead" in done.stderr, done.stderr
     assert "does not fit" not in done.stderr
-    actions = {action["name"]: action["status"] for action in remote.latest()["actions"]}
-    assert actions["connect"] == "finished" and actions["execute"] == "finished"
+    actions = {action["name"]: action for action in remote.latest()["actions"]}
+    assert actions["connect"]["status"] == "finished" and actions["execute"]["status"] == "finished"
+    # its times are when it connected, not when the call took it
+    assert actions["connect"]["started"] < actions["connect"]["finished"] <= actions["execute"]["started"]
