@@ -15,6 +15,7 @@ import click
 import typer
 
 from ..config import check_env, check_pull, check_remote_backend, check_secret_env, check_timeout
+from ..early import EarlyConnection, adopt_or_connect
 from ..errors import (
     ConfigError,
     Interrupted,
@@ -27,7 +28,6 @@ from ..errors import (
 )
 from .application import app
 from .complete import complete_hosts, complete_runs
-from .early import EarlyConnection, adopt_or_connect
 from .say import say
 
 __all__ = [
