@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..backends.base import Backend, Process
 from ..errors import ConfigError
-from .jobs import Job, JobKey, JobRequest, JobState, Verdict
+
+if TYPE_CHECKING:  # only a scheduler's launcher deals in jobs: a direct one never imports them
+    from .jobs import Job, JobKey, JobRequest, JobState, Verdict
 
 __all__ = ["Launcher"]
 
