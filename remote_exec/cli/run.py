@@ -475,9 +475,13 @@ def unknown_option(ctx: typer.Context, word: str) -> click.NoSuchOption:
 
 def _refuse_syntax_errors(source: str, path: Path) -> None:
     """A script that does not compile is reported here, as Python would, before anything travels (exit 1)."""
-    from ..tracebacks import syntax_error
+    try:
+        compile(source, str(path), "exec", dont_inherit=True)
+        return
+    except (SyntaxError, ValueError):  # (a null byte) said as Python says it, by the traceback mapper
+        from ..tracebacks import syntax_error
 
-    problem = syntax_error(source, str(path))
+        problem = syntax_error(source, str(path))
     if problem is not None:
         typer.echo(problem, err=True, nl=False)
         raise typer.Exit(1)
