@@ -712,12 +712,17 @@ class Coordinator:
     def close(self) -> None:
         """Shut its pools down, record the end of this process's ``@task`` runs, stop its workers and its job
         watches, close its connections."""
-        for step in (self._close_pools, self.task_runs.close, self.workers.close, self.jobs.close,
+        for step in (self._close_pools, self.task_runs.close, self.workers.close, self._close_jobs,
                      self.close_backends):
             try:
                 step()
             except Exception:  # closing at exit must never raise
                 logger.debug("closing the coordinator: %s failed", step, exc_info=True)
+
+    def _close_jobs(self) -> None:
+        """Stop the job watches, if this process ever made any (closing imports nothing)."""
+        if self._jobs is not None:
+            self._jobs.close()
 
     def pool_for(self, key: tuple[Any, ...], make: Any) -> Any:
         """The pool ``task.submit`` keeps for ``key`` (hosts and options), made with ``make()`` when there is

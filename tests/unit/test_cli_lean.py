@@ -120,3 +120,14 @@ def test_the_early_peek_reads_only_plain_rx_run_lines() -> None:
     assert peek_run(["-v", "run", "--remote", "gpu1", "x.py"]) is None
     assert peek_run(["runs", "--remote", "gpu1"]) is None
     assert peek_run(["run", "--remote"]) is None
+
+
+def test_closing_a_coordinator_that_made_no_job_imports_none() -> None:
+    """The scheduler side is made on first use, and closing never makes it (an import at exit, after an
+    uncaught Ctrl-C, cost the process its exit by SIGINT: tests/unit/test_first_day.py saw exit 1)."""
+    probe = ("import sys\n"
+             "from remote_exec.coordinator import Coordinator\n"
+             "Coordinator.current().close()\n"
+             "print('remote_exec.jobs' in sys.modules, 'remote_exec.envs.manager' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
+    assert done.stdout.split() == ["False", "False"], done.stderr
