@@ -118,7 +118,7 @@ else:
     s(b'OK')
 sys.path.insert(0,p)
 from remote_exec.runner import main
-sys.exit(main(sys.argv[3:],o))
+sys.exit(main(sys.argv[3:],o,1))
 """.strip()
 
 

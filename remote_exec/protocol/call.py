@@ -29,7 +29,7 @@ from ..errors import (
 )
 from ..launchers.base import Launcher
 from ..packing import DistributionArchive
-from ..session import Result, Session
+from ..session import Result, Session, wire_pickles
 from . import wire
 from .bootstrap import start_runner
 from .channel import Channel, Flag, reap
@@ -545,5 +545,7 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
                     raise ConnectError(backend.host, "the persistent worker could not take the call") from None
             finally:
                 workers.release(channel)
-    channel = start_runner(launcher, backend, archive, options, "serve", phase)
+    # the task process, forked before the call arrives, loads pickle meanwhile if the session needs it
+    channel = start_runner(launcher, backend, archive, options, "serve", phase,
+                           ("pickle",) if wire_pickles(session_bytes) else ())
     return call(channel, uploaded=channel.uploaded, keep=False)

@@ -103,7 +103,7 @@ def _stand_in_archive() -> tuple[bytes, str]:
         archive.writestr("remote_exec/__init__.py", "")
         archive.writestr("remote_exec/runner/__init__.py",
                          "import os, sys\n"
-                         "def main(argv, fd=1):\n"
+                         "def main(argv, fd=1, leave=False):\n"
                          "    print('printed by an import')\n"
                          "    os.write(fd, ('runner %r\\n' % (argv,)).encode())\n"
                          "    return 0\n")
