@@ -22,8 +22,9 @@ TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["DAY", "DETACHED_KEEP_DAYS", "PRIVATE", "collection_due", "RunStatus", "keep_for_attach", "keep_for_pull_limit", "make_run_dir",
-           "new_run_path", "owner_token", "read_status", "rmtree", "sweep_runs"]
+__all__ = ["DAY", "DETACHED_KEEP_DAYS", "PRIVATE", "RunStatus", "collection_due", "keep_for_attach",
+           "keep_for_pull_limit", "make_run_dir", "new_run_path", "owner_token", "read_status", "rmtree",
+           "sweep_runs"]
 
 #: The run directory's own private directory: the runner's status, a detached run's output and outcome.
 PRIVATE = ".rx"
