@@ -30,7 +30,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .backends.base import Backend, HostSpec
 from .backends.local import LocalBackend
@@ -45,10 +45,9 @@ from .config import (
     find_pyproject,
     parse_size,
 )
-from .envs import EnvCall, Environments, EnvSpec, project_requirements, refuse_by_value
+from .envs.resolve import EnvSpec, project_requirements
 from .errors import LocalDiskFull, SerializationError, printable
 from .hints import arguments_hint, import_hint
-from .jobs import Jobs, job_options
 from .launchers.base import Launcher
 from .launchers.registry import create_launcher
 from .packing import DistributionArchive, Packer, default_cache_dir
@@ -62,11 +61,15 @@ from .session import Result, Session
 from .sync.plan import ProjectPlan, plan_project
 from .sync.project import Project, ProjectSpec
 from .sync.tree import guard, refuse
-from .task import Execution, Task
+from .task import Execution, Task, travels_by_value
 from .tracebacks import localize, roots_for
 from .workspace.manager import new_run_id
 from .workspace.output import OutputPump
 from .workspace.recorder import CallRecorder, TaskCallRecorder, TaskRecorder, TaskRuns
+
+if TYPE_CHECKING:
+    from .envs.manager import Environments
+    from .jobs import Jobs
 
 __all__ = ["Coordinator", "Target", "call_options"]
 
@@ -188,8 +191,28 @@ class Coordinator:
         self._projects: dict[ProjectSpec, Project] = {}
         self._warned: set[str] = set()
         self._insecure_warned: set[str] = set()
-        self.jobs = Jobs(self)
-        self.envs = Environments(default_cache_dir().parent / "envs")
+        self._jobs: Jobs | None = None
+        self._envs: Environments | None = None
+
+    @property
+    def jobs(self) -> Jobs:
+        """The scheduler side (imported and made on first use: most processes never submit a job)."""
+        with self._lock:
+            if self._jobs is None:
+                from .jobs import Jobs
+
+                self._jobs = Jobs(self)
+            return self._jobs
+
+    @property
+    def envs(self) -> Environments:
+        """The environments of declared dependencies (imported and made on first use)."""
+        with self._lock:
+            if self._envs is None:
+                from .envs.manager import Environments
+
+                self._envs = Environments(default_cache_dir().parent / "envs")
+            return self._envs
 
     @classmethod
     def current(cls) -> Coordinator:
@@ -339,6 +362,8 @@ class Coordinator:
             scheduler = "slurm"  # rx run --remote login1 --slurm "...": login1 is a Slurm login node
         launcher = create_launcher(scheduler, remote.launcher_options if scheduler == remote.scheduler else {})
         if launcher.schedules:
+            from .jobs import job_options
+
             launcher.check_options(job_options(options))
         return launcher
 
@@ -507,6 +532,8 @@ class Coordinator:
         spec = EnvSpec.from_options(options, settings)
         if spec is None:
             return None
+        from .envs.manager import EnvCall
+
         archive = self.packer.build(extra_modules=config.distribution_modules)
         call = EnvCall(target.host, target.backend, target.launcher, archive, target.options)
         return self.envs.describe(spec, call, settings, build=build)
@@ -522,6 +549,10 @@ class Coordinator:
                 before) is another minor version.
         """
         spec, settings = self.env_spec(session, target, project)
+        if spec is None and not travels_by_value(session.task):
+            return target  # nothing to build, nothing to refuse: the environment machinery stays unimported
+        from .envs.manager import EnvCall, refuse_by_value
+
         options = target.options
         if spec is not None:
             call = EnvCall(target.host, target.backend, target.launcher, archive, target.options,

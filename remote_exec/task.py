@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
 
-__all__ = ["INSIDE_RUNNER_ENV", "Execution", "Record", "Task", "by_reference", "function_id", "restore_function_task",
-           "unwrap"]
+__all__ = ["INSIDE_RUNNER_ENV", "Execution", "Record", "Task", "by_reference", "function_id",
+           "restore_function_task", "travels_by_value", "unwrap"]
 
 #: Set by the runner: a @task function called inside a running task runs in place.
 INSIDE_RUNNER_ENV = "RX_INSIDE_RUNNER"
@@ -150,6 +150,12 @@ def by_reference(function: Callable[..., Any]) -> tuple[str, str] | None:
     if obj is function or unwrap(obj) is function:
         return module, qualname
     return None
+
+
+def travels_by_value(task: Any) -> bool:
+    """Whether ``task`` is a function that travels by value (a closure, lambda or ``__main__`` function)."""
+    function = getattr(task, "function", None)
+    return getattr(task, "kind", None) == "function" and function is not None and by_reference(function) is None
 
 
 def _load_by_reference(module: str, qualname: str) -> Callable[..., Any]:

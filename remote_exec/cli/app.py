@@ -96,7 +96,7 @@ def _root(
     # paramiko logs a failed handshake with a traceback from its transport thread; rx already reports it as
     # one line (and its exit status), so paramiko's own log shows only with -v.
     logging.getLogger("paramiko").setLevel(level if verbose else logging.CRITICAL)
-    if 0 < verbose < 3:  # -v, -vv: rx's own lines; other libraries' debugging (filelock's, 50 a run) with -vvv
+    if 0 < verbose < 3:  # -v, -vv: rx's own lines; other libraries' debugging (paramiko's, per packet) with -vvv
         logging.getLogger().setLevel(logging.WARNING)
         logging.getLogger("remote_exec").setLevel(level)
         logging.getLogger("paramiko").setLevel(logging.INFO if verbose == 2 else logging.WARNING)

@@ -28,6 +28,7 @@ from ..errors import (
 )
 from .app import app
 from .complete import complete_hosts, complete_runs
+from .say import say
 
 __all__ = [
     "DetachedRun",
@@ -248,8 +249,6 @@ def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return ended.exit_code
-    from rich.console import Console
-
     files = len(outcome.files) if outcome is not None else 0
     where = os.path.relpath(run.dir) if not os.path.relpath(run.dir).startswith("..") else str(run.dir)
     message = f"rx: run {run.id} {ended.status}"
@@ -258,15 +257,14 @@ def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
     elif result.status not in ("finished", "raised") and result.detail:
         message += f" ({result.detail})"
     message += f", exit {ended.exit_code}, {info.get('duration') or 0:.2f} s; {files} file(s) in {where}/files"
-    console = Console(stderr=True, highlight=False, soft_wrap=True)
-    console.print(printable(message), style="dim" if ended.status == "finished" else "yellow", markup=False)
-    if not _left_behind(console, outcome) and outcome is not None and outcome.header.get("kept"):
-        console.print(printable(f"rx: the run directory is kept on {run.info().get('remote') or 'local'}: "
-                                f"{outcome.header['kept']}"), style="dim", markup=False)
+    say(printable(message), "dim" if ended.status == "finished" else "yellow")
+    if not _left_behind(outcome) and outcome is not None and outcome.header.get("kept"):
+        say(printable(f"rx: the run directory is kept on {run.info().get('remote') or 'local'}: "
+                      f"{outcome.header['kept']}"), "dim")
     return ended.exit_code
 
 
-def _left_behind(console: Any, outcome: Any) -> bool:
+def _left_behind(outcome: Any) -> bool:
     """A yellow line naming the files over the pull limit, and where they stay on the host; True when there
     were any."""
     over = (outcome.header.get("over_limit") or []) if outcome is not None else []
@@ -278,9 +276,8 @@ def _left_behind(console: Any, outcome: Any) -> bool:
     names = ", ".join(f"{entry['path']} ({human_size(entry['size'])})" for entry in over[:3])
     more = f" and {count - 3} more" if count > 3 else ""
     kept = outcome.header.get("kept")
-    console.print(printable(f"rx: warning: not brought back, over the pull limit: {names}{more}; "
-                            + (f"they stay on the host in {kept}" if kept else "raise it with --pull-limit SIZE")),
-                  style="yellow", markup=False)
+    say(printable(f"rx: warning: not brought back, over the pull limit: {names}{more}; "
+                  + (f"they stay on the host in {kept}" if kept else "raise it with --pull-limit SIZE")), "yellow")
     return True
 
 
@@ -522,14 +519,12 @@ class JobStatusLine:
         self.last = ""
 
     def __call__(self, job: Any, state: Any) -> None:
-        from rich.console import Console
-
         from ..launchers.slurm import job_summary
 
         line = f"rx: {job.scheduler} job {job.job_id} {job_summary(state)}"
         if line != self.last:
             self.last = line
-            Console(stderr=True, highlight=False, soft_wrap=True).print(line, style="dim", markup=False)
+            say(printable(line), "dim")
 
 
 def _detach(run: Any, session: Any, as_json: bool) -> int:

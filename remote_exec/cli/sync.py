@@ -12,6 +12,7 @@ import typer
 
 from ..errors import ConfigError
 from .app import app
+from .say import say
 
 __all__ = ["SyncBar", "describe_project", "gc", "print_listing", "sync"]
 
@@ -32,13 +33,11 @@ def _console() -> Any:
 
 def describe_project(project: Any, warnings: list[str], *, what: str) -> None:
     """One dim line when there is no project (the old way applies), and a yellow one per warning."""
-    console = _console()
     if project is None:
-        console.print(f"rx: no project root above {_printable(what)} (no .git, pyproject.toml, setup.py or "
-                      "setup.cfg below your home): shipping it with the modules it imports; --project DIR "
-                      "names one", style="dim", markup=False)
+        say(f"rx: no project root above {_printable(what)} (no .git, pyproject.toml, setup.py or setup.cfg "
+            "below your home): shipping it with the modules it imports; --project DIR names one", "dim")
     for warning in warnings:
-        console.print(f"rx: warning: {_printable(warning)}", style="yellow", markup=False)
+        say(f"rx: warning: {_printable(warning)}", "yellow")
 
 
 def print_listing(project: Any, *, as_json: bool) -> None:
@@ -58,13 +57,12 @@ def print_listing(project: Any, *, as_json: bool) -> None:
         return
     for entry in tree.entries:
         typer.echo(_printable(entry.path) + (f" -> {_printable(entry.link)}" if entry.link else ""))
-    console = _console()
-    console.print(f"rx: {tree.files:,} files, {human_size(tree.total_bytes)} from {tree.root} "
-                  f"({'git' if tree.how == 'git' else 'a walk'}; tree {tree.tree_id[:12]})", markup=False)
+    say(f"rx: {tree.files:,} files, {human_size(tree.total_bytes)} from {_printable(str(tree.root))} "
+        f"({'git' if tree.how == 'git' else 'a walk'}; tree {tree.tree_id[:12]})")
     if largest:
-        console.print("rx: the largest:", markup=False)
+        say("rx: the largest:")
         for entry in largest:
-            console.print(f"  {human_size(entry.size):>10}  {_printable(entry.path)}", markup=False)
+            say(f"  {human_size(entry.size):>10}  {_printable(entry.path)}")
 
 
 class SyncBar:

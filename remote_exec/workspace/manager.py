@@ -584,13 +584,13 @@ class Run:
         Raises:
             RunBusy: Another process holds it (the error names its pid, host and since when).
         """
-        from filelock import FileLock, Timeout
+        from .oslock import LockTimeout, ProcessLock
 
-        lock = FileLock(self.dir / f".{purpose}.lock", timeout=0)
+        lock = ProcessLock(self.dir / f".{purpose}.lock")
         holder = self.dir / f".{purpose}.holder"
         try:
-            lock.acquire()
-        except Timeout:
+            lock.acquire(0)
+        except LockTimeout:
             raise self._busy(purpose, holder) from None
         try:
             holder.write_text(json.dumps(coordinator_record()), encoding="utf-8")

@@ -127,16 +127,27 @@ class RunRecorder(CallRecorder):
         self.stdout = StreamSink(stdout or sys.stdout, self._logs[0], self.output)
         self.stderr = StreamSink(stderr or sys.stderr, self._logs[1], self.output)
         self._land = file_lander(run, "files/")
-        self._actions: dict[str, int] = {}
+        self._phases: list[tuple[str, str, str | None, str]] = []
 
     def land_file(self, relative: PurePosixPath, temporary: Path, sha256: str) -> Path:
         return self._land(relative, temporary, sha256)
 
     def phase(self, name: str, state: str) -> None:
+        """Phases are recorded as the run's actions, in two rewrites of its state rather than two per phase:
+        the ones before the task starts when it starts (``execute``), the rest when the call is over."""
+        now = utc_now()
         if state == "started":
-            self._actions[name] = self.run.tracker.start(name, host=None if name == "pack" else self.host)
-        elif name in self._actions:
-            self.run.tracker.end(self._actions.pop(name), error=None if state == "finished" else f"{name} failed")
+            self._phases.append(("started", name, None if name == "pack" else self.host, now))
+        else:
+            self._phases.append(("finished" if state == "finished" else "failed", name,
+                                 None if state == "finished" else f"{name} failed", now))
+        if name == "execute" and state == "started":
+            self.record_phases()
+
+    def record_phases(self) -> None:
+        """Write the phases heard so far into the run's actions."""
+        pending, self._phases = self._phases, []
+        self.run.tracker.apply(pending)
 
     def submitted(self, detached: dict[str, Any]) -> None:
         """A submitted job belongs to the cluster, not to this process: the run keeps where it is (so
@@ -153,12 +164,14 @@ class RunRecorder(CallRecorder):
         """The caller (the CLI) records the run's end with its error."""
 
     def close(self) -> None:
-        """Wait until the local reader took the output (rx's summary comes after it), close the logs."""
+        """Wait until the local reader took the output (rx's summary comes after it), close the logs, record
+        the phases not yet written."""
         try:
             self.output.close()
         finally:
             for log in self._logs:
                 log.close()
+            self.record_phases()
 
 
 class TaskRecorder:

@@ -3,7 +3,7 @@
 A :class:`StateFile` is a JSON document rewritten whole on every change: serialize, write a temporary
 beside it, fsync, ``rename`` over the old one, fsync the directory. Readers therefore never see a torn
 file and need no lock. Writers go through :meth:`StateFile.update`, a read-modify-write under a lock
-that holds across threads (a per-path ``threading.RLock``) and processes (a ``filelock.FileLock`` on
+that holds across threads (a per-path ``threading.RLock``) and processes (an ``flock`` on
 ``.<name>.lock`` beside the file), so concurrent coordinators and threads never lose an update.
 
 Two views work on parts of one state file:
@@ -29,9 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 from ..errors import WorkspaceError
+from .oslock import LockTimeout, ProcessLock
 from .store import fsync_dir
 
 __all__ = [
@@ -113,8 +112,7 @@ class StateFile:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path).absolute()
-        self._lock = FileLock(self.path.with_name(f".{self.path.name}.lock"), timeout=LOCK_TIMEOUT,
-                              poll_interval=0.002)
+        self._lock = ProcessLock(self.path.with_name(f".{self.path.name}.lock"))
         self._tlock = _thread_lock(self.path)
         self._written: tuple[tuple[int, int, int], dict[str, Any]] | None = None  # what this object wrote last
 
@@ -156,10 +154,12 @@ class StateFile:
         """
         with self._tlock:
             try:
-                self._lock.acquire()
-            except Timeout as exc:
+                self._lock.acquire(LOCK_TIMEOUT)
+            except LockTimeout as exc:
                 raise WorkspaceError(f"{self.path} stayed locked for {LOCK_TIMEOUT:.0f} s",
                                      hint="another rx process may be stuck") from exc
+            except OSError as exc:
+                raise WorkspaceError(f"cannot lock {self.path}: {exc.strerror or exc}") from exc
             try:
                 yield
             finally:
@@ -291,6 +291,26 @@ class ActionTracker:
                                   finished=utc_now(), error=error)
 
         self.state.update(finish)
+
+    def apply(self, events: list[tuple[str, str, str | None, str]]) -> None:
+        """Record several starts and ends in one rewrite: ``("started", name, host, when)`` appends an entry,
+        ``("finished" | "failed", name, error, when)`` ends the latest started entry of that name."""
+        if not events:
+            return
+
+        def change(state: dict[str, Any]) -> None:
+            actions = state.setdefault(self.key, [])
+            for event, name, detail, when in events:
+                if event == "started":
+                    actions.append({"name": name, "host": detail, "status": "started", "started": when,
+                                    "finished": None, "error": None})
+                    continue
+                for entry in reversed(actions):
+                    if entry.get("name") == name and entry.get("status") == "started":
+                        entry.update(status=event, finished=when, error=detail if event == "failed" else None)
+                        break
+
+        self.state.update(change)
 
     def actions(self) -> list[dict[str, Any]]:
         """Every action recorded, oldest first."""

@@ -36,6 +36,27 @@ def test_rx_run_imports_neither_the_ledger_nor_the_hosts_commands(isolated: Any)
         assert f"remote_exec.cli.{other}'" not in loaded, loaded
 
 
+def test_a_plain_rx_run_leaves_the_heavy_and_the_unused_unimported(isolated: Any) -> None:
+    """What a run that declares no dependencies, submits no job and prints no table never needs: rich (~15 ms
+    to import), filelock (~10 ms), the scheduler and environment machinery."""
+    (isolated.root / "job.py").write_text("print('ran')\n")
+    probe = ("import sys, runpy\n"
+             "sys.argv = ['rx', 'run', 'job.py']\n"
+             "try:\n"
+             "    runpy.run_module('remote_exec', run_name='__main__')\n"
+             "except SystemExit:\n"
+             "    pass\n"
+             "print(' '.join(sorted(sys.modules)), file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=isolated.root, env=isolated.env(), capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.stdout == "ran\n", done.stderr
+    loaded = set(done.stderr.strip().splitlines()[-1].split())
+    assert "remote_exec.coordinator" in loaded
+    unwanted = {"rich", "rich.console", "filelock", "remote_exec.jobs", "remote_exec.envs.manager",
+                "remote_exec.protocol.envs", "remote_exec.launchers.slurm"}
+    assert not loaded & unwanted, sorted(loaded & unwanted)
+
+
 def test_help_and_a_mistyped_command_still_see_every_command(isolated: Any) -> None:
     helped = subprocess.run([sys.executable, "-m", "remote_exec", "--help"], env=isolated.env(), capture_output=True,
                             text=True, timeout=60, check=False)
