@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import marshal
 import os
-import sys
 
+from .child import fork_task, run_child
 from .contain import Containment
 
 TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
@@ -61,22 +61,12 @@ class Prefork:
         result_r, result_w = os.pipe()
         in_r, in_w = os.pipe()
         go_r, go_w = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            try:
-                containment.join()
-                for fd in (out_r, err_r, result_r, in_w, go_w, out_fd if out_fd > 2 else None):
-                    if fd is not None:
-                        os.close(fd)
-                _wait_for_call(go_r, out_w, err_w, result_w, in_r, pickle)
-            except BaseException:
-                import traceback
 
-                traceback.print_exc()
-            finally:
-                os._exit(70)
+        def start() -> None:  # pragma: no cover - runs in the child
+            containment.join()
+            _wait_for_call(go_r, out_w, err_w, result_w, in_r, pickle)
+
+        pid = fork_task(start, (out_r, err_r, result_r, in_w, go_w, out_fd if out_fd > 2 else None))
         for fd in (out_w, err_w, result_w, in_r, go_r):
             os.close(fd)
         return cls(pid, containment, {b"O": out_r, b"E": err_r, b"R": result_r}, in_w, go_w)
@@ -144,6 +134,4 @@ def _wait_for_call(go_r: int, out_w: int, err_w: int, result_w: int, in_r: int,
     os.close(go_r)
     if not stdin:
         os.close(in_r)
-    from .child import run_child
-
     run_child(session_bytes, run_dir, options, out_w, err_w, result_w, in_r if stdin else None)

@@ -5,12 +5,11 @@ cancel, dead link, the runner's own SIGTERM) until it ends, then send its result
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from ..protocol import wire
-from .channel import EXIT_RUNNER_FAILURE, CoordinatorGone, Poller, read_answer
-from .child import parse_result, run_child
+from .channel import CoordinatorGone, Poller, read_answer
+from .child import fork_task, parse_result, run_child
 from .contain import ENCLOSE_AFTER, Containment
 from .prefork import GO_LIMIT
 from .rundir import RunStatus, keep_for_attach, rmtree, sweep_runs
@@ -160,26 +159,16 @@ class _TaskProcess:
         result_r, result_w = os.pipe()
         in_r, in_w = os.pipe() if options.get("stdin") else (None, None)  # rx run forwards its stdin
         wake_r, wake_w, previous_wakeup = _wake_on_sigchld()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            try:
-                containment.join()
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is a KeyboardInterrupt
-                for fd in (out_r, err_r, result_r, wake_r, wake_w, in_w, out_fd if out_fd > 2 else None):
-                    if fd is not None:
-                        os.close(fd)
-                run_child(session_bytes, run_dir, options, out_w, err_w, result_w, in_r)
-            except BaseException:
-                import traceback
 
-                traceback.print_exc()
-            finally:
-                os._exit(EXIT_RUNNER_FAILURE)
+        def start() -> None:  # pragma: no cover - runs in the child
+            containment.join()
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is a KeyboardInterrupt
+            run_child(session_bytes, run_dir, options, out_w, err_w, result_w, in_r)
+
+        pid = fork_task(start, (out_r, err_r, result_r, wake_r, wake_w, in_w, out_fd if out_fd > 2 else None))
         for fd in (out_w, err_w, result_w, in_r):
             if fd is not None:
                 os.close(fd)
