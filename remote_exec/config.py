@@ -533,6 +533,17 @@ class Configuration:
             return self.remotes[name]
         return Remote(name=name, host=name)
 
+    def host_spec(self, remote: Remote, options: dict[str, Any]) -> HostSpec:
+        """How a backend reaches ``remote`` for a call with ``options``: its ssh_config, host-key policy,
+        timeouts and keepalives (the call's options over this configuration's)."""
+        spec = remote.spec(ssh_config=self.effective_ssh_config(options.get("ssh_config")),
+                           host_key_policy=options.get("host_key_policy") or self.host_key_policy,
+                           connect_timeout=float(options.get("connect_timeout") or self.connect_timeout))
+        for field_name in ("keepalive_interval", "keepalive_count"):
+            if options.get(field_name) is not None:
+                spec = replace(spec, **{field_name: options[field_name]})
+        return spec
+
     # -- loading -------------------------------------------------------------------------------------
 
     @classmethod

@@ -51,7 +51,7 @@ from .hints import arguments_hint, import_hint
 from .launchers.base import Launcher
 from .launchers.registry import create_launcher
 from .packing import DistributionArchive, Packer, default_cache_dir
-from .protocol.call import dispatch
+from .protocol.call import RunnerAhead, dispatch
 from .protocol.detached import attach_detached, cancel_detached, follow_detached, start_detached
 from .protocol.maintain import collect_garbage, sync_tree
 from .protocol.options import CallOptions, Outcome, OutputSink, ProgressCallback, ProjectCall
@@ -279,6 +279,9 @@ class Coordinator:
             ConfigError: The host, backend or options are not valid.
         """
         config = session.config or self.config_for(session.context.get("cwd") or os.getcwd())
+        ahead = session.local.pop("backend_ahead", None)
+        if ahead is not None:  # rx run started connecting before rx's machinery was imported: that backend
+            self._backends.adopt(*ahead)
         options: dict[str, Any] = dict(session.context.get("options") or {})
         name = session.context.get("remote") or remote
         if not name:
@@ -342,16 +345,10 @@ class Coordinator:
 
     def _host_spec(self, config: Configuration, remote: Remote, options: dict[str, Any]) -> HostSpec:
         """How the backend reaches ``remote``: its ssh_config, host-key policy, timeouts and keepalives."""
-        policy = options.get("host_key_policy") or config.host_key_policy
-        if policy == "off" and remote.name not in self._insecure_warned:
+        spec = config.host_spec(remote, options)
+        if spec.host_key_policy == "off" and remote.name not in self._insecure_warned:
             self._insecure_warned.add(remote.name)  # once per host and process, whatever reconnects
             logger.warning("host key checking is OFF for %s: anyone on the path can impersonate it", remote.name)
-        spec = remote.spec(ssh_config=config.effective_ssh_config(options.get("ssh_config")),
-                           host_key_policy=policy,
-                           connect_timeout=float(options.get("connect_timeout") or config.connect_timeout))
-        for field_name in ("keepalive_interval", "keepalive_count"):
-            if options.get(field_name) is not None:
-                spec = replace(spec, **{field_name: options[field_name]})
         return spec
 
     @staticmethod
@@ -387,6 +384,18 @@ class Coordinator:
         if project:
             return self.packer.build(extra_modules=config.distribution_modules)
         return self.packer.archive_for(session.task, config.distribution_modules, session.context.get("cwd"))
+
+    def runner_ahead(self, session: Session, target: Target, project: ProjectCall | None) -> RunnerAhead | None:
+        """Start ``session``'s runner on ``target`` now, while the caller prepares the rest of the call (see
+        :class:`~remote_exec.protocol.call.RunnerAhead`); None when the call will not start one of its own
+        that way (a scheduler's job, a persistent worker, an environment to build or check first)."""
+        if target.launcher.schedules or target.options.keep_warm or travels_by_value(session.task):
+            return None
+        spec, _ = self.env_spec(session, target, project.tree.root if project is not None else None)
+        if spec is not None:
+            return None
+        archive = self.archive_for(session, project=project is not None)
+        return RunnerAhead(target.launcher, target.backend, archive, target.options)
 
     def project_for(self, session: Session) -> tuple[ProjectCall | None, list[str]]:
         """The project ``session``'s task runs in (its tree scanned now), and the warnings its size deserves
@@ -469,6 +478,7 @@ class Coordinator:
                 outcome = self.jobs.run(session, target, archive, recorder, project)
             else:
                 outcome = dispatch(session, target.backend, archive, target.options, launcher=target.launcher,
+                                   ahead=session.local.pop("runner_ahead", None),
                                    workers=self.workers, on_stdout=recorder.stdout, on_stderr=recorder.stderr,
                                    land_file=recorder.land_file, on_phase=recorder.phase,
                                    session_bytes=session_bytes, stdin=recorder.stdin, hold=recorder.retryable,

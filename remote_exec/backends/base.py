@@ -363,6 +363,8 @@ class Backend(ABC):
 
     name: ClassVar[str] = ""
     _failed_ahead: BaseException | None = None  # what connect_ahead met, for the next start
+    _ahead: threading.Thread | None = None  # connect_in_background's thread
+    _ahead_guard: ClassVar[threading.Lock] = threading.Lock()  # one such thread per backend
 
     def __init__(self, spec: HostSpec) -> None:
         self.spec = spec
@@ -378,14 +380,30 @@ class Backend(ABC):
     def connect_ahead(self) -> None:
         """:meth:`connect` while the caller does something else (``rx run`` scans its project meanwhile, in
         another thread); its failure is kept for the next :meth:`start`, which raises it rather than try
-        again (one attempt, one wait, as without connecting ahead)."""
+        again (one attempt, one wait, as without connecting ahead). A second call after a failed one does
+        nothing: the next start raises that failure."""
+        if self._failed_ahead is not None:
+            return
         try:
             self.connect()
         except Exception as exc:
             self._failed_ahead = exc
 
+    def connect_in_background(self) -> None:
+        """:meth:`connect_ahead` on a thread of its own; the next :meth:`start` waits for it (and raises
+        what it failed with). Once per backend: later calls do nothing while the first is under way."""
+        with Backend._ahead_guard:
+            if self._ahead is not None:
+                return
+            self._ahead = threading.Thread(target=self.connect_ahead, name=f"rx-connect-{self.host}", daemon=True)
+        self._ahead.start()
+
     def raise_failed_ahead(self) -> None:
-        """Raise (once) what :meth:`connect_ahead` failed with; called as :meth:`start` begins."""
+        """Raise (once) what :meth:`connect_ahead` failed with, once a connection under way in the
+        background is done; called as :meth:`start` begins."""
+        ahead = self._ahead
+        if ahead is not None and ahead is not threading.current_thread():
+            ahead.join()
         failure, self._failed_ahead = self._failed_ahead, None
         if failure is not None:
             raise failure

@@ -46,6 +46,12 @@ class BackendPool:
                 backend = self._backends[key] = self._factory(name, spec)
             return backend
 
+    def adopt(self, spec: HostSpec, name: str, backend: Backend) -> Backend:
+        """Keep ``backend`` (made before the pool was at hand, e.g. connecting early) as the one for ``spec``
+        and ``name``, unless the pool has one already; returns the one kept."""
+        with self._lock:
+            return self._backends.setdefault((name, spec), backend)
+
     def backends(self) -> list[Backend]:
         """The backends created so far and not closed."""
         with self._lock:

@@ -7,7 +7,6 @@ import json
 import os
 import stat
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO
@@ -76,7 +75,7 @@ def _module_origin(module: str) -> Path | None:
     return Path(spec.origin) if spec.origin and spec.origin not in ("built-in", "frozen") else None
 
 
-def _project(session: Any, target: str, dry_run: bool, as_json: bool) -> bool:
+def _project(session: Any, target: str, dry_run: bool, as_json: bool, detach: bool = False) -> bool:
     """Scan the run's project now (its summary line or warnings on stderr); with ``dry_run`` list what would
     travel. Returns True when the run is to go ahead. A remote's target is resolved first: a job's
     scheduler options are checked before anything is scanned or connects."""
@@ -84,20 +83,38 @@ def _project(session: Any, target: str, dry_run: bool, as_json: bool) -> bool:
     from .sync import describe_project, print_listing
 
     coordinator = Coordinator.current()
-    ahead: threading.Thread | None = None
     if session.context.get("remote"):
         where = coordinator.resolve_target(session)
-        if not dry_run and not where.launcher.schedules:  # connect while the tree is scanned
-            ahead = threading.Thread(target=where.backend.connect_ahead, name="rx-connect", daemon=True)
-            ahead.start()
+        if not dry_run and not where.launcher.schedules:  # connect while the tree is scanned (its failure,
+            where.backend.connect_in_background()        # if any, is the first start's)
     project, warnings = coordinator.project_for(session)
-    if ahead is not None:
-        ahead.join()  # its failure, if any, is the first start's
     session.local["project"] = (project, warnings)
+    if session.context.get("remote") and not dry_run and not detach:  # the runner starts while the run is
+        session.local["runner_ahead"] = coordinator.runner_ahead(session, where, project)  # recorded
     describe_project(project, warnings, what=target)
     if dry_run and project is not None:
         print_listing(project, as_json=as_json)
     return not dry_run
+
+
+def _connect_early(config: Any, remote: str, options: dict[str, Any]) -> tuple[Any, str, Any] | None:
+    """Start connecting to a direct host now, before the rest of rx is imported (a cold SSH connection takes
+    a few hundred milliseconds: the imports, the project's scan, the workspace and the archive go on
+    meanwhile). Returns ``(spec, backend name, backend)`` for the coordinator to adopt; None when the host is
+    a scheduler's or the settings do not resolve (the run then reports that as it would have)."""
+    try:
+        where = config.remote(remote)
+        if options.get("slurm_args") or (options.get("scheduler") or where.scheduler) != "direct":
+            return None
+        name = config.check_remote_backend(config.effective_backend(options.get("backend") or where.backend))
+        spec = config.host_spec(where, options)
+        from ..backends.registry import create
+
+        backend = create(name, spec)
+    except Exception:  # only a head start: the run itself resolves the host and says what fails
+        return None
+    backend.connect_in_background()
+    return spec, name, backend
 
 
 def load_task(words: list[str], module: str | None) -> tuple[Any, list[str], str, str]:
@@ -133,26 +150,42 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
                 parent: str | None = None, detach: bool = False, dry_run: bool = False) -> int:
     """Create a run, execute it through the pipeline, record its outcome; return the exit status (with
     ``dry_run``, only list what of the project would travel)."""
-    from ..advice import run_chain
-    from ..advices.remote import RemoteAdvice
     from ..config import Configuration
-    from ..session import Session
-    from ..task import Execution
-    from ..workspace import Workspace
-    from ..workspace.recorder import RunRecorder
-    from .sync import SyncBar
 
     config = Configuration.load()
-    backend = config.effective_backend(options.get("backend")) if remote else "local"
+    # connecting starts before the rest of rx is imported: it is what takes longest
+    ahead = _connect_early(config, remote, options) if remote and not dry_run else None
+    from ..session import Session
+    from ..task import Execution
+
     execution = Execution.create(task, tuple(args))
     session = Session(task=task, execution=execution, serializer="pickle",
                       context={"remote": remote, "options": options, "origin": "cli", "cwd": os.getcwd()})
     session.config = config
-    if not _project(session, target, dry_run, as_json):
-        return 0
-    ws = Workspace.resolve(workspace or config.workspace)
-    run = ws.new_run(target=target, kind=kind, argv=list(args), remote=remote, backend=backend, parent=parent)
-    session.run_id = run.id
+    session.local["backend_ahead"] = ahead
+    try:
+        if not _project(session, target, dry_run, as_json, detach):
+            return 0
+        from ..workspace import Workspace
+
+        ws = Workspace.resolve(workspace or config.workspace)
+        run = ws.new_run(target=target, kind=kind, argv=list(args), remote=remote, parent=parent,
+                         backend=config.effective_backend(options.get("backend")) if remote else "local")
+        session.run_id = run.id
+        return _record_and_run(session, run, detach=detach, as_json=as_json)
+    finally:
+        runner = session.local.pop("runner_ahead", None)
+        if runner is not None:  # not taken: the run ended before its call
+            runner.close()
+
+
+def _record_and_run(session: Any, run: Any, *, detach: bool, as_json: bool) -> int:
+    """Record the session in ``run``, run it (or start it detached) and record how it ended."""
+    from ..advice import run_chain
+    from ..advices.remote import RemoteAdvice
+    from ..workspace.recorder import RunRecorder
+    from .sync import SyncBar
+
     bar = session.local["on_progress"] = SyncBar()
     session.local["on_env"] = _env_line
     run.store.write_bytes("session.zip", session.dumps())
@@ -160,8 +193,9 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
         return _detach(run, session, as_json)
     run.set_status("running")
     # --json: stdout carries the record only; the script's output goes to stderr (and to stdout.log)
-    recorder = RunRecorder(run, host=remote or "local", stdout=sys.stderr if as_json else None,
-                           stdin=forwarded_stdin(), log_cap=config.log_cap)
+    recorder = RunRecorder(run, host=session.context.get("remote") or "local",
+                           stdout=sys.stderr if as_json else None, stdin=forwarded_stdin(),
+                           log_cap=session.config.log_cap)
     session.local["recorder"] = recorder
     session.local["on_job"] = JobStatusLine()
     try:

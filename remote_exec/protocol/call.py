@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,7 +53,7 @@ from .tree import TREE_FRAMES, TreeSender
 if TYPE_CHECKING:
     from .workers import WorkerPool
 
-__all__ = ["STOP_MARGIN", "Call", "StaleWorker", "dispatch", "run_call", "send_session"]
+__all__ = ["STOP_MARGIN", "Call", "RunnerAhead", "StaleWorker", "dispatch", "run_call", "send_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -492,13 +493,75 @@ class _Phases:
         self.seconds: dict[str, float] = {}
         self.marks: dict[str, float] = {}
 
-    def __call__(self, name: str, state: str) -> None:
+    def __call__(self, name: str, state: str, when: float | None = None) -> None:
         if self.on_phase is not None:
             self.on_phase(name, state)
+        now = time.monotonic() if when is None else when
         if state == "started":
-            self.marks[name] = time.monotonic()
+            self.marks[name] = now
         elif state == "finished" and name in self.marks:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - self.marks.pop(name)
+            self.seconds[name] = self.seconds.get(name, 0.0) + now - self.marks.pop(name)
+
+
+class RunnerAhead:
+    """A runner started on a thread of its own while the caller still prepares its call (``rx run`` records
+    the run meanwhile): its connect and upload overlap that work. :func:`dispatch` takes it when the call
+    is for the same host, archive and options, and closes it otherwise; the caller closes one it never
+    dispatched (:meth:`close`). The phases it went through reach the call's phase callback when it is taken,
+    with their own durations."""
+
+    def __init__(self, launcher: Launcher, backend: Backend, archive: DistributionArchive,
+                 options: CallOptions) -> None:
+        self.launcher, self.backend, self.archive, self.options = launcher, backend, archive, options
+        self._events: list[tuple[str, str, float]] = []
+        self._channel: Channel | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._dropped = False
+        self._thread = threading.Thread(target=self._start, name=f"rx-runner-{backend.host}", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            channel = start_runner(self.launcher, self.backend, self.archive, self.options, "serve",
+                                   lambda name, state: self._events.append((name, state, time.monotonic())))
+        except BaseException as exc:  # the call that takes it raises this
+            self._error = exc
+            return
+        with self._lock:
+            dropped = self._dropped
+            if not dropped:
+                self._channel = channel
+        if dropped:
+            channel.close()
+
+    def fits(self, backend: Backend, archive: DistributionArchive, options: CallOptions, launcher: Launcher) -> bool:
+        """Whether a call with these would have started this very runner."""
+        return (backend is self.backend and launcher is self.launcher and archive.sha256 == self.archive.sha256
+                and options == self.options)
+
+    def take(self, phase: _Phases) -> Channel:
+        """The runner, once started (its phases told to ``phase``).
+
+        Raises:
+            What starting it raised (as :func:`~.bootstrap.start_runner` documents).
+        """
+        self._thread.join()
+        for name, state, when in self._events:
+            phase(name, state, when)
+        if self._error is not None:
+            raise self._error
+        assert self._channel is not None
+        channel, self._channel = self._channel, None
+        return channel
+
+    def close(self) -> None:
+        """Stop the runner unless a call took it (now, or as soon as it is up)."""
+        with self._lock:
+            self._dropped = True
+            channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
 
 
 # shape: its docstring names every argument and error; the body is twenty lines
@@ -506,7 +569,8 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
              launcher: Launcher, workers: WorkerPool, on_stdout: OutputSink, on_stderr: OutputSink,
              land_file: FileLander | None = None, on_phase: PhaseCallback | None = None,
              session_bytes: bytes | None = None, stdin: BinaryIO | None = None, hold: bool = False,
-             project: ProjectCall | None = None, on_progress: ProgressCallback | None = None) -> Outcome:
+             project: ProjectCall | None = None, on_progress: ProgressCallback | None = None,
+             ahead: RunnerAhead | None = None) -> Outcome:
     """Run ``session`` on ``backend``'s host and return what came back.
 
     Args:
@@ -529,6 +593,7 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
         project: The project the task runs in (a snapshot of its tree on the host); None: the archive
             carries the task's code and the task runs in an empty directory.
         on_progress: Told how the upload of the tree's blobs goes (when the host lacks some).
+        ahead: A runner started for this call beforehand: taken when it fits, else closed.
 
     Raises:
         ConnectError, AuthError, HostKeyError: The host could not be reached or the link died.
@@ -547,7 +612,11 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
                         land_file=land_file, phase=phase, phases=phase.seconds, uploaded=uploaded, keep=keep,
                         stdin=stdin, hold=hold and not keep, project=project, on_progress=on_progress, sent=sent)
 
-    if options.keep_warm and stdin is None:
+    warm = options.keep_warm and stdin is None
+    if ahead is not None and (warm or not ahead.fits(backend, archive, options, launcher)):
+        ahead.close()
+        ahead = None
+    if warm:
         for attempt in (1, 2):
             channel = workers.acquire(launcher, backend, archive, options, phase,  # for this call alone
                                       tree=project.tree.tree_id if project else None)
@@ -562,16 +631,19 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
                     raise ConnectError(backend.host, "the persistent worker could not take the call") from None
             finally:
                 workers.release(channel)
+    if ahead is not None:  # started while the caller prepared the call: the call goes after its answer
+        channel = ahead.take(phase)
+        return call(channel, uploaded=channel.uploaded, keep=False)
     # The task process, forked before the call arrives, loads pickle meanwhile if the session needs it.
     # Where a runner of this archive answered at once before, the call goes right behind the command.
     primed = (id(backend), options.python, options.workdir, archive.sha256)
-    key = ahead = None
+    key = frames = None
     if primed in workers.primed and stdin is None and not options.secret_env and len(session_bytes) <= wire.MAX_FRAME:
         key = os.urandom(32)
         extra = _extra_options(project, None, hold=hold, stdin=False)
-        ahead = _small_call(_call_options(session, options, key, land_file, extra), session_bytes)
+        frames = _small_call(_call_options(session, options, key, land_file, extra), session_bytes)
     channel = start_runner(launcher, backend, archive, options, "serve", phase,
-                           ("pickle",) if wire_pickles(session_bytes) else (), call=ahead)
+                           ("pickle",) if wire_pickles(session_bytes) else (), call=frames)
     if channel.prompt:
         workers.primed.add(primed)
     return call(channel, uploaded=channel.uploaded, keep=False, sent=key if channel.call_sent else None)

@@ -231,7 +231,8 @@ class Dispatcher:
         return Task.from_script(path)
 
     def run(self, task: Any, args: tuple[Any, ...] = (), *, backend: Any = None, land: bool = True,
-            project: Any = None, on_progress: Any = None, stdin: Any = None, **options: Any) -> Call:
+            project: Any = None, on_progress: Any = None, stdin: Any = None, launcher: Any = None,
+            ahead: Any = None, **options: Any) -> Call:
         from remote_exec.backends.local import LocalBackend
         from remote_exec.launchers import create_launcher
         from remote_exec.protocol.call import dispatch
@@ -256,10 +257,10 @@ class Dispatcher:
         options.setdefault("workdir", str(self.workdir))
         started = time.monotonic()
         outcome = dispatch(session, backend or LocalBackend(), self.archive, CallOptions(**options),
-                           launcher=create_launcher("direct"), workers=self.workers,
+                           launcher=launcher or create_launcher("direct"), workers=self.workers,
                            on_stdout=lambda data: stdout.append((time.monotonic(), data)),
                            on_stderr=stderr.extend, land_file=land_file if land else None, project=project,
-                           on_progress=on_progress, stdin=stdin)
+                           on_progress=on_progress, stdin=stdin, ahead=ahead)
         return Call(outcome=outcome, stdout=stdout, stderr=bytes(stderr), landed=landed, started=started,
                     ended=time.monotonic())
 

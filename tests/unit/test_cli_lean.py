@@ -20,10 +20,10 @@ def test_every_command_is_mapped_to_the_module_that_registers_it() -> None:
 
 def test_rx_run_imports_neither_the_ledger_nor_the_hosts_commands(isolated: Any) -> None:
     (isolated.root / "job.py").write_text("print('ran')\n")
-    probe = ("import sys, runpy\n"
-             "sys.argv = ['rx', 'run', 'job.py']\n"
+    probe = ("import sys\n"
+             "from remote_exec.cli import main\n"
              "try:\n"
-             "    runpy.run_module('remote_exec', run_name='__main__')\n"
+             "    main(['run', 'job.py'])  # (main() of the console script ends the process when done)\n"
              "except SystemExit:\n"
              "    pass\n"
              "print(sorted(m for m in sys.modules if m.startswith('remote_exec.cli.')), file=sys.stderr)\n")
@@ -40,10 +40,10 @@ def test_a_plain_rx_run_leaves_the_heavy_and_the_unused_unimported(isolated: Any
     """What a run that declares no dependencies, submits no job and prints no table never needs: rich (~15 ms
     to import), filelock (~10 ms), the scheduler and environment machinery."""
     (isolated.root / "job.py").write_text("print('ran')\n")
-    probe = ("import sys, runpy\n"
-             "sys.argv = ['rx', 'run', 'job.py']\n"
+    probe = ("import sys\n"
+             "from remote_exec.cli import main\n"
              "try:\n"
-             "    runpy.run_module('remote_exec', run_name='__main__')\n"
+             "    main(['run', 'job.py'])  # (main() of the console script ends the process when done)\n"
              "except SystemExit:\n"
              "    pass\n"
              "print(' '.join(sorted(sys.modules)), file=sys.stderr)\n")
@@ -65,3 +65,23 @@ def test_help_and_a_mistyped_command_still_see_every_command(isolated: Any) -> N
     typo = subprocess.run([sys.executable, "-m", "remote_exec", "rnu"], env=isolated.env(), capture_output=True,
                           text=True, timeout=60, check=False)
     assert typo.returncode == 2 and "run" in typo.stderr, typo.stderr
+
+
+def test_the_console_script_ends_without_teardown_but_keeps_what_exit_does(tmp_path: Any) -> None:
+    """exit_now: the status as sys.exit gives it, non-daemon threads waited for, atexit callbacks run, the
+    streams flushed."""
+    mark = tmp_path / "mark"
+    probe = ("import atexit, sys, threading, time\n"
+             "from remote_exec.cli import exit_now\n"
+             f"atexit.register(lambda: open({str(mark)!r}, 'a').write('atexit\\n'))\n"
+             f"late = lambda: (time.sleep(0.3), open({str(mark)!r}, 'a').write('thread\\n'))\n"
+             "threading.Thread(target=late).start()\n"
+             "sys.stdout.write('buffered, no newline')\n"
+             "exit_now(5)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 5, done.stderr
+    assert done.stdout == "buffered, no newline"
+    assert mark.read_text() == "thread\natexit\n"
+    said = subprocess.run([sys.executable, "-c", "from remote_exec.cli import exit_now; exit_now('no luck')"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert (said.returncode, said.stderr) == (1, "no luck\n")
