@@ -12,6 +12,7 @@ the remote too; the coordinator's machinery is imported only when a call actuall
 from __future__ import annotations
 
 import os
+import sys
 
 from .task import INSIDE_RUNNER_ENV, Task
 
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
     from concurrent.futures import Future
     from typing import Any, Generic, TypeVar, overload
+
+    from .early import EarlyConnection
 
     R = TypeVar("R")
 else:
@@ -176,6 +179,7 @@ def task(function: Callable[..., R] | None = None, /, *, remote: str | None = No
 
 def run_task(function: TaskFunction[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run one call of a ``@task`` function through its chain; return its value or raise its exception."""
+    early = _connect_first(function) if "remote_exec.coordinator" not in sys.modules else None
     from .advice import run_chain
     from .chains import chain_for
     from .coordinator import Coordinator
@@ -186,7 +190,28 @@ def run_task(function: TaskFunction[Any], args: tuple[Any, ...], kwargs: dict[st
     advices = chain_for(config, function.chain)
     session = coordinator.task_session(function.task, args, kwargs, remote=function.remote,
                                        options=function.options, config=config, cwd=cwd)
+    if early is not None:
+        from .early import adopt_or_connect
+
+        session.local["backend_ahead"] = adopt_or_connect(early, config, function.remote or "",
+                                                          dict(function.options))
     return run_chain(session, advices, config.extensions).unwrap()
+
+
+def _connect_first(function: TaskFunction[Any]) -> EarlyConnection | None:
+    """The first call of a process to a host: start connecting before rx's machinery is imported (see
+    :mod:`remote_exec.early`)."""
+    if not isinstance(function.remote, str) or not function.remote:
+        return None
+    try:
+        from .config import Configuration
+
+        config = function.config or Configuration.load()
+    except Exception:  # the call itself reports a broken configuration
+        return None
+    from .early import connect_early
+
+    return connect_early(config, function.remote, dict(function.options))
 
 
 def for_caller(exc: BaseException) -> BaseException:

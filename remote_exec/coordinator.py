@@ -47,7 +47,6 @@ from .config import (
 )
 from .envs.resolve import EnvSpec, project_requirements
 from .errors import LocalDiskFull, SerializationError, printable
-from .hints import arguments_hint, import_hint
 from .launchers.base import Launcher
 from .launchers.registry import create_launcher
 from .packing import DistributionArchive, Packer, default_cache_dir
@@ -62,7 +61,6 @@ from .sync.plan import ProjectPlan, plan_project
 from .sync.project import Project, ProjectSpec
 from .sync.tree import guard, refuse
 from .task import Execution, Task, travels_by_value
-from .tracebacks import localize, roots_for
 from .workspace.manager import new_run_id
 from .workspace.output import OutputPump
 from .workspace.recorder import CallRecorder, TaskCallRecorder, TaskRecorder, TaskRuns
@@ -147,7 +145,11 @@ def _hint(session: Session, exception: dict[str, Any], host: str, python: str,
           sources: list[tuple[str, str]]) -> str | None:
     """What to try when the task failed because the two sides differ (:mod:`remote_exec.hints`)."""
     if exception.get("packages"):
+        from .hints import arguments_hint
+
         return arguments_hint(exception["packages"], host)
+    from .hints import import_hint
+
     return import_hint(str(exception.get("message") or ""), host=host, python=python,
                        shipped=[name.removesuffix(".py") for name, _ in sources],
                        project=Path(session.context.get("cwd") or os.getcwd()).resolve())
@@ -582,6 +584,8 @@ class Coordinator:
         exception = outcome.header.get("exception")
         if not exception:
             return
+        from .tracebacks import localize, roots_for  # only when there is a traceback to map
+
         task = session.task
         sources = list(sources)
         script = None

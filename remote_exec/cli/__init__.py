@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import NoReturn
-
-import typer
-
-from ..errors import Interrupted, RemoteExecError
-from .app import Stopped, app, error_line, state
+from typing import Any, NoReturn
 
 __all__ = ["COMMAND_MODULES", "app", "error_line", "exit_now", "main", "state"]
 
@@ -55,8 +50,11 @@ def main(argv: list[str] | None = None) -> NoReturn:
     process's own, and the process ends as soon as the command has, see :func:`exit_now`)."""
     if argv is not None:
         _command(argv)
+    from .early import connect_from_argv
+
+    early = connect_from_argv(sys.argv[1:])  # before typer and the rest of rx are imported
     try:
-        _command(None)
+        _command(None, early)
     except SystemExit as exc:
         exit_now(exc.code)
 
@@ -93,8 +91,13 @@ def exit_now(code: object) -> NoReturn:
 
 
 # shape: one except clause per way a command ends, each with its exit status of DESIGN.md section 4
-def _command(argv: list[str] | None) -> NoReturn:
+def _command(argv: list[str] | None, early: Any = None) -> NoReturn:
     import signal
+
+    import typer
+
+    from ..errors import Interrupted, RemoteExecError
+    from .application import Stopped, app, error_line, state
 
     # SIGTERM stops a run the way Ctrl-C does: the remote task is stopped, the run recorded cancelled.
     signal.signal(signal.SIGTERM, _terminate)
@@ -102,7 +105,7 @@ def _command(argv: list[str] | None) -> NoReturn:
     _register(words)
     verbose = "-v" in words or "--verbose" in words or bool(os.environ.get("RX_DEBUG"))
     try:
-        code = app(args=argv, prog_name="rx", standalone_mode=False)
+        code = app(args=argv, prog_name="rx", standalone_mode=False, obj={"early": early})
     except RemoteExecError as exc:
         if verbose or state.verbose:
             import traceback
@@ -129,3 +132,12 @@ def _command(argv: list[str] | None) -> NoReturn:
             sys.exit(2 if isinstance(exc, click.UsageError) else 3)
         raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def __getattr__(name: str) -> Any:
+    """The application and its helpers, imported on first use (``rx run`` starts connecting first)."""
+    if name in ("app", "error_line", "state"):
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.application"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

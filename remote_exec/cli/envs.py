@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import ConfigError, printable
-from .app import app
+from .application import app
 from .run import env_options
 
 __all__ = ["env"]

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import RunnerError, printable
-from .app import app
+from .application import app
 from .complete import complete_hosts
 
 __all__ = ["check", "host_status", "hosts", "top"]

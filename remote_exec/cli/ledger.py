@@ -27,7 +27,7 @@ from ..workspace.export import EXPORT_FORMATS, export, format_duration, format_s
 from ..workspace.manager import Run, Workspace
 from ..workspace.output import log_origin
 from ..workspace.state import ACTIVE_RUN_STATUSES, duration, parse_time
-from .app import app, state
+from .application import app, state
 from .complete import complete_runs
 
 __all__ = ["clean_command", "export_command", "logs_command", "runs_command", "show_command"]

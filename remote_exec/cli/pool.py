@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import ConfigError
-from .app import app
+from .application import app
 from .complete import complete_hosts
 
 __all__ = ["map_command"]

@@ -15,6 +15,7 @@ import click
 import typer
 
 from ..config import check_env, check_pull, check_remote_backend, check_secret_env, check_timeout
+from ..early import EarlyConnection, adopt_or_connect
 from ..errors import (
     ConfigError,
     Interrupted,
@@ -25,7 +26,7 @@ from ..errors import (
     WorkspaceError,
     printable,
 )
-from .app import app
+from .application import app
 from .complete import complete_hosts, complete_runs
 from .say import say
 
@@ -97,26 +98,6 @@ def _project(session: Any, target: str, dry_run: bool, as_json: bool, detach: bo
     return not dry_run
 
 
-def _connect_early(config: Any, remote: str, options: dict[str, Any]) -> tuple[Any, str, Any] | None:
-    """Start connecting to a direct host now, before the rest of rx is imported (a cold SSH connection takes
-    a few hundred milliseconds: the imports, the project's scan, the workspace and the archive go on
-    meanwhile). Returns ``(spec, backend name, backend)`` for the coordinator to adopt; None when the host is
-    a scheduler's or the settings do not resolve (the run then reports that as it would have)."""
-    try:
-        where = config.remote(remote)
-        if options.get("slurm_args") or (options.get("scheduler") or where.scheduler) != "direct":
-            return None
-        name = config.check_remote_backend(config.effective_backend(options.get("backend") or where.backend))
-        spec = config.host_spec(where, options)
-        from ..backends.registry import create
-
-        backend = create(name, spec)
-    except Exception:  # only a head start: the run itself resolves the host and says what fails
-        return None
-    backend.connect_in_background()
-    return spec, name, backend
-
-
 def load_task(words: list[str], module: str | None) -> tuple[Any, list[str], str, str]:
     """The task of ``SCRIPT ARGS...`` (or ``-m MODULE ARGS...``): (task, args, kind, name). A script that
     does not compile is reported as Python would, before anything travels (exit 1).
@@ -147,14 +128,17 @@ def load_task(words: list[str], module: str | None) -> tuple[Any, list[str], str
 
 def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict[str, Any],
                 workspace: Path | None, kind: str, target: str, as_json: bool,
-                parent: str | None = None, detach: bool = False, dry_run: bool = False) -> int:
+                parent: str | None = None, detach: bool = False, dry_run: bool = False,
+                early: EarlyConnection | None = None) -> int:
     """Create a run, execute it through the pipeline, record its outcome; return the exit status (with
-    ``dry_run``, only list what of the project would travel)."""
+    ``dry_run``, only list what of the project would travel; ``early``: a connection started from the raw
+    command line, adopted when it is for the same host)."""
     from ..config import Configuration
 
     config = Configuration.load()
-    # connecting starts before the rest of rx is imported: it is what takes longest
-    ahead = _connect_early(config, remote, options) if remote and not dry_run else None
+    # connecting starts before the rest of rx is imported (or was started from the raw command line by
+    # cli.main, see cli/early.py): it is what takes longest
+    ahead = adopt_or_connect(early, config, remote, options) if remote and not dry_run else None
     from ..session import Session
     from ..task import Execution
 
@@ -170,7 +154,8 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
 
         ws = Workspace.resolve(workspace or config.workspace)
         run = ws.new_run(target=target, kind=kind, argv=list(args), remote=remote, parent=parent,
-                         backend=config.effective_backend(options.get("backend")) if remote else "local")
+                         backend=config.effective_backend(options.get("backend")) if remote else "local",
+                         running=not detach)
         session.run_id = run.id
         return _record_and_run(session, run, detach=detach, as_json=as_json)
     finally:
@@ -191,15 +176,17 @@ def _record_and_run(session: Any, run: Any, *, detach: bool, as_json: bool) -> i
     run.store.write_bytes("session.zip", session.dumps())
     if detach:
         return _detach(run, session, as_json)
-    run.set_status("running")
-    # --json: stdout carries the record only; the script's output goes to stderr (and to stdout.log)
+    # (new_run made it running) --json: stdout carries the record only; the script's output goes to stderr
+    # (and to stdout.log)
     recorder = RunRecorder(run, host=session.context.get("remote") or "local",
                            stdout=sys.stderr if as_json else None, stdin=forwarded_stdin(),
                            log_cap=session.config.log_cap)
     session.local["recorder"] = recorder
     session.local["on_job"] = JobStatusLine()
+    came_back = False
     try:
         result = run_chain(session, [RemoteAdvice()])
+        came_back = True
         bar.close()
     except LocalDiskFull as exc:
         uncollected(run, exc, exc.kept)
@@ -217,8 +204,8 @@ def _record_and_run(session: Any, run: Any, *, detach: bool, as_json: bool) -> i
         raise
     finally:
         bar.close()
-        recorder.close()
-    return finish_run(run, result, session.local.get("outcome"), as_json)
+        recorder.close(record=not came_back)  # the run's end records them: one state rewrite less
+    return finish_run(run, result, session.local.get("outcome"), as_json, actions=recorder.take_phases())
 
 
 def forwarded_stdin() -> BinaryIO | None:
@@ -267,8 +254,10 @@ def uncollected(run: Any, exc: LocalDiskFull, kept: dict[str, Any] | None) -> No
         pass
 
 
-def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
-    """Record a run's result and final status; print its summary (or its JSON); return its exit status."""
+def finish_run(run: Any, result: Any, outcome: Any, as_json: bool,
+               actions: list[tuple[str, str, str | None, str]] | None = None) -> int:
+    """Record a run's result and final status (with ``actions``' events not yet recorded); print its
+    summary (or its JSON); return its exit status."""
     from ..workspace.outcome import result_record, run_outcome
 
     if outcome is not None:
@@ -278,7 +267,7 @@ def finish_run(run: Any, result: Any, outcome: Any, as_json: bool) -> int:
         record = result_record(result)
     run.store.write_bytes("result.json", json.dumps(record, indent=1).encode())
     ended = run_outcome(result)
-    run.set_status(ended.status, exit_code=ended.exit_code, error=ended.error)
+    run.set_status(ended.status, exit_code=ended.exit_code, error=ended.error, actions=actions)
     info = run.info()
     if as_json:
         typer.echo(json.dumps(info, indent=2))
@@ -419,7 +408,8 @@ def run(
     if keep_queued:
         options["keep_queued"] = True
     code = execute_run(task=task, args=args, remote=remote, options=options, workspace=workspace,
-                       kind=kind, target=name, as_json=as_json, detach=detach, dry_run=dry_run)
+                       kind=kind, target=name, as_json=as_json, detach=detach, dry_run=dry_run,
+                       early=(ctx.obj or {}).get("early"))
     raise typer.Exit(code)
 
 
@@ -485,9 +475,13 @@ def unknown_option(ctx: typer.Context, word: str) -> click.NoSuchOption:
 
 def _refuse_syntax_errors(source: str, path: Path) -> None:
     """A script that does not compile is reported here, as Python would, before anything travels (exit 1)."""
-    from ..tracebacks import syntax_error
+    try:
+        compile(source, str(path), "exec", dont_inherit=True)
+        return
+    except (SyntaxError, ValueError):  # (a null byte) said as Python says it, by the traceback mapper
+        from ..tracebacks import syntax_error
 
-    problem = syntax_error(source, str(path))
+        problem = syntax_error(source, str(path))
     if problem is not None:
         typer.echo(problem, err=True, nl=False)
         raise typer.Exit(1)

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import ConfigError
-from .app import app
+from .application import app
 from .say import say
 
 __all__ = ["SyncBar", "describe_project", "gc", "print_listing", "sync"]

@@ -9,8 +9,9 @@ the scheduler (:class:`Launcher` has that second entry point: submit, poll, verd
 
 from __future__ import annotations
 
+from typing import Any
+
 from .base import Launcher
-from .jobs import Job, JobRequest, JobState, Verdict
 from .registry import (
     check_launcher_name,
     create_launcher,
@@ -22,3 +23,12 @@ from .registry import (
 
 __all__ = ["Job", "JobRequest", "JobState", "Launcher", "Verdict", "check_launcher_name", "create_launcher",
            "launcher_class", "launcher_names", "register_launcher", "unregister_launcher"]
+
+
+def __getattr__(name: str) -> Any:
+    """A scheduler's job types, imported on first use (a direct launcher never needs them)."""
+    if name in ("Job", "JobRequest", "JobState", "Verdict"):
+        from . import jobs
+
+        return getattr(jobs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..backends.base import Backend, Process
 from ..errors import ConfigError
-from .jobs import Job, JobKey, JobRequest, JobState, Verdict
+
+if TYPE_CHECKING:  # only a scheduler's launcher deals in jobs: a direct one never imports them
+    from .jobs import Job, JobKey, JobRequest, JobState, Verdict
 
 __all__ = ["Launcher"]
 
@@ -46,6 +48,10 @@ class Launcher(ABC):
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options: Mapping[str, Any] = dict(options or {})
+
+    def same(self, other: Launcher) -> bool:
+        """Whether ``other`` starts runners exactly as this one does (same kind, same options)."""
+        return type(other) is type(self) and dict(other.options) == dict(self.options)
 
     @abstractmethod
     def start(self, backend: Backend, argv: Sequence[str]) -> Process:

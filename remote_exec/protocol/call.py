@@ -495,7 +495,10 @@ class _Phases:
 
     def __call__(self, name: str, state: str, when: float | None = None) -> None:
         if self.on_phase is not None:
-            self.on_phase(name, state)
+            if when is None:
+                self.on_phase(name, state)
+            else:  # a replayed phase (RunnerAhead): the callback is a CallRecorder's, which takes its time
+                self.on_phase(name, state, when)  # type: ignore[call-arg]
         now = time.monotonic() if when is None else when
         if state == "started":
             self.marks[name] = now
@@ -537,7 +540,7 @@ class RunnerAhead:
 
     def fits(self, backend: Backend, archive: DistributionArchive, options: CallOptions, launcher: Launcher) -> bool:
         """Whether a call with these would have started this very runner."""
-        return (backend is self.backend and launcher is self.launcher and archive.sha256 == self.archive.sha256
+        return (backend is self.backend and launcher.same(self.launcher) and archive.sha256 == self.archive.sha256
                 and options == self.options)
 
     def take(self, phase: _Phases) -> Channel:
@@ -614,8 +617,11 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
 
     warm = options.keep_warm and stdin is None
     if ahead is not None and (warm or not ahead.fits(backend, archive, options, launcher)):
+        logger.debug("%s: the runner started ahead does not fit this call; starting another", backend.host)
         ahead.close()
         ahead = None
+    elif ahead is not None:
+        logger.debug("%s: the call takes the runner started ahead", backend.host)
     if warm:
         for attempt in (1, 2):
             channel = workers.acquire(launcher, backend, archive, options, phase,  # for this call alone

@@ -89,6 +89,7 @@ from .state import (
     ActionTracker,
     StateFile,
     StatusBoard,
+    apply_actions,
     duration,
     utc_now,
 )
@@ -246,8 +247,10 @@ class Workspace:
         return self.root / "runs"
 
     def new_run(self, *, target: str, kind: str, argv: list[str] | None = None, remote: str | None = None,
-                backend: str | None = None, run_id: str | None = None, parent: str | None = None) -> Run:
-        """Create a run directory with its initial ``pending`` state, owned by this process.
+                backend: str | None = None, run_id: str | None = None, parent: str | None = None,
+                running: bool = False) -> Run:
+        """Create a run directory with its initial ``pending`` state (``running``: ``running`` from now, as
+        :meth:`Run.set_status` would make it, in the same first write), owned by this process.
 
         Args:
             target: What runs: a script path, a module name, a task's name.
@@ -269,10 +272,13 @@ class Workspace:
                                  hint="letters, digits, '.', '_' and '-', starting with a letter or digit")
         rid = self._make_run_dir(run_id)
         run = Run(self, rid)
+        created = utc_now()
         run.state.write({
-            "version": STATE_VERSION, "run_id": rid, "status": "pending", "target": target, "kind": kind,
+            "version": STATE_VERSION, "run_id": rid, "status": "running" if running else "pending",
+            "target": target, "kind": kind,
             "argv": list(argv) if argv is not None else None, "remote": remote, "backend": backend,
-            "exit_code": None, "error": None, "created": utc_now(), "started": None, "finished": None,
+            "exit_code": None, "error": None, "created": created, "started": created if running else None,
+            "finished": None,
             "duration": None, "coordinator": coordinator_record(), "actions": [], "tasks": {},
             "parent": parent,
         })
@@ -537,8 +543,10 @@ class Run:
             if entry.get("status") in ("pending", "waiting", "running"):
                 entry["status"] = "cancelled"
 
-    def set_status(self, status: str, *, exit_code: int | None = None, error: str | None = None) -> None:
-        """Record the run's status.
+    def set_status(self, status: str, *, exit_code: int | None = None, error: str | None = None,
+                   actions: list[tuple[str, str, str | None, str]] | None = None) -> None:
+        """Record the run's status (and ``actions``' events, see :meth:`ActionTracker.apply`, in the same
+        rewrite).
 
         ``running`` stamps ``started`` (once); a final status stamps ``finished`` and the
         ``duration`` from ``started`` (or ``created`` if it never started).
@@ -564,6 +572,8 @@ class Run:
                 state["exit_code"] = exit_code
             if error is not None:
                 state["error"] = error
+            if actions:
+                apply_actions(state, actions)
 
         self.state.update(change)
 

@@ -84,9 +84,10 @@ class CallRecorder(ABC):
     def land_file(self, relative: PurePosixPath, temporary: Path, sha256: str) -> Path:
         """Land one pulled file that passed its checks; return where it landed."""
 
-    def phase(self, name: str, state: str) -> None:  # noqa: B027 - optional: not every record keeps phases
+    def phase(self, name: str, state: str, when: float | None = None) -> None:  # noqa: B027 - optional
         """A phase of the call (``pack``, ``connect``, ``upload``, ``execute``, ``collect``) ``started``,
-        ``finished`` or ``failed``."""
+        ``finished`` or ``failed``, now (or at ``when``, a ``time.monotonic()`` of the past: a runner
+        started ahead tells its phases once the call takes it). Not every record keeps phases."""
 
     def submitted(self, detached: dict[str, Any]) -> None:  # noqa: B027 - optional: only scheduled calls
         """The call was submitted to a scheduler as a job; ``detached`` says where it runs and which job it
@@ -132,10 +133,10 @@ class RunRecorder(CallRecorder):
     def land_file(self, relative: PurePosixPath, temporary: Path, sha256: str) -> Path:
         return self._land(relative, temporary, sha256)
 
-    def phase(self, name: str, state: str) -> None:
+    def phase(self, name: str, state: str, when: float | None = None) -> None:
         """Phases are recorded as the run's actions, in two rewrites of its state rather than two per phase:
         the ones before the task starts when it starts (``execute``), the rest when the call is over."""
-        now = utc_now()
+        now = utc_now() if when is None else utc_now(time.time() - (time.monotonic() - when))
         if state == "started":
             self._phases.append(("started", name, None if name == "pack" else self.host, now))
         else:
@@ -163,15 +164,23 @@ class RunRecorder(CallRecorder):
     def failed(self, exc: BaseException) -> None:
         """The caller (the CLI) records the run's end with its error."""
 
-    def close(self) -> None:
+    def close(self, *, record: bool = True) -> None:
         """Wait until the local reader took the output (rx's summary comes after it), close the logs, record
-        the phases not yet written."""
+        the phases not yet written (``record=False``: the caller records them with the run's end, see
+        :meth:`take_phases`)."""
         try:
             self.output.close()
         finally:
             for log in self._logs:
                 log.close()
-            self.record_phases()
+            if record:
+                self.record_phases()
+
+    def take_phases(self) -> list[tuple[str, str, str | None, str]]:
+        """The phases not yet recorded, for :meth:`~remote_exec.workspace.manager.Run.set_status`; they are
+        the caller's to record now."""
+        pending, self._phases = self._phases, []
+        return pending
 
 
 class TaskRecorder:

@@ -33,20 +33,9 @@ from ..errors import WorkspaceError
 from .oslock import LockTimeout, ProcessLock
 from .store import fsync_dir
 
-__all__ = [
-    "ACTIVE_RUN_STATUSES",
-    "FINAL_RUN_STATUSES",
-    "FINAL_TASK_STATUSES",
-    "LOCK_TIMEOUT",
-    "RUN_STATUSES",
-    "TASK_STATUSES",
-    "ActionTracker",
-    "StateFile",
-    "StatusBoard",
-    "duration",
-    "parse_time",
-    "utc_now",
-]
+__all__ = ["ACTIVE_RUN_STATUSES", "FINAL_RUN_STATUSES", "FINAL_TASK_STATUSES", "LOCK_TIMEOUT", "RUN_STATUSES",
+    "TASK_STATUSES", "ActionTracker", "StateFile", "StatusBoard", "apply_actions", "duration", "parse_time",
+    "utc_now"]
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +232,21 @@ class StateFile:
         fsync_dir(parent)
 
 
+def apply_actions(state: dict[str, Any], events: list[tuple[str, str, str | None, str]],
+                  key: str = "actions") -> None:
+    """Apply :meth:`ActionTracker.apply`'s events to ``state`` in place (inside another update)."""
+    actions = state.setdefault(key, [])
+    for event, name, detail, when in events:
+        if event == "started":
+            actions.append({"name": name, "host": detail, "status": "started", "started": when,
+                            "finished": None, "error": None})
+            continue
+        for entry in reversed(actions):
+            if entry.get("name") == name and entry.get("status") == "started":
+                entry.update(status=event, finished=when, error=detail if event == "failed" else None)
+                break
+
+
 class ActionTracker:
     """Named steps of a run, recorded in the ``actions`` list of a state file.
 
@@ -295,22 +299,8 @@ class ActionTracker:
     def apply(self, events: list[tuple[str, str, str | None, str]]) -> None:
         """Record several starts and ends in one rewrite: ``("started", name, host, when)`` appends an entry,
         ``("finished" | "failed", name, error, when)`` ends the latest started entry of that name."""
-        if not events:
-            return
-
-        def change(state: dict[str, Any]) -> None:
-            actions = state.setdefault(self.key, [])
-            for event, name, detail, when in events:
-                if event == "started":
-                    actions.append({"name": name, "host": detail, "status": "started", "started": when,
-                                    "finished": None, "error": None})
-                    continue
-                for entry in reversed(actions):
-                    if entry.get("name") == name and entry.get("status") == "started":
-                        entry.update(status=event, finished=when, error=detail if event == "failed" else None)
-                        break
-
-        self.state.update(change)
+        if events:
+            self.state.update(lambda state: apply_actions(state, events, self.key))
 
     def actions(self) -> list[dict[str, Any]]:
         """Every action recorded, oldest first."""

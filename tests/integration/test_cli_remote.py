@@ -81,3 +81,19 @@ def test_a_missing_interpreter_is_one_line_and_exit_3(remote: Remote) -> None:
     info = remote.latest()
     assert (info["status"], info["exit_code"]) == ("failed", 3)
     assert f"{MISSING} not found on {HOST}" in info["error"]
+
+
+def test_rx_run_takes_the_runner_it_started_while_recording_the_run(remote: Remote) -> None:
+    """The runner starts while the run is recorded; the call takes that one rather than starting another
+    (its connect still counted in the run's phases)."""
+    remote.copy_script("exit_with.py")
+
+    done = remote.rx("-vv", "run", "--remote", HOST, "exit_with.py", "0")
+
+    assert done.returncode == 0, done.stderr
+    assert "the call takes the runner started ahead" in done.stderr, done.stderr
+    assert "does not fit" not in done.stderr
+    actions = {action["name"]: action for action in remote.latest()["actions"]}
+    assert actions["connect"]["status"] == "finished" and actions["execute"]["status"] == "finished"
+    # its times are when it connected, not when the call took it
+    assert actions["connect"]["started"] < actions["connect"]["finished"] <= actions["execute"]["started"]

@@ -53,7 +53,8 @@ def test_a_plain_rx_run_leaves_the_heavy_and_the_unused_unimported(isolated: Any
     loaded = set(done.stderr.strip().splitlines()[-1].split())
     assert "remote_exec.coordinator" in loaded
     unwanted = {"rich", "rich.console", "filelock", "remote_exec.jobs", "remote_exec.envs.manager",
-                "remote_exec.protocol.envs", "remote_exec.launchers.slurm"}
+                "remote_exec.protocol.envs", "remote_exec.launchers.slurm", "remote_exec.launchers.jobs",
+                "remote_exec.tracebacks"}
     assert not loaded & unwanted, sorted(loaded & unwanted)
 
 
@@ -85,3 +86,37 @@ def test_the_console_script_ends_without_teardown_but_keeps_what_exit_does(tmp_p
     said = subprocess.run([sys.executable, "-c", "from remote_exec.cli import exit_now; exit_now('no luck')"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert (said.returncode, said.stderr) == (1, "no luck\n")
+
+
+def test_the_early_peek_knows_every_flag_of_rx_run() -> None:
+    """cli/early.py reads `rx run` lines before the parser exists: its list of options that take no value
+    must be the command's own, or it would take a script for an option's value."""
+    import typer.main
+
+    from remote_exec.cli import _register
+    from remote_exec.cli.early import RUN_FLAGS
+
+    _register(["run"])
+    group = typer.main.get_command(app)
+    run = group.commands["run"]  # type: ignore[attr-defined]
+    flags = {name for param in run.params if getattr(param, "is_flag", False) for name in param.opts}
+    assert flags | {"--help"} == RUN_FLAGS
+
+
+def test_the_early_peek_reads_only_plain_rx_run_lines() -> None:
+    from remote_exec.cli.early import peek_run
+
+    assert peek_run(["run", "--remote", "gpu1", "train.py", "--remote", "other"]) == {"remote": "gpu1"}
+    assert peek_run(["run", "--json", "-r", "gpu1", "--backend=paramiko", "x.py"]) == {
+        "remote": "gpu1", "backend": "paramiko"}
+    assert peek_run(["run", "--timeout", "5", "--remote=gpu1", "--ssh-config", "cfg", "x.py"]) == {
+        "remote": "gpu1", "ssh_config": "cfg"}
+    assert peek_run(["run", "x.py", "--remote", "gpu1"]) is None  # the script's own arguments
+    assert peek_run(["run", "-m", "pkg.mod", "--remote", "gpu1"]) == {"remote": "gpu1"}  # as click reads it
+    assert peek_run(["run", "-d", "--remote", "gpu1", "x.py"]) is None
+    assert peek_run(["run", "--slurm", "--gres=gpu:1", "--remote", "login", "x.py"]) is None
+    assert peek_run(["run", "--insecure-no-host-key-check", "--remote", "gpu1", "x.py"]) is None
+    assert peek_run(["run", "-rgpu1", "x.py"]) is None
+    assert peek_run(["-v", "run", "--remote", "gpu1", "x.py"]) is None
+    assert peek_run(["runs", "--remote", "gpu1"]) is None
+    assert peek_run(["run", "--remote"]) is None

@@ -6,6 +6,7 @@ selected by a remote's ``backend`` and ``scheduler`` keys; nothing else in rx is
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,3 +65,31 @@ def test_the_keys_are_checked_against_the_registries(seams: Coordinator) -> None
     assert caught.value.hint is not None and "wrapped" in caught.value.hint
     with pytest.raises(ConfigError, match="unknown backend 'telnet'"):
         Remote.from_table("box", {"backend": "telnet"})
+
+
+def test_the_first_task_call_of_a_process_adopts_the_connection_it_started_first(tmp_path: Path) -> None:
+    """The first @task call to a host starts connecting before rx's machinery is imported
+    (remote_exec.early); the coordinator then uses that very backend, not a second one."""
+    probe = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from backend_double import TARGET, DoubleBackend\n"
+        "from remote_exec.backends import register\n"
+        "register('double', TARGET)\n"
+        "from remote_exec import task\n"
+        "from remote_exec.config import Configuration, Remote\n"
+        "config = Configuration().add_remote(Remote(name='box', host='box', backend='double',\n"
+        f"    python=sys.executable, workdir={str(tmp_path / 'remote')!r}))\n"
+        "def five():\n"
+        "    return 5\n"
+        "call = task(remote='box', config=config)(five)\n"
+        "assert 'remote_exec.coordinator' not in sys.modules\n"
+        "assert call() == 5\n"
+        "from remote_exec.coordinator import Coordinator\n"
+        "made = [b for b in Coordinator.current()._backends.backends() if isinstance(b, DoubleBackend)]\n"
+        "print(len(made), made[0]._ahead is not None)\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          check=False, env={**os.environ, "RX_WORKSPACE": str(tmp_path / "ws"),
+                                            "RX_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "True"]
