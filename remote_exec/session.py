@@ -18,7 +18,7 @@ TYPE_CHECKING = False  # typing is not imported at run time: the runner loads th
 if TYPE_CHECKING:
     from typing import IO, Any
 
-__all__ = ["FORMAT", "VERSION", "Result", "Session"]
+__all__ = ["FORMAT", "VERSION", "Result", "Session", "wire_pickles"]
 
 FORMAT = "rx-session"
 VERSION = 1
@@ -164,6 +164,19 @@ def _task_section(task: Task) -> tuple[bytes, bytes]:
     section = (b"m", marshal.dumps(("ref", *reference, task.task_id, task.name), MARSHAL_VERSION))
     task.wire_section = section
     return section
+
+
+def wire_pickles(data: bytes) -> bool:
+    """Whether restoring a session in its wire form (:meth:`Session.to_wire`) needs the pickle module: a
+    section other than marshal (a task by value, arguments or context beyond built-in data)."""
+    if data[:len(_WIRE_MAGIC)] != _WIRE_MAGIC:
+        return True
+    offset = len(_WIRE_MAGIC)
+    for _ in range(4):
+        if data[offset + 8:offset + 9] != b"m":
+            return True
+        offset += 8 + int.from_bytes(data[offset:offset + 8], "big")
+    return False
 
 
 def _check_version(meta: dict[str, Any]) -> None:

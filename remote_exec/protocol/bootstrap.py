@@ -12,6 +12,12 @@ check), or ``OLDPY X.Y.Z``. An installed archive carries ``.rx-sizes`` (the size
 checked on every use: a file a scratch cleaner deleted or a crash truncated makes the bootstrap install
 the archive again instead of failing on an import.
 
+A warm per-call runner does not wait for that answer: where this coordinator process saw a runner of the
+same archive answer at once (no replaced login shell), the call (its ``G``, ``S`` and ``s`` frames, never
+secrets) goes right behind the command, after the line :data:`AHEAD`, and the token ends in ``.e``: the
+bootstrap reads that line after its ``HAVE``, and answers ``NEED`` and ends when the archive is missing
+(the coordinator then starts it the usual way). That is one round trip less per call.
+
 Before it imports anything, the bootstrap moves the real stdout to a private file descriptor and points
 fd 1 at stderr: what a ``sitecustomize``, ``usercustomize`` or ``.pth`` hook prints later (or flushes at
 exit) goes to stderr and never into the frames. Then it imports the runner from the archive and hands it
@@ -47,11 +53,17 @@ MARKER = b"RXBOOT2 "
 #: Seconds without an answer after which the command is also offered on stdin, for a login shell that
 #: replaced itself (see :class:`_Start`).
 RESUME_AFTER = 2.0
+#: What goes first on the stdin of a runner whose call is sent right behind its command (the bootstrap
+#: reads it): should a login shell that replaced itself read that stdin, it ends there, and never runs
+#: what follows (the call's frames) as commands.
+AHEAD = b"exit 97\n"
 
 # The bootstrap, run as `python3 -c BOOTSTRAP <token> <sha256> <cache-dir> <mode> [args]`. It must stay
 # small, standard-library only, and work on every Python from 2.7 upward far enough to report a version
 # that is too old. o: the protocol's fd (stdout moved away); s(): one answer; k(): the installed archive
-# matches its .rx-sizes.
+# matches its .rx-sizes. A token ending in ".e": the call came right behind the command (after the line
+# AHEAD, read here), so stdin holds no archive: NEED ends the bootstrap (the coordinator starts it again the
+# usual way).
 BOOTSTRAP = r"""
 import sys,os
 o=os.dup(1);os.dup2(2,1)
@@ -74,8 +86,18 @@ if os.path.isdir(p) and not k():
     try:os.rename(p,d)
     except OSError:pass
     import shutil;shutil.rmtree(d,ignore_errors=True)
+e=sys.argv[1][-2:]=='.e'
 if os.path.isdir(p):
     s(b'HAVE')
+    if e:
+        z=b''
+        while len(z)<8:
+            b=os.read(0,8-len(z))
+            if not b:break
+            z+=b
+        if z!=b'exit 97\n':raise SystemExit('rx bootstrap: the call sent ahead is missing')
+elif e:
+    s(b'NEED'+j);sys.exit(0)
 else:
     import zlib
     try:from _sha256 import sha256
@@ -118,7 +140,7 @@ else:
     s(b'OK')
 sys.path.insert(0,p)
 from remote_exec.runner import main
-sys.exit(main(sys.argv[3:],o))
+sys.exit(main(sys.argv[3:],o,1))
 """.strip()
 
 
@@ -320,17 +342,24 @@ def _upload(backend: Backend, process: Process, archive: DistributionArchive, to
 
 
 def _launch(launcher: Launcher, backend: Backend, archive: DistributionArchive, options: CallOptions,
-            mode: str, extra: Sequence[str]) -> tuple[Process, Handshake]:
-    """Start the bootstrap and read its first answer (resumed through a replaced login shell if need be).
+            mode: str, extra: Sequence[str], call: bytes | None = None) -> tuple[Process, Handshake, bool]:
+    """Start the bootstrap and read its first answer (resumed through a replaced login shell if need be);
+    also whether ``call`` (frames written right behind the command, see :func:`start_runner`) went.
 
     Raises:
         RemoteExecError: It did not start (see :func:`_refusal`).
     """
     resume_after: float | None = RESUME_AFTER
     while True:
-        token = new_token()
+        token = new_token() + (".e" if call is not None else "")
         argv = runner_argv(options, archive.sha256, mode, *extra, token=token)
         process = launcher.start(backend, argv)
+        if call is not None:
+            answer = _eager(process, argv, token, call)
+            if answer is not None:
+                return process, answer, True
+            call = None  # the archive is not there (or the start was slow): again the usual way
+            continue
         start = _Start(process, argv, token, resume_after)
         answer, stale = start.first_answer(options.handshake_timeout)
         if stale and resume_after is not None:  # a slow login, not a replaced shell: its stdin holds a line
@@ -343,13 +372,40 @@ def _launch(launcher: Launcher, backend: Backend, archive: DistributionArchive, 
         if answer.token != token:
             logger.info("%s: the login shell replaced itself (an exec in ~/.bashrc?); rx's command went to the "
                         "new shell on stdin", backend.host)
-        return process, answer
+        return process, answer, False
+
+
+def _eager(process: Process, argv: Sequence[str], token: str, call: bytes) -> Handshake | None:
+    """Write :data:`AHEAD` and ``call`` right behind the command and read the answer: ``HAVE`` (the runner
+    reads its call
+    from stdin: no round trip waited for the answer), else None and the process is dropped (the archive is
+    missing or damaged, or no answer came within :data:`RESUME_AFTER`: nothing is resumed through a stdin
+    that holds frames)."""
+    try:
+        process.write_stdin(AHEAD + call)
+    except RemoteExecError:  # it ended already: the usual start says why
+        process.kill()
+        return None
+    answer, _ = _Start(process, argv, token, None).first_answer(RESUME_AFTER)
+    if answer.word == "HAVE":
+        return answer
+    if answer.word == "NEED damaged":
+        logger.warning("rx's copy of its archive was damaged (a file missing or cut short); sending it again")
+    logger.debug("the runner answered %r to a call sent ahead; starting it again", answer.word)
+    process.kill()
+    return None
 
 
 def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArchive, options: CallOptions,
-                 mode: str, phase: PhaseCallback, extra: Sequence[str] = ()) -> Channel:
+                 mode: str, phase: PhaseCallback, extra: Sequence[str] = (), *, call: bytes | None = None) -> Channel:
     """Start the runner through ``launcher``; send the archive only if the host lacks it (or its copy was
     damaged).
+
+    ``call``: the call's frames, written right behind the command instead of after the bootstrap's answer
+    (one round trip less per call): only where this archive is known to be installed and the login to run
+    rx's command at once. The channel's ``call_sent`` says whether they went (if the bootstrap lacked the
+    archive, it was started again the usual way, the call not sent). Its ``prompt`` says whether the
+    bootstrap answered the command itself (no replaced login shell) with the archive in place.
 
     Raises:
         ConnectError, AuthError, HostKeyError: The host could not be reached (as the backend classifies
@@ -359,7 +415,7 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
     """
     phase("connect", "started")
     try:
-        process, answer = _launch(launcher, backend, archive, options, mode, extra)
+        process, answer, sent = _launch(launcher, backend, archive, options, mode, extra, call)
     except BaseException:
         phase("connect", "failed")
         raise
@@ -368,7 +424,10 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
         logger.debug("%s: skipped %d bytes the login shell printed: %s", backend.host, len(answer.noise),
                      answer.shown())
     if answer.word == "HAVE":
-        return Channel(backend, process, answer.rest, uploaded=False)
+        channel = Channel(backend, process, answer.rest, uploaded=False)
+        channel.call_sent = sent
+        channel.prompt = not answer.token.endswith("r")
+        return channel
     if answer.word == "NEED damaged":
         logger.warning("%s: rx's copy of its archive was damaged (a file missing or cut short); sending it again",
                        backend.host)
@@ -379,4 +438,6 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
         phase("upload", "failed")
         raise
     phase("upload", "finished")
-    return Channel(backend, process, rest, uploaded=True)
+    channel = Channel(backend, process, rest, uploaded=True)
+    channel.prompt = not answer.token.endswith("r")
+    return channel

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -30,7 +31,7 @@ from ..errors import (
 )
 from ..launchers.base import Launcher
 from ..packing import DistributionArchive
-from ..session import Result, Session
+from ..session import Result, Session, wire_pickles
 from . import wire
 from .bootstrap import start_runner
 from .channel import Channel, Flag, reap
@@ -211,6 +212,12 @@ def _call_options(session: Session, options: CallOptions, key: bytes, land_file:
     }
 
 
+def _small_call(go: dict[str, Any], session_bytes: bytes) -> bytes:
+    """``G``, the session and its end as one piece (a session of one frame)."""
+    return (wire.encode(b"G", wire.dump_options(go)) + wire.encode(b"S", session_bytes)
+            + wire.encode(b"s", wire.dump_options({"size": len(session_bytes)})))
+
+
 def _send_call(channel: Channel, go: dict[str, Any], session_bytes: bytes | None, *, keep: bool) -> None:
     """Write ``G`` and (unless ``session_bytes`` is None) the session; one write for a small call."""
     process = channel.process
@@ -218,8 +225,7 @@ def _send_call(channel: Channel, go: dict[str, Any], session_bytes: bytes | None
         frame = wire.encode(b"G", wire.dump_options(go))
         try:
             if session_bytes is not None and len(session_bytes) <= wire.MAX_FRAME:
-                process.write_stdin(frame + wire.encode(b"S", session_bytes)
-                                    + wire.encode(b"s", wire.dump_options({"size": len(session_bytes)})))
+                process.write_stdin(_small_call(go, session_bytes))
             else:
                 process.write_stdin(frame)
                 if session_bytes is not None:
@@ -337,7 +343,8 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
              phases: dict[str, float], uploaded: bool, keep: bool,
              extra_options: Mapping[str, Any] | None = None, stdin: BinaryIO | None = None,
              on_event: EventSink | None = None, detached: bool = False, hold: bool = False,
-             project: ProjectCall | None = None, on_progress: ProgressCallback | None = None) -> Outcome:
+             project: ProjectCall | None = None, on_progress: ProgressCallback | None = None,
+             sent: bytes | None = None) -> Outcome:
     """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
     output (and ``stdin`` to the task, if given), collect and check its result. With ``keep`` the channel
     (a worker) stays open after it.
@@ -351,8 +358,9 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
     to hear what becomes of it: ``A`` (it landed, or was refused) and it goes; ``K`` when the local disk
     filled up, and the host keeps it (:class:`LocalDiskFull` says where) for ``rx attach``.
 
-    With ``project``, the task runs in a snapshot of its tree (sent if the host lacks it)."""
-    key = channel.call_key()
+    With ``project``, the task runs in a snapshot of its tree (sent if the host lacks it). ``sent``: the
+    call went already, right behind the runner's command, with this HMAC key (see :func:`dispatch`)."""
+    key = sent or channel.call_key()
     call = Call(channel, options, key, on_stdout, on_stderr, on_event, stop_wait=0.0 if detached else STOP_WAIT,
                 tree=TreeSender(channel, project.tree if project else None, _with_phase(on_progress, phase)))
     phase("execute", "started")
@@ -360,11 +368,12 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
     acknowledged = hold or detached
     extra = _extra_options(project, extra_options, hold=hold, stdin=stdin is not None)
     try:
-        _send_tolerantly(call, _call_options(session, options, key, land_file, extra), session_bytes, keep=keep)
+        if sent is None:  # (else it went right behind the runner's command)
+            _send_tolerantly(call, _call_options(session, options, key, land_file, extra), session_bytes,
+                             keep=keep)
         if stdin is not None:
             call.stdin = StdinPump(channel, stdin).start()
-        if options.timeout is not None and not detached:  # the task starts once its session arrived
-            deadline = time.monotonic() + options.timeout + STOP_MARGIN
+        deadline = _deadline(options, detached=detached)
         died = _stream(call, phase, deadline, detached=detached)
         if died is not None:  # the worker was killed: the call ended as a per-call run's task would
             return Outcome(result=died, header={"status": died.status, "exit_code": died.exit_code,
@@ -384,6 +393,14 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
     result.host = call.host
     return Outcome(result=result, header=header, files=landed, uploaded=uploaded, phases=phases,
                    value_data=value_data, synced=call.tree.synced)
+
+
+def _deadline(options: CallOptions, *, detached: bool) -> float | None:
+    """When the coordinator gives up on a call's result (its timeout and :data:`STOP_MARGIN` from now: the
+    task starts once its session arrived); None without a timeout, or collecting a detached run."""
+    if options.timeout is None or detached:
+        return None
+    return time.monotonic() + options.timeout + STOP_MARGIN
 
 
 def _with_phase(on_progress: ProgressCallback | None, phase: PhaseCallback) -> ProgressCallback:
@@ -593,10 +610,10 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
     if session_bytes is None:
         session_bytes = session.to_wire()
 
-    def call(channel: Channel, *, uploaded: bool, keep: bool) -> Outcome:
+    def call(channel: Channel, *, uploaded: bool, keep: bool, sent: bytes | None = None) -> Outcome:
         return run_call(channel, session, session_bytes, options, on_stdout=on_stdout, on_stderr=on_stderr,
                         land_file=land_file, phase=phase, phases=phase.seconds, uploaded=uploaded, keep=keep,
-                        stdin=stdin, hold=hold and not keep, project=project, on_progress=on_progress)
+                        stdin=stdin, hold=hold and not keep, project=project, on_progress=on_progress, sent=sent)
 
     warm = options.keep_warm and stdin is None
     if ahead is not None and (warm or not ahead.fits(backend, archive, options, launcher)):
@@ -620,6 +637,19 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
                     raise ConnectError(backend.host, "the persistent worker could not take the call") from None
             finally:
                 workers.release(channel)
-    channel = ahead.take(phase) if ahead is not None else start_runner(launcher, backend, archive, options,
-                                                                        "serve", phase)
-    return call(channel, uploaded=channel.uploaded, keep=False)
+    if ahead is not None:  # started while the caller prepared the call: the call goes after its answer
+        channel = ahead.take(phase)
+        return call(channel, uploaded=channel.uploaded, keep=False)
+    # The task process, forked before the call arrives, loads pickle meanwhile if the session needs it.
+    # Where a runner of this archive answered at once before, the call goes right behind the command.
+    primed = (id(backend), options.python, options.workdir, archive.sha256)
+    key = frames = None
+    if primed in workers.primed and stdin is None and not options.secret_env and len(session_bytes) <= wire.MAX_FRAME:
+        key = os.urandom(32)
+        extra = _extra_options(project, None, hold=hold, stdin=False)
+        frames = _small_call(_call_options(session, options, key, land_file, extra), session_bytes)
+    channel = start_runner(launcher, backend, archive, options, "serve", phase,
+                           ("pickle",) if wire_pickles(session_bytes) else (), call=frames)
+    if channel.prompt:
+        workers.primed.add(primed)
+    return call(channel, uploaded=channel.uploaded, keep=False, sent=key if channel.call_sent else None)

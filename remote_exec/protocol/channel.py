@@ -60,6 +60,9 @@ class Channel:
         broken: The channel must not take another call.
         closed: Set when the channel is done; the watcher thread ends.
         placement: A pool slot's worker: its ``worker`` event (the slot, the GPUs it holds); else None.
+        call_sent: The call's frames went right behind the runner's command (see
+            :func:`.bootstrap.start_runner`).
+        prompt: The bootstrap itself answered (no replaced login shell), with the archive in place.
     """
 
     def __init__(self, backend: Backend, process: Process, rest: bytes, uploaded: bool) -> None:
@@ -75,6 +78,8 @@ class Channel:
         self.current: tuple[Watched, float | None] | None = None
         self.closed = threading.Event()
         self.placement: dict[str, Any] | None = None
+        self.call_sent = False
+        self.prompt = False
         self._keys = b""
         self._watcher: threading.Thread | None = None
         self.stderr_reader = threading.Thread(target=self._pump_stderr, daemon=True)

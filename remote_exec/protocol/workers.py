@@ -116,6 +116,9 @@ class WorkerPool:
         self._starting: dict[tuple[int, str, str], int] = {}
         self._changed = threading.Condition()
         self._slots: dict[str, tuple[_Key, Channel]] = {}
+        #: (backend, python, workdir, archive) whose runner answered at once, the archive in place: a
+        #: per-call runner there gets its call right behind its command (see :func:`.bootstrap.start_runner`).
+        self.primed: set[tuple[int, str, str, str]] = set()
 
     def acquire(self, launcher: Launcher, backend: Backend, archive: DistributionArchive, options: CallOptions,
                 phase: PhaseCallback, *, tree: str | None = None) -> Channel:

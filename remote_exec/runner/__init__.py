@@ -53,18 +53,25 @@ from .channel import EXIT_RUNNER_FAILURE, CoordinatorGone, Out
 __all__ = ["main"]
 
 
-def main(argv: list[str] | None = None, out_fd: int = 1) -> int:
+def main(argv: list[str] | None = None, out_fd: int = 1, leave: bool = False) -> int:
     """Serve one call (``serve``), many (``worker IDLE [SLOT]``), a detached run (``detach``, ``attach RUN_DIR
     [collect]``, ``cancel RUN_DIR``) or a scheduler's (``prepare``, ``batch RUN_DIR``, ``seal RUN_DIR
     VERDICT``); store a project tree (``sync``); collect the host's garbage (``gc LIMIT DAYS
     [dry-run]``); report the host's GPUs and slots (``probe``); build or find an environment (``env``,
     ``envprobe``); over stdin and ``out_fd``; see the module
-    docstring."""
+    docstring. With ``leave`` (the bootstrap's process), a call served in full ends the process at once:
+    its result is out and its run directory gone, so the interpreter's teardown (milliseconds of the
+    host's CPU on every call) is skipped."""
     args = list(sys.argv[1:] if argv is None else argv)
     cache_dir = os.path.expanduser(args[0]) if args else os.path.expanduser("~/.cache/remote_exec")
     mode = args[1] if len(args) > 1 else "serve"
     try:
-        return _serve(mode, cache_dir, args[2:], out_fd)
+        code = _serve(mode, cache_dir, args[2:], out_fd)
+        if leave and mode == "serve":
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except CoordinatorGone:
         return 0
     except Exception as exc:
@@ -80,11 +87,18 @@ def main(argv: list[str] | None = None, out_fd: int = 1) -> int:
 def _serve(mode: str, cache_dir: str, rest: list[str], out_fd: int) -> int:
     """Run ``mode``; ``rest`` holds its arguments; frames go out on ``out_fd``."""
     if mode == "serve":
-        from .channel import read_call
-        from .supervise import serve_call
+        from .prefork import Prefork
 
-        options, session, reader = read_call(0)
-        serve_call(options, session, reader, cache_dir, Out(out_fd))
+        # the task process loads its modules (pickle too: the coordinator's hint) while the call travels
+        early = Prefork.start(out_fd, pickle=rest[:1] == ["pickle"])
+        try:
+            from .channel import read_call
+            from .supervise import serve_call
+
+            options, session, reader = read_call(0)
+            serve_call(options, session, reader, cache_dir, Out(out_fd), early)
+        finally:
+            early.drop()
         return 0
     if mode == "worker":
         from .worker import serve_worker

@@ -13,9 +13,11 @@ import os
 import sys
 
 from ..protocol import wire
+from .channel import EXIT_RUNNER_FAILURE
 
 TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from ..session import Session
@@ -23,7 +25,29 @@ if TYPE_CHECKING:
     #: What a task sent back: its record, its serialized value and its pickled exception (bytes or views).
     Loaded = tuple[dict[str, Any], bytes | memoryview, bytes | memoryview]
 
-__all__ = ["enter_project", "parse_result", "run_child", "run_task", "set_call_environ", "task_stdio"]
+__all__ = ["enter_project", "fork_task", "parse_result", "run_child", "run_task", "set_call_environ", "task_stdio"]
+
+
+def fork_task(start: Callable[[], None], closed: tuple[int | None, ...]) -> int:
+    """Fork the task process: it closes the descriptors ``closed`` (None: none) and calls ``start``, which
+    runs the task and ends the process; a failure of its own is printed to its stderr and ends it with
+    :data:`~.channel.EXIT_RUNNER_FAILURE`. Returns its pid (in the runner)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            for fd in closed:
+                if fd is not None:
+                    os.close(fd)
+            start()
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(EXIT_RUNNER_FAILURE)
+    return pid
 
 
 def task_stdio(out_w: int, err_w: int, in_r: int | None = None) -> None:

@@ -32,7 +32,7 @@ import os
 import time
 
 from ..protocol import wire
-from .rundir import PRIVATE, read_status, rmtree
+from .rundir import DAY, PRIVATE, read_status, rmtree
 
 TYPE_CHECKING = False  # typing is not imported at run time
 if TYPE_CHECKING:
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DAY", "collect", "maybe_collect", "size_of"]
 
-DAY = 86400.0
 _GRACE = 3600.0
 
 

@@ -213,12 +213,10 @@ def _files(options: dict[str, Any], run_dir: str, found: Changes | None,
     patterns = options.get("pull") or []
     if found is None:
         return _manifest(run_dir, patterns, beat)
-    import fnmatch
-
     entries: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = list(found.skipped)
     for relative in found.outputs:
-        if patterns and not any(fnmatch.fnmatch(relative, pattern) for pattern in patterns):
+        if patterns and not _matches(relative, patterns):
             continue
         try:
             entries.append(_file_entry(os.path.join(run_dir, relative), relative, beat))
@@ -286,8 +284,6 @@ def _manifest(run_dir: str, patterns: list[str],
               beat: Callable[[], None]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Path, size and sha256 of each regular file the task left (matching one of ``patterns``, if any);
     and the files and directories that could not be read (path and reason), which are skipped."""
-    import fnmatch
-
     entries: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
 
@@ -305,13 +301,21 @@ def _manifest(run_dir: str, patterns: list[str],
             relative = os.path.normpath(os.path.join(relative_dir, filename)).replace(os.sep, "/")
             if os.path.islink(path) or not os.path.isfile(path):
                 continue
-            if patterns and not any(fnmatch.fnmatch(relative, pattern) for pattern in patterns):
+            if patterns and not _matches(relative, patterns):
                 continue
             try:
                 entries.append(_file_entry(path, relative, beat))
             except OSError as exc:
                 skipped.append({"path": relative, "reason": exc.strerror or str(exc)})
     return entries, skipped
+
+
+def _matches(relative: str, patterns: list[str]) -> bool:
+    """Whether ``relative`` matches one of the ``pull`` globs (fnmatch loads re: only a call with globs
+    pays for it)."""
+    import fnmatch
+
+    return any(fnmatch.fnmatch(relative, pattern) for pattern in patterns)
 
 
 def _file_entry(path: str, relative: str, beat: Callable[[], None]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ purpose (``--keep-remote``) is never swept.
 from __future__ import annotations
 
 import os
+import time
 
 from ..protocol import wire
 from .contain import alive, boot_id, end_stale_cgroup, start_time
@@ -21,11 +22,14 @@ TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["DETACHED_KEEP_DAYS", "PRIVATE", "RunStatus", "keep_for_attach", "keep_for_pull_limit", "make_run_dir",
-           "new_run_path", "owner_token", "read_status", "rmtree", "sweep_runs"]
+__all__ = ["DAY", "DETACHED_KEEP_DAYS", "PRIVATE", "RunStatus", "collection_due", "keep_for_attach",
+           "keep_for_pull_limit", "make_run_dir", "new_run_path", "owner_token", "read_status", "rmtree",
+           "sweep_runs"]
 
 #: The run directory's own private directory: the runner's status, a detached run's output and outcome.
 PRIVATE = ".rx"
+#: Seconds between two collections of the host's garbage (see :mod:`.gc`).
+DAY = 86400.0
 _STATUS_FILE = "status.json"
 #: Days a detached run's directory waits for ``rx attach`` once its run ended (or its supervisor died).
 DETACHED_KEEP_DAYS = 14
@@ -76,6 +80,15 @@ def make_run_dir(cache_dir: str, options: dict[str, Any], *, private: bool = Tru
     if private:
         os.mkdir(os.path.join(run_dir, PRIVATE), 0o700)
     return run_dir
+
+
+def collection_due(cache_dir: str) -> bool:
+    """Whether the host's garbage collection may be due (its stamp is missing or a day old): one stat, so
+    that a call imports :mod:`.gc` only then."""
+    try:
+        return time.time() - os.stat(os.path.join(cache_dir, "gc.stamp")).st_mtime >= DAY
+    except OSError:
+        return True
 
 
 class RunStatus:

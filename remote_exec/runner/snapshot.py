@@ -26,7 +26,7 @@ import os
 import time
 
 from ..protocol import wire
-from .rundir import PRIVATE, make_run_dir, new_run_path, rmtree
+from .rundir import PRIVATE, collection_due, make_run_dir, new_run_path, rmtree
 from .store import Inbox, StoreError, blob_path, ensure_tree, forget_tree
 
 TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
@@ -640,7 +640,7 @@ def open_run_dir(cache_dir: str, options: dict[str, Any], reader: wire.FrameRead
     """The call's run directory: a snapshot of its tree when it names one (fetched over the channel on
     ``fd`` and ``out`` if the host lacks it), else an empty private directory as before. Once a day this
     also starts the host's garbage collector in the background (:func:`.gc.maybe_collect`)."""
-    if options.get("gc"):
+    if options.get("gc") and collection_due(cache_dir):
         from .gc import maybe_collect
 
         maybe_collect(cache_dir, options)

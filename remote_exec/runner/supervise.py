@@ -5,13 +5,13 @@ cancel, dead link, the runner's own SIGTERM) until it ends, then send its result
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from ..protocol import wire
-from .channel import EXIT_RUNNER_FAILURE, CoordinatorGone, Poller, read_answer
-from .child import parse_result, run_child
+from .channel import CoordinatorGone, Poller, read_answer
+from .child import fork_task, parse_result, run_child
 from .contain import ENCLOSE_AFTER, Containment
+from .prefork import GO_LIMIT
 from .rundir import RunStatus, keep_for_attach, rmtree, sweep_runs
 from .snapshot import open_run_dir
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from .channel import Out, Sink
     from .policy import Action, Policy
+    from .prefork import Prefork
     from .result import Ending
     from .stdin import StdinFeed
 else:
@@ -31,8 +32,9 @@ __all__ = ["serve_call", "supervise"]
 
 
 def serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.FrameReader, cache_dir: str,
-               out: Out) -> None:
-    """One call in a forked task process (the default, process-per-call mode)."""
+               out: Out, early: Prefork | None = None) -> None:
+    """One call in a forked task process (the default, process-per-call mode); ``early``: the task process
+    forked before the call came (:mod:`.prefork`), else one is forked now."""
     out.new_call(options["key"])
     keep = bool(options.get("keep"))
     run_dir = open_run_dir(cache_dir, options, reader, out, private=keep)
@@ -40,7 +42,7 @@ def serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
     status = (RunStatus(run_dir, state="running", runner_pid=os.getpid(), started=time.time(), keep=True)
               if keep else None)
     ending = supervise(options, session_bytes, reader, run_dir, out, coordinator=True, status=status,
-                       cache_dir=cache_dir)
+                       cache_dir=cache_dir, early=early)
     from .result import classify, send_classified
 
     hold = bool(options.get("hold")) and not keep  # the coordinator says what becomes of the result
@@ -80,21 +82,28 @@ def _stopped(signum: int, frame: object) -> None:
 
 def supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.FrameReader, run_dir: str,
               out: Sink, *, coordinator: bool, status: RunStatus | None = None,
-              cache_dir: str | None = None) -> Ending:
+              cache_dir: str | None = None, early: Prefork | None = None) -> Ending:
     """Fork the task into its own process group and watch it to its end.
 
     With a coordinator, its frames arrive on stdin (heartbeats, cancel) and its absence, or a SIGTERM to
     this process, ends the task; without one (a detached run), SIGTERM to this process cancels the task.
     ``status``, if given, gets the task's pid and start time. With ``cache_dir``, the run directories of
-    runners that died are swept while the task starts.
+    runners that died are swept while the task starts. ``early``: a task process waiting for its call
+    (:mod:`.prefork`), used unless the session is too large for its pipe.
 
     Raises:
         CoordinatorGone: The coordinator went away (or this runner was told to stop); everything the task
             started was ended and the run directory removed.
     """
     started = time.monotonic()
-    containment = Containment(os.path.basename(run_dir))
-    task = _TaskProcess.fork(session_bytes, run_dir, options, containment, getattr(out, "fd", -1))
+    if early is not None and len(session_bytes) <= GO_LIMIT:
+        containment = early.containment
+        task = _TaskProcess.take(early, session_bytes, run_dir, options)
+    else:
+        if early is not None:
+            early.drop()
+        containment = Containment(os.path.basename(run_dir))
+        task = _TaskProcess.fork(session_bytes, run_dir, options, containment, getattr(out, "fd", -1))
     policy: Policy | None = None
     try:
         # Imported once the task process exists: they load while it starts up, not before it.
@@ -149,41 +158,42 @@ class _TaskProcess:
         err_r, err_w = os.pipe()
         result_r, result_w = os.pipe()
         in_r, in_w = os.pipe() if options.get("stdin") else (None, None)  # rx run forwards its stdin
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_r, False)
-        os.set_blocking(wake_w, False)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        previous_wakeup = signal.set_wakeup_fd(wake_w)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            try:
-                containment.join()
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is a KeyboardInterrupt
-                for fd in (out_r, err_r, result_r, wake_r, wake_w, in_w, out_fd if out_fd > 2 else None):
-                    if fd is not None:
-                        os.close(fd)
-                run_child(session_bytes, run_dir, options, out_w, err_w, result_w, in_r)
-            except BaseException:
-                import traceback
+        wake_r, wake_w, previous_wakeup = _wake_on_sigchld()
 
-                traceback.print_exc()
-            finally:
-                os._exit(EXIT_RUNNER_FAILURE)
+        def start() -> None:  # pragma: no cover - runs in the child
+            containment.join()
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is a KeyboardInterrupt
+            run_child(session_bytes, run_dir, options, out_w, err_w, result_w, in_r)
+
+        pid = fork_task(start, (out_r, err_r, result_r, wake_r, wake_w, in_w, out_fd if out_fd > 2 else None))
         for fd in (out_w, err_w, result_w, in_r):
             if fd is not None:
                 os.close(fd)
         task = cls(pid, {b"O": out_r, b"E": err_r, b"R": result_r}, (wake_r, wake_w), previous_wakeup,
                    containment)
+        task.feed_stdin(in_w)
+        return task
+
+    @classmethod
+    def take(cls, early: Prefork, session_bytes: bytes, run_dir: str, options: dict[str, Any]) -> _TaskProcess:
+        """Hand the early task process (:mod:`.prefork`) its call; the runner is its subreaper before it
+        runs anything."""
+        wake_r, wake_w, previous_wakeup = _wake_on_sigchld()
+        task = cls(early.pid, early.pipes, (wake_r, wake_w), previous_wakeup, early.containment)
+        early.containment.adopt(early.pid)
+        early.go(run_dir, options, session_bytes)
+        task.feed_stdin(early.stdin)
+        return task
+
+    def feed_stdin(self, in_w: int | None) -> None:
+        """The task's stdin pipe, fed from the coordinator's I frames (None: the task reads /dev/null)."""
         if in_w is not None:
             from .stdin import StdinFeed
 
-            task.stdin = StdinFeed(in_w)
-        return task
+            self.stdin = StdinFeed(in_w)
 
     def end(self, grace: float) -> None:
         """End the task and everything it started: SIGTERM, SIGKILL to what is still there after ``grace``."""
@@ -214,6 +224,15 @@ class _TaskProcess:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _wake_on_sigchld() -> tuple[int, int, int]:
+    """A pipe that SIGCHLD writes to (``set_wakeup_fd``): (read end, write end, the previous wake-up fd)."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    return wake_r, wake_w, signal.set_wakeup_fd(wake_w)
 
 
 class _Watch:

@@ -1,0 +1,83 @@
+"""A per-call runner's call sent right behind its command (no round trip waits for the bootstrap's answer),
+where this process saw a runner of the same archive answer at once: the call runs as before, and a host that
+lost the archive, a call with secrets and a first start still go the usual way."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from typing import Any
+
+from remote_exec.backends.base import Process
+from remote_exec.backends.local import LocalBackend
+from remote_exec.task import Task
+
+
+class _Recording(LocalBackend):
+    """A local backend that keeps the commands it started and what went to their stdin first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens: list[str] = []
+
+    def start(self, argv: Sequence[str], **kwargs: Any) -> Process:
+        self.tokens.append(argv[3])  # python -c BOOTSTRAP <token> ...
+        return super().start(argv, **kwargs)
+
+
+def test_the_second_call_goes_ahead_and_runs_as_before(dispatcher: Any) -> None:
+    backend = _Recording()
+    first = dispatcher.run(Task.from_function(lambda a, b: a + b), (1, 2), backend=backend)
+    second = dispatcher.run(Task.from_function(lambda a, b: a + b), (3, 4), backend=backend)
+    third = dispatcher.run("print('script ahead')\n", backend=backend)
+    assert (first.result.value, second.result.value) == (3, 7)
+    assert third.text() == "script ahead\n" and third.result.exit_code == 0
+    assert [token.endswith(".e") for token in backend.tokens] == [False, True, True]
+
+
+def test_a_host_that_lost_the_archive_gets_it_again(dispatcher: Any) -> None:
+    """The call went ahead, the bootstrap found no archive: it is started again, the archive sent, the
+    call run once."""
+    backend = _Recording()
+    dispatcher.run(Task.from_function(lambda a, b: a + b), (1, 2), backend=backend)
+    shutil.rmtree(dispatcher.workdir / "archives" / dispatcher.archive.sha256)
+    again = dispatcher.run("print('once')\n", backend=backend)
+    assert again.text() == "once\n" and again.outcome.uploaded
+    assert [token.endswith(".e") for token in backend.tokens] == [False, True, False]
+
+
+def test_secrets_never_go_ahead_of_the_answer(dispatcher: Any) -> None:
+    backend = _Recording()
+    dispatcher.run(Task.from_function(lambda a, b: a + b), (1, 2), backend=backend)
+    call = dispatcher.run("import os\nprint(os.environ['RX_TOKEN'])\n", backend=backend,
+                          secret_env={"RX_TOKEN": "s3cr3t"})
+    assert call.text() == "s3cr3t\n"
+    assert [token.endswith(".e") for token in backend.tokens] == [False, False]
+
+
+class _ShellReplacedOnce(LocalBackend):
+    """The first call sent ahead lands in a shell reading its stdin (a login shell that replaced itself
+    since the last call, as an ``exec zsh`` added to ~/.bashrc would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shells = 0
+
+    def start(self, argv: Sequence[str], **kwargs: Any) -> Process:
+        if argv[3].endswith(".e") and not self.shells:
+            self.shells += 1
+            return super().start(["bash"], **kwargs)
+        return super().start(argv, **kwargs)
+
+
+def test_a_shell_reading_the_call_sent_ahead_runs_none_of_it(dispatcher: Any, tmp_path: Any) -> None:
+    """The call's frames hold the user's data (here a line of its environment); a shell that reads them stops
+    at the line before them (seen failing without it: the shell ran that line)."""
+    backend = _ShellReplacedOnce()
+    marker = tmp_path / "ran"
+    dispatcher.run(Task.from_function(lambda text: len(text)), ("x",), backend=backend)
+    line = f"\ntouch {marker}\n"
+    call = dispatcher.run(Task.from_function(lambda text: len(text)), (line,), backend=backend, env={"RX_X": line})
+    assert backend.shells == 1
+    assert call.result.value == len(line)
+    assert not marker.exists()
