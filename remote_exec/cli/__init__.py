@@ -50,13 +50,18 @@ def main(argv: list[str] | None = None) -> NoReturn:
     process's own, and the process ends as soon as the command has, see :func:`exit_now`)."""
     if argv is not None:
         _command(argv)
-    from .early import connect_from_argv
-
-    early = connect_from_argv(sys.argv[1:])  # before typer and the rest of rx are imported
     try:
+        from .early import connect_from_argv
+
+        early = connect_from_argv(sys.argv[1:])  # before typer and the rest of rx are imported
         _command(None, early)
     except SystemExit as exc:
         exit_now(exc.code)
+    except KeyboardInterrupt:  # Ctrl-C while rx itself was still being imported
+        from .say import say
+
+        say("rx: error: interrupted", "bold red")
+        exit_now(130)
 
 
 def exit_now(code: object) -> NoReturn:

@@ -131,3 +131,17 @@ def test_closing_a_coordinator_that_made_no_job_imports_none() -> None:
              "print('remote_exec.jobs' in sys.modules, 'remote_exec.envs.manager' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
     assert done.stdout.split() == ["False", "False"], done.stderr
+
+
+def test_ctrl_c_before_rx_is_imported_is_one_line_and_exit_130() -> None:
+    """Ctrl-C in the first milliseconds (while rx connects early and imports itself): rx's line, no traceback."""
+    probe = ("import sys\n"
+             "import remote_exec.cli.early as early\n"
+             "def interrupted(words):\n"
+             "    raise KeyboardInterrupt\n"
+             "early.connect_from_argv = interrupted\n"
+             "sys.argv = ['rx', 'run', '--remote', 'h', 'x.py']\n"
+             "from remote_exec.cli import main\n"
+             "main()\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
+    assert (done.returncode, done.stderr) == (130, "rx: error: interrupted\n")
