@@ -18,27 +18,8 @@ def test_every_command_is_mapped_to_the_module_that_registers_it() -> None:
     assert {name: f"remote_exec.cli.{module}" for name, module in COMMAND_MODULES.items()} == registered
 
 
-def test_rx_run_imports_neither_the_ledger_nor_the_hosts_commands(isolated: Any) -> None:
-    (isolated.root / "job.py").write_text("print('ran')\n")
-    probe = ("import sys\n"
-             "from remote_exec.cli import main\n"
-             "try:\n"
-             "    main(['run', 'job.py'])  # (main() of the console script ends the process when done)\n"
-             "except SystemExit:\n"
-             "    pass\n"
-             "print(sorted(m for m in sys.modules if m.startswith('remote_exec.cli.')), file=sys.stderr)\n")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=isolated.root, env=isolated.env(), capture_output=True,
-                          text=True, timeout=60, check=False)
-    assert done.stdout == "ran\n", done.stderr
-    loaded = done.stderr.strip().splitlines()[-1]
-    assert "remote_exec.cli.run" in loaded
-    for other in ("ledger", "hosts", "pool"):  # (run uses sync's progress bar)
-        assert f"remote_exec.cli.{other}'" not in loaded, loaded
-
-
-def test_a_plain_rx_run_leaves_the_heavy_and_the_unused_unimported(isolated: Any) -> None:
-    """What a run that declares no dependencies, submits no job and prints no table never needs: rich (~15 ms
-    to import), filelock (~10 ms), the scheduler and environment machinery."""
+def _modules_after_a_local_rx_run(isolated: Any) -> set[str]:
+    """The modules a local ``rx run job.py`` imported (it ran: printed ``ran``)."""
     (isolated.root / "job.py").write_text("print('ran')\n")
     probe = ("import sys\n"
              "from remote_exec.cli import main\n"
@@ -50,7 +31,20 @@ def test_a_plain_rx_run_leaves_the_heavy_and_the_unused_unimported(isolated: Any
     done = subprocess.run([sys.executable, "-c", probe], cwd=isolated.root, env=isolated.env(), capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.stdout == "ran\n", done.stderr
-    loaded = set(done.stderr.strip().splitlines()[-1].split())
+    return set(done.stderr.strip().splitlines()[-1].split())
+
+
+def test_rx_run_imports_neither_the_ledger_nor_the_hosts_commands(isolated: Any) -> None:
+    loaded = _modules_after_a_local_rx_run(isolated)
+    assert "remote_exec.cli.run" in loaded
+    for other in ("ledger", "hosts", "pool"):  # (run uses sync's progress bar)
+        assert f"remote_exec.cli.{other}" not in loaded, sorted(loaded)
+
+
+def test_a_plain_rx_run_leaves_the_heavy_and_the_unused_unimported(isolated: Any) -> None:
+    """What a run that declares no dependencies, submits no job and prints no table never needs: rich (~15 ms
+    to import), filelock (~10 ms), the scheduler and environment machinery."""
+    loaded = _modules_after_a_local_rx_run(isolated)
     assert "remote_exec.coordinator" in loaded
     unwanted = {"rich", "rich.console", "filelock", "remote_exec.jobs", "remote_exec.envs.manager",
                 "remote_exec.protocol.envs", "remote_exec.launchers.slurm", "remote_exec.launchers.jobs",
