@@ -190,11 +190,10 @@ def run_task(function: TaskFunction[Any], args: tuple[Any, ...], kwargs: dict[st
     advices = chain_for(config, function.chain)
     session = coordinator.task_session(function.task, args, kwargs, remote=function.remote,
                                        options=function.options, config=config, cwd=cwd)
-    if early is not None:
-        from .early import adopt_or_connect
+    if early is not None:  # (rx's machinery is imported now: no second head start when it does not fit)
+        from .early import adopt
 
-        session.local["backend_ahead"] = adopt_or_connect(early, config, function.remote or "",
-                                                          dict(function.options))
+        session.local["backend_ahead"] = adopt(early, config, function.remote or "", dict(function.options))
     return run_chain(session, advices, config.extensions).unwrap()
 
 

@@ -147,8 +147,7 @@ class RunRecorder(CallRecorder):
 
     def record_phases(self) -> None:
         """Write the phases heard so far into the run's actions."""
-        pending, self._phases = self._phases, []
-        self.run.tracker.apply(pending)
+        self.run.tracker.apply(self.take_phases())
 
     def submitted(self, detached: dict[str, Any]) -> None:
         """A submitted job belongs to the cluster, not to this process: the run keeps where it is (so
