@@ -146,24 +146,33 @@ class Result(Record):
 
 
 def _task_section(task: Task) -> tuple[bytes, bytes]:
-    """``task`` as a (tag, body) wire section: marshal for a function task by reference (kept on the task:
-    the same bytes every call), else a pickle (one written by value is pickled again each time, as its
-    globals may have changed)."""
+    """``task`` as a (tag, body) wire section: marshal for a function task by reference and for a script or
+    module (its fields: what its pickle would rebuild it from; kept on the task: the same bytes every call),
+    else a pickle (one written by value is pickled again each time, as its globals may have changed)."""
     section: tuple[bytes, bytes] | None = getattr(task, "wire_section", None)
     if section is not None:
         return section
     from .serialization import MARSHAL_VERSION
     from .task import by_reference
 
-    reference = (by_reference(task.function) if task.kind == "function" and task.function is not None
-                 else None)
-    if reference is None:
+    fields: tuple[Any, ...] | None = None
+    if task.kind == "function":
+        reference = by_reference(task.function) if task.function is not None else None
+        fields = None if reference is None else ("ref", *reference, task.task_id, task.name)
+    elif all(value is None or type(value) is str for value in _script_fields(task)):
+        fields = ("task", *_script_fields(task))
+    if fields is None:
         return b"p", PickleSerializer().dumps(task)
     import marshal
 
-    section = (b"m", marshal.dumps(("ref", *reference, task.task_id, task.name), MARSHAL_VERSION))
+    section = (b"m", marshal.dumps(fields, MARSHAL_VERSION))
     task.wire_section = section
     return section
+
+
+def _script_fields(task: Task) -> tuple[Any, ...]:
+    """What a script or module task is rebuilt from (as its ``__reduce__`` gives it, but the function)."""
+    return task.kind, task.name, task.task_id, task.source, task.filename, task.module
 
 
 def wire_pickles(data: bytes) -> bool:
@@ -368,6 +377,9 @@ class Session(Record):
                 from .task import restore_function_task
 
                 task = restore_function_task(*task[1:])
+            elif isinstance(task, tuple) and task[:1] == ("task",):  # a script or module
+                kind, name, task_id, source, filename, module = task[1:]
+                task = Task(kind, name, task_id, None, source, filename, module)
             if arguments[0] == b"s":
                 serializer = get_serializer(meta["serializer"])
                 body = arguments[1] if serializer.name == "pickle" else bytes(arguments[1])
