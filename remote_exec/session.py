@@ -176,15 +176,21 @@ def _script_fields(task: Task) -> tuple[Any, ...]:
 
 
 def wire_pickles(data: bytes) -> bool:
-    """Whether restoring a session in its wire form (:meth:`Session.to_wire`) needs the pickle module: a
-    section other than marshal (a task by value, arguments or context beyond built-in data)."""
+    """Whether restoring a session in its wire form (:meth:`Session.to_wire`) needs the C pickle module: a
+    section other than marshal (arguments or context beyond built-in data, a task pickle), but for a task
+    that is a small function by value, which :class:`~.serialization.PickleSerializer` reads without it."""
+    from .serialization import reads_without_pickle
+
     if data[:len(_WIRE_MAGIC)] != _WIRE_MAGIC:
         return True
     offset = len(_WIRE_MAGIC)
-    for _ in range(4):
-        if data[offset + 8:offset + 9] != b"m":
+    for index in range(4):
+        size = int.from_bytes(data[offset:offset + 8], "big")
+        tag = data[offset + 8:offset + 9]
+        task_by_value = index == 1 and tag == b"p" and reads_without_pickle(data[offset + 9:offset + 8 + size])
+        if tag != b"m" and not task_by_value:
             return True
-        offset += 8 + int.from_bytes(data[offset:offset + 8], "big")
+        offset += 8 + size
     return False
 
 
@@ -208,12 +214,14 @@ def _tagged(tag: bytes, body: Any, what: str) -> Any:
         except (ValueError, EOFError, TypeError) as exc:
             raise SessionError(f"damaged session ({what}): {exc}") from exc
     if tag == b"p":
-        import _pickle
-
         try:
-            return PickleSerializer().loads(body)  # a function by value without importing cloudpickle
-        except (ValueError, EOFError, _pickle.UnpicklingError) as exc:
-            raise SessionError(f"damaged session ({what}): {exc}") from exc
+            return PickleSerializer().loads(body)  # a function by value without cloudpickle (or the C pickle)
+        except Exception as exc:
+            import _pickle  # (loaded by then, unless a function by value failed: its error is the task's)
+
+            if isinstance(exc, (ValueError, EOFError, _pickle.UnpicklingError)):
+                raise SessionError(f"damaged session ({what}): {exc}") from exc
+            raise
     raise SessionError(f"damaged session ({what}): unknown encoding {tag!r}")
 
 
