@@ -1,8 +1,6 @@
 """``rx map``: a script over a grid of argument values, across hosts and their GPUs (see
 :mod:`remote_exec.pool.sweep`)."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated, Any
 

@@ -1,7 +1,5 @@
 """``rx run`` and ``rx rerun``: run a script or module, locally or on a host, and record it."""
 
-from __future__ import annotations
-
 import importlib.util
 import json
 import os
