@@ -67,14 +67,19 @@ def main(argv: list[str] | None = None) -> NoReturn:
     process's own, and the process ends as soon as the command has, see :func:`exit_now`)."""
     if argv is not None:
         _command(argv)
+    early = None
     try:
         from .early import connect_from_argv
 
         early = connect_from_argv(sys.argv[1:])  # before typer and the rest of rx are imported
         _command(None, early)
     except SystemExit as exc:
+        if early is not None:
+            early.close()  # a runner started for a run that never came (a usage error)
         exit_now(exc.code)
     except KeyboardInterrupt:  # Ctrl-C while rx itself was still being imported
+        if early is not None:
+            early.close()
         from .say import say
 
         say("rx: error: interrupted", "bold red")
