@@ -137,7 +137,7 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     taken when it fits)."""
     from ..config import Configuration
 
-    config = early.config if early is not None else Configuration.load()
+    config = (early.config if early is not None else Configuration.load()).with_workspace(workspace)
     # connecting starts before the rest of rx is imported (or was started from the raw command line by
     # cli.main, see cli/early.py): it is what takes longest
     connection = early.connection if early is not None else None
@@ -156,7 +156,7 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
             return 0
         from ..workspace import Workspace
 
-        ws = Workspace.resolve(workspace or config.workspace)
+        ws = Workspace.resolve(config.workspace)
         run = ws.new_run(target=target, kind=kind, argv=list(args), remote=remote, parent=parent,
                          backend=config.effective_backend(options.get("backend")) if remote else "local",
                          running=not detach)
