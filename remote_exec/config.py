@@ -512,6 +512,11 @@ class Configuration:
         """``requested``, else RX_BACKEND, else the configured default."""
         return requested or os.environ.get("RX_BACKEND") or self.backend
 
+    def with_workspace(self, workspace: Path | None) -> Configuration:
+        """This configuration with ``workspace`` (a command's ``--workspace``) as its workspace, so that a
+        project's snapshot leaves it out like a configured one; itself when ``workspace`` is None."""
+        return self if workspace is None else replace(self, workspace=workspace)
+
     def check_remote_backend(self, name: str) -> str:
         """``name`` if it is a backend a remote host may use.
 

@@ -387,17 +387,25 @@ class Coordinator:
             return self.packer.build(extra_modules=config.distribution_modules)
         return self.packer.archive_for(session.task, config.distribution_modules, session.context.get("cwd"))
 
-    def runner_ahead(self, session: Session, target: Target, project: ProjectCall | None) -> RunnerAhead | None:
+    def runner_ahead(self, session: Session, target: Target, root: Path | None, *,
+                     started: RunnerAhead | None = None) -> RunnerAhead | None:
         """Start ``session``'s runner on ``target`` now, while the caller prepares the rest of the call (see
         :class:`~remote_exec.protocol.call.RunnerAhead`); None when the call will not start one of its own
-        that way (a scheduler's job, a persistent worker, an environment to build or check first)."""
-        if target.launcher.schedules or target.options.keep_warm or travels_by_value(session.task):
-            return None
-        spec, _ = self.env_spec(session, target, project.tree.root if project is not None else None)
-        if spec is not None:
-            return None
-        archive = self.archive_for(session, project=project is not None)
-        return RunnerAhead(target.launcher, target.backend, archive, target.options)
+        that way (a scheduler's job, a persistent worker, an environment to build or check first).
+        ``root``: the root of the project the task runs in (None: it has none). ``started``: a runner
+        started earlier still (``rx run``'s head start): returned when it fits this call, else stopped."""
+        ahead = None
+        if not (target.launcher.schedules or target.options.keep_warm or travels_by_value(session.task)
+                or self.env_spec(session, target, root)[0] is not None):
+            archive = self.archive_for(session, project=root is not None)
+            if started is not None and started.fits(target.backend, archive, target.options, target.launcher):
+                logger.debug("%s: the runner started from the command line fits this run", target.host)
+                return started
+            ahead = RunnerAhead(target.launcher, target.backend, archive, target.options)
+        if started is not None:
+            logger.debug("%s: the runner started ahead does not fit this run; stopped", target.host)
+            started.close()
+        return ahead
 
     def project_for(self, session: Session) -> tuple[ProjectCall | None, list[str]]:
         """The project ``session``'s task runs in (its tree scanned now), and the warnings its size deserves

@@ -9,8 +9,10 @@ the only place that imports typer (and, with pool/progress.py, rich).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 __all__ = ["COMMAND_MODULES", "app", "error_line", "exit_now", "main", "state"]
@@ -27,18 +29,33 @@ COMMAND_MODULES = {
 }
 
 
-def _register(argv: list[str] | None = None) -> None:
+def _register(argv: list[str] | None = None) -> str | None:
     """Import the command modules, each registering its commands on `app`: only the named command's when
-    the command line names one (``rx run`` starts without the ledger's, hosts' ... imports and typer
-    builds one command, not fifteen); all of them for ``--help``, completion or a mistyped command."""
+    the command line names one (``rx run`` starts without the ledger's, hosts' ... imports); all of them
+    for ``--help``, completion or a mistyped command. Returns the named command (None: all are needed)."""
     import importlib
 
     command = next((word for word in argv or () if not word.startswith("-")), None)
     completing = any(name.startswith("_RX_COMPLETE") or name == "_TYPER_COMPLETE_ARGS" for name in os.environ)
-    modules = ({COMMAND_MODULES[command]} if command in COMMAND_MODULES and not completing
-               else set(COMMAND_MODULES.values()))
+    named = command if command in COMMAND_MODULES and not completing else None
+    modules = {COMMAND_MODULES[named]} if named is not None else set(COMMAND_MODULES.values())
     for module in sorted(modules):
         importlib.import_module(f"{__name__}.{module}")
+    return named
+
+
+@contextlib.contextmanager
+def _only(app: Any, command: str | None) -> Iterator[None]:
+    """typer builds every registered command's click parameters on each invocation (evaluating their
+    annotations: ~1 ms per command, `rx run`'s most): let it see only ``command`` (None: all)."""
+    registered = app.registered_commands
+    if command is not None:
+        app.registered_commands = [info for info in registered
+                                   if (info.name or info.callback.__name__.replace("_", "-")) == command]
+    try:
+        yield
+    finally:
+        app.registered_commands = registered
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -50,14 +67,19 @@ def main(argv: list[str] | None = None) -> NoReturn:
     process's own, and the process ends as soon as the command has, see :func:`exit_now`)."""
     if argv is not None:
         _command(argv)
+    early = None
     try:
         from .early import connect_from_argv
 
         early = connect_from_argv(sys.argv[1:])  # before typer and the rest of rx are imported
         _command(None, early)
     except SystemExit as exc:
+        if early is not None:
+            early.close()  # a runner started for a run that never came (a usage error)
         exit_now(exc.code)
     except KeyboardInterrupt:  # Ctrl-C while rx itself was still being imported
+        if early is not None:
+            early.close()
         from .say import say
 
         say("rx: error: interrupted", "bold red")
@@ -107,10 +129,11 @@ def _command(argv: list[str] | None, early: Any = None) -> NoReturn:
     # SIGTERM stops a run the way Ctrl-C does: the remote task is stopped, the run recorded cancelled.
     signal.signal(signal.SIGTERM, _terminate)
     words = sys.argv[1:] if argv is None else argv
-    _register(words)
+    command = _register(words)
     verbose = "-v" in words or "--verbose" in words or bool(os.environ.get("RX_DEBUG"))
     try:
-        code = app(args=argv, prog_name="rx", standalone_mode=False, obj={"early": early})
+        with _only(app, command):
+            code = app(args=argv, prog_name="rx", standalone_mode=False, obj={"early": early})
     except RemoteExecError as exc:
         if verbose or state.verbose:
             import traceback

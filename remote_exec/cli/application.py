@@ -4,8 +4,6 @@ The command modules (``run``, ``ledger``, ``hosts``) register their commands on 
 :mod:`remote_exec.cli` imports them and runs the application.
 """
 
-from __future__ import annotations
-
 import logging
 import os
 import sys

@@ -1,8 +1,6 @@
 """``rx env HOST``: a task's environment on a host: the host's probe, the lock resolved for it, whether the
 environment exists there and its size; ``--build`` builds it now."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import Annotated, Any

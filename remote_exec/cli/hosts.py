@@ -1,8 +1,6 @@
 """``rx hosts``, ``rx top`` and ``rx check``: which hosts rx knows, what each is doing (slots, GPUs, memory),
 and whether one is ready for work."""
 
-from __future__ import annotations
-
 import json
 import shlex
 import statistics

@@ -5,8 +5,6 @@ unique prefix or ``latest``. The work is done by :mod:`remote_exec.workspace`; t
 options and renders the answers with rich.
 """
 
-from __future__ import annotations
-
 import contextlib
 import json
 import os

@@ -1,8 +1,6 @@
 """``rx map``: a script over a grid of argument values, across hosts and their GPUs (see
 :mod:`remote_exec.pool.sweep`)."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -90,5 +88,5 @@ def map_command(
     plan = SweepPlan(task=task, grid=layout, combinations=tuple(combinations), hosts=tuple(remote),
                      per_host=per_host, gpus=gpus, retries=retries, options=options,
                      argv=tuple(target or []), target=name, progress=progress)
-    config = Configuration.load()
-    raise typer.Exit(run_plan(plan, Workspace.resolve(workspace or config.workspace), config, as_json))
+    config = Configuration.load().with_workspace(workspace)  # (its runs never travel with the project)
+    raise typer.Exit(run_plan(plan, Workspace.resolve(config.workspace), config, as_json))

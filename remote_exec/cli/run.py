@@ -1,7 +1,5 @@
 """``rx run`` and ``rx rerun``: run a script or module, locally or on a host, and record it."""
 
-from __future__ import annotations
-
 import importlib.util
 import json
 import os
@@ -15,7 +13,7 @@ import click
 import typer
 
 from ..config import check_env, check_pull, check_remote_backend, check_secret_env, check_timeout
-from ..early import EarlyConnection, adopt_or_connect
+from ..early import adopt_or_connect
 from ..errors import (
     ConfigError,
     Interrupted,
@@ -28,6 +26,7 @@ from ..errors import (
 )
 from .application import app
 from .complete import complete_hosts, complete_runs
+from .early import HeadStart
 from .say import say
 
 __all__ = [
@@ -91,7 +90,9 @@ def _project(session: Any, target: str, dry_run: bool, as_json: bool, detach: bo
     project, warnings = coordinator.project_for(session)
     session.local["project"] = (project, warnings)
     if session.context.get("remote") and not dry_run and not detach:  # the runner starts while the run is
-        session.local["runner_ahead"] = coordinator.runner_ahead(session, where, project)  # recorded
+        session.local["runner_ahead"] = coordinator.runner_ahead(  # recorded
+            session, where, project.tree.root if project is not None else None,
+            started=session.local.pop("runner_head", None))
     describe_project(project, warnings, what=target)
     if dry_run and project is not None:
         print_listing(project, as_json=as_json)
@@ -129,16 +130,18 @@ def load_task(words: list[str], module: str | None) -> tuple[Any, list[str], str
 def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict[str, Any],
                 workspace: Path | None, kind: str, target: str, as_json: bool,
                 parent: str | None = None, detach: bool = False, dry_run: bool = False,
-                early: EarlyConnection | None = None) -> int:
+                early: HeadStart | None = None) -> int:
     """Create a run, execute it through the pipeline, record its outcome; return the exit status (with
-    ``dry_run``, only list what of the project would travel; ``early``: a connection started from the raw
-    command line, adopted when it is for the same host)."""
+    ``dry_run``, only list what of the project would travel; ``early``: what ``cli.main`` started from the
+    raw command line, a connection adopted when it is for the same host and maybe the script's runner,
+    taken when it fits)."""
     from ..config import Configuration
 
-    config = Configuration.load()
+    config = (early.config if early is not None else Configuration.load()).with_workspace(workspace)
     # connecting starts before the rest of rx is imported (or was started from the raw command line by
     # cli.main, see cli/early.py): it is what takes longest
-    ahead = adopt_or_connect(early, config, remote, options) if remote and not dry_run else None
+    connection = early.connection if early is not None else None
+    ahead = adopt_or_connect(connection, config, remote, options) if remote and not dry_run else None
     from ..session import Session
     from ..task import Execution
 
@@ -147,21 +150,23 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
                       context={"remote": remote, "options": options, "origin": "cli", "cwd": os.getcwd()})
     session.config = config
     session.local["backend_ahead"] = ahead
+    session.local["runner_head"] = early.take_runner() if early is not None else None
     try:
         if not _project(session, target, dry_run, as_json, detach):
             return 0
         from ..workspace import Workspace
 
-        ws = Workspace.resolve(workspace or config.workspace)
+        ws = Workspace.resolve(config.workspace)
         run = ws.new_run(target=target, kind=kind, argv=list(args), remote=remote, parent=parent,
                          backend=config.effective_backend(options.get("backend")) if remote else "local",
                          running=not detach)
         session.run_id = run.id
         return _record_and_run(session, run, detach=detach, as_json=as_json)
     finally:
-        runner = session.local.pop("runner_ahead", None)
-        if runner is not None:  # not taken: the run ended before its call
-            runner.close()
+        for name in ("runner_head", "runner_ahead"):
+            runner = session.local.pop(name, None)
+            if runner is not None:  # not taken: the run ended before its call
+                runner.close()
 
 
 def _record_and_run(session: Any, run: Any, *, detach: bool, as_json: bool) -> int:

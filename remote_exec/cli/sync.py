@@ -1,8 +1,6 @@
 """``rx sync`` and ``rx gc``: what of the project travels (and storing it on a host ahead of a run), and the
 host's caches; the project summary and the upload's progress bar that ``rx run`` shows too."""
 
-from __future__ import annotations
-
 import json
 import sys
 from pathlib import Path

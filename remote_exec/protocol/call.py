@@ -539,9 +539,10 @@ class RunnerAhead:
             channel.close()
 
     def fits(self, backend: Backend, archive: DistributionArchive, options: CallOptions, launcher: Launcher) -> bool:
-        """Whether a call with these would have started this very runner."""
+        """Whether a call with these would have started this very runner (the call's own options, its
+        environment, limits and files to pull, travel with it)."""
         return (backend is self.backend and launcher.same(self.launcher) and archive.sha256 == self.archive.sha256
-                and options == self.options)
+                and options.runner_start() == self.options.runner_start())
 
     def take(self, phase: _Phases) -> Channel:
         """The runner, once started (its phases told to ``phase``).

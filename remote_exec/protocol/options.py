@@ -127,6 +127,12 @@ class CallOptions:
     slot: str | None = None
     placement: str | None = None
 
+    def runner_start(self) -> tuple[Any, ...]:
+        """What starting a runner for a call with these options depends on (:func:`~.bootstrap.runner_argv`
+        and the wait for its answer); the rest travels with the call itself."""
+        return (self.python, self.workdir, self.handshake_timeout, self.keep_warm, self.worker_idle, self.slot,
+                self.placement)
+
 
 @dataclass
 class Outcome:

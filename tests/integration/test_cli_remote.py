@@ -83,16 +83,34 @@ def test_a_missing_interpreter_is_one_line_and_exit_3(remote: Remote) -> None:
     assert f"{MISSING} not found on {HOST}" in info["error"]
 
 
+def test_rx_run_starts_its_runner_from_its_raw_command_line(remote: Remote) -> None:
+    """A plain ``rx run --remote HOST SCRIPT`` line starts the script's runner before the line is parsed (and
+    before typer is imported); the run takes that one. An option the head start did not read that changes how
+    the runner starts (``--python``) makes it unfit: it is stopped, the run starts its own."""
+    remote.copy_script("exit_with.py")
+
+    plain = remote.rx("-vv", "run", "--remote", HOST, "exit_with.py", "0")
+    other = remote.rx("-vv", "run", "--remote", HOST, "--python", "/usr/bin/python3", "exit_with.py", "0")
+
+    assert plain.returncode == 0, plain.stderr
+    assert "the runner started from the command line fits this run" in plain.stderr, plain.stderr
+    assert "the call takes the runner started ahead" in plain.stderr
+    assert other.returncode == 0, other.stderr
+    assert "the runner started ahead does not fit this run; stopped" in other.stderr, other.stderr
+    assert remote.latest()["status"] == "finished"
+
+
 def test_rx_run_takes_the_runner_it_started_while_recording_the_run(remote: Remote) -> None:
     """The runner starts while the run is recorded; the call takes that one rather than starting another
     (its connect still counted in the run's phases)."""
     remote.copy_script("exit_with.py")
 
-    done = remote.rx("-vv", "run", "--remote", HOST, "exit_with.py", "0")
+    # (--connect-timeout: no head start from the raw command line, see the test above)
+    done = remote.rx("-vv", "run", "--connect-timeout", "20", "--remote", HOST, "exit_with.py", "0")
 
     assert done.returncode == 0, done.stderr
     assert "the call takes the runner started ahead" in done.stderr, done.stderr
-    assert "does not fit" not in done.stderr
+    assert "does not fit" not in done.stderr and "from the command line" not in done.stderr
     actions = {action["name"]: action for action in remote.latest()["actions"]}
     assert actions["connect"]["status"] == "finished" and actions["execute"]["status"] == "finished"
     # its times are when it connected, not when the call took it

@@ -243,6 +243,22 @@ def test_project_option_makes_a_folder_without_a_marker_the_project(isolated: An
     assert with_option.stdout == "the data\n"
 
 
+def test_a_workspace_named_on_the_command_line_inside_the_project_never_travels(isolated: Any) -> None:
+    """``--workspace DIR`` inside the project is left out of its snapshot like the configured one (it was
+    shipped whole: every earlier run's logs, records and landed files, to every run)."""
+    app = _outside_any_project(isolated)
+    (app / "pyproject.toml").write_text("")
+
+    first = rx(isolated, "run", "--workspace", "ws_here", "read.py", cwd=app)
+    listed = rx(isolated, "run", "--dry-run", "--workspace", "ws_here", "read.py", cwd=app)
+
+    assert first.returncode == 0, first.stderr
+    assert (app / "ws_here" / "runs").is_dir()
+    assert listed.returncode == 0, listed.stderr
+    assert "read.py" in listed.stdout and "ws_here" not in listed.stdout + listed.stderr, listed.stdout
+    assert "3 files" in listed.stdout + listed.stderr
+
+
 def test_tool_rx_project_false_ships_only_the_script_and_its_imports(isolated: Any) -> None:
     app = _outside_any_project(isolated)
     (app / "pyproject.toml").write_text("[tool.rx]\nproject = false\n")

@@ -150,7 +150,55 @@ def test_archive_is_built_once_per_content(project: Path, tmp_path: Path, python
     assert other.stdout.decode().strip() == str(first.path)
     after = first.path.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
-    assert [p.name for p in cache.iterdir()] == [first.path.name]  # no temporary left behind
+    assert sorted(p.name for p in cache.iterdir()) == [".memo.json", first.path.name]  # no temporary left
+
+
+def test_a_new_process_takes_an_earlier_build_from_the_memo(project: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process's first build of unchanged files reads none of rx's ~100 sources (the memo on disk says
+    which archive they made); a garbled memo is ignored and rewritten."""
+    cache = tmp_path / "cache"
+    first = _build(project, cache)
+    package = Path(remote_exec_file()).parent
+    read: list[Path] = []
+    real_read_bytes = Path.read_bytes
+
+    def recording(path: Path) -> bytes:
+        read.append(path)
+        return real_read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", recording)
+    again = _build(project, cache)  # a new Packer: nothing in memory but the process-wide file list
+    assert (again.path, again.sha256, again.size, again.modules) == (first.path, first.sha256, first.size,
+                                                                     first.modules)
+    assert not [path for path in read if package in path.parents]
+    (cache / ".memo.json").write_text("{not json")
+    read.clear()
+    assert _build(project, cache).sha256 == first.sha256
+    assert [path for path in read if package in path.parents]  # built (from the files) again
+    assert _build(project, cache).sha256 == first.sha256
+    assert first.sha256 in (cache / ".memo.json").read_text()
+
+
+def test_a_cached_archive_changed_on_disk_is_refused_and_built_again(project: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = _build(project, cache)
+    assert hashlib.sha256(first.read()).hexdigest() == first.sha256
+    data = first.path.read_bytes()
+    first.path.write_bytes(data[:-10] + b"0123456789")  # same size: the memo still names it
+    taken = _build(project, cache)
+    with pytest.raises(PackError, match="changed on disk"):
+        taken.read()
+    assert not first.path.exists()
+    rebuilt = _build(project, cache)
+    assert rebuilt.sha256 == first.sha256
+    assert rebuilt.read() == data
+
+
+def remote_exec_file() -> str:
+    import remote_exec
+
+    return str(Path(remote_exec.__file__).resolve())
 
 
 def test_each_cache_dir_gets_its_own_copy(project: Path, tmp_path: Path) -> None:

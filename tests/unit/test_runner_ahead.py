@@ -43,15 +43,29 @@ def test_the_call_takes_the_runner_started_ahead(dispatcher: Any) -> None:
 
 
 def test_a_runner_that_does_not_fit_the_call_is_stopped(dispatcher: Any) -> None:
-    ahead, backend, launcher, _ = _ahead(dispatcher, timeout=60)
+    ahead, backend, launcher, _ = _ahead(dispatcher, handshake_timeout=7.0)  # started otherwise than the call's
     ahead._thread.join(30)
     runner = ahead._channel
     assert runner is not None
 
-    call = dispatcher.run("print('other')", backend=backend, launcher=launcher, ahead=ahead)  # no timeout
+    call = dispatcher.run("import os; print(os.getppid())", backend=backend, launcher=launcher, ahead=ahead)
 
-    assert call.text() == "other\n"
+    assert int(call.text()) != runner.process.popen.pid  # another runner served it
     assert _ended(runner.process)
+
+
+def test_the_calls_own_options_travel_with_it_and_do_not_unfit_the_runner(dispatcher: Any) -> None:
+    """A runner started before the command line was parsed knows only how to start; the call's timeout and
+    environment reach it with the call."""
+    ahead, backend, launcher, _ = _ahead(dispatcher)
+    ahead._thread.join(30)
+    assert ahead._channel is not None
+
+    runner = ahead._channel
+    call = dispatcher.run("import os; print(os.environ['LATE'], os.getppid())", backend=backend, launcher=launcher,
+                          ahead=ahead, timeout=60, env={"LATE": "given"})
+
+    assert call.text() == f"given {runner.process.popen.pid}\n"  # this runner served it
 
 
 def test_a_runner_nobody_took_is_stopped(dispatcher: Any) -> None:

@@ -166,6 +166,16 @@ def test_a_sweep_is_one_parent_run_with_a_child_per_combination(isolated: Any, p
     assert sorted(merged) == ["0000", "0001", "0002"] and rerun["tasks"]["0003"]["status"] == "done"
 
 
+def test_a_sweeps_workspace_named_on_the_command_line_stays_out_of_the_snapshot(isolated: Any,
+                                                                               project: Path) -> None:
+    (project / "look.py").write_text("import os, sys\nprint(sys.argv[1], sorted(os.listdir('.')))\n")
+    done = rx(isolated, project, "map", "--no-progress", "-r", "box1", "--workspace", "ws_here", "look.py",
+              ":::", "a")
+    assert done.returncode == 0, done.stderr
+    assert (project / "ws_here" / "runs").is_dir()  # the sweep's records are there
+    assert "look.py" in done.stdout and "ws_here" not in done.stdout, done.stdout
+
+
 def test_dry_run_lists_the_combinations(isolated: Any, project: Path) -> None:
     done = rx(isolated, project, "map", "-r", "box1", "--dry-run", "train.py", "--lr", ":::", "1", "2")
     assert done.returncode == 0
