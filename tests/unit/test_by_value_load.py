@@ -51,6 +51,15 @@ def run(source: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
 
 
+def written_then_read(writer: str, reader: str) -> str:
+    """What ``reader`` prints of what ``writer`` wrote (each in a process of its own)."""
+    written = run(writer)
+    assert written.returncode == 0, written.stderr.decode()
+    read = run(reader, written.stdout)
+    assert read.returncode == 0, read.stderr.decode()
+    return read.stdout.decode()
+
+
 def test_main_functions_lambdas_and_closures_load_as_they_were() -> None:
     written = run(WRITER)
     assert written.returncode == 0, written.stderr.decode()
@@ -171,13 +180,7 @@ def test_functions_by_value_load_without_the_c_pickle_module_as_it_would_load_th
     """Every shape of function a script sends by value is read without loading the C pickle module, and is
     what the C module (with cloudpickle's rebuilders) makes of the same pickle: name, defaults, docstring,
     annotations, attributes, globals, cells, code, what it returns."""
-    written = run(CORPUS)
-    assert written.returncode == 0, written.stderr.decode()
-
-    read = run(COMPARE, written.stdout)
-
-    assert read.returncode == 0, read.stderr.decode()
-    lines = read.stdout.decode().splitlines()
+    lines = written_then_read(CORPUS, COMPARE).splitlines()
     assert lines[0] == "pickle loaded: []"
     assert lines[1:] == ["same"] * 7
 
@@ -193,18 +196,13 @@ def test_a_pickle_beyond_the_functions_reader_loads_with_the_c_module() -> None:
               "def make(v, kinds={1, 2}):\n"
               "    return Box(v), sorted(kinds)\n"
               "sys.stdout.buffer.write(PickleSerializer().dumps((make, Box(3))))\n")
-    written = run(writer)
-    assert written.returncode == 0, written.stderr.decode()
     reader = ("import sys\n"
               "from remote_exec.serialization import PickleSerializer\n"
               "make, box = PickleSerializer().loads(sys.stdin.buffer.read())\n"
               "made, kinds = make(5)\n"
               "print(made.v, kinds, box.v, type(box).__name__, '_pickle' in sys.modules)\n")
 
-    read = run(reader, written.stdout)
-
-    assert read.returncode == 0, read.stderr.decode()
-    assert read.stdout.decode().strip() == "5 [1, 2] 3 Box True"
+    assert written_then_read(writer, reader).strip() == "5 [1, 2] 3 Box True"
 
 
 def test_a_session_of_a_function_by_value_is_restored_without_the_c_pickle_module() -> None:
@@ -218,14 +216,9 @@ def test_a_session_of_a_function_by_value_is_restored_without_the_c_pickle_modul
               "task = Task.from_function(noop_by_value)\n"
               "sys.stdout.buffer.write(Session(task=task, execution=Execution.create(task, (21,)), run_id='r')"
               ".to_wire())\n")
-    written = run(writer)
-    assert written.returncode == 0, written.stderr.decode()
     reader = ("import sys\n"
               "from remote_exec.session import Session\n"
               "session = Session.loads(sys.stdin.buffer.read())\n"
               "print(session.task.execute(session.execution), '_pickle' in sys.modules)\n")
 
-    read = run(reader, written.stdout)
-
-    assert read.returncode == 0, read.stderr.decode()
-    assert read.stdout.decode().strip() == "42 False"
+    assert written_then_read(writer, reader).strip() == "42 False"
