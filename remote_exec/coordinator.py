@@ -504,7 +504,9 @@ class Coordinator:
         if recorder is None:
             recorder = self.task_recorder(session, target, session_bytes)
         try:
-            archive, project = self._pack(session, recorder, not target.launcher.schedules)
+            # (a persistent worker's call is too short to gain from a thread)
+            archive, project = self._pack(session, recorder,
+                                          not (target.launcher.schedules or target.options.keep_warm))
             target = self.environment(session, target, archive, recorder, _root(project))
             if target.launcher.schedules:
                 outcome = self.jobs.run(session, target, archive, recorder, scanned(project))

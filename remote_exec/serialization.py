@@ -261,7 +261,7 @@ class _FunctionLoader:
             self._mark()
 
     def _proto(self) -> None:
-        if self._size(1) < 4:  # older protocols map module names (_compat_pickle): the C module's work
+        if not 4 <= self._size(1) <= 5:  # older ones map module names (_compat_pickle): the C module's work
             raise _NotSimple("protocol")
 
     def _push_mark(self) -> None:
