@@ -128,6 +128,8 @@ def _runner_head(config: Any, remote: str, options: dict[str, Any], connection: 
     """Start the runner of ``script``'s run on ``remote`` as the coordinator would for it with these
     options (the command line's others may still make it unfit: the run then stops it); None when there is
     none to start or anything fails (the run itself says what)."""
+    if getattr(connection[0], "host_key_policy", None) == "off":
+        return None  # the coordinator warns of it once, in rx's log format: not before the log is set up
     try:
         from ..coordinator import Coordinator
         from ..session import Session
