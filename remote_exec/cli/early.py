@@ -70,8 +70,18 @@ def _option(words: list[str], index: int) -> tuple[str, str, int] | None:
     return name, words[index + 1], index + 2
 
 
-#: ``rx``'s own options that may come before ``run`` (flags only).
-_ROOT_FLAGS = frozenset({"-v", "-vv", "-vvv", "--verbose"})
+#: ``rx``'s own options that may come before ``run`` (flags only), with how many ``-v`` each is.
+_ROOT_FLAGS = {"-v": 1, "-vv": 2, "-vvv": 3, "--verbose": 1}
+
+
+def _verbosity(words: list[str]) -> int:
+    """How many ``-v`` the leading words of a line :func:`peek_run` took give."""
+    count = 0
+    for word in words:
+        if word not in _ROOT_FLAGS:
+            break
+        count += _ROOT_FLAGS[word]
+    return count
 #: The options :func:`peek_run` reports (the rest it only steps over).
 _PEEKED = {"-r": "remote", "--remote": "remote", "--backend": "backend", "--ssh-config": "ssh_config",
            "-m": "module", "--module": "module"}
@@ -105,6 +115,9 @@ def connect_from_argv(words: list[str]) -> HeadStart | None:
     seen = peek_run(words)
     if seen is None:
         return None
+    from .logs import configure
+
+    configure(_verbosity(words))  # what connecting logs goes to rx's log, as it would after the parse
     try:
         from ..config import Configuration
 
