@@ -32,6 +32,11 @@ RUN_FLAGS = frozenset({
 #: scheduler's job or something other than a run.
 _NOT_PLAIN = frozenset({"--insecure-no-host-key-check", "--connect-timeout", "--slurm", "--dry-run", "--detach",
                         "-d", "--help", "--deps", "--requirements"})
+#: ``rx``'s own options that may come before ``run`` (flags only), with how many ``-v`` each is.
+_ROOT_FLAGS = {"-v": 1, "-vv": 2, "-vvv": 3, "--verbose": 1}
+#: The options :func:`peek_run` reports (the rest it only steps over).
+_PEEKED = {"-r": "remote", "--remote": "remote", "--backend": "backend", "--ssh-config": "ssh_config",
+           "-m": "module", "--module": "module"}
 
 
 def peek_run(words: list[str]) -> dict[str, str] | None:
@@ -70,10 +75,6 @@ def _option(words: list[str], index: int) -> tuple[str, str, int] | None:
     return name, words[index + 1], index + 2
 
 
-#: ``rx``'s own options that may come before ``run`` (flags only), with how many ``-v`` each is.
-_ROOT_FLAGS = {"-v": 1, "-vv": 2, "-vvv": 3, "--verbose": 1}
-
-
 def _verbosity(words: list[str]) -> int:
     """How many ``-v`` the leading words of a line :func:`peek_run` took give."""
     count = 0
@@ -82,9 +83,6 @@ def _verbosity(words: list[str]) -> int:
             break
         count += _ROOT_FLAGS[word]
     return count
-#: The options :func:`peek_run` reports (the rest it only steps over).
-_PEEKED = {"-r": "remote", "--remote": "remote", "--backend": "backend", "--ssh-config": "ssh_config",
-           "-m": "module", "--module": "module"}
 
 
 @dataclass
