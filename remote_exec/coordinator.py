@@ -46,7 +46,6 @@ from .config import (
     find_pyproject,
     parse_size,
 )
-from .envs.resolve import EnvSpec, project_requirements
 from .errors import LocalDiskFull, SerializationError, printable
 from .launchers.base import Launcher
 from .launchers.registry import create_launcher
@@ -68,6 +67,7 @@ from .workspace.recorder import CallRecorder, TaskCallRecorder, TaskRecorder, Ta
 
 if TYPE_CHECKING:
     from .envs.manager import Environments
+    from .envs.resolve import EnvSpec
     from .jobs import Jobs
 
 __all__ = ["Coordinator", "Target", "call_options"]
@@ -554,8 +554,14 @@ class Coordinator:
         settings = self.env_settings(config, target.host)
         cwd = session.context.get("cwd")
         options = session.context.get("options") or {}
+        own = project is not None and target.backend_name != "local" and bool(settings.get("project_deps"))
+        if not own and not any(options.get(key) or settings.get(key) for key in ("deps", "requirements")):
+            return None, settings  # nothing declared (and the environment machinery left unimported)
+        from .envs.resolve import EnvSpec, project_requirements
+
         spec = EnvSpec.from_options(options, settings, Path(cwd) if cwd else None)
-        if spec is None and project is not None and target.backend_name != "local" and settings.get("project_deps"):
+        if spec is None and own:
+            assert project is not None
             spec = EnvSpec.from_options({**options, **project_requirements(project)}, settings, project)
         return spec, settings
 
@@ -573,6 +579,8 @@ class Coordinator:
         """``rx env HOST``: the probe, the lock, the key and whether the environment exists (None: no
         dependencies declared)."""
         settings = self.env_settings(config, target.host)
+        from .envs.resolve import EnvSpec
+
         spec = EnvSpec.from_options(options, settings)
         if spec is None:
             return None

@@ -4,9 +4,7 @@ The command modules (``run``, ``ledger``, ``hosts``) register their commands on 
 :mod:`remote_exec.cli` imports them and runs the application.
 """
 
-import logging
 import os
-import sys
 from typing import Annotated, Any
 
 import click
@@ -15,6 +13,7 @@ import typer.core
 
 from .. import __version__
 from ..errors import Interrupted, printable
+from .logs import configure as configure_log
 
 __all__ = ["Stopped", "app", "error_line", "state"]
 
@@ -87,24 +86,7 @@ def _root(
     state.verbose = verbose
     if verbose:
         os.environ["RX_DEBUG"] = "1"  # rx's debug switch: remote tracebacks keep rx's own frames too
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_PrintableFormatter("rx: %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
-    # paramiko logs a failed handshake with a traceback from its transport thread; rx already reports it as
-    # one line (and its exit status), so paramiko's own log shows only with -v.
-    logging.getLogger("paramiko").setLevel(level if verbose else logging.CRITICAL)
-    if 0 < verbose < 3:  # -v, -vv: rx's own lines; other libraries' debugging (paramiko's, per packet) with -vvv
-        logging.getLogger().setLevel(logging.WARNING)
-        logging.getLogger("remote_exec").setLevel(level)
-        logging.getLogger("paramiko").setLevel(logging.INFO if verbose == 2 else logging.WARNING)
-
-
-class _PrintableFormatter(logging.Formatter):
-    """Log records as lines without control characters (a log message may quote what a host sent)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return printable(super().format(record), lines=True)
+    configure_log(verbose)
 
 
 def error_line(message: str) -> None:

@@ -32,6 +32,11 @@ RUN_FLAGS = frozenset({
 #: scheduler's job or something other than a run.
 _NOT_PLAIN = frozenset({"--insecure-no-host-key-check", "--connect-timeout", "--slurm", "--dry-run", "--detach",
                         "-d", "--help", "--deps", "--requirements"})
+#: ``rx``'s own options that may come before ``run`` (flags only), with how many ``-v`` each is.
+_ROOT_FLAGS = {"-v": 1, "-vv": 2, "-vvv": 3, "--verbose": 1}
+#: The options :func:`peek_run` reports (the rest it only steps over).
+_PEEKED = {"-r": "remote", "--remote": "remote", "--backend": "backend", "--ssh-config": "ssh_config",
+           "-m": "module", "--module": "module"}
 
 
 def peek_run(words: list[str]) -> dict[str, str] | None:
@@ -70,11 +75,14 @@ def _option(words: list[str], index: int) -> tuple[str, str, int] | None:
     return name, words[index + 1], index + 2
 
 
-#: ``rx``'s own options that may come before ``run`` (flags only).
-_ROOT_FLAGS = frozenset({"-v", "-vv", "-vvv", "--verbose"})
-#: The options :func:`peek_run` reports (the rest it only steps over).
-_PEEKED = {"-r": "remote", "--remote": "remote", "--backend": "backend", "--ssh-config": "ssh_config",
-           "-m": "module", "--module": "module"}
+def _verbosity(words: list[str]) -> int:
+    """How many ``-v`` the leading words of a line :func:`peek_run` took give."""
+    count = 0
+    for word in words:
+        if word not in _ROOT_FLAGS:
+            break
+        count += _ROOT_FLAGS[word]
+    return count
 
 
 @dataclass
@@ -105,6 +113,9 @@ def connect_from_argv(words: list[str]) -> HeadStart | None:
     seen = peek_run(words)
     if seen is None:
         return None
+    from .logs import configure
+
+    configure(_verbosity(words))  # what connecting logs goes to rx's log, as it would after the parse
     try:
         from ..config import Configuration
 
@@ -128,6 +139,8 @@ def _runner_head(config: Any, remote: str, options: dict[str, Any], connection: 
     """Start the runner of ``script``'s run on ``remote`` as the coordinator would for it with these
     options (the command line's others may still make it unfit: the run then stops it); None when there is
     none to start or anything fails (the run itself says what)."""
+    if getattr(connection[0], "host_key_policy", None) == "off":
+        return None  # the coordinator warns of it once, in rx's log format: not before the log is set up
     try:
         from ..coordinator import Coordinator
         from ..session import Session

@@ -19,16 +19,18 @@ import marshal
 import os
 import pickle
 import shutil
-import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import IntegrityError, LocalDiskFull, WorkspaceError, printable
 from ..hints import unreadable_value
 from ..serialization import rebuild_exception
 from ..session import Result, Session
 from .options import CallOptions, FileLander
+
+if TYPE_CHECKING:
+    import tarfile
 
 __all__ = ["RESULT_FRAMES", "Received", "collect", "land_files", "rebuild_result", "safe_member_path", "write_sparse"]
 
@@ -381,6 +383,8 @@ def land_files(received: Received, host: str, manifest: list[dict[str, Any]], la
     if spool is None or not spool.exists():
         raise IntegrityError(f"{host}: the result lists files but carries none")
     checked: list[tuple[PurePosixPath, Path, str]] = []
+    import tarfile  # (only a call that brings files back needs it)
+
     try:
         with tarfile.open(spool, mode="r:") as archive:
             for member in archive:

@@ -149,6 +149,20 @@ def test_an_ssh_url_is_a_host_and_an_insecure_run_warns_once(remote: Remote, tmp
     assert len(warned) == 1 and "error" not in warned[0].lower(), done.stderr
 
 
+def test_a_configured_insecure_host_warns_once_in_rxs_format(remote: Remote) -> None:
+    """``host_key_policy = "off"`` from pyproject.toml on a plain ``rx run`` line (which starts connecting
+    before rx's log is set up): the one warning still comes as rx's log line."""
+    (remote.project / "pyproject.toml").write_text('[tool.rx]\nhost_key_policy = "off"\n')
+    write(remote.project / "job.py", "print('ran')\n")
+
+    done = remote.rx("run", "--remote", HOST, "job.py")
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "ran\n"
+    warned = [line for line in done.stderr.splitlines() if "host key checking is OFF" in line]
+    assert len(warned) == 1 and warned[0].startswith("rx: WARNING"), done.stderr
+
+
 def test_openssh_reads_the_ssh_config_under_home_as_paramiko_does(remote: Remote, tmp_path: Path) -> None:
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)

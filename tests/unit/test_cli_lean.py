@@ -50,7 +50,7 @@ def test_a_plain_rx_run_leaves_the_heavy_and_the_unused_unimported(isolated: Any
     assert "remote_exec.coordinator" in loaded
     unwanted = {"rich", "rich.console", "filelock", "remote_exec.jobs", "remote_exec.envs.manager",
                 "remote_exec.protocol.envs", "remote_exec.launchers.slurm", "remote_exec.launchers.jobs",
-                "remote_exec.tracebacks"}
+                "remote_exec.tracebacks", "remote_exec.envs.resolve", "tarfile"}
     assert not loaded & unwanted, sorted(loaded & unwanted)
 
 
