@@ -365,14 +365,16 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
     key = sent or channel.call_key()
     call = Call(channel, options, key, on_stdout, on_stderr, on_event, stop_wait=0.0 if detached else STOP_WAIT,
                 tree=TreeSender(channel, project.tree if project else None, _with_phase(on_progress, phase)))
-    phase("execute", "started")
     deadline = None
     acknowledged = hold or detached
     extra = _extra_options(project, extra_options, hold=hold, stdin=stdin is not None)
     try:
-        if sent is None:  # (else it went right behind the runner's command)
-            _send_tolerantly(call, _call_options(session, options, key, land_file, extra), session_bytes,
-                             keep=keep)
+        try:
+            if sent is None:  # (else it went right behind the runner's command)
+                _send_tolerantly(call, _call_options(session, options, key, land_file, extra), session_bytes,
+                                 keep=keep)
+        finally:  # told once the call is on its way: recording it (a durable rewrite) no longer delays it
+            phase("execute", "started")
         if stdin is not None:
             call.stdin = StdinPump(channel, stdin).start()
         deadline = _deadline(options, detached=detached)
