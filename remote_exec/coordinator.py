@@ -29,6 +29,7 @@ import sys
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -52,7 +53,7 @@ from .packing import DistributionArchive, Packer, default_cache_dir
 from .protocol.call import RunnerAhead, dispatch
 from .protocol.detached import attach_detached, cancel_detached, follow_detached, start_detached
 from .protocol.maintain import collect_garbage, sync_tree
-from .protocol.options import CallOptions, Outcome, OutputSink, ProgressCallback, ProjectCall
+from .protocol.options import CallOptions, Outcome, OutputSink, ProgressCallback, ProjectCall, ProjectScan, scanned
 from .protocol.workers import WorkerPool
 from .serialization import get_serializer
 from .session import Result, Session
@@ -133,6 +134,13 @@ def call_options(options: dict[str, Any], *, python: str, workdir: str, env: dic
         slot=options.get("slot"),
         placement=options.get("placement"),
     )
+
+
+def _root(project: ProjectCall | ProjectScan | None) -> Path | None:
+    """The local root of a call's project (None: it has none), scanned or not."""
+    if isinstance(project, ProjectScan):
+        return project.root
+    return project.tree.root if project is not None else None
 
 
 def _progress(session: Session) -> ProgressCallback | None:
@@ -418,12 +426,19 @@ class Coordinator:
         known: tuple[ProjectCall | None, list[str]] | None = session.local.get("project")
         if known is not None:
             return known[0], []  # scanned a moment ago by the caller (rx run), who gave the warnings
-        planned: tuple[ProjectPlan | None] | None = session.local.get("plan")
-        plan = planned[0] if planned is not None else self.plan_for(session)
+        plan = self._plan_to_scan(session)
         if plan is None:
             return None, []
         options = session.context.get("options") or {}
         return self.scan(plan, force=bool(options.get("force")))
+
+    def _plan_to_scan(self, session: Session) -> ProjectPlan | None:
+        """The plan of ``session``'s project when its tree is still to be scanned (None: it has no project,
+        or the caller scanned it)."""
+        if session.local.get("project") is not None:
+            return None
+        planned: tuple[ProjectPlan | None] | None = session.local.get("plan")
+        return planned[0] if planned is not None else self.plan_for(session)
 
     def plan_for(self, session: Session) -> ProjectPlan | None:
         """Where ``session``'s project is (its root, what travels), without scanning it; None: no project.
@@ -453,13 +468,21 @@ class Coordinator:
         self._warned.add(tree.tree_id)
         return plan.call(tree), warnings
 
-    def _pack(self, session: Session, recorder: CallRecorder) -> tuple[DistributionArchive, ProjectCall | None]:
-        """The archive and the project of a call (the ``pack`` phase)."""
+    def _pack(self, session: Session, recorder: CallRecorder,
+              ahead: bool = False) -> tuple[DistributionArchive, ProjectCall | ProjectScan | None]:
+        """The archive and the project of a call (the ``pack`` phase); with ``ahead``, a project still to be
+        scanned is scanned on a thread of its own (:class:`ProjectScan`: the runner starts meanwhile)."""
         recorder.phase("pack", "started")
         try:
-            project, warnings = self.project_for(session)
-            for warning in warnings:
-                logger.warning("%s", warning)
+            project: ProjectCall | ProjectScan | None
+            plan = self._plan_to_scan(session) if ahead else None
+            if plan is not None:
+                force = bool((session.context.get("options") or {}).get("force"))
+                project = ProjectScan(partial(self.scan, plan, force=force), plan.spec.root)
+            else:
+                project, warnings = self.project_for(session)
+                for warning in warnings:
+                    logger.warning("%s", warning)
             archive = self.archive_for(session, project=project is not None)
         except BaseException:
             recorder.phase("pack", "failed")
@@ -481,12 +504,13 @@ class Coordinator:
         if recorder is None:
             recorder = self.task_recorder(session, target, session_bytes)
         try:
-            archive, project = self._pack(session, recorder)
-            target = self.environment(session, target, archive, recorder,
-                                      project.tree.root if project is not None else None)
+            # (a persistent worker's call is too short to gain from a thread)
+            archive, project = self._pack(session, recorder,
+                                          not (target.launcher.schedules or target.options.keep_warm))
+            target = self.environment(session, target, archive, recorder, _root(project))
             if target.launcher.schedules:
-                outcome = self.jobs.run(session, target, archive, recorder, project)
-            else:
+                outcome = self.jobs.run(session, target, archive, recorder, scanned(project))
+            else:  # the project's scan ends while the runner starts
                 outcome = dispatch(session, target.backend, archive, target.options, launcher=target.launcher,
                                    ahead=session.local.pop("runner_ahead", None),
                                    workers=self.workers, on_stdout=recorder.stdout, on_stderr=recorder.stderr,
@@ -504,7 +528,7 @@ class Coordinator:
             raise
         session.local["outcome"] = outcome
         self.localize(session, outcome, archive.sources, recorder, python=target.options.python,
-                      project=project.tree.root if project is not None else None)
+                      project=_root(project))
         taken = False
 
         def recorded() -> bytes | Path:
@@ -664,7 +688,8 @@ class Coordinator:
 
     def start_detached(self, session: Session, target: Target, recorder: CallRecorder) -> dict[str, Any]:
         """Start ``session`` at ``target`` so that it outlives this process; return where it runs."""
-        archive, project = self._pack(session, recorder)
+        archive, ahead = self._pack(session, recorder)
+        project = scanned(ahead)  # (not scanned ahead: it is)
         target = self.environment(session, target, archive, recorder,
                                   project.tree.root if project is not None else None)
         if target.launcher.schedules:

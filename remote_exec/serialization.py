@@ -25,8 +25,8 @@ else:
     Protocol = object
 
 __all__ = ["EXCEPTION_PARTS", "JsonSerializer", "PickleSerializer", "RestrictedUnpickler",  # noqa: F822
-           "Serializer", "exception_parts", "get_serializer", "package_versions", "rebuild_exception",
-           "referenced_packages", "restricted_loads", "value_packages"]
+           "Serializer", "exception_parts", "get_serializer", "package_versions", "reads_without_pickle",
+           "rebuild_exception", "referenced_packages", "restricted_loads", "value_packages"]
 
 _PROTOCOL = 5
 
@@ -78,6 +78,13 @@ class PickleSerializer:
     def loads(self, data: bytes) -> Any:
         """Plain pickle; what cloudpickle wrote by value (a ``__main__`` function, a lambda, a closure) is
         rebuilt by :class:`ValueUnpickler` without importing cloudpickle (~20 ms on the host at each call)."""
+        import sys
+
+        if "_pickle" not in sys.modules and "cloudpickle" not in sys.modules and reads_without_pickle(data):
+            try:  # a function by value, before the C pickle module is loaded: no need to load it
+                return _FunctionLoader(data).load()
+            except Exception:  # _NotSimple, or what the C module will say again in its own words
+                pass
         import _pickle
 
         if len(data) <= _SCAN:
@@ -90,9 +97,18 @@ class PickleSerializer:
         return __getattr__("ValueUnpickler")(io.BytesIO(data)).load()
 
 
+#: Pickles of functions by value up to this size are read by :class:`_FunctionLoader` while the C pickle
+#: module is not loaded (a function's is a kilobyte or two; the pure-Python reader's time grows with the size).
+_SIMPLE = 8192
 #: Pickles up to this size are searched for cloudpickle's name (a fast byte search); larger ones always go
 #: through :class:`ValueUnpickler` (its find_class is asked once per global, the rest is C).
 _SCAN = 1 << 20
+
+
+def reads_without_pickle(data: bytes | memoryview) -> bool:
+    """Whether :meth:`PickleSerializer.loads` tries ``data`` without the C pickle module (a small function
+    by value, read by :class:`_FunctionLoader` while the C module is not loaded yet)."""
+    return len(data) <= _SIMPLE and b"cloudpickle" in bytes(data)
 
 
 def _cloudpickle_rebuilders() -> dict[str, Any]:
@@ -147,6 +163,202 @@ def _cloudpickle_rebuilders() -> dict[str, Any]:
     return {"_make_function": _make_function, "_builtin_type": _builtin_type,
             "_function_setstate": _function_setstate, "_make_empty_cell": _make_empty_cell,
             "_make_cell": _make_cell, "subimport": subimport}
+
+
+class _NotSimple(Exception):
+    """The pickle holds more than :class:`_FunctionLoader` reads: the C pickle module reads it."""
+
+
+class _FunctionLoader:
+    """Reads the pickle of a function written by value (and of a task holding one) as the C pickle module
+    with :class:`ValueUnpickler` would, without loading it: the C module costs the host's task process
+    ~2.5 ms (it imports functools and collections) on every call of a ``__main__`` function, this ~0.2 ms.
+
+    It knows the opcodes cloudpickle and pickle write for such a function (protocol 4 and 5: built-in data,
+    memo, marks, globals, REDUCE), and calls only what rebuilds it: cloudpickle's rebuilders (as
+    :class:`ValueUnpickler` has them), the types they name, and rx's task rebuilder. Anything else (another
+    opcode, another callable) raises :class:`_NotSimple` before it is called: the caller then reads the
+    whole pickle again with the C module (what was done so far, imports and rebuilt objects, has no effect
+    that reading it again would change).
+    """
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        import sys
+        import types
+
+        from .task import restore_task
+
+        self.data = bytes(data)
+        self.at = 0
+        self.stack: list[Any] = []
+        self.marks: list[list[Any]] = []
+        self.memo: dict[int, Any] = {}
+        self.rebuilders = _cloudpickle_rebuilders()
+        self.callable_ids = {id(value) for value in self.rebuilders.values()} | {id(restore_task)}
+        #: What ``_builtin_type`` may name that is then called: built from plain data, nothing else happens.
+        self.plain_types = {id(kind) for kind in (types.CodeType, types.FunctionType, types.MethodType,
+                                                  type(self.rebuilders["_make_empty_cell"]()))}
+        self.sys = sys
+
+    def load(self) -> Any:
+        """The object, or :class:`_NotSimple`."""
+        ops = self._OPS
+        data = self.data
+        while self.at < len(data):
+            code = data[self.at]
+            self.at += 1
+            op = ops.get(code)
+            if op is None:
+                raise _NotSimple(code)
+            if op(self) is True:  # STOP
+                return self.stack.pop()
+        raise _NotSimple("no STOP")
+
+    def _take(self, size: int) -> bytes:
+        if self.at + size > len(self.data):
+            raise _NotSimple("truncated")
+        chunk = self.data[self.at:self.at + size]
+        self.at += size
+        return chunk
+
+    def _size(self, width: int) -> int:
+        return int.from_bytes(self._take(width), "little")
+
+    def _mark(self) -> list[Any]:
+        items, self.stack = self.stack, self.marks.pop()
+        return items
+
+    def _global(self, module: str, name: str) -> Any:
+        """What ``find_class`` gives (audited, imported, dotted names followed), cloudpickle's rebuilders
+        as :class:`ValueUnpickler` gives them; none of cloudpickle's others."""
+        if module in ("cloudpickle.cloudpickle", "cloudpickle.cloudpickle_fast"):
+            if name not in self.rebuilders:
+                raise _NotSimple(name)
+            return self.rebuilders[name]
+        if not isinstance(module, str) or not isinstance(name, str) or "<locals>" in name.split("."):
+            raise _NotSimple(name)
+        self.sys.audit("pickle.find_class", module, name)
+        __import__(module)
+        found: Any = self.sys.modules[module]
+        for part in name.split("."):
+            found = getattr(found, part)
+        return found
+
+    def _reduce(self) -> None:
+        arguments = self.stack.pop()
+        function = self.stack[-1]
+        if id(function) not in self.callable_ids or type(arguments) is not tuple:
+            raise _NotSimple(function)
+        value = function(*arguments)
+        if function is self.rebuilders["_builtin_type"] and id(value) in self.plain_types:
+            self.callable_ids.add(id(value))
+        self.stack[-1] = value
+
+    def _pop(self) -> None:
+        if self.stack:
+            self.stack.pop()
+        else:
+            self._mark()
+
+    def _proto(self) -> None:
+        if not 4 <= self._size(1) <= 5:  # older ones map module names (_compat_pickle): the C module's work
+            raise _NotSimple("protocol")
+
+    def _push_mark(self) -> None:
+        self.marks.append(self.stack)
+        self.stack = []
+
+    def _set_item(self) -> None:
+        value = self.stack.pop()
+        key = self.stack.pop()
+        self._dict().__setitem__(key, value)
+
+    def _set_items(self) -> None:
+        items = self._mark()
+        target = self._dict()
+        for index in range(0, len(items), 2):
+            target[items[index]] = items[index + 1]
+
+    def _dict(self) -> dict[Any, Any]:
+        """The dict items go to (another mapping's ``__setitem__`` is not called here)."""
+        target = self.stack[-1]
+        if type(target) is not dict:
+            raise _NotSimple(type(target))
+        return target
+
+    def _list(self, at: int = -1) -> list[Any]:
+        target = self.stack[at]
+        if type(target) is not list:
+            raise _NotSimple(type(target))
+        return target
+
+    def _marked_tuple(self) -> None:
+        items = self._mark()
+        self.stack.append(tuple(items))
+
+    def _appends(self) -> None:
+        items = self._mark()
+        self._list().extend(items)
+
+    def _float(self) -> None:
+        import struct
+
+        self.stack.append(struct.unpack(">d", self._take(8))[0])
+
+    def _stack_global(self) -> None:
+        name = self.stack.pop()
+        self.stack[-1] = self._global(self.stack[-1], name)
+
+    def _text(self, width: int) -> None:
+        self.stack.append(str(self._take(self._size(width)), "utf-8", "surrogatepass"))
+
+    def _tuple(self, size: int) -> None:
+        if size > len(self.stack):
+            raise _NotSimple("stack")
+        items = tuple(self.stack[len(self.stack) - size:])
+        del self.stack[len(self.stack) - size:]
+        self.stack.append(items)
+
+    #: One entry per opcode (as pickletools names them); each does what the C module does with it.
+    _OPS: ClassVar[dict[int, Callable[[_FunctionLoader], Any]]] = {
+        0x80: _proto,  # PROTO
+        0x95: lambda self: self._take(8),  # FRAME
+        0x2e: lambda self: True,  # STOP
+        0x94: lambda self: self.memo.__setitem__(len(self.memo), self.stack[-1]),  # MEMOIZE
+        0x71: lambda self: self.memo.__setitem__(self._size(1), self.stack[-1]),  # BINPUT
+        0x72: lambda self: self.memo.__setitem__(self._size(4), self.stack[-1]),  # LONG_BINPUT
+        0x68: lambda self: self.stack.append(self.memo[self._size(1)]),  # BINGET
+        0x6a: lambda self: self.stack.append(self.memo[self._size(4)]),  # LONG_BINGET
+        0x28: _push_mark,  # MARK
+        0x30: _pop,  # POP
+        0x4e: lambda self: self.stack.append(None),  # NONE
+        0x88: lambda self: self.stack.append(True),  # NEWTRUE
+        0x89: lambda self: self.stack.append(False),  # NEWFALSE
+        0x4b: lambda self: self.stack.append(self._size(1)),  # BININT1
+        0x4d: lambda self: self.stack.append(self._size(2)),  # BININT2
+        0x4a: lambda self: self.stack.append(int.from_bytes(self._take(4), "little", signed=True)),  # BININT
+        0x8a: lambda self: self.stack.append(int.from_bytes(self._take(self._size(1)), "little", signed=True)),
+        0x47: _float,  # BINFLOAT
+        0x8c: lambda self: self._text(1),  # SHORT_BINUNICODE
+        0x58: lambda self: self._text(4),  # BINUNICODE
+        0x8d: lambda self: self._text(8),  # BINUNICODE8
+        0x43: lambda self: self.stack.append(self._take(self._size(1))),  # SHORT_BINBYTES
+        0x42: lambda self: self.stack.append(self._take(self._size(4))),  # BINBYTES
+        0x8e: lambda self: self.stack.append(self._take(self._size(8))),  # BINBYTES8
+        0x29: lambda self: self.stack.append(()),  # EMPTY_TUPLE
+        0x85: lambda self: self._tuple(1),  # TUPLE1
+        0x86: lambda self: self._tuple(2),  # TUPLE2
+        0x87: lambda self: self._tuple(3),  # TUPLE3
+        0x74: _marked_tuple,  # TUPLE
+        0x5d: lambda self: self.stack.append([]),  # EMPTY_LIST
+        0x61: lambda self: self._list(-2).append(self.stack.pop()),  # APPEND
+        0x65: _appends,  # APPENDS
+        0x7d: lambda self: self.stack.append({}),  # EMPTY_DICT
+        0x73: _set_item,  # SETITEM
+        0x75: _set_items,  # SETITEMS
+        0x93: _stack_global,  # STACK_GLOBAL
+        0x52: _reduce,  # REDUCE
+    }
 
 
 def _value_class() -> type[Any]:

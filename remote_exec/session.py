@@ -146,36 +146,51 @@ class Result(Record):
 
 
 def _task_section(task: Task) -> tuple[bytes, bytes]:
-    """``task`` as a (tag, body) wire section: marshal for a function task by reference (kept on the task:
-    the same bytes every call), else a pickle (one written by value is pickled again each time, as its
-    globals may have changed)."""
+    """``task`` as a (tag, body) wire section: marshal for a function task by reference and for a script or
+    module (its fields: what its pickle would rebuild it from; kept on the task: the same bytes every call),
+    else a pickle (one written by value is pickled again each time, as its globals may have changed)."""
     section: tuple[bytes, bytes] | None = getattr(task, "wire_section", None)
     if section is not None:
         return section
     from .serialization import MARSHAL_VERSION
     from .task import by_reference
 
-    reference = (by_reference(task.function) if task.kind == "function" and task.function is not None
-                 else None)
-    if reference is None:
+    fields: tuple[Any, ...] | None = None
+    if task.kind == "function":
+        reference = by_reference(task.function) if task.function is not None else None
+        fields = None if reference is None else ("ref", *reference, task.task_id, task.name)
+    elif all(value is None or type(value) is str for value in _script_fields(task)):
+        fields = ("task", *_script_fields(task))
+    if fields is None:
         return b"p", PickleSerializer().dumps(task)
     import marshal
 
-    section = (b"m", marshal.dumps(("ref", *reference, task.task_id, task.name), MARSHAL_VERSION))
+    section = (b"m", marshal.dumps(fields, MARSHAL_VERSION))
     task.wire_section = section
     return section
 
 
+def _script_fields(task: Task) -> tuple[Any, ...]:
+    """What a script or module task is rebuilt from (as its ``__reduce__`` gives it, but the function)."""
+    return task.kind, task.name, task.task_id, task.source, task.filename, task.module
+
+
 def wire_pickles(data: bytes) -> bool:
-    """Whether restoring a session in its wire form (:meth:`Session.to_wire`) needs the pickle module: a
-    section other than marshal (a task by value, arguments or context beyond built-in data)."""
+    """Whether restoring a session in its wire form (:meth:`Session.to_wire`) needs the C pickle module: a
+    section other than marshal (arguments or context beyond built-in data, a task pickle), but for a task
+    that is a small function by value, which :class:`~.serialization.PickleSerializer` reads without it."""
+    from .serialization import reads_without_pickle
+
     if data[:len(_WIRE_MAGIC)] != _WIRE_MAGIC:
         return True
     offset = len(_WIRE_MAGIC)
-    for _ in range(4):
-        if data[offset + 8:offset + 9] != b"m":
+    for index in range(4):
+        size = int.from_bytes(data[offset:offset + 8], "big")
+        tag = data[offset + 8:offset + 9]
+        task_by_value = index == 1 and tag == b"p" and reads_without_pickle(data[offset + 9:offset + 8 + size])
+        if tag != b"m" and not task_by_value:
             return True
-        offset += 8 + int.from_bytes(data[offset:offset + 8], "big")
+        offset += 8 + size
     return False
 
 
@@ -199,12 +214,14 @@ def _tagged(tag: bytes, body: Any, what: str) -> Any:
         except (ValueError, EOFError, TypeError) as exc:
             raise SessionError(f"damaged session ({what}): {exc}") from exc
     if tag == b"p":
-        import _pickle
-
         try:
-            return PickleSerializer().loads(body)  # a function by value without importing cloudpickle
-        except (ValueError, EOFError, _pickle.UnpicklingError) as exc:
-            raise SessionError(f"damaged session ({what}): {exc}") from exc
+            return PickleSerializer().loads(body)  # a function by value without cloudpickle (or the C pickle)
+        except Exception as exc:
+            import _pickle  # (loaded by then, unless a function by value failed: its error is the task's)
+
+            if isinstance(exc, (ValueError, EOFError, _pickle.UnpicklingError)):
+                raise SessionError(f"damaged session ({what}): {exc}") from exc
+            raise
     raise SessionError(f"damaged session ({what}): unknown encoding {tag!r}")
 
 
@@ -368,6 +385,9 @@ class Session(Record):
                 from .task import restore_function_task
 
                 task = restore_function_task(*task[1:])
+            elif isinstance(task, tuple) and task[:1] == ("task",):  # a script or module
+                kind, name, task_id, source, filename, module = task[1:]
+                task = Task(kind, name, task_id, None, source, filename, module)
             if arguments[0] == b"s":
                 serializer = get_serializer(meta["serializer"])
                 body = arguments[1] if serializer.name == "pickle" else bytes(arguments[1])

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 __all__ = ["INSIDE_RUNNER_ENV", "Execution", "Record", "Task", "by_reference", "function_id",
-           "restore_function_task", "travels_by_value", "unwrap"]
+           "restore_function_task", "run_script", "travels_by_value", "unwrap"]
 
 #: Set by the runner: a @task function called inside a running task runs in place.
 INSIDE_RUNNER_ENV = "RX_INSIDE_RUNNER"
@@ -279,8 +279,6 @@ class Task(Record):
         if self.kind == "function":
             assert self.function is not None
             return self.function(*execution.args, **execution.kwargs)
-        import runpy
-
         argv = [str(arg) for arg in execution.args]
         saved_argv = sys.argv
         try:
@@ -293,8 +291,10 @@ class Task(Record):
                     with open(script, "w", encoding="utf-8") as stream:
                         stream.write(self.source)
                 sys.argv = [script, *argv]
-                runpy.run_path(script, run_name="__main__")
+                run_script(script)
             elif self.kind == "module":
+                import runpy
+
                 assert self.module is not None
                 sys.argv = [self.module, *argv]
                 runpy.run_module(self.module, run_name="__main__", alter_sys=True)
@@ -303,6 +303,60 @@ class Task(Record):
         finally:
             sys.argv = saved_argv
         return None
+
+
+def run_script(path: str) -> None:
+    """Run the file ``path`` as ``__main__``, exactly as ``runpy.run_path(path, run_name="__main__")`` does,
+    without importing runpy (its import and pkgutil's, which loads typing and re, cost a script's run on
+    the host ~8 ms): its code (compiled, or a ``.pyc``'s) runs in a fresh ``__main__`` module with
+    ``sys.argv[0]`` set to ``path``, and both are restored after. A path one of ``sys.path_hooks`` takes
+    (a zip archive, a directory with a ``__main__.py``) goes to runpy itself."""
+    if _importer(path) is not None:
+        import runpy
+
+        runpy.run_path(path, run_name="__main__")
+        return
+    import io
+    import marshal
+    from _frozen_importlib_external import MAGIC_NUMBER  # importlib.util's, loaded with the interpreter
+
+    with io.open_code(os.path.abspath(path)) as stream:
+        data = stream.read()
+    code = marshal.loads(data[16:]) if data[:4] == MAGIC_NUMBER else compile(data, path, "exec")
+    main = type(sys)("__main__")
+    saved: Any = sys.modules.get("__main__", _MISSING)
+    sys.modules["__main__"] = main
+    saved_argv0, sys.argv[0] = sys.argv[0], path
+    try:
+        main.__dict__.update(__name__="__main__", __file__=path, __cached__=None, __doc__=None, __loader__=None,
+                             __package__="", __spec__=None)
+        exec(code, main.__dict__)
+    finally:
+        sys.argv[0] = saved_argv0
+        if saved is _MISSING:
+            del sys.modules["__main__"]
+        else:
+            sys.modules["__main__"] = saved
+
+
+_MISSING = object()
+
+
+def _importer(path: str) -> object | None:
+    """What ``pkgutil.get_importer(path)`` returns (and caches): the first of ``sys.path_hooks`` that takes
+    ``path``, else None."""
+    try:
+        return sys.path_importer_cache[path]
+    except KeyError:
+        pass
+    for hook in sys.path_hooks:
+        try:
+            importer = hook(path)
+        except ImportError:
+            continue
+        sys.path_importer_cache.setdefault(path, importer)
+        return importer
+    return None
 
 
 class Execution(Record):

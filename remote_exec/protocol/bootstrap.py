@@ -30,7 +30,7 @@ import logging
 import secrets
 import shlex
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..backends.base import Backend, Process
 from ..errors import RemoteExecError, RunnerError
@@ -342,7 +342,8 @@ def _upload(backend: Backend, process: Process, archive: DistributionArchive, to
 
 
 def _launch(launcher: Launcher, backend: Backend, archive: DistributionArchive, options: CallOptions,
-            mode: str, extra: Sequence[str], call: bytes | None = None) -> tuple[Process, Handshake, bool]:
+            mode: str, extra: Sequence[str],
+            call: Callable[[], bytes] | None = None) -> tuple[Process, Handshake, bool]:
     """Start the bootstrap and read its first answer (resumed through a replaced login shell if need be);
     also whether ``call`` (frames written right behind the command, see :func:`start_runner`) went.
 
@@ -375,14 +376,19 @@ def _launch(launcher: Launcher, backend: Backend, archive: DistributionArchive, 
         return process, answer, False
 
 
-def _eager(process: Process, argv: Sequence[str], token: str, call: bytes) -> Handshake | None:
+def _eager(process: Process, argv: Sequence[str], token: str, call: Callable[[], bytes]) -> Handshake | None:
     """Write :data:`AHEAD` and ``call`` right behind the command and read the answer: ``HAVE`` (the runner
     reads its call
     from stdin: no round trip waited for the answer), else None and the process is dropped (the archive is
     missing or damaged, or no answer came within :data:`RESUME_AFTER`: nothing is resumed through a stdin
     that holds frames)."""
     try:
-        process.write_stdin(AHEAD + call)
+        frames = call()  # made now: the caller's last preparations overlapped the command's start
+    except BaseException:
+        process.kill()
+        raise
+    try:
+        process.write_stdin(AHEAD + frames)
     except RemoteExecError:  # it ended already: the usual start says why
         process.kill()
         return None
@@ -397,11 +403,12 @@ def _eager(process: Process, argv: Sequence[str], token: str, call: bytes) -> Ha
 
 
 def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArchive, options: CallOptions,
-                 mode: str, phase: PhaseCallback, extra: Sequence[str] = (), *, call: bytes | None = None) -> Channel:
+                 mode: str, phase: PhaseCallback, extra: Sequence[str] = (), *,
+                 call: Callable[[], bytes] | None = None) -> Channel:
     """Start the runner through ``launcher``; send the archive only if the host lacks it (or its copy was
     damaged).
 
-    ``call``: the call's frames, written right behind the command instead of after the bootstrap's answer
+    ``call``: makes the call's frames, written right behind the command instead of after the bootstrap's answer
     (one round trip less per call): only where this archive is known to be installed and the login to run
     rx's command at once. The channel's ``call_sent`` says whether they went (if the bootstrap lacked the
     archive, it was started again the usual way, the call not sent). Its ``prompt`` says whether the

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -45,7 +45,9 @@ from .options import (
     PhaseCallback,
     ProgressCallback,
     ProjectCall,
+    ProjectScan,
     SyncProgress,
+    scanned,
 )
 from .stdin import StdinPump
 from .tree import TREE_FRAMES, TreeSender
@@ -575,7 +577,7 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
              launcher: Launcher, workers: WorkerPool, on_stdout: OutputSink, on_stderr: OutputSink,
              land_file: FileLander | None = None, on_phase: PhaseCallback | None = None,
              session_bytes: bytes | None = None, stdin: BinaryIO | None = None, hold: bool = False,
-             project: ProjectCall | None = None, on_progress: ProgressCallback | None = None,
+             project: ProjectCall | ProjectScan | None = None, on_progress: ProgressCallback | None = None,
              ahead: RunnerAhead | None = None) -> Outcome:
     """Run ``session`` on ``backend``'s host and return what came back.
 
@@ -597,7 +599,8 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
         hold: The runner keeps the result until it landed (a process-per-call run that can be collected
             again: see :func:`run_call`).
         project: The project the task runs in (a snapshot of its tree on the host); None: the archive
-            carries the task's code and the task runs in an empty directory.
+            carries the task's code and the task runs in an empty directory. A :class:`ProjectScan` (still
+            being scanned) is waited for only once the runner is started, when the call's frames go.
         on_progress: Told how the upload of the tree's blobs goes (when the host lacks some).
         ahead: A runner started for this call beforehand: taken when it fits, else closed.
 
@@ -616,9 +619,15 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
     def call(channel: Channel, *, uploaded: bool, keep: bool, sent: bytes | None = None) -> Outcome:
         return run_call(channel, session, session_bytes, options, on_stdout=on_stdout, on_stderr=on_stderr,
                         land_file=land_file, phase=phase, phases=phase.seconds, uploaded=uploaded, keep=keep,
-                        stdin=stdin, hold=hold and not keep, project=project, on_progress=on_progress, sent=sent)
+                        stdin=stdin, hold=hold and not keep, project=scanned(project), on_progress=on_progress,
+                        sent=sent)
 
     warm = options.keep_warm and stdin is None
+    primed = (id(backend), options.python, options.workdir, archive.sha256)
+    ready = (primed in workers.primed and stdin is None and not options.secret_env
+             and len(session_bytes) <= wire.MAX_FRAME)  # (not a worker's, nor a runner's started ahead)
+    if warm or ahead is not None or not ready:
+        project = scanned(project)  # a call that overlaps no runner's start with the scan: done now
     if ahead is not None and (warm or not ahead.fits(backend, archive, options, launcher)):
         logger.debug("%s: the runner started ahead does not fit this call; starting another", backend.host)
         ahead.close()
@@ -628,7 +637,7 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
     if warm:
         for attempt in (1, 2):
             channel = workers.acquire(launcher, backend, archive, options, phase,  # for this call alone
-                                      tree=project.tree.tree_id if project else None)
+                                      tree=project.tree.tree_id if isinstance(project, ProjectCall) else None)
             try:
                 uploaded, channel.uploaded = channel.uploaded, False
                 return call(channel, uploaded=uploaded, keep=True)
@@ -645,12 +654,16 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
         return call(channel, uploaded=channel.uploaded, keep=False)
     # The task process, forked before the call arrives, loads pickle meanwhile if the session needs it.
     # Where a runner of this archive answered at once before, the call goes right behind the command.
-    primed = (id(backend), options.python, options.workdir, archive.sha256)
-    key = frames = None
-    if primed in workers.primed and stdin is None and not options.secret_env and len(session_bytes) <= wire.MAX_FRAME:
+    key = None
+    frames: Callable[[], bytes] | None = None
+    if ready:
         key = os.urandom(32)
-        extra = _extra_options(project, None, hold=hold, stdin=False)
-        frames = _small_call(_call_options(session, options, key, land_file, extra), session_bytes)
+
+        def frames() -> bytes:  # once the runner's command went (the project's scan ends meanwhile)
+            assert key is not None
+            extra = _extra_options(scanned(project), None, hold=hold, stdin=False)
+            return _small_call(_call_options(session, options, key, land_file, extra), session_bytes)
+
     channel = start_runner(launcher, backend, archive, options, "serve", phase,
                            ("pickle",) if wire_pickles(session_bytes) else (), call=frames)
     if channel.prompt:

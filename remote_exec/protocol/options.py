@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -13,7 +15,9 @@ if TYPE_CHECKING:
     from ..sync.tree import Tree
 
 __all__ = ["CallOptions", "EventSink", "FileLander", "Outcome", "OutputSink", "PhaseCallback", "ProgressCallback",
-           "ProjectCall", "SyncProgress"]
+           "ProjectCall", "ProjectScan", "SyncProgress", "scanned"]
+
+logger = logging.getLogger(__name__)
 
 #: Receives a stream's bytes as they arrive.
 OutputSink = Callable[[bytes], None]
@@ -72,6 +76,53 @@ class ProjectCall:
         """What the call's G frame carries for it."""
         return {"tree": self.tree.tree_id, "cwd": self.cwd, "path": list(self.path), "script": self.script,
                 "project": self.pool or self.tree.tree_id}
+
+
+class ProjectScan:
+    """A call's project being scanned on a thread of its own while the runner starts (a warm call's runner
+    takes milliseconds to answer; the scan of a project of some hundred files, one ``lstat`` each, about
+    one): :func:`~.call.dispatch` waits for it only when it writes the call's frames.
+
+    Args:
+        scan: Scans the project: its call and the warnings its size deserves (logged when it is taken).
+        root: The project's root (known before the scan).
+    """
+
+    def __init__(self, scan: Callable[[], tuple[ProjectCall, list[str]]], root: Path) -> None:
+        self.root = root
+        self._scan = scan
+        self._found: tuple[ProjectCall, list[str]] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="rx-scan", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._found = self._scan()
+        except BaseException as exc:  # raised where the project is taken
+            self._error = exc
+
+    def result(self) -> ProjectCall:
+        """The scanned project (its warnings logged the first time).
+
+        Raises:
+            SyncError: What the scan raised (see :meth:`~remote_exec.coordinator.Coordinator.project_for`).
+        """
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._found is not None
+        project, warnings = self._found
+        if warnings:
+            self._found = (project, [])
+            for warning in warnings:
+                logger.warning("%s", warning)
+        return project
+
+
+def scanned(project: ProjectCall | ProjectScan | None) -> ProjectCall | None:
+    """``project``, once its scan is done."""
+    return project.result() if isinstance(project, ProjectScan) else project
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     #: What a task sent back: its record, its serialized value and its pickled exception (bytes or views).
     Loaded = tuple[dict[str, Any], bytes | memoryview, bytes | memoryview]
 
-__all__ = ["enter_project", "fork_task", "parse_result", "run_child", "run_task", "set_call_environ", "task_stdio"]
+__all__ = ["enter_project", "fork_task", "parse_result", "run_child", "run_task", "set_call_environ", "task_stdio",
+           "work_dir"]
 
 
 def fork_task(start: Callable[[], None], closed: tuple[int | None, ...]) -> int:
@@ -77,6 +78,17 @@ def set_call_environ(options: dict[str, Any]) -> None:
     os.environ.update(options.get("secret_env") or {})
 
 
+def work_dir(run_dir: str, options: dict[str, Any]) -> str:
+    """The task's working directory: the call's ``cwd`` (relative, inside the project) in the run directory
+    (made if need be)."""
+    relative = options.get("cwd") or ""
+    if not relative or relative == "." or relative.startswith("/") or ".." in relative.split("/"):
+        return run_dir
+    path = os.path.join(run_dir, relative)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
 def enter_project(run_dir: str, options: dict[str, Any]) -> str | None:
     """In a snapshot of the project (the call names a tree): go to the task's working directory, put the
     project's directories first on ``sys.path`` (the script's, the root, ``src/``: what the call lists),
@@ -84,8 +96,6 @@ def enter_project(run_dir: str, options: dict[str, Any]) -> str | None:
     if not options.get("tree"):
         os.chdir(run_dir)
         return None
-    from .snapshot import work_dir
-
     os.chdir(work_dir(run_dir, options))
     for relative in reversed(options.get("path") or ()):
         entry = os.path.normpath(os.path.join(run_dir, relative))

@@ -26,6 +26,7 @@ import os
 import time
 
 from ..protocol import wire
+from .child import work_dir
 from .rundir import PRIVATE, collection_due, make_run_dir, new_run_path, rmtree
 from .store import Inbox, StoreError, blob_path, ensure_tree, forget_tree
 
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     FileStat = tuple[int, int, int, int, bytes, int]  # size, mtime_ns, ctime_ns, inode, digest, mode
 
 __all__ = ["BASELINE", "POOL_SIZE", "Changes", "changes", "close_run_dir", "materialize", "open_run_dir",
-           "prepare_snapshot", "release", "retarget", "work_dir"]
+           "prepare_snapshot", "release", "retarget"]
 
 #: The baseline's file name in the run's private directory.
 BASELINE = "baseline"
@@ -81,16 +82,6 @@ class Changes:
         self.new_dirs = new_dirs or []
         self.broken = broken
         self.skipped = skipped or []
-
-
-def work_dir(run_dir: str, options: dict[str, Any]) -> str:
-    """The task's working directory: the call's ``cwd`` (relative, inside the project) in the run directory."""
-    relative = options.get("cwd") or ""
-    if not relative or relative == "." or relative.startswith("/") or ".." in relative.split("/"):
-        return run_dir
-    path = os.path.join(run_dir, relative)
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    return path
 
 
 # -- making a snapshot ---------------------------------------------------------------------------------

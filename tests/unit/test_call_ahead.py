@@ -81,3 +81,46 @@ def test_a_shell_reading_the_call_sent_ahead_runs_none_of_it(dispatcher: Any, tm
     assert backend.shells == 1
     assert call.result.value == len(line)
     assert not marker.exists()
+
+
+#: A script in a project making warm calls (their frames go ahead, the project scanned while the runner
+#: starts): the project changes between them, then a symlink leads out of it, then it is fixed.
+SCANNED_AHEAD = '''
+import os
+from remote_exec import task
+from remote_exec.errors import SyncError
+
+@task
+def read():
+    with open("data.txt") as stream:
+        return stream.read()
+
+for version in ("one", "two", "three"):
+    with open("data.txt", "w") as stream:
+        stream.write(version)
+    print(read())
+os.symlink("/etc/hostname", "outside")
+try:
+    read()
+except SyncError as exc:
+    print("refused:", str(exc).split(":")[0])
+os.unlink("outside")
+print(read())
+'''
+
+
+def test_a_project_scanned_while_the_runner_starts_ships_what_it_holds_at_the_call(isolated: Any) -> None:
+    """Each call sees the project as it was when the call was made (the scan overlaps the runner's start),
+    and a project the scan refuses fails that call alone, with the scan's own error."""
+    import subprocess
+    import sys
+
+    (isolated.root / "pyproject.toml").write_text("")
+    (isolated.root / "calls.py").write_text(SCANNED_AHEAD)
+
+    done = subprocess.run([sys.executable, "calls.py"], cwd=isolated.root, env=isolated.env(), capture_output=True,
+                          text=True, timeout=120, check=False)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["one", "two", "three", f"refused: symlinks in {isolated.root} lead out of "
+                                        "the project", "three"]

@@ -156,7 +156,7 @@ def test_rx_v_shows_rx_frames_too(isolated: Any) -> None:
 
     lines = user_lines(done.stderr)
     assert any(line.endswith(", in run_task") and "runner" in line for line in lines), done.stderr
-    assert any("runpy" in line for line in lines), done.stderr
+    assert any(line.endswith(", in run_script") and "task.py" in line for line in lines), done.stderr
     assert EXPECTED_TRAIN[1] in lines and EXPECTED_TRAIN[3] in lines
 
 

@@ -51,8 +51,10 @@ def test_the_pickle_hint_follows_the_session() -> None:
     by_reference = Task.from_function(os.getcwd)
     assert not wire_pickles(Session(task=by_reference, execution=Execution.create(by_reference, ()),
                                     run_id="r").to_wire())
-    by_value = Task.from_function(lambda: 1)
-    assert wire_pickles(Session(task=by_value, execution=Execution.create(by_value, ()), run_id="r").to_wire())
+    by_value = Task.from_function(lambda: 1)  # read without the C pickle module (serialization's loader)
+    assert not wire_pickles(Session(task=by_value, execution=Execution.create(by_value, ()), run_id="r").to_wire())
+    assert wire_pickles(Session(task=by_value, execution=Execution.create(by_value, ({1, 2}.__class__,)),
+                                run_id="r").to_wire())
     assert wire_pickles(Session(task=by_reference, execution=Execution.create(by_reference, ({1, 2}.__class__,)),
                                 run_id="r").to_wire())
 

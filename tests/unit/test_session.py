@@ -53,6 +53,25 @@ def test_script_session_round_trip_through_a_file(tmp_path: Path) -> None:
     assert restored.execution.args == ("--rounds", "2")
 
 
+@pytest.mark.parametrize("kind", ["script", "module"])
+def test_a_script_or_module_session_crosses_the_wire_without_pickle(tmp_path: Path, kind: str) -> None:
+    """A script's (or module's) task travels as built-in data: the runner restores it, with its source, file
+    name and id, without loading the pickle module."""
+    from remote_exec.session import wire_pickles
+
+    script = tmp_path / "s.py"
+    script.write_text("print('hello')\n")
+    t = Task.from_script(script) if kind == "script" else Task.from_module("pkg.train", script)
+    session = Session(task=t, execution=Execution.create(t, ("--rounds", "2")), run_id="r",
+                      context={"cwd": str(tmp_path)})
+    data = session.to_wire()
+    assert not wire_pickles(data)
+    restored = Session.loads(data)
+    fields = ("kind", "name", "task_id", "source", "filename", "module", "function")
+    assert [getattr(restored.task, name) for name in fields] == [getattr(t, name) for name in fields]
+    assert restored.execution.args == ("--rounds", "2") and restored.context == session.context
+
+
 def test_saved_session_is_a_zip_with_readable_metadata() -> None:
     session = _session()
     session.result = Result(value=41)

@@ -283,3 +283,110 @@ def test_script_execution_sees_its_argv_and_exit_code(tmp_path: Path) -> None:
         t.execute(Execution.create(t, (4, "b")), workdir=tmp_path)
     assert exit_info.value.code == 4
     assert sys.argv == saved
+
+
+# -- a script runs as `python script.py` would run it (runpy's run_path, without importing runpy) -------
+
+_VIEW = textwrap.dedent('''
+    """The script's docstring."""
+    import json
+    import sys
+
+    def where():
+        return sys.modules["__main__"].where is where
+
+    view = {name: repr(globals()[name]) for name in ("__name__", "__file__", "__cached__", "__doc__",
+                                                      "__loader__", "__package__", "__spec__")}
+    view.update(argv=sys.argv, found_as_main=where(), names=sorted(globals()))
+    with open(sys.argv[1], "w") as out:
+        json.dump(view, out)
+''')
+
+
+def _script_view(run: Callable[[str], object], script: Path, out: Path) -> dict[str, object]:
+    saved_argv, saved_main = list(sys.argv), sys.modules["__main__"]
+    sys.argv = [str(script), str(out)]
+    try:
+        run(str(script))
+        assert sys.modules["__main__"] is saved_main
+        assert sys.argv == [str(script), str(out)]
+    finally:
+        sys.argv = saved_argv
+    import json
+
+    view: dict[str, object] = json.loads(out.read_text())
+    return view
+
+
+def test_a_script_sees_what_runpy_would_give_it(tmp_path: Path) -> None:
+    import runpy
+
+    from remote_exec.task import run_script
+
+    script = tmp_path / "view.py"
+    script.write_text(_VIEW)
+    ours = _script_view(run_script, script, tmp_path / "ours.json")
+    theirs = _script_view(lambda path: runpy.run_path(path, run_name="__main__"), script, tmp_path / "runpy.json")
+    assert ours.pop("argv") == [str(script), str(tmp_path / "ours.json")]
+    assert theirs.pop("argv") == [str(script), str(tmp_path / "runpy.json")]
+    assert ours == theirs
+    assert ours["found_as_main"] is True and ours["__doc__"] == repr("The script's docstring.")
+
+
+def test_a_failing_script_leaves_main_and_argv_as_they_were(tmp_path: Path) -> None:
+    from remote_exec.task import run_script
+
+    script = tmp_path / "fails.py"
+    script.write_text("import sys\nassert sys.argv[0].endswith('fails.py')\nraise KeyError('boom')\n")
+    saved_argv, saved_main = list(sys.argv), sys.modules["__main__"]
+    sys.argv = ["placeholder"]
+    try:
+        with pytest.raises(KeyError, match="boom") as raised:
+            run_script(str(script))
+        assert raised.traceback[-1].path == script  # the script's own frame is the last one
+        assert sys.argv == ["placeholder"] and sys.modules["__main__"] is saved_main
+    finally:
+        sys.argv = saved_argv
+
+
+@pytest.mark.parametrize("form", ["zip", "pyc"])
+def test_a_zip_archive_or_a_compiled_file_runs_as_a_script(tmp_path: Path, form: str) -> None:
+    """A zip archive (with its ``__main__.py``) goes to runpy, a ``.pyc`` runs its code: as ``python FILE``."""
+    import py_compile
+    import zipfile
+
+    from remote_exec.task import run_script
+
+    out = tmp_path / "ran.txt"
+    body = f"import sys\nwith open({str(out)!r}, 'w') as out:\n    out.write(__name__ + ' ' + repr(sys.argv[1:]))\n"
+    if form == "zip":
+        path = tmp_path / "app.pyz"
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("__main__.py", body)
+    else:
+        source = tmp_path / "app_source.py"
+        source.write_text(body)
+        path = tmp_path / "app.pyc"
+        py_compile.compile(str(source), cfile=str(path), doraise=True)
+    saved_argv, saved_path = list(sys.argv), list(sys.path)
+    sys.argv = [str(path), "x"]
+    try:
+        run_script(str(path))
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+    assert out.read_text() == "__main__ ['x']"
+
+
+def test_running_a_script_imports_neither_runpy_nor_pkgutil(tmp_path: Path) -> None:
+    script = tmp_path / "hi.py"
+    script.write_text("print('hi')\n")
+    probe = textwrap.dedent(f"""
+        import sys
+        from remote_exec.task import Execution, Task
+        task = Task("script", "hi.py", "id", source="print('hi')\\n", filename={str(script)!r})
+        task.execute(Execution("id"), script={str(script)!r})
+        print(sorted(set(sys.modules) & {{"runpy", "pkgutil", "importlib.util", "typing", "re"}}))
+    """)
+    done = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True, env=_env(),
+                          check=True, timeout=60)
+    assert done.stdout.split("\n")[:2] == ["hi", "[]"]
