@@ -322,7 +322,8 @@ def run_script(path: str) -> None:
 
     with io.open_code(os.path.abspath(path)) as stream:
         data = stream.read()
-    code = marshal.loads(data[16:]) if data[:4] == MAGIC_NUMBER else compile(data, path, "exec")
+    # (dont_inherit: the script's own __future__ imports, not this module's, as runpy's compile has them)
+    code = marshal.loads(data[16:]) if data[:4] == MAGIC_NUMBER else compile(data, path, "exec", dont_inherit=True)
     main = type(sys)("__main__")
     saved: Any = sys.modules.get("__main__", _MISSING)
     sys.modules["__main__"] = main

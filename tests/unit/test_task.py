@@ -295,9 +295,13 @@ _VIEW = textwrap.dedent('''
     def where():
         return sys.modules["__main__"].where is where
 
+    def typed(x: int) -> str:  # the script's own future flags, not those of the module that runs it
+        return str(x)
+
     view = {name: repr(globals()[name]) for name in ("__name__", "__file__", "__cached__", "__doc__",
                                                       "__loader__", "__package__", "__spec__")}
-    view.update(argv=sys.argv, found_as_main=where(), names=sorted(globals()))
+    view.update(argv=sys.argv, found_as_main=where(), names=sorted(globals()),
+                annotations=repr(typed.__annotations__))
     with open(sys.argv[1], "w") as out:
         json.dump(view, out)
 ''')
