@@ -21,7 +21,7 @@ from typing import Any
 
 from ..early import EarlyConnection, connect_early
 
-__all__ = ["RUN_FLAGS", "HeadStart", "connect_from_argv", "peek_run"]
+__all__ = ["RUN_FLAGS", "HeadStart", "connect_from_argv", "peek_run", "run_session"]
 
 #: ``rx run``'s options that take no value (tests/unit/test_cli_lean.py keeps this true to the command).
 RUN_FLAGS = frozenset({
@@ -43,9 +43,7 @@ def peek_run(words: list[str]) -> dict[str, str] | None:
     """``--remote``, ``--backend``, ``--ssh-config``, ``-m`` and the script of an ``rx run`` command line,
     read without the parser; None when the line is not ``run`` with a ``--remote`` among plain options before
     the script."""
-    index = 0
-    while index < len(words) and words[index] in _ROOT_FLAGS:
-        index += 1
+    index, _ = _leading_flags(words)
     if index >= len(words) or words[index] != "run":
         return None
     found: dict[str, str] = {}
@@ -75,14 +73,14 @@ def _option(words: list[str], index: int) -> tuple[str, str, int] | None:
     return name, words[index + 1], index + 2
 
 
-def _verbosity(words: list[str]) -> int:
-    """How many ``-v`` the leading words of a line :func:`peek_run` took give."""
-    count = 0
-    for word in words:
-        if word not in _ROOT_FLAGS:
-            break
-        count += _ROOT_FLAGS[word]
-    return count
+def _leading_flags(words: list[str]) -> tuple[int, int]:
+    """How many of the line's first words are ``rx``'s own flags (:data:`_ROOT_FLAGS`), and how many ``-v``
+    they give."""
+    index = count = 0
+    while index < len(words) and words[index] in _ROOT_FLAGS:
+        count += _ROOT_FLAGS[words[index]]
+        index += 1
+    return index, count
 
 
 @dataclass
@@ -107,6 +105,18 @@ class HeadStart:
             runner.close()
 
 
+def run_session(task: Any, args: list[str], remote: str | None, options: dict[str, Any], config: Any) -> Any:
+    """The session of an ``rx run`` of ``task`` with ``args`` (the run's, and its head start's: the two must
+    not differ but in the options the head start could not read)."""
+    from ..session import Session
+    from ..task import Execution
+
+    session = Session(task=task, execution=Execution.create(task, tuple(args)), serializer="pickle",
+                      context={"remote": remote, "options": options, "origin": "cli", "cwd": os.getcwd()})
+    session.config = config
+    return session
+
+
 def connect_from_argv(words: list[str]) -> HeadStart | None:
     """:func:`connect_early` from the raw words of an ``rx run`` line (see :func:`peek_run`), and for a
     script, its runner (see :func:`_runner_head`)."""
@@ -115,7 +125,7 @@ def connect_from_argv(words: list[str]) -> HeadStart | None:
         return None
     from .logs import configure
 
-    configure(_verbosity(words))  # what connecting logs goes to rx's log, as it would after the parse
+    configure(_leading_flags(words)[1])  # what connecting logs goes to rx's log, as it would after the parse
     try:
         from ..config import Configuration
 
@@ -139,17 +149,11 @@ def _runner_head(config: Any, remote: str, options: dict[str, Any], connection: 
     """Start the runner of ``script``'s run on ``remote`` as the coordinator would for it with these
     options (the command line's others may still make it unfit: the run then stops it); None when there is
     none to start or anything fails (the run itself says what)."""
-    if getattr(connection[0], "host_key_policy", None) == "off":
-        return None  # the coordinator warns of it once, in rx's log format: not before the log is set up
     try:
         from ..coordinator import Coordinator
-        from ..session import Session
-        from ..task import Execution, Task
+        from ..task import Task
 
-        task = Task.from_script(Path(script))
-        session = Session(task=task, execution=Execution.create(task, ()), serializer="pickle",
-                          context={"remote": remote, "options": options, "origin": "cli", "cwd": os.getcwd()})
-        session.config = config
+        session = run_session(Task.from_script(Path(script)), [], remote, options, config)
         session.local["backend_ahead"] = connection
         coordinator = Coordinator.current()
         target = coordinator.resolve_target(session)

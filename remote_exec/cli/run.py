@@ -26,7 +26,7 @@ from ..errors import (
 )
 from .application import app
 from .complete import complete_hosts, complete_runs
-from .early import HeadStart
+from .early import HeadStart, run_session
 from .say import say
 
 __all__ = [
@@ -142,13 +142,7 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
     # cli.main, see cli/early.py): it is what takes longest
     connection = early.connection if early is not None else None
     ahead = adopt_or_connect(connection, config, remote, options) if remote and not dry_run else None
-    from ..session import Session
-    from ..task import Execution
-
-    execution = Execution.create(task, tuple(args))
-    session = Session(task=task, execution=execution, serializer="pickle",
-                      context={"remote": remote, "options": options, "origin": "cli", "cwd": os.getcwd()})
-    session.config = config
+    session = run_session(task, args, remote, options, config)
     session.local["backend_ahead"] = ahead
     session.local["runner_head"] = early.take_runner() if early is not None else None
     try:
