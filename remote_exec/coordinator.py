@@ -53,7 +53,16 @@ from .packing import DistributionArchive, Packer, default_cache_dir
 from .protocol.call import RunnerAhead, dispatch
 from .protocol.detached import attach_detached, cancel_detached, follow_detached, start_detached
 from .protocol.maintain import collect_garbage, sync_tree
-from .protocol.options import CallOptions, Outcome, OutputSink, ProgressCallback, ProjectCall, ProjectScan, scanned
+from .protocol.options import (
+    CallOptions,
+    Outcome,
+    OutputSink,
+    ProgressCallback,
+    ProjectCall,
+    ProjectScan,
+    root_of,
+    scanned,
+)
 from .protocol.workers import WorkerPool
 from .serialization import get_serializer
 from .session import Result, Session
@@ -134,13 +143,6 @@ def call_options(options: dict[str, Any], *, python: str, workdir: str, env: dic
         slot=options.get("slot"),
         placement=options.get("placement"),
     )
-
-
-def _root(project: ProjectCall | ProjectScan | None) -> Path | None:
-    """The local root of a call's project (None: it has none), scanned or not."""
-    if isinstance(project, ProjectScan):
-        return project.root
-    return project.tree.root if project is not None else None
 
 
 def _progress(session: Session) -> ProgressCallback | None:
@@ -507,7 +509,7 @@ class Coordinator:
             # (a persistent worker's call is too short to gain from a thread)
             archive, project = self._pack(session, recorder,
                                           not (target.launcher.schedules or target.options.keep_warm))
-            target = self.environment(session, target, archive, recorder, _root(project))
+            target = self.environment(session, target, archive, recorder, root_of(project))
             if target.launcher.schedules:
                 outcome = self.jobs.run(session, target, archive, recorder, scanned(project))
             else:  # the project's scan ends while the runner starts
@@ -528,7 +530,7 @@ class Coordinator:
             raise
         session.local["outcome"] = outcome
         self.localize(session, outcome, archive.sources, recorder, python=target.options.python,
-                      project=_root(project))
+                      project=root_of(project))
         taken = False
 
         def recorded() -> bytes | Path:
@@ -690,8 +692,7 @@ class Coordinator:
         """Start ``session`` at ``target`` so that it outlives this process; return where it runs."""
         archive, ahead = self._pack(session, recorder)
         project = scanned(ahead)  # (not scanned ahead: it is)
-        target = self.environment(session, target, archive, recorder,
-                                  project.tree.root if project is not None else None)
+        target = self.environment(session, target, archive, recorder, root_of(project))
         if target.launcher.schedules:
             started = self.jobs.submit(session, target, archive, recorder, project)
         else:

@@ -19,7 +19,7 @@ from .errors import ConfigError, ConnectError, Interrupted
 from .launchers.jobs import Job, JobState
 from .packing import DistributionArchive
 from .protocol.jobs import JobWatch
-from .protocol.options import Outcome, OutputSink, ProjectCall
+from .protocol.options import Outcome, OutputSink, ProjectCall, root_of
 from .protocol.scheduled import (
     ElementSinks,
     JobCallback,
@@ -230,7 +230,7 @@ class Jobs:
             recorder.failed(outcome)
             return Result(status="error", exit_code=3, detail=str(outcome), host=target.host)
         self.coordinator.localize(session, outcome, archive.sources, recorder, python=target.options.python,
-                                  project=project.tree.root if project is not None else None)
+                                  project=root_of(project))
         recorder.job(outcome.header.get("job") or {})
         recorder.finished(result=outcome.result, phases=outcome.phases,
                           value=lambda: self.coordinator.recorded_value(session, target, outcome))

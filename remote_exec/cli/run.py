@@ -80,6 +80,7 @@ def _project(session: Any, target: str, dry_run: bool, as_json: bool, detach: bo
     travel. Returns True when the run is to go ahead. A remote's target is resolved first: a job's
     scheduler options are checked before anything is scanned or connects."""
     from ..coordinator import Coordinator
+    from ..protocol.options import root_of
     from .sync import describe_project, print_listing
 
     coordinator = Coordinator.current()
@@ -91,7 +92,7 @@ def _project(session: Any, target: str, dry_run: bool, as_json: bool, detach: bo
     session.local["project"] = (project, warnings)
     if session.context.get("remote") and not dry_run and not detach:  # the runner starts while the run is
         session.local["runner_ahead"] = coordinator.runner_ahead(  # recorded
-            session, where, project.tree.root if project is not None else None,
+            session, where, root_of(project),
             started=session.local.pop("runner_head", None))
     describe_project(project, warnings, what=target)
     if dry_run and project is not None:

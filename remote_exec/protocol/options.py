@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from ..sync.tree import Tree
 
 __all__ = ["CallOptions", "EventSink", "FileLander", "Outcome", "OutputSink", "PhaseCallback", "ProgressCallback",
-           "ProjectCall", "ProjectScan", "SyncProgress", "scanned"]
+           "ProjectCall", "ProjectScan", "SyncProgress", "root_of", "scanned"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,11 @@ class ProjectCall:
     script: str | None = None
     pool: str = ""
 
+    @property
+    def root(self) -> Path:
+        """The project's local root."""
+        return self.tree.root
+
     def go_options(self) -> dict[str, Any]:
         """What the call's G frame carries for it."""
         return {"tree": self.tree.tree_id, "cwd": self.cwd, "path": list(self.path), "script": self.script,
@@ -118,6 +123,11 @@ class ProjectScan:
             for warning in warnings:
                 logger.warning("%s", warning)
         return project
+
+
+def root_of(project: ProjectCall | ProjectScan | None) -> Path | None:
+    """The local root of a call's project, scanned or not (None: it has none)."""
+    return project.root if project is not None else None
 
 
 def scanned(project: ProjectCall | ProjectScan | None) -> ProjectCall | None:
