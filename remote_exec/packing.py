@@ -591,48 +591,51 @@ class Packer:
             if hit is not None and hit.path.is_file():
                 return hit
         memo = _BuildMemo(cache_dir, stat_key)
-        known = memo.lookup()
-        if known is not None:
-            archive_obj = DistributionArchive(path=known[0], sha256=known[1], size=known[2], modules=modules,
-                                              sources=_sources(entries))
-            with self._lock:
-                self._archives[(str(cache_dir), stat_key)] = archive_obj
-            return archive_obj
-        contents = [(arcname, source.read_bytes() if isinstance(source, Path) else source)
-                    for arcname, source in entries]
-        contents.sort(key=lambda item: item[0])
-        key = hashlib.sha256()
-        for arcname, data in contents:
-            key.update(arcname.encode() + b"\0" + hashlib.sha256(data).digest())
-        key.update(b"pyc\0" + sys.implementation.cache_tag.encode() + importlib.util.MAGIC_NUMBER)
-        content_key = key.hexdigest()
-        target = cache_dir / f"{content_key}.pyz"
-        if not target.is_file():
-            contents = sorted(contents + _bytecode(contents), key=lambda item: item[0])
-            buffer = io.BytesIO()
-            with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
-                for arcname, data in contents:
-                    info = zipfile.ZipInfo(arcname, date_time=_EPOCH)
-                    info.compress_type = zipfile.ZIP_DEFLATED
-                    info.external_attr = 0o644 << 16
-                    archive.writestr(info, data)
-            data = buffer.getvalue()
-            try:
-                cache_dir.mkdir(parents=True, exist_ok=True)
-                temporary = cache_dir / f".{content_key}.{os.getpid()}.{threading.get_ident()}.tmp"
-                temporary.write_bytes(data)
-                os.replace(temporary, target)
-            except OSError as exc:
-                raise PackError(f"cannot write the archive cache {cache_dir}: {exc}") from exc
-            logger.debug("built archive %s (%d bytes, modules: %s)", target.name, len(data), ", ".join(modules))
-            _prune_daily(cache_dir)
-        data = target.read_bytes()
-        archive_obj = DistributionArchive(path=target, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
-                                          modules=modules, sources=_sources(entries))
-        memo.store(content_key, archive_obj.sha256, archive_obj.size)
+        built = memo.lookup()
+        if built is None:
+            built = _write_archive(entries, modules, cache_dir)
+            memo.store(*built)
+        path, sha256, size = built
+        archive_obj = DistributionArchive(path=path, sha256=sha256, size=size, modules=modules,
+                                          sources=_sources(entries))
         with self._lock:
             self._archives[(str(cache_dir), stat_key)] = archive_obj
         return archive_obj
+
+
+def _write_archive(entries: list[tuple[str, Path | bytes]], modules: tuple[str, ...],
+                   cache_dir: Path) -> tuple[Path, str, int]:
+    """The archive of ``entries`` in ``cache_dir`` (written unless it is there): its path, sha256 and size."""
+    contents = [(arcname, source.read_bytes() if isinstance(source, Path) else source)
+                for arcname, source in entries]
+    contents.sort(key=lambda item: item[0])
+    key = hashlib.sha256()
+    for arcname, data in contents:
+        key.update(arcname.encode() + b"\0" + hashlib.sha256(data).digest())
+    key.update(b"pyc\0" + sys.implementation.cache_tag.encode() + importlib.util.MAGIC_NUMBER)
+    content_key = key.hexdigest()
+    target = cache_dir / f"{content_key}.pyz"
+    if not target.is_file():
+        contents = sorted(contents + _bytecode(contents), key=lambda item: item[0])
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
+            for arcname, data in contents:
+                info = zipfile.ZipInfo(arcname, date_time=_EPOCH)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o644 << 16
+                archive.writestr(info, data)
+        data = buffer.getvalue()
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            temporary = cache_dir / f".{content_key}.{os.getpid()}.{threading.get_ident()}.tmp"
+            temporary.write_bytes(data)
+            os.replace(temporary, target)
+        except OSError as exc:
+            raise PackError(f"cannot write the archive cache {cache_dir}: {exc}") from exc
+        logger.debug("built archive %s (%d bytes, modules: %s)", target.name, len(data), ", ".join(modules))
+        _prune_daily(cache_dir)
+    data = target.read_bytes()
+    return target, hashlib.sha256(data).hexdigest(), len(data)
 
 
 def _mtime_size(source: Path | bytes) -> tuple[int, int]:
@@ -677,13 +680,13 @@ class _BuildMemo:
             pass
         return None
 
-    def store(self, content_key: str, sha256: str, size: int) -> None:
+    def store(self, path: Path, sha256: str, size: int) -> None:
         """Remember a build (a lost race with another process loses an entry, nothing else)."""
         import json
 
         entries = self._entries()
         entries.pop(self.key, None)
-        entries[self.key] = [content_key, sha256, size]
+        entries[self.key] = [path.stem, sha256, size]
         kept = dict(list(entries.items())[-self.LIMIT:])
         temporary = self.path.parent / f".memo.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
