@@ -159,8 +159,10 @@ def _task_section(task: Task) -> tuple[bytes, bytes]:
     if task.kind == "function":
         reference = by_reference(task.function) if task.function is not None else None
         fields = None if reference is None else ("ref", *reference, task.task_id, task.name)
-    elif all(value is None or type(value) is str for value in _script_fields(task)):
-        fields = ("task", *_script_fields(task))
+    else:
+        script = _script_fields(task)
+        if all(value is None or type(value) is str for value in script):
+            fields = ("task", *script)
     if fields is None:
         return b"p", PickleSerializer().dumps(task)
     import marshal
