@@ -18,6 +18,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -150,7 +151,7 @@ def _rows() -> list[Row]:
                                    "(ideal: 5 s)", f"40 x 1 s on 8 slots ({backend})", fan),
         ]
     rows += [
-        Row("startup.python", "`python -c pass` (local interpreter start)", "python -c pass", start),
+        Row("startup.python", "`python -c pass` (local interpreter start, rx's venv)", "python -c pass", start),
         Row("startup.importtime", "`python -X importtime -c \"import remote_exec.cli\"`: total import time",
             "import remote_exec.cli", start),
         Row("startup.importtime_help", "`python -X importtime -m remote_exec --help`: total import time",
@@ -270,6 +271,7 @@ class Bench:
     blob: Path
     env: dict[str, str]
     rx_command: list[str]
+    rx_python: Path  # the interpreter of rx_command's environment (see _rx_env)
     results: Results = field(default_factory=Results)
     phases: dict[str, list[PhaseRecord]] = field(default_factory=dict)
     agents: list[Agent] = field(default_factory=list)
@@ -429,7 +431,7 @@ def _rx_first_value(bench: Bench, backend: str) -> None:
     workdir = f"~/.cache/rxbench-first/{uuid.uuid4().hex}"
     with _no_master(bench) as env:
         env["RX_WORKSPACE"] = str(bench.run_dir / "workspaces" / f"rx-first-value-{backend}")
-        done = subprocess.run([sys.executable, "-c", FIRST_VALUE_SCRIPT, bench.hosts[0], backend, workdir],
+        done = subprocess.run([str(bench.rx_python), "-c", FIRST_VALUE_SCRIPT, bench.hosts[0], backend, workdir],
                               cwd=bench.control_dir, env=env, capture_output=True, text=True, timeout=90,
                               check=False)
     if done.returncode != 0:
@@ -491,13 +493,13 @@ def _rx_hosts(bench: Bench, agent: Agent, backend: str) -> None:
 
 
 def _python_start(bench: Bench) -> None:
-    bench.results.add("startup.python", run_timed([sys.executable, "-c", "pass"], timeout=30, env=bench.env))
+    bench.results.add("startup.python", run_timed([str(bench.rx_python), "-c", "pass"], timeout=30, env=bench.env))
 
 
 def _importtime(bench: Bench, key: str, args: tuple[str, ...]) -> None:
     """Total import time of the modules ``python -X importtime ARGS`` loads beyond a bare interpreter."""
-    process = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True, timeout=60,
-                             env=bench.env, check=False)
+    process = subprocess.run([str(bench.rx_python), "-X", "importtime", *args], capture_output=True, text=True,
+                             timeout=60, env=bench.env, check=False)
     if process.returncode != 0:
         lines = process.stderr.strip().splitlines()
         raise ProbeError(f"python {' '.join(args)} failed: {lines[-1] if lines else process.returncode}")
@@ -691,15 +693,34 @@ def _rx_run_argv(bench: Bench, backend: str) -> list[str]:
 # -- setup and teardown ------------------------------------------------------------------------------------
 
 
-def _rx_command() -> list[str]:
-    """``rx`` from this interpreter's environment when installed there, else ``python -m remote_exec``."""
-    found = shutil.which("rx")
-    if found and Path(found).resolve().parent == Path(sys.executable).resolve().parent:
-        return [found]
-    scripts = Path(sys.executable).parent / "rx"
-    if scripts.exists():
-        return [str(scripts)]
-    return [sys.executable, "-m", "remote_exec"]
+#: The console script pip writes for ``rx`` (``[project.scripts]``), for the run's own environment.
+_RX_SCRIPT = """#!{python}
+import sys
+from remote_exec.cli import main
+if __name__ == "__main__":
+    sys.exit(main())
+"""
+
+
+def _rx_env(run_dir: Path) -> tuple[Path, list[str]]:
+    """An environment for ``rx`` as a user installs it (``pipx install``, or ``pip install`` in a venv): a
+    venv of its own, with its console script, and none of the start-up hooks (``.pth`` files: an editable
+    install's finder, this machine's own) that the environment running the benchmarks may load at every
+    interpreter start. rx and its dependencies come from ``PYTHONPATH`` (the copy, then this interpreter's
+    site-packages, whose ``.pth`` files are not run from there). Returns (its python, the rx command)."""
+    venv = run_dir / "rx-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120,
+                   stdout=subprocess.DEVNULL)
+    python = venv / "bin" / "python"
+    script = venv / "bin" / "rx"
+    script.write_text(_RX_SCRIPT.format(python=python), encoding="utf-8")
+    script.chmod(0o755)
+    return python, [str(script)]
+
+
+def _site_packages() -> list[str]:
+    paths = sysconfig.get_paths()
+    return list(dict.fromkeys(path for path in (paths["purelib"], paths["platlib"]) if path))
 
 
 def _version(distribution: str) -> str:
@@ -743,7 +764,9 @@ def _machine_info(bench: Bench) -> dict[str, str]:
         "bandsaw": _version("bandsaw"),
         "execnet": _version("execnet"),
         "mitogen": _version("mitogen"),
-        "rx command": " ".join(Path(part).name if i == 0 else part for i, part in enumerate(bench.rx_command)),
+        "rx command": " ".join(Path(part).name if i == 0 else part for i, part in enumerate(bench.rx_command))
+                      + " (its console script in a venv of its own, as pipx gives it: no start-up hooks of the"
+                        " environment running the benchmarks)",
     }
 
 
@@ -780,14 +803,16 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
                        stdout=subprocess.DEVNULL, check=False, timeout=300)
         sys.path.insert(0, str(source))
         pythonpath = os.pathsep.join(filter(None, [str(source), str(REPO), str(PAYLOAD_DIR),
-                                                   os.environ.get("PYTHONPATH")]))
+                                                   os.environ.get("PYTHONPATH"), *_site_packages()]))
+        rx_python, rx_command = _rx_env(run_dir)
         # XDG_RUNTIME_DIR: the run's own shared ssh masters (the "first" rows each get a fresh one)
         env = dict(os.environ, PYTHONPATH=pythonpath, RX_SSH_CONFIG=str(bed.ssh_config),
                    RX_CACHE_DIR=str(run_dir / "cache"), RX_WORKSPACE=str(run_dir / "workspaces" / "default"),
                    XDG_RUNTIME_DIR=str(control_dir))
         env.pop("RX_BACKEND", None)
         bench = Bench(settings=settings, run_dir=run_dir, state_dir=state_dir, ssh_config=bed.ssh_config, hosts=hosts,
-                      control_dir=control_dir, blob=run_dir / "blob-100mb", env=env, rx_command=_rx_command())
+                      control_dir=control_dir, blob=run_dir / "blob-100mb", env=env, rx_command=rx_command,
+                      rx_python=rx_python)
         (run_dir / "logs").mkdir()
         _open_masters(bench)
         _write_blob(bench.blob, 100 * MB)
@@ -805,7 +830,7 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
                                         ssh_options=bench.ssh()[1:], rx=partial(_rx_argv, bench), env=env,
                                         add=bench.results.add,
                                         samples=lambda key: bench.results.samples.get(key, []))
-        baseline = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True,
+        baseline = subprocess.run([str(rx_python), "-X", "importtime", "-c", "pass"], capture_output=True, text=True,
                                   timeout=60, env=env, check=False)
         bench.import_baseline = set(_parse_importtime(baseline.stderr))
         bench.info = _machine_info(bench)

@@ -6,6 +6,10 @@ that RESULTS.md is built from.
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from benchmarks.report import PhaseRecord, Results, Row, Target, evaluate, render_phases, render_tables
@@ -130,3 +134,20 @@ def test_phase_table_says_how_many_calls_had_a_phase() -> None:
     text = render_phases({"rx run": records})
     row = next(line for line in text.splitlines() if line.startswith("| rx run"))
     assert "| 100 ms (1 of 3) |" in row
+
+
+def test_rx_runs_from_a_venv_of_its_own_without_start_up_hooks(tmp_path: Path) -> None:
+    """The whole-command rows time rx as a user installs it: its console script in a venv of its own, which
+    runs no .pth hook of the environment that runs the benchmarks (an editable finder, a CA injector)."""
+    from benchmarks.suite import REPO, _rx_env, _site_packages
+
+    python, command = _rx_env(tmp_path)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *_site_packages()]))
+    helped = subprocess.run([*command, "--help"], capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert helped.returncode == 0, helped.stderr
+    assert "run" in helped.stdout
+    started = subprocess.run([str(python), "-X", "importtime", "-c", "pass"], capture_output=True, text=True,
+                             env=env, timeout=60, check=False)
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in started.stderr.splitlines()}
+    assert "site" in loaded
+    assert not any(name.startswith("__editable__") or name in ("certifi", "_distutils_hack") for name in loaded), loaded
