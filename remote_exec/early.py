@@ -30,9 +30,12 @@ def _resolved(config: Any, remote: str, options: dict[str, Any]) -> tuple[Any, s
         return None
 
 
-def connect_early(config: Any, remote: str, options: dict[str, Any]) -> EarlyConnection | None:
+def connect_early(config: Any, remote: str, options: dict[str, Any],
+                  prestart_memo: tuple[str, tuple[str, ...]] | None = None) -> EarlyConnection | None:
     """Start connecting to ``remote`` (a direct host) in the background: ``(spec, backend name, backend)``
-    for the coordinator to adopt; None when there is nothing to start (see :func:`_resolved`)."""
+    for the coordinator to adopt; None when there is nothing to start (see :func:`_resolved`).
+    ``prestart_memo``: the memo key of an ``rx run`` line and the files its configuration came from, for an
+    OpenSSH backend to note its master under (:mod:`remote_exec.prestart`)."""
     resolved = _resolved(config, remote, options)
     if resolved is None:
         return None
@@ -43,6 +46,8 @@ def connect_early(config: Any, remote: str, options: dict[str, Any]) -> EarlyCon
         backend = create(name, spec)
     except Exception:  # the run itself makes its backend and says what fails
         return None
+    if prestart_memo is not None and hasattr(backend, "prestart_memo"):
+        backend.prestart_memo = prestart_memo
     backend.connect_in_background()
     return spec, name, backend
 

@@ -59,6 +59,7 @@ import select
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -66,7 +67,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, ClassVar
+from typing import IO, Any, ClassVar
 
 from ..errors import (
     AuthError,
@@ -808,6 +809,9 @@ class OpenSSHBackend(Backend):
         self._lock = threading.RLock()
         self._resolved: ResolvedHost | None = None
         self._master: _Master | None = None
+        #: (memo key, files) under which to note this backend's shared master for the next ``rx run`` of
+        #: the same line (see :mod:`~remote_exec.prestart`); None: not noted.
+        self.prestart_memo: tuple[str, tuple[str, ...]] | None = None
 
     # --- resolution and the master ------------------------------------------------------------------------
 
@@ -867,17 +871,46 @@ class OpenSSHBackend(Backend):
         self._ensure_master()
 
     def _ensure_master(self) -> _Master:
-        """Return a live master, opening one (again) when there is none."""
+        """Return a live master, opening one (again) when there is none: the one ``rx run`` started from
+        its memo when that is the very one (:func:`~remote_exec.prestart.take`), else the shared
+        one that answers, else a new one."""
         with self._lock:
             master = self._live_master()
             if master is None:
                 master, resolved, argv = self._prepare_master()
-                with self._claim(master) as adopted:
-                    if adopted:
-                        self._master = master
-                        return master
-                    master = self._master = self._open_master(master, resolved, argv)
+                early = self._prestarted(master, argv)
+                if early is not None:
+                    logger.debug("%s: taking the ssh that rx started from its memo of this command line",
+                                 self.host)
+                    master = self._master = self._open_master(master, resolved, argv, early=early)
+                else:
+                    with self._claim(master) as adopted:
+                        self._master = master if adopted else self._open_master(master, resolved, argv)
+                        master = self._master
+                self._remember(master, resolved, argv)
             return master
+
+    def _prestarted(self, master: _Master, argv: list[str]) -> Any:
+        """The master ``rx run`` started from its memo, when it is the one this backend opens (a
+        :class:`~remote_exec.prestart.Prestarted`), else None (one started for anything else is
+        stopped). Nothing to look for unless the memo's module was loaded (by ``rx run``)."""
+        prestart = sys.modules.get("remote_exec.prestart")
+        if prestart is None:
+            return None
+        wanted = str(master.control_path) if master.shared and not master.foreign else ""
+        return prestart.take(wanted, argv)
+
+    def _remember(self, master: _Master, resolved: ResolvedHost, argv: list[str]) -> None:
+        """Note the shared master that ``argv`` opens (or found) for the next ``rx run`` of this line (see
+        :attr:`prestart_memo`), with the files its settings came from."""
+        memo, self.prestart_memo = self.prestart_memo, None
+        if memo is None or not master.shared or master.foreign:
+            return
+        from .. import prestart
+
+        key, files = memo
+        ssh_files = (str(resolved.config_file or default_config_path()), "/etc/ssh/ssh_config")
+        prestart.remember(key, (*files, *ssh_files), str(master.control_path), argv)
 
     def _live_master(self) -> _Master | None:
         """The live master, or None (a dead one is stopped and forgotten). The caller holds the lock."""
@@ -949,32 +982,36 @@ class OpenSSHBackend(Backend):
             if line.startswith("Warning: Permanently added"):
                 logger.info("%s: %s", self.host, line)
 
-    def _open_master(self, master: _Master, resolved: ResolvedHost, argv: list[str]) -> _Master:
+    def _open_master(self, master: _Master, resolved: ResolvedHost, argv: list[str], *,
+                     early: Any = None) -> _Master:
+        """Start ``argv`` (or take ``early``, the same command started by ``rx run`` from its memo) and wait
+        until its master is up and backgrounded."""
         started = time.monotonic()
         try:
-            # An anonymous file: the master keeps it as stderr after it backgrounds itself, and a
-            # coordinator killed with SIGKILL leaves nothing behind but the empty control directory.
-            with tempfile.TemporaryFile() as log:
-                with self._map_os_errors("connect"):
-                    popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                             stderr=log, start_new_session=True)
-                deadline = self._connect_deadline()
-                try:
-                    code = popen.wait(deadline)
-                except subprocess.TimeoutExpired:
-                    popen.kill()
-                    popen.wait()
-                    raise ConnectError(self.host, f"no SSH session with {resolved.destination} within "
-                                                  f"{deadline:g} s") from None
-                log.seek(0)
-                said = log.read().decode(errors="replace")
-            if code != 0 or not master.control_path.exists():
+            if early is not None:
+                label_master(master.control_path, self.host, resolved.destination)
+                code, said = self._master_up(early, early.log, resolved)
+                listens = Path(early.listens)
+            else:
+                # An anonymous file: the master keeps it as stderr after it backgrounds itself, and a
+                # coordinator killed with SIGKILL leaves nothing behind but the empty control directory.
+                with tempfile.TemporaryFile() as log:
+                    with self._map_os_errors("connect"):
+                        popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                                 stderr=log, start_new_session=True)
+                    code, said = self._master_up(popen, log, resolved)
+                listens = master.control_path
+            if code != 0 or not listens.exists():
                 if code == 0:
                     raise ConnectError(self.host, f"the ssh master left no socket: {said.strip()}")
                 raise self._mapped(said)
+            if early is not None:
+                early.adopt()  # its socket takes the shared name, under the lock held since it started
             if not master.shared:
                 master.pid = self._master_pid(master.control_path)
         except BaseException:
+            if early is not None:
+                early.discard()
             master.discard()
             raise
         self._keep_master(master, said)
@@ -982,11 +1019,29 @@ class OpenSSHBackend(Backend):
                      time.monotonic() - started, master.pid)
         return master
 
+    def _master_up(self, process: Any, log: IO[bytes], resolved: ResolvedHost) -> tuple[int, str]:
+        """The exit status of a master's ``ssh`` (0: up and backgrounded) and what it said."""
+        deadline = self._connect_deadline()
+        try:
+            code = process.wait(deadline)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+            raise ConnectError(self.host, f"no SSH session with {resolved.destination} within "
+                                          f"{deadline:g} s") from None
+        log.seek(0)
+        return code, log.read().decode(errors="replace")
+
     def _start_with_new_master(self, command: str, label: str) -> SshProcess | None:
         """With no live master: one ssh connects, becomes the master and runs ``command`` as its first
-        client. Returns None when a master is already up (the caller runs the command as a client)."""
+        client. Returns None when a master is already up (the caller runs the command as a client), or when
+        ``rx run`` started one from its memo (this waits for it, see :meth:`_ensure_master`)."""
         with self._lock:
             if self._live_master() is not None:
+                return None
+            prestart = sys.modules.get("remote_exec.prestart")
+            if prestart is not None and prestart.pending():
+                self._ensure_master()
                 return None
             master, _, argv = self._prepare_master(command)
             with self._claim(master) as adopted:

@@ -9,11 +9,14 @@ the only place that imports typer (and, with pool/progress.py, rich).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-from collections.abc import Iterator
-from typing import Any, NoReturn
+
+TYPE_CHECKING = False  # rx run starts its ssh before typing, contextlib and the rest are imported
+if TYPE_CHECKING:
+    import contextlib
+    from collections.abc import Iterator
+    from typing import Any, NoReturn
 
 __all__ = ["COMMAND_MODULES", "app", "error_line", "exit_now", "main", "state"]
 
@@ -44,18 +47,23 @@ def _register(argv: list[str] | None = None) -> str | None:
     return named
 
 
-@contextlib.contextmanager
-def _only(app: Any, command: str | None) -> Iterator[None]:
+def _only(app: Any, command: str | None) -> contextlib.AbstractContextManager[None]:
     """typer builds every registered command's click parameters on each invocation (evaluating their
     annotations: ~1 ms per command, `rx run`'s most): let it see only ``command`` (None: all)."""
-    registered = app.registered_commands
-    if command is not None:
-        app.registered_commands = [info for info in registered
-                                   if (info.name or info.callback.__name__.replace("_", "-")) == command]
-    try:
-        yield
-    finally:
-        app.registered_commands = registered
+    import contextlib
+
+    @contextlib.contextmanager
+    def only() -> Iterator[None]:
+        registered = app.registered_commands
+        if command is not None:
+            app.registered_commands = [info for info in registered
+                                       if (info.name or info.callback.__name__.replace("_", "-")) == command]
+        try:
+            yield
+        finally:
+            app.registered_commands = registered
+
+    return only()
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -69,9 +77,16 @@ def main(argv: list[str] | None = None) -> NoReturn:
         _command(argv)
     early = None
     try:
-        from .early import connect_from_argv
+        from .words import peek_run
 
-        early = connect_from_argv(sys.argv[1:])  # before typer and the rest of rx are imported
+        seen = peek_run(sys.argv[1:])
+        if seen is not None:
+            from ..prestart import start
+
+            start(seen)  # the ssh master the last such line led to, from a memo (checked before it is used)
+            from .early import connect_from_argv
+
+            early = connect_from_argv(sys.argv[1:], seen)  # before typer and the rest of rx are imported
         _command(None, early)
     except SystemExit as exc:
         if early is not None:

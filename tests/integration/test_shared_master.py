@@ -159,3 +159,66 @@ def test_a_changed_host_key_is_checked_by_the_next_connection(remote: Remote, ru
     refused = remote.rx("run", "--remote", dedicated_host.alias, "hi.py", env=env)
     assert refused.returncode == 255, refused.stderr
     assert dedicated_host.alias in refused.stderr and "Traceback" not in refused.stderr
+
+
+def _end_master(socket_path: Path) -> None:
+    subprocess.run(["ssh", "-S", str(socket_path), "-O", "exit", "x"], capture_output=True, timeout=10, check=False)
+    deadline = time.monotonic() + 10
+    while master_pid(socket_path) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _ssh_processes(runtime_dir: Path) -> list[str]:
+    """The command lines of the ssh processes of this test's masters (a master's title names its socket)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(runtime_dir) in text and text.startswith("ssh"):
+            found.append(text)
+    return found
+
+
+def test_a_first_rx_run_starts_the_master_its_memo_names_and_checks_it(remote: Remote, runtime_dir: Path) -> None:
+    """After the shared master ended (its idle ControlPersist), the next `rx run` of the same line starts
+    the ssh the last one used before anything else, and takes it only when its own working out gives the
+    very same command; one started for settings that changed since is stopped, and the run connects anew."""
+    if remote.backend != "openssh":
+        pytest.skip("openssh only")
+    env = {"XDG_RUNTIME_DIR": str(runtime_dir), "RX_SSH_PERSIST": "300"}
+    (remote.project / "hi.py").write_text("print('hi')\n")
+    included = remote.project / "ssh_hosts"
+    included.write_text(Path(remote.env["RX_SSH_CONFIG"]).read_text())
+    config = remote.project / "ssh_config"
+    config.write_text(f"Include {included}\n")  # a change in here leaves the memo's file stamps as they were
+    line = ("run", "--remote", HOST, "--ssh-config", str(config), "hi.py")
+
+    first = remote.rx(*line, env=env)
+    assert first.returncode == 0 and first.stdout == "hi\n", first.stderr
+    [socket_path] = sockets(runtime_dir)
+    assert (Path(remote.env["RX_CACHE_DIR"]) / "ssh-masters.memo").stat().st_mode & 0o777 == 0o600
+    _end_master(socket_path)
+
+    second = remote.rx("-vv", *line, env=env)
+    assert second.returncode == 0 and second.stdout == "hi\n", second.stderr
+    assert "taking the ssh that rx started from its memo" in second.stderr
+    assert sockets(runtime_dir) == [socket_path] and master_pid(socket_path) is not None  # the shared one
+    assert list((runtime_dir / "rx-ssh").glob("p-*")) == []  # renamed to it
+    assert len(_ssh_processes(runtime_dir)) == 1
+    _end_master(socket_path)
+
+    # settings that changed where the memo's stamps do not look: the memo's master is not the run's
+    text = included.read_text()
+    included.write_text(text.replace(f"Host {HOST}\n", f"Host {HOST}\n    ConnectionAttempts 2\n", 1))
+    third = remote.rx("-vv", *line, env=env)
+    assert third.returncode == 0 and third.stdout == "hi\n", third.stderr
+    assert "taking the ssh that rx started from its memo" not in third.stderr
+    [other] = [path for path in sockets(runtime_dir) if path != socket_path]
+    assert master_pid(other) is not None
+    assert list((runtime_dir / "rx-ssh").glob("p-*")) == []
+    deadline = time.monotonic() + 5  # the memo's master was told to exit: only the run's own is left
+    while len(_ssh_processes(runtime_dir)) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_ssh_processes(runtime_dir)) == 1, _ssh_processes(runtime_dir)

@@ -164,7 +164,8 @@ def test_a_runner_started_for_a_command_line_that_is_refused_is_stopped(tmp_path
              "import remote_exec.cli.early as early\n"
              "class Runner:\n"
              f"    def close(self): open({str(mark)!r}, 'w').write('closed')\n"
-             "early.connect_from_argv = lambda words: early.HeadStart(connection=None, config=None, runner=Runner())\n"
+             "early.connect_from_argv = lambda words, seen=None: early.HeadStart(connection=None, config=None,\n"
+             "                                                                   runner=Runner())\n"
              "sys.argv = ['rx', 'run', '--remote', 'h', '--timeout', 'soon', 'x.py']\n"
              "from remote_exec.cli import main\n"
              "main()\n")
@@ -179,7 +180,7 @@ def test_ctrl_c_before_rx_is_imported_is_one_line_and_exit_130() -> None:
     """Ctrl-C in the first milliseconds (while rx connects early and imports itself): rx's line, no traceback."""
     probe = ("import sys\n"
              "import remote_exec.cli.early as early\n"
-             "def interrupted(words):\n"
+             "def interrupted(words, seen=None):\n"
              "    raise KeyboardInterrupt\n"
              "early.connect_from_argv = interrupted\n"
              "sys.argv = ['rx', 'run', '--remote', 'h', 'x.py']\n"

@@ -1,0 +1,312 @@
+"""Starting an ``rx run``'s SSH master within milliseconds of the interpreter's start.
+
+A first ``rx run`` (no shared master up: the last one ended ``ControlPersist`` seconds after its last use)
+spends most of its time in ``ssh``'s own connection: TCP, the key exchange, authentication. Working out
+which ``ssh`` to start takes rx ~30 ms before that (its imports, the project's configuration, ``ssh -G``),
+and the master started that much later is up that much later. So the OpenSSH backend remembers, per
+command line, working directory and environment, the command that opened (or found) its shared master
+(:func:`remember`, in a memo in rx's cache directory), and ``rx run`` starts that very command as its first
+act (:func:`start`, from :func:`remote_exec.cli.main`), before it imports anything else.
+
+It is a guess, and it is never trusted:
+
+* The memo is used only when the files it was made from are unchanged (the project's ``pyproject.toml``,
+  the ssh_config files), and only when no master answers at its socket already (a second ``rx run`` adopts
+  that one, as always).
+* The guessed master listens at a socket of its own (``p-...`` beside the shared ones), a name no other
+  process looks for. The backend works out its master as it always does (the configuration, ``ssh -G``,
+  the socket named by the settings), and only when that gives the very same command does it take the
+  guessed one (:func:`take`): it waits for it and renames its socket to the shared name, holding the
+  shared socket's lock from before the guess started to after the rename. Otherwise, or when nothing
+  takes it before the process ends, the guessed master is stopped (:func:`abandon`).
+
+So a stale memo costs one wasted connection, never a session over a master opened with other settings.
+The memo holds no secret: host aliases, paths and ssh options, keyed by a digest. POSIX only, as the
+OpenSSH backend is; this module imports nothing that is not already loaded by a bare interpreter but
+``marshal``, ``fcntl``, ``_socket`` and ``_sha256``, so the guessed ``ssh`` starts ~3 ms after
+``python`` does.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import sys
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = ["Prestarted", "abandon", "memo_key", "memo_path", "pending", "remember", "start", "take"]
+
+#: Bumped when the memo's layout changes (an older memo is then ignored).
+_VERSION = 1
+#: Entries kept (the most recently written; one per command line, directory and environment).
+_KEEP = 32
+#: Environment variables that may change which master a command line leads to.
+_ENVIRON = ("HOME", "USER", "LOGNAME", "PATH", "XDG_RUNTIME_DIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME")
+
+Stamp = tuple[object, ...]  # (path, mtime_ns, size, inode), or (path,) for a file that did not exist
+
+_pending: Prestarted | None = None
+
+
+def memo_path(environ: dict[str, str] | os._Environ[str] | None = None) -> str:
+    """The memo's file: ``ssh-masters.memo`` in rx's cache directory (``RX_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/remote_exec``, else ``~/.cache/remote_exec``)."""
+    env = os.environ if environ is None else environ
+    base = env.get("RX_CACHE_DIR") or os.path.join(
+        env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "remote_exec")
+    return os.path.join(base, "ssh-masters.memo")
+
+
+def memo_key(words: dict[str, str], cwd: str | None = None,
+             environ: dict[str, str] | os._Environ[str] | None = None) -> str:
+    """The memo's key for an ``rx run`` line's host options (:func:`remote_exec.cli.words.peek_run`'s
+    ``remote``, ``backend``, ``ssh_config``), run in ``cwd`` with ``environ``: a digest of them, the Python
+    that runs rx, and the environment variables that rx reads (``RX_*``) or that name the user's files."""
+    env = os.environ if environ is None else environ
+    named = sorted((name, value) for name, value in env.items() if name.startswith("RX_") or name in _ENVIRON)
+    parts = (_VERSION, sys.executable, cwd if cwd is not None else os.getcwd(),
+             words.get("remote", ""), words.get("backend", ""), words.get("ssh_config", ""), tuple(named))
+    return _digest(marshal.dumps(parts))
+
+
+def _digest(data: bytes) -> str:
+    try:
+        import _sha256 as module  # type: ignore[import-not-found]  # ~0.5 ms; hashlib (~3 ms) only where Python was built without it
+    except ImportError:  # pragma: no cover
+        import hashlib as module
+    digest: str = module.sha256(data).hexdigest()
+    return digest
+
+
+def stamp(path: str) -> Stamp:
+    """What :func:`remember` notes of a file the master's command was worked out from."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return (path,)
+    return (path, info.st_mtime_ns, info.st_size, info.st_ino)
+
+
+def _load(path: str) -> dict[str, tuple[tuple[Stamp, ...], str, tuple[str, ...]]]:
+    """The memo's entries; none unless the file is this user's and nobody else may write it (its
+    commands are run as they are)."""
+    try:
+        with open(path, "rb") as file:
+            info = os.fstat(file.fileno())
+            if info.st_uid != os.getuid() or info.st_mode & 0o022:
+                return {}
+            version, entries = marshal.loads(file.read())
+    except Exception:  # missing, unreadable, truncated, another layout: no memo
+        return {}
+    if version != _VERSION or not isinstance(entries, dict):
+        return {}
+    return entries
+
+
+def remember(key: str, files: Sequence[str], control_path: str, argv: Sequence[str]) -> None:
+    """Note that ``rx run`` lines of ``key`` lead to the shared master at ``control_path``, opened by
+    ``argv``, as worked out from ``files`` as they are now. Best effort: a cache."""
+    path = memo_path()
+    entries = _load(path)
+    entry = (tuple(stamp(file) for file in dict.fromkeys(files)), control_path, tuple(argv))
+    if entries.get(key) == entry:
+        return
+    entries.pop(key, None)
+    entries[key] = entry
+    while len(entries) > _KEEP:
+        entries.pop(next(iter(entries)))
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "wb") as file:
+            file.write(marshal.dumps((_VERSION, entries)))
+        os.replace(temporary, path)
+    except OSError:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+
+
+def _answers(path: str) -> bool:
+    """A master listens at ``path`` (see :func:`remote_exec.backends.controlpath.socket_answers`)."""
+    import _socket
+
+    client = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    client.settimeout(2.0)
+    try:
+        client.connect(path)
+    except OSError:
+        return False
+    finally:
+        client.close()
+    return True
+
+
+class Prestarted:
+    """A master's ``ssh`` started from the memo: its pid (the leader of a session of its own), the shared
+    socket's lock (held), the file its stderr goes to, the socket it listens at, and the command it was
+    started as (with the shared socket's name, as the backend would have started it)."""
+
+    def __init__(self, pid: int, lock_fd: int, log_fd: int, control_path: str, listens: str,
+                 argv: tuple[str, ...]) -> None:
+        self.pid = pid
+        self.lock_fd = lock_fd
+        self.log = open(log_fd, "w+b")  # noqa: SIM115 - read once the ssh ended, closed by release()
+        self.control_path = control_path
+        self.listens = listens
+        self.argv = argv
+        self.returncode: int | None = None
+        self.owner = os.getpid()
+
+    def wait(self, timeout: float) -> int:
+        """The exit status of the ``ssh`` (0 once its master is up and backgrounded), within ``timeout``
+        seconds; raises ``subprocess.TimeoutExpired`` after that."""
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+                break
+            if time.monotonic() > deadline:
+                import subprocess
+
+                raise subprocess.TimeoutExpired(self.argv, timeout)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.004)
+        return self.returncode
+
+    def kill(self) -> None:
+        """Stop the ``ssh`` while it is still connecting (it and what it started share a process group)."""
+        if self.returncode is None:
+            try:
+                os.killpg(self.pid, 9)
+            except OSError:
+                pass
+            try:
+                self.wait(5)
+            except Exception:
+                pass
+
+    def adopt(self) -> None:
+        """The master is up and is the one the backend would have opened: give it the shared socket's name
+        (under the lock, which this releases)."""
+        os.replace(self.listens, self.control_path)
+        self.release()
+
+    def release(self) -> None:
+        """Release the shared socket's lock and close the log."""
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+        self.log.close()
+
+    def discard(self) -> None:
+        """Stop the master, whether it is still connecting or came up (then it runs on in a session of its
+        own, as ``ControlPersist`` makes it: ``ssh -O exit`` ends it), and remove what it left."""
+        self.kill()
+        if os.path.exists(self.listens) and _answers(self.listens):
+            import subprocess
+
+            try:
+                subprocess.run([self.argv[0], "-S", self.listens, "-O", "exit", "--", self.argv[-1]],
+                               stdin=subprocess.DEVNULL, capture_output=True, timeout=10, check=False)
+            except (OSError, subprocess.SubprocessError):
+                pass
+        try:
+            os.unlink(self.listens)
+        except OSError:
+            pass
+        self.release()
+
+
+def start(words: dict[str, str]) -> None:
+    """Start the master the memo names for this ``rx run`` line (see the module), when the memo has one, its
+    files are unchanged, no master answers at its socket and no other rx is opening one there. Never
+    raises: it is only a head start."""
+    global _pending
+    if _pending is not None or os.name != "posix":
+        return
+    try:
+        entry = _load(memo_path()).get(memo_key(words))
+        if entry is None:
+            return
+        stamps, control_path, argv = entry
+        if argv[:1] != ("ssh",) or any(stamp(str(item[0])) != tuple(item) for item in stamps):
+            return
+        if _answers(control_path):  # a master is up: the run adopts it, as always
+            return
+        _pending = _spawn(control_path, argv)
+    except Exception:  # only a head start: the run connects as it always does
+        _pending = None
+        return
+    import atexit
+
+    atexit.register(abandon)
+
+
+def _spawn(control_path: str, argv: tuple[str, ...]) -> Prestarted | None:
+    import fcntl
+
+    opened: list[int] = []
+    try:
+        lock_fd = os.open(f"{control_path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        opened.append(lock_fd)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another rx opening it: leave it to that one
+        if _answers(control_path):
+            return None
+        try:
+            os.unlink(control_path)  # a stale socket: its master ended
+        except FileNotFoundError:
+            pass
+        listens = os.path.join(os.path.dirname(control_path), f"p-{os.getpid()}-{time.monotonic_ns() % 10**8}")
+        log_fd = os.open(f"{listens}.log", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        opened.append(log_fd)
+        os.unlink(f"{listens}.log")  # anonymous: a killed rx leaves nothing behind
+        spawned = list(argv)
+        spawned[argv.index("-S", argv.index("-M")) + 1] = listens
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        opened.append(null)
+        pid = os.posix_spawnp(argv[0], spawned, os.environ, setsid=True, file_actions=[
+            (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1), (os.POSIX_SPAWN_DUP2, log_fd, 2)])
+        os.close(opened.pop())
+        prestarted = Prestarted(pid, lock_fd, log_fd, control_path, listens, tuple(argv))
+        opened.clear()
+        return prestarted
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+def take(control_path: str, argv: Sequence[str]) -> Prestarted | None:
+    """The master started from the memo when it is the one the backend would open at ``control_path``
+    with ``argv`` (the caller waits for it, then :meth:`Prestarted.adopt` or :meth:`Prestarted.discard`);
+    else None, and a master started from the memo for anything else is stopped."""
+    global _pending
+    pending, _pending = _pending, None
+    if pending is None:
+        return None
+    if pending.control_path == control_path and pending.argv == tuple(argv):
+        return pending
+    pending.discard()  # a memo made for other settings (rare: they changed since)
+    return None
+
+
+def pending() -> bool:
+    """A master started from the memo waits to be taken (see :func:`take`)."""
+    return _pending is not None
+
+
+def abandon() -> None:
+    """Stop a master started from the memo that nothing took (at exit; not in a forked child)."""
+    global _pending
+    pending = _pending
+    if pending is not None and pending.owner == os.getpid():
+        _pending = None
+        pending.discard()

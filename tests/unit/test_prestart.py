@@ -1,0 +1,224 @@
+"""The ssh master ``rx run`` starts from its memo (remote_exec/prestart.py), with a stand-in ``ssh`` on PATH
+that does what OpenSSH's does with ``-M -N -S PATH -o ControlPersist``: it listens at PATH, goes to the
+background and exits 0; ``-S PATH -O exit`` ends that master. No network."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from remote_exec import prestart
+
+FAKE_SSH = """#!{python}
+import os, socket, sys, time
+args = sys.argv[1:]
+path = args[args.index("-S") + 1]
+if "-O" in args:
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(path)
+    client.sendall(b"exit")
+    client.close()
+    sys.exit(0)
+if os.environ.get("FAKE_SSH_FAIL"):
+    sys.stderr.write("rx@h: Permission denied (publickey).\\n")
+    sys.exit(255)
+time.sleep(float(os.environ.get("FAKE_SSH_DELAY", "0")))
+server = socket.socket(socket.AF_UNIX)
+server.bind(path)
+server.listen(8)
+if os.fork():
+    os._exit(0)
+os.setsid()
+server.settimeout(20)  # a stand-in never outlives the test by long
+try:
+    while True:
+        connection, _ = server.accept()
+        if connection.recv(16) == b"exit":
+            break
+        connection.close()
+except OSError:
+    pass
+"""
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A stand-in ``ssh`` first on PATH, a cache of this test, and a private directory for sockets (short:
+    socket paths are limited); yields that directory. Whatever the test left pending is stopped."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ssh = bin_dir / "ssh"
+    ssh.write_text(FAKE_SSH.format(python=sys.executable))
+    ssh.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("RX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    sockets = Path(f"/tmp/rxp-{os.getpid()}-{time.monotonic_ns() % 10**6}")
+    sockets.mkdir(mode=0o700)
+    yield sockets
+    prestart.abandon()
+    for path in sockets.glob("[mp]-*"):
+        if not path.name.endswith(".lock") and prestart._answers(str(path)):
+            os.spawnvp(os.P_WAIT, "ssh", ["ssh", "-S", str(path), "-O", "exit", "--", "h"])
+    for path in sockets.iterdir():
+        path.unlink()
+    sockets.rmdir()
+
+
+WORDS = {"remote": "gpu1", "script": "train.py"}
+
+
+def _argv(control_path: Path) -> list[str]:
+    return ["ssh", "-o", "BatchMode=yes", "-M", "-N", "-S", str(control_path), "-o", "ControlPersist=300", "--",
+            "gpu1"]
+
+
+def _remembered(sockets: Path, tmp_path: Path) -> tuple[Path, list[str], Path]:
+    """A memo entry for WORDS in this directory: (the shared socket, the command, the stamped file)."""
+    control_path = sockets / "m-0123456789abcdef0123"
+    config = tmp_path / "pyproject.toml"
+    config.write_text("[tool.rx]\n")
+    argv = _argv(control_path)
+    prestart.remember(prestart.memo_key(WORDS), [str(config)], str(control_path), argv)
+    return control_path, argv, config
+
+
+def _lock_is_free(control_path: Path) -> bool:
+    fd = os.open(f"{control_path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_the_master_of_the_memo_starts_listens_apart_and_takes_the_shared_name(fake: Path, tmp_path: Path) -> None:
+    control_path, argv, _ = _remembered(fake, tmp_path)
+
+    prestart.start(WORDS)
+
+    assert prestart.pending()
+    assert not _lock_is_free(control_path)  # held from before the ssh started
+    early = prestart.take(str(control_path), argv)
+    assert early is not None and not prestart.pending()
+    assert early.wait(10) == 0
+    assert Path(early.listens).parent == fake and Path(early.listens).name.startswith("p-")
+    assert prestart._answers(early.listens) and not control_path.exists()  # no one else looks there
+    early.adopt()
+    assert prestart._answers(str(control_path)) and not Path(early.listens).exists()
+    assert _lock_is_free(control_path)
+
+
+def test_a_master_for_other_settings_is_stopped_and_leaves_nothing(fake: Path, tmp_path: Path) -> None:
+    control_path, argv, _ = _remembered(fake, tmp_path)
+    prestart.start(WORDS)
+    assert prestart.pending()
+    started = prestart._pending
+    assert started is not None
+    started.wait(10)  # up and in the background: stopping it takes `ssh -O exit`
+    assert prestart._answers(started.listens)
+
+    assert prestart.take(str(control_path), [*argv[:-1], "gpu2"]) is None
+
+    assert not prestart.pending()
+    assert not Path(started.listens).exists() and not control_path.exists()
+    assert _lock_is_free(control_path)
+
+
+def test_a_master_still_connecting_is_killed_when_nothing_takes_it(fake: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    control_path, _, _ = _remembered(fake, tmp_path)
+    monkeypatch.setenv("FAKE_SSH_DELAY", "30")
+    prestart.start(WORDS)
+    started = prestart._pending
+    assert started is not None
+
+    prestart.abandon()  # what atexit does
+
+    assert started.returncode is not None and started.returncode < 0  # killed, not waited 30 s for
+    assert not Path(started.listens).exists() and _lock_is_free(control_path)
+
+
+def test_a_failed_ssh_reports_its_status_and_what_it_said(fake: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    control_path, argv, _ = _remembered(fake, tmp_path)
+    monkeypatch.setenv("FAKE_SSH_FAIL", "1")
+    prestart.start(WORDS)
+    early = prestart.take(str(control_path), argv)
+    assert early is not None
+
+    assert early.wait(10) == 255
+    early.log.seek(0)
+    assert b"Permission denied" in early.log.read()
+    early.discard()
+    assert _lock_is_free(control_path)
+
+
+def test_nothing_starts_without_a_memo_that_fits(fake: Path, tmp_path: Path) -> None:
+    _, _, config = _remembered(fake, tmp_path)
+
+    prestart.start({"remote": "gpu2"})  # another line
+    assert not prestart.pending()
+
+    config.write_text("[tool.rx]\nworkdir = '/scratch'\n")  # a file it was worked out from changed
+    prestart.start(WORDS)
+    assert not prestart.pending()
+
+
+def test_nothing_starts_while_a_master_answers_or_another_rx_opens_one(fake: Path, tmp_path: Path) -> None:
+    control_path, _, _ = _remembered(fake, tmp_path)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(control_path))
+    server.listen(1)
+    try:
+        prestart.start(WORDS)
+        assert not prestart.pending()  # the run adopts the master that is up
+    finally:
+        server.close()
+        control_path.unlink()
+
+    fd = os.open(f"{control_path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        prestart.start(WORDS)
+        assert not prestart.pending()  # leave it to the rx that is opening it
+    finally:
+        os.close(fd)
+
+
+def test_a_memo_others_may_write_is_not_used(fake: Path, tmp_path: Path) -> None:
+    _remembered(fake, tmp_path)
+    memo = Path(prestart.memo_path())
+    assert memo.stat().st_mode & 0o777 == 0o600
+    memo.chmod(0o666)
+
+    prestart.start(WORDS)
+
+    assert not prestart.pending()
+
+
+def test_the_memo_key_follows_the_line_the_directory_and_rx_s_environment(tmp_path: Path) -> None:
+    environ = {"HOME": "/home/a", "RX_SSH_PERSIST": "300", "TERM": "xterm"}
+    key = prestart.memo_key(WORDS, "/p", environ)
+    assert prestart.memo_key({**WORDS, "script": "other.py"}, "/p", environ) == key  # the script: no matter
+    assert prestart.memo_key({**WORDS, "backend": "openssh"}, "/p", environ) != key
+    assert prestart.memo_key(WORDS, "/q", environ) != key
+    assert prestart.memo_key(WORDS, "/p", {**environ, "RX_SSH_PERSIST": "60"}) != key
+    assert prestart.memo_key(WORDS, "/p", {**environ, "TERM": "dumb"}) == key
+    assert "300" not in key and "/home/a" not in key  # a digest
+
+
+def test_the_memo_keeps_the_latest_entries(fake: Path, tmp_path: Path) -> None:
+    for number in range(prestart._KEEP + 5):
+        prestart.remember(f"key{number}", [], str(fake / "m-x"), ["ssh", "-M", "-S", str(fake / "m-x")])
+    entries = prestart._load(prestart.memo_path())
+    assert len(entries) == prestart._KEEP and "key4" not in entries and f"key{prestart._KEEP + 4}" in entries
