@@ -106,8 +106,13 @@ def _rows() -> list[Row]:
                 lat, "ssh.cold"),
             Row(f"{rx}.keep_warm", f"rx ({backend}): warm call with `keep_warm=True`",
                 f"rx keep_warm ({backend})", lat, "mitogen.warm"),
-            Row(f"{rx}.run", f"`rx run` of a trivial script, whole command, no connection open before "
-                             f"({backend}, wall)", f"rx run ({backend})", lat, "ssh.cold"),
+            Row(f"{rx}.run", f"`rx run` of a trivial script, whole command, no connection open before: the "
+                             f"master the last one left has ended, as after its idle ControlPersist ({backend}, "
+                             "wall)", f"rx run ({backend})", lat, "ssh.cold"),
+            Row(f"{rx}.run_fresh", f"`rx run` of a trivial script, whole command, no connection open before, "
+                                   f"in a runtime directory rx never used (no memo of its master: as on a new "
+                                   f"machine) ({backend}, wall)", f"rx run, new machine ({backend})", lat,
+                "ssh.cold"),
             Row(f"{rx}.run_second", f"`rx run` of a trivial script, whole command, right after another one "
                                     f"({backend}, wall; OpenSSH: over the master the first left)",
                 f"second rx run ({backend})", lat, "ssh.cold"),
@@ -399,12 +404,13 @@ def _no_master(bench: Bench) -> Iterator[dict[str, str]]:
         _end_shared_masters(runtime)
 
 
-def _end_shared_masters(runtime: Path) -> None:
+def _end_shared_masters(runtime: Path, *, remove: bool = True) -> None:
     for socket_path in (runtime / "rx-ssh").glob("m-*"):
         if not socket_path.name.endswith(".lock"):
             subprocess.run(["ssh", "-S", str(socket_path), "-O", "exit", "x"], stdin=subprocess.DEVNULL,
                            capture_output=True, timeout=30, check=False)
-    shutil.rmtree(runtime, ignore_errors=True)
+    if remove:
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 #: The first call of a new process of a function defined in a `python -c` script (sent by value, no project
@@ -454,11 +460,30 @@ def _rx_first(bench: Bench, backend: str) -> None:
     bench.record_calls(f"first call, new process ({backend})", {"calls": reply["calls"][1:]})
 
 
+@contextlib.contextmanager
+def _master_ended(bench: Bench, name: str) -> Iterator[dict[str, str]]:
+    """An environment whose rx finds the shared ssh master of its last run ended (a runtime directory that
+    stays, as a user's does, with its masters ended before and after, untimed)."""
+    runtime = bench.control_dir / name
+    runtime.mkdir(exist_ok=True)
+    _end_shared_masters(runtime, remove=False)
+    try:
+        yield dict(bench.env, XDG_RUNTIME_DIR=str(runtime))
+    finally:
+        _end_shared_masters(runtime, remove=False)
+
+
 def _rx_run(bench: Bench, backend: str) -> None:
-    with _no_master(bench) as env:
+    with _master_ended(bench, f"run-{backend}") as env:
         seconds = run_timed(_rx_run_argv(bench, backend), timeout=60, cwd=bench.run_dir / "rxrun", env=env)
     bench.results.add(f"rx-{backend}.run", seconds)
     _record_run_phases(bench, backend, seconds, f"rx run, whole command ({backend})")
+
+
+def _rx_run_fresh(bench: Bench, backend: str) -> None:
+    with _no_master(bench) as env:
+        seconds = run_timed(_rx_run_argv(bench, backend), timeout=60, cwd=bench.run_dir / "rxrun", env=env)
+    bench.results.add(f"rx-{backend}.run_fresh", seconds)
 
 
 def _rx_run_second(bench: Bench, backend: str) -> None:
@@ -616,6 +641,7 @@ def _command_probes(bench: Bench, add: Callable[..., None], backend: str) -> Non
     rx = f"rx-{backend}"
     agent = bench.rx_agent(backend)
     add(f"rx run ({backend})", (f"{rx}.run",), partial(_rx_run, bench, backend))
+    add(f"rx run, new machine ({backend})", (f"{rx}.run_fresh",), partial(_rx_run_fresh, bench, backend))
     add(f"second rx run ({backend})", (f"{rx}.run_second",), partial(_rx_run_second, bench, backend))
     add(f"rx warm by value ({backend})", (f"{rx}.warm_value",),
         partial(_samples, bench, agent, f"{rx}.warm_value", "warm_value", timeout=90,
@@ -1019,7 +1045,8 @@ def _startup_text(results: Results) -> str:
 
 _SPEED_ROWS = {"ssh.cold", "ssh.mux", "startup.python", "startup.help",
                *(f"rx-{backend}.{kind}" for backend in BACKENDS
-                 for kind in ("first", "first_process", "warm", "run", "run_second", "warm_value", "first_value"))}
+                 for kind in ("first", "first_process", "warm", "run", "run_fresh", "run_second", "warm_value",
+                              "first_value"))}
 
 
 def render(bench: Bench, *, duration: float, load: tuple[tuple[float, ...], tuple[float, ...]]) -> str:
