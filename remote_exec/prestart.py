@@ -113,8 +113,8 @@ def remember(key: str, files: Sequence[str], control_path: str, argv: Sequence[s
     path = memo_path()
     entries = _load(path)
     entry = (tuple(stamp(file) for file in dict.fromkeys(files)), control_path, tuple(argv))
-    if entries.get(key) == entry:
-        return
+    if entries.get(key) == entry and next(reversed(entries)) == key:
+        return  # unchanged, and the latest: the oldest go first when there are too many
     entries.pop(key, None)
     entries[key] = entry
     while len(entries) > _KEEP:
