@@ -29,6 +29,7 @@ OpenSSH backend is; this module imports nothing that is not already loaded by a 
 
 from __future__ import annotations
 
+import _thread
 import marshal
 import os
 import sys
@@ -110,6 +111,7 @@ def _load(path: str) -> dict[str, tuple[tuple[Stamp, ...], str, tuple[str, ...]]
 def remember(key: str, files: Sequence[str], control_path: str, argv: Sequence[str]) -> None:
     """Note that ``rx run`` lines of ``key`` lead to the shared master at ``control_path``, opened by
     ``argv``, as worked out from ``files`` as they are now. Best effort: a cache."""
+    _end_orphans(os.path.dirname(control_path))
     path = memo_path()
     entries = _load(path)
     entry = (tuple(stamp(file) for file in dict.fromkeys(files)), control_path, tuple(argv))
@@ -133,6 +135,36 @@ def remember(key: str, files: Sequence[str], control_path: str, argv: Sequence[s
             pass
 
 
+def _end_orphans(folder: str) -> None:
+    """End the masters started from the memo by an rx that was killed before it took or stopped its own
+    (``p-<pid>-...`` of a pid that is gone): nobody else uses their sockets."""
+    try:
+        names = [name for name in os.listdir(folder) if name.startswith("p-")]
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.kill(int(name.split("-")[1]), 0)
+            continue  # its rx is alive (or the pid was reused: then its ControlPersist ends it)
+        except ProcessLookupError:
+            pass
+        except (ValueError, IndexError, OSError):
+            continue
+        path = os.path.join(folder, name)
+        if _answers(path):
+            import subprocess
+
+            try:
+                subprocess.run(["ssh", "-S", path, "-O", "exit", "--", "orphan"], stdin=subprocess.DEVNULL,
+                               capture_output=True, timeout=10, check=False)
+            except (OSError, subprocess.SubprocessError):
+                pass
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def _answers(path: str) -> bool:
     """A master listens at ``path`` (see :func:`remote_exec.backends.controlpath.socket_answers`)."""
     import _socket
@@ -151,7 +183,10 @@ def _answers(path: str) -> bool:
 class Prestarted:
     """A master's ``ssh`` started from the memo: its pid (the leader of a session of its own), the shared
     socket's lock (held), the file its stderr goes to, the socket it listens at, and the command it was
-    started as (with the shared socket's name, as the backend would have started it)."""
+    started as (with the shared socket's name, as the backend would have started it).
+
+    It ends once, by :meth:`adopt` or :meth:`discard` (the backend's connect thread, or :func:`abandon` at
+    exit, whichever comes first: a reentrant lock orders them)."""
 
     def __init__(self, pid: int, lock_fd: int, log_fd: int, control_path: str, listens: str,
                  argv: tuple[str, ...]) -> None:
@@ -163,67 +198,97 @@ class Prestarted:
         self.argv = argv
         self.returncode: int | None = None
         self.owner = os.getpid()
+        self.taken = False  # by the backend, whose own working out gave this very command
+        self.finished = False
+        self._lock = _thread.RLock()
+
+    def _reap(self) -> None:
+        with self._lock:
+            if self.returncode is None:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
 
     def wait(self, timeout: float) -> int:
         """The exit status of the ``ssh`` (0 once its master is up and backgrounded), within ``timeout``
         seconds; raises ``subprocess.TimeoutExpired`` after that."""
         deadline = time.monotonic() + timeout
         delay = 0.0005
-        while self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-                break
+        while True:
+            self._reap()
+            if self.returncode is not None:
+                return self.returncode
             if time.monotonic() > deadline:
                 import subprocess
 
                 raise subprocess.TimeoutExpired(self.argv, timeout)
             time.sleep(delay)
             delay = min(delay * 2, 0.004)
-        return self.returncode
 
     def kill(self) -> None:
         """Stop the ``ssh`` while it is still connecting (it and what it started share a process group)."""
-        if self.returncode is None:
-            try:
-                os.killpg(self.pid, 9)
-            except OSError:
-                pass
-            try:
-                self.wait(5)
-            except Exception:
-                pass
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    os.killpg(self.pid, 9)
+                except OSError:
+                    pass
+                try:
+                    self.wait(5)
+                except Exception:
+                    pass
 
     def adopt(self) -> None:
         """The master is up and is the one the backend would have opened: give it the shared socket's name
         (under the lock, which this releases)."""
-        os.replace(self.listens, self.control_path)
-        self.release()
+        with self._lock:
+            if not self.finished:
+                self.finished = True
+                os.replace(self.listens, self.control_path)
+                self.release()
 
     def release(self) -> None:
         """Release the shared socket's lock and close the log."""
-        if self.lock_fd >= 0:
-            os.close(self.lock_fd)
-            self.lock_fd = -1
-        self.log.close()
+        with self._lock:
+            if self.lock_fd >= 0:
+                os.close(self.lock_fd)
+                self.lock_fd = -1
+            self.log.close()
 
     def discard(self) -> None:
         """Stop the master, whether it is still connecting or came up (then it runs on in a session of its
         own, as ``ControlPersist`` makes it: ``ssh -O exit`` ends it), and remove what it left."""
-        self.kill()
-        if os.path.exists(self.listens) and _answers(self.listens):
-            import subprocess
+        with self._lock:
+            if self.finished:
+                return
+            self.finished = True
+            self.kill()
+            if os.path.exists(self.listens) and _answers(self.listens):
+                import subprocess
 
+                try:
+                    subprocess.run([self.argv[0], "-S", self.listens, "-O", "exit", "--", self.argv[-1]],
+                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=10, check=False)
+                except (OSError, subprocess.SubprocessError):
+                    pass
             try:
-                subprocess.run([self.argv[0], "-S", self.listens, "-O", "exit", "--", self.argv[-1]],
-                               stdin=subprocess.DEVNULL, capture_output=True, timeout=10, check=False)
-            except (OSError, subprocess.SubprocessError):
+                os.unlink(self.listens)
+            except OSError:
                 pass
-        try:
-            os.unlink(self.listens)
-        except OSError:
-            pass
-        self.release()
+            self.release()
+
+    def finish(self) -> None:
+        """At exit: a master the backend took and that is up gets the shared name (the next rx uses it, as
+        it would one the backend started itself); anything else, still connecting or never taken, is
+        stopped."""
+        with self._lock:
+            if self.finished:
+                return
+            self._reap()
+            if self.taken and self.returncode == 0 and _answers(self.listens):
+                self.adopt()
+            else:
+                self.discard()
 
 
 def start(words: dict[str, str]) -> None:
@@ -288,25 +353,26 @@ def take(control_path: str, argv: Sequence[str]) -> Prestarted | None:
     """The master started from the memo when it is the one the backend would open at ``control_path``
     with ``argv`` (the caller waits for it, then :meth:`Prestarted.adopt` or :meth:`Prestarted.discard`);
     else None, and a master started from the memo for anything else is stopped."""
-    global _pending
-    pending, _pending = _pending, None
-    if pending is None:
+    started = _pending
+    if started is None or started.taken:
         return None
-    if pending.control_path == control_path and pending.argv == tuple(argv):
-        return pending
-    pending.discard()  # a memo made for other settings (rare: they changed since)
+    if started.control_path == control_path and started.argv == tuple(argv):
+        started.taken = True
+        return started
+    started.discard()  # a memo made for other settings (rare: they changed since)
     return None
 
 
 def pending() -> bool:
     """A master started from the memo waits to be taken (see :func:`take`)."""
-    return _pending is not None
+    return _pending is not None and not _pending.taken and not _pending.finished
 
 
 def abandon() -> None:
-    """Stop a master started from the memo that nothing took (at exit; not in a forked child)."""
+    """At exit (not in a forked child): end the master started from the memo, see
+    :meth:`Prestarted.finish`."""
     global _pending
-    pending = _pending
-    if pending is not None and pending.owner == os.getpid():
+    started = _pending
+    if started is not None and started.owner == os.getpid():
         _pending = None
-        pending.discard()
+        started.finish()

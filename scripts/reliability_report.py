@@ -161,6 +161,15 @@ KNOWN_LIMITS = [
     "`rx hosts --disconnect HOST` makes the next rx connect (and check) afresh "
     "(tests/integration/test_shared_master.py). The fault scenarios run with `RX_SSH_PERSIST=0`: each rx "
     "opens its own connection, as they assume.",
+    "- **The fault scenarios do not exercise the master an `rx run` starts from its memo** (OpenSSH, shared "
+    "masters only, so not with their `RX_SSH_PERSIST=0`). What was tried instead "
+    "(tests/integration/test_shared_master.py, tests/unit/test_prestart.py): the memo's ssh refused for a "
+    "changed host key (exit 255, the host named, no traceback, nothing left), a memo made for settings that "
+    "changed where its stamps do not look (stopped, the run connects anew), an ssh still connecting at exit "
+    "(killed), a failed ssh (its message mapped as always), a memo others may write (ignored), `rx run` of a "
+    "missing script, Ctrl-C and SIGTERM at 30-120 ms (exit 130, nothing left). An rx killed with `kill -9` "
+    "after starting it leaves that master at a socket no other rx uses; the next rx that connects ends it "
+    "(its pid is gone), else its idle `ControlPersist` does.",
 ]
 
 

@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
         _command(argv)
     early = None
     try:
+        import _signal  # type: ignore[import-not-found]  # (signal imports enum: ~1 ms before the ssh starts)
+
+        _signal.signal(_signal.SIGTERM, _terminate)  # from the start: what rx started early is stopped too
         from .words import peek_run
 
         seen = peek_run(sys.argv[1:])

@@ -159,6 +159,10 @@ def test_a_changed_host_key_is_checked_by_the_next_connection(remote: Remote, ru
     refused = remote.rx("run", "--remote", dedicated_host.alias, "hi.py", env=env)
     assert refused.returncode == 255, refused.stderr
     assert dedicated_host.alias in refused.stderr and "Traceback" not in refused.stderr
+    again = remote.rx("-vv", "run", "--remote", dedicated_host.alias, "hi.py", env=env)
+    assert again.returncode == 255, again.stderr
+    assert "taking the ssh that rx started from its memo" in again.stderr  # the memo's ssh, checked the same
+    assert list((runtime_dir / "rx-ssh").glob("p-*")) == [] and _ssh_processes(runtime_dir) == []
 
 
 def _end_master(socket_path: Path) -> None:

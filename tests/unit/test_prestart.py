@@ -222,3 +222,50 @@ def test_the_memo_keeps_the_latest_entries(fake: Path, tmp_path: Path) -> None:
         prestart.remember(f"key{number}", [], str(fake / "m-x"), ["ssh", "-M", "-S", str(fake / "m-x")])
     entries = prestart._load(prestart.memo_path())
     assert len(entries) == prestart._KEEP and "key4" not in entries and f"key{prestart._KEEP + 4}" in entries
+
+
+def test_at_exit_a_taken_master_that_is_up_is_kept_and_one_still_connecting_is_stopped(
+        fake: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rx may end while its connect thread waits for the memo's master (`rx run` of a missing script): the
+    master then gets the shared name when it is up and was taken (the next rx uses it, as it would one the
+    backend opened itself), and is stopped when it is still connecting."""
+    control_path, argv, _ = _remembered(fake, tmp_path)
+    prestart.start(WORDS)
+    early = prestart.take(str(control_path), argv)
+    assert early is not None
+    deadline = time.monotonic() + 10
+    while not prestart._answers(early.listens) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    prestart.abandon()
+
+    assert early.finished and prestart._answers(str(control_path)) and not Path(early.listens).exists()
+    os.spawnvp(os.P_WAIT, "ssh", ["ssh", "-S", str(control_path), "-O", "exit", "--", "h"])
+    control_path.unlink()
+
+    monkeypatch.setenv("FAKE_SSH_DELAY", "30")
+    prestart.start(WORDS)
+    early = prestart.take(str(control_path), argv)
+    assert early is not None
+
+    prestart.abandon()
+
+    assert early.finished and early.returncode is not None and early.returncode < 0
+    assert not control_path.exists() and _lock_is_free(control_path)
+
+
+def test_the_next_rx_ends_what_a_killed_one_left(fake: Path, tmp_path: Path) -> None:
+    """An rx killed with SIGKILL after starting the memo's master leaves it at its own p-<pid>-... socket;
+    the next one that notes its master ends it (its pid is gone), and leaves a living rx's alone."""
+    gone = os.spawnvp(os.P_NOWAIT, "true", ["true"])
+    os.waitpid(gone, 0)
+    orphan = fake / f"p-{gone}-1"
+    living = fake / f"p-{os.getpid()}-2"
+    for path in (orphan, living):
+        os.spawnvp(os.P_WAIT, "ssh", ["ssh", "-M", "-N", "-S", str(path), "--", "gpu1"])
+        assert prestart._answers(str(path))
+
+    _remembered(fake, tmp_path)
+
+    assert not orphan.exists() and prestart._answers(str(living))
+    os.spawnvp(os.P_WAIT, "ssh", ["ssh", "-S", str(living), "-O", "exit", "--", "gpu1"])
