@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -188,3 +190,23 @@ def test_ctrl_c_before_rx_is_imported_is_one_line_and_exit_130() -> None:
              "main()\n")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
     assert (done.returncode, done.stderr) == (130, "rx: error: interrupted\n")
+
+
+def test_rx_run_starts_its_memo_s_ssh_before_anything_heavy_is_imported() -> None:
+    """What `rx run` imports before it starts the ssh its memo names (remote_exec/prestart.py): rx's entry
+    point, the words' reader and the memo, and built-in modules, nothing that takes milliseconds (re,
+    typing, enum, dataclasses, subprocess, socket, pathlib: all come later, while ssh connects)."""
+    probe = ("import sys\n"
+             "before = set(sys.modules)\n"
+             "import remote_exec.cli, remote_exec.cli.words, remote_exec.prestart\n"
+             "import _signal, _socket, fcntl\n"
+             "remote_exec.prestart._digest(b'')\n"
+             "print(' '.join(sorted(set(sys.modules) - before)))\n")
+    done = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True, timeout=60,
+                          check=False, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert done.returncode == 0, done.stderr
+    loaded = set(done.stdout.split())
+    heavy = {"re", "typing", "enum", "dataclasses", "subprocess", "socket", "pathlib", "json", "hashlib",
+             "logging", "threading", "tempfile", "contextlib"}
+    assert not loaded & heavy, sorted(loaded & heavy)
+    assert {"remote_exec.prestart", "remote_exec.cli.words"} <= loaded
