@@ -269,3 +269,19 @@ def test_the_next_rx_ends_what_a_killed_one_left(fake: Path, tmp_path: Path) -> 
 
     assert not orphan.exists() and prestart._answers(str(living))
     os.spawnvp(os.P_WAIT, "ssh", ["ssh", "-S", str(living), "-O", "exit", "--", "gpu1"])
+
+
+def test_without_posix_spawn_s_setsid_nothing_starts_and_nothing_is_held(
+        fake: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where posix_spawn cannot start a session (older macOS: NotImplementedError), there is no head start:
+    the run connects as it always does, and the shared socket's lock is not left held."""
+    control_path, _, _ = _remembered(fake, tmp_path)
+
+    def refuse(*args: object, **kwargs: object) -> int:
+        raise NotImplementedError("setsid")
+
+    monkeypatch.setattr(os, "posix_spawnp", refuse)
+    prestart.start(WORDS)
+
+    assert not prestart.pending() and _lock_is_free(control_path)
+    assert not list(fake.glob("p-*"))
