@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import re
@@ -365,10 +366,20 @@ class Backend(ABC):
     _failed_ahead: BaseException | None = None  # what connect_ahead met, for the next start
     _ahead: threading.Thread | None = None  # connect_in_background's thread
     _ahead_guard: ClassVar[threading.Lock] = threading.Lock()  # one such thread per backend
+    _serials: ClassVar[Iterator[int]] = itertools.count(1)
+    _serial: int = 0
 
     def __init__(self, spec: HostSpec) -> None:
         self.spec = spec
         self.connections_opened = 0
+
+    @property
+    def serial(self) -> int:
+        """A number of this backend, never given to another in this process: what rx keys per-connection
+        facts by (an ``id()`` is given again to a later object once this one is gone)."""
+        if not self._serial:
+            self._serial = next(Backend._serials)
+        return self._serial
 
     def connect(self) -> None:  # noqa: B027 - optional: a backend without a connection of its own has none
         """Open the connection to the host now (if it is not open), so that the next :meth:`start` finds it.

@@ -623,7 +623,7 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
                         sent=sent)
 
     warm = options.keep_warm and stdin is None
-    primed = (id(backend), options.python, options.workdir, archive.sha256)
+    primed = (backend.serial, options.python, options.workdir, archive.sha256)
     ready = (primed in workers.primed and stdin is None and not options.secret_env
              and len(session_bytes) <= wire.MAX_FRAME)  # (not a worker's, nor a runner's started ahead)
     if warm or ahead is not None or not ready:

@@ -128,7 +128,7 @@ class WorkerPool:
         of a pool slot takes that slot's worker (:meth:`slot`)."""
         if options.slot is not None:
             return self.slot(launcher, backend, archive, options, phase, tree=tree)
-        key: _Key = (id(backend), options.python, options.workdir, archive.sha256, tree)
+        key: _Key = (backend.serial, options.python, options.workdir, archive.sha256, tree)
         place = key[:3]
         while True:
             with self._changed:
@@ -189,7 +189,7 @@ class WorkerPool:
         """
         name = options.slot
         assert name is not None
-        key: _Key = (id(backend), options.python, options.workdir, archive.sha256, tree)
+        key: _Key = (backend.serial, options.python, options.workdir, archive.sha256, tree)
         with self._changed:
             current = self._slots.get(name)
         if current is not None:

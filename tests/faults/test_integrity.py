@@ -28,6 +28,7 @@ from remote_exec.backends.base import Backend, HostSpec, Process
 from remote_exec.coordinator import Coordinator
 from remote_exec.errors import IntegrityError, RemoteExecError
 from remote_exec.protocol import wire
+from remote_exec.protocol.bootstrap import AHEAD
 from remote_exec.protocol.wire import HEADER, MAX_FRAME, FrameReader, encode
 from remote_exec.workspace import Workspace
 from testbed import TestbedHost
@@ -140,7 +141,9 @@ class Forge(ForgedResult):
 
 def _call_key(data: bytes) -> bytes | None:
     """The per-call HMAC key, if ``data`` starts with the coordinator's G frame (its options), alone or
-    followed by the session frames in the same write."""
+    followed by the session frames in the same write, or after the line that comes first when the call goes
+    right behind the runner's command (bootstrap.AHEAD)."""
+    data = data.removeprefix(AHEAD)
     if data[:1] != b"G" or len(data) < HEADER.size:
         return None
     _, size = HEADER.unpack_from(data)

@@ -124,3 +124,21 @@ def test_a_project_scanned_while_the_runner_starts_ships_what_it_holds_at_the_ca
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["one", "two", "three", f"refused: symlinks in {isolated.root} lead out of "
                                         "the project", "three"]
+
+
+def test_a_new_backend_is_not_taken_for_one_that_was_primed(dispatcher: Any, monkeypatch: Any) -> None:
+    """Whether a runner answered at once is a fact of one backend. A backend made after another was
+    dropped may get the same id() (CPython reuses the memory) and must not inherit it: the fault suite's
+    tampering backends did, now and then, and saw calls go ahead that should not have. The reuse is made
+    certain here: every object has the same id() in the dispatcher's module."""
+    import remote_exec.protocol.call as call_module
+
+    monkeypatch.setattr(call_module, "id", lambda obj: 1, raising=False)
+    primed = _Recording()
+    dispatcher.run(Task.from_function(lambda a, b: a + b), (1, 2), backend=primed)
+    dispatcher.run(Task.from_function(lambda a, b: a + b), (1, 2), backend=primed)
+    backend = _Recording()
+    again = dispatcher.run(Task.from_function(lambda a, b: a + b), (3, 4), backend=backend)
+    assert again.result.value == 7
+    assert [token.endswith(".e") for token in primed.tokens] == [False, True]
+    assert [token.endswith(".e") for token in backend.tokens] == [False]
