@@ -367,19 +367,13 @@ class Backend(ABC):
     _ahead: threading.Thread | None = None  # connect_in_background's thread
     _ahead_guard: ClassVar[threading.Lock] = threading.Lock()  # one such thread per backend
     _serials: ClassVar[Iterator[int]] = itertools.count(1)
-    _serial: int = 0
 
     def __init__(self, spec: HostSpec) -> None:
         self.spec = spec
         self.connections_opened = 0
-
-    @property
-    def serial(self) -> int:
-        """A number of this backend, never given to another in this process: what rx keys per-connection
-        facts by (an ``id()`` is given again to a later object once this one is gone)."""
-        if not self._serial:
-            self._serial = next(Backend._serials)
-        return self._serial
+        #: A number of this backend, never given to another in this process: what rx keys per-connection
+        #: facts by (an ``id()`` is given again to a later object once this one is gone).
+        self.serial = next(Backend._serials)
 
     def connect(self) -> None:  # noqa: B027 - optional: a backend without a connection of its own has none
         """Open the connection to the host now (if it is not open), so that the next :meth:`start` finds it.
