@@ -39,7 +39,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["Prestarted", "abandon", "memo_key", "memo_path", "pending", "remember", "start", "take"]
+__all__ = ["Prestarted", "abandon", "answers", "exit_master", "memo_key", "memo_path", "pending", "remember", "start",
+           "take"]
 
 #: Bumped when the memo's layout changes (an older memo is then ignored).
 _VERSION = 1
@@ -150,27 +151,40 @@ def _end_orphans(folder: str) -> None:
             pass
         except (ValueError, IndexError, OSError):
             continue
-        path = os.path.join(folder, name)
-        if _answers(path):
-            import subprocess
-
-            try:
-                subprocess.run(["ssh", "-S", path, "-O", "exit", "--", "orphan"], stdin=subprocess.DEVNULL,
-                               capture_output=True, timeout=10, check=False)
-            except (OSError, subprocess.SubprocessError):
-                pass
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        _end_master(os.path.join(folder, name), "orphan")
 
 
-def _answers(path: str) -> bool:
-    """A master listens at ``path`` (see :func:`remote_exec.backends.controlpath.socket_answers`)."""
+def _end_master(path: str, host: str) -> None:
+    """End the master listening at ``path``, if one does, and remove its socket."""
+    if answers(path):
+        exit_master(path, host)
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def exit_master(path: str, host: str) -> bool:
+    """``ssh -S PATH -O exit -- HOST``: end the master at ``path`` now; True when it went (also
+    :func:`remote_exec.backends.controlpath.end_master`)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["ssh", "-S", path, "-O", "exit", "--", host], stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+def answers(path: str, timeout: float = 2.0) -> bool:
+    """A master listens at ``path``: a connection to it is accepted (a dead master's socket refuses).
+    Through ``_socket``, loaded with the interpreter (``socket`` costs ~6 ms); it is also
+    :func:`remote_exec.backends.controlpath.socket_answers`."""
     import _socket
 
     client = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    client.settimeout(2.0)
+    client.settimeout(timeout)
     try:
         client.connect(path)
     except OSError:
@@ -263,18 +277,7 @@ class Prestarted:
                 return
             self.finished = True
             self.kill()
-            if os.path.exists(self.listens) and _answers(self.listens):
-                import subprocess
-
-                try:
-                    subprocess.run([self.argv[0], "-S", self.listens, "-O", "exit", "--", self.argv[-1]],
-                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=10, check=False)
-                except (OSError, subprocess.SubprocessError):
-                    pass
-            try:
-                os.unlink(self.listens)
-            except OSError:
-                pass
+            _end_master(self.listens, self.argv[-1])
             self.release()
 
     def finish(self) -> None:
@@ -285,7 +288,7 @@ class Prestarted:
             if self.finished:
                 return
             self._reap()
-            if self.taken and self.returncode == 0 and _answers(self.listens):
+            if self.taken and self.returncode == 0 and answers(self.listens):
                 self.adopt()
             else:
                 self.discard()
@@ -305,7 +308,7 @@ def start(words: dict[str, str]) -> None:
         stamps, control_path, argv = entry
         if argv[:1] != ("ssh",) or any(stamp(str(item[0])) != tuple(item) for item in stamps):
             return
-        if _answers(control_path):  # a master is up: the run adopts it, as always
+        if answers(control_path):  # a master is up: the run adopts it, as always
             return
         _pending = _spawn(control_path, argv)
     except Exception:  # only a head start: the run connects as it always does
@@ -324,7 +327,7 @@ def _spawn(control_path: str, argv: tuple[str, ...]) -> Prestarted | None:
         lock_fd = os.open(f"{control_path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         opened.append(lock_fd)
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another rx opening it: leave it to that one
-        if _answers(control_path):
+        if answers(control_path):
             return None
         try:
             os.unlink(control_path)  # a stale socket: its master ended

@@ -33,13 +33,13 @@ import fcntl
 import hashlib
 import logging
 import os
-import socket
 import stat
-import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..prestart import answers, exit_master
 
 __all__ = ["DEFAULT_PERSIST", "SharedMaster", "end_master", "label_master", "master_lock", "persist_seconds",
            "private_dir", "shared_masters", "socket_answers", "socket_name"]
@@ -103,15 +103,7 @@ def socket_name(settings: Sequence[str]) -> str:
 
 def socket_answers(path: Path, timeout: float = 2.0) -> bool:
     """A master listens on ``path``: a connection to it is accepted (a dead master's socket refuses)."""
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    client.settimeout(timeout)
-    try:
-        client.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        client.close()
-    return True
+    return answers(str(path), timeout)
 
 
 @contextlib.contextmanager
@@ -170,9 +162,4 @@ def shared_masters() -> list[SharedMaster]:
 
 def end_master(master: SharedMaster) -> bool:
     """End a shared master now (``ssh -O exit``); True when it went."""
-    try:
-        done = subprocess.run(["ssh", "-S", str(master.socket), "-O", "exit", "--", master.host],
-                              stdin=subprocess.DEVNULL, capture_output=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0
+    return exit_master(str(master.socket), master.host)

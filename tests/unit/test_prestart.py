@@ -65,7 +65,7 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     yield sockets
     prestart.abandon()
     for path in sockets.glob("[mp]-*"):
-        if not path.name.endswith(".lock") and prestart._answers(str(path)):
+        if not path.name.endswith(".lock") and prestart.answers(str(path)):
             os.spawnvp(os.P_WAIT, "ssh", ["ssh", "-S", str(path), "-O", "exit", "--", "h"])
     for path in sockets.iterdir():
         path.unlink()
@@ -112,9 +112,9 @@ def test_the_master_of_the_memo_starts_listens_apart_and_takes_the_shared_name(f
     assert early is not None and not prestart.pending()
     assert early.wait(10) == 0
     assert Path(early.listens).parent == fake and Path(early.listens).name.startswith("p-")
-    assert prestart._answers(early.listens) and not control_path.exists()  # no one else looks there
+    assert prestart.answers(early.listens) and not control_path.exists()  # no one else looks there
     early.adopt()
-    assert prestart._answers(str(control_path)) and not Path(early.listens).exists()
+    assert prestart.answers(str(control_path)) and not Path(early.listens).exists()
     assert _lock_is_free(control_path)
 
 
@@ -125,7 +125,7 @@ def test_a_master_for_other_settings_is_stopped_and_leaves_nothing(fake: Path, t
     started = prestart._pending
     assert started is not None
     started.wait(10)  # up and in the background: stopping it takes `ssh -O exit`
-    assert prestart._answers(started.listens)
+    assert prestart.answers(started.listens)
 
     assert prestart.take(str(control_path), [*argv[:-1], "gpu2"]) is None
 
@@ -234,12 +234,12 @@ def test_at_exit_a_taken_master_that_is_up_is_kept_and_one_still_connecting_is_s
     early = prestart.take(str(control_path), argv)
     assert early is not None
     deadline = time.monotonic() + 10
-    while not prestart._answers(early.listens) and time.monotonic() < deadline:
+    while not prestart.answers(early.listens) and time.monotonic() < deadline:
         time.sleep(0.01)
 
     prestart.abandon()
 
-    assert early.finished and prestart._answers(str(control_path)) and not Path(early.listens).exists()
+    assert early.finished and prestart.answers(str(control_path)) and not Path(early.listens).exists()
     os.spawnvp(os.P_WAIT, "ssh", ["ssh", "-S", str(control_path), "-O", "exit", "--", "h"])
     control_path.unlink()
 
@@ -263,11 +263,11 @@ def test_the_next_rx_ends_what_a_killed_one_left(fake: Path, tmp_path: Path) -> 
     living = fake / f"p-{os.getpid()}-2"
     for path in (orphan, living):
         os.spawnvp(os.P_WAIT, "ssh", ["ssh", "-M", "-N", "-S", str(path), "--", "gpu1"])
-        assert prestart._answers(str(path))
+        assert prestart.answers(str(path))
 
     _remembered(fake, tmp_path)
 
-    assert not orphan.exists() and prestart._answers(str(living))
+    assert not orphan.exists() and prestart.answers(str(living))
     os.spawnvp(os.P_WAIT, "ssh", ["ssh", "-S", str(living), "-O", "exit", "--", "gpu1"])
 
 
