@@ -446,10 +446,11 @@ def _qualname(cls: type) -> str:
 
 
 def _import(qualified: str) -> Any:
-    module_name, _, attribute = qualified.partition(":")
-    import importlib
+    import sys
 
-    obj: Any = importlib.import_module(module_name)
+    module_name, _, attribute = qualified.partition(":")
+    __import__(module_name)  # importlib.import_module without importing importlib (the runner's hot path)
+    obj: Any = sys.modules[module_name]
     for part in attribute.split("."):
         obj = getattr(obj, part)
     return obj
