@@ -434,8 +434,14 @@ class RxDriver(Driver):
         self.payload = _payload()
         self.counter = int(time.time() * 1000) * 1000
         self.noops = {host: task(remote=host, backend=self.backend)(self.payload.noop) for host in self.hosts}
-        self.value_noop = task(remote=self.host, backend=self.backend)(noop_by_value)
-        self.value_warmed = False
+        # The by-value function in the by-reference row's one-file project (the payload's), so the two rows
+        # differ in how the function travels only; and in this agent's own project (the repository, 300-odd
+        # files): what a project's size adds to each call.
+        self.value_noops = {
+            "payload": task(remote=self.host, backend=self.backend,
+                            project=str(Path(self.payload.__file__).resolve().parent))(noop_by_value),
+            "repository": task(remote=self.host, backend=self.backend)(noop_by_value)}
+        self.value_warmed: set[str] = set()
         self.echo = task(remote=self.host, backend=self.backend)(self.payload.echo)
         self.warmed: set[str] = set()
         self.keep_warm: Any = None
@@ -490,13 +496,15 @@ class RxDriver(Driver):
         self._warm(self.host)
         return self._timed_calls(self.noops[self.host], count)
 
-    def op_warm_value(self, count: int) -> Reply:
-        """Warm calls of a ``__main__`` function (by value), process per call."""
-        if not self.value_warmed:
-            self.value_noop(self._next())
-            self.value_warmed = True
+    def op_warm_value(self, count: int, project: str = "payload") -> Reply:
+        """Warm calls of a ``__main__`` function (by value), process per call, in the payload's project or in
+        the repository's (``project``)."""
+        noop = self.value_noops[project]
+        if project not in self.value_warmed:
+            noop(self._next())
+            self.value_warmed.add(project)
             self._new_phases()
-        return self._timed_calls(self.value_noop, count)
+        return self._timed_calls(noop, count)
 
     def _check_keep_warm(self) -> None:
         """Find out whether ``keep_warm=True`` gives a persistent worker: two calls, the same remote process

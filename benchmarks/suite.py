@@ -99,7 +99,11 @@ def _rows() -> list[Row]:
             Row(f"{rx}.warm", f"rx ({backend}): warm call, unchanged code, process per call",
                 f"rx warm ({backend})", lat, "ssh.mux"),
             Row(f"{rx}.warm_value", f"rx ({backend}): warm call of a `__main__` function (sent by value), process "
-                                    "per call", f"rx warm, by value ({backend})", lat, "ssh.mux"),
+                                    "per call, in the warm call's one-file project",
+                f"rx warm, by value ({backend})", lat, "ssh.mux"),
+            Row(f"{rx}.warm_value_repo", f"rx ({backend}): the same, in a project of some 300 files (this repository): "
+                                         "each call stats them on both sides",
+                f"rx warm, by value, repository project ({backend})", lat, "ssh.mux"),
             Row(f"{rx}.first_value", f"rx ({backend}): first call of a new `python -c` process, a `__main__` "
                                      "function (by value), no connection open before, no project",
                 f"rx first call, by value ({backend})",
@@ -646,6 +650,10 @@ def _command_probes(bench: Bench, add: Callable[..., None], backend: str) -> Non
     add(f"rx warm by value ({backend})", (f"{rx}.warm_value",),
         partial(_samples, bench, agent, f"{rx}.warm_value", "warm_value", timeout=90,
                 group=f"warm call by value ({backend})", count=bench.settings.warm_calls))
+    add(f"rx warm by value, repository ({backend})", (f"{rx}.warm_value_repo",),
+        partial(_samples, bench, agent, f"{rx}.warm_value_repo", "warm_value", timeout=90,
+                group=f"warm call by value, repository project ({backend})", count=bench.settings.warm_calls,
+                project="repository"))
     add(f"rx first call by value ({backend})", (f"{rx}.first_value",), partial(_rx_first_value, bench, backend))
 
 
@@ -1023,7 +1031,7 @@ def _phase_groups(bench: Bench) -> dict[str, list[PhaseRecord]]:
     order = []
     for backend in BACKENDS:
         order += [f"first call ({backend})", f"first call, new process ({backend})", f"warm call ({backend})",
-                  f"warm call by value ({backend})",
+                  f"warm call by value ({backend})", f"warm call by value, repository project ({backend})",
                   f"keep_warm call ({backend})", f"rx run, whole command ({backend})",
                   f"second rx run, whole command ({backend})"]
         order += [f"{_size_name(size)} argument + result ({backend})" for size in SIZES]
