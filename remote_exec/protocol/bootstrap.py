@@ -20,8 +20,9 @@ bootstrap reads that line after its ``HAVE``, and answers ``NEED`` and ends when
 
 Before it imports anything, the bootstrap moves the real stdout to a private file descriptor and points
 fd 1 at stderr: what a ``sitecustomize``, ``usercustomize`` or ``.pth`` hook prints later (or flushes at
-exit) goes to stderr and never into the frames. Then it imports the runner from the archive and hands it
-stdin and that descriptor: from there on, frames (:mod:`.wire`).
+exit) goes to stderr and never into the frames. Then it imports the runner from the archive (served from the
+archive's code bundle for this interpreter once a runner wrote one: :mod:`remote_exec.runner.bundle`) and
+hands it stdin and that descriptor: from there on, frames (:mod:`.wire`).
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ s(b'OK')
 # that is too old. o: the protocol's fd (stdout moved away); s(): one answer; k(): the installed archive
 # matches its .rx-sizes (paths as bytes: one stat per file and little else). A token ending in ".e": the
 # call came right behind the command (after the line AHEAD, read here), so stdin holds no archive: NEED
-# ends the bootstrap (the coordinator starts it again the usual way). Otherwise NEED runs _INSTALL.
+# ends the bootstrap (the coordinator starts it again the usual way). Otherwise NEED runs _INSTALL. Then the
+# archive's code bundle for this interpreter, when there is one, installs its finder (remote_exec.runner.bundle).
 BOOTSTRAP = r"""
 import sys,os
 o=os.dup(1);os.dup2(2,1)
@@ -147,6 +149,13 @@ elif e:
 else:
     exec(INSTALL)
 sys.path.insert(0,p)
+try:
+    import marshal,_frozen_importlib_external as i
+    q=os.path.join(p,'.rx-code-%s-%s'%(sys.implementation.cache_tag,i.MAGIC_NUMBER.hex()));f=os.open(q,os.O_RDONLY)
+    b=os.pread(f,16,0);n=int.from_bytes(b[:8],'big')
+    if int.from_bytes(b[8:],'big')!=os.fstat(f).st_size:raise ValueError
+    x=marshal.loads(os.pread(f,n,16));exec(x.pop(''),{'codes':x,'p':p,'bundle':q,'fd':f,'base':16+n})
+except Exception:pass
 from remote_exec.runner import main
 sys.exit(main(sys.argv[3:],o,1))
 """.strip().replace("INSTALL", repr(_INSTALL))

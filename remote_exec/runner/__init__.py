@@ -36,6 +36,8 @@ The rooms, each imported only by the modes that need it:
 - :mod:`.maintain`: ``sync`` (store a tree without running anything) and ``gc`` on demand.
 - :mod:`.envs`: ``env`` (a task's dependencies as an environment, built once per key) and ``envprobe``.
 - :mod:`.batch`: ``prepare``, ``batch`` and ``seal`` of runs through a batch scheduler (Slurm).
+- :mod:`.bundle`: the archive's compiled code in one file per interpreter, written after a call served
+  without it, read by the bootstrap: the next calls' imports skip the search of ``sys.path``.
 
 Every import is paid on every call (process-per-call mode): only what the mode needs, and the lean
 variants (_signal and select.poll rather than signal and selectors, which pull in enum; wire's JSON writer
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None, out_fd: int = 1, leave: bool = False) ->
     try:
         code = _serve(mode, cache_dir, args[2:], out_fd)
         if leave and mode == "serve":
+            if getattr(__spec__.loader, "rx_bundle", None) is None:  # served: write the code bundle it lacked
+                _bundle()
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
@@ -82,6 +86,18 @@ def main(argv: list[str] | None = None, out_fd: int = 1, leave: bool = False) ->
 
             traceback.print_exc()
         return EXIT_RUNNER_FAILURE
+
+
+def _bundle() -> None:
+    """Write the archive's bundle for this interpreter (see :mod:`.bundle`): the next calls import the
+    runner from it. Never the call's failure."""
+    try:
+        from .bundle import write_bundle
+
+        write_bundle()
+    except Exception as exc:
+        if os.environ.get("RX_DEBUG"):
+            sys.stderr.write(f"rx runner: no code bundle: {type(exc).__name__}: {exc}\n")
 
 
 def _serve(mode: str, cache_dir: str, rest: list[str], out_fd: int) -> int:

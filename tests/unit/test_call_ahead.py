@@ -4,7 +4,6 @@ lost the archive, a call with secrets and a first start still go the usual way."
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,7 +39,9 @@ def test_a_host_that_lost_the_archive_gets_it_again(dispatcher: Any) -> None:
     call run once."""
     backend = _Recording()
     dispatcher.run(Task.from_function(lambda a, b: a + b), (1, 2), backend=backend)
-    shutil.rmtree(dispatcher.workdir / "archives" / dispatcher.archive.sha256)
+    # moved away at once, not removed file by file: the last runner may still be writing its code bundle there
+    installed = dispatcher.workdir / "archives" / dispatcher.archive.sha256
+    installed.rename(installed.with_name("lost"))
     again = dispatcher.run("print('once')\n", backend=backend)
     assert again.text() == "once\n" and again.outcome.uploaded
     assert [token.endswith(".e") for token in backend.tokens] == [False, True, False]
