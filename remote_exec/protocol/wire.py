@@ -105,6 +105,7 @@ __all__ = [
     "PROTOCOL",
     "WORKER_DIED",
     "FrameReader",
+    "builtin_sha256",
     "encode",
     "read_frame",
 ]
@@ -266,7 +267,7 @@ class SmallHMAC:
     """
 
     def __init__(self, key: bytes) -> None:
-        sha256 = _builtin_sha256()
+        sha256 = builtin_sha256()
         if len(key) > 64:
             key = sha256(key).digest()
         number = int.from_bytes(key.ljust(64, b"\0"), "big")
@@ -282,7 +283,8 @@ class SmallHMAC:
         return str(outer.hexdigest())
 
 
-def _builtin_sha256() -> Any:
+def builtin_sha256() -> Any:
+    """The interpreter's own sha256 constructor (no OpenSSL to load: ~2 ms on a host), else hashlib's."""
     try:
         from _sha256 import sha256  # type: ignore[import-not-found,unused-ignore]  # CPython <= 3.11
     except ImportError:
@@ -367,4 +369,4 @@ def tree_id(entries: list[tuple[str, int, int, bytes, str]]) -> str:
     path's UTF-8 bytes, NUL, the mode in octal, NUL, then the 32-byte digest (fixed length)."""
     parts = [b"%s\0%o\0%s" % (path.encode("utf-8", "surrogateescape"), mode, blob)
              for path, mode, _size, blob, _link in entries]
-    return str(_builtin_sha256()(b"rx-tree-1\0" + b"".join(parts)).hexdigest())
+    return str(builtin_sha256()(b"rx-tree-1\0" + b"".join(parts)).hexdigest())
