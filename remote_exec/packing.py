@@ -45,8 +45,11 @@ logger = logging.getLogger(__name__)
 
 #: The modules of remote_exec the runner imports: standard library only (tested with everything else
 #: blocked). The rest of the package travels too, for task modules that import the public API.
-#: Every module of ``remote_exec/runner/`` counts (the runner's rooms are imported per mode).
-REMOTE_MODULES = ("__init__", "errors", "protocol/__init__", "protocol/wire", "serialization", "session", "task",
+#: Every module of ``remote_exec/runner/`` counts (the runner's rooms are imported per mode). ``api`` is
+#: imported by the package itself (its ``task``). The host's code bundle takes the same modules
+#: (:data:`remote_exec.runner.bundle.REMOTE_SIDE`, tested equal).
+REMOTE_MODULES = ("__init__", "api", "errors", "protocol/__init__", "protocol/wire", "serialization", "session",
+                  "task",
                   *sorted(f"runner/{path.stem}" for path in (Path(__file__).parent / "runner").glob("*.py")))
 
 _MAIN = b"import sys\nfrom remote_exec.runner import main\nsys.exit(main(sys.argv[1:]))\n"

@@ -41,7 +41,8 @@ SIZES = ".rx-sizes"
 #: What a bundle's name starts with.
 PREFIX = ".rx-code-"
 
-#: The modules the remote side imports (paths in the archive; a folder: every module in it).
+#: The modules the remote side imports (paths in the archive; a folder: every module in it): the modules
+#: the archive ships compiled (packing.REMOTE_MODULES, tested equal).
 REMOTE_SIDE = ("remote_exec/__init__.py", "remote_exec/api.py", "remote_exec/task.py", "remote_exec/session.py",
                "remote_exec/serialization.py", "remote_exec/errors.py", "remote_exec/protocol/__init__.py",
                "remote_exec/protocol/wire.py", "remote_exec/runner/")

@@ -77,8 +77,17 @@ def _env() -> dict[str, str]:
 def test_remote_modules_are_the_ones_tested_here() -> None:
     runner = {f"runner/{path.stem}" for path in (REPO_ROOT / "remote_exec" / "runner").glob("*.py")}
     assert {"runner/__init__", "runner/supervise", "runner/child", "runner/result"} <= runner
-    assert set(REMOTE_MODULES) == {"__init__", "errors", "protocol/__init__", "protocol/wire", "serialization",
-                                   "session", "task"} | runner
+    assert set(REMOTE_MODULES) == {"__init__", "api", "errors", "protocol/__init__", "protocol/wire",
+                                   "serialization", "session", "task"} | runner
+
+
+def test_the_code_bundle_takes_the_remote_modules() -> None:
+    """The host's code bundle (remote_exec.runner.bundle) serves what the archive ships compiled."""
+    from remote_exec.runner.bundle import REMOTE_SIDE
+
+    runner = {name for name in REMOTE_MODULES if name.startswith("runner/")}
+    assert {f"remote_exec/{name}.py" for name in set(REMOTE_MODULES) - runner} | {"remote_exec/runner/"} \
+        == set(REMOTE_SIDE)
 
 
 def test_every_remote_module_imports_with_the_standard_library_only(tmp_path: Path) -> None:
