@@ -1054,6 +1054,7 @@ def _startup_text(results: Results) -> str:
 _SPEED_ROWS = {"ssh.cold", "ssh.mux", "startup.python", "startup.help",
                *(f"rx-{backend}.{kind}" for backend in BACKENDS
                  for kind in ("first", "first_process", "warm", "run", "run_fresh", "run_second", "warm_value",
+                              "warm_value_repo",
                               "first_value"))}
 
 
