@@ -197,11 +197,33 @@ def run_task(function: TaskFunction[Any], args: tuple[Any, ...], kwargs: dict[st
     return run_chain(session, advices, config.extensions).unwrap()
 
 
+#: The options of a ``@task`` that may change which ssh master its host gets (the memo's key holds them).
+_CONNECTION_OPTIONS = ("host_key_policy", "connect_timeout", "keepalive_interval", "keepalive_count", "scheduler",
+                       "slurm_args")
+
+
+def _memo_words(function: TaskFunction[Any]) -> dict[str, str] | None:
+    """The words of the prestart memo's key for ``function``'s host (:func:`remote_exec.prestart.memo_key`),
+    or None when its configuration is an object of the caller's (nothing to key it by)."""
+    if function.config is not None:
+        return None
+    options = function.options
+    return {"remote": str(function.remote), "backend": str(options.get("backend") or ""),
+            "ssh_config": str(options.get("ssh_config") or ""),
+            "task": repr([(name, options.get(name)) for name in _CONNECTION_OPTIONS if name in options])}
+
+
 def _connect_first(function: TaskFunction[Any]) -> EarlyConnection | None:
-    """The first call of a process to a host: start connecting before rx's machinery is imported (see
+    """The first call of a process to a host: start the ssh master its last such call used, from the memo
+    (:mod:`remote_exec.prestart`), then connecting before rx's machinery is imported (see
     :mod:`remote_exec.early`)."""
     if not isinstance(function.remote, str) or not function.remote:
         return None
+    words = _memo_words(function)
+    if words is not None:
+        from . import prestart
+
+        prestart.start(words)
     try:
         from .config import Configuration
 
@@ -210,7 +232,12 @@ def _connect_first(function: TaskFunction[Any]) -> EarlyConnection | None:
         return None
     from .early import connect_early
 
-    return connect_early(config, function.remote, dict(function.options))
+    memo = None
+    if words is not None:
+        from .prestart import memo_key
+
+        memo = (memo_key(words), tuple(str(path) for path in (config.source,) if path is not None))
+    return connect_early(config, function.remote, dict(function.options), prestart_memo=memo)
 
 
 def for_caller(exc: BaseException) -> BaseException:

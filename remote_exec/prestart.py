@@ -6,7 +6,9 @@ which ``ssh`` to start takes rx ~30 ms before that (its imports, the project's c
 and the master started that much later is up that much later. So the OpenSSH backend remembers, per
 command line, working directory and environment, the command that opened (or found) its shared master
 (:func:`remember`, in a memo in rx's cache directory), and ``rx run`` starts that very command as its first
-act (:func:`start`, from :func:`remote_exec.cli.main`), before it imports anything else.
+act (:func:`start`, from :func:`remote_exec.cli.main`), before it imports anything else. The first ``@task``
+call of a process does the same for its host and options (from :func:`remote_exec.api.run_task`), before
+it imports rx's configuration.
 
 It is a guess, and it is never trusted:
 
@@ -52,6 +54,8 @@ _ENVIRON = ("HOME", "USER", "LOGNAME", "PATH", "XDG_RUNTIME_DIR", "XDG_CACHE_HOM
 Stamp = tuple[object, ...]  # (path, mtime_ns, size, inode), or (path,) for a file that did not exist
 
 _pending: Prestarted | None = None
+#: Held while a head start is decided (two threads making a process's first calls at once start one).
+_starting = _thread.allocate_lock()
 
 
 def memo_path(environ: dict[str, str] | os._Environ[str] | None = None) -> str:
@@ -66,12 +70,14 @@ def memo_path(environ: dict[str, str] | os._Environ[str] | None = None) -> str:
 def memo_key(words: dict[str, str], cwd: str | None = None,
              environ: dict[str, str] | os._Environ[str] | None = None) -> str:
     """The memo's key for an ``rx run`` line's host options (:func:`remote_exec.cli.words.peek_run`'s
-    ``remote``, ``backend``, ``ssh_config``), run in ``cwd`` with ``environ``: a digest of them, the Python
-    that runs rx, and the environment variables that rx reads (``RX_*``) or that name the user's files."""
+    ``remote``, ``backend``, ``ssh_config``), or a ``@task``'s (the same, and under ``task`` its other
+    connection options), run in ``cwd`` with ``environ``: a digest of them, the Python that runs rx, and
+    the environment variables that rx reads (``RX_*``) or that name the user's files."""
     env = os.environ if environ is None else environ
     named = sorted((name, value) for name, value in env.items() if name.startswith("RX_") or name in _ENVIRON)
     parts = (_VERSION, sys.executable, cwd if cwd is not None else os.getcwd(),
-             words.get("remote", ""), words.get("backend", ""), words.get("ssh_config", ""), tuple(named))
+             words.get("remote", ""), words.get("backend", ""), words.get("ssh_config", ""), words.get("task", ""),
+             tuple(named))
     return _digest(marshal.dumps(parts))
 
 
@@ -295,25 +301,27 @@ class Prestarted:
 
 
 def start(words: dict[str, str]) -> None:
-    """Start the master the memo names for this ``rx run`` line (see the module), when the memo has one, its
-    files are unchanged, no master answers at its socket and no other rx is opening one there. Never
-    raises: it is only a head start."""
+    """Start the master the memo names for this ``rx run`` line or ``@task`` (``words``: see
+    :func:`memo_key`; the module says when), once per process. Never raises: it is only a head start."""
     global _pending
     if _pending is not None or os.name != "posix":
         return
-    try:
-        entry = _load(memo_path()).get(memo_key(words))
-        if entry is None:
+    with _starting:
+        if _pending is not None:
             return
-        stamps, control_path, argv = entry
-        if argv[:1] != ("ssh",) or any(stamp(str(item[0])) != tuple(item) for item in stamps):
+        try:
+            entry = _load(memo_path()).get(memo_key(words))
+            if entry is None:
+                return
+            stamps, control_path, argv = entry
+            if argv[:1] != ("ssh",) or any(stamp(str(item[0])) != tuple(item) for item in stamps):
+                return
+            if answers(control_path):  # a master is up: the run adopts it, as always
+                return
+            _pending = _spawn(control_path, argv)
+        except Exception:  # only a head start: the run connects as it always does
+            _pending = None
             return
-        if answers(control_path):  # a master is up: the run adopts it, as always
-            return
-        _pending = _spawn(control_path, argv)
-    except Exception:  # only a head start: the run connects as it always does
-        _pending = None
-        return
     import atexit
 
     atexit.register(abandon)

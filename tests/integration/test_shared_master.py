@@ -226,3 +226,41 @@ def test_a_first_rx_run_starts_the_master_its_memo_names_and_checks_it(remote: R
     while len(_ssh_processes(runtime_dir)) > 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(_ssh_processes(runtime_dir)) == 1, _ssh_processes(runtime_dir)
+
+
+TASK_SCRIPT = """
+import logging, sys
+logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+from remote_exec import task
+
+def double(x):
+    return 2 * x
+
+print(task(remote=sys.argv[1])(double)(21))
+"""
+
+
+def test_a_task_s_first_call_starts_the_master_its_memo_names(remote: Remote, runtime_dir: Path) -> None:
+    """A script's first ``@task`` call after the shared master ended starts the ssh its last run used
+    before rx's configuration is worked out, and takes it (the same command): the call goes over it."""
+    if remote.backend != "openssh":
+        pytest.skip("openssh only")
+    env = {**remote.env, "XDG_RUNTIME_DIR": str(runtime_dir), "RX_SSH_PERSIST": "300"}
+    script = remote.project / "sweep.py"
+    script.write_text(TASK_SCRIPT)
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(script), HOST], cwd=remote.project, env=env, capture_output=True,
+                              text=True, timeout=60, check=False)
+
+    first = run()
+    assert first.returncode == 0 and first.stdout == "42\n", first.stderr
+    assert "taking the ssh that rx started from its memo" not in first.stderr
+    [socket_path] = sockets(runtime_dir)
+    _end_master(socket_path)
+
+    second = run()
+    assert second.returncode == 0 and second.stdout == "42\n", second.stderr
+    assert "taking the ssh that rx started from its memo" in second.stderr
+    assert sockets(runtime_dir) == [socket_path] and master_pid(socket_path) is not None
+    assert list((runtime_dir / "rx-ssh").glob("p-*")) == [] and len(_ssh_processes(runtime_dir)) == 1

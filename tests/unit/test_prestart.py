@@ -214,7 +214,7 @@ def test_the_memo_key_follows_the_line_the_directory_and_rx_s_environment(tmp_pa
     assert prestart.memo_key(WORDS, "/q", environ) != key
     assert prestart.memo_key(WORDS, "/p", {**environ, "RX_SSH_PERSIST": "60"}) != key
     assert prestart.memo_key(WORDS, "/p", {**environ, "TERM": "dumb"}) == key
-    assert "300" not in key and "/home/a" not in key  # a digest
+    assert len(key) == 64 and set(key) <= set("0123456789abcdef")  # a digest: no value of the environment in it
 
 
 def test_the_memo_keeps_the_latest_entries(fake: Path, tmp_path: Path) -> None:
@@ -285,3 +285,40 @@ def test_without_posix_spawn_s_setsid_nothing_starts_and_nothing_is_held(
 
     assert not prestart.pending() and _lock_is_free(control_path)
     assert not list(fake.glob("p-*"))
+
+
+def test_a_task_s_first_call_starts_the_memo_s_master_before_rx_s_configuration(
+        fake: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first ``@task`` call of a process starts its host's remembered master first thing, keyed by its
+    host and connection options (not an ``rx run`` line's key), and has its backend remember under it."""
+    from remote_exec import api, task
+    from remote_exec import early as early_module
+
+    train = task(remote="gpu1", backend="openssh")(lambda: None)
+    words = api._memo_words(train)
+    assert words is not None
+    key = prestart.memo_key(words)
+    assert key != prestart.memo_key({"remote": "gpu1", "backend": "openssh"})  # an rx run line's
+    assert key == prestart.memo_key(api._memo_words(task(remote="gpu1", backend="openssh")(print)) or {})
+    assert key != prestart.memo_key(
+        api._memo_words(task(remote="gpu1", backend="openssh", connect_timeout=3)(print)) or {})
+    control_path = fake / "m-0123456789abcdef0123"
+    argv = _argv(control_path)
+    prestart.remember(key, [], str(control_path), argv)
+    remembered: list[object] = []
+
+    def connect_early(config: object, remote: str, options: dict[str, object],
+                      prestart_memo: object = None) -> None:
+        remembered.append((remote, prestart.pending(), prestart_memo))
+
+    monkeypatch.setattr(early_module, "connect_early", connect_early)
+    assert api._connect_first(train) is None
+    assert remembered == [("gpu1", True, (key, ()))]  # started before the connection was worked out
+    started = prestart.take(str(control_path), argv)
+    assert started is not None and started.wait(10) == 0
+    started.adopt()
+
+    from remote_exec.config import Configuration
+
+    explicit = task(remote="gpu1", config=Configuration())(print)  # an object of the caller's: no key
+    assert api._memo_words(explicit) is None
