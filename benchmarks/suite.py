@@ -105,9 +105,13 @@ def _rows() -> list[Row]:
                                          "each call stats them on both sides",
                 f"rx warm, by value, repository project ({backend})", lat, "ssh.mux"),
             Row(f"{rx}.first_value", f"rx ({backend}): first call of a new `python -c` process, a `__main__` "
-                                     "function (by value), no connection open before, no project",
+                                     "function (by value), no connection open before (the master the last "
+                                     "one left has ended, as after its idle ControlPersist), no project",
                 f"rx first call, by value ({backend})",
                 lat, "ssh.cold"),
+            Row(f"{rx}.first_value_fresh", f"rx ({backend}): the same in a runtime directory rx never used (no "
+                                           "memo of its master: as on a new machine)",
+                f"rx first call, by value, new machine ({backend})", lat, "ssh.cold"),
             Row(f"{rx}.keep_warm", f"rx ({backend}): warm call with `keep_warm=True`",
                 f"rx keep_warm ({backend})", lat, "mitogen.warm"),
             Row(f"{rx}.run", f"`rx run` of a trivial script, whole command, no connection open before: the "
@@ -435,11 +439,12 @@ print(seconds)
 """
 
 
-def _rx_first_value(bench: Bench, backend: str) -> None:
+def _rx_first_value(bench: Bench, backend: str, *, fresh: bool = False) -> None:
     """The first call of a new `python -c` process whose task is a `__main__` function, to a fresh workdir,
-    no shared master open (run outside any project, as the issue measured it)."""
+    no shared master open (run outside any project, as the issue measured it): in a runtime directory that
+    stays (the master the last run left ended), or with ``fresh`` in a new one."""
     workdir = f"~/.cache/rxbench-first/{uuid.uuid4().hex}"
-    with _no_master(bench) as env:
+    with _no_master(bench) if fresh else _master_ended(bench, f"first-value-{backend}") as env:
         env["RX_WORKSPACE"] = str(bench.run_dir / "workspaces" / f"rx-first-value-{backend}")
         done = subprocess.run([str(bench.rx_python), "-c", FIRST_VALUE_SCRIPT, bench.hosts[0], backend, workdir],
                               cwd=bench.control_dir, env=env, capture_output=True, text=True, timeout=90,
@@ -447,7 +452,8 @@ def _rx_first_value(bench: Bench, backend: str) -> None:
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
         raise ProbeError(f"first call by value: {lines[-1] if lines else done.returncode}")
-    bench.results.add(f"rx-{backend}.first_value", float(done.stdout.strip().splitlines()[-1]))
+    key = f"rx-{backend}.first_value_fresh" if fresh else f"rx-{backend}.first_value"
+    bench.results.add(key, float(done.stdout.strip().splitlines()[-1]))
 
 
 def _rx_first(bench: Bench, backend: str) -> None:
@@ -655,6 +661,8 @@ def _command_probes(bench: Bench, add: Callable[..., None], backend: str) -> Non
                 group=f"warm call by value, repository project ({backend})", count=bench.settings.warm_calls,
                 project="repository"))
     add(f"rx first call by value ({backend})", (f"{rx}.first_value",), partial(_rx_first_value, bench, backend))
+    add(f"rx first call by value, new machine ({backend})", (f"{rx}.first_value_fresh",),
+        partial(_rx_first_value, bench, backend, fresh=True))
 
 
 def _env_probes(bench: Bench, add: Callable[..., None]) -> None:
@@ -1054,8 +1062,7 @@ def _startup_text(results: Results) -> str:
 _SPEED_ROWS = {"ssh.cold", "ssh.mux", "startup.python", "startup.help",
                *(f"rx-{backend}.{kind}" for backend in BACKENDS
                  for kind in ("first", "first_process", "warm", "run", "run_fresh", "run_second", "warm_value",
-                              "warm_value_repo",
-                              "first_value"))}
+                              "warm_value_repo", "first_value", "first_value_fresh"))}
 
 
 def render(bench: Bench, *, duration: float, load: tuple[tuple[float, ...], tuple[float, ...]]) -> str:
