@@ -61,7 +61,10 @@ AHEAD = b"exit 97\n"
 
 # The install branch of the bootstrap (run only when the archive is missing): it travels as a string
 # literal in the bootstrap and is compiled only then, so the usual call compiles a third of the code
-# (~0.3 ms of each call's start on the host). Globals of the bootstrap it uses: s, a, c, h, p, j.
+# (~0.3 ms of each call's start on the host). Globals of the bootstrap it uses: s, a, c, h, p, j. Every
+# entry is checked and its folder made first; then two threads extract every other file each (zlib and
+# the writes release the GIL: 11 -> 7 ms for rx's archive on the testbed), and the first waits for the
+# second to be gone before anything forks.
 _INSTALL = r"""
 import zlib
 try:from _sha256 import sha256
@@ -78,7 +81,17 @@ while n:
 d=b''.join(z);del z
 if sha256(d).hexdigest()!=h:raise SystemExit('rx bootstrap: archive sha256 mismatch')
 u=lambda i,k:int.from_bytes(d[i:i+k],'little')
-t=os.path.join(a,'.tmp-'+os.urandom(8).hex());os.mkdir(t,0o700);y=set([t]);w=[]
+t=os.path.join(a,'.tmp-'+os.urandom(8).hex());os.mkdir(t,0o700);y=set([t]);r=[];k=None
+def x(n,w):
+    try:
+        for v,g,o,z in r[n::2]:
+            b=d[o:o+z]
+            if g:b=zlib.decompress(b,-15)
+            with open(v,'wb') as f:f.write(b)
+            w.append(b'%d %s\n'%(len(b),v[len(t)+1:].encode('utf-8')))
+    except BaseException as c:w.append(c)
+    finally:
+        if n:k.release()
 try:
     e=d.rfind(b'PK\x05\x06');q=u(e+16,4)
     for _ in range(u(e+10,2)):
@@ -87,14 +100,16 @@ try:
         if f.startswith('/') or '..' in f.split('/') or '\\' in f or '\n' in f:
             raise SystemExit('rx bootstrap: bad entry')
         if f.endswith('/'):continue
-        v=l+30+u(l+26,2)+u(l+28,2);b=d[v:v+z]
-        if g==8:b=zlib.decompress(b,-15)
-        elif g:raise SystemExit('rx bootstrap: unknown compression')
+        if g not in(0,8):raise SystemExit('rx bootstrap: unknown compression')
         v=os.path.join(t,f);e=os.path.dirname(v)
         if e not in y:os.makedirs(e,exist_ok=True);y.add(e)
-        with open(v,'wb') as f:f.write(b)
-        w.append(b'%d %s\n'%(len(b),v[len(t)+1:].encode('utf-8')))
-    with open(os.path.join(t,'.rx-sizes'),'wb') as f:f.write(b''.join(w))
+        r.append((v,g,l+30+u(l+26,2)+u(l+28,2),z))
+    import _thread,time;k=_thread.allocate_lock();k.acquire();w=[];j=[]
+    _thread.start_new_thread(x,(1,j));x(0,w);k.acquire()
+    while _thread._count():time.sleep(0.0002)
+    for c in w+j:
+        if not isinstance(c,bytes):raise c
+    with open(os.path.join(t,'.rx-sizes'),'wb') as f:f.write(b''.join(w+j))
     try:os.rename(t,p)
     except OSError:
         if not os.path.isdir(p):raise

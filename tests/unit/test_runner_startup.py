@@ -165,6 +165,54 @@ def test_a_damaged_installed_archive_is_installed_again(tmp_path: Path, damage: 
     assert sorted(p.name for p in (tmp_path / "cache" / "archives").iterdir()) == [digest]
 
 
+def _archive_of(entries: list[tuple[str, bytes, int]]) -> tuple[bytes, str]:
+    """A zip of ``(name, data, compression)`` entries and its sha256 (names written as given)."""
+    import hashlib
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data, compression in entries:
+            archive.writestr(zipfile.ZipInfo(name), data, compress_type=compression)
+    return buffer.getvalue(), hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+@pytest.mark.parametrize(("entries", "said"), [
+    ([("remote_exec/__init__.py", b"", 8), ("../evil.py", b"x", 8)], b"bad entry"),
+    ([("remote_exec/__init__.py", b"", 8), ("/tmp/evil.py", b"x", 0)], b"bad entry"),
+    ([("remote_exec/__init__.py", b"", 8), ("a/b.py", b"x" * 100, 12)], b"unknown compression"),
+    # a file where another entry made a folder: the write fails in the first thread, or in the second
+    ([("remote_exec/__init__.py", b"", 8), ("pkg/x.py", b"x", 8), ("pkg", b"y", 8)], b"IsADirectoryError"),
+    ([("remote_exec/__init__.py", b"", 8), ("pkg", b"y", 8), ("pkg/x.py", b"x", 8)], b"IsADirectoryError"),
+])
+def test_an_archive_that_does_not_install_leaves_nothing(tmp_path: Path, entries: list[tuple[str, bytes, int]],
+                                                         said: bytes) -> None:
+    """Every entry is checked before any is written, and an error in either extracting thread fails the
+    install: nothing is installed, nothing half-done is left, nothing is written outside."""
+    data, digest = _archive_of(entries + [(f"f{number}.py", b"z" * number, 8) for number in range(40)])
+    done = _boot(tmp_path, digest, data)
+    assert done.returncode != 0 and said in done.stderr, done.stderr.decode()
+    assert list((tmp_path / "cache" / "archives").iterdir()) == []
+    assert not (tmp_path / "cache" / "evil.py").exists() and not (tmp_path / "evil.py").exists()
+
+
+def test_an_archive_of_many_files_installs_each_with_its_size(tmp_path: Path) -> None:
+    """Both extracting threads' files are there, whole, and in ``.rx-sizes``."""
+    files = {f"pkg/m{number}.py": os.urandom(number * 37) for number in range(101)}
+    data, digest = _archive_of([(name, content, 8 if number % 3 else 0)
+                                for number, (name, content) in enumerate(files.items())]
+                               + [("remote_exec/__init__.py", b"", 8),
+                                  ("remote_exec/runner/__init__.py",
+                                   b"def main(argv, fd=1, leave=False):\n    return 0\n", 8)])
+    done = _boot(tmp_path, digest, data)
+    assert done.returncode == 0, done.stderr.decode()
+    installed = tmp_path / "cache" / "archives" / digest
+    assert {name: (installed / name).read_bytes() for name in files} == files
+    sizes = dict(line.split(" ", 1)[::-1] for line in (installed / ".rx-sizes").read_text().splitlines())
+    assert len(sizes) == len(files) + 2 and all(int(sizes[name]) == len(files[name]) for name in files)
+
+
 def test_the_handshake_is_found_after_login_noise() -> None:
     from remote_exec.protocol.bootstrap import find_handshake
 
