@@ -244,9 +244,14 @@ def _no_result_error(call: Call, deadline: float | None) -> RemoteExecError:
     code = channel.process.wait(5)
     tail = channel.stderr_tail()
     call.tree.join(5)
+    # The host's own account of why it could not store the project (a full disk) comes first: the upload
+    # that it cut short may fail in any way after it (a pipe closed under the sending thread).
+    stored_not = call.tree.requested and code == 70 and tail.startswith("rx runner: ")
+    if stored_not and not tail.startswith(f"rx runner: {wire.COORDINATOR_SEND_FAILED}"):
+        return SyncError(f"{host}: {tail[len('rx runner: '):]}")
     if call.tree.error:
         return SyncError(f"{host}: {call.tree.error}")
-    if call.tree.requested and code == 70 and tail.startswith("rx runner: "):  # the host could not store it
+    if stored_not:
         return SyncError(f"{host}: {tail[len('rx runner: '):]}")
     if call.overdue.is_set() or (deadline is not None and time.monotonic() > deadline):
         return CommandTimeout(host, f"the task ran past its timeout of {options.timeout:g} s and the host did "

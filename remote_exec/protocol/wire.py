@@ -100,6 +100,7 @@ if TYPE_CHECKING:
     from typing import Any, BinaryIO
 
 __all__ = [
+    "COORDINATOR_SEND_FAILED",
     "HEADER",
     "MAX_FRAME",
     "PROTOCOL",
@@ -115,6 +116,8 @@ HEADER = struct.Struct(">cI")
 MAX_FRAME = 1 << 20
 #: Starts the stderr line of a persistent worker's guardian when a signal ended the worker (see above).
 WORKER_DIED = "RXWORKER-DIED "
+#: Starts a runner's error when the coordinator aborted the project's upload (its ``d`` frame's error).
+COORDINATOR_SEND_FAILED = "the coordinator could not send the project"
 def encode(kind: bytes, payload: bytes | memoryview = b"") -> bytes:
     """One frame: type byte, length, payload."""
     return HEADER.pack(kind, len(payload)) + payload

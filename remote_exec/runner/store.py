@@ -351,7 +351,7 @@ class _Receiver:
 
     def end(self, options: dict[str, Any]) -> None:
         if options.get("error"):
-            raise StoreError(f"the coordinator could not send the project: {options['error']}")
+            raise StoreError(f"{wire.COORDINATOR_SEND_FAILED}: {options['error']}")
         if self.blob is not None or self.index < len(self.wanted):
             raise StoreError("protocol: the blobs ended before every one asked for arrived")
 

@@ -111,24 +111,26 @@ def test_a_full_disk_while_the_project_travels_is_one_clear_error(rig: Rig, smal
     rig.write("hello.py", "print(open('data/small.txt').read())\n")
     rig.write("data/small.txt", "small")
     (rig.project / "data" / "big.bin").write_bytes(os.urandom(8 << 20))
-    baseline = remote_baseline(host)
-    with trial("tree_disk_full", variant="8 MB project, 5 MB cache", bound=30.0) as t:
-        done = rig.rx("run", "--remote", host.alias, "hello.py", timeout=60)
-        t.timed(done.seconds, hang=done.timed_out)
-        errors = cli_error_lines(done.stderr)
-        t.outcome = f"exit {done.returncode}: {error_summary(done.stderr)}"
-        t.note(traceback=has_traceback(done.stderr))
-        t.audit(audit_remote(host, baseline))
-        store = _store(host, REMOTE_CACHE)
-        t.note(corrupted=len(_damaged(store["blobs"])), trees=len(store["trees"]), temporaries=len(store["tmp"]))
-        (rig.project / "data" / "big.bin").unlink()
-        again = rig.rx("run", "--remote", host.alias, "hello.py", timeout=60)
+    try:  # the host's store is emptied however the test ends (the next backend's run starts clean)
+        baseline = remote_baseline(host)
+        with trial("tree_disk_full", variant="8 MB project, 5 MB cache", bound=30.0) as t:
+            done = rig.rx("run", "--remote", host.alias, "hello.py", timeout=60)
+            t.timed(done.seconds, hang=done.timed_out)
+            errors = cli_error_lines(done.stderr)
+            t.outcome = f"exit {done.returncode}: {error_summary(done.stderr)}"
+            t.note(traceback=has_traceback(done.stderr))
+            t.audit(audit_remote(host, baseline))
+            store = _store(host, REMOTE_CACHE)
+            t.note(corrupted=len(_damaged(store["blobs"])), trees=len(store["trees"]), temporaries=len(store["tmp"]))
+            (rig.project / "data" / "big.bin").unlink()
+            again = rig.rx("run", "--remote", host.alias, "hello.py", timeout=60)
 
-        assert done.returncode == 3, done.stderr
-        assert len(errors) == 1 and not has_traceback(done.stderr), done.stderr
-        assert errors[0].startswith(f"rx: error: {host.alias}: no space left to store the project"), errors
-        assert store["trees"] == [] and store["tmp"] == [] and t.facts["corrupted"] == 0, store
-        assert t.facts["orphans"] == 0, t.facts
-        assert again.returncode == 0, again.stderr
-        assert again.stdout.strip() == "small"
-    root_sh(host, f"rm -rf {REMOTE_CACHE}/blobs {REMOTE_CACHE}/trees {REMOTE_CACHE}/runs/*")
+            assert done.returncode == 3, done.stderr
+            assert len(errors) == 1 and not has_traceback(done.stderr), done.stderr
+            assert errors[0].startswith(f"rx: error: {host.alias}: no space left to store the project"), errors
+            assert store["trees"] == [] and store["tmp"] == [] and t.facts["corrupted"] == 0, store
+            assert t.facts["orphans"] == 0, t.facts
+            assert again.returncode == 0, again.stderr
+            assert again.stdout.strip() == "small"
+    finally:
+        root_sh(host, f"rm -rf {REMOTE_CACHE}/blobs {REMOTE_CACHE}/trees {REMOTE_CACHE}/runs/*")
