@@ -238,21 +238,30 @@ def _send_call(channel: Channel, go: dict[str, Any], session_bytes: bytes | None
             raise
 
 
+def _project_not_stored(call: Call, code: int | None, tail: str) -> SyncError | None:
+    """Why the project did not reach the host, if it did not. The host's own account (a full disk) comes
+    first: the upload it cut short may fail in any way after it (a pipe closed under the sending thread);
+    the coordinator's own error next (a file that changed), rather than the runner's echo of it."""
+    host = call.host
+    told = call.tree.requested and code == 70 and tail.startswith("rx runner: ")
+    if told and not tail.startswith(f"rx runner: {wire.COORDINATOR_SEND_FAILED}"):
+        return SyncError(f"{host}: {tail[len('rx runner: '):]}")
+    if call.tree.error:
+        return SyncError(f"{host}: {call.tree.error}")
+    if told:
+        return SyncError(f"{host}: {tail[len('rx runner: '):]}")
+    return None
+
+
 def _no_result_error(call: Call, deadline: float | None) -> RemoteExecError:
     """Why the result stream ended before its ``Z`` frame."""
     channel, host, options = call.channel, call.host, call.options
     code = channel.process.wait(5)
     tail = channel.stderr_tail()
     call.tree.join(5)
-    # The host's own account of why it could not store the project (a full disk) comes first: the upload
-    # that it cut short may fail in any way after it (a pipe closed under the sending thread).
-    stored_not = call.tree.requested and code == 70 and tail.startswith("rx runner: ")
-    if stored_not and not tail.startswith(f"rx runner: {wire.COORDINATOR_SEND_FAILED}"):
-        return SyncError(f"{host}: {tail[len('rx runner: '):]}")
-    if call.tree.error:
-        return SyncError(f"{host}: {call.tree.error}")
-    if stored_not:
-        return SyncError(f"{host}: {tail[len('rx runner: '):]}")
+    unstored = _project_not_stored(call, code, tail)
+    if unstored is not None:
+        return unstored
     if call.overdue.is_set() or (deadline is not None and time.monotonic() > deadline):
         return CommandTimeout(host, f"the task ran past its timeout of {options.timeout:g} s and the host did "
                                     f"not confirm the stop within {STOP_MARGIN:g} s; the link was given up",
