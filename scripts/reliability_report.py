@@ -161,15 +161,22 @@ KNOWN_LIMITS = [
     "`rx hosts --disconnect HOST` makes the next rx connect (and check) afresh "
     "(tests/integration/test_shared_master.py). The fault scenarios run with `RX_SSH_PERSIST=0`: each rx "
     "opens its own connection, as they assume.",
-    "- **The fault scenarios do not exercise the master an `rx run` starts from its memo** (OpenSSH, shared "
-    "masters only, so not with their `RX_SSH_PERSIST=0`). What was tried instead "
-    "(tests/integration/test_shared_master.py, tests/unit/test_prestart.py): the memo's ssh refused for a "
+    "- **The fault scenarios do not exercise the master an `rx run` (or a process's first `@task` call) "
+    "starts from its memo** (OpenSSH, shared masters only, so not with their `RX_SSH_PERSIST=0`). What was "
+    "tried instead (tests/integration/test_shared_master.py, tests/unit/test_prestart.py): the memo's "
+    "master taken by a `@task` script's first call, the memo's ssh refused for a "
     "changed host key (exit 255, the host named, no traceback, nothing left), a memo made for settings that "
     "changed where its stamps do not look (stopped, the run connects anew), an ssh still connecting at exit "
     "(killed), a failed ssh (its message mapped as always), a memo others may write (ignored), `rx run` of a "
     "missing script, Ctrl-C and SIGTERM at 30-120 ms (exit 130, nothing left). An rx killed with `kill -9` "
     "after starting it leaves that master at a socket no other rx uses; the next rx that connects ends it "
     "(its pid is gone), else its idle `ControlPersist` does.",
+    "- **The runner's code bundle** (`.rx-code-*` in an installed archive, remote_exec/runner/bundle.py) serves "
+    "the calls that follow a served one on each host in the scenarios above. Its own failures were tried in "
+    "tests/unit/test_runner_bundle.py, not here: a bundle of the wrong size or not a marshal (passed over, "
+    "written again), one module's code damaged at the right size (that module loaded from its file, the "
+    "bundle removed and written again), a `.pyc` stale against its source (left out). A runner killed while "
+    "writing one leaves its `.tmp-PID` file in the archive's directory until the archive is collected.",
 ]
 
 
