@@ -446,11 +446,10 @@ def _qualname(cls: type) -> str:
 
 
 def _import(qualified: str) -> Any:
-    import sys
+    from .task import import_module  # (no importlib: the runner's hot path)
 
     module_name, _, attribute = qualified.partition(":")
-    __import__(module_name)  # importlib.import_module without importing importlib (the runner's hot path)
-    obj: Any = sys.modules[module_name]
+    obj: Any = import_module(module_name)
     for part in attribute.split("."):
         obj = getattr(obj, part)
     return obj

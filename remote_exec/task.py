@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
 
-__all__ = ["INSIDE_RUNNER_ENV", "Execution", "Record", "Task", "by_reference", "function_id",
+__all__ = ["INSIDE_RUNNER_ENV", "Execution", "Record", "Task", "by_reference", "function_id", "import_module",
            "restore_function_task", "run_script", "travels_by_value", "unwrap"]
 
 #: Set by the runner: a @task function called inside a running task runs in place.
@@ -50,7 +50,7 @@ else:
     _CodeType = type((lambda: None).__code__)
 
 
-def _import_module(name: str) -> Any:
+def import_module(name: str) -> Any:
     """``importlib.import_module(name)`` for an absolute name, without importing ``importlib`` (and the
     ``warnings`` it imports: ~0.3 ms on the host at each call)."""
     __import__(name)
@@ -143,7 +143,7 @@ def by_reference(function: Callable[..., Any]) -> tuple[str, str] | None:
     if not module or module == "__main__" or "<" in qualname:
         return None
     try:
-        obj: Any = _import_module(module)
+        obj: Any = import_module(module)
         for part in qualname.split("."):
             obj = getattr(obj, part)
     except Exception:
@@ -160,7 +160,7 @@ def travels_by_value(task: Any) -> bool:
 
 
 def _load_by_reference(module: str, qualname: str) -> Callable[..., Any]:
-    obj: Any = _import_module(module)
+    obj: Any = import_module(module)
     for part in qualname.split("."):
         obj = getattr(obj, part)
     function: Callable[..., Any] = unwrap(obj)
