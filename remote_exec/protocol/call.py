@@ -242,14 +242,12 @@ def _project_not_stored(call: Call, code: int | None, tail: str) -> SyncError | 
     """Why the project did not reach the host, if it did not. The host's own account (a full disk) comes
     first: the upload it cut short may fail in any way after it (a pipe closed under the sending thread);
     the coordinator's own error next (a file that changed), rather than the runner's echo of it."""
-    host = call.host
     told = call.tree.requested and code == 70 and tail.startswith("rx runner: ")
-    if told and not tail.startswith(f"rx runner: {wire.COORDINATOR_SEND_FAILED}"):
-        return SyncError(f"{host}: {tail[len('rx runner: '):]}")
+    echo = tail.startswith(f"rx runner: {wire.COORDINATOR_SEND_FAILED}")
+    if told and not (echo and call.tree.error):
+        return SyncError(f"{call.host}: {tail[len('rx runner: '):]}")
     if call.tree.error:
-        return SyncError(f"{host}: {call.tree.error}")
-    if told:
-        return SyncError(f"{host}: {tail[len('rx runner: '):]}")
+        return SyncError(f"{call.host}: {call.tree.error}")
     return None
 
 
