@@ -220,10 +220,11 @@ def _connect_first(function: TaskFunction[Any]) -> EarlyConnection | None:
     if not isinstance(function.remote, str) or not function.remote:
         return None
     words = _memo_words(function)
+    key = None
     if words is not None:
         from . import prestart
 
-        prestart.start(words)
+        key = prestart.start(words)
     try:
         from .config import Configuration
 
@@ -232,11 +233,7 @@ def _connect_first(function: TaskFunction[Any]) -> EarlyConnection | None:
         return None
     from .early import connect_early
 
-    memo = None
-    if words is not None:
-        from .prestart import memo_key
-
-        memo = (memo_key(words), tuple(str(path) for path in (config.source,) if path is not None))
+    memo = None if key is None else (key, tuple(str(path) for path in (config.source,) if path is not None))
     return connect_early(config, function.remote, dict(function.options), prestart_memo=memo)
 
 

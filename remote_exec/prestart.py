@@ -300,28 +300,38 @@ class Prestarted:
                 self.discard()
 
 
-def start(words: dict[str, str]) -> None:
+def start(words: dict[str, str]) -> str | None:
     """Start the master the memo names for this ``rx run`` line or ``@task`` (``words``: see
-    :func:`memo_key`; the module says when), once per process. Never raises: it is only a head start."""
+    :func:`memo_key`; the module says when), once per process. Never raises: it is only a head start.
+    Returns the memo's key of ``words``, for the backend to note its master under (None when it cannot
+    be worked out: the working directory is gone)."""
+    try:
+        key = memo_key(words)
+    except Exception:
+        return None
+    if os.name == "posix":
+        with _starting:
+            _start(key)
+    return key
+
+
+def _start(key: str) -> None:
     global _pending
-    if _pending is not None or os.name != "posix":
+    if _pending is not None:
         return
-    with _starting:
-        if _pending is not None:
+    try:
+        entry = _load(memo_path()).get(key)
+        if entry is None:
             return
-        try:
-            entry = _load(memo_path()).get(memo_key(words))
-            if entry is None:
-                return
-            stamps, control_path, argv = entry
-            if argv[:1] != ("ssh",) or any(stamp(str(item[0])) != tuple(item) for item in stamps):
-                return
-            if answers(control_path):  # a master is up: the run adopts it, as always
-                return
-            _pending = _spawn(control_path, argv)
-        except Exception:  # only a head start: the run connects as it always does
-            _pending = None
+        stamps, control_path, argv = entry
+        if argv[:1] != ("ssh",) or any(stamp(str(item[0])) != tuple(item) for item in stamps):
             return
+        if answers(control_path):  # a master is up: the run adopts it, as always
+            return
+        _pending = _spawn(control_path, argv)
+    except Exception:  # only a head start: the run connects as it always does
+        _pending = None
+        return
     import atexit
 
     atexit.register(abandon)

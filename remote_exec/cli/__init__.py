@@ -86,10 +86,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
         if seen is not None:
             from ..prestart import start
 
-            start(seen)  # the ssh master the last such line led to, from a memo (checked before it is used)
+            key = start(seen)  # the ssh master the last such line led to, from a memo (checked before it is used)
             from .early import connect_from_argv
 
-            early = connect_from_argv(sys.argv[1:], seen)  # before typer and the rest of rx are imported
+            early = connect_from_argv(sys.argv[1:], seen, key)  # before typer and the rest of rx are imported
         _command(None, early)
     except SystemExit as exc:
         if early is not None:

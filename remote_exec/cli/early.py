@@ -58,10 +58,12 @@ def run_session(task: Any, args: list[str], remote: str | None, options: dict[st
     return session
 
 
-def connect_from_argv(words: list[str], seen: dict[str, str] | None = None) -> HeadStart | None:
+def connect_from_argv(words: list[str], seen: dict[str, str] | None = None,
+                      key: str | None = None) -> HeadStart | None:
     """:func:`connect_early` from the raw words of an ``rx run`` line (``seen``: :func:`peek_run` of them,
     if already read), and for a script, its runner (see :func:`_runner_head`). The OpenSSH backend notes
-    its master for the line's next head start (:mod:`remote_exec.prestart`)."""
+    its master for the line's next head start (:mod:`remote_exec.prestart`) under ``key`` (its memo key,
+    if already worked out)."""
     seen = peek_run(words) if seen is None else seen
     if seen is None:
         return None
@@ -77,9 +79,11 @@ def connect_from_argv(words: list[str], seen: dict[str, str] | None = None) -> H
     options: dict[str, Any] = {"backend": seen.get("backend")}
     if seen.get("ssh_config"):
         options["ssh_config"] = Path(seen["ssh_config"])  # as typer makes it
-    from ..prestart import memo_key
+    if key is None:
+        from ..prestart import memo_key
 
-    memo = (memo_key(seen), tuple(str(path) for path in (config.source,) if path is not None))
+        key = memo_key(seen)
+    memo = (key, tuple(str(path) for path in (config.source,) if path is not None))
     connection = connect_early(config, seen["remote"], options, prestart_memo=memo)
     if connection is None:
         return None
