@@ -152,7 +152,8 @@ def task(function: Callable[..., R] | None = None, /, *, remote: str | None = No
         chain: Name of the advice chain in the configuration.
         config: A Configuration to use instead of the project's.
         **options: Per-task options for advices: ``timeout`` (seconds), ``python`` (remote interpreter),
-            ``backend`` (openssh or paramiko), ``env`` (a dict), ``secret_env`` (names of local variables
+            ``backend`` (openssh or paramiko), ``ssh_config`` (the file to read instead of ``~/.ssh/config``:
+            a path or a string), ``env`` (a dict), ``secret_env`` (names of local variables
             passed over the channel only), ``workdir`` (remote cache dir), ``keep_warm`` (a persistent
             worker), ``pull`` (file globs), ``no_pull``, ``pull_limit`` (bytes), ``restricted`` and
             ``allow_unpickle`` (unpickle results through an allow-list), ``keepalive_interval`` /

@@ -525,10 +525,11 @@ class Configuration:
         """
         return check_remote_backend(name)
 
-    def effective_ssh_config(self, requested: Path | None = None) -> Path | None:
-        """``requested``, else RX_SSH_CONFIG, else the configured file (None: ssh's default)."""
-        if requested is not None:
-            return requested
+    def effective_ssh_config(self, requested: str | os.PathLike[str] | None = None) -> Path | None:
+        """``requested`` (a path or a string, ``~`` expanded), else RX_SSH_CONFIG, else the configured file
+        (None: ssh's default)."""
+        if requested is not None and str(requested):
+            return Path(requested).expanduser()
         from_env = os.environ.get("RX_SSH_CONFIG")
         return Path(from_env).expanduser() if from_env else self.ssh_config
 

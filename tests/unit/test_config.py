@@ -81,6 +81,19 @@ def test_environment_chooses_among_options(monkeypatch: pytest.MonkeyPatch, tmp_
     assert config.effective_ssh_config(tmp_path / "option") == tmp_path / "option"
 
 
+def test_an_ssh_config_given_as_a_string_is_a_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # @task(ssh_config="~/lab/ssh_config") is a string: it once failed deep inside the backend ('str' object
+    # has no attribute 'is_file')
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RX_SSH_CONFIG", raising=False)
+    config = Configuration()
+    assert config.effective_ssh_config("~/lab/ssh_config") == tmp_path / "lab" / "ssh_config"
+    assert config.effective_ssh_config(str(tmp_path / "cfg")) == tmp_path / "cfg"
+    assert config.effective_ssh_config("") is None
+    spec = config.host_spec(config.remote("gpu1"), {"ssh_config": "~/lab/ssh_config"})
+    assert spec.ssh_config == tmp_path / "lab" / "ssh_config"
+
+
 # -- from pyproject.toml ------------------------------------------------------------------------------
 
 
