@@ -32,6 +32,7 @@ from .store import Inbox, StoreError, blob_path, ensure_tree, forget_tree
 
 TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from .channel import Out
@@ -555,7 +556,8 @@ def _pooled_state(run_dir: str) -> tuple[dict[str, Any], list[str]] | None:
     return baseline, stale
 
 
-def _from_pool(cache_dir: str, options: dict[str, Any], inbox: Inbox, run_dir: str) -> bool:
+def _from_pool(cache_dir: str, options: dict[str, Any], inbox: Inbox, run_dir: str,
+               later: list[Callable[[], None]] | None = None) -> bool:
     """Make ``run_dir`` the call's snapshot from a pooled one of its project, if there is one: as it is
     when it is of the call's tree and its last run left nothing to undo, else brought to the tree.
 
@@ -575,7 +577,7 @@ def _from_pool(cache_dir: str, options: dict[str, Any], inbox: Inbox, run_dir: s
         found = Changes([], False, [], changed=stale)
         known = frozenset(recorded[4] for recorded in baseline["files"].values())
         try:
-            entries = ensure_tree(cache_dir, tree_id, inbox, known=known)
+            entries = ensure_tree(cache_dir, tree_id, inbox, known=known, later=later)
             retarget(cache_dir, entries, run_dir, tree_id, found, str(options.get("cwd") or ""), pool,
                      baseline=baseline, tick=inbox.alive)
             return True
@@ -585,19 +587,21 @@ def _from_pool(cache_dir: str, options: dict[str, Any], inbox: Inbox, run_dir: s
     return False
 
 
-def prepare_snapshot(cache_dir: str, options: dict[str, Any], inbox: Inbox, run_dir: str) -> None:
+def prepare_snapshot(cache_dir: str, options: dict[str, Any], inbox: Inbox, run_dir: str,
+                     later: list[Callable[[], None]] | None = None) -> None:
     """Make ``run_dir`` (which must not exist) the snapshot of the call's tree: from its project's pool,
-    else copied from the store (fetching what the store lacks over the channel first).
+    else copied from the store (fetching what the store lacks over the channel first; ``later``: see
+    :func:`.store.ensure_tree`).
 
     Raises:
         StoreError: The tree could not be fetched or stored.
         CoordinatorGone: The coordinator went away or cancelled.
     """
     tree_id = str(options["tree"])
-    if _from_pool(cache_dir, options, inbox, run_dir):
+    if _from_pool(cache_dir, options, inbox, run_dir, later):
         _hold(run_dir)
         return
-    entries = ensure_tree(cache_dir, tree_id, inbox)
+    entries = ensure_tree(cache_dir, tree_id, inbox, later=later)
     for attempt in (1, 2):
         os.mkdir(run_dir, 0o700)
         try:
@@ -627,10 +631,11 @@ def _hold(run_dir: str) -> None:
 
 
 def open_run_dir(cache_dir: str, options: dict[str, Any], reader: wire.FrameReader, out: Out, *, fd: int = 0,
-                 private: bool = True) -> str:
+                 private: bool = True, later: list[Callable[[], None]] | None = None) -> str:
     """The call's run directory: a snapshot of its tree when it names one (fetched over the channel on
-    ``fd`` and ``out`` if the host lacks it), else an empty private directory as before. Once a day this
-    also starts the host's garbage collector in the background (:func:`.gc.maybe_collect`)."""
+    ``fd`` and ``out`` if the host lacks it; ``later``: see :func:`.store.ensure_tree`), else an empty
+    private directory as before. Once a day this also starts the host's garbage collector in the
+    background (:func:`.gc.maybe_collect`)."""
     if options.get("gc") and collection_due(cache_dir):
         from .gc import maybe_collect
 
@@ -639,6 +644,6 @@ def open_run_dir(cache_dir: str, options: dict[str, Any], reader: wire.FrameRead
         return make_run_dir(cache_dir, options, private=private)
     run_dir = new_run_path(cache_dir, options)
     inbox = Inbox(fd, reader, out.send, float(options.get("heartbeat") or 5.0))
-    prepare_snapshot(cache_dir, options, inbox, run_dir)
+    prepare_snapshot(cache_dir, options, inbox, run_dir, later)
     inbox.done()
     return run_dir

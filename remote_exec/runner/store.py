@@ -182,9 +182,14 @@ def first_options(send: Callable[[bytes, bytes], None]) -> tuple[Inbox, dict[str
 
 
 def ensure_tree(cache_dir: str, tree_id: str, inbox: Inbox, *, refetch: bool = False,
-                known: frozenset[bytes] = frozenset()) -> Entries:
+                known: frozenset[bytes] = frozenset(), later: list[Callable[[], None]] | None = None) -> Entries:
     """The manifest of ``tree_id``, fetched with the blobs this host lacks when it is not stored yet
     (``known``: blobs a snapshot here was just made of, taken as stored without a look).
+
+    With ``later``, what makes a fetched tree durable (an fsync of each new blob, then the manifest
+    written) is appended to it instead of done now: a call runs it once its result is out (a millisecond
+    or two of waiting on the disk no caller waits for), and a runner that dies first leaves only blobs,
+    whose manifest the next call fetches again.
 
     Raises:
         StoreError: The tree or a blob arrived damaged, or storing it failed (a full disk).
@@ -207,13 +212,25 @@ def ensure_tree(cache_dir: str, tree_id: str, inbox: Inbox, *, refetch: bool = F
         inbox.out(b"N", b"".join(digest for digest, _ in wanted[start:start + _PER_FRAME]))
     inbox.out(b"n", wire.json_bytes({"count": len(wanted), "bytes": sum(size for _, size in wanted)}))
     try:
-        if wanted:
-            stored = _receive(cache_dir, wanted, inbox)
+        stored = _receive(cache_dir, wanted, inbox) if wanted else []
+        if later is None:
             _sync(cache_dir, stored)
-        _write_tree(cache_dir, tree_id, data)
+            _write_tree(cache_dir, tree_id, data)
     except OSError as exc:
         raise StoreError(_storing_failed(cache_dir, exc)) from exc
+    if later is not None:
+        later.append(lambda: _make_durable(cache_dir, tree_id, data, stored))
     return entries
+
+
+def _make_durable(cache_dir: str, tree_id: str, data: bytes, stored: list[str]) -> None:
+    """:func:`ensure_tree`'s last step, run later: the blobs synced, then the manifest written. A failure
+    (a full disk) leaves the manifest out, to be fetched again; the call that runs this goes on."""
+    try:
+        _sync(cache_dir, stored)
+        _write_tree(cache_dir, tree_id, data)
+    except OSError:
+        pass
 
 
 def _storing_failed(cache_dir: str, exc: OSError) -> str:

@@ -18,6 +18,7 @@ from .snapshot import open_run_dir
 TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
 if TYPE_CHECKING:
     import signal
+    from collections.abc import Callable
     from typing import Any
 
     from .channel import Out, Sink
@@ -37,7 +38,8 @@ def serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
     forked before the call came (:mod:`.prefork`), else one is forked now."""
     out.new_call(options["key"])
     keep = bool(options.get("keep"))
-    run_dir = open_run_dir(cache_dir, options, reader, out, private=keep)
+    later: list[Callable[[], None]] = []  # made durable once the result is out (see .store.ensure_tree)
+    run_dir = open_run_dir(cache_dir, options, reader, out, private=keep, later=later)
     # A kept run directory tells who ran in it (and the sweep of dead runs leaves it alone).
     status = (RunStatus(run_dir, state="running", runner_pid=os.getpid(), started=time.time(), keep=True)
               if keep else None)
@@ -61,6 +63,8 @@ def serve_call(options: dict[str, Any], session_bytes: bytes, reader: wire.Frame
         raise
     finally:
         ending.release()
+        for step in later:
+            step()
 
 
 def _answer(reader: wire.FrameReader, wait: float = 600.0) -> bytes:

@@ -336,6 +336,56 @@ def test_blobs_that_do_not_match_their_digest_are_never_stored(tmp_path: Path, p
         assert blob.is_dir() or hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
 
 
+def _fetch(cache: Path, proj: Path, later: list[Any] | None) -> tuple[str, Any, list[bytes]]:
+    """ensure_tree over a pipe that holds the coordinator's side (the manifest, then every blob): the tree's
+    id, the entries it returned and the kinds of the frames it sent."""
+    from remote_exec.runner.store import Inbox, ensure_tree
+
+    tree = Project(ProjectSpec(root=proj.resolve())).scan()
+    blobs = b"".join(Path(tree.sources[entry[3]].source).read_bytes() for entry in wire.load_manifest(tree.manifest)
+                     if entry[1] != wire.LINK_MODE)
+    read_end, write_end = os.pipe()
+    os.write(write_end, wire.encode(b"M", tree.manifest) + wire.encode(b"m", wire.dump_options({}))
+             + wire.encode(b"D", blobs) + wire.encode(b"d", wire.dump_options({})))
+    os.close(write_end)
+    sent: list[bytes] = []
+    try:
+        entries = ensure_tree(str(cache), tree.tree_id, Inbox(read_end, wire.FrameReader(),
+                                                              lambda kind, _: sent.append(kind)), later=later)
+    finally:
+        os.close(read_end)
+    return tree.tree_id, entries, sent
+
+
+def test_a_fetched_tree_is_made_durable_once_the_call_says_so(tmp_path: Path, proj: Path) -> None:
+    """A call stores the manifest (after syncing the blobs) once its task started, not before."""
+    from remote_exec.runner.store import load_tree, tree_path
+
+    cache = tmp_path / "cache"
+    later: list[Any] = []
+    tree_id, entries, sent = _fetch(cache, proj, later)
+    assert sent == [b"T", b"N", b"n"] and len(entries) == 5
+    assert not Path(tree_path(str(cache), tree_id)).exists() and len(later) == 1  # the blobs, not the manifest
+    assert len([blob for blob in (cache / "blobs").rglob("*") if blob.is_file()]) == 5
+    later[0]()
+    assert load_tree(str(cache), tree_id) == entries
+
+
+def test_a_manifest_that_cannot_be_stored_later_leaves_the_call_alone(tmp_path: Path, proj: Path) -> None:
+    from remote_exec.runner.store import load_tree
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "trees").write_text("a file where the manifests' folder goes")
+    later: list[Any] = []
+    tree_id, entries, _ = _fetch(cache, proj, later)
+    later[0]()  # no error: the next call fetches the manifest again
+    assert load_tree(str(cache), tree_id) is None
+    (cache / "trees").unlink()
+    assert _fetch(cache, proj, None)[2] == [b"T", b"n"]  # the manifest again, no blob asked for
+    assert load_tree(str(cache), tree_id) == entries
+
+
 def test_a_transfer_cut_short_leaves_nothing_a_later_run_trusts(tmp_path: Path, proj: Path) -> None:
     (proj / "data" / "big.bin").write_bytes(os.urandom(300_000))
 
