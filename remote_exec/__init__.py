@@ -17,6 +17,9 @@ __version__ = "0.1.0"
 
 # Bound eagerly: the submodule `remote_exec.task` would otherwise shadow the decorator once imported.
 from .api import task  # noqa: E402
+from .lazy import install as _install_lazy  # noqa: E402
+
+_install_lazy(__path__[0])  # on a host: the modules only a coordinator uses, unpacked when first imported
 
 __all__ = [
     "Advice",

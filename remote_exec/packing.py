@@ -48,8 +48,8 @@ logger = logging.getLogger(__name__)
 #: Every module of ``remote_exec/runner/`` counts (the runner's rooms are imported per mode). ``api`` is
 #: imported by the package itself (its ``task``). The host's code bundle takes the same modules
 #: (:data:`remote_exec.runner.bundle.REMOTE_SIDE`, tested equal).
-REMOTE_MODULES = ("__init__", "api", "errors", "protocol/__init__", "protocol/wire", "serialization", "session",
-                  "task",
+REMOTE_MODULES = ("__init__", "api", "errors", "lazy", "protocol/__init__", "protocol/wire", "serialization",
+                  "session", "task",
                   *sorted(f"runner/{path.stem}" for path in (Path(__file__).parent / "runner").glob("*.py")))
 
 _MAIN = b"import sys\nfrom remote_exec.runner import main\nsys.exit(main(sys.argv[1:]))\n"
@@ -388,52 +388,54 @@ def _base_entries_uncached() -> list[tuple[str, Path | bytes]]:
 
 
 
-# Compiles in a fresh interpreter: marshal's output depends on the reference counts of the process that
-# writes it, so only a fresh, isolated one (fixed hash seed, no site) writes the same bytes every time, and
-# the archive stays the same for the same sources, whoever builds it.
-_COMPILER = """
+# Builds the bundle in a fresh interpreter: marshal's output depends on the reference counts of the process
+# that writes it, so only a fresh, isolated one (fixed hash seed, no site) writes the same bytes every time,
+# and the archive stays the same for the same sources, whoever builds it. It runs the archive's own
+# remote_exec/runner/bundle.py (sent first), so the bundle is laid out by the code that reads it.
+_BUNDLER = """
 import marshal,sys
-r=sys.stdin.buffer;w=sys.stdout.buffer
+r=sys.stdin.buffer
+exec(compile(r.read(int.from_bytes(r.read(8),'big')),'remote_exec/runner/bundle.py','exec',dont_inherit=True))
+codes={}
 while True:
     n=r.read(4)
     if not n:break
     name=r.read(int.from_bytes(n,'big')).decode();source=r.read(int.from_bytes(r.read(8),'big'))
-    data=marshal.dumps(compile(source,name,'exec',dont_inherit=True))
-    w.write(len(data).to_bytes(8,'big')+data)
+    dotted,_,stem=name[:-3].replace('/','.').rpartition('.')
+    codes[dotted if stem=='__init__' else dotted+'.'+stem]=(stem=='__init__',name,
+        marshal.dumps(compile(source,name,'exec',dont_inherit=True)))
+name=bundle_name().encode()
+sys.stdout.buffer.write(len(name).to_bytes(4,'big')+name+pack(codes))
 """
 
 
-def _bytecode(contents: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-    """Compiled bytecode of the runner's own modules, for a remote Python of this version.
+def _bundle(contents: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """The runner's code bundle for a remote Python of this version (:mod:`remote_exec.runner.bundle`): its
+    modules' compiled code in one file, which the bootstrap serves them from.
 
-    The runner imports them on every call, and the first call on a host would otherwise compile them
-    (tens of milliseconds). Written as unchecked hash-based pycs (PEP 552) under ``__pycache__`` with this
-    interpreter's tag: an interpreter of the same version uses them as they are, any other ignores them
-    and compiles the sources. They are derived from the sources, so the archive's content key (and the
-    cached .pyz) does not depend on them. Without a usable interpreter to compile in, there are none.
+    A host's first call would otherwise compile them (tens of milliseconds), or extract a ``.pyc`` file
+    each and look each up through ``sys.path``. An interpreter of this version takes the bundle as it is
+    (its name carries this interpreter's cache tag and magic number); any other passes it over, compiles
+    the sources, and its runner writes a bundle of its own. It is derived from the sources, so the
+    archive's content key (and the cached .pyz) does not depend on it. Without a usable interpreter to
+    compile in, there is none.
     """
     import subprocess
 
     wanted = {f"remote_exec/{name}.py" for name in REMOTE_MODULES}
-    sources = [(arcname, source) for arcname, source in contents if arcname in wanted]
-    request = b"".join(len(arcname).to_bytes(4, "big") + arcname.encode() + len(source).to_bytes(8, "big") + source
-                       for arcname, source in sources)
+    sources = dict(contents)
+    request = b"".join([len(sources["remote_exec/runner/bundle.py"]).to_bytes(8, "big"),
+                        sources["remote_exec/runner/bundle.py"],
+                        *(len(arcname).to_bytes(4, "big") + arcname.encode() + len(source).to_bytes(8, "big") + source
+                          for arcname, source in contents if arcname in wanted)])
     try:
-        done = subprocess.run([sys.executable, "-S", "-s", "-c", _COMPILER], input=request, capture_output=True,
+        done = subprocess.run([sys.executable, "-S", "-s", "-c", _BUNDLER], input=request, capture_output=True,
                               env={"PYTHONHASHSEED": "0"}, timeout=60, check=True)
     except (OSError, subprocess.SubprocessError) as exc:
-        logger.debug("no bytecode for the archive: %s", exc)
+        logger.debug("no code bundle in the archive: %s", exc)
         return []
-    compiled = []
-    view = memoryview(done.stdout)
-    for arcname, source in sources:
-        size = int.from_bytes(view[:8], "big")
-        code, view = bytes(view[8:8 + size]), view[8 + size:]
-        flags = 0b01  # hash-based, not checked against the source
-        pyc = importlib.util.MAGIC_NUMBER + flags.to_bytes(4, "little") + importlib.util.source_hash(source) + code
-        folder, _, filename = arcname.rpartition("/")
-        compiled.append((f"{folder}/__pycache__/{filename[:-3]}.{sys.implementation.cache_tag}.pyc", pyc))
-    return compiled
+    size = int.from_bytes(done.stdout[:4], "big")
+    return [(done.stdout[4:4 + size].decode(), done.stdout[4 + size:])]
 
 
 def _entries(entry_files: tuple[Path, ...], roots: tuple[Path, ...], extra_modules: tuple[str, ...]
@@ -615,19 +617,11 @@ def _write_archive(entries: list[tuple[str, Path | bytes]], modules: tuple[str, 
     key = hashlib.sha256()
     for arcname, data in contents:
         key.update(arcname.encode() + b"\0" + hashlib.sha256(data).digest())
-    key.update(b"pyc\0" + sys.implementation.cache_tag.encode() + importlib.util.MAGIC_NUMBER)
+    key.update(b"bundle+lazy\0" + sys.implementation.cache_tag.encode() + importlib.util.MAGIC_NUMBER)
     content_key = key.hexdigest()
     target = cache_dir / f"{content_key}.pyz"
     if not target.is_file():
-        contents = sorted(contents + _bytecode(contents), key=lambda item: item[0])
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
-            for arcname, data in contents:
-                info = zipfile.ZipInfo(arcname, date_time=_EPOCH)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                archive.writestr(info, data)
-        data = buffer.getvalue()
+        data = _zip(*_split_lazy(contents + _bundle(contents)))
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
             temporary = cache_dir / f".{content_key}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -639,6 +633,35 @@ def _write_archive(entries: list[tuple[str, Path | bytes]], modules: tuple[str, 
         _prune_daily(cache_dir)
     data = target.read_bytes()
     return target, hashlib.sha256(data).hexdigest(), len(data)
+
+
+def _zip(contents: list[tuple[str, bytes]], stored: frozenset[str] = frozenset()) -> bytes:
+    """A zip of ``contents`` in name order, the same bytes for the same contents (fixed timestamps and
+    modes): each entry deflated, but those named in ``stored`` (already compressed) kept as they are."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
+        for arcname, data in sorted(contents, key=lambda item: item[0]):
+            info = zipfile.ZipInfo(arcname, date_time=_EPOCH)
+            info.compress_type = zipfile.ZIP_STORED if arcname in stored else zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, data)
+    return buffer.getvalue()
+
+
+def _split_lazy(contents: list[tuple[str, bytes]]) -> tuple[list[tuple[str, bytes]], frozenset[str]]:
+    """``contents`` with the modules of remote_exec that only a coordinator uses moved into one stored
+    entry, :data:`remote_exec.lazy.NAME`, which a host unpacks only when one of them is imported there
+    (:mod:`remote_exec.lazy`): its first call extracts half the bytes and a third of the files. Returns the
+    entries and the names to store uncompressed."""
+    from .lazy import NAME
+
+    remote = {f"remote_exec/{name}.py" for name in REMOTE_MODULES}
+    lazy = [(arcname, data) for arcname, data in contents
+            if arcname.startswith("remote_exec/") and arcname.endswith(".py") and arcname not in remote]
+    if not lazy:
+        return contents, frozenset()
+    names = {arcname for arcname, _ in lazy}
+    return [*(item for item in contents if item[0] not in names), (NAME, _zip(lazy))], frozenset({NAME})
 
 
 def _mtime_size(source: Path | bytes) -> tuple[int, int]:

@@ -171,12 +171,13 @@ KNOWN_LIMITS = [
     "missing script, Ctrl-C and SIGTERM at 30-120 ms (exit 130, nothing left). An rx killed with `kill -9` "
     "after starting it leaves that master at a socket no other rx uses; the next rx that connects ends it "
     "(its pid is gone), else its idle `ControlPersist` does.",
-    "- **The runner's code bundle** (`.rx-code-*` in an installed archive, remote_exec/runner/bundle.py) serves "
-    "the calls that follow a served one on each host in the scenarios above. Its own failures were tried in "
-    "tests/unit/test_runner_bundle.py, not here: a bundle of the wrong size or not a marshal (passed over, "
-    "written again), one module's code damaged at the right size (that module loaded from its file, the "
-    "bundle removed and written again), a `.pyc` stale against its source (left out). A runner killed while "
-    "writing one leaves its `.tmp-PID` file in the archive's directory until the archive is collected.",
+    "- **The runner's code bundle** (`.rx-code-*` in an installed archive, remote_exec/runner/bundle.py) serves"
+    " the calls on each host in the scenarios above (shipped for the coordinator's interpreter). Its own "
+    "failures were tried in tests/unit/test_runner_bundle.py, not here: a bundle of the wrong size or not a "
+    "marshal (passed over, written again), one module's code damaged at the right size (that module loaded from"
+    " its file, the bundle removed and written again), a `.pyc` stale against its source (left out). A runner "
+    "killed while writing one leaves its `.tmp-PID` file in the archive's directory until the archive is "
+    "collected.",
 ]
 
 

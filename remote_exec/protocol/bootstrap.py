@@ -8,9 +8,10 @@ printed: it is skipped, up to :data:`NOISE_LIMIT` bytes within the handshake tim
 bootstrap never answers. The words: ``HAVE`` (the archive is installed), ``NEED`` (then it receives the
 archive as an 8-byte length and the bytes, checks its sha256, installs it atomically under
 ``<workdir>/archives/<sha256>/`` and answers ``OK``; ``NEED damaged`` when an installed copy failed its
-check), or ``OLDPY X.Y.Z``. An installed archive carries ``.rx-sizes`` (the size of each of its files),
-checked on every use: a file a scratch cleaner deleted or a crash truncated makes the bootstrap install
-the archive again instead of failing on an import.
+check), or ``OLDPY X.Y.Z``. An installed archive carries ``.rx-sizes`` (the size of each of its files
+but its code bundle, which checks its own size and may be removed and written again), checked on every
+use: a file a scratch cleaner deleted or a crash truncated makes the bootstrap install the archive again
+instead of failing on an import.
 
 A warm per-call runner does not wait for that answer: where this coordinator process saw a runner of the
 same archive answer at once (no replaced login shell), the call (its ``G``, ``S`` and ``s`` frames, never
@@ -94,7 +95,8 @@ def x(n,w):
             b=d[o:o+z]
             if g:b=zlib.decompress(b,-15)
             with open(v,'wb') as f:f.write(b)
-            w.append(b'%d %s\n'%(len(b),v[len(t)+1:].encode('utf-8')))
+            i=v[len(t)+1:]
+            if i[:9]!='.rx-code-':w.append(b'%d %s\n'%(len(b),i.encode('utf-8')))
     except BaseException as c:w.append(c)
     finally:
         if n:k.release()

@@ -5,22 +5,25 @@ a few more. Each import through ``sys.path`` looks the name up in the path's dir
 source and its ``.pyc``, opens and reads that: about 40 us a module beyond unmarshalling and running its
 code, ~0.7 ms of every call on the host.
 
-So, at the end of a call served without it, the runner writes the archive's *bundle* for its interpreter,
-``<archive>/.rx-code-<cache tag>-<magic>``: the compiled code of the modules the remote side uses
-(:data:`REMOTE_SIDE`) taken from the archive's ``.pyc`` files (those it ships for the coordinator's
-Python, or those Python wrote while calls imported them), each checked against its source as the import
-system checks it (no compiling here). Its layout: the index's length and the file's size (8 bytes each),
+So the archive ships a *bundle* for the coordinator's interpreter, ``<archive>/.rx-code-<cache tag>-<magic>``:
+the compiled code of the modules the remote side uses (:data:`REMOTE_SIDE`), built by :func:`pack` in a
+fresh interpreter on the coordinator (:func:`remote_exec.packing._bundle`). A host whose interpreter is
+another (its tag or magic differs, so it never opens that file) imports the usual way, and at the end of a
+call served without a bundle the runner writes one for its interpreter, taken from the ``.pyc`` files
+Python wrote while that call imported them, each checked against its source as the import system checks
+it (no compiling here). Its layout: the index's length and the file's size (8 bytes each),
 the index (a marshal of ``{module name: (is a package, path in the archive, offset, length)}`` and under
 ``""`` the code of :data:`FINDER`), then each module's marshalled code.
 
-The next bootstrap reads the index and runs the finder, which serves those modules (each read with one
+The bootstrap reads the index and runs the finder, which serves those modules (each read with one
 ``pread`` when imported; ``__file__``, ``__path__`` and tracebacks as from the archive's files);
 everything else goes the usual way. A module whose code does not read or load is loaded from its file as
 usual, and the bundle is removed (the next call's runner writes it again).
 
 The bundle belongs to its archive (content-addressed, never changed after its install), so it is never
-stale; it goes with the archive (gc, a damaged install). One that does not open (another interpreter's
-tag, a file of the wrong size) is passed over by the bootstrap and written again by that call's runner.
+stale; it goes with the archive (gc, a damaged install). The archive's ``.rx-sizes`` leaves it out: it
+checks its own size, and removing it never makes the archive look damaged. One that does not open (a file
+of the wrong size) is passed over by the bootstrap and written again by that call's runner.
 It is written to a temporary name and renamed, so a reader never sees half of one.
 """
 
@@ -43,9 +46,9 @@ PREFIX = ".rx-code-"
 
 #: The modules the remote side imports (paths in the archive; a folder: every module in it): the modules
 #: the archive ships compiled (packing.REMOTE_MODULES, tested equal).
-REMOTE_SIDE = ("remote_exec/__init__.py", "remote_exec/api.py", "remote_exec/task.py", "remote_exec/session.py",
-               "remote_exec/serialization.py", "remote_exec/errors.py", "remote_exec/protocol/__init__.py",
-               "remote_exec/protocol/wire.py", "remote_exec/runner/")
+REMOTE_SIDE = ("remote_exec/__init__.py", "remote_exec/api.py", "remote_exec/lazy.py", "remote_exec/task.py",
+               "remote_exec/session.py", "remote_exec/serialization.py", "remote_exec/errors.py",
+               "remote_exec/protocol/__init__.py", "remote_exec/protocol/wire.py", "remote_exec/runner/")
 
 #: The finder the bootstrap runs from a bundle. Its globals: ``codes`` (the index without its ``""`` entry),
 #: ``p`` (the archive), ``bundle`` and ``fd`` (the bundle's path and descriptor) and ``base`` (where its code

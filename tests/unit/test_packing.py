@@ -66,8 +66,15 @@ def test_archive_carries_runner_remote_modules_cloudpickle_and_local_imports(pro
     assert archive.modules == ("helper_mod", "helpers_pkg")
     assert "unused_mod.py" not in names
     assert not any(name.startswith(("platformdirs/", "json", "os.py")) for name in names)
-    assert "remote_exec/config.py" in names, "the public API travels for task modules that import it"
-    assert not any(name.startswith("remote_exec/cli/") for name in names), "the CLI stays home"
+    # the public API travels for task modules that import it, in one stored file a host unpacks on demand
+    assert "remote_exec/config.py" not in names and ".rx-lazy.zip" in names
+    with zipfile.ZipFile(archive.path) as zf:
+        assert zf.getinfo(".rx-lazy.zip").compress_type == zipfile.ZIP_STORED
+        with zipfile.ZipFile(zf.open(".rx-lazy.zip")) as lazy:
+            held = set(lazy.namelist())
+    assert {"remote_exec/config.py", "remote_exec/backends/openssh.py", "remote_exec/protocol/call.py"} <= held
+    assert not held & names and all(name.startswith("remote_exec/") for name in held)
+    assert not any(name.startswith("remote_exec/cli/") for name in names | held), "the CLI stays home"
     assert archive.sha256 == hashlib.sha256(archive.path.read_bytes()).hexdigest()
     assert archive.size == archive.path.stat().st_size
 

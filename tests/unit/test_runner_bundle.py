@@ -1,5 +1,5 @@
-"""The runner's code bundle: written after a call served without it, read by the next bootstrap, never in
-the way (see remote_exec.runner.bundle)."""
+"""The runner's code bundle: shipped in the archive for the coordinator's interpreter, written after a call
+served without it for any other, read by the bootstrap, never in the way (see remote_exec.runner.bundle)."""
 
 from __future__ import annotations
 
@@ -109,27 +109,50 @@ def _serve(archive: DistributionArchive, workdir: Path, function: Any) -> tuple[
     return header, b"".join(payload for kind, payload in frames if kind == b"V")
 
 
-def test_the_next_call_imports_the_runner_from_the_bundle_its_first_call_wrote(archive: DistributionArchive,
-                                                                              tmp_path: Path) -> None:
+def test_a_hosts_first_call_imports_the_runner_from_the_bundle_the_archive_ships(archive: DistributionArchive,
+                                                                                  tmp_path: Path) -> None:
+    """An interpreter of the coordinator's version: the archive's own bundle serves the very first call."""
     workdir = tmp_path / "cache"
     installed = _install(archive, workdir)
     name = bundle_name()
     assert name is not None and name.startswith(PREFIX)
+    shipped = (installed / name).read_bytes()
+    assert name.encode() not in (installed / ".rx-sizes").read_bytes()  # it checks its own size
+    assert not list(installed.rglob("*.pyc"))  # the bundle instead of a .pyc per module
     header, value = _serve(archive, workdir, _report)
     assert header["status"] == "finished", header
     first = pickle.loads(value)
-    assert first["runner"] == first["session"] == "SourceFileLoader"  # no bundle yet: the usual imports
+    assert first["runner"] == first["child"] == first["session"] == "RxBundle"
+    assert first["elsewhere"] == []  # every rx module the task process holds came from the bundle
+    # the modules look as they would from the archive's files, and their code names that file
+    assert first["file"] == first["code_file"] == str(installed / "remote_exec" / "session.py")
+    assert first["package"] == [str(installed / "remote_exec" / "runner")]
+    assert (installed / name).read_bytes() == shipped  # taken as it is, not written again
+
+
+def test_another_interpreter_gets_a_bundle_its_first_call_writes(archive: DistributionArchive,
+                                                                 tmp_path: Path) -> None:
+    """The shipped bundle is the coordinator's interpreter's; on a host of another (its name differs, here
+    removed) the first call imports the usual way and writes the bundle the next call imports from."""
+    workdir = tmp_path / "cache"
+    installed = _install(archive, workdir)
+    name = bundle_name()
+    assert name is not None
+    (installed / name).unlink()
+    header, value = _serve(archive, workdir, _report)
+    assert header["status"] == "finished", header
+    first = pickle.loads(value)
+    assert first["runner"] == first["session"] == "SourceFileLoader"  # no bundle: the usual imports
     assert (installed / name).is_file()  # written once that call was served
 
     header, value = _serve(archive, workdir, _report)
     assert header["status"] == "finished", header
     second = pickle.loads(value)
     assert second["runner"] == second["child"] == second["session"] == "RxBundle"
-    assert second["elsewhere"] == []  # every rx module the task process holds came from the bundle
-    # the modules look as they would from the archive's files
+    assert second["elsewhere"] == []
     assert second["file"] == first["file"] == str(installed / "remote_exec" / "session.py")
     assert second["package"] == first["package"] == [str(installed / "remote_exec" / "runner")]
-    # and their code names the file it came from (the .pyc it was taken from may name another place)
+    # its code names the file it came from (the .pyc it was taken from may name another place)
     assert second["code_file"] == first["code_file"] == second["file"]
 
 
@@ -137,7 +160,6 @@ def test_a_task_that_raises_still_gets_its_traceback_through_the_bundle(archive:
                                                                         tmp_path: Path) -> None:
     workdir = tmp_path / "cache"
     installed = _install(archive, workdir)
-    _serve(archive, workdir, _report)
     name = bundle_name()
     assert name is not None and (installed / name).is_file()
     header, _ = _serve(archive, workdir, _fails)
@@ -211,7 +233,6 @@ def test_a_module_whose_code_does_not_load_comes_from_its_file(archive: Distribu
     archive's files, the call goes on, and the bundle is removed, to be written again."""
     workdir = tmp_path / "cache"
     installed = _install(archive, workdir)
-    _serve(archive, workdir, _report)
     name = bundle_name()
     assert name is not None
     bundle = installed / name
