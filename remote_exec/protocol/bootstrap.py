@@ -366,11 +366,38 @@ def _refusal(backend: Backend, process: Process, options: CallOptions, answer: H
     return _interpreter_error(host, options.python, code, stderr, noise)
 
 
-def _upload(backend: Backend, process: Process, archive: DistributionArchive, token: str, rest: bytes) -> bytes:
-    """Send the archive the bootstrap asked for; return the bytes read past its ``OK``."""
-    data = archive.read()
+class _Prefetch:
+    """The archive's bytes, read and checked on a thread of their own while the bootstrap starts (a first
+    call's answer is ``NEED``; reading and hashing the archive then would add a millisecond to it)."""
+
+    def __init__(self, archive: DistributionArchive) -> None:
+        self.archive = archive
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._read, name="rx-archive", daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            self.data = self.archive.read()
+        except BaseException as exc:  # raised where the bytes are wanted
+            self.error = exc
+
+    def result(self) -> bytes:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.data is not None
+        return self.data
+
+
+def _upload(backend: Backend, process: Process, archive: DistributionArchive, token: str, rest: bytes,
+            data: bytes, call: bytes = b"") -> bytes:
+    """Send the archive the bootstrap asked for (``data``, its bytes), and ``call`` (the call's frames: the
+    runner reads them once the archive is installed) right behind it; return the bytes read past its
+    ``OK``."""
     try:
-        process.write_stdin(len(data).to_bytes(8, "big") + data)
+        process.write_stdin(b"".join((len(data).to_bytes(8, "big"), data, call)))
         answer = read_handshake(process, (token,), rest)
     except BaseException:
         process.kill()
@@ -447,15 +474,17 @@ def _eager(process: Process, argv: Sequence[str], token: str, call: Callable[[],
 
 def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArchive, options: CallOptions,
                  mode: str, phase: PhaseCallback, extra: Sequence[str] = (), *,
-                 call: Callable[[], bytes] | None = None) -> Channel:
+                 call: Callable[[], bytes] | None = None, eager: bool = False) -> Channel:
     """Start the runner through ``launcher``; send the archive only if the host lacks it (or its copy was
     damaged).
 
-    ``call``: makes the call's frames, written right behind the command instead of after the bootstrap's answer
-    (one round trip less per call): only where this archive is known to be installed and the login to run
-    rx's command at once. The channel's ``call_sent`` says whether they went (if the bootstrap lacked the
-    archive, it was started again the usual way, the call not sent). Its ``prompt`` says whether the
-    bootstrap answered the command itself (no replaced login shell) with the archive in place.
+    ``call``: makes the call's frames, written before the bootstrap's answer to them would have asked for
+    them (one round trip less per call). With ``eager`` (only where this archive is known to be installed
+    and the login to run rx's command at once) they go right behind the command; if the bootstrap lacked
+    the archive, it is started again the usual way, the call not sent. Else they go right behind the
+    archive when the bootstrap asks for that (no login shell reads that stdin any more: the bootstrap
+    does). The channel's ``call_sent`` says whether they went. Its ``prompt`` says whether the bootstrap
+    answered the command itself (no replaced login shell) with the archive in place.
 
     Raises:
         ConnectError, AuthError, HostKeyError: The host could not be reached (as the backend classifies
@@ -464,8 +493,9 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
             the bootstrap from running, or installing the archive failed.
     """
     phase("connect", "started")
+    prefetch = None if eager else _Prefetch(archive)
     try:
-        process, answer, sent = _launch(launcher, backend, archive, options, mode, extra, call)
+        process, answer, sent = _launch(launcher, backend, archive, options, mode, extra, call if eager else None)
     except BaseException:
         phase("connect", "failed")
         raise
@@ -483,11 +513,18 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
                        backend.host)
     phase("upload", "started")
     try:
-        rest = _upload(backend, process, archive, answer.token, answer.rest)
+        try:
+            data = (prefetch or _Prefetch(archive)).result()
+            frames = call() if call is not None else b""
+        except BaseException:
+            process.kill()
+            raise
+        rest = _upload(backend, process, archive, answer.token, answer.rest, data, frames)
     except BaseException:
         phase("upload", "failed")
         raise
     phase("upload", "finished")
     channel = Channel(backend, process, rest, uploaded=True)
+    channel.call_sent = call is not None
     channel.prompt = not answer.token.endswith("r")
     return channel

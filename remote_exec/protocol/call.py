@@ -636,8 +636,9 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
 
     warm = options.keep_warm and stdin is None
     primed = (backend.serial, options.python, options.workdir, archive.sha256)
-    ready = (primed in workers.primed and stdin is None and not options.secret_env
-             and len(session_bytes) <= wire.MAX_FRAME)  # (not a worker's, nor a runner's started ahead)
+    # (not a worker's, nor a runner's started ahead)
+    early = stdin is None and not options.secret_env and len(session_bytes) <= wire.MAX_FRAME
+    ready = early and primed in workers.primed
     if warm or ahead is not None or not ready:
         project = scanned(project)  # a call that overlaps no runner's start with the scan: done now
     if ahead is not None and (warm or not ahead.fits(backend, archive, options, launcher)):
@@ -665,10 +666,11 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
         channel = ahead.take(phase)
         return call(channel, uploaded=channel.uploaded, keep=False)
     # The task process, forked before the call arrives, loads pickle meanwhile if the session needs it.
-    # Where a runner of this archive answered at once before, the call goes right behind the command.
+    # Where a runner of this archive answered at once before, the call goes right behind the command;
+    # else right behind the archive, if the host asks for that.
     key = None
     frames: Callable[[], bytes] | None = None
-    if ready:
+    if early:
         key = os.urandom(32)
 
         def frames() -> bytes:  # once the runner's command went (the project's scan ends meanwhile)
@@ -677,7 +679,7 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
             return _small_call(_call_options(session, options, key, land_file, extra), session_bytes)
 
     channel = start_runner(launcher, backend, archive, options, "serve", phase,
-                           ("pickle",) if wire_pickles(session_bytes) else (), call=frames)
+                           ("pickle",) if wire_pickles(session_bytes) else (), call=frames, eager=ready)
     if channel.prompt:
         workers.primed.add(primed)
     return call(channel, uploaded=channel.uploaded, keep=False, sent=key if channel.call_sent else None)

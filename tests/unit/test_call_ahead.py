@@ -34,6 +34,41 @@ def test_the_second_call_goes_ahead_and_runs_as_before(dispatcher: Any) -> None:
     assert [token.endswith(".e") for token in backend.tokens] == [False, True, True]
 
 
+class _Writes(_Recording):
+    """A recording backend that also keeps the size of each write to its commands' stdin."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[int] = []
+
+    def start(self, argv: Sequence[str], **kwargs: Any) -> Process:
+        process = super().start(argv, **kwargs)
+        write = process.write_stdin
+
+        def recorded(data: bytes) -> None:
+            self.writes.append(len(data))
+            write(data)
+
+        process.write_stdin = recorded  # type: ignore[method-assign]
+        return process
+
+
+def test_a_first_call_goes_right_behind_the_archive(dispatcher: Any) -> None:
+    """The bootstrap asked for the archive: the call's frames follow it in the same write, not after its OK
+    (one round trip less on a host's first call)."""
+    backend = _Writes()
+    first = dispatcher.run(Task.from_function(lambda a, b: a + b), (1, 2), backend=backend)
+    assert first.result.value == 3 and first.outcome.uploaded
+    archive = 8 + dispatcher.archive.size
+    assert backend.writes[0] > archive  # the archive and the call's frames at once
+    assert sum(backend.writes) - backend.writes[0] < 64  # then only the answer to the result (A)
+    secret = _Writes()  # a call with secrets waits for the OK, as it waits for HAVE
+    call = dispatcher.run("import os\nprint(os.environ['RX_TOKEN'])\n", backend=secret,
+                          secret_env={"RX_TOKEN": "s3cr3t"}, workdir=dispatcher.workdir.with_name("fresh"))
+    assert call.text() == "s3cr3t\n" and call.outcome.uploaded
+    assert secret.writes[0] == 8 + dispatcher.archive.size
+
+
 def test_a_host_that_lost_the_archive_gets_it_again(dispatcher: Any) -> None:
     """The call went ahead, the bootstrap found no archive: it is started again, the archive sent, the
     call run once."""
