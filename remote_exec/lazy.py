@@ -6,8 +6,9 @@ process import: half of the archive's bytes and a third of its files (~3 ms of t
 Most tasks never import the rest. One that does (``from remote_exec import Executor`` at the top of a task
 module, a task that calls other tasks from the host) gets it through :class:`LazyModules`, last on
 ``sys.meta_path`` and so asked only for a module the usual search did not find. It unpacks the whole file
-beside the package once, and the import goes on as usual: from then on those modules are files like the
-others, compiled once and cached.
+beside the package once (then leaves :data:`UNPACKED` there), and the import goes on as usual: from then on
+those modules are files like the others, compiled once and cached, and a module asked for that is in
+neither place costs nothing more.
 
 Unpacking is safe with any number of processes at it: everything is written under a temporary folder
 first, then each folder the package lacks is renamed into place whole and each file of a folder it has
@@ -28,10 +29,12 @@ if TYPE_CHECKING:
     from importlib.machinery import ModuleSpec
     from typing import Any
 
-__all__ = ["NAME", "LazyModules", "install", "unpack"]
+__all__ = ["NAME", "UNPACKED", "LazyModules", "install", "unpack"]
 
 #: The file beside the package (in the archive's folder) that holds the modules only a coordinator uses.
 NAME = ".rx-lazy.zip"
+#: Left beside it once it was unpacked in full: a module asked for after that is in neither place.
+UNPACKED = ".rx-lazy-unpacked"
 
 
 def install(package_dir: str) -> None:
@@ -51,7 +54,8 @@ class LazyModules:
         self.tried = False  # unpacked in this process already: what is still missing is not in the file
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> ModuleSpec | None:
-        if self.tried or not name.startswith("remote_exec.") or not os.path.isfile(os.path.join(self.rx_lazy, NAME)):
+        if (self.tried or not name.startswith("remote_exec.") or not os.path.isfile(os.path.join(self.rx_lazy, NAME))
+                or os.path.exists(os.path.join(self.rx_lazy, UNPACKED))):
             return None
         self.tried = True
         try:
@@ -85,6 +89,8 @@ def unpack(archive: str) -> None:
                     raise OSError(f"rx: a bad entry in {NAME}: {entry!r}")
             lazy.extractall(temporary)
         _move_in(temporary, archive)
+        with open(os.path.join(archive, UNPACKED), "wb"):
+            pass
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 

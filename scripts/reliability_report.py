@@ -177,7 +177,9 @@ KNOWN_LIMITS = [
     "marshal (passed over, written again), one module's code damaged at the right size (that module loaded from"
     " its file, the bundle removed and written again), a `.pyc` stale against its source (left out). A runner "
     "killed while writing one leaves its `.tmp-PID` file in the archive's directory until the archive is "
-    "collected.",
+    "collected; a process killed while it unpacks `.rx-lazy.zip` (remote_exec/lazy.py, tried in "
+    "tests/unit/test_lazy_modules.py: six processes at once, a damaged file) leaves its `.tmp-lazy-*` folder "
+    "there likewise.",
 ]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from remote_exec.lazy import NAME
+from remote_exec.lazy import NAME, UNPACKED
 from remote_exec.packing import DistributionArchive
 from remote_exec.protocol.bootstrap import BOOTSTRAP
 
@@ -79,8 +79,12 @@ def test_a_coordinator_module_imported_on_the_host_is_unpacked_once(archive: Dis
 
 def test_a_module_that_is_in_neither_place_is_still_not_found(archive: DistributionArchive, tmp_path: Path) -> None:
     installed = _install(archive, tmp_path / "cache")
-    done = _use(installed, "import sys\nsys.path.insert(0, sys.argv[1])\nimport remote_exec.cli\n")
-    assert "ModuleNotFoundError: No module named 'remote_exec.cli'" in done.stderr
+    missing = "import sys\nsys.path.insert(0, sys.argv[1])\nimport remote_exec.cli\n"
+    assert "ModuleNotFoundError: No module named 'remote_exec.cli'" in _use(installed, missing).stderr
+    assert (installed / UNPACKED).exists() and (installed / "remote_exec" / "config.py").is_file()
+    # once unpacked, the file is not opened again for a module it does not hold (a damaged one would say so)
+    (installed / NAME).write_bytes(b"not a zip")
+    assert "ModuleNotFoundError: No module named 'remote_exec.cli'" in _use(installed, missing).stderr
 
 
 def test_processes_that_unpack_at_once_all_import(archive: DistributionArchive, tmp_path: Path) -> None:
