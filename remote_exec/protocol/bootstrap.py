@@ -55,6 +55,8 @@ MARKER = b"RXBOOT2 "
 #: Seconds without an answer after which the command is also offered on stdin, for a login shell that
 #: replaced itself (see :class:`_Start`).
 RESUME_AFTER = 2.0
+#: Seconds without the bootstrap's answer after which the archive is read ahead, in case it is asked for.
+PREFETCH_AFTER = 0.02
 #: What goes first on the stdin of a runner whose call is sent right behind its command (the bootstrap
 #: reads it): should a login shell that replaced itself read that stdin, it ends there, and never runs
 #: what follows (the call's frames) as commands.
@@ -367,24 +369,42 @@ def _refusal(backend: Backend, process: Process, options: CallOptions, answer: H
 
 
 class _Prefetch:
-    """The archive's bytes, read and checked on a thread of their own while the bootstrap starts (a first
-    call's answer is ``NEED``; reading and hashing the archive then would add a millisecond to it)."""
+    """The archive's bytes, read and checked on a thread of their own when the bootstrap's answer is slow to
+    come (a new connection: its answer may well be ``NEED``, and reading and hashing the archive then would
+    add a millisecond to the call). An answer within :data:`PREFETCH_AFTER` (a connection that is up) costs
+    nothing: the archive is read only if it is asked for."""
 
     def __init__(self, archive: DistributionArchive) -> None:
         self.archive = archive
         self.data: bytes | None = None
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._read, name="rx-archive", daemon=True)
-        self.thread.start()
+        self.lock = threading.Lock()
+        self.started = False
+        self.done = threading.Event()
+        self.timer = threading.Timer(PREFETCH_AFTER, self._read)
+        self.timer.daemon = True
+        self.timer.start()
 
     def _read(self) -> None:
+        with self.lock:
+            if self.started:
+                return
+            self.started = True
         try:
             self.data = self.archive.read()
         except BaseException as exc:  # raised where the bytes are wanted
             self.error = exc
+        finally:
+            self.done.set()
+
+    def cancel(self) -> None:
+        """Not needed after all (the host has the archive)."""
+        self.timer.cancel()
 
     def result(self) -> bytes:
-        self.thread.join()
+        self.timer.cancel()
+        self._read()  # now, unless the timer's thread started it: then wait for that
+        self.done.wait()
         if self.error is not None:
             raise self.error
         assert self.data is not None
@@ -497,6 +517,8 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
     try:
         process, answer, sent = _launch(launcher, backend, archive, options, mode, extra, call if eager else None)
     except BaseException:
+        if prefetch is not None:
+            prefetch.cancel()
         phase("connect", "failed")
         raise
     phase("connect", "finished")
@@ -504,6 +526,8 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
         logger.debug("%s: skipped %d bytes the login shell printed: %s", backend.host, len(answer.noise),
                      answer.shown())
     if answer.word == "HAVE":
+        if prefetch is not None:
+            prefetch.cancel()
         channel = Channel(backend, process, answer.rest, uploaded=False)
         channel.call_sent = sent
         channel.prompt = not answer.token.endswith("r")
