@@ -26,6 +26,29 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """rx's own archive (no user code), built once per test module."""
+    from remote_exec.packing import DistributionArchive
+
+    return DistributionArchive.build(cache_dir=tmp_path_factory.mktemp("archive"))
+
+
+def install_archive(archive: Any, workdir: Path) -> Path:
+    """Install ``archive`` under ``workdir`` through the bootstrap (a ``probe`` run), as a host's first call
+    does; the installed folder."""
+    from remote_exec.protocol.bootstrap import BOOTSTRAP
+
+    data = archive.path.read_bytes()
+    done = subprocess.run([sys.executable, "-S", "-c", BOOTSTRAP, "t", archive.sha256, str(workdir), "probe"],
+                          input=len(data).to_bytes(8, "big") + data, capture_output=True, timeout=60,
+                          env={"PATH": os.environ.get("PATH", ""), "HOME": str(workdir.parent)}, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    installed: Path = workdir / "archives" / archive.sha256
+    assert (installed / ".rx-sizes").is_file()
+    return installed
+
+
 @dataclass(frozen=True)
 class Isolated:
     """The temporary directories a test runs in."""

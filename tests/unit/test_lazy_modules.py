@@ -7,27 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from remote_exec.lazy import NAME, UNPACKED
 from remote_exec.packing import DistributionArchive
-from remote_exec.protocol.bootstrap import BOOTSTRAP
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> DistributionArchive:
-    return DistributionArchive.build(cache_dir=tmp_path_factory.mktemp("archive"))
-
-
-def _install(archive: DistributionArchive, workdir: Path) -> Path:
-    """Install ``archive`` under ``workdir`` through the bootstrap (a ``probe`` run), as a first call does."""
-    data = archive.path.read_bytes()
-    done = subprocess.run([sys.executable, "-S", "-c", BOOTSTRAP, "t", archive.sha256, str(workdir), "probe"],
-                          input=len(data).to_bytes(8, "big") + data, capture_output=True, timeout=60,
-                          env={"PATH": os.environ.get("PATH", ""), "HOME": str(workdir.parent)}, check=False)
-    assert done.returncode == 0, done.stderr.decode()
-    return workdir / "archives" / archive.sha256
-
+from tests.unit.conftest import install_archive
 
 #: What a task module on the host may do: the public API's lazy names, a coordinator-only package, a
 #: coordinator-only module of a package the runner uses; each reports where it came from.
@@ -49,7 +31,7 @@ def _use(installed: Path, code: str = _USES) -> subprocess.CompletedProcess[str]
 
 
 def test_an_install_extracts_only_what_the_host_imports(archive: DistributionArchive, tmp_path: Path) -> None:
-    installed = _install(archive, tmp_path / "cache")
+    installed = install_archive(archive, tmp_path / "cache")
     assert (installed / NAME).is_file()
     assert (installed / "remote_exec" / "runner" / "supervise.py").is_file()
     assert not (installed / "remote_exec" / "config.py").exists()
@@ -61,7 +43,7 @@ def test_an_install_extracts_only_what_the_host_imports(archive: DistributionArc
 
 def test_a_coordinator_module_imported_on_the_host_is_unpacked_once(archive: DistributionArchive,
                                                                     tmp_path: Path) -> None:
-    installed = _install(archive, tmp_path / "cache")
+    installed = install_archive(archive, tmp_path / "cache")
     first = _use(installed)
     assert first.returncode == 0, first.stderr
     lines = first.stdout.splitlines()
@@ -78,7 +60,7 @@ def test_a_coordinator_module_imported_on_the_host_is_unpacked_once(archive: Dis
 
 
 def test_a_module_that_is_in_neither_place_is_still_not_found(archive: DistributionArchive, tmp_path: Path) -> None:
-    installed = _install(archive, tmp_path / "cache")
+    installed = install_archive(archive, tmp_path / "cache")
     missing = "import sys\nsys.path.insert(0, sys.argv[1])\nimport remote_exec.cli\n"
     assert "ModuleNotFoundError: No module named 'remote_exec.cli'" in _use(installed, missing).stderr
     assert (installed / UNPACKED).exists() and (installed / "remote_exec" / "config.py").is_file()
@@ -88,7 +70,7 @@ def test_a_module_that_is_in_neither_place_is_still_not_found(archive: Distribut
 
 
 def test_processes_that_unpack_at_once_all_import(archive: DistributionArchive, tmp_path: Path) -> None:
-    installed = _install(archive, tmp_path / "cache")
+    installed = install_archive(archive, tmp_path / "cache")
     processes = [subprocess.Popen([sys.executable, "-S", "-c", _USES, str(installed)], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(6)]
     outputs = [process.communicate(timeout=60) for process in processes]
@@ -99,7 +81,7 @@ def test_processes_that_unpack_at_once_all_import(archive: DistributionArchive, 
 
 def test_a_lazy_file_that_does_not_unpack_is_an_import_error_naming_it(archive: DistributionArchive,
                                                                        tmp_path: Path) -> None:
-    installed = _install(archive, tmp_path / "cache")
+    installed = install_archive(archive, tmp_path / "cache")
     (installed / NAME).write_bytes(b"not a zip")
     done = _use(installed)
     assert done.returncode != 0

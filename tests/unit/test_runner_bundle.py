@@ -21,6 +21,7 @@ from remote_exec.protocol.bootstrap import BOOTSTRAP, find_handshake
 from remote_exec.runner.bundle import PREFIX, bundle_name
 from remote_exec.session import Session
 from remote_exec.task import Execution, Task
+from tests.unit.conftest import install_archive
 
 #: conftest's call_frames (set by the autouse fixture below).
 _CALL: list[Any] = []
@@ -33,23 +34,6 @@ def _call_frames(frames: Any) -> None:
 
 def _env(home: Path) -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", ""), "HOME": str(home)}
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> DistributionArchive:
-    return DistributionArchive.build(cache_dir=tmp_path_factory.mktemp("archive"))
-
-
-def _install(archive: DistributionArchive, workdir: Path) -> Path:
-    """Install ``archive`` under ``workdir`` through the bootstrap (a ``probe`` run), as a first call does."""
-    data = archive.path.read_bytes()
-    done = subprocess.run([sys.executable, "-S", "-c", BOOTSTRAP, "t", archive.sha256, str(workdir), "probe"],
-                          input=len(data).to_bytes(8, "big") + data, capture_output=True, timeout=60,
-                          env=_env(workdir.parent), check=False)
-    assert done.returncode == 0, done.stderr.decode()
-    installed = workdir / "archives" / archive.sha256
-    assert (installed / ".rx-sizes").is_file()
-    return installed
 
 
 # The tasks, as a user's script defines them (``__main__``: they travel by value, nothing to import there).
@@ -113,7 +97,7 @@ def test_a_hosts_first_call_imports_the_runner_from_the_bundle_the_archive_ships
                                                                                   tmp_path: Path) -> None:
     """An interpreter of the coordinator's version: the archive's own bundle serves the very first call."""
     workdir = tmp_path / "cache"
-    installed = _install(archive, workdir)
+    installed = install_archive(archive, workdir)
     name = bundle_name()
     assert name is not None and name.startswith(PREFIX)
     shipped = (installed / name).read_bytes()
@@ -135,7 +119,7 @@ def test_another_interpreter_gets_a_bundle_its_first_call_writes(archive: Distri
     """The shipped bundle is the coordinator's interpreter's; on a host of another (its name differs, here
     removed) the first call imports the usual way and writes the bundle the next call imports from."""
     workdir = tmp_path / "cache"
-    installed = _install(archive, workdir)
+    installed = install_archive(archive, workdir)
     name = bundle_name()
     assert name is not None
     (installed / name).unlink()
@@ -159,7 +143,7 @@ def test_another_interpreter_gets_a_bundle_its_first_call_writes(archive: Distri
 def test_a_task_that_raises_still_gets_its_traceback_through_the_bundle(archive: DistributionArchive,
                                                                         tmp_path: Path) -> None:
     workdir = tmp_path / "cache"
-    installed = _install(archive, workdir)
+    installed = install_archive(archive, workdir)
     name = bundle_name()
     assert name is not None and (installed / name).is_file()
     header, _ = _serve(archive, workdir, _fails)
@@ -171,7 +155,7 @@ def test_a_task_that_raises_still_gets_its_traceback_through_the_bundle(archive:
 def test_a_damaged_bundle_is_passed_over_and_written_again(archive: DistributionArchive, tmp_path: Path,
                                                            damage: bytes) -> None:
     workdir = tmp_path / "cache"
-    installed = _install(archive, workdir)
+    installed = install_archive(archive, workdir)
     name = bundle_name()
     assert name is not None
     (installed / name).write_bytes(damage)
@@ -232,7 +216,7 @@ def test_a_module_whose_code_does_not_load_comes_from_its_file(archive: Distribu
     """A bundle of the right size whose code for one module is damaged: that module is loaded from the
     archive's files, the call goes on, and the bundle is removed, to be written again."""
     workdir = tmp_path / "cache"
-    installed = _install(archive, workdir)
+    installed = install_archive(archive, workdir)
     name = bundle_name()
     assert name is not None
     bundle = installed / name
