@@ -15,8 +15,8 @@ first, then each folder the package lacks is renamed into place whole and each f
 is renamed in one by one (a rename replaces atomically), so no process ever sees half a folder or half a
 file. A process killed meanwhile leaves its ``.tmp-lazy-*`` folder, which goes with the archive (gc).
 
-Standard library only, and imported only on a host whose archive has the file (one ``stat`` per import of
-the package): the coordinator never installs the finder.
+Standard library only. The package imports this module wherever it is imported (one ``stat`` each time),
+but installs the finder only where the folder above the package has the file: never on the coordinator.
 """
 
 from __future__ import annotations

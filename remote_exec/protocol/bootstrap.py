@@ -411,8 +411,7 @@ class _Prefetch:
         return self.data
 
 
-def _upload(backend: Backend, process: Process, archive: DistributionArchive, token: str, rest: bytes,
-            data: bytes, call: bytes = b"") -> bytes:
+def _upload(backend: Backend, process: Process, token: str, rest: bytes, data: bytes, call: bytes = b"") -> bytes:
     """Send the archive the bootstrap asked for (``data``, its bytes), and ``call`` (the call's frames: the
     runner reads them once the archive is installed) right behind it; return the bytes read past its
     ``OK``."""
@@ -538,12 +537,12 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
     phase("upload", "started")
     try:
         try:
-            data = (prefetch or _Prefetch(archive)).result()
+            data = prefetch.result() if prefetch is not None else archive.read()
             frames = call() if call is not None else b""
         except BaseException:
             process.kill()
             raise
-        rest = _upload(backend, process, archive, answer.token, answer.rest, data, frames)
+        rest = _upload(backend, process, answer.token, answer.rest, data, frames)
     except BaseException:
         phase("upload", "failed")
         raise
