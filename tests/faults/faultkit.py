@@ -623,6 +623,15 @@ class Trial:
         if not left.clean:
             self.facts["left_on_remote"] = left.describe()[:500]
 
+    def ran(self, done: Ran, host: TestbedHost, baseline: RemoteAudit) -> list[str]:
+        """Record how an ``rx`` command that was the faulty call ended (its time, exit status and first error,
+        whether it printed a traceback) and audit ``host`` against ``baseline``; its error lines."""
+        self.timed(done.seconds, hang=done.timed_out)
+        self.outcome = f"exit {done.returncode}: {error_summary(done.stderr)}"
+        self.note(traceback=has_traceback(done.stderr))
+        self.audit(audit_remote(host, baseline))
+        return cli_error_lines(done.stderr)
+
     def record(self) -> dict[str, Any]:
         """The trial as JSON."""
         data = asdict(self)

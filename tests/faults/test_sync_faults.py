@@ -15,7 +15,6 @@ from faultkit import (
     Rig,
     TrialFactory,
     audit_remote,
-    cli_error_lines,
     error_summary,
     has_traceback,
     remote_baseline,
@@ -115,11 +114,7 @@ def test_a_full_disk_while_the_project_travels_is_one_clear_error(rig: Rig, smal
         baseline = remote_baseline(host)
         with trial("tree_disk_full", variant="8 MB project, 5 MB cache", bound=30.0) as t:
             done = rig.rx("run", "--remote", host.alias, "hello.py", timeout=60)
-            t.timed(done.seconds, hang=done.timed_out)
-            errors = cli_error_lines(done.stderr)
-            t.outcome = f"exit {done.returncode}: {error_summary(done.stderr)}"
-            t.note(traceback=has_traceback(done.stderr))
-            t.audit(audit_remote(host, baseline))
+            errors = t.ran(done, host, baseline)
             store = _store(host, REMOTE_CACHE)
             t.note(corrupted=len(_damaged(store["blobs"])), trees=len(store["trees"]), temporaries=len(store["tmp"]))
             (rig.project / "data" / "big.bin").unlink()
