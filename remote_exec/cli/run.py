@@ -152,10 +152,14 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
         from ..workspace import Workspace
 
         ws = Workspace.resolve(config.workspace)
+
+        def saved(run_id: str) -> bytes:  # in the run before it is listed: a listed run can be rerun
+            session.run_id = run_id
+            return bytes(session.dumps())
+
         run = ws.new_run(target=target, kind=kind, argv=list(args), remote=remote, parent=parent,
                          backend=config.effective_backend(options.get("backend")) if remote else "local",
-                         running=not detach)
-        session.run_id = run.id
+                         running=not detach, session=saved)
         return _record_and_run(session, run, detach=detach, as_json=as_json)
     finally:
         for name in ("runner_head", "runner_ahead"):
@@ -165,7 +169,7 @@ def execute_run(*, task: Any, args: list[str], remote: str | None, options: dict
 
 
 def _record_and_run(session: Any, run: Any, *, detach: bool, as_json: bool) -> int:
-    """Record the session in ``run``, run it (or start it detached) and record how it ended."""
+    """Run ``session`` (saved in ``run`` when it was made) or start it detached, and record how it ended."""
     from ..advice import run_chain
     from ..advices.remote import RemoteAdvice
     from ..workspace.recorder import RunRecorder
@@ -173,7 +177,6 @@ def _record_and_run(session: Any, run: Any, *, detach: bool, as_json: bool) -> i
 
     bar = session.local["on_progress"] = SyncBar()
     session.local["on_env"] = _env_line
-    run.store.write_bytes("session.zip", session.dumps())
     if detach:
         return _detach(run, session, as_json)
     # (new_run made it running) --json: stdout carries the record only; the script's output goes to stderr

@@ -311,11 +311,14 @@ class Sweep(PoolObserver):
                 self.children[combination.index] = self.workspace.new_run(
                     target=kind_target, kind="script", argv=list(combination.args), remote=None, backend=backend)
                 self.combinations[combination.index] = combination
+        def saved(run_id: str) -> bytes:  # in the run before it is listed: a listed sweep can be rerun
+            session = Session(task=self.task, execution=Execution.create(self.task, ()), run_id=run_id,
+                              serializer="pickle", context={"remote": None, "options": self.options, "origin": "cli"})
+            return bytes(session.dumps())
+
         parent = self.workspace.new_run(target=kind_target, kind="sweep", argv=argv, remote=",".join(self.hosts),
-                                        backend=backend, parent=previous.id if previous is not None else None)
-        session = Session(task=self.task, execution=Execution.create(self.task, ()), run_id=parent.id,
-                          serializer="pickle", context={"remote": None, "options": self.options, "origin": "cli"})
-        parent.store.write_bytes("session.zip", session.dumps())
+                                        backend=backend, parent=previous.id if previous is not None else None,
+                                        session=saved)
         parent.update(sweep={"grid": grid.record(), "hosts": self.hosts, "combinations": len(combinations),
                              **self.shape})
         if previous is not None and merged:

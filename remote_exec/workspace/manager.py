@@ -248,9 +248,13 @@ class Workspace:
 
     def new_run(self, *, target: str, kind: str, argv: list[str] | None = None, remote: str | None = None,
                 backend: str | None = None, run_id: str | None = None, parent: str | None = None,
-                running: bool = False) -> Run:
+                running: bool = False, session: Callable[[str], bytes] | None = None) -> Run:
         """Create a run directory with its initial ``pending`` state (``running``: ``running`` from now, as
         :meth:`Run.set_status` would make it, in the same first write), owned by this process.
+
+        ``session`` makes the run's saved session (``session.zip``, what ``rx rerun`` runs again) from the
+        run's id: it is written before the state, so a run that is listed has it, also when its coordinator
+        was killed the moment after.
 
         Args:
             target: What runs: a script path, a module name, a task's name.
@@ -272,6 +276,8 @@ class Workspace:
                                  hint="letters, digits, '.', '_' and '-', starting with a letter or digit")
         rid = self._make_run_dir(run_id)
         run = Run(self, rid)
+        if session is not None:
+            run.store.write_bytes("session.zip", session(rid))
         created = utc_now()
         run.state.write({
             "version": STATE_VERSION, "run_id": rid, "status": "running" if running else "pending",

@@ -71,6 +71,22 @@ def test_new_run_writes_the_state_contract(tmp_path: Path) -> None:
     assert run.result_json == run.dir / "result.json" and run.result_pkl == run.dir / "result.pkl"
 
 
+def test_a_run_is_listed_only_once_its_session_is_saved(tmp_path: Path) -> None:
+    """rx run's session goes into the run before its state: a coordinator killed the moment after the run
+    appears leaves a run that rx rerun can run again (the fault suite once found one without it)."""
+    ws = Workspace(tmp_path / "ws")
+    seen: list[tuple[str, list[str]]] = []
+
+    def saved(run_id: str) -> bytes:
+        seen.append((run_id, ws.ids()))
+        return b"the session of " + run_id.encode()
+
+    run = ws.new_run(target="train.py", kind="script", session=saved)
+    assert seen == [(run.id, [])]  # not listed while its session was made
+    assert (run.dir / "session.zip").read_bytes() == b"the session of " + run.id.encode()
+    assert ws.ids() == [run.id]
+
+
 def test_set_status_stamps_the_clocks(tmp_path: Path) -> None:
     run = Workspace(tmp_path).new_run(target="t", kind="task")
     run.set_status("running")
