@@ -140,7 +140,8 @@ for folder, dirs, files in os.walk("."):
     dirs[:] = [d for d in dirs if d not in (".rx", "__pycache__")]
     for name in files:
         path = os.path.normpath(os.path.join(folder, name))
-        found[path] = [os.stat(path).st_ino, open(path, "rb").read().decode(errors="replace")[:20]]
+        stat = os.stat(path)  # a file replaced may get the inode number its old self freed: mtime tells them apart
+        found[path] = [[stat.st_ino, stat.st_mtime_ns], open(path, "rb").read().decode(errors="replace")[:20]]
 print(json.dumps({"run_dir": os.stat(os.environ["RX_RUN_DIR"]).st_ino, "files": found}))
 if os.environ.get("SCRIBBLE"):
     os.makedirs("outputs", exist_ok=True)
@@ -166,7 +167,7 @@ def test_a_used_snapshot_is_brought_to_the_next_tree_touching_only_what_differs(
     assert after["files"]["data/x.csv"][1] == "a,b\n1,2\n3,4\n"  # the last run's change is undone
     assert after["files"]["train.py"][1] == "# edited\n"
     assert after["files"]["pyproject.toml"][0] == before["files"]["pyproject.toml"][0]  # untouched: kept
-    assert after["files"]["train.py"][0] != before["files"]["train.py"][0]
+    assert after["files"]["train.py"][0] != before["files"]["train.py"][0]  # replaced (CI once saw its inode reused)
 
 
 def test_a_damaged_blob_in_the_store_is_fetched_again(dispatcher: Any, proj: Path) -> None:
