@@ -217,3 +217,51 @@ def test_a_failed_connection_made_ahead_is_the_next_commands_error_without_a_sec
     with pytest.raises(ConnectError):
         backend.start(["true"])  # a later command tries again
     assert backend.attempts == 2
+
+
+class WatchedBackend(RefusingBackend):
+    """Connects (in the background) by noting the interpreter's switch interval, then waiting for a go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.go = threading.Event()
+        self.seen: list[float] = []
+
+    def connect(self) -> None:
+        self.seen.append(sys.getswitchinterval())
+        self.go.wait(10)
+
+
+def test_threads_switch_promptly_while_connections_are_made_in_the_background_and_as_before_after() -> None:
+    """A connection made ahead waits for packets while the main thread computes: the GIL must come back to
+    it within a fraction of Python's 5 ms switch interval, and only while such connections are made."""
+    from remote_exec.backends import base
+
+    before = sys.getswitchinterval()
+    first, second = WatchedBackend(), WatchedBackend()
+    first.connect_in_background()
+    second.connect_in_background()
+    deadline = time.monotonic() + 10
+    while not (first.seen and second.seen) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert first.seen == second.seen == [base.AHEAD_SWITCH_INTERVAL]
+    first.go.set()
+    first.raise_failed_ahead()
+    assert sys.getswitchinterval() == base.AHEAD_SWITCH_INTERVAL  # the other one still connects
+    second.go.set()
+    second.raise_failed_ahead()
+    assert sys.getswitchinterval() == before
+
+    mine = WatchedBackend()
+    mine.connect_in_background()
+    while not mine.seen and time.monotonic() < deadline:
+        time.sleep(0.001)
+    sys.setswitchinterval(0.002)  # the program's own choice, made meanwhile, is left as it is
+    try:
+        mine.go.set()
+        mine.raise_failed_ahead()
+        assert sys.getswitchinterval() == 0.002
+    finally:
+        sys.setswitchinterval(before)
