@@ -795,6 +795,7 @@ class ParamikoBackend(Backend):
         self._link: _Link | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self._sftp_link: _Link | None = None
+        self._spare: tuple[_Link, paramiko.Channel] | None = None
 
     @property
     def resolved(self) -> ResolvedHost | None:
@@ -808,6 +809,47 @@ class ParamikoBackend(Backend):
 
     def connect(self) -> None:
         self._connect()
+
+    def connect_ahead(self) -> None:
+        """Connect, then open the first command's session channel right away (see :meth:`_open_spare`)."""
+        super().connect_ahead()
+        if self._failed_ahead is None:
+            self._open_spare()
+
+    def _open_spare(self) -> None:
+        """Open a session channel for the next :meth:`start` while the caller is still busy.
+
+        sshd answers a connection's first session only once it has opened the login session (PAM's session
+        stack on Debian and Ubuntu hosts: ~40 ms on the testbed), the longest single step of a first call
+        after authentication. Opened here, on the thread that connected ahead, that wait overlaps with the
+        caller's own work (rx's imports, the task's serialization) instead of following it. One channel,
+        taken by the next command; a failure here is left for that command to meet and report itself.
+        """
+        link = self._link
+        if link is None or not link.active:
+            return
+        try:
+            channel = self._open_session(link)
+        except Exception:  # the next start opens its own session and reports what fails
+            logger.debug("%s: no session opened ahead", self.host, exc_info=True)
+            return
+        with self._lock:
+            if self._spare is None and self._link is link:
+                self._spare = (link, channel)
+                return
+        channel.close()
+
+    def _take_spare(self, link: _Link) -> paramiko.Channel | None:
+        """The session channel opened ahead on ``link``, if there is one still open (taken once)."""
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        if spare[0] is link and link.active and not spare[1].closed and spare[1].active:
+            logger.debug("%s: the command's session was opened ahead", self.host)
+            return spare[1]
+        spare[1].close()
+        return None
 
     def _connect(self) -> _Link:
         """The live link, connecting (or reconnecting after a dead one) under the lock."""
@@ -834,7 +876,7 @@ class ParamikoBackend(Backend):
         link = self._connect()
         timeout = self.spec.connect_timeout
         with map_paramiko_errors(self.host, link.resolved.address, "run a command on", timeout):
-            channel = self._open_session(link)
+            channel = self._take_spare(link) or self._open_session(link)
             try:
                 channel.exec_command(command)
             except BaseException:
@@ -993,6 +1035,7 @@ class ParamikoBackend(Backend):
             with contextlib.suppress(Exception):
                 self._sftp.close()
         self._sftp = self._sftp_link = None
+        self._spare = None  # (its channel ends with the link)
         if self._link is not None:
             self._link.close()
             self._link = None

@@ -119,6 +119,29 @@ def test_close_then_next_call_reconnects(backend: ParamikoBackend) -> None:
     assert backend.connections_opened == 2
 
 
+def test_a_connection_made_ahead_opens_the_first_command_s_session_meanwhile(backend: ParamikoBackend) -> None:
+    """sshd answers a connection's first session only after its PAM session stack ran: a connection made
+    ahead opens that session while the caller works, and the first command runs in it as in any other."""
+    backend.connect_in_background()
+    backend.raise_failed_ahead()
+    assert backend._spare is not None
+    echoed = backend.run(["sh", "-c", "cat; echo \"$GREETING\" >&2; pwd"], stdin=b"in\n", env={"GREETING": "hi"},
+                         cwd=PurePosixPath("/tmp"))
+    assert (echoed.stdout, echoed.stderr, echoed.exit_code) == (b"in\n/tmp\n", b"hi\n", 0)
+    assert backend._spare is None and backend.connections_opened == 1
+    assert backend.run(["true"]).ok  # the next commands open their own
+
+    fresh = ParamikoBackend(backend.spec)
+    with closing(fresh):
+        fresh.connect_in_background()
+        fresh.raise_failed_ahead()
+        transport = fresh.transport
+        assert transport is not None and fresh._spare is not None
+        transport.close()  # the link died before the first command: its session went with it
+        assert fresh.run(["echo", "again"]).stdout == b"again\n"
+        assert fresh.connections_opened == 2
+
+
 # --- authentication -----------------------------------------------------------------------------------------
 
 
