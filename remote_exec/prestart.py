@@ -23,6 +23,13 @@ It is a guess, and it is never trusted:
   takes it before the process ends, the guessed master is stopped (:func:`abandon`).
 
 So a stale memo costs one wasted connection, never a session over a master opened with other settings.
+
+The paramiko backend has no master to start: it notes the host's address instead (:func:`remember_dial`),
+and the head start is a TCP connection to it, made on a thread of its own (:class:`Dialed`) while the
+interpreter imports rx and paramiko. sshd forks and re-executes itself for a new connection before it
+sends its banner (~17 ms on the testbed); that now happens meanwhile. The backend uses the connection
+only for that very address (:func:`take_dial`): everything after the TCP handshake (the host key check,
+authentication) is as without it.
 The memo holds no secret: host aliases, paths and ssh options, keyed by a digest. POSIX only, as the
 OpenSSH backend is; this module imports nothing that is not already loaded by a bare interpreter but
 ``marshal``, ``fcntl``, ``_socket`` and ``_sha256``, so the guessed ``ssh`` starts ~3 ms after
@@ -40,9 +47,10 @@ import time
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from typing import Any
 
-__all__ = ["Prestarted", "abandon", "answers", "exit_master", "memo_key", "memo_path", "pending", "remember", "start",
-           "take"]
+__all__ = ["Dialed", "Prestarted", "abandon", "answers", "exit_master", "memo_key", "memo_path", "pending", "remember",
+           "remember_dial", "start", "take", "take_dial"]
 
 #: Bumped when the memo's layout changes (an older memo is then ignored).
 _VERSION = 1
@@ -54,6 +62,9 @@ _ENVIRON = ("HOME", "USER", "LOGNAME", "PATH", "XDG_RUNTIME_DIR", "XDG_CACHE_HOM
 Stamp = tuple[object, ...]  # (path, mtime_ns, size, inode), or (path,) for a file that did not exist
 
 _pending: Prestarted | None = None
+_dialed: Dialed | None = None
+#: The first word of a memo entry that is an address to dial (paramiko), not an ``ssh`` to start.
+_DIAL = "tcp"
 #: Held while a head start is decided (two threads making a process's first calls at once start one).
 _starting = _thread.allocate_lock()
 
@@ -119,9 +130,18 @@ def remember(key: str, files: Sequence[str], control_path: str, argv: Sequence[s
     """Note that ``rx run`` lines of ``key`` lead to the shared master at ``control_path``, opened by
     ``argv``, as worked out from ``files`` as they are now. Best effort: a cache."""
     _end_orphans(os.path.dirname(control_path))
+    _store(key, (tuple(stamp(file) for file in dict.fromkeys(files)), control_path, tuple(argv)))
+
+
+def remember_dial(key: str, files: Sequence[str], hostname: str, port: int, timeout: float) -> None:
+    """Note that lines of ``key`` connect (paramiko) to ``hostname:port`` with ``timeout`` seconds to
+    connect, as worked out from ``files`` as they are now. Best effort: a cache."""
+    _store(key, (tuple(stamp(file) for file in dict.fromkeys(files)), "", (_DIAL, hostname, str(port), repr(timeout))))
+
+
+def _store(key: str, entry: tuple[tuple[Stamp, ...], str, tuple[str, ...]]) -> None:
     path = memo_path()
     entries = _load(path)
-    entry = (tuple(stamp(file) for file in dict.fromkeys(files)), control_path, tuple(argv))
     if entries.get(key) == entry and next(reversed(entries)) == key:
         return  # unchanged, and the latest: the oldest go first when there are too many
     entries.pop(key, None)
@@ -324,7 +344,12 @@ def _start(key: str) -> None:
         if entry is None:
             return
         stamps, control_path, argv = entry
-        if argv[:1] != ("ssh",) or any(stamp(str(item[0])) != tuple(item) for item in stamps):
+        if any(stamp(str(item[0])) != tuple(item) for item in stamps):
+            return
+        if argv[:1] == (_DIAL,) and len(argv) == 4:
+            _dial(argv[1], int(argv[2]), float(argv[3]))
+            return
+        if argv[:1] != ("ssh",):
             return
         if answers(control_path):  # a master is up: the run adopts it, as always
             return
@@ -384,6 +409,109 @@ def take(control_path: str, argv: Sequence[str]) -> Prestarted | None:
     return None
 
 
+class Dialed:
+    """A TCP connection to ``hostname:port`` made on a thread of its own, as ``socket.create_connection``
+    makes one (each address in turn, ``timeout`` seconds each), for :func:`take_dial`."""
+
+    def __init__(self, hostname: str, port: int, timeout: float) -> None:
+        self.hostname, self.port, self.timeout = hostname, port, timeout
+        self.owner = os.getpid()
+        self.sock: Any = None  # the connected _socket.socket, once made
+        self.error: BaseException | None = None
+        self.abandoned = False
+        self._state = _thread.allocate_lock()  # orders the connection's arrival and close()
+        self._done = _thread.allocate_lock()
+        self._done.acquire()
+        _thread.start_new_thread(self._connect, ())
+
+    def _connect(self) -> None:
+        import _socket
+
+        made = None
+        error: BaseException | None = None
+        try:
+            for family, kind, proto, _name, address in _socket.getaddrinfo(self.hostname, self.port, 0,
+                                                                           _socket.SOCK_STREAM):
+                sock = _socket.socket(family, kind, proto)
+                try:
+                    sock.settimeout(self.timeout)
+                    sock.connect(address)
+                except OSError as exc:
+                    sock.close()
+                    error = exc
+                    continue
+                made, error = sock, None
+                break
+            else:
+                error = error or OSError(f"no address for {self.hostname}")
+        except BaseException as exc:  # getaddrinfo's gaierror, or the interpreter ending
+            error = exc
+        finally:
+            with self._state:
+                if made is not None and self.abandoned:
+                    made.close()
+                    made = None
+                self.sock, self.error = made, error
+            self._done.release()
+
+    def wait(self) -> bool:
+        """Wait for the connection to be made or to fail (at most ``timeout`` and a second); True when it is
+        done."""
+        if self._done.acquire(timeout=self.timeout + 1.0):
+            self._done.release()
+            return True
+        return False
+
+    def close(self) -> None:
+        """Close the connection, without waiting for it: one still being made is closed as it arrives."""
+        with self._state:
+            self.abandoned = True
+            if self.sock is not None:
+                self.sock.close()
+                self.sock = None
+
+
+def _dial(hostname: str, port: int, timeout: float) -> None:
+    global _dialed
+    if _dialed is not None:
+        return
+    _dialed = Dialed(hostname, port, timeout)
+    import atexit
+
+    atexit.register(abandon)
+
+
+def take_dial(hostname: str, port: int, timeout: float) -> Any:
+    """The connection made from the memo when it is to ``hostname:port`` with this ``timeout`` (waited for,
+    once made: a ``socket.socket``), else None (a connection to anything else is closed). Raises what the
+    connection failed with when that was a timeout (the host did not answer: trying again would double
+    the wait); after any other failure (refused: sshd may be up now) the caller connects itself."""
+    global _dialed
+    dialed = _dialed
+    if dialed is None or dialed.owner != os.getpid():
+        return None
+    _dialed = None
+    if (dialed.hostname, dialed.port, dialed.timeout) != (hostname, port, timeout):
+        dialed.close()
+        return None
+    if not dialed.wait():
+        dialed.close()
+        raise TimeoutError(f"timed out connecting to {hostname}:{port}")
+    if dialed.sock is None:
+        if isinstance(dialed.error, TimeoutError):
+            raise dialed.error
+        return None
+    import socket
+
+    with dialed._state:
+        raw, dialed.sock = dialed.sock, None
+    if raw is None:
+        return None
+    sock = socket.socket(fileno=raw.detach())
+    sock.settimeout(timeout)  # (the descriptor is non-blocking already, as a timeout makes it)
+    return sock
+
+
 def pending() -> bool:
     """A master started from the memo waits to be taken (see :func:`take`)."""
     return _pending is not None and not _pending.taken and not _pending.finished
@@ -392,8 +520,12 @@ def pending() -> bool:
 def abandon() -> None:
     """At exit (not in a forked child): end the master started from the memo, see
     :meth:`Prestarted.finish`."""
-    global _pending
+    global _pending, _dialed
     started = _pending
     if started is not None and started.owner == os.getpid():
         _pending = None
         started.finish()
+    dialed = _dialed
+    if dialed is not None and dialed.owner == os.getpid():
+        _dialed = None
+        dialed.close()

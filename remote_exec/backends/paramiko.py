@@ -29,6 +29,7 @@ import os
 import re
 import socket
 import stat
+import sys
 import threading
 import time
 import uuid
@@ -627,9 +628,23 @@ def _open_link(spec: HostSpec, resolved: ResolvedHost, host: str, nodelay: bool,
 def _dial(resolved: ResolvedHost, host: str, nodelay: bool, timeout: float) -> socket.socket:
     """A TCP connection to the host (``TCP_NODELAY`` on unless told otherwise)."""
     with map_paramiko_errors(host, resolved.address, "connect to", timeout):
-        sock = socket.create_connection((resolved.hostname, resolved.port), timeout=timeout)
+        sock = _dialed_ahead(resolved, host, timeout) or socket.create_connection((resolved.hostname, resolved.port),
+                                                                             timeout=timeout)
         if nodelay:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _dialed_ahead(resolved: ResolvedHost, host: str, timeout: float) -> socket.socket | None:
+    """The TCP connection to the host that the process opened as it started, from the memo of its last
+    run (:func:`remote_exec.prestart.take_dial`), when it is to this very address; else None."""
+    prestart = sys.modules.get("remote_exec.prestart")
+    if prestart is None:
+        return None
+    sock: socket.socket | None = prestart.take_dial(resolved.hostname, resolved.port, timeout)
+    if sock is not None:
+        logger.debug("%s: using the TCP connection to %s that rx made from its memo as the process started",
+                     host, resolved.address)
     return sock
 
 
@@ -796,6 +811,9 @@ class ParamikoBackend(Backend):
         self._sftp: paramiko.SFTPClient | None = None
         self._sftp_link: _Link | None = None
         self._spare: tuple[_Link, paramiko.Channel] | None = None
+        #: (memo key, files) under which to note the host's address for the next run of the same line or
+        #: ``@task``, whose process then connects to it as it starts (:mod:`~remote_exec.prestart`).
+        self.prestart_memo: tuple[str, tuple[str, ...]] | None = None
 
     @property
     def resolved(self) -> ResolvedHost | None:
@@ -867,7 +885,23 @@ class ParamikoBackend(Backend):
                 self.connections_opened += 1
                 hop = hop.via
             self._link = link
-            return link
+        self._remember(link)
+        return link
+
+    def _remember(self, link: _Link) -> None:
+        """Note the address of a direct connection for the next run of this line (see
+        :attr:`prestart_memo`)."""
+        memo, self.prestart_memo = self.prestart_memo, None
+        if memo is None or link.via is not None:
+            return
+        from .. import prestart
+        from .ssh import default_config_path
+
+        key, files = memo
+        resolved = link.resolved
+        ssh_files = (str(resolved.config_file or default_config_path()),)
+        prestart.remember_dial(key, (*files, *ssh_files), resolved.hostname, resolved.port,
+                               self.spec.connect_timeout)
 
     def start(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
               cwd: PurePosixPath | None = None) -> Process:

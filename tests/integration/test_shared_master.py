@@ -264,3 +264,30 @@ def test_a_task_s_first_call_starts_the_master_its_memo_names(remote: Remote, ru
     assert "taking the ssh that rx started from its memo" in second.stderr
     assert sockets(runtime_dir) == [socket_path] and master_pid(socket_path) is not None
     assert list((runtime_dir / "rx-ssh").glob("p-*")) == [] and len(_ssh_processes(runtime_dir)) == 1
+
+
+def test_a_first_paramiko_run_connects_to_the_address_its_memo_names_as_it_starts(remote: Remote) -> None:
+    """paramiko has no master to keep: the next `rx run` of the same line opens the TCP connection to the
+    address the last one connected to first thing (sshd starts its side meanwhile), and uses it only for
+    that very address."""
+    if remote.backend != "paramiko":
+        pytest.skip("paramiko only")
+    (remote.project / "hi.py").write_text("print('hi')\n")
+    config = remote.project / "ssh_config"
+    config.write_text(Path(remote.env["RX_SSH_CONFIG"]).read_text())
+    line = ("-vv", "run", "--remote", HOST, "--ssh-config", str(config), "hi.py")
+    used = "that rx made from its memo as the process started"
+
+    first = remote.rx(*line)
+    assert first.returncode == 0 and first.stdout == "hi\n", first.stderr
+    assert used not in first.stderr
+    second = remote.rx(*line)
+    assert second.returncode == 0 and second.stdout == "hi\n", second.stderr
+    assert used in second.stderr
+    assert "the command's session was opened ahead" in second.stderr
+
+    text = config.read_text()  # the ssh_config changed: the memo's stamp of it no longer fits
+    config.write_text(text.replace(f"Host {HOST}\n", f"Host {HOST}\n    ConnectionAttempts 1\n", 1))
+    third = remote.rx(*line)
+    assert third.returncode == 0 and third.stdout == "hi\n", third.stderr
+    assert used not in third.stderr

@@ -322,3 +322,98 @@ def test_a_task_s_first_call_starts_the_memo_s_master_before_rx_s_configuration(
 
     explicit = task(remote="gpu1", config=Configuration())(print)  # an object of the caller's: no key
     assert api._memo_words(explicit) is None
+
+
+# --- paramiko's head start: a TCP connection to the remembered address (loopback listeners only) ---------
+
+
+@pytest.fixture
+def listener(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    """A TCP listener on 127.0.0.1 standing in for sshd, a cache of this test; whatever the test left
+    dialed is closed."""
+    monkeypatch.setenv("RX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(10)
+    yield server
+    prestart.abandon()
+    server.close()
+
+
+def _remember_dial(tmp_path: Path, port: int, timeout: float = 7.0) -> Path:
+    config = tmp_path / "ssh_config"
+    config.write_text("Host gpu1\n")
+    prestart.remember_dial(prestart.memo_key(WORDS), [str(config)], "127.0.0.1", port, timeout)
+    return config
+
+
+def test_a_remembered_address_is_dialed_as_the_process_starts_and_taken_for_that_address(
+        listener: socket.socket, tmp_path: Path) -> None:
+    port = listener.getsockname()[1]
+    _remember_dial(tmp_path, port)
+
+    prestart.start(WORDS)
+    accepted, _ = listener.accept()  # connected before anything asked for it
+    try:
+        sock = prestart.take_dial("127.0.0.1", port, 7.0)
+        assert sock is not None and sock.getpeername() == accepted.getsockname()
+        assert sock.gettimeout() == 7.0
+        sock.sendall(b"SSH-2.0-x\r\n")  # an ordinary socket the transport can use
+        assert accepted.recv(64) == b"SSH-2.0-x\r\n"
+        sock.close()
+        assert prestart.take_dial("127.0.0.1", port, 7.0) is None  # taken once
+    finally:
+        accepted.close()
+
+
+def test_a_dial_for_another_address_or_timeout_is_closed_and_not_used(listener: socket.socket,
+                                                                     tmp_path: Path) -> None:
+    port = listener.getsockname()[1]
+    _remember_dial(tmp_path, port)
+    for asked in (("127.0.0.1", port + 1, 7.0), ("127.0.0.1", port, 3.0)):
+        prestart.start(WORDS)
+        accepted, _ = listener.accept()
+        try:
+            assert prestart.take_dial(*asked) is None
+            accepted.settimeout(5)
+            assert accepted.recv(1) == b""  # closed: sshd sees it go
+        finally:
+            accepted.close()
+
+
+def test_nothing_is_dialed_for_a_changed_file_and_a_refused_dial_leaves_the_connecting_to_the_caller(
+        listener: socket.socket, tmp_path: Path) -> None:
+    port = listener.getsockname()[1]
+    config = _remember_dial(tmp_path, port)
+    config.write_text("Host gpu1\n    Port 2222\n")
+    prestart.start(WORDS)
+    assert prestart._dialed is None
+
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    closed_port = free.getsockname()[1]
+    free.close()  # nothing listens there now: refused
+    _remember_dial(tmp_path, closed_port)
+    prestart.start(WORDS)
+    assert prestart.take_dial("127.0.0.1", closed_port, 7.0) is None
+
+
+def test_a_dial_nothing_took_is_closed_at_exit_and_a_forked_child_does_not_take_its_parent_s(
+        listener: socket.socket, tmp_path: Path) -> None:
+    port = listener.getsockname()[1]
+    _remember_dial(tmp_path, port)
+    prestart.start(WORDS)
+    accepted, _ = listener.accept()
+    try:
+        assert prestart._dialed is not None and prestart._dialed.wait()
+        prestart._dialed.owner = os.getpid() + 1  # as a forked child sees its parent's
+        assert prestart.take_dial("127.0.0.1", port, 7.0) is None
+        prestart._dialed.owner = os.getpid()
+        prestart.abandon()
+        accepted.settimeout(5)
+        assert accepted.recv(1) == b""
+        assert prestart._dialed is None
+    finally:
+        accepted.close()
