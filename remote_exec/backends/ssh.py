@@ -27,6 +27,7 @@ import os
 import re
 import shlex
 import sys
+import types
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,23 +324,77 @@ def _config_path(configured: Path | None) -> Path | None:
 
 
 def import_paramiko() -> None:
-    """Import paramiko without invoke.
+    """Import paramiko without invoke, and without importlib.metadata where its version can be read more
+    cheaply.
 
     paramiko.config imports invoke when it is installed (Fabric brings it), only to run ssh_config's
     ``Match exec`` commands; that import is most of the cost of importing paramiko (50-80 ms here), paid
     on the first call of every process. rx imports paramiko with invoke hidden and hands it to
     paramiko.config only when an ssh_config uses ``Match exec`` (see :func:`_lookup`).
+
+    paramiko's ``__init__`` also asks ``importlib.metadata.version("paramiko")`` for its ``__version__``:
+    importing importlib.metadata (email, zipfile, csv, ...) and searching ``sys.path`` for the
+    distribution. Where nothing has loaded importlib.metadata yet, the import gets a stand-in that answers
+    from the name of the one ``paramiko-VERSION.dist-info`` folder beside the package, the very folder
+    importlib.metadata would read (see :func:`_metadata_stand_in`); ~20 ms of a first paramiko call on the
+    test machine.
     """
     if "paramiko" in sys.modules:
         return
     hide = "invoke" not in sys.modules
     if hide:
         sys.modules["invoke"] = None  # type: ignore[assignment]  # makes `import invoke` fail at once
+    stand_in = _metadata_stand_in()
+    if stand_in is not None:
+        sys.modules["importlib.metadata"] = stand_in
     try:
         import paramiko  # noqa: F401
     finally:
         if hide and "invoke" in sys.modules and sys.modules["invoke"] is None:
             del sys.modules["invoke"]
+        if stand_in is not None and sys.modules.get("importlib.metadata") is stand_in:
+            del sys.modules["importlib.metadata"]
+
+
+_DIST_INFO = re.compile(r"paramiko-([0-9][0-9A-Za-z.+!_-]*)\.dist-info")
+
+
+def _metadata_stand_in() -> types.ModuleType | None:
+    """A stand-in for importlib.metadata while paramiko is imported: its ``version("paramiko")`` is the
+    version in the name of the only ``paramiko-*.dist-info`` folder in the directory paramiko is found
+    in; anything else it is asked goes to the real module. None when importlib.metadata is loaded already
+    or the folder is not exactly one (an egg, a system package, two versions half upgraded): the real
+    one answers then."""
+    if "importlib.metadata" in sys.modules:
+        return None
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("paramiko")
+        if spec is None or spec.origin is None:
+            return None
+        folder = os.path.dirname(os.path.dirname(spec.origin))
+        found = [match[1] for name in os.listdir(folder) if (match := _DIST_INFO.fullmatch(name))]
+    except (ImportError, OSError, ValueError):
+        return None
+    if len(found) != 1:
+        return None
+    version = found[0]
+    stand_in = types.ModuleType("importlib.metadata")
+
+    def real() -> types.ModuleType:
+        if sys.modules.get("importlib.metadata") is stand_in:
+            del sys.modules["importlib.metadata"]
+        import importlib.metadata
+
+        return importlib.metadata
+
+    def version_of(name: str) -> str:
+        return version if name == "paramiko" else str(real().version(name))
+
+    stand_in.version = version_of  # type: ignore[attr-defined]
+    stand_in.__getattr__ = lambda name: getattr(real(), name)  # type: ignore[method-assign]
+    return stand_in
 
 
 def _allow_match_exec() -> None:

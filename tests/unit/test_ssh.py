@@ -230,6 +230,46 @@ def test_paramiko_is_imported_without_invoke_and_match_exec_still_works(tmp_path
     assert done.stdout.split("\n")[:3] == ["False", "192.0.2.9 carol", "invoke"]
 
 
+def test_paramiko_s_version_is_read_without_importlib_metadata_and_is_the_same(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """paramiko asks importlib.metadata for its version as it is imported (email, zipfile, csv...: ~20 ms
+    of a first call): rx answers from the distribution's folder name, the same version, and loads nothing
+    of importlib.metadata; a folder it cannot read the version from leaves the question to the real one."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from remote_exec.backends.ssh import import_paramiko\n"
+        "import_paramiko()\n"
+        "import paramiko\n"
+        "print('importlib.metadata' in sys.modules, 'email' in sys.modules)\n"
+        "import importlib.metadata\n"
+        "print(paramiko.__version__ == importlib.metadata.version('paramiko'), paramiko.__version__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split("\n")
+    assert lines[0] == "False False" and lines[1].startswith("True ")
+
+    from remote_exec.backends import ssh
+
+    folder = tmp_path / "site"
+    (folder / "paramiko").mkdir(parents=True)
+    (folder / "paramiko" / "__init__.py").write_text("")
+    (folder / "paramiko-3.4.0.dist-info").mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, "importlib.metadata", raising=False)
+    monkeypatch.delitem(sys.modules, "paramiko", raising=False)
+    import importlib
+
+    importlib.invalidate_caches()
+    stand_in = ssh._metadata_stand_in()
+    assert stand_in is not None and stand_in.version("paramiko") == "3.4.0"
+    (folder / "paramiko-5.0.0.dist-info").mkdir()  # two versions, half upgraded: the real answer
+    assert ssh._metadata_stand_in() is None
+
+
 # --- the same record from `ssh -G` (the openssh backend's way) ----------------------------------------------
 
 # An excerpt of `ssh -G` from OpenSSH 9.2 (the real output has ~80 lines in this form).
