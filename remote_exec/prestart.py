@@ -30,6 +30,7 @@ interpreter imports rx and paramiko. sshd forks and re-executes itself for a new
 sends its banner (~17 ms on the testbed); that now happens meanwhile. The backend uses the connection
 only for that very address (:func:`take_dial`): everything after the TCP handshake (the host key check,
 authentication) is as without it.
+
 The memo holds no secret: host aliases, paths and ssh options, keyed by a digest. POSIX only, as the
 OpenSSH backend is; this module imports nothing that is not already loaded by a bare interpreter but
 ``marshal``, ``fcntl``, ``_socket`` and ``_sha256``, so the guessed ``ssh`` starts ~3 ms after
