@@ -176,9 +176,9 @@ KNOWN_LIMITS = [
     "tests/integration/test_shared_master.py, not as a fault scenario of its own: refused (the backend "
     "connects itself and reports as always), another address or timeout than the backend resolved (closed "
     "unused; sshd sees a connection end before its banner), an ssh_config changed since (nothing dialed), a "
-    "forked child (never takes its parent's), a process that ends without taking it (closed at exit). Not "
-    "tried: a host that drops the connection attempt; by design its timeout is then met once, not twice (the "
-    "backend raises the head start's timeout instead of dialing again).",
+    "forked child (never takes its parent's), a process that ends without taking it (closed at exit), a "
+    "listener that drops the connection attempt, as a silent firewall does (its timeout is raised, met once: the "
+    "backend does not dial and wait again).",
     "- **The runner's code bundle** (`.rx-code-*` in an installed archive, remote_exec/runner/bundle.py) serves"
     " the calls on each host in the scenarios above (shipped for the coordinator's interpreter). Its own "
     "failures were tried in tests/unit/test_runner_bundle.py, not here: a bundle of the wrong size or not a "

@@ -417,3 +417,25 @@ def test_a_dial_nothing_took_is_closed_at_exit_and_a_forked_child_does_not_take_
         assert prestart._dialed is None
     finally:
         accepted.close()
+
+
+def test_a_host_that_does_not_answer_costs_its_timeout_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listener whose queue is full drops new connection attempts, as a host behind a silent firewall
+    does: the head start's timeout is raised to the caller (the paramiko backend reports it), which would
+    otherwise dial and wait again."""
+    monkeypatch.setenv("RX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    queued = socket.create_connection(("127.0.0.1", port), timeout=5)  # fills the queue
+    try:
+        _remember_dial(tmp_path, port, timeout=0.5)
+        prestart.start(WORDS)
+        with pytest.raises(TimeoutError):
+            prestart.take_dial("127.0.0.1", port, 0.5)
+    finally:
+        prestart.abandon()
+        queued.close()
+        server.close()
