@@ -498,16 +498,14 @@ def take_dial(hostname: str, port: int, timeout: float) -> Any:
     if not dialed.wait():
         dialed.close()
         raise TimeoutError(f"timed out connecting to {hostname}:{port}")
-    if dialed.sock is None:
+    with dialed._state:
+        raw, dialed.sock = dialed.sock, None
+    if raw is None:
         if isinstance(dialed.error, TimeoutError):
             raise dialed.error
         return None
     import socket
 
-    with dialed._state:
-        raw, dialed.sock = dialed.sock, None
-    if raw is None:
-        return None
     sock = socket.socket(fileno=raw.detach())
     sock.settimeout(timeout)  # (the descriptor is non-blocking already, as a timeout makes it)
     return sock
