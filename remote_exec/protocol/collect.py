@@ -349,11 +349,10 @@ def _expected_files(host: str, manifest: list[dict[str, Any]]) -> dict[str, dict
     return expected
 
 
-def _check_member(host: str, archive: tarfile.TarFile, member: tarfile.TarInfo,
-                  expected: dict[str, dict[str, Any]], folder: Path,
-                  checked: list[tuple[PurePosixPath, Path, str]]) -> None:
-    """Copy one member out to a temporary file beside the spool (listed in ``checked`` at once, so it is
-    removed on any failure) and check it against the manifest."""
+def _stage_member(host: str, archive: tarfile.TarFile, member: tarfile.TarInfo,
+                  expected: dict[str, dict[str, Any]], staged: Path, folders: set[Path]) -> PurePosixPath:
+    """Write one member to its path under ``staged`` (``folders``: the directories made there so far),
+    checking it against the manifest as it goes; return its path."""
     try:
         relative = safe_member_path(member.name)
     except IntegrityError as exc:
@@ -365,46 +364,47 @@ def _check_member(host: str, archive: tarfile.TarFile, member: tarfile.TarInfo,
         raise IntegrityError(f"{host}: the result holds an unlisted file {member.name!r}")
     source = archive.extractfile(member)
     assert source is not None
-    with tempfile.NamedTemporaryFile(dir=folder, delete=False) as temporary:
-        checked.append((relative, Path(temporary.name), listed["sha256"]))
-        digest = hashlib.sha256()
+    target = staged.joinpath(*relative.parts)
+    try:
+        if target.parent not in folders:
+            os.makedirs(target.parent, mode=0o700, exist_ok=True)
+            folders.add(target.parent)
+        stream = open(target, "xb")  # noqa: SIM115 - closed by the `with stream:` below
+    except (FileExistsError, NotADirectoryError, IsADirectoryError):
+        raise IntegrityError(f"{host}: the result's file {member.name!r} clashes with another of its files "
+                             "(the same name, or a file where a folder is)") from None
+    digest = hashlib.sha256()
+    with stream:
         while block := source.read(1 << 20):
             digest.update(block)
-            write_sparse(temporary, block)
-        temporary.truncate()
+            write_sparse(stream, block)
+        stream.truncate()
     if digest.hexdigest() != listed["sha256"]:
         raise IntegrityError(f"{host}: pulled file {member.name!r} is damaged (sha256 mismatch)")
+    return relative
 
 
 def land_files(received: Received, host: str, manifest: list[dict[str, Any]], land_file: FileLander) -> list[Path]:
-    """Check every pulled file, then land them all: a result with one bad member lands nothing."""
+    """Check every pulled file as it is written where ``land_file`` stages them, then land them all: a result
+    with one bad member lands nothing."""
     expected = _expected_files(host, manifest)
     spool = received.files_path
     if spool is None or not spool.exists():
         raise IntegrityError(f"{host}: the result lists files but carries none")
-    checked: list[tuple[PurePosixPath, Path, str]] = []
     import tarfile  # (only a call that brings files back needs it)
 
+    staged = land_file.stage()
+    written: list[PurePosixPath] = []
     try:
+        folders = {staged}
         with tarfile.open(spool, mode="r:") as archive:
             for member in archive:
-                _check_member(host, archive, member, expected, spool.parent, checked)
+                written.append(_stage_member(host, archive, member, expected, staged, folders))
         if expected:
             raise IntegrityError(f"{host}: the result is missing listed files: {', '.join(sorted(expected))}")
     except BaseException as exc:
-        for _, temporary_path, _ in checked:
-            temporary_path.unlink(missing_ok=True)
+        shutil.rmtree(staged, ignore_errors=True)
         if isinstance(exc, (tarfile.TarError, EOFError)):
             raise IntegrityError(f"{host}: the result's files are damaged: {exc}") from exc
         raise
-    landed: list[Path] = []
-    try:
-        for relative, temporary_path, sha256 in checked:
-            landed.append(land_file(relative, temporary_path, sha256))
-    except BaseException:  # all or nothing: what landed before goes again, the rest is removed
-        for path in landed:
-            path.unlink(missing_ok=True)
-        for _, temporary_path, _ in checked:
-            temporary_path.unlink(missing_ok=True)
-        raise
-    return landed
+    return land_file.land(staged, written)

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..session import Result
 
@@ -21,9 +21,19 @@ logger = logging.getLogger(__name__)
 
 #: Receives a stream's bytes as they arrive.
 OutputSink = Callable[[bytes], None]
-#: Lands one pulled file that passed its checks: (relative path, a local temporary holding it, its sha256)
-#: -> where it landed.
-FileLander = Callable[[PurePosixPath, Path, str], Path]
+
+
+class FileLander(Protocol):
+    """Where a call's pulled files land (a run's ``files/``): :func:`.collect.land_files` writes the checked
+    files into a directory :meth:`stage` gives, then :meth:`land` moves them to their names."""
+
+    def stage(self) -> Path:
+        """A new, empty, private directory on the destination's file system."""
+
+    def land(self, staged: Path, files: Sequence[PurePosixPath]) -> list[Path]:
+        """Move ``files`` (paths relative to ``staged``, each checked) to their names, all or none; ``staged`` is
+        gone afterwards. Returns where they landed."""
+
 #: Told (phase, "started" | "finished" | "failed") around connect, upload, execute and collect.
 PhaseCallback = Callable[[str, str], None]
 #: Told of each progress event (P frame) the runner sends: the task started, a detached run ended, ...

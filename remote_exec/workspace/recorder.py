@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, BinaryIO
 
@@ -55,13 +55,19 @@ class StreamSink:
             self.pump.write(self._writer, data)
 
 
-def file_lander(run: Run, prefix: str) -> Callable[[PurePosixPath, Path, str], Path]:
-    """Lands a checked file (moved from its temporary) under ``prefix`` in the run's store."""
+class FileLanding:
+    """Lands a call's checked files under the folder ``into`` of its run's store (a
+    :class:`~remote_exec.protocol.options.FileLander`: see :meth:`.Store.stage` and :meth:`.Store.land_tree`)."""
 
-    def land(relative: PurePosixPath, temporary: Path, sha256: str) -> Path:
-        return run.store.write_file(f"{prefix}{relative}", temporary, sha256=sha256, move=True)
+    def __init__(self, run: Run, into: str) -> None:
+        self.run = run
+        self.into = into
 
-    return land
+    def stage(self) -> Path:
+        return self.run.store.stage()
+
+    def land(self, staged: Path, files: Sequence[PurePosixPath]) -> list[Path]:
+        return self.run.store.land_tree(staged, self.into, [path.as_posix() for path in files])
 
 
 class CallRecorder(ABC):
@@ -73,16 +79,14 @@ class CallRecorder(ABC):
         retryable: Its collection can be tried again (``rx attach``): the host keeps the result until it
             landed.
         stdin: What the task reads on its stdin (``rx run`` forwards a pipe or a file), or None: empty.
+        land_file: Where the files the call brings back land.
     """
 
     stdout: OutputSink
     stderr: OutputSink
+    land_file: FileLanding
     retryable = False
     stdin: BinaryIO | None = None
-
-    @abstractmethod
-    def land_file(self, relative: PurePosixPath, temporary: Path, sha256: str) -> Path:
-        """Land one pulled file that passed its checks; return where it landed."""
 
     def phase(self, name: str, state: str, when: float | None = None) -> None:  # noqa: B027 - optional
         """A phase of the call (``pack``, ``connect``, ``upload``, ``execute``, ``collect``) ``started``,
@@ -127,11 +131,8 @@ class RunRecorder(CallRecorder):
         self.output = OutputPump()  # one for both streams: their order stays the task's
         self.stdout = StreamSink(stdout or sys.stdout, self._logs[0], self.output)
         self.stderr = StreamSink(stderr or sys.stderr, self._logs[1], self.output)
-        self._land = file_lander(run, "files/")
+        self.land_file = FileLanding(run, "files")
         self._phases: list[tuple[str, str, str | None, str]] = []
-
-    def land_file(self, relative: PurePosixPath, temporary: Path, sha256: str) -> Path:
-        return self._land(relative, temporary, sha256)
 
     def phase(self, name: str, state: str, when: float | None = None) -> None:
         """Phases are recorded as the run's actions, in two rewrites of its state rather than two per phase:
@@ -286,7 +287,7 @@ class TaskCallRecorder(CallRecorder):
         self.output = output or OutputPump()
         self.stdout, self.stderr = sinks or (StreamSink(sys.stdout, pump=self.output),
                                              StreamSink(sys.stderr, pump=self.output))
-        self._land = file_lander(run, f"files/{key}/")
+        self.land_file = FileLanding(run, f"files/{key}")
         self._fields = dict(fields or {})
         self._attempts = attempts
         self._started = time.time()
@@ -294,9 +295,6 @@ class TaskCallRecorder(CallRecorder):
                                              finished=None, error=None, execution_id=execution_id,
                                              **self._fields)),
                      ("file", run, f"sessions/{key}.session", lambda: session_bytes))
-
-    def land_file(self, relative: PurePosixPath, temporary: Path, sha256: str) -> Path:
-        return self._land(relative, temporary, sha256)
 
     def _attempt(self, status: str, error: str | None) -> dict[str, Any]:
         """This attempt added to the call's list of attempts (when it keeps one): the entry's fields. A call

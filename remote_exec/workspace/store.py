@@ -12,6 +12,11 @@ either the previous file or the complete new one, never a prefix. A writer kille
 most a temporary under ``.store/``; the next :class:`Store` opened on the directory sweeps it (a
 temporary whose writer process is gone, or one older than an hour).
 
+Many files at once (a result's tree) take another path to the same guarantee: :meth:`Store.stage` gives a
+private directory under ``.store/tmp`` to write them in, and :meth:`Store.land_tree` makes them durable
+together, then renames them to their names: the whole tree at once when its folder is new, else file by file
+(all or none).
+
 The one exception is :meth:`Store.open_append`: live logs (``stdout.log``) grow in place, because a
 reader following them wants every line as soon as it is written.
 
@@ -37,9 +42,10 @@ import os
 import secrets
 import shutil
 import socket
+import sys
 import time
-from collections.abc import Iterable, Iterator
-from pathlib import Path, PurePosixPath
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import IntegrityError, WorkspaceError
@@ -55,6 +61,14 @@ STORE_DIR = ".store"
 STALE_AFTER = 3600.0
 
 _CHUNK = 1024 * 1024
+
+#: From this many files on, :meth:`Store.land_tree` makes a tree durable with one ``syncfs(2)`` of its file
+#: system (Linux) rather than an fsync of each file and directory: 20,000 small files take 0.5 s instead of 5.
+SYNCFS_FROM = 64
+
+#: Threads that fsync a large tree's files where there is no ``syncfs`` (the file system batches their
+#: journal commits).
+_SYNC_THREADS = 8
 
 
 def _host_token() -> str:
@@ -147,12 +161,11 @@ class Store:
             raise WorkspaceError(f"refusing file name {name!r}: empty or not a string")
         if "\\" in name:
             raise WorkspaceError(f"refusing file name {name!r}: backslashes are not allowed")
-        posix = PurePosixPath(name)
-        if posix.is_absolute():
+        if name.startswith("/"):
             raise WorkspaceError(f"refusing file name {name!r}: absolute paths are not allowed")
-        if ".." in posix.parts:
+        parts = [part for part in name.split("/") if part and part != "."]  # as PurePosixPath(name).parts
+        if ".." in parts:
             raise WorkspaceError(f"refusing file name {name!r}: '..' would leave {self.root}")
-        parts = [p for p in posix.parts if p != "."]
         if not parts:
             raise WorkspaceError(f"refusing file name {name!r}: it names the store root itself")
         if parts[0] == STORE_DIR:
@@ -280,6 +293,74 @@ class Store:
             raise
         return self._deliver(tmp, target)
 
+    def stage(self) -> Path:
+        """A new, empty, private directory under ``.store/tmp``: write a tree in it for :meth:`land_tree`.
+        Swept like any temporary if its writer dies."""
+        staged = self._tmp / self._unique()
+        with self._disk(STORE_DIR + "/tmp"):
+            staged.mkdir(mode=0o700)
+        return staged
+
+    def land_tree(self, staged: Path, into: str, files: Sequence[str]) -> list[Path]:
+        """Move ``files`` (relative POSIX paths of regular files, checked by the caller) from ``staged`` (made
+        by :meth:`stage`) to the same paths under the folder ``into``, all of them or none.
+
+        The files are made durable first, together (see :data:`SYNCFS_FROM`). When ``into`` does not exist,
+        ``staged`` becomes it in one rename: the whole tree appears at once. Otherwise each file is renamed to
+        its name (replacing a file of that name), each directory synced once at the end; if one cannot be,
+        those already moved are removed. ``staged`` is gone afterwards either way.
+
+        Returns:
+            The final paths, in the order of ``files``.
+
+        Raises:
+            WorkspaceError: A name is refused (see :meth:`path`) or a disk operation failed.
+        """
+        try:
+            depth = len(self._parts(into))
+            parts = [self._parts(f"{into}/{name}")[depth:] for name in files]
+            folder = self.path(into)
+            with self._disk(into):
+                _sync_tree(staged, files)
+                if not os.path.lexists(folder):
+                    created = _makedirs(folder.parent)
+                    os.rename(staged, folder)
+                    for directory in [folder.parent, *(parent.parent for parent in created)]:
+                        fsync_dir(directory)
+                    return [folder.joinpath(*names) for names in parts]
+            return self._merge(staged, into, folder, parts)
+        finally:
+            if staged.exists():
+                shutil.rmtree(staged, ignore_errors=True)
+
+    def _merge(self, staged: Path, into: str, folder: Path, parts: list[list[str]]) -> list[Path]:
+        """:meth:`land_tree` into a folder that exists: file by file, each directory checked once."""
+        root_real = self.root.resolve()
+        checked: dict[Path, None] = {}
+        landed: list[Path] = []
+        try:
+            for names in parts:
+                target = folder.joinpath(*names)
+                if target.parent not in checked:
+                    with self._disk(into):
+                        _makedirs(target.parent)
+                    real = target.parent.resolve()
+                    if real != root_real and root_real not in real.parents:
+                        raise WorkspaceError(f"refusing file name {'/'.join([into, *names])!r}: it resolves to "
+                                             f"{real / target.name}, outside {root_real}")
+                    checked[target.parent] = None
+                with self._disk("/".join([into, *names])):
+                    os.replace(staged.joinpath(*names), target)
+                landed.append(target)
+        except BaseException:
+            for path in landed:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
+        for directory in checked:
+            fsync_dir(directory)
+        return landed
+
     def open_append(self, name: str) -> BinaryIO:
         """Open ``name`` for appending, unbuffered: every ``write`` reaches the file at once.
 
@@ -387,6 +468,58 @@ class Store:
         for parent in created:
             fsync_dir(parent.parent)
         return target
+
+
+def _sync_tree(staged: Path, files: Sequence[str]) -> None:
+    """Make the files of ``staged`` and its directories durable: one ``syncfs`` of their file system for a
+    large tree on Linux, else an fsync of each (in threads for a large tree)."""
+    if len(files) >= SYNCFS_FROM and _syncfs(staged):
+        return
+    paths = [staged / name for name in files]
+    folders = {staged, *(path.parent for path in paths)}
+
+    def sync(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    if len(paths) >= SYNCFS_FROM:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(_SYNC_THREADS) as pool:
+            for _ in pool.map(sync, paths):
+                pass
+    else:
+        for path in paths:
+            sync(path)
+    for folder in folders:
+        fsync_dir(folder)
+
+
+def _syncfs(path: Path) -> bool:
+    """``syncfs(2)`` the file system holding ``path`` (Linux); False where there is none to call.
+
+    Raises:
+        OSError: The file system reported a write error (a full disk, an I/O error).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (ImportError, OSError, AttributeError):  # pragma: no cover - a libc without it
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), str(path))
+    finally:
+        os.close(fd)
+    return True
 
 
 def _makedirs(path: Path) -> list[Path]:

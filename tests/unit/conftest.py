@@ -10,8 +10,10 @@ import hashlib
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -266,15 +268,23 @@ class Dispatcher:
         if isinstance(task, str):
             task = self.script(task)
         session = Session(task=task, execution=Execution.create(task, args), run_id="unit")
-        landed = self.root / "landed"
+        root, landed = self.root, self.root / "landed"
         stdout: list[tuple[float, bytes]] = []
         stderr = bytearray()
 
-        def land_file(relative: Any, temporary: Path, sha256: str) -> Path:
-            target = landed / str(relative)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temporary, target)
-            return target
+        class Lander:
+            def stage(self) -> Path:
+                return Path(tempfile.mkdtemp(dir=root))
+
+            def land(self, staged: Path, files: Any) -> list[Path]:
+                targets = []
+                for relative in files:
+                    target = landed / str(relative)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(staged / str(relative), target)
+                    targets.append(target)
+                shutil.rmtree(staged)
+                return targets
 
         options.setdefault("python", sys.executable)
         options.setdefault("workdir", str(self.workdir))
@@ -282,7 +292,7 @@ class Dispatcher:
         outcome = dispatch(session, backend or LocalBackend(), self.archive, CallOptions(**options),
                            launcher=launcher or create_launcher("direct"), workers=self.workers,
                            on_stdout=lambda data: stdout.append((time.monotonic(), data)),
-                           on_stderr=stderr.extend, land_file=land_file if land else None, project=project,
+                           on_stderr=stderr.extend, land_file=Lander() if land else None, project=project,
                            on_progress=on_progress, stdin=stdin, ahead=ahead)
         return Call(outcome=outcome, stdout=stdout, stderr=bytes(stderr), landed=landed, started=started,
                     ended=time.monotonic())

@@ -232,3 +232,94 @@ def test_a_disk_failure_is_a_workspace_error_and_leaves_no_temporary(tmp_path: P
     with pytest.raises(WorkspaceError, match="cannot write files/log"):
         store.open_append("files/log")
     assert store.temporaries() == []
+
+
+# -- trees: stage, then land all at once ---------------------------------------------------------------
+
+
+def _staged(store: Store, files: dict[str, bytes]) -> Path:
+    staged = store.stage()
+    for name, data in files.items():
+        (staged / name).parent.mkdir(parents=True, exist_ok=True)
+        (staged / name).write_bytes(data)
+    return staged
+
+
+def test_a_tree_lands_into_a_new_folder_in_one_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path)
+    staged = _staged(store, {"a.txt": b"a", "deep/b.txt": b"b"})
+    renames: list[tuple[str, str]] = []
+    real_rename = os.rename
+    monkeypatch.setattr(os, "rename", lambda src, dst: (renames.append((str(src), str(dst))), real_rename(src, dst)))
+    landed = store.land_tree(staged, "files/k1", ["a.txt", "deep/b.txt"])
+    assert landed == [tmp_path / "files" / "k1" / "a.txt", tmp_path / "files" / "k1" / "deep" / "b.txt"]
+    assert [p.read_bytes() for p in landed] == [b"a", b"b"]
+    assert renames == [(str(staged), str(tmp_path / "files" / "k1"))]  # the whole tree appeared at once
+    assert not staged.exists() and store.temporaries() == []
+
+
+def test_a_tree_merges_into_an_existing_folder(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.write_bytes("files/keep.txt", b"kept")
+    store.write_bytes("files/a.txt", b"old")
+    staged = _staged(store, {"a.txt": b"new", "sub/c.txt": b"c"})
+    landed = store.land_tree(staged, "files", ["a.txt", "sub/c.txt"])
+    assert [p.read_bytes() for p in landed] == [b"new", b"c"]
+    assert (tmp_path / "files" / "keep.txt").read_bytes() == b"kept"
+    assert not staged.exists() and store.temporaries() == []
+
+
+def test_a_tree_with_one_refused_name_lands_nothing(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    store = Store(tmp_path / "run")
+    store.write_bytes("files/first.txt", b"x")
+    (tmp_path / "run" / "files" / "link").symlink_to(outside)
+    staged = _staged(store, {"0.txt": b"fine", "link/evil.txt": b"evil"})
+    with pytest.raises(WorkspaceError, match="outside"):
+        store.land_tree(staged, "files", ["0.txt", "link/evil.txt"])
+    assert not (tmp_path / "run" / "files" / "0.txt").exists()  # moved before the refusal: removed again
+    assert list(outside.iterdir()) == []
+    assert not staged.exists() and store.temporaries() == []
+    with pytest.raises(WorkspaceError, match=r"'\.\.'"):
+        store.land_tree(_staged(store, {"x": b""}), "files", ["../x"])
+    assert store.temporaries() == []
+
+
+@pytest.mark.parametrize("syncfs", [True, False])
+def test_a_large_tree_is_made_durable_before_it_lands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      syncfs: bool) -> None:
+    from remote_exec.workspace import store as store_module
+
+    store = Store(tmp_path)
+    names = [f"d{i % 3}/{i}.txt" for i in range(store_module.SYNCFS_FROM)]
+    staged = _staged(store, {name: name.encode() for name in names})
+    events: list[str] = []
+    monkeypatch.setattr(store_module, "_syncfs", lambda path: events.append(f"syncfs {path}") or syncfs)
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "rename", lambda src, dst: (events.append("rename"), real_rename(src, dst))[1])
+    store.land_tree(staged, "files", names)
+    assert events[0] == f"syncfs {staged}"
+    synced = events.index("rename")
+    if syncfs:  # one call for the whole file system
+        assert "fsync" not in events[:synced]
+    else:  # each file, then each of its 4 folders
+        assert events[1:synced] == ["fsync"] * (len(names) + 4)
+    assert sorted(p.relative_to(tmp_path / "files").as_posix() for p in (tmp_path / "files").rglob("*.txt")) == \
+        sorted(names)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="syncfs(2) is Linux's")
+def test_syncfs_is_called_for_real(tmp_path: Path) -> None:
+    from remote_exec.workspace.store import _syncfs
+
+    assert _syncfs(tmp_path) is True
+
+
+def test_a_staged_tree_of_a_dead_writer_is_swept(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    staged = _staged(store, {"a/b.txt": b"x"})
+    dead = staged.with_name(staged.name.replace(f".{os.getpid()}.", ".999999999."))
+    staged.rename(dead)
+    assert Store(tmp_path).temporaries() == []

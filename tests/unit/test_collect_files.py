@@ -1,0 +1,64 @@
+"""land_files: the pulled files of a result are checked as they are staged in the run's store, then land all
+at once; one bad member lands none and leaves no temporary."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from remote_exec.errors import IntegrityError
+from remote_exec.protocol.collect import Received, land_files
+from remote_exec.workspace.manager import Workspace
+from remote_exec.workspace.recorder import FileLanding
+
+
+def _received(tmp_path: Path, members: list[tuple[str, bytes]]) -> Received:
+    received = Received(b"k")
+    spool = tmp_path / "spool" / "files.tar"
+    spool.parent.mkdir()
+    with tarfile.open(spool, "w", format=tarfile.PAX_FORMAT) as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    received.files_path = spool
+    return received
+
+
+def _manifest(members: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    return [{"path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in members]
+
+
+@pytest.fixture
+def lander(tmp_path: Path) -> FileLanding:
+    run = Workspace(tmp_path / "ws").new_run(target="t.py", kind="script")
+    return FileLanding(run, "files")
+
+
+def test_checked_files_land_under_their_names(tmp_path: Path, lander: FileLanding) -> None:
+    members = [("a.txt", b"a"), ("deep/er/b.bin", b"\0" * 8192 + b"b"), ("empty", b"")]
+    landed = land_files(_received(tmp_path, members), "h", _manifest(members), lander)
+    files = lander.run.dir / "files"
+    assert landed == [files / "a.txt", files / "deep" / "er" / "b.bin", files / "empty"]
+    assert [path.read_bytes() for path in landed] == [data for _, data in members]
+    assert lander.run.store.temporaries() == []
+
+
+@pytest.mark.parametrize(("members", "manifest", "error"), [
+    ([("a", b"1"), ("b", b"2")], [("a", b"1"), ("b", b"X")], "'b' is damaged"),
+    ([("a", b"1"), ("c", b"3")], [("a", b"1")], "unlisted file 'c'"),
+    ([("a", b"1")], [("a", b"1"), ("b", b"2")], "missing listed files: b"),
+    ([("a", b"1"), ("a/b", b"2")], [("a", b"1"), ("a/b", b"2")], "clashes with another"),
+    ([("a", b"1"), ("../up", b"2")], [("a", b"1"), ("../up", b"2")], "outside"),
+])
+def test_one_bad_member_lands_nothing(tmp_path: Path, lander: FileLanding, members: list[tuple[str, bytes]],
+                                      manifest: list[tuple[str, bytes]], error: str) -> None:
+    with pytest.raises(IntegrityError, match=error):
+        land_files(_received(tmp_path, members), "h", _manifest(manifest), lander)
+    assert not (lander.run.dir / "files").exists()
+    assert lander.run.store.temporaries() == []
