@@ -15,6 +15,7 @@ import importlib.metadata
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,10 @@ TRIVIAL = "python3 -c pass"
 REMOTE_BLOB = "rxbench-100mb"
 #: Trivial calls per fan-out sample.
 FANOUT_CALLS = 1000
+#: Files the result-tree rows' script writes (one small file each, in one folder).
+TREE_FILES = 5000
+TREE_SCRIPT = ("import os, sys\nos.makedirs('many', exist_ok=True)\nfor i in range(int(sys.argv[1])):\n"
+               "    with open(os.path.join('many', str(i)), 'w') as f:\n        f.write(str(i))\n")
 
 
 def _size_name(size: int) -> str:
@@ -146,6 +151,12 @@ def _rows() -> list[Row]:
         for peer in ("execnet", "mitogen"):
             rows.append(Row(f"{peer}.echo{size // MB}", f"{peer}: {name} argument + {name} result",
                             f"{peer} {name}", thr, "ssh.cat", 2 * size))
+    tree = f"Result tree: a script writes {TREE_FILES:,} small files, brought back, whole command (lower is better)"
+    rows.append(Row("ssh.tree", "raw: cold `ssh host` runs the script in a new folder, then `tar c` of its files piped "
+                                "into a local `tar x` (nothing checked, nothing synced)", "ssh + tar", tree))
+    rows += [Row(f"rx-{backend}.tree", f"`rx run` of the script, whole command, no connection open before: its files "
+                                       f"checked and landed in the workspace ({backend}, wall)",
+                 f"rx run, result tree ({backend})", tree, "ssh.tree") for backend in BACKENDS]
     fan = f"Fan-out: {FANOUT_CALLS:,} trivial calls over 4 hosts, wall (lower is better)"
     rows += [
         Row("execnet.fanout", f"execnet: {FANOUT_CALLS:,} calls round-robin over a Group of 4 gateways (a thread, "
@@ -505,6 +516,35 @@ def _rx_run_second(bench: Bench, backend: str) -> None:
     _record_run_phases(bench, backend, seconds, f"second rx run, whole command ({backend})")
 
 
+def _ssh_tree(bench: Bench) -> None:
+    local = bench.run_dir / "tree-ssh"
+    shutil.rmtree(local, ignore_errors=True)
+    local.mkdir()
+    remote = (f"rm -rf rxbench-tree && mkdir rxbench-tree && cd rxbench-tree && python3 -c {shlex.quote(TREE_SCRIPT)} "
+              f"{TREE_FILES} && tar c many")
+    pipeline = f"{shlex.join(bench.ssh(bench.hosts[0], remote, mux=False))} | tar x -C {shlex.quote(str(local))}"
+    seconds = run_timed(["bash", "-c", "set -o pipefail; " + pipeline], timeout=120)
+    _check_tree(local / "many")
+    bench.results.add("ssh.tree", seconds)
+
+
+def _rx_tree(bench: Bench, backend: str) -> None:
+    workspace = bench.run_dir / "workspaces" / f"rx-tree-{backend}"
+    shutil.rmtree(workspace, ignore_errors=True)  # the last sample's files (untimed)
+    argv = [*bench.rx_command, "run", "--remote", bench.hosts[0], "--backend", backend, "--ssh-config",
+            str(bench.ssh_config), "--workspace", str(workspace), "tree.py", str(TREE_FILES)]
+    with _master_ended(bench, f"tree-{backend}") as env:
+        seconds = run_timed(argv, timeout=120, cwd=bench.run_dir / "rxtree", env=env)
+    _check_tree(next((workspace / "runs").iterdir()) / "files" / "many")
+    bench.results.add(f"rx-{backend}.tree", seconds)
+
+
+def _check_tree(folder: Path) -> None:
+    found = len(os.listdir(folder)) if folder.is_dir() else 0
+    if found != TREE_FILES:
+        raise ProbeError(f"{found} of {TREE_FILES} files came back")
+
+
 def _record_run_phases(bench: Bench, backend: str, seconds: float, group: str) -> None:
     from remote_exec.workspace import Workspace
     from remote_exec.workspace.state import duration
@@ -581,6 +621,9 @@ def _probes(bench: Bench) -> list[Probe]:
     if settings.only == "envs":
         _env_probes(bench, add)
         return probes
+    if settings.only == "tree":
+        _tree_probes(bench, add, 1)
+        return probes
     sync_keys = tuple(row.key for row in ROWS if row.section in (FIRST, LATER))
     add("project sync", sync_keys, partial(_project_sync, bench),
         1 if settings.only == "sync" else settings.heavy_every)
@@ -627,6 +670,7 @@ def _probes(bench: Bench) -> list[Probe]:
                         group=f"{_size_name(size)} argument + result ({backend})", size=size),
                 _every(settings, size))
     _fanout_probes(bench, add)
+    _tree_probes(bench, add, settings.medium_every)
     add("python -c pass", ("startup.python",), partial(_python_start, bench))
     add("importtime cli", ("startup.importtime",),
         partial(_importtime, bench, "startup.importtime", ("-c", "import remote_exec.cli")))
@@ -691,6 +735,13 @@ def _speed_probes(bench: Bench, add: Callable[..., None]) -> None:
         _command_probes(bench, add, backend)
     add("python -c pass", ("startup.python",), partial(_python_start, bench))
     add("rx --help", ("startup.help",), partial(_rx_help, bench))
+
+
+def _tree_probes(bench: Bench, add: Callable[..., None], every: int) -> None:
+    """The result-tree rows: the script's files brought back by ssh and tar, then by ``rx run``."""
+    add("ssh + tar, result tree", ("ssh.tree",), partial(_ssh_tree, bench), every)
+    for backend in BACKENDS:
+        add(f"rx run, result tree ({backend})", (f"rx-{backend}.tree",), partial(_rx_tree, bench, backend), every)
 
 
 def _fanout_probes(bench: Bench, add: Callable[..., None]) -> None:
@@ -863,10 +914,14 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
         rxrun.mkdir()
         (rxrun / "trivial.py").write_text("x = 1\n", encoding="utf-8")
         (rxrun / "pyproject.toml").write_text("", encoding="utf-8")  # a project of its own, not the repository
+        rxtree = run_dir / "rxtree"
+        rxtree.mkdir()
+        (rxtree / "tree.py").write_text(TREE_SCRIPT, encoding="utf-8")
+        (rxtree / "pyproject.toml").write_text("", encoding="utf-8")
         if settings.only == "envs":
             bench.envs = EnvRig.create(run_dir / "envs", hosts[0], ssh=bench.ssh, rx=partial(_rx_argv, bench),
                                        env=env, add=bench.results.add, backends=BACKENDS)
-        elif settings.only not in ("speed", "pool"):
+        elif settings.only not in ("speed", "pool", "tree"):
             print("benchmarks: generating the 10,000-file / 300 MB project", file=sys.stderr)
             bench.sync = SyncRig.create(run_dir / "sync", hosts[0], ssh=bench.ssh,
                                         ssh_options=bench.ssh()[1:], rx=partial(_rx_argv, bench), env=env,
@@ -1083,6 +1138,9 @@ def render(bench: Bench, *, duration: float, load: tuple[tuple[float, ...], tupl
     elif settings.only == "pool":
         rows = [row for row in ROWS if row.key.endswith(POOL_ROWS)]
         targets = [target for target in TARGETS if target.row.endswith(POOL_ROWS)]
+    elif settings.only == "tree":
+        rows = [row for row in ROWS if row.key.endswith(".tree")]
+        targets = []
     out = ["# Benchmark results\n",
            "Generated by `nox -s bench` (`python -m benchmarks`); see `benchmarks/README.md` for what each row "
            "measures.\n",
@@ -1124,12 +1182,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, help="repetitions (default 20; --quick: 2)")
     parser.add_argument("--out", type=Path, help="where to write the results (default benchmarks/RESULTS.md; "
                                                  "quick or --only: benchmarks/.work/RESULTS-<what>.md)")
-    parser.add_argument("--only", choices=["sync", "speed", "pool", "envs"],
+    parser.add_argument("--only", choices=["sync", "speed", "pool", "envs", "tree"],
                         help="only these rows (default 5 reps): sync = the project-sync rows and the trivial rx run "
                              "they are compared with; speed = cold and multiplexed ssh, rx's first, warm and "
                              "by-value calls and whole `rx run` commands; pool = the fan-out rows (Executor.map, "
                              "the peers, 4 hosts); envs = a numpy + pandas environment "
-                             "by rx and by hand (uv, pip) over ssh, offline")
+                             "by rx and by hand (uv, pip) over ssh, offline; tree = a script's 5,000 small files "
+                             "brought back by ssh + tar and by `rx run`")
     parser.add_argument("--no-slurm", action="store_true", help="leave out the Slurm rows (their Docker cluster)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="benchmarks: %(message)s")
@@ -1142,7 +1201,8 @@ def main(argv: list[str] | None = None) -> int:
         warm_calls=3 if quick else 5,
         medium_every=2,
         heavy_every=2 if quick else 4,
-        hosts=1 if only in ("sync", "envs") else 2 if only == "speed" else 4,  # speed: a fresh host for the first call
+        # speed: a second, fresh host for the first call
+        hosts=1 if only in ("sync", "envs", "tree") else 2 if only == "speed" else 4,
         out=args.out or default_out,
         only=only,
     )

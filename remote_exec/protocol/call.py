@@ -88,11 +88,14 @@ class Call:
         stop_wait: Seconds a Ctrl-C waits for the stopped task's result (0: it does not wait).
         interrupted: Ctrl-C stopped the task, and its result came back.
         tree: Answers the runner's requests for the call's project tree.
+
+    ``spool`` makes the directory the result's files are spooled in, on the file system they land on (see
+    :class:`.collect.Received`).
     """
 
     def __init__(self, channel: Channel, options: CallOptions, key: bytes, on_stdout: OutputSink,
                  on_stderr: OutputSink, on_event: EventSink | None = None, stop_wait: float = STOP_WAIT,
-                 tree: TreeSender | None = None) -> None:
+                 tree: TreeSender | None = None, spool: Callable[[], Path] | None = None) -> None:
         self.channel = channel
         self.tree = tree or TreeSender(channel, None)
         self.host = channel.backend.host
@@ -100,7 +103,7 @@ class Call:
         self.on_stdout = on_stdout
         self.on_stderr = on_stderr
         self.on_event = on_event
-        self.received = Received(key)
+        self.received = Received(key, spool)
         self.stdin: StdinPump | None = None  # rx run's stdin, when it forwards it
         self.started: dict[str, Any] | None = None
         self.dead = Flag()
@@ -376,7 +379,8 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
     call went already, right behind the runner's command, with this HMAC key (see :func:`dispatch`)."""
     key = sent or channel.call_key()
     call = Call(channel, options, key, on_stdout, on_stderr, on_event, stop_wait=0.0 if detached else STOP_WAIT,
-                tree=TreeSender(channel, project.tree if project else None, _with_phase(on_progress, phase)))
+                tree=TreeSender(channel, project.tree if project else None, _with_phase(on_progress, phase)),
+                spool=land_file.stage if land_file is not None else None)
     deadline = None
     acknowledged = hold or detached
     extra = _extra_options(project, extra_options, hold=hold, stdin=stdin is not None)

@@ -20,6 +20,7 @@ import os
 import pickle
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
@@ -67,14 +68,17 @@ class Received:
         value_path: The spool file a large value streams into (see :data:`SPOOL_VALUE`); its owner removes
             it (:meth:`discard` does unless :func:`collect` handed it on).
         exc_data: The X payloads.
-        files_path: The spool file the F payloads stream into (made when the first arrives).
+        files_path: The spool file the F payloads stream into (made when the first arrives): in a directory
+            ``spool()`` makes (the run's store: the files' own file system, not a ``/tmp`` that may be
+            memory), else a temporary directory.
         end: The Z frame, once the result is complete.
         failed: Why the result could not be spooled locally (a full disk): the frames are then still read
             to their end, so that the runner finishes its result and keeps it for another try.
     """
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, spool: Callable[[], Path] | None = None) -> None:
         self.mac = hmac.new(key, digestmod=hashlib.sha256)
+        self.spool = spool
         self.header: dict[str, Any] | None = None
         self.files: list[Any] = []
         self.value: list[bytes] = []
@@ -144,9 +148,17 @@ class Received:
 
     def _spool(self) -> IO[bytes]:
         if self.files_stream is None:
-            self.files_path = Path(tempfile.mkdtemp(prefix="rx-collect-")) / "files.tar"
+            self.files_path = self._spool_folder() / "files.tar"
             self.files_stream = self.files_path.open("wb")
         return self.files_stream
+
+    def _spool_folder(self) -> Path:
+        if self.spool is None:
+            return Path(tempfile.mkdtemp(prefix="rx-collect-"))
+        try:
+            return self.spool()
+        except WorkspaceError as exc:  # the store's words for a failed disk operation: as a disk's error
+            raise exc.__cause__ if isinstance(exc.__cause__, OSError) else OSError(str(exc)) from exc
 
     def close_spool(self) -> None:
         """The files (and the value) have all arrived (a disk that filled up on the last writes counts as
@@ -367,7 +379,7 @@ def _stage_member(host: str, archive: tarfile.TarFile, member: tarfile.TarInfo,
     target = staged.joinpath(*relative.parts)
     try:
         if target.parent not in folders:
-            os.makedirs(target.parent, mode=0o700, exist_ok=True)
+            os.makedirs(target.parent, exist_ok=True)
             folders.add(target.parent)
         stream = open(target, "xb")  # noqa: SIM115 - closed by the `with stream:` below
     except (FileExistsError, NotADirectoryError, IsADirectoryError):

@@ -28,7 +28,7 @@ class FileLander(Protocol):
     files into a directory :meth:`stage` gives, then :meth:`land` moves them to their names."""
 
     def stage(self) -> Path:
-        """A new, empty, private directory on the destination's file system."""
+        """A new, empty directory of its own on the destination's file system."""
 
     def land(self, staged: Path, files: Sequence[PurePosixPath]) -> list[Path]:
         """Move ``files`` (paths relative to ``staged``, each checked) to their names, all or none; ``staged`` is

@@ -294,11 +294,11 @@ class Store:
         return self._deliver(tmp, target)
 
     def stage(self) -> Path:
-        """A new, empty, private directory under ``.store/tmp``: write a tree in it for :meth:`land_tree`.
-        Swept like any temporary if its writer dies."""
+        """A new, empty directory under ``.store/tmp`` (its mode as the umask says: it may become the landed
+        folder itself): write a tree in it for :meth:`land_tree`. Swept like any temporary if its writer dies."""
         staged = self._tmp / self._unique()
         with self._disk(STORE_DIR + "/tmp"):
-            staged.mkdir(mode=0o700)
+            staged.mkdir()
         return staged
 
     def land_tree(self, staged: Path, into: str, files: Sequence[str]) -> list[Path]:

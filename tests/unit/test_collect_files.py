@@ -3,8 +3,10 @@ at once; one bad member lands none and leaves no temporary."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -62,3 +64,39 @@ def test_one_bad_member_lands_nothing(tmp_path: Path, lander: FileLanding, membe
         land_files(_received(tmp_path, members), "h", _manifest(manifest), lander)
     assert not (lander.run.dir / "files").exists()
     assert lander.run.store.temporaries() == []
+
+
+def test_files_spool_on_the_landing_file_system(tmp_path: Path, lander: FileLanding) -> None:
+    """The tar stream is spooled in the run's store (where it lands), not in a /tmp that may be memory."""
+    received = Received(b"k", spool=lander.stage)
+    received.add(b"F", b"x" * 512)
+    received.close_spool()
+    assert received.files_path is not None
+    assert received.files_path.parent.parent == lander.run.dir / ".store" / "tmp"
+    received.discard()
+    assert lander.run.store.temporaries() == []
+
+
+def test_a_spool_that_cannot_be_made_is_a_full_disk(tmp_path: Path, lander: FileLanding,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The frames are still read to their end (the host keeps the result), and collect says the disk is full."""
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "mkdir", full)
+    received = Received(b"k", spool=lander.stage)
+    received.add(b"F", b"x")
+    received.add(b"F", b"y")
+    assert isinstance(received.failed, OSError) and received.failed.errno == errno.ENOSPC
+
+
+def test_landed_files_and_folders_have_the_umasks_modes(tmp_path: Path, lander: FileLanding) -> None:
+    members = [("sub/a.txt", b"a")]
+    previous = os.umask(0o022)
+    try:
+        land_files(_received(tmp_path, members), "h", _manifest(members), lander)
+    finally:
+        os.umask(previous)
+    files = lander.run.dir / "files"
+    assert [oct(path.stat().st_mode & 0o777) for path in (files, files / "sub", files / "sub" / "a.txt")] == \
+        ["0o755", "0o755", "0o644"]
