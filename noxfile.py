@@ -12,9 +12,9 @@ nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 
-def tests_impl(session: nox.Session, *, markers: str | None = None) -> None:
+def tests_impl(session: nox.Session, *, markers: str | None = None, durations: int = 0) -> None:
     session.install("-e", ".[test]")
-    args = ["-p", "no:cacheprovider"]
+    args = ["-p", "no:cacheprovider"] + ([f"--durations={durations}"] if durations else [])
     if markers:
         args += ["-m", markers]
     session.run("python", "-m", "pytest", *args, *session.posargs)
@@ -22,8 +22,9 @@ def tests_impl(session: nox.Session, *, markers: str | None = None) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole suite: unit, integration (Docker testbed, both backends) and fault injection."""
-    tests_impl(session)
+    """The whole suite: unit, integration (Docker testbed, both backends) and fault injection; the 40 slowest
+    tests are listed at the end (what to run concurrently next)."""
+    tests_impl(session, durations=40)
 
 
 @nox.session
