@@ -315,6 +315,11 @@ class Prestarted:
             if self.finished:
                 return
             self._reap()
+            if self.taken and self.returncode is None and answers(self.listens):
+                try:  # its socket listens a moment before the ssh that started it exits (into the background)
+                    self.wait(1.0)
+                except Exception:
+                    pass
             if self.taken and self.returncode == 0 and answers(self.listens):
                 self.adopt()
             else:

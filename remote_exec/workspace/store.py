@@ -13,7 +13,7 @@ most a temporary under ``.store/``; the next :class:`Store` opened on the direct
 temporary whose writer process is gone, or one older than an hour).
 
 Many files at once (a result's tree) take another path to the same guarantee: :meth:`Store.stage` gives a
-private directory under ``.store/tmp`` to write them in, and :meth:`Store.land_tree` makes them durable
+directory of their own under ``.store/tmp`` to write them in, and :meth:`Store.land_tree` makes them durable
 together, then renames them to their names: the whole tree at once when its folder is new, else file by file
 (all or none).
 

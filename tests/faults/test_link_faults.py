@@ -6,6 +6,7 @@ The pause and sshd scenarios share one dedicated host of this module; the host-k
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import subprocess
 import time
@@ -101,8 +102,17 @@ def test_pause_mid_run_gives_connect_error_within_dead_after(rig: Rig, link_host
         assert left.clean, left.describe()
 
 
-def _spool_size(spool: Path) -> int:
-    return sum(path.stat().st_size for path in spool.glob("rx-collect-*/*") if path.is_file())
+def _spooled(workspace: Path, spool: Path) -> list[Path]:
+    """What a result's files are spooled in: under the run's store (since 70c49b8), or ``TMPDIR`` before."""
+    return [*workspace.glob("runs/*/.store/tmp/*/files.tar"), *spool.glob("rx-collect-*/*")]
+
+
+def _spool_size(workspace: Path, spool: Path) -> int:
+    size = 0
+    for path in _spooled(workspace, spool):
+        with contextlib.suppress(OSError):
+            size += path.stat().st_size
+    return size
 
 
 @pytest.mark.timeout(120)
@@ -121,12 +131,13 @@ def test_sshd_killed_mid_transfer_leaves_no_partial_file(rig: Rig, link_host: Te
             watched = rig.watch(rig.rx_argv("run", "--remote", link_host.alias, "big_result.py"),
                                 env={"TMPDIR": str(spool)})
             deadline = time.monotonic() + 60
-            while watched.process.poll() is None and _spool_size(spool) < (1 << 20) and time.monotonic() < deadline:
+            while (watched.process.poll() is None and _spool_size(rig.workspace, spool) < (1 << 20)
+                   and time.monotonic() < deadline):
                 time.sleep(0.002)
             killer.stdin.write(b"go\n")
             killer.stdin.close()
             killed_at = time.monotonic()
-            spooled = _spool_size(spool)
+            spooled = _spool_size(rig.workspace, spool)
             killed = killer.stdout.read().decode().strip() == "killed"
         finally:
             if killer.poll() is None:
@@ -141,7 +152,7 @@ def test_sshd_killed_mid_transfer_leaves_no_partial_file(rig: Rig, link_host: Te
         partial = [path for path in landed
                    if hashlib.sha256(path.read_bytes()).hexdigest() != digest]
         temporaries = [str(path) for path in workspace_files(rig.workspace) if "tmp" in path.name.lower()]
-        left_in_spool = [str(path) for path in spool.rglob("*")]
+        left_in_spool = [str(path) for path in [*spool.rglob("*"), *rig.workspace.glob("runs/*/.store/tmp/*")]]
         t.note(corrupted=len(partial), leftover_local=len(temporaries) + len(left_in_spool))
         errors = cli_error_lines(done.stderr)
         t.outcome = f"exit {done.returncode}: {error_summary(done.stderr)}"

@@ -1,8 +1,8 @@
 """Local disk full while collecting: one clear line, the run recorded as failed to collect, the result kept on
 the host, and ``rx attach RUN`` collects it once there is room.
 
-The workspace (and, in one variant, the temporary directory where results are spooled) is a small tmpfs
-this module mounts (the tests run as root) and removes afterwards; the task leaves an 8 MiB file.
+The workspace (where a result's files are spooled, and, in one variant, the temporary directory too) is a
+small tmpfs this module mounts (the tests run as root) and removes afterwards; the task leaves an 8 MiB file.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ SCENARIOS.update({
     "local_disk_full": {
         "class": "local disk full",
         "title": "Local disk full while collecting",
-        "fault": "the workspace is a 2 MiB tmpfs (and in one variant so is TMPDIR, where results are spooled); "
-                 "the task leaves an 8 MiB file",
+        "fault": "the workspace is a 2 MiB tmpfs, where a result's files are spooled and landed (in one variant "
+                 "TMPDIR is on it too); the task leaves an 8 MiB file",
         "expect": "exit 3 with one error line saying the local disk is full and 'rx attach RUN'; the run failed "
                   "(collect_failed), nothing of the result in files/; after the disk grows, rx attach collects "
                   "it whole (exit 0, run finished); nothing left on the remote after that",
@@ -69,13 +69,13 @@ def _landed(workspace: Path, run_id: str) -> list[Path]:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("spool", ["spool elsewhere", "spool on the full disk"])
+@pytest.mark.parametrize("spool", ["TMPDIR elsewhere", "TMPDIR on the full disk"])
 def test_local_disk_full_is_one_line_and_attach_collects_later(rig: Rig, testbed_host: TestbedHost, small_disk: Path,
                                                                trial: TrialFactory, spool: str) -> None:
     rig.write("big.py", BIG)
     workspace = small_disk / "ws"
     env = {"RX_WORKSPACE": str(workspace)}
-    if spool == "spool on the full disk":
+    if spool == "TMPDIR on the full disk":
         (small_disk / "tmp").mkdir()
         env["TMPDIR"] = str(small_disk / "tmp")
     baseline = remote_baseline(testbed_host)

@@ -33,6 +33,7 @@ time.sleep(float(os.environ.get("FAKE_SSH_DELAY", "0")))
 server = socket.socket(socket.AF_UNIX)
 server.bind(path)
 server.listen(8)
+time.sleep(float(os.environ.get("FAKE_SSH_LINGER", "0")))  # listening, not yet gone into the background
 if os.fork():
     os._exit(0)
 os.setsid()
@@ -252,6 +253,24 @@ def test_at_exit_a_taken_master_that_is_up_is_kept_and_one_still_connecting_is_s
 
     assert early.finished and early.returncode is not None and early.returncode < 0
     assert not control_path.exists() and _lock_is_free(control_path)
+
+
+def test_at_exit_a_master_that_listens_before_its_ssh_has_exited_is_kept(
+        fake: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A master's socket answers a moment before the ssh that started it exits into the background (longer on
+    a loaded machine): rx ending in that moment keeps the master all the same."""
+    monkeypatch.setenv("FAKE_SSH_LINGER", "0.3")
+    control_path, argv, _ = _remembered(fake, tmp_path)
+    prestart.start(WORDS)
+    early = prestart.take(str(control_path), argv)
+    assert early is not None
+    deadline = time.monotonic() + 10
+    while not prestart.answers(early.listens) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    prestart.abandon()
+
+    assert early.finished and early.returncode == 0 and prestart.answers(str(control_path))
 
 
 def test_the_next_rx_ends_what_a_killed_one_left(fake: Path, tmp_path: Path) -> None:
