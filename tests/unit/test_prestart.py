@@ -225,11 +225,8 @@ def test_the_memo_keeps_the_latest_entries(fake: Path, tmp_path: Path) -> None:
     assert len(entries) == prestart._KEEP and "key4" not in entries and f"key{prestart._KEEP + 4}" in entries
 
 
-def test_at_exit_a_taken_master_that_is_up_is_kept_and_one_still_connecting_is_stopped(
-        fake: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """rx may end while its connect thread waits for the memo's master (`rx run` of a missing script): the
-    master then gets the shared name when it is up and was taken (the next rx uses it, as it would one the
-    backend opened itself), and is stopped when it is still connecting."""
+def _taken_and_listening(fake: Path, tmp_path: Path) -> tuple[Path, list[str], prestart.Prestarted]:
+    """The memo's master started and taken by the backend, once its socket answers."""
     control_path, argv, _ = _remembered(fake, tmp_path)
     prestart.start(WORDS)
     early = prestart.take(str(control_path), argv)
@@ -237,6 +234,15 @@ def test_at_exit_a_taken_master_that_is_up_is_kept_and_one_still_connecting_is_s
     deadline = time.monotonic() + 10
     while not prestart.answers(early.listens) and time.monotonic() < deadline:
         time.sleep(0.01)
+    return control_path, argv, early
+
+
+def test_at_exit_a_taken_master_that_is_up_is_kept_and_one_still_connecting_is_stopped(
+        fake: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rx may end while its connect thread waits for the memo's master (`rx run` of a missing script): the
+    master then gets the shared name when it is up and was taken (the next rx uses it, as it would one the
+    backend opened itself), and is stopped when it is still connecting."""
+    control_path, argv, early = _taken_and_listening(fake, tmp_path)
 
     prestart.abandon()
 
@@ -260,13 +266,7 @@ def test_at_exit_a_master_that_listens_before_its_ssh_has_exited_is_kept(
     """A master's socket answers a moment before the ssh that started it exits into the background (longer on
     a loaded machine): rx ending in that moment keeps the master all the same."""
     monkeypatch.setenv("FAKE_SSH_LINGER", "0.3")
-    control_path, argv, _ = _remembered(fake, tmp_path)
-    prestart.start(WORDS)
-    early = prestart.take(str(control_path), argv)
-    assert early is not None
-    deadline = time.monotonic() + 10
-    while not prestart.answers(early.listens) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    control_path, _, early = _taken_and_listening(fake, tmp_path)
 
     prestart.abandon()
 
