@@ -341,13 +341,13 @@ class Store:
         try:
             for names in parts:
                 target = folder.joinpath(*names)
-                if target.parent not in checked:
-                    with self._disk(into):
-                        _makedirs(target.parent)
+                if target.parent not in checked:  # resolved before any folder is made (through a link)
                     real = target.parent.resolve()
                     if real != root_real and root_real not in real.parents:
                         raise WorkspaceError(f"refusing file name {'/'.join([into, *names])!r}: it resolves to "
                                              f"{real / target.name}, outside {root_real}")
+                    with self._disk(into):
+                        _makedirs(target.parent)
                     checked[target.parent] = None
                 with self._disk("/".join([into, *names])):
                     os.replace(staged.joinpath(*names), target)
