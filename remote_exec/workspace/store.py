@@ -148,12 +148,15 @@ class Store:
                 ``.store/``, or resolves (through a symbolic link) outside the root.
         """
         target = self.root.joinpath(*self._parts(name))
-        root_real = self.root.resolve()
-        target_real = target.resolve()
-        if target_real != root_real and root_real not in target_real.parents:
-            raise WorkspaceError(f"refusing file name {name!r}: it resolves to {target_real}, outside "
-                                 f"{root_real}")
+        self._refuse_outside(name, target, self.root.resolve())
         return target
+
+    @staticmethod
+    def _refuse_outside(name: str, path: Path, root_real: Path) -> None:
+        """Raise WorkspaceError unless ``path`` (what ``name`` leads to) resolves to ``root_real`` or below it."""
+        real = path.resolve()
+        if real != root_real and root_real not in real.parents:
+            raise WorkspaceError(f"refusing file name {name!r}: it resolves to {real}, outside {root_real}")
 
     def _parts(self, name: str) -> list[str]:
         """The parts of ``name`` without ``.``, after checking them as :meth:`path` says (all but links)."""
@@ -342,10 +345,7 @@ class Store:
             for names in parts:
                 target = folder.joinpath(*names)
                 if target.parent not in checked:  # resolved before any folder is made (through a link)
-                    real = target.parent.resolve()
-                    if real != root_real and root_real not in real.parents:
-                        raise WorkspaceError(f"refusing file name {'/'.join([into, *names])!r}: it resolves to "
-                                             f"{real / target.name}, outside {root_real}")
+                    self._refuse_outside("/".join([into, *names]), target.parent, root_real)
                     with self._disk(into):
                         _makedirs(target.parent)
                     checked[target.parent] = None

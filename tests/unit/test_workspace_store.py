@@ -286,6 +286,19 @@ def test_a_tree_with_one_refused_name_lands_nothing(tmp_path: Path) -> None:
     assert store.temporaries() == []
 
 
+def test_a_link_out_of_the_root_gets_no_folder_made_through_it(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    store = Store(tmp_path / "run")
+    store.write_bytes("files/first.txt", b"x")
+    (tmp_path / "run" / "files" / "link").symlink_to(outside)
+    staged = _staged(store, {"link/sub/deeper/x.txt": b"evil"})
+    with pytest.raises(WorkspaceError, match=r"refusing file name 'files/link/sub/deeper/x\.txt'.*outside"):
+        store.land_tree(staged, "files", ["link/sub/deeper/x.txt"])
+    assert list(outside.iterdir()) == []  # not even an empty folder
+    assert not staged.exists() and store.temporaries() == []
+
+
 @pytest.mark.parametrize("syncfs", [True, False])
 def test_a_large_tree_is_made_durable_before_it_lands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       syncfs: bool) -> None:
