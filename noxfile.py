@@ -6,6 +6,10 @@ Like urllib3's noxfile, one helper serves the test sessions; pytest always gets 
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "typecheck", "tests"]
@@ -22,9 +26,33 @@ def tests_impl(session: nox.Session, *, markers: str | None = None, durations: i
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole suite: unit, integration (Docker testbed, both backends) and fault injection; the 40 slowest
-    tests are listed at the end (what to run concurrently next)."""
-    tests_impl(session, durations=40)
+    """The whole suite: unit, integration (Docker testbed, both backends) and fault injection.
+
+    The tests marked ``slow`` (tens of seconds spent mostly waiting: Slurm time limits, frozen hosts, slow
+    consumers) run in a second pytest process beside the rest, each process with a testbed of its own; its
+    output follows the main one's. The 40 slowest tests of each are listed (what to move to that lane next).
+    With arguments (``nox -s tests -- tests/unit -k store``) it is one plain pytest run.
+    """
+    if session.posargs:
+        tests_impl(session)
+        return
+    session.install("-e", ".[test]")
+    log_path = Path(session.create_tmp()) / "slow-lane.log"
+    argv = [str(Path(session.bin) / "python"), "-m", "pytest", "-p", "no:cacheprovider", "--durations=40",
+            "-m", "slow"]
+    session.log(f"slow lane: {' '.join(argv[1:])} > {log_path}")
+    with open(log_path, "wb") as log:
+        # its fault trials go to a results file of their own: the main process writes tests/faults/.results
+        env = {**os.environ, **session.env, "RX_FAULTS_RESULTS": str(log_path.with_name("slow-lane-results.json"))}
+        lane = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        session.run("python", "-m", "pytest", "-p", "no:cacheprovider", "--durations=40", "-m", "not slow")
+    finally:
+        code = lane.wait()
+        session.log(f"slow lane ({log_path}), exit {code}:")
+        print(log_path.read_text(errors="replace"), flush=True)
+    if code != 0:
+        session.error(f"the slow lane failed (pytest -m slow exited {code})")
 
 
 @nox.session

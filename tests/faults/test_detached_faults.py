@@ -418,6 +418,7 @@ def test_detached_cancel_stops_the_process_group(rig: Rig, testbed_host: Testbed
         assert again.returncode == 130 and "nothing to attach" in again.stderr, again.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_attach_frozen_host_fails_within_bound_and_reattach_collects(rig: Rig, frozen_host: TestbedHost,
                                                                      trial: TrialFactory) -> None:

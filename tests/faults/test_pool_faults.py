@@ -57,6 +57,7 @@ def entries(coordinator: Coordinator) -> dict[str, dict[str, Any]]:
     return Workspace.resolve().run(coordinator.run_id).tasks()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("attempt", [1, 2])
 def test_pool_pause_of_one_host_mid_map(rig: Rig, pool_host: TestbedHost, coordinator: Coordinator,

@@ -41,7 +41,6 @@ print("done", flush=True)
 """
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_sizes_a_sparse_gigabyte_lands_sparse(rig: Rig, testbed_host: TestbedHost, trial: TrialFactory) -> None:
     rig.write("sparse.py", SPARSE)

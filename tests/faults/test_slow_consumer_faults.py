@@ -74,6 +74,7 @@ def _read_late(rig: Rig, argv: list[str], delay: float, timeout: float) -> tuple
     return process.returncode, out, err.decode("utf-8", "replace"), time.monotonic() - started
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_slow_consumer_of_a_task_call(rig: Rig, testbed_host: TestbedHost, trial: TrialFactory) -> None:
     driver = rig.write("chatty.py", DRIVER)

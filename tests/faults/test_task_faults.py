@@ -154,6 +154,7 @@ def _coordinator_trial(rig: Rig, delay: float, index: int) -> tuple[Ran, list[st
     return done, new
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_coordinator_killed_leaves_nothing_running_and_a_lost_run_to_rerun(
         rig: Rig, testbed_host: TestbedHost, trial: TrialFactory, fault_seed: int) -> None:

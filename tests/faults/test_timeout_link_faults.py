@@ -58,6 +58,7 @@ def paused_host(module_host: Callable[..., TestbedHost]) -> TestbedHost:
     return module_host("timeout")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("pause_after", [2.0, 5.5])
 def test_paused_timeout_exits_124_within_the_bound(rig: Rig, paused_host: TestbedHost, trial: TrialFactory,
