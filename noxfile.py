@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import nox
@@ -37,13 +38,14 @@ def tests(session: nox.Session) -> None:
         tests_impl(session)
         return
     session.install("-e", ".[test]")
-    log_path = Path(session.create_tmp()) / "slow-lane.log"
+    # (not session.create_tmp(): that sets TMPDIR inside the repository, and tests' projects would be in it)
+    log_path = Path(tempfile.mkdtemp(prefix="rx-slow-lane-")) / "slow-lane.log"
     argv = [str(Path(session.bin) / "python"), "-m", "pytest", "-p", "no:cacheprovider", "--durations=40",
             "-m", "slow"]
     session.log(f"slow lane: {' '.join(argv[1:])} > {log_path}")
     with open(log_path, "wb") as log:
         # its fault trials go to a results file of their own: the main process writes tests/faults/.results
-        env = {**os.environ, **session.env, "RX_FAULTS_RESULTS": str(log_path.with_name("slow-lane-results.json"))}
+        env = _session_env(session, RX_FAULTS_RESULTS=str(log_path.with_name("slow-lane-results.json")))
         lane = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         session.run("python", "-m", "pytest", "-p", "no:cacheprovider", "--durations=40", "-m", "not slow")
@@ -53,6 +55,20 @@ def tests(session: nox.Session) -> None:
         print(log_path.read_text(errors="replace"), flush=True)
     if code != 0:
         session.error(f"the slow lane failed (pytest -m slow exited {code})")
+
+
+def _session_env(session: nox.Session, **extra: str) -> dict[str, str]:
+    """The environment ``session.run`` gives a command (its venv first on PATH; a None in ``session.env``
+    unsets the variable), with ``extra``."""
+    env = dict(os.environ)
+    for name, value in session.env.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    env["PATH"] = os.pathsep.join([str(session.bin), env.get("PATH", "")])
+    env["VIRTUAL_ENV"] = str(Path(session.bin).parent)
+    return {**env, **extra}
 
 
 @nox.session
