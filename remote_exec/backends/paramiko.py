@@ -32,7 +32,6 @@ import stat
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -1001,7 +1000,7 @@ class ParamikoBackend(Backend):
                                 ) from exc
         with source:
             link, sftp = self._sftp_client()
-            temporary = str(remote.parent / f".{remote.name}.{uuid.uuid4().hex[:12]}.rx-tmp")
+            temporary = str(remote.parent / f".{remote.name}.{os.urandom(6).hex()}.rx-tmp")
             started = time.monotonic()
             try:
                 with self._transfer_errors(what, link.resolved.address):
@@ -1025,7 +1024,7 @@ class ParamikoBackend(Backend):
         """Download ``remote`` into a temporary file next to ``local``, fsync it, rename it into place."""
         what = f"get {remote} -> {local}"
         link, sftp = self._sftp_client()
-        temporary = local.with_name(f".{local.name}.{uuid.uuid4().hex[:12]}.rx-tmp")
+        temporary = local.with_name(f".{local.name}.{os.urandom(6).hex()}.rx-tmp")
         started = time.monotonic()
         with self._transfer_errors(what, link.resolved.address), _remote_errors(str(remote)):
             attributes = sftp.stat(str(remote))
