@@ -73,6 +73,7 @@ from .task import Execution, Task, travels_by_value
 from .workspace.manager import new_run_id
 from .workspace.output import OutputPump
 from .workspace.recorder import CallRecorder, TaskCallRecorder, TaskRecorder, TaskRuns
+from .workspace.store import discard_spool
 
 if TYPE_CHECKING:
     from .envs.manager import Environments
@@ -542,7 +543,7 @@ class Coordinator:
             recorder.finished(result=outcome.result, phases=outcome.phases, value=recorded)
         finally:
             if not taken and isinstance(outcome.value_data, Path):  # a spooled value nobody records
-                outcome.value_data.unlink(missing_ok=True)
+                discard_spool(outcome.value_data)
         return outcome.result
 
     def env_spec(self, session: Session, target: Target,
@@ -661,7 +662,7 @@ class Coordinator:
         if outcome.value_data and session.serializer == "pickle" and not target.options.restricted:
             return outcome.value_data  # the pickle as it came (checked), not pickled again here
         if isinstance(outcome.value_data, Path):
-            outcome.value_data.unlink(missing_ok=True)
+            discard_spool(outcome.value_data)
         try:
             return pickle.dumps(outcome.result.value, protocol=5)
         except Exception:  # an unpicklable value is still returned; it just cannot be merged later

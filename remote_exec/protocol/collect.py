@@ -28,6 +28,7 @@ from ..errors import IntegrityError, LocalDiskFull, WorkspaceError, printable
 from ..hints import unreadable_value
 from ..serialization import rebuild_exception
 from ..session import Result, Session
+from ..workspace.store import discard_spool
 from .options import CallOptions, FileLander
 
 if TYPE_CHECKING:
@@ -65,8 +66,10 @@ class Received:
             once the result is complete, its ``files`` hold the list the L frames carried.
         files: The entries of the L frames so far.
         value: The V payloads (joined once, at the end), unless the value is spooled.
-        value_path: The spool file a large value streams into (see :data:`SPOOL_VALUE`); its owner removes
-            it (:meth:`discard` does unless :func:`collect` handed it on).
+        value_path: The spool file a large value streams into (see :data:`SPOOL_VALUE`), in a folder of its
+            own that ``spool()`` makes as for the files; its owner removes both
+            (:func:`~remote_exec.workspace.store.discard_spool`; :meth:`discard` does unless :func:`collect`
+            handed it on).
         exc_data: The X payloads.
         files_path: The spool file the F payloads stream into (made when the first arrives): in a directory
             ``spool()`` makes (the run's store: the files' own file system, not a ``/tmp`` that may be
@@ -116,8 +119,8 @@ class Received:
             except ValueError:  # damaged: the HMAC check in collect() refuses the result
                 self.header = {}
             if self._declared_value() > SPOOL_VALUE:
-                handle, name = tempfile.mkstemp(prefix="rx-value-")
-                self.value_path, self.value_stream = Path(name), os.fdopen(handle, "wb")
+                self.value_path = self._spool_folder() / "value.pickle"
+                self.value_stream = self.value_path.open("xb")
         elif kind == b"L":
             try:
                 listed = json.loads(payload)
@@ -179,7 +182,7 @@ class Received:
         if self.files_path is not None:
             shutil.rmtree(self.files_path.parent, ignore_errors=True)
         if self.value_path is not None:
-            self.value_path.unlink(missing_ok=True)
+            discard_spool(self.value_path)
 
 
 def write_sparse(stream: IO[bytes], data: bytes) -> None:

@@ -93,7 +93,7 @@ from .state import (
     duration,
     utc_now,
 )
-from .store import STORE_DIR, Store, pid_alive
+from .store import STORE_DIR, Store, discard_spool, pid_alive
 
 __all__ = [
     "DEFAULT_DIRNAME",
@@ -698,7 +698,7 @@ class Run:
                     temporary.unlink(missing_ok=True)
         finally:
             for path in spooled:
-                path.unlink(missing_ok=True)
+                discard_spool(path)
         self.__dict__.pop("_call_index", None)
 
     def _calls(self) -> dict[str, Path]:

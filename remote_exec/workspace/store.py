@@ -50,7 +50,7 @@ from typing import BinaryIO
 
 from ..errors import IntegrityError, WorkspaceError
 
-__all__ = ["STALE_AFTER", "STORE_DIR", "Store", "fsync_dir", "pid_alive"]
+__all__ = ["STALE_AFTER", "STORE_DIR", "Store", "discard_spool", "fsync_dir", "pid_alive"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,14 @@ def pid_alive(pid: int) -> bool:
     from .procinfo import process_state  # /proc on Linux, ps elsewhere
 
     return process_state(pid) not in ("Z", "X")
+
+
+def discard_spool(path: Path) -> None:
+    """Remove a spool file and the folder made for it alone (a :meth:`Store.stage`, or a private temporary
+    directory): a large value that streamed in as it arrived, once recorded or not wanted."""
+    path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
 
 
 def fsync_dir(path: Path) -> None:

@@ -1,6 +1,7 @@
 """A large ``@task`` value streams to a spool file and is rebuilt from there: the coordinator's memory peaks
 at about the value's size (at most twice it), not four times; the value is recorded whole, the spool file
-removed."""
+removed. The spool is in the run's store (the workspace's disk), not in a ``TMPDIR`` that may be memory or
+small."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 from remote_exec import Configuration, SubprocessAdvice, task
 from remote_exec.coordinator import Coordinator
+from remote_exec.protocol.collect import Received
 from remote_exec.workspace import Workspace
 
 MIB = 1 << 20
@@ -32,6 +34,9 @@ def test_a_large_value_peaks_at_most_twice_its_size(isolated: Any, monkeypatch: 
     spool.mkdir()
     monkeypatch.setenv("TMPDIR", str(spool))
     monkeypatch.setattr(tempfile, "tempdir", None)
+    folders: list[Path] = []
+    spool_folder = Received._spool_folder
+    monkeypatch.setattr(Received, "_spool_folder", lambda self: folders.append(spool_folder(self)) or folders[-1])
     big = task(chain="sub", config=Configuration().add_chain("sub", [SubprocessAdvice()]))(make)
     big(kind, 1)  # warm: imports, archive
     tracemalloc.start()
@@ -49,4 +54,7 @@ def test_a_large_value_peaks_at_most_twice_its_size(isolated: Any, monkeypatch: 
     keys = [key for key, entry in run.tasks().items() if entry["started"] == max(e["started"] for e in recorded)]
     stored = run.call_record(f"results/{keys[0]}.pkl")
     assert stored is not None and pickle.loads(stored) == value
-    assert list(spool.iterdir()) == []  # no spool file left
+    assert list(spool.iterdir()) == []  # nothing went to TMPDIR
+    (folder,) = folders  # the large value's, in the run's store: gone with its file
+    assert folder.parent == run.dir / ".store" / "tmp" and not folder.exists(), folder
+    assert run.store.temporaries() == []
