@@ -67,7 +67,8 @@ class Received:
         files: The entries of the L frames so far.
         value: The V payloads (joined once, at the end), unless the value is spooled.
         value_path: The spool file a large value streams into (see :data:`SPOOL_VALUE`), in a folder of its
-            own that ``spool()`` makes as for the files; its owner removes both
+            own that ``spool()`` makes as for the files (elsewhere if it does not fit there, see
+            :meth:`_value_folder`); its owner removes both
             (:func:`~remote_exec.workspace.store.discard_spool`; :meth:`discard` does unless :func:`collect`
             handed it on).
         exc_data: The X payloads.
@@ -119,7 +120,7 @@ class Received:
             except ValueError:  # damaged: the HMAC check in collect() refuses the result
                 self.header = {}
             if self._declared_value() > SPOOL_VALUE:
-                self.value_path = self._spool_folder() / "value.pickle"
+                self.value_path = self._value_folder(self._declared_value()) / "value.pickle"
                 self.value_stream = self.value_path.open("xb")
         elif kind == b"L":
             try:
@@ -163,6 +164,24 @@ class Received:
         except WorkspaceError as exc:  # the store's words for a failed disk operation: as a disk's error
             raise exc.__cause__ if isinstance(exc.__cause__, OSError) else OSError(str(exc)) from exc
 
+    def _value_folder(self, size: int) -> Path:
+        """Where a value of ``size`` bytes spools: beside the files (the workspace's disk) when it fits there,
+        else in a temporary directory when it fits there (the value is the caller's even if it cannot be
+        recorded), else beside the files all the same (the full disk then says so)."""
+        try:
+            folder: Path | None = self._spool_folder()
+        except OSError:  # the workspace's disk
+            folder = None
+        if folder is not None and (self.spool is None or _free(folder) >= size + SPOOL_VALUE):
+            return folder
+        elsewhere = Path(tempfile.mkdtemp(prefix="rx-collect-"))
+        if folder is None or _free(elsewhere) >= size + SPOOL_VALUE:
+            if folder is not None:
+                folder.rmdir()
+            return elsewhere
+        elsewhere.rmdir()
+        return folder
+
     def close_spool(self) -> None:
         """The files (and the value) have all arrived (a disk that filled up on the last writes counts as
         :attr:`failed`)."""
@@ -183,6 +202,14 @@ class Received:
             shutil.rmtree(self.files_path.parent, ignore_errors=True)
         if self.value_path is not None:
             discard_spool(self.value_path)
+
+
+def _free(folder: Path) -> int:
+    """The bytes free on ``folder``'s file system (0 when it cannot be told)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
 
 
 def write_sparse(stream: IO[bytes], data: bytes) -> None:

@@ -6,15 +6,18 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import os
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from remote_exec.errors import IntegrityError
-from remote_exec.protocol.collect import Received, land_files
+from remote_exec.protocol import collect
+from remote_exec.protocol.collect import SPOOL_VALUE, Received, land_files
 from remote_exec.workspace.manager import Workspace
 from remote_exec.workspace.recorder import FileLanding
 
@@ -100,3 +103,31 @@ def test_landed_files_and_folders_have_the_umasks_modes(tmp_path: Path, lander: 
     files = lander.run.dir / "files"
     assert [oct(path.stat().st_mode & 0o777) for path in (files, files / "sub", files / "sub" / "a.txt")] == \
         ["0o755", "0o755", "0o644"]
+
+
+def _header(size: int) -> bytes:
+    return json.dumps({"value": {"size": size, "encoding": "pickle"}}).encode()
+
+
+@pytest.mark.parametrize(("free_store", "free_tmp", "where"), [
+    (1 << 40, 1 << 40, "store"),  # fits beside the files: spooled there
+    (1 << 20, 1 << 40, "tmp"),  # the workspace's disk is short of room, TMPDIR is not: the value is still had
+    (1 << 20, 1 << 20, "store"),  # neither: beside the files all the same (the full disk says so)
+])
+def test_a_large_value_spools_where_it_fits(tmp_path: Path, lander: FileLanding, monkeypatch: pytest.MonkeyPatch,
+                                            free_store: int, free_tmp: int, where: str) -> None:
+    store_tmp = lander.run.dir / ".store" / "tmp"
+    temp = tmp_path / "TMPDIR"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(collect, "_free", lambda folder: free_store if folder.parent == store_tmp else free_tmp)
+    received = Received(b"k", spool=lander.stage)
+    received.add(b"R", _header(SPOOL_VALUE + 1))
+    received.add(b"V", b"v" * 1000)
+    received.close_spool()
+    assert received.value_path is not None and received.value_path.read_bytes() == b"v" * 1000
+    folder = received.value_path.parent
+    assert folder.parent == (store_tmp if where == "store" else temp)
+    assert len(lander.run.store.temporaries()) == (1 if where == "store" else 0)  # no folder left unused
+    received.discard()
+    assert not folder.exists() and lander.run.store.temporaries() == [] and list(temp.iterdir()) == []
