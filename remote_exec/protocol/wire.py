@@ -73,7 +73,8 @@ Frames from the runner:
        python, host; ``kept``: the run directory, when the call asked to keep it or files over the limit
        stayed
     L  the manifest of the pulled files, a JSON array of {path, size, sha256}, in as many frames as it
-       takes (each well under MAX_FRAME), after R
+       takes (each well under MAX_FRAME), anywhere between R and Z (today's runner sends it after the F
+       frames: each file is hashed as it is read for the tar stream, read once)
     V  the value's bytes
     X  the pickled exception: ``("rx-exception-1", class, args, attributes)`` for a class that pickles the
        default way (see ``serialization.exception_parts``), else the exception itself

@@ -177,13 +177,13 @@ def send_classified(options: dict[str, Any], run_dir: str, header: dict[str, Any
         wire.grow_pipe(out.fd)
     out.hold()
     out.send(b"R", out.json_text(header).encode(), signed=True)
-    _send_file_list(files, out)
     if value:
         out.send_chunks(b"V", value)
     if exc_data:
         out.send_chunks(b"X", exc_data)
     if files:
-        _send_files(run_dir, files, out)
+        _send_files(run_dir, files, out)  # each hashed as it is read for the tar stream: read once
+        _send_file_list(files, out)  # (the coordinator takes L frames at any point before Z)
     if over:
         keep_for_pull_limit(run_dir)
     return _end(options, run_dir, found, out, reuse=reuse and remove, empty=not names, keep=bool(over) or not remove,
@@ -282,8 +282,9 @@ class _Beat:
 
 def _manifest(run_dir: str, patterns: list[str],
               beat: Callable[[], None]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Path, size and sha256 of each regular file the task left (matching one of ``patterns``, if any);
-    and the files and directories that could not be read (path and reason), which are skipped."""
+    """Path and size of each regular file the task left (matching one of ``patterns``, if any), for
+    :func:`_send_files` to hash; and the files and directories that could not be read (path and reason),
+    which are skipped."""
     entries: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
 
@@ -319,16 +320,11 @@ def _matches(relative: str, patterns: list[str]) -> bool:
 
 
 def _file_entry(path: str, relative: str, beat: Callable[[], None]) -> dict[str, Any]:
-    import hashlib
-
-    digest = hashlib.sha256()
-    size = 0
+    """The file's entry (its sha256 comes as it is sent); opened, so that one that cannot be read is skipped
+    and listed as such before anything is sent."""
+    beat()
     with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            beat()
-            digest.update(block)
-            size += len(block)
-    return {"path": relative, "size": size, "sha256": digest.hexdigest()}
+        return {"path": relative, "size": os.fstat(stream.fileno()).st_size}
 
 
 class _FrameStream(io.RawIOBase):
@@ -345,16 +341,34 @@ class _FrameStream(io.RawIOBase):
         return len(data)
 
 
+class _Hashed:
+    """A file read through a sha256 of what was read."""
+
+    def __init__(self, stream: Any, digest: Any) -> None:
+        self.stream, self.digest = stream, digest
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self.stream.read(size)
+        self.digest.update(data)
+        return data
+
+
 def _send_files(run_dir: str, files: list[dict[str, Any]], out: Out) -> None:
-    """The files as an uncompressed tar stream in F frames."""
+    """The files as an uncompressed tar stream in F frames; each entry gets the sha256 of the bytes that
+    went (a file changed since it was listed is then sent as it was read, whole or not at all: tarfile
+    refuses one that shrank)."""
+    import hashlib
     import tarfile
 
     stream = io.BufferedWriter(_FrameStream(out), buffer_size=wire.MAX_FRAME)
     with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+        archive.copybufsize = 1 << 20  # type: ignore[attr-defined]  # (16 KiB reads by default; Python >= 3.8)
         for entry in files:
             info = tarfile.TarInfo(entry["path"])
             info.size = entry["size"]
             info.mode = 0o644
+            digest = hashlib.sha256()
             with open(os.path.join(run_dir, entry["path"]), "rb") as source:
-                archive.addfile(info, source)
+                archive.addfile(info, _Hashed(source, digest))
+            entry["sha256"] = digest.hexdigest()
     stream.flush()
