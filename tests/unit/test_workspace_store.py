@@ -269,12 +269,18 @@ def test_a_tree_merges_into_an_existing_folder(tmp_path: Path) -> None:
     assert not staged.exists() and store.temporaries() == []
 
 
-def test_a_tree_with_one_refused_name_lands_nothing(tmp_path: Path) -> None:
+def _linked_out(tmp_path: Path) -> tuple[Store, Path]:
+    """A store whose ``files/link`` leads to a folder outside it (returned with it)."""
     outside = tmp_path / "outside"
     outside.mkdir()
     store = Store(tmp_path / "run")
     store.write_bytes("files/first.txt", b"x")
     (tmp_path / "run" / "files" / "link").symlink_to(outside)
+    return store, outside
+
+
+def test_a_tree_with_one_refused_name_lands_nothing(tmp_path: Path) -> None:
+    store, outside = _linked_out(tmp_path)
     staged = _staged(store, {"0.txt": b"fine", "link/evil.txt": b"evil"})
     with pytest.raises(WorkspaceError, match="outside"):
         store.land_tree(staged, "files", ["0.txt", "link/evil.txt"])
@@ -287,11 +293,7 @@ def test_a_tree_with_one_refused_name_lands_nothing(tmp_path: Path) -> None:
 
 
 def test_a_link_out_of_the_root_gets_no_folder_made_through_it(tmp_path: Path) -> None:
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    store = Store(tmp_path / "run")
-    store.write_bytes("files/first.txt", b"x")
-    (tmp_path / "run" / "files" / "link").symlink_to(outside)
+    store, outside = _linked_out(tmp_path)
     staged = _staged(store, {"link/sub/deeper/x.txt": b"evil"})
     with pytest.raises(WorkspaceError, match=r"refusing file name 'files/link/sub/deeper/x\.txt'.*outside"):
         store.land_tree(staged, "files", ["link/sub/deeper/x.txt"])
