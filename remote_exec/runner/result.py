@@ -361,8 +361,8 @@ def _send_files(run_dir: str, files: list[dict[str, Any]], out: Out) -> None:
     import tarfile
 
     stream = io.BufferedWriter(_FrameStream(out), buffer_size=wire.MAX_FRAME)
+    # (tarfile's own 16 KiB reads: a larger copybufsize makes its stream mode copy its buffer over and over)
     with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as archive:
-        archive.copybufsize = 1 << 20  # type: ignore[attr-defined]  # (16 KiB reads by default; Python >= 3.8)
         for entry in files:
             info = tarfile.TarInfo(entry["path"])
             info.size = entry["size"]
