@@ -110,11 +110,7 @@ def runs_command(
 ) -> None:
     """List the runs of the workspace, oldest first (a sweep of rx map as one line)."""
     ws = Workspace.resolve(workspace)
-    infos = _readable_infos(ws, status)
-    if not every:
-        infos = [info for info in infos if not (info.get("sweep") or {}).get("parent")]
-    if last is not None:
-        infos = infos[-last:]
+    infos = _listed_infos(ws, status, every=every, last=last)
     if as_json:
         _print_json(infos)
         return
@@ -157,17 +153,27 @@ def _runs_table(rows: list[tuple[str, ...]], console_width: int) -> Table:
     return table
 
 
-def _readable_infos(ws: Workspace, status: str | None) -> list[dict[str, Any]]:
-    """The state of every run (with ``status``, of those that have it); a damaged run is skipped with a
-    warning on stderr, so that it does not hide the others."""
+def _listed_infos(ws: Workspace, status: str | None, *, every: bool, last: int | None) -> list[dict[str, Any]]:
+    """The state of each run ``rx runs`` lists, oldest first: with ``status``, those that have it; unless
+    ``every``, not the runs of a sweep (its parent stands for them); with ``last``, the newest ``last`` of
+    those, read from the newest back (``--last 5`` of 10,000 runs reads a handful of states). A damaged run is
+    skipped with a warning on stderr, so that it does not hide the others."""
+    ids = ws.ids()
     infos: list[dict[str, Any]] = []
-    for run in ws.runs(status):
+    for run_id in reversed(ids) if last is not None else ids:
         try:
-            infos.append(run.info())
+            info = Run(ws, run_id).info()
         except WorkspaceError as exc:
-            _console(stderr=True).print(f"[yellow]rx: warning:[/] skipping run {escape(run.id)}: "
+            _console(stderr=True).print(f"[yellow]rx: warning:[/] skipping run {escape(run_id)}: "
                                         f"{escape(str(exc))}")
-    return infos
+            continue
+        if (status is not None and info.get("status") != status) or (
+                not every and (info.get("sweep") or {}).get("parent")):
+            continue
+        infos.append(info)
+        if last is not None and len(infos) == last:
+            break
+    return infos[::-1] if last is not None else infos
 
 
 def _runs_row(info: dict[str, Any]) -> tuple[str, ...]:

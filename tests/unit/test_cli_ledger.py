@@ -179,3 +179,30 @@ def test_a_damaged_run_does_not_hide_the_others(ws: Workspace) -> None:
     assert f"skipping run {bad.id}" in result.stderr and "not valid JSON" in result.stderr
     shown = rx("show", bad.id, "--workspace", str(ws.root))
     assert isinstance(shown.exception, WorkspaceError) and "not valid JSON" in str(shown.exception)
+
+
+def test_runs_last_reads_from_the_newest_back(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rx runs --last N`` lists the N newest runs that pass its filters (status, a sweep's runs left out)
+    and reads no more states than it must: a workspace of thousands of runs answers at once."""
+    runs = []
+    for index in range(12):
+        run = ws.new_run(target=f"t{index}.py", kind="script")
+        run.set_status("running")
+        run.set_status("failed" if index % 3 == 0 else "finished", exit_code=1 if index % 3 == 0 else 0)
+        runs.append(run)
+    runs[10].state.update(lambda state: state.update(sweep={"parent": runs[9].id}))  # one run of a sweep
+    reads: list[str] = []
+    info = Run.info
+    monkeypatch.setattr(Run, "info", lambda self: (reads.append(self.id), info(self))[1])
+
+    def listed(*args: str) -> list[str]:
+        reads.clear()
+        done = rx("runs", "--json", "--workspace", str(ws.root), *args)
+        assert done.exit_code == 0, done.output
+        return [entry["run_id"] for entry in json.loads(done.stdout)]
+
+    assert listed("--last", "2") == [runs[9].id, runs[11].id] and len(reads) == 3
+    assert listed("--last", "2", "--status", "failed") == [runs[6].id, runs[9].id] and len(reads) == 6
+    assert listed("--last", "3", "--all") == [runs[9].id, runs[10].id, runs[11].id] and len(reads) == 3
+    assert listed() == [run.id for index, run in enumerate(runs) if index != 10] and len(reads) == 12
+    assert listed("--status", "failed") == [runs[index].id for index in (0, 3, 6, 9)]
