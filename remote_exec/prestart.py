@@ -90,7 +90,7 @@ def memo_key(words: dict[str, str], cwd: str | None = None,
     parts = (_VERSION, sys.executable, cwd if cwd is not None else os.getcwd(),
              words.get("remote", ""), words.get("backend", ""), words.get("ssh_config", ""), words.get("task", ""),
              tuple(named))
-    return _digest(marshal.dumps(parts))
+    return _digest(marshal.dumps(parts, 2))  # (version 2: equal values, equal bytes; 3+ marks shared objects)
 
 
 def _digest(data: bytes) -> str:

@@ -218,6 +218,16 @@ def test_the_memo_key_follows_the_line_the_directory_and_rx_s_environment(tmp_pa
     assert len(key) == 64 and set(key) <= set("0123456789abcdef")  # a digest: no value of the environment in it
 
 
+def test_the_memo_key_is_the_same_for_equal_values_however_they_are_shared() -> None:
+    """Another process builds the same line from strings of its own: one object twice in the key (the
+    working directory also the home) or two equal ones must give the same digest (marshal's version 3+
+    writes a back-reference for an object it saw before, so equal values could give other bytes)."""
+    folder = "".join(["/home/a/", "project"])
+    again = "".join(["/home/a/", "project"])
+    assert folder == again and folder is not again
+    assert prestart.memo_key(WORDS, folder, {"HOME": folder}) == prestart.memo_key(WORDS, folder, {"HOME": again})
+
+
 def test_the_memo_keeps_the_latest_entries(fake: Path, tmp_path: Path) -> None:
     for number in range(prestart._KEEP + 5):
         prestart.remember(f"key{number}", [], str(fake / "m-x"), ["ssh", "-M", "-S", str(fake / "m-x")])
