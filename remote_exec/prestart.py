@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 __all__ = ["Dialed", "Prestarted", "abandon", "answers", "exit_master", "memo_key", "memo_path", "pending", "remember",
-           "remember_dial", "start", "take", "take_dial"]
+           "remember_dial", "runtime_dir", "start", "take", "take_dial"]
 
 #: Bumped when the memo's layout changes (an older memo is then ignored).
 _VERSION = 1
@@ -68,6 +68,36 @@ _dialed: Dialed | None = None
 _DIAL = "tcp"
 #: Held while a head start is decided (two threads making a process's first calls at once start one).
 _starting = _thread.allocate_lock()
+
+
+#: Unix socket paths are limited to 104 (macOS) / 108 (Linux) bytes; ssh adds a 17-byte temporary suffix.
+_MAX_DIR = 60
+
+
+def runtime_dir() -> str | None:
+    """rx's private directory for its sockets (the shared SSH masters', the rx server's): made if missing,
+    and used only when it is a real directory (no symlink) of this user that nobody else may enter;
+    ``$XDG_RUNTIME_DIR/rx-ssh`` when that is set and short, else ``/tmp/rx-ssh-<uid>``. None when neither is
+    safe."""
+    import stat
+
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    candidates = [os.path.join(runtime, "rx-ssh")] if runtime and os.path.isabs(runtime) else []
+    candidates.append(os.path.join("/tmp", f"rx-ssh-{os.getuid()}"))
+    for path in candidates:
+        if len(path) > _MAX_DIR:
+            continue
+        try:
+            os.mkdir(path, 0o700)
+        except OSError:
+            pass
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077:
+            return path
+    return None
 
 
 def memo_path(environ: dict[str, str] | os._Environ[str] | None = None) -> str:

@@ -33,13 +33,12 @@ import fcntl
 import hashlib
 import logging
 import os
-import stat
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..prestart import answers, exit_master
+from ..prestart import answers, exit_master, runtime_dir
 
 __all__ = ["DEFAULT_PERSIST", "SharedMaster", "end_master", "label_master", "master_lock", "persist_seconds",
            "private_dir", "shared_masters", "socket_answers", "socket_name"]
@@ -48,10 +47,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PERSIST = 300
 """Seconds an idle shared master stays up (``ControlPersist``), unless ``RX_SSH_PERSIST`` says otherwise."""
-
-#: Unix socket paths are limited to 104 (macOS) / 108 (Linux) bytes; ssh adds a 17-byte temporary suffix.
-_MAX_DIR = 60
-
 
 def persist_seconds(environ: dict[str, str] | None = None) -> int:
     """``RX_SSH_PERSIST`` (seconds; 0: a master per process), else :data:`DEFAULT_PERSIST`."""
@@ -66,33 +61,14 @@ def persist_seconds(environ: dict[str, str] | None = None) -> int:
     return max(0, seconds)
 
 
-def _candidates() -> Iterator[Path]:
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isabs(runtime):
-        yield Path(runtime) / "rx-ssh"
-    yield Path("/tmp") / f"rx-ssh-{os.getuid()}"
-
-
-def _private(path: Path) -> bool:
-    """``path`` is a directory (not a symlink) of this user that no one else may enter."""
-    try:
-        info = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077
-
-
 def private_dir() -> Path | None:
-    """The user's directory for shared control sockets (made if missing), or None when none is safe."""
-    for path in _candidates():
-        if len(str(path)) > _MAX_DIR:
-            continue
-        with contextlib.suppress(FileExistsError, OSError):
-            os.mkdir(path, 0o700)
-        if _private(path):
-            return path
-        logger.debug("%s is not a private directory of this user: not used for shared ssh masters", path)
-    return None
+    """The user's directory for shared control sockets (made if missing), or None when none is safe
+    (:func:`remote_exec.prestart.runtime_dir`)."""
+    found = runtime_dir()
+    if found is None:
+        logger.debug("no private directory of this user for shared ssh masters: a master per process")
+        return None
+    return Path(found)
 
 
 def socket_name(settings: Sequence[str]) -> str:
