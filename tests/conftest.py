@@ -6,6 +6,7 @@ marked ``faults``, so ``-m "not integration"`` runs without Docker.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,10 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 pytest_plugins = ["testbed.pytest_plugin"]
+
+# Every rx a test starts runs in its own process: no rx server is started for the next one (each test's
+# environment differs, so each would get a server of its own). tests/unit/test_cli_server.py turns it on.
+os.environ["RX_SERVER"] = "0"
 
 _MARKER_OF_DIR = {"integration": "integration", "faults": "faults"}
 

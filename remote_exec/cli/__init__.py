@@ -15,10 +15,10 @@ import sys
 TYPE_CHECKING = False  # rx run starts its ssh before typing, contextlib and the rest are imported
 if TYPE_CHECKING:
     import contextlib
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from typing import Any, NoReturn
 
-__all__ = ["COMMAND_MODULES", "app", "error_line", "exit_now", "main", "state"]
+__all__ = ["COMMAND_MODULES", "app", "before_exit", "error_line", "exit_now", "main", "state"]
 
 
 #: The module of this package that registers each command (tests/unit/test_cli_lean.py keeps it whole).
@@ -66,6 +66,11 @@ def _only(app: Any, command: str | None) -> contextlib.AbstractContextManager[No
     return only()
 
 
+#: Called with the exit status when the command has ended, just before the process does (a server's worker
+#: reports it to its client: :mod:`remote_exec.cli.server`).
+before_exit: Callable[[int], None] | None = None
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -75,6 +80,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
     process's own, and the process ends as soon as the command has, see :func:`exit_now`)."""
     if argv is not None:
         _command(argv)
+    if os.name == "posix":
+        from .server import delegate
+
+        delegate(sys.argv[1:])  # a resident rx runs the command, and this process ends with its status
     early = None
     try:
         import _signal  # type: ignore[import-not-found]  # (signal imports enum: ~1 ms before the ssh starts)
@@ -132,6 +141,11 @@ def exit_now(code: object) -> NoReturn:
             stream.flush()
         except (OSError, ValueError):  # a reader that went away (rx ... | head), a closed stream
             pass
+    if before_exit is not None:
+        before_exit(status)
+    server = sys.modules.get(f"{__name__}.server")
+    if server is not None:
+        server.spawn()  # for the next command, if this one found no rx server (and may have one)
     os._exit(status)
 
 

@@ -1,0 +1,180 @@
+"""The rx server (remote_exec/cli/server.py): an ``rx`` command that found none starts one when it ends; the
+next command of the same environment runs in a worker the server forks, and behaves as if it had run in its
+own process: output, exit status, stdin, Ctrl-C, a killed client. Local runs only (no network)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ptyrun import CTRL_C, run_in_pty
+
+from remote_exec.cli import server
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes' parents in /proc")
+
+ANCESTORS = """
+def ancestors():
+    pid, found = os.getpid(), []
+    while pid > 1:
+        with open(f"/proc/{pid}/stat") as stat:
+            pid = int(stat.read().rsplit(")", 1)[1].split()[1])
+        found.append(pid)
+    return found
+"""
+
+
+def write(path: Path, source: str) -> None:
+    path.write_text(textwrap.dedent(source), encoding="utf-8")
+
+
+@pytest.fixture
+def served(isolated: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Servers on (60 s), in a runtime directory of this test's own; the folder their sockets are in."""
+    runtime = Path(tempfile.mkdtemp(prefix="rxs", dir="/tmp"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.setenv("RX_SERVER", "60")
+    try:
+        yield runtime / "rx-ssh"
+    finally:
+        server.stop_all(str(runtime / "rx-ssh"))
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def rx(isolated: Any, *args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "remote_exec", *args], cwd=isolated.root, env=isolated.env(**env),
+                          input=stdin, capture_output=True, text=True, timeout=120, check=False)
+
+
+def listening(folder: Path, timeout: float = 30) -> int:
+    """The pid of the server that listens in ``folder`` (waits for it)."""
+    until = time.monotonic() + timeout
+    while time.monotonic() < until:
+        up = [pid for pid, socket in server.servers(str(folder)) if Path(socket).exists()]
+        if up:
+            return up[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no rx server listened in {folder} within {timeout} s")
+
+
+def test_the_next_command_runs_in_the_server_as_it_would_in_its_own_process(isolated: Any, served: Path) -> None:
+    write(isolated.root / "job.py", "import os, sys\n" + ANCESTORS + """
+print("out", sys.stdin.read().strip(), ancestors())
+print("err", file=sys.stderr)
+sys.exit(7)
+""")
+    first = rx(isolated, "run", "job.py", stdin="one")
+    pid = listening(served)
+    second = rx(isolated, "run", "job.py", stdin="two")
+
+    for done, text in ((first, "one"), (second, "two")):
+        assert done.returncode == 7, done.stderr
+        assert done.stdout.split(" ", 2)[:2] == ["out", text]
+        assert "err\n" in done.stderr and "failed, exit 7" in done.stderr
+    assert pid not in ast.literal_eval(first.stdout.split(" ", 2)[2])  # the first ran in its own process...
+    assert pid in ast.literal_eval(second.stdout.split(" ", 2)[2])  # ...the second in a worker of the server it left
+    runs = rx(isolated, "runs", "--json")
+    assert runs.returncode == 0 and runs.stdout.count('"exit_code": 7') == 2, runs.stdout
+
+
+def test_no_server_when_turned_off(isolated: Any, served: Path) -> None:
+    write(isolated.root / "job.py", "print('ran')\n")
+    assert rx(isolated, "run", "job.py", RX_SERVER="0").stdout == "ran\n"
+    time.sleep(1.5)
+    assert server.servers(str(served)) == []
+
+
+def test_ctrl_c_through_the_server_interrupts_the_script_and_exits_130(isolated: Any, served: Path) -> None:
+    write(isolated.root / "slow.py", "import os, time\n" + ANCESTORS + """
+print("working", ancestors(), flush=True)
+try:
+    time.sleep(30)
+except KeyboardInterrupt:
+    print("caught the interrupt", flush=True)
+    raise
+""")
+    write(isolated.root / "quick.py", "print('ok')\n")
+    rx(isolated, "run", "quick.py")
+    pid = listening(served)
+
+    done = run_in_pty([sys.executable, "-m", "remote_exec", "run", "slow.py"], cwd=isolated.root,
+                      env=isolated.env(), keys=[(b"working", CTRL_C)])
+
+    assert str(pid) in done.output.split("working", 1)[1].splitlines()[0], done.output  # (through the server)
+    assert "caught the interrupt" in done.output, done.output
+    assert done.returncode == 130, done.output
+    assert "Traceback" not in done.output.split("caught the interrupt", 1)[1], done.output
+
+
+def test_a_killed_client_stops_its_command(isolated: Any, served: Path) -> None:
+    write(isolated.root / "slow.py", """
+        import os, time
+        print(os.getpid(), flush=True)
+        time.sleep(60)
+    """)
+    write(isolated.root / "quick.py", "print('ok')\n")
+    rx(isolated, "run", "quick.py")
+    listening(served)
+    client = subprocess.Popen([sys.executable, "-m", "remote_exec", "run", "slow.py"], cwd=isolated.root,
+                              env=isolated.env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert client.stdout is not None
+    task = int(client.stdout.readline())
+    client.kill()  # SIGKILL: no chance to forward anything
+    client.wait(timeout=10)
+    client.stdout.close()
+
+    until = time.monotonic() + 30
+    while time.monotonic() < until and Path(f"/proc/{task}").exists():
+        time.sleep(0.1)
+    assert not Path(f"/proc/{task}").exists(), "the script of a killed rx went on running"
+    runs = rx(isolated, "runs", "--json")
+    assert '"status": "cancelled"' in runs.stdout, runs.stdout
+
+
+def test_a_server_that_does_not_answer_is_given_up_and_the_command_runs_once(isolated: Any, served: Path) -> None:
+    write(isolated.root / "job.py", "print('ran')\n")
+    rx(isolated, "run", "job.py")
+    pid = listening(served)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        done = rx(isolated, "run", "job.py")
+        waited = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    time.sleep(1.0)  # the server's worker, forked now, finds its client gone and runs nothing
+
+    assert done.returncode == 0 and done.stdout == "ran\n", done.stderr
+    assert waited >= server._TAKE_TIMEOUT
+    runs = rx(isolated, "runs", "--json")
+    assert runs.stdout.count('"run_id"') == 2, runs.stdout
+
+
+def test_the_server_is_named_by_the_environment_but_what_a_shell_changes_between_commands() -> None:
+    base = {"HOME": "/home/a", "PATH": "/usr/bin", "PWD": "/home/a/p", "SHLVL": "1"}
+    key = server.server_key(base)
+    assert server.server_key(dict(base, PWD="/elsewhere", OLDPWD="/home/a/p", SHLVL="3", _="/usr/bin/rx")) == key
+    assert server.server_key(dict(base, RX_SSH_CONFIG="/other")) != key
+    assert server.server_key(dict(base, PATH="/opt/bin:/usr/bin")) != key
+
+
+def test_completion_and_a_worker_never_go_through_a_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RX_SERVER", "60")
+    assert server.enabled(["run", "job.py"])
+    assert not server.enabled(["--install-completion"])
+    monkeypatch.setenv("_RX_COMPLETE", "complete_bash")
+    assert not server.enabled(["run", "job.py"])
+    monkeypatch.delenv("_RX_COMPLETE")
+    monkeypatch.setenv("RX_SERVER", "0")
+    assert not server.enabled(["run", "job.py"])
