@@ -66,8 +66,8 @@ _FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGWINCH", "SIGUSR1", "
 
 #: Set in a worker: the command runs here, and no other server is asked or started.
 _in_worker = False
-#: The environment and digest a command that found no server starts one with, at its end (:func:`spawn`).
-_wanted: tuple[str, dict[str, str]] | None = None
+#: The digest, socket and environment a command that found no server starts one with, at its end (:func:`spawn`).
+_wanted: tuple[str, str, dict[str, str]] | None = None
 
 
 def persist_seconds(environ: dict[str, str] | os._Environ[str] | None = None) -> int:
@@ -161,7 +161,7 @@ def delegate(argv: list[str]) -> None:
         pid = _read_pid(client)
     except OSError:  # no server (none yet, or its idle time is over), or it did not answer in time
         client.close()
-        _wanted = (key, environ)
+        _wanted = (key, path, environ)
         return
     except KeyboardInterrupt:  # Ctrl-C before anything ran (the worker, if any, sees this process go)
         sys.stderr.write("rx: error: interrupted\n")
@@ -256,10 +256,10 @@ def _wait_for_worker(client: Any, pid: int) -> NoReturn:
 # --- starting a server --------------------------------------------------------------------------------------------
 
 _BOOT = ("import sys, marshal\n"
-         "sys.path[:], key = marshal.loads(bytes.fromhex(sys.argv[1]))\n"
+         "sys.path[:], key, path = marshal.loads(bytes.fromhex(sys.argv[1]))\n"
          "import remote_exec.cli\n"
          "from remote_exec.cli.server import serve\n"
-         "serve(key, remote_exec.cli)\n")
+         "serve(key, path, remote_exec.cli)\n")
 
 
 def spawn() -> None:
@@ -269,13 +269,13 @@ def spawn() -> None:
     wanted, _wanted = _wanted, None
     if wanted is None:
         return
-    key, environ = wanted
+    key, path, environ = wanted
     try:
         import subprocess
 
         flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]  # (what multiprocessing uses)
         argv = [sys.executable, *flags, "-c", _BOOT,
-                marshal.dumps((list(sys.path), key)).hex()]
+                marshal.dumps((list(sys.path), key, path)).hex()]
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
             os.posix_spawn(sys.executable, argv, environ, setsid=True, file_actions=[
@@ -297,11 +297,12 @@ _PRELOAD = ("remote_exec.cli.application", "remote_exec.coordinator", "remote_ex
             "rich.table", "rich.text", "rich.markup")
 
 
-def serve(key: str, cli: Any) -> None:
-    """Be the server named ``key`` (started by :func:`spawn`) of the command line :mod:`remote_exec.cli` (``cli``:
-    its ``_register``, ``main`` and ``before_exit``): import, listen, fork a worker per command, end when idle
-    (see the module). Returns when it ends; it never serves if ``key`` is not its own digest (the code or the
-    environment changed meanwhile) or another server holds the name."""
+def serve(key: str, path: str, cli: Any) -> None:
+    """Be the server named ``key`` (started by :func:`spawn`), at the socket ``path`` its client worked out
+    (a runtime directory gone meanwhile is not replaced by another), of the command line
+    :mod:`remote_exec.cli` (``cli``: its ``_register``, ``main`` and ``before_exit``): import, listen, fork a
+    worker per command, end when idle (see the module). Returns when it ends; it never serves if ``key`` is
+    not its own digest (the code or the environment changed meanwhile) or another server holds the name."""
     import errno
     import fcntl
     import importlib
@@ -309,11 +310,13 @@ def serve(key: str, cli: Any) -> None:
 
     environ = dict(os.environ)  # as the client had it (what the imports may change is not the client's)
     os.chdir("/")
-    path = _socket_path(key)
     persist = persist_seconds()
-    if path is None or not persist:
+    if not persist or os.path.basename(path) != f"rx-{key}":
         return
-    lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:  # the directory is gone
+        return
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -328,9 +331,15 @@ def serve(key: str, cli: Any) -> None:
             importlib.import_module(name)
         except ImportError:  # an optional dependency missing: the worker imports what it needs
             pass
-    if server_key(environ) != key or threading.active_count() != 1:
-        return  # changed meanwhile (or something started a thread: a fork would copy it half-done)
-    _listen_and_fork(path, persist, cli)
+    try:
+        if server_key(environ) != key or threading.active_count() != 1:
+            return  # changed meanwhile (or something started a thread: a fork would copy it half-done)
+        _listen_and_fork(path, persist, cli)
+    finally:
+        try:
+            os.unlink(f"{path}.lock")  # (a name no longer served leaves nothing behind)
+        except OSError:
+            pass
 
 
 def _listen_and_fork(path: str, persist: int, cli: Any) -> None:

@@ -161,6 +161,22 @@ def test_a_server_that_does_not_answer_is_given_up_and_the_command_runs_once(iso
     assert runs.stdout.count('"run_id"') == 2, runs.stdout
 
 
+def test_a_server_whose_runtime_directory_went_away_serves_nowhere_else(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its client's directory was removed before it started (a session's XDG_RUNTIME_DIR ended): it ends
+    at once, and sets up in no other directory (where nobody would stop it)."""
+    monkeypatch.setenv("RX_SERVER", "60")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    key = server.server_key()
+    gone = tmp_path / "gone" / "rx-ssh" / f"rx-{key}"
+    before = set(Path(server._socket_path(key) or "/nonexistent").parent.glob("rx-*"))
+
+    server.serve(key, str(gone), object())  # (it would import rx's commands through this, if it went on)
+
+    assert not gone.parent.exists()
+    assert set(Path(server._socket_path(key) or "/nonexistent").parent.glob("rx-*")) == before
+
+
 def test_the_server_is_named_by_the_environment_but_what_a_shell_changes_between_commands() -> None:
     base = {"HOME": "/home/a", "PATH": "/usr/bin", "PWD": "/home/a/p", "SHLVL": "1"}
     key = server.server_key(base)
