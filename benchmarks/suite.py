@@ -126,8 +126,9 @@ def _rows() -> list[Row]:
                                    f"in a runtime directory rx never used (no memo of its master: as on a new "
                                    f"machine) ({backend}, wall)", f"rx run, new machine ({backend})", lat,
                 "ssh.cold"),
-            Row(f"{rx}.run_second", f"`rx run` of a trivial script, whole command, right after another one "
-                                    f"({backend}, wall; OpenSSH: over the master the first left)",
+            Row(f"{rx}.run_second", f"`rx run` of a trivial script, whole command, after another one (through the "
+                                    f"rx server the first left; {backend}, wall; OpenSSH: over the master the first "
+                                    f"left)",
                 f"second rx run ({backend})", lat, "ssh.cold"),
             Row(f"{rx}.hosts_parallel", f"rx ({backend}): the warm call on 4 hosts at once (threads), wall",
                 f"4 hosts at once ({backend})", lat, f"{rx}.warm"),
@@ -180,7 +181,8 @@ def _rows() -> list[Row]:
             "import remote_exec.cli", start),
         Row("startup.importtime_help", "`python -X importtime -m remote_exec --help`: total import time",
             "rx --help imports", start),
-        Row("startup.help", "`rx --help`, wall", "rx --help", start, "startup.python"),
+        Row("startup.help", "`rx --help`, wall, without an rx server (`RX_SERVER=0`: the imports of every command)",
+            "rx --help", start, "startup.python"),
     ]
     return rows
 
@@ -424,6 +426,11 @@ def _no_master(bench: Bench) -> Iterator[dict[str, str]]:
 
 
 def _end_shared_masters(runtime: Path, *, remove: bool = True) -> None:
+    """End the shared ssh masters and the rx servers (:mod:`remote_exec.cli.server`) of the runtime
+    directory ``runtime``, as their idle time would have (and remove it, unless not ``remove``)."""
+    from remote_exec.cli.server import stop_all
+
+    stop_all(str(runtime / "rx-ssh"))
     for socket_path in (runtime / "rx-ssh").glob("m-*"):
         if not socket_path.name.endswith(".lock"):
             subprocess.run(["ssh", "-S", str(socket_path), "-O", "exit", "x"], stdin=subprocess.DEVNULL,
@@ -508,12 +515,26 @@ def _rx_run_fresh(bench: Bench, backend: str) -> None:
 
 
 def _rx_run_second(bench: Bench, backend: str) -> None:
-    """An untimed ``rx run``, then the timed one right after it (within any persist window)."""
+    """An untimed ``rx run``, then the timed one once the rx server the first started listens (as a user's next
+    command a moment later: within the persist window of that server and of the OpenSSH master)."""
     with _no_master(bench) as env:
         run_timed(_rx_run_argv(bench, backend), timeout=60, cwd=bench.run_dir / "rxrun", env=env)
+        _wait_for_server(Path(env["XDG_RUNTIME_DIR"]) / "rx-ssh")
         seconds = run_timed(_rx_run_argv(bench, backend), timeout=60, cwd=bench.run_dir / "rxrun", env=env)
     bench.results.add(f"rx-{backend}.run_second", seconds)
     _record_run_phases(bench, backend, seconds, f"second rx run, whole command ({backend})")
+
+
+def _wait_for_server(folder: Path, timeout: float = 20) -> None:
+    """Until an rx server listens in ``folder`` (the one the last rx command started)."""
+    from remote_exec.cli.server import servers
+
+    until = time.monotonic() + timeout
+    while time.monotonic() < until:
+        if any(Path(socket).exists() for _, socket in servers(str(folder))):
+            return
+        time.sleep(0.05)
+    raise ProbeError(f"no rx server listened in {folder} within {timeout:.0f} s of an rx command")
 
 
 def _ssh_tree(bench: Bench) -> None:
@@ -584,7 +605,8 @@ def _importtime(bench: Bench, key: str, args: tuple[str, ...]) -> None:
 
 
 def _rx_help(bench: Bench) -> None:
-    bench.results.add("startup.help", run_timed([*bench.rx_command, "--help"], timeout=30, env=bench.env))
+    bench.results.add("startup.help", run_timed([*bench.rx_command, "--help"], timeout=30,
+                                                env=dict(bench.env, RX_SERVER="0")))
 
 
 def _project_sync(bench: Bench) -> None:
@@ -901,7 +923,7 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
         # XDG_RUNTIME_DIR: the run's own shared ssh masters (the "first" rows each get a fresh one)
         env = dict(os.environ, PYTHONPATH=pythonpath, RX_SSH_CONFIG=str(bed.ssh_config),
                    RX_CACHE_DIR=str(run_dir / "cache"), RX_WORKSPACE=str(run_dir / "workspaces" / "default"),
-                   XDG_RUNTIME_DIR=str(control_dir))
+                   XDG_RUNTIME_DIR=str(control_dir), RX_SERVER=str(300))  # (rx as shipped, whatever this shell says)
         env.pop("RX_BACKEND", None)
         bench = Bench(settings=settings, run_dir=run_dir, state_dir=state_dir, ssh_config=bed.ssh_config, hosts=hosts,
                       control_dir=control_dir, blob=run_dir / "blob-100mb", env=env, rx_command=rx_command,
