@@ -144,6 +144,8 @@ def delegate(argv: list[str]) -> None:
     if not enabled(argv):
         return
     try:
+        for fd in (0, 1, 2):  # (one closed: the socket would take its number, and be handed over as it)
+            os.fstat(fd)
         environ = dict(os.environ)
         key = server_key(environ)
         path = _socket_path(key)

@@ -88,6 +88,20 @@ sys.exit(7)
     assert runs.returncode == 0 and runs.stdout.count('"exit_code": 7') == 2, runs.stdout
 
 
+def test_a_command_with_stdin_closed_runs_in_its_own_process(isolated: Any, served: Path) -> None:
+    """``rx ... <&-``: the client's socket would get descriptor 0 and be handed over as the worker's stdin."""
+    write(isolated.root / "job.py", "import sys\nprint('ran', len(sys.stdin.read()))\n")
+    rx(isolated, "run", "job.py")
+    listening(served)
+
+    done = subprocess.run([sys.executable, "-m", "remote_exec", "run", "job.py"], cwd=isolated.root,
+                          env=isolated.env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+                          check=False, preexec_fn=lambda: os.close(0))
+
+    assert (done.returncode, done.stdout) == (0, "ran 0\n"), done.stderr
+    assert "error" not in done.stderr
+
+
 def test_no_server_when_turned_off(isolated: Any, served: Path) -> None:
     write(isolated.root / "job.py", "print('ran')\n")
     assert rx(isolated, "run", "job.py", RX_SERVER="0").stdout == "ran\n"
