@@ -49,6 +49,9 @@ app = typer.Typer(
     name="rx",
     cls=_Group,
     help="Offload Python work to machines reachable over SSH, and keep a record of every run.",
+    epilog="After a command, rx keeps one process of yours with rx imported for RX_SERVER seconds (default 300), "
+           "so that the next command starts at once; RX_SERVER=0 turns it off, 'python -m remote_exec.cli.server "
+           "stop' ends it now.",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
