@@ -17,11 +17,12 @@ process with all of that imported, the *server*, for the next ``rx``:
   ``SIGQUIT``, a resized window, and Ctrl-Z / ``fg`` (the worker is stopped and continued with the client).
   A client killed outright (``SIGKILL``) is noticed by its worker, which then stops as on ``SIGTERM``.
 * **Only for the same rx, Python and environment.** The socket's name is a digest of the interpreter
-  (``sys.executable``, its version and flags, ``sys.path``), every file of the ``remote_exec`` package
-  (name, size, modification time), the ``site-packages`` folders on ``sys.path`` (installing, upgrading or
-  removing a package changes them), the user, and the environment but the variables a shell changes from
-  one command to the next (``PWD``, ``OLDPWD``, ``_``, ``SHLVL``, ``COLUMNS``, ``LINES``). Anything else
-  changed, another server is started for it; an old one is not used again and ends after its idle time.
+  (``sys.executable``, its version and flags, ``sys.path``), every file of the ``remote_exec`` package (name,
+  size, modification time; unless it is installed in a ``site-packages``), the ``site-packages`` folders on
+  ``sys.path`` (installing, upgrading or removing a package changes them), the user, and the environment but
+  the variables a shell changes from one command to the next (``PWD``, ``OLDPWD``, ``_``, ``SHLVL``,
+  ``COLUMNS``, ``LINES``). Anything else changed, another server is started for it; an old one is not used
+  again and ends after its idle time.
 * **Private.** The socket is in rx's private runtime directory (:func:`remote_exec.prestart.runtime_dir`:
   mode 0700, this user's, the one the shared SSH masters use), and on Linux the server also checks the
   peer's uid. What travels is the environment of the user's own command, over a Unix socket between two of
@@ -61,6 +62,8 @@ DEFAULT_PERSIST = 300
 _TAKE_TIMEOUT = 5.0
 #: Environment variables a shell changes between two commands: not part of the server's digest.
 _VOLATILE = frozenset({"PWD", "OLDPWD", "_", "SHLVL", "COLUMNS", "LINES"})
+#: The folders packages are installed in: a change of what is installed there changes the folder.
+_SITE = ("site-packages", "dist-packages")
 #: Signals a client passes on to its worker (Ctrl-Z and ``fg`` are handled apart).
 _FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGWINCH", "SIGUSR1", "SIGUSR2")
 
@@ -95,10 +98,11 @@ def server_key(environ: dict[str, str] | os._Environ[str] | None = None) -> str:
     env = os.environ if environ is None else environ
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code: list[tuple[str, int, int]] = []
-    _scan(package, "", code)
+    if os.path.basename(os.path.dirname(package)) not in _SITE:  # (installed: its site-packages tells)
+        _scan(package, "", code)
     folders = []  # installing, upgrading or removing a package changes its folder (not so the script's own)
     for entry in sys.path:
-        if os.path.basename(entry.rstrip("/")) in ("site-packages", "dist-packages"):
+        if os.path.basename(entry.rstrip("/")) in _SITE:
             try:
                 folders.append((entry, os.stat(entry).st_mtime_ns))
             except OSError:

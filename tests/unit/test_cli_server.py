@@ -199,6 +199,21 @@ def test_the_server_is_named_by_the_environment_but_what_a_shell_changes_between
     assert server.server_key(dict(base, PATH="/opt/bin:/usr/bin")) != key
 
 
+@pytest.mark.parametrize("folder", ["checkout", "site-packages"])
+def test_a_changed_file_of_rx_names_another_server_unless_pip_installed_it(
+        folder: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source checkout (an editable install): every file counts. Installed in a site-packages: that folder
+    changes when the package is installed again (it is on sys.path, and part of the digest)."""
+    module = tmp_path / folder / "remote_exec" / "cli" / "server.py"
+    module.parent.mkdir(parents=True)
+    module.write_text("# the module\n")
+    (module.parent.parent / "task.py").write_text("VERSION = 1\n")
+    monkeypatch.setattr(server, "__file__", str(module))
+    key = server.server_key({})
+    (module.parent.parent / "task.py").write_text("VERSION = 22\n")
+    assert (server.server_key({}) != key) == (folder == "checkout")
+
+
 def test_completion_and_a_worker_never_go_through_a_server(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RX_SERVER", "60")
     assert server.enabled(["run", "job.py"])
