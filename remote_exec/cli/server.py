@@ -200,12 +200,13 @@ def _read_pid(client: Any) -> int:
     return int.from_bytes(data[1:], "big")
 
 
-def _read_exactly(client: Any, size: int) -> bytes:
+def _read_exactly(conn: Any, size: int) -> bytes:
+    """``size`` bytes from the socket ``conn`` (raises OSError if it ends before)."""
     data = b""
     while len(data) < size:
-        chunk = client.recv(size - len(data))
+        chunk = conn.recv(size - len(data))
         if not chunk:
-            raise OSError("the rx server closed the connection")
+            raise OSError("the other side closed the connection")
         data += chunk
     return data
 
@@ -452,19 +453,7 @@ def _receive(conn: Any) -> tuple[str, list[str], str, dict[str, str], int, list[
         peer = conn.getsockopt(_socket.SOL_SOCKET, credentials, 12)
         if int.from_bytes(peer[4:8], sys.byteorder) != os.getuid():
             raise PermissionError("a client of another user")
-    data = b""
-    while len(data) < 4:
-        chunk = conn.recv(4 - len(data))
-        if not chunk:
-            raise OSError("the client went away")
-        data += chunk
-    size = int.from_bytes(data, "big")
-    payload = b""
-    while len(payload) < size:
-        chunk = conn.recv(size - len(payload))
-        if not chunk:
-            raise OSError("the client went away")
-        payload += chunk
+    payload = _read_exactly(conn, int.from_bytes(_read_exactly(conn, 4), "big"))
     version, program, argv, cwd, environ, umask = marshal.loads(payload)
     if version != _VERSION:
         raise OSError("another version's client")
