@@ -5,10 +5,12 @@
   store the session and the options there (private, 0600; the options hold no secret and no key), and
   answer with a P event naming the directory. Nothing runs yet.
 - ``batch RUN_DIR`` (inside the scheduler's allocation: the job's own process): run the stored call as a
-  detached run's supervisor does (its output appended to the run's files, SIGTERM stops the task, USR1
-  and USR2 reach it), store its outcome, and exit with the task's exit code, so the scheduler's accounting
-  says COMPLETED or FAILED as the task did. A call that names a project tree (stored by the coordinator
-  before ``prepare``) runs in a snapshot of it: the run directory is made the snapshot when the job starts,
+  detached run's supervisor does (its output appended to the run's files, USR1 and USR2 reach it; the
+  scheduler's SIGTERM, which reached the task too, is the task's to handle for a grace before this process
+  sends SIGTERM, then SIGKILL: :data:`.policy.SCHEDULER_ENDS`), store its outcome, and exit with the task's
+  exit code, so the scheduler's accounting says COMPLETED or FAILED as the task did. A call that names a
+  project tree (stored by the coordinator before ``prepare``) runs in a snapshot of it: the run directory is
+  made the snapshot when the job starts,
   as a direct call's is, so its outputs are what it created or changed. A ``{index}`` in ``RUN_DIR`` is the array index
   (``RX_ARRAY_INDEX``). A job the scheduler requeued starts the call again in the same run directory:
   the files the task wrote stay, its output is appended, ``RX_JOB_ATTEMPT`` counts the attempts; a call
@@ -183,7 +185,7 @@ def serve_batch(cache_dir: str, run_dir: str) -> int:
                   attempts=attempts)
     if options.get("tree"):
         _snapshot(cache_dir, run_dir, options)
-    header, _ = run_to_files(options, session_bytes, run_dir, status)
+    header, _ = run_to_files(options, session_bytes, run_dir, status, scheduled=True)
     # A job that may be requeued (a node failure, a preemption) is over only when its scheduler says so:
     # the coordinator asks it and seals the run. Any other job's run is done now (a cancel or a time limit
     # that stopped it is the scheduler's verdict, which the coordinator reads when it collects).

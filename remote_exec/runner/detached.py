@@ -119,13 +119,14 @@ def _supervisor(options: dict[str, Any], session_bytes: bytes, run_dir: str, rea
 
 
 def run_to_files(options: dict[str, Any], session_bytes: bytes, run_dir: str,
-                 status: RunStatus) -> tuple[dict[str, Any], Ending]:
-    """Run the call with no coordinator (SIGTERM to this process cancels it), its output appended to the
-    run's files; store its outcome; return the outcome's header and how the task ended."""
+                 status: RunStatus, *, scheduled: bool = False) -> tuple[dict[str, Any], Ending]:
+    """Run the call with no coordinator (SIGTERM to this process cancels it; ``scheduled``: a scheduler's
+    job, which the scheduler ends), its output appended to the run's files; store its outcome; return the
+    outcome's header and how the task ended."""
     sink = FileSink(os.path.join(run_dir, PRIVATE))
     try:
         ending = supervise(options, session_bytes, wire.FrameReader(), run_dir, sink, coordinator=False,
-                           status=status, cache_dir=os.path.dirname(os.path.dirname(run_dir)))
+                           status=status, cache_dir=os.path.dirname(os.path.dirname(run_dir)), scheduled=scheduled)
     finally:
         sink.close()
     if sink.dropped:

@@ -54,8 +54,8 @@ if TYPE_CHECKING:
 else:
     import _signal  # signal's enums cost the per-call runner too much to import
 
-__all__ = ["CANCEL", "INT_GRACE", "KILL_GRACE", "TERMINATE", "Action", "Finish", "GiveUp", "Heartbeat", "Policy",
-           "Report", "Signal", "Sweep"]
+__all__ = ["CANCEL", "INT_GRACE", "KILL_GRACE", "SCHEDULER_ENDS", "TERMINATE", "Action", "Finish", "GiveUp",
+           "Heartbeat", "Policy", "Report", "Signal", "Sweep"]
 
 #: Seconds between SIGTERM and SIGKILL to a task's process group.
 KILL_GRACE = 2.0
@@ -67,6 +67,12 @@ INT_GRACE = 2.0
 CANCEL: tuple[int, ...] = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGKILL)
 #: How a timed-out call stops its task.
 TERMINATE: tuple[int, ...] = (_signal.SIGTERM, _signal.SIGKILL)
+#: How a scheduler's job ends its task when the scheduler ends the job (scancel, a time limit, a preemption):
+#: the scheduler sent SIGTERM to every process of the job, the task's too, so that signal is the task's to
+#: handle alone (signal 0 sends nothing: a grace of :attr:`Policy.int_grace`); then SIGTERM, for a scheduler
+#: that signals only the job's process group, not the task's; then SIGKILL. (SIGINT first, as for rx cancel,
+#: raced the scheduler's SIGTERM: a task could get KeyboardInterrupt instead of its SIGTERM handler.)
+SCHEDULER_ENDS: tuple[int, ...] = (0, _signal.SIGTERM, _signal.SIGKILL)
 #: Seconds the task's output may keep arriving after the task process ended (a process it left behind
 #: outside its group may hold the pipes open).
 DRAIN = 1.0
@@ -220,9 +226,10 @@ class Policy:
         """The coordinator's channel closed."""
         return [GiveUp("the coordinator closed the channel")]
 
-    def cancel(self, now: float, detail: str) -> list[Action]:
-        """Stop the task (a C or Q frame, or ``rx cancel``): the :data:`CANCEL` sequence (SIGINT first)."""
-        return self.decide(now, "cancelled", detail, CANCEL)
+    def cancel(self, now: float, detail: str, sequence: tuple[int, ...] = CANCEL) -> list[Action]:
+        """Stop the task (a C or Q frame, or ``rx cancel``): the :data:`CANCEL` sequence (SIGINT first), or
+        ``sequence`` (:data:`SCHEDULER_ENDS` for a job its scheduler ends)."""
+        return self.decide(now, "cancelled", detail, sequence)
 
     def on_sent(self, when: float) -> None:
         """A frame went out at ``when``: the next heartbeat is due ``heartbeat`` seconds later."""
@@ -246,7 +253,8 @@ class Policy:
 
     def _stop(self, now: float, sequence: tuple[int, ...]) -> list[Action]:
         """The first signal of ``sequence`` now, each next one after the previous one's grace."""
-        graces: dict[int, float] = {_signal.SIGINT: self.int_grace, _signal.SIGTERM: self.kill_grace}
+        graces: dict[int, float] = {0: self.int_grace, _signal.SIGINT: self.int_grace,
+                                    _signal.SIGTERM: self.kill_grace}
         self.stopping = []
         at = now
         for index in range(1, len(sequence)):

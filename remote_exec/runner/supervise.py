@@ -86,14 +86,15 @@ def _stopped(signum: int, frame: object) -> None:
 
 def supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.FrameReader, run_dir: str,
               out: Sink, *, coordinator: bool, status: RunStatus | None = None,
-              cache_dir: str | None = None, early: Prefork | None = None) -> Ending:
+              cache_dir: str | None = None, early: Prefork | None = None, scheduled: bool = False) -> Ending:
     """Fork the task into its own process group and watch it to its end.
 
     With a coordinator, its frames arrive on stdin (heartbeats, cancel) and its absence, or a SIGTERM to
     this process, ends the task; without one (a detached run), SIGTERM to this process cancels the task.
     ``status``, if given, gets the task's pid and start time. With ``cache_dir``, the run directories of
     runners that died are swept while the task starts. ``early``: a task process waiting for its call
-    (:mod:`.prefork`), used unless the session is too large for its pipe.
+    (:mod:`.prefork`), used unless the session is too large for its pipe. ``scheduled``: a scheduler's job,
+    whose SIGTERM came from the scheduler (the task got it too: :data:`.policy.SCHEDULER_ENDS`).
 
     Raises:
         CoordinatorGone: The coordinator went away (or this runner was told to stop); everything the task
@@ -119,7 +120,7 @@ def supervise(options: dict[str, Any], session_bytes: bytes, reader: wire.FrameR
         policy = Policy.for_call(options, started, coordinator=coordinator)
         if status is not None:
             status.update(task_pid=task.pid, task=containment.task)
-        watch = _Watch(task, policy, out, reader if coordinator else None, containment)
+        watch = _Watch(task, policy, out, reader if coordinator else None, containment, scheduled=scheduled)
         out.event({"event": "started", "pid": task.pid, "run_dir": run_dir, "host": os.uname().nodename})
         if cache_dir is not None:
             sweep_runs(cache_dir)
@@ -245,7 +246,7 @@ class _Watch:
     actions are applied here."""
 
     def __init__(self, task: _TaskProcess, policy: Policy, out: Sink,
-                 reader: wire.FrameReader | None, containment: Containment) -> None:
+                 reader: wire.FrameReader | None, containment: Containment, *, scheduled: bool = False) -> None:
         self.task = task
         self.policy = policy
         self.out = out
@@ -254,6 +255,7 @@ class _Watch:
         self.result = bytearray()
         self.exit_status: int | None = None
         self.cancelled = False
+        self.scheduled = scheduled  # a scheduler's job: its SIGTERM came from the scheduler (SCHEDULER_ENDS)
         self.terminated = False
         self.finished = False
         self.poller = Poller()
@@ -293,7 +295,11 @@ class _Watch:
                     self._reap(now)
                 if self.exit_status is not None and not self.task.pipes:
                     return
-                if self.cancelled:
+                if self.cancelled and self.scheduled:
+                    from .policy import SCHEDULER_ENDS
+
+                    self._apply(policy.cancel(now, "ended by its scheduler (SIGTERM)", SCHEDULER_ENDS))
+                elif self.cancelled:
                     self._apply(policy.cancel(now, "cancelled (rx cancel)"))
                 if self.terminated:
                     raise CoordinatorGone("the runner was told to stop (SIGTERM)")

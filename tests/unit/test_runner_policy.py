@@ -10,6 +10,7 @@ from remote_exec.runner.policy import (
     INT_GRACE,
     KILL_GRACE,
     MAX_WAIT,
+    SCHEDULER_ENDS,
     Finish,
     GiveUp,
     Heartbeat,
@@ -103,6 +104,21 @@ def test_rx_cancel_of_a_detached_run() -> None:
     assert rules.cancel(100.5, "cancelled (rx cancel)") == [Report("cancelled", "cancelled (rx cancel)"), INT]
     assert rules.cancel(100.6, "cancelled (rx cancel)") == []
     assert rules.step(10_000.0) == [TERM, KILL]
+
+
+def test_a_job_its_scheduler_ends_has_the_schedulers_sigterm_to_itself_for_a_grace() -> None:
+    """The scheduler signalled the task too: nothing more during the interrupt grace (signal 0), then SIGTERM
+    (for a scheduler that signals only the job's process group), then SIGKILL; no SIGINT at all."""
+    rules = Policy.for_call({"timeout": None}, 100.0, coordinator=False)
+    assert rules.cancel(100.5, "ended by its scheduler (SIGTERM)", SCHEDULER_ENDS) == [
+        Report("cancelled", "ended by its scheduler (SIGTERM)"), Signal(0)]
+    assert rules.step(100.5 + INT_GRACE - 0.1) == []
+    assert rules.step(100.5 + INT_GRACE) == [TERM]
+    assert rules.step(100.5 + INT_GRACE + KILL_GRACE) == [KILL]
+    ended = Policy.for_call({"timeout": None}, 100.0, coordinator=False)
+    ended.cancel(100.5, "ended by its scheduler (SIGTERM)", SCHEDULER_ENDS)
+    assert ended.on_exit(101.0) == [Sweep()]  # its own handler ended it: no signal from rx
+    assert ended.step(100.5 + INT_GRACE + KILL_GRACE) == [Finish()]
 
 
 def test_the_first_status_decided_stands() -> None:

@@ -95,6 +95,46 @@ def test_a_cancelled_job_reads_as_cancelled_whatever_its_task_did(queue: Configu
         cancel.cancel()
 
 
+def on_term(marker: str) -> str:
+    def handler(*_: object) -> None:
+        Path(marker).write_text("got TERM")
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, handler)
+    Path(marker + ".started").write_text("")
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:
+        Path(marker).write_text("got KeyboardInterrupt")
+        raise
+    return "woke"
+
+
+def test_a_job_its_scheduler_ends_gets_sigterm_and_no_interrupt(queue: Configuration, tmp_path: Path) -> None:
+    """A scheduler ending a job (scancel, a time limit) sends SIGTERM; the task's handler runs, not a
+    KeyboardInterrupt. This double signals only the job's process group, as Slurm's proctrack/pgid does, so
+    the task gets SIGTERM from its supervisor after the grace (Slurm's cgroup and linuxproc tracking signal
+    the task themselves: it then ends before the grace)."""
+    call = task(remote="cluster", config=queue)(on_term)
+    marker = tmp_path / "ended-by.txt"
+
+    def cancel_once_started() -> None:
+        until = time.monotonic() + 60
+        while time.monotonic() < until and not Path(f"{marker}.started").exists():
+            time.sleep(0.05)
+        QueueLauncher().cancel_jobs(None, [_job(queue)])  # type: ignore[arg-type]
+
+    cancel = threading.Thread(target=cancel_once_started, daemon=True)
+    cancel.start()
+    with pytest.raises(Cancelled, match="was cancelled"):
+        call(str(marker))
+    cancel.join(timeout=60)
+    until = time.monotonic() + 20  # (the scheduler says CANCELLED at once; the task ends within its graces)
+    while time.monotonic() < until and not marker.exists():
+        time.sleep(0.05)
+    assert marker.read_text() == "got TERM"
+
+
 def _job(config: Configuration) -> Any:
     from remote_exec.launchers.jobs import Job
 
