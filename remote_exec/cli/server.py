@@ -341,7 +341,7 @@ def serve(key: str, path: str, cli: Any) -> None:
     try:
         if server_key(environ) != key or threading.active_count() != 1:
             return  # changed meanwhile (or something started a thread: a fork would copy it half-done)
-        _listen_and_fork(path, persist, cli)
+        _listen_and_fork(path, persist, cli, lock)
     finally:
         try:
             os.unlink(f"{path}.lock")  # (a name no longer served leaves nothing behind)
@@ -349,7 +349,7 @@ def serve(key: str, path: str, cli: Any) -> None:
             pass
 
 
-def _listen_and_fork(path: str, persist: int, cli: Any) -> None:
+def _listen_and_fork(path: str, persist: int, cli: Any, lock: int) -> None:
     import _signal
     import _socket
     import gc
@@ -393,6 +393,7 @@ def _listen_and_fork(path: str, persist: int, cli: Any) -> None:
             pid = os.fork()
             if pid == 0:
                 listener.close()
+                os.close(lock)  # (a worker that kept it would hold the name after this server ended)
                 _work(conn, cli)  # never returns
             os.close(conn)
     finally:

@@ -156,6 +156,42 @@ def test_a_killed_client_stops_its_command(isolated: Any, served: Path) -> None:
     assert '"status": "cancelled"' in runs.stdout, runs.stdout
 
 
+def test_a_server_that_ended_while_its_command_runs_frees_its_name(isolated: Any, served: Path) -> None:
+    """The worker of a long command does not keep the server's lock: the server, once killed, is not listed
+    (nor signalled by ``stop``: its pid may be another process's by then), and a new one can take its name."""
+    write(isolated.root / "slow.py", """
+        import time
+        print("working", flush=True)
+        time.sleep(20)
+    """)
+    write(isolated.root / "quick.py", "print('ok')\n")
+    rx(isolated, "run", "quick.py")
+    pid = listening(served)
+    client = subprocess.Popen([sys.executable, "-m", "remote_exec", "run", "slow.py"], cwd=isolated.root,
+                              env=isolated.env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert client.stdout is not None and client.stdout.readline() == b"working\n"
+        os.kill(pid, signal.SIGKILL)  # (no chance to remove its lock file)
+        until = time.monotonic() + 10
+        while time.monotonic() < until and Path(f"/proc/{pid}").exists() and not _zombie(pid):
+            time.sleep(0.05)
+        assert server.servers(str(served)) == []
+        assert rx(isolated, "run", "quick.py").stdout == "ok\n"  # runs here, and leaves a new server
+        assert listening(served) != pid
+    finally:
+        client.kill()
+        client.wait(timeout=10)
+        if client.stdout is not None:
+            client.stdout.close()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
 def test_a_server_that_does_not_answer_is_given_up_and_the_command_runs_once(isolated: Any, served: Path) -> None:
     write(isolated.root / "job.py", "print('ran')\n")
     rx(isolated, "run", "job.py")
