@@ -21,6 +21,7 @@ import pytest
 from ptyrun import CTRL_C, run_in_pty
 
 from remote_exec.cli import server
+from remote_exec.workspace import procinfo
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes' parents in /proc")
 
@@ -173,7 +174,7 @@ def test_a_server_that_ended_while_its_command_runs_frees_its_name(isolated: Any
         assert client.stdout is not None and client.stdout.readline() == b"working\n"
         os.kill(pid, signal.SIGKILL)  # (no chance to remove its lock file)
         until = time.monotonic() + 10
-        while time.monotonic() < until and Path(f"/proc/{pid}").exists() and not _zombie(pid):
+        while time.monotonic() < until and procinfo.process_state(pid) not in (None, "Z"):
             time.sleep(0.05)
         assert server.servers(str(served)) == []
         assert rx(isolated, "run", "quick.py").stdout == "ok\n"  # runs here, and leaves a new server
@@ -183,13 +184,6 @@ def test_a_server_that_ended_while_its_command_runs_frees_its_name(isolated: Any
         client.wait(timeout=10)
         if client.stdout is not None:
             client.stdout.close()
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return False
 
 
 def test_a_server_that_does_not_answer_is_given_up_and_the_command_runs_once(isolated: Any, served: Path) -> None:
