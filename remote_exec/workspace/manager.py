@@ -40,7 +40,7 @@ collision of the whole id is refused by the exclusive ``mkdir`` and retried.
     error        one line, or null
     created, started, finished    ISO 8601 UTC strings or null
     duration     seconds from started (or created) to finished, or null
-    coordinator  {pid, hostname, started, start_ticks, boot_id}: the process that created the run
+    coordinator  {pid, hostname, started, start_ticks, boot_id[, client_pid]}: the process that created the run
     actions      [{name, host, status: started|finished|failed, started, finished, error}]
     tasks        {key: {name, host, status, started, finished, duration, error, execution_id, ...}}
     parent       the run id this run reran, or null
@@ -147,6 +147,12 @@ def register_pending_writer(flush: Callable[[], None]) -> None:
 
 # -- the coordinator: which process owns a run, and is it still there ------------------------------
 
+#: The pid of the process the user started, when this one runs its command for it: an rx server's worker
+#: (:mod:`remote_exec.cli.server`), whose client is the ``rx`` they see in ``ps`` and may signal (the signals
+#: it gets are passed on). Recorded beside this process's own pid, which the liveness checks use, and shown.
+client_pid: int | None = None
+
+
 @functools.lru_cache(maxsize=1)
 def _own_start() -> str:
     ticks = procinfo.start_ticks(os.getpid())
@@ -166,7 +172,14 @@ def coordinator_record() -> dict[str, Any]:
               "boot_id": procinfo.boot_id()}
     if ticks is None:
         record["process_start"] = procinfo.process_start(pid)
+    if client_pid is not None:
+        record["client_pid"] = client_pid
     return record
+
+
+def shown_pid(record: dict[str, Any]) -> object:
+    """The pid a user knows the process of a :func:`coordinator_record` by (its client's, see :data:`client_pid`)."""
+    return record.get("client_pid") or record.get("pid")
 
 
 def coordinator_alive(record: object) -> bool | None:
@@ -543,7 +556,7 @@ class Run:
             return  # claimed by a live process meanwhile
         state["status"] = "lost"
         state["error"] = state.get("error") or (
-            f"the coordinator (pid {coord.get('pid')} on {coord.get('hostname')}) ended without "
+            f"the coordinator (pid {shown_pid(coord)} on {coord.get('hostname')}) ended without "
             "recording how the run ended")
         for entry in (state.get("tasks") or {}).values():
             if entry.get("status") in ("pending", "waiting", "running"):
@@ -620,7 +633,7 @@ class Run:
             record = json.loads(holder.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             record = {}
-        who = (f"pid {record.get('pid')} on {record.get('hostname')} since {record.get('started')}"
+        who = (f"pid {shown_pid(record)} on {record.get('hostname')} since {record.get('started')}"
                if isinstance(record, dict) and record.get("pid") else "another rx process")
         return RunBusy(f"run {self.id} is already being {purpose}ed by {who}",
                        holder=record if isinstance(record, dict) else {},

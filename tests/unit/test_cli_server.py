@@ -5,6 +5,7 @@ own process: output, exit status, stdin, Ctrl-C, a killed client. Local runs onl
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import signal
@@ -155,6 +156,83 @@ def test_a_killed_client_stops_its_command(isolated: Any, served: Path) -> None:
     assert not Path(f"/proc/{task}").exists(), "the script of a killed rx went on running"
     runs = rx(isolated, "runs", "--json")
     assert '"status": "cancelled"' in runs.stdout, runs.stdout
+
+
+def test_a_run_through_the_server_names_the_users_process_in_messages(isolated: Any, served: Path) -> None:
+    """The worker is the run's coordinator (its pid is what liveness checks use), but the process the user
+    started, sees in ``ps`` and may signal is the client: messages about who holds a run name that one."""
+    from remote_exec.workspace.manager import Workspace, shown_pid
+
+    write(isolated.root / "slow.py", """
+        import time
+        print("started", flush=True)
+        time.sleep(60)
+    """)
+    write(isolated.root / "quick.py", "print('ok')\n")
+    rx(isolated, "run", "quick.py")
+    server_pid = listening(served)
+    client = subprocess.Popen([sys.executable, "-m", "remote_exec", "run", "slow.py"], cwd=isolated.root,
+                              env=isolated.env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert client.stdout is not None and client.stdout.readline() == "started\n"
+        run = Workspace(isolated.workspace).run("latest")
+        coordinator = run.info()["coordinator"]
+        holder = isolated.root / "holder.json"
+        holder.write_text(json.dumps(coordinator), encoding="utf-8")
+        busy = str(run._busy("attach", holder))
+    finally:
+        client.send_signal(signal.SIGINT)
+        client.wait(timeout=30)
+        assert client.stdout is not None
+        client.stdout.close()
+
+    assert coordinator["client_pid"] == client.pid
+    assert coordinator["pid"] not in (client.pid, server_pid)  # (the worker)
+    assert shown_pid(coordinator) == client.pid
+    assert f"already being attached by pid {client.pid} on " in busy, busy
+
+
+def test_a_command_in_other_limits_runs_under_them(isolated: Any, served: Path) -> None:
+    """``ulimit -f 1024; rx run ...``: the server was started with no such limit, so the command gets a server
+    of its own surroundings (here: none yet, so it runs in its own process), never the first one's."""
+    write(isolated.root / "job.py", "import os, resource\n" + ANCESTORS + """
+print(resource.getrlimit(resource.RLIMIT_FSIZE)[0], ancestors())
+""")
+    first = rx(isolated, "run", "job.py")
+    pid = listening(served)
+
+    def limited() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    done = subprocess.run([sys.executable, "-m", "remote_exec", "run", "job.py"], cwd=isolated.root,
+                          env=isolated.env(), capture_output=True, text=True, timeout=120, check=False,
+                          preexec_fn=limited)
+    limit, ancestors = done.stdout.split(" ", 1)
+    assert first.returncode == 0, first.stderr
+    assert (done.returncode, int(limit)) == (0, 1 << 20), done.stderr
+    assert pid not in ast.literal_eval(ancestors)
+
+
+def test_a_signal_the_client_ignores_is_ignored_by_its_worker(isolated: Any, served: Path) -> None:
+    """``nohup rx run ...``: the terminal's hangup must not end the command run in a worker for it."""
+    write(isolated.root / "job.py", """
+        import time
+        print("working", flush=True)
+        time.sleep(1.5)
+        print("done", flush=True)
+    """)
+    rx(isolated, "run", "job.py")
+    listening(served)
+    client = subprocess.Popen([sys.executable, "-m", "remote_exec", "run", "job.py"], cwd=isolated.root,
+                              env=isolated.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert client.stdout is not None and client.stdout.readline() == "working\n"
+    client.send_signal(signal.SIGHUP)
+    out, err = client.communicate(timeout=60)
+
+    assert (client.returncode, out) == (0, "done\n"), err
 
 
 def test_a_server_that_ended_while_its_command_runs_frees_its_name(isolated: Any, served: Path) -> None:
