@@ -7,7 +7,9 @@ file is written when the session ends (only when fault tests ran), for ``scripts
 
 from __future__ import annotations
 
+import os
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -93,15 +95,33 @@ def backend(request: pytest.FixtureRequest) -> str:
     return name
 
 
+def through_server(request: pytest.FixtureRequest, backend: str) -> bool:
+    """Whether this test's ``rx`` commands go through an rx server (:mod:`remote_exec.cli.server`, on by
+    default for users once a first command started one): ``RX_FAULTS_SERVER=on`` all, ``off`` none, else
+    (``mixed``) one backend of each test, picked by the test's name, so that every scenario runs both ways."""
+    mode = os.environ.get("RX_FAULTS_SERVER", "mixed").strip().lower()
+    if mode in ("on", "off"):
+        return mode == "on"
+    name = getattr(request.node, "originalname", None) or request.node.name
+    return (zlib.crc32(name.encode()) + BACKENDS.index(backend)) % 2 == 0
+
+
 @pytest.fixture
-def rig(testbed: Testbed, backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Rig:
-    """This test's project folder, workspace and cache, for ``backend``; also set in this process."""
-    made = Rig(testbed=testbed, backend=backend, root=tmp_path)
+def rig(testbed: Testbed, backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        request: pytest.FixtureRequest) -> Iterator[Rig]:
+    """This test's project folder, workspace and cache, for ``backend``; also set in this process. Its ``rx``
+    commands go through an rx server of its own when :func:`through_server` says so."""
+    made = Rig(testbed=testbed, backend=backend, root=tmp_path, server=through_server(request, backend))
     for name in ("RX_SSH_CONFIG", "RX_BACKEND", "RX_WORKSPACE", "RX_CACHE_DIR"):
         monkeypatch.setenv(name, made.env[name])
     monkeypatch.delenv("RX_DEBUG", raising=False)
     monkeypatch.chdir(made.project)
-    return made
+    try:
+        if made.server:
+            made.start_server()
+        yield made
+    finally:
+        made.close()
 
 
 @pytest.fixture
@@ -110,6 +130,8 @@ def trial(request: pytest.FixtureRequest, backend: str) -> TrialFactory:
     recorder = request.config.stash[_RECORDER]
 
     def make(scenario: str, *, variant: str = "", bound: float | None = None) -> AbstractContextManager[Trial]:
+        if "rig" in request.fixturenames and through_server(request, backend):
+            variant = f"{variant}, through the rx server" if variant else "through the rx server"
         return recorder.trial(scenario, backend, request.node.nodeid, variant=variant, bound=bound)
 
     return make

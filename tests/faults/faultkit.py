@@ -21,8 +21,10 @@ import platform
 import random
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -335,6 +337,7 @@ class Rig:
     testbed: Testbed
     backend: str
     root: Path
+    server: bool = False
     project: Path = field(init=False)
     workspace: Path = field(init=False)
     cache: Path = field(init=False)
@@ -357,7 +360,53 @@ class Rig:
             RX_SSH_PERSIST="0",  # each rx its own OpenSSH master, as the scenarios assume (no test shares one)
         )
         env.pop("COLUMNS", None)
+        self.runtime: Path | None = None
+        if self.server:
+            # rx's commands through an rx server of this rig's own (remote_exec.cli.server), as a user's go once
+            # one command has started it: its socket in a runtime directory of its own, ended with the rig.
+            self.runtime = Path(tempfile.mkdtemp(prefix="rxf-", dir="/tmp"))
+            env.update(RX_SERVER="600", XDG_RUNTIME_DIR=str(self.runtime))
+        else:
+            env["RX_SERVER"] = "0"
         self.env = env
+
+    def start_server(self, timeout: float = 30.0) -> None:
+        """Start the rig's rx server (a first command, ``rx --version``, leaves it) and wait until it listens."""
+        from remote_exec.cli.server import servers
+
+        assert self.runtime is not None
+        done = self.rx("--version", timeout=timeout)
+        assert done.returncode == 0, done.stderr
+        until = time.monotonic() + timeout
+        while not any(os.path.exists(socket) for _, socket in servers(str(self.runtime / "rx-ssh"))):
+            assert time.monotonic() < until, f"no rx server listened within {timeout:g} s"
+            time.sleep(0.02)
+
+    def workers(self) -> list[int]:
+        """The pids of the workers of the rig's rx server (its children): the processes running its commands."""
+        from remote_exec.cli.server import servers
+
+        assert self.runtime is not None
+        parents = {pid for pid, _ in servers(str(self.runtime / "rx-ssh"))}
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as stat:
+                        parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                if parent in parents:
+                    found.append(int(entry))
+        return found
+
+    def close(self) -> None:
+        """End the rig's rx server (commands it is running go on) and remove its runtime directory."""
+        if self.runtime is not None:
+            from remote_exec.cli.server import stop_all
+
+            stop_all(str(self.runtime / "rx-ssh"))
+            shutil.rmtree(self.runtime, ignore_errors=True)
 
     def write(self, name: str, text: str) -> Path:
         """Write a file into the project folder and return its path."""

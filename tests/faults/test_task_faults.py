@@ -3,6 +3,7 @@ runs past its timeout, gets interrupted, loses its coordinator, or shares a work
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -15,6 +16,7 @@ from faultkit import (
     TrialFactory,
     audit_remote,
     cli_error_lines,
+    error_summary,
     finish,
     has_traceback,
     json_tail,
@@ -141,17 +143,22 @@ def test_interrupt_exits_130_and_cancels_the_remote_task(rig: Rig, testbed_host:
         assert done.returncode == 130, done.stderr
 
 
-def _coordinator_trial(rig: Rig, delay: float, index: int) -> tuple[Ran, list[str]]:
-    """Start rx run of SHORT, SIGKILL it after ``delay`` s; return it and the runs it created."""
+def _coordinator_trial(rig: Rig, delay: float, index: int) -> tuple[Ran, list[str], bool]:
+    """Start rx run of SHORT, SIGKILL its coordinator after ``delay`` s: the rx process, or through an rx
+    server the worker running its command (a client killed is not a coordinator killed: its worker stops
+    the run, see tests/unit/test_cli_server.py); return it, the runs it created and whether a worker was
+    killed."""
     before = set(rig.run_ids())
     argv = rig.rx_argv("run", "--remote", HOST, "short.py", f"trial{index}")
     spawned = time.monotonic()
     process = rig.spawn(argv)
     time.sleep(delay)
-    process.send_signal(signal.SIGKILL)
+    workers = rig.workers() if rig.server else []
+    for pid in workers or [process.pid]:
+        os.kill(pid, signal.SIGKILL)
     done = finish(process, argv, spawned, timeout=10)
     new = sorted(set(rig.run_ids()) - before)
-    return done, new
+    return done, new, bool(workers)
 
 
 @pytest.mark.slow
@@ -167,13 +174,20 @@ def test_coordinator_killed_leaves_nothing_running_and_a_lost_run_to_rerun(
         baseline = remote_baseline(testbed_host)
         with trial("coordinator_killed", variant=f"kill after {delay:.2f} s (seed {seed})",
                    bound=5.0) as t:
-            done, new = _coordinator_trial(rig, delay, index)
+            done, new, worker = _coordinator_trial(rig, delay, index)
             left = audit_remote(testbed_host, baseline)
             t.audit(left)
             t.timed(left.seconds, hang=done.timed_out)
-            t.note(runs_created=len(new), delay=delay)
+            t.note(runs_created=len(new), delay=delay, worker_killed=worker)
             t.outcome = "killed before the run was recorded" if not new else "run recorded, coordinator killed"
-            assert done.returncode == -signal.SIGKILL
+            if worker:  # the client says so in one line, and exits 3
+                t.outcome += f"; exit {done.returncode}: {error_summary(done.stderr)}"
+                assert done.returncode == 3, done.stderr
+                assert cli_error_lines(done.stderr)[-1:] == [
+                    "rx: error: the rx server's worker ended without a status; RX_SERVER=0 runs rx without a "
+                    "server"], done.stderr
+            else:
+                assert done.returncode == -signal.SIGKILL
             assert left.clean, left.describe()
             assert len(new) <= 1, new
             killed += [(run_id, delay) for run_id in new]
