@@ -196,6 +196,7 @@ def render(data: dict[str, Any]) -> str:
     tests = data["tests"]
     counts = Counter(entry["outcome"] for entry in tests.values())
     trials = data["trials"]
+    served = sum("through the rx server" in trial.get("variant", "") for trial in trials)
     lines = [
         "# Reliability",
         "",
@@ -218,7 +219,8 @@ def render(data: dict[str, Any]) -> str:
         + (" with uncommitted changes in remote_exec/" if data.get("library_dirty") else "")
         + f"; seed {data.get('seed')}.",
         f"- {len(tests)} tests: " + ", ".join(f"{count} {name}" for name, count in sorted(counts.items()))
-        + f"; {len(trials)} trials.",
+        + f"; {len(trials)} trials, {served} of them with their `rx` commands through an rx server "
+        "(`RX_FAULTS_SERVER`: by default one backend of each test; the variant says so).",
         "",
         "## Acceptance figures",
         "",

@@ -128,7 +128,8 @@ SCENARIOS: dict[str, dict[str, str]] = {
     "coordinator_killed": {
         "class": "coordinator killed",
         "title": "Coordinator killed",
-        "fault": "rx run of a 3 s script SIGKILLed after a random 0.1-2.5 s",
+        "fault": "rx run of a 3 s script SIGKILLed after a random 0.1-2.5 s (through an rx server: the worker "
+                 "running it, the client then exits 3 with one line)",
         "expect": "no remote process of the task within 5 s; the run listed as lost; rx rerun --failed "
                   "completes it",
     },
