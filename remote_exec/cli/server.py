@@ -36,7 +36,9 @@ process with all of that imported, the *server*, for the next ``rx``:
 * **Never in the way.** A server that does not answer within :data:`_TAKE_TIMEOUT` is given up: the worker,
   if one comes later, sees its client gone and runs nothing, and the command runs in the client's process.
   The client hands its streams over only once the worker has answered, so none is left open in the socket
-  of a server that does not take them (a ``| less`` would wait for their end).
+  of a server that does not take them (a ``| less`` would wait for their end). A background job of a
+  terminal (``rx run job.py &``, stdin the terminal) runs in its own process: a worker is in no job of that
+  terminal, so a script reading it would take the keys typed to the shell instead of being stopped.
   Shell completion (which looks at the parent process) never goes through the server.
 
 POSIX only (Unix sockets passing descriptors: Linux and macOS). This module is imported by every ``rx``
@@ -186,6 +188,8 @@ def delegate(argv: list[str]) -> None:
     try:
         for fd in (0, 1, 2):  # (one closed: the socket would take its number, and be handed over as it)
             os.fstat(fd)
+        if os.isatty(0) and os.tcgetpgrp(0) != os.getpgrp():
+            return  # a background job of a terminal: only in its own process does reading it stop the job
         environ = dict(os.environ)
         key = server_key(environ)
         path = _socket_path(key)

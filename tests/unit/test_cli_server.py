@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -68,6 +69,18 @@ def listening(folder: Path, timeout: float = 30) -> int:
             return up[0]
         time.sleep(0.05)
     raise AssertionError(f"no rx server listened in {folder} within {timeout} s")
+
+
+def through_a_server(isolated: Any, served: Path, script: str) -> tuple[int, subprocess.Popen[str]]:
+    """Leave a server (a first command), then start ``rx run slow.py`` of ``script`` through it, its stdout a
+    pipe: (the server's pid, the client)."""
+    write(isolated.root / "slow.py", script)
+    write(isolated.root / "quick.py", "print('ok')\n")
+    rx(isolated, "run", "quick.py")
+    pid = listening(served)
+    client = subprocess.Popen([sys.executable, "-m", "remote_exec", "run", "slow.py"], cwd=isolated.root,
+                              env=isolated.env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return pid, client
 
 
 def test_the_next_command_runs_in_the_server_as_it_would_in_its_own_process(isolated: Any, served: Path) -> None:
@@ -133,17 +146,30 @@ except KeyboardInterrupt:
     assert "Traceback" not in done.output.split("caught the interrupt", 1)[1], done.output
 
 
+def test_a_background_job_of_a_terminal_runs_in_its_own_process(isolated: Any, served: Path) -> None:
+    """``rx run job.py &`` at a prompt: reading the terminal must stop the job (SIGTTIN) as it would in its
+    own process; a worker is in no job of that terminal, and would read the keys typed to the shell."""
+    write(isolated.root / "job.py", "import os\n" + ANCESTORS + "print('ancestors', ancestors(), flush=True)\n")
+    rx(isolated, "run", "job.py")
+    pid = listening(served)
+    command = f"{shlex.quote(sys.executable)} -m remote_exec run job.py"
+
+    background = run_in_pty(["bash", "--norc", "--noprofile", "-c", f"set -m; {command} & wait $!"],
+                            cwd=isolated.root, env=isolated.env())
+    foreground = run_in_pty(["bash", "--norc", "--noprofile", "-c", command], cwd=isolated.root,
+                            env=isolated.env())
+
+    assert background.returncode == 0 and "ancestors" in background.output, background.output
+    assert str(pid) not in background.output.split("ancestors", 1)[1].splitlines()[0], background.output
+    assert str(pid) in foreground.output.split("ancestors", 1)[1].splitlines()[0], foreground.output
+
+
 def test_a_killed_client_stops_its_command(isolated: Any, served: Path) -> None:
-    write(isolated.root / "slow.py", """
+    _, client = through_a_server(isolated, served, """
         import os, time
         print(os.getpid(), flush=True)
         time.sleep(60)
     """)
-    write(isolated.root / "quick.py", "print('ok')\n")
-    rx(isolated, "run", "quick.py")
-    listening(served)
-    client = subprocess.Popen([sys.executable, "-m", "remote_exec", "run", "slow.py"], cwd=isolated.root,
-                              env=isolated.env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert client.stdout is not None
     task = int(client.stdout.readline())
     client.kill()  # SIGKILL: no chance to forward anything
@@ -163,16 +189,11 @@ def test_a_run_through_the_server_names_the_users_process_in_messages(isolated: 
     started, sees in ``ps`` and may signal is the client: messages about who holds a run name that one."""
     from remote_exec.workspace.manager import Workspace, shown_pid
 
-    write(isolated.root / "slow.py", """
+    server_pid, client = through_a_server(isolated, served, """
         import time
         print("started", flush=True)
         time.sleep(60)
     """)
-    write(isolated.root / "quick.py", "print('ok')\n")
-    rx(isolated, "run", "quick.py")
-    server_pid = listening(served)
-    client = subprocess.Popen([sys.executable, "-m", "remote_exec", "run", "slow.py"], cwd=isolated.root,
-                              env=isolated.env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert client.stdout is not None and client.stdout.readline() == "started\n"
         run = Workspace(isolated.workspace).run("latest")
@@ -238,18 +259,13 @@ def test_a_signal_the_client_ignores_is_ignored_by_its_worker(isolated: Any, ser
 def test_a_server_that_ended_while_its_command_runs_frees_its_name(isolated: Any, served: Path) -> None:
     """The worker of a long command does not keep the server's lock: the server, once killed, is not listed
     (nor signalled by ``stop``: its pid may be another process's by then), and a new one can take its name."""
-    write(isolated.root / "slow.py", """
+    pid, client = through_a_server(isolated, served, """
         import time
         print("working", flush=True)
         time.sleep(20)
     """)
-    write(isolated.root / "quick.py", "print('ok')\n")
-    rx(isolated, "run", "quick.py")
-    pid = listening(served)
-    client = subprocess.Popen([sys.executable, "-m", "remote_exec", "run", "slow.py"], cwd=isolated.root,
-                              env=isolated.env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
-        assert client.stdout is not None and client.stdout.readline() == b"working\n"
+        assert client.stdout is not None and client.stdout.readline() == "working\n"
         os.kill(pid, signal.SIGKILL)  # (no chance to remove its lock file)
         until = time.monotonic() + 10
         while time.monotonic() < until and procinfo.process_state(pid) not in (None, "Z"):
