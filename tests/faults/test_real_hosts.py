@@ -416,6 +416,7 @@ def test_result_tree_long_names(rig: Rig, testbed_host: TestbedHost, trial: Tria
     _many_trial(rig, testbed_host, trial, 4000, 240, detach=False, bound=30.0)
 
 
+@pytest.mark.slow  # (~45 s a backend: in the lane beside the rest, which is far shorter)
 @pytest.mark.timeout(240)
 def test_result_tree_twenty_thousand_files(rig: Rig, testbed_host: TestbedHost, trial: TrialFactory) -> None:
     _many_trial(rig, testbed_host, trial, 20000, 8, detach=False, bound=60.0)
