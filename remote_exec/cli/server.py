@@ -193,6 +193,7 @@ def delegate(argv: list[str]) -> None:
         environ = dict(os.environ)
         key = server_key(environ)
         path = _socket_path(key)
+        ignored = _ignored()
     except Exception:  # a package folder that cannot be listed, no private directory: no server
         return
     if path is None:
@@ -203,7 +204,7 @@ def delegate(argv: list[str]) -> None:
     try:
         client.settimeout(_TAKE_TIMEOUT)
         client.connect(path)
-        _send_request(client, argv, environ)
+        _send_request(client, argv, environ, ignored)
         pid = _read_pid(client)
     except OSError:  # no server (none yet, or its idle time is over), or it did not answer in time
         client.close()
@@ -213,14 +214,14 @@ def delegate(argv: list[str]) -> None:
         sys.stderr.write("rx: error: interrupted\n")
         os._exit(130)
     client.settimeout(None)
-    _wait_for_worker(client, pid)
+    _wait_for_worker(client, pid, ignored)
 
 
-def _send_request(client: Any, argv: list[str], environ: dict[str, str]) -> None:
+def _send_request(client: Any, argv: list[str], environ: dict[str, str], ignored: list[int]) -> None:
     umask = os.umask(0o022)
     os.umask(umask)
     payload = marshal.dumps((_VERSION, sys.argv[0], list(argv), os.getcwd(), environ, umask, os.getpid(),
-                             _ignored()))
+                             ignored))
     client.sendall(len(payload).to_bytes(4, "big") + payload)
 
 
@@ -261,9 +262,9 @@ def _read_exactly(conn: Any, size: int) -> bytes:
     return data
 
 
-def _wait_for_worker(client: Any, pid: int) -> NoReturn:
-    """Let the worker ``pid`` run the command (:func:`_go`), forward signals to it until it reports its
-    status, end the process with that status."""
+def _wait_for_worker(client: Any, pid: int, ignored: list[int]) -> NoReturn:
+    """Let the worker ``pid`` run the command (:func:`_go`), forward signals to it (but the ``ignored``
+    ones, see :func:`_ignored`) until it reports its status, end the process with that status."""
     import _signal
 
     last: list[int] = []
@@ -288,7 +289,6 @@ def _wait_for_worker(client: Any, pid: int) -> NoReturn:
         except OSError:
             pass
 
-    ignored = _ignored()
     for name in _FORWARDED:
         number = getattr(_signal, name, None)
         if number is not None and number not in ignored:

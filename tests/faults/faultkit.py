@@ -386,19 +386,15 @@ class Rig:
     def workers(self) -> list[int]:
         """The pids of the workers of the rig's rx server (its children): the processes running its commands."""
         from remote_exec.cli.server import servers
+        from remote_exec.runner.contain import _children, _scan_all
 
         assert self.runtime is not None
-        parents = {pid for pid, _ in servers(str(self.runtime / "rx-ssh"))}
-        found = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as stat:
-                        parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-                except (OSError, ValueError, IndexError):
-                    continue
-                if parent in parents:
-                    found.append(int(entry))
+        found: list[int] = []
+        for parent, _ in servers(str(self.runtime / "rx-ssh")):
+            children = _children(parent)
+            if children is None:  # no /proc/PID/task/*/children: every process's parent
+                children = [pid for pid, (ppid, _, _) in _scan_all().items() if ppid == parent]
+            found += children
         return found
 
     def close(self) -> None:
