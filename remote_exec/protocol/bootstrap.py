@@ -13,11 +13,15 @@ but its code bundle, which checks its own size and may be removed and written ag
 use: a file a scratch cleaner deleted or a crash truncated makes the bootstrap install the archive again
 instead of failing on an import.
 
-A warm per-call runner does not wait for that answer: where this coordinator process saw a runner of the
-same archive answer at once (no replaced login shell), the call (its ``G``, ``S`` and ``s`` frames, never
-secrets) goes right behind the command, after the line :data:`AHEAD`, and the token ends in ``.e``: the
-bootstrap reads that line after its ``HAVE``, and answers ``NEED`` and ends when the archive is missing
-(the coordinator then starts it the usual way). That is one round trip less per call.
+A per-call runner does not wait for that answer: where this coordinator process (or an earlier one: see
+:mod:`.places`) saw a runner of the same archive answer at once (no replaced login shell), the call (its
+``G``, ``S`` and ``s`` frames, never secrets) goes right behind the command, after the line :data:`AHEAD`,
+and the token ends in ``.e``: the bootstrap reads that line after its ``HAVE``, and answers ``NEED`` and
+ends when the archive is missing (the coordinator then starts it the usual way). That is one round trip
+less per call. Where that archive was never seen (and it is small), it goes right behind the command
+unasked, as its 8-byte length and bytes after :data:`AHEAD`, the call's frames (if any) behind it, and the
+token ends in ``.a`` (``.ae`` with the call): a bootstrap that has the archive skips those bytes, one that
+lacks it answers ``NEED`` and installs it from stdin without waiting, then ``OK``.
 
 Before it imports anything, the bootstrap moves the real stdout to a private file descriptor and points
 fd 1 at stderr: what a ``sitecustomize``, ``usercustomize`` or ``.pth`` hook prints later (or flushes at
@@ -38,8 +42,10 @@ from ..backends.base import Backend, Process
 from ..errors import RemoteExecError, RunnerError
 from ..launchers.base import Launcher
 from ..packing import DistributionArchive
+from . import places
 from .channel import Channel, drain_stderr
 from .options import CallOptions, PhaseCallback
+from .places import Place
 
 __all__ = ["BOOTSTRAP", "MIN_PYTHON", "NOISE_LIMIT", "Handshake", "find_handshake", "new_token",
            "runner_argv", "start_runner"]
@@ -135,8 +141,10 @@ s(b'OK')
 # The bootstrap, run as `python3 -c BOOTSTRAP <token> <sha256> <cache-dir> <mode> [args]`. It must stay
 # small, standard-library only, and work on every Python from 2.7 upward far enough to report a version
 # that is too old. o: the protocol's fd (stdout moved away); s(): one answer; k(): the installed archive
-# matches its .rx-sizes (paths as bytes: one stat per file and little else). A token ending in ".e": the
-# call came right behind the command (after the line AHEAD, read here), so stdin holds no archive: NEED
+# matches its .rx-sizes (paths as bytes: one stat per file and little else). A token ending in ".e", ".a" or
+# ".ae": what came right behind the command, after the line AHEAD (read here, by w()): "a" the archive (its
+# length and bytes: skipped when the archive is in place, else installed by _INSTALL, which answers NEED
+# without waiting for it), "e" the call. A call ahead of a missing archive that did not come with it: NEED
 # ends the bootstrap (the coordinator starts it again the usual way). Otherwise NEED runs _INSTALL. Then the
 # archive's code bundle for this interpreter, when there is one, installs its finder (remote_exec.runner.bundle).
 BOOTSTRAP = r"""
@@ -162,16 +170,27 @@ if os.path.isdir(p) and not k():
     try:os.rename(p,d)
     except OSError:pass
     import shutil;shutil.rmtree(d,ignore_errors=True)
-e=sys.argv[1][-2:]=='.e'
+f=sys.argv[1].rpartition('.')[2] if '.' in sys.argv[1] else '';e='e' in f;A='a' in f
+def r(n):
+    z=b''
+    while len(z)<n:
+        b=os.read(0,n-len(z))
+        if not b:break
+        z+=b
+    return z
+def w():
+    if r(8)!=b'exit 97\n':raise SystemExit('rx bootstrap: what was sent ahead is missing')
 if os.path.isdir(p):
     s(b'HAVE')
-    if e:
-        z=b''
-        while len(z)<8:
-            b=os.read(0,8-len(z))
-            if not b:break
-            z+=b
-        if z!=b'exit 97\n':raise SystemExit('rx bootstrap: the call sent ahead is missing')
+    if e or A:w()
+    if A:
+        n=int.from_bytes(r(8),'big')
+        while n>0:
+            b=os.read(0,min(n,1<<20))
+            if not b:raise SystemExit('rx bootstrap: the archive sent ahead is cut short')
+            n-=len(b)
+elif A:
+    w();exec(INSTALL)
 elif e:
     s(b'NEED'+j);sys.exit(0)
 else:
@@ -372,16 +391,17 @@ class _Prefetch:
     """The archive's bytes, read and checked on a thread of their own when the bootstrap's answer is slow to
     come (a new connection: its answer may well be ``NEED``, and reading and hashing the archive then would
     add a millisecond to the call). An answer within :data:`PREFETCH_AFTER` (a connection that is up) costs
-    nothing: the archive is read only if it is asked for."""
+    nothing: the archive is read only if it is asked for. An archive that goes ahead unasked is read at once
+    (``after`` 0)."""
 
-    def __init__(self, archive: DistributionArchive) -> None:
+    def __init__(self, archive: DistributionArchive, after: float = PREFETCH_AFTER) -> None:
         self.archive = archive
         self.data: bytes | None = None
         self.error: BaseException | None = None
         self.lock = threading.Lock()
         self.started = False
         self.done = threading.Event()
-        self.timer = threading.Timer(PREFETCH_AFTER, self._read)
+        self.timer = threading.Timer(after, self._read)
         self.timer.daemon = True
         self.timer.start()
 
@@ -417,6 +437,19 @@ def _upload(backend: Backend, process: Process, token: str, rest: bytes, data: b
     ``OK``."""
     try:
         process.write_stdin(b"".join((len(data).to_bytes(8, "big"), data, call)))
+    except BaseException:
+        process.kill()
+        raise
+    return _installed(backend, process, token, rest)
+
+
+def _installed(backend: Backend, process: Process, token: str, rest: bytes) -> bytes:
+    """Wait for the bootstrap's ``OK`` to the archive it was sent; return the bytes read past it.
+
+    Raises:
+        RunnerError: Installing it failed (what the bootstrap said on stderr).
+    """
+    try:
         answer = read_handshake(process, (token,), rest)
     except BaseException:
         process.kill()
@@ -431,24 +464,26 @@ def _upload(backend: Backend, process: Process, token: str, rest: bytes, data: b
 
 
 def _launch(launcher: Launcher, backend: Backend, archive: DistributionArchive, options: CallOptions,
-            mode: str, extra: Sequence[str],
-            call: Callable[[], bytes] | None = None) -> tuple[Process, Handshake, bool]:
+            mode: str, extra: Sequence[str], call: Callable[[], bytes] | None = None,
+            ahead: _Prefetch | None = None) -> tuple[Process, Handshake, bool, bool]:
     """Start the bootstrap and read its first answer (resumed through a replaced login shell if need be);
-    also whether ``call`` (frames written right behind the command, see :func:`start_runner`) went.
+    also whether ``call`` (frames written right behind the command, see :func:`start_runner`) went, and
+    whether the archive (``ahead``: its bytes) went right behind the command.
 
     Raises:
         RemoteExecError: It did not start (see :func:`_refusal`).
     """
     resume_after: float | None = RESUME_AFTER
     while True:
-        token = new_token() + (".e" if call is not None else "")
+        flags = ("a" if ahead is not None else "") + ("e" if call is not None else "")
+        token = new_token() + (f".{flags}" if flags else "")
         argv = runner_argv(options, archive.sha256, mode, *extra, token=token)
         process = launcher.start(backend, argv)
-        if call is not None:
-            answer = _eager(process, argv, token, call)
+        if flags:
+            answer = _eager(process, argv, token, call, ahead)
             if answer is not None:
-                return process, answer, True
-            call = None  # the archive is not there (or the start was slow): again the usual way
+                return process, answer, call is not None, ahead is not None
+            call = ahead = None  # the archive is not there, or the login shell is not plain: the usual way
             continue
         start = _Start(process, argv, token, resume_after)
         answer, stale = start.first_answer(options.handshake_timeout)
@@ -462,38 +497,42 @@ def _launch(launcher: Launcher, backend: Backend, archive: DistributionArchive, 
         if answer.token != token:
             logger.info("%s: the login shell replaced itself (an exec in ~/.bashrc?); rx's command went to the "
                         "new shell on stdin", backend.host)
-        return process, answer, False
+        return process, answer, False, False
 
 
-def _eager(process: Process, argv: Sequence[str], token: str, call: Callable[[], bytes]) -> Handshake | None:
-    """Write :data:`AHEAD` and ``call`` right behind the command and read the answer: ``HAVE`` (the runner
-    reads its call
-    from stdin: no round trip waited for the answer), else None and the process is dropped (the archive is
-    missing or damaged, or no answer came within :data:`RESUME_AFTER`: nothing is resumed through a stdin
-    that holds frames)."""
+def _eager(process: Process, argv: Sequence[str], token: str, call: Callable[[], bytes] | None,
+           ahead: _Prefetch | None) -> Handshake | None:
+    """Write :data:`AHEAD`, the archive (``ahead``) and the call's frames (``call``) right behind the
+    command and read the answer: ``HAVE`` (the runner reads its call from stdin: no round trip waited for
+    the answer), ``NEED`` when the archive went along (the bootstrap installs it from stdin), else None and
+    the process is dropped (a call ahead of a missing or damaged archive, or no answer within
+    :data:`RESUME_AFTER`: nothing is resumed through a stdin that holds frames)."""
     try:
-        frames = call()  # made now: the caller's last preparations overlapped the command's start
+        data = ahead.result() if ahead is not None else b""
+        frames = call() if call is not None else b""  # made now: the caller's last preparations overlapped
     except BaseException:
         process.kill()
         raise
+    archive = len(data).to_bytes(8, "big") + data if ahead is not None else b""
     try:
-        process.write_stdin(AHEAD + frames)
+        process.write_stdin(b"".join((AHEAD, archive, frames)))
     except RemoteExecError:  # it ended already: the usual start says why
         process.kill()
         return None
     answer, _ = _Start(process, argv, token, None).first_answer(RESUME_AFTER)
-    if answer.word == "HAVE":
+    if answer.word == "HAVE" or (ahead is not None and answer.word in ("NEED", "NEED damaged")):
         return answer
     if answer.word == "NEED damaged":
         logger.warning("rx's copy of its archive was damaged (a file missing or cut short); sending it again")
-    logger.debug("the runner answered %r to a call sent ahead; starting it again", answer.word)
+    logger.debug("the runner answered %r to what was sent ahead; starting it again", answer.word)
     process.kill()
     return None
 
 
 def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArchive, options: CallOptions,
                  mode: str, phase: PhaseCallback, extra: Sequence[str] = (), *,
-                 call: Callable[[], bytes] | None = None, eager: bool = False) -> Channel:
+                 call: Callable[[], bytes] | None = None, eager: bool = False,
+                 place: Place | None = None) -> Channel:
     """Start the runner through ``launcher``; send the archive only if the host lacks it (or its copy was
     damaged).
 
@@ -505,6 +544,12 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
     does). The channel's ``call_sent`` says whether they went. Its ``prompt`` says whether the bootstrap
     answered the command itself (no replaced login shell) with the archive in place.
 
+    ``place``: what rx saw installed where the runner starts (see :mod:`.places`; None: looked up here
+    unless ``eager``), told how this start went. A small archive never seen there goes right behind the command without
+    waiting to be asked, and ``call``'s frames behind it; a bootstrap that has it skips it, one that lacks
+    it installs it. If that start does not answer at once (a login shell that replaced itself ends at
+    :data:`AHEAD`), it is started again the usual way.
+
     Raises:
         ConnectError, AuthError, HostKeyError: The host could not be reached (as the backend classifies
             how the command ended).
@@ -512,9 +557,14 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
             the bootstrap from running, or installing the archive failed.
     """
     phase("connect", "started")
-    prefetch = None if eager else _Prefetch(archive)
+    if place is None and not eager:  # (eager: this process saw the archive there, and noted it then)
+        place = places.place(backend, options.python, options.workdir)
+    archive_ahead = place is not None and place.send_ahead(archive.sha256, archive.size)
+    prefetch = None if eager and not archive_ahead else _Prefetch(archive, 0.0 if archive_ahead else PREFETCH_AFTER)
+    ahead_call = call if eager or archive_ahead else None
     try:
-        process, answer, sent = _launch(launcher, backend, archive, options, mode, extra, call if eager else None)
+        process, answer, sent, shipped = _launch(launcher, backend, archive, options, mode, extra, ahead_call,
+                                                 prefetch if archive_ahead else None)
     except BaseException:
         if prefetch is not None:
             prefetch.cancel()
@@ -530,19 +580,24 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
         channel = Channel(backend, process, answer.rest, uploaded=False)
         channel.call_sent = sent
         channel.prompt = not answer.token.endswith("r")
+        if place is not None:
+            place.note(archive.sha256, prompt=channel.prompt)
         return channel
     if answer.word == "NEED damaged":
         logger.warning("%s: rx's copy of its archive was damaged (a file missing or cut short); sending it again",
                        backend.host)
     phase("upload", "started")
     try:
-        try:
-            data = prefetch.result() if prefetch is not None else archive.read()
-            frames = call() if call is not None else b""
-        except BaseException:
-            process.kill()
-            raise
-        rest = _upload(backend, process, answer.token, answer.rest, data, frames)
+        if shipped:  # it went right behind the command: the bootstrap installs it now
+            rest = _installed(backend, process, answer.token, answer.rest)
+        else:
+            try:
+                data = prefetch.result() if prefetch is not None else archive.read()
+                frames = call() if call is not None else b""
+            except BaseException:
+                process.kill()
+                raise
+            rest = _upload(backend, process, answer.token, answer.rest, data, frames)
     except BaseException:
         phase("upload", "failed")
         raise
@@ -550,4 +605,6 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
     channel = Channel(backend, process, rest, uploaded=True)
     channel.call_sent = call is not None
     channel.prompt = not answer.token.endswith("r")
+    if place is not None:
+        place.note(archive.sha256, prompt=channel.prompt)
     return channel

@@ -32,7 +32,7 @@ from ..errors import (
 from ..launchers.base import Launcher
 from ..packing import DistributionArchive
 from ..session import Result, Session, wire_pickles
-from . import wire
+from . import places, wire
 from .bootstrap import start_runner
 from .channel import Channel, Flag, reap
 from .collect import RESULT_FRAMES, Received, collect
@@ -642,7 +642,8 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
     primed = (backend.serial, options.python, options.workdir, archive.sha256)
     # (not a worker's, nor a runner's started ahead)
     early = stdin is None and not options.secret_env and len(session_bytes) <= wire.MAX_FRAME
-    ready = early and primed in workers.primed
+    place = places.place(backend, options.python, options.workdir) if early and primed not in workers.primed else None
+    ready = early and (place is None or place.has(archive.sha256))  # (seen by this process, or by an earlier rx)
     if warm or ahead is not None or not ready:
         project = scanned(project)  # a call that overlaps no runner's start with the scan: done now
     if ahead is not None and (warm or not ahead.fits(backend, archive, options, launcher)):
@@ -683,7 +684,7 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
             return _small_call(_call_options(session, options, key, land_file, extra), session_bytes)
 
     channel = start_runner(launcher, backend, archive, options, "serve", phase,
-                           ("pickle",) if wire_pickles(session_bytes) else (), call=frames, eager=ready)
+                           ("pickle",) if wire_pickles(session_bytes) else (), call=frames, eager=ready, place=place)
     if channel.prompt:
         workers.primed.add(primed)
     return call(channel, uploaded=channel.uploaded, keep=False, sent=key if channel.call_sent else None)

@@ -1,15 +1,22 @@
 """A per-call runner's call sent right behind its command (no round trip waits for the bootstrap's answer),
-where this process saw a runner of the same archive answer at once: the call runs as before, and a host that
-lost the archive, a call with secrets and a first start still go the usual way."""
+where this process (or an earlier rx, see remote_exec.protocol.places) saw a runner of the same archive answer
+at once: the call runs as before, and a host that lost the archive and a call with secrets go the usual way.
+Where the archive was never seen, it goes right behind the command too, unasked, and the call behind it."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 from remote_exec.backends.base import Process
 from remote_exec.backends.local import LocalBackend
 from remote_exec.task import Task
+
+
+def _flags(token: str) -> str:
+    """What went right behind the command (the token's suffix): "a" the archive, "e" the call."""
+    return token.rpartition(".")[2] if "." in token else ""
 
 
 class _Recording(LocalBackend):
@@ -31,7 +38,7 @@ def test_the_second_call_goes_ahead_and_runs_as_before(dispatcher: Any) -> None:
     third = dispatcher.run("print('script ahead')\n", backend=backend)
     assert (first.result.value, second.result.value) == (3, 7)
     assert third.text() == "script ahead\n" and third.result.exit_code == 0
-    assert [token.endswith(".e") for token in backend.tokens] == [False, True, True]
+    assert [_flags(token) for token in backend.tokens] == ["ae", "e", "e"]
 
 
 class _Writes(_Recording):
@@ -54,19 +61,22 @@ class _Writes(_Recording):
 
 
 def test_a_first_call_goes_right_behind_the_archive(dispatcher: Any) -> None:
-    """The bootstrap asked for the archive: the call's frames follow it in the same write, not after its OK
-    (one round trip less on a host's first call)."""
+    """The archive was never seen there: it goes right behind the command, unasked, and the call's frames
+    behind it, in one write (two round trips less on a host's first call)."""
+    from remote_exec.protocol.bootstrap import AHEAD
+
     backend = _Writes()
     first = dispatcher.run(Task.from_function(lambda a, b: a + b), (1, 2), backend=backend)
     assert first.result.value == 3 and first.outcome.uploaded
-    archive = 8 + dispatcher.archive.size
+    archive = len(AHEAD) + 8 + dispatcher.archive.size
     assert backend.writes[0] > archive  # the archive and the call's frames at once
     assert sum(backend.writes) - backend.writes[0] < 64  # then only the answer to the result (A)
-    secret = _Writes()  # a call with secrets waits for the OK, as it waits for HAVE
+    assert [_flags(token) for token in backend.tokens] == ["ae"]
+    secret = _Writes()  # a call with secrets waits for the answer; the archive does not
     call = dispatcher.run("import os\nprint(os.environ['RX_TOKEN'])\n", backend=secret,
                           secret_env={"RX_TOKEN": "s3cr3t"}, workdir=dispatcher.workdir.with_name("fresh"))
     assert call.text() == "s3cr3t\n" and call.outcome.uploaded
-    assert secret.writes[0] == 8 + dispatcher.archive.size
+    assert secret.writes[0] == archive and [_flags(token) for token in secret.tokens] == ["a"]
 
 
 def test_a_host_that_lost_the_archive_gets_it_again(dispatcher: Any) -> None:
@@ -79,7 +89,7 @@ def test_a_host_that_lost_the_archive_gets_it_again(dispatcher: Any) -> None:
     installed.rename(installed.with_name("lost"))
     again = dispatcher.run("print('once')\n", backend=backend)
     assert again.text() == "once\n" and again.outcome.uploaded
-    assert [token.endswith(".e") for token in backend.tokens] == [False, True, False]
+    assert [_flags(token) for token in backend.tokens] == ["ae", "e", ""]
 
 
 def test_secrets_never_go_ahead_of_the_answer(dispatcher: Any) -> None:
@@ -88,7 +98,7 @@ def test_secrets_never_go_ahead_of_the_answer(dispatcher: Any) -> None:
     call = dispatcher.run("import os\nprint(os.environ['RX_TOKEN'])\n", backend=backend,
                           secret_env={"RX_TOKEN": "s3cr3t"})
     assert call.text() == "s3cr3t\n"
-    assert [token.endswith(".e") for token in backend.tokens] == [False, False]
+    assert [_flags(token) for token in backend.tokens] == ["ae", ""]
 
 
 class _ShellReplacedOnce(LocalBackend):
@@ -166,15 +176,122 @@ def test_a_new_backend_is_not_taken_for_one_that_was_primed(dispatcher: Any, mon
     """Whether a runner answered at once is a fact of one backend. A backend made after another was
     dropped may get the same id() (CPython reuses the memory) and must not inherit it: the fault suite's
     tampering backends did, now and then, and saw calls go ahead that should not have. The reuse is made
-    certain here: every object has the same id() in the dispatcher's module."""
+    certain here: every object has the same id() in the dispatcher's module. (The new backend is of
+    another kind, so that rx's record of the place, kept across processes, does not hold it either.)"""
     import remote_exec.protocol.call as call_module
+
+    class _Another(_Recording):
+        pass
 
     monkeypatch.setattr(call_module, "id", lambda obj: 1, raising=False)
     primed = _Recording()
     dispatcher.run(Task.from_function(lambda a, b: a + b), (1, 2), backend=primed)
     dispatcher.run(Task.from_function(lambda a, b: a + b), (1, 2), backend=primed)
-    backend = _Recording()
+    backend = _Another()
     again = dispatcher.run(Task.from_function(lambda a, b: a + b), (3, 4), backend=backend)
     assert again.result.value == 7
-    assert [token.endswith(".e") for token in primed.tokens] == [False, True]
-    assert [token.endswith(".e") for token in backend.tokens] == [False]
+    assert [_flags(token) for token in primed.tokens] == ["ae", "e"]
+    assert [_flags(token) for token in backend.tokens] == ["ae"]  # as to a place never seen: the archive too
+    assert not again.outcome.uploaded  # (which it had: skipped)
+
+
+def test_a_new_process_sends_its_first_call_ahead_where_an_earlier_rx_saw_the_archive(dispatcher: Any) -> None:
+    """What rx saw installed where outlives the process: a new process's first call (a new pool of
+    workers, new backends) goes right behind the command, as the old process's second call did."""
+    from remote_exec.protocol.workers import WorkerPool
+
+    dispatcher.run(Task.from_function(lambda a, b: a + b), (1, 2), backend=_Recording())
+    dispatcher.workers.close()
+    dispatcher.workers = WorkerPool()  # as in a new process
+    backend = _Recording()
+    call = dispatcher.run(Task.from_function(lambda a, b: a * b), (3, 4), backend=backend)
+    assert call.result.value == 12 and not call.outcome.uploaded
+    assert [_flags(token) for token in backend.tokens] == ["e"]
+
+
+def test_an_archive_sent_ahead_to_a_host_that_has_it_is_skipped(dispatcher: Any) -> None:
+    """rx's record is gone (another machine installed the archive there, or rx's cache was cleared): the
+    archive goes ahead and the bootstrap skips it; nothing is installed again."""
+    import shutil
+
+    from remote_exec.protocol.places import _folder
+
+    dispatcher.run(Task.from_function(lambda a, b: a + b), (1, 2), backend=_Recording())
+    installed = dispatcher.workdir / "archives" / dispatcher.archive.sha256
+    stamp = (installed / ".rx-sizes").stat().st_mtime_ns
+    shutil.rmtree(_folder())
+    dispatcher.workers.close()
+    from remote_exec.protocol.workers import WorkerPool
+
+    dispatcher.workers = WorkerPool()
+    backend = _Recording()
+    call = dispatcher.run("print('skipped')\n", backend=backend)
+    assert call.text() == "skipped\n" and not call.outcome.uploaded
+    assert [_flags(token) for token in backend.tokens] == ["ae"]
+    assert (installed / ".rx-sizes").stat().st_mtime_ns == stamp
+
+
+def test_an_archive_sent_ahead_replaces_a_damaged_copy(dispatcher: Any) -> None:
+    backend = _Recording()
+    dispatcher.run(Task.from_function(lambda a, b: a + b), (1, 2), backend=backend, workdir=str(dispatcher.workdir))
+    installed = dispatcher.workdir / "archives" / dispatcher.archive.sha256
+    victim = next(path for path in sorted(installed.rglob("*.py")) if path.stat().st_size > 100)
+    victim.write_bytes(victim.read_bytes()[:50])  # cut short, as a crash or a full disk leaves it
+    from remote_exec.protocol.places import _folder
+
+    for record in os.listdir(_folder()):
+        os.unlink(os.path.join(_folder(), record))
+    fresh = _Recording()
+    dispatcher.workers.close()
+    from remote_exec.protocol.workers import WorkerPool
+
+    dispatcher.workers = WorkerPool()
+    call = dispatcher.run(Task.from_function(lambda a, b: a - b), (5, 3), backend=fresh)
+    assert call.result.value == 2 and call.outcome.uploaded
+    assert [_flags(token) for token in fresh.tokens] == ["ae"]
+    assert victim.stat().st_size > 50
+
+
+class _ShellAlways(LocalBackend):
+    """Every command lands in a shell reading its stdin (a login shell that replaced itself): rx's command
+    reaches the runner only as the line it writes to that stdin after RESUME_AFTER."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens: list[str] = []
+
+    def start(self, argv: Sequence[str], **kwargs: Any) -> Process:
+        self.tokens.append(argv[3])
+        return super().start(["bash"], **kwargs)
+
+
+def test_nothing_goes_ahead_where_the_login_shell_replaced_itself(dispatcher: Any, monkeypatch: Any,
+                                                                   tmp_path: Any) -> None:
+    """The archive sent ahead lands in a shell: it stops at the line before it and runs none of it; the
+    start is made again the usual way (resumed through stdin), and rx notes the place: its next start, in
+    this process or another, sends nothing ahead."""
+    import remote_exec.protocol.bootstrap as bootstrap
+
+    monkeypatch.setattr(bootstrap, "RESUME_AFTER", 0.3)
+    backend = _ShellAlways()
+    first = dispatcher.run(Task.from_function(lambda a, b: a + b), (1, 2), backend=backend)
+    assert first.result.value == 3
+    assert [_flags(token) for token in backend.tokens] == ["ae", ""]
+    from remote_exec.protocol.workers import WorkerPool
+
+    dispatcher.workers.close()
+    dispatcher.workers = WorkerPool()
+    again = _ShellAlways()
+    second = dispatcher.run(Task.from_function(lambda a, b: a + b), (3, 4), backend=again)
+    assert second.result.value == 7
+    assert [_flags(token) for token in again.tokens] == [""]
+
+
+def test_a_large_archive_waits_to_be_asked_for(dispatcher: Any, monkeypatch: Any) -> None:
+    import remote_exec.protocol.places as places
+
+    monkeypatch.setattr(places, "AHEAD_LIMIT", dispatcher.archive.size - 1)
+    backend = _Recording()
+    call = dispatcher.run(Task.from_function(lambda a, b: a + b), (1, 2), backend=backend)
+    assert call.result.value == 3 and call.outcome.uploaded
+    assert [_flags(token) for token in backend.tokens] == [""]
