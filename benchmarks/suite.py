@@ -247,6 +247,8 @@ class Settings:
         out: Where RESULTS.md goes.
         only: ``sync``: only the project-sync rows (and the trivial ``rx run`` they are compared with);
             ``pool``: only the fan-out rows; ``envs``: only the environment rows (issue 14).
+        rtt: Milliseconds of round trip added to every connection to the hosts (:mod:`testbed.delay`);
+            0: none (the hosts are on this machine).
     """
 
     reps: int
@@ -257,6 +259,7 @@ class Settings:
     hosts: int
     out: Path
     only: str | None = None
+    rtt: float = 0.0
 
 
 @dataclass
@@ -906,10 +909,14 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
     state_dir = run_dir / "testbed"
     control_dir = Path(tempfile.mkdtemp(prefix="rxb-", dir="/tmp"))
     bench: Bench | None = None
+    relays: list[subprocess.Popen[str]] = []
     try:
         print(f"benchmarks: starting {settings.hosts} testbed host(s) in {state_dir}", file=sys.stderr)
         bed = testbed.up(settings.hosts, state_dir=state_dir)
         hosts = [host.alias for host in bed.hosts]
+        ssh_config = bed.ssh_config
+        if settings.rtt:
+            ssh_config = _slow_link(bed, settings.rtt, run_dir, relays)
         # rx as it is now, copied: edits to the tree while the run goes on do not mix versions into it.
         source = run_dir / "src"
         shutil.copytree(REPO / "remote_exec", source / "remote_exec", ignore=shutil.ignore_patterns("__pycache__"))
@@ -921,11 +928,11 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
                                                    os.environ.get("PYTHONPATH"), *_site_packages()]))
         rx_python, rx_command = _rx_env(run_dir)
         # XDG_RUNTIME_DIR: the run's own shared ssh masters (the "first" rows each get a fresh one)
-        env = dict(os.environ, PYTHONPATH=pythonpath, RX_SSH_CONFIG=str(bed.ssh_config),
+        env = dict(os.environ, PYTHONPATH=pythonpath, RX_SSH_CONFIG=str(ssh_config),
                    RX_CACHE_DIR=str(run_dir / "cache"), RX_WORKSPACE=str(run_dir / "workspaces" / "default"),
                    XDG_RUNTIME_DIR=str(control_dir), RX_SERVER=str(300))  # (rx as shipped, whatever this shell says)
         env.pop("RX_BACKEND", None)
-        bench = Bench(settings=settings, run_dir=run_dir, state_dir=state_dir, ssh_config=bed.ssh_config, hosts=hosts,
+        bench = Bench(settings=settings, run_dir=run_dir, state_dir=state_dir, ssh_config=ssh_config, hosts=hosts,
                       control_dir=control_dir, blob=run_dir / "blob-100mb", env=env, rx_command=rx_command,
                       rx_python=rx_python)
         (run_dir / "logs").mkdir()
@@ -968,6 +975,10 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
             _close_masters(bench)
         _end_shared_masters(control_dir)
         shutil.rmtree(control_dir, ignore_errors=True)
+        for relay in relays:
+            relay.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                relay.wait(10)
         with contextlib.suppress(Exception):
             testbed.down(state_dir=state_dir)
         logs = run_dir / "logs"
@@ -976,6 +987,28 @@ def _testbed(settings: Settings) -> Iterator[Bench]:
             shutil.rmtree(kept, ignore_errors=True)
             shutil.copytree(logs, kept)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _slow_link(bed: Any, rtt: float, run_dir: Path, relays: list[subprocess.Popen[str]]) -> Path:
+    """An ssh_config reaching ``bed``'s hosts through :mod:`testbed.delay` relays adding ``rtt`` ms of round
+    trip (each host's key looked up under its own address, as without the relay); the relays go into
+    ``relays`` (the caller ends them)."""
+    text = bed.ssh_config.read_text(encoding="utf-8")
+    for host in bed.hosts:
+        relay = subprocess.Popen([sys.executable, "-m", "testbed.delay", "--rtt", f"{rtt:g}", "--to",
+                                  f"{host.hostname}:{host.port}"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        relays.append(relay)
+        assert relay.stdout is not None
+        line = relay.stdout.readline().split()
+        relay.stdout.close()  # (it says nothing more)
+        if line[:1] != ["listening"]:
+            raise SystemExit(f"benchmarks: the delay relay for {host.alias} did not start")
+        text = text.replace(f"    HostName {host.hostname}\n    Port {host.port}\n",
+                            f"    HostName 127.0.0.1\n    Port {line[1]}\n"
+                            f"    HostKeyAlias [{host.hostname}]:{host.port}\n", 1)
+    path = run_dir / "ssh_config-rtt"
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 def _open_masters(bench: Bench) -> None:
@@ -1175,6 +1208,8 @@ def render(bench: Bench, *, duration: float, load: tuple[tuple[float, ...], tupl
            f"- Load average (1, 5, 15 min) at start: {', '.join(f'{v:.2f}' for v in load[0])}; at end: "
            f"{', '.join(f'{v:.2f}' for v in load[1])}",
            f"- Testbed: {settings.hosts} Docker sshd hosts on 127.0.0.1 (benchmarks/.work, removed after the run)"
+           + (f"; every connection through a relay adding {settings.rtt:g} ms of round trip (testbed.delay: "
+              "latency only, no bandwidth limit), as over a slow link" if settings.rtt else "")
            + (f"; lost and brought back at {', '.join(bench.recoveries)} (Docker restarted under the run; the "
               "repetitions that failed then are listed at the end)" if bench.recoveries else "")]
     out += [f"- {name}: {value}" for name, value in bench.info.items()]
@@ -1212,11 +1247,18 @@ def main(argv: list[str] | None = None) -> int:
                              "by rx and by hand (uv, pip) over ssh, offline; tree = a script's 5,000 small files "
                              "brought back by ssh + tar and by `rx run`")
     parser.add_argument("--no-slurm", action="store_true", help="leave out the Slurm rows (their Docker cluster)")
+    parser.add_argument("--rtt", type=float, default=0.0, metavar="MS",
+                        help="add MS milliseconds of round trip to every connection to the hosts (a relay, "
+                             "testbed.delay): the rows as over a slow link (default 0)")
     args = parser.parse_args(argv)
+    if args.rtt < 0:
+        parser.error("--rtt must be 0 or more")
     logging.basicConfig(level=logging.WARNING, format="benchmarks: %(message)s")
     quick = bool(args.quick)
     only = args.only
     default_out = WORK / f"RESULTS-{only}.md" if only else WORK / "RESULTS-quick.md" if quick else HERE / "RESULTS.md"
+    if args.rtt:
+        default_out = default_out.with_name(f"{default_out.stem}-rtt{args.rtt:g}.md")
     settings = Settings(
         reps=args.reps or (2 if quick else 5 if only else 20),
         quick=quick,
@@ -1227,6 +1269,7 @@ def main(argv: list[str] | None = None) -> int:
         hosts=1 if only in ("sync", "envs", "tree") else 2 if only == "speed" else 4,
         out=args.out or default_out,
         only=only,
+        rtt=args.rtt,
     )
     if settings.reps < 1:
         parser.error("--reps must be at least 1")

@@ -151,3 +151,61 @@ def test_rx_runs_from_a_venv_of_its_own_without_start_up_hooks(tmp_path: Path) -
     loaded = {line.rsplit("|", 1)[-1].strip() for line in started.stderr.splitlines()}
     assert "site" in loaded
     assert not any(name.startswith("__editable__") or name in ("certifi", "_distutils_hack") for name in loaded), loaded
+
+
+def test_the_delay_relay_adds_its_round_trip_and_keeps_every_byte_in_order() -> None:
+    """``--rtt``'s relay (testbed.delay): an echo through it takes at least the round trip, and a large
+    transfer arrives whole and in order, its end (EOF) passed on."""
+    import asyncio
+    import time
+
+    from testbed.delay import relay
+
+    async def scenario() -> tuple[float, bytes]:
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(await reader.read())  # all of it, up to the client's EOF
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        relaying = asyncio.ensure_future(relay(0, "127.0.0.1", port, 0.1, ready))
+        reader, writer = await asyncio.open_connection("127.0.0.1", await ready)
+        data = os.urandom(3 << 20)
+        started = time.monotonic()
+        writer.write(data)
+        writer.write_eof()
+        back = await asyncio.wait_for(reader.read(), 30)
+        seconds = time.monotonic() - started
+        writer.close()
+        relaying.cancel()
+        server.close()
+        assert back == data
+        return seconds, back
+
+    seconds, _ = asyncio.run(scenario())
+    assert seconds >= 0.1
+
+
+def test_a_slow_link_config_reaches_each_host_through_its_relay(tmp_path: Path) -> None:
+    """The bench's ``--rtt`` ssh_config: each host's port becomes its relay's, its key looked up under the
+    address it has without the relay."""
+    from types import SimpleNamespace
+
+    from benchmarks.suite import _slow_link
+
+    config = tmp_path / "ssh_config"
+    config.write_text("Host rx-testbed-1\n    HostName 127.0.0.1\n    Port 32768\n    User rx\n", encoding="utf-8")
+    bed = SimpleNamespace(ssh_config=config, hosts=[SimpleNamespace(alias="rx-testbed-1", hostname="127.0.0.1",
+                                                                    port=32768)])
+    relays: list[subprocess.Popen[str]] = []
+    try:
+        path = _slow_link(bed, 20, tmp_path, relays)
+        text = path.read_text(encoding="utf-8")
+    finally:
+        for process in relays:
+            process.terminate()
+            process.wait(10)
+    assert len(relays) == 1 and "Port 32768" not in text
+    assert "    HostKeyAlias [127.0.0.1]:32768\n" in text and "    User rx\n" in text
