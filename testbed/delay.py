@@ -7,6 +7,10 @@ latency a real link adds to each round trip, which is what a protocol's count of
 kernel's traffic shaping (``tc netem``) does the same where the kernel has it; this machine's does not.
 
 Used by ``python -m benchmarks --rtt MS`` to measure the first-call rows over a slow link.
+
+``--stdio``: relay this process's stdin and stdout to ``--to`` instead of listening (one connection, as
+``nc HOST PORT`` would): what an ssh_config ``ProxyCommand`` runs (``ProxyCommand python3 -m testbed.delay
+--stdio --rtt 0 --to %h:%p``). It ends when either side ends.
 """
 
 from __future__ import annotations
@@ -77,15 +81,66 @@ async def relay(listen_port: int, host: str, port: int, rtt: float, ready: async
         await server.serve_forever()
 
 
+def stdio(host: str, port: int, rtt: float) -> None:
+    """Relay stdin and stdout to ``host``:``port`` (``rtt`` / 2 seconds of delay each way) until either ends."""
+    import os
+    import queue
+    import socket
+    import threading
+
+    sock = socket.create_connection((host, port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    done = threading.Event()
+
+    def pipe(read: object, write: object, finish: object) -> None:
+        chunks: queue.Queue[tuple[float, bytes]] = queue.Queue()
+
+        def send() -> None:
+            while True:
+                due, data = chunks.get()
+                time.sleep(max(0.0, due - time.monotonic()))
+                if not data:
+                    break
+                write(data)  # type: ignore[operator]
+            finish()  # type: ignore[operator]
+            done.set()
+
+        threading.Thread(target=send, daemon=True).start()
+        while True:
+            try:
+                data = read()  # type: ignore[operator]
+            except OSError:
+                data = b""
+            chunks.put((time.monotonic() + rtt / 2, data))
+            if not data:
+                return
+
+    def write_out(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(1, view):]
+
+    threading.Thread(target=pipe, args=(lambda: sock.recv(CHUNK), write_out, lambda: os.close(1)),
+                     daemon=True).start()
+    threading.Thread(target=pipe, args=(lambda: os.read(0, CHUNK), sock.sendall,
+                                        lambda: sock.shutdown(socket.SHUT_WR)), daemon=True).start()
+    done.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testbed.delay", description=__doc__.splitlines()[0])
     parser.add_argument("--rtt", type=float, required=True, metavar="MS", help="round trip to add, in milliseconds")
     parser.add_argument("--to", required=True, metavar="HOST:PORT", help="where to relay connections")
     parser.add_argument("--port", type=int, default=0, help="port to listen on, on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--stdio", action="store_true", help="relay stdin and stdout instead of listening (a "
+                                                              "ProxyCommand)")
     args = parser.parse_args(argv)
     host, _, port = args.to.rpartition(":")
     if not host or not port.isdigit() or args.rtt < 0:
         parser.error("--to HOST:PORT and --rtt >= 0 are needed")
+    if args.stdio:
+        stdio(host.strip("[]"), int(port), args.rtt / 1000)
+        return 0
 
     async def serve() -> None:
         ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()

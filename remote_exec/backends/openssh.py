@@ -1103,6 +1103,13 @@ class OpenSSHBackend(Backend):
             locked = locked_identity(self._resolved.identity_files)
             if locked is not None:
                 error.hint = locked_identity_hint(locked)
+        proxy = self._resolved.proxy_command if self._resolved is not None else None
+        if isinstance(error, ConnectError) and proxy and error.hint is None:
+            # (ssh sends a ProxyCommand's stderr to /dev/null when the connection is to persist)
+            config = self._resolved.config_file if self._resolved is not None else None
+            named = f"-F {shlex.quote(str(config))} " if config and config != default_config_path() else ""
+            error.hint = (f"the connection goes through its ProxyCommand ({proxy}), whose messages ssh hides from "
+                          f"a shared connection: `ssh {named}{shlex.quote(self.host)} true` shows them")
         return error
 
     def _known_hosts_file(self) -> str | None:

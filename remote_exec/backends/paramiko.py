@@ -3,7 +3,8 @@
 :class:`ParamikoBackend` opens one :class:`paramiko.Transport` on first use and runs every later command
 and file copy over it, as OpenSSH's ControlMaster does for the ``openssh`` backend. The socket is our own
 (``TCP_NODELAY`` on: without it each small command pays a Nagle/delayed-ACK stall), ``ProxyJump`` hops are
-``direct-tcpip`` channels of the jump host's own transport, and a watchdog closes a link whose server stops
+``direct-tcpip`` channels of the jump host's own transport, a ``ProxyCommand`` runs as ssh runs it (by the
+user's shell; :class:`CommandSocket`), and a watchdog closes a link whose server stops
 answering keepalive probes, so reads end instead of hanging on a dead peer.
 
 Host keys are checked against known_hosts right after the key exchange and before any authentication,
@@ -29,13 +30,14 @@ import os
 import re
 import socket
 import stat
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import ClassVar, Literal
+from typing import IO, ClassVar, Literal
 
 from .ssh import import_paramiko
 
@@ -543,7 +545,7 @@ class _Link:
     """
 
     def __init__(self, transport: paramiko.Transport, resolved: ResolvedHost, via: _Link | None,
-                 spec: HostSpec, sock: socket.socket | None) -> None:
+                 spec: HostSpec, sock: socket.socket | CommandSocket | None) -> None:
         self.transport = transport
         self.resolved = resolved
         self.via = via
@@ -605,11 +607,17 @@ def _open_link(spec: HostSpec, resolved: ResolvedHost, host: str, nodelay: bool,
         raise ConfigError(f"ProxyJump chain to {resolved.alias} is longer than {MAX_JUMP_DEPTH} hops "
                           "(a loop in ssh_config?)")
     via: _Link | None = None
-    sock: socket.socket | None = None
+    sock: socket.socket | CommandSocket | None = None
     try:
         if resolved.proxy_jump:
             via, channel = _tunnel(spec, resolved, parse_jump(resolved.proxy_jump), host, nodelay, depth)
             transport = _start_transport(channel, spec, resolved, host)
+        elif resolved.proxy_command:
+            sock = CommandSocket.start(resolved.proxy_command, host)
+            try:
+                transport = _start_transport(sock, spec, resolved, host)
+            except ConnectError as exc:
+                raise sock.failure(exc) from exc
         else:
             sock = _dial(resolved, host, nodelay, spec.connect_timeout)
             transport = _start_transport(sock, spec, resolved, host)
@@ -620,8 +628,119 @@ def _open_link(spec: HostSpec, resolved: ResolvedHost, host: str, nodelay: bool,
             via.close()
         raise
     logger.info("%s: connected to %s@%s%s", host, resolved.user, resolved.address,
-                f" via {via.resolved.address}" if via else "")
+                f" via {via.resolved.address}" if via else " through its ProxyCommand" if resolved.proxy_command
+                else "")
     return _Link(transport, resolved, via, spec, sock)
+
+
+class CommandSocket:
+    """The pipes of a ``ProxyCommand`` as the socket a :class:`paramiko.Transport` reads and writes.
+
+    The command runs as OpenSSH runs it: ``exec``-ed by the user's shell (``$SHELL -c``, else ``/bin/sh``), in
+    a session of its own; what it says on stderr is kept (an anonymous file) for the error when the
+    connection fails. Unlike :class:`paramiko.ProxyCommand`, the end of its output is the end of the
+    connection (that one spins on it until its timeout), and closing it ends the command and reaps it.
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes], command: str, host: str, stderr: IO[bytes]) -> None:
+        self.process = process
+        self.command = command
+        self.host = host
+        self.stderr = stderr
+        self.timeout: float | None = None
+        self._said: str | None = None  # what it said, once closed
+
+    @classmethod
+    def start(cls, command: str, host: str) -> CommandSocket:
+        """Start ``command`` (tokens expanded) for ``host``.
+
+        Raises:
+            ConnectError: It could not be started.
+        """
+        import tempfile
+
+        shell = os.environ.get("SHELL") or "/bin/sh"
+        stderr = tempfile.TemporaryFile()  # noqa: SIM115 - the command's stderr until close()
+        logger.debug("%s: connecting through its ProxyCommand: %s", host, command)
+        try:
+            process = subprocess.Popen([shell, "-c", f"exec {command}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=stderr, bufsize=0, start_new_session=True)
+        except OSError as exc:
+            stderr.close()
+            raise ConnectError(host, f"cannot run its ProxyCommand with {shell}: {exc.strerror or exc}") from exc
+        return cls(process, command, host, stderr)
+
+    def send(self, data: bytes) -> int:
+        assert self.process.stdin is not None
+        try:
+            return os.write(self.process.stdin.fileno(), data)
+        except OSError as exc:
+            raise ConnectionResetError(errno.EPIPE, f"the ProxyCommand stopped reading: {exc.strerror}") from exc
+
+    def recv(self, size: int) -> bytes:
+        """Up to ``size`` bytes; b"" at the end of the command's output. Raises TimeoutError past the
+        timeout (paramiko's reader loops on that)."""
+        import select
+
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        if not select.select([fd], [], [], self.timeout)[0]:
+            raise TimeoutError()
+        return os.read(fd, size)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.timeout = timeout
+
+    def said(self) -> str:
+        """The end of what the command wrote to stderr, on one line."""
+        if self._said is not None:
+            return self._said
+        try:
+            self.stderr.seek(0)
+            text = self.stderr.read()[-2000:].decode("utf-8", "replace")
+        except (OSError, ValueError):
+            return ""
+        return " / ".join(line.strip() for line in text.splitlines() if line.strip())[-300:]
+
+    def failure(self, exc: ConnectError) -> ConnectError:
+        """``exc`` (the connection through the command failed), saying how the command ended and what it said."""
+        code = self.process.poll()
+        if code is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = self.process.wait(0.2)
+        said = self.said()
+        if code is None and not said:
+            return exc
+        ended = f"its ProxyCommand exited with status {code}" if code is not None else "its ProxyCommand failed"
+        return ConnectError(self.host, f"{ended} before the SSH handshake" + (f": {said}" if said else ""),
+                            hint=f"the command: {self.command}; run it by hand to see why")
+
+    def close(self) -> None:
+        """End the command (SIGTERM, then SIGKILL after a second) and reap it."""
+        self._said = self.said()
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        if self.process.poll() is None:
+            with contextlib.suppress(OSError):
+                self.process.terminate()
+            try:
+                self.process.wait(1)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(OSError):
+                    self.process.kill()
+                self.process.wait(5)
+        with contextlib.suppress(OSError):
+            self.stderr.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.process.returncode is not None
+
+    @property
+    def _closed(self) -> bool:  # (paramiko's Packetizer asks a socket this)
+        return self.closed
 
 
 def _dial(resolved: ResolvedHost, host: str, nodelay: bool, timeout: float) -> socket.socket:
@@ -669,7 +788,7 @@ def _tunnel(spec: HostSpec, resolved: ResolvedHost, hops: Sequence[HostSpec], ho
     return via, channel
 
 
-def _start_transport(sock: socket.socket | paramiko.Channel, spec: HostSpec, resolved: ResolvedHost,
+def _start_transport(sock: socket.socket | paramiko.Channel | CommandSocket, spec: HostSpec, resolved: ResolvedHost,
                      host: str) -> paramiko.Transport:
     """SSH over ``sock``: key exchange (recorded key types asked for first), the host key checked before
     anything else, authentication, keepalives. The transport is closed again if any step fails."""
@@ -677,7 +796,8 @@ def _start_transport(sock: socket.socket | paramiko.Channel, spec: HostSpec, res
     with map_paramiko_errors(host, address, "connect to", timeout):
         known = KnownHosts.load(resolved.known_hosts_files)
         recorded = [entry.key for entry in known.lookup(resolved.known_hosts_name)]
-        transport = paramiko.Transport(sock, default_window_size=WINDOW_SIZE,
+        transport = paramiko.Transport(sock,  # type: ignore[arg-type]  # (a CommandSocket: socket-like)
+                                       default_window_size=WINDOW_SIZE,
                                        default_max_packet_size=MAX_PACKET_SIZE)
     try:
         with map_paramiko_errors(host, address, "connect to", timeout):
@@ -891,7 +1011,7 @@ class ParamikoBackend(Backend):
         """Note the address of a direct connection for the next run of this line (see
         :attr:`prestart_memo`)."""
         memo, self.prestart_memo = self.prestart_memo, None
-        if memo is None or link.via is not None:
+        if memo is None or link.via is not None or link.resolved.proxy_command:
             return
         from .. import prestart
         from .ssh import default_config_path

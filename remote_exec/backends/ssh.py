@@ -31,6 +31,7 @@ import types
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
 from .base import HostSpec
@@ -91,6 +92,8 @@ class ResolvedHost:
             tokens for ssh to expand).
         identities_only: ``IdentitiesOnly yes``: offer only these files, not every key in the agent.
         proxy_jump: ``ProxyJump`` hops (``[user@]host[:port]``, comma separated), or None.
+        proxy_command: ``ProxyCommand``, its ``%`` tokens expanded (parsed here; ``ssh -G`` leaves them to
+            ssh), or None. Of it and ``proxy_jump`` at most one is set: the first in the file, as OpenSSH.
         known_hosts_files: ``UserKnownHostsFile`` files; the first one is where new keys are recorded.
         host_key_alias: ``HostKeyAlias``: the name to look the host key up under instead of ``hostname``.
         config_file: The ssh_config file given (``ssh -G``) or read (parsed here), or None.
@@ -105,6 +108,7 @@ class ResolvedHost:
     identity_files: tuple[Path, ...] = ()
     identities_only: bool = False
     proxy_jump: str | None = None
+    proxy_command: str | None = None
     known_hosts_files: tuple[Path, ...] = ()
     host_key_alias: str | None = None
     config_file: Path | None = None
@@ -133,6 +137,7 @@ class ResolvedHost:
             identity_files=tuple(Path(os.path.expanduser(name)) for name in options.get("identityfile", ())),
             identities_only=options.get("identitiesonly", ("no",))[0].lower() == "yes",
             proxy_jump=_none_is_unset(options.get("proxyjump", ("none",))[0]),
+            proxy_command=_none_is_unset(options.get("proxycommand", ("none",))[0]),
             known_hosts_files=tuple(Path(os.path.expanduser(name)) for line in files for name in line.split()),
             host_key_alias=_none_is_unset(options.get("hostkeyalias", ("none",))[0]),
             config_file=config_file,
@@ -229,6 +234,7 @@ def resolve(spec: HostSpec) -> ResolvedHost:
     hostname = str(options.get("hostname") or spec.host)
     user = spec.user or str(options.get("user") or "") or getpass.getuser()
     port = spec.port if spec.port is not None else _port(options.get("port"), config_file)
+    proxy_jump, proxy_command = _proxy(spec, options, hostname=hostname, port=port, user=user)
     return ResolvedHost(
         alias=spec.host,
         hostname=hostname,
@@ -236,11 +242,37 @@ def resolve(spec: HostSpec) -> ResolvedHost:
         user=user,
         identity_files=_identity_files(spec, options),
         identities_only=str(options.get("identitiesonly", "no")).lower() == "yes",
-        proxy_jump=_none_is_unset(str(options.get("proxyjump") or "")),
+        proxy_jump=proxy_jump,
+        proxy_command=proxy_command,
         known_hosts_files=_known_hosts_files(spec, options, hostname=hostname, port=port, user=user),
         host_key_alias=str(options["hostkeyalias"]) if options.get("hostkeyalias") else None,
         config_file=config_file,
     )
+
+
+def _proxy(spec: HostSpec, options: Mapping[str, object], *, hostname: str, port: int,
+           user: str) -> tuple[str | None, str | None]:
+    """``ProxyJump`` and ``ProxyCommand``: whichever the file sets first (OpenSSH takes that one and ignores
+    the other), the command's ``%`` tokens expanded with the values in effect (the HostSpec's too).
+
+    Raises:
+        ConfigError: ``ProxyUseFdpass yes`` (a command that hands over a descriptor: only ssh takes that).
+    """
+    first = next((key for key in options if key in ("proxyjump", "proxycommand")), None)
+    if first == "proxyjump":
+        return _none_is_unset(str(options.get("proxyjump") or "")), None
+    command = _none_is_unset(str(options.get("proxycommand") or ""))
+    if command is None:
+        return None, None
+    if str(options.get("proxyusefdpass", "no")).lower() == "yes":
+        raise ConfigError(f"{spec.host}: ProxyUseFdpass is set in ssh_config; the paramiko backend cannot take a "
+                          "descriptor from the ProxyCommand", hint="use the openssh backend for this host")
+    import socket
+
+    local = socket.gethostname()
+    tokens = {"%h": hostname, "%p": str(port), "%r": user, "%n": spec.host, "%u": getpass.getuser(),
+              "%d": str(Path.home()), "%l": local, "%L": local.split(".")[0], "%%": "%"}
+    return None, _expand_tokens(command, tokens)
 
 
 def _identity_files(spec: HostSpec, options: Mapping[str, object]) -> tuple[Path, ...]:
@@ -421,8 +453,14 @@ def _lookup(path: Path, host: str) -> dict[str, object]:
     text = "\n".join(_expanded_lines(path, depth=0))
     if _MATCH_EXEC.search(text):
         _allow_match_exec()
+    class Config(paramiko.SSHConfig):
+        def _tokenize(self, config: Any, target: str, key: str, value: str) -> Any:
+            if key == "proxycommand":  # expanded in _proxy, with the HostSpec's overrides as ssh does
+                return value
+            return super()._tokenize(config, target, key, value)  # type: ignore[misc]
+
     try:
-        return dict(paramiko.SSHConfig.from_text(text).lookup(host))
+        return dict(Config.from_text(text).lookup(host))
     except paramiko.ConfigParseError as exc:
         raise ConfigError(f"cannot parse {path}: {exc}") from exc
     except paramiko.CouldNotCanonicalize as exc:

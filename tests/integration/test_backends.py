@@ -222,6 +222,55 @@ def test_ssh_config_alias_with_proxy_jump(make_backend: MakeBackend, testbed: Te
     assert known_hosts.read_text().strip(), "the target's key was not recorded in its UserKnownHostsFile"
 
 
+def _proxy_config(testbed: Testbed, tmp_path: Path, command: str) -> Path:
+    """An ssh_config with the alias ``behind-proxy``: a host name that resolves nowhere, reached only through
+    ``command`` (its ProxyCommand), which leads to the first testbed host."""
+    host = testbed.host(0)
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        testbed.ssh_config.read_text()
+        + f"\nHost behind-proxy\n    HostName no-such-host.invalid\n    Port {host.port}\n    User {host.user}\n"
+        f"    IdentityFile {testbed.identity_file}\n    IdentitiesOnly yes\n    ProxyCommand {command}\n"
+        f"    HostKeyAlias [{host.hostname}]:{host.port}\n    UserKnownHostsFile {testbed.known_hosts}\n"
+    )
+    return config
+
+
+def test_ssh_config_alias_with_proxy_command(make_backend: MakeBackend, testbed: Testbed, tmp_path: Path) -> None:
+    """An alias reached through its ProxyCommand (as `nc %h %p`, a bastion's `ssh -W`, a cloud tunnel do),
+    run by the shell with its tokens expanded; paramiko used to ignore it and dial the HostName."""
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    ran = tmp_path / "ran"
+    relay = (f"sh -c 'echo %n %r > {ran}; cd {repo} && exec {sys.executable} -m testbed.delay --stdio --rtt 0 "
+             f"--to 127.0.0.1:%p'")
+    backend = make_backend(HostSpec(host="behind-proxy", ssh_config=_proxy_config(testbed, tmp_path, relay)))
+
+    first = backend.run(["echo", "through"])
+    second = backend.run(["echo", "again"])
+
+    assert (first.stdout, second.stdout) == (b"through\n", b"again\n"), first.stderr + second.stderr
+    assert ran.read_text().split() == ["behind-proxy", testbed.host(0).user]
+
+
+def test_a_failing_proxy_command_is_one_clear_error(make_backend: MakeBackend, backend_name: str, testbed: Testbed,
+                                                    tmp_path: Path) -> None:
+    failing = "sh -c 'echo \"bastion: access denied by policy\" >&2; exit 3'"
+    backend = make_backend(HostSpec(host="behind-proxy", ssh_config=_proxy_config(testbed, tmp_path, failing),
+                                    connect_timeout=10))
+
+    started = time.monotonic()
+    with pytest.raises(ConnectError) as caught:
+        backend.run(["true"])
+
+    assert time.monotonic() - started < 10
+    text = str(caught.value)
+    assert "ProxyCommand" in text and "\n" not in text
+    if backend_name == "paramiko":  # (ssh sends the command's stderr to /dev/null for a persisting master)
+        assert "exited with status 3" in text and "access denied by policy" in text
+
+
 # --- files ------------------------------------------------------------------------------------------------
 
 

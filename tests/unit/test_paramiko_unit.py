@@ -429,3 +429,37 @@ def test_process_reports_the_exit_status(pair: Pair, tmp_path: Path, monkeypatch
 def test_every_exit_status_the_server_sent_is_the_commands_own(code: int | None) -> None:
     """255 too: the server sent it, so the command exited with it (a lost link gives no status at all)."""
     assert pm.ParamikoBackend(HostSpec("box")).classify_exit(code, b"Connection reset by peer") is None
+
+
+# --- ProxyCommand -------------------------------------------------------------------------------------------
+
+
+def test_a_proxy_command_is_a_socket_that_ends_with_its_output_and_is_reaped_when_closed() -> None:
+    """The command's pipes carry the bytes both ways; the end of its output reads as b"" (the end of the
+    connection: paramiko's own ProxyCommand spins on it), a silent one times out, and close() ends it."""
+    echo = pm.CommandSocket.start("cat", "h")
+    echo.settimeout(5)
+    assert echo.send(b"SSH-2.0-x\r\n") == 11
+    assert echo.recv(100) == b"SSH-2.0-x\r\n"
+    echo.settimeout(0.1)
+    with pytest.raises(TimeoutError):
+        echo.recv(100)
+    echo.close()
+    assert echo.closed and echo.process.returncode is not None
+
+    finished = pm.CommandSocket.start("printf done", "h")
+    finished.settimeout(5)
+    assert finished.recv(100) == b"done"
+    assert finished.recv(100) == b""
+    finished.close()
+
+
+def test_a_proxy_command_that_fails_says_how_it_ended_and_what_it_said() -> None:
+    failing = pm.CommandSocket.start("sh -c 'echo \"gate: no route to gpu1\" >&2; exit 3'", "gpu1")
+    failing.settimeout(5)
+    assert failing.recv(100) == b""
+    failing.close()  # (paramiko closes the socket before the error reaches the backend)
+    error = failing.failure(ConnectError("gpu1", "the host closed the connection"))
+    assert str(error).startswith("gpu1: its ProxyCommand exited with status 3 before the SSH handshake: "
+                                 "gate: no route to gpu1")
+    assert "exit 3" in (error.hint or "")

@@ -132,6 +132,39 @@ Host *
     assert resolve(HostSpec("direct", ssh_config=config)).proxy_jump is None
 
 
+def test_proxy_command_tokens_take_the_values_in_effect_and_the_first_proxy_setting_wins(home: Path) -> None:
+    """%h %p %r %n %% expanded as OpenSSH does, with rx's overrides (a port given to rx, not the file's);
+    ProxyCommand and ProxyJump compete: whichever the file sets first."""
+    config = write(home / "cfg", """
+Host gpu1
+    HostName 10.0.0.5
+    Port 2222
+    User bob
+    ProxyCommand ssh -W %h:%p gate # %r %n 100%%
+Host plain
+    ProxyCommand none
+Host jump-first
+    ProxyJump gate
+    ProxyCommand nc %h %p
+Host command-first
+    ProxyCommand nc %h %p
+    ProxyJump gate
+Host fdpass
+    ProxyCommand gate-helper %h
+    ProxyUseFdpass yes
+""")
+    gpu1 = resolve(HostSpec("gpu1", ssh_config=config, port=2200))
+    assert gpu1.proxy_command == "ssh -W 10.0.0.5:2200 gate # bob gpu1 100%"
+    assert gpu1.proxy_jump is None
+    assert resolve(HostSpec("plain", ssh_config=config)).proxy_command is None
+    jump_first = resolve(HostSpec("jump-first", ssh_config=config))
+    assert (jump_first.proxy_jump, jump_first.proxy_command) == ("gate", None)
+    command_first = resolve(HostSpec("command-first", ssh_config=config))
+    assert (command_first.proxy_jump, command_first.proxy_command) == (None, "nc command-first 22")
+    with pytest.raises(ConfigError, match="ProxyUseFdpass"):
+        resolve(HostSpec("fdpass", ssh_config=config))
+
+
 def test_parse_jump_splits_hops_in_order() -> None:
     hops = parse_jump("admin@bastion:2200, ssh://gate,10.0.0.1")
     assert [(hop.user, hop.host, hop.port) for hop in hops] == [
