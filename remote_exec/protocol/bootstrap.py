@@ -37,6 +37,7 @@ import secrets
 import shlex
 import threading
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from ..backends.base import Backend, Process
 from ..errors import RemoteExecError, RunnerError
@@ -463,26 +464,40 @@ def _installed(backend: Backend, process: Process, token: str, rest: bytes) -> b
     return answer.rest
 
 
+class _Launched(NamedTuple):
+    """A started bootstrap: its process, its first answer, whether the call's frames (``sent``) and the
+    archive (``shipped``) went right behind the command, and whether the bootstrap took longer than
+    :data:`RESUME_AFTER` to answer (``slow``: what was sent ahead was given up, or a slow login was started
+    again; on such a host sending ahead does not pay)."""
+
+    process: Process
+    answer: Handshake
+    sent: bool = False
+    shipped: bool = False
+    slow: bool = False
+
+
 def _launch(launcher: Launcher, backend: Backend, archive: DistributionArchive, options: CallOptions,
             mode: str, extra: Sequence[str], call: Callable[[], bytes] | None = None,
-            ahead: _Prefetch | None = None) -> tuple[Process, Handshake, bool, bool]:
-    """Start the bootstrap and read its first answer (resumed through a replaced login shell if need be);
-    also whether ``call`` (frames written right behind the command, see :func:`start_runner`) went, and
-    whether the archive (``ahead``: its bytes) went right behind the command.
+            ahead: _Prefetch | None = None) -> _Launched:
+    """Start the bootstrap and read its first answer (resumed through a replaced login shell if need be),
+    with ``call`` (frames) and ``ahead`` (the archive) written right behind the command when given (see
+    :func:`start_runner`).
 
     Raises:
         RemoteExecError: It did not start (see :func:`_refusal`).
     """
     resume_after: float | None = RESUME_AFTER
+    slow = False
     while True:
         flags = ("a" if ahead is not None else "") + ("e" if call is not None else "")
         token = new_token() + (f".{flags}" if flags else "")
         argv = runner_argv(options, archive.sha256, mode, *extra, token=token)
         process = launcher.start(backend, argv)
         if flags:
-            answer = _eager(process, argv, token, call, ahead)
+            answer, slow = _eager(process, argv, token, call, ahead)
             if answer is not None:
-                return process, answer, call is not None, ahead is not None
+                return _Launched(process, answer, call is not None, ahead is not None)
             call = ahead = None  # the archive is not there, or the login shell is not plain: the usual way
             continue
         start = _Start(process, argv, token, resume_after)
@@ -491,22 +506,24 @@ def _launch(launcher: Launcher, backend: Backend, archive: DistributionArchive, 
             logger.debug("%s: the login took over %g s; starting the runner again", backend.host, resume_after)
             process.kill()
             resume_after = None
+            slow = True  # (nothing goes ahead there: it would wait as long)
             continue
         if answer.word not in ("HAVE", "NEED", "NEED damaged"):
             raise _refusal(backend, process, options, answer, start.hung.is_set())
         if answer.token != token:
             logger.info("%s: the login shell replaced itself (an exec in ~/.bashrc?); rx's command went to the "
                         "new shell on stdin", backend.host)
-        return process, answer, False, False
+        return _Launched(process, answer, slow=slow)
 
 
 def _eager(process: Process, argv: Sequence[str], token: str, call: Callable[[], bytes] | None,
-           ahead: _Prefetch | None) -> Handshake | None:
+           ahead: _Prefetch | None) -> tuple[Handshake | None, bool]:
     """Write :data:`AHEAD`, the archive (``ahead``) and the call's frames (``call``) right behind the
     command and read the answer: ``HAVE`` (the runner reads its call from stdin: no round trip waited for
     the answer), ``NEED`` when the archive went along (the bootstrap installs it from stdin), else None and
     the process is dropped (a call ahead of a missing or damaged archive, or no answer within
-    :data:`RESUME_AFTER`: nothing is resumed through a stdin that holds frames)."""
+    :data:`RESUME_AFTER`: nothing is resumed through a stdin that holds frames). Also whether no answer
+    came in that time (a slow host)."""
     try:
         data = ahead.result() if ahead is not None else b""
         frames = call() if call is not None else b""  # made now: the caller's last preparations overlapped
@@ -518,15 +535,16 @@ def _eager(process: Process, argv: Sequence[str], token: str, call: Callable[[],
         process.write_stdin(b"".join((AHEAD, archive, frames)))
     except RemoteExecError:  # it ended already: the usual start says why
         process.kill()
-        return None
-    answer, _ = _Start(process, argv, token, None).first_answer(RESUME_AFTER)
+        return None, False
+    start = _Start(process, argv, token, None)
+    answer, _ = start.first_answer(RESUME_AFTER)
     if answer.word == "HAVE" or (ahead is not None and answer.word in ("NEED", "NEED damaged")):
-        return answer
+        return answer, False
     if answer.word == "NEED damaged":
         logger.warning("rx's copy of its archive was damaged (a file missing or cut short); sending it again")
     logger.debug("the runner answered %r to what was sent ahead; starting it again", answer.word)
     process.kill()
-    return None
+    return None, start.hung.is_set()
 
 
 def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArchive, options: CallOptions,
@@ -542,7 +560,9 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
     the archive, it is started again the usual way, the call not sent. Else they go right behind the
     archive when the bootstrap asks for that (no login shell reads that stdin any more: the bootstrap
     does). The channel's ``call_sent`` says whether they went. Its ``prompt`` says whether the bootstrap
-    answered the command itself (no replaced login shell) with the archive in place.
+    answered the command itself (no replaced login shell) with the archive in place, and what was sent
+    ahead, if anything, was answered within :data:`RESUME_AFTER` (a host slower to start than that is not
+    sent anything ahead again: each such start would wait that long, then start over).
 
     ``place``: what rx saw installed where the runner starts (see :mod:`.places`; None: looked up here
     unless ``eager``), told how this start went. A small archive never seen there goes right behind the command without
@@ -563,8 +583,8 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
     prefetch = None if eager and not archive_ahead else _Prefetch(archive, 0.0 if archive_ahead else PREFETCH_AFTER)
     ahead_call = call if eager or archive_ahead else None
     try:
-        process, answer, sent, shipped = _launch(launcher, backend, archive, options, mode, extra, ahead_call,
-                                                 prefetch if archive_ahead else None)
+        process, answer, sent, shipped, slow = _launch(launcher, backend, archive, options, mode, extra, ahead_call,
+                                                       prefetch if archive_ahead else None)
     except BaseException:
         if prefetch is not None:
             prefetch.cancel()
@@ -579,9 +599,8 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
             prefetch.cancel()
         channel = Channel(backend, process, answer.rest, uploaded=False)
         channel.call_sent = sent
-        channel.prompt = not answer.token.endswith("r")
-        if place is not None:
-            place.note(archive.sha256, prompt=channel.prompt)
+        channel.prompt = not answer.token.endswith("r") and not slow
+        _note(place, backend, options, archive, channel.prompt)
         return channel
     if answer.word == "NEED damaged":
         logger.warning("%s: rx's copy of its archive was damaged (a file missing or cut short); sending it again",
@@ -604,7 +623,16 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
     phase("upload", "finished")
     channel = Channel(backend, process, rest, uploaded=True)
     channel.call_sent = call is not None
-    channel.prompt = not answer.token.endswith("r")
-    if place is not None:
-        place.note(archive.sha256, prompt=channel.prompt)
+    channel.prompt = not answer.token.endswith("r") and not slow
+    _note(place, backend, options, archive, channel.prompt)
     return channel
+
+
+def _note(place: Place | None, backend: Backend, options: CallOptions, archive: DistributionArchive,
+          prompt: bool) -> None:
+    """Tell rx's record of the place how this start went (a start that was not prompt is noted even where
+    the caller, sure of the place, looked nothing up)."""
+    if place is None and not prompt:
+        place = places.place(backend, options.python, options.workdir)
+    if place is not None:
+        place.note(archive.sha256, prompt=prompt)

@@ -687,4 +687,6 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
                            ("pickle",) if wire_pickles(session_bytes) else (), call=frames, eager=ready, place=place)
     if channel.prompt:
         workers.primed.add(primed)
+    else:  # (a login shell that replaced itself, or a host too slow to start for sending ahead to pay)
+        workers.primed.discard(primed)
     return call(channel, uploaded=channel.uploaded, keep=False, sent=key if channel.call_sent else None)

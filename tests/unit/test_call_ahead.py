@@ -295,3 +295,41 @@ def test_a_large_archive_waits_to_be_asked_for(dispatcher: Any, monkeypatch: Any
     call = dispatcher.run(Task.from_function(lambda a, b: a + b), (1, 2), backend=backend)
     assert call.result.value == 3 and call.outcome.uploaded
     assert [_flags(token) for token in backend.tokens] == [""]
+
+
+class _SlowStart(_Recording):
+    """A host whose interpreter takes ``delay`` seconds to start (a loaded login node, a home on a slow
+    network disk)."""
+
+    delay = 0.0
+
+    def start(self, argv: Sequence[str], **kwargs: Any) -> Process:
+        import sys
+
+        self.tokens.append(argv[3])
+        slow = f"import os, sys, time; time.sleep({self.delay}); os.execv(sys.argv[1], sys.argv[1:])"
+        return LocalBackend.start(self, [sys.executable, "-c", slow, *argv], **kwargs)
+
+
+def test_a_host_too_slow_to_answer_what_was_sent_ahead_is_sent_nothing_ahead_again(dispatcher: Any,
+                                                                                     monkeypatch: Any) -> None:
+    """A call sent ahead is given up after RESUME_AFTER without an answer and the start made again the usual
+    way; neither this process nor the next sends anything ahead there again (each start would wait that
+    long first)."""
+    import remote_exec.protocol.bootstrap as bootstrap
+    from remote_exec.protocol.workers import WorkerPool
+
+    monkeypatch.setattr(bootstrap, "RESUME_AFTER", 0.3)
+    backend = _SlowStart()
+    assert dispatcher.run(Task.from_function(lambda a, b: a + b), (1, 2), backend=backend).result.value == 3
+    backend.delay = 0.6  # from now on
+    assert dispatcher.run(Task.from_function(lambda a, b: a + b), (3, 4), backend=backend).result.value == 7
+    assert [_flags(token) for token in backend.tokens][:2] == ["ae", "e"]
+    del backend.tokens[:]
+    assert dispatcher.run(Task.from_function(lambda a, b: a + b), (5, 6), backend=backend).result.value == 11
+    dispatcher.workers.close()
+    dispatcher.workers = WorkerPool()
+    later = _SlowStart()
+    later.delay = 0.6
+    assert dispatcher.run(Task.from_function(lambda a, b: a * b), (3, 4), backend=later).result.value == 12
+    assert {_flags(token) for token in backend.tokens + later.tokens} == {""}
