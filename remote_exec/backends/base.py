@@ -40,6 +40,7 @@ __all__ = [
     "PUT_SCRIPT",
     "Backend",
     "CommandResult",
+    "Feed",
     "HostKeyPolicy",
     "HostSpec",
     "OutputCallback",
@@ -391,6 +392,58 @@ def prompt_thread_switches() -> Iterator[None]:
                     sys.setswitchinterval(before)
 
 
+class Feed:
+    """What a caller of :meth:`Backend.start` wants on the command's stdin first (see
+    :meth:`Backend.feeding`): made (``feed()``: it may wait for the caller's last preparations) and written
+    on a thread of its own once the backend spawned the command, so that a large one never holds the
+    backend's start.
+
+    Attributes:
+        started: The backend took it: it is being made and written.
+        error: What making it raised (the caller raises it).
+        failed: Writing it failed (the command ended, or the link): the caller starts the usual way.
+    """
+
+    def __init__(self, feed: Callable[[], bytes]) -> None:
+        self.feed = feed
+        self.started = False
+        self.error: BaseException | None = None
+        self.failed = False
+        self._thread: threading.Thread | None = None
+
+    def begin(self, write: Callable[[bytes], None]) -> None:
+        """Make it and ``write`` it, on a thread of its own (called by the backend, the command spawned; a
+        second call, for a command started again, waits for the first's writing and writes anew)."""
+        if self._thread is not None:
+            self._thread.join()
+            self.error, self.failed = None, False
+        self.started = True
+        self._thread = threading.Thread(target=self._run, args=(write,), name="rx-feed", daemon=True)
+        self._thread.start()
+
+    def _run(self, write: Callable[[bytes], None]) -> None:
+        try:
+            data = self.feed()
+        except BaseException as exc:  # raised by the caller, in its thread
+            self.error = exc
+            return
+        try:
+            write(data)
+        except Exception:
+            self.failed = True
+
+    def wait(self) -> None:
+        """Wait until it is written (or failed).
+
+        Raises:
+            What making it raised.
+        """
+        if self._thread is not None:
+            self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 class Backend(ABC):
     """A connection to one host, opened lazily and reused for every command.
 
@@ -464,6 +517,29 @@ class Backend(ABC):
     def host(self) -> str:
         """The host as the user named it."""
         return self.spec.label
+
+    @contextlib.contextmanager
+    def feeding(self, feed: Callable[[], bytes]) -> Iterator[Feed]:
+        """Have this thread's next :meth:`start` write what ``feed`` makes to the command's stdin as soon as
+        the command is spawned, before the backend waits for the host to run it: a round trip sooner than
+        a write after :meth:`start` returned. A backend that can (:meth:`_take_feed`) marks the
+        :class:`Feed` started; one that cannot leaves it to the caller."""
+        local = self.__dict__.setdefault("_feeds", threading.local())
+        fed = Feed(feed)
+        local.feed = fed
+        try:
+            yield fed
+        finally:
+            local.feed = None
+
+    def _take_feed(self) -> Feed | None:
+        """The :class:`Feed` for the command this thread starts now, if any (taken: one command only)."""
+        local = self.__dict__.get("_feeds")
+        if local is None:
+            return None
+        fed: Feed | None = getattr(local, "feed", None)
+        local.feed = None
+        return fed
 
     @abstractmethod
     def start(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,

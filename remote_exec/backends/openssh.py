@@ -80,6 +80,7 @@ from ..errors import (
 )
 from .base import (
     Backend,
+    Feed,
     HostSpec,
     Process,
     announced_size,
@@ -1032,7 +1033,7 @@ class OpenSSHBackend(Backend):
         log.seek(0)
         return code, log.read().decode(errors="replace")
 
-    def _start_with_new_master(self, command: str, label: str) -> SshProcess | None:
+    def _start_with_new_master(self, command: str, label: str, fed: Feed | None = None) -> SshProcess | None:
         """With no live master: one ssh connects, becomes the master and runs ``command`` as its first
         client. Returns None when a master is already up (the caller runs the command as a client), or when
         ``rx run`` started one from its memo (this waits for it, see :meth:`_ensure_master`)."""
@@ -1048,7 +1049,7 @@ class OpenSSHBackend(Backend):
                 if adopted:
                     self._master = master
                     return None
-                process = self._first_client(master, argv, label)
+                process = self._first_client(master, argv, label, fed)
             if process.remote_pid is not None:  # what came before the pid line is ssh's, not the command's
                 process._stderr_pending = process._stderr_pending[len(process.preamble):]
             self._keep_master(master, process.preamble.decode(errors="replace"))
@@ -1058,14 +1059,17 @@ class OpenSSHBackend(Backend):
             self._master = master
             return process
 
-    def _first_client(self, master: _Master, argv: list[str], label: str) -> SshProcess:
-        """Start the ssh that connects, becomes the master and runs the first command; return once the
-        master listens or the command announced itself."""
+    def _first_client(self, master: _Master, argv: list[str], label: str, fed: Feed | None = None) -> SshProcess:
+        """Start the ssh that connects, becomes the master and runs the first command (``fed`` written to
+        its stdin at once: ssh passes it on once the session is open); return once the master listens or
+        the command announced itself."""
         try:
             with self._map_os_errors("connect"):
                 popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
             process = SshProcess(self, popen, label)
+            if fed is not None:
+                fed.begin(process.write_stdin)
             process._read_header(self._connect_deadline(), ready=master.control_path.exists)
             if process.remote_pid is None and not master.control_path.exists():
                 said = process._discard()
@@ -1163,13 +1167,16 @@ class OpenSSHBackend(Backend):
         command = remote_command(argv, env, cwd)
         label = argv[0] if argv else "command"
         retry = _SessionRetry(self, label)
+        fed = self._take_feed()  # (written as soon as ssh runs: see Backend.feeding)
         while True:
-            first = self._start_with_new_master(command, label)
+            first = self._start_with_new_master(command, label, fed)
             if first is not None:
                 return first
             master = self._ensure_master()
             popen = self._spawn(master, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             process = SshProcess(self, popen, label)
+            if fed is not None:
+                fed.begin(process.write_stdin)  # (again, to this one, when a lost master made it start over)
             process._read_header(self.spec.connect_timeout + self.spec.dead_after, ready=lambda: True)
             if not process.lost_master:
                 return process

@@ -21,7 +21,10 @@ ends when the archive is missing (the coordinator then starts it the usual way).
 less per call. Where that archive was never seen (and it is small), it goes right behind the command
 unasked, as its 8-byte length and bytes after :data:`AHEAD`, the call's frames (if any) behind it, and the
 token ends in ``.a`` (``.ae`` with the call): a bootstrap that has the archive skips those bytes, one that
-lacks it answers ``NEED`` and installs it from stdin without waiting, then ``OK``.
+lacks it answers ``NEED`` and installs it from stdin without waiting, then ``OK``. A backend that can
+(:meth:`~remote_exec.backends.base.Backend.feeding`: the openssh backend) writes what goes ahead as it
+spawns the command, before it waits for the host to run it, so that those bytes reach the host with the
+command rather than a round trip after it.
 
 Before it imports anything, the bootstrap moves the real stdout to a private file descriptor and points
 fd 1 at stderr: what a ``sitecustomize``, ``usercustomize`` or ``.pth`` hook prints later (or flushes at
@@ -39,7 +42,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from ..backends.base import Backend, Process
+from ..backends.base import Backend, Feed, Process
 from ..errors import RemoteExecError, RunnerError
 from ..launchers.base import Launcher
 from ..packing import DistributionArchive
@@ -493,13 +496,16 @@ def _launch(launcher: Launcher, backend: Backend, archive: DistributionArchive, 
         flags = ("a" if ahead is not None else "") + ("e" if call is not None else "")
         token = new_token() + (f".{flags}" if flags else "")
         argv = runner_argv(options, archive.sha256, mode, *extra, token=token)
-        process = launcher.start(backend, argv)
         if flags:
-            answer, slow = _eager(process, argv, token, call, ahead)
+            feed = _ahead_bytes(call, ahead)
+            with backend.feeding(feed) as fed:  # written as soon as the command is spawned, where it can be
+                process = launcher.start(backend, argv)
+            answer, slow = _eager(process, argv, token, fed)
             if answer is not None:
                 return _Launched(process, answer, call is not None, ahead is not None)
             call = ahead = None  # the archive is not there, or the login shell is not plain: the usual way
             continue
+        process = launcher.start(backend, argv)
         start = _Start(process, argv, token, resume_after)
         answer, stale = start.first_answer(options.handshake_timeout)
         if stale and resume_after is not None:  # a slow login, not a replaced shell: its stdin holds a line
@@ -516,35 +522,58 @@ def _launch(launcher: Launcher, backend: Backend, archive: DistributionArchive, 
         return _Launched(process, answer, slow=slow)
 
 
-def _eager(process: Process, argv: Sequence[str], token: str, call: Callable[[], bytes] | None,
-           ahead: _Prefetch | None) -> tuple[Handshake | None, bool]:
-    """Write :data:`AHEAD`, the archive (``ahead``) and the call's frames (``call``) right behind the
-    command and read the answer: ``HAVE`` (the runner reads its call from stdin: no round trip waited for
-    the answer), ``NEED`` when the archive went along (the bootstrap installs it from stdin), else None and
-    the process is dropped (a call ahead of a missing or damaged archive, or no answer within
+def _ahead_bytes(call: Callable[[], bytes] | None, ahead: _Prefetch | None) -> Callable[[], bytes]:
+    """What goes right behind the command: :data:`AHEAD`, the archive (its 8-byte length and bytes) when
+    ``ahead``, the call's frames when ``call`` (made when this is called: the caller's last preparations,
+    the project's scan, overlap the command's start)."""
+
+    def made() -> bytes:
+        data = ahead.result() if ahead is not None else None
+        frames = call() if call is not None else b""
+        archive = b"" if data is None else len(data).to_bytes(8, "big") + data
+        return b"".join((AHEAD, archive, frames))
+
+    return made
+
+
+def _eager(process: Process, argv: Sequence[str], token: str, fed: Feed) -> tuple[Handshake | None, bool]:
+    """Write what ``fed`` holds right behind the command (unless the backend wrote it as it spawned the
+    command) and read the answer: ``HAVE`` (the runner reads its call from stdin: no round trip waited
+    for the answer), ``NEED`` when the archive went along (the bootstrap installs it from stdin), else None
+    and the process is dropped (a call ahead of a missing or damaged archive, or no answer within
     :data:`RESUME_AFTER`: nothing is resumed through a stdin that holds frames). Also whether no answer
     came in that time (a slow host)."""
     try:
-        data = ahead.result() if ahead is not None else b""
-        frames = call() if call is not None else b""  # made now: the caller's last preparations overlapped
+        if fed.started:
+            fed.wait()
+            written = not fed.failed
+        else:
+            data = fed.feed()
+            try:
+                process.write_stdin(data)
+                written = True
+            except RemoteExecError:
+                written = False
     except BaseException:
         process.kill()
         raise
-    archive = len(data).to_bytes(8, "big") + data if ahead is not None else b""
-    try:
-        process.write_stdin(b"".join((AHEAD, archive, frames)))
-    except RemoteExecError:  # it ended already: the usual start says why
+    if not written:  # it ended already: the usual start says why
         process.kill()
         return None, False
     start = _Start(process, argv, token, None)
     answer, _ = start.first_answer(RESUME_AFTER)
-    if answer.word == "HAVE" or (ahead is not None and answer.word in ("NEED", "NEED damaged")):
+    if answer.word == "HAVE" or (_shipped(token) and answer.word in ("NEED", "NEED damaged")):
         return answer, False
     if answer.word == "NEED damaged":
         logger.warning("rx's copy of its archive was damaged (a file missing or cut short); sending it again")
     logger.debug("the runner answered %r to what was sent ahead; starting it again", answer.word)
     process.kill()
     return None, start.hung.is_set()
+
+
+def _shipped(token: str) -> bool:
+    """Whether the archive went right behind the command of ``token`` (its ``.a`` flag)."""
+    return "a" in token.rpartition(".")[2] if "." in token else False
 
 
 def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArchive, options: CallOptions,

@@ -13,8 +13,9 @@ first answer:
 
 A place whose login shell did not run rx's command itself (an ``exec`` in ``~/.bashrc``: the runner was
 resumed through stdin), or whose runner took longer than ``RESUME_AFTER`` to answer (what went ahead is
-given up then, and the start made again), is noted as such, and nothing goes ahead there. A record that is wrong costs what it
-would have saved (a second start, or an archive sent for nothing), and the answer corrects it.
+given up then, and the start made again), is noted as such, and nothing goes ahead there. A record that is
+wrong costs what it would have saved (a second start, or an archive sent for nothing), and the answer
+corrects it.
 
 One small file per place in rx's cache directory (``places/<digest>``): the archives' sha256, one per line,
 the latest last (at most :data:`KEEP`); or the single line :data:`NO_AHEAD`. Best effort: a cache; a file

@@ -222,6 +222,30 @@ def test_ssh_config_alias_with_proxy_jump(make_backend: MakeBackend, testbed: Te
     assert known_hosts.read_text().strip(), "the target's key was not recorded in its UserKnownHostsFile"
 
 
+def test_what_a_command_reads_first_goes_as_it_starts(make_backend: MakeBackend, backend_name: str,
+                                                      testbed: Testbed) -> None:
+    """Backend.feeding: the bytes (here 2 MiB, more than a pipe holds) reach the command whole; OpenSSH writes
+    them as it spawns ssh (they travel with the command, not a round trip after it), on a new connection
+    and over an open one; paramiko leaves them to the caller."""
+    data = os.urandom(2 << 20)
+    digest = hashlib.sha256(data).hexdigest()
+    backend = make_backend(HostSpec(host=testbed.host(0).alias, ssh_config=testbed.ssh_config))
+    for _ in range(2):  # the first starts the connection; the second goes over it
+        with backend.feeding(lambda: data) as fed:
+            process = backend.start(["sh", "-c", f"head -c {len(data)} | sha256sum"])
+        if not fed.started:
+            process.write_stdin(fed.feed())
+        fed.wait()
+        assert fed.started == (backend_name == "openssh") and not fed.failed
+        out = b""
+        while chunk := process.read_stdout():
+            out += chunk
+        while process.read_stderr():
+            pass
+        assert process.wait(30) == 0
+        assert out.split()[0].decode() == digest
+
+
 def _proxy_config(testbed: Testbed, tmp_path: Path, command: str) -> Path:
     """An ssh_config with the alias ``behind-proxy``: a host name that resolves nowhere, reached only through
     ``command`` (its ProxyCommand), which leads to the first testbed host."""

@@ -333,3 +333,52 @@ def test_a_host_too_slow_to_answer_what_was_sent_ahead_is_sent_nothing_ahead_aga
     later.delay = 0.6
     assert dispatcher.run(Task.from_function(lambda a, b: a * b), (3, 4), backend=later).result.value == 12
     assert {_flags(token) for token in backend.tokens + later.tokens} == {""}
+
+
+class _Feeding(_Recording):
+    """A backend that writes what goes ahead as it spawns the command, as the openssh backend does (before
+    it waits for the host to run it): the bytes then travel with the command."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fed = 0
+
+    def start(self, argv: Sequence[str], **kwargs: Any) -> Process:
+        fed = self._take_feed()
+        process = super().start(argv, **kwargs)
+        if fed is not None:
+            self.fed += 1
+            fed.begin(process.write_stdin)
+        return process
+
+
+def test_what_goes_ahead_may_be_written_by_the_backend_as_it_spawns_the_command(dispatcher: Any) -> None:
+    backend = _Feeding()
+    first = dispatcher.run(Task.from_function(lambda a, b: a + b), (1, 2), backend=backend)
+    second = dispatcher.run("print('fed')\n", backend=backend)
+    assert first.result.value == 3 and first.outcome.uploaded
+    assert second.text() == "fed\n" and not second.outcome.uploaded
+    assert [_flags(token) for token in backend.tokens] == ["ae", "e"] and backend.fed == 2
+
+
+def test_what_making_the_bytes_ahead_raised_is_raised_to_the_caller_and_the_command_dropped() -> None:
+    """The frames ahead are made while the command starts (the project's scan overlaps it): a scan that
+    refuses the project raises its own error, in the caller's thread, and the command is not left running."""
+    import pytest
+
+    from remote_exec.backends.base import Feed
+    from remote_exec.errors import SyncError
+    from remote_exec.protocol.bootstrap import _eager
+
+    def refused() -> bytes:
+        raise SyncError("symlinks in /p lead out of the project")
+
+    backend = LocalBackend()
+    for backend_writes in (True, False):
+        process = backend.start(["sleep", "30"])
+        fed = Feed(refused)
+        if backend_writes:
+            fed.begin(process.write_stdin)
+        with pytest.raises(SyncError, match="symlinks"):
+            _eager(process, ["sleep", "30"], "t.e", fed)
+        assert process.wait(5) is not None
