@@ -142,8 +142,11 @@ class Forge(ForgedResult):
 def _call_key(data: bytes) -> bytes | None:
     """The per-call HMAC key, if ``data`` starts with the coordinator's G frame (its options), alone or
     followed by the session frames in the same write, or after the line that comes first when the call goes
-    right behind the runner's command (bootstrap.AHEAD)."""
+    right behind the runner's command (bootstrap.AHEAD), or after the archive (its 8-byte length and bytes)
+    that goes before it, asked for or ahead."""
     data = data.removeprefix(AHEAD)
+    if data[:1] != b"G" and len(data) >= 8 and 8 + int.from_bytes(data[:8], "big") < len(data):
+        data = data[8 + int.from_bytes(data[:8], "big"):]
     if data[:1] != b"G" or len(data) < HEADER.size:
         return None
     _, size = HEADER.unpack_from(data)
