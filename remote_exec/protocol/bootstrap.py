@@ -594,10 +594,10 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
     sent anything ahead again: each such start would wait that long, then start over).
 
     ``place``: what rx saw installed where the runner starts (see :mod:`.places`; None: looked up here
-    unless ``eager``), told how this start went. A small archive never seen there goes right behind the command without
-    waiting to be asked, and ``call``'s frames behind it; a bootstrap that has it skips it, one that lacks
-    it installs it. If that start does not answer at once (a login shell that replaced itself ends at
-    :data:`AHEAD`), it is started again the usual way.
+    unless ``eager``), told how this start went. A small archive never seen there goes right behind the
+    command without waiting to be asked, and ``call``'s frames behind it; a bootstrap that has it skips it,
+    one that lacks it installs it. If that start does not answer at once (a login shell that replaced
+    itself ends at :data:`AHEAD`), it is started again the usual way.
 
     Raises:
         ConnectError, AuthError, HostKeyError: The host could not be reached (as the backend classifies
@@ -612,14 +612,24 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
     prefetch = None if eager and not archive_ahead else _Prefetch(archive, 0.0 if archive_ahead else PREFETCH_AFTER)
     ahead_call = call if eager or archive_ahead else None
     try:
-        process, answer, sent, shipped, slow = _launch(launcher, backend, archive, options, mode, extra, ahead_call,
-                                                       prefetch if archive_ahead else None)
+        launched = _launch(launcher, backend, archive, options, mode, extra, ahead_call,
+                           prefetch if archive_ahead else None)
     except BaseException:
         if prefetch is not None:
             prefetch.cancel()
         phase("connect", "failed")
         raise
     phase("connect", "finished")
+    channel = _opened(backend, launched, phase, archive, prefetch, call)
+    _note(place, backend, options, archive, channel.prompt)
+    return channel
+
+
+def _opened(backend: Backend, launched: _Launched, phase: PhaseCallback, archive: DistributionArchive,
+            prefetch: _Prefetch | None, call: Callable[[], bytes] | None) -> Channel:
+    """The channel to a bootstrap that answered ``HAVE``, or ``NEED`` (then the archive installed first,
+    :func:`_install`), as :func:`start_runner` returns it."""
+    process, answer, sent, shipped, slow = launched
     if answer.noise:
         logger.debug("%s: skipped %d bytes the login shell printed: %s", backend.host, len(answer.noise),
                      answer.shown())
@@ -628,15 +638,26 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
             prefetch.cancel()
         channel = Channel(backend, process, answer.rest, uploaded=False)
         channel.call_sent = sent
-        channel.prompt = not answer.token.endswith("r") and not slow
-        _note(place, backend, options, archive, channel.prompt)
-        return channel
+    else:
+        rest = _install(backend, process, answer, phase, archive, prefetch, None if shipped else call, shipped)
+        channel = Channel(backend, process, rest, uploaded=True)
+        channel.call_sent = call is not None
+    channel.prompt = not answer.token.endswith("r") and not slow
+    return channel
+
+
+def _install(backend: Backend, process: Process, answer: Handshake, phase: PhaseCallback,
+             archive: DistributionArchive, prefetch: _Prefetch | None, call: Callable[[], bytes] | None,
+             shipped: bool) -> bytes:
+    """The ``upload`` phase of a bootstrap that answered ``NEED``: wait for its ``OK`` to the archive that
+    went right behind the command (``shipped``), else send it the archive (``prefetch``: its bytes read
+    ahead, if they were) and ``call``'s frames behind it first; return the bytes read past the ``OK``."""
     if answer.word == "NEED damaged":
         logger.warning("%s: rx's copy of its archive was damaged (a file missing or cut short); sending it again",
                        backend.host)
     phase("upload", "started")
     try:
-        if shipped:  # it went right behind the command: the bootstrap installs it now
+        if shipped:  # the bootstrap installs it now
             rest = _installed(backend, process, answer.token, answer.rest)
         else:
             try:
@@ -650,11 +671,7 @@ def start_runner(launcher: Launcher, backend: Backend, archive: DistributionArch
         phase("upload", "failed")
         raise
     phase("upload", "finished")
-    channel = Channel(backend, process, rest, uploaded=True)
-    channel.call_sent = call is not None
-    channel.prompt = not answer.token.endswith("r") and not slow
-    _note(place, backend, options, archive, channel.prompt)
-    return channel
+    return rest
 
 
 def _note(place: Place | None, backend: Backend, options: CallOptions, archive: DistributionArchive,
