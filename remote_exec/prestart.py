@@ -179,12 +179,19 @@ def _store(key: str, entry: tuple[tuple[Stamp, ...], str, tuple[str, ...]]) -> N
     entries[key] = entry
     while len(entries) > _KEEP:
         entries.pop(next(iter(entries)))
+    write_private(path, marshal.dumps((_VERSION, entries)))
+
+
+def write_private(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` at once (a temporary file renamed), readable by this user alone, its
+    folder made (0700) if missing. Best effort, for rx's caches: a failure leaves the old file and no
+    temporary."""
     temporary = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with open(fd, "wb") as file:
-            file.write(marshal.dumps((_VERSION, entries)))
+            file.write(data)
         os.replace(temporary, path)
     except OSError:
         try:

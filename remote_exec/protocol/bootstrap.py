@@ -440,7 +440,7 @@ def _upload(backend: Backend, process: Process, token: str, rest: bytes, data: b
     runner reads them once the archive is installed) right behind it; return the bytes read past its
     ``OK``."""
     try:
-        process.write_stdin(b"".join((len(data).to_bytes(8, "big"), data, call)))
+        process.write_stdin(b"".join((_framed(data), call)))
     except BaseException:
         process.kill()
         raise
@@ -530,10 +530,14 @@ def _ahead_bytes(call: Callable[[], bytes] | None, ahead: _Prefetch | None) -> C
     def made() -> bytes:
         data = ahead.result() if ahead is not None else None
         frames = call() if call is not None else b""
-        archive = b"" if data is None else len(data).to_bytes(8, "big") + data
-        return b"".join((AHEAD, archive, frames))
+        return b"".join((AHEAD, b"" if data is None else _framed(data), frames))
 
     return made
+
+
+def _framed(archive: bytes) -> bytes:
+    """The archive as the bootstrap reads it from stdin: its length (8 bytes) and its bytes."""
+    return len(archive).to_bytes(8, "big") + archive
 
 
 def _eager(process: Process, argv: Sequence[str], token: str, fed: Feed) -> tuple[Handshake | None, bool]:

@@ -81,18 +81,9 @@ class Place:
         if entries == self.entries:
             return
         self.entries = entries
-        temporary = f"{self.path}.{os.getpid()}.tmp"
-        try:
-            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with open(fd, "w", encoding="ascii") as file:
-                file.write("".join(f"{entry}\n" for entry in entries))
-            os.replace(temporary, self.path)
-        except OSError:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
+        from ..prestart import write_private
+
+        write_private(self.path, "".join(f"{entry}\n" for entry in entries).encode("ascii"))
 
 
 def place(backend: Backend, python: str, workdir: str) -> Place:
