@@ -186,7 +186,7 @@ def write_private(path: str, data: bytes) -> None:
     """Replace ``path`` with ``data`` at once (a temporary file renamed), readable by this user alone, its
     folder made (0700) if missing. Best effort, for rx's caches: a failure leaves the old file and no
     temporary."""
-    temporary = f"{path}.{os.getpid()}.tmp"
+    temporary = f"{path}.{os.getpid()}.{_thread.get_ident()}.tmp"  # (two threads may write one file)
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

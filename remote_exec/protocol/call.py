@@ -50,7 +50,7 @@ from .options import (
     scanned,
 )
 from .stdin import StdinPump
-from .tree import TREE_FRAMES, TreeSender
+from .tree import TREE_FRAMES, TreeAhead, TreeSender, ahead_frames
 
 if TYPE_CHECKING:
     from .workers import WorkerPool
@@ -223,18 +223,22 @@ def _small_call(go: dict[str, Any], session_bytes: bytes) -> bytes:
             + wire.encode(b"s", wire.dump_options({"size": len(session_bytes)})))
 
 
-def _send_call(channel: Channel, go: dict[str, Any], session_bytes: bytes | None, *, keep: bool) -> None:
-    """Write ``G`` and (unless ``session_bytes`` is None) the session; one write for a small call."""
+def _send_call(channel: Channel, go: dict[str, Any], session_bytes: bytes | None, *, keep: bool,
+               after: TreeAhead | None = None) -> None:
+    """Write ``G``, (unless ``session_bytes`` is None) the session, and ``after`` (a tree sent unasked);
+    one write for a small call."""
     process = channel.process
     with channel.write_lock:
         frame = wire.encode(b"G", wire.dump_options(go))
         try:
             if session_bytes is not None and len(session_bytes) <= wire.MAX_FRAME:
-                process.write_stdin(_small_call(go, session_bytes))
+                process.write_stdin(_small_call(go, session_bytes) + (after.frames if after else b""))
             else:
                 process.write_stdin(frame)
                 if session_bytes is not None:
                     send_session(process, session_bytes)
+                if after is not None:
+                    process.write_stdin(after.frames)
         except ConnectError:
             if keep:
                 raise StaleWorker() from None
@@ -337,11 +341,12 @@ def _stream(call: Call, phase: PhaseCallback, deadline: float | None, *, detache
     return None
 
 
-def _send_tolerantly(call: Call, go: dict[str, Any], session_bytes: bytes | None, *, keep: bool) -> None:
+def _send_tolerantly(call: Call, go: dict[str, Any], session_bytes: bytes | None, *, keep: bool,
+                     after: TreeAhead | None = None) -> None:
     """Send the call; a runner that ended before it read it is reported by what it said (see
     :func:`_no_result_error`), not as a closed pipe."""
     try:
-        _send_call(call.channel, go, session_bytes, keep=keep)
+        _send_call(call.channel, go, session_bytes, keep=keep, after=after)
     except ConnectError:
         if keep:
             raise
@@ -349,19 +354,34 @@ def _send_tolerantly(call: Call, go: dict[str, Any], session_bytes: bytes | None
 
 
 def _extra_options(project: ProjectCall | None, extra_options: Mapping[str, Any] | None, *, hold: bool,
-                   stdin: bool) -> dict[str, Any]:
-    """The G frame's options beyond :func:`_call_options`: the project's, the caller's, hold, stdin."""
+                   stdin: bool, tree_ahead: TreeAhead | None = None) -> dict[str, Any]:
+    """The G frame's options beyond :func:`_call_options`: the project's, the caller's, hold, stdin, and
+    whether the tree follows the call unasked."""
     return {**(project.go_options() if project else {}), **(extra_options or {}), "hold": hold,
-            **({"stdin": True} if stdin else {})}
+            **({"stdin": True} if stdin else {}), **({"tree_ahead": True} if tree_ahead is not None else {})}
+
+
+def _tree_ahead(project: ProjectCall | None, place: places.Place | None) -> TreeAhead | None:
+    """The frames that send the call's tree unasked, when the record of ``place`` says the host lacks it
+    (see :mod:`.places`); else None."""
+    if project is None or place is None or place.has_tree(project.tree.tree_id):
+        return None
+    previous = places.load_manifest(place.trees[-1]) if place.trees else None
+    return ahead_frames(project.tree, previous, places.TREE_AHEAD_LIMIT)
+
+
+def _note_tree(place: places.Place | None, project: ProjectCall | None) -> None:
+    """Record at ``place`` that the host has the project's tree (a call ran in it)."""
+    if place is not None and project is not None:
+        place.note_tree(project.tree)
 
 
 def run_call(channel: Channel, session: Session, session_bytes: bytes | None, options: CallOptions, *,
              on_stdout: OutputSink, on_stderr: OutputSink, land_file: FileLander | None, phase: PhaseCallback,
-             phases: dict[str, float], uploaded: bool, keep: bool,
-             extra_options: Mapping[str, Any] | None = None, stdin: BinaryIO | None = None,
-             on_event: EventSink | None = None, detached: bool = False, hold: bool = False,
-             project: ProjectCall | None = None, on_progress: ProgressCallback | None = None,
-             sent: bytes | None = None) -> Outcome:
+             phases: dict[str, float], uploaded: bool, keep: bool, extra_options: Mapping[str, Any] | None = None,
+             stdin: BinaryIO | None = None, on_event: EventSink | None = None, detached: bool = False,
+             hold: bool = False, project: ProjectCall | None = None, on_progress: ProgressCallback | None = None,
+             sent: bytes | None = None, place: places.Place | None = None, pushed: TreeAhead | None = None) -> Outcome:
     """One call on ``channel``: send it (``session_bytes`` None: the runner has it already), stream its
     output (and ``stdin`` to the task, if given), collect and check its result. With ``keep`` the channel
     (a worker) stays open after it.
@@ -375,22 +395,24 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
     to hear what becomes of it: ``A`` (it landed, or was refused) and it goes; ``K`` when the local disk
     filled up, and the host keeps it (:class:`LocalDiskFull` says where) for ``rx attach``.
 
-    With ``project``, the task runs in a snapshot of its tree (sent if the host lacks it). ``sent``: the
-    call went already, right behind the runner's command, with this HMAC key (see :func:`dispatch`)."""
+    With ``project``, the task runs in a snapshot of its tree (sent if the host lacks it; ``pushed``: sent
+    unasked behind the call; ``place``: where a call in it is recorded). ``sent``: the call went already,
+    right behind the runner's command, with this HMAC key (see :func:`dispatch`)."""
     key = sent or channel.call_key()
     call = Call(channel, options, key, on_stdout, on_stderr, on_event, stop_wait=0.0 if detached else STOP_WAIT,
-                tree=TreeSender(channel, project.tree if project else None, _with_phase(on_progress, phase)),
+                tree=TreeSender(channel, project.tree if project else None, _with_phase(on_progress, phase), pushed),
                 spool=land_file.stage if land_file is not None else None)
     deadline = None
     acknowledged = hold or detached
-    extra = _extra_options(project, extra_options, hold=hold, stdin=stdin is not None)
     try:
         try:
             if sent is None:  # (else it went right behind the runner's command)
+                extra = _extra_options(project, extra_options, hold=hold, stdin=stdin is not None, tree_ahead=pushed)
                 _send_tolerantly(call, _call_options(session, options, key, land_file, extra), session_bytes,
-                                 keep=keep)
+                                 keep=keep, after=pushed)
         finally:  # told once the call is on its way: recording it (a durable rewrite) no longer delays it
             phase("execute", "started")
+            call.tree.report_pushed()
         if stdin is not None:
             call.stdin = StdinPump(channel, stdin).start()
         deadline = _deadline(options, detached=detached)
@@ -405,6 +427,7 @@ def run_call(channel: Channel, session: Session, session_bytes: bytes | None, op
             channel.broken = True  # a worker exits after such a call
         phase("execute", "finished")
         result, landed, value_data = _collect(call, session, land_file, phase, hold=hold, detached=detached)
+        _note_tree(place, project)
     except BaseException:
         channel.broken = True
         raise
@@ -632,18 +655,22 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
     if session_bytes is None:
         session_bytes = session.to_wire()
 
-    def call(channel: Channel, *, uploaded: bool, keep: bool, sent: bytes | None = None) -> Outcome:
-        return run_call(channel, session, session_bytes, options, on_stdout=on_stdout, on_stderr=on_stderr,
-                        land_file=land_file, phase=phase, phases=phase.seconds, uploaded=uploaded, keep=keep,
-                        stdin=stdin, hold=hold and not keep, project=scanned(project), on_progress=on_progress,
-                        sent=sent)
-
     warm = options.keep_warm and stdin is None
     primed = (backend.serial, options.python, options.workdir, archive.sha256)
     # (not a worker's, nor a runner's started ahead)
     early = stdin is None and not options.secret_env and len(session_bytes) <= wire.MAX_FRAME
-    place = places.place(backend, options.python, options.workdir) if early and primed not in workers.primed else None
+    seen = places.place(backend, options.python, options.workdir) if early or project is not None else None
+    place = seen if early and primed not in workers.primed else None
     ready = early and (place is None or place.has(archive.sha256))  # (seen by this process, or by an earlier rx)
+    pushed: list[TreeAhead | None] = [None]  # the tree, when it went unasked right behind the command
+
+    def call(channel: Channel, *, uploaded: bool, keep: bool, sent: bytes | None = None) -> Outcome:
+        return run_call(channel, session, session_bytes, options, on_stdout=on_stdout, on_stderr=on_stderr,
+                        land_file=land_file, phase=phase, phases=phase.seconds, uploaded=uploaded, keep=keep,
+                        stdin=stdin, hold=hold and not keep, project=scanned(project), on_progress=on_progress,
+                        sent=sent, place=seen, pushed=pushed[0] if sent is not None else
+                        None if keep else _tree_ahead(scanned(project), seen))
+
     if warm or ahead is not None or not ready:
         project = scanned(project)  # a call that overlaps no runner's start with the scan: done now
     if ahead is not None and (warm or not ahead.fits(backend, archive, options, launcher)):
@@ -680,8 +707,10 @@ def dispatch(session: Session, backend: Backend, archive: DistributionArchive, o
 
         def frames() -> bytes:  # once the runner's command went (the project's scan ends meanwhile)
             assert key is not None
-            extra = _extra_options(scanned(project), None, hold=hold, stdin=False)
-            return _small_call(_call_options(session, options, key, land_file, extra), session_bytes)
+            pushed[0] = ahead = _tree_ahead(scanned(project), seen)
+            extra = _extra_options(scanned(project), None, hold=hold, stdin=False, tree_ahead=ahead)
+            go = _small_call(_call_options(session, options, key, land_file, extra), session_bytes)
+            return go if ahead is None else go + ahead.frames
 
     channel = start_runner(launcher, backend, archive, options, "serve", phase,
                            ("pickle",) if wire_pickles(session_bytes) else (), call=frames, eager=ready, place=place)

@@ -10,7 +10,7 @@ from ..backends.base import Backend
 from ..errors import RunnerError, SyncError
 from ..launchers.base import Launcher
 from ..packing import DistributionArchive
-from . import wire
+from . import places, wire
 from .bootstrap import start_runner
 from .channel import reap
 from .options import CallOptions, PhaseCallback, ProgressCallback, ProjectCall
@@ -56,6 +56,7 @@ def sync_tree(backend: Backend, archive: DistributionArchive, options: CallOptio
         sender.join()
     finally:
         reap(channel.process, channel.stderr_reader)
+    places.place(backend, options.python, options.workdir).note_tree(project.tree)
     return {**report, "blobs": sender.sent_files, "bytes": sender.sent_bytes}
 
 

@@ -17,9 +17,16 @@ given up then, and the start made again), is noted as such, and nothing goes ahe
 wrong costs what it would have saved (a second start, or an archive sent for nothing), and the answer
 corrects it.
 
+The record also holds the project trees a call there ran in (their ids, the latest last, at most
+:data:`KEEP`): a call whose tree is not among them sends its manifest, and the blobs that are new since the
+latest one (at most :data:`TREE_AHEAD_LIMIT` bytes of them), right behind its G frame, unasked (see
+:func:`remote_exec.protocol.tree.ahead_frames`), sparing the two round trips of the runner asking for them
+(``T``, then ``N``). The manifests sent so are kept (``manifests/<tree id>``, the latest :data:`MANIFESTS`)
+to tell the next tree's new blobs.
+
 One small file per place in rx's cache directory (``places/<digest>``): the archives' sha256, one per line,
-the latest last (at most :data:`KEEP`); or the single line :data:`NO_AHEAD`. Best effort: a cache; a file
-that cannot be read or written is no record.
+the latest last (at most :data:`KEEP`), or the single line :data:`NO_AHEAD`; then the trees, a line
+``tree <id>`` each. Best effort: a cache; a file that cannot be read or written is no record.
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
+    from ..sync.tree import Tree
 
-__all__ = ["AHEAD_LIMIT", "KEEP", "NO_AHEAD", "Place", "place"]
+__all__ = ["AHEAD_LIMIT", "KEEP", "MANIFESTS", "NO_AHEAD", "TREE_AHEAD_LIMIT", "Place", "load_manifest", "place",
+           "save_manifest"]
 
 #: Largest archive sent unasked (rx's own is ~0.75 MB): a larger one waits to be asked for.
 AHEAD_LIMIT = 2 << 20
@@ -38,6 +47,11 @@ AHEAD_LIMIT = 2 << 20
 KEEP = 8
 #: The record of a place whose login shell replaced itself: nothing goes ahead there.
 NO_AHEAD = "no-ahead"
+#: Most bytes of blobs sent unasked with a call's tree (a manifest larger than this waits to be asked for).
+TREE_AHEAD_LIMIT = 1 << 20
+#: Manifests kept to tell which blobs of a new tree are new.
+MANIFESTS = 32
+_TREE = "tree"
 
 
 def _folder() -> str:
@@ -49,15 +63,19 @@ def _folder() -> str:
 class Place:
     """The record of one place (see the module docstring)."""
 
-    __slots__ = ("entries", "path")
+    __slots__ = ("entries", "path", "trees")
 
     def __init__(self, path: str) -> None:
         self.path = path
         try:
             with open(path, encoding="ascii") as file:
-                self.entries = file.read().split()
+                lines = file.read().splitlines()
         except (OSError, ValueError):
-            self.entries = []
+            lines = []
+        #: The archives' sha256 (or :data:`NO_AHEAD`), the latest last.
+        self.entries = [line for line in lines if line and not line.startswith(_TREE)]
+        #: The ids of the trees calls here ran in, the latest last.
+        self.trees = [line.split()[-1] for line in lines if line.startswith(_TREE + " ")]
 
     @property
     def ahead(self) -> bool:
@@ -78,12 +96,28 @@ class Place:
         entries = [sha256] if prompt else [NO_AHEAD]
         if prompt:
             entries = [entry for entry in self.entries if entry not in (sha256, NO_AHEAD)][-(KEEP - 1):] + entries
-        if entries == self.entries:
-            return
-        self.entries = entries
+        if entries != self.entries:
+            self.entries = entries
+            self._write()
+
+    def has_tree(self, tree_id: str) -> bool:
+        """Whether a call here ran in the tree ``tree_id`` (so the host has it stored)."""
+        return tree_id in self.trees
+
+    def note_tree(self, tree: Tree) -> None:
+        """Record that ``tree`` is stored here (a call ran in it, or ``rx sync`` stored it), and keep its
+        manifest to tell the next tree's new blobs."""
+        tree_id = tree.tree_id
+        if self.trees[-1:] != [tree_id]:
+            self.trees = [*[known for known in self.trees if known != tree_id][-(KEEP - 1):], tree_id]
+            self._write()
+            save_manifest(tree_id, tree.manifest)
+
+    def _write(self) -> None:
         from ..prestart import write_private
 
-        write_private(self.path, "".join(f"{entry}\n" for entry in entries).encode("ascii"))
+        lines = [*self.entries, *(f"{_TREE} {tree}" for tree in self.trees)]
+        write_private(self.path, "".join(f"{line}\n" for line in lines).encode("ascii"))
 
 
 def place(backend: Backend, python: str, workdir: str) -> Place:
@@ -95,3 +129,38 @@ def place(backend: Backend, python: str, workdir: str) -> Place:
              str(python), str(workdir))
     digest = hashlib.sha256("\0".join(words).encode("utf-8", "surrogateescape")).hexdigest()[:32]
     return Place(os.path.join(_folder(), digest))
+
+
+def _manifest_path(tree_id: str) -> str:
+    return os.path.join(os.path.dirname(_folder()), "manifests", tree_id)
+
+
+def save_manifest(tree_id: str, manifest: bytes) -> None:
+    """Keep the manifest of a tree sent unasked (the oldest beyond :data:`MANIFESTS` go). Best effort."""
+    from ..prestart import write_private
+
+    path = _manifest_path(tree_id)
+    try:
+        os.utime(path)
+        return
+    except OSError:
+        pass
+    write_private(path, manifest)
+    folder = os.path.dirname(path)
+    try:
+        names = [name for name in os.listdir(folder) if "." not in name]
+        if len(names) > MANIFESTS:
+            aged = sorted(names, key=lambda name: os.stat(os.path.join(folder, name)).st_mtime_ns)
+            for name in aged[:len(names) - MANIFESTS]:
+                os.unlink(os.path.join(folder, name))
+    except OSError:
+        pass
+
+
+def load_manifest(tree_id: str) -> bytes | None:
+    """The manifest :func:`save_manifest` kept of ``tree_id``, or None."""
+    try:
+        with open(_manifest_path(tree_id), "rb") as file:
+            return file.read()
+    except OSError:
+        return None

@@ -6,6 +6,11 @@ answers with the digests of the blobs it lacks (``N``... ``n``), and a thread st
 back in the order asked, as ``D`` frames, then ``d`` (see :mod:`.wire`). The channel's frame loop goes on
 reading meanwhile (heartbeats, the runner's own frames), and the watcher's heartbeats interleave with the
 blobs frame by frame.
+
+Where rx's record of the host (:mod:`.places`) says no call there ran in the tree, the call sends the
+manifest and the blobs new since the last tree seen there unasked, right behind its G frame
+(:func:`ahead_frames`): the runner asks only for what is still missing (see
+:func:`remote_exec.runner.store.take_ahead`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from . import wire
 from .channel import Channel
 from .options import ProgressCallback, SyncProgress
 
-__all__ = ["TREE_FRAMES", "TreeSender"]
+__all__ = ["TREE_FRAMES", "TreeAhead", "TreeSender", "ahead_frames"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,21 +48,33 @@ class TreeSender:
         requested: How many times the runner asked for the tree.
     """
 
-    def __init__(self, channel: Channel, tree: Tree | None, on_progress: ProgressCallback | None = None) -> None:
+    def __init__(self, channel: Channel, tree: Tree | None, on_progress: ProgressCallback | None = None,
+                 pushed: TreeAhead | None = None) -> None:
         self.channel = channel
         self.tree = tree
         self.on_progress = on_progress
         self.error: str | None = None
         self.sent_files = 0
         self.sent_bytes = 0
-        self.requested = 0
+        self.requested = 1 if pushed else 0  # (a tree sent unasked counts as asked for)
+        self.pushed = pushed
         self._wanted = bytearray()
         self._thread: threading.Thread | None = None
 
+    def report_pushed(self) -> None:
+        """Tell the progress callback of the blobs that went unasked with the call (once it went)."""
+        if self.pushed is not None and self.pushed.files:
+            _Progress(self.on_progress, self.pushed.files, self.pushed.size).update(
+                self.pushed.files, self.pushed.size, done=True)
+
     @property
     def synced(self) -> tuple[int, int] | None:
-        """(blobs, bytes) sent when the runner asked for the tree; None when the host had it."""
-        return (self.sent_files, self.sent_bytes) if self.requested else None
+        """(blobs, bytes) sent when the runner asked for the tree, or with the call unasked; None when the host
+        had it."""
+        if not self.requested:
+            return None
+        pushed = self.pushed or TreeAhead(b"", 0, 0)
+        return self.sent_files + pushed.files, self.sent_bytes + pushed.size
 
     def handle(self, kind: bytes, payload: bytes) -> None:
         """Take one of :data:`TREE_FRAMES` from the runner.
@@ -156,6 +173,68 @@ class TreeSender:
             raise _Unsendable(f"{entry.path} could not be read while it was sent: {exc.strerror or exc}") from exc
         if remaining or (digest.digest() != entry.digest if digest is not None else changed):
             raise _Unsendable(f"{entry.path} changed while it was sent; run again")
+
+
+class TreeAhead:
+    """A tree's frames sent unasked behind a call's G frame: ``M`` (the manifest), ``m`` (its size and the
+    digests of the blobs that follow), ``D``... and ``d`` (those blobs' bytes, in that order)."""
+
+    __slots__ = ("files", "frames", "size")
+
+    def __init__(self, frames: bytes, files: int, size: int) -> None:
+        self.frames = frames
+        self.files = files
+        self.size = size
+
+
+def ahead_frames(tree: Tree, previous: bytes | None, limit: int) -> TreeAhead | None:
+    """The frames that send ``tree`` unasked to a host that lacks it, or None when its manifest is larger
+    than ``limit``. The blobs sent are those not in ``previous`` (the manifest of the last tree the host
+    was seen with; None: every blob), when they come to at most ``limit`` bytes in all (else none: the
+    runner asks for what it lacks). A file that changed since the scan is left for the runner to ask for
+    (and then reported)."""
+    manifest = tree.manifest
+    if len(manifest) > min(limit, wire.MAX_FRAME):
+        return None
+    known: set[bytes] = set()
+    if previous is not None:
+        try:
+            known = {entry[3] for entry in wire.load_manifest(previous)}
+        except ValueError:
+            pass
+    wanted = [entry for digest, entry in tree.sources.items() if digest not in known]
+    if sum(entry.size for entry in wanted) > limit:
+        wanted = []
+    blobs: list[bytes] = []
+    sent: list[str] = []
+    for entry in wanted:
+        data = _read_unchanged(entry)
+        if data is not None:
+            blobs.append(data)
+            sent.append(entry.digest.hex())
+    body = b"".join(blobs)
+    frames = [wire.encode(b"M", manifest), wire.encode(b"m", wire.dump_options({"size": len(manifest),
+                                                                               "blobs": sent}))]
+    frames += [wire.encode(b"D", body[start:start + wire.MAX_FRAME]) for start in range(0, len(body), wire.MAX_FRAME)]
+    frames.append(wire.encode(b"d", wire.dump_options({"count": len(sent), "bytes": len(body)})))
+    return TreeAhead(b"".join(frames), len(sent), len(body))
+
+
+def _read_unchanged(entry: TreeFile) -> bytes | None:
+    """The bytes of ``entry``'s source as its digest was taken (its stamp unchanged before and after the
+    read, and its size the manifest's), else None."""
+    if entry.source is None:
+        return None
+    try:
+        with open(entry.source, "rb") as stream:
+            if _stamp(os.fstat(stream.fileno())) != entry.stamp:
+                return None
+            data = stream.read(entry.size + 1)
+            if len(data) != entry.size or _stamp(os.fstat(stream.fileno())) != entry.stamp:
+                return None
+    except OSError:
+        return None
+    return data
 
 
 def _stamp(st: os.stat_result) -> tuple[int, int, int]:

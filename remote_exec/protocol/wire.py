@@ -21,7 +21,8 @@ coordinator:
        name on hosts: the pool its snapshots are reused from), cwd (the task's working directory relative
        to the project root, "" for the root), path (directories relative to the root put first on
        ``sys.path``, in order) and script (a script task's path in the tree, or None). ``sync`` mode reads
-       a G frame of tree and heartbeat only.
+       a G frame of tree and heartbeat only. ``tree_ahead``: the tree follows the session unasked (M...
+       m, D... d; see below), where rx's record says the host lacks it.
     S  the session in its wire form (``Session.to_wire``), in one or more frames
     s  end of session: marshal ``{"size": N}`` (the runner also accepts a ``sha256``); the task starts
        (once the call's tree is stored and its snapshot made)
@@ -39,10 +40,14 @@ coordinator:
     K  keep (empty): the coordinator could not land the result (its disk was full): a runner whose G frame
        said ``hold`` keeps it in the run directory the way a detached run keeps its outcome, for a later
        ``attach RUN_DIR collect``
-    M  the tree's manifest (:func:`dump_manifest`), in one or more frames, answering T
-    m  end of manifest: marshal ``{"size": N}`` (the manifest's bytes)
-    D  blob bytes: exactly the blobs the runner listed in its N frames, in that order, back to back
-       (each as long as the manifest says), cut into frames of at most :data:`MAX_FRAME` bytes
+    M  the tree's manifest (:func:`dump_manifest`), in one or more frames, answering T (or unasked,
+       right behind the session, when G said ``tree_ahead``)
+    m  end of manifest: marshal ``{"size": N}`` (the manifest's bytes); sent unasked, also ``"blobs"``:
+       the sha256 (hex) of the blobs whose D... d follow at once, unasked (the runner still asks for
+       the rest with N... n)
+    D  blob bytes: exactly the blobs the runner listed in its N frames (or the m frame named), in that
+       order, back to back (each as long as the manifest says), cut into frames of at most
+       :data:`MAX_FRAME` bytes
     d  end of blobs: marshal ``{"count": N, "bytes": N}``, or ``{"error": text}`` when the coordinator
        could not send them as the manifest describes (a file changed or vanished since it was hashed)
 

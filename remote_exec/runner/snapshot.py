@@ -28,7 +28,7 @@ import time
 from ..protocol import wire
 from .child import work_dir
 from .rundir import PRIVATE, collection_due, make_run_dir, new_run_path, rmtree
-from .store import Inbox, StoreError, blob_path, ensure_tree, forget_tree
+from .store import Inbox, StoreError, blob_path, ensure_tree, forget_tree, take_ahead
 
 TYPE_CHECKING = False  # typing is not imported at run time: the runner's start-up is on every call's path
 if TYPE_CHECKING:
@@ -644,6 +644,7 @@ def open_run_dir(cache_dir: str, options: dict[str, Any], reader: wire.FrameRead
         return make_run_dir(cache_dir, options, private=private)
     run_dir = new_run_path(cache_dir, options)
     inbox = Inbox(fd, reader, out.send, float(options.get("heartbeat") or 5.0))
+    take_ahead(cache_dir, options, inbox)
     prepare_snapshot(cache_dir, options, inbox, run_dir, later)
     inbox.done()
     return run_dir

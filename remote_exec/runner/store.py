@@ -10,6 +10,11 @@ When a call's tree (its G frame's ``tree``) is not stored, :func:`ensure_tree` f
 channel: ``T`` (which tree) out, ``M``... ``m`` (the manifest) in, ``N``... ``n`` (the blobs missing here)
 out, ``D``... ``d`` (those blobs' bytes, in that order) in. An interrupted transfer leaves only temporaries,
 which nothing trusts and the garbage collector removes.
+
+A call whose G frame says ``tree_ahead`` brings the manifest and some blobs unasked, right behind its
+session (``M``... ``m`` with the digests of the blobs that follow, ``D``... ``d``): :func:`take_ahead`
+reads and stores them before anything else, and :func:`ensure_tree` then asks only for the blobs still
+missing (``N``... ``n``, when any are).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ if TYPE_CHECKING:
 
     Entries = list[tuple[str, int, int, bytes, str]]
 
-__all__ = ["Inbox", "StoreError", "blob_path", "ensure_tree", "first_options", "forget_tree", "load_tree", "tree_path"]
+__all__ = ["Inbox", "StoreError", "blob_path", "ensure_tree", "first_options", "forget_tree", "load_tree", "take_ahead",
+           "tree_path"]
 
 #: Digests per N frame (32 bytes each).
 _PER_FRAME = wire.MAX_FRAME // 32
@@ -98,6 +104,9 @@ class Inbox:
         self.sent = time.monotonic()
         self.frames: list[tuple[bytes, bytes]] = []
         self.held: list[tuple[bytes, bytes]] = []
+        #: The tree that came unasked with the call (:func:`take_ahead`): its id, manifest, entries and the
+        #: paths of the blobs stored from it.
+        self.ahead: tuple[str, bytes, Entries, list[str]] | None = None
 
     def done(self) -> None:
         """The transfer is over: the frames that were not its own go back to the reader, in order."""
@@ -131,11 +140,13 @@ class Inbox:
                 elif kind != b"H":
                     return kind, payload
             self.alive()
-            if self.reader.pending:
-                data = os.read(self.fd, 1 << 20)
-                if not data:
-                    raise CoordinatorGone("the coordinator went away during the transfer")
-                self.frames = self.reader.feed(data)
+            if self.reader.pending:  # frames held (put back, or come with the call) first, then more bytes
+                self.frames = self.reader.feed(b"")
+                if not self.frames:
+                    data = os.read(self.fd, 1 << 20)
+                    if not data:
+                        raise CoordinatorGone("the coordinator went away during the transfer")
+                    self.frames = self.reader.feed(data)
             else:  # at a frame's start: its payload straight into one buffer (no copies of a blob's bytes)
                 kind, size = wire.HEADER.unpack(self._exact(wire.HEADER.size))
                 if size > wire.MAX_FRAME:
@@ -195,24 +206,22 @@ def ensure_tree(cache_dir: str, tree_id: str, inbox: Inbox, *, refetch: bool = F
         StoreError: The tree or a blob arrived damaged, or storing it failed (a full disk).
         CoordinatorGone: The coordinator went away or cancelled.
     """
+    ahead, inbox.ahead = inbox.ahead, None
     if not refetch:
         entries = load_tree(cache_dir, tree_id)
         if entries is not None:
             return entries
-    inbox.out(b"T", wire.json_bytes({"tree": tree_id}))
-    parts, end = inbox.until(b"m", b"M")
-    data = b"".join(parts)
-    if len(data) != end.get("size", len(data)):
-        raise StoreError("protocol: the tree's manifest arrived cut short")
-    entries = wire.load_manifest(data)
-    if wire.tree_id(entries) != tree_id:
-        raise StoreError(f"the manifest of tree {tree_id[:12]} does not hash to its id; it was not stored")
+    if ahead is not None and ahead[0] == tree_id and not refetch:
+        _, data, entries, came = ahead
+    else:
+        inbox.out(b"T", wire.json_bytes({"tree": tree_id}))
+        data, came = _manifest(inbox)[0], []
+        entries = _checked(tree_id, data)
     wanted = _missing(cache_dir, entries, frozenset() if refetch else known, sizes=refetch)
-    for start in range(0, len(wanted), _PER_FRAME):
-        inbox.out(b"N", b"".join(digest for digest, _ in wanted[start:start + _PER_FRAME]))
-    inbox.out(b"n", wire.json_bytes({"count": len(wanted), "bytes": sum(size for _, size in wanted)}))
+    if wanted or not came:
+        _ask(inbox, wanted)
     try:
-        stored = _receive(cache_dir, wanted, inbox) if wanted else []
+        stored = came + (_receive(cache_dir, wanted, inbox) if wanted else [])
         if later is None:
             _sync(cache_dir, stored)
             _write_tree(cache_dir, tree_id, data)
@@ -221,6 +230,63 @@ def ensure_tree(cache_dir: str, tree_id: str, inbox: Inbox, *, refetch: bool = F
     if later is not None:
         later.append(lambda: _make_durable(cache_dir, tree_id, data, stored))
     return entries
+
+
+def _ask(inbox: Inbox, wanted: list[tuple[bytes, int]]) -> None:
+    """Ask the coordinator for the blobs ``wanted`` (``N``... ``n``)."""
+    for start in range(0, len(wanted), _PER_FRAME):
+        inbox.out(b"N", b"".join(digest for digest, _ in wanted[start:start + _PER_FRAME]))
+    inbox.out(b"n", wire.json_bytes({"count": len(wanted), "bytes": sum(size for _, size in wanted)}))
+
+
+def _manifest(inbox: Inbox) -> tuple[bytes, dict[str, Any]]:
+    """The manifest's bytes from its ``M`` frames, checked whole against the ``m`` frame's size, and the
+    ``m`` frame's options."""
+    parts, end = inbox.until(b"m", b"M")
+    data = b"".join(parts)
+    if len(data) != end.get("size", len(data)):
+        raise StoreError("protocol: the tree's manifest arrived cut short")
+    return data, end
+
+
+def _checked(tree_id: str, data: bytes) -> Entries:
+    """The entries of the manifest ``data``, which must hash to ``tree_id``."""
+    try:
+        entries = wire.load_manifest(data)
+    except ValueError as exc:
+        raise StoreError(f"protocol: the manifest of tree {tree_id[:12]} is damaged ({exc})") from None
+    if wire.tree_id(entries) != tree_id:
+        raise StoreError(f"the manifest of tree {tree_id[:12]} does not hash to its id; it was not stored")
+    return entries
+
+
+def take_ahead(cache_dir: str, options: dict[str, Any], inbox: Inbox) -> None:
+    """Read the tree the call brought unasked (its G frame's ``tree_ahead``), if it did: the manifest,
+    checked against the call's tree id, and the blobs that follow it, each checked against its digest and
+    stored; kept in ``inbox`` for :func:`ensure_tree` (which then asks only for what is still missing).
+    Read whole even where the tree is stored already: those frames are the call's, before any other.
+
+    Raises:
+        StoreError: The manifest or a blob arrived damaged, or storing a blob failed (a full disk).
+        CoordinatorGone: The coordinator went away or cancelled.
+    """
+    if not options.get("tree_ahead"):
+        return
+    tree_id = str(options["tree"])
+    data, end = _manifest(inbox)
+    entries = _checked(tree_id, data)
+    sizes = {digest: size for _path, mode, size, digest, _link in entries if mode != wire.LINK_MODE}
+    try:
+        coming = [(bytes.fromhex(name), 0) for name in end.get("blobs") or ()]
+    except (TypeError, ValueError):
+        raise StoreError("protocol: the blobs sent with the tree are misnamed") from None
+    if any(digest not in sizes for digest, _ in coming):
+        raise StoreError("protocol: a blob sent with the tree is not in its manifest")
+    try:
+        stored = _receive(cache_dir, [(digest, sizes[digest]) for digest, _ in coming], inbox)
+    except OSError as exc:
+        raise StoreError(_storing_failed(cache_dir, exc)) from exc
+    inbox.ahead = (tree_id, data, entries, stored)
 
 
 def _make_durable(cache_dir: str, tree_id: str, data: bytes, stored: list[str]) -> None:
