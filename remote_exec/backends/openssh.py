@@ -830,24 +830,35 @@ class OpenSSHBackend(Backend):
                 raise ConfigError(f"ssh_config file {spec.ssh_config} does not exist")
             if spec.identity_file is not None and not spec.identity_file.expanduser().is_file():
                 raise ConfigError(f"identity file {spec.identity_file} does not exist")
-            argv = [SSH, "-G", "-T", *ssh_options(spec), "--", spec.host]
-            with self._map_os_errors("resolve"):
-                done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
-                                      check=False)
-            stderr = done.stderr.decode(errors="replace")
-            if done.returncode != 0:
-                error = map_ssh_error(self.host, stderr)
-                if isinstance(error, ConfigError):
-                    raise error
-                raise ConfigError(f"`ssh -G {spec.host}` failed: {error.message}")
-            resolved = ResolvedHost.from_ssh_g(spec.host, done.stdout.decode(errors="replace"),
-                                               config_file=spec.ssh_config)
+            resolved = ResolvedHost.from_ssh_g(spec.host, self._ssh_g(), config_file=spec.ssh_config)
             if spec.known_hosts is not None and spec.host_key_policy != "off":
                 # ssh -G separates files with spaces; the override is one path, spaces and all
                 resolved = dataclasses.replace(resolved, known_hosts_files=(spec.known_hosts,))
             self._resolved = resolved
             logger.debug("%s resolves to %s", self.host, self._resolved.destination)
             return self._resolved
+
+    def _ssh_g(self) -> str:
+        """What ``ssh -G`` says of the host: kept from an earlier process when nothing it came from changed
+        (see :mod:`.sshg`), else asked now."""
+        from . import sshg
+
+        spec = self.spec
+        argv = [SSH, "-G", "-T", *ssh_options(spec), "--", spec.host]
+        binary = shutil.which(SSH) or SSH
+        text = sshg.recall(argv, binary)
+        if text is not None:
+            return text
+        with self._map_os_errors("resolve"):
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
+        if done.returncode != 0:
+            error = map_ssh_error(self.host, done.stderr.decode(errors="replace"))
+            if isinstance(error, ConfigError):
+                raise error
+            raise ConfigError(f"`ssh -G {spec.host}` failed: {error.message}")
+        text = done.stdout.decode(errors="replace")
+        sshg.remember(argv, binary, text)
+        return text
 
     @contextlib.contextmanager
     def _map_os_errors(self, what: str) -> Iterator[None]:
