@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -442,6 +443,7 @@ class RxDriver(Driver):
                             project=str(Path(self.payload.__file__).resolve().parent))(noop_by_value),
             "repository": task(remote=self.host, backend=self.backend)(noop_by_value)}
         self.value_warmed: set[str] = set()
+        self.edited: tuple[Path, Any] | None = None  # the edit-run row's project and function
         self.echo = task(remote=self.host, backend=self.backend)(self.payload.echo)
         self.warmed: set[str] = set()
         self.keep_warm: Any = None
@@ -478,11 +480,14 @@ class RxDriver(Driver):
                     fresh.append(phases)
         return fresh
 
-    def _timed_calls(self, function: Any, count: int) -> Reply:
-        """``count`` calls back to back (as the peers' warm calls are made); their phases are read from the
-        workspace afterwards, so reading them does not come between the calls."""
+    def _timed_calls(self, function: Any, count: int, before: Any = None) -> Reply:
+        """``count`` calls back to back (as the peers' warm calls are made; ``before()`` ahead of each, not
+        timed); their phases are read from the workspace afterwards, so reading them does not come between
+        the calls."""
         samples = []
         for _ in range(count):
+            if before is not None:
+                before()
             seconds, error = _timed_noop(function, self._next())
             if error is not None:
                 return {"ok": False, "error": error}
@@ -505,6 +510,24 @@ class RxDriver(Driver):
             self.value_warmed.add(project)
             self._new_phases()
         return self._timed_calls(noop, count)
+
+    def op_edited_value(self, count: int) -> Reply:
+        """Calls of a ``__main__`` function (by value), process per call, each after an edit of a file of its
+        project (a copy of the payload's): each runs in a tree the host has not seen, as in an edit-run
+        cycle."""
+        if self.edited is None:
+            root = Path(tempfile.mkdtemp(prefix="rxbench-edited-"))
+            shutil.copytree(Path(self.payload.__file__).resolve().parent, root, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            self.edited = (root, self.task(remote=self.host, backend=self.backend, project=str(root))(noop_by_value))
+            self._edit()
+            self.edited[1](self._next())
+            self._new_phases()
+        return self._timed_calls(self.edited[1], count, before=self._edit)
+
+    def _edit(self) -> None:
+        assert self.edited is not None
+        (self.edited[0] / "settings.py").write_text(f"VERSION = {self._next()}\n")
 
     def _check_keep_warm(self) -> None:
         """Find out whether ``keep_warm=True`` gives a persistent worker: two calls, the same remote process

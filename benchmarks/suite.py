@@ -109,6 +109,9 @@ def _rows() -> list[Row]:
             Row(f"{rx}.warm_value_repo", f"rx ({backend}): the same, in a project of some 300 files (this repository): "
                                          "each call stats them on both sides",
                 f"rx warm, by value, repository project ({backend})", lat, "ssh.mux"),
+            Row(f"{rx}.edited_value", f"rx ({backend}): the same, each call after an edit of a file of its "
+                                      "project (a tree the host has not seen: the edit-run cycle)",
+                f"rx warm, by value, after an edit ({backend})", lat, "ssh.mux"),
             Row(f"{rx}.first_value", f"rx ({backend}): first call of a new `python -c` process, a `__main__` "
                                      "function (by value), no connection open before (the master the last "
                                      "one left has ended, as after its idle ControlPersist), no project",
@@ -729,6 +732,9 @@ def _command_probes(bench: Bench, add: Callable[..., None], backend: str) -> Non
         partial(_samples, bench, agent, f"{rx}.warm_value_repo", "warm_value", timeout=90,
                 group=f"warm call by value, repository project ({backend})", count=bench.settings.warm_calls,
                 project="repository"))
+    add(f"rx by value after an edit ({backend})", (f"{rx}.edited_value",),
+        partial(_samples, bench, agent, f"{rx}.edited_value", "edited_value", timeout=90,
+                group=f"call by value after an edit ({backend})", count=bench.settings.warm_calls))
     add(f"rx first call by value ({backend})", (f"{rx}.first_value",), partial(_rx_first_value, bench, backend))
     add(f"rx first call by value, new machine ({backend})", (f"{rx}.first_value_fresh",),
         partial(_rx_first_value, bench, backend, fresh=True))
@@ -1150,8 +1156,8 @@ def _phase_groups(bench: Bench) -> dict[str, list[PhaseRecord]]:
     for backend in BACKENDS:
         order += [f"first call ({backend})", f"first call, new process ({backend})", f"warm call ({backend})",
                   f"warm call by value ({backend})", f"warm call by value, repository project ({backend})",
-                  f"keep_warm call ({backend})", f"rx run, whole command ({backend})",
-                  f"second rx run, whole command ({backend})"]
+                  f"call by value after an edit ({backend})", f"keep_warm call ({backend})",
+                  f"rx run, whole command ({backend})", f"second rx run, whole command ({backend})"]
         order += [f"{_size_name(size)} argument + result ({backend})" for size in SIZES]
     return {name: bench.phases[name] for name in order if bench.phases.get(name)}
 
@@ -1172,7 +1178,7 @@ def _startup_text(results: Results) -> str:
 _SPEED_ROWS = {"ssh.cold", "ssh.mux", "startup.python", "startup.help",
                *(f"rx-{backend}.{kind}" for backend in BACKENDS
                  for kind in ("first", "first_process", "warm", "run", "run_fresh", "run_second", "warm_value",
-                              "warm_value_repo", "first_value", "first_value_fresh"))}
+                              "warm_value_repo", "edited_value", "first_value", "first_value_fresh"))}
 
 
 def render(bench: Bench, *, duration: float, load: tuple[tuple[float, ...], tuple[float, ...]]) -> str:
