@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from ..backends.base import Backend
     from ..sync.tree import Tree
 
-__all__ = ["AHEAD_LIMIT", "KEEP", "MANIFESTS", "NO_AHEAD", "TREE_AHEAD_LIMIT", "Place", "load_manifest", "place",
-           "save_manifest"]
+__all__ = ["AHEAD_LIMIT", "KEEP", "MANIFESTS", "NO_AHEAD", "PLACES", "TREE_AHEAD_LIMIT", "Place", "load_manifest",
+           "place", "save_manifest"]
 
 #: Largest archive sent unasked (rx's own is ~0.75 MB): a larger one waits to be asked for.
 AHEAD_LIMIT = 2 << 20
@@ -51,6 +51,9 @@ NO_AHEAD = "no-ahead"
 TREE_AHEAD_LIMIT = 1 << 20
 #: Manifests kept to tell which blobs of a new tree are new.
 MANIFESTS = 32
+#: Places whose record is kept (the least recently changed go first: a benchmark's or a test's fresh
+#: workdirs would otherwise pile up).
+PLACES = 256
 _TREE = "tree"
 
 
@@ -116,8 +119,11 @@ class Place:
     def _write(self) -> None:
         from ..prestart import write_private
 
+        new = not os.path.exists(self.path)
         lines = [*self.entries, *(f"{_TREE} {tree}" for tree in self.trees)]
         write_private(self.path, "".join(f"{line}\n" for line in lines).encode("ascii"))
+        if new:
+            _prune(os.path.dirname(self.path), PLACES)
 
 
 def place(backend: Backend, python: str, workdir: str) -> Place:
@@ -146,14 +152,18 @@ def save_manifest(tree_id: str, manifest: bytes) -> None:
     except OSError:
         pass
     write_private(path, manifest)
-    folder = os.path.dirname(path)
+    _prune(os.path.dirname(path), MANIFESTS)
+
+
+def _prune(folder: str, keep: int) -> None:
+    """Remove all but the ``keep`` latest files of ``folder`` (by modification time; temporaries aside)."""
     try:
         names = [name for name in os.listdir(folder) if "." not in name]
-        if len(names) > MANIFESTS:
+        if len(names) > keep:
             aged = sorted(names, key=lambda name: os.stat(os.path.join(folder, name)).st_mtime_ns)
-            for name in aged[:len(names) - MANIFESTS]:
+            for name in aged[:len(names) - keep]:
                 os.unlink(os.path.join(folder, name))
-    except OSError:
+    except OSError:  # (another process pruned it meanwhile)
         pass
 
 

@@ -190,3 +190,12 @@ def test_kept_manifests_are_the_latest(isolated: Any) -> None:
     assert places.load_manifest(f"{0:064x}") is None
     assert places.load_manifest(f"{places.MANIFESTS + 3:064x}") == b"m%d" % (places.MANIFESTS + 3)
     assert len(os.listdir(Path(places._folder()).parent / "manifests")) == places.MANIFESTS
+
+
+def test_records_of_places_long_unused_are_pruned(isolated: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(places, "PLACES", 3)
+    folder = Path(places._folder())
+    for number in range(5):
+        places.Place(str(folder / f"place{number}")).note("a" * 64, prompt=True)
+        os.utime(folder / f"place{number}", ns=(number * 10**9,) * 2)
+    assert sorted(os.listdir(folder)) == ["place2", "place3", "place4"]
