@@ -129,3 +129,38 @@ def test_a_full_disk_while_the_project_travels_is_one_clear_error(rig: Rig, smal
             assert again.stdout.strip() == "small"
     finally:
         root_sh(host, f"rm -rf {REMOTE_CACHE}/blobs {REMOTE_CACHE}/trees {REMOTE_CACHE}/runs/*")
+
+
+@pytest.mark.timeout(120)
+def test_a_full_disk_while_a_small_project_travels_with_the_call_is_one_clear_error(
+        rig: Rig, small_disk: TestbedHost, trial: TrialFactory) -> None:
+    """A project small enough to go with the call, unasked (protocol/places.py), to a host whose disk fills up
+    while the runner stores it: the same one error, and nothing stored that a later run would trust."""
+    host = small_disk
+    rig.write("pyproject.toml", "")
+    rig.write("hello.py", "print(open('data/small.txt').read())\n")
+    rig.write("data/small.txt", "small")
+    try:
+        first = rig.rx("run", "--remote", host.alias, "hello.py", timeout=60)  # rx installed there, a tree seen
+        assert first.returncode == 0, first.stderr
+        (rig.project / "data" / "mid.bin").write_bytes(os.urandom(600 << 10))  # under the 1 MiB sent unasked
+        root_sh(host, f"avail=$(df --output=avail -k {REMOTE_CACHE} | tail -1); "
+                      f"dd if=/dev/zero of={REMOTE_CACHE}/filler bs=1k count=$((avail - 200)) 2>/dev/null; true")
+        baseline = remote_baseline(host)
+        with trial("tree_disk_full", variant="600 KB sent with the call, 200 KB free", bound=30.0) as t:
+            done = rig.rx("run", "--remote", host.alias, "hello.py", timeout=60)
+            errors = t.ran(done, host, baseline)
+            store = _store(host, REMOTE_CACHE)
+            t.note(corrupted=len(_damaged(store["blobs"])), trees=len(store["trees"]), temporaries=len(store["tmp"]))
+            root_sh(host, f"rm -f {REMOTE_CACHE}/filler")
+            again = rig.rx("run", "--remote", host.alias, "hello.py", timeout=60)
+
+            assert done.returncode == 3, done.stderr
+            assert len(errors) == 1 and not has_traceback(done.stderr), done.stderr
+            assert errors[0].startswith(f"rx: error: {host.alias}: no space left to store the project"), errors
+            assert len(store["trees"]) == 1 and store["tmp"] == [] and t.facts["corrupted"] == 0, store  # the first's
+            assert t.facts["orphans"] == 0, t.facts
+            assert again.returncode == 0, again.stderr
+            assert again.stdout.strip() == "small"
+    finally:
+        root_sh(host, f"rm -rf {REMOTE_CACHE}/filler {REMOTE_CACHE}/blobs {REMOTE_CACHE}/trees {REMOTE_CACHE}/runs/*")
