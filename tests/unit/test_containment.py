@@ -130,7 +130,10 @@ def test_a_keep_warm_call_leaves_no_daemon_behind(dispatcher: Any) -> None:
     assert call.result.value == "started"
     daemon = _wait_for_pid(pid_file)
     assert _gone_within(daemon)
-    assert call.outcome.header["stray_count"] == 1
+    # The daemon, named; and (on a loaded machine) its intermediate parent too, when it had not finished
+    # exiting yet as the call ended.
+    assert f"(pid {daemon})" in " ".join(call.outcome.header["stray"])
+    assert call.outcome.header["stray_count"] in (1, 2), call.outcome.header["stray"]
 
 
 def test_a_process_is_named_by_pid_and_start_time() -> None:
