@@ -911,6 +911,21 @@ class ParamikoProcess(Process):
         return True
 
 
+def _exec_unanswered(channel: paramiko.Channel, command: str) -> None:
+    """Send ``channel``'s ``exec`` request as :meth:`paramiko.Channel.exec_command` does, without waiting for
+    the server's answer (``channel._wait_for_event()`` waits for it, and raises a refusal): what is written
+    to the command's stdin meanwhile follows the request on the link, and the server reads it once the
+    command runs (RFC 4254 orders a channel's messages)."""
+    message = Message()
+    message.add_byte(cMSG_CHANNEL_REQUEST)
+    message.add_int(channel.remote_chanid)
+    message.add_string("exec")
+    message.add_boolean(True)
+    message.add_string(command)
+    channel._event_pending()  # type: ignore[attr-defined]
+    channel.transport._send_user_message(message)  # type: ignore[union-attr]
+
+
 class ParamikoBackend(Backend):
     """A host reached with paramiko: one transport, opened on first use, shared by every call.
 
@@ -1028,16 +1043,23 @@ class ParamikoBackend(Backend):
         command = build_command(argv, env, cwd)
         link = self._connect()
         timeout = self.spec.connect_timeout
+        fed = self._take_feed()
         with map_paramiko_errors(self.host, link.resolved.address, "run a command on", timeout):
             channel = self._take_spare(link) or self._open_session(link)
+            process = ParamikoProcess(channel, self.host, self.kill_grace)
             try:
-                channel.exec_command(command)
+                if fed is None:
+                    channel.exec_command(command)
+                else:  # what goes ahead follows the request, as OpenSSH's client sends stdin, not its answer
+                    _exec_unanswered(channel, command)
+                    fed.begin(process.write_stdin)
+                    channel._wait_for_event()  # type: ignore[attr-defined]  # the answer: a refusal raises
             except BaseException:
                 channel.close()
                 raise
         logger.debug("%s: started %s", self.host,
                      command if len(command) < 200 else f"{command[:60]}... ({len(command)} bytes)")
-        return ParamikoProcess(channel, self.host, self.kill_grace)
+        return process
 
     def classify_exit(self, exit_code: int | None, stderr: bytes) -> RemoteExecError | None:
         """-1 is paramiko's "no exit status": the channel closed without one because the link died (or sshd

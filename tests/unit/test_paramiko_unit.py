@@ -463,3 +463,40 @@ def test_a_proxy_command_that_fails_says_how_it_ended_and_what_it_said() -> None
     assert str(error).startswith("gpu1: its ProxyCommand exited with status 3 before the SSH handshake: "
                                  "gate: no route to gpu1")
     assert "exit 3" in (error.hint or "")
+
+
+@pytest.mark.parametrize("accept", [True, False])
+def test_stdin_written_ahead_follows_the_exec_request_without_waiting_for_its_answer(
+        pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accept: bool) -> None:
+    """What goes ahead of a command (Backend.feeding) is on the link while the server is still answering the
+    exec request; the server reads it once the command runs; a refusal is raised, and the write ends."""
+    from remote_exec.backends.base import Feed
+
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    key = write_private_key(tmp_path / "id")
+    pair.fake.accepted.append(key)
+    answer = threading.Event()
+    pair.fake.check_channel_exec_request = lambda channel, command: (  # type: ignore[method-assign]
+        pair.fake.channels.append(channel), answer.wait(10), accept)[-1]
+    pm._authenticate(pair.client, resolved((tmp_path / "id",)), "box")
+    channel = pair.client.open_session(timeout=10)
+    process = pm.ParamikoProcess(channel, "box")
+    fed = Feed(lambda: b"ahead of the answer")
+    written = threading.Event()
+
+    def write(data: bytes) -> None:
+        process.write_stdin(data)
+        written.set()
+
+    pm._exec_unanswered(channel, "cat")
+    fed.begin(write)
+    assert written.wait(5)  # on its way before the server answered the request
+    answer.set()
+    if not accept:
+        with pytest.raises(paramiko.SSHException):
+            channel._wait_for_event()
+        return
+    channel._wait_for_event()
+    fed.wait()
+    assert not fed.failed
+    assert pair.fake.channels[0].recv(100) == b"ahead of the answer"
