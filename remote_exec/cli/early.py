@@ -89,7 +89,8 @@ def connect_from_argv(words: list[str], seen: dict[str, str] | None = None,
         return None
     head = HeadStart(connection, config)
     if seen.get("script") and not seen.get("module"):
-        head.runner = _runner_head(config, seen["remote"], options, connection, seen["script"])
+        python = {"python": seen["python"]} if seen.get("python") else {}  # (the runner's, not the connection's)
+        head.runner = _runner_head(config, seen["remote"], {**options, **python}, connection, seen["script"])
     return head
 
 

@@ -20,11 +20,11 @@ _NOT_PLAIN = frozenset({"--insecure-no-host-key-check", "--connect-timeout", "--
 _ROOT_FLAGS = {"-v": 1, "-vv": 2, "-vvv": 3, "--verbose": 1}
 #: The options :func:`peek_run` reports (the rest it only steps over).
 _PEEKED = {"-r": "remote", "--remote": "remote", "--backend": "backend", "--ssh-config": "ssh_config",
-           "-m": "module", "--module": "module"}
+           "-m": "module", "--module": "module", "--python": "python"}
 
 
 def peek_run(words: list[str]) -> dict[str, str] | None:
-    """``--remote``, ``--backend``, ``--ssh-config``, ``-m`` and the script of an ``rx run`` command line,
+    """``--remote``, ``--backend``, ``--ssh-config``, ``-m``, ``--python`` and the script of an ``rx run`` command line,
     read without the parser; None when the line is not ``run`` with a ``--remote`` among plain options before
     the script."""
     index, _ = leading_flags(words)

@@ -138,6 +138,8 @@ def test_the_early_peek_reads_only_plain_rx_run_lines() -> None:
     assert peek_run(["run", "-m", "pkg.mod", "--remote", "gpu1"]) == {"remote": "gpu1", "module": "pkg.mod"}
     assert peek_run(["run", "-m", "pkg.mod", "--remote", "gpu1", "arg"]) == {"remote": "gpu1", "module": "pkg.mod",
                                                                              "script": "arg"}  # (not a script)
+    assert peek_run(["run", "--remote", "gpu1", "--python", "/opt/conda/envs/a/bin/python", "x.py"]) == {
+        "remote": "gpu1", "python": "/opt/conda/envs/a/bin/python", "script": "x.py"}  # the head start's runner's
     assert peek_run(["run", "-d", "--remote", "gpu1", "x.py"]) is None
     assert peek_run(["run", "--slurm", "--gres=gpu:1", "--remote", "login", "x.py"]) is None
     assert peek_run(["run", "--insecure-no-host-key-check", "--remote", "gpu1", "x.py"]) is None
