@@ -898,14 +898,8 @@ class ParamikoProcess(Process):
         transport = channel.get_transport()
         if channel.closed or not channel.active or channel.exit_status_ready() or transport is None:
             return False
-        message = Message()
-        message.add_byte(cMSG_CHANNEL_REQUEST)
-        message.add_int(channel.remote_chanid)
-        message.add_string("signal")
-        message.add_boolean(False)
-        message.add_string(name)
         try:
-            transport._send_user_message(message)  # type: ignore[attr-defined]
+            _channel_request(channel, transport, "signal", name, reply=False)
         except Exception:  # the link is gone: nothing left to signal through
             return False
         return True
@@ -916,14 +910,21 @@ def _exec_unanswered(channel: paramiko.Channel, command: str) -> None:
     the server's answer (``channel._wait_for_event()`` waits for it, and raises a refusal): what is written
     to the command's stdin meanwhile follows the request on the link, and the server reads it once the
     command runs (RFC 4254 orders a channel's messages)."""
+    channel._event_pending()  # type: ignore[attr-defined]
+    _channel_request(channel, channel.get_transport(), "exec", command, reply=True)
+
+
+def _channel_request(channel: paramiko.Channel, transport: paramiko.Transport, kind: str, value: str, *,
+                     reply: bool) -> None:
+    """Send a channel request of ``kind`` with one string (paramiko's calls for them wait for the answer, or
+    do not exist); with ``reply`` the server answers it, and paramiko sets the channel's event then."""
     message = Message()
     message.add_byte(cMSG_CHANNEL_REQUEST)
     message.add_int(channel.remote_chanid)
-    message.add_string("exec")
-    message.add_boolean(True)
-    message.add_string(command)
-    channel._event_pending()  # type: ignore[attr-defined]
-    channel.transport._send_user_message(message)  # type: ignore[union-attr]
+    message.add_string(kind)
+    message.add_boolean(reply)
+    message.add_string(value)
+    transport._send_user_message(message)  # type: ignore[attr-defined]
 
 
 class ParamikoBackend(Backend):
